@@ -1,0 +1,1 @@
+"""Fabric providers: where role hosts come from."""

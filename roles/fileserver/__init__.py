@@ -1,0 +1,1 @@
+"""The fileserver role."""

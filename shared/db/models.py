@@ -1,0 +1,152 @@
+"""SQLAlchemy 2.x models of the runtime DB (desired state and what the controller observed)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, UniqueConstraint, func
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "ApiToken",
+    "Base",
+    "CloudState",
+    "Host",
+    "Plan",
+    "PublishingCredential",
+    "Role",
+    "Site",
+    "SiteAssignment",
+    "Subscription",
+    "Tenant",
+]
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _uid() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dt.datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+class CloudState(Base):
+    """Key/value facts about the cloud; ``generation`` goes up with every desired-state change."""
+
+    __tablename__ = "cloud_state"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Plan(Base):
+    __tablename__ = "plans"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    max_sites: Mapped[int]
+    storage_mb: Mapped[int]
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+    subscriptions: Mapped[list[Subscription]] = relationship(back_populates="tenant")
+
+
+class ApiToken(Base):
+    """A bearer token: an admin's when ``tenant_id`` is NULL, else the tenant's. Only the hash is kept."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64), default="default")
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+
+
+class Subscription(Base):
+    __tablename__ = "subscriptions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    plan_id: Mapped[int] = mapped_column(ForeignKey("plans.id"))
+    state: Mapped[str] = mapped_column(String(16), default="active")
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+    tenant: Mapped[Tenant] = relationship(back_populates="subscriptions")
+    plan: Mapped[Plan] = relationship()
+    sites: Mapped[list[Site]] = relationship(back_populates="subscription")
+
+
+class Site(Base):
+    __tablename__ = "sites"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # Immutable: content is stored by uid, so a name used again starts empty.
+    uid: Mapped[str] = mapped_column(String(32), unique=True, default=_uid)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    subscription_id: Mapped[int] = mapped_column(ForeignKey("subscriptions.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+    subscription: Mapped[Subscription] = relationship(back_populates="sites")
+    credentials: Mapped[list[PublishingCredential]] = relationship(
+        back_populates="site", cascade="all, delete-orphan"
+    )
+    assignments: Mapped[list[SiteAssignment]] = relationship(back_populates="site", cascade="all, delete-orphan")
+
+
+class PublishingCredential(Base):
+    """FTP / web-deploy user of a site; the password is stored as a scrypt hash only."""
+
+    __tablename__ = "publishing_credentials"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"))
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    site: Mapped[Site] = relationship(back_populates="credentials")
+
+
+class Host(Base):
+    """A machine role processes run on, as the fabric provider knows it."""
+
+    __tablename__ = "hosts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(253), unique=True)
+    fabric: Mapped[str] = mapped_column(String(32), default="local")
+    address: Mapped[str] = mapped_column(String(253), default="")
+    state: Mapped[str] = mapped_column(String(16), default="ready")
+    roles: Mapped[list[Role]] = relationship(back_populates="host", cascade="all, delete-orphan")
+
+
+class Role(Base):
+    """One role process on one host: where it listens and what the controller last saw of it."""
+
+    __tablename__ = "roles"
+    __table_args__ = (UniqueConstraint("kind", "host_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"))
+    control_port: Mapped[int]
+    # Role-specific listening ports, e.g. {"data": 9101} for a worker, {"ftp": 2121, "deploy": 8172}.
+    ports: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="Starting")
+    reason: Mapped[str] = mapped_column(String(512), default="")
+    code_version: Mapped[str] = mapped_column(String(64), default="")
+    config_version: Mapped[int] = mapped_column(default=0)
+    last_heartbeat: Mapped[dt.datetime | None]
+    host: Mapped[Host] = relationship(back_populates="roles")
+
+
+class SiteAssignment(Base):
+    """A site placed on a worker role."""
+
+    __tablename__ = "site_assignments"
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"), primary_key=True)
+    role_id: Mapped[int] = mapped_column(ForeignKey("roles.id", ondelete="CASCADE"), primary_key=True)
+    site: Mapped[Site] = relationship(back_populates="assignments")
+    role: Mapped[Role] = relationship()

@@ -1,0 +1,78 @@
+"""Engine, sessions and migrations of the runtime DB."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db.models import CloudState
+
+__all__ = ["Database", "bump_generation", "current_generation"]
+
+_MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    cur = dbapi_conn.cursor()
+    # WAL: controller and management read while the other writes; foreign keys for cascades.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+class Database:
+    """One runtime DB: a SQLite file by default, PostgreSQL (``postgresql://``) for a multi-host cloud."""
+
+    def __init__(self, url: str) -> None:
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+        self.url = url
+        self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def sqlite(cls, path: Path) -> Database:
+        return cls(f"sqlite:///{path}")
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (idempotent)."""
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(_MIGRATIONS))
+        cfg.attributes["engine"] = self.engine
+        command.upgrade(cfg, "head")
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A unit of work: committed when the block ends, rolled back if it raises."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def current_generation(session: Session) -> int:
+    row = session.get(CloudState, "generation")
+    return row.value if row else 0
+
+
+def bump_generation(session: Session) -> int:
+    """Mark desired state changed: the controller pushes snapshots of the new generation."""
+    row = session.execute(
+        select(CloudState).where(CloudState.key == "generation").with_for_update()
+    ).scalar_one_or_none()
+    if row is None:
+        row = CloudState(key="generation", value=0)
+        session.add(row)
+    row.value += 1
+    session.flush()
+    return row.value

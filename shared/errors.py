@@ -1,0 +1,129 @@
+"""The one exception hierarchy of sitecloud.
+
+Every error carries a stable ``code`` and a human ``message`` (plus an optional ``hint`` that says what
+to do next). Each edge maps it: JSON ``{"error": {...}}`` with ``status`` at the HTTP APIs, ``ftp_code``
+at the FTP server, a message and hint at the CLI. Internal calls carry the JSON form across the network,
+and :func:`error_from_json` turns it back into the same class on the caller's side.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "AlreadyExists",
+    "BadRequest",
+    "Forbidden",
+    "InvalidInput",
+    "LimitReached",
+    "NotFound",
+    "QuotaExceeded",
+    "SitecloudError",
+    "Unauthorized",
+    "Unavailable",
+    "error_from_json",
+]
+
+
+class SitecloudError(Exception):
+    """Base of every error sitecloud raises on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+    ftp_code: ClassVar[int] = 451
+    _by_code: ClassVar[dict[str, type[SitecloudError]]] = {}
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        SitecloudError._by_code[cls.code] = cls
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.hint:
+            body["hint"] = self.hint
+        return {"error": body}
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class InvalidInput(SitecloudError):
+    code = "invalid_input"
+    status = 400
+    ftp_code = 553
+
+
+class BadRequest(SitecloudError):
+    """A malformed request (HTTP framing, a bad zip, an unreadable body)."""
+
+    code = "bad_request"
+    status = 400
+    ftp_code = 501
+
+
+class Unauthorized(SitecloudError):
+    code = "unauthorized"
+    status = 401
+    ftp_code = 530
+
+
+class Forbidden(SitecloudError):
+    code = "forbidden"
+    status = 403
+    ftp_code = 550
+
+
+class NotFound(SitecloudError):
+    code = "not_found"
+    status = 404
+    ftp_code = 550
+
+
+class AlreadyExists(SitecloudError):
+    code = "already_exists"
+    status = 409
+    ftp_code = 550
+
+
+class LimitReached(SitecloudError):
+    """A plan limit other than storage (max sites, max hostnames, ...)."""
+
+    code = "limit_reached"
+    status = 409
+    ftp_code = 550
+
+
+class QuotaExceeded(SitecloudError):
+    """The write would take the site past its storage quota."""
+
+    code = "quota_exceeded"
+    status = 413
+    ftp_code = 552
+
+
+class Unavailable(SitecloudError):
+    """A role or dependency cannot be reached now; retrying later may work."""
+
+    code = "unavailable"
+    status = 503
+    ftp_code = 421
+
+
+SitecloudError._by_code[SitecloudError.code] = SitecloudError
+
+
+def error_from_json(status: int, body: Any) -> SitecloudError:
+    """Rebuild the error an internal or public API answered with."""
+    detail = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(detail, dict):
+        return Unavailable(f"unexpected answer (HTTP {status})") if status >= 500 else BadRequest(
+            f"unexpected answer (HTTP {status})"
+        )
+    cls = SitecloudError._by_code.get(str(detail.get("code")), SitecloudError)
+    hint = detail.get("hint")
+    return cls(str(detail.get("message", "")), hint=str(hint) if hint else None)

@@ -1,0 +1,115 @@
+"""The internal API: aiohttp apps and clients over mutual TLS between roles.
+
+Servers admit a peer by the role in its certificate (:func:`require_role`); every error leaves as the
+JSON form of :class:`shared.errors.SitecloudError`; clients turn it back into the same exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from shared.config import RoleConfig
+from shared.errors import Forbidden, NotFound, SitecloudError, Unavailable, error_from_json
+from shared.pki import role_of_peer
+from shared.tls import client_context
+
+__all__ = [
+    "InternalClient",
+    "error_middleware",
+    "json_error",
+    "peer_role",
+    "require_role",
+]
+
+_log = logging.getLogger("sitecloud.internal")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(err: SitecloudError) -> web.Response:
+    return web.json_response(err.to_json(), status=err.status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Errors are data: a failing request answers JSON and never takes the process down."""
+    try:
+        return await handler(request)
+    except SitecloudError as err:
+        return json_error(err)
+    except web.HTTPNotFound:
+        return json_error(NotFound(f"no such endpoint: {request.method} {request.path}"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = (exc.reason or "error").lower().replace(" ", "_")
+        return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        _log.exception("unhandled error in %s %s", request.method, request.path)
+        return json_error(SitecloudError("internal error; the request was not completed"))
+
+
+def peer_role(request: web.Request) -> str | None:
+    transport = request.transport
+    if transport is None:
+        return None
+    return role_of_peer(transport.get_extra_info("peercert"))
+
+
+def require_role(request: web.Request, *roles: str) -> str:
+    """The calling role, if it is one of ``roles``; otherwise :class:`Forbidden`."""
+    role = peer_role(request)
+    if role not in roles:
+        raise Forbidden(f"role {role or 'unknown'} may not call {request.method} {request.path}")
+    return role
+
+
+class InternalClient:
+    """An mTLS HTTP client for calls to other roles, with JSON helpers."""
+
+    def __init__(self, config: RoleConfig, *, timeout: float = 30.0) -> None:
+        self._ssl = client_context(config)
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=5)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=64)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request_json(self, method: str, url: str, **kwargs: Any) -> Any:
+        """Call ``url`` and return its JSON body; an error answer raises the matching SitecloudError."""
+        try:
+            async with self.session.request(method, url, **kwargs) as resp:
+                body = await resp.json(content_type=None) if resp.content_length != 0 else None
+                if resp.status >= 400:
+                    raise error_from_json(resp.status, body)
+                return body
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise Unavailable(f"cannot reach {url}: {exc or type(exc).__name__}") from exc
+        except aiohttp.ContentTypeError as exc:
+            raise Unavailable(f"{url} answered something that is not JSON") from exc
+
+    async def get_json(self, url: str, **kwargs: Any) -> Any:
+        return await self.request_json("GET", url, **kwargs)
+
+    async def post_json(self, url: str, body: Any = None, **kwargs: Any) -> Any:
+        return await self.request_json("POST", url, json=body, **kwargs)
+
+    async def put_json(self, url: str, body: Any = None, **kwargs: Any) -> Any:
+        return await self.request_json("PUT", url, json=body, **kwargs)

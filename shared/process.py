@@ -1,0 +1,44 @@
+"""The lifecycle every role process follows: start, serve, drain on SIGTERM within a bound, exit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import uvloop
+
+from shared.config import RoleConfig, load_role_config
+from shared.logs import setup_logging
+
+__all__ = ["role_main"]
+
+C = TypeVar("C", bound=RoleConfig)
+
+
+def role_main(config_cls: type[C], serve: Callable[[C, asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    """Entry point of ``python -m roles.<role> --config role.json``.
+
+    ``serve`` runs until the stop event is set (SIGTERM or SIGINT), then drains and returns.
+    """
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", type=Path, required=True, help="the role.json the controller wrote")
+    args = parser.parse_args()
+    config = load_role_config(config_cls, args.config)
+    setup_logging(config.role, config.host, config.log_level)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await serve(config, stop)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    uvloop.run(run())

@@ -1,0 +1,46 @@
+"""TLS contexts. Internal traffic is mutual TLS with certificates from the cloud CA."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from shared.config import RoleConfig
+
+__all__ = ["client_context", "client_context_from_files", "public_server_context", "server_context"]
+
+
+def _harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    return ctx
+
+
+def server_context(config: RoleConfig, *, require_client_cert: bool = True) -> ssl.SSLContext:
+    """For a role's internal listeners: its own certificate, and peers must show one from the cloud CA."""
+    ctx = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    ctx.load_cert_chain(config.cert_file, config.key_file)
+    ctx.load_verify_locations(config.ca_file)
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE
+    return ctx
+
+
+def client_context_from_files(cert_file: Path | None, key_file: Path | None, ca_file: Path) -> ssl.SSLContext:
+    ctx = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    ctx.load_verify_locations(ca_file)
+    ctx.check_hostname = True
+    if cert_file is not None:
+        ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+def client_context(config: RoleConfig) -> ssl.SSLContext:
+    """For calls to other roles: verifies them against the cloud CA and shows our own certificate."""
+    return client_context_from_files(config.cert_file, config.key_file, config.ca_file)
+
+
+def public_server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """For listeners that people and browsers reach (API, web deploy, HTTPS sites)."""
+    ctx = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx

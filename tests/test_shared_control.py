@@ -1,0 +1,76 @@
+"""The control endpoint every role runs: mTLS admission by role, versioned config, last-known-good."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from shared.config import RoleConfig
+from shared.control import ControlPlane
+from shared.net import free_port
+from tests.support import CloudPKI
+
+
+async def _started(pki: CloudPKI, home: Path, applied: list[dict[str, Any]]) -> ControlPlane:
+    config = pki.make_role_home(RoleConfig(role="worker", host="localhost", home=home, control_port=free_port()))
+
+    async def apply(snapshot: dict[str, Any]) -> None:
+        applied.append(snapshot)
+
+    plane = ControlPlane(config, apply)
+    await plane.load_last_known_good()
+    await plane.start()
+    return plane
+
+
+async def _call(pki: CloudPKI, role: str | None, method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, url, json=body, ssl=pki.client_ssl(role)) as resp:
+            return resp.status, await resp.json()
+
+
+async def test_config_push_persists_and_survives_restart(pki: CloudPKI, tmp_path: Path) -> None:
+    applied: list[dict[str, Any]] = []
+    plane = await _started(pki, tmp_path / "w", applied)
+    url = plane.config.control_url
+    try:
+        status, body = await _call(pki, "controller", "PUT", f"{url}/v1/config", {"version": 3, "sites": {"a": {}}})
+        assert (status, body) == (200, {"config_version": 3})
+        # An older version is ignored, not applied.
+        status, body = await _call(pki, "controller", "PUT", f"{url}/v1/config", {"version": 2, "sites": {}})
+        assert body == {"config_version": 3}
+        status, health = await _call(pki, "frontend", "GET", f"{url}/v1/health")
+        assert status == 200 and health["config_version"] == 3 and health["role"] == "worker"
+    finally:
+        await plane.stop()
+    assert [s["version"] for s in applied] == [3]
+
+    again: list[dict[str, Any]] = []
+    plane = await _started(pki, tmp_path / "w", again)
+    await plane.stop()
+    assert again == [{"version": 3, "sites": {"a": {}}}]
+
+
+async def test_only_the_controller_may_push_config(pki: CloudPKI, tmp_path: Path) -> None:
+    plane = await _started(pki, tmp_path / "w", [])
+    try:
+        status, body = await _call(pki, "frontend", "PUT", f"{plane.config.control_url}/v1/config", {"version": 1})
+        assert status == 403 and body["error"]["code"] == "forbidden"
+        status, body = await _call(pki, "controller", "PUT", f"{plane.config.control_url}/v1/config", {"v": 1})
+        assert status == 400 and body["error"]["code"] == "invalid_input"
+    finally:
+        await plane.stop()
+
+
+async def test_a_peer_without_a_cloud_certificate_is_refused(pki: CloudPKI, tmp_path: Path) -> None:
+    plane = await _started(pki, tmp_path / "w", [])
+    try:
+        with pytest.raises(aiohttp.ClientError):
+            await _call(pki, None, "GET", f"{plane.config.control_url}/v1/health")
+    finally:
+        await plane.stop()
+    await asyncio.sleep(0)
