@@ -121,8 +121,10 @@ def error_from_json(status: int, body: Any) -> SitecloudError:
     """Rebuild the error an internal or public API answered with."""
     detail = body.get("error") if isinstance(body, dict) else None
     if not isinstance(detail, dict):
-        return Unavailable(f"unexpected answer (HTTP {status})") if status >= 500 else BadRequest(
-            f"unexpected answer (HTTP {status})"
+        return (
+            Unavailable(f"unexpected answer (HTTP {status})")
+            if status >= 500
+            else BadRequest(f"unexpected answer (HTTP {status})")
         )
     cls = SitecloudError._by_code.get(str(detail.get("code")), SitecloudError)
     hint = detail.get("hint")

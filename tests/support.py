@@ -30,7 +30,9 @@ __all__ = ["CloudPKI", "RoleProcess", "call", "wait_until"]
 C = TypeVar("C", bound=RoleConfig)
 
 
-def wait_until(predicate: Any, *, timeout: float = 15.0, interval: float = 0.05, what: str = "condition") -> Any:
+def wait_until(
+    predicate: Any, *, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
     while time.monotonic() < deadline:
@@ -129,7 +131,13 @@ class RoleProcess:
         log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"roles.{self.config.role}", "--config", str(self.config.home / "role.json")],
+            [
+                sys.executable,
+                "-m",
+                f"roles.{self.config.role}",
+                "--config",
+                str(self.config.home / "role.json"),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -16,7 +16,9 @@ from tests.support import CloudPKI
 
 
 async def _started(pki: CloudPKI, home: Path, applied: list[dict[str, Any]]) -> ControlPlane:
-    config = pki.make_role_home(RoleConfig(role="worker", host="localhost", home=home, control_port=free_port()))
+    config = pki.make_role_home(
+        RoleConfig(role="worker", host="localhost", home=home, control_port=free_port())
+    )
 
     async def apply(snapshot: dict[str, Any]) -> None:
         applied.append(snapshot)
@@ -28,9 +30,11 @@ async def _started(pki: CloudPKI, home: Path, applied: list[dict[str, Any]]) -> 
 
 
 async def _call(pki: CloudPKI, role: str | None, method: str, url: str, body: Any = None) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.request(method, url, json=body, ssl=pki.client_ssl(role)) as resp:
-            return resp.status, await resp.json()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, json=body, ssl=pki.client_ssl(role)) as resp,
+    ):
+        return resp.status, await resp.json()
 
 
 async def test_config_push_persists_and_survives_restart(pki: CloudPKI, tmp_path: Path) -> None:
@@ -38,7 +42,9 @@ async def test_config_push_persists_and_survives_restart(pki: CloudPKI, tmp_path
     plane = await _started(pki, tmp_path / "w", applied)
     url = plane.config.control_url
     try:
-        status, body = await _call(pki, "controller", "PUT", f"{url}/v1/config", {"version": 3, "sites": {"a": {}}})
+        status, body = await _call(
+            pki, "controller", "PUT", f"{url}/v1/config", {"version": 3, "sites": {"a": {}}}
+        )
         assert (status, body) == (200, {"config_version": 3})
         # An older version is ignored, not applied.
         status, body = await _call(pki, "controller", "PUT", f"{url}/v1/config", {"version": 2, "sites": {}})
@@ -58,9 +64,13 @@ async def test_config_push_persists_and_survives_restart(pki: CloudPKI, tmp_path
 async def test_only_the_controller_may_push_config(pki: CloudPKI, tmp_path: Path) -> None:
     plane = await _started(pki, tmp_path / "w", [])
     try:
-        status, body = await _call(pki, "frontend", "PUT", f"{plane.config.control_url}/v1/config", {"version": 1})
+        status, body = await _call(
+            pki, "frontend", "PUT", f"{plane.config.control_url}/v1/config", {"version": 1}
+        )
         assert status == 403 and body["error"]["code"] == "forbidden"
-        status, body = await _call(pki, "controller", "PUT", f"{plane.config.control_url}/v1/config", {"v": 1})
+        status, body = await _call(
+            pki, "controller", "PUT", f"{plane.config.control_url}/v1/config", {"v": 1}
+        )
         assert status == 400 and body["error"]["code"] == "invalid_input"
     finally:
         await plane.stop()

@@ -97,7 +97,9 @@ class Site(Base):
     credentials: Mapped[list[PublishingCredential]] = relationship(
         back_populates="site", cascade="all, delete-orphan"
     )
-    assignments: Mapped[list[SiteAssignment]] = relationship(back_populates="site", cascade="all, delete-orphan")
+    assignments: Mapped[list[SiteAssignment]] = relationship(
+        back_populates="site", cascade="all, delete-orphan"
+    )
 
 
 class PublishingCredential(Base):
