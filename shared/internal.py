@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -75,8 +76,8 @@ def require_role(request: web.Request, *roles: str) -> str:
 class InternalClient:
     """An mTLS HTTP client for calls to other roles, with JSON helpers."""
 
-    def __init__(self, config: RoleConfig, *, timeout: float = 30.0) -> None:
-        self._ssl = client_context(config)
+    def __init__(self, identity: RoleConfig | ssl.SSLContext, *, timeout: float = 30.0) -> None:
+        self._ssl = identity if isinstance(identity, ssl.SSLContext) else client_context(identity)
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=5)
         self._session: aiohttp.ClientSession | None = None
 

@@ -1,0 +1,49 @@
+"""The controller's typed config: what `sitecloud up` was asked for, resolved once in :func:`load`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.names import validate_hostname
+
+__all__ = ["DEFAULT_HOME", "CloudConfig"]
+
+DEFAULT_HOME = Path.home() / ".local" / "share" / "sitecloud"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CloudConfig:
+    home: Path
+    domain: str = "sites.localhost"
+    bind: str = "127.0.0.1"
+    http_port: int = 8080
+    https_port: int = 8443
+    ftp_port: int = 2121
+    api_port: int = 8090
+    deploy_port: int = 8172
+    passive_ports: tuple[int, int] | None = None
+    # SQLAlchemy URL of the runtime DB; empty means the SQLite file under home.
+    db_url: str = ""
+    log_level: str = "INFO"
+    # Seconds between health polls of every role.
+    health_interval: float = 1.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "domain", validate_hostname(self.domain))
+        object.__setattr__(self, "home", self.home.expanduser().resolve())
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.home / 'sitecloud.db'}"
+
+    @property
+    def public_host(self) -> str:
+        """The address people are told to use for the API, FTP and web deploy."""
+        return "127.0.0.1" if self.bind in ("127.0.0.1", "0.0.0.0", "") else self.bind
+
+    @staticmethod
+    def home_from_env(explicit: str | None) -> Path:
+        return Path(explicit or os.environ.get("SITECLOUD_HOME") or DEFAULT_HOME)

@@ -1,0 +1,199 @@
+"""The cloud's home directory on the controller host, and everything first `up` creates in it.
+
+HOME/ca/            the cloud CA (ca.key is 0600 and never leaves this directory)
+HOME/controller/    the controller's own identity (it calls roles as OU=controller)
+HOME/roles/<kind>/  each local role's own home: role.json, tls/, state/, content
+HOME/logs/          one log per role process
+HOME/cloud.json     choices that must stay stable across restarts (internal ports)
+HOME/admin-token    the admin API token (0600)
+HOME/endpoints.json what the CLI and people need to reach the cloud
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from roles.controller.config import CloudConfig
+from roles.fileserver.config import FileserverConfig
+from roles.frontend.config import FrontendConfig
+from roles.management.config import ManagementConfig
+from roles.publisher.config import PublisherConfig
+from roles.worker.config import WorkerConfig
+from shared.config import RoleConfig, write_role_config
+from shared.credentials import hash_token, new_token
+from shared.db import ApiToken, Database
+from shared.files import atomic_write_bytes, atomic_write_json, read_json
+from shared.net import free_port
+from shared.pki import CertificateAuthority
+
+__all__ = ["LOCAL_ROLES", "CloudHome"]
+
+# Start order: what others depend on comes first.
+LOCAL_ROLES = ("fileserver", "worker", "publisher", "frontend", "management")
+
+
+class CloudHome:
+    def __init__(self, config: CloudConfig) -> None:
+        self.config = config
+        self.root = config.home
+        self.ca_dir = self.root / "ca"
+        self.controller_dir = self.root / "controller"
+        self.logs_dir = self.root / "logs"
+        self.state_file = self.root / "cloud.json"
+        self.admin_token_file = self.root / "admin-token"
+        self.endpoints_file = self.root / "endpoints.json"
+        self.ca: CertificateAuthority | None = None
+        self._state: dict[str, Any] = {}
+
+    def role_home(self, kind: str) -> Path:
+        return self.root / "roles" / kind
+
+    @property
+    def controller_identity(self) -> RoleConfig:
+        """The controller's own identity: it calls roles as OU=controller and serves its internal API."""
+        return RoleConfig(
+            role="controller",
+            host="localhost",
+            home=self.controller_dir,
+            bind=self.config.bind,
+            control_port=self._state["internal_ports"]["controller"],
+            log_level=self.config.log_level,
+        )
+
+    # -- first run and every run ------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create or refresh everything under HOME; idempotent, so a second `up` reuses it all."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self.logs_dir.mkdir(exist_ok=True)
+        self.ca = CertificateAuthority.load_or_create(self.ca_dir)
+        self._state = read_json(self.state_file) if self.state_file.exists() else {}
+        ports = self._state.setdefault("internal_ports", {})
+        for name in (*LOCAL_ROLES, "controller", "worker_data"):
+            if not ports.get(name):
+                ports[name] = free_port(self.config.bind if self.config.bind != "0.0.0.0" else "127.0.0.1")
+        self._write_role_home(self.controller_identity)
+        for kind in LOCAL_ROLES:
+            self._write_role_home(self._role_config(kind))
+        self._write_wildcard()
+        atomic_write_json(self.state_file, self._state, mode=0o600)
+
+    @property
+    def internal_ports(self) -> dict[str, int]:
+        return dict(self._state["internal_ports"])
+
+    def _host_names(self) -> tuple[list[str], list[str]]:
+        dns = ["localhost", socket.gethostname()]
+        ips = ["127.0.0.1"]
+        try:
+            ipaddress.ip_address(self.config.bind)
+            if self.config.bind not in ("0.0.0.0", "127.0.0.1"):
+                ips.append(self.config.bind)
+        except ValueError:
+            dns.append(self.config.bind)
+        return sorted(set(dns)), ips
+
+    def _issue(self, kind: str, role: str) -> Any:
+        assert self.ca is not None
+        dns, ips = self._host_names()
+        return self.ca.issue(f"{kind}@localhost", role=role, dns_names=dns, ip_addresses=ips)
+
+    def _role_config(self, kind: str) -> RoleConfig:
+        c, ports = self.config, self._state["internal_ports"]
+        common: dict[str, Any] = {
+            "host": "localhost",
+            "home": self.role_home(kind),
+            "bind": c.bind,
+            "control_port": ports[kind],
+            "log_level": c.log_level,
+            "controller_url": f"https://localhost:{ports['controller']}",
+        }
+        if kind == "frontend":
+            return FrontendConfig(**common, http_port=c.http_port, https_port=c.https_port)
+        if kind == "worker":
+            return WorkerConfig(**common, data_port=ports["worker_data"])
+        if kind == "fileserver":
+            return FileserverConfig(**common)
+        if kind == "publisher":
+            return PublisherConfig(
+                **common,
+                ftp_port=c.ftp_port,
+                deploy_port=c.deploy_port,
+                passive_ports=c.passive_ports,
+                masquerade_address=None if c.bind != "0.0.0.0" else c.public_host,
+            )
+        if kind == "management":
+            return ManagementConfig(
+                **common,
+                api_port=c.api_port,
+                db_url=c.database_url,
+                domain=c.domain,
+                https_port=c.https_port,
+                ftp_host=c.public_host,
+                ftp_port=c.ftp_port,
+                deploy_url=f"https://{c.public_host}:{c.deploy_port}",
+                publisher_url=f"https://localhost:{ports['publisher']}",
+            )
+        raise ValueError(f"unknown role {kind!r}")
+
+    def _write_role_home(self, config: RoleConfig) -> None:
+        assert self.ca is not None
+        config.home.mkdir(parents=True, exist_ok=True)
+        os.chmod(config.home, 0o700)
+        config.tls_dir.mkdir(exist_ok=True)
+        if not config.cert_file.exists() or not config.key_file.exists():
+            self._issue(config.role, config.role).write(config.key_file, config.cert_file)
+        atomic_write_bytes(config.ca_file, self.ca.cert_pem)
+        write_role_config(config, config.home / "role.json")
+
+    def _write_wildcard(self) -> None:
+        """The front end's ``*.<domain>`` certificate; issued again when the domain changes."""
+        assert self.ca is not None
+        fe = self._role_config("frontend")
+        assert isinstance(fe, FrontendConfig)
+        if self._state.get("wildcard_domain") != self.config.domain or not fe.wildcard_cert_file.exists():
+            self.ca.issue_wildcard(self.config.domain).write(fe.wildcard_key_file, fe.wildcard_cert_file)
+            self._state["wildcard_domain"] = self.config.domain
+
+    # -- credentials and endpoints ----------------------------------------------------------------
+
+    def ensure_admin_token(self, db: Database) -> None:
+        """An admin token that matches the DB; a new one when the file or its DB row is missing."""
+        token = self.admin_token_file.read_text().strip() if self.admin_token_file.exists() else ""
+        with db.session() as session:
+            if token and session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token))):
+                return
+            token = new_token("sca")
+            session.add(ApiToken(token_hash=hash_token(token), name="admin", tenant_id=None))
+        atomic_write_bytes(self.admin_token_file, token.encode() + b"\n", mode=0o600)
+
+    def endpoints(self) -> dict[str, Any]:
+        c = self.config
+        host = c.public_host
+        return {
+            "domain": c.domain,
+            "api": f"https://{host}:{c.api_port}",
+            "sites": {
+                "https": f"https://<site>.{c.domain}:{c.https_port}/",
+                "http": f"http://<site>.{c.domain}:{c.http_port}/",
+            },
+            "ftp": {"host": host, "port": c.ftp_port},
+            "deploy": f"https://{host}:{c.deploy_port}/api/deploy/<site>",
+            "ca_cert": str(self.ca_dir / "ca.pem"),
+            "admin_token_file": str(self.admin_token_file),
+            "database": c.database_url if not c.db_url else c.db_url.split("@")[-1],
+            "logs": str(self.logs_dir),
+            "controller": f"https://localhost:{self.internal_ports['controller']}",
+        }
+
+    def write_endpoints(self) -> dict[str, Any]:
+        endpoints = self.endpoints()
+        atomic_write_json(self.endpoints_file, endpoints, mode=0o644)
+        return endpoints

@@ -1,0 +1,169 @@
+"""Keeps role processes on this machine running: start, restart with back-off, adopt, stop.
+
+Role processes run in their own session, so they outlive a controller that crashes: the data plane
+keeps serving. The next controller finds them by pid file and adopts them instead of starting again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from roles.controller.fabric.base import RoleSpec
+from shared.logs import get_logger
+
+__all__ = ["RoleProcessSupervisor"]
+
+_STOP_TIMEOUT = 10.0
+_MAX_BACKOFF = 30.0
+# A process that stayed up this long is healthy again: its next crash restarts without delay.
+_STABLE_AFTER = 30.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\x00")
+    except OSError:
+        return []
+
+
+class RoleProcessSupervisor:
+    """One role process: ``python -m roles.<kind> --config <home>/role.json``."""
+
+    def __init__(self, spec: RoleSpec, log_file: Path) -> None:
+        self.spec = spec
+        self.log_file = log_file
+        self._pid_file = spec.home / "role.pid"
+        self._proc: asyncio.subprocess.Process | None = None
+        self._adopted_pid: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.restarts = 0
+        self.state = "stopped"
+        self.reason = ""
+        self._log = get_logger("controller", kind=spec.kind, host=spec.host)
+
+    @property
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", f"roles.{self.spec.kind}", "--config", str(self.spec.config_file)]
+
+    @property
+    def pid(self) -> int | None:
+        if self._proc is not None and self._proc.returncode is None:
+            return self._proc.pid
+        return self._adopted_pid
+
+    def _running_orphan(self) -> int | None:
+        """The pid of this role left running by an earlier controller, if there is one."""
+        try:
+            pid = int(self._pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if _pid_alive(pid) and str(self.spec.config_file) in _cmdline(pid):
+            return pid
+        return None
+
+    async def _spawn(self) -> None:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, **self.spec.env, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
+        self._adopted_pid = None
+        self._pid_file.write_text(f"{self._proc.pid}\n")
+        self.state, self.reason = "running", ""
+
+    async def _wait_exit(self) -> int | None:
+        if self._proc is not None:
+            return await self._proc.wait()
+        # An adopted process is not our child: nothing to wait() on, so poll it.
+        while self._adopted_pid is not None and _pid_alive(self._adopted_pid):  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        return None
+
+    async def start(self) -> None:
+        orphan = self._running_orphan()
+        if orphan is not None:
+            self._adopted_pid = orphan
+            self.state, self.reason = "running", ""
+            self._log.info("adopted running %s process %d", self.spec.kind, orphan)
+        else:
+            await self._spawn()
+            self._log.info("started %s (pid %s)", self.spec.kind, self.pid)
+        self._task = asyncio.create_task(self._watch(), name=f"supervise-{self.spec.kind}")
+
+    async def _watch(self) -> None:
+        backoff = 0.5
+        while not self._stopping:
+            started = time.monotonic()
+            code = await self._wait_exit()
+            if self._stopping:
+                break
+            ran = time.monotonic() - started
+            if ran >= _STABLE_AFTER:
+                backoff = 0.5
+            self.restarts += 1
+            how = f"exited with code {code}" if code is not None else "exited"
+            self.state, self.reason = "failed", f"{how}; restarting in {backoff:.1f}s (see {self.log_file})"
+            self._log.warning(
+                "%s %s after %.1fs; restart %d in %.1fs", self.spec.kind, how, ran, self.restarts, backoff
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+            if self._stopping:
+                break
+            try:
+                await self._spawn()
+            except OSError as exc:
+                self.state, self.reason = "failed", f"cannot start: {exc}"
+
+    async def stop(self) -> None:
+        self._stopping = True
+        pid = self.pid
+        if pid is not None and _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + _STOP_TIMEOUT
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                if self._proc is not None and self._proc.returncode is None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._proc.wait(), 0.1)
+                else:
+                    await asyncio.sleep(0.05)
+            if _pid_alive(pid):
+                self._log.warning("%s did not stop within %.0fs; killing it", self.spec.kind, _STOP_TIMEOUT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if self._proc is not None and self._proc.returncode is None:
+            await self._proc.wait()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._pid_file.unlink(missing_ok=True)
+        self.state, self.reason = "stopped", ""

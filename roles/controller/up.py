@@ -1,0 +1,127 @@
+"""`sitecloud up`: the whole cloud on this machine, with the controller in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from typing import Any
+
+import uvloop
+
+from roles.controller.config import CloudConfig
+from roles.controller.controller import Controller
+from shared.errors import SitecloudError
+from shared.logs import setup_logging
+
+__all__ = ["run_up"]
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(p) for p in text.split("-", 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected LOW-HIGH, e.g. 30000-30100") from None
+    if not 0 < low <= high < 65536:
+        raise argparse.ArgumentTypeError("ports must satisfy 0 < LOW <= HIGH < 65536")
+    return low, high
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sitecloud up", description="Start the whole cloud on this machine.")
+    p.add_argument(
+        "--home", help="cloud home directory (env SITECLOUD_HOME; default ~/.local/share/sitecloud)"
+    )
+    p.add_argument(
+        "--domain", default="sites.localhost", help="sites are <site>.DOMAIN (default %(default)s)"
+    )
+    p.add_argument("--bind", default="127.0.0.1", help="address every listener binds (default %(default)s)")
+    p.add_argument("--http-port", type=int, default=8080)
+    p.add_argument("--https-port", type=int, default=8443)
+    p.add_argument("--ftp-port", type=int, default=2121)
+    p.add_argument("--api-port", type=int, default=8090)
+    p.add_argument("--deploy-port", type=int, default=8172)
+    p.add_argument("--passive-ports", type=_port_range, metavar="LOW-HIGH", help="FTP passive port range")
+    p.add_argument(
+        "--db", default="", help="runtime DB URL, e.g. postgresql://user:pw@host/db (default: SQLite)"
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--json", action="store_true", help="print the endpoints as JSON once the cloud is ready")
+    return p
+
+
+def _summary(endpoints: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            "",
+            "sitecloud is up.",
+            f"  management API   {endpoints['api']}",
+            f"  sites (HTTPS)    {endpoints['sites']['https']}",
+            f"  sites (HTTP)     {endpoints['sites']['http']}",
+            f"  FTP              ftp://{endpoints['ftp']['host']}:{endpoints['ftp']['port']}",
+            f"  web deploy       {endpoints['deploy']}",
+            f"  admin token      {endpoints['admin_token_file']}",
+            f"  CA certificate   {endpoints['ca_cert']}  (trust it: curl --cacert ...)",
+            f"  role logs        {endpoints['logs']}",
+            "",
+            "Next: sitecloud plan create basic --max-sites 10 --storage-mb 100   (Ctrl-C stops the cloud)",
+            "",
+        ]
+    )
+
+
+def run_up(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = CloudConfig(
+            home=CloudConfig.home_from_env(args.home),
+            domain=args.domain,
+            bind=args.bind,
+            http_port=args.http_port,
+            https_port=args.https_port,
+            ftp_port=args.ftp_port,
+            api_port=args.api_port,
+            deploy_port=args.deploy_port,
+            passive_ports=args.passive_ports,
+            db_url=args.db,
+            log_level=args.log_level,
+        )
+    except SitecloudError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return 2
+    setup_logging("controller", "localhost", args.log_level if args.log_level != "INFO" else "WARNING")
+
+    def progress(line: str) -> None:
+        print(f"sitecloud: {line}", file=sys.stderr, flush=True)
+        if line.startswith("ready in"):
+            endpoints = controller.home.endpoints()
+            if args.json:
+                print(json.dumps(endpoints), flush=True)
+            else:
+                print(_summary(endpoints), flush=True)
+
+    controller = Controller(config, progress=progress)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await controller.run(stop)
+
+    progress(f"home {config.home}")
+    try:
+        uvloop.run(main())
+    except SitecloudError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"hint: {err.hint}", file=sys.stderr)
+        return 1
+    progress("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_up(sys.argv[1:]))

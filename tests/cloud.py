@@ -1,0 +1,166 @@
+"""A whole cloud started through `sitecloud up`'s own code path, on free ports, for end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared.net import free_port
+from tests.support import wait_until
+
+__all__ = ["LocalCloud", "SiteConnection", "https_get"]
+
+
+class SiteConnection(http.client.HTTPSConnection):
+    """HTTPS to 127.0.0.1 with a site's name as SNI (and certificate name).
+
+    Python's resolver does not map ``*.localhost`` to loopback the way curl and browsers do.
+    """
+
+    def __init__(self, port: int, server_name: str, ca_file: Path) -> None:
+        self._site_context = ssl.create_default_context(cafile=str(ca_file))
+        super().__init__("127.0.0.1", port, context=self._site_context, timeout=10)
+        self._server_name = server_name
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self._site_context.wrap_socket(sock, server_hostname=self._server_name)
+
+
+def https_get(
+    port: int, host_header: str, path: str = "/", *, ca_file: Path, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    conn = SiteConnection(port, host_header, ca_file)
+    try:
+        conn.request("GET", path, headers={"Host": host_header, **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+class LocalCloud:
+    def __init__(self, home: Path, *, db_url: str = "") -> None:
+        self.home = home
+        self.db_url = db_url
+        self.ports = {
+            name: free_port() for name in ("http_port", "https_port", "ftp_port", "api_port", "deploy_port")
+        }
+        low = free_port()
+        self.passive = (low, low + 20) if low < 65000 else (40000, 40020)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = home.parent / f"{home.name}-up.log"
+
+    @property
+    def domain(self) -> str:
+        return "sites.localhost"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.home / "ca" / "ca.pem"
+
+    def start(self, timeout: float = 60.0) -> dict[str, Any]:
+        argv = [sys.executable, "-m", "roles.management.cli", "up", "--home", str(self.home), "--json"]
+        for name, port in self.ports.items():
+            argv += [f"--{name.replace('_', '-')}", str(port)]
+        argv += ["--passive-ports", f"{self.passive[0]}-{self.passive[1]}"]
+        if self.db_url:
+            argv += ["--db", self.db_url]
+        endpoints = self.home / "endpoints.json"
+        endpoints.unlink(missing_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+        log.close()
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"sitecloud up exited with {self.proc.returncode}:\n{self.log()}")
+            return endpoints.exists()
+
+        try:
+            wait_until(ready, timeout=timeout, interval=0.1, what="sitecloud up to be ready")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{self.log()}\n{self.role_logs()}") from None
+        return dict(json.loads(endpoints.read_text()))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def role_logs(self) -> str:
+        out = []
+        for path in sorted((self.home / "logs").glob("*.log")):
+            out.append(f"--- {path.name} ---\n{path.read_text(errors='replace')[-4000:]}")
+        return "\n".join(out)
+
+    def role_pids(self) -> dict[str, int]:
+        pids = {}
+        for pidfile in (self.home / "roles").glob("*/role.pid"):
+            pids[pidfile.parent.name] = int(pidfile.read_text())
+        return pids
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, as Ctrl-C would: the controller stops every role, then exits."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"sitecloud up did not stop within {timeout}s:\n{self.log()}") from None
+
+    def kill_controller(self) -> None:
+        """The controller dies; the roles it started stay up."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def kill_everything(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in self.role_pids().values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def cli(self, *args: str, token: str | None = None, check: bool = True) -> Any:
+        """Run `sitecloud --home HOME ... --json` and return its parsed JSON output."""
+        env = {**os.environ}
+        if token:
+            env["SITECLOUD_TOKEN"] = token
+        proc = subprocess.run(
+            [sys.executable, "-m", "roles.management.cli", "--home", str(self.home), *args, "--json"],
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"sitecloud {' '.join(args)} failed ({proc.returncode}): {proc.stdout!r} {proc.stderr!r}"
+            )
+        out = proc.stdout.decode().strip()
+        return json.loads(out) if out else None
+
+    def get(self, site: str, path: str = "/", **kw: Any) -> tuple[int, dict[str, str], bytes]:
+        return https_get(self.ports["https_port"], f"{site}.{self.domain}", path, ca_file=self.ca_file, **kw)
+
+    def wait_for_content(self, site: str, path: str, expected: bytes, timeout: float = 15.0) -> None:
+        def served() -> bool:
+            status, _, body = self.get(site, path)
+            return status == 200 and body == expected
+
+        try:
+            wait_until(served, timeout=timeout, what=f"{site}{path} to serve new content")
+        except AssertionError:
+            status, _, body = self.get(site, path)
+            raise AssertionError(
+                f"after {timeout}s {site}{path} answers {status} {body[:200]!r}\n{self.role_logs()}"
+            ) from None

@@ -1,0 +1,221 @@
+"""The foundation end to end, as a user runs it: `sitecloud up`, the CLI, FTP, web deploy, HTTPS."""
+
+from __future__ import annotations
+
+import base64
+import ftplib
+import io
+import json
+import os
+import ssl
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cloud import LocalCloud
+from tests.support import wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
+    cloud = LocalCloud(tmp_path_factory.mktemp("cloud") / "home")
+    cloud.start()
+    try:
+        yield cloud
+    finally:
+        cloud.kill_everything()
+
+
+@pytest.fixture(scope="module")
+def sites(cloud: LocalCloud) -> dict[str, Any]:
+    cloud.cli("plan", "create", "basic", "--max-sites", "2", "--storage-mb", "5")
+    tenant = cloud.cli("tenant", "create", "contoso")
+    sub = cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "basic")
+    blog = cloud.cli("site", "create", "blog", "--subscription", str(sub["id"]), token=tenant["token"])
+    shop = cloud.cli("site", "create", "shop", "--subscription", str(sub["id"]))
+    return {"tenant": tenant, "subscription": sub, "blog": blog, "shop": shop}
+
+
+def _ftp(site: dict[str, Any]) -> ftplib.FTP:
+    ftp = ftplib.FTP()
+    ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
+    ftp.login(site["ftp"]["user"], site["ftp"]["password"])
+    return ftp
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_site_create_answers_urls_and_publishing_credentials(
+    cloud: LocalCloud, sites: dict[str, Any]
+) -> None:
+    blog = sites["blog"]
+    assert blog["name"] == "blog"
+    assert blog["url"] == f"https://blog.sites.localhost:{cloud.ports['https_port']}/"
+    assert blog["ftp"]["port"] == cloud.ports["ftp_port"] and blog["ftp"]["password"]
+    assert blog["deploy"]["url"].endswith("/api/deploy/blog") and blog["deploy"]["password"]
+    listed = cloud.cli("site", "list", token=sites["tenant"]["token"])
+    names = sorted(s["name"] for s in (listed["sites"] if isinstance(listed, dict) else listed))
+    assert names == ["blog", "shop"]
+
+
+def test_ftp_upload_is_served_over_https_on_the_wildcard_subdomain(
+    cloud: LocalCloud, sites: dict[str, Any]
+) -> None:
+    ftp = _ftp(sites["blog"])
+    try:
+        ftp.storbinary("STOR index.html", io.BytesIO(b"<h1>hello from blog</h1>"))
+        ftp.mkd("docs")
+        ftp.storbinary("STOR docs/page.html", io.BytesIO(b"<p>a sub page</p>"))
+    finally:
+        ftp.quit()
+    cloud.wait_for_content("blog", "/", b"<h1>hello from blog</h1>")
+    status, headers, body = cloud.get("blog", "/docs/page.html")
+    assert (status, body) == (200, b"<p>a sub page</p>")
+    assert headers["content-type"].startswith("text/html")
+    status, _, _ = cloud.get("blog", "/docs/missing.html")
+    assert status == 404
+
+
+def test_web_deploy_replaces_the_whole_site(cloud: LocalCloud, sites: dict[str, Any], tmp_path: Path) -> None:
+    # Through the CLI (management forwards to the publisher) from a directory ...
+    tree = tmp_path / "v2"
+    (tree / "assets").mkdir(parents=True)
+    (tree / "index.html").write_bytes(b"<h1>v2</h1>")
+    (tree / "assets" / "app.css").write_bytes(b"body{}")
+    result = cloud.cli("deploy", "blog", str(tree))
+    assert result["files"] == 2
+    cloud.wait_for_content("blog", "/", b"<h1>v2</h1>")
+    assert cloud.get("blog", "/docs/page.html")[0] == 404
+    assert cloud.get("blog", "/assets/app.css")[2] == b"body{}"
+
+    # ... and straight to the publisher's web deploy endpoint with basic auth, as curl would.
+    blog = sites["blog"]
+    auth = base64.b64encode(f"{blog['deploy']['user']}:{blog['deploy']['password']}".encode()).decode()
+    req = urllib.request.Request(
+        blog["deploy"]["url"],
+        data=_zip({"index.html": b"<h1>v3</h1>"}),
+        method="POST",
+        headers={"Authorization": f"Basic {auth}", "Content-Type": "application/zip"},
+    )
+    ctx = ssl.create_default_context(cafile=str(cloud.ca_file))
+    with urllib.request.urlopen(req, context=ctx, timeout=30) as resp:
+        assert json.loads(resp.read())["files"] == 1
+    cloud.wait_for_content("blog", "/", b"<h1>v3</h1>")
+    assert cloud.get("blog", "/assets/app.css")[0] == 404
+
+
+def test_a_zip_slip_deploy_is_refused_and_changes_nothing(cloud: LocalCloud, sites: dict[str, Any]) -> None:
+    blog = sites["blog"]
+    auth = base64.b64encode(f"{blog['deploy']['user']}:{blog['deploy']['password']}".encode()).decode()
+    req = urllib.request.Request(
+        blog["deploy"]["url"],
+        data=_zip({"../../etc/evil": b"x", "index.html": b"evil"}),
+        method="POST",
+        headers={"Authorization": f"Basic {auth}"},
+    )
+    ctx = ssl.create_default_context(cafile=str(cloud.ca_file))
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, context=ctx, timeout=30)
+    assert err.value.code == 400
+    assert "error" in json.loads(err.value.read())
+    assert cloud.get("blog", "/")[2] == b"<h1>v3</h1>"
+
+
+def test_one_sites_ftp_credentials_cannot_reach_another(cloud: LocalCloud, sites: dict[str, Any]) -> None:
+    blog = _ftp(sites["blog"])
+    blog.storbinary("STOR secret-blog.txt", io.BytesIO(b"blog only"))
+    blog.quit()
+    shop = _ftp(sites["shop"])
+    try:
+        shop.storbinary("STOR index.html", io.BytesIO(b"shop"))
+        for path in ("../blog", "/../blog", "/blog", "../..", "/"):
+            try:
+                listing = shop.nlst(path)
+            except ftplib.error_perm:
+                continue
+            assert not any("secret-blog" in name for name in listing), (path, listing)
+        for path in ("../blog/secret-blog.txt", "/../blog/secret-blog.txt"):
+            with pytest.raises(ftplib.error_perm):
+                shop.retrbinary(f"RETR {path}", lambda _: None)
+        with pytest.raises(ftplib.error_perm):
+            shop.storbinary("STOR ../blog/index.html", io.BytesIO(b"pwned"))
+    finally:
+        shop.quit()
+    bad = ftplib.FTP()
+    bad.connect(sites["blog"]["ftp"]["host"], sites["blog"]["ftp"]["port"], timeout=10)
+    with pytest.raises(ftplib.error_perm, match="530"):
+        bad.login("blog", sites["shop"]["ftp"]["password"])
+    bad.close()
+    cloud.wait_for_content("shop", "/", b"shop")
+    assert cloud.get("blog", "/")[2] == b"<h1>v3</h1>"
+
+
+def test_an_unknown_host_gets_the_platform_404_page(cloud: LocalCloud, sites: dict[str, Any]) -> None:
+    status, _, body = cloud.get("nosuchsite", "/")
+    assert status == 404
+    assert b"sitecloud" in body and b"v3" not in body and b"shop" not in body
+
+
+def test_bad_input_is_refused_with_clear_errors(cloud: LocalCloud, sites: dict[str, Any]) -> None:
+    sub = str(sites["subscription"]["id"])
+    bad_name = cloud.cli("site", "create", "Bad_Name", "--subscription", sub, check=False)
+    assert bad_name["error"]["code"] == "invalid_input"
+    dup = cloud.cli("site", "create", "blog", "--subscription", sub, check=False)
+    assert dup["error"]["code"] == "already_exists"
+    over = cloud.cli("site", "create", "third", "--subscription", sub, check=False)
+    assert over["error"]["code"] == "limit_reached"
+    unknown = cloud.cli("site", "create", "fourth", "--subscription", "9999", check=False)
+    assert unknown["error"]["code"] == "not_found"
+    names = [s["name"] for s in cloud.cli("site", "list")["sites"]]
+    assert sorted(names) == ["blog", "shop"]
+
+
+def test_role_list_shows_every_role_ready(cloud: LocalCloud, sites: dict[str, Any]) -> None:
+    def all_ready() -> list[dict[str, Any]] | None:
+        roles = cloud.cli("role", "list")["roles"]
+        return roles if all(r["state"] == "Ready" for r in roles) else None
+
+    roles = wait_until(all_ready, timeout=10, what="every role Ready")
+    assert sorted(r["role"] for r in roles) == ["fileserver", "frontend", "management", "publisher", "worker"]
+    assert all(r["config_version"] >= 1 for r in roles)
+
+
+def test_the_data_plane_outlives_the_controller_and_a_restart(
+    cloud: LocalCloud, sites: dict[str, Any]
+) -> None:
+    pids = cloud.role_pids()
+    cloud.kill_controller()
+    # Controller gone: sites still serve, FTP still publishes.
+    assert cloud.get("blog", "/")[2] == b"<h1>v3</h1>"
+    ftp = _ftp(sites["shop"])
+    ftp.storbinary("STOR index.html", io.BytesIO(b"shop v2"))
+    ftp.quit()
+    cloud.wait_for_content("shop", "/", b"shop v2")
+
+    # A new `up` on the same home adopts the running roles rather than restarting them.
+    cloud.start()
+    assert cloud.role_pids() == pids
+    assert cloud.get("blog", "/")[2] == b"<h1>v3</h1>"
+
+    # A clean stop stops every role process.
+    assert cloud.stop() == 0
+    for pid in pids.values():
+        wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), timeout=10, what=f"pid {pid} to exit")
+
+    # And a cold start serves the same sites from the same home.
+    cloud.start()
+    assert cloud.get("blog", "/")[2] == b"<h1>v3</h1>"
+    cloud.wait_for_content("shop", "/", b"shop v2")
+    assert cloud.stop() == 0
