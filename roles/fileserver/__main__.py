@@ -1,0 +1,50 @@
+"""``python -m roles.fileserver --config <home>/role.json``: the versioned content store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from roles.fileserver._api import content_routes
+from roles.fileserver.config import FileserverConfig
+from roles.fileserver.store import ContentStore
+from shared.control import ControlPlane
+from shared.logs import get_logger
+from shared.process import role_main
+
+__all__ = ["serve"]
+
+# Commit bodies list every file of a web deploy; uploads stream and are not bound by this.
+_MAX_BODY = 64 * 1024 * 1024
+
+
+async def serve(config: FileserverConfig, stop: asyncio.Event) -> None:
+    log = get_logger(config.role, host=config.host)
+    store = ContentStore(config)
+    await store.open()
+    plane = ControlPlane(
+        config,
+        store.apply_snapshot,
+        health=store.health,
+        routes=content_routes(store),
+        client_max_size=_MAX_BODY,
+    )
+    await plane.load_last_known_good()
+    await plane.start()
+    upkeep = asyncio.create_task(store.maintain(stop))
+    log.info("serving content on port %s", config.control_port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        # Long polls return at once instead of holding the shutdown for their full wait.
+        store.feed.stop_waiting()
+        await plane.stop()
+        await store.close()
+        upkeep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await upkeep
+
+
+if __name__ == "__main__":
+    role_main(FileserverConfig, serve)

@@ -1,0 +1,109 @@
+"""The content API on the fileserver's control port (mTLS): see docs/architecture.md, "Fileserver content API"."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from roles.fileserver.feed import MAX_WAIT
+from roles.fileserver.store import ContentStore
+from shared.config import ROLE_KINDS
+from shared.errors import BadRequest, InvalidInput, QuotaExceeded
+from shared.internal import json_error, require_role
+
+__all__ = ["content_routes"]
+
+# Workers pull content, the publisher reads what it is about to change; only the publisher writes.
+_READERS = ("worker", "publisher")
+_WRITERS = ("publisher",)
+_CHUNK = 256 * 1024
+
+
+def _number(request: web.Request, key: str, default: float) -> float:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise InvalidInput(f"query parameter {key!r} must be a number, not {raw!r}") from None
+
+
+def _integer(request: web.Request, key: str) -> int | None:
+    raw = request.query.get(key)
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit()):
+        raise InvalidInput(f"query parameter {key!r} must be a whole number >= 0, not {raw!r}")
+    return int(raw)
+
+
+def content_routes(store: ContentStore) -> list[web.RouteDef]:
+    async def site_info(request: web.Request) -> web.Response:
+        require_role(request, *ROLE_KINDS)
+        return web.json_response(store.info(request.match_info["site"]))
+
+    async def manifest(request: web.Request) -> web.Response:
+        require_role(request, *_READERS)
+        body = await store.manifest_bytes(request.match_info["site"], _integer(request, "version"))
+        return web.Response(body=body, content_type="application/json")
+
+    async def blob(request: web.Request) -> web.FileResponse:
+        require_role(request, *_READERS)
+        path = await store.blob_path(request.match_info["site"], request.match_info["sha"])
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+    async def file(request: web.Request) -> web.FileResponse:
+        require_role(request, *_READERS)
+        path = await store.file_path(request.match_info["site"], request.match_info["path"])
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+    async def upload(request: web.Request) -> web.Response:
+        require_role(request, *_WRITERS)
+        try:
+            answer = await store.upload_blob(
+                request.match_info["site"], request.content.iter_chunked(_CHUNK), request.content_length
+            )
+        except QuotaExceeded as err:
+            # The rest of the body is not wanted: answer now and drop the connection.
+            response = json_error(err)
+            response.force_close()
+            return response
+        return web.json_response(answer)
+
+    async def commit(request: web.Request) -> web.Response:
+        require_role(request, *_WRITERS)
+        try:
+            body: Any = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"commit body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise InvalidInput('commit body must be {"ops": [...], "replace": false}')
+        replace = body.get("replace", False)
+        if not isinstance(replace, bool):
+            raise InvalidInput("'replace' must be true or false")
+        answer = await store.commit(request.match_info["site"], body.get("ops"), replace=replace)
+        return web.json_response(answer)
+
+    async def changes(request: web.Request) -> web.Response:
+        require_role(request, *_READERS)
+        since = _integer(request, "since") or 0
+        wait = max(0.0, min(_number(request, "wait", 0.0), MAX_WAIT))
+        return web.json_response(await store.feed.wait(since, wait))
+
+    async def versions(request: web.Request) -> web.Response:
+        require_role(request, *_READERS)
+        return web.json_response(store.versions())
+
+    return [
+        web.get("/v1/sites/{site}", site_info),
+        web.get("/v1/sites/{site}/manifest", manifest),
+        web.get("/v1/sites/{site}/blobs/{sha}", blob),
+        web.get("/v1/sites/{site}/files/{path:.+}", file),
+        web.post("/v1/sites/{site}/blobs", upload),
+        web.post("/v1/sites/{site}/commit", commit),
+        web.get("/v1/changes", changes),
+        web.get("/v1/versions", versions),
+    ]

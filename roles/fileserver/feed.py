@@ -1,0 +1,93 @@
+"""The change feed workers long-poll: every new site version gets the next ``seq``.
+
+``seq`` survives restarts (``<home>/state/feed.json``). The log of recent changes lives in memory only,
+so a cursor older than what the log holds gets ``reset`` (re-read every site's version), and so does a
+cursor from the future, which can only come from another incarnation of the fileserver. After a crash
+``seq`` is moved one past the last one persisted, so no worker can believe it is up to date across a
+change whose manifest was written but never announced; after a clean stop cursors stay valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.files import atomic_write_json, read_json
+
+__all__ = ["MAX_WAIT", "Change", "ChangeFeed"]
+
+MAX_WAIT = 30.0
+
+
+@dataclass(frozen=True)
+class Change:
+    seq: int
+    site: str
+    version: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "site": self.site, "version": self.version}
+
+
+class ChangeFeed:
+    def __init__(self, path: Path, *, keep: int = 10_000) -> None:
+        self._path = path
+        self._log: deque[Change] = deque(maxlen=keep)
+        self._lock = asyncio.Lock()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self.seq = 0
+        # Cursors below this point are older than the log: they get a reset.
+        self._floor = 0
+
+    def open(self) -> None:
+        """Read the persisted seq (blocking; call once at start)."""
+        state: dict[str, Any] = read_json(self._path) if self._path.exists() else {"seq": 0, "clean": True}
+        seq = int(state.get("seq", 0))
+        self.seq = seq if state.get("clean") else seq + 1
+        self._floor = self.seq
+        atomic_write_json(self._path, {"seq": self.seq, "clean": False})
+
+    def stop_waiting(self) -> None:
+        """Answer every long poll now, and later ones at once (the process is stopping)."""
+        self._closed = True
+        self._wakeup.set()
+
+    async def close(self) -> None:
+        """Record a clean stop, so that cursors stay valid over the restart (call when nothing writes)."""
+        self.stop_waiting()
+        async with self._lock:
+            await asyncio.to_thread(atomic_write_json, self._path, {"seq": self.seq, "clean": True})
+
+    async def publish(self, site: str, version: int) -> Change:
+        """Announce a version that is already on disk; returns the change with its seq."""
+        async with self._lock:
+            seq = self.seq + 1
+            await asyncio.to_thread(atomic_write_json, self._path, {"seq": seq, "clean": False})
+            if len(self._log) == self._log.maxlen:
+                self._floor = self._log[0].seq
+            change = Change(seq, site, version)
+            self._log.append(change)
+            self.seq = seq
+            wakeup, self._wakeup = self._wakeup, asyncio.Event()
+            wakeup.set()
+            return change
+
+    def since(self, since: int) -> tuple[list[Change], bool]:
+        """The changes after ``since``, and whether the caller must reset instead."""
+        if since < self._floor or since > self.seq:
+            return [], True
+        return [c for c in self._log if c.seq > since], False
+
+    async def wait(self, since: int, timeout: float) -> dict[str, Any]:
+        """The answer to ``GET /v1/changes``: at once if there is news, else after a change or ``timeout``."""
+        changes, reset = self.since(since)
+        if not changes and not reset and not self._closed and timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), min(timeout, MAX_WAIT))
+            changes, reset = self.since(since)
+        return {"seq": self.seq, "changes": [c.to_json() for c in changes], "reset": reset}

@@ -1,0 +1,358 @@
+"""The fileserver as its own process: content API over mTLS, versions, quota, change feed, snapshots."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roles.fileserver.config import FileserverConfig
+from tests.support import CloudPKI, RoleProcess, call, wait_until
+
+BLOG_UID = "b10b10b10b10b10b10b10b10b10b10b1"
+SHOP_UID = "5b0b5b0b5b0b5b0b5b0b5b0b5b0b5b0b"
+SNAPSHOT = {
+    "version": 1,
+    "sites": {
+        "blog": {"uid": BLOG_UID, "quota_bytes": 10 * 1024},
+        "shop": {"uid": SHOP_UID, "quota_bytes": 1024 * 1024},
+    },
+}
+
+
+class Fs:
+    """Calls a running fileserver the way the publisher and workers do."""
+
+    def __init__(self, proc: RoleProcess, pki: CloudPKI) -> None:
+        self.proc = proc
+        self.pki = pki
+
+    @property
+    def home(self) -> Path:
+        return self.proc.config.home
+
+    def call(self, method: str, path: str, *, role: str = "publisher", **kwargs: Any) -> tuple[int, Any]:
+        return call(f"{self.proc.control_url}{path}", self.pki.client_ssl(role), method=method, **kwargs)
+
+    def get(self, path: str, *, role: str = "worker", **kwargs: Any) -> Any:
+        status, body = self.call("GET", path, role=role, **kwargs)
+        assert status == 200, body
+        return body
+
+    def upload(self, site: str, data: bytes) -> str:
+        status, body = self.call("POST", f"/v1/sites/{site}/blobs", data=data)
+        assert status == 200, body
+        assert body == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        return str(body["sha256"])
+
+    def commit(self, site: str, ops: list[dict[str, Any]], *, replace: bool = False) -> tuple[int, Any]:
+        return self.call("POST", f"/v1/sites/{site}/commit", body={"ops": ops, "replace": replace})
+
+    def ok(self, site: str, ops: list[dict[str, Any]], *, replace: bool = False) -> dict[str, Any]:
+        status, body = self.commit(site, ops, replace=replace)
+        assert status == 200, body
+        return dict(body)
+
+    def refused(self, site: str, ops: list[dict[str, Any]], code: str) -> str:
+        status, body = self.commit(site, ops)
+        assert body["error"]["code"] == code, body
+        assert status >= 400
+        return str(body["error"]["message"])
+
+    def manifest(self, site: str, version: int | None = None) -> dict[str, Any]:
+        query = "" if version is None else f"?version={version}"
+        return dict(self.get(f"/v1/sites/{site}/manifest{query}"))
+
+    def tree(self, site: str) -> tuple[set[str], list[str]]:
+        m = self.manifest(site)
+        return set(m["files"]), m["dirs"]
+
+
+def _start(pki: CloudPKI, home: Path, **fields: Any) -> Fs:
+    config = pki.role_config(FileserverConfig, "fileserver", home, **fields)
+    proc = RoleProcess(config, pki).start()
+    proc.push_config(SNAPSHOT)
+    return Fs(proc, pki)
+
+
+@pytest.fixture
+def fs(pki: CloudPKI, tmp_path: Path) -> Iterator[Fs]:
+    server = _start(pki, tmp_path / "fs", keep_versions=3)
+    try:
+        yield server
+    finally:
+        server.proc.stop()
+
+
+def test_upload_commit_and_read_back(fs: Fs) -> None:
+    page, css = b"<h1>hello</h1>", b"h1 { color: red }"
+    page_sha, css_sha = fs.upload("blog", page), fs.upload("blog", css)
+    assert fs.upload("blog", page) == page_sha  # the same bytes again: the same blob
+
+    before = time.time()
+    answer = fs.ok(
+        "blog",
+        [
+            {"op": "put", "path": "/index.html", "sha256": page_sha},
+            {"op": "put", "path": "css/site.css", "sha256": css_sha},
+        ],
+    )
+    assert answer == {"version": 1, "total_bytes": len(page) + len(css)}
+
+    manifest = fs.manifest("blog")
+    assert manifest["site"] == "blog" and manifest["version"] == 1
+    assert manifest["total_bytes"] == len(page) + len(css)
+    assert manifest["dirs"] == ["css"]
+    entry = manifest["files"]["index.html"]
+    assert (entry["sha256"], entry["size"]) == (page_sha, len(page))
+    assert before - 1 <= entry["mtime"] <= time.time() + 1
+    assert fs.manifest("blog", 1) == manifest
+
+    assert fs.get(f"/v1/sites/blog/blobs/{css_sha}") == css
+    assert fs.get("/v1/sites/blog/files/css/site.css", role="publisher") == css
+    # Blobs are per site: another site cannot read blog's bytes by their hash.
+    status, body = fs.call("GET", f"/v1/sites/shop/blobs/{css_sha}", role="worker")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+    for role in ("controller", "management", "worker"):
+        assert fs.get("/v1/sites/blog", role=role) == {
+            "site": "blog",
+            "version": 1,
+            "total_bytes": len(page) + len(css),
+            "quota_bytes": 10 * 1024,
+        }
+    # A site nothing was written to yet is version 0 and empty.
+    assert fs.manifest("shop") == {"site": "shop", "version": 0, "total_bytes": 0, "files": {}, "dirs": []}
+    assert fs.get("/v1/versions")["sites"] == {"blog": 1, "shop": 0}
+    health = fs.proc.health()
+    assert (health["sites"], health["total_bytes"]) == (2, len(page) + len(css))
+
+    status, body = fs.call("GET", "/v1/sites/nope/manifest", role="worker")
+    assert status == 404 and body["error"]["message"] == "site nope is not served by this fileserver"
+
+
+def test_ops_and_their_errors_leave_nothing_half_done(fs: Fs) -> None:
+    a, b = fs.upload("blog", b"a" * 10), fs.upload("blog", b"b" * 20)
+    fs.ok(
+        "blog",
+        [
+            {"op": "put", "path": "docs/guide/a.txt", "sha256": a},
+            {"op": "mkdir", "path": "empty"},
+            {"op": "put", "path": "top.txt", "sha256": b},
+        ],
+    )
+    assert fs.tree("blog") == ({"docs/guide/a.txt", "top.txt"}, ["docs", "docs/guide", "empty"])
+
+    assert "not empty" in fs.refused("blog", [{"op": "rmdir", "path": "docs"}], "invalid_input")
+    fs.refused("blog", [{"op": "delete", "path": "missing.txt"}], "not_found")
+    fs.refused("blog", [{"op": "rmdir", "path": "missing"}], "not_found")
+    fs.refused("blog", [{"op": "mkdir", "path": "docs"}], "already_exists")
+    fs.refused("blog", [{"op": "mkdir", "path": "top.txt"}], "already_exists")
+    fs.refused("blog", [{"op": "put", "path": "docs", "sha256": a}], "invalid_input")
+    fs.refused("blog", [{"op": "put", "path": "top.txt/x", "sha256": a}], "invalid_input")
+    fs.refused("blog", [{"op": "delete", "path": "empty"}], "invalid_input")
+    fs.refused("blog", [{"op": "rename", "from": "nothing", "to": "x"}], "not_found")
+    fs.refused("blog", [{"op": "rename", "from": "top.txt", "to": "empty"}], "already_exists")
+    fs.refused("blog", [{"op": "rename", "from": "docs", "to": "docs/guide/deeper"}], "invalid_input")
+    fs.refused("blog", [{"op": "put", "path": "x", "sha256": "0" * 64}], "not_found")
+    fs.refused("blog", [{"op": "chmod", "path": "x"}], "invalid_input")
+    # All or nothing: the good ops before a failing one are not applied either.
+    fs.refused(
+        "blog",
+        [
+            {"op": "delete", "path": "top.txt"},
+            {"op": "mkdir", "path": "new"},
+            {"op": "rmdir", "path": "docs"},
+        ],
+        "invalid_input",
+    )
+    assert fs.get("/v1/sites/blog")["version"] == 1
+    assert fs.tree("blog") == ({"docs/guide/a.txt", "top.txt"}, ["docs", "docs/guide", "empty"])
+
+    # A directory rename moves everything under it; a file rename keeps its content.
+    answer = fs.ok(
+        "blog",
+        [
+            {"op": "rename", "from": "docs", "to": "manual/v1"},
+            {"op": "rename", "from": "top.txt", "to": "manual/top.txt"},
+            {"op": "rmdir", "path": "empty"},
+        ],
+    )
+    assert answer == {"version": 2, "total_bytes": 30}
+    assert fs.tree("blog") == (
+        {"manual/v1/guide/a.txt", "manual/top.txt"},
+        ["manual", "manual/v1", "manual/v1/guide"],
+    )
+    assert fs.manifest("blog")["files"]["manual/top.txt"]["sha256"] == b
+
+    fs.ok(
+        "blog",
+        [{"op": "delete", "path": "manual/v1/guide/a.txt"}, {"op": "rmdir", "path": "manual/v1/guide"}],
+    )
+    assert fs.tree("blog") == ({"manual/top.txt"}, ["manual", "manual/v1"])
+    # The previous version is still there for rollback.
+    assert "manual/v1/guide/a.txt" in fs.manifest("blog", 2)["files"]
+
+
+def test_replace_builds_the_site_from_empty(fs: Fs) -> None:
+    old, new = fs.upload("shop", b"old"), fs.upload("shop", b"new!")
+    fs.ok("shop", [{"op": "put", "path": "old.html", "sha256": old}, {"op": "mkdir", "path": "img"}])
+    answer = fs.ok("shop", [{"op": "put", "path": "index.html", "sha256": new}], replace=True)
+    assert answer == {"version": 2, "total_bytes": 4}
+    assert fs.tree("shop") == ({"index.html"}, [])
+    # The same deploy again changes nothing, so it makes no new version.
+    manifest = fs.manifest("shop")
+    mtime = manifest["files"]["index.html"]["mtime"]
+    again = fs.ok("shop", [{"op": "put", "path": "index.html", "sha256": new, "mtime": mtime}], replace=True)
+    assert again == {"version": 2, "total_bytes": 4}
+
+
+def test_quota_is_enforced_on_commit_and_on_upload(fs: Fs) -> None:
+    six_kb = fs.upload("blog", b"x" * 6 * 1024)
+    fs.ok("blog", [{"op": "put", "path": "one.bin", "sha256": six_kb}])
+    message = fs.refused("blog", [{"op": "put", "path": "two.bin", "sha256": six_kb}], "quota_exceeded")
+    assert message == "site blog would use 12 KB of its 10 KB quota"
+    assert fs.get("/v1/sites/blog") == {
+        "site": "blog",
+        "version": 1,
+        "total_bytes": 6 * 1024,
+        "quota_bytes": 10 * 1024,
+    }
+
+    # A blob bigger than the whole quota is refused: announced by Content-Length...
+    status, body = fs.call("POST", "/v1/sites/blog/blobs", data=b"y" * 11 * 1024)
+    assert status == 413 and body["error"]["code"] == "quota_exceeded"
+    # ... or streamed without a length, refused once it passes the quota.
+    chunks = (b"z" * 4096 for _ in range(8))
+    status, body = fs.call("POST", "/v1/sites/blog/blobs", data=chunks)
+    assert status == 413 and "does not fit in site blog's 10 KB quota" in body["error"]["message"]
+    staging = fs.home / "content" / BLOG_UID / "staging"
+    assert list(staging.iterdir()) == []
+    blobs = {p.name for p in (fs.home / "content" / BLOG_UID / "blobs").rglob("*") if p.is_file()}
+    assert blobs == {six_kb}
+    assert fs.get("/v1/sites/blog")["version"] == 1
+
+
+def test_only_the_publisher_writes(fs: Fs) -> None:
+    sha = fs.upload("blog", b"mine")
+    for role in ("worker", "frontend", "controller"):
+        status, body = fs.call("POST", "/v1/sites/blog/blobs", role=role, data=b"theirs")
+        assert status == 403 and body["error"]["code"] == "forbidden"
+        status, body = fs.call(
+            "POST",
+            "/v1/sites/blog/commit",
+            role=role,
+            body={"ops": [{"op": "put", "path": "a", "sha256": sha}]},
+        )
+        assert status == 403
+    status, _ = fs.call("GET", "/v1/sites/blog/manifest", role="frontend")
+    assert status == 403
+    assert fs.get("/v1/sites/blog")["version"] == 0
+
+
+def test_traversal_and_bad_names_are_refused(fs: Fs) -> None:
+    sha = fs.upload("blog", b"evil")
+    for path in ("../escape", "a/../../escape", "a\\b", "x\x00y", "/"):
+        fs.refused("blog", [{"op": "put", "path": path, "sha256": sha}], "invalid_input")
+    fs.refused("blog", [{"op": "rename", "from": "a", "to": "../../etc"}], "invalid_input")
+    status, _ = fs.call("GET", "/v1/sites/blog/files/%2e%2e/%2e%2e/state/config.json", role="publisher")
+    assert status in (400, 404)
+    status, body = fs.call("GET", "/v1/sites/blog/blobs/..%2f..%2fstate", role="worker")
+    assert status in (400, 404)
+    status, body = fs.call("GET", "/v1/sites/blog/manifest?version=..", role="worker")
+    assert status == 400 and body["error"]["code"] == "invalid_input"
+    assert fs.get("/v1/sites/blog")["version"] == 0
+
+
+def test_change_feed_long_polls_and_survives_a_restart(fs: Fs) -> None:
+    seq = fs.get("/v1/versions")["seq"]
+    sha = fs.upload("blog", b"v1")
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        poll = pool.submit(fs.get, f"/v1/changes?since={seq}&wait=20", timeout=30)
+        time.sleep(0.3)
+        assert not poll.done()
+        fs.ok("blog", [{"op": "put", "path": "index.html", "sha256": sha}])
+        answer = poll.result()
+        assert time.monotonic() - started < 5
+    assert answer == {
+        "seq": seq + 1,
+        "changes": [{"seq": seq + 1, "site": "blog", "version": 1}],
+        "reset": False,
+    }
+    # Nothing newer: an empty answer after the wait, no reset.
+    assert fs.get(f"/v1/changes?since={seq + 1}&wait=0.2") == {"seq": seq + 1, "changes": [], "reset": False}
+    assert fs.get(f"/v1/changes?since={seq + 99}")["reset"] is True
+
+    fs.proc.stop()
+    fs.proc.start()
+    # Content and config are persisted: the fileserver serves at once, before any push.
+    assert fs.get("/v1/versions") == {"seq": seq + 1, "sites": {"blog": 1, "shop": 0}}
+    assert fs.get("/v1/sites/blog/files/index.html", role="publisher") == b"v1"
+    # The cursor a worker held before the restart is still good; one older than the log resets.
+    assert fs.get(f"/v1/changes?since={seq + 1}") == {"seq": seq + 1, "changes": [], "reset": False}
+    assert fs.get(f"/v1/changes?since={seq}")["reset"] is True
+    with ThreadPoolExecutor(1) as pool:
+        poll = pool.submit(fs.get, f"/v1/changes?since={seq + 1}&wait=20", timeout=30)
+        time.sleep(0.2)
+        fs.ok("blog", [{"op": "delete", "path": "index.html"}])
+        assert poll.result()["changes"] == [{"seq": seq + 2, "site": "blog", "version": 2}]
+
+
+def test_a_crash_moves_the_feed_on_so_workers_reread(fs: Fs) -> None:
+    seq = fs.get("/v1/versions")["seq"]
+    fs.proc.kill()
+    fs.proc.start()
+    assert fs.get(f"/v1/changes?since={seq}")["reset"] is True
+    assert fs.get("/v1/versions")["seq"] == seq + 1
+
+
+def test_a_site_that_leaves_the_snapshot_goes_to_the_trash(fs: Fs) -> None:
+    sha = fs.upload("shop", b"precious")
+    fs.ok("shop", [{"op": "put", "path": "index.html", "sha256": sha}])
+    fs.proc.push_config({"version": 2, "sites": {"blog": SNAPSHOT["sites"]["blog"]}})  # type: ignore[index]
+    status, body = fs.call("GET", "/v1/sites/shop", role="worker")
+    assert status == 404 and body["error"]["message"] == "site shop is not served by this fileserver"
+    assert not (fs.home / "content" / SHOP_UID).exists()
+    trashed = list((fs.home / "trash").iterdir())
+    assert [p.name.split(".")[0] for p in trashed] == [SHOP_UID]
+    assert (trashed[0] / "versions" / "1.json").is_file()
+    assert fs.get("/v1/versions")["sites"] == {"blog": 0}
+
+    # Back in the snapshot (a stray push undone): the content comes back.
+    seq = fs.get("/v1/versions")["seq"]
+    fs.proc.push_config({**SNAPSHOT, "version": 3})
+    assert fs.get("/v1/sites/shop/files/index.html", role="publisher") == b"precious"
+    assert fs.get(f"/v1/changes?since={seq}")["changes"] == [{"seq": seq + 1, "site": "shop", "version": 1}]
+
+    # The same name with a new uid is a new site: it starts empty.
+    fs.proc.push_config({"version": 4, "sites": {"shop": {"uid": "0123abcd", "quota_bytes": 1000}}})
+    assert fs.get("/v1/sites/shop")["version"] == 0
+    assert (fs.home / "content" / "0123abcd").exists() is False  # nothing written yet
+
+
+def test_old_versions_are_pruned_and_their_blobs_collected(pki: CloudPKI, tmp_path: Path) -> None:
+    server = _start(pki, tmp_path / "fs", keep_versions=2, gc_interval=0.2, upload_grace=1.0)
+    try:
+        shas = []
+        for text in (b"first", b"second", b"third"):
+            shas.append(server.upload("blog", text))
+            server.ok("blog", [{"op": "put", "path": "page.html", "sha256": shas[-1]}])
+        status, body = server.call("GET", "/v1/sites/blog/manifest?version=1", role="worker")
+        assert status == 404 and "no longer kept" in body["error"]["message"]
+        assert server.manifest("blog", 2)["files"]["page.html"]["sha256"] == shas[1]
+
+        def collected() -> bool:
+            status, _ = server.call("GET", f"/v1/sites/blog/blobs/{shas[0]}", role="worker")
+            return status == 404
+
+        wait_until(collected, timeout=10, what="the first version's blob to be collected")
+        assert server.get(f"/v1/sites/blog/blobs/{shas[1]}") == b"second"
+        assert server.get(f"/v1/sites/blog/blobs/{shas[2]}") == b"third"
+    finally:
+        server.proc.stop()

@@ -1,0 +1,50 @@
+"""The fileserver's pure pieces: quota messages' sizes and the op semantics on a tree."""
+
+from __future__ import annotations
+
+import pytest
+
+from roles.fileserver._manifest import Tree, apply_ops, human_size
+from shared.errors import AlreadyExists, InvalidInput, NotFound
+
+
+def test_human_size() -> None:
+    assert human_size(512) == "512 bytes"
+    assert human_size(10 * 1024 * 1024) == "10 MB"
+    assert human_size(int(12.3 * 1024 * 1024)) == "12.3 MB"
+    assert human_size(3 * 1024**4) == "3 TB"
+
+
+def _tree(*ops: dict[str, str]) -> Tree:
+    tree = Tree()
+    apply_ops(tree, list(ops), blob_size=lambda sha: 1, now=1.0)
+    return tree
+
+
+def test_directory_rename_moves_the_subtree_and_only_it() -> None:
+    sha = "a" * 64
+    tree = _tree(
+        {"op": "put", "path": "app/x/f", "sha256": sha},
+        {"op": "put", "path": "apple", "sha256": sha},
+        {"op": "mkdir", "path": "app/empty"},
+        {"op": "rename", "from": "app", "to": "srv/app2"},
+    )
+    assert set(tree.files) == {"srv/app2/x/f", "apple"}
+    assert tree.dirs == {"srv", "srv/app2", "srv/app2/x", "srv/app2/empty"}
+
+
+@pytest.mark.parametrize(
+    ("op", "error"),
+    [
+        ({"op": "rename", "from": "f", "to": "f/g"}, InvalidInput),
+        ({"op": "rename", "from": "d", "to": "f"}, AlreadyExists),
+        ({"op": "rmdir", "path": "f"}, InvalidInput),
+        ({"op": "delete", "path": "d/none"}, NotFound),
+        ({"op": "mkdir", "path": "f/sub"}, InvalidInput),
+        ({"op": "put", "path": "x"}, InvalidInput),
+    ],
+)
+def test_bad_ops(op: dict[str, str], error: type[Exception]) -> None:
+    tree = _tree({"op": "put", "path": "f", "sha256": "b" * 64}, {"op": "mkdir", "path": "d"})
+    with pytest.raises(error):
+        apply_ops(tree, [op], blob_size=lambda sha: 1, now=1.0)
