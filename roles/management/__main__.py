@@ -1,0 +1,55 @@
+"""``python -m roles.management --config role.json``: the public REST API and the control endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from roles.management.api import make_api_app
+from roles.management.config import ManagementConfig
+from roles.management.service import ManagementService
+from shared.control import ControlPlane, Snapshot
+from shared.db import Database
+from shared.logs import get_logger
+from shared.process import role_main
+from shared.tls import public_server_context
+
+
+async def _ignore_snapshot(snapshot: Snapshot) -> None:
+    # Management reads desired state from the DB itself; a pushed snapshot carries nothing it needs.
+    return None
+
+
+async def serve(config: ManagementConfig, stop: asyncio.Event) -> None:
+    log = get_logger(config.role, host=config.host)
+    if not config.db_url:
+        raise SystemExit("management needs db_url in its role.json")
+    db = Database(config.db_url)
+    service = ManagementService(config, db)
+    control = ControlPlane(config, _ignore_snapshot, health=lambda: {"api_port": config.api_port})
+    runner = web.AppRunner(make_api_app(service), access_log=None, shutdown_timeout=5)
+    try:
+        await control.load_last_known_good()
+        await control.start()
+        await service.start()
+        await runner.setup()
+        site = web.TCPSite(
+            runner,
+            config.bind,
+            config.api_port,
+            ssl_context=public_server_context(config.cert_file, config.key_file),
+        )
+        await site.start()
+        log.info("management API on https://%s:%s/api/v1", config.bind, config.api_port)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+        await control.stop()
+        await service.close()
+        db.dispose()
+
+
+if __name__ == "__main__":
+    role_main(ManagementConfig, serve)

@@ -1,0 +1,224 @@
+"""The CLI's side of the REST API: where the cloud is (``endpoints.json``), HTTPS calls and uploads.
+
+Stdlib only (http.client + ssl) so that ``sitecloud`` starts fast.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import ssl
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import quote, urlsplit
+
+from shared.errors import InvalidInput, NotFound, SitecloudError, Unauthorized, Unavailable, error_from_json
+
+__all__ = ["ApiClient", "Endpoints", "zipped"]
+
+_CHUNK = 256 * 1024
+# Uploads smaller than this finish too fast for a progress display to help.
+_PROGRESS_MIN = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """``HOME/endpoints.json``, written by ``sitecloud up``."""
+
+    api: str
+    ca_cert: Path
+    admin_token_file: Path | None
+
+    @classmethod
+    def load(cls, home: Path) -> Endpoints:
+        path = home / "endpoints.json"
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"no cloud at {home} — run `sitecloud up` first") from None
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(
+                f"cannot read {path}: {exc}", hint="run `sitecloud up` to rewrite it"
+            ) from None
+        if not isinstance(raw, dict) or not raw.get("api") or not raw.get("ca_cert"):
+            raise InvalidInput(f"{path} lacks 'api' or 'ca_cert'", hint="run `sitecloud up` to rewrite it")
+        token_file = raw.get("admin_token_file")
+        return cls(
+            api=str(raw["api"]).rstrip("/"),
+            ca_cert=Path(raw["ca_cert"]),
+            admin_token_file=Path(token_file) if token_file else None,
+        )
+
+    def admin_token(self) -> str:
+        if self.admin_token_file is None:
+            raise Unauthorized("no API token", hint="pass --token or set SITECLOUD_TOKEN")
+        try:
+            return self.admin_token_file.read_text().strip()
+        except OSError as exc:
+            raise Unauthorized(
+                f"cannot read the admin token at {self.admin_token_file}: {exc.strerror}",
+                hint="pass --token or set SITECLOUD_TOKEN",
+            ) from None
+
+
+class _Progress:
+    """Upload progress on stderr: a live line on a terminal, a line per quarter otherwise."""
+
+    def __init__(self, total: int, stream: IO[str]) -> None:
+        self._total = total
+        self._stream = stream
+        self._shown = total >= _PROGRESS_MIN
+        self._tty = stream.isatty()
+        self._quarter = 0
+
+    def update(self, done: int) -> None:
+        if not self._shown:
+            return
+        pct = done * 100 // max(self._total, 1)
+        line = f"uploading {done / 1e6:.1f} / {self._total / 1e6:.1f} MB ({pct}%)"
+        if self._tty:
+            self._stream.write(f"\r{line}")
+            self._stream.flush()
+        elif pct // 25 > self._quarter:
+            self._quarter = pct // 25
+            self._stream.write(line + "\n")
+
+    def finish(self) -> None:
+        if self._shown and self._tty:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+class ApiClient:
+    def __init__(self, endpoints: Endpoints, token: str | None, *, timeout: float = 30.0) -> None:
+        self.base = endpoints.api
+        parts = urlsplit(self.base)
+        if parts.scheme != "https" or not parts.hostname:
+            raise InvalidInput(f"the API address {self.base!r} is not an https:// URL")
+        self._host, self._port, self._prefix = parts.hostname, parts.port or 443, parts.path.rstrip("/")
+        self._ca = endpoints.ca_cert
+        self._token = token
+        self._timeout = timeout
+
+    def _connection(self, timeout: float) -> http.client.HTTPSConnection:
+        try:
+            ctx = ssl.create_default_context(cafile=str(self._ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise InvalidInput(f"cannot load the cloud CA certificate {self._ca}: {exc}") from None
+        return http.client.HTTPSConnection(self._host, self._port, context=ctx, timeout=timeout)
+
+    def _headers(self, extra: dict[str, str]) -> dict[str, str]:
+        headers = {"Accept": "application/json", **extra}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return headers
+
+    def _unreachable(self, exc: OSError) -> SitecloudError:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return Unavailable(
+                f"the management API at {self.base} did not show a certificate from the cloud CA "
+                f"({exc.verify_message})",
+                hint=f"check 'ca_cert' in endpoints.json ({self._ca})",
+            )
+        return Unavailable(f"cannot reach the management API at {self.base} — is `sitecloud up` running?")
+
+    @staticmethod
+    def _answer(resp: http.client.HTTPResponse) -> Any:
+        raw = resp.read()
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+        if resp.status >= 400:
+            raise error_from_json(resp.status, body)
+        if raw and body is None:
+            raise Unavailable(f"the management API answered something that is not JSON (HTTP {resp.status})")
+        return body
+
+    def path(self, *segments: str) -> str:
+        return self._prefix + "/api/v1/" + "/".join(quote(s, safe="") for s in segments)
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = self._headers({"Content-Type": "application/json"} if data is not None else {})
+        conn = self._connection(self._timeout)
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            return self._answer(conn.getresponse())
+        except OSError as exc:
+            raise self._unreachable(exc) from None
+        except http.client.HTTPException as exc:
+            raise Unavailable(f"the management API at {self.base} broke off the answer: {exc!r}") from None
+        finally:
+            conn.close()
+
+    def upload(self, path: str, file: Path, *, progress: IO[str] | None = None) -> Any:
+        """POST a file as the body, streamed from disk."""
+        total = file.stat().st_size
+        meter = _Progress(total, progress or sys.stderr)
+        # The server answers once the publisher has committed the deploy: allow for a big one.
+        conn = self._connection(max(self._timeout, 600.0))
+        try:
+            try:
+                conn.putrequest("POST", path)
+                for key, value in self._headers(
+                    {"Content-Type": "application/zip", "Content-Length": str(total)}
+                ).items():
+                    conn.putheader(key, value)
+                conn.endheaders()
+                done = 0
+                with file.open("rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        conn.send(chunk)
+                        done += len(chunk)
+                        meter.update(done)
+            except (BrokenPipeError, ConnectionResetError):
+                # The server may refuse early (bad token, unknown site): its answer says why.
+                pass
+            finally:
+                meter.finish()
+            return self._answer(conn.getresponse())
+        except OSError as exc:
+            raise self._unreachable(exc) from None
+        except http.client.HTTPException as exc:
+            raise Unavailable(f"the management API at {self.base} broke off the answer: {exc!r}") from None
+        finally:
+            conn.close()
+
+
+@contextmanager
+def zipped(source: Path) -> Iterator[Path]:
+    """``source`` as a zip file: a directory is zipped into a temp file; a zip file is used as is."""
+    if source.is_dir():
+        fd, tmp = tempfile.mkstemp(prefix="sitecloud-deploy-", suffix=".zip")
+        os.close(fd)
+        try:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+                for root, dirs, files in os.walk(source):
+                    dirs.sort()
+                    rel_root = Path(root).relative_to(source)
+                    if rel_root != Path(".") and not dirs and not files:
+                        zf.writestr(f"{rel_root.as_posix()}/", b"")  # keep empty directories
+                    for name in sorted(files):
+                        full = Path(root) / name
+                        # Symlinks could point outside the site: only regular files go up.
+                        if full.is_file() and not full.is_symlink():
+                            zf.write(full, (rel_root / name).as_posix())
+            yield Path(tmp)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    elif source.is_file():
+        if not zipfile.is_zipfile(source):
+            raise InvalidInput(f"{source} is not a zip file", hint="give a directory or a .zip file")
+        yield source
+    else:
+        raise NotFound(f"{source} does not exist", hint="give a directory or a .zip file")

@@ -1,0 +1,235 @@
+"""The `sitecloud` CLI, run as a real process against a real management process."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import types
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roles.management import cli
+from shared.net import free_port
+from tests.test_management_api import ManagementCloud, start_management
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagementCloud]:
+    yield from start_management(tmp_path_factory.mktemp("cli"))
+
+
+@pytest.fixture(scope="module")
+def home(cloud: ManagementCloud) -> Path:
+    return cloud.write_endpoints(cloud.home / "home")
+
+
+def run(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SITECLOUD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "roles.management.cli", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        cwd=_ROOT,
+        env={**environ, **(env or {})},
+        timeout=30,
+    )
+
+
+def ok_json(home: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    result = run(home, *args, "--json", env=env)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.stderr == ""
+    return json.loads(result.stdout)
+
+
+def test_admin_and_tenant_flow_as_json(home: Path, cloud: ManagementCloud) -> None:
+    plan = ok_json(home, "plan", "create", "starter", "--max-sites", "3", "--storage-mb", "200")
+    assert plan == {"id": plan["id"], "name": "starter", "max_sites": 3, "storage_mb": 200}
+    assert plan in ok_json(home, "plan", "list")["plans"]
+    tenant = ok_json(home, "tenant", "create", "acme")
+    assert tenant["name"] == "acme" and tenant["token"].startswith("sct_")
+    assert {"id": tenant["id"], "name": "acme"} in ok_json(home, "tenant", "list")["tenants"]
+    sub = ok_json(home, "subscription", "create", "--tenant", "acme", "--plan", "starter")
+    assert isinstance(sub["id"], int) and sub["tenant"] == "acme" and sub["plan"] == "starter"
+
+    # The tenant works with its own token, by flag or by environment.
+    as_tenant = ["--token", tenant["token"]]
+    site = ok_json(home, *as_tenant, "site", "create", "blog", "--subscription", str(sub["id"]))
+    assert (
+        site["name"] == "blog" and site["url"] == f"https://blog.sites.localhost:{cloud.config.https_port}/"
+    )
+    assert site["ftp"]["user"] == "blog" and site["ftp"]["password"]
+    assert site["ftp"]["port"] == cloud.config.ftp_port and site["ftp"]["host"] == cloud.config.ftp_host
+    assert site["deploy"] == {
+        "url": f"{cloud.config.deploy_url}/api/deploy/blog",
+        "user": "blog",
+        "password": site["ftp"]["password"],
+    }
+    env = {"SITECLOUD_TOKEN": tenant["token"]}
+    assert [s["name"] for s in ok_json(home, "site", "list", env=env)["sites"]] == ["blog"]
+    shown = ok_json(home, "site", "show", "blog", env=env)
+    assert "password" not in shown["ftp"] and shown["tenant"] == "acme"
+    assert ok_json(home, "subscription", "list", env=env)["subscriptions"] == [sub]
+
+    roles = ok_json(home, "role", "list")["roles"]
+    assert roles[0]["role"] == "worker" and roles[0]["state"] == "Ready"
+
+    # --json works globally too, before the command word.
+    result = run(home, "--json", "site", "delete", "blog", *as_tenant)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"site": "blog", "deleted": True}
+    assert ok_json(home, "site", "list", env=env) == {"sites": []}
+
+
+def test_human_output(home: Path) -> None:
+    result = run(home, "plan", "create", "human-plan", "--max-sites", "12", "--storage-mb", "1024")
+    assert result.returncode == 0 and "created plan human-plan" in result.stdout
+    result = run(home, "plan", "list")
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "MAX", "SITES", "STORAGE", "MB"]
+    row = next(line for line in lines if line.startswith("human-plan"))
+    # Columns line up under their headers.
+    assert row.index("12") == lines[0].index("MAX SITES")
+    assert row.index("1024") == lines[0].index("STORAGE MB")
+
+    result = run(home, "tenant", "create", "human")
+    assert result.returncode == 0
+    token = next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("token:"))
+    assert "shown only once" in result.stdout
+    sub = ok_json(home, "subscription", "create", "--tenant", "human", "--plan", "human-plan")
+
+    result = run(home, "--token", token, "site", "create", "human-site", "--subscription", str(sub["id"]))
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.strip().split("  ", 1) for line in result.stdout.splitlines() if line.startswith("  "))
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    assert fields["ftp user"] == "human-site" and len(fields["ftp password"]) >= 16
+    assert fields["deploy password"] == fields["ftp password"]
+    assert "shown only this once" in result.stdout
+
+    result = run(home, "site", "show", "human-site")
+    assert (
+        result.returncode == 0 and "password" not in result.stdout and "https://human-site." in result.stdout
+    )
+    result = run(home, "site", "list")
+    assert result.stdout.splitlines()[0].split() == ["NAME", "TENANT", "SUBSCRIPTION", "STATE", "URL"]
+    result = run(home, "role", "list")
+    assert result.stdout.splitlines()[0].split()[:3] == ["ROLE", "HOST", "STATE"]
+    assert "worker" in result.stdout and "s ago" in result.stdout
+    result = run(home, "site", "delete", "human-site")
+    assert (result.returncode, result.stdout) == (0, "deleted site human-site\n")
+
+
+def test_expected_errors_are_messages_not_tracebacks(home: Path, tmp_path: Path) -> None:
+    result = run(tmp_path / "nowhere", "site", "list")
+    assert result.returncode == 1
+    assert result.stderr == f"error: no cloud at {tmp_path / 'nowhere'} — run `sitecloud up` first\n"
+    result = run(tmp_path / "nowhere", "site", "list", "--json")
+    assert result.returncode == 1 and json.loads(result.stdout)["error"]["code"] == "not_found"
+
+    result = run(home, "site", "create", "Shop", "--subscription", "1")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "error: site name 'Shop' has upper-case letters\nhint: use 'shop'\n"
+    result = run(home, "site", "create", "Shop", "--subscription", "1", "--json")
+    assert result.returncode == 1 and result.stderr == ""
+    assert json.loads(result.stdout) == {
+        "error": {
+            "code": "invalid_input",
+            "message": "site name 'Shop' has upper-case letters",
+            "hint": "use 'shop'",
+        }
+    }
+
+    result = run(home, "--token", "sct_wrong", "site", "list")
+    assert result.returncode == 1 and result.stderr.startswith("error: the token is not valid\n")
+    result = run(home, "site", "show", "no-such-site")
+    assert result.returncode == 1 and "error: no site 'no-such-site'" in result.stderr
+
+    # Usage errors are argparse's: exit 2.
+    result = run(home, "plan", "create", "x", "--max-sites", "1")
+    assert result.returncode == 2 and "--storage-mb" in result.stderr
+    assert run(home).returncode == 2
+
+    unreachable = tmp_path / "down"
+    api = f"https://127.0.0.1:{free_port()}"
+    json_home = json.loads((home / "endpoints.json").read_text())
+    unreachable.mkdir()
+    (unreachable / "endpoints.json").write_text(json.dumps({**json_home, "api": api}))
+    result = run(unreachable, "site", "list")
+    assert result.returncode == 1
+    assert result.stderr == f"error: cannot reach the management API at {api} — is `sitecloud up` running?\n"
+    for r in (result, run(home, "site", "show", "Bad_name")):
+        assert "Traceback" not in r.stderr
+
+
+def test_deploy_zips_a_directory_and_relays_errors(home: Path, tmp_path: Path) -> None:
+    sub = ok_json(home, "plan", "create", "deploy-plan", "--max-sites", "1", "--storage-mb", "10")
+    ok_json(home, "tenant", "create", "deploy-tenant")
+    sub = ok_json(home, "subscription", "create", "--tenant", "deploy-tenant", "--plan", "deploy-plan")
+    ok_json(home, "site", "create", "deploy-me", "--subscription", str(sub["id"]))
+
+    site_dir = tmp_path / "www"
+    (site_dir / "css").mkdir(parents=True)
+    (site_dir / "index.html").write_text("<h1>hi</h1>")
+    (site_dir / "css" / "a.css").write_text("h1{}")
+    # The publisher is not running in this test: the upload goes through and its error comes back.
+    result = run(home, "deploy", "deploy-me", str(site_dir))
+    assert result.returncode == 1 and result.stderr.startswith("error: cannot reach https://localhost:")
+    zip_path = tmp_path / "site.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        zf.writestr("index.html", "<h1>zip</h1>")
+    result = run(home, "deploy", "deploy-me", str(zip_path), "--json")
+    assert result.returncode == 1 and json.loads(result.stdout)["error"]["code"] == "unavailable"
+
+    # Refused before the body is read: the answer still gets through, even for a big upload.
+    big = tmp_path / "big.zip"
+    with zipfile.ZipFile(big, "w") as zf:
+        zf.writestr("blob.bin", os.urandom(8 * 1024 * 1024))
+    result = run(home, "--token", "sct_wrong", "deploy", "deploy-me", str(big))
+    assert result.returncode == 1 and "error: the token is not valid" in result.stderr, result.stderr
+
+    result = run(home, "deploy", "not-a-site", str(zip_path))
+    assert result.returncode == 1 and result.stderr.startswith("error: no site 'not-a-site'")
+    result = run(home, "deploy", "deploy-me", str(tmp_path / "missing"))
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    result = run(home, "deploy", "deploy-me", str(site_dir / "index.html"))
+    assert result.returncode == 1 and "is not a zip file" in result.stderr
+
+
+def test_zipped_directory_holds_the_tree(tmp_path: Path) -> None:
+    from roles.management._cli_client import zipped
+
+    (tmp_path / "src" / "img").mkdir(parents=True)
+    (tmp_path / "src" / "empty").mkdir()
+    (tmp_path / "src" / "index.html").write_text("x")
+    (tmp_path / "src" / "img" / "a.png").write_bytes(b"\x89PNG")
+    (tmp_path / "src" / "link").symlink_to("/etc/passwd")
+    with zipped(tmp_path / "src") as z:
+        names = sorted(zipfile.ZipFile(z).namelist())
+        assert names == ["empty/", "img/a.png", "index.html"]
+    assert not z.exists()
+
+
+def test_up_is_handed_to_the_controller(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[list[str]] = []
+
+    def run_up(argv: list[str]) -> int:
+        seen.append(argv)
+        return 7
+
+    module = types.ModuleType("roles.controller.up")
+    module.run_up = run_up  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "roles.controller.up", module)
+    monkeypatch.setenv("SITECLOUD_HOME", "/elsewhere")
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert cli.main(["--home", str(tmp_path), "up", "--domain", "example.test", "--json"]) == 7
+    assert seen == [["--domain", "example.test", "--json"]]
+    assert os.environ["SITECLOUD_HOME"] == str(tmp_path)

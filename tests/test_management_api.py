@@ -1,0 +1,401 @@
+"""The management REST API, driven over HTTPS against a real management process and a real SQLite DB."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from roles.management._store import Principal, Store
+from roles.management.config import ManagementConfig
+from shared.credentials import hash_token, new_token, verify_password
+from shared.db import (
+    ApiToken,
+    Database,
+    Host,
+    PublishingCredential,
+    Role,
+    Site,
+    Subscription,
+    current_generation,
+)
+from shared.net import free_port
+from tests.support import CloudPKI, RoleProcess, call
+
+
+@dataclass
+class ManagementCloud:
+    """A management process on free ports over a migrated SQLite DB seeded with an admin token."""
+
+    pki: CloudPKI
+    proc: RoleProcess
+    db: Database
+    admin: str
+    home: Path
+
+    @property
+    def config(self) -> ManagementConfig:
+        assert isinstance(self.proc.config, ManagementConfig)
+        return self.proc.config
+
+    @property
+    def api(self) -> str:
+        return f"https://localhost:{self.config.api_port}/api/v1"
+
+    def call(self, method: str, path: str, token: str | None = "admin", body: Any = None) -> tuple[int, Any]:
+        headers = {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {self.admin if token == 'admin' else token}"
+        return call(f"{self.api}{path}", self.pki.client_ssl(None), method=method, body=body, headers=headers)
+
+    def ok(self, method: str, path: str, token: str | None = "admin", body: Any = None) -> Any:
+        status, answer = self.call(method, path, token, body)
+        assert status in (200, 201, 204), (status, answer)
+        return answer
+
+    def generation(self) -> int:
+        with self.db.session() as s:
+            return current_generation(s)
+
+    def write_endpoints(self, home: Path, *, api: str | None = None) -> Path:
+        """The ``endpoints.json`` that `sitecloud up` writes, pointing at this process."""
+        home.mkdir(parents=True, exist_ok=True)
+        token_file = home / "admin-token"
+        token_file.write_text(self.admin + "\n")
+        endpoints = {
+            "api": api or f"https://127.0.0.1:{self.config.api_port}",
+            "ca_cert": str(self.pki.ca_file),
+            "admin_token_file": str(token_file),
+        }
+        (home / "endpoints.json").write_text(json.dumps(endpoints))
+        return home
+
+
+def start_management(root: Path) -> Iterator[ManagementCloud]:
+    pki = CloudPKI(root / "pki")
+    db = Database.sqlite(root / "sitecloud.db")
+    db.migrate()
+    admin = new_token()
+    with db.session() as s:
+        s.add(ApiToken(token_hash=hash_token(admin), tenant_id=None, name="admin"))
+        host = Host(name="localhost")
+        s.add(host)
+        s.add(
+            Role(
+                kind="worker",
+                host=host,
+                control_port=9100,
+                state="Ready",
+                config_version=1,
+                code_version="0.1.0",
+                last_heartbeat=dt.datetime.now(dt.UTC),
+            )
+        )
+    config = pki.role_config(
+        ManagementConfig,
+        "management",
+        root / "management",
+        db_url=db.url,
+        # Nothing listens there: nudges and deploys must fail soft.
+        controller_url=f"https://localhost:{free_port()}",
+        publisher_url=f"https://localhost:{free_port()}",
+    )
+    proc = RoleProcess(config, pki).start()
+    try:
+        yield ManagementCloud(pki, proc, db, admin, root)
+    finally:
+        code = proc.stop()
+        db.dispose()
+        assert code == 0, proc.log()
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagementCloud]:
+    yield from start_management(tmp_path_factory.mktemp("mgmt"))
+
+
+def _tenant_with_subscription(
+    cloud: ManagementCloud, name: str, plan: str, max_sites: int = 5
+) -> tuple[str, int]:
+    cloud.ok("POST", "/plans", body={"name": plan, "max_sites": max_sites, "storage_mb": 50})
+    token = cloud.ok("POST", "/tenants", body={"name": name})["token"]
+    sub = cloud.ok("POST", "/subscriptions", body={"tenant": name, "plan": plan})
+    return token, int(sub["id"])
+
+
+def test_health_needs_no_token_and_control_plane_answers(cloud: ManagementCloud) -> None:
+    status, body = cloud.call("GET", "/health", token=None)
+    assert status == 200 and body["status"] == "ok"
+    health = cloud.proc.health()
+    assert health["role"] == "management" and health["status"] == "ready"
+    # The controller may push a snapshot; management accepts and ignores it.
+    assert cloud.proc.push_config({"version": 4}) == {"config_version": 4}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer sct_not-a-token"}, {"Authorization": "Basic YWRtaW46eA=="}],
+)
+def test_missing_or_bad_token_is_401(cloud: ManagementCloud, headers: dict[str, str]) -> None:
+    for method, path in [("GET", "/sites"), ("POST", "/plans"), ("GET", "/roles"), ("DELETE", "/sites/x")]:
+        status, body = call(f"{cloud.api}{path}", cloud.pki.client_ssl(None), method=method, headers=headers)
+        assert status == 401, (path, body)
+        assert body["error"]["code"] == "unauthorized" and body["error"]["message"]
+
+
+def test_plans_tenants_subscriptions(cloud: ManagementCloud) -> None:
+    status, plan = cloud.call("POST", "/plans", body={"name": "basic", "max_sites": 2, "storage_mb": 100})
+    assert status == 201
+    assert plan == {"id": plan["id"], "name": "basic", "max_sites": 2, "storage_mb": 100}
+    assert plan in cloud.ok("GET", "/plans")["plans"]
+    status, body = cloud.call("POST", "/plans", body={"name": "basic", "max_sites": 1, "storage_mb": 1})
+    assert status == 409 and body["error"]["code"] == "already_exists"
+    for bad in [
+        {"name": "x", "max_sites": "2", "storage_mb": 1},
+        {"name": "Bad Name", "max_sites": 1, "storage_mb": 1},
+    ]:
+        status, body = cloud.call("POST", "/plans", body=bad)
+        assert status == 400 and body["error"]["code"] == "invalid_input", body
+
+    status, tenant = cloud.call("POST", "/tenants", body={"name": "acme"})
+    assert status == 201 and tenant["name"] == "acme" and tenant["token"].startswith("sct_")
+    assert {"id": tenant["id"], "name": "acme"} in cloud.ok("GET", "/tenants")["tenants"]
+    assert cloud.call("POST", "/tenants", body={"name": "acme"})[0] == 409
+
+    status, sub = cloud.call("POST", "/subscriptions", body={"tenant": "acme", "plan": "basic"})
+    assert status == 201
+    assert sub == {"id": sub["id"], "tenant": "acme", "plan": "basic", "state": "active"}
+    assert sub in cloud.ok("GET", "/subscriptions")["subscriptions"]
+    assert cloud.ok("GET", "/subscriptions", token=tenant["token"]) == {"subscriptions": [sub]}
+    status, body = cloud.call("POST", "/subscriptions", body={"tenant": "nobody", "plan": "basic"})
+    assert status == 404 and "nobody" in body["error"]["message"]
+    status, body = cloud.call("POST", "/subscriptions", body={"tenant": "acme", "plan": "gold"})
+    assert status == 404 and "gold" in body["error"]["message"]
+
+
+def test_site_lifecycle(cloud: ManagementCloud) -> None:
+    token, sub = _tenant_with_subscription(cloud, "lifecycle", "lifecycle-plan")
+    before = cloud.generation()
+    status, site = cloud.call("POST", "/sites", token=token, body={"name": "blog", "subscription": sub})
+    assert status == 201, site
+    port = cloud.config.https_port
+    password = site["ftp"]["password"]
+    assert site == {
+        "name": "blog",
+        "url": f"https://blog.sites.localhost:{port}/",
+        "subscription": sub,
+        "tenant": "lifecycle",
+        "state": "running",
+        "ftp": {
+            "host": cloud.config.ftp_host,
+            "port": cloud.config.ftp_port,
+            "user": "blog",
+            "password": password,
+        },
+        "deploy": {"url": f"{cloud.config.deploy_url}/api/deploy/blog", "user": "blog", "password": password},
+    }
+    assert len(password) >= 16
+    assert cloud.generation() == before + 1
+
+    with cloud.db.session() as s:
+        row = s.execute(select(Site).where(Site.name == "blog")).scalar_one()
+        (cred,) = row.credentials
+        assert cred.username == "blog" and verify_password(password, cred.password_hash)
+        first_uid = row.uid
+
+    shown = cloud.ok("GET", "/sites/blog", token=token)
+    # Passwords are in the create answer only.
+    assert shown == {
+        **site,
+        "ftp": {k: v for k, v in site["ftp"].items() if k != "password"},
+        "deploy": {k: v for k, v in site["deploy"].items() if k != "password"},
+    }
+    assert cloud.ok("GET", "/sites/blog") == shown  # the admin sees it too
+    assert shown in cloud.ok("GET", "/sites", token=token)["sites"]
+    assert shown in cloud.ok("GET", "/sites")["sites"]
+
+    status, _ = cloud.call("DELETE", "/sites/blog", token=token)
+    assert status == 204
+    assert cloud.generation() == before + 2
+    assert cloud.call("GET", "/sites/blog", token=token)[0] == 404
+    with cloud.db.session() as s:
+        assert (
+            s.execute(select(PublishingCredential).where(PublishingCredential.username == "blog")).first()
+            is None
+        )
+
+    # The same name again is a new site: a new uid, so it starts empty.
+    cloud.ok("POST", "/sites", token=token, body={"name": "blog", "subscription": sub})
+    with cloud.db.session() as s:
+        assert s.execute(select(Site.uid).where(Site.name == "blog")).scalar_one() != first_uid
+
+
+def test_tenant_isolation(cloud: ManagementCloud) -> None:
+    token_a, sub_a = _tenant_with_subscription(cloud, "alice", "alice-plan")
+    token_b, sub_b = _tenant_with_subscription(cloud, "bob", "bob-plan")
+    cloud.ok("POST", "/sites", token=token_a, body={"name": "alices-site", "subscription": sub_a})
+    cloud.ok("POST", "/sites", token=token_b, body={"name": "bobs-site", "subscription": sub_b})
+
+    for mine, theirs, token in [("alices-site", "bobs-site", token_a), ("bobs-site", "alices-site", token_b)]:
+        names = [s["name"] for s in cloud.ok("GET", "/sites", token=token)["sites"]]
+        assert names == [mine]
+        for method in ("GET", "DELETE"):
+            status, body = cloud.call(method, f"/sites/{theirs}", token=token)
+            # Exactly the answer for a site that does not exist.
+            assert status == 404, body
+            _, missing = cloud.call(method, "/sites/no-such-site", token=token)
+            assert body["error"]["message"].replace(theirs, "X") == missing["error"]["message"].replace(
+                "no-such-site", "X"
+            )
+            assert body["error"].get("hint") == missing["error"].get("hint")
+            assert theirs in body["error"]["message"]
+        status, body = cloud.call("POST", f"/sites/{theirs}/deploy", token=token)
+        assert status == 404, body
+
+    # Bob cannot create a site in Alice's subscription, and learns nothing about it.
+    status, body = cloud.call("POST", "/sites", token=token_b, body={"name": "sneaky", "subscription": sub_a})
+    assert status == 404 and body["error"]["code"] == "not_found"
+    subs = cloud.ok("GET", "/subscriptions", token=token_b)["subscriptions"]
+    assert [s["id"] for s in subs] == [sub_b]
+    # Both sites still exist for the admin.
+    admin_names = {s["name"] for s in cloud.ok("GET", "/sites")["sites"]}
+    assert {"alices-site", "bobs-site"} <= admin_names and "sneaky" not in admin_names
+
+    # Admin-only calls are 403 for a tenant.
+    for method, path, body in [
+        ("POST", "/plans", {"name": "free", "max_sites": 9, "storage_mb": 9}),
+        ("GET", "/plans", None),
+        ("POST", "/tenants", {"name": "mallory"}),
+        ("GET", "/tenants", None),
+        ("POST", "/subscriptions", {"tenant": "bob", "plan": "alice-plan"}),
+        ("GET", "/roles", None),
+    ]:
+        status, answer = cloud.call(method, path, token=token_b, body=body)
+        assert status == 403 and answer["error"]["code"] == "forbidden", (path, answer)
+    assert "mallory" not in {t["name"] for t in cloud.ok("GET", "/tenants")["tenants"]}
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("Blog", "upper-case"),
+        ("a" * 64, "longer than 63"),
+        ("my_site", "not a valid DNS label"),
+        ("-blog", "not a valid DNS label"),
+        ("blog.example", "not a valid DNS label"),
+        ("admin", "reserved"),
+        ("", "required"),
+    ],
+)
+def test_bad_site_names_are_refused(cloud: ManagementCloud, name: str, fragment: str) -> None:
+    unique = uuid.uuid4().hex[:8]
+    token, sub = _tenant_with_subscription(cloud, f"names-{unique}", f"names-plan-{unique}")
+    before = cloud.generation()
+    status, body = cloud.call("POST", "/sites", token=token, body={"name": name, "subscription": sub})
+    assert status == 400 and body["error"]["code"] == "invalid_input"
+    assert fragment in body["error"]["message"]
+    assert cloud.generation() == before
+    assert cloud.ok("GET", "/sites", token=token) == {"sites": []}
+
+
+def test_duplicate_limits_unknown_and_inactive_subscriptions(cloud: ManagementCloud) -> None:
+    token, sub = _tenant_with_subscription(cloud, "limits", "tiny", max_sites=2)
+    other, other_sub = _tenant_with_subscription(cloud, "limits-other", "tiny-other")
+    cloud.ok("POST", "/sites", token=token, body={"name": "one", "subscription": sub})
+    before = cloud.generation()
+
+    # Site names are global: taken is taken, whoever asks.
+    for who, s in [(token, sub), (other, other_sub), ("admin", sub)]:
+        status, body = cloud.call("POST", "/sites", token=who, body={"name": "one", "subscription": s})
+        assert status == 409 and body["error"]["code"] == "already_exists", body
+
+    cloud.ok("POST", "/sites", token=token, body={"name": "two", "subscription": sub})
+    before = cloud.generation()
+    status, body = cloud.call("POST", "/sites", token=token, body={"name": "three", "subscription": sub})
+    assert status == 409 and body["error"]["code"] == "limit_reached"
+    assert "allows 2 site(s)" in body["error"]["message"] and "tiny" in body["error"]["message"]
+    assert body["error"]["hint"]
+    assert cloud.generation() == before
+    # The admin creates sites in any subscription, but within its plan too.
+    assert cloud.call("POST", "/sites", body={"name": "three", "subscription": sub})[0] == 409
+
+    status, body = cloud.call("POST", "/sites", token=token, body={"name": "four", "subscription": 999999})
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, body = cloud.call("POST", "/sites", token=token, body={"name": "four", "subscription": "1"})
+    assert status == 400
+
+    with cloud.db.session() as s:
+        s.get_one(Subscription, other_sub).state = "suspended"
+    status, body = cloud.call("POST", "/sites", token=other, body={"name": "four", "subscription": other_sub})
+    assert status == 403 and "suspended" in body["error"]["message"]
+    assert cloud.generation() == before
+
+
+def test_a_failing_create_leaves_nothing_behind(cloud: ManagementCloud) -> None:
+    token, sub = _tenant_with_subscription(cloud, "atomic", "atomic-plan")
+    # A publishing user named like the new site already exists (left by some other writer): the site
+    # row is inserted, then the credential insert fails; the whole create must roll back.
+    cloud.ok("POST", "/sites", token=token, body={"name": "holder", "subscription": sub})
+    with cloud.db.session() as s:
+        holder = s.execute(select(Site).where(Site.name == "holder")).scalar_one()
+        s.add(PublishingCredential(site=holder, username="orphan", password_hash="x"))
+    before = cloud.generation()
+    status, body = cloud.call("POST", "/sites", token=token, body={"name": "orphan", "subscription": sub})
+    assert status == 409, body
+    assert cloud.generation() == before
+    with cloud.db.session() as s:
+        assert s.execute(select(Site).where(Site.name == "orphan")).first() is None
+    assert "orphan" not in {s["name"] for s in cloud.ok("GET", "/sites", token=token)["sites"]}
+
+
+def test_bad_bodies(cloud: ManagementCloud) -> None:
+    status, body = call(
+        f"{cloud.api}/plans",
+        cloud.pki.client_ssl(None),
+        method="POST",
+        data=b"{not json",
+        headers={"Authorization": f"Bearer {cloud.admin}", "Content-Type": "application/json"},
+    )
+    assert status == 400 and body["error"]["code"] == "bad_request"
+    status, body = cloud.call("POST", "/tenants", body=["acme"])
+    assert status == 400 and body["error"]["code"] == "invalid_input"
+    status, body = cloud.call("GET", "/nothing-here")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
+def test_roles_list(cloud: ManagementCloud) -> None:
+    (role,) = cloud.ok("GET", "/roles")["roles"]
+    assert role["role"] == "worker" and role["host"] == "localhost" and role["state"] == "Ready"
+    assert role["config_version"] == 1 and role["desired_version"] == cloud.generation()
+    assert role["code_version"] == "0.1.0" and role["reason"] == ""
+    assert dt.datetime.fromisoformat(role["last_heartbeat"]).tzinfo is not None
+
+
+def test_deploy_fails_soft_when_the_publisher_is_down(cloud: ManagementCloud) -> None:
+    token, sub = _tenant_with_subscription(cloud, "deployer", "deployer-plan")
+    cloud.ok("POST", "/sites", token=token, body={"name": "shipit", "subscription": sub})
+    status, body = cloud.call("POST", "/sites/shipit/deploy", token=token)
+    assert status == 503 and body["error"]["code"] == "unavailable", body
+    # The API is still there afterwards.
+    assert cloud.call("GET", "/health", token=None)[0] == 200
+
+
+def test_site_url_has_no_port_on_443(tmp_path: Path) -> None:
+    db = Database.sqlite(tmp_path / "db.sqlite")
+    db.migrate()
+    config = ManagementConfig(host="localhost", home=tmp_path, https_port=443, domain="example.net")
+    store = Store(db, config)
+    admin = Principal(None)
+    store.create_plan(admin, {"name": "p", "max_sites": 1, "storage_mb": 1})
+    store.create_tenant(admin, {"name": "t"})
+    sub = store.create_subscription(admin, {"tenant": "t", "plan": "p"})
+    site = store.create_site(admin, {"name": "shop", "subscription": sub["id"]})
+    assert site["url"] == "https://shop.example.net/"
+    db.dispose()
