@@ -1,0 +1,205 @@
+"""The worker's content cache on disk (blocking calls; the sync runs them in threads).
+
+Layout under the worker's home::
+
+    blobs/<sha[:2]>/<sha>          verified content, by SHA-256 (shared by every site and version)
+    sites/<site>/uid               which incarnation of the site the directory holds
+    sites/<site>/v<N>/             a built version: hard links to blobs, plus empty directories
+    sites/<site>/current -> v<N>   flipped atomically (a new symlink renamed over the old one)
+    trash/                         whole site directories on their way out
+
+A blob that no version links to any more has a link count of 1; that is how it is found unreferenced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.errors import InvalidInput, SitecloudError
+from shared.files import fsync_dir
+from shared.paths import site_relpath
+
+__all__ = ["ContentCache", "SiteVersion", "check_manifest"]
+
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_VERSION_DIR = re.compile(r"^v([0-9]+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class SiteVersion:
+    number: int
+    # realpath of the version directory: requests are checked to stay inside it.
+    root: str
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestFile:
+    sha256: str
+    size: int
+    mtime: float
+
+
+def check_manifest(manifest: Any, site: str) -> tuple[int, dict[str, ManifestFile], list[str]]:
+    """The fileserver's manifest, checked as if it came from anyone: paths stay inside the site."""
+    try:
+        if manifest["site"] != site:
+            raise InvalidInput(f"manifest is for site {manifest['site']!r}, not {site!r}")
+        version = int(manifest["version"])
+        files: dict[str, ManifestFile] = {}
+        for path, meta in manifest["files"].items():
+            rel = site_relpath(path, allow_root=False)
+            sha = str(meta["sha256"])
+            if not _SHA.match(sha):
+                raise InvalidInput(f"manifest names a bad blob {sha!r}")
+            files[rel] = ManifestFile(sha, int(meta["size"]), float(meta.get("mtime") or 0))
+        dirs = [site_relpath(d, allow_root=False) for d in manifest.get("dirs", [])]
+    except SitecloudError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidInput(f"malformed manifest for {site}: {exc!r}") from exc
+    return version, files, dirs
+
+
+class ContentCache:
+    def __init__(self, home: Path) -> None:
+        self.blobs = home / "blobs"
+        self.sites = home / "sites"
+        self.trash = home / "trash"
+        for d in (self.blobs, self.sites, self.trash):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- blobs
+
+    def blob_path(self, sha: str) -> Path:
+        return self.blobs / sha[:2] / sha
+
+    def has_blob(self, sha: str) -> bool:
+        return self.blob_path(sha).is_file()
+
+    def new_blob_file(self) -> tuple[int, str]:
+        return tempfile.mkstemp(dir=self.blobs, prefix=".tmp-")
+
+    def commit_blob(self, tmp: str, sha: str, mtime: float) -> None:
+        """Move a verified download into place (a rename: readers see all of it or nothing)."""
+        dest = self.blob_path(sha)
+        dest.parent.mkdir(exist_ok=True)
+        os.chmod(tmp, 0o644)
+        if mtime > 0:
+            os.utime(tmp, (mtime, mtime))
+        os.replace(tmp, dest)
+
+    def collect_blobs(self) -> int:
+        """Drop blobs no version links to (and stale downloads); return the bytes that remain."""
+        total = 0
+        for entry in os.scandir(self.blobs):
+            if entry.name.startswith(".tmp-"):
+                Path(entry.path).unlink(missing_ok=True)
+                continue
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            for blob in os.scandir(entry.path):
+                st = blob.stat(follow_symlinks=False)
+                if st.st_nlink <= 1:
+                    Path(blob.path).unlink(missing_ok=True)
+                else:
+                    total += st.st_size
+        return total
+
+    # -- sites
+
+    def site_dir(self, site: str) -> Path:
+        return self.sites / site
+
+    def site_names(self) -> list[str]:
+        return [e.name for e in os.scandir(self.sites) if e.is_dir(follow_symlinks=False)]
+
+    def read_uid(self, site: str) -> str | None:
+        try:
+            return (self.site_dir(site) / "uid").read_text().strip() or None
+        except OSError:
+            return None
+
+    def load_current(self, site: str) -> SiteVersion | None:
+        """The version ``current`` points at, if it is there."""
+        site_dir = self.site_dir(site)
+        try:
+            target = os.readlink(site_dir / "current")
+        except OSError:
+            return None
+        match = _VERSION_DIR.match(target)
+        if not match or not (site_dir / target).is_dir():
+            return None
+        return SiteVersion(int(match.group(1)), os.path.realpath(site_dir / target))
+
+    def build_version(
+        self, site: str, uid: str, version: int, files: dict[str, ManifestFile], dirs: list[str]
+    ) -> SiteVersion:
+        """Build ``v<version>`` from blobs (all present), then flip ``current`` to it."""
+        site_dir = self.site_dir(site)
+        site_dir.mkdir(exist_ok=True)
+        if self.read_uid(site) != uid:
+            (site_dir / "uid").write_text(uid + "\n")
+        current = self.load_current(site)
+        if current is not None and current.number == version:
+            return current
+        name = f"v{version}"
+        build = Path(tempfile.mkdtemp(dir=site_dir, prefix=".build-"))
+        try:
+            for d in sorted(dirs):
+                (build / d).mkdir(parents=True, exist_ok=True)
+            for rel, meta in files.items():
+                dest = build / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                blob = self.blob_path(meta.sha256)
+                try:
+                    os.link(blob, dest)
+                except OSError as exc:
+                    if exc.errno != errno.EMLINK:
+                        raise
+                    # A blob shared by very many files hit the filesystem's link limit: copy it.
+                    shutil.copy2(blob, dest)
+            final = site_dir / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(build, final)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        link = site_dir / f".current-{uuid.uuid4().hex}"
+        os.symlink(name, link)
+        os.replace(link, site_dir / "current")
+        fsync_dir(site_dir)
+        return SiteVersion(version, os.path.realpath(final))
+
+    def prune(self, site: str, keep: set[int]) -> None:
+        """Remove versions (and failed builds) other than ``keep`` and the current one."""
+        site_dir = self.site_dir(site)
+        current = self.load_current(site)
+        keep = keep | ({current.number} if current else set())
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(site_dir):
+                match = _VERSION_DIR.match(entry.name)
+                if (match and int(match.group(1)) not in keep) or entry.name.startswith(".build-"):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+
+    def drop(self, site: str) -> None:
+        """Forget a site: its directory leaves ``sites/`` in one rename, then is deleted."""
+        site_dir = self.site_dir(site)
+        if not site_dir.exists():
+            return
+        doomed = self.trash / f"{site}-{uuid.uuid4().hex}"
+        os.rename(site_dir, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def empty_trash(self) -> None:
+        for entry in os.scandir(self.trash):
+            shutil.rmtree(entry.path, ignore_errors=True)

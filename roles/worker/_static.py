@@ -1,0 +1,264 @@
+"""Static files from one site version directory: lookup, validators, ranges, streaming.
+
+A version directory is immutable once built (hard links to verified blobs), so what is looked up and
+cached stays true until the site flips to another version.
+"""
+
+from __future__ import annotations
+
+import collections
+import mimetypes
+import os
+import stat
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from functools import lru_cache
+from urllib.parse import quote
+
+from roles.worker._http import HttpConnection, http_date, response_head
+
+__all__ = ["DEFAULT_DOCUMENTS", "FileHit", "HotCache", "HotKey", "Redirect", "resolve", "send_file"]
+
+DEFAULT_DOCUMENTS = ("index.html", "index.htm", "default.htm")
+CHUNK = 256 * 1024
+# Files up to this size are read at once (and may go to the hot cache); larger ones are streamed.
+SMALL_FILE = 128 * 1024
+# (site, version, rel, trailing slash)
+HotKey = tuple[str, int, str, bool]
+_TEXTUAL = frozenset({"application/javascript", "application/json", "application/xml", "image/svg+xml"})
+
+
+@dataclass(frozen=True, slots=True)
+class FileHit:
+    path: str
+    size: int
+    etag: str
+    last_modified: str
+    mtime: int
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    location: str
+
+
+@lru_cache(maxsize=1024)
+def content_type(name: str) -> str:
+    guessed, encoding = mimetypes.guess_type(name, strict=False)
+    if guessed is None or encoding is not None:
+        # A .gz or .br file is served as the bytes it is, not as what it would decode to.
+        return "application/octet-stream"
+    if guessed.startswith("text/") or guessed in _TEXTUAL:
+        return f"{guessed}; charset=utf-8"
+    return guessed
+
+
+def _hit(path: str, st: os.stat_result) -> FileHit:
+    return FileHit(
+        path=path,
+        size=st.st_size,
+        etag=f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"',
+        last_modified=http_date(st.st_mtime),
+        mtime=int(st.st_mtime),
+        content_type=content_type(os.path.basename(path)),
+    )
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None
+
+
+def resolve(root: str, rel: str, *, slash: bool) -> FileHit | Redirect | None:
+    """What ``rel`` (already through :func:`shared.paths.site_relpath`) names in the version ``root``.
+
+    A directory is served by its first default document; asked for without its trailing slash, it
+    redirects to the slash form so relative links in the page resolve. ``None`` means not found.
+    """
+    full = f"{root}/{rel}" if rel else root
+    st = _stat(full)
+    if st is None:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        for doc in DEFAULT_DOCUMENTS:
+            doc_st = _stat(f"{full}/{doc}")
+            if doc_st is not None and stat.S_ISREG(doc_st.st_mode):
+                break
+        else:
+            return None
+        if rel and not slash:
+            return Redirect("/" + quote(rel) + "/")
+        full, st = f"{full}/{doc}", doc_st
+    elif not stat.S_ISREG(st.st_mode) or slash:
+        return None
+    # We build version directories without symlinks; this holds even if one ever slips in.
+    real = os.path.realpath(full)
+    if not real.startswith(root + "/"):
+        return None
+    return _hit(full, st)
+
+
+class HotCache:
+    """Bodies of small, often asked-for files, by (site, version, rel, slash); dropped per site on a
+    version flip. Least recently used entries go first when it is full."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max = max_bytes
+        self._bytes = 0
+        self._entries: collections.OrderedDict[HotKey, tuple[FileHit, bytes]] = collections.OrderedDict()
+        self._by_site: dict[str, set[HotKey]] = {}
+
+    def get(self, key: HotKey) -> tuple[FileHit, bytes] | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: HotKey, hit: FileHit, body: bytes) -> None:
+        if len(body) > self._max // 16 or key in self._entries:
+            return
+        self._entries[key] = (hit, body)
+        self._by_site.setdefault(key[0], set()).add(key)
+        self._bytes += len(body)
+        while self._bytes > self._max:
+            self._drop(next(iter(self._entries)))
+
+    def purge(self, site: str) -> None:
+        for key in self._by_site.pop(site, set()):
+            self._bytes -= len(self._entries.pop(key)[1])
+
+    def _drop(self, key: HotKey) -> None:
+        self._bytes -= len(self._entries.pop(key)[1])
+        keys = self._by_site.get(key[0])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_site[key[0]]
+
+    @property
+    def size(self) -> int:
+        return self._bytes
+
+
+def _parse_range(value: str, size: int) -> tuple[int, int] | str | None:
+    """RFC 9110 section 14: one ``bytes=`` range → (first, last); "unsatisfiable"; None to ignore."""
+    unit, _, spec = value.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        # Several ranges would need multipart/byteranges; a full 200 is allowed instead.
+        return None
+    first_s, dash, last_s = spec.strip().partition("-")
+    if not dash:
+        return None
+    first_s, last_s = first_s.strip(), last_s.strip()
+    if not (first_s.isdigit() or first_s == "") or not (last_s.isdigit() or last_s == ""):
+        return None
+    if first_s == "":
+        if last_s == "":
+            return None
+        suffix = int(last_s)
+        if suffix == 0 or size == 0:
+            return "unsatisfiable"
+        return max(0, size - suffix), size - 1
+    first = int(first_s)
+    last = int(last_s) if last_s else size - 1
+    if last_s and last < first:
+        return None
+    if first >= size:
+        return "unsatisfiable"
+    return first, min(last, size - 1)
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match uses the weak comparison (RFC 9110 section 13.1.2)."""
+    if header.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
+
+
+def _not_modified(headers: dict[str, str], hit: FileHit) -> bool:
+    inm = headers.get("if-none-match")
+    if inm is not None:
+        return _etag_matches(inm, hit.etag)
+    ims = headers.get("if-modified-since")
+    if ims is not None:
+        try:
+            return hit.mtime <= int(parsedate_to_datetime(ims).timestamp())
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return False
+    return False
+
+
+def _range_applies(headers: dict[str, str], hit: FileHit) -> bool:
+    if_range = headers.get("if-range")
+    if if_range is None:
+        return True
+    # A strong validator must match exactly; a date must equal Last-Modified.
+    return if_range.strip() == hit.etag or if_range.strip() == hit.last_modified
+
+
+async def send_file(
+    conn: HttpConnection,
+    hit: FileHit,
+    headers: dict[str, str],
+    *,
+    head: bool,
+    keep_alive: bool,
+    body: bytes | None = None,
+) -> bytes | None:
+    """Answer with ``hit``; ``body`` is its bytes when already in memory. Returns the bytes read
+    whole (small files) so the caller may cache them."""
+    common = [("ETag", hit.etag), ("Last-Modified", hit.last_modified)]
+    if _not_modified(headers, hit):
+        conn.write(response_head(304, common, keep_alive=keep_alive))
+        return None
+    status, first, last = 200, 0, hit.size - 1
+    common = [*common, ("Accept-Ranges", "bytes")]
+    rng = headers.get("range")
+    if rng is not None and not head and _range_applies(headers, hit):
+        parsed = _parse_range(rng, hit.size)
+        if parsed == "unsatisfiable":
+            conn.write(
+                response_head(
+                    416,
+                    [*common, ("Content-Range", f"bytes */{hit.size}"), ("Content-Length", "0")],
+                    keep_alive=keep_alive,
+                )
+            )
+            return None
+        if isinstance(parsed, tuple):
+            status, (first, last) = 206, parsed
+            common.append(("Content-Range", f"bytes {first}-{last}/{hit.size}"))
+    length = last - first + 1
+    head_bytes = response_head(
+        status,
+        [("Content-Type", hit.content_type), ("Content-Length", str(length)), *common],
+        keep_alive=keep_alive,
+    )
+    if head:
+        conn.write(head_bytes)
+        return None
+    if body is not None:
+        conn.write(head_bytes + body[first : last + 1])
+        return None
+    # Reads from the page cache block for microseconds; a thread hop per chunk would cost more.
+    with open(hit.path, "rb") as f:  # noqa: ASYNC230
+        if hit.size <= SMALL_FILE:
+            data = f.read()
+            if len(data) != hit.size:
+                raise OSError(f"{hit.path} changed size while being read")
+            conn.write(head_bytes + data[first : last + 1])
+            return data
+        conn.write(head_bytes)
+        f.seek(first)
+        left = length
+        while left > 0:
+            chunk = f.read(min(CHUNK, left))
+            if not chunk:
+                raise OSError(f"{hit.path} ended early")
+            left -= len(chunk)
+            conn.write(chunk)
+            await conn.drain()
+    return None

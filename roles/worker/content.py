@@ -1,0 +1,374 @@
+"""Content sync: keep each held site's current version in the local cache, pulled from the fileserver.
+
+One feed task long-polls the fileserver's change feed and records the newest version of every site.
+Each site that needs work gets its own task (at most one at a time per site), which does everything
+for that site in order: drop a cache that belongs to another incarnation, fetch the manifest,
+download missing blobs, build the version directory, flip ``current``, and later prune the old one.
+A failure is retried with back-off and never touches another site; serving goes on throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any, TypeVar
+
+import aiohttp
+
+from roles.worker._cache import ContentCache, ManifestFile, SiteVersion, check_manifest
+from roles.worker.config import WorkerConfig
+from shared.control import Snapshot
+from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable, error_from_json
+from shared.internal import InternalClient
+from shared.logs import get_logger
+from shared.names import validate_site_name
+
+__all__ = ["ContentSync"]
+
+T = TypeVar("T")
+
+LONG_POLL = 25
+MAX_BACKOFF = 10.0
+PARALLEL_SITES = 8
+PARALLEL_BLOBS = 4
+
+
+def _backoff(failures: int) -> float:
+    return float(min(MAX_BACKOFF, 0.2 * 2 ** min(failures, 10)))
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking disk work in a thread; if we are cancelled, still wait for it to end, so that two
+    pieces of work on one site's directory never overlap."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait([fut])
+        raise
+
+
+class ContentSync:
+    """Owns which sites this worker holds and the version of each it serves."""
+
+    def __init__(self, config: WorkerConfig, cache: ContentCache, *, on_flip: Callable[[str], None]) -> None:
+        self._config = config
+        self._cache = cache
+        self._on_flip = on_flip
+        self._log = get_logger("worker", host=config.host)
+        self._client = InternalClient(config, timeout=60)
+        self._fileserver = ""
+        self._held: dict[str, str] = {}
+        self._configured = False
+        # What the cache holds, by site: the uid on disk, and the version being served.
+        self._disk_uid: dict[str, str | None] = {}
+        self._current: dict[str, SiteVersion] = {}
+        # The newest version of each site the fileserver told us about.
+        self._target: dict[str, int] = {}
+        self._prune_at: dict[str, float] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._feed: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(PARALLEL_SITES)
+        # Blob collection runs only while no site is downloading or building (see _collect).
+        self._busy = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self._collecting = asyncio.Event()
+        self._collecting.set()
+        self._collect_task: asyncio.Task[None] | None = None
+        self._blob_bytes = 0
+        self._reachable = False
+        self._stopping = False
+
+    # -- what the server asks
+
+    def lookup(self, site: str) -> tuple[bool, SiteVersion | None]:
+        """(held, version): a held site with no version yet has had nothing published."""
+        return site in self._held, self._current.get(site)
+
+    def figures(self) -> dict[str, Any]:
+        synced = 0
+        for site in self._held:
+            have = self._current[site].number if site in self._current else 0
+            synced += self._target.get(site, have) == have
+        return {
+            "sites": len(self._held),
+            "sites_synced": synced,
+            "bytes_cached": self._blob_bytes,
+            "fileserver_reachable": self._reachable,
+        }
+
+    # -- the pushed snapshot
+
+    async def apply(self, snapshot: Snapshot) -> None:
+        fileserver = snapshot.get("fileserver", "")
+        sites = snapshot.get("sites", {})
+        if not isinstance(fileserver, str) or not isinstance(sites, dict):
+            raise InvalidInput("worker snapshot needs 'fileserver' (a URL) and 'sites' (an object)")
+        held: dict[str, str] = {}
+        for name, spec in sites.items():
+            validate_site_name(name)
+            uid = spec.get("uid") if isinstance(spec, dict) else None
+            if not isinstance(uid, str) or not uid or "/" in uid or "\n" in uid:
+                raise InvalidInput(f"site {name!r} needs a 'uid'")
+            held[name] = uid
+        if not self._configured:
+            self._configured = True
+            await self._load_disk()
+        self._held = held
+        for site in set(held) | set(self._disk_uid):
+            if site in self._current and held.get(site) != self._disk_uid.get(site):
+                # Gone, or another incarnation of the name: stop serving it now; its task cleans up.
+                del self._current[site]
+                self._on_flip(site)
+            if self._needs_work(site):
+                self._kick(site)
+        fileserver = fileserver.rstrip("/")
+        if fileserver != self._fileserver:
+            self._fileserver = fileserver
+            self._restart_feed()
+
+    async def _load_disk(self) -> None:
+        """A restarted worker serves what it already has, before any other role answers."""
+
+        def scan() -> tuple[dict[str, str | None], dict[str, SiteVersion], int]:
+            self._cache.empty_trash()
+            uids: dict[str, str | None] = {}
+            current: dict[str, SiteVersion] = {}
+            for site in self._cache.site_names():
+                uids[site] = self._cache.read_uid(site)
+                # Versions left from before a restart (an unfinished grace, a half build) go now.
+                self._cache.prune(site, set())
+                version = self._cache.load_current(site)
+                if version is not None:
+                    current[site] = version
+            return uids, current, self._cache.collect_blobs()
+
+        self._disk_uid, current, self._blob_bytes = await _in_thread(scan)
+        # Only what matches the snapshot is served; apply() sorts out the rest.
+        self._current = current
+
+    # -- tasks
+
+    def start(self) -> None:
+        if self._feed is None:
+            self._restart_feed()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        tasks = [t for t in (self._feed, self._collect_task, *self._tasks.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._client.close()
+
+    def _restart_feed(self) -> None:
+        if self._feed is not None:
+            self._feed.cancel()
+            self._feed = None
+        if self._fileserver and not self._stopping:
+            self._feed = asyncio.get_running_loop().create_task(self._follow(self._fileserver))
+
+    def _needs_work(self, site: str) -> bool:
+        uid = self._held.get(site)
+        if site in self._disk_uid and self._disk_uid[site] != uid:
+            return True
+        if uid is None or not self._fileserver:
+            return False
+        have = self._current[site].number if site in self._current else 0
+        # A fileserver that says "no version" (0) is not trusted to empty a site that has content.
+        target = self._target.get(site, 0)
+        return target > 0 and target != have
+
+    def _kick(self, site: str) -> None:
+        if site not in self._tasks and not self._stopping:
+            self._tasks[site] = asyncio.get_running_loop().create_task(self._site_loop(site))
+
+    async def _follow(self, fileserver: str) -> None:
+        """Track every site's newest version through the fileserver's change feed."""
+        seq: int | None = None
+        failures = 0
+        while True:
+            try:
+                if seq is None:
+                    body = await self._client.get_json(f"{fileserver}/v1/versions")
+                    seq = int(body["seq"])
+                    self._target = {str(k): int(v) for k, v in body["sites"].items()}
+                    failures = self._back_up(fileserver, failures)
+                    for site in self._held:
+                        if self._needs_work(site):
+                            self._kick(site)
+                body = await self._client.get_json(
+                    f"{fileserver}/v1/changes",
+                    params={"since": str(seq), "wait": str(LONG_POLL)},
+                    timeout=aiohttp.ClientTimeout(total=LONG_POLL + 15, sock_connect=5),
+                )
+                if body.get("reset"):
+                    seq = None
+                    continue
+                for change in body["changes"]:
+                    site, version = str(change["site"]), int(change["version"])
+                    self._target[site] = version
+                    if site in self._held:
+                        self._kick(site)
+                seq = int(body["seq"])
+                failures = self._back_up(fileserver, failures)
+            except Exception as exc:
+                if failures == 0:
+                    self._log.warning("change feed at %s failed: %r; retrying", fileserver, exc)
+                failures += 1
+                self._reachable = False
+                # Re-read every version after an outage: the feed may have restarted or moved on.
+                seq = None
+                await asyncio.sleep(_backoff(failures))
+
+    def _back_up(self, fileserver: str, failures: int) -> int:
+        if failures:
+            self._log.info("change feed at %s is back", fileserver)
+        self._reachable = True
+        return 0
+
+    async def _site_loop(self, site: str) -> None:
+        me = asyncio.current_task()
+        failures = 0
+        log = self._log.bind(site=site)
+        try:
+            while not self._stopping:
+                uid = self._held.get(site)
+                if site in self._disk_uid and self._disk_uid[site] != uid:
+                    self._current.pop(site, None)
+                    self._on_flip(site)
+                    await _in_thread(self._cache.drop, site)
+                    del self._disk_uid[site]
+                    self._schedule_collect()
+                    continue
+                if uid is not None and self._needs_work(site):
+                    target = self._target[site]
+                    try:
+                        async with self._slots:
+                            await self._sync(site, uid, target, log)
+                        failures = 0
+                    except (SitecloudError, OSError) as exc:
+                        failures += 1
+                        log.warning("sync to version %s failed (attempt %s): %s", target, failures, exc)
+                        await asyncio.sleep(_backoff(failures))
+                    except Exception:
+                        failures += 1
+                        log.exception("sync to version %s failed (attempt %s)", target, failures)
+                        await asyncio.sleep(_backoff(failures))
+                    continue
+                deadline = self._prune_at.get(site)
+                if deadline is not None and deadline <= time.monotonic():
+                    del self._prune_at[site]
+                    await _in_thread(self._cache.prune, site, set())
+                    self._schedule_collect()
+                    continue
+                return
+        finally:
+            if self._tasks.get(site) is me:
+                del self._tasks[site]
+
+    async def _sync(self, site: str, uid: str, target: int, log: Any) -> None:
+        base = f"{self._fileserver}/v1/sites/{site}"
+        try:
+            manifest = await self._client.get_json(f"{base}/manifest", params={"version": str(target)})
+        except NotFound:
+            # That version was pruned while we were away: take the newest.
+            manifest = await self._client.get_json(f"{base}/manifest")
+        version, files, dirs = check_manifest(manifest, site)
+        await self._collecting.wait()
+        self._busy += 1
+        self._quiet.clear()
+        try:
+            missing: dict[str, ManifestFile] = {}
+            for meta in files.values():
+                if meta.sha256 not in missing and not self._cache.has_blob(meta.sha256):
+                    missing[meta.sha256] = meta
+            await self._download_all(base, list(missing.values()))
+            if self._held.get(site) != uid:
+                return
+            self._disk_uid[site] = uid
+            built = await _in_thread(self._cache.build_version, site, uid, version, files, dirs)
+        finally:
+            self._busy -= 1
+            if self._busy == 0:
+                self._quiet.set()
+        if self._held.get(site) != uid:
+            return
+        previous = self._current.get(site)
+        self._current[site] = built
+        self._target[site] = max(self._target.get(site, 0), version)
+        self._on_flip(site)
+        log.info("serving version %s (%s files, %s new blobs)", version, len(files), len(missing))
+        if previous is not None and previous.number != version:
+            # Requests already under way may still read the old version for a little while.
+            grace = self._config.version_grace
+            self._prune_at[site] = time.monotonic() + grace
+            asyncio.get_running_loop().call_later(grace + 0.05, self._kick, site)
+
+    async def _download_all(self, base: str, blobs: list[ManifestFile]) -> None:
+        queue = list(blobs)
+
+        async def worker() -> None:
+            while queue:
+                await self._download(base, queue.pop())
+
+        runners = [asyncio.ensure_future(worker()) for _ in range(min(PARALLEL_BLOBS, len(queue)))]
+        try:
+            await asyncio.gather(*runners)
+        finally:
+            for runner in runners:
+                runner.cancel()
+            await asyncio.gather(*runners, return_exceptions=True)
+
+    async def _download(self, base: str, meta: ManifestFile) -> None:
+        """Stream one blob to a temp file, check its hash and size, then rename it into place."""
+        fd, tmp = self._cache.new_blob_file()
+        url = f"{base}/blobs/{meta.sha256}"
+        try:
+            digest, size = hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as f:
+                try:
+                    async with self._client.session.get(url) as resp:
+                        if resp.status != 200:
+                            body: Any = None
+                            with suppress(ValueError, aiohttp.ClientError):
+                                body = await resp.json(content_type=None)
+                            raise error_from_json(resp.status, body)
+                        async for chunk in resp.content.iter_chunked(256 * 1024):
+                            digest.update(chunk)
+                            size += len(chunk)
+                            f.write(chunk)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise Unavailable(f"cannot fetch {url}: {exc or type(exc).__name__}") from exc
+                f.flush()
+                await _in_thread(os.fsync, f.fileno())
+            if digest.hexdigest() != meta.sha256 or size != meta.size:
+                raise Unavailable(f"blob {meta.sha256} arrived corrupt ({size} bytes)")
+            self._cache.commit_blob(tmp, meta.sha256, meta.mtime)
+            self._blob_bytes += size
+        finally:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _schedule_collect(self) -> None:
+        if self._collect_task is None and not self._stopping:
+            self._collect_task = asyncio.get_running_loop().create_task(self._collect())
+
+    async def _collect(self) -> None:
+        """Delete blobs nothing links to. It must not run while a site downloads or builds, or it
+        would take a blob just fetched and not yet linked."""
+        try:
+            while self._busy:
+                await self._quiet.wait()
+            self._collecting.clear()
+            try:
+                self._blob_bytes = await _in_thread(self._cache.collect_blobs)
+            finally:
+                self._collecting.set()
+        finally:
+            self._collect_task = None

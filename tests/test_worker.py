@@ -1,0 +1,404 @@
+"""The worker: pulls published content from a real fileserver and serves it to front ends over mTLS."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import itertools
+import os
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roles.fileserver.config import FileserverConfig
+from roles.worker.config import WorkerConfig
+from tests.support import CloudPKI, RoleProcess, call, wait_until
+
+BIG = bytes(range(256)) * 2048  # 512 KiB: streamed in chunks, not read whole
+
+
+@dataclass
+class Cloud:
+    """A fileserver and a worker, with the controller's snapshots and the publisher's writes."""
+
+    pki: CloudPKI
+    fileserver: RoleProcess
+    worker: RoleProcess
+    worker_config: WorkerConfig
+    sites: dict[str, str] = field(default_factory=dict)
+    uids: itertools.count[int] = field(default_factory=itertools.count)
+    version: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def fs_url(self) -> str:
+        return self.fileserver.control_url
+
+    def push(self) -> None:
+        version = next(self.version)
+        self.fileserver.push_config(
+            {
+                "version": version,
+                "sites": {s: {"uid": uid, "quota_bytes": 10 * 1024 * 1024} for s, uid in self.sites.items()},
+            }
+        )
+        self.worker.push_config(
+            {
+                "version": version,
+                "fileserver": self.fs_url,
+                "sites": {s: {"uid": uid} for s, uid in self.sites.items()},
+            }
+        )
+
+    def add_site(self, site: str) -> None:
+        self.sites[site] = hashlib.sha256(f"{site}-{next(self.uids)}".encode()).hexdigest()[:16]
+        self.push()
+
+    def publish(
+        self, site: str, files: dict[str, bytes], *, dirs: tuple[str, ...] = (), replace: bool = False
+    ) -> int:
+        ctx = self.pki.client_ssl("publisher")
+        ops: list[dict[str, Any]] = [{"op": "mkdir", "path": d} for d in dirs]
+        for path, data in files.items():
+            status, body = call(f"{self.fs_url}/v1/sites/{site}/blobs", ctx, method="POST", data=data)
+            assert status == 200, body
+            ops.append({"op": "put", "path": path, "sha256": body["sha256"]})
+        status, body = call(
+            f"{self.fs_url}/v1/sites/{site}/commit", ctx, method="POST", body={"ops": ops, "replace": replace}
+        )
+        assert status == 200, body
+        return int(body["version"])
+
+    def get(self, site: str, path: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
+        return fetch(self.pki, self.worker_config, site, path, **kwargs)
+
+
+def fetch(
+    pki: CloudPKI,
+    config: WorkerConfig,
+    site: str,
+    path: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    role: str = "frontend",
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPSConnection(
+        "localhost", config.data_port, context=pki.client_ssl(role), timeout=10
+    )
+    try:
+        conn.request(method, path, headers={"X-Sitecloud-Site": site, **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def start_pair(pki: CloudPKI, root: Path) -> Cloud:
+    fs_config = pki.role_config(FileserverConfig, "fileserver", root / "fileserver")
+    w_config = pki.role_config(
+        WorkerConfig, "worker", root / "worker", version_grace=0.3, request_timeout=1.0
+    )
+    fileserver = RoleProcess(fs_config, pki).start(wait=False)
+    worker = RoleProcess(w_config, pki).start(wait=False)
+    fileserver.wait_healthy()
+    worker.wait_healthy()
+    return Cloud(pki, fileserver, worker, w_config)
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+    root = tmp_path_factory.mktemp("cloud")
+    pairs = start_pair(CloudPKI(root / "pki"), root)
+    try:
+        yield pairs
+    finally:
+        pairs.worker.stop()
+        pairs.fileserver.stop()
+
+
+def wait_for_body(cloud: Cloud, site: str, path: str, body: bytes) -> None:
+    def served() -> bool:
+        status, _, got = cloud.get(site, path)
+        return status == 200 and got == body
+
+    wait_until(served, timeout=10, what=f"{site}{path} to serve the published bytes")
+
+
+def test_serves_published_files_with_types_defaults_and_validators(cloud: Cloud) -> None:
+    cloud.add_site("blog")
+    status, _, body = cloud.get("blog", "/")
+    assert status == 200 and b"ready" in body, "a site with nothing published gets the placeholder page"
+    cloud.publish(
+        "blog",
+        {
+            "index.html": b"<h1>hello</h1>",
+            "css/site.css": b"body{}",
+            "docs/index.htm": b"docs home",
+            "img/logo.png": b"\x89PNG\r\n\x1a\n",
+            "data.bin": b"\x00\x01",
+            "big.bin": BIG,
+        },
+        dirs=("empty",),
+    )
+    wait_for_body(cloud, "blog", "/", b"<h1>hello</h1>")
+
+    status, headers, body = cloud.get("blog", "/index.html?utm=1")
+    assert (status, body) == (200, b"<h1>hello</h1>")
+    assert headers["content-type"] == "text/html; charset=utf-8"
+    assert headers["content-length"] == "14"
+    assert cloud.get("blog", "/css/site.css")[1]["content-type"] == "text/css; charset=utf-8"
+    assert cloud.get("blog", "/img/logo.png")[1]["content-type"] == "image/png"
+    assert cloud.get("blog", "/data.bin")[1]["content-type"] == "application/octet-stream"
+
+    # A directory: its default document, and a redirect to the slash form first.
+    status, headers, _ = cloud.get("blog", "/docs?x=1")
+    assert status == 301 and headers["location"] == "/docs/?x=1"
+    assert cloud.get("blog", "/docs/")[::2] == (200, b"docs home")
+    assert cloud.get("blog", "/empty/")[0] == 404
+    status, headers, body = cloud.get("blog", "/missing.html")
+    assert status == 404 and b"sitecloud" in body and headers["content-type"].startswith("text/html")
+    assert cloud.get("blog", "/index.html/")[0] == 404
+    assert cloud.get("nosuchsite", "/")[0] == 404
+
+    # HEAD: the same head, no body.
+    status, headers, body = cloud.get("blog", "/", method="HEAD")
+    assert (status, body, headers["content-length"]) == (200, b"", "14")
+    status, headers, _ = cloud.get("blog", "/", method="POST")
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+
+    # Validators.
+    _, headers, _ = cloud.get("blog", "/")
+    etag, modified = headers["etag"], headers["last-modified"]
+    assert etag.startswith('"')
+    status, _, body = cloud.get("blog", "/", headers={"If-None-Match": f'W/"x", {etag}'})
+    assert (status, body) == (304, b"")
+    assert cloud.get("blog", "/", headers={"If-None-Match": '"other"'})[0] == 200
+    assert cloud.get("blog", "/", headers={"If-Modified-Since": modified})[0] == 304
+
+    # Ranges, on a small file and on a streamed one.
+    status, headers, body = cloud.get("blog", "/index.html", headers={"Range": "bytes=4-8"})
+    assert (status, body, headers["content-range"]) == (206, b"hello", "bytes 4-8/14")
+    status, headers, body = cloud.get("blog", "/big.bin", headers={"Range": "bytes=-10"})
+    assert (status, body) == (206, BIG[-10:])
+    status, headers, body = cloud.get("blog", "/big.bin", headers={"Range": "bytes=300000-300099"})
+    assert (status, body, headers["content-range"]) == (
+        206,
+        BIG[300000:300100],
+        f"bytes 300000-300099/{len(BIG)}",
+    )
+    status, headers, _ = cloud.get("blog", "/index.html", headers={"Range": "bytes=100-"})
+    assert status == 416 and headers["content-range"] == "bytes */14"
+    assert cloud.get("blog", "/index.html", headers={"Range": "bytes=0-1,4-5"})[::2] == (
+        200,
+        b"<h1>hello</h1>",
+    )
+    status, _, body = cloud.get("blog", "/big.bin")
+    assert status == 200 and hashlib.sha256(body).digest() == hashlib.sha256(BIG).digest()
+
+    health = cloud.worker.health()
+    assert health["sites"] == 1 and health["sites_synced"] == 1
+    assert health["bytes_cached"] >= len(BIG)
+
+
+def _raw(cloud: Cloud, payload: bytes) -> bytes:
+    """Send bytes as they are over a frontend connection; read until the worker closes."""
+    ctx = cloud.pki.client_ssl("frontend")
+    with (
+        socket.create_connection(("localhost", cloud.worker_config.data_port), timeout=10) as sock,
+        ctx.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(payload)
+        chunks = []
+        while chunk := tls.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_pipelined_requests_are_answered_in_order_and_bad_ones_close(cloud: Cloud) -> None:
+    cloud.add_site("pipe")
+    cloud.publish("pipe", {"a.txt": b"first", "b.txt": b"second"})
+    wait_for_body(cloud, "pipe", "/a.txt", b"first")
+    req = "GET /{} HTTP/1.1\r\nHost: w\r\nX-Sitecloud-Site: pipe\r\n{}\r\n"
+    answer = _raw(
+        cloud,
+        (
+            req.format("a.txt", "")
+            + req.format("b.txt", "Content-Length: 5\r\n") + "ignored"[:5]
+            + req.format("a.txt", "Connection: close\r\n")
+        ).encode(),
+    )  # fmt: skip
+    assert answer.count(b"HTTP/1.1 200 OK") == 3
+    assert answer.index(b"first") < answer.index(b"second") < answer.rindex(b"first")
+    assert b"content-type: text/plain; charset=utf-8" in answer.lower()
+
+    answer = _raw(cloud, req.format("a.txt", "").encode() + b"NOT HTTP AT ALL\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b"HTTP/1.1 400 Bad Request" in answer
+    assert answer.rstrip().endswith(b"</html>")
+
+    # A request that never finishes arriving (slowloris) is cut off after request_timeout.
+    started = time.monotonic()
+    assert _raw(cloud, b"GET /a.txt HTTP/1.1\r\nX-Sitecloud-Site: pi") == b""
+    assert time.monotonic() - started < 5
+    assert cloud.get("pipe", "/b.txt")[::2] == (200, b"second")
+
+
+def test_traversal_never_leaves_the_site(cloud: Cloud) -> None:
+    cloud.add_site("safe")
+    cloud.add_site("other")
+    cloud.publish("safe", {"index.html": b"safe home", "a/b.txt": b"inner"})
+    cloud.publish("other", {"x": b"OTHER TENANT"})
+    home = cloud.worker_config.home
+    (home / "x").write_bytes(b"WORKER SECRET")
+    wait_for_body(cloud, "safe", "/", b"safe home")
+    wait_for_body(cloud, "other", "/x", b"OTHER TENANT")
+    tries = [
+        "/../x",
+        "/%2e%2e/x",
+        "/a/..%2f..%2fx",
+        "/a/%2e%2e/%2e%2e/%2e%2e/x",
+        "/..%2f..%2f..%2fother/current/x",
+        "/%2e%2e%2f%2e%2e%2fx",
+        "/a%5c..%5c..%5cx",
+        "/%00x",
+        "/%ff",
+        "//etc/passwd",
+    ]
+    for path in tries:
+        status, _, body = cloud.get("safe", path)
+        assert status in (400, 404), path
+        assert b"SECRET" not in body and b"OTHER" not in body and b"root:" not in body, path
+    # Raw targets that http.client would not send as they are.
+    for target in (b"/a/../../x", b"/../../../etc/passwd", b"/a/b.txt/../../../x"):
+        answer = _raw(
+            cloud, b"GET " + target + b" HTTP/1.1\r\nX-Sitecloud-Site: safe\r\nConnection: close\r\n\r\n"
+        )
+        assert answer.split(b"\r\n", 1)[0] in (b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 404 Not Found"), target
+        assert b"SECRET" not in answer and b"root:" not in answer
+    # Absolute-form targets name a path the same way.
+    answer = _raw(
+        cloud, b"GET http://x/a/b.txt HTTP/1.1\r\nX-Sitecloud-Site: safe\r\nConnection: close\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"inner")
+
+
+def test_only_frontend_certificates_get_in(cloud: Cloud) -> None:
+    config = cloud.worker_config
+    for role in ("controller", "worker"):
+        with pytest.raises((ConnectionError, ssl.SSLError, http.client.HTTPException, OSError)):
+            fetch(cloud.pki, config, "blog", "/", role=role)
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+        conn = http.client.HTTPSConnection(
+            "localhost", config.data_port, context=cloud.pki.client_ssl(None), timeout=5
+        )
+        try:
+            conn.request("GET", "/", headers={"X-Sitecloud-Site": "blog"})
+            conn.getresponse()
+        finally:
+            conn.close()
+    assert cloud.worker.health()["role"] == "worker", "refused peers do not hurt the process"
+
+
+def _versions_on_disk(cloud: Cloud, site: str) -> list[str]:
+    site_dir = cloud.worker_config.home / "sites" / site
+    return sorted(n for n in os.listdir(site_dir) if n.startswith("v")) if site_dir.exists() else []
+
+
+def test_new_versions_flip_and_replaced_files_go(cloud: Cloud) -> None:
+    cloud.add_site("news")
+    cloud.publish("news", {"index.html": b"one", "old.html": b"old page", "keep.txt": b"kept"})
+    wait_for_body(cloud, "news", "/", b"one")
+    assert cloud.get("news", "/")[0] == 200  # warms the hot cache, which a flip must drop
+    cloud.publish("news", {"index.html": b"two"})
+    wait_for_body(cloud, "news", "/", b"two")
+    assert cloud.get("news", "/keep.txt")[::2] == (200, b"kept")
+
+    # A web deploy replaces the whole site: files it does not carry are gone.
+    version = cloud.publish("news", {"index.html": b"three", "new.html": b"fresh"}, replace=True)
+    wait_for_body(cloud, "news", "/", b"three")
+    assert cloud.get("news", "/new.html")[::2] == (200, b"fresh")
+    assert cloud.get("news", "/old.html")[0] == 404
+    assert cloud.get("news", "/keep.txt")[0] == 404
+    # After the grace, only the current version stays on disk, and blobs nothing uses are deleted.
+    wait_until(
+        lambda: _versions_on_disk(cloud, "news") == [f"v{version}"], timeout=10, what="old versions pruned"
+    )
+    blobs = cloud.worker_config.home / "blobs"
+    gone = [hashlib.sha256(b).hexdigest() for b in (b"old page", b"kept", b"one", b"two")]
+    wait_until(
+        lambda: not any((blobs / sha[:2] / sha).exists() for sha in gone),
+        timeout=10,
+        what="unused blobs deleted",
+    )
+    fresh = hashlib.sha256(b"fresh").hexdigest()
+    assert (blobs / fresh[:2] / fresh).exists()
+
+
+def test_a_site_leaving_the_snapshot_stops_being_served(cloud: Cloud) -> None:
+    cloud.add_site("gone")
+    cloud.publish("gone", {"index.html": b"here"})
+    wait_for_body(cloud, "gone", "/", b"here")
+    del cloud.sites["gone"]
+    cloud.push()
+    assert cloud.get("gone", "/")[0] == 404
+    site_dir = cloud.worker_config.home / "sites" / "gone"
+    wait_until(lambda: not site_dir.exists(), timeout=10, what="the site's cache dropped")
+
+    # The same name comes back as a new site (new uid): it starts empty.
+    cloud.add_site("gone")
+    status, _, body = cloud.get("gone", "/")
+    assert status == 200 and b"ready" in body
+
+
+def test_restarted_worker_serves_last_content_with_the_fileserver_down(pki: CloudPKI, tmp_path: Path) -> None:
+    pair = start_pair(pki, tmp_path)
+    try:
+        pair.add_site("shop")
+        huge = os.urandom(6 * 1024 * 1024)
+        pair.publish("shop", {"index.html": b"on sale", "p/item.html": b"item", "huge.bin": huge})
+        wait_for_body(pair, "shop", "/", b"on sale")
+        pair.fileserver.stop()
+
+        # SIGTERM while a response is on its way: it finishes, then the worker exits cleanly and soon,
+        # even with an idle keep-alive connection left open by a client that never closes it.
+        assert pair.worker.proc is not None
+        ctx = pki.client_ssl("frontend")
+        idle = http.client.HTTPSConnection("localhost", pair.worker_config.data_port, context=ctx, timeout=10)
+        idle.request("GET", "/", headers={"X-Sitecloud-Site": "shop"})
+        assert idle.getresponse().read() == b"on sale"
+        started = time.monotonic()
+        with (
+            socket.create_connection(("localhost", pair.worker_config.data_port), timeout=10) as sock,
+            ctx.wrap_socket(sock, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"GET /huge.bin HTTP/1.1\r\nX-Sitecloud-Site: shop\r\n\r\n")
+            received = tls.recv(65536)
+            pair.worker.proc.send_signal(signal.SIGTERM)
+            while chunk := tls.recv(1024 * 1024):
+                received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and body == huge
+        assert pair.worker.proc.wait(10) == 0
+        assert time.monotonic() - started < 5
+        idle.close()
+
+        pair.worker.start()
+        # At once, from disk: no fileserver, no controller push.
+        assert pair.get("shop", "/")[::2] == (200, b"on sale")
+        assert pair.get("shop", "/p/item.html")[::2] == (200, b"item")
+        health = pair.worker.health()
+        assert health["sites"] == 1 and health["config_version"] == 1
+        assert health["fileserver_reachable"] is False
+        # The fileserver comes back: the worker picks up new versions again.
+        pair.fileserver.start()
+        pair.publish("shop", {"index.html": b"new stock"})
+        wait_for_body(pair, "shop", "/", b"new stock")
+    finally:
+        pair.worker.stop()
+        pair.fileserver.stop()
