@@ -1,0 +1,73 @@
+"""sitecloud's data path for the bench: fileserver, worker and frontend role processes, one site."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from roles.fileserver.config import FileserverConfig
+from roles.frontend.config import FrontendConfig
+from roles.worker.config import WorkerConfig
+from tests.cloud import https_get
+from tests.support import CloudPKI, RoleProcess, call, wait_until
+
+__all__ = ["SitecloudStack"]
+
+SITE = "bench"
+
+
+class SitecloudStack:
+    def __init__(self, workdir: Path, domain: str) -> None:
+        self.dir = workdir
+        self.domain = domain
+        self.pki = CloudPKI(workdir / "pki")
+        self.fileserver = RoleProcess(
+            self.pki.role_config(FileserverConfig, "fileserver", workdir / "fileserver"), self.pki
+        )
+        self.worker = RoleProcess(self.pki.role_config(WorkerConfig, "worker", workdir / "worker"), self.pki)
+        fe_config = self.pki.role_config(FrontendConfig, "frontend", workdir / "frontend")
+        self.pki.ca.issue_wildcard(domain).write(fe_config.wildcard_key_file, fe_config.wildcard_cert_file)
+        self.frontend = RoleProcess(fe_config, self.pki)
+
+    @property
+    def http_port(self) -> int:
+        return int(self.frontend.config.http_port)  # type: ignore[attr-defined]
+
+    @property
+    def https_port(self) -> int:
+        return int(self.frontend.config.https_port)  # type: ignore[attr-defined]
+
+    def start(self, files: dict[str, bytes]) -> None:
+        for role in (self.fileserver, self.worker, self.frontend):
+            role.start()
+        fs_url = self.fileserver.control_url
+        self.fileserver.push_config(
+            {"version": 1, "sites": {SITE: {"uid": "bench1", "quota_bytes": 1 << 30}}}
+        )
+        self.worker.push_config({"version": 1, "fileserver": fs_url, "sites": {SITE: {"uid": "bench1"}}})
+        worker_port = self.worker.config.data_port  # type: ignore[attr-defined]
+        self.frontend.push_config(
+            {"version": 1, "domain": self.domain, "sites": {SITE: {"workers": [f"localhost:{worker_port}"]}}}
+        )
+        publisher = self.pki.client_ssl("publisher")
+        ops = []
+        for path, data in files.items():
+            status, body = call(f"{fs_url}/v1/sites/{SITE}/blobs", publisher, method="POST", data=data)
+            assert status == 200, body
+            assert body["sha256"] == hashlib.sha256(data).hexdigest()
+            ops.append({"op": "put", "path": path, "sha256": body["sha256"]})
+        status, body = call(f"{fs_url}/v1/sites/{SITE}/commit", publisher, method="POST", body={"ops": ops})
+        assert status == 200, body
+        first, data = next(iter(files.items()))
+        wait_until(
+            lambda: (
+                https_get(self.https_port, f"{SITE}.{self.domain}", f"/{first}", ca_file=self.pki.ca_file)[2]
+                == data
+            ),
+            timeout=20,
+            what="the bench site to be served through the frontend",
+        )
+
+    def stop(self) -> None:
+        for role in (self.frontend, self.worker, self.fileserver):
+            role.stop()
