@@ -1,1 +1,5 @@
-"""The frontend role."""
+"""The frontend role: TLS termination, Host → site → worker routing, pooled mTLS proxying."""
+
+from roles.frontend.config import FrontendConfig
+
+__all__ = ["FrontendConfig"]

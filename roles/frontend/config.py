@@ -13,6 +13,21 @@ class FrontendConfig(RoleConfig):
     role: str = "frontend"
     http_port: int = 8080
     https_port: int = 8443
+    # Client side (seconds, bytes). The header timeout runs from a request's first byte (or from accept
+    # for a new connection) to the end of its headers: what stops slowloris.
+    header_timeout: float = 15.0
+    idle_timeout: float = 75.0
+    body_timeout: float = 60.0
+    handshake_timeout: float = 10.0
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    # Upstream side (the workers).
+    connect_timeout: float = 5.0
+    response_timeout: float = 60.0
+    # Shorter than the worker's keep-alive timeout, so the frontend is the side that closes.
+    upstream_idle_timeout: float = 15.0
+    upstream_max_idle: int = 64
+    drain_timeout: float = 8.0
 
     @property
     def wildcard_cert_file(self) -> Path:

@@ -1,0 +1,118 @@
+"""HTTP/1.1 pieces the proxy shares between its client and upstream sides: header classes, pages."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from shared.pages import error_response
+
+__all__ = [
+    "BODY_CHUNKED",
+    "BODY_CLOSE",
+    "BODY_LENGTH",
+    "BODY_NONE",
+    "H_CONNECTION",
+    "H_CONTENT_LENGTH",
+    "H_DROP",
+    "H_EXPECT",
+    "H_HOST",
+    "H_TRANSFER_ENCODING",
+    "H_XFF",
+    "PAGES",
+    "REQUEST_HEADERS",
+    "RESPONSE_HEADERS",
+    "Page",
+    "extra_connection_tokens",
+    "strip_headers",
+]
+
+# What the proxy does with a header, by its lower-cased name; a name not listed is forwarded as is.
+H_HOST = 1
+H_CONTENT_LENGTH = 2
+H_TRANSFER_ENCODING = 3
+H_CONNECTION = 4
+H_DROP = 5
+H_XFF = 6
+H_EXPECT = 7
+
+# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
+_HOP_BY_HOP = {
+    b"keep-alive": H_DROP,
+    b"proxy-connection": H_DROP,
+    b"te": H_DROP,
+    b"trailer": H_DROP,
+    b"upgrade": H_DROP,
+    b"connection": H_CONNECTION,
+    b"transfer-encoding": H_TRANSFER_ENCODING,
+    b"content-length": H_CONTENT_LENGTH,
+}
+
+REQUEST_HEADERS: dict[bytes, int] = {
+    **_HOP_BY_HOP,
+    b"host": H_HOST,
+    # Only the front end may say which site a request is for, and how it arrived.
+    b"x-sitecloud-site": H_DROP,
+    b"x-forwarded-proto": H_DROP,
+    b"x-forwarded-host": H_DROP,
+    b"x-forwarded-for": H_XFF,
+    # The front end answers 100-continue itself (as nginx does).
+    b"expect": H_EXPECT,
+}
+
+RESPONSE_HEADERS: dict[bytes, int] = dict(_HOP_BY_HOP)
+
+# How a response body is delimited upstream.
+BODY_NONE = 0
+BODY_LENGTH = 1
+BODY_CHUNKED = 2
+BODY_CLOSE = 3
+
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade", b"te"})
+
+
+def extra_connection_tokens(value: bytes) -> frozenset[bytes]:
+    """Header names a Connection header lists beyond the usual options: they are hop-by-hop too."""
+    tokens = {t.strip() for t in value.lower().split(b",")}
+    return frozenset(tokens - _CONNECTION_OPTIONS - {b""})
+
+
+def strip_headers(block: bytearray, names: frozenset[bytes]) -> bytearray:
+    """``block`` (``Name: value\\r\\n`` lines) without the lines whose lower-cased name is in ``names``."""
+    out = bytearray()
+    for line in bytes(block).split(b"\r\n"):
+        if line and line.split(b":", 1)[0].strip().lower() not in names:
+            out += line + b"\r\n"
+    return out
+
+
+class Page(NamedTuple):
+    """A platform page as a whole response, in its keep-alive and closing forms."""
+
+    status: int
+    keep: bytes
+    close: bytes
+
+
+def _page(status: int, title: str, detail: str) -> Page:
+    return Page(
+        status,
+        error_response(status, title, detail, keep_alive=True),
+        error_response(status, title, detail, keep_alive=False),
+    )
+
+
+PAGES: dict[int, Page] = {
+    p.status: p
+    for p in (
+        _page(400, "Bad request", "The request could not be understood."),
+        _page(404, "No site here", "There is no site at this address. Check the address you typed."),
+        _page(405, "Method not allowed", "This server does not accept that request method."),
+        _page(408, "Request timeout", "The request took too long to arrive."),
+        _page(414, "Address too long", "The requested address is too long."),
+        _page(431, "Request headers too large", "The request's headers are too large."),
+        _page(501, "Not implemented", "This server does not support the request's transfer coding."),
+        _page(502, "Site unavailable", "The site's server could not be reached. Try again in a moment."),
+        _page(503, "Site unavailable", "The site is not running anywhere right now. Try again later."),
+        _page(504, "Site too slow", "The site's server took too long to answer. Try again in a moment."),
+    )
+}

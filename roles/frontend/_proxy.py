@@ -1,0 +1,179 @@
+"""The proxy's shared state: the routing table, worker pools, open connections, and the timeout sweep.
+
+Timeouts are deadlines (plain floats) on each connection, checked by one periodic sweep, so that the
+request path never creates or cancels a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from roles.frontend._routes import Site, build_routes
+from roles.frontend._upstream import Upstream, UpstreamConnection
+from roles.frontend.config import FrontendConfig
+from shared.logs import ContextLogger
+from shared.pki import role_of_peer
+from shared.tls import client_context
+
+if TYPE_CHECKING:
+    from roles.frontend._client import ClientConnection
+
+__all__ = ["Proxy", "UpstreamRefused"]
+
+# How long a worker that refused a connection is tried last.
+_DOWN_FOR = 2.0
+
+
+class UpstreamRefused(OSError):
+    """The peer at a worker address is not a worker."""
+
+
+class Proxy:
+    def __init__(self, config: FrontendConfig, log: ContextLogger) -> None:
+        self.config = config
+        self.log = log
+        self.loop = asyncio.get_running_loop()
+        self.domain = ""
+        # Swapped whole on each snapshot: a lookup never sees half of one.
+        self.routes: dict[bytes, Site] = {}
+        self.upstreams: dict[str, Upstream] = {}
+        self.clients: set[ClientConnection] = set()
+        self.upstream_conns: set[UpstreamConnection] = set()
+        self.draining = False
+        self._drained = asyncio.Event()
+        self.header_timeout = config.header_timeout
+        self.idle_timeout = config.idle_timeout
+        self.body_timeout = config.body_timeout
+        self.max_header_bytes = config.max_header_bytes
+        self.max_headers = config.max_headers
+        self.connect_timeout = config.connect_timeout
+        self.response_timeout = config.response_timeout
+        self.upstream_idle_timeout = config.upstream_idle_timeout
+        self.upstream_max_idle = config.upstream_max_idle
+        self._ssl = client_context(config)
+        self._tasks: set[asyncio.Task[None]] = set()
+        shortest = min(
+            config.header_timeout, config.idle_timeout, config.body_timeout, config.response_timeout
+        )
+        self._tick = max(0.02, min(1.0, shortest / 5))
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    # -- config ---------------------------------------------------------------------------------------
+
+    async def apply(self, snapshot: dict[str, Any]) -> None:
+        used: dict[str, Upstream] = {}
+
+        def upstream(host: str, port: int) -> Upstream:
+            address = f"{host}:{port}"
+            up = used.get(address) or self.upstreams.get(address) or Upstream(host, port)
+            used[address] = up
+            return up
+
+        domain, routes, skipped = build_routes(snapshot, upstream)
+        for problem in skipped:
+            self.log.warning("snapshot version %s: left out %s", snapshot.get("version"), problem)
+        self.domain, self.routes = domain, routes
+        for address, old in self.upstreams.items():
+            if address not in used:
+                old.retired = True
+                old.close_idle()
+        self.upstreams = used
+
+    # -- upstream connections -------------------------------------------------------------------------
+
+    async def open(self, upstream: Upstream) -> UpstreamConnection:
+        """A new mTLS connection to a worker; the peer must hold a worker certificate.
+
+        A failure marks the worker down for a moment (balancing tries it last) and is logged once,
+        not once per request.
+        """
+        try:
+            conn = await self._open(upstream)
+        except (OSError, TimeoutError) as exc:
+            if upstream.down_until == 0.0:
+                self.log.warning(
+                    "cannot connect to worker %s: %s", upstream.address, exc or type(exc).__name__
+                )
+            upstream.down_until = self.loop.time() + _DOWN_FOR
+            raise
+        if upstream.down_until:
+            self.log.info("worker %s is reachable again", upstream.address)
+            upstream.down_until = 0.0
+        return conn
+
+    async def _open(self, upstream: Upstream) -> UpstreamConnection:
+        _, conn = await asyncio.wait_for(
+            self.loop.create_connection(
+                lambda: UpstreamConnection(self, upstream),
+                upstream.host,
+                upstream.port,
+                ssl=self._ssl,
+                server_hostname=upstream.host,
+                ssl_handshake_timeout=self.connect_timeout,
+            ),
+            self.connect_timeout,
+        )
+        transport = conn.transport
+        if transport is None or role_of_peer(transport.get_extra_info("peercert")) != "worker":
+            conn.abort()
+            raise UpstreamRefused(f"{upstream.address} did not present a worker certificate")
+        return conn
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- timeouts -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._sweeper = self.loop.call_later(self._tick, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for client in list(self.clients):
+            client.check(now)
+        for conn in list(self.upstream_conns):
+            conn.check(now)
+        self._sweeper = self.loop.call_later(self._tick, self._sweep)
+
+    # -- figures and lifecycle ------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "sites": len(self.routes),
+            "client_connections": len(self.clients),
+            "upstream_connections": len(self.upstream_conns),
+            "upstream_idle": sum(len(up.idle) for up in self.upstreams.values()),
+        }
+
+    def client_gone(self, client: ClientConnection) -> None:
+        self.clients.discard(client)
+        if self.draining and not self.clients:
+            self._drained.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Finish requests in flight (each connection closes after its response), then close the rest."""
+        self.draining = True
+        for client in list(self.clients):
+            client.close_if_idle()
+        if self.clients:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout)
+        for client in list(self.clients):
+            client.abort()
+        for up in self.upstreams.values():
+            up.close_idle()
+        for conn in list(self.upstream_conns):
+            conn.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await asyncio.sleep(0)  # let the transports' connection_lost callbacks run

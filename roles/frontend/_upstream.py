@@ -1,0 +1,358 @@
+"""The worker side of the proxy: one keep-alive pool per worker, and the mTLS connections in it.
+
+A connection carries one exchange at a time. It parses the worker's response with httptools and hands
+head, body and end to its owner (the client connection the request came from). It goes back to its
+pool only after a complete response to a completely sent request; anything else closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol, cast
+
+import httptools
+
+from roles.frontend._http import (
+    BODY_CHUNKED,
+    BODY_CLOSE,
+    BODY_LENGTH,
+    BODY_NONE,
+    H_CONNECTION,
+    H_CONTENT_LENGTH,
+    H_TRANSFER_ENCODING,
+    RESPONSE_HEADERS,
+    extra_connection_tokens,
+    strip_headers,
+)
+
+if TYPE_CHECKING:
+    from roles.frontend._proxy import Proxy
+
+__all__ = ["Exchange", "Owner", "Upstream", "UpstreamConnection"]
+
+
+class Exchange(Protocol):
+    """What a connection needs to know about the request it carries."""
+
+    head_request: bool
+
+
+class Owner(Protocol):
+    """The client side of an exchange: where the response goes."""
+
+    def response_head(
+        self, req: Exchange, status: int, reason: bytes, headers: bytearray, body: int
+    ) -> None: ...
+    def response_body(self, req: Exchange, data: bytes) -> None: ...
+    def response_end(self, req: Exchange) -> None: ...
+    def upstream_failed(self, req: Exchange, status: int, *, stale: bool) -> None: ...
+    def upstream_write_paused(self, paused: bool) -> None: ...
+
+
+class _BadResponse(Exception):
+    """Raised from a parser callback: the worker's response cannot be forwarded."""
+
+
+class Upstream:
+    """One worker address, its idle keep-alive connections, and how many requests it has in flight."""
+
+    __slots__ = ("address", "down_until", "host", "idle", "outstanding", "port", "retired")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.address = f"{host}:{port}"
+        self.idle: list[UpstreamConnection] = []
+        # Requests in flight or connecting: what least-outstanding balancing compares.
+        self.outstanding = 0
+        # Until when (loop time) balancing avoids this worker: it refused or timed out a connection.
+        self.down_until = 0.0
+        # No longer in any site's list: connections close instead of going back to the pool.
+        self.retired = False
+
+    def take_idle(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()  # newest first: the one least likely to have timed out on the worker
+            if conn.usable():
+                return conn
+        return None
+
+    def put_idle(self, conn: UpstreamConnection, max_idle: int, deadline: float) -> None:
+        if self.retired or len(self.idle) >= max_idle or not conn.usable():
+            conn.close()
+            return
+        conn.deadline = deadline
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def close_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One mTLS keep-alive connection to a worker."""
+
+    def __init__(self, proxy: Proxy, upstream: Upstream) -> None:
+        self._proxy = proxy
+        self.upstream = upstream
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.owner: Owner | None = None
+        self.req: Exchange | None = None
+        self.deadline = 0.0
+        self.reused = False
+        self.body_sent = False
+        self._reusable = True
+        self._got_bytes = False
+        self._head_seen = False
+        self._done = False
+        self._interim = False
+        self._body = BODY_NONE
+        self._reason = b""
+        self._headers = bytearray()
+        self._lengths = 0
+        self._length = b""
+        self._chunked = False
+        self._tokens: frozenset[bytes] | None = None
+        self._read_paused = False
+        self._write_paused = False
+        self._closing = False
+
+    # -- pool side --------------------------------------------------------------------------------
+
+    def usable(self) -> bool:
+        return not self._closing and self.transport is not None and not self.transport.is_closing()
+
+    def close(self) -> None:
+        if not self._closing and self.transport is not None:
+            self._closing = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def check(self, now: float) -> None:
+        """Called by the proxy's sweep: a worker too slow to answer, or an idle connection to retire."""
+        if not self.deadline or now < self.deadline:
+            return
+        self.deadline = 0.0
+        if self.owner is None:
+            self.close()
+        else:
+            self._fail(504)
+
+    # -- exchange side ----------------------------------------------------------------------------
+
+    def bind(self, owner: Owner, req: Exchange, *, reused: bool) -> None:
+        self.owner = owner
+        self.req = req
+        self.reused = reused
+        self.body_sent = False
+        self._got_bytes = False
+        self._head_seen = False
+        self._done = False
+        self.deadline = self._proxy.loop.time() + self._proxy.response_timeout
+
+    def send(self, data: bytes) -> None:
+        if self._closing or self.transport is None:
+            return
+        self.transport.write(data)
+        if not self._read_paused:
+            self.deadline = self._proxy.loop.time() + self._proxy.response_timeout
+
+    def pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self._closing:
+            self._read_paused = True
+            self.transport.pause_reading()
+            self.deadline = 0.0  # the client is slow, not the worker
+
+    def resume_reading(self) -> None:
+        if self._read_paused:
+            self._read_paused = False
+            if self.transport is not None and not self._closing:
+                self.transport.resume_reading()
+                if self.owner is not None:
+                    self.deadline = self._proxy.loop.time() + self._proxy.response_timeout
+
+    def abandon(self) -> None:
+        """The client went away mid-exchange: this connection is in an unknown state, so close it."""
+        self.owner = None
+        self.req = None
+        self.abort()
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TLS transport is not an asyncio.Transport subclass, but has its interface.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self._proxy.upstream_conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._proxy.upstream_conns.discard(self)
+        self.upstream.forget(self)
+        owner, req = self.owner, self.req
+        if owner is None or req is None:
+            return
+        self.owner = self.req = None
+        self._unpause_owner(owner)
+        if self._head_seen and self._body == BODY_CLOSE and not self._done:
+            owner.response_end(req)  # a close-delimited body ends with the connection
+        else:
+            owner.upstream_failed(req, 502, stale=self.reused and not self._got_bytes)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.owner is not None:
+            self.owner.upstream_write_paused(True)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.owner is not None:
+            self.owner.upstream_write_paused(False)
+
+    def data_received(self, data: bytes) -> None:
+        if self.owner is None:
+            self.abort()  # bytes nobody asked for: the connection is out of step
+            return
+        self._got_bytes = True
+        self.deadline = self._proxy.loop.time() + self._proxy.response_timeout
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if cause is not None and not isinstance(cause, _BadResponse):
+                self._proxy.log.error(
+                    "error handling a response from %s", self.upstream.address, exc_info=cause
+                )
+            else:
+                self._proxy.log.warning("bad response from %s: %s", self.upstream.address, cause or exc)
+            self._fail(502)
+            return
+        if self._done:
+            self._complete()
+
+    # -- httptools callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._done:
+            self._reusable = False  # more bytes after the response: do not trust this connection
+        self._reason = b""
+        self._headers = bytearray()
+        self._lengths = 0
+        self._length = b""
+        self._chunked = False
+        self._tokens = None
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        kind = RESPONSE_HEADERS.get(name.lower())
+        if kind is None or kind == H_CONTENT_LENGTH:
+            if kind is not None:
+                self._lengths += 1
+                self._length = value
+            h = self._headers
+            h += name
+            h += b": "
+            h += value
+            h += b"\r\n"
+        elif kind == H_TRANSFER_ENCODING:
+            self._chunked = True  # llhttp has checked that chunked is the final coding
+        elif kind == H_CONNECTION:
+            tokens = extra_connection_tokens(value)
+            if tokens:
+                self._tokens = tokens if self._tokens is None else self._tokens | tokens
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status: int = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise _BadResponse("101 Switching Protocols to a request that did not ask for it")
+            self._interim = True  # 100 and 103 are not forwarded; the final response follows
+            return
+        req, owner = self.req, self.owner
+        if req is None or owner is None:
+            return
+        self._head_seen = True
+        if not parser.should_keep_alive():
+            self._reusable = False
+        if req.head_request:
+            body = BODY_NONE
+            self._done = True  # llhttp does not know the request was HEAD; stop here ourselves
+            if self._chunked or (self._lengths and self._length.strip(b" \t0")):
+                # Some origins send the body anyway; its bytes could arrive after the next request.
+                self._reusable = False
+        elif status == 204 or status == 304:
+            body = BODY_NONE
+        elif self._chunked:
+            body = BODY_CHUNKED
+        elif self._lengths:
+            body = BODY_LENGTH
+        else:
+            body = BODY_CLOSE
+            self._reusable = False
+        self._body = body
+        headers = self._headers if self._tokens is None else strip_headers(self._headers, self._tokens)
+        owner.response_head(req, status, self._reason, headers, body)
+
+    def on_body(self, data: bytes) -> None:
+        if self._done:
+            self._reusable = False  # a body after a HEAD response
+            return
+        owner, req = self.owner, self.req
+        if owner is not None and req is not None:
+            owner.response_body(req, data)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self._done = True
+
+    # -- ends -------------------------------------------------------------------------------------
+
+    def _unpause_owner(self, owner: Owner) -> None:
+        if self._write_paused:
+            self._write_paused = False
+            owner.upstream_write_paused(False)
+
+    def _complete(self) -> None:
+        owner, req = self.owner, self.req
+        self.owner = self.req = None
+        self.deadline = 0.0
+        if req is not None and req.head_request:
+            self._parser = httptools.HttpResponseParser(self)
+        if self._read_paused:
+            self.resume_reading()
+        proxy = self._proxy
+        if self._reusable and self.body_sent and not proxy.draining:
+            self.upstream.put_idle(
+                self, proxy.upstream_max_idle, proxy.loop.time() + proxy.upstream_idle_timeout
+            )
+        else:
+            self.close()
+        if owner is not None and req is not None:
+            self._unpause_owner(owner)
+            owner.response_end(req)
+
+    def _fail(self, status: int) -> None:
+        owner, req = self.owner, self.req
+        self.owner = self.req = None
+        self.abort()
+        if owner is not None and req is not None:
+            self._unpause_owner(owner)
+            owner.upstream_failed(req, status, stale=False)
