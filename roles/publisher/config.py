@@ -18,3 +18,7 @@ class PublisherConfig(RoleConfig):
     masquerade_address: str | None = None
     # Largest zip accepted by web deploy, before the site's own quota is checked.
     max_deploy_bytes: int = 1024 * 1024 * 1024
+    # Seconds before a wrong FTP password is answered (slows down guessing).
+    ftp_auth_failed_delay: float = 2.0
+    # Seconds an FTP control connection may sit idle before it is closed.
+    ftp_idle_timeout: int = 300

@@ -1,0 +1,65 @@
+"""``python -m roles.publisher --config <home>/role.json``: FTP and web deploy, written through the
+fileserver."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from roles.publisher._deploy import Deployer
+from roles.publisher._ftp import FtpServer
+from roles.publisher._sites import Credentials, SiteTable
+from roles.publisher.config import PublisherConfig
+from shared.control import ControlPlane, Snapshot
+from shared.logs import get_logger
+from shared.process import role_main
+from shared.tls import client_context, public_server_context
+
+__all__ = ["serve"]
+
+
+async def serve(config: PublisherConfig, stop: asyncio.Event) -> None:
+    log = get_logger(config.role, host=config.host)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # pyftpdlib logs every command at INFO; sitecloud logs logins and uploads itself.
+        logging.getLogger("pyftpdlib").setLevel(logging.WARNING)
+    sites = SiteTable()
+    credentials = Credentials()
+    internal_tls = client_context(config)
+    deployer = Deployer(config, sites, credentials, internal_tls)
+    ftp = FtpServer(config, sites, credentials, internal_tls)
+
+    async def apply(snapshot: Snapshot) -> None:
+        sites.apply(snapshot)
+
+    def health() -> dict[str, Any]:
+        return {
+            "ftp_port": ftp.address[1],
+            "deploy_port": config.deploy_port,
+            "ftp_sessions": ftp.sessions,
+            "sites": len(sites),
+        }
+
+    plane = ControlPlane(config, apply, health=health, routes=deployer.control_routes())
+    await plane.load_last_known_good()
+    runner = web.AppRunner(deployer.public_app(), access_log=None, shutdown_timeout=5)
+    try:
+        await plane.start()
+        await runner.setup()
+        tls = public_server_context(config.cert_file, config.key_file)
+        await web.TCPSite(runner, config.bind, config.deploy_port, ssl_context=tls).start()
+        ftp.start()
+        log.info("web deploy on %s:%s", config.bind, config.deploy_port)
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        await asyncio.to_thread(ftp.stop)
+        await runner.cleanup()
+        await plane.stop()
+
+
+if __name__ == "__main__":
+    role_main(PublisherConfig, serve)

@@ -1,0 +1,203 @@
+"""One site's content as a publishing session sees it: the newest manifest, and writes that go to the
+fileserver as commits.
+
+An upload is spooled to a local temporary file and becomes visible only through one ``put`` commit when
+it is complete (:meth:`Upload.commit`); closing it without committing leaves the site as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from roles.publisher._fileserver import FileserverClient
+from roles.publisher._sites import SiteInfo
+from shared.errors import QuotaExceeded
+from shared.logs import ContextLogger
+
+__all__ = ["Download", "SiteContent", "Tree", "Upload"]
+
+
+@dataclass
+class Tree:
+    """A manifest indexed for lookups: files, directories (``""`` is the root) and their children."""
+
+    version: int
+    total_bytes: int
+    files: dict[str, tuple[int, float]]
+    dirs: set[str]
+    mtime: float
+    _children: dict[str, list[str]] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> Tree:
+        files = {
+            p: (int(e["size"]), float(e.get("mtime", 0.0))) for p, e in manifest.get("files", {}).items()
+        }
+        dirs = {""}
+        dirs.update(manifest.get("dirs", []))
+        for path in files:
+            dirs.update(_parents(path))
+        newest = max((m for _, m in files.values()), default=0.0)
+        return cls(int(manifest.get("version", 0)), int(manifest.get("total_bytes", 0)), files, dirs, newest)
+
+    def is_dir(self, rel: str) -> bool:
+        return rel in self.dirs
+
+    def is_file(self, rel: str) -> bool:
+        return rel in self.files
+
+    def children(self, rel: str) -> list[str]:
+        if self._children is None:
+            index: dict[str, list[str]] = {d: [] for d in self.dirs}
+            for path in (*self.files, *self.dirs):
+                if path:
+                    parent, name = posixpath.split(path)
+                    index[parent].append(name)
+            self._children = index
+        return sorted(self._children.get(rel, []))
+
+
+def _parents(path: str) -> Iterator[str]:
+    parts = path.split("/")
+    for i in range(1, len(parts)):
+        yield "/".join(parts[:i])
+
+
+class SiteContent:
+    """A publishing session's handle on one site; used from one thread at a time."""
+
+    def __init__(self, site: SiteInfo, client: FileserverClient, log: ContextLogger) -> None:
+        self.site = site
+        self.client = client
+        self.log = log
+        self._tree: Tree | None = None
+        self._fresh = False
+
+    def close(self) -> None:
+        self.client.close()
+
+    def invalidate(self) -> None:
+        """The next lookup asks the fileserver whether the site changed (once per FTP command)."""
+        self._fresh = False
+
+    def tree(self) -> Tree:
+        if self._tree is not None and self._fresh:
+            return self._tree
+        if self._tree is not None:
+            # A small call tells whether the cached manifest is still the newest one.
+            version = int(self.client.site_info(self.site.name).get("version", -1))
+            if version == self._tree.version:
+                self._fresh = True
+                return self._tree
+        self._tree = Tree.from_manifest(self.client.manifest(self.site.name))
+        self._fresh = True
+        return self._tree
+
+    def commit(self, ops: list[dict[str, Any]], *, replace: bool = False) -> dict[str, Any]:
+        self._fresh = False
+        return self.client.commit(self.site.name, ops, replace=replace)
+
+    def download(self, rel: str, name: str) -> Download:
+        download = Download(name)
+        try:
+            self.client.download(self.site.name, rel, download.file)
+            download.file.seek(0)
+        except BaseException:
+            download.close()
+            raise
+        return download
+
+    def start_upload(self, rel: str, name: str, *, keep_existing: bool, append: bool) -> Upload:
+        """A spool for ``rel``; it may grow to what the quota leaves once the old file is replaced."""
+        tree = self.tree()
+        old_size = tree.files[rel][0] if rel in tree.files else 0
+        room = self.site.quota_bytes - (tree.total_bytes - old_size)
+        upload = Upload(self, rel, name, limit=max(room, 0))
+        try:
+            if keep_existing and rel in tree.files:
+                self.client.download(self.site.name, rel, upload.file)
+                upload.file.seek(0, os.SEEK_END if append else os.SEEK_SET)
+        except BaseException:
+            upload.close()
+            raise
+        return upload
+
+
+class Download:
+    """A file fetched whole from the fileserver into a local spool, for an FTP download to send."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # the virtual path, for pyftpdlib's transfer log
+        self.file = tempfile.TemporaryFile(prefix="sitecloud-get-")  # noqa: SIM115 (closed in close())
+
+    @property
+    def closed(self) -> bool:
+        return self.file.closed
+
+    def read(self, size: int = -1) -> bytes:
+        return self.file.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Upload:
+    """The file object an FTP upload writes into; :meth:`commit` publishes it, :meth:`close` drops it."""
+
+    def __init__(self, content: SiteContent, rel: str, name: str, *, limit: int) -> None:
+        self.content = content
+        self.rel = rel
+        self.name = name  # the virtual path, for pyftpdlib's transfer log
+        self.limit = limit
+        self.file = tempfile.TemporaryFile(prefix="sitecloud-put-")  # noqa: SIM115 (closed in close())
+        self.committed: dict[str, Any] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.file.closed
+
+    def write(self, data: bytes) -> int:
+        end = self.file.tell() + len(data)
+        if end > self.limit:
+            # Fail as soon as the spool outgrows the quota, not after the whole file has arrived.
+            raise QuotaExceeded(
+                f"upload of /{self.rel} stopped: the site {self.content.site.name} would exceed its "
+                f"quota of {self.content.site.quota_bytes} bytes",
+                hint="delete files or ask for a bigger plan",
+            )
+        return self.file.write(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def commit(self) -> dict[str, Any]:
+        """Upload the spool as one blob and ``put`` it: the file appears whole or not at all."""
+        self.file.flush()
+        self.file.seek(0)
+        blob = self.content.client.upload_blob(self.content.site.name, self.file)
+        answer = self.content.commit([{"op": "put", "path": self.rel, "sha256": blob["sha256"]}])
+        self.committed = answer
+        self.content.log.info(
+            "stored /%s (%s bytes) as version %s", self.rel, blob.get("size"), answer.get("version")
+        )
+        return answer
+
+    def close(self) -> None:
+        self.file.close()

@@ -1,0 +1,166 @@
+"""A blocking mTLS client for the fileserver's content API, for FTP session threads and deploy workers.
+
+One keep-alive connection per client; a connection the fileserver closed while idle is reopened and the
+request sent once more. Error answers come back as the same :class:`shared.errors.SitecloudError`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import ssl
+from typing import IO, Any, BinaryIO
+from urllib.parse import quote, urlsplit
+
+from shared.errors import Unavailable, error_from_json
+
+__all__ = ["FileserverClient"]
+
+_CHUNK = 256 * 1024
+
+
+class FileserverClient:
+    def __init__(self, base_url: str, ssl_context: ssl.SSLContext, *, timeout: float = 60.0) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise Unavailable(f"fileserver URL {base_url!r} is not https://<host>:<port>")
+        self.base_url = base_url
+        self._host = parts.hostname
+        self._port = parts.port or 443
+        self._ssl = ssl_context
+        self._timeout = timeout
+        self._conn: http.client.HTTPSConnection | None = None
+        self._used = False  # whether _conn has carried a request (so may have gone stale)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> FileserverClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- transport
+
+    def _connection(self) -> http.client.HTTPSConnection:
+        if self._conn is None:
+            self._conn = http.client.HTTPSConnection(
+                self._host, self._port, context=self._ssl, timeout=self._timeout, blocksize=_CHUNK
+            )
+            self._used = False
+        return self._conn
+
+    def _send(
+        self, method: str, path: str, *, body: bytes | IO[bytes] | None = None, headers: dict[str, str]
+    ) -> http.client.HTTPResponse:
+        stream = body if body is not None and not isinstance(body, bytes) else None
+        start = stream.tell() if stream is not None else 0
+        for attempt in range(2):
+            conn = self._connection()
+            reused, self._used = self._used, True
+            try:
+                if stream is not None:
+                    stream.seek(start)
+                return self._exchange(conn, method, path, body, headers)
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                # Only a reused connection may have been closed by the peer while idle; a fresh one
+                # failing means the fileserver is not there (or broke off).
+                if attempt == 0 and reused and not isinstance(exc, TimeoutError):
+                    continue
+                raise Unavailable(f"cannot reach the fileserver at {self.base_url}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _exchange(
+        conn: http.client.HTTPSConnection,
+        method: str,
+        path: str,
+        body: bytes | IO[bytes] | None,
+        headers: dict[str, str],
+    ) -> http.client.HTTPResponse:
+        try:
+            conn.request(method, path, body=body, headers=headers)
+        except OSError as exc:
+            # The fileserver answers a refused upload at once and closes: read that answer if it came.
+            try:
+                return conn.getresponse()
+            except (OSError, http.client.HTTPException):
+                raise exc from None
+        return conn.getresponse()
+
+    def _finish(self, resp: http.client.HTTPResponse) -> bytes:
+        try:
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise Unavailable(f"the fileserver at {self.base_url} broke off its answer: {exc}") from exc
+        if resp.will_close:
+            self.close()
+        return data
+
+    def _json(self, method: str, path: str, *, body: Any = None) -> Any:
+        headers = {"Accept": "application/json"}
+        data: bytes | None = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        resp = self._send(method, path, body=data, headers=headers)
+        return self._decode(resp, self._finish(resp))
+
+    def _decode(self, resp: http.client.HTTPResponse, raw: bytes) -> Any:
+        try:
+            value = json.loads(raw) if raw else None
+        except ValueError:
+            value = None
+        if resp.status >= 400:
+            raise error_from_json(resp.status, value)
+        if value is None and raw:
+            raise Unavailable(f"the fileserver answered something that is not JSON (HTTP {resp.status})")
+        return value
+
+    @staticmethod
+    def _site(site: str) -> str:
+        return f"/v1/sites/{quote(site, safe='')}"
+
+    # --- the content API
+
+    def site_info(self, site: str) -> dict[str, Any]:
+        return dict(self._json("GET", self._site(site)))
+
+    def manifest(self, site: str) -> dict[str, Any]:
+        return dict(self._json("GET", f"{self._site(site)}/manifest"))
+
+    def download(self, site: str, path: str, out: BinaryIO) -> int:
+        """Stream the newest version of ``path`` into ``out``; returns the bytes written."""
+        resp = self._send("GET", f"{self._site(site)}/files/{quote(path, safe='/')}", headers={})
+        if resp.status >= 400:
+            self._decode(resp, self._finish(resp))
+        total = 0
+        try:
+            while chunk := resp.read(_CHUNK):
+                out.write(chunk)
+                total += len(chunk)
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise Unavailable(f"the fileserver broke off sending {path!r}: {exc}") from exc
+        if resp.will_close:
+            self.close()
+        return total
+
+    def upload_blob(self, site: str, source: IO[bytes]) -> dict[str, Any]:
+        """Stream ``source`` from its current position to its end as one blob: ``{"sha256", "size"}``."""
+        source.flush()
+        here = source.tell()
+        size = os.fstat(source.fileno()).st_size - here
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        resp = self._send("POST", f"{self._site(site)}/blobs", body=source, headers=headers)
+        return dict(self._decode(resp, self._finish(resp)))
+
+    def commit(self, site: str, ops: list[dict[str, Any]], *, replace: bool = False) -> dict[str, Any]:
+        """Apply ``ops`` all or nothing: ``{"version", "total_bytes"}``."""
+        return dict(self._json("POST", f"{self._site(site)}/commit", body={"ops": ops, "replace": replace}))

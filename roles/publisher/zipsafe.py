@@ -1,0 +1,174 @@
+"""The one trust boundary for web deploy zips: which members may become files of a site.
+
+:func:`check_zip` reads only the central directory and decides, before a byte is extracted, whether
+the archive is acceptable and what it would write; :func:`copy_member` then extracts one member and
+re-checks the size it really inflates to, so a zip whose headers lie (a zip bomb) stops at its budget.
+"""
+
+from __future__ import annotations
+
+import lzma
+import stat
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from shared.errors import BadRequest, InvalidInput, QuotaExceeded
+from shared.paths import site_relpath
+
+__all__ = ["MAX_MEMBERS", "ZipMember", "ZipPlan", "check_zip", "copy_member", "open_zip"]
+
+MAX_MEMBERS = 100_000
+_CHUNK = 256 * 1024
+_SUPPORTED_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+_ENCRYPTED_FLAG = 0x1
+
+
+@dataclass(frozen=True)
+class ZipMember:
+    """A regular file of the archive and the site path it becomes."""
+
+    path: str
+    info: zipfile.ZipInfo
+
+    @property
+    def size(self) -> int:
+        return int(self.info.file_size)
+
+    @property
+    def mtime(self) -> float:
+        try:
+            return time.mktime((*self.info.date_time, 0, 0, -1))
+        except (OverflowError, ValueError):
+            return time.time()
+
+
+@dataclass(frozen=True)
+class ZipPlan:
+    """What a checked archive writes: its files, the directories only a directory entry names, and
+    the total uncompressed size its headers declare."""
+
+    files: tuple[ZipMember, ...]
+    empty_dirs: tuple[str, ...]
+    total_bytes: int
+
+
+def open_zip(source: Path | IO[bytes]) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        raise BadRequest("not a zip file", hint="upload a .zip archive of the site's files") from exc
+
+
+def _member_path(info: zipfile.ZipInfo) -> tuple[str, bool]:
+    """The site path of a member and whether it is a directory; raises on any name that is not plainly
+    a relative path inside the site."""
+    # orig_filename keeps what zipfile cuts off at a NUL byte ("evil.php\0.jpg" would become "evil.php").
+    raw = info.orig_filename
+    shown = repr(raw)
+    if not raw:
+        raise InvalidInput("the zip has a member with an empty name")
+    if any(ord(c) < 32 or ord(c) == 127 for c in raw):
+        raise InvalidInput(f"zip member {shown} has a NUL or control character in its name")
+    if "\\" in raw:
+        raise InvalidInput(f"zip member {shown} has a backslash in its name", hint="use '/' between folders")
+    if raw.startswith("/"):
+        raise InvalidInput(f"zip member {shown} has an absolute path")
+    if len(raw) >= 2 and raw[1] == ":" and raw[0].isalpha():
+        raise InvalidInput(f"zip member {shown} names a drive")
+    if ".." in raw.split("/"):
+        raise InvalidInput(f"zip member {shown} climbs out of the site root with '..'")
+    is_dir = raw.endswith("/")
+    path = site_relpath(raw, allow_root=is_dir)
+    return path, is_dir
+
+
+def _check_kind(info: zipfile.ZipInfo, path: str, is_dir: bool) -> None:
+    mode = info.external_attr >> 16
+    kind = stat.S_IFMT(mode)
+    if stat.S_ISLNK(mode):
+        raise InvalidInput(f"zip member {path!r} is a symbolic link", hint="zip the files the link points to")
+    if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+        raise InvalidInput(f"zip member {path!r} is not a regular file or directory")
+    if kind == stat.S_IFDIR and not is_dir:
+        raise InvalidInput(f"zip member {path!r} is a directory without a trailing '/'")
+    if info.flag_bits & _ENCRYPTED_FLAG:
+        raise InvalidInput(f"zip member {path!r} is encrypted", hint="upload a zip without a password")
+    if info.compress_type not in _SUPPORTED_METHODS:
+        raise InvalidInput(
+            f"zip member {path!r} uses an unsupported compression method ({info.compress_type})",
+            hint="use deflate or store",
+        )
+
+
+def check_zip(zf: zipfile.ZipFile, *, max_total_bytes: int, max_members: int = MAX_MEMBERS) -> ZipPlan:
+    """Decide whether ``zf`` may replace a site's content; the answer is the plan of what it writes.
+
+    Refused: names that are absolute, climb with ``..``, hold backslashes, drive letters, NUL or control
+    characters; symbolic links and other special files; encrypted members; the same path twice (also
+    after normalising, and a path that is both a file and a directory); more than ``max_members``
+    members; a declared uncompressed total over ``max_total_bytes`` (:class:`QuotaExceeded`).
+    """
+    infos = zf.infolist()
+    if len(infos) > max_members:
+        raise InvalidInput(f"the zip has {len(infos)} members; at most {max_members} are allowed")
+    files: dict[str, ZipMember] = {}
+    dirs: set[str] = set()
+    total = 0
+    for info in infos:
+        path, is_dir = _member_path(info)
+        _check_kind(info, path, is_dir)
+        if is_dir:
+            if not path:
+                continue  # "./" or "/"-only entries name the root itself
+            if path in dirs:
+                raise InvalidInput(f"the zip names directory {path!r} twice")
+            dirs.add(path)
+            continue
+        if path in files:
+            raise InvalidInput(f"the zip names {path!r} twice")
+        files[path] = ZipMember(path, info)
+        total += int(info.file_size)
+        if total > max_total_bytes:
+            raise QuotaExceeded(
+                f"the zip unpacks to more than the site's quota of {max_total_bytes} bytes",
+                hint="remove files or ask for a bigger plan",
+            )
+    implied: set[str] = set()
+    for path in (*files, *dirs):
+        parts = path.split("/")
+        implied.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    for path in files:
+        if path in dirs or path in implied:
+            raise InvalidInput(f"the zip has {path!r} both as a file and as a directory")
+    empty_dirs = tuple(sorted(d for d in dirs if d not in implied))
+    return ZipPlan(tuple(files[p] for p in sorted(files)), empty_dirs, total)
+
+
+def copy_member(zf: zipfile.ZipFile, member: ZipMember, out: BinaryIO) -> int:
+    """Inflate ``member`` into ``out``; stops as soon as it yields more than its header declared."""
+    written = 0
+    try:
+        src = zf.open(member.info)
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, ValueError) as exc:
+        raise BadRequest(f"zip member {member.path!r} cannot be read: {exc}") from exc
+    with src:
+        while True:
+            try:
+                chunk = src.read(_CHUNK)
+            except (zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
+                raise BadRequest(f"zip member {member.path!r} is corrupt: {exc}") from exc
+            if not chunk:
+                break
+            written += len(chunk)
+            if written > member.size:
+                raise QuotaExceeded(
+                    f"zip member {member.path!r} inflates to more than the {member.size} bytes it declares"
+                )
+            out.write(chunk)
+    if written != member.size:
+        raise BadRequest(f"zip member {member.path!r} is corrupt: {written} bytes, {member.size} declared")
+    return written

@@ -1,0 +1,478 @@
+"""The publisher, end to end: a real publisher and a real fileserver process, driven with ftplib, lftp
+and an HTTPS client; what landed is read back from the fileserver's manifest."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ftplib
+import http.client
+import io
+import json
+import random
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from roles.fileserver.config import FileserverConfig
+from roles.publisher.config import PublisherConfig
+from shared.credentials import hash_password
+from tests.support import CloudPKI, RoleProcess, call
+
+QUOTA = 256 * 1024
+TINY_QUOTA = 8 * 1024
+
+# site -> (password, quota); each test works on sites of its own so their order does not matter.
+SITES = {
+    "alpha": ("alpha-secret", QUOTA),
+    "beta": ("beta-secret", QUOTA),
+    "tiny": ("tiny-secret", TINY_QUOTA),
+    "abort": ("abort-secret", QUOTA),
+    "web": ("web-secret", QUOTA),
+    "bad": ("bad-secret", 64 * 1024),
+    "mgmt": ("mgmt-secret", QUOTA),
+    "mirror": ("mirror-secret", QUOTA),
+    "gone": ("gone-secret", QUOTA),
+}
+
+
+@dataclass
+class Cloud:
+    pki: CloudPKI
+    fileserver: RoleProcess
+    publisher: RoleProcess
+    hashes: dict[str, str]
+    version: int = 0
+    removed: set[str] = field(default_factory=set)
+
+    @property
+    def config(self) -> PublisherConfig:
+        config = self.publisher.config
+        assert isinstance(config, PublisherConfig)
+        return config
+
+    def push(self) -> None:
+        """Push the current site list to both roles, as the controller would."""
+        self.version += 1
+        live = {name: spec for name, spec in SITES.items() if name not in self.removed}
+        fs_sites = {name: {"uid": f"uid-{name}", "quota_bytes": quota} for name, (_, quota) in live.items()}
+        self.fileserver.push_config({"version": self.version, "sites": fs_sites})
+        pub_sites = {name: {**fs_sites[name], "users": {name: self.hashes[name]}} for name in live}
+        self.publisher.push_config(
+            {"version": self.version, "fileserver": self.fileserver.control_url, "sites": pub_sites}
+        )
+
+    def manifest(self, site: str) -> dict[str, Any]:
+        status, body = call(
+            f"{self.fileserver.control_url}/v1/sites/{site}/manifest", self.pki.client_ssl("publisher")
+        )
+        assert status == 200, body
+        return dict(body)
+
+    def tree(self, site: str) -> tuple[dict[str, int], list[str]]:
+        """The newest version's files (path -> size) and directories."""
+        manifest = self.manifest(site)
+        return {p: e["size"] for p, e in manifest["files"].items()}, sorted(manifest["dirs"])
+
+    def ftp(self, site: str, password: str | None = None) -> ftplib.FTP:
+        ftp = ftplib.FTP(timeout=10)
+        try:
+            ftp.connect("127.0.0.1", self.config.ftp_port)
+            ftp.login(site, password if password is not None else SITES[site][0])
+        except BaseException:
+            ftp.close()
+            raise
+        return ftp
+
+    def deploy(
+        self, site: str, body: bytes, *, password: str | None = None, user: str | None = None
+    ) -> tuple[int, Any, dict[str, str]]:
+        """POST a zip to the public web deploy door; returns status, JSON body and headers."""
+        headers = {"Content-Type": "application/zip"}
+        if password != "":
+            token = f"{user or site}:{password if password is not None else SITES[site][0]}"
+            headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+        return _https(
+            f"https://localhost:{self.config.deploy_port}/api/deploy/{site}",
+            self.pki.client_ssl(None),
+            body,
+            headers,
+        )
+
+
+def _https(
+    url: str, ctx: ssl.SSLContext, body: bytes, headers: dict[str, str]
+) -> tuple[int, Any, dict[str, str]]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, context=ctx, timeout=20)
+    try:
+        conn.request("POST", parts.path, body=body, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else None, dict(resp.getheaders())
+    finally:
+        conn.close()
+
+
+def _free_port_range(count: int) -> tuple[int, int]:
+    """``count`` consecutive ports nothing listens on now (for the FTP passive range)."""
+    for _ in range(50):
+        first = random.randrange(30000, 60000 - count)
+        probes: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind(("127.0.0.1", port))
+            return first, first + count - 1
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise AssertionError("no free port range found")
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+    root = tmp_path_factory.mktemp("publisher")
+    pki = CloudPKI(root / "pki")
+    fs_config = pki.role_config(FileserverConfig, "fileserver", root / "fileserver")
+    pub_config = pki.role_config(
+        PublisherConfig,
+        "publisher",
+        root / "publisher",
+        ftp_auth_failed_delay=0.05,
+        passive_ports=_free_port_range(20),
+        max_deploy_bytes=512 * 1024,
+    )
+    fileserver = RoleProcess(fs_config, pki).start()
+    publisher = RoleProcess(pub_config, pki)
+    try:
+        publisher.start()
+        cloud = Cloud(
+            pki, fileserver, publisher, {name: hash_password(pw) for name, (pw, _) in SITES.items()}
+        )
+        cloud.push()
+        yield cloud
+    finally:
+        publisher.stop()
+        fileserver.stop()
+
+
+def _stor(ftp: ftplib.FTP, path: str, data: bytes) -> str:
+    return ftp.storbinary(f"STOR {path}", io.BytesIO(data))
+
+
+def _stor_refused(ftp: ftplib.FTP, path: str, data: bytes) -> str:
+    """STOR that the server may cut off mid-stream: the reply matters, not how the send ended."""
+    ftp.voidcmd("TYPE I")
+    # The server may stop reading and close the data connection mid-send.
+    with ftp.transfercmd(f"STOR {path}") as conn, contextlib.suppress(OSError):
+        conn.sendall(data)
+    with pytest.raises(ftplib.Error) as caught:
+        ftp.voidresp()
+    return str(caught.value)
+
+
+def _retr(ftp: ftplib.FTP, path: str) -> bytes:
+    out = io.BytesIO()
+    ftp.retrbinary(f"RETR {path}", out.write)
+    return out.getvalue()
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+# --- FTP
+
+
+def test_ftp_upload_list_download_rename_delete(cloud: Cloud) -> None:
+    with cloud.ftp("alpha") as ftp:
+        assert ftp.pwd() == "/"
+        low, high = cloud.config.passive_ports or (0, 0)
+        assert low <= ftp.makepasv()[1] <= high
+        ftp.mkd("css")
+        ftp.mkd("css/old")
+        assert _stor(ftp, "index.html", b"<h1>alpha</h1>").startswith("226")
+        ftp.cwd("css")
+        _stor(ftp, "site.css", b"body { color: red }")
+        assert ftp.pwd() == "/css"
+        ftp.cwd("/")
+        assert sorted(ftp.nlst()) == ["css", "index.html"]
+        assert sorted(ftp.nlst("css")) == ["old", "site.css"]
+        lines: list[str] = []
+        ftp.retrlines("LIST", lines.append)
+        assert any(line.startswith("d") and line.endswith(" css") for line in lines), lines
+        assert any(line.startswith("-") and " 14 " in line and line.endswith(" index.html") for line in lines)
+        assert _retr(ftp, "css/site.css") == b"body { color: red }"
+        ftp.voidcmd("TYPE I")
+        assert ftp.size("index.html") == 14
+
+        assert cloud.tree("alpha") == (
+            {"css/site.css": 19, "index.html": 14},
+            ["css", "css/old"],
+        )
+
+        ftp.rename("index.html", "home.html")
+        ftp.rename("css", "styles")
+        ftp.rmd("styles/old")
+        ftp.delete("styles/site.css")
+        with pytest.raises(ftplib.error_perm, match=r"^550"):
+            ftp.delete("styles/site.css")
+        with pytest.raises(ftplib.error_perm, match=r"^550"):
+            _retr(ftp, "nothing.html")
+        ftp.rmd("styles")
+        assert _retr(ftp, "home.html") == b"<h1>alpha</h1>"
+    assert cloud.tree("alpha") == ({"home.html": 14}, [])
+
+
+def test_ftp_append_and_overwrite(cloud: Cloud) -> None:
+    with cloud.ftp("alpha") as ftp:
+        _stor(ftp, "log.txt", b"one\n")
+        ftp.storbinary("APPE log.txt", io.BytesIO(b"two\n"))
+        assert _retr(ftp, "log.txt") == b"one\ntwo\n"
+        _stor(ftp, "log.txt", b"fresh")
+        assert _retr(ftp, "log.txt") == b"fresh"
+        ftp.delete("log.txt")
+        # STOU picks a new name inside the site (pyftpdlib's own would make a local temp file).
+        before = set(ftp.nlst())
+        ftp.storbinary("STOU", io.BytesIO(b"unique"))
+        (name,) = set(ftp.nlst()) - before
+        assert name.startswith("ftpd.") and _retr(ftp, name) == b"unique"
+        ftp.delete(name)
+
+
+def test_ftp_wrong_password_or_unknown_user_is_530(cloud: Cloud) -> None:
+    for user, password in (("alpha", "wrong"), ("alpha", SITES["beta"][0]), ("nobody", "x")):
+        with pytest.raises(ftplib.error_perm) as caught:
+            cloud.ftp(user, password)
+        assert str(caught.value).startswith("530 Authentication failed")
+    with ftplib.FTP(timeout=10) as ftp:
+        ftp.connect("127.0.0.1", cloud.config.ftp_port)
+        with pytest.raises(ftplib.error_perm, match=r"^530"):
+            ftp.nlst()
+
+
+def test_ftp_a_site_cannot_reach_another_site(cloud: Cloud) -> None:
+    with cloud.ftp("beta") as ftp:
+        _stor(ftp, "beta-secret.txt", b"beta only")
+    before = cloud.manifest("beta")
+
+    with cloud.ftp("alpha") as ftp:
+        ftp.mkd("beta")  # alpha's own directory called "beta"
+        for target in ("../beta", "/../beta", "../../beta", "/beta/../../beta"):
+            ftp.cwd("/")
+            ftp.cwd(target)
+            assert ftp.pwd() == "/beta"
+            assert ftp.nlst() == []  # alpha's empty "beta", not site beta
+        ftp.cwd("/")
+        for path in ("../beta/beta-secret.txt", "/../beta/beta-secret.txt", "../../beta-secret.txt"):
+            with pytest.raises(ftplib.error_perm, match=r"^550"):
+                _retr(ftp, path)
+        # Writes that try to climb land inside alpha.
+        _stor(ftp, "../../beta/planted.txt", b"x")
+        assert ftp.nlst("/beta") == ["planted.txt"]
+        with pytest.raises(ftplib.error_perm, match=r"^55"):
+            ftp.sendcmd("CWD a\\..\\..")
+        ftp.delete("/beta/planted.txt")
+        ftp.rmd("beta")
+    assert cloud.manifest("beta") == before
+
+
+def test_ftp_over_quota_upload_is_552_and_changes_nothing(cloud: Cloud) -> None:
+    with cloud.ftp("tiny") as ftp:
+        _stor(ftp, "keep.txt", b"k" * 1000)
+        before = cloud.manifest("tiny")
+        reply = _stor_refused(ftp, "big.bin", bytes(3 * TINY_QUOTA))
+        assert reply.startswith("552 ") and "quota" in reply, reply
+        assert cloud.manifest("tiny") == before
+        # Replacing a file counts its old size as free again.
+        _stor(ftp, "keep.txt", b"k" * (TINY_QUOTA - 10))
+        assert ftp.nlst() == ["keep.txt"]
+    assert cloud.tree("tiny")[0] == {"keep.txt": TINY_QUOTA - 10}
+
+
+def test_ftp_aborted_upload_commits_nothing(cloud: Cloud) -> None:
+    with cloud.ftp("abort") as ftp:
+        _stor(ftp, "page.html", b"version 1")
+        before = cloud.manifest("abort")
+        ftp.voidcmd("TYPE I")
+        data_conn = ftp.transfercmd("STOR page.html")
+        data_conn.sendall(b"half of version 2 " * 1000)
+        # Reset instead of a clean close: a clean close would be a complete (shorter) file.
+        data_conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        data_conn.close()
+        with pytest.raises(ftplib.error_temp, match=r"^426"):
+            ftp.voidresp()
+        assert cloud.manifest("abort") == before
+
+        # ABOR in the middle of an upload commits nothing either.
+        data_conn = ftp.transfercmd("STOR other.html")
+        data_conn.sendall(b"partial")
+        ftp.putcmd("ABOR")
+        reply = ftp.getline()
+        if reply.startswith("426"):  # the transfer had started: 426, then 226 for the ABOR
+            reply = ftp.getline()
+            assert reply.startswith("226"), reply
+        else:
+            assert reply.startswith("225"), reply
+        data_conn.close()
+        assert _retr(ftp, "page.html") == b"version 1"
+    assert cloud.manifest("abort")["files"].keys() == {"page.html"}
+
+
+# --- web deploy
+
+
+def test_web_deploy_replaces_the_whole_site(cloud: Cloud) -> None:
+    with cloud.ftp("web") as ftp:
+        ftp.mkd("old")
+        _stor(ftp, "old/stale.html", b"stale")
+        _stor(ftp, "index.html", b"old home")
+    body = _zip({"index.html": b"new home", "css/site.css": b"body{}", "empty/": b""})
+    status, answer, _ = cloud.deploy("web", body)
+    assert status == 200, answer
+    assert answer == {"site": "web", "version": answer["version"], "files": 2, "bytes": 14}
+    assert cloud.manifest("web")["version"] == answer["version"]
+    assert cloud.tree("web") == ({"css/site.css": 6, "index.html": 8}, ["css", "empty"])
+    with cloud.ftp("web") as ftp:
+        assert _retr(ftp, "index.html") == b"new home"
+
+
+@pytest.mark.parametrize(
+    ("members", "status", "message"),
+    [
+        ({"ok.html": b"ok", "../evil.html": b"x"}, 400, "climbs out"),
+        ({"/etc/evil.html": b"x"}, 400, "absolute path"),
+        ({"symlink": b"/etc/passwd"}, 400, "symbolic link"),
+        ({"big.bin": bytes(100 * 1024)}, 413, "quota"),
+        (None, 400, "not a zip file"),
+    ],
+    ids=["zip-slip", "absolute", "symlink", "over-quota", "not-a-zip"],
+)
+def test_web_deploy_refuses_unsafe_zips_and_changes_nothing(
+    cloud: Cloud, members: dict[str, bytes] | None, status: int, message: str
+) -> None:
+    if members is None:
+        body = b"this is not a zip at all"
+    elif "symlink" in members:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("index.html", b"fine")
+            info = zipfile.ZipInfo("symlink")
+            info.external_attr = 0o120777 << 16
+            zf.writestr(info, members["symlink"])
+        body = buf.getvalue()
+    else:
+        body = _zip(members)
+    before = cloud.manifest("bad")
+    got, answer, _ = cloud.deploy("bad", body)
+    assert got == status, answer
+    assert message in answer["error"]["message"]
+    assert cloud.manifest("bad") == before
+
+
+def test_web_deploy_larger_than_the_publisher_takes_is_413(cloud: Cloud) -> None:
+    before = cloud.manifest("bad")
+    status, answer, _ = cloud.deploy("bad", bytes(cloud.config.max_deploy_bytes + 1))
+    assert status == 413 and "larger than" in answer["error"]["message"]
+    assert cloud.manifest("bad") == before
+
+
+def test_web_deploy_needs_the_sites_credentials(cloud: Cloud) -> None:
+    body = _zip({"index.html": b"intruder"})
+    before = cloud.manifest("web")
+    for kwargs in ({"password": "wrong"}, {"password": ""}, {"user": "alpha", "password": SITES["alpha"][0]}):
+        status, answer, headers = cloud.deploy("web", body, **kwargs)
+        assert status == 401, answer
+        assert answer["error"]["code"] == "unauthorized"
+        assert headers["WWW-Authenticate"].startswith("Basic ")
+    status, _, _ = cloud.deploy("nosuchsite", body, password="x", user="nosuchsite")
+    assert status == 401
+    assert cloud.manifest("web") == before
+
+
+def test_management_deploys_over_mtls_on_the_control_port(cloud: Cloud) -> None:
+    body = _zip({"index.html": b"from management"})
+    url = f"{cloud.publisher.control_url}/v1/deploy/mgmt"
+    status, answer, _ = _https(url, cloud.pki.client_ssl("frontend"), body, {})
+    assert status == 403 and answer["error"]["code"] == "forbidden"
+    status, answer, _ = _https(url, cloud.pki.client_ssl("management"), body, {})
+    assert status == 200 and answer["files"] == 1 and answer["site"] == "mgmt"
+    assert cloud.tree("mgmt") == ({"index.html": 15}, [])
+    status, answer, _ = _https(
+        f"{cloud.publisher.control_url}/v1/deploy/nosuch", cloud.pki.client_ssl("management"), body, {}
+    )
+    assert status == 404
+
+
+# --- lftp, snapshots, lifecycle
+
+
+def test_lftp_mirror_uploads_a_directory(cloud: Cloud, tmp_path: Path) -> None:
+    lftp = shutil.which("lftp")
+    if lftp is None:
+        pytest.skip("lftp is not installed (Debian package 'lftp')")
+    local = tmp_path / "site"
+    (local / "css").mkdir(parents=True)
+    (local / "img" / "icons").mkdir(parents=True)
+    (local / "index.html").write_bytes(b"<h1>mirrored</h1>")
+    (local / "css" / "site.css").write_bytes(b"body{}" * 100)
+    (local / "img" / "icons" / "x.bin").write_bytes(bytes(range(256)) * 40)
+    script = (
+        "set cmd:fail-exit yes; set net:max-retries 1; set net:timeout 10; set ftp:ssl-allow no; "
+        f"open -u mirror,{SITES['mirror'][0]} -p {cloud.config.ftp_port} 127.0.0.1; "
+        f"mirror -R --no-perms --verbose {local} /; bye"
+    )
+    result = subprocess.run([lftp, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert cloud.tree("mirror") == (
+        {"css/site.css": 600, "img/icons/x.bin": 10240, "index.html": 17},
+        ["css", "img", "img/icons"],
+    )
+    with cloud.ftp("mirror") as ftp:
+        assert _retr(ftp, "img/icons/x.bin") == bytes(range(256)) * 40
+
+
+def test_a_removed_site_stops_logging_in_and_config_survives_restart(cloud: Cloud) -> None:
+    cloud.ftp("gone").quit()
+    open_session = cloud.ftp("alpha")
+    try:
+        # The publisher stops within its bound with a session still open, and comes back on its
+        # last-known-good config before anyone pushes again.
+        assert cloud.publisher.stop() == 0
+        cloud.publisher.start()
+        assert cloud.publisher.health()["config_version"] == cloud.version
+        cloud.ftp("alpha").quit()
+    finally:
+        open_session.close()
+
+    still_open = cloud.ftp("gone")
+    try:
+        cloud.removed.add("gone")
+        cloud.push()
+        with pytest.raises(ftplib.error_perm, match=r"^530"):
+            cloud.ftp("gone")
+        # A session that was open when its site went away is closed at its next command.
+        with pytest.raises(ftplib.error_temp, match=r"^421"):
+            still_open.nlst()
+    finally:
+        still_open.close()
+    status, _, _ = cloud.deploy("gone", _zip({"a.html": b"a"}))
+    assert status == 401
