@@ -6,6 +6,7 @@ import glob
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ def _pg_bin() -> Path | None:
 
 
 @contextmanager
-def postgres_server(tmp: Path) -> Iterator[str]:
+def postgres_server() -> Iterator[str]:
     """Yield a ``postgresql://`` URL to a fresh database; skip when PostgreSQL is not installed."""
     bindir = _pg_bin()
     if bindir is None:
@@ -32,7 +33,8 @@ def postgres_server(tmp: Path) -> Iterator[str]:
         )
     if os.geteuid() == 0 and shutil.which("runuser") is None:
         pytest.skip("needs runuser to run PostgreSQL as an unprivileged user")
-    tmp.mkdir(parents=True, exist_ok=True)
+    # Its own dir under /tmp: pytest's tmp dirs are 0700 root, which the postgres user cannot enter.
+    tmp = Path(tempfile.mkdtemp(prefix="sitecloud-pg-"))
     data, sockdir = tmp / "pgdata", tmp / "pgsock"
     sockdir.mkdir()
     port = free_port()
@@ -79,3 +81,4 @@ def postgres_server(tmp: Path) -> Iterator[str]:
             as_postgres(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"),
             capture_output=True,
         )
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_a_cloud_on_postgresql_creates_and_serves_a_site(tmp_path: Path) -> None:
-    with postgres_server(tmp_path / "pg") as url:
+    with postgres_server() as url:
         cloud = LocalCloud(tmp_path / "home", db_url=url)
         cloud.start()
         try:

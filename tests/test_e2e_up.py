@@ -80,9 +80,10 @@ def test_ftp_upload_is_served_over_https_on_the_wildcard_subdomain(
         ftp.storbinary("STOR docs/page.html", io.BytesIO(b"<p>a sub page</p>"))
     finally:
         ftp.quit()
-    cloud.wait_for_content("blog", "/", b"<h1>hello from blog</h1>")
-    status, headers, body = cloud.get("blog", "/docs/page.html")
-    assert (status, body) == (200, b"<p>a sub page</p>")
+    # Each upload is its own version; waiting for the last one covers both.
+    cloud.wait_for_content("blog", "/docs/page.html", b"<p>a sub page</p>")
+    status, headers, body = cloud.get("blog", "/")
+    assert (status, body) == (200, b"<h1>hello from blog</h1>")
     assert headers["content-type"].startswith("text/html")
     status, _, _ = cloud.get("blog", "/docs/missing.html")
     assert status == 404
