@@ -7,6 +7,7 @@ import ftplib
 import io
 import json
 import os
+import signal
 import ssl
 import urllib.request
 import zipfile
@@ -191,6 +192,19 @@ def test_role_list_shows_every_role_ready(cloud: LocalCloud, sites: dict[str, An
     roles = wait_until(all_ready, timeout=10, what="every role Ready")
     assert sorted(r["role"] for r in roles) == ["fileserver", "frontend", "management", "publisher", "worker"]
     assert all(r["config_version"] >= 1 for r in roles)
+
+
+def test_a_role_process_that_dies_is_restarted(cloud: LocalCloud, sites: dict[str, Any]) -> None:
+    before = cloud.role_pids()["worker"]
+    os.kill(before, signal.SIGKILL)
+    after = wait_until(
+        lambda: (pid := cloud.role_pids().get("worker")) != before and pid,
+        timeout=15,
+        what="the supervisor to restart the worker",
+    )
+    assert os.path.exists(f"/proc/{after}")
+    # Back from its last-known-good config and cached content, without a new push.
+    cloud.wait_for_content("blog", "/", b"<h1>v3</h1>")
 
 
 def test_the_data_plane_outlives_the_controller_and_a_restart(

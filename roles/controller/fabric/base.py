@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Literal
 
-__all__ = ["FabricProvider", "HostInfo", "RoleLauncher", "RoleSpec"]
+from shared.errors import InvalidInput
+
+__all__ = [
+    "FabricProvider",
+    "HostInfo",
+    "ProgressCallback",
+    "ProgressStep",
+    "RoleLauncher",
+    "RoleSpec",
+    "SshTarget",
+]
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,44 @@ class RoleSpec:
         return self.home / "role.json"
 
 
+_DEFAULT_ROOT = PurePosixPath("/var/lib/sitecloud")
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """How the controller reaches a host over SSH, and where installs go there."""
+
+    # The DNS name or IP address the controller dials (and pins the host key under).
+    address: str
+    port: int = 22
+    user: str = "root"
+    # A key other than the controller's own (``role add --ssh-key``); None means the controller's.
+    key_file: Path | None = None
+    # Everything sitecloud installs on the host lives under this directory.
+    root: PurePosixPath = _DEFAULT_ROOT
+    python: str = "python3"
+    # "auto": a systemd unit where systemd is PID 1 on the host, else our hostagent.
+    supervisor: Literal["auto", "systemd", "hostagent"] = "auto"
+
+
+@dataclass(frozen=True)
+class ProgressStep:
+    """One step of putting a role on a host.
+
+    Steps: wheelhouse (built on the controller when the code changed), connect, upload, install,
+    configure, start, healthy.
+    """
+
+    step: str
+    # "started" when it begins, "done" when it ends (``seconds`` is then how long it took).
+    phase: Literal["started", "done"]
+    seconds: float = 0.0
+    detail: str = ""
+
+
+ProgressCallback = Callable[[ProgressStep], None]
+
+
 class RoleLauncher(abc.ABC):
     """Starts, watches and stops role processes on one host."""
 
@@ -50,7 +100,7 @@ class RoleLauncher(abc.ABC):
 
 
 class FabricProvider(abc.ABC):
-    """A source of hosts: ``local`` (this machine), later ``ssh`` and ``netns``."""
+    """A source of hosts: ``local`` (this machine), ``ssh`` (existing hosts), ``netns`` (namespaces here)."""
 
     name: str
 
@@ -67,3 +117,7 @@ class FabricProvider(abc.ABC):
     @abc.abstractmethod
     def launcher(self, host: str) -> RoleLauncher:
         """How to run role processes on ``host``."""
+
+    def ssh_target(self, host: str) -> SshTarget:
+        """How to reach ``host`` over SSH (for providers whose hosts are reached that way)."""
+        raise InvalidInput(f"the {self.name} fabric does not reach its hosts over SSH")

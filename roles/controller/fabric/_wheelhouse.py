@@ -1,0 +1,137 @@
+"""The wheelhouse: the project and all its dependencies as wheels, built once per code version.
+
+Role hosts have no internet (BRIEF rule 6), so the controller builds the wheels here with ``pip wheel``
+and ships them. A wheelhouse is keyed by the hash of the code it was built from, kept under
+``<root>/<code hash>/`` and reused while the code is the same. It is built in a scratch directory and
+renamed into place, so a half-built one is never used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+
+from shared.errors import InvalidInput, SitecloudError
+
+__all__ = ["PROJECT_ROOT", "Wheelhouse", "code_hash"]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+
+# What goes into the project wheel, and so into the code hash.
+_PACKAGES = ("roles", "shared")
+_TOP_FILES = ("pyproject.toml", "README.md", "LICENSE")
+_SUFFIXES = {".py", ".html", ".css", ".ini", ".mako", ".typed", ".js", ".json", ".txt"}
+_MARKER = ".complete"
+
+
+def _source_files(root: Path) -> Iterator[Path]:
+    for name in _TOP_FILES:
+        if (root / name).is_file():
+            yield root / name
+    for package in _PACKAGES:
+        for path in sorted((root / package).rglob("*")):
+            if "__pycache__" in path.parts or not path.is_file() or path.suffix not in _SUFFIXES:
+                continue
+            yield path
+
+
+def code_hash(root: Path = PROJECT_ROOT) -> str:
+    """A short hash of the code a wheelhouse would be built from: it changes when any source does."""
+    digest = hashlib.sha256()
+    for path in _source_files(root):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+class Wheelhouse:
+    """Wheelhouses under ``root`` (``<cloud home>/wheelhouse``), one per code hash."""
+
+    def __init__(self, root: Path, *, project: Path = PROJECT_ROOT, keep: int = 3) -> None:
+        self.root = root
+        self.project = project
+        self.keep = keep
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest
+
+    async def ensure(self) -> tuple[str, Path]:
+        """(code hash, directory) of the wheelhouse for the current code; built if not there yet."""
+        digest = await asyncio.to_thread(code_hash, self.project)
+        target = self.path(digest)
+        if not (target / _MARKER).exists():
+            await asyncio.to_thread(self._build_locked, digest, target)
+        return digest, target
+
+    def files(self, digest: str) -> list[Path]:
+        return sorted(p for p in self.path(digest).iterdir() if p.suffix == ".whl")
+
+    def _build_locked(self, digest: str, target: Path) -> None:
+        if not (self.project / "pyproject.toml").exists():
+            raise InvalidInput(
+                f"no sitecloud checkout at {self.project} to build a wheelhouse from",
+                hint="run the controller from a checkout of sitecloud",
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".lock").open("w") as lock:
+            # Another controller (or test worker) may be building the same one: wait for it.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (target / _MARKER).exists():
+                return
+            scratch = Path(tempfile.mkdtemp(prefix=f".build-{digest}-", dir=self.root))
+            try:
+                self._build(scratch)
+                (scratch / _MARKER).write_text(digest + "\n")
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(scratch, target)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            self._prune(keep=self.keep)
+
+    def _prune(self, keep: int) -> None:
+        """Drop all but the ``keep`` newest wheelhouses: hosts already installed from older ones."""
+        built = sorted(
+            (p for p in self.root.iterdir() if (p / _MARKER).exists()),
+            key=lambda p: (p / _MARKER).stat().st_mtime,
+            reverse=True,
+        )
+        for old in built[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _build(self, out: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="sitecloud-src-") as src:
+            # Build from a copy of exactly the hashed files: the checkout gets no build/ or egg-info,
+            # and the wheel holds what the hash says.
+            for path in _source_files(self.project):
+                dest = Path(src) / path.relative_to(self.project)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest)
+            argv = [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--disable-pip-version-check",
+                "--quiet",
+                "--wheel-dir",
+                str(out),
+                src,
+                # pip itself, so a host makes its venv without ensurepip (seconds faster) and still installs.
+                f"pip=={version('pip')}",
+            ]
+            result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=900)
+        if result.returncode != 0:
+            tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
+            raise SitecloudError(
+                f"building the wheelhouse failed (exit {result.returncode}): {tail}",
+                hint="the controller needs pip and access to a package index (or a warm pip cache)",
+            )
