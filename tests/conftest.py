@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,3 +14,25 @@ from tests.support import CloudPKI
 @pytest.fixture
 def pki(tmp_path: Path) -> CloudPKI:
     return CloudPKI(tmp_path / "pki")
+
+
+def _open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """A test must not leave threads running or file descriptors open (pyftpdlib's discipline)."""
+    threads_before = set(threading.enumerate())
+    fds_before = _open_fds()
+    yield
+    deadline = time.monotonic() + 3
+    while True:
+        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        # Module-scoped fixtures may keep a few descriptors across tests; only growth counts.
+        fds = _open_fds() - fds_before
+        if (not threads and len(fds) <= 4) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not threads, f"test leaked threads: {threads}"
+    assert len(fds) <= 4, f"test leaked file descriptors: {sorted(fds)}"
