@@ -30,36 +30,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from roles.controller._pids import STABLE_AFTER, cmdline, pid_alive
 from shared.files import atomic_write_json
 
 __all__ = ["main"]
 
 _STOP_TIMEOUT = 10.0
 _MAX_BACKOFF = 30.0
-# A role that stayed up this long is healthy again: its next crash restarts without delay.
-_STABLE_AFTER = 30.0
 _KIND = re.compile(r"^[a-z]{1,32}$")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\x00")
-    except OSError:
-        return []
 
 
 class _Files:
@@ -84,13 +62,13 @@ class _Files:
             pid = int(path.read_text().strip())
         except (OSError, ValueError):
             return None
-        if _pid_alive(pid) and marker in _cmdline(pid):
+        if pid_alive(pid) and marker in cmdline(pid):
             return pid
         return None
 
     def running_agent(self) -> int | None:
         pid = self._pid_of(self.agent_pid, str(self.config))
-        return pid if pid is not None and "roles.controller.hostagent" in _cmdline(pid) else None
+        return pid if pid is not None and "roles.controller.hostagent" in cmdline(pid) else None
 
     def running_role(self) -> int | None:
         return self._pid_of(self.role_pid, str(self.config))
@@ -167,7 +145,7 @@ class _Agent:
                 if self.stopping.is_set():
                     break
                 ran = time.monotonic() - started
-                if ran >= _STABLE_AFTER:
+                if ran >= STABLE_AFTER:
                     backoff = 0.5
                 self.restarts += 1
                 reason = f"exited with code {code} after {ran:.1f}s; restarting in {backoff:.1f}s"
@@ -247,10 +225,10 @@ def _stop(files: _Files) -> dict[str, Any]:
         os.kill(role, signal.SIGTERM)
     deadline = time.monotonic() + _STOP_TIMEOUT + 3
     pids = [p for p in (agent, role) if p is not None]
-    while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in pids:
-        if _pid_alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     files.agent_pid.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from roles.controller._pids import STABLE_AFTER, cmdline, pid_alive
 from roles.controller.fabric.base import RoleSpec
 from shared.logs import get_logger
 
@@ -21,30 +22,6 @@ __all__ = ["RoleProcessSupervisor"]
 
 _STOP_TIMEOUT = 10.0
 _MAX_BACKOFF = 30.0
-# A process that stayed up this long is healthy again: its next crash restarts without delay.
-_STABLE_AFTER = 30.0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\x00")
-    except OSError:
-        return []
 
 
 class RoleProcessSupervisor:
@@ -79,7 +56,7 @@ class RoleProcessSupervisor:
             pid = int(self._pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        if _pid_alive(pid) and str(self.spec.config_file) in _cmdline(pid):
+        if pid_alive(pid) and str(self.spec.config_file) in cmdline(pid):
             return pid
         return None
 
@@ -102,7 +79,7 @@ class RoleProcessSupervisor:
         if self._proc is not None:
             return await self._proc.wait()
         # An adopted process is not our child: nothing to wait() on, so poll it.
-        while self._adopted_pid is not None and _pid_alive(self._adopted_pid):  # noqa: ASYNC110
+        while self._adopted_pid is not None and pid_alive(self._adopted_pid):  # noqa: ASYNC110
             await asyncio.sleep(0.2)
         return None
 
@@ -125,7 +102,7 @@ class RoleProcessSupervisor:
             if self._stopping:
                 break
             ran = time.monotonic() - started
-            if ran >= _STABLE_AFTER:
+            if ran >= STABLE_AFTER:
                 backoff = 0.5
             self.restarts += 1
             how = f"exited with code {code}" if code is not None else "exited"
@@ -145,17 +122,17 @@ class RoleProcessSupervisor:
     async def stop(self) -> None:
         self._stopping = True
         pid = self.pid
-        if pid is not None and _pid_alive(pid):
+        if pid is not None and pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + _STOP_TIMEOUT
-            while _pid_alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 if self._proc is not None and self._proc.returncode is None:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._proc.wait(), 0.1)
                 else:
                     await asyncio.sleep(0.05)
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 self._log.warning("%s did not stop within %.0fs; killing it", self.spec.kind, _STOP_TIMEOUT)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
