@@ -17,7 +17,9 @@ __all__ = [
     "InvalidInput",
     "LimitReached",
     "NotFound",
+    "NotSupported",
     "QuotaExceeded",
+    "RateLimited",
     "SitecloudError",
     "Unauthorized",
     "Unavailable",
@@ -104,6 +106,22 @@ class QuotaExceeded(SitecloudError):
     code = "quota_exceeded"
     status = 413
     ftp_code = 552
+
+
+class NotSupported(SitecloudError):
+    """The request is understood but this cloud cannot do it (yet), e.g. on its current fabric."""
+
+    code = "not_supported"
+    status = 409
+    ftp_code = 502
+
+
+class RateLimited(SitecloudError):
+    """Too many attempts (e.g. failed sign-ins); the hint says when to try again."""
+
+    code = "rate_limited"
+    status = 429
+    ftp_code = 421
 
 
 class Unavailable(SitecloudError):

@@ -49,9 +49,11 @@ def https_get(
 
 
 class LocalCloud:
-    def __init__(self, home: Path, *, db_url: str = "") -> None:
+    def __init__(self, home: Path, *, db_url: str = "", extra_args: tuple[str, ...] = ()) -> None:
         self.home = home
         self.db_url = db_url
+        # More `sitecloud up` options, e.g. ("--local-roles", "management").
+        self.extra_args = extra_args
         self.ports = {
             name: free_port() for name in ("http_port", "https_port", "ftp_port", "api_port", "deploy_port")
         }
@@ -75,6 +77,7 @@ class LocalCloud:
         argv += ["--passive-ports", f"{self.passive[0]}-{self.passive[1]}"]
         if self.db_url:
             argv += ["--db", self.db_url]
+        argv += list(self.extra_args)
         endpoints = self.home / "endpoints.json"
         endpoints.unlink(missing_ok=True)
         log = self.log_path.open("ab")
@@ -131,7 +134,7 @@ class LocalCloud:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
-    def cli(self, *args: str, token: str | None = None, check: bool = True) -> Any:
+    def cli(self, *args: str, token: str | None = None, check: bool = True, timeout: float = 60) -> Any:
         """Run `sitecloud --home HOME ... --json` and return its parsed JSON output."""
         env = {**os.environ}
         if token:
@@ -140,7 +143,7 @@ class LocalCloud:
             [sys.executable, "-m", "roles.management.cli", "--home", str(self.home), *args, "--json"],
             capture_output=True,
             env=env,
-            timeout=60,
+            timeout=timeout,
         )
         if check and proc.returncode != 0:
             raise AssertionError(

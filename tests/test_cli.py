@@ -32,7 +32,9 @@ def home(cloud: ManagementCloud) -> Path:
     return cloud.write_endpoints(cloud.home / "home")
 
 
-def run(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    home: Path, *args: str, env: dict[str, str] | None = None, input_text: str | None = None
+) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SITECLOUD_")}
     return subprocess.run(
         [sys.executable, "-m", "roles.management.cli", "--home", str(home), *args],
@@ -40,6 +42,7 @@ def run(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess
         text=True,
         cwd=_ROOT,
         env={**environ, **(env or {})},
+        input=input_text,
         timeout=30,
     )
 
@@ -53,11 +56,11 @@ def ok_json(home: Path, *args: str, env: dict[str, str] | None = None) -> Any:
 
 def test_admin_and_tenant_flow_as_json(home: Path, cloud: ManagementCloud) -> None:
     plan = ok_json(home, "plan", "create", "starter", "--max-sites", "3", "--storage-mb", "200")
-    assert plan == {"id": plan["id"], "name": "starter", "max_sites": 3, "storage_mb": 200}
+    assert (plan["name"], plan["max_sites"], plan["storage_mb"], plan["public"]) == ("starter", 3, 200, False)
     assert plan in ok_json(home, "plan", "list")["plans"]
     tenant = ok_json(home, "tenant", "create", "acme")
     assert tenant["name"] == "acme" and tenant["token"].startswith("sct_")
-    assert {"id": tenant["id"], "name": "acme"} in ok_json(home, "tenant", "list")["tenants"]
+    assert tenant["id"] in [t["id"] for t in ok_json(home, "tenant", "list")["tenants"]]
     sub = ok_json(home, "subscription", "create", "--tenant", "acme", "--plan", "starter")
     assert isinstance(sub["id"], int) and sub["tenant"] == "acme" and sub["plan"] == "starter"
 
@@ -78,7 +81,7 @@ def test_admin_and_tenant_flow_as_json(home: Path, cloud: ManagementCloud) -> No
     assert [s["name"] for s in ok_json(home, "site", "list", env=env)["sites"]] == ["blog"]
     shown = ok_json(home, "site", "show", "blog", env=env)
     assert "password" not in shown["ftp"] and shown["tenant"] == "acme"
-    assert ok_json(home, "subscription", "list", env=env)["subscriptions"] == [sub]
+    assert [s["id"] for s in ok_json(home, "subscription", "list", env=env)["subscriptions"]] == [sub["id"]]
 
     roles = ok_json(home, "role", "list")["roles"]
     assert roles[0]["role"] == "worker" and roles[0]["state"] == "Ready"
@@ -95,7 +98,7 @@ def test_human_output(home: Path) -> None:
     assert result.returncode == 0 and "created plan human-plan" in result.stdout
     result = run(home, "plan", "list")
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "MAX", "SITES", "STORAGE", "MB"]
+    assert lines[0].split()[:5] == ["NAME", "MAX", "SITES", "STORAGE", "MB"]
     row = next(line for line in lines if line.startswith("human-plan"))
     # Columns line up under their headers.
     assert row.index("12") == lines[0].index("MAX SITES")

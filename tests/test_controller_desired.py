@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from roles.controller.desired import place_sites, read_desired, snapshots_for
+from roles.controller.desired import (
+    DesiredSite,
+    DesiredState,
+    RoleEndpoint,
+    WorkerSlot,
+    place_sites,
+    plan_placement,
+    read_desired,
+    snapshots_for,
+)
 from shared.db import (
     Database,
     Host,
@@ -57,10 +66,10 @@ def _db(tmp_path: Path) -> Database:
     return db
 
 
-def test_sites_are_spread_over_workers_once(tmp_path: Path) -> None:
+def test_sites_are_placed_on_two_workers_once(tmp_path: Path) -> None:
     db = _db(tmp_path)
     with db.session() as s:
-        assert place_sites(s) == 3
+        assert place_sites(s) == 6
         generation = current_generation(s)
     with db.session() as s:
         assert place_sites(s) == 0
@@ -69,7 +78,7 @@ def test_sites_are_spread_over_workers_once(tmp_path: Path) -> None:
     per_worker = sorted(
         len([x for x in state.sites if w.id in x.worker_ids]) for w in state.of_kind("worker")
     )
-    assert per_worker == [1, 2]
+    assert per_worker == [3, 3]
 
 
 def test_each_role_gets_only_what_it_needs(tmp_path: Path) -> None:
@@ -84,11 +93,14 @@ def test_each_role_gets_only_what_it_needs(tmp_path: Path) -> None:
     fe = by_kind["frontend"]
     assert fe["domain"] == "sites.test"
     assert sorted(fe["sites"]) == ["alpha", "beta", "gamma"]
-    assert all(len(v["workers"]) == 1 and v["workers"][0].startswith("h900") for v in fe["sites"].values())
+    assert all(
+        len(v["workers"]) == 2 and all(w.startswith("h900") for w in v["workers"])
+        for v in fe["sites"].values()
+    )
 
     workers = [snaps[r.id] for r in state.of_kind("worker")]
     held = sorted(name for w in workers for name in w["sites"])
-    assert held == ["alpha", "beta", "gamma"]
+    assert held == ["alpha", "alpha", "beta", "beta", "gamma", "gamma"]
     assert all(w["fileserver"] == "https://localhost:9004" for w in workers)
 
     pub = by_kind["publisher"]["sites"]["alpha"]
@@ -110,3 +122,71 @@ def test_a_suspended_subscription_takes_its_sites_off_every_role(tmp_path: Path)
     with db.session() as s:
         snaps = snapshots_for(read_desired(s, "sites.test"))
     assert all(not snap.get("sites") for snap in snaps.values())
+
+
+def _workers(*ids: int, reserved: dict[int, int] | None = None) -> list[WorkerSlot]:
+    return [WorkerSlot(i, (reserved or {}).get(i)) for i in ids]
+
+
+def test_placement_spreads_sites_two_each_over_the_least_loaded() -> None:
+    adds, removes = plan_placement([(1, 10), (2, 10), (3, 10)], _workers(7, 8, 9), {})
+    per_worker = {w: sum(1 for _, x in adds if x == w) for w in (7, 8, 9)}
+    assert sorted(per_worker.values()) == [2, 2, 2] and not removes
+    assert all(len({w for s, w in adds if s == site}) == 2 for site in (1, 2, 3))
+    # Already placed: nothing to do.
+    held = {s: {w for x, w in adds if x == s} for s in (1, 2, 3)}
+    assert plan_placement([(1, 10), (2, 10), (3, 10)], _workers(7, 8, 9), held) == ([], [])
+
+
+def test_a_down_worker_s_sites_go_to_another_and_it_rejoins_with_them() -> None:
+    held = {1: {7, 8}}
+    adds, removes = plan_placement([(1, 10)], _workers(7, 8, 9), held, down={7})
+    assert adds == [(1, 9)] and removes == []  # 7 keeps its assignment: it rejoins with the site
+    held[1].add(9)
+    # 7 is back: three healthy replicas, one too many; the least loaded ones stay.
+    adds, removes = plan_placement([(1, 10)], _workers(7, 8, 9), held)
+    assert adds == [] and len(removes) == 1
+    # Only one worker and it is down: nothing to move to, nothing lost.
+    assert plan_placement([(1, 10)], _workers(7), {1: {7}}, down={7}) == ([], [])
+
+
+def test_reserved_workers_take_only_their_subscription_s_sites() -> None:
+    workers = _workers(7, 8, 9, reserved={9: 20})
+    adds, _ = plan_placement([(1, 10), (2, 20)], workers, {})
+    assert {w for s, w in adds if s == 1} == {7, 8}
+    assert {w for s, w in adds if s == 2} == {9}
+    # A worker reserved later: the subscription's sites move there, off the shared pool.
+    adds, removes = plan_placement([(1, 10)], _workers(7, 8, reserved={8: 10}), {1: {7}})
+    assert adds == [(1, 8)] and removes == [(1, 7)]
+
+
+def _state(down: frozenset[int] = frozenset()) -> DesiredState:
+    roles = [
+        RoleEndpoint(1, "frontend", "fe1", 7404, {}, fabric="netns"),
+        RoleEndpoint(2, "frontend", "localhost", 9001, {}, fabric="local"),
+        RoleEndpoint(3, "worker", "web1", 7402, {"data": 7412}, fabric="netns"),
+        RoleEndpoint(4, "worker", "web2", 7402, {"data": 7412}, fabric="netns"),
+        RoleEndpoint(5, "worker", "localhost", 9002, {"data": 9102}, fabric="local"),
+        RoleEndpoint(6, "fileserver", "localhost", 9004, {}, fabric="local"),
+        RoleEndpoint(7, "fileserver", "files1", 7401, {}, fabric="netns"),
+        RoleEndpoint(8, "publisher", "pub1", 7403, {}, fabric="netns"),
+    ]
+    site = DesiredSite("blog", "u1", 1, {"blog": "h"}, (3, 4, 5), 10)
+    return DesiredState(generation=5, domain="sites.test", roles=roles, sites=[site], down=down)
+
+
+def test_many_front_ends_get_the_same_routes_without_down_or_unreachable_workers() -> None:
+    snaps = snapshots_for(_state())
+    assert snaps[1]["sites"]["blog"]["workers"] == ["web1:7412", "web2:7412"]
+    # The local front end reaches every host; a netns one never gets this machine's loopback roles.
+    assert snaps[2]["sites"]["blog"]["workers"] == ["web1:7412", "web2:7412", "localhost:9102"]
+    # web1's host stops answering: every front end routes around it.
+    down = snapshots_for(_state(frozenset({3})))
+    assert down[1]["sites"]["blog"]["workers"] == ["web2:7412"]
+    assert down[2]["sites"]["blog"]["workers"] == ["web2:7412", "localhost:9102"]
+    assert down[3]["sites"] == {"blog": {"uid": "u1"}}  # it keeps its sites for when it rejoins
+
+
+def test_the_fileserver_is_reached_by_host_name_one_for_all() -> None:
+    snaps = snapshots_for(_state())
+    assert {snaps[i]["fileserver"] for i in (3, 4, 5, 8)} == {"https://files1:7401"}

@@ -153,7 +153,23 @@ def test_missing_or_bad_token_is_401(cloud: ManagementCloud, headers: dict[str, 
 def test_plans_tenants_subscriptions(cloud: ManagementCloud) -> None:
     status, plan = cloud.call("POST", "/plans", body={"name": "basic", "max_sites": 2, "storage_mb": 100})
     assert status == 201
-    assert plan == {"id": plan["id"], "name": "basic", "max_sites": 2, "storage_mb": 100}
+    assert plan == {
+        "id": plan["id"],
+        "name": "basic",
+        "max_sites": 2,
+        "storage_mb": 100,
+        # Quotas left out take their defaults: unlimited bandwidth and CPU, shared compute, private.
+        "bandwidth_mb_per_day": None,
+        "cpu_minutes_per_day": None,
+        "max_custom_hostnames": 0,
+        "compute_mode": "shared",
+        "worker_size": None,
+        "always_on": False,
+        "max_instances_per_site": 1,
+        "public": False,
+        "retired": False,
+        "subscriptions": 0,
+    }
     assert plan in cloud.ok("GET", "/plans")["plans"]
     status, body = cloud.call("POST", "/plans", body={"name": "basic", "max_sites": 1, "storage_mb": 1})
     assert status == 409 and body["error"]["code"] == "already_exists"
@@ -166,14 +182,18 @@ def test_plans_tenants_subscriptions(cloud: ManagementCloud) -> None:
 
     status, tenant = cloud.call("POST", "/tenants", body={"name": "acme"})
     assert status == 201 and tenant["name"] == "acme" and tenant["token"].startswith("sct_")
-    assert {"id": tenant["id"], "name": "acme"} in cloud.ok("GET", "/tenants")["tenants"]
+    listed = {t["name"]: t for t in cloud.ok("GET", "/tenants")["tenants"]}
+    assert listed["acme"]["id"] == tenant["id"] and listed["acme"]["sites"] == 0
     assert cloud.call("POST", "/tenants", body={"name": "acme"})[0] == 409
 
     status, sub = cloud.call("POST", "/subscriptions", body={"tenant": "acme", "plan": "basic"})
     assert status == 201
-    assert sub == {"id": sub["id"], "tenant": "acme", "plan": "basic", "state": "active"}
-    assert sub in cloud.ok("GET", "/subscriptions")["subscriptions"]
-    assert cloud.ok("GET", "/subscriptions", token=tenant["token"]) == {"subscriptions": [sub]}
+    assert (sub["tenant"], sub["plan"], sub["state"]) == ("acme", "basic", "active")
+    assert sub["usage"] == {"sites": 0, "custom_hostnames": 0, "storage_bytes": 0}
+    assert sub["quotas"]["max_sites"] == 2 and sub["quotas"]["storage_mb"] == 100
+    assert sub["id"] in [s["id"] for s in cloud.ok("GET", "/subscriptions")["subscriptions"]]
+    mine = cloud.ok("GET", "/subscriptions", token=tenant["token"])["subscriptions"]
+    assert [s["id"] for s in mine] == [sub["id"]]
     status, body = cloud.call("POST", "/subscriptions", body={"tenant": "nobody", "plan": "basic"})
     assert status == 404 and "nobody" in body["error"]["message"]
     status, body = cloud.call("POST", "/subscriptions", body={"tenant": "acme", "plan": "gold"})
@@ -193,6 +213,7 @@ def test_site_lifecycle(cloud: ManagementCloud) -> None:
         "subscription": sub,
         "tenant": "lifecycle",
         "state": "running",
+        "hostnames": [],
         "ftp": {
             "host": cloud.config.ftp_host,
             "port": cloud.config.ftp_port,
@@ -271,15 +292,20 @@ def test_tenant_isolation(cloud: ManagementCloud) -> None:
     # Admin-only calls are 403 for a tenant.
     for method, path, body in [
         ("POST", "/plans", {"name": "free", "max_sites": 9, "storage_mb": 9}),
-        ("GET", "/plans", None),
         ("POST", "/tenants", {"name": "mallory"}),
         ("GET", "/tenants", None),
-        ("POST", "/subscriptions", {"tenant": "bob", "plan": "alice-plan"}),
         ("GET", "/roles", None),
     ]:
         status, answer = cloud.call(method, path, token=token_b, body=body)
         assert status == 403 and answer["error"]["code"] == "forbidden", (path, answer)
     assert "mallory" not in {t["name"] for t in cloud.ok("GET", "/tenants")["tenants"]}
+    # A tenant subscribes itself only, and only to public plans: a private plan is as good as missing.
+    status, answer = cloud.call("POST", "/subscriptions", token=token_b, body={"plan": "alice-plan"})
+    assert status == 404 and answer["error"]["code"] == "not_found"
+    status, answer = cloud.call(
+        "POST", "/subscriptions", token=token_b, body={"tenant": "alice", "plan": "bob-plan"}
+    )
+    assert status == 403 and answer["error"]["code"] == "forbidden"
 
 
 @pytest.mark.parametrize(

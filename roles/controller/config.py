@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.errors import InvalidInput
 from shared.names import validate_hostname
 
 __all__ = ["DEFAULT_HOME", "CloudConfig"]
@@ -30,10 +31,25 @@ class CloudConfig:
     # Seconds between health polls of every role.
     health_interval: float = 1.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The roles `up` runs on this machine; "management" alone makes a control-plane box whose data
+    # plane lives on other hosts (`sitecloud role add`).
+    local_roles: tuple[str, ...] = ("fileserver", "worker", "publisher", "frontend", "management")
+    # Where wheelhouses for role hosts are built and kept; None means HOME/wheelhouse.
+    wheelhouse: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "domain", validate_hostname(self.domain))
         object.__setattr__(self, "home", self.home.expanduser().resolve())
+        unknown = set(self.local_roles) - {"fileserver", "worker", "publisher", "frontend", "management"}
+        if unknown or "management" not in self.local_roles:
+            raise InvalidInput(
+                f"--local-roles {','.join(self.local_roles)} is not a set of roles that includes management",
+                hint="e.g. --local-roles management, or leave it out for all five",
+            )
+
+    @property
+    def wheelhouse_dir(self) -> Path:
+        return self.wheelhouse or self.home / "wheelhouse"
 
     @property
     def database_url(self) -> str:

@@ -13,26 +13,36 @@ import datetime as dt
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from sqlalchemy import select
 
+from roles.controller._fleet import Fleet
+from roles.controller._fleet_api import fleet_routes
 from roles.controller.config import CloudConfig
 from roles.controller.desired import DesiredState, RoleEndpoint, place_sites, read_desired, snapshots_for
-from roles.controller.fabric.base import FabricProvider, RoleSpec
+from roles.controller.fabric.base import RoleSpec
 from roles.controller.fabric.local import LOCAL_HOST, LocalFabric
-from roles.controller.home import LOCAL_ROLES, CloudHome
+from roles.controller.fabric.netns import BRIDGE
+from roles.controller.home import CloudHome
 from shared.db import Database, Host, Role, bump_generation
-from shared.errors import SitecloudError
+from shared.errors import SitecloudError, Unavailable
 from shared.internal import InternalClient, error_middleware, require_role
 from shared.logs import get_logger
-from shared.tls import server_context
+from shared.tls import client_context, server_context
 
 __all__ = ["Controller"]
 
 _RECONCILE_EVERY = 2.0
-_UNHEALTHY_AFTER = 3
+# Two missed health answers in a row (about 3-6 s) take a role out of the routes: front ends stop
+# sending to a dead host's workers well within 10 s.
+_UNHEALTHY_AFTER = 2
+_HEALTH_TIMEOUT = 2.0
+_PUSH_TIMEOUT = 5.0
+# Figures every health answer has; the rest are the role's load figures.
+_HEALTH_KEYS = {"role", "host", "status", "code_version", "config_version", "pid", "uptime"}
 
 
 @dataclass
@@ -46,6 +56,7 @@ class RoleObservation:
     last_heartbeat: dt.datetime | None = None
     failures: int = 0
     ever_healthy: bool = False
+    load: dict[str, Any] | None = None
 
 
 class Controller:
@@ -53,7 +64,7 @@ class Controller:
         self.config = config
         self.home = CloudHome(config)
         self.db = Database(config.database_url)
-        self.fabric: FabricProvider = LocalFabric(self.home.logs_dir, address="localhost")
+        self.fabric = LocalFabric(self.home.logs_dir, address="localhost")
         self._progress = progress
         self._log = get_logger("controller", host=LOCAL_HOST)
         self._nudge = asyncio.Event()
@@ -62,7 +73,13 @@ class Controller:
         self._desired: DesiredState | None = None
         self._client: InternalClient | None = None
         self._runner: web.AppRunner | None = None
+        self._gateway_site: web.TCPSite | None = None
         self._roles: dict[int, RoleEndpoint] = {}
+        # Roles front ends route around (down, stopped, draining), as last written into a generation.
+        self._routed_down: frozenset[int] = frozenset()
+        self._draining: set[int] = set()
+        self._pushing: dict[int, asyncio.Task[None]] = {}
+        self.fleet: Fleet | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -71,10 +88,11 @@ class Controller:
         await asyncio.to_thread(self._prepare)
         identity = self.home.controller_identity
         self._client = InternalClient(identity, timeout=10)
+        self.fleet = Fleet(self.home, self.config, self.db, self.fabric, client_context(identity), self)
         await self._start_api()
         launcher = self.fabric.launcher(LOCAL_HOST)
         try:
-            for kind in LOCAL_ROLES:
+            for kind in self.home.local_roles:
                 self._progress(f"starting {kind}")
                 await launcher.start(
                     RoleSpec(kind, LOCAL_HOST, self.home.role_home(kind), dict(self.config.extra_env))
@@ -88,9 +106,9 @@ class Controller:
                 self.home.write_endpoints()
                 self._progress(f"ready in {time.monotonic() - started:.1f}s")
             await stop.wait()
-            for task in tasks:
+            for task in [*tasks, *self._pushing.values()]:
                 task.cancel()
-            for task in tasks:
+            for task in [*tasks, *self._pushing.values()]:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         finally:
@@ -104,9 +122,22 @@ class Controller:
 
     def _prepare(self) -> None:
         self.home.prepare()
+        if self._netns_in_use():
+            self.home.ensure_controller_address(self._gateway())
         self.db.migrate()
         self.home.ensure_admin_token(self.db)
         self._register_local_roles()
+
+    @staticmethod
+    def _gateway() -> str:
+        from roles.controller.fabric.netns import SUBNET
+
+        return str(SUBNET.network_address + 1)
+
+    def _netns_in_use(self) -> bool:
+        return (self.config.home / "fabric" / "netns" / "state.json").exists() and Path(
+            f"/sys/class/net/{BRIDGE}"
+        ).exists()
 
     def _register_local_roles(self) -> None:
         """The local host and its role rows, with the ports this home uses."""
@@ -117,7 +148,10 @@ class Controller:
                 host = Host(name=LOCAL_HOST, fabric="local", address="localhost")
                 session.add(host)
                 session.flush()
-            for kind in LOCAL_ROLES:
+            for old in session.scalars(select(Role).where(Role.host_id == host.id)):
+                if old.kind not in self.home.local_roles:
+                    session.delete(old)
+            for kind in self.home.local_roles:
                 role = session.scalar(select(Role).where(Role.kind == kind, Role.host_id == host.id))
                 if role is None:
                     role = Role(kind=kind, host_id=host.id, control_port=ports[kind])
@@ -139,8 +173,9 @@ class Controller:
         }.get(kind, {})
 
     def _mark_stopped(self) -> None:
+        # Roles on other hosts keep running under their hosts' supervisors; only ours stopped.
         with self.db.session() as session:
-            for role in session.scalars(select(Role)):
+            for role in session.scalars(select(Role).join(Host).where(Host.fabric == "local")):
                 role.state, role.reason = "Stopped", ""
 
     async def _wait_ready(self, stop: asyncio.Event, timeout: float) -> None:
@@ -148,15 +183,16 @@ class Controller:
         reported: set[int] = set()
         while not stop.is_set() and time.monotonic() < deadline:
             desired = self._desired
-            if desired is not None and self._roles:
+            local = {rid: r for rid, r in self._roles.items() if r.is_local}
+            if desired is not None and local:
                 for rid, obs in self._observed.items():
-                    if obs.state == "Ready" and rid not in reported and rid in self._roles:
+                    if obs.state == "Ready" and rid not in reported and rid in local:
                         reported.add(rid)
-                        self._progress(f"{self._roles[rid].kind} ready")
+                        self._progress(f"{local[rid].kind} ready")
                 if all(
                     self._observed.get(rid, RoleObservation()).state == "Ready"
                     and self._acked.get(rid, 0) >= desired.generation
-                    for rid in self._roles
+                    for rid in local
                 ):
                     return
             with contextlib.suppress(TimeoutError):
@@ -165,7 +201,7 @@ class Controller:
             lagging = [
                 r.kind
                 for rid, r in self._roles.items()
-                if self._observed.get(rid, RoleObservation()).state != "Ready"
+                if r.is_local and self._observed.get(rid, RoleObservation()).state != "Ready"
             ]
             self._progress(f"still waiting for {', '.join(lagging)}; see {self.home.logs_dir}")
 
@@ -176,11 +212,31 @@ class Controller:
         app = web.Application(middlewares=[error_middleware])
         app.router.add_post("/v1/reconcile", self._api_reconcile)
         app.router.add_get("/v1/health", self._api_health)
+        assert self.fleet is not None
+        app.add_routes(fleet_routes(self.fleet, self))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(
             self._runner, identity.bind, identity.control_port, ssl_context=server_context(identity)
         ).start()
+        await self.listen_on_gateway()
+
+    async def listen_on_gateway(self) -> None:
+        """Also serve the internal API on the netns bridge, where roles on netns hosts reach us."""
+        if self._gateway_site is not None or self._runner is None or not self._netns_in_use():
+            return
+        gateway = self._gateway()
+        await asyncio.to_thread(self.home.ensure_controller_address, gateway)
+        identity = self.home.controller_identity
+        site = web.TCPSite(self._runner, gateway, identity.control_port, ssl_context=server_context(identity))
+        try:
+            await site.start()
+        except OSError as exc:
+            self._log.warning("cannot listen on the netns gateway %s: %s", gateway, exc)
+            return
+        self._gateway_site = site
+        assert self.fleet is not None
+        self.fleet.gateway_url = f"https://{gateway}:{identity.control_port}"
 
     async def _stop_api(self) -> None:
         if self._runner is not None:
@@ -196,11 +252,13 @@ class Controller:
 
     # -- reconciliation ---------------------------------------------------------------------------
 
-    def _read(self) -> DesiredState:
+    def _read(self, down: frozenset[int]) -> DesiredState:
         with self.db.session() as session:
-            place_sites(session)
+            place_sites(session, down)
         with self.db.session() as session:
-            return read_desired(session, self.config.domain)
+            state = read_desired(session, self.config.domain)
+        state.down = down
+        return state
 
     async def _reconcile_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -213,21 +271,108 @@ class Controller:
                 await asyncio.wait_for(self._nudge.wait(), _RECONCILE_EVERY)
 
     async def reconcile_once(self) -> None:
-        desired = await asyncio.to_thread(self._read)
+        desired = await asyncio.to_thread(self._read, self._routed_down)
         self._desired = desired
         self._roles = {r.id: r for r in desired.roles}
         snapshots = snapshots_for(desired)
-        stale = [r for r in desired.roles if self._acked.get(r.id, 0) < desired.generation]
-        await asyncio.gather(*(self._push(role, snapshots[role.id]) for role in stale))
+        for role in desired.roles:
+            # A role that is down gets its snapshot when it answers health again (see _check); a push
+            # still in flight is not doubled. Pushes run on their own, so one dead host never holds up
+            # the front ends' new routes.
+            if (
+                self._acked.get(role.id, 0) >= desired.generation
+                or self._observed.get(role.id, RoleObservation()).state in ("Unhealthy", "Failed")
+                or role.desired_state != "running"
+                or role.id in self._pushing
+            ):
+                continue
+            task = asyncio.create_task(self._push(role, snapshots[role.id]), name=f"push-{role.id}")
+            self._pushing[role.id] = task
+            task.add_done_callback(self._pushed(role.id))
+
+    def _pushed(self, role_id: int) -> Callable[[asyncio.Task[None]], None]:
+        def done(_: asyncio.Task[None]) -> None:
+            self._pushing.pop(role_id, None)
+
+        return done
 
     async def _push(self, role: RoleEndpoint, snapshot: dict[str, Any]) -> None:
         assert self._client is not None
         try:
-            answer = await self._client.put_json(f"{role.control_url}/v1/config", snapshot)
-        except SitecloudError as err:
+            answer = await asyncio.wait_for(
+                self._client.put_json(f"{role.control_url}/v1/config", snapshot), _PUSH_TIMEOUT
+            )
+        except (SitecloudError, TimeoutError) as err:
             self._log.debug("push of version %s to %s failed: %s", snapshot["version"], role.kind, err)
             return
         self._acked[role.id] = int(answer.get("config_version", 0))
+        desired = self._desired
+        if desired is not None and self._acked[role.id] < desired.generation:
+            self._nudge.set()
+
+    # -- what the fabric work needs (FleetHooks) ---------------------------------------------------
+
+    def route_around(self, role_id: int, on: bool) -> None:
+        if on:
+            self._draining.add(role_id)
+        else:
+            self._draining.discard(role_id)
+
+    def _bump(self) -> int:
+        with self.db.session() as session:
+            return bump_generation(session)
+
+    async def converge(self, timeout: float = 10.0) -> None:
+        """Write the current routes into a new generation and wait for every front end to take it."""
+        down = self._down_set()
+        self._routed_down = down
+        generation = await asyncio.to_thread(self._bump)
+        self._nudge.set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # Front ends that serve now; one still being installed gets the routes with its first push.
+            frontends = [
+                r
+                for r in self._roles.values()
+                if r.kind == "frontend"
+                and r.desired_state == "running"
+                and r.id not in self._routed_down
+                and self._observed.get(r.id, RoleObservation()).state == "Ready"
+            ]
+            desired = self._desired
+            if (
+                desired is not None
+                and desired.generation >= generation
+                and all(self._acked.get(r.id, 0) >= generation for r in frontends)
+            ):
+                return
+            await asyncio.sleep(0.05)
+        self._log.warning("front ends did not all take generation %s within %.0fs", generation, timeout)
+
+    async def wait_ready(self, role_id: int, url: str, timeout: float) -> None:
+        """Until the role answers health with the current config (its own fresh answer, not a memory)."""
+        assert self._client is not None
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            desired = self._desired
+            try:
+                health = await asyncio.wait_for(self._client.get_json(f"{url}/v1/health"), _HEALTH_TIMEOUT)
+                if desired is not None and int(health.get("config_version", 0)) >= desired.generation:
+                    return
+                self._nudge.set()
+            except (SitecloudError, TimeoutError) as err:
+                last = err
+            await asyncio.sleep(0.1)
+        raise Unavailable(f"{url} did not become ready with the current config within {timeout:.0f}s: {last}")
+
+    def _down_set(self) -> frozenset[int]:
+        down = {rid for rid in self._draining}
+        for rid, role in self._roles.items():
+            obs = self._observed.get(rid)
+            if role.desired_state != "running" or (obs is not None and obs.state in ("Unhealthy", "Failed")):
+                down.add(rid)
+        return frozenset(down)
 
     # -- health -----------------------------------------------------------------------------------
 
@@ -236,22 +381,34 @@ class Controller:
             roles = list(self._roles.values())
             if roles:
                 await asyncio.gather(*(self._check(role) for role in roles))
-                await asyncio.to_thread(self._record, roles)
+                down = self._down_set()
+                changed = down != self._routed_down
+                if changed:
+                    self._routed_down = down
+                await asyncio.to_thread(self._record, roles, changed)
+                if changed:
+                    self._log.info("routing around roles %s", sorted(down) or "none")
+                    self._nudge.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.health_interval)
 
     async def _check(self, role: RoleEndpoint) -> None:
-        assert self._client is not None
+        assert self._client is not None and self.fleet is not None
         obs = self._observed.setdefault(role.id, RoleObservation())
-        launcher_state, launcher_reason = self.fabric.launcher(LOCAL_HOST).describe(role.kind)
+        if role.desired_state != "running":
+            obs.state, obs.reason, obs.failures = "Stopped", "stopped by the admin", 0
+            return
+        launcher_state, launcher_reason = self.fleet.describe(role.kind, role.host, role.fabric)
         try:
-            health = await asyncio.wait_for(self._client.get_json(f"{role.control_url}/v1/health"), 3)
+            health = await asyncio.wait_for(
+                self._client.get_json(f"{role.control_url}/v1/health"), _HEALTH_TIMEOUT
+            )
         except (SitecloudError, TimeoutError) as err:
             obs.failures += 1
-            if launcher_state == "failed":
+            if launcher_state == "failed" and role.is_local:
                 obs.state, obs.reason = "Failed", launcher_reason
             elif obs.ever_healthy and obs.failures >= _UNHEALTHY_AFTER:
-                obs.state, obs.reason = "Unhealthy", f"health check failed: {err}"
+                obs.state, obs.reason = "Unhealthy", f"health check failed: {err or 'timed out'}"
             elif not obs.ever_healthy:
                 obs.state, obs.reason = "Starting", ""
             return
@@ -260,19 +417,37 @@ class Controller:
         obs.code_version = str(health.get("code_version", ""))
         obs.config_version = int(health.get("config_version", 0))
         obs.last_heartbeat = dt.datetime.now(dt.UTC)
+        obs.load = {k: v for k, v in health.items() if k not in _HEALTH_KEYS}
         # A role that restarted from an older persisted config needs the current one again.
         if obs.config_version < self._acked.get(role.id, 0):
             self._acked[role.id] = obs.config_version
             self._nudge.set()
 
-    def _record(self, roles: list[RoleEndpoint]) -> None:
+    def _record(self, roles: list[RoleEndpoint], bump: bool) -> None:
         with self.db.session() as session:
+            hosts: dict[str, list[str]] = {}
             for endpoint in roles:
                 role = session.get(Role, endpoint.id)
                 obs = self._observed.get(endpoint.id)
                 if role is None or obs is None:
                     continue
+                if role.state == "Installing" and obs.state != "Ready":
+                    continue  # the fabric work owns the state until the role first answers
                 role.state, role.reason = obs.state, obs.reason[:512]
                 role.code_version = obs.code_version
                 role.config_version = obs.config_version
                 role.last_heartbeat = obs.last_heartbeat
+                role.load = obs.load
+                if not endpoint.is_local and endpoint.desired_state == "running":
+                    hosts.setdefault(endpoint.host, []).append(obs.state)
+            # A host none of whose roles answers is down; one that answers again rejoins.
+            for name, states in hosts.items():
+                host = session.scalar(select(Host).where(Host.name == name))
+                if host is None or host.state not in ("ready", "down"):
+                    continue
+                if all(s == "Unhealthy" for s in states):
+                    host.state = "down"
+                elif any(s == "Ready" for s in states):
+                    host.state = "ready"
+            if bump:
+                bump_generation(session)

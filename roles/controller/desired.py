@@ -1,15 +1,21 @@
 """From the runtime DB to one versioned config snapshot per role.
 
 Reading the DB (:func:`read_desired`) and building snapshots (:func:`snapshots_for`) are separate so
-that the snapshot rules are pure functions of the desired state.
+that the snapshot rules are pure functions of the desired state. Placement is the same:
+:func:`plan_placement` decides, :func:`place_sites` applies it to the DB.
+
+Roles are addressed by their host's NAME (resolvable by every host of the cloud), never by an address
+that only one machine understands. Roles on the ``local`` fabric listen on this machine's loopback, so
+roles on other hosts are never pointed at them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from shared.db import (
@@ -23,7 +29,21 @@ from shared.db import (
     current_generation,
 )
 
-__all__ = ["DesiredSite", "DesiredState", "RoleEndpoint", "place_sites", "read_desired", "snapshots_for"]
+__all__ = [
+    "REPLICAS",
+    "DesiredSite",
+    "DesiredState",
+    "RoleEndpoint",
+    "WorkerSlot",
+    "place_sites",
+    "plan_placement",
+    "read_desired",
+    "snapshots_for",
+]
+
+# Each site runs on this many workers of its pool (fewer when the pool is smaller): a worker that dies
+# or is upgraded leaves another one already serving the site, so front ends only route around it.
+REPLICAS = 2
 
 
 @dataclass(frozen=True)
@@ -33,10 +53,21 @@ class RoleEndpoint:
     host: str
     control_port: int
     ports: dict[str, Any]
+    fabric: str = "local"
+    desired_state: str = "running"
+    reserved_for: int | None = None
 
     @property
     def control_url(self) -> str:
         return f"https://{self.host}:{self.control_port}"
+
+    @property
+    def is_local(self) -> bool:
+        return self.fabric == "local"
+
+    def reaches(self, other: RoleEndpoint) -> bool:
+        """Whether this role can call ``other``: local roles listen on this machine's loopback only."""
+        return self.is_local or not other.is_local
 
 
 @dataclass(frozen=True)
@@ -46,6 +77,7 @@ class DesiredSite:
     quota_bytes: int
     users: dict[str, str]
     worker_ids: tuple[int, ...]
+    subscription_id: int = 0
 
 
 @dataclass
@@ -54,31 +86,90 @@ class DesiredState:
     domain: str
     roles: list[RoleEndpoint] = field(default_factory=list)
     sites: list[DesiredSite] = field(default_factory=list)
+    # Roles to route around: down, stopped or draining (the controller fills this from health).
+    down: frozenset[int] = frozenset()
 
     def of_kind(self, kind: str) -> list[RoleEndpoint]:
         return [r for r in self.roles if r.kind == kind]
 
 
-def place_sites(session: Session) -> int:
-    """Assign every unplaced live site to the worker holding the fewest sites; returns how many moved."""
-    workers = session.scalars(select(Role).where(Role.kind == "worker")).all()
+@dataclass(frozen=True)
+class WorkerSlot:
+    id: int
+    reserved_for: int | None = None
+
+
+def plan_placement(
+    sites: Iterable[tuple[int, int]],
+    workers: Collection[WorkerSlot],
+    assignments: dict[int, set[int]],
+    down: Collection[int] = (),
+    *,
+    replicas: int = REPLICAS,
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Which (site, worker) assignments to add and to remove.
+
+    ``sites`` are (site id, subscription id). A site's pool is the workers reserved for its
+    subscription if there are any, else the shared workers (those reserved for nobody). Each site
+    gets ``replicas`` healthy workers of its pool (the least loaded first). An assignment on a down
+    worker is kept, so the worker rejoins with its sites; one outside the pool, or one too many on
+    healthy workers, is dropped once the site has enough healthy workers in its pool.
+    """
+    load = {w.id: 0 for w in workers}
+    for held in assignments.values():
+        for wid in held:
+            if wid in load:
+                load[wid] += 1
+    shared = [w.id for w in workers if w.reserved_for is None]
+    adds: list[tuple[int, int]] = []
+    removes: list[tuple[int, int]] = []
+    for site_id, sub_id in sites:
+        pool = [w.id for w in workers if w.reserved_for == sub_id] or shared
+        current = set(assignments.get(site_id, set()))
+        want = min(replicas, len(pool))
+        healthy = [w for w in current if w in pool and w not in down]
+        candidates = sorted(
+            (w for w in pool if w not in current and w not in down), key=lambda w: (load[w], w)
+        )
+        for wid in candidates[: max(0, want - len(healthy))]:
+            adds.append((site_id, wid))
+            current.add(wid)
+            healthy.append(wid)
+            load[wid] += 1
+        if len(healthy) >= want:
+            extra = sorted(healthy, key=lambda w: (load[w], w))[want:]
+            stale = [w for w in current if w not in pool]
+            for wid in [*extra, *stale]:
+                removes.append((site_id, wid))
+                if wid in load:
+                    load[wid] -= 1
+    return adds, removes
+
+
+def place_sites(session: Session, down: Collection[int] = ()) -> int:
+    """Apply :func:`plan_placement` to every live site; returns how many assignments changed."""
+    workers = [
+        WorkerSlot(r.id, r.reserved_for_id)
+        for r in session.scalars(select(Role).where(Role.kind == "worker").order_by(Role.id))
+    ]
     if not workers:
         return 0
-    load: dict[int, int] = {
-        role_id: count
-        for role_id, count in session.execute(
-            select(SiteAssignment.role_id, func.count()).group_by(SiteAssignment.role_id)
-        )
-    }
-    counts = {w.id: load.get(w.id, 0) for w in workers}
-    unplaced = session.scalars(select(Site).where(~Site.assignments.any()).order_by(Site.id)).all()
-    for site in unplaced:
-        role_id = min(counts, key=lambda rid: (counts[rid], rid))
-        session.add(SiteAssignment(site_id=site.id, role_id=role_id))
-        counts[role_id] += 1
-    if unplaced:
+    live = session.execute(
+        select(Site.id, Site.subscription_id).where(Site.state == "running").order_by(Site.id)
+    ).all()
+    assignments: dict[int, set[int]] = {}
+    for site_id, role_id in session.execute(select(SiteAssignment.site_id, SiteAssignment.role_id)):
+        assignments.setdefault(site_id, set()).add(role_id)
+    adds, removes = plan_placement([(s, sub) for s, sub in live], workers, assignments, down)
+    for site_id, role_id in adds:
+        session.add(SiteAssignment(site_id=site_id, role_id=role_id))
+    for site_id, role_id in removes:
+        row = session.get(SiteAssignment, (site_id, role_id))
+        if row is not None:
+            session.delete(row)
+    if adds or removes:
         bump_generation(session)
-    return len(unplaced)
+    return len(adds) + len(removes)
 
 
 def read_desired(session: Session, domain: str) -> DesiredState:
@@ -87,7 +178,16 @@ def read_desired(session: Session, domain: str) -> DesiredState:
         select(Role, Host).join(Host, Role.host_id == Host.id).order_by(Role.id)
     ):
         state.roles.append(
-            RoleEndpoint(role.id, role.kind, host.address or host.name, role.control_port, dict(role.ports))
+            RoleEndpoint(
+                role.id,
+                role.kind,
+                host.name,
+                role.control_port,
+                dict(role.ports),
+                fabric=host.fabric,
+                desired_state=role.desired_state,
+                reserved_for=role.reserved_for_id,
+            )
         )
     sites = session.scalars(
         select(Site)
@@ -109,20 +209,28 @@ def read_desired(session: Session, domain: str) -> DesiredState:
                 quota_bytes=plan.storage_mb * 1024 * 1024,
                 users={c.username: c.password_hash for c in site.credentials},
                 worker_ids=tuple(sorted(a.role_id for a in site.assignments)),
+                subscription_id=site.subscription_id,
             )
         )
     return state
 
 
+def _fileserver(state: DesiredState) -> RoleEndpoint | None:
+    """The cloud's content store: one every role can reach (a remote one before a local one)."""
+    candidates = [r for r in state.of_kind("fileserver") if r.desired_state == "running"]
+    candidates.sort(key=lambda r: (r.is_local, r.id in state.down, r.id))
+    return candidates[0] if candidates else None
+
+
 def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
     """Role id → the snapshot that role should run with at ``state.generation``."""
     version = state.generation
-    fileservers = state.of_kind("fileserver")
-    fileserver_url = fileservers[0].control_url if fileservers else ""
+    fileserver = _fileserver(state)
     workers = {r.id: r for r in state.of_kind("worker")}
     out: dict[int, dict[str, Any]] = {}
     for role in state.roles:
         body: dict[str, Any]
+        fileserver_url = fileserver.control_url if fileserver and role.reaches(fileserver) else ""
         if role.kind == "frontend":
             body = {
                 "domain": state.domain,
@@ -131,7 +239,7 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
                         "workers": [
                             f"{workers[w].host}:{workers[w].ports['data']}"
                             for w in s.worker_ids
-                            if w in workers
+                            if w in workers and w not in state.down and role.reaches(workers[w])
                         ]
                     }
                     for s in state.sites

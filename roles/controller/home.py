@@ -17,6 +17,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from sqlalchemy import select
 
 from roles.controller.config import CloudConfig
@@ -30,12 +31,16 @@ from shared.credentials import hash_token, new_token
 from shared.db import ApiToken, Database
 from shared.files import atomic_write_bytes, atomic_write_json, read_json
 from shared.net import free_port
-from shared.pki import CertificateAuthority
+from shared.pki import CertificateAuthority, IssuedCert
 
-__all__ = ["LOCAL_ROLES", "CloudHome"]
+__all__ = ["LOCAL_ROLES", "REMOTE_PORTS", "CloudHome"]
 
 # Start order: what others depend on comes first.
 LOCAL_ROLES = ("fileserver", "worker", "publisher", "frontend", "management")
+
+# Internal ports of roles on other hosts: each host has its own address, so they can be fixed.
+REMOTE_PORTS = {"fileserver": 7401, "worker": 7402, "publisher": 7403, "frontend": 7404, "management": 7405}
+_REMOTE_WORKER_DATA = 7412
 
 
 class CloudHome:
@@ -53,6 +58,11 @@ class CloudHome:
 
     def role_home(self, kind: str) -> Path:
         return self.root / "roles" / kind
+
+    @property
+    def local_roles(self) -> tuple[str, ...]:
+        """The roles `up` runs on this machine (all of them unless ``--local-roles`` said otherwise)."""
+        return tuple(k for k in LOCAL_ROLES if k in self.config.local_roles)
 
     @property
     def controller_identity(self) -> RoleConfig:
@@ -142,6 +152,99 @@ class CloudHome:
                 publisher_url=f"https://localhost:{ports['publisher']}",
             )
         raise ValueError(f"unknown role {kind!r}")
+
+    def ensure_controller_address(self, ip: str) -> bool:
+        """Make the controller's certificate also name ``ip`` (where netns hosts reach it); True if new."""
+        assert self.ca is not None
+        identity = self.controller_identity
+        cert = x509.load_pem_x509_certificate(identity.cert_file.read_bytes())
+        try:
+            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            have = {str(a) for a in sans.get_values_for_type(x509.IPAddress)}
+        except x509.ExtensionNotFound:
+            have = set()
+        if ip in have:
+            return False
+        dns, ips = self._host_names()
+        self.ca.issue(
+            "controller@localhost", role="controller", dns_names=dns, ip_addresses=[*ips, *sorted(have), ip]
+        ).write(identity.key_file, identity.cert_file)
+        return True
+
+    # -- roles on other hosts ---------------------------------------------------------------------
+
+    def remote_ports(self, kind: str) -> tuple[int, dict[str, Any]]:
+        """(control port, public ports) of a role on a host of its own."""
+        c = self.config
+        ports: dict[str, Any] = {
+            "frontend": {"http": c.http_port, "https": c.https_port},
+            "worker": {"data": _REMOTE_WORKER_DATA},
+            "publisher": {"ftp": c.ftp_port, "deploy": c.deploy_port},
+            "management": {"api": c.api_port},
+        }.get(kind, {})
+        return REMOTE_PORTS[kind], ports
+
+    def remote_role_config(
+        self, kind: str, host: str, home: Path, *, controller_url: str, publisher_url: str = ""
+    ) -> RoleConfig:
+        """The bootstrap config of a role on ``host`` (its home is a path on that host)."""
+        c = self.config
+        control, ports = self.remote_ports(kind)
+        common: dict[str, Any] = {
+            "host": host,
+            "home": home,
+            # The host is the role's own: listen on every address it has.
+            "bind": "0.0.0.0",
+            "control_port": control,
+            "log_level": c.log_level,
+            "controller_url": controller_url,
+        }
+        if kind == "frontend":
+            return FrontendConfig(**common, http_port=ports["http"], https_port=ports["https"])
+        if kind == "worker":
+            return WorkerConfig(**common, data_port=ports["data"])
+        if kind == "fileserver":
+            return FileserverConfig(**common)
+        if kind == "publisher":
+            return PublisherConfig(
+                **common, ftp_port=ports["ftp"], deploy_port=ports["deploy"], passive_ports=c.passive_ports
+            )
+        if kind == "management":
+            return ManagementConfig(
+                **common,
+                api_port=ports["api"],
+                db_url=c.database_url,
+                domain=c.domain,
+                https_port=c.https_port,
+                ftp_host=host,
+                ftp_port=c.ftp_port,
+                deploy_url=f"https://{host}:{c.deploy_port}",
+                publisher_url=publisher_url,
+            )
+        raise ValueError(f"unknown role {kind!r}")
+
+    def issue_role_cert(self, kind: str, host: str, address: str) -> IssuedCert:
+        """A role's key and certificate naming its host by name and address (peers verify either)."""
+        assert self.ca is not None
+        ips: list[str] = []
+        dns = [host]
+        try:
+            ips.append(str(ipaddress.ip_address(address)))
+        except ValueError:
+            if address and address != host:
+                dns.append(address)
+        return self.ca.issue(f"{kind}@{host}", role=kind, dns_names=dns, ip_addresses=ips)
+
+    def wildcard_pems(self) -> tuple[bytes, bytes]:
+        """(key, certificate) of the front ends' ``*.<domain>`` certificate, for front ends elsewhere."""
+        fe = self._role_config("frontend")
+        assert isinstance(fe, FrontendConfig)
+        return fe.wildcard_key_file.read_bytes(), fe.wildcard_cert_file.read_bytes()
+
+    @property
+    def ca_pem(self) -> bytes:
+        assert self.ca is not None
+        return self.ca.cert_pem
 
     def _write_role_home(self, config: RoleConfig) -> None:
         assert self.ca is not None

@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -48,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
         "--db", default="", help="runtime DB URL, e.g. postgresql://user:pw@host/db (default: SQLite)"
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--local-roles",
+        default="fileserver,worker,publisher,frontend,management",
+        metavar="ROLE,...",
+        help="roles to run on this machine (default all five); e.g. 'management' when the data plane "
+        "lives on other hosts (sitecloud role add)",
+    )
+    p.add_argument(
+        "--wheelhouse", help="where wheelhouses for role hosts are built (default HOME/wheelhouse)"
+    )
     p.add_argument("--json", action="store_true", help="print the endpoints as JSON once the cloud is ready")
     return p
 
@@ -87,6 +98,8 @@ def run_up(argv: list[str]) -> int:
             passive_ports=args.passive_ports,
             db_url=args.db,
             log_level=args.log_level,
+            local_roles=tuple(r.strip() for r in args.local_roles.split(",") if r.strip()),
+            wheelhouse=Path(args.wheelhouse).resolve() if args.wheelhouse else None,
         )
     except SitecloudError as err:
         print(f"error: {err.message}", file=sys.stderr)

@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from roles.management.api import make_api_app
+from roles.management.app import make_app
 from roles.management.config import ManagementConfig
 from roles.management.service import ManagementService
 from shared.control import ControlPlane, Snapshot
@@ -28,7 +28,7 @@ async def serve(config: ManagementConfig, stop: asyncio.Event) -> None:
     db = Database(config.db_url)
     service = ManagementService(config, db)
     control = ControlPlane(config, _ignore_snapshot, health=lambda: {"api_port": config.api_port})
-    runner = web.AppRunner(make_api_app(service), access_log=None, shutdown_timeout=5)
+    runner = web.AppRunner(make_app(service), access_log=None, shutdown_timeout=5)
     try:
         await control.load_last_known_good()
         await control.start()
@@ -41,7 +41,7 @@ async def serve(config: ManagementConfig, stop: asyncio.Event) -> None:
             ssl_context=public_server_context(config.cert_file, config.key_file),
         )
         await site.start()
-        log.info("management API on https://%s:%s/api/v1", config.bind, config.api_port)
+        log.info("management API and portals on https://%s:%s/", config.bind, config.api_port)
         await stop.wait()
         log.info("stopping")
     finally:

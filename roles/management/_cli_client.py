@@ -161,6 +161,22 @@ class ApiClient:
         finally:
             conn.close()
 
+    def request_raw(self, method: str, path: str) -> bytes:
+        """A call whose answer is not JSON (a publish profile); errors still come back as JSON."""
+        conn = self._connection(self._timeout)
+        try:
+            conn.request(method, path, headers=self._headers({"Accept": "*/*"}))
+            resp = conn.getresponse()
+            if resp.status >= 400:
+                self._answer(resp)
+            return resp.read()
+        except OSError as exc:
+            raise self._unreachable(exc) from None
+        except http.client.HTTPException as exc:
+            raise Unavailable(f"the management API at {self.base} broke off the answer: {exc!r}") from None
+        finally:
+            conn.close()
+
     def upload(self, path: str, file: Path, *, progress: IO[str] | None = None) -> Any:
         """POST a file as the body, streamed from disk."""
         total = file.stat().st_size

@@ -1,57 +1,90 @@
 """The management role's unit-of-work functions over the runtime DB (synchronous; run off the event loop).
 
 Each write is one transaction that also bumps the cloud's generation, so the controller sees either all
-of a change or none of it.
+of a change or none of it. Every function takes the calling :class:`Principal` and enforces its rights:
+another tenant's site, subscription or host name answers exactly like a missing one.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm import Session, joinedload, selectinload
 
+from roles.management._certs import describe, load_certificate
 from roles.management.config import ManagementConfig
+from shared.config import ROLE_KINDS
 from shared.credentials import hash_password, hash_token, new_password, new_token
 from shared.db import (
     ApiToken,
+    CustomHostname,
     Database,
+    Host,
     Plan,
     PublishingCredential,
     Role,
     Site,
     Subscription,
     Tenant,
+    User,
     bump_generation,
     current_generation,
 )
-from shared.errors import AlreadyExists, Forbidden, InvalidInput, LimitReached, NotFound, Unauthorized
-from shared.names import validate_name, validate_site_name
+from shared.errors import (
+    AlreadyExists,
+    Forbidden,
+    InvalidInput,
+    LimitReached,
+    NotFound,
+    NotSupported,
+)
+from shared.names import validate_hostname, validate_name, validate_site_name
 
-__all__ = ["Principal", "Store"]
+__all__ = ["WORKER_SIZES", "Principal", "Store", "iso", "require_admin"]
 
 Json = dict[str, Any]
+
+WORKER_SIZES = ("small", "medium", "large")
+COMPUTE_MODES = ("shared", "reserved")
+# App settings become environment variables of the site's app: names follow the POSIX rules.
+_SETTING_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+MAX_SETTINGS = 100
+MAX_SETTING_VALUE = 4096
+_DOING = {"add": "adding", "repair": "repairing", "remove": "removing"}
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: an admin (``tenant_id`` is None) or one tenant."""
+    """Who is calling: an admin (``tenant_id`` is None) or one tenant; ``user_id`` when a person."""
 
     tenant_id: int | None
     tenant: str | None = None
+    user_id: int | None = None
+    username: str | None = None
 
     @property
     def is_admin(self) -> bool:
         return self.tenant_id is None
 
 
-def _require_admin(who: Principal) -> None:
+def require_admin(who: Principal) -> None:
     if not who.is_admin:
-        raise Forbidden("only an admin may do this", hint="use the admin token")
+        raise Forbidden("only an admin may do this", hint="sign in as an admin or use the admin token")
+
+
+def iso(when: dt.datetime | None) -> str | None:
+    if when is None:
+        return None
+    # SQLite hands datetimes back naive; they were written in UTC.
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).isoformat()
 
 
 def _text(body: Json, key: str) -> str:
@@ -60,76 +93,203 @@ def _text(body: Json, key: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _positive_int(body: Json, key: str, *, minimum: int) -> int:
-    value = body.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise InvalidInput(f"{key!r} must be an integer >= {minimum}")
+def _int(value: Any, key: str, *, minimum: int, maximum: int = 2**31 - 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        raise InvalidInput(f"{key!r} must be an integer from {minimum} to {maximum}")
     return value
 
 
-def _plan_json(plan: Plan) -> Json:
-    return {"id": plan.id, "name": plan.name, "max_sites": plan.max_sites, "storage_mb": plan.storage_mb}
+def _positive_int(body: Json, key: str, *, minimum: int) -> int:
+    return _int(body.get(key), key, minimum=minimum)
 
 
-def _subscription_json(sub: Subscription) -> Json:
-    return {"id": sub.id, "tenant": sub.tenant.name, "plan": sub.plan.name, "state": sub.state}
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{key!r} must be true or false")
+    return value
 
 
-def _iso(when: dt.datetime | None) -> str | None:
-    if when is None:
-        return None
-    # SQLite hands datetimes back naive; they were written in UTC.
-    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).isoformat()
+def _only(body: Json, allowed: set[str], what: str) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InvalidInput(
+            f"unknown field(s) for a {what}: {', '.join(unknown)}",
+            hint=f"known: {', '.join(sorted(allowed))}",
+        )
+
+
+_PLAN_FIELDS = {
+    "name",
+    "max_sites",
+    "storage_mb",
+    "bandwidth_mb_per_day",
+    "cpu_minutes_per_day",
+    "max_custom_hostnames",
+    "compute_mode",
+    "worker_size",
+    "always_on",
+    "max_instances_per_site",
+    "public",
+    "retired",
+}
+
+
+def _apply_plan_fields(plan: Plan, body: Json) -> None:
+    """Validate and set the quota fields present in ``body`` (create and update share this)."""
+    for key in ("max_sites", "max_custom_hostnames"):
+        if key in body:
+            setattr(plan, key, _int(body[key], key, minimum=0, maximum=100_000))
+    if "storage_mb" in body:
+        plan.storage_mb = _int(body["storage_mb"], "storage_mb", minimum=1, maximum=10_000_000)
+    for key in ("bandwidth_mb_per_day", "cpu_minutes_per_day"):
+        if key in body:
+            # null means unlimited.
+            value = body[key]
+            setattr(plan, key, None if value is None else _int(value, key, minimum=1, maximum=1_000_000_000))
+    if "max_instances_per_site" in body:
+        plan.max_instances_per_site = _int(
+            body["max_instances_per_site"], "max_instances_per_site", minimum=1, maximum=100
+        )
+    for key in ("always_on", "public", "retired"):
+        if key in body:
+            setattr(plan, key, _bool(body[key], key))
+    if "compute_mode" in body:
+        if body["compute_mode"] not in COMPUTE_MODES:
+            raise InvalidInput("'compute_mode' must be 'shared' or 'reserved'")
+        plan.compute_mode = body["compute_mode"]
+    if "worker_size" in body:
+        size = body["worker_size"]
+        if size is not None and size not in WORKER_SIZES:
+            raise InvalidInput("'worker_size' must be small, medium, large or null")
+        plan.worker_size = size
+    if plan.compute_mode == "reserved" and plan.worker_size is None:
+        raise InvalidInput("a reserved plan needs a 'worker_size' (small, medium or large)")
+    if plan.compute_mode == "shared":
+        plan.worker_size = None
+
+
+def _plan_json(plan: Plan, subscriptions: int = 0) -> Json:
+    return {
+        "id": plan.id,
+        "name": plan.name,
+        "max_sites": plan.max_sites,
+        "storage_mb": plan.storage_mb,
+        "bandwidth_mb_per_day": plan.bandwidth_mb_per_day,
+        "cpu_minutes_per_day": plan.cpu_minutes_per_day,
+        "max_custom_hostnames": plan.max_custom_hostnames,
+        "compute_mode": plan.compute_mode,
+        "worker_size": plan.worker_size,
+        "always_on": plan.always_on,
+        "max_instances_per_site": plan.max_instances_per_site,
+        "public": plan.public,
+        "retired": plan.retired,
+        "subscriptions": subscriptions,
+    }
+
+
+def _subscription_json(sub: Subscription, sites: list[str], hostnames: int) -> Json:
+    return {
+        "id": sub.id,
+        "tenant": sub.tenant.name,
+        "plan": sub.plan.name,
+        "state": sub.state,
+        "created_at": iso(sub.created_at),
+        "quotas": {
+            k: v
+            for k, v in _plan_json(sub.plan).items()
+            if k not in ("id", "name", "subscriptions", "public", "retired")
+        },
+        "usage": {"sites": len(sites), "custom_hostnames": hostnames, "storage_bytes": None},
+        "site_names": sites,
+    }
+
+
+def _hostname_json(row: CustomHostname) -> Json:
+    return {
+        "hostname": row.hostname,
+        "site": row.site.name,
+        "certificate": describe(row.cert_pem) if row.cert_pem else None,
+    }
 
 
 class Store:
     """Desired state in the runtime DB, seen through a caller's rights."""
 
-    def __init__(self, db: Database, config: ManagementConfig) -> None:
+    def __init__(self, db: Database, config: ManagementConfig, lock: threading.Lock | None = None) -> None:
         self._db = db
         self._config = config
         # One writer at a time in this process: a plan's site count is checked, then a site inserted.
-        self._write_lock = threading.Lock()
-
-    # -- auth
-
-    def authenticate(self, token: str) -> Principal:
-        with self._db.session() as s:
-            row = s.execute(
-                select(ApiToken).where(ApiToken.token_hash == hash_token(token))
-            ).scalar_one_or_none()
-            if row is None:
-                raise Unauthorized("the token is not valid", hint="check --token or SITECLOUD_TOKEN")
-            if row.tenant_id is None:
-                return Principal(None)
-            tenant = s.get(Tenant, row.tenant_id)
-            return Principal(row.tenant_id, tenant.name if tenant else None)
+        self._write_lock = lock or threading.Lock()
 
     # -- plans
 
     def create_plan(self, who: Principal, body: Json) -> Json:
-        _require_admin(who)
+        require_admin(who)
+        _only(body, _PLAN_FIELDS, "plan")
         name = validate_name(_text(body, "name"), what="plan")
-        max_sites = _positive_int(body, "max_sites", minimum=0)
-        storage_mb = _positive_int(body, "storage_mb", minimum=1)
+        plan = Plan(
+            name=name,
+            max_sites=_positive_int(body, "max_sites", minimum=0),
+            storage_mb=_positive_int(body, "storage_mb", minimum=1),
+            max_custom_hostnames=0,
+            compute_mode="shared",
+            always_on=False,
+            max_instances_per_site=1,
+            public=False,
+            retired=False,
+        )
+        _apply_plan_fields(plan, body)
         with self._write_lock, self._db.session() as s:
             if s.execute(select(Plan.id).where(Plan.name == name)).first():
                 raise AlreadyExists(f"plan {name!r} already exists")
-            plan = Plan(name=name, max_sites=max_sites, storage_mb=storage_mb)
             s.add(plan)
             self._flush(s, f"plan {name!r} already exists")
             bump_generation(s)
             return _plan_json(plan)
 
+    def _plan(self, s: Session, name: str) -> Plan:
+        plan = s.execute(select(Plan).where(Plan.name == name)).scalar_one_or_none()
+        if plan is None:
+            raise NotFound(f"no plan {name!r}", hint="see `sitecloud plan list`")
+        return plan
+
+    def _subscription_counts(self, s: Session) -> dict[int, int]:
+        rows = s.execute(select(Subscription.plan_id, func.count()).group_by(Subscription.plan_id))
+        return {plan_id: count for plan_id, count in rows}
+
     def list_plans(self, who: Principal) -> Json:
-        _require_admin(who)
+        """Admins see every plan; tenants see the public plans they may subscribe to."""
         with self._db.session() as s:
-            return {"plans": [_plan_json(p) for p in s.scalars(select(Plan).order_by(Plan.name))]}
+            query = select(Plan).order_by(Plan.name)
+            if not who.is_admin:
+                query = query.where(Plan.public.is_(True), Plan.retired.is_(False))
+                return {"plans": [_plan_json(p) for p in s.scalars(query)]}
+            counts = self._subscription_counts(s)
+            return {"plans": [_plan_json(p, counts.get(p.id, 0)) for p in s.scalars(query)]}
+
+    def show_plan(self, who: Principal, name: str) -> Json:
+        with self._db.session() as s:
+            plan = self._plan(s, name)
+            if not who.is_admin and (not plan.public or plan.retired):
+                raise NotFound(f"no plan {name!r}", hint="see `sitecloud plan list`")
+            return _plan_json(plan, self._subscription_counts(s).get(plan.id, 0) if who.is_admin else 0)
+
+    def update_plan(self, who: Principal, name: str, body: Json) -> Json:
+        """Change a plan; every subscription on it gets the new quotas at the next snapshot."""
+        require_admin(who)
+        _only(body, _PLAN_FIELDS - {"name"}, "plan update")
+        with self._write_lock, self._db.session() as s:
+            plan = self._plan(s, name)
+            _apply_plan_fields(plan, body)
+            s.flush()
+            bump_generation(s)
+            return _plan_json(plan, self._subscription_counts(s).get(plan.id, 0))
 
     # -- tenants
 
     def create_tenant(self, who: Principal, body: Json) -> Json:
-        _require_admin(who)
+        require_admin(who)
+        _only(body, {"name"}, "tenant")
         name = validate_name(_text(body, "name"), what="tenant")
         token = new_token()
         with self._write_lock, self._db.session() as s:
@@ -138,46 +298,130 @@ class Store:
             tenant = Tenant(name=name)
             s.add(tenant)
             self._flush(s, f"tenant {name!r} already exists")
-            s.add(ApiToken(token_hash=hash_token(token), tenant_id=tenant.id))
+            s.add(ApiToken(token_hash=hash_token(token), tenant_id=tenant.id, prefix=token[:8]))
             bump_generation(s)
             return {"id": tenant.id, "name": tenant.name, "token": token}
 
     def list_tenants(self, who: Principal) -> Json:
-        _require_admin(who)
+        require_admin(who)
         with self._db.session() as s:
+            subs = dict(
+                s.execute(select(Subscription.tenant_id, func.count()).group_by(Subscription.tenant_id)).all()
+            )
+            sites = dict(
+                s.execute(
+                    select(Subscription.tenant_id, func.count(Site.id))
+                    .join(Site)
+                    .group_by(Subscription.tenant_id)
+                ).all()
+            )
+            users = dict(s.execute(select(User.tenant_id, func.count()).group_by(User.tenant_id)).all())
             rows = s.scalars(select(Tenant).order_by(Tenant.name))
-            return {"tenants": [{"id": t.id, "name": t.name} for t in rows]}
+            return {
+                "tenants": [
+                    {
+                        "id": t.id,
+                        "name": t.name,
+                        "subscriptions": subs.get(t.id, 0),
+                        "sites": sites.get(t.id, 0),
+                        "users": users.get(t.id, 0),
+                        "created_at": iso(t.created_at),
+                    }
+                    for t in rows
+                ]
+            }
 
     # -- subscriptions
 
     def create_subscription(self, who: Principal, body: Json) -> Json:
-        _require_admin(who)
-        tenant_name, plan_name = body.get("tenant"), body.get("plan")
-        if not isinstance(tenant_name, str) or not isinstance(plan_name, str):
-            raise InvalidInput("a subscription needs 'tenant' and 'plan' (names)")
+        """An admin subscribes any tenant to any plan that is not retired; a tenant subscribes itself
+        to a public plan."""
+        plan_name = body.get("plan")
+        if who.is_admin:
+            _only(body, {"tenant", "plan"}, "subscription")
+            tenant_name = body.get("tenant")
+            if not isinstance(tenant_name, str) or not isinstance(plan_name, str):
+                raise InvalidInput("a subscription needs 'tenant' and 'plan' (names)")
+        else:
+            _only(body, {"plan", "tenant"}, "subscription")
+            tenant_name = body.get("tenant", who.tenant)
+            if tenant_name != who.tenant:
+                raise Forbidden("a tenant may only subscribe itself", hint="leave out 'tenant'")
+            if not isinstance(plan_name, str):
+                raise InvalidInput("a subscription needs a 'plan' (name)", hint="see `sitecloud plan list`")
         with self._write_lock, self._db.session() as s:
             tenant = s.execute(select(Tenant).where(Tenant.name == tenant_name)).scalar_one_or_none()
             if tenant is None:
                 raise NotFound(f"no tenant {tenant_name!r}", hint="see `sitecloud tenant list`")
             plan = s.execute(select(Plan).where(Plan.name == plan_name)).scalar_one_or_none()
-            if plan is None:
+            if plan is None or (not who.is_admin and not plan.public):
                 raise NotFound(f"no plan {plan_name!r}", hint="see `sitecloud plan list`")
+            if plan.retired:
+                raise Forbidden(
+                    f"plan {plan_name!r} is retired and takes no new subscriptions",
+                    hint="choose another plan",
+                )
             sub = Subscription(tenant=tenant, plan=plan, state="active")
             s.add(sub)
             s.flush()
             bump_generation(s)
-            return _subscription_json(sub)
+            return _subscription_json(sub, [], 0)
+
+    def _subscriptions(self, s: Session, query: Any) -> list[Json]:
+        subs = list(s.scalars(query.options(joinedload(Subscription.tenant), joinedload(Subscription.plan))))
+        ids = [sub.id for sub in subs]
+        names: dict[int, list[str]] = {i: [] for i in ids}
+        for sub_id, site in s.execute(
+            select(Site.subscription_id, Site.name).where(Site.subscription_id.in_(ids)).order_by(Site.name)
+        ):
+            names[sub_id].append(site)
+        hosts = dict(
+            s.execute(
+                select(Site.subscription_id, func.count(CustomHostname.id))
+                .join(CustomHostname)
+                .where(Site.subscription_id.in_(ids))
+                .group_by(Site.subscription_id)
+            ).all()
+        )
+        return [_subscription_json(sub, names[sub.id], hosts.get(sub.id, 0)) for sub in subs]
 
     def list_subscriptions(self, who: Principal) -> Json:
         with self._db.session() as s:
-            query = (
-                select(Subscription)
-                .options(joinedload(Subscription.tenant), joinedload(Subscription.plan))
-                .order_by(Subscription.id)
-            )
+            query = select(Subscription).order_by(Subscription.id)
             if not who.is_admin:
                 query = query.where(Subscription.tenant_id == who.tenant_id)
-            return {"subscriptions": [_subscription_json(sub) for sub in s.scalars(query)]}
+            return {"subscriptions": self._subscriptions(s, query)}
+
+    def _visible_subscription(self, s: Session, who: Principal, sub_id: int) -> Subscription:
+        sub = s.get(Subscription, sub_id)
+        if sub is None or (not who.is_admin and sub.tenant_id != who.tenant_id):
+            raise NotFound(f"no subscription {sub_id}", hint="see `sitecloud subscription list`")
+        return sub
+
+    def show_subscription(self, who: Principal, sub_id: int) -> Json:
+        with self._db.session() as s:
+            self._visible_subscription(s, who, sub_id)
+            (answer,) = self._subscriptions(s, select(Subscription).where(Subscription.id == sub_id))
+            return answer
+
+    def set_subscription_state(self, who: Principal, sub_id: int, state: str) -> Json:
+        """Suspend or resume: a suspended subscription's sites leave every role's snapshot."""
+        require_admin(who)
+        with self._write_lock, self._db.session() as s:
+            sub = self._visible_subscription(s, who, sub_id)
+            sub.state = state
+            bump_generation(s)
+        return self.show_subscription(who, sub_id)
+
+    def delete_subscription(self, who: Principal, sub_id: int) -> None:
+        require_admin(who)
+        with self._write_lock, self._db.session() as s:
+            sub = self._visible_subscription(s, who, sub_id)
+            for site in s.scalars(select(Site).where(Site.subscription_id == sub.id)):
+                s.delete(site)
+            s.flush()
+            s.delete(sub)
+            bump_generation(s)
 
     # -- sites
 
@@ -190,6 +434,7 @@ class Store:
             "subscription": site.subscription_id,
             "tenant": site.subscription.tenant.name,
             "state": site.state,
+            "hostnames": [h.hostname for h in site.hostnames],
             "ftp": {"host": c.ftp_host, "port": c.ftp_port, "user": site.name},
             "deploy": {"url": f"{c.deploy_url.rstrip('/')}/api/deploy/{site.name}", "user": site.name},
         }
@@ -202,9 +447,11 @@ class Store:
         return site
 
     def create_site(self, who: Principal, body: Json) -> Json:
+        _only(body, {"name", "subscription"}, "site")
         name = validate_site_name(_text(body, "name"))
         sub_id = body.get("subscription")
-        if not isinstance(sub_id, int) or isinstance(sub_id, bool):
+        # Bounded: the DB's integers are 64-bit at most, ids far less.
+        if not isinstance(sub_id, int) or isinstance(sub_id, bool) or not 0 <= sub_id < 2**31:
             raise InvalidInput(
                 "'subscription' must be a subscription id", hint="see `sitecloud subscription list`"
             )
@@ -228,7 +475,7 @@ class Store:
                     f"site(s) and has {count}",
                     hint="delete a site or subscribe to a larger plan",
                 )
-            site = Site(name=name, subscription=sub)
+            site = Site(name=name, subscription=sub, app_settings={})
             site.credentials.append(PublishingCredential(username=name, password_hash=password_hash))
             s.add(site)
             self._flush(s, f"site {name!r} already exists")
@@ -243,7 +490,10 @@ class Store:
             query = (
                 select(Site)
                 .join(Subscription)
-                .options(joinedload(Site.subscription).joinedload(Subscription.tenant))
+                .options(
+                    joinedload(Site.subscription).joinedload(Subscription.tenant),
+                    selectinload(Site.hostnames),
+                )
                 .order_by(Site.name)
             )
             if not who.is_admin:
@@ -264,10 +514,173 @@ class Store:
             s.delete(self._visible_site(s, who, name))
             bump_generation(s)
 
+    def set_site_state(self, who: Principal, name: str, state: str) -> Json:
+        """Start or stop: only running sites are routed and served."""
+        with self._write_lock, self._db.session() as s:
+            site = self._visible_site(s, who, name)
+            if state == "running" and site.subscription.state != "active":
+                raise Forbidden(
+                    f"subscription {site.subscription_id} is {site.subscription.state}, not active"
+                )
+            site.state = state
+            bump_generation(s)
+            return self.site_json(site)
+
+    def reset_publishing_password(self, who: Principal, name: str) -> Json:
+        """A new FTP/web deploy password; the old one stops working at the next snapshot."""
+        self.check_site(who, name)
+        password = new_password()
+        password_hash = hash_password(password)
+        with self._write_lock, self._db.session() as s:
+            site = self._visible_site(s, who, name)
+            if site.credentials:
+                for cred in site.credentials:
+                    cred.password_hash = password_hash
+            else:
+                site.credentials.append(PublishingCredential(username=site.name, password_hash=password_hash))
+            bump_generation(s)
+            answer = self.site_json(site)
+        answer["ftp"]["password"] = password
+        answer["deploy"]["password"] = password
+        return answer
+
+    # -- app settings
+
+    def get_settings(self, who: Principal, name: str) -> Json:
+        with self._db.session() as s:
+            site = self._visible_site(s, who, name)
+            return {"site": site.name, "settings": dict(sorted((site.app_settings or {}).items()))}
+
+    def update_settings(self, who: Principal, name: str, changes: Json) -> Json:
+        """Merge ``changes`` into the site's app settings; a null value removes the key."""
+        for key, value in changes.items():
+            if not _SETTING_KEY.match(key):
+                raise InvalidInput(
+                    f"app setting name {key!r} is not valid",
+                    hint="use letters, digits and '_', not starting with a digit (at most 128)",
+                )
+            if value is not None and (not isinstance(value, str) or len(value) > MAX_SETTING_VALUE):
+                raise InvalidInput(
+                    f"app setting {key!r} must be a string of at most {MAX_SETTING_VALUE} characters, or null to remove it"
+                )
+        with self._write_lock, self._db.session() as s:
+            site = self._visible_site(s, who, name)
+            settings = dict(site.app_settings or {})
+            for key, value in changes.items():
+                if value is None:
+                    settings.pop(key, None)
+                else:
+                    settings[key] = value
+            if len(settings) > MAX_SETTINGS:
+                raise LimitReached(f"a site may have at most {MAX_SETTINGS} app settings")
+            site.app_settings = settings
+            bump_generation(s)
+            return {"site": site.name, "settings": dict(sorted(settings.items()))}
+
+    # -- custom hostnames
+
+    def _platform_name(self, hostname: str) -> bool:
+        domain = self._config.domain.lower()
+        return hostname == domain or hostname.endswith(f".{domain}")
+
+    def hostname_availability(self, who: Principal, hostname: str) -> Json:
+        host = validate_hostname(hostname)
+        if self._platform_name(host):
+            return {
+                "hostname": host,
+                "available": False,
+                "reason": f"names under {self._config.domain} belong to the platform",
+            }
+        if "." not in host:
+            return {
+                "hostname": host,
+                "available": False,
+                "reason": "a custom hostname needs a domain (e.g. www.example.com)",
+            }
+        with self._db.session() as s:
+            taken = s.execute(select(CustomHostname.id).where(CustomHostname.hostname == host)).first()
+        if taken:
+            return {"hostname": host, "available": False, "reason": "another site already uses this name"}
+        return {"hostname": host, "available": True, "reason": ""}
+
+    def list_hostnames(self, who: Principal, name: str) -> Json:
+        with self._db.session() as s:
+            site = self._visible_site(s, who, name)
+            return {"site": site.name, "hostnames": [_hostname_json(h) for h in site.hostnames]}
+
+    def add_hostname(self, who: Principal, name: str, body: Json) -> Json:
+        """Bind a host name of the tenant's own to a site, with its certificate (PEM or base64 PFX)."""
+        _only(body, {"hostname", "certificate", "key", "pfx", "password"}, "custom hostname")
+        host = validate_hostname(_text(body, "hostname"))
+        self.check_site(who, name)
+        free = self.hostname_availability(who, host)
+        if not free["available"] and free["reason"] != "another site already uses this name":
+            raise InvalidInput(f"{host} cannot be used: {free['reason']}")
+        cert = None
+        for field in ("certificate", "key", "pfx", "password"):
+            if body.get(field) is not None and not isinstance(body[field], str):
+                raise InvalidInput(f"{field!r} must be a string")
+        if body.get("pfx"):
+            try:
+                pfx = base64.b64decode(body["pfx"], validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidInput("'pfx' must be the PFX file in base64") from None
+            cert = load_certificate(host, pfx=pfx, password=body.get("password"))
+        elif body.get("certificate"):
+            key_text = body.get("key")
+            cert = load_certificate(
+                host,
+                cert_pem=body["certificate"].encode(),
+                key_pem=key_text.encode() if key_text else None,
+                password=body.get("password"),
+            )
+        elif body.get("key"):
+            raise InvalidInput("a key was given without its certificate")
+        with self._write_lock, self._db.session() as s:
+            site = self._visible_site(s, who, name)
+            if s.execute(select(CustomHostname.id).where(CustomHostname.hostname == host)).first():
+                raise AlreadyExists(
+                    f"{host} is already used by a site", hint="each host name can serve one site"
+                )
+            sub = site.subscription
+            used = (
+                s.scalar(
+                    select(func.count(CustomHostname.id)).join(Site).where(Site.subscription_id == sub.id)
+                )
+                or 0
+            )
+            if used >= sub.plan.max_custom_hostnames:
+                raise LimitReached(
+                    f"subscription {sub.id} (plan {sub.plan.name!r}) allows {sub.plan.max_custom_hostnames} "
+                    f"custom hostname(s) and has {used}",
+                    hint="remove a host name or subscribe to a larger plan",
+                )
+            row = CustomHostname(
+                site=site,
+                hostname=host,
+                cert_pem=cert.cert_pem if cert else None,
+                key_pem=cert.key_pem if cert else None,
+                cert_not_after=cert.not_after if cert else None,
+            )
+            s.add(row)
+            self._flush(s, f"{host} is already used by a site")
+            bump_generation(s)
+            return _hostname_json(row)
+
+    def delete_hostname(self, who: Principal, name: str, hostname: str) -> None:
+        host = hostname.lower().rstrip(".")
+        with self._write_lock, self._db.session() as s:
+            site = self._visible_site(s, who, name)
+            row = next((h for h in site.hostnames if h.hostname == host), None)
+            if row is None:
+                raise NotFound(f"site {name!r} has no custom hostname {host!r}")
+            site.hostnames.remove(row)
+            bump_generation(s)
+
     # -- roles
 
     def list_roles(self, who: Principal) -> Json:
-        _require_admin(who)
+        require_admin(who)
         with self._db.session() as s:
             desired = current_generation(s)
             rows = s.scalars(select(Role).options(joinedload(Role.host)))
@@ -280,12 +693,37 @@ class Store:
                     "config_version": r.config_version,
                     "desired_version": desired,
                     "code_version": r.code_version,
-                    "last_heartbeat": _iso(r.last_heartbeat),
+                    "last_heartbeat": iso(r.last_heartbeat),
                 }
                 for r in rows
             ]
             roles.sort(key=lambda r: (r["role"], r["host"]))
             return {"roles": roles}
+
+    def change_role(self, who: Principal, action: str, kind: str, host: str) -> Json:
+        """Add, repair or remove a role on a host: the fabric's job, which only the local fabric has now."""
+        require_admin(who)
+        if kind not in ROLE_KINDS or kind == "controller":
+            raise InvalidInput(
+                f"{kind!r} is not a role",
+                hint=f"one of {', '.join(k for k in ROLE_KINDS if k != 'controller')}",
+            )
+        host = validate_hostname(host)
+        with self._db.session() as s:
+            exists = s.execute(select(Role.id).join(Host).where(Role.kind == kind, Host.name == host)).first()
+        if action != "add" and not exists:
+            raise NotFound(f"no {kind} role on {host}", hint="see `sitecloud role list`")
+        raise NotSupported(
+            f"{_DOING[action]} roles is not available on the local fabric yet",
+            hint="`sitecloud up` runs one of each role on this machine and restarts them when they exit",
+        )
+
+    def fileserver_urls(self) -> list[str]:
+        with self._db.session() as s:
+            rows = s.execute(
+                select(Role.control_port, Host.name, Host.address).join(Host).where(Role.kind == "fileserver")
+            )
+            return [f"https://{address or name}:{port}" for port, name, address in rows]
 
     def generation(self) -> int:
         with self._db.session() as s:

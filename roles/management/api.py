@@ -1,6 +1,7 @@
 """The public REST API (``/api/v1``): JSON over HTTPS, ``Authorization: Bearer <token>``.
 
-Handlers only translate HTTP to :class:`ManagementService` calls; rights are enforced there.
+Handlers only translate HTTP to :class:`ManagementService` calls; rights are enforced there. The
+OpenAPI document (:mod:`roles.management._openapi`) describes every route added here.
 """
 
 from __future__ import annotations
@@ -10,27 +11,33 @@ from typing import Any
 
 from aiohttp import web
 
+from roles.management._openapi import openapi_document
+from roles.management._store import require_admin
 from roles.management.service import ManagementService, Principal
 from shared.errors import BadRequest, InvalidInput
-from shared.internal import error_middleware
 from shared.version import CODE_VERSION
 
-__all__ = ["SERVICE", "make_api_app"]
+__all__ = ["SERVICE", "api_routes", "client_address", "json_body", "principal", "service_of"]
 
 SERVICE = web.AppKey("service", ManagementService)
 
 _CHUNK = 256 * 1024
+_NO_STORE = {"Cache-Control": "no-store"}
 
 
-def _service(request: web.Request) -> ManagementService:
+def service_of(request: web.Request) -> ManagementService:
     return request.app[SERVICE]
 
 
-async def _principal(request: web.Request) -> Principal:
-    return await _service(request).authenticate(request.headers.get("Authorization"))
+async def principal(request: web.Request) -> Principal:
+    return await service_of(request).authenticate(request.headers.get("Authorization"))
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+def client_address(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
     except (ValueError, UnicodeDecodeError) as exc:
@@ -40,93 +47,284 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def _int_param(request: web.Request, key: str) -> int:
+    # The route pattern admits 1-9 digits only.
+    return int(request.match_info[key])
+
+
+def _json(body: Any, status: int = 200, *, secret: bool = False) -> web.Response:
+    # Answers that carry a password or token are never cached anywhere.
+    return web.json_response(body, status=status, headers=_NO_STORE if secret else None)
+
+
+# -- public
+
+
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "code_version": CODE_VERSION})
 
 
-async def create_plan(request: web.Request) -> web.Response:
-    who = await _principal(request)
-    return web.json_response(await _service(request).create_plan(who, await _body(request)), status=201)
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
 
 
-async def list_plans(request: web.Request) -> web.Response:
-    return web.json_response(await _service(request).list_plans(await _principal(request)))
+async def issue_token(request: web.Request) -> web.Response:
+    answer = await service_of(request).issue_token(await json_body(request), client_address(request))
+    return _json(answer, 201, secret=True)
 
 
-async def create_tenant(request: web.Request) -> web.Response:
-    who = await _principal(request)
-    return web.json_response(await _service(request).create_tenant(who, await _body(request)), status=201)
+async def sign_up(request: web.Request) -> web.Response:
+    return _json(await service_of(request).sign_up(await json_body(request)), 201)
 
 
-async def list_tenants(request: web.Request) -> web.Response:
-    return web.json_response(await _service(request).list_tenants(await _principal(request)))
+# -- the caller, tokens, users, settings
 
 
-async def create_subscription(request: web.Request) -> web.Response:
-    who = await _principal(request)
-    answer = await _service(request).create_subscription(who, await _body(request))
-    return web.json_response(answer, status=201)
+async def me(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response({"admin": who.is_admin, "tenant": who.tenant, "username": who.username})
 
 
-async def list_subscriptions(request: web.Request) -> web.Response:
-    return web.json_response(await _service(request).list_subscriptions(await _principal(request)))
+async def create_token(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return _json(await service_of(request).create_token(who, await json_body(request)), 201, secret=True)
 
 
-async def create_site(request: web.Request) -> web.Response:
-    who = await _principal(request)
-    answer = await _service(request).create_site(who, await _body(request))
-    # The passwords are in this answer only: never cache it anywhere.
-    return web.json_response(answer, status=201, headers={"Cache-Control": "no-store"})
+async def list_tokens(request: web.Request) -> web.Response:
+    return web.json_response(await service_of(request).list_tokens(await principal(request)))
 
 
-async def list_sites(request: web.Request) -> web.Response:
-    return web.json_response(await _service(request).list_sites(await _principal(request)))
-
-
-async def show_site(request: web.Request) -> web.Response:
-    who = await _principal(request)
-    return web.json_response(await _service(request).show_site(who, request.match_info["name"]))
-
-
-async def delete_site(request: web.Request) -> web.Response:
-    who = await _principal(request)
-    await _service(request).delete_site(who, request.match_info["name"])
+async def revoke_token(request: web.Request) -> web.Response:
+    who = await principal(request)
+    await service_of(request).revoke_token(who, _int_param(request, "id"))
     return web.Response(status=204)
 
 
+async def create_user(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return _json(await service_of(request).create_user(who, await json_body(request)), 201, secret=True)
+
+
+async def list_users(request: web.Request) -> web.Response:
+    return web.json_response(await service_of(request).list_users(await principal(request)))
+
+
+async def get_settings(request: web.Request) -> web.Response:
+    require_admin(await principal(request))
+    return web.json_response(await service_of(request).get_settings())
+
+
+async def update_settings(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).update_settings(who, await json_body(request)))
+
+
+# -- plans, tenants, subscriptions
+
+
+async def create_plan(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return _json(await service_of(request).create_plan(who, await json_body(request)), 201)
+
+
+async def list_plans(request: web.Request) -> web.Response:
+    return web.json_response(await service_of(request).list_plans(await principal(request)))
+
+
+async def show_plan(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).show_plan(who, request.match_info["name"]))
+
+
+async def update_plan(request: web.Request) -> web.Response:
+    who = await principal(request)
+    answer = await service_of(request).update_plan(who, request.match_info["name"], await json_body(request))
+    return web.json_response(answer)
+
+
+async def create_tenant(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return _json(await service_of(request).create_tenant(who, await json_body(request)), 201, secret=True)
+
+
+async def list_tenants(request: web.Request) -> web.Response:
+    return web.json_response(await service_of(request).list_tenants(await principal(request)))
+
+
+async def create_subscription(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return _json(await service_of(request).create_subscription(who, await json_body(request)), 201)
+
+
+async def list_subscriptions(request: web.Request) -> web.Response:
+    return web.json_response(await service_of(request).list_subscriptions(await principal(request)))
+
+
+async def show_subscription(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).show_subscription(who, _int_param(request, "id")))
+
+
+async def suspend_subscription(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).suspend_subscription(who, _int_param(request, "id")))
+
+
+async def resume_subscription(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).resume_subscription(who, _int_param(request, "id")))
+
+
+async def delete_subscription(request: web.Request) -> web.Response:
+    who = await principal(request)
+    await service_of(request).delete_subscription(who, _int_param(request, "id"))
+    return web.Response(status=204)
+
+
+# -- sites
+
+
+async def create_site(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return _json(await service_of(request).create_site(who, await json_body(request)), 201, secret=True)
+
+
+async def list_sites(request: web.Request) -> web.Response:
+    return web.json_response(await service_of(request).list_sites(await principal(request)))
+
+
+async def show_site(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).show_site(who, request.match_info["name"]))
+
+
+async def delete_site(request: web.Request) -> web.Response:
+    who = await principal(request)
+    await service_of(request).delete_site(who, request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def start_site(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).start_site(who, request.match_info["name"]))
+
+
+async def stop_site(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).stop_site(who, request.match_info["name"]))
+
+
+async def reset_password(request: web.Request) -> web.Response:
+    who = await principal(request)
+    answer = await service_of(request).reset_publishing_password(who, request.match_info["name"])
+    return _json(answer, secret=True)
+
+
+async def publish_profile(request: web.Request) -> web.Response:
+    who = await principal(request)
+    name = request.match_info["name"]
+    body = await service_of(request).publish_profile(who, name)
+    return web.Response(
+        body=body,
+        content_type="application/xml",
+        headers={**_NO_STORE, "Content-Disposition": f'attachment; filename="{name}.PublishSettings"'},
+    )
+
+
+async def get_app_settings(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).get_app_settings(who, request.match_info["name"]))
+
+
+async def update_app_settings(request: web.Request) -> web.Response:
+    who = await principal(request)
+    answer = await service_of(request).update_app_settings(
+        who, request.match_info["name"], await json_body(request)
+    )
+    return web.json_response(answer)
+
+
+async def list_hostnames(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).list_hostnames(who, request.match_info["name"]))
+
+
+async def add_hostname(request: web.Request) -> web.Response:
+    who = await principal(request)
+    answer = await service_of(request).add_hostname(who, request.match_info["name"], await json_body(request))
+    return web.json_response(answer, status=201)
+
+
+async def delete_hostname(request: web.Request) -> web.Response:
+    who = await principal(request)
+    await service_of(request).delete_hostname(who, request.match_info["name"], request.match_info["hostname"])
+    return web.Response(status=204)
+
+
+async def hostname_availability(request: web.Request) -> web.Response:
+    who = await principal(request)
+    answer = await service_of(request).hostname_availability(who, request.match_info["hostname"])
+    return web.json_response(answer)
+
+
 async def deploy_site(request: web.Request) -> web.Response:
-    who = await _principal(request)
+    who = await principal(request)
 
     async def chunks() -> AsyncIterator[bytes]:
         async for chunk in request.content.iter_chunked(_CHUNK):
             yield chunk
 
-    answer = await _service(request).deploy(who, request.match_info["name"], chunks())
+    answer = await service_of(request).deploy(who, request.match_info["name"], chunks())
     return web.json_response(answer)
 
 
-async def list_roles(request: web.Request) -> web.Response:
-    return web.json_response(await _service(request).list_roles(await _principal(request)))
+_ID = r"{id:\d{1,9}}"
 
 
-def make_api_app(service: ManagementService) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
-    app[SERVICE] = service
-    app.add_routes(
-        [
-            web.get("/api/v1/health", health),
-            web.post("/api/v1/plans", create_plan),
-            web.get("/api/v1/plans", list_plans),
-            web.post("/api/v1/tenants", create_tenant),
-            web.get("/api/v1/tenants", list_tenants),
-            web.post("/api/v1/subscriptions", create_subscription),
-            web.get("/api/v1/subscriptions", list_subscriptions),
-            web.post("/api/v1/sites", create_site),
-            web.get("/api/v1/sites", list_sites),
-            web.get("/api/v1/sites/{name}", show_site),
-            web.delete("/api/v1/sites/{name}", delete_site),
-            web.post("/api/v1/sites/{name}/deploy", deploy_site),
-            web.get("/api/v1/roles", list_roles),
-        ]
-    )
-    return app
+def api_routes() -> list[web.RouteDef]:
+    from roles.management._fabric_api import fabric_routes  # lazily: it imports this module
+
+    p = "/api/v1"
+    return [
+        web.get(f"{p}/health", health),
+        web.get("/openapi.json", openapi),
+        web.post(f"{p}/auth/token", issue_token),
+        web.post(f"{p}/signup", sign_up),
+        web.get(f"{p}/me", me),
+        web.post(f"{p}/tokens", create_token),
+        web.get(f"{p}/tokens", list_tokens),
+        web.delete(f"{p}/tokens/{_ID}", revoke_token),
+        web.post(f"{p}/users", create_user),
+        web.get(f"{p}/users", list_users),
+        web.get(f"{p}/settings", get_settings),
+        web.patch(f"{p}/settings", update_settings),
+        web.post(f"{p}/plans", create_plan),
+        web.get(f"{p}/plans", list_plans),
+        web.get(f"{p}/plans/{{name}}", show_plan),
+        web.patch(f"{p}/plans/{{name}}", update_plan),
+        web.post(f"{p}/tenants", create_tenant),
+        web.get(f"{p}/tenants", list_tenants),
+        web.post(f"{p}/subscriptions", create_subscription),
+        web.get(f"{p}/subscriptions", list_subscriptions),
+        web.get(f"{p}/subscriptions/{_ID}", show_subscription),
+        web.delete(f"{p}/subscriptions/{_ID}", delete_subscription),
+        web.post(f"{p}/subscriptions/{_ID}/suspend", suspend_subscription),
+        web.post(f"{p}/subscriptions/{_ID}/resume", resume_subscription),
+        web.post(f"{p}/sites", create_site),
+        web.get(f"{p}/sites", list_sites),
+        web.get(f"{p}/sites/{{name}}", show_site),
+        web.delete(f"{p}/sites/{{name}}", delete_site),
+        web.post(f"{p}/sites/{{name}}/deploy", deploy_site),
+        web.post(f"{p}/sites/{{name}}/start", start_site),
+        web.post(f"{p}/sites/{{name}}/stop", stop_site),
+        web.post(f"{p}/sites/{{name}}/publishing-password", reset_password),
+        web.post(f"{p}/sites/{{name}}/publish-profile", publish_profile),
+        web.get(f"{p}/sites/{{name}}/settings", get_app_settings),
+        web.patch(f"{p}/sites/{{name}}/settings", update_app_settings),
+        web.get(f"{p}/sites/{{name}}/hostnames", list_hostnames),
+        web.post(f"{p}/sites/{{name}}/hostnames", add_hostname),
+        web.delete(f"{p}/sites/{{name}}/hostnames/{{hostname}}", delete_hostname),
+        web.get(f"{p}/hostnames/{{hostname}}/availability", hostname_availability),
+        # Hosts, roles and upgrades (issue 3): their own module, which builds on this one's helpers.
+        *fabric_routes(),
+    ]

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
+import getpass
 import json
 import os
 import sys
@@ -16,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from roles.management._cli_client import ApiClient, Endpoints, zipped
-from shared.errors import SitecloudError
+from roles.management._cli_fabric import add_fabric_commands
+from shared.errors import InvalidInput, SitecloudError
 
 __all__ = ["main"]
 
@@ -66,18 +69,98 @@ def _ago(when: str | None) -> str:
 # -- commands: each calls the API and returns its answer; a matching _show_* prints it for people
 
 
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _per_day(value: int | None, unit: str) -> str:
+    return "unlimited" if value is None else f"{value} {unit}/day"
+
+
+def _plan_body(a: argparse.Namespace) -> dict[str, Any]:
+    """The plan fields given on the command line (only those given, so an update changes only them)."""
+    body: dict[str, Any] = {}
+    for key in (
+        "max_sites",
+        "storage_mb",
+        "max_custom_hostnames",
+        "max_instances_per_site",
+        "compute_mode",
+        "worker_size",
+    ):
+        value = getattr(a, key, None)
+        if value is not None:
+            body[key] = value
+    for key in ("bandwidth_mb_per_day", "cpu_minutes_per_day"):
+        value = getattr(a, key, None)
+        if value is not None:
+            body[key] = None if value == "unlimited" else _int_arg(value, key)
+    for key in ("always_on", "public", "retired"):
+        value = getattr(a, key, None)
+        if value is not None:
+            body[key] = value
+    return body
+
+
+def _int_arg(value: str, key: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidInput(f"--{key.replace('_', '-')} must be a number or 'unlimited'") from None
+
+
 def _plan_create(a: argparse.Namespace, api: ApiClient) -> Any:
-    body = {"name": a.name, "max_sites": a.max_sites, "storage_mb": a.storage_mb}
-    return api.request("POST", api.path("plans"), body)
+    return api.request("POST", api.path("plans"), {"name": a.name, **_plan_body(a)})
+
+
+def _plan_update(a: argparse.Namespace, api: ApiClient) -> Any:
+    body = _plan_body(a)
+    if not body:
+        raise InvalidInput("nothing to change", hint="see `sitecloud plan update --help`")
+    return api.request("PATCH", api.path("plans", a.name), body)
 
 
 def _show_plan_create(plan: Any, a: argparse.Namespace) -> None:
     _out(f"created plan {plan['name']}: up to {plan['max_sites']} site(s), {plan['storage_mb']} MB storage")
 
 
+def _show_plan(plan: Any, a: argparse.Namespace) -> None:
+    offered = "retired" if plan["retired"] else "public" if plan["public"] else "private"
+    compute = plan["compute_mode"] + (f" ({plan['worker_size']})" if plan["worker_size"] else "")
+    _out(f"plan {plan['name']} ({offered})")
+    _fields(
+        [
+            ("max sites", plan["max_sites"]),
+            ("storage", f"{plan['storage_mb']} MB"),
+            ("bandwidth", _per_day(plan["bandwidth_mb_per_day"], "MB")),
+            ("cpu", _per_day(plan["cpu_minutes_per_day"], "min")),
+            ("custom hostnames", plan["max_custom_hostnames"]),
+            ("compute", compute),
+            ("always on", _yes_no(plan["always_on"])),
+            ("instances/site", plan["max_instances_per_site"]),
+            ("subscriptions", plan.get("subscriptions", 0)),
+        ]
+    )
+
+
 def _show_plans(answer: Any, a: argparse.Namespace) -> None:
-    rows = [(p["name"], p["max_sites"], p["storage_mb"]) for p in answer["plans"]]
-    _table(("NAME", "MAX SITES", "STORAGE MB"), rows, empty="no plans yet (`sitecloud plan create`)")
+    rows = [
+        (
+            p["name"],
+            p["max_sites"],
+            p["storage_mb"],
+            p["max_custom_hostnames"],
+            p["compute_mode"] + (f"/{p['worker_size']}" if p["worker_size"] else ""),
+            "retired" if p["retired"] else "public" if p["public"] else "private",
+            p.get("subscriptions", ""),
+        )
+        for p in answer["plans"]
+    ]
+    _table(
+        ("NAME", "MAX SITES", "STORAGE MB", "HOSTNAMES", "COMPUTE", "OFFERED", "SUBSCRIPTIONS"),
+        rows,
+        empty="no plans yet (`sitecloud plan create`)",
+    )
 
 
 def _show_tenant_create(tenant: Any, a: argparse.Namespace) -> None:
@@ -87,17 +170,59 @@ def _show_tenant_create(tenant: Any, a: argparse.Namespace) -> None:
 
 
 def _show_tenants(answer: Any, a: argparse.Namespace) -> None:
-    rows = [(t["id"], t["name"]) for t in answer["tenants"]]
-    _table(("ID", "NAME"), rows, empty="no tenants yet (`sitecloud tenant create`)")
+    rows = [
+        (t["id"], t["name"], t.get("users"), t.get("subscriptions"), t.get("sites"))
+        for t in answer["tenants"]
+    ]
+    _table(
+        ("ID", "NAME", "USERS", "SUBSCRIPTIONS", "SITES"),
+        rows,
+        empty="no tenants yet (`sitecloud tenant create`)",
+    )
 
 
 def _show_subscription_create(sub: Any, a: argparse.Namespace) -> None:
     _out(f"created subscription {sub['id']}: tenant {sub['tenant']}, plan {sub['plan']} ({sub['state']})")
 
 
+def _storage(sub: Any) -> str:
+    used = sub["usage"]["storage_bytes"]
+    shown = "?" if used is None else f"{used / 1048576:.1f}"
+    return f"{shown}/{sub['quotas']['storage_mb']} MB"
+
+
+def _show_subscription(sub: Any, a: argparse.Namespace) -> None:
+    _out(f"subscription {sub['id']}: tenant {sub['tenant']}, plan {sub['plan']} ({sub['state']})")
+    usage, quotas = sub["usage"], sub["quotas"]
+    _fields(
+        [
+            ("sites", f"{usage['sites']}/{quotas['max_sites']}"),
+            ("storage", _storage(sub)),
+            ("custom hostnames", f"{usage['custom_hostnames']}/{quotas['max_custom_hostnames']}"),
+            ("bandwidth", _per_day(quotas["bandwidth_mb_per_day"], "MB")),
+            ("cpu", _per_day(quotas["cpu_minutes_per_day"], "min")),
+        ]
+    )
+
+
 def _show_subscriptions(answer: Any, a: argparse.Namespace) -> None:
-    rows = [(s["id"], s["tenant"], s["plan"], s["state"]) for s in answer["subscriptions"]]
-    _table(("ID", "TENANT", "PLAN", "STATE"), rows, empty="no subscriptions")
+    rows = [
+        (
+            s["id"],
+            s["tenant"],
+            s["plan"],
+            s["state"],
+            f"{s['usage']['sites']}/{s['quotas']['max_sites']}",
+            _storage(s),
+        )
+        for s in answer["subscriptions"]
+    ]
+    _table(("ID", "TENANT", "PLAN", "STATE", "SITES", "STORAGE"), rows, empty="no subscriptions")
+
+
+def _subscription_delete(a: argparse.Namespace, api: ApiClient) -> Any:
+    api.request("DELETE", api.path("subscriptions", str(a.id)))
+    return {"subscription": a.id, "deleted": True}
 
 
 def _site_fields(site: Any) -> list[tuple[str, Any]]:
@@ -107,9 +232,10 @@ def _site_fields(site: Any) -> list[tuple[str, Any]]:
         ("state", site["state"]),
         ("tenant", site["tenant"]),
         ("subscription", site["subscription"]),
-        ("ftp host", f"{ftp['host']}:{ftp['port']}"),
-        ("ftp user", ftp["user"]),
     ]
+    if site.get("hostnames"):
+        pairs.append(("hostnames", ", ".join(site["hostnames"])))
+    pairs += [("ftp host", f"{ftp['host']}:{ftp['port']}"), ("ftp user", ftp["user"])]
     if "password" in ftp:
         pairs.append(("ftp password", ftp["password"]))
     pairs += [("deploy url", deploy["url"]), ("deploy user", deploy["user"])]
@@ -130,6 +256,11 @@ def _show_site(site: Any, a: argparse.Namespace) -> None:
     _fields(_site_fields(site))
 
 
+def _show_password(site: Any, a: argparse.Namespace) -> None:
+    _out(f"new publishing password for {site['name']}: {site['ftp']['password']}")
+    _out("Shown only this once. The old password no longer works.")
+
+
 def _show_sites(answer: Any, a: argparse.Namespace) -> None:
     rows = [(s["name"], s["tenant"], s["subscription"], s["state"], s["url"]) for s in answer["sites"]]
     _table(("NAME", "TENANT", "SUBSCRIPTION", "STATE", "URL"), rows, empty="no sites")
@@ -138,6 +269,115 @@ def _show_sites(answer: Any, a: argparse.Namespace) -> None:
 def _site_delete(a: argparse.Namespace, api: ApiClient) -> Any:
     api.request("DELETE", api.path("sites", a.name))
     return {"site": a.name, "deleted": True}
+
+
+def _pairs(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"{item!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _site_set(a: argparse.Namespace, api: ApiClient) -> Any:
+    return api.request("PATCH", api.path("sites", a.name, "settings"), _pairs(a.settings))
+
+
+def _site_unset(a: argparse.Namespace, api: ApiClient) -> Any:
+    return api.request("PATCH", api.path("sites", a.name, "settings"), dict.fromkeys(a.keys))
+
+
+def _show_settings(answer: Any, a: argparse.Namespace) -> None:
+    settings = answer["settings"]
+    if not settings:
+        _out(f"{answer['site']} has no app settings")
+        return
+    for key, value in settings.items():
+        _out(f"{key}={value}")
+
+
+def _publish_profile(a: argparse.Namespace, api: ApiClient) -> Any:
+    data = api.request_raw("POST", api.path("sites", a.name, "publish-profile"))
+    target = Path(a.output or f"{a.name}.PublishSettings")
+    if str(target) == "-":
+        sys.stdout.write(data.decode())
+        return None
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return {"site": a.name, "file": str(target), "bytes": len(data)}
+
+
+def _show_publish_profile(answer: Any, a: argparse.Namespace) -> None:
+    if answer is None:
+        return
+    _out(f"wrote {answer['file']} (import it in Visual Studio or WebMatrix)")
+    _out("It holds a new publishing password: the old password and earlier profiles no longer work.")
+
+
+def _read(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read {path}: {exc}") from None
+
+
+def _secret(a: argparse.Namespace, prompt: str) -> str | None:
+    if getattr(a, "password_stdin", False):
+        return sys.stdin.readline().rstrip("\n")
+    return None
+
+
+def _hostname_add(a: argparse.Namespace, api: ApiClient) -> Any:
+    body: dict[str, Any] = {"hostname": a.hostname}
+    if a.pfx:
+        try:
+            body["pfx"] = base64.b64encode(Path(a.pfx).read_bytes()).decode()
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {a.pfx}: {exc.strerror}") from None
+    elif a.cert:
+        body["certificate"] = _read(a.cert)
+        if a.key:
+            body["key"] = _read(a.key)
+    password = _secret(a, "certificate password: ")
+    if password:
+        body["password"] = password
+    return api.request("POST", api.path("sites", a.site, "hostnames"), body)
+
+
+def _show_hostname(answer: Any, a: argparse.Namespace) -> None:
+    cert = answer["certificate"]
+    extra = f" with a certificate until {cert['not_after'][:10]}" if cert else " (no certificate: HTTP only)"
+    _out(f"{answer['hostname']} now serves {answer['site']}{extra}")
+
+
+def _show_hostnames(answer: Any, a: argparse.Namespace) -> None:
+    rows = [
+        (
+            h["hostname"],
+            (h["certificate"] or {}).get("not_after", "-")[:10],
+            ", ".join((h["certificate"] or {}).get("names", [])),
+        )
+        for h in answer["hostnames"]
+    ]
+    _table(("HOSTNAME", "CERT UNTIL", "CERT NAMES"), rows, empty=f"{answer['site']} has no custom hostnames")
+
+
+def _hostname_remove(a: argparse.Namespace, api: ApiClient) -> Any:
+    api.request("DELETE", api.path("sites", a.site, "hostnames", a.hostname))
+    return {"site": a.site, "hostname": a.hostname, "deleted": True}
+
+
+def _show_availability(answer: Any, a: argparse.Namespace) -> None:
+    _out(
+        f"{answer['hostname']} is free"
+        if answer["available"]
+        else f"{answer['hostname']} is not free: {answer['reason']}"
+    )
 
 
 def _deploy(a: argparse.Namespace, api: ApiClient) -> Any:
@@ -168,7 +408,109 @@ def _show_roles(answer: Any, a: argparse.Namespace) -> None:
     _table(("ROLE", "HOST", "STATE", "CONFIG", "DESIRED", "HEARTBEAT", "REASON"), rows, empty="no roles")
 
 
+def _user_create(a: argparse.Namespace, api: ApiClient) -> Any:
+    body: dict[str, Any] = {"username": a.username}
+    if getattr(a, "tenant", None):
+        body["tenant"] = a.tenant
+    password = _secret(a, "password: ")
+    if password:
+        body["password"] = password
+    return api.request("POST", api.path("users"), body)
+
+
+def _show_user_create(user: Any, a: argparse.Namespace) -> None:
+    kind = "admin" if user["admin"] else f"user of tenant {user['tenant']}"
+    _out(f"created {kind} {user['username']}")
+    if "password" in user:
+        _out(f"password: {user['password']}")
+        _out("This password is shown only once. Sign in to the portal with it.")
+
+
+def _show_users(answer: Any, a: argparse.Namespace) -> None:
+    rows = [
+        (u["username"], "admin" if u["admin"] else "tenant", u["tenant"], _ago(u["last_sign_in_at"]))
+        for u in answer["users"]
+    ]
+    _table(("USER", "KIND", "TENANT", "LAST SIGN-IN"), rows, empty="no users yet")
+
+
+def _login(a: argparse.Namespace, api: ApiClient) -> Any:
+    password = _secret(a, "password: ")
+    if password is None:
+        if not sys.stdin.isatty():
+            raise InvalidInput("no password", hint="use --password-stdin")
+        password = getpass.getpass("password: ")
+    body = {"username": a.username, "password": password, "name": a.name}
+    return api.request("POST", api.path("auth", "token"), body)
+
+
+def _show_token_create(token: Any, a: argparse.Namespace) -> None:
+    _out(f"token {token['name']} (id {token['id']}): {token['token']}")
+    _out("Shown only once. Use it with --token or SITECLOUD_TOKEN.")
+
+
+def _show_tokens(answer: Any, a: argparse.Namespace) -> None:
+    rows = [
+        (t["id"], t["name"], f"{t['prefix']}…", _ago(t["created_at"]), _ago(t["last_used_at"]))
+        for t in answer["tokens"]
+    ]
+    _table(("ID", "NAME", "STARTS WITH", "CREATED", "LAST USED"), rows, empty="no tokens")
+
+
+def _token_revoke(a: argparse.Namespace, api: ApiClient) -> Any:
+    api.request("DELETE", api.path("tokens", str(a.id)))
+    return {"token": a.id, "deleted": True}
+
+
+def _show_cloud_settings(answer: Any, a: argparse.Namespace) -> None:
+    _fields([("sign-up", "open" if answer["signup_enabled"] else "closed")])
+
+
+def _role_change(action: str) -> Command:
+    def run(a: argparse.Namespace, api: ApiClient) -> Any:
+        if action == "add":
+            return api.request("POST", api.path("roles"), {"role": a.role, "host": a.host})
+        if action == "repair":
+            return api.request("POST", api.path("roles", a.role, a.host, "repair"))
+        api.request("DELETE", api.path("roles", a.role, a.host))
+        return {"role": a.role, "host": a.host, "deleted": True}
+
+    return run
+
+
+def _done(text: str) -> Show:
+    def show(answer: Any, a: argparse.Namespace) -> None:
+        _out(text.format(a=a, answer=answer))
+
+    return show
+
+
 # -- the parser
+
+
+def _plan_options(sp: argparse.ArgumentParser, *, create: bool) -> None:
+    sp.add_argument("--max-sites", type=int, required=create)
+    sp.add_argument("--storage-mb", type=int, required=create)
+    sp.add_argument("--bandwidth-mb-per-day", metavar="MB|unlimited")
+    sp.add_argument("--cpu-minutes-per-day", metavar="MIN|unlimited")
+    sp.add_argument("--max-custom-hostnames", type=int)
+    sp.add_argument("--max-instances-per-site", type=int)
+    sp.add_argument("--compute-mode", choices=["shared", "reserved"])
+    sp.add_argument("--worker-size", choices=["small", "medium", "large"])
+    on = sp.add_mutually_exclusive_group()
+    on.add_argument("--always-on", dest="always_on", action="store_const", const=True)
+    on.add_argument("--no-always-on", dest="always_on", action="store_const", const=False)
+    pub = sp.add_mutually_exclusive_group()
+    pub.add_argument(
+        "--public", dest="public", action="store_const", const=True, help="tenants may subscribe"
+    )
+    pub.add_argument("--private", dest="public", action="store_const", const=False)
+    if not create:
+        ret = sp.add_mutually_exclusive_group()
+        ret.add_argument(
+            "--retire", dest="retired", action="store_const", const=True, help="no new subscriptions"
+        )
+        ret.add_argument("--unretire", dest="retired", action="store_const", const=False)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -187,22 +529,32 @@ def _parser() -> argparse.ArgumentParser:
     top.add_parser("up", help="start the cloud on this machine (see `sitecloud up --help`)", add_help=False)
 
     def leaf(
-        parent: Any, name: str, help_: str, run: Command, show: Show | None = None
+        parent: Any, name: str, help_: str, run: Command, show: Show | None = None, *, anonymous: bool = False
     ) -> argparse.ArgumentParser:
         sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, parents=[common])
-        sp.set_defaults(run=run, show=show)
+        sp.set_defaults(run=run, show=show, anonymous=anonymous)
         return sp
 
     def group(name: str, help_: str) -> Any:
         gp = top.add_parser(name, help=help_, parents=[common])
         return gp.add_subparsers(dest="action", metavar="ACTION", required=True)
 
+    def get(*segments: str) -> Command:
+        return lambda a, api: api.request("GET", api.path(*(s.format(a=a) for s in segments)))
+
+    def post(*segments: str) -> Command:
+        return lambda a, api: api.request("POST", api.path(*(s.format(a=a) for s in segments)))
+
     plan = group("plan", "hosting plans (admin)")
     sp = leaf(plan, "create", "create a plan", _plan_create, _show_plan_create)
     sp.add_argument("name")
-    sp.add_argument("--max-sites", type=int, required=True)
-    sp.add_argument("--storage-mb", type=int, required=True)
-    leaf(plan, "list", "list plans", lambda a, api: api.request("GET", api.path("plans")), _show_plans)
+    _plan_options(sp, create=True)
+    sp = leaf(plan, "update", "change a plan; applies to its subscriptions at once", _plan_update, _show_plan)
+    sp.add_argument("name")
+    _plan_options(sp, create=False)
+    leaf(plan, "list", "list plans (tenants: the public ones)", get("plans"), _show_plans)
+    sp = leaf(plan, "show", "show a plan", get("plans", "{a.name}"), _show_plan)
+    sp.add_argument("name")
 
     tenant = group("tenant", "tenants (admin)")
     sp = leaf(
@@ -213,27 +565,100 @@ def _parser() -> argparse.ArgumentParser:
         _show_tenant_create,
     )
     sp.add_argument("name")
-    leaf(
-        tenant, "list", "list tenants", lambda a, api: api.request("GET", api.path("tenants")), _show_tenants
+    leaf(tenant, "list", "list tenants", get("tenants"), _show_tenants)
+
+    user = group("user", "portal users (admin)")
+    sp = leaf(
+        user,
+        "create",
+        "create a user of a tenant, or an admin without --tenant",
+        _user_create,
+        _show_user_create,
     )
+    sp.add_argument("username")
+    sp.add_argument("--tenant")
+    sp.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin (else generated)"
+    )
+    leaf(user, "list", "list users", get("users"), _show_users)
+
+    admin = group("admin", "admin accounts")
+    sp = leaf(
+        admin, "create-user", "create an admin account for the admin portal", _user_create, _show_user_create
+    )
+    sp.add_argument("username")
+    sp.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin (else generated)"
+    )
+
+    sp = leaf(
+        top,
+        "login",
+        "sign in with a user name and password; prints a new API token",
+        _login,
+        _show_token_create,
+        anonymous=True,
+    )
+    sp.add_argument("username")
+    sp.add_argument("--name", default="cli", help="the token's name (default %(default)s)")
+    sp.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+
+    token = group("token", "your API tokens")
+    sp = leaf(
+        token,
+        "create",
+        "create an API token (shown once)",
+        lambda a, api: api.request("POST", api.path("tokens"), {"name": a.name}),
+        _show_token_create,
+    )
+    sp.add_argument("name")
+    leaf(token, "list", "list your API tokens", get("tokens"), _show_tokens)
+    sp = leaf(token, "revoke", "revoke an API token", _token_revoke, _done("revoked token {a.id}"))
+    sp.add_argument("id", type=int)
+
+    settings = group("settings", "cloud settings (admin)")
+    leaf(settings, "show", "show cloud settings", get("settings"), _show_cloud_settings)
+    sp = leaf(
+        settings,
+        "set",
+        "change cloud settings",
+        lambda a, api: api.request("PATCH", api.path("settings"), {"signup_enabled": a.signup == "open"}),
+        _show_cloud_settings,
+    )
+    sp.add_argument("--signup", choices=["open", "closed"], required=True, help="may tenants sign up?")
 
     sub = group("subscription", "subscriptions of tenants to plans")
     sp = leaf(
         sub,
         "create",
-        "subscribe a tenant to a plan (admin)",
-        lambda a, api: api.request("POST", api.path("subscriptions"), {"tenant": a.tenant, "plan": a.plan}),
+        "subscribe a tenant to a plan (admin), or yourself to a public plan",
+        lambda a, api: api.request(
+            "POST", api.path("subscriptions"), {"plan": a.plan, **({"tenant": a.tenant} if a.tenant else {})}
+        ),
         _show_subscription_create,
     )
-    sp.add_argument("--tenant", required=True)
+    sp.add_argument("--tenant")
     sp.add_argument("--plan", required=True)
-    leaf(
+    leaf(sub, "list", "list subscriptions with usage", get("subscriptions"), _show_subscriptions)
+    for name, help_, run in [
+        ("show", "show a subscription's quotas and usage", get("subscriptions", "{a.id}")),
+        (
+            "suspend",
+            "suspend a subscription: its sites go offline (admin)",
+            post("subscriptions", "{a.id}", "suspend"),
+        ),
+        ("resume", "resume a suspended subscription (admin)", post("subscriptions", "{a.id}", "resume")),
+    ]:
+        sp = leaf(sub, name, help_, run, _show_subscription)
+        sp.add_argument("id", type=int)
+    sp = leaf(
         sub,
-        "list",
-        "list subscriptions",
-        lambda a, api: api.request("GET", api.path("subscriptions")),
-        _show_subscriptions,
+        "delete",
+        "delete a subscription and its sites (admin)",
+        _subscription_delete,
+        _done("deleted subscription {a.id}"),
     )
+    sp.add_argument("id", type=int)
 
     site = group("site", "sites")
     sp = leaf(
@@ -247,26 +672,89 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("name")
     sp.add_argument("--subscription", type=int, required=True, help="subscription id")
-    leaf(site, "list", "list sites", lambda a, api: api.request("GET", api.path("sites")), _show_sites)
+    leaf(site, "list", "list sites", get("sites"), _show_sites)
+    sp = leaf(site, "show", "show a site", get("sites", "{a.name}"), _show_site)
+    sp.add_argument("name")
+    sp = leaf(site, "delete", "delete a site and its content", _site_delete, _done("deleted site {a.name}"))
+    sp.add_argument("name")
+    sp = leaf(site, "start", "start a site", post("sites", "{a.name}", "start"), _done("started {a.name}"))
+    sp.add_argument("name")
     sp = leaf(
-        site, "show", "show a site", lambda a, api: api.request("GET", api.path("sites", a.name)), _show_site
+        site,
+        "stop",
+        "stop a site (visitors get a 'stopped' page)",
+        post("sites", "{a.name}", "stop"),
+        _done("stopped {a.name}"),
     )
     sp.add_argument("name")
-    sp = leaf(site, "delete", "delete a site and its content", _site_delete)
+    sp = leaf(
+        site, "settings", "show a site's app settings", get("sites", "{a.name}", "settings"), _show_settings
+    )
     sp.add_argument("name")
+    sp = leaf(site, "set", "set app settings", _site_set, _show_settings)
+    sp.add_argument("name")
+    sp.add_argument("settings", nargs="+", metavar="KEY=VALUE")
+    sp = leaf(site, "unset", "remove app settings", _site_unset, _show_settings)
+    sp.add_argument("name")
+    sp.add_argument("keys", nargs="+", metavar="KEY")
+    sp = leaf(
+        site,
+        "reset-password",
+        "set a new publishing password (shown once)",
+        post("sites", "{a.name}", "publishing-password"),
+        _show_password,
+    )
+    sp.add_argument("name")
+    sp = leaf(
+        site,
+        "publish-profile",
+        "download a .PublishSettings file (sets a new publishing password)",
+        _publish_profile,
+        _show_publish_profile,
+    )
+    sp.add_argument("name")
+    sp.add_argument("-o", "--output", help="file to write (default NAME.PublishSettings; '-' for stdout)")
+
+    hostname = group("hostname", "custom hostnames of sites")
+    sp = leaf(hostname, "add", "add a custom hostname, with a certificate", _hostname_add, _show_hostname)
+    sp.add_argument("site")
+    sp.add_argument("hostname")
+    sp.add_argument("--cert", help="PEM certificate (chain) file; may hold the key too")
+    sp.add_argument("--key", help="PEM private key file")
+    sp.add_argument("--pfx", help="PFX / PKCS#12 file instead of --cert/--key")
+    sp.add_argument("--password-stdin", action="store_true", help="read the PFX or key password from stdin")
+    sp = leaf(
+        hostname,
+        "list",
+        "list a site's custom hostnames",
+        get("sites", "{a.site}", "hostnames"),
+        _show_hostnames,
+    )
+    sp.add_argument("site")
+    sp = leaf(
+        hostname,
+        "remove",
+        "remove a custom hostname",
+        _hostname_remove,
+        _done("removed {a.hostname} from {a.site}"),
+    )
+    sp.add_argument("site")
+    sp.add_argument("hostname")
+    sp = leaf(
+        hostname,
+        "check",
+        "is a host name free?",
+        get("hostnames", "{a.hostname}", "availability"),
+        _show_availability,
+    )
+    sp.add_argument("hostname")
 
     sp = leaf(top, "deploy", "replace a site's content with a directory or a .zip", _deploy, _show_deploy)
     sp.add_argument("site")
     sp.add_argument("path", help="a directory (zipped on the fly) or a .zip file")
 
-    role = group("role", "role processes (admin)")
-    leaf(
-        role,
-        "list",
-        "list roles and their health",
-        lambda a, api: api.request("GET", api.path("roles")),
-        _show_roles,
-    )
+    # Hosts, roles and upgrades (issue 3).
+    add_fabric_commands(group, leaf, top)
     return p
 
 
@@ -319,7 +807,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     home = Path(args.home or os.environ.get("SITECLOUD_HOME") or _DEFAULT_HOME).expanduser()
     try:
         endpoints = Endpoints.load(home)
-        token = args.token or os.environ.get("SITECLOUD_TOKEN") or endpoints.admin_token()
+        token = args.token or os.environ.get("SITECLOUD_TOKEN")
+        if not token and not args.anonymous:
+            token = endpoints.admin_token()
         answer = args.run(args, ApiClient(endpoints, token))
     except SitecloudError as err:
         return _fail(err, args.json)
@@ -329,8 +819,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _out(json.dumps(answer, indent=2, ensure_ascii=False))
     elif args.show is not None:
         args.show(answer, args)
-    elif isinstance(answer, dict) and answer.get("deleted"):
-        _out(f"deleted site {answer['site']}")
     return 0
 
 

@@ -7,11 +7,15 @@ nudged. Every method takes the calling :class:`Principal` and enforces its right
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable
-from typing import Any
+import threading
+from collections.abc import AsyncIterable, Callable
+from typing import Any, TypeVar
 
+from roles.management._accounts import Accounts
 from roles.management._nudge import Nudger
+from roles.management._publish_profile import publish_settings
 from roles.management._store import Principal, Store
+from roles.management._usage import StorageReader
 from roles.management.config import ManagementConfig
 from shared.db import Database
 from shared.errors import Unauthorized, Unavailable
@@ -21,6 +25,7 @@ from shared.logs import get_logger
 __all__ = ["ManagementService", "Principal"]
 
 Json = dict[str, Any]
+T = TypeVar("T")
 
 # A web deploy may carry a large zip over a slow link; the publisher answers once it is committed.
 _DEPLOY_TIMEOUT = 3600.0
@@ -30,10 +35,14 @@ class ManagementService:
     def __init__(self, config: ManagementConfig, db: Database) -> None:
         self.config = config
         self._log = get_logger(config.role, host=config.host)
-        self._store = Store(db, config)
+        lock = threading.Lock()
+        self.db = db  # the fabric API (roles/management/_fabric_api.py) writes hosts and roles
+        self._store = Store(db, config, lock)
+        self.accounts = Accounts(db, lock)
         self._client = InternalClient(config, timeout=10)
         self._deploy_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
         self._nudger = Nudger(self._client, config.controller_url, self._log)
+        self._storage = StorageReader(self._client, lambda: asyncio.to_thread(self._store.fileserver_urls))
 
     async def start(self) -> None:
         self._nudger.start()
@@ -43,12 +52,15 @@ class ManagementService:
         await self._client.close()
         await self._deploy_client.close()
 
-    async def _write(self, fn: Any, *args: Any) -> Any:
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         result = await asyncio.to_thread(fn, *args)
         self._nudger.nudge()
         return result
 
-    # -- auth
+    # -- auth and accounts
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal for an ``Authorization: Bearer <token>`` header."""
@@ -58,57 +70,199 @@ class ManagementService:
                 "an API token is required (Authorization: Bearer <token>)",
                 hint="pass --token or set SITECLOUD_TOKEN",
             )
-        principal: Principal = await asyncio.to_thread(self._store.authenticate, token.strip())
-        return principal
+        return await self._read(self.accounts.authenticate, token.strip())
+
+    async def sign_in(self, username: str, password: str, client: str) -> Principal:
+        who = await self._read(self.accounts.sign_in, username, password, client)
+        self._log.bind(tenant=who.tenant).info("user %s signed in", who.username)
+        return who
+
+    async def sign_up(self, body: Json) -> Json:
+        user = await self._write(self.accounts.sign_up, body)
+        self._log.bind(tenant=user["tenant"]).info("tenant signed up")
+        return user
+
+    async def create_session(self, who: Principal) -> tuple[str, str]:
+        return await self._read(self.accounts.create_session, who)
+
+    async def session(self, cookie: str) -> tuple[Principal, str] | None:
+        return await self._read(self.accounts.session, cookie)
+
+    async def end_session(self, cookie: str) -> None:
+        await self._read(self.accounts.end_session, cookie)
+
+    async def create_user(self, who: Principal, body: Json) -> Json:
+        user = await self._read(self.accounts.create_user, who, body)
+        self._log.info("user %s created (admin: %s)", user["username"], user["admin"])
+        return user
+
+    async def list_users(self, who: Principal) -> Json:
+        return await self._read(self.accounts.list_users, who)
+
+    async def create_token(self, who: Principal, body: Json) -> Json:
+        return await self._read(self.accounts.create_token, who, body)
+
+    async def issue_token(self, body: Json, client: str) -> Json:
+        username, password, name = body.get("username"), body.get("password"), body.get("name", "cli")
+        if not isinstance(username, str) or not isinstance(password, str) or not isinstance(name, str):
+            raise Unauthorized("a user name and password are required")
+        return await self._read(self.accounts.issue_token, username, password, name, client)
+
+    async def list_tokens(self, who: Principal) -> Json:
+        return await self._read(self.accounts.list_tokens, who)
+
+    async def revoke_token(self, who: Principal, token_id: int) -> None:
+        await self._read(self.accounts.revoke_token, who, token_id)
+
+    async def get_settings(self) -> Json:
+        return await self._read(self.accounts.get_settings)
+
+    async def update_settings(self, who: Principal, body: Json) -> Json:
+        return await self._read(self.accounts.update_settings, who, body)
 
     # -- plans, tenants, subscriptions
 
     async def create_plan(self, who: Principal, body: Json) -> Json:
-        result: Json = await self._write(self._store.create_plan, who, body)
+        result = await self._write(self._store.create_plan, who, body)
         self._log.info("plan %s created", result["name"])
         return result
 
     async def list_plans(self, who: Principal) -> Json:
-        return await asyncio.to_thread(self._store.list_plans, who)
+        return await self._read(self._store.list_plans, who)
+
+    async def show_plan(self, who: Principal, name: str) -> Json:
+        return await self._read(self._store.show_plan, who, name)
+
+    async def update_plan(self, who: Principal, name: str, body: Json) -> Json:
+        result = await self._write(self._store.update_plan, who, name, body)
+        self._log.info("plan %s updated", name)
+        return result
 
     async def create_tenant(self, who: Principal, body: Json) -> Json:
-        result: Json = await self._write(self._store.create_tenant, who, body)
+        result = await self._write(self._store.create_tenant, who, body)
         self._log.bind(tenant=result["name"]).info("tenant created")
         return result
 
     async def list_tenants(self, who: Principal) -> Json:
-        return await asyncio.to_thread(self._store.list_tenants, who)
+        return await self._read(self._store.list_tenants, who)
+
+    async def _with_storage(self, subs: list[Json]) -> list[Json]:
+        sizes = await self._storage.sizes([name for sub in subs for name in sub["site_names"]])
+        for sub in subs:
+            known = [sizes.get(name) for name in sub["site_names"]]
+            if all(size is not None for size in known):
+                sub["usage"]["storage_bytes"] = sum(size or 0 for size in known)
+        return subs
 
     async def create_subscription(self, who: Principal, body: Json) -> Json:
-        result: Json = await self._write(self._store.create_subscription, who, body)
+        result = await self._write(self._store.create_subscription, who, body)
         self._log.bind(tenant=result["tenant"]).info(
             "subscription %s to plan %s", result["id"], result["plan"]
         )
+        result["usage"]["storage_bytes"] = 0
         return result
 
     async def list_subscriptions(self, who: Principal) -> Json:
-        return await asyncio.to_thread(self._store.list_subscriptions, who)
+        answer = await self._read(self._store.list_subscriptions, who)
+        await self._with_storage(answer["subscriptions"])
+        return answer
+
+    async def show_subscription(self, who: Principal, sub_id: int) -> Json:
+        answer = await self._read(self._store.show_subscription, who, sub_id)
+        return (await self._with_storage([answer]))[0]
+
+    async def suspend_subscription(self, who: Principal, sub_id: int) -> Json:
+        result = await self._write(self._store.set_subscription_state, who, sub_id, "suspended")
+        self._log.bind(tenant=result["tenant"]).info("subscription %s suspended", sub_id)
+        return result
+
+    async def resume_subscription(self, who: Principal, sub_id: int) -> Json:
+        result = await self._write(self._store.set_subscription_state, who, sub_id, "active")
+        self._log.bind(tenant=result["tenant"]).info("subscription %s resumed", sub_id)
+        return result
+
+    async def delete_subscription(self, who: Principal, sub_id: int) -> None:
+        await self._write(self._store.delete_subscription, who, sub_id)
+        self._log.info("subscription %s deleted", sub_id)
 
     # -- sites
 
     async def create_site(self, who: Principal, body: Json) -> Json:
-        result: Json = await self._write(self._store.create_site, who, body)
+        result = await self._write(self._store.create_site, who, body)
         self._log.bind(tenant=result["tenant"], site=result["name"]).info("site created")
         return result
 
     async def list_sites(self, who: Principal) -> Json:
-        return await asyncio.to_thread(self._store.list_sites, who)
+        return await self._read(self._store.list_sites, who)
 
     async def show_site(self, who: Principal, name: str) -> Json:
-        return await asyncio.to_thread(self._store.show_site, who, name)
+        return await self._read(self._store.show_site, who, name)
+
+    async def site_storage(self, who: Principal, name: str) -> int | None:
+        await self._read(self._store.check_site, who, name)
+        return (await self._storage.sizes([name]))[name]
 
     async def delete_site(self, who: Principal, name: str) -> None:
         await self._write(self._store.delete_site, who, name)
         self._log.bind(tenant=who.tenant, site=name).info("site deleted")
 
+    async def start_site(self, who: Principal, name: str) -> Json:
+        result = await self._write(self._store.set_site_state, who, name, "running")
+        self._log.bind(tenant=result["tenant"], site=name).info("site started")
+        return result
+
+    async def stop_site(self, who: Principal, name: str) -> Json:
+        result = await self._write(self._store.set_site_state, who, name, "stopped")
+        self._log.bind(tenant=result["tenant"], site=name).info("site stopped")
+        return result
+
+    async def reset_publishing_password(self, who: Principal, name: str) -> Json:
+        result = await self._write(self._store.reset_publishing_password, who, name)
+        self._log.bind(tenant=result["tenant"], site=name).info("publishing password reset")
+        return result
+
+    async def publish_profile(self, who: Principal, name: str) -> bytes:
+        """The ``.PublishSettings`` file. Only password hashes are stored, so making one sets a new
+        publishing password: the old one (and any earlier profile) stops working."""
+        site = await self.reset_publishing_password(who, name)
+        return publish_settings(
+            site=site["name"],
+            site_url=site["url"],
+            deploy_url=self.config.deploy_url,
+            ftp_host=site["ftp"]["host"],
+            ftp_port=site["ftp"]["port"],
+            user=site["ftp"]["user"],
+            password=site["ftp"]["password"],
+        )
+
+    async def get_app_settings(self, who: Principal, name: str) -> Json:
+        return await self._read(self._store.get_settings, who, name)
+
+    async def update_app_settings(self, who: Principal, name: str, changes: Json) -> Json:
+        result = await self._write(self._store.update_settings, who, name, changes)
+        self._log.bind(tenant=who.tenant, site=name).info(
+            "app settings changed: %s", ", ".join(sorted(changes))
+        )
+        return result
+
+    async def list_hostnames(self, who: Principal, name: str) -> Json:
+        return await self._read(self._store.list_hostnames, who, name)
+
+    async def add_hostname(self, who: Principal, name: str, body: Json) -> Json:
+        result = await self._write(self._store.add_hostname, who, name, body)
+        self._log.bind(tenant=who.tenant, site=name).info("custom hostname %s added", result["hostname"])
+        return result
+
+    async def delete_hostname(self, who: Principal, name: str, hostname: str) -> None:
+        await self._write(self._store.delete_hostname, who, name, hostname)
+        self._log.bind(tenant=who.tenant, site=name).info("custom hostname %s removed", hostname)
+
+    async def hostname_availability(self, who: Principal, hostname: str) -> Json:
+        return await self._read(self._store.hostname_availability, who, hostname)
+
     async def deploy(self, who: Principal, name: str, body: AsyncIterable[bytes]) -> Json:
         """Stream a zip to the publisher, which replaces the site's content with it in one version."""
-        await asyncio.to_thread(self._store.check_site, who, name)
+        await self._read(self._store.check_site, who, name)
         if not self.config.publisher_url:
             raise Unavailable("web deploy is not available: no publisher is configured")
         url = f"{self.config.publisher_url.rstrip('/')}/v1/deploy/{name}"
@@ -117,10 +271,14 @@ class ManagementService:
         )
         if not isinstance(answer, dict):
             raise Unavailable("the publisher gave an unexpected answer to the deploy")
+        self._storage.forget(name)
         self._log.bind(site=name).info("deployed version %s", answer.get("version"))
         return answer
 
     # -- roles
 
     async def list_roles(self, who: Principal) -> Json:
-        return await asyncio.to_thread(self._store.list_roles, who)
+        return await self._read(self._store.list_roles, who)
+
+    async def change_role(self, who: Principal, action: str, kind: str, host: str) -> Json:
+        return await self._read(self._store.change_role, who, action, kind, host)

@@ -6,21 +6,36 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, UniqueConstraint, func
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    func,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
     "ApiToken",
     "Base",
     "CloudState",
+    "CustomHostname",
     "Host",
     "Plan",
+    "PortalSession",
     "PublishingCredential",
     "Role",
+    "Setting",
     "Site",
     "SiteAssignment",
     "Subscription",
     "Tenant",
+    "User",
 ]
 
 
@@ -51,6 +66,18 @@ class Plan(Base):
     max_sites: Mapped[int]
     storage_mb: Mapped[int]
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+    # Issue 6 quotas. NULL bandwidth/CPU means unlimited; metering and enforcement come later.
+    bandwidth_mb_per_day: Mapped[int | None] = mapped_column(default=None)
+    cpu_minutes_per_day: Mapped[int | None] = mapped_column(default=None)
+    max_custom_hostnames: Mapped[int] = mapped_column(default=0, server_default="0")
+    compute_mode: Mapped[str] = mapped_column(String(16), default="shared", server_default="shared")
+    # small | medium | large when compute_mode is "reserved"; NULL for shared.
+    worker_size: Mapped[str | None] = mapped_column(String(16), default=None)
+    always_on: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    max_instances_per_site: Mapped[int] = mapped_column(default=1, server_default="1")
+    # Public plans are offered to tenants in the portal; retired plans take no new subscriptions.
+    public: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    retired: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Tenant(Base):
@@ -70,6 +97,43 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(64), default="default")
     tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+    # The user who made it (NULL for the seeded admin token and tokens made with `tenant create`).
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), default=None)
+    # The first characters of the token, so people can tell their tokens apart.
+    prefix: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class User(Base):
+    """A person who signs in to a portal: an admin when ``tenant_id`` is NULL, else a tenant's user."""
+
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+    last_sign_in_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class PortalSession(Base):
+    """A signed-in browser. Only a hash of the cookie's value is kept; the CSRF token goes in forms."""
+
+    __tablename__ = "portal_sessions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+    expires_at: Mapped[dt.datetime]
+
+
+class Setting(Base):
+    """Cloud-wide settings an admin changes at run time (e.g. whether tenants may sign up)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 class Subscription(Base):
@@ -93,7 +157,12 @@ class Site(Base):
     subscription_id: Mapped[int] = mapped_column(ForeignKey("subscriptions.id", ondelete="CASCADE"))
     state: Mapped[str] = mapped_column(String(16), default="running")
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+    # Key/value app settings; a later issue hands them to the site's app processes.
+    app_settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     subscription: Mapped[Subscription] = relationship(back_populates="sites")
+    hostnames: Mapped[list[CustomHostname]] = relationship(
+        back_populates="site", cascade="all, delete-orphan", order_by="CustomHostname.hostname"
+    )
     credentials: Mapped[list[PublishingCredential]] = relationship(
         back_populates="site", cascade="all, delete-orphan"
     )
@@ -111,6 +180,20 @@ class PublishingCredential(Base):
     username: Mapped[str] = mapped_column(String(64), unique=True)
     password_hash: Mapped[str] = mapped_column(String(256))
     site: Mapped[Site] = relationship(back_populates="credentials")
+
+
+class CustomHostname(Base):
+    """A host name of the tenant's own that also serves a site, with its certificate (PEM) if any."""
+
+    __tablename__ = "custom_hostnames"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"))
+    hostname: Mapped[str] = mapped_column(String(253), unique=True)
+    cert_pem: Mapped[str | None] = mapped_column(Text, default=None)
+    key_pem: Mapped[str | None] = mapped_column(Text, default=None)
+    cert_not_after: Mapped[dt.datetime | None] = mapped_column(default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+    site: Mapped[Site] = relationship(back_populates="hostnames")
 
 
 class Host(Base):
@@ -141,6 +224,16 @@ class Role(Base):
     code_version: Mapped[str] = mapped_column(String(64), default="")
     config_version: Mapped[int] = mapped_column(default=0)
     last_heartbeat: Mapped[dt.datetime | None]
+    # Issue 3 (fabric). What the admin wants: "running" or "stopped" (role start/stop).
+    desired_state: Mapped[str] = mapped_column(String(16), default="running", server_default="running")
+    # small | medium | large for workers; NULL elsewhere.
+    size: Mapped[str | None] = mapped_column(String(16), default=None)
+    # A worker reserved for one subscription's sites (its id); NULL for the shared pool.
+    reserved_for_id: Mapped[int | None] = mapped_column(default=None)
+    # The code hash (wheelhouse) the controller installed; "" for roles run from the checkout.
+    code_hash: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # Load figures from the role's last health answer.
+    load: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     host: Mapped[Host] = relationship(back_populates="roles")
 
 

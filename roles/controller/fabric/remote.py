@@ -116,11 +116,14 @@ class RemoteLauncher(RoleLauncher):
         env: Mapping[str, str] | None = None,
         progress: ProgressCallback | None = None,
         health_timeout: float = _HEALTH_TIMEOUT,
+        extra_files: Mapping[str, tuple[bytes, int]] | None = None,
     ) -> dict[str, float]:
         """Put ``config.role`` on this host and run it until its health endpoint answers.
 
         ``config.home`` is the role home on the host (see :meth:`role_home`). Returns the seconds each
         step took, and ``total``. Installing again (repair) replaces the files and restarts the role.
+        ``extra_files`` are more files for the role home (path relative to it → bytes, mode), e.g. the
+        front ends' wildcard certificate.
         """
         started = time.monotonic()
         kind, home = config.role, PurePosixPath(str(config.home))
@@ -140,7 +143,7 @@ class RemoteLauncher(RoleLauncher):
             async with steps.step("install", f"venv {self._venv(digest)}"):
                 await self._install_venv(conn, digest)
             async with steps.step("configure", str(home)):
-                await self._configure(conn, config, home, cert, ca_pem, digest, systemd)
+                await self._configure(conn, config, home, cert, ca_pem, digest, systemd, extra_files or {})
             async with steps.step("start", "systemd" if systemd else "hostagent"):
                 await self._start(conn, kind, home, dict(env or {}), restart=True)
         finally:
@@ -216,6 +219,7 @@ fi"""
         ca_pem: bytes,
         digest: str,
         systemd: bool,
+        extra_files: Mapping[str, tuple[bytes, int]],
     ) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             # The exact bytes write_role_config writes locally, so role.json reads the same everywhere.
@@ -236,6 +240,11 @@ fi"""
             (tls / "ca.pem", ca_pem, 0o644),
             (home / "supervisor", b"systemd\n" if systemd else b"hostagent\n", 0o644),
         ]
+        for rel, (data, mode) in extra_files.items():
+            path = home / rel
+            if ".." in PurePosixPath(rel).parts or not path.is_relative_to(home):
+                raise InvalidInput(f"extra file {rel!r} is not inside the role home")
+            files.append((path, data, mode))
         async with conn.start_sftp_client() as sftp:
             for path, data, mode in files:
                 await _put_atomic(sftp, path, data, mode)
@@ -376,9 +385,27 @@ WantedBy=multi-user.target
         async with self._session() as conn:
             await self._start(conn, spec.kind, home, dict(spec.env), restart=False)
 
+    async def restart(self, spec: RoleSpec) -> None:
+        """Stop the role (it drains on SIGTERM) and start it again."""
+        home = PurePosixPath(str(spec.home))
+        async with self._session() as conn:
+            await self._start(conn, spec.kind, home, dict(spec.env), restart=True)
+
     async def stop(self, kind: str) -> None:
         async with self._session() as conn:
             await self._stop(conn, kind)
+
+    async def uninstall(self, kind: str) -> None:
+        """Stop the role and delete its home (venvs and wheels stay for the host's other roles)."""
+        home = self.role_home(kind)
+        async with self._session() as conn:
+            await self._stop(conn, kind)
+            await run_checked(
+                conn,
+                f"rm -f /etc/systemd/system/sitecloud-{kind}.service 2>/dev/null; rm -rf {_q(home)}",
+                what=f"removing {home}",
+            )
+        self._seen.pop(kind, None)
 
     async def _stop(self, conn: asyncssh.SSHClientConnection, kind: str) -> None:
         home = self.role_home(kind)

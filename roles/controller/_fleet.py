@@ -1,0 +1,485 @@
+"""The controller's fabric work: hosts from providers, roles installed and lifecycled on them, upgrades.
+
+Management writes what the admin wants (host and role rows, a role's desired run state) and asks the
+controller to act; this module does the acting. Long operations report progress as dicts (one per step,
+streamed to the CLI as NDJSON). Operations on one host run one at a time (they share its venvs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import select
+
+from roles.controller.config import CloudConfig
+from roles.controller.fabric._wheelhouse import Wheelhouse
+from roles.controller.fabric.base import FabricProvider, ProgressStep, RoleLauncher, RoleSpec
+from roles.controller.fabric.local import LOCAL_HOST, LocalFabric
+from roles.controller.fabric.netns import NetnsFabric
+from roles.controller.fabric.remote import RemoteLauncher
+from roles.controller.fabric.ssh import SshFabric
+from roles.controller.home import CloudHome
+from shared.db import Database, Host, Role
+from shared.errors import InvalidInput, NotFound, NotSupported, SitecloudError, Unavailable
+from shared.logs import get_logger
+
+__all__ = ["UPGRADE_ORDER", "Fleet", "FleetHooks", "Progress"]
+
+Progress = Callable[[dict[str, Any]], None]
+
+# Upgrade domains: one role type after another, one host at a time within a type. The content store
+# first (workers serve from their caches meanwhile), front ends last (clients move to the others).
+UPGRADE_ORDER = ("fileserver", "publisher", "worker", "management", "frontend")
+_READY_TIMEOUT = 60.0
+
+
+class FleetHooks(Protocol):
+    """What the fabric work needs from the controller's reconciliation and health loops."""
+
+    def route_around(self, role_id: int, on: bool) -> None: ...
+
+    async def converge(self, timeout: float = 10.0) -> None: ...
+
+    async def wait_ready(self, role_id: int, url: str, timeout: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class _RoleRow:
+    id: int
+    kind: str
+    host: str
+    fabric: str
+    address: str
+    code_hash: str
+    desired_state: str
+    control_port: int
+
+    @property
+    def control_url(self) -> str:
+        return f"https://{self.host}:{self.control_port}"
+
+
+class Fleet:
+    def __init__(
+        self,
+        home: CloudHome,
+        config: CloudConfig,
+        db: Database,
+        local: LocalFabric,
+        client_ssl: ssl.SSLContext,
+        hooks: FleetHooks,
+    ) -> None:
+        self.home = home
+        self.config = config
+        self.db = db
+        self.hooks = hooks
+        self.wheelhouse = Wheelhouse(config.wheelhouse_dir)
+        self.netns = NetnsFabric(config.home, wheelhouse=self.wheelhouse, client_ssl=client_ssl)
+        self.ssh = SshFabric(config.home, wheelhouse=self.wheelhouse, client_ssl=client_ssl)
+        self.fabrics: dict[str, FabricProvider] = {"local": local, "netns": self.netns, "ssh": self.ssh}
+        self._host_locks: dict[str, asyncio.Lock] = {}
+        self._upgrade = asyncio.Lock()
+        self._log = get_logger("controller", host=LOCAL_HOST)
+        # Set by the controller: where roles on netns hosts reach its internal API.
+        self.gateway_url = ""
+
+    def provider(self, fabric: str) -> FabricProvider:
+        try:
+            return self.fabrics[fabric]
+        except KeyError:
+            raise InvalidInput(f"no fabric {fabric!r}", hint=f"one of {', '.join(self.fabrics)}") from None
+
+    def launcher(self, host: str, fabric: str) -> RoleLauncher:
+        return self.provider(fabric).launcher(host)
+
+    def describe(self, kind: str, host: str, fabric: str) -> tuple[str, str]:
+        try:
+            return self.launcher(host, fabric).describe(kind)
+        except SitecloudError:
+            return "stopped", ""
+
+    @contextlib.asynccontextmanager
+    async def _host(self, name: str) -> AsyncIterator[None]:
+        lock = self._host_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            yield
+
+    # -- the DB -----------------------------------------------------------------------------------
+
+    def _role_row(self, role_id: int) -> _RoleRow:
+        with self.db.session() as s:
+            role = s.get(Role, role_id)
+            if role is None:
+                raise NotFound(f"no role with id {role_id}")
+            return _RoleRow(
+                role.id,
+                role.kind,
+                role.host.name,
+                role.host.fabric,
+                role.host.address,
+                role.code_hash,
+                role.desired_state,
+                role.control_port,
+            )
+
+    def _all_roles(self) -> list[_RoleRow]:
+        with self.db.session() as s:
+            return [
+                _RoleRow(
+                    r.id,
+                    r.kind,
+                    h.name,
+                    h.fabric,
+                    h.address,
+                    r.code_hash,
+                    r.desired_state,
+                    r.control_port,
+                )
+                for r, h in s.execute(select(Role, Host).join(Host).order_by(Host.name, Role.id))
+            ]
+
+    def _set_role(self, role_id: int, **fields: Any) -> None:
+        with self.db.session() as s:
+            role = s.get(Role, role_id)
+            if role is not None:
+                for key, value in fields.items():
+                    setattr(role, key, value)
+
+    def _set_host(self, name: str, **fields: Any) -> None:
+        with self.db.session() as s:
+            host = s.scalar(select(Host).where(Host.name == name))
+            if host is not None:
+                for key, value in fields.items():
+                    setattr(host, key, value)
+
+    def _delete_role(self, role_id: int) -> None:
+        with self.db.session() as s:
+            role = s.get(Role, role_id)
+            if role is not None:
+                s.delete(role)
+
+    def _host_fabric(self, name: str) -> str:
+        with self.db.session() as s:
+            host = s.scalar(select(Host).where(Host.name == name))
+            if host is None:
+                raise NotFound(f"no host {name!r}", hint="sitecloud host create NAME --fabric netns")
+            return host.fabric
+
+    def _publisher_url(self) -> str:
+        with self.db.session() as s:
+            row = s.execute(
+                select(Role.control_port, Host.name, Host.fabric)
+                .join(Host)
+                .where(Role.kind == "publisher")
+                .order_by(Host.fabric == "local", Role.id)
+            ).first()
+        return f"https://{row[1]}:{row[0]}" if row else ""
+
+    # -- hosts ------------------------------------------------------------------------------------
+
+    async def create_host(self, name: str) -> dict[str, Any]:
+        fabric = await asyncio.to_thread(self._host_fabric, name)
+        if fabric == "local":
+            raise NotSupported("the local fabric has one host, this machine", hint="use --fabric netns")
+        async with self._host(name):
+            try:
+                info = await self.provider(fabric).provision(name)
+            except BaseException:
+                await asyncio.to_thread(self._set_host, name, state="failed")
+                raise
+        await asyncio.to_thread(self._set_host, name, address=info.address, state="ready")
+        self._log.info("host %s (%s) is up at %s", name, fabric, info.address)
+        return {"name": name, "fabric": fabric, "address": info.address, "state": "ready"}
+
+    async def delete_host(self, name: str) -> None:
+        fabric = await asyncio.to_thread(self._host_fabric, name)
+        if fabric == "local":
+            raise NotSupported("the local host is this machine: it cannot be deleted")
+        async with self._host(name):
+            await self.provider(fabric).destroy(name)
+
+    # -- roles ------------------------------------------------------------------------------------
+
+    def _controller_url(self, fabric: str) -> str:
+        return self.gateway_url if fabric == "netns" else ""
+
+    async def _install(self, row: _RoleRow, progress: Progress) -> dict[str, float]:
+        launcher = self.launcher(row.host, row.fabric)
+        if not isinstance(launcher, RemoteLauncher):
+            raise NotSupported(f"{row.host} is not a host roles are installed on over SSH")
+        home = Path(str(launcher.role_home(row.kind)))
+        publisher = await asyncio.to_thread(self._publisher_url) if row.kind == "management" else ""
+        if row.kind == "management" and self.config.database_url.startswith("sqlite"):
+            raise NotSupported(
+                "management on another host needs a runtime DB it can reach",
+                hint="start the cloud with `sitecloud up --db postgresql://...`",
+            )
+        config = self.home.remote_role_config(
+            row.kind, row.host, home, controller_url=self._controller_url(row.fabric), publisher_url=publisher
+        )
+        cert = await asyncio.to_thread(self.home.issue_role_cert, row.kind, row.host, row.address)
+        extra: dict[str, tuple[bytes, int]] = {}
+        if row.kind == "frontend":
+            key, pem = self.home.wildcard_pems()
+            extra = {"tls/wildcard.key": (key, 0o600), "tls/wildcard.pem": (pem, 0o644)}
+
+        def step(s: ProgressStep) -> None:
+            progress(
+                {
+                    "role": row.kind,
+                    "host": row.host,
+                    "step": s.step,
+                    "phase": s.phase,
+                    "seconds": round(s.seconds, 2),
+                    "detail": s.detail,
+                }
+            )
+
+        await asyncio.to_thread(self._set_role, row.id, state="Installing", reason="")
+        try:
+            timings = await launcher.install(
+                config,
+                cert,
+                self.home.ca_pem,
+                env=dict(self.config.extra_env),
+                progress=step,
+                extra_files=extra,
+            )
+        except SitecloudError as err:
+            await asyncio.to_thread(self._set_role, row.id, state="Failed", reason=err.message[:512])
+            raise
+        digest, _ = await self.wheelhouse.ensure()
+        await asyncio.to_thread(self._set_role, row.id, code_hash=digest, state="Starting", reason="")
+        return timings
+
+    async def _ready(self, row: _RoleRow, progress: Progress) -> float:
+        """Wait until the role serves with the current config; reported as the step ``ready``."""
+        started = time.monotonic()
+        progress({"role": row.kind, "host": row.host, "step": "ready", "phase": "started"})
+        await self.hooks.converge(timeout=10.0)
+        await self.hooks.wait_ready(row.id, row.control_url, _READY_TIMEOUT)
+        seconds = time.monotonic() - started
+        progress(
+            {
+                "role": row.kind,
+                "host": row.host,
+                "step": "ready",
+                "phase": "done",
+                "seconds": round(seconds, 2),
+            }
+        )
+        return seconds
+
+    async def add_role(
+        self, role_id: int, *, ssh_user: str | None, ssh_key: str | None, progress: Progress
+    ) -> dict[str, Any]:
+        try:
+            return await self._add_role(role_id, ssh_user=ssh_user, ssh_key=ssh_key, progress=progress)
+        except SitecloudError as err:
+            await asyncio.to_thread(self._set_role, role_id, state="Failed", reason=str(err)[:512])
+            raise
+
+    async def _add_role(
+        self, role_id: int, *, ssh_user: str | None, ssh_key: str | None, progress: Progress
+    ) -> dict[str, Any]:
+        started = time.monotonic()
+        row = await asyncio.to_thread(self._role_row, role_id)
+        if row.fabric == "local":
+            raise NotSupported(
+                "roles on this machine are the ones `sitecloud up` runs",
+                hint="start `up` with --local-roles, or add the role on another host",
+            )
+        control, ports = self.home.remote_ports(row.kind)
+        await asyncio.to_thread(self._set_role, role_id, control_port=control, ports=ports)
+        row = await asyncio.to_thread(self._role_row, role_id)
+        async with self._host(row.host):
+            if row.fabric == "ssh" and (ssh_user or ssh_key or row.host not in await self._ssh_hosts()):
+                progress({"role": row.kind, "host": row.host, "step": "reach", "phase": "started"})
+                info = await self.ssh.add(
+                    row.host, user=ssh_user, key_file=Path(ssh_key) if ssh_key else None
+                )
+                await asyncio.to_thread(self._set_host, row.host, address=info.address, state="ready")
+                row = await asyncio.to_thread(self._role_row, role_id)
+            timings = await self._install(row, progress)
+        timings["ready"] = await self._ready(row, progress)
+        total = time.monotonic() - started
+        self._log.info("%s on %s is ready in %.1fs", row.kind, row.host, total)
+        return {
+            "role": row.kind,
+            "host": row.host,
+            "state": "Ready",
+            "seconds": round(total, 2),
+            "steps": {k: round(v, 2) for k, v in timings.items()},
+        }
+
+    async def _ssh_hosts(self) -> set[str]:
+        return {h.name for h in await self.ssh.list_hosts()}
+
+    async def act(self, role_id: int, action: str, progress: Progress) -> dict[str, Any]:
+        """start, stop, restart, repair or remove one role."""
+        if action not in ("start", "stop", "restart", "repair", "remove"):
+            raise InvalidInput(f"no role action {action!r}")
+        started = time.monotonic()
+        row = await asyncio.to_thread(self._role_row, role_id)
+        if row.fabric == "local":
+            return await self._act_local(row, action)
+        launcher = self.launcher(row.host, row.fabric)
+        assert isinstance(launcher, RemoteLauncher)
+        spec = RoleSpec(row.kind, row.host, Path(str(launcher.role_home(row.kind))))
+        state = {"stop": "Stopped", "remove": "Removed"}.get(action, "Ready")
+        try:
+            async with self._host(row.host):
+                if action != "start":
+                    await self._drain(row, progress)
+                progress({"role": row.kind, "host": row.host, "step": action, "phase": "started"})
+                if action == "start":
+                    await launcher.start(spec)
+                elif action == "stop":
+                    await launcher.stop(row.kind)
+                elif action == "restart":
+                    await launcher.restart(spec)
+                elif action == "repair":
+                    await self._install(row, progress)
+                else:
+                    await launcher.uninstall(row.kind)
+                progress({"role": row.kind, "host": row.host, "step": action, "phase": "done"})
+            if action == "remove":
+                await asyncio.to_thread(self._delete_role, row.id)
+            elif action != "stop":
+                await self._ready(row, progress)
+        finally:
+            # Back into the routes only once it serves (a stopped role stays out by its desired state).
+            self.hooks.route_around(row.id, False)
+        await self.hooks.converge()
+        return {
+            "role": row.kind,
+            "host": row.host,
+            "state": state,
+            "seconds": round(time.monotonic() - started, 2),
+        }
+
+    async def _drain(self, row: _RoleRow, progress: Progress) -> None:
+        """Take a worker out of every front end's routes before it goes down."""
+        if row.kind != "worker":
+            return
+        progress({"role": row.kind, "host": row.host, "step": "drain", "phase": "started"})
+        self.hooks.route_around(row.id, True)
+        await self.hooks.converge()
+        progress({"role": row.kind, "host": row.host, "step": "drain", "phase": "done"})
+
+    async def _act_local(self, row: _RoleRow, action: str) -> dict[str, Any]:
+        launcher = self.launcher(LOCAL_HOST, "local")
+        spec = RoleSpec(row.kind, LOCAL_HOST, self.home.role_home(row.kind), dict(self.config.extra_env))
+        if action == "remove":
+            raise NotSupported(
+                "roles on this machine are the ones `sitecloud up` runs",
+                hint="stop it with `sitecloud role stop`, or restart `up` with --local-roles",
+            )
+
+        async def run() -> None:
+            if action in ("stop", "restart", "repair"):
+                await launcher.stop(row.kind)
+            if action != "stop":
+                await launcher.start(spec)
+
+        if row.kind == "management":
+            # Management carries this very request: answer first, act a moment later.
+            task = asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(run()))
+            del task
+            return {
+                "role": row.kind,
+                "host": row.host,
+                "state": "Restarting" if action != "stop" else "Stopping",
+            }
+        await run()
+        if action != "stop":
+            await self.hooks.wait_ready(row.id, row.control_url, _READY_TIMEOUT)
+        return {"role": row.kind, "host": row.host, "state": "Stopped" if action == "stop" else "Ready"}
+
+    # -- rolling upgrade --------------------------------------------------------------------------
+
+    async def upgrade(self, *, force: bool, progress: Progress) -> dict[str, Any]:
+        """Bring every role to the current code, one host at a time per role type, gated on health."""
+        if self._upgrade.locked():
+            raise Unavailable("an upgrade is already running")
+        async with self._upgrade:
+            started = time.monotonic()
+            progress({"step": "wheelhouse", "phase": "started"})
+            digest, _ = await self.wheelhouse.ensure()
+            progress(
+                {
+                    "step": "wheelhouse",
+                    "phase": "done",
+                    "seconds": round(time.monotonic() - started, 2),
+                    "detail": digest,
+                }
+            )
+            rows = await asyncio.to_thread(self._all_roles)
+            rows.sort(key=lambda r: (UPGRADE_ORDER.index(r.kind), r.host))
+            upgraded: list[dict[str, Any]] = []
+            skipped: list[dict[str, Any]] = []
+            for row in rows:
+                why = self._skip(row, digest, force)
+                if why:
+                    skipped.append({"role": row.kind, "host": row.host, "reason": why})
+                    progress({"role": row.kind, "host": row.host, "step": "skip", "detail": why})
+                    continue
+                one = time.monotonic()
+                progress({"role": row.kind, "host": row.host, "step": "upgrade", "phase": "started"})
+                try:
+                    await self._upgrade_one(row, progress)
+                except SitecloudError as err:
+                    raise Unavailable(
+                        f"upgrade stopped at {row.kind} on {row.host}: {err.message}",
+                        hint="the roles after it were not touched; fix it and run `sitecloud upgrade` again",
+                    ) from err
+                seconds = round(time.monotonic() - one, 2)
+                upgraded.append({"role": row.kind, "host": row.host, "seconds": seconds})
+                progress(
+                    {
+                        "role": row.kind,
+                        "host": row.host,
+                        "step": "upgrade",
+                        "phase": "done",
+                        "seconds": seconds,
+                    }
+                )
+            return {
+                "code": digest,
+                "upgraded": upgraded,
+                "skipped": skipped,
+                "seconds": round(time.monotonic() - started, 2),
+            }
+
+    @staticmethod
+    def _skip(row: _RoleRow, digest: str, force: bool) -> str:
+        if row.desired_state != "running":
+            return "stopped"
+        if row.fabric == "local" and row.kind == "management":
+            return "serves this request; restart it with `sitecloud role restart management localhost`"
+        if not force and row.code_hash == digest:
+            return f"already on {digest}"
+        if not force and row.fabric == "local":
+            return "runs from the checkout"
+        return ""
+
+    async def _upgrade_one(self, row: _RoleRow, progress: Progress) -> None:
+        try:
+            if row.fabric == "local":
+                await self._drain(row, progress)
+                await self._act_local(row, "restart")
+            else:
+                async with self._host(row.host):
+                    await self._drain(row, progress)
+                    await self._install(row, progress)
+                await self._ready(row, progress)
+        finally:
+            self.hooks.route_around(row.id, False)
+        await self.hooks.converge()

@@ -1,0 +1,136 @@
+"""The controller's internal API for fabric work (mTLS; management and the controller may call it).
+
+| call | body → answer |
+| --- | --- |
+| ``POST /v1/hosts`` | ``{"name"}`` (the host row management wrote) → the host, provisioned |
+| ``DELETE /v1/hosts/{name}`` | → 204 once the fabric destroyed it |
+| ``POST /v1/roles`` | ``{"id", "ssh_user"?, "ssh_key"?}`` → NDJSON progress, then ``{"result"}`` or ``{"error"}`` |
+| ``POST /v1/roles/{id}/{action}`` | start, stop, restart, repair, remove → NDJSON as above |
+| ``POST /v1/upgrade`` | ``{"force": bool}`` → NDJSON as above |
+
+Long operations answer a stream of JSON lines: progress steps as they happen, and a last line with the
+result or the error. The operation itself runs on even if the caller goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from roles.controller._fleet import Fleet, Progress
+from shared.errors import InvalidInput, SitecloudError
+from shared.internal import require_role
+
+if TYPE_CHECKING:
+    from roles.controller.controller import Controller
+
+__all__ = ["fleet_routes"]
+
+_log = logging.getLogger("sitecloud.controller.fleet")
+_CALLERS = ("management", "controller")
+_ACTIONS = ("start", "stop", "restart", "repair", "remove")
+
+Operation = Callable[[Progress], Awaitable[dict[str, Any]]]
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise InvalidInput("the request body is not JSON") from exc
+    if not isinstance(body, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return body
+
+
+def _opt_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidInput(f"{key!r} must be a string")
+    return value or None
+
+
+def fleet_routes(fleet: Fleet, controller: Controller) -> list[web.RouteDef]:
+    running: set[asyncio.Task[None]] = set()
+
+    async def stream(request: web.Request, operation: Operation) -> web.StreamResponse:
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        async def run() -> None:
+            try:
+                queue.put_nowait({"result": await operation(queue.put_nowait)})
+            except SitecloudError as err:
+                queue.put_nowait(err.to_json())
+            except Exception:
+                _log.exception("fabric operation %s %s failed", request.method, request.path)
+                queue.put_nowait(SitecloudError("internal error in the controller; see its log").to_json())
+            finally:
+                queue.put_nowait(None)
+
+        task = asyncio.create_task(run(), name=f"fleet {request.path}")
+        running.add(task)
+        task.add_done_callback(running.discard)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        listening = True
+        while (item := await queue.get()) is not None:
+            if not listening:
+                continue
+            try:
+                await response.write(json.dumps(item).encode() + b"\n")
+            except (ConnectionResetError, RuntimeError):
+                listening = False  # the caller left; the operation finishes anyway
+        if listening:
+            await response.write_eof()
+        return response
+
+    async def create_host(request: web.Request) -> web.Response:
+        require_role(request, *_CALLERS)
+        name = (await _body(request)).get("name")
+        if not isinstance(name, str):
+            raise InvalidInput("'name' is required")
+        host = await fleet.create_host(name)
+        await controller.listen_on_gateway()
+        return web.json_response(host, status=201)
+
+    async def delete_host(request: web.Request) -> web.Response:
+        require_role(request, *_CALLERS)
+        await fleet.delete_host(request.match_info["name"])
+        return web.Response(status=204)
+
+    async def add_role(request: web.Request) -> web.StreamResponse:
+        require_role(request, *_CALLERS)
+        body = await _body(request)
+        role_id = body.get("id")
+        if not isinstance(role_id, int):
+            raise InvalidInput("'id' (the role row's id) is required")
+        user, key = _opt_str(body, "ssh_user"), _opt_str(body, "ssh_key")
+        return await stream(
+            request, lambda progress: fleet.add_role(role_id, ssh_user=user, ssh_key=key, progress=progress)
+        )
+
+    async def role_action(request: web.Request) -> web.StreamResponse:
+        require_role(request, *_CALLERS)
+        action = request.match_info["action"]
+        if action not in _ACTIONS:
+            raise InvalidInput(f"no role action {action!r}", hint=f"one of {', '.join(_ACTIONS)}")
+        role_id = int(request.match_info["id"])
+        return await stream(request, lambda progress: fleet.act(role_id, action, progress))
+
+    async def upgrade(request: web.Request) -> web.StreamResponse:
+        require_role(request, *_CALLERS)
+        force = bool((await _body(request)).get("force", False))
+        return await stream(request, lambda progress: fleet.upgrade(force=force, progress=progress))
+
+    return [
+        web.post("/v1/hosts", create_host),
+        web.delete("/v1/hosts/{name}", delete_host),
+        web.post("/v1/roles", add_role),
+        web.post(r"/v1/roles/{id:\d{1,9}}/{action}", role_action),
+        web.post("/v1/upgrade", upgrade),
+    ]

@@ -1,0 +1,239 @@
+"""``sitecloud host ...``, ``sitecloud role ...`` and ``sitecloud upgrade``: many hosts, many roles.
+
+Role add, the role actions and upgrade print the controller's steps as they happen (streamed from the
+API as JSON lines); with ``--json`` only the final answer is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from roles.management._cli_client import ApiClient
+from shared.errors import InvalidInput, Unavailable, error_from_json
+
+__all__ = ["add_fabric_commands"]
+
+Command = Callable[[argparse.Namespace, ApiClient], Any]
+Show = Callable[[Any, argparse.Namespace], None]
+Leaf = Callable[..., argparse.ArgumentParser]
+
+_KINDS = ("frontend", "worker", "publisher", "fileserver", "management")
+# Seconds without a line before the CLI gives up on a stream (a cold install takes a while per step).
+_STREAM_TIMEOUT = 900.0
+
+
+def _out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, empty: str) -> None:
+    if not rows:
+        _out(empty)
+        return
+    cells = [[str(h) for h in headers]] + [["-" if c is None or c == "" else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _ago(when: str | None) -> str:
+    if not when:
+        return "never"
+    try:
+        seconds = int((dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(when)).total_seconds())
+    except ValueError:
+        return when
+    return f"{max(seconds, 0)}s ago" if seconds < 120 else f"{seconds // 60}m ago"
+
+
+def _step_line(event: dict[str, Any]) -> str | None:
+    """One progress event as a line for people; None for events not worth a line."""
+    where = f"{event['role']} on {event['host']}: " if "role" in event else ""
+    step, phase, detail = event.get("step", ""), event.get("phase"), event.get("detail") or ""
+    if phase == "started":
+        return None
+    if phase == "done":
+        seconds = event.get("seconds")
+        took = f" ({seconds:.1f}s)" if isinstance(seconds, int | float) and seconds >= 0.05 else ""
+        return f"  {where}{step} done{took}" + (f"  {detail}" if detail else "")
+    return f"  {where}{step}" + (f": {detail}" if detail else "")
+
+
+def _stream(api: ApiClient, path: str, body: dict[str, Any], *, quiet: bool) -> Any:
+    """POST, print each progress line as it comes, and return the final result (or raise its error)."""
+    conn = api._connection(_STREAM_TIMEOUT)
+    try:
+        conn.request(
+            "POST",
+            path,
+            body=json.dumps(body).encode(),
+            headers=api._headers({"Content-Type": "application/json", "Accept": "application/x-ndjson"}),
+        )
+        resp = conn.getresponse()
+        if resp.status >= 400:
+            raw = resp.read()
+            raise error_from_json(resp.status, json.loads(raw) if raw else None)
+        while line := resp.readline():
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if "result" in event:
+                return event["result"]
+            if "error" in event:
+                raise error_from_json(500, event)
+            text = _step_line(event)
+            if text and not quiet:
+                _out(text)
+    except OSError as exc:
+        raise api._unreachable(exc) from None
+    except (http.client.HTTPException, ValueError) as exc:
+        raise Unavailable(f"the answer from {api.base} broke off: {exc!r}") from None
+    finally:
+        conn.close()
+    raise Unavailable("the controller's answer ended without a result", hint="see `sitecloud role list`")
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+def _host_create(a: argparse.Namespace, api: ApiClient) -> Any:
+    return api.request("POST", api.path("hosts"), {"name": a.name, "fabric": a.fabric})
+
+
+def _host_delete(a: argparse.Namespace, api: ApiClient) -> Any:
+    api.request("DELETE", api.path("hosts", a.name))
+    return {"host": a.name, "deleted": True}
+
+
+def _role_add(a: argparse.Namespace, api: ApiClient) -> Any:
+    body: dict[str, Any] = {"role": a.role, "host": a.host}
+    if a.ssh_user:
+        body["ssh_user"] = a.ssh_user
+    if a.ssh_key:
+        key = Path(a.ssh_key).expanduser().resolve()
+        if not key.is_file():
+            raise InvalidInput(f"no SSH key file at {key}")
+        body["ssh_key"] = str(key)
+    if a.size:
+        body["size"] = a.size
+    if a.reserved_for is not None:
+        body["reserved_for"] = a.reserved_for
+    if not a.json:
+        _out(f"adding {a.role} on {a.host}")
+    return _stream(api, api.path("roles"), body, quiet=a.json)
+
+
+def _role_action(action: str) -> Command:
+    def run(a: argparse.Namespace, api: ApiClient) -> Any:
+        if not a.json:
+            _out(f"{action} {a.role} on {a.host}")
+        return _stream(api, api.path("roles", a.role, a.host, action), {}, quiet=a.json)
+
+    return run
+
+
+def _upgrade(a: argparse.Namespace, api: ApiClient) -> Any:
+    if not a.json:
+        _out("rolling upgrade: one host at a time per role type, each gated on health")
+    return _stream(api, api.path("upgrade"), {"force": a.force}, quiet=a.json)
+
+
+# -- output for people -----------------------------------------------------------------------------
+
+
+def _show_host(host: Any, a: argparse.Namespace) -> None:
+    _out(f"host {host['name']} ({host['fabric']}) is {host['state']} at {host['address']}")
+
+
+def _show_hosts(answer: Any, a: argparse.Namespace) -> None:
+    rows = [
+        (h["name"], h["fabric"], h["address"], h["state"], ", ".join(h["roles"])) for h in answer["hosts"]
+    ]
+    _table(("HOST", "FABRIC", "ADDRESS", "STATE", "ROLES"), rows, empty="no hosts")
+
+
+def _show_roles(answer: Any, a: argparse.Namespace) -> None:
+    rows = []
+    for r in answer["roles"]:
+        state = r["state"] if r["host_state"] != "down" else f"{r['state']} (host down)"
+        code = r["code_version"] + (f"/{r['code_hash'][:8]}" if r.get("code_hash") else "")
+        rows.append(
+            (
+                r["role"],
+                r["host"],
+                state,
+                code,
+                f"{r['config_version']}/{r['desired_version']}",
+                _ago(r["last_heartbeat"]),
+                r.get("reason"),
+            )
+        )
+    _table(("ROLE", "HOST", "STATE", "CODE", "CONFIG", "HEARTBEAT", "REASON"), rows, empty="no roles")
+
+
+def _show_role_done(answer: Any, a: argparse.Namespace) -> None:
+    _out(f"{answer['role']} on {answer['host']} is {answer['state']} ({answer.get('seconds', 0):.1f}s)")
+
+
+def _show_upgrade(answer: Any, a: argparse.Namespace) -> None:
+    done = len(answer["upgraded"])
+    _out(
+        f"upgraded {done} role(s) to code {answer['code']} in {answer['seconds']:.1f}s; "
+        f"{len(answer['skipped'])} left as they were"
+    )
+
+
+def _done(text: str) -> Show:
+    return lambda answer, a: _out(text.format(a=a))
+
+
+def add_fabric_commands(group: Callable[[str, str], Any], leaf: Leaf, top: Any) -> None:
+    """``host``, ``role`` and ``upgrade`` on the CLI's parser (``group`` and ``leaf`` are its builders)."""
+    host = group("host", "role hosts from a fabric (admin)")
+    sp = leaf(host, "create", "provision a host", _host_create, _show_host)
+    sp.add_argument("name", help="the host's DNS name")
+    sp.add_argument("--fabric", choices=["netns", "ssh"], default="netns", help="default %(default)s")
+    leaf(host, "list", "list hosts", lambda a, api: api.request("GET", api.path("hosts")), _show_hosts)
+    sp = leaf(
+        host, "delete", "destroy a host that runs no roles", _host_delete, _done("deleted host {a.name}")
+    )
+    sp.add_argument("name")
+
+    role = group("role", "role processes on hosts (admin)")
+    leaf(
+        role,
+        "list",
+        "roles, their state and health",
+        lambda a, api: api.request("GET", api.path("roles")),
+        _show_roles,
+    )
+    sp = leaf(role, "add", "install and start a role on a host, by DNS name", _role_add, _show_role_done)
+    sp.add_argument("role", choices=_KINDS)
+    sp.add_argument("host", help="a host from `host create`, or any machine reachable over SSH")
+    sp.add_argument("--ssh-user", help="log in as this user (default root)")
+    sp.add_argument("--ssh-key", help="private key file to log in with (default: the controller's own)")
+    sp.add_argument("--size", choices=["small", "medium", "large"], help="worker size")
+    sp.add_argument(
+        "--reserved-for", type=int, metavar="SUBSCRIPTION", help="a worker only for this subscription's sites"
+    )
+    for action, help_ in [
+        ("start", "start a stopped role"),
+        ("stop", "stop a role (workers leave the front ends' routes first)"),
+        ("restart", "restart a role"),
+        ("repair", "install the role again and restart it"),
+        ("remove", "stop a role and delete it from its host"),
+    ]:
+        sp = leaf(role, action, help_, _role_action(action), _show_role_done)
+        sp.add_argument("role", choices=_KINDS)
+        sp.add_argument("host")
+
+    sp = leaf(top, "upgrade", "rolling upgrade of every role to the current code", _upgrade, _show_upgrade)
+    sp.add_argument("--force", action="store_true", help="also roll roles already on the current code")

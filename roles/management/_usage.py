@@ -1,0 +1,63 @@
+"""Storage used per site, asked of the fileserver (``GET /v1/sites/{site}`` over mTLS), best effort.
+
+Pages must not wait on a slow or absent fileserver: each ask has a short timeout, answers are cached
+for a little while, and an unknown size is ``None`` (the portal says "unknown").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from shared.errors import NotFound, SitecloudError
+from shared.internal import InternalClient
+
+__all__ = ["StorageReader"]
+
+_TTL = 15.0
+_TIMEOUT = 2.0
+_PARALLEL = 16
+
+
+class StorageReader:
+    def __init__(self, client: InternalClient, fileservers: Callable[[], Awaitable[list[str]]]) -> None:
+        self._client = client
+        self._fileservers = fileservers
+        self._cache: dict[str, tuple[float, int | None]] = {}
+        self._gate = asyncio.Semaphore(_PARALLEL)
+
+    async def _one(self, base: str, site: str) -> int | None:
+        async with self._gate:
+            try:
+                answer = await asyncio.wait_for(self._client.get_json(f"{base}/v1/sites/{site}"), _TIMEOUT)
+            except NotFound:
+                return 0  # nothing stored for it yet
+            except (SitecloudError, TimeoutError):
+                return None
+        size = answer.get("total_bytes") if isinstance(answer, dict) else None
+        return size if isinstance(size, int) else None
+
+    def forget(self, site: str) -> None:
+        """Drop a cached size (after a deploy through us, the next page shows the new one)."""
+        self._cache.pop(site, None)
+
+    async def sizes(self, sites: list[str]) -> dict[str, int | None]:
+        now = time.monotonic()
+        out: dict[str, int | None] = {}
+        wanted = []
+        for site in sites:
+            hit = self._cache.get(site)
+            if hit and hit[0] > now:
+                out[site] = hit[1]
+            else:
+                wanted.append(site)
+        if wanted:
+            bases = await self._fileservers()
+            if not bases:
+                return {**out, **dict.fromkeys(wanted)}
+            got = await asyncio.gather(*(self._one(bases[0], site) for site in wanted))
+            for site, size in zip(wanted, got, strict=True):
+                self._cache[site] = (now + _TTL, size)
+                out[site] = size
+        return out

@@ -1,0 +1,292 @@
+"""The admin portal: roles and hosts, plans, tenants and subscriptions, every site, cloud settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from roles.management._store import WORKER_SIZES
+from roles.management.api import service_of
+from roles.management.portal._web import Page, posted, redirect, render, require_page
+from shared.config import ROLE_KINDS
+from shared.errors import InvalidInput, SitecloudError
+
+__all__ = ["admin_routes"]
+
+_INT_FIELDS = ("max_sites", "storage_mb", "max_custom_hostnames", "max_instances_per_site")
+_OPTIONAL_INT_FIELDS = ("bandwidth_mb_per_day", "cpu_minutes_per_day")
+
+
+def _plan_body(form: Any, *, create: bool) -> dict[str, Any]:
+    """A plan form as the API's JSON body; an empty bandwidth or CPU field means unlimited."""
+    body: dict[str, Any] = {}
+    if create:
+        body["name"] = str(form.get("name", "")).strip()
+    for key in (*_INT_FIELDS, *_OPTIONAL_INT_FIELDS):
+        text = str(form.get(key, "")).strip()
+        if not text:
+            if key in _OPTIONAL_INT_FIELDS:
+                body[key] = None
+            continue
+        try:
+            body[key] = int(text)
+        except ValueError:
+            raise InvalidInput(f"{key.replace('_', ' ')} must be a whole number") from None
+    body["compute_mode"] = "reserved" if form.get("compute_mode") == "reserved" else "shared"
+    size = str(form.get("worker_size", ""))
+    body["worker_size"] = size if body["compute_mode"] == "reserved" and size else None
+    body["always_on"] = form.get("always_on") == "on"
+    body["public"] = form.get("public") == "on"
+    if not create:
+        body["retired"] = form.get("retired") == "on"
+    return body
+
+
+async def _render(
+    request: web.Request,
+    template: str,
+    page: Page,
+    *,
+    status: int = 200,
+    error: SitecloudError | None = None,
+    **ctx: Any,
+) -> web.Response:
+    return render(request, template, page=page, status=status, error=error, **ctx)
+
+
+# -- dashboard: hosts and roles
+
+
+async def _dashboard(
+    request: web.Request, page: Page, *, status: int = 200, error: SitecloudError | None = None
+) -> web.Response:
+    service = service_of(request)
+    roles = (await service.list_roles(page.who))["roles"]
+    hosts: dict[str, list[dict[str, Any]]] = {}
+    for role in roles:
+        hosts.setdefault(role["host"], []).append(role)
+    counts = {
+        "sites": len((await service.list_sites(page.who))["sites"]),
+        "tenants": len((await service.list_tenants(page.who))["tenants"]),
+        "plans": len((await service.list_plans(page.who))["plans"]),
+        "ready": sum(1 for r in roles if r["state"] == "Ready"),
+        "roles": len(roles),
+    }
+    kinds = [k for k in ROLE_KINDS if k != "controller"]
+    return await _render(
+        request, "admin_home.html", page, status=status, error=error, hosts=hosts, counts=counts, kinds=kinds
+    )
+
+
+async def dashboard(request: web.Request) -> web.StreamResponse:
+    return await _dashboard(request, await require_page(request, admin=True))
+
+
+async def role_action(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request, admin=True)
+    form = await posted(request, page)
+    action = str(form.get("action", ""))
+    try:
+        if action not in ("add", "repair", "remove"):
+            raise InvalidInput("unknown role action")
+        await service_of(request).change_role(
+            page.who, action, str(form.get("role", "")), str(form.get("host", ""))
+        )
+    except SitecloudError as err:
+        return await _dashboard(request, page, status=err.status, error=err)
+    raise redirect("/admin/")
+
+
+# -- plans
+
+
+async def _plans(
+    request: web.Request,
+    page: Page,
+    *,
+    status: int = 200,
+    error: SitecloudError | None = None,
+    form: Any = None,
+) -> web.Response:
+    plans = (await service_of(request).list_plans(page.who))["plans"]
+    return await _render(
+        request,
+        "admin_plans.html",
+        page,
+        status=status,
+        error=error,
+        plans=plans,
+        sizes=WORKER_SIZES,
+        form=form or {},
+    )
+
+
+async def plans(request: web.Request) -> web.StreamResponse:
+    return await _plans(request, await require_page(request, admin=True))
+
+
+async def create_plan(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request, admin=True)
+    form = await posted(request, page)
+    try:
+        await service_of(request).create_plan(page.who, _plan_body(form, create=True))
+    except SitecloudError as err:
+        return await _plans(
+            request,
+            page,
+            status=err.status,
+            error=err,
+            form={k: v for k, v in form.items() if isinstance(v, str)},
+        )
+    raise redirect("/admin/plans", "plan-created")
+
+
+async def _plan(
+    request: web.Request, page: Page, *, status: int = 200, error: SitecloudError | None = None
+) -> web.Response:
+    plan = await service_of(request).show_plan(page.who, request.match_info["name"])
+    return await _render(
+        request, "admin_plan.html", page, status=status, error=error, plan=plan, sizes=WORKER_SIZES
+    )
+
+
+async def plan(request: web.Request) -> web.StreamResponse:
+    return await _plan(request, await require_page(request, admin=True))
+
+
+async def update_plan(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request, admin=True)
+    form = await posted(request, page)
+    name = request.match_info["name"]
+    try:
+        await service_of(request).update_plan(page.who, name, _plan_body(form, create=False))
+    except SitecloudError as err:
+        return await _plan(request, page, status=err.status, error=err)
+    raise redirect(f"/admin/plans/{name}", "plan-saved")
+
+
+# -- tenants and subscriptions
+
+
+async def _tenants(
+    request: web.Request, page: Page, *, status: int = 200, error: SitecloudError | None = None, **extra: Any
+) -> web.Response:
+    service = service_of(request)
+    return await _render(
+        request,
+        "admin_tenants.html",
+        page,
+        status=status,
+        error=error,
+        tenants=(await service.list_tenants(page.who))["tenants"],
+        subs=(await service.list_subscriptions(page.who))["subscriptions"],
+        plans=[p for p in (await service.list_plans(page.who))["plans"] if not p["retired"]],
+        new_tenant=extra.pop("new_tenant", None),
+        new_user=extra.pop("new_user", None),
+        **extra,
+    )
+
+
+async def tenants(request: web.Request) -> web.StreamResponse:
+    return await _tenants(request, await require_page(request, admin=True))
+
+
+async def tenant_action(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request, admin=True)
+    form = await posted(request, page)
+    service, action = service_of(request), str(form.get("action", ""))
+    try:
+        if action == "create-tenant":
+            tenant = await service.create_tenant(page.who, {"name": str(form.get("name", "")).strip()})
+            return await _tenants(
+                request, page, new_tenant=tenant, notice=f"Tenant {tenant['name']} created."
+            )
+        if action == "create-user":
+            body = {
+                "username": str(form.get("username", "")).strip(),
+                "tenant": str(form.get("tenant", "")) or None,
+            }
+            user = await service.create_user(page.who, body)
+            return await _tenants(request, page, new_user=user, notice=f"User {user['username']} created.")
+        if action == "subscribe":
+            await service.create_subscription(
+                page.who, {"tenant": str(form.get("tenant", "")), "plan": str(form.get("plan", ""))}
+            )
+            raise redirect("/admin/tenants", "subscribed")
+        sub_id = int(str(form.get("subscription", "0")) or 0)
+        if action == "suspend":
+            await service.suspend_subscription(page.who, sub_id)
+            raise redirect("/admin/tenants", "suspended")
+        if action == "resume":
+            await service.resume_subscription(page.who, sub_id)
+            raise redirect("/admin/tenants", "resumed")
+        if action == "delete":
+            await service.delete_subscription(page.who, sub_id)
+            raise redirect("/admin/tenants", "subscription-deleted")
+        raise InvalidInput("unknown action")
+    except SitecloudError as err:
+        return await _tenants(request, page, status=err.status, error=err)
+    except ValueError:
+        return await _tenants(request, page, status=400, error=InvalidInput("choose a subscription"))
+
+
+# -- sites and settings
+
+
+async def sites(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request, admin=True)
+    return await _render(
+        request, "admin_sites.html", page, sites=(await service_of(request).list_sites(page.who))["sites"]
+    )
+
+
+async def _settings(
+    request: web.Request, page: Page, *, status: int = 200, error: SitecloudError | None = None, **extra: Any
+) -> web.Response:
+    service = service_of(request)
+    return await _render(
+        request,
+        "admin_settings.html",
+        page,
+        status=status,
+        error=error,
+        settings=await service.get_settings(),
+        users=(await service.list_users(page.who))["users"],
+        new_user=extra.pop("new_user", None),
+        **extra,
+    )
+
+
+async def settings(request: web.Request) -> web.StreamResponse:
+    return await _settings(request, await require_page(request, admin=True))
+
+
+async def update_settings(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request, admin=True)
+    form = await posted(request, page)
+    service = service_of(request)
+    try:
+        if form.get("action") == "create-admin":
+            user = await service.create_user(page.who, {"username": str(form.get("username", "")).strip()})
+            return await _settings(request, page, new_user=user, notice=f"Admin {user['username']} created.")
+        await service.update_settings(page.who, {"signup_enabled": form.get("signup_enabled") == "on"})
+    except SitecloudError as err:
+        return await _settings(request, page, status=err.status, error=err)
+    raise redirect("/admin/settings", "cloud-saved")
+
+
+def admin_routes() -> list[web.RouteDef]:
+    return [
+        web.get("/admin/", dashboard),
+        web.post("/admin/roles", role_action),
+        web.get("/admin/plans", plans),
+        web.post("/admin/plans", create_plan),
+        web.get("/admin/plans/{name}", plan),
+        web.post("/admin/plans/{name}", update_plan),
+        web.get("/admin/tenants", tenants),
+        web.post("/admin/tenants", tenant_action),
+        web.get("/admin/sites", sites),
+        web.get("/admin/settings", settings),
+        web.post("/admin/settings", update_settings),
+    ]

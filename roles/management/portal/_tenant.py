@@ -1,0 +1,292 @@
+"""The tenant portal: subscriptions and quota use, sites and everything on a site's page.
+
+Every action calls the same :class:`ManagementService` method as the REST API; admins may open any
+site's page too (the service decides what each principal may do).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from roles.management.api import service_of
+from roles.management.portal._web import (
+    Page,
+    check_csrf,
+    check_origin,
+    posted,
+    redirect,
+    render,
+    require_page,
+)
+from shared.errors import BadRequest, InvalidInput, SitecloudError
+
+__all__ = ["tenant_routes"]
+
+_CHUNK = 256 * 1024
+
+
+def _site(request: web.Request) -> str:
+    return request.match_info["name"]
+
+
+async def _home(
+    request: web.Request, page: Page, *, status: int = 200, error: SitecloudError | None = None, **extra: Any
+) -> web.Response:
+    service = service_of(request)
+    subs = (await service.list_subscriptions(page.who))["subscriptions"]
+    sites = (await service.list_sites(page.who))["sites"]
+    plans = (await service.list_plans(page.who))["plans"] if not page.who.is_admin else []
+    return render(
+        request,
+        "tenant_home.html",
+        page=page,
+        status=status,
+        error=error,
+        subs=subs,
+        sites=sites,
+        plans=plans,
+        **extra,
+    )
+
+
+async def home(request: web.Request) -> web.StreamResponse:
+    return await _home(request, await require_page(request))
+
+
+async def subscribe(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request)
+    form = await posted(request, page)
+    try:
+        await service_of(request).create_subscription(page.who, {"plan": str(form.get("plan", ""))})
+    except SitecloudError as err:
+        return await _home(request, page, status=err.status, error=err)
+    raise redirect("/portal/", "subscribed")
+
+
+async def create_site(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request)
+    form = await posted(request, page)
+    name = str(form.get("name", "")).strip()
+    try:
+        sub = int(str(form.get("subscription", "")))
+    except ValueError:
+        return await _home(
+            request, page, status=400, error=InvalidInput("choose a subscription for the site")
+        )
+    try:
+        site = await service_of(request).create_site(page.who, {"name": name, "subscription": sub})
+    except SitecloudError as err:
+        return await _home(request, page, status=err.status, error=err, new_name=name)
+    # The password is shown on this answer only: render, do not redirect.
+    return await _site_page(request, page, site["name"], status=201, secret=site, notice="Site created.")
+
+
+async def _site_page(
+    request: web.Request,
+    page: Page,
+    name: str,
+    *,
+    status: int = 200,
+    error: SitecloudError | None = None,
+    **extra: Any,
+) -> web.Response:
+    service = service_of(request)
+    site = await service.show_site(page.who, name)
+    settings = (await service.get_app_settings(page.who, name))["settings"]
+    hostnames = (await service.list_hostnames(page.who, name))["hostnames"]
+    storage = await service.site_storage(page.who, name)
+    check = None
+    wanted = request.query.get("check", "").strip()
+    if wanted:
+        try:
+            check = await service.hostname_availability(page.who, wanted)
+        except SitecloudError as err:
+            check = {"hostname": wanted, "available": False, "reason": err.message}
+    extra.setdefault("secret", None)
+    return render(
+        request,
+        "site.html",
+        page=page,
+        status=status,
+        error=error,
+        site=site,
+        settings=settings,
+        hostnames=hostnames,
+        storage=storage,
+        check=check,
+        **extra,
+    )
+
+
+async def site_page(request: web.Request) -> web.StreamResponse:
+    return await _site_page(request, await require_page(request), _site(request))
+
+
+async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
+    page = await require_page(request)
+    form = await posted(request, page)
+    service, name = service_of(request), _site(request)
+    try:
+        if action == "start":
+            await service.start_site(page.who, name)
+            raise redirect(f"/portal/sites/{name}", "started")
+        if action == "stop":
+            await service.stop_site(page.who, name)
+            raise redirect(f"/portal/sites/{name}", "stopped")
+        if action == "delete":
+            if form.get("confirm") != name:
+                raise InvalidInput("type the site's name to confirm deleting it")
+            await service.delete_site(page.who, name)
+            raise redirect("/portal/", "site-deleted")
+        if action == "password":
+            secret = await service.reset_publishing_password(page.who, name)
+            return await _site_page(request, page, name, secret=secret, notice="New publishing password set.")
+        if action == "settings":
+            key, value = str(form.get("key", "")).strip(), form.get("value")
+            remove = form.get("remove")
+            if isinstance(remove, str) and remove:
+                await service.update_app_settings(page.who, name, {remove: None})
+            else:
+                await service.update_app_settings(
+                    page.who, name, {key: value if isinstance(value, str) else ""}
+                )
+            raise redirect(f"/portal/sites/{name}", "settings-saved")
+        if action == "hostname-remove":
+            await service.delete_hostname(page.who, name, str(form.get("hostname", "")))
+            raise redirect(f"/portal/sites/{name}", "hostname-removed")
+        if action == "hostname":
+            await service.add_hostname(page.who, name, _hostname_body(form))
+            raise redirect(f"/portal/sites/{name}", "hostname-added")
+    except SitecloudError as err:
+        return await _site_page(request, page, name, status=err.status, error=err)
+    raise web.HTTPNotFound()
+
+
+def _file(form: Any, key: str) -> bytes | None:
+    field = form.get(key)
+    if isinstance(field, web.FileField):
+        data = field.file.read()
+        return data or None
+    return None
+
+
+def _hostname_body(form: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"hostname": str(form.get("hostname", "")).strip()}
+    pfx, cert, key = _file(form, "pfx"), _file(form, "certificate"), _file(form, "key")
+    password = str(form.get("password", "")) or None
+    if pfx:
+        body["pfx"] = base64.b64encode(pfx).decode()
+    elif cert:
+        try:
+            body["certificate"] = cert.decode()
+            body["key"] = key.decode() if key else None
+        except UnicodeDecodeError:
+            raise InvalidInput(
+                "the certificate and key must be PEM text files", hint="or upload a .pfx file"
+            ) from None
+    if password and (pfx or cert):
+        body["password"] = password
+    return body
+
+
+async def start(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "start")
+
+
+async def stop(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "stop")
+
+
+async def delete(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "delete")
+
+
+async def reset_password(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "password")
+
+
+async def app_settings(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "settings")
+
+
+async def add_hostname(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "hostname")
+
+
+async def remove_hostname(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "hostname-remove")
+
+
+async def publish_profile(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request)
+    await posted(request, page)
+    name = _site(request)
+    try:
+        body = await service_of(request).publish_profile(page.who, name)
+    except SitecloudError as err:
+        return await _site_page(request, page, name, status=err.status, error=err)
+    return web.Response(
+        body=body,
+        content_type="application/xml",
+        headers={
+            "Cache-Control": "no-store",
+            "Content-Disposition": f'attachment; filename="{name}.PublishSettings"',
+        },
+    )
+
+
+async def deploy(request: web.Request) -> web.StreamResponse:
+    """A zip from the browser, streamed to the publisher the way the API's deploy does it.
+
+    The form puts the CSRF field before the file, so it is checked before any upload is read.
+    """
+    page = await require_page(request)
+    name = _site(request)
+    check_origin(request)
+    try:
+        reader = await request.multipart()
+        part = await reader.next()
+        if not isinstance(part, BodyPartReader) or part.name != "csrf":
+            raise BadRequest("the upload form is incomplete", hint="reload the page and try again")
+        check_csrf(page, (await part.read()).decode(errors="replace"))
+        part = await reader.next()
+        if not isinstance(part, BodyPartReader) or part.name != "zip" or not part.filename:
+            raise InvalidInput("choose a .zip file to deploy")
+        upload = part
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while chunk := await upload.read_chunk(_CHUNK):
+                yield chunk
+
+        answer = await service_of(request).deploy(page.who, name, chunks())
+    except SitecloudError as err:
+        return await _site_page(request, page, name, status=err.status, error=err)
+    return await _site_page(
+        request,
+        page,
+        name,
+        notice=f"Deployed {answer.get('files')} file(s), {answer.get('bytes')} bytes: content version {answer.get('version')}.",
+    )
+
+
+def tenant_routes() -> list[web.RouteDef]:
+    s = "/portal/sites/{name}"
+    return [
+        web.get("/portal/", home),
+        web.post("/portal/subscribe", subscribe),
+        web.post("/portal/sites", create_site),
+        web.get(s, site_page),
+        web.post(f"{s}/start", start),
+        web.post(f"{s}/stop", stop),
+        web.post(f"{s}/delete", delete),
+        web.post(f"{s}/password", reset_password),
+        web.post(f"{s}/publish-profile", publish_profile),
+        web.post(f"{s}/settings", app_settings),
+        web.post(f"{s}/hostnames", add_hostname),
+        web.post(f"{s}/hostnames/remove", remove_hostname),
+        web.post(f"{s}/deploy", deploy),
+    ]

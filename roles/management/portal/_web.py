@@ -1,0 +1,207 @@
+"""What every portal page shares: templates, the signed-in session, CSRF checks, notices, errors.
+
+Sessions live in ``__Host-`` cookies (Secure, HttpOnly, SameSite=Lax, Path=/). Every form carries a
+CSRF token: the session's own once signed in, a double-submit cookie on the sign-in and sign-up forms.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from aiohttp import web
+from multidict import MultiDictProxy
+
+from roles.management.api import service_of
+from roles.management.service import Principal
+from shared.errors import Forbidden, SitecloudError
+
+__all__ = [
+    "PRE_CSRF_COOKIE",
+    "SESSION_COOKIE",
+    "Page",
+    "check_csrf",
+    "check_origin",
+    "current_page",
+    "posted",
+    "redirect",
+    "render",
+    "require_page",
+    "security_headers",
+]
+
+SESSION_COOKIE = "__Host-sitecloud_session"
+PRE_CSRF_COOKIE = "__Host-sitecloud_csrf"
+
+_TEMPLATES = Path(__file__).with_name("templates")
+
+# Fixed texts a redirect may ask the next page to show (?n=key): no text from the URL reaches a page.
+NOTICES = {
+    "signed-out": "You are signed out.",
+    "subscribed": "Subscribed. You can create sites in the new subscription now.",
+    "site-created": "Site created.",
+    "site-deleted": "Site deleted, with its content.",
+    "started": "Site started: it serves visitors again.",
+    "stopped": "Site stopped: visitors get a 'site stopped' page until you start it.",
+    "settings-saved": "App settings saved.",
+    "hostname-added": "Custom hostname added.",
+    "hostname-removed": "Custom hostname removed.",
+    "token-revoked": "Token revoked: it no longer works.",
+    "plan-created": "Plan created.",
+    "plan-saved": "Plan saved. Every subscription on it has the new quotas now.",
+    "suspended": "Subscription suspended: its sites are offline.",
+    "resumed": "Subscription resumed: its running sites are back online.",
+    "subscription-deleted": "Subscription deleted, with its sites.",
+    "cloud-saved": "Cloud settings saved.",
+}
+
+
+def _bytes(value: int | None) -> str:
+    if value is None:
+        return "unknown"
+    size = float(value)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def _ago(when: str | None) -> str:
+    if not when:
+        return "never"
+    seen = dt.datetime.fromisoformat(when)
+    seconds = int((dt.datetime.now(dt.UTC) - seen).total_seconds())
+    if seconds < 120:
+        return f"{max(seconds, 0)} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    if seconds < 172800:
+        return f"{seconds // 3600} h ago"
+    return seen.strftime("%Y-%m-%d")
+
+
+def _percent(used: float | None, limit: float | None) -> int:
+    if used is None or not limit:
+        return 0
+    return max(0, min(100, round(100 * used / limit)))
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(_TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["bytes"] = _bytes
+    env.filters["ago"] = _ago
+    env.globals["percent"] = _percent
+    return env
+
+
+_ENV = _environment()
+
+
+@dataclass(frozen=True)
+class Page:
+    """The signed-in browser behind a request."""
+
+    who: Principal
+    csrf: str
+
+
+PAGE = web.RequestKey("portal_page", Page)
+
+
+async def current_page(request: web.Request) -> Page | None:
+    if PAGE in request:
+        return request[PAGE]
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
+        return None
+    found = await service_of(request).session(cookie)
+    if found is None:
+        return None
+    page = Page(*found)
+    request[PAGE] = page
+    return page
+
+
+async def require_page(request: web.Request, *, admin: bool = False) -> Page:
+    page = await current_page(request)
+    if page is None:
+        raise web.HTTPSeeOther("/signin")
+    if admin and not page.who.is_admin:
+        raise Forbidden("this page is for hosting admins", hint="the tenant portal is at /portal/")
+    return page
+
+
+def security_headers(response: web.StreamResponse) -> None:
+    response.headers.setdefault(
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'",
+    )
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+
+
+def render(
+    request: web.Request,
+    template: str,
+    *,
+    page: Page | None,
+    status: int = 200,
+    error: SitecloudError | None = None,
+    notice: str | None = None,
+    **context: Any,
+) -> web.Response:
+    notice = notice or NOTICES.get(request.query.get("n", ""))
+    html = _ENV.get_template(template).render(
+        page=page,
+        who=page.who if page else None,
+        csrf=page.csrf if page else context.pop("csrf", ""),
+        error=error,
+        notice=notice,
+        path=request.path,
+        **context,
+    )
+    response = web.Response(text=html, status=status, content_type="text/html")
+    # Pages can show a password or token once: never cache them.
+    response.headers["Cache-Control"] = "no-store"
+    security_headers(response)
+    return response
+
+
+def redirect(location: str, notice: str | None = None) -> web.HTTPSeeOther:
+    return web.HTTPSeeOther(f"{location}?n={notice}" if notice else location)
+
+
+def check_origin(request: web.Request) -> None:
+    """Refuse a form posted from another origin (a second line of defence behind the CSRF token)."""
+    origin = request.headers.get("Origin")
+    if origin and origin != "null" and origin != f"{request.scheme}://{request.host}":
+        raise Forbidden("this form was sent from another site", hint="reload the page and try again")
+
+
+def check_csrf(page: Page, given: str | None) -> None:
+    if not given or not secrets.compare_digest(page.csrf.encode(), given.encode()):
+        raise Forbidden(
+            "the form has expired or did not come from this portal", hint="reload the page and try again"
+        )
+
+
+async def posted(request: web.Request, page: Page) -> MultiDictProxy[Any]:
+    """The form of a POST, after the origin and CSRF checks."""
+    check_origin(request)
+    form = await request.post()
+    token = form.get("csrf")
+    check_csrf(page, token if isinstance(token, str) else None)
+    return form

@@ -1,0 +1,1 @@
+"""The portals' stylesheet (a package only so that packaging ships the files)."""

@@ -1,0 +1,258 @@
+"""The admin and tenant portals in headless Chromium (Playwright), against a real management process.
+
+A tenant signs up, subscribes, creates a site, downloads its publish profile, uploads a zip from the
+browser; an admin creates a plan and sees the new site. The tenant's browser runs with JavaScript off:
+the portals must work without it. (tests/test_portal_cloud.py deploys and opens the site on a whole
+cloud.)
+
+Set SITECLOUD_SCREENSHOTS=docs/screenshots to (re)write the screenshots of the main pages.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+import pytest
+
+from tests.test_management_api import ManagementCloud, start_management
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="Debian chromium is not installed (apt-get install chromium)"
+    ),
+]
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+)
+
+SHOTS = os.environ.get("SITECLOUD_SCREENSHOTS")
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagementCloud]:
+    yield from start_management(tmp_path_factory.mktemp("portal"))
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    # Function scope: Playwright's threads end with the test, as the leak check wants.
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def shot(page: Any, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
+
+
+def admin_user(home: Path, username: str = "root") -> tuple[str, str]:
+    """An admin account made the documented way: `sitecloud admin create-user` with the admin token."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "roles.management.cli",
+            "--home",
+            str(home),
+            "admin",
+            "create-user",
+            username,
+            "--password-stdin",
+            "--json",
+        ],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return username, PASSWORD
+
+
+def make_zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def submit(page: Any, selector: str) -> None:
+    """Click a submit button and wait for the answer page (a POST, then maybe a redirect)."""
+    with page.expect_navigation():
+        page.click(selector)
+
+
+def sign_in(page: Any, portal: str, username: str, password: str) -> None:
+    page.goto(f"{portal}/signin")
+    page.fill("#username", username)
+    page.fill("#password", password)
+    submit(page, "button[type=submit]")
+
+
+def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, tmp_path: Path) -> None:
+    portal = f"https://localhost:{cloud.config.api_port}"
+    admin_name, admin_password = admin_user(cloud.write_endpoints(cloud.home / "cli-home"))
+    cloud.ok("PATCH", "/settings", body={"signup_enabled": True})
+    viewport = {"width": 1280, "height": 860}
+
+    # -- the admin signs in and builds a public plan
+    admin_ctx = browser.new_context(ignore_https_errors=True, viewport=viewport)
+    admin = admin_ctx.new_page()
+    sign_in(admin, portal, "root", "not the password")
+    assert "wrong user name or password" in admin.inner_text(".alert")
+    shot(admin, "signin-error")
+    sign_in(admin, portal, admin_name, admin_password)
+    assert admin.url.endswith("/admin/")
+    assert admin.locator("h1").inner_text() == "Cloud dashboard"
+    rows = admin.locator("table tbody tr")
+    assert rows.count() >= 1 and "worker" in admin.inner_text("table")
+    # Role actions go to the fabric; with no controller running here the page says why it failed.
+    with admin.expect_navigation():
+        admin.locator("tr", has_text="worker").locator("button[value=repair]").click()
+    assert admin.inner_text(".alert").strip()
+    admin.goto(f"{portal}/admin/")
+    shot(admin, "admin-dashboard")
+
+    admin.goto(f"{portal}/admin/plans")
+    assert "No plans yet" in admin.inner_text("main")
+    admin.fill("#plan-name", "starter")
+    admin.fill("#max_sites", "2")
+    admin.fill("#storage_mb", "50")
+    admin.fill("#max_custom_hostnames", "1")
+    admin.fill("#bandwidth_mb_per_day", "1024")
+    admin.check("input[name=public]")
+    submit(admin, "button:text-is('Create plan')")
+    assert "Plan created." in admin.inner_text(".notice")
+    assert "starter" in admin.inner_text("table")
+    shot(admin, "admin-plans")
+
+    # -- a tenant signs up (without JavaScript), subscribes and creates a site
+    tenant_ctx = browser.new_context(
+        ignore_https_errors=True, java_script_enabled=False, viewport=viewport, accept_downloads=True
+    )
+    tenant = tenant_ctx.new_page()
+    tenant.goto(f"{portal}/signin")
+    submit(tenant, "a:text-is('Create an account')")
+    tenant.fill("#username", "fabrikam")
+    tenant.fill("#password", PASSWORD)
+    tenant.fill("#confirm", PASSWORD)
+    submit(tenant, "button[type=submit]")
+    assert tenant.url.endswith("/portal/")
+    assert "No subscriptions yet" in tenant.inner_text("main")
+    cookies = {c["name"]: c for c in tenant_ctx.cookies()}
+    session = cookies["__Host-sitecloud_session"]
+    assert session["secure"] and session["httpOnly"] and session["sameSite"] == "Lax"
+    shot(tenant, "tenant-empty")
+
+    submit(tenant, "button:text-is('Subscribe to starter')")
+    assert "Subscribed" in tenant.inner_text(".notice")
+    tenant.fill("#site-name", "portal-demo")
+    submit(tenant, "button:text-is('Create site')")
+    assert tenant.url.endswith("/portal/sites"), tenant.inner_text("main")[
+        :800
+    ]  # the POST answer: the site page
+    password = tenant.inner_text("#publishing-password")
+    assert len(password) >= 16 and "shown only this once" in tenant.inner_text(".secret")
+    shot(tenant, "tenant-site-created")
+
+    # A form posted without the CSRF token is refused, even with the session cookie.
+    answer = tenant.request.post(f"{portal}/portal/sites/portal-demo/stop", form={"x": "1"})
+    assert answer.status == 403
+    assert (
+        tenant_ctx.request.get(f"{portal}/api/v1/sites/portal-demo").status == 401
+    )  # cookies are not API auth
+
+    # -- the publish profile
+    tenant.goto(f"{portal}/portal/sites/portal-demo")
+    with tenant.expect_download() as info:
+        tenant.click("button:text-is('Download publish profile')")
+    download = info.value
+    assert download.suggested_filename == "portal-demo.PublishSettings"
+    root = ET.fromstring(Path(download.path()).read_bytes())
+    profiles = {p.get("publishMethod"): p.attrib for p in root.findall("publishProfile")}
+    assert set(profiles) == {"MSDeploy", "FTP"}
+    assert profiles["FTP"]["userName"] == "portal-demo" and profiles["FTP"]["userPWD"] != password
+    assert profiles["MSDeploy"]["destinationAppUrl"].startswith("https://portal-demo.sites.localhost")
+
+    # -- upload a zip from the browser: it streams to the publisher, which is not running here, and the
+    # page says so (tests/test_portal_cloud.py deploys for real).
+    site_zip = tmp_path / "site.zip"
+    site_zip.write_bytes(make_zip({"index.html": b"<h1>deployed from the portal</h1>"}))
+    tenant.set_input_files("#zip", str(site_zip))
+    submit(tenant, "button:text-is('Deploy')")
+    assert "cannot reach" in tenant.inner_text(".alert")
+    assert tenant.locator("h1").inner_text().startswith("portal-demo")
+
+    # App settings and a custom hostname from the site page.
+    tenant.fill("#key", "GREETING")
+    tenant.fill("#value", "hello")
+    submit(tenant, "button:text-is('Set')")
+    assert "App settings saved." in tenant.inner_text(".notice") and "GREETING" in tenant.inner_text("main")
+    tenant.fill("#check", "www.fabrikam.example")
+    submit(tenant, "button:text-is('Check')")
+    assert "www.fabrikam.example: free" in tenant.inner_text("main")
+    tenant.fill("#hostname", "www.fabrikam.example")
+    submit(tenant, "button:text-is('Add host name')")
+    assert "Custom hostname added." in tenant.inner_text(".notice")
+    tenant.fill("#hostname", "shop.fabrikam.example")
+    submit(tenant, "button:text-is('Add host name')")
+    assert "allows 1 custom hostname" in tenant.inner_text(".alert")
+    tenant.goto(f"{portal}/portal/sites/portal-demo")
+    shot(tenant, "tenant-site")
+    tenant.goto(f"{portal}/portal/")
+    assert "1 of 2" in tenant.inner_text(".quota")
+    shot(tenant, "tenant-home")
+
+    # -- the admin sees the new site, the tenant and its usage
+    admin.goto(f"{portal}/admin/sites")
+    assert "portal-demo" in admin.inner_text("table") and "fabrikam" in admin.inner_text("table")
+    shot(admin, "admin-sites")
+    admin.goto(f"{portal}/admin/tenants")
+    row = admin.locator("tr", has_text="fabrikam").first
+    assert "starter" in row.inner_text()
+    shot(admin, "admin-tenants")
+    with admin.expect_navigation():
+        row.locator("button[value=suspend]").click()
+    assert "Subscription suspended" in admin.inner_text(".notice")
+    tenant.goto(f"{portal}/portal/")
+    assert "suspended" in tenant.inner_text("main")
+    with admin.expect_navigation():
+        admin.locator("tr", has_text="fabrikam").first.locator("button[value=resume]").click()
+    assert "resumed" in admin.inner_text(".notice")
+
+    # Tenants are kept out of the admin portal; signing out ends the session.
+    tenant.goto(f"{portal}/admin/plans")
+    assert "this page is for hosting admins" in tenant.inner_text(".alert")
+    tenant.goto(f"{portal}/portal/")
+    submit(tenant, "button:text-is('Sign out')")
+    assert tenant.url.endswith("/signin?n=signed-out")
+    tenant.goto(f"{portal}/portal/")
+    assert tenant.url.endswith("/signin")
+    admin_ctx.close()
+    tenant_ctx.close()
