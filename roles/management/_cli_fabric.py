@@ -7,15 +7,14 @@ API as JSON lines); with ``--json`` only the final answer is printed.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import http.client
 import json
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from roles.management._cli_client import ApiClient
+from roles.management._cli_output import ago, out, print_table
 from shared.errors import InvalidInput, Unavailable, error_from_json
 
 __all__ = ["add_fabric_commands"]
@@ -27,31 +26,6 @@ Leaf = Callable[..., argparse.ArgumentParser]
 _KINDS = ("frontend", "worker", "publisher", "fileserver", "management")
 # Seconds without a line before the CLI gives up on a stream (a cold install takes a while per step).
 _STREAM_TIMEOUT = 900.0
-
-
-def _out(line: str = "") -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, empty: str) -> None:
-    if not rows:
-        _out(empty)
-        return
-    cells = [[str(h) for h in headers]] + [["-" if c is None or c == "" else str(c) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for row in cells:
-        _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _ago(when: str | None) -> str:
-    if not when:
-        return "never"
-    try:
-        seconds = int((dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(when)).total_seconds())
-    except ValueError:
-        return when
-    return f"{max(seconds, 0)}s ago" if seconds < 120 else f"{seconds // 60}m ago"
 
 
 def _step_line(event: dict[str, Any]) -> str | None:
@@ -91,7 +65,7 @@ def _stream(api: ApiClient, path: str, body: dict[str, Any], *, quiet: bool) -> 
                 raise error_from_json(500, event)
             text = _step_line(event)
             if text and not quiet:
-                _out(text)
+                out(text)
     except OSError as exc:
         raise api._unreachable(exc) from None
     except (http.client.HTTPException, ValueError) as exc:
@@ -127,14 +101,14 @@ def _role_add(a: argparse.Namespace, api: ApiClient) -> Any:
     if a.reserved_for is not None:
         body["reserved_for"] = a.reserved_for
     if not a.json:
-        _out(f"adding {a.role} on {a.host}")
+        out(f"adding {a.role} on {a.host}")
     return _stream(api, api.path("roles"), body, quiet=a.json)
 
 
 def _role_action(action: str) -> Command:
     def run(a: argparse.Namespace, api: ApiClient) -> Any:
         if not a.json:
-            _out(f"{action} {a.role} on {a.host}")
+            out(f"{action} {a.role} on {a.host}")
         return _stream(api, api.path("roles", a.role, a.host, action), {}, quiet=a.json)
 
     return run
@@ -142,7 +116,7 @@ def _role_action(action: str) -> Command:
 
 def _upgrade(a: argparse.Namespace, api: ApiClient) -> Any:
     if not a.json:
-        _out("rolling upgrade: one host at a time per role type, each gated on health")
+        out("rolling upgrade: one host at a time per role type, each gated on health")
     return _stream(api, api.path("upgrade"), {"force": a.force}, quiet=a.json)
 
 
@@ -150,14 +124,14 @@ def _upgrade(a: argparse.Namespace, api: ApiClient) -> Any:
 
 
 def _show_host(host: Any, a: argparse.Namespace) -> None:
-    _out(f"host {host['name']} ({host['fabric']}) is {host['state']} at {host['address']}")
+    out(f"host {host['name']} ({host['fabric']}) is {host['state']} at {host['address']}")
 
 
 def _show_hosts(answer: Any, a: argparse.Namespace) -> None:
     rows = [
         (h["name"], h["fabric"], h["address"], h["state"], ", ".join(h["roles"])) for h in answer["hosts"]
     ]
-    _table(("HOST", "FABRIC", "ADDRESS", "STATE", "ROLES"), rows, empty="no hosts")
+    print_table(("HOST", "FABRIC", "ADDRESS", "STATE", "ROLES"), rows, empty="no hosts")
 
 
 def _show_roles(answer: Any, a: argparse.Namespace) -> None:
@@ -172,27 +146,27 @@ def _show_roles(answer: Any, a: argparse.Namespace) -> None:
                 state,
                 code,
                 f"{r['config_version']}/{r['desired_version']}",
-                _ago(r["last_heartbeat"]),
+                ago(r["last_heartbeat"]),
                 r.get("reason"),
             )
         )
-    _table(("ROLE", "HOST", "STATE", "CODE", "CONFIG", "HEARTBEAT", "REASON"), rows, empty="no roles")
+    print_table(("ROLE", "HOST", "STATE", "CODE", "CONFIG", "HEARTBEAT", "REASON"), rows, empty="no roles")
 
 
 def _show_role_done(answer: Any, a: argparse.Namespace) -> None:
-    _out(f"{answer['role']} on {answer['host']} is {answer['state']} ({answer.get('seconds', 0):.1f}s)")
+    out(f"{answer['role']} on {answer['host']} is {answer['state']} ({answer.get('seconds', 0):.1f}s)")
 
 
 def _show_upgrade(answer: Any, a: argparse.Namespace) -> None:
     done = len(answer["upgraded"])
-    _out(
+    out(
         f"upgraded {done} role(s) to code {answer['code']} in {answer['seconds']:.1f}s; "
         f"{len(answer['skipped'])} left as they were"
     )
 
 
 def _done(text: str) -> Show:
-    return lambda answer, a: _out(text.format(a=a))
+    return lambda answer, a: out(text.format(a=a))
 
 
 def add_fabric_commands(group: Callable[[str, str], Any], leaf: Leaf, top: Any) -> None:

@@ -279,30 +279,6 @@ _SCHEMAS: Json = {
     "Availability": _obj(
         {"hostname": _STR, "available": _BOOL, "reason": _STR}, ["hostname", "available", "reason"]
     ),
-    "Role": _obj(
-        {
-            "role": _STR,
-            "host": _STR,
-            "state": _STR,
-            "reason": _STR,
-            "config_version": _INT,
-            "desired_version": _INT,
-            "code_version": _STR,
-            "last_heartbeat": _TIME,
-        },
-        ["role", "host", "state", "config_version", "desired_version", "last_heartbeat"],
-    ),
-    "RoleAdd": _obj(
-        {
-            "role": {
-                "type": "string",
-                "enum": ["management", "frontend", "worker", "fileserver", "publisher"],
-            },
-            "host": {"type": "string", "minLength": 1, "maxLength": 253},
-        },
-        ["role", "host"],
-        closed=True,
-    ),
 }
 
 _ERRORS = {

@@ -21,7 +21,6 @@ from sqlalchemy.orm import Session, joinedload, selectinload
 
 from roles.management._certs import describe, load_certificate
 from roles.management.config import ManagementConfig
-from shared.config import ROLE_KINDS
 from shared.credentials import hash_password, hash_token, new_password, new_token
 from shared.db import (
     ApiToken,
@@ -44,7 +43,6 @@ from shared.errors import (
     InvalidInput,
     LimitReached,
     NotFound,
-    NotSupported,
 )
 from shared.names import validate_hostname, validate_name, validate_site_name
 
@@ -58,7 +56,6 @@ COMPUTE_MODES = ("shared", "reserved")
 _SETTING_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 MAX_SETTINGS = 100
 MAX_SETTING_VALUE = 4096
-_DOING = {"add": "adding", "repair": "repairing", "remove": "removing"}
 
 
 @dataclass(frozen=True)
@@ -676,47 +673,6 @@ class Store:
                 raise NotFound(f"site {name!r} has no custom hostname {host!r}")
             site.hostnames.remove(row)
             bump_generation(s)
-
-    # -- roles
-
-    def list_roles(self, who: Principal) -> Json:
-        require_admin(who)
-        with self._db.session() as s:
-            desired = current_generation(s)
-            rows = s.scalars(select(Role).options(joinedload(Role.host)))
-            roles = [
-                {
-                    "role": r.kind,
-                    "host": r.host.name,
-                    "state": r.state,
-                    "reason": r.reason,
-                    "config_version": r.config_version,
-                    "desired_version": desired,
-                    "code_version": r.code_version,
-                    "last_heartbeat": iso(r.last_heartbeat),
-                }
-                for r in rows
-            ]
-            roles.sort(key=lambda r: (r["role"], r["host"]))
-            return {"roles": roles}
-
-    def change_role(self, who: Principal, action: str, kind: str, host: str) -> Json:
-        """Add, repair or remove a role on a host: the fabric's job, which only the local fabric has now."""
-        require_admin(who)
-        if kind not in ROLE_KINDS or kind == "controller":
-            raise InvalidInput(
-                f"{kind!r} is not a role",
-                hint=f"one of {', '.join(k for k in ROLE_KINDS if k != 'controller')}",
-            )
-        host = validate_hostname(host)
-        with self._db.session() as s:
-            exists = s.execute(select(Role.id).join(Host).where(Role.kind == kind, Host.name == host)).first()
-        if action != "add" and not exists:
-            raise NotFound(f"no {kind} role on {host}", hint="see `sitecloud role list`")
-        raise NotSupported(
-            f"{_DOING[action]} roles is not available on the local fabric yet",
-            hint="`sitecloud up` runs one of each role on this machine and restarts them when they exit",
-        )
 
     def fileserver_urls(self) -> list[str]:
         with self._db.session() as s:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime as dt
 import getpass
 import json
 import os
@@ -19,6 +18,7 @@ from typing import Any
 
 from roles.management._cli_client import ApiClient, Endpoints, zipped
 from roles.management._cli_fabric import add_fabric_commands
+from roles.management._cli_output import ago, out, print_fields, print_table
 from shared.errors import InvalidInput, SitecloudError
 
 __all__ = ["main"]
@@ -29,41 +29,6 @@ _VALUED_GLOBALS = ("--home", "--token")
 
 Command = Callable[[argparse.Namespace, ApiClient], Any]
 Show = Callable[[Any, argparse.Namespace], None]
-
-
-def _out(line: str = "") -> None:
-    sys.stdout.write(line + "\n")
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, empty: str) -> None:
-    if not rows:
-        _out(empty)
-        return
-    cells = [[str(h) for h in headers]] + [["-" if c is None or c == "" else str(c) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for row in cells:
-        _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _fields(pairs: Sequence[tuple[str, Any]]) -> None:
-    width = max(len(k) for k, _ in pairs)
-    for key, value in pairs:
-        _out(f"  {key.ljust(width)}  {value}")
-
-
-def _ago(when: str | None) -> str:
-    if not when:
-        return "never"
-    try:
-        seen = dt.datetime.fromisoformat(when)
-    except ValueError:
-        return when
-    seconds = int((dt.datetime.now(dt.UTC) - seen).total_seconds())
-    if seconds < 120:
-        return f"{max(seconds, 0)}s ago"
-    if seconds < 7200:
-        return f"{seconds // 60}m ago"
-    return seen.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 # -- commands: each calls the API and returns its answer; a matching _show_* prints it for people
@@ -121,14 +86,14 @@ def _plan_update(a: argparse.Namespace, api: ApiClient) -> Any:
 
 
 def _show_plan_create(plan: Any, a: argparse.Namespace) -> None:
-    _out(f"created plan {plan['name']}: up to {plan['max_sites']} site(s), {plan['storage_mb']} MB storage")
+    out(f"created plan {plan['name']}: up to {plan['max_sites']} site(s), {plan['storage_mb']} MB storage")
 
 
 def _show_plan(plan: Any, a: argparse.Namespace) -> None:
     offered = "retired" if plan["retired"] else "public" if plan["public"] else "private"
     compute = plan["compute_mode"] + (f" ({plan['worker_size']})" if plan["worker_size"] else "")
-    _out(f"plan {plan['name']} ({offered})")
-    _fields(
+    out(f"plan {plan['name']} ({offered})")
+    print_fields(
         [
             ("max sites", plan["max_sites"]),
             ("storage", f"{plan['storage_mb']} MB"),
@@ -156,7 +121,7 @@ def _show_plans(answer: Any, a: argparse.Namespace) -> None:
         )
         for p in answer["plans"]
     ]
-    _table(
+    print_table(
         ("NAME", "MAX SITES", "STORAGE MB", "HOSTNAMES", "COMPUTE", "OFFERED", "SUBSCRIPTIONS"),
         rows,
         empty="no plans yet (`sitecloud plan create`)",
@@ -164,9 +129,9 @@ def _show_plans(answer: Any, a: argparse.Namespace) -> None:
 
 
 def _show_tenant_create(tenant: Any, a: argparse.Namespace) -> None:
-    _out(f"created tenant {tenant['name']} (id {tenant['id']})")
-    _out(f"token: {tenant['token']}")
-    _out("This token is shown only once: give it to the tenant now (sitecloud --token TOKEN ...).")
+    out(f"created tenant {tenant['name']} (id {tenant['id']})")
+    out(f"token: {tenant['token']}")
+    out("This token is shown only once: give it to the tenant now (sitecloud --token TOKEN ...).")
 
 
 def _show_tenants(answer: Any, a: argparse.Namespace) -> None:
@@ -174,7 +139,7 @@ def _show_tenants(answer: Any, a: argparse.Namespace) -> None:
         (t["id"], t["name"], t.get("users"), t.get("subscriptions"), t.get("sites"))
         for t in answer["tenants"]
     ]
-    _table(
+    print_table(
         ("ID", "NAME", "USERS", "SUBSCRIPTIONS", "SITES"),
         rows,
         empty="no tenants yet (`sitecloud tenant create`)",
@@ -182,7 +147,7 @@ def _show_tenants(answer: Any, a: argparse.Namespace) -> None:
 
 
 def _show_subscription_create(sub: Any, a: argparse.Namespace) -> None:
-    _out(f"created subscription {sub['id']}: tenant {sub['tenant']}, plan {sub['plan']} ({sub['state']})")
+    out(f"created subscription {sub['id']}: tenant {sub['tenant']}, plan {sub['plan']} ({sub['state']})")
 
 
 def _storage(sub: Any) -> str:
@@ -192,9 +157,9 @@ def _storage(sub: Any) -> str:
 
 
 def _show_subscription(sub: Any, a: argparse.Namespace) -> None:
-    _out(f"subscription {sub['id']}: tenant {sub['tenant']}, plan {sub['plan']} ({sub['state']})")
+    out(f"subscription {sub['id']}: tenant {sub['tenant']}, plan {sub['plan']} ({sub['state']})")
     usage, quotas = sub["usage"], sub["quotas"]
-    _fields(
+    print_fields(
         [
             ("sites", f"{usage['sites']}/{quotas['max_sites']}"),
             ("storage", _storage(sub)),
@@ -217,7 +182,7 @@ def _show_subscriptions(answer: Any, a: argparse.Namespace) -> None:
         )
         for s in answer["subscriptions"]
     ]
-    _table(("ID", "TENANT", "PLAN", "STATE", "SITES", "STORAGE"), rows, empty="no subscriptions")
+    print_table(("ID", "TENANT", "PLAN", "STATE", "SITES", "STORAGE"), rows, empty="no subscriptions")
 
 
 def _subscription_delete(a: argparse.Namespace, api: ApiClient) -> Any:
@@ -245,25 +210,25 @@ def _site_fields(site: Any) -> list[tuple[str, Any]]:
 
 
 def _show_site_create(site: Any, a: argparse.Namespace) -> None:
-    _out(f"created site {site['name']}")
-    _fields(_site_fields(site))
-    _out()
-    _out("The password is shown only this once: store it now. FTP and web deploy use the same one.")
+    out(f"created site {site['name']}")
+    print_fields(_site_fields(site))
+    out()
+    out("The password is shown only this once: store it now. FTP and web deploy use the same one.")
 
 
 def _show_site(site: Any, a: argparse.Namespace) -> None:
-    _out(f"site {site['name']}")
-    _fields(_site_fields(site))
+    out(f"site {site['name']}")
+    print_fields(_site_fields(site))
 
 
 def _show_password(site: Any, a: argparse.Namespace) -> None:
-    _out(f"new publishing password for {site['name']}: {site['ftp']['password']}")
-    _out("Shown only this once. The old password no longer works.")
+    out(f"new publishing password for {site['name']}: {site['ftp']['password']}")
+    out("Shown only this once. The old password no longer works.")
 
 
 def _show_sites(answer: Any, a: argparse.Namespace) -> None:
     rows = [(s["name"], s["tenant"], s["subscription"], s["state"], s["url"]) for s in answer["sites"]]
-    _table(("NAME", "TENANT", "SUBSCRIPTION", "STATE", "URL"), rows, empty="no sites")
+    print_table(("NAME", "TENANT", "SUBSCRIPTION", "STATE", "URL"), rows, empty="no sites")
 
 
 def _site_delete(a: argparse.Namespace, api: ApiClient) -> Any:
@@ -292,10 +257,10 @@ def _site_unset(a: argparse.Namespace, api: ApiClient) -> Any:
 def _show_settings(answer: Any, a: argparse.Namespace) -> None:
     settings = answer["settings"]
     if not settings:
-        _out(f"{answer['site']} has no app settings")
+        out(f"{answer['site']} has no app settings")
         return
     for key, value in settings.items():
-        _out(f"{key}={value}")
+        out(f"{key}={value}")
 
 
 def _publish_profile(a: argparse.Namespace, api: ApiClient) -> Any:
@@ -313,8 +278,8 @@ def _publish_profile(a: argparse.Namespace, api: ApiClient) -> Any:
 def _show_publish_profile(answer: Any, a: argparse.Namespace) -> None:
     if answer is None:
         return
-    _out(f"wrote {answer['file']} (import it in Visual Studio or WebMatrix)")
-    _out("It holds a new publishing password: the old password and earlier profiles no longer work.")
+    out(f"wrote {answer['file']} (import it in Visual Studio or WebMatrix)")
+    out("It holds a new publishing password: the old password and earlier profiles no longer work.")
 
 
 def _read(path: str | None) -> str | None:
@@ -352,7 +317,7 @@ def _hostname_add(a: argparse.Namespace, api: ApiClient) -> Any:
 def _show_hostname(answer: Any, a: argparse.Namespace) -> None:
     cert = answer["certificate"]
     extra = f" with a certificate until {cert['not_after'][:10]}" if cert else " (no certificate: HTTP only)"
-    _out(f"{answer['hostname']} now serves {answer['site']}{extra}")
+    out(f"{answer['hostname']} now serves {answer['site']}{extra}")
 
 
 def _show_hostnames(answer: Any, a: argparse.Namespace) -> None:
@@ -364,7 +329,9 @@ def _show_hostnames(answer: Any, a: argparse.Namespace) -> None:
         )
         for h in answer["hostnames"]
     ]
-    _table(("HOSTNAME", "CERT UNTIL", "CERT NAMES"), rows, empty=f"{answer['site']} has no custom hostnames")
+    print_table(
+        ("HOSTNAME", "CERT UNTIL", "CERT NAMES"), rows, empty=f"{answer['site']} has no custom hostnames"
+    )
 
 
 def _hostname_remove(a: argparse.Namespace, api: ApiClient) -> Any:
@@ -373,7 +340,7 @@ def _hostname_remove(a: argparse.Namespace, api: ApiClient) -> Any:
 
 
 def _show_availability(answer: Any, a: argparse.Namespace) -> None:
-    _out(
+    out(
         f"{answer['hostname']} is free"
         if answer["available"]
         else f"{answer['hostname']} is not free: {answer['reason']}"
@@ -386,26 +353,10 @@ def _deploy(a: argparse.Namespace, api: ApiClient) -> Any:
 
 
 def _show_deploy(answer: Any, a: argparse.Namespace) -> None:
-    _out(
+    out(
         f"deployed {answer.get('files')} file(s), {answer.get('bytes')} bytes to {answer.get('site')}: "
         f"content version {answer.get('version')}"
     )
-
-
-def _show_roles(answer: Any, a: argparse.Namespace) -> None:
-    rows = [
-        (
-            r["role"],
-            r["host"],
-            r["state"],
-            r["config_version"],
-            r["desired_version"],
-            _ago(r["last_heartbeat"]),
-            r.get("reason"),
-        )
-        for r in answer["roles"]
-    ]
-    _table(("ROLE", "HOST", "STATE", "CONFIG", "DESIRED", "HEARTBEAT", "REASON"), rows, empty="no roles")
 
 
 def _user_create(a: argparse.Namespace, api: ApiClient) -> Any:
@@ -420,18 +371,18 @@ def _user_create(a: argparse.Namespace, api: ApiClient) -> Any:
 
 def _show_user_create(user: Any, a: argparse.Namespace) -> None:
     kind = "admin" if user["admin"] else f"user of tenant {user['tenant']}"
-    _out(f"created {kind} {user['username']}")
+    out(f"created {kind} {user['username']}")
     if "password" in user:
-        _out(f"password: {user['password']}")
-        _out("This password is shown only once. Sign in to the portal with it.")
+        out(f"password: {user['password']}")
+        out("This password is shown only once. Sign in to the portal with it.")
 
 
 def _show_users(answer: Any, a: argparse.Namespace) -> None:
     rows = [
-        (u["username"], "admin" if u["admin"] else "tenant", u["tenant"], _ago(u["last_sign_in_at"]))
+        (u["username"], "admin" if u["admin"] else "tenant", u["tenant"], ago(u["last_sign_in_at"]))
         for u in answer["users"]
     ]
-    _table(("USER", "KIND", "TENANT", "LAST SIGN-IN"), rows, empty="no users yet")
+    print_table(("USER", "KIND", "TENANT", "LAST SIGN-IN"), rows, empty="no users yet")
 
 
 def _login(a: argparse.Namespace, api: ApiClient) -> Any:
@@ -445,16 +396,16 @@ def _login(a: argparse.Namespace, api: ApiClient) -> Any:
 
 
 def _show_token_create(token: Any, a: argparse.Namespace) -> None:
-    _out(f"token {token['name']} (id {token['id']}): {token['token']}")
-    _out("Shown only once. Use it with --token or SITECLOUD_TOKEN.")
+    out(f"token {token['name']} (id {token['id']}): {token['token']}")
+    out("Shown only once. Use it with --token or SITECLOUD_TOKEN.")
 
 
 def _show_tokens(answer: Any, a: argparse.Namespace) -> None:
     rows = [
-        (t["id"], t["name"], f"{t['prefix']}…", _ago(t["created_at"]), _ago(t["last_used_at"]))
+        (t["id"], t["name"], f"{t['prefix']}…", ago(t["created_at"]), ago(t["last_used_at"]))
         for t in answer["tokens"]
     ]
-    _table(("ID", "NAME", "STARTS WITH", "CREATED", "LAST USED"), rows, empty="no tokens")
+    print_table(("ID", "NAME", "STARTS WITH", "CREATED", "LAST USED"), rows, empty="no tokens")
 
 
 def _token_revoke(a: argparse.Namespace, api: ApiClient) -> Any:
@@ -463,24 +414,12 @@ def _token_revoke(a: argparse.Namespace, api: ApiClient) -> Any:
 
 
 def _show_cloud_settings(answer: Any, a: argparse.Namespace) -> None:
-    _fields([("sign-up", "open" if answer["signup_enabled"] else "closed")])
-
-
-def _role_change(action: str) -> Command:
-    def run(a: argparse.Namespace, api: ApiClient) -> Any:
-        if action == "add":
-            return api.request("POST", api.path("roles"), {"role": a.role, "host": a.host})
-        if action == "repair":
-            return api.request("POST", api.path("roles", a.role, a.host, "repair"))
-        api.request("DELETE", api.path("roles", a.role, a.host))
-        return {"role": a.role, "host": a.host, "deleted": True}
-
-    return run
+    print_fields([("sign-up", "open" if answer["signup_enabled"] else "closed")])
 
 
 def _done(text: str) -> Show:
     def show(answer: Any, a: argparse.Namespace) -> None:
-        _out(text.format(a=a, answer=answer))
+        out(text.format(a=a, answer=answer))
 
     return show
 
@@ -786,7 +725,7 @@ def _run_up(argv: list[str]) -> int:
 
 def _fail(err: SitecloudError, as_json: bool) -> int:
     if as_json:
-        _out(json.dumps(err.to_json(), indent=2, ensure_ascii=False))
+        out(json.dumps(err.to_json(), indent=2, ensure_ascii=False))
     else:
         sys.stderr.write(f"error: {err.message}\n")
         if err.hint:
@@ -816,7 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     if args.json:
-        _out(json.dumps(answer, indent=2, ensure_ascii=False))
+        out(json.dumps(answer, indent=2, ensure_ascii=False))
     elif args.show is not None:
         args.show(answer, args)
     return 0

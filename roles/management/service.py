@@ -12,6 +12,7 @@ from collections.abc import AsyncIterable, Callable
 from typing import Any, TypeVar
 
 from roles.management._accounts import Accounts
+from roles.management._fabric import FabricService
 from roles.management._nudge import Nudger
 from roles.management._publish_profile import publish_settings
 from roles.management._store import Principal, Store
@@ -36,7 +37,7 @@ class ManagementService:
         self.config = config
         self._log = get_logger(config.role, host=config.host)
         lock = threading.Lock()
-        self.db = db  # the fabric API (roles/management/_fabric_api.py) writes hosts and roles
+        self.fabric = FabricService(config, db)
         self._store = Store(db, config, lock)
         self.accounts = Accounts(db, lock)
         self._client = InternalClient(config, timeout=10)
@@ -276,9 +277,3 @@ class ManagementService:
         return answer
 
     # -- roles
-
-    async def list_roles(self, who: Principal) -> Json:
-        return await self._read(self._store.list_roles, who)
-
-    async def change_role(self, who: Principal, action: str, kind: str, host: str) -> Json:
-        return await self._read(self._store.change_role, who, action, kind, host)

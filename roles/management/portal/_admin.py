@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from roles.management._fabric import outcome
 from roles.management._store import WORKER_SIZES
 from roles.management.api import service_of
 from roles.management.portal._web import Page, posted, redirect, render, require_page
@@ -62,7 +63,7 @@ async def _dashboard(
     request: web.Request, page: Page, *, status: int = 200, error: SitecloudError | None = None
 ) -> web.Response:
     service = service_of(request)
-    roles = (await service.list_roles(page.who))["roles"]
+    roles = (await service.fabric.list_roles(page.who))["roles"]
     hosts: dict[str, list[dict[str, Any]]] = {}
     for role in roles:
         hosts.setdefault(role["host"], []).append(role)
@@ -87,12 +88,15 @@ async def role_action(request: web.Request) -> web.StreamResponse:
     page = await require_page(request, admin=True)
     form = await posted(request, page)
     action = str(form.get("action", ""))
+    kind, host = str(form.get("role", "")), str(form.get("host", ""))
+    fabric = service_of(request).fabric
     try:
-        if action not in ("add", "repair", "remove"):
+        if action == "add":
+            await outcome(fabric.add_role(page.who, {"role": kind, "host": host}))
+        elif action in ("repair", "remove"):
+            await outcome(fabric.role_action(page.who, kind, host, action))
+        else:
             raise InvalidInput("unknown role action")
-        await service_of(request).change_role(
-            page.who, action, str(form.get("role", "")), str(form.get("host", ""))
-        )
     except SitecloudError as err:
         return await _dashboard(request, page, status=err.status, error=err)
     raise redirect("/admin/")

@@ -1,0 +1,46 @@
+"""How the CLI prints for people: lines, aligned tables, field lists, relative times."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["ago", "out", "print_fields", "print_table"]
+
+
+def out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, empty: str) -> None:
+    if not rows:
+        out(empty)
+        return
+    cells = [[str(h) for h in headers]] + [["-" if c is None or c == "" else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def print_fields(pairs: Sequence[tuple[str, Any]]) -> None:
+    width = max(len(k) for k, _ in pairs)
+    for key, value in pairs:
+        out(f"  {key.ljust(width)}  {value}")
+
+
+def ago(when: str | None) -> str:
+    if not when:
+        return "never"
+    try:
+        seen = dt.datetime.fromisoformat(when)
+    except ValueError:
+        return when
+    seconds = int((dt.datetime.now(dt.UTC) - seen).total_seconds())
+    if seconds < 120:
+        return f"{max(seconds, 0)}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return seen.strftime("%Y-%m-%d %H:%M:%S UTC")

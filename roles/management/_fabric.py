@@ -1,0 +1,287 @@
+"""Hosts, roles and upgrades: the fabric side of the management service (admin only).
+
+Management writes what the admin wants (a host row, a role row with its size, reservation and desired
+run state) and asks the controller over mTLS to act on it. Long operations (role add, the role actions,
+upgrade) yield the controller's progress lines (NDJSON) as they happen; the last line is
+``{"result": ...}`` or ``{"error": {...}}``. The REST API streams them on; the portal waits for the
+outcome (:func:`outcome`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import joinedload
+
+from roles.management._store import WORKER_SIZES, Principal, iso, require_admin
+from roles.management.config import ManagementConfig
+from shared.config import ROLE_KINDS
+from shared.db import Database, Host, Role, Subscription, current_generation
+from shared.errors import (
+    AlreadyExists,
+    InvalidInput,
+    NotFound,
+    NotSupported,
+    SitecloudError,
+    Unavailable,
+    error_from_json,
+)
+from shared.internal import InternalClient
+from shared.names import validate_hostname
+
+__all__ = ["ACTIONS", "FABRICS", "KINDS", "FabricService", "outcome"]
+
+Json = dict[str, Any]
+
+FABRICS = ("netns", "ssh")
+ACTIONS = ("start", "stop", "restart", "repair", "remove")
+KINDS = tuple(k for k in ROLE_KINDS if k != "controller")
+# Installing a role may take minutes on a cold host; lines arrive as steps end.
+_STREAM_TIMEOUT = 3600.0
+
+
+# -- the DB (synchronous; run in a thread) ---------------------------------------------------------
+
+
+def _host_json(host: Host) -> Json:
+    return {
+        "name": host.name,
+        "fabric": host.fabric,
+        "address": host.address,
+        "state": host.state,
+        "roles": sorted(r.kind for r in host.roles),
+    }
+
+
+def _list_hosts(db: Database) -> Json:
+    with db.session() as s:
+        hosts = s.scalars(select(Host).options(joinedload(Host.roles)).order_by(Host.name)).unique()
+        return {"hosts": [_host_json(h) for h in hosts]}
+
+
+def _create_host(db: Database, name: str, fabric: str) -> None:
+    with db.session() as s:
+        existing = s.scalar(select(Host).where(Host.name == name))
+        if existing is not None:
+            if existing.state != "failed":
+                raise AlreadyExists(f"host {name} already exists", hint="see `sitecloud host list`")
+            existing.fabric = fabric
+            existing.state = "provisioning"
+            return
+        s.add(Host(name=name, fabric=fabric, address="", state="provisioning"))
+
+
+def _check_host_delete(db: Database, name: str) -> None:
+    with db.session() as s:
+        host = s.scalar(select(Host).where(Host.name == name).options(joinedload(Host.roles)))
+        if host is None:
+            raise NotFound(f"no host {name}", hint="see `sitecloud host list`")
+        if host.fabric == "local":
+            raise NotSupported("the local host is this machine: it cannot be deleted")
+        if host.roles:
+            kinds = ", ".join(sorted(r.kind for r in host.roles))
+            raise InvalidInput(
+                f"host {name} still runs {kinds}", hint=f"sitecloud role remove ROLE {name} first"
+            )
+
+
+def _delete_host(db: Database, name: str) -> None:
+    with db.session() as s:
+        host = s.scalar(select(Host).where(Host.name == name))
+        if host is not None:
+            s.delete(host)
+
+
+def _list_roles(db: Database) -> Json:
+    with db.session() as s:
+        desired = current_generation(s)
+        rows = s.scalars(select(Role).options(joinedload(Role.host)))
+        roles = [
+            {
+                "role": r.kind,
+                "host": r.host.name,
+                "fabric": r.host.fabric,
+                "host_state": r.host.state,
+                "state": r.state,
+                "reason": r.reason,
+                "desired_state": r.desired_state,
+                "config_version": r.config_version,
+                "desired_version": desired,
+                "code_version": r.code_version,
+                "code_hash": r.code_hash,
+                "size": r.size,
+                "reserved_for": r.reserved_for_id,
+                "last_heartbeat": iso(r.last_heartbeat),
+                "load": r.load or {},
+            }
+            for r in rows
+        ]
+    roles.sort(key=lambda r: (r["role"], r["host"]))
+    return {"roles": roles}
+
+
+def _add_role(db: Database, body: Json) -> int:
+    """The role row (state Installing) for ``role add``; its id. A failed one may be added again."""
+    kind, host_name = body.get("role"), body.get("host")
+    if kind not in KINDS:
+        raise InvalidInput(f"{kind!r} is not a role", hint=f"one of {', '.join(KINDS)}")
+    if not isinstance(host_name, str):
+        raise InvalidInput("'host' is required")
+    host_name = validate_hostname(host_name)
+    size, reserved = body.get("size"), body.get("reserved_for")
+    if size is not None and (kind != "worker" or size not in WORKER_SIZES):
+        raise InvalidInput("--size is for workers: small, medium or large")
+    if reserved is not None and (kind != "worker" or not isinstance(reserved, int)):
+        raise InvalidInput("--reserved-for takes a subscription id, and is for workers")
+    with db.session() as s:
+        if reserved is not None and s.get(Subscription, reserved) is None:
+            raise NotFound(f"no subscription {reserved}", hint="see `sitecloud subscription list`")
+        host = s.scalar(select(Host).where(Host.name == host_name))
+        if host is None:
+            # A host never created here is an existing machine reached over SSH by its DNS name.
+            host = Host(name=host_name, fabric="ssh", address="", state="ready")
+            s.add(host)
+            s.flush()
+        elif host.fabric == "local":
+            raise NotSupported(
+                "roles on this machine are the ones `sitecloud up` runs",
+                hint="add the role on another host, or restart `up` with --local-roles",
+            )
+        role = s.scalar(select(Role).where(Role.kind == kind, Role.host_id == host.id))
+        if role is not None and role.state not in ("Failed", "Installing"):
+            raise AlreadyExists(
+                f"{host_name} already runs a {kind}", hint=f"sitecloud role repair {kind} {host_name}"
+            )
+        if role is None:
+            role = Role(kind=kind, host_id=host.id, control_port=0, ports={})
+            s.add(role)
+        role.state, role.reason, role.desired_state = "Installing", "", "running"
+        role.size, role.reserved_for_id = size, reserved
+        try:
+            s.flush()
+        except IntegrityError as exc:
+            raise AlreadyExists(f"{host_name} already runs a {kind}") from exc
+        return role.id
+
+
+def _role_for_action(db: Database, kind: str, host_name: str, action: str) -> int:
+    if kind not in KINDS:
+        raise InvalidInput(f"{kind!r} is not a role", hint=f"one of {', '.join(KINDS)}")
+    if action not in ACTIONS:
+        raise InvalidInput(f"no role action {action!r}", hint=f"one of {', '.join(ACTIONS)}")
+    with db.session() as s:
+        role = s.scalar(select(Role).join(Host).where(Role.kind == kind, Host.name == host_name.lower()))
+        if role is None:
+            raise NotFound(f"no {kind} role on {host_name}", hint="see `sitecloud role list`")
+        if action == "stop":
+            role.desired_state = "stopped"
+        elif action != "remove":
+            role.desired_state = "running"
+        return role.id
+
+
+class FabricService:
+    """Every fabric operation, with the caller's rights checked; shared by the API and the portal."""
+
+    def __init__(self, config: ManagementConfig, db: Database) -> None:
+        self.config = config
+        self.db = db
+
+    def _controller(self) -> str:
+        if not self.config.controller_url:
+            raise Unavailable("no controller is configured for this management role")
+        return self.config.controller_url.rstrip("/")
+
+    async def _call(self, method: str, path: str, body: Json | None = None) -> Any:
+        client = InternalClient(self.config, timeout=120)
+        try:
+            return await client.request_json(method, f"{self._controller()}{path}", json=body)
+        finally:
+            await client.close()
+
+    async def _stream(self, path: str, body: Json) -> AsyncIterator[bytes]:
+        """POST to the controller and yield its NDJSON lines as they come.
+
+        An error answer raises before the first line, so callers can still answer it as an error.
+        """
+        client = InternalClient(self.config, timeout=_STREAM_TIMEOUT)
+        try:
+            async with client.session.post(f"{self._controller()}{path}", json=body) as upstream:
+                if upstream.status >= 400:
+                    raise error_from_json(upstream.status, await upstream.json(content_type=None))
+                async for line in upstream.content:
+                    yield line
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise Unavailable(f"cannot reach the controller: {exc or type(exc).__name__}") from exc
+        finally:
+            await client.close()
+
+    async def list_hosts(self, who: Principal) -> Json:
+        require_admin(who)
+        return await asyncio.to_thread(_list_hosts, self.db)
+
+    async def create_host(self, who: Principal, name: Any, fabric: Any) -> Json:
+        require_admin(who)
+        if not isinstance(name, str):
+            raise InvalidInput("'name' is required")
+        name = validate_hostname(name)
+        if fabric not in FABRICS:
+            raise InvalidInput(
+                f"no fabric {fabric!r} to create hosts with", hint=f"one of {', '.join(FABRICS)}"
+            )
+        await asyncio.to_thread(_create_host, self.db, name, fabric)
+        try:
+            host: Json = await self._call("POST", "/v1/hosts", {"name": name})
+        except BaseException:
+            await asyncio.to_thread(_delete_host, self.db, name)
+            raise
+        return host
+
+    async def delete_host(self, who: Principal, name: str) -> None:
+        require_admin(who)
+        name = validate_hostname(name)
+        await asyncio.to_thread(_check_host_delete, self.db, name)
+        await self._call("DELETE", f"/v1/hosts/{name}")
+        await asyncio.to_thread(_delete_host, self.db, name)
+
+    async def list_roles(self, who: Principal) -> Json:
+        require_admin(who)
+        return await asyncio.to_thread(_list_roles, self.db)
+
+    async def add_role(self, who: Principal, body: Json) -> AsyncIterator[bytes]:
+        require_admin(who)
+        role_id = await asyncio.to_thread(_add_role, self.db, body)
+        ssh = {k: body[k] for k in ("ssh_user", "ssh_key") if isinstance(body.get(k), str) and body[k]}
+        async for line in self._stream("/v1/roles", {"id": role_id, **ssh}):
+            yield line
+
+    async def role_action(self, who: Principal, kind: str, host: str, action: str) -> AsyncIterator[bytes]:
+        require_admin(who)
+        role_id = await asyncio.to_thread(_role_for_action, self.db, kind, host, action)
+        async for line in self._stream(f"/v1/roles/{role_id}/{action}", {}):
+            yield line
+
+    async def upgrade(self, who: Principal, *, force: bool) -> AsyncIterator[bytes]:
+        require_admin(who)
+        async for line in self._stream("/v1/upgrade", {"force": force}):
+            yield line
+
+
+async def outcome(lines: AsyncIterator[bytes]) -> Json:
+    """Wait for a long operation to end: its result, or the error it ended with, raised."""
+    last: Json = {}
+    async for line in lines:
+        if line.strip():
+            last = json.loads(line)
+    if "error" in last:
+        raise error_from_json(500, last)
+    if "result" not in last:
+        raise SitecloudError("the controller ended the operation without a result")
+    result: Json = last["result"]
+    return result
