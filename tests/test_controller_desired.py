@@ -15,6 +15,7 @@ from roles.controller.desired import (
     snapshots_for,
 )
 from shared.db import (
+    CustomHostname,
     Database,
     Host,
     Plan,
@@ -190,3 +191,37 @@ def test_many_front_ends_get_the_same_routes_without_down_or_unreachable_workers
 def test_the_fileserver_is_reached_by_host_name_one_for_all() -> None:
     snaps = snapshots_for(_state())
     assert {snaps[i]["fileserver"] for i in (3, 4, 5, 8)} == {"https://files1:7401"}
+
+
+def test_app_settings_and_custom_hostnames_reach_the_roles_that_use_them(tmp_path: Path) -> None:
+    db = _db(tmp_path)
+    with db.session() as s:
+        place_sites(s)
+        alpha = s.query(Site).filter_by(name="alpha").one()
+        alpha.app_settings = {"runtime": "python", "entry": "app:app", "always_on": "true", "GREETING": "hi"}
+        alpha.hostnames.append(CustomHostname(hostname="www.alpha.example", cert_pem="CERT", key_pem="KEY"))
+        alpha.hostnames.append(CustomHostname(hostname="alpha.example"))
+    with db.session() as s:
+        state = read_desired(s, "sites.test")
+    snaps = snapshots_for(state)
+    fe = next(snaps[r.id] for r in state.roles if r.kind == "frontend")
+    assert fe["sites"]["alpha"]["hostnames"] == [
+        "alpha.example",
+        {"name": "www.alpha.example", "cert": "CERT", "key": "KEY"},
+    ]
+    assert "hostnames" not in fe["sites"]["beta"]
+    held = [snaps[r.id]["sites"]["alpha"] for r in state.of_kind("worker") if "alpha" in snaps[r.id]["sites"]]
+    assert held and all(
+        entry
+        == {
+            "uid": entry["uid"],
+            "runtime": "python",
+            "entry": "app:app",
+            "always_on": False,
+            "env": {"GREETING": "hi"},
+        }
+        for entry in held
+    ), "always_on is off: the plan does not allow it"
+    # A certificate's key goes to the front ends only.
+    others = [snaps[r.id] for r in state.roles if r.kind != "frontend"]
+    assert "KEY" not in str(others)

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from shared.appsettings import app_fields
 from shared.db import (
     Host,
     Plan,
@@ -78,6 +79,10 @@ class DesiredSite:
     users: dict[str, str]
     worker_ids: tuple[int, ...]
     subscription_id: int = 0
+    # Worker snapshot app fields (runtime, entry, env, ...), from the site's app settings.
+    app: dict[str, Any] = field(default_factory=dict)
+    # Front end snapshot custom hostnames: a name, or {name, cert, key} served by SNI.
+    hostnames: tuple[str | dict[str, str], ...] = ()
 
 
 @dataclass
@@ -197,6 +202,7 @@ def read_desired(session: Session, domain: str) -> DesiredState:
             selectinload(Site.credentials),
             selectinload(Site.assignments),
             selectinload(Site.subscription).selectinload(Subscription.plan),
+            selectinload(Site.hostnames),
         )
         .order_by(Site.name)
     ).all()
@@ -210,6 +216,13 @@ def read_desired(session: Session, domain: str) -> DesiredState:
                 users={c.username: c.password_hash for c in site.credentials},
                 worker_ids=tuple(sorted(a.role_id for a in site.assignments)),
                 subscription_id=site.subscription_id,
+                app=app_fields(dict(site.app_settings or {}), always_on_allowed=plan.always_on),
+                hostnames=tuple(
+                    {"name": h.hostname, "cert": h.cert_pem, "key": h.key_pem}
+                    if h.cert_pem and h.key_pem
+                    else h.hostname
+                    for h in sorted(site.hostnames, key=lambda h: h.hostname)
+                ),
             )
         )
     return state
@@ -240,7 +253,8 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
                             f"{workers[w].host}:{workers[w].ports['data']}"
                             for w in s.worker_ids
                             if w in workers and w not in state.down and role.reaches(workers[w])
-                        ]
+                        ],
+                        **({"hostnames": list(s.hostnames)} if s.hostnames else {}),
                     }
                     for s in state.sites
                 },
@@ -248,7 +262,7 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
         elif role.kind == "worker":
             body = {
                 "fileserver": fileserver_url,
-                "sites": {s.name: {"uid": s.uid} for s in state.sites if role.id in s.worker_ids},
+                "sites": {s.name: {"uid": s.uid, **s.app} for s in state.sites if role.id in s.worker_ids},
             }
         elif role.kind == "fileserver":
             body = {"sites": {s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes} for s in state.sites}}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from sqlalchemy.orm import Session, joinedload, selectinload
 
 from roles.management._certs import describe, load_certificate
 from roles.management.config import ManagementConfig
+from shared.appsettings import ENV_NAME, check_app_setting
 from shared.credentials import hash_password, hash_token, new_password, new_token
 from shared.db import (
     ApiToken,
@@ -53,7 +53,6 @@ Json = dict[str, Any]
 WORKER_SIZES = ("small", "medium", "large")
 COMPUTE_MODES = ("shared", "reserved")
 # App settings become environment variables of the site's app: names follow the POSIX rules.
-_SETTING_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 MAX_SETTINGS = 100
 MAX_SETTING_VALUE = 4096
 
@@ -551,11 +550,6 @@ class Store:
     def update_settings(self, who: Principal, name: str, changes: Json) -> Json:
         """Merge ``changes`` into the site's app settings; a null value removes the key."""
         for key, value in changes.items():
-            if not _SETTING_KEY.match(key):
-                raise InvalidInput(
-                    f"app setting name {key!r} is not valid",
-                    hint="use letters, digits and '_', not starting with a digit (at most 128)",
-                )
             if value is not None and (not isinstance(value, str) or len(value) > MAX_SETTING_VALUE):
                 raise InvalidInput(
                     f"app setting {key!r} must be a string of at most {MAX_SETTING_VALUE} characters, or null to remove it"
@@ -564,6 +558,10 @@ class Store:
             site = self._visible_site(s, who, name)
             settings = dict(site.app_settings or {})
             for key, value in changes.items():
+                if value is not None:
+                    check_app_setting(key, value, always_on_allowed=site.subscription.plan.always_on)
+                elif not ENV_NAME.match(key):
+                    raise InvalidInput(f"app setting name {key!r} is not valid")
                 if value is None:
                     settings.pop(key, None)
                 else:
