@@ -21,6 +21,7 @@ from sqlalchemy import select
 
 from roles.controller._fleet import Fleet
 from roles.controller._fleet_api import fleet_routes
+from roles.controller._usage import UsageBook, usage_routes
 from roles.controller.config import CloudConfig
 from roles.controller.desired import DesiredState, RoleEndpoint, place_sites, read_desired, snapshots_for
 from roles.controller.fabric.base import RoleSpec
@@ -214,6 +215,7 @@ class Controller:
         app.router.add_get("/v1/health", self._api_health)
         assert self.fleet is not None
         app.add_routes(fleet_routes(self.fleet, self))
+        app.add_routes(usage_routes(UsageBook(self.db)))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(

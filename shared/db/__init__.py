@@ -13,8 +13,10 @@ from shared.db.models import (
     Setting,
     Site,
     SiteAssignment,
+    SiteUsage,
     Subscription,
     Tenant,
+    UsageReport,
     User,
 )
 from shared.db.session import Database, bump_generation, current_generation
@@ -33,8 +35,10 @@ __all__ = [
     "Setting",
     "Site",
     "SiteAssignment",
+    "SiteUsage",
     "Subscription",
     "Tenant",
+    "UsageReport",
     "User",
     "bump_generation",
     "current_generation",

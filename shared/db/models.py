@@ -8,7 +8,9 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Integer,
@@ -245,3 +247,22 @@ class SiteAssignment(Base):
     role_id: Mapped[int] = mapped_column(ForeignKey("roles.id", ondelete="CASCADE"), primary_key=True)
     site: Mapped[Site] = relationship(back_populates="assignments")
     role: Mapped[Role] = relationship()
+
+
+class SiteUsage(Base):
+    """Requests and bytes a site's visitors made through the front ends, per UTC day (metering)."""
+
+    __tablename__ = "site_usage"
+    site: Mapped[str] = mapped_column(String(63), primary_key=True)
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_in: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_out: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UsageReport(Base):
+    """Report ids already counted: a front end resends a report until it is taken, so drop repeats."""
+
+    __tablename__ = "usage_reports"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(default=_utcnow)
