@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +16,18 @@ from tests.support import CloudPKI
 @pytest.fixture
 def pki(tmp_path: Path) -> CloudPKI:
     return CloudPKI(tmp_path / "pki")
+
+
+@pytest.fixture(scope="module")
+def traversable_home() -> Iterator[Path]:
+    """A cloud home whose ancestors other uids can pass through, as a site's app (its own uid) must.
+
+    pytest's own temp dirs are 0700 root, which would lock the apps out.
+    """
+    root = Path(tempfile.mkdtemp(prefix="sitecloud-cloud-"))
+    os.chmod(root, 0o711)
+    yield root / "home"
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _open_fds() -> set[int]:

@@ -81,8 +81,14 @@ class CloudHome:
     def prepare(self) -> None:
         """Create or refresh everything under HOME; idempotent, so a second `up` reuses it all."""
         self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
+        # Search-only for others: a site's app, running as its own uid, must pass through to its own
+        # content under the worker's home. Nothing here is listable, and what is private is 0700/0600.
+        os.chmod(self.root, 0o711)  # noqa: S103
         self.logs_dir.mkdir(exist_ok=True)
+        os.chmod(self.logs_dir, 0o700)
+        (self.root / "roles").mkdir(exist_ok=True)
+        os.chmod(self.root / "roles", 0o711)  # noqa: S103
+        self._private_sqlite_file()
         self.ca = CertificateAuthority.load_or_create(self.ca_dir)
         self._state = read_json(self.state_file) if self.state_file.exists() else {}
         ports = self._state.setdefault("internal_ports", {})
@@ -246,10 +252,19 @@ class CloudHome:
         assert self.ca is not None
         return self.ca.cert_pem
 
+    def _private_sqlite_file(self) -> None:
+        """Create the default SQLite DB 0600 before SQLite does: its WAL files inherit that mode."""
+        if self.config.db_url:
+            return
+        path = self.root / "sitecloud.db"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
+
     def _write_role_home(self, config: RoleConfig) -> None:
         assert self.ca is not None
         config.home.mkdir(parents=True, exist_ok=True)
-        os.chmod(config.home, 0o700)
+        # The worker's home is search-only for its sites' apps (roles/worker/apps); others are private.
+        os.chmod(config.home, 0o711 if config.role == "worker" else 0o700)
         config.tls_dir.mkdir(exist_ok=True)
         if not config.cert_file.exists() or not config.key_file.exists():
             self._issue(config.role, config.role).write(config.key_file, config.cert_file)

@@ -177,6 +177,25 @@ class ApiClient:
         finally:
             conn.close()
 
+    def lines(self, path: str, *, timeout: float | None) -> Iterator[str]:
+        """GET a text answer and yield its lines as they arrive (``timeout`` None: wait for ever)."""
+        conn = self._connection(self._timeout)
+        try:
+            conn.request("GET", path, headers=self._headers({"Accept": "text/plain"}))
+            resp = conn.getresponse()
+            if resp.status >= 400:
+                self._answer(resp)
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+            while line := resp.readline():
+                yield line.decode(errors="replace").rstrip("\n")
+        except OSError as exc:
+            raise self._unreachable(exc) from None
+        except http.client.HTTPException as exc:
+            raise Unavailable(f"the management API at {self.base} broke off the answer: {exc!r}") from None
+        finally:
+            conn.close()
+
     def upload(self, path: str, file: Path, *, progress: IO[str] | None = None) -> Any:
         """POST a file as the body, streamed from disk."""
         total = file.stat().st_size

@@ -541,6 +541,26 @@ def _paths() -> Json:
                 tag="sites",
             ),
         },
+        "/api/v1/sites/{name}/logs": {
+            "parameters": [_SITE],
+            "get": {
+                **_op(
+                    "The site's log from its workers: app output and access lines, as text; with "
+                    "follow=1 the answer stays open and new lines stream as they come",
+                    content={"text/plain": {"schema": {"type": "string"}}},
+                    errors=(404, 503),
+                    tag="sites",
+                ),
+                "parameters": [
+                    {"name": "follow", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}},
+                    {
+                        "name": "lines",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 10000},
+                    },
+                ],
+            },
+        },
         "/api/v1/sites/{name}/settings": {
             "parameters": [_SITE],
             "get": _op("The site's app settings", answer=_ref("AppSettings"), errors=(404,), tag="sites"),

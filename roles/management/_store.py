@@ -31,6 +31,7 @@ from shared.db import (
     PublishingCredential,
     Role,
     Site,
+    SiteAssignment,
     Subscription,
     Tenant,
     User,
@@ -671,6 +672,20 @@ class Store:
                 raise NotFound(f"site {name!r} has no custom hostname {host!r}")
             site.hostnames.remove(row)
             bump_generation(s)
+
+    def site_worker_urls(self, who: Principal, name: str) -> list[tuple[str, str]]:
+        """(host, control URL) of every worker holding a site the caller may see."""
+        with self._db.session() as s:
+            site = self._visible_site(s, who, name)
+            rows = s.execute(
+                select(Host.name, Host.address, Role.control_port)
+                .select_from(SiteAssignment)
+                .join(Role, SiteAssignment.role_id == Role.id)
+                .join(Host, Role.host_id == Host.id)
+                .where(SiteAssignment.site_id == site.id)
+                .order_by(Host.name)
+            )
+            return [(host, f"https://{address or host}:{port}") for host, address, port in rows]
 
     def fileserver_urls(self) -> list[str]:
         with self._db.session() as s:

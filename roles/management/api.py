@@ -231,6 +231,27 @@ async def publish_profile(request: web.Request) -> web.Response:
     )
 
 
+async def site_logs(request: web.Request) -> web.StreamResponse:
+    who = await principal(request)
+    try:
+        lines = max(0, min(10_000, int(request.query.get("lines", "100"))))
+    except ValueError:
+        raise InvalidInput("lines must be a whole number") from None
+    follow = request.query.get("follow", "") in ("1", "true", "yes")
+    stream = service_of(request).site_logs(who, request.match_info["name"], follow=follow, lines=lines)
+    # The first line (or the error, e.g. no such site) before the answer starts.
+    first = await anext(stream, b"")
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
+    )
+    await resp.prepare(request)
+    await resp.write(first)
+    async for line in stream:
+        await resp.write(line)
+    await resp.write_eof()
+    return resp
+
+
 async def get_app_settings(request: web.Request) -> web.Response:
     who = await principal(request)
     return web.json_response(await service_of(request).get_app_settings(who, request.match_info["name"]))
@@ -320,6 +341,7 @@ def api_routes() -> list[web.RouteDef]:
         web.post(f"{p}/sites/{{name}}/publishing-password", reset_password),
         web.post(f"{p}/sites/{{name}}/publish-profile", publish_profile),
         web.get(f"{p}/sites/{{name}}/settings", get_app_settings),
+        web.get(f"{p}/sites/{{name}}/logs", site_logs),
         web.patch(f"{p}/sites/{{name}}/settings", update_app_settings),
         web.get(f"{p}/sites/{{name}}/hostnames", list_hostnames),
         web.post(f"{p}/sites/{{name}}/hostnames", add_hostname),

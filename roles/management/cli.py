@@ -263,6 +263,25 @@ def _show_settings(answer: Any, a: argparse.Namespace) -> None:
         out(f"{key}={value}")
 
 
+def _site_logs(a: argparse.Namespace, api: ApiClient) -> Any:
+    query = f"?lines={a.lines}" + ("&follow=1" if a.follow else "")
+    stream = api.lines(api.path("sites", a.name, "logs") + query, timeout=None if a.follow else 60.0)
+    if not a.follow:
+        return {"site": a.name, "lines": list(stream)}
+    # Following: print lines as they come, until Ctrl-C.
+    try:
+        for line in stream:
+            out(json.dumps({"line": line}) if a.json else line)
+    except KeyboardInterrupt:
+        pass
+    return None
+
+
+def _show_logs(answer: Any, a: argparse.Namespace) -> None:
+    for line in answer["lines"] if answer else ():
+        out(line)
+
+
 def _publish_profile(a: argparse.Namespace, api: ApiClient) -> Any:
     data = api.request_raw("POST", api.path("sites", a.name, "publish-profile"))
     target = Path(a.output or f"{a.name}.PublishSettings")
@@ -644,6 +663,10 @@ def _parser() -> argparse.ArgumentParser:
         _show_password,
     )
     sp.add_argument("name")
+    sp = leaf(site, "logs", "show a site's app output and access lines", _site_logs, _show_logs)
+    sp.add_argument("name")
+    sp.add_argument("-f", "--follow", action="store_true", help="keep streaming new lines (Ctrl-C stops)")
+    sp.add_argument("-n", "--lines", type=int, default=100, help="how many past lines (default 100)")
     sp = leaf(
         site,
         "publish-profile",
@@ -754,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(err, args.json)
     except KeyboardInterrupt:
         return 130
-    if args.json:
+    if args.json and answer is not None:
         out(json.dumps(answer, indent=2, ensure_ascii=False))
     elif args.show is not None:
         args.show(answer, args)

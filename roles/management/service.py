@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from roles.management._accounts import Accounts
 from roles.management._fabric import FabricService
+from roles.management._logs import stream_site_logs
 from roles.management._nudge import Nudger
 from roles.management._publish_profile import publish_settings
 from roles.management._store import Principal, Store
@@ -42,6 +43,7 @@ class ManagementService:
         self.accounts = Accounts(db, lock)
         self._client = InternalClient(config, timeout=10)
         self._deploy_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
+        self._logs_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
         self._nudger = Nudger(self._client, config.controller_url, self._log)
         self._storage = StorageReader(self._client, lambda: asyncio.to_thread(self._store.fileserver_urls))
 
@@ -52,6 +54,7 @@ class ManagementService:
         await self._nudger.stop()
         await self._client.close()
         await self._deploy_client.close()
+        await self._logs_client.close()
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -260,6 +263,12 @@ class ManagementService:
 
     async def hostname_availability(self, who: Principal, hostname: str) -> Json:
         return await self._read(self._store.hostname_availability, who, hostname)
+
+    async def site_logs(self, who: Principal, name: str, *, follow: bool, lines: int) -> AsyncIterator[bytes]:
+        """The site's log lines from its workers; with ``follow``, new ones as they come."""
+        workers = await self._read(self._store.site_worker_urls, who, name)
+        async for line in stream_site_logs(self._logs_client, name, workers, follow=follow, lines=lines):
+            yield line
 
     async def deploy(self, who: Principal, name: str, body: AsyncIterable[bytes]) -> Json:
         """Stream a zip to the publisher, which replaces the site's content with it in one version."""

@@ -1,0 +1,74 @@
+"""A site's logs, read from the workers that hold it (`sitecloud site logs NAME [--follow]`).
+
+Each worker serves its part of the site's log on its control port (app output and access lines, see
+docs/architecture.md); a site on several workers gets their lines merged as they come, each line
+prefixed with the worker's host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from shared.errors import NotFound, Unavailable, error_from_json
+from shared.internal import InternalClient
+
+__all__ = ["stream_site_logs"]
+
+# Follow streams stay open; only a worker that goes silent longer than its keep-alive is given up on.
+_FOLLOW_READ_TIMEOUT = 60.0
+
+
+async def _lines_from(client: InternalClient, url: str, follow: bool, lines: int) -> AsyncIterator[bytes]:
+    timeout = aiohttp.ClientTimeout(total=None if follow else 30, sock_read=_FOLLOW_READ_TIMEOUT)
+    params = {"lines": str(lines), **({"follow": "1"} if follow else {})}
+    try:
+        async with client.session.get(url, params=params, timeout=timeout) as resp:
+            if resp.status >= 400:
+                raise error_from_json(resp.status, await resp.json(content_type=None))
+            async for line in resp.content:
+                yield line
+    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+        raise Unavailable(f"cannot read logs from {url}: {exc or type(exc).__name__}") from exc
+
+
+async def stream_site_logs(
+    client: InternalClient, site: str, workers: list[tuple[str, str]], *, follow: bool, lines: int
+) -> AsyncIterator[bytes]:
+    if not workers:
+        raise NotFound(f"site {site} is on no worker yet", hint="try again in a few seconds")
+    sources = [(host, f"{url}/v1/sites/{site}/logs") for host, url in workers]
+    if len(sources) == 1:
+        async for line in _lines_from(client, sources[0][1], follow, lines):
+            yield line
+        return
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1000)
+
+    async def pump(host: str, url: str) -> None:
+        prefix = f"[{host}] ".encode()
+        try:
+            async for line in _lines_from(client, url, follow, lines):
+                await queue.put(prefix + line)
+        except Unavailable as err:
+            await queue.put(prefix + f"(log unavailable: {err.message})\n".encode())
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(host, url)) for host, url in sources]
+    try:
+        open_sources = len(tasks)
+        while open_sources:
+            item = await queue.get()
+            if item is None:
+                open_sources -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
