@@ -225,3 +225,13 @@ def test_app_settings_and_custom_hostnames_reach_the_roles_that_use_them(tmp_pat
     # A certificate's key goes to the front ends only.
     others = [snaps[r.id] for r in state.roles if r.kind != "frontend"]
     assert "KEY" not in str(others)
+
+
+def test_a_scaled_site_gets_its_instance_count_and_others_the_default() -> None:
+    adds, _ = plan_placement([(1, 10, 4), (2, 10, None)], _workers(6, 7, 8, 9), {})
+    assert len([a for a in adds if a[0] == 1]) == 4
+    assert len([a for a in adds if a[0] == 2]) == 2
+    # Scaling down drops the extra workers once enough healthy ones remain.
+    held = {1: {6, 7, 8, 9}}
+    _, removes = plan_placement([(1, 10, 2)], _workers(6, 7, 8, 9), held)
+    assert len(removes) == 2

@@ -483,3 +483,21 @@ def test_a_tenant_is_refused_every_other_tenants_resource(cloud: ManagementCloud
     assert token_id in [t["id"] for t in cloud.ok("GET", "/tokens", token=alice)["tokens"]]
     assert [s["id"] for s in cloud.ok("GET", "/subscriptions", token=bob)["subscriptions"]] == [bob_sub]
     assert site not in [s["name"] for s in cloud.ok("GET", "/sites", token=bob)["sites"]]
+
+
+def test_site_scale_within_the_plan(cloud: ManagementCloud) -> None:
+    token, sub, _ = _tenant(cloud, max_instances_per_site=3)
+    name = _unique("scale")
+    assert cloud.ok("POST", "/sites", token=token, body={"name": name, "subscription": sub})["instances"] == 1
+    before = cloud.generation()
+    assert cloud.ok("POST", f"/sites/{name}/scale", token=token, body={"instances": 3})["instances"] == 3
+    assert cloud.generation() == before + 1
+    status, body = cloud.call("POST", f"/sites/{name}/scale", token=token, body={"instances": 4})
+    assert status == 409 and body["error"]["code"] == "limit_reached"
+    for bad in ({"instances": 0}, {"instances": "2"}, {}):
+        status, body = cloud.call("POST", f"/sites/{name}/scale", token=token, body=bad)
+        assert status == 400, bad
+    assert cloud.ok("GET", f"/sites/{name}", token=token)["instances"] == 3
+    # Another tenant cannot scale it, nor learn it exists.
+    other, _, _ = _tenant(cloud)
+    assert cloud.call("POST", f"/sites/{name}/scale", token=other, body={"instances": 1})[0] == 404

@@ -105,7 +105,7 @@ class WorkerSlot:
 
 
 def plan_placement(
-    sites: Iterable[tuple[int, int]],
+    sites: Iterable[tuple[int, int] | tuple[int, int, int | None]],
     workers: Collection[WorkerSlot],
     assignments: dict[int, set[int]],
     down: Collection[int] = (),
@@ -114,7 +114,7 @@ def plan_placement(
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Which (site, worker) assignments to add and to remove.
 
-    ``sites`` are (site id, subscription id). A site's pool is the workers reserved for its
+    ``sites`` are (site id, subscription id[, instances]). A site's pool is the workers reserved for its
     subscription if there are any, else the shared workers (those reserved for nobody). Each site
     gets ``replicas`` healthy workers of its pool (the least loaded first). An assignment on a down
     worker is kept, so the worker rejoins with its sites; one outside the pool, or one too many on
@@ -128,10 +128,10 @@ def plan_placement(
     shared = [w.id for w in workers if w.reserved_for is None]
     adds: list[tuple[int, int]] = []
     removes: list[tuple[int, int]] = []
-    for site_id, sub_id in sites:
+    for site_id, sub_id, *scale in sites:
         pool = [w.id for w in workers if w.reserved_for == sub_id] or shared
         current = set(assignments.get(site_id, set()))
-        want = min(replicas, len(pool))
+        want = min(max(replicas, (scale[0] if scale else None) or 0), len(pool))
         healthy = [w for w in current if w in pool and w not in down]
         candidates = sorted(
             (w for w in pool if w not in current and w not in down), key=lambda w: (load[w], w)
@@ -160,12 +160,12 @@ def place_sites(session: Session, down: Collection[int] = ()) -> int:
     if not workers:
         return 0
     live = session.execute(
-        select(Site.id, Site.subscription_id).where(Site.state == "running").order_by(Site.id)
+        select(Site.id, Site.subscription_id, Site.instances).where(Site.state == "running").order_by(Site.id)
     ).all()
     assignments: dict[int, set[int]] = {}
     for site_id, role_id in session.execute(select(SiteAssignment.site_id, SiteAssignment.role_id)):
         assignments.setdefault(site_id, set()).add(role_id)
-    adds, removes = plan_placement([(s, sub) for s, sub in live], workers, assignments, down)
+    adds, removes = plan_placement([(s, sub, n) for s, sub, n in live], workers, assignments, down)
     for site_id, role_id in adds:
         session.add(SiteAssignment(site_id=site_id, role_id=role_id))
     for site_id, role_id in removes:

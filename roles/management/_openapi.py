@@ -209,6 +209,7 @@ _SCHEMAS: Json = {
             "subscription": _INT,
             "tenant": _STR,
             "state": {"type": "string", "enum": ["running", "stopped"]},
+            "instances": {"type": "integer", "minimum": 1},
             "hostnames": {"type": "array", "items": _STR},
             "ftp": _obj(
                 {
@@ -275,6 +276,9 @@ _SCHEMAS: Json = {
     ),
     "Hostnames": _obj(
         {"site": _STR, "hostnames": {"type": "array", "items": _ref("Hostname")}}, ["site", "hostnames"]
+    ),
+    "SiteScale": _obj(
+        {"instances": {"type": "integer", "minimum": 1, "maximum": 1000}}, ["instances"], closed=True
     ),
     "Availability": _obj(
         {"hostname": _STR, "available": _BOOL, "reason": _STR}, ["hostname", "available", "reason"]
@@ -518,6 +522,17 @@ def _paths() -> Json:
         "/api/v1/sites/{name}/start": {
             "parameters": [_SITE],
             "post": _op("Start a site: it is routed and served", answer=site, errors=(403, 404), tag="sites"),
+        },
+        "/api/v1/sites/{name}/scale": {
+            "parameters": [_SITE],
+            "post": _op(
+                "Run the site on N workers, balanced by the front ends (at least two for availability "
+                "where the pool has them; at most the plan's max_instances_per_site)",
+                answer=site,
+                body="SiteScale",
+                errors=(404, 409),
+                tag="sites",
+            ),
         },
         "/api/v1/sites/{name}/stop": {
             "parameters": [_SITE],

@@ -431,6 +431,7 @@ class Store:
             "subscription": site.subscription_id,
             "tenant": site.subscription.tenant.name,
             "state": site.state,
+            "instances": site.instances or 1,
             "hostnames": [h.hostname for h in site.hostnames],
             "ftp": {"host": c.ftp_host, "port": c.ftp_port, "user": site.name},
             "deploy": {"url": f"{c.deploy_url.rstrip('/')}/api/deploy/{site.name}", "user": site.name},
@@ -520,6 +521,21 @@ class Store:
                     f"subscription {site.subscription_id} is {site.subscription.state}, not active"
                 )
             site.state = state
+            bump_generation(s)
+            return self.site_json(site)
+
+    def scale_site(self, who: Principal, name: str, instances: Any) -> Json:
+        """Run the site on ``instances`` workers (the front ends balance across them), within its plan."""
+        if not isinstance(instances, int) or isinstance(instances, bool) or not 1 <= instances <= 1000:
+            raise InvalidInput("instances must be a whole number from 1")
+        with self._write_lock, self._db.session() as s:
+            site = self._visible_site(s, who, name)
+            most = site.subscription.plan.max_instances_per_site
+            if instances > most:
+                raise LimitReached(
+                    f"the plan of site {name} allows at most {most} instance(s)", hint="ask for a larger plan"
+                )
+            site.instances = instances
             bump_generation(s)
             return self.site_json(site)
 

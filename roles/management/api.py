@@ -209,6 +209,14 @@ async def start_site(request: web.Request) -> web.Response:
     return web.json_response(await service_of(request).start_site(who, request.match_info["name"]))
 
 
+async def scale_site(request: web.Request) -> web.Response:
+    who = await principal(request)
+    body = await json_body(request)
+    return web.json_response(
+        await service_of(request).scale_site(who, request.match_info["name"], body.get("instances"))
+    )
+
+
 async def stop_site(request: web.Request) -> web.Response:
     who = await principal(request)
     return web.json_response(await service_of(request).stop_site(who, request.match_info["name"]))
@@ -337,6 +345,7 @@ def api_routes() -> list[web.RouteDef]:
         web.delete(f"{p}/sites/{{name}}", delete_site),
         web.post(f"{p}/sites/{{name}}/deploy", deploy_site),
         web.post(f"{p}/sites/{{name}}/start", start_site),
+        web.post(f"{p}/sites/{{name}}/scale", scale_site),
         web.post(f"{p}/sites/{{name}}/stop", stop_site),
         web.post(f"{p}/sites/{{name}}/publishing-password", reset_password),
         web.post(f"{p}/sites/{{name}}/publish-profile", publish_profile),

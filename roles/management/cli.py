@@ -663,6 +663,15 @@ def _parser() -> argparse.ArgumentParser:
         _show_password,
     )
     sp.add_argument("name")
+    sp = leaf(
+        site,
+        "scale",
+        "run a site on N workers, balanced by the front ends",
+        lambda a, api: api.request("POST", api.path("sites", a.name, "scale"), {"instances": a.instances}),
+        _done("{a.name} runs on {a.instances} instance(s)"),
+    )
+    sp.add_argument("name")
+    sp.add_argument("--instances", type=int, required=True)
     sp = leaf(site, "logs", "show a site's app output and access lines", _site_logs, _show_logs)
     sp.add_argument("name")
     sp.add_argument("-f", "--follow", action="store_true", help="keep streaming new lines (Ctrl-C stops)")

@@ -220,6 +220,11 @@ class ManagementService:
         self._log.bind(tenant=result["tenant"], site=name).info("site stopped")
         return result
 
+    async def scale_site(self, who: Principal, name: str, instances: Any) -> Json:
+        result = await self._write(self._store.scale_site, who, name, instances)
+        self._log.bind(tenant=result["tenant"], site=name).info("site scaled to %s instance(s)", instances)
+        return result
+
     async def reset_publishing_password(self, who: Principal, name: str) -> Json:
         result = await self._write(self._store.reset_publishing_password, who, name)
         self._log.bind(tenant=result["tenant"], site=name).info("publishing password reset")

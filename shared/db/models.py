@@ -157,6 +157,8 @@ class Site(Base):
     uid: Mapped[str] = mapped_column(String(32), unique=True, default=_uid)
     name: Mapped[str] = mapped_column(String(63), unique=True)
     subscription_id: Mapped[int] = mapped_column(ForeignKey("subscriptions.id", ondelete="CASCADE"))
+    # Workers the tenant asked to run the site on (`site scale`); NULL: the platform's default.
+    instances: Mapped[int | None] = mapped_column(default=None)
     state: Mapped[str] = mapped_column(String(16), default="running")
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
     # Key/value app settings; a later issue hands them to the site's app processes.
