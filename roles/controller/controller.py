@@ -245,9 +245,33 @@ class Controller:
             await self._runner.cleanup()
 
     async def _api_reconcile(self, request: web.Request) -> web.Response:
+        """Reconcile now; with ``{"wait_for": N}``, answer once every serving role runs generation N."""
         require_role(request, "management", "controller")
         self._nudge.set()
-        return web.json_response({"ok": True})
+        body = await request.json() if request.can_read_body else {}
+        wait_for = body.get("wait_for") if isinstance(body, dict) else None
+        if not isinstance(wait_for, int) or isinstance(wait_for, bool):
+            return web.json_response({"ok": True})
+        timeout = min(float(body.get("timeout", 5)), 10.0)
+        return web.json_response({"ok": True, "applied": await self.wait_applied(wait_for, timeout)})
+
+    async def wait_applied(self, generation: int, timeout: float) -> bool:
+        """Whether every role that serves now (running, healthy) took ``generation`` within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            desired = self._desired
+            if desired is not None and desired.generation >= generation:
+                serving = [
+                    r
+                    for r in self._roles.values()
+                    if r.desired_state == "running"
+                    and r.id not in self._routed_down
+                    and self._observed.get(r.id, RoleObservation()).state == "Ready"
+                ]
+                if all(self._acked.get(r.id, 0) >= generation for r in serving):
+                    return True
+            await asyncio.sleep(0.02)
+        return False
 
     async def _api_health(self, request: web.Request) -> web.Response:
         return web.json_response({"role": "controller", "status": "ready"})

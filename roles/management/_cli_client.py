@@ -147,54 +147,44 @@ class ApiClient:
     def path(self, *segments: str) -> str:
         return self._prefix + "/api/v1/" + "/".join(quote(s, safe="") for s in segments)
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        headers = self._headers({"Content-Type": "application/json"} if data is not None else {})
+    @contextmanager
+    def _exchange(
+        self, method: str, path: str, headers: dict[str, str], body: bytes | None = None
+    ) -> Iterator[tuple[http.client.HTTPSConnection, http.client.HTTPResponse]]:
+        """One request; network failures become clear errors, and the connection is always closed."""
         conn = self._connection(self._timeout)
         try:
-            conn.request(method, path, body=data, headers=headers)
-            return self._answer(conn.getresponse())
+            conn.request(method, path, body=body, headers=self._headers(headers))
+            yield conn, conn.getresponse()
         except OSError as exc:
             raise self._unreachable(exc) from None
         except http.client.HTTPException as exc:
             raise Unavailable(f"the management API at {self.base} broke off the answer: {exc!r}") from None
         finally:
             conn.close()
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        with self._exchange(method, path, headers, data) as (_, resp):
+            return self._answer(resp)
 
     def request_raw(self, method: str, path: str) -> bytes:
         """A call whose answer is not JSON (a publish profile); errors still come back as JSON."""
-        conn = self._connection(self._timeout)
-        try:
-            conn.request(method, path, headers=self._headers({"Accept": "*/*"}))
-            resp = conn.getresponse()
+        with self._exchange(method, path, {"Accept": "*/*"}) as (_, resp):
             if resp.status >= 400:
                 self._answer(resp)
             return resp.read()
-        except OSError as exc:
-            raise self._unreachable(exc) from None
-        except http.client.HTTPException as exc:
-            raise Unavailable(f"the management API at {self.base} broke off the answer: {exc!r}") from None
-        finally:
-            conn.close()
 
     def lines(self, path: str, *, timeout: float | None) -> Iterator[str]:
         """GET a text answer and yield its lines as they arrive (``timeout`` None: wait for ever)."""
-        conn = self._connection(self._timeout)
-        try:
-            conn.request("GET", path, headers=self._headers({"Accept": "text/plain"}))
-            resp = conn.getresponse()
+        with self._exchange("GET", path, {"Accept": "text/plain"}) as (conn, resp):
             if resp.status >= 400:
                 self._answer(resp)
             if conn.sock is not None:
                 conn.sock.settimeout(timeout)
             while line := resp.readline():
                 yield line.decode(errors="replace").rstrip("\n")
-        except OSError as exc:
-            raise self._unreachable(exc) from None
-        except http.client.HTTPException as exc:
-            raise Unavailable(f"the management API at {self.base} broke off the answer: {exc!r}") from None
-        finally:
-            conn.close()
 
     def upload(self, path: str, file: Path, *, progress: IO[str] | None = None) -> Any:
         """POST a file as the body, streamed from disk."""

@@ -16,7 +16,8 @@ __all__ = ["Nudger"]
 class Nudger:
     """Best effort and coalescing: a burst of changes sends one or two nudges; a failure is only logged.
 
-    Requests never wait for the controller: the DB is the source of truth, a nudge only saves time.
+    Requests never fail because of the controller: the DB is the source of truth, a nudge only saves
+    time. Site changes may wait a bounded moment for the change to be live (:meth:`settle`).
     """
 
     def __init__(self, client: InternalClient, controller_url: str, log: ContextLogger) -> None:
@@ -51,6 +52,23 @@ class Nudger:
                 if self._failing:
                     self._log.info("the controller at %s takes nudges again", self._url)
                 self._failing = False
+
+    async def settle(self, generation: int, timeout: float = 5.0) -> bool:
+        """Ask the controller to apply ``generation`` now and wait until the serving roles run it.
+
+        So a site owner who just created a site can log in by FTP at once. Bounded, and best effort:
+        a controller that is down or slow only means the change lands a little later.
+        """
+        if not self._url:
+            return False
+        try:
+            answer = await asyncio.wait_for(
+                self._client.post_json(self._url, {"wait_for": generation, "timeout": timeout}), timeout + 2
+            )
+        except (SitecloudError, TimeoutError) as exc:
+            self._log.debug("could not wait for generation %s: %s", generation, exc)
+            return False
+        return bool(answer.get("applied")) if isinstance(answer, dict) else False
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -64,6 +64,12 @@ class ManagementService:
         self._nudger.nudge()
         return result
 
+    async def _write_live(self, fn: Callable[..., T], *args: Any) -> T:
+        """A site change the owner acts on at once (log in by FTP, open the site): answer once it is live."""
+        result = await asyncio.to_thread(fn, *args)
+        await self._nudger.settle(await self._read(self._store.generation))
+        return result
+
     # -- auth and accounts
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -192,7 +198,7 @@ class ManagementService:
     # -- sites
 
     async def create_site(self, who: Principal, body: Json) -> Json:
-        result = await self._write(self._store.create_site, who, body)
+        result = await self._write_live(self._store.create_site, who, body)
         self._log.bind(tenant=result["tenant"], site=result["name"]).info("site created")
         return result
 
@@ -211,22 +217,22 @@ class ManagementService:
         self._log.bind(tenant=who.tenant, site=name).info("site deleted")
 
     async def start_site(self, who: Principal, name: str) -> Json:
-        result = await self._write(self._store.set_site_state, who, name, "running")
+        result = await self._write_live(self._store.set_site_state, who, name, "running")
         self._log.bind(tenant=result["tenant"], site=name).info("site started")
         return result
 
     async def stop_site(self, who: Principal, name: str) -> Json:
-        result = await self._write(self._store.set_site_state, who, name, "stopped")
+        result = await self._write_live(self._store.set_site_state, who, name, "stopped")
         self._log.bind(tenant=result["tenant"], site=name).info("site stopped")
         return result
 
     async def scale_site(self, who: Principal, name: str, instances: Any) -> Json:
-        result = await self._write(self._store.scale_site, who, name, instances)
+        result = await self._write_live(self._store.scale_site, who, name, instances)
         self._log.bind(tenant=result["tenant"], site=name).info("site scaled to %s instance(s)", instances)
         return result
 
     async def reset_publishing_password(self, who: Principal, name: str) -> Json:
-        result = await self._write(self._store.reset_publishing_password, who, name)
+        result = await self._write_live(self._store.reset_publishing_password, who, name)
         self._log.bind(tenant=result["tenant"], site=name).info("publishing password reset")
         return result
 
@@ -248,7 +254,7 @@ class ManagementService:
         return await self._read(self._store.get_settings, who, name)
 
     async def update_app_settings(self, who: Principal, name: str, changes: Json) -> Json:
-        result = await self._write(self._store.update_settings, who, name, changes)
+        result = await self._write_live(self._store.update_settings, who, name, changes)
         self._log.bind(tenant=who.tenant, site=name).info(
             "app settings changed: %s", ", ".join(sorted(changes))
         )
@@ -258,12 +264,12 @@ class ManagementService:
         return await self._read(self._store.list_hostnames, who, name)
 
     async def add_hostname(self, who: Principal, name: str, body: Json) -> Json:
-        result = await self._write(self._store.add_hostname, who, name, body)
+        result = await self._write_live(self._store.add_hostname, who, name, body)
         self._log.bind(tenant=who.tenant, site=name).info("custom hostname %s added", result["hostname"])
         return result
 
     async def delete_hostname(self, who: Principal, name: str, hostname: str) -> None:
-        await self._write(self._store.delete_hostname, who, name, hostname)
+        await self._write_live(self._store.delete_hostname, who, name, hostname)
         self._log.bind(tenant=who.tenant, site=name).info("custom hostname %s removed", hostname)
 
     async def hostname_availability(self, who: Principal, hostname: str) -> Json:
