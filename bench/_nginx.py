@@ -21,6 +21,28 @@ events {{ worker_connections 4096; }}
 http {{
     access_log off;
     upstream static {{ server 127.0.0.1:{static_port}; keepalive 128; }}
+    upstream static_tls {{ server 127.0.0.1:{static_tls_port}; keepalive 128; }}
+    # The same proxy with the hop to the static server in mutual TLS, as sitecloud's hop always is.
+    server {{
+        listen 127.0.0.1:{https_mtls_port} ssl reuseport;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_session_cache shared:SSL:10m;
+        location / {{
+            proxy_pass https://static_tls;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_ssl_certificate {hop_cert};
+            proxy_ssl_certificate_key {hop_key};
+            proxy_ssl_trusted_certificate {ca};
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;
+            proxy_ssl_session_reuse on;
+        }}
+    }}
     server {{
         listen 127.0.0.1:{http_port} reuseport;
         listen 127.0.0.1:{https_port} ssl reuseport;
@@ -54,6 +76,15 @@ http {{
         root {root};
         index index.html;
     }}
+    server {{
+        listen 127.0.0.1:{static_tls_port} ssl reuseport;
+        ssl_certificate {hop_cert};
+        ssl_certificate_key {hop_key};
+        ssl_client_certificate {ca};
+        ssl_verify_client on;
+        root {root};
+        index index.html;
+    }}
 }}
 """
 
@@ -63,12 +94,25 @@ def nginx_available() -> bool:
 
 
 class NginxPair:
-    def __init__(self, workdir: Path, root: Path, cert: Path, key: Path, *, workers: int = 1) -> None:
+    """``hop`` is (cert, key, CA) for the mutual-TLS variant of the proxy → static hop."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        root: Path,
+        cert: Path,
+        key: Path,
+        hop: tuple[Path, Path, Path],
+        *,
+        workers: int = 1,
+    ) -> None:
         self.dir = workdir
         self.root = root
         self.cert, self.key = cert, key
+        self.hop = hop
         self.workers = workers
         self.http_port, self.https_port, self.static_port = free_port(), free_port(), free_port()
+        self.https_mtls_port, self.static_tls_port = free_port(), free_port()
 
     def _conf(self, template: str, name: str) -> Path:
         path = self.dir / f"{name}.conf"
@@ -81,6 +125,11 @@ class NginxPair:
                 https_port=self.https_port,
                 cert=self.cert,
                 key=self.key,
+                https_mtls_port=self.https_mtls_port,
+                static_tls_port=self.static_tls_port,
+                hop_cert=self.hop[0],
+                hop_key=self.hop[1],
+                ca=self.hop[2],
                 root=self.root,
                 user=getpass.getuser(),
             )

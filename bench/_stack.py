@@ -8,6 +8,7 @@ from pathlib import Path
 from roles.fileserver.config import FileserverConfig
 from roles.frontend.config import FrontendConfig
 from roles.worker.config import WorkerConfig
+from shared.net import free_port
 from tests.cloud import https_get
 from tests.support import CloudPKI, RoleProcess, call, wait_until
 
@@ -17,15 +18,30 @@ SITE = "bench"
 
 
 class SitecloudStack:
-    def __init__(self, workdir: Path, domain: str) -> None:
+    """``processes`` serving processes each for the frontend and the worker."""
+
+    def __init__(self, workdir: Path, domain: str, pki: CloudPKI, *, processes: int = 1) -> None:
         self.dir = workdir
         self.domain = domain
-        self.pki = CloudPKI(workdir / "pki")
+        self._version = 0
+        self.pki = pki
         self.fileserver = RoleProcess(
             self.pki.role_config(FileserverConfig, "fileserver", workdir / "fileserver"), self.pki
         )
-        self.worker = RoleProcess(self.pki.role_config(WorkerConfig, "worker", workdir / "worker"), self.pki)
-        fe_config = self.pki.role_config(FrontendConfig, "frontend", workdir / "frontend")
+        self.plain_port = free_port()
+        self.worker = RoleProcess(
+            self.pki.role_config(
+                WorkerConfig,
+                "worker",
+                workdir / "worker",
+                processes=processes,
+                loopback_plain_listen=f"127.0.0.1:{self.plain_port}",
+            ),
+            self.pki,
+        )
+        fe_config = self.pki.role_config(
+            FrontendConfig, "frontend", workdir / "frontend", processes=processes, usage_interval=0.0
+        )
         self.pki.ca.issue_wildcard(domain).write(fe_config.wildcard_key_file, fe_config.wildcard_cert_file)
         self.frontend = RoleProcess(fe_config, self.pki)
 
@@ -45,10 +61,7 @@ class SitecloudStack:
             {"version": 1, "sites": {SITE: {"uid": "bench1", "quota_bytes": 1 << 30}}}
         )
         self.worker.push_config({"version": 1, "fileserver": fs_url, "sites": {SITE: {"uid": "bench1"}}})
-        worker_port = self.worker.config.data_port  # type: ignore[attr-defined]
-        self.frontend.push_config(
-            {"version": 1, "domain": self.domain, "sites": {SITE: {"workers": [f"localhost:{worker_port}"]}}}
-        )
+        self.route(plain=False)
         publisher = self.pki.client_ssl("publisher")
         ops = []
         for path, data in files.items():
@@ -66,6 +79,15 @@ class SitecloudStack:
             ),
             timeout=20,
             what="the bench site to be served through the frontend",
+        )
+
+    def route(self, *, plain: bool) -> None:
+        """The hop to the worker: mutual TLS (the default), or the opt-in plain HTTP on loopback."""
+        self._version += 1
+        worker_port = self.worker.config.data_port  # type: ignore[attr-defined]
+        address = f"http://127.0.0.1:{self.plain_port}" if plain else f"localhost:{worker_port}"
+        self.frontend.push_config(
+            {"version": self._version, "domain": self.domain, "sites": {SITE: {"workers": [address]}}}
         )
 
     def stop(self) -> None:

@@ -79,6 +79,9 @@ class Origin:
         app.router.add_get("/big", self._big)
         app.router.add_get("/sleep", self._sleep)
         app.router.add_route("*", "/status/{code}", self._status)
+        app.router.add_get("/ws", self._ws)
+        app.router.add_post("/sink", self._sink)
+        app.router.add_route("*", "/drop", self._drop)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self._ssl).start()
@@ -147,6 +150,34 @@ class Origin:
         finally:
             self.in_flight -= 1
         return web.json_response(seen)
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        """Echoes each text message back with this origin's name in front."""
+        self._seen(request)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == web.WSMsgType.TEXT:
+                await ws.send_str(f"{self.name}:{msg.data}")
+        return ws
+
+    async def _sink(self, request: web.Request) -> web.Response:
+        """Reads a body of any size in constant memory; answers its length and hash."""
+        seen = self._seen(request)
+        digest, size = hashlib.sha256(), 0
+        async for chunk in request.content.iter_chunked(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        seen.update(body_len=size, body_sha=digest.hexdigest())
+        return web.json_response(seen)
+
+    async def _drop(self, request: web.Request) -> web.Response:
+        """Takes the request, then cuts the connection without a word."""
+        self._seen(request)
+        assert request.transport is not None
+        request.transport.abort()
+        await asyncio.sleep(30)  # cancelled with the connection (handler_cancellation)
+        return web.Response(status=500)
 
     async def _status(self, request: web.Request) -> web.Response:
         self._seen(request)

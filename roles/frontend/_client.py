@@ -19,18 +19,21 @@ from roles.frontend._http import (
     BODY_CLOSE,
     H_CONNECTION,
     H_CONTENT_LENGTH,
+    H_COOKIE,
     H_EXPECT,
     H_HOST,
     H_TRANSFER_ENCODING,
+    H_UPGRADE,
     H_XFF,
     PAGES,
     REQUEST_HEADERS,
     Page,
     extra_connection_tokens,
+    redirect_page,
     strip_headers,
 )
 from roles.frontend._proxy import Proxy
-from roles.frontend._routes import Site
+from roles.frontend._routes import AFFINITY_COOKIE, Site
 from roles.frontend._upstream import Exchange, Upstream, UpstreamConnection
 
 __all__ = ["ClientConnection"]
@@ -41,6 +44,7 @@ _HEAD = 1  # reading a request line and headers
 _BODY = 2  # reading a request body
 _WAIT = 3  # request read; its response (or an earlier one) in flight
 _DEAD = 4  # a framing error: nothing more is read
+_TUNNEL = 5  # a WebSocket upgrade: bytes pass through both ways, unparsed
 
 # Why reading from the client is paused (a bit each; reading resumes when none is left).
 _PAUSE_PIPELINE = 1  # a request is parsed while an earlier one is still being answered
@@ -52,6 +56,7 @@ _BUFFER_LIMIT = 256 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+_REDIRECT_AS_IS = frozenset({b"GET", b"HEAD"})
 
 
 class _Reject(Exception):
@@ -64,6 +69,7 @@ class _Request:
     __slots__ = (
         "body_done",
         "body_parts",
+        "body_seen",
         "buffered",
         "chunked",
         "chunked_response",
@@ -76,11 +82,15 @@ class _Request:
         "http11",
         "keep_alive",
         "local",
+        "pinned",
         "replayable",
         "response_started",
+        "set_cookie",
         "site",
         "started",
         "tried",
+        "tunnel",
+        "upgrade",
         "upstream",
     )
 
@@ -105,6 +115,11 @@ class _Request:
         self.upstream: Upstream | None = None
         self.tried: list[Upstream] | None = None
         self.fresh = False
+        self.body_seen = 0
+        self.tunnel = False
+        self.upgrade = b""
+        self.pinned: Upstream | None = None  # the worker an affinity cookie names
+        self.set_cookie = b""
 
 
 def _normalize_host(value: bytes) -> bytes:
@@ -118,6 +133,7 @@ def _normalize_host(value: bytes) -> bytes:
 class ClientConnection(asyncio.Protocol):
     def __init__(self, proxy: Proxy, scheme: bytes) -> None:
         self._proxy = proxy
+        self._https = scheme == b"https"
         self._proto_header = b"X-Forwarded-Proto: " + scheme + b"\r\n"
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -132,6 +148,18 @@ class ClientConnection(asyncio.Protocol):
         self._tls = False
         self.read_deadline = 0.0
         self.write_deadline = 0.0
+        # Writes made while corked leave in one transport.write (one TLS record, one send).
+        self._corked = 0
+        self._out: list[bytes] = []
+        # Likewise for what goes to the worker: held to the end of the read, so a request that turns
+        # out malformed further on in the same read never leaves at all.
+        self._up: UpstreamConnection | None = None
+        self._up_out: list[bytes] = []
+        # The usage counters of the site whose response is being written ([requests, in, out]).
+        self._meter: list[int] | None = None
+        # A WebSocket tunnel: the worker connection, and client bytes that came before the 101.
+        self._tunnel: UpstreamConnection | None = None
+        self._early: list[bytes] | None = None
         # Per-request parsing state (reset in on_message_begin).
         self._error = 0
         self._began = False
@@ -148,6 +176,8 @@ class ClientConnection(asyncio.Protocol):
         self._xff: bytes | None = None
         self._expect: bytes | None = None
         self._tokens: frozenset[bytes] | None = None
+        self._cookie: bytes | None = None
+        self._upgrade: bytes | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -166,10 +196,17 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._out.clear()
+        self._up_out.clear()
+        self._up = None
         self._proxy.client_gone(self)
+        tunnel, self._tunnel = self._tunnel, None
+        if tunnel is not None:
+            tunnel.close()
         for req in self._queue:
             if req.conn is not None:
-                req.conn.abandon()
+                if req.conn is not tunnel:
+                    req.conn.abandon()
                 req.conn = None
             self._release(req)
         self._queue.clear()
@@ -177,7 +214,7 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._eof = True
-        if self._queue and not self._tls:
+        if self._queue and not self._tls and self._tunnel is None:
             return True  # answer what was asked (a plain TCP half-close); close after it
         return None
 
@@ -194,34 +231,50 @@ class ClientConnection(asyncio.Protocol):
             conn.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self._state == _DEAD or self._closing:
-            return
         state = self._state
+        if state >= _DEAD or self._closing:
+            if state == _TUNNEL and not self._closing:
+                self._tunnel_in(data)
+            return
         if state == _BODY:
             self.read_deadline = self._proxy.loop.time() + self._proxy.body_timeout
         self._began = False
         parser = self._parser
-        while True:
-            try:
-                parser.feed_data(data)
-            except httptools.HttpParserUpgrade as exc:
-                # An Upgrade request is proxied as a plain one (its Upgrade header dropped);
-                # llhttp stops after it, so feed it the rest.
-                data = data[int(exc.args[0]) :]
-                if data and self._state != _DEAD:
-                    continue
-            except httptools.HttpParserError as exc:
-                cause = exc.__context__
-                if cause is not None and not isinstance(cause, _Reject):
-                    self._proxy.log.error("error handling a request", exc_info=cause)
-                self._reject(self._error or 400)
-                return
-            break
-        # Headers still incomplete after this read: bound what they may take (llhttp has no limit).
-        if self._state == _HEAD and not self._began:
-            self._raw_head += len(data)
-            if self._raw_head > self._proxy.max_header_bytes:
-                self._reject(431)
+        self._corked += 1
+        try:
+            while True:
+                try:
+                    parser.feed_data(data)
+                except httptools.HttpParserUpgrade as exc:
+                    data = data[int(exc.args[0]) :]
+                    if self._state == _DEAD:
+                        break
+                    last = self._queue[-1] if self._queue else None
+                    if last is not None and last.tunnel:
+                        # A WebSocket: what follows is the tunnel's, held until the worker says 101.
+                        self._state = _TUNNEL
+                        self.read_deadline = 0.0
+                        self._early = [data] if data else []
+                        self._pause(_PAUSE_BUFFER)
+                        break
+                    # Any other Upgrade is proxied as a plain request (its Upgrade header dropped);
+                    # llhttp stops after it, so feed it the rest.
+                    if data:
+                        continue
+                except httptools.HttpParserError as exc:
+                    cause = exc.__context__
+                    if cause is not None and not isinstance(cause, _Reject):
+                        self._proxy.log.error("error handling a request", exc_info=cause)
+                    self._reject(self._error or 400)
+                    return
+                break
+            # Headers still incomplete after this read: bound what they may take (llhttp has no limit).
+            if self._state == _HEAD and not self._began:
+                self._raw_head += len(data)
+                if self._raw_head > self._proxy.max_header_bytes:
+                    self._reject(431)
+        finally:
+            self.uncork()
 
     # -- httptools callbacks ----------------------------------------------------------------------
 
@@ -243,6 +296,8 @@ class ClientConnection(asyncio.Protocol):
         self._xff = None
         self._expect = None
         self._tokens = None
+        self._cookie = None
+        self._upgrade = None
         self.read_deadline = self._proxy.loop.time() + self._proxy.header_timeout
         if self._queue:
             self._pause(_PAUSE_PIPELINE)
@@ -260,10 +315,12 @@ class ClientConnection(asyncio.Protocol):
             self._error = 431
             raise _Reject
         kind = REQUEST_HEADERS.get(name.lower())
-        if kind is None or kind == H_CONTENT_LENGTH:
-            if kind is not None:
+        if kind is None or kind in (H_CONTENT_LENGTH, H_COOKIE):
+            if kind == H_CONTENT_LENGTH:
                 self._lengths += 1
                 self._length = value
+            elif kind == H_COOKIE:
+                self._cookie = value if self._cookie is None else self._cookie + b"; " + value
             h = self._headers
             h += name
             h += b": "
@@ -282,6 +339,8 @@ class ClientConnection(asyncio.Protocol):
                 self._tokens = tokens if self._tokens is None else self._tokens | tokens
         elif kind == H_EXPECT:
             self._expect = value.lower()
+        elif kind == H_UPGRADE:
+            self._upgrade = value
         # H_DROP: hop-by-hop, or ours to set
 
     def on_headers_complete(self) -> None:
@@ -307,7 +366,8 @@ class ClientConnection(asyncio.Protocol):
             req.chunked = True
         # llhttp has refused Content-Length with Transfer-Encoding, and duplicate or invalid lengths.
         has_body = req.chunked or (self._lengths == 1 and self._length.strip(b" \t0") != b"")
-        if has_body and parser.should_upgrade():
+        upgrade = parser.should_upgrade()
+        if has_body and upgrade:
             self._error = 400  # llhttp would treat the body as the upgraded protocol
             raise _Reject
         target = self._target
@@ -322,36 +382,23 @@ class ClientConnection(asyncio.Protocol):
                 # RFC 9112 3.2.2: absolute-form wins over Host.
                 host = url.host + (b":" + str(url.port).encode() if url.port else b"")
                 target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
-        site = self._proxy.routes.get(_normalize_host(host)) if host is not None else None
+        name = _normalize_host(host) if host is not None else b""
+        site = self._proxy.routes.get(name) if host is not None else None
         if site is None:
             req.local = PAGES[404]
         else:
-            req.site = site
-            req.replayable = not has_body and method in _IDEMPOTENT
-            req.expect_continue = has_body and http11 and self._expect == b"100-continue"
-            headers = self._headers if self._tokens is None else strip_headers(self._headers, self._tokens)
             assert host is not None
-            xff = self._ip if self._xff is None else self._xff + b", " + self._ip
-            req.head = b"".join(
-                (
-                    method,
-                    b" ",
-                    target,
-                    b" HTTP/1.1\r\nHost: ",
-                    host,
-                    b"\r\n",
-                    headers,
-                    site.header,
-                    b"X-Forwarded-For: ",
-                    xff,
-                    b"\r\n",
-                    self._proto_header,
-                    b"X-Forwarded-Host: ",
-                    host,
-                    b"\r\n",
-                    b"Transfer-Encoding: chunked\r\n\r\n" if req.chunked else b"\r\n",
-                )
-            )
+            req.site = site
+            usage = site.usage
+            usage[0] += 1
+            usage[1] += self._head_bytes + len(target) + 16
+            if site.max_body and self._lengths == 1 and has_body and int(self._length) > site.max_body:
+                self._error = 413
+                raise _Reject
+            if site.https_only and not self._https:
+                req.local = self._redirect(method, name, target)
+            else:
+                self._forward_head(req, site, method, target, host, has_body, upgrade)
         if has_body:
             self._state = _BODY
             self.read_deadline = self._proxy.loop.time() + self._proxy.body_timeout
@@ -363,14 +410,72 @@ class ClientConnection(asyncio.Protocol):
         if len(self._queue) == 1:
             self._advance()
 
+    def _forward_head(
+        self,
+        req: _Request,
+        site: Site,
+        method: bytes,
+        target: bytes,
+        host: bytes,
+        has_body: bool,
+        upgrade: bool,
+    ) -> None:
+        req.replayable = not has_body and method in _IDEMPOTENT
+        req.expect_continue = has_body and req.http11 and self._expect == b"100-continue"
+        if site.affinity and self._cookie is not None:
+            req.pinned = site.pinned(self._cookie)
+        headers = self._headers if self._tokens is None else strip_headers(self._headers, self._tokens)
+        upgrade_head = b""
+        if upgrade and self._upgrade is not None and b"websocket" in self._upgrade.lower():
+            req.tunnel = True
+            req.upgrade = self._upgrade
+            upgrade_head = b"Connection: Upgrade\r\nUpgrade: " + self._upgrade + b"\r\n"
+        xff = self._ip if self._xff is None else self._xff + b", " + self._ip
+        req.head = b"".join(
+            (
+                method,
+                b" ",
+                target,
+                b" HTTP/1.1\r\nHost: ",
+                host,
+                b"\r\n",
+                headers,
+                site.header,
+                b"X-Forwarded-For: ",
+                xff,
+                b"\r\n",
+                self._proto_header,
+                b"X-Forwarded-Host: ",
+                host,
+                b"\r\n",
+                upgrade_head,
+                b"Transfer-Encoding: chunked\r\n\r\n" if req.chunked else b"\r\n",
+            )
+        )
+
+    def _redirect(self, method: bytes, host: bytes, target: bytes) -> Page:
+        """The site wants HTTPS only: send the visitor there (308 keeps a POST a POST)."""
+        port = self._proxy.public_https_port
+        location = b"https://" + host + (b"" if port == 443 else b":%d" % port) + target
+        return redirect_page(301 if method in _REDIRECT_AS_IS else 308, location)
+
     def on_body(self, data: bytes) -> None:
         req = self._req
-        if req is None or req.local is not None or not data:
+        if req is None or not data:
+            return
+        site = req.site
+        if site is not None:
+            site.usage[1] += len(data)
+            req.body_seen += len(data)
+            if site.max_body and req.body_seen > site.max_body:
+                self._error = 413  # a chunked body that grew past the limit on the way
+                raise _Reject
+        if req.local is not None:
             return  # a body nobody will read (the answer is a platform page)
         chunk = b"%x\r\n%b\r\n" % (len(data), data) if req.chunked else data
         conn = req.conn
         if conn is not None:
-            conn.send(chunk)
+            self._send_up(conn, chunk)
         else:
             if req.body_parts is None:
                 req.body_parts = [chunk]
@@ -395,7 +500,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if req.chunked:
             if req.conn is not None:
-                req.conn.send(_LAST_CHUNK)
+                self._send_up(req.conn, _LAST_CHUNK)
             elif req.body_parts is None:
                 req.body_parts = [_LAST_CHUNK]
             else:
@@ -413,6 +518,7 @@ class ClientConnection(asyncio.Protocol):
             if req.started:
                 return
             req.started = True
+            self._meter = req.site.usage if req.site is not None else None
             if len(queue) == 1:
                 self._resume(_PAUSE_PIPELINE)  # the request being read is now the one answered
             if req.local is None:
@@ -423,11 +529,12 @@ class ClientConnection(asyncio.Protocol):
             assert req.local is not None
             self._write_local(req, req.local)
             queue.popleft()
+            self._meter = None
             if req.close_after:
                 self.close()
                 return
         self._resume(_PAUSE_PIPELINE)
-        if not queue and self._req is None and self._state != _DEAD:
+        if not queue and self._req is None and self._state < _DEAD:
             self._state = _IDLE
             self.read_deadline = self._proxy.loop.time() + self._proxy.idle_timeout
             if self._proxy.draining:
@@ -437,10 +544,24 @@ class ClientConnection(asyncio.Protocol):
         """Send ``req`` to a worker; False when none is left to try (``req.local`` then says why)."""
         site = req.site
         assert site is not None
-        up = site.pick(req.tried, self._proxy.loop.time())
-        if up is None:
-            req.local = PAGES[502 if site.upstreams else 503]
-            return False
+        now = self._proxy.loop.time()
+        up = req.pinned
+        if up is None or up.down_until > now or (req.tried and up in req.tried):
+            up = site.pick(req.tried, now)
+            if up is None:
+                req.local = PAGES[502 if site.upstreams else 503]
+                return False
+            if site.affinity:
+                req.set_cookie = b"".join(
+                    (
+                        b"Set-Cookie: ",
+                        AFFINITY_COOKIE,
+                        b"=",
+                        up.token,
+                        b"; Path=/; HttpOnly; SameSite=Lax",
+                        b"; Secure\r\n" if self._https else b"\r\n",
+                    )
+                )
         req.upstream = up
         up.outstanding += 1
         if not req.fresh:
@@ -479,10 +600,10 @@ class ClientConnection(asyncio.Protocol):
         if parts:
             req.body_parts = None
             req.buffered = 0
-            conn.send(b"".join((req.head, *parts)))
+            self._send_up(conn, b"".join((req.head, *parts)))
             self._resume(_PAUSE_BUFFER)
         else:
-            conn.send(req.head)
+            self._send_up(conn, req.head)
         if req.body_done:
             conn.body_sent = True
         if self._write_paused:
@@ -498,6 +619,7 @@ class ClientConnection(asyncio.Protocol):
         queue = self._queue
         if queue and queue[0] is req:
             queue.popleft()
+        self._meter = None
         self._release(req)
         req.conn = None
         if self._closing:
@@ -512,6 +634,7 @@ class ClientConnection(asyncio.Protocol):
             req.keep_alive
             and req.body_done
             and not req.close_after
+            and not req.tunnel
             and not self._eof
             and not self._proxy.draining
         )
@@ -530,17 +653,22 @@ class ClientConnection(asyncio.Protocol):
     def response_head(self, req: Exchange, status: int, reason: bytes, headers: bytearray, body: int) -> None:
         assert isinstance(req, _Request)
         req.response_started = True
-        if body in (BODY_CHUNKED, BODY_CLOSE):
-            if req.http11:
-                headers += b"Transfer-Encoding: chunked\r\n"
-                req.chunked_response = True
-            else:
-                req.close_after = True  # HTTP/1.0: the body ends when the connection does
-        if not self._keep_alive(req):
-            req.close_after = True
-            headers += b"Connection: close\r\n"
-        elif not req.http11:
-            headers += b"Connection: keep-alive\r\n"
+        if req.set_cookie:
+            headers += req.set_cookie
+        if status == 101:
+            headers += b"Connection: Upgrade\r\nUpgrade: " + req.upgrade + b"\r\n"
+        else:
+            if body in (BODY_CHUNKED, BODY_CLOSE):
+                if req.http11:
+                    headers += b"Transfer-Encoding: chunked\r\n"
+                    req.chunked_response = True
+                else:
+                    req.close_after = True  # HTTP/1.0: the body ends when the connection does
+            if not self._keep_alive(req):
+                req.close_after = True
+                headers += b"Connection: close\r\n"
+            elif not req.http11:
+                headers += b"Connection: keep-alive\r\n"
         self._write(b"".join((b"HTTP/1.1 %d %b\r\n" % (status, reason), headers, b"\r\n")))
 
     def response_body(self, req: Exchange, data: bytes) -> None:
@@ -582,9 +710,85 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._resume(_PAUSE_UPSTREAM)
 
+    # -- WebSocket tunnel -------------------------------------------------------------------------
+
+    def tunnel_open(self, req: Exchange, conn: UpstreamConnection, early: bytes) -> None:
+        """The worker said 101: from now on bytes pass through both ways until either side closes."""
+        if self._closing or self._state != _TUNNEL:
+            conn.abort()
+            return
+        self._tunnel = conn
+        self.write_deadline = 0.0
+        if early:
+            self._write(early)
+        held, self._early = self._early, None
+        if held:
+            self._tunnel_in(b"".join(held))
+        self._resume(_PAUSE_BUFFER)
+
+    def _tunnel_in(self, data: bytes) -> None:
+        conn = self._tunnel
+        if conn is None:
+            if self._early is not None:
+                self._early.append(data)
+            return
+        meter = self._meter
+        if meter is not None:
+            meter[1] += len(data)
+        self._send_up(conn, data)
+
+    def tunnel_data(self, data: bytes) -> None:
+        self._write(data)
+
+    def tunnel_closed(self) -> None:
+        self._tunnel = None
+        self.close()
+
     # -- flow control, timeouts, closing ----------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
+        if self._closing or self.transport is None:
+            return
+        meter = self._meter
+        if meter is not None:
+            meter[2] += len(data)
+        if self._corked:
+            self._out.append(data)
+        else:
+            self.transport.write(data)
+
+    def _send_up(self, conn: UpstreamConnection, data: bytes) -> None:
+        if not self._corked:
+            conn.send(data)
+            return
+        if self._up is not conn:
+            self._flush_up()
+            self._up = conn
+        self._up_out.append(data)
+
+    def _flush_up(self) -> None:
+        conn, out = self._up, self._up_out
+        if conn is not None and out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            conn.send(data)  # nothing if the connection was given up meanwhile
+        self._up = None
+
+    def cork(self) -> None:
+        self._corked += 1
+
+    def uncork(self) -> None:
+        self._corked -= 1
+        if not self._corked:
+            if self._up_out:
+                self._flush_up()
+            if self._out:
+                self._flush()
+
+    def _flush(self) -> None:
+        out = self._out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
         if not self._closing and self.transport is not None:
             self.transport.write(data)
 
@@ -618,11 +822,13 @@ class ClientConnection(asyncio.Protocol):
                     req.conn = None
                 self._release(req)
                 queue.popleft()
+                self._meter = None
             else:
                 queue.remove(req)
         err = _Request()
         err.local = PAGES[status]
         err.close_after = True
+        err.site = req.site if req is not None else None
         queue.append(err)
         self._advance()
 
@@ -652,10 +858,13 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if not self._closing and self.transport is not None:
+            if self._out:
+                self._flush()
             self._closing = True
             self.transport.close()
 
     def abort(self) -> None:
         if self.transport is not None:
             self._closing = True
+            self._out.clear()
             self.transport.abort()

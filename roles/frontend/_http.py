@@ -13,16 +13,19 @@ __all__ = [
     "BODY_NONE",
     "H_CONNECTION",
     "H_CONTENT_LENGTH",
+    "H_COOKIE",
     "H_DROP",
     "H_EXPECT",
     "H_HOST",
     "H_TRANSFER_ENCODING",
+    "H_UPGRADE",
     "H_XFF",
     "PAGES",
     "REQUEST_HEADERS",
     "RESPONSE_HEADERS",
     "Page",
     "extra_connection_tokens",
+    "redirect_page",
     "strip_headers",
 ]
 
@@ -34,6 +37,8 @@ H_CONNECTION = 4
 H_DROP = 5
 H_XFF = 6
 H_EXPECT = 7
+H_COOKIE = 8  # forwarded, and read when the site uses an affinity cookie
+H_UPGRADE = 9  # hop-by-hop; sent on only when a WebSocket is tunnelled
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
 _HOP_BY_HOP = {
@@ -41,7 +46,7 @@ _HOP_BY_HOP = {
     b"proxy-connection": H_DROP,
     b"te": H_DROP,
     b"trailer": H_DROP,
-    b"upgrade": H_DROP,
+    b"upgrade": H_UPGRADE,
     b"connection": H_CONNECTION,
     b"transfer-encoding": H_TRANSFER_ENCODING,
     b"content-length": H_CONTENT_LENGTH,
@@ -57,9 +62,10 @@ REQUEST_HEADERS: dict[bytes, int] = {
     b"x-forwarded-for": H_XFF,
     # The front end answers 100-continue itself (as nginx does).
     b"expect": H_EXPECT,
+    b"cookie": H_COOKIE,
 }
 
-RESPONSE_HEADERS: dict[bytes, int] = dict(_HOP_BY_HOP)
+RESPONSE_HEADERS: dict[bytes, int] = {**_HOP_BY_HOP, b"upgrade": H_DROP}
 
 # How a response body is delimited upstream.
 BODY_NONE = 0
@@ -68,11 +74,15 @@ BODY_CHUNKED = 2
 BODY_CLOSE = 3
 
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade", b"te"})
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 def extra_connection_tokens(value: bytes) -> frozenset[bytes]:
     """Header names a Connection header lists beyond the usual options: they are hop-by-hop too."""
-    tokens = {t.strip() for t in value.lower().split(b",")}
+    lowered = value.lower()
+    if lowered in _CONNECTION_OPTIONS:
+        return _NO_TOKENS  # the usual case, on every response: no set work
+    tokens = {t.strip() for t in lowered.split(b",")}
     return frozenset(tokens - _CONNECTION_OPTIONS - {b""})
 
 
@@ -108,6 +118,7 @@ PAGES: dict[int, Page] = {
         _page(404, "No site here", "There is no site at this address. Check the address you typed."),
         _page(405, "Method not allowed", "This server does not accept that request method."),
         _page(408, "Request timeout", "The request took too long to arrive."),
+        _page(413, "Request too large", "The request's body is larger than this site accepts."),
         _page(414, "Address too long", "The requested address is too long."),
         _page(431, "Request headers too large", "The request's headers are too large."),
         _page(501, "Not implemented", "This server does not support the request's transfer coding."),
@@ -116,3 +127,14 @@ PAGES: dict[int, Page] = {
         _page(504, "Site too slow", "The site's server took too long to answer. Try again in a moment."),
     )
 }
+
+
+def redirect_page(status: int, location: bytes) -> Page:
+    """A redirect (HTTP → HTTPS), in its keep-alive and closing forms."""
+    reason = b"Moved Permanently" if status == 301 else b"Permanent Redirect"
+    head = b"HTTP/1.1 %d %b\r\nLocation: %b\r\nContent-Length: 0\r\nCache-Control: no-store\r\n" % (
+        status,
+        reason,
+        location,
+    )
+    return Page(status, head + b"Connection: keep-alive\r\n\r\n", head + b"Connection: close\r\n\r\n")

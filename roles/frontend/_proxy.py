@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from roles.frontend._routes import Site, build_routes
+from roles.frontend._routes import CustomCert, Site, build_routes
 from roles.frontend._upstream import Upstream, UpstreamConnection
 from roles.frontend.config import FrontendConfig
 from shared.logs import ContextLogger
@@ -25,6 +27,8 @@ __all__ = ["Proxy", "UpstreamRefused"]
 
 # How long a worker that refused a connection is tried last.
 _DOWN_FOR = 2.0
+# Snapshots with more sites than this are turned into a routing table in a thread.
+_BIG_SNAPSHOT = 2000
 
 
 class UpstreamRefused(OSError):
@@ -39,6 +43,11 @@ class Proxy:
         self.domain = ""
         # Swapped whole on each snapshot: a lookup never sees half of one.
         self.routes: dict[bytes, Site] = {}
+        self.sites = 0
+        # Custom hostnames' own certificates (the SNI callback reads this), and usage per site.
+        self.certs: dict[str, CustomCert] = {}
+        self.usage: dict[str, list[int]] = {}
+        self.public_https_port = config.public_https or config.https_port
         self.upstreams: dict[str, Upstream] = {}
         self.clients: set[ClientConnection] = set()
         self.upstream_conns: set[UpstreamConnection] = set()
@@ -55,6 +64,7 @@ class Proxy:
         self.upstream_max_idle = config.upstream_max_idle
         self._ssl = client_context(config)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._applying = asyncio.Lock()
         shortest = min(
             config.header_timeout, config.idle_timeout, config.body_timeout, config.response_timeout
         )
@@ -64,23 +74,62 @@ class Proxy:
     # -- config ---------------------------------------------------------------------------------------
 
     async def apply(self, snapshot: dict[str, Any]) -> None:
+        async with self._applying:  # one at a time, in the order they came (a build may be in a thread)
+            await self._apply(snapshot)
+
+    async def _apply(self, snapshot: dict[str, Any]) -> None:
+        started = time.perf_counter()
         used: dict[str, Upstream] = {}
 
-        def upstream(host: str, port: int) -> Upstream:
-            address = f"{host}:{port}"
-            up = used.get(address) or self.upstreams.get(address) or Upstream(host, port)
+        def upstream(host: str, port: int, tls: bool) -> Upstream:
+            address = f"{host}:{port}" if tls else f"http://{host}:{port}"
+            up = used.get(address) or self.upstreams.get(address) or Upstream(host, port, tls)
             used[address] = up
             return up
 
-        domain, routes, skipped = build_routes(snapshot, upstream)
-        for problem in skipped:
+        new_usage: dict[str, list[int]] = {}
+
+        def usage(site: str) -> list[int]:
+            counters = self.usage.get(site) or new_usage.get(site)
+            if counters is None:
+                counters = new_usage[site] = [0, 0, 0]
+            return counters
+
+        sites = snapshot.get("sites")
+        if isinstance(sites, dict) and len(sites) > _BIG_SNAPSHOT:
+            # A big table is built off the loop (which only reads our state meanwhile), so requests
+            # go on being answered while it is made; the swap below is one step on the loop.
+            routes = await asyncio.to_thread(
+                build_routes, snapshot, upstream, usage, default_max_body=self.config.max_body_bytes
+            )
+        else:
+            routes = build_routes(snapshot, upstream, usage, default_max_body=self.config.max_body_bytes)
+        self.usage.update(new_usage)
+        for problem in routes.skipped[:20]:
             self.log.warning("snapshot version %s: left out %s", snapshot.get("version"), problem)
-        self.domain, self.routes = domain, routes
+        if len(routes.skipped) > 20:
+            self.log.warning("... and %s more problems", len(routes.skipped) - 20)
+        self.domain, self.routes, self.certs, self.sites = (
+            routes.domain,
+            routes.hosts,
+            routes.certs,
+            routes.sites,
+        )
         for address, old in self.upstreams.items():
             if address not in used:
                 old.retired = True
                 old.close_idle()
         self.upstreams = used
+        # The table lives until the next snapshot: keep the cyclic collector from walking it over and
+        # over (with 100k sites a full collection would stall requests for a long moment).
+        gc.freeze()
+        self.log.info(
+            "routing %s sites (%s hostnames) from version %s, built in %.3f s",
+            routes.sites,
+            len(routes.hosts),
+            snapshot.get("version"),
+            time.perf_counter() - started,
+        )
 
     # -- upstream connections -------------------------------------------------------------------------
 
@@ -105,6 +154,14 @@ class Proxy:
         return conn
 
     async def _open(self, upstream: Upstream) -> UpstreamConnection:
+        if not upstream.tls:  # the opt-in plain hop to loopback: nothing to verify
+            _, plain = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: UpstreamConnection(self, upstream), upstream.host, upstream.port
+                ),
+                self.connect_timeout,
+            )
+            return plain
         _, conn = await asyncio.wait_for(
             self.loop.create_connection(
                 lambda: UpstreamConnection(self, upstream),
@@ -145,7 +202,8 @@ class Proxy:
     def health(self) -> dict[str, Any]:
         return {
             "domain": self.domain,
-            "sites": len(self.routes),
+            "sites": self.sites,
+            "hostnames": len(self.routes),
             "client_connections": len(self.clients),
             "upstream_connections": len(self.upstream_conns),
             "upstream_idle": sum(len(up.idle) for up in self.upstreams.values()),

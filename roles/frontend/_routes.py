@@ -1,30 +1,65 @@
-"""Host → site → workers: the routing table built from a pushed snapshot, and worker choice."""
+"""Host → site → workers: the routing table built from a pushed snapshot, and worker choice.
+
+The table is one dict from host name (bytes, lower case, no port) to :class:`Site`: ``<site>.<domain>``
+and every custom hostname of the site point at the same object, so a lookup is one hash probe whatever
+the number of sites.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from roles.frontend._upstream import Upstream
 from shared.errors import InvalidInput
 from shared.names import validate_hostname, validate_site_name
 
-__all__ = ["Site", "build_routes", "parse_worker_address"]
+__all__ = ["AFFINITY_COOKIE", "CustomCert", "Routes", "Site", "build_routes", "parse_worker_address"]
 
 # Added to the load of a worker that refused a connection lately, so it is tried last.
 _DOWN_PENALTY = 1 << 20
 
+# Like Azure's ARRAffinity: names the worker a visitor stays on, for sites that opt in.
+AFFINITY_COOKIE = b"SitecloudAffinity"
+
 
 class Site:
-    """One site's workers; picks the one with the fewest requests in flight (ties: round robin)."""
+    """One site's workers and options; picks the worker with the fewest requests in flight."""
 
-    __slots__ = ("_next", "header", "name", "upstreams")
+    __slots__ = (
+        "_next",
+        "affinity",
+        "by_token",
+        "header",
+        "https_only",
+        "max_body",
+        "name",
+        "upstreams",
+        "usage",
+    )
 
-    def __init__(self, name: str, upstreams: tuple[Upstream, ...]) -> None:
+    def __init__(
+        self,
+        name: str,
+        upstreams: tuple[Upstream, ...],
+        *,
+        usage: list[int],
+        affinity: bool = False,
+        https_only: bool = False,
+        max_body: int = 0,
+    ) -> None:
         self.name = name
         self.upstreams = upstreams
         # The trusted header the worker serves by, built once per snapshot rather than per request.
         self.header = b"X-Sitecloud-Site: " + name.encode() + b"\r\n"
+        self.affinity = affinity
+        self.by_token = {up.token: up for up in upstreams} if affinity else {}
+        self.https_only = https_only
+        self.max_body = max_body  # 0: no limit
+        # [requests, bytes in, bytes out] since the last usage report; shared across snapshots.
+        self.usage = usage
         self._next = 0
 
     def pick(self, tried: list[Upstream] | None, now: float) -> Upstream | None:
@@ -48,43 +83,155 @@ class Site:
                 best, best_load = up, load
         return best
 
+    def pinned(self, cookie: bytes) -> Upstream | None:
+        """The worker an affinity cookie in a ``Cookie`` header names, if it is still one of ours."""
+        at = cookie.find(AFFINITY_COOKIE + b"=")
+        while at > 0 and cookie[at - 1 : at] not in (b" ", b";"):
+            at = cookie.find(AFFINITY_COOKIE + b"=", at + 1)
+        if at < 0:
+            return None
+        start = at + len(AFFINITY_COOKIE) + 1
+        end = cookie.find(b";", start)
+        return self.by_token.get(cookie[start : end if end >= 0 else len(cookie)].strip())
 
-def parse_worker_address(address: Any) -> tuple[str, int]:
-    """``"<host>:<port>"`` from a snapshot, checked."""
+
+@dataclass(frozen=True, slots=True)
+class CustomCert:
+    """A custom hostname's own certificate chain and key (PEM), as the snapshot gives them."""
+
+    cert_pem: str
+    key_pem: str
+
+
+@dataclass(slots=True)
+class Routes:
+    domain: str = ""
+    hosts: dict[bytes, Site] = field(default_factory=dict)
+    # Custom hostnames with a certificate of their own, for the SNI callback.
+    certs: dict[str, CustomCert] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    sites: int = 0
+
+
+def parse_worker_address(address: Any) -> tuple[str, int, bool]:
+    """``"<host>:<port>"`` from a snapshot, checked: (host, port, tls).
+
+    ``"http://<loopback ip>:<port>"`` is the opt-in plain hop to a worker on the same machine (its
+    ``loopback_plain_listen``); anything but a loopback address is refused for it.
+    """
     if not isinstance(address, str) or ":" not in address:
         raise InvalidInput(f"worker address {address!r} is not '<host>:<port>'")
-    host, _, port = address.rpartition(":")
+    tls = not address.startswith("http://")
+    host, _, port = address.removeprefix("http://").rpartition(":")
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidInput(f"worker address {address!r} has no valid port")
     host = host.strip("[]")
+    if not tls:
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise InvalidInput(f"worker address {address!r}: plain HTTP only to a loopback address")
+        return host, int(port), False
     # An IPv6 literal is taken as it is; anything else must be a valid host name.
-    return (host if ":" in host else validate_hostname(host)), int(port)
+    return (host if ":" in host else validate_hostname(host)), int(port), True
+
+
+def _flag(spec: dict[str, Any], key: str) -> bool:
+    value = spec.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"'{key}' must be true or false")
+    return value
+
+
+def _hostnames(spec: dict[str, Any]) -> list[tuple[str, CustomCert | None]]:
+    """``"hostnames": ["shop.example.com", {"name": ..., "cert": "<PEM>", "key": "<PEM>"}]``."""
+    raw = spec.get("hostnames", [])
+    if not isinstance(raw, list):
+        raise InvalidInput("'hostnames' must be a list")
+    out: list[tuple[str, CustomCert | None]] = []
+    for entry in raw:
+        if isinstance(entry, str):
+            out.append((validate_hostname(entry), None))
+            continue
+        if not isinstance(entry, dict):
+            raise InvalidInput("a hostname is a name or {name, cert, key}")
+        name = validate_hostname(entry.get("name", ""))
+        cert, key = entry.get("cert"), entry.get("key")
+        if cert is None and key is None:
+            out.append((name, None))
+        elif isinstance(cert, str) and isinstance(key, str) and "BEGIN" in cert and "BEGIN" in key:
+            out.append((name, CustomCert(cert, key)))
+        else:
+            raise InvalidInput(f"hostname {name!r}: 'cert' and 'key' must both be PEM text")
+    return out
 
 
 def build_routes(
-    snapshot: dict[str, Any], upstream: Callable[[str, int], Upstream]
-) -> tuple[str, dict[bytes, Site], list[str]]:
-    """The routing table for a snapshot: ``b"<site>.<domain>"`` → :class:`Site`, and what was skipped.
+    snapshot: dict[str, Any],
+    upstream: Callable[[str, int, bool], Upstream],
+    usage: Callable[[str], list[int]],
+    *,
+    default_max_body: int = 0,
+) -> Routes:
+    """The routing table for a snapshot, and what was skipped.
 
     ``upstream`` returns the pool for a worker address, so pools (and their warm connections) carry
-    over from one snapshot to the next. A bad domain refuses the snapshot; a bad site entry is left
-    out (and reported) so that one entry cannot keep every other site from its update.
+    over from one snapshot to the next; ``usage`` the counters of a site, which carry over likewise.
+    A bad domain refuses the snapshot; a bad site entry is left out (and reported) so that one entry
+    cannot keep every other site from its update. A custom hostname claimed twice goes to neither.
     """
     domain = validate_hostname(snapshot.get("domain", ""))
     sites = snapshot.get("sites", {})
     if not isinstance(sites, dict):
         raise InvalidInput("'sites' must be an object")
-    routes: dict[bytes, Site] = {}
-    skipped: list[str] = []
+    routes = Routes(domain)
+    hosts = routes.hosts
+    suffix = "." + domain
+    addresses: dict[Any, tuple[str, int, bool]] = {}  # most sites share a few workers: parse each once
+    claimed: dict[bytes, str] = {}
     for name, spec in sites.items():
         try:
             validate_site_name(name)
-            workers = spec.get("workers", []) if isinstance(spec, dict) else None
+            if not isinstance(spec, dict):
+                raise InvalidInput("a site entry must be an object")
+            workers = spec.get("workers", [])
             if not isinstance(workers, list):
                 raise InvalidInput("'workers' must be a list of '<host>:<port>'")
-            addresses = [parse_worker_address(w) for w in dict.fromkeys(workers)]
+            ups: list[Upstream] = []
+            for w in dict.fromkeys(workers):
+                address = addresses.get(w)
+                if address is None:
+                    address = addresses[w] = parse_worker_address(w)
+                ups.append(upstream(*address))
+            max_body = spec.get("max_body_bytes", default_max_body)
+            if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 0:
+                raise InvalidInput("'max_body_bytes' must be a whole number >= 0")
+            site = Site(
+                name,
+                tuple(ups),
+                usage=usage(name),
+                affinity=_flag(spec, "affinity"),
+                https_only=_flag(spec, "https_only"),
+                max_body=max_body,
+            )
+            custom = _hostnames(spec)
         except (InvalidInput, TypeError) as err:
-            skipped.append(f"site {name!r}: {err}")
+            routes.skipped.append(f"site {name!r}: {err}")
             continue
-        routes[f"{name}.{domain}".encode()] = Site(name, tuple(upstream(h, p) for h, p in addresses))
-    return domain, routes, skipped
+        hosts[(name + suffix).encode()] = site
+        routes.sites += 1
+        for host, cert in custom:
+            key = host.encode()
+            if key in claimed or host.endswith(suffix):
+                routes.skipped.append(f"hostname {host!r} of site {name!r}: also claimed elsewhere")
+                if claimed.get(key) not in (None, name):
+                    hosts.pop(key, None)
+                    routes.certs.pop(host, None)
+                continue
+            claimed[key] = name
+            hosts[key] = site
+            if cert is not None:
+                routes.certs[host] = cert
+    return routes

@@ -1,28 +1,90 @@
-"""The frontend process: control plane, HTTP and HTTPS listeners, drain on stop."""
+"""The frontend process: control plane, HTTP and HTTPS listeners, drain on stop.
+
+With ``processes: 1`` (the default) one process does everything. With more, the main process runs the
+control plane and hands each applied snapshot to N serving processes (see :mod:`shared.prefork`),
+which each listen on the same ports with SO_REUSEPORT and report their own usage.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import os
+import signal
 import ssl
+from typing import Any
 
 from roles.frontend._client import ClientConnection
 from roles.frontend._proxy import Proxy
+from roles.frontend._routes import CustomCert, build_routes
+from roles.frontend._upstream import Upstream
+from roles.frontend._usage import UsageReporter
 from roles.frontend.config import FrontendConfig
-from shared.control import ControlPlane
+from shared.control import ControlPlane, Snapshot
+from shared.files import atomic_write_json, read_json
 from shared.logs import ContextLogger, get_logger
+from shared.prefork import ServingProcesses, serving_index, take_processes_flag, watch_parent
 from shared.tls import public_server_context
 
 __all__ = ["serve"]
 
 _BACKLOG = 1024
+_MAX_CONTEXTS = 10_000
 
 
-def _sni(sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
-    """The SNI hook: a custom hostname will set ``sslobj.context`` to its own certificate's context.
+class _SniContexts:
+    """Picks a custom hostname's own certificate by SNI; every other name gets the wildcard.
 
-    Until custom hostnames exist, every name gets the wildcard certificate of the listener.
+    Contexts are made on first use (a snapshot may carry very many certificates) and kept, up to a
+    bound; a certificate that does not load is logged once and the wildcard is served instead.
     """
-    return None
+
+    def __init__(self, proxy: Proxy, log: ContextLogger) -> None:
+        self._proxy = proxy
+        self._log = log
+        self._contexts: dict[str, tuple[CustomCert, ssl.SSLContext | None]] = {}
+
+    def callback(self, sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        if not server_name:
+            return None
+        name = server_name.lower().rstrip(".")
+        cert = self._proxy.certs.get(name)
+        if cert is None:
+            return None
+        cached = self._contexts.get(name)
+        if cached is None or cached[0] != cert:
+            cached = (cert, self._load(name, cert))
+            if len(self._contexts) >= _MAX_CONTEXTS:
+                self._contexts.pop(next(iter(self._contexts)))
+            self._contexts[name] = cached
+        if cached[1] is not None:
+            sslobj.context = cached[1]
+        return None
+
+    def _load(self, name: str, cert: CustomCert) -> ssl.SSLContext | None:
+        # The ssl module loads chains only from files: an anonymous in-memory file keeps the key off disk.
+        fd = os.memfd_create(f"sitecloud-{name}", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, (cert.cert_pem.rstrip() + "\n" + cert.key_pem.rstrip() + "\n").encode())
+            path = f"/proc/self/fd/{fd}"
+            ctx = public_server_context(path, path)  # type: ignore[arg-type]
+            ctx.set_alpn_protocols(["http/1.1"])
+            return ctx
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            self._log.error(
+                "certificate of custom hostname %s does not load: %s; serving the wildcard", name, exc
+            )
+            return None
+        finally:
+            os.close(fd)
+
+
+def _settle_heap() -> None:
+    """Everything made at startup lives as long as the process: move it out of the cyclic collector's
+    way, so its full passes stay short (a long one is a stall every request in flight waits out)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _public_tls(config: FrontendConfig, log: ContextLogger) -> ssl.SSLContext | None:
@@ -31,24 +93,19 @@ def _public_tls(config: FrontendConfig, log: ContextLogger) -> ssl.SSLContext | 
         return None
     ctx = public_server_context(config.wildcard_cert_file, config.wildcard_key_file)
     ctx.set_alpn_protocols(["http/1.1"])
-    ctx.sni_callback = _sni
     return ctx
 
 
-async def serve(config: FrontendConfig, stop: asyncio.Event) -> None:
-    log = get_logger(config.role, host=config.host)
-    proxy = Proxy(config, log)
-    tls = _public_tls(config, log)
-
-    def health() -> dict[str, object]:
-        return {**proxy.health(), "https": tls is not None}
-
-    plane = ControlPlane(config, proxy.apply, health=health)
-    await plane.load_last_known_good()
+async def _listen(proxy: Proxy, tls: ssl.SSLContext | None, *, reuse_port: bool) -> list[asyncio.Server]:
+    config = proxy.config
     loop = asyncio.get_running_loop()
     servers = [
         await loop.create_server(
-            lambda: ClientConnection(proxy, b"http"), config.bind, config.http_port, backlog=_BACKLOG
+            lambda: ClientConnection(proxy, b"http"),
+            config.bind,
+            config.http_port,
+            backlog=_BACKLOG,
+            reuse_port=reuse_port or None,
         )
     ]
     if tls is not None:
@@ -60,21 +117,152 @@ async def serve(config: FrontendConfig, stop: asyncio.Event) -> None:
                 ssl=tls,
                 ssl_handshake_timeout=config.handshake_timeout,
                 backlog=_BACKLOG,
+                reuse_port=reuse_port or None,
             )
         )
+    return servers
+
+
+async def _serve_data(
+    config: FrontendConfig, proxy: Proxy, log: ContextLogger, *, reuse_port: bool
+) -> tuple[list[asyncio.Server], UsageReporter, bool]:
+    tls = _public_tls(config, log)
+    if tls is not None:
+        tls.sni_callback = _SniContexts(proxy, log).callback
+    servers = await _listen(proxy, tls, reuse_port=reuse_port)
+    usage = UsageReporter(config, proxy.usage, log)
     proxy.start()
+    usage.start()
+    return servers, usage, tls is not None
+
+
+async def _drain(proxy: Proxy, servers: list[asyncio.Server], usage: UsageReporter) -> None:
+    for server in servers:
+        server.close()
+    await proxy.drain(proxy.config.drain_timeout)
+    await usage.stop()
+    for server in servers:
+        await server.wait_closed()
+
+
+async def serve(config: FrontendConfig, stop: asyncio.Event) -> None:
+    index = serving_index()
+    if index is not None:
+        await _serve_child(config, stop, index)
+        return
+    processes = take_processes_flag(config.processes)
+    if processes > 1:
+        await _serve_main(config, stop, processes)
+        return
+    log = get_logger(config.role, host=config.host)
+    proxy = Proxy(config, log)
+    https = {"on": False}
+    usage_ref: dict[str, UsageReporter] = {}
+
+    def health() -> dict[str, Any]:
+        figures: dict[str, Any] = {**proxy.health(), "https": https["on"], "processes": 1}
+        if "r" in usage_ref:
+            figures["usage_pending"] = usage_ref["r"].pending()
+            figures["usage_reports_sent"] = usage_ref["r"].reports_sent
+        return figures
+
+    plane = ControlPlane(config, proxy.apply, health=health)
+    await plane.load_last_known_good()
+    servers, usage, https["on"] = await _serve_data(config, proxy, log, reuse_port=False)
+    usage_ref["r"] = usage
     await plane.start()
+    _settle_heap()
     log.info(
-        "serving HTTP on %s:%s, HTTPS on %s", config.bind, config.http_port, config.https_port if tls else "-"
+        "serving HTTP on %s:%s, HTTPS on %s",
+        config.bind,
+        config.http_port,
+        config.https_port if https["on"] else "-",
     )
     try:
         await stop.wait()
     finally:
         log.info("draining")
-        for server in servers:
-            server.close()
-        await proxy.drain(config.drain_timeout)
+        await _drain(proxy, servers, usage)
         await plane.stop()
-        for server in servers:
-            await server.wait_closed()
         log.info("stopped")
+
+
+def _handover_file(config: FrontendConfig) -> Any:
+    return config.state_dir / "serving.json"
+
+
+async def _serve_main(config: FrontendConfig, stop: asyncio.Event, processes: int) -> None:
+    """The control plane only: check each snapshot, hand it to the serving processes."""
+    log = get_logger(config.role, host=config.host)
+    children = ServingProcesses(config, processes, log, stop_timeout=config.drain_timeout + 2)
+    figures: dict[str, Any] = {"sites": 0, "hostnames": 0}
+
+    async def apply(snapshot: Snapshot) -> None:
+        routes = build_routes(
+            snapshot,
+            lambda h, p, t: Upstream(h, p, t),
+            lambda _: [0, 0, 0],
+            default_max_body=config.max_body_bytes,
+        )
+        figures.update(domain=routes.domain, sites=routes.sites, hostnames=len(routes.hosts))
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(_handover_file(config), snapshot, mode=0o600)
+        children.reload()
+
+    def health() -> dict[str, Any]:
+        return {**figures, "processes": processes, "serving_pids": children.pids}
+
+    plane = ControlPlane(config, apply, health=health)
+    await plane.load_last_known_good()
+    children.start()
+    await plane.start()
+    _settle_heap()
+    log.info(
+        "control plane up; %s serving processes on HTTP %s, HTTPS %s",
+        processes,
+        config.http_port,
+        config.https_port,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await children.stop()
+        await plane.stop()
+        log.info("stopped")
+
+
+async def _serve_child(config: FrontendConfig, stop: asyncio.Event, index: int) -> None:
+    log = get_logger(config.role, host=config.host, process=index)
+    proxy = Proxy(config, log)
+    handover = _handover_file(config)
+    loop = asyncio.get_running_loop()
+    loading: set[asyncio.Task[None]] = set()
+    lock = asyncio.Lock()
+    applied = [0]
+
+    async def reload() -> None:
+        async with lock:  # two SIGHUPs close together: apply in order, never an older one last
+            with contextlib.suppress(FileNotFoundError):
+                snapshot = await asyncio.to_thread(read_json, handover)
+                version = int(snapshot.get("version", 0))
+                if version >= applied[0]:
+                    await proxy.apply(snapshot)
+                    applied[0] = version
+                    log.info("serving config version %s", version)
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        loading.add(task)
+        task.add_done_callback(loading.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await reload()
+    servers, usage, _ = await _serve_data(config, proxy, log, reuse_port=True)
+    _settle_heap()
+    orphan_guard = watch_parent(stop)
+    try:
+        await stop.wait()
+    finally:
+        orphan_guard.cancel()
+        loop.remove_signal_handler(signal.SIGHUP)
+        await _drain(proxy, servers, usage)

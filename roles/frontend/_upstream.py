@@ -8,6 +8,7 @@ pool only after a complete response to a completely sent request; anything else 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
@@ -35,6 +36,7 @@ class Exchange(Protocol):
     """What a connection needs to know about the request it carries."""
 
     head_request: bool
+    tunnel: bool  # a WebSocket upgrade: a 101 answer turns the connection into a byte tunnel
 
 
 class Owner(Protocol):
@@ -47,6 +49,11 @@ class Owner(Protocol):
     def response_end(self, req: Exchange) -> None: ...
     def upstream_failed(self, req: Exchange, status: int, *, stale: bool) -> None: ...
     def upstream_write_paused(self, paused: bool) -> None: ...
+    def tunnel_open(self, req: Exchange, conn: UpstreamConnection, early: bytes) -> None: ...
+    def tunnel_data(self, data: bytes) -> None: ...
+    def tunnel_closed(self) -> None: ...
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
 
 
 class _BadResponse(Exception):
@@ -56,12 +63,15 @@ class _BadResponse(Exception):
 class Upstream:
     """One worker address, its idle keep-alive connections, and how many requests it has in flight."""
 
-    __slots__ = ("address", "down_until", "host", "idle", "outstanding", "port", "retired")
+    __slots__ = ("address", "down_until", "host", "idle", "outstanding", "port", "retired", "tls", "token")
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, tls: bool = True) -> None:
         self.host = host
         self.port = port
-        self.address = f"{host}:{port}"
+        self.tls = tls  # False only for the opt-in plain hop to a worker on loopback
+        self.address = f"{host}:{port}" if tls else f"http://{host}:{port}"
+        # What an affinity cookie holds: the same for every front end, and says nothing of the address.
+        self.token = hashlib.sha256(b"sitecloud-affinity:" + self.address.encode()).hexdigest()[:20].encode()
         self.idle: list[UpstreamConnection] = []
         # Requests in flight or connecting: what least-outstanding balancing compares.
         self.outstanding = 0
@@ -113,6 +123,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_seen = False
         self._done = False
         self._interim = False
+        self._tunnel_ok = False
         self._body = BODY_NONE
         self._reason = b""
         self._headers = bytearray()
@@ -123,6 +134,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._read_paused = False
         self._write_paused = False
         self._closing = False
+        self.tunnel = False
 
     # -- pool side --------------------------------------------------------------------------------
 
@@ -165,7 +177,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._closing or self.transport is None:
             return
         self.transport.write(data)
-        if not self._read_paused:
+        if not self._read_paused and not self.tunnel:
             self.deadline = self._proxy.loop.time() + self._proxy.response_timeout
 
     def pause_reading(self) -> None:
@@ -179,7 +191,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._read_paused = False
             if self.transport is not None and not self._closing:
                 self.transport.resume_reading()
-                if self.owner is not None:
+                if self.owner is not None and not self.tunnel:
                     self.deadline = self._proxy.loop.time() + self._proxy.response_timeout
 
     def abandon(self) -> None:
@@ -204,7 +216,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.owner = self.req = None
         self._unpause_owner(owner)
-        if self._head_seen and self._body == BODY_CLOSE and not self._done:
+        if self.tunnel:
+            owner.tunnel_closed()
+        elif self._head_seen and self._body == BODY_CLOSE and not self._done:
             owner.response_end(req)  # a close-delimited body ends with the connection
         else:
             owner.upstream_failed(req, 502, stale=self.reused and not self._got_bytes)
@@ -223,13 +237,34 @@ class UpstreamConnection(asyncio.Protocol):
             self.owner.upstream_write_paused(False)
 
     def data_received(self, data: bytes) -> None:
-        if self.owner is None:
+        owner = self.owner
+        if owner is None:
             self.abort()  # bytes nobody asked for: the connection is out of step
+            return
+        if self.tunnel:
+            owner.tunnel_data(data)
             return
         self._got_bytes = True
         self.deadline = self._proxy.loop.time() + self._proxy.response_timeout
+        # What this read makes the client connection write leaves in one write (head and body).
+        owner.cork()
+        try:
+            self._feed(data)
+        finally:
+            owner.uncork()
+
+    def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            owner, req = self.owner, self.req
+            if not self._tunnel_ok or owner is None or req is None:
+                self._fail(502)
+                return
+            self.tunnel = True
+            self.deadline = 0.0  # a WebSocket may be quiet for as long as it likes
+            owner.tunnel_open(req, self, data[int(exc.args[0]) :])
+            return
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             if cause is not None and not isinstance(cause, _BadResponse):
@@ -279,12 +314,18 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self._parser
         status: int = parser.get_status_code()
+        req, owner = self.req, self.owner
         if status < 200:
             if status == 101:
-                raise _BadResponse("101 Switching Protocols to a request that did not ask for it")
+                if req is None or owner is None or not req.tunnel:
+                    raise _BadResponse("101 Switching Protocols to a request that did not ask for it")
+                self._tunnel_ok = True
+                self._head_seen = True
+                self._reusable = False
+                owner.response_head(req, 101, self._reason, self._headers, BODY_NONE)
+                return
             self._interim = True  # 100 and 103 are not forwarded; the final response follows
             return
-        req, owner = self.req, self.owner
         if req is None or owner is None:
             return
         self._head_seen = True

@@ -28,6 +28,15 @@ class FrontendConfig(RoleConfig):
     upstream_idle_timeout: float = 15.0
     upstream_max_idle: int = 64
     drain_timeout: float = 8.0
+    # Serving processes (SO_REUSEPORT); above 1 the main process keeps only the control plane.
+    processes: int = 1
+    # The HTTPS port visitors see (behind an L4 balancer it may differ); 0: https_port. (Not named
+    # *_port: it is no port of ours to listen on.)
+    public_https: int = 0
+    # A request body larger than this gets 413; a site's max_body_bytes (its plan) wins. 0: no limit.
+    max_body_bytes: int = 0
+    # How often usage (requests, bytes) goes to the controller; 0: never.
+    usage_interval: float = 30.0
 
     @property
     def wildcard_cert_file(self) -> Path:

@@ -1,26 +1,39 @@
 """A lean HTTP/1.1 server connection: an asyncio Protocol fed through httptools.
 
 It parses requests (pipelined ones are queued and answered in order), drains and ignores request
-bodies, enforces timeouts and write flow control, and hands each request to an async handler that
-writes the response through :meth:`HttpConnection.write` / :meth:`HttpConnection.drain`.
+bodies, and hands each request to a synchronous handler, which writes the whole response at once or
+starts a file stream that this connection pumps under write flow control. So the request path makes
+no task, no coroutine and no timer: timeouts are deadlines checked by the server's periodic sweep.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
+import struct
+import termios
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import cast
+from typing import BinaryIO, Protocol, cast
 
 import httptools
 
 from shared.logs import ContextLogger
 from shared.pages import REASONS, error_response
 
-__all__ = ["HttpConnection", "Limits", "Request", "http_date", "response_head"]
+__all__ = [
+    "Divert",
+    "Diverted",
+    "HttpConnection",
+    "Limits",
+    "Request",
+    "http_date",
+    "http_date_bytes",
+    "response_head",
+]
 
 MAX_URL = 8 * 1024
 MAX_HEADERS_BYTES = 64 * 1024
@@ -28,15 +41,52 @@ MAX_HEADERS = 100
 MAX_BODY = 1024 * 1024
 # Pipelined requests queued beyond this pause reading until the queue shrinks.
 MAX_QUEUED = 16
+CHUNK = 256 * 1024
+
+# The request headers a static server reads; others are counted against the limits and dropped.
+_WANTED = frozenset({b"x-sitecloud-site", b"if-none-match", b"if-modified-since", b"range", b"if-range"})
 
 
 @dataclass(slots=True)
 class Request:
-    method: str
+    method: bytes
     target: bytes
-    # Lower-case names; a repeated header's values are joined with ", " (RFC 9110 section 5.3).
-    headers: dict[str, str]
+    # Lower-case names (only those in _WANTED); a repeated header's values are joined with ", ".
+    headers: dict[bytes, bytes]
     keep_alive: bool
+    # Issue 5 hook: a request the divert hook took (a dynamic site's), answered by that object.
+    diverted: Diverted | None = None
+
+
+class Diverted(Protocol):
+    """Issue 5 hook: one request diverted to a site's app (``roles/worker/apps/_proxy.py``).
+
+    It gets the body as it arrives, then ``answer`` in the connection's turn; it writes through
+    :meth:`HttpConnection.write` and ends with :meth:`HttpConnection.diverted_done`, never from inside
+    ``answer`` itself."""
+
+    def body(self, data: bytes) -> None: ...
+    def end(self) -> None: ...
+    def answer(self, conn: HttpConnection, keep_alive: bool) -> None: ...
+    def resume(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class Divert(Protocol):
+    """Issue 5 hook: asked once a request's head is in (only while ``active``); None keeps it here.
+    ``headers`` are all of the request's header fields, as sent."""
+
+    @property
+    def active(self) -> bool: ...
+
+    def __call__(
+        self,
+        method: bytes,
+        url: bytes,
+        wanted: dict[bytes, bytes],
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+    ) -> Diverted | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,18 +104,22 @@ class _Refusal:
     detail: str
 
 
-_last_date: tuple[int, str] = (0, "")
+_last_date: list[object] = [0, "", b""]
 
 
 def http_date(ts: float | None = None) -> str:
     """An IMF-fixdate; the current one is cached per second (every response carries one)."""
-    global _last_date
     if ts is not None:
         return formatdate(ts, usegmt=True)
+    return http_date_bytes().decode()
+
+
+def http_date_bytes() -> bytes:
     now = int(time.time())
     if _last_date[0] != now:
-        _last_date = (now, formatdate(now, usegmt=True))
-    return _last_date[1]
+        text = formatdate(now, usegmt=True)
+        _last_date[:] = [now, text, text.encode()]
+    return cast(bytes, _last_date[2])
 
 
 def response_head(status: int, headers: list[tuple[str, str]], *, keep_alive: bool) -> bytes:
@@ -75,7 +129,32 @@ def response_head(status: int, headers: list[tuple[str, str]], *, keep_alive: bo
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-Handler = Callable[[Request, "HttpConnection", bool], Awaitable[bool]]
+def _unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes the kernel still holds for the peer (SIOCOUTQ: not yet acknowledged).
+
+    A TLS transport's buffer size leaves out what its TCP transport still holds; that is only ever
+    there while the kernel's queue is full, so an empty kernel queue means all of it reached the peer.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+    except (OSError, ValueError):
+        return 0
+    return int(struct.unpack("i", raw)[0])
+
+
+# Answers a request; returns whether the connection may stay open after it.
+Handler = Callable[[Request, "HttpConnection", bool], bool]
+
+
+class _Stream:
+    __slots__ = ("file", "left")
+
+    def __init__(self, file: BinaryIO, left: int) -> None:
+        self.file = file
+        self.left = left
 
 
 class HttpConnection(asyncio.Protocol):
@@ -89,8 +168,14 @@ class HttpConnection(asyncio.Protocol):
         log: ContextLogger,
         admit: Callable[[HttpConnection, asyncio.Transport], bool],
         on_close: Callable[[HttpConnection], None],
+        divert: Divert | None = None,
     ) -> None:
         self._handler = handler
+        # Issue 5 hook: dynamic sites' requests (all headers kept, body passed on, answered later).
+        self._divert = divert
+        self._raw: list[tuple[bytes, bytes]] | None = None
+        self._diverting: Diverted | None = None
+        self._waiting: Diverted | None = None
         self._limits = limits
         self._log = log
         self._admit = admit
@@ -99,21 +184,23 @@ class HttpConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._queue: collections.deque[Request | _Refusal] = collections.deque()
-        self._task: asyncio.Task[None] | None = None
-        self._can_write = asyncio.Event()
-        self._can_write.set()
-        self._timer: asyncio.TimerHandle | None = None
+        self._stream: _Stream | None = None
+        self._keep_after_stream = True
+        self._answering = False
+        self._write_paused = False
         self._reading_paused = False
         self._parsing = True
         self._closed = False
         self._draining = False
         self._started_response = False
+        # Read and write deadlines (loop time, 0 = none), checked by the server's sweep.
+        self.deadline = 0.0
+        self.write_deadline = 0.0
         # The request being parsed.
-        self._url = bytearray()
-        self._headers: dict[str, str] = {}
+        self._url = b""
+        self._headers: dict[bytes, bytes] = {}
         self._header_bytes = 0
-        self._header_name = bytearray()
-        self._header_value = bytearray()
+        self._nheaders = 0
         self._body_bytes = 0
 
     # -- connection lifecycle
@@ -126,19 +213,25 @@ class HttpConnection(asyncio.Protocol):
             self._closed = True
             transport.close()
             return
-        self._arm(self._limits.keepalive_timeout)
+        self.deadline = self._loop.time() + self._limits.keepalive_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._disarm()
-        self._can_write.set()
-        if self._task is not None:
-            self._task.cancel()
+        self._end_stream()
+        # Issue 5 hook: app requests of this connection are dropped with it.
+        for diverted in (
+            self._diverting,
+            self._waiting,
+            *(getattr(r, "diverted", None) for r in self._queue),
+        ):
+            if diverted is not None:
+                diverted.abort()
+        self._diverting = self._waiting = None
         self._on_close(self)
 
     @property
     def idle(self) -> bool:
-        return self._task is None and not self._queue
+        return not self._answering and self._stream is None and not self._queue and self._waiting is None
 
     @property
     def closed(self) -> bool:
@@ -149,7 +242,7 @@ class HttpConnection(asyncio.Protocol):
         """Nothing left to answer or to send: cutting the connection now loses nothing."""
         if self._closed or self._transport is None:
             return True
-        return self.idle and self._transport.get_write_buffer_size() == 0
+        return self.idle and self._transport.get_write_buffer_size() == 0 and _unsent(self._transport) == 0
 
     def drain_and_close(self) -> None:
         """Server stop: finish the response in flight (if any), then close."""
@@ -159,6 +252,7 @@ class HttpConnection(asyncio.Protocol):
             self._close()
 
     def abort(self) -> None:
+        self._end_stream()
         if self._transport is not None:
             self._transport.abort()
 
@@ -167,52 +261,80 @@ class HttpConnection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
-    def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._timer = self._loop.call_later(seconds, self._timed_out)
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        if self._transport is not None:
-            self._transport.abort()
+    def check(self, now: float) -> None:
+        """Called by the server's sweep: a request too slow to arrive, a peer idle or not reading."""
+        if (self.deadline and now >= self.deadline) or (self.write_deadline and now >= self.write_deadline):
+            self.deadline = self.write_deadline = 0.0
+            self.abort()
 
     # -- writing
 
     def pause_writing(self) -> None:
-        self._can_write.clear()
+        self._write_paused = True
+        self.write_deadline = self._loop.time() + self._limits.send_timeout
 
     def resume_writing(self) -> None:
-        self._can_write.set()
+        self._write_paused = False
+        self.write_deadline = 0.0
+        if self._stream is not None:
+            self._pump()
+        if self._waiting is not None:
+            self._waiting.resume()
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
+    def diverted_done(self, keep: bool) -> None:
+        """Issue 5 hook: the diverted request in answer has been answered."""
+        self._waiting = None
+        if not self._closed:
+            self._after_answers(keep)
 
     def write(self, data: bytes) -> None:
         self._started_response = True
         if self._transport is not None and not self._closed:
             self._transport.write(data)
 
-    async def drain(self) -> None:
-        """Wait while the peer's buffer is full; a peer that stops reading is dropped."""
-        if self._can_write.is_set():
+    def stream(self, file: BinaryIO, length: int) -> None:
+        """Send ``length`` bytes of ``file`` (positioned already) after the head; the file is ours now."""
+        self._stream = _Stream(file, length)
+
+    def _pump(self) -> None:
+        stream = self._stream
+        if stream is None:
             return
         try:
-            await asyncio.wait_for(self._can_write.wait(), self._limits.send_timeout)
-        except TimeoutError:
+            # Reads from the page cache block for microseconds; a thread hop per chunk would cost more.
+            while stream.left > 0 and not self._write_paused and not self._closed:
+                chunk = stream.file.read(min(CHUNK, stream.left))
+                if not chunk:
+                    raise OSError(f"{stream.file.name} ended early")
+                stream.left -= len(chunk)
+                self.write(chunk)
+        except OSError as exc:
+            self._log.warning("stream of %s broke: %s", getattr(stream.file, "name", "?"), exc)
             self.abort()
-            raise ConnectionResetError("peer stopped reading") from None
-        if self._closed:
-            raise ConnectionResetError("peer went away")
+            return
+        if stream.left <= 0 or self._closed:
+            if self._write_paused and not self._closed:
+                # The tail is still buffered: finish (and maybe close, whose TLS shutdown timer would
+                # start now) once the peer has taken most of it; resume_writing comes back here.
+                return
+            self._end_stream()
+            if not self._closed:
+                self._after_answers(self._keep_after_stream)
+
+    def _end_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.file.close()
 
     # -- reading
 
     def data_received(self, data: bytes) -> None:
         if not self._parsing:
             return
-        if self.idle:
-            self._disarm()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -238,13 +360,13 @@ class HttpConnection(asyncio.Protocol):
         self._enqueue(_Refusal(status, detail))
 
     def on_message_begin(self) -> None:
-        self._url.clear()
+        self._url = b""
         self._headers = {}
         self._header_bytes = 0
-        self._header_name.clear()
-        self._header_value.clear()
+        self._nheaders = 0
         self._body_bytes = 0
-        self._arm(self._limits.request_timeout)
+        self.deadline = self._loop.time() + self._limits.request_timeout
+        self._raw = [] if self._divert is not None and self._divert.active else None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -254,15 +376,28 @@ class HttpConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
-        if self._header_bytes > MAX_HEADERS_BYTES or len(self._headers) >= MAX_HEADERS:
+        self._nheaders += 1
+        if self._header_bytes > MAX_HEADERS_BYTES or self._nheaders > MAX_HEADERS:
             self._refuse(431, "The request's header fields are too large.")
             raise httptools.HttpParserCallbackError("headers too large")
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        old = self._headers.get(key)
-        self._headers[key] = text if old is None else f"{old}, {text}"
+        if self._raw is not None:
+            self._raw.append((name, value))
+        key = name.lower()
+        if key in _WANTED:
+            old = self._headers.get(key)
+            self._headers[key] = value if old is None else old + b", " + value
+
+    def on_headers_complete(self) -> None:
+        if self._raw is not None and self._divert is not None:
+            parser = self._parser
+            self._diverting = self._divert(
+                parser.get_method(), self._url, self._headers, self._raw, parser.should_keep_alive()
+            )
 
     def on_body(self, body: bytes) -> None:
+        if self._diverting is not None:
+            self._diverting.body(body)
+            return
         # Static sites take no bodies: count and drop them.
         self._body_bytes += len(body)
         if self._body_bytes > MAX_BODY:
@@ -270,65 +405,78 @@ class HttpConnection(asyncio.Protocol):
             raise httptools.HttpParserCallbackError("body too large")
 
     def on_message_complete(self) -> None:
-        self._disarm()
         parser = self._parser
+        diverted, self._diverting = self._diverting, None
+        if diverted is not None:
+            diverted.end()
         self._enqueue(
-            Request(
-                method=parser.get_method().decode("ascii", "replace"),
-                target=bytes(self._url),
-                headers=self._headers,
-                keep_alive=bool(parser.should_keep_alive()),
-            )
+            Request(parser.get_method(), self._url, self._headers, parser.should_keep_alive(), diverted)
         )
 
     # -- answering, in order
 
     def _enqueue(self, item: Request | _Refusal) -> None:
         self._queue.append(item)
-        if len(self._queue) > MAX_QUEUED and not self._reading_paused and self._transport is not None:
-            self._reading_paused = True
-            self._transport.pause_reading()
-        if self._task is None:
-            self._task = self._loop.create_task(self._answer_all())
+        if self._answering or self._stream is not None or self._waiting is not None:
+            if len(self._queue) > MAX_QUEUED and not self._reading_paused and self._transport is not None:
+                self._reading_paused = True
+                self._transport.pause_reading()
+            return
+        self._answer_all()
 
-    async def _answer_all(self) -> None:
+    def _answer_all(self) -> None:
+        self._answering = True
         keep = True
+        queue = self._queue
         try:
-            while self._queue and keep and not self._closed:
-                item = self._queue.popleft()
-                if self._reading_paused and len(self._queue) <= MAX_QUEUED // 2 and self._transport:
+            while queue and keep and not self._closed and self._stream is None:
+                item = queue.popleft()
+                if self._reading_paused and len(queue) <= MAX_QUEUED // 2 and self._transport:
                     self._reading_paused = False
                     self._transport.resume_reading()
                 if isinstance(item, _Refusal):
                     self.write(error_response(item.status, "Bad request", item.detail, keep_alive=False))
                     keep = False
                     break
-                keep = await self._answer(item)
-        except asyncio.CancelledError:
-            return
+                keep = self._answer(item)
+                if self._waiting is not None:
+                    return  # issue 5 hook: the app answers later, through diverted_done
+                if self._stream is not None:
+                    self._keep_after_stream = keep
+                    self._pump()
+                    if self._stream is not None:
+                        return  # the peer's buffer is full: resume_writing pumps the rest
         finally:
-            self._task = None
-        if self._closed:
+            self._answering = False
+        if not self._closed:
+            self._after_answers(keep)
+
+    def _after_answers(self, keep: bool) -> None:
+        if self._answering or self._stream is not None or self._waiting is not None:
             return
         if not keep or self._draining:
             self._close()
         elif self._queue:
-            self._task = self._loop.create_task(self._answer_all())
+            self._answer_all()
         elif not self._parsing:
             self._close()
-        elif self._timer is None:
-            self._arm(self._limits.keepalive_timeout)
+        else:
+            self.deadline = self._loop.time() + self._limits.keepalive_timeout
 
-    async def _answer(self, request: Request) -> bool:
+    def _answer(self, request: Request) -> bool:
         self._started_response = False
+        self.deadline = 0.0
         # Once parsing has stopped, the last queued answer is the last one on this connection.
         keep_alive = request.keep_alive and not self._draining and (self._parsing or bool(self._queue))
+        if request.diverted is not None:
+            self._waiting = request.diverted
+            request.diverted.answer(self, keep_alive)
+            return keep_alive
         try:
-            return await self._handler(request, self, keep_alive) and keep_alive
-        except (ConnectionError, asyncio.CancelledError):
-            raise
+            return self._handler(request, self, keep_alive) and keep_alive
         except Exception:
-            self._log.exception("failed to answer %s %r", request.method, request.target[:200])
+            self._log.exception("failed to answer %r %r", request.method, request.target[:200])
+            self._end_stream()
             if self._started_response:
                 self.abort()
             else:

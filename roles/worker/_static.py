@@ -17,14 +17,22 @@ from urllib.parse import quote
 
 from roles.worker._http import HttpConnection, http_date, response_head
 
-__all__ = ["DEFAULT_DOCUMENTS", "FileHit", "HotCache", "HotKey", "Redirect", "resolve", "send_file"]
+__all__ = [
+    "DEFAULT_DOCUMENTS",
+    "FileHit",
+    "HotCache",
+    "HotEntry",
+    "HotKey",
+    "Redirect",
+    "resolve",
+    "send_file",
+]
 
 DEFAULT_DOCUMENTS = ("index.html", "index.htm", "default.htm")
-CHUNK = 256 * 1024
 # Files up to this size are read at once (and may go to the hot cache); larger ones are streamed.
 SMALL_FILE = 128 * 1024
-# (site, version, rel, trailing slash)
-HotKey = tuple[str, int, str, bool]
+# (site, version, the request's path as sent, before any query): resolving it again gives the same file.
+HotKey = tuple[str, int, bytes]
 _TEXTUAL = frozenset({"application/javascript", "application/json", "application/xml", "image/svg+xml"})
 
 
@@ -101,17 +109,32 @@ def resolve(root: str, rel: str, *, slash: bool) -> FileHit | Redirect | None:
     return _hit(full, st)
 
 
+class HotEntry:
+    """A small file in memory, with the head of its plain 200 answer made once (all but Date)."""
+
+    __slots__ = ("body", "hit", "prefix")
+
+    def __init__(self, hit: FileHit, body: bytes) -> None:
+        self.hit = hit
+        self.body = body
+        self.prefix = (
+            f"HTTP/1.1 200 OK\r\nContent-Type: {hit.content_type}\r\nContent-Length: {len(body)}\r\n"
+            f"ETag: {hit.etag}\r\nLast-Modified: {hit.last_modified}\r\nAccept-Ranges: bytes\r\nDate: "
+        ).encode("latin-1")
+
+
 class HotCache:
-    """Bodies of small, often asked-for files, by (site, version, rel, slash); dropped per site on a
-    version flip. Least recently used entries go first when it is full."""
+    """Bodies of small, often asked-for files, by :data:`HotKey`; dropped per site on a version flip
+    (a key names its version too, so a stale entry could never be served anyway). Least recently
+    used entries go first when it is full."""
 
     def __init__(self, max_bytes: int) -> None:
         self._max = max_bytes
         self._bytes = 0
-        self._entries: collections.OrderedDict[HotKey, tuple[FileHit, bytes]] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[HotKey, HotEntry] = collections.OrderedDict()
         self._by_site: dict[str, set[HotKey]] = {}
 
-    def get(self, key: HotKey) -> tuple[FileHit, bytes] | None:
+    def get(self, key: HotKey) -> HotEntry | None:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
@@ -120,7 +143,7 @@ class HotCache:
     def put(self, key: HotKey, hit: FileHit, body: bytes) -> None:
         if len(body) > self._max // 16 or key in self._entries:
             return
-        self._entries[key] = (hit, body)
+        self._entries[key] = HotEntry(hit, body)
         self._by_site.setdefault(key[0], set()).add(key)
         self._bytes += len(body)
         while self._bytes > self._max:
@@ -128,10 +151,10 @@ class HotCache:
 
     def purge(self, site: str) -> None:
         for key in self._by_site.pop(site, set()):
-            self._bytes -= len(self._entries.pop(key)[1])
+            self._bytes -= len(self._entries.pop(key).body)
 
     def _drop(self, key: HotKey) -> None:
-        self._bytes -= len(self._entries.pop(key)[1])
+        self._bytes -= len(self._entries.pop(key).body)
         keys = self._by_site.get(key[0])
         if keys is not None:
             keys.discard(key)
@@ -178,11 +201,16 @@ def _etag_matches(header: str, etag: str) -> bool:
     return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
 
 
-def _not_modified(headers: dict[str, str], hit: FileHit) -> bool:
-    inm = headers.get("if-none-match")
+def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
+    value = headers.get(name)
+    return None if value is None else value.decode("latin-1")
+
+
+def _not_modified(headers: dict[bytes, bytes], hit: FileHit) -> bool:
+    inm = _header(headers, b"if-none-match")
     if inm is not None:
         return _etag_matches(inm, hit.etag)
-    ims = headers.get("if-modified-since")
+    ims = _header(headers, b"if-modified-since")
     if ims is not None:
         try:
             return hit.mtime <= int(parsedate_to_datetime(ims).timestamp())
@@ -191,32 +219,33 @@ def _not_modified(headers: dict[str, str], hit: FileHit) -> bool:
     return False
 
 
-def _range_applies(headers: dict[str, str], hit: FileHit) -> bool:
-    if_range = headers.get("if-range")
+def _range_applies(headers: dict[bytes, bytes], hit: FileHit) -> bool:
+    if_range = _header(headers, b"if-range")
     if if_range is None:
         return True
     # A strong validator must match exactly; a date must equal Last-Modified.
     return if_range.strip() == hit.etag or if_range.strip() == hit.last_modified
 
 
-async def send_file(
+def send_file(
     conn: HttpConnection,
     hit: FileHit,
-    headers: dict[str, str],
+    headers: dict[bytes, bytes],
     *,
     head: bool,
     keep_alive: bool,
     body: bytes | None = None,
 ) -> bytes | None:
     """Answer with ``hit``; ``body`` is its bytes when already in memory. Returns the bytes read
-    whole (small files) so the caller may cache them."""
+    whole (small files) so the caller may cache them; a large file is handed to the connection to
+    stream under flow control."""
     common = [("ETag", hit.etag), ("Last-Modified", hit.last_modified)]
     if _not_modified(headers, hit):
         conn.write(response_head(304, common, keep_alive=keep_alive))
         return None
     status, first, last = 200, 0, hit.size - 1
     common = [*common, ("Accept-Ranges", "bytes")]
-    rng = headers.get("range")
+    rng = _header(headers, b"range")
     if rng is not None and not head and _range_applies(headers, hit):
         parsed = _parse_range(rng, hit.size)
         if parsed == "unsatisfiable":
@@ -243,22 +272,20 @@ async def send_file(
     if body is not None:
         conn.write(head_bytes + body[first : last + 1])
         return None
-    # Reads from the page cache block for microseconds; a thread hop per chunk would cost more.
-    with open(hit.path, "rb") as f:  # noqa: ASYNC230
-        if hit.size <= SMALL_FILE:
+    # Reads from the page cache block for microseconds; a thread hop would cost more.
+    f = open(hit.path, "rb")  # noqa: SIM115 - a large file's handle goes to the connection's stream
+    if hit.size <= SMALL_FILE:
+        with f:
             data = f.read()
-            if len(data) != hit.size:
-                raise OSError(f"{hit.path} changed size while being read")
-            conn.write(head_bytes + data[first : last + 1])
-            return data
-        conn.write(head_bytes)
+        if len(data) != hit.size:
+            raise OSError(f"{hit.path} changed size while being read")
+        conn.write(head_bytes + data[first : last + 1])
+        return data
+    try:
         f.seek(first)
-        left = length
-        while left > 0:
-            chunk = f.read(min(CHUNK, left))
-            if not chunk:
-                raise OSError(f"{hit.path} ended early")
-            left -= len(chunk)
-            conn.write(chunk)
-            await conn.drain()
+    except BaseException:
+        f.close()
+        raise
+    conn.write(head_bytes)
+    conn.stream(f, length)
     return None

@@ -24,3 +24,29 @@ class WorkerConfig(RoleConfig):
     version_grace: float = 15.0
     # In-memory cache of small hot files (per process), dropped per site on a version flip.
     hot_cache_bytes: int = 32 * 1024 * 1024
+    # Serving processes on the data port (SO_REUSEPORT); above 1 the main process keeps the control
+    # plane and the content sync, and hands versions over to them.
+    processes: int = 1
+    # Opt-in, for measuring and for a front end on the same machine only: also answer plain HTTP on
+    # this loopback "<ip>:<port>" (no TLS, no peer check). Off (empty) by default: the data port is
+    # mutual TLS, as every internal call. A non-loopback address is refused.
+    loopback_plain_listen: str = ""
+    # -- dynamic sites (issue 5, roles/worker/apps): per-site app processes started on demand.
+    # small | medium | large: default per-site limits and how many app processes run at once.
+    size: str = "small"
+    # Cap on running app processes (least recently used goes first); 0: the size's default.
+    max_active_apps: int = 0
+    # An app with no request for this long is stopped (a site's idle_timeout overrides it).
+    app_idle_timeout: float = 1200.0
+    # A woken app must answer its first request within this; otherwise 503 with the platform's page.
+    app_start_timeout: float = 10.0
+    # Later requests wait this long for an app's answer before a 504.
+    app_response_timeout: float = 120.0
+    # Request bodies for apps are read whole before they go on; larger ones get 413.
+    app_max_body: int = 32 * 1024 * 1024
+    # Per-site app log (stdout/stderr, access lines) before it rotates once.
+    app_log_bytes: int = 1024 * 1024
+    # Index for requirements.txt installs (e.g. https://pypi.org/simple); empty: installs are skipped.
+    package_index_url: str = ""
+    # Python that runs apps; empty: the worker's own if other uids can run it, else python3.
+    app_python: str = ""

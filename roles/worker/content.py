@@ -90,6 +90,14 @@ class ContentSync:
         """(held, version): a held site with no version yet has had nothing published."""
         return site in self._held, self._current.get(site)
 
+    def serving_state(self) -> dict[str, Any]:
+        """What serving processes need to answer: per held site, its version number and directory."""
+        current = self._current
+        return {
+            site: ([current[site].number, current[site].root] if site in current else None)
+            for site in self._held
+        }
+
     def figures(self) -> dict[str, Any]:
         synced = 0
         for site in self._held:

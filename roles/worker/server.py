@@ -8,13 +8,14 @@ version directory.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
 import httptools
 
 from roles.worker._cache import SiteVersion
-from roles.worker._http import HttpConnection, Limits, Request, response_head
+from roles.worker._http import Divert, HttpConnection, Limits, Request, http_date_bytes, response_head
 from roles.worker._static import FileHit, HotCache, HotKey, Redirect, resolve, send_file
 from roles.worker.config import WorkerConfig
 from shared.errors import InvalidInput
@@ -30,11 +31,20 @@ __all__ = ["DataServer", "Lookup"]
 Lookup = Callable[[str], tuple[bool, SiteVersion | None]]
 
 _ALLOWED = "GET, HEAD"
+_SITE = b"x-sitecloud-site"
+_KEEP = b"\r\nConnection: keep-alive\r\n\r\n"
+_CLOSE = b"\r\nConnection: close\r\n\r\n"
+# How often idle, slow and stuck connections are looked for.
+_SWEEP = 0.25
 
 
 class DataServer:
-    def __init__(self, config: WorkerConfig, lookup: Lookup, hot: HotCache) -> None:
+    def __init__(
+        self, config: WorkerConfig, lookup: Lookup, hot: HotCache, *, divert: Divert | None = None
+    ) -> None:
         self._config = config
+        # Issue 5 hook: requests for dynamic sites go to their apps (roles/worker/apps).
+        self._divert = divert
         self._lookup = lookup
         self._hot = hot
         self._log = get_logger("worker", host=config.host)
@@ -46,12 +56,14 @@ class DataServer:
         self._server: asyncio.Server | None = None
         self._connections: set[HttpConnection] = set()
         self._stopping = False
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._plain: asyncio.Server | None = None
 
     @property
     def connections(self) -> int:
         return len(self._connections)
 
-    async def start(self) -> None:
+    async def start(self, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._connection,
@@ -61,7 +73,32 @@ class DataServer:
             ssl_handshake_timeout=10,
             ssl_shutdown_timeout=5,
             backlog=1024,
+            reuse_port=reuse_port or None,
         )
+        plain = self._config.loopback_plain_listen
+        if plain:
+            host, _, port = plain.rpartition(":")
+            if not ipaddress.ip_address(host.strip("[]")).is_loopback:
+                self._log.error(
+                    "loopback_plain_listen %s is not a loopback address; not listening there", plain
+                )
+            else:
+                self._plain = await loop.create_server(
+                    self._plain_connection,
+                    host.strip("[]"),
+                    int(port),
+                    backlog=1024,
+                    reuse_port=reuse_port or None,
+                )
+                self._log.warning("also answering plain HTTP on loopback %s (no TLS on this hop)", plain)
+        self._sweeper = loop.call_later(_SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self._connections):
+            conn.check(now)
+        self._sweeper = loop.call_later(_SWEEP, self._sweep)
 
     async def stop(self) -> None:
         """Stop accepting, let responses in flight finish within the drain bound, then cut the rest."""
@@ -69,27 +106,52 @@ class DataServer:
             return
         self._stopping = True
         self._server.close()
-        busy = [c for c in self._connections if not c.idle]
+        if self._plain is not None:
+            self._plain.close()
         for conn in list(self._connections):
             conn.drain_and_close()
-        # A busy connection is done only once it has closed: a TLS transport's buffer size leaves out
-        # the encrypted bytes already handed to TCP, so aborting when it reads 0 can cut a response's
-        # tail. Idle connections have nothing in flight and are cut below without waiting.
+        # Done means answered and delivered: a response fully handed to the transport may still sit in
+        # its buffers (a TLS transport's size leaves out what TCP holds), so "settled" also asks the
+        # kernel whether everything reached the peer. Cutting earlier would cut a response's tail.
         deadline = asyncio.get_running_loop().time() + self._config.drain_timeout
-        while not all(c.closed for c in busy):
+        while not all(c.settled for c in list(self._connections)):
             if asyncio.get_running_loop().time() > deadline:
                 self._log.warning("%s connections still busy after the drain bound", self.connections)
                 break
             await asyncio.sleep(0.05)
         for conn in list(self._connections):
             conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await asyncio.sleep(0)
         self._server = None
 
     def _connection(self) -> HttpConnection:
         return HttpConnection(
-            self._handle, limits=self._limits, log=self._log, admit=self._admit, on_close=self._closed
+            self._handle,
+            limits=self._limits,
+            log=self._log,
+            admit=self._admit,
+            on_close=self._closed,
+            divert=self._divert,
         )
+
+    def _plain_connection(self) -> HttpConnection:
+        return HttpConnection(
+            self._handle,
+            limits=self._limits,
+            log=self._log,
+            admit=self._admit_plain,
+            on_close=self._closed,
+            divert=self._divert,
+        )
+
+    def _admit_plain(self, conn: HttpConnection, transport: asyncio.Transport) -> bool:
+        """The opt-in loopback listener: only processes on this machine can reach it."""
+        if self._stopping:
+            return False
+        self._connections.add(conn)
+        return True
 
     def _closed(self, conn: HttpConnection) -> None:
         self._connections.discard(conn)
@@ -105,15 +167,17 @@ class DataServer:
         )
         return False
 
-    async def _handle(self, request: Request, conn: HttpConnection, keep_alive: bool) -> bool:
-        head = request.method == "HEAD"
-        if request.method not in ("GET", "HEAD"):
+    def _handle(self, request: Request, conn: HttpConnection, keep_alive: bool) -> bool:
+        method = request.method
+        head = method == b"HEAD"
+        if not head and method != b"GET":
             _page(
                 conn, 405, "Method not allowed", "A static site answers GET and HEAD only.", head, keep_alive,
                 [("Allow", _ALLOWED)],
             )  # fmt: skip
             return keep_alive
-        site = request.headers.get("x-sitecloud-site", "").strip()
+        headers = request.headers
+        site = headers.get(_SITE, b"").strip().decode("latin-1")
         held, version = self._lookup(site)
         if not held:
             _page(conn, 404, "No site here", "There is no site at this address.", head, keep_alive)
@@ -126,22 +190,27 @@ class DataServer:
                 head, keep_alive,
             )  # fmt: skip
             return keep_alive
+        target = request.target
+        q = target.find(b"?")
+        key: HotKey = (site, version.number, target if q < 0 else target[:q])
+        cached = self._hot.get(key)
+        if cached is not None:
+            if len(headers) == 1 and not head:
+                # The hot path: a plain GET of a small file in memory, one write.
+                conn.write(
+                    b"".join((cached.prefix, http_date_bytes(), _KEEP if keep_alive else _CLOSE, cached.body))
+                )
+            else:
+                send_file(conn, cached.hit, headers, head=head, keep_alive=keep_alive, body=cached.body)
+            return keep_alive
         try:
-            url = httptools.parse_url(request.target)
+            url = httptools.parse_url(target)
             path = unquote_to_bytes(url.path or b"/").decode("utf-8")
             rel = site_relpath(path)
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, InvalidInput):
             _page(conn, 400, "Bad address", "This address is not valid.", head, False)
             return False
-        slash = path.endswith("/")
-        key = (site, version.number, rel, slash)
-        cached = self._hot.get(key)
-        if cached is not None:
-            await send_file(
-                conn, cached[0], request.headers, head=head, keep_alive=keep_alive, body=cached[1]
-            )
-            return keep_alive
-        found = resolve(version.root, rel, slash=slash)
+        found = resolve(version.root, rel, slash=path.endswith("/"))
         if found is None:
             _page(conn, 404, "Not found", "Nothing is published at this address.", head, keep_alive)
         elif isinstance(found, Redirect):
@@ -156,10 +225,10 @@ class DataServer:
                 [("Location", location)],
             )
         else:
-            await self._send(conn, key, found, request, head, keep_alive)
+            self._send(conn, key, found, request, head, keep_alive)
         return keep_alive
 
-    async def _send(
+    def _send(
         self,
         conn: HttpConnection,
         key: HotKey,
@@ -168,7 +237,7 @@ class DataServer:
         head: bool,
         keep_alive: bool,
     ) -> None:
-        data = await send_file(conn, hit, request.headers, head=head, keep_alive=keep_alive)
+        data = send_file(conn, hit, request.headers, head=head, keep_alive=keep_alive)
         if data is not None:
             self._hot.put(key, hit, data)
 

@@ -1,41 +1,160 @@
-"""The worker process: control plane, content sync and data server, started and stopped in order."""
+"""The worker process: control plane, content sync and data server, started and stopped in order.
+
+With ``processes: N > 1`` the main process keeps the control plane and the content sync, and N serving
+processes (see :mod:`shared.prefork`) answer the data port with SO_REUSEPORT. After each snapshot and
+each version flip the main process writes which version directory serves each site to
+``state/serving.json`` and sends SIGHUP; each serving process swaps its lookup table and drops its hot
+cache for the sites that moved.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import signal
+from pathlib import Path
 from typing import Any
 
-from roles.worker._cache import ContentCache
+from roles.worker._cache import ContentCache, SiteVersion
 from roles.worker._static import HotCache
+from roles.worker.apps import AppManager, AppProxy, app_routes
 from roles.worker.config import WorkerConfig
 from roles.worker.content import ContentSync
 from roles.worker.server import DataServer
-from shared.control import ControlPlane
+from shared.control import ControlPlane, Snapshot
+from shared.files import atomic_write_json, read_json
 from shared.logs import get_logger
+from shared.prefork import ServingProcesses, serving_index, take_processes_flag, watch_parent
 
 __all__ = ["serve"]
 
 
+def _handover_file(config: WorkerConfig) -> Path:
+    return config.state_dir / "serving.json"
+
+
 async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
+    index = serving_index()
+    if index is not None:
+        await _serve_child(config, stop, index)
+        return
+    processes = take_processes_flag(config.processes)
     log = get_logger("worker", host=config.host)
     hot = HotCache(config.hot_cache_bytes)
-    sync = ContentSync(config, ContentCache(config.home), on_flip=hot.purge)
-    server = DataServer(config, sync.lookup, hot)
+    children = (
+        ServingProcesses(config, processes, log, stop_timeout=config.drain_timeout + 2)
+        if processes > 1
+        else None
+    )
+    loop = asyncio.get_running_loop()
+    handover: list[asyncio.TimerHandle | None] = [None]
+
+    def hand_over() -> None:
+        handover[0] = None
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(_handover_file(config), sync.serving_state(), mode=0o600)
+        if children is not None:
+            children.reload()
+
+    def changed(site: str | None = None) -> None:
+        if site is not None:
+            hot.purge(site)
+            apps.refresh(site)
+        if children is not None and handover[0] is None:
+            handover[0] = loop.call_later(0.005, hand_over)  # one write for a burst of flips
+
+    sync = ContentSync(config, ContentCache(config.home), on_flip=changed)
+    # Issue 5: dynamic sites' app processes. Served by the main process only: with serving
+    # processes (processes > 1) app requests are not diverted yet.
+    apps = AppManager(config, sync.lookup)
+    divert = AppProxy(config, apps) if children is None else None
+    server = DataServer(config, sync.lookup, hot, divert=divert) if children is None else None
+
+    async def apply(snapshot: Snapshot) -> None:
+        specs = apps.check(snapshot)  # the whole snapshot is checked before any of it applies
+        await sync.apply(snapshot)
+        apps.apply(snapshot, specs)
+        changed()
 
     def health() -> dict[str, Any]:
-        return {**sync.figures(), "connections": server.connections, "hot_cache_bytes": hot.size}
+        figures = {**sync.figures(), "processes": processes, **apps.figures()}
+        if server is not None:
+            figures.update(connections=server.connections, hot_cache_bytes=hot.size)
+        if children is not None:
+            figures["serving_pids"] = children.pids
+        return figures
 
-    plane = ControlPlane(config, sync.apply, health=health)
+    plane = ControlPlane(config, apply, health=health, routes=app_routes(apps))
+    await apps.start()
     # Last-known-good first: a restarted worker serves what it has on disk before anyone answers.
     await plane.load_last_known_good()
-    await server.start()
+    if server is not None:
+        await server.start()
+    if children is not None:
+        hand_over()
+        children.start()
     await plane.start()
+    # Startup's objects live as long as the process: keep the cyclic collector's full passes short.
+    gc.collect()
+    gc.freeze()
     sync.start()
-    log.info("serving sites on %s:%s", config.bind, config.data_port)
+    log.info("serving sites on %s:%s with %s process(es)", config.bind, config.data_port, processes)
     try:
         await stop.wait()
     finally:
         log.info("stopping: draining connections")
-        await server.stop()
+        if server is not None:
+            await server.stop()
+        if children is not None:
+            await children.stop()
+        await apps.stop()
         await sync.stop()
         await plane.stop()
+
+
+async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) -> None:
+    """A serving process: the data port only, from the versions the main process hands over."""
+    log = get_logger("worker", host=config.host, process=index)
+    hot = HotCache(config.hot_cache_bytes)
+    table: dict[str, SiteVersion | None] = {}
+
+    def lookup(site: str) -> tuple[bool, SiteVersion | None]:
+        if site not in table:
+            return False, None
+        return True, table[site]
+
+    async def reload() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            raw = await asyncio.to_thread(read_json, _handover_file(config))
+            fresh: dict[str, SiteVersion | None] = {
+                site: (SiteVersion(int(v[0]), str(v[1])) if v else None) for site, v in raw.items()
+            }
+            for site, old in table.items():
+                if fresh.get(site) != old:
+                    hot.purge(site)
+            table.clear()
+            table.update(fresh)
+
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await reload()
+    server = DataServer(config, lookup, hot)
+    await server.start(reuse_port=True)
+    gc.collect()
+    gc.freeze()
+    orphan_guard = watch_parent(stop)
+    try:
+        await stop.wait()
+    finally:
+        orphan_guard.cancel()
+        loop.remove_signal_handler(signal.SIGHUP)
+        await server.stop()
+        log.info("serving process stopped")

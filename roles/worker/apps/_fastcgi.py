@@ -1,0 +1,119 @@
+"""A minimal FastCGI client (the responder role), enough to speak to ``php-cgi``.
+
+One request per connection: BEGIN_REQUEST, PARAMS (then an empty PARAMS), STDIN (then an empty STDIN);
+the app answers STDOUT (a CGI response: header lines, a blank line, the body), STDERR, END_REQUEST.
+See the FastCGI specification, sections 3 to 6.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from roles.worker.apps._upstream import Sink, UpstreamBase
+
+__all__ = ["FastCgiUpstream", "encode_request", "parse_cgi_head"]
+
+VERSION = 1
+BEGIN_REQUEST, ABORT_REQUEST, END_REQUEST, PARAMS, STDIN, STDOUT, STDERR = 1, 2, 3, 4, 5, 6, 7
+RESPONDER = 1
+REQUEST_ID = 1
+MAX_CONTENT = 65535
+_HEAD = struct.Struct("!BBHHBx")
+
+
+def _record(kind: int, content: bytes) -> bytes:
+    out = []
+    for start in range(0, max(len(content), 1), MAX_CONTENT):
+        chunk = content[start : start + MAX_CONTENT]
+        pad = -len(chunk) % 8
+        out.append(_HEAD.pack(VERSION, kind, REQUEST_ID, len(chunk), pad) + chunk + b"\0" * pad)
+    return b"".join(out)
+
+
+def _length(n: int) -> bytes:
+    return bytes([n]) if n < 128 else struct.pack("!I", n | 0x80000000)
+
+
+def encode_request(params: dict[str, str], body: bytes) -> bytes:
+    pairs = b"".join(
+        _length(len(k := name.encode("latin-1")))
+        + _length(len(v := value.encode("latin-1", "replace")))
+        + k
+        + v
+        for name, value in params.items()
+    )
+    begin = _HEAD.pack(VERSION, BEGIN_REQUEST, REQUEST_ID, 8, 0) + struct.pack("!HB5x", RESPONDER, 0)
+    stdin = _record(STDIN, body) if body else b""
+    return begin + _record(PARAMS, pairs) + _record(PARAMS, b"") + stdin + _record(STDIN, b"")
+
+
+def parse_cgi_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """A CGI response's header lines → (status, headers); ``Status:`` sets it, ``Location:`` means 302."""
+    status = 0
+    headers: list[tuple[bytes, bytes]] = []
+    for line in head.replace(b"\r\n", b"\n").split(b"\n"):
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        key, value = name.strip().lower(), value.strip()
+        if key == b"status":
+            status = int(value.split(b" ", 1)[0] or b"200")
+            continue
+        headers.append((key, value))
+    if not status:
+        status = 302 if any(k == b"location" for k, _ in headers) else 200
+    return status, headers
+
+
+class FastCgiUpstream(UpstreamBase):
+    def __init__(self, sink: Sink, request: bytes, *, head_only: bool) -> None:
+        super().__init__(sink, request)
+        self._head_only = head_only
+        self._buf = bytearray()
+        self._head = bytearray()
+        self._have_head = False
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        buf = self._buf
+        while len(buf) >= 8 and not self.done:
+            _, kind, _, length, pad = _HEAD.unpack_from(buf)
+            if len(buf) < 8 + length + pad:
+                return
+            content = bytes(buf[8 : 8 + length])
+            del buf[: 8 + length + pad]
+            if kind == STDOUT and content:
+                self._stdout(content)
+            elif kind == STDERR and content:
+                self.sink.upstream_stderr(content.decode("utf-8", "replace"))
+            elif kind == END_REQUEST:
+                if not self._have_head:
+                    self._fail("the app ended the request without an answer")
+                else:
+                    self._finish()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done:
+            self._fail("the app closed the connection before it answered")
+
+    def _stdout(self, data: bytes) -> None:
+        if self._have_head:
+            if not self._head_only:
+                self.sink.upstream_data(data)
+            return
+        self._head += data
+        for sep in (b"\r\n\r\n", b"\n\n"):
+            at = self._head.find(sep)
+            if at >= 0:
+                break
+        else:
+            if len(self._head) > 64 * 1024:
+                self._fail("the app's response head is too large")
+            return
+        status, headers = parse_cgi_head(bytes(self._head[:at]))
+        rest = bytes(self._head[at + len(sep) :])
+        self._have_head = True
+        self._head = bytearray()
+        self.sink.upstream_head(status, headers)
+        if rest and not self._head_only:
+            self.sink.upstream_data(rest)

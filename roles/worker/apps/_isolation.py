@@ -1,0 +1,167 @@
+"""Who a site's processes run as, where they may write, and what they may use.
+
+When the worker runs as root each site incarnation gets a numeric uid/gid of its own from a range
+(no /etc/passwd entries; the child gets it through setgroups/setgid/setuid in ``subprocess``). Its
+content directory is ``root:<gid> 0750``, its home and temp directory are its own ``0700``, and the
+worker's home is ``0711`` with keys, state and blobs ``0700``, so a site reads its own files and
+nobody else's. Not as root, apps run as the worker's user (no isolation; said once in the log).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from roles.worker.apps._spec import AppLimits
+from shared.errors import NotSupported
+from shared.files import atomic_write_json, read_json
+
+__all__ = [
+    "Identities",
+    "SiteIdentity",
+    "harden_home",
+    "lower_priority",
+    "process_tree",
+    "protect_site_dir",
+    "rlimit_prefix",
+    "tree_usage",
+    "usable_by_others",
+]
+
+UID_BASE = 1_100_000
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class SiteIdentity:
+    # Short id for directory names; the uid/gid when isolating (None: the worker's own).
+    number: int
+    uid: int | None
+    gid: int | None
+
+
+class Identities:
+    """Numbers per site incarnation (by the site's immutable uid), persisted so files keep owners."""
+
+    def __init__(self, path: Path, *, isolate: bool) -> None:
+        self._path = path
+        self.isolate = isolate
+        self._numbers: dict[str, int] = {}
+        with contextlib.suppress(OSError, ValueError):
+            self._numbers = {str(k): int(v) for k, v in read_json(path).items()}
+
+    def get(self, site_uid: str) -> SiteIdentity:
+        number = self._numbers.get(site_uid)
+        if number is None:
+            # Never reused: a number's files may outlive its site for a while.
+            number = max(self._numbers.values(), default=0) + 1
+            self._numbers[site_uid] = number
+            atomic_write_json(self._path, self._numbers, mode=0o600)
+        uid = UID_BASE + number if self.isolate else None
+        return SiteIdentity(number, uid, uid)
+
+
+def harden_home(home: Path) -> None:
+    """The role home as apps may see it: traverse only, and nothing private readable."""
+    os.chmod(home, 0o711)  # noqa: S103 - search only: a site reaches its own directory
+    for name, mode in (("tls", 0o700), ("state", 0o700), ("blobs", 0o700), ("trash", 0o700)):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(home / name, mode)
+    for name in ("sites", "apps"):
+        (home / name).mkdir(exist_ok=True)
+        os.chmod(home / name, 0o711)  # noqa: S103 - search only, no listing
+    for entry in home.iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            os.chmod(entry, entry.stat().st_mode & 0o700)
+
+
+def protect_site_dir(site_dir: Path, version_root: str | None, gid: int | None) -> None:
+    """Only the site's own group (and root) get into its content; the version inside is readable."""
+    with contextlib.suppress(FileNotFoundError):
+        if gid is not None:
+            os.chown(site_dir, 0, gid)
+            os.chmod(site_dir, 0o750)  # noqa: S103 - the site's own group only
+        else:
+            os.chmod(site_dir, 0o700 if os.geteuid() == 0 else 0o755)
+        if version_root is not None:
+            os.chmod(version_root, 0o755)  # noqa: S103 - behind the 0750 site directory
+
+
+def usable_by_others(path: str) -> bool:
+    """Whether another uid can run ``path``: every directory on the way searchable, the file runnable."""
+    real = os.path.realpath(path)
+    try:
+        if not os.stat(real).st_mode & stat.S_IXOTH:
+            return False
+        parent = os.path.dirname(real)
+        while True:
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                return False
+            if parent == "/":
+                return True
+            parent = os.path.dirname(parent)
+    except OSError:
+        return False
+
+
+def rlimit_prefix(limits: AppLimits, *, own_uid: bool) -> list[str]:
+    """The ``prlimit`` command that sets an app's limits on itself and then runs it.
+
+    Limits cannot be set from outside on another uid's process without CAP_SYS_RESOURCE, and
+    ``preexec_fn`` is unsafe in a threaded parent; util-linux's ``prlimit`` (one small exec, after
+    the switch to the site's uid) lowers them in the process that becomes the app. RLIMIT_NPROC
+    counts every process of the uid, so it is set only when the site has a uid of its own.
+    """
+    prlimit = shutil.which("prlimit", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if prlimit is None:
+        raise NotSupported("this worker host has no prlimit", hint="install util-linux")
+    address_space = (limits.memory_mb * 2 + 256) * 1024 * 1024
+    argv = [
+        prlimit,
+        f"--nofile={limits.nofile}:{limits.nofile}",
+        f"--as={address_space}:{address_space}",
+        f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 5}",
+        "--core=0:0",
+    ]
+    if own_uid:
+        argv.append(f"--nproc={limits.nproc}:{limits.nproc}")
+    return [*argv, "--"]
+
+
+def lower_priority(pid: int) -> None:
+    """Below the worker, so front-end traffic keeps its share when apps spin."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, pid, 10)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (from /proc/<pid>/task/<tid>/children)."""
+    seen: list[int] = []
+    todo = [pid]
+    while todo and len(seen) < 4096:
+        p = todo.pop()
+        seen.append(p)
+        with contextlib.suppress(OSError, ValueError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+    return seen
+
+
+def tree_usage(pid: int) -> tuple[int, float]:
+    """(resident bytes, CPU seconds) of a process tree, the reaped children's CPU included."""
+    rss, cpu = 0, 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{p}/statm") as f:
+                rss += int(f.read().split()[1]) * PAGE
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            # utime, stime, cutime, cstime are fields 14-17 (1-based), here 11-14 after the name.
+            cpu += sum(int(x) for x in fields[11:15]) / TICKS
+    return rss, cpu

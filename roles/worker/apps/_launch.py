@@ -1,0 +1,132 @@
+"""How each runtime's process is started: its command line, environment and working directory.
+
+``python`` and ``php`` get a listening unix socket as file descriptor 0, bound by the worker in a
+directory only the worker can reach (socket activation: no readiness wait, no path the app or
+another site could connect to). ``command`` gets ``$PORT``, a loopback TCP port, and is polled.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from roles.worker._appserver import APPSERVER_PATH
+from roles.worker.apps._isolation import usable_by_others
+from roles.worker.apps._spec import AppLimits, Runtime
+from shared.errors import NotSupported
+
+__all__ = ["LaunchPlan", "SiteDirs", "find_php_cgi", "pick_python", "plan_launch"]
+
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass(frozen=True, slots=True)
+class SiteDirs:
+    base: Path  # root:<gid> 0750
+    home: Path  # the app's own, 0700
+    tmp: Path  # TMPDIR, 0700
+    log: Path  # root only: the app cannot rewrite its history
+
+    @classmethod
+    def under(cls, apps: Path, number: int) -> SiteDirs:
+        base = apps / str(number)
+        return cls(base, base / "home", base / "tmp", base / "log")
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchPlan:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    # "unix": the listener goes in as fd 0; "tcp": the process binds $PORT itself.
+    listen: str
+    port: int = 0
+
+
+def pick_python(configured: str, *, isolate: bool) -> str:
+    """The interpreter apps run under: the configured one, else ours if other uids can run it."""
+    if configured:
+        return configured
+    if not isolate or usable_by_others(sys.executable):
+        return sys.executable
+    return shutil.which("python3", path=SAFE_PATH) or sys.executable
+
+
+def find_php_cgi() -> str | None:
+    return shutil.which("php-cgi", path=SAFE_PATH)
+
+
+def _base_env(site: str, dirs: SiteDirs, settings: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    env = dict(settings)
+    env.update(
+        {
+            "PATH": SAFE_PATH,
+            "HOME": str(dirs.home),
+            "TMPDIR": str(dirs.tmp),
+            "LANG": "C.UTF-8",
+            "SITECLOUD_SITE": site,
+            # Fewer malloc arenas: much less address space per thread, which RLIMIT_AS counts.
+            "MALLOC_ARENA_MAX": "2",
+        }
+    )
+    return env
+
+
+def plan_launch(
+    *,
+    site: str,
+    runtime: Runtime,
+    entry: str,
+    root: str,
+    dirs: SiteDirs,
+    settings: tuple[tuple[str, str], ...],
+    limits: AppLimits,
+    python: str,
+    packages: Path | None,
+    port: int = 0,
+) -> LaunchPlan:
+    env = _base_env(site, dirs, settings)
+    if runtime == "python":
+        path = [APPSERVER_PATH] + ([str(packages)] if packages is not None else [])
+        env.update({"PYTHONPATH": ":".join(path), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
+        return LaunchPlan([python, "-s", "-m", "sitecloud_appserver", "--app", entry], env, root, "unix")
+    if runtime == "php":
+        php = find_php_cgi()
+        if php is None:
+            raise NotSupported(
+                "this worker has no php-cgi", hint="install it on the worker host: apt-get install php-cgi"
+            )
+        # php-cgi serves FastCGI on fd 0 when it is a socket; a few children answer at once.
+        env.update({"PHP_FCGI_CHILDREN": "2", "PHP_FCGI_MAX_REQUESTS": "1000"})
+        ini = {
+            "memory_limit": f"{limits.memory_mb}M",
+            "display_errors": "Off",
+            "log_errors": "On",
+            "upload_tmp_dir": str(dirs.tmp),
+            "session.save_path": str(dirs.tmp),
+            "sys_temp_dir": str(dirs.tmp),
+            "open_basedir": f"{root}:{dirs.tmp}:{dirs.home}",
+            "cgi.fix_pathinfo": "0",
+        }
+        argv = [php]
+        for key, value in ini.items():
+            argv += ["-d", f"{key}={value}"]
+        return LaunchPlan(argv, env, root, "unix")
+    if runtime == "command":
+        env["PORT"] = str(port)
+        return LaunchPlan(
+            ["/bin/sh", "-c", f"exec {entry}" if _simple(entry) else entry], env, root, "tcp", port
+        )
+    raise NotSupported(f"runtime {runtime!r} runs no process")
+
+
+def _simple(command: str) -> bool:
+    """A plain command (no shell syntax beyond words): exec it so signals reach it, not the shell."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return False
+    return bool(words) and not any(c in command for c in ";&|<>`()")

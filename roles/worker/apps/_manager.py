@@ -1,0 +1,566 @@
+"""Which sites are dynamic, and their app processes: woken on demand, stopped when idle, restarted.
+
+An idle dynamic site costs one small :class:`AppSite` and no process. The first request starts the
+process (concurrent first requests share that start); the sweep stops it after its idle timeout,
+enforces the memory limit where no cgroup does, and counts CPU seconds. A crash is restarted by the
+next request after a back-off; a new content version or new settings retire the running process
+gracefully (requests under way finish on it, new ones go to a new one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from roles.worker._appserver.sitecloud_appserver import MEMORY_EXIT
+from roles.worker._cache import SiteVersion
+from roles.worker.apps._cgroup import CgroupTree
+from roles.worker.apps._instance import AppInstance
+from roles.worker.apps._isolation import Identities, SiteIdentity, harden_home, protect_site_dir
+from roles.worker.apps._launch import SiteDirs, pick_python, plan_launch
+from roles.worker.apps._packages import install_requirements, packages_dir
+from roles.worker.apps._sitelog import SiteLog
+from roles.worker.apps._spec import SIZES, AppSpec, Runtime, detect_runtime, parse_app_spec, procfile_web
+from roles.worker.config import WorkerConfig
+from shared.control import Snapshot
+from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
+from shared.logs import get_logger
+
+__all__ = ["AppManager", "AppSite"]
+
+Lookup = Callable[[str], tuple[bool, SiteVersion | None]]
+SWEEP_INTERVAL = 0.25
+MAX_BACKOFF = 30.0
+_NO_SPEC = AppSpec()
+
+
+def _backoff(failures: int) -> float:
+    return min(MAX_BACKOFF, 0.25 * 2.0 ** min(failures, 8))
+
+
+class AppSite:
+    """One dynamic site: what runs (runtime, entry, version) and how its process is doing."""
+
+    __slots__ = (
+        "always_on", "cpu_total", "crashes", "entry", "failures", "generation", "identity", "instance",
+        "last_used", "log", "name", "packages_task", "retry_at", "root", "runtime", "spec", "starting",
+        "starts", "uid", "version",
+    )  # fmt: skip
+
+    def __init__(self, name: str, uid: str) -> None:
+        self.name = name
+        self.uid = uid
+        self.spec = _NO_SPEC
+        self.runtime: Runtime = "static"
+        self.entry = ""
+        self.root = ""
+        self.version = 0
+        self.always_on = False
+        self.generation: tuple[Any, ...] = ()
+        self.instance: AppInstance | None = None
+        self.starting: asyncio.Task[AppInstance] | None = None
+        self.packages_task: asyncio.Task[Path | None] | None = None
+        self.identity: SiteIdentity | None = None
+        self.log: SiteLog | None = None
+        self.failures = 0
+        self.retry_at = 0.0
+        self.last_used = 0.0
+        self.cpu_total = 0.0
+        self.starts = 0
+        self.crashes = 0
+
+
+class AppManager:
+    def __init__(self, config: WorkerConfig, lookup: Lookup) -> None:
+        if config.size not in SIZES:
+            raise InvalidInput(f"worker size must be one of {', '.join(SIZES)}, not {config.size!r}")
+        self._config = config
+        self._lookup = lookup
+        self._log = get_logger("worker", host=config.host)
+        size = SIZES[config.size]
+        self.default_limits = size.limits
+        self.max_active = config.max_active_apps or size.max_active_apps
+        self._isolate = os.geteuid() == 0
+        self._identities = Identities(config.state_dir / "app-ids.json", isolate=self._isolate)
+        self._apps_dir = config.home / "apps"
+        self._run_dir = _run_dir(config.home)
+        self._python = pick_python(config.app_python, isolate=self._isolate)
+        self._cgroup: CgroupTree | None = None
+        # Held sites (name → incarnation uid) and the app settings of those that have any.
+        self._uids: dict[str, str] = {}
+        self._specs: dict[str, AppSpec] = {}
+        # Sites found static, with the version that was looked at (no second look until it changes).
+        self._static: dict[str, int] = {}
+        self._sites: dict[str, AppSite] = {}
+        self._active: dict[AppInstance, AppSite] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._sockets = 0
+        self._stopping = False
+
+    # -- what the data server asks (cheap: one dict lookup for a static site)
+
+    @property
+    def active(self) -> bool:
+        """Whether any held site is dynamic (the data server keeps all request headers only then)."""
+        return bool(self._sites)
+
+    def dynamic(self, site: str) -> AppSite | None:
+        return self._sites.get(site)
+
+    # -- the pushed snapshot
+
+    def check(self, snapshot: Snapshot) -> dict[str, AppSpec]:
+        """The app settings in a snapshot, all checked before anything of it is applied."""
+        specs: dict[str, AppSpec] = {}
+        sites = snapshot.get("sites", {})
+        if isinstance(sites, dict):
+            for name, raw in sites.items():
+                if isinstance(raw, dict):
+                    spec = parse_app_spec(name, raw, self.default_limits)
+                    if spec is not None:
+                        specs[name] = spec
+        return specs
+
+    def apply(self, snapshot: Snapshot, specs: dict[str, AppSpec]) -> None:
+        sites = snapshot.get("sites", {})
+        self._uids = {name: str(raw["uid"]) for name, raw in sites.items()}
+        self._specs = specs
+        for name in list(self._sites):
+            if name not in self._uids:
+                self._drop(name, "the site left this worker")
+        for name in self._static.keys() - self._uids.keys():
+            del self._static[name]
+        for name in self._uids:
+            self.refresh(name)
+
+    def refresh(self, name: str) -> None:
+        """Look at a site again: after a snapshot, or when its content flipped to another version."""
+        uid = self._uids.get(name)
+        held, version = self._lookup(name)
+        if uid is None or not held or version is None:
+            self._drop(name, "nothing to serve")
+            return
+        spec = self._specs.get(name, _NO_SPEC)
+        if spec.runtime is None and self._static.get(name) == version.number:
+            self._drop(name, "static")
+            return
+        runtime, entry = detect_runtime(version.root)
+        if spec.runtime is not None and spec.runtime != runtime:
+            runtime, entry = spec.runtime, _default_entry(spec.runtime, version.root)
+        entry = spec.entry or entry
+        if runtime == "static":
+            if self._isolate and self._static.get(name) != version.number:
+                # Static content is public, but not to other sites' processes by path.
+                protect_site_dir(self._config.home / "sites" / name, None, None)
+            self._static[name] = version.number
+            self._drop(name, "static")
+            return
+        self._static.pop(name, None)
+        app = self._sites.get(name)
+        if app is None or app.uid != uid:
+            if app is not None:
+                self._drop(name, "another incarnation of the site")
+            app = self._sites[name] = AppSite(name, uid)
+        generation = (runtime, entry, spec.env, spec.limits, version.number)
+        if app.generation == generation:
+            app.spec, app.always_on = spec, spec.always_on
+            return
+        restart = bool(app.generation) and app.instance is not None
+        app.spec, app.runtime, app.entry, app.always_on = spec, runtime, entry, spec.always_on
+        app.root, app.version, app.generation = version.root, version.number, generation
+        app.failures, app.retry_at = 0, 0.0
+        if app.identity is not None:
+            self._protect(app)
+        if runtime == "python":
+            self._start_packages(app)
+        if restart:
+            self._site_log(app).write("worker", f"restarting: version {version.number} or new settings")
+            self._retire(app)
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        self._cgroup = CgroupTree.detect(self._log)
+        self._apps_dir.mkdir(exist_ok=True)
+        if self._isolate:
+            harden_home(self._config.home)
+        else:
+            self._log.info("apps run as the worker's own user: start the worker as root to isolate sites")
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in list(self._background):
+            task.cancel()
+        for app in self._sites.values():
+            if app.starting is not None:
+                app.starting.cancel()
+        instances = list(self._active)
+        for inst in instances:
+            inst.terminate("worker stopping")
+        if instances:
+            await asyncio.wait([asyncio.ensure_future(i.wait_closed()) for i in instances], timeout=7)
+        await asyncio.gather(
+            *[t for t in (self._sweeper, *self._background) if t is not None], return_exceptions=True
+        )
+        for app in self._sites.values():
+            if app.log is not None:
+                app.log.close()
+        with contextlib.suppress(OSError):
+            self._run_dir.rmdir()  # empty once every app has gone
+
+    # -- the request path
+
+    async def acquire(self, app: AppSite) -> AppInstance:
+        """The site's running process, woken if need be, within the start bound (else Unavailable)."""
+        inst = app.instance
+        if inst is not None and inst.alive:
+            return inst
+        if app.starting is None:
+            now = time.monotonic()
+            if app.retry_at > now:
+                raise Unavailable(
+                    f"the site's app stopped unexpectedly; it starts again in {app.retry_at - now:.0f} s",
+                    hint="its log says why (sitecloud site logs)",
+                )
+            app.starting = asyncio.get_running_loop().create_task(self._start(app))
+            app.starting.add_done_callback(lambda task: _started(app, task))
+        try:
+            return await asyncio.wait_for(asyncio.shield(app.starting), self._config.app_start_timeout)
+        except TimeoutError:
+            raise Unavailable("the site's app did not start in time", hint="its log says why") from None
+
+    def begin(self, app: AppSite, inst: AppInstance) -> None:
+        inst.inflight += 1
+        app.last_used = time.monotonic()
+
+    def end(self, app: AppSite, inst: AppInstance, *, answered: bool) -> None:
+        inst.inflight -= 1
+        app.last_used = time.monotonic()
+        if answered:
+            inst.served = True
+            app.failures = 0
+        if inst.retiring and inst.inflight <= 0:
+            inst.terminate("retired")
+
+    def site_log(self, app: AppSite) -> SiteLog:
+        return self._site_log(app)
+
+    # -- figures and control
+
+    def figures(self) -> dict[str, Any]:
+        cpu = {name: round(s, 3) for name, app in self._sites.items() if (s := self.cpu_seconds(app)) > 0}
+        return {
+            "apps_dynamic": len(self._sites),
+            "apps_active": sum(1 for i in self._active if not i.retiring),
+            "apps_max_active": self.max_active,
+            "app_limits": "cgroup" if self._cgroup is not None else "rlimit",
+            "app_cpu_seconds": cpu,
+        }
+
+    def cpu_seconds(self, app: AppSite) -> float:
+        running = sum(i.cpu_seconds for i, a in self._active.items() if a is app)
+        return app.cpu_total + running
+
+    def describe(self, name: str) -> dict[str, Any]:
+        if name not in self._uids:
+            raise NotFound(f"site {name!r} is not on this worker")
+        app = self._sites.get(name)
+        if app is None:
+            return {"site": name, "runtime": "static", "state": "static", "cpu_seconds": 0.0}
+        inst = app.instance
+        state = "running" if inst is not None and inst.alive else "starting" if app.starting else "idle"
+        if state == "idle" and app.retry_at > time.monotonic():
+            state = "crashed"
+        return {
+            "site": name,
+            "runtime": app.runtime,
+            "entry": app.entry,
+            "version": app.version,
+            "state": state,
+            "pid": inst.pid if inst is not None and inst.alive else None,
+            "memory_bytes": inst.rss if inst is not None else 0,
+            "cpu_seconds": round(self.cpu_seconds(app), 3),
+            "starts": app.starts,
+            "crashes": app.crashes,
+            "always_on": app.always_on,
+        }
+
+    def log_for(self, name: str) -> SiteLog:
+        if name not in self._uids:
+            raise NotFound(f"site {name!r} is not on this worker")
+        app = self._sites.get(name)
+        if app is None:
+            raise NotFound(f"site {name!r} runs no app here", hint="a static site has no app log")
+        return self._site_log(app)
+
+    # -- inside
+
+    def _site_log(self, app: AppSite) -> SiteLog:
+        if app.log is None:
+            dirs = self._dirs(app)
+            app.log = SiteLog(dirs.log / "app.log", self._config.app_log_bytes)
+        return app.log
+
+    def _dirs(self, app: AppSite) -> SiteDirs:
+        if app.identity is None:
+            app.identity = self._identities.get(app.uid)
+            dirs = SiteDirs.under(self._apps_dir, app.identity.number)
+            _prepare_dirs(dirs, app.identity)
+            self._protect(app)
+        return SiteDirs.under(self._apps_dir, app.identity.number)
+
+    def _protect(self, app: AppSite) -> None:
+        gid = app.identity.gid if app.identity is not None else None
+        protect_site_dir(self._config.home / "sites" / app.name, app.root or None, gid)
+
+    def _start_packages(self, app: AppSite) -> None:
+        target = packages_dir(self._dirs(app).base, app.root)
+        if target is None or (target / ".complete").exists():
+            app.packages_task = None
+            return
+        root, log = app.root, self._site_log(app)
+
+        async def build() -> Path | None:
+            ok = await install_requirements(
+                root=root,
+                target=target,
+                index_url=self._config.package_index_url,
+                python=self._python,
+                log=log,
+            )
+            return target if ok else None
+
+        app.packages_task = self._spawn(build())
+
+    async def _packages(self, app: AppSite) -> Path | None:
+        target = packages_dir(self._dirs(app).base, app.root)
+        if target is None:
+            return None
+        if app.packages_task is not None:
+            return await asyncio.shield(app.packages_task)
+        return target if (target / ".complete").exists() else None
+
+    async def _start(self, app: AppSite) -> AppInstance:
+        log = self._site_log(app)
+        try:
+            self._make_room(app)
+            dirs = self._dirs(app)
+            assert app.identity is not None
+            packages = await self._packages(app) if app.runtime == "python" else None
+            port = _free_port() if app.runtime == "command" else 0
+            if app.runtime == "command" and not app.entry:
+                raise InvalidInput(
+                    "the site's Procfile has no web: command", hint="add a line like web: ./serve"
+                )
+            plan = plan_launch(
+                site=app.name,
+                runtime=app.runtime,
+                entry=app.entry,
+                root=app.root,
+                dirs=dirs,
+                settings=app.spec.env,
+                limits=app.spec.limits,
+                python=self._python,
+                packages=packages,
+                port=port,
+            )
+            self._ensure_run_dir()
+            group = self._cgroup.create(str(app.identity.number), app.spec.limits) if self._cgroup else None
+            self._sockets += 1
+            inst = AppInstance(
+                plan=plan,
+                identity=app.identity,
+                limits=app.spec.limits,
+                log=log,
+                socket_path=self._run_dir / f"{app.identity.number}.{self._sockets}.sock",
+                cgroup=group,
+                on_exit=self._exited,
+            )
+            await inst.start()
+            self._active[inst] = app
+            app.starts += 1
+            app.last_used = time.monotonic()
+            log.write("worker", f"started the {app.runtime} app (pid {inst.pid}) for version {app.version}")
+            if plan.listen == "tcp" and not await inst.wait_listening(self._config.app_start_timeout):
+                inst.kill("start")
+                raise Unavailable(f"the site's command did not listen on $PORT ({port})")
+            app.instance = inst
+            return inst
+        except (SitecloudError, OSError) as exc:
+            app.failures += 1
+            app.retry_at = time.monotonic() + _backoff(app.failures)
+            log.write("worker", f"could not start the app: {exc}")
+            if isinstance(exc, Unavailable):
+                raise
+            raise Unavailable(f"the site's app could not start: {exc}", hint="its log says why") from exc
+
+    def _ensure_run_dir(self) -> None:
+        """Made on the first start (a worker without apps leaves no trace in /tmp)."""
+        self._run_dir.mkdir(mode=0o700, exist_ok=True)
+        if self._run_dir.is_symlink() or self._run_dir.lstat().st_uid != os.geteuid():
+            raise Unavailable(f"{self._run_dir} belongs to someone else; app sockets cannot go there")
+        os.chmod(self._run_dir, 0o700)
+
+    def _make_room(self, app: AppSite) -> None:
+        """At the cap, the least recently used idle process goes (an always-on one only if it must)."""
+        running = [(a, i) for i, a in self._active.items() if not i.retiring and i.alive and a is not app]
+        if len(running) < self.max_active:
+            return
+        idle = [(a.always_on, a.last_used, a.name, i) for a, i in running if i.inflight == 0]
+        if not idle:
+            self._log.warning(
+                "all %s app processes are busy; starting %s over the cap", len(running), app.name
+            )
+            return
+        _, _, name, victim = min(idle)
+        self._sites[name].instance = None
+        self._site_log(self._sites[name]).write("worker", "stopping: the worker needed room for another app")
+        victim.terminate("evicted")
+
+    def _retire(self, app: AppSite) -> None:
+        inst, app.instance = app.instance, None
+        if inst is not None:
+            inst.retiring = True
+            if inst.inflight <= 0:
+                inst.terminate("retired")
+
+    def _drop(self, name: str, why: str) -> None:
+        app = self._sites.pop(name, None)
+        if app is None:
+            return
+        if app.starting is not None:
+            app.starting.cancel()
+        for inst, owner in list(self._active.items()):
+            if owner is app:
+                inst.terminate(why)
+        if app.log is not None:
+            app.log.close()
+
+    def _exited(self, inst: AppInstance, code: int) -> None:
+        app = self._active.pop(inst, None)
+        if app is None:
+            return
+        app.cpu_total += inst.cpu_seconds
+        if app.instance is inst:
+            app.instance = None
+        log = self._site_log(app)
+        oom = inst.cgroup is not None and CgroupTree.oom_kills(inst.cgroup) > 0
+        if inst.cgroup is not None:
+            with contextlib.suppress(OSError):
+                inst.cgroup.rmdir()
+        if inst.stopping == "memory" or code == MEMORY_EXIT or oom:
+            log.write("worker", f"stopped: exceeded its {inst.limits.memory_mb} MB memory limit")
+        elif inst.stopping is not None:
+            log.write("worker", f"stopped ({inst.stopping})")
+            return
+        else:
+            log.write("worker", f"exited with {_status(code)}")
+        app.crashes += 1
+        app.failures += 1
+        wait = _backoff(app.failures) if not inst.served or app.failures > 1 else 0.0
+        app.retry_at = time.monotonic() + wait
+        log.write("worker", f"it starts again on the next request{f' after {wait:.1f} s' if wait else ''}")
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                self._sweep_once(time.monotonic())
+            except Exception:
+                self._log.exception("app sweep failed")
+
+    def _sweep_once(self, now: float) -> None:
+        for inst, app in list(self._active.items()):
+            rss, _ = inst.sample()
+            if inst.cgroup is None and rss > inst.limits.memory_mb * 1024 * 1024 and inst.stopping is None:
+                inst.kill("memory")
+                continue
+            if inst.retiring:
+                if inst.inflight <= 0:
+                    inst.terminate("retired")
+                continue
+            idle_for = app.spec.idle_timeout or self._config.app_idle_timeout
+            if not app.always_on and inst.inflight <= 0 and now - app.last_used > idle_for:
+                app.instance = None if app.instance is inst else app.instance
+                inst.terminate("idle")
+        if self._stopping:
+            return
+        for app in self._sites.values():
+            if app.always_on and app.instance is None and app.starting is None and app.retry_at <= now:
+                self._spawn(self._keep_on(app))
+
+    async def _keep_on(self, app: AppSite) -> None:
+        with contextlib.suppress(SitecloudError):
+            await self.acquire(app)
+
+
+def _started(app: AppSite, task: asyncio.Task[AppInstance]) -> None:
+    app.starting = None
+    if not task.cancelled():
+        task.exception()  # retrieved: the waiters saw it
+
+
+def _default_entry(runtime: Runtime, root: str) -> str:
+    if runtime == "python":
+        for module in ("app", "wsgi", "asgi"):
+            if os.path.exists(os.path.join(root, f"{module}.py")):
+                return module
+        return "app"
+    if runtime == "php":
+        return "index.php"
+    if runtime == "command":
+        return procfile_web(root) or ""
+    return ""
+
+
+def _prepare_dirs(dirs: SiteDirs, identity: SiteIdentity) -> None:
+    dirs.base.mkdir(exist_ok=True)
+    for d in (dirs.home, dirs.tmp, dirs.log):
+        d.mkdir(mode=0o700, exist_ok=True)
+    if identity.uid is not None and identity.gid is not None:
+        os.chown(dirs.base, 0, identity.gid)
+        os.chmod(dirs.base, 0o750)  # noqa: S103 - the site's own group only
+        for d in (dirs.home, dirs.tmp):
+            os.chown(d, identity.uid, identity.gid)
+
+
+def _run_dir(home: Path) -> Path:
+    """Where app sockets are bound: under the home unless that path is too long for a unix socket."""
+    run = home / "run"
+    if len(str(run)) <= 80:
+        return run
+    return (
+        Path(tempfile.gettempdir()) / f"sitecloud-run-{hashlib.sha256(str(home).encode()).hexdigest()[:12]}"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _status(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"status {code}"

@@ -1,0 +1,369 @@
+"""Requests for a dynamic site, diverted from the data server to the site's app.
+
+The data server's connection (``roles/worker/_http.py``) asks :class:`AppProxy` once a request's head
+is in. A static site, or a path of a dynamic site that maps to a file other than app source, stays
+on the static path (``None``). Anything else becomes an :class:`AppExchange`: it wakes the app at once
+(while the body is still arriving), reads the body whole (bounded), sends the request, and frames the
+app's answer for the front end (its length, or chunked) in the connection's turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+from urllib.parse import unquote_to_bytes
+
+import httptools
+
+from roles.worker._http import http_date
+from roles.worker._static import FileHit, Redirect, resolve
+from roles.worker.apps._fastcgi import FastCgiUpstream, encode_request
+from roles.worker.apps._instance import AppInstance
+from roles.worker.apps._manager import AppManager, AppSite
+from roles.worker.apps._php import cgi_params, php_script
+from roles.worker.apps._spec import is_app_source
+from roles.worker.apps._upstream import HttpUpstream, UpstreamBase
+from roles.worker.config import WorkerConfig
+from shared.errors import InvalidInput, SitecloudError
+from shared.logs import get_logger
+from shared.pages import REASONS, error_page
+from shared.paths import site_relpath
+
+if TYPE_CHECKING:
+    from roles.worker._http import HttpConnection
+
+__all__ = ["AppExchange", "AppProxy"]
+
+# Not forwarded to the app: hop-by-hop fields (RFC 9110 section 7.6.1), our routing header, and the
+# framing we redo (the body goes on whole, with its length).
+_REQUEST_DROP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+        b"upgrade", b"expect", b"content-length", b"x-sitecloud-site",
+    }
+)  # fmt: skip
+_RESPONSE_DROP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"trailer"}
+)
+# Answer bytes buffered before the connection's turn comes (pipelining) before the app is paused.
+MAX_PENDING = 1024 * 1024
+
+
+class AppProxy:
+    """The data server's divert hook: ``proxy(method, url, wanted, headers, keep_alive)``."""
+
+    def __init__(self, config: WorkerConfig, manager: AppManager) -> None:
+        self.config = config
+        self.manager = manager
+        self.log = get_logger("worker", host=config.host)
+
+    @property
+    def active(self) -> bool:
+        return self.manager.active
+
+    def __call__(
+        self,
+        method: bytes,
+        url: bytes,
+        wanted: dict[bytes, bytes],
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+    ) -> AppExchange | None:
+        site = wanted.get(b"x-sitecloud-site")
+        if site is None:
+            return None
+        app = self.manager.dynamic(site.decode("latin-1").strip())
+        if app is None:
+            return None
+        try:
+            path = unquote_to_bytes(httptools.parse_url(url).path or b"/").decode("utf-8")
+            rel = site_relpath(path)
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, InvalidInput):
+            return None  # the static path answers 400
+        if method in (b"GET", b"HEAD") and _static_file(app.root, rel, slash=path.endswith("/")):
+            return None
+        return AppExchange(self, app, method, url, headers, keep_alive, rel)
+
+
+def _static_file(root: str, rel: str, *, slash: bool) -> bool:
+    found = resolve(root, rel, slash=slash)
+    if isinstance(found, FileHit):
+        return not is_app_source(found.path[len(root) + 1 :])
+    return isinstance(found, Redirect)
+
+
+class AppExchange:
+    """One request to an app and its answer; the connection calls body/end/answer/resume/abort."""
+
+    def __init__(
+        self,
+        proxy: AppProxy,
+        app: AppSite,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        rel: str,
+    ) -> None:
+        self._proxy = proxy
+        self._app = app
+        self._method = method
+        self._target = target
+        self._headers = headers
+        self._rel = rel
+        self._keep = keep_alive
+        self._loop = asyncio.get_running_loop()
+        self._body: list[bytes] = []
+        self._size = 0
+        self._too_large = False
+        self._body_done: asyncio.Future[None] = self._loop.create_future()
+        self._conn: HttpConnection | None = None
+        self._head: bytes | None = None
+        self._head_written = False
+        self._out: list[bytes] = []
+        self._pending = 0
+        self._chunked = False
+        self._bodyless = method == b"HEAD"
+        self._status = 0
+        self._sent = 0
+        self._finished = False
+        self._broken = False
+        self._closed = False
+        self._upstream: UpstreamBase | None = None
+        self._inst: AppInstance | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._t0 = time.monotonic()
+        self._task = self._loop.create_task(self._run())
+
+    # -- the connection's side
+
+    def body(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        self._size += len(data)
+        if self._size > self._proxy.config.app_max_body:
+            self._too_large = True
+            self._body = []
+        else:
+            self._body.append(data)
+
+    def end(self) -> None:
+        if not self._body_done.done():
+            self._body_done.set_result(None)
+
+    def answer(self, conn: HttpConnection, keep_alive: bool) -> None:
+        self._conn = conn
+        self._keep = self._keep and keep_alive
+        self._flush()
+
+    def resume(self) -> None:
+        if self._upstream is not None and not self._finished:
+            self._upstream.resume()
+
+    def abort(self) -> None:
+        """The front end's connection went away: drop the app request too."""
+        self._conn = None
+        if not self._closed:
+            self._closed = True
+            self._task.cancel()
+            if self._upstream is not None:
+                self._upstream.close()
+            self._release(answered=False)
+
+    # -- the app's side
+
+    async def _run(self) -> None:
+        try:
+            await self._exchange()
+        except Exception:
+            self._proxy.log.bind(site=self._app.name).exception("app request failed")
+            self.upstream_failed("the worker failed to pass the request on")
+
+    async def _exchange(self) -> None:
+        app, manager = self._app, self._proxy.manager
+        script = None
+        if app.runtime == "php":
+            script = php_script(app.root, self._rel, app.entry)
+            if script is None:
+                self._error(404, "Not found", "Nothing is published at this address.")
+                return
+        try:
+            inst = await manager.acquire(app)
+        except SitecloudError as exc:
+            self._error(503, "This site is not answering", exc.message, retry=True)
+            return
+        self._inst = inst
+        manager.begin(app, inst)
+        await self._body_done
+        if self._too_large:
+            self._keep = False
+            self._error(413, "Too large", "The request's body is larger than this site accepts.")
+            return
+        body = b"".join(self._body)
+        self._body = []
+        upstream: UpstreamBase
+        if script is not None:
+            params = cgi_params(
+                method=self._method.decode("latin-1"),
+                target=self._target.decode("latin-1"),
+                headers=self._headers,
+                body_length=len(body),
+                root=app.root,
+                script=script,
+                settings=app.spec.env,
+            )
+            upstream = FastCgiUpstream(self, encode_request(params, body), head_only=self._bodyless)
+        else:
+            upstream = HttpUpstream(self, self._request_bytes(body), head_only=self._bodyless)
+        self._upstream = upstream
+        config = self._proxy.config
+        wait = config.app_response_timeout if inst.served else config.app_start_timeout
+        self._timer = self._loop.call_later(wait, self._timed_out, not inst.served)
+        kind, address = inst.address
+        try:
+            if kind == "unix":
+                await self._loop.create_unix_connection(lambda: upstream, address)
+            else:
+                host, _, port = address.rpartition(":")
+                await self._loop.create_connection(lambda: upstream, host, int(port))
+        except OSError as exc:
+            self.upstream_failed(f"cannot reach the app: {exc}")
+
+    def _request_bytes(self, body: bytes) -> bytes:
+        lines = [self._method + b" " + self._target + b" HTTP/1.1"]
+        lines += [k + b": " + v for k, v in self._headers if k.lower() not in _REQUEST_DROP]
+        if body or self._method not in (b"GET", b"HEAD"):
+            lines.append(b"Content-Length: %d" % len(body))
+        lines.append(b"Connection: close")
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+    def _timed_out(self, starting: bool) -> None:
+        self._timer = None
+        if self._head is None and not self._finished and not self._closed:
+            if self._upstream is not None:
+                self._upstream.close()
+            if starting:
+                self._error(
+                    503, "This site is not answering", "The site's app did not answer in time.", retry=True
+                )
+            else:
+                self._error(504, "This site is not answering", "The site's app took too long to answer.")
+
+    def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._status = status
+        self._bodyless = self._bodyless or status in (204, 304) or status < 200
+        lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown").encode())]
+        length = dated = False
+        for key, value in headers:
+            if key in _RESPONSE_DROP:
+                continue
+            length = length or key == b"content-length"
+            dated = dated or key == b"date"
+            lines.append(key + b": " + value)
+        if not dated:
+            lines.append(b"Date: " + http_date().encode())
+        if not length and not self._bodyless:
+            self._chunked = True
+            lines.append(b"Transfer-Encoding: chunked")
+        self._head = b"\r\n".join(lines) + b"\r\n"
+        self._flush()
+
+    def upstream_data(self, data: bytes) -> None:
+        if self._bodyless or not data:
+            return
+        self._sent += len(data)
+        self._out.append(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+        self._pending += len(data)
+        self._flush()
+
+    def upstream_end(self) -> None:
+        if self._chunked:
+            self._out.append(b"0\r\n\r\n")
+        self._finished = True
+        self._flush()
+
+    def upstream_failed(self, why: str) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._closed or self._finished:
+            return
+        self._proxy.manager.site_log(self._app).write(
+            "worker", f"{self._method.decode()} /{self._rel} failed: {why}"
+        )
+        if not self._head_written:
+            self._error(502, "This site's app failed", "The site's app could not answer this request.")
+        else:
+            # Once the head has gone out, an error can only cut the connection.
+            self._broken = True
+            self._finished = True
+            self._flush()
+
+    def upstream_stderr(self, text: str) -> None:
+        self._proxy.manager.site_log(self._app).write("app", text)
+
+    # -- writing the answer, in the connection's turn
+
+    def _error(self, status: int, title: str, detail: str, *, retry: bool = False) -> None:
+        body = error_page(status, title, detail)
+        lines = [
+            b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Error").encode()),
+            b"Date: " + http_date().encode(),
+            b"Content-Type: text/html; charset=utf-8",
+            b"Content-Length: %d" % len(body),
+            b"Cache-Control: no-store",
+        ]
+        if retry:
+            lines.append(b"Retry-After: 1")
+        self._status = status
+        self._head = b"\r\n".join(lines) + b"\r\n"
+        self._out = [] if self._method == b"HEAD" else [body]
+        self._finished = True
+        self._flush()
+
+    def _flush(self) -> None:
+        conn = self._conn
+        if conn is None or self._closed:
+            if self._pending > MAX_PENDING and self._upstream is not None:
+                self._upstream.pause()
+            return
+        if self._head is not None and not self._head_written:
+            connection = b"Connection: keep-alive\r\n\r\n" if self._keep else b"Connection: close\r\n\r\n"
+            conn.write(self._head + connection)
+            self._head_written = True
+        if not self._head_written:
+            return
+        for piece in self._out:
+            conn.write(piece)
+        self._out.clear()
+        self._pending = 0
+        if self._broken:
+            self._closed = True
+            self._release(answered=False)
+            conn.abort()
+        elif self._finished:
+            self._closed = True
+            self._release(answered=200 <= self._status < 500 and self._inst is not None)
+            self._loop.call_soon(conn.diverted_done, self._keep)
+        elif conn.write_paused and self._upstream is not None:
+            self._upstream.pause()
+
+    def _release(self, *, answered: bool) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        app = self._app
+        manager = self._proxy.manager
+        ms = (time.monotonic() - self._t0) * 1000
+        status = self._status or 499
+        manager.site_log(app).write(
+            "access",
+            f"{self._method.decode()} {self._target.decode('latin-1')} {status} {self._sent}B {ms:.0f}ms",
+        )
+        inst, self._inst = self._inst, None
+        if inst is not None:
+            manager.end(app, inst, answered=answered)

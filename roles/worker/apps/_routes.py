@@ -1,0 +1,65 @@
+"""Control-port endpoints about apps (mTLS; management and the controller may ask).
+
+``GET /v1/sites/{site}/logs[?follow=1&lines=N]``: the site's app log as text lines; with ``follow``
+the response stays open and streams new lines until the caller goes away.
+``GET /v1/sites/{site}/app``: runtime, state, pid, memory, CPU seconds, starts and crashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+
+from roles.worker.apps._manager import AppManager
+from shared.errors import InvalidInput
+from shared.internal import require_role
+
+__all__ = ["app_routes"]
+
+MAX_LINES = 10_000
+KEEPALIVE = 15.0
+
+
+def app_routes(manager: AppManager) -> list[web.RouteDef]:
+    async def logs(request: web.Request) -> web.StreamResponse:
+        require_role(request, "management", "controller")
+        log = manager.log_for(request.match_info["site"])
+        try:
+            count = min(MAX_LINES, int(request.query.get("lines", "100")))
+        except ValueError:
+            raise InvalidInput("lines must be a number") from None
+        follow = request.query.get("follow", "") in ("1", "true", "yes")
+        queue = log.follow() if follow else None
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
+        )
+        await resp.prepare(request)
+        try:
+            past = log.tail(count)
+            if past:
+                await resp.write(("\n".join(past) + "\n").encode())
+            while queue is not None:
+                try:
+                    line = await asyncio.wait_for(queue.get(), KEEPALIVE)
+                except TimeoutError:
+                    await resp.write(b"")  # notices a caller that went away
+                    continue
+                if line is None:
+                    break
+                await resp.write((line + "\n").encode())
+        except ConnectionResetError:
+            pass
+        finally:
+            if queue is not None:
+                log.unfollow(queue)
+        with contextlib.suppress(ConnectionResetError):
+            await resp.write_eof()
+        return resp
+
+    async def describe(request: web.Request) -> web.Response:
+        require_role(request, "management", "controller")
+        return web.json_response(manager.describe(request.match_info["site"]))
+
+    return [web.get("/v1/sites/{site}/logs", logs), web.get("/v1/sites/{site}/app", describe)]

@@ -1,0 +1,77 @@
+"""One site's app log: its processes' stdout/stderr, the worker's lines about it, its access lines.
+
+A bounded file rotated once (``app.log`` → ``app.log.1``), so a site keeps at most twice the bound;
+followers (``site logs --follow``) get each new line as it is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+__all__ = ["SiteLog"]
+
+MAX_FOLLOW_QUEUE = 1000
+
+
+class SiteLog:
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self._max = max_bytes
+        self._followers: set[asyncio.Queue[str | None]] = set()
+
+    def write(self, source: str, text: str) -> None:
+        """Append lines (``source`` is app, worker or access); a write error never reaches a request."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        lines = [f"{stamp} [{source}] {line}" for line in text.rstrip("\n").split("\n")]
+        data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, data)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if size > self._max:
+                os.replace(self.path, f"{self.path}.1")
+        except OSError:
+            pass
+        for queue in list(self._followers):
+            for line in lines:
+                if queue.qsize() < MAX_FOLLOW_QUEUE:
+                    queue.put_nowait(line)
+
+    def tail(self, count: int) -> list[str]:
+        """The last ``count`` lines (from the rotated file too when the current one is short)."""
+        lines: list[str] = []
+        for path in (self.path, Path(f"{self.path}.1")):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(0, os.SEEK_END)
+                    size = f.tell()
+                    f.seek(max(0, size - count * 512))
+                    chunk = f.read().decode("utf-8", "replace").splitlines()
+            except OSError:
+                continue
+            if size > count * 512:
+                chunk = chunk[1:]  # the first line was cut by the seek
+            lines = chunk + lines
+            if len(lines) >= count:
+                break
+        return lines[-count:] if count else []
+
+    def follow(self) -> asyncio.Queue[str | None]:
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self._followers.add(queue)
+        return queue
+
+    def unfollow(self, queue: asyncio.Queue[str | None]) -> None:
+        self._followers.discard(queue)
+
+    def close(self) -> None:
+        """End every follower's stream (the site left this worker, or the worker stops)."""
+        for queue in self._followers:
+            queue.put_nowait(None)
+        self._followers.clear()

@@ -1,0 +1,146 @@
+"""Several serving processes for one data-plane role (front end, worker), on SO_REUSEPORT listeners.
+
+With ``processes: N > 1`` the role's main process keeps the control plane (health, pushed config) and
+starts N serving processes: the same ``python -m roles.<role> --config role.json`` with
+``SITECLOUD_SERVING_PROCESS=<index>`` in their environment. Each binds the data ports itself with
+SO_REUSEPORT, so the kernel spreads connections over them. The main process hands a new snapshot over
+as a file in the role's own state directory and a SIGHUP; it restarts a serving process that dies and
+stops them all (SIGTERM, then SIGKILL after the drain bound) when it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from shared.config import RoleConfig
+from shared.logs import ContextLogger
+
+__all__ = [
+    "ServingProcesses",
+    "serving_index",
+    "strip_processes_flag",
+    "take_processes_flag",
+    "watch_parent",
+]
+
+_INDEX_ENV = "SITECLOUD_SERVING_PROCESS"
+_PARENT_ENV = "SITECLOUD_SERVING_PARENT"
+_COUNT_ENV = "SITECLOUD_PROCESSES"
+
+
+def serving_index() -> int | None:
+    """This process's index among the serving processes, or None for a role's main process."""
+    value = os.environ.get(_INDEX_ENV)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def take_processes_flag(configured: int) -> int:
+    """``--processes N`` on the command line wins over the config's ``processes``.
+
+    The flag is read before :func:`shared.process.role_main` parses ``--config`` (and taken out of
+    ``sys.argv``); it reaches the role through the environment, read here and nowhere else.
+    """
+    value = os.environ.get(_COUNT_ENV)
+    return max(1, int(value)) if value and value.isdigit() else max(1, configured)
+
+
+def strip_processes_flag() -> None:
+    """Called first thing in a data-plane role's ``__main__``: move ``--processes N`` to the environment."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--processes", type=int)
+    args, rest = parser.parse_known_args(sys.argv[1:])
+    if args.processes is not None:
+        os.environ[_COUNT_ENV] = str(args.processes)
+    sys.argv[1:] = rest
+
+
+def watch_parent(stop: asyncio.Event) -> asyncio.Task[None]:
+    """In a serving process: stop when the main process is gone (killed without a chance to stop us),
+    so that no orphan goes on answering on the shared ports with an old config."""
+    # From the environment, not getppid() now: the main process may already be gone by now.
+    parent = int(os.environ.get(_PARENT_ENV) or os.getppid())
+
+    async def watch() -> None:
+        while not stop.is_set():
+            if os.getppid() != parent:
+                stop.set()
+                return
+            await asyncio.sleep(0.5)
+
+    return asyncio.get_running_loop().create_task(watch())
+
+
+class ServingProcesses:
+    """The main process's view of its serving processes."""
+
+    def __init__(self, config: RoleConfig, count: int, log: ContextLogger, *, stop_timeout: float) -> None:
+        self._config = config
+        self._count = count
+        self._log = log
+        self._stop_timeout = stop_timeout
+        self._procs: list[subprocess.Popen[bytes] | None] = [None] * count
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None and p.poll() is None]
+
+    def _spawn(self, index: int) -> None:
+        env = {**os.environ, _INDEX_ENV: str(index), _PARENT_ENV: str(os.getpid())}
+        env.pop(_COUNT_ENV, None)
+        config_file = Path(self._config.home) / "role.json"
+        # Output goes where ours goes (the supervisor's log of this role).
+        self._procs[index] = subprocess.Popen(
+            [sys.executable, "-m", f"roles.{self._config.role}", "--config", str(config_file)], env=env
+        )
+
+    def start(self) -> None:
+        # A serving process that gets SIGHUP before its handler is in would die of it; an ignored
+        # signal stays ignored across exec, and the child reads the handed-over state once its
+        # handler is in (so a reload in that window is not lost).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        for i in range(self._count):
+            self._spawn(i)
+        self._watch = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        """Restart a serving process that exits while the role is up (with a pause, not in a loop)."""
+        while not self._stopping:
+            await asyncio.sleep(0.5)
+            for i, proc in enumerate(self._procs):
+                if proc is not None and proc.poll() is not None and not self._stopping:
+                    self._log.warning(
+                        "serving process %s (pid %s) exited with %s; restarting", i, proc.pid, proc.returncode
+                    )
+                    self._spawn(i)
+
+    def reload(self) -> None:
+        """Tell every serving process to read the handed-over state again."""
+        for proc in self._procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        for proc in self._procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._stop_timeout
+        for proc in self._procs:
+            if proc is None:
+                continue
+            try:
+                await asyncio.to_thread(proc.wait, max(0.0, deadline - loop.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

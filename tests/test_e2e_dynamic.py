@@ -1,0 +1,128 @@
+"""Dynamic sites end to end, as a site owner uses them: publish an app by FTP, set its settings with
+the CLI, and it answers through the front end, woken on the first request; its logs come back too."""
+
+from __future__ import annotations
+
+import ftplib
+import io
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cloud import LocalCloud
+from tests.support import wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+WSGI_APP = b"""
+import os, sys
+
+def app(environ, start_response):
+    print("handled", environ["PATH_INFO"], flush=True)
+    body = ("hello %s from %s" % (os.environ.get("GREETING", "?"), environ["PATH_INFO"])).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+@pytest.fixture(scope="module")
+def cloud(traversable_home: Path) -> Iterator[LocalCloud]:
+    cloud = LocalCloud(traversable_home)
+    cloud.start()
+    try:
+        yield cloud
+    finally:
+        cloud.kill_everything()
+
+
+@pytest.fixture(scope="module")
+def site(cloud: LocalCloud) -> dict[str, Any]:
+    cloud.cli("plan", "create", "apps", "--max-sites", "4", "--storage-mb", "5")
+    cloud.cli("tenant", "create", "fabrikam")
+    sub = cloud.cli("subscription", "create", "--tenant", "fabrikam", "--plan", "apps")
+    return dict(cloud.cli("site", "create", "pyapp", "--subscription", str(sub["id"])))
+
+
+def test_a_python_site_published_by_ftp_answers_through_the_front_end(
+    cloud: LocalCloud, site: dict[str, Any]
+) -> None:
+    settings = cloud.cli("site", "set", "pyapp", "GREETING=world", "runtime=python", "entry=app:app")
+    assert settings["settings"]["GREETING"] == "world"
+    ftp = ftplib.FTP()
+    ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
+    ftp.login(site["ftp"]["user"], site["ftp"]["password"])
+    ftp.storbinary("STOR app.py", io.BytesIO(WSGI_APP))
+    ftp.storbinary("STOR logo.txt", io.BytesIO(b"a static file"))
+    ftp.quit()
+
+    cloud.wait_for_content("pyapp", "/hi", b"hello world from /hi", timeout=30)
+    # A static file in a dynamic site is served by the worker; app source never is.
+    assert cloud.get("pyapp", "/logo.txt")[::2] == (200, b"a static file")
+    _, _, body = cloud.get("pyapp", "/app.py")
+    assert b"def app" not in body
+
+    # The app's own output comes back through `site logs`.
+    logs = wait_until(
+        lambda: (
+            (got := cloud.cli("site", "logs", "pyapp"))
+            and any("handled /hi" in x for x in got["lines"])
+            and got
+        ),
+        timeout=10,
+        what="the app's output in its logs",
+    )
+    assert logs["site"] == "pyapp"
+
+
+def test_a_setting_change_reaches_the_app(cloud: LocalCloud, site: dict[str, Any]) -> None:
+    cloud.cli("site", "set", "pyapp", "GREETING=again")
+    cloud.wait_for_content("pyapp", "/x", b"hello again from /x", timeout=30)
+
+
+def test_settings_the_platform_owns_are_refused(cloud: LocalCloud, site: dict[str, Any]) -> None:
+    bad = cloud.cli("site", "set", "pyapp", "PATH=/tmp", check=False)
+    assert bad["error"]["code"] == "invalid_input"
+    bad = cloud.cli("site", "set", "pyapp", "runtime=cobol", check=False)
+    assert bad["error"]["code"] == "invalid_input"
+    # The refused change left the site answering as before.
+    assert cloud.get("pyapp", "/y")[2] == b"hello again from /y"
+
+
+def _publish(site: dict[str, Any], files: dict[str, bytes]) -> None:
+    ftp = ftplib.FTP()
+    ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
+    ftp.login(site["ftp"]["user"], site["ftp"]["password"])
+    for name, data in files.items():
+        ftp.storbinary(f"STOR {name}", io.BytesIO(data))
+    ftp.quit()
+
+
+def _new_site(cloud: LocalCloud, name: str) -> dict[str, Any]:
+    subs = cloud.cli("subscription", "list")["subscriptions"]
+    sub = next(s for s in subs if s["tenant"] == "fabrikam")
+    return dict(cloud.cli("site", "create", name, "--subscription", str(sub["id"])))
+
+
+@pytest.mark.skipif(shutil.which("php-cgi") is None, reason="needs Debian php-cgi (.ci/run installs it)")
+def test_a_php_site_is_detected_from_its_content_and_answers(cloud: LocalCloud, site: dict[str, Any]) -> None:
+    php = _new_site(cloud, "phpsite")
+    _publish(php, {"index.php": b"<?php echo 'php says ' . (1 + 2) . ' at ' . $_SERVER['REQUEST_URI'];"})
+    cloud.wait_for_content("phpsite", "/", b"php says 3 at /", timeout=30)
+
+
+def test_a_procfile_site_runs_its_command_on_port(cloud: LocalCloud, site: dict[str, Any]) -> None:
+    proc = _new_site(cloud, "procsite")
+    _publish(
+        proc,
+        {
+            "Procfile": b"web: python3 -m http.server $PORT --bind 127.0.0.1\n",
+            "hello.txt": b"served by the site's own command",
+        },
+    )
+    # The worker serves hello.txt itself; a path with no file goes to the command's server.
+    cloud.wait_for_content("procsite", "/hello.txt", b"served by the site's own command", timeout=30)
+    status, _, body = cloud.get("procsite", "/")
+    assert status == 200 and b"Directory listing" in body

@@ -1,0 +1,431 @@
+"""Dynamic sites on a real worker: python (WSGI, ASGI), php and command apps, woken by the first
+request, stopped when idle, each under its own uid and limits, with settings and logs.
+
+Content is published through a real fileserver (as the publisher); the worker gets snapshots with
+the runtime fields and is asked over mTLS as a front end, like in tests/test_worker.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import itertools
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roles.fileserver.config import FileserverConfig
+from roles.worker.config import WorkerConfig
+from tests.support import CloudPKI, RoleProcess, call, wait_until
+from tests.test_worker import fetch
+
+ROOT = os.geteuid() == 0
+PHP = shutil.which("php-cgi") is not None
+
+WSGI_APP = b"""
+import os, sys
+print("wsgi app imported", flush=True)
+
+def app(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path == "/read":
+        try:
+            with open(environ["QUERY_STRING"], "rb") as f:
+                out = b"read " + f.read(64)
+        except OSError as exc:
+            out = ("denied " + type(exc).__name__).encode()
+    elif path == "/eat":
+        hog = [bytearray(32 * 1024 * 1024) for _ in range(64)]
+        out = b"ate %d" % len(hog)
+    elif path == "/crash":
+        os._exit(3)
+    elif path == "/whoami":
+        out = ("%d %s %s" % (os.getuid(), os.environ.get("HOME"), os.environ.get("TMPDIR"))).encode()
+    else:
+        body = environ["wsgi.input"].read()
+        out = ("wsgi %s %s %s greeting=%s cookie=%s body=%s" % (
+            environ["REQUEST_METHOD"], path, environ["QUERY_STRING"], os.environ.get("GREETING", "-"),
+            environ.get("HTTP_COOKIE", "-"), body.decode())).encode()
+        print("handled " + path, flush=True)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [out]
+"""
+
+ASGI_APP = b"""
+import os
+
+async def app(scope, receive, send):
+    assert scope["type"] == "http"
+    msg = await receive()
+    body = ("asgi %s %s greeting=%s body=%s" % (
+        scope["method"], scope["path"], os.environ.get("GREETING", "-"), msg["body"].decode())).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": body[:5], "more_body": True})
+    await send({"type": "http.response.body", "body": body[5:]})
+"""
+
+
+@dataclass
+class AppCloud:
+    pki: CloudPKI
+    fileserver: RoleProcess
+    worker: RoleProcess
+    config: WorkerConfig
+    sites: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    uids: itertools.count[int] = field(default_factory=itertools.count)
+    version: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def push(self) -> None:
+        version = next(self.version)
+        self.fileserver.push_config(
+            {
+                "version": version,
+                "sites": {s: {"uid": u, "quota_bytes": 1 << 24} for s, u in self.sites.items()},
+            }
+        )
+        self.worker.push_config(
+            {
+                "version": version,
+                "fileserver": self.fileserver.control_url,
+                "sites": {s: {"uid": u, **self.settings.get(s, {})} for s, u in self.sites.items()},
+            }
+        )
+
+    def add_site(self, site: str, **settings: Any) -> None:
+        self.sites[site] = hashlib.sha256(f"{site}-{next(self.uids)}".encode()).hexdigest()[:16]
+        self.settings[site] = settings
+        self.push()
+
+    def set(self, site: str, **settings: Any) -> None:
+        self.settings[site] = {**self.settings[site], **settings}
+        self.push()
+
+    def publish(self, site: str, files: dict[str, bytes]) -> int:
+        ctx = self.pki.client_ssl("publisher")
+        ops: list[dict[str, Any]] = []
+        for path, data in files.items():
+            status, body = call(
+                f"{self.fileserver.control_url}/v1/sites/{site}/blobs", ctx, method="POST", data=data
+            )
+            assert status == 200, body
+            ops.append({"op": "put", "path": path, "sha256": body["sha256"]})
+        status, body = call(
+            f"{self.fileserver.control_url}/v1/sites/{site}/commit", ctx, method="POST", body={"ops": ops}
+        )
+        assert status == 200, body
+        return int(body["version"])
+
+    def get(self, site: str, path: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
+        return fetch(self.pki, self.config, site, path, **kwargs)
+
+    def app(self, site: str) -> dict[str, Any]:
+        status, body = call(
+            f"{self.worker.control_url}/v1/sites/{site}/app", self.pki.client_ssl("management")
+        )
+        assert status == 200, body
+        return dict(body)
+
+    def log(self, site: str) -> str:
+        status, body = call(
+            f"{self.worker.control_url}/v1/sites/{site}/logs?lines=1000", self.pki.client_ssl("management")
+        )
+        assert status == 200, body
+        return body.decode() if isinstance(body, bytes) else str(body or "")
+
+    def publish_and_wait(self, site: str, files: dict[str, bytes], path: str, expect: bytes) -> bytes:
+        self.publish(site, files)
+
+        def answered() -> bytes | None:
+            status, _, body = self.get(site, path)
+            return body if status == 200 and expect in body else None
+
+        return bytes(wait_until(answered, timeout=15, what=f"{site}{path} to answer {expect!r}"))
+
+    def pids(self, site: str) -> list[int]:
+        """Processes whose working directory is inside the site's content (its app's)."""
+        prefix = os.path.realpath(self.config.home / "sites" / site) + "/"
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.readlink(f"/proc/{entry}/cwd").startswith(prefix):
+                        found.append(int(entry))
+                except OSError:
+                    continue
+        return found
+
+
+@contextmanager
+def running_cloud(**worker_fields: Any) -> Iterator[AppCloud]:
+    # Not under pytest's tmp (0700 /tmp/pytest-of-root): site uids must be able to reach their files.
+    root = Path(tempfile.mkdtemp(prefix="sc-apps-"))
+    os.chmod(root, 0o711)
+    pki = CloudPKI(root / "pki")
+    fs_config = pki.role_config(FileserverConfig, "fileserver", root / "fileserver")
+    w_config = pki.role_config(WorkerConfig, "worker", root / "worker", version_grace=0.3, **worker_fields)
+    fileserver = RoleProcess(fs_config, pki).start(wait=False)
+    worker = RoleProcess(w_config, pki).start(wait=False)
+    try:
+        fileserver.wait_healthy()
+        worker.wait_healthy()
+        yield AppCloud(pki, fileserver, worker, w_config)
+    finally:
+        worker.stop()
+        fileserver.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[AppCloud]:
+    with running_cloud(app_start_timeout=10.0, max_active_apps=20) as c:
+        yield c
+
+
+def test_wsgi_site_wakes_on_first_request_and_serves_static_files_itself(cloud: AppCloud) -> None:
+    cloud.add_site("wsgi", env={"GREETING": "hello"})
+    cloud.publish("wsgi", {"style.css": b"body{}", "notes/a.txt": b"plain"})
+    wait_until(lambda: cloud.get("wsgi", "/style.css")[0] == 200, what="static content")
+    cloud.publish("wsgi", {"app.py": WSGI_APP})
+    wait_until(lambda: cloud.app("wsgi")["runtime"] == "python", what="python detected from app.py")
+    # Static files of a dynamic site are served without waking the app.
+    status, headers, body = cloud.get("wsgi", "/style.css")
+    assert (status, body) == (200, b"body{}") and "text/css" in headers["content-type"]
+    assert cloud.pids("wsgi") == [] and cloud.app("wsgi")["state"] == "idle"
+
+    status, headers, body = cloud.get("wsgi", "/hello?x=1", headers={"Cookie": "a=b"})
+    assert status == 200, body
+    assert body == b"wsgi GET /hello x=1 greeting=hello cookie=a=b body="
+    assert headers["content-type"] == "text/plain"
+    pids = cloud.pids("wsgi")
+    assert len(pids) == 1 and cloud.app("wsgi")["pid"] == pids[0]
+    # App source is never served as a file: the app gets the path instead.
+    status, _, body = cloud.get("wsgi", "/app.py")
+    assert b"def app" not in body and body.startswith(b"wsgi GET /app.py")
+    # Request bodies reach the app.
+    conn = http.client.HTTPSConnection(
+        "localhost", cloud.config.data_port, context=cloud.pki.client_ssl("frontend"), timeout=10
+    )
+    try:
+        for n in range(3):  # keep-alive across app answers
+            conn.request("POST", "/form", body=f"n={n}", headers={"X-Sitecloud-Site": "wsgi"})
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()) == (
+                200,
+                f"wsgi POST /form  greeting=hello cookie=- body=n={n}".encode(),
+            )
+    finally:
+        conn.close()
+
+
+def test_asgi_site_answers_with_settings(cloud: AppCloud) -> None:
+    cloud.add_site("asgi", env={"GREETING": "bonjour"})
+    body = cloud.publish_and_wait("asgi", {"asgi.py": ASGI_APP}, "/x", b"asgi")
+    assert body == b"asgi GET /x greeting=bonjour body="
+    status, _, body = cloud.get("asgi", "/y", method="HEAD")
+    assert status == 200 and body == b""
+
+
+@pytest.mark.skipif(not PHP, reason="php-cgi is not installed (apt-get install php-cgi)")
+def test_php_site_answers_through_fastcgi(cloud: AppCloud) -> None:
+    cloud.add_site("php", env={"GREETING": "hallo"})
+    index = b'<?php header("X-Test: 1"); echo "php ", $_SERVER["REQUEST_METHOD"], " ", $_SERVER["PATH_INFO"] ?? "", " greeting=", $_SERVER["GREETING"] ?? "-";'
+    other = b'<?php http_response_code(201); echo "other ", $_GET["q"] ?? "", " ", file_get_contents("php://input");'
+    body = cloud.publish_and_wait("php", {"index.php": index, "other.php": other, "a.css": b"x"}, "/", b"php")
+    assert body == b"php GET  greeting=hallo"
+    status, headers, body = cloud.get("php", "/pretty/url")
+    assert (status, body) == (200, b"php GET /pretty/url greeting=hallo") and headers["x-test"] == "1"
+    conn = http.client.HTTPSConnection(
+        "localhost", cloud.config.data_port, context=cloud.pki.client_ssl("frontend"), timeout=10
+    )
+    try:
+        conn.request("POST", "/other.php?q=7", body="posted", headers={"X-Sitecloud-Site": "php"})
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (201, b"other 7 posted")
+    finally:
+        conn.close()
+    assert cloud.get("php", "/a.css")[2] == b"x"
+
+
+def test_procfile_site_runs_its_command_on_port(cloud: AppCloud) -> None:
+    cloud.add_site("cmd")
+    files = {"Procfile": b"web: python3 -m http.server $PORT --bind 127.0.0.1\n", "sub/data.txt": b"d"}
+    body = cloud.publish_and_wait("cmd", files, "/sub/", b"Directory listing")
+    assert b"data.txt" in body
+    assert cloud.app("cmd")["runtime"] == "command"
+    # The worker never serves the Procfile as a file: the request goes to the app (whose business it is).
+    cloud.get("cmd", "/Procfile")
+    assert "[access] GET /Procfile" in cloud.log("cmd")
+
+
+def test_idle_app_stops_and_wakes_again(cloud: AppCloud) -> None:
+    cloud.add_site("sleepy", idle_timeout=1)
+    cloud.publish_and_wait("sleepy", {"app.py": WSGI_APP}, "/", b"wsgi")
+    assert len(cloud.pids("sleepy")) == 1
+    wait_until(lambda: cloud.pids("sleepy") == [], timeout=5, what="the idle app to stop")
+    assert cloud.app("sleepy")["state"] == "idle"
+    assert "stopped (idle)" in cloud.log("sleepy")
+    t0 = time.monotonic()
+    status, _, body = cloud.get("sleepy", "/again")
+    assert status == 200 and b"/again" in body
+    assert time.monotonic() - t0 < 5
+    assert cloud.app("sleepy")["starts"] == 2
+
+
+def test_concurrent_first_requests_start_one_process(cloud: AppCloud) -> None:
+    cloud.add_site("crowd", idle_timeout=30)
+    cloud.publish_and_wait(
+        "crowd", {"app.py": WSGI_APP, "index.html": b"static home"}, "/index.html", b"static"
+    )
+    # Publishing did not start anything.
+    assert cloud.pids("crowd") == [] and cloud.app("crowd")["starts"] == 0
+    results: list[int] = []
+    barrier = threading.Barrier(12)
+
+    def hit(n: int) -> None:
+        barrier.wait()
+        results.append(cloud.get("crowd", f"/c{n}")[0])
+
+    threads = [threading.Thread(target=hit, args=(n,)) for n in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 12
+    assert cloud.app("crowd")["starts"] == 1 and len(cloud.pids("crowd")) == 1
+
+
+def test_new_version_and_new_settings_restart_the_app(cloud: AppCloud) -> None:
+    cloud.add_site("moving", env={"GREETING": "one"})
+    cloud.publish_and_wait("moving", {"app.py": WSGI_APP}, "/", b"greeting=one")
+    first = cloud.app("moving")["pid"]
+    cloud.set("moving", env={"GREETING": "two"})
+    wait_until(lambda: b"greeting=two" in cloud.get("moving", "/")[2], what="the new setting")
+    second = cloud.app("moving")["pid"]
+    assert second != first
+    wait_until(lambda: not os.path.exists(f"/proc/{first}"), timeout=8, what="the old process to go")
+    cloud.publish_and_wait("moving", {"app.py": WSGI_APP.replace(b"wsgi %s", b"v2 %s")}, "/", b"v2 GET")
+    assert cloud.app("moving")["pid"] not in (first, second)
+
+
+def test_crash_is_logged_and_restarted_on_the_next_request(cloud: AppCloud) -> None:
+    cloud.add_site("crashy")
+    cloud.publish_and_wait("crashy", {"app.py": WSGI_APP}, "/", b"wsgi")
+    status, _, _ = cloud.get("crashy", "/crash")
+    assert status == 502
+    wait_until(lambda: "exited with status 3" in cloud.log("crashy"), what="the crash in the log")
+    wait_until(lambda: cloud.get("crashy", "/back")[0] == 200, timeout=10, what="a restart")
+    assert cloud.app("crashy")["crashes"] == 1
+
+
+def test_memory_limit_stops_the_app_with_a_clear_line(cloud: AppCloud) -> None:
+    cloud.add_site("hog", limits={"memory_mb": 64})
+    cloud.publish_and_wait("hog", {"app.py": WSGI_APP}, "/", b"wsgi")
+    status, _, _ = cloud.get("hog", "/eat")
+    assert status in (502, 503)
+    wait_until(
+        lambda: "stopped: exceeded its 64 MB memory limit" in cloud.log("hog"),
+        what="the memory line in the log",
+    )
+    assert cloud.pids("hog") == []
+
+
+def test_requirements_without_a_package_index_are_skipped_with_a_log_line(cloud: AppCloud) -> None:
+    cloud.add_site("deps")
+    cloud.publish_and_wait("deps", {"app.py": WSGI_APP, "requirements.txt": b"flask\n"}, "/", b"wsgi")
+    assert "no package index configured" in cloud.log("deps")
+    assert cloud.get("deps", "/requirements.txt")[2].startswith(b"wsgi")
+
+
+def test_logs_stream_to_management(cloud: AppCloud) -> None:
+    cloud.add_site("chatty")
+    cloud.publish_and_wait("chatty", {"app.py": WSGI_APP}, "/first", b"wsgi")
+    conn = http.client.HTTPSConnection(
+        "localhost", cloud.config.control_port, context=cloud.pki.client_ssl("management"), timeout=10
+    )
+    try:
+        conn.request("GET", "/v1/sites/chatty/logs?follow=1&lines=50")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        seen = b""
+        while b"handled /first" not in seen:
+            seen += resp.read1(65536)
+        cloud.get("chatty", "/second")
+        while b"GET /second 200" not in seen:
+            seen += resp.read1(65536)
+        assert b"[app] handled /second" in seen and b"wsgi app imported" in seen
+    finally:
+        conn.close()
+    # A front end may not read logs.
+    status, _ = call(f"{cloud.worker.control_url}/v1/sites/chatty/logs", cloud.pki.client_ssl("frontend"))
+    assert status == 403
+    health = cloud.worker.health()
+    assert health["apps_dynamic"] >= 1 and health["app_cpu_seconds"].get("chatty", 0) >= 0
+
+
+@pytest.mark.skipif(not ROOT, reason="per-site uids need the worker to run as root")
+def test_a_site_cannot_read_another_sites_files_or_the_worker_keys(cloud: AppCloud) -> None:
+    cloud.add_site("alice")
+    cloud.add_site("bob")
+    cloud.publish_and_wait("alice", {"app.py": WSGI_APP, "secret.txt": b"alice secret"}, "/", b"wsgi")
+    cloud.publish_and_wait("bob", {"app.py": WSGI_APP}, "/", b"wsgi")
+    home = cloud.config.home
+    own = f"{home}/sites/alice/current/secret.txt"
+    assert cloud.get("alice", f"/read?{own}")[2] == b"read alice secret"
+    assert cloud.get("bob", f"/read?{own}")[2].startswith(b"denied")
+    assert cloud.get("bob", f"/read?{home}/tls/role.key")[2].startswith(b"denied")
+    assert cloud.get("bob", f"/read?{home}/role.json")[2].startswith(b"denied")
+    uid_a, home_a, tmp_a = cloud.get("alice", "/whoami")[2].decode().split()
+    uid_b, _, _ = cloud.get("bob", "/whoami")[2].decode().split()
+    assert int(uid_a) != 0 and int(uid_b) != 0 and uid_a != uid_b
+    assert cloud.get("bob", f"/read?{tmp_a}/x")[2].startswith(b"denied")
+    assert os.stat(home_a).st_uid == int(uid_a) and os.stat(home_a).st_mode & 0o777 == 0o700
+
+
+def test_snapshot_with_bad_app_settings_is_refused(cloud: AppCloud) -> None:
+    status, body = call(
+        f"{cloud.worker.control_url}/v1/config",
+        cloud.pki.client_ssl("controller"),
+        method="PUT",
+        body={
+            "version": 10_000,
+            "fileserver": cloud.fileserver.control_url,
+            "sites": {"bad": {"uid": "abc", "runtime": "cobol"}},
+        },
+    )
+    assert status == 400 and "runtime" in body["error"]["message"]
+
+
+def test_always_on_site_runs_without_a_request(cloud: AppCloud) -> None:
+    cloud.add_site("awake", always_on=True)
+    cloud.publish("awake", {"app.py": WSGI_APP})
+    wait_until(lambda: len(cloud.pids("awake")) == 1, timeout=10, what="the always-on app to start")
+    assert cloud.app("awake")["state"] == "running"
+
+
+def test_slow_start_gets_503_and_the_cap_evicts_the_least_recently_used(tmp_path: Path) -> None:
+    with running_cloud(app_start_timeout=1.0, max_active_apps=2) as small:
+        small.add_site("slow")
+        small.publish("slow", {"app.py": b"import time\ntime.sleep(30)\n" + WSGI_APP})
+        wait_until(lambda: small.app("slow")["runtime"] == "python", what="the slow site")
+        t0 = time.monotonic()
+        status, headers, body = small.get("slow", "/")
+        assert status == 503 and headers.get("retry-after") == "1" and b"did not answer in time" in body
+        assert time.monotonic() - t0 < 3
+        for name in ("one", "two", "three"):
+            small.add_site(name)
+            small.publish_and_wait(name, {"app.py": WSGI_APP}, "/", b"wsgi")
+            time.sleep(0.05)
+        # At most two run: "slow" went first, then "one" (least recently used) for "three".
+        wait_until(lambda: small.pids("one") == [], timeout=8, what="the least recently used to go")
+        assert len(small.pids("two")) == 1 and len(small.pids("three")) == 1
+        assert "needed room for another app" in small.log("one")
