@@ -1,7 +1,8 @@
 """The one trust boundary for a site's app settings (`sitecloud site set NAME KEY=VALUE`).
 
 Lower-case ``runtime``, ``entry``, ``always_on`` and ``idle_timeout`` configure how the worker runs
-the site; every other setting is given to the app as an environment variable. Management checks each
+the site, ``https_only`` and ``affinity`` how the front ends route to it; every other setting is given
+to the app as an environment variable. Management checks each
 setting here when it is set; the controller turns the stored settings into the worker snapshot's app
 fields with :func:`app_fields`; the worker checks the snapshot again with the same names.
 """
@@ -15,6 +16,7 @@ from shared.errors import InvalidInput
 
 __all__ = [
     "ENV_NAME",
+    "FRONTEND_KEYS",
     "MAX_ENV_BYTES",
     "RESERVED_ENV",
     "RUNTIMES",
@@ -22,11 +24,13 @@ __all__ = [
     "Runtime",
     "app_fields",
     "check_app_setting",
+    "frontend_fields",
 ]
 
 Runtime = Literal["static", "python", "php", "command"]
 RUNTIMES: tuple[Runtime, ...] = ("static", "python", "php", "command")
-SITE_KEYS = frozenset({"runtime", "entry", "always_on", "idle_timeout"})
+FRONTEND_KEYS = frozenset({"https_only", "affinity"})
+SITE_KEYS = frozenset({"runtime", "entry", "always_on", "idle_timeout"}) | FRONTEND_KEYS
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # Set by the worker for every app; a site's settings may not override them.
 RESERVED_ENV = frozenset({"PORT", "HOME", "TMPDIR", "PATH", "PYTHONPATH", "LD_PRELOAD", "LD_LIBRARY_PATH"})
@@ -47,10 +51,10 @@ def check_app_setting(key: str, value: str, *, always_on_allowed: bool = True) -
         raise InvalidInput(f"runtime must be one of {', '.join(RUNTIMES)}", hint="or unset it to detect it")
     elif key == "entry" and ("\n" in value or len(value) > 1024):
         raise InvalidInput("entry must be one line of at most 1024 characters", hint="e.g. entry=app:app")
-    elif key == "always_on":
+    elif key in ("always_on", *FRONTEND_KEYS):
         if value.lower() not in _TRUE + _FALSE:
-            raise InvalidInput("always_on must be true or false")
-        if value.lower() in _TRUE and not always_on_allowed:
+            raise InvalidInput(f"{key} must be true or false")
+        if key == "always_on" and value.lower() in _TRUE and not always_on_allowed:
             raise InvalidInput("this site's plan does not allow always on", hint="ask for a plan that does")
     elif key == "idle_timeout":
         if not value.isdigit() or int(value) < 1:
@@ -72,8 +76,15 @@ def app_fields(settings: dict[str, str], *, always_on_allowed: bool) -> dict[str
             fields["always_on"] = always_on_allowed and value.lower() in _TRUE
         elif key == "idle_timeout":
             fields["idle_timeout"] = int(value)
+        elif key in FRONTEND_KEYS:
+            continue
         else:
             env[key] = value
     if env:
         fields["env"] = env
     return fields
+
+
+def frontend_fields(settings: dict[str, str]) -> dict[str, Any]:
+    """The front end snapshot's per-site switches (HTTPS redirect, affinity cookie) that are on."""
+    return {key: True for key in sorted(FRONTEND_KEYS) if settings.get(key, "").lower() in _TRUE}

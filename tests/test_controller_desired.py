@@ -198,7 +198,14 @@ def test_app_settings_and_custom_hostnames_reach_the_roles_that_use_them(tmp_pat
     with db.session() as s:
         place_sites(s)
         alpha = s.query(Site).filter_by(name="alpha").one()
-        alpha.app_settings = {"runtime": "python", "entry": "app:app", "always_on": "true", "GREETING": "hi"}
+        alpha.app_settings = {
+            "runtime": "python",
+            "entry": "app:app",
+            "always_on": "true",
+            "https_only": "true",
+            "affinity": "no",
+            "GREETING": "hi",
+        }
         alpha.hostnames.append(CustomHostname(hostname="www.alpha.example", cert_pem="CERT", key_pem="KEY"))
         alpha.hostnames.append(CustomHostname(hostname="alpha.example"))
     with db.session() as s:
@@ -209,7 +216,8 @@ def test_app_settings_and_custom_hostnames_reach_the_roles_that_use_them(tmp_pat
         "alpha.example",
         {"name": "www.alpha.example", "cert": "CERT", "key": "KEY"},
     ]
-    assert "hostnames" not in fe["sites"]["beta"]
+    assert fe["sites"]["alpha"]["https_only"] is True and "affinity" not in fe["sites"]["alpha"]
+    assert "hostnames" not in fe["sites"]["beta"] and "https_only" not in fe["sites"]["beta"]
     held = [snaps[r.id]["sites"]["alpha"] for r in state.of_kind("worker") if "alpha" in snaps[r.id]["sites"]]
     assert held and all(
         entry

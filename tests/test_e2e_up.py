@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import ftplib
+import http.client
 import io
 import json
 import os
@@ -168,6 +169,20 @@ def test_an_unknown_host_gets_the_platform_404_page(cloud: LocalCloud, sites: di
     status, _, body = cloud.get("nosuchsite", "/")
     assert status == 404
     assert b"sitecloud" in body and b"v3" not in body and b"shop" not in body
+
+
+def test_an_https_only_site_redirects_plain_http(cloud: LocalCloud, sites: dict[str, Any]) -> None:
+    cloud.cli("site", "set", "shop", "https_only=true")
+    conn = http.client.HTTPConnection("127.0.0.1", cloud.ports["http_port"], timeout=10)
+    try:
+        conn.request("GET", "/page?x=1", headers={"Host": "shop.sites.localhost"})
+        resp = conn.getresponse()
+        resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 301
+    assert resp.getheader("Location") == f"https://shop.sites.localhost:{cloud.ports['https_port']}/page?x=1"
+    cloud.cli("site", "unset", "shop", "https_only")
 
 
 def test_bad_input_is_refused_with_clear_errors(cloud: LocalCloud, sites: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.appsettings import app_fields, check_app_setting
+from shared.appsettings import app_fields, check_app_setting, frontend_fields
 from shared.errors import InvalidInput
 
 
@@ -13,6 +13,7 @@ from shared.errors import InvalidInput
     [
         ("runtime", "ruby"),
         ("always_on", "maybe"),
+        ("https_only", "sometimes"),
         ("idle_timeout", "-5"),
         ("idle_timeout", "soon"),
         ("entry", "app:app\nrm -rf /"),
@@ -51,3 +52,9 @@ def test_site_keys_configure_the_worker_and_the_rest_is_environment() -> None:
         "env": {"DB_HOST": "db"},
     }
     assert app_fields({}, always_on_allowed=True) == {}
+
+
+def test_routing_switches_go_to_the_front_ends_not_the_app() -> None:
+    settings = {"https_only": "true", "affinity": "false", "KEY": "v"}
+    assert frontend_fields(settings) == {"https_only": True}
+    assert app_fields(settings, always_on_allowed=False) == {"env": {"KEY": "v"}}

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from shared.appsettings import app_fields
+from shared.appsettings import app_fields, frontend_fields
 from shared.db import (
     Host,
     Plan,
@@ -83,6 +83,8 @@ class DesiredSite:
     app: dict[str, Any] = field(default_factory=dict)
     # Front end snapshot custom hostnames: a name, or {name, cert, key} served by SNI.
     hostnames: tuple[str | dict[str, str], ...] = ()
+    # Front end snapshot switches that are on (https_only, affinity).
+    routing: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -217,6 +219,7 @@ def read_desired(session: Session, domain: str) -> DesiredState:
                 worker_ids=tuple(sorted(a.role_id for a in site.assignments)),
                 subscription_id=site.subscription_id,
                 app=app_fields(dict(site.app_settings or {}), always_on_allowed=plan.always_on),
+                routing=frontend_fields(dict(site.app_settings or {})),
                 hostnames=tuple(
                     {"name": h.hostname, "cert": h.cert_pem, "key": h.key_pem}
                     if h.cert_pem and h.key_pem
@@ -255,6 +258,7 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
                             if w in workers and w not in state.down and role.reaches(workers[w])
                         ],
                         **({"hostnames": list(s.hostnames)} if s.hostnames else {}),
+                        **s.routing,
                     }
                     for s in state.sites
                 },
