@@ -213,6 +213,7 @@ def test_site_lifecycle(cloud: ManagementCloud) -> None:
         "subscription": sub,
         "tenant": "lifecycle",
         "state": "running",
+        "instances": 1,
         "hostnames": [],
         "ftp": {
             "host": cloud.config.ftp_host,
