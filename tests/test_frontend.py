@@ -77,7 +77,7 @@ class Origin:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/echo", self._echo)
         app.router.add_get("/big", self._big)
-        app.router.add_get("/sleep", self._sleep)
+        app.router.add_route("*", "/sleep", self._sleep)
         app.router.add_route("*", "/status/{code}", self._status)
         app.router.add_get("/ws", self._ws)
         app.router.add_post("/sink", self._sink)
@@ -146,7 +146,9 @@ class Origin:
         seen = self._seen(request)
         self.in_flight += 1
         try:
-            await asyncio.sleep(float(request.query["s"]))
+            # ?on=NAME: only that origin is slow; the others answer at once.
+            if request.query.get("on", self.name) == self.name:
+                await asyncio.sleep(float(request.query["s"]))
         finally:
             self.in_flight -= 1
         return web.json_response(seen)
@@ -196,18 +198,15 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> CloudPKI:
 
 
 def _frontend_config(cloud: CloudPKI, home: Path, **fields: Any) -> FrontendConfig:
-    config = cloud.role_config(
-        FrontendConfig,
-        "frontend",
-        home,
-        header_timeout=0.6,
-        response_timeout=1.5,
-        connect_timeout=2.0,
-        max_header_bytes=8192,
-        idle_timeout=1.5,
-        body_timeout=5.0,
-        **fields,
-    )
+    short = {
+        "header_timeout": 0.6,
+        "response_timeout": 1.5,
+        "connect_timeout": 2.0,
+        "max_header_bytes": 8192,
+        "idle_timeout": 1.5,
+        "body_timeout": 5.0,
+    }
+    config = cloud.role_config(FrontendConfig, "frontend", home, **{**short, **fields})
     cloud.ca.issue_wildcard(DOMAIN).write(config.wildcard_key_file, config.wildcard_cert_file)
     return config
 
@@ -634,6 +633,42 @@ def test_a_new_snapshot_reroutes_without_a_restart(
     conn.close()
     health = frontend.health()
     assert health["pid"] == pid and health["sites"] == 1 and health["https"] is True
+
+
+def test_a_get_waiting_on_a_worker_that_leaves_the_routes_goes_to_another(
+    cloud: CloudPKI, origins: tuple[Origin, Origin], tmp_path: Path
+) -> None:
+    """A worker cut off the network never answers: when the controller routes around it, requests
+    that may be sent again move to a current worker instead of waiting out the response timeout."""
+    a, b = origins
+    proc = RoleProcess(_frontend_config(cloud, tmp_path / "fe", response_timeout=30.0), cloud)
+    with proc.running():
+        route(proc, {"blog": [a.address]})
+        wait_until(lambda: a.in_flight == 0, what="earlier requests to a to end")
+        result: dict[str, Any] = {}
+
+        def slow_get() -> None:
+            conn = https_conn(proc, cloud)
+            status, _, body = fetch(conn, "/sleep?s=25&on=a")
+            result.update(status=status, origin=json.loads(body)["origin"])
+            conn.close()
+
+        def slow_post() -> None:
+            conn = https_conn(proc, cloud)
+            status, _, body = fetch(conn, "/sleep?s=2&on=a", method="POST", body=b"once")
+            result.update(post_status=status, post_origin=json.loads(body)["origin"])
+            conn.close()
+
+        threads = [threading.Thread(target=slow_get), threading.Thread(target=slow_post)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: a.in_flight == 2, what="both requests waiting on a")
+        route(proc, {"blog": [b.address]})
+        for t in threads:
+            t.join(15)
+        # The GET was sent again to b at once; the POST, which must never be sent twice, finished on a.
+        assert (result["status"], result["origin"]) == (200, "b")
+        assert (result["post_status"], result["post_origin"]) == (200, "a")
 
 
 # -- lifecycle --------------------------------------------------------------------------------------

@@ -696,10 +696,16 @@ class ClientConnection(asyncio.Protocol):
             return
         self._release(req)
         if stale and req.replayable and not req.fresh:
-            # A pooled connection the worker had already closed: the request never got there.
+            # A pooled connection the worker had already closed, or a worker withdrawn from the routes
+            # (_upstream.UpstreamConnection.withdraw): send it once more, by the routes as they are now.
             req.fresh = True
-            if self._dispatch(req):
-                return
+            site = self._proxy.current(req.site) if req.site is not None else None
+            if site is not None:
+                req.site = site
+                if req.pinned is not None and req.pinned.retired:
+                    req.pinned = None
+                if self._dispatch(req):
+                    return
         if status == 504:
             req.local = PAGES[504]
         self._answer_failure(req)

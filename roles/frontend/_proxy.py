@@ -120,6 +120,8 @@ class Proxy:
                 old.retired = True
                 old.close_idle()
         self.upstreams = used
+        for conn in [c for c in self.upstream_conns if c.upstream.retired]:
+            conn.withdraw()
         # The table lives until the next snapshot: keep the cyclic collector from walking it over and
         # over (with 100k sites a full collection would stall requests for a long moment).
         gc.freeze()
@@ -178,6 +180,10 @@ class Proxy:
             conn.abort()
             raise UpstreamRefused(f"{upstream.address} did not present a worker certificate")
         return conn
+
+    def current(self, site: Site) -> Site | None:
+        """The same site in the routes now (a request keeps the routes it arrived with)."""
+        return self.routes.get(f"{site.name}.{self.domain}".encode())
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)

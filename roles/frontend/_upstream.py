@@ -37,6 +37,7 @@ class Exchange(Protocol):
 
     head_request: bool
     tunnel: bool  # a WebSocket upgrade: a 101 answer turns the connection into a byte tunnel
+    replayable: bool  # idempotent and bodiless: safe to send again
 
 
 class Owner(Protocol):
@@ -193,6 +194,18 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport.resume_reading()
                 if self.owner is not None and not self.tunnel:
                     self.deadline = self._proxy.loop.time() + self._proxy.response_timeout
+
+    def withdraw(self) -> None:
+        """The worker left the routes: a request that may be sent again and still waits for its first
+        byte goes to a current worker now. A worker cut off the network would hold it until the
+        response timeout; one that merely moved answers twice, which an idempotent request allows."""
+        owner, req = self.owner, self.req
+        if owner is None or req is None or self._got_bytes or self.tunnel or not req.replayable:
+            return
+        self.owner = self.req = None
+        self.abort()
+        self._unpause_owner(owner)
+        owner.upstream_failed(req, 502, stale=True)
 
     def abandon(self) -> None:
         """The client went away mid-exchange: this connection is in an unknown state, so close it."""
