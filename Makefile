@@ -27,8 +27,12 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# Data plane against nginx, then dynamic sites (issue 5): cold starts, density, warm req/s vs gunicorn.
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
+	$(BIN)/python -m bench.coldstart
+	$(BIN)/python -m bench.density
+	$(BIN)/python -m bench.warm
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -28,6 +29,28 @@ def traversable_home() -> Iterator[Path]:
     os.chmod(root, 0o711)
     yield root / "home"
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_worker_apps_dirs_left() -> Iterator[None]:
+    """A worker whose home is under a closed directory (pytest's 0700 temp, as root) keeps its content
+    in /var/lib/sitecloud/apps-<hash> (roles/worker/_layout.py): remove those this session's made."""
+    base = Path("/var/lib/sitecloud")
+    existed = base.is_dir()
+    before = set(base.iterdir()) if existed else set()
+    yield
+    if not base.is_dir():
+        return
+    for made in set(base.glob("apps-*")) - before:
+        try:
+            home = (made / "role-home").read_text().strip()
+        except OSError:
+            continue
+        if home.startswith(tempfile.gettempdir() + "/"):
+            shutil.rmtree(made, ignore_errors=True)
+    if not existed:
+        with contextlib.suppress(OSError):
+            base.rmdir()
 
 
 def _open_fds() -> set[int]:

@@ -40,6 +40,12 @@ class Cloud:
     def fs_url(self) -> str:
         return self.fileserver.control_url
 
+    @property
+    def content(self) -> Path:
+        """Where the worker keeps blobs and sites: its home, or (home under a closed directory, as
+        pytest's temp is for root) a directory apps can reach; see roles/worker/_layout.py."""
+        return Path(self.worker.health()["apps_dir"])
+
     def push(self) -> None:
         version = next(self.version)
         self.fileserver.push_config(
@@ -306,7 +312,7 @@ def test_only_frontend_certificates_get_in(cloud: Cloud) -> None:
 
 
 def _versions_on_disk(cloud: Cloud, site: str) -> list[str]:
-    site_dir = cloud.worker_config.home / "sites" / site
+    site_dir = cloud.content / "sites" / site
     return sorted(n for n in os.listdir(site_dir) if n.startswith("v")) if site_dir.exists() else []
 
 
@@ -329,7 +335,7 @@ def test_new_versions_flip_and_replaced_files_go(cloud: Cloud) -> None:
     wait_until(
         lambda: _versions_on_disk(cloud, "news") == [f"v{version}"], timeout=10, what="old versions pruned"
     )
-    blobs = cloud.worker_config.home / "blobs"
+    blobs = cloud.content / "blobs"
     gone = [hashlib.sha256(b).hexdigest() for b in (b"old page", b"kept", b"one", b"two")]
     wait_until(
         lambda: not any((blobs / sha[:2] / sha).exists() for sha in gone),
@@ -347,7 +353,7 @@ def test_a_site_leaving_the_snapshot_stops_being_served(cloud: Cloud) -> None:
     del cloud.sites["gone"]
     cloud.push()
     assert cloud.get("gone", "/")[0] == 404
-    site_dir = cloud.worker_config.home / "sites" / "gone"
+    site_dir = cloud.content / "sites" / "gone"
     wait_until(lambda: not site_dir.exists(), timeout=10, what="the site's cache dropped")
 
     # The same name comes back as a new site (new uid): it starts empty.

@@ -153,7 +153,7 @@ class AppCloud:
 
     def pids(self, site: str) -> list[int]:
         """Processes whose working directory is inside the site's content (its app's)."""
-        prefix = os.path.realpath(self.config.home / "sites" / site) + "/"
+        prefix = os.path.realpath(Path(self.worker.health()["apps_dir"]) / "sites" / site) + "/"
         found = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
@@ -166,10 +166,11 @@ class AppCloud:
 
 
 @contextmanager
-def running_cloud(**worker_fields: Any) -> Iterator[AppCloud]:
-    # Not under pytest's tmp (0700 /tmp/pytest-of-root): site uids must be able to reach their files.
+def running_cloud(*, root_mode: int = 0o711, **worker_fields: Any) -> Iterator[AppCloud]:
+    # Not under pytest's tmp (0700 /tmp/pytest-of-root): site uids must be able to reach their files
+    # (unless a test wants the worker's home closed to them: then the worker keeps apps elsewhere).
     root = Path(tempfile.mkdtemp(prefix="sc-apps-"))
-    os.chmod(root, 0o711)
+    os.chmod(root, root_mode)
     pki = CloudPKI(root / "pki")
     fs_config = pki.role_config(FileserverConfig, "fileserver", root / "fileserver")
     w_config = pki.role_config(WorkerConfig, "worker", root / "worker", version_grace=0.3, **worker_fields)
@@ -429,3 +430,30 @@ def test_slow_start_gets_503_and_the_cap_evicts_the_least_recently_used(tmp_path
         wait_until(lambda: small.pids("one") == [], timeout=8, what="the least recently used to go")
         assert len(small.pids("two")) == 1 and len(small.pids("three")) == 1
         assert "needed room for another app" in small.log("one")
+
+
+@pytest.mark.skipif(not ROOT, reason="per-site uids need the worker to run as root")
+def test_a_home_under_a_closed_directory_still_runs_apps_as_their_own_uid() -> None:
+    # Like root's default home under 0700 /root: the worker keeps what apps reach under /var/lib.
+    base = Path("/var/lib/sitecloud")
+    made_base = not base.exists()
+    apps_dir: Path | None = None
+    try:
+        with running_cloud(root_mode=0o700) as closed:
+            apps_dir = Path(closed.worker.health()["apps_dir"])
+            assert apps_dir.parent == base and apps_dir.name.startswith("apps-")
+            assert apps_dir.stat().st_uid == 0 and apps_dir.stat().st_mode & 0o777 == 0o711
+            closed.add_site("shut")
+            closed.publish_and_wait("shut", {"app.py": WSGI_APP, "secret.txt": b"mine"}, "/", b"wsgi")
+            uid, home, _ = closed.get("shut", "/whoami")[2].decode().split()
+            assert int(uid) != 0 and home.startswith(f"{apps_dir}/apps/")
+            own = f"{apps_dir}/sites/shut/current/secret.txt"
+            assert closed.get("shut", f"/read?{own}")[2] == b"read mine"
+            home_dir = closed.config.home
+            assert closed.get("shut", f"/read?{home_dir}/tls/role.key")[2].startswith(b"denied")
+            assert os.stat(home_dir).st_mode & 0o777 == 0o700 and not (home_dir / "sites").exists()
+    finally:
+        if apps_dir is not None:
+            shutil.rmtree(apps_dir, ignore_errors=True)
+        if made_base:
+            shutil.rmtree(base, ignore_errors=True)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
-import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,16 +83,6 @@ def _summary(endpoints: dict[str, Any]) -> str:
     )
 
 
-def _closed_ancestor(home: Path) -> Path | None:
-    """The first directory above ``home`` that other uids cannot pass through (root only matters)."""
-    if os.geteuid() != 0:
-        return None
-    for parent in home.parents:
-        if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
-            return parent
-    return None
-
-
 def run_up(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -137,12 +125,6 @@ def run_up(argv: list[str]) -> int:
         await controller.run(stop)
 
     progress(f"home {config.home}")
-    closed = _closed_ancestor(config.home)
-    if closed is not None:
-        progress(
-            f"warning: {closed} is not searchable by other users, so dynamic sites (whose apps run as "
-            "their own uids) cannot reach their files; use a home such as --home /var/lib/sitecloud"
-        )
     try:
         uvloop.run(main())
     except SitecloudError as err:

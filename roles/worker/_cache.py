@@ -1,6 +1,6 @@
 """The worker's content cache on disk (blocking calls; the sync runs them in threads).
 
-Layout under the worker's home::
+Layout under the worker's apps root (its home, or a directory apps can reach: see ``_layout.py``)::
 
     blobs/<sha[:2]>/<sha>          verified content, by SHA-256 (shared by every site and version)
     sites/<site>/uid               which incarnation of the site the directory holds
@@ -70,10 +70,11 @@ def check_manifest(manifest: Any, site: str) -> tuple[int, dict[str, ManifestFil
 
 
 class ContentCache:
-    def __init__(self, home: Path) -> None:
-        self.blobs = home / "blobs"
-        self.sites = home / "sites"
-        self.trash = home / "trash"
+    def __init__(self, root: Path) -> None:
+        # Blobs and version trees share a filesystem: versions are hard links to blobs.
+        self.blobs = root / "blobs"
+        self.sites = root / "sites"
+        self.trash = root / "trash"
         for d in (self.blobs, self.sites, self.trash):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -163,9 +164,10 @@ class ContentCache:
                 try:
                     os.link(blob, dest)
                 except OSError as exc:
-                    if exc.errno != errno.EMLINK:
+                    if exc.errno not in (errno.EMLINK, errno.EXDEV):
                         raise
-                    # A blob shared by very many files hit the filesystem's link limit: copy it.
+                    # A blob shared by very many files hit the filesystem's link limit (or blobs
+                    # ended up on another filesystem): copy it.
                     shutil.copy2(blob, dest)
             final = site_dir / name
             if final.exists():

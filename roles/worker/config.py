@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from shared.config import RoleConfig
 
@@ -50,3 +51,7 @@ class WorkerConfig(RoleConfig):
     package_index_url: str = ""
     # Python that runs apps; empty: the worker's own if other uids can run it, else python3.
     app_python: str = ""
+    # Where everything a site's app must reach lives (content cache, app homes and temp directories,
+    # sockets). None: the home when other uids can pass through every directory above it, else (as
+    # root) /var/lib/sitecloud/apps-<hash of the home>, root-owned and search-only. See _layout.py.
+    apps_dir: Path | None = None

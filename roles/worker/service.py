@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from roles.worker._cache import ContentCache, SiteVersion
+from roles.worker._layout import apps_root, prepare_apps_root
 from roles.worker._static import HotCache
 from roles.worker.apps import AppManager, AppProxy, app_routes
 from roles.worker.config import WorkerConfig
@@ -64,10 +65,13 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         if children is not None and handover[0] is None:
             handover[0] = loop.call_later(0.005, hand_over)  # one write for a burst of flips
 
-    sync = ContentSync(config, ContentCache(config.home), on_flip=changed)
+    # What apps must reach (content, their homes) lives where their own uids can pass through.
+    root = apps_root(config)
+    prepare_apps_root(config, root, log)
+    sync = ContentSync(config, ContentCache(root), on_flip=changed)
     # Issue 5: dynamic sites' app processes. Served by the main process only: with serving
     # processes (processes > 1) app requests are not diverted yet.
-    apps = AppManager(config, sync.lookup)
+    apps = AppManager(config, sync.lookup, root)
     divert = AppProxy(config, apps) if children is None else None
     server = DataServer(config, sync.lookup, hot, divert=divert) if children is None else None
 

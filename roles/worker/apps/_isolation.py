@@ -3,8 +3,9 @@
 When the worker runs as root each site incarnation gets a numeric uid/gid of its own from a range
 (no /etc/passwd entries; the child gets it through setgroups/setgid/setuid in ``subprocess``). Its
 content directory is ``root:<gid> 0750``, its home and temp directory are its own ``0700``, and the
-worker's home is ``0711`` with keys, state and blobs ``0700``, so a site reads its own files and
-nobody else's. Not as root, apps run as the worker's user (no isolation; said once in the log).
+apps root (the worker's home, or a directory of its own elsewhere: see ``roles/worker/_layout.py``) is
+``0711`` with blobs and trash ``0700``; keys, config and state stay ``0700``/``0600`` in the home, so a
+site reads its own files and nobody else's. Not as root, apps run as the worker's user (no isolation; said once in the log).
 """
 
 from __future__ import annotations
@@ -66,18 +67,23 @@ class Identities:
         return SiteIdentity(number, uid, uid)
 
 
-def harden_home(home: Path) -> None:
-    """The role home as apps may see it: traverse only, and nothing private readable."""
-    os.chmod(home, 0o711)  # noqa: S103 - search only: a site reaches its own directory
-    for name, mode in (("tls", 0o700), ("state", 0o700), ("blobs", 0o700), ("trash", 0o700)):
+def harden_home(home: Path, root: Path) -> None:
+    """The role home and the apps root as apps may see them: traverse only, nothing private readable.
+
+    A home apps need not pass through (``root`` is elsewhere) is closed to them altogether."""
+    # Search only: a site reaches its own directory.
+    os.chmod(home, 0o711 if root == home else 0o700)
+    os.chmod(root, 0o711)  # noqa: S103
+    for path in (home / "tls", home / "state", root / "blobs", root / "trash"):
         with contextlib.suppress(FileNotFoundError):
-            os.chmod(home / name, mode)
+            os.chmod(path, 0o700)
     for name in ("sites", "apps"):
-        (home / name).mkdir(exist_ok=True)
-        os.chmod(home / name, 0o711)  # noqa: S103 - search only, no listing
-    for entry in home.iterdir():
-        if entry.is_file() and not entry.is_symlink():
-            os.chmod(entry, entry.stat().st_mode & 0o700)
+        (root / name).mkdir(exist_ok=True)
+        os.chmod(root / name, 0o711)  # noqa: S103 - search only, no listing
+    for d in {home, root}:
+        for entry in d.iterdir():
+            if entry.is_file() and not entry.is_symlink():
+                os.chmod(entry, entry.stat().st_mode & 0o700)
 
 
 def protect_site_dir(site_dir: Path, version_root: str | None, gid: int | None) -> None:
@@ -92,21 +98,24 @@ def protect_site_dir(site_dir: Path, version_root: str | None, gid: int | None) 
             os.chmod(version_root, 0o755)  # noqa: S103 - behind the 0750 site directory
 
 
-def usable_by_others(path: str) -> bool:
-    """Whether another uid can run ``path``: every directory on the way searchable, the file runnable."""
-    real = os.path.realpath(path)
-    try:
-        if not os.stat(real).st_mode & stat.S_IXOTH:
-            return False
-        parent = os.path.dirname(real)
-        while True:
-            if not os.stat(parent).st_mode & stat.S_IXOTH:
+def usable_by_others(path: str, *, read: bool = False) -> bool:
+    """Whether another uid can run ``path`` (or, with ``read``, list and read it): every directory on
+    the way searchable, the path as given and where its symlinks lead."""
+    need = stat.S_IXOTH | (stat.S_IROTH if read else 0)
+    for p in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        try:
+            if os.stat(p).st_mode & need != need:
                 return False
-            if parent == "/":
-                return True
-            parent = os.path.dirname(parent)
-    except OSError:
-        return False
+            parent = os.path.dirname(p)
+            while True:
+                if not os.stat(parent).st_mode & stat.S_IXOTH:
+                    return False
+                if parent == "/":
+                    break
+                parent = os.path.dirname(parent)
+        except OSError:
+            return False
+    return True
 
 
 def rlimit_prefix(limits: AppLimits, *, own_uid: bool) -> list[str]:

@@ -7,6 +7,8 @@ another site could connect to). ``command`` gets ``$PORT``, a loopback TCP port,
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shlex
 import shutil
 import sys
@@ -18,7 +20,7 @@ from roles.worker.apps._isolation import usable_by_others
 from roles.worker.apps._spec import AppLimits, Runtime
 from shared.errors import NotSupported
 
-__all__ = ["LaunchPlan", "SiteDirs", "find_php_cgi", "pick_python", "plan_launch"]
+__all__ = ["LaunchPlan", "SiteDirs", "appserver_for_apps", "find_php_cgi", "pick_python", "plan_launch"]
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -55,6 +57,28 @@ def pick_python(configured: str, *, isolate: bool) -> str:
     return shutil.which("python3", path=SAFE_PATH) or sys.executable
 
 
+def appserver_for_apps(root: Path, *, isolate: bool) -> str:
+    """The directory apps put on PYTHONPATH for our app server: ours where the code is, unless other
+    uids cannot read it there (code installed under a private home); then a copy in the apps root."""
+    if not isolate or usable_by_others(APPSERVER_PATH, read=True):
+        return APPSERVER_PATH
+    source = Path(APPSERVER_PATH, "sitecloud_appserver")
+    files = sorted(p for p in source.glob("*.py"))
+    digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()[:12]
+    base = root / f"appserver-{digest}"
+    if not (base / "sitecloud_appserver" / "__main__.py").exists():
+        building = root / f".appserver-{digest}.building"
+        shutil.rmtree(building, ignore_errors=True)
+        (building / "sitecloud_appserver").mkdir(parents=True)
+        for p in files:
+            shutil.copyfile(p, building / "sitecloud_appserver" / p.name)
+            os.chmod(building / "sitecloud_appserver" / p.name, 0o644)
+        for d in (building, building / "sitecloud_appserver"):
+            os.chmod(d, 0o755)  # noqa: S103 - our own code, the same for every site
+        os.rename(building, base)
+    return str(base)
+
+
 def find_php_cgi() -> str | None:
     return shutil.which("php-cgi", path=SAFE_PATH)
 
@@ -86,11 +110,12 @@ def plan_launch(
     limits: AppLimits,
     python: str,
     packages: Path | None,
+    appserver: str = APPSERVER_PATH,
     port: int = 0,
 ) -> LaunchPlan:
     env = _base_env(site, dirs, settings)
     if runtime == "python":
-        path = [APPSERVER_PATH] + ([str(packages)] if packages is not None else [])
+        path = [appserver] + ([str(packages)] if packages is not None else [])
         env.update({"PYTHONPATH": ":".join(path), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
         return LaunchPlan([python, "-s", "-m", "sitecloud_appserver", "--app", entry], env, root, "unix")
     if runtime == "php":

@@ -26,7 +26,7 @@ from roles.worker._cache import SiteVersion
 from roles.worker.apps._cgroup import CgroupTree
 from roles.worker.apps._instance import AppInstance
 from roles.worker.apps._isolation import Identities, SiteIdentity, harden_home, protect_site_dir
-from roles.worker.apps._launch import SiteDirs, pick_python, plan_launch
+from roles.worker.apps._launch import SiteDirs, appserver_for_apps, pick_python, plan_launch
 from roles.worker.apps._packages import install_requirements, packages_dir
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import SIZES, AppSpec, Runtime, detect_runtime, parse_app_spec, procfile_web
@@ -80,7 +80,7 @@ class AppSite:
 
 
 class AppManager:
-    def __init__(self, config: WorkerConfig, lookup: Lookup) -> None:
+    def __init__(self, config: WorkerConfig, lookup: Lookup, root: Path) -> None:
         if config.size not in SIZES:
             raise InvalidInput(f"worker size must be one of {', '.join(SIZES)}, not {config.size!r}")
         self._config = config
@@ -91,9 +91,12 @@ class AppManager:
         self.max_active = config.max_active_apps or size.max_active_apps
         self._isolate = os.geteuid() == 0
         self._identities = Identities(config.state_dir / "app-ids.json", isolate=self._isolate)
-        self._apps_dir = config.home / "apps"
-        self._run_dir = _run_dir(config.home)
+        # The apps root: content (sites/), app homes and temp dirs (apps/); see roles/worker/_layout.py.
+        self._root = root
+        self._apps_dir = root / "apps"
+        self._run_dir = _run_dir(root)
         self._python = pick_python(config.app_python, isolate=self._isolate)
+        self._appserver = ""
         self._cgroup: CgroupTree | None = None
         # Held sites (name → incarnation uid) and the app settings of those that have any.
         self._uids: dict[str, str] = {}
@@ -161,7 +164,7 @@ class AppManager:
         if runtime == "static":
             if self._isolate and self._static.get(name) != version.number:
                 # Static content is public, but not to other sites' processes by path.
-                protect_site_dir(self._config.home / "sites" / name, None, None)
+                protect_site_dir(self._root / "sites" / name, None, None)
             self._static[name] = version.number
             self._drop(name, "static")
             return
@@ -193,9 +196,10 @@ class AppManager:
         self._cgroup = CgroupTree.detect(self._log)
         self._apps_dir.mkdir(exist_ok=True)
         if self._isolate:
-            harden_home(self._config.home)
+            harden_home(self._config.home, self._root)
         else:
             self._log.info("apps run as the worker's own user: start the worker as root to isolate sites")
+        self._appserver = appserver_for_apps(self._root, isolate=self._isolate)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def stop(self) -> None:
@@ -268,6 +272,7 @@ class AppManager:
             "apps_max_active": self.max_active,
             "app_limits": "cgroup" if self._cgroup is not None else "rlimit",
             "app_cpu_seconds": cpu,
+            "apps_dir": str(self._root),
         }
 
     def cpu_seconds(self, app: AppSite) -> float:
@@ -324,7 +329,7 @@ class AppManager:
 
     def _protect(self, app: AppSite) -> None:
         gid = app.identity.gid if app.identity is not None else None
-        protect_site_dir(self._config.home / "sites" / app.name, app.root or None, gid)
+        protect_site_dir(self._root / "sites" / app.name, app.root or None, gid)
 
     def _start_packages(self, app: AppSite) -> None:
         target = packages_dir(self._dirs(app).base, app.root)
@@ -375,6 +380,7 @@ class AppManager:
                 limits=app.spec.limits,
                 python=self._python,
                 packages=packages,
+                appserver=self._appserver,
                 port=port,
             )
             self._ensure_run_dir()
@@ -543,13 +549,14 @@ def _prepare_dirs(dirs: SiteDirs, identity: SiteIdentity) -> None:
             os.chown(d, identity.uid, identity.gid)
 
 
-def _run_dir(home: Path) -> Path:
-    """Where app sockets are bound: under the home unless that path is too long for a unix socket."""
-    run = home / "run"
+def _run_dir(root: Path) -> Path:
+    """Where app sockets are bound (0700: apps get theirs as fd 0, never by path): under the apps
+    root unless that path is too long for a unix socket."""
+    run = root / "run"
     if len(str(run)) <= 80:
         return run
     return (
-        Path(tempfile.gettempdir()) / f"sitecloud-run-{hashlib.sha256(str(home).encode()).hexdigest()[:12]}"
+        Path(tempfile.gettempdir()) / f"sitecloud-run-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
     )
 
 

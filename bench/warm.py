@@ -1,0 +1,213 @@
+"""`python -m bench.warm`: warm requests per second of a Python hello site (issue 5).
+
+sitecloud's front end → worker (mutual TLS) → the site's app (our app server on a unix socket, one
+process) against the same ``app.py`` under gunicorn alone, in the same run: gunicorn with one sync
+worker, and with the fastest of a few reasonable settings (picked by a short calibration run, shown).
+wrk drives them alternately (A B C A B C ...), plain HTTP keep-alive to the front end and to gunicorn.
+
+Writes its section into docs/benchmarks.md between its own markers, keeping the other sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench._stack import SITE, SitecloudStack
+from bench._wrk import WrkResult, run_wrk, wrk_available
+from bench.coldstart import DOC, HELLO
+from roles.worker.apps._launch import pick_python
+from shared.net import free_port
+from tests.support import CloudPKI, wait_until
+
+BEGIN, END = "<!-- bench.warm:begin -->", "<!-- bench.warm:end -->"
+DOMAIN = "sites.bench"
+APP = HELLO["python (WSGI)"]["app.py"]
+GUNICORN = Path(sys.executable).with_name("gunicorn")
+
+
+def _candidates() -> dict[str, list[str]]:
+    cores = os.cpu_count() or 1
+    return {
+        f"{2 * cores + 1} sync workers (gunicorn's 2 * cores + 1)": ["-w", str(2 * cores + 1)],
+        f"{cores} sync workers": ["-w", str(cores)],
+        f"{cores} gthread workers, 4 threads each (keep-alive)": ["-w", str(cores), "-k", "gthread", "--threads", "4"],
+    }  # fmt: skip
+
+
+class Gunicorn:
+    def __init__(self, appdir: Path, args: list[str]) -> None:
+        self.appdir = appdir
+        self.args = args
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> Gunicorn:
+        self.proc = subprocess.Popen(
+            [str(GUNICORN), "--bind", f"127.0.0.1:{self.port}", "--log-level", "warning", *self.args, "app:app"],
+            cwd=self.appdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+        def answers() -> bool:
+            with urllib.request.urlopen(self.url, timeout=2) as resp:
+                return bool(resp.read() == b"hello")
+
+        wait_until(answers, timeout=20, what="gunicorn")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def median(results: list[WrkResult], attr: str) -> float:
+    return float(statistics.median(getattr(r, attr) for r in results))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=8, help="length of each wrk run")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    args = parser.parse_args()
+    if not wrk_available() or not GUNICORN.exists():
+        print(
+            "bench.warm needs wrk and gunicorn: apt-get install wrk; pip install -e '.[test]'",
+            file=sys.stderr,
+        )
+        return 2
+    host = f"{SITE}.{DOMAIN}"
+    conns = args.connections
+    work = Path(tempfile.mkdtemp(prefix="sc-warm-"))
+    os.chmod(work, 0o711)  # the site's app (its own uid) must reach its files
+    appdir = work / "gunicorn-app"
+    appdir.mkdir()
+    (appdir / "app.py").write_bytes(APP)
+    stack = SitecloudStack(work, DOMAIN, CloudPKI(work / "pki"))
+    servers: list[Gunicorn] = []
+    calibration: dict[str, float] = {}
+    results: dict[str, list[WrkResult]] = {}
+    try:
+        stack.start({"hello.txt": b"static hello", "app.py": APP})
+        sitecloud_url = f"http://127.0.0.1:{stack.http_port}/"
+        wait_until(lambda: run_wrk(sitecloud_url, host, seconds=1, connections=1).errors == 0, what="the app")
+        for name, extra in _candidates().items():
+            server = Gunicorn(appdir, extra).start()
+            try:
+                run_wrk(server.url, host, seconds=1, connections=conns)
+                calibration[name] = run_wrk(
+                    server.url, host, seconds=3, connections=conns
+                ).requests_per_second
+                print(f"calibration: gunicorn {name}: {calibration[name]:,.0f} req/s", file=sys.stderr)
+            finally:
+                server.stop()
+        fastest = max(calibration, key=lambda n: calibration[n])
+        one = Gunicorn(appdir, ["-w", "1"]).start()
+        best = Gunicorn(appdir, _candidates()[fastest]).start()
+        servers += [one, best]
+        targets = {
+            "sitecloud: front end → worker → app": sitecloud_url,
+            "gunicorn, 1 sync worker": one.url,
+            f"gunicorn, {fastest}": best.url,
+        }
+        for url in targets.values():
+            run_wrk(url, host, seconds=1, connections=conns)  # warm-up, not counted
+        for rnd in range(args.rounds):
+            for name, url in targets.items():
+                res = run_wrk(url, host, seconds=args.seconds, connections=conns)
+                results.setdefault(name, []).append(res)
+                print(
+                    f"round {rnd + 1} {name}: {res.requests_per_second:,.0f} req/s, p50 {res.p50_ms:.2f} ms, "
+                    f"p99 {res.p99_ms:.2f} ms, errors {res.errors}",
+                    file=sys.stderr,
+                )
+    finally:
+        for server in servers:
+            server.stop()
+        stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    table = _table(results)
+    print(table)
+    if not args.no_doc:
+        _write_doc(table, calibration, args)
+    return 0
+
+
+def _table(results: dict[str, list[WrkResult]]) -> str:
+    ours = median(next(iter(results.values())), "requests_per_second")
+    lines = [
+        "| server | req/s | sitecloud / this | p50 ms | p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for n, (name, res) in enumerate(results.items()):
+        rps = median(res, "requests_per_second")
+        ratio = f"**{ours / rps:.2f}x**" if n else "—"
+        lines.append(
+            f"| {name} | {rps:,.0f} | {ratio} | {median(res, 'p50_ms'):.2f} | "
+            f"{median(res, 'p99_ms'):.2f} | {sum(r.errors for r in res)} |"
+        )
+    return "\n".join(lines)
+
+
+def _write_doc(table: str, calibration: dict[str, float], args: argparse.Namespace) -> None:
+    version = subprocess.run([str(GUNICORN), "--version"], capture_output=True, text=True).stdout.strip()
+    app_python = pick_python("", isolate=os.geteuid() == 0)
+    tried = "; ".join(f"{name}: {rps:,.0f} req/s" for name, rps in calibration.items())
+    lines = [
+        BEGIN,
+        "## Dynamic sites: warm requests per second, Python hello site (`python -m bench.warm`)",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {version}, "
+        f"{time.strftime('%Y-%m-%d')}. The same `app.py` (WSGI, answers `hello`) through sitecloud's front "
+        "end → worker (the hop mutual TLS) → the site's app (our app server, one process, on a unix "
+        "socket; one connection per request from the worker; the worker's app Python, here "
+        f"`{app_python}`) against gunicorn alone (on `{sys.executable}`). wrk with "
+        f"{args.connections} keep-alive connections, one thread, plain HTTP to the front end and to "
+        f"gunicorn, {args.seconds} s runs, {args.rounds} alternating rounds (medians shown); everything "
+        "shares the same cores. gunicorn's sync workers close the connection after each answer. The "
+        f'"fastest reasonable" gunicorn setting is the best of a 3 s calibration run of: {tried}.',
+        "",
+        table,
+        "",
+        "Not profiled yet. sitecloud's path runs three processes where gunicorn runs one (front end and "
+        "worker each parse and forward, the hop between them mutual TLS, all on the same cores as wrk), "
+        "the worker opens a new unix-socket connection to the app per request, and the app server is "
+        "one single-threaded process; those are the places to look first.",
+        END,
+    ]
+    section = "\n".join(lines)
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        head, _, rest = text.partition(BEGIN)
+        _, _, tail = rest.partition(END)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    DOC.write_text(text)
+    print(f"wrote {DOC}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
