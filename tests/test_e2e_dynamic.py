@@ -40,7 +40,7 @@ def cloud(traversable_home: Path) -> Iterator[LocalCloud]:
 
 @pytest.fixture(scope="module")
 def site(cloud: LocalCloud) -> dict[str, Any]:
-    cloud.cli("plan", "create", "apps", "--max-sites", "4", "--storage-mb", "5")
+    cloud.cli("plan", "create", "apps", "--max-sites", "5", "--storage-mb", "5")
     cloud.cli("tenant", "create", "fabrikam")
     sub = cloud.cli("subscription", "create", "--tenant", "fabrikam", "--plan", "apps")
     return dict(cloud.cli("site", "create", "pyapp", "--subscription", str(sub["id"])))
@@ -126,3 +126,18 @@ def test_a_procfile_site_runs_its_command_on_port(cloud: LocalCloud, site: dict[
     cloud.wait_for_content("procsite", "/hello.txt", b"served by the site's own command", timeout=30)
     status, _, body = cloud.get("procsite", "/")
     assert status == 200 and b"Directory listing" in body
+
+
+ASGI_APP = b"""
+async def app(scope, receive, send):
+    body = ("asgi " + scope["method"] + " " + scope["path"]).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
+def test_an_asgi_site_answers_through_the_front_end(cloud: LocalCloud, site: dict[str, Any]) -> None:
+    asgi = _new_site(cloud, "asgisite")
+    _publish(asgi, {"asgi.py": ASGI_APP})
+    cloud.wait_for_content("asgisite", "/ping", b"asgi GET /ping", timeout=30)
