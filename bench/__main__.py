@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench._doc import DOC, write_section
 from bench._nginx import NginxPair, nginx_available
 from bench._stack import SITE, SitecloudStack
 from bench._wrk import WrkResult, run_wrk, wrk_available
@@ -25,7 +26,6 @@ from tests.support import CloudPKI
 
 DOMAIN = "sites.bench"
 FILES = {"1k.html": b"x" * 1024, "100k.bin": os.urandom(100 * 1024)}
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
 @dataclass
@@ -104,22 +104,6 @@ step is compiling the two hot modules (`roles/frontend/_client.py`, `_upstream.p
 Cython. Other jobs share this VM and its figures move by up to a half from run to run: the first and
 the fifth row run the very same sitecloud setup, minutes apart.
 """
-
-START = "<!-- bench:data-plane:start -->"
-END = "<!-- bench:data-plane:end -->"
-
-
-def _write_doc(section: str) -> None:
-    """Replace only our section of docs/benchmarks.md (between the markers); keep everything else."""
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in old and END in old:
-        before, rest = old.split(START, 1)
-        after = rest.split(END, 1)[1]
-        text = before + block + after
-    else:
-        text = old.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
 
 
 def _run_case(
@@ -253,7 +237,8 @@ def main() -> int:
     print(table)
     if not args.no_write:
         stamp = time.strftime("%Y-%m-%d")
-        _write_doc(
+        write_section(
+            "data-plane",
             "## Data plane: front end → worker against nginx proxy → nginx static\n\n"
             "Measured by `make bench` (bench/__main__.py): sitecloud's front end → worker (both roles as their\n"
             "own processes, the hop between them mutual TLS) against nginx as proxy → nginx static (plain HTTP\n"
@@ -264,7 +249,7 @@ def main() -> int:
             f"{args.seconds} s runs, {args.rounds} alternating rounds each (A B A B; medians shown). wrk, the\n"
             "proxy and the server all share the same cores. Ratios are sitecloud / nginx: above 1.0 is better\n"
             "for req/s, below 1.0 is better for p99.\n\n"
-            f"Run on {stamp}: {_machine()}.\n\n{table}\n" + NOTES
+            f"Run on {stamp}: {_machine()}.\n\n{table}\n" + NOTES,
         )
         print(f"written to {DOC}", file=sys.stderr)
     return 0

@@ -23,12 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._doc import DOC, write_section
 from roles.fileserver.config import FileserverConfig
 from roles.worker.config import WorkerConfig
 from tests.support import CloudPKI, RoleProcess, wait_until
-
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench.coldstart:begin -->", "<!-- bench.coldstart:end -->"
 
 HELLO: dict[str, dict[str, bytes]] = {
     "python (WSGI)": {
@@ -203,7 +201,6 @@ def write_doc(
     results: dict[str, list[float]], rss_empty: int, rss_idle: int, idle: int, samples: int
 ) -> None:
     lines = [
-        BEGIN,
         "## Dynamic sites: cold start and idle density (`python -m bench.coldstart`)",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
@@ -222,17 +219,8 @@ def write_doc(
         "",
         f"Worker RSS: {rss_empty / 1024:.1f} MiB with no sites, {rss_idle / 1024:.1f} MiB with {idle} idle "
         f"dynamic sites (no process each): {(rss_idle - rss_empty) / max(idle, 1):.1f} KiB per idle site.",
-        END,
     ]
-    section = "\n".join(lines)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    write_section("coldstart", "\n".join(lines))
     print(f"wrote {DOC}")
 
 

@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.coldstart import DOC, HELLO, Bench, pct
+from bench._doc import DOC, write_section
+from bench.coldstart import HELLO, Bench, pct
 from tests.support import wait_until
 from tests.test_worker import fetch
 
-BEGIN, END = "<!-- bench.density:begin -->", "<!-- bench.density:end -->"
 STYLE = b"body { font-family: sans-serif; margin: 2em }\n" * 20
 
 
@@ -171,7 +171,6 @@ def write_doc(fig: dict[str, Any]) -> None:
 
     lat = fig["publish_ms"]
     lines = [
-        BEGIN,
         f"## Density: {sites:,} sites on one worker (`python -m bench.density`)",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
@@ -209,17 +208,8 @@ def write_doc(fig: dict[str, Any]) -> None:
         "Publishing touches only that site: the fileserver's change feed names the one site, the worker "
         "fetches its manifest and new blobs, builds one version directory and flips one `current` link; "
         "no other site's directory, table entry or hot cache changes.",
-        END,
     ]
-    section = "\n".join(lines)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    write_section("density", "\n".join(lines))
     print(f"wrote {DOC}")
 
 

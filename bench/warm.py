@@ -23,14 +23,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench._doc import DOC, write_section
 from bench._stack import SITE, SitecloudStack
 from bench._wrk import WrkResult, run_wrk, wrk_available
-from bench.coldstart import DOC, HELLO
+from bench.coldstart import HELLO
 from roles.worker.apps._launch import pick_python
 from shared.net import free_port
 from tests.support import CloudPKI, wait_until
 
-BEGIN, END = "<!-- bench.warm:begin -->", "<!-- bench.warm:end -->"
 DOMAIN = "sites.bench"
 APP = HELLO["python (WSGI)"]["app.py"]
 GUNICORN = Path(sys.executable).with_name("gunicorn")
@@ -176,7 +176,6 @@ def _write_doc(table: str, calibration: dict[str, float], args: argparse.Namespa
     app_python = pick_python("", isolate=os.geteuid() == 0)
     tried = "; ".join(f"{name}: {rps:,.0f} req/s" for name, rps in calibration.items())
     lines = [
-        BEGIN,
         "## Dynamic sites: warm requests per second, Python hello site (`python -m bench.warm`)",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {version}, "
@@ -195,17 +194,8 @@ def _write_doc(table: str, calibration: dict[str, float], args: argparse.Namespa
         "worker each parse and forward, the hop between them mutual TLS, all on the same cores as wrk), "
         "the worker opens a new unix-socket connection to the app per request, and the app server is "
         "one single-threaded process; those are the places to look first.",
-        END,
     ]
-    section = "\n".join(lines)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    write_section("warm", "\n".join(lines))
     print(f"wrote {DOC}", file=sys.stderr)
 
 
