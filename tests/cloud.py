@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from roles.worker.apps._isolation import reap_orphans
 from shared.net import free_port
 from tests.support import wait_until
 
@@ -127,12 +128,16 @@ class LocalCloud:
         self.proc.wait()
 
     def kill_everything(self) -> None:
+        """Teardown: a clean stop if the controller is still there, then nothing of this cloud left."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            # A stop that overran has killed it already; the sweep below finishes the job.
+            with contextlib.suppress(AssertionError):
+                self.stop()
         for pid in self.role_pids().values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # Site apps run in sessions of their own: a worker that was killed leaves them behind.
+        reap_orphans(self.home / "roles" / "worker" / "apps")
 
     def cli(self, *args: str, token: str | None = None, check: bool = True, timeout: float = 60) -> Any:
         """Run `sitecloud --home HOME ... --json` and return its parsed JSON output."""

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from roles.fileserver.config import FileserverConfig
+from roles.worker.apps._isolation import Identities
 from roles.worker.config import WorkerConfig
 from tests.support import CloudPKI, RoleProcess, call, wait_until
 from tests.test_worker import fetch
@@ -457,3 +458,32 @@ def test_a_home_under_a_closed_directory_still_runs_apps_as_their_own_uid() -> N
             shutil.rmtree(apps_dir, ignore_errors=True)
         if made_base:
             shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(not ROOT, reason="per-site uids need the worker to run as root")
+def test_apps_left_by_a_worker_that_died_hard_are_stopped_when_it_comes_back() -> None:
+    with running_cloud(app_start_timeout=10.0) as c:
+        c.add_site("orphan")
+        c.publish_and_wait("orphan", {"app.py": WSGI_APP}, "/x", b"wsgi GET /x")
+        (old,) = c.pids("orphan")
+        c.worker.kill()  # SIGKILL: the app, in its own session, outlives it
+        assert os.path.exists(f"/proc/{old}")
+        c.worker.start()
+        wait_until(
+            lambda: not os.path.exists(f"/proc/{old}"), timeout=10, what="the orphaned app to be stopped"
+        )
+        assert "left running by an earlier worker" in c.worker.log()
+        # And the site wakes again under the new worker.
+        assert c.get("orphan", "/y")[2].startswith(b"wsgi GET /y")
+
+
+def test_site_numbers_are_one_per_site_across_the_workers_of_a_machine(tmp_path: Path) -> None:
+    registry = tmp_path / "machine" / "app-ids.json"
+    web1 = Identities(tmp_path / "w1.json", isolate=True, registry=registry)
+    web2 = Identities(tmp_path / "w2.json", isolate=True, registry=registry)
+    a1, b2, a2 = web1.get("site-a"), web2.get("site-b"), web2.get("site-a")
+    assert a1 == a2, "one site keeps one uid on every worker of the machine"
+    assert a1.uid != b2.uid, "two sites never share a uid"
+    # Not isolating: numbers stay the worker's own (only directory names).
+    local = Identities(tmp_path / "w3.json", isolate=False, registry=registry)
+    assert local.get("site-c").uid is None

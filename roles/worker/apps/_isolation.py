@@ -11,8 +11,10 @@ site reads its own files and nobody else's. Not as root, apps run as the worker'
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
+import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ __all__ = [
     "lower_priority",
     "process_tree",
     "protect_site_dir",
+    "reap_orphans",
     "rlimit_prefix",
     "tree_usage",
     "usable_by_others",
@@ -46,25 +49,67 @@ class SiteIdentity:
     gid: int | None
 
 
-class Identities:
-    """Numbers per site incarnation (by the site's immutable uid), persisted so files keep owners."""
+# Site uids are one namespace per kernel: several workers (netns hosts, two clouds on one machine)
+# share it, so isolating workers take numbers from this one registry, under a lock.
+MACHINE_REGISTRY = Path("/var/lib/sitecloud/app-ids.json")
 
-    def __init__(self, path: Path, *, isolate: bool) -> None:
-        self._path = path
+
+class Identities:
+    """Numbers per site incarnation (by the site's immutable uid), persisted so files keep owners.
+
+    Isolating (root) workers number sites in :data:`MACHINE_REGISTRY`, so one site has one uid on
+    every worker of the machine and two sites never share one; others keep their own file.
+    """
+
+    def __init__(self, path: Path, *, isolate: bool, registry: Path = MACHINE_REGISTRY) -> None:
+        self._path = registry if isolate else path
         self.isolate = isolate
         self._numbers: dict[str, int] = {}
+
+    def _load(self) -> None:
         with contextlib.suppress(OSError, ValueError):
-            self._numbers = {str(k): int(v) for k, v in read_json(path).items()}
+            self._numbers = {str(k): int(v) for k, v in read_json(self._path).items()}
 
     def get(self, site_uid: str) -> SiteIdentity:
         number = self._numbers.get(site_uid)
         if number is None:
-            # Never reused: a number's files may outlive its site for a while.
-            number = max(self._numbers.values(), default=0) + 1
-            self._numbers[site_uid] = number
-            atomic_write_json(self._path, self._numbers, mode=0o600)
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._path.with_suffix(".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._load()  # another worker may have numbered sites since
+                number = self._numbers.get(site_uid)
+                if number is None:
+                    # Never reused: a number's files may outlive its site for a while.
+                    number = max(self._numbers.values(), default=0) + 1
+                    self._numbers[site_uid] = number
+                    atomic_write_json(self._path, self._numbers, mode=0o600)
         uid = UID_BASE + number if self.isolate else None
         return SiteIdentity(number, uid, uid)
+
+
+def reap_orphans(apps_dir: Path) -> int:
+    """Kill app processes a worker that died hard left running; returns how many.
+
+    Every app of a worker has its HOME under that worker's ``apps/`` directory, so the test picks
+    exactly this worker's leftovers, and never the apps of another worker on the same kernel (a
+    netns host) that serves the same site under the same uid.
+    """
+    prefix = f"{apps_dir}/".encode()
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid < UID_BASE:
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(v.startswith(b"HOME=" + prefix) for v in environ):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+    return killed
 
 
 def harden_home(home: Path, root: Path) -> None:

@@ -25,7 +25,13 @@ from roles.worker._appserver.sitecloud_appserver import MEMORY_EXIT
 from roles.worker._cache import SiteVersion
 from roles.worker.apps._cgroup import CgroupTree
 from roles.worker.apps._instance import AppInstance
-from roles.worker.apps._isolation import Identities, SiteIdentity, harden_home, protect_site_dir
+from roles.worker.apps._isolation import (
+    Identities,
+    SiteIdentity,
+    harden_home,
+    protect_site_dir,
+    reap_orphans,
+)
 from roles.worker.apps._launch import SiteDirs, appserver_for_apps, pick_python, plan_launch
 from roles.worker.apps._packages import install_requirements, packages_dir
 from roles.worker.apps._sitelog import SiteLog
@@ -197,6 +203,10 @@ class AppManager:
         self._apps_dir.mkdir(exist_ok=True)
         if self._isolate:
             harden_home(self._config.home, self._root)
+            # Apps a worker that died hard left behind: this worker starts its sites afresh.
+            reaped = await asyncio.to_thread(reap_orphans, self._apps_dir)
+            if reaped:
+                self._log.warning("stopped %s app process(es) left running by an earlier worker", reaped)
         else:
             self._log.info("apps run as the worker's own user: start the worker as root to isolate sites")
         self._appserver = appserver_for_apps(self._root, isolate=self._isolate)
