@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from shared.config import RoleConfig
@@ -23,6 +24,7 @@ from shared.logs import ContextLogger
 
 __all__ = [
     "ServingProcesses",
+    "reload_on_sighup",
     "serving_index",
     "strip_processes_flag",
     "take_processes_flag",
@@ -58,6 +60,32 @@ def strip_processes_flag() -> None:
     if args.processes is not None:
         os.environ[_COUNT_ENV] = str(args.processes)
     sys.argv[1:] = rest
+
+
+def reload_on_sighup(reload: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+    """In a serving process: run ``reload`` on every SIGHUP (the main process's word that it handed
+    over something new), one at a time and in order, so an older handover never lands last.
+
+    Returns what stops it again."""
+    loop = asyncio.get_running_loop()
+    lock = asyncio.Lock()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def in_order() -> None:
+        async with lock:
+            await reload()
+
+    def on_hup() -> None:
+        task = loop.create_task(in_order())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+    def stop() -> None:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+    return stop
 
 
 def watch_parent(stop: asyncio.Event) -> asyncio.Task[None]:

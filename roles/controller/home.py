@@ -81,8 +81,8 @@ class CloudHome:
     def prepare(self) -> None:
         """Create or refresh everything under HOME; idempotent, so a second `up` reuses it all."""
         self.root.mkdir(parents=True, exist_ok=True)
-        # Search-only for others: a site's app, running as its own uid, must pass through to its own
-        # content under the worker's home. Nothing here is listable, and what is private is 0700/0600.
+        # Search-only for others: a site's app, running as its own uid, may need to pass through to its
+        # content under the worker's home. Nothing here is listable; what is private is 0700/0600.
         os.chmod(self.root, 0o711)  # noqa: S103
         self.logs_dir.mkdir(exist_ok=True)
         os.chmod(self.logs_dir, 0o700)
@@ -262,9 +262,11 @@ class CloudHome:
 
     def _write_role_home(self, config: RoleConfig) -> None:
         assert self.ca is not None
-        config.home.mkdir(parents=True, exist_ok=True)
-        # The worker's home is search-only for its sites' apps (roles/worker/apps); others are private.
-        os.chmod(config.home, 0o711 if config.role == "worker" else 0o700)
+        if not config.home.exists():
+            # Private when made; afterwards the role owns its mode (a worker opens its home to
+            # search-only when its sites' apps live there: roles/worker/apps).
+            config.home.mkdir(parents=True)
+            os.chmod(config.home, 0o700)
         config.tls_dir.mkdir(exist_ok=True)
         if not config.cert_file.exists() or not config.key_file.exists():
             self._issue(config.role, config.role).write(config.key_file, config.cert_file)

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import signal
 import ssl
 from typing import Any
 
@@ -24,7 +23,13 @@ from roles.frontend.config import FrontendConfig
 from shared.control import ControlPlane, Snapshot
 from shared.files import atomic_write_json, read_json
 from shared.logs import ContextLogger, get_logger
-from shared.prefork import ServingProcesses, serving_index, take_processes_flag, watch_parent
+from shared.prefork import (
+    ServingProcesses,
+    reload_on_sighup,
+    serving_index,
+    take_processes_flag,
+    watch_parent,
+)
 from shared.tls import public_server_context
 
 __all__ = ["serve"]
@@ -235,27 +240,18 @@ async def _serve_child(config: FrontendConfig, stop: asyncio.Event, index: int) 
     log = get_logger(config.role, host=config.host, process=index)
     proxy = Proxy(config, log)
     handover = _handover_file(config)
-    loop = asyncio.get_running_loop()
-    loading: set[asyncio.Task[None]] = set()
-    lock = asyncio.Lock()
     applied = [0]
 
     async def reload() -> None:
-        async with lock:  # two SIGHUPs close together: apply in order, never an older one last
-            with contextlib.suppress(FileNotFoundError):
-                snapshot = await asyncio.to_thread(read_json, handover)
-                version = int(snapshot.get("version", 0))
-                if version >= applied[0]:
-                    await proxy.apply(snapshot)
-                    applied[0] = version
-                    log.info("serving config version %s", version)
+        with contextlib.suppress(FileNotFoundError):
+            snapshot = await asyncio.to_thread(read_json, handover)
+            version = int(snapshot.get("version", 0))
+            if version >= applied[0]:
+                await proxy.apply(snapshot)
+                applied[0] = version
+                log.info("serving config version %s", version)
 
-    def on_hup() -> None:
-        task = loop.create_task(reload())
-        loading.add(task)
-        task.add_done_callback(loading.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    stop_reloading = reload_on_sighup(reload)
     await reload()
     servers, usage, _ = await _serve_data(config, proxy, log, reuse_port=True)
     _settle_heap()
@@ -264,5 +260,5 @@ async def _serve_child(config: FrontendConfig, stop: asyncio.Event, index: int) 
         await stop.wait()
     finally:
         orphan_guard.cancel()
-        loop.remove_signal_handler(signal.SIGHUP)
+        stop_reloading()
         await _drain(proxy, servers, usage)

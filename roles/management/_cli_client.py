@@ -152,10 +152,16 @@ class ApiClient:
         self, method: str, path: str, headers: dict[str, str], body: bytes | None = None
     ) -> Iterator[tuple[http.client.HTTPSConnection, http.client.HTTPResponse]]:
         """One request; network failures become clear errors, and the connection is always closed."""
-        conn = self._connection(self._timeout)
-        try:
+        with self._connected(self._timeout) as conn:
             conn.request(method, path, body=body, headers=self._headers(headers))
             yield conn, conn.getresponse()
+
+    @contextmanager
+    def _connected(self, timeout: float) -> Iterator[http.client.HTTPSConnection]:
+        """A connection whose network failures become clear errors; always closed."""
+        conn = self._connection(timeout)
+        try:
+            yield conn
         except OSError as exc:
             raise self._unreachable(exc) from None
         except http.client.HTTPException as exc:
@@ -191,8 +197,7 @@ class ApiClient:
         total = file.stat().st_size
         meter = _Progress(total, progress or sys.stderr)
         # The server answers once the publisher has committed the deploy: allow for a big one.
-        conn = self._connection(max(self._timeout, 600.0))
-        try:
+        with self._connected(max(self._timeout, 600.0)) as conn:
             try:
                 conn.putrequest("POST", path)
                 for key, value in self._headers(
@@ -212,12 +217,6 @@ class ApiClient:
             finally:
                 meter.finish()
             return self._answer(conn.getresponse())
-        except OSError as exc:
-            raise self._unreachable(exc) from None
-        except http.client.HTTPException as exc:
-            raise Unavailable(f"the management API at {self.base} broke off the answer: {exc!r}") from None
-        finally:
-            conn.close()
 
 
 @contextmanager

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,13 @@ from roles.worker.server import DataServer
 from shared.control import ControlPlane, Snapshot
 from shared.files import atomic_write_json, read_json
 from shared.logs import get_logger
-from shared.prefork import ServingProcesses, serving_index, take_processes_flag, watch_parent
+from shared.prefork import (
+    ServingProcesses,
+    reload_on_sighup,
+    serving_index,
+    take_processes_flag,
+    watch_parent,
+)
 
 __all__ = ["serve"]
 
@@ -140,15 +145,7 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
             table.clear()
             table.update(fresh)
 
-    loop = asyncio.get_running_loop()
-    pending: set[asyncio.Task[None]] = set()
-
-    def on_hup() -> None:
-        task = loop.create_task(reload())
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    stop_reloading = reload_on_sighup(reload)
     await reload()
     server = DataServer(config, lookup, hot)
     await server.start(reuse_port=True)
@@ -159,6 +156,6 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
         await stop.wait()
     finally:
         orphan_guard.cancel()
-        loop.remove_signal_handler(signal.SIGHUP)
+        stop_reloading()
         await server.stop()
         log.info("serving process stopped")
