@@ -7,7 +7,17 @@ from pathlib import Path
 
 from shared.config import RoleConfig
 
-__all__ = ["client_context", "client_context_from_files", "public_server_context", "server_context"]
+__all__ = [
+    "LANE_ALPN",
+    "client_context",
+    "client_context_from_files",
+    "public_server_context",
+    "server_context",
+]
+
+# Offered by a front end on its pipelined connections to a worker (docs/architecture.md, "The lane"):
+# GETs pipelined over one connection, each answered at once or refused with 421.
+LANE_ALPN = "sitecloud-lane/1"
 
 
 def _harden(ctx: ssl.SSLContext) -> ssl.SSLContext:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -23,9 +24,9 @@ from typing import Any, TypeVar
 from shared.config import RoleConfig, write_role_config
 from shared.net import free_port
 from shared.pki import CertificateAuthority
-from shared.tls import client_context_from_files
+from shared.tls import LANE_ALPN, client_context_from_files
 
-__all__ = ["CloudPKI", "RoleProcess", "call", "wait_until"]
+__all__ = ["Answer", "CloudPKI", "RoleProcess", "call", "lane_exchange", "wait_until"]
 
 C = TypeVar("C", bound=RoleConfig)
 
@@ -200,3 +201,45 @@ class RoleProcess:
             yield self
         finally:
             self.stop()
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: list[tuple[str, str]]  # in the order sent
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+
+def lane_exchange(pki: CloudPKI, port: int, heads: list[bytes], *, lane: bool = True) -> list[Answer]:
+    """Send ``heads`` to a worker's data port in one write, as a front end (on a lane when ``lane``),
+    and read the answers until there are as many or the worker closes."""
+    ctx = pki.client_ssl("frontend")
+    if lane:
+        ctx.set_alpn_protocols([LANE_ALPN])
+    answers: list[Answer] = []
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        assert tls.selected_alpn_protocol() == (LANE_ALPN if lane else None)
+        tls.sendall(b"".join(heads))
+        buf = b""
+        while len(answers) < len(heads):
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                lines = buf[:end].decode("latin-1").split("\r\n")
+                headers = [(k, v.strip()) for k, _, v in (line.partition(":") for line in lines[1:])]
+                status = int(lines[0].split()[1])
+                length = 0 if status in (204, 304) else int(dict(headers).get("Content-Length", "0"))
+                if len(buf) >= end + 4 + length:
+                    answers.append(Answer(status, headers, buf[end + 4 : end + 4 + length]))
+                    buf = buf[end + 4 + length :]
+                    continue
+            data = tls.recv(65536)
+            if not data:
+                break
+            buf += data
+    return answers

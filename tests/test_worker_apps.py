@@ -26,7 +26,7 @@ import pytest
 from roles.fileserver.config import FileserverConfig
 from roles.worker.apps._isolation import Identities
 from roles.worker.config import WorkerConfig
-from tests.support import CloudPKI, RoleProcess, call, wait_until
+from tests.support import CloudPKI, RoleProcess, call, lane_exchange, wait_until
 from tests.test_worker import fetch
 
 ROOT = os.geteuid() == 0
@@ -227,6 +227,24 @@ def test_wsgi_site_wakes_on_first_request_and_serves_static_files_itself(cloud: 
             )
     finally:
         conn.close()
+
+
+def test_a_lane_sends_app_requests_back_and_serves_static_files(cloud: AppCloud) -> None:
+    """On a lane (a front end's pipelined GETs) nothing may wait for an app: its requests are refused
+    for the whole site, while the site's static files are answered there."""
+    cloud.add_site("laned")
+    cloud.publish_and_wait("laned", {"app.py": WSGI_APP, "style.css": b"body{}"}, "/hello", b"wsgi GET")
+
+    def get(path: str, tag: int) -> bytes:
+        return f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Sitecloud-Site: laned\r\nX-Sitecloud-Lane: {tag}\r\n\r\n".encode()
+
+    app, static = lane_exchange(cloud.pki, cloud.config.data_port, [get("/hello", 1), get("/style.css", 2)])
+    assert (app.status, app.header("X-Sitecloud-Lane"), app.header("X-Sitecloud-Lane-Refused")) == (
+        421,
+        "1",
+        "site",
+    )
+    assert (static.status, static.header("X-Sitecloud-Lane"), static.body) == (200, "2", b"body{}")
 
 
 def test_asgi_site_answers_with_settings(cloud: AppCloud) -> None:

@@ -32,6 +32,7 @@ from roles.frontend._http import (
     redirect_page,
     strip_headers,
 )
+from roles.frontend._lane import LaneConnection, lane_eligible
 from roles.frontend._proxy import Proxy
 from roles.frontend._routes import AFFINITY_COOKIE, Site
 from roles.frontend._upstream import Exchange, Upstream, UpstreamConnection
@@ -56,6 +57,8 @@ _BUFFER_LIMIT = 256 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+# How long a site whose app answers its GETs keeps them off the lane before the lane is tried again.
+_LANE_OFF_FOR = 30.0
 _REDIRECT_AS_IS = frozenset({b"GET", b"HEAD"})
 
 
@@ -81,6 +84,8 @@ class _Request:
         "head_request",
         "http11",
         "keep_alive",
+        "lane",
+        "lane_ok",
         "local",
         "pinned",
         "replayable",
@@ -112,6 +117,10 @@ class _Request:
         self.chunked_response = False
         self.close_after = False
         self.conn: UpstreamConnection | None = None
+        # A GET on a lane (roles/frontend/_lane.py) instead of a connection of its own. Its answer
+        # is whole and small, so a slow client never holds up the lane: it is not paused for one.
+        self.lane: LaneConnection | None = None
+        self.lane_ok = False
         self.upstream: Upstream | None = None
         self.tried: list[Upstream] | None = None
         self.fresh = False
@@ -208,6 +217,9 @@ class ClientConnection(asyncio.Protocol):
                 if req.conn is not tunnel:
                     req.conn.abandon()
                 req.conn = None
+            if req.lane is not None:
+                req.lane.abandon(req)
+                req.lane = None
             self._release(req)
         self._queue.clear()
         self._req = None
@@ -430,6 +442,7 @@ class ClientConnection(asyncio.Protocol):
             req.tunnel = True
             req.upgrade = self._upgrade
             upgrade_head = b"Connection: Upgrade\r\nUpgrade: " + self._upgrade + b"\r\n"
+        req.lane_ok = lane_eligible(method, has_body, req.tunnel)
         xff = self._ip if self._xff is None else self._xff + b", " + self._ip
         req.head = b"".join(
             (
@@ -564,6 +577,12 @@ class ClientConnection(asyncio.Protocol):
                 )
         req.upstream = up
         up.outstanding += 1
+        if req.lane_ok and not req.fresh and site.lane_off_until <= now:
+            lane = self._proxy.lane(up, now)
+            if lane is not None:
+                req.lane = lane
+                lane.submit(self, req, req.head)
+                return True
         if not req.fresh:
             conn = up.take_idle()
             if conn is not None:
@@ -622,6 +641,7 @@ class ClientConnection(asyncio.Protocol):
         self._meter = None
         self._release(req)
         req.conn = None
+        req.lane = None
         if self._closing:
             return
         if req.close_after:
@@ -687,6 +707,7 @@ class ClientConnection(asyncio.Protocol):
     def upstream_failed(self, req: Exchange, status: int, *, stale: bool) -> None:
         assert isinstance(req, _Request)
         req.conn = None
+        req.lane = None
         if self._closing:
             self._release(req)
             return
@@ -709,6 +730,34 @@ class ClientConnection(asyncio.Protocol):
         if status == 504:
             req.local = PAGES[504]
         self._answer_failure(req)
+
+    def lane_answer(self, req: Exchange, status_line: bytes, headers: bytes, body: bytes) -> None:
+        """A whole answer from a lane (``headers`` end-to-end ones, each line ending in CRLF)."""
+        assert isinstance(req, _Request)
+        req.lane = None
+        extra = req.set_cookie
+        if not self._keep_alive(req):
+            req.close_after = True
+            extra += b"Connection: close\r\n"
+        elif not req.http11:
+            extra += b"Connection: keep-alive\r\n"
+        self._write(b"".join((status_line, headers, extra, b"\r\n", body)))
+        self._finish(req)
+
+    def lane_refused(self, req: Exchange, *, site_wide: bool) -> None:
+        """The worker will not answer this GET on its lane (its app answers it, or a large file
+        streams): send it again on a connection of its own."""
+        assert isinstance(req, _Request)
+        req.lane = None
+        req.lane_ok = False
+        self._release(req)
+        if self._closing:
+            return
+        site = req.site
+        if site_wide and site is not None:
+            site.lane_off_until = self._proxy.loop.time() + _LANE_OFF_FOR
+        if not self._dispatch(req):
+            self._answer_failure(req)
 
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
@@ -826,6 +875,9 @@ class ClientConnection(asyncio.Protocol):
                 if req.conn is not None:
                     req.conn.abandon()
                     req.conn = None
+                if req.lane is not None:
+                    req.lane.abandon(req)
+                    req.lane = None
                 self._release(req)
                 queue.popleft()
                 self._meter = None

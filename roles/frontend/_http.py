@@ -63,9 +63,17 @@ REQUEST_HEADERS: dict[bytes, int] = {
     # The front end answers 100-continue itself (as nginx does).
     b"expect": H_EXPECT,
     b"cookie": H_COOKIE,
+    # The lane's own (roles/frontend/_lane.py): never a visitor's to send, nor an app's to answer.
+    b"x-sitecloud-lane": H_DROP,
+    b"x-sitecloud-lane-refused": H_DROP,
 }
 
-RESPONSE_HEADERS: dict[bytes, int] = {**_HOP_BY_HOP, b"upgrade": H_DROP}
+RESPONSE_HEADERS: dict[bytes, int] = {
+    **_HOP_BY_HOP,
+    b"upgrade": H_DROP,
+    b"x-sitecloud-lane": H_DROP,
+    b"x-sitecloud-lane-refused": H_DROP,
+}
 
 # How a response body is delimited upstream.
 BODY_NONE = 0

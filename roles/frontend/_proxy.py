@@ -13,12 +13,13 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from roles.frontend._lane import NO_LANE_FOR, LaneConnection
 from roles.frontend._routes import CustomCert, Site, build_routes
 from roles.frontend._upstream import Upstream, UpstreamConnection
 from roles.frontend.config import FrontendConfig
 from shared.logs import ContextLogger
 from shared.pki import role_of_peer
-from shared.tls import client_context
+from shared.tls import LANE_ALPN, client_context
 
 if TYPE_CHECKING:
     from roles.frontend._client import ClientConnection
@@ -50,7 +51,7 @@ class Proxy:
         self.public_https_port = config.public_https or config.https_port
         self.upstreams: dict[str, Upstream] = {}
         self.clients: set[ClientConnection] = set()
-        self.upstream_conns: set[UpstreamConnection] = set()
+        self.upstream_conns: set[UpstreamConnection | LaneConnection] = set()
         self.draining = False
         self._drained = asyncio.Event()
         self.header_timeout = config.header_timeout
@@ -63,6 +64,9 @@ class Proxy:
         self.upstream_idle_timeout = config.upstream_idle_timeout
         self.upstream_max_idle = config.upstream_max_idle
         self._ssl = client_context(config)
+        self.lanes_per_worker = config.lanes_per_worker
+        self._lane_ssl = client_context(config)
+        self._lane_ssl.set_alpn_protocols([LANE_ALPN])
         self._tasks: set[asyncio.Task[None]] = set()
         self._applying = asyncio.Lock()
         shortest = min(
@@ -181,6 +185,59 @@ class Proxy:
             raise UpstreamRefused(f"{upstream.address} did not present a worker certificate")
         return conn
 
+    def lane(self, upstream: Upstream, now: float) -> LaneConnection | None:
+        """The least loaded open lane to ``upstream``, opening more (in the background) up to
+        ``lanes_per_worker``; None while there is none yet."""
+        best: LaneConnection | None = None
+        for lane in upstream.lanes:
+            if lane.usable() and (best is None or lane.load < best.load):
+                best = lane
+        if (
+            len(upstream.lanes) + upstream.lanes_opening < self.lanes_per_worker
+            and upstream.tls
+            and upstream.no_lane_until <= now
+            and upstream.down_until <= now
+            and not upstream.retired
+            and not self.draining
+        ):
+            upstream.lanes_opening += 1
+            self.spawn(self._open_lane(upstream))
+        return best
+
+    async def _open_lane(self, upstream: Upstream) -> None:
+        try:
+            _, lane = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: LaneConnection(self, upstream),
+                    upstream.host,
+                    upstream.port,
+                    ssl=self._lane_ssl,
+                    server_hostname=upstream.host,
+                    ssl_handshake_timeout=self.connect_timeout,
+                ),
+                self.connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            # Requests go on ordinary connections meanwhile; those report a worker that is down.
+            self.log.debug("no lane to %s: %s", upstream.address, exc or type(exc).__name__)
+            upstream.no_lane_until = self.loop.time() + _DOWN_FOR
+            return
+        finally:
+            upstream.lanes_opening -= 1
+        transport = lane.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if transport is None or role_of_peer(transport.get_extra_info("peercert")) != "worker":
+            lane.abort()
+            self.log.warning("%s did not present a worker certificate", upstream.address)
+            upstream.no_lane_until = self.loop.time() + NO_LANE_FOR
+        elif ssl_object is None or ssl_object.selected_alpn_protocol() != LANE_ALPN:
+            lane.close()
+            upstream.no_lane_until = self.loop.time() + NO_LANE_FOR
+        elif upstream.retired or self.draining or upstream.no_lane_until > self.loop.time():
+            lane.close()
+        else:
+            upstream.lanes.append(lane)
+
     def current(self, site: Site) -> Site | None:
         """The same site in the routes now (a request keeps the routes it arrived with)."""
         return self.routes.get(f"{site.name}.{self.domain}".encode())
@@ -213,6 +270,7 @@ class Proxy:
             "client_connections": len(self.clients),
             "upstream_connections": len(self.upstream_conns),
             "upstream_idle": sum(len(up.idle) for up in self.upstreams.values()),
+            "upstream_lanes": sum(len(up.lanes) for up in self.upstreams.values()),
         }
 
     def client_gone(self, client: ClientConnection) -> None:

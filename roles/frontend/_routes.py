@@ -34,6 +34,7 @@ class Site:
         "by_token",
         "header",
         "https_only",
+        "lane_off_until",
         "max_body",
         "name",
         "upstreams",
@@ -58,6 +59,8 @@ class Site:
         self.by_token = {up.token: up for up in upstreams} if affinity else {}
         self.https_only = https_only
         self.max_body = max_body  # 0: no limit
+        # Until when (loop time) this site's GETs skip the lane: a worker said its app answers them.
+        self.lane_off_until = 0.0
         # [requests, bytes in, bytes out] since the last usage report; shared across snapshots.
         self.usage = usage
         self._next = 0

@@ -27,6 +27,7 @@ from roles.frontend._http import (
 )
 
 if TYPE_CHECKING:
+    from roles.frontend._lane import LaneConnection
     from roles.frontend._proxy import Proxy
 
 __all__ = ["Exchange", "Owner", "Upstream", "UpstreamConnection"]
@@ -49,6 +50,8 @@ class Owner(Protocol):
     def response_body(self, req: Exchange, data: bytes) -> None: ...
     def response_end(self, req: Exchange) -> None: ...
     def upstream_failed(self, req: Exchange, status: int, *, stale: bool) -> None: ...
+    def lane_refused(self, req: Exchange, *, site_wide: bool) -> None: ...
+    def lane_answer(self, req: Exchange, status_line: bytes, headers: bytes, body: bytes) -> None: ...
     def upstream_write_paused(self, paused: bool) -> None: ...
     def tunnel_open(self, req: Exchange, conn: UpstreamConnection, early: bytes) -> None: ...
     def tunnel_data(self, data: bytes) -> None: ...
@@ -64,7 +67,20 @@ class _BadResponse(Exception):
 class Upstream:
     """One worker address, its idle keep-alive connections, and how many requests it has in flight."""
 
-    __slots__ = ("address", "down_until", "host", "idle", "outstanding", "port", "retired", "tls", "token")
+    __slots__ = (
+        "address",
+        "down_until",
+        "host",
+        "idle",
+        "lanes",
+        "lanes_opening",
+        "no_lane_until",
+        "outstanding",
+        "port",
+        "retired",
+        "tls",
+        "token",
+    )
 
     def __init__(self, host: str, port: int, tls: bool = True) -> None:
         self.host = host
@@ -80,6 +96,11 @@ class Upstream:
         self.down_until = 0.0
         # No longer in any site's list: connections close instead of going back to the pool.
         self.retired = False
+        # Pipelined connections for GETs (roles/frontend/_lane.py), and how many are being opened.
+        self.lanes: list[LaneConnection] = []
+        self.lanes_opening = 0
+        # Until when (loop time) no lane is tried: the worker did not offer one (an older version).
+        self.no_lane_until = 0.0
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self.idle

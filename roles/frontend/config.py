@@ -27,6 +27,9 @@ class FrontendConfig(RoleConfig):
     # Shorter than the worker's keep-alive timeout, so the frontend is the side that closes.
     upstream_idle_timeout: float = 15.0
     upstream_max_idle: int = 64
+    # Pipelined connections ("lanes") per worker for GETs it can answer at once; 0: none, every
+    # request on a connection of its own. More than one spreads them over a worker's processes.
+    lanes_per_worker: int = 2
     drain_timeout: float = 8.0
     # Serving processes (SO_REUSEPORT); above 1 the main process keeps only the control plane.
     processes: int = 1

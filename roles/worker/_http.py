@@ -4,6 +4,12 @@ It parses requests (pipelined ones are queued and answered in order), drains and
 bodies, and hands each request to a synchronous handler, which writes the whole response at once or
 starts a file stream that this connection pumps under write flow control. So the request path makes
 no task, no coroutine and no timer: timeouts are deadlines checked by the server's periodic sweep.
+
+What one read makes this connection write leaves in one write: a front end pipelining many requests
+gets their answers in one TLS record and one send. On a *lane* (a connection whose front end
+negotiated ``LANE_ALPN``) every request is answered at once or refused with 421, never left to wait
+on an app or a file stream, and each answer carries the front end's tag for it
+(docs/architecture.md, "The lane").
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import httptools
 
 from shared.logs import ContextLogger
 from shared.pages import REASONS, error_response
+from shared.tls import LANE_ALPN
 
 __all__ = [
     "Divert",
@@ -45,6 +52,12 @@ CHUNK = 256 * 1024
 
 # The request headers a static server reads; others are counted against the limits and dropped.
 _WANTED = frozenset({b"x-sitecloud-site", b"if-none-match", b"if-modified-since", b"range", b"if-range"})
+# On a lane: the front end's tag for a request, echoed in its answer so the two can never fall out of step.
+_LANE_TAG = b"x-sitecloud-lane"
+# On a lane: "not here, send it on an ordinary connection"; "site" when none of the site's requests
+# should come this way (its app answers them), "request" for this one only (a file to stream).
+LANE_REFUSED_SITE = b"site"
+LANE_REFUSED_REQUEST = b"request"
 
 
 @dataclass(slots=True)
@@ -56,6 +69,9 @@ class Request:
     keep_alive: bool
     # Issue 5 hook: a request the divert hook took (a dynamic site's), answered by that object.
     diverted: Diverted | None = None
+    # On a lane: the front end's tag, and why the request is refused (b"": it is answered here).
+    tag: bytes | None = None
+    lane_refusal: bytes = b""
 
 
 class Diverted(Protocol):
@@ -78,6 +94,10 @@ class Divert(Protocol):
 
     @property
     def active(self) -> bool: ...
+
+    def takes(self, url: bytes, wanted: dict[bytes, bytes]) -> bool:
+        """Whether a GET of ``url`` would go to an app (asked on a lane, where nothing may wait)."""
+        ...
 
     def __call__(
         self,
@@ -183,6 +203,11 @@ class HttpConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
+        self._lane = False
+        # Writes held while a read is parsed and answered (None: not corked), then sent as one.
+        self._out: list[bytes] | None = None
+        # The tag of the lane request being answered, spliced in after its status line.
+        self._tag: bytes | None = None
         self._queue: collections.deque[Request | _Refusal] = collections.deque()
         self._stream: _Stream | None = None
         self._keep_after_stream = True
@@ -202,6 +227,8 @@ class HttpConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._nheaders = 0
         self._body_bytes = 0
+        self._req_tag: bytes | None = None
+        self._lane_refusal = b""
 
     # -- connection lifecycle
 
@@ -213,6 +240,8 @@ class HttpConnection(asyncio.Protocol):
             self._closed = True
             transport.close()
             return
+        ssl_object = transport.get_extra_info("ssl_object")
+        self._lane = ssl_object is not None and ssl_object.selected_alpn_protocol() == LANE_ALPN
         self.deadline = self._loop.time() + self._limits.keepalive_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -238,6 +267,10 @@ class HttpConnection(asyncio.Protocol):
         return self._closed
 
     @property
+    def lane(self) -> bool:
+        return self._lane
+
+    @property
     def settled(self) -> bool:
         """Nothing left to answer or to send: cutting the connection now loses nothing."""
         if self._closed or self._transport is None:
@@ -252,12 +285,14 @@ class HttpConnection(asyncio.Protocol):
             self._close()
 
     def abort(self) -> None:
+        self._out = None
         self._end_stream()
         if self._transport is not None:
             self._transport.abort()
 
     def _close(self) -> None:
         self._parsing = False
+        self._flush_out()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
@@ -293,12 +328,40 @@ class HttpConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         self._started_response = True
-        if self._transport is not None and not self._closed:
+        tag = self._tag
+        if tag is not None:
+            # A lane answer's first write starts with its status line: the tag goes right after it.
+            self._tag = None
+            end = data.find(b"\r\n") + 2
+            data = b"".join((data[:end], b"X-Sitecloud-Lane: ", tag, b"\r\n", data[end:]))
+        out = self._out
+        if out is not None:
+            out.append(data)
+        elif self._transport is not None and not self._closed:
             self._transport.write(data)
+
+    def _flush_out(self) -> None:
+        out, self._out = self._out, None
+        if out and self._transport is not None and not self._closed:
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def stream(self, file: BinaryIO, length: int) -> None:
         """Send ``length`` bytes of ``file`` (positioned already) after the head; the file is ours now."""
+        if self._lane:
+            file.close()
+            raise RuntimeError("a lane answer cannot stream; refuse_lane first")
+        # The stream is pumped under flow control, which held writes would defeat.
+        self._flush_out()
         self._stream = _Stream(file, length)
+
+    def refuse_lane(self, scope: bytes) -> None:
+        """A lane request this worker will not answer at once: the front end sends it again on an
+        ordinary connection (``scope`` says whether for this request or for the whole site)."""
+        self.write(
+            b"HTTP/1.1 421 Misdirected Request\r\nX-Sitecloud-Lane-Refused: "
+            + scope
+            + b"\r\nContent-Length: 0\r\n\r\n"
+        )
 
     def _pump(self) -> None:
         stream = self._stream
@@ -335,6 +398,7 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._parsing:
             return
+        self._out = []
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -344,6 +408,8 @@ class HttpConnection(asyncio.Protocol):
             self._stop_parsing()
         except httptools.HttpParserError:
             self._refuse(400, "The request could not be parsed.")
+        finally:
+            self._flush_out()
 
     def eof_received(self) -> bool | None:
         # Over TLS a half-close cannot be kept open (asyncio closes the transport): stop here.
@@ -365,8 +431,10 @@ class HttpConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._nheaders = 0
         self._body_bytes = 0
+        self._req_tag = None
+        self._lane_refusal = b""
         self.deadline = self._loop.time() + self._limits.request_timeout
-        self._raw = [] if self._divert is not None and self._divert.active else None
+        self._raw = [] if self._divert is not None and self._divert.active and not self._lane else None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -386,8 +454,17 @@ class HttpConnection(asyncio.Protocol):
         if key in _WANTED:
             old = self._headers.get(key)
             self._headers[key] = value if old is None else old + b", " + value
+        elif key == _LANE_TAG and self._lane:
+            self._req_tag = value
 
     def on_headers_complete(self) -> None:
+        if self._lane:
+            divert = self._divert
+            if self._parser.get_method() != b"GET":
+                self._lane_refusal = LANE_REFUSED_REQUEST  # a HEAD answer's framing is the GET's
+            elif divert is not None and divert.active and divert.takes(self._url, self._headers):
+                self._lane_refusal = LANE_REFUSED_SITE
+            return
         if self._raw is not None and self._divert is not None:
             parser = self._parser
             self._diverting = self._divert(
@@ -409,8 +486,19 @@ class HttpConnection(asyncio.Protocol):
         diverted, self._diverting = self._diverting, None
         if diverted is not None:
             diverted.end()
+        if self._lane and self._req_tag is None:
+            self._refuse(400, "A lane request must carry its tag.")
+            raise httptools.HttpParserCallbackError("untagged lane request")
         self._enqueue(
-            Request(parser.get_method(), self._url, self._headers, parser.should_keep_alive(), diverted)
+            Request(
+                parser.get_method(),
+                self._url,
+                self._headers,
+                parser.should_keep_alive(),
+                diverted,
+                self._req_tag,
+                self._lane_refusal,
+            )
         )
 
     # -- answering, in order
@@ -435,6 +523,7 @@ class HttpConnection(asyncio.Protocol):
                     self._reading_paused = False
                     self._transport.resume_reading()
                 if isinstance(item, _Refusal):
+                    self._tag = None  # untagged: a front end's lane takes it as the end of the lane
                     self.write(error_response(item.status, "Bad request", item.detail, keep_alive=False))
                     keep = False
                     break
@@ -468,6 +557,10 @@ class HttpConnection(asyncio.Protocol):
         self.deadline = 0.0
         # Once parsing has stopped, the last queued answer is the last one on this connection.
         keep_alive = request.keep_alive and not self._draining and (self._parsing or bool(self._queue))
+        self._tag = request.tag
+        if request.lane_refusal:
+            self.refuse_lane(request.lane_refusal)
+            return keep_alive
         if request.diverted is not None:
             self._waiting = request.diverted
             request.diverted.answer(self, keep_alive)

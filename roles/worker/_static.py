@@ -15,7 +15,7 @@ from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from urllib.parse import quote
 
-from roles.worker._http import HttpConnection, http_date, response_head
+from roles.worker._http import LANE_REFUSED_REQUEST, HttpConnection, http_date, response_head
 
 __all__ = [
     "DEFAULT_DOCUMENTS",
@@ -271,6 +271,9 @@ def send_file(
         return None
     if body is not None:
         conn.write(head_bytes + body[first : last + 1])
+        return None
+    if hit.size > SMALL_FILE and conn.lane:
+        conn.refuse_lane(LANE_REFUSED_REQUEST)  # it would stream, and a lane answers at once
         return None
     # Reads from the page cache block for microseconds; a thread hop would cost more.
     f = open(hit.path, "rb")  # noqa: SIM115 - a large file's handle goes to the connection's stream

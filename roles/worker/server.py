@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import ssl
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
@@ -23,7 +24,7 @@ from shared.logs import get_logger
 from shared.pages import error_page
 from shared.paths import site_relpath
 from shared.pki import role_of_peer
-from shared.tls import server_context
+from shared.tls import LANE_ALPN, server_context
 
 __all__ = ["DataServer", "Lookup"]
 
@@ -69,7 +70,7 @@ class DataServer:
             self._connection,
             self._config.bind,
             self._config.data_port,
-            ssl=server_context(self._config),
+            ssl=_data_context(self._config),
             ssl_handshake_timeout=10,
             ssl_shutdown_timeout=5,
             backlog=1024,
@@ -240,6 +241,13 @@ class DataServer:
         data = send_file(conn, hit, request.headers, head=head, keep_alive=keep_alive)
         if data is not None:
             self._hot.put(key, hit, data)
+
+
+def _data_context(config: WorkerConfig) -> ssl.SSLContext:
+    """Front ends may ask for a lane (pipelined GETs); those that do not get plain HTTP/1.1."""
+    ctx = server_context(config)
+    ctx.set_alpn_protocols([LANE_ALPN, "http/1.1"])
+    return ctx
 
 
 def _page(

@@ -62,6 +62,9 @@ class AppProxy:
     def active(self) -> bool:
         return self.manager.active
 
+    def takes(self, url: bytes, wanted: dict[bytes, bytes]) -> bool:
+        return self._route(b"GET", url, wanted) is not None
+
     def __call__(
         self,
         method: bytes,
@@ -70,6 +73,14 @@ class AppProxy:
         headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
     ) -> AppExchange | None:
+        route = self._route(method, url, wanted)
+        if route is None:
+            return None
+        app, rel = route
+        return AppExchange(self, app, method, url, headers, keep_alive, rel)
+
+    def _route(self, method: bytes, url: bytes, wanted: dict[bytes, bytes]) -> tuple[AppSite, str] | None:
+        """The app and path a request goes to; None when the static server answers it."""
         site = wanted.get(b"x-sitecloud-site")
         if site is None:
             return None
@@ -83,7 +94,7 @@ class AppProxy:
             return None  # the static path answers 400
         if method in (b"GET", b"HEAD") and _static_file(app.root, rel, slash=path.endswith("/")):
             return None
-        return AppExchange(self, app, method, url, headers, keep_alive, rel)
+        return app, rel
 
 
 def _static_file(root: str, rel: str, *, slash: bool) -> bool:
