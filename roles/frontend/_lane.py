@@ -67,8 +67,11 @@ class LaneConnection(asyncio.Protocol):
         self._last = False  # the worker said it closes after an answer: take no more requests
         self.deadline = 0.0  # while requests are pending: the worker must show progress by then
         self.idle_since = proxy.loop.time()
-        # The start of an answer whose end has not come yet.
-        self._buf = b""
+        # The start of an answer whose end has not come yet, in the pieces it came in, and how many
+        # bytes it needs in all (0: its head is not whole yet), so a large answer is joined once.
+        self._parts: list[bytes] = []
+        self._have = 0
+        self._need = 0
 
     @property
     def load(self) -> int:
@@ -155,7 +158,16 @@ class LaneConnection(asyncio.Protocol):
             self.abort()  # bytes nobody asked for: the lane is out of step
             return
         self.deadline = self._proxy.loop.time() + self._proxy.response_timeout
-        buf = self._buf + data if self._buf else data
+        parts = self._parts
+        if parts:
+            parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return
+            buf = b"".join(parts)
+            parts.clear()
+        else:
+            buf = data
         try:
             pos = self._answers(buf)
         except (_OutOfStep, ValueError) as exc:
@@ -168,7 +180,10 @@ class LaneConnection(asyncio.Protocol):
             self._fail_all(502, stale=True)
             self.abort()
             return
-        self._buf = buf[pos:] if pos < len(buf) else b""
+        if pos < len(buf):
+            rest = buf[pos:]
+            parts.append(rest)
+            self._have = len(rest)
 
     def _answers(self, buf: bytes) -> int:
         """Hand each whole answer in ``buf`` to its client; returns where the unread rest begins.
@@ -184,6 +199,7 @@ class LaneConnection(asyncio.Protocol):
             if end < 0:
                 if size - pos > _MAX_HEAD:
                     raise _OutOfStep("an answer head without an end")
+                self._need = 0
                 return pos
             if not pending:
                 raise _OutOfStep("an answer to no request")
@@ -212,7 +228,8 @@ class LaneConnection(asyncio.Protocol):
                 length = int(buf[at + 18 : buf.find(b"\r\n", at + 18)])
             done = end + 4 + length
             if done > size:
-                return pos  # the body is still on its way
+                self._need = done - pos  # the body is still on its way
+                return pos
             # Connection belongs to the lane, not to the client's connection: drop it.
             at = buf.find(b"\r\nConnection: ", tag_end, end)
             if at < 0:
@@ -242,7 +259,8 @@ class LaneConnection(asyncio.Protocol):
     def _fail_all(self, status: int, *, stale: bool) -> None:
         # An answer is handed on whole or not at all, so every request here may go again.
         pending, self._pending = self._pending, deque()
-        self._buf = b""
+        self._parts.clear()
+        self._need = 0
         self.deadline = 0.0
         for entry in pending:
             owner, entry.owner = entry.owner, None
