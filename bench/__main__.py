@@ -90,20 +90,30 @@ def _table(rows: list[Row]) -> str:
 
 
 NOTES = """
-Where the gap is (profiled with py-spy and perf on this machine, 1 KB over HTTP, 1 process each): per
-request the front end spends about 50 µs of CPU (about 30 µs in user space: the Python request path,
-uvloop and TLS; and 20 µs in the kernel) and the worker about 25 µs (15 + 10),
-against about 20 µs for the nginx proxy and 16 µs for nginx static, nearly all of it kernel time. The
-kernel share is alike: both do the same reads and writes per request (one coalesced write per response,
-pooled keep-alive to the worker). The mutual-TLS hop costs sitecloud more than it costs nginx: uvloop's
-TLS runs through memory BIOs and Python-level `ssl` calls, some 15-20 µs per request over both ends
-of the hop (the "plain HTTP (opt-in)" row takes it away; the "nginx hop also mTLS" row puts it on
-nginx). The front end's own request path (parse, route, forward, answer) is about 12 µs of Python per
-request, measured in-process without sockets, spread thinly over the httptools callbacks; the next
-step is compiling the two hot modules (`roles/frontend/_client.py`, `_upstream.py`) with mypyc or
-Cython. Other jobs share this VM and its figures move by up to a half from run to run: the first and
-the fifth row run the very same sitecloud setup, minutes apart.
+How the front end keeps up (each process's CPU time read from /proc around a wrk run on this machine,
+divided by the requests; 1 KB over HTTPS, 1 process each). The hop to the
+worker is where sitecloud used to lose: one request per mTLS connection at a time cost a TLS record, a
+send, a read and a wake-up at both ends, some 27 µs of front-end and 21 µs of worker CPU per request.
+Lanes (docs/architecture.md, "The lane") pipeline GETs over one mTLS connection per worker: what the
+front end reads from all visitors in one turn of its loop goes to the worker in one write, and the
+worker answers all of it in one write, about ten requests per record and system call at these rates.
+With them the front end spends about 25 µs per request (17 user, 8 kernel; its visitor side alone,
+answering a platform page without any hop, is about 19) and the worker about 10 µs, against about
+24 µs for the nginx proxy and 16 µs for nginx static. The "without lanes" row is the same worker
+behind a front end with `lanes_per_worker: 0`. wrk, both proxies and both servers share two cores,
+and other jobs share this VM, so figures move by a tenth or more from run to run; medians of the
+alternating rounds are shown.
 """
+
+
+def _verdict(row: Row) -> str:
+    """Issue 4's target, on the 1 KB HTTPS case with one process each."""
+    rps = Row._median(row.sitecloud, "requests_per_second") / Row._median(row.nginx, "requests_per_second")
+    p99 = Row._median(row.sitecloud, "p99_ms") / Row._median(row.nginx, "p99_ms")
+    met = rps >= 1.0 and p99 <= 1.5
+    return f"target ({row.case}): req/s {rps:.2f}x (>= 1.0), p99 {p99:.2f}x (<= 1.5): " + (
+        "met" if met else "NOT met"
+    )
 
 
 def _run_case(
@@ -155,7 +165,9 @@ def main() -> int:
             hop_key, hop_cert
         )
         for processes in counts:
-            stack = SitecloudStack(work / f"sitecloud-{processes}", DOMAIN, pki, processes=processes)
+            stack = SitecloudStack(
+                work / f"sitecloud-{processes}", DOMAIN, pki, processes=processes, lanes_off=processes == 1
+            )
             nginx = NginxPair(
                 work / f"nginx-{processes}",
                 root,
@@ -209,13 +221,14 @@ def main() -> int:
                             threads=1,
                         )
                     )
-                    # What the mutual-TLS hop costs sitecloud: its opt-in plain HTTP hop on loopback.
-                    stack.route(plain=True)
+                    # What the lanes bring: a front end that sends every request on a connection of its own.
                     row = Row(
-                        "1k.html HTTPS keep-alive, 1 process each, sitecloud hop plain HTTP (opt-in)", [], []
+                        "1k.html HTTPS keep-alive, 1 process each, sitecloud without lanes (lanes_per_worker 0)",
+                        [],
+                        [],
                     )
                     urls = {
-                        "sitecloud": f"https://127.0.0.1:{stack.https_port}/1k.html",
+                        "sitecloud": f"https://127.0.0.1:{stack.https_port_without_lanes}/1k.html",
                         "nginx": f"https://127.0.0.1:{nginx.https_port}/1k.html",
                     }
                     rows.append(
@@ -228,13 +241,14 @@ def main() -> int:
                             threads=1,
                         )
                     )
-                    stack.route(plain=False)
             finally:
                 nginx.stop()
                 stack.stop()
 
     table = _table(rows)
     print(table)
+    target = next((r for r in rows if r.case == "1k.html HTTPS keep-alive, 1 process each"), None)
+    print(_verdict(target) if target else "the 1 KB HTTPS case with 1 process each was not run")
     if not args.no_write:
         stamp = time.strftime("%Y-%m-%d")
         write_section(
@@ -243,8 +257,7 @@ def main() -> int:
             "Measured by `make bench` (bench/__main__.py): sitecloud's front end → worker (both roles as their\n"
             "own processes, the hop between them mutual TLS) against nginx as proxy → nginx static (plain HTTP\n"
             "between them, as nginx is usually deployed; one 1-process row gives nginx a mutual-TLS hop too,\n"
-            "so both pay for the same security, and one gives sitecloud its opt-in plain loopback hop,\n"
-            "`loopback_plain_listen`, so neither does). Same files, wrk with "
+            "so both pay for the same security, and one shows sitecloud without its lanes). Same files, wrk with "
             f"{args.connections} keep-alive connections (one wrk thread per\nserving process), "
             f"{args.seconds} s runs, {args.rounds} alternating rounds each (A B A B; medians shown). wrk, the\n"
             "proxy and the server all share the same cores. Ratios are sitecloud / nginx: above 1.0 is better\n"

@@ -8,7 +8,6 @@ from pathlib import Path
 from roles.fileserver.config import FileserverConfig
 from roles.frontend.config import FrontendConfig
 from roles.worker.config import WorkerConfig
-from shared.net import free_port
 from tests.cloud import https_get
 from tests.support import CloudPKI, RoleProcess, call, wait_until
 
@@ -18,32 +17,39 @@ SITE = "bench"
 
 
 class SitecloudStack:
-    """``processes`` serving processes each for the frontend and the worker."""
+    """``processes`` serving processes each for the frontend and the worker; with ``lanes_off`` also
+    a second front end to the same worker that keeps no lanes (every request on a connection of its
+    own), to measure what the lanes bring."""
 
-    def __init__(self, workdir: Path, domain: str, pki: CloudPKI, *, processes: int = 1) -> None:
+    def __init__(
+        self, workdir: Path, domain: str, pki: CloudPKI, *, processes: int = 1, lanes_off: bool = False
+    ) -> None:
         self.dir = workdir
         self.domain = domain
-        self._version = 0
         self.pki = pki
         self.fileserver = RoleProcess(
             self.pki.role_config(FileserverConfig, "fileserver", workdir / "fileserver"), self.pki
         )
-        self.plain_port = free_port()
         self.worker = RoleProcess(
-            self.pki.role_config(
-                WorkerConfig,
-                "worker",
-                workdir / "worker",
-                processes=processes,
-                loopback_plain_listen=f"127.0.0.1:{self.plain_port}",
-            ),
-            self.pki,
+            self.pki.role_config(WorkerConfig, "worker", workdir / "worker", processes=processes), self.pki
         )
-        fe_config = self.pki.role_config(
-            FrontendConfig, "frontend", workdir / "frontend", processes=processes, usage_interval=0.0
+        self.frontend = self._frontend(workdir / "frontend", processes)
+        self.frontend_without_lanes = (
+            self._frontend(workdir / "frontend-no-lanes", processes, lanes_per_worker=0)
+            if lanes_off
+            else None
         )
-        self.pki.ca.issue_wildcard(domain).write(fe_config.wildcard_key_file, fe_config.wildcard_cert_file)
-        self.frontend = RoleProcess(fe_config, self.pki)
+
+    def _frontend(self, home: Path, processes: int, **fields: int) -> RoleProcess:
+        config = self.pki.role_config(
+            FrontendConfig, "frontend", home, processes=processes, usage_interval=0.0, **fields
+        )
+        self.pki.ca.issue_wildcard(self.domain).write(config.wildcard_key_file, config.wildcard_cert_file)
+        return RoleProcess(config, self.pki)
+
+    @property
+    def frontends(self) -> list[RoleProcess]:
+        return [fe for fe in (self.frontend, self.frontend_without_lanes) if fe is not None]
 
     @property
     def http_port(self) -> int:
@@ -53,15 +59,28 @@ class SitecloudStack:
     def https_port(self) -> int:
         return int(self.frontend.config.https_port)  # type: ignore[attr-defined]
 
+    @property
+    def https_port_without_lanes(self) -> int:
+        assert self.frontend_without_lanes is not None
+        return int(self.frontend_without_lanes.config.https_port)  # type: ignore[attr-defined]
+
     def start(self, files: dict[str, bytes]) -> None:
-        for role in (self.fileserver, self.worker, self.frontend):
+        for role in (self.fileserver, self.worker, *self.frontends):
             role.start()
         fs_url = self.fileserver.control_url
         self.fileserver.push_config(
             {"version": 1, "sites": {SITE: {"uid": "bench1", "quota_bytes": 1 << 30}}}
         )
         self.worker.push_config({"version": 1, "fileserver": fs_url, "sites": {SITE: {"uid": "bench1"}}})
-        self.route(plain=False)
+        worker_port = self.worker.config.data_port  # type: ignore[attr-defined]
+        for frontend in self.frontends:
+            frontend.push_config(
+                {
+                    "version": 1,
+                    "domain": self.domain,
+                    "sites": {SITE: {"workers": [f"localhost:{worker_port}"]}},
+                }
+            )
         publisher = self.pki.client_ssl("publisher")
         ops = []
         for path, data in files.items():
@@ -72,24 +91,16 @@ class SitecloudStack:
         status, body = call(f"{fs_url}/v1/sites/{SITE}/commit", publisher, method="POST", body={"ops": ops})
         assert status == 200, body
         first, data = next(iter(files.items()))
-        wait_until(
-            lambda: (
-                https_get(self.https_port, f"{SITE}.{self.domain}", f"/{first}", ca_file=self.pki.ca_file)[2]
-                == data
-            ),
-            timeout=20,
-            what="the bench site to be served through the frontend",
-        )
-
-    def route(self, *, plain: bool) -> None:
-        """The hop to the worker: mutual TLS (the default), or the opt-in plain HTTP on loopback."""
-        self._version += 1
-        worker_port = self.worker.config.data_port  # type: ignore[attr-defined]
-        address = f"http://127.0.0.1:{self.plain_port}" if plain else f"localhost:{worker_port}"
-        self.frontend.push_config(
-            {"version": self._version, "domain": self.domain, "sites": {SITE: {"workers": [address]}}}
-        )
+        for frontend in self.frontends:
+            port = int(frontend.config.https_port)  # type: ignore[attr-defined]
+            wait_until(
+                lambda port=port: (
+                    https_get(port, f"{SITE}.{self.domain}", f"/{first}", ca_file=self.pki.ca_file)[2] == data
+                ),
+                timeout=20,
+                what="the bench site to be served through the frontend",
+            )
 
     def stop(self) -> None:
-        for role in (self.frontend, self.worker, self.fileserver):
+        for role in (*self.frontends, self.worker, self.fileserver):
             role.stop()
