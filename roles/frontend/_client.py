@@ -59,6 +59,8 @@ _LAST_CHUNK = b"0\r\n\r\n"
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 # How long a site whose app answers its GETs keeps them off the lane before the lane is tried again.
 _LANE_OFF_FOR = 30.0
+# How many refused targets a site remembers (then it starts over).
+_OFF_LANE_MAX = 1024
 _REDIRECT_AS_IS = frozenset({b"GET", b"HEAD"})
 
 
@@ -93,6 +95,7 @@ class _Request:
         "set_cookie",
         "site",
         "started",
+        "target",
         "tried",
         "tunnel",
         "upgrade",
@@ -121,6 +124,7 @@ class _Request:
         # is whole and small, so a slow client never holds up the lane: it is not paused for one.
         self.lane: LaneConnection | None = None
         self.lane_ok = False
+        self.target = b""  # kept for lane requests: a refused one is remembered by it
         self.upstream: Upstream | None = None
         self.tried: list[Upstream] | None = None
         self.fresh = False
@@ -442,7 +446,8 @@ class ClientConnection(asyncio.Protocol):
             req.tunnel = True
             req.upgrade = self._upgrade
             upgrade_head = b"Connection: Upgrade\r\nUpgrade: " + self._upgrade + b"\r\n"
-        req.lane_ok = lane_eligible(method, has_body, req.tunnel)
+        req.lane_ok = lane_eligible(method, has_body, req.tunnel) and target not in site.off_lane
+        req.target = target
         xff = self._ip if self._xff is None else self._xff + b", " + self._ip
         req.head = b"".join(
             (
@@ -754,8 +759,13 @@ class ClientConnection(asyncio.Protocol):
         if self._closing:
             return
         site = req.site
-        if site_wide and site is not None:
-            site.lane_off_until = self._proxy.loop.time() + _LANE_OFF_FOR
+        if site is not None:
+            if site_wide:
+                site.lane_off_until = self._proxy.loop.time() + _LANE_OFF_FOR
+            else:
+                if len(site.off_lane) >= _OFF_LANE_MAX:
+                    site.off_lane.clear()
+                site.off_lane.add(req.target)
         if not self._dispatch(req):
             self._answer_failure(req)
 

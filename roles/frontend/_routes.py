@@ -37,6 +37,7 @@ class Site:
         "lane_off_until",
         "max_body",
         "name",
+        "off_lane",
         "upstreams",
         "usage",
     )
@@ -61,6 +62,8 @@ class Site:
         self.max_body = max_body  # 0: no limit
         # Until when (loop time) this site's GETs skip the lane: a worker said its app answers them.
         self.lane_off_until = 0.0
+        # Targets a worker refused on its lane (big files): they go on connections of their own.
+        self.off_lane: set[bytes] = set()
         # [requests, bytes in, bytes out] since the last usage report; shared across snapshots.
         self.usage = usage
         self._next = 0

@@ -58,6 +58,10 @@ _LANE_TAG = b"x-sitecloud-lane"
 # should come this way (its app answers them), "request" for this one only (a file to stream).
 LANE_REFUSED_SITE = b"site"
 LANE_REFUSED_REQUEST = b"request"
+# Files up to this size are answered on a lane. Larger ones go better on a connection of their own:
+# batched, they fill the socket buffers and hold up the small answers behind them (measured: a
+# 100 KB file at 0.45x nginx on a lane, 0.70x on ordinary connections).
+LANE_MAX_FILE = 16 * 1024
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from urllib.parse import quote
 
-from roles.worker._http import LANE_REFUSED_REQUEST, HttpConnection, http_date, response_head
+from roles.worker._http import LANE_MAX_FILE, LANE_REFUSED_REQUEST, HttpConnection, http_date, response_head
 
 __all__ = [
     "DEFAULT_DOCUMENTS",
@@ -239,6 +239,9 @@ def send_file(
     """Answer with ``hit``; ``body`` is its bytes when already in memory. Returns the bytes read
     whole (small files) so the caller may cache them; a large file is handed to the connection to
     stream under flow control."""
+    if hit.size > LANE_MAX_FILE and conn.lane:
+        conn.refuse_lane(LANE_REFUSED_REQUEST)  # a big file goes on a connection of its own
+        return None
     common = [("ETag", hit.etag), ("Last-Modified", hit.last_modified)]
     if _not_modified(headers, hit):
         conn.write(response_head(304, common, keep_alive=keep_alive))
@@ -271,9 +274,6 @@ def send_file(
         return None
     if body is not None:
         conn.write(head_bytes + body[first : last + 1])
-        return None
-    if hit.size > SMALL_FILE and conn.lane:
-        conn.refuse_lane(LANE_REFUSED_REQUEST)  # it would stream, and a lane answers at once
         return None
     # Reads from the page cache block for microseconds; a thread hop would cost more.
     f = open(hit.path, "rb")  # noqa: SIM115 - a large file's handle goes to the connection's stream

@@ -16,7 +16,15 @@ from urllib.parse import unquote_to_bytes
 import httptools
 
 from roles.worker._cache import SiteVersion
-from roles.worker._http import Divert, HttpConnection, Limits, Request, http_date_bytes, response_head
+from roles.worker._http import (
+    LANE_MAX_FILE,
+    Divert,
+    HttpConnection,
+    Limits,
+    Request,
+    http_date_bytes,
+    response_head,
+)
 from roles.worker._static import FileHit, HotCache, HotKey, Redirect, resolve, send_file
 from roles.worker.config import WorkerConfig
 from shared.errors import InvalidInput
@@ -196,7 +204,7 @@ class DataServer:
         key: HotKey = (site, version.number, target if q < 0 else target[:q])
         cached = self._hot.get(key)
         if cached is not None:
-            if len(headers) == 1 and not head:
+            if len(headers) == 1 and not head and (not conn.lane or len(cached.body) <= LANE_MAX_FILE):
                 # The hot path: a plain GET of a small file in memory, one write.
                 conn.write(
                     b"".join((cached.prefix, http_date_bytes(), _KEEP if keep_alive else _CLOSE, cached.body))
