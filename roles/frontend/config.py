@@ -28,8 +28,10 @@ class FrontendConfig(RoleConfig):
     upstream_idle_timeout: float = 15.0
     upstream_max_idle: int = 64
     # Pipelined connections ("lanes") per worker for GETs it can answer at once; 0: none, every
-    # request on a connection of its own. More than one spreads them over a worker's processes.
-    lanes_per_worker: int = 2
+    # request on a connection of its own. One is fastest (the biggest batches; a worker process
+    # answers a lane's requests in about 10 µs each, so one keeps up with several front-end
+    # processes); more spread a lane's load over a worker's serving processes.
+    lanes_per_worker: int = 1
     drain_timeout: float = 8.0
     # Serving processes (SO_REUSEPORT); above 1 the main process keeps only the control plane.
     processes: int = 1
