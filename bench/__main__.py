@@ -206,21 +206,22 @@ def main() -> int:
                         )
                 if processes == 1:
                     # The same security on both sides: nginx's hop in mutual TLS too.
-                    row = Row("1k.html HTTPS keep-alive, 1 process each, nginx hop also mTLS", [], [])
-                    urls = {
-                        "sitecloud": f"https://127.0.0.1:{stack.https_port}/1k.html",
-                        "nginx": f"https://127.0.0.1:{nginx.https_mtls_port}/1k.html",
-                    }
-                    rows.append(
-                        _run_case(
-                            row,
-                            args.rounds,
-                            urls,
-                            seconds=args.seconds,
-                            connections=args.connections,
-                            threads=1,
+                    for name in FILES:
+                        row = Row(f"{name} HTTPS keep-alive, 1 process each, nginx hop also mTLS", [], [])
+                        urls = {
+                            "sitecloud": f"https://127.0.0.1:{stack.https_port}/{name}",
+                            "nginx": f"https://127.0.0.1:{nginx.https_mtls_port}/{name}",
+                        }
+                        rows.append(
+                            _run_case(
+                                row,
+                                args.rounds,
+                                urls,
+                                seconds=args.seconds,
+                                connections=args.connections,
+                                threads=1,
+                            )
                         )
-                    )
                     # What the lanes bring: a front end that sends every request on a connection of its own.
                     row = Row(
                         "1k.html HTTPS keep-alive, 1 process each, sitecloud without lanes (lanes_per_worker 0)",
