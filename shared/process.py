@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import resource
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -19,6 +21,15 @@ __all__ = ["role_main"]
 C = TypeVar("C", bound=RoleConfig)
 
 
+def _raise_open_files_limit() -> None:
+    """Every visitor connection is a descriptor: take the hard limit, not the soft one (often 1,024)
+    that would cap a front end at a thousand visitors (as nginx's worker_rlimit_nofile does)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft and (hard == resource.RLIM_INFINITY or hard > soft):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def role_main(config_cls: type[C], serve: Callable[[C, asyncio.Event], Coroutine[Any, Any, None]]) -> None:
     """Entry point of ``python -m roles.<role> --config role.json``.
 
@@ -29,6 +40,7 @@ def role_main(config_cls: type[C], serve: Callable[[C, asyncio.Event], Coroutine
     args = parser.parse_args()
     config = load_role_config(config_cls, args.config)
     setup_logging(config.role, config.host, config.log_level)
+    _raise_open_files_limit()
 
     async def run() -> None:
         stop = asyncio.Event()

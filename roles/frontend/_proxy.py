@@ -72,7 +72,8 @@ class Proxy:
         shortest = min(
             config.header_timeout, config.idle_timeout, config.body_timeout, config.response_timeout
         )
-        self._tick = max(0.02, min(1.0, shortest / 5))
+        # Often enough that connections timing out together (a slowloris wave) are cut a few at a time.
+        self._tick = max(0.02, min(0.25, shortest / 5))
         self._sweeper: asyncio.TimerHandle | None = None
 
     # -- config ---------------------------------------------------------------------------------------

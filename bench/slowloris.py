@@ -1,0 +1,236 @@
+"""`python -m bench.slowloris`: visitors' latency while 1,000 slowloris connections hold the front end.
+
+Target (../shared/BRIEF.md): with 1,000 slowloris connections open, other visitors' p99 stays under
+2x their p99 without them. Each slow connection sends a request line and then one header line every
+2 s, never the blank line that ends the head, and opens again when the server cuts it (as the attack
+does). Meanwhile wrk measures the 1 KB page over HTTPS keep-alive. nginx (proxy → static, default
+`client_header_timeout` 60 s) is measured the same way in the same run as the anchor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.__main__ import DOMAIN, FILES
+from bench._doc import write_section
+from bench._nginx import NginxPair, nginx_available
+from bench._stack import SITE, SitecloudStack
+from bench._wrk import WrkResult, run_wrk, wrk_available
+from tests.support import CloudPKI
+
+__all__ = ["main"]
+
+_INTERVAL = 2.0
+_WAIT = 10.0
+
+
+@dataclass
+class _Attack:
+    """1,000 slow connections to ``port`` on a loop of their own, until stopped."""
+
+    port: int
+    connections: int
+    opened: int = 0
+    cut: int = 0  # closed by the server (a 408, or a plain close)
+    refused: int = 0
+    held_samples: list[int] = field(default_factory=list)
+    _held: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    async def _run(self) -> None:
+        tasks = [asyncio.create_task(self._one(i)) for i in range(self.connections)]
+        while not self._stop.is_set():
+            await asyncio.sleep(0.5)
+            self.held_samples.append(self._held)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _one(self, i: int) -> None:
+        await asyncio.sleep(i * 0.002)  # ramp up over two seconds
+        while not self._stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                self.refused += 1
+                await asyncio.sleep(_INTERVAL)
+                continue
+            self.opened += 1
+            self._held += 1
+            try:
+                writer.write(f"GET /1k.html HTTP/1.1\r\nHost: {SITE}.{DOMAIN}\r\n".encode())
+                n = 0
+                while not self._stop.is_set():
+                    try:
+                        await asyncio.wait_for(reader.read(4096), _INTERVAL)
+                    except TimeoutError:
+                        n += 1
+                        writer.write(b"X-Slow-%d: %d\r\n" % (n, i))
+                        await writer.drain()
+                        continue
+                    self.cut += 1  # an answer (408) or the end: the server let go of it
+                    break
+            except (ConnectionError, OSError):
+                self.cut += 1
+            finally:
+                self._held -= 1
+                writer.close()
+
+
+@dataclass
+class _Row:
+    server: str
+    base: list[WrkResult] = field(default_factory=list)
+    attacked: list[WrkResult] = field(default_factory=list)
+    held: list[float] = field(default_factory=list)
+    cut: int = 0
+    opened: int = 0
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def _measure(row: _Row, https_url: str, http_port: int, *, seconds: int, connections: int, slow: int) -> None:
+    host = f"{SITE}.{DOMAIN}"
+    row.base.append(run_wrk(https_url, host, seconds=seconds, connections=connections))
+    attack = _Attack(http_port, slow)
+    attack.start()
+    try:
+        # All of them open and sending, and the run spans the front end's header timeout (15 s), when
+        # it cuts them and they all come back at once: the attack's hardest moment.
+        time.sleep(_WAIT)
+        row.attacked.append(run_wrk(https_url, host, seconds=seconds, connections=connections))
+        row.held.append(_median([float(h) for h in attack.held_samples[-2 * seconds :]]))
+    finally:
+        attack.stop()
+    row.cut += attack.cut
+    row.opened += attack.opened
+    b, a = row.base[-1], row.attacked[-1]
+    print(
+        f"  {row.server:9s} p99 {b.p99_ms:.2f} ms -> {a.p99_ms:.2f} ms under attack, req/s "
+        f"{b.requests_per_second:,.0f} -> {a.requests_per_second:,.0f}, slow connections held "
+        f"{row.held[-1]:.0f}, cut by the server {attack.cut}",
+        file=sys.stderr,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.slowloris")
+    parser.add_argument("--slow", type=int, default=1000, help="slowloris connections")
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=50, help="wrk's (well-behaved) connections")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    if not (nginx_available() and wrk_available()):
+        print("bench needs nginx and wrk: apt-get install -y nginx wrk", file=sys.stderr)
+        return 2
+    rows = {"sitecloud": _Row("sitecloud"), "nginx": _Row("nginx")}
+    with tempfile.TemporaryDirectory(prefix="sitecloud-slowloris-") as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o755)
+        root = work / "www"
+        root.mkdir()
+        for name, data in FILES.items():
+            (root / name).write_bytes(data)
+        pki = CloudPKI(work / "pki")
+        cert, key = work / "nginx.pem", work / "nginx.key"
+        pki.ca.issue_wildcard(DOMAIN).write(key, cert)
+        hop_cert, hop_key = work / "hop.pem", work / "hop.key"
+        pki.ca.issue("nginx@bench", role="worker", dns_names=["localhost"], ip_addresses=["127.0.0.1"]).write(
+            hop_key, hop_cert
+        )
+        stack = SitecloudStack(work / "sitecloud", DOMAIN, pki)
+        nginx = NginxPair(work / "nginx", root, cert, key, (hop_cert, hop_key, pki.ca_file))
+        print("starting sitecloud and nginx, 1 process each ...", file=sys.stderr)
+        stack.start(FILES)
+        nginx.start()
+        try:
+            for url in (
+                f"https://127.0.0.1:{stack.https_port}/1k.html",
+                f"https://127.0.0.1:{nginx.https_port}/1k.html",
+            ):
+                run_wrk(url, f"{SITE}.{DOMAIN}", seconds=1, connections=args.connections)  # warm-up
+            for _ in range(args.rounds):
+                _measure(
+                    rows["sitecloud"],
+                    f"https://127.0.0.1:{stack.https_port}/1k.html",
+                    stack.http_port,
+                    seconds=args.seconds,
+                    connections=args.connections,
+                    slow=args.slow,
+                )
+                _measure(
+                    rows["nginx"],
+                    f"https://127.0.0.1:{nginx.https_port}/1k.html",
+                    nginx.http_port,
+                    seconds=args.seconds,
+                    connections=args.connections,
+                    slow=args.slow,
+                )
+        finally:
+            nginx.stop()
+            stack.stop()
+
+    lines = [
+        "| server | p99 ms without / with | p99 ratio (target < 2) | req/s without / with "
+        "| slow connections held (median) | cut by the server |",
+        "|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for row in rows.values():
+        p99_base = _median([r.p99_ms for r in row.base])
+        p99_attacked = _median([r.p99_ms for r in row.attacked])
+        rps_base = _median([r.requests_per_second for r in row.base])
+        rps_attacked = _median([r.requests_per_second for r in row.attacked])
+        ratio = p99_attacked / p99_base
+        verdicts.append(f"{row.server}: p99 {ratio:.2f}x under attack ({'met' if ratio < 2 else 'NOT met'})")
+        lines.append(
+            f"| {row.server} | {p99_base:.2f} / {p99_attacked:.2f} | **{ratio:.2f}x** | "
+            f"{rps_base:,.0f} / {rps_attacked:,.0f} | {_median(row.held):,.0f} of {args.slow} | {row.cut:,} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    print("target (other visitors' p99 < 2x with the slowloris connections open): " + "; ".join(verdicts))
+    if not args.no_write:
+        write_section(
+            "slowloris",
+            "## Slow clients: 1,000 slowloris connections (`python -m bench.slowloris`)\n\n"
+            f"Run on {time.strftime('%Y-%m-%d')}, 1 process each, {args.rounds} rounds (medians). "
+            f"{args.slow} connections to the plain HTTP port each send a request line, then one "
+            f"header line every {_INTERVAL:.0f} s and never the end of the head, and open again when "
+            "cut; meanwhile wrk "
+            f"({args.connections} keep-alive connections, {args.seconds} s) measures the 1 KB page over HTTPS. "
+            "The front end cuts a head that is not whole after `header_timeout` (15 s) with 408, so the "
+            "attack keeps reconnecting; nginx waits its `client_header_timeout` (60 s). Target: "
+            "the visitors' p99 under 2x their p99 without the attack.\n\n" + table + "\n",
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
