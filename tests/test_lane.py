@@ -187,6 +187,29 @@ def test_visitors_through_the_front_end_share_lanes_and_big_files_go_around(stac
     assert stack.frontend.health()["upstream_lanes"] >= 1
 
 
+def test_a_lane_answer_gets_the_sites_affinity_cookie_and_the_visitors_connection_header(
+    stack: Stack,
+) -> None:
+    worker = f"localhost:{stack.data_port}"
+    stack.frontend.push_config(
+        {"version": 50, "domain": DOMAIN, "sites": {"blog": {"workers": [worker], "affinity": True}}}
+    )
+    try:
+        conn = stack.visitor()
+        conn.request("GET", "/small.html", headers={"Host": f"blog.{DOMAIN}"})
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, SMALL)
+        assert (resp.getheader("Set-Cookie") or "").startswith("SitecloudAffinity=")
+        conn.request("GET", "/small.html", headers={"Host": f"blog.{DOMAIN}", "Connection": "close"})
+        resp = conn.getresponse()
+        assert (resp.status, resp.read(), resp.getheader("Connection")) == (200, SMALL, "close")
+        conn.close()
+    finally:
+        stack.frontend.push_config(
+            {"version": 51, "domain": DOMAIN, "sites": {"blog": {"workers": [worker]}}}
+        )
+
+
 class _OutOfStepWorker:
     """A worker stand-in whose lane answers carry the wrong tag; ordinary connections answer right."""
 
