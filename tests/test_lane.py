@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import http.client
+import itertools
 import os
 import socket
 import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +29,9 @@ from shared.tls import LANE_ALPN
 from tests.support import CloudPKI, RoleProcess, call, lane_exchange, wait_until
 
 DOMAIN = "sites.test"
+UID = "0123456789abcdef"
+# The front end takes only snapshots newer than the one it has: one counter for this module's pushes.
+_versions = itertools.count(10)
 SMALL = b"<p>" + b"small page " * 180 + b"</p>"
 MID = os.urandom(16 * 1024)  # the largest file on a lane: more than one TLS record, read in pieces
 BIG = os.urandom(300 * 1024)  # above the worker's whole-file limit: it streams, so never on a lane
@@ -37,6 +42,8 @@ class Stack:
     pki: CloudPKI
     worker: RoleProcess
     frontend: RoleProcess
+    fileserver: RoleProcess
+    root: Path
 
     @property
     def data_port(self) -> int:
@@ -74,7 +81,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     try:
         for proc in procs:
             proc.wait_healthy()
-        uid = "0123456789abcdef"
+        uid = UID
         fileserver.push_config({"version": 1, "sites": {"blog": {"uid": uid, "quota_bytes": 1 << 24}}})
         worker.push_config(
             {"version": 1, "fileserver": fileserver.control_url, "sites": {"blog": {"uid": uid}}}
@@ -98,7 +105,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             f"{fileserver.control_url}/v1/sites/blog/commit", ctx, method="POST", body={"ops": ops}
         )
         assert status == 200, body
-        s = Stack(pki, worker, frontend)
+        s = Stack(pki, worker, frontend, fileserver, root)
         wait_until(
             lambda: lane_exchange(pki, s.data_port, [_get("/small.html", 1)])[0].body == SMALL,
             what="the published page on the worker",
@@ -192,7 +199,11 @@ def test_a_lane_answer_gets_the_sites_affinity_cookie_and_the_visitors_connectio
 ) -> None:
     worker = f"localhost:{stack.data_port}"
     stack.frontend.push_config(
-        {"version": 50, "domain": DOMAIN, "sites": {"blog": {"workers": [worker], "affinity": True}}}
+        {
+            "version": next(_versions),
+            "domain": DOMAIN,
+            "sites": {"blog": {"workers": [worker], "affinity": True}},
+        }
     )
     try:
         conn = stack.visitor()
@@ -206,7 +217,7 @@ def test_a_lane_answer_gets_the_sites_affinity_cookie_and_the_visitors_connectio
         conn.close()
     finally:
         stack.frontend.push_config(
-            {"version": 51, "domain": DOMAIN, "sites": {"blog": {"workers": [worker]}}}
+            {"version": next(_versions), "domain": DOMAIN, "sites": {"blog": {"workers": [worker]}}}
         )
 
 
@@ -275,7 +286,11 @@ class _OutOfStepWorker:
 def test_a_lane_out_of_step_is_cut_and_its_requests_answered_elsewhere(stack: Stack) -> None:
     with _OutOfStepWorker(stack.pki) as oos:
         stack.frontend.push_config(
-            {"version": 100, "domain": DOMAIN, "sites": {"blog": {"workers": [f"localhost:{oos.port}"]}}}
+            {
+                "version": next(_versions),
+                "domain": DOMAIN,
+                "sites": {"blog": {"workers": [f"localhost:{oos.port}"]}},
+            }
         )
         try:
             conn = stack.visitor()
@@ -292,8 +307,70 @@ def test_a_lane_out_of_step_is_cut_and_its_requests_answered_elsewhere(stack: St
         finally:
             stack.frontend.push_config(
                 {
-                    "version": 101,
+                    "version": next(_versions),
                     "domain": DOMAIN,
                     "sites": {"blog": {"workers": [f"localhost:{stack.data_port}"]}},
                 }
             )
+
+
+def test_gets_waiting_on_a_lane_to_a_killed_worker_go_to_the_other_worker(stack: Stack) -> None:
+    """kill -9 a worker while visitors keep GETs in flight on its lane: each one that had not been
+    answered is sent again (on a connection of its own, to the worker left), so no visitor sees an
+    error."""
+    config = stack.pki.role_config(WorkerConfig, "worker", stack.root / "worker2", version_grace=0.3)
+    second = RoleProcess(config, stack.pki).start()
+    first = f"localhost:{stack.data_port}"
+    try:
+        second.push_config(
+            {"version": 1, "fileserver": stack.fileserver.control_url, "sites": {"blog": {"uid": UID}}}
+        )
+        wait_until(
+            lambda: lane_exchange(stack.pki, config.data_port, [_get("/small.html", 1)])[0].body == SMALL,
+            what="the second worker serving the site",
+        )
+        stack.frontend.push_config(
+            {
+                "version": next(_versions),
+                "domain": DOMAIN,
+                "sites": {"blog": {"workers": [first, f"localhost:{config.data_port}"]}},
+            }
+        )
+        stop = threading.Event()
+        errors: list[str] = []
+        served = [0]
+
+        def visitor() -> None:
+            conn = stack.visitor()
+            try:
+                while not stop.is_set():
+                    conn.request("GET", "/small.html", headers={"Host": f"blog.{DOMAIN}"})
+                    resp = conn.getresponse()
+                    body = resp.read()
+                    if (resp.status, body) != (200, SMALL):
+                        errors.append(f"{resp.status} {body[:80]!r}")
+                    served[0] += 1
+            except (OSError, http.client.HTTPException) as exc:
+                errors.append(repr(exc))
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=visitor) for _ in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            wait_until(lambda: served[0] > 300, what="visitors under way")
+            wait_until(lambda: stack.frontend.health()["upstream_lanes"] == 2, what="a lane to each worker")
+            second.kill()
+            before = served[0]
+            wait_until(lambda: served[0] > before + 300, what="visitors served by the worker left")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert errors == []
+    finally:
+        stack.frontend.push_config(
+            {"version": next(_versions), "domain": DOMAIN, "sites": {"blog": {"workers": [first]}}}
+        )
+        second.stop()
