@@ -55,7 +55,8 @@ _WANTED = frozenset({b"x-sitecloud-site", b"if-none-match", b"if-modified-since"
 # On a lane: the front end's tag for a request, echoed in its answer so the two can never fall out of step.
 _LANE_TAG = b"x-sitecloud-lane"
 # On a lane: "not here, send it on an ordinary connection"; "site" when none of the site's requests
-# should come this way (its app answers them), "request" for this one only (a file to stream).
+# should come this way (its app answers them), "request" for this one only (a file above
+# LANE_MAX_FILE, or a HEAD).
 LANE_REFUSED_SITE = b"site"
 LANE_REFUSED_REQUEST = b"request"
 # Files up to this size are answered on a lane. Larger ones go better on a connection of their own:
