@@ -21,8 +21,8 @@ from pathlib import Path
 from bench._doc import DOC, write_section
 from bench._nginx import NginxPair, nginx_available
 from bench._stack import SITE, SitecloudStack
+from bench._workspace import Workspace
 from bench._wrk import WrkResult, run_wrk, wrk_available
-from tests.support import CloudPKI
 
 DOMAIN = "sites.bench"
 FILES = {"1k.html": b"x" * 1024, "100k.bin": os.urandom(100 * 1024)}
@@ -150,31 +150,27 @@ def main() -> int:
     counts = [int(n) for n in args.processes.split(",") if n.strip()]
 
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="sitecloud-bench-") as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o755)
-        root = work / "www"
-        root.mkdir()
-        for name, data in FILES.items():
-            (root / name).write_bytes(data)
-        pki = CloudPKI(work / "pki")
-        cert, key = work / "nginx.pem", work / "nginx.key"
-        pki.ca.issue_wildcard(DOMAIN).write(key, cert)
-        hop_cert, hop_key = work / "hop.pem", work / "hop.key"
-        pki.ca.issue("nginx@bench", role="worker", dns_names=["localhost"], ip_addresses=["127.0.0.1"]).write(
-            hop_key, hop_cert
+
+    def run(row: Row, sitecloud_url: str, nginx_url: str, threads: int) -> None:
+        urls = {"sitecloud": sitecloud_url, "nginx": nginx_url}
+        rows.append(
+            _run_case(
+                row, args.rounds, urls, seconds=args.seconds, connections=args.connections, threads=threads
+            )
         )
+
+    with tempfile.TemporaryDirectory(prefix="sitecloud-bench-") as tmp:
+        ws = Workspace.create(Path(tmp), DOMAIN, FILES)
         for processes in counts:
             stack = SitecloudStack(
-                work / f"sitecloud-{processes}", DOMAIN, pki, processes=processes, lanes_off=processes == 1
+                ws.work / f"sitecloud-{processes}",
+                DOMAIN,
+                ws.pki,
+                processes=processes,
+                lanes_off=processes == 1,
             )
             nginx = NginxPair(
-                work / f"nginx-{processes}",
-                root,
-                cert,
-                key,
-                (hop_cert, hop_key, pki.ca_file),
-                workers=processes,
+                ws.work / f"nginx-{processes}", ws.root, ws.cert, ws.key, ws.hop, workers=processes
             )
             print(
                 f"starting sitecloud (fileserver, worker, frontend) and nginx (proxy, static), "
@@ -189,58 +185,31 @@ def main() -> int:
                     for name in FILES:
                         sc_port = stack.https_port if scheme == "https" else stack.http_port
                         ng_port = nginx.https_port if scheme == "https" else nginx.http_port
-                        row = Row(f"{name} {scheme.upper()} keep-alive, {processes} {plural} each", [], [])
-                        urls = {
-                            "sitecloud": f"{scheme}://127.0.0.1:{sc_port}/{name}",
-                            "nginx": f"{scheme}://127.0.0.1:{ng_port}/{name}",
-                        }
-                        rows.append(
-                            _run_case(
-                                row,
-                                args.rounds,
-                                urls,
-                                seconds=args.seconds,
-                                connections=args.connections,
-                                threads=processes,
-                            )
+                        run(
+                            Row(f"{name} {scheme.upper()} keep-alive, {processes} {plural} each", [], []),
+                            f"{scheme}://127.0.0.1:{sc_port}/{name}",
+                            f"{scheme}://127.0.0.1:{ng_port}/{name}",
+                            processes,
                         )
                 if processes == 1:
                     # The same security on both sides: nginx's hop in mutual TLS too.
                     for name in FILES:
-                        row = Row(f"{name} HTTPS keep-alive, 1 process each, nginx hop also mTLS", [], [])
-                        urls = {
-                            "sitecloud": f"https://127.0.0.1:{stack.https_port}/{name}",
-                            "nginx": f"https://127.0.0.1:{nginx.https_mtls_port}/{name}",
-                        }
-                        rows.append(
-                            _run_case(
-                                row,
-                                args.rounds,
-                                urls,
-                                seconds=args.seconds,
-                                connections=args.connections,
-                                threads=1,
-                            )
+                        run(
+                            Row(f"{name} HTTPS keep-alive, 1 process each, nginx hop also mTLS", [], []),
+                            f"https://127.0.0.1:{stack.https_port}/{name}",
+                            f"https://127.0.0.1:{nginx.https_mtls_port}/{name}",
+                            1,
                         )
                     # What the lanes bring: a front end that sends every request on a connection of its own.
-                    row = Row(
-                        "1k.html HTTPS keep-alive, 1 process each, sitecloud without lanes (lanes_per_worker 0)",
-                        [],
-                        [],
-                    )
-                    urls = {
-                        "sitecloud": f"https://127.0.0.1:{stack.https_port_without_lanes}/1k.html",
-                        "nginx": f"https://127.0.0.1:{nginx.https_port}/1k.html",
-                    }
-                    rows.append(
-                        _run_case(
-                            row,
-                            args.rounds,
-                            urls,
-                            seconds=args.seconds,
-                            connections=args.connections,
-                            threads=1,
-                        )
+                    run(
+                        Row(
+                            "1k.html HTTPS keep-alive, 1 process each, sitecloud without lanes (lanes_per_worker 0)",
+                            [],
+                            [],
+                        ),
+                        f"https://127.0.0.1:{stack.https_port_without_lanes}/1k.html",
+                        f"https://127.0.0.1:{nginx.https_port}/1k.html",
+                        1,
                     )
             finally:
                 nginx.stop()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -24,8 +23,8 @@ from bench.__main__ import DOMAIN, FILES
 from bench._doc import write_section
 from bench._nginx import NginxPair, nginx_available
 from bench._stack import SITE, SitecloudStack
+from bench._workspace import Workspace
 from bench._wrk import WrkResult, run_wrk, wrk_available
-from tests.support import CloudPKI
 
 __all__ = ["main"]
 
@@ -151,21 +150,9 @@ def main() -> int:
         return 2
     rows = {"sitecloud": _Row("sitecloud"), "nginx": _Row("nginx")}
     with tempfile.TemporaryDirectory(prefix="sitecloud-slowloris-") as tmp:
-        work = Path(tmp)
-        os.chmod(work, 0o755)
-        root = work / "www"
-        root.mkdir()
-        for name, data in FILES.items():
-            (root / name).write_bytes(data)
-        pki = CloudPKI(work / "pki")
-        cert, key = work / "nginx.pem", work / "nginx.key"
-        pki.ca.issue_wildcard(DOMAIN).write(key, cert)
-        hop_cert, hop_key = work / "hop.pem", work / "hop.key"
-        pki.ca.issue("nginx@bench", role="worker", dns_names=["localhost"], ip_addresses=["127.0.0.1"]).write(
-            hop_key, hop_cert
-        )
-        stack = SitecloudStack(work / "sitecloud", DOMAIN, pki)
-        nginx = NginxPair(work / "nginx", root, cert, key, (hop_cert, hop_key, pki.ca_file))
+        ws = Workspace.create(Path(tmp), DOMAIN, FILES)
+        stack = SitecloudStack(ws.work / "sitecloud", DOMAIN, ws.pki)
+        nginx = NginxPair(ws.work / "nginx", ws.root, ws.cert, ws.key, ws.hop)
         print("starting sitecloud and nginx, 1 process each ...", file=sys.stderr)
         stack.start(FILES)
         nginx.start()
