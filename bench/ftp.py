@@ -14,6 +14,7 @@ import io
 import os
 import pwd
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -81,8 +82,9 @@ class _Vsftpd:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                ftplib.FTP().connect("127.0.0.1", self.port, timeout=1).startswith("220")
-                return
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
+                    if probe.recv(64).startswith(b"220"):
+                        return
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("vsftpd did not start")

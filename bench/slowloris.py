@@ -55,10 +55,6 @@ class _Attack:
         if self._thread is not None:
             self._thread.join(30)
 
-    @property
-    def held(self) -> int:
-        return self._held
-
     async def _run(self) -> None:
         tasks = [asyncio.create_task(self._one(i)) for i in range(self.connections)]
         while not self._stop.is_set():
@@ -132,7 +128,7 @@ def _measure(row: _Row, https_url: str, http_port: int, *, seconds: int, connect
     print(
         f"  {row.server:9s} p99 {b.p99_ms:.2f} ms -> {a.p99_ms:.2f} ms under attack, req/s "
         f"{b.requests_per_second:,.0f} -> {a.requests_per_second:,.0f}, slow connections held "
-        f"{row.held[-1]:.0f}, cut by the server {attack.cut}",
+        f"{row.held[-1]:.0f}, cut by the server {attack.cut}, refused {attack.refused}",
         file=sys.stderr,
     )
 
