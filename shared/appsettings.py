@@ -2,29 +2,50 @@
 
 Lower-case ``runtime``, ``entry``, ``always_on`` and ``idle_timeout`` configure how the worker runs
 the site, ``https_only`` and ``affinity`` how the front ends route to it; every other setting is given
-to the app as an environment variable. Management checks each
-setting here when it is set; the controller turns the stored settings into the worker snapshot's app
-fields with :func:`app_fields`; the worker checks the snapshot again with the same names.
+to the app as an environment variable.
+
+There is one function per kind of value, each returning the typed value or raising
+:class:`~shared.errors.InvalidInput` that says what is wrong and what is allowed. Management calls
+:func:`check_app_setting` and :func:`check_settings` when a setting is set; the controller turns the
+stored settings into the worker snapshot's app fields with :func:`app_fields`; the worker reads the
+snapshot back with the same functions (``roles/worker/apps/_spec.py``). So what management accepts is
+exactly what the worker can run, and a value that got past management anyway is refused by the worker
+for that one site.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, LimitReached
 
 __all__ = [
     "ENV_NAME",
     "FRONTEND_KEYS",
+    "IDLE_TIMEOUT_MAX",
+    "IDLE_TIMEOUT_MIN",
+    "MAX_ENTRY_CHARS",
     "MAX_ENV_BYTES",
+    "MAX_SETTINGS",
+    "MAX_VALUE_CHARS",
     "RESERVED_ENV",
     "RUNTIMES",
     "SITE_KEYS",
     "Runtime",
     "app_fields",
+    "boolean",
     "check_app_setting",
+    "check_settings",
+    "entry",
+    "env_bytes",
+    "env_value",
     "frontend_fields",
+    "idle_timeout",
+    "runtime",
+    "setting_name",
+    "text",
 ]
 
 Runtime = Literal["static", "python", "php", "command"]
@@ -34,57 +55,169 @@ SITE_KEYS = frozenset({"runtime", "entry", "always_on", "idle_timeout"}) | FRONT
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # Set by the worker for every app; a site's settings may not override them.
 RESERVED_ENV = frozenset({"PORT", "HOME", "TMPDIR", "PATH", "PYTHONPATH", "LD_PRELOAD", "LD_LIBRARY_PATH"})
+# What the worker gives an app as environment, counted as the kernel does ("KEY=VALUE\0", in bytes).
 MAX_ENV_BYTES = 64 * 1024
+MAX_SETTINGS = 100
+MAX_VALUE_CHARS = 4096
+MAX_ENTRY_CHARS = 1024
+# An app left idle this long is stopped; a week bounds it well inside what a timer can hold.
+IDLE_TIMEOUT_MIN, IDLE_TIMEOUT_MAX = 1, 7 * 24 * 3600
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+# ASCII digits only: str.isdigit() also takes "²" and other digits int() refuses.
+_DIGITS = re.compile(r"[0-9]{1,9}", re.ASCII)
+
+
+def text(what: str, value: Any, *, max_chars: int, one_line: bool = False) -> str:
+    """Text a process can be given: a string of valid UTF-8 (no lone surrogates), no NUL, bounded."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be text")
+    if len(value) > max_chars:
+        raise InvalidInput(f"{what} is {len(value)} characters long", hint=f"at most {max_chars} are allowed")
+    if "\x00" in value:
+        raise InvalidInput(f"{what} contains a NUL character", hint="NUL cannot be passed to a process")
+    if one_line and ("\n" in value or "\r" in value):
+        raise InvalidInput(f"{what} must be one line")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} is not valid UTF-8 text", hint="it holds a lone surrogate") from None
+    return value
+
+
+def setting_name(key: Any) -> str:
+    """An app setting's name: an environment variable name, not one the platform sets."""
+    if not isinstance(key, str) or not ENV_NAME.match(key):
+        shown = repr(key)[:60]
+        raise InvalidInput(
+            f"app setting name {shown} is not valid",
+            hint="use letters, digits and '_', not starting with a digit (at most 128)",
+        )
+    if key.upper() in RESERVED_ENV:
+        raise InvalidInput(
+            f"{key} is set by the platform for every app and cannot be an app setting",
+            hint=f"reserved names: {', '.join(sorted(RESERVED_ENV))}",
+        )
+    return key
+
+
+def env_value(key: str, value: Any) -> str:
+    """The value of an environment setting."""
+    return text(f"app setting {key!r}", value, max_chars=MAX_VALUE_CHARS)
+
+
+def runtime(value: Any) -> Runtime:
+    for r in RUNTIMES:
+        if value == r:
+            return r
+    raise InvalidInput(f"runtime must be one of {', '.join(RUNTIMES)}", hint="or unset it to detect it")
+
+
+def entry(value: Any) -> str:
+    """What the app runtime starts: a module, a script, or a command line."""
+    return text("entry", value, max_chars=MAX_ENTRY_CHARS, one_line=True)
+
+
+def boolean(key: str, value: Any) -> bool:
+    """A switch: true/false, or as text true/false, 1/0, yes/no, on/off."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        low = value.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+    raise InvalidInput(f"{key} must be true or false", hint="also accepted: 1/0, yes/no, on/off")
+
+
+def idle_timeout(value: Any) -> int:
+    """Seconds without a request before the app is stopped: a whole number within the bounds."""
+    seconds: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    elif isinstance(value, str) and _DIGITS.fullmatch(value):
+        seconds = int(value)
+    if seconds is None or not IDLE_TIMEOUT_MIN <= seconds <= IDLE_TIMEOUT_MAX:
+        raise InvalidInput(
+            "idle_timeout must be a whole number of seconds",
+            hint=f"from {IDLE_TIMEOUT_MIN} to {IDLE_TIMEOUT_MAX} (a week)",
+        )
+    return seconds
+
+
+def env_bytes(env: Mapping[str, str]) -> int:
+    """The room ``env`` takes in a process's environment."""
+    return sum(len(k.encode()) + len(v.encode()) + 2 for k, v in env.items())
+
+
+def _env_total(env: Mapping[str, str]) -> None:
+    size = env_bytes(env)
+    if size > MAX_ENV_BYTES:
+        raise InvalidInput(
+            f"the site's app settings would take {size} bytes of environment",
+            hint=f"at most {MAX_ENV_BYTES} bytes in all (names and values)",
+        )
 
 
 def check_app_setting(key: str, value: str, *, always_on_allowed: bool = True) -> None:
-    """Refuse a setting the worker could not use, with a message that says why."""
-    if not isinstance(key, str) or not ENV_NAME.match(key):
-        raise InvalidInput(
-            f"app setting name {key!r} is not valid",
-            hint="use letters, digits and '_', not starting with a digit (at most 128)",
-        )
-    if not isinstance(value, str) or "\x00" in value:
-        raise InvalidInput(f"app setting {key!r} must be text")
-    if key == "runtime" and value not in RUNTIMES:
-        raise InvalidInput(f"runtime must be one of {', '.join(RUNTIMES)}", hint="or unset it to detect it")
-    elif key == "entry" and ("\n" in value or len(value) > 1024):
-        raise InvalidInput("entry must be one line of at most 1024 characters", hint="e.g. entry=app:app")
-    elif key in ("always_on", *FRONTEND_KEYS):
-        if value.lower() not in _TRUE + _FALSE:
-            raise InvalidInput(f"{key} must be true or false")
-        if key == "always_on" and value.lower() in _TRUE and not always_on_allowed:
+    """Refuse one setting the worker could not use, with a message that says why."""
+    if key in SITE_KEYS:
+        if key == "runtime":
+            runtime(value)
+        elif key == "entry":
+            entry(value)
+        elif key == "idle_timeout":
+            idle_timeout(value)
+        elif boolean(key, value) and key == "always_on" and not always_on_allowed:
             raise InvalidInput("this site's plan does not allow always on", hint="ask for a plan that does")
-    elif key == "idle_timeout":
-        if not value.isdigit() or int(value) < 1:
-            raise InvalidInput("idle_timeout must be a whole number of seconds, at least 1")
-    elif key.upper() in RESERVED_ENV:
-        raise InvalidInput(f"{key} is set by the platform for every app and cannot be an app setting")
+        return
+    env_value(setting_name(key), value)
 
 
-def app_fields(settings: dict[str, str], *, always_on_allowed: bool) -> dict[str, Any]:
-    """The worker snapshot's app fields for a site's stored settings (empty: a plain static site)."""
+def check_settings(settings: Mapping[str, str]) -> None:
+    """Refuse a site's whole set of settings that the worker could not give its app together."""
+    if len(settings) > MAX_SETTINGS:
+        raise LimitReached(f"a site may have at most {MAX_SETTINGS} app settings")
+    _env_total({k: v for k, v in settings.items() if k not in SITE_KEYS})
+
+
+def app_fields(settings: Mapping[str, str], *, always_on_allowed: bool) -> dict[str, Any]:
+    """The worker snapshot's app fields for a site's stored settings (empty: a plain static site).
+
+    A stored value these checks refuse (one written past management) goes into the snapshot as it is:
+    the worker refuses it for that site alone and says why, and the controller goes on for the rest.
+    """
     fields: dict[str, Any] = {}
     env: dict[str, str] = {}
     for key, value in settings.items():
-        if key == "runtime":
-            fields["runtime"] = value
-        elif key == "entry":
-            fields["entry"] = value
-        elif key == "always_on":
-            fields["always_on"] = always_on_allowed and value.lower() in _TRUE
-        elif key == "idle_timeout":
-            fields["idle_timeout"] = int(value)
-        elif key in FRONTEND_KEYS:
+        if key in FRONTEND_KEYS:
             continue
-        else:
-            env[key] = value
+        try:
+            if key == "runtime":
+                fields["runtime"] = runtime(value)
+            elif key == "entry":
+                fields["entry"] = entry(value)
+            elif key == "always_on":
+                fields["always_on"] = always_on_allowed and boolean(key, value)
+            elif key == "idle_timeout":
+                fields["idle_timeout"] = idle_timeout(value)
+            else:
+                env[key] = value
+        except InvalidInput:
+            fields[key] = value
     if env:
         fields["env"] = env
     return fields
 
 
-def frontend_fields(settings: dict[str, str]) -> dict[str, Any]:
+def frontend_fields(settings: Mapping[str, str]) -> dict[str, Any]:
     """The front end snapshot's per-site switches (HTTPS redirect, affinity cookie) that are on."""
-    return {key: True for key in sorted(FRONTEND_KEYS) if settings.get(key, "").lower() in _TRUE}
+    out: dict[str, Any] = {}
+    for key in sorted(FRONTEND_KEYS):
+        if key in settings:
+            try:
+                if boolean(key, settings[key]):
+                    out[key] = True
+            except InvalidInput:
+                out[key] = settings[key]  # the front end leaves this one site out, and says why
+    return out

@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session, joinedload, selectinload
 
 from roles.management._certs import describe, load_certificate
 from roles.management.config import ManagementConfig
-from shared.appsettings import ENV_NAME, check_app_setting
+from shared import appsettings
+from shared.appsettings import check_app_setting
 from shared.credentials import hash_password, hash_token, new_password, new_token
 from shared.db import (
     ApiToken,
@@ -54,8 +55,6 @@ Json = dict[str, Any]
 WORKER_SIZES = ("small", "medium", "large")
 COMPUTE_MODES = ("shared", "reserved")
 # App settings become environment variables of the site's app: names follow the POSIX rules.
-MAX_SETTINGS = 100
-MAX_SETTING_VALUE = 4096
 
 
 @dataclass(frozen=True)
@@ -565,26 +564,28 @@ class Store:
             return {"site": site.name, "settings": dict(sorted((site.app_settings or {}).items()))}
 
     def update_settings(self, who: Principal, name: str, changes: Json) -> Json:
-        """Merge ``changes`` into the site's app settings; a null value removes the key."""
+        """Merge ``changes`` into the site's app settings; a null value removes the key.
+
+        Every change and the merged whole are checked before anything is stored: all or nothing.
+        """
         for key, value in changes.items():
-            if value is not None and (not isinstance(value, str) or len(value) > MAX_SETTING_VALUE):
+            if value is not None and not isinstance(value, str):
                 raise InvalidInput(
-                    f"app setting {key!r} must be a string of at most {MAX_SETTING_VALUE} characters, or null to remove it"
+                    f"app setting {appsettings.text('name', key, max_chars=200)!r} must be a string, "
+                    "or null to remove it"
                 )
         with self._write_lock, self._db.session() as s:
             site = self._visible_site(s, who, name)
             settings = dict(site.app_settings or {})
             for key, value in changes.items():
-                if value is not None:
-                    check_app_setting(key, value, always_on_allowed=site.subscription.plan.always_on)
-                elif not ENV_NAME.match(key):
-                    raise InvalidInput(f"app setting name {key!r} is not valid")
                 if value is None:
+                    if key not in settings and key not in appsettings.SITE_KEYS:
+                        appsettings.setting_name(key)  # a stored setting can always be removed
                     settings.pop(key, None)
                 else:
+                    check_app_setting(key, value, always_on_allowed=site.subscription.plan.always_on)
                     settings[key] = value
-            if len(settings) > MAX_SETTINGS:
-                raise LimitReached(f"a site may have at most {MAX_SETTINGS} app settings")
+            appsettings.check_settings(settings)
             site.app_settings = settings
             bump_generation(s)
             return {"site": site.name, "settings": dict(sorted(settings.items()))}

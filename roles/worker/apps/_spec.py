@@ -15,7 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.appsettings import ENV_NAME, MAX_ENV_BYTES, RESERVED_ENV, RUNTIMES, Runtime
+from shared import appsettings
+from shared.appsettings import Runtime
 from shared.errors import InvalidInput
 
 __all__ = [
@@ -74,61 +75,55 @@ class AppSpec:
     limits: AppLimits = field(default_factory=AppLimits)
 
 
-def _int(raw: dict[str, Any], key: str, default: int, low: int, high: int, site: str) -> int:
+def _int(raw: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidInput(f"site {site!r}: limits.{key} must be an integer from {low} to {high}")
+        raise InvalidInput(f"limits.{key} must be an integer from {low} to {high}")
     return value
 
 
 def parse_app_spec(site: str, raw: dict[str, Any], default_limits: AppLimits) -> AppSpec | None:
-    """The app part of one site's snapshot entry; None when it says nothing about an app."""
+    """The app part of one site's snapshot entry; None when it says nothing about an app.
+
+    Every value is read with the checks management applied when it was set (:mod:`shared.appsettings`),
+    so a value that got past management fails this one site with the same message.
+    """
+    try:
+        return _parse(raw, default_limits)
+    except InvalidInput as err:
+        raise InvalidInput(f"site {site!r}: {err.message}", hint=err.hint) from None
+
+
+def _parse(raw: dict[str, Any], default_limits: AppLimits) -> AppSpec | None:
     keys = ("runtime", "entry", "env", "always_on", "idle_timeout", "limits")
     if not any(k in raw for k in keys):
         return None
-    runtime = raw.get("runtime")
-    if runtime is not None and runtime not in RUNTIMES:
-        raise InvalidInput(f"site {site!r}: runtime must be one of {', '.join(RUNTIMES)}")
-    entry = raw.get("entry", "")
-    if not isinstance(entry, str) or len(entry) > 1024 or "\n" in entry or "\x00" in entry:
-        raise InvalidInput(f"site {site!r}: entry must be one line of text")
+    rt = raw.get("runtime")
     env_raw = raw.get("env", {})
     if not isinstance(env_raw, dict):
-        raise InvalidInput(f"site {site!r}: env must be an object of strings")
-    env: list[tuple[str, str]] = []
-    size = 0
-    for key, value in sorted(env_raw.items()):
-        if not isinstance(key, str) or not ENV_NAME.match(key) or key.upper() in RESERVED_ENV:
-            raise InvalidInput(f"site {site!r}: {key!r} cannot be an app setting name")
-        if not isinstance(value, str) or "\x00" in value:
-            raise InvalidInput(f"site {site!r}: setting {key} must be a string")
-        size += len(key) + len(value)
-        env.append((key, value))
-    if size > MAX_ENV_BYTES:
-        raise InvalidInput(f"site {site!r}: app settings exceed {MAX_ENV_BYTES} bytes")
-    always_on = raw.get("always_on", False)
-    if not isinstance(always_on, bool):
-        raise InvalidInput(f"site {site!r}: always_on must be true or false")
+        raise InvalidInput("env must be an object of strings")
+    if len(env_raw) > appsettings.MAX_SETTINGS:
+        raise InvalidInput(f"at most {appsettings.MAX_SETTINGS} app settings are allowed")
+    env = {appsettings.setting_name(k): appsettings.env_value(k, v) for k, v in sorted(env_raw.items())}
+    appsettings.check_settings(env)
     idle = raw.get("idle_timeout")
-    if idle is not None and (isinstance(idle, bool) or not isinstance(idle, int | float) or idle <= 0):
-        raise InvalidInput(f"site {site!r}: idle_timeout must be a positive number of seconds")
     lim = raw.get("limits", {})
     if not isinstance(lim, dict):
-        raise InvalidInput(f"site {site!r}: limits must be an object")
+        raise InvalidInput("limits must be an object")
     d = default_limits
     limits = AppLimits(
-        memory_mb=_int(lim, "memory_mb", d.memory_mb, 16, 1024 * 1024, site),
-        cpu_percent=_int(lim, "cpu_percent", d.cpu_percent, 1, 100 * 1024, site),
-        nofile=_int(lim, "nofile", d.nofile, 16, 1024 * 1024, site),
-        nproc=_int(lim, "nproc", d.nproc, 4, 1024 * 1024, site),
-        cpu_seconds=_int(lim, "cpu_seconds", d.cpu_seconds, 1, 10**9, site),
+        memory_mb=_int(lim, "memory_mb", d.memory_mb, 16, 1024 * 1024),
+        cpu_percent=_int(lim, "cpu_percent", d.cpu_percent, 1, 100 * 1024),
+        nofile=_int(lim, "nofile", d.nofile, 16, 1024 * 1024),
+        nproc=_int(lim, "nproc", d.nproc, 4, 1024 * 1024),
+        cpu_seconds=_int(lim, "cpu_seconds", d.cpu_seconds, 1, 10**9),
     )
     return AppSpec(
-        runtime=runtime,
-        entry=entry,
-        env=tuple(env),
-        always_on=always_on,
-        idle_timeout=float(idle) if idle is not None else None,
+        runtime=appsettings.runtime(rt) if rt is not None else None,
+        entry=appsettings.entry(raw.get("entry", "")),
+        env=tuple(env.items()),
+        always_on=appsettings.boolean("always_on", raw.get("always_on", False)),
+        idle_timeout=float(appsettings.idle_timeout(idle)) if idle is not None else None,
         limits=limits,
     )
 
