@@ -426,3 +426,54 @@ def test_site_url_has_no_port_on_443(tmp_path: Path) -> None:
     site = store.create_site(admin, {"name": "shop", "subscription": sub["id"]})
     assert site["url"] == "https://shop.example.net/"
     db.dispose()
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({f"V{i}": "x" * 4000 for i in range(20)}, "at most 65536 bytes"),
+        ({"idle_timeout": "9" * 400}, "whole number of seconds"),
+        ({"idle_timeout": "\u00b2"}, "whole number of seconds"),
+        ({"SECRET": "lone \ud800"}, "not valid UTF-8"),
+        ({"SECRET": "nul\x00"}, "NUL"),
+        ({"runtime": "ruby"}, "one of static, python, php, command"),
+        ({"entry": "a\nb"}, "one line"),
+        ({"PATH": "/x"}, "set by the platform"),
+        ({"always_on": "maybe"}, "true or false"),
+        ({"1BAD": "x"}, "not valid"),
+        ({"OK": 5}, "must be a string"),
+    ],
+)
+def test_settings_the_worker_cannot_run_get_400_and_change_nothing(
+    cloud: ManagementCloud, changes: dict[str, Any], fragment: str
+) -> None:
+    token, sub = _tenant_with_subscription(cloud, f"t-{uuid.uuid4().hex[:8]}", f"p-{uuid.uuid4().hex[:8]}")
+    site = f"s-{uuid.uuid4().hex[:8]}"
+    cloud.ok("POST", "/sites", token=token, body={"name": site, "subscription": sub})
+    cloud.ok("PATCH", f"/sites/{site}/settings", token=token, body={"KEEP": "1"})
+    generation = cloud.generation()
+    status, body = cloud.call("PATCH", f"/sites/{site}/settings", token=token, body=changes)
+    assert status == 400, body
+    assert fragment in body["error"]["message"] + body["error"].get("hint", ""), body
+    assert cloud.ok("GET", f"/sites/{site}/settings", token=token)["settings"] == {"KEEP": "1"}
+    assert cloud.generation() == generation
+    # Another tenant's change goes through right after.
+    other, other_sub = _tenant_with_subscription(
+        cloud, f"t-{uuid.uuid4().hex[:8]}", f"p-{uuid.uuid4().hex[:8]}"
+    )
+    cloud.ok("POST", "/sites", token=other, body={"name": f"{site}-b", "subscription": other_sub})
+    answer = cloud.ok("PATCH", f"/sites/{site}-b/settings", token=other, body={"GREETING": "hi"})
+    assert answer["settings"] == {"GREETING": "hi"}
+
+
+def test_the_environment_total_counts_what_is_already_stored(cloud: ManagementCloud) -> None:
+    token, sub = _tenant_with_subscription(cloud, "envtotal", "envtotal-plan")
+    cloud.ok("POST", "/sites", token=token, body={"name": "envtotal", "subscription": sub})
+    for i in range(16):  # each call fine, 64,000 bytes or so in all
+        cloud.ok("PATCH", "/sites/envtotal/settings", token=token, body={f"V{i}": "x" * 4000})
+    status, body = cloud.call("PATCH", "/sites/envtotal/settings", token=token, body={"V16": "x" * 4000})
+    assert status == 400 and "65536" in body["error"].get("hint", ""), body
+    stored = cloud.ok("GET", "/sites/envtotal/settings", token=token)["settings"]
+    assert len(stored) == 16 and "V16" not in stored
+    # Making room (a null removes) in the same call is judged on the result.
+    cloud.ok("PATCH", "/sites/envtotal/settings", token=token, body={"V0": None, "V16": "x" * 4000})
