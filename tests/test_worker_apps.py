@@ -411,18 +411,14 @@ def test_a_site_cannot_read_another_sites_files_or_the_worker_keys(cloud: AppClo
     assert os.stat(home_a).st_uid == int(uid_a) and os.stat(home_a).st_mode & 0o777 == 0o700
 
 
-def test_snapshot_with_bad_app_settings_is_refused(cloud: AppCloud) -> None:
-    status, body = call(
-        f"{cloud.worker.control_url}/v1/config",
-        cloud.pki.client_ssl("controller"),
-        method="PUT",
-        body={
-            "version": 10_000,
-            "fileserver": cloud.fileserver.control_url,
-            "sites": {"bad": {"uid": "abc", "runtime": "cobol"}},
-        },
-    )
-    assert status == 400 and "runtime" in body["error"]["message"]
+def test_a_site_with_bad_app_settings_fails_alone(cloud: AppCloud) -> None:
+    cloud.add_site("bad", runtime="cobol")
+    health = cloud.worker.health()
+    assert health["status"] == "degraded" and "runtime" in health["failed_sites"]["bad"], health
+    status, _, body = cloud.get("bad", "/")
+    assert status == 503 and b"cannot be served" in body
+    cloud.set("bad", runtime="static")
+    assert "failed_sites" not in cloud.worker.health()
 
 
 def test_always_on_site_runs_without_a_request(cloud: AppCloud) -> None:

@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from typing import Any, TypeVar
 
@@ -63,6 +63,8 @@ class ContentSync:
         self._client = InternalClient(config, timeout=60)
         self._fileserver = ""
         self._held: dict[str, str] = {}
+        # Sites of the snapshot that cannot be served, with why (their visitors get a 503 page).
+        self._failed: dict[str, str] = {}
         self._configured = False
         # What the cache holds, by site: the uid on disk, and the version being served.
         self._disk_uid: dict[str, str | None] = {}
@@ -87,16 +89,30 @@ class ContentSync:
     # -- what the server asks
 
     def lookup(self, site: str) -> tuple[bool, SiteVersion | None]:
-        """(held, version): a held site with no version yet has had nothing published."""
+        """(held, version): a held site with no version yet has had nothing published, or has failed
+        (see :meth:`failure`)."""
+        if self._failed and site in self._failed:
+            return True, None
         return site in self._held, self._current.get(site)
 
+    def failure(self, site: str) -> str | None:
+        """Why a site this worker was given cannot be served (None: it can)."""
+        return self._failed.get(site)
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return dict(self._failed)
+
     def serving_state(self) -> dict[str, Any]:
-        """What serving processes need to answer: per held site, its version number and directory."""
+        """What serving processes need to answer: per site, its version number and directory (None:
+        nothing published yet), or ``{"failed": why}``."""
         current = self._current
-        return {
+        state: dict[str, Any] = {
             site: ([current[site].number, current[site].root] if site in current else None)
             for site in self._held
         }
+        state.update((site, {"failed": why}) for site, why in self._failed.items())
+        return state
 
     def figures(self) -> dict[str, Any]:
         synced = 0
@@ -112,22 +128,35 @@ class ContentSync:
 
     # -- the pushed snapshot
 
-    async def apply(self, snapshot: Snapshot) -> None:
+    async def apply(self, snapshot: Snapshot, failed: Mapping[str, str]) -> dict[str, str]:
+        """Take the snapshot's sites; returns every site that cannot be served, with why.
+
+        ``failed`` are sites the caller already found unusable (their app settings). A site entry this
+        cannot use fails that site alone: it is answered with the platform's 503 page while every
+        other site takes the snapshot. Only a snapshot without its ``sites`` or ``fileserver`` is refused.
+        """
         fileserver = snapshot.get("fileserver", "")
         sites = snapshot.get("sites", {})
         if not isinstance(fileserver, str) or not isinstance(sites, dict):
             raise InvalidInput("worker snapshot needs 'fileserver' (a URL) and 'sites' (an object)")
         held: dict[str, str] = {}
+        failures = dict(failed)
         for name, spec in sites.items():
-            validate_site_name(name)
-            uid = spec.get("uid") if isinstance(spec, dict) else None
-            if not isinstance(uid, str) or not uid or "/" in uid or "\n" in uid:
-                raise InvalidInput(f"site {name!r} needs a 'uid'")
+            try:
+                validate_site_name(name)
+                uid = spec.get("uid") if isinstance(spec, dict) else None
+                if not isinstance(uid, str) or not uid or "/" in uid or "\n" in uid:
+                    raise InvalidInput(f"site {name!r} needs a 'uid'")
+            except InvalidInput as err:
+                failures[name] = str(err)
+                continue
+            # A site whose settings failed keeps its content in step, ready for when they are fixed.
             held[name] = uid
         if not self._configured:
             self._configured = True
             await self._load_disk()
         self._held = held
+        self._failed = failures
         for site in set(held) | set(self._disk_uid):
             if site in self._current and held.get(site) != self._disk_uid.get(site):
                 # Gone, or another incarnation of the name: stop serving it now; its task cleans up.
@@ -139,6 +168,7 @@ class ContentSync:
         if fileserver != self._fileserver:
             self._fileserver = fileserver
             self._restart_feed()
+        return failures
 
     async def _load_disk(self) -> None:
         """A restarted worker serves what it already has, before any other role answers."""

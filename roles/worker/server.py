@@ -49,9 +49,17 @@ _SWEEP = 0.25
 
 class DataServer:
     def __init__(
-        self, config: WorkerConfig, lookup: Lookup, hot: HotCache, *, divert: Divert | None = None
+        self,
+        config: WorkerConfig,
+        lookup: Lookup,
+        hot: HotCache,
+        *,
+        divert: Divert | None = None,
+        failure: Callable[[str], str | None] = lambda _: None,
     ) -> None:
         self._config = config
+        # Why a held site without a version cannot be served (None: nothing published yet).
+        self._failure = failure
         # Issue 5 hook: requests for dynamic sites go to their apps (roles/worker/apps).
         self._divert = divert
         self._lookup = lookup
@@ -190,6 +198,14 @@ class DataServer:
         held, version = self._lookup(site)
         if not held:
             _page(conn, 404, "No site here", "There is no site at this address.", head, keep_alive)
+            return keep_alive
+        if version is None and self._failure(site) is not None:
+            # The reason is for the site's owner (site show), not for its visitors.
+            _page(
+                conn, 503, "Site unavailable",
+                "This site cannot be served right now; its owner can see why in the site's status.",
+                head, keep_alive, [("Retry-After", "60")],
+            )  # fmt: skip
             return keep_alive
         if version is None:
             _page(

@@ -78,16 +78,27 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     # processes (processes > 1) app requests are not diverted yet.
     apps = AppManager(config, sync.lookup, root)
     divert = AppProxy(config, apps) if children is None else None
-    server = DataServer(config, sync.lookup, hot, divert=divert) if children is None else None
+    server = (
+        DataServer(config, sync.lookup, hot, divert=divert, failure=sync.failure)
+        if children is None
+        else None
+    )
 
     async def apply(snapshot: Snapshot) -> None:
-        specs = apps.check(snapshot)  # the whole snapshot is checked before any of it applies
-        await sync.apply(snapshot)
-        apps.apply(snapshot, specs)
+        # Every site entry is checked before any of it applies; one that cannot be used fails alone.
+        specs, failed = apps.check(snapshot)
+        before = sync.failed
+        failed = await sync.apply(snapshot, failed)
+        apps.apply(snapshot, specs, failed)
+        for site, why in failed.items():
+            if before.get(site) != why:
+                log.bind(site=site).warning("cannot serve the site: %s", why)
+        for site in before.keys() - failed.keys():
+            log.bind(site=site).info("the site's entry is usable again")
         changed()
 
     def health() -> dict[str, Any]:
-        figures = {**sync.figures(), "processes": processes, **apps.figures()}
+        figures = {**sync.figures(), "processes": processes, **apps.figures(), **_degraded(sync.failed)}
         if server is not None:
             figures.update(connections=server.connections, hot_cache_bytes=hot.size)
         if children is not None:
@@ -122,11 +133,24 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         await plane.stop()
 
 
+def _degraded(failed: dict[str, str]) -> dict[str, Any]:
+    """Health figures that say degraded, with why, while any site of the snapshot cannot be served
+    (they override the control plane's "ready")."""
+    if not failed:
+        return {}
+    names = sorted(failed)
+    reason = f"{len(names)} site(s) cannot be served: " + "; ".join(failed[n] for n in names[:3])
+    if len(names) > 3:
+        reason += f"; and {len(names) - 3} more"
+    return {"status": "degraded", "reason": reason[:500], "failed_sites": {n: failed[n] for n in names[:100]}}
+
+
 async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) -> None:
     """A serving process: the data port only, from the versions the main process hands over."""
     log = get_logger("worker", host=config.host, process=index)
     hot = HotCache(config.hot_cache_bytes)
     table: dict[str, SiteVersion | None] = {}
+    failed: dict[str, str] = {}
 
     def lookup(site: str) -> tuple[bool, SiteVersion | None]:
         if site not in table:
@@ -136,18 +160,24 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
     async def reload() -> None:
         with contextlib.suppress(FileNotFoundError):
             raw = await asyncio.to_thread(read_json, _handover_file(config))
-            fresh: dict[str, SiteVersion | None] = {
-                site: (SiteVersion(int(v[0]), str(v[1])) if v else None) for site, v in raw.items()
-            }
+            fresh: dict[str, SiteVersion | None] = {}
+            fresh_failed: dict[str, str] = {}
+            for site, v in raw.items():
+                if isinstance(v, dict):
+                    fresh[site], fresh_failed[site] = None, str(v.get("failed", ""))
+                else:
+                    fresh[site] = SiteVersion(int(v[0]), str(v[1])) if v else None
             for site, old in table.items():
                 if fresh.get(site) != old:
                     hot.purge(site)
             table.clear()
             table.update(fresh)
+            failed.clear()
+            failed.update(fresh_failed)
 
     stop_reloading = reload_on_sighup(reload)
     await reload()
-    server = DataServer(config, lookup, hot)
+    server = DataServer(config, lookup, hot, failure=failed.get)
     await server.start(reuse_port=True)
     gc.collect()
     gc.freeze()

@@ -17,7 +17,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -128,24 +128,37 @@ class AppManager:
 
     # -- the pushed snapshot
 
-    def check(self, snapshot: Snapshot) -> dict[str, AppSpec]:
-        """The app settings in a snapshot, all checked before anything of it is applied."""
+    def check(self, snapshot: Snapshot) -> tuple[dict[str, AppSpec], dict[str, str]]:
+        """The app settings of each site in a snapshot, and the sites whose settings cannot be used
+        (with why): those fail alone, the rest of the snapshot applies."""
         specs: dict[str, AppSpec] = {}
+        failed: dict[str, str] = {}
         sites = snapshot.get("sites", {})
         if isinstance(sites, dict):
             for name, raw in sites.items():
                 if isinstance(raw, dict):
-                    spec = parse_app_spec(name, raw, self.default_limits)
+                    try:
+                        spec = parse_app_spec(name, raw, self.default_limits)
+                    except InvalidInput as err:
+                        failed[name] = str(err)
+                        continue
                     if spec is not None:
                         specs[name] = spec
-        return specs
+        return specs, failed
 
-    def apply(self, snapshot: Snapshot, specs: dict[str, AppSpec]) -> None:
+    def apply(
+        self, snapshot: Snapshot, specs: dict[str, AppSpec], failed: Mapping[str, str] | None = None
+    ) -> None:
+        """Take the snapshot's sites but ``failed`` ones (found unusable, with why): their apps stop."""
+        failed = failed or {}
         sites = snapshot.get("sites", {})
-        self._uids = {name: str(raw["uid"]) for name, raw in sites.items()}
+        self._uids = {name: str(raw["uid"]) for name, raw in sites.items() if name not in failed}
         self._specs = specs
         for name in list(self._sites):
-            if name not in self._uids:
+            if name in failed:
+                self._site_log(self._sites[name]).write("worker", f"stopped: {failed[name]}")
+                self._drop(name, "its settings cannot be used")
+            elif name not in self._uids:
                 self._drop(name, "the site left this worker")
         for name in self._static.keys() - self._uids.keys():
             del self._static[name]
