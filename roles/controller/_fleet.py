@@ -29,6 +29,7 @@ from roles.controller.home import CloudHome
 from shared.db import Database, Host, Role
 from shared.errors import InvalidInput, NotFound, NotSupported, SitecloudError, Unavailable
 from shared.logs import get_logger
+from shared.states import RoleState
 
 __all__ = ["UPGRADE_ORDER", "Fleet", "FleetHooks", "Progress"]
 
@@ -47,7 +48,9 @@ class FleetHooks(Protocol):
 
     async def converge(self, timeout: float = 10.0) -> None: ...
 
-    async def wait_ready(self, role_id: int, url: str, timeout: float) -> None: ...
+    async def wait_ready(self, role_id: int, url: str, timeout: float) -> RoleState:
+        """Until the role answers with the current config: Ready, or Degraded (it serves, not all)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,7 @@ class Fleet:
                 }
             )
 
-        await asyncio.to_thread(self._set_role, row.id, state="Installing", reason="")
+        await asyncio.to_thread(self._set_role, row.id, state=RoleState.INSTALLING, reason="")
         try:
             timings = await launcher.install(
                 config,
@@ -253,18 +256,18 @@ class Fleet:
                 extra_files=extra,
             )
         except SitecloudError as err:
-            await asyncio.to_thread(self._set_role, row.id, state="Failed", reason=err.message[:512])
+            await asyncio.to_thread(self._set_role, row.id, state=RoleState.FAILED, reason=err.message[:512])
             raise
         digest, _ = await self.wheelhouse.ensure()
-        await asyncio.to_thread(self._set_role, row.id, code_hash=digest, state="Starting", reason="")
+        await asyncio.to_thread(self._set_role, row.id, code_hash=digest, state=RoleState.STARTING, reason="")
         return timings
 
-    async def _ready(self, row: _RoleRow, progress: Progress) -> float:
+    async def _ready(self, row: _RoleRow, progress: Progress) -> tuple[float, RoleState]:
         """Wait until the role serves with the current config; reported as the step ``ready``."""
         started = time.monotonic()
         progress({"role": row.kind, "host": row.host, "step": "ready", "phase": "started"})
         await self.hooks.converge(timeout=10.0)
-        await self.hooks.wait_ready(row.id, row.control_url, _READY_TIMEOUT)
+        state = await self.hooks.wait_ready(row.id, row.control_url, _READY_TIMEOUT)
         seconds = time.monotonic() - started
         progress(
             {
@@ -275,7 +278,7 @@ class Fleet:
                 "seconds": round(seconds, 2),
             }
         )
-        return seconds
+        return seconds, state
 
     async def add_role(
         self, role_id: int, *, ssh_user: str | None, ssh_key: str | None, progress: Progress
@@ -283,7 +286,7 @@ class Fleet:
         try:
             return await self._add_role(role_id, ssh_user=ssh_user, ssh_key=ssh_key, progress=progress)
         except SitecloudError as err:
-            await asyncio.to_thread(self._set_role, role_id, state="Failed", reason=str(err)[:512])
+            await asyncio.to_thread(self._set_role, role_id, state=RoleState.FAILED, reason=str(err)[:512])
             raise
 
     async def _add_role(
@@ -308,13 +311,13 @@ class Fleet:
                 await asyncio.to_thread(self._set_host, row.host, address=info.address, state="ready")
                 row = await asyncio.to_thread(self._role_row, role_id)
             timings = await self._install(row, progress)
-        timings["ready"] = await self._ready(row, progress)
+        timings["ready"], ready = await self._ready(row, progress)
         total = time.monotonic() - started
-        self._log.info("%s on %s is ready in %.1fs", row.kind, row.host, total)
+        self._log.info("%s on %s is %s in %.1fs", row.kind, row.host, ready.lower(), total)
         return {
             "role": row.kind,
             "host": row.host,
-            "state": "Ready",
+            "state": ready,
             "seconds": round(total, 2),
             "steps": {k: round(v, 2) for k, v in timings.items()},
         }
@@ -333,7 +336,7 @@ class Fleet:
         launcher = self.launcher(row.host, row.fabric)
         assert isinstance(launcher, RemoteLauncher)
         spec = RoleSpec(row.kind, row.host, Path(str(launcher.role_home(row.kind))))
-        state = {"stop": "Stopped", "remove": "Removed"}.get(action, "Ready")
+        state = {"stop": RoleState.STOPPED, "remove": RoleState.REMOVED}.get(action, RoleState.READY)
         try:
             async with self._host(row.host):
                 if action != "start":
@@ -353,7 +356,7 @@ class Fleet:
             if action == "remove":
                 await asyncio.to_thread(self._delete_role, row.id)
             elif action != "stop":
-                await self._ready(row, progress)
+                _, state = await self._ready(row, progress)
         finally:
             # Back into the routes only once it serves (a stopped role stays out by its desired state).
             self.hooks.route_around(row.id, False)
@@ -396,12 +399,13 @@ class Fleet:
             return {
                 "role": row.kind,
                 "host": row.host,
-                "state": "Restarting" if action != "stop" else "Stopping",
+                "state": RoleState.RESTARTING if action != "stop" else RoleState.STOPPING,
             }
         await run()
+        state = RoleState.STOPPED
         if action != "stop":
-            await self.hooks.wait_ready(row.id, row.control_url, _READY_TIMEOUT)
-        return {"role": row.kind, "host": row.host, "state": "Stopped" if action == "stop" else "Ready"}
+            state = await self.hooks.wait_ready(row.id, row.control_url, _READY_TIMEOUT)
+        return {"role": row.kind, "host": row.host, "state": state}
 
     # -- rolling upgrade --------------------------------------------------------------------------
 

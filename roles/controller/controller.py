@@ -32,6 +32,7 @@ from shared.db import Database, Host, Role, bump_generation
 from shared.errors import SitecloudError, Unavailable
 from shared.internal import InternalClient, error_middleware, require_role
 from shared.logs import get_logger
+from shared.states import HealthStatus, RoleState
 from shared.tls import client_context, server_context
 
 __all__ = ["Controller"]
@@ -43,14 +44,14 @@ _UNHEALTHY_AFTER = 2
 _HEALTH_TIMEOUT = 2.0
 _PUSH_TIMEOUT = 5.0
 # Figures every health answer has; the rest are the role's load figures.
-_HEALTH_KEYS = {"role", "host", "status", "code_version", "config_version", "pid", "uptime"}
+_HEALTH_KEYS = {"role", "host", "status", "reason", "code_version", "config_version", "pid", "uptime"}
 
 
 @dataclass
 class RoleObservation:
     """What the controller last saw of one role; written to the DB when it changes."""
 
-    state: str = "Starting"
+    state: RoleState = RoleState.STARTING
     reason: str = ""
     code_version: str = ""
     config_version: int = 0
@@ -71,6 +72,8 @@ class Controller:
         self._nudge = asyncio.Event()
         self._observed: dict[int, RoleObservation] = {}
         self._acked: dict[int, int] = {}
+        # Why a role refused its last snapshot outright (an error answer to the push), by role.
+        self._refused: dict[int, str] = {}
         self._desired: DesiredState | None = None
         self._client: InternalClient | None = None
         self._runner: web.AppRunner | None = None
@@ -159,7 +162,7 @@ class Controller:
                     session.add(role)
                 role.control_port = ports[kind]
                 role.ports = self._public_ports(kind)
-                role.state, role.reason = "Starting", ""
+                role.state, role.reason = RoleState.STARTING, ""
                 role.config_version = 0
             # Ports or hosts may have moved since the last run: every role gets a fresh snapshot.
             bump_generation(session)
@@ -177,7 +180,7 @@ class Controller:
         # Roles on other hosts keep running under their hosts' supervisors; only ours stopped.
         with self.db.session() as session:
             for role in session.scalars(select(Role).join(Host).where(Host.fabric == "local")):
-                role.state, role.reason = "Stopped", ""
+                role.state, role.reason = RoleState.STOPPED, ""
 
     async def _wait_ready(self, stop: asyncio.Event, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -187,24 +190,23 @@ class Controller:
             local = {rid: r for rid, r in self._roles.items() if r.is_local}
             if desired is not None and local:
                 for rid, obs in self._observed.items():
-                    if obs.state == "Ready" and rid not in reported and rid in local:
+                    if self._serves(rid) and rid not in reported and rid in local:
                         reported.add(rid)
-                        self._progress(f"{local[rid].kind} ready")
-                if all(
-                    self._observed.get(rid, RoleObservation()).state == "Ready"
-                    and self._acked.get(rid, 0) >= desired.generation
-                    for rid in local
-                ):
+                        said = "ready" if obs.state == RoleState.READY else f"degraded: {obs.reason}"
+                        self._progress(f"{local[rid].kind} {said}")
+                if all(self._serves(rid) and self._acked.get(rid, 0) >= desired.generation for rid in local):
                     return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.1)
         if not stop.is_set():
-            lagging = [
-                r.kind
-                for rid, r in self._roles.items()
-                if r.is_local and self._observed.get(rid, RoleObservation()).state != "Ready"
-            ]
+            lagging = [r.kind for rid, r in self._roles.items() if r.is_local and not self._serves(rid)]
             self._progress(f"still waiting for {', '.join(lagging)}; see {self.home.logs_dir}")
+
+    def _serves(self, role_id: int) -> bool:
+        """Whether a role serves with what it was given: Ready, or Degraded for a part of its job only
+        (one refusing its snapshot outright is not waited for)."""
+        state = self._observed.get(role_id, RoleObservation()).state
+        return state == RoleState.READY or (state == RoleState.DEGRADED and role_id not in self._refused)
 
     # -- internal API -----------------------------------------------------------------------------
 
@@ -264,9 +266,7 @@ class Controller:
                 serving = [
                     r
                     for r in self._roles.values()
-                    if r.desired_state == "running"
-                    and r.id not in self._routed_down
-                    and self._observed.get(r.id, RoleObservation()).state == "Ready"
+                    if r.desired_state == "running" and r.id not in self._routed_down and self._serves(r.id)
                 ]
                 if all(self._acked.get(r.id, 0) >= generation for r in serving):
                     return True
@@ -307,7 +307,7 @@ class Controller:
             # the front ends' new routes.
             if (
                 self._acked.get(role.id, 0) >= desired.generation
-                or self._observed.get(role.id, RoleObservation()).state in ("Unhealthy", "Failed")
+                or self._observed.get(role.id, RoleObservation()).state.down
                 or role.desired_state != "running"
                 or role.id in self._pushing
             ):
@@ -328,9 +328,25 @@ class Controller:
             answer = await asyncio.wait_for(
                 self._client.put_json(f"{role.control_url}/v1/config", snapshot), _PUSH_TIMEOUT
             )
-        except (SitecloudError, TimeoutError) as err:
-            self._log.debug("push of version %s to %s failed: %s", snapshot["version"], role.kind, err)
+        except SitecloudError as err:
+            if 400 <= err.status < 500:
+                # The role answered and will not take it: no retry fixes that, so it is Degraded.
+                if self._refused.get(role.id) != str(err):
+                    self._log.warning(
+                        "%s on %s refused config version %s: %s",
+                        role.kind,
+                        role.host,
+                        snapshot["version"],
+                        err,
+                    )
+                self._refused[role.id] = str(err)
+            else:
+                self._log.debug("push of version %s to %s failed: %s", snapshot["version"], role.kind, err)
             return
+        except TimeoutError:
+            self._log.debug("push of version %s to %s timed out", snapshot["version"], role.kind)
+            return
+        self._refused.pop(role.id, None)
         self._acked[role.id] = int(answer.get("config_version", 0))
         desired = self._desired
         if desired is not None and self._acked[role.id] < desired.generation:
@@ -363,7 +379,7 @@ class Controller:
                 if r.kind == "frontend"
                 and r.desired_state == "running"
                 and r.id not in self._routed_down
-                and self._observed.get(r.id, RoleObservation()).state == "Ready"
+                and self._serves(r.id)
             ]
             desired = self._desired
             if (
@@ -375,8 +391,9 @@ class Controller:
             await asyncio.sleep(0.05)
         self._log.warning("front ends did not all take generation %s within %.0fs", generation, timeout)
 
-    async def wait_ready(self, role_id: int, url: str, timeout: float) -> None:
-        """Until the role answers health with the current config (its own fresh answer, not a memory)."""
+    async def wait_ready(self, role_id: int, url: str, timeout: float) -> RoleState:
+        """Until the role answers health with the current config (its own fresh answer, not a memory):
+        Ready, or Degraded when it serves but says it cannot do all of its job."""
         assert self._client is not None
         deadline = time.monotonic() + timeout
         last: Exception | None = None
@@ -385,18 +402,20 @@ class Controller:
             try:
                 health = await asyncio.wait_for(self._client.get_json(f"{url}/v1/health"), _HEALTH_TIMEOUT)
                 if desired is not None and int(health.get("config_version", 0)) >= desired.generation:
-                    return
+                    return _health_state(health)[0]
                 self._nudge.set()
             except (SitecloudError, TimeoutError) as err:
                 last = err
             await asyncio.sleep(0.1)
+        if role_id in self._refused:
+            last = Unavailable(f"it refused the config: {self._refused[role_id]}")
         raise Unavailable(f"{url} did not become ready with the current config within {timeout:.0f}s: {last}")
 
     def _down_set(self) -> frozenset[int]:
         down = {rid for rid in self._draining}
         for rid, role in self._roles.items():
             obs = self._observed.get(rid)
-            if role.desired_state != "running" or (obs is not None and obs.state in ("Unhealthy", "Failed")):
+            if role.desired_state != "running" or (obs is not None and obs.state.down):
                 down.add(rid)
         return frozenset(down)
 
@@ -422,7 +441,7 @@ class Controller:
         assert self._client is not None and self.fleet is not None
         obs = self._observed.setdefault(role.id, RoleObservation())
         if role.desired_state != "running":
-            obs.state, obs.reason, obs.failures = "Stopped", "stopped by the admin", 0
+            obs.state, obs.reason, obs.failures = RoleState.STOPPED, "stopped by the admin", 0
             return
         launcher_state, launcher_reason = self.fleet.describe(role.kind, role.host, role.fabric)
         try:
@@ -432,16 +451,23 @@ class Controller:
         except (SitecloudError, TimeoutError) as err:
             obs.failures += 1
             if launcher_state == "failed" and role.is_local:
-                obs.state, obs.reason = "Failed", launcher_reason
+                obs.state, obs.reason = RoleState.FAILED, launcher_reason
             elif obs.ever_healthy and obs.failures >= _UNHEALTHY_AFTER:
-                obs.state, obs.reason = "Unhealthy", f"health check failed: {err or 'timed out'}"
+                obs.state, obs.reason = RoleState.UNHEALTHY, f"health check failed: {err or 'timed out'}"
             elif not obs.ever_healthy:
-                obs.state, obs.reason = "Starting", ""
+                obs.state, obs.reason = RoleState.STARTING, ""
             return
         obs.failures, obs.ever_healthy = 0, True
-        obs.state, obs.reason = "Ready", ""
+        obs.state, obs.reason = _health_state(health)
         obs.code_version = str(health.get("code_version", ""))
         obs.config_version = int(health.get("config_version", 0))
+        refused = self._refused.get(role.id)
+        desired = self._desired
+        if refused is not None and desired is not None and obs.config_version < desired.generation:
+            obs.state = RoleState.DEGRADED
+            obs.reason = f"refused config version {desired.generation}: {refused}" + (
+                f"; {obs.reason}" if obs.reason else ""
+            )
         obs.last_heartbeat = dt.datetime.now(dt.UTC)
         obs.load = {k: v for k, v in health.items() if k not in _HEALTH_KEYS}
         # A role that restarted from an older persisted config needs the current one again.
@@ -451,13 +477,16 @@ class Controller:
 
     def _record(self, roles: list[RoleEndpoint], bump: bool) -> None:
         with self.db.session() as session:
-            hosts: dict[str, list[str]] = {}
+            hosts: dict[str, list[RoleState]] = {}
             for endpoint in roles:
                 role = session.get(Role, endpoint.id)
                 obs = self._observed.get(endpoint.id)
                 if role is None or obs is None:
                     continue
-                if role.state == "Installing" and obs.state != "Ready":
+                if role.state == RoleState.INSTALLING and obs.state not in (
+                    RoleState.READY,
+                    RoleState.DEGRADED,
+                ):
                     continue  # the fabric work owns the state until the role first answers
                 role.state, role.reason = obs.state, obs.reason[:512]
                 role.code_version = obs.code_version
@@ -471,9 +500,16 @@ class Controller:
                 host = session.scalar(select(Host).where(Host.name == name))
                 if host is None or host.state not in ("ready", "down"):
                     continue
-                if all(s == "Unhealthy" for s in states):
+                if all(s == RoleState.UNHEALTHY for s in states):
                     host.state = "down"
-                elif any(s == "Ready" for s in states):
+                elif any(s in (RoleState.READY, RoleState.DEGRADED) for s in states):
                     host.state = "ready"
             if bump:
                 bump_generation(session)
+
+
+def _health_state(health: dict[str, Any]) -> tuple[RoleState, str]:
+    """A role's own health answer as a state and its reason."""
+    if health.get("status") == HealthStatus.DEGRADED:
+        return RoleState.DEGRADED, str(health.get("reason") or "the role says it is degraded")
+    return RoleState.READY, ""

@@ -499,7 +499,16 @@ class Store:
 
     def show_site(self, who: Principal, name: str) -> Json:
         with self._db.session() as s:
-            return self.site_json(self._visible_site(s, who, name))
+            site = self._visible_site(s, who, name)
+            answer = self.site_json(site)
+            # What the site's workers said in their last health answer about why they cannot serve it.
+            problems = []
+            for assignment in sorted(site.assignments, key=lambda a: a.role_id):
+                failed = (assignment.role.load or {}).get("failed_sites")
+                if isinstance(failed, dict) and isinstance(failed.get(site.name), str):
+                    problems.append({"worker": assignment.role.host.name, "reason": failed[site.name]})
+            answer["problems"] = problems
+            return answer
 
     def check_site(self, who: Principal, name: str) -> None:
         """Raise NotFound unless ``who`` may act on site ``name``."""

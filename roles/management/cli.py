@@ -219,6 +219,8 @@ def _show_site_create(site: Any, a: argparse.Namespace) -> None:
 def _show_site(site: Any, a: argparse.Namespace) -> None:
     out(f"site {site['name']}")
     print_fields(_site_fields(site))
+    for problem in site.get("problems", []):
+        out(f"cannot be served by worker {problem['worker']}: {problem['reason']}")
 
 
 def _show_password(site: Any, a: argparse.Namespace) -> None:

@@ -1,0 +1,39 @@
+"""What state a role is in, as the controller records it and every edge shows it.
+
+Stored in the runtime DB and sent over the wire as the plain strings below (a ``StrEnum`` compares
+equal to them), so older rows and answers read the same.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["HealthStatus", "RoleState"]
+
+
+class RoleState(StrEnum):
+    INSTALLING = "Installing"
+    STARTING = "Starting"
+    # Serving with the current config and content.
+    READY = "Ready"
+    # Answering, but not doing all of its job (a site it cannot serve, a snapshot it refused): see reason.
+    DEGRADED = "Degraded"
+    # It answered health before and no longer does.
+    UNHEALTHY = "Unhealthy"
+    FAILED = "Failed"
+    RESTARTING = "Restarting"
+    STOPPING = "Stopping"
+    STOPPED = "Stopped"
+    REMOVED = "Removed"
+
+    @property
+    def down(self) -> bool:
+        """Front ends route around a role in this state."""
+        return self in (RoleState.UNHEALTHY, RoleState.FAILED)
+
+
+class HealthStatus(StrEnum):
+    """The ``status`` of a role's own health answer (``GET /v1/health``)."""
+
+    READY = "ready"
+    DEGRADED = "degraded"
