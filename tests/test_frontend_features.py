@@ -439,11 +439,12 @@ def test_custom_hostnames_are_routed_and_get_their_own_certificate_by_sni(
     conn = http_conn(frontend)
     status, _, body = fetch(conn, "/echo", host="tenant.example")
     assert status == 200 and _origin_of(body) == "a"
-    # A site entry with a broken hostname is left out; the others still apply.
-    assert fetch(conn, "/echo", host=f"shop.{DOMAIN}")[0] == 404
+    # A site entry with a broken hostname fails alone (the platform's 503 page); the others still apply.
+    assert fetch(conn, "/echo", host=f"shop.{DOMAIN}")[0] == 503
     conn.close()
     health = frontend.health()
-    assert health["sites"] == 1 and health["hostnames"] == 3
+    assert health["sites"] == 1 and health["hostnames"] == 4
+    assert health["status"] == "degraded" and "'shop'" in health["reason"]
 
 
 def test_a_100k_site_snapshot_applies_and_routes(

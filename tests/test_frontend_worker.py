@@ -100,7 +100,7 @@ def test_a_published_page_is_served_through_frontend_and_worker(pki: CloudPKI, t
                 "domain": DOMAIN,
                 "sites": {
                     "blog": {"workers": [f"http://127.0.0.1:{plain_port}"]},
-                    "bad": {"workers": ["http://10.1.2.3:80"]},  # plain only to loopback: left out
+                    "bad": {"workers": ["http://10.1.2.3:80"]},  # plain only to loopback: fails alone
                 },
             }
         )
@@ -109,7 +109,7 @@ def test_a_published_page_is_served_through_frontend_and_worker(pki: CloudPKI, t
         assert (resp.status, resp.read()) == (200, b"<h1>hello from blog</h1>")
         conn.request("GET", "/", headers={"Host": f"bad.{DOMAIN}"})
         resp = conn.getresponse()
-        assert resp.status == 404 and b"No site here" in resp.read()
+        assert resp.status == 503 and b"not running anywhere" in resp.read()
         conn.close()
         assert frontend.health()["sites"] == 1
     finally:

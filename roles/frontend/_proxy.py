@@ -45,6 +45,7 @@ class Proxy:
         # Swapped whole on each snapshot: a lookup never sees half of one.
         self.routes: dict[bytes, Site] = {}
         self.sites = 0
+        self.failed_sites: dict[str, str] = {}
         # Custom hostnames' own certificates (the SNI callback reads this), and usage per site.
         self.certs: dict[str, CustomCert] = {}
         self.usage: dict[str, list[int]] = {}
@@ -120,6 +121,7 @@ class Proxy:
             routes.certs,
             routes.sites,
         )
+        self.failed_sites = routes.failed
         for address, old in self.upstreams.items():
             if address not in used:
                 old.retired = True
@@ -264,7 +266,17 @@ class Proxy:
     # -- figures and lifecycle ------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
+        failed = self.failed_sites
+        degraded = (
+            {
+                "status": "degraded",
+                "reason": f"{len(failed)} site(s) cannot be routed: {next(iter(failed.values()))}",
+            }
+            if failed
+            else {}
+        )
         return {
+            **degraded,
             "domain": self.domain,
             "sites": self.sites,
             "hostnames": len(self.routes),

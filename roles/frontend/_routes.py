@@ -116,6 +116,8 @@ class Routes:
     # Custom hostnames with a certificate of their own, for the SNI callback.
     certs: dict[str, CustomCert] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    # Site entries that could not be used, with why: their visitors get the platform's 503 page.
+    failed: dict[str, str] = field(default_factory=dict)
     sites: int = 0
 
 
@@ -142,6 +144,14 @@ def parse_worker_address(address: Any) -> tuple[str, int, bool]:
         return host, int(port), False
     # An IPv6 literal is taken as it is; anything else must be a valid host name.
     return (host if ":" in host else validate_hostname(host)), int(port), True
+
+
+def _valid_site_name(name: str) -> bool:
+    try:
+        validate_site_name(name)
+    except InvalidInput:
+        return False
+    return True
 
 
 def _flag(spec: dict[str, Any], key: str) -> bool:
@@ -185,8 +195,9 @@ def build_routes(
 
     ``upstream`` returns the pool for a worker address, so pools (and their warm connections) carry
     over from one snapshot to the next; ``usage`` the counters of a site, which carry over likewise.
-    A bad domain refuses the snapshot; a bad site entry is left out (and reported) so that one entry
-    cannot keep every other site from its update. A custom hostname claimed twice goes to neither.
+    A bad domain refuses the snapshot; a bad site entry fails that site alone (it is answered with the
+    platform's 503 page, and reported) so that one entry cannot keep every other site from its update.
+    A custom hostname claimed twice goes to neither.
     """
     domain = validate_hostname(snapshot.get("domain", ""))
     sites = snapshot.get("sites", {})
@@ -225,6 +236,9 @@ def build_routes(
             custom = _hostnames(spec)
         except (InvalidInput, TypeError) as err:
             routes.skipped.append(f"site {name!r}: {err}")
+            if isinstance(name, str) and _valid_site_name(name):
+                routes.failed[name] = f"site {name!r}: {err}"
+                hosts[(name + suffix).encode()] = Site(name, (), usage=usage(name))
             continue
         hosts[(name + suffix).encode()] = site
         routes.sites += 1
