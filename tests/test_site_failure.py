@@ -1,0 +1,138 @@
+"""One bad site never holds back the others, end to end on a real cloud (`sitecloud up`).
+
+A setting that got past management (written straight into the runtime DB here, as a value a looser
+check once let through would be) reaches the worker in its snapshot. The worker applies the rest of
+the snapshot, answers that one site with the platform's 503 page, and says Degraded with the reason;
+other sites, old and new, go on as usual; fixing the setting brings it all back to Ready.
+"""
+
+from __future__ import annotations
+
+import ftplib
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from roles.worker._layout import APPS_BASE
+from shared.db import Database, Site, bump_generation
+from tests.cloud import LocalCloud
+from tests.support import wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[LocalCloud]:
+    # Not under /tmp: the worker keeps content in /var/lib/sitecloud/apps-<hash> (its role home is
+    # 0700), and other test sessions on this machine sweep the ones made for homes under /tmp.
+    root = Path(tempfile.mkdtemp(prefix="sitecloud-failure-", dir="/var/tmp"))
+    os.chmod(root, 0o711)
+    cloud = LocalCloud(root / "home")
+    try:
+        cloud.start()
+        yield cloud
+    finally:
+        cloud.kill_everything()
+        worker_home = os.path.realpath(root / "home" / "roles" / "worker")
+        shutil.rmtree(APPS_BASE / f"apps-{hashlib.sha256(worker_home.encode()).hexdigest()[:12]}", True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def subscription(cloud: LocalCloud) -> str:
+    cloud.cli("plan", "create", "small", "--max-sites", "10", "--storage-mb", "5")
+    cloud.cli("tenant", "create", "contoso")
+    return str(cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "small")["id"])
+
+
+def _publish(site: dict[str, Any], files: dict[str, bytes]) -> None:
+    ftp = ftplib.FTP()
+    ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
+    ftp.login(site["ftp"]["user"], site["ftp"]["password"])
+    for name, data in files.items():
+        ftp.storbinary(f"STOR {name}", io.BytesIO(data))
+    ftp.quit()
+
+
+def _store_setting_past_management(cloud: LocalCloud, site: str, key: str, value: str) -> None:
+    db = Database.sqlite(cloud.home / "sitecloud.db")
+    try:
+        with db.session() as s:
+            row = s.scalars(select(Site).where(Site.name == site)).one()
+            row.app_settings = {**(row.app_settings or {}), key: value}
+            bump_generation(s)
+    finally:
+        db.dispose()
+
+
+def _worker(cloud: LocalCloud) -> dict[str, Any]:
+    roles = cloud.cli("role", "list")["roles"]
+    return dict(next(r for r in roles if r["role"] == "worker"))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("idle_timeout", "\u00b2", "idle_timeout must be a whole number of seconds"),
+        ("SECRET", "lone \ud800 surrogate", "not valid UTF-8"),
+    ],
+)
+def test_a_bad_site_fails_alone_and_comes_back_when_fixed(
+    cloud: LocalCloud, subscription: str, key: str, value: str, why: str
+) -> None:
+    tag = "a" if key == "idle_timeout" else "b"
+    good = cloud.cli("site", "create", f"good-{tag}", "--subscription", subscription)
+    bad = cloud.cli("site", "create", f"bad-{tag}", "--subscription", subscription)
+    _publish(good, {"index.html": b"good site"})
+    _publish(bad, {"index.html": b"bad site"})
+    cloud.wait_for_content(f"good-{tag}", "/", b"good site")
+    cloud.wait_for_content(f"bad-{tag}", "/", b"bad site")
+
+    _store_setting_past_management(cloud, f"bad-{tag}", key, value)
+
+    def failed() -> bytes | None:
+        status, _, body = cloud.get(f"bad-{tag}", "/")
+        return body if status == 503 else None
+
+    page = wait_until(failed, timeout=15, what="the bad site to answer 503")
+    assert b"sitecloud" in page and b"bad site" not in page and b"good site" not in page
+    assert cloud.get(f"good-{tag}", "/")[::2] == (200, b"good site")
+
+    worker = wait_until(
+        lambda: (w := _worker(cloud))["state"] == "Degraded" and w, timeout=15, what="the worker Degraded"
+    )
+    assert f"bad-{tag}" in worker["reason"] and why in worker["reason"], worker
+    shown = cloud.cli("site", "show", f"bad-{tag}")
+    assert [p["reason"] for p in shown["problems"]] and why in shown["problems"][0]["reason"], shown
+    assert cloud.cli("site", "show", f"good-{tag}")["problems"] == []
+
+    # Other tenants' work goes on at once: a new site, new content, a setting change.
+    fresh = cloud.cli("site", "create", f"fresh-{tag}", "--subscription", subscription)
+    _publish(fresh, {"index.html": b"fresh v1"})
+    cloud.wait_for_content(f"fresh-{tag}", "/", b"fresh v1")
+    _publish(fresh, {"index.html": b"fresh v2"})
+    cloud.wait_for_content(f"fresh-{tag}", "/", b"fresh v2")
+    cloud.cli("site", "set", f"good-{tag}", "GREETING=hello")
+    worker = wait_until(
+        lambda: (w := _worker(cloud))["config_version"] == w["desired_version"] and w,
+        timeout=10,
+        what="the worker to take the latest snapshot",
+    )
+    assert worker["state"] == "Degraded"
+
+    # The owner fixes the setting (through management, as it should have been): all back to Ready.
+    if key == "idle_timeout":
+        cloud.cli("site", "set", f"bad-{tag}", "idle_timeout=60")
+    else:
+        cloud.cli("site", "unset", f"bad-{tag}", key)
+    cloud.wait_for_content(f"bad-{tag}", "/", b"bad site")
+    wait_until(lambda: _worker(cloud)["state"] == "Ready", timeout=15, what="the worker Ready again")
+    assert cloud.cli("site", "show", f"bad-{tag}")["problems"] == []
