@@ -222,6 +222,7 @@ def test_site_lifecycle(cloud: ManagementCloud) -> None:
             "password": password,
         },
         "deploy": {"url": f"{cloud.config.deploy_url}/api/deploy/blog", "user": "blog", "password": password},
+        "problems": [],
     }
     assert len(password) >= 16
     assert cloud.generation() == before + 1

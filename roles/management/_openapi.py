@@ -228,6 +228,11 @@ _SCHEMAS: Json = {
                 },
                 ["url", "user"],
             ),
+            "problems": {
+                "type": "array",
+                "description": "why a worker cannot serve the site (empty: none)",
+                "items": _obj({"worker": _STR, "reason": _STR}, ["worker", "reason"]),
+            },
         },
         ["name", "url", "subscription", "tenant", "state", "hostnames", "ftp", "deploy"],
     ),

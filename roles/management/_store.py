@@ -434,6 +434,7 @@ class Store:
             "hostnames": [h.hostname for h in site.hostnames],
             "ftp": {"host": c.ftp_host, "port": c.ftp_port, "user": site.name},
             "deploy": {"url": f"{c.deploy_url.rstrip('/')}/api/deploy/{site.name}", "user": site.name},
+            "problems": _site_problems(site),
         }
 
     def _visible_site(self, s: Session, who: Principal, name: str) -> Site:
@@ -490,6 +491,7 @@ class Store:
                 .options(
                     joinedload(Site.subscription).joinedload(Subscription.tenant),
                     selectinload(Site.hostnames),
+                    selectinload(Site.assignments).joinedload(SiteAssignment.role).joinedload(Role.host),
                 )
                 .order_by(Site.name)
             )
@@ -500,15 +502,7 @@ class Store:
     def show_site(self, who: Principal, name: str) -> Json:
         with self._db.session() as s:
             site = self._visible_site(s, who, name)
-            answer = self.site_json(site)
-            # What the site's workers said in their last health answer about why they cannot serve it.
-            problems = []
-            for assignment in sorted(site.assignments, key=lambda a: a.role_id):
-                failed = (assignment.role.load or {}).get("failed_sites")
-                if isinstance(failed, dict) and isinstance(failed.get(site.name), str):
-                    problems.append({"worker": assignment.role.host.name, "reason": failed[site.name]})
-            answer["problems"] = problems
-            return answer
+            return self.site_json(site)
 
     def check_site(self, who: Principal, name: str) -> None:
         """Raise NotFound unless ``who`` may act on site ``name``."""
@@ -731,3 +725,13 @@ class Store:
             s.flush()
         except IntegrityError as exc:
             raise AlreadyExists(conflict) from exc
+
+
+def _site_problems(site: Site) -> list[Json]:
+    """Why the site's workers said, in their last health answers, they cannot serve it."""
+    problems: list[Json] = []
+    for assignment in sorted(site.assignments, key=lambda a: a.role_id):
+        failed = (assignment.role.load or {}).get("failed_sites")
+        if isinstance(failed, dict) and isinstance(failed.get(site.name), str):
+            problems.append({"worker": assignment.role.host.name, "reason": failed[site.name]})
+    return problems
