@@ -32,9 +32,13 @@ def traversable_home() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_worker_apps_dirs_left() -> Iterator[None]:
+def no_worker_apps_dirs_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A worker whose home is under a closed directory (pytest's 0700 temp, as root) keeps its content
-    in /var/lib/sitecloud/apps-<hash> (roles/worker/_layout.py): remove those this session's made."""
+    in /var/lib/sitecloud/apps-<hash> (roles/worker/_layout.py): remove those this session's made.
+
+    Only those whose home is in this session's temp dir or gone: other sessions on the machine may be
+    running clouds of their own right now."""
+    session_tmp = str(tmp_path_factory.getbasetemp()) + "/"
     base = Path("/var/lib/sitecloud")
     existed = base.is_dir()
     before = set(base.iterdir()) if existed else set()
@@ -46,7 +50,9 @@ def no_worker_apps_dirs_left() -> Iterator[None]:
             home = (made / "role-home").read_text().strip()
         except OSError:
             continue
-        if home.startswith(tempfile.gettempdir() + "/"):
+        if home.startswith(tempfile.gettempdir() + "/") and (
+            home.startswith(session_tmp) or not os.path.exists(home)
+        ):
             shutil.rmtree(made, ignore_errors=True)
     if not existed:
         with contextlib.suppress(OSError):
