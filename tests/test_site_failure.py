@@ -133,3 +133,41 @@ def test_a_bad_site_fails_alone_and_comes_back_when_fixed(
     cloud.wait_for_content(f"bad-{tag}", "/", b"bad site")
     wait_until(lambda: _worker(cloud)["state"] == "Ready", timeout=15, what="the worker Ready again")
     assert cloud.cli("site", "show", f"bad-{tag}")["problems"] == []
+
+
+def _role(cloud: LocalCloud, kind: str) -> dict[str, Any]:
+    return dict(next(r for r in cloud.cli("role", "list")["roles"] if r["role"] == kind))
+
+
+def test_a_role_that_refuses_its_snapshot_is_degraded_with_the_reason(
+    cloud: LocalCloud, subscription: str
+) -> None:
+    """The file server still takes a snapshot whole or not at all: a site id it cannot use makes it
+    refuse the snapshot, and the role is then Degraded with why, never Ready, until that is fixed."""
+    cloud.cli("site", "create", "odd", "--subscription", subscription)
+    db = Database.sqlite(cloud.home / "sitecloud.db")
+    try:
+        with db.session() as s:
+            row = s.scalars(select(Site).where(Site.name == "odd")).one()
+            good_uid, row.uid = row.uid, "not a uid!"
+            bump_generation(s)
+        fileserver = wait_until(
+            lambda: (r := _role(cloud, "fileserver"))["state"] == "Degraded" and r,
+            timeout=15,
+            what="the file server Degraded",
+        )
+        assert "refused config version" in fileserver["reason"] and "'odd'" in fileserver["reason"], (
+            fileserver
+        )
+        assert fileserver["config_version"] < fileserver["desired_version"]
+        with db.session() as s:
+            s.scalars(select(Site).where(Site.name == "odd")).one().uid = good_uid
+            bump_generation(s)
+        fileserver = wait_until(
+            lambda: (r := _role(cloud, "fileserver"))["state"] == "Ready" and r,
+            timeout=15,
+            what="the file server Ready again",
+        )
+        assert fileserver["reason"] in ("", None)
+    finally:
+        db.dispose()
