@@ -25,6 +25,7 @@ from roles.worker._layout import APPS_BASE
 from shared.db import Database, Site, bump_generation
 from tests.cloud import LocalCloud
 from tests.support import wait_until
+from tests.test_worker_apps import running_cloud
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -171,3 +172,21 @@ def test_a_role_that_refuses_its_snapshot_is_degraded_with_the_reason(
         assert fileserver["reason"] in ("", None)
     finally:
         db.dispose()
+
+
+def test_serving_processes_answer_a_failed_site_with_the_503_page() -> None:
+    """With serving processes (``processes: 2``) the failure travels with the hand-over to each of them."""
+    with running_cloud(processes=2) as worker:
+        worker.add_site("fine")
+        worker.add_site("broken", idle_timeout="\u00b2")
+        worker.publish("fine", {"index.html": b"fine"})
+        worker.publish("broken", {"index.html": b"broken"})
+        wait_until(lambda: worker.get("fine", "/")[::2] == (200, b"fine"), what="the fine site")
+        for _ in range(6):  # new connections: each may land on either serving process
+            status, _, body = worker.get("broken", "/")
+            assert status == 503 and b"cannot be served" in body, (status, body)
+        health = worker.worker.health()
+        assert health["status"] == "degraded" and "idle_timeout" in health["failed_sites"]["broken"]
+        worker.set("broken", idle_timeout=60)
+        wait_until(lambda: worker.get("broken", "/")[::2] == (200, b"broken"), what="the fixed site")
+        assert "failed_sites" not in worker.worker.health()
