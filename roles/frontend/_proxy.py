@@ -14,7 +14,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from roles.frontend._lane import NO_LANE_FOR, LaneConnection
-from roles.frontend._routes import CustomCert, Site, build_routes
+from roles.frontend._routes import CustomCert, Site, build_routes, failure_figures
 from roles.frontend._upstream import Upstream, UpstreamConnection
 from roles.frontend.config import FrontendConfig
 from shared.logs import ContextLogger
@@ -266,17 +266,8 @@ class Proxy:
     # -- figures and lifecycle ------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        failed = self.failed_sites
-        degraded = (
-            {
-                "status": "degraded",
-                "reason": f"{len(failed)} site(s) cannot be routed: {next(iter(failed.values()))}",
-            }
-            if failed
-            else {}
-        )
         return {
-            **degraded,
+            **failure_figures(self.failed_sites),
             "domain": self.domain,
             "sites": self.sites,
             "hostnames": len(self.routes),

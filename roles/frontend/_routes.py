@@ -16,7 +16,15 @@ from roles.frontend._upstream import Upstream
 from shared.errors import InvalidInput
 from shared.names import validate_hostname, validate_site_name
 
-__all__ = ["AFFINITY_COOKIE", "CustomCert", "Routes", "Site", "build_routes", "parse_worker_address"]
+__all__ = [
+    "AFFINITY_COOKIE",
+    "CustomCert",
+    "Routes",
+    "Site",
+    "build_routes",
+    "failure_figures",
+    "parse_worker_address",
+]
 
 # Added to the load of a worker that refused a connection lately, so it is tried last.
 _DOWN_PENALTY = 1 << 20
@@ -119,6 +127,14 @@ class Routes:
     # Site entries that could not be used, with why: their visitors get the platform's 503 page.
     failed: dict[str, str] = field(default_factory=dict)
     sites: int = 0
+
+
+def failure_figures(failed: dict[str, str]) -> dict[str, Any]:
+    """Health figures that say degraded, with why, while a site entry could not be used."""
+    if not failed:
+        return {}
+    first = next(iter(failed.values()))
+    return {"status": "degraded", "reason": f"{len(failed)} site(s) cannot be routed: {first}"[:500]}
 
 
 def parse_worker_address(address: Any) -> tuple[str, int, bool]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from roles.frontend._client import ClientConnection
 from roles.frontend._proxy import Proxy
-from roles.frontend._routes import CustomCert, build_routes
+from roles.frontend._routes import CustomCert, build_routes, failure_figures
 from roles.frontend._upstream import Upstream
 from roles.frontend._usage import UsageReporter
 from roles.frontend.config import FrontendConfig
@@ -210,6 +210,9 @@ async def _serve_main(config: FrontendConfig, stop: asyncio.Event, processes: in
             default_max_body=config.max_body_bytes,
         )
         figures.update(domain=routes.domain, sites=routes.sites, hostnames=len(routes.hosts))
+        figures.pop("status", None)
+        figures.pop("reason", None)
+        figures.update(failure_figures(routes.failed))
         config.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(_handover_file(config), snapshot, mode=0o600)
         children.reload()
