@@ -74,13 +74,15 @@ def text(what: str, value: Any, *, max_chars: int, one_line: bool = False) -> st
     if len(value) > max_chars:
         raise InvalidInput(f"{what} is {len(value)} characters long", hint=f"at most {max_chars} are allowed")
     if "\x00" in value:
-        raise InvalidInput(f"{what} contains a NUL character", hint="NUL cannot be passed to a process")
+        raise InvalidInput(f"{what} contains a NUL character", hint="any text but NUL is allowed")
     if one_line and ("\n" in value or "\r" in value):
-        raise InvalidInput(f"{what} must be one line")
+        raise InvalidInput(f"{what} must be one line", hint="no line breaks")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidInput(f"{what} is not valid UTF-8 text", hint="it holds a lone surrogate") from None
+        raise InvalidInput(
+            f"{what} is not valid UTF-8 text (it holds a lone surrogate)", hint="use valid Unicode text"
+        ) from None
     return value
 
 
