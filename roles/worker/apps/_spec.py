@@ -35,7 +35,7 @@ __all__ = [
 # A PHP site keeps its scripts below the top level too (a blog/ folder): looked for this deep, and
 # in this many directory entries at most, once per content version.
 _PHP_SEARCH_DEPTH = 8
-_PHP_SEARCH_ENTRIES = 50_000
+_PHP_SEARCH_ENTRIES = 20_000
 
 
 @dataclass(frozen=True, slots=True)
