@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -239,3 +240,62 @@ def test_the_cli_refuses_an_argument_that_is_not_text_without_a_traceback(cloud:
         assert result.returncode != 0, err
         assert "Traceback" not in err + result.stdout.decode(errors="replace"), err
         assert "UTF-8" in err, err
+
+
+def _session(cloud: ManagementCloud) -> tuple[bytes, str]:
+    """A signed-in admin's portal cookie and the CSRF token its forms carry."""
+    status, answer = json_post(cloud, "/api/v1/users", json.dumps({"username": "portal-admin"}).encode())
+    password = json.loads(answer)["password"] if status == 201 else ""
+    form = f"csrf=abc&username=portal-admin&password={password}".encode()
+    headers = [b"Content-Type: application/x-www-form-urlencoded", b"Cookie: __Host-sitecloud_csrf=abc"]
+    ctx = cloud.pki.client_ssl(None)
+    head = b"POST /signin HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + b"\r\n".join(headers)
+    with (
+        socket.create_connection(("127.0.0.1", cloud.config.api_port), timeout=10) as sock,
+        ctx.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(head + b"\r\nContent-Length: %d\r\n\r\n" % len(form) + form)
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 303"), answer[:300]
+    value = re.search(rb"__Host-sitecloud_session=([^;\s]+)", answer)
+    assert value is not None
+    cookie = b"Cookie: __Host-sitecloud_session=" + value.group(1)
+    _, page = raw(cloud, "GET", "/admin/tenants", [cookie])
+    csrf = re.search(rb'name="csrf" value="([^"]+)"', page)
+    assert csrf is not None, page[:500]
+    return cookie, csrf.group(1).decode()
+
+
+def test_signed_in_portal_forms_and_addresses_with_bad_values_get_4xx(cloud: ManagementCloud) -> None:
+    cookie, csrf = _session(cloud)
+    form = [b"Content-Type: application/x-www-form-urlencoded", cookie]
+    for body in (
+        f"csrf={csrf}&action=suspend&subscription=many",
+        f"csrf={csrf}&action=resume&subscription=%C2%B2",
+        f"csrf={csrf}&action=suspend&subscription=" + "9" * 5000,
+        f"csrf={csrf}&action=create&name=a%00b",
+    ):
+        status, page = _portal(cloud, "POST", "/admin/tenants", form, body.encode())
+        assert 400 <= status < 500, (body[:80], status, page[:300])
+    for path in ("/admin/plans/a%00b", "/portal/sites/a%00b", "/portal/sites/x?check=a%00b"):
+        status, page = _portal(cloud, "GET", path, [cookie])
+        assert status == 400 and b"NUL" in page, (path, status)
+    status, page = _portal(cloud, "POST", "/admin/plans/%00", form, f"csrf={csrf}&max_sites=%C2%B2".encode())
+    assert status == 400, page[:300]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("DELETE", "/api/v1/hosts/a%00b"),
+        ("POST", "/api/v1/roles/worker/a%00b/restart"),
+        ("GET", "/api/v1/sites?x=%00"),
+        ("GET", "/api/v1/sites/x/logs?lines=1&follow=%00"),
+    ],
+)
+def test_a_nul_anywhere_in_the_address_gets_400(cloud: ManagementCloud, method: str, path: str) -> None:
+    status, answer = raw(cloud, method, path, [admin_header(cloud)])
+    assert status == 400, answer
+    assert "NUL" in error_of(status, answer)["message"]

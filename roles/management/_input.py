@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from shared.errors import BadRequest, InvalidInput, Unauthorized
@@ -22,6 +24,7 @@ __all__ = [
     "ProtocolErrorLog",
     "check_authorization",
     "check_text",
+    "checked_text",
     "parse_json_object",
 ]
 
@@ -134,3 +137,18 @@ class ProtocolErrorLog(logging.LoggerAdapter[logging.Logger]):
             )
             return
         super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+@web.middleware
+async def checked_text(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every name in the request's path and every query parameter is storable text, for every
+    route (API and portals): a ``%00`` decodes to a NUL no database column takes. (Bytes that are not
+    UTF-8 stay percent-encoded when the URL is decoded, so they arrive as plain text.)"""
+    for key, value in request.match_info.items():
+        check_text(value, f"the {key} in the address")
+    for key, value in request.query.items():
+        check_text(key, "a query parameter's name")
+        check_text(value, f"the query parameter {key!r}")
+    return await handler(request)

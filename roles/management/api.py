@@ -11,14 +11,14 @@ from typing import Any
 
 from aiohttp import web
 
-from roles.management._input import check_authorization, check_text, parse_json_object
+from roles.management._input import check_authorization, parse_json_object
 from roles.management._openapi import openapi_document
 from roles.management._store import require_admin
 from roles.management.service import ManagementService, Principal
 from shared.errors import InvalidInput
 from shared.version import CODE_VERSION
 
-__all__ = ["SERVICE", "api_routes", "client_address", "json_body", "path_part", "principal", "service_of"]
+__all__ = ["SERVICE", "api_routes", "client_address", "json_body", "principal", "service_of"]
 
 SERVICE = web.AppKey("service", ManagementService)
 
@@ -43,11 +43,6 @@ def client_address(request: web.Request) -> str:
 async def json_body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object (see :func:`parse_json_object` for what is refused)."""
     return parse_json_object(await request.read())
-
-
-def path_part(request: web.Request, key: str) -> str:
-    """A name from the request's path, as text that can be stored and compared."""
-    return check_text(request.match_info[key], key)
 
 
 def _int_param(request: web.Request, key: str) -> int:
@@ -136,12 +131,12 @@ async def list_plans(request: web.Request) -> web.Response:
 
 async def show_plan(request: web.Request) -> web.Response:
     who = await principal(request)
-    return web.json_response(await service_of(request).show_plan(who, path_part(request, "name")))
+    return web.json_response(await service_of(request).show_plan(who, request.match_info["name"]))
 
 
 async def update_plan(request: web.Request) -> web.Response:
     who = await principal(request)
-    answer = await service_of(request).update_plan(who, path_part(request, "name"), await json_body(request))
+    answer = await service_of(request).update_plan(who, request.match_info["name"], await json_body(request))
     return web.json_response(answer)
 
 
@@ -198,42 +193,42 @@ async def list_sites(request: web.Request) -> web.Response:
 
 async def show_site(request: web.Request) -> web.Response:
     who = await principal(request)
-    return web.json_response(await service_of(request).show_site(who, path_part(request, "name")))
+    return web.json_response(await service_of(request).show_site(who, request.match_info["name"]))
 
 
 async def delete_site(request: web.Request) -> web.Response:
     who = await principal(request)
-    await service_of(request).delete_site(who, path_part(request, "name"))
+    await service_of(request).delete_site(who, request.match_info["name"])
     return web.Response(status=204)
 
 
 async def start_site(request: web.Request) -> web.Response:
     who = await principal(request)
-    return web.json_response(await service_of(request).start_site(who, path_part(request, "name")))
+    return web.json_response(await service_of(request).start_site(who, request.match_info["name"]))
 
 
 async def scale_site(request: web.Request) -> web.Response:
     who = await principal(request)
     body = await json_body(request)
     return web.json_response(
-        await service_of(request).scale_site(who, path_part(request, "name"), body.get("instances"))
+        await service_of(request).scale_site(who, request.match_info["name"], body.get("instances"))
     )
 
 
 async def stop_site(request: web.Request) -> web.Response:
     who = await principal(request)
-    return web.json_response(await service_of(request).stop_site(who, path_part(request, "name")))
+    return web.json_response(await service_of(request).stop_site(who, request.match_info["name"]))
 
 
 async def reset_password(request: web.Request) -> web.Response:
     who = await principal(request)
-    answer = await service_of(request).reset_publishing_password(who, path_part(request, "name"))
+    answer = await service_of(request).reset_publishing_password(who, request.match_info["name"])
     return _json(answer, secret=True)
 
 
 async def publish_profile(request: web.Request) -> web.Response:
     who = await principal(request)
-    name = path_part(request, "name")
+    name = request.match_info["name"]
     body = await service_of(request).publish_profile(who, name)
     return web.Response(
         body=body,
@@ -249,7 +244,7 @@ async def site_logs(request: web.Request) -> web.StreamResponse:
     except ValueError:
         raise InvalidInput("lines must be a whole number") from None
     follow = request.query.get("follow", "") in ("1", "true", "yes")
-    stream = service_of(request).site_logs(who, path_part(request, "name"), follow=follow, lines=lines)
+    stream = service_of(request).site_logs(who, request.match_info["name"], follow=follow, lines=lines)
     # The first line (or the error, e.g. no such site) before the answer starts.
     first = await anext(stream, b"")
     resp = web.StreamResponse(
@@ -265,37 +260,37 @@ async def site_logs(request: web.Request) -> web.StreamResponse:
 
 async def get_app_settings(request: web.Request) -> web.Response:
     who = await principal(request)
-    return web.json_response(await service_of(request).get_app_settings(who, path_part(request, "name")))
+    return web.json_response(await service_of(request).get_app_settings(who, request.match_info["name"]))
 
 
 async def update_app_settings(request: web.Request) -> web.Response:
     who = await principal(request)
     answer = await service_of(request).update_app_settings(
-        who, path_part(request, "name"), await json_body(request)
+        who, request.match_info["name"], await json_body(request)
     )
     return web.json_response(answer)
 
 
 async def list_hostnames(request: web.Request) -> web.Response:
     who = await principal(request)
-    return web.json_response(await service_of(request).list_hostnames(who, path_part(request, "name")))
+    return web.json_response(await service_of(request).list_hostnames(who, request.match_info["name"]))
 
 
 async def add_hostname(request: web.Request) -> web.Response:
     who = await principal(request)
-    answer = await service_of(request).add_hostname(who, path_part(request, "name"), await json_body(request))
+    answer = await service_of(request).add_hostname(who, request.match_info["name"], await json_body(request))
     return web.json_response(answer, status=201)
 
 
 async def delete_hostname(request: web.Request) -> web.Response:
     who = await principal(request)
-    await service_of(request).delete_hostname(who, path_part(request, "name"), path_part(request, "hostname"))
+    await service_of(request).delete_hostname(who, request.match_info["name"], request.match_info["hostname"])
     return web.Response(status=204)
 
 
 async def hostname_availability(request: web.Request) -> web.Response:
     who = await principal(request)
-    answer = await service_of(request).hostname_availability(who, path_part(request, "hostname"))
+    answer = await service_of(request).hostname_availability(who, request.match_info["hostname"])
     return web.json_response(answer)
 
 
@@ -306,7 +301,7 @@ async def deploy_site(request: web.Request) -> web.Response:
         async for chunk in request.content.iter_chunked(_CHUNK):
             yield chunk
 
-    answer = await service_of(request).deploy(who, path_part(request, "name"), chunks())
+    answer = await service_of(request).deploy(who, request.match_info["name"], chunks())
     return web.json_response(answer)
 
 
