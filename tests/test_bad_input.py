@@ -7,6 +7,7 @@ client would send reach the server as sent. After each, the role's log must hold
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -18,7 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from roles.fileserver.config import FileserverConfig
+from roles.publisher.config import PublisherConfig
+from shared.credentials import hash_password
+from tests.support import CloudPKI, RoleProcess
 from tests.test_management_api import ManagementCloud, start_management
+from tests.test_publisher import SITES
+from tests.test_publisher import Cloud as PublisherCloud
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +306,58 @@ def test_a_nul_anywhere_in_the_address_gets_400(cloud: ManagementCloud, method: 
     status, answer = raw(cloud, method, path, [admin_header(cloud)])
     assert status == 400, answer
     assert "NUL" in error_of(status, answer)["message"]
+
+
+@pytest.fixture(scope="module")
+def publisher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PublisherCloud]:
+    root = tmp_path_factory.mktemp("bad-deploy")
+    pki = CloudPKI(root / "pki")
+    fileserver = RoleProcess(
+        pki.role_config(FileserverConfig, "fileserver", root / "fileserver"), pki
+    ).start()
+    proc = RoleProcess(pki.role_config(PublisherConfig, "publisher", root / "publisher"), pki)
+    try:
+        proc.start()
+        cloud = PublisherCloud(
+            pki, fileserver, proc, {name: hash_password(pw) for name, (pw, _) in SITES.items()}
+        )
+        cloud.push()
+        yield cloud
+    finally:
+        proc.stop()
+        fileserver.stop()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"Basic \xff\xfe",
+        b"Basic " + base64.b64encode(b"web:\xff\xfe"),
+        b"Basic " + base64.b64encode("w\u00e9b:p\u00e4ss".encode()),
+        b"Basic " + base64.b64encode(b"\xed\xa0\x80:x"),
+        b"Basic " + b"A" * 6000,
+        b"Basic !!!",
+        b"Bearer x",
+        b"\xff",
+    ],
+    ids=["raw-bytes", "password-not-utf8", "utf8", "surrogate", "long", "not-base64", "bearer", "no-scheme"],
+)
+def test_web_deploy_basic_auth_that_is_not_text_gets_401(publisher: PublisherCloud, value: bytes) -> None:
+    mark = len(publisher.publisher.log())
+    head = (
+        b"POST /api/deploy/web HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        b"Content-Type: application/zip\r\nContent-Length: 0\r\nAuthorization: " + value + b"\r\n\r\n"
+    )
+    ctx = publisher.pki.client_ssl(None)
+    with (
+        socket.create_connection(("127.0.0.1", publisher.config.deploy_port), timeout=10) as sock,
+        ctx.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(head)
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:300]
+    assert b'"unauthorized"' in answer
+    new = publisher.publisher.log()[mark:]
+    assert "Traceback" not in new, new[-3000:]
