@@ -247,6 +247,18 @@ def test_the_cli_refuses_an_argument_that_is_not_text_without_a_traceback(cloud:
         assert result.returncode != 0, err
         assert "Traceback" not in err + result.stdout.decode(errors="replace"), err
         assert "UTF-8" in err, err
+    # Text that is no valid name reaches the server, which says what a name may be.
+    for name in ("", "../x", "a/b", "x" * 5000, "\u00e9\u0301", "%2e%2e", "a b"):
+        result = subprocess.run(
+            [sys.executable, "-m", "roles.management.cli", "--home", str(home), "site", "show", name],
+            capture_output=True,
+            cwd=root,
+            env=env,
+            timeout=30,
+        )
+        err = result.stderr.decode(errors="replace")
+        assert result.returncode != 0 and err.startswith("error: "), (name[:20], err)
+        assert "Traceback" not in err, err
 
 
 def _session(cloud: ManagementCloud) -> tuple[bytes, str]:
