@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 
 from roles.fileserver.config import FileserverConfig
+from roles.management._input import MAX_JSON_DEPTH, check_text, parse_json_object
 from roles.publisher.config import PublisherConfig
 from shared.credentials import hash_password
+from shared.errors import BadRequest, InvalidInput
 from tests.support import CloudPKI, RoleProcess
 from tests.test_management_api import ManagementCloud, start_management
 from tests.test_publisher import SITES
@@ -373,3 +375,48 @@ def test_web_deploy_basic_auth_that_is_not_text_gets_401(publisher: PublisherClo
     assert b'"unauthorized"' in answer
     new = publisher.publisher.log()[mark:]
     assert "Traceback" not in new, new[-3000:]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/portal/\xff\xfe",
+        b"/signin?n=\xff",
+        b"/api/v1/sites/\xff\xfe",
+        b"/nowhere/\xed\xa0\x80",
+        b"/admin/plans/\xc3\xa9",
+    ],
+)
+def test_raw_bytes_in_the_request_target_get_4xx_or_a_page(cloud: ManagementCloud, target: bytes) -> None:
+    ctx = cloud.pki.client_ssl(None)
+    with (
+        socket.create_connection(("127.0.0.1", cloud.config.api_port), timeout=10) as sock,
+        ctx.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(
+            b"GET "
+            + target
+            + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            + admin_header(cloud)
+            + b"\r\n\r\n"
+        )
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    assert status < 500, answer[:500]
+
+
+def test_the_json_boundary_on_its_own() -> None:
+    nested = b'{"a": ' * (MAX_JSON_DEPTH - 1) + b"[1]" + b"}" * (MAX_JSON_DEPTH - 1)
+    assert parse_json_object(nested)["a"]
+    with pytest.raises(BadRequest, match="nested deeper"):
+        parse_json_object(b'{"a": ' * MAX_JSON_DEPTH + b"[1]" + b"}" * MAX_JSON_DEPTH)
+    assert parse_json_object('{"name": "caf\u00e9 \U0001f600"}'.encode()) == {"name": "caf\u00e9 \U0001f600"}
+    assert parse_json_object(b'{"name": "\\ud83d\\ude00"}') == {"name": "\U0001f600"}, (
+        "a surrogate pair is fine"
+    )
+    for body in (b'{"n": "\\ud83d"}', b'{"n": "\\ude00\\ud83d"}', b'{"n": ["x", {"m": "\\udfff"}]}'):
+        with pytest.raises(InvalidInput, match="not valid Unicode"):
+            parse_json_object(body)
+    assert check_text("plain", "x") == "plain"
