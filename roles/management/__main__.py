@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from roles.management._input import ProtocolErrorLog
 from roles.management.app import make_app
 from roles.management.config import ManagementConfig
 from roles.management.service import ManagementService
@@ -28,7 +29,7 @@ async def serve(config: ManagementConfig, stop: asyncio.Event) -> None:
     db = Database(config.db_url)
     service = ManagementService(config, db)
     control = ControlPlane(config, _ignore_snapshot, health=lambda: {"api_port": config.api_port})
-    runner = web.AppRunner(make_app(service), access_log=None, shutdown_timeout=5)
+    runner = web.AppRunner(make_app(service), access_log=None, shutdown_timeout=5, logger=ProtocolErrorLog())
     try:
         await control.load_last_known_good()
         await control.start()

@@ -11,10 +11,11 @@ from typing import Any
 
 from aiohttp import web
 
+from roles.management._input import check_authorization, parse_json_object
 from roles.management._openapi import openapi_document
 from roles.management._store import require_admin
 from roles.management.service import ManagementService, Principal
-from shared.errors import BadRequest, InvalidInput
+from shared.errors import InvalidInput
 from shared.version import CODE_VERSION
 
 __all__ = ["SERVICE", "api_routes", "client_address", "json_body", "principal", "service_of"]
@@ -30,7 +31,9 @@ def service_of(request: web.Request) -> ManagementService:
 
 
 async def principal(request: web.Request) -> Principal:
-    return await service_of(request).authenticate(request.headers.get("Authorization"))
+    header = request.headers.get("Authorization")
+    check_authorization(header)
+    return await service_of(request).authenticate(header)
 
 
 def client_address(request: web.Request) -> str:
@@ -38,13 +41,8 @@ def client_address(request: web.Request) -> str:
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest("the request body is not valid JSON") from exc
-    if not isinstance(body, dict):
-        raise InvalidInput("the request body must be a JSON object")
-    return body
+    """The request's JSON object (see :func:`parse_json_object` for what is refused)."""
+    return parse_json_object(await request.read())
 
 
 def _int_param(request: web.Request, key: str) -> int:

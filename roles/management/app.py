@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from roles.management._input import checked_text
 from roles.management.api import SERVICE, api_routes
 from roles.management.portal import portal_routes, render, security_headers
 from roles.management.service import ManagementService
@@ -55,7 +56,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def make_app(service: ManagementService) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[_errors, checked_text], client_max_size=1024 * 1024)
     app[SERVICE] = service
     app.add_routes(api_routes())
     app.add_routes(portal_routes())

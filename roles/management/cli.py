@@ -767,8 +767,32 @@ def _fail(err: SitecloudError, as_json: bool) -> int:
     return 1
 
 
+def _not_text(args: list[str]) -> InvalidInput | None:
+    """An argument the shell passed as bytes that are not UTF-8 (Python keeps them as lone
+    surrogates) can name nothing on the server; ``--home`` is a local path, and may be any bytes."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--home=") or (i > 0 and args[i - 1] == "--home"):
+            continue
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                raw = arg.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                raw = arg.encode("utf-8", "backslashreplace")
+            shown = raw.decode("utf-8", "backslashreplace")
+            return InvalidInput(
+                f"argument {shown!r} is not valid UTF-8 text",
+                hint="names are letters, digits and dashes; check the terminal's encoding",
+            )
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    bad = _not_text(args_list)
+    if bad is not None:
+        return _fail(bad, "--json" in args_list)
     at = _command_word(args_list)
     if at is not None and args_list[at] == "up":
         return _run_up(args_list)

@@ -16,6 +16,7 @@ from functools import lru_cache
 from urllib.parse import quote
 
 from roles.worker._http import LANE_MAX_FILE, LANE_REFUSED_REQUEST, HttpConnection, http_date, response_head
+from roles.worker._source import is_app_source
 
 __all__ = [
     "DEFAULT_DOCUMENTS",
@@ -84,8 +85,11 @@ def resolve(root: str, rel: str, *, slash: bool) -> FileHit | Redirect | None:
     """What ``rel`` (already through :func:`shared.paths.site_relpath`) names in the version ``root``.
 
     A directory is served by its first default document; asked for without its trailing slash, it
-    redirects to the slash form so relative links in the page resolve. ``None`` means not found.
+    redirects to the slash form so relative links in the page resolve. ``None`` means not found,
+    which is also the answer for a site's source (:func:`is_app_source`): its existence is not told.
     """
+    if is_app_source(rel):
+        return None
     full = f"{root}/{rel}" if rel else root
     st = _stat(full)
     if st is None:

@@ -13,8 +13,10 @@ from roles.management.portal._web import (
     SESSION_COOKIE,
     Page,
     check_origin,
+    cookie,
     current_page,
     posted,
+    read_form,
     redirect,
     render,
     require_page,
@@ -37,7 +39,7 @@ async def root(request: web.Request) -> web.StreamResponse:
 
 
 def _pre_csrf(request: web.Request) -> str:
-    return request.cookies.get(PRE_CSRF_COOKIE) or secrets.token_urlsafe(32)
+    return cookie(request, PRE_CSRF_COOKIE) or secrets.token_urlsafe(32)
 
 
 def _anonymous(
@@ -57,8 +59,8 @@ def _anonymous(
 
 async def _anonymous_form(request: web.Request) -> dict[str, str]:
     check_origin(request)
-    form = await request.post()
-    given, expected = form.get("csrf"), request.cookies.get(PRE_CSRF_COOKIE)
+    form = await read_form(request)
+    given, expected = form.get("csrf"), cookie(request, PRE_CSRF_COOKIE)
     if (
         not isinstance(given, str)
         or not expected

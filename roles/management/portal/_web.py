@@ -16,9 +16,10 @@ import jinja2
 from aiohttp import web
 from multidict import MultiDictProxy
 
+from roles.management._input import check_text
 from roles.management.api import service_of
 from roles.management.service import Principal
-from shared.errors import Forbidden, SitecloudError
+from shared.errors import BadRequest, Forbidden, SitecloudError
 
 __all__ = [
     "PRE_CSRF_COOKIE",
@@ -26,8 +27,10 @@ __all__ = [
     "Page",
     "check_csrf",
     "check_origin",
+    "cookie",
     "current_page",
     "posted",
+    "read_form",
     "redirect",
     "render",
     "require_page",
@@ -122,10 +125,10 @@ PAGE = web.RequestKey("portal_page", Page)
 async def current_page(request: web.Request) -> Page | None:
     if PAGE in request:
         return request[PAGE]
-    cookie = request.cookies.get(SESSION_COOKIE)
-    if not cookie:
+    session = cookie(request, SESSION_COOKIE)
+    if not session:
         return None
-    found = await service_of(request).session(cookie)
+    found = await service_of(request).session(session)
     if found is None:
         return None
     page = Page(*found)
@@ -191,8 +194,16 @@ def check_origin(request: web.Request) -> None:
         raise Forbidden("this form was sent from another site", hint="reload the page and try again")
 
 
+def cookie(request: web.Request, name: str) -> str | None:
+    """One of our cookies; a value we could not have set (not printable ASCII) counts as none."""
+    value = request.cookies.get(name)
+    if value is None or not value.isascii() or not value.isprintable():
+        return None
+    return value
+
+
 def check_csrf(page: Page, given: str | None) -> None:
-    if not given or not secrets.compare_digest(page.csrf.encode(), given.encode()):
+    if not given or not given.isascii() or not secrets.compare_digest(page.csrf.encode(), given.encode()):
         raise Forbidden(
             "the form has expired or did not come from this portal", hint="reload the page and try again"
         )
@@ -201,7 +212,22 @@ def check_csrf(page: Page, given: str | None) -> None:
 async def posted(request: web.Request, page: Page) -> MultiDictProxy[Any]:
     """The form of a POST, after the origin and CSRF checks."""
     check_origin(request)
-    form = await request.post()
+    form = await read_form(request)
     token = form.get("csrf")
     check_csrf(page, token if isinstance(token, str) else None)
+    return form
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[Any]:
+    """A POSTed form whose every text field can be stored (valid Unicode, no NUL)."""
+    try:
+        form = await request.post()
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(
+            "the form could not be read", hint="send it as UTF-8 from the portal's page"
+        ) from exc
+    for name, value in form.items():
+        if isinstance(value, str):
+            check_text(name, "a form field's name")
+            check_text(value, f"the form field {name!r}")
     return form

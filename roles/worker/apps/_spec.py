@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
+from roles.worker._source import is_app_source
 from shared import appsettings
 from shared.appsettings import Runtime
 from shared.errors import InvalidInput
@@ -31,11 +33,10 @@ __all__ = [
     "procfile_web",
 ]
 
-# Never served as files from a dynamic site: they are its code and its secrets.
-_SOURCE_SUFFIXES = (".py", ".pyc", ".php", ".phtml", ".inc")
-_SOURCE_NAMES = frozenset(
-    {"procfile", "requirements.txt", "pyproject.toml", "composer.json", "composer.lock"}
-)
+# A PHP site keeps its scripts below the top level too (a blog/ folder): looked for this deep, and
+# in this many directory entries at most, once per content version.
+_PHP_SEARCH_DEPTH = 8
+_PHP_SEARCH_ENTRIES = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +144,17 @@ def procfile_web(root: str) -> str | None:
 
 
 def detect_runtime(root: str) -> tuple[Runtime, str]:
-    """(runtime, default entry) from a version directory's top level: a few stats, no reads but one."""
+    """(runtime, default entry) from a version directory: its top level, then (no app there) a PHP
+    script anywhere below. A version directory never changes, so the search is done once per version."""
+    try:
+        st = os.stat(root)
+    except OSError:
+        return "static", ""
+    return _detect(root, st.st_ino, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=4096)
+def _detect(root: str, ino: int, mtime_ns: int) -> tuple[Runtime, str]:
     try:
         names = set(os.listdir(root))
     except OSError:
@@ -155,15 +166,34 @@ def detect_runtime(root: str) -> tuple[Runtime, str]:
     for module in ("app", "wsgi", "asgi"):
         if f"{module}.py" in names:
             return "python", module
-    if "index.php" in names or any(n.endswith(".php") for n in names):
+    if "manage.py" in names:
+        # Django's layout: <project>/wsgi.py beside manage.py.
+        for name in sorted(names):
+            if name.isidentifier() and os.path.isfile(os.path.join(root, name, "wsgi.py")):
+                return "python", f"{name}.wsgi:application"
+    if any(n.lower().endswith(".php") for n in names) or _php_below(root):
         return "php", "index.php"
     return "static", ""
 
 
-def is_app_source(rel: str) -> bool:
-    """A path a dynamic site's visitors never get as a file: code, dependency lists, dot files."""
-    for part in rel.split("/"):
-        if part.startswith(".") or part == "__pycache__":
-            return True
-    base = rel.rsplit("/", 1)[-1].lower()
-    return base in _SOURCE_NAMES or base.endswith(_SOURCE_SUFFIXES)
+def _php_below(root: str) -> bool:
+    """Whether a ``*.php`` file lies in a sub-folder (dot folders aside), within the search bounds."""
+    pending, seen = [(root, 0)], 0
+    while pending:
+        path, depth = pending.pop()
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            continue
+        seen += len(entries)
+        if seen > _PHP_SEARCH_ENTRIES:
+            return False
+        for entry in entries:
+            if entry.name[:1] == ".":
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                if depth < _PHP_SEARCH_DEPTH:
+                    pending.append((entry.path, depth + 1))
+            elif entry.name.lower().endswith(".php") and entry.is_file(follow_symlinks=False):
+                return True
+    return False
