@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from shared.config import RoleConfig
 
@@ -20,5 +21,34 @@ class PublisherConfig(RoleConfig):
     max_deploy_bytes: int = 1024 * 1024 * 1024
     # Seconds before a wrong FTP password is answered (slows down guessing).
     ftp_auth_failed_delay: float = 2.0
-    # Seconds an FTP control connection may sit idle before it is closed.
+    # Seconds an FTP control connection may sit idle after login before it is closed.
     ftp_idle_timeout: int = 300
+    # Seconds from connecting to a completed login; an idle or slow client is closed with 421 after it.
+    ftp_login_timeout: float = 30.0
+    # FTP control connections at once, in all and from one client address (0 = no limit).
+    ftp_max_connections: int = 512
+    ftp_max_connections_per_ip: int = 16
+    # Explicit FTPS (AUTH TLS). The certificate is the role's own (issued by the cloud CA for the
+    # publisher's DNS names) unless the admin gives one by path.
+    ftp_tls: bool = True
+    ftp_tls_cert_file: Path | None = None
+    ftp_tls_key_file: Path | None = None
+    # Refuse USER before AUTH TLS, so no password ever crosses the network in clear text.
+    require_tls: bool = False
+    # Failed logins (FTP and web deploy together) before a client is refused for a while: for one
+    # account from one address, and for any accounts from one address; the allowance refills over
+    # ``login_failure_window`` seconds. The throttle tables keep at most ``login_throttle_entries``.
+    login_failures_per_account: int = 5
+    login_failures_per_address: int = 20
+    login_failure_window: float = 300.0
+    login_throttle_entries: int = 10_000
+
+    @property
+    def ftp_cert_file(self) -> Path:
+        return self.ftp_tls_cert_file or self.cert_file
+
+    @property
+    def ftp_key_file(self) -> Path:
+        return self.ftp_tls_key_file or (
+            self.key_file if self.ftp_tls_cert_file is None else self.ftp_tls_cert_file
+        )
