@@ -494,8 +494,6 @@ class FtpServer:
         ssl_context: ssl.SSLContext,
         throttle: LoginThrottle,
     ) -> None:
-        if config.require_tls and not config.ftp_tls:
-            raise ValueError("publisher config: require_tls needs ftp_tls")
         self._log = get_logger(config.role, host=config.host)
         self._context = _Context(
             sites,

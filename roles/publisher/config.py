@@ -43,6 +43,34 @@ class PublisherConfig(RoleConfig):
     login_failure_window: float = 300.0
     login_throttle_entries: int = 10_000
 
+    def __post_init__(self) -> None:
+        if self.require_tls and not self.ftp_tls:
+            raise ValueError("require_tls needs ftp_tls")
+        if (self.ftp_tls_key_file is not None) and self.ftp_tls_cert_file is None:
+            raise ValueError("ftp_tls_key_file needs ftp_tls_cert_file")
+        if self.passive_ports is not None:
+            low, high = self.passive_ports
+            if not 0 < low <= high < 65536:
+                raise ValueError(f"passive_ports {low}-{high} is not a range of ports")
+        # (name, value, least allowed): 0 connections means no limit; the throttle cannot be off.
+        counts = (
+            ("ftp_max_connections", self.ftp_max_connections, 0),
+            ("ftp_max_connections_per_ip", self.ftp_max_connections_per_ip, 0),
+            ("login_failures_per_account", self.login_failures_per_account, 1),
+            ("login_failures_per_address", self.login_failures_per_address, 1),
+            ("login_throttle_entries", self.login_throttle_entries, 1),
+        )
+        for name, value, least in counts:
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be a whole number >= {least}, not {value!r}")
+        for name, seconds in (
+            ("ftp_login_timeout", self.ftp_login_timeout),
+            ("ftp_idle_timeout", self.ftp_idle_timeout),
+            ("login_failure_window", self.login_failure_window),
+        ):
+            if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, not {seconds!r}")
+
     @property
     def ftp_cert_file(self) -> Path:
         return self.ftp_tls_cert_file or self.cert_file
