@@ -234,6 +234,27 @@ def test_ftplib_ftps_uploads_lists_and_downloads(cloud: Cloud) -> None:
     assert cloud.files("tls") == {"docs/page.html": 15}
 
 
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_ftps_data_connections_resume_the_control_session(cloud: Cloud, version: ssl.TLSVersion) -> None:
+    context = cloud.tls_context()
+    context.maximum_version = version
+    with ftplib.FTP_TLS(context=context, timeout=10) as ftp:
+        ftp.connect("localhost", cloud.ftp_port)
+        ftp.login("tls", SITES["tls"][0])
+        ftp.prot_p()
+        ftp.storbinary("STOR resume.txt", io.BytesIO(b"resumed"))
+        ftp.voidcmd("TYPE I")
+        raw = socket.create_connection(ftp.makepasv(), timeout=10)
+        assert ftp.sendcmd("RETR resume.txt")[:1] == "1"
+        assert isinstance(ftp.sock, ssl.SSLSocket)
+        with context.wrap_socket(raw, server_hostname="localhost", session=ftp.sock.session) as data:
+            assert data.version() == ("TLSv1.3" if version is ssl.TLSVersion.TLSv1_3 else "TLSv1.2")
+            assert data.session_reused
+            assert data.recv(100) == b"resumed"
+        ftp.voidresp()
+        ftp.delete("resume.txt")
+
+
 def test_lftp_with_forced_tls_uploads_lists_and_downloads(cloud: Cloud, tmp_path: Path) -> None:
     lftp = _tool("lftp")
     (tmp_path / "hello.txt").write_bytes(b"hello from lftp over TLS\n")
