@@ -230,6 +230,8 @@ def test_ftplib_ftps_uploads_lists_and_downloads(cloud: Cloud) -> None:
         assert ftp.nlst("docs") == ["page.html"]
         facts = dict(ftp.mlsd("docs"))
         assert facts["page.html"]["size"] == "15"
+        assert set(facts["page.html"]["perm"]) == set("radfw")
+        assert set(dict(ftp.mlsd("/"))["docs"]["perm"]) == set("eldfmcp")
         assert _retr(ftp, "docs/page.html") == b"<p>over TLS</p>"
     assert cloud.files("tls") == {"docs/page.html": 15}
 
@@ -447,6 +449,14 @@ def test_connections_that_do_not_log_in_are_closed(cloud: Cloud) -> None:
         waited = time.monotonic() - started
         assert rest.decode().startswith("421 No login within"), rest
         assert LOGIN_TIMEOUT - 0.5 <= waited <= LOGIN_TIMEOUT + 3, waited
+    # A client that asks for TLS and then never completes the handshake is closed as well.
+    with socket.create_connection(("127.0.0.1", cloud.ftp_port), timeout=10) as sock:
+        assert _banner(sock).startswith("220")
+        sock.sendall(b"AUTH TLS\r\n")
+        assert _banner(sock).startswith("234")
+        started = time.monotonic()
+        assert sock.recv(1024) == b""
+        assert time.monotonic() - started <= LOGIN_TIMEOUT + 3
     # A login well within the deadline is not affected.
     with cloud.ftp("caps") as ftp:
         time.sleep(LOGIN_TIMEOUT + 0.5)

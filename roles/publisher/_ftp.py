@@ -92,7 +92,8 @@ class _Authorizer:
         return perm in _PERMS
 
     def get_perms(self, username: str) -> str:
-        return _PERMS
+        # What MLSD/MLST show as the "perm" fact (RFC 3659 letters; "M" is pyftpdlib's own).
+        return _PERMS.replace("M", "")
 
     def get_msg_login(self, username: str) -> str:
         return f"Logged in to site {username}."
@@ -311,6 +312,9 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
             )
 
     def _login_timed_out(self) -> None:
+        if getattr(self, "_ssl_accepting", False):
+            self.close()  # stuck in the TLS handshake: no way to send a reply
+            return
         if not self.authenticated and not self._closed:
             self.context.log.bind(client=f"{self.remote_ip}:{self.remote_port}").info(
                 "FTP connection closed: no login within %ss", self.context.login_timeout
