@@ -25,8 +25,9 @@ import pytest
 
 from roles.fileserver.config import FileserverConfig
 from roles.publisher.config import PublisherConfig
+from roles.worker.config import WorkerConfig
 from shared.credentials import hash_password
-from tests.support import CloudPKI, RoleProcess, call
+from tests.support import CloudPKI, RoleProcess, call, wait_until
 
 QUOTA = 256 * 1024
 TINY_QUOTA = 16 * 1024
@@ -529,7 +530,7 @@ def test_names_over_255_bytes_or_not_utf8_are_refused_everywhere(cloud: Cloud) -
     assert cloud.files("names") == {longest: 2}
 
 
-def test_zip_members_and_fileserver_commits_refuse_long_names(cloud: Cloud) -> None:
+def test_long_names_are_refused_at_every_door_and_the_site_still_syncs(cloud: Cloud, tmp_path: Path) -> None:
     before = cloud.manifest("names")
     status, answer, _ = cloud.deploy("names", _zip({"n" * 256: b"x"}), SITES["names"][0])
     assert status == 400 and "255 bytes" in answer["error"]["message"], answer
@@ -542,7 +543,34 @@ def test_zip_members_and_fileserver_commits_refuse_long_names(cloud: Cloud) -> N
     )
     assert status == 400 and "255 bytes" in json.dumps(answer), answer
     assert cloud.manifest("names") == before
-    # The site goes on taking uploads.
-    with cloud.ftp("names") as ftp:
-        ftp.storbinary("STOR after.txt", io.BytesIO(b"still fine"))
-    assert cloud.files("names")["after.txt"] == 10
+
+    # A worker syncs the site, before and after the refusals, and serves what came in last.
+    config = cloud.pki.role_config(WorkerConfig, "worker", tmp_path / "worker", version_grace=0.3)
+    worker = RoleProcess(config, cloud.pki).start()
+    try:
+        worker.push_config(
+            {
+                "version": 1,
+                "fileserver": cloud.fileserver.control_url,
+                "sites": {"names": {"uid": "uid-names"}},
+            }
+        )
+        with cloud.ftp("names") as ftp:
+            with pytest.raises(ftplib.error_perm, match=r"^553 "):
+                ftp.storbinary(f"STOR {'x' * 256}.html", io.BytesIO(b"never"))
+            ftp.storbinary("STOR after.html", io.BytesIO(b"still syncing"))
+
+        def served() -> bool:
+            conn = http.client.HTTPSConnection(
+                "localhost", config.data_port, context=cloud.pki.client_ssl("frontend"), timeout=10
+            )
+            try:
+                conn.request("GET", "/after.html", headers={"X-Sitecloud-Site": "names"})
+                resp = conn.getresponse()
+                return resp.status == 200 and resp.read() == b"still syncing"
+            finally:
+                conn.close()
+
+        wait_until(served, timeout=15, what="the worker to serve the upload after the refused names")
+    finally:
+        worker.stop()
