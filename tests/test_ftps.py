@@ -333,7 +333,7 @@ def test_lftp_mirror_reverse_exits_0_without_flags(cloud: Cloud, tmp_path: Path)
     # lftp's defaults (TLS when offered, certificate checked), told only where the cloud CA is.
     script = (
         f"set cmd:fail-exit yes; set net:max-retries 1; set net:timeout 10; set ssl:ca-file {cloud.ca_file}; "
-        f"open -u mirror,{SITES['mirror'][0]} -p {cloud.ftp_port} localhost; mirror -R {local} /; bye"
+        f"open -u mirror,{SITES['mirror'][0]} -p {cloud.ftp_port} 127.0.0.1; mirror -R {local} /; bye"
     )
     result = _run([lftp, "-c", script])
     assert result.returncode == 0, result.stdout + result.stderr
