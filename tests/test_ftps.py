@@ -234,6 +234,13 @@ def test_ftplib_ftps_uploads_lists_and_downloads(cloud: Cloud) -> None:
         assert set(facts["page.html"]["perm"]) == set("radfw")
         assert set(dict(ftp.mlsd("/"))["docs"]["perm"]) == set("eldfmcp")
         assert _retr(ftp, "docs/page.html") == b"<p>over TLS</p>"
+        # A TLS upload cut off without close_notify (what a truncating attacker makes) stores nothing.
+        conn = ftp.transfercmd("STOR docs/page.html")
+        conn.sendall(b"<p>cut")
+        conn.close()  # Python's close() sends no close_notify; unwrap() would
+        with pytest.raises(ftplib.error_temp, match=r"^426"):
+            ftp.voidresp()
+        assert _retr(ftp, "docs/page.html") == b"<p>over TLS</p>"
     assert cloud.files("tls") == {"docs/page.html": 15}
 
 

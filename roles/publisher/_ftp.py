@@ -182,10 +182,10 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
             raise _RetryError from err
         except SSL.ZeroReturnError:
             data = b""  # the client's TLS close_notify: a clean end
-        except SSL.SysCallError as err:
-            code, text = err.args
-            # A TCP close without close_notify: most FTPS clients end uploads this way.
-            self._broken = not (code == -1 or text == "Unexpected EOF")
+        except SSL.SysCallError:
+            # A reset, or a TCP close without TLS close_notify: only the latter tells a cut-off upload
+            # from a complete one, and lftp, curl, FileZilla and ftplib all send it.
+            self._broken = True
             data = b""
         except OSError as err:
             if err.errno in _ERRNOS_RETRY:
