@@ -3,6 +3,7 @@ publisher's config checks and the admin's publisher settings in the controller's
 
 from __future__ import annotations
 
+import ftplib
 import io
 import json
 import zipfile
@@ -17,6 +18,7 @@ from roles.publisher.config import PublisherConfig
 from roles.publisher.zipsafe import check_zip
 from shared.errors import InvalidInput
 from shared.paths import MAX_NAME_BYTES, MAX_PATH_BYTES, site_relpath
+from tests.support import CloudPKI, RoleProcess
 
 
 class Clock:
@@ -185,3 +187,18 @@ def test_the_admins_publisher_settings_reach_the_publishers_config(tmp_path: Pat
     (home_dir / "cloud.json").write_text(json.dumps({"publisher": {"require_tls": True, "ftp_tls": False}}))
     with pytest.raises(InvalidInput, match="require_tls needs ftp_tls"):
         CloudHome(CloudConfig(home=home_dir)).prepare()
+
+
+def test_an_ftp_server_without_tls_does_not_offer_it(tmp_path: Path) -> None:
+    pki = CloudPKI(tmp_path / "pki")
+    config = pki.role_config(PublisherConfig, "publisher", tmp_path / "publisher", ftp_tls=False)
+    publisher = RoleProcess(config, pki).start()
+    try:
+        assert publisher.health()["ftp_tls"] is False
+        with ftplib.FTP(timeout=10) as ftp:
+            ftp.connect("127.0.0.1", config.ftp_port)
+            assert "AUTH TLS" not in ftp.sendcmd("FEAT")
+            with pytest.raises(ftplib.error_perm, match=r"^500"):
+                ftp.sendcmd("AUTH TLS")
+    finally:
+        publisher.stop()
