@@ -306,6 +306,8 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
 
     def handle(self) -> None:
         super().handle()
+        # A deadline, not an idle timer: a client sending NOOPs must not hold a slot forever. Like
+        # pyftpdlib's own idle timer it runs on the acceptor's scheduler (handle() runs there).
         if not self._closed and self.context.login_timeout > 0:
             self._login_deadline = self.ioloop.call_later(
                 self.context.login_timeout, self._login_timed_out, _errback=self.handle_error
