@@ -383,6 +383,23 @@ def test_over_quota_curl_and_lftp_show_552_and_stop(cloud: Cloud, tmp_path: Path
     assert "< 552 upload of /big.bin stopped" in result.stderr and "quota" in result.stderr, result.stderr
     assert "reset" not in result.stderr.lower(), result.stderr
     assert time.monotonic() - started < 10
+    # The same over FTPS, where the refused rest arrives over TLS.
+    result = _run(
+        [
+            curl,
+            "-sSv",
+            "--ssl-reqd",
+            "--cacert",
+            str(cloud.ca_file),
+            "--user",
+            f"full:{SITES['full'][0]}",
+            "-T",
+            str(big),
+            f"ftp://localhost:{cloud.ftp_port}/big.bin",
+        ],
+        timeout=30,
+    )
+    assert result.returncode == 70 and "< 552 upload of /big.bin stopped" in result.stderr, result.stderr
 
     started = time.monotonic()
     script = (
