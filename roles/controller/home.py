@@ -4,7 +4,8 @@ HOME/ca/            the cloud CA (ca.key is 0600 and never leaves this directory
 HOME/controller/    the controller's own identity (it calls roles as OU=controller)
 HOME/roles/<kind>/  each local role's own home: role.json, tls/, state/, content
 HOME/logs/          one log per role process
-HOME/cloud.json     choices that must stay stable across restarts (internal ports)
+HOME/cloud.json     choices that must stay stable across restarts (internal ports), and the admin's
+                    publisher settings under "publisher" (e.g. {"require_tls": true})
 HOME/admin-token    the admin API token (0600)
 HOME/endpoints.json what the CLI and people need to reach the cloud
 """
@@ -29,6 +30,7 @@ from roles.worker.config import WorkerConfig
 from shared.config import RoleConfig, write_role_config
 from shared.credentials import hash_token, new_token
 from shared.db import ApiToken, Database
+from shared.errors import InvalidInput
 from shared.files import atomic_write_bytes, atomic_write_json, read_json
 from shared.net import free_port
 from shared.pki import CertificateAuthority, IssuedCert
@@ -37,6 +39,28 @@ __all__ = ["LOCAL_ROLES", "REMOTE_PORTS", "CloudHome"]
 
 # Start order: what others depend on comes first.
 LOCAL_ROLES = ("fileserver", "worker", "publisher", "frontend", "management")
+
+# What an admin may set for every publisher in cloud.json's "publisher" object (the rest of a publisher's
+# config is the controller's to choose).
+PUBLISHER_SETTINGS = frozenset(
+    {
+        "require_tls",
+        "ftp_tls",
+        "ftp_tls_cert_file",
+        "ftp_tls_key_file",
+        "masquerade_address",
+        "passive_ports",
+        "ftp_login_timeout",
+        "ftp_idle_timeout",
+        "ftp_max_connections",
+        "ftp_max_connections_per_ip",
+        "login_failures_per_account",
+        "login_failures_per_address",
+        "login_failure_window",
+        "login_throttle_entries",
+        "max_deploy_bytes",
+    }
+)
 
 # Internal ports of roles on other hosts: each host has its own address, so they can be fixed.
 REMOTE_PORTS = {"fileserver": 7401, "worker": 7402, "publisher": 7403, "frontend": 7404, "management": 7405}
@@ -138,7 +162,7 @@ class CloudHome:
         if kind == "fileserver":
             return FileserverConfig(**common)
         if kind == "publisher":
-            return PublisherConfig(
+            return self._publisher_config(
                 **common,
                 ftp_port=c.ftp_port,
                 deploy_port=c.deploy_port,
@@ -158,6 +182,28 @@ class CloudHome:
                 publisher_url=f"https://localhost:{ports['publisher']}",
             )
         raise ValueError(f"unknown role {kind!r}")
+
+    def _publisher_config(self, **fields: Any) -> PublisherConfig:
+        """A publisher's config: the controller's choices, then the admin's settings from cloud.json."""
+        settings = self._state.get("publisher") or {}
+        if not isinstance(settings, dict):
+            raise InvalidInput(f'{self.state_file}: "publisher" must be an object of publisher settings')
+        unknown = set(settings) - PUBLISHER_SETTINGS
+        if unknown:
+            raise InvalidInput(
+                f"{self.state_file}: unknown publisher settings {sorted(unknown)}",
+                hint=f"settable: {', '.join(sorted(PUBLISHER_SETTINGS))}",
+            )
+        values = dict(settings)
+        for key in ("ftp_tls_cert_file", "ftp_tls_key_file"):
+            if values.get(key):
+                values[key] = Path(values[key])
+        if isinstance(values.get("passive_ports"), list):
+            values["passive_ports"] = tuple(values["passive_ports"])
+        try:
+            return PublisherConfig(**{**fields, **values})
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"{self.state_file}: bad publisher settings: {exc}") from None
 
     def ensure_controller_address(self, ip: str) -> bool:
         """Make the controller's certificate also name ``ip`` (where netns hosts reach it); True if new."""
@@ -212,7 +258,7 @@ class CloudHome:
         if kind == "fileserver":
             return FileserverConfig(**common)
         if kind == "publisher":
-            return PublisherConfig(
+            return self._publisher_config(
                 **common, ftp_port=ports["ftp"], deploy_port=ports["deploy"], passive_ports=c.passive_ports
             )
         if kind == "management":

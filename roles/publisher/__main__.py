@@ -12,6 +12,7 @@ from aiohttp import web
 from roles.publisher._deploy import Deployer
 from roles.publisher._ftp import FtpServer
 from roles.publisher._sites import Credentials, SiteTable
+from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
 from shared.control import ControlPlane, Snapshot
 from shared.logs import get_logger
@@ -29,8 +30,15 @@ async def serve(config: PublisherConfig, stop: asyncio.Event) -> None:
     sites = SiteTable()
     credentials = Credentials()
     internal_tls = client_context(config)
-    deployer = Deployer(config, sites, credentials, internal_tls)
-    ftp = FtpServer(config, sites, credentials, internal_tls)
+    # One throttle for both doors: guesses over FTP and web deploy count together.
+    throttle = LoginThrottle(
+        per_account=config.login_failures_per_account,
+        per_address=config.login_failures_per_address,
+        window=config.login_failure_window,
+        max_entries=config.login_throttle_entries,
+    )
+    deployer = Deployer(config, sites, credentials, internal_tls, throttle)
+    ftp = FtpServer(config, sites, credentials, internal_tls, throttle)
 
     async def apply(snapshot: Snapshot) -> None:
         sites.apply(snapshot)
@@ -40,6 +48,8 @@ async def serve(config: PublisherConfig, stop: asyncio.Event) -> None:
             "ftp_port": ftp.address[1],
             "deploy_port": config.deploy_port,
             "ftp_sessions": ftp.sessions,
+            "ftp_tls": config.ftp_tls,
+            "login_throttle_entries": throttle.entries,
             "sites": len(sites),
         }
 

@@ -18,9 +18,10 @@ from aiohttp import BasicAuth, web
 
 from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import Credentials, SiteInfo, SiteTable
+from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
 from roles.publisher.zipsafe import check_zip, copy_member, open_zip
-from shared.errors import NotFound, QuotaExceeded, SitecloudError, Unauthorized
+from shared.errors import NotFound, QuotaExceeded, RateLimited, SitecloudError, Unauthorized
 from shared.internal import error_middleware, require_role
 from shared.logs import get_logger
 
@@ -34,21 +35,32 @@ _CONCURRENT_DEPLOYS = 4
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+_RETRY_AFTER = web.RequestKey("retry_after", int)
+
+
 @web.middleware
 async def _challenge(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
     if response.status == 401:
         response.headers["WWW-Authenticate"] = _REALM
+    elif response.status == 429 and _RETRY_AFTER in request:
+        response.headers["Retry-After"] = str(request[_RETRY_AFTER])
     return response
 
 
 class Deployer:
     def __init__(
-        self, config: PublisherConfig, sites: SiteTable, credentials: Credentials, ssl_context: Any
+        self,
+        config: PublisherConfig,
+        sites: SiteTable,
+        credentials: Credentials,
+        ssl_context: Any,
+        throttle: LoginThrottle,
     ) -> None:
         self._config = config
         self._sites = sites
         self._credentials = credentials
+        self._throttle = throttle
         self._ssl = ssl_context
         self._log = get_logger(config.role, host=config.host)
         self._slots = asyncio.Semaphore(_CONCURRENT_DEPLOYS)
@@ -86,14 +98,27 @@ class Deployer:
             auth = BasicAuth.decode(header)
         except ValueError:
             raise Unauthorized("the Authorization header is not valid HTTP basic auth") from None
+        address = request.remote or ""
+        wait = self._throttle.retry_after(auth.login, address)
+        if wait:
+            self._log.bind(site=name).warning(
+                "web deploy: login throttled for user %r from %s (retry in %ss)", auth.login, address, wait
+            )
+            request[_RETRY_AFTER] = wait
+            raise RateLimited(
+                f"too many failed logins for {auth.login} from your address",
+                hint=f"try again in {wait} seconds",
+            )
         site = self._sites.site(name)
         # An unknown site and a wrong password get the same answer.
         ok = site is not None and await asyncio.to_thread(
             self._credentials.check, site, auth.login, auth.password
         )
         if site is None or not ok:
+            self._throttle.failed(auth.login, address)
             self._log.bind(site=name).warning("web deploy: login failed for user %r", auth.login)
             raise Unauthorized(f"wrong user or password for site {name}")
+        self._throttle.succeeded(auth.login, address)
         return site
 
     # --- the deploy itself

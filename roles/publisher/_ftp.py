@@ -4,6 +4,10 @@ pyftpdlib keeps its settings in class attributes; :class:`FtpServer` makes fresh
 handler for each server instance instead of changing pyftpdlib's own classes. Its hooks are where
 sitecloud steps in: the authorizer checks the pushed credentials, the filesystem is the site's manifest,
 and the data channel commits an upload only when the client sent all of it.
+
+Explicit FTPS (RFC 4217: ``AUTH TLS``, ``PBSZ``, ``PROT P``) is pyftpdlib's ``TLS_FTPHandler`` with a
+certificate from the cloud CA. Abuse limits: connections per client address, a deadline from connect
+to login, and failed logins throttled per account and address (:mod:`roles.publisher._throttle`).
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import ssl
 import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from OpenSSL import SSL
 from pyftpdlib.exceptions import AuthenticationFailed, _RetryError
-from pyftpdlib.handlers import DTPHandler, FTPHandler
+from pyftpdlib.handlers import DTPHandler, FTPHandler, TLS_DTPHandler, TLS_FTPHandler
 from pyftpdlib.ioloop import _ERRNOS_RETRY, IOLoop
 from pyftpdlib.log import logger as pyftpdlib_logger
 from pyftpdlib.servers import ThreadedFTPServer
@@ -23,6 +29,7 @@ from pyftpdlib.servers import ThreadedFTPServer
 from roles.publisher._content import SiteContent, Upload
 from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import Credentials, SiteTable
+from roles.publisher._throttle import LoginThrottle
 from roles.publisher._vfs import SiteFilesystem
 from roles.publisher.config import PublisherConfig
 from shared.errors import SitecloudError
@@ -30,9 +37,16 @@ from shared.logs import ContextLogger, get_logger
 
 __all__ = ["FtpServer", "ftp_reply"]
 
-# Everything a session may do: list, cd, read, append, delete, rename, mkdir, write (no chmod/MFMT).
-_PERMS = "elradfmw"
+# Everything a session may do: list, cd, read, append, delete, rename, mkdir, write, and SITE CHMOD
+# (accepted and ignored: clients such as lftp mirror set modes after each upload; a site's files have
+# none). Not MFMT: modification times are the server's.
+_PERMS = "elradfmwM"
 _AUTH_FAILED = "authentication failed"
+# After a refused upload the rest of the file is read and dropped, so the client gets the reply on the
+# control connection instead of a reset data connection; past these bounds the data connection is cut.
+_DRAIN_BYTES = 256 * 1024 * 1024
+_DRAIN_SECONDS = 60.0
+_PROTO_CMDS = {cmd: spec for cmd, spec in TLS_FTPHandler.proto_cmds.items() if cmd != "MFMT"}
 
 
 def ftp_reply(err: SitecloudError) -> str:
@@ -49,6 +63,9 @@ class _Context:
     credentials: Credentials
     ssl_context: ssl.SSLContext
     log: ContextLogger
+    throttle: LoginThrottle
+    login_timeout: float
+    require_tls: bool
     sessions: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -75,7 +92,8 @@ class _Authorizer:
         return perm in _PERMS
 
     def get_perms(self, username: str) -> str:
-        return _PERMS
+        # What MLSD/MLST show as the "perm" fact (RFC 3659 letters; "M" is pyftpdlib's own).
+        return _PERMS.replace("M", "")
 
     def get_msg_login(self, username: str) -> str:
         return f"Logged in to site {username}."
@@ -90,18 +108,50 @@ class _Authorizer:
         pass
 
 
+class _DrainExceeded(Exception):
+    pass
+
+
+class _Drain:
+    """Where the rest of a refused upload goes: counted and dropped."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # the virtual path, for pyftpdlib's transfer log
+        self.closed = False
+        self._bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self._bytes += len(data)
+        if self._bytes > _DRAIN_BYTES:
+            raise _DrainExceeded
+        return len(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
-    """Commits a finished upload before the 226 reply; anything short of a clean end commits nothing."""
+    """Commits a finished upload before the 226 reply; anything short of a clean end commits nothing.
+
+    A refused upload (over quota, say) is drained: the rest of the client's data is read and dropped,
+    and the refusal is the reply to the STOR once the client has closed the data connection. Closing at
+    once would reset the connection under a client that is still sending, and most clients (curl, lftp)
+    then report the reset, or retry, instead of reading the reply.
+    """
 
     # Set by pyftpdlib's DTPHandler; declared for the type checker.
     file_obj: Any
     receive: bool
     transfer_finished: bool
+    socket: Any
+    ioloop: Any
     _resp: tuple[Any, ...]
     _closed: bool
 
     def __init__(self, sock: Any, cmd_channel: Any) -> None:
         self._broken = False
+        self._refusal: str | None = None
+        self._drain_timer: Any = None
         super().__init__(sock, cmd_channel)
         if self._closed:
             # The client reset the data connection before it was set up; pyftpdlib would then leave
@@ -120,20 +170,54 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
         session.respond("426 Data connection broken; transfer aborted, nothing was stored.")
 
     def recv(self, buffer_size: int) -> bytes:
-        # pyftpdlib treats a reset like a clean end of stream, which would store a cut-off file.
+        # pyftpdlib treats a reset like a clean end of stream, which would store a cut-off file; this
+        # reads plain and TLS sockets alike, so it tells the two apart for both.
         try:
             data: bytes = self.socket.recv(buffer_size)
+        except SSL.WantReadError as err:
+            self._ssl_want_read = True
+            raise _RetryError from err
+        except SSL.WantWriteError as err:
+            self._ssl_want_write = True
+            raise _RetryError from err
+        except SSL.ZeroReturnError:
+            data = b""  # the client's TLS close_notify: a clean end
+        except SSL.SysCallError:
+            # A reset, or a TCP close without TLS close_notify: only the latter tells a cut-off upload
+            # from a complete one, and lftp, curl, FileZilla and ftplib all send it.
+            self._broken = True
+            data = b""
         except OSError as err:
             if err.errno in _ERRNOS_RETRY:
                 raise _RetryError from err
             self._broken = True
-            self.handle_close()
-            return b""
+            data = b""
         if not data:
             self.handle_close()
         return data
 
+    def _start_draining(self, reply: str) -> None:
+        self._refusal = reply
+        self._resp = (reply, pyftpdlib_logger.info)
+        upload = self.file_obj
+        self.file_obj = _Drain(upload.name if upload is not None else "")
+        if upload is not None:
+            upload.close()  # the spool's disk space is free at once
+        self._drain_timer = self.ioloop.call_later(
+            _DRAIN_SECONDS, self._stop_draining, _errback=self.handle_error
+        )
+
+    def _stop_draining(self) -> None:
+        """The client sends on past the bounds: cut it off (it may then see a reset)."""
+        if not self._closed:
+            self.close()
+
     def handle_close(self) -> None:
+        if self._refusal is not None and not self._closed:
+            self._resp = (self._refusal, pyftpdlib_logger.info)
+            self.transfer_finished = False
+            self.close()
+            return
         if self._broken and self.receive and not self._closed:
             self._resp = (
                 "426 Connection broken; transfer aborted, nothing was stored.",
@@ -145,16 +229,25 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
 
     def handle_error(self) -> None:
         err = sys.exc_info()[1]
+        if isinstance(err, _DrainExceeded):
+            self._stop_draining()
+            return
         if isinstance(err, SitecloudError):
+            if self.receive and self._refusal is None and not self._closed:
+                self._start_draining(ftp_reply(err))
+                return
             self._resp = (ftp_reply(err), pyftpdlib_logger.info)
             self.close()
             return
         super().handle_error()
 
     def close(self) -> None:
+        if self._drain_timer is not None and not self._drain_timer.cancelled:
+            self._drain_timer.cancel()
         upload = self.file_obj
         if (
             not self._closed
+            and self._refusal is None
             and isinstance(upload, Upload)
             and not upload.closed
             and upload.committed is None
@@ -178,29 +271,122 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
         super().close()
 
 
+class _TlsDataChannel(_DataChannel, TLS_DTPHandler):  # type: ignore[misc]
+    """The data channel of an FTPS session: TLS after ``PROT P``, resuming the control session."""
+
+
 class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
     """One FTP control connection. Subclassed per server with ``context`` and the server's settings."""
 
     context: _Context
+    proto_cmds = _PROTO_CMDS
+    # What TLS_FTPHandler sets; a plain session never has TLS.
+    _ssl_established = False
+    _prot = False
     # Set by pyftpdlib's FTPHandler; declared for the type checker.
     _in_dtp_queue: Any
+    _closed: bool
+    ioloop: Any
+    server: Any
+    authenticated: bool
+    username: str
+    remote_ip: str
 
     def __init__(self, conn: Any, server: Any, ioloop: Any = None) -> None:
         self.site_content: SiteContent | None = None
         self._counted = False
+        self._login_deadline: Any = None
         super().__init__(conn, server, ioloop=ioloop)
         if not self._closed:
             with self.context.lock:
                 self.context.sessions += 1
                 self._counted = True
 
+    # --- connection limits
+
+    def handle(self) -> None:
+        super().handle()
+        # A deadline, not an idle timer: a client sending NOOPs must not hold a slot forever. Like
+        # pyftpdlib's own idle timer it runs on the acceptor's scheduler (handle() runs there).
+        if not self._closed and self.context.login_timeout > 0:
+            self._login_deadline = self.ioloop.call_later(
+                self.context.login_timeout, self._login_timed_out, _errback=self.handle_error
+            )
+
+    def _login_timed_out(self) -> None:
+        if getattr(self, "_ssl_accepting", False):
+            self.close()  # stuck in the TLS handshake: no way to send a reply
+            return
+        if not self.authenticated and not self._closed:
+            self.context.log.bind(client=f"{self.remote_ip}:{self.remote_port}").info(
+                "FTP connection closed: no login within %ss", self.context.login_timeout
+            )
+            self.respond(f"421 No login within {self.context.login_timeout:g} seconds; closing.")
+            self.close_when_done()
+
+    def handle_max_cons(self) -> None:
+        self.context.log.warning("FTP connection refused: %s connections open", self.server.max_cons)
+        super().handle_max_cons()
+
+    def handle_max_cons_per_ip(self) -> None:
+        limit = self.server.max_cons_per_ip
+        self.context.log.bind(client=self.remote_ip).warning(
+            "FTP connection refused: %s connections open from this address", limit
+        )
+        self.respond(
+            f"421 Too many connections from your address (at most {limit}); close some and try again."
+        )
+        self.close_when_done()
+
     # --- login
+
+    def process_command(self, cmd: str, *args: Any, **kwargs: Any) -> None:
+        if self.context.require_tls and not self._ssl_established and cmd in ("USER", "PASS"):
+            self.respond(
+                "530 This server requires FTPS: send AUTH TLS before USER "
+                "(explicit FTP over TLS; in lftp set ftp:ssl-force true)."
+            )
+            return
+        if self.context.require_tls and not self._prot and cmd in ("PASV", "EPSV", "PORT", "EPRT"):
+            self.respond("521 This server requires protected data connections: send PBSZ 0 and PROT P.")
+            return
+        try:
+            super().process_command(cmd, *args, **kwargs)
+        except SitecloudError as err:
+            reply = ftp_reply(err)
+            self.respond(reply)
+            self.log_cmd(cmd, args[0] if args else "", err.ftp_code, reply[4:])
+        except Exception:
+            self.context.log.exception("FTP command %s failed", cmd)
+            self.respond("451 Internal error; the command was not completed.")
+
+    def ftp_PASS(self, line: str) -> None:
+        if not self.authenticated and self.username:
+            wait = self.context.throttle.retry_after(self.username, self.remote_ip)
+            if wait:
+                self.context.log.bind(client=f"{self.remote_ip}:{self.remote_port}").warning(
+                    "FTP login throttled for user %r (retry in %ss)", self.username, wait
+                )
+                self.respond(
+                    f"421 Too many failed logins for {self.username} from your address; "
+                    f"try again in {wait} seconds."
+                )
+                self.close_when_done()
+                return
+        super().ftp_PASS(line)
+
+    def handle_auth_failed(self, msg: str, password: str) -> None:
+        if self.username:
+            self.context.throttle.failed(self.username, self.remote_ip)
+        super().handle_auth_failed(msg, password)
 
     def handle_auth_success(self, home: str, password: str, msg_login: str) -> None:
         site = self.context.sites.site_of_user(self.username)
         if site is None:  # the site went away between the password check and here
             self.handle_auth_failed(_AUTH_FAILED, password)
             return
+        self.context.throttle.succeeded(self.username, self.remote_ip)
+        self._cancel_login_deadline()
         self._drop_content()
         log = self.context.log.bind(site=site.name, client=f"{self.remote_ip}:{self.remote_port}")
         client = FileserverClient(self.context.sites.fileserver, self.context.ssl_context)
@@ -234,17 +420,6 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
             content.invalidate()
         super().pre_process_command(line, cmd, arg)
 
-    def process_command(self, cmd: str, *args: Any, **kwargs: Any) -> None:
-        try:
-            super().process_command(cmd, *args, **kwargs)
-        except SitecloudError as err:
-            reply = ftp_reply(err)
-            self.respond(reply)
-            self.log_cmd(cmd, args[0] if args else "", err.ftp_code, reply[4:])
-        except Exception:
-            self.context.log.exception("FTP command %s failed", cmd)
-            self.respond("451 Internal error; the command was not completed.")
-
     def ftp_ABOR(self, line: str) -> None:
         super().ftp_ABOR(line)
         # An upload queued for a data connection that never came: drop its spool now.
@@ -255,6 +430,11 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
 
     # --- teardown
 
+    def _cancel_login_deadline(self) -> None:
+        if self._login_deadline is not None and not self._login_deadline.cancelled:
+            self._login_deadline.cancel()
+        self._login_deadline = None
+
     def _drop_content(self) -> None:
         if self.site_content is not None:
             self.site_content.close()
@@ -262,6 +442,7 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
 
     def close(self) -> None:
         try:
+            self._cancel_login_deadline()
             super().close()
         finally:
             self._drop_content()
@@ -271,11 +452,40 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
                     self.context.sessions -= 1
 
 
+class _TlsSession(_Session, TLS_FTPHandler):  # type: ignore[misc]
+    """A session that may turn to TLS with ``AUTH TLS`` (RFC 4217)."""
+
+
+def ftps_context(cert_file: Path, key_file: Path) -> SSL.Context:
+    """pyOpenSSL's context for FTPS: TLS 1.2 or newer, and sessions the data connections can resume
+    (clients resume the control connection's session there, and some servers insist on it)."""
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    context.use_certificate_chain_file(str(cert_file))
+    context.use_privatekey_file(str(key_file))
+    context.check_privatekey()
+    context.set_session_id(b"sitecloud-ftps")
+    context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    return context
+
+
 class _Server(ThreadedFTPServer):  # type: ignore[misc]  # pyftpdlib has no type hints
-    # pyftpdlib keeps the stop flag and lock as class attributes shared by every server; own them.
-    def __init__(self, address: tuple[str, int], handler: type[_Session], ioloop: Any) -> None:
+    # pyftpdlib keeps the stop flag, the lock and the limits as class attributes shared by every
+    # server; own them.
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[_Session],
+        ioloop: Any,
+        *,
+        max_cons: int,
+        max_cons_per_ip: int,
+    ) -> None:
         self._lock = threading.Lock()
         self._exit = threading.Event()
+        self.max_cons = max_cons
+        self.max_cons_per_ip = max_cons_per_ip
         super().__init__(address, handler, ioloop=ioloop)
 
 
@@ -288,9 +498,18 @@ class FtpServer:
         sites: SiteTable,
         credentials: Credentials,
         ssl_context: ssl.SSLContext,
+        throttle: LoginThrottle,
     ) -> None:
         self._log = get_logger(config.role, host=config.host)
-        self._context = _Context(sites, credentials, ssl_context, self._log)
+        self._context = _Context(
+            sites,
+            credentials,
+            ssl_context,
+            self._log,
+            throttle=throttle,
+            login_timeout=config.ftp_login_timeout,
+            require_tls=config.require_tls,
+        )
         passive = config.passive_ports
         settings: dict[str, Any] = {
             "context": self._context,
@@ -304,8 +523,21 @@ class FtpServer:
             "timeout": config.ftp_idle_timeout,
             "use_sendfile": True,
         }
-        handler = type("SitecloudFTPSession", (_Session,), settings)
-        self._server = _Server((config.bind, config.ftp_port), handler, IOLoop())
+        base: type[_Session] = _Session
+        if config.ftp_tls:
+            base = _TlsSession
+            settings["dtp_handler"] = _TlsDataChannel
+            settings["ssl_context"] = ftps_context(config.ftp_cert_file, config.ftp_key_file)
+        else:
+            settings["proto_cmds"] = {
+                cmd: spec for cmd, spec in _PROTO_CMDS.items() if cmd not in ("AUTH", "PBSZ", "PROT")
+            }
+        handler = type("SitecloudFTPSession", (base,), settings)
+        limits = {
+            "max_cons": config.ftp_max_connections,
+            "max_cons_per_ip": config.ftp_max_connections_per_ip,
+        }
+        self._server = _Server((config.bind, config.ftp_port), handler, IOLoop(), **limits)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ftp-acceptor", daemon=True)
 

@@ -175,7 +175,10 @@ class SiteFilesystem(AbstractedFS):  # type: ignore[misc]  # pyftpdlib has no ty
         self.content.log.info("renamed %s to %s", src, dst)
 
     def chmod(self, path: str, mode: int) -> None:
-        raise Forbidden("file modes are not kept: a site's files have no permissions")
+        # A site's files have no modes; clients that copy modes after each upload (lftp mirror,
+        # FileZilla's "preserve permissions") must not fail for it.
+        if not self.lexists(path):
+            raise NotFound(f"no such file or directory: {path}")
 
     def utime(self, path: str, timeval: float) -> None:
         raise Forbidden("modification times are set by the server")

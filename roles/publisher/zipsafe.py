@@ -25,6 +25,7 @@ MAX_MEMBERS = 100_000
 _CHUNK = 256 * 1024
 _SUPPORTED_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 _ENCRYPTED_FLAG = 0x1
+_UTF8_FLAG = 0x800
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,29 @@ def open_zip(source: Path | IO[bytes]) -> zipfile.ZipFile:
         raise BadRequest("not a zip file", hint="upload a .zip archive of the site's files") from exc
 
 
+def _utf8_name(info: zipfile.ZipInfo) -> str:
+    """The member's name as UTF-8. Many zip tools write UTF-8 names without the flag that says so, and
+    zipfile then reads them as CP437; names that are not UTF-8 at all are refused (a worker could not
+    serve them under the name the client meant)."""
+    name = info.orig_filename
+    if info.flag_bits & _UTF8_FLAG:
+        return name
+    try:
+        return name.encode("cp437").decode("utf-8")
+    except UnicodeEncodeError:
+        return name  # not decoded as CP437 (a metadata_encoding was given): keep it
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"zip member {name!r} has a name that is not valid UTF-8",
+            hint="make the zip with a tool that stores UTF-8 names (zip 3, 7-Zip, Windows 10+)",
+        ) from None
+
+
 def _member_path(info: zipfile.ZipInfo) -> tuple[str, bool]:
     """The site path of a member and whether it is a directory; raises on any name that is not plainly
     a relative path inside the site."""
     # orig_filename keeps what zipfile cuts off at a NUL byte ("evil.php\0.jpg" would become "evil.php").
-    raw = info.orig_filename
+    raw = _utf8_name(info)
     shown = repr(raw)
     if not raw:
         raise InvalidInput("the zip has a member with an empty name")

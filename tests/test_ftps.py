@@ -1,0 +1,600 @@
+"""The publisher as FTP clients and attackers meet it: explicit FTPS with ftplib, lftp and curl against
+a real publisher and fileserver; lftp mirror; quota refusals the clients can read; connection caps,
+the login deadline, the failed-login throttle and over-long names."""
+
+from __future__ import annotations
+
+import base64
+import ftplib
+import http.client
+import io
+import json
+import random
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roles.fileserver.config import FileserverConfig
+from roles.publisher.config import PublisherConfig
+from roles.worker.config import WorkerConfig
+from shared.credentials import hash_password
+from tests.support import CloudPKI, RoleProcess, call, wait_until
+
+QUOTA = 256 * 1024
+TINY_QUOTA = 16 * 1024
+PER_IP = 6
+LOGIN_TIMEOUT = 1.5
+
+# site -> (password, quota); each test works on sites of its own.
+SITES = {
+    "tls": ("tls-secret", QUOTA),
+    "lftptls": ("lftptls-secret", QUOTA),
+    "curltls": ("curltls-secret", QUOTA),
+    "mirror": ("mirror-secret", QUOTA),
+    "full": ("full-secret", TINY_QUOTA),
+    "caps": ("caps-secret", QUOTA),
+    "victim": ("victim-secret", QUOTA),
+    "bystander": ("bystander-secret", QUOTA),
+    "webdeploy": ("webdeploy-secret", QUOTA),
+    "names": ("names-secret", QUOTA),
+    "strict": ("strict-secret", QUOTA),
+}
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (Debian package '{name}')")
+    return path
+
+
+def _free_port_range(count: int) -> tuple[int, int]:
+    for _ in range(50):
+        first = random.randrange(30000, 60000 - count)
+        probes: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind(("127.0.0.1", port))
+            return first, first + count - 1
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise AssertionError("no free port range found")
+
+
+@dataclass
+class Cloud:
+    pki: CloudPKI
+    fileserver: RoleProcess
+    publisher: RoleProcess
+    strict: RoleProcess  # a publisher with require_tls
+
+    @staticmethod
+    def port(process: RoleProcess) -> int:
+        config = process.config
+        assert isinstance(config, PublisherConfig)
+        return config.ftp_port
+
+    @property
+    def ftp_port(self) -> int:
+        return self.port(self.publisher)
+
+    @property
+    def deploy_port(self) -> int:
+        config = self.publisher.config
+        assert isinstance(config, PublisherConfig)
+        return config.deploy_port
+
+    @property
+    def ca_file(self) -> Path:
+        return self.pki.ca_file
+
+    def tls_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+    def ftp(self, site: str, password: str | None = None, *, source: str | None = None) -> ftplib.FTP:
+        ftp = ftplib.FTP(timeout=10, source_address=(source, 0) if source else None)
+        try:
+            ftp.connect("127.0.0.1", self.ftp_port)
+            ftp.login(site, password if password is not None else SITES[site][0])
+        except BaseException:
+            ftp.close()
+            raise
+        return ftp
+
+    def ftps(self, site: str, process: RoleProcess | None = None) -> ftplib.FTP_TLS:
+        ftp = ftplib.FTP_TLS(context=self.tls_context(), timeout=10)
+        try:
+            ftp.connect("localhost", self.port(process or self.publisher))
+            ftp.login(site, SITES[site][0])
+            ftp.prot_p()
+        except BaseException:
+            ftp.close()
+            raise
+        return ftp
+
+    def manifest(self, site: str) -> dict[str, Any]:
+        status, body = call(
+            f"{self.fileserver.control_url}/v1/sites/{site}/manifest", self.pki.client_ssl("publisher")
+        )
+        assert status == 200, body
+        return dict(body)
+
+    def files(self, site: str) -> dict[str, int]:
+        return {p: e["size"] for p, e in self.manifest(site)["files"].items()}
+
+    def deploy(self, site: str, body: bytes, password: str) -> tuple[int, Any, dict[str, str]]:
+        token = base64.b64encode(f"{site}:{password}".encode()).decode()
+        conn = http.client.HTTPSConnection(
+            "localhost", self.deploy_port, context=self.pki.client_ssl(None), timeout=20
+        )
+        try:
+            conn.request(
+                "POST",
+                f"/api/deploy/{site}",
+                body=body,
+                headers={"Content-Type": "application/zip", "Authorization": f"Basic {token}"},
+            )
+            resp = conn.getresponse()
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None, dict(resp.getheaders())
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+    root = tmp_path_factory.mktemp("ftps")
+    pki = CloudPKI(root / "pki")
+    fs_config = pki.role_config(FileserverConfig, "fileserver", root / "fileserver")
+    limits: dict[str, Any] = {
+        "ftp_auth_failed_delay": 0.05,
+        "ftp_login_timeout": LOGIN_TIMEOUT,
+        "ftp_max_connections_per_ip": PER_IP,
+        "login_failures_per_account": 5,
+        "login_failures_per_address": 40,
+    }
+    pub_config = pki.role_config(
+        PublisherConfig, "publisher", root / "publisher", passive_ports=_free_port_range(20), **limits
+    )
+    strict_config = pki.role_config(
+        PublisherConfig, "publisher", root / "strict", passive_ports=_free_port_range(10), require_tls=True
+    )
+    fileserver = RoleProcess(fs_config, pki).start()
+    publisher = RoleProcess(pub_config, pki)
+    strict = RoleProcess(strict_config, pki)
+    try:
+        publisher.start()
+        strict.start()
+        fs_sites = {name: {"uid": f"uid-{name}", "quota_bytes": quota} for name, (_, quota) in SITES.items()}
+        fileserver.push_config({"version": 1, "sites": fs_sites})
+        pub_sites = {
+            name: {**fs_sites[name], "users": {name: hash_password(password)}}
+            for name, (password, _) in SITES.items()
+        }
+        snapshot = {"version": 1, "fileserver": fileserver.control_url, "sites": pub_sites}
+        publisher.push_config(snapshot)
+        strict.push_config(snapshot)
+        yield Cloud(pki, fileserver, publisher, strict)
+    finally:
+        strict.stop()
+        publisher.stop()
+        fileserver.stop()
+
+
+def _retr(ftp: ftplib.FTP, path: str) -> bytes:
+    out = io.BytesIO()
+    ftp.retrbinary(f"RETR {path}", out.write)
+    return out.getvalue()
+
+
+def _run(args: list[str], *, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+def _lftp_tls(cloud: Cloud, site: str) -> str:
+    """lftp settings that insist on TLS and verify the publisher's certificate against the cloud CA."""
+    return (
+        "set cmd:fail-exit yes; set net:max-retries 1; set net:timeout 10; "
+        f"set ftp:ssl-force true; set ftp:ssl-protect-data true; set ssl:ca-file {cloud.ca_file}; "
+        "set ssl:verify-certificate yes; "
+        f"open -u {site},{SITES[site][0]} -p {cloud.ftp_port} localhost; "
+    )
+
+
+# --- FTPS with real clients
+
+
+def test_ftplib_ftps_uploads_lists_and_downloads(cloud: Cloud) -> None:
+    with cloud.ftps("tls") as ftp:
+        assert isinstance(ftp.sock, ssl.SSLSocket)
+        ftp.mkd("docs")
+        ftp.storbinary("STOR docs/page.html", io.BytesIO(b"<p>over TLS</p>"))
+        # The data connection is TLS too (PROT P), and resumes the control connection's session.
+        with ftp.transfercmd("RETR docs/page.html") as data:
+            assert isinstance(data, ssl.SSLSocket)
+            assert data.recv(100) == b"<p>over TLS</p>"
+        ftp.voidresp()
+        assert ftp.nlst("docs") == ["page.html"]
+        facts = dict(ftp.mlsd("docs"))
+        assert facts["page.html"]["size"] == "15"
+        assert set(facts["page.html"]["perm"]) == set("radfw")
+        assert set(dict(ftp.mlsd("/"))["docs"]["perm"]) == set("eldfmcp")
+        assert _retr(ftp, "docs/page.html") == b"<p>over TLS</p>"
+        # A TLS upload cut off without close_notify (what a truncating attacker makes) stores nothing.
+        conn = ftp.transfercmd("STOR docs/page.html")
+        conn.sendall(b"<p>cut")
+        conn.close()  # Python's close() sends no close_notify; unwrap() would
+        with pytest.raises(ftplib.error_temp, match=r"^426"):
+            ftp.voidresp()
+        assert _retr(ftp, "docs/page.html") == b"<p>over TLS</p>"
+    assert cloud.files("tls") == {"docs/page.html": 15}
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_ftps_data_connections_resume_the_control_session(cloud: Cloud, version: ssl.TLSVersion) -> None:
+    context = cloud.tls_context()
+    context.maximum_version = version
+    with ftplib.FTP_TLS(context=context, timeout=10) as ftp:
+        ftp.connect("localhost", cloud.ftp_port)
+        ftp.login("tls", SITES["tls"][0])
+        ftp.prot_p()
+        ftp.storbinary("STOR resume.txt", io.BytesIO(b"resumed"))
+        ftp.voidcmd("TYPE I")
+        raw = socket.create_connection(ftp.makepasv(), timeout=10)
+        assert ftp.sendcmd("RETR resume.txt")[:1] == "1"
+        assert isinstance(ftp.sock, ssl.SSLSocket)
+        with context.wrap_socket(raw, server_hostname="localhost", session=ftp.sock.session) as data:
+            assert data.version() == ("TLSv1.3" if version is ssl.TLSVersion.TLSv1_3 else "TLSv1.2")
+            assert data.session_reused
+            assert data.recv(100) == b"resumed"
+        ftp.voidresp()
+        ftp.delete("resume.txt")
+
+
+def test_lftp_with_forced_tls_uploads_lists_and_downloads(cloud: Cloud, tmp_path: Path) -> None:
+    lftp = _tool("lftp")
+    (tmp_path / "hello.txt").write_bytes(b"hello from lftp over TLS\n")
+    got = tmp_path / "got"
+    got.mkdir()
+    script = (
+        _lftp_tls(cloud, "lftptls")
+        + f"put {tmp_path / 'hello.txt'} -o hello.txt; cls -1; get hello.txt -o {got}/hello.txt; bye"
+    )
+    result = _run([lftp, "-c", script])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "hello.txt" in result.stdout
+    assert (got / "hello.txt").read_bytes() == b"hello from lftp over TLS\n"
+    assert cloud.files("lftptls") == {"hello.txt": 25}
+
+
+def test_curl_with_ssl_reqd_uploads_lists_and_downloads(cloud: Cloud, tmp_path: Path) -> None:
+    curl = _tool("curl")
+    (tmp_path / "page.html").write_bytes(b"<h1>curl</h1>")
+    base = f"ftp://localhost:{cloud.ftp_port}"
+    common = [
+        curl,
+        "-sS",
+        "--ssl-reqd",
+        "--cacert",
+        str(cloud.ca_file),
+        "--user",
+        f"curltls:{SITES['curltls'][0]}",
+    ]
+    put = _run([*common, "--ftp-create-dirs", "-T", str(tmp_path / "page.html"), f"{base}/www/page.html"])
+    assert put.returncode == 0, put.stderr
+    listing = _run([*common, "--list-only", f"{base}/www/"])
+    assert listing.returncode == 0 and listing.stdout.split() == ["page.html"], listing.stderr
+    get = _run([*common, f"{base}/www/page.html"])
+    assert get.returncode == 0 and get.stdout == "<h1>curl</h1>", get.stderr
+    # Without the cloud CA, curl refuses the certificate: it is really verified.
+    untrusted = _run([curl, "-sS", "--ssl-reqd", "--user", "curltls:x", f"{base}/"])
+    assert untrusted.returncode != 0
+    assert cloud.files("curltls") == {"www/page.html": 13}
+
+
+def test_require_tls_refuses_user_before_auth_tls(cloud: Cloud) -> None:
+    with ftplib.FTP(timeout=10) as ftp:
+        ftp.connect("127.0.0.1", cloud.port(cloud.strict))
+        with pytest.raises(ftplib.error_perm) as caught:
+            ftp.login("strict", SITES["strict"][0])
+        assert str(caught.value).startswith("530 This server requires FTPS"), caught.value
+    ftps = ftplib.FTP_TLS(context=cloud.tls_context(), timeout=10)
+    with ftps:
+        ftps.connect("localhost", cloud.port(cloud.strict))
+        ftps.login("strict", SITES["strict"][0])
+        # Data connections must be protected too.
+        with pytest.raises(ftplib.error_perm, match=r"^521"):
+            ftps.nlst()
+        ftps.prot_p()
+        ftps.storbinary("STOR s.txt", io.BytesIO(b"strict"))
+        assert ftps.nlst() == ["s.txt"]
+
+
+# --- lftp mirror and quota refusals
+
+
+def test_lftp_mirror_reverse_exits_0_without_flags(cloud: Cloud, tmp_path: Path) -> None:
+    lftp = _tool("lftp")
+    local = tmp_path / "site"
+    (local / "css").mkdir(parents=True)
+    (local / "img" / "icons").mkdir(parents=True)
+    (local / "index.html").write_bytes(b"<h1>mirrored</h1>")
+    (local / "css" / "site.css").write_bytes(b"body{}" * 100)
+    (local / "img" / "icons" / "x.bin").write_bytes(bytes(range(256)) * 40)
+    (local / "run.sh").write_bytes(b"#!/bin/sh\n")
+    (local / "run.sh").chmod(0o755)
+    # lftp's defaults (TLS when offered, certificate checked), told only where the cloud CA is.
+    script = (
+        f"set cmd:fail-exit yes; set net:max-retries 1; set net:timeout 10; set ssl:ca-file {cloud.ca_file}; "
+        f"open -u mirror,{SITES['mirror'][0]} -p {cloud.ftp_port} 127.0.0.1; mirror -R {local} /; bye"
+    )
+    result = _run([lftp, "-c", script])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert cloud.files("mirror") == {
+        "css/site.css": 600,
+        "img/icons/x.bin": 10240,
+        "index.html": 17,
+        "run.sh": 10,
+    }
+    # Mirroring again (nothing changed), in plain FTP this time, is a clean no-op.
+    plain = (
+        "set cmd:fail-exit yes; set net:max-retries 1; set net:timeout 10; set ftp:ssl-allow no; "
+        f"open -u mirror,{SITES['mirror'][0]} -p {cloud.ftp_port} 127.0.0.1; mirror -R {local} /; bye"
+    )
+    again = _run([lftp, "-c", plain])
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_over_quota_curl_and_lftp_show_552_and_stop(cloud: Cloud, tmp_path: Path) -> None:
+    curl, lftp = _tool("curl"), _tool("lftp")
+    big = tmp_path / "big.bin"
+    big.write_bytes(random.randbytes(4 * TINY_QUOTA))
+    before = cloud.manifest("full")
+
+    started = time.monotonic()
+    result = _run(
+        [
+            curl,
+            "-sSv",
+            "--user",
+            f"full:{SITES['full'][0]}",
+            "-T",
+            str(big),
+            f"ftp://127.0.0.1:{cloud.ftp_port}/big.bin",
+        ],
+        timeout=30,
+    )
+    # 70 is curl's "Exceeded storage allocation": the 552 reply, read on the control connection.
+    assert result.returncode == 70, result.stderr
+    assert "< 552 upload of /big.bin stopped" in result.stderr and "quota" in result.stderr, result.stderr
+    assert "reset" not in result.stderr.lower(), result.stderr
+    assert time.monotonic() - started < 10
+    # The same over FTPS, where the refused rest arrives over TLS.
+    result = _run(
+        [
+            curl,
+            "-sSv",
+            "--ssl-reqd",
+            "--cacert",
+            str(cloud.ca_file),
+            "--user",
+            f"full:{SITES['full'][0]}",
+            "-T",
+            str(big),
+            f"ftp://localhost:{cloud.ftp_port}/big.bin",
+        ],
+        timeout=30,
+    )
+    assert result.returncode == 70 and "< 552 upload of /big.bin stopped" in result.stderr, result.stderr
+
+    started = time.monotonic()
+    script = (
+        "set cmd:fail-exit yes; set net:max-retries 3; set net:timeout 5; set ftp:ssl-allow no; "
+        f"open -u full,{SITES['full'][0]} -p {cloud.ftp_port} 127.0.0.1; put {big} -o big.bin; bye"
+    )
+    result = _run([lftp, "-c", script], timeout=60)
+    assert result.returncode != 0
+    assert "552" in result.stderr and "quota" in result.stderr, result.stdout + result.stderr
+    assert time.monotonic() - started < 15
+    assert cloud.manifest("full") == before
+
+    # The refusal left the session usable: a file that fits still goes in.
+    with cloud.ftp("full") as ftp:
+        ftp.storbinary("STOR small.txt", io.BytesIO(b"fits"))
+    assert cloud.files("full") == {"small.txt": 4}
+
+
+# --- abuse limits
+
+
+def _banner(sock: socket.socket) -> str:
+    sock.settimeout(10)
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(1024)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode()
+
+
+def test_connections_per_address_are_capped_and_the_server_lives(cloud: Cloud) -> None:
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(PER_IP):
+            sock = socket.create_connection(("127.0.0.1", cloud.ftp_port), timeout=10)
+            idle.append(sock)
+            assert _banner(sock).startswith("220")
+        with pytest.raises(ftplib.error_temp) as caught:
+            cloud.ftp("caps")
+        assert str(caught.value).startswith("421 Too many connections from your address"), caught.value
+        # Another address is not held up by this one's connections.
+        cloud.ftp("caps", source="127.0.0.2").quit()
+    finally:
+        for sock in idle:
+            sock.close()
+
+    def logs_in() -> bool:
+        try:
+            cloud.ftp("caps").quit()
+        except ftplib.error_temp:
+            return False
+        return True
+
+    deadline = time.monotonic() + 10
+    while not logs_in():
+        assert time.monotonic() < deadline, "the address stayed refused after its connections closed"
+        time.sleep(0.1)
+
+
+def test_connections_that_do_not_log_in_are_closed(cloud: Cloud) -> None:
+    with socket.create_connection(("127.0.0.1", cloud.ftp_port), timeout=10) as sock:
+        assert _banner(sock).startswith("220")
+        started = time.monotonic()
+        # Keeping the connection busy does not keep it open: the deadline counts from connect.
+        sock.sendall(b"NOOP\r\n")
+        assert _banner(sock).startswith("200")
+        rest = b""
+        while chunk := sock.recv(1024):
+            rest += chunk
+        waited = time.monotonic() - started
+        assert rest.decode().startswith("421 No login within"), rest
+        assert LOGIN_TIMEOUT - 0.5 <= waited <= LOGIN_TIMEOUT + 3, waited
+    # A client that asks for TLS and then never completes the handshake is closed as well.
+    with socket.create_connection(("127.0.0.1", cloud.ftp_port), timeout=10) as sock:
+        assert _banner(sock).startswith("220")
+        sock.sendall(b"AUTH TLS\r\n")
+        assert _banner(sock).startswith("234")
+        started = time.monotonic()
+        assert sock.recv(1024) == b""
+        assert time.monotonic() - started <= LOGIN_TIMEOUT + 3
+    # A login well within the deadline is not affected.
+    with cloud.ftp("caps") as ftp:
+        time.sleep(LOGIN_TIMEOUT + 0.5)
+        assert ftp.nlst() is not None
+
+
+def test_failed_logins_are_throttled_per_account_and_address(cloud: Cloud) -> None:
+    for _ in range(5):
+        with pytest.raises(ftplib.error_perm, match=r"^530"):
+            cloud.ftp("victim", "guess")
+    with pytest.raises(ftplib.error_temp) as caught:
+        cloud.ftp("victim", "guess")
+    reply = str(caught.value)
+    assert reply.startswith("421 Too many failed logins for victim") and "try again in" in reply, reply
+    # Even the right password waits from this address...
+    with pytest.raises(ftplib.error_temp, match=r"^421"):
+        cloud.ftp("victim")
+    # ...but the owner from another address, and another account from this one, are not delayed.
+    started = time.monotonic()
+    cloud.ftp("victim", source="127.0.0.2").quit()
+    cloud.ftp("bystander").quit()
+    assert time.monotonic() - started < 2
+
+
+def test_web_deploy_failed_logins_get_429_with_retry_after(cloud: Cloud) -> None:
+    body = _zip({"index.html": b"deployed"})
+    for _ in range(5):
+        status, _, _ = cloud.deploy("webdeploy", body, "guess")
+        assert status == 401
+    status, answer, headers = cloud.deploy("webdeploy", body, "guess")
+    assert status == 429, answer
+    assert int(headers["Retry-After"]) > 0
+    assert answer["error"]["code"] == "rate_limited" and "try again in" in answer["error"]["hint"]
+    status, _, _ = cloud.deploy("webdeploy", body, SITES["webdeploy"][0])
+    assert status == 429
+    # The same account over FTP from the same address is held up too: one throttle for both doors.
+    with pytest.raises(ftplib.error_temp, match=r"^421"):
+        cloud.ftp("webdeploy")
+
+
+# --- names no worker could hold
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_names_over_255_bytes_or_not_utf8_are_refused_everywhere(cloud: Cloud) -> None:
+    longest = "n" * 251 + ".txt"  # 255 bytes
+    too_long = "n" * 252 + ".txt"  # 256 bytes
+    wide = "é" * 128  # 256 bytes in UTF-8, 128 characters
+    with cloud.ftp("names") as ftp:
+        ftp.storbinary(f"STOR {longest}", io.BytesIO(b"ok"))
+        for name in (too_long, wide, "/".join(["d" * 200] * 6)):
+            with pytest.raises(ftplib.error_perm) as caught:
+                ftp.storbinary(f"STOR {name}", io.BytesIO(b"x"))
+            assert str(caught.value).startswith("553 "), caught.value
+        with pytest.raises(ftplib.error_perm, match=r"^553 .*255 bytes"):
+            ftp.mkd(too_long)
+        with pytest.raises(ftplib.error_perm, match=r"^553 "):
+            ftp.rename(longest, too_long)
+        # Bytes that are not UTF-8 in a command.
+        ftp.sock.sendall(b"MKD bad\xff\xfename\r\n")
+        with pytest.raises(ftplib.error_perm, match=r"^553 .*UTF-8"):
+            ftp.getresp()
+    assert cloud.files("names") == {longest: 2}
+
+
+def test_long_names_are_refused_at_every_door_and_the_site_still_syncs(cloud: Cloud, tmp_path: Path) -> None:
+    before = cloud.manifest("names")
+    status, answer, _ = cloud.deploy("names", _zip({"n" * 256: b"x"}), SITES["names"][0])
+    assert status == 400 and "255 bytes" in answer["error"]["message"], answer
+    # The fileserver refuses the same name from any caller, so no site can ever hold one.
+    status, answer = call(
+        f"{cloud.fileserver.control_url}/v1/sites/names/commit",
+        cloud.pki.client_ssl("publisher"),
+        method="POST",
+        body={"ops": [{"op": "mkdir", "path": "d" * 256}]},
+    )
+    assert status == 400 and "255 bytes" in json.dumps(answer), answer
+    assert cloud.manifest("names") == before
+
+    # A worker syncs the site, before and after the refusals, and serves what came in last.
+    config = cloud.pki.role_config(WorkerConfig, "worker", tmp_path / "worker", version_grace=0.3)
+    worker = RoleProcess(config, cloud.pki).start()
+    try:
+        worker.push_config(
+            {
+                "version": 1,
+                "fileserver": cloud.fileserver.control_url,
+                "sites": {"names": {"uid": "uid-names"}},
+            }
+        )
+        with cloud.ftp("names") as ftp:
+            with pytest.raises(ftplib.error_perm, match=r"^553 "):
+                ftp.storbinary(f"STOR {'x' * 256}.html", io.BytesIO(b"never"))
+            ftp.storbinary("STOR after.html", io.BytesIO(b"still syncing"))
+
+        def served() -> bool:
+            conn = http.client.HTTPSConnection(
+                "localhost", config.data_port, context=cloud.pki.client_ssl("frontend"), timeout=10
+            )
+            try:
+                conn.request("GET", "/after.html", headers={"X-Sitecloud-Site": "names"})
+                resp = conn.getresponse()
+                return resp.status == 200 and resp.read() == b"still syncing"
+            finally:
+                conn.close()
+
+        wait_until(served, timeout=15, what="the worker to serve the upload after the refused names")
+    finally:
+        worker.stop()
