@@ -22,10 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from roles.frontend.config import FrontendConfig
 from roles.management._cli_client import ApiClient, Endpoints
 from roles.worker._layout import APPS_BASE
 from roles.worker.apps._isolation import reap_orphans
+from roles.worker.config import WorkerConfig
+from shared.config import load_role_config
 from shared.net import free_port
+from shared.tls import client_context_from_files
 
 __all__ = ["UpCloud", "wait_until"]
 
@@ -62,6 +66,7 @@ class UpCloud:
         self.proc: subprocess.Popen[bytes] | None = None
         self._api: ApiClient | None = None
         self._tls: ssl.SSLContext | None = None
+        self._worker: tuple[int, ssl.SSLContext] | None = None
 
     def start(self, timeout: float = 90.0) -> None:
         argv = [sys.executable, "-m", "roles.management.cli", "up", "--home", str(self.home), "--json"]
@@ -135,11 +140,25 @@ class UpCloud:
         raw = socket.create_connection(("127.0.0.1", self.ports["https_port"]), timeout=timeout)
         return self.tls.wrap_socket(raw, server_hostname=f"{site}.{self.domain}")
 
-    def get(self, site: str, path: str = "/") -> tuple[int, bytes, float]:
+    def connect_worker(self, timeout: float = 30.0) -> ssl.SSLSocket:
+        """mTLS to the worker's data port with the front end's own certificate, as the front end calls it."""
+        if self._worker is None:
+            worker = load_role_config(WorkerConfig, self.home / "roles" / "worker" / "role.json")
+            frontend = load_role_config(FrontendConfig, self.home / "roles" / "frontend" / "role.json")
+            ctx = client_context_from_files(frontend.cert_file, frontend.key_file, worker.ca_file)
+            self._worker = (worker.data_port, ctx)
+        port, ctx = self._worker
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        return ctx.wrap_socket(raw, server_hostname="localhost")
+
+    def get(self, site: str, path: str = "/", *, direct: bool = False) -> tuple[int, bytes, float]:
         """(status, body, seconds from sending the request to the answer's first byte); TLS is set up
-        before the clock starts, so the figure is the site's, not the handshake's."""
-        with self.connect(site) as tls:
-            request = f"GET {path} HTTP/1.1\r\nHost: {site}.{self.domain}\r\nConnection: close\r\n\r\n"
+        before the clock starts, so the figure is the site's, not the handshake's. ``direct``: to the
+        worker alone, skipping the front end."""
+        host = f"{site}.{self.domain}"
+        extra = f"X-Sitecloud-Site: {site}\r\n" if direct else ""
+        with self.connect_worker() if direct else self.connect(site) as tls:
+            request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
             t0 = time.perf_counter()
             tls.sendall(request.encode())
             first = tls.recv(1)

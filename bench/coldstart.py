@@ -1,15 +1,16 @@
 """`python -m bench.coldstart`: dynamic sites, cold start and idle density.
 
-By default (``--via up``) as users run it: the cloud started by `sitecloud up` with its defaults,
+As users run it: the cloud started by `sitecloud up` with its defaults,
 plan, tenant and subscription made with the CLI, sites made through the REST API, each published by
-web deploy, and every figure taken through the front end over HTTPS:
+web deploy, and (by default, ``--via frontend``) every figure taken through the front end over HTTPS:
 
 - cold start per runtime: from no process to the first byte of the answer (TLS already set up), one
   fresh idle site per sample so every sample starts a process;
 - the worker's RSS with N idle dynamic sites, and its child processes then: none (an idle site holds
   no process).
 
-``--via worker`` measures the worker alone (its data port over mTLS, as a front end calls it).
+``--via worker`` sends the same requests straight to the worker's data port (mTLS with the front
+end's certificate), to tell the front end's share from the worker's. ``bench/`` uses no test code.
 Writes its table into docs/benchmarks.md between its own markers, keeping the other sections.
 """
 
@@ -17,25 +18,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import http.client
-import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from bench._doc import DOC, write_section
 from bench._up import UpCloud, wait_until
-from roles.fileserver.config import FileserverConfig
-from roles.worker.config import WorkerConfig
-from tests.support import CloudPKI, RoleProcess
 
 HELLO: dict[str, dict[str, bytes]] = {
     "python (WSGI)": {
@@ -59,89 +52,6 @@ HELLO: dict[str, dict[str, bytes]] = {
         b"    c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 5\\r\\nConnection: close\\r\\n\\r\\nhello'); c.close()\n",
     },
 }
-
-
-class Bench:
-    def __init__(self, root: Path) -> None:
-        self.pki = CloudPKI(root / "pki")
-        fs_config = self.pki.role_config(FileserverConfig, "fileserver", root / "fileserver")
-        self.config = self.pki.role_config(
-            WorkerConfig, "worker", root / "worker", max_active_apps=10_000, app_start_timeout=10.0
-        )
-        self.fileserver = RoleProcess(fs_config, self.pki).start()
-        self.worker = RoleProcess(self.config, self.pki).start()
-        self.sites: dict[str, str] = {}
-        self.version = 0
-        host, port = "localhost", self.fileserver.config.control_port
-        self._fs = http.client.HTTPSConnection(host, port, context=self.pki.client_ssl("publisher"))
-
-    def stop(self) -> None:
-        self._fs.close()
-        self.worker.stop(timeout=30)
-        self.fileserver.stop()
-
-    def add_sites(self, names: list[str]) -> None:
-        for name in names:
-            self.sites[name] = hashlib.sha256(name.encode()).hexdigest()[:16]
-        self.version += 1
-        sites = self.sites
-        self.fileserver.push_config(
-            {
-                "version": self.version,
-                "sites": {s: {"uid": u, "quota_bytes": 1 << 24} for s, u in sites.items()},
-            }
-        )
-        self.worker.push_config(
-            {
-                "version": self.version,
-                "fileserver": self.fileserver.control_url,
-                "sites": {s: {"uid": u} for s, u in sites.items()},
-            }
-        )
-
-    def _fs_call(self, method: str, path: str, body: bytes, kind: str) -> Any:
-        self._fs.request(method, path, body=body, headers={"Content-Type": kind})
-        resp = self._fs.getresponse()
-        data = resp.read()
-        assert resp.status == 200, data
-        return json.loads(data)
-
-    def publish(self, site: str, files: dict[str, bytes]) -> None:
-        ops = []
-        for path, data in files.items():
-            blob = self._fs_call("POST", f"/v1/sites/{site}/blobs", data, "application/octet-stream")
-            ops.append({"op": "put", "path": path, "sha256": blob["sha256"]})
-        self._fs_call(
-            "POST", f"/v1/sites/{site}/commit", json.dumps({"ops": ops}).encode(), "application/json"
-        )
-
-    def first_byte(self, site: str) -> float:
-        """Seconds from sending the request (TLS already up) to the first byte of the answer."""
-        raw = socket.create_connection(("localhost", self.config.data_port))
-        with self.pki.client_ssl("frontend").wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.settimeout(30)
-            request = f"GET / HTTP/1.1\r\nHost: x\r\nX-Sitecloud-Site: {site}\r\nConnection: close\r\n\r\n"
-            t0 = time.perf_counter()
-            tls.sendall(request.encode())
-            first = tls.recv(1)
-            elapsed = time.perf_counter() - t0
-            rest = b""
-            while chunk := tls.recv(65536):
-                rest += chunk
-        answer = first + rest
-        if not answer.startswith(b"HTTP/1.1 200") or b"hello" not in answer:
-            raise AssertionError(f"{site} answered {answer[:300]!r}")
-        return elapsed
-
-    def rss_kib(self) -> int:
-        assert self.worker.proc is not None
-        for line in Path(f"/proc/{self.worker.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
-
-    def health(self) -> dict[str, Any]:
-        return self.worker.health()
 
 
 def pct(values: list[float], p: float) -> float:
@@ -178,7 +88,7 @@ class Figures:
 
 # What users publish per runtime through `sitecloud up`; every site also gets READY, a static file
 # the worker serves itself, so the bench knows the site is live without waking its app.
-UP_RUNTIMES = ("python (WSGI)", "php", "command (Procfile)")
+RUNTIMES = ("python (WSGI)", "python (ASGI)", "php", "command (Procfile)")
 READY = "ready.txt"
 
 
@@ -195,13 +105,13 @@ def _live_sites(cloud: UpCloud, subscription: int, names: list[str], files: dict
         )
 
 
-def run_up(root: Path, samples: int, idle_sites: int) -> Figures:
+def run(root: Path, samples: int, idle_sites: int, *, direct: bool) -> Figures:
     cloud = UpCloud(root / "home")
     figures = Figures(idle=idle_sites, samples=samples)
     cloud.start()
     try:
-        runtimes = [r for r in UP_RUNTIMES if r != "php" or shutil.which("php-cgi")]
-        if len(runtimes) < len(UP_RUNTIMES):
+        runtimes = [r for r in RUNTIMES if r != "php" or shutil.which("php-cgi")]
+        if len(runtimes) < len(RUNTIMES):
             print("php: skipped (no php-cgi)")
         total = idle_sites + len(runtimes) * (samples + 1)
         cloud.cli("plan", "create", "bench", "--max-sites", str(total), "--storage-mb", "1024")
@@ -228,7 +138,7 @@ def run_up(root: Path, samples: int, idle_sites: int) -> Figures:
             values = []
             # The first start reads the app server's code from disk: not a sample.
             for n, name in enumerate(names):
-                status, body, elapsed = cloud.get(name)
+                status, body, elapsed = cloud.get(name, direct=direct)
                 if status != 200 or b"hello" not in body:
                     logs = "\n".join(cloud.cli("site", "logs", name)["lines"][-20:])
                     raise RuntimeError(f"{name} answered {status} {body[:100]!r}; its log:\n{logs}")
@@ -237,61 +147,10 @@ def run_up(root: Path, samples: int, idle_sites: int) -> Figures:
             figures.results[runtime] = values
             print(
                 f"{runtime}: p50 {statistics.median(values):.1f} ms, p99 {pct(values, 99):.1f} ms, "
-                f"max {max(values):.1f} ms ({len(values)} cold starts through the front end)"
+                f"max {max(values):.1f} ms ({len(values)} cold starts, {'worker alone' if direct else 'front end'})"
             )
     finally:
         cloud.stop()
-    return figures
-
-
-def run_worker(root: Path, samples: int, idle_sites: int) -> Figures:
-    bench = Bench(root)
-    figures = Figures(idle=idle_sites, samples=samples)
-    try:
-        figures.rss_empty = bench.rss_kib()
-        idle = [f"idle{n}" for n in range(idle_sites)]
-        bench.add_sites(idle)
-        t0 = time.monotonic()
-        for name in idle:
-            bench.publish(name, HELLO["python (WSGI)"])
-        wait_until(
-            lambda: bench.health()["apps_dynamic"] >= len(idle), timeout=600, interval=0.5, what="idle sites"
-        )
-        print(f"published {len(idle)} dynamic sites in {time.monotonic() - t0:.1f} s")
-        time.sleep(2)
-        figures.rss_idle = bench.rss_kib()
-        assert bench.worker.proc is not None
-        figures.idle_processes = len(children(bench.worker.proc.pid))
-        print(
-            f"worker RSS: {figures.rss_empty} KiB empty, {figures.rss_idle} KiB with {len(idle)} idle "
-            f"dynamic sites; worker child processes: {figures.idle_processes}"
-        )
-        expected = len(idle)
-        for runtime, files in HELLO.items():
-            if runtime == "php" and shutil.which("php-cgi") is None:
-                print("php: skipped (no php-cgi)")
-                continue
-            slug = "".join(c for c in runtime if c.isalnum())[:10]
-            names = [f"cs-{slug}-{n}".lower() for n in range(samples + 1)]
-            bench.add_sites(names)
-            for name in names:
-                bench.publish(name, files)
-            expected += len(names)
-            wait_until(
-                lambda expected=expected: bench.health()["apps_dynamic"] >= expected,
-                timeout=120,
-                interval=0.2,
-                what=f"{runtime} sites",
-            )
-            bench.first_byte(names[0])  # the first start reads the server's code from disk
-            values = [bench.first_byte(name) * 1000 for name in names[1:]]
-            figures.results[runtime] = values
-            print(
-                f"{runtime}: p50 {statistics.median(values):.1f} ms, p99 {pct(values, 99):.1f} ms "
-                f"({len(values)} cold starts)"
-            )
-    finally:
-        bench.stop()
     return figures
 
 
@@ -299,9 +158,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--via",
-        choices=("up", "worker"),
-        default="up",
-        help="up: the whole cloud by `sitecloud up`, through the front end (default); worker: the worker alone",
+        choices=("frontend", "worker"),
+        default="frontend",
+        help="front end: visitors' way, over HTTPS (default); worker: straight to the worker's data port",
     )
     parser.add_argument("--samples", type=int, default=40, help="cold starts per runtime")
     parser.add_argument("--idle-sites", type=int, default=1000, help="idle dynamic sites for the RSS figure")
@@ -313,8 +172,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="sc-coldstart-", dir="/var/tmp"))
     os.chmod(root, 0o711)
     try:
-        run = run_up if args.via == "up" else run_worker
-        figures = run(root, args.samples, args.idle_sites)
+        figures = run(root, args.samples, args.idle_sites, direct=args.via == "worker")
     finally:
         if args.keep:
             print(f"kept {root}")
@@ -328,8 +186,8 @@ def write_doc(figures: Figures, via: str) -> None:
     where = (
         "Started by `sitecloud up` with its defaults, sites made through the API and published by web "
         "deploy; through the front end over HTTPS (TLS set up before the clock starts)"
-        if via == "up"
-        else "Through the worker's data port (mTLS, as a front end)"
+        if via == "frontend"
+        else "Started by `sitecloud up`, requests straight to the worker's data port (mTLS, as the front end)"
     )
     lines = [
         "## Dynamic sites: cold start and idle density (`python -m bench.coldstart`)",
