@@ -213,6 +213,32 @@ def test_memory_and_cpu_readings_are_sane(tree: CgroupTree, groups: list[AppGrou
     assert CgroupTree.oom_kills(group) == 0
 
 
+def test_a_group_made_again_takes_a_smaller_limit(tree: CgroupTree, groups: list[AppGroup]) -> None:
+    _group(tree, groups, "again", memory_mb=128)
+    group = tree.create("again", AppLimits(memory_mb=64))
+    limit = group.file(group.files.memory_limit)
+    assert limit is not None and int(limit.read_text()) == 64 * MB
+    swap = group.file(group.files.swap_limit)
+    if group.files.version == 1 and swap is not None and swap.exists():
+        assert int(swap.read_text()) == 64 * MB  # memory+swap: no room in swap beyond the limit
+
+
+def test_detect_removes_empty_groups_of_a_worker_that_is_gone(tree: CgroupTree) -> None:
+    if tree.files.version != 1:
+        pytest.skip("v1 layout: per-worker levels under sitecloud-apps")
+    # pid_max is at most 2**22: no process has this pid.
+    gone = [base.parent / f"{2**22 + 1}.feedbeef" for base in dict.fromkeys(tree.bases.values())]
+    for level in gone:
+        (level / "12").mkdir(parents=True)
+    again = CgroupTree.detect(get_logger("worker"))
+    assert again is not None
+    try:
+        assert [level for level in gone if level.exists()] == []
+        assert all(base.is_dir() for base in tree.bases.values())  # a live worker's level stays
+    finally:
+        again.close()
+
+
 def _fake_tree(base: Path, controllers: tuple[str, ...]) -> dict[str, Path]:
     dirs = {c: base / c for c in controllers}
     for path in dirs.values():
