@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from roles.worker.apps._cgroup import V1, V2, AppGroup, CgroupTree
+from roles.worker.apps._cgroup import V1, V2, AppGroup, CgroupTree, _v1_group_dir, _v1_mounts, _v1_own_paths
 from roles.worker.apps._spec import AppLimits
 from shared.logs import get_logger
 
@@ -313,3 +313,29 @@ def test_detect_logs_why_when_it_falls_back(caplog: pytest.LogCaptureFixture) ->
     with caplog.at_level(logging.INFO):
         assert CgroupTree.detect(get_logger("worker")) is None
     assert "using rlimits" in caplog.text
+
+
+def test_v1_mounts_and_own_paths_from_proc_files(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755\n"
+        "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime shared:9 - cgroup cgroup rw,cpu,cpuacct\n"
+        "35 31 0:32 /docker/abc /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+        "39 31 0:36 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+    )
+    mounts = _v1_mounts(mountinfo)
+    assert mounts == {
+        "cpu": (Path("/sys/fs/cgroup/cpu,cpuacct"), "/"),
+        "cpuacct": (Path("/sys/fs/cgroup/cpu,cpuacct"), "/"),
+        "memory": (Path("/sys/fs/cgroup/memory"), "/docker/abc"),
+        "pids": (Path("/sys/fs/cgroup/pids"), "/"),
+    }
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/docker/abc/svc\n2:cpu,cpuacct:/docker/abc\n8:pids:/\n0::/\n")
+    own = _v1_own_paths(proc)
+    assert own == {"memory": "/docker/abc/svc", "cpu": "/docker/abc", "cpuacct": "/docker/abc", "pids": "/"}
+    assert _v1_group_dir(*mounts["memory"], own["memory"]) == Path("/sys/fs/cgroup/memory/svc")
+    assert _v1_group_dir(*mounts["cpu"], own["cpu"]) == Path("/sys/fs/cgroup/cpu,cpuacct/docker/abc")
+    assert _v1_group_dir(*mounts["pids"], own["pids"]) == Path("/sys/fs/cgroup/pids")
+    assert _v1_group_dir(Path("/m"), "/docker/other", "/docker/abc") is None

@@ -28,7 +28,7 @@ import signal
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from roles.worker.apps._spec import AppLimits
 from shared.logs import ContextLogger
@@ -212,7 +212,7 @@ class CgroupTree:
 
     @classmethod
     def _detect_v1(
-        cls, log: ContextLogger, mounts: Mapping[str, Path], proc_cgroup: Path
+        cls, log: ContextLogger, mounts: Mapping[str, tuple[Path, str]], proc_cgroup: Path
     ) -> CgroupTree | None:
         missing = [c for c in _REQUIRED if c not in mounts]
         if missing:
@@ -225,8 +225,13 @@ class CgroupTree:
             for controller in (*_REQUIRED, *_OPTIONAL_V1):
                 if controller not in mounts:
                     continue
-                top = mounts[controller] / own.get(controller, "/").lstrip("/") / V1_DIR
-                top.mkdir(parents=True, exist_ok=True)
+                group = _v1_group_dir(*mounts[controller], own.get(controller, "/"))
+                if group is None or not group.is_dir():
+                    raise FileNotFoundError(
+                        f"the worker's own {controller} group is not under {mounts[controller][0]}"
+                    )
+                top = group / V1_DIR
+                top.mkdir(exist_ok=True)
                 _remove_dead_workers(top)
                 (top / me).mkdir(exist_ok=True)
                 bases[controller] = top / me
@@ -401,22 +406,33 @@ def _remove_dead_workers(top: Path) -> None:
                 level.rmdir()
 
 
-def _v1_mounts(mountinfo: Path) -> dict[str, Path]:
-    """Controller -> mount point of each cgroup v1 hierarchy (co-mounted ones share a path)."""
-    found: dict[str, Path] = {}
+def _v1_mounts(mountinfo: Path) -> dict[str, tuple[Path, str]]:
+    """Controller -> (mount point, the hierarchy's path mounted there) of each cgroup v1 hierarchy;
+    co-mounted controllers share one. A container without a cgroup namespace mounts its own group
+    (``/docker/<id>``) as the root, while /proc/self/cgroup still names the full path."""
+    found: dict[str, tuple[Path, str]] = {}
     with contextlib.suppress(OSError):
         for line in mountinfo.read_text().splitlines():
             head, sep, tail = line.partition(" - ")
             fields, post = head.split(), tail.split()
             if not sep or len(fields) < 5 or len(post) < 3 or post[0] != "cgroup":
                 continue
-            if fields[3] != "/":
-                continue  # a bind of a sub-hierarchy (a container's view): our own path is not below it
             mount = Path(fields[4].replace("\\040", " "))
             for option in post[2].split(","):
                 if option in (*_REQUIRED, *_OPTIONAL_V1):
-                    found.setdefault(option, mount)
+                    found.setdefault(option, (mount, fields[3]))
     return found
+
+
+def _v1_group_dir(mount: Path, mounted: str, own: str) -> Path | None:
+    """Where the group at hierarchy path ``own`` is, under a mount of hierarchy path ``mounted``."""
+    rel = PurePosixPath(own).relative_to("/") if mounted == "/" else None
+    if rel is None:
+        try:
+            rel = PurePosixPath(own).relative_to(mounted)
+        except ValueError:
+            return None  # our group is not visible in this mount
+    return mount / rel
 
 
 def _v1_own_paths(proc_cgroup: Path) -> dict[str, str]:
