@@ -21,6 +21,7 @@ Without either version the worker falls back to rlimits.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import secrets
@@ -248,7 +249,10 @@ class CgroupTree:
             bases["memory"],
             f" (no {', '.join(lacking)}: CPU seconds or freezing unavailable)" if lacking else "",
         )
-        return cls(V1, bases)
+        tree = cls(V1, bases)
+        # A worker that exits leaves no empty level behind (one that dies hard: the next detect).
+        atexit.register(tree.close)
+        return tree
 
     def create(self, name: str, limits: AppLimits) -> AppGroup:
         group = AppGroup(name, self.files, {c: base / name for c, base in self.bases.items()})
