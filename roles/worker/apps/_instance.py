@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from roles.worker.apps._cgroup import CgroupTree
+from roles.worker.apps._cgroup import AppGroup, CgroupTree
 from roles.worker.apps._isolation import SiteIdentity, lower_priority, rlimit_prefix, tree_usage
 from roles.worker.apps._launch import LaunchPlan
 from roles.worker.apps._sitelog import SiteLog
@@ -34,7 +34,7 @@ class AppInstance:
         limits: AppLimits,
         log: SiteLog,
         socket_path: Path,
-        cgroup: Path | None,
+        cgroup: AppGroup | None,
         on_exit: Callable[[AppInstance, int], None],
     ) -> None:
         self.plan = plan

@@ -488,8 +488,7 @@ class AppManager:
         log = self._site_log(app)
         oom = inst.cgroup is not None and CgroupTree.oom_kills(inst.cgroup) > 0
         if inst.cgroup is not None:
-            with contextlib.suppress(OSError):
-                inst.cgroup.rmdir()
+            CgroupTree.remove(inst.cgroup)
         if inst.stopping == "memory" or code == MEMORY_EXIT or oom:
             log.write("worker", f"stopped: exceeded its {inst.limits.memory_mb} MB memory limit")
         elif inst.stopping is not None:
