@@ -8,6 +8,7 @@ and the data channel commits an upload only when the client sent all of it.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import sys
 import threading
@@ -26,6 +27,7 @@ from roles.publisher._sites import Credentials, SiteTable
 from roles.publisher._vfs import SiteFilesystem
 from roles.publisher.config import PublisherConfig
 from shared.errors import SitecloudError
+from shared.listeners import listener
 from shared.logs import ContextLogger, get_logger
 
 __all__ = ["FtpServer", "ftp_reply"]
@@ -273,10 +275,10 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
 
 class _Server(ThreadedFTPServer):  # type: ignore[misc]  # pyftpdlib has no type hints
     # pyftpdlib keeps the stop flag and lock as class attributes shared by every server; own them.
-    def __init__(self, address: tuple[str, int], handler: type[_Session], ioloop: Any) -> None:
+    def __init__(self, sock: socket.socket, handler: type[_Session], ioloop: Any) -> None:
         self._lock = threading.Lock()
         self._exit = threading.Event()
-        super().__init__(address, handler, ioloop=ioloop)
+        super().__init__(sock, handler, ioloop=ioloop)
 
 
 class FtpServer:
@@ -298,6 +300,8 @@ class FtpServer:
             "abstracted_fs": SiteFilesystem,
             "dtp_handler": _DataChannel,
             "banner": "sitecloud publisher ready.",
+            # Passive data ports are bound per transfer and closed after it: nothing long-lived to hold
+            # across a restart as the control port is (shared/listeners.py), so they stay open to a squatter.
             "passive_ports": list(range(passive[0], passive[1] + 1)) if passive else None,
             "masquerade_address": config.masquerade_address,
             "auth_failed_timeout": config.ftp_auth_failed_delay,
@@ -305,7 +309,7 @@ class FtpServer:
             "use_sendfile": True,
         }
         handler = type("SitecloudFTPSession", (_Session,), settings)
-        self._server = _Server((config.bind, config.ftp_port), handler, IOLoop())
+        self._server = _Server(listener("ftp", config.bind, config.ftp_port), handler, IOLoop())
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ftp-acceptor", daemon=True)
 
