@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ftplib
 import json
 import os
@@ -31,7 +32,7 @@ from roles.controller.fabric.base import RoleSpec
 from roles.controller.supervisor import RoleProcessSupervisor
 from roles.frontend.config import FrontendConfig
 from roles.publisher.config import PublisherConfig
-from shared.config import RoleConfig
+from shared.config import RoleConfig, write_role_config
 from shared.listeners import HeldListeners, ListenerSpec, bind_listener, listener_specs
 from tests.cloud import LocalCloud
 from tests.support import CloudPKI, call, wait_until
@@ -298,6 +299,29 @@ async def test_frontend_restart_under_the_supervisor_never_frees_its_ports(
         # And once stopped for good, the ports are free again.
         await supervisor.stop()
         bind_listener(ListenerSpec("http", "127.0.0.1", config.http_port)).close()
+    finally:
+        await supervisor.stop()
+
+
+async def test_port_zero_is_chosen_once_by_the_supervisor_and_kept(pki: CloudPKI, tmp_path: Path) -> None:
+    """A config that says port 0: the supervisor's bind picks the port, the role reports it, and a
+    restart keeps it (a role binding for itself would get a new one each time)."""
+    config = pki.role_config(PublisherConfig, "publisher", tmp_path / "publisher")
+    write_role_config(dataclasses.replace(config, ftp_port=0, deploy_port=0), config.home / "role.json")
+    supervisor = RoleProcessSupervisor(RoleSpec("publisher", "localhost", config.home), tmp_path / "pub.log")
+    await supervisor.start()
+    try:
+        held = supervisor.listeners
+        assert held["ftp"] and held["deploy"] and held["control"] == config.control_port
+        first = await asyncio.to_thread(
+            wait_until, lambda: _health(pki, config), timeout=30, what="the publisher's health"
+        )
+        assert first["listeners"] == held and first["ftp_port"] == held["ftp"]
+        assert await asyncio.to_thread(ftp_probe, held["ftp"]) == ""
+        await supervisor.restart()
+        await asyncio.to_thread(_new_pid, pki, config, first["pid"])
+        assert supervisor.listeners == held
+        assert (await asyncio.to_thread(_health, pki, config))["listeners"] == held
     finally:
         await supervisor.stop()
 
