@@ -142,23 +142,30 @@ def inherited() -> dict[str, socket.socket]:
     named = os.environ.pop(ENV_FDS, "")
     for item in filter(None, named.split(",")):
         name, _, fd = item.partition("=")
-        if fd.isdigit():
-            socks[name] = _adopt_fd(int(fd))
+        sock = _adopt_fd(int(fd)) if fd.isdigit() else None
+        if sock is not None:
+            socks[name] = sock
     count, names = os.environ.pop("LISTEN_FDS", ""), os.environ.pop("LISTEN_FDNAMES", "")
     pid = os.environ.pop("LISTEN_PID", "")
     if count.isdigit() and pid in ("", str(os.getpid())):
         labels = names.split(":") if names else []
         for i in range(int(count)):
             name = labels[i] if i < len(labels) else f"fd{i}"
-            socks.setdefault(name, _adopt_fd(_SYSTEMD_FIRST_FD + i))
+            sock = _adopt_fd(_SYSTEMD_FIRST_FD + i)
+            if sock is not None:
+                socks.setdefault(name, sock)
     _state["inherited"] = socks
     return socks
 
 
-def _adopt_fd(fd: int) -> socket.socket:
-    # Inheritable only for the exec that brought it here: the apps this role starts must not get it.
-    os.set_inheritable(fd, False)
-    return socket.socket(fileno=fd)
+def _adopt_fd(fd: int) -> socket.socket | None:
+    try:
+        # Inheritable only for the exec that brought it here: the apps this role starts must not get it.
+        os.set_inheritable(fd, False)
+        return socket.socket(fileno=fd)
+    except OSError:
+        # Not an open socket (a stale variable): the role binds for itself instead.
+        return None
 
 
 def listener(name: str, host: str, port: int, *, backlog: int = _BACKLOG) -> socket.socket:

@@ -235,6 +235,37 @@ def test_held_sockets_have_no_reuseport_and_port_zero_is_kept() -> None:
         held.close()
 
 
+_SYSTEMD_STYLE = r"""
+import os, socket, sys
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+sock.listen(8)
+if sock.fileno() != 3:
+    os.dup2(sock.fileno(), 3)
+os.set_inheritable(3, True)
+os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="http", SITECLOUD_LISTEN_FDS="control=99")
+code = (
+    "import os; from shared.listeners import listener, listening_ports\n"
+    "listener('http', '127.0.0.1', 1); listener('control', '127.0.0.1', 0)\n"
+    "print(listening_ports()['http'], listening_ports()['control'] != 0,"
+    " 'LISTEN_FDS' in os.environ, os.get_inheritable(3))"
+)
+print(sock.getsockname()[1], flush=True)
+os.execv(sys.executable, [sys.executable, "-c", code])
+"""
+
+
+def test_a_role_takes_systemd_style_listeners_and_binds_what_it_was_not_given() -> None:
+    """LISTEN_FDS/LISTEN_FDNAMES (a systemd .socket unit) work; a stale descriptor number is skipped."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SYSTEMD_STYLE], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    given, taken, bound_itself, env_left, inheritable = out
+    assert taken == given and bound_itself == "True"
+    # Nothing the role starts sees the variables or the descriptor.
+    assert env_left == "False" and inheritable == "False"
+
+
 # -- under the local fabric's supervisor ------------------------------------------------------------
 
 
