@@ -215,7 +215,7 @@ class _Agent:
         self.adopted = orphan
         if not self.listeners.socks:
             try:
-                self.listeners.socks.update(HeldListeners.fetch(orphan).socks)
+                self.listeners.socks.update(HeldListeners.fetch(orphan, timeout=1.0).socks)
             except OSError as exc:
                 self.log(f"the running {self.kind} (pid {orphan}) did not hand its listeners over: {exc}")
         self.write_status("running")
@@ -226,7 +226,10 @@ class _Agent:
         deadline: float | None = None
         while pid_alive(pid):
             if self.stopping.is_set():
-                deadline = deadline or time.monotonic() + _STOP_TIMEOUT
+                if deadline is None:  # the signal may have come before the adoption
+                    deadline = time.monotonic() + _STOP_TIMEOUT
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
                 if time.monotonic() > deadline:
                     self.log(f"{self.kind} did not stop within {_STOP_TIMEOUT:.0f}s; killing it")
                     with contextlib.suppress(ProcessLookupError):
@@ -323,7 +326,8 @@ def _restart(files: _Files) -> dict[str, Any]:
         if pid is None:
             continue
         try:
-            held = HeldListeners.fetch(pid)
+            # Long running: one that does not answer at once predates held listeners.
+            held = HeldListeners.fetch(pid, timeout=0.5)
             break
         except OSError as exc:
             # An agent from before listeners were held: a plain stop and start, as it always was.
