@@ -18,6 +18,7 @@ from shared.config import RoleConfig
 from shared.errors import InvalidInput
 from shared.files import atomic_write_json, read_json
 from shared.internal import error_middleware, require_role
+from shared.listeners import listener, listening_ports
 from shared.logs import get_logger
 from shared.tls import server_context
 from shared.version import CODE_VERSION
@@ -88,6 +89,8 @@ class ControlPlane:
             "config_version": self.config_version,
             "pid": os.getpid(),
             "uptime": round(time.time() - self._started, 1),
+            # The real ports (a config may say 0, or a supervisor may hold others): name -> port.
+            "listeners": listening_ports(),
             **figures,
         }
 
@@ -112,9 +115,8 @@ class ControlPlane:
     async def start(self) -> None:
         self._runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=5)
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, self.config.bind, self.config.control_port, ssl_context=server_context(self.config)
-        )
+        sock = listener("control", self.config.bind, self.config.control_port)
+        site = web.SockSite(self._runner, sock, ssl_context=server_context(self.config))
         await site.start()
 
     async def stop(self) -> None:

@@ -1,25 +1,30 @@
-"""Several serving processes for one data-plane role (front end, worker), on SO_REUSEPORT listeners.
+"""Several serving processes for one data-plane role (front end, worker), on shared listeners.
 
 With ``processes: N > 1`` the role's main process keeps the control plane (health, pushed config) and
 starts N serving processes: the same ``python -m roles.<role> --config role.json`` with
-``SITECLOUD_SERVING_PROCESS=<index>`` in their environment. Each binds the data ports itself with
-SO_REUSEPORT, so the kernel spreads connections over them. The main process hands a new snapshot over
-as a file in the role's own state directory and a SIGHUP; it restarts a serving process that dies and
-stops them all (SIGTERM, then SIGKILL after the drain bound) when it stops.
+``SITECLOUD_SERVING_PROCESS=<index>`` in their environment. They inherit the main process's data
+listeners (the ones its supervisor holds, see :mod:`shared.listeners`) and all accept on them. Not
+SO_REUSEPORT sockets of their own: a port open to SO_REUSEPORT lets another process of the same uid
+bind beside it and take a share of the connections. The main process hands a new snapshot over as a
+file in the role's own state directory and a SIGHUP; it restarts a serving process that dies and stops
+them all (SIGTERM, then SIGKILL after the drain bound) when it stops.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from shared.config import RoleConfig
+from shared.listeners import child_env, listener, listener_specs
 from shared.logs import ContextLogger
 
 __all__ = [
@@ -115,18 +120,22 @@ class ServingProcesses:
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * count
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
+        self._listeners: dict[str, socket.socket] = {}
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs if p is not None and p.poll() is None]
 
     def _spawn(self, index: int) -> None:
-        env = {**os.environ, _INDEX_ENV: str(index), _PARENT_ENV: str(os.getpid())}
+        listen_env, fds = child_env(self._listeners)
+        env = {**os.environ, **listen_env, _INDEX_ENV: str(index), _PARENT_ENV: str(os.getpid())}
         env.pop(_COUNT_ENV, None)
         config_file = Path(self._config.home) / "role.json"
         # Output goes where ours goes (the supervisor's log of this role).
         self._procs[index] = subprocess.Popen(
-            [sys.executable, "-m", f"roles.{self._config.role}", "--config", str(config_file)], env=env
+            [sys.executable, "-m", f"roles.{self._config.role}", "--config", str(config_file)],
+            env=env,
+            pass_fds=fds,
         )
 
     def start(self) -> None:
@@ -134,6 +143,10 @@ class ServingProcesses:
         # signal stays ignored across exec, and the child reads the handed-over state once its
         # handler is in (so a reload in that window is not lost).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        raw = {f.name: getattr(self._config, f.name) for f in dataclasses.fields(self._config)}
+        for spec in listener_specs(raw):
+            if spec.name != "control":
+                self._listeners[spec.name] = listener(spec.name, spec.host, spec.port)
         for i in range(self._count):
             self._spawn(i)
         self._watch = asyncio.get_running_loop().create_task(self._supervise())
@@ -172,3 +185,6 @@ class ServingProcesses:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for sock in self._listeners.values():
+            sock.close()
+        self._listeners.clear()

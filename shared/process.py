@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import uvloop
 
 from shared.config import RoleConfig, load_role_config
+from shared.listeners import inherited, serve_handback
 from shared.logs import setup_logging
 
 __all__ = ["role_main"]
@@ -41,6 +42,8 @@ def role_main(config_cls: type[C], serve: Callable[[C, asyncio.Event], Coroutine
     config = load_role_config(config_cls, args.config)
     setup_logging(config.role, config.host, config.log_level)
     _raise_open_files_limit()
+    # Before anything else starts: the supervisor's listeners, and a way to give them to its successor.
+    serve_handback(inherited())
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from roles.controller.config import CloudConfig
 from roles.controller.fabric._wheelhouse import Wheelhouse
 from roles.controller.fabric.base import FabricProvider, ProgressStep, RoleLauncher, RoleSpec
-from roles.controller.fabric.local import LOCAL_HOST, LocalFabric
+from roles.controller.fabric.local import LOCAL_HOST, LocalFabric, LocalLauncher
 from roles.controller.fabric.netns import NetnsFabric
 from roles.controller.fabric.remote import RemoteLauncher
 from roles.controller.fabric.ssh import SshFabric
@@ -387,6 +387,10 @@ class Fleet:
             )
 
         async def run() -> None:
+            if action in ("restart", "repair") and isinstance(launcher, LocalLauncher):
+                # On the listeners its supervisor holds: the ports are never free in between.
+                await launcher.restart(spec)
+                return
             if action in ("stop", "restart", "repair"):
                 await launcher.stop(row.kind)
             if action != "stop":

@@ -7,8 +7,15 @@ the role home say what is going on. The controller drives it over SSH with the o
 
 - ``start``: start a detached agent (its own session) unless one already runs for this role;
 - ``stop``: SIGTERM the agent (which stops the role) and wait; SIGKILL both after a bound;
-- ``restart``: stop, then start;
+- ``restart``: stop, then start, with the role's listeners handed from the old agent to the new one;
 - ``status``: print the agent's and the role's state as JSON.
+
+The agent holds the role's listening sockets (:mod:`shared.listeners`) for as long as it runs and
+hands them to each role process it starts, so a role that dies or is restarted never leaves its port
+free for another process to take. ``restart`` (also how an upgrade starts the new code) first takes the
+listeners from the running agent over a unix socket (SCM_RIGHTS) and passes them to the new agent, so
+they stay open throughout; a new agent that finds its role still running (its agent was killed)
+adopts the role and takes the listeners back from it the same way.
 
 Files in the role home: ``hostagent.pid``, ``role.pid``, ``hostagent.json`` (state, reason, restarts,
 role pid), ``role.log`` (the role's output) and ``hostagent.log``.
@@ -32,6 +39,7 @@ from typing import Any
 
 from roles.controller._pids import STABLE_AFTER, cmdline, pid_alive
 from shared.files import atomic_write_json
+from shared.listeners import ENV_HANDBACK, HeldListeners, child_env, inherited, listener_specs, serve_handback
 
 __all__ = ["main"]
 
@@ -82,12 +90,22 @@ class _Agent:
         self.kind = files.kind()
         self.stopping = threading.Event()
         self.child: subprocess.Popen[bytes] | None = None
+        # A role process left running by an agent that was killed, until it exits.
+        self.adopted: int | None = None
         self.restarts = 0
+        # Handed over by `restart` (from the agent before this one), else bound at the first spawn.
+        self.listeners = HeldListeners(inherited())
 
     def log(self, message: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         with self.files.agent_log.open("a") as f:
             f.write(f"{stamp} hostagent[{os.getpid()}] {self.kind}: {message}\n")
+
+    @property
+    def role_pid(self) -> int | None:
+        if self.child is not None:
+            return self.child.pid
+        return self.adopted
 
     def write_status(self, state: str, reason: str = "") -> None:
         atomic_write_json(
@@ -98,7 +116,8 @@ class _Agent:
                 "reason": reason,
                 "restarts": self.restarts,
                 "agent_pid": os.getpid(),
-                "role_pid": self.child.pid if self.child is not None and state == "running" else None,
+                "role_pid": self.role_pid if state == "running" else None,
+                "listeners": self.listeners.ports(),
                 "since": time.time(),
             },
         )
@@ -109,9 +128,25 @@ class _Agent:
         if child is not None and child.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signal.SIGTERM)
+        elif self.adopted is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.adopted, signal.SIGTERM)
+
+    def hold_listeners(self) -> None:
+        """Bind what role.json asks for that is not held yet (the first start, a port that changed)."""
+        try:
+            bound = self.listeners.update(listener_specs(json.loads(self.files.config.read_text())))
+        except (OSError, ValueError) as exc:
+            # The role then binds what it can itself, as one started by hand would.
+            self.log(f"cannot hold the listeners: {exc}")
+            return
+        if bound:
+            self.log(f"holding listeners {self.listeners.ports()}")
 
     def spawn(self) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", f"roles.{self.kind}", "--config", str(self.files.config)]
+        self.hold_listeners()
+        listen_env, fds = self.listeners.child_env()
         with self.files.role_log.open("ab") as log:
             child = subprocess.Popen(
                 argv,
@@ -119,7 +154,8 @@ class _Agent:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.files.home,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, **listen_env, ENV_HANDBACK: "1", "PYTHONUNBUFFERED": "1"},
+                pass_fds=fds,
             )
         self.child = child
         if self.stopping.is_set():  # SIGTERM arrived while it was being started
@@ -136,19 +172,25 @@ class _Agent:
         self.files.agent_pid.write_text(f"{os.getpid()}\n")
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
+        self.adopt()
+        # The same dict the agent updates: a successor always gets what is held now.
+        serve_handback(self.listeners.socks, force=True)
         backoff = 0.5
         try:
             while not self.stopping.is_set():
                 started = time.monotonic()
-                child = self.spawn()
-                code = self.wait(child)
+                if self.adopted is not None:
+                    code: int | None = self.wait_adopted(self.adopted)
+                else:
+                    code = self.wait(self.spawn())
                 if self.stopping.is_set():
                     break
                 ran = time.monotonic() - started
                 if ran >= STABLE_AFTER:
                     backoff = 0.5
                 self.restarts += 1
-                reason = f"exited with code {code} after {ran:.1f}s; restarting in {backoff:.1f}s"
+                how = f"exited with code {code}" if code is not None else "exited"
+                reason = f"{how} after {ran:.1f}s; restarting in {backoff:.1f}s"
                 self.write_status("failed", reason)
                 self.log(reason)
                 if self.stopping.wait(backoff):
@@ -158,9 +200,43 @@ class _Agent:
             self.files.role_pid.unlink(missing_ok=True)
             self.files.agent_pid.unlink(missing_ok=True)
             self.child = None
+            self.adopted = None
+            self.listeners.close()
             self.write_status("stopped")
             self.log("stopped")
         return 0
+
+    def adopt(self) -> None:
+        """A role process still running from a killed agent: watch it rather than start a second one
+        (which could not bind its ports), and take its listeners for the processes after it."""
+        orphan = self.files.running_role()
+        if orphan is None:
+            return
+        self.adopted = orphan
+        if not self.listeners.socks:
+            try:
+                self.listeners.socks.update(HeldListeners.fetch(orphan, timeout=1.0).socks)
+            except OSError as exc:
+                self.log(f"the running {self.kind} (pid {orphan}) did not hand its listeners over: {exc}")
+        self.write_status("running")
+        self.log(f"adopted running {self.kind} (pid {orphan}), listeners {self.listeners.ports()}")
+
+    def wait_adopted(self, pid: int) -> int | None:
+        """Wait for an adopted role (not our child: polled); once stopping, the same bound as :meth:`wait`."""
+        deadline: float | None = None
+        while pid_alive(pid):
+            if self.stopping.is_set():
+                if deadline is None:  # the signal may have come before the adoption
+                    deadline = time.monotonic() + _STOP_TIMEOUT
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                if time.monotonic() > deadline:
+                    self.log(f"{self.kind} did not stop within {_STOP_TIMEOUT:.0f}s; killing it")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        self.adopted = None
+        return None
 
     def wait(self, child: subprocess.Popen[bytes]) -> int:
         """Wait for the role to exit; once stopping, give it a bound to drain, then kill it."""
@@ -184,18 +260,22 @@ def _status(files: _Files) -> dict[str, Any]:
         state, reason = "stopped", ""
     else:
         state, reason = str(recorded.get("state", "starting")), str(recorded.get("reason", ""))
-    return {
+    result: dict[str, Any] = {
         "state": state,
         "reason": reason,
         "restarts": int(recorded.get("restarts", 0)) if agent is not None else 0,
         "agent_pid": agent,
         "role_pid": role,
     }
+    if agent is not None:
+        result["listeners"] = dict(recorded.get("listeners") or {})
+    return result
 
 
-def _start(files: _Files) -> dict[str, Any]:
+def _start(files: _Files, listeners: HeldListeners | None = None) -> dict[str, Any]:
     if files.running_agent() is None:
         files.kind()  # refuse a bad config before detaching anything
+        listen_env, fds = child_env(listeners.socks) if listeners is not None else ({}, ())
         with files.agent_log.open("ab") as log:
             agent = subprocess.Popen(
                 [sys.executable, "-m", "roles.controller.hostagent", "run", "--config", str(files.config)],
@@ -203,6 +283,8 @@ def _start(files: _Files) -> dict[str, Any]:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=files.home,
+                env={**os.environ, **listen_env},
+                pass_fds=fds,
                 # Its own session: it outlives the SSH session that started it, and no hangup reaches it.
                 start_new_session=True,
             )
@@ -236,6 +318,28 @@ def _stop(files: _Files) -> dict[str, Any]:
     return _status(files)
 
 
+def _restart(files: _Files) -> dict[str, Any]:
+    """Stop and start, holding the role's listeners in this process in between: taken from the
+    running agent (or an orphaned role), handed to the new agent, so the ports are never free."""
+    held: HeldListeners | None = None
+    for pid in (files.running_agent(), files.running_role()):
+        if pid is None:
+            continue
+        try:
+            # Long running: one that does not answer at once predates held listeners.
+            held = HeldListeners.fetch(pid, timeout=0.5)
+            break
+        except OSError as exc:
+            # An agent from before listeners were held: a plain stop and start, as it always was.
+            print(f"pid {pid} did not hand its listeners over: {exc}", file=sys.stderr)
+    try:
+        _stop(files)
+        return _start(files, held)
+    finally:
+        if held is not None:
+            held.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m roles.controller.hostagent")
     parser.add_argument(
@@ -251,8 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.action == "stop":
         result = _stop(files)
     elif args.action == "restart":
-        _stop(files)
-        result = _start(files)
+        result = _restart(files)
     else:
         result = _status(files)
     print(json.dumps(result))

@@ -2,12 +2,17 @@
 
 Role processes run in their own session, so they outlive a controller that crashes: the data plane
 keeps serving. The next controller finds them by pid file and adopts them instead of starting again.
+
+The supervisor holds the role's listening sockets (:mod:`shared.listeners`) from the first start to
+the final stop and hands them to every process it starts, so a restart or an upgrade never frees a
+port for another process to take; an adopted role hands them back over a unix socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -16,6 +21,7 @@ from pathlib import Path
 
 from roles.controller._pids import STABLE_AFTER, cmdline, pid_alive
 from roles.controller.fabric.base import RoleSpec
+from shared.listeners import ENV_HANDBACK, HeldListeners, listener_specs
 from shared.logs import get_logger
 
 __all__ = ["RoleProcessSupervisor"]
@@ -35,6 +41,7 @@ class RoleProcessSupervisor:
         self._adopted_pid: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._listeners = HeldListeners()
         self.restarts = 0
         self.state = "stopped"
         self.reason = ""
@@ -60,16 +67,42 @@ class RoleProcessSupervisor:
             return pid
         return None
 
+    @property
+    def listeners(self) -> dict[str, int]:
+        """The ports this supervisor holds for the role, by listener name."""
+        return self._listeners.ports()
+
+    def _hold_listeners(self) -> None:
+        """Bind what the role's config asks for that is not held yet (a first start, a changed port)."""
+        try:
+            specs = listener_specs(json.loads(self.spec.config_file.read_text()))
+            bound = self._listeners.update(specs)
+        except (OSError, ValueError) as exc:
+            # The role then binds what it can itself, as one started by hand would.
+            self._log.error("cannot hold the listeners of %s: %s", self.spec.kind, exc)
+            return
+        if bound:
+            self._log.info("holding %s listeners %s", self.spec.kind, self._listeners.ports())
+
     async def _spawn(self) -> None:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._hold_listeners()
+        listen_env, fds = self._listeners.child_env()
         with self.log_file.open("ab") as log:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env={**os.environ, **self.spec.env, "PYTHONUNBUFFERED": "1"},
+                env={
+                    **os.environ,
+                    **self.spec.env,
+                    **listen_env,
+                    ENV_HANDBACK: "1",
+                    "PYTHONUNBUFFERED": "1",
+                },
                 start_new_session=True,
+                pass_fds=fds,
             )
         self._adopted_pid = None
         self._pid_file.write_text(f"{self._proc.pid}\n")
@@ -88,7 +121,17 @@ class RoleProcessSupervisor:
         if orphan is not None:
             self._adopted_pid = orphan
             self.state, self.reason = "running", ""
-            self._log.info("adopted running %s process %d", self.spec.kind, orphan)
+            try:
+                self._listeners = await asyncio.to_thread(HeldListeners.fetch, orphan)
+            except OSError as exc:
+                # An older role, or one started by hand: its next start binds anew (a moment with the
+                # port free, as before listeners were held).
+                self._log.warning(
+                    "adopted %s (pid %d) did not hand its listeners over: %s", self.spec.kind, orphan, exc
+                )
+            self._log.info(
+                "adopted running %s process %d, listeners %s", self.spec.kind, orphan, self._listeners.ports()
+            )
         else:
             await self._spawn()
             self._log.info("started %s (pid %s)", self.spec.kind, self.pid)
@@ -119,7 +162,8 @@ class RoleProcessSupervisor:
             except OSError as exc:
                 self.state, self.reason = "failed", f"cannot start: {exc}"
 
-    async def stop(self) -> None:
+    async def _terminate(self) -> None:
+        """End the role process (SIGTERM, SIGKILL after the bound) and its watch; keep the listeners."""
         self._stopping = True
         pid = self.pid
         if pid is not None and pid_alive(pid):
@@ -131,7 +175,7 @@ class RoleProcessSupervisor:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._proc.wait(), 0.1)
                 else:
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.02)
             if pid_alive(pid):
                 self._log.warning("%s did not stop within %.0fs; killing it", self.spec.kind, _STOP_TIMEOUT)
                 with contextlib.suppress(ProcessLookupError):
@@ -142,5 +186,21 @@ class RoleProcessSupervisor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
+        self._adopted_pid = None
+
+    async def restart(self) -> None:
+        """Stop the role process and start a new one on the same listeners: connections that arrive
+        in between wait in the listeners' backlog, and no other process can bind the ports."""
+        await self._terminate()
+        self._stopping = False
+        await self._spawn()
+        self._log.info("restarted %s (pid %s)", self.spec.kind, self.pid)
+        self._task = asyncio.create_task(self._watch(), name=f"supervise-{self.spec.kind}")
+
+    async def stop(self) -> None:
+        """Stop for good: the role process, then its listeners."""
+        await self._terminate()
+        self._listeners.close()
         self._pid_file.unlink(missing_ok=True)
         self.state, self.reason = "stopped", ""

@@ -2,7 +2,7 @@
 
 With ``processes: 1`` (the default) one process does everything. With more, the main process runs the
 control plane and hands each applied snapshot to N serving processes (see :mod:`shared.prefork`),
-which each listen on the same ports with SO_REUSEPORT and report their own usage.
+which accept on the listeners they share and report their own usage.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from roles.frontend._usage import UsageReporter
 from roles.frontend.config import FrontendConfig
 from shared.control import ControlPlane, Snapshot
 from shared.files import atomic_write_json, read_json
+from shared.listeners import listener
 from shared.logs import ContextLogger, get_logger
 from shared.prefork import (
     ServingProcesses,
@@ -101,40 +102,35 @@ def _public_tls(config: FrontendConfig, log: ContextLogger) -> ssl.SSLContext | 
     return ctx
 
 
-async def _listen(proxy: Proxy, tls: ssl.SSLContext | None, *, reuse_port: bool) -> list[asyncio.Server]:
+async def _listen(proxy: Proxy, tls: ssl.SSLContext | None) -> list[asyncio.Server]:
     config = proxy.config
     loop = asyncio.get_running_loop()
+    # Held by the supervisor across restarts (and shared by every serving process): see shared/listeners.
+    http = listener("http", config.bind, config.http_port, backlog=_BACKLOG)
     servers = [
-        await loop.create_server(
-            lambda: ClientConnection(proxy, b"http"),
-            config.bind,
-            config.http_port,
-            backlog=_BACKLOG,
-            reuse_port=reuse_port or None,
-        )
+        await loop.create_server(lambda: ClientConnection(proxy, b"http"), sock=http, backlog=_BACKLOG)
     ]
     if tls is not None:
+        https = listener("https", config.bind, config.https_port, backlog=_BACKLOG)
         servers.append(
             await loop.create_server(
                 lambda: ClientConnection(proxy, b"https"),
-                config.bind,
-                config.https_port,
+                sock=https,
                 ssl=tls,
                 ssl_handshake_timeout=config.handshake_timeout,
                 backlog=_BACKLOG,
-                reuse_port=reuse_port or None,
             )
         )
     return servers
 
 
 async def _serve_data(
-    config: FrontendConfig, proxy: Proxy, log: ContextLogger, *, reuse_port: bool
+    config: FrontendConfig, proxy: Proxy, log: ContextLogger
 ) -> tuple[list[asyncio.Server], UsageReporter, bool]:
     tls = _public_tls(config, log)
     if tls is not None:
         tls.sni_callback = _SniContexts(proxy, log).callback
-    servers = await _listen(proxy, tls, reuse_port=reuse_port)
+    servers = await _listen(proxy, tls)
     usage = UsageReporter(config, proxy.usage, log)
     proxy.start()
     usage.start()
@@ -173,7 +169,7 @@ async def serve(config: FrontendConfig, stop: asyncio.Event) -> None:
 
     plane = ControlPlane(config, proxy.apply, health=health)
     await plane.load_last_known_good()
-    servers, usage, https["on"] = await _serve_data(config, proxy, log, reuse_port=False)
+    servers, usage, https["on"] = await _serve_data(config, proxy, log)
     usage_ref["r"] = usage
     await plane.start()
     _settle_heap()
@@ -256,7 +252,7 @@ async def _serve_child(config: FrontendConfig, stop: asyncio.Event, index: int) 
 
     stop_reloading = reload_on_sighup(reload)
     await reload()
-    servers, usage, _ = await _serve_data(config, proxy, log, reuse_port=True)
+    servers, usage, _ = await _serve_data(config, proxy, log)
     _settle_heap()
     orphan_guard = watch_parent(stop)
     try:

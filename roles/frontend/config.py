@@ -33,7 +33,7 @@ class FrontendConfig(RoleConfig):
     # processes); more spread a lane's load over a worker's serving processes.
     lanes_per_worker: int = 1
     drain_timeout: float = 8.0
-    # Serving processes (SO_REUSEPORT); above 1 the main process keeps only the control plane.
+    # Serving processes (sharing the listeners); above 1 the main process keeps only the control plane.
     processes: int = 1
     # The HTTPS port visitors see (behind an L4 balancer it may differ); 0: https_port. (Not named
     # *_port: it is no port of ours to listen on.)

@@ -12,6 +12,7 @@ from roles.management.config import ManagementConfig
 from roles.management.service import ManagementService
 from shared.control import ControlPlane, Snapshot
 from shared.db import Database
+from shared.listeners import listener
 from shared.logs import get_logger
 from shared.process import role_main
 from shared.tls import public_server_context
@@ -35,10 +36,9 @@ async def serve(config: ManagementConfig, stop: asyncio.Event) -> None:
         await control.start()
         await service.start()
         await runner.setup()
-        site = web.TCPSite(
+        site = web.SockSite(
             runner,
-            config.bind,
-            config.api_port,
+            listener("api", config.bind, config.api_port),
             ssl_context=public_server_context(config.cert_file, config.key_file),
         )
         await site.start()

@@ -15,6 +15,7 @@ from roles.publisher._sites import Credentials, SiteTable
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
 from shared.control import ControlPlane, Snapshot
+from shared.listeners import listener
 from shared.logs import get_logger
 from shared.process import role_main
 from shared.tls import client_context, public_server_context
@@ -60,7 +61,8 @@ async def serve(config: PublisherConfig, stop: asyncio.Event) -> None:
         await plane.start()
         await runner.setup()
         tls = public_server_context(config.cert_file, config.key_file)
-        await web.TCPSite(runner, config.bind, config.deploy_port, ssl_context=tls).start()
+        deploy = listener("deploy", config.bind, config.deploy_port)
+        await web.SockSite(runner, deploy, ssl_context=tls).start()
         ftp.start()
         log.info("web deploy on %s:%s", config.bind, config.deploy_port)
         await stop.wait()

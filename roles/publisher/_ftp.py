@@ -12,6 +12,7 @@ to login, and failed logins throttled per account and address (:mod:`roles.publi
 
 from __future__ import annotations
 
+import socket
 import ssl
 import sys
 import threading
@@ -33,6 +34,7 @@ from roles.publisher._throttle import LoginThrottle
 from roles.publisher._vfs import SiteFilesystem
 from roles.publisher.config import PublisherConfig
 from shared.errors import SitecloudError
+from shared.listeners import listener
 from shared.logs import ContextLogger, get_logger
 
 __all__ = ["FtpServer", "ftp_reply"]
@@ -475,7 +477,7 @@ class _Server(ThreadedFTPServer):  # type: ignore[misc]  # pyftpdlib has no type
     # server; own them.
     def __init__(
         self,
-        address: tuple[str, int],
+        sock: socket.socket,
         handler: type[_Session],
         ioloop: Any,
         *,
@@ -486,7 +488,7 @@ class _Server(ThreadedFTPServer):  # type: ignore[misc]  # pyftpdlib has no type
         self._exit = threading.Event()
         self.max_cons = max_cons
         self.max_cons_per_ip = max_cons_per_ip
-        super().__init__(address, handler, ioloop=ioloop)
+        super().__init__(sock, handler, ioloop=ioloop)
 
 
 class FtpServer:
@@ -517,6 +519,8 @@ class FtpServer:
             "abstracted_fs": SiteFilesystem,
             "dtp_handler": _DataChannel,
             "banner": "sitecloud publisher ready.",
+            # Passive data ports are bound per transfer and closed after it: nothing long-lived to hold
+            # across a restart as the control port is (shared/listeners.py), so they stay open to a squatter.
             "passive_ports": list(range(passive[0], passive[1] + 1)) if passive else None,
             "masquerade_address": config.masquerade_address,
             "auth_failed_timeout": config.ftp_auth_failed_delay,
@@ -537,7 +541,7 @@ class FtpServer:
             "max_cons": config.ftp_max_connections,
             "max_cons_per_ip": config.ftp_max_connections_per_ip,
         }
-        self._server = _Server((config.bind, config.ftp_port), handler, IOLoop(), **limits)
+        self._server = _Server(listener("ftp", config.bind, config.ftp_port), handler, IOLoop(), **limits)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ftp-acceptor", daemon=True)
 

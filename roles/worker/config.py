@@ -25,7 +25,7 @@ class WorkerConfig(RoleConfig):
     version_grace: float = 15.0
     # In-memory cache of small hot files (per process), dropped per site on a version flip.
     hot_cache_bytes: int = 32 * 1024 * 1024
-    # Serving processes on the data port (SO_REUSEPORT); above 1 the main process keeps the control
+    # Serving processes sharing the data port's listener; above 1 the main process keeps the control
     # plane and the content sync, and hands versions over to them.
     processes: int = 1
     # Opt-in, for measuring and for a front end on the same machine only: also answer plain HTTP on

@@ -28,6 +28,7 @@ from roles.worker._http import (
 from roles.worker._static import FileHit, HotCache, HotKey, Redirect, resolve, send_file
 from roles.worker.config import WorkerConfig
 from shared.errors import InvalidInput
+from shared.listeners import listener
 from shared.logs import get_logger
 from shared.pages import error_page
 from shared.paths import site_relpath
@@ -80,17 +81,16 @@ class DataServer:
     def connections(self) -> int:
         return len(self._connections)
 
-    async def start(self, *, reuse_port: bool = False) -> None:
+    async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # Held by the supervisor across restarts (and shared by every serving process): see shared/listeners.
         self._server = await loop.create_server(
             self._connection,
-            self._config.bind,
-            self._config.data_port,
+            sock=listener("data", self._config.bind, self._config.data_port),
             ssl=_data_context(self._config),
             ssl_handshake_timeout=10,
             ssl_shutdown_timeout=5,
             backlog=1024,
-            reuse_port=reuse_port or None,
         )
         plain = self._config.loopback_plain_listen
         if plain:
@@ -101,11 +101,7 @@ class DataServer:
                 )
             else:
                 self._plain = await loop.create_server(
-                    self._plain_connection,
-                    host.strip("[]"),
-                    int(port),
-                    backlog=1024,
-                    reuse_port=reuse_port or None,
+                    self._plain_connection, sock=listener("plain", host.strip("[]"), int(port)), backlog=1024
                 )
                 self._log.warning("also answering plain HTTP on loopback %s (no TLS on this hop)", plain)
         self._sweeper = loop.call_later(_SWEEP, self._sweep)

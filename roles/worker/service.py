@@ -1,7 +1,7 @@
 """The worker process: control plane, content sync and data server, started and stopped in order.
 
 With ``processes: N > 1`` the main process keeps the control plane and the content sync, and N serving
-processes (see :mod:`shared.prefork`) answer the data port with SO_REUSEPORT. After each snapshot and
+processes (see :mod:`shared.prefork`) answer on the data port's shared listener. After each snapshot and
 each version flip the main process writes which version directory serves each site to
 ``state/serving.json`` and sends SIGHUP; each serving process swaps its lookup table and drops its hot
 cache for the sites that moved.
@@ -178,7 +178,7 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
     stop_reloading = reload_on_sighup(reload)
     await reload()
     server = DataServer(config, lookup, hot, failure=failed.get)
-    await server.start(reuse_port=True)
+    await server.start()
     gc.collect()
     gc.freeze()
     orphan_guard = watch_parent(stop)

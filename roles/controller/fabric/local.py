@@ -26,6 +26,19 @@ class LocalLauncher(RoleLauncher):
         self._roles[spec.kind] = supervisor
         await supervisor.start()
 
+    async def restart(self, spec: RoleSpec) -> None:
+        """A new process for the role on the listeners its supervisor holds (started if it was not)."""
+        supervisor = self._roles.get(spec.kind)
+        if supervisor is None:
+            await self.start(spec)
+            return
+        await supervisor.restart()
+
+    def listeners(self, kind: str) -> dict[str, int]:
+        """The ports held for a role, by listener name (empty when it is not supervised here)."""
+        supervisor = self._roles.get(kind)
+        return supervisor.listeners if supervisor is not None else {}
+
     async def stop(self, kind: str) -> None:
         supervisor = self._roles.pop(kind, None)
         if supervisor is not None:
