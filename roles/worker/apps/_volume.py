@@ -1,0 +1,145 @@
+"""A disk quota for what a sandboxed app may write: its HOME and TMPDIR on a size-capped volume.
+
+Each site gets a sparse ext4 image (``<base>/volume.img``, root only) mounted through a loop device at
+``<base>/volume`` while its app runs; the sandbox binds ``volume/home`` and ``volume/tmp`` at the site's
+HOME and TMPDIR paths. Why this over the other options:
+
+- a hard limit the kernel enforces (ENOSPC at the cap), not a watch that notices after the fact;
+- it needs nothing of the host filesystem (ext4 project quotas need ``prjquota`` at mount time, which
+  hosts rarely have; XFS is not a given);
+- it is cheap: the image is sparse (it takes what the site writes), ``mkfs`` of a new one and each
+  mount take ~10 ms, and the volume is released when the last app process of the site stops, so an
+  idle site holds no loop device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+from shared.errors import Unavailable
+
+__all__ = ["HomeVolume"]
+
+_TOOLS = "/usr/sbin:/usr/bin:/sbin:/bin"
+# Below this much free space the volume counts as full (a write has hit the quota).
+FULL_MARGIN = 256 * 1024
+
+
+async def _run(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise Unavailable(f"{Path(argv[0]).name} failed: {out.decode(errors='replace').strip()[:300]}")
+
+
+class HomeVolume:
+    """One site's volume, shared by its app processes (an old one finishing, a new one starting)."""
+
+    def __init__(self, base: Path, *, uid: int, gid: int) -> None:
+        self.image = base / "volume.img"
+        self.mountpoint = base / "volume"
+        self.home = self.mountpoint / "home"
+        self.tmp = self.mountpoint / "tmp"
+        self._uid = uid
+        self._gid = gid
+        self._users = 0
+        self._lock = asyncio.Lock()
+
+    @staticmethod
+    def available() -> bool:
+        return all(shutil.which(t, path=_TOOLS) for t in ("mkfs.ext4", "mount", "umount", "resize2fs"))
+
+    async def acquire(self, size_mb: int, old_home: Path, old_tmp: Path) -> None:
+        """Mounted (made first if need be, grown if the cap went up) for one more user."""
+        async with self._lock:
+            if self._users == 0 and not self.mounted():
+                await self._mount(size_mb, old_home, old_tmp)
+            self._users += 1
+
+    async def release(self) -> None:
+        async with self._lock:
+            self._users = max(0, self._users - 1)
+            if self._users == 0 and self.mounted():
+                # Lazy: a sandbox still being torn down keeps the filesystem until it has gone.
+                await _run("umount", "--lazy", str(self.mountpoint))
+
+    async def close(self) -> None:
+        """Unmounted whoever still holds it (the worker is stopping, its apps have gone)."""
+        async with self._lock:
+            self._users = 0
+            if self.mounted():
+                await _run("umount", "--lazy", str(self.mountpoint))
+
+    def mounted(self) -> bool:
+        return os.path.ismount(self.mountpoint)
+
+    def usage(self) -> tuple[int, int]:
+        """(used, size) in bytes; (0, 0) when it is not mounted."""
+        if not self.mounted():
+            return 0, 0
+        st = os.statvfs(self.mountpoint)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_blocks * st.f_frsize
+
+    def full(self) -> bool:
+        if not self.mounted():
+            return False
+        st = os.statvfs(self.mountpoint)
+        return st.f_bavail * st.f_frsize < FULL_MARGIN
+
+    def _create_image(self, size: int) -> bool:
+        """A sparse image of ``size`` bytes, root's only; False when there is one already."""
+        try:
+            fd = os.open(self.image, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        return True
+
+    async def _mount(self, size_mb: int, old_home: Path, old_tmp: Path) -> None:
+        size = size_mb * 1024 * 1024
+        fresh = self._create_image(size)
+        if fresh:
+            # No reserved blocks (the cap is the site's), a small journal, lazy inode tables: fast.
+            try:
+                await _run(
+                    "mkfs.ext4", "-q", "-F", "-m", "0", "-J", "size=4",
+                    "-E", f"root_owner={self._uid}:{self._gid},lazy_itable_init=1,nodiscard", str(self.image),
+                )  # fmt: skip
+            except BaseException:
+                self.image.unlink(missing_ok=True)  # half made: made again next time
+                raise
+        elif self.image.stat().st_size < size:
+            # The plan grew: grow the image and its filesystem (offline, it is not mounted now).
+            os.truncate(self.image, size)
+            await _run("e2fsck", "-f", "-p", str(self.image))
+            await _run("resize2fs", str(self.image))
+        self.mountpoint.mkdir(mode=0o700, exist_ok=True)
+        await _run(
+            "mount", "-t", "ext4", "-o", "loop,nosuid,nodev,noatime", str(self.image), str(self.mountpoint)
+        )
+        for d in (self.home, self.tmp):
+            if not d.exists():
+                d.mkdir(mode=0o700)
+                os.chown(d, self._uid, self._gid)
+        if fresh:
+            # What the site kept in its home before it had a volume moves onto it, once.
+            # cp -a keeps owners and copies symlinks as links (never follows the tenant's).
+            for old, new in ((old_home, self.home), (old_tmp, self.tmp)):
+                if old.is_dir() and not old.is_symlink() and any(old.iterdir()):
+                    await _run("cp", "-a", "--no-dereference", f"{old}/.", f"{new}/")
+                    for entry in list(old.iterdir()):
+                        if entry.is_dir() and not entry.is_symlink():
+                            shutil.rmtree(entry, ignore_errors=True)
+                        else:
+                            entry.unlink(missing_ok=True)
