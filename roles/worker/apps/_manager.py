@@ -607,12 +607,12 @@ class AppManager:
 
     def _sweep_once(self, now: float) -> None:
         for inst, app in list(self._active.items()):
+            self._note_pids_hits(app, inst)
+            self._note_disk(app, inst)
             rss, _ = inst.sample()
             if inst.cgroup is None and rss > inst.limits.memory_mb * 1024 * 1024 and inst.stopping is None:
                 inst.kill("memory")
                 continue
-            self._note_pids_hits(app, inst)
-            self._note_disk(app, inst)
             if inst.retiring:
                 if inst.inflight <= 0:
                     inst.terminate("retired")

@@ -24,7 +24,8 @@ from shared.errors import Unavailable
 __all__ = ["HomeVolume"]
 
 _TOOLS = "/usr/sbin:/usr/bin:/sbin:/bin"
-# Below this much free space the volume counts as full (a write has hit the quota).
+# Below this much free space (beyond ext4's own reserve for metadata, which writes cannot use: 2% of
+# the blocks, at most 4096) the volume counts as full: a write has hit the quota.
 FULL_MARGIN = 256 * 1024
 
 
@@ -92,7 +93,8 @@ class HomeVolume:
         if not self.mounted():
             return False
         st = os.statvfs(self.mountpoint)
-        return st.f_bavail * st.f_frsize < FULL_MARGIN
+        reserve = min(st.f_blocks // 50, 4096) * st.f_frsize
+        return st.f_bavail * st.f_frsize < reserve + FULL_MARGIN
 
     def _create_image(self, size: int) -> bool:
         """A sparse image of ``size`` bytes, root's only; False when there is one already."""
