@@ -82,8 +82,8 @@ def app(environ, start_response):
             out = "denied " + type(exc).__name__
     elif path == "/exists":
         out = str(os.path.exists(q))
-    elif path == "/tcp":
-        with open("/proc/net/tcp") as f:
+    elif path == "/cat":
+        with open(q) as f:
             out = f.read()
     elif path == "/fill":
         where, _, mb = q.partition(":")
@@ -198,7 +198,9 @@ class HostListener:
 
 
 def test_the_host_loopback_role_ports_and_other_apps_are_out_of_reach(cloud: AppCloud) -> None:
+    assert "outbound internet off" in cloud.worker.log()
     attacker(cloud, "netprobe")
+    assert "tap0" not in cloud.get("netprobe", "/cat?/proc/net/dev")[2].decode()
     cloud.add_site("cmdvictim")
     cloud.publish_and_wait(
         "cmdvictim", {"Procfile": b"web: python3 -m http.server $PORT --bind 127.0.0.1\n"}, "/", b"Directory"
@@ -214,7 +216,7 @@ def test_the_host_loopback_role_ports_and_other_apps_are_out_of_reach(cloud: App
             body = cloud.get("netprobe", f"/connect?{addr}:{cloud.config.data_port}")[2]
             assert body.startswith(b"refused"), (addr, body)
         # /proc/net/tcp shows the app's own namespace: none of the host's listeners.
-        tcp = cloud.get("netprobe", "/tcp")[2].decode()
+        tcp = cloud.get("netprobe", "/cat?/proc/net/tcp")[2].decode()
         assert f":{host.port:04X} " not in tcp and f":{cloud.config.data_port:04X} " not in tcp
     finally:
         host.close()
@@ -334,3 +336,30 @@ def test_a_fork_bomb_hits_the_process_limit_and_is_logged(cloud: AppCloud) -> No
     assert time.monotonic() - t0 < 20
     remove_site(cloud, "bomber")
     wait_until(lambda: uid_processes(uid) == [], timeout=10, what="the bomb to be gone with its site")
+
+
+@pytest.mark.skipif(
+    shutil.which("slirp4netns") is None or shutil.which("nft") is None,
+    reason="egress needs slirp4netns and nftables (apt-get install slirp4netns nftables)",
+)
+def test_with_egress_the_host_and_private_networks_stay_out_of_reach() -> None:
+    with running_cloud(app_start_timeout=10.0, app_egress="slirp4netns") as c:
+        assert "outbound internet through slirp4netns" in c.worker.log()
+        c.add_site("bystander")
+        c.publish_and_wait("bystander", {"app.py": BYSTANDER_APP}, "/", b"bystander")
+        attacker(c, "egress")
+        wait_until(
+            lambda: "tap0" in c.get("egress", "/cat?/proc/net/dev")[2].decode(), what="the sandbox's egress"
+        )
+        host = HostListener()
+        try:
+            own = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+            # slirp's gateway is the host's loopback unless disabled; private ranges are other hosts.
+            for addr in {"127.0.0.1", "10.0.2.2", "192.168.0.1", "169.254.169.254", *own}:
+                for port in (host.port, c.config.data_port, c.config.control_port):
+                    body = c.get("egress", f"/connect?{addr}:{port}")[2]
+                    assert body.startswith(b"refused"), (addr, port, body)
+            assert host.hits == 0
+        finally:
+            host.close()
+        bystander_answers(c)

@@ -53,6 +53,7 @@ class AppInstance:
         self._app_pid: int | None = None
         self._egress: asyncio.subprocess.Process | None = None
         self._egress_task: asyncio.Task[None] | None = None
+        self._egress_exit = -1
         self._socket_path = socket_path
         self._on_exit = on_exit
         self._listener: socket.socket | None = None
@@ -192,15 +193,16 @@ class AppInstance:
     def _spawn_egress(self, init_pid: int) -> None:
         assert self.sandbox is not None
         sandbox = self.sandbox
+        # slirp4netns ends when this pipe's write end closes: at the app's exit, or with the worker.
+        exit_r, self._egress_exit = os.pipe()
 
         async def run() -> None:
             try:
-                self._egress = await sandbox.start_egress(init_pid)
+                self._egress = await sandbox.start_egress(init_pid, exit_r)
             except OSError as exc:
-                self.log.write("worker", f"no outbound network for this app: slirp4netns failed ({exc})")
-                return
-            if not self.alive:
-                self._egress.kill()
+                self.log.write("worker", f"no outbound network for this app: {exc}")
+            finally:
+                os.close(exit_r)
 
         # Beside the app's start, not before it: the cold start never waits for egress.
         self._egress_task = asyncio.get_running_loop().create_task(run())
@@ -310,9 +312,9 @@ class AppInstance:
         loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = -1
-        if self._egress is not None and self._egress.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._egress.kill()
+        if self._egress_exit >= 0:
+            os.close(self._egress_exit)  # slirp4netns, if any, goes with it
+            self._egress_exit = -1
         # The listener goes with the process: connections still queued on it are refused now.
         self._close_listener()
         self._reaped.set()

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import itertools
 import json
 import os
 import shutil
@@ -59,6 +61,10 @@ class Sandbox:
     # Read-only paths every app needs beyond the system: its Python's prefixes, our app server.
     runtime_paths: tuple[str, ...]
     slirp4netns: str | None  # outbound internet through a user-mode NAT; None: no egress at all
+    nsenter: str = ""
+    nft: str = ""
+    # nft rules loaded into each sandbox's network namespace before its egress comes up.
+    egress_rules: str = ""
 
     @classmethod
     def detect(
@@ -80,16 +86,30 @@ class Sandbox:
                 " and ".join(n for n, p in (("bwrap", bwrap), ("setpriv", setpriv)) if p is None),
             )
             return None
-        slirp = None
+        slirp = nsenter = nft = None
         if egress == "slirp4netns":
             slirp = shutil.which("slirp4netns", path=_TOOLS)
-            if slirp is None:
-                log.warning("app sandbox: egress is slirp4netns but it is not installed; apps get no egress")
+            nsenter = shutil.which("nsenter", path=_TOOLS)
+            nft = shutil.which("nft", path=_TOOLS)
+            if slirp is None or nsenter is None or nft is None:
+                log.warning(
+                    "app sandbox: egress is slirp4netns but slirp4netns, nsenter or nft is missing "
+                    "(apt-get install slirp4netns nftables); apps get no outbound network"
+                )
+                slirp = None
         log.info(
             "app sandbox: bwrap network, mount and pid namespaces; outbound internet %s",
-            "through slirp4netns (no host loopback)" if slirp else "off",
+            "through slirp4netns (public addresses only)" if slirp else "off (app_egress)",
         )
-        return cls(bwrap, setpriv, _runtime_paths(python, appserver), slirp)
+        return cls(
+            bwrap,
+            setpriv,
+            _runtime_paths(python, appserver),
+            slirp,
+            nsenter or "",
+            nft or "",
+            egress_rules(_host_addresses()) if slirp else "",
+        )
 
     def argv(self, mounts: SandboxMounts, *, uid: int, gid: int, block_fd: int, info_fd: int) -> list[str]:
         """bwrap and setpriv, to go before ``prlimit ... -- app``."""
@@ -134,24 +154,81 @@ class Sandbox:
         ]
         return argv
 
-    async def start_egress(self, child_pid: int) -> asyncio.subprocess.Process:
-        """slirp4netns on the sandbox's network namespace (a NAT in user space, on the host side):
-        outbound connections only, and ``--disable-host-loopback`` keeps the host's 127.0.0.1 out
-        of reach. The caller starts it beside the app, so the cold start does not wait for it."""
+    async def start_egress(self, child_pid: int, exit_fd: int) -> asyncio.subprocess.Process:
+        """Outbound internet for one sandbox: first nft rules in its network namespace (root's: the
+        app has no capability to change them) that refuse the host's own addresses and every
+        private, loopback and link-local range, so no role port and no other host of the cloud is
+        reachable; then slirp4netns, a NAT in user space, with ``--disable-host-loopback``. The
+        caller starts this beside the app: the cold start never waits for it. slirp4netns ends
+        when ``exit_fd``'s other end closes (the app's exit, or the worker's)."""
         assert self.slirp4netns is not None
+        rules = await asyncio.create_subprocess_exec(
+            self.nsenter,
+            f"--net=/proc/{child_pid}/ns/net",
+            self.nft,
+            "-f",
+            "-",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await rules.communicate(self.egress_rules.encode())
+        if rules.returncode != 0:
+            raise OSError(f"nft refused the egress rules: {err.decode(errors='replace').strip()[:200]}")
         return await asyncio.create_subprocess_exec(
             self.slirp4netns,
             "--configure",
             "--mtu=65520",
             "--disable-host-loopback",
             "--enable-sandbox",
-            "--enable-seccomp",
+            f"--exit-fd={exit_fd}",
             str(child_pid),
             "tap0",
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
+            pass_fds=(exit_fd,),
         )
+
+
+# Never reachable from a sandbox with egress: this host, private networks (other role hosts),
+# loopback, link-local (cloud metadata), shared and multicast ranges. slirp's DNS (10.0.2.3) is let
+# through for name lookups.
+_BLOCKED = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.168.0.0/16", "224.0.0.0/3",
+)  # fmt: skip
+
+
+def egress_rules(host_addresses: list[str]) -> str:
+    nets = [ipaddress.ip_network(n) for n in _BLOCKED]
+    own = [a for a in host_addresses if not any(ipaddress.ip_address(a) in n for n in nets)]
+    blocked = ", ".join([*_BLOCKED, *own])
+    return (
+        "table inet sitecloud {\n"
+        "  chain out {\n"
+        "    type filter hook output priority 0; policy accept;\n"
+        '    oifname "lo" accept\n'
+        "    ip daddr 10.0.2.3 meta l4proto { tcp, udp } th dport 53 accept\n"
+        f"    ip daddr {{ {blocked} }} reject\n"
+        "    meta nfproto ipv6 reject\n"
+        "  }\n"
+        "}\n"
+    )
+
+
+def _host_addresses() -> list[str]:
+    """This host's own IPv4 addresses (the LOCAL /32 entries of the kernel's routing trie)."""
+    found: list[str] = []
+    try:
+        with open("/proc/net/fib_trie") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return found
+    for prev, line in itertools.pairwise(lines):
+        if line.strip() == "/32 host LOCAL":
+            found.append(prev.split()[-1])
+    return sorted(set(found))
 
 
 def _runtime_paths(python: str, appserver: str) -> tuple[str, ...]:
