@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from roles.worker.apps._isolation import UID_BASE
 from tests.support import wait_until
 from tests.test_worker_apps import AppCloud, running_cloud
 
@@ -317,6 +318,21 @@ def test_the_disk_quota_holds_and_is_logged(cloud: AppCloud) -> None:
     assert figures["disk_quota_hits"] >= 1 and figures["disk_limit_bytes"] == 32 * 1024 * 1024
     assert figures["disk_used_bytes"] > 16 * 1024 * 1024
     bystander_answers(cloud)
+    # A bigger plan: the volume grows at the next start from idle, files kept.
+    cloud.set("filler", limits={"disk_mb": 64}, idle_timeout=1)
+    uid = int(cloud.get("filler", "/whoami")[2])
+    volume = Path(cloud.worker.health()["apps_dir"]) / "apps" / str(uid - UID_BASE) / "volume"
+    assert os.path.ismount(volume)
+    wait_until(
+        lambda: not os.path.ismount(volume), timeout=10, what="the app to idle out, its volume released"
+    )
+    assert cloud.get("filler", "/up")[2] == b"attacker /up"
+    assert cloud.app("filler")["disk_limit_bytes"] > 60 * 1024 * 1024
+    assert cloud.get("filler", "/fill?TMPDIR:16")[2] == b"wrote 16"
+    assert cloud.app("filler")["disk_used_bytes"] > 40 * 1024 * 1024, (
+        cloud.app("filler"),
+        cloud.log("filler"),
+    )
 
 
 def test_a_fork_bomb_hits_the_process_limit_and_is_logged(cloud: AppCloud) -> None:

@@ -342,6 +342,7 @@ class AppManager:
             state = "crashed"
         volume = self._volumes.get(app.identity.number) if app.identity is not None else None
         used, _ = volume.usage() if volume is not None else (0, 0)
+        size = volume.size() if volume is not None else 0
         return {
             "site": name,
             "runtime": app.runtime,
@@ -360,7 +361,8 @@ class AppManager:
             "pids_limit": app.spec.limits.nproc,
             "pids_limit_hits": app.pids_hits,
             "disk_used_bytes": used,
-            "disk_limit_bytes": self._disk_mb(app) * 1024 * 1024 if volume is not None else None,
+            # The cap in force while mounted (a raised one applies from the next start from idle).
+            "disk_limit_bytes": (size or self._disk_mb(app) * 1024 * 1024) if volume is not None else None,
             "disk_quota_hits": app.disk_hits,
             "disk_full": app.disk_full,
         }
@@ -455,7 +457,7 @@ class AppManager:
             volume: HomeVolume | None = None
             mounts: SandboxMounts | None = None
             if sandbox is not None:
-                volume = await self._acquire_volume(app, dirs, log)
+                volume = await self._acquire_volume(app, dirs)
                 mounts = SandboxMounts(
                     site_dir=str(self._root / "sites" / app.name),
                     cwd=app.root,
@@ -504,8 +506,9 @@ class AppManager:
     def _disk_mb(self, app: AppSite) -> int:
         return self._config.app_disk_mb or app.spec.limits.disk_mb
 
-    async def _acquire_volume(self, app: AppSite, dirs: SiteDirs, log: SiteLog) -> HomeVolume | None:
-        """The site's disk quota volume, mounted; None (logged) when it cannot be had."""
+    async def _acquire_volume(self, app: AppSite, dirs: SiteDirs) -> HomeVolume | None:
+        """The site's disk quota volume, mounted (Unavailable when it cannot be); None where this
+        worker has no quota volumes (logged once at start)."""
         if not self._quota or app.identity is None or app.identity.uid is None or app.identity.gid is None:
             return None
         volume = self._volumes.get(app.identity.number)
@@ -514,9 +517,9 @@ class AppManager:
             self._volumes[app.identity.number] = volume
         try:
             await volume.acquire(self._disk_mb(app), dirs.home, dirs.tmp)
-        except (SitecloudError, OSError) as exc:
-            log.write("worker", f"no disk quota this time: the home volume could not be mounted ({exc})")
-            return None
+        except OSError as exc:
+            # Closed, not open: without its volume the app would write without a limit.
+            raise Unavailable(f"its disk quota volume could not be mounted ({exc})") from exc
         return volume
 
     def _ensure_run_dir(self) -> None:
@@ -638,8 +641,8 @@ class AppManager:
         elif inst.cgroup is None and inst.stopping is None:
             # RLIMIT_NPROC holds the line; the watch sees the app's tasks at it.
             tasks = inst.count_processes()
-            reached = tasks >= limit - 2 and not inst.at_pids_limit
-            inst.at_pids_limit = tasks >= limit - 2 or (inst.at_pids_limit and tasks > limit // 2)
+            reached = tasks >= limit and not inst.at_pids_limit
+            inst.at_pids_limit = tasks >= limit or (inst.at_pids_limit and tasks > limit // 2)
         else:
             return
         if reached:
@@ -656,7 +659,8 @@ class AppManager:
         if full and not app.disk_full:
             app.disk_hits += 1
             self._site_log(app).write(
-                "worker", f"its disk is full: the {self._disk_mb(app)} MB quota of HOME and TMPDIR is used up"
+                "worker",
+                f"its disk is full: the {volume.size() // 2**20} MB quota of HOME and TMPDIR is used up",
             )
         app.disk_full = full
 

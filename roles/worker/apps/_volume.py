@@ -29,7 +29,7 @@ _TOOLS = "/usr/sbin:/usr/bin:/sbin:/bin"
 FULL_MARGIN = 256 * 1024
 
 
-async def _run(*argv: str) -> None:
+async def _run(*argv: str, ok: tuple[int, ...] = (0,)) -> None:
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -37,7 +37,7 @@ async def _run(*argv: str) -> None:
         stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await proc.communicate()
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         raise Unavailable(f"{Path(argv[0]).name} failed: {out.decode(errors='replace').strip()[:300]}")
 
 
@@ -56,12 +56,15 @@ class HomeVolume:
 
     @staticmethod
     def available() -> bool:
-        return all(shutil.which(t, path=_TOOLS) for t in ("mkfs.ext4", "mount", "umount", "resize2fs"))
+        tools = ("mkfs.ext4", "e2fsck", "resize2fs", "mount", "umount", "losetup", "findmnt", "cp")
+        return os.path.exists("/dev/loop-control") and all(shutil.which(t, path=_TOOLS) for t in tools)
 
     async def acquire(self, size_mb: int, old_home: Path, old_tmp: Path) -> None:
         """Mounted (made first if need be, grown if the cap went up) for one more user."""
         async with self._lock:
-            if self._users == 0 and not self.mounted():
+            # Mounted already (an old process of the site still runs): a bigger cap waits for the
+            # next mount, as ext4 cannot always grow online (it needs room for descriptors).
+            if not self.mounted():
                 await self._mount(size_mb, old_home, old_tmp)
             self._users += 1
 
@@ -82,6 +85,13 @@ class HomeVolume:
     def mounted(self) -> bool:
         return os.path.ismount(self.mountpoint)
 
+    def size(self) -> int:
+        """The cap now in force (the image's size; ext4 keeps a little of it for itself)."""
+        try:
+            return self.image.stat().st_size
+        except OSError:
+            return 0
+
     def usage(self) -> tuple[int, int]:
         """(used, size) in bytes; (0, 0) when it is not mounted."""
         if not self.mounted():
@@ -95,6 +105,18 @@ class HomeVolume:
         st = os.statvfs(self.mountpoint)
         reserve = min(st.f_blocks // 50, 4096) * st.f_frsize
         return st.f_bavail * st.f_frsize < reserve + FULL_MARGIN
+
+    async def _detached(self) -> bool:
+        """Whether no loop device holds the image (a sandbox being torn down may, for a moment)."""
+        for _ in range(20):
+            proc = await asyncio.create_subprocess_exec(
+                "losetup", "--associated", str(self.image), stdout=asyncio.subprocess.PIPE
+            )
+            out, _ = await proc.communicate()
+            if proc.returncode == 0 and not out.strip():
+                return True
+            await asyncio.sleep(0.05)
+        return False
 
     def _create_image(self, size: int) -> bool:
         """A sparse image of ``size`` bytes, root's only; False when there is one already."""
@@ -121,10 +143,10 @@ class HomeVolume:
             except BaseException:
                 self.image.unlink(missing_ok=True)  # half made: made again next time
                 raise
-        elif self.image.stat().st_size < size:
-            # The plan grew: grow the image and its filesystem (offline, it is not mounted now).
+        elif self.image.stat().st_size < size and await self._detached():
+            # The plan grew: grow the image and its filesystem, offline (no loop device has it).
             os.truncate(self.image, size)
-            await _run("e2fsck", "-f", "-p", str(self.image))
+            await _run("e2fsck", "-f", "-p", str(self.image), ok=(0, 1))  # 1: it fixed something
             await _run("resize2fs", str(self.image))
         self.mountpoint.mkdir(mode=0o700, exist_ok=True)
         await _run(
