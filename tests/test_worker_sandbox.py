@@ -5,10 +5,12 @@ asserts it fails, and asserts that another site on the same worker still answers
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from roles.worker.apps._isolation import UID_BASE
+from roles.worker._appserver import APPSERVER_PATH
+from roles.worker.apps._instance import AppInstance
+from roles.worker.apps._isolation import UID_BASE, SiteIdentity
+from roles.worker.apps._launch import SiteDirs, plan_launch
+from roles.worker.apps._sandbox import Sandbox, SandboxMounts, egress_rules
+from roles.worker.apps._sitelog import SiteLog
+from roles.worker.apps._spec import AppLimits
+from shared.logs import get_logger
 from tests.support import wait_until
 from tests.test_worker_apps import AppCloud, running_cloud
 
@@ -379,3 +388,111 @@ def test_with_egress_the_host_and_private_networks_stay_out_of_reach() -> None:
         finally:
             host.close()
         bystander_answers(c)
+
+
+def test_a_sandbox_that_cannot_be_built_fails_with_bwraps_reason_and_leaves_nothing(tmp_path: Path) -> None:
+    """Straight on AppInstance. A bwrap that dies before its sandbox exists fails the start (and is
+    reaped); one that cannot mount the content exits, its reason in the site's log."""
+    dirs = SiteDirs.under(tmp_path, 1)
+    for d in (dirs.base, dirs.home, dirs.tmp, dirs.log):
+        d.mkdir(parents=True)
+    missing = str(tmp_path / "sites" / "gone")
+    real = Sandbox.detect(get_logger("worker"), python=sys.executable, appserver=APPSERVER_PATH, egress="off")
+    assert real is not None
+    plan = plan_launch(
+        site="gone", runtime="python", entry="app", root=missing, dirs=dirs, settings=(),
+        limits=AppLimits(), python=sys.executable, packages=None,
+    )  # fmt: skip
+    log = SiteLog(dirs.log / "app.log", 1 << 20)
+    exits: list[int] = []
+
+    def instance(sandbox: Sandbox) -> AppInstance:
+        return AppInstance(
+            plan=plan,
+            identity=SiteIdentity(1, UID_BASE + 999_000, UID_BASE + 999_000),
+            limits=AppLimits(),
+            log=log,
+            socket_path=tmp_path / "app.sock",
+            cgroup=None,
+            on_exit=lambda _inst, code: exits.append(code),
+            sandbox=sandbox,
+            mounts=SandboxMounts(
+                site_dir=missing, cwd=missing, home=(str(dirs.home),) * 2, tmp=(str(dirs.tmp),) * 2
+            ),
+        )
+
+    async def run() -> str:
+        broken = instance(Sandbox("/bin/false", real.setpriv, (), None))
+        with pytest.raises(OSError) as err:
+            await broken.start()
+        assert broken.proc is not None and broken.proc.returncode is not None
+        assert not (tmp_path / "app.sock").exists()
+        app = instance(real)
+        await app.start()
+        await asyncio.wait_for(app.wait_closed(), 10)
+        return str(err.value)
+
+    message = asyncio.run(run())
+    assert message == "its sandbox could not be built: bwrap said nothing"
+    assert exits == [1]
+    log.close()
+    assert "Can't find source path" in (dirs.log / "app.log").read_text()
+
+
+def test_sandbox_arguments_keep_paths_and_open_their_parents() -> None:
+    sandbox = Sandbox("/usr/bin/bwrap", "/usr/bin/setpriv", ("/opt/py",), None)
+    mounts = SandboxMounts(
+        site_dir="/tmp/w/sites/a",
+        cwd="/tmp/w/sites/a/v3",
+        home=("/tmp/w/apps/7/volume/home", "/tmp/w/apps/7/home"),
+        tmp=("/tmp/w/apps/7/volume/tmp", "/tmp/w/apps/7/tmp"),
+        read_only=("/tmp/w/apps/7/packages-x",),
+        tmpfs_bytes=1 << 20,
+    )
+    argv = sandbox.argv(mounts, uid=1100007, gid=1100007, block_fd=5, info_fd=6)
+    line = " ".join(argv)
+    for flag in ("--unshare-net", "--unshare-pid", "--die-with-parent", "--proc /proc", "--dev /dev"):
+        assert flag in line
+    # /tmp is the sandbox's own tmpfs, made before anything is bound below it.
+    assert line.index("--tmpfs /tmp") < line.index("--ro-bind /tmp/w/sites/a /tmp/w/sites/a")
+    assert "--size 1048576 --tmpfs /dev/shm" in line
+    # Paths inside are the host's; parents bwrap would make 0700 are made 0755 first, once.
+    assert "--bind /tmp/w/apps/7/volume/home /tmp/w/apps/7/home" in line
+    assert "--ro-bind /tmp/w/apps/7/packages-x /tmp/w/apps/7/packages-x" in line
+    assert line.count("--perms 0755 --dir /tmp/w ") == 1 and "--perms 0755 --dir /tmp/w/apps/7 " in line
+    assert "--perms 0755 --dir /opt " in line and "--chdir /tmp/w/sites/a/v3 --block-fd 5 --info-fd 6" in line
+    # Then the uid switch, with nothing to regain.
+    assert argv[argv.index("--") + 1 :] == [
+        "/usr/bin/setpriv", "--reuid=1100007", "--regid=1100007", "--clear-groups", "--no-new-privs",
+        "--inh-caps=-all", "--bounding-set=-all", "--",
+    ]  # fmt: skip
+
+
+def test_egress_rules_refuse_the_host_and_private_ranges() -> None:
+    rules = egress_rules(["127.0.0.1", "10.1.2.3", "203.0.113.9"])
+    blocked = next(line for line in rules.splitlines() if line.strip().endswith("reject") and "daddr" in line)
+    for net in ("10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16"):
+        assert net in blocked
+    # The host's public address is listed; those inside a blocked range need not be.
+    assert "203.0.113.9" in blocked and "10.1.2.3" not in blocked and "127.0.0.1," not in blocked
+    assert "meta nfproto ipv6 reject" in rules
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables (apt-get install nftables)")
+def test_egress_rules_load_into_a_network_namespace() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        ["unshare", "--net", "nft", "-f", "-"],
+        input=egress_rules(["203.0.113.9"]).encode(),
+        capture_output=True,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_worker_with_the_sandbox_off_says_so_and_still_runs_apps_as_their_uid() -> None:
+    with running_cloud(app_start_timeout=10.0, app_sandbox=False) as c:
+        assert "app sandbox: off in the worker's settings" in c.worker.log()
+        attacker(c, "plain")
+        assert int(c.get("plain", "/whoami")[2]) >= UID_BASE
+        assert c.app("plain")["sandboxed"] is False and c.worker.health()["app_sandbox"] == "off"

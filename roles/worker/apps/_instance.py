@@ -175,10 +175,8 @@ class AppInstance:
                 os.close(info_w)
             try:
                 self.init_pid = await read_info(info_r)
-            except ValueError as exc:
-                self.log.write("worker", f"could not build the app's sandbox ({exc})")
-                self.kill("start")
-                return
+            except ValueError:
+                raise OSError(f"its sandbox could not be built: {self._abandon()}") from None
             for pid in (self.proc.pid, self.init_pid):
                 lower_priority(pid)
                 self._attach(pid)
@@ -189,6 +187,16 @@ class AppInstance:
                 os.write(block_w, b"go")
             os.close(block_w)
             os.close(info_r)
+
+    def _abandon(self) -> str:
+        """Kill and reap a sandbox that never came up; what bwrap said about it."""
+        assert self.proc is not None and self.proc.stdout is not None
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait()  # a process that never ran the app: gone at once
+        said = self.proc.stdout.read().decode("utf-8", "replace").strip().splitlines()
+        self.proc.stdout.close()
+        return said[-1] if said else "bwrap said nothing"
 
     def _spawn_egress(self, init_pid: int) -> None:
         assert self.sandbox is not None
