@@ -638,8 +638,9 @@ class AppManager:
             hits = int(hits_of(inst.cgroup))
             reached = hits > inst.pids_hits_seen
             inst.pids_hits_seen = max(inst.pids_hits_seen, hits)
-        elif inst.cgroup is None and inst.stopping is None:
-            # RLIMIT_NPROC holds the line; the watch sees the app's tasks at it.
+        elif inst.stopping is None:
+            # RLIMIT_NPROC holds the line (pids.max too, where there is one); the watch sees the
+            # app's tasks at it.
             tasks = inst.count_processes()
             reached = tasks >= limit and not inst.at_pids_limit
             inst.at_pids_limit = tasks >= limit or (inst.at_pids_limit and tasks > limit // 2)
