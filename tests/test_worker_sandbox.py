@@ -140,7 +140,8 @@ def app(environ, start_response):
 
 @pytest.fixture(scope="module")
 def cloud() -> Iterator[AppCloud]:
-    with running_cloud(app_start_timeout=10.0, max_active_apps=20) as c:
+    # No grace for quota volumes: a test sees them go when the app does.
+    with running_cloud(app_start_timeout=10.0, max_active_apps=20, app_volume_grace=0.0) as c:
         c.add_site("bystander")
         c.publish_and_wait("bystander", {"app.py": BYSTANDER_APP, "secret.txt": b"theirs"}, "/", b"bystander")
         assert c.app("bystander")["sandboxed"] is True
@@ -496,3 +497,17 @@ def test_a_worker_with_the_sandbox_off_says_so_and_still_runs_apps_as_their_uid(
         attacker(c, "plain")
         assert int(c.get("plain", "/whoami")[2]) >= UID_BASE
         assert c.app("plain")["sandboxed"] is False and c.worker.health()["app_sandbox"] == "off"
+
+
+def test_a_quota_volume_outlives_an_idle_stop_for_its_grace_and_not_the_worker() -> None:
+    with running_cloud(app_start_timeout=10.0, app_volume_grace=60.0) as c:
+        attacker(c, "napper", idle_timeout=1)
+        uid = int(c.get("napper", "/whoami")[2])
+        volume = Path(c.worker.health()["apps_dir"]) / "apps" / str(uid - UID_BASE) / "volume"
+        wait_until(
+            lambda: c.app("napper")["state"] == "idle" and not uid_processes(uid), what="the idle stop"
+        )
+        assert os.path.ismount(volume), "kept for a quick wake"
+        assert c.get("napper", "/again")[2] == b"attacker /again"
+        assert c.app("napper")["starts"] == 2
+    assert not os.path.ismount(volume), "a stopped worker leaves no mount behind"

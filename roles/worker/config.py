@@ -64,3 +64,5 @@ class WorkerConfig(RoleConfig):
     # Disk quota (MB) of a sandboxed app's HOME and TMPDIR; 0: the site's limits.disk_mb, which
     # defaults by worker size.
     app_disk_mb: int = 0
+    # A site's quota volume stays mounted this long after its app stops (a quick wake pays no mount).
+    app_volume_grace: float = 300.0

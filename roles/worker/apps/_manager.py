@@ -509,12 +509,13 @@ class AppManager:
     async def _acquire_volume(self, app: AppSite, dirs: SiteDirs) -> HomeVolume | None:
         """The site's disk quota volume, mounted (Unavailable when it cannot be); None where this
         worker has no quota volumes (logged once at start)."""
-        if not self._quota or app.identity is None or app.identity.uid is None or app.identity.gid is None:
+        ident = app.identity
+        if not self._quota or ident is None or ident.uid is None or ident.gid is None:
             return None
-        volume = self._volumes.get(app.identity.number)
+        volume = self._volumes.get(ident.number)
         if volume is None:
-            volume = HomeVolume(dirs.base, uid=app.identity.uid, gid=app.identity.gid)
-            self._volumes[app.identity.number] = volume
+            volume = HomeVolume(dirs.base, uid=ident.uid, gid=ident.gid, grace=self._config.app_volume_grace)
+            self._volumes[ident.number] = volume
         try:
             await volume.acquire(self._disk_mb(app), dirs.home, dirs.tmp)
         except OSError as exc:
