@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from roles.fileserver.config import FileserverConfig
-from roles.worker.apps._isolation import Identities
+from roles.worker.apps._isolation import UID_BASE, Identities
 from roles.worker.config import WorkerConfig
 from tests.support import CloudPKI, RoleProcess, call, lane_exchange, wait_until
 from tests.test_worker import fetch
@@ -489,11 +489,17 @@ def test_apps_left_by_a_worker_that_died_hard_are_stopped_when_it_comes_back() -
         c.add_site("orphan")
         c.publish_and_wait("orphan", {"app.py": WSGI_APP}, "/x", b"wsgi GET /x")
         (old,) = c.pids("orphan")
+        uid = int(c.get("orphan", "/whoami")[2].split()[0])
+        volume = Path(c.worker.health()["apps_dir"]) / "apps" / str(uid - UID_BASE) / "volume"
         c.worker.kill()  # SIGKILL
         if SANDBOX:
-            # A sandboxed app dies with the worker that started it (bwrap --die-with-parent).
+            # A sandboxed app dies with the worker that started it (bwrap --die-with-parent); the
+            # next worker unmounts the disk quota volume it left.
+            assert os.path.ismount(volume)
             wait_until(lambda: not os.path.exists(f"/proc/{old}"), timeout=5, what="the app to die with it")
             c.worker.start()
+            assert not os.path.ismount(volume)
+            assert "left mounted by an earlier worker" in c.worker.log()
         else:
             # Unsandboxed, in its own session, it outlives the worker, which stops it when back.
             assert os.path.exists(f"/proc/{old}")

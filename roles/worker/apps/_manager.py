@@ -41,7 +41,7 @@ from roles.worker.apps._packages import install_requirements, packages_dir
 from roles.worker.apps._sandbox import EGRESS_MODES, Sandbox, SandboxMounts
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import SIZES, AppSpec, Runtime, detect_runtime, parse_app_spec, procfile_web
-from roles.worker.apps._volume import HomeVolume
+from roles.worker.apps._volume import HomeVolume, unmount_stale
 from roles.worker.config import WorkerConfig
 from shared.control import Snapshot
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
@@ -243,6 +243,16 @@ class AppManager:
             self._quota = self._sandbox is not None and HomeVolume.available()
             if self._sandbox is not None and not self._quota:
                 self._log.warning("app disk quota: no mkfs.ext4/mount here (e2fsprogs); homes are unlimited")
+            if self._quota:
+                try:
+                    stale = await unmount_stale(self._apps_dir)
+                except (SitecloudError, OSError) as exc:
+                    self._log.warning("app disk quota: could not unmount volumes left mounted: %s", exc)
+                else:
+                    if stale:
+                        self._log.warning(
+                            "unmounted %s app volume(s) left mounted by an earlier worker", stale
+                        )
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def stop(self) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from shared.errors import Unavailable
 
-__all__ = ["HomeVolume"]
+__all__ = ["HomeVolume", "unmount_stale"]
 
 _TOOLS = "/usr/sbin:/usr/bin:/sbin:/bin"
 # Below this much free space (beyond ext4's own reserve for metadata, which writes cannot use: 2% of
@@ -40,6 +40,26 @@ async def _run(*argv: str, ok: tuple[int, ...] = (0,)) -> None:
     out, _ = await proc.communicate()
     if proc.returncode not in ok:
         raise Unavailable(f"{Path(argv[0]).name} failed: {out.decode(errors='replace').strip()[:300]}")
+
+
+async def unmount_stale(apps_dir: Path) -> int:
+    """Unmount the volumes a worker that died hard left mounted under ``apps_dir`` (their apps died
+    with it); returns how many."""
+    stale = _volume_mounts(apps_dir)
+    for point in stale:
+        await _run("umount", "--lazy", point)
+    return len(stale)
+
+
+def _volume_mounts(apps_dir: Path) -> list[str]:
+    prefix = f"{apps_dir}/"
+    found: list[str] = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            if point.startswith(prefix) and point.endswith("/volume"):
+                found.append(point)
+    return found
 
 
 class HomeVolume:
