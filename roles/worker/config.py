@@ -55,3 +55,14 @@ class WorkerConfig(RoleConfig):
     # sockets). None: the home when other uids can pass through every directory above it, else (as
     # root) /var/lib/sitecloud/apps-<hash of the home>, root-owned and search-only. See _layout.py.
     apps_dir: Path | None = None
+    # -- the app sandbox (roles/worker/apps/_sandbox.py), as root with bubblewrap and setpriv.
+    # Off: apps run with their own uid and rlimits only (as an unprivileged worker always does).
+    app_sandbox: bool = True
+    # Outbound internet for sandboxed apps: "off" (none; the default) or "slirp4netns" (where it is
+    # installed). The host's loopback, role ports and other sites stay out of reach either way.
+    app_egress: str = "off"
+    # Disk quota (MB) of a sandboxed app's HOME and TMPDIR; 0: the site's limits.disk_mb, which
+    # defaults by worker size.
+    app_disk_mb: int = 0
+    # A site's quota volume stays mounted this long after its app stops (a quick wake pays no mount).
+    app_volume_grace: float = 300.0

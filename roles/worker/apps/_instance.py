@@ -1,4 +1,5 @@
-"""One running app process of a site: spawned, limited, its output logged, watched until it exits."""
+"""One running app process of a site: spawned (in its sandbox where the worker can build one), limited,
+its output logged, watched until it exits."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from roles.worker.apps._cgroup import AppGroup, CgroupTree
-from roles.worker.apps._isolation import SiteIdentity, lower_priority, rlimit_prefix, tree_usage
+from roles.worker.apps._isolation import SiteIdentity, lower_priority, process_tree, rlimit_prefix, tree_usage
 from roles.worker.apps._launch import LaunchPlan
+from roles.worker.apps._sandbox import Sandbox, SandboxMounts, read_info
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import AppLimits
 
@@ -36,12 +38,22 @@ class AppInstance:
         socket_path: Path,
         cgroup: AppGroup | None,
         on_exit: Callable[[AppInstance, int], None],
+        sandbox: Sandbox | None = None,
+        mounts: SandboxMounts | None = None,
     ) -> None:
         self.plan = plan
         self.identity = identity
         self.limits = limits
         self.log = log
         self.cgroup = cgroup
+        self.sandbox = sandbox if mounts is not None and identity.uid is not None else None
+        self._mounts = mounts
+        # The host pid of the sandbox's pid 1 (bwrap's reaper); the app is its child.
+        self.init_pid: int | None = None
+        self._app_pid: int | None = None
+        self._egress: asyncio.subprocess.Process | None = None
+        self._egress_task: asyncio.Task[None] | None = None
+        self._egress_exit = -1
         self._socket_path = socket_path
         self._on_exit = on_exit
         self._listener: socket.socket | None = None
@@ -55,6 +67,10 @@ class AppInstance:
         self.stopping: str | None = None  # why the worker stopped it (idle, memory, ...), if it did
         self.cpu_seconds = 0.0
         self.rss = 0
+        self.tmpfs_bytes = 0  # its private /tmp and /dev/shm (memory, not disk)
+        self.processes = 0
+        self.pids_hits_seen = 0  # the cgroup's count of refused forks, as last logged
+        self.at_pids_limit = False
         self.served = False
 
     @property
@@ -65,7 +81,16 @@ class AppInstance:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
+        """The app's own process (in a sandbox: the child of its pid 1, once it is there)."""
+        if self.proc is None:
+            return None
+        if self.init_pid is None:
+            return self.proc.pid
+        if self._app_pid is None:
+            path = f"/proc/{self.init_pid}/task/{self.init_pid}/children"
+            with contextlib.suppress(OSError, ValueError, IndexError), open(path) as f:
+                self._app_pid = int(f.read().split()[0])
+        return self._app_pid
 
     @property
     def alive(self) -> bool:
@@ -81,34 +106,16 @@ class AppInstance:
             self._listener.bind(str(self._socket_path))
             self._listener.listen(256)
             stdin = self._listener.fileno()
-        ident = self.identity
         try:
-            argv = rlimit_prefix(self.limits, own_uid=ident.uid is not None) + self.plan.argv
-            # Blocking for the fork and exec only (a millisecond); the loop's own spawn cannot set uids.
-            self.proc = subprocess.Popen(  # noqa: ASYNC220
-                argv,
-                stdin=stdin,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=self.plan.cwd,
-                env=self.plan.env,
-                user=ident.uid,
-                group=ident.gid,
-                extra_groups=[] if ident.uid is not None else None,
-                start_new_session=True,
-                umask=0o077,
-            )
+            if self.sandbox is not None:
+                await self._spawn_sandboxed(stdin)
+            else:
+                self._spawn(stdin)
         except BaseException:
             self._close_listener()
             raise
+        assert self.proc is not None
         pid = self.proc.pid
-        lower_priority(pid)
-        if self.cgroup is not None:
-            try:
-                CgroupTree.attach(self.cgroup, pid)
-            except OSError as exc:
-                self.log.write("worker", f"could not put the app in its cgroup ({exc}); stopping it")
-                self.kill("limits")
         loop = asyncio.get_running_loop()
         assert self.proc.stdout is not None
         done: asyncio.Future[None] = loop.create_future()
@@ -117,6 +124,105 @@ class AppInstance:
         # A pidfd becomes readable when the process exits: no SIGCHLD handler, no thread.
         self._pidfd = os.pidfd_open(pid)
         loop.add_reader(self._pidfd, self._reap)
+
+    def _spawn(self, stdin: int) -> None:
+        ident = self.identity
+        argv = rlimit_prefix(self.limits, own_uid=ident.uid is not None) + self.plan.argv
+        # Blocking for the fork and exec only (a millisecond); the loop's own spawn cannot set uids.
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=self.plan.cwd,
+            env=self.plan.env,
+            user=ident.uid,
+            group=ident.gid,
+            extra_groups=[] if ident.uid is not None else None,
+            start_new_session=True,
+            umask=0o077,
+        )
+        lower_priority(self.proc.pid)
+        self._attach(self.proc.pid)
+
+    async def _spawn_sandboxed(self, stdin: int) -> None:
+        """bwrap holds the sandbox on ``--block-fd`` until its pids are in the site's cgroup: the
+        app cannot fork before it is counted. bwrap runs as root; setpriv drops to the site's uid."""
+        assert self.sandbox is not None and self._mounts is not None
+        ident = self.identity
+        assert ident.uid is not None and ident.gid is not None
+        block_r, block_w = os.pipe()
+        info_r, info_w = os.pipe()
+        try:
+            argv = self.sandbox.argv(
+                self._mounts, uid=ident.uid, gid=ident.gid, block_fd=block_r, info_fd=info_w
+            )
+            argv += rlimit_prefix(self.limits, own_uid=True) + self.plan.argv
+            try:
+                self.proc = subprocess.Popen(  # noqa: ASYNC220 - fork and exec only, as above
+                    argv,
+                    stdin=stdin,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    cwd="/",
+                    env=self.plan.env,
+                    pass_fds=(block_r, info_w),
+                    start_new_session=True,
+                    umask=0o077,
+                )
+            finally:
+                os.close(block_r)
+                os.close(info_w)
+            try:
+                self.init_pid = await read_info(info_r)
+            except ValueError:
+                raise OSError(f"its sandbox could not be built: {self._abandon()}") from None
+            for pid in (self.proc.pid, self.init_pid):
+                lower_priority(pid)
+                self._attach(pid)
+            if self.sandbox.slirp4netns is not None:
+                self._spawn_egress(self.init_pid)
+        finally:
+            with contextlib.suppress(OSError):
+                os.write(block_w, b"go")
+            os.close(block_w)
+            os.close(info_r)
+
+    def _abandon(self) -> str:
+        """Kill and reap a sandbox that never came up; what bwrap said about it."""
+        assert self.proc is not None and self.proc.stdout is not None
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait()  # a process that never ran the app: gone at once
+        said = self.proc.stdout.read().decode("utf-8", "replace").strip().splitlines()
+        self.proc.stdout.close()
+        return said[-1] if said else "bwrap said nothing"
+
+    def _spawn_egress(self, init_pid: int) -> None:
+        assert self.sandbox is not None
+        sandbox = self.sandbox
+        # slirp4netns ends when this pipe's write end closes: at the app's exit, or with the worker.
+        exit_r, self._egress_exit = os.pipe()
+
+        async def run() -> None:
+            try:
+                self._egress = await sandbox.start_egress(init_pid, exit_r)
+            except OSError as exc:
+                self.log.write("worker", f"no outbound network for this app: {exc}")
+            finally:
+                os.close(exit_r)
+
+        # Beside the app's start, not before it: the cold start never waits for egress.
+        self._egress_task = asyncio.get_running_loop().create_task(run())
+
+    def _attach(self, pid: int) -> None:
+        if self.cgroup is None:
+            return
+        try:
+            CgroupTree.attach(self.cgroup, pid)
+        except OSError as exc:
+            self.log.write("worker", f"could not put the app in its cgroup ({exc}); stopping it")
+            self.kill("limits")
 
     async def wait_listening(self, timeout: float) -> bool:
         """For ``command`` apps: poll until something accepts on $PORT."""
@@ -138,20 +244,53 @@ class AppInstance:
     def sample(self) -> tuple[int, float]:
         """(resident bytes, CPU seconds) now; also kept as the last known figures."""
         if self.cgroup is not None:
+            # tmpfs pages are in memory.current already.
             self.rss = CgroupTree.memory_bytes(self.cgroup)
             self.cpu_seconds = CgroupTree.cpu_seconds(self.cgroup)
-        elif self.alive and self.pid is not None:
-            self.rss, cpu = tree_usage(self.pid)
+        elif self.alive and self.proc is not None:
+            rss, cpu = tree_usage(self.proc.pid)
             self.cpu_seconds = max(self.cpu_seconds, cpu)
+            # Without a memory cgroup, the private tmpfs is counted here, by the watch.
+            self.tmpfs_bytes = self._tmpfs_used()
+            self.rss = rss + self.tmpfs_bytes
         return self.rss, self.cpu_seconds
+
+    def count_processes(self) -> int:
+        """The app's tasks (threads too, as RLIMIT_NPROC and pids.max count them), the sandbox's
+        own two processes (root's, not the site's) left out."""
+        if not self.alive or self.proc is None:
+            return 0
+        tree = process_tree(self.proc.pid)[2 if self.init_pid is not None else 0 :]
+        tasks = 0
+        for pid in tree:
+            with contextlib.suppress(OSError):
+                tasks += len(os.listdir(f"/proc/{pid}/task"))
+        self.processes = tasks
+        return tasks
+
+    def _tmpfs_used(self) -> int:
+        if self.init_pid is None:
+            return 0
+        used = 0
+        for path in ("tmp", "dev/shm"):
+            with contextlib.suppress(OSError):
+                st = os.statvfs(f"/proc/{self.init_pid}/root/{path}")
+                used += (st.f_blocks - st.f_bfree) * st.f_frsize
+        return used
 
     def terminate(self, why: str) -> None:
         """Ask it to stop (SIGTERM to its process group), and kill it if it is still there later."""
         if not self.alive or self.proc is None:
             return
         self.stopping = self.stopping or why
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        if self.init_pid is not None:
+            # Not bwrap itself: it would die at once and take the sandbox with it (SIGKILL).
+            for pid in process_tree(self.init_pid)[1:]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
         asyncio.get_running_loop().call_later(STOP_GRACE, self.kill, why)
 
     def kill(self, why: str) -> None:
@@ -160,6 +299,10 @@ class AppInstance:
         self.stopping = self.stopping or why
         if self.cgroup is not None:
             CgroupTree.kill(self.cgroup)
+        if self.init_pid is not None:
+            # The end of a pid namespace's pid 1 ends every process in it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.init_pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
 
@@ -177,6 +320,9 @@ class AppInstance:
         loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = -1
+        if self._egress_exit >= 0:
+            os.close(self._egress_exit)  # slirp4netns, if any, goes with it
+            self._egress_exit = -1
         # The listener goes with the process: connections still queued on it are refused now.
         self._close_listener()
         self._reaped.set()

@@ -210,12 +210,26 @@ def process_tree(pid: int) -> list[int]:
 def tree_usage(pid: int) -> tuple[int, float]:
     """(resident bytes, CPU seconds) of a process tree, the reaped children's CPU included."""
     rss, cpu = 0, 0.0
-    for p in process_tree(pid):
+    tree = process_tree(pid)
+    for p in tree:
         with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(f"/proc/{p}/statm") as f:
-                rss += int(f.read().split()[1]) * PAGE
+            if len(tree) > 1:
+                # Forked children share their parent's pages: proportional shares (PSS) add up
+                # to what the tree holds, where summed RSS would count a page once per process.
+                rss += _pss(p)
+            else:
+                with open(f"/proc/{p}/statm") as f:
+                    rss += int(f.read().split()[1]) * PAGE
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             # utime, stime, cutime, cstime are fields 14-17 (1-based), here 11-14 after the name.
             cpu += sum(int(x) for x in fields[11:15]) / TICKS
     return rss, cpu
+
+
+def _pss(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0

@@ -2,7 +2,9 @@
 
 ``python`` and ``php`` get a listening unix socket as file descriptor 0, bound by the worker in a
 directory only the worker can reach (socket activation: no readiness wait, no path the app or
-another site could connect to). ``command`` gets ``$PORT``, a loopback TCP port, and is polled.
+another site could connect to). ``command`` gets ``$PORT``: in a sandbox that port is in the app's
+own network namespace, and our bridge (``sitecloud_appserver/bridge.py``) splices the fd-0 socket to
+it, so the worker talks unix to every runtime; unsandboxed it is a host loopback port, polled.
 """
 
 from __future__ import annotations
@@ -112,7 +114,10 @@ def plan_launch(
     packages: Path | None,
     appserver: str = APPSERVER_PATH,
     port: int = 0,
+    bridge_timeout: float | None = None,
 ) -> LaunchPlan:
+    """``bridge_timeout`` (sandboxed ``command`` apps): run the command behind our bridge, which
+    waits this long for it to listen on $PORT."""
     env = _base_env(site, dirs, settings)
     if runtime == "python":
         path = [appserver] + ([str(packages)] if packages is not None else [])
@@ -142,9 +147,13 @@ def plan_launch(
         return LaunchPlan(argv, env, root, "unix")
     if runtime == "command":
         env["PORT"] = str(port)
-        return LaunchPlan(
-            ["/bin/sh", "-c", f"exec {entry}" if _simple(entry) else entry], env, root, "tcp", port
-        )
+        command = ["/bin/sh", "-c", f"exec {entry}" if _simple(entry) else entry]
+        if bridge_timeout is not None:
+            bridge = os.path.join(appserver, "sitecloud_appserver", "bridge.py")
+            # -I: our script alone, nothing of the site's PYTHON* settings or user site.
+            argv = [python, "-I", bridge, str(port), f"{bridge_timeout:g}", *command]
+            return LaunchPlan(argv, env, root, "unix", port)
+        return LaunchPlan(command, env, root, "tcp", port)
     raise NotSupported(f"runtime {runtime!r} runs no process")
 
 

@@ -5,6 +5,10 @@ process (concurrent first requests share that start); the sweep stops it after i
 enforces the memory limit where no cgroup does, and counts CPU seconds. A crash is restarted by the
 next request after a back-off; a new content version or new settings retire the running process
 gracefully (requests under way finish on it, new ones go to a new one).
+
+As root every app runs in a sandbox of its own (``_sandbox.py``): namespaces, the site's uid, its
+cgroup, and a disk quota for what it writes (``_volume.py``). A memory kill, a process-limit hit and
+a full disk each get one line in the site's log and a count in :meth:`AppManager.describe`.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from roles.worker.apps._isolation import (
 )
 from roles.worker.apps._launch import SiteDirs, appserver_for_apps, pick_python, plan_launch
 from roles.worker.apps._packages import install_requirements, packages_dir
+from roles.worker.apps._sandbox import EGRESS_MODES, Sandbox, SandboxMounts
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import SIZES, AppSpec, Runtime, detect_runtime, parse_app_spec, procfile_web
+from roles.worker.apps._volume import HomeVolume, unmount_stale
 from roles.worker.config import WorkerConfig
 from shared.control import Snapshot
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
@@ -46,6 +52,8 @@ __all__ = ["AppManager", "AppSite"]
 Lookup = Callable[[str], tuple[bool, SiteVersion | None]]
 SWEEP_INTERVAL = 0.25
 MAX_BACKOFF = 30.0
+# Where a sandboxed ``command`` app listens: its network namespace is its own, any port will do.
+SANDBOX_PORT = 8000
 _NO_SPEC = AppSpec()
 
 
@@ -57,9 +65,9 @@ class AppSite:
     """One dynamic site: what runs (runtime, entry, version) and how its process is doing."""
 
     __slots__ = (
-        "always_on", "cpu_total", "crashes", "entry", "failures", "generation", "identity", "instance",
-        "last_used", "log", "name", "packages_task", "retry_at", "root", "runtime", "spec", "starting",
-        "starts", "uid", "version",
+        "always_on", "cpu_total", "crashes", "disk_full", "disk_hits", "entry", "failures", "generation",
+        "identity", "instance", "last_used", "log", "memory_kills", "name", "packages_task", "pids_hits",
+        "retry_at", "root", "runtime", "spec", "starting", "starts", "uid", "version",
     )  # fmt: skip
 
     def __init__(self, name: str, uid: str) -> None:
@@ -83,12 +91,21 @@ class AppSite:
         self.cpu_total = 0.0
         self.starts = 0
         self.crashes = 0
+        # Limits hit: memory kills, process-limit hits, times its disk quota filled up (and now).
+        self.memory_kills = 0
+        self.pids_hits = 0
+        self.disk_hits = 0
+        self.disk_full = False
 
 
 class AppManager:
     def __init__(self, config: WorkerConfig, lookup: Lookup, root: Path) -> None:
         if config.size not in SIZES:
             raise InvalidInput(f"worker size must be one of {', '.join(SIZES)}, not {config.size!r}")
+        if config.app_egress not in EGRESS_MODES:
+            raise InvalidInput(
+                f"app_egress must be one of {', '.join(EGRESS_MODES)}, not {config.app_egress!r}"
+            )
         self._config = config
         self._lookup = lookup
         self._log = get_logger("worker", host=config.host)
@@ -104,6 +121,11 @@ class AppManager:
         self._python = pick_python(config.app_python, isolate=self._isolate)
         self._appserver = ""
         self._cgroup: CgroupTree | None = None
+        self._sandbox: Sandbox | None = None
+        # Disk quota volumes by site number, and which running instance holds which.
+        self._volumes: dict[int, HomeVolume] = {}
+        self._held: dict[AppInstance, HomeVolume] = {}
+        self._quota = False
         # Held sites (name → incarnation uid) and the app settings of those that have any.
         self._uids: dict[str, str] = {}
         self._specs: dict[str, AppSpec] = {}
@@ -223,6 +245,27 @@ class AppManager:
         else:
             self._log.info("apps run as the worker's own user: start the worker as root to isolate sites")
         self._appserver = appserver_for_apps(self._root, isolate=self._isolate)
+        if self._isolate:
+            self._sandbox = Sandbox.detect(
+                self._log,
+                python=self._python,
+                appserver=self._appserver,
+                egress=self._config.app_egress,
+                enabled=self._config.app_sandbox,
+            )
+            self._quota = self._sandbox is not None and HomeVolume.available()
+            if self._sandbox is not None and not self._quota:
+                self._log.warning("app disk quota: no mkfs.ext4/mount here (e2fsprogs); homes are unlimited")
+            if self._quota:
+                try:
+                    stale = await unmount_stale(self._apps_dir)
+                except (SitecloudError, OSError) as exc:
+                    self._log.warning("app disk quota: could not unmount volumes left mounted: %s", exc)
+                else:
+                    if stale:
+                        self._log.warning(
+                            "unmounted %s app volume(s) left mounted by an earlier worker", stale
+                        )
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def stop(self) -> None:
@@ -242,6 +285,12 @@ class AppManager:
         await asyncio.gather(
             *[t for t in (self._sweeper, *self._background) if t is not None], return_exceptions=True
         )
+        # Releases under way were cancelled with the background tasks: unmount what is left.
+        for volume in self._volumes.values():
+            try:
+                await volume.close()
+            except SitecloudError as exc:
+                self._log.warning("app disk quota: %s", exc.message)
         for app in self._sites.values():
             if app.log is not None:
                 app.log.close()
@@ -294,6 +343,8 @@ class AppManager:
             "apps_active": sum(1 for i in self._active if not i.retiring),
             "apps_max_active": self.max_active,
             "app_limits": "cgroup" if self._cgroup is not None else "rlimit",
+            "app_sandbox": "bwrap" if self._sandbox is not None else "off",
+            "app_egress": "slirp4netns" if self._sandbox is not None and self._sandbox.slirp4netns else "off",
             "app_cpu_seconds": cpu,
             "apps_dir": str(self._root),
         }
@@ -312,6 +363,9 @@ class AppManager:
         state = "running" if inst is not None and inst.alive else "starting" if app.starting else "idle"
         if state == "idle" and app.retry_at > time.monotonic():
             state = "crashed"
+        volume = self._volumes.get(app.identity.number) if app.identity is not None else None
+        used, _ = volume.usage() if volume is not None else (0, 0)
+        size = volume.size() if volume is not None else 0
         return {
             "site": name,
             "runtime": app.runtime,
@@ -324,6 +378,16 @@ class AppManager:
             "starts": app.starts,
             "crashes": app.crashes,
             "always_on": app.always_on,
+            "sandboxed": self._sandbox is not None,
+            "memory_limit_bytes": app.spec.limits.memory_mb * 1024 * 1024,
+            "memory_kills": app.memory_kills,
+            "pids_limit": app.spec.limits.nproc,
+            "pids_limit_hits": app.pids_hits,
+            "disk_used_bytes": used,
+            # The cap in force while mounted (a raised one applies from the next start from idle).
+            "disk_limit_bytes": (size or self._disk_mb(app) * 1024 * 1024) if volume is not None else None,
+            "disk_quota_hits": app.disk_hits,
+            "disk_full": app.disk_full,
         }
 
     def log_for(self, name: str) -> SiteLog:
@@ -388,7 +452,10 @@ class AppManager:
             dirs = self._dirs(app)
             assert app.identity is not None
             packages = await self._packages(app) if app.runtime == "python" else None
-            port = _free_port() if app.runtime == "command" else 0
+            sandbox = self._sandbox
+            port = 0
+            if app.runtime == "command":
+                port = SANDBOX_PORT if sandbox is not None else _free_port()
             if app.runtime == "command" and not app.entry:
                 raise InvalidInput(
                     "the site's Procfile has no web: command", hint="add a line like web: ./serve"
@@ -405,10 +472,23 @@ class AppManager:
                 packages=packages,
                 appserver=self._appserver,
                 port=port,
+                bridge_timeout=self._config.app_start_timeout if sandbox is not None else None,
             )
             self._ensure_run_dir()
             group = self._cgroup.create(str(app.identity.number), app.spec.limits) if self._cgroup else None
             self._sockets += 1
+            volume: HomeVolume | None = None
+            mounts: SandboxMounts | None = None
+            if sandbox is not None:
+                volume = await self._acquire_volume(app, dirs)
+                mounts = SandboxMounts(
+                    site_dir=str(self._root / "sites" / app.name),
+                    cwd=app.root,
+                    home=(str(volume.home if volume else dirs.home), str(dirs.home)),
+                    tmp=(str(volume.tmp if volume else dirs.tmp), str(dirs.tmp)),
+                    read_only=(str(packages),) if packages is not None else (),
+                    tmpfs_bytes=app.spec.limits.memory_mb * 1024 * 1024,
+                )
             inst = AppInstance(
                 plan=plan,
                 identity=app.identity,
@@ -417,12 +497,22 @@ class AppManager:
                 socket_path=self._run_dir / f"{app.identity.number}.{self._sockets}.sock",
                 cgroup=group,
                 on_exit=self._exited,
+                sandbox=sandbox,
+                mounts=mounts,
             )
-            await inst.start()
+            try:
+                await inst.start()
+            except BaseException:
+                if volume is not None:
+                    self._spawn(volume.release())
+                raise
+            if volume is not None:
+                self._held[inst] = volume
             self._active[inst] = app
             app.starts += 1
             app.last_used = time.monotonic()
-            log.write("worker", f"started the {app.runtime} app (pid {inst.pid}) for version {app.version}")
+            where = f"sandbox pid {inst.init_pid}" if inst.init_pid is not None else f"pid {inst.pid}"
+            log.write("worker", f"started the {app.runtime} app ({where}) for version {app.version}")
             if plan.listen == "tcp" and not await inst.wait_listening(self._config.app_start_timeout):
                 inst.kill("start")
                 raise Unavailable(f"the site's command did not listen on $PORT ({port})")
@@ -435,6 +525,26 @@ class AppManager:
             if isinstance(exc, Unavailable):
                 raise
             raise Unavailable(f"the site's app could not start: {exc}", hint="its log says why") from exc
+
+    def _disk_mb(self, app: AppSite) -> int:
+        return self._config.app_disk_mb or app.spec.limits.disk_mb
+
+    async def _acquire_volume(self, app: AppSite, dirs: SiteDirs) -> HomeVolume | None:
+        """The site's disk quota volume, mounted (Unavailable when it cannot be); None where this
+        worker has no quota volumes (logged once at start)."""
+        ident = app.identity
+        if not self._quota or ident is None or ident.uid is None or ident.gid is None:
+            return None
+        volume = self._volumes.get(ident.number)
+        if volume is None:
+            volume = HomeVolume(dirs.base, uid=ident.uid, gid=ident.gid, grace=self._config.app_volume_grace)
+            self._volumes[ident.number] = volume
+        try:
+            await volume.acquire(self._disk_mb(app), dirs.home, dirs.tmp)
+        except OSError as exc:
+            # Closed, not open: without its volume the app would write without a limit.
+            raise Unavailable(f"its disk quota volume could not be mounted ({exc})") from exc
+        return volume
 
     def _ensure_run_dir(self) -> None:
         """Made on the first start (a worker without apps leaves no trace in /tmp)."""
@@ -485,11 +595,16 @@ class AppManager:
         app.cpu_total += inst.cpu_seconds
         if app.instance is inst:
             app.instance = None
+        volume = self._held.pop(inst, None)
+        if volume is not None:
+            self._spawn(volume.release())
         log = self._site_log(app)
         oom = inst.cgroup is not None and CgroupTree.oom_kills(inst.cgroup) > 0
         if inst.cgroup is not None:
+            self._note_pids_hits(app, inst)
             CgroupTree.remove(inst.cgroup)
         if inst.stopping == "memory" or code == MEMORY_EXIT or oom:
+            app.memory_kills += 1
             log.write("worker", f"stopped: exceeded its {inst.limits.memory_mb} MB memory limit")
         elif inst.stopping is not None:
             log.write("worker", f"stopped ({inst.stopping})")
@@ -518,6 +633,8 @@ class AppManager:
 
     def _sweep_once(self, now: float) -> None:
         for inst, app in list(self._active.items()):
+            self._note_pids_hits(app, inst)
+            self._note_disk(app, inst)
             rss, _ = inst.sample()
             if inst.cgroup is None and rss > inst.limits.memory_mb * 1024 * 1024 and inst.stopping is None:
                 inst.kill("memory")
@@ -535,6 +652,40 @@ class AppManager:
         for app in self._sites.values():
             if app.always_on and app.instance is None and app.starting is None and app.retry_at <= now:
                 self._spawn(self._keep_on(app))
+
+    def _note_pids_hits(self, app: AppSite, inst: AppInstance) -> None:
+        """One log line each time the app reaches its process limit (a fork or thread failed)."""
+        limit = inst.limits.nproc
+        if inst.cgroup is not None:
+            hits = CgroupTree.pids_max_hits(inst.cgroup)
+            reached = hits > inst.pids_hits_seen
+            inst.pids_hits_seen = max(inst.pids_hits_seen, hits)
+        elif inst.stopping is None:
+            # RLIMIT_NPROC holds the line (pids.max too, where there is one); the watch sees the
+            # app's tasks at it.
+            tasks = inst.count_processes()
+            reached = tasks >= limit and not inst.at_pids_limit
+            inst.at_pids_limit = tasks >= limit or (inst.at_pids_limit and tasks > limit // 2)
+        else:
+            return
+        if reached:
+            app.pids_hits += 1
+            self._site_log(app).write(
+                "worker", f"reached its limit of {limit} processes: new ones are refused"
+            )
+
+    def _note_disk(self, app: AppSite, inst: AppInstance) -> None:
+        volume = self._held.get(inst)
+        if volume is None:
+            return
+        full = volume.full()
+        if full and not app.disk_full:
+            app.disk_hits += 1
+            self._site_log(app).write(
+                "worker",
+                f"its disk is full: the {volume.size() // 2**20} MB quota of HOME and TMPDIR is used up",
+            )
+        app.disk_full = full
 
     async def _keep_on(self, app: AppSite) -> None:
         with contextlib.suppress(SitecloudError):

@@ -4,7 +4,7 @@ Per site in the worker snapshot (all optional beside ``uid``)::
 
     {"uid": "<hex>", "runtime": "static|python|php|command", "entry": "app:app",
      "env": {"KEY": "value"}, "always_on": false, "idle_timeout": 1200,
-     "limits": {"memory_mb": 256, "cpu_percent": 50, "nofile": 256, "nproc": 64}}
+     "limits": {"memory_mb": 256, "cpu_percent": 50, "nofile": 256, "nproc": 64, "disk_mb": 1024}}
 
 An absent ``runtime`` is detected from the content of the version being served.
 """
@@ -48,6 +48,8 @@ class AppLimits:
     nproc: int = 64
     # Without cgroups: RLIMIT_CPU, a backstop against a process that spins for ever.
     cpu_seconds: int = 3600
+    # Disk quota of a sandboxed app's HOME and TMPDIR (plan storage).
+    disk_mb: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,9 +60,13 @@ class SizeDefaults:
 
 # Worker sizes (issue 5): per-site limits and how many app processes a worker keeps at once.
 SIZES: dict[str, SizeDefaults] = {
-    "small": SizeDefaults(AppLimits(memory_mb=256, cpu_percent=50, nofile=256, nproc=64), 50),
-    "medium": SizeDefaults(AppLimits(memory_mb=512, cpu_percent=100, nofile=1024, nproc=128), 100),
-    "large": SizeDefaults(AppLimits(memory_mb=1024, cpu_percent=200, nofile=4096, nproc=256), 200),
+    "small": SizeDefaults(AppLimits(memory_mb=256, cpu_percent=50, nofile=256, nproc=64, disk_mb=1024), 50),
+    "medium": SizeDefaults(
+        AppLimits(memory_mb=512, cpu_percent=100, nofile=1024, nproc=128, disk_mb=2048), 100
+    ),
+    "large": SizeDefaults(
+        AppLimits(memory_mb=1024, cpu_percent=200, nofile=4096, nproc=256, disk_mb=4096), 200
+    ),
 }
 
 
@@ -118,6 +124,7 @@ def _parse(raw: dict[str, Any], default_limits: AppLimits) -> AppSpec | None:
         nofile=_int(lim, "nofile", d.nofile, 16, 1024 * 1024),
         nproc=_int(lim, "nproc", d.nproc, 4, 1024 * 1024),
         cpu_seconds=_int(lim, "cpu_seconds", d.cpu_seconds, 1, 10**9),
+        disk_mb=_int(lim, "disk_mb", d.disk_mb, 16, 1024 * 1024),
     )
     return AppSpec(
         runtime=appsettings.runtime(rt) if rt is not None else None,

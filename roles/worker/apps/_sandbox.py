@@ -1,0 +1,281 @@
+"""The sandbox every app process runs in when the worker runs as root: bubblewrap and setpriv.
+
+``bwrap`` (as root, no user namespace) gives the app namespaces of its own:
+
+- network: its own loopback and nothing else; no host port, role or other site is reachable. The
+  worker reaches it only through the unix listener it passes as fd 0;
+- mount: a fresh root with the system read-only (``/usr``, ``/etc``, the lib and bin links, the
+  Python the app runs under and our app server), the site's content read-only, its home and TMPDIR
+  writable (a size-capped volume, see ``_volume.py``), private size-capped ``/tmp`` and ``/dev/shm``
+  tmpfs (their pages count against the site's memory cgroup), its own ``/proc`` and a minimal ``/dev``;
+- PID (plus IPC and UTS): bwrap's own init is pid 1 and reaps orphans; when the app's first process
+  exits the kernel kills every process left in the namespace, double-forked and setsid or not.
+  ``--die-with-parent`` ends the sandbox with the worker.
+
+Paths stay what they are on the host (content root, HOME, TMPDIR), so the environment and php.ini
+need no rewriting. Inside, util-linux ``setpriv`` drops to the site's uid with no groups, no
+capabilities and no_new_privs before ``prlimit`` and the app. ``--block-fd`` holds the sandbox
+before anything of the app runs, so the worker puts it in its cgroup first (no fork escapes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.logs import ContextLogger
+
+__all__ = ["EGRESS_MODES", "Sandbox", "SandboxMounts", "read_info"]
+
+_TOOLS = "/usr/bin:/bin:/usr/sbin:/sbin"
+# Read-only as they are; the /bin, /sbin and /lib* links of a merged /usr are made as links.
+_SYSTEM = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+EGRESS_MODES = ("off", "slirp4netns")
+INFO_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxMounts:
+    """What one app sees besides the system: each path the same inside as on the host."""
+
+    site_dir: str  # the site's content (every version and ``current``), read-only
+    cwd: str
+    home: tuple[str, str]  # (host source, path inside)
+    tmp: tuple[str, str]
+    read_only: tuple[str, ...] = ()  # e.g. the site's package directory
+    tmpfs_bytes: int = 64 * 1024 * 1024  # each of /tmp and /dev/shm
+
+
+@dataclass(frozen=True, slots=True)
+class Sandbox:
+    bwrap: str
+    setpriv: str
+    # Read-only paths every app needs beyond the system: its Python's prefixes, our app server.
+    runtime_paths: tuple[str, ...]
+    slirp4netns: str | None  # outbound internet through a user-mode NAT; None: no egress at all
+    nsenter: str = ""
+    nft: str = ""
+    # nft rules loaded into each sandbox's network namespace before its egress comes up.
+    egress_rules: str = ""
+
+    @classmethod
+    def detect(
+        cls, log: ContextLogger, *, python: str, appserver: str, egress: str, enabled: bool = True
+    ) -> Sandbox | None:
+        """The sandbox this worker can build; None (and one log line saying why) when it cannot."""
+        if not enabled:
+            log.warning("app sandbox: off in the worker's settings; apps share the host's network and /tmp")
+            return None
+        if os.geteuid() != 0:
+            log.warning("app sandbox: the worker is not root; apps run unsandboxed as the worker's user")
+            return None
+        bwrap = shutil.which("bwrap", path=_TOOLS)
+        setpriv = shutil.which("setpriv", path=_TOOLS)
+        if bwrap is None or setpriv is None:
+            log.warning(
+                "app sandbox: %s missing (apt-get install bubblewrap util-linux); apps run with a uid "
+                "and rlimits only",
+                " and ".join(n for n, p in (("bwrap", bwrap), ("setpriv", setpriv)) if p is None),
+            )
+            return None
+        slirp = nsenter = nft = None
+        if egress == "slirp4netns":
+            slirp = shutil.which("slirp4netns", path=_TOOLS)
+            nsenter = shutil.which("nsenter", path=_TOOLS)
+            nft = shutil.which("nft", path=_TOOLS)
+            if slirp is None or nsenter is None or nft is None:
+                log.warning(
+                    "app sandbox: egress is slirp4netns but slirp4netns, nsenter or nft is missing "
+                    "(apt-get install slirp4netns nftables); apps get no outbound network"
+                )
+                slirp = None
+        log.info(
+            "app sandbox: bwrap network, mount and pid namespaces; outbound internet %s",
+            "through slirp4netns (public addresses only)" if slirp else "off (app_egress)",
+        )
+        return cls(
+            bwrap,
+            setpriv,
+            _runtime_paths(python, appserver),
+            slirp,
+            nsenter or "",
+            nft or "",
+            egress_rules(_host_addresses()) if slirp else "",
+        )
+
+    def argv(self, mounts: SandboxMounts, *, uid: int, gid: int, block_fd: int, info_fd: int) -> list[str]:
+        """bwrap and setpriv, to go before ``prlimit ... -- app``."""
+        size = str(mounts.tmpfs_bytes)
+        argv = [self.bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+        argv += ["--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "app"]
+        # /tmp first: content or homes may live under the host's /tmp, and binds go on top of it.
+        argv += ["--perms", "1777", "--size", size, "--tmpfs", "/tmp"]  # noqa: S108 - the sandbox's own
+        for path in _SYSTEM:
+            if os.path.islink(path):
+                argv += ["--symlink", os.readlink(path), path]
+            elif os.path.isdir(path):
+                argv += ["--ro-bind", path, path]
+        argv += ["--proc", "/proc", "--dev", "/dev"]
+        argv += ["--perms", "1777", "--size", size, "--tmpfs", "/dev/shm"]  # noqa: S108 - its own too
+        binds = [(p, p, "--ro-bind") for p in self.runtime_paths]
+        binds.append((mounts.site_dir, mounts.site_dir, "--ro-bind"))
+        binds += [(p, p, "--ro-bind") for p in mounts.read_only]
+        binds += [(source, inside, "--bind") for source, inside in (mounts.home, mounts.tmp)]
+        made: set[str] = {"/", "/tmp"}  # noqa: S108 - the sandbox's tmpfs, made above
+        bound: list[str] = []
+        for source, inside, kind in binds:
+            # bwrap makes missing parents 0700 (root's): the app could not pass them. Parents
+            # inside an earlier bind are that bind's own (and may be read-only).
+            for parent in reversed(Path(inside).parents):
+                name = str(parent)
+                if name not in made and not any(name.startswith(b + "/") or name == b for b in bound):
+                    argv += ["--perms", "0755", "--dir", name]
+                made.add(name)
+            argv += [kind, source, inside]
+            bound.append(inside)
+        argv += ["--chdir", mounts.cwd, "--block-fd", str(block_fd), "--info-fd", str(info_fd), "--"]
+        argv += [
+            self.setpriv,
+            f"--reuid={uid}",
+            f"--regid={gid}",
+            "--clear-groups",
+            "--no-new-privs",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ]
+        return argv
+
+    async def start_egress(self, child_pid: int, exit_fd: int) -> asyncio.subprocess.Process:
+        """Outbound internet for one sandbox: first nft rules in its network namespace (root's: the
+        app has no capability to change them) that refuse the host's own addresses and every
+        private, loopback and link-local range, so no role port and no other host of the cloud is
+        reachable; then slirp4netns, a NAT in user space, with ``--disable-host-loopback``. The
+        caller starts this beside the app: the cold start never waits for it. slirp4netns ends
+        when ``exit_fd``'s other end closes (the app's exit, or the worker's)."""
+        assert self.slirp4netns is not None
+        rules = await asyncio.create_subprocess_exec(
+            self.nsenter,
+            f"--net=/proc/{child_pid}/ns/net",
+            self.nft,
+            "-f",
+            "-",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await rules.communicate(self.egress_rules.encode())
+        if rules.returncode != 0:
+            raise OSError(f"nft refused the egress rules: {err.decode(errors='replace').strip()[:200]}")
+        return await asyncio.create_subprocess_exec(
+            self.slirp4netns,
+            "--configure",
+            "--mtu=65520",
+            "--disable-host-loopback",
+            "--enable-sandbox",
+            f"--exit-fd={exit_fd}",
+            str(child_pid),
+            "tap0",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            pass_fds=(exit_fd,),
+        )
+
+
+# Never reachable from a sandbox with egress: this host, private networks (other role hosts),
+# loopback, link-local (cloud metadata), shared and multicast ranges. slirp's DNS (10.0.2.3) is let
+# through for name lookups.
+_BLOCKED = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.168.0.0/16", "224.0.0.0/3",
+)  # fmt: skip
+
+
+def egress_rules(host_addresses: list[str]) -> str:
+    nets = [ipaddress.ip_network(n) for n in _BLOCKED]
+    own = [a for a in host_addresses if not any(ipaddress.ip_address(a) in n for n in nets)]
+    blocked = ", ".join([*_BLOCKED, *own])
+    return (
+        "table inet sitecloud {\n"
+        "  chain out {\n"
+        "    type filter hook output priority 0; policy accept;\n"
+        '    oifname "lo" accept\n'
+        "    ip daddr 10.0.2.3 meta l4proto { tcp, udp } th dport 53 accept\n"
+        f"    ip daddr {{ {blocked} }} reject\n"
+        "    meta nfproto ipv6 reject\n"
+        "  }\n"
+        "}\n"
+    )
+
+
+def _host_addresses() -> list[str]:
+    """This host's own IPv4 addresses (the LOCAL /32 entries of the kernel's routing trie)."""
+    found: list[str] = []
+    try:
+        with open("/proc/net/fib_trie") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return found
+    for prev, line in itertools.pairwise(lines):
+        if line.strip() == "/32 host LOCAL":
+            found.append(prev.split()[-1])
+    return sorted(set(found))
+
+
+def _runtime_paths(python: str, appserver: str) -> tuple[str, ...]:
+    """The app's Python installation (the prefixes of the venv it may be, and of the Python that
+    venv is made from) and our app server: read-only, unless /usr already holds them."""
+    paths: list[str] = [appserver]
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        paths += [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+    else:
+        # Another interpreter: its installation is two levels above the binary (<prefix>/bin/python).
+        paths += [str(Path(python).parent.parent), str(Path(os.path.realpath(python)).parent.parent)]
+    keep: list[str] = []
+    for p in dict.fromkeys(os.path.realpath(p) for p in paths):
+        if p == "/" or not os.path.isdir(p) or any(p == s or p.startswith(s + "/") for s in ("/usr", "/etc")):
+            continue
+        keep.append(p)
+    return tuple(keep)
+
+
+async def read_info(fd: int, timeout: float = INFO_TIMEOUT) -> int:
+    """The host pid of the sandbox's pid 1, from bwrap's ``--info-fd`` JSON (ValueError: none came)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    data = bytearray()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        data.extend(chunk)
+        if (not chunk or data.rstrip().endswith(b"}")) and not done.done():
+            done.set_result(None)
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done, timeout)
+    finally:
+        loop.remove_reader(fd)
+    try:
+        pid = json.loads(bytes(data))["child-pid"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError("the sandbox did not start (its log says why)") from None
+    if not isinstance(pid, int):
+        raise ValueError("the sandbox reported no pid")
+    return pid

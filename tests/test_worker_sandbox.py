@@ -1,0 +1,513 @@
+"""Hostile apps on a real worker, as root: every app runs in its sandbox (bwrap namespaces, its own
+uid through setpriv, size-capped tmpfs, a disk quota volume). Each test makes an app try one escape,
+asserts it fails, and asserts that another site on the same worker still answers correctly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from roles.worker._appserver import APPSERVER_PATH
+from roles.worker.apps._instance import AppInstance
+from roles.worker.apps._isolation import UID_BASE, SiteIdentity
+from roles.worker.apps._launch import SiteDirs, plan_launch
+from roles.worker.apps._sandbox import Sandbox, SandboxMounts, egress_rules
+from roles.worker.apps._sitelog import SiteLog
+from roles.worker.apps._spec import AppLimits
+from shared.logs import get_logger
+from tests.support import wait_until
+from tests.test_worker_apps import AppCloud, running_cloud
+
+ROOT = os.geteuid() == 0
+pytestmark = [
+    pytest.mark.skipif(not ROOT, reason="the app sandbox needs the worker to run as root"),
+    pytest.mark.skipif(
+        shutil.which("bwrap") is None or shutil.which("setpriv") is None,
+        reason="the app sandbox needs bubblewrap and util-linux setpriv (apt-get install bubblewrap)",
+    ),
+]
+
+ATTACK_APP = b"""
+import os, signal, socket, sys, time
+
+def _connect(target):
+    host, _, port = target.rpartition(":")
+    try:
+        s = socket.create_connection((host, int(port)), timeout=2)
+    except OSError as exc:
+        return "refused " + type(exc).__name__
+    s.settimeout(2)
+    try:
+        data = s.recv(64)
+    except OSError:
+        data = b""
+    s.close()
+    return "connected " + data.decode(errors="replace")
+
+HELD = []
+
+def _fill(path, mb):
+    wrote = 0
+    chunk = b"x" * (1024 * 1024)
+    try:
+        with open(path, "wb") as f:
+            for _ in range(mb):
+                f.write(chunk)
+                f.flush()
+                wrote += 1
+        return "wrote %d" % wrote
+    except OSError as exc:
+        return "stopped at %d %s" % (wrote, type(exc).__name__)
+
+def app(environ, start_response):
+    path, q = environ["PATH_INFO"], environ["QUERY_STRING"]
+    if path == "/connect":
+        out = _connect(q)
+    elif path == "/hold":
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", int(q)))
+            s.listen(8)
+            HELD.append(s)
+            out = "holding " + _connect("127.0.0.1:" + q)
+        except OSError as exc:
+            out = "cannot bind " + type(exc).__name__
+    elif path == "/read":
+        try:
+            with open(q, "rb") as f:
+                out = "read " + f.read(64).decode(errors="replace")
+        except OSError as exc:
+            out = "denied " + type(exc).__name__
+    elif path == "/exists":
+        out = str(os.path.exists(q))
+    elif path == "/cat":
+        with open(q) as f:
+            out = f.read()
+    elif path == "/fill":
+        where, _, mb = q.partition(":")
+        out = _fill(os.path.join(os.environ.get(where, where), "fill-%d" % os.getpid()), int(mb))
+    elif path == "/escape":
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                os.chdir("/")
+                os.closerange(0, 1024)
+                time.sleep(600)
+            os._exit(0)
+        os.wait()
+        out = "escaped"
+    elif path == "/forkbomb":
+        n, err = 0, "none"
+        while n < 5000:
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                err = type(exc).__name__
+                break
+            if pid == 0:
+                os.closerange(0, 1024)
+                time.sleep(20)
+                os._exit(0)
+            n += 1
+        out = "forked %d then %s" % (n, err)
+    elif path == "/whoami":
+        out = "%d" % os.getuid()
+    else:
+        out = "attacker " + path
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [out.encode()]
+"""
+
+BYSTANDER_APP = b"""
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"bystander " + environ["PATH_INFO"].encode()]
+"""
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[AppCloud]:
+    # No grace for quota volumes: a test sees them go when the app does.
+    with running_cloud(app_start_timeout=10.0, max_active_apps=20, app_volume_grace=0.0) as c:
+        c.add_site("bystander")
+        c.publish_and_wait("bystander", {"app.py": BYSTANDER_APP, "secret.txt": b"theirs"}, "/", b"bystander")
+        assert c.app("bystander")["sandboxed"] is True
+        yield c
+
+
+def bystander_answers(cloud: AppCloud) -> None:
+    """The other site on this worker is unaffected: it answers, and right."""
+    status, _, body = cloud.get("bystander", "/still-there")
+    assert (status, body) == (200, b"bystander /still-there")
+
+
+def attacker(cloud: AppCloud, site: str, **settings: object) -> None:
+    cloud.add_site(site, **settings)
+    cloud.publish_and_wait(site, {"app.py": ATTACK_APP}, "/hi", b"attacker /hi")
+
+
+def uid_processes(uid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as f:
+                    for line in f:
+                        if line.startswith("Uid:") and int(line.split()[1]) == uid:
+                            found.append(int(entry))
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+def remove_site(cloud: AppCloud, site: str) -> None:
+    del cloud.sites[site]
+    cloud.push()
+
+
+class HostListener:
+    """A host process's loopback listener that answers a secret to whoever connects."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.hits = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.hits += 1
+            conn.sendall(b"host secret")
+            conn.close()
+
+    def close(self) -> None:
+        # shutdown wakes the blocked accept(); close alone does not.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_the_host_loopback_role_ports_and_other_apps_are_out_of_reach(cloud: AppCloud) -> None:
+    assert "outbound internet off" in cloud.worker.log()
+    attacker(cloud, "netprobe")
+    assert "tap0" not in cloud.get("netprobe", "/cat?/proc/net/dev")[2].decode()
+    cloud.add_site("cmdvictim")
+    cloud.publish_and_wait(
+        "cmdvictim", {"Procfile": b"web: python3 -m http.server $PORT --bind 127.0.0.1\n"}, "/", b"Directory"
+    )
+    host = HostListener()
+    try:
+        for port in (host.port, cloud.config.data_port, cloud.config.control_port, 8000):
+            body = cloud.get("netprobe", f"/connect?127.0.0.1:{port}")[2]
+            assert body.startswith(b"refused"), (port, body)
+        assert host.hits == 0
+        # The host's own addresses beyond loopback: no route at all.
+        for addr in {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}:
+            body = cloud.get("netprobe", f"/connect?{addr}:{cloud.config.data_port}")[2]
+            assert body.startswith(b"refused"), (addr, body)
+        # /proc/net/tcp shows the app's own namespace: none of the host's listeners.
+        tcp = cloud.get("netprobe", "/cat?/proc/net/tcp")[2].decode()
+        assert f":{host.port:04X} " not in tcp and f":{cloud.config.data_port:04X} " not in tcp
+    finally:
+        host.close()
+    # The command app still answers through the worker (its bridge on the unix socket).
+    assert b"Directory" in cloud.get("cmdvictim", "/")[2]
+    bystander_answers(cloud)
+
+
+def test_a_port_an_app_binds_is_its_own_not_the_hosts(cloud: AppCloud) -> None:
+    attacker(cloud, "squatter")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # The app binds the port first, as if to catch a role's restart; it only gets its own loopback.
+    assert cloud.get("squatter", f"/hold?{port}")[2] == b"holding connected "
+    host = HostListener(port)  # the host can still take it
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            assert s.recv(64) == b"host secret"
+        body = cloud.get("squatter", f"/connect?127.0.0.1:{port}")[2]
+        assert b"host secret" not in body
+    finally:
+        host.close()
+    bystander_answers(cloud)
+
+
+def test_other_sites_content_and_the_worker_home_are_not_there(cloud: AppCloud) -> None:
+    attacker(cloud, "reader")
+    apps_dir = Path(cloud.worker.health()["apps_dir"])
+    home = cloud.config.home
+    for path in (
+        apps_dir / "sites" / "bystander" / "current" / "secret.txt",
+        home / "tls" / "role.key",
+        home / "role.json",
+        Path("/proc/1/environ"),
+    ):
+        body = cloud.get("reader", f"/read?{path}")[2]
+        assert body.startswith(b"denied"), (path, body)
+    for path in (apps_dir / "sites" / "bystander", apps_dir / "blobs", home / "tls", apps_dir / "run"):
+        assert cloud.get("reader", f"/exists?{path}")[2] == b"False", path
+    # Its own content is there, read-only.
+    own = apps_dir / "sites" / "reader" / "current" / "app.py"
+    assert cloud.get("reader", f"/read?{own}")[2].startswith(b"read \nimport os")
+    assert cloud.get("reader", f"/fill?{own.parent}:1")[2].startswith(b"stopped at 0")
+    bystander_answers(cloud)
+
+
+@pytest.mark.parametrize("where", ["/dev/shm", "/tmp"])
+def test_filling_tmpfs_is_a_memory_kill_and_leaves_nothing(cloud: AppCloud, where: str) -> None:
+    site = "shm" if where == "/dev/shm" else "tmpfill"
+    attacker(cloud, site, limits={"memory_mb": 256})
+    host_before = set(os.listdir(where))
+    status, _, body = cloud.get(site, f"/fill?{where}:400")
+    # Killed mid-write (a memory cgroup) or refused at the tmpfs cap and then killed (the watch).
+    assert status in (200, 502, 503) and not body.startswith(b"wrote 400"), body
+    wait_until(
+        lambda: "stopped: exceeded its 256 MB memory limit" in cloud.log(site),
+        timeout=10,
+        what="the memory line in the site's log",
+    )
+    wait_until(lambda: cloud.pids(site) == [], timeout=10, what="the app to be gone")
+    assert cloud.app(site)["memory_kills"] >= 1
+    assert not {n for n in set(os.listdir(where)) - host_before if n.startswith("fill-")}
+    bystander_answers(cloud)
+    # It wakes again, with an empty private tmpfs.
+    assert cloud.get(site, "/again")[2] == b"attacker /again"
+
+
+def test_a_double_forked_setsid_child_ends_with_its_site(cloud: AppCloud) -> None:
+    attacker(cloud, "escaper")
+    uid = int(cloud.get("escaper", "/whoami")[2])
+    assert cloud.get("escaper", "/escape")[2] == b"escaped"
+    assert len(uid_processes(uid)) == 2  # the app and the escaped grandchild
+    # A restart (new settings): the old sandbox goes whole; only the new app runs.
+    cloud.set("escaper", env={"ROUND": "2"})
+    wait_until(lambda: cloud.get("escaper", "/r2")[2] == b"attacker /r2", what="the restarted app")
+    wait_until(lambda: len(uid_processes(uid)) == 1, timeout=10, what="only the new app to be left")
+    assert cloud.get("escaper", "/escape")[2] == b"escaped"
+    # The site leaves the worker: nothing of its uid is left.
+    remove_site(cloud, "escaper")
+    wait_until(lambda: uid_processes(uid) == [], timeout=10, what="every process of the site to end")
+    bystander_answers(cloud)
+
+
+def test_the_disk_quota_holds_and_is_logged(cloud: AppCloud) -> None:
+    attacker(cloud, "filler", limits={"disk_mb": 32})
+    body = cloud.get("filler", "/fill?HOME:64")[2]
+    assert body.startswith(b"stopped at") and b"OSError" in body, body
+    assert int(body.split()[2]) < 32
+    # TMPDIR is on the same quota.
+    assert cloud.get("filler", "/fill?TMPDIR:8")[2].startswith(b"stopped at")
+    wait_until(
+        lambda: "its disk is full: the 32 MB quota of HOME and TMPDIR is used up" in cloud.log("filler"),
+        timeout=10,
+        what="the disk line in the site's log",
+    )
+    figures = cloud.app("filler")
+    assert figures["disk_quota_hits"] >= 1 and figures["disk_limit_bytes"] == 32 * 1024 * 1024
+    assert figures["disk_used_bytes"] > 16 * 1024 * 1024
+    bystander_answers(cloud)
+    # A bigger plan: the volume grows at the next start from idle, files kept.
+    cloud.set("filler", limits={"disk_mb": 64}, idle_timeout=1)
+    uid = int(cloud.get("filler", "/whoami")[2])
+    volume = Path(cloud.worker.health()["apps_dir"]) / "apps" / str(uid - UID_BASE) / "volume"
+    assert os.path.ismount(volume)
+    wait_until(
+        lambda: not os.path.ismount(volume), timeout=10, what="the app to idle out, its volume released"
+    )
+    assert cloud.get("filler", "/up")[2] == b"attacker /up"
+    assert cloud.app("filler")["disk_limit_bytes"] > 60 * 1024 * 1024
+    assert cloud.get("filler", "/fill?TMPDIR:16")[2] == b"wrote 16"
+    assert cloud.app("filler")["disk_used_bytes"] > 40 * 1024 * 1024, (
+        cloud.app("filler"),
+        cloud.log("filler"),
+    )
+
+
+def test_a_fork_bomb_hits_the_process_limit_and_is_logged(cloud: AppCloud) -> None:
+    attacker(cloud, "bomber", limits={"nproc": 32})
+    uid = int(cloud.get("bomber", "/whoami")[2])
+    t0 = time.monotonic()
+    body = cloud.get("bomber", "/forkbomb")[2]
+    assert body.startswith(b"forked") and not body.endswith(b"none"), body
+    assert int(body.split()[1]) < 32
+    wait_until(
+        lambda: "reached its limit of 32 processes" in cloud.log("bomber"),
+        timeout=10,
+        what="the process limit line in the site's log",
+    )
+    assert cloud.app("bomber")["pids_limit_hits"] >= 1
+    bystander_answers(cloud)
+    assert time.monotonic() - t0 < 20
+    remove_site(cloud, "bomber")
+    wait_until(lambda: uid_processes(uid) == [], timeout=10, what="the bomb to be gone with its site")
+
+
+@pytest.mark.skipif(
+    shutil.which("slirp4netns") is None or shutil.which("nft") is None,
+    reason="egress needs slirp4netns and nftables (apt-get install slirp4netns nftables)",
+)
+def test_with_egress_the_host_and_private_networks_stay_out_of_reach() -> None:
+    with running_cloud(app_start_timeout=10.0, app_egress="slirp4netns") as c:
+        assert "outbound internet through slirp4netns" in c.worker.log()
+        c.add_site("bystander")
+        c.publish_and_wait("bystander", {"app.py": BYSTANDER_APP}, "/", b"bystander")
+        attacker(c, "egress")
+        wait_until(
+            lambda: "tap0" in c.get("egress", "/cat?/proc/net/dev")[2].decode(), what="the sandbox's egress"
+        )
+        host = HostListener()
+        try:
+            own = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+            # slirp's gateway is the host's loopback unless disabled; private ranges are other hosts.
+            for addr in {"127.0.0.1", "10.0.2.2", "192.168.0.1", "169.254.169.254", *own}:
+                for port in (host.port, c.config.data_port, c.config.control_port):
+                    body = c.get("egress", f"/connect?{addr}:{port}")[2]
+                    assert body.startswith(b"refused"), (addr, port, body)
+            assert host.hits == 0
+        finally:
+            host.close()
+        bystander_answers(c)
+
+
+def test_a_sandbox_that_cannot_be_built_fails_with_bwraps_reason_and_leaves_nothing(tmp_path: Path) -> None:
+    """Straight on AppInstance. A bwrap that dies before its sandbox exists fails the start (and is
+    reaped); one that cannot mount the content exits, its reason in the site's log."""
+    dirs = SiteDirs.under(tmp_path, 1)
+    for d in (dirs.base, dirs.home, dirs.tmp, dirs.log):
+        d.mkdir(parents=True)
+    missing = str(tmp_path / "sites" / "gone")
+    real = Sandbox.detect(get_logger("worker"), python=sys.executable, appserver=APPSERVER_PATH, egress="off")
+    assert real is not None
+    plan = plan_launch(
+        site="gone", runtime="python", entry="app", root=missing, dirs=dirs, settings=(),
+        limits=AppLimits(), python=sys.executable, packages=None,
+    )  # fmt: skip
+    log = SiteLog(dirs.log / "app.log", 1 << 20)
+    exits: list[int] = []
+
+    def instance(sandbox: Sandbox) -> AppInstance:
+        return AppInstance(
+            plan=plan,
+            identity=SiteIdentity(1, UID_BASE + 999_000, UID_BASE + 999_000),
+            limits=AppLimits(),
+            log=log,
+            socket_path=tmp_path / "app.sock",
+            cgroup=None,
+            on_exit=lambda _inst, code: exits.append(code),
+            sandbox=sandbox,
+            mounts=SandboxMounts(
+                site_dir=missing, cwd=missing, home=(str(dirs.home),) * 2, tmp=(str(dirs.tmp),) * 2
+            ),
+        )
+
+    async def run() -> str:
+        broken = instance(Sandbox("/bin/false", real.setpriv, (), None))
+        with pytest.raises(OSError) as err:
+            await broken.start()
+        assert broken.proc is not None and broken.proc.returncode is not None
+        assert not (tmp_path / "app.sock").exists()
+        app = instance(real)
+        await app.start()
+        await asyncio.wait_for(app.wait_closed(), 10)
+        return str(err.value)
+
+    message = asyncio.run(run())
+    assert message == "its sandbox could not be built: bwrap said nothing"
+    assert exits == [1]
+    log.close()
+    assert "Can't find source path" in (dirs.log / "app.log").read_text()
+
+
+def test_sandbox_arguments_keep_paths_and_open_their_parents() -> None:
+    sandbox = Sandbox("/usr/bin/bwrap", "/usr/bin/setpriv", ("/opt/py",), None)
+    mounts = SandboxMounts(
+        site_dir="/tmp/w/sites/a",
+        cwd="/tmp/w/sites/a/v3",
+        home=("/tmp/w/apps/7/volume/home", "/tmp/w/apps/7/home"),
+        tmp=("/tmp/w/apps/7/volume/tmp", "/tmp/w/apps/7/tmp"),
+        read_only=("/tmp/w/apps/7/packages-x",),
+        tmpfs_bytes=1 << 20,
+    )
+    argv = sandbox.argv(mounts, uid=1100007, gid=1100007, block_fd=5, info_fd=6)
+    line = " ".join(argv)
+    for flag in ("--unshare-net", "--unshare-pid", "--die-with-parent", "--proc /proc", "--dev /dev"):
+        assert flag in line
+    # /tmp is the sandbox's own tmpfs, made before anything is bound below it.
+    assert line.index("--tmpfs /tmp") < line.index("--ro-bind /tmp/w/sites/a /tmp/w/sites/a")
+    assert "--size 1048576 --tmpfs /dev/shm" in line
+    # Paths inside are the host's; parents bwrap would make 0700 are made 0755 first, once.
+    assert "--bind /tmp/w/apps/7/volume/home /tmp/w/apps/7/home" in line
+    assert "--ro-bind /tmp/w/apps/7/packages-x /tmp/w/apps/7/packages-x" in line
+    assert line.count("--perms 0755 --dir /tmp/w ") == 1 and "--perms 0755 --dir /tmp/w/apps/7 " in line
+    assert "--perms 0755 --dir /opt " in line and "--chdir /tmp/w/sites/a/v3 --block-fd 5 --info-fd 6" in line
+    # Then the uid switch, with nothing to regain.
+    assert argv[argv.index("--") + 1 :] == [
+        "/usr/bin/setpriv", "--reuid=1100007", "--regid=1100007", "--clear-groups", "--no-new-privs",
+        "--inh-caps=-all", "--bounding-set=-all", "--",
+    ]  # fmt: skip
+
+
+def test_egress_rules_refuse_the_host_and_private_ranges() -> None:
+    rules = egress_rules(["127.0.0.1", "10.1.2.3", "203.0.113.9"])
+    blocked = next(line for line in rules.splitlines() if line.strip().endswith("reject") and "daddr" in line)
+    for net in ("10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16"):
+        assert net in blocked
+    # The host's public address is listed; those inside a blocked range need not be.
+    assert "203.0.113.9" in blocked and "10.1.2.3" not in blocked and "127.0.0.1," not in blocked
+    assert "meta nfproto ipv6 reject" in rules
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables (apt-get install nftables)")
+def test_egress_rules_load_into_a_network_namespace() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        ["unshare", "--net", "nft", "-f", "-"],
+        input=egress_rules(["203.0.113.9"]).encode(),
+        capture_output=True,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_worker_with_the_sandbox_off_says_so_and_still_runs_apps_as_their_uid() -> None:
+    with running_cloud(app_start_timeout=10.0, app_sandbox=False) as c:
+        assert "app sandbox: off in the worker's settings" in c.worker.log()
+        attacker(c, "plain")
+        assert int(c.get("plain", "/whoami")[2]) >= UID_BASE
+        assert c.app("plain")["sandboxed"] is False and c.worker.health()["app_sandbox"] == "off"
+
+
+def test_a_quota_volume_outlives_an_idle_stop_for_its_grace_and_not_the_worker() -> None:
+    with running_cloud(app_start_timeout=10.0, app_volume_grace=60.0) as c:
+        attacker(c, "napper", idle_timeout=1)
+        uid = int(c.get("napper", "/whoami")[2])
+        volume = Path(c.worker.health()["apps_dir"]) / "apps" / str(uid - UID_BASE) / "volume"
+        wait_until(
+            lambda: c.app("napper")["state"] == "idle" and not uid_processes(uid), what="the idle stop"
+        )
+        assert os.path.ismount(volume), "kept for a quick wake"
+        assert c.get("napper", "/again")[2] == b"attacker /again"
+        assert c.app("napper")["starts"] == 2
+    assert not os.path.ismount(volume), "a stopped worker leaves no mount behind"
