@@ -401,10 +401,29 @@ def test_restarted_worker_serves_last_content_with_the_fileserver_down(pki: Clou
         health = pair.worker.health()
         assert health["sites"] == 1 and health["config_version"] == 1
         assert health["fileserver_reachable"] is False
-        # The fileserver comes back: the worker picks up new versions again.
+        # A site it holds nothing of, while it cannot ask the fileserver what the site has: never
+        # the "nothing published yet" page (the site may well have content), a 503 to retry soon.
+        pair.sites["cart"] = "c0ffee0c0ffee0c0"
+        pair.worker.push_config(
+            {
+                "version": next(pair.version),
+                "fileserver": pair.fs_url,
+                "sites": {s: {"uid": u} for s, u in pair.sites.items()},
+            }
+        )
+        status, headers, body = pair.get("cart", "/")
+        assert status == 503 and headers["retry-after"] == "2" and b"on its way" in body
+        assert pair.get("shop", "/")[::2] == (200, b"on sale")
+        # The fileserver comes back: the worker picks up new versions again, and an empty site is
+        # known to be empty.
         pair.fileserver.start()
+        pair.push()
         pair.publish("shop", {"index.html": b"new stock"})
         wait_for_body(pair, "shop", "/", b"new stock")
+        status, _, body = pair.get("cart", "/")
+        assert status == 200 and b"Nothing has been published yet" in body
+        pair.publish("cart", {"index.html": b"basket"})
+        wait_for_body(pair, "cart", "/", b"basket")
     finally:
         pair.worker.stop()
         pair.fileserver.stop()

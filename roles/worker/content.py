@@ -55,7 +55,9 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
 class ContentSync:
     """Owns which sites this worker holds and the version of each it serves."""
 
-    def __init__(self, config: WorkerConfig, cache: ContentCache, *, on_flip: Callable[[str], None]) -> None:
+    def __init__(
+        self, config: WorkerConfig, cache: ContentCache, *, on_flip: Callable[[str | None], None]
+    ) -> None:
         self._config = config
         self._cache = cache
         self._on_flip = on_flip
@@ -84,6 +86,9 @@ class ContentSync:
         self._collect_task: asyncio.Task[None] | None = None
         self._blob_bytes = 0
         self._reachable = False
+        # Whether the file server has told us every site's newest version since we started: until
+        # it has, a site with nothing on disk may well have content, and must not look empty.
+        self._versions_known = False
         self._stopping = False
 
     # -- what the server asks
@@ -99,6 +104,13 @@ class ContentSync:
         """Why a site this worker was given cannot be served (None: it can)."""
         return self._failed.get(site)
 
+    def pending(self, site: str) -> bool:
+        """A held site with nothing to serve yet that has (or may have) content: its visitors get a
+        503 with a short Retry-After, never the "nothing published yet" page."""
+        if site not in self._held or site in self._current:
+            return False
+        return not self._versions_known or self._target.get(site, 0) > 0
+
     @property
     def failed(self) -> dict[str, str]:
         return dict(self._failed)
@@ -111,6 +123,7 @@ class ContentSync:
             site: ([current[site].number, current[site].root] if site in current else None)
             for site in self._held
         }
+        state.update((site, {"pending": True}) for site in self._held if self.pending(site))
         state.update((site, {"failed": why}) for site, why in self._failed.items())
         return state
 
@@ -236,6 +249,9 @@ class ContentSync:
                     body = await self._client.get_json(f"{fileserver}/v1/versions")
                     seq = int(body["seq"])
                     self._target = {str(k): int(v) for k, v in body["sites"].items()}
+                    if not self._versions_known:
+                        self._versions_known = True
+                        self._on_flip(None)  # serving processes learn which sites are truly empty
                     failures = self._back_up(fileserver, failures)
                     for site in self._held:
                         if self._needs_work(site):

@@ -57,10 +57,13 @@ class DataServer:
         *,
         divert: Divert | None = None,
         failure: Callable[[str], str | None] = lambda _: None,
+        pending: Callable[[str], bool] = lambda _: False,
     ) -> None:
         self._config = config
         # Why a held site without a version cannot be served (None: nothing published yet).
         self._failure = failure
+        # A held site without a version whose content is on its way (or not yet known).
+        self._pending = pending
         # Issue 5 hook: requests for dynamic sites go to their apps (roles/worker/apps).
         self._divert = divert
         self._lookup = lookup
@@ -201,6 +204,13 @@ class DataServer:
                 conn, 503, "Site unavailable",
                 "This site cannot be served right now; its owner can see why in the site's status.",
                 head, keep_alive, [("Retry-After", "60")],
+            )  # fmt: skip
+            return keep_alive
+        if version is None and self._pending(site):
+            _page(
+                conn, 503, "Site updating",
+                "This site's content is on its way to this server; try again in a moment.",
+                head, keep_alive, [("Retry-After", "2")],
             )  # fmt: skip
             return keep_alive
         if version is None:

@@ -79,7 +79,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     apps = AppManager(config, sync.lookup, root)
     divert = AppProxy(config, apps) if children is None else None
     server = (
-        DataServer(config, sync.lookup, hot, divert=divert, failure=sync.failure)
+        DataServer(config, sync.lookup, hot, divert=divert, failure=sync.failure, pending=sync.pending)
         if children is None
         else None
     )
@@ -151,6 +151,7 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
     hot = HotCache(config.hot_cache_bytes)
     table: dict[str, SiteVersion | None] = {}
     failed: dict[str, str] = {}
+    pending: set[str] = set()
 
     def lookup(site: str) -> tuple[bool, SiteVersion | None]:
         if site not in table:
@@ -162,8 +163,12 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
             raw = await asyncio.to_thread(read_json, _handover_file(config))
             fresh: dict[str, SiteVersion | None] = {}
             fresh_failed: dict[str, str] = {}
+            fresh_pending: set[str] = set()
             for site, v in raw.items():
-                if isinstance(v, dict):
+                if isinstance(v, dict) and v.get("pending"):
+                    fresh[site] = None
+                    fresh_pending.add(site)
+                elif isinstance(v, dict):
                     fresh[site], fresh_failed[site] = None, str(v.get("failed", ""))
                 else:
                     fresh[site] = SiteVersion(int(v[0]), str(v[1])) if v else None
@@ -174,10 +179,12 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
             table.update(fresh)
             failed.clear()
             failed.update(fresh_failed)
+            pending.clear()
+            pending.update(fresh_pending)
 
     stop_reloading = reload_on_sighup(reload)
     await reload()
-    server = DataServer(config, lookup, hot, failure=failed.get)
+    server = DataServer(config, lookup, hot, failure=failed.get, pending=pending.__contains__)
     await server.start()
     gc.collect()
     gc.freeze()
