@@ -157,6 +157,16 @@ class LocalCloud:
         out = proc.stdout.decode().strip()
         return json.loads(out) if out else None
 
+    def cli_text(self, *args: str, timeout: float = 60) -> str:
+        """Run `sitecloud --home HOME ...` as a person would (no --json) and return what it printed."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "roles.management.cli", "--home", str(self.home), *args],
+            capture_output=True,
+            timeout=timeout,
+            check=True,
+        )
+        return proc.stdout.decode()
+
     def get(self, site: str, path: str = "/", **kw: Any) -> tuple[int, dict[str, str], bytes]:
         return https_get(self.ports["https_port"], f"{site}.{self.domain}", path, ca_file=self.ca_file, **kw)
 

@@ -141,3 +141,32 @@ def test_an_asgi_site_answers_through_the_front_end(cloud: LocalCloud, site: dic
     asgi = _new_site(cloud, "asgisite")
     _publish(asgi, {"asgi.py": ASGI_APP})
     cloud.wait_for_content("asgisite", "/ping", b"asgi GET /ping", timeout=30)
+
+
+GREEDY_APP = b"""
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/eat":
+        hoard = [b"x" * (1 << 20) for _ in range(600)]  # far past the site's memory limit
+        del hoard
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"still here"]
+"""
+
+
+def test_site_show_tells_the_owner_the_app_ran_out_of_memory(cloud: LocalCloud, site: dict[str, Any]) -> None:
+    greedy = _new_site(cloud, "greedy")
+    _publish(greedy, {"app.py": GREEDY_APP})
+    cloud.wait_for_content("greedy", "/", b"still here", timeout=30)
+    status, _, _ = cloud.get("greedy", "/eat")
+    assert status >= 500
+    shown = wait_until(
+        lambda: (got := cloud.cli("site", "show", "greedy")) and got["apps"][0].get("memory_kills") and got,
+        timeout=15,
+        what="the memory kill in site show",
+    )
+    app = shown["apps"][0]
+    assert app["runtime"] == "python" and app["memory_limit_bytes"] > 0
+    text = cloud.cli_text("site", "show", "greedy")
+    assert "stopped for memory 1x" in text
+    # It starts again on the next request.
+    cloud.wait_for_content("greedy", "/", b"still here", timeout=30)

@@ -233,6 +233,11 @@ _SCHEMAS: Json = {
                 "description": "why a worker cannot serve the site (empty: none)",
                 "items": _obj({"worker": _STR, "reason": _STR}, ["worker", "reason"]),
             },
+            "apps": {
+                "type": "array",
+                "description": "the site's app on each of its workers: state and the limits it met (site show)",
+                "items": {"type": "object", "required": ["worker", "state"]},
+            },
         },
         ["name", "url", "subscription", "tenant", "state", "hostnames", "ftp", "deploy"],
     ),

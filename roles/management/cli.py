@@ -221,6 +221,30 @@ def _show_site(site: Any, a: argparse.Namespace) -> None:
     print_fields(_site_fields(site))
     for problem in site.get("problems", []):
         out(f"cannot be served by worker {problem['worker']}: {problem['reason']}")
+    for app in site.get("apps", []):
+        if app.get("runtime", "static") != "static" or app.get("state") == "unknown":
+            out(f"app on {app['worker']}: {_app_line(app)}")
+
+
+def _app_line(app: dict[str, Any]) -> str:
+    """One line per worker: the app's state and each limit it has run into."""
+    if app.get("state") == "unknown":
+        return f"unknown ({app.get('reason', 'no answer')})"
+    mb = 1024 * 1024
+    parts = [f"{app['runtime']}, {app['state']}"]
+    if app.get("memory_limit_bytes"):
+        parts.append(f"memory {app.get('memory_bytes', 0) // mb} of {app['memory_limit_bytes'] // mb} MB")
+    if app.get("disk_limit_bytes"):
+        parts.append(f"disk {app.get('disk_used_bytes', 0) // mb} of {app['disk_limit_bytes'] // mb} MB")
+    for key, what in (
+        ("memory_kills", "stopped for memory"),
+        ("pids_limit_hits", f"hit the limit of {app.get('pids_limit')} processes"),
+        ("disk_quota_hits", "filled its disk"),
+        ("crashes", "crashed"),
+    ):
+        if app.get(key):
+            parts.append(f"{what} {app[key]}x")
+    return "; ".join(parts)
 
 
 def _show_password(site: Any, a: argparse.Namespace) -> None:

@@ -20,7 +20,7 @@ from roles.management._store import Principal, Store
 from roles.management._usage import StorageReader
 from roles.management.config import ManagementConfig
 from shared.db import Database
-from shared.errors import Unauthorized, Unavailable
+from shared.errors import SitecloudError, Unauthorized, Unavailable
 from shared.internal import InternalClient
 from shared.logs import get_logger
 
@@ -31,6 +31,13 @@ T = TypeVar("T")
 
 # A web deploy may carry a large zip over a slow link; the publisher answers once it is committed.
 _DEPLOY_TIMEOUT = 3600.0
+# `site show` asks each of the site's workers how its app is doing, this long at most.
+_APP_STATE_WAIT = 3.0
+_APP_FIELDS = (
+    "runtime", "state", "memory_bytes", "memory_limit_bytes", "memory_kills", "pids_limit",
+    "pids_limit_hits", "disk_used_bytes", "disk_limit_bytes", "disk_quota_hits", "disk_full",
+    "cpu_seconds", "starts", "crashes", "sandboxed",
+)  # fmt: skip
 
 
 class ManagementService:
@@ -206,7 +213,27 @@ class ManagementService:
         return await self._read(self._store.list_sites, who)
 
     async def show_site(self, who: Principal, name: str) -> Json:
-        return await self._read(self._store.show_site, who, name)
+        site = await self._read(self._store.show_site, who, name)
+        workers = await self._read(self._store.site_worker_urls, who, name)
+        site["apps"] = await self._app_states(name, workers)
+        return site
+
+    async def _app_states(self, name: str, workers: list[tuple[str, str]]) -> list[Json]:
+        """How the site's app is doing on each of its workers: state and the limits it ran into. A
+        worker that does not answer in time is listed as unknown, never holding up the answer."""
+
+        async def one(host: str, url: str) -> Json:
+            try:
+                state = await asyncio.wait_for(
+                    self._client.get_json(f"{url}/v1/sites/{name}/app"), _APP_STATE_WAIT
+                )
+            except (SitecloudError, OSError, TimeoutError) as exc:
+                return {"worker": host, "state": "unknown", "reason": str(exc) or type(exc).__name__}
+            if not isinstance(state, dict):
+                return {"worker": host, "state": "unknown", "reason": "unexpected answer"}
+            return {"worker": host, **{k: state[k] for k in _APP_FIELDS if k in state}}
+
+        return list(await asyncio.gather(*(one(host, url) for host, url in workers)))
 
     async def site_storage(self, who: Principal, name: str) -> int | None:
         await self._read(self._store.check_site, who, name)
