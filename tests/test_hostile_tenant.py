@@ -590,8 +590,8 @@ def test_the_app_reaches_no_role_port_and_no_loopback_listener(cloud: LocalCloud
     assert status == 200, (status, answer)
     reached = sorted(int(p) for p, how in answer["result"].items() if how == "open")
     assert not reached, (
-        f"the app connected to loopback ports {reached} (role ports among them: "
-        f"{sorted(set(reached) & roles)}); its /proc/net/tcp listed {answer['found'][:40]}"
+        f"the app connected to {len(reached)} loopback ports, {len(set(reached) & roles)} of them this cloud's "
+        f"role ports ({sorted(set(reached) & roles)}); its /proc/net/tcp listed {len(answer['found'])} listeners"
     )
     assert_victim_ok(cloud, world)
 
@@ -664,6 +664,7 @@ def test_a_fork_bomb_hits_the_pids_limit_and_the_victim_keeps_answering(
                 assert_victim_ok(cloud, world)
                 slowest = max(slowest, time.monotonic() - started)
             status, answer = bomb.result()
+        print(f"fork bomb: {answer}; the victim's slowest answer (3 requests, FTP login) {slowest:.2f}s")
         assert slowest < 2.0, f"the victim took {slowest:.2f}s to answer during the fork bomb"
         if status == 200:
             assert answer["error"] == "EAGAIN" and answer["forked"] < 1500, (
@@ -693,11 +694,13 @@ def test_settings_the_worker_cannot_use_are_refused_and_never_hold_back_another_
     bad_sets["superscript idle_timeout"] = ["idle_timeout=\u00b2"]
     keys = [kv.split("=", 1)[0] for values in bad_sets.values() for kv in values] + ["HOSTILE_SURROGATE"]
     states: list[str] = []
+    problems: list[str] = []
     try:
         for what, values in bad_sets.items():
             got = cloud.cli("site", "set", "attacker-py", *values, token=world.attacker_token, check=False)
-            assert isinstance(got, dict) and "error" in got, f"{what} was accepted: {str(got)[:300]}"
-            assert got["error"].get("code") == "invalid_input", got
+            if not (isinstance(got, dict) and got.get("error", {}).get("code") == "invalid_input"):
+                accepted = isinstance(got, dict) and "settings" in got
+                problems.append(f"{what}: {'accepted' if accepted else str(got)[:160]}")
         status, body = _api(
             cloud,
             "PATCH",
@@ -705,7 +708,8 @@ def test_settings_the_worker_cannot_use_are_refused_and_never_hold_back_another_
             body=b'{"HOSTILE_SURROGATE": "\\ud800"}',
             token=world.attacker_token,
         )
-        assert status == 400, f"a lone surrogate got {status}: {body[:300]!r}"
+        if status != 400:
+            problems.append(f"a lone surrogate: {status} {body[:60]!r}")
         world.greeting = f"after-{world.tag}"
         cloud.cli("site", "set", "victim-py", f"GREETING={world.greeting}", token=world.victim_token)
         deadline = time.monotonic() + 20
@@ -716,14 +720,16 @@ def test_settings_the_worker_cannot_use_are_refused_and_never_hold_back_another_
                 break
             time.sleep(0.5)
         else:
-            raise AssertionError(f"the victim's setting never reached its app; worker states: {states[-3:]}")
+            problems.append(f"the victim's `site set` never reached its app in 20s (worker: {states[-1:]})")
         states += _worker_states(cloud)
-        assert not [s for s in states if s.startswith("Degraded")], f"the worker went Degraded: {states}"
+        if any(s.startswith("Degraded") for s in states):
+            problems.append(f"the worker went Degraded: {sorted(set(states))}")
     finally:
-        # Undo what main accepted, so the rest of the module meets a working cloud.
+        # Undo what was accepted, so the rest of the module meets a working cloud.
         undo = json.dumps(dict.fromkeys(keys)).encode()
         _api(cloud, "PATCH", "/api/v1/sites/attacker-py/settings", body=undo, token=world.attacker_token)
-    assert_victim_ok(cloud, world)
+    assert not problems, "settings the worker cannot use:\n" + "\n".join(problems)
+    assert_victim_ok(cloud, world, within=20)
 
 
 # --- 9. source files
@@ -776,17 +782,18 @@ def test_source_and_dot_files_are_never_served_raw(cloud: LocalCloud, world: Wor
         "set ftp:ssl-allow no; set net:max-retries 2; set net:timeout 10; "
         f"mirror -R --no-perms {local} /; bye"
     )
-    urls = [v for rel in SOURCE_FILES if SOURCE_FILES[rel] for v in _variants(rel)]
-    leaks: list[str] = []
+    urls = [(rel, v) for rel in SOURCE_FILES if SOURCE_FILES[rel] for v in _variants(rel)]
+    # Per file: each spelling that got its content, and how it was answered.
+    leaks: dict[str, dict[str, str]] = {}
 
     def probe() -> None:
-        for url in urls:
+        for rel, url in urls:
             try:
                 status, headers, body = _get(cloud, "victim-src", url)
             except (OSError, http.client.HTTPException):
                 continue
             if f"SECRET-{marker}".encode() in body:
-                leaks.append(f"{url} -> {status} {headers.get('content-type')} {body[:60]!r}")
+                leaks.setdefault(rel, {})[url] = f"{status} {headers.get('content-type')}"
 
     # Dot files go first in a mirror; probe while it uploads, then after the site is live.
     mirror = subprocess.Popen(
@@ -806,7 +813,9 @@ def test_source_and_dot_files_are_never_served_raw(cloud: LocalCloud, world: Wor
     cloud.wait_for_content("victim-src", "/index.html", page, timeout=20)
     for _ in range(2):
         probe()
-    assert not leaks, "source served raw:\n" + "\n".join(dict.fromkeys(leaks))
+    assert not leaks, "served raw (file: how many spellings got it, e.g.):\n" + "\n".join(
+        f"{rel}: {len(got)}, e.g. {dict(list(got.items())[:3])}" for rel, got in leaks.items()
+    )
     assert_victim_ok(cloud, world)
 
 
@@ -831,6 +840,7 @@ def _attempt_ftp(site: Site, password: str) -> str:
 def test_idle_ftp_connections_and_password_guessing_are_throttled_and_never_lock_out_the_victim(
     cloud: LocalCloud, world: World
 ) -> None:
+    problems: list[str] = []
     idle: list[socket.socket] = []
     try:
         for _ in range(60):
@@ -844,8 +854,12 @@ def test_idle_ftp_connections_and_password_guessing_are_throttled_and_never_lock
                 continue
             idle.append(sock)
         started = time.monotonic()
-        assert_victim_ok(cloud, world)
-        assert time.monotonic() - started < 5
+        try:
+            assert_victim_ok(cloud, world)
+        except (AssertionError, OSError, ftplib.Error) as err:
+            problems.append(f"with {len(idle)} idle FTP connections from {ATTACKER_ADDRESS}: {err}")
+        if time.monotonic() - started > 5:
+            problems.append(f"the victim took {time.monotonic() - started:.1f}s with idle connections around")
     finally:
         for sock in idle:
             sock.close()
@@ -854,9 +868,12 @@ def test_idle_ftp_connections_and_password_guessing_are_throttled_and_never_lock
     with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
         for _ in range(2):
             codes += pool.map(lambda _: _attempt_ftp(world.victim_static, "wrong-password"), range(10))
-    assert "230" not in codes
-    assert "421" in codes, f"20 wrong FTP passwords from one address were never throttled: {codes}"
-    assert_victim_ok(cloud, world)
+    if "230" in codes or "421" not in codes:
+        problems.append(f"20 wrong FTP passwords from one address, never a 421: {' '.join(codes)}")
+    try:
+        assert_victim_ok(cloud, world)
+    except (AssertionError, OSError, ftplib.Error) as err:
+        problems.append(f"the victim after the FTP password guessing: {err}")
 
     archive = _zip({"index.html": world.static_body})
     statuses = []
@@ -868,12 +885,13 @@ def test_idle_ftp_connections_and_password_guessing_are_throttled_and_never_lock
             cloud, world.victim_static, world.victim_static.user, "wrong", archive, source=ATTACKER_ADDRESS
         )
         statuses.append(status)
-    assert 200 not in statuses
-    assert 429 in statuses, f"20 wrong web deploy passwords were never throttled: {statuses}"
-    status, body = _deploy(
-        cloud, world.victim_static, world.victim_static.user, world.victim_static.password, archive
-    )
-    assert status == 200, f"the victim's own deploy got {status}: {body[:300]!r}"
+    if 200 in statuses or 429 not in statuses:
+        problems.append(f"20 wrong web deploy passwords, never a 429: {statuses}")
+    site = world.victim_static
+    status, body = _deploy(cloud, site, site.user, site.password, archive)
+    if status != 200:
+        problems.append(f"the victim's own deploy got {status}: {body[:200]!r}")
+    assert not problems, "publishing abuse:\n" + "\n".join(problems)
     assert_victim_ok(cloud, world, within=10)
 
 
@@ -904,8 +922,17 @@ def test_bad_input_gets_a_4xx_never_a_500_and_the_site_still_syncs(cloud: LocalC
     answers["5,000-deep JSON object"] = _api(
         cloud, "POST", "/api/v1/sites", body=deep_object, token=world.attacker_token
     )[0]
-    bad = {what: status for what, status in answers.items() if not 400 <= status < 500}
-    assert not bad, f"bad input not answered with a 4xx: {bad}"
+    context = ssl.create_default_context(cafile=str(cloud.ca_file))
+    conn = http.client.HTTPSConnection("127.0.0.1", cloud.ports["deploy_port"], context=context, timeout=15)
+    try:
+        conn.putrequest("POST", f"/api/deploy/{world.attacker_py.name}")
+        conn.putheader("Authorization", b"Basic \xff\xfe")
+        conn.putheader("Content-Length", "0")
+        conn.endheaders()
+        answers["web deploy Basic \\xff\\xfe"] = conn.getresponse().status
+    finally:
+        conn.close()
+    problems = [f"{what}: {status}" for what, status in answers.items() if not 400 <= status < 500]
 
     long_name = "n" * 300
     site = world.attacker_py
@@ -916,18 +943,25 @@ def test_bad_input_gets_a_4xx_never_a_500_and_the_site_still_syncs(cloud: LocalC
         except ftplib.error_perm as err:
             reply = str(err)
         if not reply.startswith("553"):
-            with contextlib.suppress(ftplib.Error):
-                ftp.delete(long_name)  # so the rest of the run meets a site that syncs
-        assert reply.startswith("553"), f"a 300-byte file name got {reply!r}"
+            problems.append(f"a 300-byte file name: {reply!r}")
+        after = f"synced after bad input {world.tag}".encode()
+        ftp.storbinary(f"STOR after-{world.tag}.txt", io.BytesIO(after))
+        try:
+            cloud.wait_for_content("attacker-py", f"/after-{world.tag}.txt", after, timeout=20)
+        except AssertionError as err:
+            problems.append(f"the site no longer syncs: {str(err)[:200]}")
     finally:
+        if not reply.startswith("553"):
+            with contextlib.suppress(ftplib.Error):
+                ftp.delete(long_name)  # so that the site syncs again
         ftp.quit()
-    after = f"synced after bad input {world.tag}".encode()
-    _publish(site, {f"after-{world.tag}.txt": after})
-    cloud.wait_for_content("attacker-py", f"/after-{world.tag}.txt", after, timeout=20)
 
     for path in _log_sizes(cloud):
         with path.open("rb") as f:
             f.seek(before.get(path, 0))
             grown = f.read().decode(errors="replace")
-        assert "Traceback" not in grown, f"{path.name} logged a traceback:\n{grown[-2000:]}"
+        if "Traceback" in grown:
+            at = grown.index("Traceback")
+            problems.append(f"{path.name} logged a traceback: {grown[at : at + 600]}")
+    assert not problems, "bad input:\n" + "\n".join(problems)
     assert_victim_ok(cloud, world)
