@@ -30,7 +30,7 @@ import time
 import urllib.parse
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ MB = 1024 * 1024
 # The attacker's plan: a small worker (256 MB of memory per app) and 20 MB of storage.
 ATTACK_STORAGE_MB = 20
 ATTACK_MEMORY_MB = 256
+# The error codes of shared/errors.py that are a 400.
+BAD_REQUEST_CODES = ("invalid_input", "bad_request")
 # The attacker's own address for the abuse tests; the victim connects from 127.0.0.1.
 ATTACKER_ADDRESS = "127.0.0.2"
 
@@ -75,7 +77,7 @@ class Site:
     @classmethod
     def of(cls, created: dict[str, Any]) -> Site:
         ftp = created["ftp"]
-        return cls(created["name"], ftp["host"], int(ftp["port"]), ftp["user"], created["ftp"]["password"])
+        return cls(created["name"], ftp["host"], int(ftp["port"]), ftp["user"], ftp["password"])
 
 
 @dataclass
@@ -90,7 +92,6 @@ class World:
     attacker_php: Site | None
     static_body: bytes
     greeting: str = "hello"
-    notes: dict[str, Any] = field(default_factory=dict)
 
     def victim_app_body(self, path: str) -> bytes:
         return f"victim app says {self.greeting} at {path}".encode()
@@ -101,8 +102,12 @@ class World:
 
 def _ftp(site: Site, *, source: str = "127.0.0.1", timeout: float = 10) -> ftplib.FTP:
     ftp = ftplib.FTP(timeout=timeout, source_address=(source, 0))
-    ftp.connect(site.ftp_host, site.ftp_port)
-    ftp.login(site.user, site.password)
+    try:
+        ftp.connect(site.ftp_host, site.ftp_port)
+        ftp.login(site.user, site.password)
+    except BaseException:
+        ftp.close()
+        raise
     return ftp
 
 
@@ -115,10 +120,22 @@ def _publish(site: Site, files: dict[str, bytes]) -> None:
         ftp.quit()
 
 
+class _Connection(SiteConnection):
+    """A site connection that closes its socket when the TLS handshake fails (a squatter's port)."""
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        try:
+            self.sock = self._site_context.wrap_socket(sock, server_hostname=self._server_name)
+        except BaseException:
+            sock.close()
+            raise
+
+
 def _get(
     cloud: LocalCloud, site: str, path: str, *, timeout: float = 10
 ) -> tuple[int, dict[str, str], bytes]:
-    conn = SiteConnection(cloud.ports["https_port"], f"{site}.{cloud.domain}", cloud.ca_file)
+    conn = _Connection(cloud.ports["https_port"], f"{site}.{cloud.domain}", cloud.ca_file)
     conn.timeout = timeout
     try:
         conn.request("GET", path, headers={"Host": f"{site}.{cloud.domain}"})
@@ -367,6 +384,12 @@ def _clean_up_attacks(tag: str) -> None:
                 leftover.unlink()
 
 
+@pytest.fixture(autouse=True)
+def attacker_up(cloud: LocalCloud, world: World) -> None:
+    """Each attack starts with the attacker's app answering (an earlier one may have had it killed)."""
+    cloud.wait_for_content("attacker-py", "/", b"attacker here", timeout=30)
+
+
 # --- 1. squat the roles' ports across their restart
 
 
@@ -443,7 +466,7 @@ def test_squatting_the_roles_ports_across_a_restart_catches_nothing(
     ftp_port, deploy_port = cloud.ports["ftp_port"], cloud.ports["deploy_port"]
     ports = [cloud.ports["http_port"], cloud.ports["https_port"], ftp_port, deploy_port]
     status, started = _attack(
-        cloud, "/squat", ports=",".join(map(str, ports)), ftp=ftp_port, mode=mode, secs=25, tag=tag
+        cloud, "/squat", ports=",".join(map(str, ports)), ftp=ftp_port, mode=mode, secs=15, tag=tag
     )
     assert status == 200 and started == {"started": tag}, (status, started)
 
@@ -469,7 +492,7 @@ def test_squatting_the_roles_ports_across_a_restart_catches_nothing(
     finally:
         with contextlib.suppress(AssertionError, OSError, http.client.HTTPException):
             _attack(cloud, "/stop-squat", tag=tag, timeout=5)
-        # The squatter ends within its 25 s at most; wait for that (and for the front end) to read it.
+        # The squatter ends within its 15 s at most; wait for that (and for the front end) to read it.
         got = wait_until(
             lambda: (r := record())["done"] and r, timeout=40, interval=0.5, what="the squatter's record"
         )
@@ -511,8 +534,12 @@ def test_writing_past_the_memory_limit_into_tmpfs_fails_and_leaves_nothing(
             _wait_logged(cloud, "attacker-py", ("memory",), "a memory kill in the site's log")
         assert not Path(directory, name).exists(), f"host {directory} holds the app's file"
         _restart_site(cloud, "attacker-py")
-        status, answer = _attack(cloud, "/stat", path=path)
-        assert status == 200 and not answer["exists"], f"{path} outlived the app: {answer}"
+        status, answer = wait_until(
+            lambda: (got := _attack(cloud, "/stat", path=path))[0] == 200 and got,
+            timeout=20,
+            what="the attacker's app to answer again",
+        )
+        assert not answer["exists"], f"{path} outlived the app: {answer}"
         assert not Path(directory, name).exists(), f"host {directory} holds the app's file"
     finally:
         with contextlib.suppress(OSError):
@@ -534,7 +561,9 @@ def test_a_double_forked_setsid_orphan_does_not_survive_the_site_stop(
     assert uid != 0, "the orphan runs as root"
     try:
         cloud.cli("site", "stop", "attacker-py")
-        time.sleep(6)  # past the worker's grace between SIGTERM and SIGKILL
+        # The worker's grace between SIGTERM and SIGKILL is 5 s.
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not _procs_with(marker), timeout=10, interval=0.2, what="the orphan to end")
         survivors = _procs_with(marker)
         assert not survivors, f"processes {survivors} of the stopped site survive (uid {uid})"
         assert not _procs_of_uid(uid), f"uid {uid} still runs {_procs_of_uid(uid)} after the site stopped"
@@ -549,6 +578,8 @@ def test_a_double_forked_setsid_orphan_does_not_survive_the_site_stop(
 
 # --- 4. disk
 
+DISK_WORDS = ("quota", "disk", "space", "storage", "full")
+
 
 @pytest.mark.parametrize("where", ["$HOME", "$TMPDIR"])
 def test_filling_home_or_tmpdir_past_the_plan_storage_is_refused_and_logged(
@@ -562,10 +593,10 @@ def test_filling_home_or_tmpdir_past_the_plan_storage_is_refused_and_logged(
         assert answer["error"] in {"ENOSPC", "EDQUOT", "ENOMEM"}, (
             f"the app wrote {answer['written'] // MB} MB into {where} with {ATTACK_STORAGE_MB} MB of storage: {answer}"
         )
-        _wait_logged(cloud, "attacker-py", ("quota", "disk", "space"), "a disk-quota line in the site's log")
+        _wait_logged(cloud, "attacker-py", DISK_WORDS, "a disk-quota line in the site's log")
     else:
         assert status in (502, 503, 504), (status, answer)
-        _wait_logged(cloud, "attacker-py", ("memory", "quota", "disk"), "why the app died in its log")
+        _wait_logged(cloud, "attacker-py", ("memory", *DISK_WORDS), "why the app died in its log")
     cloud.wait_for_content("attacker-py", "/", b"attacker here", timeout=20)
     assert_victim_ok(cloud, world)
 
@@ -605,7 +636,13 @@ def _private_paths(cloud: LocalCloud, world: World) -> list[str]:
     paths += [str(home / "sitecloud.db"), str(home / "roles" / "worker" / "state")]
     paths += [str(p) for p in sorted((home / "roles").glob("*/tls/*.key"))]
     # Wherever the victim's page lies on this host (the file server's store, the worker's copy).
-    for path in home.rglob("*"):
+    worker_home = os.path.realpath(home / "roles" / "worker")
+    roots = [home]
+    for apps_root in Path("/var/lib/sitecloud").glob("apps-*"):
+        with contextlib.suppress(OSError):
+            if (apps_root / "role-home").read_text().strip() == worker_home:
+                roots.append(apps_root)
+    for path in (p for root in roots for p in root.rglob("*")):
         with contextlib.suppress(OSError):
             size_fits = path.is_file() and path.stat().st_size == len(world.static_body)
             if size_fits and path.read_bytes() == world.static_body:
@@ -618,11 +655,13 @@ def _private_paths(cloud: LocalCloud, world: World) -> list[str]:
                 environ = dict(
                     v.split(b"=", 1) for v in (entry / "environ").read_bytes().split(b"\0") if b"=" in v
                 )
-                paths += [
-                    f"/proc/{entry.name}/environ",
-                    f"/proc/{entry.name}/root/",
-                    environ[b"HOME"].decode(),
-                ]
+                # Host pids only: a small one may be the attacker's own in a PID namespace.
+                if int(entry.name) > 1000:
+                    paths += [f"/proc/{entry.name}/environ", f"/proc/{entry.name}/root/"]
+                # Its home, when it is a path of the host's own mount namespace (a sandbox may give
+                # every app its own home at one inner path, which would name the attacker's own).
+                if os.readlink(entry / "ns" / "mnt") == os.readlink("/proc/self/ns/mnt"):
+                    paths.append(environ[b"HOME"].decode())
                 break
     return list(dict.fromkeys(paths))
 
@@ -654,6 +693,11 @@ def test_other_sites_files_role_keys_and_the_runtime_db_are_unreadable(
 def test_a_fork_bomb_hits_the_pids_limit_and_the_victim_keeps_answering(
     cloud: LocalCloud, world: World
 ) -> None:
+    baseline = 0.0
+    for _ in range(3):
+        started = time.monotonic()
+        assert_victim_ok(cloud, world)
+        baseline = max(baseline, time.monotonic() - started)
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             bomb = pool.submit(_attack, cloud, "/bomb", n=1500, secs=15, timeout=40)
@@ -664,8 +708,8 @@ def test_a_fork_bomb_hits_the_pids_limit_and_the_victim_keeps_answering(
                 assert_victim_ok(cloud, world)
                 slowest = max(slowest, time.monotonic() - started)
             status, answer = bomb.result()
-        print(f"fork bomb: {answer}; the victim's slowest answer (3 requests, FTP login) {slowest:.2f}s")
-        assert slowest < 2.0, f"the victim took {slowest:.2f}s to answer during the fork bomb"
+        print(f"fork bomb: {answer}; the victim's slowest check {slowest:.2f}s (before: {baseline:.2f}s)")
+        assert slowest < max(2.0, 3 * baseline), f"the victim took {slowest:.2f}s during the fork bomb"
         if status == 200:
             assert answer["error"] == "EAGAIN" and answer["forked"] < 1500, (
                 f"the fork bomb was not stopped by a pids limit: {answer}"
@@ -698,7 +742,7 @@ def test_settings_the_worker_cannot_use_are_refused_and_never_hold_back_another_
     try:
         for what, values in bad_sets.items():
             got = cloud.cli("site", "set", "attacker-py", *values, token=world.attacker_token, check=False)
-            if not (isinstance(got, dict) and got.get("error", {}).get("code") == "invalid_input"):
+            if not (isinstance(got, dict) and got.get("error", {}).get("code") in BAD_REQUEST_CODES):
                 accepted = isinstance(got, dict) and "settings" in got
                 problems.append(f"{what}: {'accepted' if accepted else str(got)[:160]}")
         status, body = _api(
