@@ -153,6 +153,18 @@ def write(query: Query) -> Answer:
     return {"path": path, "written": written, "error": error}
 
 
+def remove(query: Query) -> Answer:
+    try:
+        os.unlink(query["path"])
+    except OSError as exc:
+        return {"removed": False, "error": _errname(exc)}
+    return {"removed": True}
+
+
+def whoami(query: Query) -> Answer:
+    return {"home": HOME, "tmpdir": os.environ.get("TMPDIR"), "uid": os.getuid(), "pid": os.getpid()}
+
+
 def stat(query: Query) -> Answer:
     try:
         return {"exists": True, "size": os.stat(query["path"]).st_size}
@@ -255,6 +267,8 @@ ATTACKS: dict[str, Callable[[Query], Answer]] = {
     "/read-home": read_home,
     "/write": write,
     "/stat": stat,
+    "/rm": remove,
+    "/whoami": whoami,
     "/escape": escape,
     "/bomb": bomb,
     "/scan": scan,
