@@ -36,6 +36,7 @@ from typing import Any
 
 import pytest
 
+from roles.worker.apps._isolation import reap_orphans
 from tests.cloud import LocalCloud, SiteConnection
 from tests.support import wait_until
 
@@ -313,6 +314,8 @@ def hostile_home() -> Iterator[Path]:
     for made in Path("/var/lib/sitecloud").glob("apps-*"):
         with contextlib.suppress(OSError):
             if (made / "role-home").read_text().strip() == worker_home:
+                # Apps whose HOME is there, should any be left (LocalCloud reaps the home's only).
+                reap_orphans(made / "apps")
                 shutil.rmtree(made, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
 
@@ -320,8 +323,9 @@ def hostile_home() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def cloud(hostile_home: Path) -> Iterator[LocalCloud]:
     cloud = LocalCloud(hostile_home)
-    cloud.start()
     try:
+        # Inside the try: a cloud that fails to come up still has roles to stop.
+        cloud.start()
         yield cloud
     finally:
         cloud.kill_everything()
