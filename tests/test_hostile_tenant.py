@@ -88,6 +88,7 @@ class World:
     tag: str
     victim_token: str
     attacker_token: str
+    victim_subscription: str
     victim_static: Site
     victim_py: Site
     victim_src: Site
@@ -358,6 +359,7 @@ def world(cloud: LocalCloud) -> Iterator[World]:
         tag=tag,
         victim_token=tokens["victim"],
         attacker_token=tokens["attacker"],
+        victim_subscription=subs["victim"],
         victim_static=victim_static,
         victim_py=victim_py,
         victim_src=victim_src,
@@ -632,15 +634,36 @@ def _role_ports(cloud: LocalCloud) -> set[int]:
     return ports - {0}
 
 
+def _command_port(site: str) -> int | None:
+    """The port a site's Procfile command listens on (its PORT), as the host sees its process."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if entry.name.isdigit() and f"SITECLOUD_SITE={site}".encode() in environ:
+                return next(int(v[5:]) for v in environ if v.startswith(b"PORT="))
+    return None
+
+
 def test_the_app_reaches_no_role_port_and_no_loopback_listener(cloud: LocalCloud, world: World) -> None:
+    # The victim also runs a command of its own on a port (a Procfile app).
+    created = cloud.cli("site", "create", "victim-cmd", "--subscription", world.victim_subscription)
+    _publish(Site.of(created), {"Procfile": b"web: python3 -m http.server $PORT --bind 127.0.0.1\n"})
+    wait_until(
+        lambda: b"Directory listing" in _get(cloud, "victim-cmd", "/")[2],
+        timeout=30,
+        what="the victim's command to answer",
+    )
+    victim_port = _command_port("victim-cmd")
     roles = _role_ports(cloud)
-    others = sorted(_host_listening() - roles)[:60]
-    status, answer = _attack(cloud, "/scan", ports=",".join(map(str, sorted(roles) + others)), timeout=40)
+    first = ([victim_port] if victim_port else []) + sorted(roles)
+    others = sorted(_host_listening() - set(first))[:60]
+    status, answer = _attack(cloud, "/scan", ports=",".join(map(str, first + others)), timeout=40)
     assert status == 200, (status, answer)
     reached = sorted(int(p) for p, how in answer["result"].items() if how == "open")
     assert not reached, (
-        f"the app connected to {len(reached)} loopback ports, {len(set(reached) & roles)} of them this cloud's "
-        f"role ports ({sorted(set(reached) & roles)}); its /proc/net/tcp listed {len(answer['found'])} listeners"
+        f"the app connected to {len(reached)} loopback ports, among them the victim's command "
+        f"({victim_port in reached}, port {victim_port}) and {len(set(reached) & roles)} of this cloud's "
+        f"role ports; its /proc/net/tcp listed {len(answer['found'])} listeners"
     )
     assert_victim_ok(cloud, world)
 
