@@ -22,6 +22,7 @@ from typing import Any, Literal
 from shared.errors import InvalidInput, LimitReached
 
 __all__ = [
+    "APP_DISK_MIN_MB",
     "ENV_NAME",
     "FRONTEND_KEYS",
     "IDLE_TIMEOUT_MAX",
@@ -57,6 +58,9 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RESERVED_ENV = frozenset({"PORT", "HOME", "TMPDIR", "PATH", "PYTHONPATH", "LD_PRELOAD", "LD_LIBRARY_PATH"})
 # What the worker gives an app as environment, counted as the kernel does ("KEY=VALUE\0", in bytes).
 MAX_ENV_BYTES = 64 * 1024
+# The smallest disk an app's home and temp directory get (an ext4 volume with its journal); a plan
+# with less storage still gets this much for its app.
+APP_DISK_MIN_MB = 16
 MAX_SETTINGS = 100
 MAX_VALUE_CHARS = 4096
 MAX_ENTRY_CHARS = 1024

@@ -227,6 +227,8 @@ def test_app_settings_and_custom_hostnames_reach_the_roles_that_use_them(tmp_pat
             "entry": "app:app",
             "always_on": False,
             "env": {"GREETING": "hi"},
+            # The plan's 2 MB of storage, raised to the smallest app disk there is.
+            "limits": {"disk_mb": 16},
         }
         for entry in held
     ), "always_on is off: the plan does not allow it"

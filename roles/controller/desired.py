@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from shared.appsettings import app_fields, frontend_fields
+from shared.appsettings import APP_DISK_MIN_MB, app_fields, frontend_fields
 from shared.db import (
     Host,
     Plan,
@@ -218,7 +218,11 @@ def read_desired(session: Session, domain: str) -> DesiredState:
                 users={c.username: c.password_hash for c in site.credentials},
                 worker_ids=tuple(sorted(a.role_id for a in site.assignments)),
                 subscription_id=site.subscription_id,
-                app=app_fields(dict(site.app_settings or {}), always_on_allowed=plan.always_on),
+                app={
+                    **app_fields(dict(site.app_settings or {}), always_on_allowed=plan.always_on),
+                    # The app's writable home is held to the plan's storage, as its content is.
+                    "limits": {"disk_mb": max(plan.storage_mb, APP_DISK_MIN_MB)},
+                },
                 routing=frontend_fields(dict(site.app_settings or {})),
                 hostnames=tuple(
                     {"name": h.hostname, "cert": h.cert_pem, "key": h.key_pem}

@@ -124,7 +124,7 @@ def _parse(raw: dict[str, Any], default_limits: AppLimits) -> AppSpec | None:
         nofile=_int(lim, "nofile", d.nofile, 16, 1024 * 1024),
         nproc=_int(lim, "nproc", d.nproc, 4, 1024 * 1024),
         cpu_seconds=_int(lim, "cpu_seconds", d.cpu_seconds, 1, 10**9),
-        disk_mb=_int(lim, "disk_mb", d.disk_mb, 16, 1024 * 1024),
+        disk_mb=_int(lim, "disk_mb", d.disk_mb, appsettings.APP_DISK_MIN_MB, 1024 * 1024),
     )
     return AppSpec(
         runtime=appsettings.runtime(rt) if rt is not None else None,
