@@ -1,8 +1,11 @@
 """A Python site's ``requirements.txt``, installed into a package directory of its own at publish time.
 
 The directory is named by a hash of the requirements, so a publish that keeps them reuses the install
-and a change builds the new one beside the old. Wheels only (``--only-binary=:all:``): installing runs
-no code from the index, since pip runs as the worker. The index is the one the admin configured.
+and a change builds the new one beside the old. pip runs as the worker (root), outside the sandbox, so
+the tenant's file is a trust boundary (:func:`checked_requirements`): only named requirements from the
+index the admin configured reach pip -- no options (``-r``, ``-e``, ``--index-url``, ``-f``), no paths,
+no URLs, no direct references, any of which would make pip read host files or build (run) tenant code
+as root -- and wheels only (``--only-binary=:all:``), so installing runs no code from the index.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from roles.worker.apps._sitelog import SiteLog
-from shared.errors import Unavailable
+from packaging.requirements import InvalidRequirement, Requirement
 
-__all__ = ["install_requirements", "packages_dir"]
+from roles.worker.apps._sitelog import SiteLog
+from shared.errors import InvalidInput, Unavailable
+
+__all__ = ["checked_requirements", "install_requirements", "packages_dir"]
+
+MAX_REQUIREMENTS = 500
 
 INSTALL_TIMEOUT = 600.0
 
@@ -31,6 +38,48 @@ def packages_dir(base: Path, root: str) -> Path | None:
     return base / f"packages-{hashlib.sha256(data).hexdigest()[:16]}"
 
 
+def checked_requirements(text: str) -> list[str]:
+    """The requirement lines of a site's requirements.txt that pip may be given, normalised; anything
+    else is refused with the line that is wrong (the site's log shows it)."""
+    lines: list[str] = []
+    pending = ""
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = pending + raw
+        if line.endswith("\\"):
+            pending = line[:-1]
+            continue
+        pending = ""
+        # A comment starts at '#' at the start or after whitespace (pip's own rule).
+        for i, ch in enumerate(line):
+            if ch == "#" and (i == 0 or line[i - 1].isspace()):
+                line = line[:i]
+                break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("-"):
+            raise InvalidInput(
+                f"requirements.txt line {number}: options such as {line.split()[0]!r} are not allowed",
+                hint="list packages by name (e.g. flask==3.0.3); the index is the platform's",
+            )
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            raise InvalidInput(
+                f"requirements.txt line {number} is not a package requirement: {line[:80]!r}",
+                hint="list packages by name and version (e.g. flask==3.0.3); paths and URLs are not allowed",
+            ) from None
+        if req.url is not None:
+            raise InvalidInput(
+                f"requirements.txt line {number}: direct references ({req.name} @ ...) are not allowed",
+                hint="name the package and a version; it comes from the platform's index",
+            )
+        lines.append(str(req))
+        if len(lines) > MAX_REQUIREMENTS:
+            raise InvalidInput(f"requirements.txt lists more than {MAX_REQUIREMENTS} packages")
+    return lines
+
+
 async def install_requirements(*, root: str, target: Path, index_url: str, python: str, log: SiteLog) -> bool:
     """Install into ``target`` unless it is there; False (logged) when it cannot be done."""
     if (target / ".complete").exists():
@@ -42,14 +91,25 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
             "(package_index_url); skipping the install",
         )
         return False
+    try:
+        text = Path(root, "requirements.txt").read_text(encoding="utf-8", errors="strict")
+        wanted = checked_requirements(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        log.write("worker", f"requirements.txt cannot be read as UTF-8 text ({exc}); skipping the install")
+        return False
+    except InvalidInput as exc:
+        log.write("worker", f"{exc}; skipping the install ({exc.hint})")
+        return False
     building = target.with_name(target.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
+    checked = target.with_name(target.name + ".requirements.txt")
+    checked.write_text("".join(f"{line}\n" for line in wanted))
     log.write("worker", f"installing requirements.txt from {index_url}")
     version = await _python_version(python)
     argv = [
         sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
         "--no-cache-dir", "--only-binary=:all:", "--target", str(building), "--index-url", index_url,
-        "--python-version", version, "-r", str(Path(root, "requirements.txt")),
+        "--python-version", version, "-r", str(checked),
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -64,6 +124,7 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
         proc.kill()
         await proc.wait()
         raise Unavailable("installing the site's requirements took too long") from None
+    checked.unlink(missing_ok=True)
     log.write("worker", out.decode("utf-8", "replace")[-4000:] or "(pip said nothing)")
     if proc.returncode != 0:
         log.write("worker", f"installing requirements.txt failed (pip exit {proc.returncode})")
