@@ -92,8 +92,7 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
         )
         return False
     try:
-        text = Path(root, "requirements.txt").read_text(encoding="utf-8", errors="strict")
-        wanted = checked_requirements(text)
+        wanted = checked_requirements(await asyncio.to_thread(_read_text, Path(root, "requirements.txt")))
     except (OSError, UnicodeDecodeError) as exc:
         log.write("worker", f"requirements.txt cannot be read as UTF-8 text ({exc}); skipping the install")
         return False
@@ -103,7 +102,7 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
     building = target.with_name(target.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     checked = target.with_name(target.name + ".requirements.txt")
-    checked.write_text("".join(f"{line}\n" for line in wanted))
+    await asyncio.to_thread(checked.write_text, "".join(f"{line}\n" for line in wanted))
     log.write("worker", f"installing requirements.txt from {index_url}")
     version = await _python_version(python)
     argv = [
@@ -141,6 +140,10 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
     os.rename(building, target)
     log.write("worker", "requirements installed")
     return True
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="strict")
 
 
 async def _python_version(python: str) -> str:
