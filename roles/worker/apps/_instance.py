@@ -127,7 +127,10 @@ class AppInstance:
 
     def _spawn(self, stdin: int) -> None:
         ident = self.identity
-        argv = rlimit_prefix(self.limits, own_uid=ident.uid is not None) + self.plan.argv
+        argv = (
+            rlimit_prefix(self.limits, own_uid=ident.uid is not None, cgroup=self.cgroup is not None)
+            + self.plan.argv
+        )
         # Blocking for the fork and exec only (a millisecond); the loop's own spawn cannot set uids.
         self.proc = subprocess.Popen(
             argv,
@@ -157,7 +160,7 @@ class AppInstance:
             argv = self.sandbox.argv(
                 self._mounts, uid=ident.uid, gid=ident.gid, block_fd=block_r, info_fd=info_w
             )
-            argv += rlimit_prefix(self.limits, own_uid=True) + self.plan.argv
+            argv += rlimit_prefix(self.limits, own_uid=True, cgroup=self.cgroup is not None) + self.plan.argv
             try:
                 self.proc = subprocess.Popen(  # noqa: ASYNC220 - fork and exec only, as above
                     argv,

@@ -163,25 +163,27 @@ def usable_by_others(path: str, *, read: bool = False) -> bool:
     return True
 
 
-def rlimit_prefix(limits: AppLimits, *, own_uid: bool) -> list[str]:
+def rlimit_prefix(limits: AppLimits, *, own_uid: bool, cgroup: bool) -> list[str]:
     """The ``prlimit`` command that sets an app's limits on itself and then runs it.
 
     Limits cannot be set from outside on another uid's process without CAP_SYS_RESOURCE, and
     ``preexec_fn`` is unsafe in a threaded parent; util-linux's ``prlimit`` (one small exec, after
     the switch to the site's uid) lowers them in the process that becomes the app. RLIMIT_NPROC
-    counts every process of the uid, so it is set only when the site has a uid of its own.
+    counts every process of the uid, so it is set only when the site has a uid of its own. With a
+    cgroup holding memory and CPU, the address-space and CPU-time backstops are left off: they would
+    only hurt (runtimes that reserve address space, such as Node and the JVM, fail to start under
+    RLIMIT_AS, and an always-on app would be killed after its CPU seconds).
     """
     prlimit = shutil.which("prlimit", path="/usr/bin:/bin:/usr/sbin:/sbin")
     if prlimit is None:
         raise NotSupported("this worker host has no prlimit", hint="install util-linux")
     address_space = (limits.memory_mb * 2 + 256) * 1024 * 1024
-    argv = [
-        prlimit,
-        f"--nofile={limits.nofile}:{limits.nofile}",
-        f"--as={address_space}:{address_space}",
-        f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 5}",
-        "--core=0:0",
-    ]
+    argv = [prlimit, f"--nofile={limits.nofile}:{limits.nofile}", "--core=0:0"]
+    if not cgroup:
+        argv += [
+            f"--as={address_space}:{address_space}",
+            f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 5}",
+        ]
     if own_uid:
         argv.append(f"--nproc={limits.nproc}:{limits.nproc}")
     return [*argv, "--"]
