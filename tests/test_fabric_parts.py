@@ -8,9 +8,12 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from roles.controller.config import CloudConfig
 from roles.controller.fabric._etchosts import BEGIN, END, read_block, render, update_hosts_file
 from roles.controller.fabric._ssh import SshAccess
 from roles.controller.fabric._wheelhouse import code_hash
+from roles.controller.home import CloudHome
+from roles.worker.config import WorkerConfig
 from shared.errors import InvalidInput
 
 SYSTEM = "127.0.0.1 localhost\n# a comment the admin wrote\n::1 ip6-localhost\n"
@@ -70,3 +73,14 @@ def test_code_hash_follows_the_source(tmp_path: Path) -> None:
     (root / "roles" / "x" / "a.py").write_text("A = 2\n")
     assert code_hash(root) != first
     shutil.rmtree(root / "roles" / "x" / "__pycache__")
+
+
+def test_a_worker_added_with_a_size_runs_at_that_size(tmp_path: Path) -> None:
+    (tmp_path / "cloud").mkdir()
+    home = CloudHome(CloudConfig(home=tmp_path / "cloud"))
+    sized = home.remote_role_config(
+        "worker", "w7.example.net", Path("/srv/w"), controller_url="x", size="large"
+    )
+    plain = home.remote_role_config("worker", "w8.example.net", Path("/srv/w"), controller_url="x")
+    assert isinstance(sized, WorkerConfig) and sized.size == "large"
+    assert isinstance(plain, WorkerConfig) and plain.size == "small"

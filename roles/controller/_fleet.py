@@ -63,6 +63,8 @@ class _RoleRow:
     code_hash: str
     desired_state: str
     control_port: int
+    # A worker's size (small, medium, large); None: the default.
+    size: str | None = None
 
     @property
     def control_url(self) -> str:
@@ -130,6 +132,7 @@ class Fleet:
                 role.code_hash,
                 role.desired_state,
                 role.control_port,
+                role.size,
             )
 
     def _all_roles(self) -> list[_RoleRow]:
@@ -144,6 +147,7 @@ class Fleet:
                     r.code_hash,
                     r.desired_state,
                     r.control_port,
+                    r.size,
                 )
                 for r, h in s.execute(select(Role, Host).join(Host).order_by(Host.name, Role.id))
             ]
@@ -225,7 +229,12 @@ class Fleet:
                 hint="start the cloud with `sitecloud up --db postgresql://...`",
             )
         config = self.home.remote_role_config(
-            row.kind, row.host, home, controller_url=self._controller_url(row.fabric), publisher_url=publisher
+            row.kind,
+            row.host,
+            home,
+            controller_url=self._controller_url(row.fabric),
+            publisher_url=publisher,
+            size=row.size,
         )
         cert = await asyncio.to_thread(self.home.issue_role_cert, row.kind, row.host, row.address)
         extra: dict[str, tuple[bytes, int]] = {}

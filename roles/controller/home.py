@@ -12,6 +12,7 @@ HOME/endpoints.json what the CLI and people need to reach the cloud
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -237,7 +238,14 @@ class CloudHome:
         return REMOTE_PORTS[kind], ports
 
     def remote_role_config(
-        self, kind: str, host: str, home: Path, *, controller_url: str, publisher_url: str = ""
+        self,
+        kind: str,
+        host: str,
+        home: Path,
+        *,
+        controller_url: str,
+        publisher_url: str = "",
+        size: str | None = None,
     ) -> RoleConfig:
         """The bootstrap config of a role on ``host`` (its home is a path on that host)."""
         c = self.config
@@ -254,7 +262,8 @@ class CloudHome:
         if kind == "frontend":
             return FrontendConfig(**common, http_port=ports["http"], https_port=ports["https"])
         if kind == "worker":
-            return WorkerConfig(**common, data_port=ports["data"])
+            worker = WorkerConfig(**common, data_port=ports["data"])
+            return dataclasses.replace(worker, size=size) if size else worker
         if kind == "fileserver":
             return FileserverConfig(**common)
         if kind == "publisher":
