@@ -120,9 +120,10 @@ def test_a_procfile_site_runs_its_command_on_port(cloud: LocalCloud, site: dict[
         {
             "Procfile": b"web: python3 -m http.server $PORT --bind 127.0.0.1\n",
             "hello.txt": b"served by the site's own command",
+            "server.js": b"const secret = 'never served raw by the worker';\n",
         },
     )
-    # The worker serves hello.txt itself; a path with no file goes to the command's server.
+    # Every path goes to the command's server (here one that lists and serves its directory).
     cloud.wait_for_content("procsite", "/hello.txt", b"served by the site's own command", timeout=30)
     status, _, body = cloud.get("procsite", "/")
     assert status == 200 and b"Directory listing" in body

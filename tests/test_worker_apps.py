@@ -287,9 +287,12 @@ def test_procfile_site_runs_its_command_on_port(cloud: AppCloud) -> None:
     body = cloud.publish_and_wait("cmd", files, "/sub/", b"Directory listing")
     assert b"data.txt" in body
     assert cloud.app("cmd")["runtime"] == "command"
-    # The worker never serves the Procfile as a file: the request goes to the app (whose business it is).
+    # The worker serves no file of a Procfile site (its source may be server.js, config.ru, ...):
+    # every request, for the Procfile and for a plain file alike, goes to the app.
     cloud.get("cmd", "/Procfile")
     assert "[access] GET /Procfile" in cloud.log("cmd")
+    assert cloud.get("cmd", "/sub/data.txt")[2] == b"d"
+    assert "[access] GET /sub/data.txt" in cloud.log("cmd")
 
 
 def test_idle_app_stops_and_wakes_again(cloud: AppCloud) -> None:

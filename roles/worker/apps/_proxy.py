@@ -1,8 +1,8 @@
 """Requests for a dynamic site, diverted from the data server to the site's app.
 
 The data server's connection (``roles/worker/_http.py``) asks :class:`AppProxy` once a request's head
-is in. A static site, or a path of a dynamic site that maps to a file other than app source, stays
-on the static path (``None``). Anything else becomes an :class:`AppExchange`: it wakes the app at once
+is in. A static site, or a path of a Python or PHP site that maps to a file other than app source,
+stays on the static path (``None``); a Procfile site's app answers every path. Anything else becomes an :class:`AppExchange`: it wakes the app at once
 (while the body is still arriving), reads the body whole (bounded), sends the request, and frames the
 app's answer for the front end (its length, or chunked) in the connection's turn.
 """
@@ -92,7 +92,10 @@ class AppProxy:
             rel = site_relpath(path)
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, InvalidInput):
             return None  # the static path answers 400
-        if method in (b"GET", b"HEAD") and _static_file(app.root, rel, slash=path.endswith("/")):
+        # A Procfile app answers every path itself, as it does on other platforms: its source is in
+        # languages the worker cannot know (server.js, config.ru, main.go), so no file is served raw.
+        static = app.runtime != "command" and method in (b"GET", b"HEAD")
+        if static and _static_file(app.root, rel, slash=path.endswith("/")):
             return None
         return app, rel
 
