@@ -98,7 +98,12 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         changed()
 
     def health() -> dict[str, Any]:
-        figures = {**sync.figures(), "processes": processes, **apps.figures(), **_degraded(sync.failed)}
+        figures = {
+            **sync.figures(),
+            "processes": processes,
+            **apps.figures(),
+            **_degraded(sync.failed, apps.isolation_gaps()),
+        }
         if server is not None:
             figures.update(connections=server.connections, hot_cache_bytes=hot.size)
         if children is not None:
@@ -133,16 +138,22 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         await plane.stop()
 
 
-def _degraded(failed: dict[str, str]) -> dict[str, Any]:
+def _degraded(failed: dict[str, str], gaps: list[str]) -> dict[str, Any]:
     """Health figures that say degraded, with why, while any site of the snapshot cannot be served
-    (they override the control plane's "ready")."""
-    if not failed:
+    or the tenant wall has a gap (they override the control plane's "ready")."""
+    if not failed and not gaps:
         return {}
+    reasons = list(gaps)
     names = sorted(failed)
-    reason = f"{len(names)} site(s) cannot be served: " + "; ".join(failed[n] for n in names[:3])
-    if len(names) > 3:
-        reason += f"; and {len(names) - 3} more"
-    return {"status": "degraded", "reason": reason[:500], "failed_sites": {n: failed[n] for n in names[:100]}}
+    if names:
+        site_reason = f"{len(names)} site(s) cannot be served: " + "; ".join(failed[n] for n in names[:3])
+        if len(names) > 3:
+            site_reason += f"; and {len(names) - 3} more"
+        reasons.append(site_reason)
+    figures: dict[str, Any] = {"status": "degraded", "reason": "; ".join(reasons)[:500]}
+    if names:
+        figures["failed_sites"] = {n: failed[n] for n in names[:100]}
+    return figures
 
 
 async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) -> None:

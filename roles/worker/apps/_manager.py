@@ -349,6 +349,23 @@ class AppManager:
             "apps_dir": str(self._root),
         }
 
+    def isolation_gaps(self) -> list[str]:
+        """What of the tenant wall this worker runs without although it could have it (it isolates
+        sites, as root): the worker says Degraded with these until they are fixed. A sandbox the admin
+        turned off (``app_sandbox: false``) is a choice, not a gap."""
+        if not self._isolate:
+            return []
+        gaps = []
+        if self._sandbox is None and self._config.app_sandbox:
+            gaps.append("apps run without a sandbox (install bubblewrap and util-linux on this host)")
+        if self._cgroup is None:
+            gaps.append(
+                "no cgroup holds apps' memory, CPU and processes (enable the memory, cpu and pids controllers)"
+            )
+        if self._sandbox is not None and not self._quota:
+            gaps.append("apps' homes have no disk quota (install e2fsprogs; loop devices needed)")
+        return gaps
+
     def cpu_seconds(self, app: AppSite) -> float:
         running = sum(i.cpu_seconds for i, a in self._active.items() if a is app)
         return app.cpu_total + running
