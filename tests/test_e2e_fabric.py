@@ -248,7 +248,7 @@ def test_six_hosts_and_their_roles_by_dns_name(cloud: LocalCloud) -> None:
     FIGURES["role_add_steps"] = {h: a["steps"] for h, a in added.items()}
     print("\nrole add -> Ready (warm wheelhouse, five in parallel):", FIGURES["role_add_to_ready"])
     print("steps:", json.dumps(FIGURES["role_add_steps"]))
-    assert all(a["state"] == "Ready" for a in added.values())
+    assert all(a["state"] == "Ready" for a in added.values()), json.dumps(added)
 
     alone = next(line for line in text.splitlines() if "is Ready (" in line)
     FIGURES["role_add_to_ready"]["files1 (alone)"] = float(alone.rsplit("(", 1)[1].rstrip("s)"))

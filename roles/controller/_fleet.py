@@ -48,8 +48,9 @@ class FleetHooks(Protocol):
 
     async def converge(self, timeout: float = 10.0) -> None: ...
 
-    async def wait_ready(self, role_id: int, url: str, timeout: float) -> RoleState:
-        """Until the role answers with the current config: Ready, or Degraded (it serves, not all)."""
+    async def wait_ready(self, role_id: int, url: str, timeout: float) -> tuple[RoleState, str]:
+        """Until the role answers with the current config: Ready, or Degraded (it serves, not all)
+        with its reason."""
         ...
 
 
@@ -271,12 +272,12 @@ class Fleet:
         await asyncio.to_thread(self._set_role, row.id, code_hash=digest, state=RoleState.STARTING, reason="")
         return timings
 
-    async def _ready(self, row: _RoleRow, progress: Progress) -> tuple[float, RoleState]:
+    async def _ready(self, row: _RoleRow, progress: Progress) -> tuple[float, RoleState, str]:
         """Wait until the role serves with the current config; reported as the step ``ready``."""
         started = time.monotonic()
         progress({"role": row.kind, "host": row.host, "step": "ready", "phase": "started"})
         await self.hooks.converge(timeout=10.0)
-        state = await self.hooks.wait_ready(row.id, row.control_url, _READY_TIMEOUT)
+        state, reason = await self.hooks.wait_ready(row.id, row.control_url, _READY_TIMEOUT)
         seconds = time.monotonic() - started
         progress(
             {
@@ -287,7 +288,7 @@ class Fleet:
                 "seconds": round(seconds, 2),
             }
         )
-        return seconds, state
+        return seconds, state, reason
 
     async def add_role(
         self, role_id: int, *, ssh_user: str | None, ssh_key: str | None, progress: Progress
@@ -320,16 +321,19 @@ class Fleet:
                 await asyncio.to_thread(self._set_host, row.host, address=info.address, state="ready")
                 row = await asyncio.to_thread(self._role_row, role_id)
             timings = await self._install(row, progress)
-        timings["ready"], ready = await self._ready(row, progress)
+        timings["ready"], ready, reason = await self._ready(row, progress)
         total = time.monotonic() - started
         self._log.info("%s on %s is %s in %.1fs", row.kind, row.host, ready.lower(), total)
-        return {
+        answer: dict[str, Any] = {
             "role": row.kind,
             "host": row.host,
             "state": ready,
             "seconds": round(total, 2),
             "steps": {k: round(v, 2) for k, v in timings.items()},
         }
+        if reason:
+            answer["reason"] = reason
+        return answer
 
     async def _ssh_hosts(self) -> set[str]:
         return {h.name for h in await self.ssh.list_hosts()}
@@ -346,6 +350,7 @@ class Fleet:
         assert isinstance(launcher, RemoteLauncher)
         spec = RoleSpec(row.kind, row.host, Path(str(launcher.role_home(row.kind))))
         state = {"stop": RoleState.STOPPED, "remove": RoleState.REMOVED}.get(action, RoleState.READY)
+        reason = ""
         try:
             async with self._host(row.host):
                 if action != "start":
@@ -365,17 +370,20 @@ class Fleet:
             if action == "remove":
                 await asyncio.to_thread(self._delete_role, row.id)
             elif action != "stop":
-                _, state = await self._ready(row, progress)
+                _, state, reason = await self._ready(row, progress)
         finally:
             # Back into the routes only once it serves (a stopped role stays out by its desired state).
             self.hooks.route_around(row.id, False)
         await self.hooks.converge()
-        return {
+        answer: dict[str, Any] = {
             "role": row.kind,
             "host": row.host,
             "state": state,
             "seconds": round(time.monotonic() - started, 2),
         }
+        if reason:
+            answer["reason"] = reason
+        return answer
 
     async def _drain(self, row: _RoleRow, progress: Progress) -> None:
         """Take a worker out of every front end's routes before it goes down."""
@@ -415,10 +423,13 @@ class Fleet:
                 "state": RoleState.RESTARTING if action != "stop" else RoleState.STOPPING,
             }
         await run()
-        state = RoleState.STOPPED
+        state, reason = RoleState.STOPPED, ""
         if action != "stop":
-            state = await self.hooks.wait_ready(row.id, row.control_url, _READY_TIMEOUT)
-        return {"role": row.kind, "host": row.host, "state": state}
+            state, reason = await self.hooks.wait_ready(row.id, row.control_url, _READY_TIMEOUT)
+        answer: dict[str, Any] = {"role": row.kind, "host": row.host, "state": state}
+        if reason:
+            answer["reason"] = reason
+        return answer
 
     # -- rolling upgrade --------------------------------------------------------------------------
 

@@ -391,7 +391,7 @@ class Controller:
             await asyncio.sleep(0.05)
         self._log.warning("front ends did not all take generation %s within %.0fs", generation, timeout)
 
-    async def wait_ready(self, role_id: int, url: str, timeout: float) -> RoleState:
+    async def wait_ready(self, role_id: int, url: str, timeout: float) -> tuple[RoleState, str]:
         """Until the role answers health with the current config (its own fresh answer, not a memory):
         Ready, or Degraded when it serves but says it cannot do all of its job."""
         assert self._client is not None
@@ -402,7 +402,7 @@ class Controller:
             try:
                 health = await asyncio.wait_for(self._client.get_json(f"{url}/v1/health"), _HEALTH_TIMEOUT)
                 if desired is not None and int(health.get("config_version", 0)) >= desired.generation:
-                    return _health_state(health)[0]
+                    return _health_state(health)
                 self._nudge.set()
             except (SitecloudError, TimeoutError) as err:
                 last = err

@@ -155,6 +155,8 @@ def _show_roles(answer: Any, a: argparse.Namespace) -> None:
 
 def _show_role_done(answer: Any, a: argparse.Namespace) -> None:
     out(f"{answer['role']} on {answer['host']} is {answer['state']} ({answer.get('seconds', 0):.1f}s)")
+    if answer.get("reason"):
+        out(f"  why: {answer['reason']}")
 
 
 def _show_upgrade(answer: Any, a: argparse.Namespace) -> None:

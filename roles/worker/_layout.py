@@ -14,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import secrets
 import shutil
 import stat
 from pathlib import Path
@@ -27,6 +28,8 @@ __all__ = ["APPS_BASE", "CACHE_DIRS", "apps_root", "prepare_apps_root", "searcha
 APPS_BASE = Path("/var/lib/sitecloud")
 # What lives in the apps root (beside the home's tls/, state/, role.json).
 CACHE_DIRS = ("blobs", "sites", "trash", "apps")
+# The content cache, which the fileserver has: dropped when the root outlives its home.
+STALE_ON_NEW_HOME = ("blobs", "sites", "trash")
 
 
 def searchable_by_others(path: Path) -> bool:
@@ -52,6 +55,26 @@ def apps_root(config: WorkerConfig) -> Path:
     return APPS_BASE / f"apps-{digest}"
 
 
+def _claim_apps_root(config: WorkerConfig, root: Path, log: ContextLogger) -> None:
+    """Tie the apps root to this home: a home made again at the same path (a new cloud) must not
+    serve the content cached for the old one, whose version numbers the new fileserver reuses."""
+    token_file = config.home / "apps-root-id"
+    marker = root / "role-home"  # whose this is, for an admin cleaning up /var/lib/sitecloud
+    token = token_file.read_text().strip() if token_file.exists() else ""
+    claimed = marker.read_text().splitlines() if marker.exists() else []
+    if token and claimed[1:2] == [token]:
+        return
+    stale = [name for name in STALE_ON_NEW_HOME if (root / name).exists()]
+    for name in stale:
+        shutil.rmtree(root / name, ignore_errors=True)
+    if stale:
+        log.info("dropped %s cached in %s for an earlier home at this path", ", ".join(stale), root)
+    token = token or secrets.token_hex(16)
+    token_file.write_text(f"{token}\n")
+    marker.write_text(f"{os.path.realpath(config.home)}\n{token}\n")
+    os.chmod(marker, 0o600)
+
+
 def prepare_apps_root(config: WorkerConfig, root: Path, log: ContextLogger) -> None:
     """Create the apps root (root-owned, 0711, when running as root) and move an older cache into it."""
     if root == config.home:
@@ -70,11 +93,7 @@ def prepare_apps_root(config: WorkerConfig, root: Path, log: ContextLogger) -> N
             log.warning("apps dir %s is not searchable by other users: dynamic sites will fail", root)
     else:
         root.mkdir(parents=True, exist_ok=True)
-    marker = root / "role-home"
-    if not marker.exists():
-        # Whose this is, for an admin cleaning up /var/lib/sitecloud.
-        marker.write_text(f"{os.path.realpath(config.home)}\n")
-        os.chmod(marker, 0o600)
+    _claim_apps_root(config, root, log)
     for name in CACHE_DIRS:
         old, new = config.home / name, root / name
         if not old.is_dir() or new.exists():

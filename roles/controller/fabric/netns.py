@@ -311,7 +311,11 @@ Subsystem sftp internal-sftp
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         log = ssh / "sshd.log"
         # sshd detaches itself once it is set up; the namespace is all that ties it to the host.
-        await _run("ip", "netns", "exec", _namespace(name), str(SSHD), "-f", str(config), "-E", str(log))
+        # nsenter, not `ip netns exec`: that remounts /sys for the namespace, which hides the cgroup
+        # hierarchies a worker holds its apps in (a real host has them).
+        await _run(
+            "nsenter", f"--net=/run/netns/{_namespace(name)}", str(SSHD), "-f", str(config), "-E", str(log)
+        )
         public = (ssh / "ssh_host_ed25519_key.pub").read_text().split()
         # We made this host's key ourselves: pin it now, so not even the first contact is taken on trust.
         await self.access.pin(name, f"{public[0]} {public[1]}")
