@@ -36,7 +36,13 @@ from roles.worker.apps._isolation import (
     protect_site_dir,
     reap_orphans,
 )
-from roles.worker.apps._launch import SiteDirs, appserver_for_apps, pick_python, plan_launch
+from roles.worker.apps._launch import (
+    SiteDirs,
+    appserver_for_apps,
+    compile_appserver,
+    pick_python,
+    plan_launch,
+)
 from roles.worker.apps._packages import install_requirements, packages_dir
 from roles.worker.apps._sandbox import EGRESS_MODES, Sandbox, SandboxMounts
 from roles.worker.apps._sitelog import SiteLog
@@ -245,6 +251,7 @@ class AppManager:
         else:
             self._log.info("apps run as the worker's own user: start the worker as root to isolate sites")
         self._appserver = appserver_for_apps(self._root, isolate=self._isolate)
+        self._spawn(compile_appserver(self._python, self._appserver))
         if self._isolate:
             self._sandbox = Sandbox.detect(
                 self._log,
