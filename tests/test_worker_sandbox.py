@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from roles.worker.apps._launch import SiteDirs, plan_launch
 from roles.worker.apps._sandbox import Sandbox, SandboxMounts, egress_rules
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import AppLimits
+from roles.worker.apps._volume import BlankImages, HomeVolume
 from shared.logs import get_logger
 from tests.support import wait_until
 from tests.test_worker_apps import AppCloud, running_cloud
@@ -511,3 +512,38 @@ def test_a_quota_volume_outlives_an_idle_stop_for_its_grace_and_not_the_worker()
         assert c.get("napper", "/again")[2] == b"attacker /again"
         assert c.app("napper")["starts"] == 2
     assert not os.path.ismount(volume), "a stopped worker leaves no mount behind"
+
+
+@pytest.mark.skipif(not HomeVolume.available(), reason="quota volumes need mkfs.ext4, mount and loop devices")
+def test_a_new_site_takes_a_blank_volume_made_ahead_owned_by_it_alone(tmp_path: Path) -> None:
+    async def run() -> tuple[os.stat_result, os.stat_result, int, list[str]]:
+        blanks = BlankImages(tmp_path / "blank", keep=1)
+        blanks.fill(16)
+        await wait_until_async(lambda: any((tmp_path / "blank").glob("16-*.img")))
+        base = tmp_path / "7"
+        base.mkdir()
+        volume = HomeVolume(base, uid=UID_BASE + 7, gid=UID_BASE + 7, blanks=blanks)
+        await volume.acquire(16, base / "home", base / "tmp")
+        try:
+            root, home = os.stat(volume.mountpoint), os.stat(volume.home)
+            _, size = volume.usage()
+            # Taken by a rename; another is being made for the next new site.
+            await wait_until_async(lambda: any((tmp_path / "blank").glob("16-*.img")))
+            left = sorted(p.name for p in (tmp_path / "blank").iterdir())
+        finally:
+            await volume.close()
+            await blanks.close()
+        return root, home, size, left
+
+    async def wait_until_async(check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 20
+        while not check():
+            assert time.monotonic() < deadline, "no blank image was made"
+            await asyncio.sleep(0.02)
+
+    root, home, size, left = asyncio.run(run())
+    assert (root.st_uid, root.st_gid) == (UID_BASE + 7, UID_BASE + 7)
+    assert (home.st_uid, home.st_mode & 0o777) == (UID_BASE + 7, 0o700)
+    assert 8 * 1024 * 1024 < size <= 16 * 1024 * 1024
+    assert len(left) == 1 and left[0].startswith("16-") and left[0].endswith(".img")
+    assert (tmp_path / "7" / "volume.img").stat().st_mode & 0o777 == 0o600
