@@ -276,6 +276,27 @@ def test_other_sites_content_and_the_worker_home_are_not_there(cloud: AppCloud) 
     bystander_answers(cloud)
 
 
+def test_the_app_runs_with_its_rlimits_no_capabilities_and_no_new_privileges(cloud: AppCloud) -> None:
+    attacker(cloud, "bounded", limits={"nofile": 200, "nproc": 40, "memory_mb": 128})
+    limits = {
+        line[:26].strip(): line[26:].split()[:2]
+        for line in cloud.get("bounded", "/cat?/proc/self/limits")[2].decode().splitlines()[1:]
+    }
+    assert limits["Max open files"] == ["200", "200"]
+    assert limits["Max processes"] == ["40", "40"]
+    assert limits["Max address space"] == [str(512 * 2**20)] * 2
+    assert limits["Max core file size"] == ["0", "0"]
+    cpu = limits["Max cpu time"]
+    assert int(cpu[1]) == int(cpu[0]) + 5
+    status = dict(
+        line.split(":\t", 1)
+        for line in cloud.get("bounded", "/cat?/proc/self/status")[2].decode().splitlines()
+    )
+    assert int(status["Uid"].split()[0]) >= UID_BASE
+    assert status["NoNewPrivs"].strip() == "1"
+    assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+
+
 @pytest.mark.parametrize("where", ["/dev/shm", "/tmp"])
 def test_filling_tmpfs_is_a_memory_kill_and_leaves_nothing(cloud: AppCloud, where: str) -> None:
     site = "shm" if where == "/dev/shm" else "tmpfill"

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from roles.worker.apps._cgroup import AppGroup, CgroupTree
-from roles.worker.apps._isolation import SiteIdentity, lower_priority, process_tree, rlimit_prefix, tree_usage
+from roles.worker.apps._isolation import (
+    SiteIdentity,
+    lower_priority,
+    process_tree,
+    rlimit_prefix,
+    set_rlimits,
+    tree_usage,
+)
 from roles.worker.apps._launch import LaunchPlan
 from roles.worker.apps._sandbox import Sandbox, SandboxMounts, read_info
 from roles.worker.apps._sitelog import SiteLog
@@ -146,8 +153,9 @@ class AppInstance:
         self._attach(self.proc.pid)
 
     async def _spawn_sandboxed(self, stdin: int) -> None:
-        """bwrap holds the sandbox on ``--block-fd`` until its pids are in the site's cgroup: the
-        app cannot fork before it is counted. bwrap runs as root; setpriv drops to the site's uid."""
+        """bwrap holds the sandbox on ``--block-fd`` until its pids are in the site's cgroup and its
+        pid 1 has the app's rlimits: the app cannot fork before it is counted, nor run unlimited.
+        bwrap runs as root; setpriv drops to the site's uid."""
         assert self.sandbox is not None and self._mounts is not None
         ident = self.identity
         assert ident.uid is not None and ident.gid is not None
@@ -157,7 +165,7 @@ class AppInstance:
             argv = self.sandbox.argv(
                 self._mounts, uid=ident.uid, gid=ident.gid, block_fd=block_r, info_fd=info_w
             )
-            argv += rlimit_prefix(self.limits, own_uid=True) + self.plan.argv
+            argv += self.plan.argv
             try:
                 self.proc = subprocess.Popen(  # noqa: ASYNC220 - fork and exec only, as above
                     argv,
@@ -177,6 +185,12 @@ class AppInstance:
                 self.init_pid = await read_info(info_r)
             except ValueError:
                 raise OSError(f"its sandbox could not be built: {self._abandon()}") from None
+            # Before the block fd lets pid 1 fork the app: the app inherits them.
+            try:
+                set_rlimits(self.init_pid, self.limits, own_uid=True)
+            except OSError as exc:
+                self._abandon()
+                raise OSError(f"could not set the app's limits: {exc}") from None
             for pid in (self.proc.pid, self.init_pid):
                 lower_priority(pid)
                 self._attach(pid)
