@@ -181,10 +181,17 @@ class AppInstance:
             finally:
                 os.close(block_r)
                 os.close(info_w)
+            # The first cgroup write of a start waits out an RCU grace period (~10 ms on cgroup v1):
+            # bwrap's own process goes in from a thread while bwrap builds the sandbox, off the loop.
+            outer = asyncio.ensure_future(self._attach_off_loop(self.proc.pid))
             try:
                 self.init_pid = await read_info(info_r)
             except ValueError:
+                await outer
                 raise OSError(f"its sandbox could not be built: {self._abandon()}") from None
+            finally:
+                if not outer.done():
+                    await outer
             # Before the block fd lets pid 1 fork the app: the app inherits them.
             try:
                 set_rlimits(self.init_pid, self.limits, own_uid=True)
@@ -193,7 +200,7 @@ class AppInstance:
                 raise OSError(f"could not set the app's limits: {exc}") from None
             for pid in (self.proc.pid, self.init_pid):
                 lower_priority(pid)
-                self._attach(pid)
+            self._attach(self.init_pid)
             if self.sandbox.slirp4netns is not None:
                 self._spawn_egress(self.init_pid)
         finally:
@@ -235,8 +242,19 @@ class AppInstance:
         try:
             CgroupTree.attach(self.cgroup, pid)
         except OSError as exc:
-            self.log.write("worker", f"could not put the app in its cgroup ({exc}); stopping it")
-            self.kill("limits")
+            self._not_attached(exc)
+
+    async def _attach_off_loop(self, pid: int) -> None:
+        if self.cgroup is None:
+            return
+        try:
+            await asyncio.to_thread(CgroupTree.attach, self.cgroup, pid)
+        except OSError as exc:
+            self._not_attached(exc)
+
+    def _not_attached(self, exc: OSError) -> None:
+        self.log.write("worker", f"could not put the app in its cgroup ({exc}); stopping it")
+        self.kill("limits")
 
     async def wait_listening(self, timeout: float) -> bool:
         """For ``command`` apps: poll until something accepts on $PORT."""
