@@ -85,6 +85,8 @@ class Figures:
     idle: int = 0
     idle_processes: int = 0
     samples: int = 0
+    # The 1-minute load average while each runtime's samples were taken (the host may be shared).
+    load: dict[str, float] = field(default_factory=dict)
 
 
 # What users publish per runtime through `sitecloud up`; every site also gets READY, a static file
@@ -152,9 +154,11 @@ def run(root: Path, samples: int, idle_sites: int, *, direct: bool) -> Figures:
                 if n:
                     values.append(elapsed * 1000)
             figures.results[runtime] = values
+            figures.load[runtime] = os.getloadavg()[0]
             print(
                 f"{runtime}: p50 {statistics.median(values):.1f} ms, p99 {pct(values, 99):.1f} ms, "
-                f"max {max(values):.1f} ms ({len(values)} cold starts, {'worker alone' if direct else 'front end'})"
+                f"max {max(values):.1f} ms ({len(values)} cold starts, {'worker alone' if direct else 'front end'}; "
+                f"load average {figures.load[runtime]:.2f})"
             )
     finally:
         cloud.stop()
@@ -204,12 +208,13 @@ def write_doc(figures: Figures, via: str) -> None:
         f"sample is a fresh idle site ({figures.samples} per runtime). "
         "Target: Python p50 ≤ 100 ms, p99 ≤ 250 ms.",
         "",
-        "| runtime | p50 ms | p99 ms | max ms |",
-        "| --- | ---: | ---: | ---: |",
+        "| runtime | p50 ms | p99 ms | max ms | load average |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     for runtime, values in figures.results.items():
         lines.append(
-            f"| {runtime} | {statistics.median(values):.1f} | {pct(values, 99):.1f} | {max(values):.1f} |"
+            f"| {runtime} | {statistics.median(values):.1f} | {pct(values, 99):.1f} | {max(values):.1f} "
+            f"| {figures.load.get(runtime, 0):.2f} |"
         )
     per_site = (figures.rss_idle - figures.rss_empty) / max(figures.idle, 1)
     lines += [

@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from roles.worker.apps._launch import SiteDirs, plan_launch
 from roles.worker.apps._sandbox import Sandbox, SandboxMounts, egress_rules
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import AppLimits
+from roles.worker.apps._volume import BlankImages, HomeVolume
 from shared.logs import get_logger
 from tests.support import wait_until
 from tests.test_worker_apps import AppCloud, running_cloud
@@ -281,6 +282,27 @@ def test_other_sites_content_and_the_worker_home_are_not_there(cloud: AppCloud) 
     bystander_answers(cloud)
 
 
+def test_the_app_runs_with_its_rlimits_no_capabilities_and_no_new_privileges(cloud: AppCloud) -> None:
+    attacker(cloud, "bounded", limits={"nofile": 200, "nproc": 40, "memory_mb": 128})
+    limits = {
+        line[:26].strip(): line[26:].split()[:2]
+        for line in cloud.get("bounded", "/cat?/proc/self/limits")[2].decode().splitlines()[1:]
+    }
+    assert limits["Max open files"] == ["200", "200"]
+    assert limits["Max processes"] == ["40", "40"]
+    assert limits["Max address space"] == [str(512 * 2**20)] * 2
+    assert limits["Max core file size"] == ["0", "0"]
+    cpu = limits["Max cpu time"]
+    assert int(cpu[1]) == int(cpu[0]) + 5
+    status = dict(
+        line.split(":\t", 1)
+        for line in cloud.get("bounded", "/cat?/proc/self/status")[2].decode().splitlines()
+    )
+    assert int(status["Uid"].split()[0]) >= UID_BASE
+    assert status["NoNewPrivs"].strip() == "1"
+    assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+
+
 @pytest.mark.parametrize("where", ["/dev/shm", "/tmp"])
 def test_filling_tmpfs_is_a_memory_kill_and_leaves_nothing(cloud: AppCloud, where: str) -> None:
     site = "shm" if where == "/dev/shm" else "tmpfill"
@@ -520,3 +542,38 @@ def test_a_quota_volume_outlives_an_idle_stop_for_its_grace_and_not_the_worker()
         assert c.get("napper", "/again")[2] == b"attacker /again"
         assert c.app("napper")["starts"] == 2
     assert not os.path.ismount(volume), "a stopped worker leaves no mount behind"
+
+
+@pytest.mark.skipif(not HomeVolume.available(), reason="quota volumes need mkfs.ext4, mount and loop devices")
+def test_a_new_site_takes_a_blank_volume_made_ahead_owned_by_it_alone(tmp_path: Path) -> None:
+    async def run() -> tuple[os.stat_result, os.stat_result, int, list[str]]:
+        blanks = BlankImages(tmp_path / "blank", keep=1)
+        blanks.fill(16)
+        await wait_until_async(lambda: any((tmp_path / "blank").glob("16-*.img")))
+        base = tmp_path / "7"
+        base.mkdir()
+        volume = HomeVolume(base, uid=UID_BASE + 7, gid=UID_BASE + 7, blanks=blanks)
+        await volume.acquire(16, base / "home", base / "tmp")
+        try:
+            root, home = os.stat(volume.mountpoint), os.stat(volume.home)
+            _, size = volume.usage()
+            # Taken by a rename; another is being made for the next new site.
+            await wait_until_async(lambda: any((tmp_path / "blank").glob("16-*.img")))
+            left = sorted(p.name for p in (tmp_path / "blank").iterdir())
+        finally:
+            await volume.close()
+            await blanks.close()
+        return root, home, size, left
+
+    async def wait_until_async(check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 20
+        while not check():
+            assert time.monotonic() < deadline, "no blank image was made"
+            await asyncio.sleep(0.02)
+
+    root, home, size, left = asyncio.run(run())
+    assert (root.st_uid, root.st_gid) == (UID_BASE + 7, UID_BASE + 7)
+    assert (home.st_uid, home.st_mode & 0o777) == (UID_BASE + 7, 0o700)
+    assert 8 * 1024 * 1024 < size <= 16 * 1024 * 1024
+    assert len(left) == 1 and left[0].startswith("16-") and left[0].endswith(".img")
+    assert (tmp_path / "7" / "volume.img").stat().st_mode & 0o777 == 0o600

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from roles.worker.apps._cgroup import AppGroup, CgroupTree
-from roles.worker.apps._isolation import SiteIdentity, lower_priority, process_tree, rlimit_prefix, tree_usage
+from roles.worker.apps._isolation import (
+    SiteIdentity,
+    lower_priority,
+    process_tree,
+    rlimit_prefix,
+    set_rlimits,
+    tree_usage,
+)
 from roles.worker.apps._launch import LaunchPlan
 from roles.worker.apps._sandbox import Sandbox, SandboxMounts, read_info
 from roles.worker.apps._sitelog import SiteLog
@@ -149,8 +156,9 @@ class AppInstance:
         self._attach(self.proc.pid)
 
     async def _spawn_sandboxed(self, stdin: int) -> None:
-        """bwrap holds the sandbox on ``--block-fd`` until its pids are in the site's cgroup: the
-        app cannot fork before it is counted. bwrap runs as root; setpriv drops to the site's uid."""
+        """bwrap holds the sandbox on ``--block-fd`` until its pids are in the site's cgroup and its
+        pid 1 has the app's rlimits: the app cannot fork before it is counted, nor run unlimited.
+        bwrap runs as root; setpriv drops to the site's uid."""
         assert self.sandbox is not None and self._mounts is not None
         ident = self.identity
         assert ident.uid is not None and ident.gid is not None
@@ -160,7 +168,7 @@ class AppInstance:
             argv = self.sandbox.argv(
                 self._mounts, uid=ident.uid, gid=ident.gid, block_fd=block_r, info_fd=info_w
             )
-            argv += rlimit_prefix(self.limits, own_uid=True, cgroup=self.cgroup is not None) + self.plan.argv
+            argv += self.plan.argv
             try:
                 self.proc = subprocess.Popen(  # noqa: ASYNC220 - fork and exec only, as above
                     argv,
@@ -176,13 +184,26 @@ class AppInstance:
             finally:
                 os.close(block_r)
                 os.close(info_w)
+            # The first cgroup write of a start waits out an RCU grace period (~10 ms on cgroup v1):
+            # bwrap's own process goes in from a thread while bwrap builds the sandbox, off the loop.
+            outer = asyncio.ensure_future(self._attach_off_loop(self.proc.pid))
             try:
                 self.init_pid = await read_info(info_r)
             except ValueError:
+                await outer
                 raise OSError(f"its sandbox could not be built: {self._abandon()}") from None
+            finally:
+                if not outer.done():
+                    await outer
+            # Before the block fd lets pid 1 fork the app: the app inherits them.
+            try:
+                set_rlimits(self.init_pid, self.limits, own_uid=True, cgroup=self.cgroup is not None)
+            except OSError as exc:
+                self._abandon()
+                raise OSError(f"could not set the app's limits: {exc}") from None
             for pid in (self.proc.pid, self.init_pid):
                 lower_priority(pid)
-                self._attach(pid)
+            self._attach(self.init_pid)
             if self.sandbox.slirp4netns is not None:
                 self._spawn_egress(self.init_pid)
         finally:
@@ -224,8 +245,19 @@ class AppInstance:
         try:
             CgroupTree.attach(self.cgroup, pid)
         except OSError as exc:
-            self.log.write("worker", f"could not put the app in its cgroup ({exc}); stopping it")
-            self.kill("limits")
+            self._not_attached(exc)
+
+    async def _attach_off_loop(self, pid: int) -> None:
+        if self.cgroup is None:
+            return
+        try:
+            await asyncio.to_thread(CgroupTree.attach, self.cgroup, pid)
+        except OSError as exc:
+            self._not_attached(exc)
+
+    def _not_attached(self, exc: OSError) -> None:
+        self.log.write("worker", f"could not put the app in its cgroup ({exc}); stopping it")
+        self.kill("limits")
 
     async def wait_listening(self, timeout: float) -> bool:
         """For ``command`` apps: poll until something accepts on $PORT."""

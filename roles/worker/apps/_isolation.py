@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -32,6 +33,7 @@ __all__ = [
     "protect_site_dir",
     "reap_orphans",
     "rlimit_prefix",
+    "set_rlimits",
     "tree_usage",
     "usable_by_others",
 ]
@@ -163,30 +165,57 @@ def usable_by_others(path: str, *, read: bool = False) -> bool:
     return True
 
 
+def _rlimits(limits: AppLimits, *, own_uid: bool, cgroup: bool) -> dict[str, int]:
+    """An app's resource limits (soft = hard) by ``prlimit`` option name.
+
+    RLIMIT_NPROC counts every process of the uid, so it is set only when the site has a uid of its own.
+    With a cgroup holding memory and CPU, the address-space and CPU-time backstops are left off: they
+    would only hurt (runtimes that reserve address space, such as Node and the JVM, fail to start under
+    RLIMIT_AS, and an always-on app would be killed after its CPU seconds).
+    """
+    found = {"nofile": limits.nofile, "core": 0}
+    if not cgroup:
+        found["as"] = (limits.memory_mb * 2 + 256) * 1024 * 1024
+        found["cpu"] = limits.cpu_seconds
+    if own_uid:
+        found["nproc"] = limits.nproc
+    return found
+
+
+_RESOURCES = {
+    "nofile": resource.RLIMIT_NOFILE,
+    "as": resource.RLIMIT_AS,
+    "cpu": resource.RLIMIT_CPU,
+    "core": resource.RLIMIT_CORE,
+    "nproc": resource.RLIMIT_NPROC,
+}
+
+
 def rlimit_prefix(limits: AppLimits, *, own_uid: bool, cgroup: bool) -> list[str]:
     """The ``prlimit`` command that sets an app's limits on itself and then runs it.
 
     Limits cannot be set from outside on another uid's process without CAP_SYS_RESOURCE, and
     ``preexec_fn`` is unsafe in a threaded parent; util-linux's ``prlimit`` (one small exec, after
-    the switch to the site's uid) lowers them in the process that becomes the app. RLIMIT_NPROC
-    counts every process of the uid, so it is set only when the site has a uid of its own. With a
-    cgroup holding memory and CPU, the address-space and CPU-time backstops are left off: they would
-    only hurt (runtimes that reserve address space, such as Node and the JVM, fail to start under
-    RLIMIT_AS, and an always-on app would be killed after its CPU seconds).
+    the switch to the site's uid) lowers them in the process that becomes the app. (A sandboxed app
+    gets them from :func:`set_rlimits` instead.)
     """
     prlimit = shutil.which("prlimit", path="/usr/bin:/bin:/usr/sbin:/sbin")
     if prlimit is None:
         raise NotSupported("this worker host has no prlimit", hint="install util-linux")
-    address_space = (limits.memory_mb * 2 + 256) * 1024 * 1024
-    argv = [prlimit, f"--nofile={limits.nofile}:{limits.nofile}", "--core=0:0"]
-    if not cgroup:
-        argv += [
-            f"--as={address_space}:{address_space}",
-            f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 5}",
-        ]
-    if own_uid:
-        argv.append(f"--nproc={limits.nproc}:{limits.nproc}")
+    argv = [prlimit]
+    for name, value in _rlimits(limits, own_uid=own_uid, cgroup=cgroup).items():
+        # CPU time: SIGXCPU at the soft limit, a few seconds to stop before SIGKILL at the hard one.
+        argv.append(f"--{name}={value}:{value + 5 if name == 'cpu' else value}")
     return [*argv, "--"]
+
+
+def set_rlimits(pid: int, limits: AppLimits, *, own_uid: bool, cgroup: bool) -> None:
+    """Set an app's limits on ``pid``, from outside (the worker is root): the pid 1 of a sandbox, held
+    on bwrap's block fd, so the app process it forks next starts with them, before any of its code
+    runs. One exec fewer per start than ``prlimit`` inside the sandbox."""
+    for name, value in _rlimits(limits, own_uid=own_uid, cgroup=cgroup).items():
+        hard = value + 5 if name == "cpu" else value
+        resource.prlimit(pid, _RESOURCES[name], (value, hard))
 
 
 def lower_priority(pid: int) -> None:

@@ -36,12 +36,18 @@ from roles.worker.apps._isolation import (
     protect_site_dir,
     reap_orphans,
 )
-from roles.worker.apps._launch import SiteDirs, appserver_for_apps, pick_python, plan_launch
+from roles.worker.apps._launch import (
+    SiteDirs,
+    appserver_for_apps,
+    compile_appserver,
+    pick_python,
+    plan_launch,
+)
 from roles.worker.apps._packages import install_requirements, packages_dir
 from roles.worker.apps._sandbox import EGRESS_MODES, Sandbox, SandboxMounts
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import SIZES, AppSpec, Runtime, detect_runtime, parse_app_spec, procfile_web
-from roles.worker.apps._volume import HomeVolume, unmount_stale
+from roles.worker.apps._volume import BlankImages, HomeVolume, unmount_stale
 from roles.worker.config import WorkerConfig
 from shared.control import Snapshot
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
@@ -124,6 +130,7 @@ class AppManager:
         self._sandbox: Sandbox | None = None
         # Disk quota volumes by site number, and which running instance holds which.
         self._volumes: dict[int, HomeVolume] = {}
+        self._blanks = BlankImages(self._apps_dir / "blank")
         self._held: dict[AppInstance, HomeVolume] = {}
         self._quota = False
         # Held sites (name → incarnation uid) and the app settings of those that have any.
@@ -245,6 +252,7 @@ class AppManager:
         else:
             self._log.info("apps run as the worker's own user: start the worker as root to isolate sites")
         self._appserver = appserver_for_apps(self._root, isolate=self._isolate)
+        self._spawn(compile_appserver(self._python, self._appserver))
         if self._isolate:
             self._sandbox = Sandbox.detect(
                 self._log,
@@ -257,6 +265,8 @@ class AppManager:
             if self._sandbox is not None and not self._quota:
                 self._log.warning("app disk quota: no mkfs.ext4/mount here (e2fsprogs); homes are unlimited")
             if self._quota:
+                # New sites of the usual size find a volume made ahead.
+                self._blanks.fill(self._config.app_disk_mb or self.default_limits.disk_mb)
                 try:
                     stale = await unmount_stale(self._apps_dir)
                 except (SitecloudError, OSError) as exc:
@@ -285,6 +295,7 @@ class AppManager:
         await asyncio.gather(
             *[t for t in (self._sweeper, *self._background) if t is not None], return_exceptions=True
         )
+        await self._blanks.close()
         # Releases under way were cancelled with the background tasks: unmount what is left.
         for volume in self._volumes.values():
             try:
@@ -554,7 +565,13 @@ class AppManager:
             return None
         volume = self._volumes.get(ident.number)
         if volume is None:
-            volume = HomeVolume(dirs.base, uid=ident.uid, gid=ident.gid, grace=self._config.app_volume_grace)
+            volume = HomeVolume(
+                dirs.base,
+                uid=ident.uid,
+                gid=ident.gid,
+                grace=self._config.app_volume_grace,
+                blanks=self._blanks,
+            )
             self._volumes[ident.number] = volume
         try:
             await volume.acquire(self._disk_mb(app), dirs.home, dirs.tmp)

@@ -14,8 +14,8 @@
 
 Paths stay what they are on the host (content root, HOME, TMPDIR), so the environment and php.ini
 need no rewriting. Inside, util-linux ``setpriv`` drops to the site's uid with no groups, no
-capabilities and no_new_privs before ``prlimit`` and the app. ``--block-fd`` holds the sandbox
-before anything of the app runs, so the worker puts it in its cgroup first (no fork escapes it).
+capabilities and no_new_privs before the app. ``--block-fd`` holds the sandbox before anything of
+the app runs, so the worker puts it in its cgroup and sets its rlimits first (no fork escapes them).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class Sandbox:
         )
 
     def argv(self, mounts: SandboxMounts, *, uid: int, gid: int, block_fd: int, info_fd: int) -> list[str]:
-        """bwrap and setpriv, to go before ``prlimit ... -- app``."""
+        """bwrap and setpriv, to go before the app's command."""
         size = str(mounts.tmpfs_bytes)
         argv = [self.bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
         argv += ["--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "app"]

@@ -1,25 +1,28 @@
-"""``python -m sitecloud_appserver --app MODULE[:ATTR] [--interface auto|wsgi|asgi]``, listening on fd 0."""
+"""``python -m sitecloud_appserver --app MODULE[:ATTR] [--interface auto|wsgi|asgi]``, listening on fd 0.
+
+Every import here is paid by each cold start: the module loads only what the app's interface needs
+(no asyncio for WSGI), and the rest (traceback, inspect) only where it is used.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import importlib
-import inspect
 import os
-import signal
 import socket
 import sys
-import traceback
-from typing import Any
 
-from ._asgi import AsgiHandler, Lifespan
-from ._http import read_request
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # Attributes tried, in order, when the entry names only a module.
 _NAMES = ("app", "application")
+# CPython's flag on the code of an ``async def`` (``inspect.CO_COROUTINE``).
+_CO_COROUTINE = 0x80
 
 
 def load(entry: str) -> Any:
+    import importlib
+
     module_name, _, attr = entry.partition(":")
     module = importlib.import_module(module_name)
     for name in (attr,) if attr else _NAMES:
@@ -32,45 +35,17 @@ def load(entry: str) -> Any:
 
 
 def is_asgi(app: Any) -> bool:
-    call = app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", None)  # noqa: B004
+    """Whether ``app`` (a function, or an object whose ``__call__`` is one) is ``async``."""
+    call = app if hasattr(app, "__code__") or hasattr(app, "__func__") else getattr(app, "__call__", None)  # noqa: B004
+    func = getattr(call, "__func__", call)
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        # A marked coroutine function (``inspect.markcoroutinefunction``) is one too.
+        return bool(code.co_flags & _CO_COROUTINE) or hasattr(func, "_is_coroutine_marker")
+    # Anything less plain (functools.partial, a callable type): inspect's answer.
+    import inspect
+
     return inspect.iscoroutinefunction(call)
-
-
-async def serve(handler: Any, lifespan: Lifespan | None) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    busy: set[asyncio.Task[Any]] = set()
-    if lifespan is not None:
-        await lifespan.startup()
-
-    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            busy.add(task)
-        try:
-            req = await read_request(reader)
-            if req is not None:
-                await handler(req, writer)
-                await writer.drain()
-        except (ConnectionError, ValueError, asyncio.IncompleteReadError):
-            pass
-        except Exception:
-            traceback.print_exc(file=sys.stderr)
-        finally:
-            if task is not None:
-                busy.discard(task)
-            writer.close()
-
-    listener = socket.socket(fileno=0)
-    server = await asyncio.start_unix_server(connection, sock=listener, limit=80 * 1024)
-    await stop.wait()
-    server.close()
-    if busy:
-        await asyncio.wait(busy, timeout=5)
-    if lifespan is not None:
-        await lifespan.shutdown()
 
 
 def _options(argv: list[str]) -> dict[str, str]:
@@ -96,28 +71,21 @@ def main() -> None:
     except SystemExit:
         raise
     except BaseException:
+        import traceback
+
         traceback.print_exc(file=sys.stderr)
         raise SystemExit(f"the app {entry} could not be loaded (the error is above)") from None
     asgi = interface == "asgi" or (interface == "auto" and is_asgi(app))
-    handler: Any
-    if asgi:
-        handler = AsgiHandler(app)
-    else:
-        from ._wsgi import WsgiHandler
-
-        handler = WsgiHandler(app, int(options["--threads"]))
     print(f"serving {entry} ({'ASGI' if asgi else 'WSGI'}), pid {os.getpid()}", file=sys.stderr, flush=True)
-    try:
-        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    listener = socket.socket(fileno=0)
+    if asgi:
+        from ._asgi import serve_asgi
 
-        runner: Any = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    try:
-        runner(serve(handler, Lifespan(app) if asgi else None))
-    finally:
-        if not asgi:
-            handler.close()
+        serve_asgi(app, listener)
+    else:
+        from ._wsgi import serve_wsgi
+
+        serve_wsgi(app, int(options["--threads"]), listener)
 
 
 if __name__ == "__main__":

@@ -5,19 +5,75 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
+import socket
 import sys
-import traceback
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 from . import MEMORY_EXIT
 from ._environ import asgi_scope
-from ._http import HttpRequest, response_head
+from ._http import HttpRequest, read_request, response_head
 
-__all__ = ["AsgiHandler", "Lifespan"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from typing import Any
 
-Message = dict[str, Any]
-AsgiApp = Callable[[dict[str, Any], Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]  # fmt: skip
+    Message = dict[str, Any]
+    AsgiApp = Callable[[dict[str, Any], Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]  # fmt: skip
+
+__all__ = ["AsgiHandler", "Lifespan", "serve_asgi"]
+
+
+def serve_asgi(app: AsgiApp, listener: socket.socket) -> None:
+    """Serve on ``listener`` (uvloop where the app's Python has it) until SIGTERM or SIGINT."""
+    runner: Any
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(_serve(AsgiHandler(app), Lifespan(app), listener))
+
+
+async def _serve(handler: AsgiHandler, lifespan: Lifespan, listener: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    busy: set[asyncio.Task[Any]] = set()
+    await lifespan.startup()
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            busy.add(task)
+        try:
+            req = await read_request(reader)
+            if req is not None:
+                await handler(req, writer)
+                await writer.drain()
+        except (ConnectionError, ValueError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            _print_exc()
+        finally:
+            if task is not None:
+                busy.discard(task)
+            writer.close()
+
+    server = await asyncio.start_unix_server(connection, sock=listener, limit=80 * 1024)
+    await stop.wait()
+    server.close()
+    if busy:
+        await asyncio.wait(busy, timeout=5)
+    await lifespan.shutdown()
+
+
+def _print_exc() -> None:
+    import traceback  # only when something failed
+
+    traceback.print_exc(file=sys.stderr)
 
 
 class AsgiHandler:
@@ -60,7 +116,7 @@ class AsgiHandler:
             print("MemoryError: the app ran out of memory", file=sys.stderr, flush=True)
             os._exit(MEMORY_EXIT)
         except Exception:
-            traceback.print_exc(file=sys.stderr)
+            _print_exc()
             if not started:
                 body = b"Internal Server Error\n"
                 writer.write(

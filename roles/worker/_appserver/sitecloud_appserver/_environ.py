@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import sys
-from typing import Any
 
 from ._http import HttpRequest
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["asgi_scope", "wsgi_environ"]
 

@@ -1,26 +1,40 @@
-"""The one request per connection the worker sends, and the response written back."""
+"""The one request per connection the worker sends, and the response written back.
+
+Imports are kept to what a cold start needs: every module here is loaded before the first answer.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass
-from http import HTTPStatus
-from urllib.parse import unquote_to_bytes
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import asyncio
+    import socket
 
-__all__ = ["HttpRequest", "read_request", "response_head"]
+__all__ = ["HttpRequest", "read_request", "recv_request", "response_head"]
 
 MAX_HEAD = 80 * 1024
 
 
-@dataclass(slots=True)
 class HttpRequest:
-    method: str
-    raw_path: bytes
-    path: str
-    query: bytes
-    # Lower-case names, as sent; repeated headers stay separate.
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
+    # A plain class: dataclasses would cost the cold start an import and a code generation.
+    __slots__ = ("body", "headers", "method", "path", "query", "raw_path")
+
+    def __init__(
+        self,
+        method: str,
+        raw_path: bytes,
+        path: str,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
+        self.method = method
+        self.raw_path = raw_path
+        self.path = path
+        self.query = query
+        # Lower-case names, as sent; repeated headers stay separate.
+        self.headers = headers
+        self.body = body
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -29,15 +43,9 @@ class HttpRequest:
         return None
 
 
-async def read_request(reader: asyncio.StreamReader) -> HttpRequest | None:
-    """The request on this connection; None when the peer closed without one."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError:
-        return None
-    except asyncio.LimitOverrunError:
-        raise ValueError("request head too large") from None
-    lines = head[:-4].split(b"\r\n")
+def parse_head(head: bytes) -> tuple[HttpRequest, int]:
+    """The request a head (without its blank line) describes, body still empty, and the body's length."""
+    lines = head.split(b"\r\n")
     method, target, _version = lines[0].split(b" ", 2)
     headers: list[tuple[bytes, bytes]] = []
     length = 0
@@ -47,15 +55,63 @@ async def read_request(reader: asyncio.StreamReader) -> HttpRequest | None:
         headers.append((name, value))
         if name == b"content-length":
             length = int(value)
-    body = await reader.readexactly(length) if length else b""
+            if length < 0:
+                raise ValueError("negative Content-Length")
     raw_path, _, query = target.partition(b"?")
-    path = unquote_to_bytes(raw_path).decode("latin-1")
-    return HttpRequest(method.decode("ascii"), raw_path, path, query, headers, body)
+    if b"%" in raw_path:
+        from urllib.parse import unquote_to_bytes  # only for paths that need it
+
+        path = unquote_to_bytes(raw_path).decode("latin-1")
+    else:
+        path = raw_path.decode("latin-1")
+    return HttpRequest(method.decode("ascii"), raw_path, path, query, headers, b""), length
+
+
+async def read_request(reader: asyncio.StreamReader) -> HttpRequest | None:
+    """The request on this connection; None when the peer closed without one."""
+    import asyncio
+
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    except asyncio.LimitOverrunError:
+        raise ValueError("request head too large") from None
+    req, length = parse_head(head[:-4])
+    if length:
+        req.body = await reader.readexactly(length)
+    return req
+
+
+def recv_request(conn: socket.socket) -> HttpRequest | None:
+    """The request on a blocking connection; None when the peer closed without a whole head."""
+    data = bytearray()
+    end = -1
+    while end < 0:
+        if len(data) > MAX_HEAD:
+            raise ValueError("request head too large")
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        start = max(0, len(data) - 3)
+        data += chunk
+        end = data.find(b"\r\n\r\n", start)
+    req, length = parse_head(bytes(data[:end]))
+    body = data[end + 4 :]
+    while len(body) < length:
+        chunk = conn.recv(min(length - len(body), 1 << 20))
+        if not chunk:
+            raise ConnectionError("the request body ended early")
+        body += chunk
+    req.body = bytes(body[:length])
+    return req
 
 
 def response_head(status: int, reason: str, headers: list[tuple[bytes, bytes]]) -> bytes:
     """A response head; the body that follows ends when the connection closes unless it has a length."""
     if not reason:
+        from http import HTTPStatus  # ASGI gives no reason phrase; WSGI always does
+
         try:
             reason = HTTPStatus(status).phrase
         except ValueError:
