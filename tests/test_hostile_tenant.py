@@ -232,7 +232,9 @@ def _wait_logged(
     try:
         wait_until(lambda: any(w in new_text().lower() for w in words), timeout=10, interval=0.5, what=what)
     except AssertionError:
-        raise AssertionError(f"{what}; the site's new log lines:\n{new_text()[-3000:]}") from None
+        raise AssertionError(
+            f"{what}; the site's new log lines:\n{new_text()[-3000:]}\n{cloud.role_logs()[-6000:]}"
+        ) from None
 
 
 def _restart_site(cloud: LocalCloud, site: str) -> None:
@@ -607,7 +609,11 @@ def test_filling_home_or_tmpdir_past_the_plan_storage_is_refused_and_logged(
             )
             # The full disk stays full until the line is there: the worker notices it on its rounds.
             _wait_logged(
-                cloud, "attacker-py", DISK_WORDS, "a full-disk line in the site's log", before=before
+                cloud,
+                "attacker-py",
+                DISK_WORDS,
+                f"a full-disk line in the site's log ({answer})",
+                before=before,
             )
         else:
             assert status in (502, 503, 504), (status, answer)
@@ -617,6 +623,13 @@ def test_filling_home_or_tmpdir_past_the_plan_storage_is_refused_and_logged(
         if status == 200:
             with contextlib.suppress(OSError, http.client.HTTPException):
                 _attack(cloud, "/rm", path=answer["path"])
+    # Until the worker has seen the disk with room again, a second fill is the same full-disk episode.
+    wait_until(
+        lambda: not any(a.get("disk_full") for a in cloud.cli("site", "show", "attacker-py")["apps"]),
+        timeout=15,
+        interval=0.5,
+        what="the worker to see the disk with room again",
+    )
     cloud.wait_for_content("attacker-py", "/", b"attacker here", timeout=20)
     assert_victim_ok(cloud, world)
 

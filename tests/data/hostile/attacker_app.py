@@ -158,6 +158,9 @@ def remove(query: Query) -> Answer:
         os.unlink(query["path"])
     except OSError as exc:
         return {"removed": False, "error": _errname(exc)}
+    # ext4 reuses a deleted file's blocks only after its next journal commit (up to 5 s): the next
+    # attack should meet the quota, not that window.
+    os.sync()
     return {"removed": True}
 
 
