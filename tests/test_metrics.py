@@ -7,17 +7,24 @@ over mTLS and counters that rise by exactly the requests sent.
 
 from __future__ import annotations
 
+import ftplib
 import http.client
+import io
+import json
 import ssl
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from roles.frontend.config import FrontendConfig
+from shared.config import ROLE_KINDS
 from shared.net import free_port
-from tests.support import CloudPKI, RoleProcess, call
+from shared.tls import client_context_from_files
+from tests.cloud import LocalCloud
+from tests.support import CloudPKI, RoleProcess, call, wait_until
 
 DOMAIN = "sites.test"
 
@@ -157,3 +164,110 @@ def test_per_site_series_are_the_busiest_sites_and_the_rest_folded(frontend: Rol
     assert count == 12
     assert value(after, "sitecloud_frontend_site_received_bytes_total", site="a") > 0
     assert value(after, "sitecloud_frontend_site_sent_bytes_total", site="a") > 0
+
+
+# -- one cloud, every role -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
+    cloud = LocalCloud(tmp_path_factory.mktemp("cloud") / "home")
+    cloud.start()
+    try:
+        yield cloud
+    finally:
+        cloud.kill_everything()
+
+
+@pytest.fixture(scope="module")
+def site(cloud: LocalCloud) -> dict[str, Any]:
+    cloud.cli("plan", "create", "basic", "--max-sites", "2", "--storage-mb", "5")
+    cloud.cli("tenant", "create", "contoso")
+    sub = cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "basic")
+    blog: dict[str, Any] = cloud.cli("site", "create", "blog", "--subscription", str(sub["id"]))
+    wait_until(lambda: cloud.get("blog")[0] == 200, timeout=20, what="the new site to be served")
+    return blog
+
+
+def _controls(cloud: LocalCloud) -> tuple[dict[str, str], ssl.SSLContext]:
+    """Every role's control URL, and a client with the controller's own certificate."""
+    ports = json.loads((cloud.home / "cloud.json").read_text())["internal_ports"]
+    tls = cloud.home / "controller" / "tls"
+    ctx = client_context_from_files(tls / "role.pem", tls / "role.key", tls / "ca.pem")
+    urls = {kind: f"https://localhost:{port}" for kind, port in ports.items() if kind in ROLE_KINDS}
+    return urls, ctx
+
+
+def test_every_role_answers_metrics_over_mtls(cloud: LocalCloud, site: dict[str, Any]) -> None:
+    urls, ctx = _controls(cloud)
+    assert set(urls) >= {"controller", "management", "frontend", "worker", "fileserver", "publisher"}
+    for kind, url in urls.items():
+        samples = scrape(url, ctx)
+        assert value(samples, "process_cpu_seconds_total") > 0, kind
+        assert value(samples, "sitecloud_config_version") >= 1, kind
+        assert any(
+            name == "sitecloud_role_info" and dict(labels)["role"] == kind for name, labels in samples
+        ), kind
+
+    # The controller: every role it runs counted by state, none behind on its config once settled.
+    def settled() -> Samples | None:
+        samples = scrape(urls["controller"], ctx)
+        ready = value(samples, "sitecloud_controller_roles", state="Ready")
+        lag = sum(v for (name, _), v in samples.items() if name == "sitecloud_controller_role_config_lag")
+        return samples if ready == len(urls) - 1 and lag == 0 else None
+
+    samples = wait_until(settled, timeout=20, what="every role Ready and on the newest config")
+    assert value(samples, "sitecloud_controller_reconcile_duration_seconds_count") >= 1
+
+
+def test_seven_gets_raise_the_front_end_and_worker_2xx_counters_by_seven(
+    cloud: LocalCloud, site: dict[str, Any]
+) -> None:
+    urls, ctx = _controls(cloud)
+
+    def twoxx() -> tuple[float, float, float]:
+        fe, w = scrape(urls["frontend"], ctx), scrape(urls["worker"], ctx)
+        return (
+            value(fe, "sitecloud_frontend_requests_total", code="2xx"),
+            value(w, "sitecloud_worker_requests_total", code="2xx"),
+            value(fe, "sitecloud_frontend_site_requests_total", site="blog"),
+        )
+
+    before = twoxx()
+    for _ in range(7):
+        assert cloud.get("blog")[0] == 200
+    # Serving processes hand their counts over about once a second.
+    wait_until(lambda: twoxx()[0] - before[0] >= 7 and twoxx()[1] - before[1] >= 7, timeout=5, what="counts")
+    after = twoxx()
+    assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (7, 7, 7)
+
+
+def test_publisher_and_fileserver_count_logins_uploads_and_commits(
+    cloud: LocalCloud, site: dict[str, Any]
+) -> None:
+    urls, ctx = _controls(cloud)
+    pub0, fs0 = scrape(urls["publisher"], ctx), scrape(urls["fileserver"], ctx)
+    ftp_host, ftp_port = site["ftp"]["host"], site["ftp"]["port"]
+    bad = ftplib.FTP()
+    bad.connect(ftp_host, ftp_port, timeout=10)
+    with pytest.raises(ftplib.error_perm):
+        bad.login(site["ftp"]["user"], "not the password")
+    bad.close()
+    ftp = ftplib.FTP()
+    ftp.connect(ftp_host, ftp_port, timeout=10)
+    ftp.login(site["ftp"]["user"], site["ftp"]["password"])
+    page = b"<h1>metrics</h1>" * 64
+    ftp.storbinary("STOR index.html", io.BytesIO(page))
+    ftp.quit()
+    cloud.wait_for_content("blog", "/", page)
+    pub, fs = scrape(urls["publisher"], ctx), scrape(urls["fileserver"], ctx)
+
+    def grew(a: Samples, b: Samples, name: str) -> float:
+        return value(b, name) - value(a, name)
+
+    assert grew(pub0, pub, "sitecloud_publisher_logins_failed_total") == 1
+    assert grew(pub0, pub, "sitecloud_publisher_ftp_sessions_opened_total") == 2
+    assert grew(pub0, pub, "sitecloud_publisher_ftp_received_bytes_total") == len(page)
+    assert grew(fs0, fs, "sitecloud_fileserver_commits_total") == 1
+    assert grew(fs0, fs, "sitecloud_fileserver_blobs_stored_total") == 1
+    assert value(fs, "sitecloud_fileserver_stored_bytes") >= len(page)
