@@ -101,6 +101,13 @@ class HttpCounts:
         self.latency_sum += other.latency_sum
         add_sites(self.sites, other.sites)
 
+    def folded(self, top_n: int) -> HttpCounts:
+        """The same counts with only the ``top_n`` busiest sites on their own (see :func:`_top_sites`)."""
+        out = HttpCounts()
+        out.status, out.buckets, out.latency_sum = self.status, self.buckets, self.latency_sum
+        out.sites = _top_sites(self.sites, top_n)
+        return out
+
     def to_json(self) -> dict[str, Any]:
         return {"status": self.status, "buckets": self.buckets, "sum": self.latency_sum, "sites": self.sites}
 
@@ -257,11 +264,19 @@ def read_counts(state_dir: Path, pids: Iterable[int]) -> HttpCounts:
 
 
 class CountsWriter:
-    """A serving process's counts, written for the main process to sum (once a second, when changed)."""
+    """A serving process's counts, written for the main process to sum (once a second, when changed).
 
-    def __init__(self, state_dir: Path, counts: Callable[[], HttpCounts], interval: float = 1.0) -> None:
+    Only its ``keep_sites`` busiest sites are written apart (the rest summed as ``_other``): with many
+    thousands of sites, writing them all every second would cost the serving process real time. The
+    main process's top N are then exact but for sites near the edge, which one process may have folded.
+    """
+
+    def __init__(
+        self, state_dir: Path, counts: Callable[[], HttpCounts], *, keep_sites: int, interval: float = 1.0
+    ) -> None:
         self._path = _counts_dir(state_dir) / f"{os.getpid()}.json"
-        self._counts = counts
+        self._source = counts
+        self._keep = keep_sites
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
 
@@ -277,7 +292,7 @@ class CountsWriter:
 
     def write(self, last: str = "") -> str:
         """Write the counts unless they are ``last`` (as text); return them as text."""
-        text = json.dumps(self._counts().to_json())
+        text = json.dumps(self._source().folded(self._keep).to_json())
         if text != last:
             # Replaced whole (never read half-written); no fsync: the counts live no longer than the
             # processes, and a stall of the serving loop would cost more than they are worth.

@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import ssl
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -271,3 +272,53 @@ def test_publisher_and_fileserver_count_logins_uploads_and_commits(
     assert grew(fs0, fs, "sitecloud_fileserver_commits_total") == 1
     assert grew(fs0, fs, "sitecloud_fileserver_blobs_stored_total") == 1
     assert value(fs, "sitecloud_fileserver_stored_bytes") >= len(page)
+
+
+def test_serving_processes_counts_are_summed_by_the_main_process(
+    fe_pki: CloudPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    config = fe_pki.role_config(
+        FrontendConfig,
+        "frontend",
+        tmp_path_factory.mktemp("frontend2"),
+        processes=2,
+        usage_interval=0,
+        connect_timeout=1.0,
+    )
+    fe_pki.ca.issue_wildcard(DOMAIN).write(config.wildcard_key_file, config.wildcard_cert_file)
+    with RoleProcess(config, fe_pki).running() as proc:
+        ctx = fe_pki.client_ssl("management")
+        assert len(proc.health()["serving_pids"]) == 2
+        assert plain_get(config.http_port, "127.0.0.1", "/healthz")[0] == 503
+        closed = f"localhost:{free_port()}"
+        proc.push_config({"version": 1, "domain": DOMAIN, "sites": {"blog": {"workers": [closed]}}})
+        # Each serving process takes the snapshot on its own: both must answer 200.
+        wait_until(
+            lambda: all(plain_get(config.http_port, "127.0.0.1", "/healthz")[0] == 200 for _ in range(6)),
+            timeout=10,
+            what="every serving process to have routes",
+        )
+        # The health checks above are counted too: let the serving processes hand them over first.
+        time.sleep(1.5)
+        before = scrape(proc.control_url, ctx)
+        for _ in range(8):  # a connection each: the kernel spreads them over both processes
+            assert plain_get(config.http_port, f"blog.{DOMAIN}")[0] == 502
+
+        def summed() -> Samples | None:
+            now = scrape(proc.control_url, ctx)
+            grew = value(now, "sitecloud_frontend_site_requests_total", site="blog") - value(
+                before, "sitecloud_frontend_site_requests_total", site="blog"
+            )
+            return now if grew >= 8 else None
+
+        after = wait_until(summed, timeout=5, what="the serving processes' counts")
+        assert (
+            value(after, "sitecloud_frontend_site_requests_total", site="blog")
+            - value(before, "sitecloud_frontend_site_requests_total", site="blog")
+            == 8
+        )
+        assert (
+            value(after, "sitecloud_frontend_requests_total", code="5xx")
+            - value(before, "sitecloud_frontend_requests_total", code="5xx")
+            == 8
+        )

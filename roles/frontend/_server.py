@@ -274,7 +274,9 @@ async def _serve_child(config: FrontendConfig, stop: asyncio.Event, index: int) 
     stop_reloading = reload_on_sighup(reload)
     await reload()
     servers, usage, _ = await _serve_data(config, proxy, log)
-    counts = CountsWriter(config.state_dir, lambda: _counts(proxy, usage))
+    counts = CountsWriter(
+        config.state_dir, lambda: _counts(proxy, usage), keep_sites=4 * config.metrics_top_sites
+    )
     counts.start()
     _settle_heap()
     orphan_guard = watch_parent(stop)

@@ -244,7 +244,7 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
     await reload()
     server = DataServer(config, lookup, hot, failure=failed.get, pending=pending.__contains__)
     await server.start()
-    counts = CountsWriter(config.state_dir, lambda: server.counts)
+    counts = CountsWriter(config.state_dir, lambda: server.counts, keep_sites=4 * config.metrics_top_sites)
     counts.start()
     gc.collect()
     gc.freeze()
