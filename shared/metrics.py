@@ -46,6 +46,7 @@ __all__ = [
     "HttpCollector",
     "HttpCounts",
     "add_sites",
+    "clear_counts",
     "metrics_handler",
     "read_counts",
     "role_registry",
@@ -252,6 +253,13 @@ def metrics_handler(registry: CollectorRegistry, *, mtls: bool = True) -> Callab
 
 def _counts_dir(state_dir: Path) -> Path:
     return state_dir / "metrics"
+
+
+def clear_counts(state_dir: Path) -> None:
+    """Forget counts left by serving processes of an earlier run (the main process calls this first)."""
+    for path in _counts_dir(state_dir).glob("*.json"):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def read_counts(state_dir: Path, pids: Iterable[int]) -> HttpCounts:

@@ -21,11 +21,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from roles.frontend.config import FrontendConfig
+from roles.worker.config import WorkerConfig
 from shared.config import ROLE_KINDS
 from shared.net import free_port
 from shared.tls import client_context_from_files
 from tests.cloud import LocalCloud
-from tests.support import CloudPKI, RoleProcess, call, wait_until
+from tests.support import CloudPKI, RoleProcess, call, lane_exchange, wait_until
 
 DOMAIN = "sites.test"
 
@@ -322,3 +323,37 @@ def test_serving_processes_counts_are_summed_by_the_main_process(
             - value(before, "sitecloud_frontend_requests_total", code="5xx")
             == 8
         )
+
+
+def test_a_workers_serving_processes_counts_are_summed_per_site(
+    fe_pki: CloudPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    config = fe_pki.role_config(WorkerConfig, "worker", tmp_path_factory.mktemp("worker"), processes=2)
+    with RoleProcess(config, fe_pki).running() as proc:
+        nowhere = f"https://localhost:{free_port()}"  # no fileserver: the site's content is pending
+        proc.push_config(
+            {"version": 1, "fileserver": nowhere, "sites": {"blog": {"uid": "0123456789abcdef"}}}
+        )
+        ctx = fe_pki.client_ssl("controller")
+        wait_until(lambda: len(proc.health()["serving_pids"]) == 2, timeout=10, what="two serving processes")
+        before = scrape(proc.control_url, ctx)
+        head = b"GET / HTTP/1.1\r\nHost: blog\r\nX-Sitecloud-Site: blog\r\n\r\n"
+        statuses = []
+        for _ in range(6):  # a connection each, spread over both processes
+            statuses += [a.status for a in lane_exchange(fe_pki, config.data_port, [head, head], lane=False)]
+        assert len(statuses) == 12
+
+        def grew(samples: Samples, name: str, **labels: str) -> float:
+            return value(samples, name, **labels) - value(before, name, **labels)
+
+        def summed() -> Samples | None:
+            now = scrape(proc.control_url, ctx)
+            return now if grew(now, "sitecloud_worker_site_requests_total", site="blog") >= 12 else None
+
+        after = wait_until(summed, timeout=5, what="the serving processes' counts")
+        assert grew(after, "sitecloud_worker_site_requests_total", site="blog") == 12
+        by_class = {f"{s // 100}xx": statuses.count(s) for s in statuses}
+        for code, n in by_class.items():
+            assert grew(after, "sitecloud_worker_requests_total", code=code) == n
+        assert grew(after, "sitecloud_worker_site_sent_bytes_total", site="blog") > 0
+        assert grew(after, "sitecloud_worker_request_duration_seconds_count") == 12

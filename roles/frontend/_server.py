@@ -24,7 +24,7 @@ from shared.control import ControlPlane, Snapshot
 from shared.files import atomic_write_json, read_json
 from shared.listeners import listener
 from shared.logs import ContextLogger, get_logger
-from shared.metrics import CountsWriter, HttpCollector, HttpCounts, add_sites, read_counts
+from shared.metrics import CountsWriter, HttpCollector, HttpCounts, add_sites, clear_counts, read_counts
 from shared.prefork import (
     ServingProcesses,
     reload_on_sighup,
@@ -239,6 +239,7 @@ async def _serve_main(config: FrontendConfig, stop: asyncio.Event, processes: in
         )
     )
     await plane.load_last_known_good()
+    clear_counts(config.state_dir)
     children.start()
     await plane.start()
     _settle_heap()

@@ -28,7 +28,14 @@ from roles.worker.server import DataServer
 from shared.control import ControlPlane, Snapshot
 from shared.files import atomic_write_json, read_json
 from shared.logs import get_logger
-from shared.metrics import CountsWriter, FiguresCollector, HttpCollector, HttpCounts, read_counts
+from shared.metrics import (
+    CountsWriter,
+    FiguresCollector,
+    HttpCollector,
+    HttpCounts,
+    clear_counts,
+    read_counts,
+)
 from shared.prefork import (
     ServingProcesses,
     reload_on_sighup,
@@ -126,6 +133,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         await server.start()
     if children is not None:
         hand_over()
+        clear_counts(config.state_dir)
         children.start()
     await plane.start()
     # Startup's objects live as long as the process: keep the cyclic collector's full passes short.
