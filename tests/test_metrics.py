@@ -147,6 +147,9 @@ def test_per_site_series_are_the_busiest_sites_and_the_rest_folded(frontend: Rol
             status, _ = plain_get(config.http_port, f"{name}.{DOMAIN}")
             assert status == 502  # no worker listens: answered all the same
     after = scrape(plain, None)  # the plain port: no client certificate
+    # It answers /metrics and nothing else (no config, no health), on loopback.
+    status, body = plain_get(config.metrics_port, "127.0.0.1", "/v1/health")
+    assert status == 404 and b"no such endpoint" in body
     site_series = {
         dict(labels)["site"] for name, labels in after if name == "sitecloud_frontend_site_requests_total"
     }
