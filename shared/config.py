@@ -39,6 +39,12 @@ class RoleConfig:
     log_level: str = "INFO"
     # Where the controller's internal API is (for nudges and reports); empty when there is none.
     controller_url: str = ""
+    # A plain-HTTP /metrics for a Prometheus scraper without a client certificate; 0: none. Loopback
+    # unless metrics_bind says otherwise (it answers anyone who reaches it).
+    metrics_port: int = 0
+    metrics_bind: str = "127.0.0.1"
+    # Per-site metric series: the busiest this many sites, the rest summed as site="_other".
+    metrics_top_sites: int = 50
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -2,7 +2,8 @@
 
 The controller ``PUT``s ``/v1/config`` with a snapshot ``{"version": N, ...}``. The role applies it,
 then persists it as its last-known-good config, so that after a restart it serves from it at once,
-whether or not the controller is there. ``GET /v1/health`` answers any cloud role.
+whether or not the controller is there. ``GET /v1/health`` answers any cloud role; ``GET /metrics``
+(Prometheus text, see :mod:`shared.metrics`) the controller and management.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from shared.files import atomic_write_json, read_json
 from shared.internal import error_middleware, require_role
 from shared.listeners import listener, listening_ports
 from shared.logs import get_logger
+from shared.metrics import metrics_handler, role_registry
 from shared.tls import server_context
 from shared.version import CODE_VERSION
 
@@ -52,6 +54,9 @@ class ControlPlane:
         self._started = time.time()
         self.snapshot: Snapshot | None = None
         self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        # This process's metrics: roles register their collectors on it.
+        self.metrics = role_registry(config.role, config.host, lambda: self.config_version)
 
     @property
     def config_version(self) -> int:
@@ -109,8 +114,19 @@ class ControlPlane:
         app = web.Application(middlewares=[error_middleware], client_max_size=self._client_max_size)
         app.router.add_get("/v1/health", self._get_health)
         app.router.add_put("/v1/config", self._put_config)
+        app.router.add_get("/metrics", metrics_handler(self.metrics))
         app.add_routes(self._routes)
         return app
+
+    async def _start_metrics_port(self) -> None:
+        """The optional plain-HTTP /metrics (no client certificate), for a Prometheus scraper."""
+        app = web.Application(middlewares=[error_middleware])
+        app.router.add_get("/metrics", metrics_handler(self.metrics, mtls=False))
+        self._metrics_runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
+        await self._metrics_runner.setup()
+        sock = listener("metrics", self.config.metrics_bind, self.config.metrics_port)
+        await web.SockSite(self._metrics_runner, sock).start()
+        self._log.info("metrics over plain HTTP on %s:%s", self.config.metrics_bind, sock.getsockname()[1])
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=5)
@@ -118,8 +134,13 @@ class ControlPlane:
         sock = listener("control", self.config.bind, self.config.control_port)
         site = web.SockSite(self._runner, sock, ssl_context=server_context(self.config))
         await site.start()
+        if self.config.metrics_port:
+            await self._start_metrics_port()
 
     async def stop(self) -> None:
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

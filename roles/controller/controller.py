@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import Counter, Histogram
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from sqlalchemy import select
 
 from roles.controller._fleet import Fleet
@@ -32,6 +34,7 @@ from shared.db import Database, Host, Role, bump_generation
 from shared.errors import SitecloudError, Unavailable
 from shared.internal import InternalClient, error_middleware, require_role
 from shared.logs import get_logger
+from shared.metrics import FiguresCollector, metrics_handler, role_registry
 from shared.states import HealthStatus, RoleState
 from shared.tls import client_context, server_context
 
@@ -84,6 +87,18 @@ class Controller:
         self._draining: set[int] = set()
         self._pushing: dict[int, asyncio.Task[None]] = {}
         self.fleet: Fleet | None = None
+        # Metrics: the reconcile pass timed as it runs (a few a second at most); the rest read when scraped.
+        self.metrics = role_registry("controller", LOCAL_HOST, self._generation)
+        self._reconcile_seconds = Histogram(
+            "sitecloud_controller_reconcile_duration_seconds",
+            "Time of one reconcile pass (read desired state, push snapshots).",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.metrics,
+        )
+        self._reconcile_failures = Counter(
+            "sitecloud_controller_reconcile_failures", "Reconcile passes that failed.", registry=self.metrics
+        )
+        self.metrics.register(FiguresCollector(self._role_metrics))
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -215,6 +230,7 @@ class Controller:
         app = web.Application(middlewares=[error_middleware])
         app.router.add_post("/v1/reconcile", self._api_reconcile)
         app.router.add_get("/v1/health", self._api_health)
+        app.router.add_get("/metrics", metrics_handler(self.metrics))
         assert self.fleet is not None
         app.add_routes(fleet_routes(self.fleet, self))
         app.add_routes(usage_routes(UsageBook(self.db)))
@@ -273,6 +289,31 @@ class Controller:
             await asyncio.sleep(0.02)
         return False
 
+    def _generation(self) -> int:
+        return self._desired.generation if self._desired is not None else 0
+
+    def _role_metrics(self) -> Iterator[Metric]:
+        """Roles by state, and each role's config lag (generations it is behind), from the last checks."""
+        generation = self._generation()
+        yield GaugeMetricFamily(
+            "sitecloud_controller_desired_generation", "The desired state's generation.", value=generation
+        )
+        by_state = {state: 0 for state in RoleState}
+        lag = GaugeMetricFamily(
+            "sitecloud_controller_role_config_lag",
+            "Config generations a role is behind the desired one (0: it applied the newest).",
+            labels=["role", "kind", "host"],
+        )
+        for role in self._roles.values():
+            obs = self._observed.get(role.id, RoleObservation())
+            by_state[obs.state] += 1
+            lag.add_metric([str(role.id), role.kind, role.host], max(0, generation - obs.config_version))
+        states = GaugeMetricFamily("sitecloud_controller_roles", "Roles by state.", labels=["state"])
+        for state, n in by_state.items():
+            states.add_metric([state.value], n)
+        yield states
+        yield lag
+
     async def _api_health(self, request: web.Request) -> web.Response:
         return web.json_response({"role": "controller", "status": "ready"})
 
@@ -289,10 +330,13 @@ class Controller:
     async def _reconcile_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self._nudge.clear()
+            started = time.perf_counter()
             try:
                 await self.reconcile_once()
             except Exception:
+                self._reconcile_failures.inc()
                 self._log.exception("reconcile pass failed; retrying")
+            self._reconcile_seconds.observe(time.perf_counter() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._nudge.wait(), _RECONCILE_EVERY)
 

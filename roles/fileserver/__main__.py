@@ -4,18 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
+
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from roles.fileserver._api import content_routes
 from roles.fileserver.config import FileserverConfig
 from roles.fileserver.store import ContentStore
 from shared.control import ControlPlane
 from shared.logs import get_logger
+from shared.metrics import FiguresCollector
 from shared.process import role_main
 
 __all__ = ["serve"]
 
 # Commit bodies list every file of a web deploy; uploads stream and are not bound by this.
 _MAX_BODY = 64 * 1024 * 1024
+
+
+def _metrics(store: ContentStore) -> Iterator[Metric]:
+    figures = store.health()
+    yield GaugeMetricFamily("sitecloud_fileserver_sites", "Sites stored.", value=figures["sites"])
+    yield GaugeMetricFamily(
+        "sitecloud_fileserver_stored_bytes",
+        "Bytes of the sites' newest versions.",
+        value=figures["total_bytes"],
+    )
+    yield CounterMetricFamily("sitecloud_fileserver_commits", "Versions committed.", value=store.commits)
+    yield CounterMetricFamily(
+        "sitecloud_fileserver_blobs_stored", "Blobs uploaded.", value=store.blobs_received
+    )
+    yield CounterMetricFamily(
+        "sitecloud_fileserver_blobs_stored_bytes", "Bytes of blobs uploaded.", value=store.blob_bytes_received
+    )
+    yield GaugeMetricFamily(
+        "sitecloud_fileserver_feed_seq", "The change feed's sequence number.", value=figures["seq"]
+    )
 
 
 async def serve(config: FileserverConfig, stop: asyncio.Event) -> None:
@@ -29,6 +53,7 @@ async def serve(config: FileserverConfig, stop: asyncio.Event) -> None:
         routes=content_routes(store),
         client_max_size=_MAX_BODY,
     )
+    plane.metrics.register(FiguresCollector(lambda: _metrics(store)))
     await plane.load_last_known_good()
     await plane.start()
     upkeep = asyncio.create_task(store.maintain(stop))

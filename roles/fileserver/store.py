@@ -87,6 +87,10 @@ class ContentStore:
         self._apply_lock = asyncio.Lock()
         self._applied = False
         self._log = get_logger(config.role, host=config.host)
+        # Running totals for metrics: versions made, blobs stored (and their bytes).
+        self.commits = 0
+        self.blobs_received = 0
+        self.blob_bytes_received = 0
 
     async def open(self) -> None:
         await asyncio.to_thread(self.feed.open)
@@ -256,6 +260,8 @@ class ContentStore:
         except BaseException:
             await asyncio.to_thread(upload.discard)
             raise
+        self.blobs_received += 1
+        self.blob_bytes_received += upload.size
         return {"sha256": sha, "size": upload.size}
 
     async def commit(self, name: str, ops: object, *, replace: bool) -> dict[str, Any]:
@@ -268,6 +274,7 @@ class ContentStore:
             if manifest is None:
                 return {"version": site.version, "total_bytes": site.total_bytes}
             site.version, site.total_bytes = manifest["version"], manifest["total_bytes"]
+            self.commits += 1
             await self.feed.publish(site.name, site.version)
         self._log.bind(site=site.name).info(
             "version %s: %s files, %s", site.version, len(manifest["files"]), human_size(site.total_bytes)

@@ -95,6 +95,7 @@ class _Request:
         "set_cookie",
         "site",
         "started",
+        "t0",
         "target",
         "tried",
         "tunnel",
@@ -133,6 +134,7 @@ class _Request:
         self.upgrade = b""
         self.pinned: Upstream | None = None  # the worker an affinity cookie names
         self.set_cookie = b""
+        self.t0 = 0.0  # loop time of its first byte: the latency metric runs from here
 
 
 def _normalize_host(value: bytes) -> bytes:
@@ -295,7 +297,8 @@ class ClientConnection(asyncio.Protocol):
     # -- httptools callbacks ----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._req = _Request()
+        self._req = req = _Request()
+        req.t0 = now = self._proxy.loop.time()
         self._state = _HEAD
         self._began = True
         self._error = 0
@@ -314,7 +317,7 @@ class ClientConnection(asyncio.Protocol):
         self._tokens = None
         self._cookie = None
         self._upgrade = None
-        self.read_deadline = self._proxy.loop.time() + self._proxy.header_timeout
+        self.read_deadline = now + self._proxy.header_timeout
         if self._queue:
             self._pause(_PAUSE_PIPELINE)
 
@@ -401,7 +404,8 @@ class ClientConnection(asyncio.Protocol):
         name = _normalize_host(host) if host is not None else b""
         site = self._proxy.routes.get(name) if host is not None else None
         if site is None:
-            req.local = PAGES[404]
+            # Not a site's name (a balancer checks by address): the front end's own health answers.
+            req.local = self._proxy.healthz() if target == b"/healthz" else PAGES[404]
         else:
             assert host is not None
             req.site = site
@@ -665,6 +669,8 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _write_local(self, req: _Request, page: Page) -> None:
+        proxy = self._proxy
+        proxy.counts.done(page.status, proxy.loop.time() - req.t0)
         keep = self._keep_alive(req)
         req.close_after = not keep
         self._write(page.keep if keep else page.close)
@@ -678,6 +684,8 @@ class ClientConnection(asyncio.Protocol):
     def response_head(self, req: Exchange, status: int, reason: bytes, headers: bytearray, body: int) -> None:
         assert isinstance(req, _Request)
         req.response_started = True
+        proxy = self._proxy
+        proxy.counts.done(status, proxy.loop.time() - req.t0)
         if req.set_cookie:
             headers += req.set_cookie
         if status == 101:
@@ -740,6 +748,8 @@ class ClientConnection(asyncio.Protocol):
         """A whole answer from a lane (``headers`` end-to-end ones, each line ending in CRLF)."""
         assert isinstance(req, _Request)
         req.lane = None
+        proxy = self._proxy
+        proxy.counts.done(int(status_line[9:12]), proxy.loop.time() - req.t0)
         extra = req.set_cookie
         if not self._keep_alive(req):
             req.close_after = True
@@ -894,6 +904,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 queue.remove(req)
         err = _Request()
+        err.t0 = req.t0 if req is not None else self._proxy.loop.time()
         err.local = PAGES[status]
         err.close_after = True
         err.site = req.site if req is not None else None

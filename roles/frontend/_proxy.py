@@ -13,11 +13,13 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from roles.frontend._http import Page
 from roles.frontend._lane import NO_LANE_FOR, LaneConnection
 from roles.frontend._routes import CustomCert, Site, build_routes, failure_figures
 from roles.frontend._upstream import Upstream, UpstreamConnection
 from roles.frontend.config import FrontendConfig
 from shared.logs import ContextLogger
+from shared.metrics import HttpCounts
 from shared.pki import role_of_peer
 from shared.tls import LANE_ALPN, client_context
 
@@ -30,6 +32,23 @@ __all__ = ["Proxy", "UpstreamRefused"]
 _DOWN_FOR = 2.0
 # Snapshots with more sites than this are turned into a routing table in a thread.
 _BIG_SNAPSHOT = 2000
+
+
+def _text_page(status: int, reason: bytes, text: bytes) -> Page:
+    head = (
+        b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+        b"Cache-Control: no-store\r\n" % (status, reason, len(text))
+    )
+    return Page(
+        status,
+        head + b"Connection: keep-alive\r\n\r\n" + text,
+        head + b"Connection: close\r\n\r\n" + text,
+    )
+
+
+_HEALTHZ_OK = _text_page(200, b"OK", b"ok\n")
+_HEALTHZ_NO_ROUTES = _text_page(503, b"Service Unavailable", b"no routes: no config snapshot applied yet\n")
+_HEALTHZ_DRAINING = _text_page(503, b"Service Unavailable", b"draining: this front end is stopping\n")
 
 
 class UpstreamRefused(OSError):
@@ -49,6 +68,9 @@ class Proxy:
         # Custom hostnames' own certificates (the SNI callback reads this), and usage per site.
         self.certs: dict[str, CustomCert] = {}
         self.usage: dict[str, list[int]] = {}
+        # Answers by status class and latency, counted on the request path (see shared.metrics).
+        self.counts = HttpCounts()
+        self.applied = False
         self.public_https_port = config.public_https or config.https_port
         self.upstreams: dict[str, Upstream] = {}
         self.clients: set[ClientConnection] = set()
@@ -122,6 +144,7 @@ class Proxy:
             routes.sites,
         )
         self.failed_sites = routes.failed
+        self.applied = True
         for address, old in self.upstreams.items():
             if address not in used:
                 old.retired = True
@@ -276,6 +299,12 @@ class Proxy:
             "upstream_idle": sum(len(up.idle) for up in self.upstreams.values()),
             "upstream_lanes": sum(len(up.lanes) for up in self.upstreams.values()),
         }
+
+    def healthz(self) -> Page:
+        """For an L4 balancer's checks: 200 only while this front end has routes to serve from."""
+        if self.draining:
+            return _HEALTHZ_DRAINING
+        return _HEALTHZ_OK if self.applied else _HEALTHZ_NO_ROUTES
 
     def client_gone(self, client: ClientConnection) -> None:
         self.clients.discard(client)

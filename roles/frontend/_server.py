@@ -24,6 +24,7 @@ from shared.control import ControlPlane, Snapshot
 from shared.files import atomic_write_json, read_json
 from shared.listeners import listener
 from shared.logs import ContextLogger, get_logger
+from shared.metrics import CountsWriter, HttpCollector, HttpCounts, add_sites, clear_counts, read_counts
 from shared.prefork import (
     ServingProcesses,
     reload_on_sighup,
@@ -137,6 +138,15 @@ async def _serve_data(
     return servers, usage, tls is not None
 
 
+def _counts(proxy: Proxy, usage: UsageReporter) -> HttpCounts:
+    """This process's counts as running totals (per site: what usage reports took, and what they did not yet)."""
+    counts = HttpCounts()
+    counts.add(proxy.counts)
+    add_sites(counts.sites, usage.taken)
+    add_sites(counts.sites, proxy.usage)
+    return counts
+
+
 async def _drain(proxy: Proxy, servers: list[asyncio.Server], usage: UsageReporter) -> None:
     for server in servers:
         server.close()
@@ -171,6 +181,9 @@ async def serve(config: FrontendConfig, stop: asyncio.Event) -> None:
     await plane.load_last_known_good()
     servers, usage, https["on"] = await _serve_data(config, proxy, log)
     usage_ref["r"] = usage
+    plane.metrics.register(
+        HttpCollector("frontend", lambda: _counts(proxy, usage), top_n=config.metrics_top_sites)
+    )
     await plane.start()
     _settle_heap()
     log.info(
@@ -217,7 +230,16 @@ async def _serve_main(config: FrontendConfig, stop: asyncio.Event, processes: in
         return {**figures, "processes": processes, "serving_pids": children.pids}
 
     plane = ControlPlane(config, apply, health=health)
+    # The serving processes' counts, summed when scraped.
+    plane.metrics.register(
+        HttpCollector(
+            "frontend",
+            lambda: read_counts(config.state_dir, children.pids),
+            top_n=config.metrics_top_sites,
+        )
+    )
     await plane.load_last_known_good()
+    clear_counts(config.state_dir)
     children.start()
     await plane.start()
     _settle_heap()
@@ -253,6 +275,10 @@ async def _serve_child(config: FrontendConfig, stop: asyncio.Event, index: int) 
     stop_reloading = reload_on_sighup(reload)
     await reload()
     servers, usage, _ = await _serve_data(config, proxy, log)
+    counts = CountsWriter(
+        config.state_dir, lambda: _counts(proxy, usage), keep_sites=4 * config.metrics_top_sites
+    )
+    counts.start()
     _settle_heap()
     orphan_guard = watch_parent(stop)
     try:
@@ -261,3 +287,4 @@ async def _serve_child(config: FrontendConfig, stop: asyncio.Event, index: int) 
         orphan_guard.cancel()
         stop_reloading()
         await _drain(proxy, servers, usage)
+        await counts.stop()

@@ -36,6 +36,8 @@ class UsageReporter:
         self._unsent: dict[str, Any] | None = None
         self._failures = 0
         self.reports_sent = 0
+        # Everything taken off the counters so far, per site: with them, the running totals metrics show.
+        self.taken: dict[str, list[int]] = {}
 
     def start(self) -> None:
         if self._url and self._config.usage_interval > 0:
@@ -61,6 +63,13 @@ class UsageReporter:
         for name, c in self._usage.items():
             if c[0] or c[1] or c[2]:
                 sites[name] = {"requests": c[0], "bytes_in": c[1], "bytes_out": c[2]}
+                total = self.taken.get(name)
+                if total is None:
+                    self.taken[name] = [c[0], c[1], c[2]]
+                else:
+                    total[0] += c[0]
+                    total[1] += c[1]
+                    total[2] += c[2]
                 c[0] = c[1] = c[2] = 0
         body = {
             "id": uuid.uuid4().hex,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from roles.publisher._deploy import Deployer
 from roles.publisher._ftp import FtpServer
@@ -17,6 +19,7 @@ from roles.publisher.config import PublisherConfig
 from shared.control import ControlPlane, Snapshot
 from shared.listeners import listener
 from shared.logs import get_logger
+from shared.metrics import FiguresCollector
 from shared.process import role_main
 from shared.tls import client_context, public_server_context
 
@@ -55,6 +58,36 @@ async def serve(config: PublisherConfig, stop: asyncio.Event) -> None:
         }
 
     plane = ControlPlane(config, apply, health=health, routes=deployer.control_routes())
+
+    def metrics() -> Iterator[Metric]:
+        totals = ftp.totals()
+        yield GaugeMetricFamily("sitecloud_publisher_ftp_sessions", "FTP sessions open.", value=ftp.sessions)
+        yield CounterMetricFamily(
+            "sitecloud_publisher_ftp_sessions_opened", "FTP sessions since start.", value=totals["sessions"]
+        )
+        yield CounterMetricFamily(
+            "sitecloud_publisher_ftp_received_bytes", "Bytes uploaded over FTP.", value=totals["bytes_in"]
+        )
+        yield CounterMetricFamily(
+            "sitecloud_publisher_ftp_sent_bytes", "Bytes downloaded over FTP.", value=totals["bytes_out"]
+        )
+        yield CounterMetricFamily(
+            "sitecloud_publisher_logins_failed",
+            "Failed logins (FTP and web deploy).",
+            value=throttle.failures,
+        )
+        yield CounterMetricFamily(
+            "sitecloud_publisher_logins_throttled",
+            "Logins refused for too many failures (FTP and web deploy).",
+            value=throttle.refusals,
+        )
+        deploys = CounterMetricFamily("sitecloud_publisher_deploys", "Web deploys.", labels=["result"])
+        deploys.add_metric(["deployed"], deployer.deploys)
+        deploys.add_metric(["refused"], deployer.deploys_refused)
+        yield deploys
+        yield GaugeMetricFamily("sitecloud_publisher_sites", "Sites this publisher serves.", value=len(sites))
+
+    plane.metrics.register(FiguresCollector(metrics))
     await plane.load_last_known_good()
     runner = web.AppRunner(deployer.public_app(), access_log=None, shutdown_timeout=5)
     try:

@@ -64,6 +64,9 @@ class Deployer:
         self._ssl = ssl_context
         self._log = get_logger(config.role, host=config.host)
         self._slots = asyncio.Semaphore(_CONCURRENT_DEPLOYS)
+        # Running totals for metrics.
+        self.deploys = 0
+        self.deploys_refused = 0
 
     # --- the two doors
 
@@ -131,8 +134,10 @@ class Deployer:
                 try:
                     answer = await asyncio.to_thread(self._apply, site, spool)
                 except SitecloudError as err:
+                    self.deploys_refused += 1
                     log.warning("%s refused: %s", via, err)
                     raise
+        self.deploys += 1
         log.info(
             "%s: %s bytes of zip deployed as version %s (%s files, %s bytes)",
             via,

@@ -69,6 +69,10 @@ class _Context:
     login_timeout: float
     require_tls: bool
     sessions: int = 0
+    # Running totals for metrics (under the lock: sessions run in threads of their own).
+    sessions_total: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -149,6 +153,9 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
     ioloop: Any
     _resp: tuple[Any, ...]
     _closed: bool
+    cmd_channel: Any
+    tot_bytes_received: int
+    tot_bytes_sent: int
 
     def __init__(self, sock: Any, cmd_channel: Any) -> None:
         self._broken = False
@@ -244,6 +251,11 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
         super().handle_error()
 
     def close(self) -> None:
+        if not self._closed:
+            context = self.cmd_channel.context
+            with context.lock:
+                context.bytes_received += self.tot_bytes_received
+                context.bytes_sent += self.tot_bytes_sent
         if self._drain_timer is not None and not self._drain_timer.cancelled:
             self._drain_timer.cancel()
         upload = self.file_obj
@@ -302,6 +314,7 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
         if not self._closed:
             with self.context.lock:
                 self.context.sessions += 1
+                self.context.sessions_total += 1
                 self._counted = True
 
     # --- connection limits
@@ -553,6 +566,12 @@ class FtpServer:
     @property
     def sessions(self) -> int:
         return self._context.sessions
+
+    def totals(self) -> dict[str, int]:
+        """Running totals since start: sessions, and bytes of transfers (in: uploads; out: downloads)."""
+        c = self._context
+        with c.lock:
+            return {"sessions": c.sessions_total, "bytes_in": c.bytes_received, "bytes_out": c.bytes_sent}
 
     def start(self) -> None:
         self._thread.start()

@@ -88,6 +88,9 @@ class LoginThrottle:
         self._account_wide = self._per_account * _ACCOUNT_WIDE_FACTOR
         self._clock = clock
         self._lock = threading.Lock()
+        # Running totals for metrics: failed logins, and tries refused for throttling.
+        self.failures = 0
+        self.refusals = 0
         self._pairs = _Buckets(self._per_account / window, max_entries)
         self._addresses = _Buckets(self._per_address / window, max_entries)
         self._accounts = _Buckets(self._account_wide / window, max_entries)
@@ -104,12 +107,15 @@ class LoginThrottle:
             )
             if self._pairs.level(pair, now) > 0:
                 wait = max(wait, self._accounts.wait(account, self._account_wide, now))
+            if wait > 0:
+                self.refusals += 1
         return math.ceil(wait)
 
     def failed(self, account: str, address: str) -> None:
         client = client_key(address)
         now = self._clock()
         with self._lock:
+            self.failures += 1
             self._pairs.add(f"{account}\n{client}", now)
             self._addresses.add(client, now)
             self._accounts.add(account, now)

@@ -28,8 +28,12 @@ from typing import BinaryIO, Protocol, cast
 import httptools
 
 from shared.logs import ContextLogger
+from shared.metrics import HttpCounts
 from shared.pages import REASONS, error_response
 from shared.tls import LANE_ALPN
+
+# The site a front end names (the header the worker's server reads too).
+_SITE_HEADER = b"x-sitecloud-site"
 
 __all__ = [
     "Divert",
@@ -194,8 +198,14 @@ class HttpConnection(asyncio.Protocol):
         admit: Callable[[HttpConnection, asyncio.Transport], bool],
         on_close: Callable[[HttpConnection], None],
         divert: Divert | None = None,
+        counts: HttpCounts | None = None,
     ) -> None:
         self._handler = handler
+        # Metrics, in plain ints: answers by status class and latency, and the answered site's
+        # [requests, bytes in (not counted here), bytes out].
+        self._counts = counts
+        self._meter: list[int] | None = None
+        self._t0 = 0.0
         # Issue 5 hook: dynamic sites' requests (all headers kept, body passed on, answered later).
         self._divert = divert
         self._raw: list[tuple[bytes, bytes]] | None = None
@@ -332,7 +342,15 @@ class HttpConnection(asyncio.Protocol):
             self._after_answers(keep)
 
     def write(self, data: bytes) -> None:
-        self._started_response = True
+        if not self._started_response:
+            self._started_response = True
+            counts = self._counts
+            # A response's first write starts with its status line ("HTTP/1.1 200 ...").
+            if counts is not None and data[9:12].isdigit():
+                counts.done(int(data[9:12]), self._loop.time() - self._t0)
+        meter = self._meter
+        if meter is not None:
+            meter[2] += len(data)
         tag = self._tag
         if tag is not None:
             # A lane answer's first write starts with its status line: the tag goes right after it.
@@ -528,6 +546,9 @@ class HttpConnection(asyncio.Protocol):
                     self._reading_paused = False
                     self._transport.resume_reading()
                 if isinstance(item, _Refusal):
+                    self._started_response = False
+                    self._meter = None
+                    self._t0 = self._loop.time()
                     self._tag = None  # untagged: a front end's lane takes it as the end of the lane
                     self.write(error_response(item.status, "Bad request", item.detail, keep_alive=False))
                     keep = False
@@ -559,6 +580,9 @@ class HttpConnection(asyncio.Protocol):
 
     def _answer(self, request: Request) -> bool:
         self._started_response = False
+        self._meter = None
+        if self._counts is not None:
+            self._t0 = self._loop.time()
         self.deadline = 0.0
         # Once parsing has stopped, the last queued answer is the last one on this connection.
         keep_alive = request.keep_alive and not self._draining and (self._parsing or bool(self._queue))
@@ -566,6 +590,10 @@ class HttpConnection(asyncio.Protocol):
         if request.lane_refusal:
             self.refuse_lane(request.lane_refusal)
             return keep_alive
+        counts = self._counts
+        if counts is not None:
+            self._meter = meter = counts.site(request.headers.get(_SITE_HEADER, b"").decode("latin-1"))
+            meter[0] += 1
         if request.diverted is not None:
             self._waiting = request.diverted
             request.diverted.answer(self, keep_alive)

@@ -30,6 +30,7 @@ from roles.worker.config import WorkerConfig
 from shared.errors import InvalidInput
 from shared.listeners import listener
 from shared.logs import get_logger
+from shared.metrics import HttpCounts
 from shared.pages import error_page
 from shared.paths import site_relpath
 from shared.pki import role_of_peer
@@ -79,6 +80,8 @@ class DataServer:
         self._stopping = False
         self._sweeper: asyncio.TimerHandle | None = None
         self._plain: asyncio.Server | None = None
+        # Answers by status class, latency and site, in plain ints (see shared.metrics).
+        self.counts = HttpCounts()
 
     @property
     def connections(self) -> int:
@@ -150,6 +153,7 @@ class DataServer:
             admit=self._admit,
             on_close=self._closed,
             divert=self._divert,
+            counts=self.counts,
         )
 
     def _plain_connection(self) -> HttpConnection:
@@ -160,6 +164,7 @@ class DataServer:
             admit=self._admit_plain,
             on_close=self._closed,
             divert=self._divert,
+            counts=self.counts,
         )
 
     def _admit_plain(self, conn: HttpConnection, transport: asyncio.Transport) -> bool:

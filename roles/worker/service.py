@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from roles.worker._cache import ContentCache, SiteVersion
 from roles.worker._layout import apps_root, prepare_apps_root
@@ -25,6 +28,14 @@ from roles.worker.server import DataServer
 from shared.control import ControlPlane, Snapshot
 from shared.files import atomic_write_json, read_json
 from shared.logs import get_logger
+from shared.metrics import (
+    CountsWriter,
+    FiguresCollector,
+    HttpCollector,
+    HttpCounts,
+    clear_counts,
+    read_counts,
+)
 from shared.prefork import (
     ServingProcesses,
     reload_on_sighup,
@@ -111,6 +122,15 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         return figures
 
     plane = ControlPlane(config, apply, health=health, routes=app_routes(apps))
+
+    def counts() -> HttpCounts:
+        # With serving processes, theirs (summed when scraped); otherwise this process's own.
+        if server is not None:
+            return server.counts
+        return read_counts(config.state_dir, children.pids if children is not None else [])
+
+    plane.metrics.register(HttpCollector("worker", counts, top_n=config.metrics_top_sites, bytes_in=False))
+    plane.metrics.register(FiguresCollector(lambda: _worker_metrics(plane, sync, apps)))
     await apps.start()
     # Last-known-good first: a restarted worker serves what it has on disk before anyone answers.
     await plane.load_last_known_good()
@@ -118,6 +138,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         await server.start()
     if children is not None:
         hand_over()
+        clear_counts(config.state_dir)
         children.start()
     await plane.start()
     # Startup's objects live as long as the process: keep the cyclic collector's full passes short.
@@ -136,6 +157,51 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         await apps.stop()
         await sync.stop()
         await plane.stop()
+
+
+def _worker_metrics(plane: ControlPlane, sync: ContentSync, apps: AppManager) -> Iterator[Metric]:
+    """Content and app figures, read when scraped."""
+    content = sync.figures()
+    yield GaugeMetricFamily("sitecloud_worker_sites", "Sites this worker holds.", value=content["sites"])
+    yield GaugeMetricFamily(
+        "sitecloud_worker_sites_synced", "Sites at the version they should be.", value=content["sites_synced"]
+    )
+    yield GaugeMetricFamily(
+        "sitecloud_worker_content_cached_bytes", "Content held on disk.", value=content["bytes_cached"]
+    )
+    figures = apps.figures()
+    running = int(figures["apps_active"])
+    yield GaugeMetricFamily("sitecloud_worker_apps_running", "App processes running.", value=running)
+    yield GaugeMetricFamily(
+        "sitecloud_worker_apps_dynamic", "Dynamic sites (an app each).", value=figures["apps_dynamic"]
+    )
+    yield GaugeMetricFamily(
+        "sitecloud_worker_apps_max_running",
+        "App processes allowed at once.",
+        value=figures["apps_max_active"],
+    )
+    starts = crashes = kills = 0
+    sites = plane.snapshot.get("sites") if plane.snapshot else None
+    for name in sites if isinstance(sites, dict) else ():
+        app = apps.dynamic(name)
+        if app is not None:
+            starts += app.starts
+            crashes += app.crashes
+            kills += app.memory_kills
+    yield CounterMetricFamily("sitecloud_worker_app_starts", "App processes started.", value=starts)
+    # Every start ends in a stop, but for the ones still running.
+    yield CounterMetricFamily(
+        "sitecloud_worker_app_stops", "App processes ended.", value=max(0, starts - running)
+    )
+    yield CounterMetricFamily("sitecloud_worker_app_crashes", "App processes that crashed.", value=crashes)
+    yield CounterMetricFamily(
+        "sitecloud_worker_app_memory_kills", "App processes killed at their memory limit.", value=kills
+    )
+    yield CounterMetricFamily(
+        "sitecloud_worker_app_cpu_seconds",
+        "CPU time used by apps.",
+        value=sum(figures["app_cpu_seconds"].values()),
+    )
 
 
 def _degraded(failed: dict[str, str], gaps: list[str]) -> dict[str, Any]:
@@ -197,6 +263,8 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
     await reload()
     server = DataServer(config, lookup, hot, failure=failed.get, pending=pending.__contains__)
     await server.start()
+    counts = CountsWriter(config.state_dir, lambda: server.counts, keep_sites=4 * config.metrics_top_sites)
+    counts.start()
     gc.collect()
     gc.freeze()
     orphan_guard = watch_parent(stop)
@@ -206,4 +274,5 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
         orphan_guard.cancel()
         stop_reloading()
         await server.stop()
+        await counts.stop()
         log.info("serving process stopped")
