@@ -139,7 +139,10 @@ def wait_for_body(cloud: Cloud, site: str, path: str, body: bytes) -> None:
 
 def test_serves_published_files_with_types_defaults_and_validators(cloud: Cloud) -> None:
     cloud.add_site("blog")
-    status, _, body = cloud.get("blog", "/")
+    # 503 "updating" for the moment until the worker has asked the fileserver what there is.
+    status, _, body = wait_until(
+        lambda: (got := cloud.get("blog", "/"))[0] != 503 and got, timeout=10, what="blog's first answer"
+    )
     assert status == 200 and b"ready" in body, "a site with nothing published gets the placeholder page"
     cloud.publish(
         "blog",
