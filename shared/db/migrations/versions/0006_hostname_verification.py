@@ -18,6 +18,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    # Columns are only added (no table is rebuilt): on SQLite a rebuilt subscriptions table would take
+    # its sites with it through ON DELETE CASCADE. verification_id stays nullable in the DB; every row has one.
     with op.batch_alter_table("subscriptions", schema=None) as batch_op:
         batch_op.add_column(sa.Column("verification_id", sa.String(length=64), nullable=True))
     subs = sa.table("subscriptions", sa.column("id", sa.Integer()), sa.column("verification_id", sa.String()))
@@ -26,8 +28,6 @@ def upgrade() -> None:
         conn.execute(
             subs.update().where(subs.c.id == sub_id).values(verification_id=secrets.token_hex(32).upper())
         )
-    with op.batch_alter_table("subscriptions", schema=None) as batch_op:
-        batch_op.alter_column("verification_id", existing_type=sa.String(length=64), nullable=False)
     # Names added before verification existed were never proven: they start pending and are checked.
     with op.batch_alter_table("custom_hostnames", schema=None) as batch_op:
         batch_op.add_column(
@@ -39,10 +39,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("custom_hostnames", schema=None) as batch_op:
-        batch_op.drop_column("check_result")
-        batch_op.drop_column("checked_at")
-        batch_op.drop_column("verified_at")
-        batch_op.drop_column("state")
-    with op.batch_alter_table("subscriptions", schema=None) as batch_op:
-        batch_op.drop_column("verification_id")
+    # Plain DROP COLUMN (SQLite 3.35+ has it): a batch rebuild of subscriptions would cascade to its sites.
+    for column in ("check_result", "checked_at", "verified_at", "state"):
+        op.drop_column("custom_hostnames", column)
+    op.drop_column("subscriptions", "verification_id")
