@@ -7,7 +7,9 @@ started by `sitecloud up`, and visits through its front end.
 
 from __future__ import annotations
 
+import datetime as dt
 import ftplib
+import hashlib
 import http.client
 import io
 import json
@@ -26,6 +28,10 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from shared.errors import InvalidInput
 from shared.names import validate_custom_hostname
@@ -150,7 +156,12 @@ def tenants(cloud: tuple[LocalCloud, Api]) -> dict[str, dict[str, Any]]:
         ftp.storbinary("STOR index.html", io.BytesIO(f"<h1>{site} home</h1>".encode()))
         ftp.quit()
         local.wait_for_content(site, "/", f"<h1>{site} home</h1>".encode())
-        out[tenant] = {"token": created["token"], "site": site, "verification_id": sub["verification_id"]}
+        out[tenant] = {
+            "token": created["token"],
+            "site": site,
+            "sub": sub["id"],
+            "verification_id": sub["verification_id"],
+        }
     return out
 
 
@@ -176,6 +187,9 @@ def test_a_claim_is_pending_and_unrouted_until_its_txt_record_proves_it(
         "records"
     ]
     assert {"type": "CNAME", "name": "www.example.test", "value": "bravo.sites.localhost"} in added["records"]
+    assert bravo["verification_id"] in local.cli_text(
+        "--token", bravo["token"], "subscription", "show", str(bravo["sub"])
+    )
     text = local.cli_text("--token", bravo["token"], "site", "hostname", "list", "bravo")
     assert "www.example.test" in text and "pending" in text and bravo["verification_id"] in text
     # Pending: the front end does not know the name (the platform's 404 page), bravo's content stays away.
@@ -190,6 +204,70 @@ def test_a_claim_is_pending_and_unrouted_until_its_txt_record_proves_it(
     assert _visit(local, "www.example.test") == (200, b"<h1>bravo home</h1>")
     listed = api.ok("GET", "/sites/bravo/hostnames", token=bravo["token"])
     assert [(h["hostname"], h["state"]) for h in listed["hostnames"]] == [("www.example.test", "verified")]
+
+
+def _self_signed(name: str) -> tuple[str, str, bytes]:
+    """PEM certificate and key for ``name``, and the certificate's DER."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return (
+        cert.public_bytes(serialization.Encoding.PEM).decode(),
+        key_pem,
+        cert.public_bytes(serialization.Encoding.DER),
+    )
+
+
+def _visit_https(local: LocalCloud, host: str) -> tuple[str, int, bytes]:
+    """HTTPS to the front end with SNI and Host ``host``: the served certificate's SHA-256, status, body."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the fingerprint is compared instead
+    with (
+        socket.create_connection(("127.0.0.1", local.ports["https_port"]), timeout=10) as sock,
+        context.wrap_socket(sock, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True) or b""
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        raw = b""
+        while chunk := tls.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return hashlib.sha256(der).hexdigest(), int(head.split()[1]), body
+
+
+def test_a_verified_name_is_served_over_https_with_its_own_certificate_by_sni(
+    cloud: tuple[LocalCloud, Api], tenants: dict[str, dict[str, Any]], tiny_dns: TinyDns
+) -> None:
+    local, api = cloud
+    bravo = tenants["bravo"]
+    cert_pem, key_pem, der = _self_signed("secure.example.test")
+    body = {"hostname": "secure.example.test", "certificate": cert_pem, "key": key_pem}
+    added = api.ok("POST", "/sites/bravo/hostnames", body, token=bravo["token"])
+    assert added["state"] == "pending"
+    fingerprint, status, _ = _visit_https(local, "secure.example.test")
+    assert fingerprint != hashlib.sha256(der).hexdigest() and status == 404
+    tiny_dns.set("asuid.secure.example.test", "TXT", bravo["verification_id"])
+    checked = api.ok("POST", "/sites/bravo/hostnames/secure.example.test/verify", token=bravo["token"])
+    assert checked["state"] == "verified"
+    fingerprint, status, page = _visit_https(local, "secure.example.test")
+    assert fingerprint == hashlib.sha256(der).hexdigest()
+    assert status == 200 and b"bravo home" in page
+    api.ok("DELETE", "/sites/bravo/hostnames/secure.example.test", token=bravo["token"])
 
 
 def test_a_cname_to_the_site_proves_a_claim_without_asking(

@@ -166,6 +166,8 @@ def _show_subscription(sub: Any, a: argparse.Namespace) -> None:
             ("custom hostnames", f"{usage['custom_hostnames']}/{quotas['max_custom_hostnames']}"),
             ("bandwidth", _per_day(quotas["bandwidth_mb_per_day"], "MB")),
             ("cpu", _per_day(quotas["cpu_minutes_per_day"], "min")),
+            # A TXT record asuid.<hostname> with this value proves a custom hostname is the tenant's.
+            ("verification id", sub.get("verification_id", "-")),
         ]
     )
 
