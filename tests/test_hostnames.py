@@ -28,11 +28,15 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
+from alembic import command
+from alembic.config import Config
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from sqlalchemy import text
 
+from shared.db.session import _MIGRATIONS, Database
 from shared.errors import InvalidInput
 from shared.names import validate_custom_hostname
 from tests.cloud import LocalCloud
@@ -394,3 +398,40 @@ def test_refused_names_get_a_clear_400_from_the_api(
     assert status == 400 and "is not an IP address" in answer["error"]["message"]
     status, answer = api.call("PATCH", "/settings", {"ip_dns_services": ["nip.io", "not a domain"]})
     assert status == 400 and "is not a domain name" in answer["error"]["message"]
+
+
+def test_the_upgrade_gives_each_subscription_an_id_and_starts_old_names_pending(tmp_path: Path) -> None:
+    """Names claimed before verification existed were never proven: after the upgrade they are pending."""
+    db = Database.sqlite(tmp_path / "old.db")
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.attributes["engine"] = db.engine
+    command.upgrade(cfg, "0005")
+    with db.engine.begin() as c:
+        c.execute(text("insert into tenants (name) values ('t')"))
+        c.execute(text("insert into plans (name, max_sites, storage_mb) values ('p', 1, 1)"))
+        c.execute(
+            text(
+                "insert into subscriptions (tenant_id, plan_id, state) values (1, 1, 'active'), (1, 1, 'active')"
+            )
+        )
+        c.execute(
+            text(
+                "insert into sites (uid, name, subscription_id, state, app_settings) values ('u', 's', 1, 'running', '{}')"
+            )
+        )
+        c.execute(text("insert into custom_hostnames (site_id, hostname) values (1, '127.0.0.1')"))
+    command.upgrade(cfg, "head")
+    with db.engine.begin() as c:
+        ids = [row[0] for row in c.execute(text("select verification_id from subscriptions"))]
+        assert len(ids) == 2 and len(set(ids)) == 2 and all(len(i) == 64 for i in ids)
+        assert c.execute(text("select hostname, state from custom_hostnames")).all() == [
+            ("127.0.0.1", "pending")
+        ]
+    # Down and up again keeps every site and name (no table rebuild cascades on SQLite).
+    command.downgrade(cfg, "0005")
+    command.upgrade(cfg, "head")
+    with db.engine.begin() as c:
+        assert c.execute(text("select name from sites")).all() == [("s",)]
+        assert c.execute(text("select hostname from custom_hostnames")).all() == [("127.0.0.1",)]
+    db.dispose()

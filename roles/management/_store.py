@@ -212,6 +212,14 @@ def _subscription_json(sub: Subscription, sites: list[str], hostnames: int) -> J
     }
 
 
+def _claimed_name(hostname: str) -> str:
+    """A name in a path as stored: A-labels for a Unicode name; a name stored before today's rules as is."""
+    try:
+        return canonical_hostname(hostname)
+    except InvalidInput:
+        return hostname.lower().rstrip(".")
+
+
 class Store:
     """Desired state in the runtime DB, seen through a caller's rights."""
 
@@ -770,7 +778,7 @@ class Store:
 
     def verify_hostname(self, who: Principal, name: str, hostname: str) -> Json:
         """Ask DNS now whether the site's pending claim on ``hostname`` is proven; verified ones stay so."""
-        host = hostname.lower().rstrip(".")
+        host = _claimed_name(hostname)
         with self._db.session() as s:
             site = self._visible_site(s, who, name)
             row = next((h for h in site.hostnames if h.hostname == host), None)
@@ -824,7 +832,7 @@ class Store:
         return verified
 
     def delete_hostname(self, who: Principal, name: str, hostname: str) -> None:
-        host = hostname.lower().rstrip(".")
+        host = _claimed_name(hostname)
         with self._write_lock, self._db.session() as s:
             site = self._visible_site(s, who, name)
             row = next((h for h in site.hostnames if h.hostname == host), None)
