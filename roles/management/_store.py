@@ -809,8 +809,13 @@ class Store:
                 bump_generation(s)
             return self._hostname_json(row)
 
-    def check_pending_hostnames(self, checked_before: dt.datetime, limit: int = 100) -> list[str]:
-        """Re-check pending claims not checked since ``checked_before``; the names that became verified."""
+    def check_pending_hostnames(
+        self, checked_before: dt.datetime, stop: threading.Event | None = None, limit: int = 100
+    ) -> list[str]:
+        """Re-check pending claims not checked since ``checked_before``; the names that became verified.
+
+        ``stop`` ends the round between two names, so a shutdown waits for one DNS check at most.
+        """
         with self._db.session() as s:
             resolvers, _ = self._domain_settings(s)
             rows = s.scalars(
@@ -826,6 +831,8 @@ class Store:
             ]
         verified = []
         for claim in claims:
+            if stop is not None and stop.is_set():
+                break
             answer = self._check_claim(claim, resolvers)
             if answer is not None and answer["state"] == HostnameState.VERIFIED:
                 verified.append(claim[1])

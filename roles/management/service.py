@@ -56,6 +56,7 @@ class ManagementService:
         self._logs_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
         self._nudger = Nudger(self._client, config.controller_url, self._log)
         self._hostname_wake = asyncio.Event()
+        self._hostname_stop = threading.Event()
         self._hostname_tasks: list[asyncio.Task[None]] = []
         self._storage = StorageReader(self._client, lambda: asyncio.to_thread(self._store.fileserver_urls))
 
@@ -67,6 +68,7 @@ class ManagementService:
         ]
 
     async def close(self) -> None:
+        self._hostname_stop.set()
         for task in self._hostname_tasks:
             task.cancel()
         await asyncio.gather(*self._hostname_tasks, return_exceptions=True)
@@ -333,7 +335,7 @@ class ManagementService:
             self._hostname_wake.clear()
             try:
                 due = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=_HOSTNAME_RECHECK - 1)
-                verified = await self._read(self._store.check_pending_hostnames, due)
+                verified = await self._read(self._store.check_pending_hostnames, due, self._hostname_stop)
                 for host in verified:
                     self._log.info("custom hostname %s verified by DNS", host)
                 if verified:
