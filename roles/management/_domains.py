@@ -119,14 +119,7 @@ def _answers(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> tuple[l
     except dns.exception.DNSException as err:
         return [], f"DNS lookup of {name} failed: {err}"
     if answer.rrset is None:
-        # A CNAME is returned in the response's chain even when the asked type is CNAME itself.
-        chained = [
-            r.to_text()
-            for rrset in answer.response.answer
-            if rrset.rdtype == dns.rdatatype.CNAME
-            for r in rrset
-        ]
-        return chained, "" if chained else f"{name} has no {rdtype} record"
+        return [], f"{name} has no {rdtype} record"
     if rdtype == "TXT":
         return [b"".join(r.strings).decode("utf-8", "replace") for r in answer.rrset], ""
     return [r.to_text() for r in answer.rrset], ""
