@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Iterable
+from enum import StrEnum
+
+import idna
 
 from shared.errors import InvalidInput
 
-__all__ = ["RESERVED_SITE_NAMES", "validate_hostname", "validate_name", "validate_site_name"]
+__all__ = [
+    "DEFAULT_IP_DNS_SERVICES",
+    "RESERVED_SITE_NAMES",
+    "HostnameState",
+    "canonical_hostname",
+    "validate_custom_hostname",
+    "validate_hostname",
+    "validate_name",
+    "validate_site_name",
+]
 
 # A DNS label (RFC 1035 / 1123), lower case only, so one site has one spelling.
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -53,4 +67,146 @@ def validate_hostname(name: str) -> str:
     host = name.lower().rstrip(".")
     if len(host) > 253 or not all(_LABEL.match(label) for label in host.split(".")):
         raise InvalidInput(f"{name!r} is not a valid host name")
+    return host
+
+
+class HostnameState(StrEnum):
+    """Where a tenant's claim on a custom hostname stands; stored as these strings."""
+
+    # Claimed, not yet proven by DNS: shown with the record to create, never routed.
+    PENDING = "pending"
+    # DNS proved the tenant owns it: routed to the site.
+    VERIFIED = "verified"
+
+
+# Wildcard DNS services that answer a name with the IP address written inside it (127.0.0.1.nip.io,
+# 10-0-0-1.sslip.io, ...): anyone can "own" such a name, so none may be a custom hostname.
+DEFAULT_IP_DNS_SERVICES: tuple[str, ...] = (
+    "nip.io",
+    "sslip.io",
+    "xip.io",
+    "traefik.me",
+    "localtest.me",
+    "lvh.me",
+    "localhost",
+)
+
+# Any form inet_aton(3) takes as an IPv4 address: 1 to 4 parts, decimal, octal or 0x hex (127.1, 0x7f.1, 2130706433).
+_IPV4_PART = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
+_DASHED_IPV4 = re.compile(r"(?:^|[^0-9])(\d{1,3})-(\d{1,3})-(\d{1,3})-(\d{1,3})(?:$|[^0-9])")
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        pass
+    parts = host.split(".")
+    return 1 <= len(parts) <= 4 and all(_IPV4_PART.match(p) for p in parts)
+
+
+def _octet(text: str) -> bool:
+    return text.isdigit() and int(text) <= 255
+
+
+def _embeds_ipv4(labels: list[str]) -> bool:
+    """True if the labels hold an IPv4 address: four dotted labels in a row, or one label ``a-b-c-d``."""
+    for i in range(len(labels) - 3):
+        if all(_octet(label) for label in labels[i : i + 4]):
+            return True
+    for label in labels:
+        for m in _DASHED_IPV4.finditer(label):
+            if all(_octet(g) for g in m.groups()):
+                return True
+    return False
+
+
+def _under(host: str, suffix: str) -> bool:
+    return host == suffix or host.endswith(f".{suffix}")
+
+
+def _a_labels(name: str) -> str:
+    """The name in A-labels (IDNA 2008 with UTS 46 mapping): a Unicode name is converted, a bad one refused."""
+    try:
+        return idna.encode(name, uts46=True).decode("ascii")
+    except idna.IDNAError as err:
+        raise InvalidInput(
+            f"{name!r} is not a valid host name: {err}",
+            hint="use labels of letters, digits and '-' (Unicode names are converted to xn-- form)",
+        ) from None
+
+
+def canonical_hostname(name: object) -> str:
+    """A host name as DNS spells it (lower-case A-labels, no final dot); IP literals and bad syntax are refused."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidInput("a host name is required", hint="e.g. www.example.com")
+    raw = name.strip().lower()
+    if raw.endswith("."):
+        raw = raw[:-1]
+    if _is_ip_literal(raw):
+        raise InvalidInput(
+            f"{name!r} is an IP address, not a host name",
+            hint="a custom hostname is a DNS name you own, e.g. www.example.com",
+        )
+    if any(c.isspace() or c in "/:@[]\\?#%*" for c in raw):
+        raise InvalidInput(f"{name!r} is not a host name", hint="use only the name, e.g. www.example.com")
+    host = _a_labels(raw) if not raw.isascii() or "xn--" in raw else raw
+    labels = host.split(".")
+    if len(host) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise InvalidInput(
+            f"{name!r} is not a valid host name",
+            hint="labels of 1-63 letters, digits and '-', not starting or ending with '-', 253 characters at most",
+        )
+    return host
+
+
+def validate_custom_hostname(
+    name: object,
+    *,
+    platform_domain: str,
+    reserved: Iterable[str] = (),
+    ip_dns_services: Iterable[str] = DEFAULT_IP_DNS_SERVICES,
+) -> str:
+    """The one check on a host name a tenant wants for a site; returns it in lower-case A-labels.
+
+    Refused: IP literals in any form, single labels, ``localhost`` and ``*.localhost``, names under the
+    platform's domain or equal to (or under) a ``reserved`` name of the platform's own roles, names that
+    are not valid DNS (IDNA 2008), and names that resolve to an IP address they embed (under one of
+    ``ip_dns_services``, or holding an IPv4 address in dotted or dashed form).
+    """
+    host = canonical_hostname(name)
+    labels = host.split(".")
+    domain = platform_domain.lower().rstrip(".")
+    if _under(host, domain):
+        raise InvalidInput(
+            f"{name!r}: names under {domain} belong to the platform",
+            hint=f"your site already has <site>.{domain}; a custom hostname is a domain of your own",
+        )
+    if _under(host, "localhost"):
+        raise InvalidInput(f"{name!r} is a loopback name (localhost and *.localhost are this machine)")
+    if len(labels) < 2:
+        raise InvalidInput(
+            f"{name!r} is a single label", hint="a custom hostname needs a domain, e.g. www.example.com"
+        )
+    if labels[-1].isdigit():
+        raise InvalidInput(f"{name!r} ends in a numeric label: no top-level domain is all digits")
+    for own in reserved:
+        own = own.lower().rstrip(".")
+        if own and _under(host, own):
+            raise InvalidInput(f"{name!r} is a name of the platform's own services")
+    for service in ip_dns_services:
+        service = service.lower().strip(".")
+        if service and _under(host, service):
+            raise InvalidInput(
+                f"{name!r} is under {service}, a wildcard DNS service that resolves names to an IP address "
+                "they embed",
+                hint="use a domain you own",
+            )
+    if _embeds_ipv4(labels):
+        raise InvalidInput(
+            f"{name!r} embeds an IP address (names like 10.0.0.1.example.com or 10-0-0-1.example.com "
+            "resolve to it on wildcard DNS services)",
+            hint="use a domain you own",
+        )
     return host

@@ -206,8 +206,12 @@ def test_app_settings_and_custom_hostnames_reach_the_roles_that_use_them(tmp_pat
             "affinity": "no",
             "GREETING": "hi",
         }
-        alpha.hostnames.append(CustomHostname(hostname="www.alpha.example", cert_pem="CERT", key_pem="KEY"))
-        alpha.hostnames.append(CustomHostname(hostname="alpha.example"))
+        alpha.hostnames.append(
+            CustomHostname(hostname="www.alpha.example", cert_pem="CERT", key_pem="KEY", state="verified")
+        )
+        alpha.hostnames.append(CustomHostname(hostname="alpha.example", state="verified"))
+        # A claim DNS has not proven is never routed.
+        alpha.hostnames.append(CustomHostname(hostname="pending.example", state="pending"))
     with db.session() as s:
         state = read_desired(s, "sites.test")
     snaps = snapshots_for(state)

@@ -220,6 +220,11 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
     tenant.fill("#hostname", "www.fabrikam.example")
     submit(tenant, "button:text-is('Add host name')")
     assert "Custom hostname added." in tenant.inner_text(".notice")
+    # Pending until DNS proves it: the page shows the records to create and a Verify button.
+    assert "pending" in tenant.inner_text("main") and "asuid.www.fabrikam.example" in tenant.inner_text(
+        "main"
+    )
+    assert tenant.is_visible("button[aria-label='Verify www.fabrikam.example']")
     tenant.fill("#hostname", "shop.fabrikam.example")
     submit(tenant, "button:text-is('Add host name')")
     assert "allows 1 custom hostname" in tenant.inner_text(".alert")

@@ -29,6 +29,7 @@ from shared.db import (
     bump_generation,
     current_generation,
 )
+from shared.names import HostnameState
 
 __all__ = [
     "REPLICAS",
@@ -229,6 +230,8 @@ def read_desired(session: Session, domain: str) -> DesiredState:
                     if h.cert_pem and h.key_pem
                     else h.hostname
                     for h in sorted(site.hostnames, key=lambda h: h.hostname)
+                    # A claim DNS has not proven is never routed: it could be another tenant's name.
+                    if h.state == HostnameState.VERIFIED
                 ),
             )
         )

@@ -16,11 +16,12 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 
+from roles.management._domains import check_ip_dns_services, parse_resolvers
 from roles.management._store import Principal, iso, require_admin
 from shared.credentials import hash_password, hash_token, new_password, new_token, verify_password
 from shared.db import ApiToken, Database, PortalSession, Setting, Tenant, User, bump_generation
 from shared.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, RateLimited, Unauthorized
-from shared.names import validate_name
+from shared.names import DEFAULT_IP_DNS_SERVICES, validate_name
 
 __all__ = ["Accounts", "SignInLimiter"]
 
@@ -30,7 +31,13 @@ SESSION_LIFETIME = dt.timedelta(hours=12)
 MIN_PASSWORD = 10
 MAX_PASSWORD = 256
 # Settings an admin may change, and their defaults.
-SETTINGS_DEFAULTS: Json = {"signup_enabled": False}
+SETTINGS_DEFAULTS: Json = {
+    "signup_enabled": False,
+    # Where custom hostname ownership is checked: "ip" or "ip:port" entries; empty is the system's resolvers.
+    "dns_resolvers": [],
+    # Wildcard DNS services that resolve names to the IP they embed; no custom hostname may be under one.
+    "ip_dns_services": list(DEFAULT_IP_DNS_SERVICES),
+}
 # Verified against for unknown users, so a sign-in takes as long whether or not the user exists.
 _DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
 # last_used_at is written at most this often per token: not one DB write per request.
@@ -332,6 +339,10 @@ class Accounts:
         for key, value in body.items():
             if not isinstance(value, type(SETTINGS_DEFAULTS[key])):
                 raise InvalidInput(f"{key!r} must be {type(SETTINGS_DEFAULTS[key]).__name__}")
+        if "dns_resolvers" in body:
+            parse_resolvers(body["dns_resolvers"])
+        if "ip_dns_services" in body:
+            body = {**body, "ip_dns_services": check_ip_dns_services(body["ip_dns_services"])}
         with self._write_lock, self._db.session() as s:
             for key, value in body.items():
                 row = s.get(Setting, key)

@@ -35,6 +35,7 @@ def _list(key: str, item: str) -> Json:
 
 
 _STR = {"type": "string"}
+_STRS = {"type": "array", "items": {"type": "string"}}
 _INT = {"type": "integer"}
 _BOOL = {"type": "boolean"}
 _TIME = {"type": ["string", "null"], "format": "date-time"}
@@ -134,8 +135,24 @@ _SCHEMAS: Json = {
         },
         ["id", "username", "admin", "tenant"],
     ),
-    "CloudSettings": _obj({"signup_enabled": _BOOL}, ["signup_enabled"]),
-    "CloudSettingsUpdate": _obj({"signup_enabled": _BOOL}, closed=True),
+    "CloudSettings": _obj(
+        {"signup_enabled": _BOOL, "dns_resolvers": _STRS, "ip_dns_services": _STRS},
+        ["signup_enabled", "dns_resolvers", "ip_dns_services"],
+    ),
+    "CloudSettingsUpdate": _obj(
+        {
+            "signup_enabled": _BOOL,
+            "dns_resolvers": {
+                **_STRS,
+                "description": "where custom hostname ownership is checked: 'ip' or 'ip:port'; [] = the system's",
+            },
+            "ip_dns_services": {
+                **_STRS,
+                "description": "wildcard DNS services (nip.io, ...) no custom hostname may be under",
+            },
+        },
+        closed=True,
+    ),
     "PlanCreate": _obj(
         {"name": _NAME, **_PLAN_QUOTAS, "public": _BOOL, "retired": _BOOL},
         ["name", "max_sites", "storage_mb"],
@@ -194,8 +211,12 @@ _SCHEMAS: Json = {
                 ["sites", "custom_hostnames", "storage_bytes"],
             ),
             "site_names": {"type": "array", "items": _STR},
+            "verification_id": {
+                "type": "string",
+                "description": "the value of a TXT record asuid.<hostname> that proves a custom hostname is yours",
+            },
         },
-        ["id", "tenant", "plan", "state", "quotas", "usage"],
+        ["id", "tenant", "plan", "state", "quotas", "usage", "verification_id"],
     ),
     "SiteCreate": _obj(
         {"name": _SITE_NAME, "subscription": {"type": "integer", "minimum": 0, "maximum": 2147483647}},
@@ -262,10 +283,27 @@ _SCHEMAS: Json = {
         ["hostname"],
         closed=True,
     ),
+    "DnsRecord": _obj(
+        {"type": {"type": "string", "enum": ["TXT", "CNAME"]}, "name": _STR, "value": _STR},
+        ["type", "name", "value"],
+    ),
     "Hostname": _obj(
         {
             "hostname": _STR,
             "site": _STR,
+            "state": {
+                "type": "string",
+                "enum": ["pending", "verified"],
+                "description": "pending: not served until DNS proves the tenant owns the name",
+            },
+            "verified_at": {"type": ["string", "null"]},
+            "checked_at": {"type": ["string", "null"]},
+            "problem": {"type": ["string", "null"], "description": "why the last DNS check did not prove it"},
+            "records": {
+                "type": "array",
+                "items": _ref("DnsRecord"),
+                "description": "for a pending name: create either record, then verify",
+            },
             "certificate": {
                 "oneOf": [
                     {"type": "null"},
@@ -282,10 +320,11 @@ _SCHEMAS: Json = {
                 ]
             },
         },
-        ["hostname", "site", "certificate"],
+        ["hostname", "site", "state", "certificate", "records"],
     ),
     "Hostnames": _obj(
-        {"site": _STR, "hostnames": {"type": "array", "items": _ref("Hostname")}}, ["site", "hostnames"]
+        {"site": _STR, "verification_id": _STR, "hostnames": {"type": "array", "items": _ref("Hostname")}},
+        ["site", "verification_id", "hostnames"],
     ),
     "SiteScale": _obj(
         {"instances": {"type": "integer", "minimum": 1, "maximum": 1000}}, ["instances"], closed=True
@@ -603,17 +642,27 @@ def _paths() -> Json:
                 "The site's custom host names", answer=_ref("Hostnames"), errors=(404,), tag="hostnames"
             ),
             "post": _op(
-                "Add a custom host name, with a certificate (PEM or base64 PFX) that must cover it",
+                "Claim a custom host name (pending until DNS proves it; a name another site claims is taken "
+                "only with that proof), with a certificate (PEM or base64 PFX) that must cover it",
                 ok=201,
                 answer=_ref("Hostname"),
                 body="HostnameAdd",
-                errors=(404, 409),
+                errors=(400, 404, 409),
                 tag="hostnames",
             ),
         },
         "/api/v1/sites/{name}/hostnames/{hostname}": {
             "parameters": [_SITE, _HOST],
             "delete": _op("Remove a custom host name", ok=204, errors=(404,), tag="hostnames"),
+        },
+        "/api/v1/sites/{name}/hostnames/{hostname}/verify": {
+            "parameters": [_SITE, _HOST],
+            "post": _op(
+                "Check DNS now for proof that the tenant owns a pending host name",
+                answer=_ref("Hostname"),
+                errors=(404,),
+                tag="hostnames",
+            ),
         },
         "/api/v1/hostnames/{hostname}/availability": {
             "parameters": [_HOST],

@@ -13,12 +13,14 @@ import datetime as dt
 import threading
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from roles.management._certs import describe, load_certificate
+from roles.management._domains import check_ownership, parse_resolvers, records_to_create
 from roles.management.config import ManagementConfig
 from shared import appsettings
 from shared.appsettings import check_app_setting
@@ -31,6 +33,7 @@ from shared.db import (
     Plan,
     PublishingCredential,
     Role,
+    Setting,
     Site,
     SiteAssignment,
     Subscription,
@@ -46,7 +49,14 @@ from shared.errors import (
     LimitReached,
     NotFound,
 )
-from shared.names import validate_hostname, validate_name, validate_site_name
+from shared.names import (
+    DEFAULT_IP_DNS_SERVICES,
+    HostnameState,
+    canonical_hostname,
+    validate_custom_hostname,
+    validate_name,
+    validate_site_name,
+)
 
 __all__ = ["WORKER_SIZES", "Principal", "Store", "iso", "require_admin"]
 
@@ -196,16 +206,18 @@ def _subscription_json(sub: Subscription, sites: list[str], hostnames: int) -> J
             if k not in ("id", "name", "subscriptions", "public", "retired")
         },
         "usage": {"sites": len(sites), "custom_hostnames": hostnames, "storage_bytes": None},
+        # The value of a TXT record asuid.<hostname> that proves the tenant owns a custom hostname.
+        "verification_id": sub.verification_id,
         "site_names": sites,
     }
 
 
-def _hostname_json(row: CustomHostname) -> Json:
-    return {
-        "hostname": row.hostname,
-        "site": row.site.name,
-        "certificate": describe(row.cert_pem) if row.cert_pem else None,
-    }
+def _claimed_name(hostname: str) -> str:
+    """A name in a path as stored: A-labels for a Unicode name; a name stored before today's rules as is."""
+    try:
+        return canonical_hostname(hostname)
+    except InvalidInput:
+        return hostname.lower().rstrip(".")
 
 
 class Store:
@@ -595,69 +607,124 @@ class Store:
 
     # -- custom hostnames
 
-    def _platform_name(self, hostname: str) -> bool:
-        domain = self._config.domain.lower()
-        return hostname == domain or hostname.endswith(f".{domain}")
+    def _domain_settings(self, s: Session) -> tuple[list[tuple[str, int]], list[str]]:
+        """The admin's DNS resolvers and wildcard-IP DNS services (cloud settings), or their defaults."""
+        rows = {
+            r.key: r.value.get("value")
+            for r in s.scalars(select(Setting).where(Setting.key.in_(("dns_resolvers", "ip_dns_services"))))
+        }
+        services = rows.get("ip_dns_services")
+        return (
+            parse_resolvers(rows.get("dns_resolvers") or []),
+            list(services) if isinstance(services, list) else list(DEFAULT_IP_DNS_SERVICES),
+        )
+
+    def _platform_names(self) -> list[str]:
+        """Host names of the platform's own endpoints, which no tenant may claim."""
+        c = self._config
+        urls = (c.deploy_url, c.publisher_url, c.controller_url)
+        return [c.host, c.ftp_host, *(urlsplit(u).hostname or "" for u in urls if u)]
+
+    def _check_hostname(self, s: Session, hostname: object) -> str:
+        _, services = self._domain_settings(s)
+        return validate_custom_hostname(
+            hostname,
+            platform_domain=self._config.domain,
+            reserved=self._platform_names(),
+            ip_dns_services=services,
+        )
+
+    def _site_host(self, site: Site) -> str:
+        return f"{site.name}.{self._config.domain}"
+
+    def _hostname_json(self, row: CustomHostname) -> Json:
+        answer: Json = {
+            "hostname": row.hostname,
+            "site": row.site.name,
+            "state": row.state,
+            "certificate": describe(row.cert_pem) if row.cert_pem else None,
+            "verified_at": iso(row.verified_at) if row.verified_at else None,
+            "checked_at": iso(row.checked_at) if row.checked_at else None,
+            "problem": row.check_result if row.state == HostnameState.PENDING else None,
+            "records": [],
+        }
+        if row.state == HostnameState.PENDING:
+            answer["records"] = [
+                r.to_json()
+                for r in records_to_create(
+                    row.hostname, self._site_host(row.site), row.site.subscription.verification_id
+                )
+            ]
+        return answer
 
     def hostname_availability(self, who: Principal, hostname: str) -> Json:
-        host = validate_hostname(hostname)
-        if self._platform_name(host):
-            return {
-                "hostname": host,
-                "available": False,
-                "reason": f"names under {self._config.domain} belong to the platform",
-            }
-        if "." not in host:
-            return {
-                "hostname": host,
-                "available": False,
-                "reason": "a custom hostname needs a domain (e.g. www.example.com)",
-            }
         with self._db.session() as s:
-            taken = s.execute(select(CustomHostname.id).where(CustomHostname.hostname == host)).first()
-        if taken:
-            return {"hostname": host, "available": False, "reason": "another site already uses this name"}
-        return {"hostname": host, "available": True, "reason": ""}
+            # A name that is not a host name at all is bad input; one the rules refuse is just not free.
+            host = canonical_hostname(hostname)
+            try:
+                self._check_hostname(s, host)
+            except InvalidInput as err:
+                return {"hostname": host, "available": False, "reason": err.message}
+            row = s.execute(
+                select(CustomHostname).where(CustomHostname.hostname == host)
+            ).scalar_one_or_none()
+            if row is None:
+                return {"hostname": host, "available": True, "reason": ""}
+            if row.state == HostnameState.VERIFIED:
+                reason = "a site already uses this name; it moves only to a site whose owner proves it in DNS"
+            else:
+                reason = "a site has already claimed this name but not proven it; proving ownership in DNS takes it"
+            return {"hostname": host, "available": False, "reason": reason}
 
     def list_hostnames(self, who: Principal, name: str) -> Json:
         with self._db.session() as s:
             site = self._visible_site(s, who, name)
-            return {"site": site.name, "hostnames": [_hostname_json(h) for h in site.hostnames]}
+            return {
+                "site": site.name,
+                "verification_id": site.subscription.verification_id,
+                "hostnames": [self._hostname_json(h) for h in site.hostnames],
+            }
 
     def add_hostname(self, who: Principal, name: str, body: Json) -> Json:
-        """Bind a host name of the tenant's own to a site, with its certificate (PEM or base64 PFX)."""
+        """Claim a host name for a site, with its certificate (PEM or base64 PFX); it is pending until proven.
+
+        A name another site claims is taken only when DNS proves this tenant owns it (then the other
+        claim is removed), whether that claim is pending or verified.
+        """
         _only(body, {"hostname", "certificate", "key", "pfx", "password"}, "custom hostname")
-        host = validate_hostname(_text(body, "hostname"))
-        self.check_site(who, name)
-        free = self.hostname_availability(who, host)
-        if not free["available"] and free["reason"] != "another site already uses this name":
-            raise InvalidInput(f"{host} cannot be used: {free['reason']}")
-        cert = None
-        for field in ("certificate", "key", "pfx", "password"):
-            if body.get(field) is not None and not isinstance(body[field], str):
-                raise InvalidInput(f"{field!r} must be a string")
-        if body.get("pfx"):
-            try:
-                pfx = base64.b64decode(body["pfx"], validate=True)
-            except (binascii.Error, ValueError):
-                raise InvalidInput("'pfx' must be the PFX file in base64") from None
-            cert = load_certificate(host, pfx=pfx, password=body.get("password"))
-        elif body.get("certificate"):
-            key_text = body.get("key")
-            cert = load_certificate(
-                host,
-                cert_pem=body["certificate"].encode(),
-                key_pem=key_text.encode() if key_text else None,
-                password=body.get("password"),
+        with self._db.session() as s:
+            host = self._check_hostname(s, body.get("hostname"))
+            site = self._visible_site(s, who, name)
+            resolvers, _ = self._domain_settings(s)
+            site_host, verification_id = self._site_host(site), site.subscription.verification_id
+            other = s.execute(
+                select(CustomHostname).where(CustomHostname.hostname == host)
+            ).scalar_one_or_none()
+            if other is not None and other.site_id == site.id:
+                raise AlreadyExists(
+                    f"{site.name} already has {host}", hint="see `sitecloud site hostname list`"
+                )
+            other_id = other.id if other else None
+        cert = self._hostname_certificate(host, body)
+        proven = False
+        if other_id is not None:
+            problem = check_ownership(
+                host, site_host=site_host, verification_id=verification_id, resolvers=resolvers
             )
-        elif body.get("key"):
-            raise InvalidInput("a key was given without its certificate")
+            if problem is not None:
+                raise AlreadyExists(
+                    f"{host} is claimed by another site; DNS does not prove you own it ({problem})",
+                    hint=f"create a TXT record asuid.{host} with {verification_id} (or a CNAME {host} -> "
+                    f"{site_host}), then add it again",
+                )
+            proven = True
+        now = dt.datetime.now(dt.UTC)
         with self._write_lock, self._db.session() as s:
             site = self._visible_site(s, who, name)
-            if s.execute(select(CustomHostname.id).where(CustomHostname.hostname == host)).first():
-                raise AlreadyExists(
-                    f"{host} is already used by a site", hint="each host name can serve one site"
-                )
+            if other_id is not None and (old := s.get(CustomHostname, other_id)) is not None:
+                # The new owner proved the name: the old claim goes, in the same transaction.
+                s.delete(old)
+                s.flush()
             sub = site.subscription
             used = (
                 s.scalar(
@@ -677,14 +744,102 @@ class Store:
                 cert_pem=cert.cert_pem if cert else None,
                 key_pem=cert.key_pem if cert else None,
                 cert_not_after=cert.not_after if cert else None,
+                state=HostnameState.VERIFIED if proven else HostnameState.PENDING,
+                verified_at=now if proven else None,
+                checked_at=now if proven else None,
             )
             s.add(row)
-            self._flush(s, f"{host} is already used by a site")
+            self._flush(s, f"{host} was claimed by another site at the same time")
             bump_generation(s)
-            return _hostname_json(row)
+            return self._hostname_json(row)
+
+    @staticmethod
+    def _hostname_certificate(host: str, body: Json) -> Any:
+        for field in ("certificate", "key", "pfx", "password"):
+            if body.get(field) is not None and not isinstance(body[field], str):
+                raise InvalidInput(f"{field!r} must be a string")
+        if body.get("pfx"):
+            try:
+                pfx = base64.b64decode(body["pfx"], validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidInput("'pfx' must be the PFX file in base64") from None
+            return load_certificate(host, pfx=pfx, password=body.get("password"))
+        if body.get("certificate"):
+            key_text = body.get("key")
+            return load_certificate(
+                host,
+                cert_pem=body["certificate"].encode(),
+                key_pem=key_text.encode() if key_text else None,
+                password=body.get("password"),
+            )
+        if body.get("key"):
+            raise InvalidInput("a key was given without its certificate")
+        return None
+
+    def verify_hostname(self, who: Principal, name: str, hostname: str) -> Json:
+        """Ask DNS now whether the site's pending claim on ``hostname`` is proven; verified ones stay so."""
+        host = _claimed_name(hostname)
+        with self._db.session() as s:
+            site = self._visible_site(s, who, name)
+            row = next((h for h in site.hostnames if h.hostname == host), None)
+            if row is None:
+                raise NotFound(f"site {name!r} has no custom hostname {host!r}")
+            if row.state == HostnameState.VERIFIED:
+                return self._hostname_json(row)
+            resolvers, _ = self._domain_settings(s)
+            claim = (row.id, host, self._site_host(site), site.subscription.verification_id)
+        answer = self._check_claim(claim, resolvers)
+        if answer is None:
+            raise NotFound(f"site {name!r} has no custom hostname {host!r}")
+        return answer
+
+    def _check_claim(self, claim: tuple[int, str, str, str], resolvers: list[tuple[str, int]]) -> Json | None:
+        row_id, host, site_host, verification_id = claim
+        problem = check_ownership(
+            host, site_host=site_host, verification_id=verification_id, resolvers=resolvers
+        )
+        now = dt.datetime.now(dt.UTC)
+        with self._write_lock, self._db.session() as s:
+            row = s.get(CustomHostname, row_id)
+            if row is None:
+                return None
+            row.checked_at, row.check_result = now, problem
+            if problem is None and row.state == HostnameState.PENDING:
+                row.state, row.verified_at = HostnameState.VERIFIED, now
+                bump_generation(s)
+            return self._hostname_json(row)
+
+    def check_pending_hostnames(
+        self, checked_before: dt.datetime, stop: threading.Event | None = None, limit: int = 100
+    ) -> list[str]:
+        """Re-check pending claims not checked since ``checked_before``; the names that became verified.
+
+        ``stop`` ends the round between two names, so a shutdown waits for one DNS check at most.
+        """
+        with self._db.session() as s:
+            resolvers, _ = self._domain_settings(s)
+            rows = s.scalars(
+                select(CustomHostname)
+                .where(CustomHostname.state == HostnameState.PENDING)
+                .where((CustomHostname.checked_at.is_(None)) | (CustomHostname.checked_at < checked_before))
+                .order_by(CustomHostname.checked_at.is_not(None), CustomHostname.checked_at)
+                .limit(limit)
+                .options(joinedload(CustomHostname.site).joinedload(Site.subscription))
+            )
+            claims = [
+                (r.id, r.hostname, self._site_host(r.site), r.site.subscription.verification_id) for r in rows
+            ]
+        verified = []
+        for claim in claims:
+            if stop is not None and stop.is_set():
+                break
+            answer = self._check_claim(claim, resolvers)
+            if answer is not None and answer["state"] == HostnameState.VERIFIED:
+                verified.append(claim[1])
+        return verified
 
     def delete_hostname(self, who: Principal, name: str, hostname: str) -> None:
-        host = hostname.lower().rstrip(".")
+        host = _claimed_name(hostname)
         with self._write_lock, self._db.session() as s:
             site = self._visible_site(s, who, name)
             row = next((h for h in site.hostnames if h.hostname == host), None)

@@ -288,6 +288,14 @@ async def delete_hostname(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def verify_hostname(request: web.Request) -> web.Response:
+    who = await principal(request)
+    answer = await service_of(request).verify_hostname(
+        who, request.match_info["name"], request.match_info["hostname"]
+    )
+    return web.json_response(answer)
+
+
 async def hostname_availability(request: web.Request) -> web.Response:
     who = await principal(request)
     answer = await service_of(request).hostname_availability(who, request.match_info["hostname"])
@@ -353,6 +361,7 @@ def api_routes() -> list[web.RouteDef]:
         web.get(f"{p}/sites/{{name}}/hostnames", list_hostnames),
         web.post(f"{p}/sites/{{name}}/hostnames", add_hostname),
         web.delete(f"{p}/sites/{{name}}/hostnames/{{hostname}}", delete_hostname),
+        web.post(f"{p}/sites/{{name}}/hostnames/{{hostname}}/verify", verify_hostname),
         web.get(f"{p}/hostnames/{{hostname}}/availability", hostname_availability),
         # Hosts, roles and upgrades (issue 3): their own module, which builds on this one's helpers.
         *fabric_routes(),

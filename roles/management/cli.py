@@ -166,6 +166,8 @@ def _show_subscription(sub: Any, a: argparse.Namespace) -> None:
             ("custom hostnames", f"{usage['custom_hostnames']}/{quotas['max_custom_hostnames']}"),
             ("bandwidth", _per_day(quotas["bandwidth_mb_per_day"], "MB")),
             ("cpu", _per_day(quotas["cpu_minutes_per_day"], "min")),
+            # A TXT record asuid.<hostname> with this value proves a custom hostname is the tenant's.
+            ("verification id", sub.get("verification_id", "-")),
         ]
     )
 
@@ -362,21 +364,41 @@ def _hostname_add(a: argparse.Namespace, api: ApiClient) -> Any:
 def _show_hostname(answer: Any, a: argparse.Namespace) -> None:
     cert = answer["certificate"]
     extra = f" with a certificate until {cert['not_after'][:10]}" if cert else " (no certificate: HTTP only)"
-    out(f"{answer['hostname']} now serves {answer['site']}{extra}")
+    if answer["state"] == "verified":
+        out(f"{answer['hostname']} is verified and serves {answer['site']}{extra}")
+        return
+    out(
+        f"{answer['hostname']} is pending for {answer['site']}{extra}: it is not served until DNS proves it is yours."
+    )
+    if answer.get("problem"):
+        out(f"last check: {answer['problem']}")
+    out("create one of these records at your DNS provider, then run")
+    out(f"`sitecloud site hostname verify {answer['site']} {answer['hostname']}`:")
+    for record in answer["records"]:
+        out(f"  {record['type']:<5} {record['name']}  {record['value']}")
 
 
 def _show_hostnames(answer: Any, a: argparse.Namespace) -> None:
     rows = [
         (
             h["hostname"],
+            h["state"],
             (h["certificate"] or {}).get("not_after", "-")[:10],
             ", ".join((h["certificate"] or {}).get("names", [])),
         )
         for h in answer["hostnames"]
     ]
     print_table(
-        ("HOSTNAME", "CERT UNTIL", "CERT NAMES"), rows, empty=f"{answer['site']} has no custom hostnames"
+        ("HOSTNAME", "STATE", "CERT UNTIL", "CERT NAMES"),
+        rows,
+        empty=f"{answer['site']} has no custom hostnames",
     )
+    pending = [h for h in answer["hostnames"] if h["state"] != "verified"]
+    if pending:
+        out("\npending names are not served; create one record per name at your DNS provider:")
+        for h in pending:
+            for record in h["records"]:
+                out(f"  {record['type']:<5} {record['name']}  {record['value']}")
 
 
 def _hostname_remove(a: argparse.Namespace, api: ApiClient) -> Any:
@@ -458,8 +480,25 @@ def _token_revoke(a: argparse.Namespace, api: ApiClient) -> Any:
     return {"token": a.id, "deleted": True}
 
 
+def _settings_set(a: argparse.Namespace, api: ApiClient) -> Any:
+    body: dict[str, Any] = {}
+    if a.signup:
+        body["signup_enabled"] = a.signup == "open"
+    if a.dns_resolver:
+        body["dns_resolvers"] = [r for r in a.dns_resolver if r != "system"]
+    if not body:
+        raise InvalidInput("nothing to change", hint="pass --signup and/or --dns-resolver")
+    return api.request("PATCH", api.path("settings"), body)
+
+
 def _show_cloud_settings(answer: Any, a: argparse.Namespace) -> None:
-    print_fields([("sign-up", "open" if answer["signup_enabled"] else "closed")])
+    print_fields(
+        [
+            ("sign-up", "open" if answer["signup_enabled"] else "closed"),
+            ("DNS resolvers", ", ".join(answer.get("dns_resolvers") or []) or "the system's"),
+            ("wildcard-IP DNS", ", ".join(answer.get("ip_dns_services") or [])),
+        ]
+    )
 
 
 def _done(text: str) -> Show:
@@ -606,10 +645,16 @@ def _parser() -> argparse.ArgumentParser:
         settings,
         "set",
         "change cloud settings",
-        lambda a, api: api.request("PATCH", api.path("settings"), {"signup_enabled": a.signup == "open"}),
+        _settings_set,
         _show_cloud_settings,
     )
-    sp.add_argument("--signup", choices=["open", "closed"], required=True, help="may tenants sign up?")
+    sp.add_argument("--signup", choices=["open", "closed"], help="may tenants sign up?")
+    sp.add_argument(
+        "--dns-resolver",
+        action="append",
+        metavar="IP[:PORT]",
+        help="where custom hostname ownership is checked (repeat for more; 'system' for the host's own)",
+    )
 
     sub = group("subscription", "subscriptions of tenants to plans")
     sp = leaf(
@@ -712,39 +757,64 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("-o", "--output", help="file to write (default NAME.PublishSettings; '-' for stdout)")
 
-    hostname = group("hostname", "custom hostnames of sites")
-    sp = leaf(hostname, "add", "add a custom hostname, with a certificate", _hostname_add, _show_hostname)
-    sp.add_argument("site")
-    sp.add_argument("hostname")
-    sp.add_argument("--cert", help="PEM certificate (chain) file; may hold the key too")
-    sp.add_argument("--key", help="PEM private key file")
-    sp.add_argument("--pfx", help="PFX / PKCS#12 file instead of --cert/--key")
-    sp.add_argument("--password-stdin", action="store_true", help="read the PFX or key password from stdin")
-    sp = leaf(
-        hostname,
-        "list",
-        "list a site's custom hostnames",
-        get("sites", "{a.site}", "hostnames"),
-        _show_hostnames,
+    def hostname_commands(hostname: Any) -> None:
+        sp = leaf(
+            hostname,
+            "add",
+            "claim a custom hostname (pending until DNS proves it is yours), with a certificate",
+            _hostname_add,
+            _show_hostname,
+        )
+        sp.add_argument("site")
+        sp.add_argument("hostname")
+        sp.add_argument("--cert", help="PEM certificate (chain) file; may hold the key too")
+        sp.add_argument("--key", help="PEM private key file")
+        sp.add_argument("--pfx", help="PFX / PKCS#12 file instead of --cert/--key")
+        sp.add_argument(
+            "--password-stdin", action="store_true", help="read the PFX or key password from stdin"
+        )
+        sp = leaf(
+            hostname,
+            "list",
+            "list a site's custom hostnames, with the DNS record each pending one needs",
+            get("sites", "{a.site}", "hostnames"),
+            _show_hostnames,
+        )
+        sp.add_argument("site")
+        sp = leaf(
+            hostname,
+            "verify",
+            "check DNS now for a pending hostname's proof of ownership",
+            post("sites", "{a.site}", "hostnames", "{a.hostname}", "verify"),
+            _show_hostname,
+        )
+        sp.add_argument("site")
+        sp.add_argument("hostname")
+        sp = leaf(
+            hostname,
+            "remove",
+            "remove a custom hostname",
+            _hostname_remove,
+            _done("removed {a.hostname} from {a.site}"),
+        )
+        sp.add_argument("site")
+        sp.add_argument("hostname")
+        sp = leaf(
+            hostname,
+            "check",
+            "is a host name free?",
+            get("hostnames", "{a.hostname}", "availability"),
+            _show_availability,
+        )
+        sp.add_argument("hostname")
+
+    hostname_commands(group("hostname", "custom hostnames of sites"))
+    # The same commands as `sitecloud site hostname ...`, where a site's other settings are.
+    hostname_commands(
+        site.add_parser("hostname", help="custom hostnames of sites", parents=[common]).add_subparsers(
+            dest="hostname_action", metavar="ACTION", required=True
+        )
     )
-    sp.add_argument("site")
-    sp = leaf(
-        hostname,
-        "remove",
-        "remove a custom hostname",
-        _hostname_remove,
-        _done("removed {a.hostname} from {a.site}"),
-    )
-    sp.add_argument("site")
-    sp.add_argument("hostname")
-    sp = leaf(
-        hostname,
-        "check",
-        "is a host name free?",
-        get("hostnames", "{a.hostname}", "availability"),
-        _show_availability,
-    )
-    sp.add_argument("hostname")
 
     sp = leaf(top, "deploy", "replace a site's content with a directory or a .zip", _deploy, _show_deploy)
     sp.add_argument("site")

@@ -7,6 +7,7 @@ nudged. Every method takes the calling :class:`Principal` and enforces its right
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -33,6 +34,8 @@ T = TypeVar("T")
 _DEPLOY_TIMEOUT = 3600.0
 # `site show` asks each of the site's workers how its app is doing, this long at most.
 _APP_STATE_WAIT = 3.0
+# Pending custom hostnames are asked about in DNS this often (seconds), and at once when one is added.
+_HOSTNAME_RECHECK = 60.0
 _APP_FIELDS = (
     "runtime", "state", "memory_bytes", "memory_limit_bytes", "memory_kills", "pids_limit",
     "pids_limit_hits", "disk_used_bytes", "disk_limit_bytes", "disk_quota_hits", "disk_full",
@@ -52,12 +55,23 @@ class ManagementService:
         self._deploy_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
         self._logs_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
         self._nudger = Nudger(self._client, config.controller_url, self._log)
+        self._hostname_wake = asyncio.Event()
+        self._hostname_stop = threading.Event()
+        self._hostname_tasks: list[asyncio.Task[None]] = []
         self._storage = StorageReader(self._client, lambda: asyncio.to_thread(self._store.fileserver_urls))
 
     async def start(self) -> None:
         self._nudger.start()
+        self._hostname_tasks = [
+            asyncio.create_task(self._check_pending_hostnames()),
+            asyncio.create_task(self._tick_hostname_checks()),
+        ]
 
     async def close(self) -> None:
+        self._hostname_stop.set()
+        for task in self._hostname_tasks:
+            task.cancel()
+        await asyncio.gather(*self._hostname_tasks, return_exceptions=True)
         await self._nudger.stop()
         await self._client.close()
         await self._deploy_client.close()
@@ -292,12 +306,47 @@ class ManagementService:
 
     async def add_hostname(self, who: Principal, name: str, body: Json) -> Json:
         result = await self._write_live(self._store.add_hostname, who, name, body)
-        self._log.bind(tenant=who.tenant, site=name).info("custom hostname %s added", result["hostname"])
+        self._log.bind(tenant=who.tenant, site=name).info(
+            "custom hostname %s added (%s)", result["hostname"], result["state"]
+        )
+        # Its DNS record may be there already: check it now rather than at the next round.
+        self._hostname_wake.set()
         return result
 
     async def delete_hostname(self, who: Principal, name: str, hostname: str) -> None:
         await self._write_live(self._store.delete_hostname, who, name, hostname)
         self._log.bind(tenant=who.tenant, site=name).info("custom hostname %s removed", hostname)
+
+    async def verify_hostname(self, who: Principal, name: str, hostname: str) -> Json:
+        result = await self._write_live(self._store.verify_hostname, who, name, hostname)
+        self._log.bind(tenant=who.tenant, site=name).info(
+            "custom hostname %s checked: %s", result["hostname"], result["state"]
+        )
+        return result
+
+    async def _check_pending_hostnames(self) -> None:
+        """Re-check pending claims now and then, so a name goes live soon after its DNS record appears.
+
+        Management does it, not the controller: it owns the claims, the verification ids and the DNS
+        settings, and the tenant's own `verify` runs the same code.
+        """
+        while True:
+            await self._hostname_wake.wait()
+            self._hostname_wake.clear()
+            try:
+                due = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=_HOSTNAME_RECHECK - 1)
+                verified = await self._read(self._store.check_pending_hostnames, due, self._hostname_stop)
+                for host in verified:
+                    self._log.info("custom hostname %s verified by DNS", host)
+                if verified:
+                    self._nudger.nudge()
+            except Exception:
+                self._log.exception("checking pending custom hostnames failed")
+
+    async def _tick_hostname_checks(self) -> None:
+        while True:
+            await asyncio.sleep(_HOSTNAME_RECHECK)
+            self._hostname_wake.set()
 
     async def hostname_availability(self, who: Principal, hostname: str) -> Json:
         return await self._read(self._store.hostname_availability, who, hostname)

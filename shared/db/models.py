@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 import uuid
 from typing import Any
 
@@ -47,6 +48,10 @@ def _utcnow() -> dt.datetime:
 
 def _uid() -> str:
     return uuid.uuid4().hex
+
+
+def _verification_id() -> str:
+    return secrets.token_hex(32).upper()
 
 
 class Base(DeclarativeBase):
@@ -145,6 +150,8 @@ class Subscription(Base):
     plan_id: Mapped[int] = mapped_column(ForeignKey("plans.id"))
     state: Mapped[str] = mapped_column(String(16), default="active")
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+    # Shown to the tenant: a TXT record asuid.<hostname> holding it proves the tenant owns the name.
+    verification_id: Mapped[str] = mapped_column(String(64), default=_verification_id)
     tenant: Mapped[Tenant] = relationship(back_populates="subscriptions")
     plan: Mapped[Plan] = relationship()
     sites: Mapped[list[Site]] = relationship(back_populates="subscription")
@@ -197,6 +204,12 @@ class CustomHostname(Base):
     key_pem: Mapped[str | None] = mapped_column(Text, default=None)
     cert_not_after: Mapped[dt.datetime | None] = mapped_column(default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+    # "pending" until DNS proves the tenant owns the name, then "verified"; only verified names are routed.
+    state: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    verified_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # The last ownership check: when, and what DNS said if it did not prove the claim.
+    checked_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    check_result: Mapped[str | None] = mapped_column(Text, default=None)
     site: Mapped[Site] = relationship(back_populates="hostnames")
 
 

@@ -158,6 +158,9 @@ async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
         if action == "hostname-remove":
             await service.delete_hostname(page.who, name, str(form.get("hostname", "")))
             raise redirect(f"/portal/sites/{name}", "hostname-removed")
+        if action == "hostname-verify":
+            checked = await service.verify_hostname(page.who, name, str(form.get("hostname", "")))
+            raise redirect(f"/portal/sites/{name}", f"hostname-{checked['state']}")
         if action == "hostname":
             await service.add_hostname(page.who, name, _hostname_body(form))
             raise redirect(f"/portal/sites/{name}", "hostname-added")
@@ -219,6 +222,10 @@ async def add_hostname(request: web.Request) -> web.StreamResponse:
 
 async def remove_hostname(request: web.Request) -> web.StreamResponse:
     return await _site_action(request, "hostname-remove")
+
+
+async def verify_hostname(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "hostname-verify")
 
 
 async def publish_profile(request: web.Request) -> web.StreamResponse:
@@ -288,5 +295,6 @@ def tenant_routes() -> list[web.RouteDef]:
         web.post(f"{s}/settings", app_settings),
         web.post(f"{s}/hostnames", add_hostname),
         web.post(f"{s}/hostnames/remove", remove_hostname),
+        web.post(f"{s}/hostnames/verify", verify_hostname),
         web.post(f"{s}/deploy", deploy),
     ]
