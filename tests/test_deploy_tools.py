@@ -338,3 +338,24 @@ def test_a_re_created_site_gets_a_fresh_repository(
     assert listed.returncode == 0 and listed.stdout.strip() == "", listed.stderr
     assert other.push().returncode == 0
     cloud.wait_for_content("gitfresh", "/", b"second life")
+
+
+def test_git_endpoints_refuse_what_they_do_not_serve(cloud: LocalCloud, subscription: int) -> None:
+    mine = _site(cloud, subscription, "gitmine")
+    theirs = _site(cloud, subscription, "gittheirs")
+    base = _deploy_base(mine)
+    auth = f"{mine['ftp']['user']}:{mine['ftp']['password']}"
+    # The dumb HTTP protocol, and git endpoints that do not exist, get a 4xx that says what is served.
+    status, _, body = _curl(cloud, "-u", auth, f"{base}/gitmine.git/info/refs")
+    assert status == 400 and b"smart HTTP" in body
+    status, _, body = _curl(cloud, "-u", auth, "-X", "POST", f"{base}/gitmine.git/git-evil-pack")
+    assert status == 404 and b"no such git endpoint" in body
+    status, _, body = _curl(cloud, "-u", auth, f"{base}/Not_A.Site.git/info/refs?service=git-receive-pack")
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_input"
+    # One site's credentials open no other site's repository.
+    status, _, _ = _curl(cloud, "-u", auth, f"{base}/{theirs['name']}.git/info/refs?service=git-receive-pack")
+    assert status == 401
+    # Its own: the smart HTTP advertisement, from a repository made on first use.
+    status, headers, body = _curl(cloud, "-u", auth, f"{base}/gitmine.git/info/refs?service=git-receive-pack")
+    assert status == 200 and headers["content-type"] == "application/x-git-receive-pack-advertisement"
+    assert b"report-status" in body

@@ -46,6 +46,7 @@ async def serve(config: PublisherConfig, stop: asyncio.Event) -> None:
     async def apply(snapshot: Snapshot) -> None:
         sites.apply(snapshot)
         deployer.deployments.forget_sites_except(sites.names())
+        await asyncio.to_thread(git.sweep)
 
     def health() -> dict[str, Any]:
         return {

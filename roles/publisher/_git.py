@@ -129,7 +129,10 @@ class GitDeploy:
         self._root = config.home / "git"
         self._hooks = config.home / "git-hooks"
         self._git = shutil.which("git")
+        # Per site: one push at a time (a push and its deploy are one step); and one repository made
+        # at a time, as two first requests could race to create it.
         self._locks: dict[str, asyncio.Lock] = {}
+        self._creating = asyncio.Lock()
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -166,21 +169,32 @@ class GitDeploy:
             "GIT_CONFIG_GLOBAL": os.devnull,
         }
 
+    def sweep(self) -> None:
+        """Remove the repositories of sites this publisher no longer has (deleted, or re-created under
+        the same name). Runs in a worker thread after each snapshot."""
+        if not self._root.is_dir():
+            return
+        keep = {self._project_root(site).name for site in self._sites.all()}
+        for project in self._root.iterdir():
+            if project.name not in keep:
+                shutil.rmtree(project, ignore_errors=True)
+                self._log.info("git repository %s removed: its site is gone", project.name)
+
     async def _repository(self, site: SiteInfo) -> Path:
-        """The site's bare repository, made on first use; another incarnation's is removed."""
+        """The site's bare repository, made on first use."""
         project = self._project_root(site)
         repo = project / f"{site.name}.git"
         if (repo / "config").exists():
             return repo
+        async with self._creating:
+            if (repo / "config").exists():
+                return repo
+            return await self._create(site, project, repo)
+
+    async def _create(self, site: SiteInfo, project: Path, repo: Path) -> Path:
         if self._git is None:
             raise Unavailable("git is not installed on this publisher", hint="install Debian's 'git'")
-        self._write_hooks()
-        for old in self._root.glob(f"{site.name}@*"):
-            if old != project:
-                await asyncio.to_thread(shutil.rmtree, old, True)
-        project.mkdir(parents=True, exist_ok=True)
-        building = project / f".{site.name}.git.new"
-        await asyncio.to_thread(shutil.rmtree, building, True)
+        building = await asyncio.to_thread(self._prepare, site, project)
         code, out = await self._run(
             self._git,
             "init",
@@ -209,6 +223,17 @@ class GitDeploy:
         building.rename(repo)
         self._log.bind(site=site.name).info("git repository created")
         return repo
+
+    def _prepare(self, site: SiteInfo, project: Path) -> Path:
+        """Hooks in place, an earlier incarnation's repository gone; the directory to build in."""
+        self._write_hooks()
+        for old in self._root.glob(f"{site.name}@*"):
+            if old != project:
+                shutil.rmtree(old, ignore_errors=True)
+        project.mkdir(parents=True, exist_ok=True)
+        building = project / f".{site.name}.git.new"
+        shutil.rmtree(building, ignore_errors=True)
+        return building
 
     def _write_hooks(self) -> None:
         hook = self._hooks / "pre-receive"
@@ -357,11 +382,14 @@ class GitDeploy:
         cgi = await self._start(request, site, repo, "git-receive-pack")
         assert cgi.proc.stdout is not None
         report = b""
-        while len(report) <= _MAX_REPORT and (chunk := await cgi.proc.stdout.read(_CHUNK)):
-            report += chunk
-        if len(report) > _MAX_REPORT:
-            cgi.proc.kill()
-        await cgi.proc.wait()
+        try:
+            while len(report) <= _MAX_REPORT and (chunk := await cgi.proc.stdout.read(_CHUNK)):
+                report += chunk
+        finally:
+            if cgi.proc.returncode is None and (len(report) > _MAX_REPORT or not cgi.proc.stdout.at_eof()):
+                with contextlib.suppress(ProcessLookupError):
+                    cgi.proc.kill()
+            await cgi.proc.wait()
         after = await self._refs(repo)
         moved = [ref for ref in _DEPLOYED if ref in after and after[ref] != before.get(ref)]
         response = self._response(cgi)

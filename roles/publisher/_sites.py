@@ -120,6 +120,10 @@ class SiteTable:
         current = self._current
         return set(current.sites) if current else set()
 
+    def all(self) -> list[SiteInfo]:
+        current = self._current
+        return list(current.sites.values()) if current else []
+
     def site_of_user(self, user: str) -> SiteInfo | None:
         current = self._current
         if current is None:
