@@ -289,6 +289,11 @@ def test_git_push_deploys_the_pushed_tree_and_a_second_push_replaces_it(
     assert cloud.get("gitsite", "/about/index.html")[2] == b"about"
     assert cloud.get("gitsite", "/old.txt")[0] == 404  # the whole site flipped to the new tree
     print(f"first git push to live: {first:.2f}s")
+    # The same URL clones, with the same credentials.
+    ca = f"http.sslCAInfo={cloud.ca_file}"
+    cloned = repo.run("-c", ca, "clone", "-q", _remote(site), str(tmp_path / "clone"))
+    assert cloned.returncode == 0
+    assert (tmp_path / "clone" / "about" / "index.html").read_bytes() == b"about"
 
     # A forced push (history rewritten) deploys too: non-fast-forwards are allowed.
     repo.run("commit", "-q", "--amend", "-m", "second, amended")
