@@ -364,3 +364,29 @@ def test_git_endpoints_refuse_what_they_do_not_serve(cloud: LocalCloud, subscrip
     status, headers, body = _curl(cloud, "-u", auth, f"{base}/gitmine.git/info/refs?service=git-receive-pack")
     assert status == 200 and headers["content-type"] == "application/x-git-receive-pack-advertisement"
     assert b"report-status" in body
+
+
+def test_a_push_that_cannot_deploy_says_why_and_leaves_the_branch_where_it_was(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    site = _site(cloud, subscription, "gitfails")
+    repo = Checkout(cloud, tmp_path / "gitfails", _remote(site))
+    repo.commit({"index.html": b"good version"}, "good")
+    assert repo.push().returncode == 0
+    cloud.wait_for_content("gitfails", "/", b"good version")
+    good = repo.run("rev-parse", "HEAD").stdout.strip()
+
+    # A symbolic link is refused by the zip trust boundary the pushed tree goes through.
+    (repo.path / "escape").symlink_to("/etc/passwd")
+    repo.run("add", "escape")
+    repo.commit({"index.html": b"bad version"}, "with a link")
+    pushed = repo.push()
+    assert "remote: sitecloud: deploy FAILED" in pushed.stderr and "symbolic link" in pushed.stderr
+    remote_main = repo.run("ls-remote", "origin", "refs/heads/main").stdout.split()[0]
+    assert remote_main == good  # put back, so the next push deploys again
+    assert cloud.get("gitfails", "/")[2] == b"good version"
+
+    repo.commit({"escape": None, "index.html": b"fixed version"}, "no link")
+    fixed = repo.push()
+    assert fixed.returncode == 0 and "deployed as version" in fixed.stderr, fixed.stderr
+    cloud.wait_for_content("gitfails", "/", b"fixed version")
