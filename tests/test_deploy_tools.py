@@ -22,6 +22,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
+from roles.publisher._git import _pkt, _split_report
 from tests.cloud import LocalCloud
 from tests.support import wait_until
 
@@ -390,3 +391,13 @@ def test_a_push_that_cannot_deploy_says_why_and_leaves_the_branch_where_it_was(
     fixed = repo.push()
     assert fixed.returncode == 0 and "deployed as version" in fixed.stderr, fixed.stderr
     cloud.wait_for_content("gitfails", "/", b"fixed version")
+
+
+def test_deploy_lines_go_only_into_a_report_multiplexed_on_side_bands() -> None:
+    report = _pkt(b"\x01" + _pkt(b"unpack ok\n") + _pkt(b"ok refs/heads/main\n") + b"0000")
+    assert _split_report(report + b"0000") == (report, True)
+    assert _split_report(report) == (report, False)
+    # Not multiplexed (no side band asked for), truncated, or not pkt-lines at all: left alone.
+    assert _split_report(_pkt(b"unpack ok\n") + b"0000") is None
+    assert _split_report(report[:-3]) is None
+    assert _split_report(b"HTTP garbage") is None
