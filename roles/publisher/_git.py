@@ -32,7 +32,7 @@ from roles.publisher._deploy import Deployer
 from roles.publisher._sites import SiteInfo, SiteTable
 from roles.publisher.config import PublisherConfig
 from shared.errors import BadRequest, NotFound, QuotaExceeded, SitecloudError, Unavailable
-from shared.logs import get_logger
+from shared.logs import ContextLogger, get_logger
 from shared.names import validate_site_name
 
 __all__ = ["GitDeploy"]
@@ -100,11 +100,30 @@ def _split_report(body: bytes) -> tuple[bytes, bool] | None:
 class _Cgi:
     """One ``git http-backend`` run: CGI headers parsed, body readable."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, log: ContextLogger) -> None:
         self.proc = proc
         self.status = 200
         self.headers: dict[str, str] = {}
         self.too_big = False
+        self._log = log
+        # Drained all along, so git never blocks on a full stderr pipe; logged when it ends.
+        self._stderr = asyncio.create_task(self._drain_stderr())
+
+    async def _drain_stderr(self) -> bytes:
+        assert self.proc.stderr is not None
+        kept = b""
+        while chunk := await self.proc.stderr.read(_CHUNK):
+            kept = (kept + chunk)[:4096]
+        return kept
+
+    async def wait(self, *, kill: bool = False) -> None:
+        if kill and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        await self.proc.wait()
+        errors = await self._stderr
+        if errors.strip():
+            self._log.info("git http-backend: %s", errors.decode(errors="replace").strip())
 
     async def read_headers(self) -> None:
         assert self.proc.stdout is not None
@@ -299,21 +318,17 @@ class GitDeploy:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        cgi = _Cgi(proc)
+        cgi = _Cgi(proc, self._log.bind(site=site.name))
         feeding = asyncio.create_task(self._feed(request, cgi))
         try:
             await cgi.read_headers()
             await feeding
         except BaseException:
             feeding.cancel()
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+            await cgi.wait(kill=True)
             raise
         if cgi.too_big:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+            await cgi.wait(kill=True)
             raise QuotaExceeded(
                 f"the push is larger than the {self._config.max_deploy_bytes} bytes this publisher accepts",
                 hint="push less at once, or deploy a zip",
@@ -360,10 +375,7 @@ class GitDeploy:
                 await response.write(chunk)
             await response.write_eof()
         finally:
-            if cgi.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    cgi.proc.kill()
-            await cgi.proc.wait()
+            await cgi.wait(kill=not cgi.proc.stdout.at_eof())
         return response
 
     async def _refs(self, repo: Path) -> dict[str, str]:
@@ -386,10 +398,7 @@ class GitDeploy:
             while len(report) <= _MAX_REPORT and (chunk := await cgi.proc.stdout.read(_CHUNK)):
                 report += chunk
         finally:
-            if cgi.proc.returncode is None and (len(report) > _MAX_REPORT or not cgi.proc.stdout.at_eof()):
-                with contextlib.suppress(ProcessLookupError):
-                    cgi.proc.kill()
-            await cgi.proc.wait()
+            await cgi.wait(kill=len(report) > _MAX_REPORT or not cgi.proc.stdout.at_eof())
         after = await self._refs(repo)
         moved = [ref for ref in _DEPLOYED if ref in after and after[ref] != before.get(ref)]
         response = self._response(cgi)
