@@ -135,7 +135,7 @@ def test_site_commands(home: Path, tmp_path: Path) -> None:
     assert answer == {"site": "cli-site", "file": str(target), "bytes": target.stat().st_size}
     assert target.stat().st_mode & 0o077 == 0  # it holds a password
     root = ET.fromstring(target.read_bytes())
-    assert [p.get("publishMethod") for p in root] == ["MSDeploy", "FTP"]
+    assert [p.get("publishMethod") for p in root] == ["ZipDeploy", "FTP"]
     assert root[0].get("userPWD") != reset["ftp"]["password"]
 
     cert_pem, key_pem, key, cert = _cert(["www.cli.example", "cli.example"])

@@ -251,13 +251,13 @@ def test_publishing_password_reset_and_publish_profile(cloud: ManagementCloud) -
     root = ET.fromstring(xml)
     assert root.tag == "publishData"
     profiles = {p.get("publishMethod"): p.attrib for p in root.findall("publishProfile")}
-    assert set(profiles) == {"MSDeploy", "FTP"}
-    web_deploy, ftp = profiles["MSDeploy"], profiles["FTP"]
+    assert set(profiles) == {"ZipDeploy", "FTP"}
+    web_deploy, ftp = profiles["ZipDeploy"], profiles["FTP"]
     password = ftp["userPWD"]
     assert web_deploy["userPWD"] == password and web_deploy["userName"] == ftp["userName"] == name
-    assert web_deploy["msdeploySite"] == name and web_deploy["destinationAppUrl"] == created["url"]
+    assert web_deploy["destinationAppUrl"] == created["url"]
     assert web_deploy["publishUrl"] == cloud.config.deploy_url.removeprefix("https://")
-    assert ftp["publishUrl"] == f"ftp://{cloud.config.ftp_host}:{cloud.config.ftp_port}/"
+    assert ftp["publishUrl"] == f"ftps://{cloud.config.ftp_host}:{cloud.config.ftp_port}/"
     assert web_deploy["SQLServerDBConnectionString"] == ""
     # The profile carries a new password: the one from the reset no longer works.
     assert verify_password(password, stored_hash()) and not verify_password(

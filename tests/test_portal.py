@@ -196,9 +196,9 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
     assert download.suggested_filename == "portal-demo.PublishSettings"
     root = ET.fromstring(Path(download.path()).read_bytes())
     profiles = {p.get("publishMethod"): p.attrib for p in root.findall("publishProfile")}
-    assert set(profiles) == {"MSDeploy", "FTP"}
+    assert set(profiles) == {"ZipDeploy", "FTP"}
     assert profiles["FTP"]["userName"] == "portal-demo" and profiles["FTP"]["userPWD"] != password
-    assert profiles["MSDeploy"]["destinationAppUrl"].startswith("https://portal-demo.sites.localhost")
+    assert profiles["ZipDeploy"]["destinationAppUrl"].startswith("https://portal-demo.sites.localhost")
 
     # -- upload a zip from the browser: it streams to the publisher, which is not running here, and the
     # page says so (tests/test_portal_cloud.py deploys for real).

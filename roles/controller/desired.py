@@ -245,6 +245,13 @@ def _fileserver(state: DesiredState) -> RoleEndpoint | None:
     return candidates[0] if candidates else None
 
 
+def _site_url(state: DesiredState) -> str:
+    """``https://{site}.<domain>[:port]/``, with the HTTPS port of the first front end."""
+    ports = [r.ports.get("https") for r in state.of_kind("frontend")]
+    port = next((p for p in ports if p), 443)
+    return f"https://{{site}}.{state.domain}{'' if port == 443 else f':{port}'}/"
+
+
 def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
     """Role id → the snapshot that role should run with at ``state.generation``."""
     version = state.generation
@@ -280,6 +287,8 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
         elif role.kind == "publisher":
             body = {
                 "fileserver": fileserver_url,
+                # How a site's address reads, for the publisher to tell a pusher where it went live.
+                "site_url": _site_url(state),
                 "sites": {
                     s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, "users": s.users}
                     for s in state.sites

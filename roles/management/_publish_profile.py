@@ -1,6 +1,10 @@
-"""The ``.PublishSettings`` file Visual Studio and WebMatrix import: one profile for web deploy, one for FTP.
+"""The ``.PublishSettings`` file Visual Studio, the Azure tools and FTP clients import: one profile for
+Kudu's zip deploy, one for FTP.
 
-The attribute set follows the files Azure Web Sites handed out, so existing tools read it unchanged.
+The attribute set follows the files Azure App Service hands out, so existing tools read it unchanged:
+the ZipDeploy ``publishUrl`` is ``host:port``, to which tools add ``https://`` and ``/api/zipdeploy``;
+the FTP ``publishUrl`` is ``ftps://`` as on Azure, explicit TLS (``AUTH TLS``) on the FTP port. There is
+no MSDeploy profile: this cloud does not speak the Web Deploy (msdeploy.axd) protocol.
 """
 
 from __future__ import annotations
@@ -27,25 +31,24 @@ def publish_settings(
         "webSystem": "WebSites",
     }
     root = ET.Element("publishData")
-    web_deploy = ET.SubElement(
+    zip_deploy = ET.SubElement(
         root,
         "publishProfile",
         {
-            "profileName": f"{site} - Web Deploy",
-            "publishMethod": "MSDeploy",
+            "profileName": f"{site} - Zip Deploy",
+            "publishMethod": "ZipDeploy",
             "publishUrl": deploy_host,
-            "msdeploySite": site,
             **common,
         },
     )
-    ET.SubElement(web_deploy, "databases")
+    ET.SubElement(zip_deploy, "databases")
     ftp = ET.SubElement(
         root,
         "publishProfile",
         {
             "profileName": f"{site} - FTP",
             "publishMethod": "FTP",
-            "publishUrl": f"ftp://{ftp_host}:{ftp_port}/",
+            "publishUrl": f"ftps://{ftp_host}:{ftp_port}/",
             "ftpPassiveMode": "True",
             **common,
         },

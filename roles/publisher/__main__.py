@@ -1,5 +1,5 @@
-"""``python -m roles.publisher --config <home>/role.json``: FTP and web deploy, written through the
-fileserver."""
+"""``python -m roles.publisher --config <home>/role.json``: FTP, web deploy (zip, Kudu zip deploy and
+git push), written through the fileserver."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from roles.publisher._deploy import Deployer
 from roles.publisher._ftp import FtpServer
+from roles.publisher._git import GitDeploy
 from roles.publisher._sites import Credentials, SiteTable
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
@@ -42,10 +43,13 @@ async def serve(config: PublisherConfig, stop: asyncio.Event) -> None:
         max_entries=config.login_throttle_entries,
     )
     deployer = Deployer(config, sites, credentials, internal_tls, throttle)
+    git = GitDeploy(config, sites, deployer)
     ftp = FtpServer(config, sites, credentials, internal_tls, throttle)
 
     async def apply(snapshot: Snapshot) -> None:
         sites.apply(snapshot)
+        deployer.deployments.forget_sites_except(sites.names())
+        await asyncio.to_thread(git.sweep)
 
     def health() -> dict[str, Any]:
         return {
@@ -89,7 +93,7 @@ async def serve(config: PublisherConfig, stop: asyncio.Event) -> None:
 
     plane.metrics.register(FiguresCollector(metrics))
     await plane.load_last_known_good()
-    runner = web.AppRunner(deployer.public_app(), access_log=None, shutdown_timeout=5)
+    runner = web.AppRunner(deployer.public_app(git.routes()), access_log=None, shutdown_timeout=5)
     try:
         await plane.start()
         await runner.setup()
@@ -97,7 +101,7 @@ async def serve(config: PublisherConfig, stop: asyncio.Event) -> None:
         deploy = listener("deploy", config.bind, config.deploy_port)
         await web.SockSite(runner, deploy, ssl_context=tls).start()
         ftp.start()
-        log.info("web deploy on %s:%s", config.bind, config.deploy_port)
+        log.info("web deploy (zip, zipdeploy, git) on %s:%s", config.bind, config.deploy_port)
         await stop.wait()
     finally:
         log.info("stopping")

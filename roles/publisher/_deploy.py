@@ -1,31 +1,46 @@
 """Web deploy: a zip replaces a site's whole content in one fileserver version.
 
-Two doors lead to the same code: ``POST /api/deploy/{site}`` on the public HTTPS port with the site's
-publishing credentials (HTTP basic auth), and ``POST /v1/deploy/{site}`` on the control port for the
-management role (mTLS). The body is spooled to a temporary file, checked by
+Three doors lead to the same code: ``POST /api/deploy/{site}`` and Kudu's ``POST /api/zipdeploy`` on
+the public HTTPS port with the site's publishing credentials (HTTP basic auth), and
+``POST /v1/deploy/{site}`` on the control port for the management role (mTLS); a git push deploys
+through it too (:mod:`roles.publisher._git`). The body is spooled to a temporary file, checked by
 :func:`roles.publisher.zipsafe.check_zip`, each file uploaded as a blob, and one ``replace`` commit flips
 the site; any error before that commit leaves the site as it was.
+
+Kudu's zip deploy names the site by the publishing user (``?site=`` or a ``<site>.scm.`` host name it
+too), answers 200 once the new version is committed, or with ``?isAsync=true`` 202 and a ``Location``
+to poll at ``GET /api/deployments/{id}`` (:mod:`roles.publisher._deployments`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import IO, Any
 
 from aiohttp import BasicAuth, web
 
+from roles.publisher._deployments import Deployment, DeploymentLog
 from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import Credentials, SiteInfo, SiteTable
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
 from roles.publisher.zipsafe import check_zip, copy_member, open_zip
-from shared.errors import NotFound, QuotaExceeded, RateLimited, SitecloudError, Unauthorized
+from shared.errors import (
+    InvalidInput,
+    NotFound,
+    QuotaExceeded,
+    RateLimited,
+    SitecloudError,
+    Unauthorized,
+)
 from shared.internal import error_middleware, require_role
 from shared.logs import get_logger
 
-__all__ = ["Deployer"]
+__all__ = ["DeployResult", "Deployer"]
+
+DeployResult = dict[str, Any]
 
 _CHUNK = 256 * 1024
 _REALM = 'Basic realm="sitecloud web deploy", charset="UTF-8"'
@@ -67,12 +82,18 @@ class Deployer:
         # Running totals for metrics.
         self.deploys = 0
         self.deploys_refused = 0
+        self.deployments = DeploymentLog()
+        self._background: set[asyncio.Task[None]] = set()
 
-    # --- the two doors
+    # --- the doors
 
-    def public_app(self) -> web.Application:
-        app = web.Application(middlewares=[_challenge, error_middleware])
+    def public_app(self, extra_routes: Iterable[web.RouteDef] = ()) -> web.Application:
+        app = web.Application(middlewares=[_challenge, error_middleware], client_max_size=1024**2)
         app.router.add_post("/api/deploy/{site}", self._public)
+        app.router.add_post("/api/zipdeploy", self._zipdeploy)
+        app.router.add_get("/api/deployments/{id}", self._deployment)
+        app.router.add_routes(list(extra_routes))
+        app.on_shutdown.append(self._drain)
         return app
 
     def control_routes(self) -> list[web.RouteDef]:
@@ -80,8 +101,9 @@ class Deployer:
 
     async def _public(self, request: web.Request) -> web.Response:
         name = request.match_info["site"]
-        site = await self._authenticate(request, name)
-        return await self._deploy(request, site, via=f"web deploy from {request.remote}")
+        site = await self.authenticate(request, name)
+        answer, _ = await self._deploy_request(request, site, via="web deploy")
+        return web.json_response(answer)
 
     async def _internal(self, request: web.Request) -> web.Response:
         require_role(request, "management")
@@ -89,22 +111,79 @@ class Deployer:
         site = self._sites.site(name)
         if site is None:
             raise NotFound(f"site {name} is not served by this publisher")
-        return await self._deploy(request, site, via="management")
+        answer, _ = await self._deploy_request(request, site, via="management")
+        return web.json_response(answer)
 
-    async def _authenticate(self, request: web.Request, name: str) -> SiteInfo:
+    async def _zipdeploy(self, request: web.Request) -> web.Response:
+        site = await self.authenticate(request, self._kudu_site(request))
+        is_async = request.query.get("isAsync", "false").lower()
+        if is_async not in ("true", "false"):
+            raise InvalidInput(f"isAsync must be true or false, not {is_async!r}")
+        if is_async == "false":
+            _, record = await self._deploy_request(request, site, via="zip deploy", deployer="ZipDeploy")
+            return web.json_response(record.to_json(self._status_url(request, record)))
+        # Kudu's async deploy: take the whole body now, answer 202 and deploy in the background.
+        spool = tempfile.TemporaryFile(prefix="sitecloud-deploy-")  # noqa: SIM115 (closed by the task)
+        try:
+            size = await self._receive(request, spool)
+        except BaseException:
+            spool.close()
+            raise
+        record = self.deployments.start(site.name, deployer="ZipDeploy", author=self._author(request))
+        task = asyncio.create_task(self._deploy_later(site, spool, size, record))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        url = self._status_url(request, record)
+        return web.json_response(record.to_json(url), status=202, headers={"Location": url})
+
+    async def _deployment(self, request: web.Request) -> web.Response:
+        site = await self.authenticate(request, self._kudu_site(request))
+        wanted = request.match_info["id"]
+        record = self.deployments.get(site.name, wanted)
+        if record is None:
+            raise NotFound(
+                f"no deployment {wanted!r} of site {site.name} on this publisher",
+                hint="use the Location a deploy answered with, or 'latest'",
+            )
+        return web.json_response(record.to_json(self._status_url(request, record)))
+
+    def _kudu_site(self, request: web.Request) -> str | None:
+        """The site a Kudu-style request names: ``?site=``, a ``<site>.scm.`` host, or else none (the
+        publishing user then names it, as on Azure)."""
+        named = request.query.get("site")
+        if named is not None:
+            return named
+        host = (request.host or "").split(":", 1)[0].lower()
+        labels = host.split(".")
+        if len(labels) > 2 and labels[1] == "scm":
+            return labels[0]
+        return None
+
+    @staticmethod
+    def _status_url(request: web.Request, record: Deployment) -> str:
+        url = request.url.with_path(f"/api/deployments/{record.id}").with_query({"site": record.site})
+        return str(url)
+
+    @staticmethod
+    def _author(request: web.Request) -> str:
+        return f"{request.remote or 'unknown'}"
+
+    async def authenticate(self, request: web.Request, name: str | None) -> SiteInfo:
+        """The site the request's basic auth may publish to; ``name`` None lets the user name it."""
         header = request.headers.get("Authorization")
         if not header:
             raise Unauthorized(
-                "web deploy needs HTTP basic auth", hint="use the site's publishing user and password"
+                "publishing needs HTTP basic auth", hint="use the site's publishing user and password"
             )
         try:
             auth = BasicAuth.decode(header)
         except ValueError:
             raise Unauthorized("the Authorization header is not valid HTTP basic auth") from None
         address = request.remote or ""
+        shown = name or auth.login
         wait = self._throttle.retry_after(auth.login, address)
         if wait:
-            self._log.bind(site=name).warning(
+            self._log.bind(site=shown).warning(
                 "web deploy: login throttled for user %r from %s (retry in %ss)", auth.login, address, wait
             )
             request[_RETRY_AFTER] = wait
@@ -112,32 +191,63 @@ class Deployer:
                 f"too many failed logins for {auth.login} from your address",
                 hint=f"try again in {wait} seconds",
             )
-        site = self._sites.site(name)
+        site = self._sites.site(name) if name is not None else self._sites.site_of_user(auth.login)
         # An unknown site and a wrong password get the same answer.
         ok = site is not None and await asyncio.to_thread(
             self._credentials.check, site, auth.login, auth.password
         )
         if site is None or not ok:
             self._throttle.failed(auth.login, address)
-            self._log.bind(site=name).warning("web deploy: login failed for user %r", auth.login)
-            raise Unauthorized(f"wrong user or password for site {name}")
+            self._log.bind(site=shown).warning("web deploy: login failed for user %r", auth.login)
+            raise Unauthorized(f"wrong user or password for site {shown}")
         self._throttle.succeeded(auth.login, address)
         return site
 
     # --- the deploy itself
 
-    async def _deploy(self, request: web.Request, site: SiteInfo, *, via: str) -> web.Response:
+    async def _deploy_request(
+        self, request: web.Request, site: SiteInfo, *, via: str, deployer: str = "WebDeploy"
+    ) -> tuple[DeployResult, Deployment]:
+        with tempfile.TemporaryFile(prefix="sitecloud-deploy-") as spool:
+            size = await self._receive(request, spool)
+            record = self.deployments.start(site.name, deployer=deployer, author=self._author(request))
+            answer = await self.deploy_zip(site, spool, record, via=f"{via} from {request.remote}", size=size)
+        return answer, record
+
+    async def _deploy_later(self, site: SiteInfo, spool: IO[bytes], size: int, record: Deployment) -> None:
+        with spool:
+            try:
+                await self.deploy_zip(site, spool, record, via="async zip deploy", size=size)
+            except SitecloudError:
+                pass  # recorded on the deployment, which the client polls
+            except Exception:
+                self._log.bind(site=site.name).exception("async zip deploy failed")
+                if not record.complete:
+                    self.deployments.finish(record, version=None, message="internal error")
+
+    async def _drain(self, _app: web.Application) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=30)
+
+    async def deploy_zip(
+        self, site: SiteInfo, spool: IO[bytes], record: Deployment, *, via: str, size: int
+    ) -> DeployResult:
+        """Deploy the zip in ``spool`` as the whole site, recording the outcome on ``record``."""
         log = self._log.bind(site=site.name)
         async with self._slots:
-            with tempfile.TemporaryFile(prefix="sitecloud-deploy-") as spool:
-                size = await self._receive(request, spool)
-                try:
-                    answer = await asyncio.to_thread(self._apply, site, spool)
-                except SitecloudError as err:
-                    self.deploys_refused += 1
-                    log.warning("%s refused: %s", via, err)
-                    raise
+            self.deployments.running(record)
+            try:
+                answer = await asyncio.to_thread(self._apply, site, spool)
+            except SitecloudError as err:
+                self.deploys_refused += 1
+                log.warning("%s refused: %s", via, err)
+                self.deployments.finish(record, version=None, message=str(err))
+                raise
+            except BaseException:
+                self.deployments.finish(record, version=None, message="internal error")
+                raise
         self.deploys += 1
+        self.deployments.finish(record, version=answer["version"], message=f"version {answer['version']}")
         log.info(
             "%s: %s bytes of zip deployed as version %s (%s files, %s bytes)",
             via,
@@ -146,7 +256,7 @@ class Deployer:
             answer["files"],
             answer["bytes"],
         )
-        return web.json_response(answer)
+        return answer
 
     async def _receive(self, request: web.Request, spool: IO[bytes]) -> int:
         limit = self._config.max_deploy_bytes

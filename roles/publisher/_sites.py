@@ -39,6 +39,8 @@ class _Snapshot:
     sites: Mapping[str, SiteInfo]
     # user -> site, for FTP logins where the user name is all the client gives.
     logins: Mapping[str, str]
+    # "https://{site}.<domain>/": where a site is served, for messages to its publishers.
+    site_url: str | None = None
 
 
 def _parse(snapshot: Mapping[str, Any]) -> _Snapshot:
@@ -66,6 +68,9 @@ def _parse(snapshot: Mapping[str, Any]) -> _Snapshot:
         sites[name] = SiteInfo(name, uid, quota, MappingProxyType(dict(users)))
         for user in users:
             owners.setdefault(user, []).append(name)
+    site_url = snapshot.get("site_url")
+    if site_url is not None and (not isinstance(site_url, str) or "{site}" not in site_url):
+        raise InvalidInput("publisher snapshot: 'site_url' must be a string holding '{site}'")
     # A user name two sites claim would log in to whichever came first; let it log in to neither.
     logins = {user: names[0] for user, names in owners.items() if len(names) == 1}
     return _Snapshot(
@@ -73,6 +78,7 @@ def _parse(snapshot: Mapping[str, Any]) -> _Snapshot:
         fileserver.rstrip("/"),
         MappingProxyType(sites),
         MappingProxyType(logins),
+        site_url,
     )
 
 
@@ -103,6 +109,20 @@ class SiteTable:
     def site(self, name: str) -> SiteInfo | None:
         current = self._current
         return current.sites.get(name) if current else None
+
+    def site_url(self, name: str) -> str | None:
+        current = self._current
+        if current is None or current.site_url is None:
+            return None
+        return current.site_url.replace("{site}", name)
+
+    def names(self) -> set[str]:
+        current = self._current
+        return set(current.sites) if current else set()
+
+    def all(self) -> list[SiteInfo]:
+        current = self._current
+        return list(current.sites.values()) if current else []
 
     def site_of_user(self, user: str) -> SiteInfo | None:
         current = self._current

@@ -1,0 +1,115 @@
+"""Recent deployments per site, as Kudu's ``/api/deployments`` reports them.
+
+Kudu clients (the Azure CLI, GitHub's deploy actions, curl scripts) poll the ``Location`` of an async
+zip deploy and read ``status`` and ``complete``; the numbers below are Kudu's ``DeployStatus``. The
+records live in the publisher's memory, a few per site: they describe what this process did, and a
+restarted publisher starts with none (the fileserver's versions are the lasting history).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["DeployStatus", "Deployment", "DeploymentLog"]
+
+# Records kept per site; older ones are forgotten first.
+_KEEP_PER_SITE = 20
+
+
+class DeployStatus(enum.IntEnum):
+    PENDING = 0
+    BUILDING = 1
+    DEPLOYING = 2
+    FAILED = 3
+    SUCCESS = 4
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Deployment:
+    id: str
+    site: str
+    deployer: str  # "ZipDeploy" or "git", as Kudu names them
+    author: str
+    status: DeployStatus = DeployStatus.PENDING
+    message: str = ""
+    received_time: str = field(default_factory=_now)
+    start_time: str | None = None
+    end_time: str | None = None
+    version: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.status in (DeployStatus.FAILED, DeployStatus.SUCCESS)
+
+    def to_json(self, url: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "site_name": self.site,
+            "status": int(self.status),
+            "status_text": self.status.name.lower(),
+            "complete": self.complete,
+            "active": self.status is DeployStatus.SUCCESS,
+            "author": self.author,
+            "deployer": self.deployer,
+            "message": self.message,
+            "received_time": self.received_time,
+            "start_time": self.start_time,
+            "end_time": self.end_time,
+            "version": self.version,
+            "url": url,
+        }
+
+
+class DeploymentLog:
+    """Thread-safe: deploys run in worker threads, the status endpoints in the event loop."""
+
+    def __init__(self, keep_per_site: int = _KEEP_PER_SITE) -> None:
+        self._keep = keep_per_site
+        self._lock = threading.Lock()
+        self._by_site: dict[str, OrderedDict[str, Deployment]] = {}
+
+    def start(self, site: str, *, deployer: str, author: str) -> Deployment:
+        record = Deployment(uuid.uuid4().hex, site, deployer, author)
+        with self._lock:
+            records = self._by_site.setdefault(site, OrderedDict())
+            records[record.id] = record
+            while len(records) > self._keep:
+                records.popitem(last=False)
+        return record
+
+    def running(self, record: Deployment) -> None:
+        with self._lock:
+            record.status = DeployStatus.DEPLOYING
+            record.start_time = _now()
+
+    def finish(self, record: Deployment, *, version: int | None, message: str) -> None:
+        with self._lock:
+            record.status = DeployStatus.SUCCESS if version is not None else DeployStatus.FAILED
+            record.version = version
+            record.message = message
+            record.end_time = _now()
+
+    def get(self, site: str, deployment_id: str) -> Deployment | None:
+        with self._lock:
+            records = self._by_site.get(site)
+            if not records:
+                return None
+            if deployment_id == "latest":
+                return next(reversed(records.values()))
+            return records.get(deployment_id)
+
+    def forget_sites_except(self, names: set[str]) -> None:
+        """A deleted site's records go with it, so a re-created site starts with none."""
+        with self._lock:
+            for name in [n for n in self._by_site if n not in names]:
+                del self._by_site[name]

@@ -1,0 +1,473 @@
+"""Deploy by ``git push``: git's smart HTTP served by Debian's ``git http-backend`` CGI, one bare
+repository per site in the publisher's home.
+
+``git push https://<user>:<password>@<publisher>:<deploy port>/<site>.git main`` authenticates with the
+site's publishing credentials (the shared login throttle applies), then ``git http-backend`` runs for
+that one request. A push that moves ``main`` or ``master`` is exported with ``git archive`` and deployed
+as one version through the zip deploy's own path; the outcome reaches the pusher as ``remote:`` lines on
+git's side band (band 2, as a ``post-receive`` hook's output would). A deploy that fails puts the
+branch back where it was, so pushing again retries it.
+
+The trust boundary: the repository path comes only from a validated site name and the site's uid (a
+deleted and re-created site gets a fresh repository); hooks are the publisher's own (``core.hooksPath``
+outside any repository, nothing a push can write); ``GIT_PROJECT_ROOT`` names that one site's
+directory, set per request; request bodies are capped at ``max_deploy_bytes`` and packs at
+``receive.maxInputSize``. Repositories count against no quota yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from aiohttp import BasicAuth, web
+
+from roles.publisher._deploy import Deployer
+from roles.publisher._sites import SiteInfo, SiteTable
+from roles.publisher.config import PublisherConfig
+from shared.errors import BadRequest, NotFound, QuotaExceeded, SitecloudError, Unavailable
+from shared.logs import ContextLogger, get_logger
+from shared.names import validate_site_name
+
+__all__ = ["GitDeploy"]
+
+_CHUNK = 64 * 1024
+_DEPLOYED = ("refs/heads/main", "refs/heads/master")
+_SERVICES = ("git-receive-pack", "git-upload-pack")
+# Longest a pushed response may be buffered before the deploy's lines are added to it.
+_MAX_REPORT = 4 * 1024 * 1024
+# The longest band-2 payload one pkt-line carries (side-band-64k).
+_MAX_BAND = 65515
+
+# Refuses every ref but the two that deploy, and deleting them; tenants never write hooks.
+_PRE_RECEIVE = """#!/bin/sh
+# Written by the sitecloud publisher: only a push to main or master deploys.
+status=0
+while read old new ref; do
+  case "$ref" in
+    refs/heads/main|refs/heads/master)
+      if [ "$new" = "0000000000000000000000000000000000000000" ]; then
+        echo "sitecloud: $ref cannot be deleted: it is the branch the site deploys from" >&2
+        status=1
+      fi ;;
+    *)
+      echo "sitecloud: $ref refused: only a push to main or master deploys this site" >&2
+      echo "sitecloud: push with 'git push <remote> HEAD:main'" >&2
+      status=1 ;;
+  esac
+done
+exit $status
+"""
+
+
+def _pkt(payload: bytes) -> bytes:
+    return f"{len(payload) + 4:04x}".encode() + payload
+
+
+def _progress(text: str) -> bytes:
+    """``text`` as band-2 pkt-lines, which git prints as ``remote: ...``."""
+    data = text.encode()
+    return b"".join(_pkt(b"\x02" + data[i : i + _MAX_BAND]) for i in range(0, len(data), _MAX_BAND))
+
+
+def _split_report(body: bytes) -> tuple[bytes, bool] | None:
+    """git's report to a push without its closing flush-pkt, and whether it had one; None unless the
+    report is multiplexed on side bands (every pkt-line starts with a band number), so band-2 lines
+    may be added to it."""
+    at = 0
+    while at < len(body):
+        try:
+            length = int(body[at : at + 4], 16)
+        except ValueError:
+            return None
+        if length == 0:
+            if at + 4 == len(body):
+                return body[:at], True
+            at += 4
+            continue
+        if length < 5 or body[at + 4 : at + 5] not in (b"\x01", b"\x02", b"\x03") or at + length > len(body):
+            return None
+        at += length
+    return body, False
+
+
+class _Cgi:
+    """One ``git http-backend`` run: CGI headers parsed, body readable."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log: ContextLogger) -> None:
+        self.proc = proc
+        self.status = 200
+        self.headers: dict[str, str] = {}
+        self.too_big = False
+        self._log = log
+        # Drained all along, so git never blocks on a full stderr pipe; logged when it ends.
+        self._stderr = asyncio.create_task(self._drain_stderr())
+
+    async def _drain_stderr(self) -> bytes:
+        assert self.proc.stderr is not None
+        kept = b""
+        while chunk := await self.proc.stderr.read(_CHUNK):
+            kept = (kept + chunk)[:4096]
+        return kept
+
+    async def wait(self, *, kill: bool = False) -> None:
+        if kill and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        await self.proc.wait()
+        errors = await self._stderr
+        if errors.strip():
+            self._log.info("git http-backend: %s", errors.decode(errors="replace").strip())
+
+    async def read_headers(self) -> None:
+        assert self.proc.stdout is not None
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line or line in (b"\r\n", b"\n"):
+                return
+            name, _, value = line.decode("latin-1").partition(":")
+            name, value = name.strip(), value.strip()
+            if name.lower() == "status":
+                self.status = int(value.split()[0])
+            else:
+                self.headers[name] = value
+
+
+class GitDeploy:
+    def __init__(self, config: PublisherConfig, sites: SiteTable, deployer: Deployer) -> None:
+        self._config = config
+        self._sites = sites
+        self._deployer = deployer
+        self._log = get_logger(config.role, host=config.host)
+        self._root = config.home / "git"
+        self._hooks = config.home / "git-hooks"
+        self._git = shutil.which("git")
+        # Per site: one push at a time (a push and its deploy are one step); and one repository made
+        # at a time, as two first requests could race to create it.
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._creating = asyncio.Lock()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/{site}.git/info/refs", self._info_refs),
+            web.post("/{site}.git/{service}", self._service),
+        ]
+
+    # --- the repository of a site
+
+    def _project_root(self, site: SiteInfo) -> Path:
+        # The uid makes a re-created site's repository a new one; hashed, so no uid shapes a path.
+        tag = hashlib.sha256(site.uid.encode()).hexdigest()[:16]
+        return self._root / f"{site.name}@{tag}"
+
+    async def _run(self, *args: str, cwd: Path, stdin: bytes | None = None) -> tuple[int, bytes]:
+        proc = await asyncio.create_subprocess_exec(
+            *args,
+            cwd=cwd,
+            env=self._env(),
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate(stdin)
+        return proc.returncode or 0, out
+
+    def _env(self) -> dict[str, str]:
+        # No system or user git config: the repository's own, which the publisher writes, is all.
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self._hooks),
+            "LANG": "C",
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull,
+        }
+
+    def sweep(self) -> None:
+        """Remove the repositories of sites this publisher no longer has (deleted, or re-created under
+        the same name). Runs in a worker thread after each snapshot."""
+        if not self._root.is_dir():
+            return
+        keep = {self._project_root(site).name for site in self._sites.all()}
+        for project in self._root.iterdir():
+            if project.name not in keep:
+                shutil.rmtree(project, ignore_errors=True)
+                self._log.info("git repository %s removed: its site is gone", project.name)
+
+    async def _repository(self, site: SiteInfo) -> Path:
+        """The site's bare repository, made on first use."""
+        project = self._project_root(site)
+        repo = project / f"{site.name}.git"
+        if (repo / "config").exists():
+            return repo
+        async with self._creating:
+            if (repo / "config").exists():
+                return repo
+            return await self._create(site, project, repo)
+
+    async def _create(self, site: SiteInfo, project: Path, repo: Path) -> Path:
+        if self._git is None:
+            raise Unavailable("git is not installed on this publisher", hint="install Debian's 'git'")
+        building = await asyncio.to_thread(self._prepare, site, project)
+        code, out = await self._run(
+            self._git,
+            "init",
+            "--quiet",
+            "--bare",
+            "--template=",
+            "--initial-branch=main",
+            str(building),
+            cwd=project,
+        )
+        if code != 0:
+            raise Unavailable(f"could not create the git repository: {out.decode(errors='replace')}")
+        settings = {
+            "core.hooksPath": str(self._hooks),
+            "http.receivepack": "true",
+            "http.uploadpack": "true",
+            "receive.denyNonFastForwards": "false",
+            "receive.fsckObjects": "true",
+            "receive.maxInputSize": str(self._config.max_deploy_bytes),
+            "gc.auto": "0",
+        }
+        for key, value in settings.items():
+            code, out = await self._run(self._git, "config", key, value, cwd=building)
+            if code != 0:
+                raise Unavailable(f"could not configure the git repository: {out.decode(errors='replace')}")
+        building.rename(repo)
+        self._log.bind(site=site.name).info("git repository created")
+        return repo
+
+    def _prepare(self, site: SiteInfo, project: Path) -> Path:
+        """Hooks in place, an earlier incarnation's repository gone; the directory to build in."""
+        self._write_hooks()
+        for old in self._root.glob(f"{site.name}@*"):
+            if old != project:
+                shutil.rmtree(old, ignore_errors=True)
+        project.mkdir(parents=True, exist_ok=True)
+        building = project / f".{site.name}.git.new"
+        shutil.rmtree(building, ignore_errors=True)
+        return building
+
+    def _write_hooks(self) -> None:
+        hook = self._hooks / "pre-receive"
+        if hook.exists() and hook.read_text() == _PRE_RECEIVE:
+            return
+        self._hooks.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fresh = hook.with_suffix(".new")
+        fresh.write_text(_PRE_RECEIVE)
+        fresh.chmod(0o755)
+        fresh.replace(hook)
+
+    # --- the smart HTTP endpoints
+
+    async def _site(self, request: web.Request) -> SiteInfo:
+        name = validate_site_name(request.match_info["site"])
+        return await self._deployer.authenticate(request, name)
+
+    async def _info_refs(self, request: web.Request) -> web.StreamResponse:
+        service = request.query.get("service")
+        if service not in _SERVICES:
+            raise BadRequest(
+                "only git's smart HTTP protocol is served here",
+                hint="use git 1.6.6 or later; the dumb HTTP protocol is not supported",
+            )
+        site = await self._site(request)
+        repo = await self._repository(site)
+        return await self._stream(request, site, repo, "info/refs")
+
+    async def _service(self, request: web.Request) -> web.StreamResponse:
+        service = request.match_info["service"]
+        if service not in _SERVICES:
+            raise NotFound(f"no such git endpoint: {service}", hint="push or fetch with git's smart HTTP")
+        site = await self._site(request)
+        repo = await self._repository(site)
+        if service == "git-upload-pack":
+            return await self._stream(request, site, repo, service)
+        lock = self._locks.setdefault(site.name, asyncio.Lock())
+        async with lock:
+            return await self._push(request, site, repo)
+
+    async def _start(self, request: web.Request, site: SiteInfo, repo: Path, path: str) -> _Cgi:
+        """Start ``git http-backend`` for this request and feed it the (size-capped) request body."""
+        assert self._git is not None
+        env = {
+            **self._env(),
+            "GIT_PROJECT_ROOT": str(repo.parent),
+            "GIT_HTTP_EXPORT_ALL": "1",
+            "PATH_INFO": f"/{repo.name}/{path}",
+            "REQUEST_METHOD": request.method,
+            "QUERY_STRING": request.query_string,
+            "CONTENT_TYPE": request.headers.get("Content-Type", ""),
+            "REMOTE_USER": BasicAuth.decode(request.headers["Authorization"]).login,
+            "REMOTE_ADDR": request.remote or "",
+        }
+        if "Git-Protocol" in request.headers:
+            env["GIT_PROTOCOL"] = request.headers["Git-Protocol"]
+        proc = await asyncio.create_subprocess_exec(
+            self._git,
+            "http-backend",
+            env=env,
+            cwd=repo.parent,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        cgi = _Cgi(proc, self._log.bind(site=site.name))
+        feeding = asyncio.create_task(self._feed(request, cgi))
+        try:
+            await cgi.read_headers()
+            await feeding
+        except BaseException:
+            feeding.cancel()
+            await cgi.wait(kill=True)
+            raise
+        if cgi.too_big:
+            await cgi.wait(kill=True)
+            raise QuotaExceeded(
+                f"the push is larger than the {self._config.max_deploy_bytes} bytes this publisher accepts",
+                hint="push less at once, or deploy a zip",
+            )
+        return cgi
+
+    async def _feed(self, request: web.Request, cgi: _Cgi) -> None:
+        stdin = cgi.proc.stdin
+        assert stdin is not None
+        limit = self._config.max_deploy_bytes
+        total = 0
+        try:
+            async for chunk in request.content.iter_chunked(_CHUNK):
+                total += len(chunk)
+                if total > limit:
+                    cgi.too_big = True
+                    with contextlib.suppress(ProcessLookupError):
+                        cgi.proc.kill()
+                    return
+                stdin.write(chunk)
+                await stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            return  # git stopped reading: its answer says why
+        finally:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                stdin.close()
+
+    def _response(self, cgi: _Cgi) -> web.StreamResponse:
+        response = web.StreamResponse(status=cgi.status)
+        for name, value in cgi.headers.items():
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                response.headers[name] = value
+        return response
+
+    async def _stream(
+        self, request: web.Request, site: SiteInfo, repo: Path, path: str
+    ) -> web.StreamResponse:
+        cgi = await self._start(request, site, repo, path)
+        assert cgi.proc.stdout is not None
+        response = self._response(cgi)
+        try:
+            await response.prepare(request)
+            while chunk := await cgi.proc.stdout.read(_CHUNK):
+                await response.write(chunk)
+            await response.write_eof()
+        finally:
+            await cgi.wait(kill=not cgi.proc.stdout.at_eof())
+        return response
+
+    async def _refs(self, repo: Path) -> dict[str, str]:
+        assert self._git is not None
+        _, out = await self._run(
+            self._git, "for-each-ref", "--format=%(refname) %(objectname)", *_DEPLOYED, cwd=repo
+        )
+        refs = {}
+        for line in out.decode().splitlines():
+            name, _, sha = line.partition(" ")
+            refs[name] = sha
+        return refs
+
+    async def _push(self, request: web.Request, site: SiteInfo, repo: Path) -> web.StreamResponse:
+        before = await self._refs(repo)
+        cgi = await self._start(request, site, repo, "git-receive-pack")
+        assert cgi.proc.stdout is not None
+        report = b""
+        try:
+            while len(report) <= _MAX_REPORT and (chunk := await cgi.proc.stdout.read(_CHUNK)):
+                report += chunk
+        finally:
+            await cgi.wait(kill=len(report) > _MAX_REPORT or not cgi.proc.stdout.at_eof())
+        after = await self._refs(repo)
+        moved = [ref for ref in _DEPLOYED if ref in after and after[ref] != before.get(ref)]
+        response = self._response(cgi)
+        await response.prepare(request)
+        split = _split_report(report) if cgi.status == 200 else None
+        if not moved or split is None:
+            await response.write(report)
+            if moved:
+                await self._deploy(site, repo, moved[0], before.get(moved[0]), after[moved[0]], None)
+            await response.write_eof()
+            return response
+        # The deploy's lines follow git's report on band 2, before the flush-pkt that ends it.
+        head, flushed = split
+        await response.write(head)
+        await self._deploy(site, repo, moved[0], before.get(moved[0]), after[moved[0]], response)
+        if flushed:
+            await response.write(b"0000")
+        await response.write_eof()
+        return response
+
+    async def _deploy(
+        self,
+        site: SiteInfo,
+        repo: Path,
+        ref: str,
+        old: str | None,
+        new: str,
+        response: web.StreamResponse | None,
+    ) -> None:
+        """Export ``new`` and deploy it as the whole site; on failure put ``ref`` back to ``old``."""
+        assert self._git is not None
+        log = self._log.bind(site=site.name)
+        branch = ref.removeprefix("refs/heads/")
+
+        async def say(line: str) -> None:
+            if response is not None:
+                await response.write(_progress(f"sitecloud: {line}\n"))
+
+        started = time.monotonic()
+        await say(f"deploying {new[:10]} ({branch}) to site {site.name}")
+        record = self._deployer.deployments.start(site.name, deployer="git", author=f"git push to {branch}")
+        try:
+            with tempfile.NamedTemporaryFile(prefix="sitecloud-git-", suffix=".zip") as spool:
+                code, out = await self._run(
+                    self._git, "archive", "--format=zip", f"--output={spool.name}", new, cwd=repo
+                )
+                if code != 0:
+                    raise BadRequest(f"git archive failed: {out.decode(errors='replace').strip()}")
+                size = os.fstat(spool.fileno()).st_size
+                answer = await self._deployer.deploy_zip(site, spool, record, via="git push", size=size)
+        except SitecloudError as err:
+            if not record.complete:
+                self._deployer.deployments.finish(record, version=None, message=str(err))
+            await self._rewind(repo, ref, old, new)
+            log.warning("git push of %s not deployed: %s", new[:10], err)
+            await say(f"deploy FAILED: {err}")
+            await say(f"{branch} is back at {old[:10] if old else 'nothing'}; fix and push again")
+            return
+        seconds = time.monotonic() - started
+        await say(
+            f"deployed as version {answer['version']}: {answer['files']} files, "
+            f"{answer['bytes']} bytes in {seconds:.2f}s"
+        )
+        url = self._sites.site_url(site.name)
+        await say(f"live at {url}" if url else f"site {site.name} is live")
+
+    async def _rewind(self, repo: Path, ref: str, old: str | None, new: str) -> None:
+        assert self._git is not None
+        if old:
+            await self._run(self._git, "update-ref", ref, old, new, cwd=repo)
+        else:
+            await self._run(self._git, "update-ref", "-d", ref, new, cwd=repo)

@@ -1,0 +1,403 @@
+"""Deploying as the tools do, against a whole cloud: curl to Kudu's ``/api/zipdeploy`` (sync, and async
+with its status URL polled), each method of a downloaded publish profile used as a tool reads it
+(FTPS with ftplib, zip deploy with curl), and ``git push`` over HTTPS with real git; the content is
+then served through the front end."""
+
+from __future__ import annotations
+
+import ftplib
+import io
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from xml.etree import ElementTree as ET
+
+import pytest
+
+from roles.publisher._git import _pkt, _split_report
+from tests.cloud import LocalCloud
+from tests.support import wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (Debian package '{name}', listed in .ci/run)")
+    return path
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cloud(traversable_home: Path) -> Iterator[LocalCloud]:
+    cloud = LocalCloud(traversable_home)
+    cloud.start()
+    try:
+        cloud.cli("plan", "create", "deploys", "--max-sites", "10", "--storage-mb", "5")
+        cloud.cli("tenant", "create", "contoso")
+        yield cloud
+    finally:
+        cloud.kill_everything()
+
+
+@pytest.fixture(scope="module")
+def subscription(cloud: LocalCloud) -> int:
+    return int(cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "deploys")["id"])
+
+
+def _site(cloud: LocalCloud, subscription: int, name: str) -> dict[str, Any]:
+    return dict(cloud.cli("site", "create", name, "--subscription", str(subscription)))
+
+
+def _deploy_base(site: dict[str, Any]) -> str:
+    """``https://host:port`` of the publisher's deploy port, as the site's own answer gives it."""
+    url = urlsplit(site["deploy"]["url"])
+    return f"https://{url.netloc}"
+
+
+def _curl(cloud: LocalCloud, *args: str) -> tuple[int, dict[str, str], bytes]:
+    """curl with the cloud's CA; the status, headers (lower-case names) and body."""
+    curl = _tool("curl")
+    proc = subprocess.run(
+        [curl, "-sS", "--cacert", str(cloud.ca_file), "-D", "-", *args],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    head, _, body = proc.stdout.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_zipdeploy_with_curl_answers_when_the_site_is_live(cloud: LocalCloud, subscription: int) -> None:
+    site = _site(cloud, subscription, "kudusync")
+    (Path(cloud.home).parent / "sync.zip").write_bytes(_zip({"index.html": b"zipdeployed, sync"}))
+    user, password = site["ftp"]["user"], site["ftp"]["password"]
+    status, _, body = _curl(
+        cloud,
+        "-u",
+        f"{user}:{password}",
+        "--data-binary",
+        f"@{cloud.home.parent / 'sync.zip'}",
+        "-H",
+        "Content-Type: application/zip",
+        f"{_deploy_base(site)}/api/zipdeploy",
+    )
+    assert status == 200, body
+    record = json.loads(body)
+    assert record["status"] == 4 and record["complete"] is True and record["site_name"] == "kudusync"
+    assert record["deployer"] == "ZipDeploy" and record["end_time"]
+    cloud.wait_for_content("kudusync", "/", b"zipdeployed, sync")
+
+    # A wrong password is refused with a challenge, and a zip that is not one with what is wrong.
+    status, headers, body = _curl(
+        cloud, "-u", f"{user}:wrong", "--data-binary", "x", f"{_deploy_base(site)}/api/zipdeploy"
+    )
+    assert status == 401 and headers["www-authenticate"].startswith("Basic")
+    status, _, body = _curl(
+        cloud, "-u", f"{user}:{password}", "--data-binary", "x", f"{_deploy_base(site)}/api/zipdeploy"
+    )
+    assert status == 400 and b"not a zip file" in body
+    assert cloud.get("kudusync", "/")[2] == b"zipdeployed, sync"
+
+
+def test_async_zipdeploy_gives_a_status_url_to_poll(cloud: LocalCloud, subscription: int) -> None:
+    site = _site(cloud, subscription, "kuduasync")
+    archive = cloud.home.parent / "async.zip"
+    archive.write_bytes(_zip({"index.html": b"zipdeployed, async", "css/a.css": b"body{}"}))
+    auth = f"{site['ftp']['user']}:{site['ftp']['password']}"
+    status, headers, body = _curl(
+        cloud,
+        "-u",
+        auth,
+        "--data-binary",
+        f"@{archive}",
+        f"{_deploy_base(site)}/api/zipdeploy?isAsync=true",
+    )
+    assert status == 202, body
+    location = headers["location"]
+    assert location.startswith(f"{_deploy_base(site)}/api/deployments/")
+
+    def polled() -> dict[str, Any] | None:
+        code, _, answer = _curl(cloud, "-u", auth, location)
+        assert code == 200, answer
+        record: dict[str, Any] = json.loads(answer)
+        return record if record["complete"] else None
+
+    record = wait_until(polled, timeout=30, what="the async deployment to complete")
+    assert record["status"] == 4 and record["message"].startswith("version ")
+    cloud.wait_for_content("kuduasync", "/css/a.css", b"body{}")
+    code, _, latest = _curl(cloud, "-u", auth, f"{_deploy_base(site)}/api/deployments/latest")
+    assert code == 200 and json.loads(latest)["id"] == record["id"]
+
+    # A broken zip fails the deployment, which says why; the site keeps serving what it had.
+    archive.write_bytes(b"PK not really")
+    status, headers, _ = _curl(
+        cloud, "-u", auth, "--data-binary", f"@{archive}", f"{_deploy_base(site)}/api/zipdeploy?isAsync=true"
+    )
+    assert status == 202
+    failed = wait_until(polled_at(cloud, auth, headers["location"]), timeout=30, what="the failure")
+    assert failed["status"] == 3 and "not a zip file" in failed["message"]
+    assert cloud.get("kuduasync", "/")[2] == b"zipdeployed, async"
+    # Another site's deployment is not this user's to read.
+    other = _site(cloud, subscription, "kuduother")
+    own_site_only = location.split("?", 1)[0]  # the user names the site, as on Kudu
+    code, _, _ = _curl(cloud, "-u", f"{other['ftp']['user']}:{other['ftp']['password']}", own_site_only)
+    assert code == 404
+
+
+def polled_at(cloud: LocalCloud, auth: str, url: str) -> Any:
+    def poll() -> dict[str, Any] | None:
+        _, _, answer = _curl(cloud, "-u", auth, url)
+        record: dict[str, Any] = json.loads(answer)
+        return record if record["complete"] else None
+
+    return poll
+
+
+def test_every_method_of_the_publish_profile_publishes(cloud: LocalCloud, subscription: int) -> None:
+    _site(cloud, subscription, "profiled")
+    target = cloud.home.parent / "profiled.PublishSettings"
+    cloud.cli("site", "publish-profile", "profiled", "-o", str(target))
+    root = ET.fromstring(target.read_bytes())
+    profiles = {p.get("publishMethod"): p.attrib for p in root.findall("publishProfile")}
+    assert set(profiles) == {"ZipDeploy", "FTP"}  # no MSDeploy: nothing here speaks it
+
+    # ZipDeploy as the Azure tools use it: https://<publishUrl>/api/zipdeploy with the profile's user.
+    zipdeploy = profiles["ZipDeploy"]
+    archive = cloud.home.parent / "profiled.zip"
+    archive.write_bytes(_zip({"index.html": b"from the profile's zip deploy"}))
+    status, _, body = _curl(
+        cloud,
+        "-u",
+        f"{zipdeploy['userName']}:{zipdeploy['userPWD']}",
+        "--data-binary",
+        f"@{archive}",
+        f"https://{zipdeploy['publishUrl']}/api/zipdeploy",
+    )
+    assert status == 200, body
+    cloud.wait_for_content("profiled", "/", b"from the profile's zip deploy")
+    assert zipdeploy["destinationAppUrl"].startswith("https://profiled.sites.localhost")
+
+    # FTP: explicit TLS on the ftps:// URL's host and port, as FileZilla and Visual Studio read it.
+    ftp_profile = profiles["FTP"]
+    url = urlsplit(ftp_profile["publishUrl"])
+    assert url.scheme == "ftps" and url.hostname and url.port
+    ftps = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(cloud.ca_file)), timeout=10)
+    ftps.connect(url.hostname, url.port)
+    ftps.login(ftp_profile["userName"], ftp_profile["userPWD"])
+    ftps.prot_p()
+    ftps.storbinary("STOR ftps.txt", io.BytesIO(b"from the profile's FTPS"))
+    ftps.quit()
+    cloud.wait_for_content("profiled", "/ftps.txt", b"from the profile's FTPS")
+
+
+# --- git push
+
+
+def _git_env(home: Path) -> dict[str, str]:
+    # The repository's own http.sslCAInfo must decide, as for a site owner: no GIT_SSL_CAINFO from here.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    return {
+        **inherited,
+        "HOME": str(home),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_AUTHOR_NAME": "Site Owner",
+        "GIT_AUTHOR_EMAIL": "owner@example.net",
+        "GIT_COMMITTER_NAME": "Site Owner",
+        "GIT_COMMITTER_EMAIL": "owner@example.net",
+    }
+
+
+class Checkout:
+    def __init__(self, cloud: LocalCloud, path: Path, remote: str) -> None:
+        self.git = _tool("git")
+        self.path = path
+        self.env = _git_env(path.parent)
+        path.mkdir(parents=True)
+        self.run("init", "-q", "-b", "main")
+        self.run("config", "http.sslCAInfo", str(cloud.ca_file))
+        self.run("remote", "add", "origin", remote)
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [self.git, *args], cwd=self.path, env=self.env, capture_output=True, text=True, timeout=60
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"git {' '.join(args)} failed: {proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def commit(self, files: dict[str, bytes | None], message: str) -> None:
+        for name, data in files.items():
+            target = self.path / name
+            if data is None:
+                self.run("rm", "-q", name)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            self.run("add", name)
+        self.run("commit", "-q", "-m", message)
+
+    def push(self, *refspec: str, remote: str = "origin") -> subprocess.CompletedProcess[str]:
+        return self.run("push", remote, *(refspec or ("main",)), check=False)
+
+
+def _remote(site: dict[str, Any], password: str | None = None) -> str:
+    base = urlsplit(site["deploy"]["url"])
+    return f"https://{site['ftp']['user']}:{password or site['ftp']['password']}@{base.netloc}/{site['name']}.git"
+
+
+def test_git_push_deploys_the_pushed_tree_and_a_second_push_replaces_it(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    site = _site(cloud, subscription, "gitsite")
+    repo = Checkout(cloud, tmp_path / "gitsite", _remote(site))
+    repo.commit({"index.html": b"pushed once", "old.txt": b"goes away"}, "first")
+    started = time.monotonic()
+    pushed = repo.push()
+    assert pushed.returncode == 0, pushed.stderr
+    cloud.wait_for_content("gitsite", "/", b"pushed once")
+    first = time.monotonic() - started
+    # The push's own output says what happened and where the site is live.
+    assert "remote: sitecloud: deployed as version" in pushed.stderr
+    assert "remote: sitecloud: live at https://gitsite.sites.localhost" in pushed.stderr
+
+    repo.commit({"index.html": b"pushed twice", "old.txt": None, "about/index.html": b"about"}, "second")
+    pushed = repo.push()
+    assert pushed.returncode == 0, pushed.stderr
+    cloud.wait_for_content("gitsite", "/", b"pushed twice")
+    assert cloud.get("gitsite", "/about/index.html")[2] == b"about"
+    assert cloud.get("gitsite", "/old.txt")[0] == 404  # the whole site flipped to the new tree
+    print(f"first git push to live: {first:.2f}s")
+    # The same URL clones, with the same credentials.
+    ca = f"http.sslCAInfo={cloud.ca_file}"
+    cloned = repo.run("-c", ca, "clone", "-q", _remote(site), str(tmp_path / "clone"))
+    assert cloned.returncode == 0
+    assert (tmp_path / "clone" / "about" / "index.html").read_bytes() == b"about"
+
+    # A forced push (history rewritten) deploys too: non-fast-forwards are allowed.
+    repo.run("commit", "-q", "--amend", "-m", "second, amended")
+    repo.commit({"index.html": b"forced"}, "third")
+    forced = repo.push("+main")
+    assert forced.returncode == 0, forced.stderr
+    cloud.wait_for_content("gitsite", "/", b"forced")
+
+    # Another branch is refused with a message that says what to push instead; the site is unchanged.
+    repo.run("checkout", "-q", "-b", "feature")
+    repo.commit({"index.html": b"not deployed"}, "feature")
+    refused = repo.push("feature")
+    assert refused.returncode != 0
+    assert "only a push to main or master deploys" in refused.stderr
+    assert cloud.get("gitsite", "/")[2] == b"forced"
+
+
+def test_git_push_with_a_wrong_password_is_refused_then_throttled(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    site = _site(cloud, subscription, "gitguard")
+    repo = Checkout(cloud, tmp_path / "gitguard", _remote(site, "not-the-password"))
+    repo.commit({"index.html": b"never deployed"}, "first")
+    answers = [repo.push() for _ in range(6)]
+    assert all(a.returncode != 0 for a in answers)
+    assert "Authentication failed" in answers[0].stderr
+    # The publisher's login throttle (shared with FTP and zip deploy) answers 429 once it is full.
+    assert "429" in answers[-1].stderr
+    status, _, _ = cloud.get("gitguard", "/")
+    assert status != 200 or cloud.get("gitguard", "/")[2] != b"never deployed"
+
+
+def test_a_re_created_site_gets_a_fresh_repository(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    site = _site(cloud, subscription, "gitfresh")
+    repo = Checkout(cloud, tmp_path / "gitfresh", _remote(site))
+    repo.commit({"index.html": b"first life"}, "first")
+    assert repo.push().returncode == 0
+    cloud.wait_for_content("gitfresh", "/", b"first life")
+    cloud.cli("site", "delete", "gitfresh")
+    site = _site(cloud, subscription, "gitfresh")
+    # The new site's repository has no history: an unrelated history pushes and deploys.
+    other = Checkout(cloud, tmp_path / "gitfresh2", _remote(site))
+    other.commit({"index.html": b"second life"}, "first again")
+    listed = other.run("ls-remote", "origin", check=False)
+    assert listed.returncode == 0 and listed.stdout.strip() == "", listed.stderr
+    assert other.push().returncode == 0
+    cloud.wait_for_content("gitfresh", "/", b"second life")
+
+
+def test_git_endpoints_refuse_what_they_do_not_serve(cloud: LocalCloud, subscription: int) -> None:
+    mine = _site(cloud, subscription, "gitmine")
+    theirs = _site(cloud, subscription, "gittheirs")
+    base = _deploy_base(mine)
+    auth = f"{mine['ftp']['user']}:{mine['ftp']['password']}"
+    # The dumb HTTP protocol, and git endpoints that do not exist, get a 4xx that says what is served.
+    status, _, body = _curl(cloud, "-u", auth, f"{base}/gitmine.git/info/refs")
+    assert status == 400 and b"smart HTTP" in body
+    status, _, body = _curl(cloud, "-u", auth, "-X", "POST", f"{base}/gitmine.git/git-evil-pack")
+    assert status == 404 and b"no such git endpoint" in body
+    status, _, body = _curl(cloud, "-u", auth, f"{base}/Not_A.Site.git/info/refs?service=git-receive-pack")
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_input"
+    # One site's credentials open no other site's repository.
+    status, _, _ = _curl(cloud, "-u", auth, f"{base}/{theirs['name']}.git/info/refs?service=git-receive-pack")
+    assert status == 401
+    # Its own: the smart HTTP advertisement, from a repository made on first use.
+    status, headers, body = _curl(cloud, "-u", auth, f"{base}/gitmine.git/info/refs?service=git-receive-pack")
+    assert status == 200 and headers["content-type"] == "application/x-git-receive-pack-advertisement"
+    assert b"report-status" in body
+
+
+def test_a_push_that_cannot_deploy_says_why_and_leaves_the_branch_where_it_was(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    site = _site(cloud, subscription, "gitfails")
+    repo = Checkout(cloud, tmp_path / "gitfails", _remote(site))
+    repo.commit({"index.html": b"good version"}, "good")
+    assert repo.push().returncode == 0
+    cloud.wait_for_content("gitfails", "/", b"good version")
+    good = repo.run("rev-parse", "HEAD").stdout.strip()
+
+    # A symbolic link is refused by the zip trust boundary the pushed tree goes through.
+    (repo.path / "escape").symlink_to("/etc/passwd")
+    repo.run("add", "escape")
+    repo.commit({"index.html": b"bad version"}, "with a link")
+    pushed = repo.push()
+    assert "remote: sitecloud: deploy FAILED" in pushed.stderr and "symbolic link" in pushed.stderr
+    remote_main = repo.run("ls-remote", "origin", "refs/heads/main").stdout.split()[0]
+    assert remote_main == good  # put back, so the next push deploys again
+    assert cloud.get("gitfails", "/")[2] == b"good version"
+
+    repo.commit({"escape": None, "index.html": b"fixed version"}, "no link")
+    fixed = repo.push()
+    assert fixed.returncode == 0 and "deployed as version" in fixed.stderr, fixed.stderr
+    cloud.wait_for_content("gitfails", "/", b"fixed version")
+
+
+def test_deploy_lines_go_only_into_a_report_multiplexed_on_side_bands() -> None:
+    report = _pkt(b"\x01" + _pkt(b"unpack ok\n") + _pkt(b"ok refs/heads/main\n") + b"0000")
+    assert _split_report(report + b"0000") == (report, True)
+    assert _split_report(report) == (report, False)
+    # Not multiplexed (no side band asked for), truncated, or not pkt-lines at all: left alone.
+    assert _split_report(_pkt(b"unpack ok\n") + b"0000") is None
+    assert _split_report(report[:-3]) is None
+    assert _split_report(b"HTTP garbage") is None
