@@ -99,6 +99,10 @@ def listener_specs(raw: Mapping[str, Any]) -> list[ListenerSpec]:
     elif kind == "management":
         ports += [("api", "api_port")]
     specs = [ListenerSpec(name, host, int(raw.get(key) or 0)) for name, key in ports]
+    if int(raw.get("metrics_port") or 0):  # optional; 0 means none rather than "any port"
+        specs.append(
+            ListenerSpec("metrics", str(raw.get("metrics_bind", "127.0.0.1")), int(raw["metrics_port"]))
+        )
     plain = str(raw.get("loopback_plain_listen") or "") if kind == "worker" else ""
     if plain:
         plain_host, _, plain_port = plain.rpartition(":")

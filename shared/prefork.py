@@ -145,7 +145,7 @@ class ServingProcesses:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         raw = {f.name: getattr(self._config, f.name) for f in dataclasses.fields(self._config)}
         for spec in listener_specs(raw):
-            if spec.name != "control":
+            if spec.name not in ("control", "metrics"):  # the main process serves these itself
                 self._listeners[spec.name] = listener(spec.name, spec.host, spec.port)
         for i in range(self._count):
             self._spawn(i)

@@ -309,6 +309,7 @@ async def test_frontend_restart_under_the_supervisor_never_frees_its_ports(
             "control": config.control_port,
             "http": config.http_port,
             "https": config.https_port,
+            "metrics": config.metrics_port,
         }
         # The role reports the real ports (its main process hands the data ones to serving processes).
         assert first["listeners"] == supervisor.listeners
@@ -403,6 +404,7 @@ async def test_a_new_controller_adopts_the_role_and_takes_its_listeners_back(
             "control": config.control_port,
             "ftp": config.ftp_port,
             "deploy": config.deploy_port,
+            "metrics": config.metrics_port,
         }
         ports = [config.ftp_port, config.deploy_port, config.control_port]
         with squatter(ports, tmp_path) as squatted, Prober(config.ftp_port, ftp_probe) as prober:
@@ -448,6 +450,7 @@ def test_publisher_restart_through_the_hostagent_never_frees_its_ports(
         "control": publisher.control_port,
         "ftp": publisher.ftp_port,
         "deploy": publisher.deploy_port,
+        "metrics": publisher.metrics_port,
     }
     ports = [publisher.ftp_port, publisher.deploy_port, publisher.control_port]
     with squatter(ports, tmp_path) as squatted, Prober(publisher.ftp_port, ftp_probe) as prober:
