@@ -4,8 +4,12 @@ the CLI, and it answers through the front end, woken on the first request; its l
 from __future__ import annotations
 
 import ftplib
+import functools
 import io
 import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,3 +175,52 @@ def test_site_show_tells_the_owner_the_app_ran_out_of_memory(cloud: LocalCloud, 
     assert "stopped for memory 1x" in text
     # It starts again on the next request.
     cloud.wait_for_content("greedy", "/", b"still here", timeout=30)
+
+
+FLASK_APP = b"""
+from flask import Flask, request
+
+app = Flask(__name__)
+
+
+@app.route("/")
+def index():
+    return "hello from flask"
+
+
+@app.route("/user/<name>")
+def user(name):
+    return {"user": name, "q": request.args.get("q", "")}
+"""
+
+
+@functools.cache
+def _index_unreachable() -> str:
+    """Why the host's pip configuration cannot fetch Flask ("" when it can), asked once."""
+    with tempfile.TemporaryDirectory() as scratch:
+        argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", scratch]
+        probe = subprocess.run([*argv, "flask"], capture_output=True, text=True, timeout=120)
+    return "" if probe.returncode == 0 else f"pip cannot fetch flask here: {probe.stdout[-300:]}"
+
+
+def test_a_flask_app_with_requirements_txt_answers_with_the_hosts_package_index(cloud: LocalCloud) -> None:
+    """The first Python app most people publish: no setting, no index configured by the admin."""
+    if why := _index_unreachable():
+        pytest.skip(why)
+    cloud.cli("plan", "create", "flask-plan", "--max-sites", "1", "--storage-mb", "20")
+    cloud.cli("tenant", "create", "flaskers")
+    sub = cloud.cli("subscription", "create", "--tenant", "flaskers", "--plan", "flask-plan")
+    site = cloud.cli("site", "create", "flaskapp", "--subscription", str(sub["id"]))
+    ftp = ftplib.FTP()
+    ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
+    ftp.login(site["ftp"]["user"], site["ftp"]["password"])
+    ftp.storbinary("STOR requirements.txt", io.BytesIO(b"flask>=3\n"))
+    ftp.storbinary("STOR app.py", io.BytesIO(FLASK_APP))
+    ftp.quit()
+
+    cloud.wait_for_content("flaskapp", "/", b"hello from flask", timeout=120)
+    status, _, body = cloud.get("flaskapp", "/user/ada?q=1")
+    assert (status, body) == (200, b'{"q":"1","user":"ada"}\n')
+    assert cloud.get("flaskapp", "/requirements.txt")[0] == 404
+    lines = cloud.cli("site", "logs", "flaskapp", "--lines", "200")["lines"]
+    assert any("requirements installed" in line for line in lines), lines

@@ -233,8 +233,13 @@ def _wait_logged(
         wait_until(lambda: any(w in new_text().lower() for w in words), timeout=10, interval=0.5, what=what)
     except AssertionError:
         raise AssertionError(
-            f"{what}; the site's new log lines:\n{new_text()[-3000:]}\n{cloud.role_logs()[-6000:]}"
+            f"{what}; the site's new log lines:\n{new_text()[-3000:]}\n{_worker_log(cloud)[-6000:]}"
         ) from None
+
+
+def _worker_log(cloud: LocalCloud) -> str:
+    path = cloud.home / "logs" / "worker.log"
+    return path.read_text(errors="replace") if path.exists() else f"(no {path})"
 
 
 def _restart_site(cloud: LocalCloud, site: str) -> None:

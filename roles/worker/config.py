@@ -47,7 +47,9 @@ class WorkerConfig(RoleConfig):
     app_max_body: int = 32 * 1024 * 1024
     # Per-site app log (stdout/stderr, access lines) before it rotates once.
     app_log_bytes: int = 1024 * 1024
-    # Index for requirements.txt installs (e.g. https://pypi.org/simple); empty: installs are skipped.
+    # Index for requirements.txt installs (e.g. https://pypi.org/simple); empty: the host's pip
+    # configuration (/etc/pip.conf, PIP_* in the worker's environment), as `pip install` there would;
+    # "none": installs are skipped.
     package_index_url: str = ""
     # Python that runs apps; empty: the worker's own if other uids can run it, else python3.
     app_python: str = ""

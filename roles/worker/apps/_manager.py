@@ -667,8 +667,11 @@ class AppManager:
 
     def _sweep_once(self, now: float) -> None:
         for inst, app in list(self._active.items()):
-            self._note_pids_hits(app, inst)
-            self._note_disk(app, inst)
+            try:
+                self._note_pids_hits(app, inst)
+                self._note_disk(app, inst)
+            except OSError as exc:  # one app's vanished cgroup or volume never skips the others' rounds
+                self._log.warning("app %s: could not read its limits (%s)", app.name, exc)
             rss, _ = inst.sample()
             if inst.cgroup is None and rss > inst.limits.memory_mb * 1024 * 1024 and inst.stopping is None:
                 inst.kill("memory")

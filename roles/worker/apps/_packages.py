@@ -3,7 +3,7 @@
 The directory is named by a hash of the requirements, so a publish that keeps them reuses the install
 and a change builds the new one beside the old. pip runs as the worker (root), outside the sandbox, so
 the tenant's file is a trust boundary (:func:`checked_requirements`): only named requirements from the
-index the admin configured reach pip -- no options (``-r``, ``-e``, ``--index-url``, ``-f``), no paths,
+host's pip configuration (or the index the admin set) reach pip -- no options (``-r``, ``-e``, ``--index-url``, ``-f``), no paths,
 no URLs, no direct references, any of which would make pip read host files or build (run) tenant code
 as root -- and wheels only (``--only-binary=:all:``), so installing runs no code from the index.
 """
@@ -27,6 +27,22 @@ __all__ = ["checked_requirements", "install_requirements", "packages_dir"]
 MAX_REQUIREMENTS = 500
 
 INSTALL_TIMEOUT = 600.0
+# ``package_index_url`` that turns installs off.
+NO_INDEX = "none"
+# What pip may take from the worker's environment: where packages come from and how to reach it
+# (the host's pip configuration, as ``pip install`` on the host would use it), nothing that changes
+# where or what it installs.
+_PIP_ENV = (
+    "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_CERT", "PIP_CLIENT_CERT",
+    "PIP_TRUSTED_HOST", "PIP_DEFAULT_TIMEOUT", "PIP_RETRIES", "PIP_PROXY", "PIP_CONFIG_FILE",
+    "PIP_CONSTRAINT", "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "XDG_CONFIG_DIRS",
+)  # fmt: skip
+
+
+def _pip_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in _PIP_ENV}
+    return {**env, "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "PIP_NO_COLOR": "1"}
 
 
 def packages_dir(base: Path, root: str) -> Path | None:
@@ -84,11 +100,11 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
     """Install into ``target`` unless it is there; False (logged) when it cannot be done."""
     if (target / ".complete").exists():
         return True
-    if not index_url:
+    if index_url == NO_INDEX:
         log.write(
             "worker",
-            "requirements.txt found but this worker has no package index configured "
-            "(package_index_url); skipping the install",
+            "requirements.txt found but installs are off on this worker (package_index_url is "
+            f"{NO_INDEX!r}); skipping the install",
         )
         return False
     try:
@@ -103,11 +119,12 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
     shutil.rmtree(building, ignore_errors=True)
     checked = target.with_name(target.name + ".requirements.txt")
     await asyncio.to_thread(checked.write_text, "".join(f"{line}\n" for line in wanted))
-    log.write("worker", f"installing requirements.txt from {index_url}")
+    log.write("worker", f"installing requirements.txt from {index_url or 'the host pip configuration'}")
     version = await _python_version(python)
     argv = [
         sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-        "--no-cache-dir", "--only-binary=:all:", "--target", str(building), "--index-url", index_url,
+        "--no-cache-dir", "--only-binary=:all:", "--target", str(building),
+        *(["--index-url", index_url] if index_url else []),
         "--python-version", version, "-r", str(checked),
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
@@ -115,7 +132,7 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(target.parent), "PIP_NO_COLOR": "1"},
+        env=_pip_env(target.parent),
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), INSTALL_TIMEOUT)
