@@ -57,6 +57,8 @@ __all__ = ["AppManager", "AppSite"]
 
 Lookup = Callable[[str], tuple[bool, SiteVersion | None]]
 SWEEP_INTERVAL = 0.25
+# Starts of one wake-up when the content keeps changing under it; the last one serves what it got.
+_START_ROUNDS = 3
 MAX_BACKOFF = 30.0
 # Where a sandboxed ``command`` app listens: its network namespace is its own, any port will do.
 SANDBOX_PORT = 8000
@@ -474,6 +476,19 @@ class AppManager:
         return target if (target / ".complete").exists() else None
 
     async def _start(self, app: AppSite) -> AppInstance:
+        """Start the site's app; if a new version or new settings arrive while it starts (an FTP
+        upload goes on file by file), the process made for the old ones goes and a new one starts."""
+        for _ in range(_START_ROUNDS - 1):
+            generation = app.generation
+            inst = await self._start_once(app)
+            if app.generation == generation:
+                return inst
+            app.instance = None
+            inst.retiring = True
+            inst.terminate("retired")
+        return await self._start_once(app)
+
+    async def _start_once(self, app: AppSite) -> AppInstance:
         log = self._site_log(app)
         try:
             self._make_room(app)

@@ -1,0 +1,8 @@
+<?php
+// A front controller, as WordPress permalinks and most PHP frameworks use: every path that is not a
+// file comes here, and the route is read from the request URI.
+session_start();
+$_SESSION['views'] = ($_SESSION['views'] ?? 0) + 1;
+require __DIR__ . '/lib/router.php';
+$path = parse_url($_SERVER['REQUEST_URI'], PHP_URL_PATH);
+echo route($path, $_SESSION['views']);
