@@ -6,6 +6,7 @@ Tests talk to roles the way other roles do: over mTLS with a certificate of the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -243,3 +245,13 @@ def lane_exchange(pki: CloudPKI, port: int, heads: list[bytes], *, lane: bool = 
                 break
             buf += data
     return answers
+
+
+@functools.cache
+def pip_index_unreachable() -> str:
+    """Why this host's pip configuration cannot fetch packages ("" when it can), asked once: tests of
+    sites with a requirements.txt skip with it."""
+    with tempfile.TemporaryDirectory() as scratch:
+        argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", scratch]
+        probe = subprocess.run([*argv, "flask"], capture_output=True, text=True, timeout=120, check=False)
+    return "" if probe.returncode == 0 else f"pip cannot fetch packages here: {probe.stdout[-300:]}"

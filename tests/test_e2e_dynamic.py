@@ -4,12 +4,8 @@ the CLI, and it answers through the front end, woken on the first request; its l
 from __future__ import annotations
 
 import ftplib
-import functools
 import io
 import shutil
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.cloud import LocalCloud
-from tests.support import wait_until
+from tests.support import pip_index_unreachable, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -194,18 +190,9 @@ def user(name):
 """
 
 
-@functools.cache
-def _index_unreachable() -> str:
-    """Why the host's pip configuration cannot fetch Flask ("" when it can), asked once."""
-    with tempfile.TemporaryDirectory() as scratch:
-        argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", scratch]
-        probe = subprocess.run([*argv, "flask"], capture_output=True, text=True, timeout=120)
-    return "" if probe.returncode == 0 else f"pip cannot fetch flask here: {probe.stdout[-300:]}"
-
-
 def test_a_flask_app_with_requirements_txt_answers_with_the_hosts_package_index(cloud: LocalCloud) -> None:
     """The first Python app most people publish: no setting, no index configured by the admin."""
-    if why := _index_unreachable():
+    if why := pip_index_unreachable():
         pytest.skip(why)
     cloud.cli("plan", "create", "flask-plan", "--max-sites", "1", "--storage-mb", "20")
     cloud.cli("tenant", "create", "flaskers")

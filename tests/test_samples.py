@@ -4,12 +4,8 @@ to a site of a `sitecloud up` cloud with its defaults, then its pages fetched th
 from __future__ import annotations
 
 import ftplib
-import functools
 import json
 import shutil
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,24 +13,15 @@ from typing import Any
 import pytest
 
 from tests.cloud import LocalCloud
-from tests.support import wait_until
+from tests.support import pip_index_unreachable, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "docs" / "samples"
 
 
-@functools.cache
-def _index_unreachable() -> str:
-    """Why the host's pip configuration cannot fetch packages ("" when it can), asked once."""
-    with tempfile.TemporaryDirectory() as scratch:
-        argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", scratch]
-        probe = subprocess.run([*argv, "flask"], capture_output=True, text=True, timeout=120)
-    return "" if probe.returncode == 0 else f"pip cannot fetch packages here: {probe.stdout[-300:]}"
-
-
 def _needs_index() -> None:
-    if why := _index_unreachable():
+    if why := pip_index_unreachable():
         pytest.skip(why)
 
 
