@@ -141,6 +141,8 @@ class AppManager:
         # Sites found static, with the version that was looked at (no second look until it changes).
         self._static: dict[str, int] = {}
         self._sites: dict[str, AppSite] = {}
+        # requirements.txt installs in progress, by package directory.
+        self._building: dict[Path, asyncio.Task[Path | None]] = {}
         self._active: dict[AppInstance, AppSite] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -453,19 +455,28 @@ class AppManager:
         if target is None or (target / ".complete").exists():
             app.packages_task = None
             return
+        running = app.packages_task
+        if running is not None and not running.done() and self._building.get(target) is running:
+            return  # the same requirements are being installed (an FTP upload flips many versions)
         root, log = app.root, self._site_log(app)
 
         async def build() -> Path | None:
-            ok = await install_requirements(
-                root=root,
-                target=target,
-                index_url=self._config.package_index_url,
-                python=self._python,
-                log=log,
-            )
+            try:
+                ok = await install_requirements(
+                    root=root,
+                    target=target,
+                    index_url=self._config.package_index_url,
+                    python=self._python,
+                    log=log,
+                )
+            except OSError as exc:
+                log.write("worker", f"installing requirements.txt failed: {exc}")
+                ok = False
+            finally:
+                self._building.pop(target, None)
             return target if ok else None
 
-        app.packages_task = self._spawn(build())
+        app.packages_task = self._building[target] = self._spawn(build())
 
     async def _packages(self, app: AppSite) -> Path | None:
         target = packages_dir(self._dirs(app).base, app.root)
