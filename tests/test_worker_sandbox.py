@@ -216,9 +216,10 @@ def test_a_worker_with_the_whole_wall_is_ready_and_says_what_holds_its_apps(clou
 
 
 def test_the_host_loopback_role_ports_and_other_apps_are_out_of_reach(cloud: AppCloud) -> None:
-    assert "outbound internet off" in cloud.worker.log()
+    # Egress is on by default where slirp4netns and nft are: the host stays out of reach either way.
+    egress = shutil.which("slirp4netns") is not None and shutil.which("nft") is not None
+    assert f"outbound internet {'through slirp4netns' if egress else 'off'}" in cloud.worker.log()
     attacker(cloud, "netprobe")
-    assert "tap0" not in cloud.get("netprobe", "/cat?/proc/net/dev")[2].decode()
     cloud.add_site("cmdvictim")
     cloud.publish_and_wait(
         "cmdvictim", {"Procfile": b"web: python3 -m http.server $PORT --bind 127.0.0.1\n"}, "/", b"Directory"

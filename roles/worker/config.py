@@ -60,9 +60,10 @@ class WorkerConfig(RoleConfig):
     # -- the app sandbox (roles/worker/apps/_sandbox.py), as root with bubblewrap and setpriv.
     # Off: apps run with their own uid and rlimits only (as an unprivileged worker always does).
     app_sandbox: bool = True
-    # Outbound internet for sandboxed apps: "off" (none; the default) or "slirp4netns" (where it is
-    # installed). The host's loopback, role ports and other sites stay out of reach either way.
-    app_egress: str = "off"
+    # Outbound internet for sandboxed apps: "slirp4netns" (the default; public addresses only, where
+    # slirp4netns and nftables are installed) or "off". The host's loopback, role ports, private
+    # ranges and other sites stay out of reach either way.
+    app_egress: str = "slirp4netns"
     # Disk quota (MB) of a sandboxed app's HOME and TMPDIR; 0: the site's limits.disk_mb, which
     # defaults by worker size.
     app_disk_mb: int = 0

@@ -379,6 +379,10 @@ class AppManager:
             )
         if self._sandbox is not None and not self._quota:
             gaps.append("apps' homes have no disk quota (install e2fsprogs; loop devices needed)")
+        if self._sandbox is not None and self._config.app_egress != "off" and not self._sandbox.slirp4netns:
+            gaps.append(
+                "apps have no outbound network (install slirp4netns and nftables, or set app_egress: off)"
+            )
         return gaps
 
     def cpu_seconds(self, app: AppSite) -> float:
