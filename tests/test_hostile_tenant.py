@@ -11,8 +11,8 @@ gone when the module ends.
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import collections
+import concurrent.futures
 import contextlib
 import ftplib
 import http.client
