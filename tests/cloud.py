@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from roles.worker.apps._isolation import reap_orphans
-from shared.net import free_port
+from shared.net import free_port, free_port_range
 from tests.support import wait_until
 
 __all__ = ["LocalCloud", "SiteConnection", "https_get"]
@@ -58,8 +58,8 @@ class LocalCloud:
         self.ports = {
             name: free_port() for name in ("http_port", "https_port", "ftp_port", "api_port", "deploy_port")
         }
-        low = free_port()
-        self.passive = (low, low + 20) if low < 65000 else (40000, 40020)
+        low = free_port_range(21)
+        self.passive = (low, low + 20)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = home.parent / f"{home.name}-up.log"
 

@@ -27,6 +27,7 @@ from roles.fileserver.config import FileserverConfig
 from roles.publisher.config import PublisherConfig
 from roles.worker.config import WorkerConfig
 from shared.credentials import hash_password
+from shared.net import free_port_range
 from tests.support import CloudPKI, RoleProcess, call, wait_until
 
 QUOTA = 256 * 1024
@@ -58,21 +59,8 @@ def _tool(name: str) -> str:
 
 
 def _free_port_range(count: int) -> tuple[int, int]:
-    for _ in range(50):
-        first = random.randrange(30000, 60000 - count)
-        probes: list[socket.socket] = []
-        try:
-            for port in range(first, first + count):
-                probe = socket.socket()
-                probes.append(probe)
-                probe.bind(("127.0.0.1", port))
-            return first, first + count - 1
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
-    raise AssertionError("no free port range found")
+    first = free_port_range(count)
+    return first, first + count - 1
 
 
 @dataclass

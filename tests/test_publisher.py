@@ -9,7 +9,6 @@ import ftplib
 import http.client
 import io
 import json
-import random
 import shutil
 import socket
 import ssl
@@ -27,6 +26,7 @@ import pytest
 from roles.fileserver.config import FileserverConfig
 from roles.publisher.config import PublisherConfig
 from shared.credentials import hash_password
+from shared.net import free_port_range
 from tests.support import CloudPKI, RoleProcess, call
 
 QUOTA = 256 * 1024
@@ -125,22 +125,8 @@ def _https(
 
 
 def _free_port_range(count: int) -> tuple[int, int]:
-    """``count`` consecutive ports nothing listens on now (for the FTP passive range)."""
-    for _ in range(50):
-        first = random.randrange(30000, 60000 - count)
-        probes: list[socket.socket] = []
-        try:
-            for port in range(first, first + count):
-                probe = socket.socket()
-                probes.append(probe)
-                probe.bind(("127.0.0.1", port))
-            return first, first + count - 1
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
-    raise AssertionError("no free port range found")
+    first = free_port_range(count)
+    return first, first + count - 1
 
 
 @pytest.fixture(scope="module")
