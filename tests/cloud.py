@@ -20,6 +20,9 @@ from tests.support import wait_until
 
 __all__ = ["LocalCloud", "SiteConnection", "https_get"]
 
+# Every test cloud builds role-host wheelhouses here (once per code version, kept across runs).
+TEST_WHEELHOUSE = Path("/tmp/sitecloud-test-wheelhouse")
+
 
 class SiteConnection(http.client.HTTPSConnection):
     """HTTPS to 127.0.0.1 with a site's name as SNI (and certificate name).
@@ -82,7 +85,8 @@ class LocalCloud:
         endpoints = self.home / "endpoints.json"
         endpoints.unlink(missing_ok=True)
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+        env = {"SITECLOUD_WHEELHOUSE": str(TEST_WHEELHOUSE), **os.environ}
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
 
         def ready() -> bool:

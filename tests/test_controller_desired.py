@@ -13,6 +13,7 @@ from roles.controller.desired import (
     plan_placement,
     read_desired,
     snapshots_for,
+    unreachable_needs,
 )
 from shared.db import (
     CustomHostname,
@@ -191,6 +192,37 @@ def test_many_front_ends_get_the_same_routes_without_down_or_unreachable_workers
 def test_the_fileserver_is_reached_by_host_name_one_for_all() -> None:
     snaps = snapshots_for(_state())
     assert {snaps[i]["fileserver"] for i in (3, 4, 5, 8)} == {"https://files1:7401"}
+
+
+def test_an_advertised_machine_s_roles_are_reached_at_its_address_from_other_hosts() -> None:
+    """`up --advertise 10.0.0.5`, then roles on other hosts: they call this machine's roles at the
+    advertised address; this machine's own roles keep calling each other by name."""
+    roles = [
+        RoleEndpoint(1, "frontend", "fe7", 7404, {}, fabric="netns"),
+        RoleEndpoint(2, "frontend", "localhost", 9001, {}, advertised="10.0.0.5"),
+        RoleEndpoint(3, "worker", "web7", 7402, {"data": 7412}, fabric="netns"),
+        RoleEndpoint(5, "worker", "localhost", 9002, {"data": 9102}, advertised="10.0.0.5"),
+        RoleEndpoint(6, "fileserver", "localhost", 9004, {}, advertised="10.0.0.5"),
+    ]
+    site = DesiredSite("blog", "u1", 1, {"blog": "h"}, (3, 5), 10)
+    snaps = snapshots_for(DesiredState(generation=2, domain="sites.test", roles=roles, sites=[site]))
+    assert snaps[1]["sites"]["blog"]["workers"] == ["web7:7412", "10.0.0.5:9102"]
+    assert snaps[2]["sites"]["blog"]["workers"] == ["web7:7412", "localhost:9102"]
+    assert snaps[3]["fileserver"] == "https://10.0.0.5:9004"
+    assert snaps[5]["fileserver"] == "https://localhost:9004"
+
+
+def test_a_role_on_another_host_that_could_reach_nothing_it_needs_is_refused() -> None:
+    local_only = [("fileserver", True), ("worker", True), ("publisher", True), ("frontend", True)]
+    assert unreachable_needs("worker", True, local_only, advertised=False) == "fileserver"
+    assert unreachable_needs("publisher", True, local_only, advertised=False) == "fileserver"
+    assert unreachable_needs("frontend", True, local_only, advertised=False) == "worker"
+    # Advertised, on this machine, with one remote peer, or with nothing to reach yet: allowed.
+    assert unreachable_needs("worker", True, local_only, advertised=True) == ""
+    assert unreachable_needs("worker", False, local_only, advertised=False) == ""
+    assert unreachable_needs("worker", True, [*local_only, ("fileserver", False)], advertised=False) == ""
+    assert unreachable_needs("fileserver", True, local_only, advertised=False) == ""
+    assert unreachable_needs("frontend", True, [("fileserver", True)], advertised=False) == ""
 
 
 def test_app_settings_and_custom_hostnames_reach_the_roles_that_use_them(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from sqlalchemy import select
 
 from roles.controller.config import CloudConfig
+from roles.controller.desired import unreachable_needs
 from roles.controller.fabric._wheelhouse import Wheelhouse
 from roles.controller.fabric.base import FabricProvider, ProgressStep, RoleLauncher, RoleSpec
 from roles.controller.fabric.local import LOCAL_HOST, LocalFabric, LocalLauncher
@@ -309,6 +310,7 @@ class Fleet:
                 "roles on this machine are the ones `sitecloud up` runs",
                 hint="start `up` with --local-roles, or add the role on another host",
             )
+        await self._refuse_unreachable(row)
         control, ports = self.home.remote_ports(row.kind)
         await asyncio.to_thread(self._set_role, role_id, control_port=control, ports=ports)
         row = await asyncio.to_thread(self._role_row, role_id)
@@ -334,6 +336,24 @@ class Fleet:
         if reason:
             answer["reason"] = reason
         return answer
+
+    async def _refuse_unreachable(self, row: _RoleRow) -> None:
+        """Refuse (and forget) a role on another host that could not reach the roles it needs."""
+        others = [
+            (r.kind, r.fabric == "local")
+            for r in await asyncio.to_thread(self._all_roles)
+            if r.id != row.id and r.desired_state == "running"
+        ]
+        needed = unreachable_needs(row.kind, row.fabric != "local", others, bool(self.config.advertise))
+        if not needed:
+            return
+        await asyncio.to_thread(self._delete_role, row.id)
+        raise NotSupported(
+            f"a {row.kind} on {row.host} needs a {needed}, and this cloud's {needed} runs on this "
+            "machine where only this machine can reach it",
+            hint="restart the cloud with `sitecloud up --advertise ADDRESS` (this machine's address on "
+            f"the network its hosts share), or add a {needed} on another host first",
+        )
 
     async def _ssh_hosts(self) -> set[str]:
         return {h.name for h in await self.ssh.list_hosts()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,21 @@ class CloudConfig:
     # The roles `up` runs on this machine; "management" alone makes a control-plane box whose data
     # plane lives on other hosts (`sitecloud role add`).
     local_roles: tuple[str, ...] = ("fileserver", "worker", "publisher", "frontend", "management")
-    # Where wheelhouses for role hosts are built and kept; None means HOME/wheelhouse.
+    # Where wheelhouses for role hosts are built and kept (one per code version, shared by every cloud
+    # home of this user); None means $SITECLOUD_WHEELHOUSE, else ~/.cache/sitecloud/wheelhouse.
     wheelhouse: Path | None = None
+    # The address (or DNS name) at which roles on other hosts reach this machine's roles; empty means
+    # this machine's roles are reachable only here, and a role on another host that would need one is
+    # refused.
+    advertise: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "domain", validate_hostname(self.domain))
+        if self.advertise:
+            object.__setattr__(self, "advertise", _address_or_name(self.advertise))
+            if self.bind in ("127.0.0.1", "localhost", "::1"):
+                # Reachable from elsewhere means listening beyond loopback.
+                object.__setattr__(self, "bind", "0.0.0.0")
         object.__setattr__(self, "home", self.home.expanduser().resolve())
         unknown = set(self.local_roles) - {"fileserver", "worker", "publisher", "frontend", "management"}
         if unknown or "management" not in self.local_roles:
@@ -49,7 +60,12 @@ class CloudConfig:
 
     @property
     def wheelhouse_dir(self) -> Path:
-        return self.wheelhouse or self.home / "wheelhouse"
+        if self.wheelhouse is not None:
+            return self.wheelhouse
+        if os.environ.get("SITECLOUD_WHEELHOUSE"):
+            return Path(os.environ["SITECLOUD_WHEELHOUSE"])
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return cache / "sitecloud" / "wheelhouse"
 
     @property
     def database_url(self) -> str:
@@ -63,3 +79,22 @@ class CloudConfig:
     @staticmethod
     def home_from_env(explicit: str | None) -> Path:
         return Path(explicit or os.environ.get("SITECLOUD_HOME") or DEFAULT_HOME)
+
+
+def _address_or_name(value: str) -> str:
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        try:
+            return validate_hostname(value)
+        except InvalidInput:
+            raise InvalidInput(
+                f"--advertise {value!r} is neither an IP address nor a DNS name",
+                hint="the address other hosts reach this machine at, e.g. --advertise 10.0.0.5",
+            ) from None
+    if address.is_loopback or address.is_unspecified:
+        raise InvalidInput(
+            f"--advertise {value} cannot be reached from another host",
+            hint="give this machine's address on the network the role hosts share",
+        )
+    return str(address)

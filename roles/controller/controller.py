@@ -64,6 +64,10 @@ class RoleObservation:
     load: dict[str, Any] | None = None
 
 
+# Seconds after `up` is ready before the wheelhouse for role hosts is built.
+_WHEELHOUSE_AHEAD_DELAY = 20.0
+
+
 class Controller:
     def __init__(self, config: CloudConfig, *, progress: Callable[[str], None] = lambda _: None) -> None:
         self.config = config
@@ -102,6 +106,21 @@ class Controller:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
+    async def _build_wheelhouse_ahead(self) -> None:
+        """Build what `role add` ships to a new host now, so the first add does not wait for pip."""
+        assert self.fleet is not None
+        # Not in the first seconds, which belong to the roles starting and the first requests.
+        await asyncio.sleep(_WHEELHOUSE_AHEAD_DELAY)
+        started = time.monotonic()
+        try:
+            digest, path = await self.fleet.wheelhouse.ensure()
+        except SitecloudError as err:
+            self._log.warning("the wheelhouse for role hosts is not built ahead: %s", err.message)
+            return
+        self._log.info(
+            "wheelhouse %s for role hosts ready at %s (%.1fs)", digest, path, time.monotonic() - started
+        )
+
     async def run(self, stop: asyncio.Event) -> None:
         started = time.monotonic()
         await asyncio.to_thread(self._prepare)
@@ -124,6 +143,7 @@ class Controller:
             if not stop.is_set():
                 self.home.write_endpoints()
                 self._progress(f"ready in {time.monotonic() - started:.1f}s")
+                tasks.append(asyncio.create_task(self._build_wheelhouse_ahead(), name="wheelhouse"))
             await stop.wait()
             for task in [*tasks, *self._pushing.values()]:
                 task.cancel()
@@ -323,7 +343,7 @@ class Controller:
         with self.db.session() as session:
             place_sites(session, down)
         with self.db.session() as session:
-            state = read_desired(session, self.config.domain)
+            state = read_desired(session, self.config.domain, advertise=self.config.advertise)
         state.down = down
         return state
 

@@ -6,7 +6,8 @@ that the snapshot rules are pure functions of the desired state. Placement is th
 
 Roles are addressed by their host's NAME (resolvable by every host of the cloud), never by an address
 that only one machine understands. Roles on the ``local`` fabric listen on this machine's loopback, so
-roles on other hosts are never pointed at them.
+roles on other hosts are never pointed at them, unless the cloud was started with ``up --advertise``:
+then they listen on every address and other hosts reach them at the advertised one.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "plan_placement",
     "read_desired",
     "snapshots_for",
+    "unreachable_needs",
 ]
 
 # Each site runs on this many workers of its pool (fewer when the pool is smaller): a worker that dies
@@ -58,6 +60,8 @@ class RoleEndpoint:
     fabric: str = "local"
     desired_state: str = "running"
     reserved_for: int | None = None
+    # For a local role: where roles on other hosts reach it (``up --advertise``); empty: nowhere.
+    advertised: str = ""
 
     @property
     def control_url(self) -> str:
@@ -68,8 +72,19 @@ class RoleEndpoint:
         return self.fabric == "local"
 
     def reaches(self, other: RoleEndpoint) -> bool:
-        """Whether this role can call ``other``: local roles listen on this machine's loopback only."""
-        return self.is_local or not other.is_local
+        """Whether this role can call ``other``: a local role that is not advertised listens on this
+        machine's loopback only."""
+        return self.is_local or not other.is_local or bool(other.advertised)
+
+    def host_of(self, other: RoleEndpoint) -> str:
+        """The name (or address) this role calls ``other`` by."""
+        if other.is_local and not self.is_local and other.advertised:
+            return other.advertised
+        return other.host
+
+    def control_url_of(self, other: RoleEndpoint) -> str:
+        host = self.host_of(other)
+        return f"https://{f'[{host}]' if ':' in host else host}:{other.control_port}"
 
 
 @dataclass(frozen=True)
@@ -180,7 +195,8 @@ def place_sites(session: Session, down: Collection[int] = ()) -> int:
     return len(adds) + len(removes)
 
 
-def read_desired(session: Session, domain: str) -> DesiredState:
+def read_desired(session: Session, domain: str, *, advertise: str = "") -> DesiredState:
+    """The desired state in the DB; ``advertise`` is where other hosts reach the local roles."""
     state = DesiredState(generation=current_generation(session), domain=domain)
     for role, host in session.execute(
         select(Role, Host).join(Host, Role.host_id == Host.id).order_by(Role.id)
@@ -195,6 +211,7 @@ def read_desired(session: Session, domain: str) -> DesiredState:
                 fabric=host.fabric,
                 desired_state=role.desired_state,
                 reserved_for=role.reserved_for_id,
+                advertised=advertise if host.fabric == "local" else "",
             )
         )
     sites = session.scalars(
@@ -238,6 +255,23 @@ def read_desired(session: Session, domain: str) -> DesiredState:
     return state
 
 
+# The roles each kind calls: a role placed where it reaches none of them cannot do its job.
+_NEEDS = {"worker": "fileserver", "publisher": "fileserver", "frontend": "worker"}
+
+
+def unreachable_needs(kind: str, remote: bool, others: Iterable[tuple[str, bool]], advertised: bool) -> str:
+    """The kind of role a new ``kind`` role would need and not reach, or "".
+
+    ``others`` are the cloud's running roles as (kind, is local). A role on another host reaches a
+    role on this machine only when the cloud advertises an address (``up --advertise``).
+    """
+    needed = _NEEDS.get(kind)
+    if not remote or advertised or needed is None:
+        return ""
+    placed = [local for other, local in others if other == needed]
+    return needed if placed and all(placed) else ""
+
+
 def _fileserver(state: DesiredState) -> RoleEndpoint | None:
     """The cloud's content store: one every role can reach (a remote one before a local one)."""
     candidates = [r for r in state.of_kind("fileserver") if r.desired_state == "running"]
@@ -260,14 +294,14 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
     for role in state.roles:
         body: dict[str, Any]
-        fileserver_url = fileserver.control_url if fileserver and role.reaches(fileserver) else ""
+        fileserver_url = role.control_url_of(fileserver) if fileserver and role.reaches(fileserver) else ""
         if role.kind == "frontend":
             body = {
                 "domain": state.domain,
                 "sites": {
                     s.name: {
                         "workers": [
-                            f"{workers[w].host}:{workers[w].ports['data']}"
+                            f"{role.host_of(workers[w])}:{workers[w].ports['data']}"
                             for w in s.worker_ids
                             if w in workers and w not in state.down and role.reaches(workers[w])
                         ],

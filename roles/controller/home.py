@@ -133,13 +133,30 @@ class CloudHome:
     def _host_names(self) -> tuple[list[str], list[str]]:
         dns = ["localhost", socket.gethostname()]
         ips = ["127.0.0.1"]
+        for name in (self.config.bind, self.config.advertise):
+            if not name:
+                continue
+            try:
+                ipaddress.ip_address(name)
+            except ValueError:
+                dns.append(name)
+            else:
+                if name not in ("0.0.0.0", "127.0.0.1"):
+                    ips.append(name)
+        return sorted(set(dns)), sorted(set(ips))
+
+    def _names_cover(self, cert_file: Path) -> bool:
+        """Whether ``cert_file`` names every address this machine's roles are reached at now (an
+        ``up --advertise`` after a plain ``up`` needs new certificates)."""
+        dns, ips = self._host_names()
         try:
-            ipaddress.ip_address(self.config.bind)
-            if self.config.bind not in ("0.0.0.0", "127.0.0.1"):
-                ips.append(self.config.bind)
-        except ValueError:
-            dns.append(self.config.bind)
-        return sorted(set(dns)), ips
+            cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except (OSError, ValueError, x509.ExtensionNotFound):
+            return False
+        have_dns = set(sans.get_values_for_type(x509.DNSName))
+        have_ips = {str(a) for a in sans.get_values_for_type(x509.IPAddress)}
+        return set(dns) <= have_dns and set(ips) <= have_ips
 
     def _issue(self, kind: str, role: str) -> Any:
         assert self.ca is not None
@@ -323,7 +340,7 @@ class CloudHome:
             config.home.mkdir(parents=True)
             os.chmod(config.home, 0o700)
         config.tls_dir.mkdir(exist_ok=True)
-        if not config.cert_file.exists() or not config.key_file.exists():
+        if not config.key_file.exists() or not self._names_cover(config.cert_file):
             self._issue(config.role, config.role).write(config.key_file, config.cert_file)
         atomic_write_bytes(config.ca_file, self.ca.cert_pem)
         write_role_config(config, config.home / "role.json")

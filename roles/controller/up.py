@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
         "--domain", default="sites.localhost", help="sites are <site>.DOMAIN (default %(default)s)"
     )
     p.add_argument("--bind", default="127.0.0.1", help="address every listener binds (default %(default)s)")
+    p.add_argument(
+        "--advertise",
+        default="",
+        metavar="ADDRESS",
+        help="address (or DNS name) where roles on other hosts reach this machine's roles; they then "
+        "listen on all addresses (default: this machine's roles serve only this machine)",
+    )
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--https-port", type=int, default=8443)
     p.add_argument("--ftp-port", type=int, default=2121)
@@ -57,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         "lives on other hosts (sitecloud role add)",
     )
     p.add_argument(
-        "--wheelhouse", help="where wheelhouses for role hosts are built (default HOME/wheelhouse)"
+        "--wheelhouse",
+        help="where wheelhouses for role hosts are built, one per code version, ahead of the first "
+        "`role add` (default $SITECLOUD_WHEELHOUSE or ~/.cache/sitecloud/wheelhouse)",
     )
     p.add_argument("--json", action="store_true", help="print the endpoints as JSON once the cloud is ready")
     return p
@@ -90,6 +99,7 @@ def run_up(argv: list[str]) -> int:
             home=CloudConfig.home_from_env(args.home),
             domain=args.domain,
             bind=args.bind,
+            advertise=args.advertise,
             http_port=args.http_port,
             https_port=args.https_port,
             ftp_port=args.ftp_port,

@@ -54,7 +54,7 @@ def code_hash(root: Path = PROJECT_ROOT) -> str:
 
 
 class Wheelhouse:
-    """Wheelhouses under ``root`` (``<cloud home>/wheelhouse``), one per code hash."""
+    """Wheelhouses under ``root`` (see :attr:`CloudConfig.wheelhouse_dir`), one per code hash."""
 
     def __init__(self, root: Path, *, project: Path = PROJECT_ROOT, keep: int = 3) -> None:
         self.root = root
@@ -128,7 +128,10 @@ class Wheelhouse:
                 # pip itself, so a host makes its venv without ensurepip (seconds faster) and still installs.
                 f"pip=={version('pip')}",
             ]
-            result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=900)
+            # Niced: it is often built ahead, beside roles that are serving.
+            result = subprocess.run(
+                ["nice", "-n", "10", *argv], capture_output=True, text=True, check=False, timeout=900
+            )
         if result.returncode != 0:
             tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
             raise SitecloudError(

@@ -1,0 +1,145 @@
+"""The topology an admin builds first: `sitecloud up` on one box, then `role add` on other hosts.
+
+The cloud is started with `up --advertise 10.213.0.1` (this machine's address on the netns hosts'
+bridge). A worker is added on web7 and a front end on fe7; a site published by FTP to this machine's
+publisher is served by web7 (with content from this machine's file server) through fe7, also after
+this machine's own worker is stopped. Without --advertise the same `role add` is refused before
+anything is installed (tests/test_controller_desired.py holds that rule without processes).
+
+Needs root, iproute2 and OpenSSH's sshd, as tests/test_e2e_fabric.py does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ftplib
+import io
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roles.controller.fabric._etchosts import read_block, update_hosts_file
+from roles.controller.fabric.netns import SUBNET, NetnsFabric
+from tests.cloud import LocalCloud
+from tests.support import wait_until
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(
+        os.geteuid() != 0, reason="the netns fabric needs root (namespaces, bridge, /etc/hosts)"
+    ),
+    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's ip"),
+    pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="needs OpenSSH's sshd (openssh-server)"),
+]
+
+HOSTS = {"web7": "worker", "fe7": "frontend"}
+GATEWAY = str(next(SUBNET.hosts()))
+HOSTS_FILE = Path("/etc/hosts")
+SITE = "mixed"
+BODY = b"<h1>served by a worker on another host</h1>"
+
+
+def _sweep() -> None:
+    """Remove what a crashed earlier run of this module left (its host names only)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    present = {line.split()[0] for line in listed.splitlines() if line.strip()}
+    for name in HOSTS:
+        ns = f"sc-{name}"
+        if ns in present:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+            for pid in pids.split():
+                os.kill(int(pid), signal.SIGKILL)
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+    if set(HOSTS) & set(read_block(HOSTS_FILE.read_text())):
+        update_hosts_file(HOSTS_FILE, remove=set(HOSTS))
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
+    _sweep()
+    home = tmp_path_factory.mktemp("mixed") / "home"
+    # The wheelhouse is whatever `up` built ahead (or the first add builds), as for a user.
+    cloud = LocalCloud(home, extra_args=("--advertise", GATEWAY))
+    try:
+        cloud.start()
+        yield cloud
+    finally:
+        cloud.kill_everything()
+        fabric = NetnsFabric(home)
+
+        async def destroy() -> None:
+            for host in await fabric.list_hosts():
+                await fabric.destroy(host.name)
+
+        asyncio.run(destroy())
+        _sweep()
+
+
+def _roles(cloud: LocalCloud) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(r["role"], r["host"]): r for r in cloud.cli("role", "list")["roles"]}
+
+
+def _https_get(cloud: LocalCloud, host: str) -> tuple[int, bytes]:
+    ctx = ssl.create_default_context(cafile=str(cloud.ca_file))
+    name = f"{SITE}.{cloud.domain}"
+    with (
+        socket.create_connection((socket.gethostbyname(host), cloud.ports["https_port"]), 5) as raw,
+        ctx.wrap_socket(raw, server_hostname=name) as tls,
+    ):
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_roles_added_on_other_hosts_reach_the_roles_up_started(cloud: LocalCloud) -> None:
+    for name in HOSTS:
+        assert cloud.cli("host", "create", name, "--fabric", "netns")["state"] == "ready"
+    for host, role in HOSTS.items():
+        added = cloud.cli("role", "add", role, host, timeout=180)
+        assert added["state"] == "Ready", added
+        print(f"\nrole add {role} {host} -> Ready in {added['seconds']} s: {added['steps']}")
+
+    cloud.cli("plan", "create", "basic", "--max-sites", "5", "--storage-mb", "10")
+    cloud.cli("tenant", "create", "fabrikam")
+    sub = cloud.cli("subscription", "create", "--tenant", "fabrikam", "--plan", "basic")
+    site = cloud.cli("site", "create", SITE, "--subscription", str(sub["id"]))
+
+    def login() -> ftplib.FTP:
+        ftp = ftplib.FTP()
+        ftp.connect("127.0.0.1", cloud.ports["ftp_port"], timeout=10)
+        try:
+            ftp.login(site["ftp"]["user"], site["ftp"]["password"])
+        except ftplib.error_perm:
+            ftp.close()
+            raise
+        return ftp
+
+    ftp = wait_until(login, timeout=15, interval=0.2, what="FTP login")
+    ftp.storbinary("STOR index.html", io.BytesIO(BODY))
+    ftp.quit()
+    wait_until(lambda: _https_get(cloud, "fe7") == (200, BODY), timeout=20, what=f"{SITE} through fe7")
+
+    # With this machine's worker stopped, web7 alone serves the site, from this machine's file server.
+    cloud.cli("role", "stop", "worker", "localhost")
+    wait_until(
+        lambda: _roles(cloud)[("worker", "localhost")]["state"] == "Stopped",
+        timeout=20,
+        what="worker stopped",
+    )
+    for _ in range(5):
+        assert _https_get(cloud, "fe7") == (200, BODY)
+    roles = _roles(cloud)
+    assert roles[("worker", "web7")]["state"] == roles[("frontend", "fe7")]["state"] == "Ready", roles
+    cloud.cli("role", "start", "worker", "localhost")
