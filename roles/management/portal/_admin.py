@@ -269,7 +269,8 @@ async def tenant_action(request: web.Request) -> web.StreamResponse:
     except SitecloudError as err:
         raise see_other(request, back, error=err) from None
     except ValueError:
-        raise see_other(request, back, error=InvalidInput("choose a subscription")) from None
+        # Only a hand-made request sends a subscription that is not a number: a plain 400.
+        raise InvalidInput("choose a subscription", hint="subscriptions are numbers") from None
 
 
 async def confirm_subscription_delete(request: web.Request) -> web.StreamResponse:

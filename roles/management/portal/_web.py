@@ -1,5 +1,9 @@
 """What every portal page shares: templates, the signed-in session, CSRF checks, notices, errors.
 
+Every form answers 303 to a page (POST → redirect → GET), which shows the outcome once (a flash, see
+``_flash.py``), so a reload never sends a form again. Requests no page of ours would send (a bad CSRF
+token, a NUL in a field, a number that is not one) get a plain 4xx error page instead.
+
 Sessions live in ``__Host-`` cookies (Secure, HttpOnly, SameSite=Lax, Path=/). Every form carries a
 CSRF token: the session's own once signed in, a double-submit cookie on the sign-in and sign-up forms.
 """
