@@ -359,3 +359,26 @@ def test_up_is_handed_to_the_controller(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert cli.main(["--home", str(tmp_path), "up", "--domain", "example.test", "--json"]) == 7
     assert seen == [["--domain", "example.test", "--json"]]
     assert os.environ["SITECLOUD_HOME"] == str(tmp_path)
+
+
+def test_the_shell_completes_commands(tmp_path: Path) -> None:
+    """argcomplete's protocol, as bash's `register-python-argcomplete sitecloud` drives it."""
+    answers = tmp_path / "completions"
+    for line, expected in (("sitecloud si", {"site"}), ("sitecloud site de", {"delete"})):
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SITECLOUD_")},
+            "_ARGCOMPLETE": "1",
+            "COMP_LINE": line,
+            "COMP_POINT": str(len(line)),
+            "_ARGCOMPLETE_STDOUT_FILENAME": str(answers),
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "roles.management.cli"],
+            capture_output=True,
+            text=True,
+            cwd=_ROOT,
+            env=env,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        assert {w.strip() for w in answers.read_text().split("\v")} == expected

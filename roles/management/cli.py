@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK (argcomplete's marker: this entry point completes itself)
 """``sitecloud``: the admin and tenant command line, a client of the management REST API.
 
 ``sitecloud up`` is the exception: it starts the cloud (the controller's job), so it is handed over to
@@ -981,6 +982,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if at is not None and args_list[at] == "up":
         return _run_up(args_list)
     parser = _parser()
+    if "_ARGCOMPLETE" in os.environ:
+        # The shell asks for completions (see docs/operations.md); imported only then, to start fast.
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
     try:
         args = parser.parse_args(args_list)
     except UsageError as err:
