@@ -331,6 +331,7 @@ def test_every_destructive_action_asks_and_no_post_is_sent_twice(
     # A custom hostname: Remove is a link to a page that asks; Cancel goes back and keeps it.
     submit(page, "a[aria-label='Remove www.keep.example']")
     assert page.locator("h1").inner_text() == "Remove www.keep.example?"
+    shot(page, "tenant-confirm")
     submit(page, "a:text-is('Cancel')")
     assert page.url == site and "www.keep.example" in page.inner_text("main")
     submit(page, "a[aria-label='Remove www.keep.example']")
@@ -388,9 +389,12 @@ def test_every_destructive_action_asks_and_no_post_is_sent_twice(
         max_redirects=0,
     )
     assert answer.status == 303
+    admin.goto(f"{portal}{answer.headers['location']}")
+    assert "nothing was changed" in admin.inner_text(".alert")
     assert cloud.ok("GET", f"/subscriptions/{sub['id']}")["id"] == sub["id"]
     submit(admin, f"a[aria-label='Delete subscription {sub['id']}']")
     assert "goes-too" in admin.inner_text("main ul")
+    shot(admin, "admin-confirm-delete")
     admin.fill("#confirm", str(sub["id"]))
     assert post_and_follow(admin, f"button:text-is('Delete subscription {sub['id']}')") == 303
     assert "Subscription deleted" in admin.inner_text(".notice")

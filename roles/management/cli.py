@@ -980,7 +980,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(bad, as_json)
     at = _command_word(args_list)
     if at is not None and args_list[at] == "up":
-        return _run_up(args_list)
+        try:
+            return _run_up(args_list)
+        except UsageError as err:
+            return _usage_failed(err, as_json)
     parser = _parser()
     if "_ARGCOMPLETE" in os.environ:
         # The shell asks for completions (see docs/operations.md); imported only then, to start fast.
