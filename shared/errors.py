@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 __all__ = [
     "AlreadyExists",
     "BadRequest",
+    "ConfirmationRequired",
     "Forbidden",
     "InvalidInput",
     "LimitReached",
@@ -77,6 +78,14 @@ class Unauthorized(SitecloudError):
 class Forbidden(SitecloudError):
     code = "forbidden"
     status = 403
+    ftp_code = 550
+
+
+class ConfirmationRequired(SitecloudError):
+    """A destructive action was asked for without the confirmation it needs (portal form, CLI prompt)."""
+
+    code = "confirmation_required"
+    status = 400
     ftp_code = 550
 
 

@@ -50,7 +50,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = (exc.reason or "error").lower().replace(" ", "_")
-        return web.json_response({"error": {"code": code, "message": exc.reason}}, status=exc.status)
+        message = exc.reason
+        # RFC 9110 §15.5.6: a 405 lists the methods the resource does allow.
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        if headers is not None:
+            message = f"{request.method} is not allowed on {request.path}; allowed: {headers['Allow']}"
+        return web.json_response(
+            {"error": {"code": code, "message": message}}, status=exc.status, headers=headers
+        )
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:

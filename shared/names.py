@@ -16,6 +16,7 @@ __all__ = [
     "RESERVED_SITE_NAMES",
     "HostnameState",
     "canonical_hostname",
+    "suggest_site_name",
     "validate_custom_hostname",
     "validate_hostname",
     "validate_name",
@@ -30,22 +31,47 @@ _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 RESERVED_SITE_NAMES = frozenset({"www", "api", "admin", "portal", "ftp", "deploy", "publish", "management"})
 
 
+_LABEL_RULE = "use letters a-z, digits and '-', not starting or ending with '-'"
+
+
+def _site_name_problem(name: str) -> str | None:
+    if name != name.lower():
+        return f"site name {name!r} has upper-case letters"
+    if len(name) > 63:
+        return f"site name {name!r} is longer than 63 characters (a DNS label's limit)"
+    if not _LABEL.match(name):
+        return f"site name {name!r} is not a valid DNS label"
+    if name in RESERVED_SITE_NAMES:
+        return f"site name {name!r} is reserved by the platform"
+    return None
+
+
+def suggest_site_name(name: str) -> str | None:
+    """A valid site name close to ``name`` (``Blog_1`` → ``blog-1``), or None if there is no obvious one.
+
+    Whatever it returns passes :func:`validate_site_name`, so a hint never offers a name that is then refused.
+    """
+    if not name.isascii():
+        return None  # dropping letters would suggest a different name, not a spelling of this one
+    label = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:63].rstrip("-")
+    if label in RESERVED_SITE_NAMES:
+        label = f"{label}-site"
+    if not label or label == name or _site_name_problem(label) is not None:
+        return None
+    return label
+
+
 def validate_site_name(name: str) -> str:
     """A site name is one DNS label: it becomes ``<name>.<domain>``."""
     if not isinstance(name, str) or not name:
         raise InvalidInput("a site name is required")
-    if name != name.lower():
-        raise InvalidInput(f"site name {name!r} has upper-case letters", hint=f"use {name.lower()!r}")
-    if len(name) > 63:
-        raise InvalidInput(f"site name {name!r} is longer than 63 characters (a DNS label's limit)")
-    if not _LABEL.match(name):
-        raise InvalidInput(
-            f"site name {name!r} is not a valid DNS label",
-            hint="use letters a-z, digits and '-', not starting or ending with '-'",
-        )
+    problem = _site_name_problem(name)
+    if problem is None:
+        return name
     if name in RESERVED_SITE_NAMES:
-        raise InvalidInput(f"site name {name!r} is reserved by the platform", hint="choose another name")
-    return name
+        raise InvalidInput(problem, hint="choose another name")
+    better = suggest_site_name(name)
+    raise InvalidInput(problem, hint=f"use {better!r}" if better else _LABEL_RULE)
 
 
 def validate_name(name: str, *, what: str) -> str:

@@ -21,9 +21,11 @@ import pytest
 
 from roles.fileserver.config import FileserverConfig
 from roles.management._input import MAX_JSON_DEPTH, check_text, parse_json_object
+from roles.management.portal._flash import open_flash, seal_flash
 from roles.publisher.config import PublisherConfig
 from shared.credentials import hash_password
 from shared.errors import BadRequest, InvalidInput
+from shared.names import validate_site_name
 from tests.support import CloudPKI, RoleProcess
 from tests.test_management_api import ManagementCloud, start_management
 from tests.test_publisher import SITES
@@ -212,9 +214,10 @@ def test_portal_cookies_and_forms_that_no_browser_would_send_get_4xx(cloud: Mana
     ):
         status, page = _portal(cloud, "POST", "/signin", good, body)
         assert status == 400 and b"NUL" in page, page[:500]
-    # Bytes that are not UTF-8 become U+FFFD on the way in: only a wrong password.
+    # Bytes that are not UTF-8 become U+FFFD on the way in: only a wrong password, so the form goes
+    # back (303) to the sign-in page, which says so.
     status, _ = _portal(cloud, "POST", "/signin", good, b"csrf=abc&username=%FF%FE&password=%ED%A0%80")
-    assert status == 401
+    assert status == 303
     multipart = (
         b'--b\r\nContent-Disposition: form-data; name="csrf"\r\n\r\nabc\r\n'
         b'--b\r\nContent-Disposition: form-data; name="username"\r\n\r\n\xff\xfe\r\n--b--\r\n'
@@ -420,3 +423,30 @@ def test_the_json_boundary_on_its_own() -> None:
         with pytest.raises(InvalidInput, match="not valid Unicode"):
             parse_json_object(body)
     assert check_text("plain", "x") == "plain"
+
+
+@pytest.mark.parametrize(
+    "name", ["Blog_1", "Shop", "a_b", "--x--", "WWW", "My Site!", "ab.cd", "x" * 70, "Été", "_", "API"]
+)
+def test_a_suggested_site_name_is_one_that_is_accepted(name: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        validate_site_name(name)
+    hint = refused.value.hint or ""
+    suggested = re.fullmatch(r"use '([^']*)'", hint)
+    if suggested is None:
+        assert "letters a-z" in hint or "another name" in hint, hint
+    else:
+        assert validate_site_name(suggested.group(1)) == suggested.group(1)
+
+
+def test_a_portal_flash_opens_only_for_the_session_that_sealed_it() -> None:
+    sealed = seal_flash("session-a", {"notice": "hi", "data": {"secret": "pw"}})
+    assert open_flash("session-a", sealed) == {"notice": "hi", "data": {"secret": "pw"}}
+    assert open_flash("session-b", sealed) is None
+    flipped = sealed[:-2] + ("A" if sealed[-2] != "A" else "B") + sealed[-1]
+    assert open_flash("session-a", flipped) is None
+    for junk in ("", "%%%", "AAAA", "x" * 5000):
+        assert open_flash("session-a", junk) is None
+    # A form too big for a cookie is dropped; the message stays.
+    big = seal_flash("session-a", {"error": {"message": "no"}, "form": {"v": "x" * 5000}})
+    assert open_flash("session-a", big) == {"error": {"message": "no"}}

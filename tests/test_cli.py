@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import pty
+import select
 import subprocess
 import sys
 import types
@@ -87,7 +89,7 @@ def test_admin_and_tenant_flow_as_json(home: Path, cloud: ManagementCloud) -> No
     assert roles[0]["role"] == "worker" and roles[0]["state"] == "Ready"
 
     # --json works globally too, before the command word.
-    result = run(home, "--json", "site", "delete", "blog", *as_tenant)
+    result = run(home, "--json", "site", "delete", "blog", "--yes", *as_tenant)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"site": "blog", "deleted": True}
     assert ok_json(home, "site", "list", env=env) == {"sites": []}
@@ -127,22 +129,24 @@ def test_human_output(home: Path) -> None:
     result = run(home, "role", "list")
     assert result.stdout.splitlines()[0].split()[:3] == ["ROLE", "HOST", "STATE"]
     assert "worker" in result.stdout and "s ago" in result.stdout
-    result = run(home, "site", "delete", "human-site")
+    result = run(home, "site", "delete", "human-site", "--yes")
     assert (result.returncode, result.stdout) == (0, "deleted site human-site\n")
 
 
 def test_expected_errors_are_messages_not_tracebacks(home: Path, tmp_path: Path) -> None:
     result = run(tmp_path / "nowhere", "site", "list")
-    assert result.returncode == 1
-    assert result.stderr == f"error: no cloud at {tmp_path / 'nowhere'} — run `sitecloud up` first\n"
+    assert result.returncode == 6
+    assert result.stderr == (
+        f"error: no cloud at {tmp_path / 'nowhere'}\nhint: run `sitecloud up` first, or pass --home\n"
+    )
     result = run(tmp_path / "nowhere", "site", "list", "--json")
-    assert result.returncode == 1 and json.loads(result.stdout)["error"]["code"] == "not_found"
+    assert result.returncode == 6 and json.loads(result.stdout)["error"]["code"] == "unavailable"
 
     result = run(home, "site", "create", "Shop", "--subscription", "1")
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "error: site name 'Shop' has upper-case letters\nhint: use 'shop'\n"
     result = run(home, "site", "create", "Shop", "--subscription", "1", "--json")
-    assert result.returncode == 1 and result.stderr == ""
+    assert result.returncode == 2 and result.stderr == ""
     assert json.loads(result.stdout) == {
         "error": {
             "code": "invalid_input",
@@ -152,9 +156,9 @@ def test_expected_errors_are_messages_not_tracebacks(home: Path, tmp_path: Path)
     }
 
     result = run(home, "--token", "sct_wrong", "site", "list")
-    assert result.returncode == 1 and result.stderr.startswith("error: the token is not valid\n")
+    assert result.returncode == 4 and result.stderr.startswith("error: the token is not valid\n")
     result = run(home, "site", "show", "no-such-site")
-    assert result.returncode == 1 and "error: no site 'no-such-site'" in result.stderr
+    assert result.returncode == 3 and "error: no site 'no-such-site'" in result.stderr
 
     # Usage errors are argparse's: exit 2.
     result = run(home, "plan", "create", "x", "--max-sites", "1")
@@ -167,10 +171,129 @@ def test_expected_errors_are_messages_not_tracebacks(home: Path, tmp_path: Path)
     unreachable.mkdir()
     (unreachable / "endpoints.json").write_text(json.dumps({**json_home, "api": api}))
     result = run(unreachable, "site", "list")
-    assert result.returncode == 1
+    assert result.returncode == 6
     assert result.stderr == f"error: cannot reach the management API at {api} — is `sitecloud up` running?\n"
     for r in (result, run(home, "site", "show", "Bad_name")):
         assert "Traceback" not in r.stderr
+
+
+def _site_for(home: Path, name: str) -> dict[str, str]:
+    """A tenant with a site of its own; returns the env that acts as that tenant."""
+    ok_json(home, "plan", "create", f"{name}-plan", "--max-sites", "3", "--storage-mb", "10")
+    tenant = ok_json(home, "tenant", "create", f"{name}-tenant")
+    sub = ok_json(home, "subscription", "create", "--tenant", f"{name}-tenant", "--plan", f"{name}-plan")
+    env = {"SITECLOUD_TOKEN": tenant["token"], "SITECLOUD_SUB": str(sub["id"])}
+    ok_json(home, "site", "create", name, "--subscription", str(sub["id"]), env=env)
+    return env
+
+
+def _on_a_terminal(home: Path, args: list[str], env: dict[str, str], answer: str) -> tuple[int, str]:
+    """Run the CLI with a pseudo-terminal as stdin and stderr, answer its question; (exit code, what it wrote)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SITECLOUD_")}
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "roles.management.cli", "--home", str(home), *args],
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        cwd=_ROOT,
+        env={**environ, **env},
+    )
+    os.close(slave)
+    seen = b""
+    try:
+        while b"confirm: " not in seen and b"[y/N] " not in seen:
+            ready, _, _ = select.select([master], [], [], 20)
+            assert ready, f"no question asked: {seen!r}"
+            seen += os.read(master, 4096)
+        os.write(master, answer.encode() + b"\n")
+        code = proc.wait(timeout=30)
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the terminal is gone with the process (EIO)
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    return code, seen.decode(errors="replace")
+
+
+def test_destructive_commands_ask_first(home: Path) -> None:
+    env = _site_for(home, "ux-site")
+    # No terminal to ask on (as in scripts and these tests): refused, naming --yes, and nothing changes.
+    result = run(home, "site", "delete", "ux-site", env=env)
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.startswith(
+        "error: not confirmed: this would delete site ux-site and all its content"
+    )
+    assert "--yes" in result.stderr
+    result = run(home, "site", "delete", "ux-site", "--json", env=env)
+    assert result.returncode == 4 and json.loads(result.stdout)["error"]["code"] == "confirmation_required"
+    assert ok_json(home, "site", "show", "ux-site", env=env)["name"] == "ux-site"
+    for args in (
+        ["site", "reset-password", "ux-site"],
+        ["site", "publish-profile", "ux-site", "-o", "-"],
+        ["site", "hostname", "remove", "ux-site", "www.ux.example"],
+        ["subscription", "delete", env["SITECLOUD_SUB"]],
+        ["token", "revoke", "1"],
+        ["host", "delete", "h1.example"],
+        ["role", "remove", "worker", "h1.example"],
+    ):
+        result = run(home, *args)
+        assert result.returncode == 4 and "--yes" in result.stderr, (args, result.stderr)
+
+    # On a terminal: the site's name must be typed; a wrong answer changes nothing.
+    code, said = _on_a_terminal(home, ["site", "delete", "ux-site"], env, "ux-sit")
+    assert code == 4 and "Type ux-site to confirm" in said and "nothing was changed" in said, said
+    assert ok_json(home, "site", "show", "ux-site", env=env)["name"] == "ux-site"
+    code, said = _on_a_terminal(home, ["site", "reset-password", "ux-site"], env, "n")
+    assert code == 4 and "[y/N]" in said, said
+    code, said = _on_a_terminal(home, ["site", "delete", "ux-site"], env, "ux-site")
+    assert code == 0, said
+    result = run(home, "site", "show", "ux-site", env=env)
+    assert result.returncode == 3
+
+
+def test_version_usage_errors_and_suggestions(home: Path) -> None:
+    result = run(home, "--version")
+    assert result.returncode == 0 and result.stdout.startswith("sitecloud ")
+    version = ok_json(home, "--version")["version"]
+    assert version and result.stdout == f"sitecloud {version}\n"
+
+    # Mistyped commands: a suggestion, exit 2, and a JSON error object under --json.
+    result = run(home, "sites", "list")
+    assert result.returncode == 2 and "did you mean 'site'?" in result.stderr, result.stderr
+    assert result.stderr.startswith("usage: sitecloud")
+    result = run(home, "site", "lst", "--json")
+    assert result.returncode == 2 and result.stderr == ""
+    error = json.loads(result.stdout)["error"]
+    assert error["code"] == "usage" and "did you mean 'list'?" in error["message"]
+    assert error["hint"] == "see `sitecloud site --help`"
+    result = run(home, "--json", "plan", "create", "x", "--max-sites", "1")
+    assert result.returncode == 2
+    assert "--storage-mb" in json.loads(result.stdout)["error"]["message"]
+
+    # A mistyped site name: the closest one of the sites there are.
+    env = _site_for(home, "suggest-me")
+    result = run(home, "site", "show", "sugest-me", env=env)
+    assert result.returncode == 3
+    assert "hint: did you mean 'suggest-me'? (see `sitecloud site list`)" in result.stderr, result.stderr
+    result = run(home, "site", "hostname", "list", "nothing-like-it", env=env)
+    assert result.returncode == 3 and "hint: see `sitecloud site list`" in result.stderr
+
+    # The suggested spelling of a name is one the server accepts.
+    result = run(home, "site", "create", "Blog_1", "--subscription", env["SITECLOUD_SUB"], env=env)
+    assert result.returncode == 2 and "hint: use 'blog-1'" in result.stderr, result.stderr
+    ok_json(home, "site", "create", "blog-1", "--subscription", env["SITECLOUD_SUB"], env=env)
+
+    # Exit codes follow the API's answer: a second plan of the same name is a conflict.
+    result = run(home, "plan", "create", "suggest-me-plan", "--max-sites", "1", "--storage-mb", "1")
+    assert result.returncode == 5, result.stderr
 
 
 def test_deploy_zips_a_directory_and_relays_errors(home: Path, tmp_path: Path) -> None:
@@ -185,26 +308,26 @@ def test_deploy_zips_a_directory_and_relays_errors(home: Path, tmp_path: Path) -
     (site_dir / "css" / "a.css").write_text("h1{}")
     # The publisher is not running in this test: the upload goes through and its error comes back.
     result = run(home, "deploy", "deploy-me", str(site_dir))
-    assert result.returncode == 1 and result.stderr.startswith("error: cannot reach https://localhost:")
+    assert result.returncode == 6 and result.stderr.startswith("error: cannot reach https://localhost:")
     zip_path = tmp_path / "site.zip"
     with zipfile.ZipFile(zip_path, "w") as zf:
         zf.writestr("index.html", "<h1>zip</h1>")
     result = run(home, "deploy", "deploy-me", str(zip_path), "--json")
-    assert result.returncode == 1 and json.loads(result.stdout)["error"]["code"] == "unavailable"
+    assert result.returncode == 6 and json.loads(result.stdout)["error"]["code"] == "unavailable"
 
     # Refused before the body is read: the answer still gets through, even for a big upload.
     big = tmp_path / "big.zip"
     with zipfile.ZipFile(big, "w") as zf:
         zf.writestr("blob.bin", os.urandom(8 * 1024 * 1024))
     result = run(home, "--token", "sct_wrong", "deploy", "deploy-me", str(big))
-    assert result.returncode == 1 and "error: the token is not valid" in result.stderr, result.stderr
+    assert result.returncode == 4 and "error: the token is not valid" in result.stderr, result.stderr
 
     result = run(home, "deploy", "not-a-site", str(zip_path))
-    assert result.returncode == 1 and result.stderr.startswith("error: no site 'not-a-site'")
+    assert result.returncode == 3 and result.stderr.startswith("error: no site 'not-a-site'")
     result = run(home, "deploy", "deploy-me", str(tmp_path / "missing"))
-    assert result.returncode == 1 and "does not exist" in result.stderr
+    assert result.returncode == 3 and "does not exist" in result.stderr
     result = run(home, "deploy", "deploy-me", str(site_dir / "index.html"))
-    assert result.returncode == 1 and "is not a zip file" in result.stderr
+    assert result.returncode == 2 and "is not a zip file" in result.stderr
 
 
 def test_zipped_directory_holds_the_tree(tmp_path: Path) -> None:
@@ -236,3 +359,26 @@ def test_up_is_handed_to_the_controller(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert cli.main(["--home", str(tmp_path), "up", "--domain", "example.test", "--json"]) == 7
     assert seen == [["--domain", "example.test", "--json"]]
     assert os.environ["SITECLOUD_HOME"] == str(tmp_path)
+
+
+def test_the_shell_completes_commands(tmp_path: Path) -> None:
+    """argcomplete's protocol, as bash's `register-python-argcomplete sitecloud` drives it."""
+    answers = tmp_path / "completions"
+    for line, expected in (("sitecloud si", {"site"}), ("sitecloud site de", {"delete"})):
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SITECLOUD_")},
+            "_ARGCOMPLETE": "1",
+            "COMP_LINE": line,
+            "COMP_POINT": str(len(line)),
+            "_ARGCOMPLETE_STDOUT_FILENAME": str(answers),
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "roles.management.cli"],
+            capture_output=True,
+            text=True,
+            cwd=_ROOT,
+            env=env,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        assert {w.strip() for w in answers.read_text().split("\v")} == expected

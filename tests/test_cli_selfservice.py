@@ -56,7 +56,7 @@ def test_plans_subscriptions_and_accounts(home: Path) -> None:
     )
     assert (plan["max_sites"], plan["bandwidth_mb_per_day"], plan["public"]) == (5, None, False)
     result = run(home, "plan", "update", "pro")
-    assert result.returncode == 1 and "nothing to change" in result.stderr
+    assert result.returncode == 2 and "nothing to change" in result.stderr
     result = run(home, "plan", "show", "pro")
     assert result.returncode == 0 and "reserved (small)" in result.stdout and "unlimited" in result.stdout
 
@@ -74,12 +74,12 @@ def test_plans_subscriptions_and_accounts(home: Path) -> None:
     token = ok_json(home, "token", "create", "laptop", env=env)
     assert token["token"].startswith("sct_")
     assert token["id"] in [t["id"] for t in ok_json(home, "token", "list", env=env)["tokens"]]
-    assert ok_json(home, "token", "revoke", str(token["id"]), env=env) == {
+    assert ok_json(home, "token", "revoke", str(token["id"]), "--yes", env=env) == {
         "token": token["id"],
         "deleted": True,
     }
     result = run(home, "--token", token["token"], "site", "list")
-    assert result.returncode == 1 and "the token is not valid" in result.stderr
+    assert result.returncode == 4 and "the token is not valid" in result.stderr
 
     # An admin account and `sitecloud login`; users of a tenant.
     result = run(home, "admin", "create-user", "ops")
@@ -100,7 +100,7 @@ def test_plans_subscriptions_and_accounts(home: Path) -> None:
     names = [u["username"] for u in ok_json(home, "user", "list")["users"]]
     assert {"ops", "cli6-alice"} <= set(names)
     bad = run(home, "login", "ops", "--password-stdin", input_text="wrong password\n")
-    assert bad.returncode == 1 and bad.stderr.startswith("error: wrong user name or password")
+    assert bad.returncode == 4 and bad.stderr.startswith("error: wrong user name or password")
 
 
 def test_site_commands(home: Path, tmp_path: Path) -> None:
@@ -126,12 +126,12 @@ def test_site_commands(home: Path, tmp_path: Path) -> None:
     assert ok_json(home, "site", "unset", "cli-site", "A")["settings"] == {"B": "x=y"}
     assert run(home, "site", "settings", "cli-site").stdout == "B=x=y\n"
     result = run(home, "site", "set", "cli-site", "novalue")
-    assert result.returncode == 1 and "is not KEY=VALUE" in result.stderr
+    assert result.returncode == 2 and "is not KEY=VALUE" in result.stderr
 
-    reset = ok_json(home, "site", "reset-password", "cli-site")
+    reset = ok_json(home, "site", "reset-password", "cli-site", "--yes")
     assert len(reset["ftp"]["password"]) >= 16
     target = tmp_path / "profile.xml"
-    answer = ok_json(home, "site", "publish-profile", "cli-site", "-o", str(target))
+    answer = ok_json(home, "site", "publish-profile", "cli-site", "-o", str(target), "--yes")
     assert answer == {"site": "cli-site", "file": str(target), "bytes": target.stat().st_size}
     assert target.stat().st_mode & 0o077 == 0  # it holds a password
     root = ET.fromstring(target.read_bytes())
@@ -183,7 +183,7 @@ def test_site_commands(home: Path, tmp_path: Path) -> None:
     ]
     assert ok_json(home, "hostname", "check", "www.cli.example")["available"] is False
     assert (
-        run(home, "hostname", "remove", "cli-site", "www.cli.example").stdout
+        run(home, "hostname", "remove", "cli-site", "www.cli.example", "--yes").stdout
         == "removed www.cli.example from cli-site\n"
     )
     assert run(home, "hostname", "check", "www.cli.example").stdout == "www.cli.example is free\n"

@@ -178,7 +178,7 @@ def polled_at(cloud: LocalCloud, auth: str, url: str) -> Any:
 def test_every_method_of_the_publish_profile_publishes(cloud: LocalCloud, subscription: int) -> None:
     _site(cloud, subscription, "profiled")
     target = cloud.home.parent / "profiled.PublishSettings"
-    cloud.cli("site", "publish-profile", "profiled", "-o", str(target))
+    cloud.cli("site", "publish-profile", "profiled", "-o", str(target), "--yes")
     root = ET.fromstring(target.read_bytes())
     profiles = {p.get("publishMethod"): p.attrib for p in root.findall("publishProfile")}
     assert set(profiles) == {"ZipDeploy", "FTP"}  # no MSDeploy: nothing here speaks it
@@ -335,7 +335,7 @@ def test_a_re_created_site_gets_a_fresh_repository(
     repo.commit({"index.html": b"first life"}, "first")
     assert repo.push().returncode == 0
     cloud.wait_for_content("gitfresh", "/", b"first life")
-    cloud.cli("site", "delete", "gitfresh")
+    cloud.cli("site", "delete", "gitfresh", "--yes")
     site = _site(cloud, subscription, "gitfresh")
     # The new site's repository has no history: an unrelated history pushes and deploys.
     other = Checkout(cloud, tmp_path / "gitfresh2", _remote(site))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -480,3 +482,33 @@ def test_the_environment_total_counts_what_is_already_stored(cloud: ManagementCl
     assert len(stored) == 16 and "V16" not in stored
     # Making room (a null removes) in the same call is judged on the result.
     cloud.ok("PATCH", "/sites/envtotal/settings", token=token, body={"V0": None, "V16": "x" * 4000})
+
+
+def test_every_405_says_which_methods_are_allowed(cloud: ManagementCloud) -> None:
+    """RFC 9110 §15.5.6: a 405 carries ``Allow``; checked on every path of the OpenAPI document."""
+    ctx = cloud.pki.client_ssl(None)
+
+    def ask(method: str, path: str) -> tuple[int, str | None, Any]:
+        conn = http.client.HTTPSConnection("localhost", cloud.config.api_port, context=ctx, timeout=10)
+        try:
+            conn.request(method, path, headers={"Authorization": f"Bearer {cloud.admin}"})
+            resp = conn.getresponse()
+            raw = resp.read()
+            return resp.status, resp.getheader("Allow"), json.loads(raw) if raw else None
+        finally:
+            conn.close()
+
+    status, _, document = ask("GET", "/openapi.json")
+    assert status == 200
+    checked = 0
+    for path, item in document["paths"].items():
+        listed = {m.upper() for m in item if m in ("get", "post", "put", "patch", "delete")}
+        unused = next(m for m in ("PUT", "PATCH", "DELETE", "POST") if m not in listed)
+        # Ids are digits in the routes; any other parameter is a name.
+        url = re.sub(r"\{(\w+)\}", lambda m: "1" if m.group(1).endswith("id") else "x", path)
+        status, allow, body = ask(unused, url)
+        assert status == 405, (unused, url, status, body)
+        assert allow is not None and listed <= {m.strip() for m in allow.split(",")}, (url, allow)
+        assert body["error"]["code"] == "method_not_allowed" and allow in body["error"]["message"]
+        checked += 1
+    assert checked >= 18

@@ -108,6 +108,17 @@ def submit(page: Any, selector: str) -> None:
         page.click(selector)
 
 
+def post_and_follow(page: Any, selector: str) -> int:
+    """Click a form's submit button; the status the POST itself got (it should be a 303 to a page)."""
+    with page.expect_response(lambda r: r.request.method == "POST") as answer, page.expect_navigation():
+        page.click(selector)
+    return int(answer.value.status)
+
+
+def csrf_of(page: Any) -> str:
+    return str(page.get_attribute("input[name=csrf]", "value"))
+
+
 def sign_in(page: Any, portal: str, username: str, password: str) -> None:
     page.goto(f"{portal}/signin")
     page.fill("#username", username)
@@ -173,13 +184,16 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
     submit(tenant, "button:text-is('Subscribe to starter')")
     assert "Subscribed" in tenant.inner_text(".notice")
     tenant.fill("#site-name", "portal-demo")
-    submit(tenant, "button:text-is('Create site')")
-    assert tenant.url.endswith("/portal/sites"), tenant.inner_text("main")[
-        :800
-    ]  # the POST answer: the site page
+    assert post_and_follow(tenant, "button:text-is('Create site')") == 303
+    assert tenant.url.endswith("/portal/sites/portal-demo"), tenant.inner_text("main")[:800]
     password = tenant.inner_text("#publishing-password")
     assert len(password) >= 16 and "shown only this once" in tenant.inner_text(".secret")
+    assert "Site created." in tenant.inner_text(".notice")
     shot(tenant, "tenant-site-created")
+    # A reload asks for the page again, not the form: no second site, and the password is gone.
+    tenant.reload()
+    assert tenant.locator(".secret").count() == 0 and tenant.locator(".alert").count() == 0
+    assert tenant.locator(".notice").count() == 0
 
     # A form posted without the CSRF token is refused, even with the session cookie.
     answer = tenant.request.post(f"{portal}/portal/sites/portal-demo/stop", form={"x": "1"})
@@ -190,6 +204,9 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
 
     # -- the publish profile
     tenant.goto(f"{portal}/portal/sites/portal-demo")
+    # It sets a new publishing password: the link leads to a page that asks first.
+    submit(tenant, "a:text-is('Download publish profile')")
+    assert "earlier profiles stop working" in tenant.inner_text("main")
     with tenant.expect_download() as info:
         tenant.click("button:text-is('Download publish profile')")
     download = info.value
@@ -202,6 +219,7 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
 
     # -- upload a zip from the browser: it streams to the publisher, which is not running here, and the
     # page says so (tests/test_portal_cloud.py deploys for real).
+    tenant.goto(f"{portal}/portal/sites/portal-demo")
     site_zip = tmp_path / "site.zip"
     site_zip.write_bytes(make_zip({"index.html": b"<h1>deployed from the portal</h1>"}))
     tenant.set_input_files("#zip", str(site_zip))
@@ -251,9 +269,16 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
         admin.locator("tr", has_text="fabrikam").first.locator("button[value=resume]").click()
     assert "resumed" in admin.inner_text(".notice")
 
-    # Tenants are kept out of the admin portal; signing out ends the session.
+    # Tenants are kept out of the admin portal; the error page keeps the navigation, with a way back.
     tenant.goto(f"{portal}/admin/plans")
     assert "this page is for hosting admins" in tenant.inner_text(".alert")
+    assert tenant.is_visible("button:text-is('Sign out')") and tenant.is_visible("nav a[href='/portal/']")
+    assert tenant.get_attribute("main a:text-is('your sites')", "href") == "/portal/"
+    # ... and nothing of the web's answers points to the command line.
+    assert "sitecloud " not in tenant.inner_text("main")
+    tenant.goto(f"{portal}/portal/sites/no-such-site")
+    assert "no site 'no-such-site'" in tenant.inner_text(".alert") and "`" not in tenant.inner_text("main")
+    # Signing out ends the session.
     tenant.goto(f"{portal}/portal/")
     submit(tenant, "button:text-is('Sign out')")
     assert tenant.url.endswith("/signin?n=signed-out")
@@ -261,3 +286,137 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
     assert tenant.url.endswith("/signin")
     admin_ctx.close()
     tenant_ctx.close()
+
+
+def test_every_destructive_action_asks_and_no_post_is_sent_twice(
+    cloud: ManagementCloud, browser: Any
+) -> None:
+    """Each confirmation, without JavaScript: a POST without it changes nothing; each POST answers 303,
+    so a reload asks for a page, not the form again."""
+    portal = f"https://localhost:{cloud.config.api_port}"
+    admin_name, admin_password = admin_user(cloud.write_endpoints(cloud.home / "cli-home-2"), "ops")
+    plan = cloud.ok(
+        "POST",
+        "/plans",
+        body={"name": "confirm-plan", "max_sites": 3, "storage_mb": 10, "max_custom_hostnames": 2},
+    )
+    cloud.ok("POST", "/tenants", body={"name": "confirmer"})
+    sub = cloud.ok("POST", "/subscriptions", body={"tenant": "confirmer", "plan": plan["name"]})
+    cloud.ok("POST", "/sites", body={"name": "keep-me", "subscription": sub["id"]})
+    cloud.ok("POST", "/sites/keep-me/hostnames", body={"hostname": "www.keep.example"})
+    user = cloud.ok("POST", "/users", body={"username": "confirmer-user", "tenant": "confirmer"})
+    ctx = browser.new_context(ignore_https_errors=True, java_script_enabled=False)
+    page = ctx.new_page()
+    sign_in(page, portal, "confirmer-user", user["password"])
+    site = f"{portal}/portal/sites/keep-me"
+
+    # Without the confirmation the form carries, a destructive POST changes nothing.
+    page.goto(site)
+    csrf = csrf_of(page)
+    for path, form in [
+        ("/delete", {"csrf": csrf}),
+        ("/delete", {"csrf": csrf, "confirm": "keep"}),
+        ("/password", {"csrf": csrf}),
+        ("/hostnames/remove", {"csrf": csrf, "hostname": "www.keep.example"}),
+    ]:
+        answer = page.request.post(site + path, form=form, max_redirects=0)
+        assert answer.status == 303 and answer.headers["location"] == "/portal/sites/keep-me", path
+    page.goto(site)
+    assert "nothing was changed" in page.inner_text(".alert")
+    assert cloud.ok("GET", "/sites/keep-me")["name"] == "keep-me"
+    assert [h["hostname"] for h in cloud.ok("GET", "/sites/keep-me/hostnames")["hostnames"]] == [
+        "www.keep.example"
+    ]
+
+    # A custom hostname: Remove is a link to a page that asks; Cancel goes back and keeps it.
+    submit(page, "a[aria-label='Remove www.keep.example']")
+    assert page.locator("h1").inner_text() == "Remove www.keep.example?"
+    shot(page, "tenant-confirm")
+    submit(page, "a:text-is('Cancel')")
+    assert page.url == site and "www.keep.example" in page.inner_text("main")
+    submit(page, "a[aria-label='Remove www.keep.example']")
+    assert post_and_follow(page, "button:text-is('Remove www.keep.example')") == 303
+    assert page.url == site and "Custom hostname removed." in page.inner_text(".notice")
+    page.reload()
+    assert page.locator(".notice").count() == 0 and page.locator(".alert").count() == 0
+    assert cloud.ok("GET", "/sites/keep-me/hostnames")["hostnames"] == []
+
+    # A new publishing password: asked first, shown once, and a reload sets no other one.
+    submit(page, "a:text-is('Reset password')")
+    assert "stops working" in page.inner_text("main")
+    assert post_and_follow(page, "button:text-is('Set a new password')") == 303
+    password = page.inner_text("#publishing-password")
+    page.reload()
+    assert page.locator("#publishing-password").count() == 0
+    profile = page.request.post(
+        f"{site}/publish-profile", form={"csrf": csrf_of(page), "confirm": "yes"}, max_redirects=0
+    )
+    assert profile.status == 200 and f'userPWD="{password}"' not in profile.text()
+
+    # Deleting a site: type its name (a wrong name changes nothing).
+    page.goto(f"{site}/delete")
+    page.fill("#confirm", "keep-m")
+    assert post_and_follow(page, "button:text-is('Delete keep-me')") == 303
+    assert "type keep-me to confirm" in page.inner_text(".alert")
+    assert cloud.ok("GET", "/sites/keep-me")["name"] == "keep-me"
+    page.goto(site)
+    page.fill("#confirm", "keep-me")
+    assert post_and_follow(page, "button:text-is('Delete keep-me')") == 303
+    assert page.url.endswith("/portal/") and "Site deleted" in page.inner_text(".notice")
+    assert cloud.call("GET", "/sites/keep-me")[0] == 404
+
+    # API tokens: the new token is shown once; a reload makes no second one; revoking asks first.
+    page.goto(f"{portal}/account/tokens")
+    page.fill("#token-name", "laptop")
+    assert post_and_follow(page, "button:text-is('Create token')") == 303
+    assert page.inner_text("#new-token").startswith("sct_")
+    page.reload()
+    assert page.locator("#new-token").count() == 0 and page.locator("tbody tr").count() == 1
+    submit(page, "a[aria-label='Revoke laptop']")
+    assert page.locator("h1").inner_text() == "Revoke token laptop?"
+    assert post_and_follow(page, "button:text-is('Revoke laptop')") == 303
+    assert "Token revoked" in page.inner_text(".notice") and "No tokens yet." in page.inner_text("main")
+
+    # The admin: deleting a subscription means typing its number; removing a role asks too.
+    cloud.ok("POST", "/sites", body={"name": "goes-too", "subscription": sub["id"]})
+    admin_ctx = browser.new_context(ignore_https_errors=True, java_script_enabled=False)
+    admin = admin_ctx.new_page()
+    sign_in(admin, portal, admin_name, admin_password)
+    admin.goto(f"{portal}/admin/tenants")
+    answer = admin.request.post(
+        f"{portal}/admin/tenants",
+        form={"csrf": csrf_of(admin), "action": "delete", "subscription": str(sub["id"])},
+        max_redirects=0,
+    )
+    assert answer.status == 303
+    admin.goto(f"{portal}{answer.headers['location']}")
+    assert "nothing was changed" in admin.inner_text(".alert")
+    assert cloud.ok("GET", f"/subscriptions/{sub['id']}")["id"] == sub["id"]
+    submit(admin, f"a[aria-label='Delete subscription {sub['id']}']")
+    assert "goes-too" in admin.inner_text("main ul")
+    shot(admin, "admin-confirm-delete")
+    admin.fill("#confirm", str(sub["id"]))
+    assert post_and_follow(admin, f"button:text-is('Delete subscription {sub['id']}')") == 303
+    assert "Subscription deleted" in admin.inner_text(".notice")
+    admin.reload()
+    assert admin.locator(".notice").count() == 0
+    assert cloud.call("GET", "/sites/goes-too")[0] == 404
+
+    admin.goto(f"{portal}/admin/")
+    submit(admin, "a[aria-label='Remove worker from localhost']")
+    assert admin.locator("h1").inner_text() == "Remove worker from localhost?"
+    submit(admin, "a:text-is('Cancel')")
+    answer = admin.request.post(
+        f"{portal}/admin/roles",
+        form={"csrf": csrf_of(admin), "action": "remove", "role": "worker", "host": "localhost"},
+        max_redirects=0,
+    )
+    assert answer.status == 303
+    admin.goto(f"{portal}/admin/")
+    assert "nothing was changed" in admin.inner_text(".alert") and "worker" in admin.inner_text("table")
+
+    # A 405 on a portal page says what is allowed, inside the layout.
+    wrong = admin.request.fetch(f"{portal}/admin/plans", method="PUT")
+    assert wrong.status == 405 and set(wrong.headers["allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
+    ctx.close()
+    admin_ctx.close()

@@ -174,7 +174,7 @@ class Accounts:
             if tenant_name is not None:
                 tenant = s.execute(select(Tenant).where(Tenant.name == tenant_name)).scalar_one_or_none()
                 if tenant is None:
-                    raise NotFound(f"no tenant {tenant_name!r}", hint="see `sitecloud tenant list`")
+                    raise NotFound(f"no tenant {tenant_name!r}", hint="see the list of tenants")
             if s.execute(select(User.id).where(User.username == username)).first():
                 raise AlreadyExists(f"user {username!r} already exists")
             user = User(
@@ -318,7 +318,7 @@ class Accounts:
                 select(ApiToken).where(ApiToken.id == token_id, self._owned(who))
             ).scalar_one_or_none()
             if row is None:
-                raise NotFound(f"no token {token_id}", hint="see `sitecloud token list`")
+                raise NotFound(f"no token {token_id}", hint="see the list of API tokens")
             s.delete(row)
 
     # -- cloud settings

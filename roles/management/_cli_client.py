@@ -42,7 +42,9 @@ class Endpoints:
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            raise NotFound(f"no cloud at {home} — run `sitecloud up` first") from None
+            raise Unavailable(
+                f"no cloud at {home}", hint="run `sitecloud up` first, or pass --home"
+            ) from None
         except (OSError, ValueError) as exc:
             raise InvalidInput(
                 f"cannot read {path}: {exc}", hint="run `sitecloud up` to rewrite it"

@@ -171,6 +171,10 @@ def _done(text: str) -> Show:
     return lambda answer, a: out(text.format(a=a))
 
 
+def _role_remove(a: argparse.Namespace) -> tuple[str, str | None]:
+    return (f"stop {a.role} on {a.host} and delete it from that host", None)
+
+
 def add_fabric_commands(group: Callable[[str, str], Any], leaf: Leaf, top: Any) -> None:
     """``host``, ``role`` and ``upgrade`` on the CLI's parser (``group`` and ``leaf`` are its builders)."""
     host = group("host", "role hosts from a fabric (admin)")
@@ -179,7 +183,12 @@ def add_fabric_commands(group: Callable[[str, str], Any], leaf: Leaf, top: Any) 
     sp.add_argument("--fabric", choices=["netns", "ssh"], default="netns", help="default %(default)s")
     leaf(host, "list", "list hosts", lambda a, api: api.request("GET", api.path("hosts")), _show_hosts)
     sp = leaf(
-        host, "delete", "destroy a host that runs no roles", _host_delete, _done("deleted host {a.name}")
+        host,
+        "delete",
+        "destroy a host that runs no roles",
+        _host_delete,
+        _done("deleted host {a.name}"),
+        confirm=lambda a: (f"destroy host {a.name} and everything on it", a.name),
     )
     sp.add_argument("name")
 
@@ -207,7 +216,14 @@ def add_fabric_commands(group: Callable[[str, str], Any], leaf: Leaf, top: Any) 
         ("repair", "install the role again and restart it"),
         ("remove", "stop a role and delete it from its host"),
     ]:
-        sp = leaf(role, action, help_, _role_action(action), _show_role_done)
+        sp = leaf(
+            role,
+            action,
+            help_,
+            _role_action(action),
+            _show_role_done,
+            confirm=_role_remove if action == "remove" else None,
+        )
         sp.add_argument("role", choices=_KINDS)
         sp.add_argument("host")
 

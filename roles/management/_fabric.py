@@ -70,7 +70,7 @@ def _create_host(db: Database, name: str, fabric: str) -> None:
         existing = s.scalar(select(Host).where(Host.name == name))
         if existing is not None:
             if existing.state != "failed":
-                raise AlreadyExists(f"host {name} already exists", hint="see `sitecloud host list`")
+                raise AlreadyExists(f"host {name} already exists", hint="see the list of hosts")
             existing.fabric = fabric
             existing.state = "provisioning"
             return
@@ -81,14 +81,12 @@ def _check_host_delete(db: Database, name: str) -> None:
     with db.session() as s:
         host = s.scalar(select(Host).where(Host.name == name).options(joinedload(Host.roles)))
         if host is None:
-            raise NotFound(f"no host {name}", hint="see `sitecloud host list`")
+            raise NotFound(f"no host {name}", hint="see the list of hosts")
         if host.fabric == "local":
             raise NotSupported("the local host is this machine: it cannot be deleted")
         if host.roles:
             kinds = ", ".join(sorted(r.kind for r in host.roles))
-            raise InvalidInput(
-                f"host {name} still runs {kinds}", hint=f"sitecloud role remove ROLE {name} first"
-            )
+            raise InvalidInput(f"host {name} still runs {kinds}", hint="remove its roles first")
 
 
 def _delete_host(db: Database, name: str) -> None:
@@ -141,7 +139,7 @@ def _add_role(db: Database, body: Json) -> int:
         raise InvalidInput("--reserved-for takes a subscription id, and is for workers")
     with db.session() as s:
         if reserved is not None and s.get(Subscription, reserved) is None:
-            raise NotFound(f"no subscription {reserved}", hint="see `sitecloud subscription list`")
+            raise NotFound(f"no subscription {reserved}", hint="see the list of subscriptions")
         host = s.scalar(select(Host).where(Host.name == host_name))
         if host is None:
             # A host never created here is an existing machine reached over SSH by its DNS name.
@@ -150,14 +148,12 @@ def _add_role(db: Database, body: Json) -> int:
             s.flush()
         elif host.fabric == "local":
             raise NotSupported(
-                "roles on this machine are the ones `sitecloud up` runs",
-                hint="add the role on another host, or restart `up` with --local-roles",
+                "roles on this machine are the ones the cloud was started with",
+                hint="add the role on another host, or start the cloud again with --local-roles",
             )
         role = s.scalar(select(Role).where(Role.kind == kind, Role.host_id == host.id))
         if role is not None and role.state not in ("Failed", "Installing"):
-            raise AlreadyExists(
-                f"{host_name} already runs a {kind}", hint=f"sitecloud role repair {kind} {host_name}"
-            )
+            raise AlreadyExists(f"{host_name} already runs a {kind}", hint="repair that role instead")
         if role is None:
             role = Role(kind=kind, host_id=host.id, control_port=0, ports={})
             s.add(role)
@@ -178,7 +174,7 @@ def _role_for_action(db: Database, kind: str, host_name: str, action: str) -> in
     with db.session() as s:
         role = s.scalar(select(Role).join(Host).where(Role.kind == kind, Host.name == host_name.lower()))
         if role is None:
-            raise NotFound(f"no {kind} role on {host_name}", hint="see `sitecloud role list`")
+            raise NotFound(f"no {kind} role on {host_name}", hint="see the list of roles")
         if action == "stop":
             role.desired_state = "stopped"
         elif action != "remove":

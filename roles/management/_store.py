@@ -258,7 +258,7 @@ class Store:
     def _plan(self, s: Session, name: str) -> Plan:
         plan = s.execute(select(Plan).where(Plan.name == name)).scalar_one_or_none()
         if plan is None:
-            raise NotFound(f"no plan {name!r}", hint="see `sitecloud plan list`")
+            raise NotFound(f"no plan {name!r}", hint="see the list of plans")
         return plan
 
     def _subscription_counts(self, s: Session) -> dict[int, int]:
@@ -279,7 +279,7 @@ class Store:
         with self._db.session() as s:
             plan = self._plan(s, name)
             if not who.is_admin and (not plan.public or plan.retired):
-                raise NotFound(f"no plan {name!r}", hint="see `sitecloud plan list`")
+                raise NotFound(f"no plan {name!r}", hint="see the list of plans")
             return _plan_json(plan, self._subscription_counts(s).get(plan.id, 0) if who.is_admin else 0)
 
     def update_plan(self, who: Principal, name: str, body: Json) -> Json:
@@ -356,14 +356,14 @@ class Store:
             if tenant_name != who.tenant:
                 raise Forbidden("a tenant may only subscribe itself", hint="leave out 'tenant'")
             if not isinstance(plan_name, str):
-                raise InvalidInput("a subscription needs a 'plan' (name)", hint="see `sitecloud plan list`")
+                raise InvalidInput("a subscription needs a 'plan' (name)", hint="see the list of plans")
         with self._write_lock, self._db.session() as s:
             tenant = s.execute(select(Tenant).where(Tenant.name == tenant_name)).scalar_one_or_none()
             if tenant is None:
-                raise NotFound(f"no tenant {tenant_name!r}", hint="see `sitecloud tenant list`")
+                raise NotFound(f"no tenant {tenant_name!r}", hint="see the list of tenants")
             plan = s.execute(select(Plan).where(Plan.name == plan_name)).scalar_one_or_none()
             if plan is None or (not who.is_admin and not plan.public):
-                raise NotFound(f"no plan {plan_name!r}", hint="see `sitecloud plan list`")
+                raise NotFound(f"no plan {plan_name!r}", hint="see the list of plans")
             if plan.retired:
                 raise Forbidden(
                     f"plan {plan_name!r} is retired and takes no new subscriptions",
@@ -403,7 +403,7 @@ class Store:
     def _visible_subscription(self, s: Session, who: Principal, sub_id: int) -> Subscription:
         sub = s.get(Subscription, sub_id)
         if sub is None or (not who.is_admin and sub.tenant_id != who.tenant_id):
-            raise NotFound(f"no subscription {sub_id}", hint="see `sitecloud subscription list`")
+            raise NotFound(f"no subscription {sub_id}", hint="see the list of subscriptions")
         return sub
 
     def show_subscription(self, who: Principal, sub_id: int) -> Json:
@@ -453,7 +453,7 @@ class Store:
         site = s.execute(select(Site).where(Site.name == name)).scalar_one_or_none()
         # Another tenant's site answers exactly like a missing one: its existence does not leak.
         if site is None or (not who.is_admin and site.subscription.tenant_id != who.tenant_id):
-            raise NotFound(f"no site {name!r}", hint="see `sitecloud site list`")
+            raise NotFound(f"no site {name!r}", hint="see the list of sites")
         return site
 
     def create_site(self, who: Principal, body: Json) -> Json:
@@ -463,7 +463,7 @@ class Store:
         # Bounded: the DB's integers are 64-bit at most, ids far less.
         if not isinstance(sub_id, int) or isinstance(sub_id, bool) or not 0 <= sub_id < 2**31:
             raise InvalidInput(
-                "'subscription' must be a subscription id", hint="see `sitecloud subscription list`"
+                "'subscription' must be a subscription id", hint="see the list of subscriptions"
             )
         password = new_password()
         # scrypt is slow on purpose: hash before taking the write lock.
@@ -473,7 +473,7 @@ class Store:
                 select(Subscription).where(Subscription.id == sub_id).with_for_update()
             ).scalar_one_or_none()
             if sub is None or (not who.is_admin and sub.tenant_id != who.tenant_id):
-                raise NotFound(f"no subscription {sub_id}", hint="see `sitecloud subscription list`")
+                raise NotFound(f"no subscription {sub_id}", hint="see the list of subscriptions")
             if sub.state != "active":
                 raise Forbidden(f"subscription {sub_id} is {sub.state}, not active")
             if s.execute(select(Site.id).where(Site.name == name)).first():
@@ -701,9 +701,7 @@ class Store:
                 select(CustomHostname).where(CustomHostname.hostname == host)
             ).scalar_one_or_none()
             if other is not None and other.site_id == site.id:
-                raise AlreadyExists(
-                    f"{site.name} already has {host}", hint="see `sitecloud site hostname list`"
-                )
+                raise AlreadyExists(f"{site.name} already has {host}", hint="see the site's custom hostnames")
             other_id = other.id if other else None
         cert = self._hostname_certificate(host, body)
         proven = False

@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK (argcomplete's marker: this entry point completes itself)
 """``sitecloud``: the admin and tenant command line, a client of the management REST API.
 
 ``sitecloud up`` is the exception: it starts the cloud (the controller's job), so it is handed over to
@@ -19,7 +20,9 @@ from typing import Any
 from roles.management._cli_client import ApiClient, Endpoints, zipped
 from roles.management._cli_fabric import add_fabric_commands
 from roles.management._cli_output import ago, out, print_fields, print_table
-from shared.errors import InvalidInput, SitecloudError
+from roles.management._cli_ux import CliParser, Confirm, ExitCode, UsageError, ask, did_you_mean, exit_code
+from shared.errors import InvalidInput, NotFound, SitecloudError
+from shared.version import CODE_VERSION
 
 __all__ = ["main"]
 
@@ -501,6 +504,10 @@ def _show_cloud_settings(answer: Any, a: argparse.Namespace) -> None:
     )
 
 
+def _new_password(a: argparse.Namespace) -> tuple[str, str | None]:
+    return (f"set a new publishing password for {a.name}: the old one stops working for FTP and deploy", None)
+
+
 def _done(text: str) -> Show:
     def show(answer: Any, a: argparse.Namespace) -> None:
         out(text.format(a=a, answer=answer))
@@ -539,12 +546,18 @@ def _plan_options(sp: argparse.ArgumentParser, *, create: bool) -> None:
 def _parser() -> argparse.ArgumentParser:
     # --json, --home and --token work before or after the command word; SUPPRESS keeps a subcommand
     # from overwriting what was given globally.
-    common = argparse.ArgumentParser(add_help=False)
+    common = CliParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON output")
     common.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--token", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    p = argparse.ArgumentParser(prog="sitecloud", description="Manage a sitecloud: plans, tenants, sites.")
+    p = CliParser(
+        prog="sitecloud",
+        description="Manage a sitecloud: plans, tenants, sites.",
+        epilog="Exit codes: 0 done, 1 error, 2 usage, 3 not found, 4 refused or not confirmed, "
+        "5 conflict, 6 unavailable (see docs/operations.md).",
+    )
+    p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("--home", default=None, help="the cloud's home (env SITECLOUD_HOME)")
     p.add_argument("--token", default=None, help="API token (env SITECLOUD_TOKEN; default: the admin token)")
     p.add_argument("--json", action="store_true", default=False, help="JSON output")
@@ -552,10 +565,21 @@ def _parser() -> argparse.ArgumentParser:
     top.add_parser("up", help="start the cloud on this machine (see `sitecloud up --help`)", add_help=False)
 
     def leaf(
-        parent: Any, name: str, help_: str, run: Command, show: Show | None = None, *, anonymous: bool = False
+        parent: Any,
+        name: str,
+        help_: str,
+        run: Command,
+        show: Show | None = None,
+        *,
+        anonymous: bool = False,
+        confirm: Confirm | None = None,
     ) -> argparse.ArgumentParser:
         sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, parents=[common])
-        sp.set_defaults(run=run, show=show, anonymous=anonymous)
+        if confirm is not None:
+            sp.add_argument(
+                "-y", "--yes", action="store_true", help="do not ask (needed where there is no terminal)"
+            )
+        sp.set_defaults(run=run, show=show, anonymous=anonymous, confirm=confirm)
         return sp
 
     def group(name: str, help_: str) -> Any:
@@ -636,7 +660,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("name")
     leaf(token, "list", "list your API tokens", get("tokens"), _show_tokens)
-    sp = leaf(token, "revoke", "revoke an API token", _token_revoke, _done("revoked token {a.id}"))
+    sp = leaf(
+        token,
+        "revoke",
+        "revoke an API token",
+        _token_revoke,
+        _done("revoked token {a.id}"),
+        confirm=lambda a: (f"revoke token {a.id}: whatever uses it loses access", None),
+    )
     sp.add_argument("id", type=int)
 
     settings = group("settings", "cloud settings (admin)")
@@ -686,6 +717,7 @@ def _parser() -> argparse.ArgumentParser:
         "delete a subscription and its sites (admin)",
         _subscription_delete,
         _done("deleted subscription {a.id}"),
+        confirm=lambda a: (f"delete subscription {a.id} and every site in it, with their content", str(a.id)),
     )
     sp.add_argument("id", type=int)
 
@@ -704,7 +736,14 @@ def _parser() -> argparse.ArgumentParser:
     leaf(site, "list", "list sites", get("sites"), _show_sites)
     sp = leaf(site, "show", "show a site", get("sites", "{a.name}"), _show_site)
     sp.add_argument("name")
-    sp = leaf(site, "delete", "delete a site and its content", _site_delete, _done("deleted site {a.name}"))
+    sp = leaf(
+        site,
+        "delete",
+        "delete a site and its content",
+        _site_delete,
+        _done("deleted site {a.name}"),
+        confirm=lambda a: (f"delete site {a.name} and all its content", a.name),
+    )
     sp.add_argument("name")
     sp = leaf(site, "start", "start a site", post("sites", "{a.name}", "start"), _done("started {a.name}"))
     sp.add_argument("name")
@@ -732,6 +771,7 @@ def _parser() -> argparse.ArgumentParser:
         "set a new publishing password (shown once)",
         post("sites", "{a.name}", "publishing-password"),
         _show_password,
+        confirm=_new_password,
     )
     sp.add_argument("name")
     sp = leaf(
@@ -753,6 +793,7 @@ def _parser() -> argparse.ArgumentParser:
         "download a .PublishSettings file (sets a new publishing password)",
         _publish_profile,
         _show_publish_profile,
+        confirm=_new_password,
     )
     sp.add_argument("name")
     sp.add_argument("-o", "--output", help="file to write (default NAME.PublishSettings; '-' for stdout)")
@@ -796,6 +837,7 @@ def _parser() -> argparse.ArgumentParser:
             "remove a custom hostname",
             _hostname_remove,
             _done("removed {a.hostname} from {a.site}"),
+            confirm=lambda a: (f"remove {a.hostname} from {a.site}: it is no longer served", None),
         )
         sp.add_argument("site")
         sp.add_argument("hostname")
@@ -858,7 +900,55 @@ def _fail(err: SitecloudError, as_json: bool) -> int:
         sys.stderr.write(f"error: {err.message}\n")
         if err.hint:
             sys.stderr.write(f"hint: {err.hint}\n")
-    return 1
+    return int(exit_code(err))
+
+
+def _usage_failed(err: UsageError, as_json: bool) -> int:
+    if as_json:
+        out(json.dumps(err.to_json(), indent=2, ensure_ascii=False))
+    else:
+        sys.stderr.write(err.usage)
+        sys.stderr.write(f"{err.prog}: error: {err.message}\n")
+    return int(ExitCode.USAGE)
+
+
+# Commands that name one thing of a kind: where to list that kind, which field names it, and which
+# argument held the name (the first one set).
+_NAMED = {
+    "site": ("sites", "name", ("site", "name")),
+    "deploy": ("sites", "name", ("site",)),
+    "hostname": ("sites", "name", ("site",)),
+    "plan": ("plans", "name", ("name",)),
+    "subscription": ("subscriptions", "id", ("id",)),
+    "token": ("tokens", "id", ("id",)),
+    "host": ("hosts", "name", ("name",)),
+}
+
+
+def _not_found_hint(a: argparse.Namespace, api: ApiClient) -> str | None:
+    """When the thing the command names is not in its list: a close name, or where to list them.
+
+    Only for the thing the command is about: ``site create --subscription 9`` names a site that is not
+    there yet, so ``create`` is left alone.
+    """
+    named = _NAMED.get(a.group)
+    if named is None or getattr(a, "action", None) == "create":
+        return None
+    collection, field, attrs = named
+    wanted = next((getattr(a, x) for x in attrs if getattr(a, x, None) is not None), None)
+    if wanted is None:
+        return None
+    try:
+        listed = api.request("GET", api.path(collection))[collection]
+    except SitecloudError:
+        return None
+    names = [str(item[field]) for item in listed]
+    if str(wanted) in names:
+        return None  # something else was not found: the server's message says what
+    close = did_you_mean(str(wanted), names)
+    kind = "hostname" if a.group == "deploy" else a.group
+    listing = f"`sitecloud {'site' if kind in ('deploy', 'hostname') else kind} list`"
+    return f"did you mean {close!r}? (see {listing})" if close else f"see {listing}"
 
 
 def _not_text(args: list[str]) -> InvalidInput | None:
@@ -884,33 +974,55 @@ def _not_text(args: list[str]) -> InvalidInput | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in args_list
     bad = _not_text(args_list)
     if bad is not None:
-        return _fail(bad, "--json" in args_list)
+        return _fail(bad, as_json)
     at = _command_word(args_list)
     if at is not None and args_list[at] == "up":
-        return _run_up(args_list)
+        try:
+            return _run_up(args_list)
+        except UsageError as err:
+            return _usage_failed(err, as_json)
     parser = _parser()
-    args = parser.parse_args(args_list)
+    if "_ARGCOMPLETE" in os.environ:
+        # The shell asks for completions (see docs/operations.md); imported only then, to start fast.
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    try:
+        args = parser.parse_args(args_list)
+    except UsageError as err:
+        return _usage_failed(err, as_json)
+    if args.version:
+        out(json.dumps({"version": CODE_VERSION}) if args.json else f"sitecloud {CODE_VERSION}")
+        return int(ExitCode.OK)
     if getattr(args, "run", None) is None:
         parser.print_help(sys.stderr)
-        return 2
+        return int(ExitCode.USAGE)
     home = Path(args.home or os.environ.get("SITECLOUD_HOME") or _DEFAULT_HOME).expanduser()
+    api: ApiClient | None = None
     try:
         endpoints = Endpoints.load(home)
         token = args.token or os.environ.get("SITECLOUD_TOKEN")
         if not token and not args.anonymous:
             token = endpoints.admin_token()
-        answer = args.run(args, ApiClient(endpoints, token))
+        api = ApiClient(endpoints, token)
+        if args.confirm is not None:
+            ask(args, args.confirm)
+        answer = args.run(args, api)
+    except NotFound as err:
+        hint = _not_found_hint(args, api) if api is not None else None
+        return _fail(NotFound(err.message, hint=hint or err.hint), args.json)
     except SitecloudError as err:
         return _fail(err, args.json)
     except KeyboardInterrupt:
-        return 130
+        return int(ExitCode.INTERRUPTED)
     if args.json and answer is not None:
         out(json.dumps(answer, indent=2, ensure_ascii=False))
     elif args.show is not None:
         args.show(answer, args)
-    return 0
+    return int(ExitCode.OK)
 
 
 if __name__ == "__main__":

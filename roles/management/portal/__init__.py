@@ -12,9 +12,9 @@ from aiohttp import web
 from roles.management.portal._account import account_routes
 from roles.management.portal._admin import admin_routes
 from roles.management.portal._tenant import tenant_routes
-from roles.management.portal._web import render, security_headers
+from roles.management.portal._web import current_page, render, security_headers
 
-__all__ = ["STATIC_DIR", "portal_routes", "render", "security_headers"]
+__all__ = ["STATIC_DIR", "current_page", "portal_routes", "render", "security_headers"]
 
 STATIC_DIR = Path(__file__).with_name("static")
 

@@ -11,8 +11,9 @@ from roles.management.api import client_address, service_of
 from roles.management.portal._web import (
     PRE_CSRF_COOKIE,
     SESSION_COOKIE,
-    Page,
+    check_confirmed,
     check_origin,
+    confirm_page,
     cookie,
     current_page,
     posted,
@@ -20,9 +21,10 @@ from roles.management.portal._web import (
     redirect,
     render,
     require_page,
+    see_other,
 )
 from roles.management.service import Principal
-from shared.errors import Forbidden, InvalidInput, SitecloudError
+from shared.errors import Forbidden, InvalidInput, NotFound, SitecloudError
 
 __all__ = ["account_routes"]
 
@@ -76,7 +78,7 @@ async def _signed_in(request: web.Request, who: Principal) -> web.StreamResponse
     cookie, _ = await service_of(request).create_session(who)
     response = web.HTTPSeeOther(_home(who))
     response.set_cookie(SESSION_COOKIE, cookie, samesite="Lax", max_age=12 * 3600, **_COOKIE_FLAGS)  # type: ignore[arg-type]
-    response.del_cookie(PRE_CSRF_COOKIE, path="/")
+    response.del_cookie(PRE_CSRF_COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
     return response
 
 
@@ -94,15 +96,7 @@ async def signin(request: web.Request) -> web.StreamResponse:
     try:
         who = await service_of(request).sign_in(username, form.get("password", ""), client_address(request))
     except SitecloudError as err:
-        settings = await service_of(request).get_settings()
-        return _anonymous(
-            request,
-            "signin.html",
-            status=err.status,
-            error=err,
-            signup=settings["signup_enabled"],
-            username=username,
-        )
+        raise see_other(request, "/signin", error=err, username=username) from None
     return await _signed_in(request, who)
 
 
@@ -121,15 +115,7 @@ async def signup(request: web.Request) -> web.StreamResponse:
         await service.sign_up({"username": username, "password": password})
         who = await service.sign_in(username, password, client_address(request))
     except SitecloudError as err:
-        settings = await service.get_settings()
-        return _anonymous(
-            request,
-            "signup.html",
-            status=err.status,
-            error=err,
-            open=settings["signup_enabled"],
-            username=username,
-        )
+        raise see_other(request, "/signup", error=err, username=username) from None
     return await _signed_in(request, who)
 
 
@@ -140,26 +126,17 @@ async def signout(request: web.Request) -> web.StreamResponse:
     if cookie:
         await service_of(request).end_session(cookie)
     response = redirect("/signin", "signed-out")
-    response.del_cookie(SESSION_COOKIE, path="/")
+    response.del_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="Lax")
     return response
 
 
-async def _tokens(
-    request: web.Request,
-    page: Page,
-    *,
-    status: int = 200,
-    error: SitecloudError | None = None,
-    new: object = None,
-) -> web.Response:
-    tokens = await service_of(request).list_tokens(page.who)
-    return render(
-        request, "tokens.html", page=page, status=status, error=error, tokens=tokens["tokens"], new=new
-    )
+_TOKENS = "/account/tokens"
 
 
 async def tokens_page(request: web.Request) -> web.StreamResponse:
-    return await _tokens(request, await require_page(request))
+    page = await require_page(request)
+    tokens = await service_of(request).list_tokens(page.who)
+    return render(request, "tokens.html", page=page, tokens=tokens["tokens"], new=None)
 
 
 async def create_token(request: web.Request) -> web.StreamResponse:
@@ -168,18 +145,40 @@ async def create_token(request: web.Request) -> web.StreamResponse:
     try:
         new = await service_of(request).create_token(page.who, {"name": str(form.get("name", "")).strip()})
     except SitecloudError as err:
-        return await _tokens(request, page, status=err.status, error=err)
-    return await _tokens(request, page, new=new)
+        raise see_other(request, _TOKENS, error=err) from None
+    # The token is shown once, on the page this redirect leads to.
+    raise see_other(
+        request, _TOKENS, notice="token-created", new={"name": new["name"], "token": new["token"]}
+    )
+
+
+async def confirm_revoke_token(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request)
+    token_id = int(request.match_info["id"])
+    tokens = (await service_of(request).list_tokens(page.who))["tokens"]
+    token = next((t for t in tokens if t["id"] == token_id), None)
+    if token is None:
+        raise NotFound(f"no token {token_id}", hint="see the list of API tokens")
+    return confirm_page(
+        request,
+        page,
+        title=f"Revoke token {token['name']}?",
+        consequences=["Whatever uses this token (scripts, the command line) loses access at once."],
+        action=f"{_TOKENS}/{token_id}/revoke",
+        button=f"Revoke {token['name']}",
+        cancel=_TOKENS,
+    )
 
 
 async def revoke_token(request: web.Request) -> web.StreamResponse:
     page = await require_page(request)
-    await posted(request, page)
+    form = await posted(request, page)
     try:
+        check_confirmed(form, "revoke this token")
         await service_of(request).revoke_token(page.who, int(request.match_info["id"]))
     except SitecloudError as err:
-        return await _tokens(request, page, status=err.status, error=err)
-    raise redirect("/account/tokens", "token-revoked")
+        raise see_other(request, _TOKENS, error=err) from None
+    raise see_other(request, _TOKENS, notice="token-revoked")
 
 
 def account_routes() -> list[web.RouteDef]:
@@ -192,5 +191,6 @@ def account_routes() -> list[web.RouteDef]:
         web.post("/signout", signout),
         web.get("/account/tokens", tokens_page),
         web.post("/account/tokens", create_token),
+        web.get(r"/account/tokens/{id:\d{1,9}}/revoke", confirm_revoke_token),
         web.post(r"/account/tokens/{id:\d{1,9}}/revoke", revoke_token),
     ]

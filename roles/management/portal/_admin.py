@@ -9,9 +9,17 @@ from aiohttp import web
 from roles.management._fabric import outcome
 from roles.management._store import WORKER_SIZES
 from roles.management.api import service_of
-from roles.management.portal._web import Page, posted, redirect, render, require_page
+from roles.management.portal._web import (
+    Page,
+    check_confirmed,
+    confirm_page,
+    posted,
+    render,
+    require_page,
+    see_other,
+)
 from shared.config import ROLE_KINDS
-from shared.errors import InvalidInput, SitecloudError
+from shared.errors import InvalidInput, NotFound, SitecloudError
 
 __all__ = ["admin_routes"]
 
@@ -94,12 +102,35 @@ async def role_action(request: web.Request) -> web.StreamResponse:
         if action == "add":
             await outcome(fabric.add_role(page.who, {"role": kind, "host": host}))
         elif action in ("repair", "remove"):
+            if action == "remove":
+                check_confirmed(form, f"remove {kind} from {host}")
             await outcome(fabric.role_action(page.who, kind, host, action))
         else:
             raise InvalidInput("unknown role action")
     except SitecloudError as err:
-        return await _dashboard(request, page, status=err.status, error=err)
-    raise redirect("/admin/")
+        raise see_other(request, "/admin/", error=err) from None
+    raise see_other(request, "/admin/", notice=f"role-{action}ed" if action != "remove" else "role-removed")
+
+
+async def confirm_role_remove(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request, admin=True)
+    kind, host = request.query.get("role", ""), request.query.get("host", "")
+    roles = (await service_of(request).fabric.list_roles(page.who))["roles"]
+    if not any(r["role"] == kind and r["host"] == host for r in roles):
+        raise NotFound(f"no {kind} role on {host}", hint="see the list of roles on the dashboard")
+    consequences = [f"This stops {kind} on {host} and deletes it from that host."]
+    if kind == "management":
+        consequences.append("The API and these portals are served by management roles: keep one running.")
+    return confirm_page(
+        request,
+        page,
+        title=f"Remove {kind} from {host}?",
+        consequences=consequences,
+        action="/admin/roles",
+        button=f"Remove {kind}",
+        cancel="/admin/",
+        fields={"action": "remove", "role": kind, "host": host},
+    )
 
 
 # -- plans
@@ -136,14 +167,9 @@ async def create_plan(request: web.Request) -> web.StreamResponse:
     try:
         await service_of(request).create_plan(page.who, _plan_body(form, create=True))
     except SitecloudError as err:
-        return await _plans(
-            request,
-            page,
-            status=err.status,
-            error=err,
-            form={k: v for k, v in form.items() if isinstance(v, str)},
-        )
-    raise redirect("/admin/plans", "plan-created")
+        sent = {k: v for k, v in form.items() if isinstance(v, str) and k != "csrf"}
+        raise see_other(request, "/admin/plans", error=err, form=sent) from None
+    raise see_other(request, "/admin/plans", notice="plan-created")
 
 
 async def _plan(
@@ -166,8 +192,8 @@ async def update_plan(request: web.Request) -> web.StreamResponse:
     try:
         await service_of(request).update_plan(page.who, name, _plan_body(form, create=False))
     except SitecloudError as err:
-        return await _plan(request, page, status=err.status, error=err)
-    raise redirect(f"/admin/plans/{name}", "plan-saved")
+        raise see_other(request, f"/admin/plans/{name}", error=err) from None
+    raise see_other(request, f"/admin/plans/{name}", notice="plan-saved")
 
 
 # -- tenants and subscriptions
@@ -200,11 +226,16 @@ async def tenant_action(request: web.Request) -> web.StreamResponse:
     page = await require_page(request, admin=True)
     form = await posted(request, page)
     service, action = service_of(request), str(form.get("action", ""))
+    back = "/admin/tenants"
     try:
         if action == "create-tenant":
             tenant = await service.create_tenant(page.who, {"name": str(form.get("name", "")).strip()})
-            return await _tenants(
-                request, page, new_tenant=tenant, notice=f"Tenant {tenant['name']} created."
+            # The token is shown once, on the page this redirect leads to.
+            raise see_other(
+                request,
+                back,
+                notice=f"Tenant {tenant['name']} created.",
+                new_tenant={"name": tenant["name"], "token": tenant["token"]},
             )
         if action == "create-user":
             body = {
@@ -212,27 +243,60 @@ async def tenant_action(request: web.Request) -> web.StreamResponse:
                 "tenant": str(form.get("tenant", "")) or None,
             }
             user = await service.create_user(page.who, body)
-            return await _tenants(request, page, new_user=user, notice=f"User {user['username']} created.")
+            raise see_other(
+                request,
+                back,
+                notice=f"User {user['username']} created.",
+                new_user={"username": user["username"], "password": user.get("password")},
+            )
         if action == "subscribe":
             await service.create_subscription(
                 page.who, {"tenant": str(form.get("tenant", "")), "plan": str(form.get("plan", ""))}
             )
-            raise redirect("/admin/tenants", "subscribed")
+            raise see_other(request, back, notice="subscribed")
         sub_id = int(str(form.get("subscription", "0")) or 0)
         if action == "suspend":
             await service.suspend_subscription(page.who, sub_id)
-            raise redirect("/admin/tenants", "suspended")
+            raise see_other(request, back, notice="suspended")
         if action == "resume":
             await service.resume_subscription(page.who, sub_id)
-            raise redirect("/admin/tenants", "resumed")
+            raise see_other(request, back, notice="resumed")
         if action == "delete":
+            check_confirmed(form, f"delete subscription {sub_id} and its sites", str(sub_id))
             await service.delete_subscription(page.who, sub_id)
-            raise redirect("/admin/tenants", "subscription-deleted")
+            raise see_other(request, back, notice="subscription-deleted")
         raise InvalidInput("unknown action")
     except SitecloudError as err:
-        return await _tenants(request, page, status=err.status, error=err)
+        raise see_other(request, back, error=err) from None
     except ValueError:
-        return await _tenants(request, page, status=400, error=InvalidInput("choose a subscription"))
+        # Only a hand-made request sends a subscription that is not a number: a plain 400.
+        raise InvalidInput("choose a subscription", hint="subscriptions are numbers") from None
+
+
+async def confirm_subscription_delete(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request, admin=True)
+    service, sub_id = service_of(request), int(request.match_info["id"])
+    sub = await service.show_subscription(page.who, sub_id)
+    sites = [s["name"] for s in (await service.list_sites(page.who))["sites"] if s["subscription"] == sub_id]
+    return confirm_page(
+        request,
+        page,
+        title=f"Delete subscription {sub_id}?",
+        consequences=[
+            f"This deletes subscription {sub_id} of tenant {sub['tenant']} (plan {sub['plan']}) "
+            + (
+                f"and its {len(sites)} site(s) with all their content, for good:"
+                if sites
+                else "(it has no sites)."
+            ),
+        ],
+        items=sites,
+        action="/admin/tenants",
+        button=f"Delete subscription {sub_id}",
+        cancel="/admin/tenants",
+        word=str(sub_id),
+        fields={"action": "delete", "subscription": str(sub_id)},
+    )
 
 
 # -- sites and settings
@@ -273,23 +337,30 @@ async def update_settings(request: web.Request) -> web.StreamResponse:
     try:
         if form.get("action") == "create-admin":
             user = await service.create_user(page.who, {"username": str(form.get("username", "")).strip()})
-            return await _settings(request, page, new_user=user, notice=f"Admin {user['username']} created.")
+            raise see_other(
+                request,
+                "/admin/settings",
+                notice=f"Admin {user['username']} created.",
+                new_user={"username": user["username"], "password": user.get("password")},
+            )
         await service.update_settings(page.who, {"signup_enabled": form.get("signup_enabled") == "on"})
     except SitecloudError as err:
-        return await _settings(request, page, status=err.status, error=err)
-    raise redirect("/admin/settings", "cloud-saved")
+        raise see_other(request, "/admin/settings", error=err) from None
+    raise see_other(request, "/admin/settings", notice="cloud-saved")
 
 
 def admin_routes() -> list[web.RouteDef]:
     return [
         web.get("/admin/", dashboard),
         web.post("/admin/roles", role_action),
+        web.get("/admin/roles/remove", confirm_role_remove),
         web.get("/admin/plans", plans),
         web.post("/admin/plans", create_plan),
         web.get("/admin/plans/{name}", plan),
         web.post("/admin/plans/{name}", update_plan),
         web.get("/admin/tenants", tenants),
         web.post("/admin/tenants", tenant_action),
+        web.get(r"/admin/subscriptions/{id:\d{1,9}}/delete", confirm_subscription_delete),
         web.get("/admin/sites", sites),
         web.get("/admin/settings", settings),
         web.post("/admin/settings", update_settings),

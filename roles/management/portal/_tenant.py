@@ -15,14 +15,16 @@ from aiohttp import BodyPartReader, web
 from roles.management.api import service_of
 from roles.management.portal._web import (
     Page,
+    check_confirmed,
     check_csrf,
     check_origin,
+    confirm_page,
     posted,
-    redirect,
     render,
     require_page,
+    see_other,
 )
-from shared.errors import BadRequest, InvalidInput, SitecloudError
+from shared.errors import BadRequest, InvalidInput, NotFound, SitecloudError
 
 __all__ = ["tenant_routes"]
 
@@ -63,8 +65,8 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
     try:
         await service_of(request).create_subscription(page.who, {"plan": str(form.get("plan", ""))})
     except SitecloudError as err:
-        return await _home(request, page, status=err.status, error=err)
-    raise redirect("/portal/", "subscribed")
+        raise see_other(request, "/portal/", error=err) from None
+    raise see_other(request, "/portal/", notice="subscribed")
 
 
 async def create_site(request: web.Request) -> web.StreamResponse:
@@ -74,15 +76,23 @@ async def create_site(request: web.Request) -> web.StreamResponse:
     try:
         sub = int(str(form.get("subscription", "")))
     except ValueError:
-        return await _home(
-            request, page, status=400, error=InvalidInput("choose a subscription for the site")
-        )
+        error = InvalidInput("choose a subscription for the site")
+        raise see_other(request, "/portal/", error=error, new_name=name) from None
     try:
         site = await service_of(request).create_site(page.who, {"name": name, "subscription": sub})
     except SitecloudError as err:
-        return await _home(request, page, status=err.status, error=err, new_name=name)
-    # The password is shown on this answer only: render, do not redirect.
-    return await _site_page(request, page, site["name"], status=201, secret=site, notice="Site created.")
+        raise see_other(request, "/portal/", error=err, new_name=name) from None
+    # The password is shown once, on the page this redirect leads to.
+    raise see_other(request, _site_url(site["name"]), notice="site-created", secret=_secret(site))
+
+
+def _site_url(name: str) -> str:
+    return f"/portal/sites/{name}"
+
+
+def _secret(site: dict[str, Any]) -> dict[str, Any]:
+    """Only what the page shows of a new publishing password."""
+    return {"ftp": {"user": site["ftp"]["user"], "password": site["ftp"]["password"]}}
 
 
 async def _site_page(
@@ -130,21 +140,22 @@ async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
     page = await require_page(request)
     form = await posted(request, page)
     service, name = service_of(request), _site(request)
+    back = _site_url(name)
     try:
         if action == "start":
             await service.start_site(page.who, name)
-            raise redirect(f"/portal/sites/{name}", "started")
+            raise see_other(request, back, notice="started")
         if action == "stop":
             await service.stop_site(page.who, name)
-            raise redirect(f"/portal/sites/{name}", "stopped")
+            raise see_other(request, back, notice="stopped")
         if action == "delete":
-            if form.get("confirm") != name:
-                raise InvalidInput("type the site's name to confirm deleting it")
+            check_confirmed(form, f"delete {name} and its content", name)
             await service.delete_site(page.who, name)
-            raise redirect("/portal/", "site-deleted")
+            raise see_other(request, "/portal/", notice="site-deleted")
         if action == "password":
+            check_confirmed(form, f"set a new publishing password for {name}")
             secret = await service.reset_publishing_password(page.who, name)
-            return await _site_page(request, page, name, secret=secret, notice="New publishing password set.")
+            raise see_other(request, back, notice="password-reset", secret=_secret(secret))
         if action == "settings":
             key, value = str(form.get("key", "")).strip(), form.get("value")
             remove = form.get("remove")
@@ -154,19 +165,95 @@ async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
                 await service.update_app_settings(
                     page.who, name, {key: value if isinstance(value, str) else ""}
                 )
-            raise redirect(f"/portal/sites/{name}", "settings-saved")
+            raise see_other(request, back, notice="settings-saved")
         if action == "hostname-remove":
-            await service.delete_hostname(page.who, name, str(form.get("hostname", "")))
-            raise redirect(f"/portal/sites/{name}", "hostname-removed")
+            hostname = str(form.get("hostname", ""))
+            check_confirmed(form, f"remove {hostname} from {name}")
+            await service.delete_hostname(page.who, name, hostname)
+            raise see_other(request, back, notice="hostname-removed")
         if action == "hostname-verify":
             checked = await service.verify_hostname(page.who, name, str(form.get("hostname", "")))
-            raise redirect(f"/portal/sites/{name}", f"hostname-{checked['state']}")
+            raise see_other(request, back, notice=f"hostname-{checked['state']}")
         if action == "hostname":
             await service.add_hostname(page.who, name, _hostname_body(form))
-            raise redirect(f"/portal/sites/{name}", "hostname-added")
+            raise see_other(request, back, notice="hostname-added")
     except SitecloudError as err:
-        return await _site_page(request, page, name, status=err.status, error=err)
+        raise see_other(request, back, error=err) from None
     raise web.HTTPNotFound()
+
+
+# -- the pages that ask before a destructive POST
+
+
+async def confirm_delete(request: web.Request) -> web.StreamResponse:
+    page, name = await require_page(request), _site(request)
+    site = await service_of(request).show_site(page.who, name)
+    return confirm_page(
+        request,
+        page,
+        title=f"Delete {name}?",
+        consequences=[
+            f"This deletes the site {name} and all its content, for good.",
+            f"{site['url']} stops serving at once; a new site with this name starts empty.",
+        ],
+        items=site.get("hostnames") or (),
+        action=f"{_site_url(name)}/delete",
+        button=f"Delete {name}",
+        cancel=_site_url(name),
+        word=name,
+    )
+
+
+async def confirm_password(request: web.Request) -> web.StreamResponse:
+    page, name = await require_page(request), _site(request)
+    await service_of(request).show_site(page.who, name)
+    return confirm_page(
+        request,
+        page,
+        title=f"New publishing password for {name}?",
+        consequences=[
+            "The old password stops working at once for FTP, web deploy and git, "
+            "and so do the publish profiles downloaded before.",
+        ],
+        action=f"{_site_url(name)}/password",
+        button="Set a new password",
+        cancel=_site_url(name),
+    )
+
+
+async def confirm_publish_profile(request: web.Request) -> web.StreamResponse:
+    page, name = await require_page(request), _site(request)
+    await service_of(request).show_site(page.who, name)
+    return confirm_page(
+        request,
+        page,
+        title=f"Download a publish profile for {name}?",
+        consequences=[
+            "Passwords are stored only as hashes, so the profile holds a new publishing password.",
+            "The old password and earlier profiles stop working at once.",
+        ],
+        action=f"{_site_url(name)}/publish-profile",
+        button="Download publish profile",
+        cancel=_site_url(name),
+    )
+
+
+async def confirm_remove_hostname(request: web.Request) -> web.StreamResponse:
+    page, name = await require_page(request), _site(request)
+    hostname = request.query.get("hostname", "")
+    known = (await service_of(request).list_hostnames(page.who, name))["hostnames"]
+    if hostname not in [h["hostname"] for h in known]:
+        raise NotFound(f"{name} has no custom hostname {hostname!r}")
+    return confirm_page(
+        request,
+        page,
+        title=f"Remove {hostname}?",
+        consequences=[f"{hostname} stops serving {name} at once, and its certificate is deleted."],
+        action=f"{_site_url(name)}/hostnames/remove",
+        button=f"Remove {hostname}",
+        cancel=_site_url(name),
+        fields={"hostname": hostname},
+    )
 
 
 def _file(form: Any, key: str) -> bytes | None:
@@ -230,12 +317,13 @@ async def verify_hostname(request: web.Request) -> web.StreamResponse:
 
 async def publish_profile(request: web.Request) -> web.StreamResponse:
     page = await require_page(request)
-    await posted(request, page)
+    form = await posted(request, page)
     name = _site(request)
     try:
+        check_confirmed(form, f"set a new publishing password for {name} in a publish profile")
         body = await service_of(request).publish_profile(page.who, name)
     except SitecloudError as err:
-        return await _site_page(request, page, name, status=err.status, error=err)
+        raise see_other(request, _site_url(name), error=err) from None
     return web.Response(
         body=body,
         content_type="application/xml",
@@ -271,11 +359,10 @@ async def deploy(request: web.Request) -> web.StreamResponse:
 
         answer = await service_of(request).deploy(page.who, name, chunks())
     except SitecloudError as err:
-        return await _site_page(request, page, name, status=err.status, error=err)
-    return await _site_page(
+        raise see_other(request, _site_url(name), error=err) from None
+    raise see_other(
         request,
-        page,
-        name,
+        _site_url(name),
         notice=f"Deployed {answer.get('files')} file(s), {answer.get('bytes')} bytes: content version {answer.get('version')}.",
     )
 
@@ -289,11 +376,15 @@ def tenant_routes() -> list[web.RouteDef]:
         web.get(s, site_page),
         web.post(f"{s}/start", start),
         web.post(f"{s}/stop", stop),
+        web.get(f"{s}/delete", confirm_delete),
         web.post(f"{s}/delete", delete),
+        web.get(f"{s}/password", confirm_password),
         web.post(f"{s}/password", reset_password),
+        web.get(f"{s}/publish-profile", confirm_publish_profile),
         web.post(f"{s}/publish-profile", publish_profile),
         web.post(f"{s}/settings", app_settings),
         web.post(f"{s}/hostnames", add_hostname),
+        web.get(f"{s}/hostnames/remove", confirm_remove_hostname),
         web.post(f"{s}/hostnames/remove", remove_hostname),
         web.post(f"{s}/hostnames/verify", verify_hostname),
         web.post(f"{s}/deploy", deploy),

@@ -1,5 +1,9 @@
 """What every portal page shares: templates, the signed-in session, CSRF checks, notices, errors.
 
+Every form answers 303 to a page (POST → redirect → GET), which shows the outcome once (a flash, see
+``_flash.py``), so a reload never sends a form again. Requests no page of ours would send (a bad CSRF
+token, a NUL in a field, a number that is not one) get a plain 4xx error page instead.
+
 Sessions live in ``__Host-`` cookies (Secure, HttpOnly, SameSite=Lax, Path=/). Every form carries a
 CSRF token: the session's own once signed in, a double-submit cookie on the sign-in and sign-up forms.
 """
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,15 +23,18 @@ from multidict import MultiDictProxy
 
 from roles.management._input import check_text
 from roles.management.api import service_of
+from roles.management.portal._flash import FLASH_COOKIE, open_flash, seal_flash
 from roles.management.service import Principal
-from shared.errors import BadRequest, Forbidden, SitecloudError
+from shared.errors import BadRequest, ConfirmationRequired, Forbidden, SitecloudError
 
 __all__ = [
     "PRE_CSRF_COOKIE",
     "SESSION_COOKIE",
     "Page",
+    "check_confirmed",
     "check_csrf",
     "check_origin",
+    "confirm_page",
     "cookie",
     "current_page",
     "posted",
@@ -35,6 +43,7 @@ __all__ = [
     "render",
     "require_page",
     "security_headers",
+    "see_other",
 ]
 
 SESSION_COOKIE = "__Host-sitecloud_session"
@@ -62,7 +71,13 @@ NOTICES = {
     "resumed": "Subscription resumed: its running sites are back online.",
     "subscription-deleted": "Subscription deleted, with its sites.",
     "cloud-saved": "Cloud settings saved.",
+    "password-reset": "New publishing password set: the old one no longer works.",
+    "token-created": "Token created.",
+    "role-removed": "Role removed from its host.",
+    "role-repaired": "Role repaired.",
+    "role-added": "Role added.",
 }
+_FLASH_SECONDS = 300
 
 
 def _bytes(value: int | None) -> str:
@@ -143,7 +158,7 @@ async def require_page(request: web.Request, *, admin: bool = False) -> Page:
     if page is None:
         raise web.HTTPSeeOther("/signin")
     if admin and not page.who.is_admin:
-        raise Forbidden("this page is for hosting admins", hint="the tenant portal is at /portal/")
+        raise Forbidden("this page is for hosting admins", hint="your sites are in the tenant portal")
     return page
 
 
@@ -169,6 +184,16 @@ def render(
     **context: Any,
 ) -> web.Response:
     notice = notice or NOTICES.get(request.query.get("n", ""))
+    flash = _take_flash(request)
+    if flash is not None:
+        notice = _notice_text(flash.get("notice")) or notice
+        shown = flash.get("error")
+        if error is None and isinstance(shown, dict):
+            error = SitecloudError(str(shown.get("message", "")), hint=shown.get("hint") or None)
+            status = 200  # the failed POST already answered 303; this page shows why
+        data = flash.get("data")
+        if isinstance(data, dict):
+            context.update(data)
     html = _ENV.get_template(template).render(
         page=page,
         who=page.who if page else None,
@@ -181,11 +206,66 @@ def render(
     response = web.Response(text=html, status=status, content_type="text/html")
     # Pages can show a password or token once: never cache them.
     response.headers["Cache-Control"] = "no-store"
+    if flash is not None or cookie(request, FLASH_COOKIE):
+        # A __Host- cookie is only replaced (here: expired) by a Set-Cookie that is Secure too.
+        response.del_cookie(FLASH_COOKIE, path="/", secure=True, httponly=True, samesite="Lax")
     security_headers(response)
     return response
 
 
+def _notice_text(notice: Any) -> str | None:
+    return NOTICES.get(notice, notice) if isinstance(notice, str) and notice else None
+
+
+def _flash_secret(request: web.Request) -> str | None:
+    """What seals a flash: the session cookie once signed in, the sign-in form's CSRF cookie before."""
+    return cookie(request, SESSION_COOKIE) or cookie(request, PRE_CSRF_COOKIE)
+
+
+def _take_flash(request: web.Request) -> dict[str, Any] | None:
+    value, secret = cookie(request, FLASH_COOKIE), _flash_secret(request)
+    if not value or not secret:
+        return None
+    return open_flash(secret, value)
+
+
+def see_other(
+    request: web.Request,
+    location: str,
+    *,
+    notice: str | None = None,
+    error: SitecloudError | None = None,
+    **data: Any,
+) -> web.HTTPSeeOther:
+    """POST → 303 → GET: the next page shows ``notice`` or ``error`` once, and ``data`` in its context
+    (a secret shown once, the form as it was sent). Raise it."""
+    response = web.HTTPSeeOther(location)
+    flash: dict[str, Any] = {}
+    if notice:
+        flash["notice"] = notice
+    if error is not None:
+        flash["error"] = {"message": error.message, "hint": error.hint}
+    if data:
+        flash["data"] = data
+    secret = _flash_secret(request)
+    if flash and secret:
+        response.set_cookie(
+            FLASH_COOKIE,
+            seal_flash(secret, flash),
+            max_age=_FLASH_SECONDS,
+            secure=True,
+            httponly=True,
+            path="/",
+            samesite="Lax",
+        )
+    elif notice in NOTICES:
+        # No session to seal with (just signed out): a fixed text by its key in the URL.
+        response = web.HTTPSeeOther(f"{location}?n={notice}")
+    return response
+
+
 def redirect(location: str, notice: str | None = None) -> web.HTTPSeeOther:
+    """A redirect that shows one of the fixed :data:`NOTICES` (by key, in the URL) on the next page."""
     return web.HTTPSeeOther(f"{location}?n={notice}" if notice else location)
 
 
@@ -233,3 +313,45 @@ async def read_form(request: web.Request) -> MultiDictProxy[Any]:
             check_text(name, "a form field's name")
             check_text(value, f"the form field {name!r}")
     return form
+
+
+def confirm_page(
+    request: web.Request,
+    page: Page,
+    *,
+    title: str,
+    consequences: Sequence[str],
+    action: str,
+    button: str,
+    cancel: str,
+    word: str | None = None,
+    fields: dict[str, str] | None = None,
+    items: Sequence[str] = (),
+) -> web.Response:
+    """The page that asks before a destructive POST: type ``word`` (content goes), or just confirm."""
+    return render(
+        request,
+        "confirm.html",
+        page=page,
+        title=title,
+        consequences=list(consequences),
+        action=action,
+        button=button,
+        cancel=cancel,
+        word=word,
+        fields=fields or {},
+        items=list(items),
+    )
+
+
+def check_confirmed(form: MultiDictProxy[Any], what: str, word: str | None = None) -> None:
+    """A destructive form is carried out only as its confirmation page sends it."""
+    given = form.get("confirm")
+    if word is not None and given != word:
+        raise ConfirmationRequired(
+            f"type {word} to confirm that you want to {what}", hint="nothing was changed"
+        )
+    if word is None and given != "yes":
+        raise ConfirmationRequired(
+            f"confirm that you want to {what} on the page that asks", hint="nothing was changed"
+        )
