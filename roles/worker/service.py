@@ -90,7 +90,15 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     apps = AppManager(config, sync.lookup, root)
     divert = AppProxy(config, apps) if children is None else None
     server = (
-        DataServer(config, sync.lookup, hot, divert=divert, failure=sync.failure, pending=sync.pending)
+        DataServer(
+            config,
+            sync.lookup,
+            hot,
+            divert=divert,
+            failure=sync.failure,
+            pending=sync.pending,
+            site_log=apps.access_log,
+        )
         if children is None
         else None
     )

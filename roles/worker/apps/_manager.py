@@ -140,6 +140,8 @@ class AppManager:
         self._specs: dict[str, AppSpec] = {}
         # Sites found static, with the version that was looked at (no second look until it changes).
         self._static: dict[str, int] = {}
+        # Static sites' log streams (access lines), by site.
+        self._static_logs: dict[str, SiteLog] = {}
         self._sites: dict[str, AppSite] = {}
         # requirements.txt installs in progress, by package directory.
         self._building: dict[Path, asyncio.Task[Path | None]] = {}
@@ -195,6 +197,8 @@ class AppManager:
                 self._drop(name, "the site left this worker")
         for name in self._static.keys() - self._uids.keys():
             del self._static[name]
+        for name in self._static_logs.keys() - self._uids.keys():
+            self._static_logs.pop(name).close()
         for name in self._uids:
             self.refresh(name)
 
@@ -427,12 +431,25 @@ class AppManager:
         }
 
     def log_for(self, name: str) -> SiteLog:
-        if name not in self._uids:
+        log = self.access_log(name)
+        if log is None:
             raise NotFound(f"site {name!r} is not on this worker")
+        return log
+
+    def access_log(self, name: str) -> SiteLog | None:
+        """The site's log stream: its app's log, or for a static site one of the worker's own."""
         app = self._sites.get(name)
-        if app is None:
-            raise NotFound(f"site {name!r} runs no app here", hint="a static site has no app log")
-        return self._site_log(app)
+        if app is not None:
+            return self._site_log(app)
+        uid = self._uids.get(name)
+        if uid is None:
+            return None
+        log = self._static_logs.get(name)
+        if log is None or log.path.name != f"{uid}.log":
+            folder = self._config.state_dir / "site-logs"
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            log = self._static_logs[name] = SiteLog(folder / f"{uid}.log", self._config.app_log_bytes)
+        return log
 
     # -- inside
 
