@@ -242,9 +242,12 @@ def test_site_lifecycle(cloud: ManagementCloud) -> None:
         "ftp": {k: v for k, v in site["ftp"].items() if k != "password"},
         "deploy": {k: v for k, v in site["deploy"].items() if k != "password"},
         "apps": [],  # no worker holds it in this cloud: nothing to ask
+        "quota": shown["quota"],
     }
+    # The plan has no daily limits: nothing is counted against one, nothing stopped.
+    assert shown["quota"]["stopped"] is None and shown["quota"]["bandwidth_mb_per_day"] is None
     assert cloud.ok("GET", "/sites/blog") == shown  # the admin sees it too
-    listed = {k: v for k, v in shown.items() if k != "apps"}  # lists don't ask the workers
+    listed = {k: v for k, v in shown.items() if k not in ("apps", "quota")}  # lists ask less
     assert listed in cloud.ok("GET", "/sites", token=token)["sites"]
     assert listed in cloud.ok("GET", "/sites")["sites"]
 

@@ -31,6 +31,8 @@ class CloudConfig:
     log_level: str = "INFO"
     # Seconds between health polls of every role.
     health_interval: float = 1.0
+    # Seconds between usage reports of front ends and workers: how soon a daily quota stops a site.
+    usage_interval: float = 30.0
     extra_env: dict[str, str] = field(default_factory=dict)
     # The roles `up` runs on this machine; "management" alone makes a control-plane box whose data
     # plane lives on other hosts (`sitecloud role add`).

@@ -35,6 +35,7 @@ from shared.errors import SitecloudError, Unavailable
 from shared.internal import InternalClient, error_middleware, require_role
 from shared.logs import get_logger
 from shared.metrics import FiguresCollector, metrics_handler, role_registry
+from shared.quota import quota_stops
 from shared.states import HealthStatus, RoleState
 from shared.tls import client_context, server_context
 
@@ -91,6 +92,9 @@ class Controller:
         self._draining: set[int] = set()
         self._pushing: dict[int, asyncio.Task[None]] = {}
         self.fleet: Fleet | None = None
+        # What quota stops the current generation carries; the clock decides the UTC day (tests set it).
+        self._quota_seen: dict[str, tuple[str, float, dt.datetime]] | None = None
+        self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
         # Metrics: the reconcile pass timed as it runs (a few a second at most); the rest read when scraped.
         self.metrics = role_registry("controller", LOCAL_HOST, self._generation)
         self._reconcile_seconds = Histogram(
@@ -253,7 +257,14 @@ class Controller:
         app.router.add_get("/metrics", metrics_handler(self.metrics))
         assert self.fleet is not None
         app.add_routes(fleet_routes(self.fleet, self))
-        app.add_routes(usage_routes(UsageBook(self.db)))
+        loop = asyncio.get_running_loop()
+
+        def recorded(_: set[str]) -> None:
+            # A report may put a site over its quota: look now rather than at the next pass.
+            loop.call_soon_threadsafe(self._nudge.set)
+
+        book = UsageBook(self.db, on_recorded=recorded)
+        app.add_routes(usage_routes(book))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(
@@ -343,8 +354,18 @@ class Controller:
         with self.db.session() as session:
             place_sites(session, down)
         with self.db.session() as session:
+            stops = quota_stops(session, self.clock())
+            # A site stopped or let go (a report, a new day, a plan change, an admin's lift) is a
+            # change of desired state like any other: a new generation carries it to the front ends.
+            seen = {name: (stop.what, stop.limit, stop.until) for name, stop in stops.items()}
+            if seen != self._quota_seen:
+                if self._quota_seen is not None or seen:
+                    bump_generation(session)
+                self._quota_seen = seen
+        with self.db.session() as session:
             state = read_desired(session, self.config.domain, advertise=self.config.advertise)
         state.down = down
+        state.quota_stops = stops
         return state
 
     async def _reconcile_loop(self, stop: asyncio.Event) -> None:

@@ -31,6 +31,7 @@ from shared.db import (
     current_generation,
 )
 from shared.names import HostnameState
+from shared.quota import QuotaStop
 
 __all__ = [
     "REPLICAS",
@@ -111,6 +112,8 @@ class DesiredState:
     sites: list[DesiredSite] = field(default_factory=list)
     # Roles to route around: down, stopped or draining (the controller fills this from health).
     down: frozenset[int] = frozenset()
+    # Sites over a daily plan quota: front ends answer them with the quota page (shared.quota).
+    quota_stops: dict[str, QuotaStop] = field(default_factory=dict)
 
     def of_kind(self, kind: str) -> list[RoleEndpoint]:
         return [r for r in self.roles if r.kind == kind]
@@ -286,6 +289,15 @@ def _site_url(state: DesiredState) -> str:
     return f"https://{{site}}.{state.domain}{'' if port == 443 else f':{port}'}/"
 
 
+def _quota_entry(stop: QuotaStop | None) -> dict[str, Any]:
+    """The front end snapshot's stop of a site: what ran out and until when (no running figures, so a
+    generation's snapshot stays the same however often it is built)."""
+    if stop is None:
+        return {}
+    until = stop.until.isoformat().replace("+00:00", "Z")
+    return {"quota_stop": {"what": stop.what, "limit": stop.limit, "unit": stop.unit, "until": until}}
+
+
 def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
     """Role id → the snapshot that role should run with at ``state.generation``."""
     version = state.generation
@@ -307,6 +319,7 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
                         ],
                         **({"hostnames": list(s.hostnames)} if s.hostnames else {}),
                         **s.routing,
+                        **_quota_entry(state.quota_stops.get(s.name)),
                     }
                     for s in state.sites
                 },

@@ -174,9 +174,11 @@ class CloudHome:
             "controller_url": f"https://localhost:{ports['controller']}",
         }
         if kind == "frontend":
-            return FrontendConfig(**common, http_port=c.http_port, https_port=c.https_port)
+            return FrontendConfig(
+                **common, http_port=c.http_port, https_port=c.https_port, usage_interval=c.usage_interval
+            )
         if kind == "worker":
-            return WorkerConfig(**common, data_port=ports["worker_data"])
+            return WorkerConfig(**common, data_port=ports["worker_data"], usage_interval=c.usage_interval)
         if kind == "fileserver":
             return FileserverConfig(**common)
         if kind == "publisher":
@@ -277,9 +279,11 @@ class CloudHome:
             "controller_url": controller_url,
         }
         if kind == "frontend":
-            return FrontendConfig(**common, http_port=ports["http"], https_port=ports["https"])
+            return FrontendConfig(
+                **common, http_port=ports["http"], https_port=ports["https"], usage_interval=c.usage_interval
+            )
         if kind == "worker":
-            worker = WorkerConfig(**common, data_port=ports["data"])
+            worker = WorkerConfig(**common, data_port=ports["data"], usage_interval=c.usage_interval)
             return dataclasses.replace(worker, size=size) if size else worker
         if kind == "fileserver":
             return FileserverConfig(**common)

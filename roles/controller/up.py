@@ -30,6 +30,16 @@ def _port_range(text: str) -> tuple[int, int]:
     return low, high
 
 
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0.1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError("give between 0.1 and 3600 seconds")
+    return seconds
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sitecloud up", description="Start the whole cloud on this machine.")
     p.add_argument(
@@ -67,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
         "--wheelhouse",
         help="where wheelhouses for role hosts are built, one per code version, ahead of the first "
         "`role add` (default $SITECLOUD_WHEELHOUSE or ~/.cache/sitecloud/wheelhouse)",
+    )
+    p.add_argument(
+        "--usage-interval",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="how often front ends and workers report usage, so how soon a site over its daily quota "
+        "is stopped (default %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print the endpoints as JSON once the cloud is ready")
     return p
@@ -110,6 +128,7 @@ def run_up(argv: list[str]) -> int:
             log_level=args.log_level,
             local_roles=tuple(r.strip() for r in args.local_roles.split(",") if r.strip()),
             wheelhouse=Path(args.wheelhouse).resolve() if args.wheelhouse else None,
+            usage_interval=args.usage_interval,
         )
     except SitecloudError as err:
         print(f"error: {err.message}", file=sys.stderr)

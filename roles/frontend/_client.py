@@ -92,6 +92,7 @@ class _Request:
         "pinned",
         "replayable",
         "response_started",
+        "rid",
         "set_cookie",
         "site",
         "started",
@@ -135,6 +136,8 @@ class _Request:
         self.pinned: Upstream | None = None  # the worker an affinity cookie names
         self.set_cookie = b""
         self.t0 = 0.0  # loop time of its first byte: the latency metric runs from here
+        # "X-Request-Id: <id>\r\n": sent to the worker (which logs it) and back to the visitor.
+        self.rid = b""
 
 
 def _normalize_host(value: bytes) -> bytes:
@@ -406,9 +409,14 @@ class ClientConnection(asyncio.Protocol):
         if site is None:
             # Not a site's name (a balancer checks by address): the front end's own health answers.
             req.local = self._proxy.healthz() if target == b"/healthz" else PAGES[404]
+        elif site.stopped is not None:
+            # Over its plan's daily quota: the quota page, and nothing more counted against it.
+            req.local = site.stopped
+            site = None
         else:
-            assert host is not None
             req.site = site
+        if site is not None:
+            assert host is not None
             usage = site.usage
             usage[0] += 1
             usage[1] += self._head_bytes + len(target) + 16
@@ -452,6 +460,7 @@ class ClientConnection(asyncio.Protocol):
             upgrade_head = b"Connection: Upgrade\r\nUpgrade: " + self._upgrade + b"\r\n"
         req.lane_ok = lane_eligible(method, has_body, req.tunnel) and target not in site.off_lane
         req.target = target
+        req.rid = rid = self._proxy.request_id()
         xff = self._ip if self._xff is None else self._xff + b", " + self._ip
         req.head = b"".join(
             (
@@ -470,6 +479,7 @@ class ClientConnection(asyncio.Protocol):
                 b"X-Forwarded-Host: ",
                 host,
                 b"\r\n",
+                rid,
                 upgrade_head,
                 b"Transfer-Encoding: chunked\r\n\r\n" if req.chunked else b"\r\n",
             )
@@ -686,6 +696,7 @@ class ClientConnection(asyncio.Protocol):
         req.response_started = True
         proxy = self._proxy
         proxy.counts.done(status, proxy.loop.time() - req.t0)
+        headers += req.rid
         if req.set_cookie:
             headers += req.set_cookie
         if status == 101:
@@ -750,7 +761,7 @@ class ClientConnection(asyncio.Protocol):
         req.lane = None
         proxy = self._proxy
         proxy.counts.done(int(status_line[9:12]), proxy.loop.time() - req.t0)
-        extra = req.set_cookie
+        extra = req.rid + req.set_cookie
         if not self._keep_alive(req):
             req.close_after = True
             extra += b"Connection: close\r\n"

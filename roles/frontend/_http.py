@@ -25,6 +25,7 @@ __all__ = [
     "RESPONSE_HEADERS",
     "Page",
     "extra_connection_tokens",
+    "quota_page",
     "redirect_page",
     "strip_headers",
 ]
@@ -66,6 +67,8 @@ REQUEST_HEADERS: dict[bytes, int] = {
     # The lane's own (roles/frontend/_lane.py): never a visitor's to send, nor an app's to answer.
     b"x-sitecloud-lane": H_DROP,
     b"x-sitecloud-lane-refused": H_DROP,
+    # The front end names each request (the worker logs it, the visitor gets it back): never a visitor's.
+    b"x-request-id": H_DROP,
 }
 
 RESPONSE_HEADERS: dict[bytes, int] = {
@@ -73,6 +76,7 @@ RESPONSE_HEADERS: dict[bytes, int] = {
     b"upgrade": H_DROP,
     b"x-sitecloud-lane": H_DROP,
     b"x-sitecloud-lane-refused": H_DROP,
+    b"x-request-id": H_DROP,
 }
 
 # How a response body is delimited upstream.
@@ -135,6 +139,17 @@ PAGES: dict[int, Page] = {
         _page(504, "Site too slow", "The site's server took too long to answer. Try again in a moment."),
     )
 }
+
+
+def quota_page(what: str, limit: float, unit: str, until: str) -> Page:
+    """403 for a site stopped by its plan's daily quota (as Azure's "site stopped: quota exceeded")."""
+    label = "bandwidth" if what == "bandwidth" else "CPU time"
+    detail = (
+        f"This site used its plan's {label} for today ({limit:g} {unit} a day) and is stopped. "
+        f"It serves again at {until.replace('T', ' ').removesuffix('Z')} UTC, or sooner if its owner "
+        "moves it to a larger plan."
+    )
+    return _page(403, "Site stopped: quota exceeded", detail)
 
 
 def redirect_page(status: int, location: bytes) -> Page:

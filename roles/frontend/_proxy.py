@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -98,6 +99,14 @@ class Proxy:
         # Often enough that connections timing out together (a slowloris wave) are cut a few at a time.
         self._tick = max(0.02, min(0.25, shortest / 5))
         self._sweeper: asyncio.TimerHandle | None = None
+        # Request ids: this process's random prefix and a count, unique across processes and restarts.
+        self._rid_prefix = b"X-Request-Id: " + os.urandom(6).hex().encode() + b"-"
+        self._rid_next = 0
+
+    def request_id(self) -> bytes:
+        """The next request's ``X-Request-Id`` header line."""
+        self._rid_next += 1
+        return b"%b%x\r\n" % (self._rid_prefix, self._rid_next)
 
     # -- config ---------------------------------------------------------------------------------------
 

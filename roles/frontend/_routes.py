@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from roles.frontend._http import Page, quota_page
 from roles.frontend._upstream import Upstream
 from shared.errors import InvalidInput
 from shared.names import validate_hostname, validate_site_name
@@ -46,6 +47,7 @@ class Site:
         "max_body",
         "name",
         "off_lane",
+        "stopped",
         "upstreams",
         "usage",
     )
@@ -59,6 +61,7 @@ class Site:
         affinity: bool = False,
         https_only: bool = False,
         max_body: int = 0,
+        stopped: Page | None = None,
     ) -> None:
         self.name = name
         self.upstreams = upstreams
@@ -74,6 +77,8 @@ class Site:
         self.off_lane: set[bytes] = set()
         # [requests, bytes in, bytes out] since the last usage report; shared across snapshots.
         self.usage = usage
+        # The quota page while the site is over a daily quota of its plan: every request gets it.
+        self.stopped = stopped
         self._next = 0
 
     def pick(self, tried: list[Upstream] | None, now: float) -> Upstream | None:
@@ -200,6 +205,21 @@ def _hostnames(spec: dict[str, Any]) -> list[tuple[str, CustomCert | None]]:
     return out
 
 
+def _quota_stop(spec: dict[str, Any]) -> Page | None:
+    """``"quota_stop": {"what": "bandwidth"|"cpu", "limit": N, "unit": "MB", "until": "<ISO time>"}``."""
+    stop = spec.get("quota_stop")
+    if stop is None:
+        return None
+    if not isinstance(stop, dict):
+        raise InvalidInput("'quota_stop' must be an object")
+    what, limit, unit, until = (stop.get(k) for k in ("what", "limit", "unit", "until"))
+    if what not in ("bandwidth", "cpu") or isinstance(limit, bool) or not isinstance(limit, int | float):
+        raise InvalidInput("'quota_stop' needs 'what' (bandwidth or cpu) and a numeric 'limit'")
+    if not isinstance(unit, str) or not isinstance(until, str) or len(unit) > 16 or len(until) > 40:
+        raise InvalidInput("'quota_stop' needs 'unit' and 'until' as short text")
+    return quota_page(what, float(limit), unit, until)
+
+
 def build_routes(
     snapshot: dict[str, Any],
     upstream: Callable[[str, int, bool], Upstream],
@@ -248,6 +268,7 @@ def build_routes(
                 affinity=_flag(spec, "affinity"),
                 https_only=_flag(spec, "https_only"),
                 max_body=max_body,
+                stopped=_quota_stop(spec),
             )
             custom = _hostnames(spec)
         except (InvalidInput, TypeError) as err:

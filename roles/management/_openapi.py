@@ -393,6 +393,13 @@ _ROLE = _path_param("role", _STR, "role kind")
 _ROLE_HOST = _path_param("host", {"type": "string", "minLength": 1, "maxLength": 253}, "host name")
 
 
+# A usage range: UTC days, both included (default: the last 30 days to today; at most 366).
+_RANGE = [
+    {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"}},
+    {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"}},
+]
+
+
 def _paths() -> Json:
     from roles.management._fabric_api import fabric_openapi_paths  # lazily: it imports the API module
 
@@ -622,6 +629,46 @@ def _paths() -> Json:
                         "in": "query",
                         "schema": {"type": "integer", "minimum": 0, "maximum": 10000},
                     },
+                ],
+            },
+        },
+        "/api/v1/sites/{name}/usage": {
+            "parameters": [_SITE],
+            "get": {
+                **_op(
+                    "The site's usage per UTC day (requests, bytes in/out, app CPU seconds, memory "
+                    "MB-seconds, storage), totals, and today's use against the plan's daily quotas",
+                    answer={"type": "object"},
+                    errors=(400, 404),
+                    tag="sites",
+                ),
+                "parameters": _RANGE,
+            },
+        },
+        "/api/v1/sites/{name}/quota-reset": {
+            "parameters": [_SITE],
+            "post": _op(
+                "Admin: let a site stopped by its daily quota serve again for the rest of the UTC day",
+                answer={"type": "object"},
+                errors=(403, 404),
+                tag="sites",
+            ),
+        },
+        "/api/v1/usage": {
+            "get": {
+                **_op(
+                    "Admin: every site's usage per UTC day with tenant, subscription and plan, for "
+                    "billing: JSON, or CSV with Accept: text/csv or format=csv",
+                    content={
+                        "application/json": {"schema": {"type": "object"}},
+                        "text/csv": {"schema": {"type": "string"}},
+                    },
+                    errors=(400, 403),
+                    tag="sites",
+                ),
+                "parameters": [
+                    *_RANGE,
+                    {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}},
                 ],
             },
         },

@@ -6,12 +6,14 @@ OpenAPI document (:mod:`roles.management._openapi`) describes every route added 
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from roles.management._input import check_authorization, parse_json_object
+from roles.management._metering import parse_range, usage_csv
 from roles.management._openapi import openapi_document
 from roles.management._store import require_admin
 from roles.management.service import ManagementService, Principal
@@ -237,6 +239,44 @@ async def publish_profile(request: web.Request) -> web.Response:
     )
 
 
+def _usage_range(request: web.Request) -> tuple[dt.date, dt.date]:
+    today = service_of(request).metering.today()
+    return parse_range(request.query.get("from"), request.query.get("to"), today)
+
+
+async def site_usage(request: web.Request) -> web.Response:
+    who = await principal(request)
+    start, end = _usage_range(request)
+    return web.json_response(
+        await service_of(request).site_usage(who, request.match_info["name"], start, end)
+    )
+
+
+async def usage_export(request: web.Request) -> web.Response:
+    """Every site's usage per day, for billing: JSON, or CSV (``Accept: text/csv`` or ``?format=csv``)."""
+    who = await principal(request)
+    start, end = _usage_range(request)
+    fmt = request.query.get("format", "")
+    if fmt not in ("", "json", "csv"):
+        raise InvalidInput(f"format must be json or csv, not {fmt[:20]!r}")
+    export = await service_of(request).usage_export(who, start, end)
+    if fmt == "csv" or (not fmt and "text/csv" in request.headers.get("Accept", "")):
+        return web.Response(
+            text=usage_csv(export),
+            content_type="text/csv",
+            headers={
+                **_NO_STORE,
+                "Content-Disposition": f'attachment; filename="usage-{export["from"]}-{export["to"]}.csv"',
+            },
+        )
+    return web.json_response(export)
+
+
+async def lift_quota(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).lift_quota(who, request.match_info["name"]))
+
+
 async def site_logs(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
     try:
@@ -357,6 +397,9 @@ def api_routes() -> list[web.RouteDef]:
         web.post(f"{p}/sites/{{name}}/publish-profile", publish_profile),
         web.get(f"{p}/sites/{{name}}/settings", get_app_settings),
         web.get(f"{p}/sites/{{name}}/logs", site_logs),
+        web.get(f"{p}/sites/{{name}}/usage", site_usage),
+        web.post(f"{p}/sites/{{name}}/quota-reset", lift_quota),
+        web.get(f"{p}/usage", usage_export),
         web.patch(f"{p}/sites/{{name}}/settings", update_app_settings),
         web.get(f"{p}/sites/{{name}}/hostnames", list_hostnames),
         web.post(f"{p}/sites/{{name}}/hostnames", add_hostname),

@@ -229,6 +229,68 @@ def _show_site(site: Any, a: argparse.Namespace) -> None:
     for app in site.get("apps", []):
         if app.get("runtime", "static") != "static" or app.get("state") == "unknown":
             out(f"app on {app['worker']}: {_app_line(app)}")
+    for line in _quota_lines(site.get("quota")):
+        out(line)
+
+
+def _quota_lines(quota: dict[str, Any] | None) -> list[str]:
+    """Today's use against the plan's daily limits, and the stop if the site is under one."""
+    if not quota:
+        return []
+    lines = []
+    stop = quota.get("stopped")
+    if stop:
+        lines.append(f"STOPPED (quota exceeded): {stop['message']}")
+    parts = []
+    if quota.get("bandwidth_mb_per_day") is not None:
+        parts.append(f"bandwidth {quota['bandwidth_mb_today']:g}/{quota['bandwidth_mb_per_day']} MB")
+    if quota.get("cpu_minutes_per_day") is not None:
+        parts.append(f"CPU {quota['cpu_minutes_today']:g}/{quota['cpu_minutes_per_day']} min")
+    if parts:
+        lifted = " (stop lifted by an admin for today)" if quota.get("lifted_today") else ""
+        lines.append(f"today: {', '.join(parts)}; resets {quota['resets_at']}{lifted}")
+    return lines
+
+
+def _site_usage(a: argparse.Namespace, api: ApiClient) -> Any:
+    query = "&".join(f"{k}={v}" for k, v in (("from", a.since), ("to", a.until)) if v)
+    return api.request("GET", api.path("sites", a.name, "usage") + (f"?{query}" if query else ""))
+
+
+def _show_usage(answer: Any, a: argparse.Namespace) -> None:
+    out(f"usage of {answer['site']} from {answer['from']} to {answer['to']} (UTC days)")
+    rows = [
+        (
+            d["day"],
+            str(d["requests"]),
+            _mb(d["bytes_in"]),
+            _mb(d["bytes_out"]),
+            f"{d['cpu_seconds']:g}",
+            f"{d['memory_mb_seconds']:g}",
+            "-" if d["storage_bytes"] is None else _mb(d["storage_bytes"]),
+        )
+        for d in answer["days"]
+        if any(d[k] for k in ("requests", "bytes_in", "bytes_out", "cpu_seconds", "storage_bytes"))
+    ]
+    t = answer["totals"]
+    rows.append(
+        (
+            "total",
+            str(t["requests"]),
+            _mb(t["bytes_in"]),
+            _mb(t["bytes_out"]),
+            f"{t['cpu_seconds']:g}",
+            f"{t['memory_mb_seconds']:g}",
+            "-" if t["storage_bytes_max"] is None else _mb(t["storage_bytes_max"]),
+        )
+    )
+    print_table(("DAY", "REQUESTS", "IN MB", "OUT MB", "CPU S", "MEM MB*S", "STORAGE MB"), rows, empty="")
+    for line in _quota_lines(answer.get("quota")):
+        out(line)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.2f}"
 
 
 def _app_line(app: dict[str, Any]) -> str:
@@ -783,6 +845,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("name")
     sp.add_argument("--instances", type=int, required=True)
+    sp = leaf(site, "usage", "a site's usage per UTC day and today's quota", _site_usage, _show_usage)
+    sp.add_argument("name")
+    sp.add_argument("--from", dest="since", metavar="YYYY-MM-DD", help="first day (default 30 days ago)")
+    sp.add_argument("--to", dest="until", metavar="YYYY-MM-DD", help="last day (default today)")
+    sp = leaf(
+        site,
+        "quota-reset",
+        "let a site stopped by its daily quota serve again for the rest of the day (admin)",
+        post("sites", "{a.name}", "quota-reset"),
+        _done("{a.name} serves again: its quota stop is lifted for the rest of the UTC day"),
+    )
+    sp.add_argument("name")
     sp = leaf(site, "logs", "show a site's app output and access lines", _site_logs, _show_logs)
     sp.add_argument("name")
     sp.add_argument("-f", "--follow", action="store_true", help="keep streaming new lines (Ctrl-C stops)")

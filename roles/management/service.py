@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from roles.management._accounts import Accounts
 from roles.management._fabric import FabricService
 from roles.management._logs import stream_site_logs
+from roles.management._metering import Metering
 from roles.management._nudge import Nudger
 from roles.management._publish_profile import publish_settings
 from roles.management._store import Principal, Store
@@ -50,6 +51,7 @@ class ManagementService:
         lock = threading.Lock()
         self.fabric = FabricService(config, db)
         self._store = Store(db, config, lock)
+        self.metering = Metering(db, lock)
         self.accounts = Accounts(db, lock)
         self._client = InternalClient(config, timeout=10)
         self._deploy_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
@@ -230,7 +232,33 @@ class ManagementService:
         site = await self._read(self._store.show_site, who, name)
         workers = await self._read(self._store.site_worker_urls, who, name)
         site["apps"] = await self._app_states(name, workers)
+        site["quota"] = await self._read(self.metering.site_quota, who, name)
         return site
+
+    # -- usage and quotas
+
+    async def site_usage(self, who: Principal, name: str, start: dt.date, end: dt.date) -> Json:
+        await self._read(self._store.check_site, who, name)
+        if start <= self.metering.today() <= end:
+            await self._note_storage([name])
+        return await self._read(self.metering.site_usage, who, name, start, end)
+
+    async def usage_export(self, who: Principal, start: dt.date, end: dt.date) -> Json:
+        export = await self._read(self.metering.export, who, start, end)
+        if start <= self.metering.today() <= end:
+            sites = [s["name"] for s in (await self._read(self._store.list_sites, who))["sites"]]
+            await self._note_storage(sites)
+            export = await self._read(self.metering.export, who, start, end)
+        return export
+
+    async def _note_storage(self, sites: list[str]) -> None:
+        """Today's storage of these sites, as the file server says now (best effort)."""
+        await self._read(self.metering.record_storage, await self._storage.sizes(sites))
+
+    async def lift_quota(self, who: Principal, name: str) -> Json:
+        result = await self._write_live(self.metering.lift_quota, who, name)
+        self._log.bind(site=name).info("quota stop lifted for today by an admin")
+        return result
 
     async def _app_states(self, name: str, workers: list[tuple[str, str]]) -> list[Json]:
         """How the site's app is doing on each of its workers: state and the limits it ran into. A

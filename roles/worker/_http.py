@@ -27,6 +27,7 @@ from typing import BinaryIO, Protocol, cast
 
 import httptools
 
+from roles.worker._access import LOGGED_HEADERS
 from shared.logs import ContextLogger
 from shared.metrics import HttpCounts
 from shared.pages import REASONS, error_response
@@ -36,6 +37,7 @@ from shared.tls import LANE_ALPN
 _SITE_HEADER = b"x-sitecloud-site"
 
 __all__ = [
+    "Access",
     "Divert",
     "Diverted",
     "HttpConnection",
@@ -58,6 +60,9 @@ CHUNK = 256 * 1024
 _WANTED = frozenset({b"x-sitecloud-site", b"if-none-match", b"if-modified-since", b"range", b"if-range"})
 # On a lane: the front end's tag for a request, echoed in its answer so the two can never fall out of step.
 _LANE_TAG = b"x-sitecloud-lane"
+# Kept for the site's access log only, apart from _WANTED (so the hot path's "only the site header"
+# test still holds).
+_LOGGED = LOGGED_HEADERS
 # On a lane: "not here, send it on an ordinary connection"; "site" when none of the site's requests
 # should come this way (its app answers them), "request" for this one only (a file above
 # LANE_MAX_FILE, or a HEAD).
@@ -81,6 +86,8 @@ class Request:
     # On a lane: the front end's tag, and why the request is refused (b"": it is answered here).
     tag: bytes | None = None
     lane_refusal: bytes = b""
+    # The headers of _LOGGED it carried (lower-case names), for its access line.
+    logged: dict[bytes, bytes] | None = None
 
 
 class Diverted(Protocol):
@@ -116,6 +123,10 @@ class Divert(Protocol):
         headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
     ) -> Diverted | None: ...
+
+
+# Told of each answer the static server gave: the request, status, bytes sent and seconds taken.
+Access = Callable[["Request", int, int, float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +210,14 @@ class HttpConnection(asyncio.Protocol):
         on_close: Callable[[HttpConnection], None],
         divert: Divert | None = None,
         counts: HttpCounts | None = None,
+        access: Access | None = None,
     ) -> None:
         self._handler = handler
+        # The site's access log: told of each answer the static server gave (apps' log their own).
+        self._access = access
+        self._answered: Request | None = None
+        self._status = 0
+        self._sent = 0
         # Metrics, in plain ints: answers by status class and latency, and the answered site's
         # [requests, bytes in (not counted here), bytes out].
         self._counts = counts
@@ -244,6 +261,7 @@ class HttpConnection(asyncio.Protocol):
         self._body_bytes = 0
         self._req_tag: bytes | None = None
         self._lane_refusal = b""
+        self._logged: dict[bytes, bytes] | None = None
 
     # -- connection lifecycle
 
@@ -344,10 +362,12 @@ class HttpConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if not self._started_response:
             self._started_response = True
-            counts = self._counts
             # A response's first write starts with its status line ("HTTP/1.1 200 ...").
-            if counts is not None and data[9:12].isdigit():
-                counts.done(int(data[9:12]), self._loop.time() - self._t0)
+            self._status = int(data[9:12]) if data[9:12].isdigit() else 0
+            counts = self._counts
+            if counts is not None and self._status:
+                counts.done(self._status, self._loop.time() - self._t0)
+        self._sent += len(data)
         meter = self._meter
         if meter is not None:
             meter[2] += len(data)
@@ -407,6 +427,7 @@ class HttpConnection(asyncio.Protocol):
                 # The tail is still buffered: finish (and maybe close, whose TLS shutdown timer would
                 # start now) once the peer has taken most of it; resume_writing comes back here.
                 return
+            self._log_access()
             self._end_stream()
             if not self._closed:
                 self._after_answers(self._keep_after_stream)
@@ -456,6 +477,7 @@ class HttpConnection(asyncio.Protocol):
         self._body_bytes = 0
         self._req_tag = None
         self._lane_refusal = b""
+        self._logged = None
         self.deadline = self._loop.time() + self._limits.request_timeout
         self._raw = [] if self._divert is not None and self._divert.active and not self._lane else None
 
@@ -479,6 +501,11 @@ class HttpConnection(asyncio.Protocol):
             self._headers[key] = value if old is None else old + b", " + value
         elif key == _LANE_TAG and self._lane:
             self._req_tag = value
+        elif key in _LOGGED:
+            if self._logged is None:
+                self._logged = {key: value}
+            else:
+                self._logged[key] = value
 
     def on_headers_complete(self) -> None:
         if self._lane:
@@ -521,6 +548,7 @@ class HttpConnection(asyncio.Protocol):
                 diverted,
                 self._req_tag,
                 self._lane_refusal,
+                self._logged,
             )
         )
 
@@ -554,6 +582,8 @@ class HttpConnection(asyncio.Protocol):
                     keep = False
                     break
                 keep = self._answer(item)
+                if self._stream is None and self._waiting is None:
+                    self._log_access()
                 if self._waiting is not None:
                     return  # issue 5 hook: the app answers later, through diverted_done
                 if self._stream is not None:
@@ -578,10 +608,17 @@ class HttpConnection(asyncio.Protocol):
         else:
             self.deadline = self._loop.time() + self._limits.keepalive_timeout
 
+    def _log_access(self) -> None:
+        request, self._answered = self._answered, None
+        if request is not None and self._access is not None:
+            self._access(request, self._status, self._sent, self._loop.time() - self._t0)
+
     def _answer(self, request: Request) -> bool:
         self._started_response = False
         self._meter = None
-        if self._counts is not None:
+        self._answered = None
+        self._status = self._sent = 0
+        if self._counts is not None or self._access is not None:
             self._t0 = self._loop.time()
         self.deadline = 0.0
         # Once parsing has stopped, the last queued answer is the last one on this connection.
@@ -598,6 +635,7 @@ class HttpConnection(asyncio.Protocol):
             self._waiting = request.diverted
             request.diverted.answer(self, keep_alive)
             return keep_alive
+        self._answered = request
         try:
             return self._handler(request, self, keep_alive) and keep_alive
         except Exception:

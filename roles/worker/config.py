@@ -28,6 +28,8 @@ class WorkerConfig(RoleConfig):
     # Serving processes sharing the data port's listener; above 1 the main process keeps the control
     # plane and the content sync, and hands versions over to them.
     processes: int = 1
+    # Seconds between usage reports (apps' CPU and memory-seconds per site) to the controller.
+    usage_interval: float = 30.0
     # Opt-in, for measuring and for a front end on the same machine only: also answer plain HTTP on
     # this loopback "<ip>:<port>" (no TLS, no peer check). Off (empty) by default: the data port is
     # mutual TLS, as every internal call. A non-loopback address is refused.

@@ -11,10 +11,12 @@ import asyncio
 import ipaddress
 import ssl
 from collections.abc import Callable
+from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from roles.worker._access import access_line
 from roles.worker._cache import SiteVersion
 from roles.worker._http import (
     LANE_MAX_FILE,
@@ -43,6 +45,14 @@ Lookup = Callable[[str], tuple[bool, SiteVersion | None]]
 
 _ALLOWED = "GET, HEAD"
 _SITE = b"x-sitecloud-site"
+
+
+class AccessSink(Protocol):
+    """A site's log stream, as far as access lines go (``roles/worker/apps/_sitelog.py``)."""
+
+    def access(self, text: str) -> None: ...
+
+
 _KEEP = b"\r\nConnection: keep-alive\r\n\r\n"
 _CLOSE = b"\r\nConnection: close\r\n\r\n"
 # How often idle, slow and stuck connections are looked for.
@@ -59,8 +69,11 @@ class DataServer:
         divert: Divert | None = None,
         failure: Callable[[str], str | None] = lambda _: None,
         pending: Callable[[str], bool] = lambda _: False,
+        site_log: Callable[[str], AccessSink | None] = lambda _: None,
     ) -> None:
         self._config = config
+        # Where a site's access lines go (its log stream); None: nowhere (a site not held here).
+        self._site_log = site_log
         # Why a held site without a version cannot be served (None: nothing published yet).
         self._failure = failure
         # A held site without a version whose content is on its way (or not yet known).
@@ -154,6 +167,7 @@ class DataServer:
             on_close=self._closed,
             divert=self._divert,
             counts=self.counts,
+            access=self._access,
         )
 
     def _plain_connection(self) -> HttpConnection:
@@ -165,7 +179,23 @@ class DataServer:
             on_close=self._closed,
             divert=self._divert,
             counts=self.counts,
+            access=self._access,
         )
+
+    def _access(self, request: Request, status: int, sent: int, seconds: float) -> None:
+        site = request.headers.get(_SITE)
+        log = self._site_log(site.strip().decode("latin-1")) if site else None
+        if log is not None:
+            log.access(
+                access_line(
+                    method=request.method,
+                    target=request.target,
+                    status=status,
+                    sent=sent,
+                    seconds=seconds,
+                    logged=request.logged,
+                )
+            )
 
     def _admit_plain(self, conn: HttpConnection, transport: asyncio.Transport) -> bool:
         """The opt-in loopback listener: only processes on this machine can reach it."""

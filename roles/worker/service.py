@@ -21,6 +21,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from roles.worker._cache import ContentCache, SiteVersion
 from roles.worker._layout import apps_root, prepare_apps_root
 from roles.worker._static import HotCache
+from roles.worker._usage import WorkerUsageReporter
 from roles.worker.apps import AppManager, AppProxy, app_routes
 from roles.worker.config import WorkerConfig
 from roles.worker.content import ContentSync
@@ -90,7 +91,15 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     apps = AppManager(config, sync.lookup, root)
     divert = AppProxy(config, apps) if children is None else None
     server = (
-        DataServer(config, sync.lookup, hot, divert=divert, failure=sync.failure, pending=sync.pending)
+        DataServer(
+            config,
+            sync.lookup,
+            hot,
+            divert=divert,
+            failure=sync.failure,
+            pending=sync.pending,
+            site_log=apps.access_log,
+        )
         if children is None
         else None
     )
@@ -141,6 +150,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         clear_counts(config.state_dir)
         children.start()
     await plane.start()
+    metering = WorkerUsageReporter(config, apps.metered, log)
+    metering.start()
     # Startup's objects live as long as the process: keep the cyclic collector's full passes short.
     gc.collect()
     gc.freeze()
@@ -154,6 +165,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
             await server.stop()
         if children is not None:
             await children.stop()
+        await metering.stop()
         await apps.stop()
         await sync.stop()
         await plane.stop()

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Boolean,
     Date,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -73,7 +74,7 @@ class Plan(Base):
     max_sites: Mapped[int]
     storage_mb: Mapped[int]
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
-    # Issue 6 quotas. NULL bandwidth/CPU means unlimited; metering and enforcement come later.
+    # NULL bandwidth/CPU means unlimited; a site over either for the UTC day is stopped (shared.quota).
     bandwidth_mb_per_day: Mapped[int | None] = mapped_column(default=None)
     cpu_minutes_per_day: Mapped[int | None] = mapped_column(default=None)
     max_custom_hostnames: Mapped[int] = mapped_column(default=0, server_default="0")
@@ -170,6 +171,8 @@ class Site(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
     # Key/value app settings; a later issue hands them to the site's app processes.
     app_settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
+    # The UTC day an admin lifted the site's quota stop: it serves for the rest of that day.
+    quota_lifted_day: Mapped[dt.date | None] = mapped_column(Date, default=None)
     subscription: Mapped[Subscription] = relationship(back_populates="sites")
     hostnames: Mapped[list[CustomHostname]] = relationship(
         back_populates="site", cascade="all, delete-orphan", order_by="CustomHostname.hostname"
@@ -265,7 +268,8 @@ class SiteAssignment(Base):
 
 
 class SiteUsage(Base):
-    """Requests and bytes a site's visitors made through the front ends, per UTC day (metering)."""
+    """A site's usage per UTC day (metering): requests and bytes through the front ends, CPU and
+    memory-seconds of its app on the workers, and the storage it held when last seen that day."""
 
     __tablename__ = "site_usage"
     site: Mapped[str] = mapped_column(String(63), primary_key=True)
@@ -273,6 +277,9 @@ class SiteUsage(Base):
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_in: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_out: Mapped[int] = mapped_column(BigInteger, default=0)
+    cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    memory_mb_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    storage_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class UsageReport(Base):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 from typing import Any
 
 from aiohttp import web
@@ -9,6 +11,7 @@ from aiohttp import web
 from roles.management._fabric import outcome
 from roles.management._store import WORKER_SIZES
 from roles.management.api import service_of
+from roles.management.portal._charts import bar_chart
 from roles.management.portal._web import (
     Page,
     check_confirmed,
@@ -67,6 +70,31 @@ async def _render(
 # -- dashboard: hosts and roles
 
 
+async def _usage_charts(request: web.Request, page: Page) -> dict[str, Any]:
+    """The cloud's usage per day over the last 14 days (every site summed), as SVG charts."""
+    metering = service_of(request).metering
+    today = metering.today()
+    first = today - dt.timedelta(days=13)
+    rows = (await asyncio.to_thread(metering.export, page.who, first, today))["rows"]
+    days = [(first + dt.timedelta(days=i)).isoformat() for i in range(14)]
+    requests = dict.fromkeys(days, 0.0)
+    mb = dict.fromkeys(days, 0.0)
+    cpu = dict.fromkeys(days, 0.0)
+    for row in rows:
+        requests[row["day"]] += row["requests"]
+        mb[row["day"]] += (row["bytes_in"] + row["bytes_out"]) / 2**20
+        cpu[row["day"]] += row["cpu_seconds"]
+    return {
+        "requests": bar_chart(list(requests.items()), label="Requests per day, all sites", unit="requests"),
+        "bandwidth": bar_chart(
+            [(d, round(v, 2)) for d, v in mb.items()], label="Bandwidth per day, all sites", unit="MB"
+        ),
+        "cpu": bar_chart(
+            [(d, round(v, 1)) for d, v in cpu.items()], label="App CPU seconds per day", unit="s"
+        ),
+    }
+
+
 async def _dashboard(
     request: web.Request, page: Page, *, status: int = 200, error: SitecloudError | None = None
 ) -> web.Response:
@@ -84,7 +112,15 @@ async def _dashboard(
     }
     kinds = [k for k in ROLE_KINDS if k != "controller"]
     return await _render(
-        request, "admin_home.html", page, status=status, error=error, hosts=hosts, counts=counts, kinds=kinds
+        request,
+        "admin_home.html",
+        page,
+        status=status,
+        error=error,
+        hosts=hosts,
+        counts=counts,
+        kinds=kinds,
+        usage=await _usage_charts(request, page),
     )
 
 

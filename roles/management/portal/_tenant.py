@@ -7,12 +7,14 @@ site's page too (the service decides what each principal may do).
 from __future__ import annotations
 
 import base64
+import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import BodyPartReader, web
 
 from roles.management.api import service_of
+from roles.management.portal._charts import bar_chart
 from roles.management.portal._web import (
     Page,
     check_confirmed,
@@ -109,6 +111,22 @@ async def _site_page(
     settings = (await service.get_app_settings(page.who, name))["settings"]
     hostnames = (await service.list_hostnames(page.who, name))["hostnames"]
     storage = await service.site_storage(page.who, name)
+    today = service.metering.today()
+    usage = await service.site_usage(page.who, name, today - dt.timedelta(days=13), today)
+    days = usage["days"]
+    charts = {
+        "requests": bar_chart(
+            [(d["day"], d["requests"]) for d in days], label="Requests per day, last 14 days", unit="requests"
+        ),
+        "bandwidth": bar_chart(
+            [(d["day"], round((d["bytes_in"] + d["bytes_out"]) / 2**20, 2)) for d in days],
+            label="Bandwidth (in and out) per day, last 14 days",
+            unit="MB",
+        ),
+        "cpu": bar_chart(
+            [(d["day"], d["cpu_seconds"]) for d in days], label="App CPU seconds per day", unit="s"
+        ),
+    }
     check = None
     wanted = request.query.get("check", "").strip()
     if wanted:
@@ -127,6 +145,8 @@ async def _site_page(
         settings=settings,
         hostnames=hostnames,
         storage=storage,
+        usage=usage,
+        charts=charts,
         check=check,
         **extra,
     )

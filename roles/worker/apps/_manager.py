@@ -74,7 +74,8 @@ class AppSite:
 
     __slots__ = (
         "always_on", "cpu_total", "crashes", "disk_full", "disk_hits", "entry", "failures", "generation",
-        "identity", "instance", "last_used", "log", "memory_kills", "name", "packages_task", "pids_hits",
+        "identity", "instance", "last_used", "log", "memory_kills", "memory_mb_seconds", "name",
+        "packages_task", "pids_hits",
         "retry_at", "root", "runtime", "spec", "starting", "starts", "uid", "version",
     )  # fmt: skip
 
@@ -97,6 +98,8 @@ class AppSite:
         self.retry_at = 0.0
         self.last_used = 0.0
         self.cpu_total = 0.0
+        # Memory held times time, summed at each sweep (metering: MB-seconds since the worker started).
+        self.memory_mb_seconds = 0.0
         self.starts = 0
         self.crashes = 0
         # Limits hit: memory kills, process-limit hits, times its disk quota filled up (and now).
@@ -140,6 +143,8 @@ class AppManager:
         self._specs: dict[str, AppSpec] = {}
         # Sites found static, with the version that was looked at (no second look until it changes).
         self._static: dict[str, int] = {}
+        # Static sites' log streams (access lines), by site.
+        self._static_logs: dict[str, SiteLog] = {}
         self._sites: dict[str, AppSite] = {}
         # requirements.txt installs in progress, by package directory.
         self._building: dict[Path, asyncio.Task[Path | None]] = {}
@@ -148,6 +153,7 @@ class AppManager:
         self._background: set[asyncio.Task[Any]] = set()
         self._sockets = 0
         self._stopping = False
+        self._last_sweep = 0.0
 
     # -- what the data server asks (cheap: one dict lookup for a static site)
 
@@ -195,6 +201,8 @@ class AppManager:
                 self._drop(name, "the site left this worker")
         for name in self._static.keys() - self._uids.keys():
             del self._static[name]
+        for name in self._static_logs.keys() - self._uids.keys():
+            self._static_logs.pop(name).close()
         for name in self._uids:
             self.refresh(name)
 
@@ -385,6 +393,14 @@ class AppManager:
             )
         return gaps
 
+    def metered(self) -> dict[str, tuple[float, float]]:
+        """Per site: (CPU seconds, memory MB-seconds) its app used since this worker started."""
+        return {
+            name: (self.cpu_seconds(app), app.memory_mb_seconds)
+            for name, app in self._sites.items()
+            if app.cpu_total or app.memory_mb_seconds or app.instance is not None
+        }
+
     def cpu_seconds(self, app: AppSite) -> float:
         running = sum(i.cpu_seconds for i, a in self._active.items() if a is app)
         return app.cpu_total + running
@@ -427,12 +443,25 @@ class AppManager:
         }
 
     def log_for(self, name: str) -> SiteLog:
-        if name not in self._uids:
+        log = self.access_log(name)
+        if log is None:
             raise NotFound(f"site {name!r} is not on this worker")
+        return log
+
+    def access_log(self, name: str) -> SiteLog | None:
+        """The site's log stream: its app's log, or for a static site one of the worker's own."""
         app = self._sites.get(name)
-        if app is None:
-            raise NotFound(f"site {name!r} runs no app here", hint="a static site has no app log")
-        return self._site_log(app)
+        if app is not None:
+            return self._site_log(app)
+        uid = self._uids.get(name)
+        if uid is None:
+            return None
+        log = self._static_logs.get(name)
+        if log is None or log.path.name != f"{uid}.log":
+            folder = self._config.state_dir / "site-logs"
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            log = self._static_logs[name] = SiteLog(folder / f"{uid}.log", self._config.app_log_bytes)
+        return log
 
     # -- inside
 
@@ -696,6 +725,9 @@ class AppManager:
                 self._log.exception("app sweep failed")
 
     def _sweep_once(self, now: float) -> None:
+        # What each sample stands for: the time since the last sweep (a late sweep counts longer).
+        held_for = min(now - self._last_sweep, 10 * SWEEP_INTERVAL) if self._last_sweep else SWEEP_INTERVAL
+        self._last_sweep = now
         for inst, app in list(self._active.items()):
             try:
                 self._note_pids_hits(app, inst)
@@ -703,6 +735,7 @@ class AppManager:
             except OSError as exc:  # one app's vanished cgroup or volume never skips the others' rounds
                 self._log.warning("app %s: could not read its limits (%s)", app.name, exc)
             rss, _ = inst.sample()
+            app.memory_mb_seconds += rss / 2**20 * held_for
             if inst.cgroup is None and rss > inst.limits.memory_mb * 1024 * 1024 and inst.stopping is None:
                 inst.kill("memory")
                 continue

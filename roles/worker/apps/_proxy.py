@@ -16,6 +16,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from roles.worker._access import LOGGED_HEADERS, access_line
 from roles.worker._http import http_date
 from roles.worker._static import FileHit, Redirect, resolve
 from roles.worker.apps._fastcgi import FastCgiUpstream, encode_request
@@ -374,9 +375,16 @@ class AppExchange:
         manager = self._proxy.manager
         ms = (time.monotonic() - self._t0) * 1000
         status = self._status or 499
-        manager.site_log(app).write(
-            "access",
-            f"{self._method.decode()} {self._target.decode('latin-1')} {status} {self._sent}B {ms:.0f}ms",
+        logged = {k.lower(): v for k, v in self._headers if k.lower() in LOGGED_HEADERS}
+        manager.site_log(app).access(
+            access_line(
+                method=self._method,
+                target=self._target,
+                status=status,
+                sent=self._sent,
+                seconds=ms / 1000,
+                logged=logged,
+            )
         )
         inst, self._inst = self._inst, None
         if inst is not None:

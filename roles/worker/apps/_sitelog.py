@@ -1,7 +1,9 @@
 """One site's app log: its processes' stdout/stderr, the worker's lines about it, its access lines.
 
 A bounded file rotated once (``app.log`` → ``app.log.1``), so a site keeps at most twice the bound;
-followers (``site logs --follow``) get each new line as it is written.
+followers (``site logs --follow``) get each new line as it is written. Access lines come with every
+request, so they are held briefly and written in batches (as nginx buffers its access log): one
+write a batch rather than an open, write and close a request.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from pathlib import Path
 __all__ = ["SiteLog"]
 
 MAX_FOLLOW_QUEUE = 1000
+# Held access lines go to disk after this long, or once this many bytes are held.
+_HOLD_SECONDS = 0.5
+_HOLD_BYTES = 64 * 1024
 
 
 class SiteLog:
@@ -21,12 +26,52 @@ class SiteLog:
         self.path = path
         self._max = max_bytes
         self._followers: set[asyncio.Queue[str | None]] = set()
+        self._held: list[str] = []
+        self._held_bytes = 0
+        self._flush_at: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._stamp = ""
+
+    def _now(self) -> str:
+        second = int(time.time())
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        return self._stamp
 
     def write(self, source: str, text: str) -> None:
         """Append lines (``source`` is app, worker or access); a write error never reaches a request."""
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        stamp = self._now()
         lines = [f"{stamp} [{source}] {line}" for line in text.rstrip("\n").split("\n")]
-        data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+        self.flush()
+        self._append(("\n".join(lines) + "\n").encode("utf-8", "replace"))
+        self._tell(lines)
+
+    def access(self, text: str) -> None:
+        """One access line, written with the next batch; followers get it at once."""
+        line = f"{self._now()} [access] {text}"
+        self._held.append(line)
+        self._held_bytes += len(line) + 1
+        self._tell((line,))
+        if self._held_bytes > _HOLD_BYTES:
+            self.flush()
+        elif self._flush_at is None:
+            self._flush_at = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        if self._held:
+            held, self._held, self._held_bytes = self._held, [], 0
+            self._append(("\n".join(held) + "\n").encode("utf-8", "replace"))
+
+    def _tell(self, lines: list[str] | tuple[str, ...]) -> None:
+        for queue in list(self._followers):
+            for line in lines:
+                if queue.qsize() < MAX_FOLLOW_QUEUE:
+                    queue.put_nowait(line)
+
+    def _append(self, data: bytes) -> None:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
@@ -38,13 +83,10 @@ class SiteLog:
                 os.replace(self.path, f"{self.path}.1")
         except OSError:
             pass
-        for queue in list(self._followers):
-            for line in lines:
-                if queue.qsize() < MAX_FOLLOW_QUEUE:
-                    queue.put_nowait(line)
 
     def tail(self, count: int) -> list[str]:
         """The last ``count`` lines (from the rotated file too when the current one is short)."""
+        self.flush()
         lines: list[str] = []
         for path in (self.path, Path(f"{self.path}.1")):
             try:
@@ -72,6 +114,7 @@ class SiteLog:
 
     def close(self) -> None:
         """End every follower's stream (the site left this worker, or the worker stops)."""
+        self.flush()
         for queue in self._followers:
             queue.put_nowait(None)
         self._followers.clear()

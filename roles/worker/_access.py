@@ -1,0 +1,45 @@
+"""Access lines for a site's log stream, static and app requests alike.
+
+Like the combined log format, with the front end's request id added::
+
+    203.0.113.7 "GET /index.html HTTP/1.1" 200 5120 "https://ref.example/" "curl/8.5" 0.4ms id=5f1c0a9e2b7d-1a
+"""
+
+from __future__ import annotations
+
+__all__ = ["LOGGED_HEADERS", "access_line", "client_of"]
+
+# The request headers an access line shows (lower-case): the front end's request id, the visitor's
+# address, and what a combined log shows.
+LOGGED_HEADERS = frozenset({b"x-request-id", b"x-forwarded-for", b"user-agent", b"referer"})
+
+
+def _text(value: bytes | None, limit: int = 300) -> str:
+    if not value:
+        return "-"
+    # A visitor's bytes never break the line or its quoting.
+    return value[:limit].decode("latin-1").replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
+def client_of(forwarded_for: bytes | None) -> str:
+    """The visitor's address: the last hop the front end added to X-Forwarded-For."""
+    if not forwarded_for:
+        return "-"
+    return _text(forwarded_for.rsplit(b",", 1)[-1].strip(), 64)
+
+
+def access_line(
+    *,
+    method: bytes,
+    target: bytes,
+    status: int,
+    sent: int,
+    seconds: float,
+    logged: dict[bytes, bytes] | None,
+) -> str:
+    got = logged or {}
+    return (
+        f'{client_of(got.get(b"x-forwarded-for"))} "{_text(method, 16)} {_text(target, 2000)} HTTP/1.1" '
+        f'{status or "-"} {sent} "{_text(got.get(b"referer"))}" "{_text(got.get(b"user-agent"))}" '
+        f"{seconds * 1000:.1f}ms id={_text(got.get(b'x-request-id'), 64)}"
+    )
