@@ -158,6 +158,9 @@ async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
         if action == "hostname-remove":
             await service.delete_hostname(page.who, name, str(form.get("hostname", "")))
             raise redirect(f"/portal/sites/{name}", "hostname-removed")
+        if action == "hostname-renew":
+            await service.renew_hostname(page.who, name, str(form.get("hostname", "")))
+            raise redirect(f"/portal/sites/{name}", "hostname-renewing")
         if action == "hostname-verify":
             checked = await service.verify_hostname(page.who, name, str(form.get("hostname", "")))
             raise redirect(f"/portal/sites/{name}", f"hostname-{checked['state']}")
@@ -228,6 +231,10 @@ async def verify_hostname(request: web.Request) -> web.StreamResponse:
     return await _site_action(request, "hostname-verify")
 
 
+async def renew_hostname(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "hostname-renew")
+
+
 async def publish_profile(request: web.Request) -> web.StreamResponse:
     page = await require_page(request)
     await posted(request, page)
@@ -296,5 +303,6 @@ def tenant_routes() -> list[web.RouteDef]:
         web.post(f"{s}/hostnames", add_hostname),
         web.post(f"{s}/hostnames/remove", remove_hostname),
         web.post(f"{s}/hostnames/verify", verify_hostname),
+        web.post(f"{s}/hostnames/renew", renew_hostname),
         web.post(f"{s}/deploy", deploy),
     ]
