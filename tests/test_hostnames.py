@@ -83,7 +83,9 @@ def cloud(tmp_path_factory: pytest.TempPathFactory, tiny_dns: TinyDns) -> Iterat
     try:
         # ACME is tested against pebble (test_acme.py); here verified names must not reach out to a real CA.
         settings = api.ok(
-            "PATCH", "/settings", {"dns_resolvers": [f"127.0.0.1:{tiny_dns.port}"], "acme_directory_url": "off"}
+            "PATCH",
+            "/settings",
+            {"dns_resolvers": [f"127.0.0.1:{tiny_dns.port}"], "acme_directory_url": "off"},
         )
         assert settings["dns_resolvers"] == [f"127.0.0.1:{tiny_dns.port}"]
         yield cloud, api
