@@ -20,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 import urllib.request
 import warnings
 from collections.abc import Iterator
@@ -163,6 +164,12 @@ class Pebble:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def validations(self, host: str) -> int:
+        """Challenges for ``host`` pebble's validator took up (one per order here)."""
+        return self.log().count(
+            f'Pulled a task from the Tasks queue: &va.vaTask{{Identifier:acme.Identifier{{Type:"dns", Value:"{host}"}}'
+        )
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -340,6 +347,12 @@ def test_a_failed_order_says_why_and_backs_off(
     )
     text = local.cli_text("--token", bravo["token"], "site", "hostname", "list", "bravo")
     assert "failed: the CA could not validate" in text
+    assert pebble.validations(host) == 1
+    # The controller is woken (any change nudges it), and still waits out the back-off.
+    local.cli("site", "set", "bravo", "NUDGE=1", token=bravo["token"])
+    time.sleep(2)
+    assert pebble.validations(host) == 1
+    assert _cert_state(api, bravo["token"], host) == state
     # A retry asked for now fails again and waits twice as long.
     assert api.call("POST", f"/sites/bravo/hostnames/{host}/renew", token=bravo["token"])[0] == 202
     wait_until(
@@ -348,7 +361,7 @@ def test_a_failed_order_says_why_and_backs_off(
         what="the second failure",
     )
     again = _cert_state(api, bravo["token"], host)
-    assert again["state"] == "failed"
+    assert again["state"] == "failed" and pebble.validations(host) == 2
     assert dt.datetime.fromisoformat(again["retry_at"]) > retry + BACKOFF_FIRST - dt.timedelta(seconds=5)
     api.ok("DELETE", f"/sites/bravo/hostnames/{host}", token=bravo["token"])
 
