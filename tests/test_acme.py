@@ -44,6 +44,8 @@ from tests.test_hostnames import Api
 pytestmark = pytest.mark.timeout(300)
 
 PEBBLE = shutil.which("pebble") or "/usr/bin/pebble"
+# Seconds: renewals fall due 20 s after issue, with 10 s left for a slow (loaded) machine to renew.
+CERT_LIFETIME = 30
 needs_pebble = pytest.mark.skipif(
     not os.access(PEBBLE, os.X_OK), reason="Debian package pebble (the ACME test CA) is not installed"
 )
@@ -105,7 +107,7 @@ def test_a_snapshot_challenge_is_checked_and_bound_to_its_host() -> None:
 class Pebble:
     """pebble on loopback with a TLS certificate from a CA of the test's, validating on ``http_port``."""
 
-    def __init__(self, workdir: Path, *, http_port: int, dns_port: int) -> None:
+    def __init__(self, workdir: Path, *, http_port: int, dns_port: int, validity: int) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         ca = CertificateAuthority.load_or_create(workdir / "tls-ca", name="pebble listener test CA")
         listener = ca.issue("localhost", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
@@ -122,6 +124,8 @@ class Pebble:
                 "tlsPort": free_port(),
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": False,
+                # Short-lived certificates, so a renewal falls due (at two thirds) while the test runs.
+                "certificateValidityPeriod": validity,
             }
         }
         (workdir / "pebble.json").write_text(json.dumps(config))
@@ -209,7 +213,10 @@ def pebble(
         pytest.skip("Debian package pebble (the ACME test CA) is not installed")
     local, api = cloud
     server = Pebble(
-        tmp_path_factory.mktemp("pebble"), http_port=local.ports["http_port"], dns_port=tiny_dns.port
+        tmp_path_factory.mktemp("pebble"),
+        http_port=local.ports["http_port"],
+        dns_port=tiny_dns.port,
+        validity=CERT_LIFETIME,
     )
     try:
         settings = api.ok(
@@ -263,6 +270,19 @@ def _get_verified(local: LocalCloud, host: str, root_pem: str) -> tuple[str, str
     return hashlib.sha256(der).hexdigest(), issuer, int(head.split()[1]), body
 
 
+def _issued(fingerprint: str, local: LocalCloud, host: str, root_pem: str) -> dict[str, dt.datetime]:
+    """The validity of the certificate the front end serves for ``host`` (which has ``fingerprint``)."""
+    context = ssl.create_default_context(cadata=root_pem)
+    with (
+        socket.create_connection(("127.0.0.1", local.ports["https_port"]), timeout=10) as sock,
+        context.wrap_socket(sock, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True) or b""
+    assert hashlib.sha256(der).hexdigest() == fingerprint
+    cert = x509.load_der_x509_certificate(der)
+    return {"not_before": cert.not_valid_before_utc, "not_after": cert.not_valid_after_utc}
+
+
 @needs_pebble
 def test_a_verified_name_gets_a_certificate_from_pebble_served_by_sni_and_renewed_without_a_failed_request(
     cloud: tuple[LocalCloud, Api], pebble: Pebble, bravo: dict[str, Any], tiny_dns: TinyDns
@@ -295,33 +315,40 @@ def test_a_verified_name_gets_a_certificate_from_pebble_served_by_sni_and_renewe
     text = local.cli_text("--token", bravo["token"], "site", "hostname", "list", "bravo")
     assert f"valid until {state['until'][:10]}" in text
 
-    # A renewal asked for now; visitors keep being answered while it is replaced.
+    issued = _issued(first, local, host, root)
+    assert (issued["not_after"] - issued["not_before"]).total_seconds() <= CERT_LIFETIME + 1
+
+    # Visitors keep being answered while the certificate is replaced: first by the renewal that falls
+    # due at two thirds of its lifetime, then by one asked for now.
     failures: list[str] = []
-    served: set[str] = set()
+    served: list[str] = [first]
     stop = threading.Event()
 
     def visit() -> None:
         while not stop.is_set():
             try:
                 fingerprint, _, code, _ = _get_verified(local, host, root)
-                served.add(fingerprint)
+                if fingerprint != served[-1]:
+                    served.append(fingerprint)
                 if code != 200:
                     failures.append(f"status {code}")
             except (OSError, ssl.SSLError) as err:
                 failures.append(repr(err))
+            time.sleep(0.05)
 
     visitor = threading.Thread(target=visit)
     visitor.start()
     try:
-        renewed = api.call("POST", f"/sites/bravo/hostnames/{host}/renew", token=bravo["token"])
-        assert renewed[0] == 202, renewed
-        wait_until(
-            lambda: _get_verified(local, host, root)[0] != first, timeout=60, what="the renewed certificate"
-        )
+        due = renewal_time(issued["not_before"], issued["not_after"])
+        wait_until(lambda: len(served) >= 2, timeout=CERT_LIFETIME, what="the renewal at two thirds")
+        renewed_at = dt.datetime.now(dt.UTC)
+        assert due - dt.timedelta(seconds=1) <= renewed_at < issued["not_after"], (due, renewed_at)
+        assert api.call("POST", f"/sites/bravo/hostnames/{host}/renew", token=bravo["token"])[0] == 202
+        wait_until(lambda: len(served) >= 3, timeout=CERT_LIFETIME / 2, what="the renewal asked for")
     finally:
         stop.set()
         visitor.join()
-    assert failures == [] and len(served) >= 2
+    assert failures == [] and len(set(served)) == len(served) >= 3
     assert _cert_state(api, bravo["token"], host)["state"] == "valid"
 
 

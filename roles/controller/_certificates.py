@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from roles.controller._acme import AcmeClient, AcmeFailure, IssuedCertificate
@@ -72,46 +72,62 @@ class CertificateManager:
             while not stop.is_set():
                 self._wake.clear()
                 try:
-                    more = await self.pass_once()
+                    wait = await self.pass_once()
                 except Exception:
                     self._log.exception("certificate pass failed; retrying")
-                    more = False
-                if more:
+                    wait = _PASS_EVERY
+                if wait <= 0:
                     continue
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), _PASS_EVERY)
+                    await asyncio.wait_for(self._wake.wait(), wait)
         finally:
             if self._client is not None:
                 await asyncio.to_thread(self._client.close)
 
-    async def pass_once(self) -> bool:
-        """Order certificates for the names that are due; whether more were left for the next pass."""
-        settings, due = await asyncio.to_thread(self._due, dt.datetime.now(dt.UTC))
-        if not settings.enabled or not due:
-            return False
-        if self._client is None or self._client.settings != settings:
-            if self._client is not None:
-                await asyncio.to_thread(self._client.close)
-            self._client = AcmeClient(settings, self._state_dir)
-        for row_id, hostname in due[:_PER_PASS]:
-            await self._issue(self._client, row_id, hostname)
-        return len(due) > _PER_PASS
+    async def pass_once(self) -> float:
+        """Order certificates for the names that are due; seconds until the next pass is needed."""
+        now = dt.datetime.now(dt.UTC)
+        settings, due, next_due = await asyncio.to_thread(self._due, now)
+        if not settings.enabled:
+            return _PASS_EVERY
+        if due:
+            if self._client is None or self._client.settings != settings:
+                if self._client is not None:
+                    await asyncio.to_thread(self._client.close)
+                self._client = AcmeClient(settings, self._state_dir)
+            for row_id, hostname in due[:_PER_PASS]:
+                await self._issue(self._client, row_id, hostname)
+            if len(due) > _PER_PASS:
+                return 0.0
+            _, _, next_due = await asyncio.to_thread(self._due, dt.datetime.now(dt.UTC))
+        if next_due is None:
+            return _PASS_EVERY
+        # Wake when the next renewal or back-off ends, so a renewal is not late by a whole pass.
+        return min(_PASS_EVERY, max(0.5, (next_due - dt.datetime.now(dt.UTC)).total_seconds()))
 
-    def _due(self, now: dt.datetime) -> tuple[AcmeSettings, list[tuple[int, str]]]:
+    def _due(self, now: dt.datetime) -> tuple[AcmeSettings, list[tuple[int, str]], dt.datetime | None]:
         with self._db.session() as s:
             values = {
                 r.key: r.value.get("value")
                 for r in s.scalars(select(Setting).where(Setting.key.in_(_SETTINGS)))
             }
+            ours = (CustomHostname.state == HostnameState.VERIFIED) & or_(
+                CustomHostname.cert_source.is_(None), CustomHostname.cert_source != "upload"
+            )
             rows = s.execute(
                 select(CustomHostname.id, CustomHostname.hostname)
-                .where(CustomHostname.state == HostnameState.VERIFIED)
-                .where(or_(CustomHostname.cert_source.is_(None), CustomHostname.cert_source != "upload"))
+                .where(ours)
                 .where(or_(CustomHostname.acme_due_at.is_(None), CustomHostname.acme_due_at <= now))
                 .order_by(CustomHostname.acme_due_at.is_not(None), CustomHostname.acme_due_at)
                 .limit(_PER_PASS + 1)
             ).all()
-        return AcmeSettings.from_settings(values), [(i, h) for i, h in rows]
+            later = s.scalar(
+                select(func.min(CustomHostname.acme_due_at))
+                .where(ours)
+                .where(CustomHostname.acme_due_at > now)
+            )
+        next_due = later if later is None or later.tzinfo else later.replace(tzinfo=dt.UTC)
+        return AcmeSettings.from_settings(values), [(i, h) for i, h in rows], next_due
 
     @staticmethod
     def _current(s: Session, row_id: int, hostname: str) -> CustomHostname | None:
