@@ -28,12 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
+from alembic.config import Config
 from cryptography import x509
+from sqlalchemy import text
 
 from roles.controller._certificates import BACKOFF_FIRST, BACKOFF_MAX, backoff, renewal_time
 from roles.frontend._routes import build_routes
 from roles.frontend._upstream import Upstream
 from shared.acme import LETSENCRYPT_STAGING, AcmeChallenge, check_directory_url
+from shared.db.session import _MIGRATIONS, Database
 from shared.errors import InvalidInput
 from shared.net import free_port
 from shared.pki import CertificateAuthority
@@ -504,3 +508,39 @@ def test_hsts_is_sent_on_https_answers_of_sites_that_ask_for_it(
         timeout=10,
         what="the HSTS header to go",
     )
+
+
+def test_the_upgrade_marks_stored_certificates_as_uploads(tmp_path: Path) -> None:
+    """Certificates stored before ACME were tenants' uploads: ACME must leave them alone."""
+    db = Database.sqlite(tmp_path / "old.db")
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.attributes["engine"] = db.engine
+    command.upgrade(cfg, "0006")
+    with db.engine.begin() as c:
+        c.execute(text("insert into tenants (name) values ('t')"))
+        c.execute(text("insert into plans (name, max_sites, storage_mb) values ('p', 1, 1)"))
+        c.execute(text("insert into subscriptions (tenant_id, plan_id, state) values (1, 1, 'active')"))
+        c.execute(
+            text(
+                "insert into sites (uid, name, subscription_id, state, app_settings) "
+                "values ('u', 's', 1, 'running', '{}')"
+            )
+        )
+        c.execute(
+            text(
+                "insert into custom_hostnames (site_id, hostname, cert_pem, key_pem, state) values "
+                "(1, 'a.example.test', 'CERT', 'KEY', 'verified'), (1, 'b.example.test', null, null, 'verified')"
+            )
+        )
+    command.upgrade(cfg, "head")
+    with db.engine.begin() as c:
+        rows = c.execute(
+            text("select hostname, cert_source, acme_failures from custom_hostnames order by hostname")
+        ).all()
+        assert rows == [("a.example.test", "upload", 0), ("b.example.test", None, 0)]
+    command.downgrade(cfg, "0006")
+    command.upgrade(cfg, "head")
+    with db.engine.begin() as c:
+        assert c.execute(text("select count(*) from custom_hostnames")).scalar() == 2
+    db.dispose()
