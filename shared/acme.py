@@ -8,6 +8,7 @@ challenges the controller puts into the front end snapshot, which every front en
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -19,16 +20,20 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from shared.errors import InvalidInput
 
 __all__ = [
+    "BACKOFF_FIRST",
+    "BACKOFF_MAX",
     "CHALLENGE_PATH",
     "DIRECTORY_ALIASES",
     "LETSENCRYPT",
     "LETSENCRYPT_STAGING",
     "AcmeChallenge",
     "AcmeSettings",
+    "backoff",
     "check_ca_bundle",
     "check_directory_url",
     "check_email",
     "parse_challenges",
+    "renewal_time",
 ]
 
 LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
@@ -41,6 +46,20 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,256}$")
 _KEY_AUTHORIZATION = re.compile(r"^[A-Za-z0-9_-]{16,256}\.[A-Za-z0-9_-]{16,128}$")
 _EMAIL = re.compile(r"^[^@\s:,]{1,64}@[A-Za-z0-9.-]{1,253}$")
 MAX_CA_BUNDLE = 256 * 1024
+# After a failed order the next waits this long, doubling with each failure in a row up to the max.
+BACKOFF_FIRST = dt.timedelta(minutes=5)
+BACKOFF_MAX = dt.timedelta(days=1)
+
+
+def renewal_time(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime:
+    """Two thirds into the certificate's lifetime: 60 days into Let's Encrypt's 90."""
+    return not_before + (not_after - not_before) * 2 / 3
+
+
+def backoff(failures: int) -> dt.timedelta:
+    """How long to wait after ``failures`` failed orders in a row."""
+    doublings = max(0, min(failures - 1, 20))
+    return min(BACKOFF_FIRST * (1 << doublings), BACKOFF_MAX)
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,17 @@ from alembic.config import Config
 from cryptography import x509
 from sqlalchemy import text
 
-from roles.controller._certificates import BACKOFF_FIRST, BACKOFF_MAX, backoff, renewal_time
 from roles.frontend._routes import build_routes
 from roles.frontend._upstream import Upstream
-from shared.acme import LETSENCRYPT_STAGING, AcmeChallenge, check_directory_url
+from shared.acme import (
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    LETSENCRYPT_STAGING,
+    AcmeChallenge,
+    backoff,
+    check_directory_url,
+    renewal_time,
+)
 from shared.db.session import _MIGRATIONS, Database
 from shared.errors import InvalidInput
 from shared.net import free_port
@@ -347,7 +354,11 @@ def test_a_verified_name_gets_a_certificate_from_pebble_served_by_sni_and_renewe
         wait_until(lambda: len(served) >= 2, timeout=CERT_LIFETIME, what="the renewal at two thirds")
         renewed_at = dt.datetime.now(dt.UTC)
         assert due - dt.timedelta(seconds=1) <= renewed_at < issued["not_after"], (due, renewed_at)
-        assert api.call("POST", f"/sites/bravo/hostnames/{host}/renew", token=bravo["token"])[0] == 202
+        # A tenant may not order again minutes after the last order (the CA's rate limits are the
+        # cloud's); an admin may.
+        status, refused = api.call("POST", f"/sites/bravo/hostnames/{host}/renew", token=bravo["token"])
+        assert status == 429 and "try again in" in refused["error"]["hint"], refused
+        assert api.call("POST", f"/sites/bravo/hostnames/{host}/renew")[0] == 202
         wait_until(lambda: len(served) >= 3, timeout=CERT_LIFETIME / 2, what="the renewal asked for")
     finally:
         stop.set()
@@ -384,8 +395,9 @@ def test_a_failed_order_says_why_and_backs_off(
     time.sleep(2)
     assert pebble.validations(host) == 1
     assert _cert_state(api, bravo["token"], host) == state
-    # A retry asked for now fails again and waits twice as long.
-    assert api.call("POST", f"/sites/bravo/hostnames/{host}/renew", token=bravo["token"])[0] == 202
+    # A retry asked for now (by an admin: the tenant must wait) fails again and waits twice as long.
+    assert api.call("POST", f"/sites/bravo/hostnames/{host}/renew", token=bravo["token"])[0] == 429
+    assert api.call("POST", f"/sites/bravo/hostnames/{host}/renew")[0] == 202
     wait_until(
         lambda: _cert_state(api, bravo["token"], host).get("retry_at") not in (None, state["retry_at"]),
         timeout=60,

@@ -20,31 +20,18 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from roles.controller._acme import AcmeClient, AcmeFailure, IssuedCertificate
-from shared.acme import AcmeChallenge, AcmeSettings
+from shared.acme import AcmeChallenge, AcmeSettings, backoff, renewal_time
 from shared.db import CustomHostname, Database, Setting, bump_generation
 from shared.logs import ContextLogger
 from shared.names import CertState, HostnameState
 
-__all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "CertificateManager", "ChallengeBoard", "backoff", "renewal_time"]
+__all__ = ["CertificateManager", "ChallengeBoard"]
 
-BACKOFF_FIRST = dt.timedelta(minutes=5)
-BACKOFF_MAX = dt.timedelta(days=1)
 # Looked at this often even without a nudge (renewals fall due on their own).
 _PASS_EVERY = 30.0
 # Names ordered per pass: a burst of new names does not hold up the loop's other work for long.
 _PER_PASS = 10
 _SETTINGS = ("acme_directory_url", "acme_ca_bundle", "acme_email")
-
-
-def renewal_time(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime:
-    """Two thirds into the certificate's lifetime: 60 days into Let's Encrypt's 90."""
-    return not_before + (not_after - not_before) * 2 / 3
-
-
-def backoff(failures: int) -> dt.timedelta:
-    """How long to wait after ``failures`` failed orders in a row."""
-    doublings = max(0, min(failures - 1, 20))
-    return min(BACKOFF_FIRST * (1 << doublings), BACKOFF_MAX)
 
 
 class ChallengeBoard(Protocol):
@@ -149,6 +136,7 @@ class CertificateManager:
             if row is None:
                 return False
             row.acme_state = CertState.ISSUING
+            row.acme_attempted_at = dt.datetime.now(dt.UTC)
             return True
 
     def _record_success(self, row_id: int, hostname: str, cert: IssuedCertificate) -> bool:

@@ -386,7 +386,7 @@ _ERRORS = {
     404: "no such resource (also: another tenant's)",
     409: "already exists, a plan limit is reached, or not supported on this fabric",
     413: "over the storage quota",
-    429: "too many failed sign-ins",
+    429: "too many attempts (failed sign-ins, certificate orders); the hint says when to try again",
     503: "a role this needs cannot be reached now",
 }
 
@@ -715,7 +715,7 @@ def _paths() -> Json:
                 "Order the host name's ACME certificate now (an early renewal, or a retry after a failure)",
                 ok=202,
                 answer=_ref("Hostname"),
-                errors=(400, 404),
+                errors=(400, 404, 429),
                 tag="hostnames",
             ),
         },

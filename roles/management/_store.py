@@ -23,7 +23,7 @@ from roles.management._certs import describe, load_certificate
 from roles.management._domains import check_ownership, parse_resolvers, records_to_create
 from roles.management.config import ManagementConfig
 from shared import appsettings
-from shared.acme import AcmeSettings
+from shared.acme import BACKOFF_FIRST, AcmeSettings
 from shared.appsettings import check_app_setting
 from shared.credentials import hash_password, hash_token, new_password, new_token
 from shared.db import (
@@ -49,6 +49,7 @@ from shared.errors import (
     InvalidInput,
     LimitReached,
     NotFound,
+    RateLimited,
 )
 from shared.names import (
     DEFAULT_IP_DNS_SERVICES,
@@ -897,6 +898,18 @@ class Store:
                 raise InvalidInput(
                     "ACME certificates are off in this cloud", hint="an admin sets acme_directory_url"
                 )
+            now = dt.datetime.now(dt.UTC)
+            last = row.acme_attempted_at
+            if last is not None and not who.is_admin:
+                last = last if last.tzinfo else last.replace(tzinfo=dt.UTC)
+                if now - last < BACKOFF_FIRST:
+                    wait = int((last + BACKOFF_FIRST - now).total_seconds()) + 1
+                    # Each order counts against the CA's rate limits for the whole cloud.
+                    raise RateLimited(
+                        f"a certificate for {host} was ordered less than "
+                        f"{int(BACKOFF_FIRST.total_seconds() // 60)} minutes ago",
+                        hint=f"try again in {wait} seconds",
+                    )
             row.acme_due_at = None
             row.acme_state = CertState.ISSUING
             bump_generation(s)

@@ -221,6 +221,8 @@ class CustomHostname(Base):
     # When the controller next orders a certificate: the renewal time, the end of a back-off, or now
     # (NULL) for a name just verified or a renewal asked for.
     acme_due_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # When the last order started: a tenant may not ask for another within minutes (the CA's rate limits).
+    acme_attempted_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     site: Mapped[Site] = relationship(back_populates="hostnames")
 
 

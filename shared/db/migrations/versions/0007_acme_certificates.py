@@ -15,7 +15,15 @@ down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_COLUMNS = ("acme_due_at", "acme_failures", "acme_reason", "acme_state", "cert_not_before", "cert_source")
+_COLUMNS = (
+    "acme_attempted_at",
+    "acme_due_at",
+    "acme_failures",
+    "acme_reason",
+    "acme_state",
+    "cert_not_before",
+    "cert_source",
+)
 
 
 def upgrade() -> None:
@@ -27,6 +35,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("acme_reason", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("acme_failures", sa.Integer(), server_default="0", nullable=False))
         batch_op.add_column(sa.Column("acme_due_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("acme_attempted_at", sa.DateTime(timezone=True), nullable=True))
     # Every certificate stored so far was uploaded by its tenant: ACME leaves those alone.
     hostnames = sa.table(
         "custom_hostnames", sa.column("cert_pem", sa.Text()), sa.column("cert_source", sa.String())
