@@ -674,10 +674,11 @@ class Store:
         elif row.acme_state == CertState.FAILED:
             out.update(state=CertState.FAILED, reason=row.acme_reason)
             out["retry_at"] = iso(row.acme_due_at) if row.acme_due_at else None
-        elif row.acme_state in (CertState.ISSUING, CertState.VALID):
+        elif row.cert_pem and row.acme_state in (CertState.ISSUING, CertState.VALID):
             # A renewal in flight still serves the certificate it replaces.
-            out["state"] = CertState.VALID if row.cert_pem else CertState.ISSUING
+            out["state"] = CertState.VALID
         else:
+            # No certificate yet: the controller is ordering one, unless ACME is off.
             session = object_session(row)
             values = {}
             if session is not None:
