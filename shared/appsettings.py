@@ -1,7 +1,7 @@
 """The one trust boundary for a site's app settings (`sitecloud site set NAME KEY=VALUE`).
 
 Lower-case ``runtime``, ``entry``, ``always_on`` and ``idle_timeout`` configure how the worker runs
-the site, ``https_only`` and ``affinity`` how the front ends route to it; every other setting is given
+the site, ``https_only``, ``hsts`` and ``affinity`` how the front ends route to it; every other setting is given
 to the app as an environment variable.
 
 There is one function per kind of value, each returning the typed value or raising
@@ -51,7 +51,7 @@ __all__ = [
 
 Runtime = Literal["static", "python", "php", "command"]
 RUNTIMES: tuple[Runtime, ...] = ("static", "python", "php", "command")
-FRONTEND_KEYS = frozenset({"https_only", "affinity"})
+FRONTEND_KEYS = frozenset({"https_only", "hsts", "affinity"})
 SITE_KEYS = frozenset({"runtime", "entry", "always_on", "idle_timeout"}) | FRONTEND_KEYS
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # Set by the worker for every app; a site's settings may not override them.
@@ -217,7 +217,7 @@ def app_fields(settings: Mapping[str, str], *, always_on_allowed: bool) -> dict[
 
 
 def frontend_fields(settings: Mapping[str, str]) -> dict[str, Any]:
-    """The front end snapshot's per-site switches (HTTPS redirect, affinity cookie) that are on."""
+    """The front end snapshot's per-site switches (HTTPS redirect, HSTS, affinity cookie) that are on."""
     out: dict[str, Any] = {}
     for key in sorted(FRONTEND_KEYS):
         if key in settings:

@@ -14,6 +14,7 @@ from shared.errors import InvalidInput
 __all__ = [
     "DEFAULT_IP_DNS_SERVICES",
     "RESERVED_SITE_NAMES",
+    "CertState",
     "HostnameState",
     "canonical_hostname",
     "suggest_site_name",
@@ -103,6 +104,21 @@ class HostnameState(StrEnum):
     PENDING = "pending"
     # DNS proved the tenant owns it: routed to the site.
     VERIFIED = "verified"
+
+
+class CertState(StrEnum):
+    """Where a custom hostname's certificate stands, as the CLI, API and portal show it."""
+
+    # The name is not proven yet: no certificate is asked for a name that may be someone else's.
+    PENDING_VERIFICATION = "pending_verification"
+    # The controller is getting one from the ACME CA (first issue, a renewal, or a retry after a failure).
+    ISSUING = "issuing"
+    # A certificate is served; ``until`` says to when.
+    VALID = "valid"
+    # The last ACME order failed; ``reason`` says why, ``retry_at`` when the next try is.
+    FAILED = "failed"
+    # Verified, but no certificate and ACME is off: served over HTTPS with the platform's wildcard only.
+    NONE = "none"
 
 
 # Wildcard DNS services that answer a name with the IP address written inside it (127.0.0.1.nip.io,

@@ -8,6 +8,7 @@ from pathlib import Path
 from shared.config import RoleConfig
 
 __all__ = [
+    "INTERMEDIATE_CIPHERS",
     "LANE_ALPN",
     "client_context",
     "client_context_from_files",
@@ -20,8 +21,28 @@ __all__ = [
 LANE_ALPN = "sitecloud-lane/1"
 
 
+# Mozilla's "intermediate" TLS 1.2 suites (server-side-tls guidelines, version 5.7): forward secret
+# AEAD only. TLS 1.3 suites are OpenSSL's defaults, all of which that profile allows. The DHE suites
+# need DH parameters, which are not loaded, so in practice the ECDHE ones are offered.
+INTERMEDIATE_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    )
+)
+
+
 def _harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    # TLS 1.2 and up (RFC 8996 retires 1.0 and 1.1), the intermediate profile's suites.
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(INTERMEDIATE_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION
     return ctx
 

@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,12 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+
 from shared.config import RoleConfig, write_role_config
 from shared.net import free_port
 from shared.pki import CertificateAuthority
 from shared.tls import LANE_ALPN, client_context_from_files
 
-__all__ = ["Answer", "CloudPKI", "RoleProcess", "call", "lane_exchange", "wait_until"]
+__all__ = ["Answer", "CloudPKI", "RoleProcess", "TinyDns", "call", "lane_exchange", "wait_until"]
 
 C = TypeVar("C", bound=RoleConfig)
 
@@ -255,3 +261,55 @@ def pip_index_unreachable() -> str:
         argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", scratch]
         probe = subprocess.run([*argv, "flask"], capture_output=True, text=True, timeout=120, check=False)
     return "" if probe.returncode == 0 else f"pip cannot fetch packages here: {probe.stdout[-300:]}"
+
+
+class TinyDns:
+    """An authoritative DNS server on 127.0.0.1 for what the test sets: (name, type) -> values."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, str], list[str]] = {}
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port: int = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="tiny-dns", daemon=True)
+        self._thread.start()
+
+    def set(self, name: str, rdtype: str, *values: str) -> None:
+        self.records[(name.lower().rstrip("."), rdtype)] = list(values)
+
+    def _answer(self, query: dns.message.Message) -> dns.message.Message:
+        reply = dns.message.make_response(query)
+        reply.flags |= 0x0400  # AA: we are the authority for every name we know
+        question = query.question[0]
+        name = question.name.to_text().lower().rstrip(".")
+        rdtype = dns.rdatatype.to_text(question.rdtype)
+        if not any(known == name for known, _ in self.records):
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+            return reply
+        for kind in dict.fromkeys((rdtype, "CNAME")):
+            values = self.records.get((name, kind))
+            if values:
+                texts = [
+                    f'"{v}"' if kind == "TXT" else v if kind in ("A", "AAAA") else f"{v}." for v in values
+                ]
+                reply.answer.append(dns.rrset.from_text_list(question.name, 60, "IN", kind, texts))
+                break
+        return reply
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wire, peer = self._sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            try:
+                self._sock.sendto(self._answer(dns.message.from_wire(wire)).to_wire(), peer)
+            except Exception:  # a malformed query is dropped, as a real server would
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()

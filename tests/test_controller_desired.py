@@ -15,6 +15,7 @@ from roles.controller.desired import (
     snapshots_for,
     unreachable_needs,
 )
+from shared.acme import AcmeChallenge
 from shared.db import (
     CustomHostname,
     Database,
@@ -187,6 +188,19 @@ def test_many_front_ends_get_the_same_routes_without_down_or_unreachable_workers
     assert down[1]["sites"]["blog"]["workers"] == ["web2:7412"]
     assert down[2]["sites"]["blog"]["workers"] == ["web2:7412", "localhost:9102"]
     assert down[3]["sites"] == {"blog": {"uid": "u1"}}  # it keeps its sites for when it rejoins
+
+
+def test_acme_challenges_go_to_every_front_end_and_nowhere_else() -> None:
+    state = _state()
+    token = "t" * 43
+    state.acme_challenges = (AcmeChallenge("www.blog.example", token, f"{token}.{'k' * 43}"),)
+    snaps = snapshots_for(state)
+    for frontend in (1, 2):
+        assert snaps[frontend]["acme_challenges"] == [
+            {"host": "www.blog.example", "token": token, "key_authorization": f"{token}.{'k' * 43}"}
+        ]
+    assert all("acme_challenges" not in snaps[i] for i in (3, 4, 5, 6, 7, 8))
+    assert "acme_challenges" not in snapshots_for(_state())[1]
 
 
 def test_the_fileserver_is_reached_by_host_name_one_for_all() -> None:

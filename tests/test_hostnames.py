@@ -15,18 +15,12 @@ import io
 import json
 import socket
 import ssl
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dns.message
-import dns.name
-import dns.rcode
-import dns.rdatatype
-import dns.rrset
 import pytest
 from alembic import command
 from alembic.config import Config
@@ -40,59 +34,9 @@ from shared.db.session import _MIGRATIONS, Database
 from shared.errors import InvalidInput
 from shared.names import validate_custom_hostname
 from tests.cloud import LocalCloud
-from tests.support import wait_until
+from tests.support import TinyDns, wait_until
 
 pytestmark = pytest.mark.timeout(300)
-
-
-class TinyDns:
-    """An authoritative DNS server on 127.0.0.1 for what the test sets: (name, type) -> values."""
-
-    def __init__(self) -> None:
-        self.records: dict[tuple[str, str], list[str]] = {}
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.settimeout(0.2)
-        self.port: int = self._sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="tiny-dns", daemon=True)
-        self._thread.start()
-
-    def set(self, name: str, rdtype: str, *values: str) -> None:
-        self.records[(name.lower().rstrip("."), rdtype)] = list(values)
-
-    def _answer(self, query: dns.message.Message) -> dns.message.Message:
-        reply = dns.message.make_response(query)
-        reply.flags |= 0x0400  # AA: we are the authority for every name we know
-        question = query.question[0]
-        name = question.name.to_text().lower().rstrip(".")
-        rdtype = dns.rdatatype.to_text(question.rdtype)
-        if not any(known == name for known, _ in self.records):
-            reply.set_rcode(dns.rcode.NXDOMAIN)
-            return reply
-        for kind in dict.fromkeys((rdtype, "CNAME")):
-            values = self.records.get((name, kind))
-            if values:
-                texts = [f'"{v}"' if kind == "TXT" else f"{v}." for v in values]
-                reply.answer.append(dns.rrset.from_text_list(question.name, 60, "IN", kind, texts))
-                break
-        return reply
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                wire, peer = self._sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            try:
-                self._sock.sendto(self._answer(dns.message.from_wire(wire)).to_wire(), peer)
-            except Exception:  # a malformed query is dropped, as a real server would
-                continue
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sock.close()
 
 
 class Api:
@@ -137,7 +81,12 @@ def cloud(tmp_path_factory: pytest.TempPathFactory, tiny_dns: TinyDns) -> Iterat
     cloud = LocalCloud(tmp_path_factory.mktemp("cloud") / "home")
     api = Api(cloud.start(), cloud.ca_file)
     try:
-        settings = api.ok("PATCH", "/settings", {"dns_resolvers": [f"127.0.0.1:{tiny_dns.port}"]})
+        # ACME is tested against pebble (test_acme.py); here verified names must not reach out to a real CA.
+        settings = api.ok(
+            "PATCH",
+            "/settings",
+            {"dns_resolvers": [f"127.0.0.1:{tiny_dns.port}"], "acme_directory_url": "off"},
+        )
         assert settings["dns_resolvers"] == [f"127.0.0.1:{tiny_dns.port}"]
         yield cloud, api
     finally:

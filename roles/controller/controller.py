@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from sqlalchemy import select
 
+from roles.controller._certificates import CertificateManager
 from roles.controller._fleet import Fleet
 from roles.controller._fleet_api import fleet_routes
 from roles.controller._usage import UsageBook, usage_routes
@@ -30,6 +31,7 @@ from roles.controller.fabric.base import RoleSpec
 from roles.controller.fabric.local import LOCAL_HOST, LocalFabric
 from roles.controller.fabric.netns import BRIDGE
 from roles.controller.home import CloudHome
+from shared.acme import AcmeChallenge
 from shared.db import Database, Host, Role, bump_generation
 from shared.errors import SitecloudError, Unavailable
 from shared.internal import InternalClient, error_middleware, require_role
@@ -95,6 +97,11 @@ class Controller:
         # What quota stops the current generation carries; the clock decides the UTC day (tests set it).
         self._quota_seen: dict[str, tuple[str, float, dt.datetime]] | None = None
         self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+        # HTTP-01 answers of the ACME orders in flight, by token: every front end snapshot carries them.
+        self._challenges: dict[str, AcmeChallenge] = {}
+        self.certificates = CertificateManager(
+            self.db, config.home / "acme", self, self._log.bind(part="acme")
+        )
         # Metrics: the reconcile pass timed as it runs (a few a second at most); the rest read when scraped.
         self.metrics = role_registry("controller", LOCAL_HOST, self._generation)
         self._reconcile_seconds = Histogram(
@@ -142,6 +149,7 @@ class Controller:
             tasks = [
                 asyncio.create_task(self._reconcile_loop(stop), name="reconcile"),
                 asyncio.create_task(self._health_loop(stop), name="health"),
+                asyncio.create_task(self.certificates.run(stop), name="certificates"),
             ]
             await self._wait_ready(stop, timeout=60)
             if not stop.is_set():
@@ -297,6 +305,8 @@ class Controller:
         """Reconcile now; with ``{"wait_for": N}``, answer once every serving role runs generation N."""
         require_role(request, "management", "controller")
         self._nudge.set()
+        # A name may have been verified, or a renewal asked for.
+        self.certificates.wake()
         body = await request.json() if request.can_read_body else {}
         wait_for = body.get("wait_for") if isinstance(body, dict) else None
         if not isinstance(wait_for, int) or isinstance(wait_for, bool):
@@ -383,6 +393,9 @@ class Controller:
 
     async def reconcile_once(self) -> None:
         desired = await asyncio.to_thread(self._read, self._routed_down)
+        # Taken after the read: a challenge is added before its generation is bumped, so a read that
+        # sees that generation always goes out with the challenge.
+        desired.acme_challenges = tuple(self._challenges.values())
         self._desired = desired
         self._roles = {r.id: r for r in desired.roles}
         snapshots = snapshots_for(desired)
@@ -436,6 +449,22 @@ class Controller:
         desired = self._desired
         if desired is not None and self._acked[role.id] < desired.generation:
             self._nudge.set()
+
+    # -- ACME challenges (ChallengeBoard) ---------------------------------------------------------
+
+    async def publish_challenges(self, challenges: Sequence[AcmeChallenge]) -> bool:
+        """Put HTTP-01 answers into a new generation; whether every serving role took it in time."""
+        for challenge in challenges:
+            self._challenges[challenge.token] = challenge
+        generation = await asyncio.to_thread(self._bump)
+        self._nudge.set()
+        return await self.wait_applied(generation, timeout=10.0)
+
+    async def withdraw_challenges(self, challenges: Sequence[AcmeChallenge]) -> None:
+        for challenge in challenges:
+            self._challenges.pop(challenge.token, None)
+        await asyncio.to_thread(self._bump)
+        self._nudge.set()
 
     # -- what the fabric work needs (FleetHooks) ---------------------------------------------------
 

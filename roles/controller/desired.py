@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from shared.acme import AcmeChallenge
 from shared.appsettings import APP_DISK_MIN_MB, app_fields, frontend_fields
 from shared.db import (
     Host,
@@ -114,6 +115,8 @@ class DesiredState:
     down: frozenset[int] = frozenset()
     # Sites over a daily plan quota: front ends answer them with the quota page (shared.quota).
     quota_stops: dict[str, QuotaStop] = field(default_factory=dict)
+    # HTTP-01 answers of the ACME orders in flight (the controller fills this in), for every front end.
+    acme_challenges: tuple[AcmeChallenge, ...] = ()
 
     def of_kind(self, kind: str) -> list[RoleEndpoint]:
         return [r for r in self.roles if r.kind == kind]
@@ -323,6 +326,11 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
                     }
                     for s in state.sites
                 },
+                **(
+                    {"acme_challenges": [c.to_json() for c in state.acme_challenges]}
+                    if state.acme_challenges
+                    else {}
+                ),
             }
         elif role.kind == "worker":
             body = {

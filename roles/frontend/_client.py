@@ -31,11 +31,13 @@ from roles.frontend._http import (
     extra_connection_tokens,
     redirect_page,
     strip_headers,
+    text_page,
 )
 from roles.frontend._lane import LaneConnection, lane_eligible
 from roles.frontend._proxy import Proxy
 from roles.frontend._routes import AFFINITY_COOKIE, Site
 from roles.frontend._upstream import Exchange, Upstream, UpstreamConnection
+from shared.acme import CHALLENGE_PATH
 
 __all__ = ["ClientConnection"]
 
@@ -62,6 +64,7 @@ _LANE_OFF_FOR = 30.0
 # How many refused targets a site remembers (then it starts over).
 _OFF_LANE_MAX = 1024
 _REDIRECT_AS_IS = frozenset({b"GET", b"HEAD"})
+_CHALLENGE_PREFIX = CHALLENGE_PATH.encode()
 
 
 class _Reject(Exception):
@@ -405,8 +408,16 @@ class ClientConnection(asyncio.Protocol):
                 host = url.host + (b":" + str(url.port).encode() if url.port else b"")
                 target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
         name = _normalize_host(host) if host is not None else b""
-        site = self._proxy.routes.get(name) if host is not None else None
-        if site is None:
+        # RFC 8555 8.3: the CA fetches the key authorization over plain HTTP, before any HTTPS redirect.
+        challenge = (
+            self._proxy.challenges.get((name, target))
+            if self._proxy.challenges and target.startswith(_CHALLENGE_PREFIX)
+            else None
+        )
+        site = self._proxy.routes.get(name) if host is not None and challenge is None else None
+        if challenge is not None:
+            req.local = text_page(200, b"OK", challenge)
+        elif site is None:
             # Not a site's name (a balancer checks by address): the front end's own health answers.
             req.local = self._proxy.healthz() if target == b"/healthz" else PAGES[404]
         elif site.stopped is not None:
@@ -699,6 +710,9 @@ class ClientConnection(asyncio.Protocol):
         headers += req.rid
         if req.set_cookie:
             headers += req.set_cookie
+        site = req.site
+        if site is not None and site.hsts and self._https:
+            headers += site.hsts
         if status == 101:
             headers += b"Connection: Upgrade\r\nUpgrade: " + req.upgrade + b"\r\n"
         else:
@@ -762,6 +776,9 @@ class ClientConnection(asyncio.Protocol):
         proxy = self._proxy
         proxy.counts.done(int(status_line[9:12]), proxy.loop.time() - req.t0)
         extra = req.rid + req.set_cookie
+        site = req.site
+        if site is not None and site.hsts and self._https:
+            extra += site.hsts
         if not self._keep_alive(req):
             req.close_after = True
             extra += b"Connection: close\r\n"

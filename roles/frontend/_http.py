@@ -28,6 +28,7 @@ __all__ = [
     "quota_page",
     "redirect_page",
     "strip_headers",
+    "text_page",
 ]
 
 # What the proxy does with a header, by its lower-cased name; a name not listed is forwarded as is.
@@ -113,6 +114,19 @@ class Page(NamedTuple):
     status: int
     keep: bytes
     close: bytes
+
+
+def text_page(status: int, reason: bytes, text: bytes) -> Page:
+    """A plain-text answer of the front end's own (health, ACME challenges)."""
+    head = (
+        b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+        b"Cache-Control: no-store\r\n" % (status, reason, len(text))
+    )
+    return Page(
+        status,
+        head + b"Connection: keep-alive\r\n\r\n" + text,
+        head + b"Connection: close\r\n\r\n" + text,
+    )
 
 
 def _page(status: int, title: str, detail: str) -> Page:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from roles.frontend._http import Page
+from roles.frontend._http import Page, text_page
 from roles.frontend._lane import NO_LANE_FOR, LaneConnection
 from roles.frontend._routes import CustomCert, Site, build_routes, failure_figures
 from roles.frontend._upstream import Upstream, UpstreamConnection
@@ -35,21 +35,9 @@ _DOWN_FOR = 2.0
 _BIG_SNAPSHOT = 2000
 
 
-def _text_page(status: int, reason: bytes, text: bytes) -> Page:
-    head = (
-        b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-        b"Cache-Control: no-store\r\n" % (status, reason, len(text))
-    )
-    return Page(
-        status,
-        head + b"Connection: keep-alive\r\n\r\n" + text,
-        head + b"Connection: close\r\n\r\n" + text,
-    )
-
-
-_HEALTHZ_OK = _text_page(200, b"OK", b"ok\n")
-_HEALTHZ_NO_ROUTES = _text_page(503, b"Service Unavailable", b"no routes: no config snapshot applied yet\n")
-_HEALTHZ_DRAINING = _text_page(503, b"Service Unavailable", b"draining: this front end is stopping\n")
+_HEALTHZ_OK = text_page(200, b"OK", b"ok\n")
+_HEALTHZ_NO_ROUTES = text_page(503, b"Service Unavailable", b"no routes: no config snapshot applied yet\n")
+_HEALTHZ_DRAINING = text_page(503, b"Service Unavailable", b"draining: this front end is stopping\n")
 
 
 class UpstreamRefused(OSError):
@@ -68,6 +56,8 @@ class Proxy:
         self.failed_sites: dict[str, str] = {}
         # Custom hostnames' own certificates (the SNI callback reads this), and usage per site.
         self.certs: dict[str, CustomCert] = {}
+        # ACME HTTP-01 answers the controller asked every front end to serve: (host, target) -> answer.
+        self.challenges: dict[tuple[bytes, bytes], bytes] = {}
         self.usage: dict[str, list[int]] = {}
         # Answers by status class and latency, counted on the request path (see shared.metrics).
         self.counts = HttpCounts()
@@ -153,6 +143,7 @@ class Proxy:
             routes.sites,
         )
         self.failed_sites = routes.failed
+        self.challenges = routes.challenges
         self.applied = True
         for address, old in self.upstreams.items():
             if address not in used:

@@ -14,11 +14,13 @@ from typing import Any
 
 from roles.frontend._http import Page, quota_page
 from roles.frontend._upstream import Upstream
+from shared.acme import CHALLENGE_PATH, parse_challenges
 from shared.errors import InvalidInput
 from shared.names import validate_hostname, validate_site_name
 
 __all__ = [
     "AFFINITY_COOKIE",
+    "HSTS_HEADER",
     "CustomCert",
     "Routes",
     "Site",
@@ -32,6 +34,8 @@ _DOWN_PENALTY = 1 << 20
 
 # Like Azure's ARRAffinity: names the worker a visitor stays on, for sites that opt in.
 AFFINITY_COOKIE = b"SitecloudAffinity"
+# One year, as browsers' preload lists ask; not includeSubDomains: a site owns one name, not those under it.
+HSTS_HEADER = b"Strict-Transport-Security: max-age=31536000\r\n"
 
 
 class Site:
@@ -42,6 +46,7 @@ class Site:
         "affinity",
         "by_token",
         "header",
+        "hsts",
         "https_only",
         "lane_off_until",
         "max_body",
@@ -60,6 +65,7 @@ class Site:
         usage: list[int],
         affinity: bool = False,
         https_only: bool = False,
+        hsts: bool = False,
         max_body: int = 0,
         stopped: Page | None = None,
     ) -> None:
@@ -70,6 +76,8 @@ class Site:
         self.affinity = affinity
         self.by_token = {up.token: up for up in upstreams} if affinity else {}
         self.https_only = https_only
+        # Added to the site's HTTPS answers (RFC 6797; never on plain HTTP, where browsers ignore it).
+        self.hsts = HSTS_HEADER if hsts else b""
         self.max_body = max_body  # 0: no limit
         # Until when (loop time) this site's GETs skip the lane: a worker said its app answers them.
         self.lane_off_until = 0.0
@@ -132,6 +140,8 @@ class Routes:
     # Site entries that could not be used, with why: their visitors get the platform's 503 page.
     failed: dict[str, str] = field(default_factory=dict)
     sites: int = 0
+    # ACME HTTP-01 answers: (host, request target) -> the key authorization.
+    challenges: dict[tuple[bytes, bytes], bytes] = field(default_factory=dict)
 
 
 def failure_figures(failed: dict[str, str]) -> dict[str, Any]:
@@ -240,6 +250,12 @@ def build_routes(
     if not isinstance(sites, dict):
         raise InvalidInput("'sites' must be an object")
     routes = Routes(domain)
+    try:
+        for challenge in parse_challenges(snapshot.get("acme_challenges")):
+            target = (CHALLENGE_PATH + challenge.token).encode()
+            routes.challenges[(challenge.host.encode(), target)] = challenge.key_authorization.encode()
+    except InvalidInput as err:
+        routes.skipped.append(f"ACME challenges: {err}")
     hosts = routes.hosts
     suffix = "." + domain
     addresses: dict[Any, tuple[str, int, bool]] = {}  # most sites share a few workers: parse each once
@@ -267,6 +283,7 @@ def build_routes(
                 usage=usage(name),
                 affinity=_flag(spec, "affinity"),
                 https_only=_flag(spec, "https_only"),
+                hsts=_flag(spec, "hsts"),
                 max_body=max_body,
                 stopped=_quota_stop(spec),
             )

@@ -18,6 +18,7 @@ from sqlalchemy import delete, func, select
 
 from roles.management._domains import check_ip_dns_services, parse_resolvers
 from roles.management._store import Principal, iso, require_admin
+from shared.acme import LETSENCRYPT, check_ca_bundle, check_directory_url, check_email
 from shared.credentials import hash_password, hash_token, new_password, new_token, verify_password
 from shared.db import ApiToken, Database, PortalSession, Setting, Tenant, User, bump_generation
 from shared.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, RateLimited, Unauthorized
@@ -37,6 +38,12 @@ SETTINGS_DEFAULTS: Json = {
     "dns_resolvers": [],
     # Wildcard DNS services that resolve names to the IP they embed; no custom hostname may be under one.
     "ip_dns_services": list(DEFAULT_IP_DNS_SERVICES),
+    # The ACME directory the controller orders custom hostnames' certificates from ("" = ACME off).
+    "acme_directory_url": LETSENCRYPT,
+    # PEM certificates to trust for that directory's HTTPS (a test CA); "" = the system's.
+    "acme_ca_bundle": "",
+    # Given to the CA as the account's contact (expiry notices); "" = none.
+    "acme_email": "",
 }
 # Verified against for unknown users, so a sign-in takes as long whether or not the user exists.
 _DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
@@ -343,6 +350,12 @@ class Accounts:
             parse_resolvers(body["dns_resolvers"])
         if "ip_dns_services" in body:
             body = {**body, "ip_dns_services": check_ip_dns_services(body["ip_dns_services"])}
+        if "acme_directory_url" in body:
+            body = {**body, "acme_directory_url": check_directory_url(body["acme_directory_url"])}
+        if "acme_ca_bundle" in body:
+            body = {**body, "acme_ca_bundle": check_ca_bundle(body["acme_ca_bundle"])}
+        if "acme_email" in body:
+            body = {**body, "acme_email": check_email(body["acme_email"])}
         with self._write_lock, self._db.session() as s:
             for key, value in body.items():
                 row = s.get(Setting, key)

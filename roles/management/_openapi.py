@@ -136,8 +136,22 @@ _SCHEMAS: Json = {
         ["id", "username", "admin", "tenant"],
     ),
     "CloudSettings": _obj(
-        {"signup_enabled": _BOOL, "dns_resolvers": _STRS, "ip_dns_services": _STRS},
-        ["signup_enabled", "dns_resolvers", "ip_dns_services"],
+        {
+            "signup_enabled": _BOOL,
+            "dns_resolvers": _STRS,
+            "ip_dns_services": _STRS,
+            "acme_directory_url": _STR,
+            "acme_ca_bundle": _STR,
+            "acme_email": _STR,
+        },
+        [
+            "signup_enabled",
+            "dns_resolvers",
+            "ip_dns_services",
+            "acme_directory_url",
+            "acme_ca_bundle",
+            "acme_email",
+        ],
     ),
     "CloudSettingsUpdate": _obj(
         {
@@ -149,6 +163,20 @@ _SCHEMAS: Json = {
             "ip_dns_services": {
                 **_STRS,
                 "description": "wildcard DNS services (nip.io, ...) no custom hostname may be under",
+            },
+            "acme_directory_url": {
+                "type": "string",
+                "maxLength": 2000,
+                "description": "ACME directory for custom hostnames' certificates: an https:// URL, "
+                "'letsencrypt' (default), 'letsencrypt-staging', or 'off' / ''",
+            },
+            "acme_ca_bundle": {
+                "type": "string",
+                "description": "PEM CA certificates to trust for the ACME directory; '' = the system's",
+            },
+            "acme_email": {
+                "type": "string",
+                "description": "contact address given to the ACME CA; '' = none",
             },
         },
         closed=True,
@@ -304,6 +332,7 @@ _SCHEMAS: Json = {
                 "items": _ref("DnsRecord"),
                 "description": "for a pending name: create either record, then verify",
             },
+            "certificate_state": _ref("CertificateState"),
             "certificate": {
                 "oneOf": [
                     {"type": "null"},
@@ -320,7 +349,23 @@ _SCHEMAS: Json = {
                 ]
             },
         },
-        ["hostname", "site", "state", "certificate", "records"],
+        ["hostname", "site", "state", "certificate", "records", "certificate_state"],
+    ),
+    "CertificateState": _obj(
+        {
+            "state": {
+                "type": "string",
+                "enum": ["pending_verification", "issuing", "valid", "failed", "none"],
+                "description": "pending_verification: no certificate before DNS proves the name; issuing: "
+                "the controller is ordering one from the ACME CA; valid: served until `until`; failed: the "
+                "last order failed (`reason`), tried again at `retry_at`; none: ACME is off and none was uploaded",
+            },
+            "source": {"type": ["string", "null"], "enum": ["acme", "upload", None]},
+            "until": {"type": ["string", "null"]},
+            "reason": {"type": ["string", "null"]},
+            "retry_at": {"type": ["string", "null"]},
+        },
+        ["state", "source", "until", "reason", "retry_at"],
     ),
     "Hostnames": _obj(
         {"site": _STR, "verification_id": _STR, "hostnames": {"type": "array", "items": _ref("Hostname")}},
@@ -341,7 +386,7 @@ _ERRORS = {
     404: "no such resource (also: another tenant's)",
     409: "already exists, a plan limit is reached, or not supported on this fabric",
     413: "over the storage quota",
-    429: "too many failed sign-ins",
+    429: "too many attempts (failed sign-ins, certificate orders); the hint says when to try again",
     503: "a role this needs cannot be reached now",
 }
 
@@ -708,6 +753,16 @@ def _paths() -> Json:
                 "Check DNS now for proof that the tenant owns a pending host name",
                 answer=_ref("Hostname"),
                 errors=(404,),
+                tag="hostnames",
+            ),
+        },
+        "/api/v1/sites/{name}/hostnames/{hostname}/renew": {
+            "parameters": [_SITE, _HOST],
+            "post": _op(
+                "Order the host name's ACME certificate now (an early renewal, or a retry after a failure)",
+                ok=202,
+                answer=_ref("Hostname"),
+                errors=(400, 404, 429),
                 tag="hostnames",
             ),
         },

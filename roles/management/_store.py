@@ -17,12 +17,13 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, joinedload, selectinload
+from sqlalchemy.orm import Session, joinedload, object_session, selectinload
 
 from roles.management._certs import describe, load_certificate
 from roles.management._domains import check_ownership, parse_resolvers, records_to_create
 from roles.management.config import ManagementConfig
 from shared import appsettings
+from shared.acme import BACKOFF_FIRST, AcmeSettings
 from shared.appsettings import check_app_setting
 from shared.credentials import hash_password, hash_token, new_password, new_token
 from shared.db import (
@@ -48,9 +49,11 @@ from shared.errors import (
     InvalidInput,
     LimitReached,
     NotFound,
+    RateLimited,
 )
 from shared.names import (
     DEFAULT_IP_DNS_SERVICES,
+    CertState,
     HostnameState,
     canonical_hostname,
     validate_custom_hostname,
@@ -647,6 +650,7 @@ class Store:
             "checked_at": iso(row.checked_at) if row.checked_at else None,
             "problem": row.check_result if row.state == HostnameState.PENDING else None,
             "records": [],
+            "certificate_state": self._cert_state(row),
         }
         if row.state == HostnameState.PENDING:
             answer["records"] = [
@@ -656,6 +660,35 @@ class Store:
                 )
             ]
         return answer
+
+    @staticmethod
+    def _cert_state(row: CustomHostname) -> Json:
+        """Where the name's certificate stands: state, until, reason and retry_at (after a failure), source."""
+        until = iso(row.cert_not_after) if row.cert_not_after else None
+        out: Json = {"state": CertState.NONE, "source": row.cert_source, "until": until}
+        out.update(reason=None, retry_at=None)
+        if row.state != HostnameState.VERIFIED:
+            out["state"] = CertState.PENDING_VERIFICATION
+        elif row.cert_source == "upload":
+            out["state"] = CertState.VALID
+        elif row.acme_state == CertState.FAILED:
+            out.update(state=CertState.FAILED, reason=row.acme_reason)
+            out["retry_at"] = iso(row.acme_due_at) if row.acme_due_at else None
+        elif row.cert_pem and row.acme_state in (CertState.ISSUING, CertState.VALID):
+            # A renewal in flight still serves the certificate it replaces.
+            out["state"] = CertState.VALID
+        else:
+            # No certificate yet: the controller is ordering one, unless ACME is off.
+            session = object_session(row)
+            values = {}
+            if session is not None:
+                values = {
+                    r.key: r.value.get("value")
+                    for r in session.scalars(select(Setting).where(Setting.key == "acme_directory_url"))
+                }
+            if AcmeSettings.from_settings(values).enabled:
+                out["state"] = CertState.ISSUING  # the controller orders one at once
+        return out
 
     def hostname_availability(self, who: Principal, hostname: str) -> Json:
         with self._db.session() as s:
@@ -742,6 +775,7 @@ class Store:
                 cert_pem=cert.cert_pem if cert else None,
                 key_pem=cert.key_pem if cert else None,
                 cert_not_after=cert.not_after if cert else None,
+                cert_source="upload" if cert else None,
                 state=HostnameState.VERIFIED if proven else HostnameState.PENDING,
                 verified_at=now if proven else None,
                 checked_at=now if proven else None,
@@ -835,6 +869,50 @@ class Store:
             if answer is not None and answer["state"] == HostnameState.VERIFIED:
                 verified.append(claim[1])
         return verified
+
+    def renew_hostname(self, who: Principal, name: str, hostname: str) -> Json:
+        """Have the controller order the name's certificate now: an early renewal, or a retry at once
+        after a failure (its back-off is kept for failures that follow)."""
+        host = _claimed_name(hostname)
+        with self._write_lock, self._db.session() as s:
+            site = self._visible_site(s, who, name)
+            row = next((h for h in site.hostnames if h.hostname == host), None)
+            if row is None:
+                raise NotFound(f"site {name!r} has no custom hostname {host!r}")
+            if row.state != HostnameState.VERIFIED:
+                raise InvalidInput(
+                    f"{host} is not verified yet: no certificate is issued for it",
+                    hint=f"create the DNS record, then `sitecloud site hostname verify {name} {host}`",
+                )
+            if row.cert_source == "upload":
+                raise InvalidInput(
+                    f"{host} serves the certificate you uploaded; ACME does not replace it",
+                    hint="upload a new one, or remove the name and add it again without a certificate",
+                )
+            values = {
+                r.key: r.value.get("value")
+                for r in s.scalars(select(Setting).where(Setting.key == "acme_directory_url"))
+            }
+            if not AcmeSettings.from_settings(values).enabled:
+                raise InvalidInput(
+                    "ACME certificates are off in this cloud", hint="an admin sets acme_directory_url"
+                )
+            now = dt.datetime.now(dt.UTC)
+            last = row.acme_attempted_at
+            if last is not None and not who.is_admin:
+                last = last if last.tzinfo else last.replace(tzinfo=dt.UTC)
+                if now - last < BACKOFF_FIRST:
+                    wait = int((last + BACKOFF_FIRST - now).total_seconds()) + 1
+                    # Each order counts against the CA's rate limits for the whole cloud.
+                    raise RateLimited(
+                        f"a certificate for {host} was ordered less than "
+                        f"{int(BACKOFF_FIRST.total_seconds() // 60)} minutes ago",
+                        hint=f"try again in {wait} seconds",
+                    )
+            row.acme_due_at = None
+            row.acme_state = CertState.ISSUING
+            bump_generation(s)
+            return self._hostname_json(row)
 
     def delete_hostname(self, who: Principal, name: str, hostname: str) -> None:
         host = _claimed_name(hostname)

@@ -336,6 +336,14 @@ async def verify_hostname(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
+async def renew_hostname(request: web.Request) -> web.Response:
+    who = await principal(request)
+    answer = await service_of(request).renew_hostname(
+        who, request.match_info["name"], request.match_info["hostname"]
+    )
+    return web.json_response(answer, status=202)
+
+
 async def hostname_availability(request: web.Request) -> web.Response:
     who = await principal(request)
     answer = await service_of(request).hostname_availability(who, request.match_info["hostname"])
@@ -405,6 +413,7 @@ def api_routes() -> list[web.RouteDef]:
         web.post(f"{p}/sites/{{name}}/hostnames", add_hostname),
         web.delete(f"{p}/sites/{{name}}/hostnames/{{hostname}}", delete_hostname),
         web.post(f"{p}/sites/{{name}}/hostnames/{{hostname}}/verify", verify_hostname),
+        web.post(f"{p}/sites/{{name}}/hostnames/{{hostname}}/renew", renew_hostname),
         web.get(f"{p}/hostnames/{{hostname}}/availability", hostname_availability),
         # Hosts, roles and upgrades (issue 3): their own module, which builds on this one's helpers.
         *fabric_routes(),

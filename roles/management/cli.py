@@ -426,11 +426,30 @@ def _hostname_add(a: argparse.Namespace, api: ApiClient) -> Any:
     return api.request("POST", api.path("sites", a.site, "hostnames"), body)
 
 
+def cert_state_text(state: dict[str, Any] | None) -> str:
+    """``valid until 2027-03-01``, ``failed: <reason> (next try 2026-12-04 10:05)``, ``issuing``, ..."""
+    if not state:
+        return "-"
+    kind = state.get("state")
+    if kind == "valid":
+        source = " (uploaded)" if state.get("source") == "upload" else ""
+        return f"valid until {(state.get('until') or '')[:10]}{source}"
+    if kind == "failed":
+        retry = f" (next try {state['retry_at'][:16].replace('T', ' ')} UTC)" if state.get("retry_at") else ""
+        return f"failed: {state.get('reason') or 'unknown'}{retry}"
+    return {
+        "pending_verification": "pending verification",
+        "issuing": "issuing",
+        "none": "none (ACME is off)",
+    }.get(str(kind), str(kind))
+
+
 def _show_hostname(answer: Any, a: argparse.Namespace) -> None:
     cert = answer["certificate"]
     extra = f" with a certificate until {cert['not_after'][:10]}" if cert else " (no certificate: HTTP only)"
     if answer["state"] == "verified":
         out(f"{answer['hostname']} is verified and serves {answer['site']}{extra}")
+        out(f"certificate: {cert_state_text(answer.get('certificate_state'))}")
         return
     out(
         f"{answer['hostname']} is pending for {answer['site']}{extra}: it is not served until DNS proves it is yours."
@@ -448,13 +467,13 @@ def _show_hostnames(answer: Any, a: argparse.Namespace) -> None:
         (
             h["hostname"],
             h["state"],
-            (h["certificate"] or {}).get("not_after", "-")[:10],
+            cert_state_text(h.get("certificate_state")),
             ", ".join((h["certificate"] or {}).get("names", [])),
         )
         for h in answer["hostnames"]
     ]
     print_table(
-        ("HOSTNAME", "STATE", "CERT UNTIL", "CERT NAMES"),
+        ("HOSTNAME", "STATE", "CERTIFICATE", "CERT NAMES"),
         rows,
         empty=f"{answer['site']} has no custom hostnames",
     )
@@ -551,8 +570,17 @@ def _settings_set(a: argparse.Namespace, api: ApiClient) -> Any:
         body["signup_enabled"] = a.signup == "open"
     if a.dns_resolver:
         body["dns_resolvers"] = [r for r in a.dns_resolver if r != "system"]
+    if a.acme_directory is not None:
+        body["acme_directory_url"] = a.acme_directory
+    if a.acme_ca_bundle is not None:
+        body["acme_ca_bundle"] = _read(a.acme_ca_bundle) if a.acme_ca_bundle not in ("", "system") else ""
+    if a.acme_email is not None:
+        body["acme_email"] = a.acme_email
     if not body:
-        raise InvalidInput("nothing to change", hint="pass --signup and/or --dns-resolver")
+        raise InvalidInput(
+            "nothing to change",
+            hint="pass --signup, --dns-resolver, --acme-directory, --acme-ca-bundle or --acme-email",
+        )
     return api.request("PATCH", api.path("settings"), body)
 
 
@@ -562,6 +590,9 @@ def _show_cloud_settings(answer: Any, a: argparse.Namespace) -> None:
             ("sign-up", "open" if answer["signup_enabled"] else "closed"),
             ("DNS resolvers", ", ".join(answer.get("dns_resolvers") or []) or "the system's"),
             ("wildcard-IP DNS", ", ".join(answer.get("ip_dns_services") or [])),
+            ("ACME directory", answer.get("acme_directory_url") or "off (no automatic certificates)"),
+            ("ACME CA bundle", "given" if answer.get("acme_ca_bundle") else "the system's"),
+            ("ACME contact", answer.get("acme_email") or "-"),
         ]
     )
 
@@ -748,6 +779,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="IP[:PORT]",
         help="where custom hostname ownership is checked (repeat for more; 'system' for the host's own)",
     )
+    sp.add_argument(
+        "--acme-directory",
+        metavar="URL",
+        help="ACME directory for custom hostnames' certificates: letsencrypt (default), letsencrypt-staging, "
+        "an https:// URL, or off",
+    )
+    sp.add_argument(
+        "--acme-ca-bundle",
+        metavar="FILE",
+        help="PEM CA certificates to trust for the ACME directory; 'system'",
+    )
+    sp.add_argument(
+        "--acme-email", metavar="ADDRESS", help="contact address given to the ACME CA ('' for none)"
+    )
 
     sub = group("subscription", "subscriptions of tenants to plans")
     sp = leaf(
@@ -902,6 +947,17 @@ def _parser() -> argparse.ArgumentParser:
             "check DNS now for a pending hostname's proof of ownership",
             post("sites", "{a.site}", "hostnames", "{a.hostname}", "verify"),
             _show_hostname,
+        )
+        sp.add_argument("site")
+        sp.add_argument("hostname")
+        sp = leaf(
+            hostname,
+            "renew",
+            "order the hostname's ACME certificate now (an early renewal, or a retry after a failure)",
+            post("sites", "{a.site}", "hostnames", "{a.hostname}", "renew"),
+            _done(
+                "{a.hostname}: a new certificate is being ordered; see `sitecloud site hostname list {a.site}`"
+            ),
         )
         sp.add_argument("site")
         sp.add_argument("hostname")

@@ -352,6 +352,12 @@ class ManagementService:
         )
         return result
 
+    async def renew_hostname(self, who: Principal, name: str, hostname: str) -> Json:
+        result = await asyncio.to_thread(self._store.renew_hostname, who, name, hostname)
+        self._nudger.nudge()  # wakes the controller's certificate loop
+        self._log.bind(tenant=who.tenant, site=name).info("certificate of %s: renewal asked for", hostname)
+        return result
+
     async def _check_pending_hostnames(self) -> None:
         """Re-check pending claims now and then, so a name goes live soon after its DNS record appears.
 

@@ -213,6 +213,19 @@ class CustomHostname(Base):
     # The last ownership check: when, and what DNS said if it did not prove the claim.
     checked_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     check_result: Mapped[str | None] = mapped_column(Text, default=None)
+    # Where the certificate came from: "upload" (the tenant's, never replaced by ACME) or "acme".
+    cert_source: Mapped[str | None] = mapped_column(String(8), default=None)
+    cert_not_before: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # ACME work on the name (the controller's): None before the first order, then issuing/valid/failed.
+    acme_state: Mapped[str | None] = mapped_column(String(16), default=None)
+    acme_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    # Orders failed in a row, for the back-off; 0 after a success.
+    acme_failures: Mapped[int] = mapped_column(default=0, server_default="0")
+    # When the controller next orders a certificate: the renewal time, the end of a back-off, or now
+    # (NULL) for a name just verified or a renewal asked for.
+    acme_due_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # When the last order started: a tenant may not ask for another within minutes (the CA's rate limits).
+    acme_attempted_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     site: Mapped[Site] = relationship(back_populates="hostnames")
 
 

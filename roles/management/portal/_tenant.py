@@ -191,6 +191,9 @@ async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
             check_confirmed(form, f"remove {hostname} from {name}")
             await service.delete_hostname(page.who, name, hostname)
             raise see_other(request, back, notice="hostname-removed")
+        if action == "hostname-renew":
+            await service.renew_hostname(page.who, name, str(form.get("hostname", "")))
+            raise see_other(request, back, notice="hostname-renewing")
         if action == "hostname-verify":
             checked = await service.verify_hostname(page.who, name, str(form.get("hostname", "")))
             raise see_other(request, back, notice=f"hostname-{checked['state']}")
@@ -335,6 +338,10 @@ async def verify_hostname(request: web.Request) -> web.StreamResponse:
     return await _site_action(request, "hostname-verify")
 
 
+async def renew_hostname(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "hostname-renew")
+
+
 async def publish_profile(request: web.Request) -> web.StreamResponse:
     page = await require_page(request)
     form = await posted(request, page)
@@ -407,5 +414,6 @@ def tenant_routes() -> list[web.RouteDef]:
         web.get(f"{s}/hostnames/remove", confirm_remove_hostname),
         web.post(f"{s}/hostnames/remove", remove_hostname),
         web.post(f"{s}/hostnames/verify", verify_hostname),
+        web.post(f"{s}/hostnames/renew", renew_hostname),
         web.post(f"{s}/deploy", deploy),
     ]

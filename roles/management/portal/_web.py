@@ -64,6 +64,7 @@ NOTICES = {
     "hostname-verified": "Custom hostname verified: it is served now.",
     "hostname-pending": "DNS does not prove that name is yours yet: create one of its records below, then verify.",
     "hostname-removed": "Custom hostname removed.",
+    "hostname-renewing": "A new certificate is being ordered; the current one is served until it arrives.",
     "token-revoked": "Token revoked: it no longer works.",
     "plan-created": "Plan created.",
     "plan-saved": "Plan saved. Every subscription on it has the new quotas now.",
