@@ -3,7 +3,8 @@
 The cloud is started with `up --advertise 10.213.0.1` (this machine's address on the netns hosts'
 bridge). A worker is added on web7 and a front end on fe7; a site published by FTP to this machine's
 publisher is served by web7 (with content from this machine's file server) through fe7, also after
-this machine's own worker is stopped. Without --advertise the same `role add` is refused before
+this machine's own worker is stopped; when web7's link is cut, fe7 routes around it without ever
+serving a wrong page. Without --advertise the same `role add` is refused before
 anything is installed (tests/test_controller_desired.py holds that rule without processes).
 
 Needs root, iproute2 and OpenSSH's sshd, as tests/test_e2e_fabric.py does.
@@ -143,3 +144,30 @@ def test_roles_added_on_other_hosts_reach_the_roles_up_started(cloud: LocalCloud
     roles = _roles(cloud)
     assert roles[("worker", "web7")]["state"] == roles[("frontend", "fe7")]["state"] == "Ready", roles
     cloud.cli("role", "start", "worker", "localhost")
+    wait_until(
+        lambda: _roles(cloud)[("worker", "localhost")]["state"] == "Ready", timeout=30, what="worker back"
+    )
+
+
+def test_a_cut_off_worker_on_another_host_is_routed_around_and_no_wrong_page_is_served(
+    cloud: LocalCloud,
+) -> None:
+    veth = f"scv{socket.gethostbyname('web7').rsplit('.', 1)[1]}"
+    answers: list[tuple[int, bytes]] = []
+    subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+    try:
+
+        def unhealthy() -> bool:
+            answers.append(_https_get(cloud, "fe7"))
+            return bool(_roles(cloud)[("worker", "web7")]["state"] in ("Unhealthy", "Degraded"))
+
+        wait_until(unhealthy, timeout=15, interval=0.2, what="web7 Unhealthy")
+        for _ in range(10):
+            answers.append(_https_get(cloud, "fe7"))
+    finally:
+        subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+    # Served by this machine's worker, or a plain error while the cut was not yet known: never a
+    # placeholder or another site's page.
+    assert all(a == (200, BODY) or a[0] >= 500 for a in answers), answers
+    assert answers[-10:] == [(200, BODY)] * 10, answers
+    wait_until(lambda: _roles(cloud)[("worker", "web7")]["state"] == "Ready", timeout=30, what="web7 back")
