@@ -92,9 +92,9 @@ class AppProxy:
             rel = site_relpath(path)
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, InvalidInput):
             return None  # the static path answers 400
-        # A Procfile app answers every path itself, as it does on other platforms: its source is in
+        # A Procfile or Node app answers every path itself, as it does on other platforms: its source is in
         # languages the worker cannot know (server.js, config.ru, main.go), so no file is served raw.
-        static = app.runtime != "command" and method in (b"GET", b"HEAD")
+        static = app.runtime not in ("command", "node") and method in (b"GET", b"HEAD")
         if static and _static_file(app.root, rel, slash=path.endswith("/")):
             return None
         return app, rel
