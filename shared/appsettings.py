@@ -49,8 +49,8 @@ __all__ = [
     "text",
 ]
 
-Runtime = Literal["static", "python", "php", "command"]
-RUNTIMES: tuple[Runtime, ...] = ("static", "python", "php", "command")
+Runtime = Literal["static", "python", "php", "node", "command"]
+RUNTIMES: tuple[Runtime, ...] = ("static", "python", "php", "node", "command")
 FRONTEND_KEYS = frozenset({"https_only", "hsts", "affinity"})
 SITE_KEYS = frozenset({"runtime", "entry", "always_on", "idle_timeout"}) | FRONTEND_KEYS
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")

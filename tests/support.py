@@ -5,10 +5,13 @@ Tests talk to roles the way other roles do: over mTLS with a certificate of the 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -33,6 +36,8 @@ from shared.config import RoleConfig, write_role_config
 from shared.net import free_port
 from shared.pki import CertificateAuthority
 from shared.tls import LANE_ALPN, client_context_from_files
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 
 __all__ = ["Answer", "CloudPKI", "RoleProcess", "TinyDns", "call", "lane_exchange", "wait_until"]
 
@@ -313,3 +318,130 @@ class TinyDns:
         self._stop.set()
         self._thread.join()
         self._sock.close()
+
+
+@functools.cache
+def npm_registry_unreachable() -> str:
+    """Why this host cannot install Node packages ("" when it can), asked once: tests of sites with a
+    package.json skip with it."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "needs Debian's nodejs and npm (.ci/run installs them)"
+    try:
+        probe = subprocess.run(
+            ["npm", "view", "express", "version"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return "npm cannot reach its registry here (no answer in 60 s)"
+    return "" if probe.returncode == 0 else f"npm cannot reach its registry here: {probe.stderr[-300:]}"
+
+
+class WebSocket:
+    """A minimal RFC 6455 client on a connected (TLS) socket: text and binary messages, ping answered,
+    the closing handshake (section 7) done both ways."""
+
+    def __init__(self, sock: socket.socket, head: bytes, rest: bytes) -> None:
+        self.sock = sock
+        self.head = head
+        self._buf = rest
+
+    @classmethod
+    def connect(
+        cls, port: int, host: str, path: str, *, tls: ssl.SSLContext | None = None, timeout: float = 10
+    ) -> WebSocket:
+        sock: socket.socket = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=host)
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                sock.close()
+                raise ConnectionError(f"closed during the handshake: {data!r}")
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+        ws = cls(sock, head, rest)
+        if head.startswith(b"HTTP/1.1 101 ") and accept.lower().encode() not in head.lower():
+            ws.sock.close()
+            raise ConnectionError(f"wrong Sec-WebSocket-Accept in {head!r}")
+        return ws
+
+    def _read(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self._buf += chunk
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def _frame(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        masked = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+        n = len(payload)
+        if n < 126:
+            header = bytes([0x80 | opcode, 0x80 | n])
+        elif n < 65536:
+            header = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+        else:
+            header = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
+        self.sock.sendall(header + mask + masked)
+
+    def send(self, message: str | bytes) -> None:
+        self._frame(
+            1 if isinstance(message, str) else 2, message.encode() if isinstance(message, str) else message
+        )
+
+    def _next(self) -> tuple[int, bytes]:
+        b0, b1 = self._read(2)
+        assert not b1 & 0x80, "a server must not mask its frames"
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(self._read(2), "big")
+        elif n == 127:
+            n = int.from_bytes(self._read(8), "big")
+        return b0, self._read(n)
+
+    def recv(self) -> str | bytes:
+        """The next message (fragments joined); a ping is answered on the way."""
+        parts: list[bytes] = []
+        first = 0
+        while True:
+            b0, payload = self._next()
+            opcode = b0 & 0x0F
+            if opcode == 9:
+                self._frame(10, payload)
+                continue
+            if opcode == 8:
+                raise ConnectionError(f"closed by the server: {payload!r}")
+            first = first or opcode
+            parts.append(payload)
+            if b0 & 0x80:
+                data = b"".join(parts)
+                return data.decode() if first == 1 else data
+
+    def close(self, code: int = 1000) -> int:
+        """The closing handshake: our close frame, the server's answer (its code is returned), then
+        the server ends the connection (RFC 6455 section 7.1.1)."""
+        self._frame(8, code.to_bytes(2, "big"))
+        while True:
+            b0, payload = self._next()
+            if b0 & 0x0F == 8:
+                break
+        answered = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+        self.sock.settimeout(5)
+        while self.sock.recv(65536):
+            pass
+        self.sock.close()
+        return answered
+
+    def __enter__(self) -> WebSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()

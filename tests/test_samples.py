@@ -6,6 +6,7 @@ from __future__ import annotations
 import ftplib
 import json
 import shutil
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.cloud import LocalCloud
-from tests.support import pip_index_unreachable, wait_until
+from tests.support import WebSocket, npm_registry_unreachable, pip_index_unreachable, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -75,6 +76,12 @@ def _wait_for(cloud: LocalCloud, site: str, path: str, needle: bytes, timeout: f
         raise AssertionError(f"{site}{path} answers {last}; its log: {logs}") from None
 
 
+def _websocket(cloud: LocalCloud, site: str, path: str) -> WebSocket:
+    """A WebSocket to the site through the front end's HTTPS port, by SNI as a browser opens it."""
+    tls = ssl.create_default_context(cafile=str(cloud.ca_file))
+    return WebSocket.connect(cloud.ports["https_port"], f"{site}.{cloud.domain}", path, tls=tls)
+
+
 def _json(cloud: LocalCloud, site: str, path: str) -> Any:
     status, _, body = cloud.get(site, path)
     assert status == 200, (path, status, body[:300])
@@ -114,6 +121,64 @@ def test_the_fastapi_sample(cloud: LocalCloud) -> None:
     assert _json(cloud, "fastapi-sample", "/items/7?q=x") == {"item_id": 7, "q": "x"}
     status, _, body = cloud.get("fastapi-sample", "/items/seven")
     assert status == 422 and b"item_id" in body
+    with _websocket(cloud, "fastapi-sample", "/ws") as ws:
+        assert ws.head.startswith(b"HTTP/1.1 101 "), ws.head
+        for text in ("one", "two"):
+            ws.send(text)
+            assert ws.recv() == f"FastAPI heard: {text}"
+        assert ws.close() == 1000
+
+
+def test_a_plain_asgi_app_echoes_websocket_messages_through_the_front_end(cloud: LocalCloud) -> None:
+    _publish_sample(cloud, "asgi-sample", "asgi")
+    _wait_for(cloud, "asgi-sample", "/", b"<h1>Hello from plain ASGI</h1>", timeout=60)
+    with _websocket(cloud, "asgi-sample", "/ws") as ws:
+        head = ws.head.lower()
+        assert ws.head.startswith(b"HTTP/1.1 101 ") and b"upgrade: websocket" in head, ws.head
+        # Messages both ways, one at a time and several in flight, text, binary and a large one.
+        ws.send("hello")
+        assert ws.recv() == "1: hello"
+        for i in range(2, 12):
+            ws.send(f"message {i}")
+        assert [ws.recv() for _ in range(10)] == [f"{i}: message {i}" for i in range(2, 12)]
+        ws.send(b"\x00\x01binary")
+        assert ws.recv() == b"yranib\x01\x00"
+        big = "x" * 200_000
+        ws.send(big)
+        assert ws.recv() == f"13: {big}"
+        assert ws.close() == 1000
+    # The page still answers, and a second socket is a new conversation.
+    with _websocket(cloud, "asgi-sample", "/ws") as ws:
+        ws.send("again")
+        assert ws.recv() == "1: again"
+        assert ws.close() == 1000
+    # An upgrade the app refuses gets an HTTP answer, not a tunnel.
+    with _websocket(cloud, "asgi-sample", "/elsewhere") as ws:
+        assert ws.head.startswith(b"HTTP/1.1 403 "), ws.head
+
+
+def test_the_express_sample(cloud: LocalCloud) -> None:
+    if why := npm_registry_unreachable():
+        pytest.skip(why)
+    _publish_sample(cloud, "express-sample", "express")
+    # The first start waits for npm ci: a few seconds with a warm registry.
+    _wait_for(cloud, "express-sample", "/?name=Ada", b"<h1>Hello, Ada, from Express</h1>", timeout=180)
+    assert _json(cloud, "express-sample", "/api/echo/hi") == {"upper": "HI", "word": "hi"}
+    status, _, body = cloud.get("express-sample", "/style.css")
+    assert (status, body) == (200, (SAMPLES / "express" / "public" / "style.css").read_bytes())
+    # The app answers every path itself: its source is never a file to download.
+    for source in ("/server.js", "/package.json"):
+        assert cloud.get("express-sample", source)[0] == 404, source
+    apps = cloud.cli("site", "show", "express-sample")["apps"]
+    assert [a["runtime"] for a in apps] == ["node"], apps
+    with _websocket(cloud, "express-sample", "/ws") as ws:
+        assert ws.head.startswith(b"HTTP/1.1 101 "), ws.head
+        for text in ("one", "two", "three"):
+            ws.send(text)
+            assert ws.recv() == f"echo: {text}"
+        ws.send(b"\x00raw")
+        assert ws.recv() == b"\x00raw"
+        assert ws.close() == 1000
 
 
 @pytest.mark.skipif(shutil.which("php-cgi") is None, reason="needs Debian php-cgi (.ci/run installs it)")

@@ -103,6 +103,14 @@ class Diverted(Protocol):
     def resume(self) -> None: ...
     def abort(self) -> None: ...
 
+    @property
+    def upgrading(self) -> bool:
+        """Whether the request goes on as an upgrade (a WebSocket): the connection's later bytes are
+        then the new protocol's, passed on through ``tunnel_in``."""
+        ...
+
+    def tunnel_in(self, data: bytes) -> None: ...
+
 
 class Divert(Protocol):
     """Issue 5 hook: asked once a request's head is in (only while ``active``); None keeps it here.
@@ -228,6 +236,8 @@ class HttpConnection(asyncio.Protocol):
         self._raw: list[tuple[bytes, bytes]] | None = None
         self._diverting: Diverted | None = None
         self._waiting: Diverted | None = None
+        # A diverted upgrade request (a WebSocket): every byte after its head goes to it.
+        self._upgraded: Diverted | None = None
         self._limits = limits
         self._log = log
         self._admit = admit
@@ -284,11 +294,12 @@ class HttpConnection(asyncio.Protocol):
         for diverted in (
             self._diverting,
             self._waiting,
+            self._upgraded,
             *(getattr(r, "diverted", None) for r in self._queue),
         ):
             if diverted is not None:
                 diverted.abort()
-        self._diverting = self._waiting = None
+        self._diverting = self._waiting = self._upgraded = None
         self._on_close(self)
 
     @property
@@ -439,15 +450,32 @@ class HttpConnection(asyncio.Protocol):
 
     # -- reading
 
+    def tunnel_reading(self, on: bool) -> None:
+        """A tunnel's far side cannot take more (False) or can again (True)."""
+        if self._transport is not None and not self._closed:
+            if on:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
+
     def data_received(self, data: bytes) -> None:
+        upgraded = self._upgraded
+        if upgraded is not None:
+            upgraded.tunnel_in(data)
+            return
         if not self._parsing:
             return
         self._out = []
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # No upgrades here: answer what was asked, then close.
+        except httptools.HttpParserUpgrade as exc:
+            # An upgrade an app takes (a WebSocket): what follows is the tunnel's. Any other is
+            # answered as a plain request, and the connection closes after it.
+            upgraded = self._upgraded
             self._stop_parsing()
+            rest = data[int(exc.args[0]) :]
+            if upgraded is not None and rest:
+                upgraded.tunnel_in(rest)
         except httptools.HttpParserCallbackError:
             self._stop_parsing()
         except httptools.HttpParserError:
@@ -536,6 +564,8 @@ class HttpConnection(asyncio.Protocol):
         diverted, self._diverting = self._diverting, None
         if diverted is not None:
             diverted.end()
+            if diverted.upgrading and parser.should_upgrade():
+                self._upgraded = diverted
         if self._lane and self._req_tag is None:
             self._refuse(400, "A lane request must carry its tag.")
             raise httptools.HttpParserCallbackError("untagged lane request")

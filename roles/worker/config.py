@@ -53,6 +53,9 @@ class WorkerConfig(RoleConfig):
     # configuration (/etc/pip.conf, PIP_* in the worker's environment), as `pip install` there would;
     # "none": installs are skipped.
     package_index_url: str = ""
+    # Registry for package.json installs (e.g. https://registry.npmjs.org/); empty: the host's npm
+    # configuration (its npmrc files, npm_config_* in the worker's environment); "none": skipped.
+    npm_registry: str = ""
     # Python that runs apps; empty: the worker's own if other uids can run it, else python3.
     app_python: str = ""
     # Where everything a site's app must reach lives (content cache, app homes and temp directories,

@@ -1,6 +1,6 @@
-"""A FastAPI (ASGI) site: typed routes; the platform runs the ASGI app, no uvicorn needed."""
+"""A FastAPI (ASGI) site: typed routes and a WebSocket echo; the platform runs the ASGI app, no uvicorn needed."""
 
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 app = FastAPI()
 
@@ -13,3 +13,14 @@ async def index() -> dict[str, str]:
 @app.get("/items/{item_id}")
 async def item(item_id: int, q: str | None = None) -> dict[str, object]:
     return {"item_id": item_id, "q": q}
+
+
+@app.websocket("/ws")
+async def echo(websocket: WebSocket) -> None:
+    await websocket.accept()
+    try:
+        while True:
+            text = await websocket.receive_text()
+            await websocket.send_text(f"FastAPI heard: {text}")
+    except WebSocketDisconnect:
+        pass

@@ -2,7 +2,7 @@
 
 ``python`` and ``php`` get a listening unix socket as file descriptor 0, bound by the worker in a
 directory only the worker can reach (socket activation: no readiness wait, no path the app or
-another site could connect to). ``command`` gets ``$PORT``: in a sandbox that port is in the app's
+another site could connect to). ``command`` and ``node`` get ``$PORT``: in a sandbox that port is in the app's
 own network namespace, and our bridge (``sitecloud_appserver/bridge.py``) splices the fd-0 socket to
 it, so the worker talks unix to every runtime; unsandboxed it is a host loopback port, polled.
 """
@@ -29,6 +29,7 @@ __all__ = [
     "appserver_for_apps",
     "compile_appserver",
     "find_php_cgi",
+    "node_command",
     "pick_python",
     "plan_launch",
 ]
@@ -175,8 +176,11 @@ def plan_launch(
         for key, value in ini.items():
             argv += ["-d", f"{key}={value}"]
         return LaunchPlan(argv, env, root, "unix")
-    if runtime == "command":
+    if runtime in ("command", "node"):
         env["PORT"] = str(port)
+        if runtime == "node":
+            entry = node_command(entry)
+            env.setdefault("NODE_ENV", "production")
         command = ["/bin/sh", "-c", f"exec {entry}" if _simple(entry) else entry]
         if bridge_timeout is not None:
             bridge = os.path.join(appserver, "sitecloud_appserver", "bridge.py")
@@ -185,6 +189,13 @@ def plan_launch(
             return LaunchPlan(argv, env, root, "unix", port)
         return LaunchPlan(command, env, root, "tcp", port)
     raise NotSupported(f"runtime {runtime!r} runs no process")
+
+
+def node_command(entry: str) -> str:
+    """A Node app's entry as a command: a script name alone (``server.js``) runs under node."""
+    if entry.endswith((".js", ".mjs", ".cjs")) and _simple(entry) and len(shlex.split(entry)) == 1:
+        return f"node {entry}"
+    return entry
 
 
 def _simple(command: str) -> bool:

@@ -43,10 +43,19 @@ from roles.worker.apps._launch import (
     pick_python,
     plan_launch,
 )
+from roles.worker.apps._npm import install_node_packages, link_node_modules, node_packages_dir
 from roles.worker.apps._packages import install_requirements, packages_dir
 from roles.worker.apps._sandbox import EGRESS_MODES, Sandbox, SandboxMounts
 from roles.worker.apps._sitelog import SiteLog
-from roles.worker.apps._spec import SIZES, AppSpec, Runtime, detect_runtime, parse_app_spec, procfile_web
+from roles.worker.apps._spec import (
+    SIZES,
+    AppSpec,
+    Runtime,
+    detect_runtime,
+    node_entry,
+    parse_app_spec,
+    procfile_web,
+)
 from roles.worker.apps._volume import BlankImages, HomeVolume, unmount_stale
 from roles.worker.config import WorkerConfig
 from shared.control import Snapshot
@@ -63,6 +72,10 @@ MAX_BACKOFF = 30.0
 # Where a sandboxed ``command`` app listens: its network namespace is its own, any port will do.
 SANDBOX_PORT = 8000
 _NO_SPEC = AppSpec()
+# Runtimes whose dependencies the worker installs (requirements.txt, package.json).
+_PACKAGED: tuple[Runtime, ...] = ("python", "node")
+# Runtimes that listen on $PORT themselves (behind the bridge in a sandbox).
+_PORT_RUNTIMES: tuple[Runtime, ...] = ("command", "node")
 
 
 def _backoff(failures: int) -> float:
@@ -244,7 +257,7 @@ class AppManager:
         app.failures, app.retry_at = 0, 0.0
         if app.identity is not None:
             self._protect(app)
-        if runtime == "python":
+        if runtime in _PACKAGED:
             self._start_packages(app)
         if restart:
             self._site_log(app).write("worker", f"restarting: version {version.number} or new settings")
@@ -483,27 +496,38 @@ class AppManager:
         gid = app.identity.gid if app.identity is not None else None
         protect_site_dir(self._root / "sites" / app.name, app.root or None, gid)
 
+    def _packages_dir(self, app: AppSite) -> Path | None:
+        base = self._dirs(app).base
+        return node_packages_dir(base, app.root) if app.runtime == "node" else packages_dir(base, app.root)
+
     def _start_packages(self, app: AppSite) -> None:
-        target = packages_dir(self._dirs(app).base, app.root)
+        target = self._packages_dir(app)
         if target is None or (target / ".complete").exists():
             app.packages_task = None
             return
         running = app.packages_task
         if running is not None and not running.done() and self._building.get(target) is running:
             return  # the same requirements are being installed (an FTP upload flips many versions)
-        root, log = app.root, self._site_log(app)
+        root, log, node = app.root, self._site_log(app), app.runtime == "node"
 
         async def build() -> Path | None:
             try:
-                ok = await install_requirements(
-                    root=root,
-                    target=target,
-                    index_url=self._config.package_index_url,
-                    python=self._python,
-                    log=log,
-                )
+                if node:
+                    ok = await install_node_packages(
+                        root=root, target=target, registry=self._config.npm_registry, log=log
+                    )
+                else:
+                    ok = await install_requirements(
+                        root=root,
+                        target=target,
+                        index_url=self._config.package_index_url,
+                        python=self._python,
+                        log=log,
+                    )
             except OSError as exc:
-                log.write("worker", f"installing requirements.txt failed: {exc}")
+                log.write(
+                    "worker", f"installing {'package.json' if node else 'requirements.txt'} failed: {exc}"
+                )
                 ok = False
             finally:
                 self._building.pop(target, None)
@@ -512,9 +536,13 @@ class AppManager:
         app.packages_task = self._building[target] = self._spawn(build())
 
     async def _packages(self, app: AppSite) -> Path | None:
-        target = packages_dir(self._dirs(app).base, app.root)
+        target = self._packages_dir(app)
         if target is None:
             return None
+        task = app.packages_task
+        if task is not None and task.done() and not task.cancelled() and task.result() is None:
+            # The last install failed (a registry that did not answer, say): a new start tries again.
+            self._start_packages(app)
         if app.packages_task is not None:
             return await asyncio.shield(app.packages_task)
         return target if (target / ".complete").exists() else None
@@ -538,14 +566,21 @@ class AppManager:
             self._make_room(app)
             dirs = self._dirs(app)
             assert app.identity is not None
-            packages = await self._packages(app) if app.runtime == "python" else None
+            packages = await self._packages(app) if app.runtime in _PACKAGED else None
+            if app.runtime == "node":
+                link_node_modules(self._root / "sites" / app.name, packages)
             sandbox = self._sandbox
             port = 0
-            if app.runtime == "command":
+            if app.runtime in _PORT_RUNTIMES:
                 port = SANDBOX_PORT if sandbox is not None else _free_port()
             if app.runtime == "command" and not app.entry:
                 raise InvalidInput(
                     "the site's Procfile has no web: command", hint="add a line like web: ./serve"
+                )
+            if app.runtime == "node" and not app.entry:
+                raise InvalidInput(
+                    "the site's package.json names nothing to run",
+                    hint='add "scripts": {"start": "node server.js"} or a server.js',
                 )
             plan = plan_launch(
                 site=app.name,
@@ -808,6 +843,8 @@ def _default_entry(runtime: Runtime, root: str) -> str:
         return "index.php"
     if runtime == "command":
         return procfile_web(root) or ""
+    if runtime == "node":
+        return node_entry(root) or ""
     return ""
 
 

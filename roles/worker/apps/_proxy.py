@@ -5,6 +5,11 @@ is in. A static site, or a path of a Python or PHP site that maps to a file othe
 stays on the static path (``None``); a Procfile site's app answers every path. Anything else becomes an :class:`AppExchange`: it wakes the app at once
 (while the body is still arriving), reads the body whole (bounded), sends the request, and frames the
 app's answer for the front end (its length, or chunked) in the connection's turn.
+
+A WebSocket (``Upgrade: websocket``) goes on as an upgrade to apps that can take one (Python's ASGI
+apps, through our app server; ``command`` and ``node`` apps, through the bridge): when the app says
+101, the exchange becomes a tunnel that passes bytes both ways, unparsed, until either side closes.
+A WSGI or PHP app cannot switch protocols: it answers the request as plain HTTP.
 """
 
 from __future__ import annotations
@@ -47,6 +52,12 @@ _REQUEST_DROP = frozenset(
 _RESPONSE_DROP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"trailer"}
 )
+# A 101 answer keeps its Upgrade field (RFC 9110 section 7.8); its framing fields mean nothing.
+_SWITCH_DROP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"content-length", b"transfer-encoding"}
+)
+# Runtimes whose app can take an upgrade.
+_UPGRADABLE = frozenset({"python", "command", "node"})
 # Answer bytes buffered before the connection's turn comes (pipelining) before the app is paused.
 MAX_PENDING = 1024 * 1024
 
@@ -78,7 +89,8 @@ class AppProxy:
         if route is None:
             return None
         app, rel = route
-        return AppExchange(self, app, method, url, headers, keep_alive, rel)
+        upgrade = app.runtime in _UPGRADABLE and method == b"GET" and _websocket(headers)
+        return AppExchange(self, app, method, url, headers, keep_alive, rel, upgrade=upgrade)
 
     def _route(self, method: bytes, url: bytes, wanted: dict[bytes, bytes]) -> tuple[AppSite, str] | None:
         """The app and path a request goes to; None when the static server answers it."""
@@ -93,12 +105,24 @@ class AppProxy:
             rel = site_relpath(path)
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, InvalidInput):
             return None  # the static path answers 400
-        # A Procfile app answers every path itself, as it does on other platforms: its source is in
+        # A Procfile or Node app answers every path itself, as it does on other platforms: its source is in
         # languages the worker cannot know (server.js, config.ru, main.go), so no file is served raw.
-        static = app.runtime != "command" and method in (b"GET", b"HEAD")
+        static = app.runtime not in ("command", "node") and method in (b"GET", b"HEAD")
         if static and _static_file(app.root, rel, slash=path.endswith("/")):
             return None
         return app, rel
+
+
+def _websocket(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the request asks for a WebSocket (RFC 6455 section 4.1: Upgrade and Connection)."""
+    upgrade = connection = False
+    for key, value in headers:
+        name = key.lower()
+        if name == b"upgrade":
+            upgrade = upgrade or b"websocket" in value.lower()
+        elif name == b"connection":
+            connection = connection or b"upgrade" in value.lower()
+    return upgrade and connection
 
 
 def _static_file(root: str, rel: str, *, slash: bool) -> bool:
@@ -120,6 +144,8 @@ class AppExchange:
         headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
         rel: str,
+        *,
+        upgrade: bool = False,
     ) -> None:
         self._proxy = proxy
         self._app = app
@@ -146,6 +172,11 @@ class AppExchange:
         self._broken = False
         self._closed = False
         self._upstream: UpstreamBase | None = None
+        # A WebSocket: asked for, then (after the app's 101) a tunnel; the visitor's bytes that came
+        # before the tunnel opened wait here.
+        self._upgrade = upgrade
+        self._tunnel = False
+        self._early: list[bytes] = []
         self._inst: AppInstance | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._t0 = time.monotonic()
@@ -175,6 +206,19 @@ class AppExchange:
     def resume(self) -> None:
         if self._upstream is not None and not self._finished:
             self._upstream.resume()
+
+    @property
+    def upgrading(self) -> bool:
+        """Whether this request goes to the app as an upgrade (the connection then stops parsing)."""
+        return self._upgrade
+
+    def tunnel_in(self, data: bytes) -> None:
+        """The visitor's bytes after an upgrade request: to the app once it has said 101."""
+        upstream = self._upstream
+        if self._tunnel and isinstance(upstream, HttpUpstream):
+            upstream.send(data)
+        elif not self._closed:
+            self._early.append(data)
 
     def abort(self) -> None:
         """The front end's connection went away: drop the app request too."""
@@ -230,7 +274,9 @@ class AppExchange:
             )
             upstream = FastCgiUpstream(self, encode_request(params, body), head_only=self._bodyless)
         else:
-            upstream = HttpUpstream(self, self._request_bytes(body), head_only=self._bodyless)
+            upstream = HttpUpstream(
+                self, self._request_bytes(body), head_only=self._bodyless, upgrade=self._upgrade
+            )
         self._upstream = upstream
         config = self._proxy.config
         wait = config.app_response_timeout if inst.served else config.app_start_timeout
@@ -250,7 +296,7 @@ class AppExchange:
         lines += [k + b": " + v for k, v in self._headers if k.lower() not in _REQUEST_DROP]
         if body or self._method not in (b"GET", b"HEAD"):
             lines.append(b"Content-Length: %d" % len(body))
-        lines.append(b"Connection: close")
+        lines.append(b"Connection: Upgrade\r\nUpgrade: websocket" if self._upgrade else b"Connection: close")
         return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
     def _timed_out(self, starting: bool) -> None:
@@ -270,18 +316,20 @@ class AppExchange:
             self._timer.cancel()
             self._timer = None
         self._status = status
-        self._bodyless = self._bodyless or status in (204, 304) or status < 200
+        self._tunnel = status == 101
+        self._bodyless = self._bodyless or status in (204, 304) or (status < 200 and not self._tunnel)
         lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown").encode())]
         length = dated = False
+        drop = _SWITCH_DROP if self._tunnel else _RESPONSE_DROP
         for key, value in headers:
-            if key in _RESPONSE_DROP:
+            if key in drop:
                 continue
             length = length or key == b"content-length"
             dated = dated or key == b"date"
             lines.append(key + b": " + value)
         if not dated:
             lines.append(b"Date: " + http_date().encode())
-        if not length and not self._bodyless:
+        if not length and not self._bodyless and not self._tunnel:
             self._chunked = True
             lines.append(b"Transfer-Encoding: chunked")
         self._head = b"\r\n".join(lines) + b"\r\n"
@@ -321,6 +369,19 @@ class AppExchange:
     def upstream_stderr(self, text: str) -> None:
         self._proxy.manager.site_log(self._app).write("app", text)
 
+    def upstream_tunnel(self, early: bytes) -> None:
+        if early:
+            self.upstream_data(early)
+        held, self._early = self._early, []
+        for data in held:
+            self.tunnel_in(data)
+
+    def upstream_writable(self, writable: bool) -> None:
+        """A tunnel's app is slow to read: the visitor's connection stops reading until it drains."""
+        conn = self._conn
+        if self._tunnel and conn is not None and not self._closed:
+            conn.tunnel_reading(writable)
+
     # -- writing the answer, in the connection's turn
 
     def _error(self, status: int, title: str, detail: str, *, retry: bool = False) -> None:
@@ -347,7 +408,12 @@ class AppExchange:
                 self._upstream.pause()
             return
         if self._head is not None and not self._head_written:
-            connection = b"Connection: keep-alive\r\n\r\n" if self._keep else b"Connection: close\r\n\r\n"
+            if self._tunnel:
+                connection = b"Connection: Upgrade\r\n\r\n"
+            elif self._keep:
+                connection = b"Connection: keep-alive\r\n\r\n"
+            else:
+                connection = b"Connection: close\r\n\r\n"
             conn.write(self._head + connection)
             self._head_written = True
         if not self._head_written:
@@ -362,8 +428,9 @@ class AppExchange:
             conn.abort()
         elif self._finished:
             self._closed = True
-            self._release(answered=200 <= self._status < 500 and self._inst is not None)
-            self._loop.call_soon(conn.diverted_done, self._keep)
+            answered = (200 <= self._status < 500 or self._tunnel) and self._inst is not None
+            self._release(answered=answered)
+            self._loop.call_soon(conn.diverted_done, self._keep and not self._tunnel)
         elif conn.write_paused and self._upstream is not None:
             self._upstream.pause()
 

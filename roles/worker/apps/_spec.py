@@ -2,7 +2,7 @@
 
 Per site in the worker snapshot (all optional beside ``uid``)::
 
-    {"uid": "<hex>", "runtime": "static|python|php|command", "entry": "app:app",
+    {"uid": "<hex>", "runtime": "static|python|php|node|command", "entry": "app:app",
      "env": {"KEY": "value"}, "always_on": false, "idle_timeout": 1200,
      "limits": {"memory_mb": 256, "cpu_percent": 50, "nofile": 256, "nproc": 64, "disk_mb": 1024}}
 
@@ -11,7 +11,9 @@ An absent ``runtime`` is detected from the content of the version being served.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -29,6 +31,7 @@ __all__ = [
     "SizeDefaults",
     "detect_runtime",
     "is_app_source",
+    "node_entry",
     "parse_app_spec",
     "procfile_web",
 ]
@@ -178,9 +181,50 @@ def _detect(root: str, ino: int, mtime_ns: int) -> tuple[Runtime, str]:
         for name in sorted(names):
             if name.isidentifier() and os.path.isfile(os.path.join(root, name, "wsgi.py")):
                 return "python", f"{name}.wsgi:application"
-    if any(n.lower().endswith(".php") for n in names) or _php_below(root):
+    if any(n.lower().endswith(".php") for n in names):
+        return "php", "index.php"
+    if "package.json" in names:
+        command = node_entry(root)
+        if command:
+            return "node", command
+    if _php_below(root):
         return "php", "index.php"
     return "static", ""
+
+
+# A package.json ``main`` is not always there; Node apps are usually started from one of these.
+_NODE_MAINS = ("server.js", "index.js", "app.js", "server.mjs", "index.mjs", "app.mjs")
+
+
+def node_entry(root: str) -> str | None:
+    """How a Node app (a ``package.json``) starts: its ``start`` script (run directly when it is a
+    plain ``node ...`` command: npm itself would cost each cold start a few hundred ms and stay
+    resident), else ``node <main>``; None when package.json names nothing to run (a site that uses npm
+    only for its build tools)."""
+    try:
+        with open(os.path.join(root, "package.json"), "rb") as f:
+            pkg = json.loads(f.read(1024 * 1024))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(pkg, dict):
+        return None
+    scripts = pkg.get("scripts")
+    start = scripts.get("start") if isinstance(scripts, dict) else None
+    if isinstance(start, str) and start.strip():
+        start = start.strip()
+        try:
+            words = shlex.split(start)
+        except ValueError:
+            words = []
+        plain = words[:1] == ["node"] and not any(c in start for c in ";&|<>`()$")
+        return start if plain else "npm start"
+    main = pkg.get("main")
+    candidates = ([main] if isinstance(main, str) else []) + list(_NODE_MAINS)
+    for name in candidates:
+        path = os.path.normpath(os.path.join(root, name))
+        if path.startswith(root.rstrip("/") + "/") and os.path.isfile(path):
+            return f"node {shlex.quote(os.path.relpath(path, root))}"
+    return None
 
 
 def _php_below(root: str) -> bool:

@@ -21,6 +21,13 @@ class Sink(Protocol):
     def upstream_end(self) -> None: ...
     def upstream_failed(self, why: str) -> None: ...
     def upstream_stderr(self, text: str) -> None: ...
+    def upstream_tunnel(self, early: bytes) -> None:
+        """The app said 101 to an upgrade: what follows are the raw bytes of the new protocol."""
+        ...
+
+    def upstream_writable(self, writable: bool) -> None:
+        """The app's socket buffer filled up (False) or drained (True): a tunnel stops reading."""
+        ...
 
 
 class UpstreamBase(asyncio.Protocol):
@@ -48,6 +55,12 @@ class UpstreamBase(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
+    def pause_writing(self) -> None:
+        self.sink.upstream_writable(False)
+
+    def resume_writing(self) -> None:
+        self.sink.upstream_writable(True)
+
     def _finish(self) -> None:
         if not self.done:
             self.done = True
@@ -64,21 +77,39 @@ class UpstreamBase(asyncio.Protocol):
 
 
 class HttpUpstream(UpstreamBase):
-    def __init__(self, sink: Sink, request: bytes, *, head_only: bool) -> None:
+    """``upgrade``: the request asks to switch protocols (a WebSocket); a 101 answer turns this into a
+    tunnel whose bytes go to the sink unparsed until either side closes."""
+
+    def __init__(self, sink: Sink, request: bytes, *, head_only: bool, upgrade: bool = False) -> None:
         super().__init__(sink, request)
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
+        self._upgrade = upgrade
         self._headers: list[tuple[bytes, bytes]] = []
         self._framed = False
         self._have_head = False
+        self.tunnel = False
 
     def data_received(self, data: bytes) -> None:
         if self.done:
             return
+        if self.tunnel:
+            self.sink.upstream_data(data)
+            return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if not self.tunnel:
+                self._fail("the app switched protocols without being asked to")
+                return
+            self.sink.upstream_tunnel(data[int(exc.args[0]) :])
         except httptools.HttpParserError as exc:
             self._fail(f"the app's response could not be parsed ({exc})")
+
+    def send(self, data: bytes) -> None:
+        """Tunnel bytes from the visitor to the app."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     def eof_received(self) -> bool | None:
         # A body without a length ends with the connection.
@@ -88,7 +119,7 @@ class HttpUpstream(UpstreamBase):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done:
-            if self._have_head and not self._framed:
+            if self.tunnel or (self._have_head and not self._framed):
                 self._finish()
             else:
                 self._fail("the app closed the connection before it answered" if not self._have_head
@@ -102,6 +133,10 @@ class HttpUpstream(UpstreamBase):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if status == 101 and self._upgrade and self._parser.should_upgrade():
+            self.tunnel = self._have_head = self._framed = True
+            self.sink.upstream_head(status, self._headers)
+            return
         if 100 <= status < 200:
             self._headers = []
             return
@@ -117,5 +152,5 @@ class HttpUpstream(UpstreamBase):
             self.sink.upstream_data(body)
 
     def on_message_complete(self) -> None:
-        if self._have_head:
+        if self._have_head and not self.tunnel:
             self._finish()

@@ -1,4 +1,5 @@
-"""Run an ASGI 3 app: one http scope per request, and the lifespan protocol when the app speaks it."""
+"""Run an ASGI 3 app: one http scope per request, a websocket scope per WebSocket (``_websocket.py``),
+and the lifespan protocol when the app speaks it."""
 
 from __future__ import annotations
 
@@ -50,6 +51,16 @@ async def _serve(handler: AsgiHandler, lifespan: Lifespan, listener: socket.sock
             busy.add(task)
         try:
             req = await read_request(reader)
+            if req is not None and _upgrade(req):
+                from ._websocket import is_websocket, serve_websocket  # only apps that get one pay
+
+                if is_websocket(req):
+                    try:
+                        await serve_websocket(handler.app, asgi_scope(req), req, reader, writer)
+                        await writer.drain()
+                    except asyncio.CancelledError:
+                        pass  # the server stopping: the socket goes with it, no traceback in the log
+                    return
             if req is not None:
                 await handler(req, writer)
                 await writer.drain()
@@ -70,6 +81,10 @@ async def _serve(handler: AsgiHandler, lifespan: Lifespan, listener: socket.sock
     await lifespan.shutdown()
 
 
+def _upgrade(req: HttpRequest) -> bool:
+    return req.header(b"upgrade") is not None
+
+
 def _print_exc() -> None:
     import traceback  # only when something failed
 
@@ -79,6 +94,10 @@ def _print_exc() -> None:
 class AsgiHandler:
     def __init__(self, app: AsgiApp) -> None:
         self._app = app
+
+    @property
+    def app(self) -> AsgiApp:
+        return self._app
 
     async def __call__(self, req: HttpRequest, writer: asyncio.StreamWriter) -> None:
         done = asyncio.Event()
@@ -146,6 +165,10 @@ class Lifespan:
             )
         except Exception:
             # An app without lifespan support raises on the scope type: that is allowed.
+            await self._answers.put({"type": "unsupported"})
+        else:
+            # Or it returns without a word (a plain callable that knows only http): allowed too, and
+            # startup must not wait for an answer that never comes.
             await self._answers.put({"type": "unsupported"})
 
     async def _send(self, message: Message) -> None:
