@@ -319,8 +319,13 @@ class CertificateManager:
         try:
             pending = await asyncio.to_thread(acme.begin_dns01, names)
             if pending.txt_records:
+                try:
+                    await asyncio.to_thread(dns.add, pending.txt_records)
+                except DnsUpdateFailure as err:
+                    if not err.answered:  # it may have been applied: delete to be sure
+                        added = pending.txt_records
+                    raise
                 added = pending.txt_records
-                await asyncio.to_thread(dns.add, added)
                 await asyncio.to_thread(dns.wait_visible, added)
             issued = await asyncio.to_thread(acme.finish, pending)
         except (AcmeFailure, DnsUpdateFailure) as err:

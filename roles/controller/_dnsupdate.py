@@ -33,7 +33,15 @@ _TTL = 60
 
 
 class DnsUpdateFailure(Exception):
-    """The update method did not do what it was asked; the message is what the admin is shown."""
+    """The update method did not do what it was asked; the message is what the admin is shown.
+
+    ``answered``: the server said no, so nothing changed; otherwise (no answer) the update may have
+    been applied.
+    """
+
+    def __init__(self, message: str, *, answered: bool = True) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,8 @@ class DnsUpdater:
             answer, _ = dns.query.udp_with_fallback(update, where, timeout=_TIMEOUT, port=port)
         except dns.tsig.PeerBadKey:
             raise DnsUpdateFailure(
-                f"the DNS server {server} does not know the TSIG key {key!r} (BADKEY)"
+                f"the DNS server {server} does not know the TSIG key {key!r} "
+                f"with algorithm {self.settings.algorithm} (BADKEY)"
             ) from None
         except dns.tsig.PeerBadSignature:
             raise DnsUpdateFailure(
@@ -97,10 +106,12 @@ class DnsUpdater:
             ) from None
         except dns.exception.Timeout:
             raise DnsUpdateFailure(
-                f"the DNS server {server} did not answer within {_TIMEOUT:.0f} s"
+                f"the DNS server {server} did not answer within {_TIMEOUT:.0f} s", answered=False
             ) from None
         except (dns.exception.DNSException, OSError) as err:
-            raise DnsUpdateFailure(f"the update to the DNS server {server} failed: {err}") from None
+            raise DnsUpdateFailure(
+                f"the update to the DNS server {server} failed: {err}", answered=False
+            ) from None
         rcode = answer.rcode()
         if rcode != dns.rcode.NOERROR:
             why = {
