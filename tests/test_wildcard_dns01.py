@@ -327,6 +327,7 @@ def test_a_restarted_front_end_serves_the_last_wildcard_it_was_given(tmp_path: P
 
     with proc.running():
         assert "public test CA" not in issuer(pki.ca.cert_pem.decode())
+        assert proc.health()["wildcard"] == "cloud-ca"
         proc.push_config(
             {
                 "version": 1,
@@ -342,5 +343,7 @@ def test_a_restarted_front_end_serves_the_last_wildcard_it_was_given(tmp_path: P
     # No controller to push anything: the last-known-good snapshot brings the wildcard back.
     with proc.running():
         assert "public test CA" in issuer(public.cert_pem.decode())
+        assert proc.health()["wildcard"] == "acme"
         proc.push_config({"version": 2, "domain": DOMAIN, "sites": {}})
         assert "public test CA" not in issuer(pki.ca.cert_pem.decode())
+        assert proc.health()["wildcard"] == "cloud-ca"

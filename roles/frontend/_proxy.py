@@ -297,6 +297,8 @@ class Proxy:
             "domain": self.domain,
             "sites": self.sites,
             "hostnames": len(self.routes),
+            # Which certificate <site>.<domain> is served with: the platform's from ACME, or the cloud CA's.
+            "wildcard": "acme" if self.wildcard is not None else "cloud-ca",
             "client_connections": len(self.clients),
             "upstream_connections": len(self.upstream_conns),
             "upstream_idle": sum(len(up.idle) for up in self.upstreams.values()),

@@ -230,7 +230,12 @@ async def _serve_main(config: FrontendConfig, stop: asyncio.Event, processes: in
             lambda _: [0, 0, 0],
             default_max_body=config.max_body_bytes,
         )
-        figures.update(domain=routes.domain, sites=routes.sites, hostnames=len(routes.hosts))
+        figures.update(
+            domain=routes.domain,
+            sites=routes.sites,
+            hostnames=len(routes.hosts),
+            wildcard="acme" if routes.wildcard is not None else "cloud-ca",
+        )
         figures.pop("status", None)
         figures.pop("reason", None)
         figures.update(failure_figures(routes.failed))
