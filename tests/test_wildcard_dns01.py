@@ -28,10 +28,11 @@ import dns.update
 import pytest
 from cryptography import x509
 
+from roles.controller._certificates import wildcard_due_at
 from roles.controller._dnsupdate import DnsUpdateFailure, DnsUpdater, TxtRecord
 from roles.frontend.config import FrontendConfig
 from shared.acme import BACKOFF_FIRST
-from shared.dns01 import Dns01Settings, check_update_server, check_zone
+from shared.dns01 import Dns01Settings, WildcardRecord, WildcardState, check_update_server, check_zone
 from shared.errors import InvalidInput
 from shared.pki import CertificateAuthority
 from tests.cloud import LocalCloud
@@ -101,6 +102,26 @@ def test_the_wiring_is_checked() -> None:
             check_update_server(bad)
     with pytest.raises(InvalidInput, match=r"does not hold _acme-challenge\.sites\.example\.net"):
         check_zone("example.org", "sites.example.net")
+
+
+def test_the_wildcard_falls_due_when_new_renewed_or_rewired_after_a_failure() -> None:
+    now = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+    wired = _settings(53)
+    later = now + dt.timedelta(days=60)
+    valid = WildcardRecord("sites.localhost", WildcardState.VALID, due_at=later, tag=wired.tag)
+    failed = WildcardRecord("sites.localhost", WildcardState.FAILED, due_at=later, failures=1, tag=wired.tag)
+    assert wildcard_due_at(valid, Dns01Settings(), "sites.localhost", now) is None  # off
+    assert wildcard_due_at(None, wired, "sites.localhost", now) == now
+    assert wildcard_due_at(valid, wired, "other.example", now) == now  # the domain changed
+    assert wildcard_due_at(valid, wired, "sites.localhost", now) == later
+    assert wildcard_due_at(failed, wired, "sites.localhost", now) == later  # backing off
+    rewired = _settings(53, secret=base64.b64encode(b"another secret!!").decode())
+    assert wildcard_due_at(failed, rewired, "sites.localhost", now) == now
+    # What the controller stores reads back the same, and never shows the key.
+    assert WildcardRecord.parse(failed.to_json()) == failed
+    view = valid.view(wired, True, "sites.localhost")
+    assert view["state"] == "valid" and "key_pem" not in view
+    assert valid.view(wired, False, "sites.localhost")["state"] == "off"
 
 
 # -- a cloud with pebble ----------------------------------------------------------------------------

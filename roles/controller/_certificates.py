@@ -275,8 +275,11 @@ class CertificateManager:
     def _wildcard_issuing(self, settings: Dns01Settings) -> None:
         with self._db.session() as s:
             record = self._wildcard_record(s)
+            # A new wiring starts its back-off afresh: the failures so far were the old one's.
+            failures = record.failures if record.tag == settings.tag else 0
             self._store_wildcard(
-                s, dataclasses.replace(record, state=WildcardState.ISSUING, tag=settings.tag)
+                s,
+                dataclasses.replace(record, state=WildcardState.ISSUING, tag=settings.tag, failures=failures),
             )
 
     def _wildcard_success(self, cert: IssuedCertificate) -> None:
