@@ -161,6 +161,8 @@ class Dns01Settings:
     key_name: str = ""
     algorithm: str = "hmac-sha256"
     secret: str = ""
+    # The ACME directory it orders from (kept here so that a new CA counts as a new wiring too).
+    directory_url: str = ""
 
     @property
     def complete(self) -> bool:
@@ -173,7 +175,8 @@ class Dns01Settings:
     @property
     def tag(self) -> str:
         """Tells one wiring from another (the secret hashed): a changed wiring is retried at once."""
-        text = "\n".join((self.server, self.zone, self.key_name, self.algorithm, self.secret))
+        parts = (self.server, self.zone, self.key_name, self.algorithm, self.secret, self.directory_url)
+        text = "\n".join(parts)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @classmethod
@@ -191,6 +194,7 @@ class Dns01Settings:
             key_name=text("dns_update_key_name"),
             algorithm=text("dns_update_key_algorithm", "hmac-sha256"),
             secret=text("dns_update_key_secret"),
+            directory_url=text("acme_directory_url"),
         )
 
 

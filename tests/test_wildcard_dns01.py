@@ -280,17 +280,60 @@ def test_a_wrong_tsig_secret_fails_with_a_reason_and_backs_off_while_the_ca_wild
 
 
 @needs_pebble
-def test_the_wildcard_is_issued_by_dns01_served_for_every_site_name_and_its_records_are_gone(
+def test_records_are_deleted_after_a_failed_validation_too(
     cloud: tuple[LocalCloud, Api], pebble: Pebble, tiny_dns: TinyDns, site: str, tmp_path: Path
 ) -> None:
     local, api = cloud
-    # A fixed key ends the back-off at once (the wiring changed); the key file as tsig-keygen writes it.
-    key_file = tmp_path / "acme.key"
-    key_file.write_text(
-        f'key "{KEY_NAME.rstrip(".")}" {{\n\talgorithm hmac-sha256;\n\tsecret "{SECRET}";\n}};\n'
+    # A second CA that looks the records up where they are not: its validation fails.
+    blind = TinyDns()
+    other = Pebble(
+        tmp_path / "pebble", http_port=local.ports["http_port"], dns_port=blind.port, validity=3600
     )
+    try:
+        bundle = tmp_path / "other-ca.pem"
+        bundle.write_text(other.tls_ca_pem)
+        # The right key now, as tsig-keygen writes it; a new wiring ends the back-off at once.
+        key_file = tmp_path / "acme.key"
+        key_file.write_text(
+            f'key "{KEY_NAME.rstrip(".")}" {{\n\talgorithm hmac-sha256;\n\tsecret "{SECRET}";\n}};\n'
+        )
+        updates_before = len(tiny_dns.updates)
+        local.cli(
+            "settings",
+            "set",
+            "--acme-directory",
+            other.directory_url,
+            "--acme-ca-bundle",
+            str(bundle),
+            "--dns-update-key-secret-file",
+            str(key_file),
+        )
+        state = wait_until(
+            lambda: (w := _wildcard(api))["state"] == "failed" and "validate" in w["reason"] and w,
+            timeout=30,
+            what="the CA's validation to fail",
+        )
+        assert "sites.localhost" in state["reason"], state
+        assert tiny_dns.updates[updates_before:] == [("added", CHALLENGE), ("deleted", CHALLENGE)]
+        assert (CHALLENGE, "TXT") not in tiny_dns.records
+        assert "Pebble" not in _served(local, site, local.ca_file.read_text())[0].issuer.rfc4514_string()
+    finally:
+        other.stop()
+        blind.close()
+
+
+@needs_pebble
+def test_the_wildcard_is_issued_by_dns01_served_for_every_site_name_and_its_records_are_gone(
+    cloud: tuple[LocalCloud, Api], pebble: Pebble, tiny_dns: TinyDns, site: str
+) -> None:
+    local, api = cloud
+    # Back to the CA that sees the records: a new wiring again, so it is ordered at once.
     updates_before = len(tiny_dns.updates)
-    local.cli("settings", "set", "--dns-update-key-secret-file", str(key_file))
+    api.ok(
+        "PATCH",
+        "/settings",
+        {"acme_directory_url": pebble.directory_url, "acme_ca_bundle": pebble.tls_ca_pem},
+    )
     state = wait_until(
         lambda: (w := _wildcard(api))["state"] == "valid" and w,
         timeout=40,
