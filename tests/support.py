@@ -28,9 +28,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import dns.message
+import dns.name
+import dns.opcode
 import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+import dns.tsig
+import dns.tsigkeyring
+import dns.update
 
 from shared.config import RoleConfig, write_role_config
 from shared.net import free_port
@@ -269,10 +275,18 @@ def pip_index_unreachable() -> str:
 
 
 class TinyDns:
-    """An authoritative DNS server on 127.0.0.1 for what the test sets: (name, type) -> values."""
+    """An authoritative DNS server on 127.0.0.1 for what the test sets: (name, type) -> values.
 
-    def __init__(self) -> None:
+    With ``tsig`` (key name, algorithm, base64 secret) it also takes RFC 2136 UPDATEs of TXT records
+    signed with that key (RFC 8945), as BIND does with an ``update-policy`` for the key: an unsigned
+    update is REFUSED, one with an unknown key or a bad signature is NOTAUTH with the TSIG error
+    BADKEY or BADSIG. ``updates`` logs each one: (outcome, name).
+    """
+
+    def __init__(self, *, tsig: tuple[str, str, str] | None = None) -> None:
         self.records: dict[tuple[str, str], list[str]] = {}
+        self.updates: list[tuple[str, str]] = []
+        self._keyring = dns.tsigkeyring.from_text({tsig[0]: (tsig[1], tsig[2])}) if tsig else None
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.settimeout(0.2)
@@ -303,6 +317,61 @@ class TinyDns:
                 break
         return reply
 
+    def _refuse_signed(self, wire: bytes, error: int) -> dns.message.Message:
+        """NOTAUTH with the TSIG error, as RFC 8945 5.3.2 says (the MAC cannot be made: no key)."""
+        unverified = dns.message.from_wire(wire, keyring=False)
+        reply = dns.message.make_response(unverified)
+        reply.set_rcode(dns.rcode.NOTAUTH)
+        if unverified.keyname is not None:
+            stand_in = dns.tsig.Key(unverified.keyname, b"\0" * 32, unverified.keyalgorithm)
+            reply.use_tsig(stand_in, tsig_error=error)
+        self.updates.append((f"refused: {dns.rcode.to_text(error)}", ""))
+        return reply
+
+    def _update(self, update: dns.message.Message) -> dns.message.Message:
+        assert isinstance(update, dns.update.UpdateMessage)
+        reply = dns.message.make_response(update)
+        if not update.had_tsig:
+            reply.set_rcode(dns.rcode.REFUSED)
+            self.updates.append(("refused: unsigned", ""))
+            return reply
+        zone = update.zone[0].name
+        if any(not rrset.name.is_subdomain(zone) for rrset in update.update):
+            reply.set_rcode(dns.rcode.NOTZONE)
+            return reply
+        if any(rrset.rdtype != dns.rdatatype.TXT for rrset in update.update):
+            reply.set_rcode(dns.rcode.REFUSED)
+            return reply
+        done: dict[str, str] = {}
+        for rrset in update.update:
+            name = rrset.name.to_text().lower().rstrip(".")
+            values = self.records.setdefault((name, "TXT"), [])
+            texts = [b"".join(rd.strings).decode() for rd in rrset]
+            if rrset.deleting is None:
+                values.extend(t for t in texts if t not in values)
+                done[name] = "added"
+            elif rrset.deleting == dns.rdataclass.NONE:  # RFC 2136 2.5.4: delete these RRs
+                values[:] = [v for v in values if v not in texts]
+                done[name] = "deleted"
+            else:  # ANY: the whole set
+                values.clear()
+                done[name] = "deleted"
+            if not values:
+                del self.records[(name, "TXT")]
+        self.updates.extend((action, name) for name, action in done.items())
+        return reply
+
+    def _handle(self, wire: bytes) -> dns.message.Message:
+        try:
+            message = dns.message.from_wire(wire, keyring=self._keyring)
+        except (dns.message.UnknownTSIGKey, dns.tsig.BadKey, dns.tsig.BadAlgorithm):
+            return self._refuse_signed(wire, dns.rcode.BADKEY)
+        except dns.tsig.BadSignature:
+            return self._refuse_signed(wire, dns.rcode.BADSIG)
+        if message.opcode() == dns.opcode.UPDATE:
+            return self._update(message)
+        return self._answer(message)
+
     def _serve(self) -> None:
         while not self._stop.is_set():
             try:
@@ -310,7 +379,7 @@ class TinyDns:
             except TimeoutError:
                 continue
             try:
-                self._sock.sendto(self._answer(dns.message.from_wire(wire)).to_wire(), peer)
+                self._sock.sendto(self._handle(wire).to_wire(), peer)
             except Exception:  # a malformed query is dropped, as a real server would
                 continue
 

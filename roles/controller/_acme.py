@@ -1,10 +1,11 @@
 """The controller's ACME (RFC 8555) client, on certbot's ``acme`` library: one account per directory,
-one order per host name, HTTP-01 challenges.
+one order per host name with HTTP-01 challenges, or one for the platform's wildcard with DNS-01.
 
 Blocking (the library uses requests): the certificate loop runs each step in a thread. An order is
-two steps so that the controller can put the challenges into the front ends' snapshot between them:
-:meth:`AcmeClient.begin` (new order, the HTTP-01 answers to publish) and :meth:`AcmeClient.finish`
-(tell the CA to check, wait, finalize with the CSR, download the chain).
+two steps so that the controller can publish the answers between them (in the front ends' snapshot, or
+in DNS): :meth:`AcmeClient.begin` or :meth:`AcmeClient.begin_dns01` (new order, the answers to
+publish) and :meth:`AcmeClient.finish` (tell the CA to check, wait, finalize with the CSR, download
+the chain).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 
+from roles.controller._dnsupdate import TxtRecord
 from shared.acme import AcmeChallenge, AcmeSettings
 from shared.files import atomic_write_bytes
 from shared.version import CODE_VERSION
@@ -45,6 +47,8 @@ class PendingOrder:
     # The challenges the CA waits for, and their answers for the front ends.
     to_answer: list[messages.ChallengeBody] = field(default_factory=list)
     challenges: list[AcmeChallenge] = field(default_factory=list)
+    # DNS-01: the TXT records to put in DNS.
+    txt_records: list[TxtRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -142,25 +146,37 @@ class AcmeClient:
 
     def begin(self, hostname: str) -> PendingOrder:
         """A new order for ``hostname`` with a fresh key, and the HTTP-01 answers to publish."""
+        return self._begin([hostname], challenges.HTTP01)
+
+    def begin_dns01(self, names: list[str]) -> PendingOrder:
+        """A new order for ``names`` (a wildcard among them) and the DNS-01 TXT records to publish."""
+        return self._begin(names, challenges.DNS01)
+
+    def _begin(self, names: list[str], kind: type[challenges.KeyAuthorizationChallenge]) -> PendingOrder:
         acme = self._connect()
         assert self._key is not None
         key_pem = _pem_key(ec.generate_private_key(ec.SECP256R1()))
         try:
-            order = acme.new_order(crypto_util.make_csr(key_pem, [hostname]))
+            order = acme.new_order(crypto_util.make_csr(key_pem, names))
         except Exception as err:
             raise AcmeFailure(_problem(err)) from err
-        pending = PendingOrder(hostname, key_pem, order)
+        pending = PendingOrder(names[0], key_pem, order)
         for authzr in order.authorizations:
             if authzr.body.status == messages.STATUS_VALID:
                 continue  # the CA still trusts an earlier proof for this name
-            http01 = next((c for c in authzr.body.challenges if isinstance(c.chall, challenges.HTTP01)), None)
-            if http01 is None:
-                raise AcmeFailure(f"the CA offers no HTTP-01 challenge for {authzr.body.identifier.value}")
-            validation = http01.chall.validation(self._key)
-            pending.to_answer.append(http01)
-            pending.challenges.append(
-                AcmeChallenge(authzr.body.identifier.value, http01.chall.encode("token"), str(validation))
-            )
+            # A wildcard's authorization names the domain under it (RFC 8555 7.1.4).
+            name = authzr.body.identifier.value
+            challb = next((c for c in authzr.body.challenges if isinstance(c.chall, kind)), None)
+            if challb is None:
+                raise AcmeFailure(f"the CA offers no {kind.typ} challenge for {name}")
+            pending.to_answer.append(challb)
+            if isinstance(challb.chall, challenges.DNS01):
+                pending.txt_records.append(
+                    TxtRecord(challb.chall.validation_domain_name(name), challb.chall.validation(self._key))
+                )
+            else:
+                validation = challb.chall.validation(self._key)
+                pending.challenges.append(AcmeChallenge(name, challb.chall.encode("token"), str(validation)))
         return pending
 
     def finish(self, pending: PendingOrder) -> IssuedCertificate:

@@ -100,7 +100,7 @@ class Controller:
         # HTTP-01 answers of the ACME orders in flight, by token: every front end snapshot carries them.
         self._challenges: dict[str, AcmeChallenge] = {}
         self.certificates = CertificateManager(
-            self.db, config.home / "acme", self, self._log.bind(part="acme")
+            self.db, config.home / "acme", self, self._log.bind(part="acme"), domain=config.domain
         )
         # Metrics: the reconcile pass timed as it runs (a few a second at most); the rest read when scraped.
         self.metrics = role_registry("controller", LOCAL_HOST, self._generation)

@@ -19,18 +19,20 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from shared.acme import AcmeChallenge
+from shared.acme import AcmeChallenge, AcmeSettings
 from shared.appsettings import APP_DISK_MIN_MB, app_fields, frontend_fields
 from shared.db import (
     Host,
     Plan,
     Role,
+    Setting,
     Site,
     SiteAssignment,
     Subscription,
     bump_generation,
     current_generation,
 )
+from shared.dns01 import RECORD_KEY, PlatformCertificate, WildcardRecord
 from shared.names import HostnameState
 from shared.quota import QuotaStop
 
@@ -117,6 +119,8 @@ class DesiredState:
     quota_stops: dict[str, QuotaStop] = field(default_factory=dict)
     # HTTP-01 answers of the ACME orders in flight (the controller fills this in), for every front end.
     acme_challenges: tuple[AcmeChallenge, ...] = ()
+    # The platform's wildcard from ACME, served for <site>.<domain> instead of the cloud CA's one.
+    wildcard: PlatformCertificate | None = None
 
     def of_kind(self, kind: str) -> list[RoleEndpoint]:
         return [r for r in self.roles if r.kind == kind]
@@ -204,6 +208,7 @@ def place_sites(session: Session, down: Collection[int] = ()) -> int:
 def read_desired(session: Session, domain: str, *, advertise: str = "") -> DesiredState:
     """The desired state in the DB; ``advertise`` is where other hosts reach the local roles."""
     state = DesiredState(generation=current_generation(session), domain=domain)
+    state.wildcard = _wildcard(session, domain)
     for role, host in session.execute(
         select(Role, Host).join(Host, Role.host_id == Host.id).order_by(Role.id)
     ):
@@ -259,6 +264,19 @@ def read_desired(session: Session, domain: str, *, advertise: str = "") -> Desir
             )
         )
     return state
+
+
+def _wildcard(session: Session, domain: str) -> PlatformCertificate | None:
+    """The ACME wildcard while it is turned on and one was issued for this domain."""
+    keys = ("wildcard_dns01", "acme_directory_url", RECORD_KEY)
+    values = {
+        r.key: r.value.get("value") for r in session.scalars(select(Setting).where(Setting.key.in_(keys)))
+    }
+    # Only the switch matters here: a wiring broken later leaves the certificate it got in service.
+    if values.get("wildcard_dns01") is not True or not AcmeSettings.from_settings(values).enabled:
+        return None
+    record = WildcardRecord.parse(values.get(RECORD_KEY))
+    return record.certificate(domain) if record is not None else None
 
 
 # The roles each kind calls: a role placed where it reaches none of them cannot do its job.
@@ -331,6 +349,7 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
                     if state.acme_challenges
                     else {}
                 ),
+                **({"wildcard": state.wildcard.to_json()} if state.wildcard else {}),
             }
         elif role.kind == "worker":
             body = {

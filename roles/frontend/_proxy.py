@@ -56,6 +56,8 @@ class Proxy:
         self.failed_sites: dict[str, str] = {}
         # Custom hostnames' own certificates (the SNI callback reads this), and usage per site.
         self.certs: dict[str, CustomCert] = {}
+        # The platform's ACME wildcard for <site>.<domain>, when the snapshot has one.
+        self.wildcard: CustomCert | None = None
         # ACME HTTP-01 answers the controller asked every front end to serve: (host, target) -> answer.
         self.challenges: dict[tuple[bytes, bytes], bytes] = {}
         self.usage: dict[str, list[int]] = {}
@@ -144,6 +146,7 @@ class Proxy:
         )
         self.failed_sites = routes.failed
         self.challenges = routes.challenges
+        self.wildcard = routes.wildcard
         self.applied = True
         for address, old in self.upstreams.items():
             if address not in used:
@@ -294,6 +297,8 @@ class Proxy:
             "domain": self.domain,
             "sites": self.sites,
             "hostnames": len(self.routes),
+            # Which certificate <site>.<domain> is served with: the platform's from ACME, or the cloud CA's.
+            "wildcard": "acme" if self.wildcard is not None else "cloud-ca",
             "client_connections": len(self.clients),
             "upstream_connections": len(self.upstream_conns),
             "upstream_idle": sum(len(up.idle) for up in self.upstreams.values()),

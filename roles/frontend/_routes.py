@@ -15,6 +15,7 @@ from typing import Any
 from roles.frontend._http import Page, quota_page
 from roles.frontend._upstream import Upstream
 from shared.acme import CHALLENGE_PATH, parse_challenges
+from shared.dns01 import PlatformCertificate
 from shared.errors import InvalidInput
 from shared.names import validate_hostname, validate_site_name
 
@@ -142,6 +143,8 @@ class Routes:
     sites: int = 0
     # ACME HTTP-01 answers: (host, request target) -> the key authorization.
     challenges: dict[tuple[bytes, bytes], bytes] = field(default_factory=dict)
+    # The platform's wildcard from ACME for <site>.<domain>; None: the cloud CA's one (on disk) is served.
+    wildcard: CustomCert | None = None
 
 
 def failure_figures(failed: dict[str, str]) -> dict[str, Any]:
@@ -256,6 +259,12 @@ def build_routes(
             routes.challenges[(challenge.host.encode(), target)] = challenge.key_authorization.encode()
     except InvalidInput as err:
         routes.skipped.append(f"ACME challenges: {err}")
+    try:
+        wildcard = PlatformCertificate.parse(snapshot.get("wildcard"))
+        if wildcard is not None:
+            routes.wildcard = CustomCert(wildcard.cert_pem, wildcard.key_pem)
+    except InvalidInput as err:
+        routes.skipped.append(f"the platform's wildcard certificate: {err}; the cloud CA's one is served")
     hosts = routes.hosts
     suffix = "." + domain
     addresses: dict[Any, tuple[str, int, bool]] = {}  # most sites share a few workers: parse each once

@@ -41,7 +41,8 @@ _MAX_CONTEXTS = 10_000
 
 
 class _SniContexts:
-    """Picks a custom hostname's own certificate by SNI; every other name gets the wildcard.
+    """Picks a custom hostname's own certificate by SNI; ``<site>.<domain>`` gets the platform's ACME
+    wildcard when the snapshot has one; every other name gets the cloud CA's wildcard.
 
     Contexts are made on first use (a snapshot may carry very many certificates) and kept, up to a
     bound; a certificate that does not load is logged once and the wildcard is served instead.
@@ -58,7 +59,10 @@ class _SniContexts:
         name = server_name.lower().rstrip(".")
         cert = self._proxy.certs.get(name)
         if cert is None:
-            return None
+            cert = self._proxy.wildcard
+            if cert is None or not _under_wildcard(name, self._proxy.domain):
+                return None
+            name = "*." + self._proxy.domain
         cached = self._contexts.get(name)
         if cached is None or cached[0] != cert:
             cached = (cert, self._load(name, cert))
@@ -80,11 +84,19 @@ class _SniContexts:
             return ctx
         except (ssl.SSLError, OSError, ValueError) as exc:
             self._log.error(
-                "certificate of custom hostname %s does not load: %s; serving the wildcard", name, exc
+                "certificate for %s does not load: %s; serving the cloud CA's wildcard", name, exc
             )
             return None
         finally:
             os.close(fd)
+
+
+def _under_wildcard(name: str, domain: str) -> bool:
+    """Whether ``*.<domain>`` (or ``<domain>`` itself) covers ``name`` (RFC 6125 6.4.3: one label)."""
+    if not domain:
+        return False
+    label, dot, rest = name.partition(".")
+    return name == domain or (bool(dot) and rest == domain and bool(label))
 
 
 def _settle_heap() -> None:
@@ -218,7 +230,12 @@ async def _serve_main(config: FrontendConfig, stop: asyncio.Event, processes: in
             lambda _: [0, 0, 0],
             default_max_body=config.max_body_bytes,
         )
-        figures.update(domain=routes.domain, sites=routes.sites, hostnames=len(routes.hosts))
+        figures.update(
+            domain=routes.domain,
+            sites=routes.sites,
+            hostnames=len(routes.hosts),
+            wildcard="acme" if routes.wildcard is not None else "cloud-ca",
+        )
         figures.pop("status", None)
         figures.pop("reason", None)
         figures.update(failure_figures(routes.failed))

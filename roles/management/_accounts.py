@@ -18,9 +18,19 @@ from sqlalchemy import delete, func, select
 
 from roles.management._domains import check_ip_dns_services, parse_resolvers
 from roles.management._store import Principal, iso, require_admin
-from shared.acme import LETSENCRYPT, check_ca_bundle, check_directory_url, check_email
+from shared.acme import LETSENCRYPT, AcmeSettings, check_ca_bundle, check_directory_url, check_email
 from shared.credentials import hash_password, hash_token, new_password, new_token, verify_password
 from shared.db import ApiToken, Database, PortalSession, Setting, Tenant, User, bump_generation
+from shared.dns01 import (
+    RECORD_KEY,
+    TSIG_ALGORITHMS,
+    Dns01Settings,
+    check_key_name,
+    check_secret,
+    check_update_server,
+    check_zone,
+    wildcard_view,
+)
 from shared.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, RateLimited, Unauthorized
 from shared.names import DEFAULT_IP_DNS_SERVICES, validate_name
 
@@ -44,11 +54,32 @@ SETTINGS_DEFAULTS: Json = {
     "acme_ca_bundle": "",
     # Given to the CA as the account's contact (expiry notices); "" = none.
     "acme_email": "",
+    # The platform's wildcard *.<domain> from the ACME directory by DNS-01, through the DNS update
+    # method below (RFC 2136 updates signed with a TSIG key); off: the cloud CA's wildcard is served.
+    "wildcard_dns01": False,
+    "dns_update_server": "",
+    "dns_update_zone": "",
+    "dns_update_key_name": "",
+    "dns_update_key_algorithm": "hmac-sha256",
+    # Write-only: answers say whether it is set, never what it is.
+    "dns_update_key_secret": "",
 }
+_SECRETS = ("dns_update_key_secret",)
+# Changing these changes what the front ends serve (the ACME wildcard or not).
+_WILDCARD_SWITCHES = ("wildcard_dns01", "acme_directory_url")
 # Verified against for unknown users, so a sign-in takes as long whether or not the user exists.
 _DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
 # last_used_at is written at most this often per token: not one DB write per request.
 _TOUCH_EVERY = dt.timedelta(minutes=1)
+
+
+def _check_algorithm(value: object) -> str:
+    text = value.strip().lower() if isinstance(value, str) else ""
+    if text not in TSIG_ALGORITHMS:
+        raise InvalidInput(
+            f"TSIG algorithm {value!r} is not supported", hint=f"one of {', '.join(TSIG_ALGORITHMS)}"
+        )
+    return text
 
 
 def _now() -> dt.datetime:
@@ -131,8 +162,16 @@ def _token_json(row: ApiToken) -> Json:
 
 
 class Accounts:
-    def __init__(self, db: Database, lock: threading.Lock, limiter: SignInLimiter | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        lock: threading.Lock,
+        limiter: SignInLimiter | None = None,
+        *,
+        domain: str = "sites.localhost",
+    ) -> None:
         self._db = db
+        self._domain = domain
         self._write_lock = lock
         self.limiter = limiter or SignInLimiter()
 
@@ -330,10 +369,43 @@ class Accounts:
 
     # -- cloud settings
 
-    def get_settings(self) -> Json:
+    def _stored_settings(self) -> Json:
         with self._db.session() as s:
-            rows = {r.key: r.value.get("value") for r in s.scalars(select(Setting))}
-        return {k: rows.get(k, default) for k, default in SETTINGS_DEFAULTS.items()}
+            return {r.key: r.value.get("value") for r in s.scalars(select(Setting))}
+
+    def get_settings(self) -> Json:
+        rows = self._stored_settings()
+        values = {k: rows.get(k, default) for k, default in SETTINGS_DEFAULTS.items()}
+        for key in _SECRETS:
+            values[f"{key}_set"] = bool(values.pop(key))
+        values["wildcard_certificate"] = wildcard_view(
+            rows.get(RECORD_KEY),
+            Dns01Settings.from_settings(rows),
+            AcmeSettings.from_settings(rows).enabled,
+            self._domain,
+        )
+        return values
+
+    def _check_wildcard(self, merged: Json) -> None:
+        """Turning the wildcard on needs the whole update method, and ACME on."""
+        if merged.get("wildcard_dns01") is not True:
+            return
+        missing = [
+            f"'{k}'"
+            for k in ("dns_update_server", "dns_update_zone", "dns_update_key_name", "dns_update_key_secret")
+            if not merged.get(k)
+        ]
+        if missing:
+            raise InvalidInput(
+                f"the wildcard by DNS-01 needs a DNS update method: {', '.join(missing)} not set",
+                hint="set the update server, zone, TSIG key name and secret (and algorithm) with it",
+            )
+        if not AcmeSettings.from_settings(merged).enabled:
+            raise InvalidInput(
+                "the wildcard by DNS-01 needs an ACME directory, and ACME is off",
+                hint="set 'acme_directory_url' (letsencrypt, letsencrypt-staging or a URL) first",
+            )
+        check_zone(merged.get("dns_update_zone"), self._domain)
 
     def update_settings(self, who: Principal, body: Json) -> Json:
         require_admin(who)
@@ -346,23 +418,31 @@ class Accounts:
         for key, value in body.items():
             if not isinstance(value, type(SETTINGS_DEFAULTS[key])):
                 raise InvalidInput(f"{key!r} must be {type(SETTINGS_DEFAULTS[key]).__name__}")
+        checks = {
+            "ip_dns_services": check_ip_dns_services,
+            "acme_directory_url": check_directory_url,
+            "acme_ca_bundle": check_ca_bundle,
+            "acme_email": check_email,
+            "dns_update_server": check_update_server,
+            "dns_update_zone": lambda v: check_zone(v, self._domain),
+            "dns_update_key_name": check_key_name,
+            "dns_update_key_algorithm": _check_algorithm,
+            "dns_update_key_secret": check_secret,
+        }
         if "dns_resolvers" in body:
             parse_resolvers(body["dns_resolvers"])
-        if "ip_dns_services" in body:
-            body = {**body, "ip_dns_services": check_ip_dns_services(body["ip_dns_services"])}
-        if "acme_directory_url" in body:
-            body = {**body, "acme_directory_url": check_directory_url(body["acme_directory_url"])}
-        if "acme_ca_bundle" in body:
-            body = {**body, "acme_ca_bundle": check_ca_bundle(body["acme_ca_bundle"])}
-        if "acme_email" in body:
-            body = {**body, "acme_email": check_email(body["acme_email"])}
+        body = {key: checks[key](value) if key in checks else value for key, value in body.items()}
         with self._write_lock, self._db.session() as s:
+            stored = {r.key: r.value.get("value") for r in s.scalars(select(Setting))}
+            self._check_wildcard({**SETTINGS_DEFAULTS, **stored, **body})
             for key, value in body.items():
                 row = s.get(Setting, key)
                 if row is None:
                     s.add(Setting(key=key, value={"value": value}))
                 else:
                     row.value = {"value": value}
+            if any(key in body and body[key] != stored.get(key) for key in _WILDCARD_SWITCHES):
+                bump_generation(s)  # the front ends take up (or put down) the ACME wildcard
         return self.get_settings()
 
     def issue_token(self, username: str, password: str, name: str, client: str) -> Json:

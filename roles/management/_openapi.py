@@ -143,6 +143,16 @@ _SCHEMAS: Json = {
             "acme_directory_url": _STR,
             "acme_ca_bundle": _STR,
             "acme_email": _STR,
+            "wildcard_dns01": _BOOL,
+            "dns_update_server": _STR,
+            "dns_update_zone": _STR,
+            "dns_update_key_name": _STR,
+            "dns_update_key_algorithm": _STR,
+            "dns_update_key_secret_set": {
+                "type": "boolean",
+                "description": "whether a TSIG secret is stored (it is never shown)",
+            },
+            "wildcard_certificate": _ref("WildcardCertificate"),
         },
         [
             "signup_enabled",
@@ -151,7 +161,25 @@ _SCHEMAS: Json = {
             "acme_directory_url",
             "acme_ca_bundle",
             "acme_email",
+            "wildcard_dns01",
+            "dns_update_server",
+            "dns_update_zone",
+            "dns_update_key_name",
+            "dns_update_key_algorithm",
+            "dns_update_key_secret_set",
+            "wildcard_certificate",
         ],
+    ),
+    "WildcardCertificate": _obj(
+        {
+            "state": {"type": "string", "enum": ["off", "pending", "issuing", "valid", "failed"]},
+            "names": _STRS,
+            "until": _TIME,
+            "reason": {"type": ["string", "null"]},
+            "retry_at": _TIME,
+        },
+        ["state", "names", "until", "reason", "retry_at"],
+        description="the platform's wildcard certificate from ACME by DNS-01",
     ),
     "CloudSettingsUpdate": _obj(
         {
@@ -177,6 +205,32 @@ _SCHEMAS: Json = {
             "acme_email": {
                 "type": "string",
                 "description": "contact address given to the ACME CA; '' = none",
+            },
+            "wildcard_dns01": {
+                "type": "boolean",
+                "description": "get the platform's wildcard *.<domain> by ACME DNS-01 through the DNS update "
+                "method below; needs all of it, and ACME on",
+            },
+            "dns_update_server": {
+                "type": "string",
+                "maxLength": 300,
+                "description": "DNS server taking RFC 2136 updates: 'host', 'host:port', '[ipv6]:port'",
+            },
+            "dns_update_zone": {
+                "type": "string",
+                "maxLength": 253,
+                "description": "the zone holding _acme-challenge.<domain>",
+            },
+            "dns_update_key_name": {"type": "string", "maxLength": 253, "description": "the TSIG key's name"},
+            "dns_update_key_algorithm": {
+                "type": "string",
+                "enum": ["hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1"],
+            },
+            "dns_update_key_secret": {
+                "type": "string",
+                "maxLength": 1000,
+                "writeOnly": True,
+                "description": "the TSIG secret, base64; never shown back",
             },
         },
         closed=True,

@@ -12,6 +12,7 @@ import base64
 import getpass
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -576,12 +577,50 @@ def _settings_set(a: argparse.Namespace, api: ApiClient) -> Any:
         body["acme_ca_bundle"] = _read(a.acme_ca_bundle) if a.acme_ca_bundle not in ("", "system") else ""
     if a.acme_email is not None:
         body["acme_email"] = a.acme_email
+    if a.wildcard_dns01 is not None:
+        body["wildcard_dns01"] = a.wildcard_dns01 == "on"
+    for flag in ("server", "zone", "key_name", "key_algorithm"):
+        value = getattr(a, f"dns_update_{flag}")
+        if value is not None:
+            body[f"dns_update_{flag}"] = value
+    if a.dns_update_key_secret_file is not None:
+        body["dns_update_key_secret"] = _tsig_secret(a.dns_update_key_secret_file)
     if not body:
         raise InvalidInput(
             "nothing to change",
-            hint="pass --signup, --dns-resolver, --acme-directory, --acme-ca-bundle or --acme-email",
+            hint="pass --signup, --dns-resolver, --acme-directory, --acme-ca-bundle, --acme-email, "
+            "--wildcard-dns01 or --dns-update-...",
         )
     return api.request("PATCH", api.path("settings"), body)
+
+
+# The secret in a key file as the DNS servers write them: BIND's tsig-keygen (secret "..."; ), Knot's
+# keymgr (secret: ...), or the bare base64 that pdnsutil and providers show.
+_KEY_FILE_SECRET = re.compile(r'\bsecret\s*[:\s]\s*"?([A-Za-z0-9+/=]+)"?')
+
+
+def _tsig_secret(path: str) -> str:
+    """The TSIG secret in ``path`` ('' for none; '-' reads standard input)."""
+    if path == "":
+        return ""
+    text = sys.stdin.read() if path == "-" else _read(path) or ""
+    found = _KEY_FILE_SECRET.search(text)
+    return found.group(1) if found else text.strip()
+
+
+def _wildcard_state(view: Any) -> str:
+    if not isinstance(view, dict):
+        return "-"
+    state = view.get("state", "off")
+    if state == "valid":
+        return f"valid until {(view.get('until') or '')[:16].replace('T', ' ')} ({', '.join(view['names'])})"
+    if state == "failed":
+        retry = (view.get("retry_at") or "")[:16].replace("T", " ")
+        held = f"; serving the one valid until {view['until'][:10]}" if view.get("until") else ""
+        return f"failed: {view.get('reason')} (next try {retry}){held}"
+    if state == "off":
+        return "off (the cloud CA's wildcard is served)"
+    return str(state)
 
 
 def _show_cloud_settings(answer: Any, a: argparse.Namespace) -> None:
@@ -593,6 +632,15 @@ def _show_cloud_settings(answer: Any, a: argparse.Namespace) -> None:
             ("ACME directory", answer.get("acme_directory_url") or "off (no automatic certificates)"),
             ("ACME CA bundle", "given" if answer.get("acme_ca_bundle") else "the system's"),
             ("ACME contact", answer.get("acme_email") or "-"),
+            ("wildcard by DNS-01", "on" if answer.get("wildcard_dns01") else "off"),
+            ("DNS update server", answer.get("dns_update_server") or "-"),
+            ("DNS update zone", answer.get("dns_update_zone") or "-"),
+            (
+                "TSIG key",
+                f"{answer.get('dns_update_key_name') or '-'} ({answer.get('dns_update_key_algorithm')}, "
+                f"secret {'set' if answer.get('dns_update_key_secret_set') else 'not set'})",
+            ),
+            ("wildcard certificate", _wildcard_state(answer.get("wildcard_certificate"))),
         ]
     )
 
@@ -792,6 +840,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--acme-email", metavar="ADDRESS", help="contact address given to the ACME CA ('' for none)"
+    )
+    sp.add_argument(
+        "--wildcard-dns01",
+        choices=["on", "off"],
+        help="get the platform's wildcard *.<domain> from the ACME directory by DNS-01 (needs --dns-update-...)",
+    )
+    sp.add_argument(
+        "--dns-update-server", metavar="HOST[:PORT]", help="DNS server taking RFC 2136 updates (its primary)"
+    )
+    sp.add_argument("--dns-update-zone", metavar="ZONE", help="the zone holding _acme-challenge.<domain>")
+    sp.add_argument("--dns-update-key-name", metavar="NAME", help="the TSIG key's name")
+    sp.add_argument(
+        "--dns-update-key-algorithm",
+        metavar="ALG",
+        help="the TSIG key's algorithm: hmac-sha256 (default), hmac-sha384, hmac-sha512, hmac-sha224, hmac-sha1",
+    )
+    sp.add_argument(
+        "--dns-update-key-secret-file",
+        metavar="FILE",
+        help="file with the TSIG secret (base64, or a tsig-keygen/keymgr key file); '-' for stdin",
     )
 
     sub = group("subscription", "subscriptions of tenants to plans")

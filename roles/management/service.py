@@ -52,7 +52,7 @@ class ManagementService:
         self.fabric = FabricService(config, db)
         self._store = Store(db, config, lock)
         self.metering = Metering(db, lock)
-        self.accounts = Accounts(db, lock)
+        self.accounts = Accounts(db, lock, domain=config.domain)
         self._client = InternalClient(config, timeout=10)
         self._deploy_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
         self._logs_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
@@ -151,7 +151,7 @@ class ManagementService:
         return await self._read(self.accounts.get_settings)
 
     async def update_settings(self, who: Principal, body: Json) -> Json:
-        return await self._read(self.accounts.update_settings, who, body)
+        return await self._write(self.accounts.update_settings, who, body)
 
     # -- plans, tenants, subscriptions
 
