@@ -181,12 +181,12 @@ class ApiClient:
         with self._exchange(method, path, headers, data) as (_, resp):
             return self._answer(resp)
 
-    def list_all(self, path: str, key: str) -> Any:
+    def list_all(self, path: str, key: str, *, page_size: int = _PAGE) -> Any:
         """Every item of a list answer, following its pages (``next_cursor``) to the end."""
         items: list[Any] = []
         cursor: str | None = None
         while True:
-            query = f"?limit={_PAGE}" + (f"&cursor={quote(cursor, safe='')}" if cursor else "")
+            query = f"?limit={page_size}" + (f"&cursor={quote(cursor, safe='')}" if cursor else "")
             answer = self.request("GET", path + query)
             items += answer[key]
             cursor = answer.pop("next_cursor", None)

@@ -445,8 +445,7 @@ def _checked(op: Operation) -> Any:
     async def handle(request: web.Request) -> web.StreamResponse:
         if not op.public:
             await principal(request)
-        keys = list(request.query.keys())
-        twice = sorted({k for k in keys if keys.count(k) > 1})
+        twice = sorted(k for k in set(request.query) if len(request.query.getall(k)) > 1)
         if twice:
             raise InvalidInput(f"query parameter(s) given more than once: {', '.join(twice)}")
         request[_QUERY] = m.validated(op.query or _NoQuery, dict(request.query))
