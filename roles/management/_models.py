@@ -55,19 +55,20 @@ Json = dict[str, Any]
 M = TypeVar("M", bound=BaseModel)
 
 
-def _name(what: str) -> Any:
-    """A plan, tenant, user or token name: checked by :func:`validate_name`, described by its pattern."""
+def _named(what: str) -> AfterValidator:
+    """Plan, tenant, user and token names are checked by :func:`validate_name`, as the service does."""
 
     def check(value: str) -> str:
         return validate_name(value, what=what)
 
-    return Annotated[
-        str,
-        AfterValidator(check),
-        Field(json_schema_extra={"minLength": 1, "maxLength": NAME_MAX, "pattern": NAME_PATTERN}),
-    ]
+    return AfterValidator(check)
 
 
+_NAME_DOC = Field(json_schema_extra={"minLength": 1, "maxLength": NAME_MAX, "pattern": NAME_PATTERN})
+PlanName = Annotated[str, _named("plan"), _NAME_DOC]
+TenantName = Annotated[str, _named("tenant"), _NAME_DOC]
+UserName = Annotated[str, _named("user"), _NAME_DOC]
+TokenName = Annotated[str, _named("token"), _NAME_DOC]
 SiteName = Annotated[
     str,
     AfterValidator(validate_site_name),
@@ -161,7 +162,7 @@ class TokenRequest(Body):
 
 class TokenCreate(Body):
     what = "token"
-    name: _name("token")  # type: ignore[valid-type]
+    name: TokenName
 
 
 class Token(Answer):
@@ -192,13 +193,13 @@ Password = Annotated[str, Field(min_length=MIN_PASSWORD, max_length=MAX_PASSWORD
 
 class SignUp(Body):
     what = "sign-up"
-    username: _name("user")  # type: ignore[valid-type]
+    username: UserName
     password: Password
 
 
 class UserCreate(Body):
     what = "user"
-    username: _name("user")  # type: ignore[valid-type]
+    username: UserName
     password: Password | None = Field(None, description="generated and returned once when left out")
     tenant: str | None = Field(None, description="leave out for an admin account")
 
@@ -273,7 +274,7 @@ class _PlanQuotas(BaseModel):
 
 class PlanCreate(Body, _PlanQuotas):
     what = "plan"
-    name: _name("plan")  # type: ignore[valid-type]
+    name: PlanName
     max_sites: Count
     storage_mb: Annotated[int, Field(ge=1, le=STORAGE_MB_MAX)]
     public: bool | None = None
@@ -313,7 +314,7 @@ class PlanList(Answer):
 
 class TenantCreate(Body):
     what = "tenant"
-    name: _name("tenant")  # type: ignore[valid-type]
+    name: TenantName
 
 
 class Tenant(Answer):
@@ -332,7 +333,7 @@ class TenantList(Answer):
 
 class SubscriptionCreate(Body):
     what = "subscription"
-    plan: _name("plan")  # type: ignore[valid-type]
+    plan: PlanName
     tenant: str | None = Field(None, description="admins: the tenant; tenants: leave out")
 
 
@@ -664,7 +665,8 @@ def _refusal(model: type[BaseModel], exc: ValidationError) -> InvalidInput:
     elif loc:
         field = repr(field)
     if first["type"] == "missing":
-        return InvalidInput(f"{field} is required", hint=f"a {what} has: {', '.join(known)}")
+        required = [f.alias or n for n, f in model.model_fields.items() if f.is_required()]
+        return InvalidInput(f"{field} is required", hint=f"a {what} needs: {', '.join(required)}")
     if first["type"] in ("model_type", "dict_type") and not loc:
         return InvalidInput(f"the request body must be a JSON object for a {what}")
     allowed = _allowed(model, loc)

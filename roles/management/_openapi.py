@@ -120,12 +120,21 @@ def _clean(schema: Json) -> Json:
     return {k: v for k, v in schema.items() if k != "title"}
 
 
+def _not_null(schema: Json) -> Json:
+    """A query parameter is left out, never null: ``X | None`` is documented as ``X``."""
+    options = [o for o in schema.get("anyOf", []) if o != {"type": "null"}]
+    if len(options) != 1:
+        return schema
+    out = {k: v for k, v in schema.items() if k != "anyOf" and not (k == "default" and v is None)}
+    return {**options[0], **out}
+
+
 def _query_parameters(model: type[Query], defs: Json) -> list[Json]:
     schema = model.model_json_schema(ref_template=_REF, mode="validation")
     defs.update(schema.get("$defs", {}))
     out = []
     for name, prop in schema.get("properties", {}).items():
-        prop = _clean(prop)
+        prop = _not_null(_clean(prop))
         description = prop.pop("description", None)
         param: Json = {
             "name": name,
