@@ -31,7 +31,6 @@ __all__ = [
     "api_routes",
     "body_of",
     "client_address",
-    "json_body",
     "operations",
     "page_of",
     "principal",
@@ -65,11 +64,6 @@ async def principal(request: web.Request) -> Principal:
 
 def client_address(request: web.Request) -> str:
     return request.remote or "unknown"
-
-
-async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object (see :func:`parse_json_object` for what is refused)."""
-    return parse_json_object(await request.read())
 
 
 def body_of(request: web.Request, model: type[M]) -> M:
