@@ -26,6 +26,7 @@ __all__ = [
     "DIRECTORY_ALIASES",
     "LETSENCRYPT",
     "LETSENCRYPT_STAGING",
+    "MAX_DIRECTORY_URL",
     "AcmeChallenge",
     "AcmeSettings",
     "backoff",
@@ -46,6 +47,7 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,256}$")
 _KEY_AUTHORIZATION = re.compile(r"^[A-Za-z0-9_-]{16,256}\.[A-Za-z0-9_-]{16,128}$")
 _EMAIL = re.compile(r"^[^@\s:,]{1,64}@[A-Za-z0-9.-]{1,253}$")
 MAX_CA_BUNDLE = 256 * 1024
+MAX_DIRECTORY_URL = 2000
 # After a failed order the next waits this long, doubling with each failure in a row up to the max.
 BACKOFF_FIRST = dt.timedelta(minutes=5)
 BACKOFF_MAX = dt.timedelta(days=1)
@@ -95,8 +97,8 @@ def check_directory_url(value: object) -> str:
             "'acme_directory_url' must be a URL or one of letsencrypt, letsencrypt-staging, off"
         )
     text = value.strip()
-    if len(text) > 2000:
-        raise InvalidInput("'acme_directory_url' is too long", hint="at most 2000 characters")
+    if len(text) > MAX_DIRECTORY_URL:
+        raise InvalidInput("'acme_directory_url' is too long", hint=f"at most {MAX_DIRECTORY_URL} characters")
     if text.lower() in DIRECTORY_ALIASES or not text:
         return DIRECTORY_ALIASES.get(text.lower(), "")
     parts = urlsplit(text)

@@ -13,7 +13,12 @@ from shared.errors import InvalidInput
 
 __all__ = [
     "DEFAULT_IP_DNS_SERVICES",
+    "HOSTNAME_MAX",
+    "NAME_MAX",
+    "NAME_PATTERN",
     "RESERVED_SITE_NAMES",
+    "SITE_NAME_MAX",
+    "SITE_NAME_PATTERN",
     "CertState",
     "HostnameState",
     "canonical_hostname",
@@ -25,8 +30,14 @@ __all__ = [
 ]
 
 # A DNS label (RFC 1035 / 1123), lower case only, so one site has one spelling.
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+# The patterns are also the API schema's (JSON Schema regexes), so they stay in the common subset.
+SITE_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+SITE_NAME_MAX = 63
+NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$"
+NAME_MAX = 64
+HOSTNAME_MAX = 253
+_LABEL = re.compile(SITE_NAME_PATTERN)
+_NAME = re.compile(NAME_PATTERN)
 
 # Names a tenant could use to look like the platform itself.
 RESERVED_SITE_NAMES = frozenset({"www", "api", "admin", "portal", "ftp", "deploy", "publish", "management"})
@@ -38,8 +49,8 @@ _LABEL_RULE = "use letters a-z, digits and '-', not starting or ending with '-'"
 def _site_name_problem(name: str) -> str | None:
     if name != name.lower():
         return f"site name {name!r} has upper-case letters"
-    if len(name) > 63:
-        return f"site name {name!r} is longer than 63 characters (a DNS label's limit)"
+    if len(name) > SITE_NAME_MAX:
+        return f"site name {name!r} is longer than {SITE_NAME_MAX} characters (a DNS label's limit)"
     if not _LABEL.match(name):
         return f"site name {name!r} is not a valid DNS label"
     if name in RESERVED_SITE_NAMES:
@@ -92,7 +103,7 @@ def validate_hostname(name: str) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidInput("a host name is required")
     host = name.lower().rstrip(".")
-    if len(host) > 253 or not all(_LABEL.match(label) for label in host.split(".")):
+    if len(host) > HOSTNAME_MAX or not all(_LABEL.match(label) for label in host.split(".")):
         raise InvalidInput(f"{name!r} is not a valid host name")
     return host
 
@@ -195,7 +206,7 @@ def canonical_hostname(name: object) -> str:
         raise InvalidInput(f"{name!r} is not a host name", hint="use only the name, e.g. www.example.com")
     host = _a_labels(raw) if not raw.isascii() or "xn--" in raw else raw
     labels = host.split(".")
-    if len(host) > 253 or not all(_LABEL.match(label) for label in labels):
+    if len(host) > HOSTNAME_MAX or not all(_LABEL.match(label) for label in labels):
         raise InvalidInput(
             f"{name!r} is not a valid host name",
             hint="labels of 1-63 letters, digits and '-', not starting or ending with '-', 253 characters at most",

@@ -337,7 +337,7 @@ def test_bad_site_names_are_refused(cloud: ManagementCloud, name: str, fragment:
     assert status == 400 and body["error"]["code"] == "invalid_input"
     assert fragment in body["error"]["message"]
     assert cloud.generation() == before
-    assert cloud.ok("GET", "/sites", token=token) == {"sites": []}
+    assert cloud.ok("GET", "/sites", token=token) == {"sites": [], "next_cursor": None}
 
 
 def test_duplicate_limits_unknown_and_inactive_subscriptions(cloud: ManagementCloud) -> None:

@@ -155,7 +155,7 @@ def test_subscription_suspend_resume_delete(cloud: ManagementCloud) -> None:
 
     assert cloud.call("DELETE", f"/subscriptions/{sub}")[0] == 204
     assert cloud.call("GET", f"/sites/{site}", token=token)[0] == 404
-    assert cloud.ok("GET", "/subscriptions", token=token) == {"subscriptions": []}
+    assert cloud.ok("GET", "/subscriptions", token=token) == {"subscriptions": [], "next_cursor": None}
     assert cloud.call("DELETE", f"/subscriptions/{sub}")[0] == 404
     assert cloud.call("GET", "/subscriptions/99999999")[0] == 404
 

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 
 from roles.management._domains import check_ip_dns_services, parse_resolvers
+from roles.management._paging import Page
 from roles.management._store import Principal, iso, require_admin
 from shared.acme import LETSENCRYPT, AcmeSettings, check_ca_bundle, check_directory_url, check_email
 from shared.credentials import hash_password, hash_token, new_password, new_token, verify_password
@@ -34,7 +35,7 @@ from shared.dns01 import (
 from shared.errors import AlreadyExists, Forbidden, InvalidInput, NotFound, RateLimited, Unauthorized
 from shared.names import DEFAULT_IP_DNS_SERVICES, validate_name
 
-__all__ = ["Accounts", "SignInLimiter"]
+__all__ = ["MAX_PASSWORD", "MIN_PASSWORD", "Accounts", "SignInLimiter"]
 
 Json = dict[str, Any]
 
@@ -69,6 +70,7 @@ _SECRETS = ("dns_update_key_secret",)
 _WILDCARD_SWITCHES = ("wildcard_dns01", "acme_directory_url")
 # Verified against for unknown users, so a sign-in takes as long whether or not the user exists.
 _DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+_ALL = Page()
 # last_used_at is written at most this often per token: not one DB write per request.
 _TOUCH_EVERY = dt.timedelta(minutes=1)
 
@@ -233,15 +235,23 @@ class Accounts:
             answer["password"] = password
         return answer
 
-    def list_users(self, who: Principal) -> Json:
+    def list_users(self, who: Principal, page: Page = _ALL, *, tenant: str | None = None) -> Json:
         require_admin(who)
         with self._db.session() as s:
-            rows = s.execute(
+            query = (
                 select(User, Tenant.name)
                 .outerjoin(Tenant, User.tenant_id == Tenant.id)
                 .order_by(User.username)
             )
-            return {"users": [_user_json(u, t) for u, t in rows]}
+            if tenant is not None:
+                query = query.where(Tenant.name == tenant)
+            after = page.after(str)
+            if after is not None:
+                query = query.where(User.username > after)
+            if page.limit is not None:
+                query = query.limit(page.limit + 1)
+            rows, cursor = page.cut(list(s.execute(query).tuples()), lambda row: row[0].username)
+            return {"users": [_user_json(u, t) for u, t in rows], "next_cursor": cursor}
 
     def sign_up(self, body: Json) -> Json:
         """A new tenant and its first user, when the admin allows sign-up."""
@@ -353,10 +363,16 @@ class Accounts:
             s.flush()
             return {**_token_json(row), "token": token}
 
-    def list_tokens(self, who: Principal) -> Json:
+    def list_tokens(self, who: Principal, page: Page = _ALL) -> Json:
         with self._db.session() as s:
-            rows = s.scalars(select(ApiToken).where(self._owned(who)).order_by(ApiToken.id))
-            return {"tokens": [_token_json(r) for r in rows]}
+            query = select(ApiToken).where(self._owned(who)).order_by(ApiToken.id)
+            after = page.after(int)
+            if after is not None:
+                query = query.where(ApiToken.id > after)
+            if page.limit is not None:
+                query = query.limit(page.limit + 1)
+            rows, cursor = page.cut(list(s.scalars(query)), lambda r: r.id)
+            return {"tokens": [_token_json(r) for r in rows], "next_cursor": cursor}
 
     def revoke_token(self, who: Principal, token_id: int) -> None:
         with self._write_lock, self._db.session() as s:

@@ -98,6 +98,10 @@ class _Progress:
             self._stream.flush()
 
 
+# Items asked for per page when the CLI lists everything (the API's most).
+_PAGE = 1000
+
+
 class ApiClient:
     def __init__(self, endpoints: Endpoints, token: str | None, *, timeout: float = 30.0) -> None:
         self.base = endpoints.api
@@ -176,6 +180,18 @@ class ApiClient:
         headers = {"Content-Type": "application/json"} if data is not None else {}
         with self._exchange(method, path, headers, data) as (_, resp):
             return self._answer(resp)
+
+    def list_all(self, path: str, key: str, *, page_size: int = _PAGE) -> Any:
+        """Every item of a list answer, following its pages (``next_cursor``) to the end."""
+        items: list[Any] = []
+        cursor: str | None = None
+        while True:
+            query = f"?limit={page_size}" + (f"&cursor={quote(cursor, safe='')}" if cursor else "")
+            answer = self.request("GET", path + query)
+            items += answer[key]
+            cursor = answer.pop("next_cursor", None)
+            if not cursor:
+                return {**answer, key: items}
 
     def request_raw(self, method: str, path: str) -> bytes:
         """A call whose answer is not JSON (a publish profile); errors still come back as JSON."""

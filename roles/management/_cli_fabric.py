@@ -181,7 +181,7 @@ def add_fabric_commands(group: Callable[[str, str], Any], leaf: Leaf, top: Any) 
     sp = leaf(host, "create", "provision a host", _host_create, _show_host)
     sp.add_argument("name", help="the host's DNS name")
     sp.add_argument("--fabric", choices=["netns", "ssh"], default="netns", help="default %(default)s")
-    leaf(host, "list", "list hosts", lambda a, api: api.request("GET", api.path("hosts")), _show_hosts)
+    leaf(host, "list", "list hosts", lambda a, api: api.list_all(api.path("hosts"), "hosts"), _show_hosts)
     sp = leaf(
         host,
         "delete",
@@ -197,7 +197,7 @@ def add_fabric_commands(group: Callable[[str, str], Any], leaf: Leaf, top: Any) 
         role,
         "list",
         "roles, their state and health",
-        lambda a, api: api.request("GET", api.path("roles")),
+        lambda a, api: api.list_all(api.path("roles"), "roles"),
         _show_roles,
     )
     sp = leaf(role, "add", "install and start a role on a host, by DNS name", _role_add, _show_role_done)

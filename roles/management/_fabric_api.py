@@ -2,10 +2,10 @@
 
 | call | body → answer |
 | --- | --- |
-| ``GET /api/v1/hosts`` | ``{"hosts": [{name, fabric, address, state, roles}]}`` |
+| ``GET /api/v1/hosts`` | ``{"hosts": [{name, fabric, address, state, roles}], "next_cursor"}`` |
 | ``POST /api/v1/hosts`` | ``{name, fabric}`` → 201 host (provisioned) |
 | ``DELETE /api/v1/hosts/{name}`` | 204 (a host with roles is refused) |
-| ``GET /api/v1/roles`` | ``{"roles": [...]}`` |
+| ``GET /api/v1/roles`` | ``{"roles": [...], "next_cursor"}`` |
 | ``POST /api/v1/roles`` | ``{role, host, ssh_user?, ssh_key?, size?, reserved_for?}`` → NDJSON |
 | ``POST /api/v1/roles/{role}/{host}/{action}`` | start, stop, restart, repair, remove → NDJSON |
 | ``POST /api/v1/upgrade`` | ``{force?}`` → NDJSON |
@@ -18,19 +18,21 @@ from typing import Any
 
 from aiohttp import web
 
-from roles.management._fabric import ACTIONS, FABRICS, KINDS
-from roles.management._store import WORKER_SIZES
-from roles.management.api import json_body, principal, service_of
+from roles.management import _models as m
+from roles.management._fabric import ACTIONS, KINDS
+from roles.management._openapi import HOST, Operation, Param
+from roles.management._paging import paged
+from roles.management.api import body_of, page_of, principal, service_of
 
-__all__ = ["fabric_openapi_paths", "fabric_routes"]
+__all__ = ["fabric_operations"]
 
-Json = dict[str, Any]
+_NDJSON = "application/x-ndjson"
 
 
 async def _relay(request: web.Request, lines: AsyncIterator[bytes]) -> web.StreamResponse:
     """Pass progress lines on as they come; an error before the first line is answered as an error."""
     first = await anext(lines, b"")
-    out = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
+    out = web.StreamResponse(headers={"Content-Type": _NDJSON, "Cache-Control": "no-store"})
     await out.prepare(request)
     await out.write(first)
     async for line in lines:
@@ -40,13 +42,17 @@ async def _relay(request: web.Request, lines: AsyncIterator[bytes]) -> web.Strea
 
 
 async def list_hosts(request: web.Request) -> web.Response:
-    return web.json_response(await service_of(request).fabric.list_hosts(await principal(request)))
+    q, page = page_of(request, m.HostListQuery)
+    hosts = (await service_of(request).fabric.list_hosts(await principal(request)))["hosts"]
+    chosen = [h for h in hosts if q.fabric is None or h["fabric"] == q.fabric]
+    items, cursor = paged(chosen, lambda h: str(h["name"]), page, str)
+    return web.json_response({"hosts": items, "next_cursor": cursor})
 
 
 async def create_host(request: web.Request) -> web.Response:
     who = await principal(request)
-    body = await json_body(request)
-    host = await service_of(request).fabric.create_host(who, body.get("name"), body.get("fabric", "netns"))
+    body = body_of(request, m.HostCreate)
+    host = await service_of(request).fabric.create_host(who, body.name, body.fabric)
     return web.json_response(host, status=201)
 
 
@@ -55,133 +61,133 @@ async def delete_host(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def _role_key(role: dict[str, Any]) -> str:
+    # Role kinds are lower-case words: a space sorts before any of their letters, so this orders
+    # by kind, then host, as the list is.
+    return f"{role['role']} {role['host']}"
+
+
 async def list_roles(request: web.Request) -> web.Response:
-    return web.json_response(await service_of(request).fabric.list_roles(await principal(request)))
+    q, page = page_of(request, m.RoleListQuery)
+    roles = (await service_of(request).fabric.list_roles(await principal(request)))["roles"]
+    chosen = sorted(
+        (
+            r
+            for r in roles
+            if (q.role is None or r["role"] == q.role) and (q.host is None or r["host"] == q.host)
+        ),
+        key=_role_key,
+    )
+    items, cursor = paged(chosen, _role_key, page, str)
+    return web.json_response({"roles": items, "next_cursor": cursor})
 
 
 async def add_role(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
-    body = await json_body(request)
+    body = body_of(request, m.RoleAdd).fields()
     return await _relay(request, service_of(request).fabric.add_role(who, body))
 
 
 async def role_action(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
-    m = request.match_info
+    p = request.match_info
     return await _relay(
-        request, service_of(request).fabric.role_action(who, m["role"], m["host"], m["action"])
+        request, service_of(request).fabric.role_action(who, p["role"], p["host"], p["action"])
     )
 
 
 async def upgrade(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
-    body = await json_body(request) if request.can_read_body else {}
-    return await _relay(
-        request, service_of(request).fabric.upgrade(who, force=bool(body.get("force", False)))
-    )
+    force = body_of(request, m.UpgradeRequest).force
+    return await _relay(request, service_of(request).fabric.upgrade(who, force=force))
 
 
-def fabric_routes() -> list[web.RouteDef]:
+_ROLE = Param("role", {"type": "string", "enum": list(KINDS)}, "role kind")
+_ROLE_HOST = Param("host", HOST.schema, "host name")
+_ACTION = Param("action", {"type": "string", "enum": list(ACTIONS)}, "what to do")
+
+
+def fabric_operations() -> list[Operation]:
     p = "/api/v1"
+    admin = (403, 503)
     return [
-        web.get(f"{p}/hosts", list_hosts),
-        web.post(f"{p}/hosts", create_host),
-        web.delete(f"{p}/hosts/{{name}}", delete_host),
-        web.get(f"{p}/roles", list_roles),
-        web.post(f"{p}/roles", add_role),
-        web.post(f"{p}/roles/{{role}}/{{host}}/{{action}}", role_action),
-        web.post(f"{p}/upgrade", upgrade),
+        Operation(
+            "GET",
+            f"{p}/hosts",
+            list_hosts,
+            "list_hosts",
+            "Role hosts (admin)",
+            "fabric",
+            answer=m.HostList,
+            query=m.HostListQuery,
+            errors=admin,
+        ),
+        Operation(
+            "POST",
+            f"{p}/hosts",
+            create_host,
+            "create_host",
+            "Provision a host on a fabric (admin)",
+            "fabric",
+            ok=201,
+            answer=m.HostInfo,
+            body=m.HostCreate,
+            errors=(*admin, 409),
+        ),
+        Operation(
+            "DELETE",
+            f"{p}/hosts/{{name}}",
+            delete_host,
+            "delete_host",
+            "Destroy a host without roles (admin)",
+            "fabric",
+            ok=204,
+            params=(HOST,),
+            errors=(*admin, 409),
+        ),
+        Operation(
+            "GET",
+            f"{p}/roles",
+            list_roles,
+            "list_roles",
+            "Role processes, their health, code and config versions (admin)",
+            "roles",
+            answer=m.RoleList,
+            query=m.RoleListQuery,
+            errors=admin,
+        ),
+        Operation(
+            "POST",
+            f"{p}/roles",
+            add_role,
+            "add_role",
+            "Add a role on a host by DNS name (admin); progress lines, then the result",
+            "roles",
+            content=_NDJSON,
+            body=m.RoleAdd,
+            errors=(*admin, 404, 409),
+        ),
+        Operation(
+            "POST",
+            f"{p}/roles/{{role}}/{{host}}/{{action}}",
+            role_action,
+            "role_action",
+            "Start, stop, restart, repair or remove a role (admin); progress lines, then the result",
+            "roles",
+            content=_NDJSON,
+            params=(_ROLE, _ROLE_HOST, _ACTION),
+            errors=(*admin, 409),
+        ),
+        Operation(
+            "POST",
+            f"{p}/upgrade",
+            upgrade,
+            "upgrade",
+            "Rolling upgrade of every role to the current code (admin); progress lines, then the result",
+            "roles",
+            content=_NDJSON,
+            body=m.UpgradeRequest,
+            body_required=False,
+            errors=admin,
+        ),
     ]
-
-
-# -- the OpenAPI description of these routes (merged into /openapi.json) ---------------------------
-
-
-def _error() -> Json:
-    return {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-
-
-def _doc(
-    summary: str, ok: int, answer: Json | None, *, body: Json | None = None, errors: tuple[int, ...] = ()
-) -> Json:
-    responses: Json = {}
-    if ok == 204:
-        responses["204"] = {"description": "done"}
-    elif answer is None:
-        responses[str(ok)] = {
-            "description": "progress lines as they happen, then {result} or {error}",
-            "content": {"application/x-ndjson": {"schema": {"type": "object"}}},
-        }
-    else:
-        responses[str(ok)] = {"description": "OK", "content": {"application/json": {"schema": answer}}}
-    codes = {401, 403, 503, *errors} | ({400} if body else set())
-    for code in sorted(codes):
-        responses[str(code)] = {"description": f"error {code}", "content": _error()}
-    out: Json = {"summary": summary, "tags": ["fabric"], "responses": responses}
-    if body is not None:
-        out["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-    return out
-
-
-_HOSTNAME = {"type": "string", "minLength": 1, "maxLength": 253}
-_OBJ: Json = {"type": "object"}
-
-
-def fabric_openapi_paths() -> Json:
-    """The OpenAPI ``paths`` entries of :func:`fabric_routes`."""
-    host_param = {"name": "name", "in": "path", "required": True, "schema": _HOSTNAME}
-    role_params = [
-        {"name": "role", "in": "path", "required": True, "schema": {"type": "string", "enum": list(KINDS)}},
-        {"name": "host", "in": "path", "required": True, "schema": _HOSTNAME},
-        {
-            "name": "action",
-            "in": "path",
-            "required": True,
-            "schema": {"type": "string", "enum": list(ACTIONS)},
-        },
-    ]
-    host_body = {
-        "type": "object",
-        "properties": {"name": _HOSTNAME, "fabric": {"type": "string", "enum": list(FABRICS)}},
-        "required": ["name"],
-    }
-    role_body = {
-        "type": "object",
-        "properties": {
-            "role": {"type": "string", "enum": list(KINDS)},
-            "host": _HOSTNAME,
-            "ssh_user": {"type": "string"},
-            "ssh_key": {"type": "string", "description": "a key file on the controller's machine"},
-            "size": {"type": "string", "enum": list(WORKER_SIZES)},
-            "reserved_for": {"type": "integer", "description": "a subscription id (workers only)"},
-        },
-        "required": ["role", "host"],
-    }
-    upgrade_body = {"type": "object", "properties": {"force": {"type": "boolean"}}}
-    return {
-        "/api/v1/hosts": {
-            "get": _doc("Role hosts (admin)", 200, _OBJ),
-            "post": _doc("Provision a host on a fabric (admin)", 201, _OBJ, body=host_body, errors=(409,)),
-        },
-        "/api/v1/hosts/{name}": {
-            "parameters": [host_param],
-            "delete": _doc("Destroy a host without roles (admin)", 204, None, errors=(404, 409)),
-        },
-        "/api/v1/roles": {
-            "get": _doc("Role processes, their health, code and config versions (admin)", 200, _OBJ),
-            "post": _doc(
-                "Add a role on a host by DNS name (admin)", 200, None, body=role_body, errors=(404, 409)
-            ),
-        },
-        "/api/v1/roles/{role}/{host}/{action}": {
-            "parameters": role_params,
-            "post": _doc(
-                "Start, stop, restart, repair or remove a role (admin)", 200, None, errors=(404, 409)
-            ),
-        },
-        "/api/v1/upgrade": {
-            "post": _doc(
-                "Rolling upgrade of every role to the current code (admin)", 200, None, body=upgrade_body
-            ),
-        },
-    }

@@ -1,874 +1,241 @@
-"""The OpenAPI 3.1 document of the management REST API, served at ``/openapi.json``.
+"""The REST API's route table and the OpenAPI 3.1 document generated from it (``/openapi.json``).
 
-Written out by hand, next to the routes in :mod:`roles.management.api`; a test checks that both list
-exactly the same operations.
+Each :class:`Operation` names its handler, its ``operationId``, and the models of its request body,
+query parameters and answer (:mod:`roles.management._models`). The API module registers the routes
+from the same table and validates bodies and queries with the same models, so the document cannot
+drift from the code: there is no schema text here, only how the table maps onto OpenAPI.
 """
 
 from __future__ import annotations
 
-import copy
-from functools import lru_cache
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from roles.management._models import Error, Progress, Query
+from shared.names import HOSTNAME_MAX, NAME_MAX, NAME_PATTERN, SITE_NAME_MAX, SITE_NAME_PATTERN
 from shared.version import CODE_VERSION
 
-__all__ = ["openapi_document"]
+__all__ = [
+    "HOST",
+    "HOSTNAME",
+    "PLAN",
+    "SITE",
+    "SUBSCRIPTION",
+    "TOKEN",
+    "Operation",
+    "Param",
+    "openapi_document",
+]
 
 Json = dict[str, Any]
-
-
-def _ref(name: str) -> Json:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _obj(props: Json, required: list[str] | None = None, *, closed: bool = False, **extra: Any) -> Json:
-    out: Json = {"type": "object", "properties": props, **extra}
-    if required:
-        out["required"] = required
-    if closed:
-        out["additionalProperties"] = False
-    return out
-
-
-def _list(key: str, item: str) -> Json:
-    return _obj({key: {"type": "array", "items": _ref(item)}}, [key])
-
-
-_STR = {"type": "string"}
-_STRS = {"type": "array", "items": {"type": "string"}}
-_INT = {"type": "integer"}
-_BOOL = {"type": "boolean"}
-_TIME = {"type": ["string", "null"], "format": "date-time"}
-_NAME = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": 64,
-    "pattern": "^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$",
-}
-_SITE_NAME = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": 63,
-    "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
-}
-_PASSWORD = {"type": "string", "minLength": 10, "maxLength": 256}
-
-_PLAN_QUOTAS: Json = {
-    "max_sites": {"type": "integer", "minimum": 0, "maximum": 100000},
-    "storage_mb": {"type": "integer", "minimum": 1, "maximum": 10000000},
-    "bandwidth_mb_per_day": {
-        "type": ["integer", "null"],
-        "minimum": 1,
-        "maximum": 1000000000,
-        "description": "null: unlimited. Stored and shown; metering comes later.",
-    },
-    "cpu_minutes_per_day": {
-        "type": ["integer", "null"],
-        "minimum": 1,
-        "maximum": 1000000000,
-        "description": "null: unlimited. Stored and shown; metering comes later.",
-    },
-    "max_custom_hostnames": {
-        "type": "integer",
-        "minimum": 0,
-        "maximum": 100000,
-        "description": "custom host names across all sites of a subscription",
-    },
-    "compute_mode": {"type": "string", "enum": ["shared", "reserved"]},
-    "worker_size": {
-        "type": ["string", "null"],
-        "enum": ["small", "medium", "large", None],
-        "description": "required when compute_mode is reserved",
-    },
-    "always_on": _BOOL,
-    "max_instances_per_site": {"type": "integer", "minimum": 1, "maximum": 100},
-}
-
-_SCHEMAS: Json = {
-    "Error": _obj(
-        {
-            "error": _obj(
-                {"code": _STR, "message": _STR, "hint": _STR},
-                ["code", "message"],
-            )
-        },
-        ["error"],
-    ),
-    "Health": _obj({"status": _STR, "code_version": _STR}, ["status"]),
-    "Me": _obj(
-        {"admin": _BOOL, "tenant": {"type": ["string", "null"]}, "username": {"type": ["string", "null"]}},
-        ["admin", "tenant", "username"],
-    ),
-    "TokenRequest": _obj(
-        {"username": _STR, "password": _STR, "name": _NAME}, ["username", "password"], closed=True
-    ),
-    "TokenCreate": _obj({"name": _NAME}, ["name"], closed=True),
-    "Token": _obj(
-        {"id": _INT, "name": _STR, "prefix": _STR, "created_at": _TIME, "last_used_at": _TIME},
-        ["id", "name", "prefix", "created_at", "last_used_at"],
-    ),
-    "TokenCreated": {
-        "allOf": [
-            _ref("Token"),
-            _obj({"token": {"type": "string", "description": "shown in this answer only"}}, ["token"]),
-        ]
-    },
-    "SignUp": _obj({"username": _NAME, "password": _PASSWORD}, ["username", "password"], closed=True),
-    "UserCreate": _obj(
-        {
-            "username": _NAME,
-            "password": {**_PASSWORD, "description": "generated and returned once when left out"},
-            "tenant": {"type": ["string", "null"], "description": "leave out for an admin account"},
-        },
-        ["username"],
-        closed=True,
-    ),
-    "User": _obj(
-        {
-            "id": _INT,
-            "username": _STR,
-            "admin": _BOOL,
-            "tenant": {"type": ["string", "null"]},
-            "created_at": _TIME,
-            "last_sign_in_at": _TIME,
-            "password": {"type": "string", "description": "only when generated, in the create answer"},
-        },
-        ["id", "username", "admin", "tenant"],
-    ),
-    "CloudSettings": _obj(
-        {
-            "signup_enabled": _BOOL,
-            "dns_resolvers": _STRS,
-            "ip_dns_services": _STRS,
-            "acme_directory_url": _STR,
-            "acme_ca_bundle": _STR,
-            "acme_email": _STR,
-            "wildcard_dns01": _BOOL,
-            "dns_update_server": _STR,
-            "dns_update_zone": _STR,
-            "dns_update_key_name": _STR,
-            "dns_update_key_algorithm": _STR,
-            "dns_update_key_secret_set": {
-                "type": "boolean",
-                "description": "whether a TSIG secret is stored (it is never shown)",
-            },
-            "wildcard_certificate": _ref("WildcardCertificate"),
-        },
-        [
-            "signup_enabled",
-            "dns_resolvers",
-            "ip_dns_services",
-            "acme_directory_url",
-            "acme_ca_bundle",
-            "acme_email",
-            "wildcard_dns01",
-            "dns_update_server",
-            "dns_update_zone",
-            "dns_update_key_name",
-            "dns_update_key_algorithm",
-            "dns_update_key_secret_set",
-            "wildcard_certificate",
-        ],
-    ),
-    "WildcardCertificate": _obj(
-        {
-            "state": {"type": "string", "enum": ["off", "pending", "issuing", "valid", "failed"]},
-            "names": _STRS,
-            "until": _TIME,
-            "reason": {"type": ["string", "null"]},
-            "retry_at": _TIME,
-        },
-        ["state", "names", "until", "reason", "retry_at"],
-        description="the platform's wildcard certificate from ACME by DNS-01",
-    ),
-    "CloudSettingsUpdate": _obj(
-        {
-            "signup_enabled": _BOOL,
-            "dns_resolvers": {
-                **_STRS,
-                "description": "where custom hostname ownership is checked: 'ip' or 'ip:port'; [] = the system's",
-            },
-            "ip_dns_services": {
-                **_STRS,
-                "description": "wildcard DNS services (nip.io, ...) no custom hostname may be under",
-            },
-            "acme_directory_url": {
-                "type": "string",
-                "maxLength": 2000,
-                "description": "ACME directory for custom hostnames' certificates: an https:// URL, "
-                "'letsencrypt' (default), 'letsencrypt-staging', or 'off' / ''",
-            },
-            "acme_ca_bundle": {
-                "type": "string",
-                "description": "PEM CA certificates to trust for the ACME directory; '' = the system's",
-            },
-            "acme_email": {
-                "type": "string",
-                "description": "contact address given to the ACME CA; '' = none",
-            },
-            "wildcard_dns01": {
-                "type": "boolean",
-                "description": "get the platform's wildcard *.<domain> by ACME DNS-01 through the DNS update "
-                "method below; needs all of it, and ACME on",
-            },
-            "dns_update_server": {
-                "type": "string",
-                "maxLength": 300,
-                "description": "DNS server taking RFC 2136 updates: 'host', 'host:port', '[ipv6]:port'",
-            },
-            "dns_update_zone": {
-                "type": "string",
-                "maxLength": 253,
-                "description": "the zone holding _acme-challenge.<domain>",
-            },
-            "dns_update_key_name": {"type": "string", "maxLength": 253, "description": "the TSIG key's name"},
-            "dns_update_key_algorithm": {
-                "type": "string",
-                "enum": ["hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1"],
-            },
-            "dns_update_key_secret": {
-                "type": "string",
-                "maxLength": 1000,
-                "writeOnly": True,
-                "description": "the TSIG secret, base64; never shown back",
-            },
-        },
-        closed=True,
-    ),
-    "PlanCreate": _obj(
-        {"name": _NAME, **_PLAN_QUOTAS, "public": _BOOL, "retired": _BOOL},
-        ["name", "max_sites", "storage_mb"],
-        closed=True,
-    ),
-    "PlanUpdate": _obj({**_PLAN_QUOTAS, "public": _BOOL, "retired": _BOOL}, closed=True),
-    "Plan": _obj(
-        {
-            "id": _INT,
-            "name": _STR,
-            **_PLAN_QUOTAS,
-            "public": _BOOL,
-            "retired": _BOOL,
-            "subscriptions": {"type": "integer", "description": "how many subscriptions use it (admins)"},
-        },
-        ["id", "name", *_PLAN_QUOTAS, "public", "retired"],
-    ),
-    "TenantCreate": _obj({"name": _NAME}, ["name"], closed=True),
-    "TenantCreated": _obj(
-        {"id": _INT, "name": _STR, "token": {"type": "string", "description": "shown in this answer only"}},
-        ["id", "name", "token"],
-    ),
-    "Tenant": _obj(
-        {
-            "id": _INT,
-            "name": _STR,
-            "subscriptions": _INT,
-            "sites": _INT,
-            "users": _INT,
-            "created_at": _TIME,
-        },
-        ["id", "name"],
-    ),
-    "SubscriptionCreate": _obj(
-        {"plan": _NAME, "tenant": {**_NAME, "description": "admins: the tenant; tenants: leave out"}},
-        ["plan"],
-        closed=True,
-    ),
-    "Subscription": _obj(
-        {
-            "id": _INT,
-            "tenant": _STR,
-            "plan": _STR,
-            "state": {"type": "string", "enum": ["active", "suspended"]},
-            "created_at": _TIME,
-            "quotas": _obj(_PLAN_QUOTAS),
-            "usage": _obj(
-                {
-                    "sites": _INT,
-                    "custom_hostnames": _INT,
-                    "storage_bytes": {
-                        "type": ["integer", "null"],
-                        "description": "from the fileserver; null when it cannot be asked now",
-                    },
-                },
-                ["sites", "custom_hostnames", "storage_bytes"],
-            ),
-            "site_names": {"type": "array", "items": _STR},
-            "verification_id": {
-                "type": "string",
-                "description": "the value of a TXT record asuid.<hostname> that proves a custom hostname is yours",
-            },
-        },
-        ["id", "tenant", "plan", "state", "quotas", "usage", "verification_id"],
-    ),
-    "SiteCreate": _obj(
-        {"name": _SITE_NAME, "subscription": {"type": "integer", "minimum": 0, "maximum": 2147483647}},
-        ["name", "subscription"],
-        closed=True,
-    ),
-    "Site": _obj(
-        {
-            "name": _STR,
-            "url": _STR,
-            "subscription": _INT,
-            "tenant": _STR,
-            "state": {"type": "string", "enum": ["running", "stopped"]},
-            "instances": {"type": "integer", "minimum": 1},
-            "hostnames": {"type": "array", "items": _STR},
-            "ftp": _obj(
-                {
-                    "host": _STR,
-                    "port": _INT,
-                    "user": _STR,
-                    "password": {"type": "string", "description": "only when just set"},
-                },
-                ["host", "port", "user"],
-            ),
-            "deploy": _obj(
-                {
-                    "url": _STR,
-                    "user": _STR,
-                    "password": {"type": "string", "description": "only when just set"},
-                },
-                ["url", "user"],
-            ),
-            "problems": {
-                "type": "array",
-                "description": "why a worker cannot serve the site (empty: none)",
-                "items": _obj({"worker": _STR, "reason": _STR}, ["worker", "reason"]),
-            },
-            "apps": {
-                "type": "array",
-                "description": "the site's app on each of its workers: state and the limits it met (site show)",
-                "items": {"type": "object", "required": ["worker", "state"]},
-            },
-        },
-        ["name", "url", "subscription", "tenant", "state", "hostnames", "ftp", "deploy"],
-    ),
-    "Deployed": _obj({"site": _STR, "version": _INT, "files": _INT, "bytes": _INT}, ["site", "version"]),
-    "AppSettings": _obj(
-        {"site": _STR, "settings": {"type": "object", "additionalProperties": _STR}}, ["site", "settings"]
-    ),
-    "AppSettingsPatch": {
-        "type": "object",
-        "description": "keys to set (string) or remove (null)",
-        "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"},
-        "additionalProperties": {"type": ["string", "null"], "maxLength": 4096},
-    },
-    "HostnameAdd": _obj(
-        {
-            "hostname": {"type": "string", "minLength": 1, "maxLength": 253},
-            "certificate": {"type": "string", "description": "PEM certificate (chain), leaf first"},
-            "key": {"type": "string", "description": "PEM private key (may be in 'certificate' instead)"},
-            "pfx": {"type": "string", "contentEncoding": "base64", "description": "a PFX/PKCS#12 file"},
-            "password": {"type": "string", "description": "for the PFX or an encrypted key"},
-        },
-        ["hostname"],
-        closed=True,
-    ),
-    "DnsRecord": _obj(
-        {"type": {"type": "string", "enum": ["TXT", "CNAME"]}, "name": _STR, "value": _STR},
-        ["type", "name", "value"],
-    ),
-    "Hostname": _obj(
-        {
-            "hostname": _STR,
-            "site": _STR,
-            "state": {
-                "type": "string",
-                "enum": ["pending", "verified"],
-                "description": "pending: not served until DNS proves the tenant owns the name",
-            },
-            "verified_at": {"type": ["string", "null"]},
-            "checked_at": {"type": ["string", "null"]},
-            "problem": {"type": ["string", "null"], "description": "why the last DNS check did not prove it"},
-            "records": {
-                "type": "array",
-                "items": _ref("DnsRecord"),
-                "description": "for a pending name: create either record, then verify",
-            },
-            "certificate_state": _ref("CertificateState"),
-            "certificate": {
-                "oneOf": [
-                    {"type": "null"},
-                    _obj(
-                        {
-                            "subject": _STR,
-                            "issuer": _STR,
-                            "names": {"type": "array", "items": _STR},
-                            "not_after": _STR,
-                            "fingerprint_sha256": _STR,
-                        },
-                        ["subject", "issuer", "names", "not_after", "fingerprint_sha256"],
-                    ),
-                ]
-            },
-        },
-        ["hostname", "site", "state", "certificate", "records", "certificate_state"],
-    ),
-    "CertificateState": _obj(
-        {
-            "state": {
-                "type": "string",
-                "enum": ["pending_verification", "issuing", "valid", "failed", "none"],
-                "description": "pending_verification: no certificate before DNS proves the name; issuing: "
-                "the controller is ordering one from the ACME CA; valid: served until `until`; failed: the "
-                "last order failed (`reason`), tried again at `retry_at`; none: ACME is off and none was uploaded",
-            },
-            "source": {"type": ["string", "null"], "enum": ["acme", "upload", None]},
-            "until": {"type": ["string", "null"]},
-            "reason": {"type": ["string", "null"]},
-            "retry_at": {"type": ["string", "null"]},
-        },
-        ["state", "source", "until", "reason", "retry_at"],
-    ),
-    "Hostnames": _obj(
-        {"site": _STR, "verification_id": _STR, "hostnames": {"type": "array", "items": _ref("Hostname")}},
-        ["site", "verification_id", "hostnames"],
-    ),
-    "SiteScale": _obj(
-        {"instances": {"type": "integer", "minimum": 1, "maximum": 1000}}, ["instances"], closed=True
-    ),
-    "Availability": _obj(
-        {"hostname": _STR, "available": _BOOL, "reason": _STR}, ["hostname", "available", "reason"]
-    ),
-}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_REF = "#/components/schemas/{model}"
 
 _ERRORS = {
-    400: "invalid input or a malformed request",
+    400: "invalid input, an unknown query parameter, or a malformed request",
     401: "no token, or the token is not valid",
     403: "the caller may not do this",
     404: "no such resource (also: another tenant's)",
     409: "already exists, a plan limit is reached, or not supported on this fabric",
-    413: "over the storage quota",
+    413: "over the storage quota, or a body over the size limit",
     429: "too many attempts (failed sign-ins, certificate orders); the hint says when to try again",
     503: "a role this needs cannot be reached now",
 }
 
 
-def _json_content(schema: Json) -> Json:
-    return {"application/json": {"schema": schema}}
+@dataclass(frozen=True)
+class Param:
+    """A path parameter."""
+
+    name: str
+    schema: Json
+    description: str
 
 
-def _op(
-    summary: str,
-    *,
-    ok: int = 200,
-    answer: Json | None = None,
-    body: str | None = None,
-    errors: tuple[int, ...] = (),
-    public: bool = False,
-    tag: str = "",
-    content: Json | None = None,
-    request: Json | None = None,
-) -> Json:
-    responses: Json = {}
-    if ok == 204:
-        responses["204"] = {"description": "done"}
-    else:
-        responses[str(ok)] = {"description": "OK", "content": content or _json_content(answer or {})}
-    codes = set(errors) | ({400} if body or request else set()) | (set() if public else {401})
-    for code in sorted(codes):
-        responses[str(code)] = {"description": _ERRORS[code], "content": _json_content(_ref("Error"))}
-    out: Json = {"summary": summary, "tags": [tag] if tag else [], "responses": responses}
-    if public:
-        out["security"] = []
-    if body:
-        out["requestBody"] = {"required": True, "content": _json_content(_ref(body))}
-    if request:
-        out["requestBody"] = request
+_ID = {"type": "integer", "minimum": 0, "maximum": 999_999_999}
+SITE = Param(
+    "name",
+    {"type": "string", "minLength": 1, "maxLength": SITE_NAME_MAX, "pattern": SITE_NAME_PATTERN},
+    "site name",
+)
+PLAN = Param(
+    "name", {"type": "string", "minLength": 1, "maxLength": NAME_MAX, "pattern": NAME_PATTERN}, "plan name"
+)
+SUBSCRIPTION = Param("id", _ID, "subscription id")
+TOKEN = Param("id", _ID, "token id")
+HOSTNAME = Param("hostname", {"type": "string", "minLength": 1, "maxLength": HOSTNAME_MAX}, "host name")
+HOST = Param("name", {"type": "string", "minLength": 1, "maxLength": HOSTNAME_MAX}, "host name")
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One route of the API, as served and as documented."""
+
+    method: str
+    # The aiohttp route path; a parameter may carry a regex (``{id:\\d{1,9}}``).
+    path: str
+    handler: Handler
+    operation_id: str
+    summary: str
+    tag: str
+    # The JSON answer's model; None for 204, or for an answer given only as ``content``.
+    answer: type[BaseModel] | None = None
+    ok: int = 200
+    body: type[BaseModel] | None = None
+    # False: an empty body counts as ``{}``.
+    body_required: bool = True
+    query: type[Query] | None = None
+    params: tuple[Param, ...] = ()
+    # 4xx/5xx beyond the ones every operation of its kind can answer (see :meth:`error_codes`).
+    errors: tuple[int, ...] = ()
+    public: bool = False
+    # A non-JSON answer (or an alternative to JSON): its media type.
+    content: str | None = None
+    # A non-JSON request body (a zip): its media type; the handler reads it.
+    raw_body: str | None = None
+
+    @property
+    def doc_path(self) -> str:
+        return re.sub(r"\{(\w+):(?:[^{}]|\{[^{}]*\})*\}", r"{\1}", self.path)
+
+    def error_codes(self) -> list[int]:
+        """400 everywhere (an unknown query parameter is refused on every call); 401 unless public; 404
+        where the path names something."""
+        codes = {400, *self.errors}
+        if not self.public:
+            codes.add(401)
+        if self.params:
+            codes.add(404)
+        return sorted(codes)
+
+
+def _clean(schema: Json) -> Json:
+    """Pydantic's titles repeat the field names: left out of the document."""
+    return {k: v for k, v in schema.items() if k != "title"}
+
+
+def _not_null(schema: Json) -> Json:
+    """A query parameter is left out, never null: ``X | None`` is documented as ``X``."""
+    options = [o for o in schema.get("anyOf", []) if o != {"type": "null"}]
+    if len(options) != 1:
+        return schema
+    out = {k: v for k, v in schema.items() if k != "anyOf" and not (k == "default" and v is None)}
+    return {**options[0], **out}
+
+
+def _query_parameters(model: type[Query], defs: Json) -> list[Json]:
+    schema = model.model_json_schema(ref_template=_REF, mode="validation")
+    defs.update(schema.get("$defs", {}))
+    out = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = _not_null(_clean(prop))
+        description = prop.pop("description", None)
+        param: Json = {
+            "name": name,
+            "in": "query",
+            "required": name in schema.get("required", []),
+            "schema": prop,
+        }
+        if description:
+            param["description"] = description
+        out.append(param)
     return out
 
 
-def _path_param(name: str, schema: Json, description: str) -> Json:
-    return {"name": name, "in": "path", "required": True, "schema": schema, "description": description}
-
-
-_SITE = _path_param("name", _SITE_NAME, "site name")
-_PLAN = _path_param("name", _NAME, "plan name")
-_SUB = _path_param("id", {"type": "integer", "minimum": 0, "maximum": 999999999}, "subscription id")
-_TOKEN = _path_param("id", {"type": "integer", "minimum": 0, "maximum": 999999999}, "token id")
-_HOST = _path_param("hostname", {"type": "string", "minLength": 1, "maxLength": 253}, "host name")
-_ROLE = _path_param("role", _STR, "role kind")
-_ROLE_HOST = _path_param("host", {"type": "string", "minLength": 1, "maxLength": 253}, "host name")
-
-
-# A usage range: UTC days, both included (default: the last 30 days to today; at most 366).
-_RANGE = [
-    {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"}},
-    {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"}},
-]
-
-
-def _paths() -> Json:
-    from roles.management._fabric_api import fabric_openapi_paths  # lazily: it imports the API module
-
-    sub_item = _ref("Subscription")
-    site = _ref("Site")
+def _responses(op: Operation) -> Json:
+    ok: Json
+    if op.ok == 204:
+        ok = {"description": "done"}
+    else:
+        content: Json = {}
+        if op.answer is not None:
+            content["application/json"] = {"schema": {"$ref": _REF.format(model=op.answer.__name__)}}
+        if op.content == "application/x-ndjson":
+            content[op.content] = {"schema": {"$ref": _REF.format(model=Progress.__name__)}}
+        elif op.content:
+            content[op.content] = {"schema": {"type": "string"}}
+        ok = {"description": "OK", "content": content}
+    error = {"application/json": {"schema": {"$ref": _REF.format(model=Error.__name__)}}}
     return {
-        "/api/v1/health": {"get": _op("Liveness of the API", answer=_ref("Health"), public=True, tag="meta")},
-        "/openapi.json": {"get": _op("This document", answer={"type": "object"}, public=True, tag="meta")},
-        "/api/v1/auth/token": {
-            "post": _op(
-                "Sign in with a user name and password and get an API token (rate limited)",
-                ok=201,
-                answer=_ref("TokenCreated"),
-                body="TokenRequest",
-                errors=(401, 429),
-                public=True,
-                tag="accounts",
-            )
-        },
-        "/api/v1/signup": {
-            "post": _op(
-                "Sign up: a new tenant and its first user (when the admin allows sign-up)",
-                ok=201,
-                answer=_ref("User"),
-                body="SignUp",
-                errors=(403, 409),
-                public=True,
-                tag="accounts",
-            )
-        },
-        "/api/v1/me": {"get": _op("Who the token belongs to", answer=_ref("Me"), tag="accounts")},
-        "/api/v1/tokens": {
-            "get": _op("The caller's API tokens", answer=_list("tokens", "Token"), tag="accounts"),
-            "post": _op(
-                "Create an API token (shown once)",
-                ok=201,
-                answer=_ref("TokenCreated"),
-                body="TokenCreate",
-                tag="accounts",
-            ),
-        },
-        "/api/v1/tokens/{id}": {
-            "parameters": [_TOKEN],
-            "delete": _op("Revoke one of the caller's tokens", ok=204, errors=(404,), tag="accounts"),
-        },
-        "/api/v1/users": {
-            "get": _op("Every user (admin)", answer=_list("users", "User"), errors=(403,), tag="accounts"),
-            "post": _op(
-                "Create an admin account, or a user of a tenant (admin)",
-                ok=201,
-                answer=_ref("User"),
-                body="UserCreate",
-                errors=(403, 404, 409),
-                tag="accounts",
-            ),
-        },
-        "/api/v1/settings": {
-            "get": _op("Cloud settings (admin)", answer=_ref("CloudSettings"), errors=(403,), tag="accounts"),
-            "patch": _op(
-                "Change cloud settings (admin)",
-                answer=_ref("CloudSettings"),
-                body="CloudSettingsUpdate",
-                errors=(403,),
-                tag="accounts",
-            ),
-        },
-        "/api/v1/plans": {
-            "get": _op(
-                "Plans: all for admins, public ones for tenants", answer=_list("plans", "Plan"), tag="plans"
-            ),
-            "post": _op(
-                "Create a plan (admin)",
-                ok=201,
-                answer=_ref("Plan"),
-                body="PlanCreate",
-                errors=(403, 409),
-                tag="plans",
-            ),
-        },
-        "/api/v1/plans/{name}": {
-            "parameters": [_PLAN],
-            "get": _op("One plan", answer=_ref("Plan"), errors=(404,), tag="plans"),
-            "patch": _op(
-                "Change a plan's quotas, make it public or private, retire it (admin); applies to its subscriptions",
-                answer=_ref("Plan"),
-                body="PlanUpdate",
-                errors=(403, 404),
-                tag="plans",
-            ),
-        },
-        "/api/v1/tenants": {
-            "get": _op("Tenants (admin)", answer=_list("tenants", "Tenant"), errors=(403,), tag="tenants"),
-            "post": _op(
-                "Create a tenant and its first token (admin)",
-                ok=201,
-                answer=_ref("TenantCreated"),
-                body="TenantCreate",
-                errors=(403, 409),
-                tag="tenants",
-            ),
-        },
-        "/api/v1/subscriptions": {
-            "get": _op(
-                "Subscriptions with quotas and usage: all for admins, own for tenants",
-                answer=_list("subscriptions", "Subscription"),
-                tag="subscriptions",
-            ),
-            "post": _op(
-                "Subscribe a tenant to a plan (admin), or oneself to a public plan (tenant)",
-                ok=201,
-                answer=sub_item,
-                body="SubscriptionCreate",
-                errors=(403, 404),
-                tag="subscriptions",
-            ),
-        },
-        "/api/v1/subscriptions/{id}": {
-            "parameters": [_SUB],
-            "get": _op(
-                "One subscription with its quotas and usage",
-                answer=sub_item,
-                errors=(404,),
-                tag="subscriptions",
-            ),
-            "delete": _op(
-                "Delete a subscription and its sites (admin)", ok=204, errors=(403, 404), tag="subscriptions"
-            ),
-        },
-        "/api/v1/subscriptions/{id}/suspend": {
-            "parameters": [_SUB],
-            "post": _op(
-                "Suspend: its sites go offline (admin)",
-                answer=sub_item,
-                errors=(403, 404),
-                tag="subscriptions",
-            ),
-        },
-        "/api/v1/subscriptions/{id}/resume": {
-            "parameters": [_SUB],
-            "post": _op(
-                "Resume a suspended subscription (admin)",
-                answer=sub_item,
-                errors=(403, 404),
-                tag="subscriptions",
-            ),
-        },
-        "/api/v1/sites": {
-            "get": _op("Sites: all for admins, own for tenants", answer=_list("sites", "Site"), tag="sites"),
-            "post": _op(
-                "Create a site; the answer has its publishing password, once",
-                ok=201,
-                answer=site,
-                body="SiteCreate",
-                errors=(403, 404, 409),
-                tag="sites",
-            ),
-        },
-        "/api/v1/sites/{name}": {
-            "parameters": [_SITE],
-            "get": _op("One site", answer=site, errors=(404,), tag="sites"),
-            "delete": _op("Delete a site and its content", ok=204, errors=(404,), tag="sites"),
-        },
-        "/api/v1/sites/{name}/deploy": {
-            "parameters": [_SITE],
-            "post": _op(
-                "Replace the site's content with a zip (web deploy)",
-                answer=_ref("Deployed"),
-                errors=(400, 404, 413, 503),
-                request={
-                    "required": True,
-                    "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
-                },
-                tag="sites",
-            ),
-        },
-        "/api/v1/sites/{name}/start": {
-            "parameters": [_SITE],
-            "post": _op("Start a site: it is routed and served", answer=site, errors=(403, 404), tag="sites"),
-        },
-        "/api/v1/sites/{name}/scale": {
-            "parameters": [_SITE],
-            "post": _op(
-                "Run the site on N workers, balanced by the front ends (at least two for availability "
-                "where the pool has them; at most the plan's max_instances_per_site)",
-                answer=site,
-                body="SiteScale",
-                errors=(404, 409),
-                tag="sites",
-            ),
-        },
-        "/api/v1/sites/{name}/stop": {
-            "parameters": [_SITE],
-            "post": _op(
-                "Stop a site: visitors get a 'stopped' page", answer=site, errors=(404,), tag="sites"
-            ),
-        },
-        "/api/v1/sites/{name}/publishing-password": {
-            "parameters": [_SITE],
-            "post": _op(
-                "Set a new FTP / web deploy password (shown once)", answer=site, errors=(404,), tag="sites"
-            ),
-        },
-        "/api/v1/sites/{name}/publish-profile": {
-            "parameters": [_SITE],
-            "post": _op(
-                "A .PublishSettings file for Visual Studio / WebMatrix. Passwords are stored hashed only, "
-                "so this sets a new publishing password: the old one stops working.",
-                content={"application/xml": {"schema": {"type": "string"}}},
-                errors=(404,),
-                tag="sites",
-            ),
-        },
-        "/api/v1/sites/{name}/logs": {
-            "parameters": [_SITE],
-            "get": {
-                **_op(
-                    "The site's log from its workers: app output and access lines, as text; with "
-                    "follow=1 the answer stays open and new lines stream as they come",
-                    content={"text/plain": {"schema": {"type": "string"}}},
-                    errors=(404, 503),
-                    tag="sites",
-                ),
-                "parameters": [
-                    {"name": "follow", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}},
-                    {
-                        "name": "lines",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": 10000},
-                    },
-                ],
-            },
-        },
-        "/api/v1/sites/{name}/usage": {
-            "parameters": [_SITE],
-            "get": {
-                **_op(
-                    "The site's usage per UTC day (requests, bytes in/out, app CPU seconds, memory "
-                    "MB-seconds, storage), totals, and today's use against the plan's daily quotas",
-                    answer={"type": "object"},
-                    errors=(400, 404),
-                    tag="sites",
-                ),
-                "parameters": _RANGE,
-            },
-        },
-        "/api/v1/sites/{name}/quota-reset": {
-            "parameters": [_SITE],
-            "post": _op(
-                "Admin: let a site stopped by its daily quota serve again for the rest of the UTC day",
-                answer={"type": "object"},
-                errors=(403, 404),
-                tag="sites",
-            ),
-        },
-        "/api/v1/usage": {
-            "get": {
-                **_op(
-                    "Admin: every site's usage per UTC day with tenant, subscription and plan, for "
-                    "billing: JSON, or CSV with Accept: text/csv or format=csv",
-                    content={
-                        "application/json": {"schema": {"type": "object"}},
-                        "text/csv": {"schema": {"type": "string"}},
-                    },
-                    errors=(400, 403),
-                    tag="sites",
-                ),
-                "parameters": [
-                    *_RANGE,
-                    {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}},
-                ],
-            },
-        },
-        "/api/v1/sites/{name}/settings": {
-            "parameters": [_SITE],
-            "get": _op("The site's app settings", answer=_ref("AppSettings"), errors=(404,), tag="sites"),
-            "patch": _op(
-                "Set (string) or remove (null) app settings",
-                answer=_ref("AppSettings"),
-                body="AppSettingsPatch",
-                errors=(404, 409),
-                tag="sites",
-            ),
-        },
-        "/api/v1/sites/{name}/hostnames": {
-            "parameters": [_SITE],
-            "get": _op(
-                "The site's custom host names", answer=_ref("Hostnames"), errors=(404,), tag="hostnames"
-            ),
-            "post": _op(
-                "Claim a custom host name (pending until DNS proves it; a name another site claims is taken "
-                "only with that proof), with a certificate (PEM or base64 PFX) that must cover it",
-                ok=201,
-                answer=_ref("Hostname"),
-                body="HostnameAdd",
-                errors=(400, 404, 409),
-                tag="hostnames",
-            ),
-        },
-        "/api/v1/sites/{name}/hostnames/{hostname}": {
-            "parameters": [_SITE, _HOST],
-            "delete": _op("Remove a custom host name", ok=204, errors=(404,), tag="hostnames"),
-        },
-        "/api/v1/sites/{name}/hostnames/{hostname}/verify": {
-            "parameters": [_SITE, _HOST],
-            "post": _op(
-                "Check DNS now for proof that the tenant owns a pending host name",
-                answer=_ref("Hostname"),
-                errors=(404,),
-                tag="hostnames",
-            ),
-        },
-        "/api/v1/sites/{name}/hostnames/{hostname}/renew": {
-            "parameters": [_SITE, _HOST],
-            "post": _op(
-                "Order the host name's ACME certificate now (an early renewal, or a retry after a failure)",
-                ok=202,
-                answer=_ref("Hostname"),
-                errors=(400, 404, 429),
-                tag="hostnames",
-            ),
-        },
-        "/api/v1/hostnames/{hostname}/availability": {
-            "parameters": [_HOST],
-            "get": _op(
-                "Whether a host name is free for a site",
-                answer=_ref("Availability"),
-                errors=(400,),
-                tag="hostnames",
-            ),
-        },
-        # Hosts, roles and upgrades (issue 3) are described next to their routes.
-        **fabric_openapi_paths(),
+        str(op.ok): ok,
+        **{str(code): {"description": _ERRORS[code], "content": error} for code in op.error_codes()},
     }
 
 
-@lru_cache(maxsize=1)
-def _document() -> Json:
+def _operation(op: Operation, defs: Json) -> Json:
+    out: Json = {
+        "operationId": op.operation_id,
+        "summary": op.summary,
+        "tags": [op.tag],
+        "responses": _responses(op),
+    }
+    parameters = [
+        {"name": p.name, "in": "path", "required": True, "schema": p.schema, "description": p.description}
+        for p in op.params
+    ]
+    if op.query is not None:
+        parameters += _query_parameters(op.query, defs)
+    if parameters:
+        out["parameters"] = parameters
+    if op.public:
+        out["security"] = []
+    if op.body is not None:
+        out["requestBody"] = {
+            "required": op.body_required,
+            "content": {"application/json": {"schema": {"$ref": _REF.format(model=op.body.__name__)}}},
+        }
+    elif op.raw_body:
+        out["requestBody"] = {
+            "required": True,
+            "content": {op.raw_body: {"schema": {"type": "string", "format": "binary"}}},
+        }
+    return out
+
+
+def _schemas(operations: Sequence[Operation]) -> Json:
+    requests: set[type[BaseModel]] = {op.body for op in operations if op.body is not None}
+    answers: set[type[BaseModel]] = {op.answer for op in operations if op.answer is not None}
+    answers |= {Error, Progress}
+    pairs: list[tuple[type[BaseModel], Any]] = [(m, "validation") for m in requests]
+    pairs += [(m, "serialization") for m in answers]
+    pairs.sort(key=lambda pair: pair[0].__name__)
+    _, top = models_json_schema(pairs, ref_template=_REF)
+    return dict(top.get("$defs", {}))
+
+
+def openapi_document(operations: Sequence[Operation]) -> Json:
+    defs: Json = {}
+    paths: Json = {}
+    for op in operations:
+        paths.setdefault(op.doc_path, {})[op.method.lower()] = _operation(op, defs)
+    schemas = {**defs, **_schemas(operations)}
+    tags: list[str] = []
+    for op in operations:
+        if op.tag not in tags:
+            tags.append(op.tag)
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "sitecloud management API",
             "version": CODE_VERSION,
-            "description": "Plans, tenants, subscriptions, sites and roles of a sitecloud. "
-            'Errors are {"error": {"code", "message", "hint"?}}.',
+            "description": "Plans, tenants, subscriptions, sites and roles of a sitecloud. Errors are "
+            '{"error": {"code", "message", "hint"?}}. Lists take limit and cursor and answer next_cursor '
+            "(null on the last page); an unknown query parameter is refused.",
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "tags": [
-            {"name": t}
-            for t in (
-                "meta",
-                "accounts",
-                "plans",
-                "tenants",
-                "subscriptions",
-                "sites",
-                "hostnames",
-                "roles",
-                "fabric",
-            )
-        ],
-        "paths": _paths(),
+        "tags": [{"name": t} for t in tags],
+        "paths": paths,
         "components": {
-            "schemas": _SCHEMAS,
+            "schemas": dict(sorted(schemas.items())),
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "an API token"}
             },
         },
     }
-
-
-def openapi_document() -> Json:
-    return copy.deepcopy(_document())

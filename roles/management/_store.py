@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, joinedload, object_session, selectinload
 
 from roles.management._certs import describe, load_certificate
 from roles.management._domains import check_ownership, parse_resolvers, records_to_create
+from roles.management._paging import Page, paged
 from roles.management.config import ManagementConfig
 from shared import appsettings
 from shared.acme import BACKOFF_FIRST, AcmeSettings
@@ -61,13 +62,36 @@ from shared.names import (
     validate_site_name,
 )
 
-__all__ = ["WORKER_SIZES", "Principal", "Store", "iso", "require_admin"]
+__all__ = [
+    "COMPUTE_MODES",
+    "COUNT_MAX",
+    "DAILY_QUOTA_MAX",
+    "ID_MAX",
+    "INSTANCES_MAX",
+    "SCALE_MAX",
+    "STORAGE_MB_MAX",
+    "WORKER_SIZES",
+    "Principal",
+    "Store",
+    "iso",
+    "require_admin",
+]
 
 Json = dict[str, Any]
 
 WORKER_SIZES = ("small", "medium", "large")
 COMPUTE_MODES = ("shared", "reserved")
-# App settings become environment variables of the site's app: names follow the POSIX rules.
+# A plan's bounds (the API's schema is built from these too): counts of sites and hostnames, storage,
+# daily quotas (null: unlimited), instances per site; and how far one site may be scaled at all.
+COUNT_MAX = 100_000
+STORAGE_MB_MAX = 10_000_000
+DAILY_QUOTA_MAX = 1_000_000_000
+INSTANCES_MAX = 100
+SCALE_MAX = 1000
+# Ids fit the DB's 32-bit integers.
+ID_MAX = 2**31 - 1
+# The whole list: what the portals show.
+_ALL = Page()
 
 
 @dataclass(frozen=True)
@@ -102,7 +126,7 @@ def _text(body: Json, key: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _int(value: Any, key: str, *, minimum: int, maximum: int = 2**31 - 1) -> int:
+def _int(value: Any, key: str, *, minimum: int, maximum: int = ID_MAX) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
         raise InvalidInput(f"{key!r} must be an integer from {minimum} to {maximum}")
     return value
@@ -147,17 +171,19 @@ def _apply_plan_fields(plan: Plan, body: Json) -> None:
     """Validate and set the quota fields present in ``body`` (create and update share this)."""
     for key in ("max_sites", "max_custom_hostnames"):
         if key in body:
-            setattr(plan, key, _int(body[key], key, minimum=0, maximum=100_000))
+            setattr(plan, key, _int(body[key], key, minimum=0, maximum=COUNT_MAX))
     if "storage_mb" in body:
-        plan.storage_mb = _int(body["storage_mb"], "storage_mb", minimum=1, maximum=10_000_000)
+        plan.storage_mb = _int(body["storage_mb"], "storage_mb", minimum=1, maximum=STORAGE_MB_MAX)
     for key in ("bandwidth_mb_per_day", "cpu_minutes_per_day"):
         if key in body:
             # null means unlimited.
             value = body[key]
-            setattr(plan, key, None if value is None else _int(value, key, minimum=1, maximum=1_000_000_000))
+            setattr(
+                plan, key, None if value is None else _int(value, key, minimum=1, maximum=DAILY_QUOTA_MAX)
+            )
     if "max_instances_per_site" in body:
         plan.max_instances_per_site = _int(
-            body["max_instances_per_site"], "max_instances_per_site", minimum=1, maximum=100
+            body["max_instances_per_site"], "max_instances_per_site", minimum=1, maximum=INSTANCES_MAX
         )
     for key in ("always_on", "public", "retired"):
         if key in body:
@@ -268,15 +294,16 @@ class Store:
         rows = s.execute(select(Subscription.plan_id, func.count()).group_by(Subscription.plan_id))
         return {plan_id: count for plan_id, count in rows}
 
-    def list_plans(self, who: Principal) -> Json:
+    def list_plans(self, who: Principal, page: Page = _ALL) -> Json:
         """Admins see every plan; tenants see the public plans they may subscribe to."""
         with self._db.session() as s:
             query = select(Plan).order_by(Plan.name)
             if not who.is_admin:
                 query = query.where(Plan.public.is_(True), Plan.retired.is_(False))
-                return {"plans": [_plan_json(p) for p in s.scalars(query)]}
-            counts = self._subscription_counts(s)
-            return {"plans": [_plan_json(p, counts.get(p.id, 0)) for p in s.scalars(query)]}
+            counts = self._subscription_counts(s) if who.is_admin else {}
+            plans = [_plan_json(p, counts.get(p.id, 0)) for p in s.scalars(query)]
+        items, cursor = paged(plans, lambda p: str(p["name"]), page, str)
+        return {"plans": items, "next_cursor": cursor}
 
     def show_plan(self, who: Principal, name: str) -> Json:
         with self._db.session() as s:
@@ -313,7 +340,7 @@ class Store:
             bump_generation(s)
             return {"id": tenant.id, "name": tenant.name, "token": token}
 
-    def list_tenants(self, who: Principal) -> Json:
+    def list_tenants(self, who: Principal, page: Page = _ALL) -> Json:
         require_admin(who)
         with self._db.session() as s:
             subs = dict(
@@ -327,8 +354,15 @@ class Store:
                 ).all()
             )
             users = dict(s.execute(select(User.tenant_id, func.count()).group_by(User.tenant_id)).all())
-            rows = s.scalars(select(Tenant).order_by(Tenant.name))
+            query = select(Tenant).order_by(Tenant.name)
+            after = page.after(str)
+            if after is not None:
+                query = query.where(Tenant.name > after)
+            if page.limit is not None:
+                query = query.limit(page.limit + 1)
+            rows, cursor = page.cut(list(s.scalars(query)), lambda t: t.name)
             return {
+                "next_cursor": cursor,
                 "tenants": [
                     {
                         "id": t.id,
@@ -339,7 +373,7 @@ class Store:
                         "created_at": iso(t.created_at),
                     }
                     for t in rows
-                ]
+                ],
             }
 
     # -- subscriptions
@@ -396,12 +430,33 @@ class Store:
         )
         return [_subscription_json(sub, names[sub.id], hosts.get(sub.id, 0)) for sub in subs]
 
-    def list_subscriptions(self, who: Principal) -> Json:
+    def list_subscriptions(
+        self,
+        who: Principal,
+        page: Page = _ALL,
+        *,
+        tenant: str | None = None,
+        plan: str | None = None,
+        state: str | None = None,
+    ) -> Json:
+        """Subscriptions the caller may see (a tenant: its own), by id, filtered by tenant, plan, state."""
         with self._db.session() as s:
             query = select(Subscription).order_by(Subscription.id)
             if not who.is_admin:
                 query = query.where(Subscription.tenant_id == who.tenant_id)
-            return {"subscriptions": self._subscriptions(s, query)}
+            if tenant is not None:
+                query = query.where(Subscription.tenant.has(Tenant.name == tenant))
+            if plan is not None:
+                query = query.where(Subscription.plan.has(Plan.name == plan))
+            if state is not None:
+                query = query.where(Subscription.state == state)
+            after = page.after(int)
+            if after is not None:
+                query = query.where(Subscription.id > after)
+            if page.limit is not None:
+                query = query.limit(page.limit + 1)
+            subs, cursor = page.cut(self._subscriptions(s, query), lambda sub: int(sub["id"]))
+            return {"subscriptions": subs, "next_cursor": cursor}
 
     def _visible_subscription(self, s: Session, who: Principal, sub_id: int) -> Subscription:
         sub = s.get(Subscription, sub_id)
@@ -464,7 +519,7 @@ class Store:
         name = validate_site_name(_text(body, "name"))
         sub_id = body.get("subscription")
         # Bounded: the DB's integers are 64-bit at most, ids far less.
-        if not isinstance(sub_id, int) or isinstance(sub_id, bool) or not 0 <= sub_id < 2**31:
+        if not isinstance(sub_id, int) or isinstance(sub_id, bool) or not 0 <= sub_id <= ID_MAX:
             raise InvalidInput(
                 "'subscription' must be a subscription id", hint="see the list of subscriptions"
             )
@@ -498,7 +553,16 @@ class Store:
         answer["deploy"]["password"] = password
         return answer
 
-    def list_sites(self, who: Principal) -> Json:
+    def list_sites(
+        self,
+        who: Principal,
+        page: Page = _ALL,
+        *,
+        tenant: str | None = None,
+        subscription: int | None = None,
+        state: str | None = None,
+    ) -> Json:
+        """Sites the caller may see (a tenant: its own), by name, filtered by tenant, subscription, state."""
         with self._db.session() as s:
             query = (
                 select(Site)
@@ -512,7 +576,19 @@ class Store:
             )
             if not who.is_admin:
                 query = query.where(Subscription.tenant_id == who.tenant_id)
-            return {"sites": [self.site_json(site) for site in s.scalars(query)]}
+            if tenant is not None:
+                query = query.where(Subscription.tenant.has(Tenant.name == tenant))
+            if subscription is not None:
+                query = query.where(Site.subscription_id == subscription)
+            if state is not None:
+                query = query.where(Site.state == state)
+            after = page.after(str)
+            if after is not None:
+                query = query.where(Site.name > after)
+            if page.limit is not None:
+                query = query.limit(page.limit + 1)
+            sites, cursor = page.cut(list(s.scalars(query)), lambda site: site.name)
+            return {"sites": [self.site_json(site) for site in sites], "next_cursor": cursor}
 
     def show_site(self, who: Principal, name: str) -> Json:
         with self._db.session() as s:
@@ -543,8 +619,8 @@ class Store:
 
     def scale_site(self, who: Principal, name: str, instances: Any) -> Json:
         """Run the site on ``instances`` workers (the front ends balance across them), within its plan."""
-        if not isinstance(instances, int) or isinstance(instances, bool) or not 1 <= instances <= 1000:
-            raise InvalidInput("instances must be a whole number from 1")
+        if not isinstance(instances, int) or isinstance(instances, bool) or not 1 <= instances <= SCALE_MAX:
+            raise InvalidInput(f"instances must be a whole number from 1 to {SCALE_MAX}")
         with self._write_lock, self._db.session() as s:
             site = self._visible_site(s, who, name)
             most = site.subscription.plan.max_instances_per_site
@@ -709,13 +785,20 @@ class Store:
                 reason = "a site has already claimed this name but not proven it; proving ownership in DNS takes it"
             return {"hostname": host, "available": False, "reason": reason}
 
-    def list_hostnames(self, who: Principal, name: str) -> Json:
+    def list_hostnames(
+        self, who: Principal, name: str, page: Page = _ALL, *, state: str | None = None
+    ) -> Json:
         with self._db.session() as s:
             site = self._visible_site(s, who, name)
+            rows = sorted(
+                (h for h in site.hostnames if state is None or h.state == state), key=lambda h: h.hostname
+            )
+            rows, cursor = paged(rows, lambda h: h.hostname, page, str)
             return {
                 "site": site.name,
                 "verification_id": site.subscription.verification_id,
-                "hostnames": [self._hostname_json(h) for h in site.hostnames],
+                "hostnames": [self._hostname_json(h) for h in rows],
+                "next_cursor": cursor,
             }
 
     def add_hostname(self, who: Principal, name: str, body: Json) -> Json:

@@ -1,28 +1,48 @@
 """The public REST API (``/api/v1``): JSON over HTTPS, ``Authorization: Bearer <token>``.
 
 Handlers only translate HTTP to :class:`ManagementService` calls; rights are enforced there. The
-OpenAPI document (:mod:`roles.management._openapi`) describes every route added here.
+route table at the end (:func:`operations`) is served and documented at once: each route's query
+and body are validated with its models before the handler runs, and ``/openapi.json`` is generated
+from the same table (:mod:`roles.management._openapi`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator
-from typing import Any
+from functools import lru_cache
+from typing import Any, TypeVar
 
 from aiohttp import web
+from pydantic import BaseModel
 
+from roles.management import _models as m
 from roles.management._input import check_authorization, parse_json_object
 from roles.management._metering import parse_range, usage_csv
-from roles.management._openapi import openapi_document
+from roles.management._openapi import HOSTNAME, PLAN, SITE, SUBSCRIPTION, TOKEN, Operation, openapi_document
+from roles.management._paging import Page
 from roles.management._store import require_admin
 from roles.management.service import ManagementService, Principal
 from shared.errors import InvalidInput
 from shared.version import CODE_VERSION
 
-__all__ = ["SERVICE", "api_routes", "client_address", "json_body", "principal", "service_of"]
+__all__ = [
+    "SERVICE",
+    "api_routes",
+    "body_of",
+    "client_address",
+    "operations",
+    "page_of",
+    "principal",
+    "query_of",
+    "service_of",
+]
 
 SERVICE = web.AppKey("service", ManagementService)
+_WHO = web.RequestKey("who", Principal)
+_QUERY = web.RequestKey("query", BaseModel)
+_BODY = web.RequestKey("body", BaseModel)
+M = TypeVar("M", bound=BaseModel)
 
 _CHUNK = 256 * 1024
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -33,18 +53,38 @@ def service_of(request: web.Request) -> ManagementService:
 
 
 async def principal(request: web.Request) -> Principal:
+    """The caller (authenticated once per request, before its body is looked at)."""
+    if _WHO in request:
+        return request[_WHO]
     header = request.headers.get("Authorization")
     check_authorization(header)
-    return await service_of(request).authenticate(header)
+    who = request[_WHO] = await service_of(request).authenticate(header)
+    return who
 
 
 def client_address(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
-async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object (see :func:`parse_json_object` for what is refused)."""
-    return parse_json_object(await request.read())
+def body_of(request: web.Request, model: type[M]) -> M:
+    """The request body, validated with its route's model."""
+    body = request[_BODY]
+    if not isinstance(body, model):
+        raise TypeError(f"{request.path}: the route's body model is not {model.__name__}")
+    return body
+
+
+def query_of(request: web.Request, model: type[M]) -> M:
+    """The query parameters, validated with its route's model."""
+    query = request[_QUERY]
+    if not isinstance(query, model):
+        raise TypeError(f"{request.path}: the route's query model is not {model.__name__}")
+    return query
+
+
+def page_of(request: web.Request, model: type[m.ListQuery]) -> tuple[Any, Page]:
+    query = query_of(request, model)
+    return query, Page(limit=query.limit, cursor=query.cursor)
 
 
 def _int_param(request: web.Request, key: str) -> int:
@@ -65,16 +105,22 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return web.json_response(_document())
+
+
+@lru_cache(maxsize=1)
+def _document() -> dict[str, Any]:
+    return openapi_document(operations())
 
 
 async def issue_token(request: web.Request) -> web.Response:
-    answer = await service_of(request).issue_token(await json_body(request), client_address(request))
+    body = body_of(request, m.TokenRequest).model_dump()
+    answer = await service_of(request).issue_token(body, client_address(request))
     return _json(answer, 201, secret=True)
 
 
 async def sign_up(request: web.Request) -> web.Response:
-    return _json(await service_of(request).sign_up(await json_body(request)), 201)
+    return _json(await service_of(request).sign_up(body_of(request, m.SignUp).fields()), 201)
 
 
 # -- the caller, tokens, users, settings
@@ -87,11 +133,13 @@ async def me(request: web.Request) -> web.Response:
 
 async def create_token(request: web.Request) -> web.Response:
     who = await principal(request)
-    return _json(await service_of(request).create_token(who, await json_body(request)), 201, secret=True)
+    body = body_of(request, m.TokenCreate).fields()
+    return _json(await service_of(request).create_token(who, body), 201, secret=True)
 
 
 async def list_tokens(request: web.Request) -> web.Response:
-    return web.json_response(await service_of(request).list_tokens(await principal(request)))
+    _, page = page_of(request, m.ListQuery)
+    return web.json_response(await service_of(request).list_tokens(await principal(request), page=page))
 
 
 async def revoke_token(request: web.Request) -> web.Response:
@@ -102,11 +150,14 @@ async def revoke_token(request: web.Request) -> web.Response:
 
 async def create_user(request: web.Request) -> web.Response:
     who = await principal(request)
-    return _json(await service_of(request).create_user(who, await json_body(request)), 201, secret=True)
+    body = body_of(request, m.UserCreate).fields()
+    return _json(await service_of(request).create_user(who, body), 201, secret=True)
 
 
 async def list_users(request: web.Request) -> web.Response:
-    return web.json_response(await service_of(request).list_users(await principal(request)))
+    q, page = page_of(request, m.UserListQuery)
+    who = await principal(request)
+    return web.json_response(await service_of(request).list_users(who, page=page, tenant=q.tenant))
 
 
 async def get_settings(request: web.Request) -> web.Response:
@@ -116,7 +167,8 @@ async def get_settings(request: web.Request) -> web.Response:
 
 async def update_settings(request: web.Request) -> web.Response:
     who = await principal(request)
-    return web.json_response(await service_of(request).update_settings(who, await json_body(request)))
+    body = body_of(request, m.CloudSettingsUpdate).fields()
+    return web.json_response(await service_of(request).update_settings(who, body))
 
 
 # -- plans, tenants, subscriptions
@@ -124,11 +176,12 @@ async def update_settings(request: web.Request) -> web.Response:
 
 async def create_plan(request: web.Request) -> web.Response:
     who = await principal(request)
-    return _json(await service_of(request).create_plan(who, await json_body(request)), 201)
+    return _json(await service_of(request).create_plan(who, body_of(request, m.PlanCreate).fields()), 201)
 
 
 async def list_plans(request: web.Request) -> web.Response:
-    return web.json_response(await service_of(request).list_plans(await principal(request)))
+    _, page = page_of(request, m.ListQuery)
+    return web.json_response(await service_of(request).list_plans(await principal(request), page=page))
 
 
 async def show_plan(request: web.Request) -> web.Response:
@@ -138,26 +191,33 @@ async def show_plan(request: web.Request) -> web.Response:
 
 async def update_plan(request: web.Request) -> web.Response:
     who = await principal(request)
-    answer = await service_of(request).update_plan(who, request.match_info["name"], await json_body(request))
-    return web.json_response(answer)
+    body = body_of(request, m.PlanUpdate).fields()
+    return web.json_response(await service_of(request).update_plan(who, request.match_info["name"], body))
 
 
 async def create_tenant(request: web.Request) -> web.Response:
     who = await principal(request)
-    return _json(await service_of(request).create_tenant(who, await json_body(request)), 201, secret=True)
+    body = body_of(request, m.TenantCreate).fields()
+    return _json(await service_of(request).create_tenant(who, body), 201, secret=True)
 
 
 async def list_tenants(request: web.Request) -> web.Response:
-    return web.json_response(await service_of(request).list_tenants(await principal(request)))
+    _, page = page_of(request, m.ListQuery)
+    return web.json_response(await service_of(request).list_tenants(await principal(request), page=page))
 
 
 async def create_subscription(request: web.Request) -> web.Response:
     who = await principal(request)
-    return _json(await service_of(request).create_subscription(who, await json_body(request)), 201)
+    body = body_of(request, m.SubscriptionCreate).fields()
+    return _json(await service_of(request).create_subscription(who, body), 201)
 
 
 async def list_subscriptions(request: web.Request) -> web.Response:
-    return web.json_response(await service_of(request).list_subscriptions(await principal(request)))
+    q, page = page_of(request, m.SubscriptionListQuery)
+    answer = await service_of(request).list_subscriptions(
+        await principal(request), page=page, tenant=q.tenant, plan=q.plan, state=q.state
+    )
+    return web.json_response(answer)
 
 
 async def show_subscription(request: web.Request) -> web.Response:
@@ -186,11 +246,16 @@ async def delete_subscription(request: web.Request) -> web.Response:
 
 async def create_site(request: web.Request) -> web.Response:
     who = await principal(request)
-    return _json(await service_of(request).create_site(who, await json_body(request)), 201, secret=True)
+    body = body_of(request, m.SiteCreate).fields()
+    return _json(await service_of(request).create_site(who, body), 201, secret=True)
 
 
 async def list_sites(request: web.Request) -> web.Response:
-    return web.json_response(await service_of(request).list_sites(await principal(request)))
+    q, page = page_of(request, m.SiteListQuery)
+    answer = await service_of(request).list_sites(
+        await principal(request), page=page, tenant=q.tenant, subscription=q.subscription, state=q.state
+    )
+    return web.json_response(answer)
 
 
 async def show_site(request: web.Request) -> web.Response:
@@ -211,10 +276,8 @@ async def start_site(request: web.Request) -> web.Response:
 
 async def scale_site(request: web.Request) -> web.Response:
     who = await principal(request)
-    body = await json_body(request)
-    return web.json_response(
-        await service_of(request).scale_site(who, request.match_info["name"], body.get("instances"))
-    )
+    instances = body_of(request, m.SiteScale).instances
+    return web.json_response(await service_of(request).scale_site(who, request.match_info["name"], instances))
 
 
 async def stop_site(request: web.Request) -> web.Response:
@@ -241,7 +304,8 @@ async def publish_profile(request: web.Request) -> web.Response:
 
 def _usage_range(request: web.Request) -> tuple[dt.date, dt.date]:
     today = service_of(request).metering.today()
-    return parse_range(request.query.get("from"), request.query.get("to"), today)
+    q = query_of(request, m.UsageQuery)
+    return parse_range(q.from_.isoformat() if q.from_ else None, q.to.isoformat() if q.to else None, today)
 
 
 async def site_usage(request: web.Request) -> web.Response:
@@ -256,9 +320,7 @@ async def usage_export(request: web.Request) -> web.Response:
     """Every site's usage per day, for billing: JSON, or CSV (``Accept: text/csv`` or ``?format=csv``)."""
     who = await principal(request)
     start, end = _usage_range(request)
-    fmt = request.query.get("format", "")
-    if fmt not in ("", "json", "csv"):
-        raise InvalidInput(f"format must be json or csv, not {fmt[:20]!r}")
+    fmt = query_of(request, m.UsageExportQuery).format
     export = await service_of(request).usage_export(who, start, end)
     if fmt == "csv" or (not fmt and "text/csv" in request.headers.get("Accept", "")):
         return web.Response(
@@ -279,12 +341,9 @@ async def lift_quota(request: web.Request) -> web.Response:
 
 async def site_logs(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
-    try:
-        lines = max(0, min(10_000, int(request.query.get("lines", "100"))))
-    except ValueError:
-        raise InvalidInput("lines must be a whole number") from None
-    follow = request.query.get("follow", "") in ("1", "true", "yes")
-    stream = service_of(request).site_logs(who, request.match_info["name"], follow=follow, lines=lines)
+    q = query_of(request, m.LogsQuery)
+    follow = q.follow in ("1", "true", "yes")
+    stream = service_of(request).site_logs(who, request.match_info["name"], follow=follow, lines=q.lines)
     # The first line (or the error, e.g. no such site) before the answer starts.
     first = await anext(stream, b"")
     resp = web.StreamResponse(
@@ -305,20 +364,24 @@ async def get_app_settings(request: web.Request) -> web.Response:
 
 async def update_app_settings(request: web.Request) -> web.Response:
     who = await principal(request)
-    answer = await service_of(request).update_app_settings(
-        who, request.match_info["name"], await json_body(request)
-    )
+    changes = body_of(request, m.AppSettingsPatch).fields()
+    answer = await service_of(request).update_app_settings(who, request.match_info["name"], changes)
     return web.json_response(answer)
 
 
 async def list_hostnames(request: web.Request) -> web.Response:
     who = await principal(request)
-    return web.json_response(await service_of(request).list_hostnames(who, request.match_info["name"]))
+    q, page = page_of(request, m.HostnameListQuery)
+    answer = await service_of(request).list_hostnames(
+        who, request.match_info["name"], page=page, state=q.state
+    )
+    return web.json_response(answer)
 
 
 async def add_hostname(request: web.Request) -> web.Response:
     who = await principal(request)
-    answer = await service_of(request).add_hostname(who, request.match_info["name"], await json_body(request))
+    body = body_of(request, m.HostnameAdd).fields()
+    answer = await service_of(request).add_hostname(who, request.match_info["name"], body)
     return web.json_response(answer, status=201)
 
 
@@ -361,60 +424,541 @@ async def deploy_site(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
+# -- the route table
+
+
+class _NoQuery(m.Query):
+    """A call that takes no query parameters."""
+
+
+def _checked(op: Operation) -> Any:
+    """``op``'s handler behind its checks: the caller first (401 before anything about the request),
+    then the query parameters and the JSON body against the route's models (400 saying what is wrong
+    and what is allowed)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if not op.public:
+            await principal(request)
+        twice = sorted(k for k in set(request.query) if len(request.query.getall(k)) > 1)
+        if twice:
+            raise InvalidInput(f"query parameter(s) given more than once: {', '.join(twice)}")
+        request[_QUERY] = m.validated(op.query or _NoQuery, dict(request.query))
+        if op.body is not None:
+            raw = await request.read()
+            data = parse_json_object(raw) if raw or op.body_required else {}
+            request[_BODY] = m.validated(op.body, data)
+        return await op.handler(request)
+
+    return handle
+
+
 _ID = r"{id:\d{1,9}}"
+_P = "/api/v1"
+
+
+def operations() -> list[Operation]:
+    """Every route of the API with its models, in the order the document lists them."""
+    from roles.management._fabric_api import fabric_operations  # lazily: it imports this module
+
+    def op(
+        method: str, path: str, handler: Any, operation_id: str, summary: str, tag: str, **kw: Any
+    ) -> Operation:
+        return Operation(
+            method,
+            path if path.startswith("/openapi") else _P + path,
+            handler,
+            operation_id,
+            summary,
+            tag,
+            **kw,
+        )
+
+    site = (SITE,)
+    host = (SITE, HOSTNAME)
+    return [
+        op("GET", "/health", health, "health", "Liveness of the API", "meta", answer=m.Health, public=True),
+        op(
+            "GET",
+            "/openapi.json",
+            openapi,
+            "openapi",
+            "This document",
+            "meta",
+            answer=m.OpenApiDocument,
+            public=True,
+        ),
+        op(
+            "POST",
+            "/auth/token",
+            issue_token,
+            "issue_token",
+            "Sign in with a user name and password and get an API token (rate limited)",
+            "accounts",
+            ok=201,
+            answer=m.TokenCreated,
+            body=m.TokenRequest,
+            errors=(401, 429),
+            public=True,
+        ),
+        op(
+            "POST",
+            "/signup",
+            sign_up,
+            "sign_up",
+            "Sign up: a new tenant and its first user (when the admin allows sign-up)",
+            "accounts",
+            ok=201,
+            answer=m.User,
+            body=m.SignUp,
+            errors=(403, 409),
+            public=True,
+        ),
+        op("GET", "/me", me, "whoami", "Who the token belongs to", "accounts", answer=m.Me),
+        op(
+            "POST",
+            "/tokens",
+            create_token,
+            "create_token",
+            "Create an API token (shown once)",
+            "accounts",
+            ok=201,
+            answer=m.TokenCreated,
+            body=m.TokenCreate,
+        ),
+        op(
+            "GET",
+            "/tokens",
+            list_tokens,
+            "list_tokens",
+            "The caller's API tokens",
+            "accounts",
+            answer=m.TokenList,
+            query=m.ListQuery,
+        ),
+        op(
+            "DELETE",
+            f"/tokens/{_ID}",
+            revoke_token,
+            "revoke_token",
+            "Revoke one of the caller's tokens",
+            "accounts",
+            ok=204,
+            params=(TOKEN,),
+        ),
+        op(
+            "POST",
+            "/users",
+            create_user,
+            "create_user",
+            "Create an admin account, or a user of a tenant (admin)",
+            "accounts",
+            ok=201,
+            answer=m.User,
+            body=m.UserCreate,
+            errors=(403, 404, 409),
+        ),
+        op(
+            "GET",
+            "/users",
+            list_users,
+            "list_users",
+            "Every user (admin)",
+            "accounts",
+            answer=m.UserList,
+            query=m.UserListQuery,
+            errors=(403,),
+        ),
+        op(
+            "GET",
+            "/settings",
+            get_settings,
+            "get_settings",
+            "Cloud settings (admin)",
+            "accounts",
+            answer=m.CloudSettings,
+            errors=(403,),
+        ),
+        op(
+            "PATCH",
+            "/settings",
+            update_settings,
+            "update_settings",
+            "Change cloud settings (admin)",
+            "accounts",
+            answer=m.CloudSettings,
+            body=m.CloudSettingsUpdate,
+            errors=(403,),
+        ),
+        op(
+            "POST",
+            "/plans",
+            create_plan,
+            "create_plan",
+            "Create a plan (admin)",
+            "plans",
+            ok=201,
+            answer=m.Plan,
+            body=m.PlanCreate,
+            errors=(403, 409),
+        ),
+        op(
+            "GET",
+            "/plans",
+            list_plans,
+            "list_plans",
+            "Plans: all for admins, public ones for tenants",
+            "plans",
+            answer=m.PlanList,
+            query=m.ListQuery,
+        ),
+        op(
+            "GET", "/plans/{name}", show_plan, "show_plan", "One plan", "plans", answer=m.Plan, params=(PLAN,)
+        ),
+        op(
+            "PATCH",
+            "/plans/{name}",
+            update_plan,
+            "update_plan",
+            "Change a plan's quotas, make it public or private, retire it (admin); applies to its subscriptions",
+            "plans",
+            answer=m.Plan,
+            body=m.PlanUpdate,
+            params=(PLAN,),
+            errors=(403,),
+        ),
+        op(
+            "POST",
+            "/tenants",
+            create_tenant,
+            "create_tenant",
+            "Create a tenant and its first token (admin)",
+            "tenants",
+            ok=201,
+            answer=m.TenantCreatedToken,
+            body=m.TenantCreate,
+            errors=(403, 409),
+        ),
+        op(
+            "GET",
+            "/tenants",
+            list_tenants,
+            "list_tenants",
+            "Tenants (admin)",
+            "tenants",
+            answer=m.TenantList,
+            query=m.ListQuery,
+            errors=(403,),
+        ),
+        op(
+            "POST",
+            "/subscriptions",
+            create_subscription,
+            "create_subscription",
+            "Subscribe a tenant to a plan (admin), or oneself to a public plan (tenant)",
+            "subscriptions",
+            ok=201,
+            answer=m.Subscription,
+            body=m.SubscriptionCreate,
+            errors=(403, 404),
+        ),
+        op(
+            "GET",
+            "/subscriptions",
+            list_subscriptions,
+            "list_subscriptions",
+            "Subscriptions with quotas and usage: all for admins, own for tenants",
+            "subscriptions",
+            answer=m.SubscriptionList,
+            query=m.SubscriptionListQuery,
+        ),
+        op(
+            "GET",
+            f"/subscriptions/{_ID}",
+            show_subscription,
+            "show_subscription",
+            "One subscription with its quotas and usage",
+            "subscriptions",
+            answer=m.Subscription,
+            params=(SUBSCRIPTION,),
+        ),
+        op(
+            "DELETE",
+            f"/subscriptions/{_ID}",
+            delete_subscription,
+            "delete_subscription",
+            "Delete a subscription and its sites (admin)",
+            "subscriptions",
+            ok=204,
+            params=(SUBSCRIPTION,),
+            errors=(403,),
+        ),
+        op(
+            "POST",
+            f"/subscriptions/{_ID}/suspend",
+            suspend_subscription,
+            "suspend_subscription",
+            "Suspend: its sites go offline (admin)",
+            "subscriptions",
+            answer=m.Subscription,
+            params=(SUBSCRIPTION,),
+            errors=(403,),
+        ),
+        op(
+            "POST",
+            f"/subscriptions/{_ID}/resume",
+            resume_subscription,
+            "resume_subscription",
+            "Resume a suspended subscription (admin)",
+            "subscriptions",
+            answer=m.Subscription,
+            params=(SUBSCRIPTION,),
+            errors=(403,),
+        ),
+        op(
+            "POST",
+            "/sites",
+            create_site,
+            "create_site",
+            "Create a site; the answer has its publishing password, once",
+            "sites",
+            ok=201,
+            answer=m.Site,
+            body=m.SiteCreate,
+            errors=(403, 404, 409),
+        ),
+        op(
+            "GET",
+            "/sites",
+            list_sites,
+            "list_sites",
+            "Sites: all for admins, own for tenants",
+            "sites",
+            answer=m.SiteList,
+            query=m.SiteListQuery,
+        ),
+        op(
+            "GET",
+            "/sites/{name}",
+            show_site,
+            "show_site",
+            "One site, with its app on each worker",
+            "sites",
+            answer=m.Site,
+            params=site,
+        ),
+        op(
+            "DELETE",
+            "/sites/{name}",
+            delete_site,
+            "delete_site",
+            "Delete a site and its content",
+            "sites",
+            ok=204,
+            params=site,
+        ),
+        op(
+            "POST",
+            "/sites/{name}/deploy",
+            deploy_site,
+            "deploy_site",
+            "Replace the site's content with a zip (web deploy)",
+            "sites",
+            answer=m.Deployed,
+            params=site,
+            raw_body="application/zip",
+            errors=(413, 503),
+        ),
+        op(
+            "POST",
+            "/sites/{name}/start",
+            start_site,
+            "start_site",
+            "Start a site: it is routed and served",
+            "sites",
+            answer=m.Site,
+            params=site,
+            errors=(403,),
+        ),
+        op(
+            "POST",
+            "/sites/{name}/scale",
+            scale_site,
+            "scale_site",
+            "Run the site on N workers, balanced by the front ends (at least two for availability where the pool has them; at most the plan's max_instances_per_site)",
+            "sites",
+            answer=m.Site,
+            body=m.SiteScale,
+            params=site,
+            errors=(409,),
+        ),
+        op(
+            "POST",
+            "/sites/{name}/stop",
+            stop_site,
+            "stop_site",
+            "Stop a site: visitors get a 'stopped' page",
+            "sites",
+            answer=m.Site,
+            params=site,
+        ),
+        op(
+            "POST",
+            "/sites/{name}/publishing-password",
+            reset_password,
+            "reset_publishing_password",
+            "Set a new FTP / web deploy password (shown once)",
+            "sites",
+            answer=m.Site,
+            params=site,
+        ),
+        op(
+            "POST",
+            "/sites/{name}/publish-profile",
+            publish_profile,
+            "publish_profile",
+            "A .PublishSettings file for Visual Studio / WebMatrix. Passwords are stored hashed only, so this sets a new publishing password: the old one stops working.",
+            "sites",
+            content="application/xml",
+            params=site,
+        ),
+        op(
+            "GET",
+            "/sites/{name}/settings",
+            get_app_settings,
+            "get_app_settings",
+            "The site's app settings",
+            "sites",
+            answer=m.AppSettings,
+            params=site,
+        ),
+        op(
+            "PATCH",
+            "/sites/{name}/settings",
+            update_app_settings,
+            "update_app_settings",
+            "Set (string) or remove (null) app settings",
+            "sites",
+            answer=m.AppSettings,
+            body=m.AppSettingsPatch,
+            params=site,
+            errors=(409,),
+        ),
+        op(
+            "GET",
+            "/sites/{name}/logs",
+            site_logs,
+            "site_logs",
+            "The site's log from its workers: app output and access lines, as text; with follow=1 the answer stays open and new lines stream as they come",
+            "sites",
+            content="text/plain",
+            query=m.LogsQuery,
+            params=site,
+            errors=(503,),
+        ),
+        op(
+            "GET",
+            "/sites/{name}/usage",
+            site_usage,
+            "site_usage",
+            "The site's usage per UTC day (requests, bytes in/out, app CPU seconds, memory MB-seconds, storage), totals, and today's use against the plan's daily quotas",
+            "sites",
+            answer=m.SiteUsage,
+            query=m.UsageQuery,
+            params=site,
+        ),
+        op(
+            "POST",
+            "/sites/{name}/quota-reset",
+            lift_quota,
+            "lift_quota",
+            "Admin: let a site stopped by its daily quota serve again for the rest of the UTC day",
+            "sites",
+            answer=m.QuotaLifted,
+            params=site,
+            errors=(403,),
+        ),
+        op(
+            "GET",
+            "/usage",
+            usage_export,
+            "usage_export",
+            "Admin: every site's usage per UTC day with tenant, subscription and plan, for billing: JSON, or CSV with Accept: text/csv or format=csv",
+            "sites",
+            answer=m.UsageExport,
+            content="text/csv",
+            query=m.UsageExportQuery,
+            errors=(403,),
+        ),
+        op(
+            "GET",
+            "/sites/{name}/hostnames",
+            list_hostnames,
+            "list_hostnames",
+            "The site's custom host names",
+            "hostnames",
+            answer=m.Hostnames,
+            query=m.HostnameListQuery,
+            params=site,
+        ),
+        op(
+            "POST",
+            "/sites/{name}/hostnames",
+            add_hostname,
+            "add_hostname",
+            "Claim a custom host name (pending until DNS proves it; a name another site claims is taken only with that proof), with a certificate (PEM or base64 PFX) that must cover it",
+            "hostnames",
+            ok=201,
+            answer=m.HostnameInfo,
+            body=m.HostnameAdd,
+            params=site,
+            errors=(409,),
+        ),
+        op(
+            "DELETE",
+            "/sites/{name}/hostnames/{hostname}",
+            delete_hostname,
+            "delete_hostname",
+            "Remove a custom host name",
+            "hostnames",
+            ok=204,
+            params=host,
+        ),
+        op(
+            "POST",
+            "/sites/{name}/hostnames/{hostname}/verify",
+            verify_hostname,
+            "verify_hostname",
+            "Check DNS now for proof that the tenant owns a pending host name",
+            "hostnames",
+            answer=m.HostnameInfo,
+            params=host,
+        ),
+        op(
+            "POST",
+            "/sites/{name}/hostnames/{hostname}/renew",
+            renew_hostname,
+            "renew_hostname",
+            "Order the host name's ACME certificate now (an early renewal, or a retry after a failure)",
+            "hostnames",
+            ok=202,
+            answer=m.HostnameInfo,
+            params=host,
+            errors=(429,),
+        ),
+        op(
+            "GET",
+            "/hostnames/{hostname}/availability",
+            hostname_availability,
+            "hostname_availability",
+            "Whether a host name is free for a site",
+            "hostnames",
+            answer=m.Availability,
+            params=(HOSTNAME,),
+        ),
+        # Hosts, roles and upgrades: their own module, which builds on this one's helpers.
+        *fabric_operations(),
+    ]
 
 
 def api_routes() -> list[web.RouteDef]:
-    from roles.management._fabric_api import fabric_routes  # lazily: it imports this module
-
-    p = "/api/v1"
-    return [
-        web.get(f"{p}/health", health),
-        web.get("/openapi.json", openapi),
-        web.post(f"{p}/auth/token", issue_token),
-        web.post(f"{p}/signup", sign_up),
-        web.get(f"{p}/me", me),
-        web.post(f"{p}/tokens", create_token),
-        web.get(f"{p}/tokens", list_tokens),
-        web.delete(f"{p}/tokens/{_ID}", revoke_token),
-        web.post(f"{p}/users", create_user),
-        web.get(f"{p}/users", list_users),
-        web.get(f"{p}/settings", get_settings),
-        web.patch(f"{p}/settings", update_settings),
-        web.post(f"{p}/plans", create_plan),
-        web.get(f"{p}/plans", list_plans),
-        web.get(f"{p}/plans/{{name}}", show_plan),
-        web.patch(f"{p}/plans/{{name}}", update_plan),
-        web.post(f"{p}/tenants", create_tenant),
-        web.get(f"{p}/tenants", list_tenants),
-        web.post(f"{p}/subscriptions", create_subscription),
-        web.get(f"{p}/subscriptions", list_subscriptions),
-        web.get(f"{p}/subscriptions/{_ID}", show_subscription),
-        web.delete(f"{p}/subscriptions/{_ID}", delete_subscription),
-        web.post(f"{p}/subscriptions/{_ID}/suspend", suspend_subscription),
-        web.post(f"{p}/subscriptions/{_ID}/resume", resume_subscription),
-        web.post(f"{p}/sites", create_site),
-        web.get(f"{p}/sites", list_sites),
-        web.get(f"{p}/sites/{{name}}", show_site),
-        web.delete(f"{p}/sites/{{name}}", delete_site),
-        web.post(f"{p}/sites/{{name}}/deploy", deploy_site),
-        web.post(f"{p}/sites/{{name}}/start", start_site),
-        web.post(f"{p}/sites/{{name}}/scale", scale_site),
-        web.post(f"{p}/sites/{{name}}/stop", stop_site),
-        web.post(f"{p}/sites/{{name}}/publishing-password", reset_password),
-        web.post(f"{p}/sites/{{name}}/publish-profile", publish_profile),
-        web.get(f"{p}/sites/{{name}}/settings", get_app_settings),
-        web.get(f"{p}/sites/{{name}}/logs", site_logs),
-        web.get(f"{p}/sites/{{name}}/usage", site_usage),
-        web.post(f"{p}/sites/{{name}}/quota-reset", lift_quota),
-        web.get(f"{p}/usage", usage_export),
-        web.patch(f"{p}/sites/{{name}}/settings", update_app_settings),
-        web.get(f"{p}/sites/{{name}}/hostnames", list_hostnames),
-        web.post(f"{p}/sites/{{name}}/hostnames", add_hostname),
-        web.delete(f"{p}/sites/{{name}}/hostnames/{{hostname}}", delete_hostname),
-        web.post(f"{p}/sites/{{name}}/hostnames/{{hostname}}/verify", verify_hostname),
-        web.post(f"{p}/sites/{{name}}/hostnames/{{hostname}}/renew", renew_hostname),
-        web.get(f"{p}/hostnames/{{hostname}}/availability", hostname_availability),
-        # Hosts, roles and upgrades (issue 3): their own module, which builds on this one's helpers.
-        *fabric_routes(),
-    ]
+    return [web.route(op.method, op.path, _checked(op)) for op in operations()]

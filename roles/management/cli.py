@@ -730,6 +730,10 @@ def _parser() -> argparse.ArgumentParser:
     def get(*segments: str) -> Command:
         return lambda a, api: api.request("GET", api.path(*(s.format(a=a) for s in segments)))
 
+    def every(key: str, *segments: str) -> Command:
+        """A list command: every page of the list, as one answer."""
+        return lambda a, api: api.list_all(api.path(*(s.format(a=a) for s in segments)), key)
+
     def post(*segments: str) -> Command:
         return lambda a, api: api.request("POST", api.path(*(s.format(a=a) for s in segments)))
 
@@ -740,7 +744,7 @@ def _parser() -> argparse.ArgumentParser:
     sp = leaf(plan, "update", "change a plan; applies to its subscriptions at once", _plan_update, _show_plan)
     sp.add_argument("name")
     _plan_options(sp, create=False)
-    leaf(plan, "list", "list plans (tenants: the public ones)", get("plans"), _show_plans)
+    leaf(plan, "list", "list plans (tenants: the public ones)", every("plans", "plans"), _show_plans)
     sp = leaf(plan, "show", "show a plan", get("plans", "{a.name}"), _show_plan)
     sp.add_argument("name")
 
@@ -753,7 +757,7 @@ def _parser() -> argparse.ArgumentParser:
         _show_tenant_create,
     )
     sp.add_argument("name")
-    leaf(tenant, "list", "list tenants", get("tenants"), _show_tenants)
+    leaf(tenant, "list", "list tenants", every("tenants", "tenants"), _show_tenants)
 
     user = group("user", "portal users (admin)")
     sp = leaf(
@@ -768,7 +772,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--password-stdin", action="store_true", help="read the password from stdin (else generated)"
     )
-    leaf(user, "list", "list users", get("users"), _show_users)
+    leaf(user, "list", "list users", every("users", "users"), _show_users)
 
     admin = group("admin", "admin accounts")
     sp = leaf(
@@ -800,7 +804,7 @@ def _parser() -> argparse.ArgumentParser:
         _show_token_create,
     )
     sp.add_argument("name")
-    leaf(token, "list", "list your API tokens", get("tokens"), _show_tokens)
+    leaf(token, "list", "list your API tokens", every("tokens", "tokens"), _show_tokens)
     sp = leaf(
         token,
         "revoke",
@@ -874,7 +878,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--tenant")
     sp.add_argument("--plan", required=True)
-    leaf(sub, "list", "list subscriptions with usage", get("subscriptions"), _show_subscriptions)
+    leaf(
+        sub,
+        "list",
+        "list subscriptions with usage",
+        every("subscriptions", "subscriptions"),
+        _show_subscriptions,
+    )
     for name, help_, run in [
         ("show", "show a subscription's quotas and usage", get("subscriptions", "{a.id}")),
         (
@@ -908,7 +918,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("name")
     sp.add_argument("--subscription", type=int, required=True, help="subscription id")
-    leaf(site, "list", "list sites", get("sites"), _show_sites)
+    leaf(site, "list", "list sites", every("sites", "sites"), _show_sites)
     sp = leaf(site, "show", "show a site", get("sites", "{a.name}"), _show_site)
     sp.add_argument("name")
     sp = leaf(
@@ -1005,7 +1015,7 @@ def _parser() -> argparse.ArgumentParser:
             hostname,
             "list",
             "list a site's custom hostnames, with the DNS record each pending one needs",
-            get("sites", "{a.site}", "hostnames"),
+            every("hostnames", "sites", "{a.site}", "hostnames"),
             _show_hostnames,
         )
         sp.add_argument("site")
@@ -1137,7 +1147,7 @@ def _not_found_hint(a: argparse.Namespace, api: ApiClient) -> str | None:
     if wanted is None:
         return None
     try:
-        listed = api.request("GET", api.path(collection))[collection]
+        listed = api.list_all(api.path(collection), collection)[collection]
     except SitecloudError:
         return None
     names = [str(item[field]) for item in listed]

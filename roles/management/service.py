@@ -17,6 +17,7 @@ from roles.management._fabric import FabricService
 from roles.management._logs import stream_site_logs
 from roles.management._metering import Metering
 from roles.management._nudge import Nudger
+from roles.management._paging import Page
 from roles.management._publish_profile import publish_settings
 from roles.management._store import Principal, Store
 from roles.management._usage import StorageReader
@@ -30,6 +31,8 @@ __all__ = ["ManagementService", "Principal"]
 
 Json = dict[str, Any]
 T = TypeVar("T")
+# The whole list: what the portals show; the API passes the page it was asked for.
+_ALL = Page()
 
 # A web deploy may carry a large zip over a slow link; the publisher answers once it is committed.
 _DEPLOY_TIMEOUT = 3600.0
@@ -129,8 +132,8 @@ class ManagementService:
         self._log.info("user %s created (admin: %s)", user["username"], user["admin"])
         return user
 
-    async def list_users(self, who: Principal) -> Json:
-        return await self._read(self.accounts.list_users, who)
+    async def list_users(self, who: Principal, *, page: Page = _ALL, tenant: str | None = None) -> Json:
+        return await asyncio.to_thread(lambda: self.accounts.list_users(who, page, tenant=tenant))
 
     async def create_token(self, who: Principal, body: Json) -> Json:
         return await self._read(self.accounts.create_token, who, body)
@@ -141,8 +144,8 @@ class ManagementService:
             raise Unauthorized("a user name and password are required")
         return await self._read(self.accounts.issue_token, username, password, name, client)
 
-    async def list_tokens(self, who: Principal) -> Json:
-        return await self._read(self.accounts.list_tokens, who)
+    async def list_tokens(self, who: Principal, *, page: Page = _ALL) -> Json:
+        return await self._read(self.accounts.list_tokens, who, page)
 
     async def revoke_token(self, who: Principal, token_id: int) -> None:
         await self._read(self.accounts.revoke_token, who, token_id)
@@ -160,8 +163,8 @@ class ManagementService:
         self._log.info("plan %s created", result["name"])
         return result
 
-    async def list_plans(self, who: Principal) -> Json:
-        return await self._read(self._store.list_plans, who)
+    async def list_plans(self, who: Principal, *, page: Page = _ALL) -> Json:
+        return await self._read(self._store.list_plans, who, page)
 
     async def show_plan(self, who: Principal, name: str) -> Json:
         return await self._read(self._store.show_plan, who, name)
@@ -176,8 +179,8 @@ class ManagementService:
         self._log.bind(tenant=result["name"]).info("tenant created")
         return result
 
-    async def list_tenants(self, who: Principal) -> Json:
-        return await self._read(self._store.list_tenants, who)
+    async def list_tenants(self, who: Principal, *, page: Page = _ALL) -> Json:
+        return await self._read(self._store.list_tenants, who, page)
 
     async def _with_storage(self, subs: list[Json]) -> list[Json]:
         sizes = await self._storage.sizes([name for sub in subs for name in sub["site_names"]])
@@ -195,8 +198,18 @@ class ManagementService:
         result["usage"]["storage_bytes"] = 0
         return result
 
-    async def list_subscriptions(self, who: Principal) -> Json:
-        answer = await self._read(self._store.list_subscriptions, who)
+    async def list_subscriptions(
+        self,
+        who: Principal,
+        *,
+        page: Page = _ALL,
+        tenant: str | None = None,
+        plan: str | None = None,
+        state: str | None = None,
+    ) -> Json:
+        answer = await asyncio.to_thread(
+            lambda: self._store.list_subscriptions(who, page, tenant=tenant, plan=plan, state=state)
+        )
         await self._with_storage(answer["subscriptions"])
         return answer
 
@@ -225,8 +238,18 @@ class ManagementService:
         self._log.bind(tenant=result["tenant"], site=result["name"]).info("site created")
         return result
 
-    async def list_sites(self, who: Principal) -> Json:
-        return await self._read(self._store.list_sites, who)
+    async def list_sites(
+        self,
+        who: Principal,
+        *,
+        page: Page = _ALL,
+        tenant: str | None = None,
+        subscription: int | None = None,
+        state: str | None = None,
+    ) -> Json:
+        return await asyncio.to_thread(
+            lambda: self._store.list_sites(who, page, tenant=tenant, subscription=subscription, state=state)
+        )
 
     async def show_site(self, who: Principal, name: str) -> Json:
         site = await self._read(self._store.show_site, who, name)
@@ -329,8 +352,10 @@ class ManagementService:
         )
         return result
 
-    async def list_hostnames(self, who: Principal, name: str) -> Json:
-        return await self._read(self._store.list_hostnames, who, name)
+    async def list_hostnames(
+        self, who: Principal, name: str, *, page: Page = _ALL, state: str | None = None
+    ) -> Json:
+        return await asyncio.to_thread(lambda: self._store.list_hostnames(who, name, page, state=state))
 
     async def add_hostname(self, who: Principal, name: str, body: Json) -> Json:
         result = await self._write_live(self._store.add_hostname, who, name, body)
