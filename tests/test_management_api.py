@@ -444,7 +444,7 @@ def test_site_url_has_no_port_on_443(tmp_path: Path) -> None:
         ({"idle_timeout": "\u00b2"}, "whole number of seconds"),
         ({"SECRET": "lone \ud800"}, "UTF-8"),
         ({"SECRET": "nul\x00"}, "NUL"),
-        ({"runtime": "ruby"}, "one of static, python, php, command"),
+        ({"runtime": "ruby"}, "one of static, python, php, node, command"),
         ({"entry": "a\nb"}, "one line"),
         ({"PATH": "/x"}, "set by the platform"),
         ({"always_on": "maybe"}, "true or false"),

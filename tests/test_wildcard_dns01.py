@@ -207,10 +207,10 @@ def test_turning_it_on_needs_the_whole_update_method_and_bad_input_is_a_clear_40
     assert status == 400 and "'dns_update_server'" in answer["error"]["message"], answer
     bad = {
         "dns_update_zone": ("example.org", "does not hold _acme-challenge.sites.localhost"),
-        "dns_update_key_algorithm": ("hmac-md5", "not supported"),
+        "dns_update_key_algorithm": ("hmac-md5", "must be one of hmac-sha256"),
         "dns_update_key_secret": ("not base64!", "not base64"),
         "dns_update_server": ("ns1.example.net:99999", "not 'host[:port]'"),
-        "wildcard_certificate": ({}, "unknown setting"),
+        "wildcard_certificate": ({}, "unknown field(s) for a settings change: wildcard_certificate"),
     }
     for key, (value, why) in bad.items():
         status, answer = api.call("PATCH", "/settings", {key: value})
