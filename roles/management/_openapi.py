@@ -214,6 +214,26 @@ _SCHEMAS: Json = {
         },
         ["id", "name"],
     ),
+    "TenantUser": _obj({"username": _STR, "created_at": _TIME, "last_sign_in_at": _TIME}, ["username"]),
+    "TenantDetail": _obj(
+        {
+            "id": _INT,
+            "name": _STR,
+            "created_at": _TIME,
+            "subscriptions": {"type": "array", "items": _ref("Subscription")},
+            "sites": {"type": "array", "items": _ref("Site")},
+            "users": {"type": "array", "items": _ref("TenantUser")},
+        },
+        ["id", "name", "subscriptions", "sites", "users"],
+    ),
+    "ResetLink": _obj(
+        {
+            "username": _STR,
+            "url": {"type": "string", "description": "the portal page that sets a new password; works once"},
+            "expires_at": _TIME,
+        },
+        ["username", "url", "expires_at"],
+    ),
     "SubscriptionCreate": _obj(
         {"plan": _NAME, "tenant": {**_NAME, "description": "admins: the tenant; tenants: leave out"}},
         ["plan"],
@@ -384,7 +404,7 @@ _ERRORS = {
     401: "no token, or the token is not valid",
     403: "the caller may not do this",
     404: "no such resource (also: another tenant's)",
-    409: "already exists, a plan limit is reached, or not supported on this fabric",
+    409: "already exists, a plan limit is reached, still in use, or not supported on this fabric",
     413: "over the storage quota",
     429: "too many attempts (failed sign-ins, certificate orders); the hint says when to try again",
     503: "a role this needs cannot be reached now",
@@ -501,6 +521,16 @@ def _paths() -> Json:
                 tag="accounts",
             ),
         },
+        "/api/v1/users/{username}/reset-link": {
+            "parameters": [_path_param("username", _NAME, "user name")],
+            "post": _op(
+                "Issue a one-time password reset link for a portal user, valid for an hour (admin)",
+                ok=201,
+                answer=_ref("ResetLink"),
+                errors=(403, 404),
+                tag="accounts",
+            ),
+        },
         "/api/v1/settings": {
             "get": _op("Cloud settings (admin)", answer=_ref("CloudSettings"), errors=(403,), tag="accounts"),
             "patch": _op(
@@ -534,6 +564,12 @@ def _paths() -> Json:
                 errors=(403, 404),
                 tag="plans",
             ),
+            "delete": _op(
+                "Delete a plan that no subscription uses (admin); one in use answers 409",
+                ok=204,
+                errors=(403, 404, 409),
+                tag="plans",
+            ),
         },
         "/api/v1/tenants": {
             "get": _op("Tenants (admin)", answer=_list("tenants", "Tenant"), errors=(403,), tag="tenants"),
@@ -543,6 +579,21 @@ def _paths() -> Json:
                 answer=_ref("TenantCreated"),
                 body="TenantCreate",
                 errors=(403, 409),
+                tag="tenants",
+            ),
+        },
+        "/api/v1/tenants/{name}": {
+            "parameters": [_path_param("name", _NAME, "tenant name")],
+            "get": _op(
+                "A tenant with its subscriptions, sites and users (admin)",
+                answer=_ref("TenantDetail"),
+                errors=(403, 404),
+                tag="tenants",
+            ),
+            "delete": _op(
+                "Delete a tenant with its subscriptions, sites (and their content), users and tokens (admin)",
+                ok=204,
+                errors=(403, 404),
                 tag="tenants",
             ),
         },

@@ -20,11 +20,13 @@ from roles.management.service import ManagementService, Principal
 from shared.errors import InvalidInput
 from shared.version import CODE_VERSION
 
-__all__ = ["SERVICE", "api_routes", "client_address", "json_body", "principal", "service_of"]
+__all__ = ["RESET_PATH", "SERVICE", "api_routes", "client_address", "json_body", "principal", "service_of"]
 
 SERVICE = web.AppKey("service", ManagementService)
 
 _CHUNK = 256 * 1024
+# The portal page a password reset link opens (its token follows).
+RESET_PATH = "/reset-password"
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -109,6 +111,15 @@ async def list_users(request: web.Request) -> web.Response:
     return web.json_response(await service_of(request).list_users(await principal(request)))
 
 
+async def issue_reset_link(request: web.Request) -> web.Response:
+    """A one-time link to the portal page where the user sets a new password (there is no mail)."""
+    who = await principal(request)
+    answer = await service_of(request).issue_reset_link(who, request.match_info["username"])
+    token = answer.pop("token")
+    answer["url"] = f"{request.scheme}://{request.host}{RESET_PATH}/{token}"
+    return _json(answer, 201, secret=True)
+
+
 async def get_settings(request: web.Request) -> web.Response:
     require_admin(await principal(request))
     return web.json_response(await service_of(request).get_settings())
@@ -142,6 +153,12 @@ async def update_plan(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
+async def delete_plan(request: web.Request) -> web.Response:
+    who = await principal(request)
+    await service_of(request).delete_plan(who, request.match_info["name"])
+    return web.Response(status=204)
+
+
 async def create_tenant(request: web.Request) -> web.Response:
     who = await principal(request)
     return _json(await service_of(request).create_tenant(who, await json_body(request)), 201, secret=True)
@@ -149,6 +166,17 @@ async def create_tenant(request: web.Request) -> web.Response:
 
 async def list_tenants(request: web.Request) -> web.Response:
     return web.json_response(await service_of(request).list_tenants(await principal(request)))
+
+
+async def show_tenant(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).show_tenant(who, request.match_info["name"]))
+
+
+async def delete_tenant(request: web.Request) -> web.Response:
+    who = await principal(request)
+    await service_of(request).delete_tenant(who, request.match_info["name"])
+    return web.Response(status=204)
 
 
 async def create_subscription(request: web.Request) -> web.Response:
@@ -379,14 +407,18 @@ def api_routes() -> list[web.RouteDef]:
         web.delete(f"{p}/tokens/{_ID}", revoke_token),
         web.post(f"{p}/users", create_user),
         web.get(f"{p}/users", list_users),
+        web.post(f"{p}/users/{{username}}/reset-link", issue_reset_link),
         web.get(f"{p}/settings", get_settings),
         web.patch(f"{p}/settings", update_settings),
         web.post(f"{p}/plans", create_plan),
         web.get(f"{p}/plans", list_plans),
         web.get(f"{p}/plans/{{name}}", show_plan),
         web.patch(f"{p}/plans/{{name}}", update_plan),
+        web.delete(f"{p}/plans/{{name}}", delete_plan),
         web.post(f"{p}/tenants", create_tenant),
         web.get(f"{p}/tenants", list_tenants),
+        web.get(f"{p}/tenants/{{name}}", show_tenant),
+        web.delete(f"{p}/tenants/{{name}}", delete_tenant),
         web.post(f"{p}/subscriptions", create_subscription),
         web.get(f"{p}/subscriptions", list_subscriptions),
         web.get(f"{p}/subscriptions/{_ID}", show_subscription),
