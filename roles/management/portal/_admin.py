@@ -388,7 +388,9 @@ async def tenant(request: web.Request) -> web.StreamResponse:
     service = service_of(request)
     detail = await service.show_tenant(page.who, request.match_info["name"])
     plans = [p for p in (await service.list_plans(page.who))["plans"] if not p["retired"]]
-    return await _render(request, "admin_tenant.html", page, tenant=detail, plans=plans)
+    return await _render(
+        request, "admin_tenant.html", page, tenant=detail, plans=plans, reset_link=None, new_user=None
+    )
 
 
 async def confirm_tenant_delete(request: web.Request) -> web.StreamResponse:
@@ -506,6 +508,7 @@ async def _settings(
         settings=await service.get_settings(),
         users=(await service.list_users(page.who))["users"],
         new_user=extra.pop("new_user", None),
+        reset_link=extra.pop("reset_link", None),
         **extra,
     )
 
