@@ -90,6 +90,13 @@ def test_deploy_from_the_browser_and_open_the_site(cloud: LocalCloud, tmp_path: 
             for kind in ("fileserver", "worker", "publisher", "frontend", "management"):
                 assert kind in table
             shot(admin, "admin-dashboard")
+            # Restart a role from the dashboard: a new process, Ready again, and the site still served.
+            before = cloud.role_pids()["worker"]
+            submit(admin, "button[aria-label='Restart worker on localhost']")
+            assert "Role restarted." in admin.inner_text(".notice"), admin.inner_text("main")[:500]
+            assert cloud.role_pids()["worker"] != before
+            assert "ready" in admin.locator("tr", has_text="worker").inner_text().lower()
+            cloud.wait_for_content("shop", "/", b"<h1>deployed from the portal</h1>")
             admin.goto(f"{portal}/admin/tenants")
             assert "northwind" in admin.inner_text("table")
             shot(admin, "admin-tenants")
