@@ -20,7 +20,16 @@ from roles.management.service import ManagementService, Principal
 from shared.errors import InvalidInput
 from shared.version import CODE_VERSION
 
-__all__ = ["RESET_PATH", "SERVICE", "api_routes", "client_address", "json_body", "principal", "service_of"]
+__all__ = [
+    "RESET_PATH",
+    "SERVICE",
+    "api_routes",
+    "client_address",
+    "json_body",
+    "principal",
+    "reset_url",
+    "service_of",
+]
 
 SERVICE = web.AppKey("service", ManagementService)
 
@@ -115,9 +124,13 @@ async def issue_reset_link(request: web.Request) -> web.Response:
     """A one-time link to the portal page where the user sets a new password (there is no mail)."""
     who = await principal(request)
     answer = await service_of(request).issue_reset_link(who, request.match_info["username"])
-    token = answer.pop("token")
-    answer["url"] = f"{request.scheme}://{request.host}{RESET_PATH}/{token}"
+    answer["url"] = reset_url(request, answer.pop("token"))
     return _json(answer, 201, secret=True)
+
+
+def reset_url(request: web.Request, token: str) -> str:
+    """The portal page a password reset token opens, at the address the caller reached us by."""
+    return f"{request.scheme}://{request.host}{RESET_PATH}/{token}"
 
 
 async def get_settings(request: web.Request) -> web.Response:

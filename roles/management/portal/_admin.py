@@ -11,7 +11,7 @@ from aiohttp import web
 
 from roles.management._fabric import outcome
 from roles.management._store import WORKER_SIZES
-from roles.management.api import RESET_PATH, service_of
+from roles.management.api import reset_url, service_of
 from roles.management.portal._charts import bar_chart
 from roles.management.portal._web import (
     Page,
@@ -450,7 +450,7 @@ async def issue_reset_link(request: web.Request) -> web.StreamResponse:
         link = await service_of(request).issue_reset_link(page.who, username)
     except SitecloudError as err:
         raise see_other(request, back, error=err) from None
-    url = f"{request.scheme}://{request.host}{RESET_PATH}/{link['token']}"
+    url = reset_url(request, link["token"])
     raise see_other(
         request,
         back,
