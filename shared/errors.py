@@ -15,6 +15,7 @@ __all__ = [
     "BadRequest",
     "ConfirmationRequired",
     "Forbidden",
+    "InUse",
     "InvalidInput",
     "LimitReached",
     "NotFound",
@@ -115,6 +116,14 @@ class QuotaExceeded(SitecloudError):
     code = "quota_exceeded"
     status = 413
     ftp_code = 552
+
+
+class InUse(SitecloudError):
+    """It cannot go while something else still uses it (a plan with subscriptions)."""
+
+    code = "in_use"
+    status = 409
+    ftp_code = 550
 
 
 class NotSupported(SitecloudError):

@@ -382,3 +382,42 @@ def test_the_shell_completes_commands(tmp_path: Path) -> None:
         )
         assert result.returncode == 0, result.stderr
         assert {w.strip() for w in answers.read_text().split("\v")} == expected
+
+
+def test_plan_and_tenant_delete_ask_first_and_a_plan_in_use_is_refused(home: Path) -> None:
+    env = _site_for(home, "going")
+    # Without a terminal: refused until --yes, and nothing changes.
+    for args in (["tenant", "delete", "going-tenant"], ["plan", "delete", "going-plan"]):
+        result = run(home, *args)
+        assert result.returncode == 4 and "--yes" in result.stderr, (args, result.stderr)
+    code, said = _on_a_terminal(home, ["tenant", "delete", "going-tenant"], {}, "going")
+    assert code == 4 and "Type going-tenant to confirm" in said and "nothing was changed" in said, said
+
+    # A plan in use: a conflict (exit 5), saying what to do.
+    result = run(home, "plan", "delete", "going-plan", "--yes")
+    assert result.returncode == 5, result.stderr
+    assert "is used by 1 subscription(s)" in result.stderr and "retire the plan" in result.stderr
+
+    shown = run(home, "tenant", "show", "going-tenant")
+    assert shown.returncode == 0 and "going" in shown.stdout and "SUBSCRIPTION" in shown.stdout, shown.stdout
+    assert ok_json(home, "tenant", "show", "going-tenant")["sites"][0]["name"] == "going"
+
+    assert ok_json(home, "tenant", "delete", "going-tenant", "--yes") == {
+        "tenant": "going-tenant",
+        "deleted": True,
+    }
+    assert run(home, "site", "show", "going").returncode == 3
+    assert run(home, "site", "list", env=env).returncode == 4  # its token went with it
+    result = run(home, "plan", "delete", "going-plan", "--yes")
+    assert result.returncode == 0 and result.stdout == "deleted plan going-plan\n"
+    assert run(home, "plan", "show", "going-plan").returncode == 3
+
+
+def test_user_reset_link(home: Path) -> None:
+    ok_json(home, "tenant", "create", "resetters")
+    ok_json(home, "user", "create", "resetter", "--tenant", "resetters")
+    link = ok_json(home, "user", "reset-link", "resetter")
+    assert link["url"].startswith("https://127.0.0.1:") and "/reset-password/" in link["url"]
+    text = run(home, "user", "reset-link", "resetter")
+    assert text.returncode == 0 and "works once" in text.stdout and "/reset-password/" in text.stdout
+    assert run(home, "user", "reset-link", "nobody-at-all").returncode == 3

@@ -22,6 +22,7 @@ from shared.db import (
     ApiToken,
     Database,
     Host,
+    PasswordReset,
     PublishingCredential,
     Role,
     Site,
@@ -515,3 +516,60 @@ def test_every_405_says_which_methods_are_allowed(cloud: ManagementCloud) -> Non
         assert body["error"]["code"] == "method_not_allowed" and allow in body["error"]["message"]
         checked += 1
     assert checked >= 18
+
+
+def test_plans_delete_only_when_unused_and_tenants_delete_with_everything(cloud: ManagementCloud) -> None:
+    token, sub_id = _tenant_with_subscription(cloud, "leaver", "leaver-plan")
+    cloud.ok("POST", "/sites", token=token, body={"name": "leaver-site", "subscription": sub_id})
+    user = cloud.ok("POST", "/users", body={"username": "leaver-user", "tenant": "leaver"})
+
+    # A plan in use is refused with what to do instead; nothing changes.
+    status, answer = cloud.call("DELETE", "/plans/leaver-plan")
+    assert status == 409 and answer["error"]["code"] == "in_use", answer
+    assert "1 subscription" in answer["error"]["message"] and "retire" in answer["error"]["hint"]
+    assert cloud.ok("GET", "/plans/leaver-plan")["subscriptions"] == 1
+    # Tenants may not delete plans or tenants, nor read another tenant.
+    assert cloud.call("DELETE", "/plans/leaver-plan", token=token)[0] == 403
+    assert cloud.call("DELETE", "/tenants/leaver", token=token)[0] == 403
+    assert cloud.call("GET", "/tenants/leaver", token=token)[0] == 403
+
+    detail = cloud.ok("GET", "/tenants/leaver")
+    assert [s["id"] for s in detail["subscriptions"]] == [sub_id]
+    assert [s["name"] for s in detail["sites"]] == ["leaver-site"]
+    assert [u["username"] for u in detail["users"]] == ["leaver-user"]
+    assert cloud.call("GET", "/tenants/no-such-tenant")[0] == 404
+
+    before = cloud.generation()
+    assert cloud.call("DELETE", "/tenants/leaver")[0] == 204
+    assert cloud.generation() > before
+    assert cloud.call("GET", "/tenants/leaver")[0] == 404
+    assert cloud.call("GET", "/sites/leaver-site")[0] == 404
+    assert cloud.call("GET", f"/subscriptions/{sub_id}")[0] == 404
+    # Its token and its users went with it.
+    assert cloud.call("GET", "/me", token=token)[0] == 401
+    assert "leaver-user" not in [u["username"] for u in cloud.ok("GET", "/users")["users"]]
+    assert user["username"] == "leaver-user"
+    assert cloud.call("DELETE", "/tenants/leaver")[0] == 404
+
+    # Unused now: the plan can go.
+    assert cloud.call("DELETE", "/plans/leaver-plan")[0] == 204
+    assert cloud.call("GET", "/plans/leaver-plan")[0] == 404
+    assert cloud.call("DELETE", "/plans/leaver-plan")[0] == 404
+
+
+def test_a_reset_link_is_issued_by_admins_only(cloud: ManagementCloud) -> None:
+    token, _ = _tenant_with_subscription(cloud, "forgetful", "forgetful-plan")
+    cloud.ok("POST", "/users", body={"username": "forgetful-user", "tenant": "forgetful"})
+    link = cloud.ok("POST", "/users/forgetful-user/reset-link")
+    assert link["username"] == "forgetful-user"
+    assert re.fullmatch(r"https://localhost:\d+/reset-password/[A-Za-z0-9_-]{43}", link["url"]), link
+    expires = dt.datetime.fromisoformat(link["expires_at"])
+    assert dt.timedelta(minutes=59) < expires - dt.datetime.now(dt.UTC) <= dt.timedelta(hours=1)
+    # Only a hash of the token is stored.
+    with cloud.db.session() as s:
+        stored = s.scalars(select(PasswordReset.token_hash)).all()
+    secret = link["url"].rsplit("/", 1)[1]
+    assert secret not in stored and hash_token(secret) in stored
+    assert cloud.call("POST", "/users/forgetful-user/reset-link", token=token)[0] == 403
+    status, answer = cloud.call("POST", "/users/nobody-here/reset-link")
+    assert status == 404 and answer["error"]["message"] == "no user 'nobody-here'"

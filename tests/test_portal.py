@@ -420,3 +420,159 @@ def test_every_destructive_action_asks_and_no_post_is_sent_twice(
     assert wrong.status == 405 and set(wrong.headers["allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
     ctx.close()
     admin_ctx.close()
+
+
+NARROW = {"width": 390, "height": 844}
+
+
+def page_width(page: Any) -> int:
+    return int(page.evaluate("document.scrollingElement.scrollWidth"))
+
+
+def test_admin_opens_and_deletes_tenants_deletes_plans_and_issues_reset_links(
+    cloud: ManagementCloud, browser: Any
+) -> None:
+    portal = f"https://localhost:{cloud.config.api_port}"
+    admin_name, admin_password = admin_user(cloud.write_endpoints(cloud.home / "cli-home-3"), "keeper")
+    for name in ("used-plan", "spare-plan"):
+        cloud.ok("POST", "/plans", body={"name": name, "max_sites": 2, "storage_mb": 10, "public": True})
+    cloud.ok("POST", "/tenants", body={"name": "opened"})
+    sub = cloud.ok("POST", "/subscriptions", body={"tenant": "opened", "plan": "used-plan"})
+    cloud.ok("POST", "/sites", body={"name": "opened-site", "subscription": sub["id"]})
+    old_password = cloud.ok("POST", "/users", body={"username": "opened-user", "tenant": "opened"})[
+        "password"
+    ]
+
+    admin_ctx = browser.new_context(ignore_https_errors=True, java_script_enabled=False)
+    admin = admin_ctx.new_page()
+    sign_in(admin, portal, admin_name, admin_password)
+
+    # Role buttons: restart and repair at once, stop asks first (tests/test_portal_cloud.py restarts one).
+    assert admin.is_visible("button[aria-label='Restart worker on localhost']")
+    submit(admin, "a[aria-label='Stop worker on localhost']")
+    assert admin.locator("h1").inner_text() == "Stop worker on localhost?"
+    submit(admin, "a:text-is('Cancel')")
+
+    # -- a tenant opens from the tenants list: its subscriptions, sites and users
+    admin.goto(f"{portal}/admin/tenants")
+    submit(admin, "table a:text-is('opened')")
+    assert admin.url.endswith("/admin/tenants/opened") and admin.locator("h1").inner_text() == "opened"
+    main = admin.inner_text("main")
+    assert "used-plan" in main and "opened-site" in main and "opened-user" in main
+    shot(admin, "admin-tenant")
+
+    # -- a reset link: asked first, shown once on the tenant's page
+    submit(admin, "a[aria-label='Password reset link for opened-user']")
+    assert admin.locator("h1").inner_text() == "Issue a password reset link for opened-user?"
+    assert post_and_follow(admin, "button:text-is('Issue reset link')") == 303
+    assert admin.url.endswith(
+        "/admin/tenants/opened"
+    ) and "Reset link for opened-user issued" in admin.inner_text(".notice")
+    link = admin.inner_text("#reset-link")
+    assert link.startswith(f"{portal}/reset-password/")
+    admin.reload()
+    assert admin.locator("#reset-link").count() == 0
+
+    # The user follows it (no JavaScript), sets a new password and signs in with it.
+    user_ctx = browser.new_context(ignore_https_errors=True, java_script_enabled=False)
+    user = user_ctx.new_page()
+    user.goto(f"{portal}/signin")
+    submit(user, "a:text-is('Forgot your password?')")
+    assert "reset link" in user.inner_text("main") and "admin" in user.inner_text("main")
+    user.goto(link)
+    assert user.locator("h1").inner_text() == "Choose a new password" and "opened-user" in user.inner_text(
+        "main"
+    )
+    new_password = "a brand new passphrase"
+    user.fill("#password", new_password)
+    user.fill("#confirm", new_password + "!")
+    assert post_and_follow(user, "button:text-is('Set new password')") == 303
+    assert "the two passwords differ" in user.inner_text(".alert")
+    user.fill("#password", new_password)
+    user.fill("#confirm", new_password)
+    assert post_and_follow(user, "button:text-is('Set new password')") == 303
+    assert user.url.endswith("/signin") and "New password set" in user.inner_text(".notice")
+    sign_in(user, portal, "opened-user", old_password)
+    assert "wrong user name or password" in user.inner_text(".alert")
+    sign_in(user, portal, "opened-user", new_password)
+    assert user.url.endswith("/portal/")
+    # A plan the tenant has is not offered again; another one is.
+    plans = user.inner_text("section[aria-labelledby=plans-h]")
+    assert "Subscribed" in plans and user.locator("button:text-is('Subscribe to used-plan')").count() == 0
+    assert user.is_visible("button:text-is('Subscribe to spare-plan')")
+    # The link worked once.
+    again = user_ctx.new_page()
+    answer = again.goto(link)
+    assert answer is not None and answer.status == 404
+    assert "does not work" in again.inner_text(".alert") and again.locator("#password").count() == 0
+    again.close()
+
+    # -- a plan in use cannot be deleted: the page says why, a forged POST is refused with the reason
+    admin.goto(f"{portal}/admin/plans/used-plan")
+    assert "cannot be deleted while 1 subscription uses it" in admin.inner_text("main")
+    assert admin.locator("a:text-is('Delete plan used-plan')").count() == 0
+    answer = admin.request.post(
+        f"{portal}/admin/plans/used-plan/delete",
+        form={"csrf": csrf_of(admin), "confirm": "yes"},
+        max_redirects=0,
+    )
+    assert answer.status == 303
+    admin.goto(f"{portal}{answer.headers['location']}")
+    assert "is used by 1 subscription(s)" in admin.inner_text(".alert")
+    assert cloud.ok("GET", "/plans/used-plan")["subscriptions"] == 1
+    # ... an unused one can, once confirmed.
+    admin.goto(f"{portal}/admin/plans/spare-plan")
+    submit(admin, "a:text-is('Delete plan spare-plan')")
+    assert admin.locator("h1").inner_text() == "Delete plan spare-plan?"
+    assert post_and_follow(admin, "button:text-is('Delete plan spare-plan')") == 303
+    assert admin.url.endswith("/admin/plans") and "Plan deleted." in admin.inner_text(".notice")
+    assert cloud.call("GET", "/plans/spare-plan")[0] == 404
+
+    # -- tables fit a 390 px wide phone: nothing makes the page scroll sideways
+    for ctx_page, paths in (
+        (
+            admin,
+            [
+                "/admin/",
+                "/admin/plans",
+                "/admin/tenants",
+                "/admin/tenants/opened",
+                "/admin/sites",
+                "/admin/settings",
+                "/admin/plans/used-plan",
+                "/portal/sites/opened-site",
+            ],
+        ),
+        (user, ["/portal/", "/portal/sites/opened-site", "/account/tokens"]),
+    ):
+        ctx_page.set_viewport_size(NARROW)
+        for path in paths:
+            ctx_page.goto(f"{portal}{path}")
+            assert page_width(ctx_page) <= NARROW["width"] + 2, (path, page_width(ctx_page))
+    admin.goto(f"{portal}/admin/tenants")
+    shot(admin, "admin-tenants-390")
+    admin.set_viewport_size({"width": 1280, "height": 860})
+
+    # -- deleting the tenant: type its name; a wrong one changes nothing
+    admin.goto(f"{portal}/admin/tenants/opened")
+    submit(admin, "a:text-is('Delete tenant opened')")
+    assert admin.locator("h1").inner_text() == "Delete tenant opened?"
+    assert "opened-site" in admin.inner_text("main ul")
+    admin.fill("#confirm", "open")
+    assert post_and_follow(admin, "button:text-is('Delete tenant opened')") == 303
+    assert "type opened to confirm" in admin.inner_text(".alert")
+    assert cloud.ok("GET", "/tenants/opened")["name"] == "opened"
+    admin.goto(f"{portal}/admin/tenants/opened/delete")
+    admin.fill("#confirm", "opened")
+    assert post_and_follow(admin, "button:text-is('Delete tenant opened')") == 303
+    assert admin.url.endswith("/admin/tenants") and "Tenant opened deleted" in admin.inner_text(".notice")
+    admin.reload()
+    assert admin.locator(".notice").count() == 0
+    assert (
+        cloud.call("GET", "/tenants/opened")[0] == 404 and cloud.call("GET", "/sites/opened-site")[0] == 404
+    )
+    # Its user's session went with it.
+    user.goto(f"{portal}/portal/")
+    assert user.url.endswith("/signin")
+    admin_ctx.close()
+    user_ctx.close()

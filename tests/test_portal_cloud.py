@@ -3,6 +3,7 @@ tenant opens the site in Chromium; the admin dashboard shows every role and the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,15 @@ pytestmark = [
         not CHROMIUM.exists(), reason="Debian chromium is not installed (apt-get install chromium)"
     ),
 ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        # A zombie waiting for its parent counts as gone.
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except (ProcessLookupError, FileNotFoundError):
+        return False
 
 
 @pytest.fixture
@@ -90,6 +100,21 @@ def test_deploy_from_the_browser_and_open_the_site(cloud: LocalCloud, tmp_path: 
             for kind in ("fileserver", "worker", "publisher", "frontend", "management"):
                 assert kind in table
             shot(admin, "admin-dashboard")
+            # Restart a role from the dashboard: a new process, Ready again, and the site still served.
+            before = cloud.role_pids()["worker"]
+            submit(admin, "button[aria-label='Restart worker on localhost']")
+            assert "Role restarted." in admin.inner_text(".notice"), admin.inner_text("main")[:500]
+            assert cloud.role_pids()["worker"] != before
+            assert "ready" in admin.locator("tr", has_text="worker").inner_text().lower()
+            cloud.wait_for_content("shop", "/", b"<h1>deployed from the portal</h1>")
+            # Stopping asks first; the row then offers Start, which brings it back.
+            submit(admin, "a[aria-label='Stop publisher on localhost']")
+            submit(admin, "button:text-is('Stop publisher')")
+            assert "Role stopped" in admin.inner_text(".notice"), admin.inner_text("main")[:500]
+            assert "publisher" not in cloud.role_pids() or not _alive(cloud.role_pids()["publisher"])
+            submit(admin, "button[aria-label='Start publisher on localhost']")
+            assert "Role started." in admin.inner_text(".notice"), admin.inner_text("main")[:500]
+            assert _alive(cloud.role_pids()["publisher"])
             admin.goto(f"{portal}/admin/tenants")
             assert "northwind" in admin.inner_text("table")
             shot(admin, "admin-tenants")

@@ -15,13 +15,23 @@ import time
 from typing import Any
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 
 from roles.management._domains import check_ip_dns_services, parse_resolvers
 from roles.management._paging import Page
 from roles.management._store import Principal, iso, require_admin
 from shared.acme import LETSENCRYPT, AcmeSettings, check_ca_bundle, check_directory_url, check_email
 from shared.credentials import hash_password, hash_token, new_password, new_token, verify_password
-from shared.db import ApiToken, Database, PortalSession, Setting, Tenant, User, bump_generation
+from shared.db import (
+    ApiToken,
+    Database,
+    PasswordReset,
+    PortalSession,
+    Setting,
+    Tenant,
+    User,
+    bump_generation,
+)
 from shared.dns01 import (
     RECORD_KEY,
     TSIG_ALGORITHMS,
@@ -40,6 +50,8 @@ __all__ = ["MAX_PASSWORD", "MIN_PASSWORD", "Accounts", "SignInLimiter"]
 Json = dict[str, Any]
 
 SESSION_LIFETIME = dt.timedelta(hours=12)
+# A password reset link works once, for this long.
+RESET_LIFETIME = dt.timedelta(hours=1)
 MIN_PASSWORD = 10
 MAX_PASSWORD = 256
 # Settings an admin may change, and their defaults.
@@ -290,6 +302,56 @@ class Accounts:
             user.last_sign_in_at = _now()
             self.limiter.succeeded(username)
             return self._principal(s, user.id, user.tenant_id)
+
+    # -- password resets: there is no mail to send a link by, so an admin hands the user one
+
+    def issue_reset(self, who: Principal, username: str) -> Json:
+        """A one-time token with which ``username`` sets a new password within the hour (admin). An
+        earlier link of the same user stops working; the current password works until the link is used."""
+        require_admin(who)
+        token = secrets.token_urlsafe(32)
+        expires = _now() + RESET_LIFETIME
+        with self._write_lock, self._db.session() as s:
+            user = s.execute(select(User).where(User.username == username)).scalar_one_or_none()
+            if user is None:
+                raise NotFound(f"no user {username!r}", hint="see the list of users")
+            s.execute(delete(PasswordReset).where(PasswordReset.user_id == user.id))
+            s.add(PasswordReset(token_hash=hash_token(token), user_id=user.id, expires_at=expires))
+        return {"username": username, "token": token, "expires_at": iso(expires)}
+
+    def _live_reset(self, s: Session, token: str) -> PasswordReset:
+        row = s.execute(
+            select(PasswordReset).where(PasswordReset.token_hash == hash_token(token))
+        ).scalar_one_or_none()
+        if row is None or row.used_at is not None or _aware(row.expires_at) < _now():
+            raise NotFound(
+                "this password reset link does not work: it was used already, it expired, or it was "
+                "never issued",
+                hint="ask your hosting provider's admin for a new link",
+            )
+        return row
+
+    def reset_username(self, token: str) -> str:
+        """Whose password a live reset token sets (NotFound if it does not work)."""
+        with self._db.session() as s:
+            user = s.get(User, self._live_reset(s, token).user_id)
+            if user is None:
+                raise NotFound("this password reset link does not work")
+            return user.username
+
+    def use_reset(self, token: str, password: str) -> str:
+        """Set the new password and spend the token; every session of the user ends."""
+        password_hash = hash_password(_password({"password": password}))
+        now = _now()
+        with self._write_lock, self._db.session() as s:
+            row = self._live_reset(s, token)
+            user = s.get(User, row.user_id)
+            if user is None:
+                raise NotFound("this password reset link does not work")
+            user.password_hash = password_hash
+            row.used_at = now
+            s.execute(delete(PortalSession).where(PortalSession.user_id == user.id))
+            return user.username
 
     # -- portal sessions
 

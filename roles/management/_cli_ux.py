@@ -9,7 +9,7 @@ Exit codes (documented in docs/operations.md):
 2   usage: the command line or the input it sent was wrong (HTTP 400)
 3   not found (HTTP 404)
 4   refused: not signed in or not allowed (HTTP 401, 403), or not confirmed
-5   conflict: it exists already, or a plan limit or quota stands in the way (409, 413)
+5   conflict: it exists already, is still in use, or a plan limit or quota stands in the way (409, 413)
 6   unavailable: a role cannot be reached now; retrying later may work (503, 429)
 130 interrupted (Ctrl-C)
 ==  ===========================================================================

@@ -370,6 +370,29 @@ class TenantList(Answer):
     next_cursor: NextCursor = None
 
 
+class TenantUser(Answer):
+    username: str
+    created_at: Time = None
+    last_sign_in_at: Time = None
+
+
+class TenantDetail(Answer):
+    """A tenant with its subscriptions, sites and users."""
+
+    id: int
+    name: str
+    created_at: Time = None
+    subscriptions: list[Subscription]
+    sites: list[Site]
+    users: list[TenantUser]
+
+
+class ResetLink(Answer):
+    username: str
+    url: str = Field(description="the portal page that sets a new password; works once")
+    expires_at: dt.datetime
+
+
 class SubscriptionCreate(Body):
     what = "subscription"
     plan: PlanName

@@ -27,7 +27,9 @@ __all__ = [
     "PLAN",
     "SITE",
     "SUBSCRIPTION",
+    "TENANT",
     "TOKEN",
+    "USER",
     "Operation",
     "Param",
     "openapi_document",
@@ -71,6 +73,10 @@ SUBSCRIPTION = Param("id", _ID, "subscription id")
 TOKEN = Param("id", _ID, "token id")
 HOSTNAME = Param("hostname", {"type": "string", "minLength": 1, "maxLength": HOSTNAME_MAX}, "host name")
 HOST = Param("name", {"type": "string", "minLength": 1, "maxLength": HOSTNAME_MAX}, "host name")
+TENANT = Param(
+    "name", {"type": "string", "minLength": 1, "maxLength": NAME_MAX, "pattern": NAME_PATTERN}, "tenant name"
+)
+USER = Param("username", {"type": "string", "minLength": 1, "maxLength": NAME_MAX}, "user name")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from shared.db import (
 from shared.errors import (
     AlreadyExists,
     Forbidden,
+    InUse,
     InvalidInput,
     LimitReached,
     NotFound,
@@ -323,6 +324,20 @@ class Store:
             bump_generation(s)
             return _plan_json(plan, self._subscription_counts(s).get(plan.id, 0))
 
+    def delete_plan(self, who: Principal, name: str) -> None:
+        """Delete a plan no subscription uses; one in use is refused (retiring it stops new ones)."""
+        require_admin(who)
+        with self._write_lock, self._db.session() as s:
+            plan = self._plan(s, name)
+            used = self._subscription_counts(s).get(plan.id, 0)
+            if used:
+                raise InUse(
+                    f"plan {name!r} is used by {used} subscription(s)",
+                    hint="delete those subscriptions first, or retire the plan so it takes no new ones",
+                )
+            s.delete(plan)
+            bump_generation(s)
+
     # -- tenants
 
     def create_tenant(self, who: Principal, body: Json) -> Json:
@@ -375,6 +390,60 @@ class Store:
                     for t in rows
                 ],
             }
+
+    def _tenant(self, s: Session, name: str) -> Tenant:
+        tenant = s.execute(select(Tenant).where(Tenant.name == name)).scalar_one_or_none()
+        if tenant is None:
+            raise NotFound(f"no tenant {name!r}", hint="see the list of tenants")
+        return tenant
+
+    def show_tenant(self, who: Principal, name: str) -> Json:
+        """A tenant with its subscriptions, sites and portal users (admin)."""
+        require_admin(who)
+        with self._db.session() as s:
+            tenant = self._tenant(s, name)
+            subs = self._subscriptions(
+                s, select(Subscription).where(Subscription.tenant_id == tenant.id).order_by(Subscription.id)
+            )
+            sites = s.scalars(
+                select(Site)
+                .join(Subscription)
+                .where(Subscription.tenant_id == tenant.id)
+                .options(joinedload(Site.subscription).joinedload(Subscription.tenant))
+                .order_by(Site.name)
+            )
+            users = s.scalars(select(User).where(User.tenant_id == tenant.id).order_by(User.username))
+            return {
+                "id": tenant.id,
+                "name": tenant.name,
+                "created_at": iso(tenant.created_at),
+                "subscriptions": subs,
+                "sites": [self.site_json(site) for site in sites],
+                "users": [
+                    {
+                        "username": u.username,
+                        "created_at": iso(u.created_at),
+                        "last_sign_in_at": iso(u.last_sign_in_at),
+                    }
+                    for u in users
+                ],
+            }
+
+    def delete_tenant(self, who: Principal, name: str) -> None:
+        """Delete a tenant with everything it has: subscriptions, sites and their content, users, tokens."""
+        require_admin(who)
+        with self._write_lock, self._db.session() as s:
+            tenant = self._tenant(s, name)
+            subs = list(s.scalars(select(Subscription).where(Subscription.tenant_id == tenant.id)))
+            for site in s.scalars(select(Site).where(Site.subscription_id.in_([sub.id for sub in subs]))):
+                s.delete(site)
+            s.flush()
+            for sub in subs:
+                s.delete(sub)
+            s.flush()
+            # Users, their sessions and every token go with it (foreign keys ON DELETE CASCADE).
+            s.delete(tenant)
+            bump_generation(s)
 
     # -- subscriptions
 

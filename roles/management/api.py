@@ -19,7 +19,17 @@ from pydantic import BaseModel
 from roles.management import _models as m
 from roles.management._input import check_authorization, parse_json_object
 from roles.management._metering import parse_range, usage_csv
-from roles.management._openapi import HOSTNAME, PLAN, SITE, SUBSCRIPTION, TOKEN, Operation, openapi_document
+from roles.management._openapi import (
+    HOSTNAME,
+    PLAN,
+    SITE,
+    SUBSCRIPTION,
+    TENANT,
+    TOKEN,
+    USER,
+    Operation,
+    openapi_document,
+)
 from roles.management._paging import Page
 from roles.management._store import require_admin
 from roles.management.service import ManagementService, Principal
@@ -27,6 +37,7 @@ from shared.errors import InvalidInput
 from shared.version import CODE_VERSION
 
 __all__ = [
+    "RESET_PATH",
     "SERVICE",
     "api_routes",
     "body_of",
@@ -35,6 +46,7 @@ __all__ = [
     "page_of",
     "principal",
     "query_of",
+    "reset_url",
     "service_of",
 ]
 
@@ -45,6 +57,8 @@ _BODY = web.RequestKey("body", BaseModel)
 M = TypeVar("M", bound=BaseModel)
 
 _CHUNK = 256 * 1024
+# The portal page a password reset link opens (its token follows).
+RESET_PATH = "/reset-password"
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -160,6 +174,19 @@ async def list_users(request: web.Request) -> web.Response:
     return web.json_response(await service_of(request).list_users(who, page=page, tenant=q.tenant))
 
 
+async def issue_reset_link(request: web.Request) -> web.Response:
+    """A one-time link to the portal page where the user sets a new password (there is no mail)."""
+    who = await principal(request)
+    answer = await service_of(request).issue_reset_link(who, request.match_info["username"])
+    answer["url"] = reset_url(request, answer.pop("token"))
+    return _json(answer, 201, secret=True)
+
+
+def reset_url(request: web.Request, token: str) -> str:
+    """The portal page a password reset token opens, at the address the caller reached us by."""
+    return f"{request.scheme}://{request.host}{RESET_PATH}/{token}"
+
+
 async def get_settings(request: web.Request) -> web.Response:
     require_admin(await principal(request))
     return web.json_response(await service_of(request).get_settings())
@@ -195,6 +222,12 @@ async def update_plan(request: web.Request) -> web.Response:
     return web.json_response(await service_of(request).update_plan(who, request.match_info["name"], body))
 
 
+async def delete_plan(request: web.Request) -> web.Response:
+    who = await principal(request)
+    await service_of(request).delete_plan(who, request.match_info["name"])
+    return web.Response(status=204)
+
+
 async def create_tenant(request: web.Request) -> web.Response:
     who = await principal(request)
     body = body_of(request, m.TenantCreate).fields()
@@ -204,6 +237,17 @@ async def create_tenant(request: web.Request) -> web.Response:
 async def list_tenants(request: web.Request) -> web.Response:
     _, page = page_of(request, m.ListQuery)
     return web.json_response(await service_of(request).list_tenants(await principal(request), page=page))
+
+
+async def show_tenant(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).show_tenant(who, request.match_info["name"]))
+
+
+async def delete_tenant(request: web.Request) -> web.Response:
+    who = await principal(request)
+    await service_of(request).delete_tenant(who, request.match_info["name"])
+    return web.Response(status=204)
 
 
 async def create_subscription(request: web.Request) -> web.Response:
@@ -569,6 +613,18 @@ def operations() -> list[Operation]:
             errors=(403,),
         ),
         op(
+            "POST",
+            "/users/{username}/reset-link",
+            issue_reset_link,
+            "issue_reset_link",
+            "Issue a one-time password reset link for a portal user, valid for an hour (admin)",
+            "accounts",
+            ok=201,
+            answer=m.ResetLink,
+            params=(USER,),
+            errors=(403,),
+        ),
+        op(
             "GET",
             "/settings",
             get_settings,
@@ -627,6 +683,17 @@ def operations() -> list[Operation]:
             errors=(403,),
         ),
         op(
+            "DELETE",
+            "/plans/{name}",
+            delete_plan,
+            "delete_plan",
+            "Delete a plan that no subscription uses (admin); one in use answers 409",
+            "plans",
+            ok=204,
+            params=(PLAN,),
+            errors=(403, 409),
+        ),
+        op(
             "POST",
             "/tenants",
             create_tenant,
@@ -647,6 +714,28 @@ def operations() -> list[Operation]:
             "tenants",
             answer=m.TenantList,
             query=m.ListQuery,
+            errors=(403,),
+        ),
+        op(
+            "GET",
+            "/tenants/{name}",
+            show_tenant,
+            "show_tenant",
+            "A tenant with its subscriptions, sites and users (admin)",
+            "tenants",
+            answer=m.TenantDetail,
+            params=(TENANT,),
+            errors=(403,),
+        ),
+        op(
+            "DELETE",
+            "/tenants/{name}",
+            delete_tenant,
+            "delete_tenant",
+            "Delete a tenant with its subscriptions, sites (and their content), users and tokens (admin)",
+            "tenants",
+            ok=204,
+            params=(TENANT,),
             errors=(403,),
         ),
         op(

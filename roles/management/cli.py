@@ -150,6 +150,33 @@ def _show_tenants(answer: Any, a: argparse.Namespace) -> None:
     )
 
 
+def _show_tenant(tenant: Any, a: argparse.Namespace) -> None:
+    out(f"tenant {tenant['name']} (id {tenant['id']}), since {(tenant.get('created_at') or '-')[:10]}")
+    out("")
+    _show_subscriptions({"subscriptions": tenant["subscriptions"]}, a)
+    out("")
+    _show_sites({"sites": tenant["sites"]}, a)
+    out("")
+    rows = [(u["username"], ago(u["last_sign_in_at"])) for u in tenant["users"]]
+    print_table(("USER", "LAST SIGN-IN"), rows, empty="no users")
+
+
+def _tenant_delete(a: argparse.Namespace, api: ApiClient) -> Any:
+    api.request("DELETE", api.path("tenants", a.name))
+    return {"tenant": a.name, "deleted": True}
+
+
+def _plan_delete(a: argparse.Namespace, api: ApiClient) -> Any:
+    api.request("DELETE", api.path("plans", a.name))
+    return {"plan": a.name, "deleted": True}
+
+
+def _show_reset_link(answer: Any, a: argparse.Namespace) -> None:
+    out(f"password reset link for {answer['username']} (works once, until {answer['expires_at']}):")
+    out(answer["url"])
+    out("Give it to the user: whoever opens it can set the password. An earlier link stops working.")
+
+
 def _show_subscription_create(sub: Any, a: argparse.Namespace) -> None:
     out(f"created subscription {sub['id']}: tenant {sub['tenant']}, plan {sub['plan']} ({sub['state']})")
 
@@ -747,6 +774,15 @@ def _parser() -> argparse.ArgumentParser:
     leaf(plan, "list", "list plans (tenants: the public ones)", every("plans", "plans"), _show_plans)
     sp = leaf(plan, "show", "show a plan", get("plans", "{a.name}"), _show_plan)
     sp.add_argument("name")
+    sp = leaf(
+        plan,
+        "delete",
+        "delete a plan no subscription uses (one in use is refused: retire it instead)",
+        _plan_delete,
+        _done("deleted plan {a.name}"),
+        confirm=lambda a: (f"delete plan {a.name}", None),
+    )
+    sp.add_argument("name")
 
     tenant = group("tenant", "tenants (admin)")
     sp = leaf(
@@ -758,6 +794,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("name")
     leaf(tenant, "list", "list tenants", every("tenants", "tenants"), _show_tenants)
+    sp = leaf(
+        tenant,
+        "show",
+        "show a tenant's subscriptions, sites and users",
+        get("tenants", "{a.name}"),
+        _show_tenant,
+    )
+    sp.add_argument("name")
+    sp = leaf(
+        tenant,
+        "delete",
+        "delete a tenant with its subscriptions, sites, users and tokens",
+        _tenant_delete,
+        _done("deleted tenant {a.name}"),
+        confirm=lambda a: (
+            f"delete tenant {a.name} with every subscription, site (and its content), user and token it has",
+            a.name,
+        ),
+    )
+    sp.add_argument("name")
 
     user = group("user", "portal users (admin)")
     sp = leaf(
@@ -773,6 +829,14 @@ def _parser() -> argparse.ArgumentParser:
         "--password-stdin", action="store_true", help="read the password from stdin (else generated)"
     )
     leaf(user, "list", "list users", every("users", "users"), _show_users)
+    sp = leaf(
+        user,
+        "reset-link",
+        "a one-time link (valid 1 h) at which the user sets a new password; give it to them",
+        post("users", "{a.username}", "reset-link"),
+        _show_reset_link,
+    )
+    sp.add_argument("username")
 
     admin = group("admin", "admin accounts")
     sp = leaf(

@@ -150,6 +150,19 @@ class ManagementService:
     async def revoke_token(self, who: Principal, token_id: int) -> None:
         await self._read(self.accounts.revoke_token, who, token_id)
 
+    async def issue_reset_link(self, who: Principal, username: str) -> Json:
+        answer = await self._read(self.accounts.issue_reset, who, username)
+        self._log.info("password reset link issued for user %s", username)
+        return answer
+
+    async def reset_username(self, token: str) -> str:
+        return await self._read(self.accounts.reset_username, token)
+
+    async def use_reset(self, token: str, password: str) -> str:
+        username = await self._read(self.accounts.use_reset, token, password)
+        self._log.info("user %s set a new password with a reset link", username)
+        return username
+
     async def get_settings(self) -> Json:
         return await self._read(self.accounts.get_settings)
 
@@ -174,6 +187,10 @@ class ManagementService:
         self._log.info("plan %s updated", name)
         return result
 
+    async def delete_plan(self, who: Principal, name: str) -> None:
+        await self._write(self._store.delete_plan, who, name)
+        self._log.info("plan %s deleted", name)
+
     async def create_tenant(self, who: Principal, body: Json) -> Json:
         result = await self._write(self._store.create_tenant, who, body)
         self._log.bind(tenant=result["name"]).info("tenant created")
@@ -181,6 +198,15 @@ class ManagementService:
 
     async def list_tenants(self, who: Principal, *, page: Page = _ALL) -> Json:
         return await self._read(self._store.list_tenants, who, page)
+
+    async def show_tenant(self, who: Principal, name: str) -> Json:
+        answer = await self._read(self._store.show_tenant, who, name)
+        await self._with_storage(answer["subscriptions"])
+        return answer
+
+    async def delete_tenant(self, who: Principal, name: str) -> None:
+        await self._write(self._store.delete_tenant, who, name)
+        self._log.bind(tenant=name).info("tenant deleted, with its subscriptions, sites and users")
 
     async def _with_storage(self, subs: list[Json]) -> list[Json]:
         sizes = await self._storage.sizes([name for sub in subs for name in sub["site_names"]])

@@ -30,6 +30,7 @@ __all__ = [
     "CloudState",
     "CustomHostname",
     "Host",
+    "PasswordReset",
     "Plan",
     "PortalSession",
     "PublishingCredential",
@@ -134,6 +135,19 @@ class PortalSession(Base):
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
     expires_at: Mapped[dt.datetime]
+
+
+class PasswordReset(Base):
+    """A one-time link an admin issued so a user can set a new password (there is no mail to send it
+    by). Only a hash of its token is kept; it works once, until ``expires_at``."""
+
+    __tablename__ = "password_resets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
+    expires_at: Mapped[dt.datetime]
+    used_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 
 
 class Setting(Base):

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from roles.management.api import client_address, service_of
+from roles.management.api import RESET_PATH, client_address, service_of
 from roles.management.portal._web import (
     PRE_CSRF_COOKIE,
     SESSION_COOKIE,
@@ -130,6 +130,33 @@ async def signout(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def forgot_password(request: web.Request) -> web.StreamResponse:
+    return render(request, "forgot.html", page=await current_page(request))
+
+
+async def reset_form(request: web.Request) -> web.StreamResponse:
+    """The page a reset link opens: choose a new password (or why the link does not work)."""
+    token = request.match_info["token"]
+    try:
+        username = await service_of(request).reset_username(token)
+    except NotFound as err:
+        return _anonymous(request, "reset_password.html", status=404, error=err, username="", action="")
+    return _anonymous(request, "reset_password.html", username=username, action=f"{RESET_PATH}/{token}")
+
+
+async def reset_password(request: web.Request) -> web.StreamResponse:
+    form = await _anonymous_form(request)
+    token = request.match_info["token"]
+    password = form.get("password", "")
+    try:
+        if password != form.get("confirm", ""):
+            raise InvalidInput("the two passwords differ", hint="type the same new password twice")
+        await service_of(request).use_reset(token, password)
+    except SitecloudError as err:
+        raise see_other(request, f"{RESET_PATH}/{token}", error=err) from None
+    raise see_other(request, "/signin", notice="password-set")
+
+
 _TOKENS = "/account/tokens"
 
 
@@ -189,6 +216,10 @@ def account_routes() -> list[web.RouteDef]:
         web.get("/signup", signup_form),
         web.post("/signup", signup),
         web.post("/signout", signout),
+        web.get("/forgot-password", forgot_password),
+        # Tokens are secrets.token_urlsafe(32): 43 characters of the URL-safe base64 alphabet.
+        web.get(RESET_PATH + r"/{token:[A-Za-z0-9_-]{20,64}}", reset_form),
+        web.post(RESET_PATH + r"/{token:[A-Za-z0-9_-]{20,64}}", reset_password),
         web.get("/account/tokens", tokens_page),
         web.post("/account/tokens", create_token),
         web.get(r"/account/tokens/{id:\d{1,9}}/revoke", confirm_revoke_token),

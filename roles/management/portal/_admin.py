@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 from typing import Any
 
 from aiohttp import web
 
 from roles.management._fabric import outcome
 from roles.management._store import WORKER_SIZES
-from roles.management.api import service_of
+from roles.management.api import reset_url, service_of
 from roles.management.portal._charts import bar_chart
 from roles.management.portal._web import (
     Page,
@@ -22,7 +23,7 @@ from roles.management.portal._web import (
     see_other,
 )
 from shared.config import ROLE_KINDS
-from shared.errors import InvalidInput, NotFound, SitecloudError
+from shared.errors import InUse, InvalidInput, NotFound, SitecloudError
 
 __all__ = ["admin_routes"]
 
@@ -137,35 +138,54 @@ async def role_action(request: web.Request) -> web.StreamResponse:
     try:
         if action == "add":
             await outcome(fabric.add_role(page.who, {"role": kind, "host": host}))
-        elif action in ("repair", "remove"):
-            if action == "remove":
-                check_confirmed(form, f"remove {kind} from {host}")
+        elif action in _ROLE_NOTICES:
+            if action in _ASKS_FIRST:
+                check_confirmed(form, f"{action} {kind} {'from' if action == 'remove' else 'on'} {host}")
             await outcome(fabric.role_action(page.who, kind, host, action))
         else:
             raise InvalidInput("unknown role action")
     except SitecloudError as err:
         raise see_other(request, "/admin/", error=err) from None
-    raise see_other(request, "/admin/", notice=f"role-{action}ed" if action != "remove" else "role-removed")
+    raise see_other(request, "/admin/", notice=_ROLE_NOTICES.get(action, "role-added"))
 
 
-async def confirm_role_remove(request: web.Request) -> web.StreamResponse:
+# What each role action's redirect shows; stop and remove ask first (they take a role's service away).
+_ROLE_NOTICES = {
+    "start": "role-started",
+    "stop": "role-stopped",
+    "restart": "role-restarted",
+    "repair": "role-repaired",
+    "remove": "role-removed",
+}
+_ASKS_FIRST = ("stop", "remove")
+
+
+async def confirm_role_action(request: web.Request) -> web.StreamResponse:
     page = await require_page(request, admin=True)
+    action = request.match_info["action"]
     kind, host = request.query.get("role", ""), request.query.get("host", "")
     roles = (await service_of(request).fabric.list_roles(page.who))["roles"]
     if not any(r["role"] == kind and r["host"] == host for r in roles):
         raise NotFound(f"no {kind} role on {host}", hint="see the list of roles on the dashboard")
-    consequences = [f"This stops {kind} on {host} and deletes it from that host."]
+    if action == "remove":
+        title = f"Remove {kind} from {host}?"
+        consequences = [f"This stops {kind} on {host} and deletes it from that host."]
+    else:
+        title = f"Stop {kind} on {host}?"
+        consequences = [
+            f"This stops {kind} on {host} until you start it again; the others of its kind go on."
+        ]
     if kind == "management":
         consequences.append("The API and these portals are served by management roles: keep one running.")
     return confirm_page(
         request,
         page,
-        title=f"Remove {kind} from {host}?",
+        title=title,
         consequences=consequences,
         action="/admin/roles",
-        button=f"Remove {kind}",
+        button=f"{action.capitalize()} {kind}",
         cancel="/admin/",
-        fields={"action": "remove", "role": kind, "host": host},
+        fields={"action": action, "role": kind, "host": host},
     )
 
 
@@ -221,6 +241,42 @@ async def plan(request: web.Request) -> web.StreamResponse:
     return await _plan(request, await require_page(request, admin=True))
 
 
+async def confirm_plan_delete(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request, admin=True)
+    plan = await service_of(request).show_plan(page.who, request.match_info["name"])
+    name = plan["name"]
+    if plan["subscriptions"]:
+        raise see_other(
+            request,
+            f"/admin/plans/{name}",
+            error=InUse(
+                f"plan {name} is used by {plan['subscriptions']} subscription(s)",
+                hint="delete those subscriptions first, or retire the plan so it takes no new ones",
+            ),
+        )
+    return confirm_page(
+        request,
+        page,
+        title=f"Delete plan {name}?",
+        consequences=[f"No subscription uses plan {name}; it goes from the list of plans for good."],
+        action=f"/admin/plans/{name}/delete",
+        button=f"Delete plan {name}",
+        cancel=f"/admin/plans/{name}",
+    )
+
+
+async def delete_plan(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request, admin=True)
+    form = await posted(request, page)
+    name = request.match_info["name"]
+    try:
+        check_confirmed(form, f"delete plan {name}")
+        await service_of(request).delete_plan(page.who, name)
+    except SitecloudError as err:
+        raise see_other(request, f"/admin/plans/{name}", error=err) from None
+    raise see_other(request, "/admin/plans", notice="plan-deleted")
+
+
 async def update_plan(request: web.Request) -> web.StreamResponse:
     page = await require_page(request, admin=True)
     form = await posted(request, page)
@@ -262,8 +318,15 @@ async def tenant_action(request: web.Request) -> web.StreamResponse:
     page = await require_page(request, admin=True)
     form = await posted(request, page)
     service, action = service_of(request), str(form.get("action", ""))
-    back = "/admin/tenants"
+    back = _back(form)
     try:
+        if action == "delete-tenant":
+            name = str(form.get("tenant", ""))
+            check_confirmed(form, f"delete tenant {name} and everything it has", name)
+            await service.delete_tenant(page.who, name)
+            raise see_other(
+                request, "/admin/tenants", notice=f"Tenant {name} deleted, with its sites and users."
+            )
         if action == "create-tenant":
             tenant = await service.create_tenant(page.who, {"name": str(form.get("name", "")).strip()})
             # The token is shown once, on the page this redirect leads to.
@@ -307,6 +370,93 @@ async def tenant_action(request: web.Request) -> web.StreamResponse:
     except ValueError:
         # Only a hand-made request sends a subscription that is not a number: a plain 400.
         raise InvalidInput("choose a subscription", hint="subscriptions are numbers") from None
+
+
+def _back(form: Any) -> str:
+    """Where a tenants form returns to: the tenants page, or the tenant's own page it was sent from."""
+    back = str(form.get("back", ""))
+    if back.startswith("/admin/tenants/") and _TENANT_PAGE.fullmatch(back):
+        return back
+    return "/admin/tenants"
+
+
+_TENANT_PAGE = re.compile(r"/admin/tenants/[a-z0-9][a-z0-9._-]{0,63}")
+
+
+async def tenant(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request, admin=True)
+    service = service_of(request)
+    detail = await service.show_tenant(page.who, request.match_info["name"])
+    plans = [p for p in (await service.list_plans(page.who))["plans"] if not p["retired"]]
+    return await _render(
+        request, "admin_tenant.html", page, tenant=detail, plans=plans, reset_link=None, new_user=None
+    )
+
+
+async def confirm_tenant_delete(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request, admin=True)
+    detail = await service_of(request).show_tenant(page.who, request.match_info["name"])
+    name = detail["name"]
+    sites = [s["name"] for s in detail["sites"]]
+    return confirm_page(
+        request,
+        page,
+        title=f"Delete tenant {name}?",
+        consequences=[
+            f"This deletes tenant {name} for good: its {len(detail['subscriptions'])} subscription(s), "
+            f"its {len(detail['users'])} portal user(s) and every API token it has"
+            + (f", and its {len(sites)} site(s) with all their content:" if sites else " (it has no sites)."),
+        ],
+        items=sites,
+        action="/admin/tenants",
+        button=f"Delete tenant {name}",
+        cancel=f"/admin/tenants/{name}",
+        word=name,
+        fields={"action": "delete-tenant", "tenant": name},
+    )
+
+
+async def confirm_reset_link(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request, admin=True)
+    username = request.match_info["username"]
+    users = (await service_of(request).list_users(page.who))["users"]
+    user = next((u for u in users if u["username"] == username), None)
+    if user is None:
+        raise NotFound(f"no user {username!r}", hint="see the list of users")
+    back = f"/admin/tenants/{user['tenant']}" if user["tenant"] else "/admin/settings"
+    return confirm_page(
+        request,
+        page,
+        title=f"Issue a password reset link for {username}?",
+        consequences=[
+            f"Whoever opens the link within an hour can set {username}'s password, once. "
+            "Give it to the user yourself: this cloud sends no mail.",
+            "Until it is used the current password keeps working; an earlier link stops working.",
+        ],
+        action="/admin/users/reset-link",
+        button="Issue reset link",
+        cancel=back,
+        fields={"username": username, "back": back},
+    )
+
+
+async def issue_reset_link(request: web.Request) -> web.StreamResponse:
+    page = await require_page(request, admin=True)
+    form = await posted(request, page)
+    username = str(form.get("username", ""))
+    back = "/admin/settings" if form.get("back") == "/admin/settings" else _back(form)
+    try:
+        check_confirmed(form, f"issue a password reset link for {username}")
+        link = await service_of(request).issue_reset_link(page.who, username)
+    except SitecloudError as err:
+        raise see_other(request, back, error=err) from None
+    url = reset_url(request, link["token"])
+    raise see_other(
+        request,
+        back,
+        notice=f"Reset link for {username} issued.",
+        reset_link={"username": username, "url": url, "expires_at": link["expires_at"]},
+    )
 
 
 async def confirm_subscription_delete(request: web.Request) -> web.StreamResponse:
@@ -358,6 +508,7 @@ async def _settings(
         settings=await service.get_settings(),
         users=(await service.list_users(page.who))["users"],
         new_user=extra.pop("new_user", None),
+        reset_link=extra.pop("reset_link", None),
         **extra,
     )
 
@@ -389,13 +540,19 @@ def admin_routes() -> list[web.RouteDef]:
     return [
         web.get("/admin/", dashboard),
         web.post("/admin/roles", role_action),
-        web.get("/admin/roles/remove", confirm_role_remove),
+        web.get("/admin/roles/{action:remove|stop}", confirm_role_action),
         web.get("/admin/plans", plans),
         web.post("/admin/plans", create_plan),
         web.get("/admin/plans/{name}", plan),
         web.post("/admin/plans/{name}", update_plan),
+        web.get("/admin/plans/{name}/delete", confirm_plan_delete),
+        web.post("/admin/plans/{name}/delete", delete_plan),
         web.get("/admin/tenants", tenants),
         web.post("/admin/tenants", tenant_action),
+        web.get("/admin/tenants/{name}", tenant),
+        web.get("/admin/tenants/{name}/delete", confirm_tenant_delete),
+        web.get("/admin/users/{username}/reset-link", confirm_reset_link),
+        web.post("/admin/users/reset-link", issue_reset_link),
         web.get(r"/admin/subscriptions/{id:\d{1,9}}/delete", confirm_subscription_delete),
         web.get("/admin/sites", sites),
         web.get("/admin/settings", settings),

@@ -75,6 +75,11 @@ NOTICES = {
     "password-reset": "New publishing password set: the old one no longer works.",
     "token-created": "Token created.",
     "role-removed": "Role removed from its host.",
+    "role-started": "Role started.",
+    "role-stopped": "Role stopped: start it again from its row.",
+    "role-restarted": "Role restarted.",
+    "plan-deleted": "Plan deleted.",
+    "password-set": "New password set: sign in with it.",
     "role-repaired": "Role repaired.",
     "role-added": "Role added.",
 }
