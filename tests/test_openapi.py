@@ -117,7 +117,7 @@ def test_the_4xx_each_operation_answers_are_documented(
         path = re.sub(r"\{id\}", "999999", op.doc_path)
         path = path.replace("{hostname}", "nothing.example.com").replace("{role}", "worker")
         path = path.replace("{host}", "nothing.example.com").replace("{action}", "restart")
-        path = path.replace("{name}", "nothing-here")
+        path = path.replace("{name}", "nothing-here").replace("{username}", "nobody")
         if not op.public:
             assert _probe(cloud, op.method, path, None) == 401, path
             assert "401" in documented, path
