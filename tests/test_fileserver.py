@@ -309,7 +309,8 @@ def test_a_crash_moves_the_feed_on_so_workers_reread(fs: Fs) -> None:
     fs.proc.kill()
     fs.proc.start()
     assert fs.get(f"/v1/changes?since={seq}")["reset"] is True
-    assert fs.get("/v1/versions")["seq"] == seq + 1
+    # Past every seq the crashed incarnation could have handed out.
+    assert fs.get("/v1/versions")["seq"] > seq
 
 
 def test_a_site_that_leaves_the_snapshot_goes_to_the_trash(fs: Fs) -> None:

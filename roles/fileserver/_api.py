@@ -73,6 +73,42 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
             return response
         return web.json_response(answer)
 
+    async def put_file(request: web.Request) -> web.Response:
+        require_role(request, *_WRITERS)
+        try:
+            answer = await store.put_file(
+                request.match_info["site"],
+                request.match_info["path"],
+                request.content.iter_chunked(_CHUNK),
+                request.content_length,
+            )
+        except QuotaExceeded as err:
+            response = json_error(err)
+            response.force_close()
+            return response
+        return web.json_response(answer)
+
+    async def diff(request: web.Request) -> web.Response:
+        require_role(request, *_READERS)
+        since = _integer(request, "since") or 0
+        answer = await store.diff(request.match_info["site"], since, _integer(request, "version"))
+        return web.json_response(answer)
+
+    async def site_versions(request: web.Request) -> web.Response:
+        require_role(request, *_READERS)
+        return web.json_response({"versions": store.version_list(request.match_info["site"])})
+
+    async def rollback(request: web.Request) -> web.Response:
+        require_role(request, *_WRITERS)
+        try:
+            body: Any = await request.json() if request.can_read_body else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"rollback body is not JSON: {exc}") from None
+        version = body.get("version") if isinstance(body, dict) else None
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise InvalidInput('rollback body is {"version": N} (a whole number), or {} for the one before')
+        return web.json_response(await store.rollback(request.match_info["site"], version))
+
     async def commit(request: web.Request) -> web.Response:
         require_role(request, *_WRITERS)
         try:
@@ -102,6 +138,10 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         web.get("/v1/sites/{site}/manifest", manifest),
         web.get("/v1/sites/{site}/blobs/{sha}", blob),
         web.get("/v1/sites/{site}/files/{path:.+}", file),
+        web.put("/v1/sites/{site}/files/{path:.+}", put_file),
+        web.get("/v1/sites/{site}/diff", diff),
+        web.get("/v1/sites/{site}/versions", site_versions),
+        web.post("/v1/sites/{site}/rollback", rollback),
         web.post("/v1/sites/{site}/blobs", upload),
         web.post("/v1/sites/{site}/commit", commit),
         web.get("/v1/changes", changes),

@@ -1,8 +1,8 @@
 """One site's content as a publishing session sees it: the newest manifest, and writes that go to the
 fileserver as commits.
 
-An upload is spooled to a local temporary file and becomes visible only through one ``put`` commit when
-it is complete (:meth:`Upload.commit`); closing it without committing leaves the site as it was.
+An upload is spooled to a local temporary file and becomes visible only through one ``put`` of the
+whole file when it is complete (:meth:`Upload.commit`); closing it without that leaves the site as it was.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import posixpath
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import SiteInfo
@@ -44,6 +45,16 @@ class Tree:
             dirs.update(_parents(path))
         newest = max((m for _, m in files.values()), default=0.0)
         return cls(int(manifest.get("version", 0)), int(manifest.get("total_bytes", 0)), files, dirs, newest)
+
+    def put(self, rel: str, size: int, mtime: float, version: int, total_bytes: int) -> None:
+        if rel not in self.files:
+            self._children = None
+        self.files[rel] = (size, mtime)
+        for parent in _parents(rel):
+            if parent not in self.dirs:
+                self.dirs.add(parent)
+                self._children = None
+        self.version, self.total_bytes, self.mtime = version, total_bytes, max(self.mtime, mtime)
 
     def is_dir(self, rel: str) -> bool:
         return rel in self.dirs
@@ -101,6 +112,18 @@ class SiteContent:
     def commit(self, ops: list[dict[str, Any]], *, replace: bool = False) -> dict[str, Any]:
         self._fresh = False
         return self.client.commit(self.site.name, ops, replace=replace)
+
+    def put(self, rel: str, source: IO[bytes]) -> dict[str, Any]:
+        """Store a whole file; the cached tree learns it without fetching the manifest again."""
+        self._fresh = False
+        answer = self.client.put_file(self.site.name, rel, source)
+        tree = self._tree
+        if tree is not None and int(answer["version"]) == tree.version + 1:
+            # Nobody else changed the site in between: this put is the whole difference.
+            tree.put(
+                rel, int(answer["size"]), time.time(), int(answer["version"]), int(answer["total_bytes"])
+            )
+        return answer
 
     def download(self, rel: str, name: str) -> Download:
         download = Download(name)
@@ -191,11 +214,10 @@ class Upload:
         """Upload the spool as one blob and ``put`` it: the file appears whole or not at all."""
         self.file.flush()
         self.file.seek(0)
-        blob = self.content.client.upload_blob(self.content.site.name, self.file)
-        answer = self.content.commit([{"op": "put", "path": self.rel, "sha256": blob["sha256"]}])
+        answer = self.content.put(self.rel, self.file)
         self.committed = answer
         self.content.log.info(
-            "stored /%s (%s bytes) as version %s", self.rel, blob.get("size"), answer.get("version")
+            "stored /%s (%s bytes) as version %s", self.rel, answer.get("size"), answer.get("version")
         )
         return answer
 

@@ -161,6 +161,17 @@ class FileserverClient:
         resp = self._send("POST", f"{self._site(site)}/blobs", body=source, headers=headers)
         return dict(self._decode(resp, self._finish(resp)))
 
+    def put_file(self, site: str, path: str, source: IO[bytes]) -> dict[str, Any]:
+        """Store ``source`` from its current position to its end as the file at ``path``, in one request;
+        answered once it is durable: ``{"version", "total_bytes", "sha256", "size"}``."""
+        source.flush()
+        here = source.tell()
+        size = os.fstat(source.fileno()).st_size - here
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        url = f"{self._site(site)}/files/{quote(path, safe='/')}"
+        resp = self._send("PUT", url, body=source, headers=headers)
+        return dict(self._decode(resp, self._finish(resp)))
+
     def commit(self, site: str, ops: list[dict[str, Any]], *, replace: bool = False) -> dict[str, Any]:
         """Apply ``ops`` all or nothing: ``{"version", "total_bytes"}``."""
         return dict(self._json("POST", f"{self._site(site)}/commit", body={"ops": ops, "replace": replace}))
