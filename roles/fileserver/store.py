@@ -119,13 +119,13 @@ def _version_record(version: int, tree: Tree, root: str, source: str, now: float
     }
 
 
-def _load_site(site: _Site, trash: Path) -> bool:
-    """Read a site's newest version from disk and replay its journal; returns True when its content came
-    back from the trash."""
+def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
+    """Read a site's newest version from disk and replay its journal; returns whether its content came
+    back from the trash, and how many journal records were replayed."""
     restored = restore_from_trash(site.disk.root, trash)
     disk = site.disk
     if not disk.root.is_dir():
-        return restored
+        return restored, 0
     cache: dict[str, Folder] = {}
     checkpoint = disk.read_checkpoint()
     numbers = disk.version_numbers()
@@ -190,7 +190,7 @@ def _load_site(site: _Site, trash: Path) -> bool:
     disk.drop_versions([n for n in disk.version_numbers() if n > version])
     site.version = site.head_version = site.checkpointed = version
     site.tree = site.head = tree
-    return restored
+    return restored, replayed
 
 
 def _quota_message(site: _Site, total: int) -> str:
@@ -248,8 +248,13 @@ class ContentStore:
                 site.quota_bytes = quota
                 new[name] = site
             for site in fresh:
-                if await asyncio.to_thread(_load_site, site, self._trash):
+                restored, replayed = await asyncio.to_thread(_load_site, site, self._trash)
+                if restored:
                     self._log.bind(site=site.name).info("restored content of uid %s from the trash", site.uid)
+                if replayed:
+                    self._log.bind(site=site.name).info(
+                        "replayed %s journal records: version %s", replayed, site.version
+                    )
             self._sites = new
             kept = {s.uid for s in new.values()}
             for site in old.values():

@@ -22,6 +22,8 @@ from shared.logs import ContextLogger
 
 __all__ = ["Download", "SiteContent", "Tree", "Upload"]
 
+_EXACT_FOR = 0.5
+
 
 @dataclass
 class Tree:
@@ -88,13 +90,20 @@ class SiteContent:
         self.log = log
         self._tree: Tree | None = None
         self._fresh = False
+        # Until then, the tree is known exact (this session's own put was the site's only change).
+        self._exact_until = 0.0
 
     def close(self) -> None:
         self.client.close()
 
     def invalidate(self) -> None:
-        """The next lookup asks the fileserver whether the site changed (once per FTP command)."""
-        self._fresh = False
+        """The next lookup asks the fileserver whether the site changed (once per FTP command).
+
+        Right after this session's own upload the answer is known, and a client sending file after file
+        is spared one round trip per file; another session's change shows within ``_EXACT_FOR``.
+        """
+        if time.monotonic() >= self._exact_until:
+            self._fresh = False
 
     def tree(self) -> Tree:
         if self._tree is not None and self._fresh:
@@ -111,11 +120,13 @@ class SiteContent:
 
     def commit(self, ops: list[dict[str, Any]], *, replace: bool = False) -> dict[str, Any]:
         self._fresh = False
+        self._exact_until = 0.0
         return self.client.commit(self.site.name, ops, replace=replace)
 
     def put(self, rel: str, source: IO[bytes]) -> dict[str, Any]:
         """Store a whole file; the cached tree learns it without fetching the manifest again."""
         self._fresh = False
+        self._exact_until = 0.0
         answer = self.client.put_file(self.site.name, rel, source)
         tree = self._tree
         if tree is not None and int(answer["version"]) == tree.version + 1:
