@@ -19,6 +19,8 @@ __all__ = ["content_routes"]
 _READERS = ("worker", "publisher")
 _WRITERS = ("publisher",)
 _CHUNK = 256 * 1024
+# Where a change came from: FTP changes are file by file, a deploy flips the whole site.
+_SOURCES = ("ftp", "deploy")
 
 
 def _number(request: web.Request, key: str, default: float) -> float:
@@ -120,7 +122,12 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         replace = body.get("replace", False)
         if not isinstance(replace, bool):
             raise InvalidInput("'replace' must be true or false")
-        answer = await store.commit(request.match_info["site"], body.get("ops"), replace=replace)
+        source = body.get("source", "deploy")
+        if source not in _SOURCES:
+            raise InvalidInput(f"'source' must be one of {', '.join(_SOURCES)}, not {source!r}")
+        answer = await store.commit(
+            request.match_info["site"], body.get("ops"), replace=replace, source=source
+        )
         return web.json_response(answer)
 
     async def changes(request: web.Request) -> web.Response:

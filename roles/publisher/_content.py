@@ -121,7 +121,7 @@ class SiteContent:
     def commit(self, ops: list[dict[str, Any]], *, replace: bool = False) -> dict[str, Any]:
         self._fresh = False
         self._exact_until = 0.0
-        return self.client.commit(self.site.name, ops, replace=replace)
+        return self.client.commit(self.site.name, ops, replace=replace, source="ftp")
 
     def put(self, rel: str, source: IO[bytes]) -> dict[str, Any]:
         """Store a whole file; the cached tree learns it without fetching the manifest again."""

@@ -172,6 +172,9 @@ class FileserverClient:
         resp = self._send("PUT", url, body=source, headers=headers)
         return dict(self._decode(resp, self._finish(resp)))
 
-    def commit(self, site: str, ops: list[dict[str, Any]], *, replace: bool = False) -> dict[str, Any]:
+    def commit(
+        self, site: str, ops: list[dict[str, Any]], *, replace: bool = False, source: str = "deploy"
+    ) -> dict[str, Any]:
         """Apply ``ops`` all or nothing: ``{"version", "total_bytes"}``."""
-        return dict(self._json("POST", f"{self._site(site)}/commit", body={"ops": ops, "replace": replace}))
+        body = {"ops": ops, "replace": replace, "source": source}
+        return dict(self._json("POST", f"{self._site(site)}/commit", body=body))

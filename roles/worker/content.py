@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from roles.worker._cache import ContentCache, ManifestFile, SiteVersion, check_manifest
+from roles.worker._cache import ContentCache, ManifestFile, SiteVersion, check_changes, check_manifest
 from roles.worker.config import WorkerConfig
 from shared.control import Snapshot
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable, error_from_json
@@ -35,6 +35,8 @@ LONG_POLL = 25
 MAX_BACKOFF = 10.0
 PARALLEL_SITES = 8
 PARALLEL_BLOBS = 4
+# Up to this many changed paths (made file by file) are applied in place; more build a new version.
+INCREMENTAL_MAX = 2000
 
 
 def _backoff(failures: int) -> float:
@@ -328,6 +330,14 @@ class ContentSync:
 
     async def _sync(self, site: str, uid: str, target: int, log: Any) -> None:
         base = f"{self._fileserver}/v1/sites/{site}"
+        current = self._current.get(site)
+        incremental = current is not None and 0 < current.number < target and self._disk_uid.get(site) == uid
+        if (
+            incremental
+            and current is not None
+            and await self._sync_changes(site, uid, current, target, base, log)
+        ):
+            return
         try:
             manifest = await self._client.get_json(f"{base}/manifest", params={"version": str(target)})
         except NotFound:
@@ -363,6 +373,48 @@ class ContentSync:
             grace = self._config.version_grace
             self._prune_at[site] = time.monotonic() + grace
             asyncio.get_running_loop().call_later(grace + 0.05, self._kick, site)
+
+    async def _sync_changes(
+        self, site: str, uid: str, current: SiteVersion, target: int, base: str, log: Any
+    ) -> bool:
+        """Apply only what changed since the served version; False when a whole build is needed."""
+        try:
+            body = await self._client.get_json(
+                f"{base}/diff", params={"since": str(current.number), "version": str(target)}
+            )
+        except NotFound:
+            return False
+        version, whole, changes, dirs = check_changes(body, site)
+        if whole or len(changes) + len(dirs) > INCREMENTAL_MAX:
+            return False
+        await self._collecting.wait()
+        self._busy += 1
+        self._quiet.clear()
+        try:
+            missing: dict[str, ManifestFile] = {}
+            for meta in changes.values():
+                if meta is not None and meta.sha256 not in missing and not self._cache.has_blob(meta.sha256):
+                    missing[meta.sha256] = meta
+            await self._download_all(base, list(missing.values()))
+            if self._held.get(site) != uid or self._current.get(site) is not current:
+                return True
+            built = await _in_thread(self._cache.apply_changes, site, current, version, changes, dirs)
+        finally:
+            self._busy -= 1
+            if self._busy == 0:
+                self._quiet.set()
+        self._current[site] = built
+        self._target[site] = max(self._target.get(site, 0), version)
+        self._on_flip(site)
+        log.info(
+            "serving version %s (%s paths changed, %s new blobs)",
+            version,
+            len(changes) + len(dirs),
+            len(missing),
+        )
+        if changes:
+            self._schedule_collect()
+        return True
 
     async def _download_all(self, base: str, blobs: list[ManifestFile]) -> None:
         queue = list(blobs)
