@@ -97,11 +97,12 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         return web.json_response(answer)
 
     async def site_versions(request: web.Request) -> web.Response:
-        require_role(request, *_READERS)
+        require_role(request, *_READERS, "management")
         return web.json_response({"versions": store.version_list(request.match_info["site"])})
 
     async def rollback(request: web.Request) -> web.Response:
-        require_role(request, *_WRITERS)
+        # A rollback writes no new content: the tenant asks for it through the management API.
+        require_role(request, *_WRITERS, "management")
         try:
             body: Any = await request.json() if request.can_read_body else {}
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -59,7 +60,8 @@ def syncfs(directory: Path) -> None:
 def _write_plain(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Write beside ``path`` and rename over it: never half there, durable at the next checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Unique per thread: two requests may write the same blob at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
     os.chmod(tmp, mode)

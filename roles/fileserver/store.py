@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import re
 import time
@@ -44,6 +45,7 @@ _INLINE_BYTES = 1024 * 1024
 # A journal is folded into a checkpoint when it grows past this, and every few seconds otherwise.
 _CHECKPOINT_BYTES = 64 * 1024 * 1024
 _CHECKPOINT_EVERY = 5.0
+_RECENT = 64
 _QUOTA_HINT = "delete files, or move the site to a plan with more storage"
 
 
@@ -67,6 +69,9 @@ class _Site:
     # Blobs written without an fsync that no journal record carries: one syncfs before a commit uses them.
     unsynced: set[str] = field(default_factory=set)
     manifest_cache: tuple[int, bytes] | None = None
+    # The newest versions' trees, kept in memory (they share all but their changed folders) so the
+    # difference to a recent version costs only the changed paths.
+    recent: dict[int, Tree] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -326,6 +331,9 @@ class ContentStore:
             return site.tree
         if version < 1 or version > site.version:
             raise NotFound(f"site {site.name} has no version {version} (newest is {site.version})")
+        recent = site.recent.get(version)
+        if recent is not None:
+            return recent
         record = site.records.get(version)
         if record is None:
             raise NotFound(
@@ -470,18 +478,31 @@ class ContentStore:
         """Store a file's bytes and put it at ``path`` in one step, durable once its journal record is."""
         site = self.site(name)
         rel = site_relpath(path, allow_root=False)
-        upload, sha, small = await self._receive(site, chunks, length, keep=_INLINE_BYTES)
-        try:
-            async with site.lock:
-                await asyncio.to_thread(site.disk.install, upload, sha, durable=small is None)
-        except BaseException:
-            await asyncio.to_thread(upload.discard)
-            raise
+        if length is not None and length <= _INLINE_BYTES:
+            # A small file is taken whole in memory: one write of its blob, no staging file.
+            if length > site.quota_bytes:
+                raise self._too_big(site, length, known=True)
+            body = bytearray()
+            async for chunk in chunks:
+                body += chunk
+            small: bytes | None = bytes(body)
+            sha = hashlib.sha256(body).hexdigest()
+            size = len(body)
+            await asyncio.to_thread(site.disk.restore_blob, sha, bytes(body))
+        else:
+            upload, sha, small = await self._receive(site, chunks, length, keep=_INLINE_BYTES)
+            size = upload.size
+            try:
+                async with site.lock:
+                    await asyncio.to_thread(site.disk.install, upload, sha, durable=small is None)
+            except BaseException:
+                await asyncio.to_thread(upload.discard)
+                raise
         self.blobs_received += 1
-        self.blob_bytes_received += upload.size
+        self.blob_bytes_received += size
         ops = [{"op": "put", "path": rel, "sha256": sha}]
         answer = await self.commit(name, ops, replace=False, source="ftp", blob=(sha, small or b""))
-        return {**answer, "sha256": sha, "size": upload.size}
+        return {**answer, "sha256": sha, "size": size}
 
     async def commit(
         self,
@@ -501,11 +522,11 @@ class ContentStore:
         async with site.lock:
             if self._sites.get(name) is not site:
                 raise NotFound(f"site {name} is not served by this fileserver")
-            made = await asyncio.to_thread(self._apply, site, ops, replace)
+            version, now = site.head_version + 1, time.time()
+            made = await asyncio.to_thread(self._apply, site, ops, replace, version, source, now)
             if made is None:
                 return {"version": site.head_version, "total_bytes": site.head.total_bytes}
-            tree, done = made
-            version = site.head_version + 1
+            tree, done, record = made
             wanted = {op["sha256"] for op in done if op["op"] == "put"}
             data = b""
             if blob is not None and blob[1]:
@@ -514,13 +535,10 @@ class ContentStore:
             if site.unsynced & wanted:
                 await asyncio.to_thread(syncfs, site.disk.root)
                 site.unsynced -= wanted
-            now = time.time()
             header: dict[str, Any] = {"v": version, "t": now, "src": source, "replace": replace, "ops": done}
             if data:
                 header["blob"] = blob[0] if blob else None
             offset = await self._append(site, Record(header, data))
-            record = _version_record(version, tree, str(tree.root.digest), source, now)
-            await asyncio.to_thread(site.disk.write_version, record)
             site.records[version] = record
             self._prune(site)
             site.head, site.head_version = tree, version
@@ -566,6 +584,7 @@ class ContentStore:
         old = sorted(site.records)[: -self.config.keep_versions]
         for number in old:
             del site.records[number]
+            site.recent.pop(number, None)
         if old:
             site.disk.drop_versions(old)
 
@@ -575,6 +594,9 @@ class ContentStore:
         assert journal is not None
         await journal.sync(offset)
         self.commits += 1
+        site.recent[version] = tree
+        while len(site.recent) > _RECENT:
+            del site.recent[min(site.recent)]
         if version > site.version:
             site.version, site.tree = version, tree
             await self.feed.publish(site.name, version)
@@ -589,17 +611,22 @@ class ContentStore:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _apply(self, site: _Site, ops: object, replace: bool) -> tuple[Tree, list[dict[str, Any]]] | None:
+    def _apply(
+        self, site: _Site, ops: object, replace: bool, version: int, source: str, now: float
+    ) -> tuple[Tree, list[dict[str, Any]], dict[str, Any]] | None:
+        """Blocking: the new tree, its folders and its version record written (not yet durable)."""
         tree = Tree() if replace else site.head.begin()
-        done = apply_ops(tree, ops, blob_size=site.disk.blob_size, now=time.time())
-        tree.freeze(site.disk.write_folder)
+        done = apply_ops(tree, ops, blob_size=site.disk.blob_size, now=now)
+        root = tree.freeze(site.disk.write_folder)
         if tree.same_as(site.head):
             return None
         total = tree.total_bytes
         # A commit that shrinks the site is let through even when a smaller plan left it over quota.
         if total > site.quota_bytes and total > site.head.total_bytes:
             raise QuotaExceeded(_quota_message(site, total), hint=_QUOTA_HINT)
-        return tree, done
+        record = _version_record(version, tree, root, source, now)
+        site.disk.write_version(record)
+        return tree, done, record
 
     async def checkpoint(self, site: _Site) -> None:
         """Make everything the journal holds durable on its own, then drop those records."""

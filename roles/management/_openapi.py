@@ -326,6 +326,27 @@ _SCHEMAS: Json = {
         {"site": _STR, "verification_id": _STR, "hostnames": {"type": "array", "items": _ref("Hostname")}},
         ["site", "verification_id", "hostnames"],
     ),
+    "SiteVersion": _obj(
+        {
+            "version": _INT,
+            "time": {"type": "number", "description": "seconds since the epoch"},
+            "source": {"type": "string", "enum": ["ftp", "deploy", "rollback"]},
+            "files": _INT,
+            "total_bytes": _INT,
+        },
+        ["version", "time", "source", "files", "total_bytes"],
+    ),
+    "SiteVersions": _obj(
+        {"site": _STR, "versions": {"type": "array", "items": _ref("SiteVersion")}}, ["site", "versions"]
+    ),
+    "Rollback": _obj(
+        {"version": {"type": "integer", "minimum": 1, "description": "default: the one before the newest"}},
+        closed=True,
+    ),
+    "RolledBack": _obj(
+        {"site": _STR, "version": _INT, "rolled_back_to": _INT, "total_bytes": _INT},
+        ["site", "version", "rolled_back_to"],
+    ),
     "SiteScale": _obj(
         {"instances": {"type": "integer", "minimum": 1, "maximum": 1000}}, ["instances"], closed=True
     ),
@@ -565,6 +586,25 @@ def _paths() -> Json:
                     "required": True,
                     "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
                 },
+                tag="sites",
+            ),
+        },
+        "/api/v1/sites/{name}/versions": {
+            "parameters": [_SITE],
+            "get": _op(
+                "The site's kept content versions, oldest first",
+                answer=_ref("SiteVersions"),
+                errors=(404, 503),
+                tag="sites",
+            ),
+        },
+        "/api/v1/sites/{name}/rollback": {
+            "parameters": [_SITE],
+            "post": _op(
+                "Make an earlier version the site's content again, as a new version",
+                answer=_ref("RolledBack"),
+                body="Rollback",
+                errors=(404, 413, 503),
                 tag="sites",
             ),
         },

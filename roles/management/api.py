@@ -313,6 +313,17 @@ async def deploy_site(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
+async def site_versions(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).site_versions(who, request.match_info["name"]))
+
+
+async def rollback_site(request: web.Request) -> web.Response:
+    who = await principal(request)
+    body = await json_body(request) if request.can_read_body else {}
+    return web.json_response(await service_of(request).rollback_site(who, request.match_info["name"], body))
+
+
 _ID = r"{id:\d{1,9}}"
 
 
@@ -350,6 +361,8 @@ def api_routes() -> list[web.RouteDef]:
         web.get(f"{p}/sites/{{name}}", show_site),
         web.delete(f"{p}/sites/{{name}}", delete_site),
         web.post(f"{p}/sites/{{name}}/deploy", deploy_site),
+        web.get(f"{p}/sites/{{name}}/versions", site_versions),
+        web.post(f"{p}/sites/{{name}}/rollback", rollback_site),
         web.post(f"{p}/sites/{{name}}/start", start_site),
         web.post(f"{p}/sites/{{name}}/scale", scale_site),
         web.post(f"{p}/sites/{{name}}/stop", stop_site),

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import SiteInfo
-from shared.errors import QuotaExceeded
+from shared.errors import NotFound, QuotaExceeded
 from shared.logs import ContextLogger
 
 __all__ = ["Download", "SiteContent", "Tree", "Upload"]
@@ -57,6 +57,21 @@ class Tree:
                 self.dirs.add(parent)
                 self._children = None
         self.version, self.total_bytes, self.mtime = version, total_bytes, max(self.mtime, mtime)
+
+    def apply_changes(self, changes: dict[str, Any]) -> None:
+        """Bring the tree to a newer version from the fileserver's list of changed paths."""
+        for path, entry in changes["files"].items():
+            if entry is None:
+                if self.files.pop(path, None) is None:
+                    self.dirs.discard(path)
+            else:
+                self.dirs.discard(path)
+                mtime = float(entry.get("mtime", 0.0))
+                self.files[path] = (int(entry["size"]), mtime)
+                self.mtime = max(self.mtime, mtime)
+        self.dirs.update(changes["dirs"])
+        self.version, self.total_bytes = int(changes["version"]), int(changes["total_bytes"])
+        self._children = None
 
     def is_dir(self, rel: str) -> bool:
         return rel in self.dirs
@@ -108,10 +123,15 @@ class SiteContent:
     def tree(self) -> Tree:
         if self._tree is not None and self._fresh:
             return self._tree
-        if self._tree is not None:
-            # A small call tells whether the cached manifest is still the newest one.
-            version = int(self.client.site_info(self.site.name).get("version", -1))
-            if version == self._tree.version:
+        if self._tree is not None and self._tree.version > 0:
+            # One small call brings the cached tree up to date: the paths changed since its version.
+            try:
+                changes = self.client.changes(self.site.name, self._tree.version)
+            except NotFound:
+                changes = None  # that version is no longer kept
+            if changes is not None:
+                if int(changes["version"]) != self._tree.version:
+                    self._tree.apply_changes(changes)
                 self._fresh = True
                 return self._tree
         self._tree = Tree.from_manifest(self.client.manifest(self.site.name))

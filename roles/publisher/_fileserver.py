@@ -135,6 +135,10 @@ class FileserverClient:
     def manifest(self, site: str) -> dict[str, Any]:
         return dict(self._json("GET", f"{self._site(site)}/manifest"))
 
+    def changes(self, site: str, since: int) -> dict[str, Any]:
+        """The paths changed from version ``since`` to the newest (see the fileserver's ``diff``)."""
+        return dict(self._json("GET", f"{self._site(site)}/diff?since={since}"))
+
     def download(self, site: str, path: str, out: BinaryIO) -> int:
         """Stream the newest version of ``path`` into ``out``; returns the bytes written."""
         resp = self._send("GET", f"{self._site(site)}/files/{quote(path, safe='/')}", headers={})
