@@ -7,6 +7,10 @@ an fsync runs waits for the next one, and they all share it.
 
 Offsets are logical (they keep growing when the journal is compacted), so a waiter's offset stays
 meaningful across a compaction.
+
+The file is grown ahead in zero-filled extents, each made durable once, and records are written into
+them: an fsync then flushes data alone, with no change of the file's size or block map to commit,
+which costs about a third of an fsync after an append on ext4. A zero length ends the records.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ __all__ = ["Journal", "Record", "read_records", "truncate"]
 _HEAD = struct.Struct(">II")
 # A record larger than this is not one we wrote: a torn or corrupt tail.
 _MAX_RECORD = 256 * 1024 * 1024
+# The journal grows by at least this much of zeros at a time.
+_EXTENT = 4 * 1024 * 1024
 
 
 class Record:
@@ -47,7 +53,7 @@ def read_records(raw: bytes) -> Iterator[tuple[Record, int]]:
     while at + _HEAD.size <= len(raw):
         length, crc = _HEAD.unpack_from(raw, at)
         start, end = at + _HEAD.size, at + _HEAD.size + length
-        if length > _MAX_RECORD or end > len(raw):
+        if length == 0 or length > _MAX_RECORD or end > len(raw):
             return
         payload = raw[start:end]
         if zlib.crc32(payload) != crc:
@@ -70,26 +76,44 @@ class Journal:
         self.path = path
         self._fd = -1
         self._base = 0  # logical offset of the file's first byte
+        self._capacity = 0  # bytes of the file, zeros past the last record
         self.written = 0
         self._synced = 0
         self._flush: asyncio.Future[None] | None = None
 
     def open(self) -> bytes:
         """Open for appending (blocking); returns what the journal holds, for replay. A torn tail is cut."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         raw = self.path.read_bytes() if self.path.exists() else b""
         good = 0
         for _, end in read_records(raw):
             good = end
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        if good < len(raw):
-            os.ftruncate(self._fd, good)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        self._capacity = len(raw)
+        torn = len(raw[good:].rstrip(b"\0"))
+        if torn:
+            # What a crash left half written goes, so a later record can never run into it.
+            os.pwrite(self._fd, bytes(torn), good)
             os.fsync(self._fd)
         self._base = 0
         self.written = self._synced = good
         return raw[:good]
 
-    def close(self) -> None:
+    def _grow(self, needed: int) -> None:
+        """Make room for ``needed`` more bytes: zeros written and made durable, once per extent."""
+        end = self.written - self._base
+        if end + needed <= self._capacity:
+            return
+        more = max(_EXTENT, end + needed - self._capacity)
+        os.pwrite(self._fd, bytes(more), self._capacity)
+        os.fsync(self._fd)
+        self._capacity += more
+
+    def close(self, *, release: bool = False) -> None:
+        """Close the file; ``release`` (nothing unfolded in it) also gives its zero extents back."""
         if self._fd >= 0:
+            if release and self.size == 0:
+                os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = -1
 
@@ -100,9 +124,12 @@ class Journal:
     def append(self, record: Record) -> int:
         """Write a record (not yet durable); returns the offset :meth:`sync` must reach for it."""
         data = record.encode()
+        self._grow(len(data))
         view = memoryview(data)
+        at = self.written - self._base
         while view:
-            view = view[os.write(self._fd, view) :]
+            done = os.pwrite(self._fd, view, at)
+            view, at = view[done:], at + done
         self.written += len(data)
         return self.written
 
@@ -134,17 +161,20 @@ class Journal:
         keep = upto - self._base
         with open(self.path, "rb") as f:
             f.seek(keep)
-            tail = f.read()
+            tail = f.read(self.written - upto)
+        capacity = max(_EXTENT, len(tail) + _EXTENT)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as f:
             f.write(tail)
+            f.write(bytes(capacity - len(tail)))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
         os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._fd = os.open(self.path, os.O_WRONLY)
         self._base = upto
+        self._capacity = capacity
         self._synced = self.written
 
 

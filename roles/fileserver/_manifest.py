@@ -129,6 +129,8 @@ class Tree:
         self.root = root if root is not None else Folder(owner=self._owner)
         self.total_bytes = total_bytes
         self.file_count = file_count
+        # Whether a change made it differ from where it began (a put of the same entry does not).
+        self.changed = False
 
     def begin(self) -> Tree:
         """A new tree that starts as this one; changing it leaves this one as it is."""
@@ -228,12 +230,15 @@ class Tree:
         parent, name = self._parent_and_name(path)
         folder = self._folder(parent, create=True, target=path)
         old = folder.entries.get(name)
+        if old == entry:
+            return
         if isinstance(old, FileEntry):
             self.total_bytes -= old.size
             self.file_count -= 1
         folder.entries[name] = entry
         self.total_bytes += entry.size
         self.file_count += 1
+        self.changed = True
 
     def delete(self, path: str) -> None:
         node = self.get(path)
@@ -245,6 +250,7 @@ class Tree:
         del self._folder(parent, create=False, target=path).entries[name]
         self.total_bytes -= node.size
         self.file_count -= 1
+        self.changed = True
 
     def mkdir(self, path: str) -> None:
         node = self.get(path)
@@ -252,6 +258,7 @@ class Tree:
             kind = "directory" if isinstance(node, Folder) else "file"
             raise AlreadyExists(f"cannot create directory {path!r}: a {kind} of that name exists")
         self._folder(path, create=True, target=path)
+        self.changed = True
 
     def rmdir(self, path: str) -> None:
         node = self.get(path)
@@ -263,6 +270,7 @@ class Tree:
             raise InvalidInput(f"cannot remove directory {path!r}: it is not empty")
         parent, name = self._parent_and_name(path)
         del self._folder(parent, create=False, target=path).entries[name]
+        self.changed = True
 
     def rename(self, src: str, dst: str) -> None:
         node = self.get(src)
@@ -291,6 +299,7 @@ class Tree:
         del self._folder(src_parent, create=False, target=src).entries[src_name]
         into = self._folder(dst_parent, create=False, target=dst)
         into.entries[dst_name] = node
+        self.changed = True
 
 
 # What a path became: a file, a directory ("dir"), or nothing (None: the file or directory is gone).

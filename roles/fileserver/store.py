@@ -69,9 +69,11 @@ class _Site:
     # Blobs written without an fsync that no journal record carries: one syncfs before a commit uses them.
     unsynced: set[str] = field(default_factory=set)
     manifest_cache: tuple[int, bytes] | None = None
-    # The newest versions' trees, kept in memory (they share all but their changed folders) so the
+    # The newest versions' trees (at least every kept one), kept in memory (they share all but their changed folders) so the
     # difference to a recent version costs only the changed paths.
     recent: dict[int, Tree] = field(default_factory=dict)
+    # Folder encodings made since the last checkpoint, written to disk by the next one.
+    pending: dict[str, bytes] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -113,7 +115,7 @@ def _load_tree(disk: SiteDir, record: dict[str, Any], cache: dict[str, Folder] |
     return Tree(root, total_bytes=int(record["total_bytes"]), file_count=int(record["files"]))
 
 
-def _version_record(version: int, tree: Tree, root: str, source: str, now: float) -> dict[str, Any]:
+def _version_record(version: int, tree: Tree, root: str | None, source: str, now: float) -> dict[str, Any]:
     return {
         "version": version,
         "root": root,
@@ -185,6 +187,7 @@ def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
         with contextlib.suppress(NotFound):
             kept = disk.read_version(number)
             if number <= version and "root" in kept:
+                kept["written"] = True
                 site.records[number] = kept
     if version or replayed:
         root = tree.freeze(disk.write_folder)
@@ -264,7 +267,12 @@ class ContentStore:
             kept = {s.uid for s in new.values()}
             for site in old.values():
                 if site.uid not in kept:
+                    # Its journal folded in first: the trash holds plain versions, no file stays open.
+                    await self.checkpoint(site)
                     async with site.lock:
+                        if site.journal is not None:
+                            site.journal.close()
+                            site.journal = None
                         await self._trash_uid(site.uid, site.name)
             # Content left by sites this process never knew (a snapshot applied before a crash).
             for uid in await asyncio.to_thread(self._uids_on_disk):
@@ -284,10 +292,6 @@ class ContentStore:
 
     async def _trash_uid(self, uid: str, name: str | None) -> None:
         root = self._content / uid
-        for site in self._sites.values():
-            if site.uid == uid and site.journal is not None:
-                site.journal.close()
-                site.journal = None
         if await asyncio.to_thread(root.exists):
             target = await asyncio.to_thread(move_to_trash, root, self._trash)
             self._log.bind(site=name).info(
@@ -326,16 +330,17 @@ class ContentStore:
     def versions(self) -> dict[str, Any]:
         return {"seq": self.feed.seq, "sites": {n: s.version for n, s in sorted(self._sites.items())}}
 
-    async def _tree_of(self, site: _Site, version: int) -> Tree:
-        if version == site.version:
-            return site.tree
-        if version < 1 or version > site.version:
-            raise NotFound(f"site {site.name} has no version {version} (newest is {site.version})")
+    async def _tree_of(self, site: _Site, version: int, *, head: bool = False) -> Tree:
+        newest = site.head_version if head else site.version
+        if version == newest:
+            return site.head if head else site.tree
+        if version < 1 or version > newest:
+            raise NotFound(f"site {site.name} has no version {version} (newest is {newest})")
         recent = site.recent.get(version)
         if recent is not None:
             return recent
         record = site.records.get(version)
-        if record is None:
+        if record is None or record["root"] is None:
             raise NotFound(
                 f"version {version} of site {site.name} is no longer kept",
                 hint=f"the last {self.config.keep_versions} versions are kept",
@@ -556,7 +561,7 @@ class ContentStore:
                     f"site {site.name} has no earlier version {target} to roll back to",
                     hint=f"kept versions: {', '.join(map(str, kept)) or 'none'}",
                 )
-            tree = await asyncio.to_thread(_load_tree, site.disk, site.records[target])
+            tree = await self._tree_of(site, target, head=True)
             if tree.total_bytes > site.quota_bytes and tree.total_bytes > site.head.total_bytes:
                 raise QuotaExceeded(_quota_message(site, tree.total_bytes), hint=_QUOTA_HINT)
             number = site.head_version + 1
@@ -564,9 +569,8 @@ class ContentStore:
             offset = await self._append(
                 site, Record({"v": number, "t": now, "src": "rollback", "rollback": target})
             )
-            record = _version_record(number, tree, str(tree.root.digest), "rollback", now)
+            record = _version_record(number, tree, None, "rollback", now)
             record["rollback_of"] = target
-            await asyncio.to_thread(site.disk.write_version, record)
             site.records[number] = record
             self._prune(site)
             site.head, site.head_version = tree, number
@@ -595,7 +599,7 @@ class ContentStore:
         await journal.sync(offset)
         self.commits += 1
         site.recent[version] = tree
-        while len(site.recent) > _RECENT:
+        while len(site.recent) > max(_RECENT, self.config.keep_versions + 1):
             del site.recent[min(site.recent)]
         if version > site.version:
             site.version, site.tree = version, tree
@@ -617,19 +621,22 @@ class ContentStore:
         """Blocking: the new tree, its folders and its version record written (not yet durable)."""
         tree = Tree() if replace else site.head.begin()
         done = apply_ops(tree, ops, blob_size=site.disk.blob_size, now=now)
-        root = tree.freeze(site.disk.write_folder)
-        if tree.same_as(site.head):
+        if replace:
+            # A deploy of what is there already makes no version: compare the two by their digests.
+            if tree.freeze(site.pending.__setitem__) == site.head.freeze(site.pending.__setitem__):
+                return None
+        elif not tree.changed:
             return None
         total = tree.total_bytes
         # A commit that shrinks the site is let through even when a smaller plan left it over quota.
         if total > site.quota_bytes and total > site.head.total_bytes:
             raise QuotaExceeded(_quota_message(site, total), hint=_QUOTA_HINT)
-        record = _version_record(version, tree, root, source, now)
-        site.disk.write_version(record)
-        return tree, done, record
+        # Its folders and record reach the disk at the next checkpoint: until then the journal has them.
+        return tree, done, _version_record(version, tree, None, source, now)
 
     async def checkpoint(self, site: _Site) -> None:
-        """Make everything the journal holds durable on its own, then drop those records."""
+        """Write what only the journal holds (folders, version records), make it all durable, then
+        drop those records from the journal."""
         if site.checkpointing or site.journal is None:
             return
         site.checkpointing = True
@@ -639,26 +646,51 @@ class ContentStore:
                 if journal is None:
                     return
                 upto, version, tree = journal.written, site.head_version, site.head
-            record = _version_record(version, tree, str(tree.root.digest), "checkpoint", time.time())
+                root = await asyncio.to_thread(self._write_versions, site)
+            record = _version_record(version, tree, root, "checkpoint", time.time())
             await asyncio.to_thread(site.disk.write_checkpoint, record)
             async with site.lock:
                 if site.journal is journal:
                     await journal.compact(upto)
                     site.checkpointed = version
                     if journal.size == 0:
-                        # An idle site holds no file open.
-                        journal.close()
+                        # An idle site holds no file open, nor disk space for records to come.
+                        journal.close(release=True)
                         site.journal = None
         finally:
             site.checkpointing = False
+
+    @staticmethod
+    def _write_versions(site: _Site) -> str:
+        """Blocking, under the site's lock: give kept versions their root digests and write their folders
+        and records (not yet durable); returns the head's root digest."""
+        for number, record in site.records.items():
+            if record["root"] is None:
+                kept = site.recent.get(number)
+                if kept is None:
+                    continue
+                record["root"] = kept.freeze(site.pending.__setitem__)
+        root = site.head.freeze(site.pending.__setitem__)
+        for digest, data in site.pending.items():
+            site.disk.write_folder(digest, data)
+        site.pending.clear()
+        for record in site.records.values():
+            if record["root"] is not None and not record.get("written"):
+                site.disk.write_version(record)
+                record["written"] = True
+        return root
 
     # --- upkeep ---------------------------------------------------------------------------------
 
     async def collect_garbage(self) -> None:
         for site in list(self._sites.values()):
+            # Every kept version's folders on disk first: only then do they tell what is in use.
+            await self.checkpoint(site)
             async with site.lock:
-                roots = [str(r["root"]) for r in site.records.values()]
-                roots.append(str(site.head.root.digest))
+                if site.journal is not None or site.head.root.digest is None:
+                    continue  # changed since: next time
+                roots = [str(r["root"]) for r in site.records.values() if r["root"] is not None]
+                roots.append(site.head.root.digest)
                 removed = await asyncio.to_thread(
                     site.disk.collect_garbage, roots, grace=self.config.upload_grace
                 )
