@@ -75,6 +75,18 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
             return response
         return web.json_response(answer)
 
+    async def upload_batch(request: web.Request) -> web.Response:
+        require_role(request, *_WRITERS)
+        try:
+            answer = await store.upload_blobs(
+                request.match_info["site"], request.content.iter_chunked(_CHUNK)
+            )
+        except QuotaExceeded as err:
+            response = json_error(err)
+            response.force_close()
+            return response
+        return web.json_response(answer)
+
     async def put_file(request: web.Request) -> web.Response:
         require_role(request, *_WRITERS)
         try:
@@ -151,6 +163,7 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         web.get("/v1/sites/{site}/versions", site_versions),
         web.post("/v1/sites/{site}/rollback", rollback),
         web.post("/v1/sites/{site}/blobs", upload),
+        web.post("/v1/sites/{site}/blob-batch", upload_batch),
         web.post("/v1/sites/{site}/commit", commit),
         web.get("/v1/changes", changes),
         web.get("/v1/versions", versions),

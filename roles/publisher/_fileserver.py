@@ -165,6 +165,13 @@ class FileserverClient:
         resp = self._send("POST", f"{self._site(site)}/blobs", body=source, headers=headers)
         return dict(self._decode(resp, self._finish(resp)))
 
+    def upload_blobs(self, site: str, blobs: list[bytes]) -> list[dict[str, Any]]:
+        """Store many small blobs in one request: ``[{"sha256", "size"}]`` in the same order."""
+        body = b"".join(len(b).to_bytes(8, "big") + b for b in blobs)
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))}
+        resp = self._send("POST", f"{self._site(site)}/blob-batch", body=body, headers=headers)
+        return list(self._decode(resp, self._finish(resp))["blobs"])
+
     def put_file(self, site: str, path: str, source: IO[bytes]) -> dict[str, Any]:
         """Store ``source`` from its current position to its end as the file at ``path``, in one request;
         answered once it is durable: ``{"version", "total_bytes", "sha256", "size"}``."""
