@@ -75,6 +75,17 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
             return response
         return web.json_response(answer)
 
+    async def fetch_batch(request: web.Request) -> web.Response:
+        require_role(request, *_READERS)
+        try:
+            body: Any = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"body is not JSON: {exc}") from None
+        shas = body.get("sha256") if isinstance(body, dict) else None
+        blobs = await store.read_blobs(request.match_info["site"], shas)
+        payload = b"".join(len(b).to_bytes(8, "big") + b for b in blobs)
+        return web.Response(body=payload, content_type="application/octet-stream")
+
     async def upload_batch(request: web.Request) -> web.Response:
         require_role(request, *_WRITERS)
         try:
@@ -164,6 +175,7 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         web.post("/v1/sites/{site}/rollback", rollback),
         web.post("/v1/sites/{site}/blobs", upload),
         web.post("/v1/sites/{site}/blob-batch", upload_batch),
+        web.post("/v1/sites/{site}/blob-fetch", fetch_batch),
         web.post("/v1/sites/{site}/commit", commit),
         web.get("/v1/changes", changes),
         web.get("/v1/versions", versions),

@@ -16,7 +16,6 @@ makes them durable in one ``syncfs``, the journal holds what is needed to write 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -28,33 +27,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from shared.errors import NotFound
-from shared.files import atomic_write_json, fsync_dir, read_json
+from shared.files import atomic_write_json, fsync_dir, read_json, syncfs
 
-__all__ = ["SiteDir", "Upload", "move_to_trash", "purge_trash", "restore_from_trash", "syncfs"]
-
-
-def _libc_syncfs() -> Any:
-    try:
-        return ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-
-
-_SYNCFS = _libc_syncfs()
-
-
-def syncfs(directory: Path) -> None:
-    """Make everything written to ``directory``'s filesystem durable in one call (Linux syncfs(2))."""
-    if _SYNCFS is None:
-        os.sync()
-        return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _SYNCFS(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
+__all__ = ["SiteDir", "Upload", "move_to_trash", "purge_trash", "restore_from_trash"]
 
 
 def _write_plain(path: Path, data: bytes, *, mode: int = 0o644) -> None:
