@@ -346,7 +346,8 @@ def main() -> int:
         write_section(
             "ftp",
             "## FTP publishing against vsftpd (`python -m bench.ftp`)\n\n"
-            f"Run on {time.strftime('%Y-%m-%d')} (medians of {args.rounds} rounds), the same ftplib client "
+            f"Run on {time.strftime('%Y-%m-%d')} (medians of {args.rounds} rounds; load average "
+            f"{os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} CPUs), the same ftplib client "
             "(passive, binary, one connection per transfer set) against sitecloud's publisher (which "
             "writes through the fileserver: each finished upload is one committed content version) and "
             "vsftpd 3.0.3 (anonymous upload to a local directory). Target: at least 0.8x vsftpd.\n\n"

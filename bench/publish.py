@@ -140,11 +140,6 @@ def main() -> int:
         finally:
             publisher.stop()
             stack.stop()
-    print(
-        "  slowest:",
-        [f"#{i} {lag * 1000:.0f} ms" for i, lag in sorted(enumerate(lags), key=lambda x: -x[1])[:5]],
-        file=sys.stderr,
-    )
     lags.sort()
     p50 = statistics.median(lags) * 1000
     p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1000
@@ -160,7 +155,8 @@ def main() -> int:
         write_section(
             "publish",
             "## Publish to served in a big site (`python -m bench.publish`)\n\n"
-            f"Run on {time.strftime('%Y-%m-%d')}: fileserver, publisher, worker and front end as their own "
+            f"Run on {time.strftime('%Y-%m-%d')} (load average {os.getloadavg()[0]:.1f} at the end on "
+            f"{os.cpu_count()} CPUs): fileserver, publisher, worker and front end as their own "
             "processes; the deploy through the publisher's web deploy door, the changes with ftplib, each "
             "one asked for through the front end on a keep-alive HTTPS connection until it answers the new "
             "bytes. A change made file by file reaches the worker as that path alone (no rebuild of the "

@@ -371,6 +371,12 @@ def test_a_batch_of_blobs_in_one_request(fs: Fs) -> None:
     assert fs.manifest("shop", version)["files"]["p2"]["size"] == 500
     assert fs.get("/v1/sites/shop/files/p0", role="publisher") == b"alpha"
 
+    # Workers fetch them back many at once, in the order asked, in the same frames.
+    status, fetched = fs.call("POST", "/v1/sites/shop/blob-fetch", role="worker", body={"sha256": shas[::-1]})
+    assert status == 200 and fetched == b"".join(len(p).to_bytes(8, "big") + p for p in parts[::-1])
+    status, answer = fs.call("POST", "/v1/sites/shop/blob-fetch", role="worker", body={"sha256": ["../x"]})
+    assert status == 400, answer
+
     status, answer = fs.call("POST", "/v1/sites/shop/blob-batch", data=body[:-3])
     assert status == 400 and "ends inside a frame" in answer["error"]["message"], answer
     status, answer = fs.call("POST", "/v1/sites/shop/blob-batch", data=body, role="worker")
