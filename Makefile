@@ -27,11 +27,12 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
-# Data plane against nginx (and under 1,000 slowloris connections), FTP against vsftpd, then dynamic sites (issue 5): cold starts, density, warm req/s vs gunicorn.
+# Data plane against nginx (and under 1,000 slowloris connections), FTP against vsftpd, publish to served in a big site, then dynamic sites (issue 5): cold starts, density, warm req/s vs gunicorn.
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
 	$(BIN)/python -m bench.slowloris
 	$(BIN)/python -m bench.ftp
+	$(BIN)/python -m bench.publish
 	$(BIN)/python -m bench.coldstart
 	$(BIN)/python -m bench.density
 	$(BIN)/python -m bench.warm

@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "fsync_dir", "read_json"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "fsync_dir", "read_json", "syncfs"]
+
+
+def _libc_syncfs() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _libc_syncfs()
+
+
+def syncfs(directory: Path) -> None:
+    """Make everything written to ``directory``'s filesystem durable in one call (Linux syncfs(2))."""
+    if _SYNCFS is None:
+        os.sync()
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -119,6 +119,30 @@ def test_web_deploy_replaces_the_whole_site(cloud: LocalCloud, sites: dict[str, 
     assert cloud.get("blog", "/assets/app.css")[0] == 404
 
 
+def test_versions_and_rollback_through_the_cli(cloud: LocalCloud, sites: dict[str, Any]) -> None:
+    # After the FTP uploads and the two deploys above: the newest is v3 by web deploy.
+    token = sites["tenant"]["token"]
+    listed = cloud.cli("site", "versions", "blog", token=token)["versions"]
+    sources = [v["source"] for v in listed]
+    assert sources[-2:] == ["deploy", "deploy"] and "ftp" in sources, listed
+    assert listed[-1]["files"] == 1
+    newest, before = listed[-1]["version"], listed[-2]["version"]
+
+    # Back to the one before (the directory deploy): the whole site flips on the front end.
+    answer = cloud.cli("site", "rollback", "blog", token=token)
+    assert answer["rolled_back_to"] == before and answer["version"] == newest + 1
+    cloud.wait_for_content("blog", "/assets/app.css", b"body{}")
+    assert cloud.get("blog", "/")[2] == b"<h1>v2</h1>"
+    # And forward again to a named version.
+    answer = cloud.cli("site", "rollback", "blog", str(newest), token=token)
+    cloud.wait_for_content("blog", "/", b"<h1>v3</h1>")
+    assert cloud.get("blog", "/assets/app.css")[0] == 404
+    assert cloud.cli("site", "versions", "blog")["versions"][-1]["source"] == "rollback"
+
+    missing = cloud.cli("site", "rollback", "blog", "999999", check=False, token=token)
+    assert "no earlier version 999999" in missing["error"]["message"], missing
+
+
 def test_a_zip_slip_deploy_is_refused_and_changes_nothing(cloud: LocalCloud, sites: dict[str, Any]) -> None:
     blog = sites["blog"]
     auth = base64.b64encode(f"{blog['deploy']['user']}:{blog['deploy']['password']}".encode()).decode()

@@ -349,6 +349,41 @@ def test_new_versions_flip_and_replaced_files_go(cloud: Cloud) -> None:
     assert (blobs / fresh[:2] / fresh).exists()
 
 
+def test_file_by_file_changes_are_applied_in_place(cloud: Cloud) -> None:
+    """Uploads as FTP makes them (one file per version) reach the worker as the changed paths alone:
+    the served directory stays the same one, no new version is built."""
+    cloud.add_site("ftpsite")
+    first = cloud.publish("ftpsite", {"index.html": b"home", "a/old.html": b"old", "b/x.css": b"x"})
+    wait_for_body(cloud, "ftpsite", "/", b"home")
+    built = _versions_on_disk(cloud, "ftpsite")
+    assert built == [f"v{first}"]
+    ctx = cloud.pki.client_ssl("publisher")
+
+    def put(path: str, data: bytes) -> None:
+        status, body = call(f"{cloud.fs_url}/v1/sites/ftpsite/files/{path}", ctx, method="PUT", data=data)
+        assert status == 200, body
+
+    put("index.html", b"home, edited")
+    put("new/deep/page.html", b"deep")
+    ops = [{"op": "delete", "path": "b/x.css"}, {"op": "rmdir", "path": "b"}]
+    status, body = call(
+        f"{cloud.fs_url}/v1/sites/ftpsite/commit", ctx, method="POST", body={"ops": ops, "source": "ftp"}
+    )
+    assert status == 200, body
+    wait_for_body(cloud, "ftpsite", "/new/deep/page.html", b"deep")
+    wait_for_body(cloud, "ftpsite", "/", b"home, edited")
+    assert cloud.get("ftpsite", "/a/old.html")[::2] == (200, b"old")
+    wait_until(lambda: cloud.get("ftpsite", "/b/x.css")[0] == 404, timeout=10, what="deleted file gone")
+    # Still the directory first built: the changes went into it, each with a rename.
+    assert _versions_on_disk(cloud, "ftpsite") == built
+
+    # A deploy flips the whole site at once: a new version directory.
+    version = cloud.publish("ftpsite", {"index.html": b"deployed"}, replace=True)
+    wait_for_body(cloud, "ftpsite", "/", b"deployed")
+    assert cloud.get("ftpsite", "/a/old.html")[0] == 404
+    wait_until(lambda: _versions_on_disk(cloud, "ftpsite") == [f"v{version}"], timeout=10, what="old pruned")
+
+
 def test_a_site_leaving_the_snapshot_stops_being_served(cloud: Cloud) -> None:
     cloud.add_site("gone")
     cloud.publish("gone", {"index.html": b"here"})

@@ -19,6 +19,8 @@ __all__ = ["content_routes"]
 _READERS = ("worker", "publisher")
 _WRITERS = ("publisher",)
 _CHUNK = 256 * 1024
+# Where a change came from: FTP changes are file by file, a deploy flips the whole site.
+_SOURCES = ("ftp", "deploy")
 
 
 def _number(request: web.Request, key: str, default: float) -> float:
@@ -73,6 +75,66 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
             return response
         return web.json_response(answer)
 
+    async def fetch_batch(request: web.Request) -> web.Response:
+        require_role(request, *_READERS)
+        try:
+            body: Any = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"body is not JSON: {exc}") from None
+        shas = body.get("sha256") if isinstance(body, dict) else None
+        blobs = await store.read_blobs(request.match_info["site"], shas)
+        payload = b"".join(len(b).to_bytes(8, "big") + b for b in blobs)
+        return web.Response(body=payload, content_type="application/octet-stream")
+
+    async def upload_batch(request: web.Request) -> web.Response:
+        require_role(request, *_WRITERS)
+        try:
+            answer = await store.upload_blobs(
+                request.match_info["site"], request.content.iter_chunked(_CHUNK)
+            )
+        except QuotaExceeded as err:
+            response = json_error(err)
+            response.force_close()
+            return response
+        return web.json_response(answer)
+
+    async def put_file(request: web.Request) -> web.Response:
+        require_role(request, *_WRITERS)
+        try:
+            answer = await store.put_file(
+                request.match_info["site"],
+                request.match_info["path"],
+                request.content.iter_chunked(_CHUNK),
+                request.content_length,
+            )
+        except QuotaExceeded as err:
+            response = json_error(err)
+            response.force_close()
+            return response
+        return web.json_response(answer)
+
+    async def diff(request: web.Request) -> web.Response:
+        require_role(request, *_READERS)
+        since = _integer(request, "since") or 0
+        answer = await store.diff(request.match_info["site"], since, _integer(request, "version"))
+        return web.json_response(answer)
+
+    async def site_versions(request: web.Request) -> web.Response:
+        require_role(request, *_READERS, "management")
+        return web.json_response({"versions": store.version_list(request.match_info["site"])})
+
+    async def rollback(request: web.Request) -> web.Response:
+        # A rollback writes no new content: the tenant asks for it through the management API.
+        require_role(request, *_WRITERS, "management")
+        try:
+            body: Any = await request.json() if request.can_read_body else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"rollback body is not JSON: {exc}") from None
+        version = body.get("version") if isinstance(body, dict) else None
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise InvalidInput('rollback body is {"version": N} (a whole number), or {} for the one before')
+        return web.json_response(await store.rollback(request.match_info["site"], version))
+
     async def commit(request: web.Request) -> web.Response:
         require_role(request, *_WRITERS)
         try:
@@ -84,7 +146,12 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         replace = body.get("replace", False)
         if not isinstance(replace, bool):
             raise InvalidInput("'replace' must be true or false")
-        answer = await store.commit(request.match_info["site"], body.get("ops"), replace=replace)
+        source = body.get("source", "deploy")
+        if source not in _SOURCES:
+            raise InvalidInput(f"'source' must be one of {', '.join(_SOURCES)}, not {source!r}")
+        answer = await store.commit(
+            request.match_info["site"], body.get("ops"), replace=replace, source=source
+        )
         return web.json_response(answer)
 
     async def changes(request: web.Request) -> web.Response:
@@ -102,7 +169,13 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         web.get("/v1/sites/{site}/manifest", manifest),
         web.get("/v1/sites/{site}/blobs/{sha}", blob),
         web.get("/v1/sites/{site}/files/{path:.+}", file),
+        web.put("/v1/sites/{site}/files/{path:.+}", put_file),
+        web.get("/v1/sites/{site}/diff", diff),
+        web.get("/v1/sites/{site}/versions", site_versions),
+        web.post("/v1/sites/{site}/rollback", rollback),
         web.post("/v1/sites/{site}/blobs", upload),
+        web.post("/v1/sites/{site}/blob-batch", upload_batch),
+        web.post("/v1/sites/{site}/blob-fetch", fetch_batch),
         web.post("/v1/sites/{site}/commit", commit),
         web.get("/v1/changes", changes),
         web.get("/v1/versions", versions),

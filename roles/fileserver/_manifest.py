@@ -1,33 +1,38 @@
-"""Manifests and commit ops: pure functions over a site's file tree, no filesystem access.
+"""Site trees and commit ops: pure functions over a site's files, no filesystem access.
 
-A manifest is ``{"site", "version", "total_bytes", "files": {path: {sha256, size, mtime}}, "dirs": [...]}``.
-Paths are relative POSIX paths from :func:`shared.paths.site_relpath`. The tree keeps one invariant:
-every ancestor of a file or directory is itself in ``dirs``.
+A version is a tree of folders, each stored once under the sha256 of its encoding (as git stores
+trees), so a new version writes only the folders on the paths that changed. The flat form workers read
+is the manifest ``{"site", "version", "total_bytes", "files": {path: {sha256, size, mtime}}, "dirs": [...]}``.
+Paths are relative POSIX paths from :func:`shared.paths.site_relpath`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from shared.errors import AlreadyExists, InvalidInput, NotFound
 from shared.paths import site_relpath
 
 __all__ = [
     "SHA256_RE",
+    "Change",
+    "FileEntry",
+    "Folder",
     "Tree",
     "apply_ops",
     "check_sha256",
+    "diff",
     "empty_manifest",
     "human_size",
 ]
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_OPS = 200_000
-
-FileEntry = dict[str, Any]
 
 
 def check_sha256(value: object) -> str:
@@ -53,109 +58,282 @@ def empty_manifest(site: str) -> dict[str, Any]:
     return {"site": site, "version": 0, "total_bytes": 0, "files": {}, "dirs": []}
 
 
-def _parents(path: str) -> Iterable[str]:
-    parts = path.split("/")
-    for i in range(1, len(parts)):
-        yield "/".join(parts[:i])
+def _split(path: str) -> list[str]:
+    return path.split("/")
 
 
-def _under(path: str, prefix: str) -> bool:
-    return path.startswith(prefix + "/")
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    sha256: str
+    size: int
+    mtime: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": self.size, "mtime": self.mtime}
 
 
-@dataclass
+class Folder:
+    """One directory of a version: its files and sub-folders, by name.
+
+    A folder is immutable once it has a digest (the sha256 of :meth:`encode`); only the transaction that
+    made or copied it (``owner``) changes it, so earlier versions that share it never see a change.
+    """
+
+    __slots__ = ("digest", "entries", "owner")
+
+    def __init__(self, entries: dict[str, FileEntry | Folder] | None = None, owner: object = None) -> None:
+        self.entries: dict[str, FileEntry | Folder] = entries if entries is not None else {}
+        self.owner = owner
+        self.digest: str | None = None
+
+    def encode(self) -> bytes:
+        """The canonical form a folder is stored and addressed by (sub-folders by their digest)."""
+        files: dict[str, list[Any]] = {}
+        dirs: dict[str, str] = {}
+        for name, child in self.entries.items():
+            if isinstance(child, Folder):
+                assert child.digest is not None, "sub-folders are frozen first"
+                dirs[name] = child.digest
+            else:
+                files[name] = [child.sha256, child.size, child.mtime]
+        return json.dumps({"d": dirs, "f": files}, sort_keys=True, separators=(",", ":")).encode()
+
+    @staticmethod
+    def decode(data: bytes, load: Callable[[str], Folder]) -> Folder:
+        raw = json.loads(data)
+        entries: dict[str, FileEntry | Folder] = {}
+        for name, digest in raw["d"].items():
+            entries[name] = load(digest)
+        for name, (sha, size, mtime) in raw["f"].items():
+            entries[name] = FileEntry(sha, int(size), float(mtime))
+        return Folder(entries)
+
+
+def _walk_files(folder: Folder, prefix: str) -> Iterator[tuple[str, FileEntry | Folder]]:
+    for name, child in folder.entries.items():
+        path = f"{prefix}{name}"
+        yield path, child
+        if isinstance(child, Folder):
+            yield from _walk_files(child, path + "/")
+
+
 class Tree:
-    """A site's files and directories while ops are applied to it."""
+    """A site's files and directories as nested folders; changes copy only the folders on their path.
 
-    files: dict[str, FileEntry] = field(default_factory=dict)
-    dirs: set[str] = field(default_factory=set)
+    ``Tree.begin()`` starts a change of a frozen tree; :meth:`freeze` gives every changed folder its
+    digest (writing it through a callback) and ends the change. Totals are kept as changes are made.
+    """
 
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> Tree:
-        return cls(
-            files={p: dict(e) for p, e in manifest["files"].items()},
-            dirs=set(manifest["dirs"]),
-        )
+    def __init__(self, root: Folder | None = None, *, total_bytes: int = 0, file_count: int = 0) -> None:
+        self._owner = object()
+        self.root = root if root is not None else Folder(owner=self._owner)
+        self.total_bytes = total_bytes
+        self.file_count = file_count
+        # Whether a change made it differ from where it began (a put of the same entry does not).
+        self.changed = False
+
+    def begin(self) -> Tree:
+        """A new tree that starts as this one; changing it leaves this one as it is."""
+        return Tree(self.root, total_bytes=self.total_bytes, file_count=self.file_count)
+
+    # --- reading
 
     @property
-    def total_bytes(self) -> int:
-        return sum(int(e["size"]) for e in self.files.values())
+    def files(self) -> dict[str, dict[str, Any]]:
+        return {p: e.to_json() for p, e in _walk_files(self.root, "") if isinstance(e, FileEntry)}
+
+    @property
+    def dirs(self) -> set[str]:
+        return {p for p, e in _walk_files(self.root, "") if isinstance(e, Folder)}
+
+    def get(self, path: str) -> FileEntry | Folder | None:
+        node: FileEntry | Folder | None = self.root
+        for part in _split(path):
+            if not isinstance(node, Folder):
+                return None
+            node = node.entries.get(part)
+        return node
 
     def manifest(self, site: str, version: int) -> dict[str, Any]:
+        files: dict[str, Any] = {}
+        dirs: list[str] = []
+        for path, entry in _walk_files(self.root, ""):
+            if isinstance(entry, Folder):
+                dirs.append(path)
+            else:
+                files[path] = entry.to_json()
         return {
             "site": site,
             "version": version,
             "total_bytes": self.total_bytes,
-            "files": dict(sorted(self.files.items())),
-            "dirs": sorted(self.dirs),
+            "files": dict(sorted(files.items())),
+            "dirs": sorted(dirs),
         }
 
-    def same_as(self, manifest: dict[str, Any]) -> bool:
-        return self.files == manifest["files"] and self.dirs == set(manifest["dirs"])
+    def same_as(self, other: Tree) -> bool:
+        return self.root is other.root or (
+            self.root.digest is not None and self.root.digest == other.root.digest
+        )
 
-    def _make_parents(self, path: str) -> None:
-        for parent in _parents(path):
-            if parent in self.files:
-                raise InvalidInput(f"cannot create {path!r}: {parent!r} is a file")
-            self.dirs.add(parent)
+    def freeze(self, store: Callable[[str, bytes], None]) -> str:
+        """Give each changed folder its digest, handing its encoding to ``store``; returns the root's."""
 
-    def _has_children(self, path: str) -> bool:
-        return any(_under(p, path) for p in self.files) or any(_under(d, path) for d in self.dirs)
+        def visit(folder: Folder) -> str:
+            if folder.digest is None:
+                for child in folder.entries.values():
+                    if isinstance(child, Folder):
+                        visit(child)
+                data = folder.encode()
+                folder.digest = hashlib.sha256(data).hexdigest()
+                folder.owner = None
+                store(folder.digest, data)
+            return folder.digest
+
+        return visit(self.root)
+
+    # --- changing
+
+    def _own(self, folder: Folder) -> Folder:
+        if folder.owner is self._owner:
+            return folder
+        return Folder(dict(folder.entries), owner=self._owner)
+
+    def _folder(self, path: str, *, create: bool, target: str) -> Folder:
+        """The folder at ``path`` ("" is the root), made writable for this change (and its parents)."""
+        self.root = node = self._own(self.root)
+        if not path:
+            return node
+        walked = []
+        for part in _split(path):
+            walked.append(part)
+            child = node.entries.get(part)
+            if child is None:
+                if not create:
+                    raise NotFound(f"no directory {'/'.join(walked)!r}")
+                child = Folder(owner=self._owner)
+            elif isinstance(child, FileEntry):
+                raise InvalidInput(f"cannot create {target!r}: {'/'.join(walked)!r} is a file")
+            else:
+                child = self._own(child)
+            node.entries[part] = child
+            node = child
+        return node
+
+    @staticmethod
+    def _parent_and_name(path: str) -> tuple[str, str]:
+        parent, _, name = path.rpartition("/")
+        return parent, name
 
     def put(self, path: str, entry: FileEntry) -> None:
-        if path in self.dirs:
+        if isinstance(self.get(path), Folder):
             raise InvalidInput(f"cannot write {path!r}: it is a directory")
-        self._make_parents(path)
-        self.files[path] = entry
+        parent, name = self._parent_and_name(path)
+        folder = self._folder(parent, create=True, target=path)
+        old = folder.entries.get(name)
+        if old == entry:
+            return
+        if isinstance(old, FileEntry):
+            self.total_bytes -= old.size
+            self.file_count -= 1
+        folder.entries[name] = entry
+        self.total_bytes += entry.size
+        self.file_count += 1
+        self.changed = True
 
     def delete(self, path: str) -> None:
-        if path in self.dirs:
+        node = self.get(path)
+        if isinstance(node, Folder):
             raise InvalidInput(f"cannot delete {path!r}: it is a directory", hint="use rmdir")
-        if path not in self.files:
+        if node is None:
             raise NotFound(f"no file {path!r}")
-        del self.files[path]
+        parent, name = self._parent_and_name(path)
+        del self._folder(parent, create=False, target=path).entries[name]
+        self.total_bytes -= node.size
+        self.file_count -= 1
+        self.changed = True
 
     def mkdir(self, path: str) -> None:
-        if path in self.dirs or path in self.files:
-            kind = "directory" if path in self.dirs else "file"
+        node = self.get(path)
+        if node is not None:
+            kind = "directory" if isinstance(node, Folder) else "file"
             raise AlreadyExists(f"cannot create directory {path!r}: a {kind} of that name exists")
-        self._make_parents(path)
-        self.dirs.add(path)
+        self._folder(path, create=True, target=path)
+        self.changed = True
 
     def rmdir(self, path: str) -> None:
-        if path in self.files:
+        node = self.get(path)
+        if isinstance(node, FileEntry):
             raise InvalidInput(f"cannot remove {path!r}: it is a file", hint="use delete")
-        if path not in self.dirs:
+        if node is None:
             raise NotFound(f"no directory {path!r}")
-        if self._has_children(path):
+        if node.entries:
             raise InvalidInput(f"cannot remove directory {path!r}: it is not empty")
-        self.dirs.discard(path)
+        parent, name = self._parent_and_name(path)
+        del self._folder(parent, create=False, target=path).entries[name]
+        self.changed = True
 
     def rename(self, src: str, dst: str) -> None:
+        node = self.get(src)
         if src == dst:
-            if src not in self.files and src not in self.dirs:
+            if node is None:
                 raise NotFound(f"no file or directory {src!r}")
             return
-        if dst in self.dirs:
+        target = self.get(dst)
+        if isinstance(target, Folder):
             raise AlreadyExists(f"cannot rename {src!r} to {dst!r}: a directory of that name exists")
-        if src in self.files:
-            # A file may replace a file, as POSIX rename and FTP RNTO do.
-            self._make_parents(dst)
-            self.files[dst] = self.files.pop(src)
-            return
-        if src not in self.dirs:
+        if node is None:
             raise NotFound(f"no file or directory {src!r}")
-        if dst in self.files:
-            raise AlreadyExists(f"cannot rename {src!r} to {dst!r}: a file of that name exists")
-        if _under(dst, src):
-            raise InvalidInput(f"cannot move directory {src!r} into itself ({dst!r})")
-        self._make_parents(dst)
+        if isinstance(node, Folder):
+            if target is not None:
+                raise AlreadyExists(f"cannot rename {src!r} to {dst!r}: a file of that name exists")
+            if dst.startswith(src + "/"):
+                raise InvalidInput(f"cannot move directory {src!r} into itself ({dst!r})")
+        # A file may replace a file, as POSIX rename and FTP RNTO do.
+        src_parent, src_name = self._parent_and_name(src)
+        dst_parent, dst_name = self._parent_and_name(dst)
+        into = self._folder(dst_parent, create=True, target=dst)
+        old = into.entries.get(dst_name)
+        if isinstance(old, FileEntry):
+            self.total_bytes -= old.size
+            self.file_count -= 1
+        del self._folder(src_parent, create=False, target=src).entries[src_name]
+        into = self._folder(dst_parent, create=False, target=dst)
+        into.entries[dst_name] = node
+        self.changed = True
 
-        def moved(p: str) -> str:
-            return dst + p[len(src) :]
 
-        self.files = {moved(p) if _under(p, src) else p: e for p, e in self.files.items()}
-        self.dirs = {moved(d) if d == src or _under(d, src) else d for d in self.dirs}
+# What a path became: a file, a directory ("dir"), or nothing (None: the file or directory is gone).
+Change = FileEntry | Literal["dir"] | None
+
+
+def diff(old: Folder, new: Folder, prefix: str = "") -> Iterator[tuple[str, Change]]:
+    """The paths that differ from ``old`` to ``new``, skipping folders with equal digests.
+
+    Within a gone directory, its contents come before it; within a new one, it comes first.
+    """
+    if old is new or (old.digest is not None and old.digest == new.digest):
+        return
+    for name, gone in old.entries.items():
+        child = new.entries.get(name)
+        path = f"{prefix}{name}"
+        if isinstance(gone, Folder) and not isinstance(child, Folder):
+            yield from diff(gone, Folder(), path + "/")
+            yield path, None
+        elif isinstance(gone, FileEntry) and child is None:
+            yield path, None
+    for name, child in new.entries.items():
+        before = old.entries.get(name)
+        path = f"{prefix}{name}"
+        if isinstance(child, Folder):
+            if isinstance(before, Folder):
+                yield from diff(before, child, path + "/")
+                continue
+            if before is not None:
+                yield path, None
+            yield path, "dir"
+            yield from diff(Folder(), child, path + "/")
+        elif child != before:
+            yield path, child
 
 
 BlobSize = Callable[[str], int]
@@ -168,15 +346,17 @@ def _path(op: dict[str, Any], key: str) -> str:
     return site_relpath(value, allow_root=False)
 
 
-def apply_ops(tree: Tree, ops: object, *, blob_size: BlobSize, now: float) -> None:
+def apply_ops(tree: Tree, ops: object, *, blob_size: BlobSize, now: float) -> list[dict[str, Any]]:
     """Apply commit ops to ``tree`` in order; raises on the first op that cannot be applied.
 
     ``blob_size`` gives an uploaded blob's size, or raises :class:`NotFound` when it was never uploaded.
+    Returns the ops as applied (checked paths; sizes and times filled in), which replay exactly.
     """
     if not isinstance(ops, list):
         raise InvalidInput("'ops' must be a list")
     if len(ops) > MAX_OPS:
         raise InvalidInput(f"a commit may have at most {MAX_OPS} ops")
+    done: list[dict[str, Any]] = []
     for op in ops:
         if not isinstance(op, dict):
             raise InvalidInput("each op must be a JSON object")
@@ -187,14 +367,17 @@ def apply_ops(tree: Tree, ops: object, *, blob_size: BlobSize, now: float) -> No
             mtime = op.get("mtime", now)
             if not isinstance(mtime, int | float) or isinstance(mtime, bool):
                 raise InvalidInput(f"put {path!r}: 'mtime' must be a number")
-            tree.put(path, {"sha256": sha, "size": blob_size(sha), "mtime": float(mtime)})
-        elif kind == "delete":
-            tree.delete(_path(op, "path"))
-        elif kind == "mkdir":
-            tree.mkdir(_path(op, "path"))
-        elif kind == "rmdir":
-            tree.rmdir(_path(op, "path"))
+            entry = FileEntry(sha, blob_size(sha), float(mtime))
+            tree.put(path, entry)
+            done.append({"op": "put", "path": path, **entry.to_json()})
+        elif kind in ("delete", "mkdir", "rmdir"):
+            path = _path(op, "path")
+            getattr(tree, str(kind))(path)
+            done.append({"op": kind, "path": path})
         elif kind == "rename":
-            tree.rename(_path(op, "from"), _path(op, "to"))
+            src, dst = _path(op, "from"), _path(op, "to")
+            tree.rename(src, dst)
+            done.append({"op": kind, "from": src, "to": dst})
         else:
             raise InvalidInput(f"unknown op {kind!r}", hint="ops are put, delete, mkdir, rmdir and rename")
+    return done

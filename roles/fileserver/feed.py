@@ -2,9 +2,11 @@
 
 ``seq`` survives restarts (``<home>/state/feed.json``). The log of recent changes lives in memory only,
 so a cursor older than what the log holds gets ``reset`` (re-read every site's version), and so does a
-cursor from the future, which can only come from another incarnation of the fileserver. After a crash
-``seq`` is moved one past the last one persisted, so no worker can believe it is up to date across a
-change whose manifest was written but never announced; after a clean stop cursors stay valid.
+cursor from the future, which can only come from another incarnation of the fileserver. The file holds
+a ceiling: seqs are handed out in blocks, and the ceiling is written once per block, not per change.
+After a crash ``seq`` starts one past the ceiling, so every cursor of the last incarnation is older than
+the log and gets a reset: no worker can believe it is up to date across a change it was never told of.
+After a clean stop the exact seq is written and cursors stay valid.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from shared.files import atomic_write_json, read_json
 __all__ = ["MAX_WAIT", "Change", "ChangeFeed"]
 
 MAX_WAIT = 30.0
+_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class ChangeFeed:
         self.seq = 0
         # Cursors below this point are older than the log: they get a reset.
         self._floor = 0
+        self._ceiling = 0
 
     def open(self) -> None:
         """Read the persisted seq (blocking; call once at start)."""
@@ -50,7 +54,8 @@ class ChangeFeed:
         seq = int(state.get("seq", 0))
         self.seq = seq if state.get("clean") else seq + 1
         self._floor = self.seq
-        atomic_write_json(self._path, {"seq": self.seq, "clean": False})
+        self._ceiling = self.seq + _BLOCK
+        atomic_write_json(self._path, {"seq": self._ceiling, "clean": False})
 
     def stop_waiting(self) -> None:
         """Answer every long poll now, and later ones at once (the process is stopping)."""
@@ -67,7 +72,9 @@ class ChangeFeed:
         """Announce a version that is already on disk; returns the change with its seq."""
         async with self._lock:
             seq = self.seq + 1
-            await asyncio.to_thread(atomic_write_json, self._path, {"seq": seq, "clean": False})
+            if seq > self._ceiling:
+                self._ceiling = seq + _BLOCK
+                await asyncio.to_thread(atomic_write_json, self._path, {"seq": self._ceiling, "clean": False})
             if len(self._log) == self._log.maxlen:
                 self._floor = self._log[0].seq
             change = Change(seq, site, version)

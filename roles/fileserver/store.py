@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import re
 import time
@@ -18,10 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from roles.fileserver._disk import SiteDir, Upload, move_to_trash, purge_trash, restore_from_trash
-from roles.fileserver._manifest import Tree, apply_ops, check_sha256, empty_manifest, human_size
+from roles.fileserver._journal import Journal, Record, read_records, truncate
+from roles.fileserver._manifest import (
+    FileEntry,
+    Folder,
+    Tree,
+    apply_ops,
+    check_sha256,
+    diff,
+    empty_manifest,
+    human_size,
+)
 from roles.fileserver.config import FileserverConfig
 from roles.fileserver.feed import ChangeFeed
 from shared.errors import InvalidInput, NotFound, QuotaExceeded
+from shared.files import syncfs
 from shared.logs import get_logger
 from shared.paths import site_relpath
 
@@ -29,6 +41,14 @@ __all__ = ["ContentStore"]
 
 _UID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 _FLUSH_BYTES = 1024 * 1024
+# Blobs up to this size travel in the journal record that puts them: one fsync for both.
+_INLINE_BYTES = 1024 * 1024
+# A journal is folded into a checkpoint when it grows past this, and every few seconds otherwise.
+_CHECKPOINT_BYTES = 64 * 1024 * 1024
+_CHECKPOINT_EVERY = 5.0
+_RECENT = 64
+_BATCH_MAX = 10_000
+_BATCH_READ_BYTES = 64 * 1024 * 1024
 _QUOTA_HINT = "delete files, or move the site to a plan with more storage"
 
 
@@ -38,9 +58,30 @@ class _Site:
     uid: str
     quota_bytes: int
     disk: SiteDir
+    # What readers see: the newest version whose journal record is on disk.
     version: int = 0
-    total_bytes: int = 0
+    tree: Tree = field(default_factory=Tree)
+    # Where commits build on: may be ahead of ``version`` while its record waits for an fsync.
+    head_version: int = 0
+    head: Tree = field(default_factory=Tree)
+    # Kept version records (number -> record), oldest first.
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    journal: Journal | None = None
+    checkpointed: int = 0
+    checkpointing: bool = False
+    # Blobs written without an fsync that no journal record carries: one syncfs before a commit uses them.
+    unsynced: set[str] = field(default_factory=set)
+    manifest_cache: tuple[int, bytes] | None = None
+    # The newest versions' trees (at least every kept one), kept in memory (they share all but their changed folders) so the
+    # difference to a recent version costs only the changed paths.
+    recent: dict[int, Tree] = field(default_factory=dict)
+    # Folder encodings made since the last checkpoint, written to disk by the next one.
+    pending: dict[str, bytes] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.tree.total_bytes
 
 
 def _parse_snapshot(snapshot: dict[str, Any]) -> dict[str, tuple[str, int]]:
@@ -63,14 +104,104 @@ def _parse_snapshot(snapshot: dict[str, Any]) -> dict[str, tuple[str, int]]:
     return out
 
 
-def _load_site(site: _Site, trash: Path) -> bool:
-    """Read a site's newest version from disk; returns True when its content came back from the trash."""
+def _load_folder(disk: SiteDir, digest: str, cache: dict[str, Folder]) -> Folder:
+    folder = cache.get(digest)
+    if folder is None:
+        folder = Folder.decode(disk.read_folder(digest), lambda d: _load_folder(disk, d, cache))
+        folder.digest = digest
+        cache[digest] = folder
+    return folder
+
+
+def _load_tree(disk: SiteDir, record: dict[str, Any], cache: dict[str, Folder] | None = None) -> Tree:
+    root = _load_folder(disk, str(record["root"]), {} if cache is None else cache)
+    return Tree(root, total_bytes=int(record["total_bytes"]), file_count=int(record["files"]))
+
+
+def _version_record(version: int, tree: Tree, root: str | None, source: str, now: float) -> dict[str, Any]:
+    return {
+        "version": version,
+        "root": root,
+        "total_bytes": tree.total_bytes,
+        "files": tree.file_count,
+        "time": now,
+        "source": source,
+    }
+
+
+def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
+    """Read a site's newest version from disk and replay its journal; returns whether its content came
+    back from the trash, and how many journal records were replayed."""
     restored = restore_from_trash(site.disk.root, trash)
-    versions = site.disk.version_numbers()
-    if versions:
-        site.version = versions[-1]
-        site.total_bytes = int(site.disk.read_manifest(site.version)["total_bytes"])
-    return restored
+    disk = site.disk
+    if not disk.root.is_dir():
+        return restored, 0
+    cache: dict[str, Folder] = {}
+    checkpoint = disk.read_checkpoint()
+    numbers = disk.version_numbers()
+    tree, version = Tree(), 0
+    if checkpoint is not None:
+        version = int(checkpoint["version"])
+        if version:
+            tree = _load_tree(disk, checkpoint, cache)
+    elif numbers:
+        # Content stored as flat manifests by an older fileserver: each kept one becomes a tree.
+        for number in numbers:
+            manifest = disk.read_version(number)
+            if "root" in manifest:
+                continue
+            tree = Tree()
+            for path, entry in manifest["files"].items():
+                tree.put(path, FileEntry(entry["sha256"], int(entry["size"]), float(entry["mtime"])))
+            for path in manifest["dirs"]:
+                if tree.get(path) is None:
+                    tree.mkdir(path)
+            root = tree.freeze(disk.write_folder)
+            disk.write_version(
+                _version_record(number, tree, root, "deploy", disk.manifest_path(number).stat().st_mtime)
+            )
+            version = number
+    replayed = 0
+    if disk.journal.exists():
+        journal = Journal(disk.journal)
+        raw = journal.open()
+        journal.close()
+        for record, _ in read_records(raw):
+            header = record.header
+            number = int(header["v"])
+            if number <= version:
+                continue
+            if number != version + 1:
+                break
+            if record.data:
+                disk.restore_blob(str(header["blob"]), record.data)
+            if "rollback" in header:
+                base = disk.read_version(int(header["rollback"]))
+                tree = _load_tree(disk, base, cache)
+            else:
+                tree = Tree() if header.get("replace") else tree.begin()
+                sizes = {op["sha256"]: int(op["size"]) for op in header["ops"] if op["op"] == "put"}
+                apply_ops(tree, header["ops"], blob_size=sizes.__getitem__, now=float(header["t"]))
+            root = tree.freeze(lambda d, b: disk.write_folder(d, b, check=True))
+            disk.write_version(_version_record(number, tree, root, str(header["src"]), float(header["t"])))
+            version = number
+            replayed += 1
+    for number in disk.version_numbers():
+        with contextlib.suppress(NotFound):
+            kept = disk.read_version(number)
+            if number <= version and "root" in kept:
+                kept["written"] = True
+                site.records[number] = kept
+    if version or replayed:
+        root = tree.freeze(disk.write_folder)
+        disk.write_checkpoint(_version_record(version, tree, root, "checkpoint", time.time()))
+        if disk.journal.exists():
+            truncate(disk.journal)
+    # Records a crash left past the journal's end were never acknowledged: their numbers are free.
+    disk.drop_versions([n for n in disk.version_numbers() if n > version])
+    site.version = site.head_version = site.checkpointed = version
+    site.tree = site.head = tree
+    return restored, replayed
 
 
 def _quota_message(site: _Site, total: int) -> str:
@@ -89,6 +220,7 @@ class ContentStore:
         self._log = get_logger(config.role, host=config.host)
         # Running totals for metrics: versions made, blobs stored (and their bytes).
         self.commits = 0
+        self._tasks: set[asyncio.Future[None]] = set()
         self.blobs_received = 0
         self.blob_bytes_received = 0
 
@@ -96,6 +228,11 @@ class ContentStore:
         await asyncio.to_thread(self.feed.open)
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await task
+        # A clean stop leaves every journal folded in: the next start replays nothing.
+        await self.checkpoint_all()
         await self.feed.close()
 
     # --- snapshot -------------------------------------------------------------------------------
@@ -122,13 +259,23 @@ class ContentStore:
                 site.quota_bytes = quota
                 new[name] = site
             for site in fresh:
-                if await asyncio.to_thread(_load_site, site, self._trash):
+                restored, replayed = await asyncio.to_thread(_load_site, site, self._trash)
+                if restored:
                     self._log.bind(site=site.name).info("restored content of uid %s from the trash", site.uid)
+                if replayed:
+                    self._log.bind(site=site.name).info(
+                        "replayed %s journal records: version %s", replayed, site.version
+                    )
             self._sites = new
             kept = {s.uid for s in new.values()}
             for site in old.values():
                 if site.uid not in kept:
+                    # Its journal folded in first: the trash holds plain versions, no file stays open.
+                    await self.checkpoint(site)
                     async with site.lock:
+                        if site.journal is not None:
+                            site.journal.close()
+                            site.journal = None
                         await self._trash_uid(site.uid, site.name)
             # Content left by sites this process never knew (a snapshot applied before a crash).
             for uid in await asyncio.to_thread(self._uids_on_disk):
@@ -186,21 +333,75 @@ class ContentStore:
     def versions(self) -> dict[str, Any]:
         return {"seq": self.feed.seq, "sites": {n: s.version for n, s in sorted(self._sites.items())}}
 
+    async def _tree_of(self, site: _Site, version: int, *, head: bool = False) -> Tree:
+        newest = site.head_version if head else site.version
+        if version == newest:
+            return site.head if head else site.tree
+        if version < 1 or version > newest:
+            raise NotFound(f"site {site.name} has no version {version} (newest is {newest})")
+        recent = site.recent.get(version)
+        if recent is not None:
+            return recent
+        record = site.records.get(version)
+        if record is None or record["root"] is None:
+            raise NotFound(
+                f"version {version} of site {site.name} is no longer kept",
+                hint=f"the last {self.config.keep_versions} versions are kept",
+            )
+        return await asyncio.to_thread(_load_tree, site.disk, record)
+
     async def manifest_bytes(self, name: str, version: int | None) -> bytes:
-        """A version's manifest as stored (the newest when ``version`` is None)."""
+        """A version's manifest (the newest when ``version`` is None)."""
         site = self.site(name)
         wanted = site.version if version is None else version
         if wanted == 0 and site.version == 0:
             return json.dumps(empty_manifest(site.name)).encode()
-        if wanted < 1 or wanted > site.version:
-            raise NotFound(f"site {site.name} has no version {wanted} (newest is {site.version})")
-        try:
-            return await asyncio.to_thread(site.disk.read_manifest_bytes, wanted)
-        except NotFound:
-            raise NotFound(
-                f"version {wanted} of site {site.name} is no longer kept",
-                hint=f"the last {self.config.keep_versions} versions are kept",
-            ) from None
+        cached = site.manifest_cache
+        if cached is not None and cached[0] == wanted:
+            return cached[1]
+        tree = await self._tree_of(site, wanted)
+        body = await asyncio.to_thread(lambda: json.dumps(tree.manifest(site.name, wanted)).encode())
+        if wanted == site.version:
+            site.manifest_cache = (wanted, body)
+        return body
+
+    async def diff(self, name: str, since: int, version: int | None) -> dict[str, Any]:
+        """The paths that differ between two versions, for a worker that has ``since``."""
+        site = self.site(name)
+        wanted = site.version if version is None else version
+        old = Tree() if since == 0 else await self._tree_of(site, since)
+        new = await self._tree_of(site, wanted) if wanted else Tree()
+        files: dict[str, Any] = {}
+        dirs: dict[str, bool] = {}
+        for path, change in diff(old.root, new.root):
+            if change == "dir":
+                dirs[path] = True
+            elif change is None:
+                files[path] = None
+            else:
+                files[path] = change.to_json()
+        # A deploy or rollback in between flips the site whole: a worker builds it anew, not file by file.
+        whole = (
+            any(site.records.get(n, {}).get("source") != "ftp" for n in range(since + 1, wanted + 1))
+            or since == 0
+        )
+        return {
+            "site": site.name,
+            "since": since,
+            "version": wanted,
+            "total_bytes": new.total_bytes,
+            "whole": whole,
+            "files": files,
+            "dirs": dirs,
+        }
+
+    def version_list(self, name: str) -> list[dict[str, Any]]:
+        site = self.site(name)
+        return [
+            {k: r[k] for k in ("version", "time", "source", "files", "total_bytes")}
+            for n, r in sorted(site.records.items())
+            if n <= site.version
+        ]
 
     async def blob_path(self, name: str, sha: str) -> Path:
         site = self.site(name)
@@ -209,54 +410,90 @@ class ContentStore:
             raise NotFound(f"site {site.name} has no blob {sha}")
         return path
 
+    async def read_blobs(self, name: str, shas: object) -> list[bytes]:
+        """Several blobs at once, in the order asked (a worker fetching a site's many small files)."""
+        site = self.site(name)
+        if not isinstance(shas, list) or len(shas) > _BATCH_MAX:
+            raise InvalidInput(f"'sha256' must be a list of at most {_BATCH_MAX} blob hashes")
+        paths = [site.disk.blob(check_sha256(sha)) for sha in shas]
+
+        def read() -> list[bytes]:
+            out = []
+            for sha, path in zip(shas, paths, strict=True):
+                try:
+                    out.append(path.read_bytes())
+                except FileNotFoundError:
+                    raise NotFound(f"site {site.name} has no blob {sha}") from None
+            return out
+
+        blobs = await asyncio.to_thread(read)
+        if sum(len(b) for b in blobs) > _BATCH_READ_BYTES:
+            raise InvalidInput(f"ask for at most {_BATCH_READ_BYTES} bytes of blobs at once")
+        return blobs
+
     async def file_path(self, name: str, path: str) -> Path:
         """The blob holding a file of the newest version."""
         site = self.site(name)
         rel = site_relpath(path, allow_root=False)
-        version = site.version
-        if version == 0:
-            raise NotFound(f"site {site.name} has no file {rel!r}")
-        manifest = await asyncio.to_thread(site.disk.read_manifest, version)
-        entry = manifest["files"].get(rel)
+        entry = site.tree.get(rel)
+        if isinstance(entry, Folder):
+            raise InvalidInput(f"{rel!r} in site {site.name} is a directory")
         if entry is None:
-            if rel in manifest["dirs"]:
-                raise InvalidInput(f"{rel!r} in site {site.name} is a directory")
             raise NotFound(f"site {site.name} has no file {rel!r}")
-        return site.disk.blob(str(entry["sha256"]))
+        return site.disk.blob(entry.sha256)
 
     # --- writes ---------------------------------------------------------------------------------
+
+    def _too_big(self, site: _Site, size: int, *, known: bool) -> QuotaExceeded:
+        return QuotaExceeded(
+            f"a file of {'' if known else 'at least '}{human_size(size)} does not fit in "
+            f"site {site.name}'s {human_size(site.quota_bytes)} quota",
+            hint=_QUOTA_HINT,
+        )
+
+    async def _receive(
+        self, site: _Site, chunks: AsyncIterator[bytes], length: int | None, *, keep: int
+    ) -> tuple[Upload, str, bytes | None]:
+        """Stream a body to a staging file while hashing it; a body of at most ``keep`` bytes is also
+        returned whole (it goes into the journal, so the file needs no fsync of its own)."""
+        if length is not None and length > site.quota_bytes:
+            raise self._too_big(site, length, known=True)
+        upload: Upload = await asyncio.to_thread(site.disk.start_upload)
+        try:
+            buffer = bytearray()
+            kept = bytearray()
+            received = 0
+            async for chunk in chunks:
+                received += len(chunk)
+                if received > site.quota_bytes:
+                    raise self._too_big(site, received, known=length is not None)
+                buffer += chunk
+                if received <= keep:
+                    kept += chunk
+                if len(buffer) >= _FLUSH_BYTES:
+                    await asyncio.to_thread(upload.write, bytes(buffer))
+                    buffer.clear()
+            small = received <= keep
+            await asyncio.to_thread(upload.write, bytes(buffer))
+            # A small blob is made durable by the journal record that carries it, or by one syncfs
+            # before the commit that uses it; a big one by its own fsync.
+            sha = await asyncio.to_thread(upload.finish, durable=not small)
+            return upload, sha, bytes(kept) if small else None
+        except BaseException:
+            await asyncio.to_thread(upload.discard)
+            raise
 
     async def upload_blob(
         self, name: str, chunks: AsyncIterator[bytes], length: int | None
     ) -> dict[str, Any]:
         """Store a streamed blob; refused as soon as it alone passes the site's quota."""
         site = self.site(name)
-
-        def too_big(size: int) -> QuotaExceeded:
-            return QuotaExceeded(
-                f"a file of {'at least ' if length is None else ''}{human_size(size)} does not fit in "
-                f"site {site.name}'s {human_size(site.quota_bytes)} quota",
-                hint=_QUOTA_HINT,
-            )
-
-        if length is not None and length > site.quota_bytes:
-            raise too_big(length)
-        upload: Upload = await asyncio.to_thread(site.disk.start_upload)
+        upload, sha, small = await self._receive(site, chunks, length, keep=_INLINE_BYTES)
         try:
-            buffer = bytearray()
-            received = 0
-            async for chunk in chunks:
-                received += len(chunk)
-                if received > site.quota_bytes:
-                    raise too_big(received)
-                buffer += chunk
-                if len(buffer) >= _FLUSH_BYTES:
-                    await asyncio.to_thread(upload.write, bytes(buffer))
-                    buffer.clear()
-            await asyncio.to_thread(upload.write, bytes(buffer))
-            sha = await asyncio.to_thread(upload.finish)
             async with site.lock:
-                await asyncio.to_thread(site.disk.install, upload, sha)
+                await asyncio.to_thread(site.disk.install, upload, sha, durable=small is None)
+                if small is not None:
+                    site.unsynced.add(sha)
         except BaseException:
             await asyncio.to_thread(upload.discard)
             raise
@@ -264,54 +501,282 @@ class ContentStore:
         self.blob_bytes_received += upload.size
         return {"sha256": sha, "size": upload.size}
 
-    async def commit(self, name: str, ops: object, *, replace: bool) -> dict[str, Any]:
-        """Apply ops all or nothing as a new version; an idempotent commit makes no new version."""
+    async def upload_blobs(self, name: str, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+        """Store many small blobs sent in one body as ``size (8 bytes, big-endian) | bytes`` frames.
+
+        Like single small blobs they get no fsync of their own: the commit that uses them makes them
+        durable with one syncfs, so a deploy of thousands of files costs one round trip per batch.
+        """
+        site = self.site(name)
+        buffer = bytearray()
+        blobs: list[tuple[str, bytes]] = []
+        received = 0
+        async for chunk in chunks:
+            received += len(chunk)
+            if received > site.quota_bytes + 8 * _BATCH_MAX:
+                raise self._too_big(site, received, known=False)
+            buffer += chunk
+            while len(buffer) >= 8:
+                size = int.from_bytes(buffer[:8], "big")
+                if size > site.quota_bytes:
+                    raise self._too_big(site, size, known=True)
+                if len(buffer) < 8 + size:
+                    break
+                data = bytes(buffer[8 : 8 + size])
+                del buffer[: 8 + size]
+                blobs.append((hashlib.sha256(data).hexdigest(), data))
+                if len(blobs) > _BATCH_MAX:
+                    raise InvalidInput(f"a batch may hold at most {_BATCH_MAX} blobs")
+        if buffer:
+            raise InvalidInput("the batch ends inside a frame: each is an 8-byte size, then that many bytes")
+
+        def store() -> None:
+            for sha, data in blobs:
+                site.disk.restore_blob(sha, data)
+
+        await asyncio.to_thread(store)
+        async with site.lock:
+            site.unsynced.update(sha for sha, _ in blobs)
+        self.blobs_received += len(blobs)
+        self.blob_bytes_received += sum(len(d) for _, d in blobs)
+        return {"blobs": [{"sha256": sha, "size": len(data)} for sha, data in blobs]}
+
+    async def put_file(
+        self, name: str, path: str, chunks: AsyncIterator[bytes], length: int | None
+    ) -> dict[str, Any]:
+        """Store a file's bytes and put it at ``path`` in one step, durable once its journal record is."""
+        site = self.site(name)
+        rel = site_relpath(path, allow_root=False)
+        if length is not None and length <= _INLINE_BYTES:
+            # A small file is taken whole in memory: one write of its blob, no staging file.
+            if length > site.quota_bytes:
+                raise self._too_big(site, length, known=True)
+            body = bytearray()
+            async for chunk in chunks:
+                body += chunk
+            small: bytes | None = bytes(body)
+            sha = hashlib.sha256(body).hexdigest()
+            size = len(body)
+            await asyncio.to_thread(site.disk.restore_blob, sha, bytes(body))
+        else:
+            upload, sha, small = await self._receive(site, chunks, length, keep=_INLINE_BYTES)
+            size = upload.size
+            try:
+                async with site.lock:
+                    await asyncio.to_thread(site.disk.install, upload, sha, durable=small is None)
+            except BaseException:
+                await asyncio.to_thread(upload.discard)
+                raise
+        self.blobs_received += 1
+        self.blob_bytes_received += size
+        ops = [{"op": "put", "path": rel, "sha256": sha}]
+        answer = await self.commit(name, ops, replace=False, source="ftp", blob=(sha, small or b""))
+        return {**answer, "sha256": sha, "size": size}
+
+    async def commit(
+        self,
+        name: str,
+        ops: object,
+        *,
+        replace: bool,
+        source: str = "deploy",
+        blob: tuple[str, bytes] | None = None,
+    ) -> dict[str, Any]:
+        """Apply ops all or nothing as a new version; an idempotent commit makes no new version.
+
+        The answer comes once the version's journal record is on disk; commits that arrive meanwhile
+        share the next fsync.
+        """
         site = self.site(name)
         async with site.lock:
             if self._sites.get(name) is not site:
                 raise NotFound(f"site {name} is not served by this fileserver")
-            manifest = await asyncio.to_thread(self._commit, site, ops, replace)
-            if manifest is None:
-                return {"version": site.version, "total_bytes": site.total_bytes}
-            site.version, site.total_bytes = manifest["version"], manifest["total_bytes"]
-            self.commits += 1
-            await self.feed.publish(site.name, site.version)
-        self._log.bind(site=site.name).info(
-            "version %s: %s files, %s", site.version, len(manifest["files"]), human_size(site.total_bytes)
-        )
-        return {"version": site.version, "total_bytes": site.total_bytes}
+            version, now = site.head_version + 1, time.time()
+            made = await asyncio.to_thread(self._apply, site, ops, replace, version, source, now)
+            if made is None:
+                return {"version": site.head_version, "total_bytes": site.head.total_bytes}
+            tree, done, record = made
+            wanted = {op["sha256"] for op in done if op["op"] == "put"}
+            data = b""
+            if blob is not None and blob[1]:
+                data = blob[1]
+                site.unsynced.discard(blob[0])
+            if site.unsynced & wanted:
+                await asyncio.to_thread(syncfs, site.disk.root)
+                site.unsynced -= wanted
+            header: dict[str, Any] = {"v": version, "t": now, "src": source, "replace": replace, "ops": done}
+            if data:
+                header["blob"] = blob[0] if blob else None
+            offset = await self._append(site, Record(header, data))
+            site.records[version] = record
+            self._prune(site)
+            site.head, site.head_version = tree, version
+        await self._publish(site, site.journal, offset, version, tree)
+        return {"version": version, "total_bytes": tree.total_bytes}
 
-    def _commit(self, site: _Site, ops: object, replace: bool) -> dict[str, Any] | None:
-        current = site.disk.read_manifest(site.version) if site.version else empty_manifest(site.name)
-        tree = Tree() if replace else Tree.from_manifest(current)
-        apply_ops(tree, ops, blob_size=site.disk.blob_size, now=time.time())
-        if tree.same_as(current):
+    async def rollback(self, name: str, version: int | None) -> dict[str, Any]:
+        """A new version with the content of an earlier one (the one before the newest by default)."""
+        site = self.site(name)
+        async with site.lock:
+            target = site.head_version - 1 if version is None else version
+            if target < 1 or target >= site.head_version or target not in site.records:
+                kept = sorted(n for n in site.records if n < site.head_version)
+                raise NotFound(
+                    f"site {site.name} has no earlier version {target} to roll back to",
+                    hint=f"kept versions: {', '.join(map(str, kept)) or 'none'}",
+                )
+            tree = await self._tree_of(site, target, head=True)
+            if tree.total_bytes > site.quota_bytes and tree.total_bytes > site.head.total_bytes:
+                raise QuotaExceeded(_quota_message(site, tree.total_bytes), hint=_QUOTA_HINT)
+            number = site.head_version + 1
+            now = time.time()
+            offset = await self._append(
+                site, Record({"v": number, "t": now, "src": "rollback", "rollback": target})
+            )
+            record = _version_record(number, tree, None, "rollback", now)
+            record["rollback_of"] = target
+            site.records[number] = record
+            self._prune(site)
+            site.head, site.head_version = tree, number
+        await self._publish(site, site.journal, offset, number, tree)
+        return {"version": number, "total_bytes": tree.total_bytes, "rolled_back_to": target}
+
+    async def _append(self, site: _Site, record: Record) -> int:
+        if site.journal is None:
+            journal = Journal(site.disk.journal)
+            await asyncio.to_thread(journal.open)
+            site.journal = journal
+        return site.journal.append(record)
+
+    def _prune(self, site: _Site) -> None:
+        old = sorted(site.records)[: -self.config.keep_versions]
+        for number in old:
+            del site.records[number]
+            site.recent.pop(number, None)
+        if old:
+            site.disk.drop_versions(old)
+
+    async def _publish(
+        self, site: _Site, journal: Journal | None, offset: int, version: int, tree: Tree
+    ) -> None:
+        assert journal is not None
+        await journal.sync(offset)
+        self.commits += 1
+        site.recent[version] = tree
+        while len(site.recent) > max(_RECENT, self.config.keep_versions + 1):
+            del site.recent[min(site.recent)]
+        if version > site.version:
+            site.version, site.tree = version, tree
+            await self.feed.publish(site.name, version)
+            self._log.bind(site=site.name).debug(
+                "version %s: %s files, %s", version, tree.file_count, human_size(tree.total_bytes)
+            )
+        if journal.size > _CHECKPOINT_BYTES and not site.checkpointing:
+            self._background(self.checkpoint(site))
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _apply(
+        self, site: _Site, ops: object, replace: bool, version: int, source: str, now: float
+    ) -> tuple[Tree, list[dict[str, Any]], dict[str, Any]] | None:
+        """Blocking: the new tree, its folders and its version record written (not yet durable)."""
+        tree = Tree() if replace else site.head.begin()
+        done = apply_ops(tree, ops, blob_size=site.disk.blob_size, now=now)
+        if replace:
+            # A deploy of what is there already makes no version: compare the two by their digests.
+            if tree.freeze(site.pending.__setitem__) == site.head.freeze(site.pending.__setitem__):
+                return None
+        elif not tree.changed:
             return None
         total = tree.total_bytes
         # A commit that shrinks the site is let through even when a smaller plan left it over quota.
-        if total > site.quota_bytes and total > int(current["total_bytes"]):
+        if total > site.quota_bytes and total > site.head.total_bytes:
             raise QuotaExceeded(_quota_message(site, total), hint=_QUOTA_HINT)
-        manifest = tree.manifest(site.name, site.version + 1)
-        site.disk.write_manifest(manifest)
-        site.disk.prune(self.config.keep_versions)
-        return manifest
+        # Its folders and record reach the disk at the next checkpoint: until then the journal has them.
+        return tree, done, _version_record(version, tree, None, source, now)
+
+    async def checkpoint(self, site: _Site) -> None:
+        """Write what only the journal holds (folders, version records), make it all durable, then
+        drop those records from the journal."""
+        if site.checkpointing or site.journal is None:
+            return
+        site.checkpointing = True
+        try:
+            async with site.lock:
+                journal = site.journal
+                if journal is None:
+                    return
+                upto, version, tree = journal.written, site.head_version, site.head
+                root = await asyncio.to_thread(self._write_versions, site)
+            record = _version_record(version, tree, root, "checkpoint", time.time())
+            await asyncio.to_thread(site.disk.write_checkpoint, record)
+            async with site.lock:
+                if site.journal is journal:
+                    await journal.compact(upto)
+                    site.checkpointed = version
+                    if journal.size == 0:
+                        # An idle site holds no file open, nor disk space for records to come.
+                        journal.close(release=True)
+                        site.journal = None
+        finally:
+            site.checkpointing = False
+
+    @staticmethod
+    def _write_versions(site: _Site) -> str:
+        """Blocking, under the site's lock: give kept versions their root digests and write their folders
+        and records (not yet durable); returns the head's root digest."""
+        for number, record in site.records.items():
+            if record["root"] is None:
+                kept = site.recent.get(number)
+                if kept is None:
+                    continue
+                record["root"] = kept.freeze(site.pending.__setitem__)
+        root = site.head.freeze(site.pending.__setitem__)
+        for digest, data in site.pending.items():
+            site.disk.write_folder(digest, data)
+        site.pending.clear()
+        for record in site.records.values():
+            if record["root"] is not None and not record.get("written"):
+                site.disk.write_version(record)
+                record["written"] = True
+        return root
 
     # --- upkeep ---------------------------------------------------------------------------------
 
     async def collect_garbage(self) -> None:
         for site in list(self._sites.values()):
+            # Every kept version's folders on disk first: only then do they tell what is in use.
+            await self.checkpoint(site)
             async with site.lock:
-                removed = await asyncio.to_thread(site.disk.collect_garbage, grace=self.config.upload_grace)
+                if site.journal is not None or site.head.root.digest is None:
+                    continue  # changed since: next time
+                roots = [str(r["root"]) for r in site.records.values() if r["root"] is not None]
+                roots.append(site.head.root.digest)
+                removed = await asyncio.to_thread(
+                    site.disk.collect_garbage, roots, grace=self.config.upload_grace
+                )
             if removed:
-                self._log.bind(site=site.name).info("collected %s unused blobs and uploads", removed)
+                self._log.bind(site=site.name).info("collected %s unused blobs, folders and uploads", removed)
         await self.purge_trash()
 
+    async def checkpoint_all(self) -> None:
+        for site in list(self._sites.values()):
+            if site.journal is not None:
+                await self.checkpoint(site)
+
     async def maintain(self, stop: asyncio.Event) -> None:
-        """Collect garbage now and every ``gc_interval`` seconds until ``stop``."""
+        """Checkpoint journals every few seconds and collect garbage every ``gc_interval`` until ``stop``."""
+        next_gc = 0.0
         while not stop.is_set():
             try:
-                await self.collect_garbage()
+                await self.checkpoint_all()
+                if time.monotonic() >= next_gc:
+                    await self.collect_garbage()
+                    next_gc = time.monotonic() + self.config.gc_interval
             except Exception:
-                self._log.exception("garbage collection failed; trying again later")
+                self._log.exception("upkeep failed; trying again later")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.gc_interval)
+                await asyncio.wait_for(stop.wait(), min(self.config.gc_interval, _CHECKPOINT_EVERY))

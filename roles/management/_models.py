@@ -439,6 +439,31 @@ class SiteCreate(Body):
     subscription: Annotated[int, Field(ge=0, le=ID_MAX)]
 
 
+class SiteVersion(Answer):
+    version: int
+    time: float = Field(description="seconds since the epoch")
+    source: Literal["ftp", "deploy", "rollback"]
+    files: int
+    total_bytes: int
+
+
+class SiteVersions(Answer):
+    site: str
+    versions: list[SiteVersion]
+
+
+class Rollback(Body):
+    what = "rollback"
+    version: Annotated[int, Field(ge=1, description="default: the one before the newest")] | None = None
+
+
+class RolledBack(Answer):
+    site: str
+    version: int
+    rolled_back_to: int
+    total_bytes: int | None = None
+
+
 class SiteScale(Body):
     what = "scale"
     instances: Annotated[int, Field(ge=1, le=SCALE_MAX)]

@@ -468,6 +468,18 @@ async def deploy_site(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
+async def site_versions(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).site_versions(who, request.match_info["name"]))
+
+
+async def rollback_site(request: web.Request) -> web.Response:
+    who = await principal(request)
+    version = body_of(request, m.Rollback).version
+    answer = await service_of(request).rollback_site(who, request.match_info["name"], version)
+    return web.json_response(answer)
+
+
 # -- the route table
 
 
@@ -867,6 +879,30 @@ def operations() -> list[Operation]:
             answer=m.Site,
             params=site,
             errors=(403,),
+        ),
+        op(
+            "GET",
+            "/sites/{name}/versions",
+            site_versions,
+            "list_site_versions",
+            "The site's kept content versions, oldest first",
+            "sites",
+            answer=m.SiteVersions,
+            params=site,
+            errors=(503,),
+        ),
+        op(
+            "POST",
+            "/sites/{name}/rollback",
+            rollback_site,
+            "rollback_site",
+            "Make an earlier version the site's content again, as a new version (every worker flips to it)",
+            "sites",
+            answer=m.RolledBack,
+            body=m.Rollback,
+            body_required=False,
+            params=site,
+            errors=(413, 503),
         ),
         op(
             "POST",

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -382,6 +383,25 @@ def _show_settings(answer: Any, a: argparse.Namespace) -> None:
         return
     for key, value in settings.items():
         out(f"{key}={value}")
+
+
+def _show_versions(answer: Any, a: argparse.Namespace) -> None:
+    rows = [
+        (
+            v["version"],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["time"])),
+            v["source"],
+            v["files"],
+            v["total_bytes"],
+        )
+        for v in answer["versions"]
+    ]
+    print_table(("VERSION", "TIME", "SOURCE", "FILES", "BYTES"), rows, empty="nothing published yet")
+
+
+def _site_rollback(a: argparse.Namespace, api: ApiClient) -> Any:
+    body = {} if a.version is None else {"version": a.version}
+    return api.request("POST", api.path("sites", a.name, "rollback"), body)
 
 
 def _site_logs(a: argparse.Namespace, api: ApiClient) -> Any:
@@ -1044,6 +1064,23 @@ def _parser() -> argparse.ArgumentParser:
         _done("{a.name} serves again: its quota stop is lifted for the rest of the UTC day"),
     )
     sp.add_argument("name")
+    sp = leaf(
+        site,
+        "versions",
+        "list a site's kept content versions",
+        get("sites", "{a.name}", "versions"),
+        _show_versions,
+    )
+    sp.add_argument("name")
+    sp = leaf(
+        site,
+        "rollback",
+        "make an earlier version the site's content again (default: the one before the newest)",
+        _site_rollback,
+        _done("{a.name} rolled back to version {answer[rolled_back_to]} (now version {answer[version]})"),
+    )
+    sp.add_argument("name")
+    sp.add_argument("version", type=int, nargs="?", help="the version to go back to")
     sp = leaf(site, "logs", "show a site's app output and access lines", _site_logs, _show_logs)
     sp.add_argument("name")
     sp.add_argument("-f", "--follow", action="store_true", help="keep streaming new lines (Ctrl-C stops)")

@@ -442,6 +442,37 @@ class ManagementService:
         async for line in stream_site_logs(self._logs_client, name, workers, follow=follow, lines=lines):
             yield line
 
+    async def _fileserver(self) -> str:
+        urls = await asyncio.to_thread(self._store.fileserver_urls)
+        if not urls:
+            raise Unavailable("site content is not available: no fileserver is registered")
+        return urls[0]
+
+    async def site_versions(self, who: Principal, name: str) -> Json:
+        """The site's kept content versions, oldest first: number, time, source, files and bytes."""
+        await self._read(self._store.check_site, who, name)
+        base = await self._fileserver()
+        answer = await self._client.get_json(f"{base}/v1/sites/{name}/versions")
+        if not isinstance(answer, dict) or not isinstance(answer.get("versions"), list):
+            raise Unavailable("the fileserver gave an unexpected answer about versions")
+        return {"site": name, "versions": answer["versions"]}
+
+    async def rollback_site(self, who: Principal, name: str, version: int | None) -> Json:
+        """Make an earlier version the site's content again, as a new version (every worker flips to it);
+        ``version`` None: the one before the newest."""
+        await self._read(self._store.check_site, who, name)
+        base = await self._fileserver()
+        answer = await self._client.request_json(
+            "POST", f"{base}/v1/sites/{name}/rollback", json={} if version is None else {"version": version}
+        )
+        if not isinstance(answer, dict):
+            raise Unavailable("the fileserver gave an unexpected answer to the rollback")
+        self._storage.forget(name)
+        self._log.bind(tenant=who.tenant, site=name).info(
+            "rolled back to version %s as version %s", answer.get("rolled_back_to"), answer.get("version")
+        )
+        return {"site": name, **answer}
+
     async def deploy(self, who: Principal, name: str, body: AsyncIterable[bytes]) -> Json:
         """Stream a zip to the publisher, which replaces the site's content with it in one version."""
         await self._read(self._store.check_site, who, name)

@@ -135,6 +135,10 @@ class FileserverClient:
     def manifest(self, site: str) -> dict[str, Any]:
         return dict(self._json("GET", f"{self._site(site)}/manifest"))
 
+    def changes(self, site: str, since: int) -> dict[str, Any]:
+        """The paths changed from version ``since`` to the newest (see the fileserver's ``diff``)."""
+        return dict(self._json("GET", f"{self._site(site)}/diff?since={since}"))
+
     def download(self, site: str, path: str, out: BinaryIO) -> int:
         """Stream the newest version of ``path`` into ``out``; returns the bytes written."""
         resp = self._send("GET", f"{self._site(site)}/files/{quote(path, safe='/')}", headers={})
@@ -161,6 +165,27 @@ class FileserverClient:
         resp = self._send("POST", f"{self._site(site)}/blobs", body=source, headers=headers)
         return dict(self._decode(resp, self._finish(resp)))
 
-    def commit(self, site: str, ops: list[dict[str, Any]], *, replace: bool = False) -> dict[str, Any]:
+    def upload_blobs(self, site: str, blobs: list[bytes]) -> list[dict[str, Any]]:
+        """Store many small blobs in one request: ``[{"sha256", "size"}]`` in the same order."""
+        body = b"".join(len(b).to_bytes(8, "big") + b for b in blobs)
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))}
+        resp = self._send("POST", f"{self._site(site)}/blob-batch", body=body, headers=headers)
+        return list(self._decode(resp, self._finish(resp))["blobs"])
+
+    def put_file(self, site: str, path: str, source: IO[bytes]) -> dict[str, Any]:
+        """Store ``source`` from its current position to its end as the file at ``path``, in one request;
+        answered once it is durable: ``{"version", "total_bytes", "sha256", "size"}``."""
+        source.flush()
+        here = source.tell()
+        size = os.fstat(source.fileno()).st_size - here
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        url = f"{self._site(site)}/files/{quote(path, safe='/')}"
+        resp = self._send("PUT", url, body=source, headers=headers)
+        return dict(self._decode(resp, self._finish(resp)))
+
+    def commit(
+        self, site: str, ops: list[dict[str, Any]], *, replace: bool = False, source: str = "deploy"
+    ) -> dict[str, Any]:
         """Apply ``ops`` all or nothing: ``{"version", "total_bytes"}``."""
-        return dict(self._json("POST", f"{self._site(site)}/commit", body={"ops": ops, "replace": replace}))
+        body = {"ops": ops, "replace": replace, "source": source}
+        return dict(self._json("POST", f"{self._site(site)}/commit", body=body))

@@ -6,6 +6,7 @@ Layout under the worker's apps root (its home, or a directory apps can reach: se
     sites/<site>/uid               which incarnation of the site the directory holds
     sites/<site>/v<N>/             a built version: hard links to blobs, plus empty directories
     sites/<site>/current -> v<N>   flipped atomically (a new symlink renamed over the old one)
+    sites/<site>/edited            names v<N> once file-by-file changes were applied to it in place
     trash/                         whole site directories on their way out
 
 A blob that no version links to any more has a link count of 1; that is how it is found unreferenced.
@@ -28,7 +29,7 @@ from shared.errors import InvalidInput, SitecloudError
 from shared.files import fsync_dir
 from shared.paths import site_relpath
 
-__all__ = ["ContentCache", "SiteVersion", "check_manifest"]
+__all__ = ["ContentCache", "SiteVersion", "check_changes", "check_manifest"]
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_DIR = re.compile(r"^v([0-9]+)$")
@@ -46,6 +47,29 @@ class ManifestFile:
     sha256: str
     size: int
     mtime: float
+
+
+def check_changes(body: Any, site: str) -> tuple[int, bool, dict[str, ManifestFile | None], list[str]]:
+    """The fileserver's difference between two versions, checked like a manifest."""
+    try:
+        if body["site"] != site:
+            raise InvalidInput(f"changes are for site {body['site']!r}, not {site!r}")
+        changes: dict[str, ManifestFile | None] = {}
+        for path, meta in body["files"].items():
+            rel = site_relpath(path, allow_root=False)
+            if meta is None:
+                changes[rel] = None
+                continue
+            sha = str(meta["sha256"])
+            if not _SHA.match(sha):
+                raise InvalidInput(f"changes name a bad blob {sha!r}")
+            changes[rel] = ManifestFile(sha, int(meta["size"]), float(meta.get("mtime") or 0))
+        dirs = [site_relpath(d, allow_root=False) for d in body["dirs"]]
+        return int(body["version"]), bool(body["whole"]), changes, dirs
+    except SitecloudError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidInput(f"malformed changes for {site}: {exc!r}") from exc
 
 
 def check_manifest(manifest: Any, site: str) -> tuple[int, dict[str, ManifestFile], list[str]]:
@@ -139,6 +163,10 @@ class ContentCache:
         match = _VERSION_DIR.match(target)
         if not match or not (site_dir / target).is_dir():
             return None
+        with contextlib.suppress(OSError):
+            if (site_dir / "edited").read_text().strip() == target:
+                # Changed in place since it was built: served as it is, but its number is unknown.
+                return SiteVersion(0, os.path.realpath(site_dir / target))
         return SiteVersion(int(match.group(1)), os.path.realpath(site_dir / target))
 
     def build_version(
@@ -179,8 +207,55 @@ class ContentCache:
         link = site_dir / f".current-{uuid.uuid4().hex}"
         os.symlink(name, link)
         os.replace(link, site_dir / "current")
+        (site_dir / "edited").unlink(missing_ok=True)
         fsync_dir(site_dir)
         return SiteVersion(version, os.path.realpath(final))
+
+    def apply_changes(
+        self,
+        site: str,
+        current: SiteVersion,
+        version: int,
+        changes: dict[str, ManifestFile | None],
+        dirs: list[str],
+    ) -> SiteVersion:
+        """Bring the served directory from its version to ``version`` in place, path by path.
+
+        Only for changes that were made file by file on the fileserver (FTP uploads): each file is
+        swapped in with a rename, so a reader sees the old file or the new one, never half of either.
+        """
+        root = Path(current.root)
+        # After a restart the directory's name no longer tells its version: it is then rebuilt whole.
+        marker = self.site_dir(site) / "edited"
+        if not marker.exists():
+            marker.write_text(root.name + "\n")
+            fsync_dir(marker.parent)
+        for rel, meta in changes.items():
+            if meta is None:
+                target = root / rel
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        for rel in sorted(dirs):
+            (root / rel).mkdir(parents=True, exist_ok=True)
+        for rel, meta in changes.items():
+            if meta is None:
+                continue
+            dest = root / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            tmp = dest.parent / f".new-{uuid.uuid4().hex}"
+            blob = self.blob_path(meta.sha256)
+            try:
+                os.link(blob, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EMLINK, errno.EXDEV):
+                    raise
+                shutil.copy2(blob, tmp)
+            os.replace(tmp, dest)
+        return SiteVersion(version, current.root)
 
     def prune(self, site: str, keep: set[int]) -> None:
         """Remove versions (and failed builds) other than ``keep`` and the current one."""

@@ -19,10 +19,11 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from roles.worker._cache import ContentCache, ManifestFile, SiteVersion, check_manifest
+from roles.worker._cache import ContentCache, ManifestFile, SiteVersion, check_changes, check_manifest
 from roles.worker.config import WorkerConfig
 from shared.control import Snapshot
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable, error_from_json
+from shared.files import syncfs
 from shared.internal import InternalClient
 from shared.logs import get_logger
 from shared.names import validate_site_name
@@ -35,6 +36,13 @@ LONG_POLL = 25
 MAX_BACKOFF = 10.0
 PARALLEL_SITES = 8
 PARALLEL_BLOBS = 4
+# Up to this many changed paths (made file by file) are applied in place; more build a new version.
+INCREMENTAL_MAX = 2000
+_COLLECT_DELAY = 30.0
+# Blobs up to _BATCH_BLOB bytes are fetched in batches of up to _BATCH_BYTES / _BATCH_COUNT.
+_BATCH_BLOB = 256 * 1024
+_BATCH_BYTES = 4 * 1024 * 1024
+_BATCH_COUNT = 1000
 
 
 def _backoff(failures: int) -> float:
@@ -84,6 +92,7 @@ class ContentSync:
         self._collecting = asyncio.Event()
         self._collecting.set()
         self._collect_task: asyncio.Task[None] | None = None
+        self._collect_pending = False
         self._blob_bytes = 0
         self._reachable = False
         # Whether the file server has told us every site's newest version since we started: until
@@ -328,6 +337,14 @@ class ContentSync:
 
     async def _sync(self, site: str, uid: str, target: int, log: Any) -> None:
         base = f"{self._fileserver}/v1/sites/{site}"
+        current = self._current.get(site)
+        incremental = current is not None and 0 < current.number < target and self._disk_uid.get(site) == uid
+        if (
+            incremental
+            and current is not None
+            and await self._sync_changes(site, uid, current, target, base, log)
+        ):
+            return
         try:
             manifest = await self._client.get_json(f"{base}/manifest", params={"version": str(target)})
         except NotFound:
@@ -343,6 +360,9 @@ class ContentSync:
                 if meta.sha256 not in missing and not self._cache.has_blob(meta.sha256):
                     missing[meta.sha256] = meta
             await self._download_all(base, list(missing.values()))
+            if missing:
+                # One syncfs makes every blob just fetched durable before a version links to them.
+                await _in_thread(syncfs, self._cache.blobs)
             if self._held.get(site) != uid:
                 return
             self._disk_uid[site] = uid
@@ -364,12 +384,84 @@ class ContentSync:
             self._prune_at[site] = time.monotonic() + grace
             asyncio.get_running_loop().call_later(grace + 0.05, self._kick, site)
 
+    async def _sync_changes(
+        self, site: str, uid: str, current: SiteVersion, target: int, base: str, log: Any
+    ) -> bool:
+        """Apply only what changed since the served version; False when a whole build is needed."""
+        try:
+            body = await self._client.get_json(
+                f"{base}/diff", params={"since": str(current.number), "version": str(target)}
+            )
+        except NotFound:
+            return False
+        version, whole, changes, dirs = check_changes(body, site)
+        if whole or len(changes) + len(dirs) > INCREMENTAL_MAX:
+            return False
+        await self._collecting.wait()
+        self._busy += 1
+        self._quiet.clear()
+        try:
+            missing: dict[str, ManifestFile] = {}
+            for meta in changes.values():
+                if meta is not None and meta.sha256 not in missing and not self._cache.has_blob(meta.sha256):
+                    missing[meta.sha256] = meta
+            await self._download_all(base, list(missing.values()))
+            if missing:
+                await _in_thread(syncfs, self._cache.blobs)
+            if self._held.get(site) != uid or self._current.get(site) is not current:
+                return True
+            built = await _in_thread(self._cache.apply_changes, site, current, version, changes, dirs)
+        finally:
+            self._busy -= 1
+            if self._busy == 0:
+                self._quiet.set()
+        self._current[site] = built
+        self._target[site] = max(self._target.get(site, 0), version)
+        self._on_flip(site)
+        log.info(
+            "serving version %s (%s paths changed, %s new blobs)",
+            version,
+            len(changes) + len(dirs),
+            len(missing),
+        )
+        if any(meta is None for meta in changes.values()) or len(missing) < len(changes):
+            # Replaced and deleted files may have left blobs unused; a scan of every blob is not worth
+            # making per upload, so one comes a while after a burst of them.
+            self._collect_later()
+        return True
+
+    def _collect_later(self) -> None:
+        if not self._collect_pending and not self._stopping:
+            self._collect_pending = True
+
+            def due() -> None:
+                self._collect_pending = False
+                self._schedule_collect()
+
+            asyncio.get_running_loop().call_later(_COLLECT_DELAY, due)
+
     async def _download_all(self, base: str, blobs: list[ManifestFile]) -> None:
-        queue = list(blobs)
+        # Small blobs travel many to a request; big ones are streamed one by one.
+        queue: list[ManifestFile | list[ManifestFile]] = [b for b in blobs if b.size > _BATCH_BLOB]
+        batch: list[ManifestFile] = []
+        batch_bytes = 0
+        for meta in blobs:
+            if meta.size <= _BATCH_BLOB:
+                batch.append(meta)
+                batch_bytes += meta.size
+                if batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_COUNT:
+                    queue.append(batch)
+                    batch, batch_bytes = [], 0
+        if batch:
+            queue.append(batch)
 
         async def worker() -> None:
             while queue:
-                await self._download(base, queue.pop())
+                item = queue.pop()
+                if isinstance(item, list):
+                    await self._download_batch(base, item)
+                else:
+                    await self._download(base, item)
 
         runners = [asyncio.ensure_future(worker()) for _ in range(min(PARALLEL_BLOBS, len(queue)))]
         try:
@@ -378,6 +470,41 @@ class ContentSync:
             for runner in runners:
                 runner.cancel()
             await asyncio.gather(*runners, return_exceptions=True)
+
+    async def _download_batch(self, base: str, metas: list[ManifestFile]) -> None:
+        """Fetch many small blobs in one request; each is checked against its hash before it is kept."""
+        url = f"{base}/blob-fetch"
+        try:
+            async with self._client.session.post(url, json={"sha256": [m.sha256 for m in metas]}) as resp:
+                if resp.status != 200:
+                    body: Any = None
+                    with suppress(ValueError, aiohttp.ClientError):
+                        body = await resp.json(content_type=None)
+                    raise error_from_json(resp.status, body)
+                payload = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"cannot fetch {url}: {exc or type(exc).__name__}") from exc
+
+        def keep() -> int:
+            at, total = 0, 0
+            for meta in metas:
+                size = int.from_bytes(payload[at : at + 8], "big")
+                data = payload[at + 8 : at + 8 + size]
+                at += 8 + size
+                if len(data) != meta.size or hashlib.sha256(data).hexdigest() != meta.sha256:
+                    raise Unavailable(f"blob {meta.sha256} arrived corrupt ({len(data)} bytes)")
+                fd, tmp = self._cache.new_blob_file()
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
+                    self._cache.commit_blob(tmp, meta.sha256, meta.mtime)
+                finally:
+                    with suppress(FileNotFoundError):
+                        os.unlink(tmp)
+                total += size
+            return total
+
+        self._blob_bytes += await _in_thread(keep)
 
     async def _download(self, base: str, meta: ManifestFile) -> None:
         """Stream one blob to a temp file, check its hash and size, then rename it into place."""
@@ -400,7 +527,6 @@ class ContentSync:
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     raise Unavailable(f"cannot fetch {url}: {exc or type(exc).__name__}") from exc
                 f.flush()
-                await _in_thread(os.fsync, f.fileno())
             if digest.hexdigest() != meta.sha256 or size != meta.size:
                 raise Unavailable(f"blob {meta.sha256} arrived corrupt ({size} bytes)")
             self._cache.commit_blob(tmp, meta.sha256, meta.mtime)
