@@ -450,6 +450,7 @@ class SiteVersion(Answer):
 class SiteVersions(Answer):
     site: str
     versions: list[SiteVersion]
+    next_cursor: NextCursor = None
 
 
 class Rollback(Body):

@@ -30,7 +30,7 @@ from roles.management._openapi import (
     Operation,
     openapi_document,
 )
-from roles.management._paging import Page
+from roles.management._paging import Page, paged
 from roles.management._store import require_admin
 from roles.management.service import ManagementService, Principal
 from shared.errors import InvalidInput
@@ -470,7 +470,10 @@ async def deploy_site(request: web.Request) -> web.Response:
 
 async def site_versions(request: web.Request) -> web.Response:
     who = await principal(request)
-    return web.json_response(await service_of(request).site_versions(who, request.match_info["name"]))
+    _, page = page_of(request, m.ListQuery)
+    answer = await service_of(request).site_versions(who, request.match_info["name"])
+    versions, cursor = paged(answer["versions"], lambda v: int(v["version"]), page, int)
+    return web.json_response({**answer, "versions": versions, "next_cursor": cursor})
 
 
 async def rollback_site(request: web.Request) -> web.Response:
@@ -888,6 +891,7 @@ def operations() -> list[Operation]:
             "The site's kept content versions, oldest first",
             "sites",
             answer=m.SiteVersions,
+            query=m.ListQuery,
             params=site,
             errors=(503,),
         ),

@@ -400,7 +400,7 @@ def _show_versions(answer: Any, a: argparse.Namespace) -> None:
 
 
 def _site_rollback(a: argparse.Namespace, api: ApiClient) -> Any:
-    body = {} if a.version is None else {"version": a.version}
+    body = {} if a.to_version is None else {"version": a.to_version}
     return api.request("POST", api.path("sites", a.name, "rollback"), body)
 
 
@@ -1080,7 +1080,8 @@ def _parser() -> argparse.ArgumentParser:
         _done("{a.name} rolled back to version {answer[rolled_back_to]} (now version {answer[version]})"),
     )
     sp.add_argument("name")
-    sp.add_argument("version", type=int, nargs="?", help="the version to go back to")
+    # Not "version": that name is the global --version's.
+    sp.add_argument("to_version", metavar="VERSION", type=int, nargs="?", help="the version to go back to")
     sp = leaf(site, "logs", "show a site's app output and access lines", _site_logs, _show_logs)
     sp.add_argument("name")
     sp.add_argument("-f", "--follow", action="store_true", help="keep streaming new lines (Ctrl-C stops)")
