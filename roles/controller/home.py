@@ -175,10 +175,19 @@ class CloudHome:
         }
         if kind == "frontend":
             return FrontendConfig(
-                **common, http_port=c.http_port, https_port=c.https_port, usage_interval=c.usage_interval
+                **common,
+                http_port=c.http_port,
+                https_port=c.https_port,
+                usage_interval=c.usage_interval,
+                processes=c.processes,
             )
         if kind == "worker":
-            return WorkerConfig(**common, data_port=ports["worker_data"], usage_interval=c.usage_interval)
+            return WorkerConfig(
+                **common,
+                data_port=ports["worker_data"],
+                usage_interval=c.usage_interval,
+                processes=c.processes,
+            )
         if kind == "fileserver":
             return FileserverConfig(**common)
         if kind == "publisher":

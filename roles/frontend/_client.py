@@ -56,6 +56,8 @@ _PAUSE_BUFFER = 4  # body bytes buffered while the worker connection is being ma
 _PAUSE_DEAD = 8
 
 _BUFFER_LIMIT = 256 * 1024
+# What one turn wrote to a client is joined into one piece up to this size; larger, it goes in pieces.
+_JOIN_MAX = 16 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
@@ -889,11 +891,16 @@ class ClientConnection(asyncio.Protocol):
                 self._flush()
 
     def _flush(self) -> None:
-        out = self._out
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        if not self._closing and self.transport is not None:
-            self.transport.write(data)
+        out, self._out = self._out, []
+        if self._closing or self.transport is None:
+            return
+        if len(out) == 1:
+            self.transport.write(out[0])
+        elif sum(map(len, out)) <= _JOIN_MAX:
+            self.transport.write(b"".join(out))
+        else:
+            # A large body's pieces go as they are: the TLS layer reads them in place, one send for all.
+            self.transport.writelines(out)
 
     def _pause(self, why: int) -> None:
         if not self._paused and not self._closing and self.transport is not None:

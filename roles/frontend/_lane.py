@@ -194,6 +194,15 @@ class LaneConnection(asyncio.Protocol):
         rest of the answer's way to the client."""
         pos, size = 0, len(buf)
         pending = self._pending
+        # Every answer this read brings for one client connection leaves in one write to it.
+        corked: set[Owner] = set()
+        try:
+            return self._hand_out(buf, pos, size, pending, corked)
+        finally:
+            for owner in corked:
+                owner.uncork()
+
+    def _hand_out(self, buf: bytes, pos: int, size: int, pending: deque[_Entry], corked: set[Owner]) -> int:
         while pos < size and not self._closing:
             end = buf.find(b"\r\n\r\n", pos)
             if end < 0:
@@ -246,6 +255,9 @@ class LaneConnection(asyncio.Protocol):
                 self.idle_since = self._proxy.loop.time()
             owner, entry.owner = entry.owner, None
             if owner is not None:
+                if owner not in corked:
+                    owner.cork()
+                    corked.add(owner)
                 if refused:
                     site_wide = buf.find(_REFUSED_LINE + _REFUSED_SITE, tag_end, end) >= 0
                     owner.lane_refused(entry.req, site_wide=site_wide)

@@ -277,7 +277,7 @@ def send_file(
         conn.write(head_bytes)
         return None
     if body is not None:
-        conn.write(head_bytes + body[first : last + 1])
+        conn.write_parts(head_bytes, body if first == 0 and last == len(body) - 1 else body[first : last + 1])
         return None
     # Reads from the page cache block for microseconds; a thread hop would cost more.
     f = open(hit.path, "rb")  # noqa: SIM115 - a large file's handle goes to the connection's stream
@@ -286,7 +286,7 @@ def send_file(
             data = f.read()
         if len(data) != hit.size:
             raise OSError(f"{hit.path} changed size while being read")
-        conn.write(head_bytes + data[first : last + 1])
+        conn.write_parts(head_bytes, data if first == 0 and last == len(data) - 1 else data[first : last + 1])
         return data
     try:
         f.seek(first)

@@ -16,7 +16,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
-from roles.worker._access import access_line
+from roles.worker._access import AccessRecord
 from roles.worker._cache import SiteVersion
 from roles.worker._http import (
     LANE_MAX_FILE,
@@ -50,7 +50,7 @@ _SITE = b"x-sitecloud-site"
 class AccessSink(Protocol):
     """A site's log stream, as far as access lines go (``roles/worker/apps/_sitelog.py``)."""
 
-    def access(self, text: str) -> None: ...
+    def access(self, text: str | AccessRecord) -> None: ...
 
 
 _KEEP = b"\r\nConnection: keep-alive\r\n\r\n"
@@ -186,16 +186,7 @@ class DataServer:
         site = request.headers.get(_SITE)
         log = self._site_log(site.strip().decode("latin-1")) if site else None
         if log is not None:
-            log.access(
-                access_line(
-                    method=request.method,
-                    target=request.target,
-                    status=status,
-                    sent=sent,
-                    seconds=seconds,
-                    logged=request.logged,
-                )
-            )
+            log.access(AccessRecord(request.method, request.target, status, sent, seconds, request.logged))
 
     def _admit_plain(self, conn: HttpConnection, transport: asyncio.Transport) -> bool:
         """The opt-in loopback listener: only processes on this machine can reach it."""
@@ -263,8 +254,8 @@ class DataServer:
         if cached is not None:
             if len(headers) == 1 and not head and (not conn.lane or len(cached.body) <= LANE_MAX_FILE):
                 # The hot path: a plain GET of a small file in memory, one write.
-                conn.write(
-                    b"".join((cached.prefix, http_date_bytes(), _KEEP if keep_alive else _CLOSE, cached.body))
+                conn.write_parts(
+                    b"".join((cached.prefix, http_date_bytes(), _KEEP if keep_alive else _CLOSE)), cached.body
                 )
             else:
                 send_file(conn, cached.hit, headers, head=head, keep_alive=keep_alive, body=cached.body)
