@@ -54,9 +54,13 @@ class CpuMeter:
         return out
 
     def start(self) -> None:
-        self._pids = {
-            name: [p for root in roots for p in family(root)] for name, roots in self.groups.items()
-        }
+        # A process counts once, in the first group that holds it (a role may be its starter's child).
+        seen: set[int] = set()
+        self._pids = {}
+        for name, roots in self.groups.items():
+            pids = {p for root in roots for p in family(root)} - seen
+            seen |= pids
+            self._pids[name] = sorted(pids)
         self._before = self._read()
 
     def stop(self) -> dict[str, float]:

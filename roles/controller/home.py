@@ -180,6 +180,10 @@ class CloudHome:
                 https_port=c.https_port,
                 usage_interval=c.usage_interval,
                 processes=c.processes,
+                # The worker's serving processes share one listener, so one lane per front-end
+                # process may well land on the same one of them: as many lanes as processes
+                # spread the load over them.
+                lanes_per_worker=c.processes,
             )
         if kind == "worker":
             return WorkerConfig(

@@ -20,7 +20,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,17 @@ class SiteVersion:
     number: int
     # realpath of the version directory: requests are checked to stay inside it.
     root: str
+    # The site's content id: a site deleted and made again under its name has a new one.
+    uid: str = ""
+    # What a front end's cache names this version by (uid and number: never another site's, nor an
+    # earlier site's of the same name), and the header line a cacheable answer carries it in.
+    tag: bytes = field(init=False, repr=False, compare=False)
+    line: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tag = f"{self.uid or '-'}.{self.number}".encode()
+        object.__setattr__(self, "tag", tag)
+        object.__setattr__(self, "line", b"X-Sitecloud-Version: " + tag + b"\r\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +150,9 @@ class ContentCache:
         match = _VERSION_DIR.match(target)
         if not match or not (site_dir / target).is_dir():
             return None
-        return SiteVersion(int(match.group(1)), os.path.realpath(site_dir / target))
+        return SiteVersion(
+            int(match.group(1)), os.path.realpath(site_dir / target), self.read_uid(site) or ""
+        )
 
     def build_version(
         self, site: str, uid: str, version: int, files: dict[str, ManifestFile], dirs: list[str]
@@ -180,7 +193,7 @@ class ContentCache:
         os.symlink(name, link)
         os.replace(link, site_dir / "current")
         fsync_dir(site_dir)
-        return SiteVersion(version, os.path.realpath(final))
+        return SiteVersion(version, os.path.realpath(final), uid)
 
     def prune(self, site: str, keep: set[int]) -> None:
         """Remove versions (and failed builds) other than ``keep`` and the current one."""
