@@ -189,7 +189,7 @@ def test_the_cache_keeps_to_its_budget_and_forgets_sites_that_left() -> None:
     for n in range(5):
         cache.put("s", b"/%d" % n, CacheEntry(b"u.1", b"HTTP/1.1 200 OK\r\n", b"x" * 300))
     assert cache.size <= 1000 and cache.get("s", b"/0") is None and cache.get("s", b"/4") is not None
-    cache.put("s", b"/huge", CacheEntry(b"u.1", b"", b"x" * 500))
+    assert not cache.put("s", b"/huge", CacheEntry(b"u.1", b"", b"x" * 500))
     assert cache.get("s", b"/huge") is None
     cache.put("other", b"/4", CacheEntry(b"v.1", b"", b"y"))
     assert cache.get("other", b"/4") is not cache.get("s", b"/4")

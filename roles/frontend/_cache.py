@@ -93,10 +93,11 @@ class ResponseCache:
             self._entries.move_to_end(key)
         return entry
 
-    def put(self, site: str, target: bytes, entry: CacheEntry) -> None:
+    def put(self, site: str, target: bytes, entry: CacheEntry) -> bool:
+        """Keep ``entry``; False when its body is larger than an entry may be."""
+        if len(entry.body) > self.max_entry:
+            return False
         size = len(entry.body) + len(entry.head)
-        if size > self.max_entry:
-            return
         key = (site, target)
         old = self._entries.pop(key, None)
         if old is not None:
@@ -107,6 +108,7 @@ class ResponseCache:
         while self._bytes > self.max_bytes:
             _, dropped = self._entries.popitem(last=False)
             self._bytes -= len(dropped.body) + len(dropped.head)
+        return True
 
     def drop(self, site: str, target: bytes) -> None:
         old = self._entries.pop((site, target), None)

@@ -816,7 +816,11 @@ class ClientConnection(asyncio.Protocol):
             status_line, headers, body = entry.head, http_date_line(), entry.body
         elif version and req.fill and req.site is not None and proxy.cache is not None and cacheable(headers):
             kept = CacheEntry(version, status_line + without_date(headers), body)
-            proxy.cache.put(req.site.name, req.target, kept)
+            if not proxy.cache.put(req.site.name, req.target, kept):
+                # Too big to keep here: it would only come on the lane again and again.
+                if len(req.site.off_lane) >= _OFF_LANE_MAX:
+                    req.site.off_lane.clear()
+                req.site.off_lane.add(req.target)
         proxy.counts.done(int(status_line[9:12]), proxy.loop.time() - req.t0)
         extra = req.rid + req.set_cookie
         site = req.site
