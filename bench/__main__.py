@@ -139,6 +139,33 @@ def _table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _targets(rows: list[Row]) -> str:
+    """The issue's targets, each beside what this run measured."""
+    lines = [
+        "| case | target | measured (sitecloud / nginx) | CPU µs/req: front end / worker vs nginx proxy / static | |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        if row.target is None:
+            continue
+        rps, p99 = row.ratios()
+        want_rps, want_p99 = row.target
+        goal = f"≥ {want_rps:.1f}x nginx req/s" + (f", p99 ≤ {want_p99:.1f}x" if want_p99 else "")
+        got = f"{rps:.2f}x req/s" + (f", p99 {p99:.2f}x" if want_p99 else "")
+        s, n = row.sitecloud, row.nginx
+        cpu = (
+            f"{s.cpu_us('frontend'):.0f} / {s.cpu_us('worker'):.0f} vs "
+            f"{n.cpu_us('proxy'):.0f} / {n.cpu_us('static'):.0f}"
+        )
+        ok = rps >= want_rps and (not want_p99 or p99 <= want_p99)
+        lines.append(f"| {row.case} | {goal} | {got} | {cpu} | {'met' if ok else '**not met**'} |")
+    lines.append(
+        "| 1,000 slowloris connections open (HTTPS) | other visitors' p99 < 2x their baseline | "
+        "measured by `python -m bench.slowloris` (its own section below) | | |"
+    )
+    return "\n".join(lines)
+
+
 @dataclass
 class Target:
     """One side of a comparison: where wrk goes, with which Host, and whose CPU is counted."""
@@ -380,7 +407,9 @@ def main() -> int:
             f"wrk with {args.connections} keep-alive connections (one wrk thread per serving process), "
             f"{args.seconds} s runs,\n{args.rounds} alternated rounds per case (A B A B ...; medians shown). "
             "Ratios are sitecloud / nginx: above\n1.0 is better for req/s, below 1.0 is better for p99.\n\n"
-            f"Run on {stamp}: {_machine()}; {load}.\n\n{table}\n" + NOTES,
+            f"Run on {stamp}: {_machine()}; {load}.\n\n"
+            f"### Targets (medians of {args.rounds} alternated rounds)\n\n{_targets(bench.rows)}\n\n"
+            f"### Every row\n\n{table}\n" + NOTES,
         )
         print(f"written to {DOC}", file=sys.stderr)
     return 0
