@@ -141,6 +141,28 @@ def test_a_publish_is_never_hidden_by_a_held_answer(stack: Stack) -> None:
     assert stack.get("alpha", "/page.html")[:2] == (200, v2)
 
 
+def test_a_hit_is_still_in_the_sites_access_log_as_the_200_the_visitor_got(stack: Stack) -> None:
+    page = b"<p>logged even when kept</p>"
+    stack.publish("beta", {"logged.html": page})
+    _live(stack, "beta", "/logged.html", page)
+    for _ in range(2):
+        stack.get("beta", "/logged.html")
+    hits = stack.cache()["cache_hits"]
+    status, body, resp = stack.get("beta", "/logged.html")
+    assert (status, body) == (200, page) and stack.cache()["cache_hits"] == hits + 1
+    rid = resp.getheader("X-Request-Id")
+    assert rid
+
+    def logged() -> str:
+        url = f"{stack.worker.control_url}/v1/sites/beta/logs?lines=200"
+        code, text = call(url, stack.pki.client_ssl("controller"))
+        assert code == 200
+        return next((ln for ln in bytes(text).decode().splitlines() if f"id={rid}" in ln), "")
+
+    line = wait_until(logged, timeout=10, what="the hit's access line")
+    assert f'"GET /logged.html HTTP/1.1" 200 {len(page)} ' in line and "[access]" in line
+
+
 def test_two_sites_same_path_never_mix(stack: Stack) -> None:
     a, b = b"alpha's own index", b"beta's very own index page"
     stack.publish("alpha", {"index.html": a})
