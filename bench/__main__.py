@@ -1,8 +1,12 @@
-"""`make bench`: sitecloud's front end → worker path side by side with nginx proxy → nginx static.
+"""`make bench`: sitecloud as `sitecloud up` starts it, side by side with nginx proxy → nginx static.
 
-Both serve the same files; wrk drives them alternately (A B A B ...) in the same run, and the table
-gives each one's req/s, p50 and p99 and the ratio sitecloud / nginx. The table is written to
-docs/benchmarks.md with the machine it ran on.
+The primary rows run through a cloud started with `sitecloud up` and its defaults (metering,
+access logs, controller and management running), the bench site created and published through the
+CLI (`sitecloud deploy`), as a user would. nginx serves the same files. wrk drives them alternately
+(A B A B ...) in the same run; each row gives req/s, p50 and p99 (medians of the rounds), the ratios
+sitecloud / nginx, and the CPU time each side's processes spent per request (read from /proc around
+every wrk run), so a reader sees what a request costs and how busy the box was. One extra row keeps
+the hand-built stack (front end, worker, file server alone, metering off) for comparison.
 """
 
 from __future__ import annotations
@@ -15,46 +19,89 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench._cpu import CpuMeter, family
 from bench._doc import DOC, write_section
 from bench._nginx import NginxPair, nginx_available
 from bench._stack import SITE, SitecloudStack
+from bench._up import UpCloud, wait_until
 from bench._workspace import Workspace
 from bench._wrk import WrkResult, run_wrk, wrk_available
 
 DOMAIN = "sites.bench"
-FILES = {"1k.html": b"x" * 1024, "100k.bin": os.urandom(100 * 1024)}
+FILES = {"1k.html": b"x" * 1024, "100k.bin": os.urandom(100 * 1024), "1m.bin": os.urandom(1024 * 1024)}
+# CPU groups: sitecloud's data-plane roles, the rest of the cloud `up` runs, nginx's two servers.
+SC_GROUPS = ("frontend", "worker")
+NG_GROUPS = ("proxy", "static")
+
+
+@dataclass
+class Side:
+    """One server side of a row: its wrk results and CPU seconds per group, per round."""
+
+    results: list[WrkResult] = field(default_factory=list)
+    cpu: list[dict[str, float]] = field(default_factory=list)
+
+    def median(self, attr: str) -> float:
+        return float(statistics.median(getattr(r, attr) for r in self.results))
+
+    def cpu_us(self, group: str) -> float:
+        """Median over the rounds of the group's CPU µs per request."""
+        return float(
+            statistics.median(
+                cpu[group] * 1e6 / max(1, r.requests) for cpu, r in zip(self.cpu, self.results, strict=True)
+            )
+        )
 
 
 @dataclass
 class Row:
     case: str
-    sitecloud: list[WrkResult]
-    nginx: list[WrkResult]
+    sitecloud: Side = field(default_factory=Side)
+    nginx: Side = field(default_factory=Side)
+    # The target this case has in the issue: (min req/s ratio, max p99 ratio or 0 for none).
+    target: tuple[float, float] | None = None
 
-    @staticmethod
-    def _median(results: list[WrkResult], attr: str) -> float:
-        return float(statistics.median(getattr(r, attr) for r in results))
+    def ratios(self) -> tuple[float, float]:
+        s, n = self.sitecloud, self.nginx
+        return (
+            s.median("requests_per_second") / n.median("requests_per_second"),
+            s.median("p99_ms") / n.median("p99_ms"),
+        )
+
+    def verdict(self) -> str:
+        if self.target is None:
+            return "—"
+        rps, p99 = self.ratios()
+        want_rps, want_p99 = self.target
+        ok = rps >= want_rps and (not want_p99 or p99 <= want_p99)
+        goal = f"≥ {want_rps:.1f}x" + (f", p99 ≤ {want_p99:.1f}x" if want_p99 else "")
+        return f"{goal}: {'met' if ok else '**not met**'}"
 
     def cells(self) -> list[str]:
-        s_rps, n_rps = (
-            self._median(self.sitecloud, "requests_per_second"),
-            self._median(self.nginx, "requests_per_second"),
-        )
-        s_p50, n_p50 = self._median(self.sitecloud, "p50_ms"), self._median(self.nginx, "p50_ms")
-        s_p99, n_p99 = self._median(self.sitecloud, "p99_ms"), self._median(self.nginx, "p99_ms")
-        errors = sum(r.errors for r in self.sitecloud)
+        s, n = self.sitecloud, self.nginx
+        s_rps, n_rps = s.median("requests_per_second"), n.median("requests_per_second")
+        rps, p99 = self.ratios()
+        sc_cpu = " / ".join(f"{s.cpu_us(g):.0f}" for g in SC_GROUPS if s.cpu and g in s.cpu[0])
+        ng_cpu = " / ".join(f"{n.cpu_us(g):.0f}" for g in NG_GROUPS)
+        others = ""
+        if s.cpu and "rest" in s.cpu[0]:
+            others = f" (+{s.cpu_us('rest'):.0f} rest of cloud)"
         return [
             self.case,
             f"{s_rps:,.0f}",
             f"{n_rps:,.0f}",
-            f"**{s_rps / n_rps:.2f}x**",
-            f"{s_p50:.2f} / {n_p50:.2f}",
-            f"{s_p99:.2f} / {n_p99:.2f}",
-            f"**{s_p99 / n_p99:.2f}x**",
-            str(errors),
+            f"**{rps:.2f}x**",
+            f"{s.median('p50_ms'):.2f} / {n.median('p50_ms'):.2f}",
+            f"{s.median('p99_ms'):.2f} / {n.median('p99_ms'):.2f}",
+            f"**{p99:.2f}x**",
+            sc_cpu + others,
+            ng_cpu,
+            str(sum(r.errors for r in s.results)),
+            self.verdict(),
         ]
 
 
@@ -66,7 +113,10 @@ HEADER = [
     "p50 ms (sc / nginx)",
     "p99 ms (sc / nginx)",
     "p99 ratio",
+    "sc CPU µs/req (front end / worker)",
+    "nginx CPU µs/req (proxy / static)",
     "sc errors",
+    "target",
 ]
 
 
@@ -89,150 +139,277 @@ def _table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _targets(rows: list[Row]) -> str:
+    """The issue's targets, each beside what this run measured."""
+    lines = [
+        "| case | target | measured (sitecloud / nginx) | CPU µs/req: front end / worker vs nginx proxy / static | |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        if row.target is None:
+            continue
+        rps, p99 = row.ratios()
+        want_rps, want_p99 = row.target
+        goal = f"≥ {want_rps:.1f}x nginx req/s" + (f", p99 ≤ {want_p99:.1f}x" if want_p99 else "")
+        got = f"{rps:.2f}x req/s" + (f", p99 {p99:.2f}x" if want_p99 else "")
+        s, n = row.sitecloud, row.nginx
+        cpu = (
+            f"{s.cpu_us('frontend'):.0f} / {s.cpu_us('worker'):.0f} vs "
+            f"{n.cpu_us('proxy'):.0f} / {n.cpu_us('static'):.0f}"
+        )
+        ok = rps >= want_rps and (not want_p99 or p99 <= want_p99)
+        lines.append(f"| {row.case} | {goal} | {got} | {cpu} | {'met' if ok else '**not met**'} |")
+    lines.append(
+        "| 1,000 slowloris connections open (HTTPS) | other visitors' p99 < 2x their baseline | "
+        "measured by `python -m bench.slowloris` (its own section below) | | |"
+    )
+    return "\n".join(lines)
+
+
+@dataclass
+class Target:
+    """One side of a comparison: where wrk goes, with which Host, and whose CPU is counted."""
+
+    url: str
+    host: str
+    cpu: Callable[[], CpuMeter]
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rows: list[Row] = []
+        self.loads: list[float] = []
+
+    def run(self, row: Row, sitecloud: Target, nginx: Target, threads: int) -> None:
+        args = self.args
+        sides = {"sitecloud": (sitecloud, row.sitecloud), "nginx": (nginx, row.nginx)}
+        for target, _ in sides.values():
+            # Warm-up, not counted: TLS handshakes, pooled upstream connections, caches, both alike.
+            run_wrk(target.url, target.host, seconds=1, connections=args.connections, threads=threads)
+        for rnd in range(args.rounds):
+            for who, (target, side) in sides.items():
+                meter = target.cpu()
+                meter.start()
+                result = run_wrk(
+                    target.url,
+                    target.host,
+                    seconds=args.seconds,
+                    connections=args.connections,
+                    threads=threads,
+                )
+                cpu = meter.stop()
+                side.results.append(result)
+                side.cpu.append(cpu)
+                self.loads.append(os.getloadavg()[0])
+                per = ", ".join(f"{g} {s * 1e6 / max(1, result.requests):.0f}" for g, s in cpu.items())
+                print(
+                    f"  {row.case} round {rnd + 1} {who:9s} {result.requests_per_second:9,.0f} req/s "
+                    f"p50 {result.p50_ms:.2f} ms p99 {result.p99_ms:.2f} ms errors {result.errors}; "
+                    f"CPU µs/req: {per}; load {os.getloadavg()[0]:.2f}",
+                    file=sys.stderr,
+                )
+        self.rows.append(row)
+
+
+def _nginx_cpu(pair: NginxPair) -> Callable[[], CpuMeter]:
+    def meter() -> CpuMeter:
+        return CpuMeter({name: [int((pair.dir / f"{name}.pid").read_text())] for name in NG_GROUPS})
+
+    return meter
+
+
+def _up_cpu(cloud: UpCloud) -> Callable[[], CpuMeter]:
+    def meter() -> CpuMeter:
+        assert cloud.proc is not None
+        groups = {name: [cloud.role_pid(name)] for name in SC_GROUPS}
+        # The rest of what `up` runs: the `up` process is the controller; every role is a session
+        # of its own, not its child.
+        groups["rest"] = [
+            cloud.proc.pid,
+            *(cloud.role_pid(n) for n in ("management", "fileserver", "publisher")),
+        ]
+        return CpuMeter(groups)
+
+    return meter
+
+
+def _stack_cpu(stack: SitecloudStack) -> Callable[[], CpuMeter]:
+    def meter() -> CpuMeter:
+        assert stack.frontend.proc is not None and stack.worker.proc is not None
+        return CpuMeter({"frontend": [stack.frontend.proc.pid], "worker": [stack.worker.proc.pid]})
+
+    return meter
+
+
+def start_up_cloud(work: Path, files_dir: Path, processes: int) -> UpCloud:
+    """`sitecloud up` with its defaults (and ``--processes`` above 1); the bench site created and
+    published through the CLI, as a user would."""
+    work.mkdir(parents=True, exist_ok=True)
+    cloud = UpCloud(work / "home", ("--processes", str(processes)) if processes > 1 else ())
+    cloud.start()
+    try:
+        cloud.cli(
+            "plan", "create", "bench", "--max-sites", "1", "--storage-mb", "64",
+            "--bandwidth-mb-per-day", "unlimited", "--cpu-minutes-per-day", "unlimited",
+        )  # fmt: skip
+        cloud.cli("tenant", "create", "bench")
+        subscription = cloud.cli("subscription", "create", "--tenant", "bench", "--plan", "bench")["id"]
+        cloud.cli("site", "create", SITE, "--subscription", str(subscription))
+        cloud.cli("deploy", SITE, str(files_dir))
+        # A fresh `up` builds the wheelhouse for role hosts in the background, once per code version
+        # (see `up --wheelhouse`): measure the steady state after it, as a user's second minute is.
+        wait_until(
+            lambda: not _building(cloud),
+            timeout=600,
+            interval=1,
+            what="`up` to finish building its wheelhouse",
+        )
+        first = next(iter(FILES))
+        wait_until(
+            lambda: cloud.get(SITE, f"/{first}")[:2] == (200, FILES[first]),
+            timeout=60,
+            what="the bench site to be served through the front end",
+        )
+    except BaseException:
+        cloud.stop()
+        raise
+    return cloud
+
+
+def _building(cloud: UpCloud) -> bool:
+    """Whether `up` still runs a ``pip wheel`` (its wheelhouse build) under it."""
+    assert cloud.proc is not None
+    for pid in family(cloud.proc.pid):
+        try:
+            if b"pip\x00wheel" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 NOTES = """
-How the front end keeps up (each process's CPU time read from /proc around a wrk run on this machine,
-divided by the requests; 1 KB over HTTPS, 1 process each). The hop to the
-worker is where sitecloud used to lose: one request per mTLS connection at a time cost a TLS record, a
-send, a read and a wake-up at both ends, some 27 µs of front-end and 21 µs of worker CPU per request.
-Lanes (docs/architecture.md, "The lane") pipeline GETs over one mTLS connection per worker: what the
-front end reads from all visitors in one turn of its loop goes to the worker in one write, and the
-worker answers all of it in one write, about ten requests per record and system call at these rates.
-With them the front end spends about 25 µs per request (17 user, 8 kernel; its visitor side alone,
-answering a platform page without any hop, is about 19) and the worker about 10 µs, against about
-24 µs for the nginx proxy and 16 µs for nginx static. The "without lanes" row is the same worker
-behind a front end with `lanes_per_worker: 0`. wrk, both proxies and both servers share two cores,
-and other jobs share this VM, so figures move by a tenth or more from run to run; medians of the
-alternating rounds are shown.
+CPU µs per request: each side's processes' user + system time from /proc (utime + stime) across a
+wrk run, divided by the requests it completed; for sitecloud the front end and the worker (every
+serving process of each), and in brackets the rest of what `sitecloud up` runs (controller,
+management, file server, publisher) over the same run; for nginx the proxy and the static server.
+A fresh `sitecloud up` first builds its wheelhouse for role hosts in the background (a minute or two
+of `pip wheel`, once per code version); the bench waits for it, so the rows are the steady state.
+wrk, both proxies and both servers share the same cores, and other jobs share this VM (see the load
+average above), so figures move by a tenth or more from run to run; medians of the alternated rounds
+are shown, and only the ratios of one run mean much.
+
+How a request goes (docs/architecture.md, "The lane"): the front end sends plain GETs to the worker
+on a lane, many per write. It keeps static answers of up to 1 MB (its cache, keyed by site, target and
+the worker's content version) and names the version it holds on each lane request; the worker, when
+that version is still the one it serves, answers a body-less 204 and logs the request as the 200 the
+visitor gets. Every hit is thus still checked with the worker for that request (a publish is never
+hidden, and access logs stay whole), while the body crosses the hop once per version. What a hit
+still costs is the hop's round trip and the worker's parse, lookup and log line, which nginx's proxy
+(here in front of a static nginx, plain HTTP, `access_log off`) does not pay.
 """
 
 
-def _verdict(row: Row) -> str:
-    """Issue 4's target, on the 1 KB HTTPS case with one process each."""
-    rps = Row._median(row.sitecloud, "requests_per_second") / Row._median(row.nginx, "requests_per_second")
-    p99 = Row._median(row.sitecloud, "p99_ms") / Row._median(row.nginx, "p99_ms")
-    met = rps >= 1.0 and p99 <= 1.5
-    return f"target ({row.case}): req/s {rps:.2f}x (>= 1.0), p99 {p99:.2f}x (<= 1.5): " + (
-        "met" if met else "NOT met"
+def _up_rows(bench: Bench, ws: Workspace, processes: int) -> None:
+    plural = "process" if processes == 1 else "processes"
+    print(
+        f"starting `sitecloud up` ({processes} {plural}) and nginx ({processes} worker {plural}) ...",
+        file=sys.stderr,
     )
+    cloud = start_up_cloud(ws.work / f"up-{processes}", ws.root, processes)
+    nginx = NginxPair(ws.work / f"nginx-up-{processes}", ws.root, ws.cert, ws.key, ws.hop, workers=processes)
+    nginx.start()
+    host = f"{SITE}.{cloud.domain}"
+    try:
+        names = list(FILES) if processes == 1 else ["1k.html"]
+        for name in names:
+            target = (
+                (1.2, 1.2)
+                if name == "1k.html" and processes == 1
+                else (1.0, 0)
+                if name == "1k.html"
+                else (0.9, 0)
+            )
+            bench.run(
+                Row(f"{name}, HTTPS keep-alive, {processes} {plural} each, `sitecloud up`", target=target),
+                Target(f"https://127.0.0.1:{cloud.ports['https_port']}/{name}", host, _up_cpu(cloud)),
+                Target(f"https://127.0.0.1:{nginx.https_port}/{name}", host, _nginx_cpu(nginx)),
+                processes,
+            )
+    finally:
+        nginx.stop()
+        cloud.stop()
 
 
-def _run_case(
-    row: Row, rounds: int, url_of: dict[str, str], *, seconds: int, connections: int, threads: int
-) -> Row:
-    for who in ("sitecloud", "nginx"):
-        # Warm-up, not counted: TLS handshakes, pooled upstream connections, caches, both sides alike.
-        run_wrk(url_of[who], f"{SITE}.{DOMAIN}", seconds=1, connections=connections, threads=threads)
-    for rnd in range(rounds):
-        for who in ("sitecloud", "nginx"):
-            result = run_wrk(
-                url_of[who], f"{SITE}.{DOMAIN}", seconds=seconds, connections=connections, threads=threads
-            )
-            getattr(row, who).append(result)
-            print(
-                f"  {row.case} round {rnd + 1} {who:9s} {result.requests_per_second:9,.0f} req/s "
-                f"p50 {result.p50_ms:.2f} ms p99 {result.p99_ms:.2f} ms errors {result.errors}",
-                file=sys.stderr,
-            )
-    return row
+def _stack_rows(bench: Bench, ws: Workspace) -> None:
+    print("starting the hand-built stack (file server, worker, front end; metering off) ...", file=sys.stderr)
+    stack = SitecloudStack(ws.work / "stack", DOMAIN, ws.pki, processes=1)
+    nginx = NginxPair(ws.work / "nginx-stack", ws.root, ws.cert, ws.key, ws.hop, workers=1)
+    stack.start(FILES)
+    nginx.start()
+    host = f"{SITE}.{DOMAIN}"
+    try:
+        bench.run(
+            Row("1k.html, HTTPS keep-alive, 1 process each, hand-built stack (metering off)"),
+            Target(f"https://127.0.0.1:{stack.https_port}/1k.html", host, _stack_cpu(stack)),
+            Target(f"https://127.0.0.1:{nginx.https_port}/1k.html", host, _nginx_cpu(nginx)),
+            1,
+        )
+    finally:
+        nginx.stop()
+        stack.stop()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="make bench")
     parser.add_argument("--seconds", type=int, default=8, help="length of each wrk run")
-    parser.add_argument("--rounds", type=int, default=2, help="A/B rounds per case")
+    parser.add_argument("--rounds", type=int, default=3, help="A/B rounds per case")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--processes", default="1,2", help="serving processes per role, e.g. 1,2")
+    parser.add_argument("--no-stack", action="store_true", help="skip the hand-built stack's row")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args()
     if not (nginx_available() and wrk_available()):
         print("bench needs nginx and wrk: apt-get install -y nginx wrk", file=sys.stderr)
         return 2
     counts = [int(n) for n in args.processes.split(",") if n.strip()]
-
-    rows: list[Row] = []
-
-    def run(row: Row, sitecloud_url: str, nginx_url: str, threads: int) -> None:
-        urls = {"sitecloud": sitecloud_url, "nginx": nginx_url}
-        rows.append(
-            _run_case(
-                row, args.rounds, urls, seconds=args.seconds, connections=args.connections, threads=threads
-            )
-        )
-
-    with tempfile.TemporaryDirectory(prefix="sitecloud-bench-") as tmp:
+    bench = Bench(args)
+    before = os.getloadavg()
+    # Site uids must reach their files: not under a 0700 directory, nor under /tmp, where test
+    # sessions on the same host clean up worker directories.
+    with tempfile.TemporaryDirectory(prefix="sc-bench-", dir="/var/tmp") as tmp:
         ws = Workspace.create(Path(tmp), DOMAIN, FILES)
         for processes in counts:
-            stack = SitecloudStack(
-                ws.work / f"sitecloud-{processes}",
-                DOMAIN,
-                ws.pki,
-                processes=processes,
-                lanes_off=processes == 1,
-            )
-            nginx = NginxPair(
-                ws.work / f"nginx-{processes}", ws.root, ws.cert, ws.key, ws.hop, workers=processes
-            )
-            print(
-                f"starting sitecloud (fileserver, worker, frontend) and nginx (proxy, static), "
-                f"{processes} process(es) each ...",
-                file=sys.stderr,
-            )
-            stack.start(FILES)
-            nginx.start()
-            plural = "process" if processes == 1 else "processes"
-            try:
-                for scheme in ("https", "http"):
-                    for name in FILES:
-                        sc_port = stack.https_port if scheme == "https" else stack.http_port
-                        ng_port = nginx.https_port if scheme == "https" else nginx.http_port
-                        run(
-                            Row(f"{name} {scheme.upper()} keep-alive, {processes} {plural} each", [], []),
-                            f"{scheme}://127.0.0.1:{sc_port}/{name}",
-                            f"{scheme}://127.0.0.1:{ng_port}/{name}",
-                            processes,
-                        )
-                if processes == 1:
-                    # The same security on both sides: nginx's hop in mutual TLS too.
-                    for name in FILES:
-                        run(
-                            Row(f"{name} HTTPS keep-alive, 1 process each, nginx hop also mTLS", [], []),
-                            f"https://127.0.0.1:{stack.https_port}/{name}",
-                            f"https://127.0.0.1:{nginx.https_mtls_port}/{name}",
-                            1,
-                        )
-                    # What the lanes bring: a front end that sends every request on a connection of its own.
-                    run(
-                        Row(
-                            "1k.html HTTPS keep-alive, 1 process each, sitecloud without lanes (lanes_per_worker 0)",
-                            [],
-                            [],
-                        ),
-                        f"https://127.0.0.1:{stack.https_port_without_lanes}/1k.html",
-                        f"https://127.0.0.1:{nginx.https_port}/1k.html",
-                        1,
-                    )
-            finally:
-                nginx.stop()
-                stack.stop()
+            _up_rows(bench, ws, processes)
+        if not args.no_stack:
+            _stack_rows(bench, ws)
 
-    table = _table(rows)
+    table = _table(bench.rows)
     print(table)
-    target = next((r for r in rows if r.case == "1k.html HTTPS keep-alive, 1 process each"), None)
-    print(_verdict(target) if target else "the 1 KB HTTPS case with 1 process each was not run")
+    for row in bench.rows:
+        if row.target is not None:
+            print(f"{row.case}: {row.verdict()}")
+    load = (
+        f"load average (1 min) {before[0]:.2f} before the run, {statistics.median(bench.loads):.2f} "
+        f"median over the wrk runs (range {min(bench.loads):.2f} to {max(bench.loads):.2f})"
+    )
+    print(load, file=sys.stderr)
     if not args.no_write:
         stamp = time.strftime("%Y-%m-%d")
         write_section(
             "data-plane",
-            "## Data plane: front end → worker against nginx proxy → nginx static\n\n"
-            "Measured by `make bench` (bench/__main__.py): sitecloud's front end → worker (both roles as their\n"
-            "own processes, the hop between them mutual TLS) against nginx as proxy → nginx static (plain HTTP\n"
-            "between them, as nginx is usually deployed; one 1-process row gives nginx a mutual-TLS hop too,\n"
-            "so both pay for the same security, and one shows sitecloud without its lanes). Same files, wrk with "
-            f"{args.connections} keep-alive connections (one wrk thread per\nserving process), "
-            f"{args.seconds} s runs, {args.rounds} alternating rounds each (A B A B; medians shown). wrk, the\n"
-            "proxy and the server all share the same cores. Ratios are sitecloud / nginx: above 1.0 is better\n"
-            "for req/s, below 1.0 is better for p99.\n\n"
-            f"Run on {stamp}: {_machine()}.\n\n{table}\n" + NOTES,
+            "## Data plane: `sitecloud up` against nginx proxy → nginx static\n\n"
+            "Measured by `make bench` (bench/__main__.py): the cloud as `sitecloud up` starts it, with its\n"
+            "defaults (metering, access logs, controller and management running), the site created and\n"
+            "published through the CLI (`sitecloud deploy`), against nginx as proxy → nginx static (one or two\n"
+            "worker processes each, plain HTTP between them as nginx is usually deployed, `access_log off`).\n"
+            f"wrk with {args.connections} keep-alive connections (one wrk thread per serving process), "
+            f"{args.seconds} s runs,\n{args.rounds} alternated rounds per case (A B A B ...; medians shown). "
+            "Ratios are sitecloud / nginx: above\n1.0 is better for req/s, below 1.0 is better for p99.\n\n"
+            f"Run on {stamp}: {_machine()}; {load}.\n\n"
+            f"### Targets (medians of {args.rounds} alternated rounds)\n\n{_targets(bench.rows)}\n\n"
+            f"### Every row\n\n{table}\n" + NOTES,
         )
         print(f"written to {DOC}", file=sys.stderr)
     return 0

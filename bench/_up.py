@@ -51,12 +51,14 @@ def wait_until(predicate: Callable[[], T], *, timeout: float, interval: float = 
 
 
 class UpCloud:
-    """``sitecloud up --home HOME`` on free ports; every other option at its default."""
+    """``sitecloud up --home HOME`` on free ports; every other option at its default (or as
+    ``extra_args`` say)."""
 
     domain = "sites.localhost"
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.home = home
+        self.extra_args = extra_args
         self.ports = {
             n: free_port() for n in ("http_port", "https_port", "ftp_port", "api_port", "deploy_port")
         }
@@ -72,7 +74,7 @@ class UpCloud:
         argv = [sys.executable, "-m", "roles.management.cli", "up", "--home", str(self.home), "--json"]
         for name, port in self.ports.items():
             argv += [f"--{name.replace('_', '-')}", str(port)]
-        argv += ["--passive-ports", f"{self.passive[0]}-{self.passive[1]}"]
+        argv += ["--passive-ports", f"{self.passive[0]}-{self.passive[1]}", *self.extra_args]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 

@@ -15,6 +15,7 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 @dataclass(frozen=True)
 class WrkResult:
     requests_per_second: float
+    requests: int
     p50_ms: float
     p99_ms: float
     errors: int
@@ -49,6 +50,7 @@ def run_wrk(url: str, host: str, *, seconds: int, connections: int, threads: int
         timeout=seconds + 60,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     errors = 0
@@ -58,4 +60,4 @@ def run_wrk(url: str, host: str, *, seconds: int, connections: int, threads: int
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
         errors += int(m.group(1))
-    return WrkResult(rps, p50, p99, errors)
+    return WrkResult(rps, requests, p50, p99, errors)

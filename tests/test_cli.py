@@ -361,6 +361,35 @@ def test_up_is_handed_to_the_controller(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert os.environ["SITECLOUD_HOME"] == str(tmp_path)
 
 
+def test_up_processes_reach_the_front_end_and_worker_and_bad_counts_are_refused(tmp_path: Path) -> None:
+    from roles.controller.config import CloudConfig
+    from roles.controller.home import CloudHome
+
+    home = CloudHome(CloudConfig(home=tmp_path / "cloud", processes=2))
+    home.prepare()
+    frontend = json.loads((home.role_home("frontend") / "role.json").read_text())
+    worker = json.loads((home.role_home("worker") / "role.json").read_text())
+    # One lane per front-end process: lanes spread over the worker's processes, which share a listener.
+    assert (frontend["processes"], frontend["lanes_per_worker"], worker["processes"]) == (2, 2, 2)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "roles.management.cli",
+            "--home",
+            str(tmp_path / "x"),
+            "up",
+            "--processes",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "give between 1 and 64 processes" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_the_shell_completes_commands(tmp_path: Path) -> None:
     """argcomplete's protocol, as bash's `register-python-argcomplete sitecloud` drives it."""
     answers = tmp_path / "completions"

@@ -33,6 +33,9 @@ class CloudConfig:
     health_interval: float = 1.0
     # Seconds between usage reports of front ends and workers: how soon a daily quota stops a site.
     usage_interval: float = 30.0
+    # Serving processes of this machine's front end and worker (each shares its listeners); one per
+    # core is the usual choice on a box of their own.
+    processes: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)
     # The roles `up` runs on this machine; "management" alone makes a control-plane box whose data
     # plane lives on other hosts (`sitecloud role add`).

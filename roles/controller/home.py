@@ -175,10 +175,23 @@ class CloudHome:
         }
         if kind == "frontend":
             return FrontendConfig(
-                **common, http_port=c.http_port, https_port=c.https_port, usage_interval=c.usage_interval
+                **common,
+                http_port=c.http_port,
+                https_port=c.https_port,
+                usage_interval=c.usage_interval,
+                processes=c.processes,
+                # The worker's serving processes share one listener, so one lane per front-end
+                # process may well land on the same one of them: as many lanes as processes
+                # spread the load over them.
+                lanes_per_worker=c.processes,
             )
         if kind == "worker":
-            return WorkerConfig(**common, data_port=ports["worker_data"], usage_interval=c.usage_interval)
+            return WorkerConfig(
+                **common,
+                data_port=ports["worker_data"],
+                usage_interval=c.usage_interval,
+                processes=c.processes,
+            )
         if kind == "fileserver":
             return FileserverConfig(**common)
         if kind == "publisher":

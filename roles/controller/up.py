@@ -40,6 +40,16 @@ def _positive_seconds(value: str) -> float:
     return seconds
 
 
+def _processes(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 1 <= count <= 64:
+        raise argparse.ArgumentTypeError("give between 1 and 64 processes")
+    return count
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sitecloud up", description="Start the whole cloud on this machine.")
     p.add_argument(
@@ -86,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
         help="how often front ends and workers report usage, so how soon a site over its daily quota "
         "is stopped (default %(default)s)",
     )
+    p.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        metavar="N",
+        help="serving processes of this machine's front end and worker, sharing their ports; about one "
+        "per core (default %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print the endpoints as JSON once the cloud is ready")
     return p
 
@@ -129,6 +147,7 @@ def run_up(argv: list[str]) -> int:
             local_roles=tuple(r.strip() for r in args.local_roles.split(",") if r.strip()),
             wheelhouse=Path(args.wheelhouse).resolve() if args.wheelhouse else None,
             usage_interval=args.usage_interval,
+            processes=args.processes,
         )
     except SitecloudError as err:
         print(f"error: {err.message}", file=sys.stderr)

@@ -14,6 +14,7 @@ from typing import cast
 
 import httptools
 
+from roles.frontend._cache import CacheEntry, cacheable, http_date_line, without_date
 from roles.frontend._http import (
     BODY_CHUNKED,
     BODY_CLOSE,
@@ -56,6 +57,8 @@ _PAUSE_BUFFER = 4  # body bytes buffered while the worker connection is being ma
 _PAUSE_DEAD = 8
 
 _BUFFER_LIMIT = 256 * 1024
+# What one turn wrote to a client is joined into one piece up to this size; larger, it goes in pieces.
+_JOIN_MAX = 16 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
@@ -65,6 +68,8 @@ _LANE_OFF_FOR = 30.0
 _OFF_LANE_MAX = 1024
 _REDIRECT_AS_IS = frozenset({b"GET", b"HEAD"})
 _CHALLENGE_PREFIX = CHALLENGE_PATH.encode()
+# Request headers that make an answer this visitor's own (a part, or "not modified"): never kept.
+_CONDITIONAL = frozenset({b"range", b"if-range", b"if-none-match", b"if-modified-since", b"if-match"})
 
 
 class _Reject(Exception):
@@ -79,11 +84,14 @@ class _Request:
         "body_parts",
         "body_seen",
         "buffered",
+        "cached",
+        "cached_version",
         "chunked",
         "chunked_response",
         "close_after",
         "conn",
         "expect_continue",
+        "fill",
         "fresh",
         "head",
         "head_request",
@@ -141,6 +149,11 @@ class _Request:
         self.t0 = 0.0  # loop time of its first byte: the latency metric runs from here
         # "X-Request-Id: <id>\r\n": sent to the worker (which logs it) and back to the visitor.
         self.rid = b""
+        # The front end's cache (roles/frontend/_cache.py): the answer held for this request, its
+        # version, and whether the worker's answer may be kept (a plain GET on the lane).
+        self.cached: CacheEntry | None = None
+        self.cached_version = b""
+        self.fill = False
 
 
 def _normalize_host(value: bytes) -> bytes:
@@ -199,6 +212,7 @@ class ClientConnection(asyncio.Protocol):
         self._tokens: frozenset[bytes] | None = None
         self._cookie: bytes | None = None
         self._upgrade: bytes | None = None
+        self._plain = True  # no conditional or range header: the whole answer, the same for anyone
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -323,6 +337,7 @@ class ClientConnection(asyncio.Protocol):
         self._tokens = None
         self._cookie = None
         self._upgrade = None
+        self._plain = True
         self.read_deadline = now + self._proxy.header_timeout
         if self._queue:
             self._pause(_PAUSE_PIPELINE)
@@ -339,7 +354,10 @@ class ClientConnection(asyncio.Protocol):
         if self._head_bytes > self._proxy.max_header_bytes or self._nheaders > self._proxy.max_headers:
             self._error = 431
             raise _Reject
-        kind = REQUEST_HEADERS.get(name.lower())
+        lname = name.lower()
+        kind = REQUEST_HEADERS.get(lname)
+        if kind is None and lname in _CONDITIONAL:
+            self._plain = False
         if kind is None or kind in (H_CONTENT_LENGTH, H_COOKIE):
             if kind == H_CONTENT_LENGTH:
                 self._lengths += 1
@@ -469,7 +487,18 @@ class ClientConnection(asyncio.Protocol):
             req.tunnel = True
             req.upgrade = self._upgrade
             upgrade_head = b"Connection: Upgrade\r\nUpgrade: " + self._upgrade + b"\r\n"
-        req.lane_ok = lane_eligible(method, has_body, req.tunnel) and target not in site.off_lane
+        lane_ok = lane_eligible(method, has_body, req.tunnel)
+        cached_line = b""
+        cache = self._proxy.cache
+        if lane_ok and self._plain and cache is not None:
+            # The lane carries it, saying which version of the answer is held here (none: "-"); a
+            # file too big for a lane otherwise comes on it once, to be kept.
+            entry = req.cached = cache.get(site.name, target)
+            if entry is not None:
+                req.cached_version = entry.version
+            req.fill = True
+            cached_line = b"X-Sitecloud-Cached: " + (entry.version if entry is not None else b"-") + b"\r\n"
+        req.lane_ok = lane_ok and target not in site.off_lane
         req.target = target
         req.rid = rid = self._proxy.request_id()
         xff = self._ip if self._xff is None else self._xff + b", " + self._ip
@@ -491,6 +520,7 @@ class ClientConnection(asyncio.Protocol):
                 host,
                 b"\r\n",
                 rid,
+                cached_line,
                 upgrade_head,
                 b"Transfer-Encoding: chunked\r\n\r\n" if req.chunked else b"\r\n",
             )
@@ -769,11 +799,28 @@ class ClientConnection(asyncio.Protocol):
             req.local = PAGES[504]
         self._answer_failure(req)
 
-    def lane_answer(self, req: Exchange, status_line: bytes, headers: bytes, body: bytes) -> None:
-        """A whole answer from a lane (``headers`` end-to-end ones, each line ending in CRLF)."""
+    def lane_answer(
+        self, req: Exchange, status_line: bytes, headers: bytes, body: bytes, version: bytes
+    ) -> None:
+        """A whole answer from a lane (``headers`` end-to-end ones, each line ending in CRLF).
+        ``version``: the content version of a 200 that may be kept, or (a 204) of the answer held
+        here that the worker says is still the one."""
         assert isinstance(req, _Request)
         req.lane = None
         proxy = self._proxy
+        entry = req.cached
+        fresh = entry is not None and version and status_line[9:12] == b"204"
+        if fresh:
+            assert entry is not None  # the lane checked the version is the one held
+            proxy.cache.hits += 1  # type: ignore[union-attr]
+            status_line, headers, body = entry.head, http_date_line(), entry.body
+        elif version and req.fill and req.site is not None and proxy.cache is not None and cacheable(headers):
+            kept = CacheEntry(version, status_line + without_date(headers), body)
+            if not proxy.cache.put(req.site.name, req.target, kept):
+                # Too big to keep here: it would only come on the lane again and again.
+                if len(req.site.off_lane) >= _OFF_LANE_MAX:
+                    req.site.off_lane.clear()
+                req.site.off_lane.add(req.target)
         proxy.counts.done(int(status_line[9:12]), proxy.loop.time() - req.t0)
         extra = req.rid + req.set_cookie
         site = req.site
@@ -784,7 +831,11 @@ class ClientConnection(asyncio.Protocol):
             extra += b"Connection: close\r\n"
         elif not req.http11:
             extra += b"Connection: keep-alive\r\n"
-        self._write(b"".join((status_line, headers, extra, b"\r\n", body)))
+        if len(body) <= _JOIN_MAX:
+            self._write(b"".join((status_line, headers, extra, b"\r\n", body)))
+        else:
+            self._write(b"".join((status_line, headers, extra, b"\r\n")))
+            self._write(body)
         self._finish(req)
 
     def lane_refused(self, req: Exchange, *, site_wide: bool) -> None:
@@ -797,10 +848,16 @@ class ClientConnection(asyncio.Protocol):
         if self._closing:
             return
         site = req.site
+        if req.cached is not None and site is not None and self._proxy.cache is not None:
+            self._proxy.cache.drop(site.name, req.target)
+        # A plain GET refused is a file too big to keep: its target skips the lane from now on. (A
+        # range or conditional request may be refused where a plain one would not.)
+        remember = req.fill
+        req.cached, req.cached_version, req.fill = None, b"", False
         if site is not None:
             if site_wide:
                 site.lane_off_until = self._proxy.loop.time() + _LANE_OFF_FOR
-            else:
+            elif remember:
                 if len(site.off_lane) >= _OFF_LANE_MAX:
                     site.off_lane.clear()
                 site.off_lane.add(req.target)
@@ -889,11 +946,16 @@ class ClientConnection(asyncio.Protocol):
                 self._flush()
 
     def _flush(self) -> None:
-        out = self._out
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        if not self._closing and self.transport is not None:
-            self.transport.write(data)
+        out, self._out = self._out, []
+        if self._closing or self.transport is None:
+            return
+        if len(out) == 1:
+            self.transport.write(out[0])
+        elif sum(map(len, out)) <= _JOIN_MAX:
+            self.transport.write(b"".join(out))
+        else:
+            # A large body's pieces go as they are: the TLS layer reads them in place, one send for all.
+            self.transport.writelines(out)
 
     def _pause(self, why: int) -> None:
         if not self._paused and not self._closing and self.transport is not None:

@@ -68,6 +68,7 @@ REQUEST_HEADERS: dict[bytes, int] = {
     # The lane's own (roles/frontend/_lane.py): never a visitor's to send, nor an app's to answer.
     b"x-sitecloud-lane": H_DROP,
     b"x-sitecloud-lane-refused": H_DROP,
+    b"x-sitecloud-cached": H_DROP,
     # The front end names each request (the worker logs it, the visitor gets it back): never a visitor's.
     b"x-request-id": H_DROP,
 }
@@ -77,6 +78,9 @@ RESPONSE_HEADERS: dict[bytes, int] = {
     b"upgrade": H_DROP,
     b"x-sitecloud-lane": H_DROP,
     b"x-sitecloud-lane-refused": H_DROP,
+    # The front end's cache (roles/frontend/_cache.py) reads these on lane answers only.
+    b"x-sitecloud-version": H_DROP,
+    b"x-sitecloud-fresh": H_DROP,
     b"x-request-id": H_DROP,
 }
 

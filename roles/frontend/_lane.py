@@ -27,6 +27,8 @@ __all__ = ["NO_LANE_FOR", "LaneConnection", "lane_eligible"]
 NO_LANE_FOR = 60.0
 
 _TAG_LINE = b"X-Sitecloud-Lane: "
+_VERSION_LINE = b"X-Sitecloud-Version: "
+_FRESH_LINE = b"X-Sitecloud-Fresh: "
 _REFUSED_LINE = b"\r\nX-Sitecloud-Lane-Refused: "
 _REFUSED_SITE = b"site"
 # An answer's head is small (the worker's own); more than this without its end is out of step.
@@ -194,6 +196,15 @@ class LaneConnection(asyncio.Protocol):
         rest of the answer's way to the client."""
         pos, size = 0, len(buf)
         pending = self._pending
+        # Every answer this read brings for one client connection leaves in one write to it.
+        corked: set[Owner] = set()
+        try:
+            return self._hand_out(buf, pos, size, pending, corked)
+        finally:
+            for owner in corked:
+                owner.uncork()
+
+    def _hand_out(self, buf: bytes, pos: int, size: int, pending: deque[_Entry], corked: set[Owner]) -> int:
         while pos < size and not self._closing:
             end = buf.find(b"\r\n\r\n", pos)
             if end < 0:
@@ -214,6 +225,20 @@ class LaneConnection(asyncio.Protocol):
             entry = pending[0]
             if buf[tag_at + len(_TAG_LINE) : tag_end] != entry.tag:
                 raise _OutOfStep(f"an answer tagged {buf[tag_at:tag_end]!r} where {entry.tag!r} was due")
+            # The content version right after the tag: a 200 the front end may keep, or a 204 saying
+            # the answer it holds for this request is still the one (roles/frontend/_cache.py).
+            version = b""
+            line_at = tag_end + 2
+            if buf.startswith(_VERSION_LINE, line_at):
+                tag_end = buf.find(b"\r\n", line_at)
+                version = buf[line_at + len(_VERSION_LINE) : tag_end]
+                if status != 200:
+                    raise _OutOfStep(f"a version on a {status} answer")
+            elif buf.startswith(_FRESH_LINE, line_at):
+                tag_end = buf.find(b"\r\n", line_at)
+                version = buf[line_at + len(_FRESH_LINE) : tag_end]
+                if status != 204 or not version or version != entry.req.cached_version:
+                    raise _OutOfStep(f"'fresh' for a version not held ({version!r})")
             if buf.find(b"\r\nTransfer-Encoding:", tag_end, end) >= 0:
                 raise _OutOfStep("a chunked answer (lane answers are whole)")
             length = 0
@@ -246,11 +271,14 @@ class LaneConnection(asyncio.Protocol):
                 self.idle_since = self._proxy.loop.time()
             owner, entry.owner = entry.owner, None
             if owner is not None:
+                if owner not in corked:
+                    owner.cork()
+                    corked.add(owner)
                 if refused:
                     site_wide = buf.find(_REFUSED_LINE + _REFUSED_SITE, tag_end, end) >= 0
                     owner.lane_refused(entry.req, site_wide=site_wide)
                 else:
-                    owner.lane_answer(entry.req, buf[pos:tag_at], headers, buf[end + 4 : done])
+                    owner.lane_answer(entry.req, buf[pos:tag_at], headers, buf[end + 4 : done], version)
             pos = done
         return pos
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from roles.frontend._cache import ResponseCache
 from roles.frontend._http import Page, text_page
 from roles.frontend._lane import NO_LANE_FOR, LaneConnection
 from roles.frontend._routes import CustomCert, Site, build_routes, failure_figures
@@ -91,6 +92,9 @@ class Proxy:
         # Often enough that connections timing out together (a slowloris wave) are cut a few at a time.
         self._tick = max(0.02, min(0.25, shortest / 5))
         self._sweeper: asyncio.TimerHandle | None = None
+        self.cache = (
+            ResponseCache(config.cache_bytes, config.cache_max_entry) if config.cache_bytes > 0 else None
+        )
         # Request ids: this process's random prefix and a count, unique across processes and restarts.
         self._rid_prefix = b"X-Request-Id: " + os.urandom(6).hex().encode() + b"-"
         self._rid_next = 0
@@ -148,6 +152,10 @@ class Proxy:
         self.challenges = routes.challenges
         self.wildcard = routes.wildcard
         self.applied = True
+        if self.cache is not None:
+            # A site gone from the routes takes its answers along (a site made again under its
+            # name has a new content id, which its entries' versions would not match anyway).
+            self.cache.drop_sites({site.name for site in routes.hosts.values()})
         for address, old in self.upstreams.items():
             if address not in used:
                 old.retired = True
@@ -303,6 +311,16 @@ class Proxy:
             "upstream_connections": len(self.upstream_conns),
             "upstream_idle": sum(len(up.idle) for up in self.upstreams.values()),
             "upstream_lanes": sum(len(up.lanes) for up in self.upstreams.values()),
+            **(
+                {
+                    "cache_entries": len(self.cache),
+                    "cache_bytes": self.cache.size,
+                    "cache_hits": self.cache.hits,
+                    "cache_fills": self.cache.fills,
+                }
+                if self.cache is not None
+                else {}
+            ),
         }
 
     def healthz(self) -> Page:

@@ -40,6 +40,10 @@ class FrontendConfig(RoleConfig):
     public_https: int = 0
     # A request body larger than this gets 413; a site's max_body_bytes (its plan) wins. 0: no limit.
     max_body_bytes: int = 0
+    # Static answers kept per serving process (bytes in all, and the largest one), so that a hit
+    # takes only a body-less freshness check to the worker; 0: no cache.
+    cache_bytes: int = 64 * 1024 * 1024
+    cache_max_entry: int = 1024 * 1024
     # How often usage (requests, bytes) goes to the controller; 0: never.
     usage_interval: float = 30.0
 

@@ -7,7 +7,9 @@ Like the combined log format, with the front end's request id added::
 
 from __future__ import annotations
 
-__all__ = ["LOGGED_HEADERS", "access_line", "client_of"]
+from typing import NamedTuple
+
+__all__ = ["LOGGED_HEADERS", "AccessRecord", "access_line", "client_of"]
 
 # The request headers an access line shows (lower-case): the front end's request id, the visitor's
 # address, and what a combined log shows.
@@ -43,3 +45,24 @@ def access_line(
         f'{status or "-"} {sent} "{_text(got.get(b"referer"))}" "{_text(got.get(b"user-agent"))}" '
         f"{seconds * 1000:.1f}ms id={_text(got.get(b'x-request-id'), 64)}"
     )
+
+
+class AccessRecord(NamedTuple):
+    """An access line's fields, kept as they are on the request path and formatted with their batch."""
+
+    method: bytes
+    target: bytes
+    status: int
+    sent: int
+    seconds: float
+    logged: dict[bytes, bytes] | None
+
+    def line(self) -> str:
+        return access_line(
+            method=self.method,
+            target=self.target,
+            status=self.status,
+            sent=self.sent,
+            seconds=self.seconds,
+            logged=self.logged,
+        )

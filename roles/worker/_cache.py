@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,22 @@ class SiteVersion:
     number: int
     # realpath of the version directory: requests are checked to stay inside it.
     root: str
+    # The site's content id: a site deleted and made again under its name has a new one.
+    uid: str = ""
+    # What a front end's cache names this version by (uid and number: never another site's, nor an
+    # earlier site's of the same name), and the header line a cacheable answer carries it in.
+    tag: bytes = field(init=False, repr=False, compare=False)
+    line: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.number == 0:
+            # A directory changed in place before a restart: its number is unknown, so nothing names it.
+            object.__setattr__(self, "tag", b"")
+            object.__setattr__(self, "line", b"")
+            return
+        tag = f"{self.uid or '-'}.{self.number}".encode()
+        object.__setattr__(self, "tag", tag)
+        object.__setattr__(self, "line", b"X-Sitecloud-Version: " + tag + b"\r\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,11 +179,12 @@ class ContentCache:
         match = _VERSION_DIR.match(target)
         if not match or not (site_dir / target).is_dir():
             return None
+        uid = self.read_uid(site) or ""
         with contextlib.suppress(OSError):
             if (site_dir / "edited").read_text().strip() == target:
                 # Changed in place since it was built: served as it is, but its number is unknown.
-                return SiteVersion(0, os.path.realpath(site_dir / target))
-        return SiteVersion(int(match.group(1)), os.path.realpath(site_dir / target))
+                return SiteVersion(0, os.path.realpath(site_dir / target), uid)
+        return SiteVersion(int(match.group(1)), os.path.realpath(site_dir / target), uid)
 
     def build_version(
         self, site: str, uid: str, version: int, files: dict[str, ManifestFile], dirs: list[str]
@@ -209,7 +226,7 @@ class ContentCache:
         os.replace(link, site_dir / "current")
         (site_dir / "edited").unlink(missing_ok=True)
         fsync_dir(site_dir)
-        return SiteVersion(version, os.path.realpath(final))
+        return SiteVersion(version, os.path.realpath(final), uid)
 
     def apply_changes(
         self,
@@ -255,7 +272,7 @@ class ContentCache:
                     raise
                 shutil.copy2(blob, tmp)
             os.replace(tmp, dest)
-        return SiteVersion(version, current.root)
+        return SiteVersion(version, current.root, current.uid)
 
     def prune(self, site: str, keep: set[int]) -> None:
         """Remove versions (and failed builds) other than ``keep`` and the current one."""

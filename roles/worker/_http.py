@@ -57,7 +57,16 @@ MAX_QUEUED = 16
 CHUNK = 256 * 1024
 
 # The request headers a static server reads; others are counted against the limits and dropped.
-_WANTED = frozenset({b"x-sitecloud-site", b"if-none-match", b"if-modified-since", b"range", b"if-range"})
+_WANTED = frozenset(
+    {
+        b"x-sitecloud-site",
+        b"if-none-match",
+        b"if-modified-since",
+        b"range",
+        b"if-range",
+        b"x-sitecloud-cached",
+    }
+)
 # On a lane: the front end's tag for a request, echoed in its answer so the two can never fall out of step.
 _LANE_TAG = b"x-sitecloud-lane"
 # Kept for the site's access log only, apart from _WANTED (so the hot path's "only the site header"
@@ -72,6 +81,12 @@ LANE_REFUSED_REQUEST = b"request"
 # batched, they fill the socket buffers and hold up the small answers behind them (measured: a
 # 100 KB file at 0.45x nginx on a lane, 0.70x on ordinary connections).
 LANE_MAX_FILE = 16 * 1024
+# A front end that keeps answers (X-Sitecloud-Cached) takes files up to this size on a lane, once per
+# content version: from then on it is told "still fresh" instead of sent them.
+LANE_FILL_MAX = 1024 * 1024
+# Pieces of one write up to this many bytes in all are joined (one TLS record); larger ones are
+# handed on as they are, rather than copied into one.
+JOIN_MAX = 16 * 1024
 
 
 @dataclass(slots=True)
@@ -250,6 +265,11 @@ class HttpConnection(asyncio.Protocol):
         self._out: list[bytes] | None = None
         # The tag of the lane request being answered, spliced in after its status line.
         self._tag: bytes | None = None
+        # "X-Sitecloud-Version: <n>\r\n", set by the handler for an answer served from a content
+        # version: added to a 200 so a front end may keep it (roles/frontend/_cache.py).
+        self.version_line = b""
+        # The front end asked for this answer to keep it: a larger file may come on the lane.
+        self.lane_fill = False
         self._queue: collections.deque[Request | _Refusal] = collections.deque()
         self._stream: _Stream | None = None
         self._keep_after_stream = True
@@ -383,21 +403,62 @@ class HttpConnection(asyncio.Protocol):
         if meter is not None:
             meter[2] += len(data)
         tag = self._tag
-        if tag is not None:
-            # A lane answer's first write starts with its status line: the tag goes right after it.
+        version = self.version_line
+        if tag is not None or version:
+            # A first write starts with its status line: a lane answer's tag goes right after it,
+            # then (on a whole 200 of a file) the content version it was served from.
             self._tag = None
+            self.version_line = b""
             end = data.find(b"\r\n") + 2
-            data = b"".join((data[:end], b"X-Sitecloud-Lane: ", tag, b"\r\n", data[end:]))
+            data = b"".join(
+                (
+                    data[:end],
+                    b"X-Sitecloud-Lane: " + tag + b"\r\n" if tag is not None else b"",
+                    version if self._status == 200 else b"",
+                    data[end:],
+                )
+            )
         out = self._out
         if out is not None:
             out.append(data)
         elif self._transport is not None and not self._closed:
             self._transport.write(data)
 
+    def write_fresh(self, version: bytes, size: int) -> None:
+        """A lane request whose answer the front end holds already, from the content version this
+        worker serves now: it is told so rather than sent the body again. Logged and counted as the
+        200 of ``size`` bytes the visitor gets."""
+        self.write(b"HTTP/1.1 204 No Content\r\nX-Sitecloud-Fresh: " + version + b"\r\n\r\n")
+        self._status = 200
+        self._sent = size
+
+    def write_parts(self, head: bytes, body: bytes) -> None:
+        """A response's head and whole body, leaving together; a large body is passed on as it is
+        (no copy of it joined to its head)."""
+        if len(body) <= JOIN_MAX:
+            self.write(head + body)
+            return
+        if self._out is not None:
+            self.write(head)
+            self.write(body)
+            return
+        self._out = []
+        try:
+            self.write(head)
+            self.write(body)
+        finally:
+            self._flush_out()
+
     def _flush_out(self) -> None:
         out, self._out = self._out, None
         if out and self._transport is not None and not self._closed:
-            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if len(out) == 1:
+                self._transport.write(out[0])
+            elif sum(map(len, out)) <= JOIN_MAX:
+                self._transport.write(b"".join(out))
+            else:
+                # Large pieces go as they are: the TLS layer reads them in place, one send for all.
+                self._transport.writelines(out)
 
     def stream(self, file: BinaryIO, length: int) -> None:
         """Send ``length`` bytes of ``file`` (positioned already) after the head; the file is ours now."""
@@ -654,6 +715,8 @@ class HttpConnection(asyncio.Protocol):
         # Once parsing has stopped, the last queued answer is the last one on this connection.
         keep_alive = request.keep_alive and not self._draining and (self._parsing or bool(self._queue))
         self._tag = request.tag
+        self.version_line = b""
+        self.lane_fill = False
         if request.lane_refusal:
             self.refuse_lane(request.lane_refusal)
             return keep_alive

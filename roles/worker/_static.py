@@ -15,7 +15,14 @@ from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from urllib.parse import quote
 
-from roles.worker._http import LANE_MAX_FILE, LANE_REFUSED_REQUEST, HttpConnection, http_date, response_head
+from roles.worker._http import (
+    LANE_FILL_MAX,
+    LANE_MAX_FILE,
+    LANE_REFUSED_REQUEST,
+    HttpConnection,
+    http_date,
+    response_head,
+)
 from roles.worker._source import is_app_source
 
 __all__ = [
@@ -243,12 +250,12 @@ def send_file(
     """Answer with ``hit``; ``body`` is its bytes when already in memory. Returns the bytes read
     whole (small files) so the caller may cache them; a large file is handed to the connection to
     stream under flow control."""
-    if hit.size > LANE_MAX_FILE and conn.lane:
-        conn.refuse_lane(LANE_REFUSED_REQUEST)  # a big file goes on a connection of its own
-        return None
     common = [("ETag", hit.etag), ("Last-Modified", hit.last_modified)]
     if _not_modified(headers, hit):
         conn.write(response_head(304, common, keep_alive=keep_alive))
+        return None
+    if conn.lane and hit.size > (LANE_FILL_MAX if conn.lane_fill else LANE_MAX_FILE):
+        conn.refuse_lane(LANE_REFUSED_REQUEST)  # a big file goes on a connection of its own
         return None
     status, first, last = 200, 0, hit.size - 1
     common = [*common, ("Accept-Ranges", "bytes")]
@@ -277,16 +284,16 @@ def send_file(
         conn.write(head_bytes)
         return None
     if body is not None:
-        conn.write(head_bytes + body[first : last + 1])
+        conn.write_parts(head_bytes, body if first == 0 and last == len(body) - 1 else body[first : last + 1])
         return None
     # Reads from the page cache block for microseconds; a thread hop would cost more.
     f = open(hit.path, "rb")  # noqa: SIM115 - a large file's handle goes to the connection's stream
-    if hit.size <= SMALL_FILE:
+    if hit.size <= SMALL_FILE or conn.lane:
         with f:
             data = f.read()
         if len(data) != hit.size:
             raise OSError(f"{hit.path} changed size while being read")
-        conn.write(head_bytes + data[first : last + 1])
+        conn.write_parts(head_bytes, data if first == 0 and last == len(data) - 1 else data[first : last + 1])
         return data
     try:
         f.seek(first)

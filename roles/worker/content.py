@@ -129,7 +129,7 @@ class ContentSync:
         nothing published yet), or ``{"failed": why}``."""
         current = self._current
         state: dict[str, Any] = {
-            site: ([current[site].number, current[site].root] if site in current else None)
+            site: ([current[site].number, current[site].root, current[site].uid] if site in current else None)
             for site in self._held
         }
         state.update((site, {"pending": True}) for site in self._held if self.pending(site))

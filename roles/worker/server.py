@@ -16,7 +16,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
-from roles.worker._access import access_line
+from roles.worker._access import AccessRecord
 from roles.worker._cache import SiteVersion
 from roles.worker._http import (
     LANE_MAX_FILE,
@@ -45,12 +45,13 @@ Lookup = Callable[[str], tuple[bool, SiteVersion | None]]
 
 _ALLOWED = "GET, HEAD"
 _SITE = b"x-sitecloud-site"
+_CACHED = b"x-sitecloud-cached"
 
 
 class AccessSink(Protocol):
     """A site's log stream, as far as access lines go (``roles/worker/apps/_sitelog.py``)."""
 
-    def access(self, text: str) -> None: ...
+    def access(self, text: str | AccessRecord) -> None: ...
 
 
 _KEEP = b"\r\nConnection: keep-alive\r\n\r\n"
@@ -186,16 +187,7 @@ class DataServer:
         site = request.headers.get(_SITE)
         log = self._site_log(site.strip().decode("latin-1")) if site else None
         if log is not None:
-            log.access(
-                access_line(
-                    method=request.method,
-                    target=request.target,
-                    status=status,
-                    sent=sent,
-                    seconds=seconds,
-                    logged=request.logged,
-                )
-            )
+            log.access(AccessRecord(request.method, request.target, status, sent, seconds, request.logged))
 
     def _admit_plain(self, conn: HttpConnection, transport: asyncio.Transport) -> bool:
         """The opt-in loopback listener: only processes on this machine can reach it."""
@@ -260,11 +252,24 @@ class DataServer:
         q = target.find(b"?")
         key: HotKey = (site, version.number, target if q < 0 else target[:q])
         cached = self._hot.get(key)
+        conn.version_line = version.line
+        held_by = headers.get(_CACHED)
+        conn.lane_fill = held_by is not None
+        if held_by is not None and conn.lane and not head and version.tag and held_by == version.tag:
+            # The front end holds this version's answer: a version's files never change, so the
+            # same path names the same file. Tell it so instead of sending the body again.
+            if cached is not None:
+                conn.write_fresh(version.tag, len(cached.body))
+                return keep_alive
+            file = _file_at(version.root, target)
+            if file is not None:
+                conn.write_fresh(version.tag, file.size)
+                return keep_alive
         if cached is not None:
             if len(headers) == 1 and not head and (not conn.lane or len(cached.body) <= LANE_MAX_FILE):
                 # The hot path: a plain GET of a small file in memory, one write.
-                conn.write(
-                    b"".join((cached.prefix, http_date_bytes(), _KEEP if keep_alive else _CLOSE, cached.body))
+                conn.write_parts(
+                    b"".join((cached.prefix, http_date_bytes(), _KEEP if keep_alive else _CLOSE)), cached.body
                 )
             else:
                 send_file(conn, cached.hit, headers, head=head, keep_alive=keep_alive, body=cached.body)
@@ -306,6 +311,17 @@ class DataServer:
         data = send_file(conn, hit, request.headers, head=head, keep_alive=keep_alive)
         if data is not None:
             self._hot.put(key, hit, data)
+
+
+def _file_at(root: str, target: bytes) -> FileHit | None:
+    """The file ``target`` names in the version ``root``, if it names one."""
+    try:
+        url = httptools.parse_url(target)
+        path = unquote_to_bytes(url.path or b"/").decode("utf-8")
+        found = resolve(root, site_relpath(path), slash=path.endswith("/"))
+    except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, InvalidInput):
+        return None
+    return found if isinstance(found, FileHit) else None
 
 
 def _data_context(config: WorkerConfig) -> ssl.SSLContext:

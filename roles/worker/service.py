@@ -260,7 +260,9 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
                 elif isinstance(v, dict):
                     fresh[site], fresh_failed[site] = None, str(v.get("failed", ""))
                 else:
-                    fresh[site] = SiteVersion(int(v[0]), str(v[1])) if v else None
+                    fresh[site] = (
+                        SiteVersion(int(v[0]), str(v[1]), str(v[2]) if len(v) > 2 else "") if v else None
+                    )
             for site, old in table.items():
                 if fresh.get(site) != old:
                     hot.purge(site)

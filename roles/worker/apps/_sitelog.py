@@ -13,12 +13,16 @@ import os
 import time
 from pathlib import Path
 
+from roles.worker._access import AccessRecord
+
 __all__ = ["SiteLog"]
 
 MAX_FOLLOW_QUEUE = 1000
 # Held access lines go to disk after this long, or once this many bytes are held.
 _HOLD_SECONDS = 0.5
 _HOLD_BYTES = 64 * 1024
+# About what an access line takes besides its target, for the held-bytes bound.
+_RECORD_BYTES = 160
 
 
 class SiteLog:
@@ -26,7 +30,7 @@ class SiteLog:
         self.path = path
         self._max = max_bytes
         self._followers: set[asyncio.Queue[str | None]] = set()
-        self._held: list[str] = []
+        self._held: list[str | tuple[str, AccessRecord]] = []
         self._held_bytes = 0
         self._flush_at: asyncio.TimerHandle | None = None
         self._second = -1
@@ -46,12 +50,20 @@ class SiteLog:
         self._append(("\n".join(lines) + "\n").encode("utf-8", "replace"))
         self._tell(lines)
 
-    def access(self, text: str) -> None:
-        """One access line, written with the next batch; followers get it at once."""
-        line = f"{self._now()} [access] {text}"
-        self._held.append(line)
-        self._held_bytes += len(line) + 1
-        self._tell((line,))
+    def access(self, text: str | AccessRecord) -> None:
+        """One access line, written with the next batch; followers get it at once. A record is
+        formatted only then (with its batch, or at once for followers), off the request's own path."""
+        stamp = self._now()
+        if isinstance(text, AccessRecord):
+            self._held.append((stamp, text))
+            self._held_bytes += _RECORD_BYTES + len(text.target)
+            if self._followers:
+                self._tell((f"{stamp} [access] {text.line()}",))
+        else:
+            line = f"{stamp} [access] {text}"
+            self._held.append(line)
+            self._held_bytes += len(line) + 1
+            self._tell((line,))
         if self._held_bytes > _HOLD_BYTES:
             self.flush()
         elif self._flush_at is None:
@@ -63,7 +75,8 @@ class SiteLog:
             self._flush_at = None
         if self._held:
             held, self._held, self._held_bytes = self._held, [], 0
-            self._append(("\n".join(held) + "\n").encode("utf-8", "replace"))
+            lines = [h if isinstance(h, str) else f"{h[0]} [access] {h[1].line()}" for h in held]
+            self._append(("\n".join(lines) + "\n").encode("utf-8", "replace"))
 
     def _tell(self, lines: list[str] | tuple[str, ...]) -> None:
         for queue in list(self._followers):

@@ -1,0 +1,68 @@
+"""CPU time of a group of processes, read from /proc: what a server spends per request."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["CpuMeter", "family"]
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, user + system seconds) of ``pid``; None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ")".
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def family(pid: int) -> list[int]:
+    """``pid`` and its descendants (a role's forked serving processes, nginx's workers)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _stat(int(entry.name))
+            if st is not None:
+                parents[int(entry.name)] = st[0]
+    found, todo = [pid], [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        found += kids
+        todo += kids
+    return found
+
+
+class CpuMeter:
+    """CPU seconds of named groups of processes between ``start()`` and ``stop()``."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        # name -> root pids; a group is its roots and every process under them, found at start().
+        self.groups = groups
+        self._pids: dict[str, list[int]] = {}
+        self._before: dict[str, float] = {}
+
+    def _read(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, pids in self._pids.items():
+            out[name] = sum(st[1] for pid in pids if (st := _stat(pid)) is not None)
+        return out
+
+    def start(self) -> None:
+        # A process counts once, in the first group that holds it (a role may be its starter's child).
+        seen: set[int] = set()
+        self._pids = {}
+        for name, roots in self.groups.items():
+            pids = {p for root in roots for p in family(root)} - seen
+            seen |= pids
+            self._pids[name] = sorted(pids)
+        self._before = self._read()
+
+    def stop(self) -> dict[str, float]:
+        after = self._read()
+        return {name: after[name] - self._before[name] for name in self._pids}

@@ -1,0 +1,219 @@
+"""The front end's cache of static answers (roles/frontend/_cache.py).
+
+Fileserver, worker and front end are real processes; visitors go through the front end over HTTPS.
+A held answer is only ever sent after the worker said, for that very request, that its content
+version is still the one served: a publish is never hidden, two sites never share an answer, and a
+visitor cannot claim a version to get a stale one.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from roles.fileserver.config import FileserverConfig
+from roles.frontend._cache import CacheEntry, ResponseCache, cacheable, without_date
+from roles.frontend.config import FrontendConfig
+from roles.worker.config import WorkerConfig
+from tests.support import CloudPKI, RoleProcess, call, lane_exchange, wait_until
+
+DOMAIN = "sites.test"
+SITES = {"alpha": "a1a1a1a1a1a1a1a1", "beta": "b2b2b2b2b2b2b2b2"}
+_generations = itertools.count(10)
+BIG = bytes(range(256)) * 1200  # 300 KB: above a lane's usual limit, still kept
+
+
+@dataclass
+class Stack:
+    pki: CloudPKI
+    fileserver: RoleProcess
+    worker: RoleProcess
+    frontend: RoleProcess
+
+    @property
+    def data_port(self) -> int:
+        return int(self.worker.config.data_port)  # type: ignore[attr-defined]
+
+    def get(self, site: str, path: str, **headers: str) -> tuple[int, bytes, http.client.HTTPResponse]:
+        ctx = self.pki.client_ssl(None)
+        port = int(self.frontend.config.https_port)  # type: ignore[attr-defined]
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        tls = ctx.wrap_socket(sock, server_hostname=f"{site}.{DOMAIN}")
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+        conn.sock = tls
+        try:
+            conn.request("GET", path, headers={"Host": f"{site}.{DOMAIN}", **headers})
+            resp = conn.getresponse()
+            return resp.status, resp.read(), resp
+        finally:
+            conn.close()
+
+    def publish(self, site: str, files: dict[str, bytes]) -> None:
+        ctx = self.pki.client_ssl("publisher")
+        url = f"{self.fileserver.control_url}/v1/sites/{site}"
+        ops = []
+        for path, data in files.items():
+            status, body = call(f"{url}/blobs", ctx, method="POST", data=data)
+            assert status == 200, body
+            ops.append({"op": "put", "path": path, "sha256": body["sha256"]})
+        status, body = call(f"{url}/commit", ctx, method="POST", body={"ops": ops})
+        assert status == 200, body
+
+    def on_worker(self, site: str, path: str) -> bytes:
+        head = f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Sitecloud-Site: {site}\r\n\r\n".encode()
+        [answer] = lane_exchange(self.pki, self.data_port, [head], lane=False)
+        return answer.body
+
+    def cache(self) -> dict[str, int]:
+        health = self.frontend.health()
+        return {k: int(v) for k, v in health.items() if k.startswith("cache_")}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("fecache")
+    pki = CloudPKI(root / "pki")
+    fs_config = pki.role_config(FileserverConfig, "fileserver", root / "fileserver")
+    w_config = pki.role_config(WorkerConfig, "worker", root / "worker", version_grace=0.3)
+    fe_config = pki.role_config(FrontendConfig, "frontend", root / "frontend", usage_interval=0.0)
+    pki.ca.issue_wildcard(DOMAIN).write(fe_config.wildcard_key_file, fe_config.wildcard_cert_file)
+    procs = [RoleProcess(c, pki).start(wait=False) for c in (fs_config, w_config, fe_config)]
+    fileserver, worker, frontend = procs
+    try:
+        for proc in procs:
+            proc.wait_healthy()
+        quota = 1 << 24
+        fileserver.push_config(
+            {"version": 1, "sites": {s: {"uid": u, "quota_bytes": quota} for s, u in SITES.items()}}
+        )
+        worker.push_config(
+            {
+                "version": 1,
+                "fileserver": fileserver.control_url,
+                "sites": {s: {"uid": u} for s, u in SITES.items()},
+            }
+        )
+        frontend.push_config(
+            {
+                "version": next(_generations),
+                "domain": DOMAIN,
+                "sites": {s: {"workers": [f"localhost:{w_config.data_port}"]} for s in SITES},
+            }
+        )
+        yield Stack(pki, fileserver, worker, frontend)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def _live(stack: Stack, site: str, path: str, body: bytes) -> None:
+    wait_until(lambda: stack.on_worker(site, path) == body, timeout=20, what=f"{site}{path} on the worker")
+
+
+def test_a_publish_is_never_hidden_by_a_held_answer(stack: Stack) -> None:
+    v1, v2 = b"<p>version one</p>", b"<p>version two, longer</p>"
+    stack.publish("alpha", {"page.html": v1, "big.bin": BIG})
+    _live(stack, "alpha", "/page.html", v1)
+    assert stack.get("alpha", "/page.html")[:2] == (200, v1)
+    assert stack.get("alpha", "/page.html")[:2] == (200, v1)  # (the lane may open on the first)
+    before = stack.cache()
+    status, body, resp = stack.get("alpha", "/page.html")
+    after = stack.cache()
+    # The second fetch came from the front end's copy (the worker only said it is still current).
+    assert (status, body) == (200, v1) and after["cache_hits"] == before["cache_hits"] + 1
+    assert resp.getheader("X-Sitecloud-Version") is None and resp.getheader("X-Sitecloud-Fresh") is None
+    assert resp.getheader("Date") and resp.getheader("Content-Length") == str(len(v1))
+    # A file too big for a lane otherwise is kept too, and served whole.
+    assert stack.get("alpha", "/big.bin")[:2] == (200, BIG)
+    hits = stack.cache()["cache_hits"]
+    assert stack.get("alpha", "/big.bin")[:2] == (200, BIG)
+    assert stack.cache()["cache_hits"] == hits + 1
+
+    stack.publish("alpha", {"page.html": v2})
+    _live(stack, "alpha", "/page.html", v2)
+    # The very next fetch once the worker serves v2 is v2, with no snapshot or purge in between.
+    assert stack.get("alpha", "/page.html")[:2] == (200, v2)
+    assert stack.get("alpha", "/page.html")[:2] == (200, v2)
+
+
+def test_a_hit_is_still_in_the_sites_access_log_as_the_200_the_visitor_got(stack: Stack) -> None:
+    page = b"<p>logged even when kept</p>"
+    stack.publish("beta", {"logged.html": page})
+    _live(stack, "beta", "/logged.html", page)
+    for _ in range(2):
+        stack.get("beta", "/logged.html")
+    hits = stack.cache()["cache_hits"]
+    status, body, resp = stack.get("beta", "/logged.html")
+    assert (status, body) == (200, page) and stack.cache()["cache_hits"] == hits + 1
+    rid = resp.getheader("X-Request-Id")
+    assert rid
+
+    def logged() -> str:
+        url = f"{stack.worker.control_url}/v1/sites/beta/logs?lines=200"
+        code, text = call(url, stack.pki.client_ssl("controller"))
+        assert code == 200
+        return next((ln for ln in bytes(text).decode().splitlines() if f"id={rid}" in ln), "")
+
+    line = wait_until(logged, timeout=10, what="the hit's access line")
+    assert f'"GET /logged.html HTTP/1.1" 200 {len(page)} ' in line and "[access]" in line
+
+
+def test_two_sites_same_path_never_mix(stack: Stack) -> None:
+    a, b = b"alpha's own index", b"beta's very own index page"
+    stack.publish("alpha", {"index.html": a})
+    stack.publish("beta", {"index.html": b})
+    _live(stack, "alpha", "/index.html", a)
+    _live(stack, "beta", "/index.html", b)
+    for _ in range(3):
+        assert stack.get("alpha", "/index.html")[:2] == (200, a)
+        assert stack.get("beta", "/index.html")[:2] == (200, b)
+
+
+def test_a_visitor_cannot_claim_a_version_nor_get_a_part_or_304_from_the_cache(stack: Stack) -> None:
+    page = b"<p>only the worker says what is fresh</p>"
+    stack.publish("beta", {"claim.html": page})
+    _live(stack, "beta", "/claim.html", page)
+    assert stack.get("beta", "/claim.html")[:2] == (200, page)
+    # A visitor's own "I hold version x" header is dropped: it gets the whole answer.
+    status, body, _ = stack.get("beta", "/claim.html", **{"X-Sitecloud-Cached": "b2b2b2b2b2b2b2b2.1"})
+    assert (status, body) == (200, page)
+    # Ranges and conditionals are answered by the worker for that request, never from the copy.
+    status, body, resp = stack.get("beta", "/claim.html", Range="bytes=0-5")
+    assert (status, body) == (206, page[:6])
+    etag = resp.getheader("ETag")
+    assert etag
+    assert stack.get("beta", "/claim.html", **{"If-None-Match": etag})[0] == 304
+
+
+def test_answers_that_set_cookies_or_are_private_are_never_kept() -> None:
+    ok = b"Content-Type: text/html\r\nContent-Length: 5\r\nCache-Control: public, max-age=60\r\n"
+    assert cacheable(ok)
+    for line in (
+        b"Set-Cookie: session=abc; HttpOnly\r\n",
+        b"set-cookie: a=b\r\n",
+        b"Cache-Control: private, max-age=60\r\n",
+        b"Cache-Control: no-store\r\n",
+        b"cache-control: public\r\nCache-Control: no-cache\r\n",
+        b"Vary: Cookie\r\n",
+    ):
+        assert not cacheable(b"Content-Type: text/html\r\n" + line), line
+    assert without_date(b"A: 1\r\nDate: Thu, 01 Jan 2026 00:00:00 GMT\r\nB: 2\r\n") == b"A: 1\r\nB: 2\r\n"
+    assert without_date(b"Date: x\r\nB: 2\r\n") == b"B: 2\r\n"
+
+
+def test_the_cache_keeps_to_its_budget_and_forgets_sites_that_left() -> None:
+    cache = ResponseCache(max_bytes=1000, max_entry=400)
+    for n in range(5):
+        cache.put("s", b"/%d" % n, CacheEntry(b"u.1", b"HTTP/1.1 200 OK\r\n", b"x" * 300))
+    assert cache.size <= 1000 and cache.get("s", b"/0") is None and cache.get("s", b"/4") is not None
+    assert not cache.put("s", b"/huge", CacheEntry(b"u.1", b"", b"x" * 500))
+    assert cache.get("s", b"/huge") is None
+    cache.put("other", b"/4", CacheEntry(b"v.1", b"", b"y"))
+    assert cache.get("other", b"/4") is not cache.get("s", b"/4")
+    cache.drop_sites({"other"})
+    assert cache.get("s", b"/4") is None and cache.get("other", b"/4") is not None
