@@ -360,3 +360,22 @@ def test_a_workers_serving_processes_counts_are_summed_per_site(
             assert grew(after, "sitecloud_worker_requests_total", code=code) == n
         assert grew(after, "sitecloud_worker_site_sent_bytes_total", site="blog") > 0
         assert grew(after, "sitecloud_worker_request_duration_seconds_count") == 12
+
+
+def test_an_app_start_is_counted_with_its_cold_start_time(cloud: LocalCloud, site: dict[str, Any]) -> None:
+    urls, ctx = _controls(cloud)
+    sub = cloud.cli("subscription", "list")["subscriptions"][0]
+    app = cloud.cli("site", "create", "coldapp", "--subscription", str(sub["id"]))
+    ftp = ftplib.FTP()
+    ftp.connect(app["ftp"]["host"], app["ftp"]["port"], timeout=10)
+    ftp.login(app["ftp"]["user"], app["ftp"]["password"])
+    code = b"def app(environ, start_response):\n    start_response('200 OK', [])\n    return [b'cold']\n"
+    ftp.storbinary("STOR app.py", io.BytesIO(code))
+    ftp.quit()
+    cloud.cli("site", "set", "coldapp", "runtime=python", "entry=app:app")
+    wait_until(lambda: cloud.get("coldapp")[::2] == (200, b"cold"), timeout=60, what="the app to answer")
+    samples = scrape(urls["worker"], ctx)
+    assert value(samples, "sitecloud_worker_app_starts_total") >= 1
+    assert value(samples, "sitecloud_worker_app_cold_start_seconds_count") >= 1
+    assert value(samples, "sitecloud_worker_app_cold_start_seconds_sum") > 0
+    assert value(samples, "sitecloud_worker_app_cold_start_seconds_bucket", le="+Inf") >= 1

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from roles.worker._cache import ContentCache, SiteVersion
@@ -46,6 +47,9 @@ from shared.prefork import (
 )
 
 __all__ = ["serve"]
+
+# Seconds: a warm sandbox starts in tens of milliseconds, a first requirements install in tens of seconds.
+COLD_START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 def _handover_file(config: WorkerConfig) -> Path:
@@ -140,6 +144,13 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
 
     plane.metrics.register(HttpCollector("worker", counts, top_n=config.metrics_top_sites, bytes_in=False))
     plane.metrics.register(FiguresCollector(lambda: _worker_metrics(plane, sync, apps)))
+    cold_starts = Histogram(
+        "sitecloud_worker_app_cold_start_seconds",
+        "From the request that woke an app to the app ready to answer it (installs included).",
+        buckets=COLD_START_BUCKETS,
+        registry=plane.metrics,
+    )
+    apps.observe_cold_start = cold_starts.observe
     await apps.start()
     # Last-known-good first: a restarted worker serves what it has on disk before anyone answers.
     await plane.load_last_known_good()

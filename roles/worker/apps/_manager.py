@@ -133,6 +133,9 @@ class AppManager:
         self._config = config
         self._lookup = lookup
         self._log = get_logger("worker", host=config.host)
+        # Told how long each cold start took, from the request that woke the app to its first answer
+        # ready (installs included): the worker's metrics keep the histogram.
+        self.observe_cold_start: Callable[[float], None] = lambda seconds: None
         size = SIZES[config.size]
         self.default_limits = size.limits
         self.max_active = config.max_active_apps or size.max_active_apps
@@ -550,15 +553,19 @@ class AppManager:
     async def _start(self, app: AppSite) -> AppInstance:
         """Start the site's app; if a new version or new settings arrive while it starts (an FTP
         upload goes on file by file), the process made for the old ones goes and a new one starts."""
+        started = time.monotonic()
         for _ in range(_START_ROUNDS - 1):
             generation = app.generation
             inst = await self._start_once(app)
             if app.generation == generation:
+                self.observe_cold_start(time.monotonic() - started)
                 return inst
             app.instance = None
             inst.retiring = True
             inst.terminate("retired")
-        return await self._start_once(app)
+        inst = await self._start_once(app)
+        self.observe_cold_start(time.monotonic() - started)
+        return inst
 
     async def _start_once(self, app: AppSite) -> AppInstance:
         log = self._site_log(app)
