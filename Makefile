@@ -27,7 +27,7 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
-# Data plane against nginx (and under 1,000 slowloris connections), FTP against vsftpd, publish to served in a big site, then dynamic sites (issue 5): cold starts, density, warm req/s vs gunicorn.
+# Data plane against nginx (and under 1,000 slowloris connections), FTP against vsftpd, publish to served in a big site, then dynamic sites: cold starts, density, warm req/s vs gunicorn.
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
 	$(BIN)/python -m bench.slowloris

@@ -1,4 +1,4 @@
-"""`python -m bench.density`: one worker holding 10,000 sites (issue 5, "Density").
+"""`python -m bench.density`: one worker holding 10,000 sites.
 
 - the worker's RSS with no sites, with a 10,000-site snapshot applied, with all 10,000 static sites
   synced and served, and with 1,000 of them turned into idle dynamic (python) sites;
@@ -176,7 +176,7 @@ def write_doc(fig: dict[str, Any]) -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{time.strftime('%Y-%m-%d')}. One worker process (`processes: 1`) and a fileserver; every site "
         "has its own `index.html` and a shared `style.css` (one blob, hard-linked into every version). "
-        f"Target (issue 5): {sites:,} sites per worker, an idle dynamic site holds no process. The "
+        f"Target: {sites:,} sites per worker, an idle dynamic site holds no process. The "
         "1,000-idle-dynamic-sites figure of the cold-start section is beside these (there on an otherwise "
         "empty worker).",
         "",

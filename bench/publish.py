@@ -1,6 +1,6 @@
 """`python -m bench.publish`: publish → served through the front end, in a 20,000-file site.
 
-Targets (issue: journaled file server): a zip deploy of 20,000 files is served within 10 s, and one
+Targets: a zip deploy of 20,000 files is served within 10 s, and one
 changed file in that site is served through the front end with p99 <= 250 ms after its FTP upload got
 its 226. Real role processes: fileserver, publisher, worker, frontend; the clients are ftplib, and a
 keep-alive HTTPS connection to the front end that asks until it gets the new bytes.

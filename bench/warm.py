@@ -1,4 +1,4 @@
-"""`python -m bench.warm`: warm requests per second of a Python hello site (issue 5).
+"""`python -m bench.warm`: warm requests per second of a Python hello site.
 
 sitecloud's front end → worker (mutual TLS) → the site's app (our app server on a unix socket, one
 process) against the same ``app.py`` under gunicorn alone, in the same run: gunicorn with one sync

@@ -1,4 +1,4 @@
-"""The `sitecloud` commands of issue 6, as real processes against a real management process."""
+"""The self-service `sitecloud` commands (plans, subscriptions, accounts), as real processes against a real management process."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A six-host cloud on one box, built through the CLI as an admin would (issue 3).
+"""A six-host cloud on one box, built through the CLI as an admin would.
 
 `sitecloud up --local-roles management` runs the controller and management here (a control-plane box);
 the data plane lives on netns hosts fe1, fe2, web1, web2, files1 and pub1, added by DNS name. A site is

@@ -1,4 +1,4 @@
-"""Issue 6 over the REST API of a real management process: plans and quotas, subscriptions, accounts and
+"""Self-service over the REST API of a real management process: plans and quotas, subscriptions, accounts and
 tokens, site state, app settings, publishing credentials and profiles, custom hostnames, roles; and a
 tenant trying every other tenant's resource."""
 

@@ -1172,7 +1172,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("site")
     sp.add_argument("path", help="a directory (zipped on the fly) or a .zip file")
 
-    # Hosts, roles and upgrades (issue 3).
+    # Hosts, roles and upgrades.
     add_fabric_commands(group, leaf, top)
     return p
 

@@ -34,7 +34,7 @@ class WorkerConfig(RoleConfig):
     # this loopback "<ip>:<port>" (no TLS, no peer check). Off (empty) by default: the data port is
     # mutual TLS, as every internal call. A non-loopback address is refused.
     loopback_plain_listen: str = ""
-    # -- dynamic sites (issue 5, roles/worker/apps): per-site app processes started on demand.
+    # -- dynamic sites (roles/worker/apps): per-site app processes started on demand.
     # small | medium | large: default per-site limits and how many app processes run at once.
     size: str = "small"
     # Cap on running app processes (least recently used goes first); 0: the size's default.

@@ -79,7 +79,7 @@ class DataServer:
         self._failure = failure
         # A held site without a version whose content is on its way (or not yet known).
         self._pending = pending
-        # Issue 5 hook: requests for dynamic sites go to their apps (roles/worker/apps).
+        # Hook: requests for dynamic sites go to their apps (roles/worker/apps).
         self._divert = divert
         self._lookup = lookup
         self._hot = hot

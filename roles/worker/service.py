@@ -90,7 +90,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     root = apps_root(config)
     prepare_apps_root(config, root, log)
     sync = ContentSync(config, ContentCache(root), on_flip=changed)
-    # Issue 5: dynamic sites' app processes. Served by the main process only: with serving
+    # Dynamic sites' app processes. Served by the main process only: with serving
     # processes (processes > 1) app requests are not diverted yet.
     apps = AppManager(config, sync.lookup, root)
     divert = AppProxy(config, apps) if children is None else None

@@ -271,7 +271,7 @@ class Role(Base):
     code_version: Mapped[str] = mapped_column(String(64), default="")
     config_version: Mapped[int] = mapped_column(default=0)
     last_heartbeat: Mapped[dt.datetime | None]
-    # Issue 3 (fabric). What the admin wants: "running" or "stopped" (role start/stop).
+    # What the admin wants: "running" or "stopped" (role start/stop).
     desired_state: Mapped[str] = mapped_column(String(16), default="running", server_default="running")
     # small | medium | large for workers; NULL elsewhere.
     size: Mapped[str | None] = mapped_column(String(16), default=None)
