@@ -13,6 +13,9 @@ Writes its section into docs/benchmarks.md between its own markers, keeping the 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import http.client
+import json
 import os
 import platform
 import random
@@ -24,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from bench._doc import DOC, write_section
-from bench.coldstart import HELLO, Bench, pct
-from tests.support import wait_until
+from bench.coldstart import HELLO, pct
+from roles.fileserver.config import FileserverConfig
+from roles.worker.config import WorkerConfig
+from tests.support import CloudPKI, RoleProcess, wait_until
 from tests.test_worker import fetch
 
 STYLE = b"body { font-family: sans-serif; margin: 2em }\n" * 20
@@ -33,6 +38,74 @@ STYLE = b"body { font-family: sans-serif; margin: 2em }\n" * 20
 
 def page(site: str, n: int) -> bytes:
     return f"<!doctype html><title>{site}</title><h1>{site}</h1><p>version {n}</p>".encode()
+
+
+class Bench:
+    """One worker and a file server as their own processes, fed snapshots and content directly: what a
+    worker holds per site, measured without the rest of the cloud around it."""
+
+    def __init__(self, root: Path) -> None:
+        self.pki = CloudPKI(root / "pki")
+        fs_config = self.pki.role_config(FileserverConfig, "fileserver", root / "fileserver")
+        self.config = self.pki.role_config(
+            WorkerConfig, "worker", root / "worker", max_active_apps=10_000, app_start_timeout=10.0
+        )
+        self.fileserver = RoleProcess(fs_config, self.pki).start()
+        self.worker = RoleProcess(self.config, self.pki).start()
+        self.sites: dict[str, str] = {}
+        self.version = 0
+        host, port = "localhost", self.fileserver.config.control_port
+        self._fs = http.client.HTTPSConnection(host, port, context=self.pki.client_ssl("publisher"))
+
+    def stop(self) -> None:
+        self._fs.close()
+        self.worker.stop(timeout=30)
+        self.fileserver.stop()
+
+    def add_sites(self, names: list[str]) -> None:
+        for name in names:
+            self.sites[name] = hashlib.sha256(name.encode()).hexdigest()[:16]
+        self.version += 1
+        sites = self.sites
+        self.fileserver.push_config(
+            {
+                "version": self.version,
+                "sites": {s: {"uid": u, "quota_bytes": 1 << 24} for s, u in sites.items()},
+            }
+        )
+        self.worker.push_config(
+            {
+                "version": self.version,
+                "fileserver": self.fileserver.control_url,
+                "sites": {s: {"uid": u} for s, u in sites.items()},
+            }
+        )
+
+    def _fs_call(self, method: str, path: str, body: bytes, kind: str) -> Any:
+        self._fs.request(method, path, body=body, headers={"Content-Type": kind})
+        resp = self._fs.getresponse()
+        data = resp.read()
+        assert resp.status == 200, data
+        return json.loads(data)
+
+    def publish(self, site: str, files: dict[str, bytes]) -> None:
+        ops = []
+        for path, data in files.items():
+            blob = self._fs_call("POST", f"/v1/sites/{site}/blobs", data, "application/octet-stream")
+            ops.append({"op": "put", "path": path, "sha256": blob["sha256"]})
+        self._fs_call(
+            "POST", f"/v1/sites/{site}/commit", json.dumps({"ops": ops}).encode(), "application/json"
+        )
+
+    def rss_kib(self) -> int:
+        assert self.worker.proc is not None
+        for line in Path(f"/proc/{self.worker.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def health(self) -> dict[str, Any]:
+        return self.worker.health()
 
 
 class Density(Bench):
