@@ -47,8 +47,9 @@ def no_worker_apps_dirs_left(tmp_path_factory: pytest.TempPathFactory) -> Iterat
         return
     for made in set(base.glob("apps-*")) - before:
         try:
-            home = (made / "role-home").read_text().strip()
-        except OSError:
+            # The marker's first line is the home; the second, the token tying the two together.
+            home = (made / "role-home").read_text().splitlines()[0].strip()
+        except (OSError, IndexError):
             continue
         if home.startswith(tempfile.gettempdir() + "/") and (
             home.startswith(session_tmp) or not os.path.exists(home)

@@ -1,15 +1,23 @@
 """The sample sites in docs/samples, as their owners would publish them: each folder mirrored by FTP
-to a site of a `sitecloud up` cloud with its defaults, then its pages fetched through the front end."""
+to a site of a `sitecloud up` cloud with its defaults, then its pages fetched through the front end;
+and each one again by Kudu's zip deploy and by git push."""
 
 from __future__ import annotations
 
+import base64
 import ftplib
+import io
 import json
+import os
 import shutil
 import ssl
+import subprocess
+import urllib.request
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -31,7 +39,7 @@ def cloud(traversable_home: Path) -> Iterator[LocalCloud]:
     cloud = LocalCloud(traversable_home)
     cloud.start()
     try:
-        cloud.cli("plan", "create", "samples", "--max-sites", "10", "--storage-mb", "100")
+        cloud.cli("plan", "create", "samples", "--max-sites", "30", "--storage-mb", "100")
         cloud.cli("tenant", "create", "samplers")
         yield cloud
     finally:
@@ -192,3 +200,93 @@ def test_the_php_front_controller_sample(cloud: LocalCloud) -> None:
     assert body == b"post hello-world of 2026 (view 2 in this session)"
     assert cloud.get("php-sample", "/no/such/page")[0] == 404
     assert b"<?php" not in cloud.get("php-sample", "/lib/router.php")[2]
+
+
+# Each sample's home page: where it is and what it says, and what its first start needs.
+HOMES = {
+    "flask": ("/?name=Ada", b"<h1>Hello, Ada, from Flask</h1>", "pip"),
+    "django": ("/", b"<h1>Hello from Django</h1>", "pip"),
+    "fastapi": ("/", b'{"hello":"from FastAPI"}', "pip"),
+    "express": ("/?name=Ada", b"<h1>Hello, Ada, from Express</h1>", "npm"),
+    "php": ("/", b"<h1>Hello from PHP</h1>", "php"),
+}
+
+
+def _skip_without(need: str) -> None:
+    why = {
+        "pip": pip_index_unreachable,
+        "npm": npm_registry_unreachable,
+        "php": lambda: "" if shutil.which("php-cgi") else "needs Debian php-cgi (.ci/run installs it)",
+    }[need]()
+    if why:
+        pytest.skip(why)
+    if shutil.which("git") is None:
+        pytest.skip("needs git (.ci/run installs it)")
+
+
+def _new_site(cloud: LocalCloud, name: str) -> dict[str, Any]:
+    sub = next(s for s in cloud.cli("subscription", "list")["subscriptions"] if s["tenant"] == "samplers")
+    return dict(cloud.cli("site", "create", name, "--subscription", str(sub["id"])))
+
+
+def _sample_zip(folder: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        root = SAMPLES / folder
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(root).as_posix())
+    return buf.getvalue()
+
+
+def _zipdeploy(cloud: LocalCloud, site: dict[str, Any], folder: str) -> None:
+    """POST the folder's zip to Kudu's /api/zipdeploy with the site's publishing credentials."""
+    base = urlsplit(site["deploy"]["url"])
+    auth = base64.b64encode(f"{site['ftp']['user']}:{site['ftp']['password']}".encode()).decode()
+    req = urllib.request.Request(
+        f"https://{base.netloc}/api/zipdeploy",
+        data=_sample_zip(folder),
+        method="POST",
+        headers={"Authorization": f"Basic {auth}", "Content-Type": "application/zip"},
+    )
+    ctx = ssl.create_default_context(cafile=str(cloud.ca_file))
+    with urllib.request.urlopen(req, context=ctx, timeout=120) as resp:
+        assert resp.status == 200, resp.read()
+
+
+def _git_push(cloud: LocalCloud, site: dict[str, Any], folder: str, work: Path) -> None:
+    """The folder as a fresh repository, pushed to the site's git URL."""
+    repo = work / "repo"
+    shutil.copytree(SAMPLES / folder, repo)
+    env = {
+        **os.environ,
+        "HOME": str(work),
+        "GIT_AUTHOR_NAME": "Site Owner",
+        "GIT_AUTHOR_EMAIL": "owner@example.net",
+        "GIT_COMMITTER_NAME": "Site Owner",
+        "GIT_COMMITTER_EMAIL": "owner@example.net",
+    }
+    base = urlsplit(site["deploy"]["url"])
+    remote = f"https://{site['ftp']['user']}:{site['ftp']['password']}@{base.netloc}/{site['name']}.git"
+    for args in (
+        ("init", "-q", "-b", "main"),
+        ("add", "-A"),
+        ("commit", "-q", "-m", "the sample"),
+        ("-c", f"http.sslCAInfo={cloud.ca_file}", "push", "-q", remote, "main"),
+    ):
+        done = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize("folder", sorted(HOMES))
+def test_each_sample_serves_after_a_zip_deploy_and_a_git_push(
+    cloud: LocalCloud, folder: str, tmp_path: Path
+) -> None:
+    path, needle, need = HOMES[folder]
+    _skip_without(need)
+    zipped, pushed = _new_site(cloud, f"{folder}-zip"), _new_site(cloud, f"{folder}-git")
+    _zipdeploy(cloud, zipped, folder)
+    _git_push(cloud, pushed, folder, tmp_path)
+    # Their packages were installed for the FTP copy already (same requirements: the same build).
+    for site in (zipped["name"], pushed["name"]):
+        _wait_for(cloud, site, path, needle, timeout=180)

@@ -172,7 +172,13 @@ class Sandbox:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
-        _, err = await rules.communicate(self.egress_rules.encode())
+        try:
+            _, err = await rules.communicate(self.egress_rules.encode())
+        except (BrokenPipeError, ConnectionResetError, RuntimeError) as exc:
+            # nft already gone (the app's namespace vanished with an app that ended at once); uvloop
+            # says so with a RuntimeError about a closed handle.
+            await rules.wait()
+            raise OSError(f"nft ended before it took the egress rules ({exc})") from None
         if rules.returncode != 0:
             raise OSError(f"nft refused the egress rules: {err.decode(errors='replace').strip()[:200]}")
         return await asyncio.create_subprocess_exec(
