@@ -265,6 +265,7 @@ def _git_push(cloud: LocalCloud, site: dict[str, Any], folder: str, work: Path) 
         "GIT_AUTHOR_EMAIL": "owner@example.net",
         "GIT_COMMITTER_NAME": "Site Owner",
         "GIT_COMMITTER_EMAIL": "owner@example.net",
+        "GIT_SSL_CAINFO": str(cloud.ca_file),
     }
     base = urlsplit(site["deploy"]["url"])
     remote = f"https://{site['ftp']['user']}:{site['ftp']['password']}@{base.netloc}/{site['name']}.git"
@@ -272,7 +273,7 @@ def _git_push(cloud: LocalCloud, site: dict[str, Any], folder: str, work: Path) 
         ("init", "-q", "-b", "main"),
         ("add", "-A"),
         ("commit", "-q", "-m", "the sample"),
-        ("-c", f"http.sslCAInfo={cloud.ca_file}", "push", "-q", remote, "main"),
+        ("push", "-q", remote, "main"),
     ):
         done = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, (args, done.stdout, done.stderr)
