@@ -27,7 +27,7 @@ from typing import Any
 
 from roles.worker._appserver.sitecloud_appserver import MEMORY_EXIT
 from roles.worker._cache import SiteVersion
-from roles.worker.apps._cgroup import CgroupTree
+from roles.worker.apps._cgroup import AppGroup, CgroupTree
 from roles.worker.apps._instance import AppInstance
 from roles.worker.apps._isolation import (
     Identities,
@@ -597,8 +597,12 @@ class AppManager:
                 bridge_timeout=self._config.app_start_timeout if sandbox is not None else None,
             )
             self._ensure_run_dir()
-            group = self._cgroup.create(str(app.identity.number), app.spec.limits) if self._cgroup else None
             self._sockets += 1
+            # A cgroup per instance, not per site: a retiring instance that exits removes (and one
+            # killed at the end of its grace kills) its own group, never the one a newer instance of
+            # the same site is starting in.
+            serial = f"{app.identity.number}.{self._sockets}"
+            group = self._cgroup.create(serial, app.spec.limits) if self._cgroup else None
             volume: HomeVolume | None = None
             mounts: SandboxMounts | None = None
             if sandbox is not None:
@@ -616,7 +620,7 @@ class AppManager:
                 identity=app.identity,
                 limits=app.spec.limits,
                 log=log,
-                socket_path=self._run_dir / f"{app.identity.number}.{self._sockets}.sock",
+                socket_path=self._run_dir / f"{serial}.sock",
                 cgroup=group,
                 on_exit=self._exited,
                 sandbox=sandbox,
@@ -627,6 +631,9 @@ class AppManager:
             except BaseException:
                 if volume is not None:
                     self._spawn(volume.release())
+                if group is not None:
+                    CgroupTree.kill(group)
+                    CgroupTree.remove(group)
                 raise
             if volume is not None:
                 self._held[inst] = volume
@@ -730,7 +737,7 @@ class AppManager:
         oom = inst.cgroup is not None and CgroupTree.oom_kills(inst.cgroup) > 0
         if inst.cgroup is not None:
             self._note_pids_hits(app, inst)
-            CgroupTree.remove(inst.cgroup)
+            self._remove_group(inst.cgroup)
         if inst.stopping == "memory" or code == MEMORY_EXIT or oom:
             app.memory_kills += 1
             log.write("worker", f"stopped: exceeded its {inst.limits.memory_mb} MB memory limit")
@@ -744,6 +751,15 @@ class AppManager:
         wait = _backoff(app.failures) if not inst.served or app.failures > 1 else 0.0
         app.retry_at = time.monotonic() + wait
         log.write("worker", f"it starts again on the next request{f' after {wait:.1f} s' if wait else ''}")
+
+    def _remove_group(self, group: AppGroup, tries: int = 20) -> None:
+        """An instance's group goes with it; what it left running in there (a child that outlived
+        it) is killed first, and the removal tried again shortly while the kernel lets them go."""
+        if CgroupTree.remove(group):
+            return
+        CgroupTree.kill(group)
+        if not CgroupTree.remove(group) and tries > 0:
+            asyncio.get_running_loop().call_later(0.25, self._remove_group, group, tries - 1)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
