@@ -93,6 +93,7 @@ class FastCgiUpstream(UpstreamBase):
                     self._finish()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         if not self.done:
             self._fail("the app closed the connection before it answered")
 

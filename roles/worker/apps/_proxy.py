@@ -178,6 +178,9 @@ class AppExchange:
         self._tunnel = False
         self._early: list[bytes] = []
         self._inst: AppInstance | None = None
+        # The request sent on a kept connection, should it have to go again on a new one.
+        self._retry: bytes | None = None
+        self._reconnect: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._t0 = time.monotonic()
         self._task = self._loop.create_task(self._run())
@@ -274,13 +277,33 @@ class AppExchange:
             )
             upstream = FastCgiUpstream(self, encode_request(params, body), head_only=self._bodyless)
         else:
+            # Our app server keeps connections (an app of another make may not frame for it).
+            keep = app.runtime == "python" and not self._upgrade and not self._bodyless
+            request = self._request_bytes(body, keep=keep)
+            kept = inst.pool.take() if keep else None
+            if isinstance(kept, HttpUpstream):
+                self._retry = request
+                self._upstream = kept
+                self._arm(inst)
+                kept.again(self, request, head_only=False)
+                return
             upstream = HttpUpstream(
-                self, self._request_bytes(body), head_only=self._bodyless, upgrade=self._upgrade
+                self,
+                request,
+                head_only=self._bodyless,
+                upgrade=self._upgrade,
+                pool=inst.pool if keep else None,
             )
         self._upstream = upstream
+        self._arm(inst)
+        await self._connect(inst, upstream)
+
+    def _arm(self, inst: AppInstance) -> None:
         config = self._proxy.config
         wait = config.app_response_timeout if inst.served else config.app_start_timeout
         self._timer = self._loop.call_later(wait, self._timed_out, not inst.served)
+
+    async def _connect(self, inst: AppInstance, upstream: UpstreamBase) -> None:
         kind, address = inst.address
         try:
             if kind == "unix":
@@ -291,12 +314,15 @@ class AppExchange:
         except OSError as exc:
             self.upstream_failed(f"cannot reach the app: {exc}")
 
-    def _request_bytes(self, body: bytes) -> bytes:
+    def _request_bytes(self, body: bytes, *, keep: bool = False) -> bytes:
         lines = [self._method + b" " + self._target + b" HTTP/1.1"]
         lines += [k + b": " + v for k, v in self._headers if k.lower() not in _REQUEST_DROP]
         if body or self._method not in (b"GET", b"HEAD"):
             lines.append(b"Content-Length: %d" % len(body))
-        lines.append(b"Connection: Upgrade\r\nUpgrade: websocket" if self._upgrade else b"Connection: close")
+        if self._upgrade:
+            lines.append(b"Connection: Upgrade\r\nUpgrade: websocket")
+        else:
+            lines.append(b"Connection: keep-alive" if keep else b"Connection: close")
         return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
     def _timed_out(self, starting: bool) -> None:
@@ -350,6 +376,18 @@ class AppExchange:
         self._flush()
 
     def upstream_failed(self, why: str) -> None:
+        stale, request, inst = self._upstream, self._retry, self._inst
+        self._retry = None
+        if (
+            request is not None and inst is not None and isinstance(stale, HttpUpstream)
+            and stale.reused and not stale.heard and not self._closed and self._head is None
+        ):  # fmt: skip
+            # A kept connection the app closed as it was reused (its stop, say): the request never
+            # reached it, so it goes again on a new connection, once.
+            fresh = HttpUpstream(self, request, head_only=False, pool=inst.pool)
+            self._upstream = fresh
+            self._reconnect = self._loop.create_task(self._connect(inst, fresh))
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
