@@ -48,7 +48,10 @@ class AppInstance:
         on_exit: Callable[[AppInstance, int], None],
         sandbox: Sandbox | None = None,
         mounts: SandboxMounts | None = None,
+        serial: str = "",
     ) -> None:
+        # Which start of which site this is (its socket's and cgroup's name).
+        self.serial = serial
         self.plan = plan
         self.identity = identity
         self.limits = limits

@@ -60,9 +60,9 @@ from roles.worker.apps._volume import BlankImages, HomeVolume, unmount_stale
 from roles.worker.config import WorkerConfig
 from shared.control import Snapshot
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
-from shared.logs import get_logger
+from shared.logs import ContextLogger, get_logger
 
-__all__ = ["AppManager", "AppSite"]
+__all__ = ["AppManager", "AppSite", "run_dir_for"]
 
 Lookup = Callable[[str], tuple[bool, SiteVersion | None]]
 SWEEP_INTERVAL = 0.25
@@ -141,7 +141,7 @@ class AppManager:
         # The apps root: content (sites/), app homes and temp dirs (apps/); see roles/worker/_layout.py.
         self._root = root
         self._apps_dir = root / "apps"
-        self._run_dir = _run_dir(root)
+        self._run_dir = run_dir_for(root)
         self._python = pick_python(config.app_python, isolate=self._isolate)
         self._appserver = ""
         self._cgroup: CgroupTree | None = None
@@ -177,6 +177,18 @@ class AppManager:
 
     def dynamic(self, site: str) -> AppSite | None:
         return self._sites.get(site)
+
+    def sites(self) -> dict[str, AppSite]:
+        """The dynamic sites held now (for the worker's serving processes)."""
+        return dict(self._sites)
+
+    @property
+    def log(self) -> ContextLogger:
+        return self._log
+
+    @property
+    def run_dir(self) -> Path:
+        return self._run_dir
 
     # -- the pushed snapshot
 
@@ -596,7 +608,7 @@ class AppManager:
                 port=port,
                 bridge_timeout=self._config.app_start_timeout if sandbox is not None else None,
             )
-            self._ensure_run_dir()
+            self.ensure_run_dir()
             self._sockets += 1
             # A cgroup per instance, not per site: a retiring instance that exits removes (and one
             # killed at the end of its grace kills) its own group, never the one a newer instance of
@@ -621,6 +633,7 @@ class AppManager:
                 limits=app.spec.limits,
                 log=log,
                 socket_path=self._run_dir / f"{serial}.sock",
+                serial=serial,
                 cgroup=group,
                 on_exit=self._exited,
                 sandbox=sandbox,
@@ -681,7 +694,7 @@ class AppManager:
             raise Unavailable(f"its disk quota volume could not be mounted ({exc})") from exc
         return volume
 
-    def _ensure_run_dir(self) -> None:
+    def ensure_run_dir(self) -> None:
         """Made on the first start (a worker without apps leaves no trace in /tmp)."""
         self._run_dir.mkdir(mode=0o700, exist_ok=True)
         if self._run_dir.is_symlink() or self._run_dir.lstat().st_uid != os.geteuid():
@@ -875,7 +888,7 @@ def _prepare_dirs(dirs: SiteDirs, identity: SiteIdentity) -> None:
             os.chown(d, identity.uid, identity.gid)
 
 
-def _run_dir(root: Path) -> Path:
+def run_dir_for(root: Path) -> Path:
     """Where app sockets are bound (0700: apps get theirs as fd 0, never by path): under the apps
     root unless that path is too long for a unix socket."""
     run = root / "run"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -25,9 +25,9 @@ from roles.worker._access import LOGGED_HEADERS, access_line
 from roles.worker._http import http_date
 from roles.worker._static import FileHit, Redirect, resolve
 from roles.worker.apps._fastcgi import FastCgiUpstream, encode_request
-from roles.worker.apps._instance import AppInstance
-from roles.worker.apps._manager import AppManager, AppSite
+from roles.worker.apps._manager import AppSite
 from roles.worker.apps._php import cgi_params, php_script
+from roles.worker.apps._pool import UpstreamPool
 from roles.worker.apps._spec import is_app_source
 from roles.worker.apps._upstream import HttpUpstream, UpstreamBase
 from roles.worker.config import WorkerConfig
@@ -39,7 +39,7 @@ from shared.paths import site_relpath
 if TYPE_CHECKING:
     from roles.worker._http import HttpConnection
 
-__all__ = ["AppExchange", "AppProxy"]
+__all__ = ["AppBackend", "AppExchange", "AppProxy"]
 
 # Not forwarded to the app: hop-by-hop fields (RFC 9110 section 7.6.1), our routing header, and the
 # framing we redo (the body goes on whole, with its length).
@@ -62,10 +62,41 @@ _UPGRADABLE = frozenset({"python", "command", "node"})
 MAX_PENDING = 1024 * 1024
 
 
-class AppProxy:
+class Target(Protocol):
+    """An app instance as the proxy talks to it."""
+
+    served: bool
+    pool: UpstreamPool
+
+    @property
+    def address(self) -> tuple[str, str]: ...
+
+
+class LogSink(Protocol):
+    def write(self, source: str, text: str) -> None: ...
+    def access(self, text: str) -> None: ...
+
+
+T = TypeVar("T", bound=Target)
+
+
+class AppBackend(Protocol[T]):
+    """Who has the apps: the app manager in the worker's main process, or (in a serving process)
+    the channel to it (``_channel.py``)."""
+
+    @property
+    def active(self) -> bool: ...
+    def dynamic(self, site: str) -> AppSite | None: ...
+    async def acquire(self, app: AppSite) -> T: ...
+    def begin(self, app: AppSite, inst: T) -> None: ...
+    def end(self, app: AppSite, inst: T, *, answered: bool) -> None: ...
+    def site_log(self, app: AppSite) -> LogSink: ...
+
+
+class AppProxy(Generic[T]):
     """The data server's divert hook: ``proxy(method, url, wanted, headers, keep_alive)``."""
 
-    def __init__(self, config: WorkerConfig, manager: AppManager) -> None:
+    def __init__(self, config: WorkerConfig, manager: AppBackend[T]) -> None:
         self.config = config
         self.manager = manager
         self.log = get_logger("worker", host=config.host)
@@ -84,7 +115,7 @@ class AppProxy:
         wanted: dict[bytes, bytes],
         headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
-    ) -> AppExchange | None:
+    ) -> AppExchange[T] | None:
         route = self._route(method, url, wanted)
         if route is None:
             return None
@@ -132,12 +163,12 @@ def _static_file(root: str, rel: str, *, slash: bool) -> bool:
     return isinstance(found, Redirect)
 
 
-class AppExchange:
+class AppExchange(Generic[T]):
     """One request to an app and its answer; the connection calls body/end/answer/resume/abort."""
 
     def __init__(
         self,
-        proxy: AppProxy,
+        proxy: AppProxy[T],
         app: AppSite,
         method: bytes,
         target: bytes,
@@ -177,7 +208,7 @@ class AppExchange:
         self._upgrade = upgrade
         self._tunnel = False
         self._early: list[bytes] = []
-        self._inst: AppInstance | None = None
+        self._inst: T | None = None
         # The request sent on a kept connection, should it have to go again on a new one.
         self._retry: bytes | None = None
         self._reconnect: asyncio.Task[None] | None = None
@@ -298,12 +329,12 @@ class AppExchange:
         self._arm(inst)
         await self._connect(inst, upstream)
 
-    def _arm(self, inst: AppInstance) -> None:
+    def _arm(self, inst: T) -> None:
         config = self._proxy.config
         wait = config.app_response_timeout if inst.served else config.app_start_timeout
         self._timer = self._loop.call_later(wait, self._timed_out, not inst.served)
 
-    async def _connect(self, inst: AppInstance, upstream: UpstreamBase) -> None:
+    async def _connect(self, inst: T, upstream: UpstreamBase) -> None:
         kind, address = inst.address
         try:
             if kind == "unix":
