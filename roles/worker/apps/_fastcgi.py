@@ -74,6 +74,14 @@ class FastCgiUpstream(UpstreamBase):
         self._have_head = False
 
     def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        sink.upstream_batch(True)
+        try:
+            self._records(data)
+        finally:
+            sink.upstream_batch(False)
+
+    def _records(self, data: bytes) -> None:
         self._buf += data
         buf = self._buf
         while len(buf) >= 8 and not self.done:

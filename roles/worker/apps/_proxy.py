@@ -208,6 +208,7 @@ class AppExchange(Generic[T]):
         self._upgrade = upgrade
         self._tunnel = False
         self._early: list[bytes] = []
+        self._batching = False
         self._inst: T | None = None
         # The request sent on a kept connection, should it have to go again on a new one.
         self._retry: bytes | None = None
@@ -390,7 +391,8 @@ class AppExchange(Generic[T]):
             self._chunked = True
             lines.append(b"Transfer-Encoding: chunked")
         self._head = b"\r\n".join(lines) + b"\r\n"
-        self._flush()
+        if not self._batching:
+            self._flush()
 
     def upstream_data(self, data: bytes) -> None:
         if self._bodyless or not data:
@@ -398,7 +400,15 @@ class AppExchange(Generic[T]):
         self._sent += len(data)
         self._out.append(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
         self._pending += len(data)
-        self._flush()
+        if not self._batching:
+            self._flush()
+
+    def upstream_batch(self, open_: bool) -> None:
+        """The app's bytes of one read are being handed over (True) or were (False): what they
+        bring goes to the front end in one write at the end."""
+        self._batching = open_
+        if not open_:
+            self._flush()
 
     def upstream_end(self) -> None:
         if self._chunked:
@@ -483,12 +493,15 @@ class AppExchange(Generic[T]):
                 connection = b"Connection: keep-alive\r\n\r\n"
             else:
                 connection = b"Connection: close\r\n\r\n"
-            conn.write(self._head + connection)
+            self._out.insert(0, self._head + connection)
             self._head_written = True
         if not self._head_written:
             return
-        for piece in self._out:
-            conn.write(piece)
+        # One write for what is there: one TLS record to the front end, not one per piece.
+        if len(self._out) == 1:
+            conn.write(self._out[0])
+        elif self._out:
+            conn.write(b"".join(self._out))
         self._out.clear()
         self._pending = 0
         if self._broken:

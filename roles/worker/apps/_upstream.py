@@ -32,6 +32,11 @@ class Sink(Protocol):
         """The app's socket buffer filled up (False) or drained (True): a tunnel stops reading."""
         ...
 
+    def upstream_batch(self, open_: bool) -> None:
+        """Around the calls one read from the app makes (its head, data and end often come in one):
+        the sink may write them on in one piece when the batch closes."""
+        ...
+
 
 class UpstreamBase(asyncio.Protocol):
     def __init__(self, sink: Sink, request: bytes, *, pool: UpstreamPool | None = None) -> None:
@@ -150,6 +155,8 @@ class HttpUpstream(UpstreamBase):
         if self.tunnel:
             self.sink.upstream_data(data)
             return
+        sink = self.sink
+        sink.upstream_batch(True)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -159,6 +166,8 @@ class HttpUpstream(UpstreamBase):
             self.sink.upstream_tunnel(data[int(exc.args[0]) :])
         except httptools.HttpParserError as exc:
             self._fail(f"the app's response could not be parsed ({exc})")
+        finally:
+            sink.upstream_batch(False)
 
     def send(self, data: bytes) -> None:
         """Tunnel bytes from the visitor to the app."""
