@@ -23,7 +23,7 @@ from roles.worker.apps._isolation import (
     tree_usage,
 )
 from roles.worker.apps._launch import LaunchPlan
-from roles.worker.apps._pool import UpstreamPool
+from roles.worker.apps._pool import IDLE_LIMIT, UpstreamPool
 from roles.worker.apps._sandbox import Sandbox, SandboxMounts, read_info
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import AppLimits
@@ -84,7 +84,7 @@ class AppInstance:
         self.at_pids_limit = False
         self.served = False
         # This process's kept connections to the app.
-        self.pool = UpstreamPool()
+        self.pool = UpstreamPool(min(IDLE_LIMIT, max(4, limits.nofile // 4)))
 
     @property
     def address(self) -> tuple[str, str]:

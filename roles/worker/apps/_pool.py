@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["UpstreamPool"]
+__all__ = ["IDLE_LIMIT", "UpstreamPool"]
 
-# Idle connections kept per instance: beyond this a finished one is closed.
-IDLE_LIMIT = 32
+# Idle connections kept per instance and serving process (each is an open file of the app's, which
+# its nofile limit counts): beyond this a finished one is closed.
+IDLE_LIMIT = 64
 
 
 class Pooled(Protocol):

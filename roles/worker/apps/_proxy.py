@@ -60,6 +60,8 @@ _SWITCH_DROP = frozenset(
 _UPGRADABLE = frozenset({"python", "command", "node"})
 # Answer bytes buffered before the connection's turn comes (pipelining) before the app is paused.
 MAX_PENDING = 1024 * 1024
+# Paths remembered as static or not (a few hundred bytes each); forgotten all at once beyond this.
+STATIC_MEMO = 8192
 
 
 class Target(Protocol):
@@ -100,6 +102,8 @@ class AppProxy(Generic[T]):
         self.config = config
         self.manager = manager
         self.log = get_logger("worker", host=config.host)
+        # (version root, path, trailing slash) → whether a static file answers it.
+        self._static: dict[tuple[str, str, bool], bool] = {}
 
     @property
     def active(self) -> bool:
@@ -139,9 +143,20 @@ class AppProxy(Generic[T]):
         # A Procfile or Node app answers every path itself, as it does on other platforms: its source is in
         # languages the worker cannot know (server.js, config.ru, main.go), so no file is served raw.
         static = app.runtime not in ("command", "node") and method in (b"GET", b"HEAD")
-        if static and _static_file(app.root, rel, slash=path.endswith("/")):
+        if static and self._static_file(app.root, rel, slash=path.endswith("/")):
             return None
         return app, rel
+
+    def _static_file(self, root: str, rel: str, *, slash: bool) -> bool:
+        """Whether the static server answers this path; remembered, as a version's files never change
+        (a new version is a new root)."""
+        key = (root, rel, slash)
+        found = self._static.get(key)
+        if found is None:
+            if len(self._static) >= STATIC_MEMO:
+                self._static.clear()
+            found = self._static[key] = _static_file(root, rel, slash=slash)
+        return found
 
 
 def _websocket(headers: list[tuple[bytes, bytes]]) -> bool:
