@@ -283,6 +283,29 @@ def test_php_site_answers_through_fastcgi(cloud: AppCloud) -> None:
     assert cloud.get("php", "/a.css")[2] == b"x"
 
 
+def test_php_keeps_connections_to_its_children_and_queues_requests_beyond_them(cloud: AppCloud) -> None:
+    """Kept FastCGI connections hold a php-cgi child each: with more requests at once than children
+    (a small site has 2), the rest wait for a connection to come back, and every one is answered,
+    a HEAD in between too."""
+    cloud.add_site("phpmany")
+    slow = b'<?php usleep(20000); echo "n=", $_GET["n"] ?? "", " pid=", getmypid();'
+    cloud.publish_and_wait("phpmany", {"index.php": slow}, "/?n=first", b"n=first")
+    results: list[tuple[int, bytes]] = []
+
+    def visitor(k: int) -> None:
+        for i in range(15):
+            status, _, body = cloud.get("phpmany", f"/?n={k}.{i}")
+            results.append((status, body.split(b" pid=")[0]))
+
+    threads = [threading.Thread(target=visitor, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    assert cloud.get("phpmany", "/", method="HEAD")[0] == 200
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == sorted((200, b"n=%d.%d" % (k, i)) for k in range(8) for i in range(15))
+
+
 def test_procfile_site_runs_its_command_on_port(cloud: AppCloud) -> None:
     cloud.add_site("cmd")
     files = {"Procfile": b"web: python3 -m http.server $PORT --bind 127.0.0.1\n", "sub/data.txt": b"d"}

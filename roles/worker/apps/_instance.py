@@ -84,7 +84,11 @@ class AppInstance:
         self.at_pids_limit = False
         self.served = False
         # This process's kept connections to the app.
-        self.pool = UpstreamPool(min(IDLE_LIMIT, max(4, limits.nofile // 4)))
+        # php-cgi's children each hold one connection while it is open: no more open than they are.
+        children = plan.env.get("PHP_FCGI_CHILDREN")
+        self.pool = UpstreamPool(
+            min(IDLE_LIMIT, max(4, limits.nofile // 4)), max_open=int(children) if children else None
+        )
 
     @property
     def address(self) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
@@ -104,6 +105,7 @@ class AppProxy(Generic[T]):
         self.log = get_logger("worker", host=config.host)
         # (version root, path, trailing slash) → whether a static file answers it.
         self._static: dict[tuple[str, str, bool], bool] = {}
+        self._scripts: dict[tuple[str, str, str], tuple[str, str, str] | None] = {}
 
     @property
     def active(self) -> bool:
@@ -146,6 +148,16 @@ class AppProxy(Generic[T]):
         if static and self._static_file(app.root, rel, slash=path.endswith("/")):
             return None
         return app, rel
+
+    def php_script(self, root: str, rel: str, entry: str) -> tuple[str, str, str] | None:
+        """The script that answers ``rel`` (see :func:`php_script`), remembered per version."""
+        key = (root, rel, entry)
+        if key in self._scripts:
+            return self._scripts[key]
+        if len(self._scripts) >= STATIC_MEMO:
+            self._scripts.clear()
+        found = self._scripts[key] = php_script(root, rel, entry)
+        return found
 
     def _static_file(self, root: str, rel: str, *, slash: bool) -> bool:
         """Whether the static server answers this path; remembered, as a version's files never change
@@ -226,7 +238,7 @@ class AppExchange(Generic[T]):
         self._batching = False
         self._inst: T | None = None
         # The request sent on a kept connection, should it have to go again on a new one.
-        self._retry: bytes | None = None
+        self._retry: Callable[[], UpstreamBase] | None = None
         self._reconnect: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._t0 = time.monotonic()
@@ -293,7 +305,7 @@ class AppExchange(Generic[T]):
         app, manager = self._app, self._proxy.manager
         script = None
         if app.runtime == "php":
-            script = php_script(app.root, self._rel, app.entry)
+            script = self._proxy.php_script(app.root, self._rel, app.entry)
             if script is None:
                 self._error(404, "Not found", "Nothing is published at this address.")
                 return
@@ -312,6 +324,7 @@ class AppExchange(Generic[T]):
         body = b"".join(self._body)
         self._body = []
         upstream: UpstreamBase
+        pool = inst.pool
         if script is not None:
             params = cgi_params(
                 method=self._method.decode("latin-1"),
@@ -322,27 +335,56 @@ class AppExchange(Generic[T]):
                 script=script,
                 settings=app.spec.env,
             )
-            upstream = FastCgiUpstream(self, encode_request(params, body), head_only=self._bodyless)
+            # Kept connections only where the pool bounds them by the app's children (see _pool.py).
+            keep = pool.max_open is not None
+            request = encode_request(params, body, keep=keep)
+            head_only = self._bodyless
+
+            def fresh() -> UpstreamBase:
+                return FastCgiUpstream(self, request, head_only=head_only, pool=pool if keep else None)
+
         else:
             # Our app server keeps connections (an app of another make may not frame for it).
             keep = app.runtime == "python" and not self._upgrade and not self._bodyless
             request = self._request_bytes(body, keep=keep)
-            kept = inst.pool.take() if keep else None
-            if isinstance(kept, HttpUpstream):
-                self._retry = request
-                self._upstream = kept
-                self._arm(inst)
-                kept.again(self, request, head_only=False)
-                return
-            upstream = HttpUpstream(
-                self,
-                request,
-                head_only=self._bodyless,
-                upgrade=self._upgrade,
-                pool=inst.pool if keep else None,
-            )
+            head_only, upgrade = self._bodyless, self._upgrade
+
+            def fresh() -> UpstreamBase:
+                return HttpUpstream(
+                    self, request, head_only=head_only, upgrade=upgrade, pool=pool if keep else None
+                )
+
+        kept = await pool.lease() if keep else None
+        if self._closed:
+            if kept is not None:
+                kept.close()
+            elif keep:
+                pool.closed_one()
+            return
+        if isinstance(kept, (HttpUpstream, FastCgiUpstream)):
+            self._retry = fresh
+            self._upstream = kept
+            self._arm(inst)
+            kept.again(self, request, head_only=head_only)
+            return
+        upstream = fresh()
         self._upstream = upstream
         self._arm(inst)
+        await self._connect(inst, upstream)
+
+    async def _again(self, inst: T, again: Callable[[], UpstreamBase]) -> None:
+        """The request once more, on a connection the pool makes room for (the stale one is out)."""
+        # Not another kept one: a new connection is sure to reach the app (kept ones close here, and
+        # make room for it).
+        while (kept := await inst.pool.lease()) is not None:
+            kept.close()
+            if inst.pool.closed:
+                break
+        if self._closed:
+            inst.pool.closed_one()
+            return
+        upstream = again()
+        self._upstream = upstream
         await self._connect(inst, upstream)
 
     def _arm(self, inst: T) -> None:
@@ -359,7 +401,11 @@ class AppExchange(Generic[T]):
                 host, _, port = address.rpartition(":")
                 await self._loop.create_connection(lambda: upstream, host, int(port))
         except OSError as exc:
+            upstream.uncount()
             self.upstream_failed(f"cannot reach the app: {exc}")
+        except asyncio.CancelledError:
+            upstream.uncount()
+            raise
 
     def _request_bytes(self, body: bytes, *, keep: bool = False) -> bytes:
         lines = [self._method + b" " + self._target + b" HTTP/1.1"]
@@ -432,17 +478,15 @@ class AppExchange(Generic[T]):
         self._flush()
 
     def upstream_failed(self, why: str) -> None:
-        stale, request, inst = self._upstream, self._retry, self._inst
+        stale, again, inst = self._upstream, self._retry, self._inst
         self._retry = None
         if (
-            request is not None and inst is not None and isinstance(stale, HttpUpstream)
+            again is not None and inst is not None and stale is not None
             and stale.reused and not stale.heard and not self._closed and self._head is None
         ):  # fmt: skip
             # A kept connection the app closed as it was reused (its stop, say): the request never
-            # reached it, so it goes again on a new connection, once.
-            fresh = HttpUpstream(self, request, head_only=False, pool=inst.pool)
-            self._upstream = fresh
-            self._reconnect = self._loop.create_task(self._connect(inst, fresh))
+            # reached it, so it goes again on a new connection, once, in that one's place.
+            self._reconnect = self._loop.create_task(self._again(inst, again))
             return
         if self._timer is not None:
             self._timer.cancel()

@@ -49,6 +49,8 @@ class UpstreamBase(asyncio.Protocol):
         # a kept connection the app closed just as it was reused fails with neither, and is retried.
         self.reused = False
         self.heard = False
+        # Counted by the pool as open (it made room for this connection): uncounted once, as it ends.
+        self.counted = pool is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -73,8 +75,15 @@ class UpstreamBase(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.uncount()
+
+    def uncount(self) -> None:
+        """This connection is gone (or never opened): out of the pool and its count."""
         if self.pool is not None:
             self.pool.discard(self)
+            if self.counted:
+                self.counted = False
+                self.pool.closed_one()
 
     def close(self) -> None:
         self.done = True
