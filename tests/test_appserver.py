@@ -187,3 +187,45 @@ def test_a_kept_connection_carries_many_requests_in_turn(
         assert b"Connection: close" in tail and b"/last" in tail
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
+
+
+def test_out_of_file_descriptors_the_server_lets_an_idle_kept_connection_go(tmp_path: Path) -> None:
+    """More kept connections than the app's open-file limit allows: the server closes an idle one
+    to take the new connection, rather than dying or leaving it in the backlog."""
+    import resource
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "app.py").write_bytes(APP)
+    plan = plan_launch(
+        site="one", runtime="python", entry="app", root=str(tmp_path / "site"), dirs=SiteDirs.under(tmp_path, 1),
+        settings=(), limits=AppLimits(), python=sys.executable, packages=None, appserver=APPSERVER_PATH,
+    )  # fmt: skip
+    path = tmp_path / "app.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(64)
+
+    def low_nofile() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+    proc = subprocess.Popen(
+        plan.argv, stdin=listener.fileno(), cwd=plan.cwd, env=plan.env, stderr=subprocess.DEVNULL,
+        preexec_fn=low_nofile,  # a test's child: no threads to deadlock in it
+    )  # fmt: skip
+    listener.close()
+    kept: list[socket.socket] = []
+    try:
+        for n in range(60):
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.settimeout(10)
+            conn.connect(str(path))
+            kept.append(conn)
+            conn.sendall(b"GET /k%d HTTP/1.1\r\nConnection: keep-alive\r\n\r\n" % n)
+            head, body = read_answer(conn, bytearray())
+            assert head.startswith(b"HTTP/1.1 200") and body.startswith(b"/k%d " % n)
+        assert proc.poll() is None
+    finally:
+        for conn in kept:
+            conn.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0

@@ -32,6 +32,7 @@ from shared.logs import get_logger
 __all__ = ["AppChannel", "RemoteApps", "RemoteInstance", "channel_path"]
 
 _LIMIT = 1024 * 1024
+REMOTE_IDLE = 16
 
 
 def channel_path(manager_run_dir: Path) -> Path:
@@ -166,7 +167,9 @@ class RemoteInstance:
         self.serial = serial
         self.address = address
         self.served = False
-        self.pool = UpstreamPool()
+        # Fewer than the main process keeps: several serving processes each keep theirs, and every
+        # kept connection is an open file of the app's.
+        self.pool = UpstreamPool(REMOTE_IDLE)
         # The main process's count of this request (sent back with ``end``).
         self.token = 0
 

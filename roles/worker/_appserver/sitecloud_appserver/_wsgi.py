@@ -77,6 +77,9 @@ def serve_wsgi(app: WsgiApp, threads: int, listener: socket.socket) -> None:
     signal.signal(signal.SIGTERM, signals)
     signal.signal(signal.SIGINT, signals)
     held = 0
+    # Not accepting while at MAX_CONNECTIONS or out of file descriptors (RLIMIT_NOFILE): new
+    # connections wait in the backlog until one of ours closes.
+    paused = False
     try:
         while not signals.stopped:
             signals.waiting = True
@@ -91,10 +94,27 @@ def serve_wsgi(app: WsgiApp, threads: int, listener: socket.socket) -> None:
                         sock, _ = listener.accept()
                     except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                         continue
+                    except OSError:  # EMFILE, ENFILE, ENOBUFS
+                        # An idle kept connection goes (the worker opens another when it needs
+                        # one); with none, wait for a busy one to close.
+                        idle = next(
+                            (k for k in selector.get_map().values() if isinstance(k.data, _Conn)), None
+                        )
+                        if idle is not None:
+                            selector.unregister(idle.fileobj)
+                            idle.data.sock.close()
+                            held -= 1
+                        elif held == 0:
+                            raise
+                        else:
+                            selector.unregister(listener)
+                            paused = True
+                        continue
                     sock.setblocking(True)
                     held += 1
                     if held >= MAX_CONNECTIONS:
                         selector.unregister(listener)
+                        paused = True
                     server.submit(_Conn(sock))
                 elif data is wake_r:
                     try:  # noqa: SIM105 - contextlib is one more import for every cold start
@@ -104,7 +124,8 @@ def serve_wsgi(app: WsgiApp, threads: int, listener: socket.socket) -> None:
                     for conn in server.returned():
                         if conn is None:
                             held -= 1
-                            if held == MAX_CONNECTIONS - 1:
+                            if paused:
+                                paused = False
                                 selector.register(listener, selectors.EVENT_READ, None)
                         else:
                             selector.register(conn.sock, selectors.EVENT_READ, conn)
