@@ -415,7 +415,7 @@ def test_logs_stream_to_management(cloud: AppCloud) -> None:
         while b"handled /first" not in seen:
             seen += resp.read1(65536)
         cloud.get("chatty", "/second")
-        while b"GET /second 200" not in seen:
+        while b'"GET /second HTTP/1.1" 200' not in seen:
             seen += resp.read1(65536)
         assert b"[app] handled /second" in seen and b"wsgi app imported" in seen
     finally:
