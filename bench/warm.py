@@ -267,7 +267,8 @@ def _write_doc(
         "front end and worker each parse and forward, the hop between them mutual TLS, all on the same "
         "cores as wrk and the app. CPU time per request measured on this VM (2026-12-03, /proc of each "
         "process over a 5 s wrk run): the front end about 90 µs, the worker about 75 µs for a static page "
-        "and 125 µs for an app request, our app server about 85 µs for the hello answer. The machine "
+        "and 125 µs for a Python app request (155 µs for PHP), our app server about 85 µs for the hello "
+        "answer, php-cgi about 50 µs. The machine "
         "(2 cores shared with other jobs, load 2 to 10 during these runs) makes runs vary by ±30 %; the "
         "ratios come from one run with the anchors alternated.",
     ]
