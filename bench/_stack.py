@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from roles.fileserver.config import FileserverConfig
 from roles.frontend.config import FrontendConfig
@@ -64,14 +65,17 @@ class SitecloudStack:
         assert self.frontend_without_lanes is not None
         return int(self.frontend_without_lanes.config.https_port)  # type: ignore[attr-defined]
 
-    def start(self, files: dict[str, bytes]) -> None:
+    def start(self, files: dict[str, bytes], *, site_settings: dict[str, Any] | None = None) -> None:
+        """``site_settings``: the bench site's app settings on the worker (its limits, say)."""
         for role in (self.fileserver, self.worker, *self.frontends):
             role.start()
         fs_url = self.fileserver.control_url
         self.fileserver.push_config(
             {"version": 1, "sites": {SITE: {"uid": "bench1", "quota_bytes": 1 << 30}}}
         )
-        self.worker.push_config({"version": 1, "fileserver": fs_url, "sites": {SITE: {"uid": "bench1"}}})
+        self.worker.push_config(
+            {"version": 1, "fileserver": fs_url, "sites": {SITE: {"uid": "bench1", **(site_settings or {})}}}
+        )
         worker_port = self.worker.config.data_port  # type: ignore[attr-defined]
         for frontend in self.frontends:
             frontend.push_config(

@@ -117,3 +117,115 @@ def test_asgi_answers_with_its_status_and_body(server: tuple[subprocess.Popen[by
     assert answer.endswith(b"/p hi")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
+
+
+def read_answer(conn: socket.socket, buf: bytearray) -> tuple[bytes, bytes]:
+    """One response (head, body) from a kept connection: by its length, or chunked."""
+    while b"\r\n\r\n" not in buf:
+        chunk = conn.recv(65536)
+        assert chunk, "closed before a whole head"
+        buf += chunk
+    end = buf.index(b"\r\n\r\n")
+    head, rest = bytes(buf[:end]), buf[end + 4 :]
+    fields = {
+        k.strip().lower(): v.strip() for k, _, v in (x.partition(b":") for x in head.split(b"\r\n")[1:])
+    }
+    body = bytearray()
+    if b"content-length" in fields:
+        length = int(fields[b"content-length"])
+        while len(rest) < length:
+            rest += conn.recv(65536)
+        body, rest = rest[:length], rest[length:]
+    else:
+        assert fields.get(b"transfer-encoding") == b"chunked", head
+        while True:
+            while b"\r\n" not in rest:
+                rest += conn.recv(65536)
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            while len(rest) < size + 2:
+                rest += conn.recv(65536)
+            body += rest[:size]
+            rest = rest[size + 2 :]
+            if size == 0:
+                break
+    buf[:] = rest
+    return head, bytes(body)
+
+
+@pytest.mark.parametrize("server", [(APP, "app"), (ASGI_APP, "asgi")], indirect=True)
+def test_a_kept_connection_carries_many_requests_in_turn(
+    server: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    """Asked for keep-alive (as the worker asks), the server frames each answer (chunked when the
+    app gave no length) and keeps the connection; pipelined requests are answered in order."""
+    proc, path = server
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(10)
+        conn.connect(str(path))
+        buf = bytearray()
+        for n in range(50):
+            body = b"b%d" % n
+            conn.sendall(
+                b"POST /k%d HTTP/1.1\r\nConnection: keep-alive\r\nContent-Length: %d\r\n\r\n%s"
+                % (n, len(body), body)
+            )
+            head, answer = read_answer(conn, buf)
+            assert b"Connection: keep-alive" in head and answer.endswith(
+                b"/k%d " % n + (b" " if b"x-kind" not in head else b"") + body
+            )
+        conn.sendall(
+            b"GET /p1 HTTP/1.1\r\nConnection: keep-alive\r\n\r\nGET /p2 HTTP/1.1\r\nConnection: keep-alive\r\n\r\n"
+        )
+        assert read_answer(conn, buf)[1].startswith(b"/p1")
+        assert read_answer(conn, buf)[1].startswith(b"/p2")
+        # A request that says nothing about keep-alive ends its connection, as before.
+        conn.sendall(b"GET /last HTTP/1.1\r\n\r\n")
+        tail = b""
+        while chunk := conn.recv(65536):
+            tail += chunk
+        assert b"Connection: close" in tail and b"/last" in tail
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+
+
+def test_out_of_file_descriptors_the_server_lets_an_idle_kept_connection_go(tmp_path: Path) -> None:
+    """More kept connections than the app's open-file limit allows: the server closes an idle one
+    to take the new connection, rather than dying or leaving it in the backlog."""
+    import resource
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "app.py").write_bytes(APP)
+    plan = plan_launch(
+        site="one", runtime="python", entry="app", root=str(tmp_path / "site"), dirs=SiteDirs.under(tmp_path, 1),
+        settings=(), limits=AppLimits(), python=sys.executable, packages=None, appserver=APPSERVER_PATH,
+    )  # fmt: skip
+    path = tmp_path / "app.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(64)
+
+    def low_nofile() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+    proc = subprocess.Popen(
+        plan.argv, stdin=listener.fileno(), cwd=plan.cwd, env=plan.env, stderr=subprocess.DEVNULL,
+        preexec_fn=low_nofile,  # a test's child: no threads to deadlock in it
+    )  # fmt: skip
+    listener.close()
+    kept: list[socket.socket] = []
+    try:
+        for n in range(60):
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.settimeout(10)
+            conn.connect(str(path))
+            kept.append(conn)
+            conn.sendall(b"GET /k%d HTTP/1.1\r\nConnection: keep-alive\r\n\r\n" % n)
+            head, body = read_answer(conn, bytearray())
+            assert head.startswith(b"HTTP/1.1 200") and body.startswith(b"/k%d " % n)
+        assert proc.poll() is None
+    finally:
+        for conn in kept:
+            conn.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0

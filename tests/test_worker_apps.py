@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import itertools
+import json
 import os
 import shutil
 import tempfile
@@ -282,6 +283,29 @@ def test_php_site_answers_through_fastcgi(cloud: AppCloud) -> None:
     assert cloud.get("php", "/a.css")[2] == b"x"
 
 
+def test_php_keeps_connections_to_its_children_and_queues_requests_beyond_them(cloud: AppCloud) -> None:
+    """Kept FastCGI connections hold a php-cgi child each: with more requests at once than children
+    (a small site has 2), the rest wait for a connection to come back, and every one is answered,
+    a HEAD in between too."""
+    cloud.add_site("phpmany")
+    slow = b'<?php usleep(20000); echo "n=", $_GET["n"] ?? "", " pid=", getmypid();'
+    cloud.publish_and_wait("phpmany", {"index.php": slow}, "/?n=first", b"n=first")
+    results: list[tuple[int, bytes]] = []
+
+    def visitor(k: int) -> None:
+        for i in range(15):
+            status, _, body = cloud.get("phpmany", f"/?n={k}.{i}")
+            results.append((status, body.split(b" pid=")[0]))
+
+    threads = [threading.Thread(target=visitor, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    assert cloud.get("phpmany", "/", method="HEAD")[0] == 200
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == sorted((200, b"n=%d.%d" % (k, i)) for k in range(8) for i in range(15))
+
+
 def test_procfile_site_runs_its_command_on_port(cloud: AppCloud) -> None:
     cloud.add_site("cmd")
     files = {"Procfile": b"web: python3 -m http.server $PORT --bind 127.0.0.1\n", "sub/data.txt": b"d"}
@@ -391,7 +415,7 @@ def test_logs_stream_to_management(cloud: AppCloud) -> None:
         while b"handled /first" not in seen:
             seen += resp.read1(65536)
         cloud.get("chatty", "/second")
-        while b"GET /second 200" not in seen:
+        while b'"GET /second HTTP/1.1" 200' not in seen:
             seen += resp.read1(65536)
         assert b"[app] handled /second" in seen and b"wsgi app imported" in seen
     finally:
@@ -524,3 +548,112 @@ def test_site_numbers_are_one_per_site_across_the_workers_of_a_machine(tmp_path:
     # Not isolating: numbers stay the worker's own (only directory names).
     local = Identities(tmp_path / "w3.json", isolate=False, registry=registry)
     assert local.get("site-c").uid is None
+
+
+ROUTED_APP = b"""
+import json, os
+
+ROUTES = {}
+
+def route(path):
+    def add(view):
+        ROUTES[path] = view
+        return view
+    return add
+
+@route("/")
+def index(environ):
+    return "200 OK", "index"
+
+@route("/api")
+def api(environ):
+    return "200 OK", json.dumps({"q": environ["QUERY_STRING"], "pid": os.getpid()})
+
+def app(environ, start_response):
+    view = ROUTES.get(environ["PATH_INFO"])
+    status, text = view(environ) if view else ("404 Not Found", "no route")
+    body = text.encode()
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def test_a_worker_with_serving_processes_hands_app_requests_to_apps(tmp_path: Path) -> None:
+    """``processes: 2``: the serving processes answer a dynamic site's requests through its app (the
+    main process wakes it) and a static site's from disk; many requests through the front end, on
+    kept and new connections at once, all answered; a new version reaches them too."""
+    from roles.frontend.config import FrontendConfig
+
+    domain = "sites.test"
+    with running_cloud(app_start_timeout=10.0, processes=2) as cloud:
+        fe_config = cloud.pki.role_config(FrontendConfig, "frontend", tmp_path / "frontend")
+        cloud.pki.ca.issue_wildcard(domain).write(fe_config.wildcard_key_file, fe_config.wildcard_cert_file)
+        frontend = RoleProcess(fe_config, cloud.pki).start()
+        try:
+            cloud.add_site("dyn")
+            cloud.add_site("plain")
+            cloud.publish("dyn", {"app.py": ROUTED_APP, "logo.txt": b"a static file of an app site"})
+            cloud.publish("plain", {"index.html": b"<h1>static</h1>"})
+            workers = [f"localhost:{cloud.config.data_port}"]
+            frontend.push_config(
+                {"version": 1, "domain": domain, "sites": {s: {"workers": workers} for s in ("dyn", "plain")}}
+            )
+
+            def get(conn: http.client.HTTPConnection, site: str, path: str) -> tuple[int, bytes]:
+                conn.request("GET", path, headers={"Host": f"{site}.{domain}"})
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+
+            def new_conn() -> http.client.HTTPConnection:
+                return http.client.HTTPConnection("127.0.0.1", fe_config.http_port, timeout=15)
+
+            def once(site: str, path: str) -> tuple[int, bytes]:
+                conn = new_conn()
+                try:
+                    return get(conn, site, path)
+                finally:
+                    conn.close()
+
+            wait_until(lambda: once("dyn", "/") == (200, b"index"), timeout=20, what="the app")
+            failures: list[str] = []
+            pids: set[int] = set()
+
+            def visitor(n: int) -> None:
+                kept = new_conn()
+                for i in range(40):
+                    conn = kept if i % 4 else new_conn()
+                    checks = [
+                        (get(conn, "dyn", f"/api?n={n}.{i}"), None),
+                        (get(conn, "plain", "/"), (200, b"<h1>static</h1>")),
+                        (get(conn, "dyn", "/logo.txt"), (200, b"a static file of an app site")),
+                    ]
+                    for got, want in checks:
+                        if want is None:
+                            status, body = got
+                            answer = json.loads(body) if status == 200 else {}
+                            if answer.get("q") != f"n={n}.{i}":
+                                failures.append(f"api {n}.{i}: {got!r}")
+                            else:
+                                pids.add(answer["pid"])
+                        elif got != want:
+                            failures.append(f"{n}.{i}: {got!r}")
+                    if conn is not kept:
+                        conn.close()
+                kept.close()
+
+            threads = [threading.Thread(target=visitor, args=(n,)) for n in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert failures == [], failures[:5]
+            assert len(pids) == 1  # one app process for the site, woken once, whichever process asked
+            health = cloud.worker.health()
+            assert health["processes"] == 2 and len(health["serving_pids"]) == 2
+            # The main process counted the serving processes' requests (its access lines are theirs).
+            assert cloud.log("dyn").count('"GET /api?n=') >= 6 * 40 - 10
+            # A new version flips the app for the serving processes too.
+            cloud.publish("dyn", {"app.py": ROUTED_APP.replace(b'"index"', b'"index v2"')})
+            wait_until(lambda: once("dyn", "/") == (200, b"index v2"), timeout=20, what="v2")
+        finally:
+            frontend.stop()

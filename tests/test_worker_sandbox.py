@@ -583,3 +583,64 @@ def test_a_new_site_takes_a_blank_volume_made_ahead_owned_by_it_alone(tmp_path: 
     assert 8 * 1024 * 1024 < size <= 16 * 1024 * 1024
     assert len(left) == 1 and left[0].startswith("16-") and left[0].endswith(".img")
     assert (tmp_path / "7" / "volume.img").stat().st_mode & 0o777 == 0o600
+
+
+FLIP_APP = b"""
+import os
+VERSION = %d
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"flip %%d pid %%d" %% (VERSION, os.getpid())]
+"""
+
+
+def _cgroup_dirs(pid: int) -> list[Path]:
+    """The directories of ``pid``'s memory and pids cgroups (v1), or of its one v2 group."""
+    found = []
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for name in controllers.split(",") if controllers else [""]:
+            if name in ("memory", "pids") or (
+                not controllers and Path("/sys/fs/cgroup/cgroup.procs").exists()
+            ):
+                base = Path("/sys/fs/cgroup", name) if name else Path("/sys/fs/cgroup")
+                found.append(base / path.lstrip("/"))
+    return found
+
+
+def test_quick_version_flips_leave_each_new_instance_in_its_own_cgroup(cloud: AppCloud) -> None:
+    """Versions published back to back while requests keep arriving: each flip retires the running
+    instance while the next starts. A retiring instance's exit must not take the new one's cgroup."""
+    cloud.add_site("flipper")
+    cloud.publish_and_wait("flipper", {"app.py": FLIP_APP % 0}, "/", b"flip 0")
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def visitor() -> None:
+        while not stop.is_set():
+            statuses.append(cloud.get("flipper", "/")[0])
+
+    visitors = [threading.Thread(target=visitor) for _ in range(3)]
+    for t in visitors:
+        t.start()
+    try:
+        for n in range(1, 9):
+            cloud.publish("flipper", {"app.py": FLIP_APP % n})
+            time.sleep(0.15)
+    finally:
+        stop.set()
+        for t in visitors:
+            t.join(30)
+    cloud.publish_and_wait("flipper", {"app.py": FLIP_APP % 9}, "/", b"flip 9")
+    assert statuses and all(s in (200, 503) for s in statuses), sorted(set(statuses))
+    # The instance now serving stays in its cgroup and keeps serving.
+    pid = cloud.app("flipper")["pid"]  # the host's pid (the app sees its namespace's)
+    groups = _cgroup_dirs(pid)
+    assert groups and all(
+        g.name != "/" and str(pid) in (g / "cgroup.procs").read_text().split() for g in groups
+    )
+    for _ in range(20):
+        assert cloud.get("flipper", "/")[2].startswith(b"flip 9")
+    assert "could not put the app in its cgroup" not in cloud.log("flipper")
+    bystander_answers(cloud)

@@ -96,7 +96,7 @@ class Request:
     # Lower-case names (only those in _WANTED); a repeated header's values are joined with ", ".
     headers: dict[bytes, bytes]
     keep_alive: bool
-    # Issue 5 hook: a request the divert hook took (a dynamic site's), answered by that object.
+    # Hook: a request the divert hook took (a dynamic site's), answered by that object.
     diverted: Diverted | None = None
     # On a lane: the front end's tag, and why the request is refused (b"": it is answered here).
     tag: bytes | None = None
@@ -106,7 +106,7 @@ class Request:
 
 
 class Diverted(Protocol):
-    """Issue 5 hook: one request diverted to a site's app (``roles/worker/apps/_proxy.py``).
+    """Hook: one request diverted to a site's app (``roles/worker/apps/_proxy.py``).
 
     It gets the body as it arrives, then ``answer`` in the connection's turn; it writes through
     :meth:`HttpConnection.write` and ends with :meth:`HttpConnection.diverted_done`, never from inside
@@ -128,7 +128,7 @@ class Diverted(Protocol):
 
 
 class Divert(Protocol):
-    """Issue 5 hook: asked once a request's head is in (only while ``active``); None keeps it here.
+    """Hook: asked once a request's head is in (only while ``active``); None keeps it here.
     ``headers`` are all of the request's header fields, as sent."""
 
     @property
@@ -246,7 +246,7 @@ class HttpConnection(asyncio.Protocol):
         self._counts = counts
         self._meter: list[int] | None = None
         self._t0 = 0.0
-        # Issue 5 hook: dynamic sites' requests (all headers kept, body passed on, answered later).
+        # Hook: dynamic sites' requests (all headers kept, body passed on, answered later).
         self._divert = divert
         self._raw: list[tuple[bytes, bytes]] | None = None
         self._diverting: Diverted | None = None
@@ -310,7 +310,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._end_stream()
-        # Issue 5 hook: app requests of this connection are dropped with it.
+        # Hook: app requests of this connection are dropped with it.
         for diverted in (
             self._diverting,
             self._waiting,
@@ -385,7 +385,7 @@ class HttpConnection(asyncio.Protocol):
         return self._write_paused
 
     def diverted_done(self, keep: bool) -> None:
-        """Issue 5 hook: the diverted request in answer has been answered."""
+        """Hook: the diverted request in answer has been answered."""
         self._waiting = None
         if not self._closed:
             self._after_answers(keep)
@@ -676,7 +676,7 @@ class HttpConnection(asyncio.Protocol):
                 if self._stream is None and self._waiting is None:
                     self._log_access()
                 if self._waiting is not None:
-                    return  # issue 5 hook: the app answers later, through diverted_done
+                    return  # hook: the app answers later, through diverted_done
                 if self._stream is not None:
                     self._keep_after_stream = keep
                     self._pump()

@@ -1,7 +1,8 @@
 """The worker process: control plane, content sync and data server, started and stopped in order.
 
-With ``processes: N > 1`` the main process keeps the control plane and the content sync, and N serving
-processes (see :mod:`shared.prefork`) answer on the data port's shared listener. After each snapshot and
+With ``processes: N > 1`` the main process keeps the control plane, the content sync and the sites' apps,
+and N serving processes (see :mod:`shared.prefork`) answer on the data port's shared listener; they
+reach the apps through the main process's app channel (``roles/worker/apps/_channel.py``). After each snapshot and
 each version flip the main process writes which version directory serves each site to
 ``state/serving.json`` and sends SIGHUP; each serving process swaps its lookup table and drops its hot
 cache for the sites that moved.
@@ -24,10 +25,13 @@ from roles.worker._layout import apps_root, prepare_apps_root
 from roles.worker._static import HotCache
 from roles.worker._usage import WorkerUsageReporter
 from roles.worker.apps import AppManager, AppProxy, app_routes
+from roles.worker.apps._channel import AppChannel, RemoteApps, channel_path
+from roles.worker.apps._manager import run_dir_for
 from roles.worker.config import WorkerConfig
 from roles.worker.content import ContentSync
 from roles.worker.server import DataServer
 from shared.control import ControlPlane, Snapshot
+from shared.errors import SitecloudError
 from shared.files import atomic_write_json, read_json
 from shared.logs import get_logger
 from shared.metrics import (
@@ -90,10 +94,10 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     root = apps_root(config)
     prepare_apps_root(config, root, log)
     sync = ContentSync(config, ContentCache(root), on_flip=changed)
-    # Dynamic sites' app processes. Served by the main process only: with serving
-    # processes (processes > 1) app requests are not diverted yet.
+    # Dynamic sites' app processes, managed here; serving processes reach them through the channel.
     apps = AppManager(config, sync.lookup, root)
     divert = AppProxy(config, apps) if children is None else None
+    channel = AppChannel(apps) if children is not None else None
     server = (
         DataServer(
             config,
@@ -152,6 +156,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     )
     apps.observe_cold_start = cold_starts.observe
     await apps.start()
+    if channel is not None:
+        await channel.start()
     # Last-known-good first: a restarted worker serves what it has on disk before anyone answers.
     await plane.load_last_known_good()
     if server is not None:
@@ -176,6 +182,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
             await server.stop()
         if children is not None:
             await children.stop()
+        if channel is not None:
+            await channel.stop()
         await metering.stop()
         await apps.stop()
         await sync.stop()
@@ -284,9 +292,21 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
             pending.clear()
             pending.update(fresh_pending)
 
-    stop_reloading = reload_on_sighup(reload)
-    await reload()
-    server = DataServer(config, lookup, hot, failure=failed.get, pending=pending.__contains__)
+    # Dynamic sites: their apps are the main process's; requests for them go through its channel.
+    remote = RemoteApps(channel_path(run_dir_for(apps_root(config))))
+
+    async def reload_all() -> None:
+        await reload()
+        try:
+            await remote.reload()
+        except SitecloudError as exc:
+            log.warning("dynamic sites not known yet: %s", exc.message)
+
+    stop_reloading = reload_on_sighup(reload_all)
+    await reload_all()
+    server = DataServer(
+        config, lookup, hot, divert=AppProxy(config, remote), failure=failed.get, pending=pending.__contains__
+    )
     await server.start()
     counts = CountsWriter(config.state_dir, lambda: server.counts, keep_sites=4 * config.metrics_top_sites)
     counts.start()
@@ -299,5 +319,6 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
         orphan_guard.cancel()
         stop_reloading()
         await server.stop()
+        await remote.close()
         await counts.stop()
         log.info("serving process stopped")

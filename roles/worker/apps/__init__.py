@@ -1,4 +1,4 @@
-"""Dynamic sites on the worker (issue 5): python, php and command runtimes, woken on demand, stopped
+"""Dynamic sites on the worker: python, php and command runtimes, woken on demand, stopped
 when idle, each site under a uid and limits of its own. See docs/architecture.md, "Worker runtimes"."""
 
 from roles.worker.apps._manager import AppManager

@@ -1,14 +1,19 @@
 """A minimal FastCGI client (the responder role), enough to speak to ``php-cgi``.
 
-One request per connection: BEGIN_REQUEST, PARAMS (then an empty PARAMS), STDIN (then an empty STDIN);
-the app answers STDOUT (a CGI response: header lines, a blank line, the body), STDERR, END_REQUEST.
-See the FastCGI specification, sections 3 to 6.
+Written here rather than taken from a library: the Python FastCGI clients on PyPI are blocking,
+unmaintained or server-side (flup); what the worker needs is a few records on an asyncio protocol.
+
+A request: BEGIN_REQUEST, PARAMS (then an empty PARAMS), STDIN (then an empty STDIN); the app answers
+STDOUT (a CGI response: header lines, a blank line, the body), STDERR, END_REQUEST. With KEEP_CONN
+(section 5.1) the app keeps the connection after END_REQUEST for the next request, which a pool
+(``_pool.py``) hands out again. See the FastCGI specification, sections 3 to 6.
 """
 
 from __future__ import annotations
 
 import struct
 
+from roles.worker.apps._pool import UpstreamPool
 from roles.worker.apps._upstream import Sink, UpstreamBase
 
 __all__ = ["FastCgiUpstream", "encode_request", "parse_cgi_head"]
@@ -16,6 +21,7 @@ __all__ = ["FastCgiUpstream", "encode_request", "parse_cgi_head"]
 VERSION = 1
 BEGIN_REQUEST, ABORT_REQUEST, END_REQUEST, PARAMS, STDIN, STDOUT, STDERR = 1, 2, 3, 4, 5, 6, 7
 RESPONDER = 1
+KEEP_CONN = 1
 REQUEST_ID = 1
 MAX_CONTENT = 65535
 _HEAD = struct.Struct("!BBHHBx")
@@ -34,7 +40,7 @@ def _length(n: int) -> bytes:
     return bytes([n]) if n < 128 else struct.pack("!I", n | 0x80000000)
 
 
-def encode_request(params: dict[str, str], body: bytes) -> bytes:
+def encode_request(params: dict[str, str], body: bytes, *, keep: bool = False) -> bytes:
     pairs = b"".join(
         _length(len(k := name.encode("latin-1")))
         + _length(len(v := value.encode("latin-1", "replace")))
@@ -42,7 +48,9 @@ def encode_request(params: dict[str, str], body: bytes) -> bytes:
         + v
         for name, value in params.items()
     )
-    begin = _HEAD.pack(VERSION, BEGIN_REQUEST, REQUEST_ID, 8, 0) + struct.pack("!HB5x", RESPONDER, 0)
+    begin = _HEAD.pack(VERSION, BEGIN_REQUEST, REQUEST_ID, 8, 0) + struct.pack(
+        "!HB5x", RESPONDER, KEEP_CONN if keep else 0
+    )
     stdin = _record(STDIN, body) if body else b""
     return begin + _record(PARAMS, pairs) + _record(PARAMS, b"") + stdin + _record(STDIN, b"")
 
@@ -66,14 +74,42 @@ def parse_cgi_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
 
 
 class FastCgiUpstream(UpstreamBase):
-    def __init__(self, sink: Sink, request: bytes, *, head_only: bool) -> None:
-        super().__init__(sink, request)
-        self._head_only = head_only
+    """``pool``: the request was encoded with KEEP_CONN, and the connection goes back there after it."""
+
+    def __init__(
+        self, sink: Sink, request: bytes, *, head_only: bool, pool: UpstreamPool | None = None
+    ) -> None:
+        super().__init__(sink, request, pool=pool)
         self._buf = bytearray()
+        self._reset(head_only)
+
+    def _reset(self, head_only: bool) -> None:
+        self._head_only = head_only
         self._head = bytearray()
         self._have_head = False
+        self._ended = False
+
+    def again(self, sink: Sink, request: bytes, *, head_only: bool) -> None:
+        """The next request on this kept connection."""
+        self._reset(head_only)
+        self.begin(sink, request)
+
+    def keepable(self) -> bool:
+        return self._ended and not self._buf
 
     def data_received(self, data: bytes) -> None:
+        self.heard = True
+        if self.done:
+            self.close()  # nothing is due on a finished or idle connection
+            return
+        sink = self.sink
+        sink.upstream_batch(True)
+        try:
+            self._records(data)
+        finally:
+            sink.upstream_batch(False)
+
+    def _records(self, data: bytes) -> None:
         self._buf += data
         buf = self._buf
         while len(buf) >= 8 and not self.done:
@@ -87,12 +123,14 @@ class FastCgiUpstream(UpstreamBase):
             elif kind == STDERR and content:
                 self.sink.upstream_stderr(content.decode("utf-8", "replace"))
             elif kind == END_REQUEST:
+                self._ended = True
                 if not self._have_head:
                     self._fail("the app ended the request without an answer")
                 else:
                     self._finish()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         if not self.done:
             self._fail("the app closed the connection before it answered")
 

@@ -23,6 +23,7 @@ from roles.worker.apps._isolation import (
     tree_usage,
 )
 from roles.worker.apps._launch import LaunchPlan
+from roles.worker.apps._pool import IDLE_LIMIT, UpstreamPool
 from roles.worker.apps._sandbox import Sandbox, SandboxMounts, read_info
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import AppLimits
@@ -47,7 +48,10 @@ class AppInstance:
         on_exit: Callable[[AppInstance, int], None],
         sandbox: Sandbox | None = None,
         mounts: SandboxMounts | None = None,
+        serial: str = "",
     ) -> None:
+        # Which start of which site this is (its socket's and cgroup's name).
+        self.serial = serial
         self.plan = plan
         self.identity = identity
         self.limits = limits
@@ -79,6 +83,12 @@ class AppInstance:
         self.pids_hits_seen = 0  # the cgroup's count of refused forks, as last logged
         self.at_pids_limit = False
         self.served = False
+        # This process's kept connections to the app.
+        # php-cgi's children each hold one connection while it is open: no more open than they are.
+        children = plan.env.get("PHP_FCGI_CHILDREN")
+        self.pool = UpstreamPool(
+            min(IDLE_LIMIT, max(4, limits.nofile // 4)), max_open=int(children) if children else None
+        )
 
     @property
     def address(self) -> tuple[str, str]:
@@ -318,6 +328,7 @@ class AppInstance:
         if not self.alive or self.proc is None:
             return
         self.stopping = self.stopping or why
+        self.pool.close()
         if self.init_pid is not None:
             # Not bwrap itself: it would die at once and take the sandbox with it (SIGKILL).
             for pid in process_tree(self.init_pid)[1:]:
@@ -360,6 +371,7 @@ class AppInstance:
             self._egress_exit = -1
         # The listener goes with the process: connections still queued on it are refused now.
         self._close_listener()
+        self.pool.close()
         self._reaped.set()
         self._on_exit(self, self.proc.returncode)
 

@@ -26,10 +26,12 @@ from shared.errors import NotSupported
 __all__ = [
     "LaunchPlan",
     "SiteDirs",
+    "app_threads",
     "appserver_for_apps",
     "compile_appserver",
     "find_php_cgi",
     "node_command",
+    "php_children",
     "pick_python",
     "plan_launch",
 ]
@@ -153,6 +155,7 @@ def plan_launch(
         env.update({"PYTHONPATH": ":".join(path), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
         # -c, not -m: runpy and importlib.util would cost every cold start a few ms.
         argv = [python, "-s", "-c", "from sitecloud_appserver.__main__ import main; main()", "--app", entry]
+        argv += ["--threads", str(app_threads(limits))]
         return LaunchPlan(argv, env, root, "unix")
     if runtime == "php":
         php = find_php_cgi()
@@ -161,7 +164,7 @@ def plan_launch(
                 "this worker has no php-cgi", hint="install it on the worker host: apt-get install php-cgi"
             )
         # php-cgi serves FastCGI on fd 0 when it is a socket; a few children answer at once.
-        env.update({"PHP_FCGI_CHILDREN": "2", "PHP_FCGI_MAX_REQUESTS": "1000"})
+        env.update({"PHP_FCGI_CHILDREN": str(php_children(limits)), "PHP_FCGI_MAX_REQUESTS": "1000"})
         ini = {
             "memory_limit": f"{limits.memory_mb}M",
             "display_errors": "Off",
@@ -189,6 +192,17 @@ def plan_launch(
             return LaunchPlan(argv, env, root, "unix", port)
         return LaunchPlan(command, env, root, "tcp", port)
     raise NotSupported(f"runtime {runtime!r} runs no process")
+
+
+def app_threads(limits: AppLimits) -> int:
+    """Threads of a WSGI app's server, by its CPU share, as gunicorn's gthread advice goes (a few
+    per core: requests wait on I/O): 4 for half a core, 8 for one, 16 for two."""
+    return max(4, limits.cpu_percent * 8 // 100)
+
+
+def php_children(limits: AppLimits) -> int:
+    """php-cgi's FastCGI children, by CPU share: 2 for half a core, 4 for one, 8 for two."""
+    return max(2, limits.cpu_percent * 4 // 100)
 
 
 def node_command(entry: str) -> str:

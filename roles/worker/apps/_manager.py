@@ -27,7 +27,7 @@ from typing import Any
 
 from roles.worker._appserver.sitecloud_appserver import MEMORY_EXIT
 from roles.worker._cache import SiteVersion
-from roles.worker.apps._cgroup import CgroupTree
+from roles.worker.apps._cgroup import AppGroup, CgroupTree
 from roles.worker.apps._instance import AppInstance
 from roles.worker.apps._isolation import (
     Identities,
@@ -60,9 +60,9 @@ from roles.worker.apps._volume import BlankImages, HomeVolume, unmount_stale
 from roles.worker.config import WorkerConfig
 from shared.control import Snapshot
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
-from shared.logs import get_logger
+from shared.logs import ContextLogger, get_logger
 
-__all__ = ["AppManager", "AppSite"]
+__all__ = ["AppManager", "AppSite", "run_dir_for"]
 
 Lookup = Callable[[str], tuple[bool, SiteVersion | None]]
 SWEEP_INTERVAL = 0.25
@@ -144,7 +144,7 @@ class AppManager:
         # The apps root: content (sites/), app homes and temp dirs (apps/); see roles/worker/_layout.py.
         self._root = root
         self._apps_dir = root / "apps"
-        self._run_dir = _run_dir(root)
+        self._run_dir = run_dir_for(root)
         self._python = pick_python(config.app_python, isolate=self._isolate)
         self._appserver = ""
         self._cgroup: CgroupTree | None = None
@@ -180,6 +180,18 @@ class AppManager:
 
     def dynamic(self, site: str) -> AppSite | None:
         return self._sites.get(site)
+
+    def sites(self) -> dict[str, AppSite]:
+        """The dynamic sites held now (for the worker's serving processes)."""
+        return dict(self._sites)
+
+    @property
+    def log(self) -> ContextLogger:
+        return self._log
+
+    @property
+    def run_dir(self) -> Path:
+        return self._run_dir
 
     # -- the pushed snapshot
 
@@ -603,9 +615,13 @@ class AppManager:
                 port=port,
                 bridge_timeout=self._config.app_start_timeout if sandbox is not None else None,
             )
-            self._ensure_run_dir()
-            group = self._cgroup.create(str(app.identity.number), app.spec.limits) if self._cgroup else None
+            self.ensure_run_dir()
             self._sockets += 1
+            # A cgroup per instance, not per site: a retiring instance that exits removes (and one
+            # killed at the end of its grace kills) its own group, never the one a newer instance of
+            # the same site is starting in.
+            serial = f"{app.identity.number}.{self._sockets}"
+            group = self._cgroup.create(serial, app.spec.limits) if self._cgroup else None
             volume: HomeVolume | None = None
             mounts: SandboxMounts | None = None
             if sandbox is not None:
@@ -623,7 +639,8 @@ class AppManager:
                 identity=app.identity,
                 limits=app.spec.limits,
                 log=log,
-                socket_path=self._run_dir / f"{app.identity.number}.{self._sockets}.sock",
+                socket_path=self._run_dir / f"{serial}.sock",
+                serial=serial,
                 cgroup=group,
                 on_exit=self._exited,
                 sandbox=sandbox,
@@ -634,6 +651,9 @@ class AppManager:
             except BaseException:
                 if volume is not None:
                     self._spawn(volume.release())
+                if group is not None:
+                    CgroupTree.kill(group)
+                    CgroupTree.remove(group)
                 raise
             if volume is not None:
                 self._held[inst] = volume
@@ -681,7 +701,7 @@ class AppManager:
             raise Unavailable(f"its disk quota volume could not be mounted ({exc})") from exc
         return volume
 
-    def _ensure_run_dir(self) -> None:
+    def ensure_run_dir(self) -> None:
         """Made on the first start (a worker without apps leaves no trace in /tmp)."""
         self._run_dir.mkdir(mode=0o700, exist_ok=True)
         if self._run_dir.is_symlink() or self._run_dir.lstat().st_uid != os.geteuid():
@@ -737,7 +757,7 @@ class AppManager:
         oom = inst.cgroup is not None and CgroupTree.oom_kills(inst.cgroup) > 0
         if inst.cgroup is not None:
             self._note_pids_hits(app, inst)
-            CgroupTree.remove(inst.cgroup)
+            self._remove_group(inst.cgroup)
         if inst.stopping == "memory" or code == MEMORY_EXIT or oom:
             app.memory_kills += 1
             log.write("worker", f"stopped: exceeded its {inst.limits.memory_mb} MB memory limit")
@@ -751,6 +771,15 @@ class AppManager:
         wait = _backoff(app.failures) if not inst.served or app.failures > 1 else 0.0
         app.retry_at = time.monotonic() + wait
         log.write("worker", f"it starts again on the next request{f' after {wait:.1f} s' if wait else ''}")
+
+    def _remove_group(self, group: AppGroup, tries: int = 20) -> None:
+        """An instance's group goes with it; what it left running in there (a child that outlived
+        it) is killed first, and the removal tried again shortly while the kernel lets them go."""
+        if CgroupTree.remove(group):
+            return
+        CgroupTree.kill(group)
+        if not CgroupTree.remove(group) and tries > 0:
+            asyncio.get_running_loop().call_later(0.25, self._remove_group, group, tries - 1)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -866,7 +895,7 @@ def _prepare_dirs(dirs: SiteDirs, identity: SiteIdentity) -> None:
             os.chown(d, identity.uid, identity.gid)
 
 
-def _run_dir(root: Path) -> Path:
+def run_dir_for(root: Path) -> Path:
     """Where app sockets are bound (0700: apps get theirs as fd 0, never by path): under the apps
     root unless that path is too long for a unix socket."""
     run = root / "run"

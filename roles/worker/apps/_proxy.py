@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -25,9 +26,9 @@ from roles.worker._access import LOGGED_HEADERS, access_line
 from roles.worker._http import http_date
 from roles.worker._static import FileHit, Redirect, resolve
 from roles.worker.apps._fastcgi import FastCgiUpstream, encode_request
-from roles.worker.apps._instance import AppInstance
-from roles.worker.apps._manager import AppManager, AppSite
+from roles.worker.apps._manager import AppSite
 from roles.worker.apps._php import cgi_params, php_script
+from roles.worker.apps._pool import UpstreamPool
 from roles.worker.apps._spec import is_app_source
 from roles.worker.apps._upstream import HttpUpstream, UpstreamBase
 from roles.worker.config import WorkerConfig
@@ -39,7 +40,7 @@ from shared.paths import site_relpath
 if TYPE_CHECKING:
     from roles.worker._http import HttpConnection
 
-__all__ = ["AppExchange", "AppProxy"]
+__all__ = ["AppBackend", "AppExchange", "AppProxy"]
 
 # Not forwarded to the app: hop-by-hop fields (RFC 9110 section 7.6.1), our routing header, and the
 # framing we redo (the body goes on whole, with its length).
@@ -60,15 +61,51 @@ _SWITCH_DROP = frozenset(
 _UPGRADABLE = frozenset({"python", "command", "node"})
 # Answer bytes buffered before the connection's turn comes (pipelining) before the app is paused.
 MAX_PENDING = 1024 * 1024
+# Paths remembered as static or not (a few hundred bytes each); forgotten all at once beyond this.
+STATIC_MEMO = 8192
 
 
-class AppProxy:
+class Target(Protocol):
+    """An app instance as the proxy talks to it."""
+
+    served: bool
+    pool: UpstreamPool
+
+    @property
+    def address(self) -> tuple[str, str]: ...
+
+
+class LogSink(Protocol):
+    def write(self, source: str, text: str) -> None: ...
+    def access(self, text: str) -> None: ...
+
+
+T = TypeVar("T", bound=Target)
+
+
+class AppBackend(Protocol[T]):
+    """Who has the apps: the app manager in the worker's main process, or (in a serving process)
+    the channel to it (``_channel.py``)."""
+
+    @property
+    def active(self) -> bool: ...
+    def dynamic(self, site: str) -> AppSite | None: ...
+    async def acquire(self, app: AppSite) -> T: ...
+    def begin(self, app: AppSite, inst: T) -> None: ...
+    def end(self, app: AppSite, inst: T, *, answered: bool) -> None: ...
+    def site_log(self, app: AppSite) -> LogSink: ...
+
+
+class AppProxy(Generic[T]):
     """The data server's divert hook: ``proxy(method, url, wanted, headers, keep_alive)``."""
 
-    def __init__(self, config: WorkerConfig, manager: AppManager) -> None:
+    def __init__(self, config: WorkerConfig, manager: AppBackend[T]) -> None:
         self.config = config
         self.manager = manager
         self.log = get_logger("worker", host=config.host)
+        # (version root, path, trailing slash) → whether a static file answers it.
+        self._static: dict[tuple[str, str, bool], bool] = {}
+        self._scripts: dict[tuple[str, str, str], tuple[str, str, str] | None] = {}
 
     @property
     def active(self) -> bool:
@@ -84,7 +121,7 @@ class AppProxy:
         wanted: dict[bytes, bytes],
         headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
-    ) -> AppExchange | None:
+    ) -> AppExchange[T] | None:
         route = self._route(method, url, wanted)
         if route is None:
             return None
@@ -108,9 +145,30 @@ class AppProxy:
         # A Procfile or Node app answers every path itself, as it does on other platforms: its source is in
         # languages the worker cannot know (server.js, config.ru, main.go), so no file is served raw.
         static = app.runtime not in ("command", "node") and method in (b"GET", b"HEAD")
-        if static and _static_file(app.root, rel, slash=path.endswith("/")):
+        if static and self._static_file(app.root, rel, slash=path.endswith("/")):
             return None
         return app, rel
+
+    def php_script(self, root: str, rel: str, entry: str) -> tuple[str, str, str] | None:
+        """The script that answers ``rel`` (see :func:`php_script`), remembered per version."""
+        key = (root, rel, entry)
+        if key in self._scripts:
+            return self._scripts[key]
+        if len(self._scripts) >= STATIC_MEMO:
+            self._scripts.clear()
+        found = self._scripts[key] = php_script(root, rel, entry)
+        return found
+
+    def _static_file(self, root: str, rel: str, *, slash: bool) -> bool:
+        """Whether the static server answers this path; remembered, as a version's files never change
+        (a new version is a new root)."""
+        key = (root, rel, slash)
+        found = self._static.get(key)
+        if found is None:
+            if len(self._static) >= STATIC_MEMO:
+                self._static.clear()
+            found = self._static[key] = _static_file(root, rel, slash=slash)
+        return found
 
 
 def _websocket(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -132,12 +190,12 @@ def _static_file(root: str, rel: str, *, slash: bool) -> bool:
     return isinstance(found, Redirect)
 
 
-class AppExchange:
+class AppExchange(Generic[T]):
     """One request to an app and its answer; the connection calls body/end/answer/resume/abort."""
 
     def __init__(
         self,
-        proxy: AppProxy,
+        proxy: AppProxy[T],
         app: AppSite,
         method: bytes,
         target: bytes,
@@ -177,7 +235,11 @@ class AppExchange:
         self._upgrade = upgrade
         self._tunnel = False
         self._early: list[bytes] = []
-        self._inst: AppInstance | None = None
+        self._batching = False
+        self._inst: T | None = None
+        # The request sent on a kept connection, should it have to go again on a new one.
+        self._retry: Callable[[], UpstreamBase] | None = None
+        self._reconnect: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._t0 = time.monotonic()
         self._task = self._loop.create_task(self._run())
@@ -243,7 +305,7 @@ class AppExchange:
         app, manager = self._app, self._proxy.manager
         script = None
         if app.runtime == "php":
-            script = php_script(app.root, self._rel, app.entry)
+            script = self._proxy.php_script(app.root, self._rel, app.entry)
             if script is None:
                 self._error(404, "Not found", "Nothing is published at this address.")
                 return
@@ -262,6 +324,7 @@ class AppExchange:
         body = b"".join(self._body)
         self._body = []
         upstream: UpstreamBase
+        pool = inst.pool
         if script is not None:
             params = cgi_params(
                 method=self._method.decode("latin-1"),
@@ -272,15 +335,64 @@ class AppExchange:
                 script=script,
                 settings=app.spec.env,
             )
-            upstream = FastCgiUpstream(self, encode_request(params, body), head_only=self._bodyless)
+            # Kept connections only where the pool bounds them by the app's children (see _pool.py).
+            keep = pool.max_open is not None
+            request = encode_request(params, body, keep=keep)
+            head_only = self._bodyless
+
+            def fresh() -> UpstreamBase:
+                return FastCgiUpstream(self, request, head_only=head_only, pool=pool if keep else None)
+
         else:
-            upstream = HttpUpstream(
-                self, self._request_bytes(body), head_only=self._bodyless, upgrade=self._upgrade
-            )
+            # Our app server keeps connections (an app of another make may not frame for it).
+            keep = app.runtime == "python" and not self._upgrade and not self._bodyless
+            request = self._request_bytes(body, keep=keep)
+            head_only, upgrade = self._bodyless, self._upgrade
+
+            def fresh() -> UpstreamBase:
+                return HttpUpstream(
+                    self, request, head_only=head_only, upgrade=upgrade, pool=pool if keep else None
+                )
+
+        kept = await pool.lease() if keep else None
+        if self._closed:
+            if kept is not None:
+                kept.close()
+            elif keep:
+                pool.closed_one()
+            return
+        if isinstance(kept, (HttpUpstream, FastCgiUpstream)):
+            self._retry = fresh
+            self._upstream = kept
+            self._arm(inst)
+            kept.again(self, request, head_only=head_only)
+            return
+        upstream = fresh()
         self._upstream = upstream
+        self._arm(inst)
+        await self._connect(inst, upstream)
+
+    async def _again(self, inst: T, again: Callable[[], UpstreamBase]) -> None:
+        """The request once more, on a connection the pool makes room for (the stale one is out)."""
+        # Not another kept one: a new connection is sure to reach the app (kept ones close here, and
+        # make room for it).
+        while (kept := await inst.pool.lease()) is not None:
+            kept.close()
+            if inst.pool.closed:
+                break
+        if self._closed:
+            inst.pool.closed_one()
+            return
+        upstream = again()
+        self._upstream = upstream
+        await self._connect(inst, upstream)
+
+    def _arm(self, inst: T) -> None:
         config = self._proxy.config
         wait = config.app_response_timeout if inst.served else config.app_start_timeout
         self._timer = self._loop.call_later(wait, self._timed_out, not inst.served)
+
+    async def _connect(self, inst: T, upstream: UpstreamBase) -> None:
         kind, address = inst.address
         try:
             if kind == "unix":
@@ -289,14 +401,21 @@ class AppExchange:
                 host, _, port = address.rpartition(":")
                 await self._loop.create_connection(lambda: upstream, host, int(port))
         except OSError as exc:
+            upstream.uncount()
             self.upstream_failed(f"cannot reach the app: {exc}")
+        except asyncio.CancelledError:
+            upstream.uncount()
+            raise
 
-    def _request_bytes(self, body: bytes) -> bytes:
+    def _request_bytes(self, body: bytes, *, keep: bool = False) -> bytes:
         lines = [self._method + b" " + self._target + b" HTTP/1.1"]
         lines += [k + b": " + v for k, v in self._headers if k.lower() not in _REQUEST_DROP]
         if body or self._method not in (b"GET", b"HEAD"):
             lines.append(b"Content-Length: %d" % len(body))
-        lines.append(b"Connection: Upgrade\r\nUpgrade: websocket" if self._upgrade else b"Connection: close")
+        if self._upgrade:
+            lines.append(b"Connection: Upgrade\r\nUpgrade: websocket")
+        else:
+            lines.append(b"Connection: keep-alive" if keep else b"Connection: close")
         return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
     def _timed_out(self, starting: bool) -> None:
@@ -333,7 +452,8 @@ class AppExchange:
             self._chunked = True
             lines.append(b"Transfer-Encoding: chunked")
         self._head = b"\r\n".join(lines) + b"\r\n"
-        self._flush()
+        if not self._batching:
+            self._flush()
 
     def upstream_data(self, data: bytes) -> None:
         if self._bodyless or not data:
@@ -341,7 +461,15 @@ class AppExchange:
         self._sent += len(data)
         self._out.append(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
         self._pending += len(data)
-        self._flush()
+        if not self._batching:
+            self._flush()
+
+    def upstream_batch(self, open_: bool) -> None:
+        """The app's bytes of one read are being handed over (True) or were (False): what they
+        bring goes to the front end in one write at the end."""
+        self._batching = open_
+        if not open_:
+            self._flush()
 
     def upstream_end(self) -> None:
         if self._chunked:
@@ -350,6 +478,16 @@ class AppExchange:
         self._flush()
 
     def upstream_failed(self, why: str) -> None:
+        stale, again, inst = self._upstream, self._retry, self._inst
+        self._retry = None
+        if (
+            again is not None and inst is not None and stale is not None
+            and stale.reused and not stale.heard and not self._closed and self._head is None
+        ):  # fmt: skip
+            # A kept connection the app closed as it was reused (its stop, say): the request never
+            # reached it, so it goes again on a new connection, once, in that one's place.
+            self._reconnect = self._loop.create_task(self._again(inst, again))
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -414,12 +552,15 @@ class AppExchange:
                 connection = b"Connection: keep-alive\r\n\r\n"
             else:
                 connection = b"Connection: close\r\n\r\n"
-            conn.write(self._head + connection)
+            self._out.insert(0, self._head + connection)
             self._head_written = True
         if not self._head_written:
             return
-        for piece in self._out:
-            conn.write(piece)
+        # One write for what is there: one TLS record to the front end, not one per piece.
+        if len(self._out) == 1:
+            conn.write(self._out[0])
+        elif self._out:
+            conn.write(b"".join(self._out))
         self._out.clear()
         self._pending = 0
         if self._broken:

@@ -61,7 +61,7 @@ class SizeDefaults:
     max_active_apps: int
 
 
-# Worker sizes (issue 5): per-site limits and how many app processes a worker keeps at once.
+# Worker sizes: per-site limits and how many app processes a worker keeps at once.
 SIZES: dict[str, SizeDefaults] = {
     "small": SizeDefaults(AppLimits(memory_mb=256, cpu_percent=50, nofile=256, nproc=64, disk_mb=1024), 50),
     "medium": SizeDefaults(

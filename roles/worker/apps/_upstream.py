@@ -1,8 +1,9 @@
-"""The worker's side of one request to an app over HTTP/1.1 (our app server, or a ``command`` app).
+"""The worker's side of a connection to an app over HTTP/1.1 (our app server, or a ``command`` app).
 
-One connection per request (``Connection: close``): a local socket costs microseconds, and the app
-server then never has to frame keep-alive. The response is parsed with httptools and handed to a
-:class:`Sink` (the exchange), which frames it for the front end.
+A connection given a pool (``_pool.py``) asks for keep-alive and, once an answer was read whole and
+the app agreed, goes back to the pool for the next request (:meth:`UpstreamBase.begin`); otherwise
+it carries one request (``Connection: close``). The response is parsed with httptools and handed to
+a :class:`Sink` (the exchange), which frames it for the front end.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import asyncio
 from typing import Protocol, cast
 
 import httptools
+
+from roles.worker.apps._pool import UpstreamPool
 
 __all__ = ["HttpUpstream", "Sink", "UpstreamBase"]
 
@@ -29,18 +32,58 @@ class Sink(Protocol):
         """The app's socket buffer filled up (False) or drained (True): a tunnel stops reading."""
         ...
 
+    def upstream_batch(self, open_: bool) -> None:
+        """Around the calls one read from the app makes (its head, data and end often come in one):
+        the sink may write them on in one piece when the batch closes."""
+        ...
+
 
 class UpstreamBase(asyncio.Protocol):
-    def __init__(self, sink: Sink, request: bytes) -> None:
+    def __init__(self, sink: Sink, request: bytes, *, pool: UpstreamPool | None = None) -> None:
         self.sink = sink
         self._request = request
         self.transport: asyncio.Transport | None = None
         self.done = False
+        self.pool = pool
+        # Taken from the pool for this request (not new), and whether the app said anything on it yet:
+        # a kept connection the app closed just as it was reused fails with neither, and is retried.
+        self.reused = False
+        self.heard = False
+        # Counted by the pool as open (it made room for this connection): uncounted once, as it ends.
+        self.counted = pool is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.write(self._request)
         self._request = b""
+
+    def begin(self, sink: Sink, request: bytes) -> None:
+        """The next request on a kept connection."""
+        self.sink = sink
+        self.done = False
+        self.reused = True
+        self.heard = False
+        assert self.transport is not None
+        self.transport.resume_reading()
+        self.transport.write(request)
+
+    def alive(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def keepable(self) -> bool:
+        """Whether the answer just read leaves the connection ready for another request."""
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.uncount()
+
+    def uncount(self) -> None:
+        """This connection is gone (or never opened): out of the pool and its count."""
+        if self.pool is not None:
+            self.pool.discard(self)
+            if self.counted:
+                self.counted = False
+                self.pool.closed_one()
 
     def close(self) -> None:
         self.done = True
@@ -65,6 +108,8 @@ class UpstreamBase(asyncio.Protocol):
         if not self.done:
             self.done = True
             self.sink.upstream_end()
+        if self.pool is not None and self.keepable() and self.alive() and self.pool.put(self):
+            return
         if self.transport is not None:
             self.transport.close()
 
@@ -80,22 +125,47 @@ class HttpUpstream(UpstreamBase):
     """``upgrade``: the request asks to switch protocols (a WebSocket); a 101 answer turns this into a
     tunnel whose bytes go to the sink unparsed until either side closes."""
 
-    def __init__(self, sink: Sink, request: bytes, *, head_only: bool, upgrade: bool = False) -> None:
-        super().__init__(sink, request)
+    def __init__(
+        self,
+        sink: Sink,
+        request: bytes,
+        *,
+        head_only: bool,
+        upgrade: bool = False,
+        pool: UpstreamPool | None = None,
+    ) -> None:
+        super().__init__(sink, request, pool=pool)
+        self._reset(head_only, upgrade)
+
+    def _reset(self, head_only: bool, upgrade: bool) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
         self._upgrade = upgrade
         self._headers: list[tuple[bytes, bytes]] = []
         self._framed = False
         self._have_head = False
+        self._complete = False
         self.tunnel = False
 
+    def again(self, sink: Sink, request: bytes, *, head_only: bool) -> None:
+        """The next request on this kept connection."""
+        self._reset(head_only, False)
+        self.begin(sink, request)
+
+    def keepable(self) -> bool:
+        return self._complete and not self.tunnel and not self._head_only and self._parser.should_keep_alive()
+
     def data_received(self, data: bytes) -> None:
+        self.heard = True
         if self.done:
+            if self.pool is not None:
+                self.close()  # an idle kept connection says nothing unasked: it is not to be trusted
             return
         if self.tunnel:
             self.sink.upstream_data(data)
             return
+        sink = self.sink
+        sink.upstream_batch(True)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -105,6 +175,8 @@ class HttpUpstream(UpstreamBase):
             self.sink.upstream_tunnel(data[int(exc.args[0]) :])
         except httptools.HttpParserError as exc:
             self._fail(f"the app's response could not be parsed ({exc})")
+        finally:
+            sink.upstream_batch(False)
 
     def send(self, data: bytes) -> None:
         """Tunnel bytes from the visitor to the app."""
@@ -118,6 +190,7 @@ class HttpUpstream(UpstreamBase):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         if not self.done:
             if self.tunnel or (self._have_head and not self._framed):
                 self._finish()
@@ -153,4 +226,5 @@ class HttpUpstream(UpstreamBase):
 
     def on_message_complete(self) -> None:
         if self._have_head and not self.tunnel:
+            self._complete = True
             self._finish()

@@ -2,7 +2,8 @@
 
 The worker binds a unix socket and hands it over as file descriptor 0 (socket activation), so the
 process needs no path and no readiness signal: connections wait in the backlog until it accepts.
-Each connection carries one request framed by the worker (``Content-Length``, ``Connection: close``).
+Each connection carries one request framed by the worker (``Content-Length``), or, when the worker
+asks for ``Connection: keep-alive``, one after another, each answer framed (its length, or chunked).
 Standard library only: it runs under the site's own Python, outside the worker's environment.
 """
 

@@ -12,7 +12,7 @@ import sys
 
 from . import MEMORY_EXIT
 from ._environ import asgi_scope
-from ._http import HttpRequest, read_request, response_head
+from ._http import HttpRequest, framing, read_request, response_head, wants_keep_alive
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -43,6 +43,8 @@ async def _serve(handler: AsgiHandler, lifespan: Lifespan, listener: socket.sock
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     busy: set[asyncio.Task[Any]] = set()
+    # Connections waiting for a request (kept alive between them): a stop ends these at once.
+    waiting: set[asyncio.Task[Any]] = set()
     await lifespan.startup()
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -50,20 +52,32 @@ async def _serve(handler: AsgiHandler, lifespan: Lifespan, listener: socket.sock
         if task is not None:
             busy.add(task)
         try:
-            req = await read_request(reader)
-            if req is not None and _upgrade(req):
-                from ._websocket import is_websocket, serve_websocket  # only apps that get one pay
+            while not stop.is_set():
+                if task is not None:
+                    waiting.add(task)
+                try:
+                    req = await read_request(reader)
+                except asyncio.CancelledError:
+                    return  # the server stopping while this kept connection waited
+                finally:
+                    if task is not None:
+                        waiting.discard(task)
+                if req is not None and _upgrade(req):
+                    from ._websocket import is_websocket, serve_websocket  # only apps that get one pay
 
-                if is_websocket(req):
-                    try:
-                        await serve_websocket(handler.app, asgi_scope(req), req, reader, writer)
-                        await writer.drain()
-                    except asyncio.CancelledError:
-                        pass  # the server stopping: the socket goes with it, no traceback in the log
+                    if is_websocket(req):
+                        try:
+                            await serve_websocket(handler.app, asgi_scope(req), req, reader, writer)
+                            await writer.drain()
+                        except asyncio.CancelledError:
+                            pass  # the server stopping: the socket goes with it, no traceback in the log
+                        return
+                if req is None:
                     return
-            if req is not None:
-                await handler(req, writer)
+                keep = await handler(req, writer)
                 await writer.drain()
+                if not keep:
+                    return
         except (ConnectionError, ValueError, asyncio.IncompleteReadError):
             pass
         except Exception:
@@ -76,6 +90,8 @@ async def _serve(handler: AsgiHandler, lifespan: Lifespan, listener: socket.sock
     server = await asyncio.start_unix_server(connection, sock=listener, limit=80 * 1024)
     await stop.wait()
     server.close()
+    for idle in list(waiting):
+        idle.cancel()
     if busy:
         await asyncio.wait(busy, timeout=5)
     await lifespan.shutdown()
@@ -99,11 +115,15 @@ class AsgiHandler:
     def app(self) -> AsgiApp:
         return self._app
 
-    async def __call__(self, req: HttpRequest, writer: asyncio.StreamWriter) -> None:
+    async def __call__(self, req: HttpRequest, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; whether the connection can carry another (the worker asked to keep
+        it, and the answer was framed whole)."""
         done = asyncio.Event()
         given = False
         head: list[bytes] = []
         started = False
+        keep = wants_keep_alive(req)
+        chunked = False
 
         async def receive() -> Message:
             nonlocal given
@@ -114,19 +134,30 @@ class AsgiHandler:
             return {"type": "http.disconnect"}
 
         async def send(message: Message) -> None:
-            nonlocal started
+            nonlocal started, keep, chunked
             kind = message["type"]
             if kind == "http.response.start":
                 status = int(message["status"])
                 headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", [])]
-                head.append(response_head(status, "", headers))
+                if keep:
+                    how = framing(status, req.method, headers)
+                    keep, chunked = how != "app", how == "chunked"
+                    if chunked:
+                        headers.append((b"Transfer-Encoding", b"chunked"))
+                head.append(response_head(status, "", headers, keep_alive=keep))
                 started = True
             elif kind == "http.response.body":
-                data = (head.pop() if head else b"") + bytes(message.get("body", b""))
+                body = bytes(message.get("body", b""))
+                more = message.get("more_body", False)
+                if chunked:
+                    body = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + (
+                        b"" if more else b"0\r\n\r\n"
+                    )
+                data = (head.pop() if head else b"") + body
                 if data:
                     writer.write(data)
                     await writer.drain()
-                if not message.get("more_body", False):
+                if not more:
                     done.set()
 
         try:
@@ -140,13 +171,22 @@ class AsgiHandler:
                 body = b"Internal Server Error\n"
                 writer.write(
                     response_head(
-                        500, "Internal Server Error", [(b"Content-Length", str(len(body)).encode())]
+                        500, "Internal Server Error", [(b"Content-Length", str(len(body)).encode())],
+                        keep_alive=keep,
                     )
                     + body
-                )
+                )  # fmt: skip
+                done.set()
+                return keep
+            return False
         if head:
-            writer.write(head.pop())
+            # A head without its body message: an empty body, framed as the head said.
+            writer.write(head.pop() + (b"0\r\n\r\n" if chunked else b""))
+            done.set()
+            return keep
+        ended = done.is_set()
         done.set()
+        return keep and ended
 
 
 class Lifespan:

@@ -1,4 +1,5 @@
-"""The one request per connection the worker sends, and the response written back.
+"""The requests the worker sends, and the responses written back: one per connection, or several
+in turn on a connection the worker keeps (``Connection: keep-alive``).
 
 Imports are kept to what a cold start needs: every module here is loaded before the first answer.
 """
@@ -10,7 +11,7 @@ if TYPE_CHECKING:
     import asyncio
     import socket
 
-__all__ = ["HttpRequest", "read_request", "recv_request", "response_head"]
+__all__ = ["HttpRequest", "framing", "read_request", "recv_request", "response_head", "wants_keep_alive"]
 
 MAX_HEAD = 80 * 1024
 
@@ -83,10 +84,11 @@ async def read_request(reader: asyncio.StreamReader) -> HttpRequest | None:
     return req
 
 
-def recv_request(conn: socket.socket) -> HttpRequest | None:
-    """The request on a blocking connection; None when the peer closed without a whole head."""
-    data = bytearray()
-    end = -1
+def recv_request(conn: socket.socket, buf: bytearray) -> HttpRequest | None:
+    """The next request on a blocking connection; None when the peer closed without a whole head.
+    ``buf`` holds what was read past the last request, and keeps what is read past this one."""
+    data = buf
+    end = data.find(b"\r\n\r\n")
     while end < 0:
         if len(data) > MAX_HEAD:
             raise ValueError("request head too large")
@@ -97,18 +99,29 @@ def recv_request(conn: socket.socket) -> HttpRequest | None:
         data += chunk
         end = data.find(b"\r\n\r\n", start)
     req, length = parse_head(bytes(data[:end]))
-    body = data[end + 4 :]
-    while len(body) < length:
-        chunk = conn.recv(min(length - len(body), 1 << 20))
+    del data[: end + 4]
+    while len(data) < length:
+        chunk = conn.recv(max(65536, min(length - len(data), 1 << 20)))
         if not chunk:
             raise ConnectionError("the request body ended early")
-        body += chunk
-    req.body = bytes(body[:length])
+        data += chunk
+    req.body = bytes(data[:length])
+    del data[:length]
     return req
 
 
-def response_head(status: int, reason: str, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A response head; the body that follows ends when the connection closes unless it has a length."""
+def wants_keep_alive(req: HttpRequest) -> bool:
+    """Whether the worker asked to keep this connection for more requests. Only on its word: a
+    client that says nothing (HTTP/1.1's default) reads until the connection closes, as before."""
+    value = req.header(b"connection")
+    return value is not None and b"keep-alive" in value.lower()
+
+
+def response_head(
+    status: int, reason: str, headers: list[tuple[bytes, bytes]], *, keep_alive: bool = False
+) -> bytes:
+    """A response head. Closing: the body that follows ends with the connection unless it has a
+    length. ``keep_alive``: the caller frames the body (its length, or chunked, said in ``headers``)."""
     if not reason:
         from http import HTTPStatus  # ASGI gives no reason phrase; WSGI always does
 
@@ -118,5 +131,19 @@ def response_head(status: int, reason: str, headers: list[tuple[bytes, bytes]]) 
             reason = "Unknown"
     out = [f"HTTP/1.1 {status} {reason}".encode("latin-1")]
     out += [name + b": " + value for name, value in headers if name.lower() != b"connection"]
-    out.append(b"Connection: close")
+    out.append(b"Connection: keep-alive" if keep_alive else b"Connection: close")
     return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+def framing(status: int, method: str, headers: list[tuple[bytes, bytes]]) -> str:
+    """How a kept-alive response's body is framed: "length" (the app said it, or there is no body)
+    or "chunked" (RFC 9112 section 7.1, added by us)."""
+    if method == "HEAD" or status in (204, 304) or status < 200:
+        return "length"
+    for name, _ in headers:
+        key = name.lower()
+        if key == b"content-length":
+            return "length"
+        if key == b"transfer-encoding":
+            return "app"  # the app framed it itself: only closing the connection ends it safely
+    return "chunked"

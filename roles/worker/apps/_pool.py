@@ -1,0 +1,108 @@
+"""Connections to one app instance kept open between requests (keep-alive), as a proxy keeps them
+to its upstreams: a warm request then costs no connect, accept and thread hand-off in the app.
+
+A connection goes back to its pool once its answer was read whole and the app said it may carry
+another; one the app closes while idle leaves the pool on its own. The pool closes with its instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Protocol
+
+__all__ = ["IDLE_LIMIT", "UpstreamPool"]
+
+# Idle connections kept per instance and serving process (each is an open file of the app's, which
+# its nofile limit counts): beyond this a finished one is closed.
+IDLE_LIMIT = 64
+
+
+class Pooled(Protocol):
+    def alive(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class UpstreamPool:
+    """``max_open``: connections open at once, busy or idle (None: no bound). An app whose every
+    worker holds one connection for as long as it is open (php-cgi's children) needs the bound, or a
+    request on a new connection would wait for a child that waits on an idle kept one; a request
+    beyond it waits for a connection to come back."""
+
+    def __init__(self, limit: int = IDLE_LIMIT, *, max_open: int | None = None) -> None:
+        self._limit = limit if max_open is None else max(limit, max_open)
+        self.max_open = max_open
+        self._idle: list[Pooled] = []
+        self._open = 0
+        self._waiters: deque[asyncio.Future[Pooled | None]] = deque()
+        self.closed = False
+
+    async def lease(self) -> Pooled | None:
+        """An idle connection, or None: the caller opens one (counted from now; it calls
+        :meth:`closed_one` when that connection ends, or fails to open)."""
+        conn = self.take()
+        if conn is not None or self.closed:
+            return conn
+        if self.max_open is None or self._open < self.max_open:
+            self._open += 1
+            return None
+        waiter: asyncio.Future[Pooled | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                handed = waiter.result()  # handed over as we were cancelled: pass it on
+                if handed is not None:
+                    self.put(handed)
+                else:
+                    self.closed_one()
+            raise
+
+    def take(self) -> Pooled | None:
+        """An idle connection (the most recently used: the likeliest still open), or None."""
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.alive():
+                return conn
+        return None
+
+    def put(self, conn: Pooled) -> bool:
+        """Keep ``conn`` for another request; False (the caller closes it) when the pool is full or closed."""
+        if self.closed:
+            return False
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        if len(self._idle) >= self._limit:
+            return False
+        self._idle.append(conn)
+        return True
+
+    def closed_one(self) -> None:
+        """A counted connection ended (or never opened): its place goes to a waiter, if any."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # it opens a connection in this one's place
+                return
+        self._open = max(0, self._open - 1)
+
+    def discard(self, conn: Pooled) -> None:
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def close(self) -> None:
+        self.closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
