@@ -72,6 +72,7 @@ PLAN = Param(
 SUBSCRIPTION = Param("id", _ID, "subscription id")
 TOKEN = Param("id", _ID, "token id")
 HOSTNAME = Param("hostname", {"type": "string", "minLength": 1, "maxLength": HOSTNAME_MAX}, "host name")
+SLOT = Param("slot", {"type": "string", "pattern": "^[a-z0-9]{1,20}$"}, "slot name (e.g. staging)")
 HOST = Param("name", {"type": "string", "minLength": 1, "maxLength": HOSTNAME_MAX}, "host name")
 TENANT = Param(
     "name", {"type": "string", "minLength": 1, "maxLength": NAME_MAX, "pattern": NAME_PATTERN}, "tenant name"
