@@ -37,10 +37,12 @@ from shared.names import (
     NAME_PATTERN,
     SITE_NAME_MAX,
     SITE_NAME_PATTERN,
+    SLOT_NAME_PATTERN,
     CertState,
     HostnameState,
     validate_name,
     validate_site_name,
+    validate_slot_name,
 )
 
 __all__ = [
@@ -542,7 +544,11 @@ class StickySettings(Body):
 
 class SlotCreate(Body):
     what = "slot"
-    slot: Annotated[str, Field(pattern=r"^[a-z0-9]{1,20}$", description="e.g. staging: <site>-<slot>")]
+    slot: Annotated[
+        str,
+        AfterValidator(validate_slot_name),
+        Field(description="e.g. staging: <site>-<slot>", json_schema_extra={"pattern": SLOT_NAME_PATTERN}),
+    ]
 
 
 class SlotCreated(Site):
@@ -561,6 +567,7 @@ class Slot(Answer):
 class SlotList(Answer):
     site: str
     slots: list[Slot]
+    next_cursor: NextCursor = None
 
 
 class Swap(Body):

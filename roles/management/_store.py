@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +61,7 @@ from shared.names import (
     validate_custom_hostname,
     validate_name,
     validate_site_name,
+    validate_slot_name,
 )
 
 __all__ = [
@@ -784,7 +784,7 @@ class Store:
         answer["deploy"]["password"] = password
         return answer
 
-    def list_slots(self, who: Principal, name: str) -> Json:
+    def list_slots(self, who: Principal, name: str, page: Page = _ALL) -> Json:
         """The production site and its slots: each slot's address, the site answering it and its sticky
         settings (those stay with the address through swaps)."""
         with self._db.session() as s:
@@ -794,9 +794,11 @@ class Store:
                 *s.scalars(select(Site).where(Site.slot_of_id == production.id).order_by(Site.slot_name)),
             ]
             by_id = {r.id: r for r in rows}
+            # By site name: production's is a prefix of every slot's, so it comes first.
+            shown, cursor = paged(sorted(rows, key=lambda r: r.name), lambda r: r.name, page, str)
             port = "" if self._config.https_port == 443 else f":{self._config.https_port}"
             slots = []
-            for row in rows:
+            for row in shown:
                 answering = by_id.get(row.routed_to_id or row.id, row)
                 sticky = sorted(answering.sticky_settings or [])
                 settings = answering.app_settings or {}
@@ -809,7 +811,7 @@ class Store:
                         "sticky_settings": {k: settings[k] for k in sticky if k in settings},
                     }
                 )
-            return {"site": production.name, "slots": slots}
+            return {"site": production.name, "slots": slots, "next_cursor": cursor}
 
     def delete_slot(self, who: Principal, name: str, slot: Any) -> None:
         slot = validate_slot_name(slot)
@@ -1322,19 +1324,6 @@ class SwapPlan:
     a: int
     b: int
     kept: dict[str, str | None]
-
-
-_SLOT_NAME = re.compile(r"[a-z0-9]{1,20}")
-
-
-def validate_slot_name(slot: Any) -> str:
-    """A slot's name: 1-20 lower-case letters and digits (the site is ``<production>-<slot>``)."""
-    if not isinstance(slot, str) or not _SLOT_NAME.fullmatch(slot) or slot == "production":
-        raise InvalidInput(
-            f"slot name {str(slot)[:40]!r} is not allowed",
-            hint="1-20 lower-case letters and digits, not 'production' (e.g. staging)",
-        )
-    return slot
 
 
 def _site_problems(site: Site) -> list[Json]:

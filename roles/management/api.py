@@ -493,7 +493,8 @@ async def create_slot(request: web.Request) -> web.Response:
 
 async def list_slots(request: web.Request) -> web.Response:
     who = await principal(request)
-    return web.json_response(await service_of(request).list_slots(who, request.match_info["name"]))
+    _, page = page_of(request, m.ListQuery)
+    return web.json_response(await service_of(request).list_slots(who, request.match_info["name"], page))
 
 
 async def delete_slot(request: web.Request) -> web.Response:
@@ -1037,6 +1038,7 @@ def operations() -> list[Operation]:
             "The production site and its slots: each address, the site answering it, its sticky settings",
             "sites",
             answer=m.SlotList,
+            query=m.ListQuery,
             params=site,
         ),
         op(

@@ -392,6 +392,10 @@ def _site_sticky(a: argparse.Namespace, api: ApiClient) -> Any:
     return api.request("PUT", api.path("sites", a.name, "settings", "sticky"), {"sticky": a.keys})
 
 
+def _slot_list(a: argparse.Namespace, api: ApiClient) -> Any:
+    return api.list_all(api.path("sites", a.name, "slots"), "slots")
+
+
 def _slot_delete(a: argparse.Namespace, api: ApiClient) -> Any:
     api.request("DELETE", api.path("sites", a.name, "slots", a.slot))
     return {"site": a.name, "slot": a.slot, "deleted": True}
@@ -1092,7 +1096,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("name")
     sp.add_argument("slot")
-    sp = leaf(slot, "list", "list a site's slots", get("sites", "{a.name}", "slots"), _show_slots)
+    sp = leaf(slot, "list", "list a site's slots", _slot_list, _show_slots)
     sp.add_argument("name")
     sp = leaf(
         slot,

@@ -376,8 +376,8 @@ class ManagementService:
         self._log.bind(tenant=result["tenant"], site=name).info("slot %s created", result["slot"])
         return result
 
-    async def list_slots(self, who: Principal, name: str) -> Json:
-        return await self._read(self._store.list_slots, who, name)
+    async def list_slots(self, who: Principal, name: str, page: Page = _ALL) -> Json:
+        return await self._read(self._store.list_slots, who, name, page)
 
     async def delete_slot(self, who: Principal, name: str, slot: Any) -> None:
         await self._write(self._store.delete_slot, who, name, slot)
