@@ -180,3 +180,12 @@ def test_a_swap_to_a_slot_that_does_not_answer_is_refused(cloud: LocalCloud, app
     assert cloud.cli("site", "slot", "delete", "app", "staging", "--yes", token=token)["deleted"] is True
     slots = cloud.cli("site", "slot", "list", "app", token=token)["slots"]
     assert [s["slot"] for s in slots] == ["production"]
+
+
+def test_deleting_a_production_site_takes_its_slots_along(cloud: LocalCloud, app: dict[str, Any]) -> None:
+    token = app["token"]
+    cloud.cli("site", "slot", "create", "app", "next", token=token)
+    assert cloud.cli("site", "show", "app-next", token=token)["name"] == "app-next"
+    cloud.cli("site", "delete", "app", "--yes", token=token)
+    listed = cloud.cli("site", "list", token=token)
+    assert [s["name"] for s in listed["sites"]] == []

@@ -11,6 +11,7 @@ import base64
 import binascii
 import datetime as dt
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -437,9 +438,9 @@ class Store:
         with self._write_lock, self._db.session() as s:
             tenant = self._tenant(s, name)
             subs = list(s.scalars(select(Subscription).where(Subscription.tenant_id == tenant.id)))
-            for site in s.scalars(select(Site).where(Site.subscription_id.in_([sub.id for sub in subs]))):
-                s.delete(site)
-            s.flush()
+            _delete_sites(
+                s, s.scalars(select(Site).where(Site.subscription_id.in_([sub.id for sub in subs])))
+            )
             for sub in subs:
                 s.delete(sub)
             s.flush()
@@ -554,9 +555,7 @@ class Store:
         require_admin(who)
         with self._write_lock, self._db.session() as s:
             sub = self._visible_subscription(s, who, sub_id)
-            for site in s.scalars(select(Site).where(Site.subscription_id == sub.id)):
-                s.delete(site)
-            s.flush()
+            _delete_sites(s, s.scalars(select(Site).where(Site.subscription_id == sub.id)))
             s.delete(sub)
             bump_generation(s)
 
@@ -688,10 +687,7 @@ class Store:
                     f"{name} is swapped with its production site",
                     hint=f"swap back first (sitecloud site swap <production> {site.slot_name})",
                 )
-            for slot in s.scalars(select(Site).where(Site.slot_of_id == site.id)):
-                s.delete(slot)
-            s.flush()
-            s.delete(site)
+            _delete_sites(s, [site, *s.scalars(select(Site).where(Site.slot_of_id == site.id))])
             bump_generation(s)
 
     def set_site_state(self, who: Principal, name: str, state: str) -> Json:
@@ -1324,6 +1320,17 @@ class SwapPlan:
     a: int
     b: int
     kept: dict[str, str | None]
+
+
+def _delete_sites(s: Session, sites: Iterable[Site]) -> None:
+    """Slots before their production sites: the database would delete them along (ON DELETE CASCADE)
+    under the session's feet otherwise."""
+    ordered = sorted(sites, key=lambda site: site.slot_of_id is None)
+    for site in ordered:
+        s.delete(site)
+        if site.slot_of_id is not None:
+            s.flush()
+    s.flush()
 
 
 def _site_problems(site: Site) -> list[Json]:
