@@ -19,6 +19,7 @@ __all__ = [
     "RESERVED_SITE_NAMES",
     "SITE_NAME_MAX",
     "SITE_NAME_PATTERN",
+    "SLOT_NAME_PATTERN",
     "CertState",
     "HostnameState",
     "canonical_hostname",
@@ -27,6 +28,7 @@ __all__ = [
     "validate_hostname",
     "validate_name",
     "validate_site_name",
+    "validate_slot_name",
 ]
 
 # A DNS label (RFC 1035 / 1123), lower case only, so one site has one spelling.
@@ -263,3 +265,17 @@ def validate_custom_hostname(
             hint="use a domain you own",
         )
     return host
+
+
+SLOT_NAME_PATTERN = r"^[a-z0-9]{1,20}$"
+_SLOT_NAME = re.compile(SLOT_NAME_PATTERN)
+
+
+def validate_slot_name(slot: object) -> str:
+    """A slot's name: 1-20 lower-case letters and digits (the site is ``<production>-<slot>``)."""
+    if not isinstance(slot, str) or not _SLOT_NAME.fullmatch(slot) or slot == "production":
+        raise InvalidInput(
+            f"slot name {str(slot)[:40]!r} is not allowed",
+            hint="1-20 lower-case letters and digits, not 'production' (e.g. staging)",
+        )
+    return slot

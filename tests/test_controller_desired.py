@@ -295,3 +295,37 @@ def test_a_scaled_site_gets_its_instance_count_and_others_the_default() -> None:
     held = {1: {6, 7, 8, 9}}
     _, removes = plan_placement([(1, 10, 2)], _workers(6, 7, 8, 9), held)
     assert len(removes) == 2
+
+
+def test_a_swap_routes_each_slot_s_addresses_to_the_other_s_workers_and_nothing_else_moves() -> None:
+    state = _state()
+    state.sites = [
+        DesiredSite(
+            "blog",
+            "u1",
+            1,
+            {"blog": "h"},
+            (3,),
+            10,
+            hostnames=("www.blog.example",),
+            routed_to="blog-staging",
+        ),
+        DesiredSite("blog-staging", "u2", 1, {"blog-staging": "h2"}, (4,), 10, routed_to="blog"),
+    ]
+    snaps = snapshots_for(state)
+    front = snaps[1]["sites"]
+    # The production name and its custom hostnames go to the staging site's workers, under its name.
+    assert front["blog"] == {
+        "workers": ["web2:7412"],
+        "serve_as": "blog-staging",
+        "hostnames": ["www.blog.example"],
+    }
+    assert front["blog-staging"] == {"workers": ["web1:7412"], "serve_as": "blog"}
+    # Workers, file server and publisher keep each site's content where it was: nothing restarts.
+    assert snaps[3]["sites"] == {"blog": {"uid": "u1"}} and snaps[4]["sites"] == {
+        "blog-staging": {"uid": "u2"}
+    }
+    assert snaps[8]["sites"]["blog"]["uid"] == "u1"
+    # Unswapped, or swapped to a site that left the state (stopped): each answers its own.
+    state.sites = [DesiredSite("blog", "u1", 1, {}, (3,), 10, routed_to="gone")]
+    assert snapshots_for(state)[1]["sites"]["blog"] == {"workers": ["web1:7412"]}

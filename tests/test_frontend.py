@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from roles.frontend._routes import build_routes
+from roles.frontend._upstream import Upstream
 from roles.frontend.config import FrontendConfig
 from shared.net import free_port
 from shared.pki import role_of_peer
@@ -702,3 +704,24 @@ def test_drain_on_stop_and_last_known_good_on_start(
         conn.close()
     finally:
         proc.stop()
+
+
+def test_a_swapped_address_is_served_by_the_other_slot_s_workers_under_its_name() -> None:
+    snapshot: dict[str, Any] = {
+        "domain": "sites.localhost",
+        "sites": {
+            "app": {"workers": ["web2:7412"], "serve_as": "app-staging", "hostnames": ["www.app.example"]},
+            "app-staging": {"workers": ["web1:7412"], "serve_as": "app"},
+            "bad": {"workers": ["web1:7412"], "serve_as": "../etc"},
+        },
+    }
+    routes = build_routes(snapshot, lambda h, p, t: Upstream(h, p, t), lambda s: [0, 0, 0])
+    production = routes.hosts[b"app.sites.localhost"]
+    assert routes.hosts[b"www.app.example"] is production
+    # Workers are told the site by the name they know its content under; retries find it by address.
+    assert (production.name, production.address) == ("app-staging", "app")
+    assert production.header == b"X-Sitecloud-Site: app-staging\r\n"
+    assert [(u.host, u.port) for u in production.upstreams] == [("web2", 7412)]
+    assert routes.hosts[b"app-staging.sites.localhost"].name == "app"
+    # A name that is not a site's fails that entry alone.
+    assert "bad" in routes.failed and routes.sites == 2

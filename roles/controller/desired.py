@@ -105,6 +105,8 @@ class DesiredSite:
     hostnames: tuple[str | dict[str, str], ...] = ()
     # Front end snapshot switches that are on (https_only, affinity).
     routing: dict[str, Any] = field(default_factory=dict)
+    # After slot swaps: the site whose workers answer this site's host names ("": its own).
+    routed_to: str = ""
 
 
 @dataclass
@@ -237,6 +239,7 @@ def read_desired(session: Session, domain: str, *, advertise: str = "") -> Desir
         )
         .order_by(Site.name)
     ).all()
+    names = {site.id: site.name for site in sites}
     for site in sites:
         plan: Plan = site.subscription.plan
         state.sites.append(
@@ -253,6 +256,8 @@ def read_desired(session: Session, domain: str, *, advertise: str = "") -> Desir
                     "limits": {"disk_mb": max(plan.storage_mb, APP_DISK_MIN_MB)},
                 },
                 routing=frontend_fields(dict(site.app_settings or {})),
+                # A stopped target leaves the address to its own site rather than to nothing.
+                routed_to=names.get(site.routed_to_id or 0, ""),
                 hostnames=tuple(
                     {"name": h.hostname, "cert": h.cert_pem, "key": h.key_pem}
                     if h.cert_pem and h.key_pem
@@ -324,6 +329,9 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
     version = state.generation
     fileserver = _fileserver(state)
     workers = {r.id: r for r in state.of_kind("worker")}
+    by_name = {s.name: s for s in state.sites}
+    # Host names → the site that answers them: one generation flips every front end's routes of a swap.
+    answers = {s.name: by_name.get(s.routed_to, s) for s in state.sites}
     out: dict[int, dict[str, Any]] = {}
     for role in state.roles:
         body: dict[str, Any]
@@ -335,12 +343,13 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
                     s.name: {
                         "workers": [
                             f"{role.host_of(workers[w])}:{workers[w].ports['data']}"
-                            for w in s.worker_ids
+                            for w in answers[s.name].worker_ids
                             if w in workers and w not in state.down and role.reaches(workers[w])
                         ],
+                        **({"serve_as": answers[s.name].name} if answers[s.name] is not s else {}),
                         **({"hostnames": list(s.hostnames)} if s.hostnames else {}),
                         **s.routing,
-                        **_quota_entry(state.quota_stops.get(s.name)),
+                        **_quota_entry(state.quota_stops.get(answers[s.name].name)),
                     }
                     for s in state.sites
                 },

@@ -277,7 +277,7 @@ class Proxy:
 
     def current(self, site: Site) -> Site | None:
         """The same site in the routes now (a request keeps the routes it arrived with)."""
-        return self.routes.get(f"{site.name}.{self.domain}".encode())
+        return self.routes.get(f"{site.address}.{self.domain}".encode())
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)

@@ -44,6 +44,7 @@ class Site:
 
     __slots__ = (
         "_next",
+        "address",
         "affinity",
         "by_token",
         "header",
@@ -69,8 +70,11 @@ class Site:
         hsts: bool = False,
         max_body: int = 0,
         stopped: Page | None = None,
+        address: str = "",
     ) -> None:
         self.name = name
+        # The name its host names are under: another slot's after a swap, else ``name``.
+        self.address = address or name
         self.upstreams = upstreams
         # The trusted header the worker serves by, built once per snapshot rather than per request.
         self.header = b"X-Sitecloud-Site: " + name.encode() + b"\r\n"
@@ -286,15 +290,18 @@ def build_routes(
             max_body = spec.get("max_body_bytes", default_max_body)
             if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 0:
                 raise InvalidInput("'max_body_bytes' must be a whole number >= 0")
+            # After a slot swap the workers serve this address under the other slot's name.
+            serve_as: str = validate_site_name(spec.get("serve_as") or name)
             site = Site(
-                name,
+                serve_as,
                 tuple(ups),
-                usage=usage(name),
+                usage=usage(serve_as),
                 affinity=_flag(spec, "affinity"),
                 https_only=_flag(spec, "https_only"),
                 hsts=_flag(spec, "hsts"),
                 max_body=max_body,
                 stopped=_quota_stop(spec),
+                address=name,
             )
             custom = _hostnames(spec)
         except (InvalidInput, TypeError) as err:

@@ -37,10 +37,12 @@ from shared.names import (
     NAME_PATTERN,
     SITE_NAME_MAX,
     SITE_NAME_PATTERN,
+    SLOT_NAME_PATTERN,
     CertState,
     HostnameState,
     validate_name,
     validate_site_name,
+    validate_slot_name,
 )
 
 __all__ = [
@@ -530,6 +532,56 @@ class Deployed(Answer):
 class AppSettings(Answer):
     site: str
     settings: dict[str, str]
+    sticky: list[str] = Field([], description="settings that stay with the site's address in slot swaps")
+
+
+class StickySettings(Body):
+    what = "sticky settings"
+    sticky: Annotated[
+        list[Annotated[str, Field(max_length=200, pattern=ENV_NAME.pattern)]], Field(max_length=100)
+    ] = Field(description="app setting names that stay with the site's address when slots are swapped")
+
+
+class SlotCreate(Body):
+    what = "slot"
+    slot: Annotated[
+        str,
+        AfterValidator(validate_slot_name),
+        Field(description="e.g. staging: <site>-<slot>", json_schema_extra={"pattern": SLOT_NAME_PATTERN}),
+    ]
+
+
+class SlotCreated(Site):
+    slot: str
+    production: str
+
+
+class Slot(Answer):
+    slot: str = Field(description="'production' or the slot's name")
+    site: str = Field(description="the site whose address this is")
+    url: str
+    served_by: str = Field(description="the site answering this address (after a swap: the other one)")
+    sticky_settings: dict[str, str]
+
+
+class SlotList(Answer):
+    site: str
+    slots: list[Slot]
+    next_cursor: NextCursor = None
+
+
+class Swap(Body):
+    what = "swap"
+    warm_timeout: Annotated[float, Field(ge=1, le=600)] = Field(
+        60.0, description="seconds the slot's app has to answer its first request before the swap is refused"
+    )
+
+
+class Swapped(Answer):
+    site: str
+    slot: str
+    production_served_by: str
+    slot_served_by: str
 
 
 class AppSettingsPatch(RootModel[dict[str, Annotated[str, Field(max_length=MAX_VALUE_CHARS)] | None]]):

@@ -18,7 +18,14 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from roles.management._models import Error, Progress, Query
-from shared.names import HOSTNAME_MAX, NAME_MAX, NAME_PATTERN, SITE_NAME_MAX, SITE_NAME_PATTERN
+from shared.names import (
+    HOSTNAME_MAX,
+    NAME_MAX,
+    NAME_PATTERN,
+    SITE_NAME_MAX,
+    SITE_NAME_PATTERN,
+    SLOT_NAME_PATTERN,
+)
 from shared.version import CODE_VERSION
 
 __all__ = [
@@ -26,6 +33,7 @@ __all__ = [
     "HOSTNAME",
     "PLAN",
     "SITE",
+    "SLOT",
     "SUBSCRIPTION",
     "TENANT",
     "TOKEN",
@@ -72,6 +80,7 @@ PLAN = Param(
 SUBSCRIPTION = Param("id", _ID, "subscription id")
 TOKEN = Param("id", _ID, "token id")
 HOSTNAME = Param("hostname", {"type": "string", "minLength": 1, "maxLength": HOSTNAME_MAX}, "host name")
+SLOT = Param("slot", {"type": "string", "pattern": SLOT_NAME_PATTERN}, "slot name (e.g. staging)")
 HOST = Param("name", {"type": "string", "minLength": 1, "maxLength": HOSTNAME_MAX}, "host name")
 TENANT = Param(
     "name", {"type": "string", "minLength": 1, "maxLength": NAME_MAX, "pattern": NAME_PATTERN}, "tenant name"

@@ -11,6 +11,7 @@ import base64
 import binascii
 import datetime as dt
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -61,6 +62,7 @@ from shared.names import (
     validate_custom_hostname,
     validate_name,
     validate_site_name,
+    validate_slot_name,
 )
 
 __all__ = [
@@ -74,6 +76,7 @@ __all__ = [
     "WORKER_SIZES",
     "Principal",
     "Store",
+    "SwapPlan",
     "iso",
     "require_admin",
 ]
@@ -435,9 +438,9 @@ class Store:
         with self._write_lock, self._db.session() as s:
             tenant = self._tenant(s, name)
             subs = list(s.scalars(select(Subscription).where(Subscription.tenant_id == tenant.id)))
-            for site in s.scalars(select(Site).where(Site.subscription_id.in_([sub.id for sub in subs]))):
-                s.delete(site)
-            s.flush()
+            _delete_sites(
+                s, s.scalars(select(Site).where(Site.subscription_id.in_([sub.id for sub in subs])))
+            )
             for sub in subs:
                 s.delete(sub)
             s.flush()
@@ -552,9 +555,7 @@ class Store:
         require_admin(who)
         with self._write_lock, self._db.session() as s:
             sub = self._visible_subscription(s, who, sub_id)
-            for site in s.scalars(select(Site).where(Site.subscription_id == sub.id)):
-                s.delete(site)
-            s.flush()
+            _delete_sites(s, s.scalars(select(Site).where(Site.subscription_id == sub.id)))
             s.delete(sub)
             bump_generation(s)
 
@@ -603,24 +604,29 @@ class Store:
                 raise NotFound(f"no subscription {sub_id}", hint="see the list of subscriptions")
             if sub.state != "active":
                 raise Forbidden(f"subscription {sub_id} is {sub.state}, not active")
-            if s.execute(select(Site.id).where(Site.name == name)).first():
-                raise AlreadyExists(f"site {name!r} already exists", hint="choose another name")
-            count = s.scalar(select(func.count(Site.id)).where(Site.subscription_id == sub.id)) or 0
-            if count >= sub.plan.max_sites:
-                raise LimitReached(
-                    f"subscription {sub.id} (plan {sub.plan.name!r}) allows {sub.plan.max_sites} "
-                    f"site(s) and has {count}",
-                    hint="delete a site or subscribe to a larger plan",
-                )
-            site = Site(name=name, subscription=sub, app_settings={})
-            site.credentials.append(PublishingCredential(username=name, password_hash=password_hash))
-            s.add(site)
-            self._flush(s, f"site {name!r} already exists")
-            bump_generation(s)
+            site = self._add_site(s, sub, name, password_hash, app_settings={})
             answer = self.site_json(site)
         answer["ftp"]["password"] = password
         answer["deploy"]["password"] = password
         return answer
+
+    def _add_site(self, s: Session, sub: Subscription, name: str, password_hash: str, **fields: Any) -> Site:
+        """A new site row (a slot is one too, so it counts against the plan's max sites)."""
+        if s.execute(select(Site.id).where(Site.name == name)).first():
+            raise AlreadyExists(f"site {name!r} already exists", hint="choose another name")
+        count = s.scalar(select(func.count(Site.id)).where(Site.subscription_id == sub.id)) or 0
+        if count >= sub.plan.max_sites:
+            raise LimitReached(
+                f"subscription {sub.id} (plan {sub.plan.name!r}) allows {sub.plan.max_sites} "
+                f"site(s) and has {count} (deployment slots count as sites)",
+                hint="delete a site or subscribe to a larger plan",
+            )
+        site = Site(name=name, subscription=sub, **fields)
+        site.credentials.append(PublishingCredential(username=name, password_hash=password_hash))
+        s.add(site)
+        self._flush(s, f"site {name!r} already exists")
+        bump_generation(s)
+        return site
 
     def list_sites(
         self,
@@ -670,8 +676,18 @@ class Store:
             self._visible_site(s, who, name)
 
     def delete_site(self, who: Principal, name: str) -> None:
+        """Delete a site; a production site takes its deployment slots along."""
         with self._write_lock, self._db.session() as s:
-            s.delete(self._visible_site(s, who, name))
+            site = self._visible_site(s, who, name)
+            if site.slot_of_id is not None and (
+                site.routed_to_id is not None
+                or s.scalar(select(Site.id).where(Site.routed_to_id == site.id)) is not None
+            ):
+                raise InUse(
+                    f"{name} is swapped with its production site",
+                    hint=f"swap back first (sitecloud site swap <production> {site.slot_name})",
+                )
+            _delete_sites(s, [site, *s.scalars(select(Site).where(Site.slot_of_id == site.id))])
             bump_generation(s)
 
     def set_site_state(self, who: Principal, name: str, state: str) -> Json:
@@ -719,12 +735,195 @@ class Store:
         answer["deploy"]["password"] = password
         return answer
 
+    # -- deployment slots
+
+    def _production(self, s: Session, who: Principal, name: str) -> Site:
+        site = self._visible_site(s, who, name)
+        if site.slot_of_id is not None:
+            raise InvalidInput(
+                f"{name!r} is the {site.slot_name!r} slot of another site, not a production site",
+                hint="name the production site and the slot",
+            )
+        return site
+
+    def _slot(self, s: Session, production: Site, slot: str) -> Site:
+        row = s.execute(
+            select(Site).where(Site.slot_of_id == production.id, Site.slot_name == slot)
+        ).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"site {production.name} has no slot {slot!r}", hint="see its slots")
+        return row
+
+    def create_slot(self, who: Principal, name: str, slot: Any) -> Json:
+        """``<name>-<slot>``: a site of its own (content, credentials, settings) beside a production site;
+        its settings start as a copy of production's, less the sticky ones."""
+        slot = validate_slot_name(slot)
+        password = new_password()
+        password_hash = hash_password(password)
+        with self._write_lock, self._db.session() as s:
+            production = self._production(s, who, name)
+            sticky = set(production.sticky_settings or [])
+            settings = {k: v for k, v in (production.app_settings or {}).items() if k not in sticky}
+            site = self._add_site(
+                s,
+                production.subscription,
+                validate_site_name(f"{production.name}-{slot}"),
+                password_hash,
+                app_settings=settings,
+                slot_of_id=production.id,
+                slot_name=slot,
+                instances=production.instances,
+                state=production.state,
+            )
+            answer = {**self.site_json(site), "slot": slot, "production": production.name}
+        answer["ftp"]["password"] = password
+        answer["deploy"]["password"] = password
+        return answer
+
+    def list_slots(self, who: Principal, name: str, page: Page = _ALL) -> Json:
+        """The production site and its slots: each slot's address, the site answering it and its sticky
+        settings (those stay with the address through swaps)."""
+        with self._db.session() as s:
+            production = self._production(s, who, name)
+            rows = [
+                production,
+                *s.scalars(select(Site).where(Site.slot_of_id == production.id).order_by(Site.slot_name)),
+            ]
+            by_id = {r.id: r for r in rows}
+            # By site name: production's is a prefix of every slot's, so it comes first.
+            shown, cursor = paged(sorted(rows, key=lambda r: r.name), lambda r: r.name, page, str)
+            port = "" if self._config.https_port == 443 else f":{self._config.https_port}"
+            slots = []
+            for row in shown:
+                answering = by_id.get(row.routed_to_id or row.id, row)
+                sticky = sorted(answering.sticky_settings or [])
+                settings = answering.app_settings or {}
+                slots.append(
+                    {
+                        "slot": row.slot_name or "production",
+                        "site": row.name,
+                        "url": f"https://{row.name}.{self._config.domain}{port}/",
+                        "served_by": answering.name,
+                        "sticky_settings": {k: settings[k] for k in sticky if k in settings},
+                    }
+                )
+            return {"site": production.name, "slots": slots, "next_cursor": cursor}
+
+    def delete_slot(self, who: Principal, name: str, slot: Any) -> None:
+        slot = validate_slot_name(slot)
+        with self._write_lock, self._db.session() as s:
+            production = self._production(s, who, name)
+            row = self._slot(s, production, slot)
+            if row.routed_to_id is not None or production.routed_to_id == row.id:
+                raise InUse(
+                    f"slot {slot!r} of {production.name} is swapped: {row.name} serves the production "
+                    "address",
+                    hint=f"swap back first (sitecloud site swap {production.name} {slot})",
+                )
+            s.delete(row)
+            bump_generation(s)
+
+    def prepare_swap(self, who: Principal, name: str, slot: Any) -> SwapPlan:
+        """Give the site that will answer production the production address's sticky settings (so its
+        app starts with them before it is warmed); the plan says what to do at the swap itself."""
+        slot = validate_slot_name(slot)
+        with self._write_lock, self._db.session() as s:
+            production = self._production(s, who, name)
+            row = self._slot(s, production, slot)
+            if production.state != "running" or row.state != "running":
+                raise InUse(f"{production.name} and {row.name} must both be running to swap them")
+            a = s.get(Site, production.routed_to_id or production.id) or production
+            b = s.get(Site, row.routed_to_id or row.id) or row
+            keys = set(a.sticky_settings or []) | set(b.sticky_settings or [])
+            a_settings, b_settings = dict(a.app_settings or {}), dict(b.app_settings or {})
+            kept = {k: b_settings.get(k) for k in keys}
+            for key in keys:
+                if key in a_settings:
+                    b_settings[key] = a_settings[key]
+                else:
+                    b_settings.pop(key, None)
+            if b_settings != (b.app_settings or {}):
+                b.app_settings = b_settings
+                bump_generation(s)
+            b.sticky_settings = sorted(keys)
+            return SwapPlan(production.name, slot, row.name, a.id, b.id, kept)
+
+    def commit_swap(self, plan: SwapPlan) -> Json:
+        """One generation: the production address routes to ``b``, the slot's to ``a``; ``a`` takes the
+        slot address's sticky settings."""
+        with self._write_lock, self._db.session() as s:
+            production = s.execute(select(Site).where(Site.name == plan.production)).scalar_one()
+            row = s.execute(select(Site).where(Site.name == plan.slot_site)).scalar_one()
+            a, b = s.get(Site, plan.a), s.get(Site, plan.b)
+            if a is None or b is None or (production.routed_to_id or production.id) != plan.a:
+                raise InUse(f"{plan.production} changed during the swap", hint="try the swap again")
+            production.routed_to_id = None if plan.b == production.id else plan.b
+            row.routed_to_id = None if plan.a == row.id else plan.a
+            a.app_settings = self._with(dict(a.app_settings or {}), plan.kept)
+            a.sticky_settings = sorted(plan.kept)
+            bump_generation(s)
+            return {
+                "site": production.name,
+                "slot": plan.slot,
+                "production_served_by": b.name,
+                "slot_served_by": a.name,
+            }
+
+    def abort_swap(self, plan: SwapPlan) -> None:
+        """Give the slot's site its own sticky settings back: the swap did not happen."""
+        with self._write_lock, self._db.session() as s:
+            b = s.get(Site, plan.b)
+            if b is not None:
+                b.app_settings = self._with(dict(b.app_settings or {}), plan.kept)
+                bump_generation(s)
+
+    @staticmethod
+    def _with(settings: dict[str, Any], values: dict[str, str | None]) -> dict[str, Any]:
+        for key, value in values.items():
+            if value is None:
+                settings.pop(key, None)
+            else:
+                settings[key] = value
+        return settings
+
+    def set_sticky(self, who: Principal, name: str, keys: Any) -> Json:
+        """Which app settings of a site stay with its address when slots are swapped."""
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(keys) > 100:
+            raise InvalidInput("'sticky' must be a list of at most 100 app setting names")
+        for key in keys:
+            appsettings.setting_name(key)
+        with self._write_lock, self._db.session() as s:
+            site = self._visible_site(s, who, name)
+            site.sticky_settings = sorted(set(keys))
+            return self._settings_json(site)
+
+    def _settings_json(self, site: Site) -> Json:
+        return {
+            "site": site.name,
+            "settings": dict(sorted((site.app_settings or {}).items())),
+            "sticky": sorted(site.sticky_settings or []),
+        }
+
+    def frontend_addresses(self) -> list[tuple[str, int]]:
+        """(host, HTTPS port) of every running front end, for warming a site through them."""
+        with self._db.session() as s:
+            rows = s.execute(
+                select(Role.ports, Host.name, Host.address)
+                .join(Host)
+                .where(Role.kind == "frontend", Role.desired_state == "running")
+            )
+            return [
+                (address or host, int(ports["https"]))
+                for ports, host, address in rows
+                if isinstance(ports, dict) and ports.get("https")
+            ]
+
     # -- app settings
 
     def get_settings(self, who: Principal, name: str) -> Json:
         with self._db.session() as s:
             site = self._visible_site(s, who, name)
-            return {"site": site.name, "settings": dict(sorted((site.app_settings or {}).items()))}
+            return self._settings_json(site)
 
     def update_settings(self, who: Principal, name: str, changes: Json) -> Json:
         """Merge ``changes`` into the site's app settings; a null value removes the key.
@@ -751,7 +950,7 @@ class Store:
             appsettings.check_settings(settings)
             site.app_settings = settings
             bump_generation(s)
-            return {"site": site.name, "settings": dict(sorted(settings.items()))}
+            return self._settings_json(site)
 
     # -- custom hostnames
 
@@ -1108,6 +1307,30 @@ class Store:
             s.flush()
         except IntegrityError as exc:
             raise AlreadyExists(conflict) from exc
+
+
+@dataclass(frozen=True)
+class SwapPlan:
+    """A swap between its two steps: ``a`` answers the production address now, ``b`` the slot's;
+    ``kept`` are ``b``'s sticky settings from before (None: it had none), for ``a`` at the swap."""
+
+    production: str
+    slot: str
+    slot_site: str
+    a: int
+    b: int
+    kept: dict[str, str | None]
+
+
+def _delete_sites(s: Session, sites: Iterable[Site]) -> None:
+    """Slots before their production sites: the database would delete them along (ON DELETE CASCADE)
+    under the session's feet otherwise."""
+    ordered = sorted(sites, key=lambda site: site.slot_of_id is None)
+    for site in ordered:
+        s.delete(site)
+        if site.slot_of_id is not None:
+            s.flush()
+    s.flush()
 
 
 def _site_problems(site: Site) -> list[Json]:

@@ -23,6 +23,7 @@ from roles.management._openapi import (
     HOSTNAME,
     PLAN,
     SITE,
+    SLOT,
     SUBSCRIPTION,
     TENANT,
     TOKEN,
@@ -483,6 +484,38 @@ async def rollback_site(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
+async def create_slot(request: web.Request) -> web.Response:
+    who = await principal(request)
+    slot = body_of(request, m.SlotCreate).slot
+    answer = await service_of(request).create_slot(who, request.match_info["name"], slot)
+    return web.json_response(answer, status=201)
+
+
+async def list_slots(request: web.Request) -> web.Response:
+    who = await principal(request)
+    _, page = page_of(request, m.ListQuery)
+    return web.json_response(await service_of(request).list_slots(who, request.match_info["name"], page))
+
+
+async def delete_slot(request: web.Request) -> web.Response:
+    who = await principal(request)
+    await service_of(request).delete_slot(who, request.match_info["name"], request.match_info["slot"])
+    return web.Response(status=204)
+
+
+async def swap_slot(request: web.Request) -> web.Response:
+    who = await principal(request)
+    timeout = body_of(request, m.Swap).warm_timeout
+    name, slot = request.match_info["name"], request.match_info["slot"]
+    return web.json_response(await service_of(request).swap_slot(who, name, slot, timeout))
+
+
+async def set_sticky(request: web.Request) -> web.Response:
+    who = await principal(request)
+    keys = body_of(request, m.StickySettings).sticky
+    return web.json_response(await service_of(request).set_sticky(who, request.match_info["name"], keys))
+
+
 # -- the route table
 
 
@@ -534,6 +567,7 @@ def operations() -> list[Operation]:
 
     site = (SITE,)
     host = (SITE, HOSTNAME)
+    slot = (SITE, SLOT)
     return [
         op("GET", "/health", health, "health", "Liveness of the API", "meta", answer=m.Health, public=True),
         op(
@@ -971,6 +1005,65 @@ def operations() -> list[Operation]:
             body=m.AppSettingsPatch,
             params=site,
             errors=(409,),
+        ),
+        op(
+            "PUT",
+            "/sites/{name}/settings/sticky",
+            set_sticky,
+            "set_sticky_settings",
+            "Which app settings stay with the site's address (not its content) when slots are swapped",
+            "sites",
+            answer=m.AppSettings,
+            body=m.StickySettings,
+            params=site,
+        ),
+        op(
+            "POST",
+            "/sites/{name}/slots",
+            create_slot,
+            "create_slot",
+            "Create a deployment slot <name>-<slot>: a site of its own (content, publishing credentials, settings; counted against the plan's max sites); the answer has its publishing password, once",
+            "sites",
+            ok=201,
+            answer=m.SlotCreated,
+            body=m.SlotCreate,
+            params=site,
+            errors=(403, 409),
+        ),
+        op(
+            "GET",
+            "/sites/{name}/slots",
+            list_slots,
+            "list_slots",
+            "The production site and its slots: each address, the site answering it, its sticky settings",
+            "sites",
+            answer=m.SlotList,
+            query=m.ListQuery,
+            params=site,
+        ),
+        op(
+            "DELETE",
+            "/sites/{name}/slots/{slot}",
+            delete_slot,
+            "delete_slot",
+            "Delete a slot and its content (not while it is swapped into production)",
+            "sites",
+            ok=204,
+            params=slot,
+            errors=(409,),
+        ),
+        op(
+            "POST",
+            "/sites/{name}/slots/{slot}/swap",
+            swap_slot,
+            "swap_slot",
+            "Swap a slot with production: the slot's app is warmed (its first request answered 2xx/3xx through every front end), then both addresses flip on every front end at once; sticky settings stay with their address",
+            "sites",
+            answer=m.Swapped,
+            body=m.Swap,
+            body_required=False,
+            params=slot,
+            errors=(409, 503),
         ),
         op(
             "GET",

@@ -378,11 +378,52 @@ def _site_unset(a: argparse.Namespace, api: ApiClient) -> Any:
 
 def _show_settings(answer: Any, a: argparse.Namespace) -> None:
     settings = answer["settings"]
+    sticky = set(answer.get("sticky", []))
     if not settings:
         out(f"{answer['site']} has no app settings")
-        return
     for key, value in settings.items():
-        out(f"{key}={value}")
+        out(f"{key}={value}{'  (sticky to its slot)' if key in sticky else ''}")
+    unset = sorted(sticky - set(settings))
+    if unset:
+        out(f"sticky to its slot, not set: {', '.join(unset)}")
+
+
+def _site_sticky(a: argparse.Namespace, api: ApiClient) -> Any:
+    return api.request("PUT", api.path("sites", a.name, "settings", "sticky"), {"sticky": a.keys})
+
+
+def _slot_list(a: argparse.Namespace, api: ApiClient) -> Any:
+    return api.list_all(api.path("sites", a.name, "slots"), "slots")
+
+
+def _slot_delete(a: argparse.Namespace, api: ApiClient) -> Any:
+    api.request("DELETE", api.path("sites", a.name, "slots", a.slot))
+    return {"site": a.name, "slot": a.slot, "deleted": True}
+
+
+def _site_swap(a: argparse.Namespace, api: ApiClient) -> Any:
+    body = {} if a.warm_timeout is None else {"warm_timeout": a.warm_timeout}
+    return api.request("POST", api.path("sites", a.name, "slots", a.slot, "swap"), body)
+
+
+def _show_slot_create(answer: Any, a: argparse.Namespace) -> None:
+    out(f"created slot {answer['slot']} of {answer['production']}: site {answer['name']} at {answer['url']}")
+    out(f"FTP:    {answer['ftp']['host']}:{answer['ftp']['port']} user {answer['ftp']['user']}")
+    out(f"deploy: {answer['deploy']['url']} user {answer['deploy']['user']}")
+    out(f"publishing password (shown once): {answer['ftp']['password']}")
+
+
+def _show_slots(answer: Any, a: argparse.Namespace) -> None:
+    rows = [
+        (
+            s["slot"],
+            s["url"],
+            s["served_by"],
+            ", ".join(f"{k}={v}" for k, v in s["sticky_settings"].items()) or "-",
+        )
+        for s in answer["slots"]
+    ]
+    print_table(("SLOT", "ADDRESS", "SERVED BY", "STICKY SETTINGS"), rows, empty="no slots")
 
 
 def _show_versions(answer: Any, a: argparse.Namespace) -> None:
@@ -1034,6 +1075,54 @@ def _parser() -> argparse.ArgumentParser:
     sp = leaf(site, "unset", "remove app settings", _site_unset, _show_settings)
     sp.add_argument("name")
     sp.add_argument("keys", nargs="+", metavar="KEY")
+    sp = leaf(
+        site,
+        "sticky",
+        "name the app settings that stay with the site's address (not its content) in slot swaps",
+        _site_sticky,
+        _show_settings,
+    )
+    sp.add_argument("name")
+    sp.add_argument("keys", nargs="*", metavar="KEY", help="none: no setting is sticky")
+    slot = site.add_parser("slot", help="deployment slots", parents=[common]).add_subparsers(
+        dest="slot_action", metavar="ACTION", required=True
+    )
+    sp = leaf(
+        slot,
+        "create",
+        "create a deployment slot NAME-SLOT with its own content, credentials and settings",
+        lambda a, api: api.request("POST", api.path("sites", a.name, "slots"), {"slot": a.slot}),
+        _show_slot_create,
+    )
+    sp.add_argument("name")
+    sp.add_argument("slot")
+    sp = leaf(slot, "list", "list a site's slots", _slot_list, _show_slots)
+    sp.add_argument("name")
+    sp = leaf(
+        slot,
+        "delete",
+        "delete a slot and its content",
+        _slot_delete,
+        _done("deleted slot {a.slot} of {a.name}"),
+        confirm=lambda a: (f"delete slot {a.slot} of {a.name} and all its content", f"{a.name}-{a.slot}"),
+    )
+    sp.add_argument("name")
+    sp.add_argument("slot")
+    sp = leaf(
+        site,
+        "swap",
+        "swap a slot with production on every front end at once, after warming the slot's app",
+        _site_swap,
+        _done(
+            "swapped: {a.name} is served by {answer[production_served_by]}, "
+            "the {a.slot} slot by {answer[slot_served_by]}"
+        ),
+    )
+    sp.add_argument("name")
+    sp.add_argument("slot")
+    sp.add_argument(
+        "--warm-timeout", type=float, help="seconds the slot's app has to answer first (default 60)"
+    )
     sp = leaf(
         site,
         "reset-password",

@@ -21,6 +21,7 @@ from roles.management._paging import Page
 from roles.management._publish_profile import publish_settings
 from roles.management._store import Principal, Store
 from roles.management._usage import StorageReader
+from roles.management._warm import warm_site
 from roles.management.config import ManagementConfig
 from shared.db import Database
 from shared.errors import SitecloudError, Unauthorized, Unavailable
@@ -367,6 +368,47 @@ class ManagementService:
             user=site["ftp"]["user"],
             password=site["ftp"]["password"],
         )
+
+    # -- deployment slots
+
+    async def create_slot(self, who: Principal, name: str, slot: Any) -> Json:
+        result = await self._write_live(self._store.create_slot, who, name, slot)
+        self._log.bind(tenant=result["tenant"], site=name).info("slot %s created", result["slot"])
+        return result
+
+    async def list_slots(self, who: Principal, name: str, page: Page = _ALL) -> Json:
+        return await self._read(self._store.list_slots, who, name, page)
+
+    async def delete_slot(self, who: Principal, name: str, slot: Any) -> None:
+        await self._write(self._store.delete_slot, who, name, slot)
+        self._log.bind(tenant=who.tenant, site=name).info("slot %s deleted", slot)
+
+    async def swap_slot(self, who: Principal, name: str, slot: Any, warm_timeout: float) -> Json:
+        """Swap a slot with production: the slot's site gets production's sticky settings, is warmed
+        through every front end, and only then one generation flips both addresses on every front end
+        (the workers of both sites keep serving throughout, so no visitor's request fails)."""
+        plan = await self._read(self._store.prepare_swap, who, name, slot)
+        await self._nudger.settle(await self._read(self._store.generation), timeout=warm_timeout)
+        answering = (await self._read(self._store.list_slots, who, name))["slots"]
+        host = next(s["site"] for s in answering if s["slot"] == plan.slot)
+        try:
+            await warm_site(
+                await self._read(self._store.frontend_addresses),
+                f"{host}.{self.config.domain}",
+                self.config.ca_file,
+                timeout=warm_timeout,
+            )
+        except SitecloudError:
+            await self._write(self._store.abort_swap, plan)
+            raise
+        result = await self._write_live(self._store.commit_swap, plan)
+        self._log.bind(tenant=who.tenant, site=name).info(
+            "slot %s swapped: production is served by %s", plan.slot, result["production_served_by"]
+        )
+        return result
+
+    async def set_sticky(self, who: Principal, name: str, keys: Any) -> Json:
+        return await self._write(self._store.set_sticky, who, name, keys)
 
     async def get_app_settings(self, who: Principal, name: str) -> Json:
         return await self._read(self._store.get_settings, who, name)

@@ -187,6 +187,15 @@ class Site(Base):
     app_settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     # The UTC day an admin lifted the site's quota stop: it serves for the rest of that day.
     quota_lifted_day: Mapped[dt.date | None] = mapped_column(Date, default=None)
+    # A deployment slot (``<production>-<slot_name>``) is a site of its own linked to its production site.
+    slot_of_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"), default=None)
+    slot_name: Mapped[str | None] = mapped_column(String(20), default=None)
+    # After slot swaps: the site whose workers answer this site's host names; NULL: its own.
+    routed_to_id: Mapped[int | None] = mapped_column(
+        ForeignKey("sites.id", ondelete="SET NULL"), default=None
+    )
+    # App settings bound to the address, not the content: a swap leaves them where they were.
+    sticky_settings: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
     subscription: Mapped[Subscription] = relationship(back_populates="sites")
     hostnames: Mapped[list[CustomHostname]] = relationship(
         back_populates="site", cascade="all, delete-orphan", order_by="CustomHostname.hostname"
