@@ -189,7 +189,8 @@ async def test_hosts_by_name_with_a_role_installed_and_supervised(
     if not [ns for ns in _namespaces() if ns.startswith("sc-")]:
         assert BRIDGE not in _links()
     assert not {"fabt1", "fabt2"} & set(read_block(HOSTS_FILE.read_text()))
-    assert _processes_under(cloud_home) == []
+    left = _processes_under(cloud_home)
+    assert left == [], [(Path(f"/proc/{pid}/cmdline").read_bytes()[:300]) for pid in left]
     assert not fabric.host_dir("fabt1").exists()
 
 
