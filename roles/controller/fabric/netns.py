@@ -79,6 +79,30 @@ def _netns_exists(name: str) -> bool:
     return Path(f"/run/netns/{_namespace(name)}").exists()
 
 
+def _pids_in(ns: str) -> list[int]:
+    """The processes in network namespace ``ns``.
+
+    Read from /proc here rather than with `ip netns pids`: that one fails as a whole when a process
+    ends while it scans (likely while we are killing them), and an empty answer then would let the
+    namespace be deleted under processes that live on.
+    """
+    try:
+        target = os.stat(f"/run/netns/{ns}")
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry.name}/ns/net")
+        except OSError:
+            continue  # ended meanwhile, or a kernel thread
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            found.append(int(entry.name))
+    return found
+
+
 def _link_exists(link: str) -> bool:
     return Path(f"/sys/class/net/{link}").exists()
 
@@ -376,7 +400,7 @@ Subsystem sftp internal-sftp
         deadline = time.monotonic() + _STOP_TIMEOUT
         sig = signal.SIGTERM
         while True:
-            pids = [int(p) for p in (await _run("ip", "netns", "pids", ns, check=False)).split()]
+            pids = await asyncio.to_thread(_pids_in, ns)
             if not pids:
                 return
             if time.monotonic() >= deadline:
