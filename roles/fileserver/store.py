@@ -29,7 +29,9 @@ from roles.fileserver._manifest import (
     diff,
     empty_manifest,
     human_size,
+    walk,
 )
+from roles.fileserver._zip import ZipMember
 from roles.fileserver.config import FileserverConfig
 from roles.fileserver.feed import ChangeFeed
 from shared.errors import InvalidInput, NotFound, QuotaExceeded
@@ -402,6 +404,20 @@ class ContentStore:
             for n, r in sorted(site.records.items())
             if n <= site.version
         ]
+
+    async def zip_members(self, name: str, version: int | None) -> tuple[int, list[ZipMember]]:
+        """What a zip of a version holds (the newest when ``version`` is None): its files, and its empty
+        directories so that unpacking it gives the same tree."""
+        site = self.site(name)
+        wanted = site.version if version is None else version
+        tree = Tree() if wanted == 0 and site.version == 0 else await self._tree_of(site, wanted)
+        members = []
+        for path, entry in walk(tree.root):
+            if isinstance(entry, FileEntry):
+                members.append(ZipMember(path, site.disk.blob(entry.sha256), entry.mtime))
+            elif not entry.entries:
+                members.append(ZipMember(path, None, time.time()))
+        return wanted, sorted(members, key=lambda m: m.path)
 
     async def blob_path(self, name: str, sha: str) -> Path:
         site = self.site(name)

@@ -30,6 +30,7 @@ __all__ = [
     "TENANT",
     "TOKEN",
     "USER",
+    "VERSION",
     "Operation",
     "Param",
     "openapi_document",
@@ -76,6 +77,7 @@ HOST = Param("name", {"type": "string", "minLength": 1, "maxLength": HOSTNAME_MA
 TENANT = Param(
     "name", {"type": "string", "minLength": 1, "maxLength": NAME_MAX, "pattern": NAME_PATTERN}, "tenant name"
 )
+VERSION = Param("version", _ID, "content version number (see the site's versions)")
 USER = Param("username", {"type": "string", "minLength": 1, "maxLength": NAME_MAX}, "user name")
 
 

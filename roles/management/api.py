@@ -27,6 +27,7 @@ from roles.management._openapi import (
     TENANT,
     TOKEN,
     USER,
+    VERSION,
     Operation,
     openapi_document,
 )
@@ -476,6 +477,27 @@ async def site_versions(request: web.Request) -> web.Response:
     return web.json_response({**answer, "versions": versions, "next_cursor": cursor})
 
 
+async def site_version_zip(request: web.Request) -> web.StreamResponse:
+    who = await principal(request)
+    name, version = request.match_info["name"], int(request.match_info["version"])
+    stream = service_of(request).site_zip(who, name, version)
+    # The first chunk (or the error: no such site or version) before the answer starts.
+    first = await anext(stream, b"")
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "application/zip",
+            "Content-Disposition": f'attachment; filename="{name}-v{version}.zip"',
+            **_NO_STORE,
+        }
+    )
+    await resp.prepare(request)
+    await resp.write(first)
+    async for chunk in stream:
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
 async def rollback_site(request: web.Request) -> web.Response:
     who = await principal(request)
     version = body_of(request, m.Rollback).version
@@ -512,6 +534,7 @@ def _checked(op: Operation) -> Any:
 
 
 _ID = r"{id:\d{1,9}}"
+_VERSION = r"{version:\d{1,9}}"
 _P = "/api/v1"
 
 
@@ -893,6 +916,17 @@ def operations() -> list[Operation]:
             answer=m.SiteVersions,
             query=m.ListQuery,
             params=site,
+            errors=(503,),
+        ),
+        op(
+            "GET",
+            f"/sites/{{name}}/versions/{_VERSION}/zip",
+            site_version_zip,
+            "download_site_version",
+            "A kept version of the site's content as a zip, streamed as it is made",
+            "sites",
+            content="application/zip",
+            params=(SITE, VERSION),
             errors=(503,),
         ),
         op(

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from roles.management._accounts import Accounts
+from roles.management._content import site_zip
 from roles.management._fabric import FabricService
 from roles.management._logs import stream_site_logs
 from roles.management._metering import Metering
@@ -456,6 +457,14 @@ class ManagementService:
         if not isinstance(answer, dict) or not isinstance(answer.get("versions"), list):
             raise Unavailable("the fileserver gave an unexpected answer about versions")
         return {"site": name, "versions": answer["versions"]}
+
+    async def site_zip(self, who: Principal, name: str, version: int | None) -> AsyncIterator[bytes]:
+        """A version of the site (the newest when ``version`` is None) as a zip, streamed from the
+        fileserver; no such version raises before the first chunk."""
+        await self._read(self._store.check_site, who, name)
+        base = await self._fileserver()
+        async for chunk in site_zip(self._logs_client, base, name, version):
+            yield chunk
 
     async def rollback_site(self, who: Principal, name: str, version: int | None) -> Json:
         """Make an earlier version the site's content again, as a new version (every worker flips to it);
