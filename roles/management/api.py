@@ -49,6 +49,7 @@ __all__ = [
     "query_of",
     "reset_url",
     "service_of",
+    "zip_download",
 ]
 
 SERVICE = web.AppKey("service", ManagementService)
@@ -477,9 +478,8 @@ async def site_versions(request: web.Request) -> web.Response:
     return web.json_response({**answer, "versions": versions, "next_cursor": cursor})
 
 
-async def site_version_zip(request: web.Request) -> web.StreamResponse:
-    who = await principal(request)
-    name, version = request.match_info["name"], int(request.match_info["version"])
+async def zip_download(request: web.Request, who: Principal, name: str, version: int) -> web.StreamResponse:
+    """A kept version as a zip download (the API's and the portal's)."""
     stream = service_of(request).site_zip(who, name, version)
     # The first chunk (or the error: no such site or version) before the answer starts.
     first = await anext(stream, b"")
@@ -496,6 +496,11 @@ async def site_version_zip(request: web.Request) -> web.StreamResponse:
         await resp.write(chunk)
     await resp.write_eof()
     return resp
+
+
+async def site_version_zip(request: web.Request) -> web.StreamResponse:
+    who = await principal(request)
+    return await zip_download(request, who, request.match_info["name"], int(request.match_info["version"]))
 
 
 async def rollback_site(request: web.Request) -> web.Response:
