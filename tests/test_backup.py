@@ -4,7 +4,9 @@ API), and a backup of a whole cloud restored on a fresh one."""
 from __future__ import annotations
 
 import ftplib
+import http.client
 import io
+import json
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.cloud import LocalCloud
+from tests.support import TinyDns
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -53,6 +56,7 @@ def test_each_kept_version_downloads_as_the_zip_that_was_published(
 ) -> None:
     token = tenant["token"]
     site = cloud.cli("site", "create", "blog", "--subscription", str(tenant["subscription"]), token=token)
+    tenant["blog"] = site
     tree = tmp_path / "v1"
     (tree / "css").mkdir(parents=True)
     (tree / "empty").mkdir()
@@ -143,3 +147,127 @@ def test_versions_in_the_portal_download_and_roll_back(
         finally:
             browser.close()
     assert cloud.cli("site", "versions", "blog")["versions"][-1]["source"] == "rollback"
+
+
+@pytest.fixture(scope="module")
+def tiny_dns() -> Iterator[TinyDns]:
+    server = TinyDns()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _visit(cloud: LocalCloud, host: str, path: str = "/") -> tuple[int, bytes]:
+    """Plain HTTP to the front end with ``Host: <host>``, as a visitor whose DNS points here."""
+    conn = http.client.HTTPConnection("127.0.0.1", cloud.ports["http_port"], timeout=10)
+    try:
+        conn.request("GET", path, headers={"Host": host})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _state(cloud: LocalCloud) -> dict[str, Any]:
+    """What a restore must bring back, as the API shows it."""
+    sites = cloud.cli("site", "list")["sites"]
+    return {
+        "plans": cloud.cli("plan", "list")["plans"],
+        "settings": cloud.cli("settings", "show"),
+        "tenants": [t["name"] for t in cloud.cli("tenant", "list")["tenants"]],
+        "subscriptions": [
+            (s["id"], s["tenant"], s["plan"], s["state"])
+            for s in cloud.cli("subscription", "list")["subscriptions"]
+        ],
+        "sites": [(s["name"], s["subscription"], s["state"]) for s in sites],
+        "app_settings": {s["name"]: cloud.cli("site", "settings", s["name"])["settings"] for s in sites},
+        "hostnames": {
+            s["name"]: [
+                (h["hostname"], h["state"])
+                for h in cloud.cli("site", "hostname", "list", s["name"])["hostnames"]
+            ]
+            for s in sites
+        },
+    }
+
+
+def test_backup_restores_on_a_fresh_cloud_with_the_same_bytes_and_passwords(
+    cloud: LocalCloud,
+    tenant: dict[str, Any],
+    tiny_dns: TinyDns,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    token = tenant["token"]
+    cloud.cli("settings", "set", "--dns-resolver", f"127.0.0.1:{tiny_dns.port}", "--acme-directory", "off")
+    cloud.cli("plan", "update", "basic", "--max-custom-hostnames", "2")
+    shop = cloud.cli("site", "create", "shop", "--subscription", str(tenant["subscription"]), token=token)
+    ftp = _ftp(shop)
+    try:
+        ftp.storbinary("STOR index.html", io.BytesIO(b"<h1>shop</h1>"))
+        ftp.mkd("img")
+        ftp.storbinary("STOR img/logo.bin", io.BytesIO(bytes(range(256)) * 64))
+    finally:
+        ftp.quit()
+    cloud.wait_for_content("shop", "/img/logo.bin", bytes(range(256)) * 64)
+    cloud.cli("site", "set", "shop", "GREETING=hello", token=token)
+    sub = cloud.cli("subscription", "show", str(tenant["subscription"]))
+    cloud.cli("site", "hostname", "add", "shop", "www.shop.test", token=token)
+    tiny_dns.set("asuid.www.shop.test", "TXT", sub["verification_id"])
+    verified = cloud.cli("site", "hostname", "verify", "shop", "www.shop.test", token=token)
+    assert verified["state"] == "verified", verified
+    assert _visit(cloud, "www.shop.test") == (200, b"<h1>shop</h1>")
+    before = _state(cloud)
+    served = {
+        ("blog", "/"): cloud.get("blog", "/")[2],
+        ("blog", "/css/site.css"): cloud.get("blog", "/css/site.css")[2],
+        ("shop", "/"): b"<h1>shop</h1>",
+        ("shop", "/img/logo.bin"): bytes(range(256)) * 64,
+    }
+
+    target = tmp_path / "backup"
+    made = cloud.cli("backup", "create", "--to", str(target))
+    versions = cloud.cli("site", "versions", "shop")["versions"]
+    assert made["sites"] == {"blog": made["sites"]["blog"], "shop": versions[-1]["version"]}
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["alembic_revision"] and set(manifest["sites"]) == {"blog", "shop"}
+    assert _unzipped(target / "sites" / "shop.zip") == {
+        "index.html": b"<h1>shop</h1>",
+        "img/logo.bin": bytes(range(256)) * 64,
+    }
+    refused = cloud.cli("backup", "create", "--to", str(target), check=False)
+    assert "not an empty directory" in refused["error"]["message"], refused
+    one = cloud.cli("backup", "create", "--to", str(tmp_path / "one"), "--site", "shop")
+    assert list(one["sites"]) == ["shop"] and not (tmp_path / "one" / "sites" / "blog.zip").exists()
+
+    # A second, fresh cloud: the backup brings it all back.
+    fresh = LocalCloud(tmp_path_factory.mktemp("fresh") / "home")
+    fresh.start()
+    try:
+        restored = fresh.cli("backup", "restore", str(target))
+        assert set(restored["sites"]) == {"blog", "shop"}
+        assert restored["rows"]["sites"] == 2 and restored["rows"]["custom_hostnames"] == 1
+        for (site, path), body in served.items():
+            fresh.wait_for_content(site, path, body)
+        assert _state(fresh) == before
+        assert _visit(fresh, "www.shop.test") == (200, b"<h1>shop</h1>")
+        # The same FTP passwords and the tenant's token work on the new cloud.
+        for creds in (tenant["blog"], shop):
+            moved = {**creds, "ftp": {**creds["ftp"], "port": fresh.ports["ftp_port"]}}
+            ftp = _ftp(moved)
+            assert "index.html" in ftp.nlst()
+            ftp.quit()
+        assert [s["name"] for s in fresh.cli("site", "list", token=token)["sites"]] == ["blog", "shop"]
+
+        # Not twice: the cloud is no longer empty.
+        again = fresh.cli("backup", "restore", str(target), check=False)
+        assert again["error"]["code"] == "already_exists", again
+        assert "not empty" in again["error"]["message"]
+        # A damaged backup is refused before anything changes.
+        zip_path = target / "sites" / "shop.zip"
+        zip_path.write_bytes(zip_path.read_bytes()[:-1] + b"x")
+        damaged = fresh.cli("backup", "restore", str(target), "--force", check=False)
+        assert "does not match its checksum" in damaged["error"]["message"], damaged
+    finally:
+        fresh.kill_everything()

@@ -465,6 +465,31 @@ class RolledBack(Answer):
     total_bytes: int | None = None
 
 
+class Backup(Answer):
+    format: str = Field(description="sitecloud-backup/1")
+    alembic_revision: str = Field(description="the schema revision the rows were written under")
+    dialect: str = Field(description="sqlite or postgresql: where they were read from")
+    created_at: str
+    tables: dict[str, list[dict[str, Any]]] = Field(description="table name → its rows, as column → value")
+    site_versions: dict[str, int] = Field(description="each site's content version when the rows were read")
+
+
+class BackupRestore(Body):
+    what = "backup"
+    format: Literal["sitecloud-backup/1"]
+    alembic_revision: Annotated[str, Field(min_length=1, max_length=64)]
+    tables: dict[str, list[dict[str, Any]]]
+    dialect: str | None = None
+    created_at: str | None = None
+    site_versions: dict[str, int] | None = None
+    force: bool = Field(False, description="replace this cloud's plans, tenants, users and sites")
+
+
+class Restored(Answer):
+    format: str
+    restored: dict[str, int] = Field(description="rows put in, per table")
+
+
 class SiteScale(Body):
     what = "scale"
     instances: Annotated[int, Field(ge=1, le=SCALE_MAX)]

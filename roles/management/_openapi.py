@@ -107,6 +107,8 @@ class Operation:
     content: str | None = None
     # A non-JSON request body (a zip): its media type; the handler reads it.
     raw_body: str | None = None
+    # A JSON body allowed to be larger than the app's usual limit (a backup being restored).
+    body_limit: int | None = None
 
     @property
     def doc_path(self) -> str:

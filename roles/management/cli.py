@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from roles.management._cli_backup import add_backup_commands
 from roles.management._cli_client import ApiClient, Endpoints, zipped
 from roles.management._cli_fabric import add_fabric_commands
 from roles.management._cli_output import ago, out, print_fields, print_table
@@ -1219,6 +1220,7 @@ def _parser() -> argparse.ArgumentParser:
 
     # Hosts, roles and upgrades (issue 3).
     add_fabric_commands(group, leaf, top)
+    add_backup_commands(group, leaf)
     return p
 
 
