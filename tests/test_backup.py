@@ -271,3 +271,29 @@ def test_backup_restores_on_a_fresh_cloud_with_the_same_bytes_and_passwords(
         assert "does not match its checksum" in damaged["error"]["message"], damaged
     finally:
         fresh.kill_everything()
+
+
+def test_a_plan_sets_how_many_versions_its_sites_keep(cloud: LocalCloud, tenant: dict[str, Any]) -> None:
+    from tests.support import wait_until
+
+    plan = cloud.cli("plan", "show", "basic")
+    assert (plan["keep_versions"], plan["keep_days"]) == (20, 0)
+    assert len(cloud.cli("site", "versions", "blog")["versions"]) > 3
+    bad = cloud.cli("plan", "update", "basic", "--keep-versions", "0", check=False)
+    assert bad["error"]["code"] == "invalid_input" and "keep_versions" in bad["error"]["message"], bad
+    plan = cloud.cli("plan", "update", "basic", "--keep-versions", "3", "--keep-days", "0")
+    assert (plan["keep_versions"], plan["keep_days"]) == (3, 0)
+    # The fileserver prunes at its next commit (or collection) once the plan's snapshot reaches it.
+    uploads = iter(range(100))
+
+    def pruned() -> bool:
+        ftp = _ftp(tenant["blog"])
+        try:
+            ftp.storbinary(f"STOR later{next(uploads)}.txt", io.BytesIO(b"later"))
+        finally:
+            ftp.quit()
+        return len(cloud.cli("site", "versions", "blog")["versions"]) == 3
+
+    wait_until(pruned, timeout=30, interval=0.5, what="blog's versions to be pruned to the plan's 3")
+    gone = cloud.cli("site", "download", "blog", "1", "-o", "/dev/null", check=False)
+    assert gone["error"]["code"] == "not_found" and "no longer kept" in gone["error"]["message"], gone

@@ -23,6 +23,8 @@ from roles.management._store import (
     DAILY_QUOTA_MAX,
     ID_MAX,
     INSTANCES_MAX,
+    KEEP_DAYS_MAX,
+    KEEP_VERSIONS_MAX,
     SCALE_MAX,
     STORAGE_MB_MAX,
     WORKER_SIZES,
@@ -309,6 +311,12 @@ class _PlanQuotas(BaseModel):
     )
     always_on: bool | None = None
     max_instances_per_site: Annotated[int, Field(ge=1, le=INSTANCES_MAX)] | None = None
+    keep_versions: Annotated[int, Field(ge=1, le=KEEP_VERSIONS_MAX)] | None = Field(
+        None, description="content versions each site keeps at least (default 20)"
+    )
+    keep_days: Annotated[int, Field(ge=0, le=KEEP_DAYS_MAX)] | None = Field(
+        None, description="and every version of the last this many days (default 0)"
+    )
 
 
 class PlanCreate(Body, _PlanQuotas):
@@ -343,6 +351,8 @@ class Plan(Quotas):
     name: str
     public: bool
     retired: bool
+    keep_versions: int = Field(description="content versions each site keeps at least")
+    keep_days: int = Field(description="and every version of the last this many days")
     subscriptions: int = Field(0, description="how many subscriptions use it (admins)")
 
 

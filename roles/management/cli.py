@@ -58,6 +58,8 @@ def _plan_body(a: argparse.Namespace) -> dict[str, Any]:
         "max_instances_per_site",
         "compute_mode",
         "worker_size",
+        "keep_versions",
+        "keep_days",
     ):
         value = getattr(a, key, None)
         if value is not None:
@@ -109,6 +111,7 @@ def _show_plan(plan: Any, a: argparse.Namespace) -> None:
             ("compute", compute),
             ("always on", _yes_no(plan["always_on"])),
             ("instances/site", plan["max_instances_per_site"]),
+            ("versions kept", f"last {plan['keep_versions']}, and all of the last {plan['keep_days']} days"),
             ("subscriptions", plan.get("subscriptions", 0)),
         ]
     )
@@ -747,6 +750,12 @@ def _plan_options(sp: argparse.ArgumentParser, *, create: bool) -> None:
     sp.add_argument("--cpu-minutes-per-day", metavar="MIN|unlimited")
     sp.add_argument("--max-custom-hostnames", type=int)
     sp.add_argument("--max-instances-per-site", type=int)
+    sp.add_argument(
+        "--keep-versions", type=int, metavar="N", help="content versions each site keeps (default 20)"
+    )
+    sp.add_argument(
+        "--keep-days", type=int, metavar="D", help="and every version of the last D days (default 0)"
+    )
     sp.add_argument("--compute-mode", choices=["shared", "reserved"])
     sp.add_argument("--worker-size", choices=["small", "medium", "large"])
     on = sp.add_mutually_exclusive_group()
