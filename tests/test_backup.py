@@ -297,3 +297,39 @@ def test_a_plan_sets_how_many_versions_its_sites_keep(cloud: LocalCloud, tenant:
     wait_until(pruned, timeout=30, interval=0.5, what="blog's versions to be pruned to the plan's 3")
     gone = cloud.cli("site", "download", "blog", "1", "-o", "/dev/null", check=False)
     assert gone["error"]["code"] == "not_found" and "no longer kept" in gone["error"]["message"], gone
+
+
+def test_a_sqlite_dump_restores_into_postgresql_and_ids_go_on_from_there(tmp_path: Path) -> None:
+    """The logical dump is the same on both DBs: a cloud moves from SQLite to PostgreSQL with it."""
+    from roles.management._backup import dump_tables, restore_tables
+    from shared.db import Database
+    from shared.db.models import Plan, Subscription, Tenant
+    from tests.postgres import postgres_server
+
+    source = Database.sqlite(tmp_path / "runtime.db")
+    source.migrate()
+    with source.session() as s:
+        plan = Plan(name="basic", max_sites=2, storage_mb=5, keep_versions=7)
+        tenant = Tenant(name="contoso")
+        s.add_all([plan, tenant])
+        s.flush()
+        s.add(Subscription(tenant_id=tenant.id, plan_id=plan.id))
+    dump = dump_tables(source)
+    source.dispose()
+    assert dump["dialect"] == "sqlite" and dump["tables"]["plans"][0]["keep_versions"] == 7
+    with postgres_server() as url:
+        target = Database(url)
+        try:
+            target.migrate()
+            counts = restore_tables(target, dump["alembic_revision"], dump["tables"], force=False)
+            assert counts["plans"] == counts["tenants"] == counts["subscriptions"] == 1
+            again = dump_tables(target)
+            assert again["tables"] == dump["tables"]
+            # New rows get ids past the restored ones.
+            with target.session() as s:
+                second = Plan(name="pro", max_sites=9, storage_mb=50)
+                s.add(second)
+                s.flush()
+                assert second.id == dump["tables"]["plans"][0]["id"] + 1
+        finally:
+            target.dispose()
