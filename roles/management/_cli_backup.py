@@ -119,8 +119,18 @@ def _backup_restore(a: argparse.Namespace, api: ApiClient) -> Any:
         ) from None
     except (OSError, ValueError) as exc:
         raise InvalidInput(f"cannot read {root / MANIFEST}: {exc}") from None
+    if (
+        not isinstance(manifest, dict)
+        or not isinstance(manifest.get("db"), dict)
+        or not isinstance(manifest.get("sites"), dict)
+        or not all(isinstance(e, dict) for e in manifest["sites"].values())
+    ):
+        raise InvalidInput(f"{root / MANIFEST} is not a sitecloud backup manifest")
     # Every checksum first: a damaged backup changes nothing.
-    dump = json.loads(_checked_file(root, manifest["db"]).read_text())
+    try:
+        dump = json.loads(_checked_file(root, manifest["db"]).read_text())
+    except ValueError as exc:
+        raise InvalidInput(f"the backup's {_DB} is not JSON: {exc}") from None
     zips = {
         name: _checked_file(root, entry)
         for name, entry in manifest["sites"].items()
