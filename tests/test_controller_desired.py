@@ -109,7 +109,8 @@ def test_each_role_gets_only_what_it_needs(tmp_path: Path) -> None:
     pub = by_kind["publisher"]["sites"]["alpha"]
     assert pub["users"] == {"alpha": "hash-alpha"} and pub["quota_bytes"] == 2 * 1024 * 1024
     fs = by_kind["fileserver"]["sites"]["beta"]
-    assert set(fs) == {"uid", "quota_bytes"}
+    assert set(fs) == {"uid", "quota_bytes", "keep_versions", "keep_days"}
+    assert (fs["keep_versions"], fs["keep_days"]) == (20, 0)
     # Secrets go only where they are checked.
     assert (
         "users" not in str(fe) and "hash-" not in str(workers) and "hash-" not in str(by_kind["fileserver"])

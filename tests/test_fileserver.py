@@ -359,6 +359,48 @@ def test_old_versions_are_pruned_and_their_blobs_collected(pki: CloudPKI, tmp_pa
         server.proc.stop()
 
 
+def test_a_plans_retention_keeps_the_last_n_and_the_last_d_days(pki: CloudPKI, tmp_path: Path) -> None:
+    server = _start(pki, tmp_path / "fs", keep_versions=20, gc_interval=0.2, upload_grace=1.0)
+    try:
+        # Two versions, and every one of the last day: all five stay.
+        blog = {"uid": BLOG_UID, "quota_bytes": 10 * 1024, "keep_versions": 2, "keep_days": 1}
+        server.proc.push_config({"version": 2, "sites": {"blog": blog}})
+        shas = []
+        for n in range(5):
+            shas.append(server.upload("blog", f"page {n}".encode()))
+            server.ok("blog", [{"op": "put", "path": "page.html", "sha256": shas[-1]}])
+        kept = [v["version"] for v in server.get("/v1/sites/blog/versions")["versions"]]
+        assert kept == [1, 2, 3, 4, 5]
+        assert server.manifest("blog", 1)["files"]["page.html"]["sha256"] == shas[0]
+
+        # No age rule: the next collection keeps only the last two, and their blobs alone.
+        server.proc.push_config({"version": 3, "sites": {"blog": {**blog, "keep_days": 0}}})
+        wait_until(
+            lambda: [v["version"] for v in server.get("/v1/sites/blog/versions")["versions"]] == [4, 5],
+            timeout=10,
+            what="versions beyond the last two to be pruned",
+        )
+        status, body = server.call("GET", "/v1/sites/blog/manifest?version=3", role="worker")
+        assert status == 404 and "the last 2 versions are kept" in body["error"]["hint"], body
+
+        def collected() -> bool:
+            status, _ = server.call("GET", f"/v1/sites/blog/blobs/{shas[2]}", role="worker")
+            return status == 404
+
+        wait_until(collected, timeout=10, what="the pruned versions' blobs to be collected")
+        assert server.get(f"/v1/sites/blog/blobs/{shas[3]}") == b"page 3"
+
+        status, body = server.call(
+            "PUT",
+            "/v1/config",
+            role="controller",
+            body={"version": 4, "sites": {"blog": {**blog, "keep_days": -1}}},
+        )
+        assert status == 400 and "'keep_days' must be an integer >= 0" in body["error"]["message"], body
+    finally:
+        server.proc.stop()
+
+
 def test_a_batch_of_blobs_in_one_request(fs: Fs) -> None:
     parts = [b"alpha", b"", b"gamma" * 100]
     body = b"".join(len(p).to_bytes(8, "big") + p for p in parts)

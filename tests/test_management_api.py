@@ -171,6 +171,9 @@ def test_plans_tenants_subscriptions(cloud: ManagementCloud) -> None:
         "max_instances_per_site": 1,
         "public": False,
         "retired": False,
+        # The last 20 content versions, no age rule.
+        "keep_versions": 20,
+        "keep_days": 0,
         "subscriptions": 0,
     }
     assert plan in cloud.ok("GET", "/plans")["plans"]
@@ -509,7 +512,7 @@ def test_every_405_says_which_methods_are_allowed(cloud: ManagementCloud) -> Non
         listed = {m.upper() for m in item if m in ("get", "post", "put", "patch", "delete")}
         unused = next(m for m in ("PUT", "PATCH", "DELETE", "POST") if m not in listed)
         # Ids are digits in the routes; any other parameter is a name.
-        url = re.sub(r"\{(\w+)\}", lambda m: "1" if m.group(1).endswith("id") else "x", path)
+        url = re.sub(r"\{(\w+)\}", lambda m: "1" if m.group(1).endswith(("id", "version")) else "x", path)
         status, allow, body = ask(unused, url)
         assert status == 405, (unused, url, status, body)
         assert allow is not None and listed <= {m.strip() for m in allow.split(",")}, (url, allow)

@@ -114,7 +114,7 @@ def test_the_4xx_each_operation_answers_are_documented(
     for op in api_operations():
         documented = set(document["paths"][op.doc_path][op.method.lower()]["responses"])
         # Path parameters filled with things that do not exist (and are valid names).
-        path = re.sub(r"\{id\}", "999999", op.doc_path)
+        path = re.sub(r"\{(id|version)\}", "999999", op.doc_path)
         path = path.replace("{hostname}", "nothing.example.com").replace("{role}", "worker")
         path = path.replace("{host}", "nothing.example.com").replace("{action}", "restart")
         path = path.replace("{name}", "nothing-here").replace("{username}", "nobody")

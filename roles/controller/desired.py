@@ -99,6 +99,8 @@ class DesiredSite:
     users: dict[str, str]
     worker_ids: tuple[int, ...]
     subscription_id: int = 0
+    # The plan's content retention, for the fileserver.
+    retention: dict[str, int] = field(default_factory=dict)
     # Worker snapshot app fields (runtime, entry, env, ...), from the site's app settings.
     app: dict[str, Any] = field(default_factory=dict)
     # Front end snapshot custom hostnames: a name, or {name, cert, key} served by SNI.
@@ -250,6 +252,7 @@ def read_desired(session: Session, domain: str, *, advertise: str = "") -> Desir
                 users={c.username: c.password_hash for c in site.credentials},
                 worker_ids=tuple(sorted(a.role_id for a in site.assignments)),
                 subscription_id=site.subscription_id,
+                retention={"keep_versions": plan.keep_versions, "keep_days": plan.keep_days},
                 app={
                     **app_fields(dict(site.app_settings or {}), always_on_allowed=plan.always_on),
                     # The app's writable home is held to the plan's storage, as its content is.
@@ -366,7 +369,11 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
                 "sites": {s.name: {"uid": s.uid, **s.app} for s in state.sites if role.id in s.worker_ids},
             }
         elif role.kind == "fileserver":
-            body = {"sites": {s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes} for s in state.sites}}
+            body = {
+                "sites": {
+                    s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, **s.retention} for s in state.sites
+                }
+            }
         elif role.kind == "publisher":
             body = {
                 "fileserver": fileserver_url,

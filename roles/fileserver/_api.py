@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from roles.fileserver._zip import stream_zip
 from roles.fileserver.feed import MAX_WAIT
 from roles.fileserver.store import ContentStore
 from shared.config import ROLE_KINDS
@@ -123,6 +124,24 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         require_role(request, *_READERS, "management")
         return web.json_response({"versions": store.version_list(request.match_info["site"])})
 
+    async def site_zip(request: web.Request) -> web.StreamResponse:
+        # Management streams it on to the tenant (a download, a backup).
+        require_role(request, *_READERS, "management")
+        name = request.match_info["site"]
+        version, members = await store.zip_members(name, _integer(request, "version"))
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "application/zip",
+                "Content-Disposition": f'attachment; filename="{name}-v{version}.zip"',
+                "X-Sitecloud-Version": str(version),
+            }
+        )
+        await resp.prepare(request)
+        async for chunk in stream_zip(members):
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
     async def rollback(request: web.Request) -> web.Response:
         # A rollback writes no new content: the tenant asks for it through the management API.
         require_role(request, *_WRITERS, "management")
@@ -161,7 +180,8 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         return web.json_response(await store.feed.wait(since, wait))
 
     async def versions(request: web.Request) -> web.Response:
-        require_role(request, *_READERS)
+        # Management pins each site's version when it takes a backup.
+        require_role(request, *_READERS, "management")
         return web.json_response(store.versions())
 
     return [
@@ -172,6 +192,7 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         web.put("/v1/sites/{site}/files/{path:.+}", put_file),
         web.get("/v1/sites/{site}/diff", diff),
         web.get("/v1/sites/{site}/versions", site_versions),
+        web.get("/v1/sites/{site}/zip", site_zip),
         web.post("/v1/sites/{site}/rollback", rollback),
         web.post("/v1/sites/{site}/blobs", upload),
         web.post("/v1/sites/{site}/blob-batch", upload_batch),

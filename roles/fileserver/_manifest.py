@@ -29,6 +29,7 @@ __all__ = [
     "diff",
     "empty_manifest",
     "human_size",
+    "walk",
 ]
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -115,6 +116,11 @@ def _walk_files(folder: Folder, prefix: str) -> Iterator[tuple[str, FileEntry | 
         yield path, child
         if isinstance(child, Folder):
             yield from _walk_files(child, path + "/")
+
+
+def walk(root: Folder) -> Iterator[tuple[str, FileEntry | Folder]]:
+    """Every file and directory under ``root``, by its path in the site."""
+    return _walk_files(root, "")
 
 
 class Tree:

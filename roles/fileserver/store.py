@@ -29,7 +29,9 @@ from roles.fileserver._manifest import (
     diff,
     empty_manifest,
     human_size,
+    walk,
 )
+from roles.fileserver._zip import ZipMember
 from roles.fileserver.config import FileserverConfig
 from roles.fileserver.feed import ChangeFeed
 from shared.errors import InvalidInput, NotFound, QuotaExceeded
@@ -58,6 +60,10 @@ class _Site:
     uid: str
     quota_bytes: int
     disk: SiteDir
+    # The plan's retention: a version goes once it is neither among the last ``keep_versions`` nor
+    # younger than ``keep_days`` (0: the fileserver's default count, no age rule).
+    keep_versions: int = 0
+    keep_days: float = 0.0
     # What readers see: the newest version whose journal record is on disk.
     version: int = 0
     tree: Tree = field(default_factory=Tree)
@@ -84,11 +90,26 @@ class _Site:
         return self.tree.total_bytes
 
 
-def _parse_snapshot(snapshot: dict[str, Any]) -> dict[str, tuple[str, int]]:
+@dataclass(frozen=True)
+class _Wanted:
+    uid: str
+    quota_bytes: int
+    keep_versions: int = 0
+    keep_days: float = 0.0
+
+
+def _count(spec: dict[str, Any], key: str, name: str) -> int:
+    value = spec.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidInput(f"site {name!r}: {key!r} must be an integer >= 0")
+    return value
+
+
+def _parse_snapshot(snapshot: dict[str, Any]) -> dict[str, _Wanted]:
     sites = snapshot.get("sites")
     if not isinstance(sites, dict):
         raise InvalidInput("fileserver snapshot needs 'sites': {name: {uid, quota_bytes}}")
-    out: dict[str, tuple[str, int]] = {}
+    out: dict[str, _Wanted] = {}
     uids: set[str] = set()
     for name, spec in sites.items():
         uid = spec.get("uid") if isinstance(spec, dict) else None
@@ -100,7 +121,10 @@ def _parse_snapshot(snapshot: dict[str, Any]) -> dict[str, tuple[str, int]]:
         if uid in uids:
             raise InvalidInput(f"site {name!r}: uid {uid} is used by another site too")
         uids.add(uid)
-        out[name] = (uid, quota)
+        assert isinstance(spec, dict)
+        out[name] = _Wanted(
+            uid, quota, _count(spec, "keep_versions", name), float(_count(spec, "keep_days", name))
+        )
     return out
 
 
@@ -247,7 +271,8 @@ class ContentStore:
             new: dict[str, _Site] = {}
             fresh: list[_Site] = []
             announce: list[_Site] = []
-            for name, (uid, quota) in wanted.items():
+            for name, want in wanted.items():
+                uid, quota = want.uid, want.quota_bytes
                 site = known.get(uid)
                 if site is None:
                     site = _Site(name, uid, quota, SiteDir(self._content / uid))
@@ -257,6 +282,7 @@ class ContentStore:
                     site.name = name
                     announce.append(site)
                 site.quota_bytes = quota
+                site.keep_versions, site.keep_days = want.keep_versions, want.keep_days
                 new[name] = site
             for site in fresh:
                 restored, replayed = await asyncio.to_thread(_load_site, site, self._trash)
@@ -346,7 +372,8 @@ class ContentStore:
         if record is None or record["root"] is None:
             raise NotFound(
                 f"version {version} of site {site.name} is no longer kept",
-                hint=f"the last {self.config.keep_versions} versions are kept",
+                hint=f"the last {self._keep(site)} versions are kept"
+                + (f", and those of the last {site.keep_days:g} days" if site.keep_days else ""),
             )
         return await asyncio.to_thread(_load_tree, site.disk, record)
 
@@ -402,6 +429,20 @@ class ContentStore:
             for n, r in sorted(site.records.items())
             if n <= site.version
         ]
+
+    async def zip_members(self, name: str, version: int | None) -> tuple[int, list[ZipMember]]:
+        """What a zip of a version holds (the newest when ``version`` is None): its files, and its empty
+        directories so that unpacking it gives the same tree."""
+        site = self.site(name)
+        wanted = site.version if version is None else version
+        tree = Tree() if wanted == 0 and site.version == 0 else await self._tree_of(site, wanted)
+        members = []
+        for path, entry in walk(tree.root):
+            if isinstance(entry, FileEntry):
+                members.append(ZipMember(path, site.disk.blob(entry.sha256), entry.mtime))
+            elif not entry.entries:
+                members.append(ZipMember(path, None, time.time()))
+        return wanted, sorted(members, key=lambda m: m.path)
 
     async def blob_path(self, name: str, sha: str) -> Path:
         site = self.site(name)
@@ -648,8 +689,14 @@ class ContentStore:
             site.journal = journal
         return site.journal.append(record)
 
+    def _keep(self, site: _Site) -> int:
+        return site.keep_versions or self.config.keep_versions
+
     def _prune(self, site: _Site) -> None:
-        old = sorted(site.records)[: -self.config.keep_versions]
+        """Drop the versions neither among the last N nor younger than D days (the plan's retention)."""
+        beyond = sorted(site.records)[: -self._keep(site)]
+        cutoff = time.time() - site.keep_days * 86400
+        old = [n for n in beyond if float(site.records[n]["time"]) < cutoff]
         for number in old:
             del site.records[number]
             site.recent.pop(number, None)
@@ -663,7 +710,7 @@ class ContentStore:
         await journal.sync(offset)
         self.commits += 1
         site.recent[version] = tree
-        while len(site.recent) > max(_RECENT, self.config.keep_versions + 1):
+        while len(site.recent) > max(_RECENT, self._keep(site) + 1):
             del site.recent[min(site.recent)]
         if version > site.version:
             site.version, site.tree = version, tree
@@ -751,6 +798,8 @@ class ContentStore:
             # Every kept version's folders on disk first: only then do they tell what is in use.
             await self.checkpoint(site)
             async with site.lock:
+                # Versions that aged out since the last commit (or a plan that now keeps fewer).
+                self._prune(site)
                 if site.journal is not None or site.head.root.digest is None:
                     continue  # changed since: next time
                 roots = [str(r["root"]) for r in site.records.values() if r["root"] is not None]

@@ -200,6 +200,19 @@ class ApiClient:
                 self._answer(resp)
             return resp.read()
 
+    def download(self, path: str, target: IO[bytes]) -> int:
+        """GET a binary answer (a zip) into ``target`` as it arrives; returns its size."""
+        done = 0
+        with self._connected(max(self._timeout, 600.0)) as conn:
+            conn.request("GET", path, headers=self._headers({"Accept": "*/*"}))
+            resp = conn.getresponse()
+            if resp.status >= 400:
+                self._answer(resp)
+            while chunk := resp.read(_CHUNK):
+                target.write(chunk)
+                done += len(chunk)
+        return done
+
     def lines(self, path: str, *, timeout: float | None) -> Iterator[str]:
         """GET a text answer and yield its lines as they arrive (``timeout`` None: wait for ever)."""
         with self._exchange("GET", path, {"Accept": "text/plain"}) as (conn, resp):

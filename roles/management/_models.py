@@ -23,6 +23,8 @@ from roles.management._store import (
     DAILY_QUOTA_MAX,
     ID_MAX,
     INSTANCES_MAX,
+    KEEP_DAYS_MAX,
+    KEEP_VERSIONS_MAX,
     SCALE_MAX,
     STORAGE_MB_MAX,
     WORKER_SIZES,
@@ -311,6 +313,12 @@ class _PlanQuotas(BaseModel):
     )
     always_on: bool | None = None
     max_instances_per_site: Annotated[int, Field(ge=1, le=INSTANCES_MAX)] | None = None
+    keep_versions: Annotated[int, Field(ge=1, le=KEEP_VERSIONS_MAX)] | None = Field(
+        None, description="content versions each site keeps at least (default 20)"
+    )
+    keep_days: Annotated[int, Field(ge=0, le=KEEP_DAYS_MAX)] | None = Field(
+        None, description="and every version of the last this many days (default 0)"
+    )
 
 
 class PlanCreate(Body, _PlanQuotas):
@@ -345,6 +353,8 @@ class Plan(Quotas):
     name: str
     public: bool
     retired: bool
+    keep_versions: int = Field(description="content versions each site keeps at least")
+    keep_days: int = Field(description="and every version of the last this many days")
     subscriptions: int = Field(0, description="how many subscriptions use it (admins)")
 
 
@@ -465,6 +475,31 @@ class RolledBack(Answer):
     version: int
     rolled_back_to: int
     total_bytes: int | None = None
+
+
+class Backup(Answer):
+    format: str = Field(description="sitecloud-backup/1")
+    alembic_revision: str = Field(description="the schema revision the rows were written under")
+    dialect: str = Field(description="sqlite or postgresql: where they were read from")
+    created_at: str
+    tables: dict[str, list[dict[str, Any]]] = Field(description="table name → its rows, as column → value")
+    site_versions: dict[str, int] = Field(description="each site's content version when the rows were read")
+
+
+class BackupRestore(Body):
+    what = "backup"
+    format: Literal["sitecloud-backup/1"]
+    alembic_revision: Annotated[str, Field(min_length=1, max_length=64)]
+    tables: dict[str, list[dict[str, Any]]]
+    dialect: str | None = None
+    created_at: str | None = None
+    site_versions: dict[str, int] | None = None
+    force: bool = Field(False, description="replace this cloud's plans, tenants, users and sites")
+
+
+class Restored(Answer):
+    format: str
+    restored: dict[str, int] = Field(description="rows put in, per table")
 
 
 class SiteScale(Body):

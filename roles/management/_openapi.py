@@ -38,6 +38,7 @@ __all__ = [
     "TENANT",
     "TOKEN",
     "USER",
+    "VERSION",
     "Operation",
     "Param",
     "openapi_document",
@@ -85,6 +86,7 @@ HOST = Param("name", {"type": "string", "minLength": 1, "maxLength": HOSTNAME_MA
 TENANT = Param(
     "name", {"type": "string", "minLength": 1, "maxLength": NAME_MAX, "pattern": NAME_PATTERN}, "tenant name"
 )
+VERSION = Param("version", _ID, "content version number (see the site's versions)")
 USER = Param("username", {"type": "string", "minLength": 1, "maxLength": NAME_MAX}, "user name")
 
 
@@ -114,6 +116,8 @@ class Operation:
     content: str | None = None
     # A non-JSON request body (a zip): its media type; the handler reads it.
     raw_body: str | None = None
+    # A JSON body allowed to be larger than the app's usual limit (a backup being restored).
+    body_limit: int | None = None
 
     @property
     def doc_path(self) -> str:

@@ -71,6 +71,8 @@ __all__ = [
     "DAILY_QUOTA_MAX",
     "ID_MAX",
     "INSTANCES_MAX",
+    "KEEP_DAYS_MAX",
+    "KEEP_VERSIONS_MAX",
     "SCALE_MAX",
     "STORAGE_MB_MAX",
     "WORKER_SIZES",
@@ -91,6 +93,9 @@ COUNT_MAX = 100_000
 STORAGE_MB_MAX = 10_000_000
 DAILY_QUOTA_MAX = 1_000_000_000
 INSTANCES_MAX = 100
+# Content versions a plan's sites keep: how many, and how many days of them.
+KEEP_VERSIONS_MAX = 1000
+KEEP_DAYS_MAX = 3650
 SCALE_MAX = 1000
 # Ids fit the DB's 32-bit integers.
 ID_MAX = 2**31 - 1
@@ -168,6 +173,8 @@ _PLAN_FIELDS = {
     "max_instances_per_site",
     "public",
     "retired",
+    "keep_versions",
+    "keep_days",
 }
 
 
@@ -189,6 +196,12 @@ def _apply_plan_fields(plan: Plan, body: Json) -> None:
         plan.max_instances_per_site = _int(
             body["max_instances_per_site"], "max_instances_per_site", minimum=1, maximum=INSTANCES_MAX
         )
+    if "keep_versions" in body:
+        plan.keep_versions = _int(
+            body["keep_versions"], "keep_versions", minimum=1, maximum=KEEP_VERSIONS_MAX
+        )
+    if "keep_days" in body:
+        plan.keep_days = _int(body["keep_days"], "keep_days", minimum=0, maximum=KEEP_DAYS_MAX)
     for key in ("always_on", "public", "retired"):
         if key in body:
             setattr(plan, key, _bool(body[key], key))
@@ -222,6 +235,8 @@ def _plan_json(plan: Plan, subscriptions: int = 0) -> Json:
         "max_instances_per_site": plan.max_instances_per_site,
         "public": plan.public,
         "retired": plan.retired,
+        "keep_versions": plan.keep_versions,
+        "keep_days": plan.keep_days,
         "subscriptions": subscriptions,
     }
 
@@ -278,6 +293,8 @@ class Store:
             max_instances_per_site=1,
             public=False,
             retired=False,
+            keep_versions=20,
+            keep_days=0,
         )
         _apply_plan_fields(plan, body)
         with self._write_lock, self._db.session() as s:

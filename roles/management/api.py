@@ -28,6 +28,7 @@ from roles.management._openapi import (
     TENANT,
     TOKEN,
     USER,
+    VERSION,
     Operation,
     openapi_document,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "query_of",
     "reset_url",
     "service_of",
+    "zip_download",
 ]
 
 SERVICE = web.AppKey("service", ManagementService)
@@ -477,6 +479,43 @@ async def site_versions(request: web.Request) -> web.Response:
     return web.json_response({**answer, "versions": versions, "next_cursor": cursor})
 
 
+async def zip_download(request: web.Request, who: Principal, name: str, version: int) -> web.StreamResponse:
+    """A kept version as a zip download (the API's and the portal's)."""
+    stream = service_of(request).site_zip(who, name, version)
+    # The first chunk (or the error: no such site or version) before the answer starts.
+    first = await anext(stream, b"")
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "application/zip",
+            "Content-Disposition": f'attachment; filename="{name}-v{version}.zip"',
+            **_NO_STORE,
+        }
+    )
+    await resp.prepare(request)
+    await resp.write(first)
+    async for chunk in stream:
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+async def site_version_zip(request: web.Request) -> web.StreamResponse:
+    who = await principal(request)
+    return await zip_download(request, who, request.match_info["name"], int(request.match_info["version"]))
+
+
+async def take_backup(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).backup(who), headers=_NO_STORE)
+
+
+async def restore_backup(request: web.Request) -> web.Response:
+    who = await principal(request)
+    body = body_of(request, m.BackupRestore)
+    answer = await service_of(request).restore(who, body.alembic_revision, body.tables, body.force)
+    return web.json_response(answer)
+
+
 async def rollback_site(request: web.Request) -> web.Response:
     who = await principal(request)
     version = body_of(request, m.Rollback).version
@@ -523,6 +562,15 @@ class _NoQuery(m.Query):
     """A call that takes no query parameters."""
 
 
+async def _read_up_to(request: web.Request, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    return bytes(body)
+
+
 def _checked(op: Operation) -> Any:
     """``op``'s handler behind its checks: the caller first (401 before anything about the request),
     then the query parameters and the JSON body against the route's models (400 saying what is wrong
@@ -536,7 +584,7 @@ def _checked(op: Operation) -> Any:
             raise InvalidInput(f"query parameter(s) given more than once: {', '.join(twice)}")
         request[_QUERY] = m.validated(op.query or _NoQuery, dict(request.query))
         if op.body is not None:
-            raw = await request.read()
+            raw = await (request.read() if op.body_limit is None else _read_up_to(request, op.body_limit))
             data = parse_json_object(raw) if raw or op.body_required else {}
             request[_BODY] = m.validated(op.body, data)
         return await op.handler(request)
@@ -545,7 +593,10 @@ def _checked(op: Operation) -> Any:
 
 
 _ID = r"{id:\d{1,9}}"
+_VERSION = r"{version:\d{1,9}}"
 _P = "/api/v1"
+# A restored dump may hold years of usage rows: beyond the usual body limit.
+_RESTORE_MAX = 256 * 1024 * 1024
 
 
 def operations() -> list[Operation]:
@@ -930,6 +981,17 @@ def operations() -> list[Operation]:
             errors=(503,),
         ),
         op(
+            "GET",
+            f"/sites/{{name}}/versions/{_VERSION}/zip",
+            site_version_zip,
+            "download_site_version",
+            "A kept version of the site's content as a zip, streamed as it is made",
+            "sites",
+            content="application/zip",
+            params=(SITE, VERSION),
+            errors=(503,),
+        ),
+        op(
             "POST",
             "/sites/{name}/rollback",
             rollback_site,
@@ -1176,6 +1238,28 @@ def operations() -> list[Operation]:
             "hostnames",
             answer=m.Availability,
             params=(HOSTNAME,),
+        ),
+        op(
+            "GET",
+            "/backup",
+            take_backup,
+            "take_backup",
+            "Admin: the runtime DB's tenant data (plans, tenants, users, tokens and credentials as hashes, settings, subscriptions, sites, custom hostnames, usage) read in one transaction, tagged with its schema revision, and each site's content version at that moment (download them as zips)",
+            "backups",
+            answer=m.Backup,
+            errors=(403, 503),
+        ),
+        op(
+            "POST",
+            "/backup/restore",
+            restore_backup,
+            "restore_backup",
+            "Admin: put a backup's tenant data into this cloud, refused unless it has no plans, tenants, users or sites (or force); answers once the roles run the restored sites, so their content can be deployed",
+            "backups",
+            answer=m.Restored,
+            body=m.BackupRestore,
+            body_limit=_RESTORE_MAX,
+            errors=(403, 409, 413),
         ),
         # Hosts, roles and upgrades: their own module, which builds on this one's helpers.
         *fabric_operations(),

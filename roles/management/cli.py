@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from roles.management._cli_backup import add_backup_commands
 from roles.management._cli_client import ApiClient, Endpoints, zipped
 from roles.management._cli_fabric import add_fabric_commands
 from roles.management._cli_output import ago, out, print_fields, print_table
@@ -57,6 +58,8 @@ def _plan_body(a: argparse.Namespace) -> dict[str, Any]:
         "max_instances_per_site",
         "compute_mode",
         "worker_size",
+        "keep_versions",
+        "keep_days",
     ):
         value = getattr(a, key, None)
         if value is not None:
@@ -108,6 +111,7 @@ def _show_plan(plan: Any, a: argparse.Namespace) -> None:
             ("compute", compute),
             ("always on", _yes_no(plan["always_on"])),
             ("instances/site", plan["max_instances_per_site"]),
+            ("versions kept", f"last {plan['keep_versions']}, and all of the last {plan['keep_days']} days"),
             ("subscriptions", plan.get("subscriptions", 0)),
         ]
     )
@@ -445,6 +449,39 @@ def _site_rollback(a: argparse.Namespace, api: ApiClient) -> Any:
     return api.request("POST", api.path("sites", a.name, "rollback"), body)
 
 
+def _site_download(a: argparse.Namespace, api: ApiClient) -> Any:
+    version = a.to_version
+    if version is None:
+        versions = api.list_all(api.path("sites", a.name, "versions"), "versions")["versions"]
+        if not versions:
+            raise NotFound(f"site {a.name} has no content yet", hint="publish something first")
+        version = int(versions[-1]["version"])
+    path = api.path("sites", a.name, "versions", str(version), "zip")
+    target = Path(a.output or f"{a.name}-v{version}.zip")
+    if str(target) == "-":
+        api.download(path, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return None
+    # Written beside the target and moved in place once whole: never half a zip under its name.
+    partial = target.with_name(target.name + ".part")
+    try:
+        with partial.open("wb") as f:
+            size = api.download(path, f)
+        partial.replace(target)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise InvalidInput(f"cannot write {target}: {exc}") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return {"site": a.name, "version": version, "file": str(target), "bytes": size}
+
+
+def _show_download(answer: Any, a: argparse.Namespace) -> None:
+    if answer is not None:
+        out(f"wrote {answer['file']}: version {answer['version']} of {a.name}, {answer['bytes']} bytes")
+
+
 def _site_logs(a: argparse.Namespace, api: ApiClient) -> Any:
     query = f"?lines={a.lines}" + ("&follow=1" if a.follow else "")
     stream = api.lines(api.path("sites", a.name, "logs") + query, timeout=None if a.follow else 60.0)
@@ -754,6 +791,12 @@ def _plan_options(sp: argparse.ArgumentParser, *, create: bool) -> None:
     sp.add_argument("--cpu-minutes-per-day", metavar="MIN|unlimited")
     sp.add_argument("--max-custom-hostnames", type=int)
     sp.add_argument("--max-instances-per-site", type=int)
+    sp.add_argument(
+        "--keep-versions", type=int, metavar="N", help="content versions each site keeps (default 20)"
+    )
+    sp.add_argument(
+        "--keep-days", type=int, metavar="D", help="and every version of the last D days (default 0)"
+    )
     sp.add_argument("--compute-mode", choices=["shared", "reserved"])
     sp.add_argument("--worker-size", choices=["small", "medium", "large"])
     on = sp.add_mutually_exclusive_group()
@@ -1171,6 +1214,18 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     # Not "version": that name is the global --version's.
     sp.add_argument("to_version", metavar="VERSION", type=int, nargs="?", help="the version to go back to")
+    sp = leaf(
+        site,
+        "download",
+        "download a version of the site's content as a zip (default: the newest)",
+        _site_download,
+        _show_download,
+    )
+    sp.add_argument("name")
+    sp.add_argument(
+        "to_version", metavar="VERSION", type=int, nargs="?", help="the version (see site versions)"
+    )
+    sp.add_argument("-o", "--output", help="file to write (default NAME-vVERSION.zip; '-' for stdout)")
     sp = leaf(site, "logs", "show a site's app output and access lines", _site_logs, _show_logs)
     sp.add_argument("name")
     sp.add_argument("-f", "--follow", action="store_true", help="keep streaming new lines (Ctrl-C stops)")
@@ -1263,6 +1318,7 @@ def _parser() -> argparse.ArgumentParser:
 
     # Hosts, roles and upgrades.
     add_fabric_commands(group, leaf, top)
+    add_backup_commands(group, leaf)
     return p
 
 

@@ -13,13 +13,15 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from roles.management._accounts import Accounts
+from roles.management._backup import BACKUP_FORMAT, dump_tables, restore_tables
+from roles.management._content import site_zip
 from roles.management._fabric import FabricService
 from roles.management._logs import stream_site_logs
 from roles.management._metering import Metering
 from roles.management._nudge import Nudger
 from roles.management._paging import Page
 from roles.management._publish_profile import publish_settings
-from roles.management._store import Principal, Store
+from roles.management._store import Principal, Store, require_admin
 from roles.management._usage import StorageReader
 from roles.management._warm import warm_site
 from roles.management.config import ManagementConfig
@@ -54,6 +56,7 @@ class ManagementService:
         self._log = get_logger(config.role, host=config.host)
         lock = threading.Lock()
         self.fabric = FabricService(config, db)
+        self._db = db
         self._store = Store(db, config, lock)
         self.metering = Metering(db, lock)
         self.accounts = Accounts(db, lock, domain=config.domain)
@@ -499,6 +502,14 @@ class ManagementService:
             raise Unavailable("the fileserver gave an unexpected answer about versions")
         return {"site": name, "versions": answer["versions"]}
 
+    async def site_zip(self, who: Principal, name: str, version: int | None) -> AsyncIterator[bytes]:
+        """A version of the site (the newest when ``version`` is None) as a zip, streamed from the
+        fileserver; no such version raises before the first chunk."""
+        await self._read(self._store.check_site, who, name)
+        base = await self._fileserver()
+        async for chunk in site_zip(self._logs_client, base, name, version):
+            yield chunk
+
     async def rollback_site(self, who: Principal, name: str, version: int | None) -> Json:
         """Make an earlier version the site's content again, as a new version (every worker flips to it);
         ``version`` None: the one before the newest."""
@@ -514,6 +525,34 @@ class ManagementService:
             "rolled back to version %s as version %s", answer.get("rolled_back_to"), answer.get("version")
         )
         return {"site": name, **answer}
+
+    async def backup(self, who: Principal) -> Json:
+        """The runtime DB's tenant data (see :mod:`roles.management._backup`), and the content version
+        of each of its sites as the fileserver had it just after: a backup downloads those versions."""
+        require_admin(who)
+        dump = await asyncio.to_thread(dump_tables, self._db)
+        names = [row["name"] for row in dump["tables"]["sites"]]
+        versions: dict[str, int] = {}
+        if names:
+            base = await self._fileserver()
+            answer = await self._client.get_json(f"{base}/v1/versions")
+            if not isinstance(answer, dict) or not isinstance(answer.get("sites"), dict):
+                raise Unavailable("the fileserver gave an unexpected answer about versions")
+            versions = {n: int(answer["sites"].get(n, 0)) for n in names}
+        self._log.info("backup of %s sites taken", len(names))
+        return {**dump, "site_versions": versions}
+
+    async def restore(
+        self, who: Principal, revision: str, tables: dict[str, list[Json]], force: bool
+    ) -> Json:
+        """Put a backup's tenant data into this cloud (refused unless it is empty, or ``force``); answers
+        once the roles run the restored sites, so their content can be deployed at once."""
+        require_admin(who)
+        counts = await asyncio.to_thread(restore_tables, self._db, revision, tables, force=force)
+        # Bounded by the internal client's own timeout; the CLI retries a deploy the roles do not know yet.
+        await self._nudger.settle(await self._read(self._store.generation), timeout=8.0)
+        self._log.info("restored a backup: %s", ", ".join(f"{n} {t}" for t, n in counts.items()))
+        return {"format": BACKUP_FORMAT, "restored": counts}
 
     async def deploy(self, who: Principal, name: str, body: AsyncIterable[bytes]) -> Json:
         """Stream a zip to the publisher, which replaces the site's content with it in one version."""

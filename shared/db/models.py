@@ -87,6 +87,9 @@ class Plan(Base):
     # Public plans are offered to tenants in the portal; retired plans take no new subscriptions.
     public: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     retired: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Content versions a site keeps: the last ``keep_versions``, and all of the last ``keep_days`` days.
+    keep_versions: Mapped[int] = mapped_column(default=20, server_default="20")
+    keep_days: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class Tenant(Base):

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from roles.management.api import service_of
+from roles.management.api import service_of, zip_download
 from roles.management.portal._charts import bar_chart
 from roles.management.portal._web import (
     Page,
@@ -127,6 +127,13 @@ async def _site_page(
             [(d["day"], d["cpu_seconds"]) for d in days], label="App CPU seconds per day", unit="s"
         ),
     }
+    # The page still works when the fileserver cannot be reached: the versions say why they are missing.
+    versions: list[dict[str, Any]] = []
+    versions_problem = None
+    try:
+        versions = list(reversed((await service.site_versions(page.who, name))["versions"]))
+    except SitecloudError as err:
+        versions_problem = err.message
     check = None
     wanted = request.query.get("check", "").strip()
     if wanted:
@@ -148,6 +155,8 @@ async def _site_page(
         usage=usage,
         charts=charts,
         check=check,
+        versions=versions,
+        versions_problem=versions_problem,
         **extra,
     )
 
@@ -186,6 +195,15 @@ async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
                     page.who, name, {key: value if isinstance(value, str) else ""}
                 )
             raise see_other(request, back, notice="settings-saved")
+        if action == "rollback":
+            version = _version(form.get("version"))
+            check_confirmed(form, f"roll {name} back to version {version}")
+            done = await service.rollback_site(page.who, name, version)
+            raise see_other(
+                request,
+                back,
+                notice=f"Rolled back to version {done['rolled_back_to']}: it is served as version {done['version']}.",
+            )
         if action == "hostname-remove":
             hostname = str(form.get("hostname", ""))
             check_confirmed(form, f"remove {hostname} from {name}")
@@ -203,6 +221,12 @@ async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
     except SitecloudError as err:
         raise see_other(request, back, error=err) from None
     raise web.HTTPNotFound()
+
+
+def _version(raw: object) -> int:
+    if not isinstance(raw, str) or not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        raise InvalidInput(f"the version must be a version number from the list, not {raw!r}")
+    return int(raw)
 
 
 # -- the pages that ask before a destructive POST
@@ -279,6 +303,37 @@ async def confirm_remove_hostname(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def confirm_rollback(request: web.Request) -> web.StreamResponse:
+    page, name = await require_page(request), _site(request)
+    version = _version(request.query.get("version"))
+    versions = (await service_of(request).site_versions(page.who, name))["versions"]
+    chosen = next((v for v in versions if v["version"] == version), None)
+    if chosen is None or version == versions[-1]["version"]:
+        raise NotFound(
+            f"{name} has no earlier kept version {version}",
+            hint="pick one from the site's versions",
+        )
+    return confirm_page(
+        request,
+        page,
+        title=f"Roll {name} back to version {version}?",
+        consequences=[
+            f"The whole site flips at once to version {version}'s content "
+            f"({chosen['files']} files, {chosen['total_bytes']} bytes), as a new version.",
+            "Nothing is lost: the current content stays a kept version you can roll forward to.",
+        ],
+        action=f"{_site_url(name)}/rollback",
+        button=f"Roll back to version {version}",
+        cancel=_site_url(name),
+        fields={"version": str(version)},
+    )
+
+
+async def download_version(request: web.Request) -> web.StreamResponse:
+    page, name = await require_page(request), _site(request)
+    return await zip_download(request, page.who, name, _version(request.match_info["version"]))
+
+
 def _file(form: Any, key: str) -> bytes | None:
     field = form.get(key)
     if isinstance(field, web.FileField):
@@ -328,6 +383,10 @@ async def app_settings(request: web.Request) -> web.StreamResponse:
 
 async def add_hostname(request: web.Request) -> web.StreamResponse:
     return await _site_action(request, "hostname")
+
+
+async def rollback(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "rollback")
 
 
 async def remove_hostname(request: web.Request) -> web.StreamResponse:
@@ -416,4 +475,7 @@ def tenant_routes() -> list[web.RouteDef]:
         web.post(f"{s}/hostnames/verify", verify_hostname),
         web.post(f"{s}/hostnames/renew", renew_hostname),
         web.post(f"{s}/deploy", deploy),
+        web.get(f"{s}/rollback", confirm_rollback),
+        web.post(f"{s}/rollback", rollback),
+        web.get(f"{s}/versions/{{version:\\d{{1,9}}}}/zip", download_version),
     ]

@@ -111,6 +111,10 @@ def _ago(when: str | None) -> str:
     return seen.strftime("%Y-%m-%d")
 
 
+def _utc_time(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _percent(used: float | None, limit: float | None) -> int:
     if used is None or not limit:
         return 0
@@ -127,6 +131,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["bytes"] = _bytes
     env.filters["ago"] = _ago
+    env.filters["utc_time"] = _utc_time
     env.globals["percent"] = _percent
     return env
 

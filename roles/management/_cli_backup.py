@@ -1,0 +1,188 @@
+"""``sitecloud backup create|restore``: a cloud's tenant data and site content in a directory.
+
+The CLI drives the management API: ``GET /api/v1/backup`` gives the DB's tenant data with each site's
+content version at that moment, and each of those versions is downloaded as a zip; a manifest with
+every file's sha256 is written last, so a directory without one is an unfinished backup. A restore
+checks every checksum, puts the data back (``POST /api/v1/backup/restore``) and deploys each site's zip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from roles.management._cli_client import ApiClient
+from roles.management._cli_output import out
+from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
+
+__all__ = ["add_backup_commands"]
+
+MANIFEST = "manifest.json"
+_DB = "db.json"
+_CHUNK = 1024 * 1024
+# Restored sites reach the publisher and the fileserver with the next snapshot: wait for that.
+_DEPLOY_WAIT = 30.0
+Leaf = Callable[..., argparse.ArgumentParser]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _entry(root: Path, rel: str) -> dict[str, Any]:
+    path = root / rel
+    return {"file": rel, "sha256": _sha256(path), "bytes": path.stat().st_size}
+
+
+def _backup_create(a: argparse.Namespace, api: ApiClient) -> Any:
+    root = Path(a.to)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise InvalidInput(f"{root} is not an empty directory", hint="back up into a new directory")
+    dump = api.request("GET", api.path("backup"))
+    versions: dict[str, int] = dump.pop("site_versions")
+    if a.site is not None:
+        if a.site not in versions:
+            raise NotFound(f"there is no site {a.site}")
+        versions = {a.site: versions[a.site]}
+    try:
+        (root / "sites").mkdir(parents=True, exist_ok=True)
+        (root / _DB).write_text(json.dumps(dump, ensure_ascii=False))
+        sites: dict[str, Any] = {}
+        for name, version in sorted(versions.items()):
+            if version == 0:
+                sites[name] = {"version": 0}  # nothing published yet
+                continue
+            rel = f"sites/{name}.zip"
+            with (root / rel).open("wb") as f:
+                api.download(api.path("sites", name, "versions", str(version), "zip"), f)
+            sites[name] = {"version": version, **_entry(root, rel)}
+    except OSError as exc:
+        raise InvalidInput(f"cannot write the backup in {root}: {exc}") from None
+    manifest = {
+        "format": dump["format"],
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "alembic_revision": dump["alembic_revision"],
+        "dialect": dump["dialect"],
+        "db": _entry(root, _DB),
+        "sites": sites,
+        "site_versions": {n: s["version"] for n, s in sites.items()},
+    }
+    # Last: its presence says the backup is whole.
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    rows = {t: len(r) for t, r in dump["tables"].items()}
+    return {"directory": str(root), "rows": rows, "sites": manifest["site_versions"]}
+
+
+def _checked_file(root: Path, entry: dict[str, Any]) -> Path:
+    rel = str(entry.get("file", ""))
+    path = (root / rel).resolve()
+    if not rel or not path.is_relative_to(root.resolve()) or not path.is_file():
+        raise InvalidInput(f"the backup in {root} lacks {rel or 'a file its manifest names'}")
+    if _sha256(path) != entry.get("sha256"):
+        raise InvalidInput(
+            f"{path} does not match its checksum in the manifest: the backup is damaged",
+            hint="restore from another backup",
+        )
+    return path
+
+
+def _deploy(api: ApiClient, name: str, zip_path: Path) -> Any:
+    deadline = time.monotonic() + _DEPLOY_WAIT
+    while True:
+        try:
+            return api.upload(api.path("sites", name, "deploy"), zip_path, progress=io.StringIO())
+        except (Unavailable, NotFound):
+            # The restored site is not in the publisher's or the fileserver's snapshot yet.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _backup_restore(a: argparse.Namespace, api: ApiClient) -> Any:
+    root = Path(a.directory)
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise InvalidInput(
+            f"{root} holds no {MANIFEST}: not a backup, or one that did not finish",
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"cannot read {root / MANIFEST}: {exc}") from None
+    if (
+        not isinstance(manifest, dict)
+        or not isinstance(manifest.get("db"), dict)
+        or not isinstance(manifest.get("sites"), dict)
+        or not all(isinstance(e, dict) for e in manifest["sites"].values())
+    ):
+        raise InvalidInput(f"{root / MANIFEST} is not a sitecloud backup manifest")
+    # Every checksum first: a damaged backup changes nothing.
+    try:
+        dump = json.loads(_checked_file(root, manifest["db"]).read_text())
+    except ValueError as exc:
+        raise InvalidInput(f"the backup's {_DB} is not JSON: {exc}") from None
+    zips = {
+        name: _checked_file(root, entry)
+        for name, entry in manifest["sites"].items()
+        if entry.get("version", 0) > 0
+    }
+    answer = api.request("POST", api.path("backup", "restore"), {**dump, "force": a.force})
+    deployed: dict[str, Any] = {}
+    for name, path in sorted(zips.items()):
+        try:
+            done = _deploy(api, name, path)
+        except SitecloudError as err:
+            raise type(err)(
+                f"site {name}'s content was not restored: {err.message}",
+                hint=f"deploy {path} to it with `sitecloud deploy {name} {path}`",
+            ) from None
+        deployed[name] = {"version": done.get("version"), "files": done.get("files")}
+    return {"directory": str(root), "rows": answer["restored"], "sites": deployed}
+
+
+def _show_created(answer: Any, a: argparse.Namespace) -> None:
+    sites = answer["sites"]
+    out(f"backed up {len(sites)} site(s) and {sum(answer['rows'].values())} rows into {answer['directory']}")
+    for name, version in sites.items():
+        out(f"  {name}: version {version}" if version else f"  {name}: nothing published")
+
+
+def _show_restored(answer: Any, a: argparse.Namespace) -> None:
+    rows = ", ".join(f"{n} {t}" for t, n in answer["rows"].items() if n)
+    out(f"restored {rows} from {answer['directory']}")
+    for name, done in answer["sites"].items():
+        out(f"  {name}: {done['files']} file(s) deployed as version {done['version']}")
+
+
+def add_backup_commands(group: Callable[[str, str], Any], leaf: Leaf) -> None:
+    backup = group("backup", "back up and restore a cloud's tenants, sites and content (admin)")
+    sp = leaf(
+        backup,
+        "create",
+        "write the DB's tenant data and every site's current content into a new directory",
+        _backup_create,
+        _show_created,
+    )
+    sp.add_argument("--to", required=True, metavar="DIR", help="a new (or empty) directory")
+    sp.add_argument("--site", metavar="NAME", help="only this site's content (the DB's data is whole)")
+    sp = leaf(
+        backup,
+        "restore",
+        "bring a backup back into a fresh cloud: plans, tenants, sites, credentials, content",
+        _backup_restore,
+        _show_restored,
+    )
+    sp.add_argument("directory", metavar="DIR")
+    sp.add_argument(
+        "--force", action="store_true", help="replace this cloud's own plans, tenants, users and sites"
+    )
