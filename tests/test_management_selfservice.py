@@ -210,9 +210,14 @@ def test_site_start_stop_and_app_settings(cloud: ManagementCloud) -> None:
     assert cloud.generation() == before + 1
     assert cloud.ok("POST", f"/sites/{name}/start", token=token)["state"] == "running"
 
-    assert cloud.ok("GET", f"/sites/{name}/settings", token=token) == {"site": name, "settings": {}}
+    # No setting is sticky to a deployment slot until the owner says so.
+    assert cloud.ok("GET", f"/sites/{name}/settings", token=token) == {
+        "site": name,
+        "settings": {},
+        "sticky": [],
+    }
     answer = cloud.ok("PATCH", f"/sites/{name}/settings", token=token, body={"B": "2", "A_1": "x=y"})
-    assert answer == {"site": name, "settings": {"A_1": "x=y", "B": "2"}}
+    assert answer == {"site": name, "settings": {"A_1": "x=y", "B": "2"}, "sticky": []}
     answer = cloud.ok("PATCH", f"/sites/{name}/settings", token=token, body={"B": None, "C": ""})
     assert answer["settings"] == {"A_1": "x=y", "C": ""}
     for bad in [{"1X": "v"}, {"A-B": "v"}, {"A": 1}, {"A": "x" * 4097}]:

@@ -104,8 +104,8 @@ class AppProxy(Generic[T]):
         self.manager = manager
         self.log = get_logger("worker", host=config.host)
         # (version root, path, trailing slash) → whether a static file answers it.
-        self._static: dict[tuple[str, str, bool], bool] = {}
-        self._scripts: dict[tuple[str, str, str], tuple[str, str, str] | None] = {}
+        self._static: dict[tuple[str, int, str, bool], bool] = {}
+        self._scripts: dict[tuple[str, int, str, str], tuple[str, str, str] | None] = {}
 
     @property
     def active(self) -> bool:
@@ -145,13 +145,13 @@ class AppProxy(Generic[T]):
         # A Procfile or Node app answers every path itself, as it does on other platforms: its source is in
         # languages the worker cannot know (server.js, config.ru, main.go), so no file is served raw.
         static = app.runtime not in ("command", "node") and method in (b"GET", b"HEAD")
-        if static and self._static_file(app.root, rel, slash=path.endswith("/")):
+        if static and self._static_file(app.root, app.version, rel, slash=path.endswith("/")):
             return None
         return app, rel
 
-    def php_script(self, root: str, rel: str, entry: str) -> tuple[str, str, str] | None:
+    def php_script(self, root: str, version: int, rel: str, entry: str) -> tuple[str, str, str] | None:
         """The script that answers ``rel`` (see :func:`php_script`), remembered per version."""
-        key = (root, rel, entry)
+        key = (root, version, rel, entry)
         if key in self._scripts:
             return self._scripts[key]
         if len(self._scripts) >= STATIC_MEMO:
@@ -159,10 +159,10 @@ class AppProxy(Generic[T]):
         found = self._scripts[key] = php_script(root, rel, entry)
         return found
 
-    def _static_file(self, root: str, rel: str, *, slash: bool) -> bool:
-        """Whether the static server answers this path; remembered, as a version's files never change
-        (a new version is a new root)."""
-        key = (root, rel, slash)
+    def _static_file(self, root: str, version: int, rel: str, *, slash: bool) -> bool:
+        """Whether the static server answers this path; remembered per version number, not per root:
+        changes made file by file are applied in place, under the same root, as a new number."""
+        key = (root, version, rel, slash)
         found = self._static.get(key)
         if found is None:
             if len(self._static) >= STATIC_MEMO:
@@ -305,7 +305,7 @@ class AppExchange(Generic[T]):
         app, manager = self._app, self._proxy.manager
         script = None
         if app.runtime == "php":
-            script = self._proxy.php_script(app.root, self._rel, app.entry)
+            script = self._proxy.php_script(app.root, app.version, self._rel, app.entry)
             if script is None:
                 self._error(404, "Not found", "Nothing is published at this address.")
                 return
