@@ -277,12 +277,16 @@ class ContentCache:
     def prune(self, site: str, keep: set[int]) -> None:
         """Remove versions (and failed builds) other than ``keep`` and the current one."""
         site_dir = self.site_dir(site)
-        current = self.load_current(site)
-        keep = keep | ({current.number} if current else set())
+        # By the link's target, not the version number: a version changed in place has number 0.
+        try:
+            served = os.readlink(site_dir / "current")
+        except OSError:
+            served = ""
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(site_dir):
                 match = _VERSION_DIR.match(entry.name)
-                if (match and int(match.group(1)) not in keep) or entry.name.startswith(".build-"):
+                stale = match and entry.name != served and int(match.group(1)) not in keep
+                if stale or entry.name.startswith(".build-"):
                     shutil.rmtree(entry.path, ignore_errors=True)
 
     def drop(self, site: str) -> None:

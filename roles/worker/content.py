@@ -351,9 +351,7 @@ class ContentSync:
             # That version was pruned while we were away: take the newest.
             manifest = await self._client.get_json(f"{base}/manifest")
         version, files, dirs = check_manifest(manifest, site)
-        await self._collecting.wait()
-        self._busy += 1
-        self._quiet.clear()
+        await self._enter_busy()
         try:
             missing: dict[str, ManifestFile] = {}
             for meta in files.values():
@@ -397,9 +395,7 @@ class ContentSync:
         version, whole, changes, dirs = check_changes(body, site)
         if whole or len(changes) + len(dirs) > INCREMENTAL_MAX:
             return False
-        await self._collecting.wait()
-        self._busy += 1
-        self._quiet.clear()
+        await self._enter_busy()
         try:
             missing: dict[str, ManifestFile] = {}
             for meta in changes.values():
@@ -429,6 +425,14 @@ class ContentSync:
             # making per upload, so one comes a while after a burst of them.
             self._collect_later()
         return True
+
+    async def _enter_busy(self) -> None:
+        # Woken waiters of an Event run after a later clear() too: look again each time, or a
+        # collection that started in between would scan while this sync writes blobs.
+        while not self._collecting.is_set():
+            await self._collecting.wait()
+        self._busy += 1
+        self._quiet.clear()
 
     def _collect_later(self) -> None:
         if not self._collect_pending and not self._stopping:
@@ -504,7 +508,10 @@ class ContentSync:
                 total += size
             return total
 
-        self._blob_bytes += await _in_thread(keep)
+        # Not `+= await`: that reads the tally before the await, and a download finishing meanwhile
+        # would be lost from it.
+        kept = await _in_thread(keep)
+        self._blob_bytes += kept
 
     async def _download(self, base: str, meta: ManifestFile) -> None:
         """Stream one blob to a temp file, check its hash and size, then rename it into place."""

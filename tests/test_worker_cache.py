@@ -1,0 +1,38 @@
+"""The worker's content cache on disk, without processes: versions, changes in place, pruning."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from roles.worker._cache import ContentCache, ManifestFile
+
+
+def _blob(cache: ContentCache, data: bytes) -> ManifestFile:
+    sha = hashlib.sha256(data).hexdigest()
+    fd, tmp = cache.new_blob_file()
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    cache.commit_blob(tmp, sha, 0)
+    return ManifestFile(sha, len(data), 0)
+
+
+def test_prune_keeps_a_version_changed_in_place(tmp_path: Path) -> None:
+    # A zip deploy builds v2 while v1 waits out its grace; an FTP upload then lands in v2 in place.
+    # The pruning of v1 that follows must leave the served directory alone.
+    cache = ContentCache(tmp_path)
+    old, new, upload = _blob(cache, b"old"), _blob(cache, b"new"), _blob(cache, b"upload")
+    cache.build_version("blog", "c1", 1, {"index.html": old}, [])
+    v2 = cache.build_version("blog", "c1", 2, {"index.html": new}, [])
+    cache.apply_changes("blog", v2, 3, {"up.txt": upload}, [])
+
+    cache.prune("blog", set())
+
+    assert sorted(p.name for p in cache.site_dir("blog").glob("v*")) == ["v2"]
+    served = Path(cache.site_dir("blog") / "current")
+    assert (served / "index.html").read_bytes() == b"new"
+    assert (served / "up.txt").read_bytes() == b"upload"
+    # Only the blob no version links any more goes.
+    assert cache.collect_blobs() == len(b"new") + len(b"upload")
+    assert not cache.has_blob(old.sha256) and cache.has_blob(upload.sha256)
