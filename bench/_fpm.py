@@ -11,8 +11,8 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+from harness.processes import wait_until
 from shared.net import free_port
-from tests.support import wait_until
 
 __all__ = ["NginxFpm", "php_fpm_binary"]
 
