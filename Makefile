@@ -16,8 +16,8 @@ up: $(STAMP)
 	$(BIN)/sitecloud up $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check roles shared harness tests bench
-	$(BIN)/ruff format --check roles shared harness tests bench
+	$(BIN)/ruff check roles shared tests bench
+	$(BIN)/ruff format --check roles shared tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -11,7 +11,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from harness.processes import wait_until
+from bench.harness.processes import wait_until
 from shared.net import free_port
 
 __all__ = ["NginxFpm", "php_fpm_binary"]

@@ -6,8 +6,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from harness.clients import https_get
-from harness.processes import CloudPKI, RoleProcess, call, wait_until
+from bench.harness.clients import https_get
+from bench.harness.processes import CloudPKI, RoleProcess, call, wait_until
 from roles.fileserver.config import FileserverConfig
 from roles.frontend.config import FrontendConfig
 from roles.worker.config import WorkerConfig

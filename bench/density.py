@@ -28,8 +28,8 @@ from typing import Any
 
 from bench._doc import DOC, write_section
 from bench.coldstart import HELLO, pct
-from harness.clients import fetch_from_worker
-from harness.processes import CloudPKI, RoleProcess, wait_until
+from bench.harness.clients import fetch_from_worker
+from bench.harness.processes import CloudPKI, RoleProcess, wait_until
 from roles.fileserver.config import FileserverConfig
 from roles.worker.config import WorkerConfig
 

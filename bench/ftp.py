@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench._doc import write_section
-from harness.processes import CloudPKI, RoleProcess
+from bench.harness.processes import CloudPKI, RoleProcess
 from roles.fileserver.config import FileserverConfig
 from roles.publisher.config import PublisherConfig
 from shared.credentials import hash_password

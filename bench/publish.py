@@ -24,8 +24,8 @@ from pathlib import Path
 
 from bench._doc import write_section
 from bench._stack import SITE, SitecloudStack
-from harness.clients import SiteConnection
-from harness.processes import CloudPKI, RoleProcess
+from bench.harness.clients import SiteConnection
+from bench.harness.processes import CloudPKI, RoleProcess
 from roles.publisher.config import PublisherConfig
 from shared.credentials import hash_password
 from shared.net import free_port_range

@@ -29,7 +29,7 @@ from bench._nginx import nginx_available
 from bench._stack import SITE, SitecloudStack
 from bench._wrk import WrkResult, run_wrk, wrk_available
 from bench.coldstart import HELLO
-from harness.processes import CloudPKI, wait_until
+from bench.harness.processes import CloudPKI, wait_until
 from roles.worker.apps._launch import app_threads, find_php_cgi, php_children, pick_python
 from roles.worker.apps._spec import AppLimits
 from shared.net import free_port

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.clients import SiteConnection, https_get
+from bench.harness.clients import SiteConnection, https_get
 from roles.worker.apps._isolation import reap_orphans
 from shared.net import free_port, free_port_range
 from tests.support import wait_until

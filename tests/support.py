@@ -1,4 +1,4 @@
-"""What tests need beyond the process harness (:mod:`harness.processes`, shared with the benchmarks
+"""What tests need beyond the process harness (:mod:`bench.harness.processes`, shared with the benchmarks
 and named here too): lane exchanges with a worker, a tiny DNS server, WebSocket and registry probes.
 
 Tests talk to roles the way other roles do: over mTLS with a certificate of the right role.
@@ -30,7 +30,7 @@ import dns.tsig
 import dns.tsigkeyring
 import dns.update
 
-from harness.processes import CloudPKI, RoleProcess, call, wait_until
+from bench.harness.processes import CloudPKI, RoleProcess, call, wait_until
 from shared.tls import LANE_ALPN
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from harness.clients import fetch_from_worker as fetch
+from bench.harness.clients import fetch_from_worker as fetch
 from roles.fileserver.config import FileserverConfig
 from roles.worker.config import WorkerConfig
 from tests.support import CloudPKI, RoleProcess, call, wait_until

@@ -8,7 +8,7 @@ import socket
 import ssl
 from pathlib import Path
 
-from harness.processes import CloudPKI
+from bench.harness.processes import CloudPKI
 from roles.worker.config import WorkerConfig
 
 __all__ = ["SiteConnection", "fetch_from_worker", "https_get"]
