@@ -189,6 +189,11 @@ def test_many_front_ends_get_the_same_routes_without_down_or_unreachable_workers
     assert down[1]["sites"]["blog"]["workers"] == ["web2:7412"]
     assert down[2]["sites"]["blog"]["workers"] == ["web2:7412", "localhost:9102"]
     assert down[3]["sites"] == {"blog": {"uid": "u1"}}  # it keeps its sites for when it rejoins
+    # Every worker of the site down (a probe that timed out on a busy host, say): the routes keep them
+    # all, since the front end may hold this snapshot for as long as the controller stays away.
+    all_down = snapshots_for(_state(frozenset({3, 4, 5})))
+    assert all_down[1]["sites"]["blog"]["workers"] == ["web1:7412", "web2:7412"]
+    assert all_down[2]["sites"]["blog"]["workers"] == ["web1:7412", "web2:7412", "localhost:9102"]
 
 
 def test_acme_challenges_go_to_every_front_end_and_nowhere_else() -> None:

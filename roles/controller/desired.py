@@ -13,6 +13,7 @@ then they listen on every address and other hosts reach them at the advertised o
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -311,6 +312,20 @@ def _fileserver(state: DesiredState) -> RoleEndpoint | None:
     return candidates[0] if candidates else None
 
 
+def _routable(
+    frontend: RoleEndpoint, workers: dict[int, RoleEndpoint], ids: Iterable[int], down: AbstractSet[int]
+) -> list[RoleEndpoint]:
+    """The workers a front end sends a site to: those not down; when every one is down, all of them.
+
+    A health probe that times out on a busy host marks a worker down; if the controller then dies, the
+    front end keeps that snapshot. An empty list would be an outage until the controller returns,
+    while a worker that is really gone only costs a quick 502, as nginx retries all-failed upstreams.
+    """
+    reachable = [workers[w] for w in ids if w in workers and frontend.reaches(workers[w])]
+    up = [w for w in reachable if w.id not in down]
+    return up or reachable
+
+
 def _site_url(state: DesiredState) -> str:
     """``https://{site}.<domain>[:port]/``, with the HTTPS port of the first front end."""
     ports = [r.ports.get("https") for r in state.of_kind("frontend")]
@@ -345,9 +360,8 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
                 "sites": {
                     s.name: {
                         "workers": [
-                            f"{role.host_of(workers[w])}:{workers[w].ports['data']}"
-                            for w in answers[s.name].worker_ids
-                            if w in workers and w not in state.down and role.reaches(workers[w])
+                            f"{role.host_of(w)}:{w.ports['data']}"
+                            for w in _routable(role, workers, answers[s.name].worker_ids, state.down)
                         ],
                         **({"serve_as": answers[s.name].name} if answers[s.name] is not s else {}),
                         **({"hostnames": list(s.hostnames)} if s.hostnames else {}),

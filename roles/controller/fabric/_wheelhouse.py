@@ -9,11 +9,11 @@ renamed into place, so a half-built one is never used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +31,8 @@ _PACKAGES = ("roles", "shared")
 _TOP_FILES = ("pyproject.toml", "README.md", "LICENSE")
 _SUFFIXES = {".py", ".html", ".css", ".ini", ".mako", ".typed", ".js", ".json", ".txt"}
 _MARKER = ".complete"
+_LOCK_POLL = 0.2
+_BUILD_TIMEOUT = 900.0
 
 
 def _source_files(root: Path) -> Iterator[Path]:
@@ -65,17 +67,21 @@ class Wheelhouse:
         return self.root / digest
 
     async def ensure(self) -> tuple[str, Path]:
-        """(code hash, directory) of the wheelhouse for the current code; built if not there yet."""
+        """(code hash, directory) of the wheelhouse for the current code; built if not there yet.
+
+        Cancelling it (``up`` stopping while it builds ahead) kills pip and leaves nothing half-built:
+        a build in a thread would hold the process's exit until pip finished.
+        """
         digest = await asyncio.to_thread(code_hash, self.project)
         target = self.path(digest)
         if not (target / _MARKER).exists():
-            await asyncio.to_thread(self._build_locked, digest, target)
+            await self._build_locked(digest, target)
         return digest, target
 
     def files(self, digest: str) -> list[Path]:
         return sorted(p for p in self.path(digest).iterdir() if p.suffix == ".whl")
 
-    def _build_locked(self, digest: str, target: Path) -> None:
+    async def _build_locked(self, digest: str, target: Path) -> None:
         if not (self.project / "pyproject.toml").exists():
             raise InvalidInput(
                 f"no sitecloud checkout at {self.project} to build a wheelhouse from",
@@ -83,13 +89,19 @@ class Wheelhouse:
             )
         self.root.mkdir(parents=True, exist_ok=True)
         with (self.root / ".lock").open("w") as lock:
-            # Another controller (or test worker) may be building the same one: wait for it.
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            # Another controller (or test worker) may be building the same one: wait for it, politely
+            # (a blocking flock in a thread could not be cancelled).
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(_LOCK_POLL)
             if (target / _MARKER).exists():
                 return
             scratch = Path(tempfile.mkdtemp(prefix=f".build-{digest}-", dir=self.root))
             try:
-                self._build(scratch)
+                await self._build(scratch)
                 (scratch / _MARKER).write_text(digest + "\n")
                 shutil.rmtree(target, ignore_errors=True)
                 os.replace(scratch, target)
@@ -107,14 +119,9 @@ class Wheelhouse:
         for old in built[keep:]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def _build(self, out: Path) -> None:
+    async def _build(self, out: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="sitecloud-src-") as src:
-            # Build from a copy of exactly the hashed files: the checkout gets no build/ or egg-info,
-            # and the wheel holds what the hash says.
-            for path in _source_files(self.project):
-                dest = Path(src) / path.relative_to(self.project)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dest)
+            await asyncio.to_thread(self._copy_sources, Path(src))
             argv = [
                 sys.executable,
                 "-m",
@@ -129,12 +136,37 @@ class Wheelhouse:
                 f"pip=={version('pip')}",
             ]
             # Niced: it is often built ahead, beside roles that are serving.
-            result = subprocess.run(
-                ["nice", "-n", "10", *argv], capture_output=True, text=True, check=False, timeout=900
+            proc = await asyncio.create_subprocess_exec(
+                "nice",
+                "-n",
+                "10",
+                *argv,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
             )
-        if result.returncode != 0:
-            tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
+            try:
+                output, _ = await asyncio.wait_for(proc.communicate(), timeout=_BUILD_TIMEOUT)
+            except BaseException as exc:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+                if isinstance(exc, TimeoutError):
+                    raise SitecloudError(
+                        f"building the wheelhouse took over {_BUILD_TIMEOUT:.0f}s and was stopped",
+                        hint="check that the package index (or the pip cache) answers",
+                    ) from None
+                raise
+        if proc.returncode != 0:
+            tail = "\n".join(output.decode(errors="replace").strip().splitlines()[-15:])
             raise SitecloudError(
-                f"building the wheelhouse failed (exit {result.returncode}): {tail}",
+                f"building the wheelhouse failed (exit {proc.returncode}): {tail}",
                 hint="the controller needs pip and access to a package index (or a warm pip cache)",
             )
+
+    def _copy_sources(self, dest_root: Path) -> None:
+        # Build from a copy of exactly the hashed files: the checkout gets no build/ or egg-info, and
+        # the wheel holds what the hash says.
+        for path in _source_files(self.project):
+            dest = dest_root / path.relative_to(self.project)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
