@@ -65,7 +65,8 @@ def frontend(
 
 
 def push(frontend: RoleProcess, sites: dict[str, dict[str, Any]]) -> None:
-    frontend.push_config({"version": next(_versions), "domain": DOMAIN, "sites": sites})
+    # A 100k-site snapshot takes seconds to apply, many more on a loaded CI host.
+    frontend.push_config({"version": next(_versions), "domain": DOMAIN, "sites": sites}, timeout=120)
 
 
 def _origin_of(body: bytes) -> str:

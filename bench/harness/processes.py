@@ -168,9 +168,13 @@ class RoleProcess:
         except AssertionError as err:
             raise AssertionError(f"{err}\n--- {self.config.role} log ---\n{self.log()}") from None
 
-    def push_config(self, snapshot: dict[str, Any]) -> dict[str, Any]:
+    def push_config(self, snapshot: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any]:
         status, body = call(
-            f"{self.control_url}/v1/config", self.pki.client_ssl("controller"), method="PUT", body=snapshot
+            f"{self.control_url}/v1/config",
+            self.pki.client_ssl("controller"),
+            method="PUT",
+            body=snapshot,
+            timeout=timeout,
         )
         assert status == 200, body
         return dict(body)
