@@ -43,6 +43,11 @@ HELLO: dict[str, dict[str, bytes]] = {
         b"    await send({'type': 'http.response.body', 'body': b'hello'})\n"
     },
     "php": {"index.php": b"<?php echo 'hello';"},
+    "node": {
+        "package.json": b'{"name": "hello", "scripts": {"start": "node server.js"}}\n',
+        "server.js": b"require('http').createServer((req, res) => res.end('hello'))"
+        b".listen(process.env.PORT, '127.0.0.1');\n",
+    },
     "command (Procfile)": {
         "Procfile": b"web: python3 -S serve.py\n",
         "serve.py": b"import os, socket\n"
@@ -92,7 +97,7 @@ class Figures:
 # What users publish per runtime through `sitecloud up`; every site also gets READY, a static file
 # the worker serves itself (but for a Procfile site's), so the bench knows the site is live without
 # waking its app.
-RUNTIMES = ("python (WSGI)", "python (ASGI)", "php", "command (Procfile)")
+RUNTIMES = ("python (WSGI)", "python (ASGI)", "php", "node", "command (Procfile)")
 READY = "ready.txt"
 PUBLISHERS = 4
 
@@ -107,14 +112,14 @@ def _live_sites(cloud: UpCloud, subscription: int, names: list[str], files: dict
     with ThreadPoolExecutor(PUBLISHERS) as pool:
         list(pool.map(publish, names))
     for name in names:
-        if "Procfile" in files:
-            # A Procfile app answers every path itself (the worker serves none of its files), so
-            # the site is live once its worker knows it as an idle command app: asked, not woken.
+        if "Procfile" in files or "package.json" in files:
+            # A Procfile or Node app answers every path itself (the worker serves none of its
+            # files), so the site is live once its worker knows it as an idle app: asked, not woken.
             wait_until(
                 lambda name=name: _idle_command_app(cloud, name),
                 timeout=120,
                 interval=0.1,
-                what=f"{name}'s worker to hold it as an idle command app",
+                what=f"{name}'s worker to hold it as an idle app",
             )
             continue
         wait_until(
@@ -128,7 +133,9 @@ def _live_sites(cloud: UpCloud, subscription: int, names: list[str], files: dict
 def _idle_command_app(cloud: UpCloud, name: str) -> bool:
     site = cloud.api.request("GET", cloud.api.path("sites", name))
     apps = site.get("apps", []) if isinstance(site, dict) else []
-    return bool(apps) and all(a.get("runtime") == "command" and a.get("state") == "idle" for a in apps)
+    return bool(apps) and all(
+        a.get("runtime") in ("command", "node") and a.get("state") == "idle" for a in apps
+    )
 
 
 def run(root: Path, samples: int, idle_sites: int, *, direct: bool) -> Figures:
@@ -136,9 +143,10 @@ def run(root: Path, samples: int, idle_sites: int, *, direct: bool) -> Figures:
     figures = Figures(idle=idle_sites, samples=samples)
     cloud.start()
     try:
-        runtimes = [r for r in RUNTIMES if r != "php" or shutil.which("php-cgi")]
-        if len(runtimes) < len(RUNTIMES):
-            print("php: skipped (no php-cgi)")
+        missing = {"php": "php-cgi", "node": "node"}
+        runtimes = [r for r in RUNTIMES if shutil.which(missing.get(r, "sh"))]
+        for runtime in set(RUNTIMES) - set(runtimes):
+            print(f"{runtime}: skipped (no {missing[runtime]})")
         total = idle_sites + len(runtimes) * (samples + 1)
         cloud.cli("plan", "create", "bench", "--max-sites", str(total), "--storage-mb", "1024")
         cloud.cli("tenant", "create", "bench")
