@@ -243,6 +243,7 @@ class AppExchange(Generic[T]):
         # The request sent on a kept connection, should it have to go again on a new one.
         self._retry: Callable[[], UpstreamBase] | None = None
         self._reconnect: asyncio.Task[None] | None = None
+        self._opening: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._t0 = time.monotonic()
         self._task = self._loop.create_task(self._run())
@@ -357,23 +358,48 @@ class AppExchange(Generic[T]):
                     self, request, head_only=head_only, upgrade=upgrade, pool=pool if keep else None
                 )
 
-        kept = await pool.lease() if keep else None
         if self._closed:
-            if kept is not None:
-                kept.close()
-            elif keep:
-                pool.closed_one()
             return
+        kept = None
+        if keep:
+            kept = pool.take()
+            if kept is None and not pool.closed and not pool.room():
+
+                def handover(conn: object) -> bool:
+                    """A connection back in the pool (or a place for a new one), in the same turn."""
+                    if self._closed:
+                        return False
+                    if isinstance(conn, (HttpUpstream, FastCgiUpstream)):
+                        self._send_kept(inst, conn, fresh, request, head_only)
+                    else:
+                        upstream = fresh()
+                        self._upstream = upstream
+                        self._arm(inst)
+                        self._opening = self._loop.create_task(self._connect(inst, upstream))
+                    return True
+
+                pool.wait(handover)
+                return
         if isinstance(kept, (HttpUpstream, FastCgiUpstream)):
-            self._retry = fresh
-            self._upstream = kept
-            self._arm(inst)
-            kept.again(self, request, head_only=head_only)
+            self._send_kept(inst, kept, fresh, request, head_only)
             return
         upstream = fresh()
         self._upstream = upstream
         self._arm(inst)
         await self._connect(inst, upstream)
+
+    def _send_kept(
+        self,
+        inst: T,
+        kept: HttpUpstream | FastCgiUpstream,
+        fresh: Callable[[], UpstreamBase],
+        request: bytes,
+        head_only: bool,
+    ) -> None:
+        self._retry = fresh
+        self._upstream = kept
+        self._arm(inst)
+        kept.again(self, request, head_only=head_only)
 
     async def _again(self, inst: T, again: Callable[[], UpstreamBase]) -> None:
         """The request once more, on a connection the pool makes room for (the stale one is out)."""
