@@ -241,6 +241,18 @@ def _write_doc(
     for case, table in tables.items():
         label = "WSGI (`app.py`)" if case == "python" else "PHP (`index.php`)"
         lines += [f"**{label}**", "", table, ""]
+    lines += [
+        "Where the PHP gap is (measured 2026-12-03 on this VM): not in PHP. nginx → php-cgi "
+        "(`PHP_FCGI_CHILDREN`, kept FastCGI connections) and nginx → php-fpm answer at the same rate "
+        "within noise, and php-cgi's CPU per request is php-fpm's; a php-fpm pool per site would "
+        "change nothing here. It is the two Python hops (front end, worker) in front of a pool that "
+        "takes as many requests at once as it has children: each child waits for the worker's turn "
+        "between answers, where nginx (far less CPU per request, so scheduled sooner) keeps them "
+        "busy. Handing a returning FastCGI connection to the next waiting request in the same turn "
+        "of the worker's loop halved the worker's CPU per PHP request and took the ratio from "
+        "0.28-0.39x to 0.44x; the WSGI site, whose app server queues requests itself, is not bound "
+        "that way.",
+    ]
     write_section("warm", "\n".join(lines).rstrip())
     print(f"wrote {DOC}", file=sys.stderr)
 
