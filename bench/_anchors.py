@@ -11,11 +11,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 from bench._cpu import family
+from bench.harness.processes import wait_until
 from roles.worker.apps._cgroup import AppGroup, CgroupTree
 from roles.worker.apps._spec import AppLimits
 from shared.logs import get_logger
@@ -120,7 +120,13 @@ class AppAnchor:
         )
         nginx = ["nginx", "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir), "-e", str(self.dir / "nginx-error.log")]  # fmt: skip
         self.nginx = subprocess.Popen(nginx, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_hello(self.url, type(self).__name__)
+        url = self.url
+
+        def answers() -> bool:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return bool(resp.read() == b"hello")
+
+        wait_until(answers, timeout=20, what=type(self).__name__)
         self._limit()
         return self
 
@@ -186,17 +192,3 @@ class NginxGunicorn(AppAnchor):
     def _app_command(self, user: str) -> list[str]:
         bind = f"unix:{self.dir / 'app.sock'}"
         return [str(GUNICORN), "--bind", bind, "--log-level", "warning", *self.args, "app:app"]
-
-
-def _wait_hello(url: str, what: str) -> None:
-    deadline = time.monotonic() + 20
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.read() == b"hello":
-                    return
-        except OSError as exc:
-            last = exc
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} did not answer hello in 20 s (last error: {last!r})")

@@ -6,11 +6,11 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from bench.harness.clients import https_get
+from bench.harness.processes import CloudPKI, RoleProcess, call, wait_until
 from roles.fileserver.config import FileserverConfig
 from roles.frontend.config import FrontendConfig
 from roles.worker.config import WorkerConfig
-from tests.cloud import https_get
-from tests.support import CloudPKI, RoleProcess, call, wait_until
 
 __all__ = ["SitecloudStack"]
 

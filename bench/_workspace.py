@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import CloudPKI
+from bench.harness.processes import CloudPKI
 
 __all__ = ["Workspace"]
 

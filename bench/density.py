@@ -28,10 +28,10 @@ from typing import Any
 
 from bench._doc import DOC, write_section
 from bench.coldstart import HELLO, pct
+from bench.harness.clients import fetch_from_worker
+from bench.harness.processes import CloudPKI, RoleProcess, wait_until
 from roles.fileserver.config import FileserverConfig
 from roles.worker.config import WorkerConfig
-from tests.support import CloudPKI, RoleProcess, wait_until
-from tests.test_worker import fetch
 
 STYLE = b"body { font-family: sans-serif; margin: 2em }\n" * 20
 
@@ -175,7 +175,7 @@ def main() -> None:
             f"published {len(names)} static sites in {published:.0f} s, all synced after {fig['synced_all']:.0f} s"
         )
         for name in random.sample(names, 20):
-            status, _, body = fetch(bench.pki, bench.config, name, "/")
+            status, _, body = fetch_from_worker(bench.pki, bench.config, name, "/")
             assert status == 200 and body == page(name, 1), (name, status, body[:200])
         time.sleep(2)
         fig["rss_static"] = bench.rss_kib()
@@ -196,7 +196,7 @@ def main() -> None:
             body = page(name, 2 + n)
             t0 = time.perf_counter()
             bench.publish(name, {"index.html": body})
-            wait_until(lambda name=name, body=body: fetch(bench.pki, bench.config, name, "/")[2] == body,
+            wait_until(lambda name=name, body=body: fetch_from_worker(bench.pki, bench.config, name, "/")[2] == body,
                        timeout=20, interval=0.002, what=f"{name} to serve its new version")  # fmt: skip
             latencies.append((time.perf_counter() - t0) * 1000)
             after = bench.site_dirs(content)

@@ -31,11 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench._doc import write_section
+from bench.harness.processes import CloudPKI, RoleProcess
 from roles.fileserver.config import FileserverConfig
 from roles.publisher.config import PublisherConfig
 from shared.credentials import hash_password
 from shared.net import free_port
-from tests.support import CloudPKI, RoleProcess
 
 __all__ = ["main"]
 

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from bench._doc import write_section
 from bench._stack import SITE, SitecloudStack
+from bench.harness.clients import SiteConnection
+from bench.harness.processes import CloudPKI, RoleProcess
 from roles.publisher.config import PublisherConfig
 from shared.credentials import hash_password
 from shared.net import free_port_range
-from tests.cloud import SiteConnection
-from tests.support import CloudPKI, RoleProcess
 
 __all__ = ["main"]
 

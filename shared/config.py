@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 from shared.files import atomic_write_json
 
-__all__ = ["ROLE_KINDS", "RoleConfig", "RoleKind", "load_role_config", "write_role_config"]
+__all__ = ["ROLE_KINDS", "RoleConfig", "RoleKind", "ServingConfig", "load_role_config", "write_role_config"]
 
 RoleKind = Literal["controller", "management", "frontend", "worker", "fileserver", "publisher"]
 ROLE_KINDS: tuple[str, ...] = get_args(RoleKind)
@@ -73,6 +73,16 @@ class RoleConfig:
 
 
 C = TypeVar("C", bound=RoleConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServingConfig(RoleConfig):
+    """Fields of a data-plane role that may serve from several processes (see :mod:`shared.prefork`)."""
+
+    # Serving processes sharing the role's listeners; above 1 the main process keeps the control plane.
+    processes: int = 1
+    # On SIGTERM, connections in flight get this long to finish.
+    drain_timeout: float = 10.0
 
 
 def _convert(tp: Any, value: Any) -> Any:

@@ -8,6 +8,10 @@ SO_REUSEPORT sockets of their own: a port open to SO_REUSEPORT lets another proc
 bind beside it and take a share of the connections. The main process hands a new snapshot over as a
 file in the role's own state directory and a SIGHUP; it restarts a serving process that dies and stops
 them all (SIGTERM, then SIGKILL after the drain bound) when it stops.
+
+A role that can run so describes its three process shapes as a :class:`PreforkedRole` (one process doing
+everything, the main process, a serving process); :func:`shared.process.preforked_role_main` starts it
+and the role's ``serve`` picks the shape: the role's own code never asks which process it is in.
 """
 
 from __future__ import annotations
@@ -20,14 +24,17 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
-from shared.config import RoleConfig
+from shared.config import ServingConfig
 from shared.listeners import child_env, listener, listener_specs
-from shared.logs import ContextLogger
+from shared.logs import ContextLogger, get_logger
 
 __all__ = [
+    "PreforkedRole",
     "ServingProcesses",
     "reload_on_sighup",
     "serving_index",
@@ -39,6 +46,10 @@ __all__ = [
 _INDEX_ENV = "SITECLOUD_SERVING_PROCESS"
 _PARENT_ENV = "SITECLOUD_SERVING_PARENT"
 _COUNT_ENV = "SITECLOUD_PROCESSES"
+# A serving process still draining this long after its drain bound is killed.
+_STOP_GRACE = 2.0
+
+S = TypeVar("S", bound=ServingConfig)
 
 
 def serving_index() -> int | None:
@@ -112,7 +123,7 @@ def watch_parent(stop: asyncio.Event) -> asyncio.Task[None]:
 class ServingProcesses:
     """The main process's view of its serving processes."""
 
-    def __init__(self, config: RoleConfig, count: int, log: ContextLogger, *, stop_timeout: float) -> None:
+    def __init__(self, config: ServingConfig, count: int, log: ContextLogger, *, stop_timeout: float) -> None:
         self._config = config
         self._count = count
         self._log = log
@@ -121,6 +132,10 @@ class ServingProcesses:
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
         self._listeners: dict[str, socket.socket] = {}
+
+    @property
+    def count(self) -> int:
+        return self._count
 
     @property
     def pids(self) -> list[int]:
@@ -188,3 +203,36 @@ class ServingProcesses:
         for sock in self._listeners.values():
             sock.close()
         self._listeners.clear()
+
+
+@dataclass(frozen=True)
+class PreforkedRole(Generic[S]):
+    """The process shapes of a role that serves from one process or several.
+
+    - ``single``: ``processes: 1``, one process does everything;
+    - ``main``: the control plane, with the serving processes (not started yet: the role starts and
+      stops them where its own order needs it);
+    - ``serving``: a serving process (its index given); it stops, too, when the main process is gone.
+    """
+
+    single: Callable[[S, asyncio.Event], Coroutine[Any, Any, None]]
+    main: Callable[[S, asyncio.Event, ServingProcesses], Coroutine[Any, Any, None]]
+    serving: Callable[[S, asyncio.Event, int], Coroutine[Any, Any, None]]
+
+    async def serve(self, config: S, stop: asyncio.Event) -> None:
+        """Run the shape this process is started as, until ``stop`` is set."""
+        index = serving_index()
+        if index is not None:
+            orphan_guard = watch_parent(stop)
+            try:
+                await self.serving(config, stop, index)
+            finally:
+                orphan_guard.cancel()
+            return
+        processes = take_processes_flag(config.processes)
+        if processes == 1:
+            await self.single(config, stop)
+            return
+        log = get_logger(config.role, host=config.host)
+        children = ServingProcesses(config, processes, log, stop_timeout=config.drain_timeout + _STOP_GRACE)
+        await self.main(config, stop, children)

@@ -1,4 +1,9 @@
-"""The lifecycle every role process follows: start, serve, drain on SIGTERM within a bound, exit."""
+"""The lifecycle every role process follows: start, serve, drain on SIGTERM within a bound, exit.
+
+:func:`role_main` is every role's entry point (:func:`preforked_role_main` for one that may serve from
+several processes, see :mod:`shared.prefork`); :func:`run_until_stopped` is the part the controller,
+started by ``sitecloud up`` rather than from a ``role.json``, shares with them.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +18,15 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from shared.config import RoleConfig, load_role_config
+from shared.config import RoleConfig, ServingConfig, load_role_config
 from shared.listeners import inherited, serve_handback
 from shared.logs import setup_logging
+from shared.prefork import PreforkedRole, strip_processes_flag
 
-__all__ = ["role_main"]
+__all__ = ["preforked_role_main", "role_main", "run_until_stopped"]
 
 C = TypeVar("C", bound=RoleConfig)
+S = TypeVar("S", bound=ServingConfig)
 
 
 def _raise_open_files_limit() -> None:
@@ -29,6 +36,24 @@ def _raise_open_files_limit() -> None:
     if hard != soft and (hard == resource.RLIM_INFINITY or hard > soft):
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run_until_stopped(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    """Run ``serve`` on uvloop until it returns; SIGTERM or SIGINT sets its stop event (it then drains
+    and returns), and the signal handlers are taken away again after."""
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await serve(stop)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    uvloop.run(run())
 
 
 def role_main(config_cls: type[C], serve: Callable[[C, asyncio.Event], Coroutine[Any, Any, None]]) -> None:
@@ -44,16 +69,10 @@ def role_main(config_cls: type[C], serve: Callable[[C, asyncio.Event], Coroutine
     _raise_open_files_limit()
     # Before anything else starts: the supervisor's listeners, and a way to give them to its successor.
     serve_handback(inherited())
+    run_until_stopped(lambda stop: serve(config, stop))
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await serve(config, stop)
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
 
-    uvloop.run(run())
+def preforked_role_main(config_cls: type[S], role: PreforkedRole[S]) -> None:
+    """Entry point of a role that may serve from several processes: ``--processes N`` as well."""
+    strip_processes_flag()
+    role_main(config_cls, role.serve)

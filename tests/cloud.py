@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from bench.harness.clients import SiteConnection, https_get
 from roles.worker.apps._isolation import reap_orphans
 from shared.net import free_port, free_port_range
 from tests.support import wait_until
@@ -22,34 +20,6 @@ __all__ = ["LocalCloud", "SiteConnection", "https_get"]
 
 # Every test cloud builds role-host wheelhouses here (once per code version, kept across runs).
 TEST_WHEELHOUSE = Path("/tmp/sitecloud-test-wheelhouse")
-
-
-class SiteConnection(http.client.HTTPSConnection):
-    """HTTPS to 127.0.0.1 with a site's name as SNI (and certificate name).
-
-    Python's resolver does not map ``*.localhost`` to loopback the way curl and browsers do.
-    """
-
-    def __init__(self, port: int, server_name: str, ca_file: Path) -> None:
-        self._site_context = ssl.create_default_context(cafile=str(ca_file))
-        super().__init__("127.0.0.1", port, context=self._site_context, timeout=10)
-        self._server_name = server_name
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self.host, self.port), self.timeout)
-        self.sock = self._site_context.wrap_socket(sock, server_hostname=self._server_name)
-
-
-def https_get(
-    port: int, host_header: str, path: str = "/", *, ca_file: Path, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    conn = SiteConnection(port, host_header, ca_file)
-    try:
-        conn.request("GET", path, headers={"Host": host_header, **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 class LocalCloud:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bench.harness.clients import fetch_from_worker as fetch
 from roles.fileserver.config import FileserverConfig
 from roles.worker.config import WorkerConfig
 from tests.support import CloudPKI, RoleProcess, call, wait_until
@@ -83,27 +84,6 @@ class Cloud:
 
     def get(self, site: str, path: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
         return fetch(self.pki, self.worker_config, site, path, **kwargs)
-
-
-def fetch(
-    pki: CloudPKI,
-    config: WorkerConfig,
-    site: str,
-    path: str,
-    *,
-    method: str = "GET",
-    headers: dict[str, str] | None = None,
-    role: str = "frontend",
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPSConnection(
-        "localhost", config.data_port, context=pki.client_ssl(role), timeout=10
-    )
-    try:
-        conn.request(method, path, headers={"X-Sitecloud-Site": site, **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def start_pair(pki: CloudPKI, root: Path) -> Cloud:

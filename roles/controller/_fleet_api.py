@@ -18,16 +18,13 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from roles.controller._fleet import Fleet, Progress
 from shared.errors import InvalidInput, SitecloudError
 from shared.internal import require_role
-
-if TYPE_CHECKING:
-    from roles.controller.controller import Controller
 
 __all__ = ["fleet_routes"]
 
@@ -36,6 +33,8 @@ _CALLERS = ("management", "controller")
 _ACTIONS = ("start", "stop", "restart", "repair", "remove")
 
 Operation = Callable[[Progress], Awaitable[dict[str, Any]]]
+# Called after a host is made: the controller may now have to listen where that host reaches it.
+HostAdded = Callable[[], Awaitable[None]]
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -55,7 +54,7 @@ def _opt_str(body: dict[str, Any], key: str) -> str | None:
     return value or None
 
 
-def fleet_routes(fleet: Fleet, controller: Controller) -> list[web.RouteDef]:
+def fleet_routes(fleet: Fleet, host_added: HostAdded) -> list[web.RouteDef]:
     running: set[asyncio.Task[None]] = set()
 
     async def stream(request: web.Request, operation: Operation) -> web.StreamResponse:
@@ -95,7 +94,7 @@ def fleet_routes(fleet: Fleet, controller: Controller) -> list[web.RouteDef]:
         if not isinstance(name, str):
             raise InvalidInput("'name' is required")
         host = await fleet.create_host(name)
-        await controller.listen_on_gateway()
+        await host_added()
         return web.json_response(host, status=201)
 
     async def delete_host(request: web.Request) -> web.Response:

@@ -29,7 +29,7 @@ from roles.controller.config import CloudConfig
 from roles.controller.desired import DesiredState, RoleEndpoint, place_sites, read_desired, snapshots_for
 from roles.controller.fabric.base import RoleSpec
 from roles.controller.fabric.local import LOCAL_HOST, LocalFabric
-from roles.controller.fabric.netns import BRIDGE
+from roles.controller.fabric.netns import BRIDGE, SUBNET
 from roles.controller.home import CloudHome
 from shared.acme import AcmeChallenge
 from shared.db import Database, Host, Role, bump_generation
@@ -181,8 +181,6 @@ class Controller:
 
     @staticmethod
     def _gateway() -> str:
-        from roles.controller.fabric.netns import SUBNET
-
         return str(SUBNET.network_address + 1)
 
     def _netns_in_use(self) -> bool:
@@ -264,7 +262,7 @@ class Controller:
         app.router.add_get("/v1/health", self._api_health)
         app.router.add_get("/metrics", metrics_handler(self.metrics))
         assert self.fleet is not None
-        app.add_routes(fleet_routes(self.fleet, self))
+        app.add_routes(fleet_routes(self.fleet, self.listen_on_gateway))
         loop = asyncio.get_running_loop()
 
         def recorded(_: set[str]) -> None:

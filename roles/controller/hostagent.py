@@ -38,13 +38,14 @@ from types import FrameType
 from typing import Any
 
 from roles.controller._pids import STABLE_AFTER, cmdline, pid_alive
+from shared.backoff import Backoff
 from shared.files import atomic_write_json
 from shared.listeners import ENV_HANDBACK, HeldListeners, child_env, inherited, listener_specs, serve_handback
 
 __all__ = ["main"]
 
 _STOP_TIMEOUT = 10.0
-_MAX_BACKOFF = 30.0
+_RESTART = Backoff(first=0.5, cap=30.0)
 _KIND = re.compile(r"^[a-z]{1,32}$")
 
 
@@ -175,7 +176,7 @@ class _Agent:
         self.adopt()
         # The same dict the agent updates: a successor always gets what is held now.
         serve_handback(self.listeners.socks, force=True)
-        backoff = 0.5
+        failures = 0  # restarts since the role last ran long enough to count as stable
         try:
             while not self.stopping.is_set():
                 started = time.monotonic()
@@ -187,7 +188,8 @@ class _Agent:
                     break
                 ran = time.monotonic() - started
                 if ran >= STABLE_AFTER:
-                    backoff = 0.5
+                    failures = 0
+                backoff = _RESTART.delay(failures)
                 self.restarts += 1
                 how = f"exited with code {code}" if code is not None else "exited"
                 reason = f"{how} after {ran:.1f}s; restarting in {backoff:.1f}s"
@@ -195,7 +197,7 @@ class _Agent:
                 self.log(reason)
                 if self.stopping.wait(backoff):
                     break
-                backoff = min(backoff * 2, _MAX_BACKOFF)
+                failures += 1
         finally:
             self.files.role_pid.unlink(missing_ok=True)
             self.files.agent_pid.unlink(missing_ok=True)

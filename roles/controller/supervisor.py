@@ -21,13 +21,14 @@ from pathlib import Path
 
 from roles.controller._pids import STABLE_AFTER, cmdline, pid_alive
 from roles.controller.fabric.base import RoleSpec
+from shared.backoff import Backoff
 from shared.listeners import ENV_HANDBACK, HeldListeners, listener_specs
 from shared.logs import get_logger
 
 __all__ = ["RoleProcessSupervisor"]
 
 _STOP_TIMEOUT = 10.0
-_MAX_BACKOFF = 30.0
+_RESTART = Backoff(first=0.5, cap=30.0)
 
 
 class RoleProcessSupervisor:
@@ -138,7 +139,7 @@ class RoleProcessSupervisor:
         self._task = asyncio.create_task(self._watch(), name=f"supervise-{self.spec.kind}")
 
     async def _watch(self) -> None:
-        backoff = 0.5
+        failures = 0  # restarts since the process last ran long enough to count as stable
         while not self._stopping:
             started = time.monotonic()
             code = await self._wait_exit()
@@ -146,7 +147,8 @@ class RoleProcessSupervisor:
                 break
             ran = time.monotonic() - started
             if ran >= STABLE_AFTER:
-                backoff = 0.5
+                failures = 0
+            backoff = _RESTART.delay(failures)
             self.restarts += 1
             how = f"exited with code {code}" if code is not None else "exited"
             self.state, self.reason = "failed", f"{how}; restarting in {backoff:.1f}s (see {self.log_file})"
@@ -154,7 +156,7 @@ class RoleProcessSupervisor:
                 "%s %s after %.1fs; restart %d in %.1fs", self.spec.kind, how, ran, self.restarts, backoff
             )
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _MAX_BACKOFF)
+            failures += 1
             if self._stopping:
                 break
             try:

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any
-
-import uvloop
 
 from roles.controller.config import CloudConfig
 from roles.controller.controller import Controller
 from shared.errors import SitecloudError
 from shared.logs import setup_logging
+from shared.process import run_until_stopped
 
 __all__ = ["run_up"]
 
@@ -165,16 +162,9 @@ def run_up(argv: list[str]) -> int:
 
     controller = Controller(config, progress=progress)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await controller.run(stop)
-
     progress(f"home {config.home}")
     try:
-        uvloop.run(main())
+        run_until_stopped(controller.run)
     except SitecloudError as err:
         print(f"error: {err.message}", file=sys.stderr)
         if err.hint:

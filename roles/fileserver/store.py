@@ -253,8 +253,10 @@ class ContentStore:
 
     async def close(self) -> None:
         for task in list(self._tasks):
-            with contextlib.suppress(Exception):
+            try:
                 await task
+            except Exception:  # its failure is no reason to skip the checkpoint below
+                self._log.exception("background work failed while the store closed")
         # A clean stop leaves every journal folded in: the next start replays nothing.
         await self.checkpoint_all()
         await self.feed.close()

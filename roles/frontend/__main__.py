@@ -1,8 +1,8 @@
-from roles.frontend._server import serve
+"""``python -m roles.frontend --config <home>/role.json [--processes N]``"""
+
+from roles.frontend._server import FRONTEND
 from roles.frontend.config import FrontendConfig
-from shared.prefork import strip_processes_flag
-from shared.process import role_main
+from shared.process import preforked_role_main
 
 if __name__ == "__main__":
-    strip_processes_flag()
-    role_main(FrontendConfig, serve)
+    preforked_role_main(FrontendConfig, FRONTEND)

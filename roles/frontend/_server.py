@@ -25,16 +25,10 @@ from shared.files import atomic_write_json, read_json
 from shared.listeners import listener
 from shared.logs import ContextLogger, get_logger
 from shared.metrics import CountsWriter, HttpCollector, HttpCounts, add_sites, clear_counts, read_counts
-from shared.prefork import (
-    ServingProcesses,
-    reload_on_sighup,
-    serving_index,
-    take_processes_flag,
-    watch_parent,
-)
+from shared.prefork import PreforkedRole, ServingProcesses, reload_on_sighup
 from shared.tls import public_server_context
 
-__all__ = ["serve"]
+__all__ = ["FRONTEND"]
 
 _BACKLOG = 1024
 _MAX_CONTEXTS = 10_000
@@ -168,15 +162,7 @@ async def _drain(proxy: Proxy, servers: list[asyncio.Server], usage: UsageReport
         await server.wait_closed()
 
 
-async def serve(config: FrontendConfig, stop: asyncio.Event) -> None:
-    index = serving_index()
-    if index is not None:
-        await _serve_child(config, stop, index)
-        return
-    processes = take_processes_flag(config.processes)
-    if processes > 1:
-        await _serve_main(config, stop, processes)
-        return
+async def _serve_single(config: FrontendConfig, stop: asyncio.Event) -> None:
     log = get_logger(config.role, host=config.host)
     proxy = Proxy(config, log)
     https = {"on": False}
@@ -217,10 +203,10 @@ def _handover_file(config: FrontendConfig) -> Any:
     return config.state_dir / "serving.json"
 
 
-async def _serve_main(config: FrontendConfig, stop: asyncio.Event, processes: int) -> None:
+async def _serve_main(config: FrontendConfig, stop: asyncio.Event, children: ServingProcesses) -> None:
     """The control plane only: check each snapshot, hand it to the serving processes."""
     log = get_logger(config.role, host=config.host)
-    children = ServingProcesses(config, processes, log, stop_timeout=config.drain_timeout + 2)
+    processes = children.count
     figures: dict[str, Any] = {"sites": 0, "hostnames": 0}
 
     async def apply(snapshot: Snapshot) -> None:
@@ -297,11 +283,12 @@ async def _serve_child(config: FrontendConfig, stop: asyncio.Event, index: int) 
     )
     counts.start()
     _settle_heap()
-    orphan_guard = watch_parent(stop)
     try:
         await stop.wait()
     finally:
-        orphan_guard.cancel()
         stop_reloading()
         await _drain(proxy, servers, usage)
         await counts.stop()
+
+
+FRONTEND = PreforkedRole(single=_serve_single, main=_serve_main, serving=_serve_child)

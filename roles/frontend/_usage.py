@@ -116,6 +116,8 @@ class UsageReporter:
                 await self._task
             self._task = None
         if self._client is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(self.send(), 3)
+            except Exception as exc:  # the stop goes on; what it drops is said, not lost without a word
+                self._log.warning("last usage report not sent (%r); dropped: %s", exc, self.pending())
             await self._client.close()

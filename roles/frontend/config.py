@@ -3,13 +3,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import RoleConfig
+from shared.config import ServingConfig
 
 __all__ = ["FrontendConfig"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class FrontendConfig(RoleConfig):
+class FrontendConfig(ServingConfig):
     role: str = "frontend"
     http_port: int = 8080
     https_port: int = 8443
@@ -33,8 +33,7 @@ class FrontendConfig(RoleConfig):
     # processes); more spread a lane's load over a worker's serving processes.
     lanes_per_worker: int = 1
     drain_timeout: float = 8.0
-    # Serving processes (sharing the listeners); above 1 the main process keeps only the control plane.
-    processes: int = 1
+    # processes (from ServingConfig): above 1 the main process keeps only the control plane.
     # The HTTPS port visitors see (behind an L4 balancer it may differ); 0: https_port. (Not named
     # *_port: it is no port of ours to listen on.)
     public_https: int = 0

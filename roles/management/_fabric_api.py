@@ -22,7 +22,7 @@ from roles.management import _models as m
 from roles.management._fabric import ACTIONS, KINDS
 from roles.management._openapi import HOST, Operation, Param
 from roles.management._paging import paged
-from roles.management.api import body_of, page_of, principal, service_of
+from roles.management._request import body_of, page_of, principal, service_of
 
 __all__ = ["fabric_operations"]
 

@@ -2,8 +2,8 @@
 
 Handlers only translate HTTP to :class:`ManagementService` calls; rights are enforced there. The
 route table at the end (:func:`operations`) is served and documented at once: each route's query
-and body are validated with its models before the handler runs, and ``/openapi.json`` is generated
-from the same table (:mod:`roles.management._openapi`).
+and body are validated with its models before the handler runs (:mod:`roles.management._request`),
+and ``/openapi.json`` is generated from the same table (:mod:`roles.management._openapi`).
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import AsyncIterator
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel
 
 from roles.management import _models as m
-from roles.management._input import check_authorization, parse_json_object
+from roles.management._fabric_api import fabric_operations
 from roles.management._metering import parse_range, usage_csv
 from roles.management._openapi import (
     HOSTNAME,
@@ -32,76 +31,26 @@ from roles.management._openapi import (
     Operation,
     openapi_document,
 )
-from roles.management._paging import Page, paged
+from roles.management._paging import paged
+from roles.management._request import (
+    CHUNK,
+    body_of,
+    checked,
+    client_address,
+    page_of,
+    principal,
+    query_of,
+    service_of,
+)
 from roles.management._store import require_admin
-from roles.management.service import ManagementService, Principal
-from shared.errors import InvalidInput
+from roles.management.service import Principal
 from shared.version import CODE_VERSION
 
-__all__ = [
-    "RESET_PATH",
-    "SERVICE",
-    "api_routes",
-    "body_of",
-    "client_address",
-    "operations",
-    "page_of",
-    "principal",
-    "query_of",
-    "reset_url",
-    "service_of",
-    "zip_download",
-]
+__all__ = ["RESET_PATH", "api_routes", "operations", "reset_url", "zip_download"]
 
-SERVICE = web.AppKey("service", ManagementService)
-_WHO = web.RequestKey("who", Principal)
-_QUERY = web.RequestKey("query", BaseModel)
-_BODY = web.RequestKey("body", BaseModel)
-M = TypeVar("M", bound=BaseModel)
-
-_CHUNK = 256 * 1024
 # The portal page a password reset link opens (its token follows).
 RESET_PATH = "/reset-password"
 _NO_STORE = {"Cache-Control": "no-store"}
-
-
-def service_of(request: web.Request) -> ManagementService:
-    return request.app[SERVICE]
-
-
-async def principal(request: web.Request) -> Principal:
-    """The caller (authenticated once per request, before its body is looked at)."""
-    if _WHO in request:
-        return request[_WHO]
-    header = request.headers.get("Authorization")
-    check_authorization(header)
-    who = request[_WHO] = await service_of(request).authenticate(header)
-    return who
-
-
-def client_address(request: web.Request) -> str:
-    return request.remote or "unknown"
-
-
-def body_of(request: web.Request, model: type[M]) -> M:
-    """The request body, validated with its route's model."""
-    body = request[_BODY]
-    if not isinstance(body, model):
-        raise TypeError(f"{request.path}: the route's body model is not {model.__name__}")
-    return body
-
-
-def query_of(request: web.Request, model: type[M]) -> M:
-    """The query parameters, validated with its route's model."""
-    query = request[_QUERY]
-    if not isinstance(query, model):
-        raise TypeError(f"{request.path}: the route's query model is not {model.__name__}")
-    return query
-
-
-def page_of(request: web.Request, model: type[m.ListQuery]) -> tuple[Any, Page]:
-    query = query_of(request, model)
-    return query, Page(limit=query.limit, cursor=query.cursor)
 
 
 def _int_param(request: web.Request, key: str) -> int:
@@ -464,7 +413,7 @@ async def deploy_site(request: web.Request) -> web.Response:
     who = await principal(request)
 
     async def chunks() -> AsyncIterator[bytes]:
-        async for chunk in request.content.iter_chunked(_CHUNK):
+        async for chunk in request.content.iter_chunked(CHUNK):
             yield chunk
 
     answer = await service_of(request).deploy(who, request.match_info["name"], chunks())
@@ -558,40 +507,6 @@ async def set_sticky(request: web.Request) -> web.Response:
 # -- the route table
 
 
-class _NoQuery(m.Query):
-    """A call that takes no query parameters."""
-
-
-async def _read_up_to(request: web.Request, limit: int) -> bytes:
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(_CHUNK):
-        body += chunk
-        if len(body) > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
-    return bytes(body)
-
-
-def _checked(op: Operation) -> Any:
-    """``op``'s handler behind its checks: the caller first (401 before anything about the request),
-    then the query parameters and the JSON body against the route's models (400 saying what is wrong
-    and what is allowed)."""
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        if not op.public:
-            await principal(request)
-        twice = sorted(k for k in set(request.query) if len(request.query.getall(k)) > 1)
-        if twice:
-            raise InvalidInput(f"query parameter(s) given more than once: {', '.join(twice)}")
-        request[_QUERY] = m.validated(op.query or _NoQuery, dict(request.query))
-        if op.body is not None:
-            raw = await (request.read() if op.body_limit is None else _read_up_to(request, op.body_limit))
-            data = parse_json_object(raw) if raw or op.body_required else {}
-            request[_BODY] = m.validated(op.body, data)
-        return await op.handler(request)
-
-    return handle
-
-
 _ID = r"{id:\d{1,9}}"
 _VERSION = r"{version:\d{1,9}}"
 _P = "/api/v1"
@@ -601,7 +516,6 @@ _RESTORE_MAX = 256 * 1024 * 1024
 
 def operations() -> list[Operation]:
     """Every route of the API with its models, in the order the document lists them."""
-    from roles.management._fabric_api import fabric_operations  # lazily: it imports this module
 
     def op(
         method: str, path: str, handler: Any, operation_id: str, summary: str, tag: str, **kw: Any
@@ -1267,4 +1181,4 @@ def operations() -> list[Operation]:
 
 
 def api_routes() -> list[web.RouteDef]:
-    return [web.route(op.method, op.path, _checked(op)) for op in operations()]
+    return [web.route(op.method, op.path, checked(op)) for op in operations()]

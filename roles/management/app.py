@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from roles.management._input import checked_text
-from roles.management.api import SERVICE, api_routes
+from roles.management._request import SERVICE
+from roles.management.api import api_routes
 from roles.management.portal import current_page, portal_routes, render, security_headers
 from roles.management.service import ManagementService
 from shared.errors import SitecloudError

@@ -1,12 +1,10 @@
-"""``python -m roles.worker --config <home>/role.json``"""
+"""``python -m roles.worker --config <home>/role.json [--processes N]``"""
 
 from __future__ import annotations
 
 from roles.worker.config import WorkerConfig
-from roles.worker.service import serve
-from shared.prefork import strip_processes_flag
-from shared.process import role_main
+from roles.worker.service import WORKER
+from shared.process import preforked_role_main
 
 if __name__ == "__main__":
-    strip_processes_flag()
-    role_main(WorkerConfig, serve)
+    preforked_role_main(WorkerConfig, WORKER)

@@ -100,6 +100,9 @@ class WorkerUsageReporter:
                 await self._task
             self._task = None
         if self._client is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(self.send(), 3)
+            except Exception as exc:  # the stop goes on; what it drops is said, not lost without a word
+                dropped = sorted(self._unsent[0]["sites"]) if self._unsent is not None else []
+                self._log.warning("last usage report not sent (%r); dropped the usage of %s", exc, dropped)
             await self._client.close()

@@ -3,13 +3,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import RoleConfig
+from shared.config import ServingConfig
 
 __all__ = ["WorkerConfig"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class WorkerConfig(RoleConfig):
+class WorkerConfig(ServingConfig):
     role: str = "worker"
     # Where front ends connect (mTLS, frontend certificates only).
     data_port: int = 0
@@ -19,15 +19,12 @@ class WorkerConfig(RoleConfig):
     request_timeout: float = 15.0
     # A peer that reads nothing of a response for this long is dropped.
     send_timeout: float = 60.0
-    # On SIGTERM, in-flight responses get this long to finish.
-    drain_timeout: float = 10.0
     # The version a site just left stays on disk this long, for requests still reading it.
     version_grace: float = 15.0
     # In-memory cache of small hot files (per process), dropped per site on a version flip.
     hot_cache_bytes: int = 32 * 1024 * 1024
-    # Serving processes sharing the data port's listener; above 1 the main process keeps the control
-    # plane and the content sync, and hands versions over to them.
-    processes: int = 1
+    # processes (from ServingConfig): above 1 the main process keeps the control plane and the content
+    # sync, and hands versions over to the serving processes.
     # Seconds between usage reports (apps' CPU and memory-seconds per site) to the controller.
     usage_interval: float = 30.0
     # Opt-in, for measuring and for a front end on the same machine only: also answer plain HTTP on

@@ -21,6 +21,7 @@ import aiohttp
 
 from roles.worker._cache import ContentCache, ManifestFile, SiteVersion, check_changes, check_manifest
 from roles.worker.config import WorkerConfig
+from shared.backoff import Backoff
 from shared.control import Snapshot
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable, error_from_json
 from shared.files import syncfs
@@ -33,7 +34,8 @@ __all__ = ["ContentSync"]
 T = TypeVar("T")
 
 LONG_POLL = 25
-MAX_BACKOFF = 10.0
+# Waits between tries of a failing sync or change feed.
+_RETRY = Backoff(first=0.2, cap=10.0)
 PARALLEL_SITES = 8
 PARALLEL_BLOBS = 4
 # Up to this many changed paths (made file by file) are applied in place; more build a new version.
@@ -43,10 +45,6 @@ _COLLECT_DELAY = 30.0
 _BATCH_BLOB = 256 * 1024
 _BATCH_BYTES = 4 * 1024 * 1024
 _BATCH_COUNT = 1000
-
-
-def _backoff(failures: int) -> float:
-    return float(min(MAX_BACKOFF, 0.2 * 2 ** min(failures, 10)))
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -287,7 +285,7 @@ class ContentSync:
                 self._reachable = False
                 # Re-read every version after an outage: the feed may have restarted or moved on.
                 seq = None
-                await asyncio.sleep(_backoff(failures))
+                await asyncio.sleep(_RETRY.delay(failures))
 
     def _back_up(self, fileserver: str, failures: int) -> int:
         if failures:
@@ -318,11 +316,11 @@ class ContentSync:
                     except (SitecloudError, OSError) as exc:
                         failures += 1
                         log.warning("sync to version %s failed (attempt %s): %s", target, failures, exc)
-                        await asyncio.sleep(_backoff(failures))
+                        await asyncio.sleep(_RETRY.delay(failures))
                     except Exception:
                         failures += 1
                         log.exception("sync to version %s failed (attempt %s)", target, failures)
-                        await asyncio.sleep(_backoff(failures))
+                        await asyncio.sleep(_RETRY.delay(failures))
                     continue
                 deadline = self._prune_at.get(site)
                 if deadline is not None and deadline <= time.monotonic():

@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -42,15 +42,9 @@ from shared.metrics import (
     clear_counts,
     read_counts,
 )
-from shared.prefork import (
-    ServingProcesses,
-    reload_on_sighup,
-    serving_index,
-    take_processes_flag,
-    watch_parent,
-)
+from shared.prefork import PreforkedRole, ServingProcesses, reload_on_sighup
 
-__all__ = ["serve"]
+__all__ = ["WORKER"]
 
 # Seconds: a warm sandbox starts in tens of milliseconds, a first requirements install in tens of seconds.
 COLD_START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -60,57 +54,116 @@ def _handover_file(config: WorkerConfig) -> Path:
     return config.state_dir / "serving.json"
 
 
-async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
-    index = serving_index()
-    if index is not None:
-        await _serve_child(config, stop, index)
-        return
-    processes = take_processes_flag(config.processes)
-    log = get_logger("worker", host=config.host)
-    hot = HotCache(config.hot_cache_bytes)
-    children = (
-        ServingProcesses(config, processes, log, stop_timeout=config.drain_timeout + 2)
-        if processes > 1
-        else None
-    )
-    loop = asyncio.get_running_loop()
-    handover: list[asyncio.TimerHandle | None] = [None]
+class _DataSide(Protocol):
+    """Who answers on the data port: this process (:class:`_InProcess`) or the serving processes
+    (:class:`_Forked`). The rest of the worker (content sync, apps, control plane) is the same for both."""
 
-    def hand_over() -> None:
-        handover[0] = None
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(_handover_file(config), sync.serving_state(), mode=0o600)
-        if children is not None:
-            children.reload()
+    def changed(self, site: str | None) -> None:
+        """A site's serving version flipped (or, with None, a snapshot was applied)."""
+
+    def figures(self) -> dict[str, Any]: ...
+
+    def counts(self) -> HttpCounts: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class _InProcess:
+    """``processes: 1``: this process answers the data port itself."""
+
+    def __init__(self, config: WorkerConfig, sync: ContentSync, apps: AppManager) -> None:
+        self._hot = HotCache(config.hot_cache_bytes)
+        self._server = DataServer(
+            config,
+            sync.lookup,
+            self._hot,
+            divert=AppProxy(config, apps),
+            failure=sync.failure,
+            pending=sync.pending,
+            site_log=apps.access_log,
+        )
+
+    def changed(self, site: str | None) -> None:
+        if site is not None:
+            self._hot.purge(site)
+
+    def figures(self) -> dict[str, Any]:
+        return {"connections": self._server.connections, "hot_cache_bytes": self._hot.size}
+
+    def counts(self) -> HttpCounts:
+        return self._server.counts
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self) -> None:
+        await self._server.stop()
+
+
+class _Forked:
+    """``processes: N > 1``: serving processes answer the data port from the versions handed over to
+    them, and reach the apps (which stay here) through the app channel."""
+
+    def __init__(
+        self, config: WorkerConfig, sync: ContentSync, apps: AppManager, children: ServingProcesses
+    ) -> None:
+        self._config = config
+        self._sync = sync
+        self._children = children
+        self._channel = AppChannel(apps)
+        self._handover: asyncio.TimerHandle | None = None
+
+    def _hand_over(self) -> None:
+        self._handover = None
+        self._config.state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(_handover_file(self._config), self._sync.serving_state(), mode=0o600)
+        self._children.reload()
+
+    def changed(self, site: str | None) -> None:
+        if self._handover is None:  # one write for a burst of flips
+            self._handover = asyncio.get_running_loop().call_later(0.005, self._hand_over)
+
+    def figures(self) -> dict[str, Any]:
+        return {"serving_pids": self._children.pids}
+
+    def counts(self) -> HttpCounts:
+        # The serving processes' counts, summed when scraped.
+        return read_counts(self._config.state_dir, self._children.pids)
+
+    async def start(self) -> None:
+        await self._channel.start()
+        self._hand_over()
+        clear_counts(self._config.state_dir)
+        self._children.start()
+
+    async def stop(self) -> None:
+        await self._children.stop()
+        await self._channel.stop()
+
+
+async def _serve(
+    config: WorkerConfig,
+    stop: asyncio.Event,
+    processes: int,
+    data_side: Callable[[ContentSync, AppManager], _DataSide],
+) -> None:
+    """The worker's main process, whoever answers its data port."""
+    log = get_logger("worker", host=config.host)
 
     def changed(site: str | None = None) -> None:
         if site is not None:
-            hot.purge(site)
             apps.refresh(site)
-        if children is not None and handover[0] is None:
-            handover[0] = loop.call_later(0.005, hand_over)  # one write for a burst of flips
+        data.changed(site)
 
     # What apps must reach (content, their homes) lives where their own uids can pass through.
     root = apps_root(config)
     prepare_apps_root(config, root, log)
     sync = ContentSync(config, ContentCache(root), on_flip=changed)
-    # Dynamic sites' app processes, managed here; serving processes reach them through the channel.
+    # Dynamic sites' app processes, managed here (serving processes reach them through the channel).
     apps = AppManager(config, sync.lookup, root)
-    divert = AppProxy(config, apps) if children is None else None
-    channel = AppChannel(apps) if children is not None else None
-    server = (
-        DataServer(
-            config,
-            sync.lookup,
-            hot,
-            divert=divert,
-            failure=sync.failure,
-            pending=sync.pending,
-            site_log=apps.access_log,
-        )
-        if children is None
-        else None
-    )
+    data = data_side(sync, apps)
 
     async def apply(snapshot: Snapshot) -> None:
         # Every site entry is checked before any of it applies; one that cannot be used fails alone.
@@ -126,27 +179,18 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         changed()
 
     def health() -> dict[str, Any]:
-        figures = {
+        return {
             **sync.figures(),
             "processes": processes,
             **apps.figures(),
             **_degraded(sync.failed, apps.isolation_gaps()),
+            **data.figures(),
         }
-        if server is not None:
-            figures.update(connections=server.connections, hot_cache_bytes=hot.size)
-        if children is not None:
-            figures["serving_pids"] = children.pids
-        return figures
 
     plane = ControlPlane(config, apply, health=health, routes=app_routes(apps))
-
-    def counts() -> HttpCounts:
-        # With serving processes, theirs (summed when scraped); otherwise this process's own.
-        if server is not None:
-            return server.counts
-        return read_counts(config.state_dir, children.pids if children is not None else [])
-
-    plane.metrics.register(HttpCollector("worker", counts, top_n=config.metrics_top_sites, bytes_in=False))
+    plane.metrics.register(
+        HttpCollector("worker", data.counts, top_n=config.metrics_top_sites, bytes_in=False)
+    )
     plane.metrics.register(FiguresCollector(lambda: _worker_metrics(plane, sync, apps)))
     cold_starts = Histogram(
         "sitecloud_worker_app_cold_start_seconds",
@@ -156,16 +200,9 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     )
     apps.observe_cold_start = cold_starts.observe
     await apps.start()
-    if channel is not None:
-        await channel.start()
     # Last-known-good first: a restarted worker serves what it has on disk before anyone answers.
     await plane.load_last_known_good()
-    if server is not None:
-        await server.start()
-    if children is not None:
-        hand_over()
-        clear_counts(config.state_dir)
-        children.start()
+    await data.start()
     await plane.start()
     metering = WorkerUsageReporter(config, apps.metered, log)
     metering.start()
@@ -178,16 +215,19 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         await stop.wait()
     finally:
         log.info("stopping: draining connections")
-        if server is not None:
-            await server.stop()
-        if children is not None:
-            await children.stop()
-        if channel is not None:
-            await channel.stop()
+        await data.stop()
         await metering.stop()
         await apps.stop()
         await sync.stop()
         await plane.stop()
+
+
+async def _serve_single(config: WorkerConfig, stop: asyncio.Event) -> None:
+    await _serve(config, stop, 1, lambda sync, apps: _InProcess(config, sync, apps))
+
+
+async def _serve_main(config: WorkerConfig, stop: asyncio.Event, children: ServingProcesses) -> None:
+    await _serve(config, stop, children.count, lambda sync, apps: _Forked(config, sync, apps, children))
 
 
 def _worker_metrics(plane: ControlPlane, sync: ContentSync, apps: AppManager) -> Iterator[Metric]:
@@ -312,13 +352,14 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
     counts.start()
     gc.collect()
     gc.freeze()
-    orphan_guard = watch_parent(stop)
     try:
         await stop.wait()
     finally:
-        orphan_guard.cancel()
         stop_reloading()
         await server.stop()
         await remote.close()
         await counts.stop()
         log.info("serving process stopped")
+
+
+WORKER = PreforkedRole(single=_serve_single, main=_serve_main, serving=_serve_child)

@@ -7,7 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from roles.management.api import RESET_PATH, client_address, service_of
+from roles.management._request import client_address, service_of
+from roles.management.api import RESET_PATH
 from roles.management.portal._web import (
     PRE_CSRF_COOKIE,
     SESSION_COOKIE,

@@ -10,8 +10,9 @@ from typing import Any
 from aiohttp import web
 
 from roles.management._fabric import outcome
+from roles.management._request import service_of
 from roles.management._store import WORKER_SIZES
-from roles.management.api import reset_url, service_of
+from roles.management.api import reset_url
 from roles.management.portal._charts import bar_chart
 from roles.management.portal._web import (
     Page,

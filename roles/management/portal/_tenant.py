@@ -13,7 +13,8 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from roles.management.api import service_of, zip_download
+from roles.management._request import service_of
+from roles.management.api import zip_download
 from roles.management.portal._charts import bar_chart
 from roles.management.portal._web import (
     Page,

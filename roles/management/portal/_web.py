@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from roles.management._input import check_text
-from roles.management.api import service_of
+from roles.management._request import service_of
 from roles.management.portal._flash import FLASH_COOKIE, open_flash, seal_flash
 from roles.management.service import Principal
 from shared.errors import BadRequest, ConfirmationRequired, Forbidden, SitecloudError

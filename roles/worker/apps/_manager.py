@@ -58,6 +58,7 @@ from roles.worker.apps._spec import (
 )
 from roles.worker.apps._volume import BlankImages, HomeVolume, unmount_stale
 from roles.worker.config import WorkerConfig
+from shared.backoff import Backoff
 from shared.control import Snapshot
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
 from shared.logs import ContextLogger, get_logger
@@ -68,7 +69,8 @@ Lookup = Callable[[str], tuple[bool, SiteVersion | None]]
 SWEEP_INTERVAL = 0.25
 # Starts of one wake-up when the content keeps changing under it; the last one serves what it got.
 _START_ROUNDS = 3
-MAX_BACKOFF = 30.0
+# Waits before an app that failed to start or crashed is started again.
+_RETRY = Backoff(first=0.25, cap=30.0)
 # Where a sandboxed ``command`` app listens: its network namespace is its own, any port will do.
 SANDBOX_PORT = 8000
 _NO_SPEC = AppSpec()
@@ -76,10 +78,6 @@ _NO_SPEC = AppSpec()
 _PACKAGED: tuple[Runtime, ...] = ("python", "node")
 # Runtimes that listen on $PORT themselves (behind the bridge in a sandbox).
 _PORT_RUNTIMES: tuple[Runtime, ...] = ("command", "node")
-
-
-def _backoff(failures: int) -> float:
-    return min(MAX_BACKOFF, 0.25 * 2.0 ** min(failures, 8))
 
 
 class AppSite:
@@ -669,7 +667,7 @@ class AppManager:
             return inst
         except (SitecloudError, OSError) as exc:
             app.failures += 1
-            app.retry_at = time.monotonic() + _backoff(app.failures)
+            app.retry_at = time.monotonic() + _RETRY.delay(app.failures)
             log.write("worker", f"could not start the app: {exc}")
             if isinstance(exc, Unavailable):
                 raise
@@ -768,7 +766,7 @@ class AppManager:
             log.write("worker", f"exited with {_status(code)}")
         app.crashes += 1
         app.failures += 1
-        wait = _backoff(app.failures) if not inst.served or app.failures > 1 else 0.0
+        wait = _RETRY.delay(app.failures) if not inst.served or app.failures > 1 else 0.0
         app.retry_at = time.monotonic() + wait
         log.write("worker", f"it starts again on the next request{f' after {wait:.1f} s' if wait else ''}")
 
