@@ -138,14 +138,16 @@ def _idle_command_app(cloud: UpCloud, name: str) -> bool:
     )
 
 
-def run(root: Path, samples: int, idle_sites: int, *, direct: bool) -> Figures:
+def run(
+    root: Path, samples: int, idle_sites: int, *, direct: bool, only: tuple[str, ...] = RUNTIMES
+) -> Figures:
     cloud = UpCloud(root / "home")
     figures = Figures(idle=idle_sites, samples=samples)
     cloud.start()
     try:
         missing = {"php": "php-cgi", "node": "node"}
-        runtimes = [r for r in RUNTIMES if shutil.which(missing.get(r, "sh"))]
-        for runtime in set(RUNTIMES) - set(runtimes):
+        runtimes = [r for r in only if shutil.which(missing.get(r, "sh"))]
+        for runtime in set(only) - set(runtimes):
             print(f"{runtime}: skipped (no {missing[runtime]})")
         total = idle_sites + len(runtimes) * (samples + 1)
         cloud.cli("plan", "create", "bench", "--max-sites", str(total), "--storage-mb", "1024")
@@ -199,6 +201,12 @@ def main() -> None:
         help="front end: visitors' way, over HTTPS (default); worker: straight to the worker's data port",
     )
     parser.add_argument("--samples", type=int, default=40, help="cold starts per runtime")
+    parser.add_argument(
+        "--runtime",
+        action="append",
+        choices=RUNTIMES,
+        help="measure only this runtime (repeatable; default all); with it, --no-doc is advised",
+    )
     parser.add_argument("--idle-sites", type=int, default=1000, help="idle dynamic sites for the RSS figure")
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (role logs) afterwards")
@@ -208,7 +216,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="sc-coldstart-", dir="/var/tmp"))
     os.chmod(root, 0o711)
     try:
-        figures = run(root, args.samples, args.idle_sites, direct=args.via == "worker")
+        only = tuple(args.runtime) if args.runtime else RUNTIMES
+        figures = run(root, args.samples, args.idle_sites, direct=args.via == "worker", only=only)
     finally:
         if args.keep:
             print(f"kept {root}")
