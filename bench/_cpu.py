@@ -11,14 +11,16 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, user + system seconds) of ``pid``; None once it is gone."""
+    """(parent pid, user + system seconds of it and of its children it has reaped) of ``pid``; None
+    once it is gone. Reaped children count: a pool that replaces its workers (php-fpm's and php-cgi's
+    max requests) would otherwise lose their time from the tally."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after its last ")".
     fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+    return int(fields[1]), sum(int(f) for f in fields[11:15]) / _TICK
 
 
 def family(pid: int) -> list[int]:

@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
@@ -134,8 +135,18 @@ class UpCloud:
             method="POST",
             headers={"Authorization": f"Basic {auth}", "Content-Type": "application/zip"},
         )
-        with urllib.request.urlopen(req, context=self.tls, timeout=60) as resp:
-            resp.read()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(req, context=self.tls, timeout=60) as resp:
+                    resp.read()
+                return
+            except urllib.error.HTTPError as exc:
+                # A site made a moment ago: its credentials reach the publisher with the next
+                # snapshot (later on a busy host); until then they are refused.
+                if exc.code != 401 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
 
     def connect(self, site: str, timeout: float = 30.0) -> ssl.SSLSocket:
         """TLS to the front end with ``<site>.<domain>`` as SNI (Python does not resolve ``*.localhost``)."""

@@ -43,6 +43,11 @@ HELLO: dict[str, dict[str, bytes]] = {
         b"    await send({'type': 'http.response.body', 'body': b'hello'})\n"
     },
     "php": {"index.php": b"<?php echo 'hello';"},
+    "node": {
+        "package.json": b'{"name": "hello", "scripts": {"start": "node server.js"}}\n',
+        "server.js": b"require('http').createServer((req, res) => res.end('hello'))"
+        b".listen(process.env.PORT, '127.0.0.1');\n",
+    },
     "command (Procfile)": {
         "Procfile": b"web: python3 -S serve.py\n",
         "serve.py": b"import os, socket\n"
@@ -92,7 +97,7 @@ class Figures:
 # What users publish per runtime through `sitecloud up`; every site also gets READY, a static file
 # the worker serves itself (but for a Procfile site's), so the bench knows the site is live without
 # waking its app.
-RUNTIMES = ("python (WSGI)", "python (ASGI)", "php", "command (Procfile)")
+RUNTIMES = ("python (WSGI)", "python (ASGI)", "php", "node", "command (Procfile)")
 READY = "ready.txt"
 PUBLISHERS = 4
 
@@ -107,14 +112,14 @@ def _live_sites(cloud: UpCloud, subscription: int, names: list[str], files: dict
     with ThreadPoolExecutor(PUBLISHERS) as pool:
         list(pool.map(publish, names))
     for name in names:
-        if "Procfile" in files:
-            # A Procfile app answers every path itself (the worker serves none of its files), so
-            # the site is live once its worker knows it as an idle command app: asked, not woken.
+        if "Procfile" in files or "package.json" in files:
+            # A Procfile or Node app answers every path itself (the worker serves none of its
+            # files), so the site is live once its worker knows it as an idle app: asked, not woken.
             wait_until(
                 lambda name=name: _idle_command_app(cloud, name),
                 timeout=120,
                 interval=0.1,
-                what=f"{name}'s worker to hold it as an idle command app",
+                what=f"{name}'s worker to hold it as an idle app",
             )
             continue
         wait_until(
@@ -128,17 +133,22 @@ def _live_sites(cloud: UpCloud, subscription: int, names: list[str], files: dict
 def _idle_command_app(cloud: UpCloud, name: str) -> bool:
     site = cloud.api.request("GET", cloud.api.path("sites", name))
     apps = site.get("apps", []) if isinstance(site, dict) else []
-    return bool(apps) and all(a.get("runtime") == "command" and a.get("state") == "idle" for a in apps)
+    return bool(apps) and all(
+        a.get("runtime") in ("command", "node") and a.get("state") == "idle" for a in apps
+    )
 
 
-def run(root: Path, samples: int, idle_sites: int, *, direct: bool) -> Figures:
+def run(
+    root: Path, samples: int, idle_sites: int, *, direct: bool, only: tuple[str, ...] = RUNTIMES
+) -> Figures:
     cloud = UpCloud(root / "home")
     figures = Figures(idle=idle_sites, samples=samples)
     cloud.start()
     try:
-        runtimes = [r for r in RUNTIMES if r != "php" or shutil.which("php-cgi")]
-        if len(runtimes) < len(RUNTIMES):
-            print("php: skipped (no php-cgi)")
+        missing = {"php": "php-cgi", "node": "node"}
+        runtimes = [r for r in only if shutil.which(missing.get(r, "sh"))]
+        for runtime in set(only) - set(runtimes):
+            print(f"{runtime}: skipped (no {missing[runtime]})")
         total = idle_sites + len(runtimes) * (samples + 1)
         cloud.cli("plan", "create", "bench", "--max-sites", str(total), "--storage-mb", "1024")
         cloud.cli("tenant", "create", "bench")
@@ -191,6 +201,12 @@ def main() -> None:
         help="front end: visitors' way, over HTTPS (default); worker: straight to the worker's data port",
     )
     parser.add_argument("--samples", type=int, default=40, help="cold starts per runtime")
+    parser.add_argument(
+        "--runtime",
+        action="append",
+        choices=RUNTIMES,
+        help="measure only this runtime (repeatable; default all); with it, --no-doc is advised",
+    )
     parser.add_argument("--idle-sites", type=int, default=1000, help="idle dynamic sites for the RSS figure")
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (role logs) afterwards")
@@ -200,7 +216,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="sc-coldstart-", dir="/var/tmp"))
     os.chmod(root, 0o711)
     try:
-        figures = run(root, args.samples, args.idle_sites, direct=args.via == "worker")
+        only = tuple(args.runtime) if args.runtime else RUNTIMES
+        figures = run(root, args.samples, args.idle_sites, direct=args.via == "worker", only=only)
     finally:
         if args.keep:
             print(f"kept {root}")

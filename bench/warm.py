@@ -1,9 +1,12 @@
-"""`python -m bench.warm`: warm requests per second of a Python hello site.
+"""`python -m bench.warm`: warm requests per second of a Python (WSGI) and a PHP hello site.
 
-sitecloud's front end → worker (mutual TLS) → the site's app (our app server on a unix socket, one
-process) against the same ``app.py`` under gunicorn alone, in the same run: gunicorn with one sync
-worker, and with the fastest of a few reasonable settings (picked by a short calibration run, shown).
-wrk drives them alternately (A B C A B C ...), plain HTTP keep-alive to the front end and to gunicorn.
+As users run them: the cloud started by `sitecloud up` with its defaults, plan, tenant, subscription
+and sites made with the CLI, each site published with `sitecloud deploy`, and wrk through the front
+end (plain HTTP keep-alive, as to the anchors) → worker (mutual TLS) → the site's app in its sandbox.
+The anchors, in the same run: nginx → gunicorn and nginx → php-fpm with the processes, threads or pool
+size the worker gives the site, their app processes in a cgroup of the site's CPU share. wrk drives
+the targets alternately (A B C A B C ...); each run also reads the CPU time per request of every
+process group from /proc, which shared cores do not skew as much as req/s.
 
 Writes its section into docs/benchmarks.md between its own markers, keeping the other sections.
 """
@@ -14,265 +17,243 @@ import argparse
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench._anchors import GUNICORN, AppAnchor, NginxFpm, NginxGunicorn, php_fpm_binary
+from bench._cpu import CpuMeter, family
 from bench._doc import DOC, write_section
-from bench._fpm import NginxFpm, php_fpm_binary
 from bench._nginx import nginx_available
-from bench._stack import SITE, SitecloudStack
+from bench._up import UpCloud, wait_until
 from bench._wrk import WrkResult, run_wrk, wrk_available
 from bench.coldstart import HELLO
-from bench.harness.processes import CloudPKI, wait_until
-from roles.worker.apps._launch import app_threads, find_php_cgi, php_children, pick_python
-from roles.worker.apps._spec import AppLimits
-from shared.net import free_port
+from roles.worker.apps._launch import app_threads, find_php_cgi, php_children
+from roles.worker.apps._spec import SIZES, AppLimits
+from roles.worker.config import WorkerConfig
+from shared.config import load_role_config
 
-DOMAIN = "sites.bench"
-APP = HELLO["python (WSGI)"]["app.py"]
-PHP_APP = HELLO["php"]["index.php"]
-GUNICORN = Path(sys.executable).with_name("gunicorn")
+SITES = {"warm-py": HELLO["python (WSGI)"], "warm-php": HELLO["php"]}
 
 
-def _limits() -> AppLimits:
-    """The bench site's limits: every core, as gunicorn gets them (a plan's default is half a core)."""
-    return AppLimits(cpu_percent=100 * (os.cpu_count() or 1))
+@dataclass
+class Target:
+    name: str
+    url: str
+    host: str
+    groups: Callable[[], dict[str, list[int]]]  # process groups whose CPU time a run reads
+    runs: list[WrkResult] = field(default_factory=list)
+    cpu: list[dict[str, float]] = field(default_factory=list)  # µs per request, per group, per run
+    load: list[float] = field(default_factory=list)
 
 
-def _candidates() -> dict[str, list[str]]:
-    cores = os.cpu_count() or 1
-    return {
-        f"{2 * cores + 1} sync workers (gunicorn's 2 * cores + 1)": ["-w", str(2 * cores + 1)],
-        f"{cores} sync workers": ["-w", str(cores)],
-        f"{cores} gthread workers, 4 threads each (keep-alive)": ["-w", str(cores), "-k", "gthread", "--threads", "4"],
-    }  # fmt: skip
-
-
-class Gunicorn:
-    def __init__(self, appdir: Path, args: list[str]) -> None:
-        self.appdir = appdir
-        self.args = args
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
-
-    def start(self) -> Gunicorn:
-        self.proc = subprocess.Popen(
-            [str(GUNICORN), "--bind", f"127.0.0.1:{self.port}", "--log-level", "warning", *self.args, "app:app"],
-            cwd=self.appdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-
-        def answers() -> bool:
-            with urllib.request.urlopen(self.url, timeout=2) as resp:
-                return bool(resp.read() == b"hello")
-
-        wait_until(answers, timeout=20, what="gunicorn")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def median(results: list[WrkResult], attr: str) -> float:
-    return float(statistics.median(getattr(r, attr) for r in results))
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=8, help="length of each wrk run")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     args = parser.parse_args()
-    if not wrk_available() or not GUNICORN.exists():
+    if not wrk_available() or not GUNICORN.exists() or not nginx_available():
         print(
-            "bench.warm needs wrk and gunicorn: apt-get install wrk; pip install -e '.[test]'",
+            "bench.warm needs wrk, nginx and gunicorn: apt-get install wrk nginx; pip install -e '.[test]'",
             file=sys.stderr,
         )
         return 2
-    host = f"{SITE}.{DOMAIN}"
-    conns = args.connections
+    php = php_fpm_binary() is not None and find_php_cgi() is not None
+    if not php:
+        print("bench.warm: no php-fpm or php-cgi here: the PHP part is skipped", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="sc-warm-"))
-    os.chmod(work, 0o711)  # the site's app (its own uid) must reach its files
-    appdir = work / "gunicorn-app"
-    appdir.mkdir()
-    (appdir / "app.py").write_bytes(APP)
-    stack = SitecloudStack(work, DOMAIN, CloudPKI(work / "pki"))
-    servers: list[Gunicorn] = []
-    calibration: dict[str, float] = {}
+    os.chmod(work, 0o755)
+    cloud = UpCloud(work / "home")
+    anchors: list[AppAnchor] = []
     try:
-        stack.start(
-            {"hello.txt": b"static hello", "app.py": APP},
-            site_settings={"limits": {"cpu_percent": _limits().cpu_percent}},
+        cloud.start()
+        worker = load_role_config(WorkerConfig, cloud.home / "roles" / "worker" / "role.json")
+        limits = SIZES[worker.size].limits
+        cases = _publish(cloud, work, php=php)
+        py_root, php_root = work / "sites" / "warm-py", work / "sites" / "warm-php"
+        threads, children = app_threads(limits), php_children(limits)
+        sync = NginxGunicorn(work / "gunicorn-sync", py_root, ["-w", "1"], limits)
+        gthread = NginxGunicorn(
+            work / "gunicorn-gthread",
+            py_root,
+            ["-w", "1", "-k", "gthread", "--threads", str(threads)],
+            limits,
         )
-        sitecloud_url = f"http://127.0.0.1:{stack.http_port}/"
-        wait_until(lambda: run_wrk(sitecloud_url, host, seconds=1, connections=1).errors == 0, what="the app")
-        for name, extra in _candidates().items():
-            server = Gunicorn(appdir, extra).start()
-            try:
-                run_wrk(server.url, host, seconds=1, connections=conns)
-                calibration[name] = run_wrk(
-                    server.url, host, seconds=3, connections=conns
-                ).requests_per_second
-                print(f"calibration: gunicorn {name}: {calibration[name]:,.0f} req/s", file=sys.stderr)
-            finally:
-                server.stop()
-        fastest = max(calibration, key=lambda n: calibration[n])
-        threads = app_threads(_limits())
-        one = Gunicorn(appdir, ["-w", "1"]).start()
-        same = Gunicorn(appdir, ["-w", "1", "-k", "gthread", "--threads", str(threads)]).start()
-        best = Gunicorn(appdir, _candidates()[fastest]).start()
-        servers += [one, same, best]
+        anchors += [sync.start(), gthread.start()]
         targets = {
-            "sitecloud: front end → worker → app": sitecloud_url,
-            "gunicorn, 1 sync worker": one.url,
-            f"gunicorn, 1 gthread worker, {threads} threads (as our app server)": same.url,
-            f"gunicorn, {fastest}": best.url,
+            "python": [
+                cases["warm-py"],
+                _anchor("nginx → gunicorn, 1 sync worker", sync),
+                _anchor(
+                    f"nginx → gunicorn, 1 gthread worker, {threads} threads (as the site's app)", gthread
+                ),
+            ]
         }
-        results = _rounds(targets, host, args)
+        if php:
+            fpm = NginxFpm(work / "fpm", php_root, children, limits)
+            anchors.append(fpm.start())
+            targets["php"] = [
+                cases["warm-php"],
+                _anchor(f"nginx → php-fpm, {children} children (static)", fpm),
+            ]
+        _rounds([t for group in targets.values() for t in group], args)
+        limited = all(a.limited for a in anchors)
     finally:
-        for server in servers:
-            server.stop()
-        stack.stop()
-    try:
-        php = _php(work, host, args)
-    finally:
+        for anchor in anchors:
+            anchor.stop()
+        cloud.stop()
         shutil.rmtree(work, ignore_errors=True)
-    table = _table(results)
-    php_table = _table(php) if php is not None else None
-    print(table)
-    if php_table is not None:
-        print(php_table)
+    tables = {case: _table(group) for case, group in targets.items()}
+    for table in tables.values():
+        print(table)
     if not args.no_doc:
-        _write_doc(table, php_table, calibration, args)
+        _write_doc(tables, targets, limits, worker.size, limited, args)
     return 0
 
 
-def _rounds(targets: dict[str, str], host: str, args: argparse.Namespace) -> dict[str, list[WrkResult]]:
+def _publish(cloud: UpCloud, work: Path, *, php: bool) -> dict[str, Target]:
+    """The hello sites made and deployed with the CLI, live through the front end."""
+    cloud.cli("plan", "create", "warm", "--max-sites", "4", "--storage-mb", "256")
+    cloud.cli("tenant", "create", "warm")
+    subscription = cloud.cli("subscription", "create", "--tenant", "warm", "--plan", "warm")["id"]
+    fe, wk = cloud.role_pid("frontend"), cloud.role_pid("worker")
+
+    def ours() -> dict[str, list[int]]:
+        # The sandboxed apps are the worker's descendants; a process counts in its first group.
+        return {"app": [p for p in family(wk) if p != wk], "front end": [fe], "worker": [wk]}
+
+    cases: dict[str, Target] = {}
+    for name, files in SITES.items():
+        if name == "warm-php" and not php:
+            continue
+        root = work / "sites" / name
+        root.mkdir(parents=True)
+        for path, data in files.items():
+            (root / path).write_bytes(data)
+        cloud.cli("site", "create", name, "--subscription", str(subscription))
+        cloud.cli("deploy", name, str(root))
+        wait_until(
+            lambda name=name: cloud.get(name)[:2] == (200, b"hello"),  # type: ignore[misc]
+            timeout=60,
+            interval=0.1,
+            what=f"{name} to answer through the front end",
+        )
+        app = "php-cgi" if name == "warm-php" else "our app server"
+        cases[name] = Target(
+            f"sitecloud: front end → worker → {app}",
+            f"http://127.0.0.1:{cloud.ports['http_port']}/",
+            f"{name}.{cloud.domain}",
+            ours,
+        )
+    return cases
+
+
+def _anchor(name: str, anchor: AppAnchor) -> Target:
+    return Target(name, anchor.url, "localhost", anchor.pids)
+
+
+def _rounds(targets: list[Target], args: argparse.Namespace) -> None:
     """wrk on each target in turn (A B C A B C ...), after a warm-up of each."""
-    results: dict[str, list[WrkResult]] = {}
-    for url in targets.values():
-        run_wrk(url, host, seconds=1, connections=args.connections)  # warm-up, not counted
+    for t in targets:
+        run_wrk(t.url, t.host, seconds=1, connections=args.connections)  # warm-up, not counted
     for rnd in range(args.rounds):
-        for name, url in targets.items():
-            res = run_wrk(url, host, seconds=args.seconds, connections=args.connections)
-            results.setdefault(name, []).append(res)
+        for t in targets:
+            meter = CpuMeter(t.groups())
+            meter.start()
+            res = run_wrk(t.url, t.host, seconds=args.seconds, connections=args.connections)
+            spent = meter.stop()
+            t.runs.append(res)
+            t.cpu.append({k: v / max(res.requests, 1) * 1e6 for k, v in spent.items()})
+            t.load.append(os.getloadavg()[0])
+            cpu = ", ".join(f"{k} {v:.0f}" for k, v in t.cpu[-1].items())
             print(
-                f"round {rnd + 1} {name}: {res.requests_per_second:,.0f} req/s, p50 {res.p50_ms:.2f} ms, "
-                f"p99 {res.p99_ms:.2f} ms, errors {res.errors}",
+                f"round {rnd + 1} {t.name}: {res.requests_per_second:,.0f} req/s, p50 {res.p50_ms:.2f} ms, "
+                f"p99 {res.p99_ms:.2f} ms, errors {res.errors}; CPU µs/request: {cpu}; "
+                f"load {t.load[-1]:.1f}",
                 file=sys.stderr,
             )
-    return results
 
 
-def _php(work: Path, host: str, args: argparse.Namespace) -> dict[str, list[WrkResult]] | None:
-    """The PHP hello site through sitecloud against nginx → php-fpm with as many children."""
-    if php_fpm_binary() is None or find_php_cgi() is None or not nginx_available():
-        print("bench.warm: no php-fpm, php-cgi or nginx here: PHP part skipped", file=sys.stderr)
-        return None
-    children = php_children(_limits())
-    docroot = work / "fpm-root"
-    docroot.mkdir()
-    (docroot / "index.php").write_bytes(PHP_APP)
-    stack = SitecloudStack(work / "php", DOMAIN, CloudPKI(work / "php-pki"))
-    anchor = NginxFpm(work / "fpm", docroot, children)
-    try:
-        stack.start(
-            {"hello.txt": b"static hello", "index.php": PHP_APP},
-            site_settings={"limits": {"cpu_percent": _limits().cpu_percent}},
-        )
-        url = f"http://127.0.0.1:{stack.http_port}/"
-        wait_until(lambda: run_wrk(url, host, seconds=1, connections=1).errors == 0, what="the PHP site")
-        anchor.start()
-        return _rounds(
-            {
-                "sitecloud: front end → worker → php-cgi": url,
-                f"nginx → php-fpm, {children} children": anchor.url,
-            },
-            host,
-            args,
-        )
-    finally:
-        anchor.stop()
-        stack.stop()
-
-
-def _table(results: dict[str, list[WrkResult]]) -> str:
-    ours = median(next(iter(results.values())), "requests_per_second")
+def _table(targets: list[Target]) -> str:
+    ours = median([r.requests_per_second for r in targets[0].runs])
+    ours_cpu = sum(median([c[k] for c in targets[0].cpu]) for k in targets[0].cpu[0])
     lines = [
-        "| server | req/s | sitecloud / this | p50 ms | p99 ms | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for n, (name, res) in enumerate(results.items()):
-        rps = median(res, "requests_per_second")
-        ratio = f"**{ours / rps:.2f}x**" if n else "—"
+        "| server | req/s | sitecloud / this | p50 ms | p99 ms | CPU µs per request | sitecloud's CPU / this | errors |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]  # fmt: skip
+    for n, t in enumerate(targets):
+        rps = median([r.requests_per_second for r in t.runs])
+        per = {k: median([c[k] for c in t.cpu]) for k in t.cpu[0]}
+        total = sum(per.values())
+        split = f"{total:.0f} (" + ", ".join(f"{k} {v:.0f}" for k, v in per.items()) + ")"
         lines.append(
-            f"| {name} | {rps:,.0f} | {ratio} | {median(res, 'p50_ms'):.2f} | "
-            f"{median(res, 'p99_ms'):.2f} | {sum(r.errors for r in res)} |"
+            f"| {t.name} | {rps:,.0f} | {f'**{ours / rps:.2f}x**' if n else '—'} | "
+            f"{median([r.p50_ms for r in t.runs]):.2f} | {median([r.p99_ms for r in t.runs]):.2f} | "
+            f"{split} | {f'{ours_cpu / total:.2f}x' if n else '—'} | {sum(r.errors for r in t.runs)} |"
         )
     return "\n".join(lines)
 
 
 def _write_doc(
-    table: str, php_table: str | None, calibration: dict[str, float], args: argparse.Namespace
+    tables: dict[str, str],
+    targets: dict[str, list[Target]],
+    limits: AppLimits,
+    size: str,
+    limited: bool,
+    args: argparse.Namespace,
 ) -> None:
     version = subprocess.run([str(GUNICORN), "--version"], capture_output=True, text=True).stdout.strip()
-    app_python = pick_python("", isolate=os.geteuid() == 0)
-    tried = "; ".join(f"{name}: {rps:,.0f} req/s" for name, rps in calibration.items())
+    loads = [x for group in targets.values() for t in group for x in t.load]
+    share = (
+        f"their app processes in a cgroup of the same CPU share ({limits.cpu_percent} % of a core)"
+        if limited
+        else "their app processes not CPU-limited (no cgroups here), unlike the site's"
+    )
     lines = [
         "## Dynamic sites: warm requests per second, Python and PHP hello sites (`python -m bench.warm`)",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {version}, "
-        f"{time.strftime('%Y-%m-%d')}, load average {os.getloadavg()[0]:.1f} at the end. The same `app.py` "
-        "(WSGI, answers `hello`) through sitecloud's front end → worker (the hop mutual TLS) → the site's "
-        f"app (our app server: one process, {app_threads(_limits())} threads, on a unix socket the worker "
-        "keeps connections to; the site's CPU limit set to every core, as gunicorn has them; the worker's "
-        f"app Python, here `{app_python}`) against gunicorn alone (on `{sys.executable}`). wrk with "
-        f"{args.connections} keep-alive connections, one thread, plain HTTP to the front end and to "
-        f"gunicorn, {args.seconds} s runs, {args.rounds} alternating rounds (medians shown); everything "
-        "shares the same cores. gunicorn's sync workers close the connection after each answer. The "
-        f'"fastest reasonable" gunicorn setting is the best of a 3 s calibration run of: {tried}.',
-        "",
-        table,
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{version}, {time.strftime('%Y-%m-%d')}, load average {min(loads):.1f} to {max(loads):.1f} "
+        "during the runs. The cloud started by `sitecloud up` with its defaults (a "
+        f"{size} worker: each site's app gets {limits.cpu_percent} % of a core, "
+        f"{app_threads(limits)} threads for a WSGI app, {php_children(limits)} php-cgi children for PHP), "
+        "sites made and published with the CLI (`sitecloud site create`, `sitecloud deploy`); wrk "
+        "through the front end (plain HTTP) → worker (mutual TLS) → the app in its sandbox, on kept "
+        "connections at each hop. The anchors in the same run: nginx (one worker) → gunicorn and "
+        "nginx → php-fpm with the same processes, threads or pool size, over unix sockets, "
+        f"{share}. wrk with {args.connections} keep-alive connections, one thread, {args.seconds} s "
+        f"runs, {args.rounds} alternating rounds, medians shown. CPU µs per request: user + system time "
+        "of each process group over the run (from /proc, reaped children included) divided by the "
+        "requests it answered; on cores shared with other jobs it moves far less than req/s.",
         "",
     ]
-    if php_table is not None:
-        lines += [
-            f"PHP, in the same run: `index.php` (`<?php echo 'hello';`) through sitecloud (php-cgi in "
-            f"FastCGI mode, {php_children(_limits())} children kept warm, a connection per request) against "
-            "nginx (one worker) → php-fpm (a static pool of as many children, FastCGI on a unix socket).",
-            "",
-            php_table,
-            "",
-        ]
+    for case, table in tables.items():
+        label = "WSGI (`app.py`)" if case == "python" else "PHP (`index.php`)"
+        lines += [f"**{label}**", "", table, ""]
     lines += [
-        "sitecloud's path runs three processes where gunicorn or php-fpm behind nginx run one or two: "
-        "front end and worker each parse and forward, the hop between them mutual TLS, all on the same "
-        "cores as wrk and the app. CPU time per request measured on this VM (2026-12-03, /proc of each "
-        "process over a 5 s wrk run): the front end about 90 µs, the worker about 75 µs for a static page "
-        "and 125 µs for a Python app request (155 µs for PHP), our app server about 85 µs for the hello "
-        "answer, php-cgi about 50 µs. The machine "
-        "(2 cores shared with other jobs, load 2 to 10 during these runs) makes runs vary by ±30 %; the "
-        "ratios come from one run with the anchors alternated.",
+        "Where the PHP gap is (measured 2026-12-03 on this VM): not in PHP. nginx → php-cgi "
+        "(`PHP_FCGI_CHILDREN`, kept FastCGI connections) and nginx → php-fpm answer at the same rate "
+        "within noise, and php-cgi's CPU per request is php-fpm's; a php-fpm pool per site would "
+        "change nothing here. It is the two Python hops (front end, worker) in front of a pool that "
+        "takes as many requests at once as it has children: each child waits for the worker's turn "
+        "between answers, where nginx (far less CPU per request, so scheduled sooner) keeps them "
+        "busy. Handing a returning FastCGI connection to the next waiting request in the same turn "
+        "of the worker's loop halved the worker's CPU per PHP request and took the ratio from "
+        "0.28-0.39x to 0.44x; the WSGI site, whose app server queues requests itself, is not bound "
+        "that way.",
     ]
-    write_section("warm", "\n".join(lines))
+    write_section("warm", "\n".join(lines).rstrip())
     print(f"wrote {DOC}", file=sys.stderr)
 
 

@@ -26,6 +26,8 @@ def app(environ, start_response):
         time.sleep(0.5)
     body = environ["wsgi.input"].read()
     start_response("200 OK", [("Content-Type", "text/plain")])
+    if environ["PATH_INFO"] == "/gen":
+        return (part for part in [b"gen", b"erated"])
     return [environ["PATH_INFO"].encode("latin-1"), b" ", environ["QUERY_STRING"].encode(), b" ", body]
 """
 
@@ -187,6 +189,28 @@ def test_a_kept_connection_carries_many_requests_in_turn(
         assert b"Connection: close" in tail and b"/last" in tail
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("server", [(APP, "app")], indirect=True)
+def test_wsgi_list_answer_goes_with_its_length_in_one_write_a_generator_chunked(
+    server: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    """On a kept connection, an answer the app gave as a list gets its Content-Length, head and body
+    in one segment (as gunicorn sends it); one it streams from a generator is chunked."""
+    _, path = server
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(10)
+        conn.connect(str(path))
+        conn.sendall(b"GET /list?q HTTP/1.1\r\nConnection: keep-alive\r\n\r\n")
+        time.sleep(0.2)  # anything sent in a second write is here by now too
+        first = conn.recv(65536)
+        head, _, body = first.partition(b"\r\n\r\n")
+        assert b"\r\nContent-Length: 8\r\n" in head and b"chunked" not in head.lower(), first
+        assert body == b"/list q ", first
+        buf = bytearray()
+        conn.sendall(b"GET /gen HTTP/1.1\r\nConnection: keep-alive\r\n\r\n")
+        head, answer = read_answer(conn, buf)
+        assert b"Transfer-Encoding: chunked" in head and answer == b"generated"
 
 
 def test_out_of_file_descriptors_the_server_lets_an_idle_kept_connection_go(tmp_path: Path) -> None:

@@ -104,6 +104,12 @@ def test_the_flask_sample(cloud: LocalCloud) -> None:
     status, _, body = cloud.get("flask-sample", "/static/style.css")
     assert (status, body) == (200, (SAMPLES / "flask" / "static" / "style.css").read_bytes())
     assert cloud.get("flask-sample", "/app.py")[0] == 404
+    # pip's output reached the site's log line by line as it ran, before the worker's closing line.
+    lines = cloud.cli("site", "logs", "flask-sample", "--lines", "1000")["lines"]
+    build = [n for n, line in enumerate(lines) if "[build] " in line]
+    done = [n for n, line in enumerate(lines) if "requirements installed" in line]
+    assert any("Successfully installed" in lines[n] for n in build) and len(build) > 1, lines
+    assert done and build[-1] < done[0], lines
 
 
 def test_the_django_sample(cloud: LocalCloud) -> None:

@@ -267,10 +267,17 @@ def test_php_site_answers_through_fastcgi(cloud: AppCloud) -> None:
     cloud.add_site("php", env={"GREETING": "hallo"})
     index = b'<?php header("X-Test: 1"); echo "php ", $_SERVER["REQUEST_METHOD"], " ", $_SERVER["PATH_INFO"] ?? "", " greeting=", $_SERVER["GREETING"] ?? "-";'
     other = b'<?php http_response_code(201); echo "other ", $_GET["q"] ?? "", " ", file_get_contents("php://input");'
-    body = cloud.publish_and_wait("php", {"index.php": index, "other.php": other, "a.css": b"x"}, "/", b"php")
+    # Flushed before its end: the worker has not the whole answer when the head goes, so chunked.
+    streamed = b'<?php echo "a"; while (ob_get_level()) ob_end_flush(); flush(); usleep(100000); echo "b";'
+    files = {"index.php": index, "other.php": other, "streamed.php": streamed, "a.css": b"x"}
+    body = cloud.publish_and_wait("php", files, "/", b"php")
     assert body == b"php GET  greeting=hallo"
     status, headers, body = cloud.get("php", "/pretty/url")
     assert (status, body) == (200, b"php GET /pretty/url greeting=hallo") and headers["x-test"] == "1"
+    # An answer read whole before its head went out carries its length (PHP gives none).
+    assert headers.get("content-length") == str(len(body)) and "transfer-encoding" not in headers
+    status, headers, body = cloud.get("php", "/streamed.php")
+    assert (status, body) == (200, b"ab") and headers.get("transfer-encoding") == "chunked", headers
     conn = http.client.HTTPSConnection(
         "localhost", cloud.config.data_port, context=cloud.pki.client_ssl("frontend"), timeout=10
     )

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from roles.worker.apps._build import run_logged
 from roles.worker.apps._sitelog import SiteLog
 from shared.errors import InvalidInput
 
@@ -251,18 +252,12 @@ async def install_node_packages(*, root: str, target: Path, registry: str, log: 
             stderr=asyncio.subprocess.STDOUT,
             env=env,
         )
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), INSTALL_TIMEOUT)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        status = await run_logged(proc, log, timeout=INSTALL_TIMEOUT)
+        if status is None:
             log.write("worker", f"npm {verb[0]} took longer than {INSTALL_TIMEOUT:.0f} s; stopped it")
             return False
-        text = out.decode("utf-8", "replace").strip()
-        if text:
-            log.write("worker", text[-4000:])
-        if proc.returncode != 0:
-            log.write("worker", f"installing package.json failed (npm exit {proc.returncode})")
+        if status != 0:
+            log.write("worker", f"installing package.json failed (npm exit {status})")
             return False
         await asyncio.to_thread(_finish, building, target)
         log.write("worker", "node packages installed")

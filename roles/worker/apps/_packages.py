@@ -19,6 +19,7 @@ from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 
+from roles.worker.apps._build import run_logged
 from roles.worker.apps._sitelog import SiteLog
 from shared.errors import InvalidInput, Unavailable
 
@@ -134,16 +135,12 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
         stderr=asyncio.subprocess.STDOUT,
         env=_pip_env(target.parent),
     )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), INSTALL_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise Unavailable("installing the site's requirements took too long") from None
+    status = await run_logged(proc, log, timeout=INSTALL_TIMEOUT)
     checked.unlink(missing_ok=True)
-    log.write("worker", out.decode("utf-8", "replace")[-4000:] or "(pip said nothing)")
-    if proc.returncode != 0:
-        log.write("worker", f"installing requirements.txt failed (pip exit {proc.returncode})")
+    if status is None:
+        raise Unavailable("installing the site's requirements took too long")
+    if status != 0:
+        log.write("worker", f"installing requirements.txt failed (pip exit {status})")
         shutil.rmtree(building, ignore_errors=True)
         return False
     (building / ".complete").write_text("")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 __all__ = ["IDLE_LIMIT", "UpstreamPool"]
@@ -23,18 +24,24 @@ class Pooled(Protocol):
     def close(self) -> None: ...
 
 
+# Called with a connection handed over (or None: open one in a place made free); False when the
+# waiter has gone meanwhile and does not take it (the pool offers it to the next).
+Handover = Callable[["Pooled | None"], bool]
+
+
 class UpstreamPool:
     """``max_open``: connections open at once, busy or idle (None: no bound). An app whose every
     worker holds one connection for as long as it is open (php-cgi's children) needs the bound, or a
     request on a new connection would wait for a child that waits on an idle kept one; a request
-    beyond it waits for a connection to come back."""
+    beyond it waits for a connection to come back, and gets it in the same turn of the loop as it
+    comes back (:meth:`wait`): with few children, a turn more per request is what keeps them idle."""
 
     def __init__(self, limit: int = IDLE_LIMIT, *, max_open: int | None = None) -> None:
         self._limit = limit if max_open is None else max(limit, max_open)
         self.max_open = max_open
         self._idle: list[Pooled] = []
         self._open = 0
-        self._waiters: deque[asyncio.Future[Pooled | None]] = deque()
+        self._waiters: deque[Handover] = deque()
         self.closed = False
 
     async def lease(self) -> Pooled | None:
@@ -43,11 +50,17 @@ class UpstreamPool:
         conn = self.take()
         if conn is not None or self.closed:
             return conn
-        if self.max_open is None or self._open < self.max_open:
-            self._open += 1
+        if self.room():
             return None
         waiter: asyncio.Future[Pooled | None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+
+        def handover(conn: Pooled | None) -> bool:
+            if waiter.done():
+                return False
+            waiter.set_result(conn)
+            return True
+
+        self._waiters.append(handover)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -58,6 +71,19 @@ class UpstreamPool:
                 else:
                     self.closed_one()
             raise
+
+    def room(self) -> bool:
+        """Whether a new connection may open now; if so, it is counted from now (as in :meth:`lease`)."""
+        if self.max_open is None or self._open < self.max_open:
+            self._open += 1
+            return True
+        return False
+
+    def wait(self, handover: Handover) -> None:
+        """``handover`` gets the next connection to come back (or a place for a new one), called
+        synchronously where it comes back; the pool must be full (:meth:`take` and :meth:`room`
+        gave nothing)."""
+        self._waiters.append(handover)
 
     def take(self) -> Pooled | None:
         """An idle connection (the most recently used: the likeliest still open), or None."""
@@ -72,9 +98,7 @@ class UpstreamPool:
         if self.closed:
             return False
         while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
+            if self._waiters.popleft()(conn):
                 return True
         if len(self._idle) >= self._limit:
             return False
@@ -84,9 +108,7 @@ class UpstreamPool:
     def closed_one(self) -> None:
         """A counted connection ended (or never opened): its place goes to a waiter, if any."""
         while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # it opens a connection in this one's place
+            if self._waiters.popleft()(None):  # it opens a connection in this one's place
                 return
         self._open = max(0, self._open - 1)
 
@@ -103,6 +125,4 @@ class UpstreamPool:
         for conn in idle:
             conn.close()
         while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+            self._waiters.popleft()(None)

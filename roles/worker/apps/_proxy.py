@@ -223,6 +223,9 @@ class AppExchange(Generic[T]):
         self._out: list[bytes] = []
         self._pending = 0
         self._chunked = False
+        # The app gave no length: chosen as the head goes out (its length if the whole answer is in
+        # hand by then, else chunked).
+        self._unframed = False
         self._bodyless = method == b"HEAD"
         self._status = 0
         self._sent = 0
@@ -240,6 +243,7 @@ class AppExchange(Generic[T]):
         # The request sent on a kept connection, should it have to go again on a new one.
         self._retry: Callable[[], UpstreamBase] | None = None
         self._reconnect: asyncio.Task[None] | None = None
+        self._opening: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._t0 = time.monotonic()
         self._task = self._loop.create_task(self._run())
@@ -354,23 +358,48 @@ class AppExchange(Generic[T]):
                     self, request, head_only=head_only, upgrade=upgrade, pool=pool if keep else None
                 )
 
-        kept = await pool.lease() if keep else None
         if self._closed:
-            if kept is not None:
-                kept.close()
-            elif keep:
-                pool.closed_one()
             return
+        kept = None
+        if keep:
+            kept = pool.take()
+            if kept is None and not pool.closed and not pool.room():
+
+                def handover(conn: object) -> bool:
+                    """A connection back in the pool (or a place for a new one), in the same turn."""
+                    if self._closed:
+                        return False
+                    if isinstance(conn, (HttpUpstream, FastCgiUpstream)):
+                        self._send_kept(inst, conn, fresh, request, head_only)
+                    else:
+                        upstream = fresh()
+                        self._upstream = upstream
+                        self._arm(inst)
+                        self._opening = self._loop.create_task(self._connect(inst, upstream))
+                    return True
+
+                pool.wait(handover)
+                return
         if isinstance(kept, (HttpUpstream, FastCgiUpstream)):
-            self._retry = fresh
-            self._upstream = kept
-            self._arm(inst)
-            kept.again(self, request, head_only=head_only)
+            self._send_kept(inst, kept, fresh, request, head_only)
             return
         upstream = fresh()
         self._upstream = upstream
         self._arm(inst)
         await self._connect(inst, upstream)
+
+    def _send_kept(
+        self,
+        inst: T,
+        kept: HttpUpstream | FastCgiUpstream,
+        fresh: Callable[[], UpstreamBase],
+        request: bytes,
+        head_only: bool,
+    ) -> None:
+        self._retry = fresh
+        self._upstream = kept
+        self._arm(inst)
+        kept.again(self, request, head_only=head_only)
 
     async def _again(self, inst: T, again: Callable[[], UpstreamBase]) -> None:
         """The request once more, on a connection the pool makes room for (the stale one is out)."""
@@ -448,9 +477,7 @@ class AppExchange(Generic[T]):
             lines.append(key + b": " + value)
         if not dated:
             lines.append(b"Date: " + http_date().encode())
-        if not length and not self._bodyless and not self._tunnel:
-            self._chunked = True
-            lines.append(b"Transfer-Encoding: chunked")
+        self._unframed = not length and not self._bodyless and not self._tunnel
         self._head = b"\r\n".join(lines) + b"\r\n"
         if not self._batching:
             self._flush()
@@ -535,6 +562,7 @@ class AppExchange(Generic[T]):
             lines.append(b"Retry-After: 1")
         self._status = status
         self._head = b"\r\n".join(lines) + b"\r\n"
+        self._unframed = False
         self._out = [] if self._method == b"HEAD" else [body]
         self._finished = True
         self._flush()
@@ -546,6 +574,8 @@ class AppExchange(Generic[T]):
                 self._upstream.pause()
             return
         if self._head is not None and not self._head_written:
+            if self._unframed:
+                self._frame()
             if self._tunnel:
                 connection = b"Connection: Upgrade\r\n\r\n"
             elif self._keep:
@@ -574,6 +604,21 @@ class AppExchange(Generic[T]):
             self._loop.call_soon(conn.diverted_done, self._keep and not self._tunnel)
         elif conn.write_paused and self._upstream is not None:
             self._upstream.pause()
+
+    def _frame(self) -> None:
+        """The framing of an answer the app gave no length: a small answer read whole in one go
+        (most are) goes with its Content-Length, one piece for the front end to pass on; the rest
+        chunked (RFC 9112 section 7.1)."""
+        self._unframed = False
+        if self._finished and not self._broken:
+            assert self._head is not None
+            self._head += b"Content-Length: %d\r\n" % sum(len(d) for d in self._out)
+            return
+        self._chunked = True
+        self._head = (self._head or b"") + b"Transfer-Encoding: chunked\r\n"
+        self._out = [b"%x\r\n%s\r\n" % (len(d), d) for d in self._out if d]
+        if self._finished:
+            self._out.append(b"0\r\n\r\n")
 
     def _release(self, *, answered: bool) -> None:
         if self._timer is not None:

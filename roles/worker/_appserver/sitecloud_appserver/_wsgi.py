@@ -219,45 +219,58 @@ class _Server:
     def _run(self, req: HttpRequest, conn: socket.socket) -> bool:
         """Answer one request; whether the connection can carry another."""
         keep = wants_keep_alive(req)
-        state: dict[str, Any] = {"head": None, "sent": False, "chunked": False}
+        # The head is made at the first write: an answer whose body the app gave as a list (most
+        # do) then goes with its length, head and body in one write, as gunicorn sends it, rather
+        # than chunked with a last empty chunk of its own.
+        state: dict[str, Any] = {"start": None, "head": None, "sent": False, "chunked": False}
 
-        def send(data: bytes) -> None:
+        def head(length: int | None) -> bytes:
+            nonlocal keep
+            if state["start"] is None:
+                raise RuntimeError("the app wrote a body before calling start_response")
+            status_code, reason, fields = state["start"]
+            if keep:
+                how = framing(status_code, req.method, fields)
+                if how == "chunked" and length is not None:
+                    fields.append((b"Content-Length", b"%d" % length))
+                    how = "length"
+                keep = how != "app"
+                state["chunked"] = how == "chunked"
+                if state["chunked"]:
+                    fields.append((b"Transfer-Encoding", b"chunked"))
+            return response_head(status_code, reason, fields, keep_alive=keep)
+
+        def send(data: bytes, length: int | None = None) -> None:
             if not state["sent"]:
-                if state["head"] is None:
-                    raise RuntimeError("the app wrote a body before calling start_response")
-                head = state["head"]
+                first = head(length)
                 state["sent"] = True
                 if state["chunked"]:
-                    data = head + (b"%x\r\n%s\r\n" % (len(data), data) if data else b"")
+                    data = first + (b"%x\r\n%s\r\n" % (len(data), data) if data else b"")
                 else:
-                    data = head + data
+                    data = first + data
             elif state["chunked"] and data:
                 data = b"%x\r\n%s\r\n" % (len(data), data)
             if data:
                 conn.sendall(data)
 
         def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            nonlocal keep
             if exc_info is not None and state["sent"]:
                 raise exc_info[1].with_traceback(exc_info[2])
             code, _, reason = status.partition(" ")
             fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-            status_code = int(code)
-            if keep:
-                how = framing(status_code, req.method, fields)
-                keep = how != "app"
-                state["chunked"] = how == "chunked"
-                if state["chunked"]:
-                    fields.append((b"Transfer-Encoding", b"chunked"))
-            state["head"] = response_head(status_code, reason, fields, keep_alive=keep)
+            state["start"] = (int(code), reason, fields)
             return send
 
         try:
             result = self._app(wsgi_environ(req), start_response)
             try:
-                for chunk in result:
-                    if chunk:
-                        send(chunk)
+                if type(result) in (list, tuple) and not state["sent"]:
+                    body = b"".join(result)
+                    send(body, len(body))
+                else:
+                    for chunk in result:
+                        if chunk:
+                            send(chunk)
                 send(b"")
                 if state["chunked"]:
                     conn.sendall(b"0\r\n\r\n")
@@ -275,12 +288,12 @@ class _Server:
             if state["sent"]:
                 return False  # the answer is cut short: only closing says so
             body = b"Internal Server Error\n"
-            head = response_head(
+            error = response_head(
                 500, "Internal Server Error",
                 [(b"Content-Type", b"text/plain"), (b"Content-Length", str(len(body)).encode())],
                 keep_alive=keep,
             )  # fmt: skip
-            conn.sendall(head + body)
+            conn.sendall(error + body)
         return keep
 
 

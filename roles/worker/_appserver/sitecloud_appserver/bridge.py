@@ -108,7 +108,9 @@ async def main(port: int, ready_timeout: float, child: int) -> int:
             await exited
             return 1
         await asyncio.wait([exited], timeout=delay)
-        delay = min(0.05, delay * 1.5)
+        # A refused connect on loopback costs microseconds: polling often costs the start far less
+        # than a late look (Node takes 50 ms or more to listen, more on a busy host).
+        delay = min(0.01, delay * 1.5)
     tasks: set[asyncio.Task[None]] = set()
 
     def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
