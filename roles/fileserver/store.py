@@ -540,9 +540,7 @@ class ContentStore:
             await asyncio.to_thread(upload.discard)
             raise
 
-    async def upload_blob(
-        self, name: str, chunks: AsyncIterator[bytes], length: int | None
-    ) -> BlobStored:
+    async def upload_blob(self, name: str, chunks: AsyncIterator[bytes], length: int | None) -> BlobStored:
         """Store a streamed blob; refused as soon as it alone passes the site's quota."""
         site = self.site(name)
         upload, sha, small = await self._receive(site, chunks, length, keep=_INLINE_BYTES)

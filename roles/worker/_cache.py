@@ -23,15 +23,12 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from shared.errors import InvalidInput, SitecloudError
+from shared.contracts.content import FileMeta
 from shared.files import fsync_dir
-from shared.paths import site_relpath
 
-__all__ = ["ContentCache", "SiteVersion", "check_changes", "check_manifest"]
+__all__ = ["ContentCache", "SiteVersion"]
 
-_SHA = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_DIR = re.compile(r"^v([0-9]+)$")
 
 
@@ -56,57 +53,6 @@ class SiteVersion:
         tag = f"{self.uid or '-'}.{self.number}".encode()
         object.__setattr__(self, "tag", tag)
         object.__setattr__(self, "line", b"X-Sitecloud-Version: " + tag + b"\r\n")
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestFile:
-    sha256: str
-    size: int
-    mtime: float
-
-
-def check_changes(body: Any, site: str) -> tuple[int, bool, dict[str, ManifestFile | None], list[str]]:
-    """The fileserver's difference between two versions, checked like a manifest."""
-    try:
-        if body["site"] != site:
-            raise InvalidInput(f"changes are for site {body['site']!r}, not {site!r}")
-        changes: dict[str, ManifestFile | None] = {}
-        for path, meta in body["files"].items():
-            rel = site_relpath(path, allow_root=False)
-            if meta is None:
-                changes[rel] = None
-                continue
-            sha = str(meta["sha256"])
-            if not _SHA.match(sha):
-                raise InvalidInput(f"changes name a bad blob {sha!r}")
-            changes[rel] = ManifestFile(sha, int(meta["size"]), float(meta.get("mtime") or 0))
-        dirs = [site_relpath(d, allow_root=False) for d in body["dirs"]]
-        return int(body["version"]), bool(body["whole"]), changes, dirs
-    except SitecloudError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise InvalidInput(f"malformed changes for {site}: {exc!r}") from exc
-
-
-def check_manifest(manifest: Any, site: str) -> tuple[int, dict[str, ManifestFile], list[str]]:
-    """The fileserver's manifest, checked as if it came from anyone: paths stay inside the site."""
-    try:
-        if manifest["site"] != site:
-            raise InvalidInput(f"manifest is for site {manifest['site']!r}, not {site!r}")
-        version = int(manifest["version"])
-        files: dict[str, ManifestFile] = {}
-        for path, meta in manifest["files"].items():
-            rel = site_relpath(path, allow_root=False)
-            sha = str(meta["sha256"])
-            if not _SHA.match(sha):
-                raise InvalidInput(f"manifest names a bad blob {sha!r}")
-            files[rel] = ManifestFile(sha, int(meta["size"]), float(meta.get("mtime") or 0))
-        dirs = [site_relpath(d, allow_root=False) for d in manifest.get("dirs", [])]
-    except SitecloudError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise InvalidInput(f"malformed manifest for {site}: {exc!r}") from exc
-    return version, files, dirs
 
 
 class ContentCache:
@@ -187,7 +133,7 @@ class ContentCache:
         return SiteVersion(int(match.group(1)), os.path.realpath(site_dir / target), uid)
 
     def build_version(
-        self, site: str, uid: str, version: int, files: dict[str, ManifestFile], dirs: list[str]
+        self, site: str, uid: str, version: int, files: dict[str, FileMeta], dirs: list[str]
     ) -> SiteVersion:
         """Build ``v<version>`` from blobs (all present), then flip ``current`` to it."""
         site_dir = self.site_dir(site)
@@ -233,7 +179,7 @@ class ContentCache:
         site: str,
         current: SiteVersion,
         version: int,
-        changes: dict[str, ManifestFile | None],
+        changes: dict[str, FileMeta | None],
         dirs: list[str],
     ) -> SiteVersion:
         """Bring the served directory from its version to ``version`` in place, path by path.

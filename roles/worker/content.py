@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from roles.worker._cache import ContentCache, ManifestFile, SiteVersion, check_changes, check_manifest
+from roles.worker._cache import ContentCache, SiteVersion
 from roles.worker.config import WorkerConfig
+from shared.contracts.content import BlobFetch, ChangeFeedPage, FileMeta, Manifest, SiteVersions, VersionDiff
 from shared.control import Snapshot
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable, error_from_json
 from shared.files import syncfs
@@ -255,9 +256,9 @@ class ContentSync:
         while True:
             try:
                 if seq is None:
-                    body = await self._client.get_json(f"{fileserver}/v1/versions")
-                    seq = int(body["seq"])
-                    self._target = {str(k): int(v) for k, v in body["sites"].items()}
+                    versions = SiteVersions.parse(await self._client.get_json(f"{fileserver}/v1/versions"))
+                    seq = versions.seq
+                    self._target = dict(versions.sites)
                     if not self._versions_known:
                         self._versions_known = True
                         self._on_flip(None)  # serving processes learn which sites are truly empty
@@ -265,20 +266,21 @@ class ContentSync:
                     for site in self._held:
                         if self._needs_work(site):
                             self._kick(site)
-                body = await self._client.get_json(
-                    f"{fileserver}/v1/changes",
-                    params={"since": str(seq), "wait": str(LONG_POLL)},
-                    timeout=aiohttp.ClientTimeout(total=LONG_POLL + 15, sock_connect=5),
+                page = ChangeFeedPage.parse(
+                    await self._client.get_json(
+                        f"{fileserver}/v1/changes",
+                        params={"since": str(seq), "wait": str(LONG_POLL)},
+                        timeout=aiohttp.ClientTimeout(total=LONG_POLL + 15, sock_connect=5),
+                    )
                 )
-                if body.get("reset"):
+                if page.reset:
                     seq = None
                     continue
-                for change in body["changes"]:
-                    site, version = str(change["site"]), int(change["version"])
-                    self._target[site] = version
-                    if site in self._held:
-                        self._kick(site)
-                seq = int(body["seq"])
+                for change in page.changes:
+                    self._target[change.site] = change.version
+                    if change.site in self._held:
+                        self._kick(change.site)
+                seq = page.seq
                 failures = self._back_up(fileserver, failures)
             except Exception as exc:
                 if failures == 0:
@@ -350,10 +352,11 @@ class ContentSync:
         except NotFound:
             # That version was pruned while we were away: take the newest.
             manifest = await self._client.get_json(f"{base}/manifest")
-        version, files, dirs = check_manifest(manifest, site)
+        checked = Manifest.parse(manifest, what=f"manifest of {site}").for_site(site)
+        version, files, dirs = checked.version, checked.files, checked.dirs
         await self._enter_busy()
         try:
-            missing: dict[str, ManifestFile] = {}
+            missing: dict[str, FileMeta] = {}
             for meta in files.values():
                 if meta.sha256 not in missing and not self._cache.has_blob(meta.sha256):
                     missing[meta.sha256] = meta
@@ -392,12 +395,13 @@ class ContentSync:
             )
         except NotFound:
             return False
-        version, whole, changes, dirs = check_changes(body, site)
+        diff = VersionDiff.parse(body, what=f"changes of {site}").for_site(site)
+        version, whole, changes, dirs = diff.version, diff.whole, diff.files, diff.new_dirs
         if whole or len(changes) + len(dirs) > INCREMENTAL_MAX:
             return False
         await self._enter_busy()
         try:
-            missing: dict[str, ManifestFile] = {}
+            missing: dict[str, FileMeta] = {}
             for meta in changes.values():
                 if meta is not None and meta.sha256 not in missing and not self._cache.has_blob(meta.sha256):
                     missing[meta.sha256] = meta
@@ -444,10 +448,10 @@ class ContentSync:
 
             asyncio.get_running_loop().call_later(_COLLECT_DELAY, due)
 
-    async def _download_all(self, base: str, blobs: list[ManifestFile]) -> None:
+    async def _download_all(self, base: str, blobs: list[FileMeta]) -> None:
         # Small blobs travel many to a request; big ones are streamed one by one.
-        queue: list[ManifestFile | list[ManifestFile]] = [b for b in blobs if b.size > _BATCH_BLOB]
-        batch: list[ManifestFile] = []
+        queue: list[FileMeta | list[FileMeta]] = [b for b in blobs if b.size > _BATCH_BLOB]
+        batch: list[FileMeta] = []
         batch_bytes = 0
         for meta in blobs:
             if meta.size <= _BATCH_BLOB:
@@ -475,11 +479,12 @@ class ContentSync:
                 runner.cancel()
             await asyncio.gather(*runners, return_exceptions=True)
 
-    async def _download_batch(self, base: str, metas: list[ManifestFile]) -> None:
+    async def _download_batch(self, base: str, metas: list[FileMeta]) -> None:
         """Fetch many small blobs in one request; each is checked against its hash before it is kept."""
         url = f"{base}/blob-fetch"
         try:
-            async with self._client.session.post(url, json={"sha256": [m.sha256 for m in metas]}) as resp:
+            wanted = BlobFetch(sha256=[m.sha256 for m in metas]).to_json()
+            async with self._client.session.post(url, json=wanted) as resp:
                 if resp.status != 200:
                     body: Any = None
                     with suppress(ValueError, aiohttp.ClientError):
@@ -513,7 +518,7 @@ class ContentSync:
         kept = await _in_thread(keep)
         self._blob_bytes += kept
 
-    async def _download(self, base: str, meta: ManifestFile) -> None:
+    async def _download(self, base: str, meta: FileMeta) -> None:
         """Stream one blob to a temp file, check its hash and size, then rename it into place."""
         fd, tmp = self._cache.new_blob_file()
         url = f"{base}/blobs/{meta.sha256}"

@@ -12,7 +12,14 @@ from shared.paths import site_relpath
 
 __all__ = [
     "SHA256_PATTERN",
-    "ByteCount", "ContentId", "Sha256", "SiteName", "SitePath", "UnixUid", "VersionNumber"]
+    "ByteCount",
+    "ContentId",
+    "Sha256",
+    "SiteName",
+    "SitePath",
+    "UnixUid",
+    "VersionNumber",
+]
 
 
 def _site_name(value: str) -> str:
