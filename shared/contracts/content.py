@@ -268,8 +268,8 @@ class RenameOp(Contract):
     model_config = ConfigDict(populate_by_name=True)
 
     op: Literal["rename"] = "rename"
-    src: SitePath = Field(alias="from")
-    dst: SitePath = Field(alias="to")
+    src: SitePath = Field(validation_alias="from", serialization_alias="from")
+    dst: SitePath = Field(validation_alias="to", serialization_alias="to")
 
 
 CommitOp = Annotated[PutOp | PathOp | RenameOp, Field(discriminator="op")]
