@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import IO, Any, BinaryIO, Literal
 from urllib.parse import quote, urlsplit
 
+from shared.contracts.answers import parse_answer
 from shared.contracts.content import (
     BlobBatchStored,
     BlobStored,
@@ -142,14 +143,18 @@ class FileserverClient:
     # --- the content API
 
     def site_info(self, site: str) -> SiteContentInfo:
-        return SiteContentInfo.parse(self._json("GET", self._site(site)))
+        return parse_answer(SiteContentInfo, self._json("GET", self._site(site)), peer=self.base_url)
 
     def manifest(self, site: str) -> Manifest:
-        return Manifest.parse(self._json("GET", f"{self._site(site)}/manifest")).for_site(site)
+        return parse_answer(
+            Manifest, self._json("GET", f"{self._site(site)}/manifest"), peer=self.base_url
+        ).for_site(site)
 
     def changes(self, site: str, since: int) -> VersionDiff:
         """The paths changed from version ``since`` to the newest (see the fileserver's ``diff``)."""
-        return VersionDiff.parse(self._json("GET", f"{self._site(site)}/diff?since={since}")).for_site(site)
+        return parse_answer(
+            VersionDiff, self._json("GET", f"{self._site(site)}/diff?since={since}"), peer=self.base_url
+        ).for_site(site)
 
     def download(self, site: str, path: str, out: BinaryIO) -> int:
         """Stream the newest version of ``path`` into ``out``; returns the bytes written."""
@@ -175,14 +180,14 @@ class FileserverClient:
         size = os.fstat(source.fileno()).st_size - here
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         resp = self._send("POST", f"{self._site(site)}/blobs", body=source, headers=headers)
-        return BlobStored.parse(self._decode(resp, self._finish(resp)))
+        return parse_answer(BlobStored, self._decode(resp, self._finish(resp)), peer=self.base_url)
 
     def upload_blobs(self, site: str, blobs: list[bytes]) -> list[BlobStored]:
         """Store many small blobs in one request; their names in the same order."""
         body = b"".join(len(b).to_bytes(8, "big") + b for b in blobs)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))}
         resp = self._send("POST", f"{self._site(site)}/blob-batch", body=body, headers=headers)
-        return BlobBatchStored.parse(self._decode(resp, self._finish(resp))).blobs
+        return parse_answer(BlobBatchStored, self._decode(resp, self._finish(resp)), peer=self.base_url).blobs
 
     def put_file(self, site: str, path: str, source: IO[bytes]) -> FileStored:
         """Store ``source`` from its current position to its end as the file at ``path``, in one request;
@@ -193,7 +198,7 @@ class FileserverClient:
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         url = f"{self._site(site)}/files/{quote(path, safe='/')}"
         resp = self._send("PUT", url, body=source, headers=headers)
-        return FileStored.parse(self._decode(resp, self._finish(resp)))
+        return parse_answer(FileStored, self._decode(resp, self._finish(resp)), peer=self.base_url)
 
     def commit(
         self,
@@ -205,4 +210,6 @@ class FileserverClient:
     ) -> CommitAnswer:
         """Apply ``ops`` all or nothing as one new version."""
         body = CommitRequest(ops=list(ops), replace=replace, source=source).to_json()
-        return CommitAnswer.parse(self._json("POST", f"{self._site(site)}/commit", body=body))
+        return parse_answer(
+            CommitAnswer, self._json("POST", f"{self._site(site)}/commit", body=body), peer=self.base_url
+        )
