@@ -66,8 +66,8 @@ class ChangeFeed:
                 self._ceiling = seq + _BLOCK
                 await asyncio.to_thread(atomic_write_json, self._path, {"seq": self._ceiling, "clean": False})
             if len(self._log) == self._log.maxlen:
-                self._floor = self._log[0].seq
-            change = ChangeEvent(seq=seq, site=site, version=version)
+                self._floor = self._log[0]["seq"]
+            change: ChangeEvent = {"seq": seq, "site": site, "version": version}
             self._log.append(change)
             self.seq = seq
             wakeup, self._wakeup = self._wakeup, asyncio.Event()
@@ -78,7 +78,7 @@ class ChangeFeed:
         """The changes after ``since``, and whether the caller must reset instead."""
         if since < self._floor or since > self.seq:
             return [], True
-        return [c for c in self._log if c.seq > since], False
+        return [c for c in self._log if c["seq"] > since], False
 
     async def wait(self, since: int, timeout: float) -> ChangeFeedPage:
         """The answer to ``GET /v1/changes``: at once if there is news, else after a change or ``timeout``."""

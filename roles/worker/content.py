@@ -256,7 +256,7 @@ class ContentSync:
         while True:
             try:
                 if seq is None:
-                    versions = SiteVersions.parse(await self._client.get_json(f"{fileserver}/v1/versions"))
+                    versions = await self._client.get_contract(SiteVersions, f"{fileserver}/v1/versions")
                     seq = versions.seq
                     self._target = dict(versions.sites)
                     if not self._versions_known:
@@ -266,20 +266,20 @@ class ContentSync:
                     for site in self._held:
                         if self._needs_work(site):
                             self._kick(site)
-                page = ChangeFeedPage.parse(
-                    await self._client.get_json(
-                        f"{fileserver}/v1/changes",
-                        params={"since": str(seq), "wait": str(LONG_POLL)},
-                        timeout=aiohttp.ClientTimeout(total=LONG_POLL + 15, sock_connect=5),
-                    )
+                page = await self._client.get_contract(
+                    ChangeFeedPage,
+                    f"{fileserver}/v1/changes",
+                    params={"since": str(seq), "wait": str(LONG_POLL)},
+                    timeout=aiohttp.ClientTimeout(total=LONG_POLL + 15, sock_connect=5),
                 )
                 if page.reset:
                     seq = None
                     continue
                 for change in page.changes:
-                    self._target[change.site] = change.version
-                    if change.site in self._held:
-                        self._kick(change.site)
+                    site = change["site"]
+                    self._target[site] = change["version"]
+                    if site in self._held:
+                        self._kick(site)
                 seq = page.seq
                 failures = self._back_up(fileserver, failures)
             except Exception as exc:
@@ -347,13 +347,16 @@ class ContentSync:
             and await self._sync_changes(site, uid, current, target, base, log)
         ):
             return
+        what = f"manifest of {site}"
         try:
-            manifest = await self._client.get_json(f"{base}/manifest", params={"version": str(target)})
+            manifest = await self._client.get_contract(
+                Manifest, f"{base}/manifest", what=what, params={"version": str(target)}
+            )
         except NotFound:
             # That version was pruned while we were away: take the newest.
-            manifest = await self._client.get_json(f"{base}/manifest")
-        checked = Manifest.parse(manifest, what=f"manifest of {site}").for_site(site)
-        version, files, dirs = checked.version, checked.files, checked.dirs
+            manifest = await self._client.get_contract(Manifest, f"{base}/manifest", what=what)
+        manifest.for_site(site)
+        version, files, dirs = manifest.version, manifest.files, manifest.dirs
         await self._enter_busy()
         try:
             missing: dict[str, FileMeta] = {}
@@ -390,12 +393,15 @@ class ContentSync:
     ) -> bool:
         """Apply only what changed since the served version; False when a whole build is needed."""
         try:
-            body = await self._client.get_json(
-                f"{base}/diff", params={"since": str(current.number), "version": str(target)}
+            diff = await self._client.get_contract(
+                VersionDiff,
+                f"{base}/diff",
+                what=f"changes of {site}",
+                params={"since": str(current.number), "version": str(target)},
             )
         except NotFound:
             return False
-        diff = VersionDiff.parse(body, what=f"changes of {site}").for_site(site)
+        diff.for_site(site)
         version, whole, changes, dirs = diff.version, diff.whole, diff.files, diff.new_dirs
         if whole or len(changes) + len(dirs) > INCREMENTAL_MAX:
             return False

