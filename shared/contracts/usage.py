@@ -40,7 +40,7 @@ class UsageReport(Contract):
     host: str = ""
     pid: int = 0
     # Seconds since the epoch; the day a report counts for is the UTC day of ``to``.
-    start: _Time = Field(0.0, validation_alias="from", serialization_alias="from")
+    start: _Time = Field(default=0.0, validation_alias="from", serialization_alias="from")
     to: _Time
     sites: dict[SiteName, UsageFigures]
 
