@@ -30,6 +30,8 @@ from shared.contracts.content import (
     VersionList,
     encode_diff,
     encode_manifest,
+    over_quota,
+    storage_room,
 )
 from shared.errors import InvalidInput, Unavailable
 
@@ -207,3 +209,13 @@ def test_an_answer_that_does_not_parse_is_the_peer_s_fault() -> None:
         parse_answer(CommitAnswer, {"version": "three"}, peer="the fileserver")
     assert caught.value.message.startswith("the fileserver gave an unexpected answer: CommitAnswer: ")
     assert parse_answer(CommitAnswer, {"version": 3, "total_bytes": 0}, peer="x").version == 3
+
+
+def test_the_storage_quota_rule_both_writers_apply() -> None:
+    assert not over_quota(100, 100, 40)
+    assert over_quota(100, 101, 40)
+    # Over quota after a move to a smaller plan: shrinking is let through, growing is not.
+    assert not over_quota(100, 150, 200) and over_quota(100, 201, 200)
+    assert storage_room(100, 60) == 40
+    assert storage_room(100, 60, replaced=30) == 70
+    assert storage_room(100, 150) == 0

@@ -48,6 +48,7 @@ from shared.contracts.content import (
     VersionList,
     encode_diff,
     encode_manifest,
+    over_quota,
 )
 from shared.errors import InvalidInput, NotFound, QuotaExceeded
 from shared.files import syncfs
@@ -681,7 +682,7 @@ class ContentStore:
                     hint=f"kept versions: {', '.join(map(str, kept)) or 'none'}",
                 )
             tree = await self._tree_of(site, target, head=True)
-            if tree.total_bytes > site.quota_bytes and tree.total_bytes > site.head.total_bytes:
+            if over_quota(site.quota_bytes, tree.total_bytes, site.head.total_bytes):
                 raise QuotaExceeded(_quota_message(site, tree.total_bytes), hint=_QUOTA_HINT)
             number = site.head_version + 1
             now = time.time()
@@ -753,8 +754,7 @@ class ContentStore:
         elif not tree.changed:
             return None
         total = tree.total_bytes
-        # A commit that shrinks the site is let through even when a smaller plan left it over quota.
-        if total > site.quota_bytes and total > site.head.total_bytes:
+        if over_quota(site.quota_bytes, total, site.head.total_bytes):
             raise QuotaExceeded(_quota_message(site, total), hint=_QUOTA_HINT)
         # Its folders and record reach the disk at the next checkpoint: until then the journal has them.
         return tree, done, _version_record(version, tree, None, source, now)

@@ -17,7 +17,14 @@ from typing import IO
 
 from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import SiteInfo
-from shared.contracts.content import CommitAnswer, CommitOp, FileStored, Manifest, VersionDiff
+from shared.contracts.content import (
+    CommitAnswer,
+    CommitOp,
+    FileStored,
+    Manifest,
+    VersionDiff,
+    storage_room,
+)
 from shared.errors import NotFound, QuotaExceeded
 from shared.logs import ContextLogger
 
@@ -166,8 +173,8 @@ class SiteContent:
         """A spool for ``rel``; it may grow to what the quota leaves once the old file is replaced."""
         tree = self.tree()
         old_size = tree.files[rel][0] if rel in tree.files else 0
-        room = self.site.quota_bytes - (tree.total_bytes - old_size)
-        upload = Upload(self, rel, name, limit=max(room, 0))
+        room = storage_room(self.site.quota_bytes, tree.total_bytes, old_size)
+        upload = Upload(self, rel, name, limit=room)
         try:
             if keep_existing and rel in tree.files:
                 self.client.download(self.site.name, rel, upload.file)

@@ -48,6 +48,8 @@ __all__ = [
     "VersionList",
     "encode_diff",
     "encode_manifest",
+    "over_quota",
+    "storage_room",
 ]
 
 # Blobs in one batch upload or fetch (a worker fetching a site's many small files).
@@ -227,6 +229,23 @@ class ChangeFeedPage(Contract):
     seq: Annotated[int, Field(ge=0)]
     changes: list[ChangeEvent]
     reset: bool
+
+
+# --- the storage quota (``quota_bytes``), as the fileserver and the publisher both apply it
+
+
+def over_quota(quota_bytes: int, new_total: int, old_total: int) -> bool:
+    """Whether a change that brings a site from ``old_total`` to ``new_total`` bytes is refused.
+
+    A change that does not grow the site is let through even when a smaller plan left it over quota:
+    a tenant can always delete their way back under it.
+    """
+    return new_total > quota_bytes and new_total > old_total
+
+
+def storage_room(quota_bytes: int, total_bytes: int, replaced: int = 0) -> int:
+    """How many bytes one file may have, once the ``replaced`` bytes of the file it overwrites are gone."""
+    return max(quota_bytes - (total_bytes - replaced), 0)
 
 
 # --- writes: blobs, commits, rollbacks
