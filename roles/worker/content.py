@@ -77,8 +77,8 @@ class ContentSync:
         # Sites of the snapshot that cannot be served, with why (their visitors get a 503 page).
         self._failed: dict[str, str] = {}
         self._configured = False
-        # What the cache holds, by site: the uid on disk, and the version being served.
-        self._disk_uid: dict[str, str | None] = {}
+        # What the cache holds, by site: the content id on disk, and the version being served.
+        self._disk_content_id: dict[str, str | None] = {}
         self._current: dict[str, SiteVersion] = {}
         # The newest version of each site the fileserver told us about.
         self._target: dict[str, int] = {}
@@ -130,7 +130,11 @@ class ContentSync:
         nothing published yet), or ``{"failed": why}``."""
         current = self._current
         state: dict[str, Any] = {
-            site: ([current[site].number, current[site].root, current[site].uid] if site in current else None)
+            site: (
+                [current[site].number, current[site].root, current[site].content_id]
+                if site in current
+                else None
+            )
             for site in self._held
         }
         state.update((site, {"pending": True}) for site in self._held if self.pending(site))
@@ -180,8 +184,8 @@ class ContentSync:
             await self._load_disk()
         self._held = held
         self._failed = failures
-        for site in set(held) | set(self._disk_uid):
-            if site in self._current and held.get(site) != self._disk_uid.get(site):
+        for site in set(held) | set(self._disk_content_id):
+            if site in self._current and held.get(site) != self._disk_content_id.get(site):
                 # Gone, or another incarnation of the name: stop serving it now; its task cleans up.
                 del self._current[site]
                 self._on_flip(site)
@@ -198,18 +202,18 @@ class ContentSync:
 
         def scan() -> tuple[dict[str, str | None], dict[str, SiteVersion], int]:
             self._cache.empty_trash()
-            uids: dict[str, str | None] = {}
+            content_ids: dict[str, str | None] = {}
             current: dict[str, SiteVersion] = {}
             for site in self._cache.site_names():
-                uids[site] = self._cache.read_uid(site)
+                content_ids[site] = self._cache.read_content_id(site)
                 # Versions left from before a restart (an unfinished grace, a half build) go now.
                 self._cache.prune(site, set())
                 version = self._cache.load_current(site)
                 if version is not None:
                     current[site] = version
-            return uids, current, self._cache.collect_blobs()
+            return content_ids, current, self._cache.collect_blobs()
 
-        self._disk_uid, current, self._blob_bytes = await _in_thread(scan)
+        self._disk_content_id, current, self._blob_bytes = await _in_thread(scan)
         # Only what matches the snapshot is served; apply() sorts out the rest.
         self._current = current
 
@@ -235,10 +239,10 @@ class ContentSync:
             self._feed = asyncio.get_running_loop().create_task(self._follow(self._fileserver))
 
     def _needs_work(self, site: str) -> bool:
-        uid = self._held.get(site)
-        if site in self._disk_uid and self._disk_uid[site] != uid:
+        content_id = self._held.get(site)
+        if site in self._disk_content_id and self._disk_content_id[site] != content_id:
             return True
-        if uid is None or not self._fileserver:
+        if content_id is None or not self._fileserver:
             return False
         have = self._current[site].number if site in self._current else 0
         # A fileserver that says "no version" (0) is not trusted to empty a site that has content.
@@ -303,19 +307,19 @@ class ContentSync:
         log = self._log.bind(site=site)
         try:
             while not self._stopping:
-                uid = self._held.get(site)
-                if site in self._disk_uid and self._disk_uid[site] != uid:
+                content_id = self._held.get(site)
+                if site in self._disk_content_id and self._disk_content_id[site] != content_id:
                     self._current.pop(site, None)
                     self._on_flip(site)
                     await _in_thread(self._cache.drop, site)
-                    del self._disk_uid[site]
+                    del self._disk_content_id[site]
                     self._schedule_collect()
                     continue
-                if uid is not None and self._needs_work(site):
+                if content_id is not None and self._needs_work(site):
                     target = self._target[site]
                     try:
                         async with self._slots:
-                            await self._sync(site, uid, target, log)
+                            await self._sync(site, content_id, target, log)
                         failures = 0
                     except (SitecloudError, OSError) as exc:
                         failures += 1
@@ -337,14 +341,18 @@ class ContentSync:
             if self._tasks.get(site) is me:
                 del self._tasks[site]
 
-    async def _sync(self, site: str, uid: str, target: int, log: Any) -> None:
+    async def _sync(self, site: str, content_id: str, target: int, log: Any) -> None:
         base = f"{self._fileserver}/v1/sites/{site}"
         current = self._current.get(site)
-        incremental = current is not None and 0 < current.number < target and self._disk_uid.get(site) == uid
+        incremental = (
+            current is not None
+            and 0 < current.number < target
+            and self._disk_content_id.get(site) == content_id
+        )
         if (
             incremental
             and current is not None
-            and await self._sync_changes(site, uid, current, target, base, log)
+            and await self._sync_changes(site, content_id, current, target, base, log)
         ):
             return
         what = f"manifest of {site}"
@@ -367,15 +375,15 @@ class ContentSync:
             if missing:
                 # One syncfs makes every blob just fetched durable before a version links to them.
                 await _in_thread(syncfs, self._cache.blobs)
-            if self._held.get(site) != uid:
+            if self._held.get(site) != content_id:
                 return
-            self._disk_uid[site] = uid
-            built = await _in_thread(self._cache.build_version, site, uid, version, files, dirs)
+            self._disk_content_id[site] = content_id
+            built = await _in_thread(self._cache.build_version, site, content_id, version, files, dirs)
         finally:
             self._busy -= 1
             if self._busy == 0:
                 self._quiet.set()
-        if self._held.get(site) != uid:
+        if self._held.get(site) != content_id:
             return
         previous = self._current.get(site)
         self._current[site] = built
@@ -389,7 +397,7 @@ class ContentSync:
             asyncio.get_running_loop().call_later(grace + 0.05, self._kick, site)
 
     async def _sync_changes(
-        self, site: str, uid: str, current: SiteVersion, target: int, base: str, log: Any
+        self, site: str, content_id: str, current: SiteVersion, target: int, base: str, log: Any
     ) -> bool:
         """Apply only what changed since the served version; False when a whole build is needed."""
         try:
@@ -414,7 +422,7 @@ class ContentSync:
             await self._download_all(base, list(missing.values()))
             if missing:
                 await _in_thread(syncfs, self._cache.blobs)
-            if self._held.get(site) != uid or self._current.get(site) is not current:
+            if self._held.get(site) != content_id or self._current.get(site) is not current:
                 return True
             built = await _in_thread(self._cache.apply_changes, site, current, version, changes, dirs)
         finally:
