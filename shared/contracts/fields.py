@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
 from shared.errors import InvalidInput
 from shared.names import validate_site_name
@@ -32,8 +33,8 @@ def _site_name(value: str) -> str:
 def _site_path(value: str) -> str:
     try:
         return site_relpath(value, allow_root=False)
-    except InvalidInput as exc:
-        raise ValueError(str(exc)) from None
+    except InvalidInput as exc:  # the boundary's own message, without pydantic's "Value error, "
+        raise PydanticCustomError("site_path", "{reason}", {"reason": str(exc)}) from None
 
 
 # A site's name as visitors and tenants see it (a DNS label).
