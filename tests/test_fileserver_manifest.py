@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from roles.fileserver._manifest import Tree, apply_ops, human_size
+from shared.contracts.content import CommitOp, CommitRequest
 from shared.errors import AlreadyExists, InvalidInput, NotFound
 
 
@@ -15,9 +16,13 @@ def test_human_size() -> None:
     assert human_size(3 * 1024**4) == "3 TB"
 
 
+def _ops(*ops: dict[str, str]) -> list[CommitOp]:
+    return CommitRequest.parse({"ops": list(ops)}).ops
+
+
 def _tree(*ops: dict[str, str]) -> Tree:
     tree = Tree()
-    apply_ops(tree, list(ops), blob_size=lambda sha: 1, now=1.0)
+    apply_ops(tree, _ops(*ops), blob_size=lambda sha: 1, now=1.0)
     return tree
 
 
@@ -47,4 +52,4 @@ def test_directory_rename_moves_the_subtree_and_only_it() -> None:
 def test_bad_ops(op: dict[str, str], error: type[Exception]) -> None:
     tree = _tree({"op": "put", "path": "f", "sha256": "b" * 64}, {"op": "mkdir", "path": "d"})
     with pytest.raises(error):
-        apply_ops(tree, [op], blob_size=lambda sha: 1, now=1.0)
+        apply_ops(tree, _ops(op), blob_size=lambda sha: 1, now=1.0)

@@ -6,16 +6,17 @@ import hashlib
 import os
 from pathlib import Path
 
-from roles.worker._cache import ContentCache, ManifestFile
+from roles.worker._cache import ContentCache
+from shared.contracts.content import FileMeta
 
 
-def _blob(cache: ContentCache, data: bytes) -> ManifestFile:
+def _blob(cache: ContentCache, data: bytes) -> FileMeta:
     sha = hashlib.sha256(data).hexdigest()
     fd, tmp = cache.new_blob_file()
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     cache.commit_blob(tmp, sha, 0)
-    return ManifestFile(sha, len(data), 0)
+    return FileMeta(sha256=sha, size=len(data), mtime=0)
 
 
 def test_prune_keeps_a_version_changed_in_place(tmp_path: Path) -> None:

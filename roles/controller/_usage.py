@@ -1,9 +1,10 @@
 """Usage reports: requests and bytes per site from the front ends, CPU and memory-seconds from the
 workers, summed per UTC day.
 
-A front end (or worker) sends what it counted since its last taken report (see docs/architecture.md, "Usage
-reports") and sends the same report again, same id, until it gets a 2xx; repeats are dropped here by
-id, so a report that timed out after it was stored is never counted twice.
+A front end (or worker) sends what it counted since its last taken report (a
+:class:`shared.contracts.usage.UsageReport`) and sends the same report again, same id, until it gets
+a 2xx; repeats are dropped here by id, so a report that timed out after it was stored is never
+counted twice.
 """
 
 from __future__ import annotations
@@ -12,53 +13,20 @@ import asyncio
 import datetime as dt
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from aiohttp import web
 from sqlalchemy import delete
 
-from shared.db import Database, SiteUsage, UsageReport
-from shared.errors import InvalidInput
+from shared.contracts.usage import UsageReport
+from shared.db import Database, SiteUsage
+from shared.db import UsageReport as TakenReport
 from shared.internal import require_role
-from shared.names import validate_site_name
 
 __all__ = ["UsageBook", "usage_routes"]
 
 # Report ids are kept this long: far longer than a front end keeps resending one.
 _KEEP_IDS = dt.timedelta(days=2)
-_COUNTERS = ("requests", "bytes_in", "bytes_out")
-# From the workers: seconds of CPU and MB held times seconds, as numbers that need not be whole.
-_MEASURES = ("cpu_seconds", "memory_mb_seconds")
-
-
-def _parse(report: Any) -> tuple[str, dt.date, dict[str, dict[str, float]]]:
-    if not isinstance(report, dict) or not isinstance(report.get("id"), str) or not report["id"]:
-        raise InvalidInput("a usage report needs an 'id'")
-    report_id = report["id"][:64]
-    to = report.get("to")
-    if isinstance(to, bool) or not isinstance(to, int | float):
-        raise InvalidInput("a usage report needs 'to' (seconds since the epoch)")
-    sites = report.get("sites")
-    if not isinstance(sites, dict):
-        raise InvalidInput("a usage report needs 'sites'")
-    counts: dict[str, dict[str, float]] = {}
-    for name, figures in sites.items():
-        validate_site_name(name)
-        if not isinstance(figures, dict):
-            raise InvalidInput(f"usage of {name} must be an object")
-        row: dict[str, float] = {}
-        for key in _COUNTERS:
-            value = figures.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidInput(f"usage {key} of {name} must be a whole number")
-            row[key] = value
-        for key in _MEASURES:
-            value = figures.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e12:
-                raise InvalidInput(f"usage {key} of {name} must be a number >= 0")
-            row[key] = float(value)
-        counts[name] = row
-    return report_id, dt.datetime.fromtimestamp(to, dt.UTC).date(), counts
+_ID_CHARS = 64
 
 
 class UsageBook:
@@ -70,14 +38,17 @@ class UsageBook:
         # Told which sites a new report counted for (the controller checks their quotas).
         self._on_recorded = on_recorded
 
-    def record(self, report: Any) -> bool:
+    def record(self, data: object) -> bool:
         """Add one report's counts to each site's day; False when that report was taken before."""
-        report_id, day, counts = _parse(report)
+        report = UsageReport.parse(data, what="usage report")
+        report_id = report.id[:_ID_CHARS]
+        day = dt.datetime.fromtimestamp(report.to, dt.UTC).date()
+        counts = report.sites
         now = dt.datetime.now(dt.UTC)
         with self._lock, self._db.session() as s:
-            if s.get(UsageReport, report_id) is not None:
+            if s.get(TakenReport, report_id) is not None:
                 return False
-            s.add(UsageReport(id=report_id, received_at=now))
+            s.add(TakenReport(id=report_id, received_at=now))
             for site, figures in counts.items():
                 row = s.get(SiteUsage, (site, day))
                 if row is None:
@@ -91,12 +62,12 @@ class UsageBook:
                         memory_mb_seconds=0.0,
                     )
                     s.add(row)
-                row.requests += int(figures["requests"])
-                row.bytes_in += int(figures["bytes_in"])
-                row.bytes_out += int(figures["bytes_out"])
-                row.cpu_seconds += figures["cpu_seconds"]
-                row.memory_mb_seconds += figures["memory_mb_seconds"]
-            s.execute(delete(UsageReport).where(UsageReport.received_at < now - _KEEP_IDS))
+                row.requests += figures.requests
+                row.bytes_in += figures.bytes_in
+                row.bytes_out += figures.bytes_out
+                row.cpu_seconds += figures.cpu_seconds
+                row.memory_mb_seconds += figures.memory_mb_seconds
+            s.execute(delete(TakenReport).where(TakenReport.received_at < now - _KEEP_IDS))
         if counts:
             self._on_recorded(set(counts))
         return True

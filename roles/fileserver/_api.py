@@ -1,9 +1,9 @@
-"""The content API on the fileserver's control port (mTLS): see docs/architecture.md, "Fileserver content API"."""
+"""The content API on the fileserver's control port (mTLS): its messages are the types of
+:mod:`shared.contracts.content`; see docs/architecture.md, "Fileserver content API"."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from aiohttp import web
 
@@ -11,6 +11,7 @@ from roles.fileserver._zip import stream_zip
 from roles.fileserver.feed import MAX_WAIT
 from roles.fileserver.store import ContentStore
 from shared.config import ROLE_KINDS
+from shared.contracts.content import BlobFetch, CommitRequest, RollbackRequest
 from shared.errors import BadRequest, InvalidInput, QuotaExceeded
 from shared.internal import json_error, require_role
 
@@ -20,8 +21,6 @@ __all__ = ["content_routes"]
 _READERS = ("worker", "publisher")
 _WRITERS = ("publisher",)
 _CHUNK = 256 * 1024
-# Where a change came from: FTP changes are file by file, a deploy flips the whole site.
-_SOURCES = ("ftp", "deploy")
 
 
 def _number(request: web.Request, key: str, default: float) -> float:
@@ -43,10 +42,18 @@ def _integer(request: web.Request, key: str) -> int | None:
     return int(raw)
 
 
+async def _json_body(request: web.Request) -> object:
+    try:
+        body: object = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not JSON: {exc}") from None
+    return body
+
+
 def content_routes(store: ContentStore) -> list[web.RouteDef]:
     async def site_info(request: web.Request) -> web.Response:
         require_role(request, *ROLE_KINDS)
-        return web.json_response(store.info(request.match_info["site"]))
+        return web.json_response(store.info(request.match_info["site"]).to_json())
 
     async def manifest(request: web.Request) -> web.Response:
         require_role(request, *_READERS)
@@ -74,16 +81,12 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
             response = json_error(err)
             response.force_close()
             return response
-        return web.json_response(answer)
+        return web.json_response(answer.to_json())
 
     async def fetch_batch(request: web.Request) -> web.Response:
         require_role(request, *_READERS)
-        try:
-            body: Any = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"body is not JSON: {exc}") from None
-        shas = body.get("sha256") if isinstance(body, dict) else None
-        blobs = await store.read_blobs(request.match_info["site"], shas)
+        wanted = BlobFetch.parse(await _json_body(request), what="blob fetch")
+        blobs = await store.read_blobs(request.match_info["site"], wanted.sha256)
         payload = b"".join(len(b).to_bytes(8, "big") + b for b in blobs)
         return web.Response(body=payload, content_type="application/octet-stream")
 
@@ -97,7 +100,7 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
             response = json_error(err)
             response.force_close()
             return response
-        return web.json_response(answer)
+        return web.json_response(answer.to_json())
 
     async def put_file(request: web.Request) -> web.Response:
         require_role(request, *_WRITERS)
@@ -112,17 +115,17 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
             response = json_error(err)
             response.force_close()
             return response
-        return web.json_response(answer)
+        return web.json_response(answer.to_json())
 
     async def diff(request: web.Request) -> web.Response:
         require_role(request, *_READERS)
         since = _integer(request, "since") or 0
-        answer = await store.diff(request.match_info["site"], since, _integer(request, "version"))
-        return web.json_response(answer)
+        body = await store.diff(request.match_info["site"], since, _integer(request, "version"))
+        return web.Response(body=body, content_type="application/json")
 
     async def site_versions(request: web.Request) -> web.Response:
         require_role(request, *_READERS, "management")
-        return web.json_response({"versions": store.version_list(request.match_info["site"])})
+        return web.json_response(store.version_list(request.match_info["site"]).to_json())
 
     async def site_zip(request: web.Request) -> web.StreamResponse:
         # Management streams it on to the tenant (a download, a backup).
@@ -145,44 +148,29 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
     async def rollback(request: web.Request) -> web.Response:
         # A rollback writes no new content: the tenant asks for it through the management API.
         require_role(request, *_WRITERS, "management")
-        try:
-            body: Any = await request.json() if request.can_read_body else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"rollback body is not JSON: {exc}") from None
-        version = body.get("version") if isinstance(body, dict) else None
-        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
-            raise InvalidInput('rollback body is {"version": N} (a whole number), or {} for the one before')
-        return web.json_response(await store.rollback(request.match_info["site"], version))
+        body = await _json_body(request) if request.can_read_body else {}
+        wanted = RollbackRequest.parse(body, what="rollback")
+        answer = await store.rollback(request.match_info["site"], wanted.version)
+        return web.json_response(answer.to_json())
 
     async def commit(request: web.Request) -> web.Response:
         require_role(request, *_WRITERS)
-        try:
-            body: Any = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"commit body is not JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise InvalidInput('commit body must be {"ops": [...], "replace": false}')
-        replace = body.get("replace", False)
-        if not isinstance(replace, bool):
-            raise InvalidInput("'replace' must be true or false")
-        source = body.get("source", "deploy")
-        if source not in _SOURCES:
-            raise InvalidInput(f"'source' must be one of {', '.join(_SOURCES)}, not {source!r}")
+        wanted = CommitRequest.parse(await _json_body(request), what="commit")
         answer = await store.commit(
-            request.match_info["site"], body.get("ops"), replace=replace, source=source
+            request.match_info["site"], wanted.ops, replace=wanted.replace, source=wanted.source
         )
-        return web.json_response(answer)
+        return web.json_response(answer.to_json())
 
     async def changes(request: web.Request) -> web.Response:
         require_role(request, *_READERS)
         since = _integer(request, "since") or 0
         wait = max(0.0, min(_number(request, "wait", 0.0), MAX_WAIT))
-        return web.json_response(await store.feed.wait(since, wait))
+        return web.json_response((await store.feed.wait(since, wait)).to_json())
 
     async def versions(request: web.Request) -> web.Response:
         # Management pins each site's version when it takes a backup.
         require_role(request, *_READERS, "management")
-        return web.json_response(store.versions())
+        return web.json_response(store.versions().to_json())
 
     return [
         web.get("/v1/sites/{site}", site_info),

@@ -2,7 +2,7 @@
 
 A version is a tree of folders, each stored once under the sha256 of its encoding (as git stores
 trees), so a new version writes only the folders on the paths that changed. The flat form workers read
-is the manifest ``{"site", "version", "total_bytes", "files": {path: {sha256, size, mtime}}, "dirs": [...]}``.
+is the manifest (:class:`shared.contracts.content.Manifest`).
 Paths are relative POSIX paths from :func:`shared.paths.site_relpath`.
 """
 
@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from shared.contracts.content import CommitOp, PutOp, RenameOp, encode_manifest
+from shared.contracts.fields import SHA256_PATTERN
 from shared.errors import AlreadyExists, InvalidInput, NotFound
-from shared.paths import site_relpath
 
 __all__ = [
     "SHA256_RE",
@@ -27,13 +28,11 @@ __all__ = [
     "apply_ops",
     "check_sha256",
     "diff",
-    "empty_manifest",
     "human_size",
     "walk",
 ]
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-MAX_OPS = 200_000
+SHA256_RE = re.compile(SHA256_PATTERN)
 
 
 def check_sha256(value: object) -> str:
@@ -53,10 +52,6 @@ def human_size(n: int) -> str:
             break
     text = f"{value:.1f}".removesuffix(".0")
     return f"{text} {unit}"
-
-
-def empty_manifest(site: str) -> dict[str, Any]:
-    return {"site": site, "version": 0, "total_bytes": 0, "files": {}, "dirs": []}
 
 
 def _split(path: str) -> list[str]:
@@ -160,21 +155,16 @@ class Tree:
             node = node.entries.get(part)
         return node
 
-    def manifest(self, site: str, version: int) -> dict[str, Any]:
-        files: dict[str, Any] = {}
+    def manifest(self, site: str, version: int) -> bytes:
+        """This tree as the :class:`~shared.contracts.content.Manifest` of ``version``, in JSON."""
+        files: list[tuple[str, FileEntry]] = []
         dirs: list[str] = []
         for path, entry in _walk_files(self.root, ""):
             if isinstance(entry, Folder):
                 dirs.append(path)
             else:
-                files[path] = entry.to_json()
-        return {
-            "site": site,
-            "version": version,
-            "total_bytes": self.total_bytes,
-            "files": dict(sorted(files.items())),
-            "dirs": sorted(dirs),
-        }
+                files.append((path, entry))
+        return encode_manifest(site, version, self.total_bytes, files, dirs)
 
     def same_as(self, other: Tree) -> bool:
         return self.root is other.root or (
@@ -345,45 +335,31 @@ def diff(old: Folder, new: Folder, prefix: str = "") -> Iterator[tuple[str, Chan
 BlobSize = Callable[[str], int]
 
 
-def _path(op: dict[str, Any], key: str) -> str:
-    value = op.get(key)
-    if not isinstance(value, str):
-        raise InvalidInput(f"op {op.get('op')!r} needs a string {key!r}")
-    return site_relpath(value, allow_root=False)
-
-
-def apply_ops(tree: Tree, ops: object, *, blob_size: BlobSize, now: float) -> list[dict[str, Any]]:
-    """Apply commit ops to ``tree`` in order; raises on the first op that cannot be applied.
+def apply_ops(
+    tree: Tree, ops: Sequence[CommitOp], *, blob_size: BlobSize, now: float
+) -> list[dict[str, Any]]:
+    """Apply commit ops (their paths checked by the contract) to ``tree`` in order; raises on the
+    first op that cannot be applied.
 
     ``blob_size`` gives an uploaded blob's size, or raises :class:`NotFound` when it was never uploaded.
-    Returns the ops as applied (checked paths; sizes and times filled in), which replay exactly.
+    Returns the ops as applied (sizes and times filled in), which replay exactly.
     """
-    if not isinstance(ops, list):
-        raise InvalidInput("'ops' must be a list")
-    if len(ops) > MAX_OPS:
-        raise InvalidInput(f"a commit may have at most {MAX_OPS} ops")
     done: list[dict[str, Any]] = []
     for op in ops:
-        if not isinstance(op, dict):
-            raise InvalidInput("each op must be a JSON object")
-        kind = op.get("op")
-        if kind == "put":
-            path = _path(op, "path")
-            sha = check_sha256(op.get("sha256"))
-            mtime = op.get("mtime", now)
-            if not isinstance(mtime, int | float) or isinstance(mtime, bool):
-                raise InvalidInput(f"put {path!r}: 'mtime' must be a number")
-            entry = FileEntry(sha, blob_size(sha), float(mtime))
-            tree.put(path, entry)
-            done.append({"op": "put", "path": path, **entry.to_json()})
-        elif kind in ("delete", "mkdir", "rmdir"):
-            path = _path(op, "path")
-            getattr(tree, str(kind))(path)
-            done.append({"op": kind, "path": path})
-        elif kind == "rename":
-            src, dst = _path(op, "from"), _path(op, "to")
-            tree.rename(src, dst)
-            done.append({"op": kind, "from": src, "to": dst})
+        if isinstance(op, PutOp):
+            entry = FileEntry(op.sha256, blob_size(op.sha256), now if op.mtime is None else op.mtime)
+            tree.put(op.path, entry)
+            done.append({"op": "put", "path": op.path, **entry.to_json()})
+        elif isinstance(op, RenameOp):
+            tree.rename(op.src, op.dst)
+            done.append(op.to_json())
+        elif op.op == "delete":
+            tree.delete(op.path)
+            done.append(op.to_json())
+        elif op.op == "mkdir":
+            tree.mkdir(op.path)
+            done.append(op.to_json())
         else:
-            raise InvalidInput(f"unknown op {kind!r}", hint="ops are put, delete, mkdir, rmdir and rename")
+            tree.rmdir(op.path)
+            done.append(op.to_json())
     return done

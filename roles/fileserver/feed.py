@@ -14,32 +14,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.contracts.content import ChangeEvent, ChangeFeedPage
 from shared.files import atomic_write_json, read_json
 
-__all__ = ["MAX_WAIT", "Change", "ChangeFeed"]
+__all__ = ["MAX_WAIT", "ChangeFeed"]
 
 MAX_WAIT = 30.0
 _BLOCK = 4096
 
 
-@dataclass(frozen=True)
-class Change:
-    seq: int
-    site: str
-    version: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "site": self.site, "version": self.version}
-
-
 class ChangeFeed:
     def __init__(self, path: Path, *, keep: int = 10_000) -> None:
         self._path = path
-        self._log: deque[Change] = deque(maxlen=keep)
+        self._log: deque[ChangeEvent] = deque(maxlen=keep)
         self._lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -68,7 +58,7 @@ class ChangeFeed:
         async with self._lock:
             await asyncio.to_thread(atomic_write_json, self._path, {"seq": self.seq, "clean": True})
 
-    async def publish(self, site: str, version: int) -> Change:
+    async def publish(self, site: str, version: int) -> ChangeEvent:
         """Announce a version that is already on disk; returns the change with its seq."""
         async with self._lock:
             seq = self.seq + 1
@@ -76,25 +66,25 @@ class ChangeFeed:
                 self._ceiling = seq + _BLOCK
                 await asyncio.to_thread(atomic_write_json, self._path, {"seq": self._ceiling, "clean": False})
             if len(self._log) == self._log.maxlen:
-                self._floor = self._log[0].seq
-            change = Change(seq, site, version)
+                self._floor = self._log[0]["seq"]
+            change: ChangeEvent = {"seq": seq, "site": site, "version": version}
             self._log.append(change)
             self.seq = seq
             wakeup, self._wakeup = self._wakeup, asyncio.Event()
             wakeup.set()
             return change
 
-    def since(self, since: int) -> tuple[list[Change], bool]:
+    def since(self, since: int) -> tuple[list[ChangeEvent], bool]:
         """The changes after ``since``, and whether the caller must reset instead."""
         if since < self._floor or since > self.seq:
             return [], True
-        return [c for c in self._log if c.seq > since], False
+        return [c for c in self._log if c["seq"] > since], False
 
-    async def wait(self, since: int, timeout: float) -> dict[str, Any]:
+    async def wait(self, since: int, timeout: float) -> ChangeFeedPage:
         """The answer to ``GET /v1/changes``: at once if there is news, else after a change or ``timeout``."""
         changes, reset = self.since(since)
         if not changes and not reset and not self._closed and timeout > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), min(timeout, MAX_WAIT))
             changes, reset = self.since(since)
-        return {"seq": self.seq, "changes": [c.to_json() for c in changes], "reset": reset}
+        return ChangeFeedPage(seq=self.seq, changes=changes, reset=reset)

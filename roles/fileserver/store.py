@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +26,30 @@ from roles.fileserver._manifest import (
     apply_ops,
     check_sha256,
     diff,
-    empty_manifest,
     human_size,
     walk,
 )
 from roles.fileserver._zip import ZipMember
 from roles.fileserver.config import FileserverConfig
 from roles.fileserver.feed import ChangeFeed
+from shared.contracts.content import (
+    BLOB_BATCH_MAX,
+    BlobBatchStored,
+    BlobStored,
+    CommitAnswer,
+    CommitOp,
+    CommitRequest,
+    FileStored,
+    PutOp,
+    RollbackAnswer,
+    SiteContentInfo,
+    SiteVersions,
+    VersionEntry,
+    VersionList,
+    encode_diff,
+    encode_manifest,
+    over_quota,
+)
 from shared.errors import InvalidInput, NotFound, QuotaExceeded
 from shared.files import syncfs
 from shared.logs import get_logger
@@ -49,7 +65,6 @@ _INLINE_BYTES = 1024 * 1024
 _CHECKPOINT_BYTES = 64 * 1024 * 1024
 _CHECKPOINT_EVERY = 5.0
 _RECENT = 64
-_BATCH_MAX = 10_000
 _BATCH_READ_BYTES = 64 * 1024 * 1024
 _QUOTA_HINT = "delete files, or move the site to a plan with more storage"
 
@@ -205,7 +220,8 @@ def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
             else:
                 tree = Tree() if header.get("replace") else tree.begin()
                 sizes = {op["sha256"]: int(op["size"]) for op in header["ops"] if op["op"] == "put"}
-                apply_ops(tree, header["ops"], blob_size=sizes.__getitem__, now=float(header["t"]))
+                ops = CommitRequest.parse({"ops": header["ops"]}, what="journal record").ops
+                apply_ops(tree, ops, blob_size=sizes.__getitem__, now=float(header["t"]))
             root = tree.freeze(lambda d, b: disk.write_folder(d, b, check=True))
             disk.write_version(_version_record(number, tree, root, str(header["src"]), float(header["t"])))
             version = number
@@ -349,17 +365,14 @@ class ContentStore:
             "seq": self.feed.seq,
         }
 
-    def info(self, name: str) -> dict[str, Any]:
+    def info(self, name: str) -> SiteContentInfo:
         site = self.site(name)
-        return {
-            "site": site.name,
-            "version": site.version,
-            "total_bytes": site.total_bytes,
-            "quota_bytes": site.quota_bytes,
-        }
+        return SiteContentInfo(
+            site=site.name, version=site.version, total_bytes=site.total_bytes, quota_bytes=site.quota_bytes
+        )
 
-    def versions(self) -> dict[str, Any]:
-        return {"seq": self.feed.seq, "sites": {n: s.version for n, s in sorted(self._sites.items())}}
+    def versions(self) -> SiteVersions:
+        return SiteVersions(seq=self.feed.seq, sites={n: s.version for n, s in sorted(self._sites.items())})
 
     async def _tree_of(self, site: _Site, version: int, *, head: bool = False) -> Tree:
         newest = site.head_version if head else site.version
@@ -384,53 +397,59 @@ class ContentStore:
         site = self.site(name)
         wanted = site.version if version is None else version
         if wanted == 0 and site.version == 0:
-            return json.dumps(empty_manifest(site.name)).encode()
+            return encode_manifest(site.name, 0, 0, [], [])
         cached = site.manifest_cache
         if cached is not None and cached[0] == wanted:
             return cached[1]
         tree = await self._tree_of(site, wanted)
-        body = await asyncio.to_thread(lambda: json.dumps(tree.manifest(site.name, wanted)).encode())
+        body = await asyncio.to_thread(tree.manifest, site.name, wanted)
         if wanted == site.version:
             site.manifest_cache = (wanted, body)
         return body
 
-    async def diff(self, name: str, since: int, version: int | None) -> dict[str, Any]:
+    async def diff(self, name: str, since: int, version: int | None) -> bytes:
         """The paths that differ between two versions, for a worker that has ``since``."""
         site = self.site(name)
         wanted = site.version if version is None else version
         old = Tree() if since == 0 else await self._tree_of(site, since)
         new = await self._tree_of(site, wanted) if wanted else Tree()
-        files: dict[str, Any] = {}
-        dirs: dict[str, bool] = {}
+        files: list[tuple[str, FileEntry | None]] = []
+        dirs: list[str] = []
         for path, change in diff(old.root, new.root):
             if change == "dir":
-                dirs[path] = True
-            elif change is None:
-                files[path] = None
+                dirs.append(path)
             else:
-                files[path] = change.to_json()
+                files.append((path, change))
         # A deploy or rollback in between flips the site whole: a worker builds it anew, not file by file.
         whole = (
             any(site.records.get(n, {}).get("source") != "ftp" for n in range(since + 1, wanted + 1))
             or since == 0
         )
-        return {
-            "site": site.name,
-            "since": since,
-            "version": wanted,
-            "total_bytes": new.total_bytes,
-            "whole": whole,
-            "files": files,
-            "dirs": dirs,
-        }
+        return encode_diff(
+            site.name,
+            since=since,
+            version=wanted,
+            total_bytes=new.total_bytes,
+            whole=whole,
+            files=files,
+            dirs=dirs,
+        )
 
-    def version_list(self, name: str) -> list[dict[str, Any]]:
+    def version_list(self, name: str) -> VersionList:
         site = self.site(name)
-        return [
-            {k: r[k] for k in ("version", "time", "source", "files", "total_bytes")}
-            for n, r in sorted(site.records.items())
-            if n <= site.version
-        ]
+        return VersionList(
+            versions=[
+                VersionEntry(
+                    version=n,
+                    time=float(r["time"]),
+                    source=r["source"],
+                    files=int(r["files"]),
+                    total_bytes=int(r["total_bytes"]),
+                )
+                for n, r in sorted(site.records.items())
+                if n <= site.version
+            ]
+        )
 
     async def zip_members(self, name: str, version: int | None) -> tuple[int, list[ZipMember]]:
         """What a zip of a version holds (the newest when ``version`` is None): its files, and its empty
@@ -453,12 +472,10 @@ class ContentStore:
             raise NotFound(f"site {site.name} has no blob {sha}")
         return path
 
-    async def read_blobs(self, name: str, shas: object) -> list[bytes]:
+    async def read_blobs(self, name: str, shas: list[str]) -> list[bytes]:
         """Several blobs at once, in the order asked (a worker fetching a site's many small files)."""
         site = self.site(name)
-        if not isinstance(shas, list) or len(shas) > _BATCH_MAX:
-            raise InvalidInput(f"'sha256' must be a list of at most {_BATCH_MAX} blob hashes")
-        paths = [site.disk.blob(check_sha256(sha)) for sha in shas]
+        paths = [site.disk.blob(sha) for sha in shas]
 
         def read() -> list[bytes]:
             out = []
@@ -526,9 +543,7 @@ class ContentStore:
             await asyncio.to_thread(upload.discard)
             raise
 
-    async def upload_blob(
-        self, name: str, chunks: AsyncIterator[bytes], length: int | None
-    ) -> dict[str, Any]:
+    async def upload_blob(self, name: str, chunks: AsyncIterator[bytes], length: int | None) -> BlobStored:
         """Store a streamed blob; refused as soon as it alone passes the site's quota."""
         site = self.site(name)
         upload, sha, small = await self._receive(site, chunks, length, keep=_INLINE_BYTES)
@@ -542,9 +557,9 @@ class ContentStore:
             raise
         self.blobs_received += 1
         self.blob_bytes_received += upload.size
-        return {"sha256": sha, "size": upload.size}
+        return BlobStored(sha256=sha, size=upload.size)
 
-    async def upload_blobs(self, name: str, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+    async def upload_blobs(self, name: str, chunks: AsyncIterator[bytes]) -> BlobBatchStored:
         """Store many small blobs sent in one body as ``size (8 bytes, big-endian) | bytes`` frames.
 
         Like single small blobs they get no fsync of their own: the commit that uses them makes them
@@ -556,7 +571,7 @@ class ContentStore:
         received = 0
         async for chunk in chunks:
             received += len(chunk)
-            if received > site.quota_bytes + 8 * _BATCH_MAX:
+            if received > site.quota_bytes + 8 * BLOB_BATCH_MAX:
                 raise self._too_big(site, received, known=False)
             buffer += chunk
             while len(buffer) >= 8:
@@ -568,8 +583,8 @@ class ContentStore:
                 data = bytes(buffer[8 : 8 + size])
                 del buffer[: 8 + size]
                 blobs.append((hashlib.sha256(data).hexdigest(), data))
-                if len(blobs) > _BATCH_MAX:
-                    raise InvalidInput(f"a batch may hold at most {_BATCH_MAX} blobs")
+                if len(blobs) > BLOB_BATCH_MAX:
+                    raise InvalidInput(f"a batch may hold at most {BLOB_BATCH_MAX} blobs")
         if buffer:
             raise InvalidInput("the batch ends inside a frame: each is an 8-byte size, then that many bytes")
 
@@ -582,11 +597,11 @@ class ContentStore:
             site.unsynced.update(sha for sha, _ in blobs)
         self.blobs_received += len(blobs)
         self.blob_bytes_received += sum(len(d) for _, d in blobs)
-        return {"blobs": [{"sha256": sha, "size": len(data)} for sha, data in blobs]}
+        return BlobBatchStored(blobs=[BlobStored(sha256=sha, size=len(data)) for sha, data in blobs])
 
     async def put_file(
         self, name: str, path: str, chunks: AsyncIterator[bytes], length: int | None
-    ) -> dict[str, Any]:
+    ) -> FileStored:
         """Store a file's bytes and put it at ``path`` in one step, durable once its journal record is."""
         site = self.site(name)
         rel = site_relpath(path, allow_root=False)
@@ -612,19 +627,19 @@ class ContentStore:
                 raise
         self.blobs_received += 1
         self.blob_bytes_received += size
-        ops = [{"op": "put", "path": rel, "sha256": sha}]
+        ops = [PutOp(path=rel, sha256=sha)]
         answer = await self.commit(name, ops, replace=False, source="ftp", blob=(sha, small or b""))
-        return {**answer, "sha256": sha, "size": size}
+        return FileStored(version=answer.version, total_bytes=answer.total_bytes, sha256=sha, size=size)
 
     async def commit(
         self,
         name: str,
-        ops: object,
+        ops: Sequence[CommitOp],
         *,
         replace: bool,
         source: str = "deploy",
         blob: tuple[str, bytes] | None = None,
-    ) -> dict[str, Any]:
+    ) -> CommitAnswer:
         """Apply ops all or nothing as a new version; an idempotent commit makes no new version.
 
         The answer comes once the version's journal record is on disk; commits that arrive meanwhile
@@ -637,7 +652,7 @@ class ContentStore:
             version, now = site.head_version + 1, time.time()
             made = await asyncio.to_thread(self._apply, site, ops, replace, version, source, now)
             if made is None:
-                return {"version": site.head_version, "total_bytes": site.head.total_bytes}
+                return CommitAnswer(version=site.head_version, total_bytes=site.head.total_bytes)
             tree, done, record = made
             wanted = {op["sha256"] for op in done if op["op"] == "put"}
             data = b""
@@ -655,9 +670,9 @@ class ContentStore:
             self._prune(site)
             site.head, site.head_version = tree, version
         await self._publish(site, site.journal, offset, version, tree)
-        return {"version": version, "total_bytes": tree.total_bytes}
+        return CommitAnswer(version=version, total_bytes=tree.total_bytes)
 
-    async def rollback(self, name: str, version: int | None) -> dict[str, Any]:
+    async def rollback(self, name: str, version: int | None) -> RollbackAnswer:
         """A new version with the content of an earlier one (the one before the newest by default)."""
         site = self.site(name)
         async with site.lock:
@@ -669,7 +684,7 @@ class ContentStore:
                     hint=f"kept versions: {', '.join(map(str, kept)) or 'none'}",
                 )
             tree = await self._tree_of(site, target, head=True)
-            if tree.total_bytes > site.quota_bytes and tree.total_bytes > site.head.total_bytes:
+            if over_quota(site.quota_bytes, tree.total_bytes, site.head.total_bytes):
                 raise QuotaExceeded(_quota_message(site, tree.total_bytes), hint=_QUOTA_HINT)
             number = site.head_version + 1
             now = time.time()
@@ -682,7 +697,7 @@ class ContentStore:
             self._prune(site)
             site.head, site.head_version = tree, number
         await self._publish(site, site.journal, offset, number, tree)
-        return {"version": number, "total_bytes": tree.total_bytes, "rolled_back_to": target}
+        return RollbackAnswer(version=number, total_bytes=tree.total_bytes, rolled_back_to=target)
 
     async def _append(self, site: _Site, record: Record) -> int:
         if site.journal is None:
@@ -729,7 +744,7 @@ class ContentStore:
         task.add_done_callback(self._tasks.discard)
 
     def _apply(
-        self, site: _Site, ops: object, replace: bool, version: int, source: str, now: float
+        self, site: _Site, ops: Sequence[CommitOp], replace: bool, version: int, source: str, now: float
     ) -> tuple[Tree, list[dict[str, Any]], dict[str, Any]] | None:
         """Blocking: the new tree, its folders and its version record written (not yet durable)."""
         tree = Tree() if replace else site.head.begin()
@@ -741,8 +756,7 @@ class ContentStore:
         elif not tree.changed:
             return None
         total = tree.total_bytes
-        # A commit that shrinks the site is let through even when a smaller plan left it over quota.
-        if total > site.quota_bytes and total > site.head.total_bytes:
+        if over_quota(site.quota_bytes, total, site.head.total_bytes):
             raise QuotaExceeded(_quota_message(site, total), hint=_QUOTA_HINT)
         # Its folders and record reach the disk at the next checkpoint: until then the journal has them.
         return tree, done, _version_record(version, tree, None, source, now)

@@ -10,7 +10,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from shared.errors import NotFound, SitecloudError
+from shared.contracts.content import SiteContentInfo
+from shared.errors import InvalidInput, NotFound, SitecloudError
 from shared.internal import InternalClient
 
 __all__ = ["StorageReader"]
@@ -35,8 +36,10 @@ class StorageReader:
                 return 0  # nothing stored for it yet
             except (SitecloudError, TimeoutError):
                 return None
-        size = answer.get("total_bytes") if isinstance(answer, dict) else None
-        return size if isinstance(size, int) else None
+        try:
+            return SiteContentInfo.parse(answer).total_bytes
+        except InvalidInput:
+            return None
 
     def forget(self, site: str) -> None:
         """Drop a cached size (after a deploy through us, the next page shows the new one)."""

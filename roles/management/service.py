@@ -25,6 +25,8 @@ from roles.management._store import Principal, Store, require_admin
 from roles.management._usage import StorageReader
 from roles.management._warm import warm_site
 from roles.management.config import ManagementConfig
+from shared.contracts.answers import parse_answer
+from shared.contracts.content import RollbackAnswer, RollbackRequest, SiteVersions, VersionList
 from shared.db import Database
 from shared.errors import SitecloudError, Unauthorized, Unavailable
 from shared.internal import InternalClient
@@ -36,6 +38,7 @@ Json = dict[str, Any]
 T = TypeVar("T")
 # The whole list: what the portals show; the API passes the page it was asked for.
 _ALL = Page()
+_FILESERVER = "the fileserver"
 
 # A web deploy may carry a large zip over a slow link; the publisher answers once it is committed.
 _DEPLOY_TIMEOUT = 3600.0
@@ -497,10 +500,10 @@ class ManagementService:
         """The site's kept content versions, oldest first: number, time, source, files and bytes."""
         await self._read(self._store.check_site, who, name)
         base = await self._fileserver()
-        answer = await self._client.get_json(f"{base}/v1/sites/{name}/versions")
-        if not isinstance(answer, dict) or not isinstance(answer.get("versions"), list):
-            raise Unavailable("the fileserver gave an unexpected answer about versions")
-        return {"site": name, "versions": answer["versions"]}
+        answer = parse_answer(
+            VersionList, await self._client.get_json(f"{base}/v1/sites/{name}/versions"), peer=_FILESERVER
+        )
+        return {"site": name, **answer.to_json()}
 
     async def site_zip(self, who: Principal, name: str, version: int | None) -> AsyncIterator[bytes]:
         """A version of the site (the newest when ``version`` is None) as a zip, streamed from the
@@ -515,16 +518,17 @@ class ManagementService:
         ``version`` None: the one before the newest."""
         await self._read(self._store.check_site, who, name)
         base = await self._fileserver()
-        answer = await self._client.request_json(
-            "POST", f"{base}/v1/sites/{name}/rollback", json={} if version is None else {"version": version}
+        wanted = RollbackRequest(version=version).to_json()
+        answer = parse_answer(
+            RollbackAnswer,
+            await self._client.request_json("POST", f"{base}/v1/sites/{name}/rollback", json=wanted),
+            peer=_FILESERVER,
         )
-        if not isinstance(answer, dict):
-            raise Unavailable("the fileserver gave an unexpected answer to the rollback")
         self._storage.forget(name)
         self._log.bind(tenant=who.tenant, site=name).info(
-            "rolled back to version %s as version %s", answer.get("rolled_back_to"), answer.get("version")
+            "rolled back to version %s as version %s", answer.rolled_back_to, answer.version
         )
-        return {"site": name, **answer}
+        return {"site": name, **answer.to_json()}
 
     async def backup(self, who: Principal) -> Json:
         """The runtime DB's tenant data (see :mod:`roles.management._backup`), and the content version
@@ -535,10 +539,10 @@ class ManagementService:
         versions: dict[str, int] = {}
         if names:
             base = await self._fileserver()
-            answer = await self._client.get_json(f"{base}/v1/versions")
-            if not isinstance(answer, dict) or not isinstance(answer.get("sites"), dict):
-                raise Unavailable("the fileserver gave an unexpected answer about versions")
-            versions = {n: int(answer["sites"].get(n, 0)) for n in names}
+            answer = parse_answer(
+                SiteVersions, await self._client.get_json(f"{base}/v1/versions"), peer=_FILESERVER
+            )
+            versions = {n: answer.sites.get(n, 0) for n in names}
         self._log.info("backup of %s sites taken", len(names))
         return {**dump, "site_versions": versions}
 

@@ -11,12 +11,20 @@ import os
 import posixpath
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO
 
 from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import SiteInfo
+from shared.contracts.content import (
+    CommitAnswer,
+    CommitOp,
+    FileStored,
+    Manifest,
+    VersionDiff,
+    storage_room,
+)
 from shared.errors import NotFound, QuotaExceeded
 from shared.logs import ContextLogger
 
@@ -37,16 +45,14 @@ class Tree:
     _children: dict[str, list[str]] | None = field(default=None, repr=False)
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> Tree:
-        files = {
-            p: (int(e["size"]), float(e.get("mtime", 0.0))) for p, e in manifest.get("files", {}).items()
-        }
+    def from_manifest(cls, manifest: Manifest) -> Tree:
+        files = {p: (e.size, e.mtime) for p, e in manifest.files.items()}
         dirs = {""}
-        dirs.update(manifest.get("dirs", []))
+        dirs.update(manifest.dirs)
         for path in files:
             dirs.update(_parents(path))
         newest = max((m for _, m in files.values()), default=0.0)
-        return cls(int(manifest.get("version", 0)), int(manifest.get("total_bytes", 0)), files, dirs, newest)
+        return cls(manifest.version, manifest.total_bytes, files, dirs, newest)
 
     def put(self, rel: str, size: int, mtime: float, version: int, total_bytes: int) -> None:
         if rel not in self.files:
@@ -58,19 +64,18 @@ class Tree:
                 self._children = None
         self.version, self.total_bytes, self.mtime = version, total_bytes, max(self.mtime, mtime)
 
-    def apply_changes(self, changes: dict[str, Any]) -> None:
+    def apply_changes(self, changes: VersionDiff) -> None:
         """Bring the tree to a newer version from the fileserver's list of changed paths."""
-        for path, entry in changes["files"].items():
+        for path, entry in changes.files.items():
             if entry is None:
                 if self.files.pop(path, None) is None:
                     self.dirs.discard(path)
             else:
                 self.dirs.discard(path)
-                mtime = float(entry.get("mtime", 0.0))
-                self.files[path] = (int(entry["size"]), mtime)
-                self.mtime = max(self.mtime, mtime)
-        self.dirs.update(changes["dirs"])
-        self.version, self.total_bytes = int(changes["version"]), int(changes["total_bytes"])
+                self.files[path] = (entry.size, entry.mtime)
+                self.mtime = max(self.mtime, entry.mtime)
+        self.dirs.update(changes.new_dirs)
+        self.version, self.total_bytes = changes.version, changes.total_bytes
         self._children = None
 
     def is_dir(self, rel: str) -> bool:
@@ -130,7 +135,7 @@ class SiteContent:
             except NotFound:
                 changes = None  # that version is no longer kept
             if changes is not None:
-                if int(changes["version"]) != self._tree.version:
+                if changes.version != self._tree.version:
                     self._tree.apply_changes(changes)
                 self._fresh = True
                 return self._tree
@@ -138,22 +143,20 @@ class SiteContent:
         self._fresh = True
         return self._tree
 
-    def commit(self, ops: list[dict[str, Any]], *, replace: bool = False) -> dict[str, Any]:
+    def commit(self, ops: Sequence[CommitOp], *, replace: bool = False) -> CommitAnswer:
         self._fresh = False
         self._exact_until = 0.0
         return self.client.commit(self.site.name, ops, replace=replace, source="ftp")
 
-    def put(self, rel: str, source: IO[bytes]) -> dict[str, Any]:
+    def put(self, rel: str, source: IO[bytes]) -> FileStored:
         """Store a whole file; the cached tree learns it without fetching the manifest again."""
         self._fresh = False
         self._exact_until = 0.0
         answer = self.client.put_file(self.site.name, rel, source)
         tree = self._tree
-        if tree is not None and int(answer["version"]) == tree.version + 1:
+        if tree is not None and answer.version == tree.version + 1:
             # Nobody else changed the site in between: this put is the whole difference.
-            tree.put(
-                rel, int(answer["size"]), time.time(), int(answer["version"]), int(answer["total_bytes"])
-            )
+            tree.put(rel, answer.size, time.time(), answer.version, answer.total_bytes)
         return answer
 
     def download(self, rel: str, name: str) -> Download:
@@ -170,8 +173,8 @@ class SiteContent:
         """A spool for ``rel``; it may grow to what the quota leaves once the old file is replaced."""
         tree = self.tree()
         old_size = tree.files[rel][0] if rel in tree.files else 0
-        room = self.site.quota_bytes - (tree.total_bytes - old_size)
-        upload = Upload(self, rel, name, limit=max(room, 0))
+        room = storage_room(self.site.quota_bytes, tree.total_bytes, old_size)
+        upload = Upload(self, rel, name, limit=room)
         try:
             if keep_existing and rel in tree.files:
                 self.client.download(self.site.name, rel, upload.file)
@@ -218,7 +221,7 @@ class Upload:
         self.name = name  # the virtual path, for pyftpdlib's transfer log
         self.limit = limit
         self.file = tempfile.TemporaryFile(prefix="sitecloud-put-")  # noqa: SIM115 (closed in close())
-        self.committed: dict[str, Any] | None = None
+        self.committed: FileStored | None = None
 
     @property
     def closed(self) -> bool:
@@ -241,15 +244,13 @@ class Upload:
     def tell(self) -> int:
         return self.file.tell()
 
-    def commit(self) -> dict[str, Any]:
+    def commit(self) -> FileStored:
         """Upload the spool as one blob and ``put`` it: the file appears whole or not at all."""
         self.file.flush()
         self.file.seek(0)
         answer = self.content.put(self.rel, self.file)
         self.committed = answer
-        self.content.log.info(
-            "stored /%s (%s bytes) as version %s", self.rel, answer.get("size"), answer.get("version")
-        )
+        self.content.log.info("stored /%s (%s bytes) as version %s", self.rel, answer.size, answer.version)
         return answer
 
     def close(self) -> None:

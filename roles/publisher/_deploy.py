@@ -27,6 +27,7 @@ from roles.publisher._sites import Credentials, SiteInfo, SiteTable
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
 from roles.publisher.zipsafe import ZipMember, check_zip, copy_member, open_zip
+from shared.contracts.content import CommitOp, PathOp, PutOp
 from shared.errors import (
     InvalidInput,
     NotFound,
@@ -287,7 +288,7 @@ class Deployer:
         """Runs in a worker thread: check the zip, upload its files, commit them as the whole site."""
         with open_zip(spool) as zf:
             plan = check_zip(zf, max_total_bytes=site.quota_bytes)
-            ops: list[dict[str, Any]] = [{"op": "mkdir", "path": d} for d in plan.empty_dirs]
+            ops: list[CommitOp] = [PathOp(op="mkdir", path=d) for d in plan.empty_dirs]
             with (
                 FileserverClient(self._sites.fileserver, self._ssl) as client,
                 tempfile.TemporaryFile(prefix="sitecloud-member-") as member_file,
@@ -300,14 +301,7 @@ class Deployer:
                     if batch:
                         stored = client.upload_blobs(site.name, [data for _, data in batch])
                         for (member, _), blob in zip(batch, stored, strict=True):
-                            ops.append(
-                                {
-                                    "op": "put",
-                                    "path": member.path,
-                                    "sha256": blob["sha256"],
-                                    "mtime": member.mtime,
-                                }
-                            )
+                            ops.append(PutOp(path=member.path, sha256=blob.sha256, mtime=member.mtime))
                         batch.clear()
                         batch_bytes = 0
 
@@ -324,14 +318,12 @@ class Deployer:
                             send_batch()
                         continue
                     blob = client.upload_blob(site.name, member_file)
-                    ops.append(
-                        {"op": "put", "path": member.path, "sha256": blob["sha256"], "mtime": member.mtime}
-                    )
+                    ops.append(PutOp(path=member.path, sha256=blob.sha256, mtime=member.mtime))
                 send_batch()
                 answer = client.commit(site.name, ops, replace=True)
         return {
             "site": site.name,
-            "version": answer["version"],
+            "version": answer.version,
             "files": len(plan.files),
             "bytes": plan.total_bytes,
         }

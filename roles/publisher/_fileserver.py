@@ -10,9 +10,22 @@ import http.client
 import json
 import os
 import ssl
-from typing import IO, Any, BinaryIO
+from collections.abc import Sequence
+from typing import IO, Any, BinaryIO, Literal
 from urllib.parse import quote, urlsplit
 
+from shared.contracts.answers import parse_answer
+from shared.contracts.content import (
+    BlobBatchStored,
+    BlobStored,
+    CommitAnswer,
+    CommitOp,
+    CommitRequest,
+    FileStored,
+    Manifest,
+    SiteContentInfo,
+    VersionDiff,
+)
 from shared.errors import Unavailable, error_from_json
 
 __all__ = ["FileserverClient"]
@@ -103,7 +116,7 @@ class FileserverClient:
             self.close()
         return data
 
-    def _json(self, method: str, path: str, *, body: Any = None) -> Any:
+    def _json(self, method: str, path: str, *, body: dict[str, Any] | None = None) -> object:
         headers = {"Accept": "application/json"}
         data: bytes | None = None
         if body is not None:
@@ -112,7 +125,7 @@ class FileserverClient:
         resp = self._send(method, path, body=data, headers=headers)
         return self._decode(resp, self._finish(resp))
 
-    def _decode(self, resp: http.client.HTTPResponse, raw: bytes) -> Any:
+    def _decode(self, resp: http.client.HTTPResponse, raw: bytes) -> object:
         try:
             value = json.loads(raw) if raw else None
         except ValueError:
@@ -129,15 +142,19 @@ class FileserverClient:
 
     # --- the content API
 
-    def site_info(self, site: str) -> dict[str, Any]:
-        return dict(self._json("GET", self._site(site)))
+    def site_info(self, site: str) -> SiteContentInfo:
+        return parse_answer(SiteContentInfo, self._json("GET", self._site(site)), peer=self.base_url)
 
-    def manifest(self, site: str) -> dict[str, Any]:
-        return dict(self._json("GET", f"{self._site(site)}/manifest"))
+    def manifest(self, site: str) -> Manifest:
+        return parse_answer(
+            Manifest, self._json("GET", f"{self._site(site)}/manifest"), peer=self.base_url
+        ).for_site(site)
 
-    def changes(self, site: str, since: int) -> dict[str, Any]:
+    def changes(self, site: str, since: int) -> VersionDiff:
         """The paths changed from version ``since`` to the newest (see the fileserver's ``diff``)."""
-        return dict(self._json("GET", f"{self._site(site)}/diff?since={since}"))
+        return parse_answer(
+            VersionDiff, self._json("GET", f"{self._site(site)}/diff?since={since}"), peer=self.base_url
+        ).for_site(site)
 
     def download(self, site: str, path: str, out: BinaryIO) -> int:
         """Stream the newest version of ``path`` into ``out``; returns the bytes written."""
@@ -156,36 +173,43 @@ class FileserverClient:
             self.close()
         return total
 
-    def upload_blob(self, site: str, source: IO[bytes]) -> dict[str, Any]:
-        """Stream ``source`` from its current position to its end as one blob: ``{"sha256", "size"}``."""
+    def upload_blob(self, site: str, source: IO[bytes]) -> BlobStored:
+        """Stream ``source`` from its current position to its end as one blob."""
         source.flush()
         here = source.tell()
         size = os.fstat(source.fileno()).st_size - here
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         resp = self._send("POST", f"{self._site(site)}/blobs", body=source, headers=headers)
-        return dict(self._decode(resp, self._finish(resp)))
+        return parse_answer(BlobStored, self._decode(resp, self._finish(resp)), peer=self.base_url)
 
-    def upload_blobs(self, site: str, blobs: list[bytes]) -> list[dict[str, Any]]:
-        """Store many small blobs in one request: ``[{"sha256", "size"}]`` in the same order."""
+    def upload_blobs(self, site: str, blobs: list[bytes]) -> list[BlobStored]:
+        """Store many small blobs in one request; their names in the same order."""
         body = b"".join(len(b).to_bytes(8, "big") + b for b in blobs)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))}
         resp = self._send("POST", f"{self._site(site)}/blob-batch", body=body, headers=headers)
-        return list(self._decode(resp, self._finish(resp))["blobs"])
+        return parse_answer(BlobBatchStored, self._decode(resp, self._finish(resp)), peer=self.base_url).blobs
 
-    def put_file(self, site: str, path: str, source: IO[bytes]) -> dict[str, Any]:
+    def put_file(self, site: str, path: str, source: IO[bytes]) -> FileStored:
         """Store ``source`` from its current position to its end as the file at ``path``, in one request;
-        answered once it is durable: ``{"version", "total_bytes", "sha256", "size"}``."""
+        answered once it is durable."""
         source.flush()
         here = source.tell()
         size = os.fstat(source.fileno()).st_size - here
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         url = f"{self._site(site)}/files/{quote(path, safe='/')}"
         resp = self._send("PUT", url, body=source, headers=headers)
-        return dict(self._decode(resp, self._finish(resp)))
+        return parse_answer(FileStored, self._decode(resp, self._finish(resp)), peer=self.base_url)
 
     def commit(
-        self, site: str, ops: list[dict[str, Any]], *, replace: bool = False, source: str = "deploy"
-    ) -> dict[str, Any]:
-        """Apply ``ops`` all or nothing: ``{"version", "total_bytes"}``."""
-        body = {"ops": ops, "replace": replace, "source": source}
-        return dict(self._json("POST", f"{self._site(site)}/commit", body=body))
+        self,
+        site: str,
+        ops: Sequence[CommitOp],
+        *,
+        replace: bool = False,
+        source: Literal["ftp", "deploy"] = "deploy",
+    ) -> CommitAnswer:
+        """Apply ``ops`` all or nothing as one new version."""
+        body = CommitRequest(ops=list(ops), replace=replace, source=source).to_json()
+        return parse_answer(
+            CommitAnswer, self._json("POST", f"{self._site(site)}/commit", body=body), peer=self.base_url
+        )

@@ -19,6 +19,7 @@ from pyftpdlib.exceptions import FilesystemError
 from pyftpdlib.filesystems import AbstractedFS
 
 from roles.publisher._content import Download, SiteContent, Upload
+from shared.contracts.content import PathOp, RenameOp
 from shared.errors import AlreadyExists, Forbidden, InvalidInput, NotFound
 from shared.paths import site_relpath
 
@@ -159,19 +160,19 @@ class SiteFilesystem(AbstractedFS):  # type: ignore[misc]  # pyftpdlib has no ty
     # --- changes: each is one commit on the fileserver
 
     def mkdir(self, path: str) -> None:
-        self.content.commit([{"op": "mkdir", "path": self._rel(path)}])
+        self.content.commit([PathOp(op="mkdir", path=self._rel(path))])
         self.content.log.info("created directory %s", path)
 
     def rmdir(self, path: str) -> None:
-        self.content.commit([{"op": "rmdir", "path": self._rel(path)}])
+        self.content.commit([PathOp(op="rmdir", path=self._rel(path))])
         self.content.log.info("removed directory %s", path)
 
     def remove(self, path: str) -> None:
-        self.content.commit([{"op": "delete", "path": self._rel(path)}])
+        self.content.commit([PathOp(op="delete", path=self._rel(path))])
         self.content.log.info("deleted %s", path)
 
     def rename(self, src: str, dst: str) -> None:
-        self.content.commit([{"op": "rename", "from": self._rel(src), "to": self._rel(dst)}])
+        self.content.commit([RenameOp(src=self._rel(src), dst=self._rel(dst))])
         self.content.log.info("renamed %s to %s", src, dst)
 
     def chmod(self, path: str, mode: int) -> None:

@@ -3,7 +3,7 @@
 Layout under the worker's apps root (its home, or a directory apps can reach: see ``_layout.py``)::
 
     blobs/<sha[:2]>/<sha>          verified content, by SHA-256 (shared by every site and version)
-    sites/<site>/uid               which incarnation of the site the directory holds
+    sites/<site>/uid               which incarnation of the site the directory holds (its content id)
     sites/<site>/v<N>/             a built version: hard links to blobs, plus empty directories
     sites/<site>/current -> v<N>   flipped atomically (a new symlink renamed over the old one)
     sites/<site>/edited            names v<N> once file-by-file changes were applied to it in place
@@ -23,15 +23,12 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from shared.errors import InvalidInput, SitecloudError
+from shared.contracts.content import FileMeta
 from shared.files import fsync_dir
-from shared.paths import site_relpath
 
-__all__ = ["ContentCache", "SiteVersion", "check_changes", "check_manifest"]
+__all__ = ["ContentCache", "SiteVersion"]
 
-_SHA = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_DIR = re.compile(r"^v([0-9]+)$")
 
 
@@ -41,8 +38,8 @@ class SiteVersion:
     # realpath of the version directory: requests are checked to stay inside it.
     root: str
     # The site's content id: a site deleted and made again under its name has a new one.
-    uid: str = ""
-    # What a front end's cache names this version by (uid and number: never another site's, nor an
+    content_id: str = ""
+    # What a front end's cache names this version by (content id and number: never another site's, nor an
     # earlier site's of the same name), and the header line a cacheable answer carries it in.
     tag: bytes = field(init=False, repr=False, compare=False)
     line: bytes = field(init=False, repr=False, compare=False)
@@ -53,60 +50,9 @@ class SiteVersion:
             object.__setattr__(self, "tag", b"")
             object.__setattr__(self, "line", b"")
             return
-        tag = f"{self.uid or '-'}.{self.number}".encode()
+        tag = f"{self.content_id or '-'}.{self.number}".encode()
         object.__setattr__(self, "tag", tag)
         object.__setattr__(self, "line", b"X-Sitecloud-Version: " + tag + b"\r\n")
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestFile:
-    sha256: str
-    size: int
-    mtime: float
-
-
-def check_changes(body: Any, site: str) -> tuple[int, bool, dict[str, ManifestFile | None], list[str]]:
-    """The fileserver's difference between two versions, checked like a manifest."""
-    try:
-        if body["site"] != site:
-            raise InvalidInput(f"changes are for site {body['site']!r}, not {site!r}")
-        changes: dict[str, ManifestFile | None] = {}
-        for path, meta in body["files"].items():
-            rel = site_relpath(path, allow_root=False)
-            if meta is None:
-                changes[rel] = None
-                continue
-            sha = str(meta["sha256"])
-            if not _SHA.match(sha):
-                raise InvalidInput(f"changes name a bad blob {sha!r}")
-            changes[rel] = ManifestFile(sha, int(meta["size"]), float(meta.get("mtime") or 0))
-        dirs = [site_relpath(d, allow_root=False) for d in body["dirs"]]
-        return int(body["version"]), bool(body["whole"]), changes, dirs
-    except SitecloudError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise InvalidInput(f"malformed changes for {site}: {exc!r}") from exc
-
-
-def check_manifest(manifest: Any, site: str) -> tuple[int, dict[str, ManifestFile], list[str]]:
-    """The fileserver's manifest, checked as if it came from anyone: paths stay inside the site."""
-    try:
-        if manifest["site"] != site:
-            raise InvalidInput(f"manifest is for site {manifest['site']!r}, not {site!r}")
-        version = int(manifest["version"])
-        files: dict[str, ManifestFile] = {}
-        for path, meta in manifest["files"].items():
-            rel = site_relpath(path, allow_root=False)
-            sha = str(meta["sha256"])
-            if not _SHA.match(sha):
-                raise InvalidInput(f"manifest names a bad blob {sha!r}")
-            files[rel] = ManifestFile(sha, int(meta["size"]), float(meta.get("mtime") or 0))
-        dirs = [site_relpath(d, allow_root=False) for d in manifest.get("dirs", [])]
-    except SitecloudError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise InvalidInput(f"malformed manifest for {site}: {exc!r}") from exc
-    return version, files, dirs
 
 
 class ContentCache:
@@ -163,7 +109,7 @@ class ContentCache:
     def site_names(self) -> list[str]:
         return [e.name for e in os.scandir(self.sites) if e.is_dir(follow_symlinks=False)]
 
-    def read_uid(self, site: str) -> str | None:
+    def read_content_id(self, site: str) -> str | None:
         try:
             return (self.site_dir(site) / "uid").read_text().strip() or None
         except OSError:
@@ -179,21 +125,21 @@ class ContentCache:
         match = _VERSION_DIR.match(target)
         if not match or not (site_dir / target).is_dir():
             return None
-        uid = self.read_uid(site) or ""
+        content_id = self.read_content_id(site) or ""
         with contextlib.suppress(OSError):
             if (site_dir / "edited").read_text().strip() == target:
                 # Changed in place since it was built: served as it is, but its number is unknown.
-                return SiteVersion(0, os.path.realpath(site_dir / target), uid)
-        return SiteVersion(int(match.group(1)), os.path.realpath(site_dir / target), uid)
+                return SiteVersion(0, os.path.realpath(site_dir / target), content_id)
+        return SiteVersion(int(match.group(1)), os.path.realpath(site_dir / target), content_id)
 
     def build_version(
-        self, site: str, uid: str, version: int, files: dict[str, ManifestFile], dirs: list[str]
+        self, site: str, content_id: str, version: int, files: dict[str, FileMeta], dirs: list[str]
     ) -> SiteVersion:
         """Build ``v<version>`` from blobs (all present), then flip ``current`` to it."""
         site_dir = self.site_dir(site)
         site_dir.mkdir(exist_ok=True)
-        if self.read_uid(site) != uid:
-            (site_dir / "uid").write_text(uid + "\n")
+        if self.read_content_id(site) != content_id:
+            (site_dir / "uid").write_text(content_id + "\n")
         current = self.load_current(site)
         if current is not None and current.number == version:
             return current
@@ -226,14 +172,14 @@ class ContentCache:
         os.replace(link, site_dir / "current")
         (site_dir / "edited").unlink(missing_ok=True)
         fsync_dir(site_dir)
-        return SiteVersion(version, os.path.realpath(final), uid)
+        return SiteVersion(version, os.path.realpath(final), content_id)
 
     def apply_changes(
         self,
         site: str,
         current: SiteVersion,
         version: int,
-        changes: dict[str, ManifestFile | None],
+        changes: dict[str, FileMeta | None],
         dirs: list[str],
     ) -> SiteVersion:
         """Bring the served directory from its version to ``version`` in place, path by path.
@@ -272,7 +218,7 @@ class ContentCache:
                     raise
                 shutil.copy2(blob, tmp)
             os.replace(tmp, dest)
-        return SiteVersion(version, current.root, current.uid)
+        return SiteVersion(version, current.root, current.content_id)
 
     def prune(self, site: str, keep: set[int]) -> None:
         """Remove versions (and failed builds) other than ``keep`` and the current one."""

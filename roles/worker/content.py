@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from roles.worker._cache import ContentCache, ManifestFile, SiteVersion, check_changes, check_manifest
+from roles.worker._cache import ContentCache, SiteVersion
 from roles.worker.config import WorkerConfig
 from shared.backoff import Backoff
+from shared.contracts.content import BlobFetch, ChangeFeedPage, FileMeta, Manifest, SiteVersions, VersionDiff
 from shared.control import Snapshot
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable, error_from_json
 from shared.files import syncfs
@@ -74,8 +75,8 @@ class ContentSync:
         # Sites of the snapshot that cannot be served, with why (their visitors get a 503 page).
         self._failed: dict[str, str] = {}
         self._configured = False
-        # What the cache holds, by site: the uid on disk, and the version being served.
-        self._disk_uid: dict[str, str | None] = {}
+        # What the cache holds, by site: the content id on disk, and the version being served.
+        self._disk_content_id: dict[str, str | None] = {}
         self._current: dict[str, SiteVersion] = {}
         # The newest version of each site the fileserver told us about.
         self._target: dict[str, int] = {}
@@ -127,7 +128,11 @@ class ContentSync:
         nothing published yet), or ``{"failed": why}``."""
         current = self._current
         state: dict[str, Any] = {
-            site: ([current[site].number, current[site].root, current[site].uid] if site in current else None)
+            site: (
+                [current[site].number, current[site].root, current[site].content_id]
+                if site in current
+                else None
+            )
             for site in self._held
         }
         state.update((site, {"pending": True}) for site in self._held if self.pending(site))
@@ -177,8 +182,8 @@ class ContentSync:
             await self._load_disk()
         self._held = held
         self._failed = failures
-        for site in set(held) | set(self._disk_uid):
-            if site in self._current and held.get(site) != self._disk_uid.get(site):
+        for site in set(held) | set(self._disk_content_id):
+            if site in self._current and held.get(site) != self._disk_content_id.get(site):
                 # Gone, or another incarnation of the name: stop serving it now; its task cleans up.
                 del self._current[site]
                 self._on_flip(site)
@@ -195,18 +200,18 @@ class ContentSync:
 
         def scan() -> tuple[dict[str, str | None], dict[str, SiteVersion], int]:
             self._cache.empty_trash()
-            uids: dict[str, str | None] = {}
+            content_ids: dict[str, str | None] = {}
             current: dict[str, SiteVersion] = {}
             for site in self._cache.site_names():
-                uids[site] = self._cache.read_uid(site)
+                content_ids[site] = self._cache.read_content_id(site)
                 # Versions left from before a restart (an unfinished grace, a half build) go now.
                 self._cache.prune(site, set())
                 version = self._cache.load_current(site)
                 if version is not None:
                     current[site] = version
-            return uids, current, self._cache.collect_blobs()
+            return content_ids, current, self._cache.collect_blobs()
 
-        self._disk_uid, current, self._blob_bytes = await _in_thread(scan)
+        self._disk_content_id, current, self._blob_bytes = await _in_thread(scan)
         # Only what matches the snapshot is served; apply() sorts out the rest.
         self._current = current
 
@@ -232,10 +237,10 @@ class ContentSync:
             self._feed = asyncio.get_running_loop().create_task(self._follow(self._fileserver))
 
     def _needs_work(self, site: str) -> bool:
-        uid = self._held.get(site)
-        if site in self._disk_uid and self._disk_uid[site] != uid:
+        content_id = self._held.get(site)
+        if site in self._disk_content_id and self._disk_content_id[site] != content_id:
             return True
-        if uid is None or not self._fileserver:
+        if content_id is None or not self._fileserver:
             return False
         have = self._current[site].number if site in self._current else 0
         # A fileserver that says "no version" (0) is not trusted to empty a site that has content.
@@ -253,9 +258,9 @@ class ContentSync:
         while True:
             try:
                 if seq is None:
-                    body = await self._client.get_json(f"{fileserver}/v1/versions")
-                    seq = int(body["seq"])
-                    self._target = {str(k): int(v) for k, v in body["sites"].items()}
+                    versions = await self._client.get_contract(SiteVersions, f"{fileserver}/v1/versions")
+                    seq = versions.seq
+                    self._target = dict(versions.sites)
                     if not self._versions_known:
                         self._versions_known = True
                         self._on_flip(None)  # serving processes learn which sites are truly empty
@@ -263,20 +268,21 @@ class ContentSync:
                     for site in self._held:
                         if self._needs_work(site):
                             self._kick(site)
-                body = await self._client.get_json(
+                page = await self._client.get_contract(
+                    ChangeFeedPage,
                     f"{fileserver}/v1/changes",
                     params={"since": str(seq), "wait": str(LONG_POLL)},
                     timeout=aiohttp.ClientTimeout(total=LONG_POLL + 15, sock_connect=5),
                 )
-                if body.get("reset"):
+                if page.reset:
                     seq = None
                     continue
-                for change in body["changes"]:
-                    site, version = str(change["site"]), int(change["version"])
-                    self._target[site] = version
+                for change in page.changes:
+                    site = change["site"]
+                    self._target[site] = change["version"]
                     if site in self._held:
                         self._kick(site)
-                seq = int(body["seq"])
+                seq = page.seq
                 failures = self._back_up(fileserver, failures)
             except Exception as exc:
                 if failures == 0:
@@ -299,19 +305,19 @@ class ContentSync:
         log = self._log.bind(site=site)
         try:
             while not self._stopping:
-                uid = self._held.get(site)
-                if site in self._disk_uid and self._disk_uid[site] != uid:
+                content_id = self._held.get(site)
+                if site in self._disk_content_id and self._disk_content_id[site] != content_id:
                     self._current.pop(site, None)
                     self._on_flip(site)
                     await _in_thread(self._cache.drop, site)
-                    del self._disk_uid[site]
+                    del self._disk_content_id[site]
                     self._schedule_collect()
                     continue
-                if uid is not None and self._needs_work(site):
+                if content_id is not None and self._needs_work(site):
                     target = self._target[site]
                     try:
                         async with self._slots:
-                            await self._sync(site, uid, target, log)
+                            await self._sync(site, content_id, target, log)
                         failures = 0
                     except (SitecloudError, OSError) as exc:
                         failures += 1
@@ -333,25 +339,33 @@ class ContentSync:
             if self._tasks.get(site) is me:
                 del self._tasks[site]
 
-    async def _sync(self, site: str, uid: str, target: int, log: Any) -> None:
+    async def _sync(self, site: str, content_id: str, target: int, log: Any) -> None:
         base = f"{self._fileserver}/v1/sites/{site}"
         current = self._current.get(site)
-        incremental = current is not None and 0 < current.number < target and self._disk_uid.get(site) == uid
+        incremental = (
+            current is not None
+            and 0 < current.number < target
+            and self._disk_content_id.get(site) == content_id
+        )
         if (
             incremental
             and current is not None
-            and await self._sync_changes(site, uid, current, target, base, log)
+            and await self._sync_changes(site, content_id, current, target, base, log)
         ):
             return
+        what = f"manifest of {site}"
         try:
-            manifest = await self._client.get_json(f"{base}/manifest", params={"version": str(target)})
+            manifest = await self._client.get_contract(
+                Manifest, f"{base}/manifest", what=what, params={"version": str(target)}
+            )
         except NotFound:
             # That version was pruned while we were away: take the newest.
-            manifest = await self._client.get_json(f"{base}/manifest")
-        version, files, dirs = check_manifest(manifest, site)
+            manifest = await self._client.get_contract(Manifest, f"{base}/manifest", what=what)
+        manifest.for_site(site)
+        version, files, dirs = manifest.version, manifest.files, manifest.dirs
         await self._enter_busy()
         try:
-            missing: dict[str, ManifestFile] = {}
+            missing: dict[str, FileMeta] = {}
             for meta in files.values():
                 if meta.sha256 not in missing and not self._cache.has_blob(meta.sha256):
                     missing[meta.sha256] = meta
@@ -359,15 +373,15 @@ class ContentSync:
             if missing:
                 # One syncfs makes every blob just fetched durable before a version links to them.
                 await _in_thread(syncfs, self._cache.blobs)
-            if self._held.get(site) != uid:
+            if self._held.get(site) != content_id:
                 return
-            self._disk_uid[site] = uid
-            built = await _in_thread(self._cache.build_version, site, uid, version, files, dirs)
+            self._disk_content_id[site] = content_id
+            built = await _in_thread(self._cache.build_version, site, content_id, version, files, dirs)
         finally:
             self._busy -= 1
             if self._busy == 0:
                 self._quiet.set()
-        if self._held.get(site) != uid:
+        if self._held.get(site) != content_id:
             return
         previous = self._current.get(site)
         self._current[site] = built
@@ -381,28 +395,32 @@ class ContentSync:
             asyncio.get_running_loop().call_later(grace + 0.05, self._kick, site)
 
     async def _sync_changes(
-        self, site: str, uid: str, current: SiteVersion, target: int, base: str, log: Any
+        self, site: str, content_id: str, current: SiteVersion, target: int, base: str, log: Any
     ) -> bool:
         """Apply only what changed since the served version; False when a whole build is needed."""
         try:
-            body = await self._client.get_json(
-                f"{base}/diff", params={"since": str(current.number), "version": str(target)}
+            diff = await self._client.get_contract(
+                VersionDiff,
+                f"{base}/diff",
+                what=f"changes of {site}",
+                params={"since": str(current.number), "version": str(target)},
             )
         except NotFound:
             return False
-        version, whole, changes, dirs = check_changes(body, site)
+        diff.for_site(site)
+        version, whole, changes, dirs = diff.version, diff.whole, diff.files, diff.new_dirs
         if whole or len(changes) + len(dirs) > INCREMENTAL_MAX:
             return False
         await self._enter_busy()
         try:
-            missing: dict[str, ManifestFile] = {}
+            missing: dict[str, FileMeta] = {}
             for meta in changes.values():
                 if meta is not None and meta.sha256 not in missing and not self._cache.has_blob(meta.sha256):
                     missing[meta.sha256] = meta
             await self._download_all(base, list(missing.values()))
             if missing:
                 await _in_thread(syncfs, self._cache.blobs)
-            if self._held.get(site) != uid or self._current.get(site) is not current:
+            if self._held.get(site) != content_id or self._current.get(site) is not current:
                 return True
             built = await _in_thread(self._cache.apply_changes, site, current, version, changes, dirs)
         finally:
@@ -442,10 +460,10 @@ class ContentSync:
 
             asyncio.get_running_loop().call_later(_COLLECT_DELAY, due)
 
-    async def _download_all(self, base: str, blobs: list[ManifestFile]) -> None:
+    async def _download_all(self, base: str, blobs: list[FileMeta]) -> None:
         # Small blobs travel many to a request; big ones are streamed one by one.
-        queue: list[ManifestFile | list[ManifestFile]] = [b for b in blobs if b.size > _BATCH_BLOB]
-        batch: list[ManifestFile] = []
+        queue: list[FileMeta | list[FileMeta]] = [b for b in blobs if b.size > _BATCH_BLOB]
+        batch: list[FileMeta] = []
         batch_bytes = 0
         for meta in blobs:
             if meta.size <= _BATCH_BLOB:
@@ -473,11 +491,12 @@ class ContentSync:
                 runner.cancel()
             await asyncio.gather(*runners, return_exceptions=True)
 
-    async def _download_batch(self, base: str, metas: list[ManifestFile]) -> None:
+    async def _download_batch(self, base: str, metas: list[FileMeta]) -> None:
         """Fetch many small blobs in one request; each is checked against its hash before it is kept."""
         url = f"{base}/blob-fetch"
         try:
-            async with self._client.session.post(url, json={"sha256": [m.sha256 for m in metas]}) as resp:
+            wanted = BlobFetch(sha256=[m.sha256 for m in metas]).to_json()
+            async with self._client.session.post(url, json=wanted) as resp:
                 if resp.status != 200:
                     body: Any = None
                     with suppress(ValueError, aiohttp.ClientError):
@@ -511,7 +530,7 @@ class ContentSync:
         kept = await _in_thread(keep)
         self._blob_bytes += kept
 
-    async def _download(self, base: str, meta: ManifestFile) -> None:
+    async def _download(self, base: str, meta: FileMeta) -> None:
         """Stream one blob to a temp file, check its hash and size, then rename it into place."""
         fd, tmp = self._cache.new_blob_file()
         url = f"{base}/blobs/{meta.sha256}"

@@ -5,11 +5,22 @@ from __future__ import annotations
 from typing import Annotated
 
 from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
 from shared.errors import InvalidInput
 from shared.names import validate_site_name
+from shared.paths import site_relpath
 
-__all__ = ["ByteCount", "ContentId", "SiteName", "UnixUid", "VersionNumber"]
+__all__ = [
+    "SHA256_PATTERN",
+    "ByteCount",
+    "ContentId",
+    "Sha256",
+    "SiteName",
+    "SitePath",
+    "UnixUid",
+    "VersionNumber",
+]
 
 
 def _site_name(value: str) -> str:
@@ -17,6 +28,13 @@ def _site_name(value: str) -> str:
         return validate_site_name(value)
     except InvalidInput as exc:  # pydantic reports a ValueError against the field it came from
         raise ValueError(str(exc)) from None
+
+
+def _site_path(value: str) -> str:
+    try:
+        return site_relpath(value, allow_root=False)
+    except InvalidInput as exc:  # the boundary's own message, without pydantic's "Value error, "
+        raise PydanticCustomError("site_path", "{reason}", {"reason": str(exc)}) from None
 
 
 # A site's name as visitors and tenants see it (a DNS label).
@@ -29,3 +47,8 @@ UnixUid = Annotated[int, Field(ge=1, le=2**32 - 2)]
 VersionNumber = Annotated[int, Field(ge=0, le=2**63 - 1)]
 # A size in bytes, as a quota or a counter.
 ByteCount = Annotated[int, Field(ge=0, le=2**63 - 1)]
+# A blob's name: the sha256 of its bytes, in lower-case hex.
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
+# A file or directory inside a site, normalised by the one path boundary (never the root itself).
+SitePath = Annotated[str, AfterValidator(_site_path)]
