@@ -11,7 +11,7 @@ from roles.worker._cache import ContentCache, ManifestFile
 
 def _blob(cache: ContentCache, data: bytes) -> ManifestFile:
     sha = hashlib.sha256(data).hexdigest()
-    fd, tmp = cache.new_blob_file()
+    fd, tmp = cache.new_blob_file(sha)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     cache.commit_blob(tmp, sha, 0)
