@@ -91,6 +91,9 @@ class SiteDir:
         # sha -> where it is packed; read from the packs' indexes when first needed.
         self._packed: dict[str, Packed] | None = None
         self._pack_lock = threading.Lock()
+        # Small blobs whose bytes are in a journal record, kept in memory until the next checkpoint
+        # writes them as one pack: an upload's 226 waits for no file of its own.
+        self._held: dict[str, bytes] = {}
         self.versions = root / "versions"
         self.trees = root / "trees"
         self.staging = root / "staging"
@@ -101,6 +104,9 @@ class SiteDir:
         return self.blobs / sha[:2] / sha
 
     def blob_size(self, sha: str) -> int:
+        held = self._held.get(sha)
+        if held is not None:
+            return len(held)
         packed = self.packed().get(sha)
         if packed is not None:
             return packed.size
@@ -110,7 +116,22 @@ class SiteDir:
             raise NotFound(f"blob {sha} was never uploaded to this site", hint="upload it first") from None
 
     def has_blob(self, sha: str) -> bool:
-        return sha in self.packed() or self.blob(sha).is_file()
+        return sha in self._held or sha in self.packed() or self.blob(sha).is_file()
+
+    def hold(self, sha: str, data: bytes) -> None:
+        """Keep a small blob in memory: the journal record that puts it carries its bytes."""
+        with self._pack_lock:
+            self._held[sha] = data
+
+    def write_held(self) -> None:
+        """Write the held blobs as one pack (for a checkpoint, which then makes it durable)."""
+        with self._pack_lock:
+            held = list(self._held.items())
+        if held:
+            self.write_pack(held)
+            with self._pack_lock:
+                for sha, _ in held:
+                    self._held.pop(sha, None)
 
     # --- packs of small blobs
 
@@ -170,6 +191,10 @@ class SiteDir:
         fds: dict[str, int] = {}
         try:
             for sha in shas:
+                held = self._held.get(sha)
+                if held is not None:
+                    out.append(held)
+                    continue
                 where = packed.get(sha)
                 if where is None:
                     try:
@@ -191,7 +216,7 @@ class SiteDir:
 
     def open_blob(self, sha: str) -> IO[bytes]:
         """The blob's bytes to read, packed or not."""
-        if sha in self.packed():
+        if sha in self._held or sha in self.packed():
             (data,) = self.read_blobs([sha])
             return io.BytesIO(data)
         try:
@@ -203,8 +228,7 @@ class SiteDir:
         """A file of the blob, for what streams it (a download); a packed one is written out once."""
         path = self.blob(sha)
         if not path.is_file():
-            where = self.packed().get(sha)
-            if where is None:
+            if sha not in self._held and sha not in self.packed():
                 raise NotFound(f"this site has no blob {sha}")
             (data,) = self.read_blobs([sha])
             _write_plain(path, data, mode=0o444)
