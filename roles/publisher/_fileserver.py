@@ -10,14 +10,23 @@ import http.client
 import json
 import os
 import ssl
-from typing import IO, Any, BinaryIO
+from typing import IO, Any
 from urllib.parse import quote, urlsplit
 
 from shared.errors import Unavailable, error_from_json
 
-__all__ = ["FileserverClient"]
+__all__ = ["FileStream", "FileserverClient"]
 
 _CHUNK = 256 * 1024
+
+
+def _remaining(source: IO[bytes]) -> int:
+    """The bytes from ``source``'s position to its end (a file, or a spool still in memory)."""
+    source.flush()
+    here = source.tell()
+    size = source.seek(0, os.SEEK_END) - here
+    source.seek(here)
+    return size
 
 
 class FileserverClient:
@@ -139,7 +148,7 @@ class FileserverClient:
         """The paths changed from version ``since`` to the newest (see the fileserver's ``diff``)."""
         return dict(self._json("GET", f"{self._site(site)}/diff?since={since}"))
 
-    def download(self, site: str, path: str, out: BinaryIO) -> int:
+    def download(self, site: str, path: str, out: IO[bytes]) -> int:
         """Stream the newest version of ``path`` into ``out``; returns the bytes written."""
         resp = self._send("GET", f"{self._site(site)}/files/{quote(path, safe='/')}", headers={})
         if resp.status >= 400:
@@ -156,11 +165,22 @@ class FileserverClient:
             self.close()
         return total
 
+    def stream(self, site: str, path: str) -> FileStream:
+        """The newest version of ``path`` as a stream on a connection of its own (the session's stays
+        free for other calls meanwhile); the caller closes it."""
+        fresh = FileserverClient(self.base_url, self._ssl, timeout=self._timeout)
+        try:
+            resp = fresh._send("GET", f"{self._site(site)}/files/{quote(path, safe='/')}", headers={})
+            if resp.status >= 400:
+                fresh._decode(resp, fresh._finish(resp))
+        except BaseException:
+            fresh.close()
+            raise
+        return FileStream(fresh, resp, path)
+
     def upload_blob(self, site: str, source: IO[bytes]) -> dict[str, Any]:
         """Stream ``source`` from its current position to its end as one blob: ``{"sha256", "size"}``."""
-        source.flush()
-        here = source.tell()
-        size = os.fstat(source.fileno()).st_size - here
+        size = _remaining(source)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         resp = self._send("POST", f"{self._site(site)}/blobs", body=source, headers=headers)
         return dict(self._decode(resp, self._finish(resp)))
@@ -175,9 +195,7 @@ class FileserverClient:
     def put_file(self, site: str, path: str, source: IO[bytes]) -> dict[str, Any]:
         """Store ``source`` from its current position to its end as the file at ``path``, in one request;
         answered once it is durable: ``{"version", "total_bytes", "sha256", "size"}``."""
-        source.flush()
-        here = source.tell()
-        size = os.fstat(source.fileno()).st_size - here
+        size = _remaining(source)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         url = f"{self._site(site)}/files/{quote(path, safe='/')}"
         resp = self._send("PUT", url, body=source, headers=headers)
@@ -189,3 +207,23 @@ class FileserverClient:
         """Apply ``ops`` all or nothing: ``{"version", "total_bytes"}``."""
         body = {"ops": ops, "replace": replace, "source": source}
         return dict(self._json("POST", f"{self._site(site)}/commit", body=body))
+
+
+class FileStream:
+    """A file's bytes as the fileserver sends them, read as they come."""
+
+    def __init__(self, client: FileserverClient, resp: http.client.HTTPResponse, path: str) -> None:
+        self._client = client
+        self._resp = resp
+        self._path = path
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._resp.read(None if size < 0 else size)
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise Unavailable(f"the fileserver broke off sending {self._path!r}: {exc}") from exc
+
+    def close(self) -> None:
+        self._resp.close()
+        self._client.close()
