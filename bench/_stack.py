@@ -105,6 +105,13 @@ class SitecloudStack:
                 what="the bench site to be served through the frontend",
             )
 
+    def roles(self) -> dict[str, RoleProcess]:
+        """Every role process of the stack, by name."""
+        named = {"fileserver": self.fileserver, "worker": self.worker, "frontend": self.frontend}
+        if self.frontend_without_lanes is not None:
+            named["frontend-no-lanes"] = self.frontend_without_lanes
+        return named
+
     def stop(self) -> None:
         for role in (*self.frontends, self.worker, self.fileserver):
             role.stop()

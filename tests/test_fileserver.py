@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import time
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -397,6 +399,53 @@ def test_a_plans_retention_keeps_the_last_n_and_the_last_d_days(pki: CloudPKI, t
             body={"version": 4, "sites": {"blog": {**blog, "keep_days": -1}}},
         )
         assert status == 400 and "'keep_days' must be an integer >= 0" in body["error"]["message"], body
+    finally:
+        server.proc.stop()
+
+
+def test_a_batchs_blobs_are_one_pack_read_back_after_a_crash_and_collected_whole(
+    pki: CloudPKI, tmp_path: Path
+) -> None:
+    server = _start(pki, tmp_path / "fs", keep_versions=1, gc_interval=0.2, upload_grace=1.0)
+    try:
+        parts = [f"<p>page {n}</p>".encode() * (n + 1) for n in range(50)]
+        body = b"".join(len(p).to_bytes(8, "big") + p for p in parts)
+        status, answer = server.call("POST", "/v1/sites/shop/blob-batch", data=body)
+        assert status == 200, answer
+        shas = [b["sha256"] for b in answer["blobs"]]
+        server.ok("shop", [{"op": "put", "path": f"p/{i}.html", "sha256": s} for i, s in enumerate(shas)])
+        site = server.home / "content" / SHOP_UID
+        # One file for the batch's bytes and one for where each is, not a file per blob.
+        assert sorted(p.suffix for p in (site / "packs").iterdir()) == [".idx", ".pack"]
+        assert not (site / "blobs").exists() or not any((site / "blobs").rglob("*"))
+
+        # Acknowledged means durable: a kill -9 right after loses nothing.
+        server.proc.kill()
+        server.proc.start()
+        status, fetched = server.call(
+            "POST", "/v1/sites/shop/blob-fetch", role="worker", body={"sha256": shas}
+        )
+        assert status == 200 and fetched == body
+        assert server.get(f"/v1/sites/shop/blobs/{shas[7]}") == parts[7]
+        assert server.get("/v1/sites/shop/files/p/3.html", role="publisher") == parts[3]
+        status, zipped = server.call("GET", "/v1/sites/shop/zip", role="management")
+        assert status == 200
+        with zipfile.ZipFile(io.BytesIO(zipped)) as zf:
+            assert zf.read("p/49.html") == parts[49]
+        # A blob uploaded again on its own is not stored twice.
+        assert server.upload("shop", parts[0]) == shas[0]
+
+        # Once no kept version uses any of its blobs, the pack goes whole.
+        solo = server.upload("shop", b"alone")
+        server.ok("shop", [{"op": "put", "path": "index.html", "sha256": solo}], replace=True)
+        wait_until(
+            lambda: not any((site / "packs").iterdir()),
+            timeout=15,
+            what="the pack no version uses to be collected",
+        )
+        status, _ = server.call("GET", f"/v1/sites/shop/blobs/{shas[1]}", role="worker")
+        assert status == 404
+        assert server.get("/v1/sites/shop/files/index.html", role="publisher") == b"alone"
     finally:
         server.proc.stop()
 

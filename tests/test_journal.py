@@ -1,6 +1,6 @@
 """The fileserver's journal, end to end: a real fileserver and publisher, uploads over FTP (ftplib and
-lftp), the fileserver killed with SIGKILL in the middle, and what came back after its restart; then
-versions and rollback over the content API."""
+lftp), the fileserver or the publisher killed with SIGKILL in the middle, and what came back after its
+restart; then versions and rollback over the content API."""
 
 from __future__ import annotations
 
@@ -167,6 +167,79 @@ def test_kill_9_mid_upload_keeps_every_acknowledged_file_whole(pair: Pair, tmp_p
     assert done.returncode == 0, done.stderr
     manifest = _check_whole(pair, files, names)
     assert set(manifest["files"]) == set(names)
+
+
+def _acked_by_lftp(trace: str) -> list[str]:
+    """The files an lftp debug trace shows a ``226`` for (paths from the site's root)."""
+    acked: list[str] = []
+    folder, sent = "/", None
+    for line in trace.splitlines():
+        if "---> CWD " in line:
+            path = line.split("---> CWD ", 1)[1].strip()
+            folder = path if path.startswith("/") else f"{folder.rstrip('/')}/{path}"
+        elif "---> STOR " in line:
+            name = line.split("---> STOR ", 1)[1].strip()
+            sent = name.lstrip("/") if name.startswith("/") else f"{folder.strip('/')}/{name}".lstrip("/")
+        elif "<--- 226" in line and sent is not None:
+            acked.append(sent)
+            sent = None
+    return acked
+
+
+def test_kill_9_of_the_publisher_mid_mirror_keeps_every_acknowledged_file_whole(
+    pair: Pair, tmp_path: Path
+) -> None:
+    if shutil.which("lftp") is None:
+        pytest.skip("lftp is not installed (apt-get install lftp)")
+    src = tmp_path / "site"
+    files = _site_files(src, 300, 6)
+    names = sorted(files)
+    # Another tree than the fileserver test's: start from an empty site.
+    status, body = pair.api("POST", "/commit", body={"ops": [], "replace": True})
+    assert status == 200, body
+    trace_path = tmp_path / "lftp.trace"
+    script = (
+        "set ftp:ssl-allow no; set net:max-retries 1; set net:reconnect-interval-base 1; "
+        f"mirror -R --no-perms {src} /; quit"
+    )
+    with trace_path.open("w") as trace:
+        # -d: the protocol on stderr, to see which STORs were answered 226 before the kill.
+        mirror = subprocess.Popen(
+            ["lftp", "-d", "-u", f"{SITE},{PASSWORD}", "-p", str(pair.ftp_port), "-e", script, "127.0.0.1"],
+            stdout=trace,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(
+                lambda: len(_acked_by_lftp(trace_path.read_text(errors="replace"))) >= 60 or None,
+                timeout=60,
+                what="60 files of the mirror acknowledged",
+            )
+            pair.publisher.kill()
+            mirror.wait(60)
+        finally:
+            if mirror.poll() is None:
+                mirror.kill()
+                mirror.wait()
+    acked = _acked_by_lftp(trace_path.read_text(errors="replace"))
+    assert set(acked) <= set(names), acked[:5]
+    assert len(acked) < len(names), "the mirror finished before the kill: nothing was tested"
+
+    pair.publisher.start()
+    pair.push()
+    manifest = _check_whole(pair, files, acked)
+    assert len(manifest["files"]) >= len(acked)
+
+    # The same mirror again finishes the job.
+    done = subprocess.run(
+        ["lftp", "-u", f"{SITE},{PASSWORD}", "-p", str(pair.ftp_port), "-e", script, "127.0.0.1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert set(_check_whole(pair, files, names)["files"]) == set(names)
 
 
 def test_a_clean_restart_replays_nothing_and_keeps_versions(pair: Pair) -> None:

@@ -9,6 +9,7 @@ import ftplib
 import http.client
 import io
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -43,6 +44,7 @@ SITES = {
     "mgmt": ("mgmt-secret", QUOTA),
     "mirror": ("mirror-secret", QUOTA),
     "gone": ("gone-secret", QUOTA),
+    "large": ("large-secret", 8 * 1024 * 1024),
 }
 
 
@@ -242,6 +244,20 @@ def test_ftp_append_and_overwrite(cloud: Cloud) -> None:
         (name,) = set(ftp.nlst()) - before
         assert name.startswith("ftpd.") and _retr(ftp, name) == b"unique"
         ftp.delete(name)
+
+
+def test_ftp_a_big_file_is_sent_as_it_arrives_and_resumes_with_rest(cloud: Cloud) -> None:
+    big = os.urandom(3 * 1024 * 1024 + 17)
+    with cloud.ftp("large") as ftp:
+        _stor(ftp, "big.bin", big)
+        assert _retr(ftp, "big.bin") == big
+        # A resumed download (REST) gets the rest; the session goes on with other commands after.
+        out = io.BytesIO()
+        ftp.retrbinary("RETR big.bin", out.write, rest=2_000_001)
+        assert out.getvalue() == big[2_000_001:]
+        assert ftp.size("big.bin") == len(big)
+        ftp.delete("big.bin")
+        assert ftp.voidcmd("NOOP").startswith("200")
 
 
 def test_ftp_wrong_password_or_unknown_user_is_530(cloud: Cloud) -> None:

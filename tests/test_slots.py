@@ -3,12 +3,17 @@ swap under a visitor load that sees no failed request and never a wrong page."""
 
 from __future__ import annotations
 
+import base64
 import ftplib
+import http.client
 import io
+import ssl
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -157,6 +162,64 @@ def test_swap_under_load_fails_no_request_and_keeps_sticky_settings(
     assert cloud.cli("site", "settings", "app", token=token)["settings"]["DB"] == "production-db"
     text = cloud.cli_text("site", "slot", "list", "app", "--token", token)
     assert "app-staging" in text and "DB=production-db" in text
+
+
+def _zipdeploy(cloud: LocalCloud, site: dict[str, Any], address: str, files: dict[str, bytes]) -> int:
+    """Kudu's zip deploy with the site's publishing credentials, naming the site by ``?site=``."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    url = urlsplit(site["deploy"]["url"])
+    conn = http.client.HTTPSConnection(
+        url.hostname or "",
+        url.port,
+        context=ssl.create_default_context(cafile=str(cloud.ca_file)),
+        timeout=60,
+    )
+    token = base64.b64encode(f"{site['ftp']['user']}:{site['ftp']['password']}".encode()).decode()
+    try:
+        conn.request(
+            "POST",
+            f"/api/zipdeploy?site={address}",
+            body=buf.getvalue(),
+            headers={"Authorization": f"Basic {token}", "Content-Type": "application/zip"},
+        )
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def test_a_slots_publishing_credentials_follow_its_address_through_a_swap(
+    cloud: LocalCloud, app: dict[str, Any]
+) -> None:
+    token = app["token"]
+    cloud.cli("site", "swap", "app", "staging", token=token, timeout=120)
+    try:
+        # The slot's address is answered by what was production; the slot's credentials write there.
+        assert cloud.get("app-staging")[2] == V1
+        _publish(app["staging"], b"<h1>v3 through the staging credentials</h1>")
+        cloud.wait_for_content("app-staging", "/", b"<h1>v3 through the staging credentials</h1>")
+        assert cloud.get("app")[2] == V2
+        assert (
+            _zipdeploy(cloud, app["staging"], "app-staging", {"index.html": b"v4 zipped to staging"}) == 200
+        )
+        cloud.wait_for_content("app-staging", "/", b"v4 zipped to staging")
+        # And production's to production's address; neither reaches the other's.
+        _publish(app["site"], b"<h1>v5 production</h1>")
+        cloud.wait_for_content("app", "/", b"<h1>v5 production</h1>")
+        assert _zipdeploy(cloud, app["staging"], "app", {"index.html": b"not mine"}) == 401
+        assert cloud.get("app-staging")[2] == b"v4 zipped to staging"
+    finally:
+        cloud.cli("site", "swap", "app", "staging", token=token, timeout=120)
+    # Swapped back: each address has its own content and credentials again.
+    assert cloud.get("app")[2] == b"v4 zipped to staging"
+    _publish(app["site"], V1)
+    _publish(app["staging"], V2)
+    cloud.wait_for_content("app", "/", V1)
+    cloud.wait_for_content("app-staging", "/", V2)
 
 
 def test_a_swap_to_a_slot_that_does_not_answer_is_refused(cloud: LocalCloud, app: dict[str, Any]) -> None:

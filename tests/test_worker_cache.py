@@ -12,7 +12,7 @@ from shared.contracts.content import FileMeta
 
 def _blob(cache: ContentCache, data: bytes) -> FileMeta:
     sha = hashlib.sha256(data).hexdigest()
-    fd, tmp = cache.new_blob_file()
+    fd, tmp = cache.new_blob_file(sha)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     cache.commit_blob(tmp, sha, 0)

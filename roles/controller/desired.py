@@ -342,6 +342,16 @@ def _quota_entry(stop: QuotaStop | None) -> dict[str, Any]:
     return {"quota_stop": {"what": stop.what, "limit": stop.limit, "unit": stop.unit, "until": until}}
 
 
+def _publisher_entry(site: DesiredSite, addresses: list[DesiredSite]) -> dict[str, Any]:
+    """A site's content as the publisher sees it: publishing credentials go with the address, as
+    Azure's slot credentials do, so after a swap a slot's users write to what now answers the slot."""
+    entry: dict[str, Any] = {"uid": site.uid, "quota_bytes": site.quota_bytes}
+    entry["users"] = {user: hashed for a in addresses for user, hashed in a.users.items()}
+    if [a.name for a in addresses] != [site.name]:
+        entry["addresses"] = [a.name for a in addresses]
+    return entry
+
+
 def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
     """Role id → the snapshot that role should run with at ``state.generation``."""
     version = state.generation
@@ -350,6 +360,10 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
     by_name = {s.name: s for s in state.sites}
     # Host names → the site that answers them: one generation flips every front end's routes of a swap.
     answers = {s.name: by_name.get(s.routed_to, s) for s in state.sites}
+    # The other way round: the addresses each site's content answers (swapped slots trade theirs).
+    addresses: dict[str, list[DesiredSite]] = {}
+    for s in state.sites:
+        addresses.setdefault(answers[s.name].name, []).append(s)
     out: dict[int, dict[str, Any]] = {}
     for role in state.roles:
         body: dict[str, Any]
@@ -393,10 +407,7 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
                 "fileserver": fileserver_url,
                 # How a site's address reads, for the publisher to tell a pusher where it went live.
                 "site_url": _site_url(state),
-                "sites": {
-                    s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, "users": s.users}
-                    for s in state.sites
-                },
+                "sites": {s.name: _publisher_entry(s, addresses.get(s.name, [])) for s in state.sites},
             }
         else:
             body = {}

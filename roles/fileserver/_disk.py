@@ -5,6 +5,8 @@
     journal                 changes not yet in a checkpoint (see _journal.py): the durable record
     checkpoint.json         the newest version whose blobs, folders and record are all on disk
     blobs/<sha[:2]>/<sha>   content-addressed, read-only; written to staging while hashed, then renamed
+    packs/<id>.pack, .idx   many small blobs of one batch (a zip deploy) in one file, and where each is:
+                            a file per blob costs an inode each, which is the dearest part of a deploy
     trees/<sha[:2]>/<sha>   one folder of a version, addressed by the sha256 of its encoding
     versions/<N>.json       one small record per version: its root folder, totals, time and source
     staging/                uploads in progress (leftovers of a crash are collected after a grace time)
@@ -17,14 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from shared.errors import NotFound
 from shared.files import atomic_write_json, fsync_dir, read_json, syncfs
@@ -71,10 +75,25 @@ class Upload:
         self.path.unlink(missing_ok=True)
 
 
+class Packed(NamedTuple):
+    """Where a packed blob is: its pack's name, offset and size."""
+
+    pack: str
+    offset: int
+    size: int
+
+
 class SiteDir:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.blobs = root / "blobs"
+        self.packs = root / "packs"
+        # sha -> where it is packed; read from the packs' indexes when first needed.
+        self._packed: dict[str, Packed] | None = None
+        self._pack_lock = threading.Lock()
+        # Small blobs whose bytes are in a journal record, kept in memory until the next checkpoint
+        # writes them as one pack: an upload's 226 waits for no file of its own.
+        self._held: dict[str, bytes] = {}
         self.versions = root / "versions"
         self.trees = root / "trees"
         self.staging = root / "staging"
@@ -85,10 +104,135 @@ class SiteDir:
         return self.blobs / sha[:2] / sha
 
     def blob_size(self, sha: str) -> int:
+        held = self._held.get(sha)
+        if held is not None:
+            return len(held)
+        packed = self.packed().get(sha)
+        if packed is not None:
+            return packed.size
         try:
             return self.blob(sha).stat().st_size
         except FileNotFoundError:
             raise NotFound(f"blob {sha} was never uploaded to this site", hint="upload it first") from None
+
+    def has_blob(self, sha: str) -> bool:
+        return sha in self._held or sha in self.packed() or self.blob(sha).is_file()
+
+    def hold(self, sha: str, data: bytes) -> None:
+        """Keep a small blob in memory: the journal record that puts it carries its bytes."""
+        with self._pack_lock:
+            self._held[sha] = data
+
+    def write_held(self) -> None:
+        """Write the held blobs as one pack (for a checkpoint, which then makes it durable)."""
+        with self._pack_lock:
+            held = list(self._held.items())
+        if held:
+            self.write_pack(held)
+            with self._pack_lock:
+                for sha, _ in held:
+                    self._held.pop(sha, None)
+
+    # --- packs of small blobs
+
+    def packed(self) -> dict[str, Packed]:
+        """Every packed blob (the packs' indexes are read once)."""
+        with self._pack_lock:
+            if self._packed is None:
+                self._packed = self._read_indexes()
+            return self._packed
+
+    def _read_indexes(self) -> dict[str, Packed]:
+        found: dict[str, Packed] = {}
+        if not self.packs.is_dir():
+            return found
+        for index in self.packs.glob("*.idx"):
+            pack = index.with_suffix(".pack")
+            try:
+                entries = json.loads(index.read_bytes())
+                length = pack.stat().st_size
+            except (OSError, ValueError):
+                continue  # a batch a crash cut short: never committed, collected after the grace time
+            for sha, offset, size in entries:
+                if offset + size <= length:
+                    found[str(sha)] = Packed(pack.name, int(offset), int(size))
+        return found
+
+    def write_pack(self, blobs: list[tuple[str, bytes]]) -> None:
+        """Store many small blobs as one pack and its index (not yet durable: the commit that uses
+        them runs one syncfs first). Blobs stored already are left out."""
+        known = self.packed()
+        body = io.BytesIO()
+        entries: list[tuple[str, int, int]] = []
+        seen: set[str] = set()
+        for sha, data in blobs:
+            if sha in known or sha in seen or self.blob(sha).is_file():
+                if sha not in known and sha not in seen:
+                    os.utime(self.blob(sha))  # about to be committed again: spared by the GC
+                continue
+            seen.add(sha)
+            entries.append((sha, body.tell(), len(data)))
+            body.write(data)
+        if not entries:
+            return
+        name = uuid.uuid4().hex
+        # The pack before its index: an index never names bytes that are not there.
+        _write_plain(self.packs / f"{name}.pack", body.getvalue(), mode=0o444)
+        _write_plain(self.packs / f"{name}.idx", json.dumps(entries).encode(), mode=0o444)
+        with self._pack_lock:
+            assert self._packed is not None
+            for sha, offset, size in entries:
+                self._packed[sha] = Packed(f"{name}.pack", offset, size)
+
+    def read_blobs(self, shas: list[str]) -> list[bytes]:
+        """The bytes of each blob, packed or not; a pack is opened once per call."""
+        packed = self.packed()
+        out: list[bytes] = []
+        fds: dict[str, int] = {}
+        try:
+            for sha in shas:
+                held = self._held.get(sha)
+                if held is not None:
+                    out.append(held)
+                    continue
+                where = packed.get(sha)
+                if where is None:
+                    try:
+                        out.append(self.blob(sha).read_bytes())
+                    except FileNotFoundError:
+                        raise NotFound(f"this site has no blob {sha}") from None
+                    continue
+                fd = fds.get(where.pack)
+                if fd is None:
+                    fd = fds[where.pack] = os.open(self.packs / where.pack, os.O_RDONLY)
+                data = os.pread(fd, where.size, where.offset)
+                if len(data) != where.size:
+                    raise NotFound(f"packed blob {sha} of this site is damaged")
+                out.append(data)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return out
+
+    def open_blob(self, sha: str) -> IO[bytes]:
+        """The blob's bytes to read, packed or not."""
+        if sha in self._held or sha in self.packed():
+            (data,) = self.read_blobs([sha])
+            return io.BytesIO(data)
+        try:
+            return self.blob(sha).open("rb")
+        except FileNotFoundError:
+            raise NotFound(f"this site has no blob {sha}") from None
+
+    def blob_file(self, sha: str) -> Path:
+        """A file of the blob, for what streams it (a download); a packed one is written out once."""
+        path = self.blob(sha)
+        if not path.is_file():
+            if sha not in self._held and sha not in self.packed():
+                raise NotFound(f"this site has no blob {sha}")
+            (data,) = self.read_blobs([sha])
+            _write_plain(path, data, mode=0o444)
+        return path
 
     def start_upload(self) -> Upload:
         return Upload(self.staging)
@@ -96,6 +240,9 @@ class SiteDir:
     def install(self, upload: Upload, sha: str, *, durable: bool = True) -> None:
         """Move a finished upload into place; an identical blob already there is kept (and its age reset)."""
         final = self.blob(sha)
+        if sha in self.packed():
+            upload.path.unlink(missing_ok=True)
+            return
         if final.exists():
             upload.path.unlink(missing_ok=True)
             # The GC spares young unreferenced blobs: this one is about to be committed again.
@@ -224,7 +371,27 @@ class SiteDir:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
                     removed += 1
-        return removed
+        return removed + self._collect_packs(used, cutoff)
+
+    def _collect_packs(self, used: set[str], cutoff: float) -> int:
+        """Remove packs none of whose blobs is used (a pack partly in use stays whole)."""
+        if not self.packs.is_dir():
+            return 0
+        packed = self.packed()
+        live = {where.pack for sha, where in packed.items() if sha in used}
+        gone: set[str] = set()
+        for path in list(self.packs.iterdir()):
+            pack = path.with_suffix(".pack").name
+            with contextlib.suppress(FileNotFoundError):
+                if pack not in live and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    gone.add(pack)
+        if gone:
+            # Only what went: a batch may have written a pack meanwhile.
+            with self._pack_lock:
+                assert self._packed is not None
+                self._packed = {sha: w for sha, w in self._packed.items() if w.pack not in gone}
+        return len(gone)
 
 
 def _trash_entries(trash: Path, uid: str) -> list[tuple[int, Path]]:

@@ -9,10 +9,9 @@ import shutil
 import threading
 import time
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -27,10 +26,10 @@ _EARLIEST = (1980, 1, 1, 0, 0, 0)
 
 @dataclass(frozen=True, slots=True)
 class ZipMember:
-    """A file (``blob`` set) or an empty directory (``blob`` None) of the archive."""
+    """A file (``blob`` opens its bytes) or an empty directory (``blob`` None) of the archive."""
 
     path: str
-    blob: Path | None
+    blob: Callable[[], IO[bytes]] | None
     mtime: float
 
 
@@ -85,7 +84,7 @@ def _write(
                 info = zipfile.ZipInfo(m.path, _date_time(m.mtime))
                 info.external_attr = 0o100644 << 16
                 info.compress_type = zipfile.ZIP_DEFLATED
-                with m.blob.open("rb") as src, zf.open(info, "w", force_zip64=True) as dst:
+                with m.blob() as src, zf.open(info, "w", force_zip64=True) as dst:
                     shutil.copyfileobj(src, dst, _CHUNK)
         pipe.send()
         out.put(None)

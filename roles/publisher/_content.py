@@ -7,6 +7,7 @@ whole file when it is complete (:meth:`Upload.commit`); closing it without that 
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import tempfile
@@ -15,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-from roles.publisher._fileserver import FileserverClient
+from roles.publisher._fileserver import FileserverClient, FileStream
 from roles.publisher._sites import SiteInfo
 from shared.contracts.content import (
     CommitAnswer,
@@ -28,9 +29,10 @@ from shared.contracts.content import (
 from shared.errors import NotFound, QuotaExceeded
 from shared.logs import ContextLogger
 
-__all__ = ["Download", "SiteContent", "Tree", "Upload"]
+__all__ = ["Download", "SiteContent", "StreamedDownload", "Tree", "Upload"]
 
 _EXACT_FOR = 0.5
+_SPOOL_MEMORY = 1024 * 1024
 
 
 @dataclass
@@ -155,11 +157,18 @@ class SiteContent:
         answer = self.client.put_file(self.site.name, rel, source)
         tree = self._tree
         if tree is not None and answer.version == tree.version + 1:
-            # Nobody else changed the site in between: this put is the whole difference.
+            # Nobody else changed the site in between: this put is the whole difference, and the tree
+            # is known exact for a moment (the next STOR of a mirror asks nothing first).
             tree.put(rel, answer.size, time.time(), answer.version, answer.total_bytes)
+            self._fresh = True
+            self._exact_until = time.monotonic() + _EXACT_FOR
         return answer
 
-    def download(self, rel: str, name: str) -> Download:
+    def download(self, rel: str, name: str) -> Download | StreamedDownload:
+        size = self.tree().files.get(rel, (0, 0.0))[0]
+        if size > _SPOOL_MEMORY:
+            # A big file is sent on as it arrives, not fetched whole first (that doubled its time).
+            return StreamedDownload(name, self.client.stream(self.site.name, rel))
         download = Download(name)
         try:
             self.client.download(self.site.name, rel, download.file)
@@ -186,11 +195,12 @@ class SiteContent:
 
 
 class Download:
-    """A file fetched whole from the fileserver into a local spool, for an FTP download to send."""
+    """A small file fetched whole from the fileserver into memory, for an FTP download to send (a
+    file on disk would cost an inode per download; pyftpdlib sends it without sendfile then)."""
 
     def __init__(self, name: str) -> None:
         self.name = name  # the virtual path, for pyftpdlib's transfer log
-        self.file = tempfile.TemporaryFile(prefix="sitecloud-get-")  # noqa: SIM115 (closed in close())
+        self.file = io.BytesIO()
 
     @property
     def closed(self) -> bool:
@@ -205,11 +215,39 @@ class Download:
     def tell(self) -> int:
         return self.file.tell()
 
-    def fileno(self) -> int:
-        return self.file.fileno()
-
     def close(self) -> None:
         self.file.close()
+
+
+class StreamedDownload:
+    """A big file for an FTP download to send, read from the fileserver as the client takes it."""
+
+    def __init__(self, name: str, stream: FileStream) -> None:
+        self.name = name  # the virtual path, for pyftpdlib's transfer log
+        self._stream = stream
+        self._at = 0
+        self.closed = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._at += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Forward only, as a resumed download (REST) needs: the skipped bytes are read and dropped."""
+        if whence != os.SEEK_SET or offset < self._at:
+            raise OSError("a streamed download only moves forward")
+        while self._at < offset and self.read(min(offset - self._at, 256 * 1024)):
+            pass
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._stream.close()
 
 
 class Upload:
@@ -220,7 +258,9 @@ class Upload:
         self.rel = rel
         self.name = name  # the virtual path, for pyftpdlib's transfer log
         self.limit = limit
-        self.file = tempfile.TemporaryFile(prefix="sitecloud-put-")  # noqa: SIM115 (closed in close())
+        # In memory while small (most uploads): a file on disk costs an inode, the dearest part of a
+        # small upload here; a big one goes to disk past _SPOOL_MEMORY.
+        self.file = tempfile.SpooledTemporaryFile(_SPOOL_MEMORY, prefix="sitecloud-put-")  # noqa: SIM115
         self.committed: FileStored | None = None
 
     @property

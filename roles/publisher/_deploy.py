@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import IO, Any
 
@@ -196,7 +197,8 @@ class Deployer:
                 f"too many failed logins for {auth.login} from your address",
                 hint=f"try again in {wait} seconds",
             )
-        site = self._sites.site(name) if name is not None else self._sites.site_of_user(auth.login)
+        # A name is the address publishers know: after a slot swap, what answers it.
+        site = self._sites.site_at(name) if name is not None else self._sites.site_of_user(auth.login)
         # An unknown site and a wrong password get the same answer.
         ok = site is not None and await asyncio.to_thread(
             self._credentials.check, site, auth.login, auth.password
@@ -242,7 +244,7 @@ class Deployer:
         async with self._slots:
             self.deployments.running(record)
             try:
-                answer = await asyncio.to_thread(self._apply, site, spool)
+                answer, took = await asyncio.to_thread(self._apply, site, spool)
             except SitecloudError as err:
                 self.deploys_refused += 1
                 log.warning("%s refused: %s", via, err)
@@ -254,12 +256,14 @@ class Deployer:
         self.deploys += 1
         self.deployments.finish(record, version=answer["version"], message=f"version {answer['version']}")
         log.info(
-            "%s: %s bytes of zip deployed as version %s (%s files, %s bytes)",
+            "%s: %s bytes of zip deployed as version %s (%s files, %s bytes; uploaded in %.2f s, "
+            "committed in %.2f s)",
             via,
             size,
             answer["version"],
             answer["files"],
             answer["bytes"],
+            *took,
         )
         return answer
 
@@ -284,8 +288,10 @@ class Deployer:
         spool.seek(0)
         return total
 
-    def _apply(self, site: SiteInfo, spool: IO[bytes]) -> dict[str, Any]:
-        """Runs in a worker thread: check the zip, upload its files, commit them as the whole site."""
+    def _apply(self, site: SiteInfo, spool: IO[bytes]) -> tuple[dict[str, Any], tuple[float, float]]:
+        """Runs in a worker thread: check the zip, upload its files, commit them as the whole site;
+        also returns how long the uploads and the commit took."""
+        started = time.monotonic()
         with open_zip(spool) as zf:
             plan = check_zip(zf, max_total_bytes=site.quota_bytes)
             ops: list[CommitOp] = [PathOp(op="mkdir", path=d) for d in plan.empty_dirs]
@@ -320,10 +326,12 @@ class Deployer:
                     blob = client.upload_blob(site.name, member_file)
                     ops.append(PutOp(path=member.path, sha256=blob.sha256, mtime=member.mtime))
                 send_batch()
+                uploaded = time.monotonic()
                 answer = client.commit(site.name, ops, replace=True)
-        return {
+        result = {
             "site": site.name,
             "version": answer.version,
             "files": len(plan.files),
             "bytes": plan.total_bytes,
         }
+        return result, (uploaded - started, time.monotonic() - uploaded)

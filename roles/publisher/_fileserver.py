@@ -11,7 +11,7 @@ import json
 import os
 import ssl
 from collections.abc import Sequence
-from typing import IO, Any, BinaryIO, Literal
+from typing import IO, Any, Literal
 from urllib.parse import quote, urlsplit
 
 from shared.contracts.answers import parse_answer
@@ -28,9 +28,18 @@ from shared.contracts.content import (
 )
 from shared.errors import Unavailable, error_from_json
 
-__all__ = ["FileserverClient"]
+__all__ = ["FileStream", "FileserverClient"]
 
 _CHUNK = 256 * 1024
+
+
+def _remaining(source: IO[bytes]) -> int:
+    """The bytes from ``source``'s position to its end (a file, or a spool still in memory)."""
+    source.flush()
+    here = source.tell()
+    size = source.seek(0, os.SEEK_END) - here
+    source.seek(here)
+    return size
 
 
 class FileserverClient:
@@ -156,7 +165,7 @@ class FileserverClient:
             VersionDiff, self._json("GET", f"{self._site(site)}/diff?since={since}"), peer=self.base_url
         ).for_site(site)
 
-    def download(self, site: str, path: str, out: BinaryIO) -> int:
+    def download(self, site: str, path: str, out: IO[bytes]) -> int:
         """Stream the newest version of ``path`` into ``out``; returns the bytes written."""
         resp = self._send("GET", f"{self._site(site)}/files/{quote(path, safe='/')}", headers={})
         if resp.status >= 400:
@@ -173,11 +182,22 @@ class FileserverClient:
             self.close()
         return total
 
+    def stream(self, site: str, path: str) -> FileStream:
+        """The newest version of ``path`` as a stream on a connection of its own (the session's stays
+        free for other calls meanwhile); the caller closes it."""
+        fresh = FileserverClient(self.base_url, self._ssl, timeout=self._timeout)
+        try:
+            resp = fresh._send("GET", f"{self._site(site)}/files/{quote(path, safe='/')}", headers={})
+            if resp.status >= 400:
+                fresh._decode(resp, fresh._finish(resp))
+        except BaseException:
+            fresh.close()
+            raise
+        return FileStream(fresh, resp, path)
+
     def upload_blob(self, site: str, source: IO[bytes]) -> BlobStored:
         """Stream ``source`` from its current position to its end as one blob."""
-        source.flush()
-        here = source.tell()
-        size = os.fstat(source.fileno()).st_size - here
+        size = _remaining(source)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         resp = self._send("POST", f"{self._site(site)}/blobs", body=source, headers=headers)
         return parse_answer(BlobStored, self._decode(resp, self._finish(resp)), peer=self.base_url)
@@ -192,9 +212,7 @@ class FileserverClient:
     def put_file(self, site: str, path: str, source: IO[bytes]) -> FileStored:
         """Store ``source`` from its current position to its end as the file at ``path``, in one request;
         answered once it is durable."""
-        source.flush()
-        here = source.tell()
-        size = os.fstat(source.fileno()).st_size - here
+        size = _remaining(source)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         url = f"{self._site(site)}/files/{quote(path, safe='/')}"
         resp = self._send("PUT", url, body=source, headers=headers)
@@ -213,3 +231,23 @@ class FileserverClient:
         return parse_answer(
             CommitAnswer, self._json("POST", f"{self._site(site)}/commit", body=body), peer=self.base_url
         )
+
+
+class FileStream:
+    """A file's bytes as the fileserver sends them, read as they come."""
+
+    def __init__(self, client: FileserverClient, resp: http.client.HTTPResponse, path: str) -> None:
+        self._client = client
+        self._resp = resp
+        self._path = path
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._resp.read(None if size < 0 else size)
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise Unavailable(f"the fileserver broke off sending {self._path!r}: {exc}") from exc
+
+    def close(self) -> None:
+        self._resp.close()
+        self._client.close()

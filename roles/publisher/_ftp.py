@@ -426,9 +426,12 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
     def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
         content = self.site_content
         if content is not None and self.authenticated:
-            current = self.context.sites.site(content.site.name)
+            # The user's site as the snapshot has it now: gone, or after a slot swap another content.
+            current = self.context.sites.site_of_user(self.username)
             if current is None or current.uid != content.site.uid:
-                self.respond("421 This site no longer exists; closing the session.")
+                gone = current is None or self.context.sites.site(content.site.name) is None
+                why = "This site no longer exists" if gone else "This slot was swapped: log in again"
+                self.respond(f"421 {why}; closing the session.")
                 self.close_when_done()
                 return
             content.site = current  # quota changes apply to the next upload

@@ -462,8 +462,8 @@ class GitDeploy:
             f"deployed as version {answer['version']}: {answer['files']} files, "
             f"{answer['bytes']} bytes in {seconds:.2f}s"
         )
-        url = self._sites.site_url(site.name)
-        await say(f"live at {url}" if url else f"site {site.name} is live")
+        url = self._sites.site_url(site.address)
+        await say(f"live at {url}" if url else f"site {site.address} is live")
 
     async def _rewind(self, repo: Path, ref: str, old: str | None, new: str) -> None:
         assert self._git is not None

@@ -30,6 +30,13 @@ class SiteInfo:
     uid: str
     quota_bytes: int
     users: Mapping[str, str]  # user -> scrypt hash
+    # The site names (addresses) this content answers: its own, or after a slot swap the other one's.
+    addresses: tuple[str, ...] = ()
+
+    @property
+    def address(self) -> str:
+        """The name publishers know it by (where it is served)."""
+        return self.addresses[0] if self.addresses else self.name
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class _Snapshot:
     sites: Mapping[str, SiteInfo]
     # user -> site, for FTP logins where the user name is all the client gives.
     logins: Mapping[str, str]
+    # address -> site: a name a publisher gives (a deploy URL, ``?site=``) is an address.
+    by_address: Mapping[str, str]
     # "https://{site}.<domain>/": where a site is served, for messages to its publishers.
     site_url: str | None = None
 
@@ -52,6 +61,7 @@ def _parse(snapshot: Mapping[str, Any]) -> _Snapshot:
         raise InvalidInput("publisher snapshot needs a 'sites' object")
     sites: dict[str, SiteInfo] = {}
     owners: dict[str, list[str]] = {}
+    by_address: dict[str, str] = {}
     for name, raw in raw_sites.items():
         validate_site_name(name)
         if not isinstance(raw, dict):
@@ -65,7 +75,14 @@ def _parse(snapshot: Mapping[str, Any]) -> _Snapshot:
             isinstance(u, str) and u and isinstance(h, str) for u, h in users.items()
         ):
             raise InvalidInput(f"site {name!r}: 'users' must map user names to password hashes")
-        sites[name] = SiteInfo(name, uid, quota, MappingProxyType(dict(users)))
+        addresses = raw.get("addresses", [name])
+        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+            raise InvalidInput(f"site {name!r}: 'addresses' must be a list of site names")
+        for address in addresses:
+            validate_site_name(address)
+            if by_address.setdefault(address, name) != name:
+                raise InvalidInput(f"address {address!r} is claimed by {by_address[address]!r} and {name!r}")
+        sites[name] = SiteInfo(name, uid, quota, MappingProxyType(dict(users)), tuple(addresses))
         for user in users:
             owners.setdefault(user, []).append(name)
     site_url = snapshot.get("site_url")
@@ -78,6 +95,7 @@ def _parse(snapshot: Mapping[str, Any]) -> _Snapshot:
         fileserver.rstrip("/"),
         MappingProxyType(sites),
         MappingProxyType(logins),
+        MappingProxyType(by_address),
         site_url,
     )
 
@@ -109,6 +127,14 @@ class SiteTable:
     def site(self, name: str) -> SiteInfo | None:
         current = self._current
         return current.sites.get(name) if current else None
+
+    def site_at(self, address: str) -> SiteInfo | None:
+        """The site whose content answers ``address`` (a slot swap trades two sites' addresses)."""
+        current = self._current
+        if current is None:
+            return None
+        name = current.by_address.get(address)
+        return current.sites.get(name) if name else None
 
     def site_url(self, name: str) -> str | None:
         current = self._current

@@ -18,7 +18,7 @@ from typing import Any
 from pyftpdlib.exceptions import FilesystemError
 from pyftpdlib.filesystems import AbstractedFS
 
-from roles.publisher._content import Download, SiteContent, Upload
+from roles.publisher._content import Download, SiteContent, StreamedDownload, Upload
 from shared.contracts.content import PathOp, RenameOp
 from shared.errors import AlreadyExists, Forbidden, InvalidInput, NotFound
 from shared.paths import site_relpath
@@ -132,7 +132,7 @@ class SiteFilesystem(AbstractedFS):  # type: ignore[misc]  # pyftpdlib has no ty
 
     # --- files
 
-    def open(self, filename: str, mode: str) -> Download | Upload:
+    def open(self, filename: str, mode: str) -> Download | StreamedDownload | Upload:
         rel = self._rel(filename)
         tree = self.content.tree()
         if mode in ("r", "rb"):

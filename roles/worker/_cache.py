@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import re
 import shutil
@@ -63,6 +64,11 @@ class ContentCache:
         self.trash = root / "trash"
         for d in (self.blobs, self.sites, self.trash):
             d.mkdir(parents=True, exist_ok=True)
+        # The blob folders known to exist (``blobs/<sha[:2]>``).
+        self._folders: set[str] = set()
+        # Names for downloads in progress: unique in this process, and a restart's are collected.
+        self._tmp_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self._tmp_numbers = itertools.count()
 
     # -- blobs
 
@@ -72,17 +78,44 @@ class ContentCache:
     def has_blob(self, sha: str) -> bool:
         return self.blob_path(sha).is_file()
 
-    def new_blob_file(self) -> tuple[int, str]:
-        return tempfile.mkstemp(dir=self.blobs, prefix=".tmp-")
+    def _folder(self, sha: str) -> str:
+        folder = f"{self.blobs}/{sha[:2]}"
+        if sha[:2] not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(sha[:2])
+        return folder
+
+    def new_blob_file(self, sha: str) -> tuple[int, str]:
+        """A temporary file in the folder the blob goes to: its rename stays in that folder, and
+        downloads in parallel do not all queue on one directory's lock."""
+        tmp = f"{self._folder(sha)}/.tmp-{self._tmp_prefix}{next(self._tmp_numbers)}"
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), tmp
 
     def commit_blob(self, tmp: str, sha: str, mtime: float) -> None:
         """Move a verified download into place (a rename: readers see all of it or nothing)."""
-        dest = self.blob_path(sha)
-        dest.parent.mkdir(exist_ok=True)
         os.chmod(tmp, 0o644)
         if mtime > 0:
             os.utime(tmp, (mtime, mtime))
-        os.replace(tmp, dest)
+        os.replace(tmp, self.blob_path(sha))
+
+    def write_blob(self, sha: str, data: bytes, mtime: float) -> None:
+        """Store a verified small blob whole: written beside its place, then renamed into it."""
+        fd, tmp = self.new_blob_file(sha)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fchmod(fd, 0o644)
+                if mtime > 0:
+                    os.utime(fd, (mtime, mtime))
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.blob_path(sha))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
     def collect_blobs(self) -> int:
         """Drop blobs no version links to (and stale downloads); return the bytes that remain."""
@@ -95,6 +128,7 @@ class ContentCache:
                 continue
             for blob in os.scandir(entry.path):
                 st = blob.stat(follow_symlinks=False)
+                # A download's temporary file has one link too: collection never runs during one.
                 if st.st_nlink <= 1:
                     Path(blob.path).unlink(missing_ok=True)
                 else:
@@ -146,12 +180,15 @@ class ContentCache:
         name = f"v{version}"
         build = Path(tempfile.mkdtemp(dir=site_dir, prefix=".build-"))
         try:
-            for d in sorted(dirs):
-                (build / d).mkdir(parents=True, exist_ok=True)
+            # Each folder made once (not a mkdir per file: a site is mostly many files in few folders).
+            folders = set(dirs) | {os.path.dirname(rel) for rel in files}
+            folders.discard("")
+            for d in sorted(folders):
+                os.makedirs(build / d, exist_ok=True)
+            base = str(build)
             for rel, meta in files.items():
-                dest = build / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                blob = self.blob_path(meta.sha256)
+                dest = f"{base}/{rel}"
+                blob = f"{self.blobs}/{meta.sha256[:2]}/{meta.sha256}"
                 try:
                     os.link(blob, dest)
                 except OSError as exc:
