@@ -10,20 +10,21 @@ import aiohttp
 import pytest
 
 from shared.config import RoleConfig
+from shared.contracts.snapshots import WorkerSnapshot
 from shared.control import ControlPlane
 from shared.net import free_port
 from tests.support import CloudPKI
 
 
-async def _started(pki: CloudPKI, home: Path, applied: list[dict[str, Any]]) -> ControlPlane:
+async def _started(pki: CloudPKI, home: Path, applied: list[WorkerSnapshot]) -> ControlPlane[WorkerSnapshot]:
     config = pki.make_role_home(
         RoleConfig(role="worker", host="localhost", home=home, control_port=free_port())
     )
 
-    async def apply(snapshot: dict[str, Any]) -> None:
+    async def apply(snapshot: WorkerSnapshot) -> None:
         applied.append(snapshot)
 
-    plane = ControlPlane(config, apply)
+    plane = ControlPlane(config, WorkerSnapshot, apply)
     await plane.load_last_known_good()
     await plane.start()
     return plane
@@ -38,7 +39,7 @@ async def _call(pki: CloudPKI, role: str | None, method: str, url: str, body: An
 
 
 async def test_config_push_persists_and_survives_restart(pki: CloudPKI, tmp_path: Path) -> None:
-    applied: list[dict[str, Any]] = []
+    applied: list[WorkerSnapshot] = []
     plane = await _started(pki, tmp_path / "w", applied)
     url = plane.config.control_url
     try:
@@ -53,12 +54,12 @@ async def test_config_push_persists_and_survives_restart(pki: CloudPKI, tmp_path
         assert status == 200 and health["config_version"] == 3 and health["role"] == "worker"
     finally:
         await plane.stop()
-    assert [s["version"] for s in applied] == [3]
+    assert [s.version for s in applied] == [3]
 
-    again: list[dict[str, Any]] = []
+    again: list[WorkerSnapshot] = []
     plane = await _started(pki, tmp_path / "w", again)
     await plane.stop()
-    assert again == [{"version": 3, "sites": {"a": {}}}]
+    assert [s.to_json() for s in again] == [{"version": 3, "sites": {"a": {}}}]
 
 
 async def test_only_the_controller_may_push_config(pki: CloudPKI, tmp_path: Path) -> None:

@@ -14,13 +14,25 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from shared.acme import AcmeChallenge, AcmeSettings
 from shared.appsettings import APP_DISK_MIN_MB, app_fields, frontend_fields
+from shared.contracts.snapshots import (
+    BareSnapshot,
+    FileserverSnapshot,
+    FrontendSite,
+    FrontendSnapshot,
+    PublisherSnapshot,
+    Refused,
+    Snapshot,
+    WorkerSite,
+    WorkerSnapshot,
+    entry_or_refused,
+)
 from shared.db import (
     Host,
     Plan,
@@ -33,6 +45,7 @@ from shared.db import (
     current_generation,
 )
 from shared.dns01 import RECORD_KEY, PlatformCertificate, WildcardRecord
+from shared.errors import InvalidInput
 from shared.names import HostnameState
 from shared.quota import QuotaStop
 
@@ -48,6 +61,8 @@ __all__ = [
     "snapshots_for",
     "unreachable_needs",
 ]
+
+S = TypeVar("S", bound=Snapshot)
 
 # Each site runs on this many workers of its pool (fewer when the pool is smaller): a worker that dies
 # or is upgraded leaves another one already serving the site, so front ends only route around it.
@@ -327,64 +342,98 @@ def _quota_entry(stop: QuotaStop | None) -> dict[str, Any]:
     return {"quota_stop": {"what": stop.what, "limit": stop.limit, "unit": stop.unit, "until": until}}
 
 
-def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
-    """Role id → the snapshot that role should run with at ``state.generation``."""
+def _frontend_site(
+    role: RoleEndpoint,
+    state: DesiredState,
+    workers: dict[int, RoleEndpoint],
+    site: DesiredSite,
+    answers: DesiredSite,
+) -> FrontendSite | Refused:
+    entry: dict[str, Any] = {
+        "workers": [
+            f"{role.host_of(workers[w])}:{workers[w].ports['data']}"
+            for w in answers.worker_ids
+            if w in workers and w not in state.down and role.reaches(workers[w])
+        ],
+        **({"serve_as": answers.name} if answers is not site else {}),
+        **({"hostnames": list(site.hostnames)} if site.hostnames else {}),
+        **site.routing,
+        **_quota_entry(state.quota_stops.get(answers.name)),
+    }
+    return entry_or_refused(FrontendSite, site.name, entry)
+
+
+def _whole(kind: type[S], raw: dict[str, Any]) -> S | Refused:
+    """A snapshot its role takes whole; one it would refuse goes as it is, for the role to say why."""
+    try:
+        return kind.parse(raw, what=f"{kind.kind} snapshot")
+    except InvalidInput as exc:
+        return Refused(str(exc), raw)
+
+
+def snapshots_for(state: DesiredState) -> dict[int, Snapshot | Refused]:
+    """Role id → the snapshot that role should run with at ``state.generation``.
+
+    What a role could not use (a value stored past management's checks) is sent as it is, as
+    :class:`Refused`: a worker or front end fails that one site, a file server or publisher refuses
+    the snapshot, and each says why."""
     version = state.generation
     fileserver = _fileserver(state)
     workers = {r.id: r for r in state.of_kind("worker")}
     by_name = {s.name: s for s in state.sites}
     # Host names → the site that answers them: one generation flips every front end's routes of a swap.
     answers = {s.name: by_name.get(s.routed_to, s) for s in state.sites}
-    out: dict[int, dict[str, Any]] = {}
+    # What every role of a kind gets alike, built once.
+    worker_sites = {
+        s.name: entry_or_refused(WorkerSite, s.name, {"uid": s.uid, **s.app}) for s in state.sites
+    }
+    fileserver_snapshot = _whole(
+        FileserverSnapshot,
+        {
+            "version": version,
+            "sites": {
+                s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, **s.retention} for s in state.sites
+            },
+        },
+    )
+    publisher_sites = {
+        s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, "users": s.users} for s in state.sites
+    }
+    # Left out when there are none, as they always were.
+    acme: dict[str, Any] = {}
+    if state.acme_challenges:
+        acme["acme_challenges"] = state.acme_challenges
+    if state.wildcard is not None:
+        acme["wildcard"] = state.wildcard
+    out: dict[int, Snapshot | Refused] = {}
     for role in state.roles:
-        body: dict[str, Any]
         fileserver_url = role.control_url_of(fileserver) if fileserver and role.reaches(fileserver) else ""
         if role.kind == "frontend":
-            body = {
-                "domain": state.domain,
-                "sites": {
-                    s.name: {
-                        "workers": [
-                            f"{role.host_of(workers[w])}:{workers[w].ports['data']}"
-                            for w in answers[s.name].worker_ids
-                            if w in workers and w not in state.down and role.reaches(workers[w])
-                        ],
-                        **({"serve_as": answers[s.name].name} if answers[s.name] is not s else {}),
-                        **({"hostnames": list(s.hostnames)} if s.hostnames else {}),
-                        **s.routing,
-                        **_quota_entry(state.quota_stops.get(answers[s.name].name)),
-                    }
-                    for s in state.sites
-                },
-                **(
-                    {"acme_challenges": [c.to_json() for c in state.acme_challenges]}
-                    if state.acme_challenges
-                    else {}
-                ),
-                **({"wildcard": state.wildcard.to_json()} if state.wildcard else {}),
-            }
+            out[role.id] = FrontendSnapshot(
+                version=version,
+                domain=state.domain,
+                sites={s.name: _frontend_site(role, state, workers, s, answers[s.name]) for s in state.sites},
+                **acme,
+            )
         elif role.kind == "worker":
-            body = {
-                "fileserver": fileserver_url,
-                "sites": {s.name: {"uid": s.uid, **s.app} for s in state.sites if role.id in s.worker_ids},
-            }
+            out[role.id] = WorkerSnapshot(
+                version=version,
+                fileserver=fileserver_url,
+                sites={s.name: worker_sites[s.name] for s in state.sites if role.id in s.worker_ids},
+            )
         elif role.kind == "fileserver":
-            body = {
-                "sites": {
-                    s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, **s.retention} for s in state.sites
-                }
-            }
+            out[role.id] = fileserver_snapshot
         elif role.kind == "publisher":
-            body = {
-                "fileserver": fileserver_url,
-                # How a site's address reads, for the publisher to tell a pusher where it went live.
-                "site_url": _site_url(state),
-                "sites": {
-                    s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, "users": s.users}
-                    for s in state.sites
+            out[role.id] = _whole(
+                PublisherSnapshot,
+                {
+                    "version": version,
+                    "fileserver": fileserver_url,
+                    # How a site's address reads, for the publisher to tell a pusher where it went live.
+                    "site_url": _site_url(state),
+                    "sites": publisher_sites,
                 },
-            }
+            )
         else:
-            body = {}
-        out[role.id] = {"version": version, **body}
+            out[role.id] = BareSnapshot(version=version)
     return out

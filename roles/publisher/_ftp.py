@@ -427,7 +427,7 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
         content = self.site_content
         if content is not None and self.authenticated:
             current = self.context.sites.site(content.site.name)
-            if current is None or current.uid != content.site.uid:
+            if current is None or current.content_id != content.site.content_id:
                 self.respond("421 This site no longer exists; closing the session.")
                 self.close_when_done()
                 return

@@ -30,7 +30,9 @@ from roles.worker.apps._manager import run_dir_for
 from roles.worker.config import WorkerConfig
 from roles.worker.content import ContentSync
 from roles.worker.server import DataServer
-from shared.control import ControlPlane, Snapshot
+from shared.contracts.health import WorkerFigures
+from shared.contracts.snapshots import Refused, WorkerSnapshot
+from shared.control import ControlPlane
 from shared.errors import SitecloudError
 from shared.files import atomic_write_json, read_json
 from shared.logs import get_logger
@@ -112,12 +114,12 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         else None
     )
 
-    async def apply(snapshot: Snapshot) -> None:
-        # Every site entry is checked before any of it applies; one that cannot be used fails alone.
-        specs, failed = apps.check(snapshot)
+    async def apply(snapshot: WorkerSnapshot) -> None:
+        # Every site entry was checked as the snapshot came; one that cannot be used fails alone.
+        refused = {name: e.reason for name, e in snapshot.sites.items() if isinstance(e, Refused)}
         before = sync.failed
-        failed = await sync.apply(snapshot, failed)
-        apps.apply(snapshot, specs, failed)
+        failed = await sync.apply(snapshot, refused)
+        apps.apply(snapshot, failed)
         for site, why in failed.items():
             if before.get(site) != why:
                 log.bind(site=site).warning("cannot serve the site: %s", why)
@@ -125,20 +127,23 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
             log.bind(site=site).info("the site's entry is usable again")
         changed()
 
-    def health() -> dict[str, Any]:
-        figures = {
-            **sync.figures(),
-            "processes": processes,
-            **apps.figures(),
-            **_degraded(sync.failed, apps.isolation_gaps()),
-        }
-        if server is not None:
-            figures.update(connections=server.connections, hot_cache_bytes=hot.size)
-        if children is not None:
-            figures["serving_pids"] = children.pids
-        return figures
+    def health() -> WorkerFigures:
+        return WorkerFigures.model_validate(
+            {
+                **sync.figures(),
+                "processes": processes,
+                **apps.figures(),
+                **_degraded(sync.failed, apps.isolation_gaps()),
+                **(
+                    {"connections": server.connections, "hot_cache_bytes": hot.size}
+                    if server is not None
+                    else {}
+                ),
+                **({"serving_pids": children.pids} if children is not None else {}),
+            }
+        )
 
-    plane = ControlPlane(config, apply, health=health, routes=app_routes(apps))
+    plane = ControlPlane(config, WorkerSnapshot, apply, health=health, routes=app_routes(apps))
 
     def counts() -> HttpCounts:
         # With serving processes, theirs (summed when scraped); otherwise this process's own.
@@ -190,7 +195,9 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         await plane.stop()
 
 
-def _worker_metrics(plane: ControlPlane, sync: ContentSync, apps: AppManager) -> Iterator[Metric]:
+def _worker_metrics(
+    plane: ControlPlane[WorkerSnapshot], sync: ContentSync, apps: AppManager
+) -> Iterator[Metric]:
     """Content and app figures, read when scraped."""
     content = sync.figures()
     yield GaugeMetricFamily("sitecloud_worker_sites", "Sites this worker holds.", value=content["sites"])
@@ -212,8 +219,7 @@ def _worker_metrics(plane: ControlPlane, sync: ContentSync, apps: AppManager) ->
         value=figures["apps_max_active"],
     )
     starts = crashes = kills = 0
-    sites = plane.snapshot.get("sites") if plane.snapshot else None
-    for name in sites if isinstance(sites, dict) else ():
+    for name in plane.snapshot.sites if plane.snapshot else ():
         app = apps.dynamic(name)
         if app is not None:
             starts += app.starts
