@@ -22,7 +22,7 @@ from roles.frontend._usage import UsageReporter
 from roles.frontend.config import FrontendConfig
 from shared.contracts.health import FrontendFigures
 from shared.contracts.snapshots import FrontendSnapshot
-from shared.control import ControlPlane
+from shared.control import ControlPlane, parse_snapshot
 from shared.files import atomic_write_json
 from shared.listeners import listener
 from shared.logs import ContextLogger, get_logger
@@ -287,7 +287,9 @@ async def _serve_child(config: FrontendConfig, stop: asyncio.Event, index: int) 
     async def reload() -> None:
         with contextlib.suppress(FileNotFoundError):
             raw = await asyncio.to_thread(handover.read_bytes)
-            snapshot = await asyncio.to_thread(FrontendSnapshot.parse_json, raw, what="handed-over snapshot")
+            snapshot = await asyncio.to_thread(
+                parse_snapshot, FrontendSnapshot, raw, what="handed-over snapshot"
+            )
             version = snapshot.version
             if version >= applied[0]:
                 await proxy.apply(snapshot)
