@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ from aiohttp import web
 from shared.config import RoleConfig
 from shared.contracts.health import HEALTHS, RoleFigures, RoleHealth
 from shared.contracts.snapshots import ConfigAck, Snapshot
+from shared.errors import InvalidInput
 from shared.files import atomic_write_bytes
 from shared.internal import error_middleware, require_role
 from shared.listeners import listener, listening_ports
@@ -38,11 +40,18 @@ HealthFigures = Callable[[], RoleFigures]
 def parse_snapshot(kind: type[S], raw: bytes, *, what: str) -> S:
     """Parse a pushed snapshot with the cyclic collector paused: it holds no cycles, but the objects
     of a big one (100k sites) would have the collector walk them over and over while they are made,
-    which costs more than the parse itself."""
+    which costs more than the parse itself.
+
+    The stdlib decodes the JSON: pydantic's own parser refuses a lone surrogate escape, which would
+    refuse the whole snapshot for one site's bad value instead of that one site."""
     paused = gc.isenabled()
     gc.disable()
     try:
-        return kind.parse_json(raw, what=what)
+        try:
+            decoded = json.loads(raw)
+        except ValueError as exc:
+            raise InvalidInput(f"{what} is not JSON: {exc}") from None
+        return kind.parse(decoded, what=what)
     finally:
         if paused:
             gc.enable()

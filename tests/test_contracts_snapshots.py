@@ -30,6 +30,7 @@ from shared.contracts.snapshots import (
     WorkerSite,
     WorkerSnapshot,
 )
+from shared.control import parse_snapshot
 from shared.dns01 import PlatformCertificate
 from shared.errors import InvalidInput
 from shared.states import HealthStatus, RoleState
@@ -416,3 +417,20 @@ def test_a_bad_health_answer_is_refused_naming_the_field(answer: dict[str, Any],
 def test_figures_are_checked_where_they_are_made() -> None:
     with pytest.raises(ValueError, match="total_bytes"):
         FileserverFigures(sites=1, total_bytes=-5)
+
+
+def test_a_lone_surrogate_in_one_site_fails_that_site_not_the_push() -> None:
+    """The bytes as a role takes them: JSON may escape a lone surrogate (json.dumps does), and one site's
+    value must not make the whole body unreadable."""
+    body = json.dumps(
+        {
+            "version": 2,
+            "sites": {"good": {"uid": UID}, "bad": {"uid": "b1" * 16, "env": {"S": "lone \ud800"}}},
+        }
+    ).encode()
+    snapshot = parse_snapshot(WorkerSnapshot, body, what="worker snapshot")
+    assert isinstance(snapshot.sites["good"], WorkerSite)
+    bad = snapshot.sites["bad"]
+    assert isinstance(bad, Refused) and "not valid UTF-8" in bad.reason
+    with pytest.raises(InvalidInput, match="worker snapshot is not JSON"):
+        parse_snapshot(WorkerSnapshot, b"{version: 2", what="worker snapshot")
