@@ -80,6 +80,7 @@ class ControlPlane(Generic[S]):
         self._log = get_logger(config.role, host=config.host)
         self._started = time.time()
         self.snapshot: S | None = None
+        self._accepting = asyncio.Lock()
         self._runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
         # This process's metrics: roles register their collectors on it.
@@ -106,13 +107,16 @@ class ControlPlane(Generic[S]):
     async def accept(self, raw: bytes) -> None:
         """Take a pushed snapshot (its JSON body): :class:`InvalidInput` when it cannot be used."""
         snapshot = await self._parse(raw)
-        if snapshot.version < self.config_version:
-            # A stale push (an older controller, a retry that lost a race): keep what is newer.
-            return
-        await self._apply(snapshot)
-        # The body as it came: a restart reads it with the same checks (and a newer role's fields).
-        atomic_write_bytes(self._path, raw, mode=0o600)
-        self.snapshot = snapshot
+        # Parses run side by side; applies one at a time, so an older push that was slower to parse
+        # never replaces a newer one.
+        async with self._accepting:
+            if snapshot.version < self.config_version:
+                # A stale push (an older controller, a retry that lost a race): keep what is newer.
+                return
+            await self._apply(snapshot)
+            # The body as it came: a restart reads it with the same checks (and a newer role's fields).
+            atomic_write_bytes(self._path, raw, mode=0o600)
+            self.snapshot = snapshot
         self._log.info("applied config version %s", snapshot.version)
 
     def health(self) -> RoleHealth:

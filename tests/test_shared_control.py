@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,26 @@ async def test_a_peer_without_a_cloud_certificate_is_refused(pki: CloudPKI, tmp_
     finally:
         await plane.stop()
     await asyncio.sleep(0)
+
+
+async def test_an_older_push_slower_to_parse_never_replaces_a_newer_one(
+    pki: CloudPKI, tmp_path: Path
+) -> None:
+    """Pushes are parsed side by side off the loop; the newer one may be applied first, and the older one
+    must then be dropped, not applied over it."""
+    config = pki.make_role_home(
+        RoleConfig(role="worker", host="localhost", home=tmp_path / "w", control_port=free_port())
+    )
+    applied: list[int] = []
+
+    async def apply(snapshot: WorkerSnapshot) -> None:
+        await asyncio.sleep(0.2)  # an apply that takes a while (a big routing table, a disk scan)
+        applied.append(snapshot.version)
+
+    plane = ControlPlane(config, WorkerSnapshot, apply)
+    big = {f"s{i}": {"uid": f"{i:032x}"} for i in range(20_000)}
+    older = json.dumps({"version": 5, "sites": big}).encode()
+    newer = json.dumps({"version": 6, "sites": {}}).encode()
+    await asyncio.gather(plane.accept(older), plane.accept(newer))
+    assert plane.config_version == 6 and applied[-1] == 6, applied
+    assert json.loads((config.state_dir / "config.json").read_bytes())["version"] == 6

@@ -1,15 +1,14 @@
 """What the controller pushes to each role (``PUT /v1/config``): one versioned snapshot per kind.
 
 The controller builds these and sends ``to_json()``; the role's control plane (:mod:`shared.control`)
-parses the body once with ``parse_json()`` and hands the role the typed snapshot. The JSON is the one
-roles have always exchanged (a field not given is left out), so roles of the release before
-and after read each other's snapshots during a rolling upgrade.
+parses the body once and hands the role its typed snapshot. The JSON is the one roles have always
+exchanged (a field not given is left out), so roles a release apart read each other's snapshots
+during a rolling upgrade.
 
-A role that can serve the rest of its sites while one cannot (the worker, the front end) holds its
-sites per entry: each entry is parsed on its own, and one it cannot use stays in the
-snapshot as :class:`Refused` with the reason, so that site fails alone. The file server and the
-publisher take a snapshot whole or not at all: a site left out of the file server's
-snapshot would have its content moved to the trash.
+A role that can serve the rest of its sites while one cannot (the worker, the front end) parses each
+site entry on its own: one it cannot use stays in the snapshot as :class:`Refused` with the reason,
+so that site fails alone. The file server and the publisher take a snapshot whole or not at all: a
+site left out of the file server's snapshot would have its content moved to the trash.
 """
 
 from __future__ import annotations
@@ -54,7 +53,6 @@ from shared.errors import InvalidInput
 from shared.names import validate_hostname, validate_site_name
 
 __all__ = [
-    "SNAPSHOTS",
     "AppLimits",
     "BareSnapshot",
     "ConfigAck",
@@ -68,6 +66,7 @@ __all__ = [
     "QuotaStopEntry",
     "Refused",
     "Snapshot",
+    "SnapshotPart",
     "WorkerSite",
     "WorkerSiteContent",
     "WorkerSnapshot",
@@ -411,9 +410,3 @@ class BareSnapshot(Snapshot):
     """The snapshot of a role the controller configures nothing of yet (management): its version."""
 
     kind: ClassVar[str] = ""
-
-
-SNAPSHOTS: dict[str, type[Snapshot]] = {
-    cls.kind: cls for cls in (FrontendSnapshot, WorkerSnapshot, FileserverSnapshot, PublisherSnapshot)
-}
-"""The snapshot type of each kind of role; any other kind gets a :class:`BareSnapshot`."""
