@@ -398,18 +398,21 @@ class Controller:
         desired.acme_challenges = tuple(self._challenges.values())
         self._desired = desired
         self._roles = {r.id: r for r in desired.roles}
-        snapshots = snapshots_for(desired)
-        for role in desired.roles:
-            # A role that is down gets its snapshot when it answers health again (see _check); a push
-            # still in flight is not doubled. Pushes run on their own, so one dead host never holds up
-            # the front ends' new routes.
-            if (
-                self._acked.get(role.id, 0) >= desired.generation
-                or self._observed.get(role.id, RoleObservation()).state.down
-                or role.desired_state != "running"
-                or role.id in self._pushing
-            ):
-                continue
+        # A role that is down gets its snapshot when it answers health again (see _check); a push
+        # still in flight is not doubled. Pushes run on their own, so one dead host never holds up
+        # the front ends' new routes. Only the snapshots due are built (none while nothing changed).
+        due = [
+            role
+            for role in desired.roles
+            if self._acked.get(role.id, 0) < desired.generation
+            and not self._observed.get(role.id, RoleObservation()).state.down
+            and role.desired_state == "running"
+            and role.id not in self._pushing
+        ]
+        if not due:
+            return
+        snapshots = snapshots_for(desired, only={role.id for role in due})
+        for role in due:
             task = asyncio.create_task(
                 self._push(role, desired.generation, snapshots[role.id]), name=f"push-{role.id}"
             )

@@ -24,14 +24,11 @@ from shared.appsettings import APP_DISK_MIN_MB, app_fields, frontend_fields
 from shared.contracts.snapshots import (
     BareSnapshot,
     FileserverSnapshot,
-    FrontendSite,
     FrontendSnapshot,
     PublisherSnapshot,
     Refused,
     Snapshot,
-    WorkerSite,
     WorkerSnapshot,
-    entry_or_refused,
 )
 from shared.db import (
     Host,
@@ -342,27 +339,6 @@ def _quota_entry(stop: QuotaStop | None) -> dict[str, Any]:
     return {"quota_stop": {"what": stop.what, "limit": stop.limit, "unit": stop.unit, "until": until}}
 
 
-def _frontend_site(
-    role: RoleEndpoint,
-    state: DesiredState,
-    workers: dict[int, RoleEndpoint],
-    site: DesiredSite,
-    answers: DesiredSite,
-) -> FrontendSite | Refused:
-    entry: dict[str, Any] = {
-        "workers": [
-            f"{role.host_of(workers[w])}:{workers[w].ports['data']}"
-            for w in answers.worker_ids
-            if w in workers and w not in state.down and role.reaches(workers[w])
-        ],
-        **({"serve_as": answers.name} if answers is not site else {}),
-        **({"hostnames": list(site.hostnames)} if site.hostnames else {}),
-        **site.routing,
-        **_quota_entry(state.quota_stops.get(answers.name)),
-    }
-    return entry_or_refused(FrontendSite, site.name, entry)
-
-
 def _whole(kind: type[S], raw: dict[str, Any]) -> S | Refused:
     """A snapshot its role takes whole; one it would refuse goes as it is, for the role to say why."""
     try:
@@ -371,58 +347,79 @@ def _whole(kind: type[S], raw: dict[str, Any]) -> S | Refused:
         return Refused(str(exc), raw)
 
 
-def snapshots_for(state: DesiredState) -> dict[int, Snapshot | Refused]:
-    """Role id → the snapshot that role should run with at ``state.generation``.
+def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> dict[int, Snapshot | Refused]:
+    """Role id → the snapshot that role should run with at ``state.generation`` (for the roles in
+    ``only``, when given: the ones a push is due to).
 
-    What a role could not use (a value stored past management's checks) is sent as it is, as
-    :class:`Refused`: a worker or front end fails that one site, a file server or publisher refuses
-    the snapshot, and each says why."""
+    Each is checked as its role will check it, all sites of it in one go. A site entry a worker or a
+    front end could not use (a value stored past management's checks) is sent as it is, as
+    :class:`Refused`: that role fails the one site and says why; a file server or publisher snapshot
+    with such an entry goes whole as :class:`Refused`, and that role refuses it, saying why."""
     version = state.generation
     fileserver = _fileserver(state)
     workers = {r.id: r for r in state.of_kind("worker")}
     by_name = {s.name: s for s in state.sites}
     # Host names → the site that answers them: one generation flips every front end's routes of a swap.
     answers = {s.name: by_name.get(s.routed_to, s) for s in state.sites}
-    # What every role of a kind gets alike, built once.
-    worker_sites = {
-        s.name: entry_or_refused(WorkerSite, s.name, {"uid": s.uid, **s.app}) for s in state.sites
-    }
-    fileserver_snapshot = _whole(
-        FileserverSnapshot,
-        {
-            "version": version,
-            "sites": {
-                s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, **s.retention} for s in state.sites
-            },
-        },
-    )
-    publisher_sites = {
-        s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, "users": s.users} for s in state.sites
-    }
     # Left out when there are none, as they always were.
     acme: dict[str, Any] = {}
     if state.acme_challenges:
         acme["acme_challenges"] = state.acme_challenges
     if state.wildcard is not None:
         acme["wildcard"] = state.wildcard
+    shared: dict[str, Snapshot | Refused] = {}  # what every role of a kind gets alike, built once
     out: dict[int, Snapshot | Refused] = {}
     for role in state.roles:
+        if only is not None and role.id not in only:
+            continue
         fileserver_url = role.control_url_of(fileserver) if fileserver and role.reaches(fileserver) else ""
         if role.kind == "frontend":
-            out[role.id] = FrontendSnapshot(
-                version=version,
-                domain=state.domain,
-                sites={s.name: _frontend_site(role, state, workers, s, answers[s.name]) for s in state.sites},
-                **acme,
+            out[role.id] = FrontendSnapshot.parse(
+                {
+                    "version": version,
+                    "domain": state.domain,
+                    "sites": {
+                        s.name: {
+                            "workers": [
+                                f"{role.host_of(workers[w])}:{workers[w].ports['data']}"
+                                for w in answers[s.name].worker_ids
+                                if w in workers and w not in state.down and role.reaches(workers[w])
+                            ],
+                            **({"serve_as": answers[s.name].name} if answers[s.name] is not s else {}),
+                            **({"hostnames": list(s.hostnames)} if s.hostnames else {}),
+                            **s.routing,
+                            **_quota_entry(state.quota_stops.get(answers[s.name].name)),
+                        }
+                        for s in state.sites
+                    },
+                    **acme,
+                },
+                what="frontend snapshot",
             )
         elif role.kind == "worker":
-            out[role.id] = WorkerSnapshot(
-                version=version,
-                fileserver=fileserver_url,
-                sites={s.name: worker_sites[s.name] for s in state.sites if role.id in s.worker_ids},
+            out[role.id] = WorkerSnapshot.parse(
+                {
+                    "version": version,
+                    "fileserver": fileserver_url,
+                    "sites": {
+                        s.name: {"uid": s.uid, **s.app} for s in state.sites if role.id in s.worker_ids
+                    },
+                },
+                what="worker snapshot",
             )
         elif role.kind == "fileserver":
-            out[role.id] = fileserver_snapshot
+            if "fileserver" not in shared:
+                shared["fileserver"] = _whole(
+                    FileserverSnapshot,
+                    {
+                        "version": version,
+                        "sites": {
+                            s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, **s.retention}
+                            for s in state.sites
+                        },
+                    },
+                )
+            out[role.id] = shared["fileserver"]
         elif role.kind == "publisher":
             out[role.id] = _whole(
                 PublisherSnapshot,
@@ -431,7 +428,10 @@ def snapshots_for(state: DesiredState) -> dict[int, Snapshot | Refused]:
                     "fileserver": fileserver_url,
                     # How a site's address reads, for the publisher to tell a pusher where it went live.
                     "site_url": _site_url(state),
-                    "sites": publisher_sites,
+                    "sites": {
+                        s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, "users": s.users}
+                        for s in state.sites
+                    },
                 },
             )
         else:

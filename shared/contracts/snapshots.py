@@ -79,7 +79,8 @@ T = TypeVar("T")
 
 class SnapshotPart(Contract):
     """A piece of a snapshot. Only the fields it was given go into its JSON, as they always did (an
-    older role reads an absent ``serve_as`` as "its own name", not a ``null``)."""
+    older role reads an absent ``serve_as`` as "its own name", not a ``null``). Empty defaults come
+    from factories: pydantic deep-copies a literal ``[]`` for every one of 100k entries."""
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -253,7 +254,7 @@ class QuotaStopEntry(SnapshotPart):
 
 class FrontendSite(SnapshotPart):
     # "<host>:<port>" over TLS, or "http://<loopback ip>:<port>" (the front end checks each once).
-    workers: list[str] = []
+    workers: list[str] = Field(default_factory=list)
     # After a slot swap: the site whose workers answer this site's host names.
     serve_as: SiteName | None = None
     hostnames: list[
@@ -262,7 +263,7 @@ class FrontendSite(SnapshotPart):
             checked(_hostname_entry),
             PlainSerializer(lambda h: h if isinstance(h, str) else h.to_json()),
         ]
-    ] = []
+    ] = Field(default_factory=list)
     https_only: bool = False
     hsts: bool = False
     affinity: bool = False
@@ -275,7 +276,9 @@ class FrontendSnapshot(Snapshot):
     kind: ClassVar[str] = "frontend"
 
     domain: Hostname
-    sites: Annotated[dict[str, FrontendSite | Refused], _SiteMap(FrontendSite, tolerant=True)] = {}
+    sites: Annotated[dict[str, FrontendSite | Refused], _SiteMap(FrontendSite, tolerant=True)] = Field(
+        default_factory=dict
+    )
     # HTTP-01 answers of the ACME orders in flight (the front ends answer them for every host).
     acme_challenges: Annotated[
         tuple[AcmeChallenge, ...] | Refused, _Tolerant(_challenges, lambda cs: [c.to_json() for c in cs])
@@ -315,7 +318,7 @@ class WorkerSite(WorkerSiteContent):
     # Absent: detected from the content of the version served.
     runtime: AppRuntime | None = None
     entry: AppEntry = ""
-    env: AppEnv = {}
+    env: AppEnv = Field(default_factory=dict)
     always_on: AlwaysOn = False
     idle_timeout: IdleTimeout | None = None
     limits: AppLimits | None = None
@@ -331,7 +334,9 @@ class WorkerSnapshot(Snapshot):
 
     # The control URL of the file server to pull content from ("": none reachable yet).
     fileserver: str = ""
-    sites: Annotated[dict[str, WorkerSite | Refused], _SiteMap(WorkerSite, tolerant=True)] = {}
+    sites: Annotated[dict[str, WorkerSite | Refused], _SiteMap(WorkerSite, tolerant=True)] = Field(
+        default_factory=dict
+    )
 
     def content_ids(self) -> tuple[dict[str, str], dict[str, str]]:
         """Site → content id of every site whose content the worker keeps (one whose app settings are
@@ -366,7 +371,9 @@ class FileserverSite(SnapshotPart):
 class FileserverSnapshot(Snapshot):
     kind: ClassVar[str] = "fileserver"
 
-    sites: Annotated[dict[str, FileserverSite], _SiteMap(FileserverSite, tolerant=False)] = {}
+    sites: Annotated[dict[str, FileserverSite], _SiteMap(FileserverSite, tolerant=False)] = Field(
+        default_factory=dict
+    )
 
     @model_validator(mode="after")
     def _one_site_per_content_id(self) -> Self:
@@ -385,7 +392,7 @@ class PublisherSite(SnapshotPart):
     content_id: ContentId = Field(alias="uid")
     quota_bytes: ByteCount
     # Publishing user name -> its password hash (scrypt).
-    users: dict[Annotated[str, Field(min_length=1, max_length=256)], str] = {}
+    users: dict[Annotated[str, Field(min_length=1, max_length=256)], str] = Field(default_factory=dict)
 
 
 class PublisherSnapshot(Snapshot):
@@ -394,7 +401,9 @@ class PublisherSnapshot(Snapshot):
     fileserver: str = Field(pattern=r"^https://")
     # How a site's address reads ("https://{site}.<domain>/"), to tell a publisher where it went live.
     site_url: str | None = Field(default=None, pattern=r"\{site\}")
-    sites: Annotated[dict[str, PublisherSite], _SiteMap(PublisherSite, tolerant=False)] = {}
+    sites: Annotated[dict[str, PublisherSite], _SiteMap(PublisherSite, tolerant=False)] = Field(
+        default_factory=dict
+    )
 
 
 class ConfigAck(Contract):
