@@ -98,7 +98,12 @@ class ControlPlane(Generic[S]):
         """Apply the persisted snapshot, if any; True when the role has a config to serve from."""
         if not self._path.exists():
             return False
-        snapshot = await self._parse(await asyncio.to_thread(self._path.read_bytes))
+        try:
+            snapshot = await self._parse(await asyncio.to_thread(self._path.read_bytes))
+        except InvalidInput as exc:
+            # Written by a release with looser checks: wait for the controller's push rather than die.
+            self._log.warning("the last-known-good config cannot be used: %s", exc)
+            return False
         await self._apply(snapshot)
         self.snapshot = snapshot
         self._log.info("serving last-known-good config version %s", self.config_version)

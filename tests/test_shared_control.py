@@ -109,3 +109,23 @@ async def test_an_older_push_slower_to_parse_never_replaces_a_newer_one(
     await asyncio.gather(plane.accept(older), plane.accept(newer))
     assert plane.config_version == 6 and applied[-1] == 6, applied
     assert json.loads((config.state_dir / "config.json").read_bytes())["version"] == 6
+
+
+async def test_a_last_known_good_config_that_no_longer_parses_waits_for_the_controller(
+    pki: CloudPKI, tmp_path: Path
+) -> None:
+    home = tmp_path / "w"
+    applied: list[WorkerSnapshot] = []
+    plane = await _started(pki, home, applied)
+    await plane.stop()
+    plane.config.state_dir.mkdir(parents=True, exist_ok=True)
+    (plane.config.state_dir / "config.json").write_text('{"version": 0, "sites": []}')
+    plane = await _started(pki, home, applied)
+    try:
+        assert plane.config_version == 0 and applied == []
+        status, body = await _call(
+            pki, "controller", "PUT", f"{plane.config.control_url}/v1/config", {"version": 2, "sites": {}}
+        )
+        assert (status, body) == (200, {"config_version": 2})
+    finally:
+        await plane.stop()
