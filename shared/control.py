@@ -1,23 +1,29 @@
 """The control endpoint every role runs: health, and the versioned config the controller pushes.
 
-The controller ``PUT``s ``/v1/config`` with a snapshot ``{"version": N, ...}``. The role applies it,
-then persists it as its last-known-good config, so that after a restart it serves from it at once,
-whether or not the controller is there. ``GET /v1/health`` answers any cloud role; ``GET /metrics``
-(Prometheus text, see :mod:`shared.metrics`) the controller and management.
+The controller ``PUT``s ``/v1/config`` with a snapshot (:mod:`shared.contracts.snapshots`), parsed
+here once into the role's snapshot type. The role applies it, then the body is persisted as its
+last-known-good config, so that after a restart it serves from it at once, whether or not the
+controller is there. ``GET /v1/health`` answers any cloud role (:mod:`shared.contracts.health`);
+``GET /metrics`` (Prometheus text, see :mod:`shared.metrics`) the controller and management.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Generic, TypeVar
 
 from aiohttp import web
 
 from shared.config import RoleConfig
+from shared.contracts.health import HEALTHS, RoleFigures, RoleHealth
+from shared.contracts.snapshots import ConfigAck, Snapshot
 from shared.errors import InvalidInput
-from shared.files import atomic_write_json, read_json
+from shared.files import atomic_write_bytes
 from shared.internal import error_middleware, require_role
 from shared.listeners import listener, listening_ports
 from shared.logs import get_logger
@@ -25,26 +31,47 @@ from shared.metrics import metrics_handler, role_registry
 from shared.tls import server_context
 from shared.version import CODE_VERSION
 
-__all__ = ["ControlPlane", "Snapshot"]
+__all__ = ["ControlPlane", "parse_snapshot"]
 
-Snapshot = dict[str, Any]
-ApplyConfig = Callable[[Snapshot], Awaitable[None]]
-HealthFigures = Callable[[], dict[str, Any]]
+S = TypeVar("S", bound=Snapshot)
+HealthFigures = Callable[[], RoleFigures]
 
 
-class ControlPlane:
-    """Owns a role's pushed config and its control listener (an mTLS aiohttp app)."""
+def parse_snapshot(kind: type[S], raw: bytes, *, what: str) -> S:
+    """Parse a pushed snapshot with the cyclic collector paused: it holds no cycles, but the objects
+    of a big one (100k sites) would have the collector walk them over and over while they are made,
+    which costs more than the parse itself.
+
+    The stdlib decodes the JSON: pydantic's own parser refuses a lone surrogate escape, which would
+    refuse the whole snapshot for one site's bad value instead of that one site."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        try:
+            decoded = json.loads(raw)
+        except ValueError as exc:
+            raise InvalidInput(f"{what} is not JSON: {exc}") from None
+        return kind.parse(decoded, what=what)
+    finally:
+        if paused:
+            gc.enable()
+
+
+class ControlPlane(Generic[S]):
+    """Owns a role's pushed config (of type ``kind``) and its control listener (an mTLS aiohttp app)."""
 
     def __init__(
         self,
         config: RoleConfig,
-        apply: ApplyConfig,
+        kind: type[S],
+        apply: Callable[[S], Awaitable[None]],
         *,
         health: HealthFigures | None = None,
         routes: list[web.RouteDef] | None = None,
         client_max_size: int = 16 * 1024 * 1024,
     ) -> None:
         self.config = config
+        self._kind = kind
         self._apply = apply
         self._health = health
         self._routes = routes or []
@@ -52,7 +79,8 @@ class ControlPlane:
         self._path = config.state_dir / "config.json"
         self._log = get_logger(config.role, host=config.host)
         self._started = time.time()
-        self.snapshot: Snapshot | None = None
+        self.snapshot: S | None = None
+        self._accepting = asyncio.Lock()
         self._runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
         # This process's metrics: roles register their collectors on it.
@@ -60,55 +88,62 @@ class ControlPlane:
 
     @property
     def config_version(self) -> int:
-        return int(self.snapshot["version"]) if self.snapshot else 0
+        return self.snapshot.version if self.snapshot else 0
+
+    async def _parse(self, raw: bytes) -> S:
+        # Off the loop: a snapshot of many thousand sites takes a moment to check.
+        return await asyncio.to_thread(parse_snapshot, self._kind, raw, what=f"{self.config.role} snapshot")
 
     async def load_last_known_good(self) -> bool:
         """Apply the persisted snapshot, if any; True when the role has a config to serve from."""
         if not self._path.exists():
             return False
-        snapshot = read_json(self._path)
+        try:
+            snapshot = await self._parse(await asyncio.to_thread(self._path.read_bytes))
+        except InvalidInput as exc:
+            # Written by a release with looser checks: wait for the controller's push rather than die.
+            self._log.warning("the last-known-good config cannot be used: %s", exc)
+            return False
         await self._apply(snapshot)
         self.snapshot = snapshot
         self._log.info("serving last-known-good config version %s", self.config_version)
         return True
 
-    async def accept(self, snapshot: Snapshot) -> None:
-        version = snapshot.get("version")
-        if not isinstance(version, int) or version < 1:
-            raise InvalidInput("config snapshot needs an integer 'version' >= 1")
-        if version < self.config_version:
-            # A stale push (an older controller, a retry that lost a race): keep what is newer.
-            return
-        await self._apply(snapshot)
-        atomic_write_json(self._path, snapshot, mode=0o600)
-        self.snapshot = snapshot
-        self._log.info("applied config version %s", version)
+    async def accept(self, raw: bytes) -> None:
+        """Take a pushed snapshot (its JSON body): :class:`InvalidInput` when it cannot be used."""
+        snapshot = await self._parse(raw)
+        # Parses run side by side; applies one at a time, so an older push that was slower to parse
+        # never replaces a newer one.
+        async with self._accepting:
+            if snapshot.version < self.config_version:
+                # A stale push (an older controller, a retry that lost a race): keep what is newer.
+                return
+            await self._apply(snapshot)
+            # The body as it came: a restart reads it with the same checks (and a newer role's fields).
+            atomic_write_bytes(self._path, raw, mode=0o600)
+            self.snapshot = snapshot
+        self._log.info("applied config version %s", snapshot.version)
 
-    def health(self) -> dict[str, Any]:
-        figures = self._health() if self._health else {}
-        return {
+    def health(self) -> RoleHealth:
+        common = {
             "role": self.config.role,
             "host": self.config.host,
-            "status": "ready",
             "code_version": CODE_VERSION,
             "config_version": self.config_version,
             "pid": os.getpid(),
             "uptime": round(time.time() - self._started, 1),
-            # The real ports (a config may say 0, or a supervisor may hold others): name -> port.
             "listeners": listening_ports(),
-            **figures,
         }
+        figures = self._health() if self._health else RoleFigures()
+        return HEALTHS.get(self.config.role, RoleHealth).answer(common, figures)
 
     async def _get_health(self, request: web.Request) -> web.Response:
-        return web.json_response(self.health())
+        return web.json_response(self.health().to_json())
 
     async def _put_config(self, request: web.Request) -> web.Response:
         require_role(request, "controller")
-        snapshot = await request.json()
-        if not isinstance(snapshot, dict):
-            raise InvalidInput("config snapshot must be a JSON object")
-        await self.accept(snapshot)
-        return web.json_response({"config_version": self.config_version})
+        await self.accept(await request.read())
+        return web.json_response(ConfigAck(config_version=self.config_version).to_json())
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware], client_max_size=self._client_max_size)

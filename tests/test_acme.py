@@ -44,6 +44,7 @@ from shared.acme import (
     check_directory_url,
     renewal_time,
 )
+from shared.contracts.snapshots import FrontendSnapshot
 from shared.db.session import _MIGRATIONS, Database
 from shared.errors import InvalidInput
 from shared.net import free_port
@@ -96,11 +97,15 @@ def test_a_snapshot_challenge_is_checked_and_bound_to_its_host() -> None:
             {"host": "x.test", "token": "../../etc", "key_authorization": "z"},
         ],
     }
-    routes = build_routes(snapshot, lambda h, p, t: Upstream(h, p, t), lambda s: [0, 0, 0])
+    routes = build_routes(
+        FrontendSnapshot.parse({"version": 1, **snapshot}),
+        lambda h, p, t: Upstream(h, p, t),
+        lambda s: [0, 0, 0],
+    )
     # A bad entry (a path for a token) refuses the challenge list, never the routes.
     assert routes.challenges == {} and any("ACME" in s for s in routes.skipped)
     one = build_routes(
-        {**snapshot, "acme_challenges": [good.to_json()]},
+        FrontendSnapshot.parse({"version": 1, **snapshot, "acme_challenges": [good.to_json()]}),
         lambda h, p, t: Upstream(h, p, t),
         lambda s: [0, 0, 0],
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from roles.controller.desired import (
     DesiredSite,
@@ -12,10 +13,11 @@ from roles.controller.desired import (
     place_sites,
     plan_placement,
     read_desired,
-    snapshots_for,
     unreachable_needs,
 )
+from roles.controller.desired import snapshots_for as snapshot_objects
 from shared.acme import AcmeChallenge
+from shared.contracts.snapshots import Refused
 from shared.db import (
     CustomHostname,
     Database,
@@ -28,6 +30,14 @@ from shared.db import (
     Tenant,
     current_generation,
 )
+
+
+def snapshots_for(state: DesiredState) -> dict[int, Any]:
+    """Each role's snapshot as it goes over the wire."""
+    return {
+        role: snap.raw if isinstance(snap, Refused) else snap.to_json()
+        for role, snap in snapshot_objects(state).items()
+    }
 
 
 def _db(tmp_path: Path) -> Database:

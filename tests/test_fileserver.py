@@ -398,7 +398,10 @@ def test_a_plans_retention_keeps_the_last_n_and_the_last_d_days(pki: CloudPKI, t
             role="controller",
             body={"version": 4, "sites": {"blog": {**blog, "keep_days": -1}}},
         )
-        assert status == 400 and "'keep_days' must be an integer >= 0" in body["error"]["message"], body
+        message = body["error"]["message"]
+        assert (
+            status == 400 and "site 'blog': keep_days" in message and "greater than or equal to 0" in message
+        )
     finally:
         server.proc.stop()
 

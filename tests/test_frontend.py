@@ -25,6 +25,7 @@ from aiohttp import web
 from roles.frontend._routes import build_routes
 from roles.frontend._upstream import Upstream
 from roles.frontend.config import FrontendConfig
+from shared.contracts.snapshots import FrontendSnapshot
 from shared.net import free_port
 from shared.pki import role_of_peer
 from tests.support import CloudPKI, RoleProcess, wait_until
@@ -715,7 +716,11 @@ def test_a_swapped_address_is_served_by_the_other_slot_s_workers_under_its_name(
             "bad": {"workers": ["web1:7412"], "serve_as": "../etc"},
         },
     }
-    routes = build_routes(snapshot, lambda h, p, t: Upstream(h, p, t), lambda s: [0, 0, 0])
+    routes = build_routes(
+        FrontendSnapshot.parse({"version": 1, **snapshot}),
+        lambda h, p, t: Upstream(h, p, t),
+        lambda s: [0, 0, 0],
+    )
     production = routes.hosts[b"app.sites.localhost"]
     assert routes.hosts[b"www.app.example"] is production
     # Workers are told the site by the name they know its content under; retries find it by address.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,20 +11,21 @@ import aiohttp
 import pytest
 
 from shared.config import RoleConfig
+from shared.contracts.snapshots import WorkerSnapshot
 from shared.control import ControlPlane
 from shared.net import free_port
 from tests.support import CloudPKI
 
 
-async def _started(pki: CloudPKI, home: Path, applied: list[dict[str, Any]]) -> ControlPlane:
+async def _started(pki: CloudPKI, home: Path, applied: list[WorkerSnapshot]) -> ControlPlane[WorkerSnapshot]:
     config = pki.make_role_home(
         RoleConfig(role="worker", host="localhost", home=home, control_port=free_port())
     )
 
-    async def apply(snapshot: dict[str, Any]) -> None:
+    async def apply(snapshot: WorkerSnapshot) -> None:
         applied.append(snapshot)
 
-    plane = ControlPlane(config, apply)
+    plane = ControlPlane(config, WorkerSnapshot, apply)
     await plane.load_last_known_good()
     await plane.start()
     return plane
@@ -38,7 +40,7 @@ async def _call(pki: CloudPKI, role: str | None, method: str, url: str, body: An
 
 
 async def test_config_push_persists_and_survives_restart(pki: CloudPKI, tmp_path: Path) -> None:
-    applied: list[dict[str, Any]] = []
+    applied: list[WorkerSnapshot] = []
     plane = await _started(pki, tmp_path / "w", applied)
     url = plane.config.control_url
     try:
@@ -53,12 +55,12 @@ async def test_config_push_persists_and_survives_restart(pki: CloudPKI, tmp_path
         assert status == 200 and health["config_version"] == 3 and health["role"] == "worker"
     finally:
         await plane.stop()
-    assert [s["version"] for s in applied] == [3]
+    assert [s.version for s in applied] == [3]
 
-    again: list[dict[str, Any]] = []
+    again: list[WorkerSnapshot] = []
     plane = await _started(pki, tmp_path / "w", again)
     await plane.stop()
-    assert again == [{"version": 3, "sites": {"a": {}}}]
+    assert [s.to_json() for s in again] == [{"version": 3, "sites": {"a": {}}}]
 
 
 async def test_only_the_controller_may_push_config(pki: CloudPKI, tmp_path: Path) -> None:
@@ -84,3 +86,46 @@ async def test_a_peer_without_a_cloud_certificate_is_refused(pki: CloudPKI, tmp_
     finally:
         await plane.stop()
     await asyncio.sleep(0)
+
+
+async def test_an_older_push_slower_to_parse_never_replaces_a_newer_one(
+    pki: CloudPKI, tmp_path: Path
+) -> None:
+    """Pushes are parsed side by side off the loop; the newer one may be applied first, and the older one
+    must then be dropped, not applied over it."""
+    config = pki.make_role_home(
+        RoleConfig(role="worker", host="localhost", home=tmp_path / "w", control_port=free_port())
+    )
+    applied: list[int] = []
+
+    async def apply(snapshot: WorkerSnapshot) -> None:
+        await asyncio.sleep(0.2)  # an apply that takes a while (a big routing table, a disk scan)
+        applied.append(snapshot.version)
+
+    plane = ControlPlane(config, WorkerSnapshot, apply)
+    big = {f"s{i}": {"uid": f"{i:032x}"} for i in range(20_000)}
+    older = json.dumps({"version": 5, "sites": big}).encode()
+    newer = json.dumps({"version": 6, "sites": {}}).encode()
+    await asyncio.gather(plane.accept(older), plane.accept(newer))
+    assert plane.config_version == 6 and applied[-1] == 6, applied
+    assert json.loads((config.state_dir / "config.json").read_bytes())["version"] == 6
+
+
+async def test_a_last_known_good_config_that_no_longer_parses_waits_for_the_controller(
+    pki: CloudPKI, tmp_path: Path
+) -> None:
+    home = tmp_path / "w"
+    applied: list[WorkerSnapshot] = []
+    plane = await _started(pki, home, applied)
+    await plane.stop()
+    plane.config.state_dir.mkdir(parents=True, exist_ok=True)
+    (plane.config.state_dir / "config.json").write_text('{"version": 0, "sites": []}')
+    plane = await _started(pki, home, applied)
+    try:
+        assert plane.config_version == 0 and applied == []
+        status, body = await _call(
+            pki, "controller", "PUT", f"{plane.config.control_url}/v1/config", {"version": 2, "sites": {}}
+        )
+        assert (status, body) == (200, {"config_version": 2})
+    finally:
+        await plane.stop()

@@ -32,13 +32,15 @@ from roles.controller.fabric.local import LOCAL_HOST, LocalFabric
 from roles.controller.fabric.netns import BRIDGE, SUBNET
 from roles.controller.home import CloudHome
 from shared.acme import AcmeChallenge
+from shared.contracts.health import HEALTHS, ControllerHealth, RoleHealth
+from shared.contracts.snapshots import ConfigAck, Refused, Snapshot
 from shared.db import Database, Host, Role, bump_generation
 from shared.errors import SitecloudError, Unavailable
 from shared.internal import InternalClient, error_middleware, require_role
 from shared.logs import get_logger
 from shared.metrics import FiguresCollector, metrics_handler, role_registry
 from shared.quota import quota_stops
-from shared.states import HealthStatus, RoleState
+from shared.states import RoleState
 from shared.tls import client_context, server_context
 
 __all__ = ["Controller"]
@@ -49,8 +51,6 @@ _RECONCILE_EVERY = 2.0
 _UNHEALTHY_AFTER = 2
 _HEALTH_TIMEOUT = 2.0
 _PUSH_TIMEOUT = 5.0
-# Figures every health answer has; the rest are the role's load figures.
-_HEALTH_KEYS = {"role", "host", "status", "reason", "code_version", "config_version", "pid", "uptime"}
 
 
 @dataclass
@@ -354,7 +354,7 @@ class Controller:
         yield lag
 
     async def _api_health(self, request: web.Request) -> web.Response:
-        return web.json_response({"role": "controller", "status": "ready"})
+        return web.json_response(ControllerHealth(role="controller").to_json())
 
     # -- reconciliation ---------------------------------------------------------------------------
 
@@ -396,19 +396,24 @@ class Controller:
         desired.acme_challenges = tuple(self._challenges.values())
         self._desired = desired
         self._roles = {r.id: r for r in desired.roles}
-        snapshots = snapshots_for(desired)
-        for role in desired.roles:
-            # A role that is down gets its snapshot when it answers health again (see _check); a push
-            # still in flight is not doubled. Pushes run on their own, so one dead host never holds up
-            # the front ends' new routes.
-            if (
-                self._acked.get(role.id, 0) >= desired.generation
-                or self._observed.get(role.id, RoleObservation()).state.down
-                or role.desired_state != "running"
-                or role.id in self._pushing
-            ):
-                continue
-            task = asyncio.create_task(self._push(role, snapshots[role.id]), name=f"push-{role.id}")
+        # A role that is down gets its snapshot when it answers health again (see _check); a push
+        # still in flight is not doubled. Pushes run on their own, so one dead host never holds up
+        # the front ends' new routes. Only the snapshots due are built (none while nothing changed).
+        due = [
+            role
+            for role in desired.roles
+            if self._acked.get(role.id, 0) < desired.generation
+            and not self._observed.get(role.id, RoleObservation()).state.down
+            and role.desired_state == "running"
+            and role.id not in self._pushing
+        ]
+        if not due:
+            return
+        snapshots = snapshots_for(desired, only={role.id for role in due})
+        for role in due:
+            task = asyncio.create_task(
+                self._push(role, desired.generation, snapshots[role.id]), name=f"push-{role.id}"
+            )
             self._pushing[role.id] = task
             task.add_done_callback(self._pushed(role.id))
 
@@ -418,11 +423,16 @@ class Controller:
 
         return done
 
-    async def _push(self, role: RoleEndpoint, snapshot: dict[str, Any]) -> None:
+    async def _push(self, role: RoleEndpoint, version: int, snapshot: Snapshot | Refused) -> None:
         assert self._client is not None
+        # One the role would refuse goes as it is: the role says why, in its own words.
+        body = snapshot.raw if isinstance(snapshot, Refused) else snapshot.to_json()
         try:
-            answer = await asyncio.wait_for(
-                self._client.put_json(f"{role.control_url}/v1/config", snapshot), _PUSH_TIMEOUT
+            answer = ConfigAck.parse(
+                await asyncio.wait_for(
+                    self._client.put_json(f"{role.control_url}/v1/config", body), _PUSH_TIMEOUT
+                ),
+                what=f"{role.kind}'s answer to a config push",
             )
         except SitecloudError as err:
             if 400 <= err.status < 500:
@@ -432,18 +442,18 @@ class Controller:
                         "%s on %s refused config version %s: %s",
                         role.kind,
                         role.host,
-                        snapshot["version"],
+                        version,
                         err,
                     )
                 self._refused[role.id] = str(err)
             else:
-                self._log.debug("push of version %s to %s failed: %s", snapshot["version"], role.kind, err)
+                self._log.debug("push of version %s to %s failed: %s", version, role.kind, err)
             return
         except TimeoutError:
-            self._log.debug("push of version %s to %s timed out", snapshot["version"], role.kind)
+            self._log.debug("push of version %s to %s timed out", version, role.kind)
             return
         self._refused.pop(role.id, None)
-        self._acked[role.id] = int(answer.get("config_version", 0))
+        self._acked[role.id] = answer.config_version
         desired = self._desired
         if desired is not None and self._acked[role.id] < desired.generation:
             self._nudge.set()
@@ -511,10 +521,11 @@ class Controller:
         last: Exception | None = None
         while time.monotonic() < deadline:
             desired = self._desired
+            role = self._roles.get(role_id)
             try:
-                health = await asyncio.wait_for(self._client.get_json(f"{url}/v1/health"), _HEALTH_TIMEOUT)
-                if desired is not None and int(health.get("config_version", 0)) >= desired.generation:
-                    return _health_state(health)
+                health = await self._health_of(role.kind if role else "", url)
+                if desired is not None and health.config_version >= desired.generation:
+                    return health.state()
                 self._nudge.set()
             except (SitecloudError, TimeoutError) as err:
                 last = err
@@ -522,6 +533,12 @@ class Controller:
         if role_id in self._refused:
             last = Unavailable(f"it refused the config: {self._refused[role_id]}")
         raise Unavailable(f"{url} did not become ready with the current config within {timeout:.0f}s: {last}")
+
+    async def _health_of(self, kind: str, url: str) -> RoleHealth:
+        """A role's health answer, read with the type of its kind."""
+        assert self._client is not None
+        raw = await asyncio.wait_for(self._client.get_json(f"{url}/v1/health"), _HEALTH_TIMEOUT)
+        return HEALTHS.get(kind, RoleHealth).parse(raw, what=f"{kind}'s health answer")
 
     def _down_set(self) -> frozenset[int]:
         down = {rid for rid in self._draining}
@@ -557,9 +574,7 @@ class Controller:
             return
         launcher_state, launcher_reason = self.fleet.describe(role.kind, role.host, role.fabric)
         try:
-            health = await asyncio.wait_for(
-                self._client.get_json(f"{role.control_url}/v1/health"), _HEALTH_TIMEOUT
-            )
+            health = await self._health_of(role.kind, role.control_url)
         except (SitecloudError, TimeoutError) as err:
             obs.failures += 1
             if launcher_state == "failed" and role.is_local:
@@ -570,9 +585,9 @@ class Controller:
                 obs.state, obs.reason = RoleState.STARTING, ""
             return
         obs.failures, obs.ever_healthy = 0, True
-        obs.state, obs.reason = _health_state(health)
-        obs.code_version = str(health.get("code_version", ""))
-        obs.config_version = int(health.get("config_version", 0))
+        obs.state, obs.reason = health.state()
+        obs.code_version = health.code_version
+        obs.config_version = health.config_version
         refused = self._refused.get(role.id)
         desired = self._desired
         if refused is not None and desired is not None and obs.config_version < desired.generation:
@@ -581,7 +596,7 @@ class Controller:
                 f"; {obs.reason}" if obs.reason else ""
             )
         obs.last_heartbeat = dt.datetime.now(dt.UTC)
-        obs.load = {k: v for k, v in health.items() if k not in _HEALTH_KEYS}
+        obs.load = health.load()
         # A role that restarted from an older persisted config needs the current one again.
         if obs.config_version < self._acked.get(role.id, 0):
             self._acked[role.id] = obs.config_version
@@ -618,10 +633,3 @@ class Controller:
                     host.state = "ready"
             if bump:
                 bump_generation(session)
-
-
-def _health_state(health: dict[str, Any]) -> tuple[RoleState, str]:
-    """A role's own health answer as a state and its reason."""
-    if health.get("status") == HealthStatus.DEGRADED:
-        return RoleState.DEGRADED, str(health.get("reason") or "the role says it is degraded")
-    return RoleState.READY, ""

@@ -15,13 +15,22 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from shared.acme import AcmeChallenge, AcmeSettings
 from shared.appsettings import APP_DISK_MIN_MB, app_fields, frontend_fields
+from shared.contracts.snapshots import (
+    BareSnapshot,
+    FileserverSnapshot,
+    FrontendSnapshot,
+    PublisherSnapshot,
+    Refused,
+    Snapshot,
+    WorkerSnapshot,
+)
 from shared.db import (
     Host,
     Plan,
@@ -34,6 +43,7 @@ from shared.db import (
     current_generation,
 )
 from shared.dns01 import RECORD_KEY, PlatformCertificate, WildcardRecord
+from shared.errors import InvalidInput
 from shared.names import HostnameState
 from shared.quota import QuotaStop
 
@@ -49,6 +59,8 @@ __all__ = [
     "snapshots_for",
     "unreachable_needs",
 ]
+
+S = TypeVar("S", bound=Snapshot)
 
 # Each site runs on this many workers of its pool (fewer when the pool is smaller): a worker that dies
 # or is upgraded leaves another one already serving the site, so front ends only route around it.
@@ -352,8 +364,22 @@ def _publisher_entry(site: DesiredSite, addresses: list[DesiredSite]) -> dict[st
     return entry
 
 
-def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
-    """Role id → the snapshot that role should run with at ``state.generation``."""
+def _whole(kind: type[S], raw: dict[str, Any]) -> S | Refused:
+    """A snapshot its role takes whole; one it would refuse goes as it is, for the role to say why."""
+    try:
+        return kind.parse(raw, what=f"{kind.kind} snapshot")
+    except InvalidInput as exc:
+        return Refused(str(exc), raw)
+
+
+def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> dict[int, Snapshot | Refused]:
+    """Role id → the snapshot that role should run with at ``state.generation`` (for the roles in
+    ``only``, when given: the ones a push is due to).
+
+    Each is checked as its role will check it, all sites of it in one go. A site entry a worker or a
+    front end could not use (a value stored past management's checks) is sent as it is, as
+    :class:`Refused`: that role fails the one site and says why; a file server or publisher snapshot
+    with such an entry goes whole as :class:`Refused`, and that role refuses it, saying why."""
     version = state.generation
     fileserver = _fileserver(state)
     workers = {r.id: r for r in state.of_kind("worker")}
@@ -364,52 +390,75 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
     addresses: dict[str, list[DesiredSite]] = {}
     for s in state.sites:
         addresses.setdefault(answers[s.name].name, []).append(s)
-    out: dict[int, dict[str, Any]] = {}
+    # Left out when there are none, as they always were.
+    acme: dict[str, Any] = {}
+    if state.acme_challenges:
+        acme["acme_challenges"] = state.acme_challenges
+    if state.wildcard is not None:
+        acme["wildcard"] = state.wildcard
+    shared: dict[str, Snapshot | Refused] = {}  # what every role of a kind gets alike, built once
+    out: dict[int, Snapshot | Refused] = {}
     for role in state.roles:
-        body: dict[str, Any]
+        if only is not None and role.id not in only:
+            continue
         fileserver_url = role.control_url_of(fileserver) if fileserver and role.reaches(fileserver) else ""
         if role.kind == "frontend":
-            body = {
-                "domain": state.domain,
-                "sites": {
-                    s.name: {
-                        "workers": [
-                            f"{role.host_of(w)}:{w.ports['data']}"
-                            for w in _routable(role, workers, answers[s.name].worker_ids, state.down)
-                        ],
-                        **({"serve_as": answers[s.name].name} if answers[s.name] is not s else {}),
-                        **({"hostnames": list(s.hostnames)} if s.hostnames else {}),
-                        **s.routing,
-                        **_quota_entry(state.quota_stops.get(answers[s.name].name)),
-                    }
-                    for s in state.sites
+            out[role.id] = FrontendSnapshot.parse(
+                {
+                    "version": version,
+                    "domain": state.domain,
+                    "sites": {
+                        s.name: {
+                            "workers": [
+                                f"{role.host_of(w)}:{w.ports['data']}"
+                                for w in _routable(role, workers, answers[s.name].worker_ids, state.down)
+                            ],
+                            **({"serve_as": answers[s.name].name} if answers[s.name] is not s else {}),
+                            **({"hostnames": list(s.hostnames)} if s.hostnames else {}),
+                            **s.routing,
+                            **_quota_entry(state.quota_stops.get(answers[s.name].name)),
+                        }
+                        for s in state.sites
+                    },
+                    **acme,
                 },
-                **(
-                    {"acme_challenges": [c.to_json() for c in state.acme_challenges]}
-                    if state.acme_challenges
-                    else {}
-                ),
-                **({"wildcard": state.wildcard.to_json()} if state.wildcard else {}),
-            }
+                what="frontend snapshot",
+            )
         elif role.kind == "worker":
-            body = {
-                "fileserver": fileserver_url,
-                "sites": {s.name: {"uid": s.uid, **s.app} for s in state.sites if role.id in s.worker_ids},
-            }
+            out[role.id] = WorkerSnapshot.parse(
+                {
+                    "version": version,
+                    "fileserver": fileserver_url,
+                    "sites": {
+                        s.name: {"uid": s.uid, **s.app} for s in state.sites if role.id in s.worker_ids
+                    },
+                },
+                what="worker snapshot",
+            )
         elif role.kind == "fileserver":
-            body = {
-                "sites": {
-                    s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, **s.retention} for s in state.sites
-                }
-            }
+            if "fileserver" not in shared:
+                shared["fileserver"] = _whole(
+                    FileserverSnapshot,
+                    {
+                        "version": version,
+                        "sites": {
+                            s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, **s.retention}
+                            for s in state.sites
+                        },
+                    },
+                )
+            out[role.id] = shared["fileserver"]
         elif role.kind == "publisher":
-            body = {
-                "fileserver": fileserver_url,
-                # How a site's address reads, for the publisher to tell a pusher where it went live.
-                "site_url": _site_url(state),
-                "sites": {s.name: _publisher_entry(s, addresses.get(s.name, [])) for s in state.sites},
-            }
+            out[role.id] = _whole(
+                PublisherSnapshot,
+                {
+                    "version": version,
+                    "fileserver": fileserver_url,
+                    # How a site's address reads, for the publisher to tell a pusher where it went live.
+                    "site_url": _site_url(state),
+                    "sites": {s.name: _publisher_entry(s, addresses.get(s.name, [])) for s in state.sites},
+                },
+            )
         else:
-            body = {}
-        out[role.id] = {"version": version, **body}
+            out[role.id] = BareSnapshot(version=version)
     return out

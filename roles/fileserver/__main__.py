@@ -11,6 +11,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from roles.fileserver._api import content_routes
 from roles.fileserver.config import FileserverConfig
 from roles.fileserver.store import ContentStore
+from shared.contracts.snapshots import FileserverSnapshot
 from shared.control import ControlPlane
 from shared.logs import get_logger
 from shared.metrics import FiguresCollector
@@ -24,11 +25,11 @@ _MAX_BODY = 64 * 1024 * 1024
 
 def _metrics(store: ContentStore) -> Iterator[Metric]:
     figures = store.health()
-    yield GaugeMetricFamily("sitecloud_fileserver_sites", "Sites stored.", value=figures["sites"])
+    yield GaugeMetricFamily("sitecloud_fileserver_sites", "Sites stored.", value=figures.sites or 0)
     yield GaugeMetricFamily(
         "sitecloud_fileserver_stored_bytes",
         "Bytes of the sites' newest versions.",
-        value=figures["total_bytes"],
+        value=figures.total_bytes or 0,
     )
     yield CounterMetricFamily("sitecloud_fileserver_commits", "Versions committed.", value=store.commits)
     yield CounterMetricFamily(
@@ -38,7 +39,7 @@ def _metrics(store: ContentStore) -> Iterator[Metric]:
         "sitecloud_fileserver_blobs_stored_bytes", "Bytes of blobs uploaded.", value=store.blob_bytes_received
     )
     yield GaugeMetricFamily(
-        "sitecloud_fileserver_feed_seq", "The change feed's sequence number.", value=figures["seq"]
+        "sitecloud_fileserver_feed_seq", "The change feed's sequence number.", value=figures.seq or 0
     )
 
 
@@ -48,6 +49,7 @@ async def serve(config: FileserverConfig, stop: asyncio.Event) -> None:
     await store.open()
     plane = ControlPlane(
         config,
+        FileserverSnapshot,
         store.apply_snapshot,
         health=store.health,
         routes=content_routes(store),

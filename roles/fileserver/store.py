@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +50,8 @@ from shared.contracts.content import (
     encode_manifest,
     over_quota,
 )
+from shared.contracts.health import FileserverFigures
+from shared.contracts.snapshots import FileserverSnapshot
 from shared.errors import InvalidInput, NotFound, QuotaExceeded
 from shared.files import syncfs
 from shared.logs import get_logger
@@ -58,7 +59,6 @@ from shared.paths import site_relpath
 
 __all__ = ["ContentStore"]
 
-_UID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 _FLUSH_BYTES = 1024 * 1024
 # Blobs up to this size travel in the journal record that puts them: one fsync for both.
 _INLINE_BYTES = 1024 * 1024
@@ -106,44 +106,6 @@ class _Site:
     @property
     def total_bytes(self) -> int:
         return self.tree.total_bytes
-
-
-@dataclass(frozen=True)
-class _Wanted:
-    uid: str
-    quota_bytes: int
-    keep_versions: int = 0
-    keep_days: float = 0.0
-
-
-def _count(spec: dict[str, Any], key: str, name: str) -> int:
-    value = spec.get(key, 0)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidInput(f"site {name!r}: {key!r} must be an integer >= 0")
-    return value
-
-
-def _parse_snapshot(snapshot: dict[str, Any]) -> dict[str, _Wanted]:
-    sites = snapshot.get("sites")
-    if not isinstance(sites, dict):
-        raise InvalidInput("fileserver snapshot needs 'sites': {name: {uid, quota_bytes}}")
-    out: dict[str, _Wanted] = {}
-    uids: set[str] = set()
-    for name, spec in sites.items():
-        uid = spec.get("uid") if isinstance(spec, dict) else None
-        quota = spec.get("quota_bytes") if isinstance(spec, dict) else None
-        if not isinstance(uid, str) or not _UID.match(uid):
-            raise InvalidInput(f"site {name!r}: 'uid' must be 1-64 letters, digits, '-' or '_'")
-        if not isinstance(quota, int) or isinstance(quota, bool) or quota < 0:
-            raise InvalidInput(f"site {name!r}: 'quota_bytes' must be an integer >= 0")
-        if uid in uids:
-            raise InvalidInput(f"site {name!r}: uid {uid} is used by another site too")
-        uids.add(uid)
-        assert isinstance(spec, dict)
-        out[name] = _Wanted(
-            uid, quota, _count(spec, "keep_versions", name), float(_count(spec, "keep_days", name))
-        )
-    return out
 
 
 def _load_folder(disk: SiteDir, digest: str, cache: dict[str, Folder]) -> Folder:
@@ -282,9 +244,9 @@ class ContentStore:
 
     # --- snapshot -------------------------------------------------------------------------------
 
-    async def apply_snapshot(self, snapshot: dict[str, Any]) -> None:
+    async def apply_snapshot(self, snapshot: FileserverSnapshot) -> None:
         """Serve exactly the snapshot's sites; content of sites that left it goes to the trash."""
-        wanted = _parse_snapshot(snapshot)
+        wanted = snapshot.sites
         async with self._apply_lock:
             old = self._sites
             # Keyed by uid: the same content keeps its lock and state even if its name changed.
@@ -293,7 +255,7 @@ class ContentStore:
             fresh: list[_Site] = []
             announce: list[_Site] = []
             for name, want in wanted.items():
-                uid, quota = want.uid, want.quota_bytes
+                uid, quota = want.content_id, want.quota_bytes
                 site = known.get(uid)
                 if site is None:
                     site = _Site(name, uid, quota, SiteDir(self._content / uid))
@@ -303,7 +265,7 @@ class ContentStore:
                     site.name = name
                     announce.append(site)
                 site.quota_bytes = quota
-                site.keep_versions, site.keep_days = want.keep_versions, want.keep_days
+                site.keep_versions, site.keep_days = want.keep_versions, float(want.keep_days)
                 new[name] = site
             for site in fresh:
                 restored, replayed = await asyncio.to_thread(_load_site, site, self._trash)
@@ -361,12 +323,12 @@ class ContentStore:
             raise NotFound(f"site {name} is not served by this fileserver")
         return site
 
-    def health(self) -> dict[str, Any]:
-        return {
-            "sites": len(self._sites),
-            "total_bytes": sum(s.total_bytes for s in self._sites.values()),
-            "seq": self.feed.seq,
-        }
+    def health(self) -> FileserverFigures:
+        return FileserverFigures(
+            sites=len(self._sites),
+            total_bytes=sum(s.total_bytes for s in self._sites.values()),
+            seq=self.feed.seq,
+        )
 
     def info(self, name: str) -> SiteContentInfo:
         site = self.site(name)

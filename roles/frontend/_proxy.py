@@ -20,6 +20,7 @@ from roles.frontend._lane import NO_LANE_FOR, LaneConnection
 from roles.frontend._routes import CustomCert, Site, build_routes, failure_figures
 from roles.frontend._upstream import Upstream, UpstreamConnection
 from roles.frontend.config import FrontendConfig
+from shared.contracts.snapshots import FrontendSnapshot
 from shared.logs import ContextLogger
 from shared.metrics import HttpCounts
 from shared.pki import role_of_peer
@@ -106,11 +107,11 @@ class Proxy:
 
     # -- config ---------------------------------------------------------------------------------------
 
-    async def apply(self, snapshot: dict[str, Any]) -> None:
+    async def apply(self, snapshot: FrontendSnapshot) -> None:
         async with self._applying:  # one at a time, in the order they came (a build may be in a thread)
             await self._apply(snapshot)
 
-    async def _apply(self, snapshot: dict[str, Any]) -> None:
+    async def _apply(self, snapshot: FrontendSnapshot) -> None:
         started = time.perf_counter()
         used: dict[str, Upstream] = {}
 
@@ -128,8 +129,7 @@ class Proxy:
                 counters = new_usage[site] = [0, 0, 0]
             return counters
 
-        sites = snapshot.get("sites")
-        if isinstance(sites, dict) and len(sites) > _BIG_SNAPSHOT:
+        if len(snapshot.sites) > _BIG_SNAPSHOT:
             # A big table is built off the loop (which only reads our state meanwhile), so requests
             # go on being answered while it is made; the swap below is one step on the loop.
             routes = await asyncio.to_thread(
@@ -139,7 +139,7 @@ class Proxy:
             routes = build_routes(snapshot, upstream, usage, default_max_body=self.config.max_body_bytes)
         self.usage.update(new_usage)
         for problem in routes.skipped[:20]:
-            self.log.warning("snapshot version %s: left out %s", snapshot.get("version"), problem)
+            self.log.warning("snapshot version %s: left out %s", snapshot.version, problem)
         if len(routes.skipped) > 20:
             self.log.warning("... and %s more problems", len(routes.skipped) - 20)
         self.domain, self.routes, self.certs, self.sites = (
@@ -170,7 +170,7 @@ class Proxy:
             "routing %s sites (%s hostnames) from version %s, built in %.3f s",
             routes.sites,
             len(routes.hosts),
-            snapshot.get("version"),
+            snapshot.version,
             time.perf_counter() - started,
         )
 

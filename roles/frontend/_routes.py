@@ -1,4 +1,5 @@
-"""Host → site → workers: the routing table built from a pushed snapshot, and worker choice.
+"""Host → site → workers: the routing table built from a pushed snapshot (checked as it came:
+:class:`~shared.contracts.snapshots.FrontendSnapshot`), and worker choice.
 
 The table is one dict from host name (bytes, lower case, no port) to :class:`Site`: ``<site>.<domain>``
 and every custom hostname of the site point at the same object, so a lookup is one hash probe whatever
@@ -14,8 +15,8 @@ from typing import Any
 
 from roles.frontend._http import Page, quota_page
 from roles.frontend._upstream import Upstream
-from shared.acme import CHALLENGE_PATH, parse_challenges
-from shared.dns01 import PlatformCertificate
+from shared.acme import CHALLENGE_PATH
+from shared.contracts.snapshots import FrontendSite, FrontendSnapshot, QuotaStopEntry, Refused
 from shared.errors import InvalidInput
 from shared.names import validate_hostname, validate_site_name
 
@@ -184,61 +185,12 @@ def parse_worker_address(address: Any) -> tuple[str, int, bool]:
     return (host if ":" in host else validate_hostname(host)), int(port), True
 
 
-def _valid_site_name(name: str) -> bool:
-    try:
-        validate_site_name(name)
-    except InvalidInput:
-        return False
-    return True
-
-
-def _flag(spec: dict[str, Any], key: str) -> bool:
-    value = spec.get(key, False)
-    if not isinstance(value, bool):
-        raise InvalidInput(f"'{key}' must be true or false")
-    return value
-
-
-def _hostnames(spec: dict[str, Any]) -> list[tuple[str, CustomCert | None]]:
-    """``"hostnames": ["shop.example.com", {"name": ..., "cert": "<PEM>", "key": "<PEM>"}]``."""
-    raw = spec.get("hostnames", [])
-    if not isinstance(raw, list):
-        raise InvalidInput("'hostnames' must be a list")
-    out: list[tuple[str, CustomCert | None]] = []
-    for entry in raw:
-        if isinstance(entry, str):
-            out.append((validate_hostname(entry), None))
-            continue
-        if not isinstance(entry, dict):
-            raise InvalidInput("a hostname is a name or {name, cert, key}")
-        name = validate_hostname(entry.get("name", ""))
-        cert, key = entry.get("cert"), entry.get("key")
-        if cert is None and key is None:
-            out.append((name, None))
-        elif isinstance(cert, str) and isinstance(key, str) and "BEGIN" in cert and "BEGIN" in key:
-            out.append((name, CustomCert(cert, key)))
-        else:
-            raise InvalidInput(f"hostname {name!r}: 'cert' and 'key' must both be PEM text")
-    return out
-
-
-def _quota_stop(spec: dict[str, Any]) -> Page | None:
-    """``"quota_stop": {"what": "bandwidth"|"cpu", "limit": N, "unit": "MB", "until": "<ISO time>"}``."""
-    stop = spec.get("quota_stop")
-    if stop is None:
-        return None
-    if not isinstance(stop, dict):
-        raise InvalidInput("'quota_stop' must be an object")
-    what, limit, unit, until = (stop.get(k) for k in ("what", "limit", "unit", "until"))
-    if what not in ("bandwidth", "cpu") or isinstance(limit, bool) or not isinstance(limit, int | float):
-        raise InvalidInput("'quota_stop' needs 'what' (bandwidth or cpu) and a numeric 'limit'")
-    if not isinstance(unit, str) or not isinstance(until, str) or len(unit) > 16 or len(until) > 40:
-        raise InvalidInput("'quota_stop' needs 'unit' and 'until' as short text")
-    return quota_page(what, float(limit), unit, until)
+def _quota_page(stop: QuotaStopEntry | None) -> Page | None:
+    return None if stop is None else quota_page(stop.what, stop.limit, stop.unit, stop.until)
 
 
 def build_routes(
-    snapshot: dict[str, Any],
+    snapshot: FrontendSnapshot,
     upstream: Callable[[str, int, bool], Upstream],
     usage: Callable[[str], list[int]],
     *,
@@ -248,71 +200,64 @@ def build_routes(
 
     ``upstream`` returns the pool for a worker address, so pools (and their warm connections) carry
     over from one snapshot to the next; ``usage`` the counters of a site, which carry over likewise.
-    A bad domain refuses the snapshot; a bad site entry fails that site alone (it is answered with the
-    platform's 503 page, and reported) so that one entry cannot keep every other site from its update.
-    A custom hostname claimed twice goes to neither.
+    A bad site entry (found as the snapshot was parsed, or a worker address here) fails that site
+    alone: it is answered with the platform's 503 page, and reported, so that one entry cannot keep
+    every other site from its update. A custom hostname claimed twice goes to neither.
     """
-    domain = validate_hostname(snapshot.get("domain", ""))
-    sites = snapshot.get("sites", {})
-    if not isinstance(sites, dict):
-        raise InvalidInput("'sites' must be an object")
+    domain = snapshot.domain
     routes = Routes(domain)
-    try:
-        for challenge in parse_challenges(snapshot.get("acme_challenges")):
+    if isinstance(snapshot.acme_challenges, Refused):
+        routes.skipped.append(f"ACME challenges: {snapshot.acme_challenges.reason}")
+    else:
+        for challenge in snapshot.acme_challenges:
             target = (CHALLENGE_PATH + challenge.token).encode()
             routes.challenges[(challenge.host.encode(), target)] = challenge.key_authorization.encode()
-    except InvalidInput as err:
-        routes.skipped.append(f"ACME challenges: {err}")
-    try:
-        wildcard = PlatformCertificate.parse(snapshot.get("wildcard"))
-        if wildcard is not None:
-            routes.wildcard = CustomCert(wildcard.cert_pem, wildcard.key_pem)
-    except InvalidInput as err:
-        routes.skipped.append(f"the platform's wildcard certificate: {err}; the cloud CA's one is served")
+    if isinstance(snapshot.wildcard, Refused):
+        routes.skipped.append(
+            f"the platform's wildcard certificate: {snapshot.wildcard.reason}; the cloud CA's one is served"
+        )
+    elif snapshot.wildcard is not None:
+        routes.wildcard = CustomCert(snapshot.wildcard.cert_pem, snapshot.wildcard.key_pem)
     hosts = routes.hosts
     suffix = "." + domain
-    addresses: dict[Any, tuple[str, int, bool]] = {}  # most sites share a few workers: parse each once
+    addresses: dict[str, tuple[str, int, bool]] = {}  # most sites share a few workers: parse each once
     claimed: dict[bytes, str] = {}
-    for name, spec in sites.items():
+    for name, spec in snapshot.sites.items():
         try:
-            validate_site_name(name)
-            if not isinstance(spec, dict):
-                raise InvalidInput("a site entry must be an object")
-            workers = spec.get("workers", [])
-            if not isinstance(workers, list):
-                raise InvalidInput("'workers' must be a list of '<host>:<port>'")
+            if isinstance(spec, Refused):
+                raise InvalidInput(spec.reason)
             ups: list[Upstream] = []
-            for w in dict.fromkeys(workers):
+            for w in dict.fromkeys(spec.workers):
                 address = addresses.get(w)
                 if address is None:
                     address = addresses[w] = parse_worker_address(w)
                 ups.append(upstream(*address))
-            max_body = spec.get("max_body_bytes", default_max_body)
-            if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 0:
-                raise InvalidInput("'max_body_bytes' must be a whole number >= 0")
             # After a slot swap the workers serve this address under the other slot's name.
-            serve_as: str = validate_site_name(spec.get("serve_as") or name)
+            serve_as = spec.serve_as or name
             site = Site(
                 serve_as,
                 tuple(ups),
                 usage=usage(serve_as),
-                affinity=_flag(spec, "affinity"),
-                https_only=_flag(spec, "https_only"),
-                hsts=_flag(spec, "hsts"),
-                max_body=max_body,
-                stopped=_quota_stop(spec),
+                affinity=spec.affinity,
+                https_only=spec.https_only,
+                hsts=spec.hsts,
+                max_body=default_max_body if spec.max_body_bytes is None else spec.max_body_bytes,
+                stopped=_quota_page(spec.quota_stop),
                 address=name,
             )
-            custom = _hostnames(spec)
-        except (InvalidInput, TypeError) as err:
-            routes.skipped.append(f"site {name!r}: {err}")
-            if isinstance(name, str) and _valid_site_name(name):
-                routes.failed[name] = f"site {name!r}: {err}"
+        except InvalidInput as err:
+            reason = str(err) if isinstance(spec, Refused) else f"site {name!r}: {err}"
+            routes.skipped.append(reason)
+            if isinstance(spec, FrontendSite) or _valid_site_name(name):
+                routes.failed[name] = reason
                 hosts[(name + suffix).encode()] = Site(name, (), usage=usage(name))
             continue
         hosts[(name + suffix).encode()] = site
         routes.sites += 1
-        for host, cert in custom:
+        for entry in spec.hostnames:
+            host, cert = (
+                (entry, None) if isinstance(entry, str) else (entry.name, _custom_cert(entry.cert, entry.key))
+            )
             key = host.encode()
             if key in claimed or host.endswith(suffix):
                 routes.skipped.append(f"hostname {host!r} of site {name!r}: also claimed elsewhere")
@@ -325,3 +270,15 @@ def build_routes(
             if cert is not None:
                 routes.certs[host] = cert
     return routes
+
+
+def _custom_cert(cert: str | None, key: str | None) -> CustomCert | None:
+    return CustomCert(cert, key) if cert is not None and key is not None else None
+
+
+def _valid_site_name(name: str) -> bool:
+    try:
+        validate_site_name(name)
+    except InvalidInput:
+        return False
+    return True

@@ -20,8 +20,10 @@ from roles.frontend._routes import CustomCert, build_routes, failure_figures
 from roles.frontend._upstream import Upstream
 from roles.frontend._usage import UsageReporter
 from roles.frontend.config import FrontendConfig
-from shared.control import ControlPlane, Snapshot
-from shared.files import atomic_write_json, read_json
+from shared.contracts.health import FrontendFigures
+from shared.contracts.snapshots import FrontendSnapshot
+from shared.control import ControlPlane, parse_snapshot
+from shared.files import atomic_write_json
 from shared.listeners import listener
 from shared.logs import ContextLogger, get_logger
 from shared.metrics import CountsWriter, HttpCollector, HttpCounts, add_sites, clear_counts, read_counts
@@ -168,14 +170,14 @@ async def _serve_single(config: FrontendConfig, stop: asyncio.Event) -> None:
     https = {"on": False}
     usage_ref: dict[str, UsageReporter] = {}
 
-    def health() -> dict[str, Any]:
+    def health() -> FrontendFigures:
         figures: dict[str, Any] = {**proxy.health(), "https": https["on"], "processes": 1}
         if "r" in usage_ref:
             figures["usage_pending"] = usage_ref["r"].pending()
             figures["usage_reports_sent"] = usage_ref["r"].reports_sent
-        return figures
+        return FrontendFigures.model_validate(figures)
 
-    plane = ControlPlane(config, proxy.apply, health=health)
+    plane = ControlPlane(config, FrontendSnapshot, proxy.apply, health=health)
     await plane.load_last_known_good()
     servers, usage, https["on"] = await _serve_data(config, proxy, log)
     usage_ref["r"] = usage
@@ -209,7 +211,7 @@ async def _serve_main(config: FrontendConfig, stop: asyncio.Event, children: Ser
     processes = children.count
     figures: dict[str, Any] = {"sites": 0, "hostnames": 0}
 
-    async def apply(snapshot: Snapshot) -> None:
+    async def apply(snapshot: FrontendSnapshot) -> None:
         routes = build_routes(
             snapshot,
             lambda h, p, t: Upstream(h, p, t),
@@ -226,13 +228,15 @@ async def _serve_main(config: FrontendConfig, stop: asyncio.Event, children: Ser
         figures.pop("reason", None)
         figures.update(failure_figures(routes.failed))
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(_handover_file(config), snapshot, mode=0o600)
+        atomic_write_json(_handover_file(config), snapshot.to_json(), mode=0o600)
         children.reload()
 
-    def health() -> dict[str, Any]:
-        return {**figures, "processes": processes, "serving_pids": children.pids}
+    def health() -> FrontendFigures:
+        return FrontendFigures.model_validate(
+            {**figures, "processes": processes, "serving_pids": children.pids}
+        )
 
-    plane = ControlPlane(config, apply, health=health)
+    plane = ControlPlane(config, FrontendSnapshot, apply, health=health)
     # The serving processes' counts, summed when scraped.
     plane.metrics.register(
         HttpCollector(
@@ -268,8 +272,11 @@ async def _serve_child(config: FrontendConfig, stop: asyncio.Event, index: int) 
 
     async def reload() -> None:
         with contextlib.suppress(FileNotFoundError):
-            snapshot = await asyncio.to_thread(read_json, handover)
-            version = int(snapshot.get("version", 0))
+            raw = await asyncio.to_thread(handover.read_bytes)
+            snapshot = await asyncio.to_thread(
+                parse_snapshot, FrontendSnapshot, raw, what="handed-over snapshot"
+            )
+            version = snapshot.version
             if version >= applied[0]:
                 await proxy.apply(snapshot)
                 applied[0] = version

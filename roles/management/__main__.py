@@ -10,7 +10,9 @@ from roles.management._input import ProtocolErrorLog
 from roles.management.app import make_app
 from roles.management.config import ManagementConfig
 from roles.management.service import ManagementService
-from shared.control import ControlPlane, Snapshot
+from shared.contracts.health import ManagementFigures
+from shared.contracts.snapshots import BareSnapshot
+from shared.control import ControlPlane
 from shared.db import Database
 from shared.listeners import listener
 from shared.logs import get_logger
@@ -18,7 +20,7 @@ from shared.process import role_main
 from shared.tls import public_server_context
 
 
-async def _ignore_snapshot(snapshot: Snapshot) -> None:
+async def _ignore_snapshot(snapshot: BareSnapshot) -> None:
     # Management reads desired state from the DB itself; a pushed snapshot carries nothing it needs.
     return None
 
@@ -29,7 +31,9 @@ async def serve(config: ManagementConfig, stop: asyncio.Event) -> None:
         raise SystemExit("management needs db_url in its role.json")
     db = Database(config.db_url)
     service = ManagementService(config, db)
-    control = ControlPlane(config, _ignore_snapshot, health=lambda: {"api_port": config.api_port})
+    control = ControlPlane(
+        config, BareSnapshot, _ignore_snapshot, health=lambda: ManagementFigures(api_port=config.api_port)
+    )
     runner = web.AppRunner(make_app(service), access_log=None, shutdown_timeout=5, logger=ProtocolErrorLog())
     try:
         await control.load_last_known_good()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -17,7 +16,9 @@ from roles.publisher._git import GitDeploy
 from roles.publisher._sites import Credentials, SiteTable
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
-from shared.control import ControlPlane, Snapshot
+from shared.contracts.health import PublisherFigures
+from shared.contracts.snapshots import PublisherSnapshot
+from shared.control import ControlPlane
 from shared.listeners import listener
 from shared.logs import get_logger
 from shared.metrics import FiguresCollector
@@ -46,22 +47,22 @@ async def serve(config: PublisherConfig, stop: asyncio.Event) -> None:
     git = GitDeploy(config, sites, deployer)
     ftp = FtpServer(config, sites, credentials, internal_tls, throttle)
 
-    async def apply(snapshot: Snapshot) -> None:
+    async def apply(snapshot: PublisherSnapshot) -> None:
         sites.apply(snapshot)
         deployer.deployments.forget_sites_except(sites.names())
         await asyncio.to_thread(git.sweep)
 
-    def health() -> dict[str, Any]:
-        return {
-            "ftp_port": ftp.address[1],
-            "deploy_port": config.deploy_port,
-            "ftp_sessions": ftp.sessions,
-            "ftp_tls": config.ftp_tls,
-            "login_throttle_entries": throttle.entries,
-            "sites": len(sites),
-        }
+    def health() -> PublisherFigures:
+        return PublisherFigures(
+            ftp_port=ftp.address[1],
+            deploy_port=config.deploy_port,
+            ftp_sessions=ftp.sessions,
+            ftp_tls=config.ftp_tls,
+            login_throttle_entries=throttle.entries,
+            sites=len(sites),
+        )
 
-    plane = ControlPlane(config, apply, health=health, routes=deployer.control_routes())
+    plane = ControlPlane(config, PublisherSnapshot, apply, health=health, routes=deployer.control_routes())
 
     def metrics() -> Iterator[Metric]:
         totals = ftp.totals()

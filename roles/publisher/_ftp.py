@@ -428,7 +428,7 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
         if content is not None and self.authenticated:
             # The user's site as the snapshot has it now: gone, or after a slot swap another content.
             current = self.context.sites.site_of_user(self.username)
-            if current is None or current.uid != content.site.uid:
+            if current is None or current.content_id != content.site.content_id:
                 gone = current is None or self.context.sites.site(content.site.name) is None
                 why = "This site no longer exists" if gone else "This slot was swapped: log in again"
                 self.respond(f"421 {why}; closing the session.")

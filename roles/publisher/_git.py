@@ -163,7 +163,7 @@ class GitDeploy:
 
     def _project_root(self, site: SiteInfo) -> Path:
         # The uid makes a re-created site's repository a new one; hashed, so no uid shapes a path.
-        tag = hashlib.sha256(site.uid.encode()).hexdigest()[:16]
+        tag = hashlib.sha256(site.content_id.encode()).hexdigest()[:16]
         return self._root / f"{site.name}@{tag}"
 
     async def _run(self, *args: str, cwd: Path, stdin: bytes | None = None) -> tuple[int, bytes]:

@@ -1,8 +1,8 @@
 """The publisher's view of its pushed snapshot: which sites exist, their quotas and publishing users.
 
-The snapshot is parsed into an immutable :class:`SiteTable` and swapped in with one assignment, so FTP
-threads and the web deploy handlers always see one whole version, and a site removed from the snapshot
-stops accepting logins at once.
+The snapshot (:class:`~shared.contracts.snapshots.PublisherSnapshot`, checked as it came) becomes an
+immutable table swapped in with one assignment, so FTP threads and the web deploy handlers always see
+one whole version, and a site removed from the snapshot stops accepting logins at once.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
 
+from shared.contracts.snapshots import PublisherSnapshot
 from shared.credentials import verify_password
 from shared.errors import InvalidInput, Unavailable
-from shared.names import validate_site_name
 
 __all__ = ["Credentials", "SiteInfo", "SiteTable"]
 
@@ -27,7 +26,8 @@ __all__ = ["Credentials", "SiteInfo", "SiteTable"]
 @dataclass(frozen=True)
 class SiteInfo:
     name: str
-    uid: str
+    # The site's content id (its store at the file server), never a Unix uid.
+    content_id: str
     quota_bytes: int
     users: Mapping[str, str]  # user -> scrypt hash
     # The site names (addresses) this content answers: its own, or after a slot swap the other one's.
@@ -52,51 +52,29 @@ class _Snapshot:
     site_url: str | None = None
 
 
-def _parse(snapshot: Mapping[str, Any]) -> _Snapshot:
-    fileserver = snapshot.get("fileserver")
-    if not isinstance(fileserver, str) or not fileserver.startswith("https://"):
-        raise InvalidInput("publisher snapshot needs 'fileserver': 'https://<host>:<port>'")
-    raw_sites = snapshot.get("sites")
-    if not isinstance(raw_sites, dict):
-        raise InvalidInput("publisher snapshot needs a 'sites' object")
+def _table(snapshot: PublisherSnapshot) -> _Snapshot:
     sites: dict[str, SiteInfo] = {}
     owners: dict[str, list[str]] = {}
     by_address: dict[str, str] = {}
-    for name, raw in raw_sites.items():
-        validate_site_name(name)
-        if not isinstance(raw, dict):
-            raise InvalidInput(f"site {name!r}: expected an object")
-        uid, quota, users = raw.get("uid"), raw.get("quota_bytes"), raw.get("users", {})
-        if not isinstance(uid, str) or not uid:
-            raise InvalidInput(f"site {name!r}: 'uid' must be a non-empty string")
-        if not isinstance(quota, int) or isinstance(quota, bool) or quota < 0:
-            raise InvalidInput(f"site {name!r}: 'quota_bytes' must be an integer >= 0")
-        if not isinstance(users, dict) or not all(
-            isinstance(u, str) and u and isinstance(h, str) for u, h in users.items()
-        ):
-            raise InvalidInput(f"site {name!r}: 'users' must map user names to password hashes")
-        addresses = raw.get("addresses", [name])
-        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
-            raise InvalidInput(f"site {name!r}: 'addresses' must be a list of site names")
+    for name, site in snapshot.sites.items():
+        addresses = site.addresses if site.addresses is not None else [name]
         for address in addresses:
-            validate_site_name(address)
             if by_address.setdefault(address, name) != name:
                 raise InvalidInput(f"address {address!r} is claimed by {by_address[address]!r} and {name!r}")
-        sites[name] = SiteInfo(name, uid, quota, MappingProxyType(dict(users)), tuple(addresses))
-        for user in users:
+        sites[name] = SiteInfo(
+            name, site.content_id, site.quota_bytes, MappingProxyType(dict(site.users)), tuple(addresses)
+        )
+        for user in site.users:
             owners.setdefault(user, []).append(name)
-    site_url = snapshot.get("site_url")
-    if site_url is not None and (not isinstance(site_url, str) or "{site}" not in site_url):
-        raise InvalidInput("publisher snapshot: 'site_url' must be a string holding '{site}'")
     # A user name two sites claim would log in to whichever came first; let it log in to neither.
     logins = {user: names[0] for user, names in owners.items() if len(names) == 1}
     return _Snapshot(
-        int(snapshot.get("version", 0)),
-        fileserver.rstrip("/"),
+        snapshot.version,
+        snapshot.fileserver.rstrip("/"),
         MappingProxyType(sites),
         MappingProxyType(logins),
         MappingProxyType(by_address),
-        site_url,
+        snapshot.site_url,
     )
 
 
@@ -106,9 +84,9 @@ class SiteTable:
     def __init__(self) -> None:
         self._current: _Snapshot | None = None
 
-    def apply(self, snapshot: Mapping[str, Any]) -> None:
-        # Parse fully first: a bad push raises and leaves the previous table in place.
-        self._current = _parse(snapshot)
+    def apply(self, snapshot: PublisherSnapshot) -> None:
+        # Built whole first, then swapped in with one assignment.
+        self._current = _table(snapshot)
 
     @property
     def configured(self) -> bool:

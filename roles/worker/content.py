@@ -24,12 +24,11 @@ from roles.worker._cache import ContentCache, SiteVersion
 from roles.worker.config import WorkerConfig
 from shared.backoff import Backoff
 from shared.contracts.content import BlobFetch, ChangeFeedPage, FileMeta, Manifest, SiteVersions, VersionDiff
-from shared.control import Snapshot
-from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable, error_from_json
+from shared.contracts.snapshots import WorkerSnapshot
+from shared.errors import NotFound, SitecloudError, Unavailable, error_from_json
 from shared.files import syncfs
 from shared.internal import InternalClient
 from shared.logs import get_logger
-from shared.names import validate_site_name
 
 __all__ = ["ContentSync"]
 
@@ -154,30 +153,16 @@ class ContentSync:
 
     # -- the pushed snapshot
 
-    async def apply(self, snapshot: Snapshot, failed: Mapping[str, str]) -> dict[str, str]:
+    async def apply(self, snapshot: WorkerSnapshot, failed: Mapping[str, str]) -> dict[str, str]:
         """Take the snapshot's sites; returns every site that cannot be served, with why.
 
-        ``failed`` are sites the caller already found unusable (their app settings). A site entry this
-        cannot use fails that site alone: it is answered with the platform's 503 page while every
-        other site takes the snapshot. Only a snapshot without its ``sites`` or ``fileserver`` is refused.
+        ``failed`` are sites whose entries cannot be used (their app settings, say). Such a site is
+        answered with the platform's 503 page while every other site takes the snapshot; its content
+        is kept in step, ready for when it is fixed, if its entry at least names its content id.
         """
-        fileserver = snapshot.get("fileserver", "")
-        sites = snapshot.get("sites", {})
-        if not isinstance(fileserver, str) or not isinstance(sites, dict):
-            raise InvalidInput("worker snapshot needs 'fileserver' (a URL) and 'sites' (an object)")
-        held: dict[str, str] = {}
-        failures = dict(failed)
-        for name, spec in sites.items():
-            try:
-                validate_site_name(name)
-                uid = spec.get("uid") if isinstance(spec, dict) else None
-                if not isinstance(uid, str) or not uid or "/" in uid or "\n" in uid:
-                    raise InvalidInput(f"site {name!r} needs a 'uid'")
-            except InvalidInput as err:
-                failures[name] = str(err)
-                continue
-            # A site whose settings failed keeps its content in step, ready for when they are fixed.
-            held[name] = uid
+        fileserver = snapshot.fileserver
+        held, unheld = snapshot.content_ids()
+        failures = {**failed, **unheld}
         if not self._configured:
             self._configured = True
             await self._load_disk()

@@ -30,7 +30,9 @@ from roles.worker.apps._manager import run_dir_for
 from roles.worker.config import WorkerConfig
 from roles.worker.content import ContentSync
 from roles.worker.server import DataServer
-from shared.control import ControlPlane, Snapshot
+from shared.contracts.health import WorkerFigures
+from shared.contracts.snapshots import Refused, WorkerSnapshot
+from shared.control import ControlPlane
 from shared.errors import SitecloudError
 from shared.files import atomic_write_json, read_json
 from shared.logs import get_logger
@@ -165,12 +167,12 @@ async def _serve(
     apps = AppManager(config, sync.lookup, root)
     data = data_side(sync, apps)
 
-    async def apply(snapshot: Snapshot) -> None:
-        # Every site entry is checked before any of it applies; one that cannot be used fails alone.
-        specs, failed = apps.check(snapshot)
+    async def apply(snapshot: WorkerSnapshot) -> None:
+        # Every site entry was checked as the snapshot came; one that cannot be used fails alone.
+        refused = {name: e.reason for name, e in snapshot.sites.items() if isinstance(e, Refused)}
         before = sync.failed
-        failed = await sync.apply(snapshot, failed)
-        apps.apply(snapshot, specs, failed)
+        failed = await sync.apply(snapshot, refused)
+        apps.apply(snapshot, failed)
         for site, why in failed.items():
             if before.get(site) != why:
                 log.bind(site=site).warning("cannot serve the site: %s", why)
@@ -178,16 +180,18 @@ async def _serve(
             log.bind(site=site).info("the site's entry is usable again")
         changed()
 
-    def health() -> dict[str, Any]:
-        return {
-            **sync.figures(),
-            "processes": processes,
-            **apps.figures(),
-            **_degraded(sync.failed, apps.isolation_gaps()),
-            **data.figures(),
-        }
+    def health() -> WorkerFigures:
+        return WorkerFigures.model_validate(
+            {
+                **sync.figures(),
+                "processes": processes,
+                **apps.figures(),
+                **_degraded(sync.failed, apps.isolation_gaps()),
+                **data.figures(),
+            }
+        )
 
-    plane = ControlPlane(config, apply, health=health, routes=app_routes(apps))
+    plane = ControlPlane(config, WorkerSnapshot, apply, health=health, routes=app_routes(apps))
     plane.metrics.register(
         HttpCollector("worker", data.counts, top_n=config.metrics_top_sites, bytes_in=False)
     )
@@ -230,7 +234,9 @@ async def _serve_main(config: WorkerConfig, stop: asyncio.Event, children: Servi
     await _serve(config, stop, children.count, lambda sync, apps: _Forked(config, sync, apps, children))
 
 
-def _worker_metrics(plane: ControlPlane, sync: ContentSync, apps: AppManager) -> Iterator[Metric]:
+def _worker_metrics(
+    plane: ControlPlane[WorkerSnapshot], sync: ContentSync, apps: AppManager
+) -> Iterator[Metric]:
     """Content and app figures, read when scraped."""
     content = sync.figures()
     yield GaugeMetricFamily("sitecloud_worker_sites", "Sites this worker holds.", value=content["sites"])
@@ -252,8 +258,7 @@ def _worker_metrics(plane: ControlPlane, sync: ContentSync, apps: AppManager) ->
         value=figures["apps_max_active"],
     )
     starts = crashes = kills = 0
-    sites = plane.snapshot.get("sites") if plane.snapshot else None
-    for name in sites if isinstance(sites, dict) else ():
+    for name in plane.snapshot.sites if plane.snapshot else ():
         app = apps.dynamic(name)
         if app is not None:
             starts += app.starts

@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from functools import partial
+from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, PlainValidator
 from pydantic_core import PydanticCustomError
 
-from shared.errors import InvalidInput
-from shared.names import validate_site_name
+from shared import appsettings
+from shared.errors import InvalidInput, SitecloudError
+from shared.names import validate_hostname, validate_site_name
 from shared.paths import site_relpath
 
 __all__ = [
     "SHA256_PATTERN",
+    "AlwaysOn",
+    "AppEntry",
+    "AppEnv",
+    "AppRuntime",
     "ByteCount",
+    "ConfigVersion",
     "ContentId",
+    "Hostname",
+    "IdleTimeout",
+    "PemText",
     "Sha256",
     "SiteName",
     "SitePath",
     "UnixUid",
     "VersionNumber",
+    "checked",
 ]
+
+T = TypeVar("T")
 
 
 def _site_name(value: str) -> str:
@@ -52,3 +66,41 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
 # A file or directory inside a site, normalised by the one path boundary (never the root itself).
 SitePath = Annotated[str, AfterValidator(_site_path)]
+
+
+def checked(check: Callable[[Any], T]) -> PlainValidator:
+    """A field validator from one of the checks that raise :class:`InvalidInput` (the same function
+    management runs on user input): its message becomes the field's error as it is."""
+
+    def validate(value: Any) -> T:
+        try:
+            return check(value)
+        except SitecloudError as exc:
+            raise PydanticCustomError("invalid", "{reason}", {"reason": str(exc)}) from None
+
+    return PlainValidator(validate)
+
+
+def _app_env(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise InvalidInput("env must be an object of strings")
+    if len(value) > appsettings.MAX_SETTINGS:
+        raise InvalidInput(f"at most {appsettings.MAX_SETTINGS} app settings are allowed")
+    env = {appsettings.setting_name(k): appsettings.env_value(k, v) for k, v in sorted(value.items())}
+    appsettings.check_settings(env)
+    return env
+
+
+# A snapshot's (or pushed config's) generation: 1 and up.
+ConfigVersion = Annotated[int, Field(ge=1, le=2**63 - 1)]
+# A fully qualified host name (a custom hostname, the cloud's domain, a role host), lower-cased.
+Hostname = Annotated[str, checked(validate_hostname)]
+# A PEM certificate chain or key.
+PemText = Annotated[str, Field(min_length=1, max_length=1024 * 1024, pattern=r"BEGIN")]
+# A site's app settings, with the checks of shared.appsettings (what management applies when set).
+AppRuntime = Annotated[appsettings.Runtime, checked(appsettings.runtime)]
+AppEntry = Annotated[str, checked(appsettings.entry)]
+AppEnv = Annotated[dict[str, str], checked(_app_env)]
+IdleTimeout = Annotated[int, checked(appsettings.idle_timeout)]
+# Whether an app keeps running when idle, as settings hold it: true/false or their text forms.
+AlwaysOn = Annotated[bool, checked(partial(appsettings.boolean, "always_on"))]

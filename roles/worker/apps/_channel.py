@@ -115,7 +115,7 @@ class AppChannel:
     def _sites(self) -> dict[str, Any]:
         return {
             name: {
-                "uid": app.uid,
+                "uid": app.content_id,
                 "runtime": app.runtime,
                 "root": app.root,
                 "entry": app.entry,

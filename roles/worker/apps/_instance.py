@@ -57,7 +57,7 @@ class AppInstance:
         self.limits = limits
         self.log = log
         self.cgroup = cgroup
-        self.sandbox = sandbox if mounts is not None and identity.uid is not None else None
+        self.sandbox = sandbox if mounts is not None and identity.unix_uid is not None else None
         self._mounts = mounts
         # The host pid of the sandbox's pid 1 (bwrap's reaper); the app is its child.
         self.init_pid: int | None = None
@@ -145,7 +145,7 @@ class AppInstance:
     def _spawn(self, stdin: int) -> None:
         ident = self.identity
         argv = (
-            rlimit_prefix(self.limits, own_uid=ident.uid is not None, cgroup=self.cgroup is not None)
+            rlimit_prefix(self.limits, own_uid=ident.unix_uid is not None, cgroup=self.cgroup is not None)
             + self.plan.argv
         )
         # Blocking for the fork and exec only (a millisecond); the loop's own spawn cannot set uids.
@@ -156,9 +156,9 @@ class AppInstance:
             stderr=subprocess.STDOUT,
             cwd=self.plan.cwd,
             env=self.plan.env,
-            user=ident.uid,
+            user=ident.unix_uid,
             group=ident.gid,
-            extra_groups=[] if ident.uid is not None else None,
+            extra_groups=[] if ident.unix_uid is not None else None,
             start_new_session=True,
             umask=0o077,
         )
@@ -171,12 +171,12 @@ class AppInstance:
         bwrap runs as root; setpriv drops to the site's uid."""
         assert self.sandbox is not None and self._mounts is not None
         ident = self.identity
-        assert ident.uid is not None and ident.gid is not None
+        assert ident.unix_uid is not None and ident.gid is not None
         block_r, block_w = os.pipe()
         info_r, info_w = os.pipe()
         try:
             argv = self.sandbox.argv(
-                self._mounts, uid=ident.uid, gid=ident.gid, block_fd=block_r, info_fd=info_w
+                self._mounts, uid=ident.unix_uid, gid=ident.gid, block_fd=block_r, info_fd=info_w
             )
             argv += self.plan.argv
             try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from roles.worker.apps._spec import AppLimits
+from shared.contracts.fields import ContentId, UnixUid
 from shared.errors import NotSupported
 from shared.files import atomic_write_json, read_json
 
@@ -45,9 +46,9 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True, slots=True)
 class SiteIdentity:
-    # Short id for directory names; the uid/gid when isolating (None: the worker's own).
+    # Short id for directory names; the Unix uid/gid when isolating (None: the worker's own).
     number: int
-    uid: int | None
+    unix_uid: UnixUid | None
     gid: int | None
 
 
@@ -57,7 +58,7 @@ MACHINE_REGISTRY = Path("/var/lib/sitecloud/app-ids.json")
 
 
 class Identities:
-    """Numbers per site incarnation (by the site's immutable uid), persisted so files keep owners.
+    """Numbers per site incarnation (by the site's immutable content id), persisted so files keep owners.
 
     Isolating (root) workers number sites in :data:`MACHINE_REGISTRY`, so one site has one uid on
     every worker of the machine and two sites never share one; others keep their own file.
@@ -72,21 +73,21 @@ class Identities:
         with contextlib.suppress(OSError, ValueError):
             self._numbers = {str(k): int(v) for k, v in read_json(self._path).items()}
 
-    def get(self, site_uid: str) -> SiteIdentity:
-        number = self._numbers.get(site_uid)
+    def get(self, content_id: ContentId) -> SiteIdentity:
+        number = self._numbers.get(content_id)
         if number is None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             with open(self._path.with_suffix(".lock"), "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 self._load()  # another worker may have numbered sites since
-                number = self._numbers.get(site_uid)
+                number = self._numbers.get(content_id)
                 if number is None:
                     # Never reused: a number's files may outlive its site for a while.
                     number = max(self._numbers.values(), default=0) + 1
-                    self._numbers[site_uid] = number
+                    self._numbers[content_id] = number
                     atomic_write_json(self._path, self._numbers, mode=0o600)
-        uid = UID_BASE + number if self.isolate else None
-        return SiteIdentity(number, uid, uid)
+        unix_uid = UID_BASE + number if self.isolate else None
+        return SiteIdentity(number, unix_uid, unix_uid)
 
 
 def reap_orphans(apps_dir: Path) -> int:

@@ -51,15 +51,15 @@ from roles.worker.apps._spec import (
     SIZES,
     AppSpec,
     Runtime,
+    app_spec,
     detect_runtime,
     node_entry,
-    parse_app_spec,
     procfile_web,
 )
 from roles.worker.apps._volume import BlankImages, HomeVolume, unmount_stale
 from roles.worker.config import WorkerConfig
 from shared.backoff import Backoff
-from shared.control import Snapshot
+from shared.contracts.snapshots import WorkerSite, WorkerSnapshot
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
 from shared.logs import ContextLogger, get_logger
 
@@ -84,15 +84,37 @@ class AppSite:
     """One dynamic site: what runs (runtime, entry, version) and how its process is doing."""
 
     __slots__ = (
-        "always_on", "cpu_total", "crashes", "disk_full", "disk_hits", "entry", "failures", "generation",
-        "identity", "instance", "last_used", "log", "memory_kills", "memory_mb_seconds", "name",
-        "packages_task", "pids_hits",
-        "retry_at", "root", "runtime", "spec", "starting", "starts", "uid", "version",
+        "always_on",
+        "content_id",
+        "cpu_total",
+        "crashes",
+        "disk_full",
+        "disk_hits",
+        "entry",
+        "failures",
+        "generation",
+        "identity",
+        "instance",
+        "last_used",
+        "log",
+        "memory_kills",
+        "memory_mb_seconds",
+        "name",
+        "packages_task",
+        "pids_hits",
+        "retry_at",
+        "root",
+        "runtime",
+        "spec",
+        "starting",
+        "starts",
+        "version",
     )  # fmt: skip
 
-    def __init__(self, name: str, uid: str) -> None:
+    def __init__(self, name: str, content_id: str) -> None:
         self.name = name
-        self.uid = uid
+        # The site incarnation's content id (never the Unix uid its app runs as: see identity).
+        self.content_id = content_id
         self.spec = _NO_SPEC
         self.runtime: Runtime = "static"
         self.entry = ""
@@ -152,8 +174,8 @@ class AppManager:
         self._blanks = BlankImages(self._apps_dir / "blank")
         self._held: dict[AppInstance, HomeVolume] = {}
         self._quota = False
-        # Held sites (name → incarnation uid) and the app settings of those that have any.
-        self._uids: dict[str, str] = {}
+        # Held sites (name → incarnation's content id) and the app settings of those that have any.
+        self._content_ids: dict[str, str] = {}
         self._specs: dict[str, AppSpec] = {}
         # Sites found static, with the version that was looked at (no second look until it changes).
         self._static: dict[str, int] = {}
@@ -193,50 +215,37 @@ class AppManager:
 
     # -- the pushed snapshot
 
-    def check(self, snapshot: Snapshot) -> tuple[dict[str, AppSpec], dict[str, str]]:
-        """The app settings of each site in a snapshot, and the sites whose settings cannot be used
-        (with why): those fail alone, the rest of the snapshot applies."""
-        specs: dict[str, AppSpec] = {}
-        failed: dict[str, str] = {}
-        sites = snapshot.get("sites", {})
-        if isinstance(sites, dict):
-            for name, raw in sites.items():
-                if isinstance(raw, dict):
-                    try:
-                        spec = parse_app_spec(name, raw, self.default_limits)
-                    except InvalidInput as err:
-                        failed[name] = str(err)
-                        continue
-                    if spec is not None:
-                        specs[name] = spec
-        return specs, failed
-
-    def apply(
-        self, snapshot: Snapshot, specs: dict[str, AppSpec], failed: Mapping[str, str] | None = None
-    ) -> None:
+    def apply(self, snapshot: WorkerSnapshot, failed: Mapping[str, str] | None = None) -> None:
         """Take the snapshot's sites but ``failed`` ones (found unusable, with why): their apps stop."""
         failed = failed or {}
-        sites = snapshot.get("sites", {})
-        self._uids = {name: str(raw["uid"]) for name, raw in sites.items() if name not in failed}
-        self._specs = specs
+        self._content_ids = {
+            name: entry.content_id
+            for name, entry in snapshot.sites.items()
+            if isinstance(entry, WorkerSite) and name not in failed
+        }
+        self._specs = {
+            name: spec
+            for name, entry in snapshot.sites.items()
+            if isinstance(entry, WorkerSite) and (spec := app_spec(entry, self.default_limits)) is not None
+        }
         for name in list(self._sites):
             if name in failed:
                 self._site_log(self._sites[name]).write("worker", f"stopped: {failed[name]}")
                 self._drop(name, "its settings cannot be used")
-            elif name not in self._uids:
+            elif name not in self._content_ids:
                 self._drop(name, "the site left this worker")
-        for name in self._static.keys() - self._uids.keys():
+        for name in self._static.keys() - self._content_ids.keys():
             del self._static[name]
-        for name in self._static_logs.keys() - self._uids.keys():
+        for name in self._static_logs.keys() - self._content_ids.keys():
             self._static_logs.pop(name).close()
-        for name in self._uids:
+        for name in self._content_ids:
             self.refresh(name)
 
     def refresh(self, name: str) -> None:
         """Look at a site again: after a snapshot, or when its content flipped to another version."""
-        uid = self._uids.get(name)
+        content_id = self._content_ids.get(name)
         held, version = self._lookup(name)
-        if uid is None or not held or version is None:
+        if content_id is None or not held or version is None:
             self._drop(name, "nothing to serve")
             return
         spec = self._specs.get(name, _NO_SPEC)
@@ -256,10 +265,10 @@ class AppManager:
             return
         self._static.pop(name, None)
         app = self._sites.get(name)
-        if app is None or app.uid != uid:
+        if app is None or app.content_id != content_id:
             if app is not None:
                 self._drop(name, "another incarnation of the site")
-            app = self._sites[name] = AppSite(name, uid)
+            app = self._sites[name] = AppSite(name, content_id)
         generation = (runtime, entry, spec.env, spec.limits, version.number)
         if app.generation == generation:
             app.spec, app.always_on = spec, spec.always_on
@@ -432,7 +441,7 @@ class AppManager:
         return app.cpu_total + running
 
     def describe(self, name: str) -> dict[str, Any]:
-        if name not in self._uids:
+        if name not in self._content_ids:
             raise NotFound(f"site {name!r} is not on this worker")
         app = self._sites.get(name)
         if app is None:
@@ -479,14 +488,14 @@ class AppManager:
         app = self._sites.get(name)
         if app is not None:
             return self._site_log(app)
-        uid = self._uids.get(name)
-        if uid is None:
+        content_id = self._content_ids.get(name)
+        if content_id is None:
             return None
         log = self._static_logs.get(name)
-        if log is None or log.path.name != f"{uid}.log":
+        if log is None or log.path.name != f"{content_id}.log":
             folder = self._config.state_dir / "site-logs"
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            log = self._static_logs[name] = SiteLog(folder / f"{uid}.log", self._config.app_log_bytes)
+            log = self._static_logs[name] = SiteLog(folder / f"{content_id}.log", self._config.app_log_bytes)
         return log
 
     # -- inside
@@ -499,7 +508,7 @@ class AppManager:
 
     def _dirs(self, app: AppSite) -> SiteDirs:
         if app.identity is None:
-            app.identity = self._identities.get(app.uid)
+            app.identity = self._identities.get(app.content_id)
             dirs = SiteDirs.under(self._apps_dir, app.identity.number)
             _prepare_dirs(dirs, app.identity)
             self._protect(app)
@@ -680,13 +689,13 @@ class AppManager:
         """The site's disk quota volume, mounted (Unavailable when it cannot be); None where this
         worker has no quota volumes (logged once at start)."""
         ident = app.identity
-        if not self._quota or ident is None or ident.uid is None or ident.gid is None:
+        if not self._quota or ident is None or ident.unix_uid is None or ident.gid is None:
             return None
         volume = self._volumes.get(ident.number)
         if volume is None:
             volume = HomeVolume(
                 dirs.base,
-                uid=ident.uid,
+                uid=ident.unix_uid,
                 gid=ident.gid,
                 grace=self._config.app_volume_grace,
                 blanks=self._blanks,
@@ -886,11 +895,11 @@ def _prepare_dirs(dirs: SiteDirs, identity: SiteIdentity) -> None:
     dirs.base.mkdir(exist_ok=True)
     for d in (dirs.home, dirs.tmp, dirs.log):
         d.mkdir(mode=0o700, exist_ok=True)
-    if identity.uid is not None and identity.gid is not None:
+    if identity.unix_uid is not None and identity.gid is not None:
         os.chown(dirs.base, 0, identity.gid)
         os.chmod(dirs.base, 0o750)  # noqa: S103 - the site's own group only
         for d in (dirs.home, dirs.tmp):
-            os.chown(d, identity.uid, identity.gid)
+            os.chown(d, identity.unix_uid, identity.gid)
 
 
 def run_dir_for(root: Path) -> Path:

@@ -1,12 +1,7 @@
 """What the snapshot says about a site's app, and what its content says when the snapshot is silent.
 
-Per site in the worker snapshot (all optional beside ``uid``)::
-
-    {"uid": "<hex>", "runtime": "static|python|php|node|command", "entry": "app:app",
-     "env": {"KEY": "value"}, "always_on": false, "idle_timeout": 1200,
-     "limits": {"memory_mb": 256, "cpu_percent": 50, "nofile": 256, "nproc": 64, "disk_mb": 1024}}
-
-An absent ``runtime`` is detected from the content of the version being served.
+A site's entry in the worker snapshot is :class:`~shared.contracts.snapshots.WorkerSite`; an absent
+``runtime`` is detected from the content of the version being served.
 """
 
 from __future__ import annotations
@@ -16,12 +11,11 @@ import os
 import shlex
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
 
 from roles.worker._source import is_app_source
-from shared import appsettings
 from shared.appsettings import Runtime
-from shared.errors import InvalidInput
+from shared.contracts.snapshots import AppLimits as WireLimits
+from shared.contracts.snapshots import WorkerSite
 
 __all__ = [
     "SIZES",
@@ -29,6 +23,7 @@ __all__ = [
     "AppSpec",
     "Runtime",
     "SizeDefaults",
+    "app_spec",
     "detect_runtime",
     "is_app_source",
     "node_entry",
@@ -85,56 +80,35 @@ class AppSpec:
     limits: AppLimits = field(default_factory=AppLimits)
 
 
-def _int(raw: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidInput(f"limits.{key} must be an integer from {low} to {high}")
-    return value
+def parse_app_spec(site: str, raw: object, default_limits: AppLimits) -> AppSpec | None:
+    """The app part of one site's snapshot entry as it came over the wire (see :func:`app_spec`)."""
+    return app_spec(WorkerSite.parse(raw, what=f"site {site!r}"), default_limits)
 
 
-def parse_app_spec(site: str, raw: dict[str, Any], default_limits: AppLimits) -> AppSpec | None:
+def app_spec(site: WorkerSite, default_limits: AppLimits) -> AppSpec | None:
     """The app part of one site's snapshot entry; None when it says nothing about an app.
 
-    Every value is read with the checks management applied when it was set (:mod:`shared.appsettings`),
-    so a value that got past management fails this one site with the same message.
+    The entry was read with the checks management applied when each value was set
+    (:mod:`shared.appsettings`, through the contract's field types); a limit the entry leaves out is
+    the worker size's default.
     """
-    try:
-        return _parse(raw, default_limits)
-    except InvalidInput as err:
-        raise InvalidInput(f"site {site!r}: {err.message}", hint=err.hint) from None
-
-
-def _parse(raw: dict[str, Any], default_limits: AppLimits) -> AppSpec | None:
-    keys = ("runtime", "entry", "env", "always_on", "idle_timeout", "limits")
-    if not any(k in raw for k in keys):
+    if not site.has_app_fields:
         return None
-    rt = raw.get("runtime")
-    env_raw = raw.get("env", {})
-    if not isinstance(env_raw, dict):
-        raise InvalidInput("env must be an object of strings")
-    if len(env_raw) > appsettings.MAX_SETTINGS:
-        raise InvalidInput(f"at most {appsettings.MAX_SETTINGS} app settings are allowed")
-    env = {appsettings.setting_name(k): appsettings.env_value(k, v) for k, v in sorted(env_raw.items())}
-    appsettings.check_settings(env)
-    idle = raw.get("idle_timeout")
-    lim = raw.get("limits", {})
-    if not isinstance(lim, dict):
-        raise InvalidInput("limits must be an object")
-    d = default_limits
+    d, lim = default_limits, site.limits or WireLimits()
     limits = AppLimits(
-        memory_mb=_int(lim, "memory_mb", d.memory_mb, 16, 1024 * 1024),
-        cpu_percent=_int(lim, "cpu_percent", d.cpu_percent, 1, 100 * 1024),
-        nofile=_int(lim, "nofile", d.nofile, 16, 1024 * 1024),
-        nproc=_int(lim, "nproc", d.nproc, 4, 1024 * 1024),
-        cpu_seconds=_int(lim, "cpu_seconds", d.cpu_seconds, 1, 10**9),
-        disk_mb=_int(lim, "disk_mb", d.disk_mb, appsettings.APP_DISK_MIN_MB, 1024 * 1024),
+        memory_mb=d.memory_mb if lim.memory_mb is None else lim.memory_mb,
+        cpu_percent=d.cpu_percent if lim.cpu_percent is None else lim.cpu_percent,
+        nofile=d.nofile if lim.nofile is None else lim.nofile,
+        nproc=d.nproc if lim.nproc is None else lim.nproc,
+        cpu_seconds=d.cpu_seconds if lim.cpu_seconds is None else lim.cpu_seconds,
+        disk_mb=d.disk_mb if lim.disk_mb is None else lim.disk_mb,
     )
     return AppSpec(
-        runtime=appsettings.runtime(rt) if rt is not None else None,
-        entry=appsettings.entry(raw.get("entry", "")),
-        env=tuple(env.items()),
-        always_on=appsettings.boolean("always_on", raw.get("always_on", False)),
-        idle_timeout=float(appsettings.idle_timeout(idle)) if idle is not None else None,
+        runtime=site.runtime,
+        entry=site.entry,
+        env=tuple(site.env.items()),
+        always_on=site.always_on,
+        idle_timeout=float(site.idle_timeout) if site.idle_timeout is not None else None,
         limits=limits,
     )
 
