@@ -21,6 +21,7 @@ from prometheus_client import Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from roles.worker._cache import ContentCache, SiteVersion
+from roles.worker._feed import VersionFeeds, tag_of
 from roles.worker._layout import apps_root, prepare_apps_root
 from roles.worker._static import HotCache
 from roles.worker._usage import WorkerUsageReporter
@@ -83,19 +84,49 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
         if children is not None:
             children.reload()
 
+    # What front ends' version feeds were last told, by site (one serving process: this one).
+    told: dict[str, str] = {}
+
+    def served_tag(site: str) -> str:
+        return "" if site in sync.failed else tag_of(sync.lookup(site)[1])
+
+    def current_tags() -> dict[str, str]:
+        return {site: served_tag(site) for site in sync.versions()}
+
+    def tell(site: str | None) -> None:
+        assert feeds is not None
+        if site is not None:
+            now = {site: served_tag(site)}
+        else:
+            now = current_tags()
+            now.update({s: "" for s in told.keys() - now.keys()})
+        news = {s: t for s, t in now.items() if told.get(s) != t}
+        if news:
+            told.update(news)
+            feeds.tell(news)
+
+    async def before_flip(site: str, version: SiteVersion) -> None:
+        if feeds is not None:
+            # (Told again once flipped, by changed(): a feed that joins meanwhile hears the old one.)
+            await feeds.announce({site: "" if site in sync.failed else tag_of(version)})
+
     def changed(site: str | None = None) -> None:
         if site is not None:
             hot.purge(site)
             apps.refresh(site)
+        if feeds is not None:
+            tell(site)
         if children is not None and handover[0] is None:
             handover[0] = loop.call_later(0.005, hand_over)  # one write for a burst of flips
 
     # What apps must reach (content, their homes) lives where their own uids can pass through.
     root = apps_root(config)
     prepare_apps_root(config, root, log)
-    sync = ContentSync(config, ContentCache(root), on_flip=changed)
+    sync = ContentSync(config, ContentCache(root), on_flip=changed, before_flip=before_flip)
     # Dynamic sites' app processes, managed here; serving processes reach them through the channel.
     apps = AppManager(config, sync.lookup, root)
+    # With serving processes, they hold the front ends' feeds (from the versions handed over).
+    feeds = VersionFeeds(current_tags, apps.access_log, log) if children is None else None
     divert = AppProxy(config, apps) if children is None else None
     channel = AppChannel(apps) if children is not None else None
     server = (
@@ -107,6 +138,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
             failure=sync.failure,
             pending=sync.pending,
             site_log=apps.access_log,
+            feeds=feeds,
         )
         if children is None
         else None
@@ -282,16 +314,26 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
                     fresh[site] = (
                         SiteVersion(int(v[0]), str(v[1]), str(v[2]) if len(v) > 2 else "") if v else None
                     )
+            moved = {
+                site: tag_of(v) for site, v in fresh.items() if table.get(site) != v or site not in table
+            }
+            moved.update({site: "" for site in table.keys() - fresh.keys()})
+            if moved:
+                # Front ends keeping answers hear of new versions before this process serves them.
+                await feeds.announce(moved)
             for site, old in table.items():
                 if fresh.get(site) != old:
                     hot.purge(site)
             table.clear()
             table.update(fresh)
+            if moved:
+                feeds.tell(moved)  # (a feed that joined meanwhile heard the old table)
             failed.clear()
             failed.update(fresh_failed)
             pending.clear()
             pending.update(fresh_pending)
 
+    feeds = VersionFeeds(lambda: {site: tag_of(v) for site, v in table.items()}, lambda _: None, log)
     # Dynamic sites: their apps are the main process's; requests for them go through its channel.
     remote = RemoteApps(channel_path(run_dir_for(apps_root(config))))
 
@@ -305,7 +347,13 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
     stop_reloading = reload_on_sighup(reload_all)
     await reload_all()
     server = DataServer(
-        config, lookup, hot, divert=AppProxy(config, remote), failure=failed.get, pending=pending.__contains__
+        config,
+        lookup,
+        hot,
+        divert=AppProxy(config, remote),
+        failure=failed.get,
+        pending=pending.__contains__,
+        feeds=feeds,
     )
     await server.start()
     counts = CountsWriter(config.state_dir, lambda: server.counts, keep_sites=4 * config.metrics_top_sites)
