@@ -857,7 +857,10 @@ class ClientConnection(asyncio.Protocol):
         if site is None or cache is None:
             return
         lifetime = app_lifetime(bytes(headers))
-        version = self._proxy.feed_version(site) if lifetime > 0 else None
+        if lifetime <= 0:
+            return
+        self._proxy.ensure_feed(req.upstream)
+        version = self._proxy.feed_version(site)
         if version is None:
             return
         req.kept = [b"HTTP/1.1 200 %b\r\n%b" % (reason, without_date(bytes(headers)))]
@@ -944,6 +947,7 @@ class ClientConnection(asyncio.Protocol):
             proxy.cache.hits += 1  # type: ignore[union-attr]
             status_line, headers, body = entry.head, http_date_line(), entry.body
         elif version and req.fill and req.site is not None and proxy.cache is not None and cacheable(headers):
+            proxy.ensure_feed(req.upstream)
             known = proxy.feed_version(req.site)
             # Not kept when the feeds name another version: this answer left before the notice did.
             if known is None or known == version:

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["FeedClient", "run_feed"]
 
 # The worker's lease (roles/worker/_feed.py LEASE), less a margin for this side's timer.
-_LEASE = 2.0 - 0.2
-_PING_EVERY = 0.4
+_LEASE = 5.0 - 0.5
+_PING_EVERY = 0.5
 # Hits reported in one line at most (more go in the next).
 _HITS_MAX = 2000
 _RETRY = 1.0

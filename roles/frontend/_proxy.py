@@ -166,11 +166,6 @@ class Proxy:
                 if old.feed is not None:
                     old.feed.close()
         self.upstreams = used
-        if self.cache is not None:
-            for up in used.values():
-                if up.feed is None and up.tls:
-                    up.feed = FeedClient(self, up)
-                    self.spawn(run_feed(self, up, up.feed))
         for conn in [c for c in self.upstream_conns if c.upstream.retired]:
             conn.withdraw()
         # The table lives until the next snapshot: keep the cyclic collector from walking it over and
@@ -284,6 +279,15 @@ class Proxy:
             lane.close()
         else:
             upstream.lanes.append(lane)
+
+    def ensure_feed(self, upstream: Upstream | None) -> None:
+        """Open ``upstream``'s version feed, once it has given an answer worth keeping."""
+        if upstream is None or upstream.feed is not None or not upstream.tls or upstream.retired:
+            return
+        if self.cache is None or self.draining:
+            return
+        upstream.feed = FeedClient(self, upstream)
+        self.spawn(run_feed(self, upstream, upstream.feed))
 
     def held_fresh(self, site: Site, entry: CacheEntry) -> bool:
         """Whether ``entry`` may be sent without asking: every worker of the site has a live feed

@@ -30,7 +30,7 @@ __all__ = ["LEASE", "FeedSink", "VersionFeeds", "tag_of"]
 
 # Seconds a front end serves hits after the ping last answered was sent. The front end pings
 # several times per lease, so a live feed never lapses.
-LEASE = 2.0
+LEASE = 5.0
 # A report line longer than this is not a report: the feed is cut.
 _MAX_LINE = 4 * 1024 * 1024
 _GET = b"GET"
