@@ -182,15 +182,6 @@ class _Request:
         self.encoding = b""  # its Accept-Encoding, for an app's answer that varies by it
 
 
-def _header_value(lower: bytes, name: bytes) -> str:
-    """A header's value from lower-cased header lines (``name`` as ``\\r\\nname:``), as text."""
-    at = lower.find(name)
-    if at < 0:
-        return ""
-    start = at + len(name)
-    return lower[start : lower.find(b"\r\n", start)].strip().decode("latin-1")
-
-
 def _normalize_host(value: bytes) -> bytes:
     host = value.lower()
     colon = host.rfind(b":")
@@ -523,6 +514,27 @@ class ClientConnection(asyncio.Protocol):
         has_body: bool,
         upgrade: bool,
     ) -> None:
+        proxy = self._proxy
+        cache = proxy.cache
+        entry: CacheEntry | None = None
+        # A plain GET (no body, no conditional, range or credentials) may be answered from the cache.
+        keep = method == b"GET" and not has_body and self._plain and not self._auth and cache is not None
+        if keep:
+            assert cache is not None
+            entry = cache.get(site.name, target)
+            if entry is not None:
+                if entry.encoding is not None and entry.encoding != self._encoding:
+                    entry = None  # an app's answer kept for another Accept-Encoding
+                elif not upgrade and not self._queue and proxy.held_fresh(site, entry):
+                    # Answered from here in this very turn (nothing before it in the queue): no head
+                    # to build, nothing to send.
+                    req.held = entry
+                    req.target = target
+                    req.rid = rid = proxy.request_id()
+                    self._report_held(site, target, len(entry.body), rid)
+                    return
+                elif entry.expires:
+                    entry = None  # an app's answer is only ever given unasked
         req.replayable = not has_body and method in _IDEMPOTENT
         req.expect_continue = has_body and req.http11 and self._expect == b"100-continue"
         if site.affinity and self._cookie is not None:
@@ -535,21 +547,7 @@ class ClientConnection(asyncio.Protocol):
             upgrade_head = b"Connection: Upgrade\r\nUpgrade: " + self._upgrade + b"\r\n"
         lane_ok = lane_eligible(method, has_body, req.tunnel)
         cached_line = b""
-        proxy = self._proxy
-        cache = proxy.cache
-        if lane_ok and self._plain and not self._auth and cache is not None:
-            entry = cache.get(site.name, target)
-            if entry is not None and entry.encoding is not None and entry.encoding != self._encoding:
-                entry = None  # an app's answer kept for another Accept-Encoding
-            if entry is not None and not self._queue and proxy.held_fresh(site, entry):
-                # Answered from here in this very turn (nothing before it in the queue): no head to build.
-                req.held = entry
-                req.target = target
-                req.rid = rid = proxy.request_id()
-                self._report_held(site, target, len(entry.body), rid)
-                return
-            if entry is not None and entry.expires:
-                entry = None  # an app's answer is only ever given unasked
+        if lane_ok and keep:
             # The lane carries it, saying which version of the answer is held here (none: "-"); a
             # file too big for a lane otherwise comes on it once, to be kept.
             req.cached = entry
@@ -589,23 +587,9 @@ class ClientConnection(asyncio.Protocol):
     def _report_held(self, site: Site, target: bytes, size: int, rid: bytes) -> None:
         """An answer given from the cache unasked goes to the site's access log on its worker."""
         feed = site.upstreams[0].feed
-        if feed is None:
-            return
-        lower = b"\r\n" + bytes(self._headers).lower()
-        client = self._ip if self._xff is None else self._xff + b", " + self._ip
-        feed.report(
-            (
-                site.name,
-                target.decode("latin-1"),
-                200,
-                size,
-                0.0,
-                rid[14:-2].decode("latin-1"),
-                client.decode("latin-1"),
-                _header_value(lower, b"\r\nuser-agent:"),
-                _header_value(lower, b"\r\nreferer:"),
-            )
-        )
+        if feed is not None:
+            client = self._ip if self._xff is None else self._xff + b", " + self._ip
+            feed.report(site.name, target, size, rid, client, self._headers)  # (a new one per request)
 
     def _redirect(self, method: bytes, host: bytes, target: bytes) -> Page:
         """The site wants HTTPS only: send the visitor there (308 keeps a POST a POST)."""

@@ -50,17 +50,20 @@ class FeedClient(asyncio.Protocol):
         self._ping = 0
         self._pinged_at = 0.0
         self._buf = bytearray()
-        self.hits: list[HeldHit] = []
+        self.hits: list[tuple[str, bytes, int, bytes, bytes, bytes | bytearray]] = []
         self.lost = asyncio.Event()
 
     # -- asked on the request path
 
-    def report(self, hit: HeldHit) -> None:
+    def report(
+        self, site: str, target: bytes, size: int, rid: bytes, client: bytes, headers: bytes | bytearray
+    ) -> None:
+        """An answer given from the cache unasked (``rid`` as its header line, ``headers`` the
+        request's header lines): turned into an access record with the others, off the request path."""
         hits = self.hits
-        hits.append(hit)
+        hits.append((site, target, size, rid, client, headers))
         if len(hits) >= _HITS_MAX:
-            self._send(FeedReport.model_construct(ack=None, ping=None, hits=hits))
-            self.hits = []
+            self._send_hits(None)
 
     # -- the proxy's sweep
 
@@ -71,11 +74,13 @@ class FeedClient(asyncio.Protocol):
             self._ping += 1
             self._pinged_at = now
             self._pings[self._ping] = now
-            hits, self.hits = self.hits, []
-            self._send(FeedReport.model_construct(ack=None, ping=self._ping, hits=hits))
+            self._send_hits(self._ping)
         elif self.hits:
-            hits, self.hits = self.hits, []
-            self._send(FeedReport.model_construct(ack=None, ping=None, hits=hits))
+            self._send_hits(None)
+
+    def _send_hits(self, ping: int | None) -> None:
+        hits, self.hits = self.hits, []
+        self._send(FeedReport.model_construct(ack=None, ping=ping, hits=[_held_hit(*hit) for hit in hits]))
 
     def _send(self, report: FeedReport) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -138,6 +143,32 @@ class FeedClient(asyncio.Protocol):
                 cache.drop_site(site, keep=tag)
         # Taken: from now on nothing of the versions replaced is served from here.
         self._send(FeedReport.model_construct(ack=notice.seq, ping=None, hits=[]))
+
+
+def _held_hit(
+    site: str, target: bytes, size: int, rid: bytes, client: bytes, headers: bytes | bytearray
+) -> HeldHit:
+    lower = b"\r\n" + bytes(headers).lower()
+    return (
+        site,
+        target.decode("latin-1"),
+        200,
+        size,
+        0.0,
+        rid[14:-2].decode("latin-1"),  # (the value of its "X-Request-Id: ...\r\n" line)
+        client.decode("latin-1"),
+        _header_value(lower, b"\r\nuser-agent:"),
+        _header_value(lower, b"\r\nreferer:"),
+    )
+
+
+def _header_value(lower: bytes, name: bytes) -> str:
+    """A header's value from lower-cased header lines (``name`` as CRLF, name, colon), as text."""
+    at = lower.find(name)
+    if at < 0:
+        return ""
+    start = at + len(name)
+    return lower[start : lower.find(b"\r\n", start)].strip().decode("latin-1")
 
 
 async def run_feed(proxy: Proxy, upstream: Upstream, feed: FeedClient) -> None:
