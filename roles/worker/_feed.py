@@ -57,7 +57,8 @@ class _Feed(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         feeds = self._feeds
         feeds.feeds.add(self)
-        self.send(FeedNotice(seq=feeds.seq, whole=True, versions=feeds.versions()))
+        # Versions being announced count already: a feed that joins meanwhile must not hold the old.
+        self.send(FeedNotice(seq=feeds.seq, whole=True, versions={**feeds.versions(), **feeds.announcing}))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -130,6 +131,8 @@ class VersionFeeds:
         self.feeds: set[_Feed] = set()
         self.seq = 0
         self._changed = asyncio.Event()
+        # Versions announced and not yet served (site → tag).
+        self.announcing: dict[str, str] = {}
 
     def accept(self, transport: asyncio.BaseTransport) -> None:
         """Take over a connection whose front end asked for the feed (its TLS handshake done)."""
@@ -153,7 +156,15 @@ class VersionFeeds:
         replace: each has acknowledged, or its lease is over (its feed is then cut)."""
         if not self.feeds:
             return
-        seq = self.tell(changes)
+        self.announcing.update(changes)
+        try:
+            await self._acknowledged(self.tell(changes))
+        finally:
+            for site, tag in changes.items():
+                if self.announcing.get(site) == tag:
+                    del self.announcing[site]
+
+    async def _acknowledged(self, seq: int) -> None:
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
