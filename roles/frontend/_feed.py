@@ -95,6 +95,8 @@ class FeedClient(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self._buf.clear()  # (the same object serves each connection to the worker in turn)
+        self._pings.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lease_until = 0.0
