@@ -300,14 +300,15 @@ wrk, both proxies and both servers share the same cores, and other jobs share th
 average above), so figures move by a tenth or more from run to run; medians of the alternated rounds
 are shown, and only the ratios of one run mean much.
 
-How a request goes (docs/architecture.md, "The lane"): the front end sends plain GETs to the worker
-on a lane, many per write. It keeps static answers of up to 1 MB (its cache, keyed by site, target and
-the worker's content version) and names the version it holds on each lane request; the worker, when
-that version is still the one it serves, answers a body-less 204 and logs the request as the 200 the
-visitor gets. Every hit is thus still checked with the worker for that request (a publish is never
-hidden, and access logs stay whole), while the body crosses the hop once per version. What a hit
-still costs is the hop's round trip and the worker's parse, lookup and log line, which nginx's proxy
-(here in front of a static nginx, plain HTTP, `access_log off`) does not pay.
+How a request goes (docs/architecture.md, "The lane" and "The version feed"): the front end keeps
+static answers of up to 1 MB (its cache, keyed by site, target and the worker's content version).
+While the version feed from every worker of the site is live and names the entry's version, a hit is
+answered by the front end alone: the worker announces a new version on the feed, and serves it only
+once each front end has acknowledged it (or its lease ran out), so a publish is never hidden. The
+front end reports those hits on the feed for the site's access log (the worker's CPU in the rows is
+mostly that). Otherwise (no feed yet, or a feed down) a hit is checked with the worker on a lane: a
+body-less 204 when the version held is still the one served. nginx's proxy here sits in front of a
+static nginx (plain HTTP, `access_log off`) and caches nothing.
 """
 
 

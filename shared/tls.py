@@ -8,6 +8,7 @@ from pathlib import Path
 from shared.config import RoleConfig
 
 __all__ = [
+    "FEED_ALPN",
     "INTERMEDIATE_CIPHERS",
     "LANE_ALPN",
     "client_context",
@@ -19,6 +20,9 @@ __all__ = [
 # Offered by a front end on its pipelined connections to a worker (docs/architecture.md, "The lane"):
 # GETs pipelined over one connection, each answered at once or refused with 421.
 LANE_ALPN = "sitecloud-lane/1"
+# Offered by a front end on its version feed from a worker (roles/worker/_feed.py): the worker tells
+# it of each site's content version before serving a new one; the front end reports its cache hits.
+FEED_ALPN = "sitecloud-feed/1"
 
 
 # Mozilla's "intermediate" TLS 1.2 suites (server-side-tls guidelines, version 5.7): forward secret

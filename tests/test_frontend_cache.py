@@ -1,16 +1,20 @@
-"""The front end's cache of static answers (roles/frontend/_cache.py).
+"""The front end's cache of static answers (roles/frontend/_cache.py, roles/frontend/_feed.py).
 
 Fileserver, worker and front end are real processes; visitors go through the front end over HTTPS.
-A held answer is only ever sent after the worker said, for that very request, that its content
-version is still the one served: a publish is never hidden, two sites never share an answer, and a
-visitor cannot claim a version to get a stale one.
+A held answer is only ever sent when the worker said its content version is still the one served:
+for that very request, or ahead of time on its version feed, on which a new version is announced
+and acknowledged before the worker serves it. A publish is never hidden, two sites never share an
+answer, and a visitor cannot claim a version to get a stale one.
 """
 
 from __future__ import annotations
 
 import http.client
 import itertools
+import os
+import signal
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -161,6 +165,118 @@ def test_a_hit_is_still_in_the_sites_access_log_as_the_200_the_visitor_got(stack
 
     line = wait_until(logged, timeout=10, what="the hit's access line")
     assert f'"GET /logged.html HTTP/1.1" 200 {len(page)} ' in line and "[access]" in line
+
+
+class Visitor:
+    """One keep-alive HTTPS connection to the front end, for many GETs in a row."""
+
+    def __init__(self, stack: Stack, site: str) -> None:
+        port = int(stack.frontend.config.https_port)  # type: ignore[attr-defined]
+        ctx = stack.pki.client_ssl(None)
+        self.host = f"{site}.{DOMAIN}"
+        self.conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.conn.sock = ctx.wrap_socket(sock, server_hostname=self.host)
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        self.conn.request("GET", path, headers={"Host": self.host})
+        resp = self.conn.getresponse()
+        return resp.status, resp.read()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _feed_live(stack: Stack) -> None:
+    # The worker's version feed opens once the front end keeps one of its answers.
+    wait_until(
+        lambda: stack.get("alpha", "/page.html")[0] == 200 and stack.cache().get("cache_feeds_live", 0) >= 1,
+        timeout=10,
+        what="a live feed",
+    )
+
+
+def test_hits_are_sent_without_the_hop_while_the_workers_feed_is_live(stack: Stack) -> None:
+    page = b"<p>kept and sent from the front end</p>"
+    stack.publish("alpha", {"held.html": page})
+    _live(stack, "alpha", "/held.html", page)
+    _feed_live(stack)
+    visitor = Visitor(stack, "alpha")
+    try:
+        for _ in range(3):
+            assert visitor.get("/held.html") == (200, page)
+        before = stack.cache()
+        for _ in range(20):
+            assert visitor.get("/held.html") == (200, page)
+        after = stack.cache()
+    finally:
+        visitor.close()
+    assert after["cache_held_hits"] - before["cache_held_hits"] == 20, (before, after)
+
+
+def test_a_publish_then_fetching_at_once_many_times_never_shows_the_old_page(stack: Stack) -> None:
+    """Each round publishes a new page and fetches it through the front end in a tight loop from the
+    moment the publish is committed: the new page shows up as fast as the worker serves it, and once
+    it has, the old one never comes back (nor after the worker said it serves the new one)."""
+    _feed_live(stack)
+    stack.publish("beta", {"race.html": b"round 0"})
+    _live(stack, "beta", "/race.html", b"round 0")
+    visitor = Visitor(stack, "beta")
+    waits: list[float] = []
+    try:
+        held = stack.cache()["cache_held_hits"]
+        for n in range(1, 16):
+            for _ in range(3):  # the page is held again (and sent without the hop) before the publish
+                assert visitor.get("/race.html") == (200, b"round %d" % (n - 1))
+            new, old = b"round %d" % n, b"round %d" % (n - 1)
+            stack.publish("beta", {"race.html": new})
+            committed = time.monotonic()
+            seen: list[bytes] = []
+            while not seen or seen[-1] != new:
+                status, body = visitor.get("/race.html")
+                assert status == 200 and body in (old, new), body
+                seen.append(body)
+                assert time.monotonic() - committed < 20, "the new page never came"
+            waits.append(time.monotonic() - committed)
+            for _ in range(30):
+                assert visitor.get("/race.html") == (200, new)
+            # The worker serves the new page: so does the front end, on a new connection too.
+            assert stack.on_worker("beta", "/race.html") == new
+            assert stack.get("beta", "/race.html")[:2] == (200, new)
+        assert stack.cache()["cache_held_hits"] > held + 15 * 20
+    finally:
+        visitor.close()
+    waits.sort()
+    print(
+        f"publish committed -> new page through the front end: median {waits[len(waits) // 2] * 1000:.0f} ms"
+    )
+
+
+def test_a_front_end_that_stops_answering_its_feed_never_serves_a_replaced_page(stack: Stack) -> None:
+    """The worker waits for a frozen front end's lease to run out (then cuts its feed) before it
+    serves a new version; thawed, the front end asks the worker again rather than trust its copy."""
+    old, new = b"<p>before the freeze</p>", b"<p>published while frozen</p>"
+    stack.publish("alpha", {"frozen.html": old})
+    _live(stack, "alpha", "/frozen.html", old)
+    _feed_live(stack)
+    for _ in range(3):
+        assert stack.get("alpha", "/frozen.html")[:2] == (200, old)
+    assert stack.frontend.proc is not None
+    pid = stack.frontend.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        stack.publish("alpha", {"frozen.html": new})
+        started = time.monotonic()
+        _live(stack, "alpha", "/frozen.html", new)
+        waited = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert waited < 15, waited
+    for _ in range(5):
+        assert stack.get("alpha", "/frozen.html")[:2] == (200, new)
+    _feed_live(stack)  # (the feed comes back)
+    for _ in range(5):
+        assert stack.get("alpha", "/frozen.html")[:2] == (200, new)
 
 
 def test_two_sites_same_path_never_mix(stack: Stack) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import itertools
 import socket
 import ssl
 from pathlib import Path
@@ -176,8 +177,16 @@ def test_a_killed_worker_is_ejected_and_taken_back(pki: CloudPKI, tmp_path: Path
             fresh.close()
 
         w1.start()  # back on the same port: the front end tries it again after a while
+        asked = itertools.count()
+
+        def miss(conn: http.client.HTTPConnection) -> tuple[int, bytes]:
+            # A target not held by the front end's cache (held answers go to neither worker).
+            conn.request("GET", f"/?n={next(asked)}", headers={"Host": f"blog.{DOMAIN}"})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+
         wait_until(
-            lambda: get(kept) == (200, b"v2") and w1.health()["connections"] > 0,
+            lambda: miss(kept) == (200, b"v2") and w1.health()["connections"] > 0,
             timeout=15,
             what="the restarted worker to get requests again",
         )

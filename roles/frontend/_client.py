@@ -14,10 +14,11 @@ from typing import cast
 
 import httptools
 
-from roles.frontend._cache import CacheEntry, cacheable, http_date_line, without_date
+from roles.frontend._cache import CacheEntry, app_lifetime, cacheable, http_date_line, without_date
 from roles.frontend._http import (
     BODY_CHUNKED,
     BODY_CLOSE,
+    BODY_LENGTH,
     H_CONNECTION,
     H_CONTENT_LENGTH,
     H_COOKIE,
@@ -68,8 +69,21 @@ _LANE_OFF_FOR = 30.0
 _OFF_LANE_MAX = 1024
 _REDIRECT_AS_IS = frozenset({b"GET", b"HEAD"})
 _CHALLENGE_PREFIX = CHALLENGE_PATH.encode()
-# Request headers that make an answer this visitor's own (a part, or "not modified"): never kept.
-_CONDITIONAL = frozenset({b"range", b"if-range", b"if-none-match", b"if-modified-since", b"if-match"})
+# Request headers the cache looks at: those that make an answer this visitor's own (a part, "not
+# modified", or one for its credentials: never kept nor given from the cache), and Accept-Encoding
+# (which an app's answer that varies by it is kept under).
+_CONDITIONAL = 1
+_AUTHORIZATION = 2
+_ENCODING = 3
+_NOTED = {
+    b"range": _CONDITIONAL,
+    b"if-range": _CONDITIONAL,
+    b"if-none-match": _CONDITIONAL,
+    b"if-modified-since": _CONDITIONAL,
+    b"if-match": _CONDITIONAL,
+    b"authorization": _AUTHORIZATION,
+    b"accept-encoding": _ENCODING,
+}
 
 
 class _Reject(Exception):
@@ -90,13 +104,18 @@ class _Request:
         "chunked_response",
         "close_after",
         "conn",
+        "encoding",
         "expect_continue",
         "fill",
+        "fill_version",
         "fresh",
         "head",
         "head_request",
+        "held",
         "http11",
         "keep_alive",
+        "kept",
+        "kept_for",
         "lane",
         "lane_ok",
         "local",
@@ -154,6 +173,13 @@ class _Request:
         self.cached: CacheEntry | None = None
         self.cached_version = b""
         self.fill = False
+        # An answer held here that is sent without asking a worker (its version feeds say current).
+        self.held: CacheEntry | None = None
+        # An app's answer being kept (its head, then its body's pieces), and the site's version then.
+        self.kept: list[bytes] | None = None
+        self.kept_for = 0.0
+        self.fill_version = b""
+        self.encoding = b""  # its Accept-Encoding, for an app's answer that varies by it
 
 
 def _normalize_host(value: bytes) -> bytes:
@@ -213,6 +239,8 @@ class ClientConnection(asyncio.Protocol):
         self._cookie: bytes | None = None
         self._upgrade: bytes | None = None
         self._plain = True  # no conditional or range header: the whole answer, the same for anyone
+        self._auth = False
+        self._encoding = b""
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -338,6 +366,8 @@ class ClientConnection(asyncio.Protocol):
         self._cookie = None
         self._upgrade = None
         self._plain = True
+        self._auth = False
+        self._encoding = b""
         self.read_deadline = now + self._proxy.header_timeout
         if self._queue:
             self._pause(_PAUSE_PIPELINE)
@@ -356,8 +386,15 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject
         lname = name.lower()
         kind = REQUEST_HEADERS.get(lname)
-        if kind is None and lname in _CONDITIONAL:
-            self._plain = False
+        if kind is None:
+            noted = _NOTED.get(lname)
+            if noted is not None:
+                if noted == _CONDITIONAL:
+                    self._plain = False
+                elif noted == _AUTHORIZATION:
+                    self._auth = True
+                else:
+                    self._encoding = value
         if kind is None or kind in (H_CONTENT_LENGTH, H_COOKIE):
             if kind == H_CONTENT_LENGTH:
                 self._lengths += 1
@@ -477,6 +514,27 @@ class ClientConnection(asyncio.Protocol):
         has_body: bool,
         upgrade: bool,
     ) -> None:
+        proxy = self._proxy
+        cache = proxy.cache
+        entry: CacheEntry | None = None
+        # A plain GET (no body, no conditional, range or credentials) may be answered from the cache.
+        keep = method == b"GET" and not has_body and self._plain and not self._auth and cache is not None
+        if keep:
+            assert cache is not None
+            entry = cache.get(site.name, target)
+            if entry is not None:
+                if entry.encoding is not None and entry.encoding != self._encoding:
+                    entry = None  # an app's answer kept for another Accept-Encoding
+                elif not upgrade and not self._queue and proxy.held_fresh(site, entry):
+                    # Answered from here in this very turn (nothing before it in the queue): no head
+                    # to build, nothing to send.
+                    req.held = entry
+                    req.target = target
+                    req.rid = rid = proxy.request_id()
+                    self._report_held(site, target, len(entry.body), rid)
+                    return
+                elif entry.expires:
+                    entry = None  # an app's answer is only ever given unasked
         req.replayable = not has_body and method in _IDEMPOTENT
         req.expect_continue = has_body and req.http11 and self._expect == b"100-continue"
         if site.affinity and self._cookie is not None:
@@ -489,18 +547,18 @@ class ClientConnection(asyncio.Protocol):
             upgrade_head = b"Connection: Upgrade\r\nUpgrade: " + self._upgrade + b"\r\n"
         lane_ok = lane_eligible(method, has_body, req.tunnel)
         cached_line = b""
-        cache = self._proxy.cache
-        if lane_ok and self._plain and cache is not None:
+        if lane_ok and keep:
             # The lane carries it, saying which version of the answer is held here (none: "-"); a
             # file too big for a lane otherwise comes on it once, to be kept.
-            entry = req.cached = cache.get(site.name, target)
+            req.cached = entry
             if entry is not None:
                 req.cached_version = entry.version
             req.fill = True
+            req.encoding = self._encoding
             cached_line = b"X-Sitecloud-Cached: " + (entry.version if entry is not None else b"-") + b"\r\n"
         req.lane_ok = lane_ok and target not in site.off_lane
         req.target = target
-        req.rid = rid = self._proxy.request_id()
+        req.rid = rid = proxy.request_id()
         xff = self._ip if self._xff is None else self._xff + b", " + self._ip
         req.head = b"".join(
             (
@@ -525,6 +583,13 @@ class ClientConnection(asyncio.Protocol):
                 b"Transfer-Encoding: chunked\r\n\r\n" if req.chunked else b"\r\n",
             )
         )
+
+    def _report_held(self, site: Site, target: bytes, size: int, rid: bytes) -> None:
+        """An answer given from the cache unasked goes to the site's access log on its worker."""
+        feed = site.upstreams[0].feed
+        if feed is not None:
+            client = self._ip if self._xff is None else self._xff + b", " + self._ip
+            feed.report(site.name, target, size, rid, client, self._headers)  # (a new one per request)
 
     def _redirect(self, method: bytes, host: bytes, target: bytes) -> Page:
         """The site wants HTTPS only: send the visitor there (308 keeps a POST a POST)."""
@@ -594,6 +659,14 @@ class ClientConnection(asyncio.Protocol):
             self._meter = req.site.usage if req.site is not None else None
             if len(queue) == 1:
                 self._resume(_PAUSE_PIPELINE)  # the request being read is now the one answered
+            if req.held is not None:
+                self._answer_held(req, req.held)
+                queue.popleft()
+                self._meter = None
+                if req.close_after:
+                    self.close()
+                    return
+                continue
             if req.local is None:
                 if req.expect_continue and not req.body_done:
                     self._write(_CONTINUE)
@@ -737,6 +810,8 @@ class ClientConnection(asyncio.Protocol):
         req.response_started = True
         proxy = self._proxy
         proxy.counts.done(status, proxy.loop.time() - req.t0)
+        if status == 200 and body == BODY_LENGTH and req.fill and not req.head_request:
+            self._keep_app_answer(req, reason, headers)
         headers += req.rid
         if req.set_cookie:
             headers += req.set_cookie
@@ -759,8 +834,31 @@ class ClientConnection(asyncio.Protocol):
                 headers += b"Connection: keep-alive\r\n"
         self._write(b"".join((b"HTTP/1.1 %d %b\r\n" % (status, reason), headers, b"\r\n")))
 
+    def _keep_app_answer(self, req: _Request, reason: bytes, headers: bytearray) -> None:
+        """Start keeping an app's answer that says it may be kept (roles/frontend/_cache.py
+        app_lifetime), if the site's version feeds are live: only they can drop it on a publish."""
+        site, cache = req.site, self._proxy.cache
+        if site is None or cache is None:
+            return
+        lifetime = app_lifetime(bytes(headers))
+        if lifetime <= 0:
+            return
+        self._proxy.ensure_feed(req.upstream)
+        version = self._proxy.feed_version(site)
+        if version is None:
+            return
+        req.kept = [b"HTTP/1.1 200 %b\r\n%b" % (reason, without_date(bytes(headers)))]
+        req.kept_for = lifetime
+        req.fill_version = version
+
     def response_body(self, req: Exchange, data: bytes) -> None:
         assert isinstance(req, _Request)
+        kept = req.kept
+        if kept is not None:
+            kept.append(data)
+            cache = self._proxy.cache
+            if cache is not None and sum(map(len, kept)) > cache.max_entry:
+                req.kept = None
         if req.chunked_response:
             self._write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
@@ -770,7 +868,25 @@ class ClientConnection(asyncio.Protocol):
         assert isinstance(req, _Request)
         if req.chunked_response:
             self._write(_LAST_CHUNK)
+        if req.kept is not None:
+            self._store_app_answer(req, req.kept)
+            req.kept = None
         self._finish(req)
+
+    def _store_app_answer(self, req: _Request, kept: list[bytes]) -> None:
+        proxy, site = self._proxy, req.site
+        if site is None or proxy.cache is None or proxy.feed_version(site) != req.fill_version:
+            return  # a new version was announced while the app answered
+        head = kept[0]
+        varies = b"\r\nvary:" in head.lower()
+        entry = CacheEntry(
+            req.fill_version,
+            head,
+            b"".join(kept[1:]),
+            expires=proxy.loop.time() + req.kept_for,
+            encoding=req.encoding if varies else None,
+        )
+        proxy.cache.put(site.name, req.target, entry)
 
     def upstream_failed(self, req: Exchange, status: int, *, stale: bool) -> None:
         assert isinstance(req, _Request)
@@ -815,12 +931,31 @@ class ClientConnection(asyncio.Protocol):
             proxy.cache.hits += 1  # type: ignore[union-attr]
             status_line, headers, body = entry.head, http_date_line(), entry.body
         elif version and req.fill and req.site is not None and proxy.cache is not None and cacheable(headers):
-            kept = CacheEntry(version, status_line + without_date(headers), body)
-            if not proxy.cache.put(req.site.name, req.target, kept):
-                # Too big to keep here: it would only come on the lane again and again.
-                if len(req.site.off_lane) >= _OFF_LANE_MAX:
-                    req.site.off_lane.clear()
-                req.site.off_lane.add(req.target)
+            proxy.ensure_feed(req.upstream)
+            known = proxy.feed_version(req.site)
+            # Not kept when the feeds name another version: this answer left before the notice did.
+            if known is None or known == version:
+                kept = CacheEntry(version, status_line + without_date(headers), body)
+                if not proxy.cache.put(req.site.name, req.target, kept):
+                    # Too big to keep here: it would only come on the lane again and again.
+                    if len(req.site.off_lane) >= _OFF_LANE_MAX:
+                        req.site.off_lane.clear()
+                    req.site.off_lane.add(req.target)
+        self._write_answer(req, status_line, headers, body)
+
+    def _answer_held(self, req: _Request, entry: CacheEntry) -> None:
+        """An answer the cache gives without asking a worker (see Proxy.held_fresh)."""
+        cache = self._proxy.cache
+        assert cache is not None
+        cache.hits += 1
+        cache.held_hits += 1
+        self._write_answer(req, entry.head, http_date_line(), entry.body)
+        req.held = None
+
+    def _write_answer(self, req: _Request, status_line: bytes, headers: bytes, body: bytes) -> None:
+        """A whole answer to ``req`` (``headers`` end-to-end ones, each line ending in CRLF): the
+        front end's own headers added, written in one piece when small."""
+        proxy = self._proxy
         proxy.counts.done(int(status_line[9:12]), proxy.loop.time() - req.t0)
         extra = req.rid + req.set_cookie
         site = req.site
@@ -836,7 +971,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._write(b"".join((status_line, headers, extra, b"\r\n")))
             self._write(body)
-        self._finish(req)
+        if req.held is None:
+            self._finish(req)
 
     def lane_refused(self, req: Exchange, *, site_wide: bool) -> None:
         """The worker will not answer this GET on its lane (its app answers it, or a large file

@@ -14,7 +14,8 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from roles.frontend._cache import ResponseCache
+from roles.frontend._cache import CacheEntry, ResponseCache
+from roles.frontend._feed import FeedClient, run_feed
 from roles.frontend._http import Page, text_page
 from roles.frontend._lane import NO_LANE_FOR, LaneConnection
 from roles.frontend._routes import CustomCert, Site, build_routes, failure_figures
@@ -24,7 +25,7 @@ from shared.contracts.snapshots import FrontendSnapshot
 from shared.logs import ContextLogger
 from shared.metrics import HttpCounts
 from shared.pki import role_of_peer
-from shared.tls import LANE_ALPN, client_context
+from shared.tls import FEED_ALPN, LANE_ALPN, client_context
 
 if TYPE_CHECKING:
     from roles.frontend._client import ClientConnection
@@ -85,6 +86,8 @@ class Proxy:
         self.lanes_per_worker = config.lanes_per_worker
         self._lane_ssl = client_context(config)
         self._lane_ssl.set_alpn_protocols([LANE_ALPN])
+        self.feed_ssl = client_context(config)
+        self.feed_ssl.set_alpn_protocols([FEED_ALPN])
         self._tasks: set[asyncio.Task[None]] = set()
         self._applying = asyncio.Lock()
         shortest = min(
@@ -160,6 +163,8 @@ class Proxy:
             if address not in used:
                 old.retired = True
                 old.close_idle()
+                if old.feed is not None:
+                    old.feed.close()
         self.upstreams = used
         for conn in [c for c in self.upstream_conns if c.upstream.retired]:
             conn.withdraw()
@@ -275,6 +280,46 @@ class Proxy:
         else:
             upstream.lanes.append(lane)
 
+    def ensure_feed(self, upstream: Upstream | None) -> None:
+        """Open ``upstream``'s version feed, once it has given an answer worth keeping."""
+        if upstream is None or upstream.feed is not None or not upstream.tls or upstream.retired:
+            return
+        if self.cache is None or self.draining:
+            return
+        upstream.feed = FeedClient(self, upstream)
+        self.spawn(run_feed(self, upstream, upstream.feed))
+
+    def held_fresh(self, site: Site, entry: CacheEntry) -> bool:
+        """Whether ``entry`` may be sent without asking: every worker of the site has a live feed
+        that says the entry's version is the one it serves (and an app's answer is not expired)."""
+        ups = site.upstreams
+        if not ups or site.affinity:
+            return False  # (an affinity site's visitors get their worker's cookie on each answer)
+        now = self.loop.time()
+        if entry.expires and entry.expires <= now:
+            return False
+        name = site.name
+        version = entry.version
+        for up in ups:
+            feed = up.feed
+            if feed is None or feed.lease_until <= now or feed.versions.get(name) != version:
+                return False
+        return True
+
+    def feed_version(self, site: Site) -> bytes | None:
+        """The version every live feed of the site's workers names (None: unknown or not agreed)."""
+        now = self.loop.time()
+        found: bytes | None = None
+        for up in site.upstreams:
+            feed = up.feed
+            if feed is None or feed.lease_until <= now:
+                return None
+            version = feed.versions.get(site.name)
+            if not version or (found is not None and version != found):
+                return None
+            found = version
+        return found
+
     def current(self, site: Site) -> Site | None:
         """The same site in the routes now (a request keeps the routes it arrived with)."""
         return self.routes.get(f"{site.address}.{self.domain}".encode())
@@ -295,6 +340,9 @@ class Proxy:
             client.check(now)
         for conn in list(self.upstream_conns):
             conn.check(now)
+        for up in self.upstreams.values():
+            if up.feed is not None:
+                up.feed.check(now)
         self._sweeper = self.loop.call_later(self._tick, self._sweep)
 
     # -- figures and lifecycle ------------------------------------------------------------------------
@@ -317,6 +365,13 @@ class Proxy:
                     "cache_bytes": self.cache.size,
                     "cache_hits": self.cache.hits,
                     "cache_fills": self.cache.fills,
+                    # Hits sent without asking a worker (a live version feed said they are current).
+                    "cache_held_hits": self.cache.held_hits,
+                    "cache_feeds_live": sum(
+                        1
+                        for up in self.upstreams.values()
+                        if up.feed is not None and up.feed.lease_until > self.loop.time()
+                    ),
                 }
                 if self.cache is not None
                 else {}
@@ -346,6 +401,8 @@ class Proxy:
             client.abort()
         for up in self.upstreams.values():
             up.close_idle()
+            if up.feed is not None:
+                up.feed.close()
         for conn in list(self.upstream_conns):
             conn.abort()
         for task in list(self._tasks):

@@ -27,6 +27,7 @@ from roles.frontend._http import (
 )
 
 if TYPE_CHECKING:
+    from roles.frontend._feed import FeedClient
     from roles.frontend._lane import LaneConnection
     from roles.frontend._proxy import Proxy
 
@@ -73,6 +74,7 @@ class Upstream:
     __slots__ = (
         "address",
         "down_until",
+        "feed",
         "host",
         "idle",
         "lanes",
@@ -104,6 +106,8 @@ class Upstream:
         self.lanes_opening = 0
         # Until when (loop time) no lane is tried: the worker did not offer one (an older version).
         self.no_lane_until = 0.0
+        # The worker's version feed (roles/frontend/_feed.py), while the front end keeps answers.
+        self.feed: FeedClient | None = None
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self.idle

@@ -301,7 +301,8 @@ class HttpConnection(asyncio.Protocol):
         self._transport = transport
         if not self._admit(self, transport):
             self._closed = True
-            transport.close()
+            if transport.get_protocol() is self:  # (not handed to another protocol, as a feed is)
+                transport.close()
             return
         ssl_object = transport.get_extra_info("ssl_object")
         self._lane = ssl_object is not None and ssl_object.selected_alpn_protocol() == LANE_ALPN

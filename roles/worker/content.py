@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
 from typing import Any, TypeVar
 
@@ -63,11 +63,18 @@ class ContentSync:
     """Owns which sites this worker holds and the version of each it serves."""
 
     def __init__(
-        self, config: WorkerConfig, cache: ContentCache, *, on_flip: Callable[[str | None], None]
+        self,
+        config: WorkerConfig,
+        cache: ContentCache,
+        *,
+        on_flip: Callable[[str | None], None],
+        before_flip: Callable[[str, SiteVersion], Awaitable[None]] | None = None,
     ) -> None:
         self._config = config
         self._cache = cache
         self._on_flip = on_flip
+        # Awaited before a site serves a new version: front ends that keep answers are told first.
+        self._before_flip = before_flip
         self._log = get_logger("worker", host=config.host)
         self._client = InternalClient(config, timeout=60)
         self._fileserver = ""
@@ -100,6 +107,10 @@ class ContentSync:
         self._stopping = False
 
     # -- what the server asks
+
+    def versions(self) -> dict[str, SiteVersion | None]:
+        """Every held site's served version (None: none to serve)."""
+        return {site: self.lookup(site)[1] for site in self._held}
 
     def lookup(self, site: str) -> tuple[bool, SiteVersion | None]:
         """(held, version): a held site with no version yet has had nothing published, or has failed
@@ -374,6 +385,11 @@ class ContentSync:
                 self._quiet.set()
         if self._held.get(site) != content_id:
             return
+        if self._before_flip is not None:
+            await self._before_flip(site, built)
+            if self._held.get(site) != content_id:
+                self._on_flip(site)  # (front ends are told again of what is served)
+                return
         previous = self._current.get(site)
         self._current[site] = built
         self._target[site] = max(self._target.get(site, 0), version)
@@ -424,6 +440,11 @@ class ContentSync:
             self._busy -= 1
             if self._busy == 0:
                 self._quiet.set()
+        if self._before_flip is not None:
+            await self._before_flip(site, built)
+            if self._held.get(site) != content_id or self._current.get(site) is not current:
+                self._on_flip(site)
+                return True
         self._current[site] = built
         self._target[site] = max(self._target.get(site, 0), version)
         self._on_flip(site)

@@ -18,6 +18,7 @@ import httptools
 
 from roles.worker._access import AccessRecord
 from roles.worker._cache import SiteVersion
+from roles.worker._feed import VersionFeeds
 from roles.worker._http import (
     LANE_MAX_FILE,
     Divert,
@@ -36,7 +37,7 @@ from shared.metrics import HttpCounts
 from shared.pages import error_page
 from shared.paths import site_relpath
 from shared.pki import role_of_peer
-from shared.tls import LANE_ALPN, server_context
+from shared.tls import FEED_ALPN, LANE_ALPN, server_context
 
 __all__ = ["DataServer", "Lookup"]
 
@@ -71,8 +72,11 @@ class DataServer:
         failure: Callable[[str], str | None] = lambda _: None,
         pending: Callable[[str], bool] = lambda _: False,
         site_log: Callable[[str], AccessSink | None] = lambda _: None,
+        feeds: VersionFeeds | None = None,
     ) -> None:
         self._config = config
+        # Front ends' version feeds (roles/worker/_feed.py): None answers no feed.
+        self._feeds = feeds
         # Where a site's access lines go (its log stream); None: nowhere (a site not held here).
         self._site_log = site_log
         # Why a held site without a version cannot be served (None: nothing published yet).
@@ -139,6 +143,8 @@ class DataServer:
             return
         self._stopping = True
         self._server.close()
+        if self._feeds is not None:
+            self._feeds.close()
         if self._plain is not None:
             self._plain.close()
         for conn in list(self._connections):
@@ -203,6 +209,11 @@ class DataServer:
         """Only front ends get in. Called once the TLS handshake is done (a failed one never gets here)."""
         role = role_of_peer(transport.get_extra_info("peercert"))
         if role == "frontend" and not self._stopping:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == FEED_ALPN:
+                if self._feeds is not None:
+                    self._feeds.accept(transport)
+                return False
             self._connections.add(conn)
             return True
         self._log.warning(
@@ -325,9 +336,9 @@ def _file_at(root: str, target: bytes) -> FileHit | None:
 
 
 def _data_context(config: WorkerConfig) -> ssl.SSLContext:
-    """Front ends may ask for a lane (pipelined GETs); those that do not get plain HTTP/1.1."""
+    """Front ends may ask for a lane (pipelined GETs) or a version feed; others get plain HTTP/1.1."""
     ctx = server_context(config)
-    ctx.set_alpn_protocols([LANE_ALPN, "http/1.1"])
+    ctx.set_alpn_protocols([LANE_ALPN, FEED_ALPN, "http/1.1"])
     return ctx
 
 

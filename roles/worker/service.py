@@ -21,6 +21,7 @@ from prometheus_client import Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from roles.worker._cache import ContentCache, SiteVersion
+from roles.worker._feed import VersionFeeds, tag_of
 from roles.worker._layout import apps_root, prepare_apps_root
 from roles.worker._static import HotCache
 from roles.worker._usage import WorkerUsageReporter
@@ -63,6 +64,9 @@ class _DataSide(Protocol):
     def changed(self, site: str | None) -> None:
         """A site's serving version flipped (or, with None, a snapshot was applied)."""
 
+    async def before_flip(self, site: str, version: SiteVersion) -> None:
+        """A site is about to serve ``version``: front ends keeping its answers hear of it first."""
+
     def figures(self) -> dict[str, Any]: ...
 
     def counts(self) -> HttpCounts: ...
@@ -73,10 +77,15 @@ class _DataSide(Protocol):
 
 
 class _InProcess:
-    """``processes: 1``: this process answers the data port itself."""
+    """``processes: 1``: this process answers the data port itself, and holds the front ends' version
+    feeds."""
 
-    def __init__(self, config: WorkerConfig, sync: ContentSync, apps: AppManager) -> None:
+    def __init__(self, config: WorkerConfig, sync: ContentSync, apps: AppManager, log: Any) -> None:
+        self._sync = sync
         self._hot = HotCache(config.hot_cache_bytes)
+        self._feeds = VersionFeeds(self._current_tags, apps.access_log, log)
+        # What the feeds were last told, by site.
+        self._told: dict[str, str] = {}
         self._server = DataServer(
             config,
             sync.lookup,
@@ -85,11 +94,30 @@ class _InProcess:
             failure=sync.failure,
             pending=sync.pending,
             site_log=apps.access_log,
+            feeds=self._feeds,
         )
+
+    def _served_tag(self, site: str) -> str:
+        return "" if site in self._sync.failed else tag_of(self._sync.lookup(site)[1])
+
+    def _current_tags(self) -> dict[str, str]:
+        return {site: self._served_tag(site) for site in self._sync.versions()}
 
     def changed(self, site: str | None) -> None:
         if site is not None:
             self._hot.purge(site)
+            now = {site: self._served_tag(site)}
+        else:
+            now = self._current_tags()
+            now.update({s: "" for s in self._told.keys() - now.keys()})
+        news = {s: t for s, t in now.items() if self._told.get(s) != t}
+        if news:
+            self._told.update(news)
+            self._feeds.tell(news)
+
+    async def before_flip(self, site: str, version: SiteVersion) -> None:
+        # (Told again once flipped, by changed(): a feed that joins meanwhile hears the old one.)
+        await self._feeds.announce({site: "" if site in self._sync.failed else tag_of(version)})
 
     def figures(self) -> dict[str, Any]:
         return {"connections": self._server.connections, "hot_cache_bytes": self._hot.size}
@@ -127,6 +155,9 @@ class _Forked:
         if self._handover is None:  # one write for a burst of flips
             self._handover = asyncio.get_running_loop().call_later(0.005, self._hand_over)
 
+    async def before_flip(self, site: str, version: SiteVersion) -> None:
+        pass  # each serving process announces to its own feeds as it takes the handed-over versions
+
     def figures(self) -> dict[str, Any]:
         return {"serving_pids": self._children.pids}
 
@@ -162,7 +193,9 @@ async def _serve(
     # What apps must reach (content, their homes) lives where their own uids can pass through.
     root = apps_root(config)
     prepare_apps_root(config, root, log)
-    sync = ContentSync(config, ContentCache(root), on_flip=changed)
+    sync = ContentSync(
+        config, ContentCache(root), on_flip=changed, before_flip=lambda site, v: data.before_flip(site, v)
+    )
     # Dynamic sites' app processes, managed here (serving processes reach them through the channel).
     apps = AppManager(config, sync.lookup, root)
     data = data_side(sync, apps)
@@ -227,7 +260,12 @@ async def _serve(
 
 
 async def _serve_single(config: WorkerConfig, stop: asyncio.Event) -> None:
-    await _serve(config, stop, 1, lambda sync, apps: _InProcess(config, sync, apps))
+    await _serve(
+        config,
+        stop,
+        1,
+        lambda sync, apps: _InProcess(config, sync, apps, get_logger("worker", host=config.host)),
+    )
 
 
 async def _serve_main(config: WorkerConfig, stop: asyncio.Event, children: ServingProcesses) -> None:
@@ -327,16 +365,26 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
                     fresh[site] = (
                         SiteVersion(int(v[0]), str(v[1]), str(v[2]) if len(v) > 2 else "") if v else None
                     )
+            moved = {
+                site: tag_of(v) for site, v in fresh.items() if table.get(site) != v or site not in table
+            }
+            moved.update({site: "" for site in table.keys() - fresh.keys()})
+            if moved:
+                # Front ends keeping answers hear of new versions before this process serves them.
+                await feeds.announce(moved)
             for site, old in table.items():
                 if fresh.get(site) != old:
                     hot.purge(site)
             table.clear()
             table.update(fresh)
+            if moved:
+                feeds.tell(moved)  # (a feed that joined meanwhile heard the old table)
             failed.clear()
             failed.update(fresh_failed)
             pending.clear()
             pending.update(fresh_pending)
 
+    feeds = VersionFeeds(lambda: {site: tag_of(v) for site, v in table.items()}, lambda _: None, log)
     # Dynamic sites: their apps are the main process's; requests for them go through its channel.
     remote = RemoteApps(channel_path(run_dir_for(apps_root(config))))
 
@@ -350,7 +398,13 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
     stop_reloading = reload_on_sighup(reload_all)
     await reload_all()
     server = DataServer(
-        config, lookup, hot, divert=AppProxy(config, remote), failure=failed.get, pending=pending.__contains__
+        config,
+        lookup,
+        hot,
+        divert=AppProxy(config, remote),
+        failure=failed.get,
+        pending=pending.__contains__,
+        feeds=feeds,
     )
     await server.start()
     counts = CountsWriter(config.state_dir, lambda: server.counts, keep_sites=4 * config.metrics_top_sites)

@@ -1,0 +1,209 @@
+"""A worker's version feed, the front end's side (the worker's side: roles/worker/_feed.py).
+
+While the feed from every worker of a site is live, an answer held in the cache whose content version
+is the one each of them serves is sent without asking them: the worker announces a new version, and
+waits for this front end's acknowledgement (or for its lease to run out) before it serves it. A feed
+is live while its lease lasts: ``LEASE`` seconds (less a margin) from sending the ping the worker
+answered last. Down, late or unknown, the cache falls back to asking the worker on every request.
+
+The answers given unasked are reported on the feed, for the site's access log on the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, cast
+
+from roles.frontend._cache import ResponseCache
+from shared.contracts.feed import FeedNotice, FeedReport, HeldHit
+from shared.errors import InvalidInput
+from shared.pki import role_of_peer
+from shared.tls import FEED_ALPN
+
+if TYPE_CHECKING:
+    from roles.frontend._proxy import Proxy
+    from roles.frontend._upstream import Upstream
+
+__all__ = ["FeedClient", "run_feed"]
+
+# The worker's lease (roles/worker/_feed.py LEASE), less a margin for this side's timer.
+_LEASE = 5.0 - 0.5
+_PING_EVERY = 0.5
+# Hits reported in one line at most (more go in the next).
+_HITS_MAX = 2000
+_RETRY = 1.0
+_MAX_LINE = 16 * 1024 * 1024
+
+
+class FeedClient(asyncio.Protocol):
+    """The feed from one worker: the version it serves of each of its sites, and the lease."""
+
+    def __init__(self, proxy: Proxy, upstream: Upstream) -> None:
+        self._proxy = proxy
+        self._upstream = upstream
+        self._cache: ResponseCache | None = proxy.cache
+        self.transport: asyncio.Transport | None = None
+        self.versions: dict[str, bytes] = {}
+        # Loop time until which hits may be served on this feed's word (0: not live).
+        self.lease_until = 0.0
+        self._pings: dict[int, float] = {}
+        self._ping = 0
+        self._pinged_at = 0.0
+        self._buf = bytearray()
+        self.hits: list[tuple[str, bytes, int, bytes, bytes, bytes | bytearray]] = []
+        self.lost = asyncio.Event()
+
+    # -- asked on the request path
+
+    def report(
+        self, site: str, target: bytes, size: int, rid: bytes, client: bytes, headers: bytes | bytearray
+    ) -> None:
+        """An answer given from the cache unasked (``rid`` as its header line, ``headers`` the
+        request's header lines): turned into an access record with the others, off the request path."""
+        hits = self.hits
+        hits.append((site, target, size, rid, client, headers))
+        if len(hits) >= _HITS_MAX:
+            self._send_hits(None)
+
+    # -- the proxy's sweep
+
+    def check(self, now: float) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if now - self._pinged_at >= _PING_EVERY:
+            self._ping += 1
+            self._pinged_at = now
+            self._pings[self._ping] = now
+            self._send_hits(self._ping)
+        elif self.hits:
+            self._send_hits(None)
+
+    def _send_hits(self, ping: int | None) -> None:
+        hits, self.hits = self.hits, []
+        self._send(FeedReport.model_construct(ack=None, ping=ping, hits=[_held_hit(*hit) for hit in hits]))
+
+    def _send(self, report: FeedReport) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(report.model_dump_json().encode() + b"\n")
+
+    def close(self) -> None:
+        self.lease_until = 0.0
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._buf.clear()  # (the same object serves each connection to the worker in turn)
+        self._pings.clear()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lease_until = 0.0
+        self.transport = None
+        self.lost.set()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        start = 0
+        try:
+            while (end := buf.find(b"\n", start)) >= 0:
+                self._notice(FeedNotice.parse_json(bytes(buf[start:end]), what="feed notice"))
+                start = end + 1
+        except InvalidInput as exc:
+            self._proxy.log.warning("bad notice on the feed from %s: %s", self._upstream.address, exc)
+            self.lease_until = 0.0
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        del buf[:start]
+        if len(buf) > _MAX_LINE:
+            self.lease_until = 0.0
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _notice(self, notice: FeedNotice) -> None:
+        if notice.pong is not None:
+            sent = self._pings.pop(notice.pong, None)
+            for old in [n for n in self._pings if n < notice.pong]:
+                del self._pings[old]
+            if sent is not None:
+                self.lease_until = max(self.lease_until, sent + _LEASE)
+            return
+        cache = self._cache
+        news = {site: tag.encode() for site, tag in notice.versions.items()}
+        held = self.versions
+        changed = {site: tag for site, tag in news.items() if held.get(site) != tag}
+        if notice.whole:
+            changed.update({site: b"" for site in held.keys() - news.keys()})
+            self.versions = news
+        else:
+            held.update(news)
+        if cache is not None:
+            for site, tag in changed.items():
+                cache.drop_site(site, keep=tag)
+        # Taken: from now on nothing of the versions replaced is served from here.
+        self._send(FeedReport.model_construct(ack=notice.seq, ping=None, hits=[]))
+
+
+def _held_hit(
+    site: str, target: bytes, size: int, rid: bytes, client: bytes, headers: bytes | bytearray
+) -> HeldHit:
+    lower = b"\r\n" + bytes(headers).lower()
+    return (
+        site,
+        target.decode("latin-1"),
+        200,
+        size,
+        0.0,
+        rid[14:-2].decode("latin-1"),  # (the value of its "X-Request-Id: ...\r\n" line)
+        client.decode("latin-1"),
+        _header_value(lower, b"\r\nuser-agent:"),
+        _header_value(lower, b"\r\nreferer:"),
+    )
+
+
+def _header_value(lower: bytes, name: bytes) -> str:
+    """A header's value from lower-cased header lines (``name`` as CRLF, name, colon), as text."""
+    at = lower.find(name)
+    if at < 0:
+        return ""
+    start = at + len(name)
+    return lower[start : lower.find(b"\r\n", start)].strip().decode("latin-1")
+
+
+async def run_feed(proxy: Proxy, upstream: Upstream, feed: FeedClient) -> None:
+    """Keep ``feed`` open to ``upstream`` until the worker leaves the routes or the proxy drains."""
+    ctx = proxy.feed_ssl
+    while not upstream.retired and not proxy.draining:
+        feed.lost.clear()
+        try:
+            transport, _ = await asyncio.wait_for(
+                proxy.loop.create_connection(
+                    lambda: feed,
+                    upstream.host,
+                    upstream.port,
+                    ssl=ctx,
+                    server_hostname=upstream.host,
+                    ssl_handshake_timeout=proxy.connect_timeout,
+                ),
+                proxy.connect_timeout,
+            )
+        except (OSError, TimeoutError):
+            await asyncio.sleep(_RETRY)
+            continue
+        ssl_object = transport.get_extra_info("ssl_object")
+        if (
+            role_of_peer(transport.get_extra_info("peercert")) != "worker"
+            or ssl_object is None
+            or ssl_object.selected_alpn_protocol() != FEED_ALPN
+        ):
+            transport.abort()  # not a worker, or one without feeds: ask it on every request
+            await asyncio.sleep(30 * _RETRY)
+            continue
+        if upstream.retired or proxy.draining:
+            transport.close()
+            return
+        await feed.lost.wait()
+        await asyncio.sleep(_RETRY / 4)

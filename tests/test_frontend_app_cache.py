@@ -1,0 +1,170 @@
+"""An app's answers kept by the front end when the app says so (roles/frontend/_cache.py app_lifetime).
+
+A real fileserver, worker (running the site's WSGI app) and front end. The app answers every request
+with a body of its own making (a fresh random token), so an answer that did not reach the app is
+seen as a repeat. Kept: a 200 to a plain GET that says ``Cache-Control: public, max-age=N``, for at
+most N seconds, until the site's next publish; never one that sets a cookie, varies by anything but
+Accept-Encoding, or answers a request with credentials.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from roles.frontend.config import FrontendConfig
+from tests.support import RoleProcess, wait_until
+from tests.test_worker_apps import AppCloud, running_cloud
+
+pytestmark = pytest.mark.timeout(180)
+
+DOMAIN = "sites.test"
+
+APP = b"""
+import uuid
+
+VERSION = %s
+
+def app(environ, start_response):
+    path = environ["PATH_INFO"]
+    headers = [("Content-Type", "text/plain")]
+    if path == "/public":
+        headers.append(("Cache-Control", "public, max-age=60"))
+    elif path == "/short":
+        headers.append(("Cache-Control", "public, max-age=1"))
+    elif path == "/cookie":
+        headers += [("Cache-Control", "public, max-age=60"), ("Set-Cookie", "s=1")]
+    elif path == "/vary":
+        headers += [("Cache-Control", "public, max-age=60"), ("Vary", "Cookie")]
+    elif path == "/encoding":
+        headers += [("Cache-Control", "public, max-age=60"), ("Vary", "Accept-Encoding")]
+    elif path == "/private":
+        headers.append(("Cache-Control", "private, max-age=60"))
+    body = ("%%s %%s %%s" %% (VERSION, path, uuid.uuid4().hex)).encode()
+    headers.append(("Content-Length", str(len(body))))
+    start_response("200 OK", headers)
+    return [body]
+"""
+
+
+class Front:
+    def __init__(self, cloud: AppCloud, frontend: RoleProcess) -> None:
+        self.cloud = cloud
+        self.frontend = frontend
+
+    def get(self, path: str, **headers: str) -> tuple[int, bytes]:
+        ctx = self.cloud.pki.client_ssl(None)
+        port = int(self.frontend.config.https_port)  # type: ignore[attr-defined]
+        host = f"pyapp.{DOMAIN}"
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=20)
+        conn.sock = ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", port), timeout=20), server_hostname=host
+        )
+        try:
+            conn.request("GET", path, headers={"Host": host, **headers})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def figures(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.frontend.health().items() if k.startswith("cache_")}
+
+
+@pytest.fixture(scope="module")
+def front() -> Iterator[Front]:
+    with running_cloud(app_start_timeout=10.0, package_index_url="none") as cloud:
+        cloud.add_site("pyapp", runtime="python", entry="app:app")
+        cloud.publish("pyapp", {"app.py": APP % b"'v1'"})
+        wait_until(
+            lambda: (got := cloud.get("pyapp", "/x"))[0] == 200 and got[2].startswith(b"v1 /x"),
+            timeout=30,
+            what="the app to answer on the worker",
+        )
+        pki = cloud.pki
+        fe_config = pki.role_config(
+            FrontendConfig, "frontend", cloud.config.home.parent / "frontend", usage_interval=0.0
+        )
+        pki.ca.issue_wildcard(DOMAIN).write(fe_config.wildcard_key_file, fe_config.wildcard_cert_file)
+        frontend = RoleProcess(fe_config, pki).start()
+        try:
+            frontend.push_config(
+                {
+                    "version": 1,
+                    "domain": DOMAIN,
+                    "sites": {"pyapp": {"workers": [f"localhost:{cloud.config.data_port}"]}},
+                }
+            )
+            got = Front(cloud, frontend)
+            # The worker's version feed opens once the front end has an answer worth keeping.
+            wait_until(
+                lambda: got.get("/public")[0] == 200 and got.figures().get("cache_feeds_live", 0) >= 1,
+                timeout=15,
+                what="a live feed",
+            )
+            yield got
+        finally:
+            frontend.stop()
+
+
+def test_an_answer_the_app_says_is_public_is_not_asked_of_it_again_within_max_age(front: Front) -> None:
+    status, first = front.get("/public")
+    assert status == 200 and first.startswith(b"v1 /public ")
+    held = front.figures()["cache_held_hits"]
+    for _ in range(5):
+        assert front.get("/public") == (200, first)
+    assert front.figures()["cache_held_hits"] == held + 5
+    # A query is another target; credentials and conditionals always reach the app.
+    assert front.get("/public?page=2")[1] != first
+    assert front.get("/public", Authorization="Bearer x")[1] != first
+    assert front.get("/public", **{"If-None-Match": '"x"'})[1] != first
+    assert front.get("/public") == (200, first)
+
+
+def test_not_beyond_max_age(front: Front) -> None:
+    _, first = front.get("/short")
+    assert front.get("/short")[1] == first
+    time.sleep(1.2)
+    assert front.get("/short")[1] != first
+
+
+def test_never_one_that_sets_a_cookie_varies_by_more_or_is_private(front: Front) -> None:
+    for path in ("/cookie", "/vary", "/private", "/plain"):
+        first = front.get(path)[1]
+        assert front.get(path)[1] != first, path
+
+
+def test_an_answer_varying_by_accept_encoding_is_only_given_for_that_encoding(front: Front) -> None:
+    gzip = front.get("/encoding", **{"Accept-Encoding": "gzip"})[1]
+    assert front.get("/encoding", **{"Accept-Encoding": "gzip"})[1] == gzip
+    # Asked with another Accept-Encoding: the app answers (that answer is the one kept from then on).
+    other = front.get("/encoding", **{"Accept-Encoding": "br"})[1]
+    assert other != gzip
+    assert front.get("/encoding", **{"Accept-Encoding": "br"})[1] == other
+    assert front.get("/encoding")[1] not in (gzip, other)
+
+
+def test_a_publish_drops_a_kept_answer(front: Front) -> None:
+    _, first = front.get("/public")
+    assert front.get("/public")[1] == first
+    # A publish of anything in the site (here a static file): the app's kept answers go.
+    front.cloud.publish("pyapp", {"robots.txt": b"User-agent: *\n"})
+    body = wait_until(
+        lambda: (got := front.get("/public")[1]) != first and got,
+        timeout=20,
+        what="the kept answer to go after the publish",
+    )
+    assert body.startswith(b"v1 /public ")
+    # The new version's app code answers as soon as it is served.
+    front.cloud.publish("pyapp", {"app.py": APP % b"'v2'"})
+    body = wait_until(
+        lambda: (got := front.get("/public")[1]).startswith(b"v2") and got,
+        timeout=30,
+        what="the new app's answer",
+    )
+    for _ in range(3):
+        assert front.get("/public")[1] == body
