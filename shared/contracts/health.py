@@ -106,6 +106,9 @@ class FrontendFigures(RoleFigures):
     cache_bytes: Count | None = None
     cache_hits: Count | None = None
     cache_fills: Count | None = None
+    # Hits sent without asking the worker, and workers whose version feed is live (roles/frontend/_feed.py).
+    cache_held_hits: Count | None = None
+    cache_feeds_live: Count | None = None
 
 
 class WorkerFigures(RoleFigures):
