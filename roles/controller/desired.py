@@ -394,7 +394,17 @@ def snapshots_for(state: DesiredState) -> dict[int, dict[str, Any]]:
                 # How a site's address reads, for the publisher to tell a pusher where it went live.
                 "site_url": _site_url(state),
                 "sites": {
-                    s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, "users": s.users}
+                    s.name: {
+                        "uid": s.uid,
+                        "quota_bytes": s.quota_bytes,
+                        "users": s.users,
+                        # Whose logs a deploy follows, to show the pusher the site's build.
+                        "workers": [
+                            role.control_url_of(workers[w])
+                            for w in s.worker_ids
+                            if w in workers and role.reaches(workers[w])
+                        ],
+                    }
                     for s in state.sites
                 },
             }

@@ -30,6 +30,8 @@ class SiteInfo:
     uid: str
     quota_bytes: int
     users: Mapping[str, str]  # user -> scrypt hash
+    # Control URLs of the workers serving the site: a deploy follows its build in their logs.
+    workers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,14 @@ def _parse(snapshot: Mapping[str, Any]) -> _Snapshot:
             isinstance(u, str) and u and isinstance(h, str) for u, h in users.items()
         ):
             raise InvalidInput(f"site {name!r}: 'users' must map user names to password hashes")
-        sites[name] = SiteInfo(name, uid, quota, MappingProxyType(dict(users)))
+        workers = raw.get("workers", [])
+        if not isinstance(workers, list) or not all(
+            isinstance(w, str) and w.startswith("https://") for w in workers
+        ):
+            raise InvalidInput(f"site {name!r}: 'workers' must list 'https://<host>:<port>' URLs")
+        sites[name] = SiteInfo(
+            name, uid, quota, MappingProxyType(dict(users)), tuple(w.rstrip("/") for w in workers)
+        )
         for user in users:
             owners.setdefault(user, []).append(name)
     site_url = snapshot.get("site_url")
