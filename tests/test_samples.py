@@ -315,6 +315,8 @@ def test_a_git_push_shows_the_build_as_it_runs_and_ends_with_the_sites_url(
         remote[-1] == f"sitecloud: live at https://flask-pushed.{cloud.domain}:{cloud.ports['https_port']}/"
     )
     assert remote.index("requirements installed") > pip[-1], printed
+    # pip ran where the worker keeps the site's packages; none of the worker's paths reach the pusher.
+    assert not any("/apps" in line or str(cloud.home) in line for line in remote), printed
     # The push ended once the build was done: the site answers at once.
     status, _, body = cloud.get("flask-pushed", "/?name=Ada")
     assert status == 200 and b"Hello, Ada, from Flask" in body
