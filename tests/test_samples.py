@@ -46,13 +46,18 @@ def cloud(traversable_home: Path) -> Iterator[LocalCloud]:
         cloud.kill_everything()
 
 
-def _publish_sample(cloud: LocalCloud, name: str, folder: str) -> None:
-    """A new site with the sample's whole folder mirrored to it by FTP, as lftp `mirror -R` does."""
+def _new_site(cloud: LocalCloud, name: str) -> dict[str, Any]:
+    """A new site in the samplers' subscription (made by the first test that needs it)."""
     subs = cloud.cli("subscription", "list")["subscriptions"]
     sub = next((s for s in subs if s["tenant"] == "samplers"), None)
     if sub is None:
         sub = cloud.cli("subscription", "create", "--tenant", "samplers", "--plan", "samples")
-    site = cloud.cli("site", "create", name, "--subscription", str(sub["id"]))
+    return dict(cloud.cli("site", "create", name, "--subscription", str(sub["id"])))
+
+
+def _publish_sample(cloud: LocalCloud, name: str, folder: str) -> None:
+    """A new site with the sample's whole folder mirrored to it by FTP, as lftp `mirror -R` does."""
+    site = _new_site(cloud, name)
     ftp = ftplib.FTP()
     ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
     ftp.login(site["ftp"]["user"], site["ftp"]["password"])
@@ -228,11 +233,6 @@ def _skip_without(need: str) -> None:
         pytest.skip(why)
     if shutil.which("git") is None:
         pytest.skip("needs git (.ci/run installs it)")
-
-
-def _new_site(cloud: LocalCloud, name: str) -> dict[str, Any]:
-    sub = next(s for s in cloud.cli("subscription", "list")["subscriptions"] if s["tenant"] == "samplers")
-    return dict(cloud.cli("site", "create", name, "--subscription", str(sub["id"])))
 
 
 def _sample_zip(folder: str) -> bytes:

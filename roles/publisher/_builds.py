@@ -45,6 +45,8 @@ class BuildFollow:
         self._site = site
         self._log = log
         self._lines: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        # Whether a build was seen (a line, or a worker building): only then may lines be in flight.
+        self._built = False
         # With several workers each builds: their lines are told apart by the worker's address.
         self._streams = [asyncio.create_task(self._stream(url)) for url in site.workers]
 
@@ -80,7 +82,10 @@ class BuildFollow:
             self._log.info("cannot ask %s about the site's build: %s", url, exc)
             return None
         served = app.get("version") if isinstance(app, dict) else None
-        return isinstance(served, int) and served >= version and not app.get("building")
+        if isinstance(app, dict) and app.get("building"):
+            self._built = True
+            return False
+        return isinstance(served, int) and served >= version
 
     async def until_served(self, version: int, emit: Emit, *, timeout: float) -> bool:
         """Pass on the build's lines until every worker serves ``version`` built; False when the time
@@ -101,7 +106,10 @@ class BuildFollow:
                 continue
             with contextlib.suppress(TimeoutError):
                 source, text = await asyncio.wait_for(self._lines.get(), min(poll_at, deadline) - now)
+                self._built = True
                 await emit(source, text)
+        if not self._built and self._lines.empty():
+            return True
         settle_until = loop.time() + _SETTLE_MAX
         while (left := min(_SETTLE, settle_until - loop.time())) > 0:
             try:
