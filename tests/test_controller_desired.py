@@ -118,6 +118,8 @@ def test_each_role_gets_only_what_it_needs(tmp_path: Path) -> None:
 
     pub = by_kind["publisher"]["sites"]["alpha"]
     assert pub["users"] == {"alpha": "hash-alpha"} and pub["quota_bytes"] == 2 * 1024 * 1024
+    # The workers whose logs a deploy follows for the site's build: the two that serve it.
+    assert sorted(pub["workers"]) == ["https://h9002:9002", "https://h9003:9003"]
     fs = by_kind["fileserver"]["sites"]["beta"]
     assert set(fs) == {"uid", "quota_bytes", "keep_versions", "keep_days"}
     assert (fs["keep_versions"], fs["keep_days"]) == (20, 0)

@@ -46,13 +46,18 @@ def cloud(traversable_home: Path) -> Iterator[LocalCloud]:
         cloud.kill_everything()
 
 
-def _publish_sample(cloud: LocalCloud, name: str, folder: str) -> None:
-    """A new site with the sample's whole folder mirrored to it by FTP, as lftp `mirror -R` does."""
+def _new_site(cloud: LocalCloud, name: str) -> dict[str, Any]:
+    """A new site in the samplers' subscription (made by the first test that needs it)."""
     subs = cloud.cli("subscription", "list")["subscriptions"]
     sub = next((s for s in subs if s["tenant"] == "samplers"), None)
     if sub is None:
         sub = cloud.cli("subscription", "create", "--tenant", "samplers", "--plan", "samples")
-    site = cloud.cli("site", "create", name, "--subscription", str(sub["id"]))
+    return dict(cloud.cli("site", "create", name, "--subscription", str(sub["id"])))
+
+
+def _publish_sample(cloud: LocalCloud, name: str, folder: str) -> None:
+    """A new site with the sample's whole folder mirrored to it by FTP, as lftp `mirror -R` does."""
+    site = _new_site(cloud, name)
     ftp = ftplib.FTP()
     ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
     ftp.login(site["ftp"]["user"], site["ftp"]["password"])
@@ -230,11 +235,6 @@ def _skip_without(need: str) -> None:
         pytest.skip("needs git (.ci/run installs it)")
 
 
-def _new_site(cloud: LocalCloud, name: str) -> dict[str, Any]:
-    sub = next(s for s in cloud.cli("subscription", "list")["subscriptions"] if s["tenant"] == "samplers")
-    return dict(cloud.cli("site", "create", name, "--subscription", str(sub["id"])))
-
-
 def _sample_zip(folder: str) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -260,8 +260,8 @@ def _zipdeploy(cloud: LocalCloud, site: dict[str, Any], folder: str) -> None:
         assert resp.status == 200, resp.read()
 
 
-def _git_push(cloud: LocalCloud, site: dict[str, Any], folder: str, work: Path) -> None:
-    """The folder as a fresh repository, pushed to the site's git URL."""
+def _git_push(cloud: LocalCloud, site: dict[str, Any], folder: str, work: Path) -> str:
+    """The folder as a fresh repository, pushed to the site's git URL; what the push printed."""
     repo = work / "repo"
     shutil.copytree(SAMPLES / folder, repo)
     env = {
@@ -279,10 +279,11 @@ def _git_push(cloud: LocalCloud, site: dict[str, Any], folder: str, work: Path) 
         ("init", "-q", "-b", "main"),
         ("add", "-A"),
         ("commit", "-q", "-m", "the sample"),
-        ("push", "-q", remote, "main"),
+        ("push", remote, "main"),
     ):
         done = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, (args, done.stdout, done.stderr)
+    return done.stderr
 
 
 @pytest.mark.parametrize("folder", sorted(HOMES))
@@ -297,3 +298,55 @@ def test_each_sample_serves_after_a_zip_deploy_and_a_git_push(
     # Their packages were installed for the FTP copy already (same requirements: the same build).
     for site in (zipped["name"], pushed["name"]):
         _wait_for(cloud, site, path, needle, timeout=180)
+
+
+def test_a_git_push_shows_the_build_as_it_runs_and_ends_with_the_sites_url(
+    cloud: LocalCloud, tmp_path: Path
+) -> None:
+    _skip_without("pip")
+    site = _new_site(cloud, "flask-pushed")
+    printed = _git_push(cloud, site, "flask", tmp_path).splitlines()
+    remote = [line.removeprefix("remote: ").strip() for line in printed if line.startswith("remote: ")]
+    deployed = next(n for n, line in enumerate(remote) if line.startswith("sitecloud: deployed as version"))
+    pip = [n for n, line in enumerate(remote) if line.startswith(("Collecting ", "Successfully installed"))]
+    # pip's own lines, after the deploy and before the site's URL, which is the push's last word.
+    assert pip and deployed < pip[0] and any("Successfully installed" in remote[n] for n in pip), printed
+    assert (
+        remote[-1] == f"sitecloud: live at https://flask-pushed.{cloud.domain}:{cloud.ports['https_port']}/"
+    )
+    assert remote.index("requirements installed") > pip[-1], printed
+    # pip ran where the worker keeps the site's packages; none of the worker's paths reach the pusher.
+    assert not any("/apps" in line or str(cloud.home) in line for line in remote), printed
+    # The push ended once the build was done: the site answers at once.
+    status, _, body = cloud.get("flask-pushed", "/?name=Ada")
+    assert status == 200 and b"Hello, Ada, from Flask" in body
+
+
+def test_an_async_zip_deploy_completes_with_its_build_and_logs_it(cloud: LocalCloud) -> None:
+    _skip_without("pip")
+    site = _new_site(cloud, "flask-async")
+    base = urlsplit(site["deploy"]["url"])
+    auth = base64.b64encode(f"{site['ftp']['user']}:{site['ftp']['password']}".encode()).decode()
+    ctx = ssl.create_default_context(cafile=str(cloud.ca_file))
+
+    def call(url: str, data: bytes | None = None) -> tuple[int, Any]:
+        req = urllib.request.Request(url, data=data, headers={"Authorization": f"Basic {auth}"})
+        with urllib.request.urlopen(req, context=ctx, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+
+    status, started = call(f"https://{base.netloc}/api/zipdeploy?isAsync=true", _sample_zip("flask"))
+    assert status == 202 and started["complete"] is False, started
+
+    def finished() -> dict[str, Any] | None:
+        record: dict[str, Any] = call(started["url"])[1]
+        return record if record["complete"] else None
+
+    record = wait_until(finished, timeout=240, interval=0.5, what="the async deploy and its build")
+    assert record["status"] == 4, record
+    _, log = call(record["log_url"])
+    messages = [entry["message"] for entry in log]
+    assert messages[0].startswith("deployed as version"), messages
+    assert any(m.startswith("Successfully installed") for m in messages), messages
+    assert "requirements installed" in messages, messages
+    status, _, body = cloud.get("flask-async", "/?name=Ada")
+    assert status == 200 and b"Hello, Ada, from Flask" in body

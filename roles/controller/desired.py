@@ -354,10 +354,11 @@ def _quota_entry(stop: QuotaStop | None) -> dict[str, Any]:
     return {"quota_stop": {"what": stop.what, "limit": stop.limit, "unit": stop.unit, "until": until}}
 
 
-def _publisher_entry(site: DesiredSite, addresses: list[DesiredSite]) -> dict[str, Any]:
+def _publisher_entry(site: DesiredSite, addresses: list[DesiredSite], workers: list[str]) -> dict[str, Any]:
     """A site's content as the publisher sees it: publishing credentials go with the address, as
-    Azure's slot credentials do, so after a swap a slot's users write to what now answers the slot."""
-    entry: dict[str, Any] = {"uid": site.uid, "quota_bytes": site.quota_bytes}
+    Azure's slot credentials do, so after a swap a slot's users write to what now answers the slot.
+    ``workers``: control URLs of the workers holding it, whose logs a deploy follows for its build."""
+    entry: dict[str, Any] = {"uid": site.uid, "quota_bytes": site.quota_bytes, "workers": workers}
     entry["users"] = {user: hashed for a in addresses for user, hashed in a.users.items()}
     if [a.name for a in addresses] != [site.name]:
         entry["addresses"] = [a.name for a in addresses]
@@ -456,7 +457,18 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
                     "fileserver": fileserver_url,
                     # How a site's address reads, for the publisher to tell a pusher where it went live.
                     "site_url": _site_url(state),
-                    "sites": {s.name: _publisher_entry(s, addresses.get(s.name, [])) for s in state.sites},
+                    "sites": {
+                        s.name: _publisher_entry(
+                            s,
+                            addresses.get(s.name, []),
+                            [
+                                role.control_url_of(workers[w])
+                                for w in s.worker_ids
+                                if w in workers and role.reaches(workers[w])
+                            ],
+                        )
+                        for s in state.sites
+                    },
                 },
             )
         else:

@@ -9,7 +9,9 @@ the site; any error before that commit leaves the site as it was.
 
 Kudu's zip deploy names the site by the publishing user (``?site=`` or a ``<site>.scm.`` host name it
 too), answers 200 once the new version is committed, or with ``?isAsync=true`` 202 and a ``Location``
-to poll at ``GET /api/deployments/{id}`` (:mod:`roles.publisher._deployments`).
+to poll at ``GET /api/deployments/{id}`` (:mod:`roles.publisher._deployments`). An async deploy (and a
+git push) stays incomplete until the site's workers have built and serve the new version, and
+``GET /api/deployments/{id}/log`` lists the build's lines (:mod:`roles.publisher._builds`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import IO, Any
 
 from aiohttp import BasicAuth, web
 
+from roles.publisher._builds import BuildFollower, Emit
 from roles.publisher._deployments import Deployment, DeploymentLog
 from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import Credentials, SiteInfo, SiteTable
@@ -37,7 +40,7 @@ from shared.errors import (
     SitecloudError,
     Unauthorized,
 )
-from shared.internal import error_middleware, require_role
+from shared.internal import InternalClient, error_middleware, require_role
 from shared.logs import get_logger
 
 __all__ = ["DeployResult", "Deployer"]
@@ -89,6 +92,7 @@ class Deployer:
         self.deploys = 0
         self.deploys_refused = 0
         self.deployments = DeploymentLog()
+        self.builds = BuildFollower(InternalClient(ssl_context, timeout=10), self._log)
         self._background: set[asyncio.Task[None]] = set()
 
     # --- the doors
@@ -98,6 +102,7 @@ class Deployer:
         app.router.add_post("/api/deploy/{site}", self._public)
         app.router.add_post("/api/zipdeploy", self._zipdeploy)
         app.router.add_get("/api/deployments/{id}", self._deployment)
+        app.router.add_get("/api/deployments/{id}/log", self._deployment_log)
         app.router.add_routes(list(extra_routes))
         app.on_shutdown.append(self._drain)
         return app
@@ -127,7 +132,7 @@ class Deployer:
             raise InvalidInput(f"isAsync must be true or false, not {is_async!r}")
         if is_async == "false":
             _, record = await self._deploy_request(request, site, via="zip deploy", deployer="ZipDeploy")
-            return web.json_response(record.to_json(self._status_url(request, record)))
+            return web.json_response(self._record_json(request, record))
         # Kudu's async deploy: take the whole body now, answer 202 and deploy in the background.
         spool = tempfile.TemporaryFile(prefix="sitecloud-deploy-")  # noqa: SIM115 (closed by the task)
         try:
@@ -140,9 +145,9 @@ class Deployer:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         url = self._status_url(request, record)
-        return web.json_response(record.to_json(url), status=202, headers={"Location": url})
+        return web.json_response(self._record_json(request, record), status=202, headers={"Location": url})
 
-    async def _deployment(self, request: web.Request) -> web.Response:
+    async def _record(self, request: web.Request) -> Deployment:
         site = await self.authenticate(request, self._kudu_site(request))
         wanted = request.match_info["id"]
         record = self.deployments.get(site.name, wanted)
@@ -151,7 +156,13 @@ class Deployer:
                 f"no deployment {wanted!r} of site {site.name} on this publisher",
                 hint="use the Location a deploy answered with, or 'latest'",
             )
-        return web.json_response(record.to_json(self._status_url(request, record)))
+        return record
+
+    async def _deployment(self, request: web.Request) -> web.Response:
+        return web.json_response(self._record_json(request, await self._record(request)))
+
+    async def _deployment_log(self, request: web.Request) -> web.Response:
+        return web.json_response(self.deployments.log_of(await self._record(request)))
 
     def _kudu_site(self, request: web.Request) -> str | None:
         """The site a Kudu-style request names: ``?site=``, a ``<site>.scm.`` host, or else none (the
@@ -166,9 +177,12 @@ class Deployer:
         return None
 
     @staticmethod
-    def _status_url(request: web.Request, record: Deployment) -> str:
-        url = request.url.with_path(f"/api/deployments/{record.id}").with_query({"site": record.site})
-        return str(url)
+    def _status_url(request: web.Request, record: Deployment, suffix: str = "") -> str:
+        path = f"/api/deployments/{record.id}{suffix}"
+        return str(request.url.with_path(path).with_query({"site": record.site}))
+
+    def _record_json(self, request: web.Request, record: Deployment) -> dict[str, Any]:
+        return record.to_json(self._status_url(request, record), self._status_url(request, record, "/log"))
 
     @staticmethod
     def _author(request: web.Request) -> str:
@@ -224,7 +238,9 @@ class Deployer:
     async def _deploy_later(self, site: SiteInfo, spool: IO[bytes], size: int, record: Deployment) -> None:
         with spool:
             try:
-                await self.deploy_zip(site, spool, record, via="async zip deploy", size=size)
+                await self.deploy_zip(
+                    site, spool, record, via="async zip deploy", size=size, follow_build=True
+                )
             except SitecloudError:
                 pass  # recorded on the deployment, which the client polls
             except Exception:
@@ -235,36 +251,80 @@ class Deployer:
     async def _drain(self, _app: web.Application) -> None:
         if self._background:
             await asyncio.wait(self._background, timeout=30)
+        await self.builds.close()
 
     async def deploy_zip(
-        self, site: SiteInfo, spool: IO[bytes], record: Deployment, *, via: str, size: int
+        self,
+        site: SiteInfo,
+        spool: IO[bytes],
+        record: Deployment,
+        *,
+        via: str,
+        size: int,
+        follow_build: bool = False,
+        emit: Emit | None = None,
     ) -> DeployResult:
-        """Deploy the zip in ``spool`` as the whole site, recording the outcome on ``record``."""
+        """Deploy the zip in ``spool`` as the whole site, recording the outcome on ``record``. With
+        ``follow_build`` the record completes only once the site's workers serve the new version built,
+        and its lines (the build's among them) go to the record and to ``emit`` as they come."""
         log = self._log.bind(site=site.name)
-        async with self._slots:
-            self.deployments.running(record)
-            try:
-                answer, took = await asyncio.to_thread(self._apply, site, spool)
-            except SitecloudError as err:
-                self.deploys_refused += 1
-                log.warning("%s refused: %s", via, err)
-                self.deployments.finish(record, version=None, message=str(err))
-                raise
-            except BaseException:
-                self.deployments.finish(record, version=None, message="internal error")
-                raise
-        self.deploys += 1
-        self.deployments.finish(record, version=answer["version"], message=f"version {answer['version']}")
-        log.info(
-            "%s: %s bytes of zip deployed as version %s (%s files, %s bytes; uploaded in %.2f s, "
-            "committed in %.2f s)",
-            via,
-            size,
-            answer["version"],
-            answer["files"],
-            answer["bytes"],
-            *took,
-        )
+        started = time.monotonic()
+        # Opened before the commit: a worker may start building before the commit's answer is back.
+        follow = self.builds.open(site) if follow_build else None
+
+        async def tell(source: str, text: str) -> None:
+            self.deployments.note(record, text)
+            if emit is not None:
+                await emit(source, text)
+
+        try:
+            async with self._slots:
+                self.deployments.running(record)
+                try:
+                    answer, took = await asyncio.to_thread(self._apply, site, spool)
+                except SitecloudError as err:
+                    self.deploys_refused += 1
+                    log.warning("%s refused: %s", via, err)
+                    self.deployments.finish(record, version=None, message=str(err))
+                    raise
+                except BaseException:
+                    self.deployments.finish(record, version=None, message="internal error")
+                    raise
+            self.deploys += 1
+            log.info(
+                "%s: %s bytes of zip deployed as version %s (%s files, %s bytes; uploaded in %.2f s, "
+                "committed in %.2f s)",
+                via,
+                size,
+                answer["version"],
+                answer["files"],
+                answer["bytes"],
+                *took,
+            )
+            message = f"version {answer['version']}"
+            if follow is not None:
+                try:
+                    await tell(
+                        "deploy",
+                        f"deployed as version {answer['version']}: {answer['files']} files, "
+                        f"{answer['bytes']} bytes in {time.monotonic() - started:.2f}s",
+                    )
+                    built = await follow.until_served(
+                        answer["version"], tell, timeout=self._config.build_follow_seconds
+                    )
+                except (OSError, ConnectionError) as exc:
+                    # The deployer went away (a git client that hung up): the deploy stands.
+                    log.info("stopped following the build: %s", exc)
+                    built = True
+                if not built:
+                    message += "; its build was still going on when the publisher stopped following it"
+                    await tell(
+                        "deploy", f"the build goes on; follow it with 'sitecloud site logs {site.name}'"
+                    )
+        finally:
+            if follow is not None:
+                await follow.close()
+        self.deployments.finish(record, version=answer["version"], message=message)
         return answer
 
     async def _receive(self, request: web.Request, spool: IO[bytes]) -> int:

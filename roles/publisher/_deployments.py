@@ -3,7 +3,9 @@
 Kudu clients (the Azure CLI, GitHub's deploy actions, curl scripts) poll the ``Location`` of an async
 zip deploy and read ``status`` and ``complete``; the numbers below are Kudu's ``DeployStatus``. The
 records live in the publisher's memory, a few per site: they describe what this process did, and a
-restarted publisher starts with none (the fileserver's versions are the lasting history).
+restarted publisher starts with none (the fileserver's versions are the lasting history). A record
+keeps its deploy's lines (the build's among them) for ``/api/deployments/{id}/log``, as Kudu's
+``LogEntry`` list.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ __all__ = ["DeployStatus", "Deployment", "DeploymentLog"]
 
 # Records kept per site; older ones are forgotten first.
 _KEEP_PER_SITE = 20
+# Lines kept per record (the worker bounds a build's own lines too).
+_MAX_LINES = 2000
 
 
 class DeployStatus(enum.IntEnum):
@@ -46,12 +50,14 @@ class Deployment:
     start_time: str | None = None
     end_time: str | None = None
     version: int | None = None
+    # (UTC time, text) per line of the deploy and its build.
+    lines: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
         return self.status in (DeployStatus.FAILED, DeployStatus.SUCCESS)
 
-    def to_json(self, url: str) -> dict[str, Any]:
+    def to_json(self, url: str, log_url: str | None = None) -> dict[str, Any]:
         return {
             "id": self.id,
             "site_name": self.site,
@@ -67,6 +73,7 @@ class Deployment:
             "end_time": self.end_time,
             "version": self.version,
             "url": url,
+            "log_url": log_url,
         }
 
 
@@ -91,6 +98,20 @@ class DeploymentLog:
         with self._lock:
             record.status = DeployStatus.DEPLOYING
             record.start_time = _now()
+
+    def note(self, record: Deployment, text: str) -> None:
+        with self._lock:
+            if len(record.lines) < _MAX_LINES:
+                record.lines.append((_now(), text))
+
+    def log_of(self, record: Deployment) -> list[dict[str, Any]]:
+        """The record's lines as Kudu's ``/api/deployments/{id}/log`` lists them (type 0: a message)."""
+        with self._lock:
+            lines = list(record.lines)
+        return [
+            {"log_time": at, "id": f"{record.id}-{n}", "message": text, "type": 0, "details_url": None}
+            for n, (at, text) in enumerate(lines)
+        ]
 
     def finish(self, record: Deployment, *, version: int | None, message: str) -> None:
         with self._lock:

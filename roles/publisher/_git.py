@@ -23,7 +23,6 @@ import hashlib
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from aiohttp import BasicAuth, web
@@ -437,7 +436,13 @@ class GitDeploy:
             if response is not None:
                 await response.write(_progress(f"sitecloud: {line}\n"))
 
-        started = time.monotonic()
+        async def tell(source: str, text: str) -> None:
+            # The build's lines as pip or npm wrote them; the publisher's own ones marked as such.
+            if source == "deploy":
+                await say(text)
+            elif response is not None:
+                await response.write(_progress(f"{text}\n"))
+
         await say(f"deploying {new[:10]} ({branch}) to site {site.name}")
         record = self._deployer.deployments.start(site.name, deployer="git", author=f"git push to {branch}")
         try:
@@ -448,7 +453,9 @@ class GitDeploy:
                 if code != 0:
                     raise BadRequest(f"git archive failed: {out.decode(errors='replace').strip()}")
                 size = os.fstat(spool.fileno()).st_size
-                answer = await self._deployer.deploy_zip(site, spool, record, via="git push", size=size)
+                await self._deployer.deploy_zip(
+                    site, spool, record, via="git push", size=size, follow_build=True, emit=tell
+                )
         except SitecloudError as err:
             if not record.complete:
                 self._deployer.deployments.finish(record, version=None, message=str(err))
@@ -457,11 +464,6 @@ class GitDeploy:
             await say(f"deploy FAILED: {err}")
             await say(f"{branch} is back at {old[:10] if old else 'nothing'}; fix and push again")
             return
-        seconds = time.monotonic() - started
-        await say(
-            f"deployed as version {answer['version']}: {answer['files']} files, "
-            f"{answer['bytes']} bytes in {seconds:.2f}s"
-        )
         url = self._sites.site_url(site.address)
         await say(f"live at {url}" if url else f"site {site.address} is live")
 

@@ -32,6 +32,8 @@ class SiteInfo:
     users: Mapping[str, str]  # user -> scrypt hash
     # The site names (addresses) this content answers: its own, or after a slot swap the other one's.
     addresses: tuple[str, ...] = ()
+    # Control URLs of the workers serving the site: a deploy follows its build in their logs.
+    workers: tuple[str, ...] = ()
 
     @property
     def address(self) -> str:
@@ -62,7 +64,12 @@ def _table(snapshot: PublisherSnapshot) -> _Snapshot:
             if by_address.setdefault(address, name) != name:
                 raise InvalidInput(f"address {address!r} is claimed by {by_address[address]!r} and {name!r}")
         sites[name] = SiteInfo(
-            name, site.content_id, site.quota_bytes, MappingProxyType(dict(site.users)), tuple(addresses)
+            name,
+            site.content_id,
+            site.quota_bytes,
+            MappingProxyType(dict(site.users)),
+            tuple(addresses),
+            tuple(w.rstrip("/") for w in site.workers),
         )
         for user in site.users:
             owners.setdefault(user, []).append(name)

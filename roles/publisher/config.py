@@ -42,6 +42,9 @@ class PublisherConfig(RoleConfig):
     login_failures_per_address: int = 20
     login_failure_window: float = 300.0
     login_throttle_entries: int = 10_000
+    # Longest a git push or an async zip deploy follows the site's build on its workers (pip and npm
+    # may take up to ten minutes there).
+    build_follow_seconds: float = 660.0
 
     def __post_init__(self) -> None:
         if self.require_tls and not self.ftp_tls:
@@ -67,6 +70,7 @@ class PublisherConfig(RoleConfig):
             ("ftp_login_timeout", self.ftp_login_timeout),
             ("ftp_idle_timeout", self.ftp_idle_timeout),
             ("login_failure_window", self.login_failure_window),
+            ("build_follow_seconds", self.build_follow_seconds),
         ):
             if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, not {seconds!r}")

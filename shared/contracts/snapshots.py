@@ -396,6 +396,8 @@ class PublisherSite(SnapshotPart):
     # The site names (addresses) this content answers, when not just its own: after a slot swap, the
     # other slot's. Publishing credentials go with the address, as Azure's slot credentials do.
     addresses: list[SiteName] | None = None
+    # Control URLs of the workers serving the site: a deploy follows its build in their logs.
+    workers: list[Annotated[str, Field(pattern=r"^https://", max_length=2048)]] = Field(default_factory=list)
 
 
 class PublisherSnapshot(Snapshot):

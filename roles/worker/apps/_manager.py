@@ -445,7 +445,14 @@ class AppManager:
             raise NotFound(f"site {name!r} is not on this worker")
         app = self._sites.get(name)
         if app is None:
-            return {"site": name, "runtime": "static", "state": "static", "cpu_seconds": 0.0}
+            return {
+                "site": name,
+                "runtime": "static",
+                "version": self._static.get(name),
+                "state": "static",
+                "building": False,
+                "cpu_seconds": 0.0,
+            }
         inst = app.instance
         state = "running" if inst is not None and inst.alive else "starting" if app.starting else "idle"
         if state == "idle" and app.retry_at > time.monotonic():
@@ -459,6 +466,8 @@ class AppManager:
             "entry": app.entry,
             "version": app.version,
             "state": state,
+            # Installing its requirements.txt or package.json for this version.
+            "building": app.packages_task is not None and not app.packages_task.done(),
             "pid": inst.pid if inst is not None and inst.alive else None,
             "memory_bytes": inst.rss if inst is not None else 0,
             "cpu_seconds": round(self.cpu_seconds(app), 3),
@@ -504,6 +513,9 @@ class AppManager:
         if app.log is None:
             dirs = self._dirs(app)
             app.log = SiteLog(dirs.log / "app.log", self._config.app_log_bytes)
+            static = self._static_logs.get(app.name)
+            if static is not None:
+                static.hand_over(app.log)  # a follower of the site's log sees its build and app too
         return app.log
 
     def _dirs(self, app: AppSite) -> SiteDirs:
@@ -748,7 +760,11 @@ class AppManager:
             if owner is app:
                 inst.terminate(why)
         if app.log is not None:
-            app.log.close()
+            static = self.access_log(name) if why == "static" else None
+            if static is not None:
+                app.log.hand_over(static)  # the same site, served as static files now
+            else:
+                app.log.close()
 
     def _exited(self, inst: AppInstance, code: int) -> None:
         app = self._active.pop(inst, None)

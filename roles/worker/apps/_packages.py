@@ -126,7 +126,7 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
         sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
         "--no-cache-dir", "--only-binary=:all:", "--target", str(building),
         *(["--index-url", index_url] if index_url else []),
-        "--python-version", version, "-r", str(checked),
+        "--python-version", version, "-r", checked.name,
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -134,6 +134,8 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env=_pip_env(target.parent),
+        # Named relative to it, so pip's lines (which reach the deployer) show no path of the host.
+        cwd=target.parent,
     )
     status = await run_logged(proc, log, timeout=INSTALL_TIMEOUT)
     checked.unlink(missing_ok=True)

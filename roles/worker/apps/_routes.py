@@ -1,8 +1,10 @@
-"""Control-port endpoints about apps (mTLS; management and the controller may ask).
+"""Control-port endpoints about apps (mTLS; management and the controller may ask, and the publisher,
+which follows a deploy's build to show it to whoever deployed).
 
 ``GET /v1/sites/{site}/logs[?follow=1&lines=N]``: the site's app log as text lines; with ``follow``
 the response stays open and streams new lines until the caller goes away.
-``GET /v1/sites/{site}/app``: runtime, state, pid, memory, CPU seconds, starts and crashes.
+``GET /v1/sites/{site}/app``: runtime, version, state, whether it is building, pid, memory, CPU
+seconds, starts and crashes.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ __all__ = ["app_routes"]
 
 MAX_LINES = 10_000
 KEEPALIVE = 15.0
+# Both endpoints only read.
+_READERS = ("management", "controller", "publisher")
 
 
 def app_routes(manager: AppManager) -> list[web.RouteDef]:
     async def logs(request: web.Request) -> web.StreamResponse:
-        require_role(request, "management", "controller")
+        require_role(request, *_READERS)
         log = manager.log_for(request.match_info["site"])
         try:
             count = min(MAX_LINES, int(request.query.get("lines", "100")))
@@ -59,7 +63,7 @@ def app_routes(manager: AppManager) -> list[web.RouteDef]:
         return resp
 
     async def describe(request: web.Request) -> web.Response:
-        require_role(request, "management", "controller")
+        require_role(request, *_READERS)
         return web.json_response(manager.describe(request.match_info["site"]))
 
     return [web.get("/v1/sites/{site}/logs", logs), web.get("/v1/sites/{site}/app", describe)]

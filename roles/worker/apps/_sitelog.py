@@ -125,6 +125,13 @@ class SiteLog:
     def unfollow(self, queue: asyncio.Queue[str | None]) -> None:
         self._followers.discard(queue)
 
+    def hand_over(self, other: SiteLog) -> None:
+        """Followers go on with ``other``: the site turned from static to an app, or back, and its
+        lines are written there from now on."""
+        self.flush()
+        other._followers |= self._followers
+        self._followers = set()
+
     def close(self) -> None:
         """End every follower's stream (the site left this worker, or the worker stops)."""
         self.flush()

@@ -1,0 +1,139 @@
+"""A deploy's build, as whoever deployed sees it: the site's workers install its requirements.txt or
+package.json when the new version reaches them, and write pip's or npm's output to the site's log.
+
+A :class:`BuildFollow` opens each worker's log stream (``GET /v1/sites/{site}/logs?follow=1``, mTLS)
+before the deploy's commit, so no line is missed, and passes on the ``build`` and ``worker`` lines until
+every worker says (``GET /v1/sites/{site}/app``) it has the new version and is not building, or a time
+limit passes. A worker that cannot be reached is left out: the deploy itself has succeeded by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+
+from roles.publisher._sites import SiteInfo
+from shared.errors import NotFound, SitecloudError
+from shared.internal import InternalClient
+from shared.logs import ContextLogger
+
+__all__ = ["BuildFollow", "BuildFollower", "Emit"]
+
+# (source, text): "deploy" for the publisher's own lines, "build" or "worker" for the worker's.
+Emit = Callable[[str, str], Awaitable[None]]
+
+_SOURCES = frozenset({"build", "worker"})
+# A site log line: "<UTC time> [<source>] <text>".
+_LINE = re.compile(r"^\S+ \[(\w+)\] (.*)$")
+# How often each worker is asked whether it serves the new version.
+_POLL = 0.25
+# After the last worker is done, lines it wrote just before are still on their way: wait this long
+# without a new line (at most _SETTLE_MAX in all) before ending.
+_SETTLE = 0.3
+_SETTLE_MAX = 3.0
+
+
+class BuildFollow:
+    """One deploy's view of its site's workers; open it before the commit, close it after."""
+
+    def __init__(self, client: InternalClient, site: SiteInfo, log: ContextLogger) -> None:
+        self._client = client
+        self._site = site
+        self._log = log
+        self._lines: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        # Whether a build was seen (a line, or a worker building): only then may lines be in flight.
+        self._built = False
+        # With several workers each builds: their lines are told apart by the worker's address.
+        self._streams = [asyncio.create_task(self._stream(url)) for url in site.workers]
+
+    def _label(self, url: str) -> str:
+        return f"[{url.removeprefix('https://')}] " if len(self._site.workers) > 1 else ""
+
+    async def _stream(self, url: str) -> None:
+        label = self._label(url)
+        try:
+            async with self._client.session.get(
+                f"{url}/v1/sites/{self._site.name}/logs",
+                params={"follow": "1", "lines": "0"},
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            ) as resp:
+                if resp.status != 200:
+                    self._log.info("%s does not show the site's log (HTTP %s)", url, resp.status)
+                    return
+                async for raw in resp.content:
+                    found = _LINE.match(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                    if found and found[1] in _SOURCES:
+                        self._lines.put_nowait((found[1], label + found[2]))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._log.info("cannot follow the site's log on %s: %s", url, exc or type(exc).__name__)
+
+    async def _served(self, url: str, version: int) -> bool | None:
+        """Whether the worker serves ``version`` (or a later one) with its build done; None when the
+        worker cannot be asked."""
+        try:
+            app = await self._client.get_json(f"{url}/v1/sites/{self._site.name}/app")
+        except NotFound:
+            return False  # the site has not reached this worker yet
+        except SitecloudError as exc:
+            self._log.info("cannot ask %s about the site's build: %s", url, exc)
+            return None
+        served = app.get("version") if isinstance(app, dict) else None
+        if isinstance(app, dict) and app.get("building"):
+            self._built = True
+            return False
+        return isinstance(served, int) and served >= version
+
+    async def until_served(self, version: int, emit: Emit, *, timeout: float) -> bool:
+        """Pass on the build's lines until every worker serves ``version`` built; False when the time
+        ran out first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        waiting = set(self._site.workers)
+        poll_at = loop.time()
+        while waiting:
+            now = loop.time()
+            if now >= deadline:
+                return False
+            if now >= poll_at:
+                for url in sorted(waiting):
+                    if await self._served(url, version) is not False:
+                        waiting.discard(url)
+                poll_at = loop.time() + _POLL
+                continue
+            with contextlib.suppress(TimeoutError):
+                source, text = await asyncio.wait_for(self._lines.get(), min(poll_at, deadline) - now)
+                self._built = True
+                await emit(source, text)
+        if not self._built and self._lines.empty():
+            return True
+        settle_until = loop.time() + _SETTLE_MAX
+        while (left := min(_SETTLE, settle_until - loop.time())) > 0:
+            try:
+                source, text = await asyncio.wait_for(self._lines.get(), left)
+            except TimeoutError:
+                break
+            await emit(source, text)
+        return True
+
+    async def close(self) -> None:
+        for task in self._streams:
+            task.cancel()
+        await asyncio.gather(*self._streams, return_exceptions=True)
+
+
+class BuildFollower:
+    """Opens :class:`BuildFollow` s over one mTLS client of the publisher's."""
+
+    def __init__(self, client: InternalClient, log: ContextLogger) -> None:
+        self._client = client
+        self._log = log
+
+    def open(self, site: SiteInfo) -> BuildFollow:
+        return BuildFollow(self._client, site, self._log.bind(site=site.name))
+
+    async def close(self) -> None:
+        await self._client.close()
