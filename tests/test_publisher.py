@@ -27,6 +27,7 @@ import pytest
 from roles.fileserver.config import FileserverConfig
 from roles.publisher._sites import SiteTable
 from roles.publisher.config import PublisherConfig
+from shared.contracts.snapshots import PublisherSnapshot
 from shared.credentials import hash_password
 from shared.errors import InvalidInput
 from shared.net import free_port_range
@@ -485,17 +486,21 @@ def test_a_removed_site_stops_logging_in_and_config_survives_restart(cloud: Clou
 def test_the_snapshot_names_each_sites_workers_by_control_url() -> None:
     table = SiteTable()
     site = {"uid": "u1", "quota_bytes": 1, "workers": ["https://w1:9002/", "https://w2:9002"]}
-    table.apply({"version": 1, "fileserver": "https://fs:1", "sites": {"alpha": site}})
+    table.apply(
+        PublisherSnapshot.parse({"version": 1, "fileserver": "https://fs:1", "sites": {"alpha": site}})
+    )
     alpha = table.site("alpha")
     assert alpha is not None and alpha.workers == ("https://w1:9002", "https://w2:9002")
     # Without the field (an older controller) a site has none; a wrong one refuses the whole snapshot.
     table.apply(
-        {"version": 2, "fileserver": "https://fs:1", "sites": {"beta": {"uid": "u2", "quota_bytes": 1}}}
+        PublisherSnapshot.parse(
+            {"version": 2, "fileserver": "https://fs:1", "sites": {"beta": {"uid": "u2", "quota_bytes": 1}}}
+        )
     )
     beta = table.site("beta")
     assert beta is not None and beta.workers == ()
-    with pytest.raises(InvalidInput, match="'workers' must list"):
-        table.apply(
+    with pytest.raises(InvalidInput, match=r"workers\.0: String should match pattern"):
+        PublisherSnapshot.parse(
             {"version": 3, "fileserver": "https://fs:1", "sites": {"c": {**site, "workers": ["w1:9"]}}}
         )
     assert table.site("beta") is not None
