@@ -19,6 +19,7 @@ from roles.management import _models as m
 from roles.management._fabric_api import fabric_operations
 from roles.management._metering import parse_range, usage_csv
 from roles.management._openapi import (
+    BACKUP,
     HOSTNAME,
     PLAN,
     SITE,
@@ -451,6 +452,25 @@ async def zip_download(request: web.Request, who: Principal, name: str, version:
 async def site_version_zip(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
     return await zip_download(request, who, request.match_info["name"], int(request.match_info["version"]))
+
+
+async def site_backups(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).site_backups(who, request.match_info["name"]))
+
+
+async def site_backup_download(request: web.Request) -> web.StreamResponse:
+    who = await principal(request)
+    name = request.match_info["name"]
+    backup = await service_of(request).site_backup(who, name, request.match_info["backup"])
+    return web.FileResponse(
+        backup.path,
+        headers={
+            "Content-Type": "application/zip",
+            "Content-Disposition": f'attachment; filename="{name}-{backup.name}"',
+            **_NO_STORE,
+        },
+    )
 
 
 async def take_backup(request: web.Request) -> web.Response:
@@ -904,6 +924,26 @@ def operations() -> list[Operation]:
             content="application/zip",
             params=(SITE, VERSION),
             errors=(503,),
+        ),
+        op(
+            "GET",
+            "/sites/{name}/backups",
+            site_backups,
+            "list_site_backups",
+            "The site's scheduled backups (its plan's backup_every_seconds), oldest first",
+            "sites",
+            answer=m.SiteBackups,
+            params=site,
+        ),
+        op(
+            "GET",
+            "/sites/{name}/backups/{backup}",
+            site_backup_download,
+            "download_site_backup",
+            "One scheduled backup of the site: the zip of its content at that time",
+            "sites",
+            content="application/zip",
+            params=(SITE, BACKUP),
         ),
         op(
             "POST",
