@@ -320,8 +320,11 @@ class _PlanQuotas(BaseModel):
     keep_days: Annotated[int, Field(ge=0, le=KEEP_DAYS_MAX)] | None = Field(
         None, description="and every version of the last this many days (default 0)"
     )
-    # The lower bound (an hour unless the cloud sets SITECLOUD_BACKUP_MIN_SECONDS) is the service's.
-    backup_every_seconds: Annotated[int, Field(ge=0, le=BACKUP_EVERY_MAX)] | None = Field(
+    # Checked by the service alone, whose refusal names the cloud's floor (an hour unless the cloud
+    # sets SITECLOUD_BACKUP_MIN_SECONDS); the bounds here are for the document.
+    backup_every_seconds: (
+        Annotated[int, Field(json_schema_extra={"minimum": 0, "maximum": BACKUP_EVERY_MAX})] | None
+    ) = Field(
         None,
         description="write each site's current content as a zip this often (0: off, the default; "
         "else at least an hour unless the cloud allows less)",

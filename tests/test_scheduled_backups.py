@@ -1,0 +1,166 @@
+"""Scheduled backups as a plan option, end to end through `sitecloud up`: a plan's interval and count,
+each site's current content written as a zip on time, the last N kept, a tenant's list and download."""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roles.management.config import BACKUP_MIN_EVERY_ENV
+from tests.cloud import LocalCloud
+
+pytestmark = pytest.mark.timeout(300)
+
+# The test cloud allows intervals down to this; a production cloud's floor is an hour.
+MIN_EVERY = 2
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
+    cloud = LocalCloud(tmp_path_factory.mktemp("cloud") / "home")
+    with pytest.MonkeyPatch.context() as mp:
+        # Read by the controller as it writes management's config: the roles need not inherit it.
+        mp.setenv(BACKUP_MIN_EVERY_ENV, str(MIN_EVERY))
+        cloud.start()
+    try:
+        yield cloud
+    finally:
+        cloud.kill_everything()
+
+
+@pytest.fixture(scope="module")
+def tenant(cloud: LocalCloud) -> dict[str, Any]:
+    plan = cloud.cli(
+        "plan", "create", "backed", "--max-sites", "3", "--storage-mb", "5",
+        "--backup-every", f"{MIN_EVERY}s", "--backup-keep", "2",
+    )  # fmt: skip
+    assert (plan["backup_every_seconds"], plan["backup_keep"]) == (MIN_EVERY, 2), plan
+    tenant = cloud.cli("tenant", "create", "contoso")
+    sub = cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "backed")
+    return {**tenant, "subscription": sub["id"]}
+
+
+def _unzipped(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None
+        return {i.filename: zf.read(i) for i in zf.infolist()}
+
+
+def _backups(cloud: LocalCloud, token: str, site: str = "shop") -> dict[str, Any]:
+    answer: dict[str, Any] = cloud.cli("site", "backups", site, token=token)
+    return answer
+
+
+def _wait_for(what: str, check: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"after {timeout}s: no {what}"
+        time.sleep(0.5)
+
+
+def test_a_published_site_is_backed_up_on_schedule_with_its_bytes(
+    cloud: LocalCloud, tenant: dict[str, Any], tmp_path: Path
+) -> None:
+    token = tenant["token"]
+    cloud.cli("site", "create", "shop", "--subscription", str(tenant["subscription"]), token=token)
+    # Nothing published yet: nothing to back up, and the list says what the plan does.
+    empty = _backups(cloud, token)
+    assert empty == {"site": "shop", "every_seconds": MIN_EVERY, "every": "2s", "keep": 2, "backups": []}
+    tree = tmp_path / "site"
+    (tree / "img").mkdir(parents=True)
+    files = {"index.html": b"<h1>shop</h1>", "img/logo.svg": b"<svg/>" * 300}
+    for name, data in files.items():
+        (tree / name).write_bytes(data)
+    version = cloud.cli("deploy", "shop", str(tree), token=token)["version"]
+
+    backups = _wait_for(
+        "scheduled backup of the published version",
+        lambda: [b for b in _backups(cloud, token)["backups"] if b["version"] == version],
+    )
+    newest = backups[-1]
+    assert newest["name"].endswith(f"-v{version}.zip") and newest["bytes"] > 0, newest
+
+    target = tmp_path / "got.zip"
+    got = cloud.cli("site", "backup-download", "shop", newest["name"], "--to", str(target), token=token)
+    assert got["file"] == str(target) and got["backup"] == newest["name"], got
+    assert got["bytes"] == target.stat().st_size
+    assert _unzipped(target) == files
+
+    # Without a name: the newest one.
+    default = cloud.cli("site", "backup-download", "shop", "--to", str(tmp_path / "newest.zip"), token=token)
+    assert _unzipped(tmp_path / "newest.zip") == files, default
+
+    # Written whole under the management role's home, never a temporary left beside them.
+    folder = cloud.home / "roles" / "management" / "backups" / "shop"
+    on_disk = sorted(p.name for p in folder.iterdir())
+    assert on_disk and all(n.endswith(".zip") and not n.startswith(".") for n in on_disk), on_disk
+
+
+def test_only_the_last_n_are_kept(cloud: LocalCloud, tenant: dict[str, Any]) -> None:
+    token = tenant["token"]
+    first = _wait_for("two backups", lambda: [b["name"] for b in _backups(cloud, token)["backups"]][-2:])
+    # Every interval a new one; the older ones go, and never more than two remain once pruned.
+    later = _wait_for(
+        "two backups newer than the first two",
+        lambda: (
+            (names := [b["name"] for b in _backups(cloud, token)["backups"]])
+            and not set(names) & set(first)
+            and names
+        ),
+        timeout=40.0,
+    )
+    assert len(later) <= 3, later  # a new one may be listed just before the oldest goes
+    _wait_for("exactly two kept", lambda: len(_backups(cloud, token)["backups"]) == 2)
+    assert sorted(later) == later  # stamped names sort by time
+
+
+def test_another_tenant_cannot_see_or_fetch_them(cloud: LocalCloud, tenant: dict[str, Any]) -> None:
+    other = cloud.cli("tenant", "create", "fabrikam")
+    hidden = cloud.cli("site", "backups", "shop", check=False, token=other["token"])
+    assert hidden["error"]["code"] == "not_found", hidden
+    name = _backups(cloud, tenant["token"])["backups"][-1]["name"]
+    fetch = cloud.cli(
+        "site", "backup-download", "shop", name, "--to", "/dev/null", check=False, token=other["token"]
+    )
+    assert fetch["error"]["code"] == "not_found", fetch
+    bad = cloud.cli("site", "backup-download", "shop", "cloud.json", check=False, token=tenant["token"])
+    assert bad["error"]["code"] == "invalid_input" and "not a backup name" in bad["error"]["message"], bad
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--backup-every", "1s"), f"must be 0 (off) or from {MIN_EVERY} (2s) to 31622400 (366d)"),
+        (("--backup-every", "400d"), f"from {MIN_EVERY} (2s) to 31622400 (366d), not 34560000"),
+        (("--backup-every", "soon"), "'soon' is not an interval"),
+        (("--backup-keep", "0"), "backup_keep"),
+        (("--backup-keep", "101"), "backup_keep"),
+    ],
+)
+def test_bad_backup_settings_are_refused_clearly(
+    cloud: LocalCloud, tenant: dict[str, Any], args: tuple[str, ...], says: str
+) -> None:
+    answer = cloud.cli("plan", "update", "backed", *args, check=False)
+    assert answer["error"]["code"] == "invalid_input", answer
+    assert says in answer["error"]["message"], answer
+    plan = cloud.cli("plan", "show", "backed")
+    assert (plan["backup_every_seconds"], plan["backup_keep"]) == (MIN_EVERY, 2), plan
+
+
+def test_plan_shows_its_schedule_and_backups_can_be_turned_off(cloud: LocalCloud) -> None:
+    listed = {p["name"]: p for p in cloud.cli("plan", "list")["plans"]}
+    assert listed["backed"]["backup_every_seconds"] == MIN_EVERY
+    assert "every 2s, the last 2 kept" in cloud.cli_text("plan", "show", "backed")
+    off = cloud.cli("plan", "create", "plain", "--max-sites", "1", "--storage-mb", "1")
+    assert (off["backup_every_seconds"], off["backup_keep"]) == (0, 7), off
+    changed = cloud.cli("plan", "update", "plain", "--backup-every", "1d", "--backup-keep", "14")
+    assert (changed["backup_every_seconds"], changed["backup_keep"]) == (86400, 14), changed
+    assert "every 1d, the last 14 kept" in cloud.cli_text("plan", "show", "plain")
