@@ -157,11 +157,15 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
     admin.fill("#storage_mb", "50")
     admin.fill("#max_custom_hostnames", "1")
     admin.fill("#bandwidth_mb_per_day", "1024")
+    admin.fill("#backup_every", "1d")
+    admin.fill("#backup_keep", "3")
     admin.check("input[name=public]")
     submit(admin, "button:text-is('Create plan')")
     assert "Plan created." in admin.inner_text(".notice")
     assert "starter" in admin.inner_text("table")
     shot(admin, "admin-plans")
+    admin.goto(f"{portal}/admin/plans/starter")
+    assert (admin.input_value("#backup_every"), admin.input_value("#backup_keep")) == ("1d", "3")
 
     # -- a tenant signs up (without JavaScript), subscribes and creates a site
     tenant_ctx = browser.new_context(

@@ -3,15 +3,19 @@ each site's current content written as a zip on time, the last N kept, a tenant'
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from roles.management._site_backups import Due, ScheduledBackups
 from roles.management.config import BACKUP_MIN_EVERY_ENV
+from shared.logs import get_logger
 from tests.cloud import LocalCloud
 
 pytestmark = pytest.mark.timeout(300)
@@ -164,3 +168,53 @@ def test_plan_shows_its_schedule_and_backups_can_be_turned_off(cloud: LocalCloud
     changed = cloud.cli("plan", "update", "plain", "--backup-every", "1d", "--backup-keep", "14")
     assert (changed["backup_every_seconds"], changed["backup_keep"]) == (86400, 14), changed
     assert "every 1d, the last 14 kept" in cloud.cli_text("plan", "show", "plain")
+
+
+def test_the_schedule_follows_the_newest_file_across_restarts(tmp_path: Path) -> None:
+    """A management that starts again takes the next backup when the newest file says, not at once."""
+    taken: list[int] = []
+
+    async def schedule() -> tuple[list[Due], set[str]]:
+        return [Due("blog", 3600, 2)], {"blog"}
+
+    async def newest(site: str) -> int | None:
+        return 7
+
+    async def zip_of(site: str, version: int) -> AsyncIterator[bytes]:
+        taken.append(version)
+        yield b"PK-zip-bytes"
+
+    def backups() -> ScheduledBackups:
+        return ScheduledBackups(
+            tmp_path, min_every=3600, schedule=schedule, newest_version=newest, zip_of=zip_of,
+            log=get_logger("management", host="test"),
+        )  # fmt: skip
+
+    folder = tmp_path / "blog"
+    folder.mkdir()
+    recent = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+    (folder / f"{recent:%Y%m%dT%H%M%SZ}-v6.zip").write_bytes(b"old")
+    (folder / ".20200101T000000Z-v1.zip.part").write_bytes(b"half")  # a write cut short
+    asyncio.run(backups().run_once())
+    assert taken == []  # not due: ten minutes of an hour
+    assert sorted(p.name for p in folder.iterdir()) == [f"{recent:%Y%m%dT%H%M%SZ}-v6.zip"]
+
+    stale = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+    (folder / f"{recent:%Y%m%dT%H%M%SZ}-v6.zip").rename(folder / f"{stale:%Y%m%dT%H%M%SZ}-v6.zip")
+    (folder / "20200101T000000Z-v1.zip").write_bytes(b"oldest")
+    asyncio.run(backups().run_once())
+    assert taken == [7]
+    names = [b.name for b in backups().of_site("blog")]
+    # Two kept: the stale one and the new one; the oldest went.
+    assert len(names) == 2 and names[0] == f"{stale:%Y%m%dT%H%M%SZ}-v6.zip" and names[1].endswith("-v7.zip")
+    assert (folder / names[1]).read_bytes() == b"PK-zip-bytes"
+
+    # A site that is gone takes its backups along.
+    async def nothing() -> tuple[list[Due], set[str]]:
+        return [], set()
+
+    ScheduledBackups(
+        tmp_path, min_every=3600, schedule=nothing, newest_version=newest, zip_of=zip_of,
+        log=get_logger("management", host="test"),
+    ).sweep(set())  # fmt: skip
+    assert not folder.exists()

@@ -495,6 +495,7 @@ class SiteBackups(Answer):
     every: str = Field(description="the same, for people: 1d, 6h, 30m or off")
     keep: int = Field(description="how many the site keeps, the newest")
     backups: list[SiteBackup] = Field(description="oldest first")
+    next_cursor: NextCursor = None
 
 
 class Rollback(Body):

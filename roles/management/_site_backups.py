@@ -161,7 +161,8 @@ class ScheduledBackups:
             except FileNotFoundError:
                 continue  # pruned meanwhile
             found.append(BackupFile(path.name, site, parsed[1], parsed[0], size, path))
-        return sorted(found, key=lambda b: (b.created, b.version))
+        # Stamped names sort by time; the API pages by name too.
+        return sorted(found, key=lambda b: b.name)
 
     def find(self, site: str, name: str) -> BackupFile:
         """One backup by its file name (as listed); anything else is refused before a path is made."""

@@ -456,7 +456,10 @@ async def site_version_zip(request: web.Request) -> web.StreamResponse:
 
 async def site_backups(request: web.Request) -> web.Response:
     who = await principal(request)
-    return web.json_response(await service_of(request).site_backups(who, request.match_info["name"]))
+    _, page = page_of(request, m.ListQuery)
+    answer = await service_of(request).site_backups(who, request.match_info["name"])
+    backups, cursor = paged(answer["backups"], lambda b: str(b["name"]), page, str)
+    return web.json_response({**answer, "backups": backups, "next_cursor": cursor})
 
 
 async def site_backup_download(request: web.Request) -> web.StreamResponse:
@@ -933,6 +936,7 @@ def operations() -> list[Operation]:
             "The site's scheduled backups (its plan's backup_every_seconds), oldest first",
             "sites",
             answer=m.SiteBackups,
+            query=m.ListQuery,
             params=site,
         ),
         op(

@@ -506,7 +506,7 @@ def _show_backups(answer: Any, a: argparse.Namespace) -> None:
 def _site_backup_download(a: argparse.Namespace, api: ApiClient) -> Any:
     name = a.backup
     if name is None:
-        backups = api.request("GET", api.path("sites", a.name, "backups"))["backups"]
+        backups = api.list_all(api.path("sites", a.name, "backups"), "backups")["backups"]
         if not backups:
             raise NotFound(f"site {a.name} has no scheduled backups yet", hint="see its plan's backups")
         name = backups[-1]["name"]
@@ -1271,7 +1271,7 @@ def _parser() -> argparse.ArgumentParser:
         site,
         "backups",
         "list a site's scheduled backups (its plan says how often and how many)",
-        get("sites", "{a.name}", "backups"),
+        every("backups", "sites", "{a.name}", "backups"),
         _show_backups,
     )
     sp.add_argument("name")
