@@ -194,6 +194,8 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
     assert len(password) >= 16 and "shown only this once" in tenant.inner_text(".secret")
     assert "Site created." in tenant.inner_text(".notice")
     shot(tenant, "tenant-site-created")
+    backups = tenant.locator("section", has=tenant.locator("#backups-h")).inner_text()
+    assert "every 1d and keeps the last 3" in backups, backups
     # A reload asks for the page again, not the form: no second site, and the password is gone.
     tenant.reload()
     assert tenant.locator(".secret").count() == 0 and tenant.locator(".alert").count() == 0

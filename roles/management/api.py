@@ -47,7 +47,7 @@ from roles.management._store import require_admin
 from roles.management.service import Principal
 from shared.version import CODE_VERSION
 
-__all__ = ["RESET_PATH", "api_routes", "operations", "reset_url", "zip_download"]
+__all__ = ["RESET_PATH", "api_routes", "backup_download", "operations", "reset_url", "zip_download"]
 
 # The portal page a password reset link opens (its token follows).
 RESET_PATH = "/reset-password"
@@ -464,8 +464,14 @@ async def site_backups(request: web.Request) -> web.Response:
 
 async def site_backup_download(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
-    name = request.match_info["name"]
-    backup = await service_of(request).site_backup(who, name, request.match_info["backup"])
+    return await backup_download(request, who, request.match_info["name"], request.match_info["backup"])
+
+
+async def backup_download(
+    request: web.Request, who: Principal, name: str, backup_name: str
+) -> web.StreamResponse:
+    """A scheduled backup as a zip download (the API's and the portal's)."""
+    backup = await service_of(request).site_backup(who, name, backup_name)
     return web.FileResponse(
         backup.path,
         headers={
