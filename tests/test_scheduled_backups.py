@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text
 
 from roles.management._site_backups import Due, ScheduledBackups
 from roles.management.config import BACKUP_MIN_EVERY_ENV
+from shared.db.session import _MIGRATIONS, Database
 from shared.logs import get_logger
 from tests.cloud import LocalCloud
+from tests.postgres import postgres_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -218,3 +223,44 @@ def test_the_schedule_follows_the_newest_file_across_restarts(tmp_path: Path) ->
         log=get_logger("management", host="test"),
     ).sweep(set())  # fmt: skip
     assert not folder.exists()
+
+
+def _upgrade_from_0011(db: Database) -> list[tuple[str, int, int]]:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.attributes["engine"] = db.engine
+    command.upgrade(cfg, "0011")
+    with db.engine.begin() as c:
+        c.execute(text("insert into plans (name, max_sites, storage_mb) values ('old', 1, 10)"))
+        c.execute(text("insert into tenants (name) values ('t')"))
+        c.execute(
+            text(
+                "insert into subscriptions (tenant_id, plan_id, state, verification_id) values (1, 1, 'active', 'x')"
+            )
+        )
+    command.upgrade(cfg, "head")
+    with db.engine.begin() as c:
+        rows = c.execute(text("select name, backup_every_seconds, backup_keep from plans")).all()
+    # Down and up again keeps the plan and what refers to it.
+    command.downgrade(cfg, "0011")
+    command.upgrade(cfg, "head")
+    with db.engine.begin() as c:
+        assert c.execute(text("select count(*) from subscriptions")).scalar_one() == 1
+    return [tuple(r) for r in rows]
+
+
+def test_the_migration_adds_backups_off_to_existing_plans_on_sqlite(tmp_path: Path) -> None:
+    db = Database.sqlite(tmp_path / "old.db")
+    try:
+        assert _upgrade_from_0011(db) == [("old", 0, 7)]
+    finally:
+        db.dispose()
+
+
+def test_the_migration_adds_backups_off_to_existing_plans_on_postgresql() -> None:
+    with postgres_server() as url:
+        db = Database(url)
+        try:
+            assert _upgrade_from_0011(db) == [("old", 0, 7)]
+        finally:
+            db.dispose()
