@@ -107,6 +107,15 @@ def test_a_published_site_is_backed_up_on_schedule_with_its_bytes(
     default = cloud.cli("site", "backup-download", "shop", "--to", str(tmp_path / "newest.zip"), token=token)
     assert _unzipped(tmp_path / "newest.zip") == files, default
 
+    # Put back: after a new deploy, the backup's content is the site's again, as a new version.
+    (tree / "index.html").write_bytes(b"<h1>broken</h1>")
+    broken = cloud.cli("deploy", "shop", str(tree), token=token)["version"]
+    cloud.wait_for_content("shop", "/", b"<h1>broken</h1>")
+    restored = cloud.cli("site", "backup-restore", "shop", newest["name"], token=token)
+    assert restored["restored"] == newest["name"] and restored["version"] > broken, restored
+    cloud.wait_for_content("shop", "/", files["index.html"])
+    assert "scheduled backup " + newest["name"] + " written" in cloud.role_logs()
+
     # Written whole under the management role's home, never a temporary left beside them.
     folder = cloud.home / "roles" / "management" / "backups" / "shop"
     on_disk = sorted(p.name for p in folder.iterdir())

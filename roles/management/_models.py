@@ -597,6 +597,10 @@ class Deployed(Answer):
     bytes: int | None = None
 
 
+class BackupRestored(Deployed):
+    restored: str = Field(description="the scheduled backup now the site's content")
+
+
 class AppSettings(Answer):
     site: str
     settings: dict[str, str]

@@ -467,6 +467,14 @@ async def site_backup_download(request: web.Request) -> web.StreamResponse:
     return await backup_download(request, who, request.match_info["name"], request.match_info["backup"])
 
 
+async def restore_site_backup(request: web.Request) -> web.Response:
+    who = await principal(request)
+    answer = await service_of(request).restore_site_backup(
+        who, request.match_info["name"], request.match_info["backup"]
+    )
+    return web.json_response(answer)
+
+
 async def backup_download(
     request: web.Request, who: Principal, name: str, backup_name: str
 ) -> web.StreamResponse:
@@ -954,6 +962,17 @@ def operations() -> list[Operation]:
             "sites",
             content="application/zip",
             params=(SITE, BACKUP),
+        ),
+        op(
+            "POST",
+            "/sites/{name}/backups/{backup}/restore",
+            restore_site_backup,
+            "restore_site_backup",
+            "Put a scheduled backup's content back as the site's newest version (as a web deploy of it)",
+            "sites",
+            answer=m.BackupRestored,
+            params=(SITE, BACKUP),
+            errors=(413, 503),
         ),
         op(
             "POST",

@@ -1285,6 +1285,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("backup", nargs="?", help="the backup's name (see site backups)")
     sp.add_argument("--to", help="file to write (default NAME-BACKUP)")
+    sp = leaf(
+        site,
+        "backup-restore",
+        "put a scheduled backup's content back as the site's newest version",
+        post("sites", "{a.name}", "backups", "{a.backup}", "restore"),
+        _done("{a.name} restored from backup {a.backup} (now version {answer[version]})"),
+    )
+    sp.add_argument("name")
+    sp.add_argument("backup", help="the backup's name (see site backups)")
     sp = leaf(site, "logs", "show a site's app output and access lines", _site_logs, _show_logs)
     sp.add_argument("name")
     sp.add_argument("-f", "--follow", action="store_true", help="keep streaming new lines (Ctrl-C stops)")

@@ -563,6 +563,24 @@ class ManagementService:
         await self._read(self._store.check_site, who, name)
         return await asyncio.to_thread(self._backups.find, name, backup)
 
+    async def restore_site_backup(self, who: Principal, name: str, backup: str) -> Json:
+        """Put a scheduled backup's content back as the site's newest version (a web deploy of it)."""
+        found = await self.site_backup(who, name, backup)
+        f = await asyncio.to_thread(found.path.open, "rb")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while chunk := await asyncio.to_thread(f.read, 256 * 1024):
+                yield chunk
+
+        try:
+            answer = await self.deploy(who, name, chunks())
+        finally:
+            f.close()
+        self._log.bind(tenant=who.tenant, site=name).info(
+            "scheduled backup %s restored as version %s", backup, answer.get("version")
+        )
+        return {**answer, "restored": backup}
+
     async def rollback_site(self, who: Principal, name: str, version: int | None) -> Json:
         """Make an earlier version the site's content again, as a new version (every worker flips to it);
         ``version`` None: the one before the newest."""
