@@ -196,7 +196,8 @@ class ScheduledBackups:
                 continue
             try:
                 await self._take(due, now)
-            except SitecloudError as exc:
+            except (SitecloudError, OSError) as exc:
+                # One site's failure (fileserver away, disk full) leaves the others' backups be.
                 self._log.bind(site=due.site).warning("scheduled backup not taken: %s", exc)
 
     def sweep(self, existing: set[str]) -> None:
