@@ -118,7 +118,7 @@ def test_the_4xx_each_operation_answers_are_documented(
         path = path.replace("{hostname}", "nothing.example.com").replace("{role}", "worker")
         path = path.replace("{host}", "nothing.example.com").replace("{action}", "restart")
         path = path.replace("{name}", "nothing-here").replace("{username}", "nobody")
-        path = path.replace("{slot}", "staging")
+        path = path.replace("{slot}", "staging").replace("{backup}", "20260101T000000Z-v1.zip")
         if not op.public:
             assert _probe(cloud, op.method, path, None) == 401, path
             assert "401" in documented, path

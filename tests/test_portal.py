@@ -157,11 +157,15 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
     admin.fill("#storage_mb", "50")
     admin.fill("#max_custom_hostnames", "1")
     admin.fill("#bandwidth_mb_per_day", "1024")
+    admin.fill("#backup_every", "1d")
+    admin.fill("#backup_keep", "3")
     admin.check("input[name=public]")
     submit(admin, "button:text-is('Create plan')")
     assert "Plan created." in admin.inner_text(".notice")
     assert "starter" in admin.inner_text("table")
     shot(admin, "admin-plans")
+    admin.goto(f"{portal}/admin/plans/starter")
+    assert (admin.input_value("#backup_every"), admin.input_value("#backup_keep")) == ("1d", "3")
 
     # -- a tenant signs up (without JavaScript), subscribes and creates a site
     tenant_ctx = browser.new_context(
@@ -190,6 +194,8 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
     assert len(password) >= 16 and "shown only this once" in tenant.inner_text(".secret")
     assert "Site created." in tenant.inner_text(".notice")
     shot(tenant, "tenant-site-created")
+    backups = tenant.locator("section", has=tenant.locator("#backups-h")).inner_text()
+    assert "every 1d and keeps the last 3" in backups, backups
     # A reload asks for the page again, not the form: no second site, and the password is gone.
     tenant.reload()
     assert tenant.locator(".secret").count() == 0 and tenant.locator(".alert").count() == 0

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from roles.controller.config import CloudConfig
 from roles.fileserver.config import FileserverConfig
 from roles.frontend.config import FrontendConfig
-from roles.management.config import ManagementConfig
+from roles.management.config import ManagementConfig, backup_min_every_from_env
 from roles.publisher.config import PublisherConfig
 from roles.worker.config import WorkerConfig
 from shared.config import RoleConfig, write_role_config
@@ -213,6 +213,7 @@ class CloudHome:
                 ftp_port=c.ftp_port,
                 deploy_url=f"https://{c.public_host}:{c.deploy_port}",
                 publisher_url=f"https://localhost:{ports['publisher']}",
+                backup_min_every=backup_min_every_from_env(),
             )
         raise ValueError(f"unknown role {kind!r}")
 
@@ -315,6 +316,7 @@ class CloudHome:
                 ftp_port=c.ftp_port,
                 deploy_url=f"https://{host}:{c.deploy_port}",
                 publisher_url=publisher_url,
+                backup_min_every=backup_min_every_from_env(),
             )
         raise ValueError(f"unknown role {kind!r}")
 

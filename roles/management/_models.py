@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, Va
 from roles.management._accounts import MAX_PASSWORD, MIN_PASSWORD
 from roles.management._fabric import FABRICS, KINDS
 from roles.management._paging import DEFAULT_LIMIT, MAX_LIMIT
+from roles.management._site_backups import BACKUP_EVERY_MAX, BACKUP_KEEP_MAX
 from roles.management._store import (
     COMPUTE_MODES,
     COUNT_MAX,
@@ -319,6 +320,18 @@ class _PlanQuotas(BaseModel):
     keep_days: Annotated[int, Field(ge=0, le=KEEP_DAYS_MAX)] | None = Field(
         None, description="and every version of the last this many days (default 0)"
     )
+    # Checked by the service alone, whose refusal names the cloud's floor (an hour unless the cloud
+    # sets SITECLOUD_BACKUP_MIN_SECONDS); the bounds here are for the document.
+    backup_every_seconds: (
+        Annotated[int, Field(json_schema_extra={"minimum": 0, "maximum": BACKUP_EVERY_MAX})] | None
+    ) = Field(
+        None,
+        description="write each site's current content as a zip this often (0: off, the default; "
+        "else at least an hour unless the cloud allows less)",
+    )
+    backup_keep: Annotated[int, Field(ge=1, le=BACKUP_KEEP_MAX)] | None = Field(
+        None, description="scheduled backups each site keeps, the newest (default 7)"
+    )
 
 
 class PlanCreate(Body, _PlanQuotas):
@@ -355,6 +368,8 @@ class Plan(Quotas):
     retired: bool
     keep_versions: int = Field(description="content versions each site keeps at least")
     keep_days: int = Field(description="and every version of the last this many days")
+    backup_every_seconds: int = Field(0, description="scheduled backups of each site this often; 0: off")
+    backup_keep: int = Field(7, description="scheduled backups each site keeps")
     subscriptions: int = Field(0, description="how many subscriptions use it (admins)")
 
 
@@ -465,6 +480,24 @@ class SiteVersions(Answer):
     next_cursor: NextCursor = None
 
 
+class SiteBackup(Answer):
+    name: str = Field(description="the backup's file name: <UTC stamp>-v<version>.zip")
+    version: int = Field(description="the content version it holds")
+    created_at: str = Field(
+        description="when it was written (UTC)", json_schema_extra={"format": "date-time"}
+    )
+    bytes: int
+
+
+class SiteBackups(Answer):
+    site: str
+    every_seconds: int = Field(description="the plan's interval; 0: scheduled backups are off")
+    every: str = Field(description="the same, for people: 1d, 6h, 30m or off")
+    keep: int = Field(description="how many the site keeps, the newest")
+    backups: list[SiteBackup] = Field(description="oldest first")
+    next_cursor: NextCursor = None
+
+
 class Rollback(Body):
     what = "rollback"
     version: Annotated[int, Field(ge=1, description="default: the one before the newest")] | None = None
@@ -562,6 +595,10 @@ class Deployed(Answer):
     version: int
     files: int | None = None
     bytes: int | None = None
+
+
+class BackupRestored(Deployed):
+    restored: str = Field(description="the scheduled backup now the site's content")
 
 
 class AppSettings(Answer):

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from roles.management._models import Error, Progress, Query
+from roles.management._site_backups import BACKUP_NAME_PATTERN
 from shared.names import (
     HOSTNAME_MAX,
     NAME_MAX,
@@ -29,6 +30,7 @@ from shared.names import (
 from shared.version import CODE_VERSION
 
 __all__ = [
+    "BACKUP",
     "HOST",
     "HOSTNAME",
     "PLAN",
@@ -87,6 +89,11 @@ TENANT = Param(
     "name", {"type": "string", "minLength": 1, "maxLength": NAME_MAX, "pattern": NAME_PATTERN}, "tenant name"
 )
 VERSION = Param("version", _ID, "content version number (see the site's versions)")
+BACKUP = Param(
+    "backup",
+    {"type": "string", "pattern": BACKUP_NAME_PATTERN},
+    "a scheduled backup's name (see the site's backups)",
+)
 USER = Param("username", {"type": "string", "minLength": 1, "maxLength": NAME_MAX}, "user name")
 
 

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, joinedload, object_session, selectinload
 from roles.management._certs import describe, load_certificate
 from roles.management._domains import check_ownership, parse_resolvers, records_to_create
 from roles.management._paging import Page, paged
+from roles.management._site_backups import BACKUP_KEEP_MAX, Due, check_backup_every
 from roles.management.config import ManagementConfig
 from shared import appsettings
 from shared.acme import BACKOFF_FIRST, AcmeSettings
@@ -175,10 +176,12 @@ _PLAN_FIELDS = {
     "retired",
     "keep_versions",
     "keep_days",
+    "backup_every_seconds",
+    "backup_keep",
 }
 
 
-def _apply_plan_fields(plan: Plan, body: Json) -> None:
+def _apply_plan_fields(plan: Plan, body: Json, *, backup_min_every: int) -> None:
     """Validate and set the quota fields present in ``body`` (create and update share this)."""
     for key in ("max_sites", "max_custom_hostnames"):
         if key in body:
@@ -202,6 +205,10 @@ def _apply_plan_fields(plan: Plan, body: Json) -> None:
         )
     if "keep_days" in body:
         plan.keep_days = _int(body["keep_days"], "keep_days", minimum=0, maximum=KEEP_DAYS_MAX)
+    if "backup_every_seconds" in body:
+        plan.backup_every_seconds = check_backup_every(body["backup_every_seconds"], backup_min_every)
+    if "backup_keep" in body:
+        plan.backup_keep = _int(body["backup_keep"], "backup_keep", minimum=1, maximum=BACKUP_KEEP_MAX)
     for key in ("always_on", "public", "retired"):
         if key in body:
             setattr(plan, key, _bool(body[key], key))
@@ -237,6 +244,8 @@ def _plan_json(plan: Plan, subscriptions: int = 0) -> Json:
         "retired": plan.retired,
         "keep_versions": plan.keep_versions,
         "keep_days": plan.keep_days,
+        "backup_every_seconds": plan.backup_every_seconds,
+        "backup_keep": plan.backup_keep,
         "subscriptions": subscriptions,
     }
 
@@ -295,8 +304,10 @@ class Store:
             retired=False,
             keep_versions=20,
             keep_days=0,
+            backup_every_seconds=0,
+            backup_keep=7,
         )
-        _apply_plan_fields(plan, body)
+        _apply_plan_fields(plan, body, backup_min_every=self._config.backup_min_every)
         with self._write_lock, self._db.session() as s:
             if s.execute(select(Plan.id).where(Plan.name == name)).first():
                 raise AlreadyExists(f"plan {name!r} already exists")
@@ -339,7 +350,7 @@ class Store:
         _only(body, _PLAN_FIELDS - {"name"}, "plan update")
         with self._write_lock, self._db.session() as s:
             plan = self._plan(s, name)
-            _apply_plan_fields(plan, body)
+            _apply_plan_fields(plan, body, backup_min_every=self._config.backup_min_every)
             s.flush()
             bump_generation(s)
             return _plan_json(plan, self._subscription_counts(s).get(plan.id, 0))
@@ -686,6 +697,11 @@ class Store:
         with self._db.session() as s:
             site = self._visible_site(s, who, name)
             return self.site_json(site)
+
+    def site_plan(self, who: Principal, name: str) -> Json:
+        """The plan of a site ``who`` may see."""
+        with self._db.session() as s:
+            return _plan_json(self._visible_site(s, who, name).subscription.plan)
 
     def check_site(self, who: Principal, name: str) -> None:
         """Raise NotFound unless ``who`` may act on site ``name``."""
@@ -1312,6 +1328,19 @@ class Store:
                 select(Role.control_port, Host.name, Host.address).join(Host).where(Role.kind == "fileserver")
             )
             return [f"https://{address or name}:{port}" for port, name, address in rows]
+
+    def backup_schedule(self) -> tuple[list[Due], set[str]]:
+        """The sites whose plan has scheduled backups on, and the names of every site there is."""
+        with self._db.session() as s:
+            names = set(s.scalars(select(Site.name)))
+            rows = s.execute(
+                select(Site.name, Plan.backup_every_seconds, Plan.backup_keep)
+                .join(Subscription, Site.subscription_id == Subscription.id)
+                .join(Plan, Subscription.plan_id == Plan.id)
+                .where(Plan.backup_every_seconds > 0)
+                .order_by(Site.name)
+            )
+            return [Due(name, every, keep) for name, every, keep in rows], names
 
     def generation(self) -> int:
         with self._db.session() as s:

@@ -19,6 +19,7 @@ from roles.management import _models as m
 from roles.management._fabric_api import fabric_operations
 from roles.management._metering import parse_range, usage_csv
 from roles.management._openapi import (
+    BACKUP,
     HOSTNAME,
     PLAN,
     SITE,
@@ -46,7 +47,7 @@ from roles.management._store import require_admin
 from roles.management.service import Principal
 from shared.version import CODE_VERSION
 
-__all__ = ["RESET_PATH", "api_routes", "operations", "reset_url", "zip_download"]
+__all__ = ["RESET_PATH", "api_routes", "backup_download", "operations", "reset_url", "zip_download"]
 
 # The portal page a password reset link opens (its token follows).
 RESET_PATH = "/reset-password"
@@ -451,6 +452,42 @@ async def zip_download(request: web.Request, who: Principal, name: str, version:
 async def site_version_zip(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
     return await zip_download(request, who, request.match_info["name"], int(request.match_info["version"]))
+
+
+async def site_backups(request: web.Request) -> web.Response:
+    who = await principal(request)
+    _, page = page_of(request, m.ListQuery)
+    answer = await service_of(request).site_backups(who, request.match_info["name"])
+    backups, cursor = paged(answer["backups"], lambda b: str(b["name"]), page, str)
+    return web.json_response({**answer, "backups": backups, "next_cursor": cursor})
+
+
+async def site_backup_download(request: web.Request) -> web.StreamResponse:
+    who = await principal(request)
+    return await backup_download(request, who, request.match_info["name"], request.match_info["backup"])
+
+
+async def restore_site_backup(request: web.Request) -> web.Response:
+    who = await principal(request)
+    answer = await service_of(request).restore_site_backup(
+        who, request.match_info["name"], request.match_info["backup"]
+    )
+    return web.json_response(answer)
+
+
+async def backup_download(
+    request: web.Request, who: Principal, name: str, backup_name: str
+) -> web.StreamResponse:
+    """A scheduled backup as a zip download (the API's and the portal's)."""
+    backup = await service_of(request).site_backup(who, name, backup_name)
+    return web.FileResponse(
+        backup.path,
+        headers={
+            "Content-Type": "application/zip",
+            "Content-Disposition": f'attachment; filename="{name}-{backup.name}"',
+            **_NO_STORE,
+        },
+    )
 
 
 async def take_backup(request: web.Request) -> web.Response:
@@ -904,6 +941,38 @@ def operations() -> list[Operation]:
             content="application/zip",
             params=(SITE, VERSION),
             errors=(503,),
+        ),
+        op(
+            "GET",
+            "/sites/{name}/backups",
+            site_backups,
+            "list_site_backups",
+            "The site's scheduled backups (its plan's backup_every_seconds), oldest first",
+            "sites",
+            answer=m.SiteBackups,
+            query=m.ListQuery,
+            params=site,
+        ),
+        op(
+            "GET",
+            "/sites/{name}/backups/{backup}",
+            site_backup_download,
+            "download_site_backup",
+            "One scheduled backup of the site: the zip of its content at that time",
+            "sites",
+            content="application/zip",
+            params=(SITE, BACKUP),
+        ),
+        op(
+            "POST",
+            "/sites/{name}/backups/{backup}/restore",
+            restore_site_backup,
+            "restore_site_backup",
+            "Put a scheduled backup's content back as the site's newest version (as a web deploy of it)",
+            "sites",
+            answer=m.BackupRestored,
+            params=(SITE, BACKUP),
+            errors=(413, 503),
         ),
         op(
             "POST",

@@ -24,6 +24,7 @@ from roles.management._cli_client import ApiClient, Endpoints, zipped
 from roles.management._cli_fabric import add_fabric_commands
 from roles.management._cli_output import ago, out, print_fields, print_table
 from roles.management._cli_ux import CliParser, Confirm, ExitCode, UsageError, ask, did_you_mean, exit_code
+from roles.management._site_backups import human_every, parse_every
 from shared.errors import InvalidInput, NotFound, SitecloudError
 from shared.version import CODE_VERSION
 
@@ -72,6 +73,10 @@ def _plan_body(a: argparse.Namespace) -> dict[str, Any]:
         value = getattr(a, key, None)
         if value is not None:
             body[key] = value
+    if getattr(a, "backup_every", None) is not None:
+        body["backup_every_seconds"] = parse_every(a.backup_every)
+    if getattr(a, "backup_keep", None) is not None:
+        body["backup_keep"] = a.backup_keep
     return body
 
 
@@ -112,9 +117,14 @@ def _show_plan(plan: Any, a: argparse.Namespace) -> None:
             ("always on", _yes_no(plan["always_on"])),
             ("instances/site", plan["max_instances_per_site"]),
             ("versions kept", f"last {plan['keep_versions']}, and all of the last {plan['keep_days']} days"),
+            ("backups", _backups_line(plan["backup_every_seconds"], plan["backup_keep"])),
             ("subscriptions", plan.get("subscriptions", 0)),
         ]
     )
+
+
+def _backups_line(every: int, keep: int) -> str:
+    return "off" if not every else f"every {human_every(every)}, the last {keep} kept"
 
 
 def _show_plans(answer: Any, a: argparse.Namespace) -> None:
@@ -462,7 +472,12 @@ def _site_download(a: argparse.Namespace, api: ApiClient) -> Any:
         api.download(path, sys.stdout.buffer)
         sys.stdout.buffer.flush()
         return None
-    # Written beside the target and moved in place once whole: never half a zip under its name.
+    size = _download_to(api, path, target)
+    return {"site": a.name, "version": version, "file": str(target), "bytes": size}
+
+
+def _download_to(api: ApiClient, path: str, target: Path) -> int:
+    """Written beside the target and moved in place once whole: never half a zip under its name."""
     partial = target.with_name(target.name + ".part")
     try:
         with partial.open("wb") as f:
@@ -474,12 +489,30 @@ def _site_download(a: argparse.Namespace, api: ApiClient) -> Any:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return {"site": a.name, "version": version, "file": str(target), "bytes": size}
+    return size
 
 
 def _show_download(answer: Any, a: argparse.Namespace) -> None:
     if answer is not None:
         out(f"wrote {answer['file']}: version {answer['version']} of {a.name}, {answer['bytes']} bytes")
+
+
+def _show_backups(answer: Any, a: argparse.Namespace) -> None:
+    out(f"scheduled backups of {answer['site']}: {_backups_line(answer['every_seconds'], answer['keep'])}")
+    rows = [(b["name"], b["created_at"], b["version"], b["bytes"]) for b in answer["backups"]]
+    print_table(("BACKUP", "TAKEN (UTC)", "VERSION", "BYTES"), rows, empty="no backups yet")
+
+
+def _site_backup_download(a: argparse.Namespace, api: ApiClient) -> Any:
+    name = a.backup
+    if name is None:
+        backups = api.list_all(api.path("sites", a.name, "backups"), "backups")["backups"]
+        if not backups:
+            raise NotFound(f"site {a.name} has no scheduled backups yet", hint="see its plan's backups")
+        name = backups[-1]["name"]
+    target = Path(a.to or f"{a.name}-{name}")
+    size = _download_to(api, api.path("sites", a.name, "backups", name), target)
+    return {"site": a.name, "backup": name, "file": str(target), "bytes": size}
 
 
 def _site_logs(a: argparse.Namespace, api: ApiClient) -> Any:
@@ -796,6 +829,14 @@ def _plan_options(sp: argparse.ArgumentParser, *, create: bool) -> None:
     )
     sp.add_argument(
         "--keep-days", type=int, metavar="D", help="and every version of the last D days (default 0)"
+    )
+    sp.add_argument(
+        "--backup-every",
+        metavar="1d|6h|30m|off",
+        help="write each site's current content as a zip this often (default off; an hour at least)",
+    )
+    sp.add_argument(
+        "--backup-keep", type=int, metavar="N", help="scheduled backups each site keeps (default 7)"
     )
     sp.add_argument("--compute-mode", choices=["shared", "reserved"])
     sp.add_argument("--worker-size", choices=["small", "medium", "large"])
@@ -1226,6 +1267,33 @@ def _parser() -> argparse.ArgumentParser:
         "to_version", metavar="VERSION", type=int, nargs="?", help="the version (see site versions)"
     )
     sp.add_argument("-o", "--output", help="file to write (default NAME-vVERSION.zip; '-' for stdout)")
+    sp = leaf(
+        site,
+        "backups",
+        "list a site's scheduled backups (its plan says how often and how many)",
+        every("backups", "sites", "{a.name}", "backups"),
+        _show_backups,
+    )
+    sp.add_argument("name")
+    sp = leaf(
+        site,
+        "backup-download",
+        "download one of a site's scheduled backups as a zip (default: the newest)",
+        _site_backup_download,
+        _done("wrote {answer[file]}: backup {answer[backup]} of {a.name}, {answer[bytes]} bytes"),
+    )
+    sp.add_argument("name")
+    sp.add_argument("backup", nargs="?", help="the backup's name (see site backups)")
+    sp.add_argument("--to", help="file to write (default NAME-BACKUP)")
+    sp = leaf(
+        site,
+        "backup-restore",
+        "put a scheduled backup's content back as the site's newest version",
+        post("sites", "{a.name}", "backups", "{a.backup}", "restore"),
+        _done("{a.name} restored from backup {a.backup} (now version {answer[version]})"),
+    )
+    sp.add_argument("name")
+    sp.add_argument("backup", help="the backup's name (see site backups)")
     sp = leaf(site, "logs", "show a site's app output and access lines", _site_logs, _show_logs)
     sp.add_argument("name")
     sp.add_argument("-f", "--follow", action="store_true", help="keep streaming new lines (Ctrl-C stops)")

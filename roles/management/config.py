@@ -1,10 +1,36 @@
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from shared.config import RoleConfig
 
-__all__ = ["ManagementConfig"]
+__all__ = [
+    "BACKUP_MIN_EVERY_ENV",
+    "DEFAULT_BACKUP_MIN_EVERY",
+    "ManagementConfig",
+    "backup_min_every_from_env",
+]
+
+# The shortest scheduled-backup interval a plan may ask for: an hour, unless the cloud's operator sets
+# another in this variable for `sitecloud up` (tests use a second or two).
+DEFAULT_BACKUP_MIN_EVERY = 3600
+BACKUP_MIN_EVERY_ENV = "SITECLOUD_BACKUP_MIN_SECONDS"
+
+
+def backup_min_every_from_env() -> int:
+    """``SITECLOUD_BACKUP_MIN_SECONDS`` when set (read where the controller writes management's
+    config), else an hour."""
+    raw = os.environ.get(BACKUP_MIN_EVERY_ENV, "")
+    if not raw:
+        return DEFAULT_BACKUP_MIN_EVERY
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{BACKUP_MIN_EVERY_ENV} must be a number of seconds, not {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"{BACKUP_MIN_EVERY_ENV} must be at least 1 second, not {value}")
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,3 +46,5 @@ class ManagementConfig(RoleConfig):
     deploy_url: str = "https://127.0.0.1:8172"
     # The publisher's control URL: management forwards `sitecloud deploy` there over mTLS.
     publisher_url: str = ""
+    # The shortest scheduled-backup interval a plan may set (see backup_min_every_from_env).
+    backup_min_every: int = DEFAULT_BACKUP_MIN_EVERY

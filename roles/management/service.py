@@ -21,6 +21,7 @@ from roles.management._metering import Metering
 from roles.management._nudge import Nudger
 from roles.management._paging import Page
 from roles.management._publish_profile import publish_settings
+from roles.management._site_backups import BackupFile, ScheduledBackups, human_every
 from roles.management._store import Principal, Store, require_admin
 from roles.management._usage import StorageReader
 from roles.management._warm import warm_site
@@ -71,16 +72,27 @@ class ManagementService:
         self._hostname_stop = threading.Event()
         self._hostname_tasks: list[asyncio.Task[None]] = []
         self._storage = StorageReader(self._client, lambda: asyncio.to_thread(self._store.fileserver_urls))
+        self._backups = ScheduledBackups(
+            config.home / "backups",
+            min_every=config.backup_min_every,
+            schedule=lambda: asyncio.to_thread(self._store.backup_schedule),
+            newest_version=self._newest_version,
+            zip_of=self._zip_of,
+            log=self._log,
+        )
+        self._backups_stop = asyncio.Event()
 
     async def start(self) -> None:
         self._nudger.start()
         self._hostname_tasks = [
             asyncio.create_task(self._check_pending_hostnames()),
             asyncio.create_task(self._tick_hostname_checks()),
+            asyncio.create_task(self._backups.run(self._backups_stop)),
         ]
 
     async def close(self) -> None:
         self._hostname_stop.set()
+        self._backups_stop.set()
         for task in self._hostname_tasks:
             task.cancel()
         await asyncio.gather(*self._hostname_tasks, return_exceptions=True)
@@ -213,6 +225,7 @@ class ManagementService:
 
     async def delete_tenant(self, who: Principal, name: str) -> None:
         await self._write(self._store.delete_tenant, who, name)
+        await self._sweep_backups()
         self._log.bind(tenant=name).info("tenant deleted, with its subscriptions, sites and users")
 
     async def _with_storage(self, subs: list[Json]) -> list[Json]:
@@ -262,6 +275,7 @@ class ManagementService:
 
     async def delete_subscription(self, who: Principal, sub_id: int) -> None:
         await self._write(self._store.delete_subscription, who, sub_id)
+        await self._sweep_backups()
         self._log.info("subscription %s deleted", sub_id)
 
     # -- sites
@@ -339,6 +353,7 @@ class ManagementService:
 
     async def delete_site(self, who: Principal, name: str) -> None:
         await self._write(self._store.delete_site, who, name)
+        await self._sweep_backups()
         self._log.bind(tenant=who.tenant, site=name).info("site deleted")
 
     async def start_site(self, who: Principal, name: str) -> Json:
@@ -512,6 +527,59 @@ class ManagementService:
         base = await self._fileserver()
         async for chunk in site_zip(self._logs_client, base, name, version):
             yield chunk
+
+    async def _newest_version(self, name: str) -> int | None:
+        base = await self._fileserver()
+        answer = parse_answer(
+            VersionList, await self._client.get_json(f"{base}/v1/sites/{name}/versions"), peer=_FILESERVER
+        )
+        return max((v.version for v in answer.versions), default=None)
+
+    async def _zip_of(self, name: str, version: int) -> AsyncIterator[bytes]:
+        base = await self._fileserver()
+        async for chunk in site_zip(self._logs_client, base, name, version):
+            yield chunk
+
+    async def _sweep_backups(self) -> None:
+        """A deleted site's scheduled backups go at once (a new site of its name is someone else's)."""
+        _, existing = await asyncio.to_thread(self._store.backup_schedule)
+        await asyncio.to_thread(self._backups.sweep, existing)
+
+    async def site_backups(self, who: Principal, name: str) -> Json:
+        """The site's scheduled backups, oldest first, and its plan's schedule."""
+        plan = await self._read(self._store.site_plan, who, name)
+        backups = await asyncio.to_thread(self._backups.of_site, name)
+        every = int(plan["backup_every_seconds"])
+        return {
+            "site": name,
+            "every_seconds": every,
+            "every": human_every(every),
+            "keep": plan["backup_keep"],
+            "backups": [b.to_json() for b in backups],
+        }
+
+    async def site_backup(self, who: Principal, name: str, backup: str) -> BackupFile:
+        """One scheduled backup of the site, to be sent as a file."""
+        await self._read(self._store.check_site, who, name)
+        return await asyncio.to_thread(self._backups.find, name, backup)
+
+    async def restore_site_backup(self, who: Principal, name: str, backup: str) -> Json:
+        """Put a scheduled backup's content back as the site's newest version (a web deploy of it)."""
+        found = await self.site_backup(who, name, backup)
+        f = await asyncio.to_thread(found.path.open, "rb")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while chunk := await asyncio.to_thread(f.read, 256 * 1024):
+                yield chunk
+
+        try:
+            answer = await self.deploy(who, name, chunks())
+        finally:
+            f.close()
+        self._log.bind(tenant=who.tenant, site=name).info(
+            "scheduled backup %s restored as version %s", backup, answer.get("version")
+        )
+        return {**answer, "restored": backup}
 
     async def rollback_site(self, who: Principal, name: str, version: int | None) -> Json:
         """Make an earlier version the site's content again, as a new version (every worker flips to it);

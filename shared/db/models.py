@@ -90,6 +90,9 @@ class Plan(Base):
     # Content versions a site keeps: the last ``keep_versions``, and all of the last ``keep_days`` days.
     keep_versions: Mapped[int] = mapped_column(default=20, server_default="20")
     keep_days: Mapped[int] = mapped_column(default=0, server_default="0")
+    # Scheduled backups: each site's current content as a zip this often (0: off), the last N kept.
+    backup_every_seconds: Mapped[int] = mapped_column(default=0, server_default="0")
+    backup_keep: Mapped[int] = mapped_column(default=7, server_default="7")
 
 
 class Tenant(Base):

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from roles.management._fabric import outcome
 from roles.management._request import service_of
+from roles.management._site_backups import parse_every
 from roles.management._store import WORKER_SIZES
 from roles.management.api import reset_url
 from roles.management.portal._charts import bar_chart
@@ -28,7 +29,7 @@ from shared.errors import InUse, InvalidInput, NotFound, SitecloudError
 
 __all__ = ["admin_routes"]
 
-_INT_FIELDS = ("max_sites", "storage_mb", "max_custom_hostnames", "max_instances_per_site")
+_INT_FIELDS = ("max_sites", "storage_mb", "max_custom_hostnames", "max_instances_per_site", "backup_keep")
 _OPTIONAL_INT_FIELDS = ("bandwidth_mb_per_day", "cpu_minutes_per_day")
 
 
@@ -50,6 +51,9 @@ def _plan_body(form: Any, *, create: bool) -> dict[str, Any]:
     body["compute_mode"] = "reserved" if form.get("compute_mode") == "reserved" else "shared"
     size = str(form.get("worker_size", ""))
     body["worker_size"] = size if body["compute_mode"] == "reserved" and size else None
+    every = str(form.get("backup_every", "")).strip()
+    if every:
+        body["backup_every_seconds"] = parse_every(every)
     body["always_on"] = form.get("always_on") == "on"
     body["public"] = form.get("public") == "on"
     if not create:

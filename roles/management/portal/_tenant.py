@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from roles.management._request import service_of
-from roles.management.api import zip_download
+from roles.management.api import backup_download, zip_download
 from roles.management.portal._charts import bar_chart
 from roles.management.portal._web import (
     Page,
@@ -135,6 +135,8 @@ async def _site_page(
         versions = list(reversed((await service.site_versions(page.who, name))["versions"]))
     except SitecloudError as err:
         versions_problem = err.message
+    backups = await service.site_backups(page.who, name)
+    backups["backups"].reverse()
     check = None
     wanted = request.query.get("check", "").strip()
     if wanted:
@@ -158,6 +160,7 @@ async def _site_page(
         check=check,
         versions=versions,
         versions_problem=versions_problem,
+        backups=backups,
         **extra,
     )
 
@@ -335,6 +338,11 @@ async def download_version(request: web.Request) -> web.StreamResponse:
     return await zip_download(request, page.who, name, _version(request.match_info["version"]))
 
 
+async def download_backup(request: web.Request) -> web.StreamResponse:
+    page, name = await require_page(request), _site(request)
+    return await backup_download(request, page.who, name, request.match_info["backup"])
+
+
 def _file(form: Any, key: str) -> bytes | None:
     field = form.get(key)
     if isinstance(field, web.FileField):
@@ -479,4 +487,5 @@ def tenant_routes() -> list[web.RouteDef]:
         web.get(f"{s}/rollback", confirm_rollback),
         web.post(f"{s}/rollback", rollback),
         web.get(f"{s}/versions/{{version:\\d{{1,9}}}}/zip", download_version),
+        web.get(f"{s}/backups/{{backup}}", download_backup),
     ]

@@ -23,6 +23,7 @@ from multidict import MultiDictProxy
 
 from roles.management._input import check_text
 from roles.management._request import service_of
+from roles.management._site_backups import human_every
 from roles.management.portal._flash import FLASH_COOKIE, open_flash, seal_flash
 from roles.management.service import Principal
 from shared.errors import BadRequest, ConfirmationRequired, Forbidden, SitecloudError
@@ -132,6 +133,7 @@ def _environment() -> jinja2.Environment:
     env.filters["bytes"] = _bytes
     env.filters["ago"] = _ago
     env.filters["utc_time"] = _utc_time
+    env.filters["every"] = human_every
     env.globals["percent"] = _percent
     return env
 
