@@ -63,6 +63,10 @@ class Upload:
         self._hash.update(data)
         self.size += len(data)
 
+    def write_all(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self.write(part)
+
     def finish(self, *, durable: bool = True) -> str:
         self._file.flush()
         if durable:

@@ -516,27 +516,38 @@ class ContentStore:
         if length is not None and length > site.quota_bytes:
             raise self._too_big(site, length, known=True)
         upload: Upload = await asyncio.to_thread(site.disk.start_upload)
+        # One batch is written and hashed in a thread while the next arrives (no copies on the way).
+        writing: asyncio.Future[None] | None = None
         try:
-            buffer = bytearray()
+            batch: list[bytes] = []
+            batched = 0
             kept = bytearray()
             received = 0
             async for chunk in chunks:
                 received += len(chunk)
                 if received > site.quota_bytes:
                     raise self._too_big(site, received, known=length is not None)
-                buffer += chunk
                 if received <= keep:
                     kept += chunk
-                if len(buffer) >= _FLUSH_BYTES:
-                    await asyncio.to_thread(upload.write, bytes(buffer))
-                    buffer.clear()
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= _FLUSH_BYTES:
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(asyncio.to_thread(upload.write_all, batch))
+                    batch, batched = [], 0
+            if writing is not None:
+                await writing
+                writing = None
             small = received <= keep
-            await asyncio.to_thread(upload.write, bytes(buffer))
+            await asyncio.to_thread(upload.write_all, batch)
             # A small blob is made durable by the journal record that carries it, or by one syncfs
             # before the commit that uses it; a big one by its own fsync.
             sha = await asyncio.to_thread(upload.finish, durable=not small)
             return upload, sha, bytes(kept) if small else None
         except BaseException:
+            if writing is not None and not writing.done():
+                await asyncio.wait({writing})
             await asyncio.to_thread(upload.discard)
             raise
 
