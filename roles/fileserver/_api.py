@@ -112,8 +112,7 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
             answer = await store.put_file(
                 request.match_info["site"],
                 request.match_info["path"],
-                # The pieces as they come: no joining of small reads into bigger ones.
-                request.content.iter_any(),
+                request.content.iter_chunked(_CHUNK),
                 request.content_length,
             )
         except QuotaExceeded as err:
