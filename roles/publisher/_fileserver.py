@@ -258,14 +258,6 @@ class FileStream:
             self.close()
             raise Unavailable(f"the fileserver broke off sending {self._path!r}: {exc}") from exc
 
-    def interrupt(self) -> None:
-        """Wake a read blocked in another thread (it then fails); :meth:`close` after that."""
-        conn = self._client._conn
-        sock = conn.sock if conn is not None else None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
     def close(self) -> None:
         self._resp.close()
         self._client.close()
