@@ -6,14 +6,10 @@ request sent once more. Error answers come back as the same :class:`shared.error
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
-import queue
-import socket
 import ssl
-import threading
 from collections.abc import Sequence
 from typing import IO, Any, Literal
 from urllib.parse import quote, urlsplit
@@ -263,129 +259,68 @@ class FileStream:
         self._client.close()
 
 
-_ABORT = b""  # never a real chunk: FilePut.write skips empty writes
-_IN_FLIGHT = 32  # queued writes (of up to pyftpdlib's read size each) before the writer waits
-_WAIT = 0.5
-
-
 class FilePut:
-    """One file's PUT, its body sent chunked by a thread of its own while the caller writes it.
+    """One file's PUT, its body sent chunked as the caller writes it, on a connection of its own.
 
-    The caller's writes wait while the fileserver is slower (a bounded queue), so little is held in
-    memory; :meth:`finish` ends the body and returns the fileserver's answer, given once the file is
-    durable. :meth:`abort` cuts the connection before the body's end, and the fileserver keeps nothing.
-    A refusal by the fileserver (its answer before the body's end) is raised by the next write.
+    A write waits while the fileserver is slower (the socket's buffers are the only queue).
+    :meth:`finish` ends the body and returns the fileserver's answer, given once the file is durable;
+    :meth:`abort` closes the connection before the body's end, and the fileserver keeps nothing. A
+    refusal by the fileserver (its answer before the body's end) is raised by the write that meets it.
     """
 
     def __init__(self, client: FileserverClient, url: str, path: str) -> None:
         self._client = client
-        self._url = url
         self._path = path
-        self._queue: queue.Queue[bytes | None] = queue.Queue(_IN_FLIGHT)
-        self._error: BaseException | None = None
-        self._answer: FileStored | None = None
-        self._aborted = False
-        self._conn = client._connection()
-        self._thread = threading.Thread(target=self._run, name="fileserver-put", daemon=True)
-        self._thread.start()
-
-    def _failed(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if not self._thread.is_alive():
-            raise Unavailable(f"sending {self._path!r} to the fileserver stopped")
-
-    def _put(self, item: bytes | None) -> None:
-        while True:
-            self._failed()
-            try:
-                self._queue.put(item, timeout=_WAIT)
-                return
-            except queue.Full:
-                continue
-
-    def write(self, data: bytes) -> None:
-        if data:
-            self._put(data)
-
-    def finish(self) -> FileStored:
-        self._put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._answer is not None
-        return self._answer
-
-    def abort(self) -> None:
-        """Drop the upload: the body never ends, so the fileserver discards what it got."""
-        if self._aborted:
-            return
-        self._aborted = True
-        sock = self._conn.sock
-        if sock is not None:
-            # The plain socket's shutdown: wakes the sender from a blocked send without touching the
-            # TLS state it is using.
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(_ABORT)
-        self._thread.join(10)
-        self._client.close()
-
-    def _run(self) -> None:
-        conn = self._conn
+        self._done = False
+        conn = client._connection()
         try:
-            conn.putrequest("PUT", self._url, skip_accept_encoding=True)
+            conn.putrequest("PUT", url, skip_accept_encoding=True)
             conn.putheader("Content-Type", "application/octet-stream")
             conn.putheader("Transfer-Encoding", "chunked")
             conn.endheaders()
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    break
-                if item is _ABORT or self._aborted:
-                    return
-                # What else is already queued goes in the same chunk: fewer, bigger TLS writes.
-                parts, size, end = [item], len(item), False
-                while size < _CHUNK * 4:
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        end = True
-                        break
-                    if more is _ABORT:
-                        return
-                    parts.append(more)
-                    size += len(more)
-                conn.send(b"%x\r\n" % size)
-                for part in parts:
-                    conn.send(part)
-                conn.send(b"\r\n")
-                if end:
-                    break
-            conn.send(b"0\r\n\r\n")
-            resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
-            if self._aborted:
-                return
-            # The fileserver may have refused the upload and closed: its answer says why.
-            try:
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException):
-                self._client.close()
-                self._error = Unavailable(f"the fileserver broke off receiving {self._path!r}: {exc}")
-                return
-        except BaseException as exc:  # handed to the writer
-            self._error = exc
-            return
+            client.close()
+            raise Unavailable(f"cannot reach the fileserver at {client.base_url}: {exc}") from exc
+        self._conn = conn
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._send(b"%x\r\n" % len(data), data, b"\r\n")
+
+    def finish(self) -> FileStored:
+        self._send(b"0\r\n\r\n")
+        self._done = True
         try:
-            raw = self._client._finish(resp)
-            self._answer = parse_answer(
-                FileStored, self._client._decode(resp, raw), peer=self._client.base_url
-            )
-        except BaseException as exc:  # handed to the writer
-            self._error = exc
+            resp = self._conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            self._client.close()
+            raise Unavailable(f"the fileserver broke off storing {self._path!r}: {exc}") from exc
+        try:
+            answer = self._client._decode(resp, self._client._finish(resp))
+            return parse_answer(FileStored, answer, peer=self._client.base_url)
         finally:
             self._client.close()
+
+    def abort(self) -> None:
+        """Drop the upload: the body never ends, so the fileserver discards what it got."""
+        self._done = True
+        self._client.close()
+
+    def _send(self, *parts: bytes) -> None:
+        if self._done:
+            raise Unavailable(f"the upload of {self._path!r} has ended")
+        try:
+            for part in parts:
+                self._conn.send(part)
+        except (OSError, http.client.HTTPException) as exc:
+            self._done = True
+            # The fileserver may have refused the upload and closed: its answer says why.
+            try:
+                resp = self._conn.getresponse()
+                raw = self._client._finish(resp)
+            except (OSError, http.client.HTTPException):
+                self._client.close()
+                raise Unavailable(f"the fileserver broke off receiving {self._path!r}: {exc}") from exc
+            self._client.close()
+            self._client._decode(resp, raw)
+            raise Unavailable(f"the fileserver stopped receiving {self._path!r}: {exc}") from exc
