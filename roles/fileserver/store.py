@@ -60,6 +60,8 @@ __all__ = ["ContentStore"]
 
 _UID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 _FLUSH_BYTES = 1024 * 1024
+# A big upload is put on disk every this many bytes while it arrives, not all by the fsync at its end.
+_SYNC_BYTES = 32 * 1024 * 1024
 # Blobs up to this size travel in the journal record that puts them: one fsync for both.
 _INLINE_BYTES = 1024 * 1024
 # A journal is folded into a checkpoint when it grows past this, and every few seconds otherwise.
@@ -518,6 +520,8 @@ class ContentStore:
         upload: Upload = await asyncio.to_thread(site.disk.start_upload)
         # One batch is written and hashed in a thread while the next arrives (no copies on the way).
         writing: asyncio.Future[None] | None = None
+        syncing: asyncio.Future[None] | None = None
+        synced = 0
         try:
             batch: list[bytes] = []
             batched = 0
@@ -536,9 +540,15 @@ class ContentStore:
                         await writing
                     writing = asyncio.ensure_future(asyncio.to_thread(upload.write_all, batch))
                     batch, batched = [], 0
+                    if received - synced >= _SYNC_BYTES and (syncing is None or syncing.done()):
+                        synced = received
+                        syncing = asyncio.ensure_future(asyncio.to_thread(upload.sync_so_far))
             if writing is not None:
                 await writing
                 writing = None
+            if syncing is not None:
+                await syncing
+                syncing = None
             small = received <= keep
             await asyncio.to_thread(upload.write_all, batch)
             # A small blob is made durable by the journal record that carries it, or by one syncfs
@@ -546,8 +556,9 @@ class ContentStore:
             sha = await asyncio.to_thread(upload.finish, durable=not small)
             return upload, sha, bytes(kept) if small else None
         except BaseException:
-            if writing is not None and not writing.done():
-                await asyncio.wait({writing})
+            pending = {f for f in (writing, syncing) if f is not None and not f.done()}
+            if pending:
+                await asyncio.wait(pending)
             await asyncio.to_thread(upload.discard)
             raise
 
