@@ -276,8 +276,9 @@ _WHAT_A_226_COSTS = (
     "time, each 226 here waits for one fdatasync (2 ms median, 4.7 ms p90 on this disk at load 8), which "
     "bounds the sequential rate (2,000 fsyncs are about as long as vsftpd's whole mirror); uploads that "
     "overlap (``--parallel``, several sessions) share one fsync (group commit). A big download is sent to "
-    "the client as it comes from the fileserver; a big upload is still spooled to disk first and then "
-    "sent on."
+    "the client as it comes from the fileserver; a big upload (past 1 MB) goes on to the fileserver as it "
+    "arrives, in one chunked PUT whose body ends with the client's data: the fileserver hashes and writes "
+    "it while it receives, and answers after one fsync of it and its journal record."
 )
 
 # name, unit, the transfer (returns its amount in the unit's base: bytes or files)

@@ -69,6 +69,7 @@ class ControlPlane(Generic[S]):
         health: HealthFigures | None = None,
         routes: list[web.RouteDef] | None = None,
         client_max_size: int = 16 * 1024 * 1024,
+        read_bufsize: int = 64 * 1024,
     ) -> None:
         self.config = config
         self._kind = kind
@@ -76,6 +77,8 @@ class ControlPlane(Generic[S]):
         self._health = health
         self._routes = routes or []
         self._client_max_size = client_max_size
+        # What a request body may hold buffered before reading from the socket pauses.
+        self._read_bufsize = read_bufsize
         self._path = config.state_dir / "config.json"
         self._log = get_logger(config.role, host=config.host)
         self._started = time.time()
@@ -164,7 +167,9 @@ class ControlPlane(Generic[S]):
         self._log.info("metrics over plain HTTP on %s:%s", self.config.metrics_bind, sock.getsockname()[1])
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=5)
+        self._runner = web.AppRunner(
+            self.make_app(), access_log=None, shutdown_timeout=5, read_bufsize=self._read_bufsize
+        )
         await self._runner.setup()
         sock = listener("control", self.config.bind, self.config.control_port)
         site = web.SockSite(self._runner, sock, ssl_context=server_context(self.config))

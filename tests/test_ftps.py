@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import ftplib
+import hashlib
 import http.client
 import io
 import json
@@ -48,6 +49,7 @@ SITES = {
     "webdeploy": ("webdeploy-secret", QUOTA),
     "names": ("names-secret", QUOTA),
     "strict": ("strict-secret", QUOTA),
+    "bigtls": ("bigtls-secret", 8 * 1024 * 1024),
 }
 
 
@@ -230,6 +232,29 @@ def test_ftplib_ftps_uploads_lists_and_downloads(cloud: Cloud) -> None:
             ftp.voidresp()
         assert _retr(ftp, "docs/page.html") == b"<p>over TLS</p>"
     assert cloud.files("tls") == {"docs/page.html": 15}
+
+
+def test_a_big_ftps_upload_arrives_intact_and_a_cut_off_one_leaves_nothing(cloud: Cloud) -> None:
+    # Past the size where the publisher sends an upload on to the fileserver while it arrives.
+    big = random.randbytes(3 * 1024 * 1024 + 5)
+    with cloud.ftps("bigtls") as ftp:
+        ftp.storbinary("STOR big.bin", io.BytesIO(big))
+        entry = cloud.manifest("bigtls")["files"]["big.bin"]
+        assert entry["sha256"] == hashlib.sha256(big).hexdigest() and entry["size"] == len(big)
+        assert _retr(ftp, "big.bin") == big
+        # Cut off without close_notify after 2 MB: the PUT to the fileserver is dropped unfinished.
+        conn = ftp.transfercmd("STOR big.bin")
+        conn.sendall(random.randbytes(2 * 1024 * 1024))
+        conn.close()
+        with pytest.raises(ftplib.error_temp, match=r"^426"):
+            ftp.voidresp()
+        assert _retr(ftp, "big.bin") == big
+    assert cloud.files("bigtls") == {"big.bin": len(big)}
+
+    def staging_empty() -> bool:
+        return not [p for p in cloud.fileserver.config.home.glob("**/staging/*") if p.is_file()]
+
+    wait_until(staging_empty, what="the cut-off upload's staging file to go")
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])

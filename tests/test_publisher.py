@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ftplib
+import hashlib
 import http.client
 import io
 import json
@@ -31,10 +32,12 @@ from shared.contracts.snapshots import PublisherSnapshot
 from shared.credentials import hash_password
 from shared.errors import InvalidInput
 from shared.net import free_port_range
-from tests.support import CloudPKI, RoleProcess, call
+from tests.support import CloudPKI, RoleProcess, call, wait_until
 
 QUOTA = 256 * 1024
 TINY_QUOTA = 8 * 1024
+# Room for the big uploads' tests: past the size where an upload is streamed on, not much more.
+BIG_QUOTA = 12 * 1024 * 1024
 
 # site -> (password, quota); each test works on sites of its own so their order does not matter.
 SITES = {
@@ -48,6 +51,7 @@ SITES = {
     "mirror": ("mirror-secret", QUOTA),
     "gone": ("gone-secret", QUOTA),
     "large": ("large-secret", 8 * 1024 * 1024),
+    "bigup": ("bigup-secret", BIG_QUOTA),
 }
 
 
@@ -340,6 +344,83 @@ def test_ftp_aborted_upload_commits_nothing(cloud: Cloud) -> None:
         data_conn.close()
         assert _retr(ftp, "page.html") == b"version 1"
     assert cloud.manifest("abort")["files"].keys() == {"page.html"}
+
+
+def _staging(cloud: Cloud) -> list[Path]:
+    """Uploads in progress on the fileserver's disk (none once an upload has ended either way)."""
+    return [p for p in cloud.fileserver.config.home.glob("**/staging/*") if p.is_file()]
+
+
+def _reset(conn: socket.socket) -> None:
+    # A reset, not a clean close: a clean close would be a complete (shorter) file.
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def test_ftp_a_big_upload_arrives_intact_and_durable_before_226(cloud: Cloud) -> None:
+    # Past the size where the publisher sends the bytes on while they arrive: sent in odd-sized
+    # pieces, the file must come out the same bytes, under the same sha256, with the 226.
+    big = os.urandom(5 * 1024 * 1024 + 12345)
+    with cloud.ftp("bigup") as ftp:
+        ftp.voidcmd("TYPE I")
+        with ftp.transfercmd("STOR data/../big.bin") as conn:
+            view = memoryview(big)
+            for at in range(0, len(big), 77_777):
+                conn.sendall(view[at : at + 77_777])
+        assert ftp.voidresp().startswith("226")
+        # The 226 came after the fileserver had it: the manifest has it at once.
+        entry = cloud.manifest("bigup")["files"]["big.bin"]
+        assert entry["sha256"] == hashlib.sha256(big).hexdigest() and entry["size"] == len(big)
+        assert _retr(ftp, "big.bin") == big
+        # Replaced by a big file again, and then by a small one: each whole.
+        bigger = os.urandom(6 * 1024 * 1024)
+        _stor(ftp, "big.bin", bigger)
+        assert cloud.manifest("bigup")["files"]["big.bin"]["sha256"] == hashlib.sha256(bigger).hexdigest()
+        _stor(ftp, "big.bin", b"small now")
+        assert _retr(ftp, "big.bin") == b"small now"
+        ftp.delete("big.bin")
+    assert _staging(cloud) == []
+
+
+def test_ftp_a_big_upload_cut_off_aborted_or_over_quota_leaves_nothing(cloud: Cloud) -> None:
+    with cloud.ftp("bigup") as ftp:
+        _stor(ftp, "keep.bin", b"kept")
+        before = cloud.manifest("bigup")
+        ftp.voidcmd("TYPE I")
+
+        # The client goes away after 4 MB: already streaming to the fileserver, which drops it.
+        conn = ftp.transfercmd("STOR cut.bin")
+        conn.sendall(os.urandom(4 * 1024 * 1024))
+        _reset(conn)
+        with pytest.raises(ftplib.error_temp, match=r"^426"):
+            ftp.voidresp()
+        assert cloud.manifest("bigup") == before
+        wait_until(lambda: _staging(cloud) == [], what="the cut-off upload's staging file to go")
+
+        # ABOR in the middle of a big upload.
+        conn = ftp.transfercmd("STOR aborted.bin")
+        conn.sendall(os.urandom(3 * 1024 * 1024))
+        ftp.putcmd("ABOR")
+        _reset(conn)
+        reply = ftp.getline()
+        if reply.startswith("426"):  # the transfer had started: 426, then 226 for the ABOR
+            reply = ftp.getline()
+        assert reply[:3] in ("225", "226"), reply
+        assert cloud.manifest("bigup") == before
+        wait_until(lambda: _staging(cloud) == [], what="the aborted upload's staging file to go")
+
+        # Over the quota half-way through: 552 on the control connection, nothing kept.
+        reply = _stor_refused(ftp, "huge.bin", os.urandom(BIG_QUOTA + 1024 * 1024))
+        assert reply.startswith("552 ") and "quota" in reply, reply
+        assert cloud.manifest("bigup") == before
+        wait_until(lambda: _staging(cloud) == [], what="the refused upload's staging file to go")
+
+        # The session goes on, and a big upload after all that still works.
+        again = os.urandom(2 * 1024 * 1024)
+        _stor(ftp, "again.bin", again)
+        assert _retr(ftp, "again.bin") == again
+        assert ftp.nlst() == ["again.bin", "keep.bin"]
+        ftp.delete("again.bin")
 
 
 # --- web deploy

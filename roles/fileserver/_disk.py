@@ -63,6 +63,15 @@ class Upload:
         self._hash.update(data)
         self.size += len(data)
 
+    def write_all(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self.write(part)
+
+    def sync_so_far(self) -> None:
+        """Put what was written so far on disk (from another thread while writes go on), so the
+        fsync at the end of a big upload has little left to wait for."""
+        os.fdatasync(self._file.fileno())
+
     def finish(self, *, durable: bool = True) -> str:
         self._file.flush()
         if durable:

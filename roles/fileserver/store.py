@@ -60,6 +60,8 @@ from shared.paths import site_relpath
 __all__ = ["ContentStore"]
 
 _FLUSH_BYTES = 1024 * 1024
+# A big upload is put on disk every this many bytes while it arrives, not all by the fsync at its end.
+_SYNC_BYTES = 32 * 1024 * 1024
 # Blobs up to this size travel in the journal record that puts them: one fsync for both.
 _INLINE_BYTES = 1024 * 1024
 # A journal is folded into a checkpoint when it grows past this, and every few seconds otherwise.
@@ -478,27 +480,47 @@ class ContentStore:
         if length is not None and length > site.quota_bytes:
             raise self._too_big(site, length, known=True)
         upload: Upload = await asyncio.to_thread(site.disk.start_upload)
+        # One batch is written and hashed in a thread while the next arrives (no copies on the way).
+        writing: asyncio.Future[None] | None = None
+        syncing: asyncio.Future[None] | None = None
+        synced = 0
         try:
-            buffer = bytearray()
+            batch: list[bytes] = []
+            batched = 0
             kept = bytearray()
             received = 0
             async for chunk in chunks:
                 received += len(chunk)
                 if received > site.quota_bytes:
                     raise self._too_big(site, received, known=length is not None)
-                buffer += chunk
                 if received <= keep:
                     kept += chunk
-                if len(buffer) >= _FLUSH_BYTES:
-                    await asyncio.to_thread(upload.write, bytes(buffer))
-                    buffer.clear()
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= _FLUSH_BYTES:
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(asyncio.to_thread(upload.write_all, batch))
+                    batch, batched = [], 0
+                    if received - synced >= _SYNC_BYTES and (syncing is None or syncing.done()):
+                        synced = received
+                        syncing = asyncio.ensure_future(asyncio.to_thread(upload.sync_so_far))
+            if writing is not None:
+                await writing
+                writing = None
+            if syncing is not None:
+                await syncing
+                syncing = None
             small = received <= keep
-            await asyncio.to_thread(upload.write, bytes(buffer))
+            await asyncio.to_thread(upload.write_all, batch)
             # A small blob is made durable by the journal record that carries it, or by one syncfs
             # before the commit that uses it; a big one by its own fsync.
             sha = await asyncio.to_thread(upload.finish, durable=not small)
             return upload, sha, bytes(kept) if small else None
         except BaseException:
+            pending = {f for f in (writing, syncing) if f is not None and not f.done()}
+            if pending:
+                await asyncio.wait(pending)
             await asyncio.to_thread(upload.discard)
             raise
 

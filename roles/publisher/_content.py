@@ -1,8 +1,10 @@
 """One site's content as a publishing session sees it: the newest manifest, and writes that go to the
 fileserver as commits.
 
-An upload is spooled to a local temporary file and becomes visible only through one ``put`` of the
-whole file when it is complete (:meth:`Upload.commit`); closing it without that leaves the site as it was.
+An upload becomes visible only through one ``put`` of the whole file when it is complete
+(:meth:`Upload.commit`); closing it without that leaves the site as it was. A small one is held in
+memory until then; a big new file is sent on to the fileserver while it arrives, in a PUT whose body
+ends only at the commit (an upload that continues a file is spooled whole first).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-from roles.publisher._fileserver import FileserverClient, FileStream
+from roles.publisher._fileserver import FilePut, FileserverClient, FileStream
 from roles.publisher._sites import SiteInfo
 from shared.contracts.content import (
     CommitAnswer,
@@ -33,6 +35,8 @@ __all__ = ["Download", "SiteContent", "StreamedDownload", "Tree", "Upload"]
 
 _EXACT_FOR = 0.5
 _SPOOL_MEMORY = 1024 * 1024
+# A streamed download is read and sent in chunks this big.
+_STREAM_CHUNK = 256 * 1024
 
 
 @dataclass
@@ -154,7 +158,16 @@ class SiteContent:
         """Store a whole file; the cached tree learns it without fetching the manifest again."""
         self._fresh = False
         self._exact_until = 0.0
-        answer = self.client.put_file(self.site.name, rel, source)
+        return self.stored(rel, self.client.put_file(self.site.name, rel, source))
+
+    def start_put(self, rel: str) -> FilePut:
+        """A put of ``rel`` whose bytes go to the fileserver as they are written."""
+        self._fresh = False
+        self._exact_until = 0.0
+        return self.client.start_put(self.site.name, rel)
+
+    def stored(self, rel: str, answer: FileStored) -> FileStored:
+        """The cached tree learns this session's put without fetching the manifest again."""
         tree = self._tree
         if tree is not None and answer.version == tree.version + 1:
             # Nobody else changed the site in between: this put is the whole difference, and the tree
@@ -183,7 +196,7 @@ class SiteContent:
         tree = self.tree()
         old_size = tree.files[rel][0] if rel in tree.files else 0
         room = storage_room(self.site.quota_bytes, tree.total_bytes, old_size)
-        upload = Upload(self, rel, name, limit=room)
+        upload = Upload(self, rel, name, limit=room, stream=not keep_existing)
         try:
             if keep_existing and rel in tree.files:
                 self.client.download(self.site.name, rel, upload.file)
@@ -220,7 +233,10 @@ class Download:
 
 
 class StreamedDownload:
-    """A big file for an FTP download to send, read from the fileserver as the client takes it."""
+    """A big file for an FTP download to send, read from the fileserver as the client takes it (in
+    chunks bigger than pyftpdlib's own 64 KB: fewer trips through its loop)."""
+
+    chunk = _STREAM_CHUNK
 
     def __init__(self, name: str, stream: FileStream) -> None:
         self.name = name  # the virtual path, for pyftpdlib's transfer log
@@ -251,47 +267,78 @@ class StreamedDownload:
 
 
 class Upload:
-    """The file object an FTP upload writes into; :meth:`commit` publishes it, :meth:`close` drops it."""
+    """The file object an FTP upload writes into; :meth:`commit` publishes it, :meth:`close` drops it.
 
-    def __init__(self, content: SiteContent, rel: str, name: str, *, limit: int) -> None:
+    With ``stream``, the bytes are written in order from the start: past ``_SPOOL_MEMORY`` in memory
+    they go on to the fileserver as they come (the file is not written twice on the way); otherwise
+    (APPE, REST) they are spooled, to memory while small, then to disk.
+    """
+
+    def __init__(self, content: SiteContent, rel: str, name: str, *, limit: int, stream: bool) -> None:
         self.content = content
         self.rel = rel
         self.name = name  # the virtual path, for pyftpdlib's transfer log
         self.limit = limit
-        # In memory while small (most uploads): a file on disk costs an inode, the dearest part of a
-        # small upload here; a big one goes to disk past _SPOOL_MEMORY.
-        self.file = tempfile.SpooledTemporaryFile(_SPOOL_MEMORY, prefix="sitecloud-put-")  # noqa: SIM115
+        self._stream = stream
+        self.file: IO[bytes]
+        if stream:
+            self.file = io.BytesIO()
+        else:
+            self.file = tempfile.SpooledTemporaryFile(_SPOOL_MEMORY, prefix="sitecloud-put-")  # noqa: SIM115
+        self._put: FilePut | None = None
+        self._sent = 0  # bytes handed to _put
+        self._closed = False
         self.committed: FileStored | None = None
 
     @property
     def closed(self) -> bool:
-        return self.file.closed
+        return self._closed
 
     def write(self, data: bytes) -> int:
-        end = self.file.tell() + len(data)
+        end = self.tell() + len(data)
         if end > self.limit:
-            # Fail as soon as the spool outgrows the quota, not after the whole file has arrived.
+            # Fail as soon as the upload outgrows the quota, not after the whole file has arrived.
             raise QuotaExceeded(
                 f"upload of /{self.rel} stopped: the site {self.content.site.name} would exceed its "
                 f"quota of {self.content.site.quota_bytes} bytes",
                 hint="delete files or ask for a bigger plan",
             )
+        if self._put is None and self._stream and end > _SPOOL_MEMORY:
+            self._put = self.content.start_put(self.rel)
+            head = self.file.getvalue()  # type: ignore[attr-defined]  # a BytesIO when streaming
+            self.file = io.BytesIO()
+            self._put.write(head)
+            self._sent = len(head)
+        if self._put is not None:
+            self._put.write(data)
+            self._sent += len(data)
+            return len(data)
         return self.file.write(data)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if self._put is not None:
+            raise OSError("an upload being sent on only moves forward")
         return self.file.seek(offset, whence)
 
     def tell(self) -> int:
-        return self.file.tell()
+        return self._sent if self._put is not None else self.file.tell()
 
     def commit(self) -> FileStored:
-        """Upload the spool as one blob and ``put`` it: the file appears whole or not at all."""
-        self.file.flush()
-        self.file.seek(0)
-        answer = self.content.put(self.rel, self.file)
+        """``put`` the whole file: it appears whole or not at all."""
+        if self._put is not None:
+            answer = self.content.stored(self.rel, self._put.finish())
+        else:
+            self.file.flush()
+            self.file.seek(0)
+            answer = self.content.put(self.rel, self.file)
         self.committed = answer
         self.content.log.info("stored /%s (%s bytes) as version %s", self.rel, answer.size, answer.version)
         return answer
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._put is not None and self.committed is None:
+            self._put.abort()
         self.file.close()

@@ -28,7 +28,7 @@ from shared.contracts.content import (
 )
 from shared.errors import Unavailable, error_from_json
 
-__all__ = ["FileStream", "FileserverClient"]
+__all__ = ["FilePut", "FileStream", "FileserverClient"]
 
 _CHUNK = 256 * 1024
 
@@ -218,6 +218,12 @@ class FileserverClient:
         resp = self._send("PUT", url, body=source, headers=headers)
         return parse_answer(FileStored, self._decode(resp, self._finish(resp)), peer=self.base_url)
 
+    def start_put(self, site: str, path: str) -> FilePut:
+        """A ``put_file`` whose bytes are sent while they are still being written (see :class:`FilePut`),
+        on a connection of its own."""
+        fresh = FileserverClient(self.base_url, self._ssl, timeout=self._timeout)
+        return FilePut(fresh, f"{self._site(site)}/files/{quote(path, safe='/')}", path)
+
     def commit(
         self,
         site: str,
@@ -251,3 +257,70 @@ class FileStream:
     def close(self) -> None:
         self._resp.close()
         self._client.close()
+
+
+class FilePut:
+    """One file's PUT, its body sent chunked as the caller writes it, on a connection of its own.
+
+    A write waits while the fileserver is slower (the socket's buffers are the only queue).
+    :meth:`finish` ends the body and returns the fileserver's answer, given once the file is durable;
+    :meth:`abort` closes the connection before the body's end, and the fileserver keeps nothing. A
+    refusal by the fileserver (its answer before the body's end) is raised by the write that meets it.
+    """
+
+    def __init__(self, client: FileserverClient, url: str, path: str) -> None:
+        self._client = client
+        self._path = path
+        self._done = False
+        conn = client._connection()
+        try:
+            conn.putrequest("PUT", url, skip_accept_encoding=True)
+            conn.putheader("Content-Type", "application/octet-stream")
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders()
+        except (OSError, http.client.HTTPException) as exc:
+            client.close()
+            raise Unavailable(f"cannot reach the fileserver at {client.base_url}: {exc}") from exc
+        self._conn = conn
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._send(b"%x\r\n" % len(data), data, b"\r\n")
+
+    def finish(self) -> FileStored:
+        self._send(b"0\r\n\r\n")
+        self._done = True
+        try:
+            resp = self._conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            self._client.close()
+            raise Unavailable(f"the fileserver broke off storing {self._path!r}: {exc}") from exc
+        try:
+            answer = self._client._decode(resp, self._client._finish(resp))
+            return parse_answer(FileStored, answer, peer=self._client.base_url)
+        finally:
+            self._client.close()
+
+    def abort(self) -> None:
+        """Drop the upload: the body never ends, so the fileserver discards what it got."""
+        self._done = True
+        self._client.close()
+
+    def _send(self, *parts: bytes) -> None:
+        if self._done:
+            raise Unavailable(f"the upload of {self._path!r} has ended")
+        try:
+            for part in parts:
+                self._conn.send(part)
+        except (OSError, http.client.HTTPException) as exc:
+            self._done = True
+            # The fileserver may have refused the upload and closed: its answer says why.
+            try:
+                resp = self._conn.getresponse()
+                raw = self._client._finish(resp)
+            except (OSError, http.client.HTTPException):
+                self._client.close()
+                raise Unavailable(f"the fileserver broke off receiving {self._path!r}: {exc}") from exc
+            self._client.close()
+            self._client._decode(resp, raw)
+            raise Unavailable(f"the fileserver stopped receiving {self._path!r}: {exc}") from exc
