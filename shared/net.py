@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import socket
+import tempfile
+import time
 from pathlib import Path
 
 __all__ = ["free_port", "free_port_range"]
@@ -11,6 +15,11 @@ __all__ = ["free_port", "free_port_range"]
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 # Ports chosen by this process: two choices made before either is bound must still differ.
 _chosen: set[int] = set()
+# Ports chosen by any process on this machine, as files: a test picks a cloud's public ports and
+# `sitecloud up` then picks its roles' control ports, each before anything is bound.
+_CLAIMS = Path(tempfile.gettempdir()) / "sitecloud-port-claims"
+# A claim older than this is stale: whoever chose the port has bound it or given up on it.
+_CLAIM_TTL = 900.0
 
 
 def _ephemeral() -> tuple[int, int]:
@@ -36,6 +45,49 @@ def _candidates(count: int) -> list[int]:
     return pool[:200]
 
 
+def _claim(ports: range) -> bool:
+    """Claim ``ports`` for this machine's next little while; False if another process has one."""
+    try:
+        _CLAIMS.mkdir(mode=0o1777, exist_ok=True)
+    except OSError:
+        return True  # nowhere to record claims: the bind check alone has to do
+    if not _chosen:
+        _sweep_claims()  # once per process: stale claims do not pile up
+    claimed: list[Path] = []
+    for port in ports:
+        path = _CLAIMS / str(port)
+        if not _claim_file(path):
+            for done in claimed:
+                done.unlink(missing_ok=True)
+            return False
+        claimed.append(path)
+    return True
+
+
+def _sweep_claims() -> None:
+    stale = time.time() - _CLAIM_TTL
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(_CLAIMS):
+            with contextlib.suppress(OSError):
+                if entry.stat().st_mtime < stale:
+                    os.unlink(entry.path)
+
+
+def _claim_file(path: Path) -> bool:
+    for _ in range(2):
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return True
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - path.stat().st_mtime < _CLAIM_TTL:
+                    return False
+                path.unlink()
+        except OSError:
+            return True
+    return False
+
+
 def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -56,7 +108,7 @@ def free_port_range(count: int, host: str = "127.0.0.1") -> int:
     """The first of ``count`` consecutive free ports (see :func:`free_port`)."""
     for first in _candidates(count):
         span = range(first, first + count)
-        if all(p not in _chosen and _bindable(host, p) for p in span):
+        if all(p not in _chosen and _bindable(host, p) for p in span) and _claim(span):
             _chosen.update(span)
             return first
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # all taken: any port will do

@@ -67,7 +67,10 @@ class LocalCloud:
         try:
             wait_until(ready, timeout=timeout, interval=0.1, what="sitecloud up to be ready")
         except AssertionError as err:
-            raise AssertionError(f"{err}\n{self.log()}\n{self.role_logs()}") from None
+            message = f"{err}\n{self.log()}\n{self.role_logs()}"
+            # A cloud that never came up leaves nothing running for later tests to trip on.
+            self.kill_everything()
+            raise AssertionError(message) from None
         return dict(json.loads(endpoints.read_text()))
 
     def log(self) -> str:

@@ -174,6 +174,9 @@ def test_plans_tenants_subscriptions(cloud: ManagementCloud) -> None:
         # The last 20 content versions, no age rule.
         "keep_versions": 20,
         "keep_days": 0,
+        # No scheduled backups unless the plan asks; seven kept when it does.
+        "backup_every_seconds": 0,
+        "backup_keep": 7,
         "subscriptions": 0,
     }
     assert plan in cloud.ok("GET", "/plans")["plans"]
