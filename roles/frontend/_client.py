@@ -35,10 +35,10 @@ from roles.frontend._http import (
     strip_headers,
     text_page,
 )
-from roles.frontend._lane import LaneConnection, lane_eligible
+from roles.frontend._lane import lane_eligible
 from roles.frontend._proxy import Proxy
 from roles.frontend._routes import AFFINITY_COOKIE, Site
-from roles.frontend._upstream import Exchange, Upstream, UpstreamConnection
+from roles.frontend._upstream import Exchange, Lane, Upstream, UpstreamConnection
 from shared.acme import CHALLENGE_PATH
 
 __all__ = ["ClientConnection"]
@@ -154,7 +154,7 @@ class _Request:
         self.conn: UpstreamConnection | None = None
         # A GET on a lane (roles/frontend/_lane.py) instead of a connection of its own. Its answer
         # is whole and small, so a slow client never holds up the lane: it is not paused for one.
-        self.lane: LaneConnection | None = None
+        self.lane: Lane | None = None
         self.lane_ok = False
         self.target = b""  # kept for lane requests: a refused one is remembered by it
         self.upstream: Upstream | None = None
