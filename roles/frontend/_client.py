@@ -15,6 +15,16 @@ from typing import cast
 import httptools
 
 from roles.frontend._cache import CacheEntry, app_lifetime, cacheable, http_date_line, without_date
+from roles.frontend._head import (
+    AUTHORIZATION,
+    CONDITIONAL,
+    IDEMPOTENT,
+    NOTED,
+    absolute_form,
+    https_redirect,
+    normalize_host,
+    only_chunked,
+)
 from roles.frontend._http import (
     BODY_CHUNKED,
     BODY_CLOSE,
@@ -31,14 +41,13 @@ from roles.frontend._http import (
     REQUEST_HEADERS,
     Page,
     extra_connection_tokens,
-    redirect_page,
     strip_headers,
     text_page,
 )
-from roles.frontend._lane import LaneConnection, lane_eligible
+from roles.frontend._lane import lane_eligible
 from roles.frontend._proxy import Proxy
 from roles.frontend._routes import AFFINITY_COOKIE, Site
-from roles.frontend._upstream import Exchange, Upstream, UpstreamConnection
+from roles.frontend._upstream import Exchange, Lane, Upstream, UpstreamConnection
 from shared.acme import CHALLENGE_PATH
 
 __all__ = ["ClientConnection"]
@@ -62,28 +71,11 @@ _BUFFER_LIMIT = 256 * 1024
 _JOIN_MAX = 16 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 # How long a site whose app answers its GETs keeps them off the lane before the lane is tried again.
 _LANE_OFF_FOR = 30.0
 # How many refused targets a site remembers (then it starts over).
 _OFF_LANE_MAX = 1024
-_REDIRECT_AS_IS = frozenset({b"GET", b"HEAD"})
 _CHALLENGE_PREFIX = CHALLENGE_PATH.encode()
-# Request headers the cache looks at: those that make an answer this visitor's own (a part, "not
-# modified", or one for its credentials: never kept nor given from the cache), and Accept-Encoding
-# (which an app's answer that varies by it is kept under).
-_CONDITIONAL = 1
-_AUTHORIZATION = 2
-_ENCODING = 3
-_NOTED = {
-    b"range": _CONDITIONAL,
-    b"if-range": _CONDITIONAL,
-    b"if-none-match": _CONDITIONAL,
-    b"if-modified-since": _CONDITIONAL,
-    b"if-match": _CONDITIONAL,
-    b"authorization": _AUTHORIZATION,
-    b"accept-encoding": _ENCODING,
-}
 
 
 class _Reject(Exception):
@@ -154,7 +146,7 @@ class _Request:
         self.conn: UpstreamConnection | None = None
         # A GET on a lane (roles/frontend/_lane.py) instead of a connection of its own. Its answer
         # is whole and small, so a slow client never holds up the lane: it is not paused for one.
-        self.lane: LaneConnection | None = None
+        self.lane: Lane | None = None
         self.lane_ok = False
         self.target = b""  # kept for lane requests: a refused one is remembered by it
         self.upstream: Upstream | None = None
@@ -180,14 +172,6 @@ class _Request:
         self.kept_for = 0.0
         self.fill_version = b""
         self.encoding = b""  # its Accept-Encoding, for an app's answer that varies by it
-
-
-def _normalize_host(value: bytes) -> bytes:
-    host = value.lower()
-    colon = host.rfind(b":")
-    if colon != -1 and host.find(b"]", colon) == -1:
-        host = host[:colon]
-    return host[:-1] if host.endswith(b".") else host
 
 
 class ClientConnection(asyncio.Protocol):
@@ -387,11 +371,11 @@ class ClientConnection(asyncio.Protocol):
         lname = name.lower()
         kind = REQUEST_HEADERS.get(lname)
         if kind is None:
-            noted = _NOTED.get(lname)
+            noted = NOTED.get(lname)
             if noted is not None:
-                if noted == _CONDITIONAL:
+                if noted == CONDITIONAL:
                     self._plain = False
-                elif noted == _AUTHORIZATION:
+                elif noted == AUTHORIZATION:
                     self._auth = True
                 else:
                     self._encoding = value
@@ -440,7 +424,7 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject
         te = self._te
         if te is not None:
-            if te.strip().lower() != b"chunked":
+            if not only_chunked(te):
                 self._error = 501  # only chunked is re-framed; anything else cannot be forwarded
                 raise _Reject
             req.chunked = True
@@ -454,15 +438,13 @@ class ClientConnection(asyncio.Protocol):
         host = self._host
         if target[:1] != b"/" and target != b"*":
             try:
-                url = httptools.parse_url(target)
-            except httptools.HttpParserInvalidURLError:
+                absolute = absolute_form(target)
+            except ValueError:
                 self._error = 400
                 raise _Reject from None
-            if url.host:
-                # RFC 9112 3.2.2: absolute-form wins over Host.
-                host = url.host + (b":" + str(url.port).encode() if url.port else b"")
-                target = (url.path or b"/") + (b"?" + url.query if url.query else b"")
-        name = _normalize_host(host) if host is not None else b""
+            if absolute is not None:
+                host, target = absolute
+        name = normalize_host(host) if host is not None else b""
         # RFC 8555 8.3: the CA fetches the key authorization over plain HTTP, before any HTTPS redirect.
         challenge = (
             self._proxy.challenges.get((name, target))
@@ -490,7 +472,7 @@ class ClientConnection(asyncio.Protocol):
                 self._error = 413
                 raise _Reject
             if site.https_only and not self._https:
-                req.local = self._redirect(method, name, target)
+                req.local = https_redirect(method, name, target, self._proxy.public_https_port)
             else:
                 self._forward_head(req, site, method, target, host, has_body, upgrade)
         if has_body:
@@ -535,7 +517,7 @@ class ClientConnection(asyncio.Protocol):
                     return
                 elif entry.expires:
                     entry = None  # an app's answer is only ever given unasked
-        req.replayable = not has_body and method in _IDEMPOTENT
+        req.replayable = not has_body and method in IDEMPOTENT
         req.expect_continue = has_body and req.http11 and self._expect == b"100-continue"
         if site.affinity and self._cookie is not None:
             req.pinned = site.pinned(self._cookie)
@@ -590,12 +572,6 @@ class ClientConnection(asyncio.Protocol):
         if feed is not None:
             client = self._ip if self._xff is None else self._xff + b", " + self._ip
             feed.report(site.name, target, size, rid, client, self._headers)  # (a new one per request)
-
-    def _redirect(self, method: bytes, host: bytes, target: bytes) -> Page:
-        """The site wants HTTPS only: send the visitor there (308 keeps a POST a POST)."""
-        port = self._proxy.public_https_port
-        location = b"https://" + host + (b"" if port == 443 else b":%d" % port) + target
-        return redirect_page(301 if method in _REDIRECT_AS_IS else 308, location)
 
     def on_body(self, data: bytes) -> None:
         req = self._req

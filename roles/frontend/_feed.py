@@ -12,17 +12,14 @@ The answers given unasked are reported on the feed, for the site's access log on
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from roles.frontend._cache import ResponseCache
+from roles.frontend._upstream import Hub, Upstream
 from shared.contracts.feed import FeedNotice, FeedReport, HeldHit
 from shared.errors import InvalidInput
 from shared.pki import role_of_peer
 from shared.tls import FEED_ALPN
-
-if TYPE_CHECKING:
-    from roles.frontend._proxy import Proxy
-    from roles.frontend._upstream import Upstream
 
 __all__ = ["FeedClient", "run_feed"]
 
@@ -38,7 +35,7 @@ _MAX_LINE = 16 * 1024 * 1024
 class FeedClient(asyncio.Protocol):
     """The feed from one worker: the version it serves of each of its sites, and the lease."""
 
-    def __init__(self, proxy: Proxy, upstream: Upstream) -> None:
+    def __init__(self, proxy: Hub, upstream: Upstream) -> None:
         self._proxy = proxy
         self._upstream = upstream
         self._cache: ResponseCache | None = proxy.cache
@@ -173,7 +170,7 @@ def _header_value(lower: bytes, name: bytes) -> str:
     return lower[start : lower.find(b"\r\n", start)].strip().decode("latin-1")
 
 
-async def run_feed(proxy: Proxy, upstream: Upstream, feed: FeedClient) -> None:
+async def run_feed(proxy: Hub, upstream: Upstream, feed: FeedClient) -> None:
     """Keep ``feed`` open to ``upstream`` until the worker leaves the routes or the proxy drains."""
     ctx = proxy.feed_ssl
     while not upstream.retired and not proxy.draining:

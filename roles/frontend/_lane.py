@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
-from roles.frontend._upstream import Exchange, Owner, Upstream
-
-if TYPE_CHECKING:
-    from roles.frontend._proxy import Proxy
+from roles.frontend._upstream import Exchange, Hub, Owner, Upstream
 
 __all__ = ["NO_LANE_FOR", "LaneConnection", "lane_eligible"]
 
@@ -57,7 +54,7 @@ class _Entry:
 class LaneConnection(asyncio.Protocol):
     """One lane to a worker: requests in the order sent, answers matched to them by tag."""
 
-    def __init__(self, proxy: Proxy, upstream: Upstream) -> None:
+    def __init__(self, proxy: Hub, upstream: Upstream) -> None:
         self._proxy = proxy
         self.upstream = upstream
         self.transport: asyncio.Transport | None = None

@@ -12,14 +12,14 @@ import gc
 import os
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from roles.frontend._cache import CacheEntry, ResponseCache
 from roles.frontend._feed import FeedClient, run_feed
 from roles.frontend._http import Page, text_page
 from roles.frontend._lane import NO_LANE_FOR, LaneConnection
 from roles.frontend._routes import CustomCert, Site, build_routes, failure_figures
-from roles.frontend._upstream import Upstream, UpstreamConnection
+from roles.frontend._upstream import Lane, Pooled, Upstream, UpstreamConnection
 from roles.frontend.config import FrontendConfig
 from shared.contracts.snapshots import FrontendSnapshot
 from shared.logs import ContextLogger
@@ -27,10 +27,7 @@ from shared.metrics import HttpCounts
 from shared.pki import role_of_peer
 from shared.tls import FEED_ALPN, LANE_ALPN, client_context
 
-if TYPE_CHECKING:
-    from roles.frontend._client import ClientConnection
-
-__all__ = ["Proxy", "UpstreamRefused"]
+__all__ = ["Client", "Proxy", "UpstreamRefused"]
 
 # How long a worker that refused a connection is tried last.
 _DOWN_FOR = 2.0
@@ -41,6 +38,14 @@ _BIG_SNAPSHOT = 2000
 _HEALTHZ_OK = text_page(200, b"OK", b"ok\n")
 _HEALTHZ_NO_ROUTES = text_page(503, b"Service Unavailable", b"no routes: no config snapshot applied yet\n")
 _HEALTHZ_DRAINING = text_page(503, b"Service Unavailable", b"draining: this front end is stopping\n")
+
+
+class Client(Protocol):
+    """A visitor's connection (roles/frontend/_client.py), as the sweep and the drain see it."""
+
+    def check(self, now: float) -> None: ...
+    def close_if_idle(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 class UpstreamRefused(OSError):
@@ -69,8 +74,8 @@ class Proxy:
         self.applied = False
         self.public_https_port = config.public_https or config.https_port
         self.upstreams: dict[str, Upstream] = {}
-        self.clients: set[ClientConnection] = set()
-        self.upstream_conns: set[UpstreamConnection | LaneConnection] = set()
+        self.clients: set[Client] = set()
+        self.upstream_conns: set[Pooled] = set()
         self.draining = False
         self._drained = asyncio.Event()
         self.header_timeout = config.header_timeout
@@ -227,10 +232,10 @@ class Proxy:
             raise UpstreamRefused(f"{upstream.address} did not present a worker certificate")
         return conn
 
-    def lane(self, upstream: Upstream, now: float) -> LaneConnection | None:
+    def lane(self, upstream: Upstream, now: float) -> Lane | None:
         """The least loaded open lane to ``upstream``, opening more (in the background) up to
         ``lanes_per_worker``; None while there is none yet."""
-        best: LaneConnection | None = None
+        best: Lane | None = None
         for lane in upstream.lanes:
             if lane.usable() and (best is None or lane.load < best.load):
                 best = lane
@@ -286,8 +291,8 @@ class Proxy:
             return
         if self.cache is None or self.draining:
             return
-        upstream.feed = FeedClient(self, upstream)
-        self.spawn(run_feed(self, upstream, upstream.feed))
+        upstream.feed = feed = FeedClient(self, upstream)
+        self.spawn(run_feed(self, upstream, feed))
 
     def held_fresh(self, site: Site, entry: CacheEntry) -> bool:
         """Whether ``entry`` may be sent without asking: every worker of the site has a live feed
@@ -384,7 +389,7 @@ class Proxy:
             return _HEALTHZ_DRAINING
         return _HEALTHZ_OK if self.applied else _HEALTHZ_NO_ROUTES
 
-    def client_gone(self, client: ClientConnection) -> None:
+    def client_gone(self, client: Client) -> None:
         self.clients.discard(client)
         if self.draining and not self.clients:
             self._drained.set()

@@ -3,16 +3,22 @@
 A connection carries one exchange at a time. It parses the worker's response with httptools and hands
 head, body and end to its owner (the client connection the request came from). It goes back to its
 pool only after a complete response to a completely sent request; anything else closes it.
+
+This is the bottom of the front end's connection layer: the lane, the version feed, the routes, the
+proxy and the client connection build on it, never the other way. What it needs of those above (the
+proxy's settings, a lane, a feed) it names as protocols here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import TYPE_CHECKING, Protocol, cast
+import ssl
+from typing import Protocol, cast
 
 import httptools
 
+from roles.frontend._cache import ResponseCache
 from roles.frontend._http import (
     BODY_CHUNKED,
     BODY_CLOSE,
@@ -25,13 +31,9 @@ from roles.frontend._http import (
     extra_connection_tokens,
     strip_headers,
 )
+from shared.logs import ContextLogger
 
-if TYPE_CHECKING:
-    from roles.frontend._feed import FeedClient
-    from roles.frontend._lane import LaneConnection
-    from roles.frontend._proxy import Proxy
-
-__all__ = ["Exchange", "Owner", "Upstream", "UpstreamConnection"]
+__all__ = ["Exchange", "Feed", "Hub", "Lane", "Owner", "Pooled", "Upstream", "UpstreamConnection"]
 
 
 class Exchange(Protocol):
@@ -62,6 +64,56 @@ class Owner(Protocol):
     def tunnel_closed(self) -> None: ...
     def cork(self) -> None: ...
     def uncork(self) -> None: ...
+
+
+class Pooled(Protocol):
+    """A connection to a worker (a keep-alive one or a lane), as the proxy's sweep and routes see it."""
+
+    @property
+    def upstream(self) -> Upstream: ...
+    def check(self, now: float) -> None: ...
+    def withdraw(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class Hub(Protocol):
+    """What connections to workers need of the proxy (roles/frontend/_proxy.py): its loop, log,
+    timeouts and the set they join while open."""
+
+    loop: asyncio.AbstractEventLoop
+    log: ContextLogger
+    draining: bool
+    connect_timeout: float
+    response_timeout: float
+    upstream_idle_timeout: float
+    upstream_max_idle: int
+    upstream_conns: set[Pooled]
+    cache: ResponseCache | None
+    feed_ssl: ssl.SSLContext
+
+
+class Lane(Protocol):
+    """A pipelined connection to a worker (roles/frontend/_lane.py), as its pool and clients see it."""
+
+    @property
+    def load(self) -> int: ...
+    def usable(self) -> bool: ...
+    def submit(self, owner: Owner, req: Exchange, head: bytes) -> None: ...
+    def abandon(self, req: Exchange) -> None: ...
+    def withdraw(self) -> None: ...
+
+
+class Feed(Protocol):
+    """A worker's version feed (roles/frontend/_feed.py), as the proxy and clients see it."""
+
+    versions: dict[str, bytes]
+    lease_until: float
+
+    def report(
+        self, site: str, target: bytes, size: int, rid: bytes, client: bytes, headers: bytes | bytearray
+    ) -> None: ...
+    def check(self, now: float) -> None: ...
+    def close(self) -> None: ...
 
 
 class _BadResponse(Exception):
@@ -102,12 +154,12 @@ class Upstream:
         # No longer in any site's list: connections close instead of going back to the pool.
         self.retired = False
         # Pipelined connections for GETs (roles/frontend/_lane.py), and how many are being opened.
-        self.lanes: list[LaneConnection] = []
+        self.lanes: list[Lane] = []
         self.lanes_opening = 0
         # Until when (loop time) no lane is tried: the worker did not offer one (an older version).
         self.no_lane_until = 0.0
         # The worker's version feed (roles/frontend/_feed.py), while the front end keeps answers.
-        self.feed: FeedClient | None = None
+        self.feed: Feed | None = None
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self.idle
@@ -137,7 +189,7 @@ class Upstream:
 class UpstreamConnection(asyncio.Protocol):
     """One mTLS keep-alive connection to a worker."""
 
-    def __init__(self, proxy: Proxy, upstream: Upstream) -> None:
+    def __init__(self, proxy: Hub, upstream: Upstream) -> None:
         self._proxy = proxy
         self.upstream = upstream
         self.transport: asyncio.Transport | None = None
