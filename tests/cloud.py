@@ -8,8 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from bench.harness.clients import SiteConnection, https_get
 from roles.worker.apps._isolation import reap_orphans
@@ -159,3 +162,13 @@ class LocalCloud:
             raise AssertionError(
                 f"after {timeout}s {site}{path} answers {status} {body[:200]!r}\n{self.role_logs()}"
             ) from None
+
+
+def running_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
+    """A module's cloud, as `sitecloud up` starts it with its defaults, and nothing of it left after."""
+    cloud = LocalCloud(tmp_path_factory.mktemp("cloud") / "home")
+    cloud.start()
+    try:
+        yield cloud
+    finally:
+        cloud.kill_everything()

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.cloud import LocalCloud
+from tests.cloud import LocalCloud, running_cloud
 from tests.support import TinyDns
 
 pytestmark = pytest.mark.timeout(300)
@@ -22,12 +22,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    cloud = LocalCloud(tmp_path_factory.mktemp("cloud") / "home")
-    cloud.start()
-    try:
-        yield cloud
-    finally:
-        cloud.kill_everything()
+    yield from running_cloud(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

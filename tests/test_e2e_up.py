@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.cloud import LocalCloud
+from tests.cloud import LocalCloud, running_cloud
 from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -26,12 +26,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    cloud = LocalCloud(tmp_path_factory.mktemp("cloud") / "home")
-    cloud.start()
-    try:
-        yield cloud
-    finally:
-        cloud.kill_everything()
+    yield from running_cloud(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from roles.frontend.config import FrontendConfig
 from roles.publisher.config import PublisherConfig
 from shared.config import RoleConfig, write_role_config
 from shared.listeners import HeldListeners, ListenerSpec, bind_listener, listener_specs
-from tests.cloud import LocalCloud
+from tests.cloud import LocalCloud, running_cloud
 from tests.support import CloudPKI, call, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -476,12 +476,7 @@ def test_publisher_restart_through_the_hostagent_never_frees_its_ports(
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    cloud = LocalCloud(tmp_path_factory.mktemp("cloud") / "home")
-    cloud.start()
-    try:
-        yield cloud
-    finally:
-        cloud.kill_everything()
+    yield from running_cloud(tmp_path_factory)
 
 
 @pytest.mark.parametrize("role", ["frontend", "publisher"])

@@ -25,7 +25,7 @@ from roles.worker.config import WorkerConfig
 from shared.config import ROLE_KINDS
 from shared.net import free_port
 from shared.tls import client_context_from_files
-from tests.cloud import LocalCloud
+from tests.cloud import LocalCloud, running_cloud
 from tests.support import CloudPKI, RoleProcess, call, lane_exchange, wait_until
 
 DOMAIN = "sites.test"
@@ -176,12 +176,7 @@ def test_per_site_series_are_the_busiest_sites_and_the_rest_folded(frontend: Rol
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    cloud = LocalCloud(tmp_path_factory.mktemp("cloud") / "home")
-    cloud.start()
-    try:
-        yield cloud
-    finally:
-        cloud.kill_everything()
+    yield from running_cloud(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.cloud import LocalCloud, SiteConnection
+from tests.cloud import LocalCloud, SiteConnection, running_cloud
 from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -28,12 +28,7 @@ V2 = b"<h1>v2 staging</h1>"
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    cloud = LocalCloud(tmp_path_factory.mktemp("cloud") / "home")
-    cloud.start()
-    try:
-        yield cloud
-    finally:
-        cloud.kill_everything()
+    yield from running_cloud(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
