@@ -122,22 +122,35 @@ def test_a_published_site_is_backed_up_on_schedule_with_its_bytes(
     assert on_disk and all(n.endswith(".zip") and not n.startswith(".") for n in on_disk), on_disk
 
 
-def test_only_the_last_n_are_kept(cloud: LocalCloud, tenant: dict[str, Any]) -> None:
+def test_only_the_last_n_are_kept_and_unchanged_content_is_not_copied_again(
+    cloud: LocalCloud, tenant: dict[str, Any], tmp_path: Path
+) -> None:
     token = tenant["token"]
-    first = _wait_for("two backups", lambda: [b["name"] for b in _backups(cloud, token)["backups"]][-2:])
-    # Every interval a new one; the older ones go, and never more than two remain once pruned.
-    later = _wait_for(
-        "two backups newer than the first two",
-        lambda: (
-            (names := [b["name"] for b in _backups(cloud, token)["backups"]])
-            and not set(names) & set(first)
-            and names
-        ),
-        timeout=40.0,
+    _wait_for("a backup", lambda: _backups(cloud, token)["backups"])
+    # Several intervals with nothing published: no second copy of the same version.
+    time.sleep(3 * MIN_EVERY + 1)
+    versions = [b["version"] for b in _backups(cloud, token)["backups"]]
+    assert len(versions) == len(set(versions)), versions
+
+    tree = tmp_path / "site"
+    tree.mkdir()
+    published = []
+    for n in range(3):
+        (tree / "index.html").write_bytes(f"<h1>edition {n}</h1>".encode())
+        version = cloud.cli("deploy", "shop", str(tree), token=token)["version"]
+        published.append(version)
+        _wait_for(
+            f"a backup of version {version}",
+            lambda v=version: [b for b in _backups(cloud, token)["backups"] if b["version"] == v],
+        )
+    # The plan keeps two: the two newest versions, oldest first.
+    kept = _wait_for(
+        "exactly two kept",
+        lambda: (b := _backups(cloud, token)["backups"]) and len(b) == 2 and b,
     )
-    assert len(later) <= 3, later  # a new one may be listed just before the oldest goes
-    _wait_for("exactly two kept", lambda: len(_backups(cloud, token)["backups"]) == 2)
-    assert sorted(later) == later  # stamped names sort by time
+    assert [b["version"] for b in kept] == published[-2:], kept
+    names = [b["name"] for b in kept]
+    assert sorted(names) == names  # stamped names sort by time
 
 
 def test_another_tenant_cannot_see_or_fetch_them(cloud: LocalCloud, tenant: dict[str, Any]) -> None:
@@ -187,11 +200,13 @@ def test_plan_shows_its_schedule_and_backups_can_be_turned_off(cloud: LocalCloud
 def test_the_schedule_follows_the_newest_file_across_restarts(tmp_path: Path) -> None:
     """A management that starts again takes the next backup when the newest file says, not at once."""
     taken: list[int] = []
+    asked: list[str] = []
 
     async def schedule() -> tuple[list[Due], set[str]]:
         return [Due("blog", 3600, 2)], {"blog"}
 
     async def newest(site: str) -> int | None:
+        asked.append(site)
         return 7
 
     async def zip_of(site: str, version: int) -> AsyncIterator[bytes]:
@@ -222,6 +237,17 @@ def test_the_schedule_follows_the_newest_file_across_restarts(tmp_path: Path) ->
     # Two kept: the stale one and the new one; the oldest went.
     assert len(names) == 2 and names[0] == f"{stale:%Y%m%dT%H%M%SZ}-v6.zip" and names[1].endswith("-v7.zip")
     assert (folder / names[1]).read_bytes() == b"PK-zip-bytes"
+
+    # Due again with the same version published: no second copy of it; a new version is taken.
+    newest_file = folder / names[1]
+    created = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+    newest_file.rename(folder / f"{created:%Y%m%dT%H%M%SZ}-v7.zip")
+    same = backups()
+    asked.clear()
+    asyncio.run(same.run_once())
+    assert taken == [7] and len(same.of_site("blog")) == 2 and asked == ["blog"]
+    asyncio.run(same.run_once())  # and the fileserver is not asked again until an interval later
+    assert taken == [7] and asked == ["blog"]
 
     # A site that is gone takes its backups along.
     async def nothing() -> tuple[list[Due], set[str]]:

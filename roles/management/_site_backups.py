@@ -2,8 +2,9 @@
 
 A backup is ``<home>/backups/<site>/<UTC stamp>-v<version>.zip``, written beside its name and renamed
 in place once whole (never half a zip under a backup's name). When the next one is due follows from the
-newest file's stamp, so a restarted management neither skips nor repeats one. Only the last ``keep`` of
-a site are kept. The loop runs in the service's event loop and streams each zip from the fileserver;
+newest file's stamp, so a restarted management neither skips nor repeats one. A site whose content has
+not changed since its newest backup gets no new copy of the same version (the older, different versions
+stay kept instead); it is looked at again one interval later. Only the last ``keep`` of a site are kept. The loop runs in the service's event loop and streams each zip from the fileserver;
 file writes run in threads, so the API is never held up.
 """
 
@@ -46,6 +47,7 @@ BACKUP_NAME_PATTERN = r"^\d{8}T\d{6}Z-v\d{1,9}\.zip$"
 _NAME = re.compile(r"(?P<stamp>\d{8}T\d{6}Z)-v(?P<version>\d{1,9})\.zip")
 # Between looks at what is due; the shortest allowed interval bounds it from above.
 _TICK_MAX = 30.0
+_EPOCH = dt.datetime.fromtimestamp(0, dt.UTC)
 
 
 def human_every(seconds: int) -> str:
@@ -139,6 +141,8 @@ class ScheduledBackups:
         self._zip_of = zip_of
         self._log = log
         self._tick = min(_TICK_MAX, max(0.2, min_every / 4))
+        # Sites found unchanged when due, and when: the next look is one interval after that.
+        self._unchanged_at: dict[str, dt.datetime] = {}
 
     def _folder(self, site: str) -> Path:
         # The site name is the one trust boundary between a request and a path here.
@@ -192,10 +196,12 @@ class ScheduledBackups:
         now = dt.datetime.now(dt.UTC)
         for due in sites:
             backups = await asyncio.to_thread(self.of_site, due.site)
-            if backups and backups[-1].created + dt.timedelta(seconds=due.every_seconds) > now:
+            newest = backups[-1] if backups else None
+            last = max([b.created for b in backups[-1:]] + [self._unchanged_at.get(due.site, _EPOCH)])
+            if last + dt.timedelta(seconds=due.every_seconds) > now:
                 continue
             try:
-                await self._take(due, now)
+                await self._take(due, now, newest)
             except (SitecloudError, OSError) as exc:
                 # One site's failure (fileserver away, disk full) leaves the others' backups be.
                 self._log.bind(site=due.site).warning("scheduled backup not taken: %s", exc)
@@ -207,6 +213,8 @@ class ScheduledBackups:
             folders = list(self.root.iterdir())
         except FileNotFoundError:
             return
+        for site in set(self._unchanged_at) - existing:
+            del self._unchanged_at[site]
         for folder in folders:
             if folder.name not in existing:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -215,10 +223,17 @@ class ScheduledBackups:
             for part in folder.glob(".*.part"):
                 part.unlink(missing_ok=True)
 
-    async def _take(self, due: Due, now: dt.datetime) -> None:
+    async def _take(self, due: Due, now: dt.datetime, newest: BackupFile | None) -> None:
         version = await self._newest_version(due.site)
         if version is None:
             return  # nothing published yet
+        if newest is not None and newest.version == version:
+            self._unchanged_at[due.site] = now
+            self._log.bind(site=due.site).debug(
+                "scheduled backup not needed: version %s is already in %s", version, newest.name
+            )
+            return
+        self._unchanged_at.pop(due.site, None)
         folder = self._folder(due.site)
         name = f"{now.strftime(_STAMP)}-v{version}.zip"
         target = folder / name
