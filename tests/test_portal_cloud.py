@@ -1,5 +1,6 @@
 """The tenant portal on a whole cloud (`sitecloud up`): a zip deployed from the browser goes live, and the
-tenant opens the site in Chromium; the admin dashboard shows every role and the storage used."""
+tenant opens the site in Chromium; a scheduled backup is restored, a slot is made, published and swapped
+in from the browser; the admin dashboard shows every role and the storage used."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from roles.management.config import BACKUP_MIN_EVERY_ENV
 from tests.cloud import LocalCloud
 from tests.test_portal import (
     CHROMIUM,
@@ -43,7 +45,9 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def cloud(tmp_path: Path) -> Iterator[LocalCloud]:
     cloud = LocalCloud(tmp_path / "home")
-    cloud.start()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(BACKUP_MIN_EVERY_ENV, "2")  # scheduled backups every 2 s, so one is taken during the test
+        cloud.start()
     try:
         yield cloud
     finally:
@@ -53,7 +57,10 @@ def cloud(tmp_path: Path) -> Iterator[LocalCloud]:
 def test_deploy_from_the_browser_and_open_the_site(cloud: LocalCloud, tmp_path: Path) -> None:
     portal = f"https://localhost:{cloud.ports['api_port']}"
     admin_name, admin_password = admin_user(cloud.home)
-    cloud.cli("plan", "create", "basic", "--max-sites", "3", "--storage-mb", "20", "--public")
+    cloud.cli(
+        "plan", "create", "basic", "--max-sites", "3", "--storage-mb", "20", "--public",
+        "--backup-every", "2s",
+    )  # fmt: skip
     cloud.cli("settings", "set", "--signup", "open")
     site_zip = tmp_path / "site.zip"
     site_zip.write_bytes(
@@ -86,6 +93,8 @@ def test_deploy_from_the_browser_and_open_the_site(cloud: LocalCloud, tmp_path: 
             site.goto(f"https://shop.sites.localhost:{cloud.ports['https_port']}/")
             assert site.inner_text("h1") == "deployed from the portal"
             site.close()
+            _restore_a_backup(cloud, tenant, portal, tmp_path)
+            _make_publish_and_swap_a_slot(cloud, tenant, tmp_path)
             tenant.goto(f"{portal}/portal/")
             shot(tenant, "tenant-home")
             tenant.goto(f"{portal}/portal/sites/shop")
@@ -106,7 +115,7 @@ def test_deploy_from_the_browser_and_open_the_site(cloud: LocalCloud, tmp_path: 
             assert "Role restarted." in admin.inner_text(".notice"), admin.inner_text("main")[:500]
             assert cloud.role_pids()["worker"] != before
             assert "ready" in admin.locator("tr", has_text="worker").inner_text().lower()
-            cloud.wait_for_content("shop", "/", b"<h1>deployed from the portal</h1>")
+            cloud.wait_for_content("shop", "/", b"<h1>staging edition</h1>")  # swapped in above
             # Stopping asks first; the row then offers Start, which brings it back.
             submit(admin, "a[aria-label='Stop publisher on localhost']")
             submit(admin, "button:text-is('Stop publisher')")
@@ -122,3 +131,64 @@ def test_deploy_from_the_browser_and_open_the_site(cloud: LocalCloud, tmp_path: 
             ctx.close()
         finally:
             browser.close()
+
+
+def _restore_a_backup(cloud: LocalCloud, tenant: Any, portal: str, tmp_path: Path) -> None:
+    """The scheduled backup of the first deploy, restored from the site's page after a second deploy."""
+    for _ in range(60):
+        tenant.goto(f"{portal}/portal/sites/shop")
+        if tenant.locator("a[aria-label^='Restore the backup']").count():
+            break
+        tenant.wait_for_timeout(500)
+    else:
+        raise AssertionError("no scheduled backup listed: " + tenant.inner_text("main")[:500])
+    second = tmp_path / "second.zip"
+    second.write_bytes(make_zip({"index.html": b"<h1>second edition</h1>"}))
+    tenant.set_input_files("#zip", str(second))
+    submit(tenant, "button:text-is('Deploy')")
+    cloud.wait_for_content("shop", "/", b"<h1>second edition</h1>")
+    # The backup lists oldest last on the page: the only one holding the first deploy.
+    submit(tenant, "a[aria-label^='Restore the backup'] >> nth=-1")
+    assert "as a new version" in tenant.inner_text("main"), tenant.inner_text("main")[:500]
+    submit(tenant, "button:text-is('Restore this backup')")
+    assert "Restored from" in tenant.inner_text(".notice"), tenant.inner_text("main")[:500]
+    cloud.wait_for_content("shop", "/", b"<h1>deployed from the portal</h1>")
+
+
+def _make_publish_and_swap_a_slot(cloud: LocalCloud, tenant: Any, tmp_path: Path) -> None:
+    tenant.fill("#key", "DB_URL")
+    tenant.fill("#value", "postgres://production")
+    submit(tenant, "button:text-is('Set')")
+    submit(tenant, "button[aria-label='Make sticky DB_URL']")
+    assert "sticky" in tenant.locator("tr", has_text="DB_URL").inner_text()
+
+    tenant.fill("#slot", "staging")
+    submit(tenant, "button:text-is('Add slot')")
+    # The slot's own page, with its publishing password shown once.
+    assert tenant.locator("h1").inner_text().startswith("shop-staging"), tenant.inner_text("main")[:500]
+    assert tenant.inner_text("#publishing-password").strip()
+    assert "deployment slot" in tenant.inner_text("main")
+    # Sticky settings stay with production's address: the slot starts without it.
+    assert "DB_URL" not in tenant.inner_text("main")
+    staging = tmp_path / "staging.zip"
+    staging.write_bytes(make_zip({"index.html": b"<h1>staging edition</h1>"}))
+    tenant.set_input_files("#zip", str(staging))
+    submit(tenant, "button:text-is('Deploy')")
+    cloud.wait_for_content("shop-staging", "/", b"<h1>staging edition</h1>")
+
+    tenant.goto(tenant.url.replace("/shop-staging", "/shop"))
+    row = tenant.locator("tr", has_text="staging").inner_text()
+    assert "shop-staging" in row, row
+    submit(tenant, "a[aria-label='Swap with staging']")
+    assert "warmed" in tenant.inner_text("main")
+    submit(tenant, "button:text-is('Swap with staging')")
+    assert "Swapped" in tenant.inner_text(".notice"), tenant.inner_text("main")[:500]
+    cloud.wait_for_content("shop", "/", b"<h1>staging edition</h1>")
+    cloud.wait_for_content("shop-staging", "/", b"<h1>deployed from the portal</h1>")
+    assert "swapped" in tenant.locator("tr", has_text="production").inner_text()
+    shot(tenant, "tenant-slots")
+    # Deleting a slot that is swapped in is refused with what to do.
+    submit(tenant, "a[aria-label='Delete the staging slot']")
+    tenant.fill("#confirm", "shop-staging")
+    submit(tenant, "button:text-is('Delete shop-staging')")
+    assert "swap back first" in tenant.inner_text("main"), tenant.inner_text("main")[:500]

@@ -32,6 +32,8 @@ from shared.errors import BadRequest, InvalidInput, NotFound, SitecloudError
 __all__ = ["tenant_routes"]
 
 _CHUNK = 256 * 1024
+# As the API's default: the slot's app has this long to answer its first request.
+_SWAP_WARM_SECONDS = 60.0
 
 
 def _site(request: web.Request) -> str:
@@ -109,7 +111,8 @@ async def _site_page(
 ) -> web.Response:
     service = service_of(request)
     site = await service.show_site(page.who, name)
-    settings = (await service.get_app_settings(page.who, name))["settings"]
+    app_settings = await service.get_app_settings(page.who, name)
+    settings = app_settings["settings"]
     hostnames = (await service.list_hostnames(page.who, name))["hostnames"]
     storage = await service.site_storage(page.who, name)
     today = service.metering.today()
@@ -137,6 +140,12 @@ async def _site_page(
         versions_problem = err.message
     backups = await service.site_backups(page.who, name)
     backups["backups"].reverse()
+    # A slot's own page shows its production site instead of a slot list of its own.
+    slots: list[dict[str, Any]] | None = None
+    try:
+        slots = (await service.list_slots(page.who, name))["slots"]
+    except InvalidInput:
+        pass
     check = None
     wanted = request.query.get("check", "").strip()
     if wanted:
@@ -161,6 +170,8 @@ async def _site_page(
         versions=versions,
         versions_problem=versions_problem,
         backups=backups,
+        slots=slots,
+        sticky=set(app_settings.get("sticky", [])),
         **extra,
     )
 
@@ -208,6 +219,41 @@ async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
                 back,
                 notice=f"Rolled back to version {done['rolled_back_to']}: it is served as version {done['version']}.",
             )
+        if action == "backup-restore":
+            backup = str(form.get("backup", ""))
+            check_confirmed(form, f"restore {name} from the backup {backup}")
+            done = await service.restore_site_backup(page.who, name, backup)
+            raise see_other(
+                request,
+                back,
+                notice=f"Restored from {done['restored']}: it is served as version {done['version']}.",
+            )
+        if action == "slot-create":
+            created = await service.create_slot(page.who, name, str(form.get("slot", "")).strip())
+            # The slot's password is shown once, on its own page.
+            raise see_other(
+                request, _site_url(created["name"]), notice="slot-created", secret=_secret(created)
+            )
+        if action == "slot-delete":
+            slot = str(form.get("slot", ""))
+            check_confirmed(form, f"delete the slot {slot} of {name} and its content", f"{name}-{slot}")
+            await service.delete_slot(page.who, name, slot)
+            raise see_other(request, back, notice="slot-deleted")
+        if action == "swap":
+            slot = str(form.get("slot", ""))
+            check_confirmed(form, f"swap {name} with its slot {slot}")
+            swapped = await service.swap_slot(page.who, name, slot, _SWAP_WARM_SECONDS)
+            raise see_other(
+                request,
+                back,
+                notice=f"Swapped: {name}'s address now serves {swapped['production_served_by']}, "
+                f"the {slot} address serves {swapped['slot_served_by']}.",
+            )
+        if action == "sticky":
+            key, on = str(form.get("key", "")), form.get("sticky") == "on"
+            current = set((await service.get_app_settings(page.who, name)).get("sticky", []))
+            await service.set_sticky(page.who, name, sorted(current | {key} if on else current - {key}))
+            raise see_other(request, back, notice="settings-saved")
         if action == "hostname-remove":
             hostname = str(form.get("hostname", ""))
             check_confirmed(form, f"remove {hostname} from {name}")
@@ -333,6 +379,76 @@ async def confirm_rollback(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def confirm_backup_restore(request: web.Request) -> web.StreamResponse:
+    page, name = await require_page(request), _site(request)
+    backup = request.query.get("backup", "")
+    found = await service_of(request).site_backup(page.who, name, backup)
+    return confirm_page(
+        request,
+        page,
+        title=f"Restore {name} from {backup}?",
+        consequences=[
+            f"The whole site flips at once to the content of version {found.version}, "
+            f"backed up {found.created:%Y-%m-%d %H:%M} UTC, as a new version.",
+            "Nothing is lost: the current content stays a kept version you can roll back to.",
+        ],
+        action=f"{_site_url(name)}/backups/restore",
+        button="Restore this backup",
+        cancel=_site_url(name),
+        fields={"backup": backup},
+    )
+
+
+async def _slot_row(request: web.Request, page: Page, name: str) -> dict[str, Any]:
+    slot = request.query.get("slot", "")
+    slots = (await service_of(request).list_slots(page.who, name))["slots"]
+    row = next((s for s in slots if s["slot"] == slot and slot != "production"), None)
+    if row is None:
+        raise NotFound(f"site {name} has no slot {slot!r}", hint="pick one from the site's slots")
+    return row
+
+
+async def confirm_swap(request: web.Request) -> web.StreamResponse:
+    page, name = await require_page(request), _site(request)
+    row = await _slot_row(request, page, name)
+    slot = row["slot"]
+    return confirm_page(
+        request,
+        page,
+        title=f"Swap {name} with its {slot} slot?",
+        consequences=[
+            f"First the app serving the {slot} address is warmed (its first request answered); "
+            "if it does not answer, nothing changes.",
+            f"Then {name}'s address serves what the {slot} address serves now, and the other way "
+            "round, on every front end at once. Visitors' requests do not fail.",
+            "Sticky settings stay with their address. Swap again to go back.",
+        ],
+        action=f"{_site_url(name)}/slots/swap",
+        button=f"Swap with {slot}",
+        cancel=_site_url(name),
+        fields={"slot": slot},
+    )
+
+
+async def confirm_slot_delete(request: web.Request) -> web.StreamResponse:
+    page, name = await require_page(request), _site(request)
+    row = await _slot_row(request, page, name)
+    return confirm_page(
+        request,
+        page,
+        title=f"Delete the slot {row['slot']} of {name}?",
+        consequences=[
+            f"This deletes the site {row['site']} and all its content, for good.",
+            f"{row['url']} stops serving at once.",
+        ],
+        action=f"{_site_url(name)}/slots/delete",
+        button=f"Delete {row['site']}",
+        cancel=_site_url(name),
+        word=row["site"],
+        fields={"slot": row["slot"]},
+    )
+
+
 async def download_version(request: web.Request) -> web.StreamResponse:
     page, name = await require_page(request), _site(request)
     return await zip_download(request, page.who, name, _version(request.match_info["version"]))
@@ -396,6 +512,26 @@ async def add_hostname(request: web.Request) -> web.StreamResponse:
 
 async def rollback(request: web.Request) -> web.StreamResponse:
     return await _site_action(request, "rollback")
+
+
+async def restore_backup(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "backup-restore")
+
+
+async def create_slot(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "slot-create")
+
+
+async def delete_slot(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "slot-delete")
+
+
+async def swap(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "swap")
+
+
+async def sticky(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "sticky")
 
 
 async def remove_hostname(request: web.Request) -> web.StreamResponse:
@@ -487,5 +623,13 @@ def tenant_routes() -> list[web.RouteDef]:
         web.get(f"{s}/rollback", confirm_rollback),
         web.post(f"{s}/rollback", rollback),
         web.get(f"{s}/versions/{{version:\\d{{1,9}}}}/zip", download_version),
+        web.get(f"{s}/backups/restore", confirm_backup_restore),
+        web.post(f"{s}/backups/restore", restore_backup),
         web.get(f"{s}/backups/{{backup}}", download_backup),
+        web.post(f"{s}/settings/sticky", sticky),
+        web.post(f"{s}/slots", create_slot),
+        web.get(f"{s}/slots/swap", confirm_swap),
+        web.post(f"{s}/slots/swap", swap),
+        web.get(f"{s}/slots/delete", confirm_slot_delete),
+        web.post(f"{s}/slots/delete", delete_slot),
     ]

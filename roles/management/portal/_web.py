@@ -57,6 +57,8 @@ NOTICES = {
     "signed-out": "You are signed out.",
     "subscribed": "Subscribed. You can create sites in the new subscription now.",
     "site-created": "Site created.",
+    "slot-created": "Slot created: a site of its own, with its own content, publishing password and settings.",
+    "slot-deleted": "Slot deleted.",
     "site-deleted": "Site deleted, with its content.",
     "started": "Site started: it serves visitors again.",
     "stopped": "Site stopped: visitors get a 'site stopped' page until you start it.",
