@@ -7,6 +7,7 @@ site's page too (the service decides what each principal may do).
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
@@ -140,12 +141,10 @@ async def _site_page(
         versions_problem = err.message
     backups = await service.site_backups(page.who, name)
     backups["backups"].reverse()
-    # A slot's own page shows its production site instead of a slot list of its own.
+    # A slot has no slots of its own: its page says so instead (refused as not a production site).
     slots: list[dict[str, Any]] | None = None
-    try:
+    with contextlib.suppress(InvalidInput):
         slots = (await service.list_slots(page.who, name))["slots"]
-    except InvalidInput:
-        pass
     check = None
     wanted = request.query.get("check", "").strip()
     if wanted:
