@@ -400,7 +400,7 @@ async def confirm_backup_restore(request: web.Request) -> web.StreamResponse:
 
 async def _slot_row(request: web.Request, page: Page, name: str) -> dict[str, Any]:
     slot = request.query.get("slot", "")
-    slots = (await service_of(request).list_slots(page.who, name))["slots"]
+    slots: list[dict[str, Any]] = (await service_of(request).list_slots(page.who, name))["slots"]
     row = next((s for s in slots if s["slot"] == slot and slot != "production"), None)
     if row is None:
         raise NotFound(f"site {name} has no slot {slot!r}", hint="pick one from the site's slots")
