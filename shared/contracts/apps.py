@@ -1,5 +1,5 @@
 """What a worker says of a site's app: ``GET /v1/sites/{site}/app`` on its control port, read by
-management for ``sitecloud site show``."""
+management for ``sitecloud site show`` and by the publisher while a deploy follows its build."""
 
 from __future__ import annotations
 
