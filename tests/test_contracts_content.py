@@ -18,6 +18,7 @@ from shared.contracts.content import (
     ChangeFeedPage,
     CommitAnswer,
     CommitRequest,
+    DeployResult,
     FileMeta,
     Manifest,
     PathOp,
@@ -219,3 +220,29 @@ def test_the_storage_quota_rule_both_writers_apply() -> None:
     assert storage_room(100, 60) == 40
     assert storage_room(100, 60, replaced=30) == 70
     assert storage_room(100, 150) == 0
+
+
+def test_a_deploy_answer_round_trips_with_its_wire_names() -> None:
+    wire = {"site": "blog", "version": 4, "files": 12, "bytes": 3400}
+    answer = DeployResult.parse(wire)
+    assert (answer.site, answer.version, answer.files, answer.total_bytes) == ("blog", 4, 12, 3400)
+    assert answer.to_json() == wire
+    # As the publisher builds it.
+    built = DeployResult(site="blog", version=4, files=12, total_bytes=3400)
+    assert built.to_json() == wire and DeployResult.parse(json.loads(json.dumps(built.to_json()))) == built
+
+
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [
+        ({"site": "blog", "files": 1, "bytes": 1}, "version: Field required"),
+        ({"site": "blog", "version": 1, "files": -1, "bytes": 1}, "files: Input should be greater than"),
+        ({"site": "blog", "version": 1, "files": 1, "bytes": "1"}, "bytes: Input should be a valid integer"),
+        ({"site": "../etc", "version": 1, "files": 1, "bytes": 1}, "site: "),
+    ],
+)
+def test_a_bad_deploy_answer_is_refused(wire: dict[str, Any], expected: str) -> None:
+    assert expected in _refusal(DeployResult, wire)
+    # Read by management, it is the publisher's fault, not the deployer's.
+    with pytest.raises(Unavailable, match="the publisher gave an unexpected answer: DeployResult: "):
+        parse_answer(DeployResult, wire, peer="the publisher")

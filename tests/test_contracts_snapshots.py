@@ -12,6 +12,7 @@ from roles.controller.desired import DesiredSite, DesiredState, RoleEndpoint, sn
 from roles.worker.apps._spec import SIZES, app_spec
 from shared.acme import AcmeChallenge
 from shared.appsettings import app_fields, frontend_fields
+from shared.contracts.apps import AppDescription
 from shared.contracts.health import (
     HEALTHS,
     FileserverFigures,
@@ -434,3 +435,91 @@ def test_a_lone_surrogate_in_one_site_fails_that_site_not_the_push() -> None:
     assert isinstance(bad, Refused) and "not valid UTF-8" in bad.reason
     with pytest.raises(InvalidInput, match="worker snapshot is not JSON"):
         parse_snapshot(WorkerSnapshot, b"{version: 2", what="worker snapshot")
+
+
+def test_a_worker_s_figures_are_merged_from_the_parts_that_build_them() -> None:
+    """Each part sets its own figures; one that says degraded wins over the default ready, and what
+    no part set stays out of the answer."""
+    merged = WorkerFigures.merge(
+        WorkerFigures(sites=2, fileserver_reachable=True),
+        WorkerFigures(processes=1),
+        WorkerFigures(status=HealthStatus.DEGRADED, reason="1 site(s) cannot be served"),
+        WorkerFigures(connections=5),
+    )
+    assert merged.to_json() == {
+        "status": "degraded",
+        "reason": "1 site(s) cannot be served",
+        "sites": 2,
+        "fileserver_reachable": True,
+        "processes": 1,
+        "connections": 5,
+    }
+    assert WorkerFigures.merge(WorkerFigures(sites=1), WorkerFigures()).to_json() == {
+        "status": "ready",
+        "sites": 1,
+    }
+
+
+def test_an_app_description_round_trips_and_a_static_one_stays_short() -> None:
+    static = AppDescription(
+        site="blog", runtime="static", version=None, state="static", building=False, cpu_seconds=0.0
+    )
+    assert static.to_json() == {
+        "site": "blog",
+        "runtime": "static",
+        "version": None,
+        "state": "static",
+        "building": False,
+        "cpu_seconds": 0.0,
+    }
+    app = {
+        "site": "shop",
+        "runtime": "python",
+        "entry": "app:application",
+        "version": 3,
+        "state": "running",
+        "building": False,
+        "pid": 4242,
+        "memory_bytes": 50_000_000,
+        "cpu_seconds": 1.25,
+        "starts": 2,
+        "crashes": 0,
+        "always_on": False,
+        "sandboxed": True,
+        "memory_limit_bytes": 268_435_456,
+        "memory_kills": 0,
+        "pids_limit": 64,
+        "pids_limit_hits": 0,
+        "disk_used_bytes": 4096,
+        "disk_limit_bytes": None,
+        "disk_quota_hits": 0,
+        "disk_full": False,
+    }
+    for wire in (static.to_json(), app):
+        assert AppDescription.parse(json.loads(json.dumps(wire))).to_json() == wire
+    # A newer worker's new figure is ignored; the rest still reads.
+    assert AppDescription.parse({**app, "gpu_seconds": 1.0}).to_json() == app
+
+
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [
+        ({"state": "asleep"}, "state: Input should be 'static', 'running'"),
+        ({"runtime": "cobol"}, "runtime: Input should be 'static', 'python'"),
+        ({"memory_bytes": -1}, "memory_bytes: Input should be greater than or equal to 0"),
+        ({"pid": 0}, "pid: Input should be greater than or equal to 1"),
+        ({"building": "no"}, "building: Input should be a valid boolean"),
+    ],
+)
+def test_a_bad_app_description_is_refused_naming_the_field(wire: dict[str, Any], expected: str) -> None:
+    base = {
+        "site": "shop",
+        "runtime": "python",
+        "version": 1,
+        "state": "idle",
+        "building": False,
+        "cpu_seconds": 0,
+    }
+    with pytest.raises(InvalidInput) as caught:
+        AppDescription.parse({**base, **wire})
+    assert expected in caught.value.message

@@ -27,6 +27,7 @@ from roles.controller.fabric.netns import NetnsFabric
 from roles.controller.fabric.remote import RemoteLauncher
 from roles.controller.fabric.ssh import SshFabric
 from roles.controller.home import CloudHome
+from shared.contracts.fleet import FleetProgress, HostCreated, RoleOutcome, UpgradedRole, UpgradeOutcome
 from shared.db import Database, Host, Role
 from shared.errors import InvalidInput, NotFound, NotSupported, SitecloudError, Unavailable
 from shared.logs import get_logger
@@ -34,7 +35,7 @@ from shared.states import RoleState
 
 __all__ = ["UPGRADE_ORDER", "Fleet", "FleetHooks", "Progress"]
 
-Progress = Callable[[dict[str, Any]], None]
+Progress = Callable[[FleetProgress], None]
 
 # Upgrade domains: one role type after another, one host at a time within a type. The content store
 # first (workers serve from their caches meanwhile), front ends last (clients move to the others).
@@ -193,7 +194,7 @@ class Fleet:
 
     # -- hosts ------------------------------------------------------------------------------------
 
-    async def create_host(self, name: str) -> dict[str, Any]:
+    async def create_host(self, name: str) -> HostCreated:
         fabric = await asyncio.to_thread(self._host_fabric, name)
         if fabric == "local":
             raise NotSupported("the local fabric has one host, this machine", hint="use --fabric netns")
@@ -205,7 +206,7 @@ class Fleet:
                 raise
         await asyncio.to_thread(self._set_host, name, address=info.address, state="ready")
         self._log.info("host %s (%s) is up at %s", name, fabric, info.address)
-        return {"name": name, "fabric": fabric, "address": info.address, "state": "ready"}
+        return HostCreated(name=name, fabric=fabric, address=info.address)
 
     async def delete_host(self, name: str) -> None:
         fabric = await asyncio.to_thread(self._host_fabric, name)
@@ -246,14 +247,14 @@ class Fleet:
 
         def step(s: ProgressStep) -> None:
             progress(
-                {
-                    "role": row.kind,
-                    "host": row.host,
-                    "step": s.step,
-                    "phase": s.phase,
-                    "seconds": round(s.seconds, 2),
-                    "detail": s.detail,
-                }
+                FleetProgress(
+                    role=row.kind,
+                    host=row.host,
+                    step=s.step,
+                    phase=s.phase,
+                    seconds=round(s.seconds, 2),
+                    detail=s.detail,
+                )
             )
 
         await asyncio.to_thread(self._set_role, row.id, state=RoleState.INSTALLING, reason="")
@@ -276,24 +277,18 @@ class Fleet:
     async def _ready(self, row: _RoleRow, progress: Progress) -> tuple[float, RoleState, str]:
         """Wait until the role serves with the current config; reported as the step ``ready``."""
         started = time.monotonic()
-        progress({"role": row.kind, "host": row.host, "step": "ready", "phase": "started"})
+        progress(FleetProgress(role=row.kind, host=row.host, step="ready", phase="started"))
         await self.hooks.converge(timeout=10.0)
         state, reason = await self.hooks.wait_ready(row.id, row.control_url, _READY_TIMEOUT)
         seconds = time.monotonic() - started
         progress(
-            {
-                "role": row.kind,
-                "host": row.host,
-                "step": "ready",
-                "phase": "done",
-                "seconds": round(seconds, 2),
-            }
+            FleetProgress(role=row.kind, host=row.host, step="ready", phase="done", seconds=round(seconds, 2))
         )
         return seconds, state, reason
 
     async def add_role(
         self, role_id: int, *, ssh_user: str | None, ssh_key: str | None, progress: Progress
-    ) -> dict[str, Any]:
+    ) -> RoleOutcome:
         try:
             return await self._add_role(role_id, ssh_user=ssh_user, ssh_key=ssh_key, progress=progress)
         except SitecloudError as err:
@@ -302,7 +297,7 @@ class Fleet:
 
     async def _add_role(
         self, role_id: int, *, ssh_user: str | None, ssh_key: str | None, progress: Progress
-    ) -> dict[str, Any]:
+    ) -> RoleOutcome:
         started = time.monotonic()
         row = await asyncio.to_thread(self._role_row, role_id)
         if row.fabric == "local":
@@ -316,7 +311,7 @@ class Fleet:
         row = await asyncio.to_thread(self._role_row, role_id)
         async with self._host(row.host):
             if row.fabric == "ssh" and (ssh_user or ssh_key or row.host not in await self._ssh_hosts()):
-                progress({"role": row.kind, "host": row.host, "step": "reach", "phase": "started"})
+                progress(FleetProgress(role=row.kind, host=row.host, step="reach", phase="started"))
                 info = await self.ssh.add(
                     row.host, user=ssh_user, key_file=Path(ssh_key) if ssh_key else None
                 )
@@ -326,16 +321,14 @@ class Fleet:
         timings["ready"], ready, reason = await self._ready(row, progress)
         total = time.monotonic() - started
         self._log.info("%s on %s is %s in %.1fs", row.kind, row.host, ready.lower(), total)
-        answer: dict[str, Any] = {
-            "role": row.kind,
-            "host": row.host,
-            "state": ready,
-            "seconds": round(total, 2),
-            "steps": {k: round(v, 2) for k, v in timings.items()},
-        }
-        if reason:
-            answer["reason"] = reason
-        return answer
+        return RoleOutcome(
+            role=row.kind,
+            host=row.host,
+            state=ready,
+            reason=reason or None,
+            seconds=round(total, 2),
+            steps={k: round(v, 2) for k, v in timings.items()},
+        )
 
     async def _refuse_unreachable(self, row: _RoleRow) -> None:
         """Refuse (and forget) a role on another host that could not reach the roles it needs."""
@@ -358,7 +351,7 @@ class Fleet:
     async def _ssh_hosts(self) -> set[str]:
         return {h.name for h in await self.ssh.list_hosts()}
 
-    async def act(self, role_id: int, action: str, progress: Progress) -> dict[str, Any]:
+    async def act(self, role_id: int, action: str, progress: Progress) -> RoleOutcome:
         """start, stop, restart, repair or remove one role."""
         if action not in ("start", "stop", "restart", "repair", "remove"):
             raise InvalidInput(f"no role action {action!r}")
@@ -375,7 +368,7 @@ class Fleet:
             async with self._host(row.host):
                 if action != "start":
                     await self._drain(row, progress)
-                progress({"role": row.kind, "host": row.host, "step": action, "phase": "started"})
+                progress(FleetProgress(role=row.kind, host=row.host, step=action, phase="started"))
                 if action == "start":
                     await launcher.start(spec)
                 elif action == "stop":
@@ -386,7 +379,7 @@ class Fleet:
                     await self._install(row, progress)
                 else:
                     await launcher.uninstall(row.kind)
-                progress({"role": row.kind, "host": row.host, "step": action, "phase": "done"})
+                progress(FleetProgress(role=row.kind, host=row.host, step=action, phase="done"))
             if action == "remove":
                 await asyncio.to_thread(self._delete_role, row.id)
             elif action != "stop":
@@ -395,26 +388,24 @@ class Fleet:
             # Back into the routes only once it serves (a stopped role stays out by its desired state).
             self.hooks.route_around(row.id, False)
         await self.hooks.converge()
-        answer: dict[str, Any] = {
-            "role": row.kind,
-            "host": row.host,
-            "state": state,
-            "seconds": round(time.monotonic() - started, 2),
-        }
-        if reason:
-            answer["reason"] = reason
-        return answer
+        return RoleOutcome(
+            role=row.kind,
+            host=row.host,
+            state=state,
+            reason=reason or None,
+            seconds=round(time.monotonic() - started, 2),
+        )
 
     async def _drain(self, row: _RoleRow, progress: Progress) -> None:
         """Take a worker out of every front end's routes before it goes down."""
         if row.kind != "worker":
             return
-        progress({"role": row.kind, "host": row.host, "step": "drain", "phase": "started"})
+        progress(FleetProgress(role=row.kind, host=row.host, step="drain", phase="started"))
         self.hooks.route_around(row.id, True)
         await self.hooks.converge()
-        progress({"role": row.kind, "host": row.host, "step": "drain", "phase": "done"})
+        progress(FleetProgress(role=row.kind, host=row.host, step="drain", phase="done"))
 
-    async def _act_local(self, row: _RoleRow, action: str) -> dict[str, Any]:
+    async def _act_local(self, row: _RoleRow, action: str) -> RoleOutcome:
         launcher = self.launcher(LOCAL_HOST, "local")
         spec = RoleSpec(row.kind, LOCAL_HOST, self.home.role_home(row.kind), dict(self.config.extra_env))
         if action == "remove":
@@ -437,50 +428,47 @@ class Fleet:
             # Management carries this very request: answer first, act a moment later.
             task = asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(run()))
             del task
-            return {
-                "role": row.kind,
-                "host": row.host,
-                "state": RoleState.RESTARTING if action != "stop" else RoleState.STOPPING,
-            }
+            return RoleOutcome(
+                role=row.kind,
+                host=row.host,
+                state=RoleState.RESTARTING if action != "stop" else RoleState.STOPPING,
+            )
         await run()
         state, reason = RoleState.STOPPED, ""
         if action != "stop":
             state, reason = await self.hooks.wait_ready(row.id, row.control_url, _READY_TIMEOUT)
-        answer: dict[str, Any] = {"role": row.kind, "host": row.host, "state": state}
-        if reason:
-            answer["reason"] = reason
-        return answer
+        return RoleOutcome(role=row.kind, host=row.host, state=state, reason=reason or None)
 
     # -- rolling upgrade --------------------------------------------------------------------------
 
-    async def upgrade(self, *, force: bool, progress: Progress) -> dict[str, Any]:
+    async def upgrade(self, *, force: bool, progress: Progress) -> UpgradeOutcome:
         """Bring every role to the current code, one host at a time per role type, gated on health."""
         if self._upgrade.locked():
             raise Unavailable("an upgrade is already running")
         async with self._upgrade:
             started = time.monotonic()
-            progress({"step": "wheelhouse", "phase": "started"})
+            progress(FleetProgress(step="wheelhouse", phase="started"))
             digest, _ = await self.wheelhouse.ensure()
             progress(
-                {
-                    "step": "wheelhouse",
-                    "phase": "done",
-                    "seconds": round(time.monotonic() - started, 2),
-                    "detail": digest,
-                }
+                FleetProgress(
+                    step="wheelhouse",
+                    phase="done",
+                    seconds=round(time.monotonic() - started, 2),
+                    detail=digest,
+                )
             )
             rows = await asyncio.to_thread(self._all_roles)
             rows.sort(key=lambda r: (UPGRADE_ORDER.index(r.kind), r.host))
-            upgraded: list[dict[str, Any]] = []
-            skipped: list[dict[str, Any]] = []
+            upgraded: list[UpgradedRole] = []
+            skipped: list[UpgradedRole] = []
             for row in rows:
                 why = self._skip(row, digest, force)
                 if why:
-                    skipped.append({"role": row.kind, "host": row.host, "reason": why})
-                    progress({"role": row.kind, "host": row.host, "step": "skip", "detail": why})
+                    skipped.append(UpgradedRole(role=row.kind, host=row.host, reason=why))
+                    progress(FleetProgress(role=row.kind, host=row.host, step="skip", detail=why))
                     continue
                 one = time.monotonic()
-                progress({"role": row.kind, "host": row.host, "step": "upgrade", "phase": "started"})
+                progress(FleetProgress(role=row.kind, host=row.host, step="upgrade", phase="started"))
                 try:
                     await self._upgrade_one(row, progress)
                 except SitecloudError as err:
@@ -489,22 +477,13 @@ class Fleet:
                         hint="the roles after it were not touched; fix it and run `sitecloud upgrade` again",
                     ) from err
                 seconds = round(time.monotonic() - one, 2)
-                upgraded.append({"role": row.kind, "host": row.host, "seconds": seconds})
+                upgraded.append(UpgradedRole(role=row.kind, host=row.host, seconds=seconds))
                 progress(
-                    {
-                        "role": row.kind,
-                        "host": row.host,
-                        "step": "upgrade",
-                        "phase": "done",
-                        "seconds": seconds,
-                    }
+                    FleetProgress(role=row.kind, host=row.host, step="upgrade", phase="done", seconds=seconds)
                 )
-            return {
-                "code": digest,
-                "upgraded": upgraded,
-                "skipped": skipped,
-                "seconds": round(time.monotonic() - started, 2),
-            }
+            return UpgradeOutcome(
+                code=digest, upgraded=upgraded, skipped=skipped, seconds=round(time.monotonic() - started, 2)
+            )
 
     @staticmethod
     def _skip(row: _RoleRow, digest: str, force: bool) -> str:

@@ -2,14 +2,15 @@
 
 | call | body → answer |
 | --- | --- |
-| ``POST /v1/hosts`` | ``{"name"}`` (the host row management wrote) → the host, provisioned |
+| ``POST /v1/hosts`` | ``HostCreate`` (the host row management wrote) → ``HostCreated``, provisioned |
 | ``DELETE /v1/hosts/{name}`` | → 204 once the fabric destroyed it |
-| ``POST /v1/roles`` | ``{"id", "ssh_user"?, "ssh_key"?}`` → NDJSON progress, then ``{"result"}`` or ``{"error"}`` |
+| ``POST /v1/roles`` | ``RoleAdd`` → NDJSON: ``FleetProgress`` lines, then a ``FleetEnd`` (``RoleOutcome``) |
 | ``POST /v1/roles/{id}/{action}`` | start, stop, restart, repair, remove → NDJSON as above |
-| ``POST /v1/upgrade`` | ``{"force": bool}`` → NDJSON as above |
+| ``POST /v1/upgrade`` | ``UpgradeRequest`` → NDJSON as above, ending in an ``UpgradeOutcome`` |
 
-Long operations answer a stream of JSON lines: progress steps as they happen, and a last line with the
-result or the error. The operation itself runs on even if the caller goes away.
+The types are in :mod:`shared.contracts.fleet`. Long operations answer a stream of JSON lines: progress
+steps as they happen, and a last line with the outcome or the error. The operation itself runs on even
+if the caller goes away.
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ from typing import Any
 from aiohttp import web
 
 from roles.controller._fleet import Fleet, Progress
+from shared.contracts._base import Contract
+from shared.contracts.fleet import (
+    ErrorDetail,
+    FleetEnd,
+    HostCreate,
+    RoleAdd,
+    RoleOutcome,
+    UpgradeOutcome,
+    UpgradeRequest,
+)
 from shared.errors import InvalidInput, SitecloudError
 from shared.internal import require_role
 
@@ -31,8 +42,9 @@ __all__ = ["fleet_routes"]
 _log = logging.getLogger("sitecloud.controller.fleet")
 _CALLERS = ("management", "controller")
 _ACTIONS = ("start", "stop", "restart", "repair", "remove")
+_INTERNAL = "internal error in the controller; see its log"
 
-Operation = Callable[[Progress], Awaitable[dict[str, Any]]]
+Operation = Callable[[Progress], Awaitable[RoleOutcome | UpgradeOutcome]]
 # Called after a host is made: the controller may now have to listen where that host reaches it.
 HostAdded = Callable[[], Awaitable[None]]
 
@@ -47,27 +59,22 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _opt_str(body: dict[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, str):
-        raise InvalidInput(f"{key!r} must be a string")
-    return value or None
-
-
 def fleet_routes(fleet: Fleet, host_added: HostAdded) -> list[web.RouteDef]:
     running: set[asyncio.Task[None]] = set()
 
     async def stream(request: web.Request, operation: Operation) -> web.StreamResponse:
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        queue: asyncio.Queue[Contract | None] = asyncio.Queue()
 
         async def run() -> None:
             try:
-                queue.put_nowait({"result": await operation(queue.put_nowait)})
+                queue.put_nowait(FleetEnd(result=await operation(queue.put_nowait)))
             except SitecloudError as err:
-                queue.put_nowait(err.to_json())
+                queue.put_nowait(
+                    FleetEnd(error=ErrorDetail(code=err.code, message=err.message, hint=err.hint or None))
+                )
             except Exception:
                 _log.exception("fabric operation %s %s failed", request.method, request.path)
-                queue.put_nowait(SitecloudError("internal error in the controller; see its log").to_json())
+                queue.put_nowait(FleetEnd(error=ErrorDetail(code=SitecloudError.code, message=_INTERNAL)))
             finally:
                 queue.put_nowait(None)
 
@@ -81,7 +88,7 @@ def fleet_routes(fleet: Fleet, host_added: HostAdded) -> list[web.RouteDef]:
             if not listening:
                 continue
             try:
-                await response.write(json.dumps(item).encode() + b"\n")
+                await response.write(json.dumps(item.to_json()).encode() + b"\n")
             except (ConnectionResetError, RuntimeError):
                 listening = False  # the caller left; the operation finishes anyway
         if listening:
@@ -90,12 +97,10 @@ def fleet_routes(fleet: Fleet, host_added: HostAdded) -> list[web.RouteDef]:
 
     async def create_host(request: web.Request) -> web.Response:
         require_role(request, *_CALLERS)
-        name = (await _body(request)).get("name")
-        if not isinstance(name, str):
-            raise InvalidInput("'name' is required")
-        host = await fleet.create_host(name)
+        wanted = HostCreate.parse(await _body(request), what="the host")
+        host = await fleet.create_host(wanted.name)
         await host_added()
-        return web.json_response(host, status=201)
+        return web.json_response(host.to_json(), status=201)
 
     async def delete_host(request: web.Request) -> web.Response:
         require_role(request, *_CALLERS)
@@ -104,13 +109,12 @@ def fleet_routes(fleet: Fleet, host_added: HostAdded) -> list[web.RouteDef]:
 
     async def add_role(request: web.Request) -> web.StreamResponse:
         require_role(request, *_CALLERS)
-        body = await _body(request)
-        role_id = body.get("id")
-        if not isinstance(role_id, int):
-            raise InvalidInput("'id' (the role row's id) is required")
-        user, key = _opt_str(body, "ssh_user"), _opt_str(body, "ssh_key")
+        add = RoleAdd.parse(await _body(request), what="the role to add")
         return await stream(
-            request, lambda progress: fleet.add_role(role_id, ssh_user=user, ssh_key=key, progress=progress)
+            request,
+            lambda progress: fleet.add_role(
+                add.id, ssh_user=add.ssh_user or None, ssh_key=add.ssh_key or None, progress=progress
+            ),
         )
 
     async def role_action(request: web.Request) -> web.StreamResponse:
@@ -123,8 +127,8 @@ def fleet_routes(fleet: Fleet, host_added: HostAdded) -> list[web.RouteDef]:
 
     async def upgrade(request: web.Request) -> web.StreamResponse:
         require_role(request, *_CALLERS)
-        force = bool((await _body(request)).get("force", False))
-        return await stream(request, lambda progress: fleet.upgrade(force=force, progress=progress))
+        wanted = UpgradeRequest.parse(await _body(request), what="the upgrade")
+        return await stream(request, lambda progress: fleet.upgrade(force=wanted.force, progress=progress))
 
     return [
         web.post("/v1/hosts", create_host),

@@ -1,9 +1,11 @@
 """The visitor side of the proxy: one protocol per client connection (HTTP or HTTPS).
 
-Requests are parsed with httptools. Each one becomes a :class:`_Request` in a queue; the first in the
+Requests are parsed with httptools. Each one becomes a :class:`Request` in a queue; the first in the
 queue is the one being answered, so pipelined requests are answered in order (and reading pauses while
 one waits). A request is routed by its Host, sent to a worker over a pooled connection, and the
-response streams back with flow control both ways.
+response streams back with flow control both ways. Around it: head checks as pure functions
+(roles/frontend/_head.py), the per-request state (_request.py), worker choice and retry
+(_dispatch.py), and the WebSocket tunnel (_tunnel.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import cast
 import httptools
 
 from roles.frontend._cache import CacheEntry, app_lifetime, cacheable, http_date_line, without_date
+from roles.frontend._dispatch import dispatch, keep_off_lane, release, resend_stale, skip_lane
 from roles.frontend._head import (
     AUTHORIZATION,
     CONDITIONAL,
@@ -46,8 +49,10 @@ from roles.frontend._http import (
 )
 from roles.frontend._lane import lane_eligible
 from roles.frontend._proxy import Proxy
-from roles.frontend._routes import AFFINITY_COOKIE, Site
-from roles.frontend._upstream import Exchange, Lane, Upstream, UpstreamConnection
+from roles.frontend._request import Request
+from roles.frontend._routes import Site
+from roles.frontend._tunnel import Tunnel, is_websocket, upgrade_lines
+from roles.frontend._upstream import Exchange, UpstreamConnection
 from shared.acme import CHALLENGE_PATH
 
 __all__ = ["ClientConnection"]
@@ -71,107 +76,11 @@ _BUFFER_LIMIT = 256 * 1024
 _JOIN_MAX = 16 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
-# How long a site whose app answers its GETs keeps them off the lane before the lane is tried again.
-_LANE_OFF_FOR = 30.0
-# How many refused targets a site remembers (then it starts over).
-_OFF_LANE_MAX = 1024
 _CHALLENGE_PREFIX = CHALLENGE_PATH.encode()
 
 
 class _Reject(Exception):
     """Raised from a parser callback to stop parsing; the status is on the connection."""
-
-
-class _Request:
-    """One request on a client connection, from its headers to the end of its response."""
-
-    __slots__ = (
-        "body_done",
-        "body_parts",
-        "body_seen",
-        "buffered",
-        "cached",
-        "cached_version",
-        "chunked",
-        "chunked_response",
-        "close_after",
-        "conn",
-        "encoding",
-        "expect_continue",
-        "fill",
-        "fill_version",
-        "fresh",
-        "head",
-        "head_request",
-        "held",
-        "http11",
-        "keep_alive",
-        "kept",
-        "kept_for",
-        "lane",
-        "lane_ok",
-        "local",
-        "pinned",
-        "replayable",
-        "response_started",
-        "rid",
-        "set_cookie",
-        "site",
-        "started",
-        "t0",
-        "target",
-        "tried",
-        "tunnel",
-        "upgrade",
-        "upstream",
-    )
-
-    def __init__(self) -> None:
-        self.site: Site | None = None
-        self.head = b""
-        self.local: Page | None = None  # a platform page answers instead of a worker
-        self.keep_alive = True
-        self.http11 = True
-        self.head_request = False
-        self.chunked = False
-        self.replayable = False  # idempotent and bodiless: may be sent again after a stale connection
-        self.expect_continue = False
-        self.body_done = False
-        self.body_parts: list[bytes] | None = None
-        self.buffered = 0
-        self.started = False
-        self.response_started = False
-        self.chunked_response = False
-        self.close_after = False
-        self.conn: UpstreamConnection | None = None
-        # A GET on a lane (roles/frontend/_lane.py) instead of a connection of its own. Its answer
-        # is whole and small, so a slow client never holds up the lane: it is not paused for one.
-        self.lane: Lane | None = None
-        self.lane_ok = False
-        self.target = b""  # kept for lane requests: a refused one is remembered by it
-        self.upstream: Upstream | None = None
-        self.tried: list[Upstream] | None = None
-        self.fresh = False
-        self.body_seen = 0
-        self.tunnel = False
-        self.upgrade = b""
-        self.pinned: Upstream | None = None  # the worker an affinity cookie names
-        self.set_cookie = b""
-        self.t0 = 0.0  # loop time of its first byte: the latency metric runs from here
-        # "X-Request-Id: <id>\r\n": sent to the worker (which logs it) and back to the visitor.
-        self.rid = b""
-        # The front end's cache (roles/frontend/_cache.py): the answer held for this request, its
-        # version, and whether the worker's answer may be kept (a plain GET on the lane).
-        self.cached: CacheEntry | None = None
-        self.cached_version = b""
-        self.fill = False
-        # An answer held here that is sent without asking a worker (its version feeds say current).
-        self.held: CacheEntry | None = None
-        # An app's answer being kept (its head, then its body's pieces), and the site's version then.
-        self.kept: list[bytes] | None = None
-        self.kept_for = 0.0
-        self.fill_version = b""
-        self.encoding = b""  # its Accept-Encoding, for an app's answer that varies by it
 
 
 class ClientConnection(asyncio.Protocol):
@@ -182,8 +91,8 @@ class ClientConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self._ip = b""
-        self._queue: deque[_Request] = deque()
-        self._req: _Request | None = None  # the request being parsed
+        self._queue: deque[Request] = deque()
+        self._req: Request | None = None  # the request being parsed
         self._state = _IDLE
         self._paused = 0
         self._write_paused = False
@@ -201,9 +110,8 @@ class ClientConnection(asyncio.Protocol):
         self._up_out: list[bytes] = []
         # The usage counters of the site whose response is being written ([requests, in, out]).
         self._meter: list[int] | None = None
-        # A WebSocket tunnel: the worker connection, and client bytes that came before the 101.
-        self._tunnel: UpstreamConnection | None = None
-        self._early: list[bytes] | None = None
+        # A WebSocket tunnel (roles/frontend/_tunnel.py), from its upgrade request on.
+        self._tunnel: Tunnel | None = None
         # Per-request parsing state (reset in on_message_begin).
         self._error = 0
         self._began = False
@@ -248,23 +156,25 @@ class ClientConnection(asyncio.Protocol):
         self._up = None
         self._proxy.client_gone(self)
         tunnel, self._tunnel = self._tunnel, None
+        opened = None
         if tunnel is not None:
+            opened = tunnel.conn
             tunnel.close()
         for req in self._queue:
             if req.conn is not None:
-                if req.conn is not tunnel:
+                if req.conn is not opened:
                     req.conn.abandon()
                 req.conn = None
             if req.lane is not None:
                 req.lane.abandon(req)
                 req.lane = None
-            self._release(req)
+            release(req)
         self._queue.clear()
         self._req = None
 
     def eof_received(self) -> bool | None:
         self._eof = True
-        if self._queue and not self._tls and self._tunnel is None:
+        if self._queue and not self._tls and (self._tunnel is None or self._tunnel.conn is None):
             return True  # answer what was asked (a plain TCP half-close); close after it
         return None
 
@@ -283,8 +193,8 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self._state
         if state >= _DEAD or self._closing:
-            if state == _TUNNEL and not self._closing:
-                self._tunnel_in(data)
+            if state == _TUNNEL and not self._closing and self._tunnel is not None:
+                self._tunnel.from_client(data)
             return
         if state == _BODY:
             self.read_deadline = self._proxy.loop.time() + self._proxy.body_timeout
@@ -304,7 +214,7 @@ class ClientConnection(asyncio.Protocol):
                         # A WebSocket: what follows is the tunnel's, held until the worker says 101.
                         self._state = _TUNNEL
                         self.read_deadline = 0.0
-                        self._early = [data] if data else []
+                        self._tunnel = Tunnel(data, self._write, self._send_up)
                         self._pause(_PAUSE_BUFFER)
                         break
                     # Any other Upgrade is proxied as a plain request (its Upgrade header dropped);
@@ -329,7 +239,7 @@ class ClientConnection(asyncio.Protocol):
     # -- httptools callbacks ----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._req = req = _Request()
+        self._req = req = Request()
         req.t0 = now = self._proxy.loop.time()
         self._state = _HEAD
         self._began = True
@@ -488,7 +398,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _forward_head(
         self,
-        req: _Request,
+        req: Request,
         site: Site,
         method: bytes,
         target: bytes,
@@ -523,10 +433,10 @@ class ClientConnection(asyncio.Protocol):
             req.pinned = site.pinned(self._cookie)
         headers = self._headers if self._tokens is None else strip_headers(self._headers, self._tokens)
         upgrade_head = b""
-        if upgrade and self._upgrade is not None and b"websocket" in self._upgrade.lower():
+        if upgrade and is_websocket(self._upgrade):
             req.tunnel = True
             req.upgrade = self._upgrade
-            upgrade_head = b"Connection: Upgrade\r\nUpgrade: " + self._upgrade + b"\r\n"
+            upgrade_head = upgrade_lines(self._upgrade)
         lane_ok = lane_eligible(method, has_body, req.tunnel)
         cached_line = b""
         if lane_ok and keep:
@@ -646,7 +556,7 @@ class ClientConnection(asyncio.Protocol):
             if req.local is None:
                 if req.expect_continue and not req.body_done:
                     self._write(_CONTINUE)
-                if self._dispatch(req):
+                if dispatch(self, self._proxy, req, self._https):
                     return
             assert req.local is not None
             self._write_local(req, req.local)
@@ -662,66 +572,7 @@ class ClientConnection(asyncio.Protocol):
             if self._proxy.draining:
                 self.close()
 
-    def _dispatch(self, req: _Request) -> bool:
-        """Send ``req`` to a worker; False when none is left to try (``req.local`` then says why)."""
-        site = req.site
-        assert site is not None
-        now = self._proxy.loop.time()
-        up = req.pinned
-        if up is None or up.down_until > now or (req.tried and up in req.tried):
-            up = site.pick(req.tried, now)
-            if up is None:
-                req.local = PAGES[502 if site.upstreams else 503]
-                return False
-            if site.affinity:
-                req.set_cookie = b"".join(
-                    (
-                        b"Set-Cookie: ",
-                        AFFINITY_COOKIE,
-                        b"=",
-                        up.token,
-                        b"; Path=/; HttpOnly; SameSite=Lax",
-                        b"; Secure\r\n" if self._https else b"\r\n",
-                    )
-                )
-        req.upstream = up
-        up.outstanding += 1
-        if req.lane_ok and not req.fresh and site.lane_off_until <= now:
-            lane = self._proxy.lane(up, now)
-            if lane is not None:
-                req.lane = lane
-                lane.submit(self, req, req.head)
-                return True
-        if not req.fresh:
-            conn = up.take_idle()
-            if conn is not None:
-                self._attach(req, conn, reused=True)
-                return True
-        self._proxy.spawn(self._connect(req, up))
-        return True
-
-    async def _connect(self, req: _Request, up: Upstream) -> None:
-        try:
-            conn = await self._proxy.open(up)
-        except (OSError, TimeoutError):
-            if req.upstream is not up or self._closing:
-                return
-            self._release(req)
-            req.tried = [up] if req.tried is None else [*req.tried, up]
-            # Nothing reached any worker yet (the body so far is buffered), so any method may move on.
-            if not self._dispatch(req):
-                self._answer_failure(req)
-            return
-        if self._closing or req.upstream is not up or req.conn is not None:
-            up.put_idle(
-                conn,
-                self._proxy.upstream_max_idle,
-                self._proxy.loop.time() + self._proxy.upstream_idle_timeout,
-            )
-            return
-        self._attach(req, conn, reused=False)
-
-    def _attach(self, req: _Request, conn: UpstreamConnection, *, reused: bool) -> None:
+    def attach(self, req: Request, conn: UpstreamConnection, *, reused: bool) -> None:
         req.conn = conn
         conn.bind(self, req, reused=reused)
         parts = req.body_parts
@@ -737,18 +588,12 @@ class ClientConnection(asyncio.Protocol):
         if self._write_paused:
             conn.pause_reading()
 
-    def _release(self, req: _Request) -> None:
-        up = req.upstream
-        if up is not None:
-            up.outstanding -= 1
-            req.upstream = None
-
-    def _finish(self, req: _Request) -> None:
+    def _finish(self, req: Request) -> None:
         queue = self._queue
         if queue and queue[0] is req:
             queue.popleft()
         self._meter = None
-        self._release(req)
+        release(req)
         req.conn = None
         req.lane = None
         if self._closing:
@@ -758,7 +603,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._advance()
 
-    def _keep_alive(self, req: _Request) -> bool:
+    def _keep_alive(self, req: Request) -> bool:
         return (
             req.keep_alive
             and req.body_done
@@ -768,21 +613,21 @@ class ClientConnection(asyncio.Protocol):
             and not self._proxy.draining
         )
 
-    def _write_local(self, req: _Request, page: Page) -> None:
+    def _write_local(self, req: Request, page: Page) -> None:
         proxy = self._proxy
         proxy.counts.done(page.status, proxy.loop.time() - req.t0)
         keep = self._keep_alive(req)
         req.close_after = not keep
         self._write(page.keep if keep else page.close)
 
-    def _answer_failure(self, req: _Request) -> None:
+    def answer_failure(self, req: Request) -> None:
         self._write_local(req, req.local or PAGES[502])
         self._finish(req)
 
     # -- the worker's answer (called by UpstreamConnection) ---------------------------------------
 
     def response_head(self, req: Exchange, status: int, reason: bytes, headers: bytearray, body: int) -> None:
-        assert isinstance(req, _Request)
+        assert isinstance(req, Request)
         req.response_started = True
         proxy = self._proxy
         proxy.counts.done(status, proxy.loop.time() - req.t0)
@@ -795,7 +640,7 @@ class ClientConnection(asyncio.Protocol):
         if site is not None and site.hsts and self._https:
             headers += site.hsts
         if status == 101:
-            headers += b"Connection: Upgrade\r\nUpgrade: " + req.upgrade + b"\r\n"
+            headers += upgrade_lines(req.upgrade)
         else:
             if body in (BODY_CHUNKED, BODY_CLOSE):
                 if req.http11:
@@ -810,7 +655,7 @@ class ClientConnection(asyncio.Protocol):
                 headers += b"Connection: keep-alive\r\n"
         self._write(b"".join((b"HTTP/1.1 %d %b\r\n" % (status, reason), headers, b"\r\n")))
 
-    def _keep_app_answer(self, req: _Request, reason: bytes, headers: bytearray) -> None:
+    def _keep_app_answer(self, req: Request, reason: bytes, headers: bytearray) -> None:
         """Start keeping an app's answer that says it may be kept (roles/frontend/_cache.py
         app_lifetime), if the site's version feeds are live: only they can drop it on a publish."""
         site, cache = req.site, self._proxy.cache
@@ -828,7 +673,7 @@ class ClientConnection(asyncio.Protocol):
         req.fill_version = version
 
     def response_body(self, req: Exchange, data: bytes) -> None:
-        assert isinstance(req, _Request)
+        assert isinstance(req, Request)
         kept = req.kept
         if kept is not None:
             kept.append(data)
@@ -841,7 +686,7 @@ class ClientConnection(asyncio.Protocol):
             self._write(data)
 
     def response_end(self, req: Exchange) -> None:
-        assert isinstance(req, _Request)
+        assert isinstance(req, Request)
         if req.chunked_response:
             self._write(_LAST_CHUNK)
         if req.kept is not None:
@@ -849,7 +694,7 @@ class ClientConnection(asyncio.Protocol):
             req.kept = None
         self._finish(req)
 
-    def _store_app_answer(self, req: _Request, kept: list[bytes]) -> None:
+    def _store_app_answer(self, req: Request, kept: list[bytes]) -> None:
         proxy, site = self._proxy, req.site
         if site is None or proxy.cache is None or proxy.feed_version(site) != req.fill_version:
             return  # a new version was announced while the app answered
@@ -865,31 +710,22 @@ class ClientConnection(asyncio.Protocol):
         proxy.cache.put(site.name, req.target, entry)
 
     def upstream_failed(self, req: Exchange, status: int, *, stale: bool) -> None:
-        assert isinstance(req, _Request)
+        assert isinstance(req, Request)
         req.conn = None
         req.lane = None
         if self._closing:
-            self._release(req)
+            release(req)
             return
         if req.response_started:
-            self._release(req)
+            release(req)
             self.abort()  # part of the response is out: the client must see it break
             return
-        self._release(req)
-        if stale and req.replayable and not req.fresh:
-            # A pooled connection the worker had already closed, or a worker withdrawn from the routes
-            # (_upstream.UpstreamConnection.withdraw): send it once more, by the routes as they are now.
-            req.fresh = True
-            site = self._proxy.current(req.site) if req.site is not None else None
-            if site is not None:
-                req.site = site
-                if req.pinned is not None and req.pinned.retired:
-                    req.pinned = None
-                if self._dispatch(req):
-                    return
+        release(req)
+        if stale and resend_stale(self, self._proxy, req, self._https):
+            return
         if status == 504:
             req.local = PAGES[504]
-        self._answer_failure(req)
+        self.answer_failure(req)
 
     def lane_answer(
         self, req: Exchange, status_line: bytes, headers: bytes, body: bytes, version: bytes
@@ -897,7 +733,7 @@ class ClientConnection(asyncio.Protocol):
         """A whole answer from a lane (``headers`` end-to-end ones, each line ending in CRLF).
         ``version``: the content version of a 200 that may be kept, or (a 204) of the answer held
         here that the worker says is still the one."""
-        assert isinstance(req, _Request)
+        assert isinstance(req, Request)
         req.lane = None
         proxy = self._proxy
         entry = req.cached
@@ -914,12 +750,10 @@ class ClientConnection(asyncio.Protocol):
                 kept = CacheEntry(version, status_line + without_date(headers), body)
                 if not proxy.cache.put(req.site.name, req.target, kept):
                     # Too big to keep here: it would only come on the lane again and again.
-                    if len(req.site.off_lane) >= _OFF_LANE_MAX:
-                        req.site.off_lane.clear()
-                    req.site.off_lane.add(req.target)
+                    skip_lane(req.site, req.target)
         self._write_answer(req, status_line, headers, body)
 
-    def _answer_held(self, req: _Request, entry: CacheEntry) -> None:
+    def _answer_held(self, req: Request, entry: CacheEntry) -> None:
         """An answer the cache gives without asking a worker (see Proxy.held_fresh)."""
         cache = self._proxy.cache
         assert cache is not None
@@ -928,7 +762,7 @@ class ClientConnection(asyncio.Protocol):
         self._write_answer(req, entry.head, http_date_line(), entry.body)
         req.held = None
 
-    def _write_answer(self, req: _Request, status_line: bytes, headers: bytes, body: bytes) -> None:
+    def _write_answer(self, req: Request, status_line: bytes, headers: bytes, body: bytes) -> None:
         """A whole answer to ``req`` (``headers`` end-to-end ones, each line ending in CRLF): the
         front end's own headers added, written in one piece when small."""
         proxy = self._proxy
@@ -953,28 +787,21 @@ class ClientConnection(asyncio.Protocol):
     def lane_refused(self, req: Exchange, *, site_wide: bool) -> None:
         """The worker will not answer this GET on its lane (its app answers it, or a large file
         streams): send it again on a connection of its own."""
-        assert isinstance(req, _Request)
+        assert isinstance(req, Request)
         req.lane = None
         req.lane_ok = False
-        self._release(req)
+        release(req)
         if self._closing:
             return
         site = req.site
         if req.cached is not None and site is not None and self._proxy.cache is not None:
             self._proxy.cache.drop(site.name, req.target)
-        # A plain GET refused is a file too big to keep: its target skips the lane from now on. (A
-        # range or conditional request may be refused where a plain one would not.)
-        remember = req.fill
+        plain = req.fill
         req.cached, req.cached_version, req.fill = None, b"", False
         if site is not None:
-            if site_wide:
-                site.lane_off_until = self._proxy.loop.time() + _LANE_OFF_FOR
-            elif remember:
-                if len(site.off_lane) >= _OFF_LANE_MAX:
-                    site.off_lane.clear()
-                site.off_lane.add(req.target)
-        if not self._dispatch(req):
-            self._answer_failure(req)
+            keep_off_lane(site, req.target, site_wide=site_wide, plain=plain, now=self._proxy.loop.time())
+        if not dispatch(self, self._proxy, req, self._https):
+            self.answer_failure(req)
 
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
@@ -986,28 +813,13 @@ class ClientConnection(asyncio.Protocol):
 
     def tunnel_open(self, req: Exchange, conn: UpstreamConnection, early: bytes) -> None:
         """The worker said 101: from now on bytes pass through both ways until either side closes."""
-        if self._closing or self._state != _TUNNEL:
+        tunnel = self._tunnel
+        if self._closing or self._state != _TUNNEL or tunnel is None:
             conn.abort()
             return
-        self._tunnel = conn
         self.write_deadline = 0.0
-        if early:
-            self._write(early)
-        held, self._early = self._early, None
-        if held:
-            self._tunnel_in(b"".join(held))
+        tunnel.open(conn, early, self._meter)
         self._resume(_PAUSE_BUFFER)
-
-    def _tunnel_in(self, data: bytes) -> None:
-        conn = self._tunnel
-        if conn is None:
-            if self._early is not None:
-                self._early.append(data)
-            return
-        meter = self._meter
-        if meter is not None:
-            meter[1] += len(data)
-        self._send_up(conn, data)
 
     def tunnel_data(self, data: bytes) -> None:
         self._write(data)
@@ -1100,12 +912,12 @@ class ClientConnection(asyncio.Protocol):
                 if req.lane is not None:
                     req.lane.abandon(req)
                     req.lane = None
-                self._release(req)
+                release(req)
                 queue.popleft()
                 self._meter = None
             else:
                 queue.remove(req)
-        err = _Request()
+        err = Request()
         err.t0 = req.t0 if req is not None else self._proxy.loop.time()
         err.local = PAGES[status]
         err.close_after = True
@@ -1132,6 +944,10 @@ class ClientConnection(asyncio.Protocol):
                 self._reject(408)
             else:
                 self.abort()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def close_if_idle(self) -> None:
         if not self._queue and self._req is None:

@@ -22,6 +22,16 @@ from sqlalchemy.orm import joinedload
 from roles.management._store import WORKER_SIZES, Principal, iso, require_admin
 from roles.management.config import ManagementConfig
 from shared.config import ROLE_KINDS
+from shared.contracts.answers import parse_answer
+from shared.contracts.fleet import (
+    FleetEnd,
+    HostCreate,
+    HostCreated,
+    RoleAdd,
+    RoleOutcome,
+    UpgradeOutcome,
+    UpgradeRequest,
+)
 from shared.db import Database, Host, Role, Subscription, current_generation
 from shared.errors import (
     AlreadyExists,
@@ -233,11 +243,15 @@ class FabricService:
             )
         await asyncio.to_thread(_create_host, self.db, name, fabric)
         try:
-            host: Json = await self._call("POST", "/v1/hosts", {"name": name})
+            host = parse_answer(
+                HostCreated,
+                await self._call("POST", "/v1/hosts", HostCreate(name=name).to_json()),
+                peer="the controller",
+            )
         except BaseException:
             await asyncio.to_thread(_delete_host, self.db, name)
             raise
-        return host
+        return host.to_json()
 
     async def delete_host(self, who: Principal, name: str) -> None:
         require_admin(who)
@@ -254,7 +268,7 @@ class FabricService:
         require_admin(who)
         role_id = await asyncio.to_thread(_add_role, self.db, body)
         ssh = {k: body[k] for k in ("ssh_user", "ssh_key") if isinstance(body.get(k), str) and body[k]}
-        async for line in self._stream("/v1/roles", {"id": role_id, **ssh}):
+        async for line in self._stream("/v1/roles", RoleAdd(id=role_id, **ssh).to_json()):
             yield line
 
     async def role_action(self, who: Principal, kind: str, host: str, action: str) -> AsyncIterator[bytes]:
@@ -265,19 +279,23 @@ class FabricService:
 
     async def upgrade(self, who: Principal, *, force: bool) -> AsyncIterator[bytes]:
         require_admin(who)
-        async for line in self._stream("/v1/upgrade", {"force": force}):
+        async for line in self._stream("/v1/upgrade", UpgradeRequest(force=force).to_json()):
             yield line
 
 
-async def outcome(lines: AsyncIterator[bytes]) -> Json:
-    """Wait for a long operation to end: its result, or the error it ended with, raised."""
-    last: Json = {}
+async def outcome(lines: AsyncIterator[bytes]) -> RoleOutcome | UpgradeOutcome:
+    """Wait for a long operation to end: its outcome, or the error it ended with, raised."""
+    last = b""
     async for line in lines:
         if line.strip():
-            last = json.loads(line)
-    if "error" in last:
-        raise error_from_json(500, last)
-    if "result" not in last:
+            last = line
+    try:
+        data = json.loads(last) if last else {}
+    except ValueError:
+        raise Unavailable("the controller's stream ended in a line that is not JSON") from None
+    end = parse_answer(FleetEnd, data, peer="the controller")
+    if end.error is not None:
+        raise error_from_json(500, {"error": end.error.to_json()})
+    if end.result is None:
         raise SitecloudError("the controller ended the operation without a result")
-    result: Json = last["result"]
-    return result
+    return end.result

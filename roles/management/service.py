@@ -27,7 +27,8 @@ from roles.management._usage import StorageReader
 from roles.management._warm import warm_site
 from roles.management.config import ManagementConfig
 from shared.contracts.answers import parse_answer
-from shared.contracts.content import RollbackAnswer, RollbackRequest, SiteVersions, VersionList
+from shared.contracts.apps import AppDescription
+from shared.contracts.content import DeployResult, RollbackAnswer, RollbackRequest, SiteVersions, VersionList
 from shared.db import Database
 from shared.errors import SitecloudError, Unauthorized, Unavailable
 from shared.internal import InternalClient
@@ -336,13 +337,12 @@ class ManagementService:
 
         async def one(host: str, url: str) -> Json:
             try:
-                state = await asyncio.wait_for(
+                answer = await asyncio.wait_for(
                     self._client.get_json(f"{url}/v1/sites/{name}/app"), _APP_STATE_WAIT
                 )
+                state = AppDescription.parse(answer, what="unexpected answer").to_json()
             except (SitecloudError, OSError, TimeoutError) as exc:
                 return {"worker": host, "state": "unknown", "reason": str(exc) or type(exc).__name__}
-            if not isinstance(state, dict):
-                return {"worker": host, "state": "unknown", "reason": "unexpected answer"}
             return {"worker": host, **{k: state[k] for k in _APP_FIELDS if k in state}}
 
         return list(await asyncio.gather(*(one(host, url) for host, url in workers)))
@@ -632,13 +632,15 @@ class ManagementService:
         if not self.config.publisher_url:
             raise Unavailable("web deploy is not available: no publisher is configured")
         url = f"{self.config.publisher_url.rstrip('/')}/v1/deploy/{name}"
-        answer = await self._deploy_client.request_json(
-            "POST", url, data=body, headers={"Content-Type": "application/zip"}
+        answer = parse_answer(
+            DeployResult,
+            await self._deploy_client.request_json(
+                "POST", url, data=body, headers={"Content-Type": "application/zip"}
+            ),
+            peer="the publisher",
         )
-        if not isinstance(answer, dict):
-            raise Unavailable("the publisher gave an unexpected answer to the deploy")
         self._storage.forget(name)
-        self._log.bind(site=name).info("deployed version %s", answer.get("version"))
-        return answer
+        self._log.bind(site=name).info("deployed version %s", answer.version)
+        return answer.to_json()
 
     # -- roles

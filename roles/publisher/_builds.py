@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from roles.publisher._sites import SiteInfo
+from shared.contracts.apps import AppDescription
 from shared.errors import NotFound, SitecloudError
 from shared.internal import InternalClient
 from shared.logs import ContextLogger
@@ -75,17 +76,18 @@ class BuildFollow:
         """Whether the worker serves ``version`` (or a later one) with its build done; None when the
         worker cannot be asked."""
         try:
-            app = await self._client.get_json(f"{url}/v1/sites/{self._site.name}/app")
+            app = AppDescription.parse(
+                await self._client.get_json(f"{url}/v1/sites/{self._site.name}/app"), what="unexpected answer"
+            )
         except NotFound:
             return False  # the site has not reached this worker yet
         except SitecloudError as exc:
             self._log.info("cannot ask %s about the site's build: %s", url, exc)
             return None
-        served = app.get("version") if isinstance(app, dict) else None
-        if isinstance(app, dict) and app.get("building"):
+        if app.building:
             self._built = True
             return False
-        return isinstance(served, int) and served >= version
+        return app.version is not None and app.version >= version
 
     async def until_served(self, version: int, emit: Emit, *, timeout: float) -> bool:
         """Pass on the build's lines until every worker serves ``version`` built; False when the time

@@ -31,7 +31,7 @@ from roles.publisher._sites import Credentials, SiteInfo, SiteTable
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
 from roles.publisher.zipsafe import ZipMember, check_zip, copy_member, open_zip
-from shared.contracts.content import CommitOp, PathOp, PutOp
+from shared.contracts.content import CommitOp, DeployResult, PathOp, PutOp
 from shared.errors import (
     InvalidInput,
     NotFound,
@@ -43,9 +43,8 @@ from shared.errors import (
 from shared.internal import InternalClient, error_middleware, require_role
 from shared.logs import get_logger
 
-__all__ = ["DeployResult", "Deployer"]
+__all__ = ["Deployer"]
 
-DeployResult = dict[str, Any]
 
 _CHUNK = 256 * 1024
 # Members up to this size go to the fileserver in batches of up to _BATCH_BYTES / _BATCH_FILES.
@@ -114,7 +113,7 @@ class Deployer:
         name = request.match_info["site"]
         site = await self.authenticate(request, name)
         answer, _ = await self._deploy_request(request, site, via="web deploy")
-        return web.json_response(answer)
+        return web.json_response(answer.to_json())
 
     async def _internal(self, request: web.Request) -> web.Response:
         require_role(request, "management")
@@ -123,7 +122,7 @@ class Deployer:
         if site is None:
             raise NotFound(f"site {name} is not served by this publisher")
         answer, _ = await self._deploy_request(request, site, via="management")
-        return web.json_response(answer)
+        return web.json_response(answer.to_json())
 
     async def _zipdeploy(self, request: web.Request) -> web.Response:
         site = await self.authenticate(request, self._kudu_site(request))
@@ -296,21 +295,21 @@ class Deployer:
                 "committed in %.2f s)",
                 via,
                 size,
-                answer["version"],
-                answer["files"],
-                answer["bytes"],
+                answer.version,
+                answer.files,
+                answer.total_bytes,
                 *took,
             )
-            message = f"version {answer['version']}"
+            message = f"version {answer.version}"
             if follow is not None:
                 try:
                     await tell(
                         "deploy",
-                        f"deployed as version {answer['version']}: {answer['files']} files, "
-                        f"{answer['bytes']} bytes in {time.monotonic() - started:.2f}s",
+                        f"deployed as version {answer.version}: {answer.files} files, "
+                        f"{answer.total_bytes} bytes in {time.monotonic() - started:.2f}s",
                     )
                     built = await follow.until_served(
-                        answer["version"], tell, timeout=self._config.build_follow_seconds
+                        answer.version, tell, timeout=self._config.build_follow_seconds
                     )
                 except (OSError, ConnectionError) as exc:
                     # The deployer went away (a git client that hung up): the deploy stands.
@@ -324,7 +323,7 @@ class Deployer:
         finally:
             if follow is not None:
                 await follow.close()
-        self.deployments.finish(record, version=answer["version"], message=message)
+        self.deployments.finish(record, version=answer.version, message=message)
         return answer
 
     async def _receive(self, request: web.Request, spool: IO[bytes]) -> int:
@@ -348,7 +347,7 @@ class Deployer:
         spool.seek(0)
         return total
 
-    def _apply(self, site: SiteInfo, spool: IO[bytes]) -> tuple[dict[str, Any], tuple[float, float]]:
+    def _apply(self, site: SiteInfo, spool: IO[bytes]) -> tuple[DeployResult, tuple[float, float]]:
         """Runs in a worker thread: check the zip, upload its files, commit them as the whole site;
         also returns how long the uploads and the commit took."""
         started = time.monotonic()
@@ -388,10 +387,7 @@ class Deployer:
                 send_batch()
                 uploaded = time.monotonic()
                 answer = client.commit(site.name, ops, replace=True)
-        result = {
-            "site": site.name,
-            "version": answer.version,
-            "files": len(plan.files),
-            "bytes": plan.total_bytes,
-        }
+        result = DeployResult(
+            site=site.name, version=answer.version, files=len(plan.files), total_bytes=plan.total_bytes
+        )
         return result, (uploaded - started, time.monotonic() - uploaded)

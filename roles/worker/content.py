@@ -24,6 +24,7 @@ from roles.worker._cache import ContentCache, SiteVersion
 from roles.worker.config import WorkerConfig
 from shared.backoff import Backoff
 from shared.contracts.content import BlobFetch, ChangeFeedPage, FileMeta, Manifest, SiteVersions, VersionDiff
+from shared.contracts.health import WorkerFigures
 from shared.contracts.snapshots import WorkerSnapshot
 from shared.errors import NotFound, SitecloudError, Unavailable, error_from_json
 from shared.files import syncfs
@@ -150,17 +151,17 @@ class ContentSync:
         state.update((site, {"failed": why}) for site, why in self._failed.items())
         return state
 
-    def figures(self) -> dict[str, Any]:
+    def figures(self) -> WorkerFigures:
         synced = 0
         for site in self._held:
             have = self._current[site].number if site in self._current else 0
             synced += self._target.get(site, have) == have
-        return {
-            "sites": len(self._held),
-            "sites_synced": synced,
-            "bytes_cached": self._blob_bytes,
-            "fileserver_reachable": self._reachable,
-        }
+        return WorkerFigures(
+            sites=len(self._held),
+            sites_synced=synced,
+            bytes_cached=self._blob_bytes,
+            fileserver_reachable=self._reachable,
+        )
 
     # -- the pushed snapshot
 

@@ -46,6 +46,7 @@ from shared.metrics import (
     read_counts,
 )
 from shared.prefork import PreforkedRole, ServingProcesses, reload_on_sighup
+from shared.states import HealthStatus
 
 __all__ = ["WORKER"]
 
@@ -67,7 +68,7 @@ class _DataSide(Protocol):
     async def before_flip(self, site: str, version: SiteVersion) -> None:
         """A site is about to serve ``version``: front ends keeping its answers hear of it first."""
 
-    def figures(self) -> dict[str, Any]: ...
+    def figures(self) -> WorkerFigures: ...
 
     def counts(self) -> HttpCounts: ...
 
@@ -119,8 +120,8 @@ class _InProcess:
         # (Told again once flipped, by changed(): a feed that joins meanwhile hears the old one.)
         await self._feeds.announce({site: "" if site in self._sync.failed else tag_of(version)})
 
-    def figures(self) -> dict[str, Any]:
-        return {"connections": self._server.connections, "hot_cache_bytes": self._hot.size}
+    def figures(self) -> WorkerFigures:
+        return WorkerFigures(connections=self._server.connections, hot_cache_bytes=self._hot.size)
 
     def counts(self) -> HttpCounts:
         return self._server.counts
@@ -158,8 +159,8 @@ class _Forked:
     async def before_flip(self, site: str, version: SiteVersion) -> None:
         pass  # each serving process announces to its own feeds as it takes the handed-over versions
 
-    def figures(self) -> dict[str, Any]:
-        return {"serving_pids": self._children.pids}
+    def figures(self) -> WorkerFigures:
+        return WorkerFigures(serving_pids=self._children.pids)
 
     def counts(self) -> HttpCounts:
         # The serving processes' counts, summed when scraped.
@@ -214,14 +215,12 @@ async def _serve(
         changed()
 
     def health() -> WorkerFigures:
-        return WorkerFigures.model_validate(
-            {
-                **sync.figures(),
-                "processes": processes,
-                **apps.figures(),
-                **_degraded(sync.failed, apps.isolation_gaps()),
-                **data.figures(),
-            }
+        return WorkerFigures.merge(
+            sync.figures(),
+            WorkerFigures(processes=processes),
+            apps.figures(),
+            _degraded(sync.failed, apps.isolation_gaps()),
+            data.figures(),
         )
 
     plane = ControlPlane(config, WorkerSnapshot, apply, health=health, routes=app_routes(apps))
@@ -277,23 +276,25 @@ def _worker_metrics(
 ) -> Iterator[Metric]:
     """Content and app figures, read when scraped."""
     content = sync.figures()
-    yield GaugeMetricFamily("sitecloud_worker_sites", "Sites this worker holds.", value=content["sites"])
+    yield GaugeMetricFamily("sitecloud_worker_sites", "Sites this worker holds.", value=content.sites or 0)
     yield GaugeMetricFamily(
-        "sitecloud_worker_sites_synced", "Sites at the version they should be.", value=content["sites_synced"]
+        "sitecloud_worker_sites_synced",
+        "Sites at the version they should be.",
+        value=content.sites_synced or 0,
     )
     yield GaugeMetricFamily(
-        "sitecloud_worker_content_cached_bytes", "Content held on disk.", value=content["bytes_cached"]
+        "sitecloud_worker_content_cached_bytes", "Content held on disk.", value=content.bytes_cached or 0
     )
     figures = apps.figures()
-    running = int(figures["apps_active"])
+    running = figures.apps_active or 0
     yield GaugeMetricFamily("sitecloud_worker_apps_running", "App processes running.", value=running)
     yield GaugeMetricFamily(
-        "sitecloud_worker_apps_dynamic", "Dynamic sites (an app each).", value=figures["apps_dynamic"]
+        "sitecloud_worker_apps_dynamic", "Dynamic sites (an app each).", value=figures.apps_dynamic or 0
     )
     yield GaugeMetricFamily(
         "sitecloud_worker_apps_max_running",
         "App processes allowed at once.",
-        value=figures["apps_max_active"],
+        value=figures.apps_max_active or 0,
     )
     starts = crashes = kills = 0
     for name in plane.snapshot.sites if plane.snapshot else ():
@@ -314,15 +315,15 @@ def _worker_metrics(
     yield CounterMetricFamily(
         "sitecloud_worker_app_cpu_seconds",
         "CPU time used by apps.",
-        value=sum(figures["app_cpu_seconds"].values()),
+        value=sum((figures.app_cpu_seconds or {}).values()),
     )
 
 
-def _degraded(failed: dict[str, str], gaps: list[str]) -> dict[str, Any]:
+def _degraded(failed: dict[str, str], gaps: list[str]) -> WorkerFigures:
     """Health figures that say degraded, with why, while any site of the snapshot cannot be served
     or the tenant wall has a gap (they override the control plane's "ready")."""
     if not failed and not gaps:
-        return {}
+        return WorkerFigures()
     reasons = list(gaps)
     names = sorted(failed)
     if names:
@@ -330,10 +331,11 @@ def _degraded(failed: dict[str, str], gaps: list[str]) -> dict[str, Any]:
         if len(names) > 3:
             site_reason += f"; and {len(names) - 3} more"
         reasons.append(site_reason)
-    figures: dict[str, Any] = {"status": "degraded", "reason": "; ".join(reasons)[:500]}
-    if names:
-        figures["failed_sites"] = {n: failed[n] for n in names[:100]}
-    return figures
+    return WorkerFigures(
+        status=HealthStatus.DEGRADED,
+        reason="; ".join(reasons)[:500],
+        failed_sites={n: failed[n] for n in names[:100]} if names else None,
+    )
 
 
 async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) -> None:

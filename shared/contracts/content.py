@@ -33,6 +33,7 @@ __all__ = [
     "CommitAnswer",
     "CommitOp",
     "CommitRequest",
+    "DeployResult",
     "FileMeta",
     "FileStored",
     "Manifest",
@@ -181,6 +182,18 @@ class SiteContentInfo(Contract):
     version: VersionNumber
     total_bytes: ByteCount
     quota_bytes: ByteCount
+
+
+class DeployResult(Contract):
+    """The publisher's answer to a zip deploy (``POST /v1/deploy/{site}`` from management, and the
+    tenant's own web deploy): the version the zip became, as the whole site."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    site: SiteName
+    version: VersionNumber
+    files: Annotated[int, Field(ge=0)]
+    total_bytes: ByteCount = Field(validation_alias="bytes", serialization_alias="bytes")
 
 
 class VersionEntry(Contract):

@@ -10,7 +10,7 @@ out of the answer, as it always was.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import Field
 
@@ -48,6 +48,12 @@ class RoleFigures(Contract):
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    @classmethod
+    def merge(cls, *parts: RoleFigures) -> Self:
+        """A role's figures from the parts that build them, each setting its own fields (a later
+        part's win)."""
+        return cls.model_validate({k: v for part in parts for k, v in part if k in part.model_fields_set})
 
 
 class RoleHealth(RoleFigures):

@@ -59,6 +59,8 @@ from roles.worker.apps._spec import (
 from roles.worker.apps._volume import BlankImages, HomeVolume, unmount_stale
 from roles.worker.config import WorkerConfig
 from shared.backoff import Backoff
+from shared.contracts.apps import AppDescription, AppState
+from shared.contracts.health import WorkerFigures
 from shared.contracts.snapshots import WorkerSite, WorkerSnapshot
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
 from shared.logs import ContextLogger, get_logger
@@ -394,18 +396,18 @@ class AppManager:
 
     # -- figures and control
 
-    def figures(self) -> dict[str, Any]:
+    def figures(self) -> WorkerFigures:
         cpu = {name: round(s, 3) for name, app in self._sites.items() if (s := self.cpu_seconds(app)) > 0}
-        return {
-            "apps_dynamic": len(self._sites),
-            "apps_active": sum(1 for i in self._active if not i.retiring),
-            "apps_max_active": self.max_active,
-            "app_limits": "cgroup" if self._cgroup is not None else "rlimit",
-            "app_sandbox": "bwrap" if self._sandbox is not None else "off",
-            "app_egress": "slirp4netns" if self._sandbox is not None and self._sandbox.slirp4netns else "off",
-            "app_cpu_seconds": cpu,
-            "apps_dir": str(self._root),
-        }
+        return WorkerFigures(
+            apps_dynamic=len(self._sites),
+            apps_active=sum(1 for i in self._active if not i.retiring),
+            apps_max_active=self.max_active,
+            app_limits="cgroup" if self._cgroup is not None else "rlimit",
+            app_sandbox="bwrap" if self._sandbox is not None else "off",
+            app_egress="slirp4netns" if self._sandbox is not None and self._sandbox.slirp4netns else "off",
+            app_cpu_seconds=cpu,
+            apps_dir=str(self._root),
+        )
 
     def isolation_gaps(self) -> list[str]:
         """What of the tenant wall this worker runs without although it could have it (it isolates
@@ -440,51 +442,53 @@ class AppManager:
         running = sum(i.cpu_seconds for i, a in self._active.items() if a is app)
         return app.cpu_total + running
 
-    def describe(self, name: str) -> dict[str, Any]:
+    def describe(self, name: str) -> AppDescription:
         if name not in self._content_ids:
             raise NotFound(f"site {name!r} is not on this worker")
         app = self._sites.get(name)
         if app is None:
-            return {
-                "site": name,
-                "runtime": "static",
-                "version": self._static.get(name),
-                "state": "static",
-                "building": False,
-                "cpu_seconds": 0.0,
-            }
+            return AppDescription(
+                site=name,
+                runtime="static",
+                version=self._static.get(name),
+                state="static",
+                building=False,
+                cpu_seconds=0.0,
+            )
         inst = app.instance
-        state = "running" if inst is not None and inst.alive else "starting" if app.starting else "idle"
+        state: AppState = (
+            "running" if inst is not None and inst.alive else "starting" if app.starting else "idle"
+        )
         if state == "idle" and app.retry_at > time.monotonic():
             state = "crashed"
         volume = self._volumes.get(app.identity.number) if app.identity is not None else None
         used, _ = volume.usage() if volume is not None else (0, 0)
         size = volume.size() if volume is not None else 0
-        return {
-            "site": name,
-            "runtime": app.runtime,
-            "entry": app.entry,
-            "version": app.version,
-            "state": state,
+        return AppDescription(
+            site=name,
+            runtime=app.runtime,
+            entry=app.entry,
+            version=app.version,
+            state=state,
             # Installing its requirements.txt or package.json for this version.
-            "building": app.packages_task is not None and not app.packages_task.done(),
-            "pid": inst.pid if inst is not None and inst.alive else None,
-            "memory_bytes": inst.rss if inst is not None else 0,
-            "cpu_seconds": round(self.cpu_seconds(app), 3),
-            "starts": app.starts,
-            "crashes": app.crashes,
-            "always_on": app.always_on,
-            "sandboxed": self._sandbox is not None,
-            "memory_limit_bytes": app.spec.limits.memory_mb * 1024 * 1024,
-            "memory_kills": app.memory_kills,
-            "pids_limit": app.spec.limits.nproc,
-            "pids_limit_hits": app.pids_hits,
-            "disk_used_bytes": used,
+            building=app.packages_task is not None and not app.packages_task.done(),
+            pid=inst.pid if inst is not None and inst.alive else None,
+            memory_bytes=inst.rss if inst is not None else 0,
+            cpu_seconds=round(self.cpu_seconds(app), 3),
+            starts=app.starts,
+            crashes=app.crashes,
+            always_on=app.always_on,
+            sandboxed=self._sandbox is not None,
+            memory_limit_bytes=app.spec.limits.memory_mb * 1024 * 1024,
+            memory_kills=app.memory_kills,
+            pids_limit=app.spec.limits.nproc,
+            pids_limit_hits=app.pids_hits,
+            disk_used_bytes=used,
             # The cap in force while mounted (a raised one applies from the next start from idle).
-            "disk_limit_bytes": (size or self._disk_mb(app) * 1024 * 1024) if volume is not None else None,
-            "disk_quota_hits": app.disk_hits,
-            "disk_full": app.disk_full,
-        }
+            disk_limit_bytes=(size or self._disk_mb(app) * 1024 * 1024) if volume is not None else None,
+            disk_quota_hits=app.disk_hits,
+            disk_full=app.disk_full,
+        )
 
     def log_for(self, name: str) -> SiteLog:
         log = self.access_log(name)

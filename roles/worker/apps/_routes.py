@@ -64,6 +64,6 @@ def app_routes(manager: AppManager) -> list[web.RouteDef]:
 
     async def describe(request: web.Request) -> web.Response:
         require_role(request, *_READERS)
-        return web.json_response(manager.describe(request.match_info["site"]))
+        return web.json_response(manager.describe(request.match_info["site"]).to_json())
 
     return [web.get("/v1/sites/{site}/logs", logs), web.get("/v1/sites/{site}/app", describe)]

@@ -1,0 +1,51 @@
+"""What a worker says of a site's app: ``GET /v1/sites/{site}/app`` on its control port, read by
+management for ``sitecloud site show`` and by the publisher while a deploy follows its build."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from shared.appsettings import Runtime
+from shared.contracts._base import Contract
+from shared.contracts.fields import ByteCount, SiteName, VersionNumber
+
+__all__ = ["AppDescription", "AppState"]
+
+# "static": a site without an app; "crashed": it exited and its restart waits out a back-off.
+AppState = Literal["static", "running", "starting", "idle", "crashed"]
+
+_Count = Annotated[int, Field(ge=0)]
+
+
+class AppDescription(Contract):
+    """A site's app on one worker. A static site's description has the first six fields only; the
+    rest are the app's process (none while idle) and the limits of its sandbox it has run into."""
+
+    site: SiteName
+    runtime: Runtime
+    version: VersionNumber | None  # the content version served (None: none yet)
+    state: AppState
+    building: bool  # installing its requirements.txt or package.json for this version
+    cpu_seconds: Annotated[float, Field(ge=0)]
+    entry: str | None = None
+    pid: Annotated[int, Field(ge=1)] | None = None
+    memory_bytes: ByteCount = 0
+    starts: _Count = 0
+    crashes: _Count = 0
+    always_on: bool = False
+    sandboxed: bool = False
+    memory_limit_bytes: ByteCount = 0
+    memory_kills: _Count = 0
+    pids_limit: _Count = 0
+    pids_limit_hits: _Count = 0
+    disk_used_bytes: ByteCount = 0
+    # The cap in force while its volume is mounted (None: not mounted).
+    disk_limit_bytes: ByteCount | None = None
+    disk_quota_hits: _Count = 0
+    disk_full: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        # A static site's description says nothing of a process it does not have.
+        return self.model_dump(mode="json", exclude_unset=True)
