@@ -256,8 +256,9 @@ def _zipdeploy(cloud: LocalCloud, site: dict[str, Any], folder: str) -> None:
         headers={"Authorization": f"Basic {auth}", "Content-Type": "application/zip"},
     )
     ctx = ssl.create_default_context(cafile=str(cloud.ca_file))
-    with urllib.request.urlopen(req, context=ctx, timeout=120) as resp:
-        assert resp.status == 200, resp.read()
+    with urllib.request.urlopen(req, context=ctx, timeout=300) as resp:
+        record = json.loads(resp.read())
+        assert resp.status == 200 and record["complete"] and record["status"] == 4, record
 
 
 def _git_push(cloud: LocalCloud, site: dict[str, Any], folder: str, work: Path) -> str:
@@ -320,6 +321,26 @@ def test_a_git_push_shows_the_build_as_it_runs_and_ends_with_the_sites_url(
     # The push ended once the build was done: the site answers at once.
     status, _, body = cloud.get("flask-pushed", "/?name=Ada")
     assert status == 200 and b"Hello, Ada, from Flask" in body
+
+
+def test_a_synchronous_zip_deploy_answers_once_the_app_is_built_and_served(cloud: LocalCloud) -> None:
+    """As Kudu's: no 200 before the site serves what was deployed, its build lines in the log."""
+    _skip_without("pip")
+    site = _new_site(cloud, "flask-sync")
+    _zipdeploy(cloud, site, "flask")
+    # No waiting here: the answer came after the workers served the new version.
+    status, _, body = cloud.get("flask-sync", "/?name=Ada")
+    assert status == 200 and b"Hello, Ada, from Flask" in body, (status, body[:300])
+    base = urlsplit(site["deploy"]["url"])
+    auth = base64.b64encode(f"{site['ftp']['user']}:{site['ftp']['password']}".encode()).decode()
+    req = urllib.request.Request(
+        f"https://{base.netloc}/api/deployments/latest/log?site=flask-sync",
+        headers={"Authorization": f"Basic {auth}"},
+    )
+    ctx = ssl.create_default_context(cafile=str(cloud.ca_file))
+    with urllib.request.urlopen(req, context=ctx, timeout=60) as resp:
+        messages = [entry["message"] for entry in json.loads(resp.read())]
+    assert "requirements installed" in messages, messages
 
 
 def test_an_async_zip_deploy_completes_with_its_build_and_logs_it(cloud: LocalCloud) -> None:

@@ -8,10 +8,11 @@ through it too (:mod:`roles.publisher._git`). The body is spooled to a temporary
 the site; any error before that commit leaves the site as it was.
 
 Kudu's zip deploy names the site by the publishing user (``?site=`` or a ``<site>.scm.`` host name it
-too), answers 200 once the new version is committed, or with ``?isAsync=true`` 202 and a ``Location``
-to poll at ``GET /api/deployments/{id}`` (:mod:`roles.publisher._deployments`). An async deploy (and a
-git push) stays incomplete until the site's workers have built and serve the new version, and
-``GET /api/deployments/{id}/log`` lists the build's lines (:mod:`roles.publisher._builds`).
+too) and, as Kudu's does, answers 200 once the site's workers have built and serve the new version, or
+with ``?isAsync=true`` 202 at once and a ``Location`` to poll at ``GET /api/deployments/{id}``
+(:mod:`roles.publisher._deployments`), which stays incomplete until then (a git push follows the build
+too). ``GET /api/deployments/{id}/log`` lists the build's lines (:mod:`roles.publisher._builds`).
+``/api/deploy/{site}`` answers at the commit.
 """
 
 from __future__ import annotations
@@ -130,7 +131,10 @@ class Deployer:
         if is_async not in ("true", "false"):
             raise InvalidInput(f"isAsync must be true or false, not {is_async!r}")
         if is_async == "false":
-            _, record = await self._deploy_request(request, site, via="zip deploy", deployer="ZipDeploy")
+            # As Kudu's: the answer comes once the deployment is done, the site built and served.
+            _, record = await self._deploy_request(
+                request, site, via="zip deploy", deployer="ZipDeploy", follow_build=True
+            )
             return web.json_response(self._record_json(request, record))
         # Kudu's async deploy: take the whole body now, answer 202 and deploy in the background.
         spool = tempfile.TemporaryFile(prefix="sitecloud-deploy-")  # noqa: SIM115 (closed by the task)
@@ -226,12 +230,25 @@ class Deployer:
     # --- the deploy itself
 
     async def _deploy_request(
-        self, request: web.Request, site: SiteInfo, *, via: str, deployer: str = "WebDeploy"
+        self,
+        request: web.Request,
+        site: SiteInfo,
+        *,
+        via: str,
+        deployer: str = "WebDeploy",
+        follow_build: bool = False,
     ) -> tuple[DeployResult, Deployment]:
         with tempfile.TemporaryFile(prefix="sitecloud-deploy-") as spool:
             size = await self._receive(request, spool)
             record = self.deployments.start(site.name, deployer=deployer, author=self._author(request))
-            answer = await self.deploy_zip(site, spool, record, via=f"{via} from {request.remote}", size=size)
+            answer = await self.deploy_zip(
+                site,
+                spool,
+                record,
+                via=f"{via} from {request.remote}",
+                size=size,
+                follow_build=follow_build,
+            )
         return answer, record
 
     async def _deploy_later(self, site: SiteInfo, spool: IO[bytes], size: int, record: Deployment) -> None:
