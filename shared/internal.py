@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -114,6 +114,21 @@ class InternalClient:
                 return body
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise Unavailable(f"cannot reach {url}: {exc or type(exc).__name__}") from exc
+        except aiohttp.ContentTypeError as exc:
+            raise Unavailable(f"{url} answered something that is not JSON") from exc
+
+    async def lines(self, method: str, url: str, *, quiet_for: float, **kwargs: Any) -> AsyncIterator[bytes]:
+        """Call ``url`` and yield its answer's lines as they come (at most ``quiet_for`` seconds apart);
+        an error answer raises the matching SitecloudError before any line."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=quiet_for)
+        try:
+            async with self.session.request(method, url, timeout=timeout, **kwargs) as resp:
+                if resp.status >= 400:
+                    raise error_from_json(resp.status, await resp.json(content_type=None))
+                async for line in resp.content:
+                    yield line
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            raise Unavailable(f"the answer from {url} broke off: {exc or type(exc).__name__}") from exc
         except aiohttp.ContentTypeError as exc:
             raise Unavailable(f"{url} answered something that is not JSON") from exc
 

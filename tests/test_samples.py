@@ -323,6 +323,39 @@ def test_a_git_push_shows_the_build_as_it_runs_and_ends_with_the_sites_url(
     assert status == 200 and b"Hello, Ada, from Flask" in body
 
 
+def test_sitecloud_deploy_shows_the_build_and_answers_once_the_site_serves_it(
+    cloud: LocalCloud, tmp_path: Path
+) -> None:
+    _skip_without("pip")
+    _new_site(cloud, "flask-cli")
+    printed = cloud.cli_text("deploy", "flask-cli", str(SAMPLES / "flask"), timeout=300).splitlines()
+    assert printed[0].startswith("deployed as version"), printed
+    assert any("Successfully installed" in line for line in printed), printed
+    assert printed[-1].endswith(", served"), printed
+    status, _, body = cloud.get("flask-cli", "/?name=Ada")  # no waiting: it said served
+    assert status == 200 and b"Hello, Ada, from Flask" in body, (status, body[:300])
+
+    # --json prints the result alone; --no-wait answers at the commit. Each changes a file.
+    tree = tmp_path / "flask"
+    shutil.copytree(SAMPLES / "flask", tree)
+    (tree / "static-note.txt").write_text("one")
+    again = cloud.cli("deploy", "flask-cli", str(tree), timeout=300)
+    assert set(again) >= {"site", "version", "files", "bytes"}, again
+    (tree / "static-note.txt").write_text("two")
+    quick = cloud.cli("deploy", "flask-cli", str(tree), "--no-wait")
+    assert quick["version"] > again["version"], (again, quick)
+    # A stopped site is on no publisher: the deploy says so and what to do.
+    cloud.cli("site", "stop", "flask-cli")
+    stopped = cloud.cli("deploy", "flask-cli", str(tree), check=False)
+    assert stopped["error"]["code"] == "in_use" and "site start flask-cli" in stopped["error"]["hint"], stopped
+    cloud.cli("site", "start", "flask-cli")
+    # A bad zip is refused before anything streams, with what is wrong.
+    bad = tmp_path / "not-a.zip"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    refused = cloud.cli("deploy", "flask-cli", str(bad), check=False)
+    assert refused["error"]["code"] in ("bad_request", "invalid_input"), refused
+
+
 def test_a_synchronous_zip_deploy_answers_once_the_app_is_built_and_served(cloud: LocalCloud) -> None:
     """As Kudu's: no 200 before the site serves what was deployed, its build lines in the log."""
     _skip_without("pip")

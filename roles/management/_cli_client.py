@@ -12,7 +12,7 @@ import ssl
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +21,10 @@ from urllib.parse import quote, urlsplit
 
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unauthorized, Unavailable, error_from_json
 
-__all__ = ["ApiClient", "Endpoints", "zipped"]
+__all__ = ["NDJSON", "ApiClient", "Endpoints", "read_result_lines", "zipped"]
 
 _CHUNK = 256 * 1024
+NDJSON = "application/x-ndjson"
 # Uploads smaller than this finish too fast for a progress display to help.
 _PROGRESS_MIN = 1024 * 1024
 
@@ -223,17 +224,27 @@ class ApiClient:
             while line := resp.readline():
                 yield line.decode(errors="replace").rstrip("\n")
 
-    def upload(self, path: str, file: Path, *, progress: IO[str] | None = None) -> Any:
-        """POST a file as the body, streamed from disk."""
+    def upload(
+        self,
+        path: str,
+        file: Path,
+        *,
+        progress: IO[str] | None = None,
+        on_line: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Any:
+        """POST a file as the body, streamed from disk. With ``on_line`` the answer is asked for as
+        lines (NDJSON), each passed to it as it comes, and the last one's result returned."""
         total = file.stat().st_size
         meter = _Progress(total, progress or sys.stderr)
-        # The server answers once the publisher has committed the deploy: allow for a big one.
-        with self._connected(max(self._timeout, 600.0)) as conn:
+        headers = {"Content-Type": "application/zip", "Content-Length": str(total)}
+        if on_line is not None:
+            headers["Accept"] = NDJSON
+        # The server answers once the publisher has committed the deploy (or built it, with lines):
+        # allow for a big one.
+        with self._connected(max(self._timeout, 600.0 if on_line is None else 3600.0)) as conn:
             try:
                 conn.putrequest("POST", path)
-                for key, value in self._headers(
-                    {"Content-Type": "application/zip", "Content-Length": str(total)}
-                ).items():
+                for key, value in self._headers(headers).items():
                     conn.putheader(key, value)
                 conn.endheaders()
                 done = 0
@@ -247,7 +258,36 @@ class ApiClient:
                 pass
             finally:
                 meter.finish()
-            return self._answer(conn.getresponse())
+            resp = conn.getresponse()
+            if on_line is None or resp.status >= 400:
+                return self._answer(resp)
+            return read_result_lines(
+                resp, on_line, what="the deploy", hint="see `sitecloud site versions` and `site logs`"
+            )
+
+
+def read_result_lines(
+    resp: http.client.HTTPResponse,
+    on_line: Callable[[dict[str, Any]], None],
+    *,
+    what: str,
+    hint: str | None = None,
+) -> Any:
+    """An NDJSON answer: each line to ``on_line`` until ``{"result": …}`` (returned) or ``{"error": …}``
+    (raised)."""
+    while line := resp.readline():
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            raise Unavailable(f"{what}'s answer has a line that is not JSON: {line[:200]!r}") from None
+        if "result" in event:
+            return event["result"]
+        if "error" in event:
+            raise error_from_json(500, event)
+        on_line(event)
+    raise Unavailable(f"{what}'s answer ended without a result", hint=hint)
 
 
 @contextmanager

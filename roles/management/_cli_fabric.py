@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from roles.management._cli_client import ApiClient
+from roles.management._cli_client import NDJSON, ApiClient, read_result_lines
 from roles.management._cli_output import ago, out, print_table
 from shared.errors import InvalidInput, Unavailable, error_from_json
 
@@ -49,30 +49,25 @@ def _stream(api: ApiClient, path: str, body: dict[str, Any], *, quiet: bool) -> 
             "POST",
             path,
             body=json.dumps(body).encode(),
-            headers=api._headers({"Content-Type": "application/json", "Accept": "application/x-ndjson"}),
+            headers=api._headers({"Content-Type": "application/json", "Accept": NDJSON}),
         )
         resp = conn.getresponse()
         if resp.status >= 400:
             raw = resp.read()
             raise error_from_json(resp.status, json.loads(raw) if raw else None)
-        while line := resp.readline():
-            if not line.strip():
-                continue
-            event = json.loads(line)
-            if "result" in event:
-                return event["result"]
-            if "error" in event:
-                raise error_from_json(500, event)
+
+        def show(event: dict[str, Any]) -> None:
             text = _step_line(event)
             if text and not quiet:
                 out(text)
+
+        return read_result_lines(resp, show, what="the controller", hint="see `sitecloud role list`")
     except OSError as exc:
         raise api._unreachable(exc) from None
     except (http.client.HTTPException, ValueError) as exc:
         raise Unavailable(f"the answer from {api.base} broke off: {exc!r}") from None
     finally:
         conn.close()
-    raise Unavailable("the controller's answer ended without a result", hint="see `sitecloud role list`")
 
 
 # -- commands --------------------------------------------------------------------------------------

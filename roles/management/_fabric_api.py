@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -22,23 +21,9 @@ from roles.management import _models as m
 from roles.management._fabric import ACTIONS, KINDS
 from roles.management._openapi import HOST, Operation, Param
 from roles.management._paging import paged
-from roles.management._request import body_of, page_of, principal, service_of
+from roles.management._request import NDJSON, body_of, page_of, principal, relay_lines, service_of
 
 __all__ = ["fabric_operations"]
-
-_NDJSON = "application/x-ndjson"
-
-
-async def _relay(request: web.Request, lines: AsyncIterator[bytes]) -> web.StreamResponse:
-    """Pass progress lines on as they come; an error before the first line is answered as an error."""
-    first = await anext(lines, b"")
-    out = web.StreamResponse(headers={"Content-Type": _NDJSON, "Cache-Control": "no-store"})
-    await out.prepare(request)
-    await out.write(first)
-    async for line in lines:
-        await out.write(line)
-    await out.write_eof()
-    return out
 
 
 async def list_hosts(request: web.Request) -> web.Response:
@@ -85,13 +70,13 @@ async def list_roles(request: web.Request) -> web.Response:
 async def add_role(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
     body = body_of(request, m.RoleAdd).fields()
-    return await _relay(request, service_of(request).fabric.add_role(who, body))
+    return await relay_lines(request, service_of(request).fabric.add_role(who, body))
 
 
 async def role_action(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
     p = request.match_info
-    return await _relay(
+    return await relay_lines(
         request, service_of(request).fabric.role_action(who, p["role"], p["host"], p["action"])
     )
 
@@ -99,7 +84,7 @@ async def role_action(request: web.Request) -> web.StreamResponse:
 async def upgrade(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
     force = body_of(request, m.UpgradeRequest).force
-    return await _relay(request, service_of(request).fabric.upgrade(who, force=force))
+    return await relay_lines(request, service_of(request).fabric.upgrade(who, force=force))
 
 
 _ROLE = Param("role", {"type": "string", "enum": list(KINDS)}, "role kind")
@@ -163,7 +148,7 @@ def fabric_operations() -> list[Operation]:
             "add_role",
             "Add a role on a host by DNS name (admin); progress lines, then the result",
             "roles",
-            content=_NDJSON,
+            content=NDJSON,
             body=m.RoleAdd,
             errors=(*admin, 404, 409),
         ),
@@ -174,7 +159,7 @@ def fabric_operations() -> list[Operation]:
             "role_action",
             "Start, stop, restart, repair or remove a role (admin); progress lines, then the result",
             "roles",
-            content=_NDJSON,
+            content=NDJSON,
             params=(_ROLE, _ROLE_HOST, _ACTION),
             errors=(*admin, 409),
         ),
@@ -185,7 +170,7 @@ def fabric_operations() -> list[Operation]:
             "upgrade",
             "Rolling upgrade of every role to the current code (admin); progress lines, then the result",
             "roles",
-            content=_NDJSON,
+            content=NDJSON,
             body=m.UpgradeRequest,
             body_required=False,
             errors=admin,

@@ -7,6 +7,7 @@ build on this module; it knows none of them.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from shared.errors import InvalidInput
 
 __all__ = [
     "CHUNK",
+    "NDJSON",
     "SERVICE",
     "body_of",
     "checked",
@@ -28,6 +30,7 @@ __all__ = [
     "page_of",
     "principal",
     "query_of",
+    "relay_lines",
     "service_of",
 ]
 
@@ -112,3 +115,18 @@ def checked(op: Operation) -> Any:
         return await op.handler(request)
 
     return handle
+
+
+NDJSON = "application/x-ndjson"
+
+
+async def relay_lines(request: web.Request, lines: AsyncIterator[bytes]) -> web.StreamResponse:
+    """Pass progress lines on as they come; an error before the first line is answered as an error."""
+    first = await anext(lines, b"")
+    out = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+    await out.prepare(request)
+    await out.write(first)
+    async for line in lines:
+        await out.write(line)
+    await out.write_eof()
+    return out

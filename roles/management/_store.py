@@ -708,6 +708,22 @@ class Store:
         with self._db.session() as s:
             self._visible_site(s, who, name)
 
+    def check_publishable(self, who: Principal, name: str) -> None:
+        """As :meth:`check_site`, and the site is served: a stopped site or a suspended subscription
+        is on no publisher, so a deploy is refused here with what to do."""
+        with self._db.session() as s:
+            site = self._visible_site(s, who, name)
+            if site.state != "running":
+                raise InUse(
+                    f"site {name} is stopped: nothing can be published to it",
+                    hint=f"start it first (sitecloud site start {name})",
+                )
+            if site.subscription.state != "active":
+                raise InUse(
+                    f"the subscription of site {name} is suspended: nothing can be published to it",
+                    hint="an admin can resume it",
+                )
+
     def delete_site(self, who: Principal, name: str) -> None:
         """Delete a site; a production site takes its deployment slots along."""
         with self._write_lock, self._db.session() as s:

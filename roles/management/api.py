@@ -35,12 +35,14 @@ from roles.management._openapi import (
 from roles.management._paging import paged
 from roles.management._request import (
     CHUNK,
+    NDJSON,
     body_of,
     checked,
     client_address,
     page_of,
     principal,
     query_of,
+    relay_lines,
     service_of,
 )
 from roles.management._store import require_admin
@@ -410,15 +412,17 @@ async def hostname_availability(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-async def deploy_site(request: web.Request) -> web.Response:
+async def deploy_site(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
 
     async def chunks() -> AsyncIterator[bytes]:
         async for chunk in request.content.iter_chunked(CHUNK):
             yield chunk
 
-    answer = await service_of(request).deploy(who, request.match_info["name"], chunks())
-    return web.json_response(answer)
+    service, name = service_of(request), request.match_info["name"]
+    if NDJSON in request.headers.get("Accept", ""):
+        return await relay_lines(request, service.deploy_following(who, name, chunks()))
+    return web.json_response(await service.deploy(who, name, chunks()))
 
 
 async def site_versions(request: web.Request) -> web.Response:
@@ -901,7 +905,9 @@ def operations() -> list[Operation]:
             "/sites/{name}/deploy",
             deploy_site,
             "deploy_site",
-            "Replace the site's content with a zip (web deploy)",
+            "Replace the site's content with a zip (web deploy). With Accept: application/x-ndjson the "
+            "answer is lines: the deploy's and its build's ({source, text}) as they come, then {result} once "
+            "the site's workers serve it built, or {error}",
             "sites",
             answer=m.Deployed,
             params=site,

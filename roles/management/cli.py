@@ -658,14 +658,19 @@ def _show_availability(answer: Any, a: argparse.Namespace) -> None:
 
 
 def _deploy(a: argparse.Namespace, api: ApiClient) -> Any:
+    def show(line: dict[str, Any]) -> None:
+        # The build's own lines as pip or npm wrote them; the publisher's marked as such.
+        if not a.json:
+            out(("  " if line.get("source") != "deploy" else "") + str(line.get("text", "")))
+
     with zipped(Path(a.path)) as zip_file:
-        return api.upload(api.path("sites", a.site, "deploy"), zip_file)
+        return api.upload(api.path("sites", a.site, "deploy"), zip_file, on_line=None if a.no_wait else show)
 
 
 def _show_deploy(answer: Any, a: argparse.Namespace) -> None:
     out(
         f"deployed {answer.get('files')} file(s), {answer.get('bytes')} bytes to {answer.get('site')}: "
-        f"content version {answer.get('version')}"
+        f"content version {answer.get('version')}" + ("" if a.no_wait else ", served")
     )
 
 
@@ -1383,6 +1388,11 @@ def _parser() -> argparse.ArgumentParser:
     sp = leaf(top, "deploy", "replace a site's content with a directory or a .zip", _deploy, _show_deploy)
     sp.add_argument("site")
     sp.add_argument("path", help="a directory (zipped on the fly) or a .zip file")
+    sp.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="answer once the new version is stored, without waiting for the workers to build and serve it",
+    )
 
     # Hosts, roles and upgrades.
     add_fabric_commands(group, leaf, top)

@@ -626,12 +626,35 @@ class ManagementService:
         self._log.info("restored a backup: %s", ", ".join(f"{n} {t}" for t, n in counts.items()))
         return {"format": BACKUP_FORMAT, "restored": counts}
 
-    async def deploy(self, who: Principal, name: str, body: AsyncIterable[bytes]) -> Json:
-        """Stream a zip to the publisher, which replaces the site's content with it in one version."""
-        await self._read(self._store.check_site, who, name)
+    async def _deploy_url(self, who: Principal, name: str) -> str:
+        await self._read(self._store.check_publishable, who, name)
         if not self.config.publisher_url:
             raise Unavailable("web deploy is not available: no publisher is configured")
-        url = f"{self.config.publisher_url.rstrip('/')}/v1/deploy/{name}"
+        return f"{self.config.publisher_url.rstrip('/')}/v1/deploy/{name}"
+
+    async def deploy_following(
+        self, who: Principal, name: str, body: AsyncIterable[bytes]
+    ) -> AsyncIterator[bytes]:
+        """:meth:`deploy`, and then the build until the site's workers serve it, as the publisher's
+        lines (``{"source", "text"}``, then ``{"result": …}`` or ``{"error": …}``) as they come."""
+        url = await self._deploy_url(who, name)
+        async for line in self._deploy_client.lines(
+            "POST",
+            url,
+            quiet_for=_DEPLOY_TIMEOUT,
+            data=body,
+            headers={"Content-Type": "application/zip", "Accept": "application/x-ndjson"},
+        ):
+            if line.startswith(b'{"result"'):
+                self._storage.forget(name)
+                self._log.bind(site=name).info(
+                    "deployed and built: %s", line.decode(errors="replace").strip()
+                )
+            yield line
+
+    async def deploy(self, who: Principal, name: str, body: AsyncIterable[bytes]) -> Json:
+        """Stream a zip to the publisher, which replaces the site's content with it in one version."""
+        url = await self._deploy_url(who, name)
         answer = parse_answer(
             DeployResult,
             await self._deploy_client.request_json(

@@ -18,6 +18,7 @@ too). ``GET /api/deployments/{id}/log`` lists the build's lines (:mod:`roles.pub
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -60,6 +61,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 _RETRY_AFTER = web.RequestKey("retry_after", int)
+# What management asks for to see the deploy's build as it runs.
+NDJSON = "application/x-ndjson"
+
+
+def _ndjson(line: dict[str, Any]) -> bytes:
+    return json.dumps(line).encode() + b"\n"
 
 
 @web.middleware
@@ -116,14 +123,46 @@ class Deployer:
         answer, _ = await self._deploy_request(request, site, via="web deploy")
         return web.json_response(answer.to_json())
 
-    async def _internal(self, request: web.Request) -> web.Response:
+    async def _internal(self, request: web.Request) -> web.StreamResponse:
         require_role(request, "management")
         name = request.match_info["site"]
         site = self._sites.site(name)
         if site is None:
             raise NotFound(f"site {name} is not served by this publisher")
-        answer, _ = await self._deploy_request(request, site, via="management")
-        return web.json_response(answer.to_json())
+        if NDJSON not in request.headers.get("Accept", ""):
+            answer, _ = await self._deploy_request(request, site, via="management")
+            return web.json_response(answer.to_json())
+        return await self._internal_following(request, site)
+
+    async def _internal_following(self, request: web.Request, site: SiteInfo) -> web.StreamResponse:
+        """The deploy and then its build, as lines: ``{"source", "text"}`` as they come, then
+        ``{"result": …}`` once the workers serve it, or ``{"error": …}``. A refusal before the commit
+        (a bad zip, the quota) is answered as an error, as without lines."""
+        out: web.StreamResponse | None = None
+
+        async def started() -> web.StreamResponse:
+            nonlocal out
+            if out is None:
+                out = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+                await out.prepare(request)
+            return out
+
+        async def emit(source: str, text: str) -> None:
+            await (await started()).write(_ndjson({"source": source, "text": text}))
+
+        try:
+            answer, _ = await self._deploy_request(
+                request, site, via="management", follow_build=True, emit=emit
+            )
+        except SitecloudError as err:
+            if out is None:
+                raise
+            await out.write(_ndjson(err.to_json()))
+        else:
+            await (await started()).write(_ndjson({"result": answer.to_json()}))
+        assert out is not None
+        await out.write_eof()
+        return out
 
     async def _zipdeploy(self, request: web.Request) -> web.Response:
         site = await self.authenticate(request, self._kudu_site(request))
@@ -237,6 +276,7 @@ class Deployer:
         via: str,
         deployer: str = "WebDeploy",
         follow_build: bool = False,
+        emit: Emit | None = None,
     ) -> tuple[DeployResult, Deployment]:
         with tempfile.TemporaryFile(prefix="sitecloud-deploy-") as spool:
             size = await self._receive(request, spool)
@@ -248,6 +288,7 @@ class Deployer:
                 via=f"{via} from {request.remote}",
                 size=size,
                 follow_build=follow_build,
+                emit=emit,
             )
         return answer, record
 
