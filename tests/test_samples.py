@@ -347,7 +347,9 @@ def test_sitecloud_deploy_shows_the_build_and_answers_once_the_site_serves_it(
     # A stopped site is on no publisher: the deploy says so and what to do.
     cloud.cli("site", "stop", "flask-cli")
     stopped = cloud.cli("deploy", "flask-cli", str(tree), check=False)
-    assert stopped["error"]["code"] == "in_use" and "site start flask-cli" in stopped["error"]["hint"], stopped
+    assert stopped["error"]["code"] == "in_use" and "site start flask-cli" in stopped["error"]["hint"], (
+        stopped
+    )
     cloud.cli("site", "start", "flask-cli")
     # A bad zip is refused before anything streams, with what is wrong.
     bad = tmp_path / "not-a.zip"
