@@ -121,14 +121,17 @@ class InternalClient:
         """Call ``url`` and yield its answer's lines as they come (at most ``quiet_for`` seconds apart);
         an error answer raises the matching SitecloudError before any line."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=quiet_for)
+        answered = False
         try:
             async with self.session.request(method, url, timeout=timeout, **kwargs) as resp:
+                answered = True
                 if resp.status >= 400:
                     raise error_from_json(resp.status, await resp.json(content_type=None))
                 async for line in resp.content:
                     yield line
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
-            raise Unavailable(f"the answer from {url} broke off: {exc or type(exc).__name__}") from exc
+            what = "the answer from {} broke off" if answered else "cannot reach {}"
+            raise Unavailable(f"{what.format(url)}: {exc or type(exc).__name__}") from exc
         except aiohttp.ContentTypeError as exc:
             raise Unavailable(f"{url} answered something that is not JSON") from exc
 
