@@ -133,10 +133,19 @@ class Journal:
         self.written += len(data)
         return self.written
 
-    async def sync(self, upto: int) -> None:
-        """Return once everything up to ``upto`` is on disk; concurrent callers share one fsync."""
+    async def sync(self, upto: int, *, inline: bool = False) -> None:
+        """Return once everything up to ``upto`` is on disk; concurrent callers share one fsync.
+
+        ``inline`` (the caller is the only writer in flight): the fsync runs right here, blocking the
+        loop, which spares a hop to a thread and back; nobody is there to share it or to be held up.
+        """
         while self._synced < upto:
             if self._flush is None:
+                if inline:
+                    target = self.written
+                    os.fdatasync(self._fd)
+                    self._synced = max(self._synced, target)
+                    return
                 self._flush = asyncio.ensure_future(self._fsync())
             await asyncio.shield(self._flush)
 
@@ -155,7 +164,15 @@ class Journal:
         """
         while self._flush is not None:
             await asyncio.shield(self._flush)
-        await asyncio.to_thread(self._rewrite, upto)
+        # Held as the flush: a sync meanwhile waits for it (the rewrite leaves all synced, on a new fd).
+        self._flush = asyncio.ensure_future(self._rewrite_in_thread(upto))
+        await asyncio.shield(self._flush)
+
+    async def _rewrite_in_thread(self, upto: int) -> None:
+        try:
+            await asyncio.to_thread(self._rewrite, upto)
+        finally:
+            self._flush = None
 
     def _rewrite(self, upto: int) -> None:
         keep = upto - self._base

@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,8 @@ class _Site:
     recent: dict[int, Tree] = field(default_factory=dict)
     # Folder encodings made since the last checkpoint, written to disk by the next one.
     pending: dict[str, bytes] = field(default_factory=dict)
+    # Version records on disk that retention dropped: the next checkpoint removes their files.
+    dropped: list[int] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -230,6 +233,8 @@ class ContentStore:
         self._tasks: set[asyncio.Future[None]] = set()
         self.blobs_received = 0
         self.blob_bytes_received = 0
+        # Writes being handled now: one alone fsyncs its journal on the loop (no thread hop).
+        self._writes = 0
 
     async def open(self) -> None:
         await asyncio.to_thread(self.feed.open)
@@ -577,10 +582,24 @@ class ContentStore:
         self.blob_bytes_received += sum(len(d) for _, d in blobs)
         return BlobBatchStored(blobs=[BlobStored(sha256=sha, size=len(data)) for sha, data in blobs])
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        self._writes += 1
+        try:
+            yield
+        finally:
+            self._writes -= 1
+
     async def put_file(
         self, name: str, path: str, chunks: AsyncIterator[bytes], length: int | None
     ) -> FileStored:
         """Store a file's bytes and put it at ``path`` in one step, durable once its journal record is."""
+        with self._writing():
+            return await self._put_file(name, path, chunks, length)
+
+    async def _put_file(
+        self, name: str, path: str, chunks: AsyncIterator[bytes], length: int | None
+    ) -> FileStored:
         site = self.site(name)
         rel = site_relpath(path, allow_root=False)
         if length is not None and length <= _INLINE_BYTES:
@@ -607,23 +626,29 @@ class ContentStore:
         self.blobs_received += 1
         self.blob_bytes_received += size
         ops = [PutOp(path=rel, sha256=sha)]
-        answer = await self.commit(name, ops, replace=False, source="ftp", blob=(sha, small or b""))
+        answer = await self._commit(name, ops, replace=False, source="ftp", blob=(sha, small or b""))
         return FileStored(version=answer.version, total_bytes=answer.total_bytes, sha256=sha, size=size)
 
     async def commit(
-        self,
-        name: str,
-        ops: Sequence[CommitOp],
-        *,
-        replace: bool,
-        source: str = "deploy",
-        blob: tuple[str, bytes] | None = None,
+        self, name: str, ops: Sequence[CommitOp], *, replace: bool, source: str = "deploy"
     ) -> CommitAnswer:
         """Apply ops all or nothing as a new version; an idempotent commit makes no new version.
 
         The answer comes once the version's journal record is on disk; commits that arrive meanwhile
         share the next fsync.
         """
+        with self._writing():
+            return await self._commit(name, ops, replace=replace, source=source)
+
+    async def _commit(
+        self,
+        name: str,
+        ops: Sequence[CommitOp],
+        *,
+        replace: bool,
+        source: str,
+        blob: tuple[str, bytes] | None = None,
+    ) -> CommitAnswer:
         site = self.site(name)
         async with site.lock:
             if self._sites.get(name) is not site:
@@ -657,6 +682,10 @@ class ContentStore:
 
     async def rollback(self, name: str, version: int | None) -> RollbackAnswer:
         """A new version with the content of an earlier one (the one before the newest by default)."""
+        with self._writing():
+            return await self._rollback(name, version)
+
+    async def _rollback(self, name: str, version: int | None) -> RollbackAnswer:
         site = self.site(name)
         async with site.lock:
             target = site.head_version - 1 if version is None else version
@@ -698,16 +727,16 @@ class ContentStore:
         cutoff = time.time() - site.keep_days * 86400
         old = [n for n in beyond if float(site.records[n]["time"]) < cutoff]
         for number in old:
-            del site.records[number]
+            # Only a checkpointed version has a file; the next checkpoint removes it, off the loop.
+            if site.records.pop(number).get("written"):
+                site.dropped.append(number)
             site.recent.pop(number, None)
-        if old:
-            site.disk.drop_versions(old)
 
     async def _publish(
         self, site: _Site, journal: Journal | None, offset: int, version: int, tree: Tree
     ) -> None:
         assert journal is not None
-        await journal.sync(offset)
+        await journal.sync(offset, inline=self._writes <= 1)
         self.commits += 1
         site.recent[version] = tree
         while len(site.recent) > max(_RECENT, self._keep(site) + 1):
@@ -715,9 +744,10 @@ class ContentStore:
         if version > site.version:
             site.version, site.tree = version, tree
             await self.feed.publish(site.name, version)
-            self._log.bind(site=site.name).debug(
-                "version %s: %s files, %s", version, tree.file_count, human_size(tree.total_bytes)
-            )
+            if self._log.isEnabledFor(logging.DEBUG):
+                self._log.bind(site=site.name).debug(
+                    "version %s: %s files, %s", version, tree.file_count, human_size(tree.total_bytes)
+                )
         if journal.size > _CHECKPOINT_BYTES and not site.checkpointing:
             self._background(self.checkpoint(site))
 
@@ -776,6 +806,9 @@ class ContentStore:
         and records (not yet durable); returns the head's root digest."""
         # Small blobs only the journal had so far: one pack, durable with the rest.
         site.disk.write_held()
+        if site.dropped:
+            site.disk.drop_versions(site.dropped)
+            site.dropped.clear()
         for number, record in site.records.items():
             if record["root"] is None:
                 kept = site.recent.get(number)
@@ -801,6 +834,10 @@ class ContentStore:
             async with site.lock:
                 # Versions that aged out since the last commit (or a plan that now keeps fewer).
                 self._prune(site)
+                if site.dropped:
+                    # Their files go before their folders can: no record left pointing at nothing.
+                    await asyncio.to_thread(site.disk.drop_versions, list(site.dropped))
+                    site.dropped.clear()
                 if site.journal is not None or site.head.root.digest is None:
                     continue  # changed since: next time
                 roots = [str(r["root"]) for r in site.records.values() if r["root"] is not None]
