@@ -112,8 +112,7 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
             answer = await store.put_file(
                 request.match_info["site"],
                 request.match_info["path"],
-                # Whatever has arrived, as it lies in the buffer: no slicing into pieces of a set size.
-                request.content.iter_any(),
+                request.content.iter_chunked(_CHUNK),
                 request.content_length,
             )
         except QuotaExceeded as err:

@@ -133,19 +133,10 @@ class Journal:
         self.written += len(data)
         return self.written
 
-    async def sync(self, upto: int, *, inline: bool = False) -> None:
-        """Return once everything up to ``upto`` is on disk; concurrent callers share one fsync.
-
-        ``inline`` (the caller is the only writer in flight): the fsync runs right here, blocking the
-        loop, which spares a hop to a thread and back; nobody is there to share it or to be held up.
-        """
+    async def sync(self, upto: int) -> None:
+        """Return once everything up to ``upto`` is on disk; concurrent callers share one fsync."""
         while self._synced < upto:
             if self._flush is None:
-                if inline:
-                    target = self.written
-                    os.fdatasync(self._fd)
-                    self._synced = max(self._synced, target)
-                    return
                 self._flush = asyncio.ensure_future(self._fsync())
             await asyncio.shield(self._flush)
 

@@ -13,7 +13,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,8 +233,6 @@ class ContentStore:
         self._tasks: set[asyncio.Future[None]] = set()
         self.blobs_received = 0
         self.blob_bytes_received = 0
-        # Writes being handled now: one alone fsyncs its journal on the loop (no thread hop).
-        self._writes = 0
 
     async def open(self) -> None:
         await asyncio.to_thread(self.feed.open)
@@ -582,24 +580,10 @@ class ContentStore:
         self.blob_bytes_received += sum(len(d) for _, d in blobs)
         return BlobBatchStored(blobs=[BlobStored(sha256=sha, size=len(data)) for sha, data in blobs])
 
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        self._writes += 1
-        try:
-            yield
-        finally:
-            self._writes -= 1
-
     async def put_file(
         self, name: str, path: str, chunks: AsyncIterator[bytes], length: int | None
     ) -> FileStored:
         """Store a file's bytes and put it at ``path`` in one step, durable once its journal record is."""
-        with self._writing():
-            return await self._put_file(name, path, chunks, length)
-
-    async def _put_file(
-        self, name: str, path: str, chunks: AsyncIterator[bytes], length: int | None
-    ) -> FileStored:
         site = self.site(name)
         rel = site_relpath(path, allow_root=False)
         if length is not None and length <= _INLINE_BYTES:
@@ -626,29 +610,23 @@ class ContentStore:
         self.blobs_received += 1
         self.blob_bytes_received += size
         ops = [PutOp(path=rel, sha256=sha)]
-        answer = await self._commit(name, ops, replace=False, source="ftp", blob=(sha, small or b""))
+        answer = await self.commit(name, ops, replace=False, source="ftp", blob=(sha, small or b""))
         return FileStored(version=answer.version, total_bytes=answer.total_bytes, sha256=sha, size=size)
 
     async def commit(
-        self, name: str, ops: Sequence[CommitOp], *, replace: bool, source: str = "deploy"
+        self,
+        name: str,
+        ops: Sequence[CommitOp],
+        *,
+        replace: bool,
+        source: str = "deploy",
+        blob: tuple[str, bytes] | None = None,
     ) -> CommitAnswer:
         """Apply ops all or nothing as a new version; an idempotent commit makes no new version.
 
         The answer comes once the version's journal record is on disk; commits that arrive meanwhile
         share the next fsync.
         """
-        with self._writing():
-            return await self._commit(name, ops, replace=replace, source=source)
-
-    async def _commit(
-        self,
-        name: str,
-        ops: Sequence[CommitOp],
-        *,
-        replace: bool,
-        source: str,
-        blob: tuple[str, bytes] | None = None,
-    ) -> CommitAnswer:
         site = self.site(name)
         async with site.lock:
             if self._sites.get(name) is not site:
@@ -682,10 +660,6 @@ class ContentStore:
 
     async def rollback(self, name: str, version: int | None) -> RollbackAnswer:
         """A new version with the content of an earlier one (the one before the newest by default)."""
-        with self._writing():
-            return await self._rollback(name, version)
-
-    async def _rollback(self, name: str, version: int | None) -> RollbackAnswer:
         site = self.site(name)
         async with site.lock:
             target = site.head_version - 1 if version is None else version
@@ -736,7 +710,7 @@ class ContentStore:
         self, site: _Site, journal: Journal | None, offset: int, version: int, tree: Tree
     ) -> None:
         assert journal is not None
-        await journal.sync(offset, inline=self._writes <= 1)
+        await journal.sync(offset)
         self.commits += 1
         site.recent[version] = tree
         while len(site.recent) > max(_RECENT, self._keep(site) + 1):
