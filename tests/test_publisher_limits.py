@@ -3,11 +3,15 @@ publisher's config checks and the admin's publisher settings in the controller's
 
 from __future__ import annotations
 
+import errno
 import ftplib
 import io
 import json
+import threading
+import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +21,7 @@ from roles.publisher._throttle import LoginThrottle, client_key
 from roles.publisher.config import PublisherConfig
 from roles.publisher.zipsafe import check_zip
 from shared.errors import InvalidInput
+from shared.net import free_port_range
 from shared.paths import MAX_NAME_BYTES, MAX_PATH_BYTES, site_relpath
 from tests.support import CloudPKI, RoleProcess
 
@@ -202,3 +207,51 @@ def test_an_ftp_server_without_tls_does_not_offer_it(tmp_path: Path) -> None:
                 ftp.sendcmd("AUTH TLS")
     finally:
         publisher.stop()
+
+
+def test_a_passive_port_taken_between_bind_and_listen_is_not_a_failed_pasv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two sessions may bind the same passive port (SO_REUSEADDR) and the second listen() then fails;
+    # that race is forced here for the first two ports tried, on pyftpdlib's own server.
+    with warnings.catch_warnings():
+        # pyftpdlib's FTPS side pulls in asyncore, deprecated since Python 3.10.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from pyftpdlib.authorizers import DummyAuthorizer
+        from pyftpdlib.handlers import FTPHandler
+        from pyftpdlib.servers import FTPServer
+
+        from roles.publisher._ftp import _PassiveListener
+
+    tried: list[int] = []
+    listen = FTPHandler.passive_dtp.listen
+
+    def taken_first(self: Any, num: int) -> None:
+        tried.append(self.socket.getsockname()[1])
+        if len(tried) <= 2:
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+        listen(self, num)
+
+    monkeypatch.setattr(FTPHandler.passive_dtp, "listen", taken_first)
+    authorizer = DummyAuthorizer()
+    authorizer.add_user("user", "secret", str(tmp_path), perm="elradfmw")
+    first = free_port_range(3)
+    ports = [first, first + 1, first + 2]
+    handler = type(
+        "Handler",
+        (FTPHandler,),
+        {"authorizer": authorizer, "passive_dtp": _PassiveListener, "passive_ports": ports},
+    )
+    server = FTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.05}, daemon=True)
+    thread.start()
+    try:
+        with ftplib.FTP(timeout=10) as ftp:
+            ftp.connect("127.0.0.1", server.address[1])
+            ftp.login("user", "secret")
+            assert ftp.storbinary("STOR page.html", io.BytesIO(b"<p>hi</p>")).startswith("226")
+            assert len(tried) == 3 and len(set(tried)) == 3 and set(tried) <= set(ports), tried
+            assert (tmp_path / "page.html").read_bytes() == b"<p>hi</p>"
+    finally:
+        server.close_all()
+        thread.join(5)

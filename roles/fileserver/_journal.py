@@ -155,7 +155,15 @@ class Journal:
         """
         while self._flush is not None:
             await asyncio.shield(self._flush)
-        await asyncio.to_thread(self._rewrite, upto)
+        # Held as the flush: a sync meanwhile waits for it (the rewrite leaves all synced, on a new fd).
+        self._flush = asyncio.ensure_future(self._rewrite_in_thread(upto))
+        await asyncio.shield(self._flush)
+
+    async def _rewrite_in_thread(self, upto: int) -> None:
+        try:
+            await asyncio.to_thread(self._rewrite, upto)
+        finally:
+            self._flush = None
 
     def _rewrite(self, upto: int) -> None:
         keep = upto - self._base

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -103,6 +104,8 @@ class _Site:
     recent: dict[int, Tree] = field(default_factory=dict)
     # Folder encodings made since the last checkpoint, written to disk by the next one.
     pending: dict[str, bytes] = field(default_factory=dict)
+    # Version records on disk that retention dropped: the next checkpoint removes their files.
+    dropped: list[int] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -698,10 +701,10 @@ class ContentStore:
         cutoff = time.time() - site.keep_days * 86400
         old = [n for n in beyond if float(site.records[n]["time"]) < cutoff]
         for number in old:
-            del site.records[number]
+            # Only a checkpointed version has a file; the next checkpoint removes it, off the loop.
+            if site.records.pop(number).get("written"):
+                site.dropped.append(number)
             site.recent.pop(number, None)
-        if old:
-            site.disk.drop_versions(old)
 
     async def _publish(
         self, site: _Site, journal: Journal | None, offset: int, version: int, tree: Tree
@@ -715,9 +718,10 @@ class ContentStore:
         if version > site.version:
             site.version, site.tree = version, tree
             await self.feed.publish(site.name, version)
-            self._log.bind(site=site.name).debug(
-                "version %s: %s files, %s", version, tree.file_count, human_size(tree.total_bytes)
-            )
+            if self._log.isEnabledFor(logging.DEBUG):
+                self._log.bind(site=site.name).debug(
+                    "version %s: %s files, %s", version, tree.file_count, human_size(tree.total_bytes)
+                )
         if journal.size > _CHECKPOINT_BYTES and not site.checkpointing:
             self._background(self.checkpoint(site))
 
@@ -776,6 +780,9 @@ class ContentStore:
         and records (not yet durable); returns the head's root digest."""
         # Small blobs only the journal had so far: one pack, durable with the rest.
         site.disk.write_held()
+        if site.dropped:
+            site.disk.drop_versions(site.dropped)
+            site.dropped.clear()
         for number, record in site.records.items():
             if record["root"] is None:
                 kept = site.recent.get(number)
@@ -801,6 +808,10 @@ class ContentStore:
             async with site.lock:
                 # Versions that aged out since the last commit (or a plan that now keeps fewer).
                 self._prune(site)
+                if site.dropped:
+                    # Their files go before their folders can: no record left pointing at nothing.
+                    await asyncio.to_thread(site.disk.drop_versions, list(site.dropped))
+                    site.dropped.clear()
                 if site.journal is not None or site.head.root.digest is None:
                     continue  # changed since: next time
                 roots = [str(r["root"]) for r in site.records.values() if r["root"] is not None]

@@ -62,13 +62,20 @@ class Tree:
 
     def put(self, rel: str, size: int, mtime: float, version: int, total_bytes: int) -> None:
         if rel not in self.files:
-            self._children = None
+            # The index learns the new name and any new parents (rebuilding it would cost a pass over
+            # the whole site for every file a mirror adds).
+            self._add_child(rel)
+            for parent in _parents(rel):
+                if parent not in self.dirs:
+                    self.dirs.add(parent)
+                    self._add_child(parent)
         self.files[rel] = (size, mtime)
-        for parent in _parents(rel):
-            if parent not in self.dirs:
-                self.dirs.add(parent)
-                self._children = None
         self.version, self.total_bytes, self.mtime = version, total_bytes, max(self.mtime, mtime)
+
+    def _add_child(self, path: str) -> None:
+        if self._children is not None:
+            parent, name = posixpath.split(path)
+            self._children.setdefault(parent, []).append(name)
 
     def apply_changes(self, changes: VersionDiff) -> None:
         """Bring the tree to a newer version from the fileserver's list of changed paths."""

@@ -285,7 +285,8 @@ class FilePut:
 
     def write(self, data: bytes) -> None:
         if data:
-            self._send(b"%x\r\n" % len(data), data, b"\r\n")
+            # One send (one TLS record run) per chunk: the fileserver wakes once for it, not three times.
+            self._send(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))
 
     def finish(self) -> FileStored:
         self._send(b"0\r\n\r\n")

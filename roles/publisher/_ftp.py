@@ -12,6 +12,8 @@ to login, and failed logins throttled per account and address (:mod:`roles.publi
 
 from __future__ import annotations
 
+import errno
+import random
 import socket
 import ssl
 import sys
@@ -289,6 +291,43 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
         super().close()
 
 
+class _PassiveListener(FTPHandler.passive_dtp):  # type: ignore[misc]  # pyftpdlib has no type hints
+    """pyftpdlib's listener for a passive data connection, with a port choice that survives sessions in
+    other threads: SO_REUSEADDR lets two of them bind the same port until one listens, and then the
+    other's listen() fails. That one tries the range's other ports (the kernel's choice last) instead of
+    failing the PASV."""
+
+    socket: Any
+    cmd_channel: Any
+
+    def listen(self, num: int) -> None:
+        host, taken = self.socket.getsockname()[:2]
+        ports = [p for p in (self.cmd_channel.passive_ports or ()) if p != taken]
+        random.shuffle(ports)
+        while True:
+            try:
+                super().listen(num)
+                return
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE:
+                    raise
+            self._rebind(host, ports)
+
+    def _rebind(self, host: str, ports: list[int]) -> None:
+        family = self.socket.family
+        while True:
+            self.del_channel()
+            self.socket.close()
+            self.create_socket(family, socket.SOCK_STREAM)
+            self.set_reuse_addr()
+            try:
+                self.bind((host, ports.pop() if ports else 0))
+                return
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE:
+                    raise
+
+
 class _TlsDataChannel(_DataChannel, TLS_DTPHandler):  # type: ignore[misc]
     """The data channel of an FTPS session: TLS after ``PROT P``, resuming the control session."""
 
@@ -545,6 +584,7 @@ class FtpServer:
             "authorizer": _Authorizer(self._context),
             "abstracted_fs": SiteFilesystem,
             "dtp_handler": _DataChannel,
+            "passive_dtp": _PassiveListener,
             "banner": "sitecloud publisher ready.",
             # Passive data ports are bound per transfer and closed after it: nothing long-lived to hold
             # across a restart as the control port is (shared/listeners.py), so they stay open to a squatter.
