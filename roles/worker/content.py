@@ -365,11 +365,9 @@ class ContentSync:
         # When each step ended, for the log line: a big site's sync is judged by where its time went.
         steps = [time.monotonic()]
         try:
-            missing: dict[str, FileMeta] = {}
-            for meta in files.values():
-                if meta.sha256 not in missing and not self._cache.has_blob(meta.sha256):
-                    missing[meta.sha256] = meta
-            await self._download_all(base, list(missing.values()))
+            # In a thread: tens of thousands of stats would hold up the visitors this process serves.
+            missing = await _in_thread(self._cache.missing_blobs, files.values())
+            await self._download_all(base, missing)
             steps.append(time.monotonic())
             if missing:
                 # One syncfs makes every blob just fetched durable before a version links to them.
@@ -427,11 +425,8 @@ class ContentSync:
             return False
         await self._enter_busy()
         try:
-            missing: dict[str, FileMeta] = {}
-            for meta in changes.values():
-                if meta is not None and meta.sha256 not in missing and not self._cache.has_blob(meta.sha256):
-                    missing[meta.sha256] = meta
-            await self._download_all(base, list(missing.values()))
+            missing = self._cache.missing_blobs(changes.values())
+            await self._download_all(base, missing)
             if missing:
                 await _in_thread(syncfs, self._cache.blobs)
             if self._held.get(site) != content_id or self._current.get(site) is not current:
