@@ -26,8 +26,9 @@ __all__ = ["FeedClient", "run_feed"]
 # The worker's lease (roles/worker/_feed.py LEASE), less a margin for this side's timer.
 _LEASE = 5.0 - 0.5
 _PING_EVERY = 0.5
-# Hits reported in one line at most (more go in the next).
-_HITS_MAX = 2000
+# Hits reported in one line at most (more go in the next): small lines, so that neither side stalls
+# on one (turning 2,000 into a line took a few ms here, and the worker's parse of it more).
+_HITS_MAX = 200
 _RETRY = 1.0
 _MAX_LINE = 16 * 1024 * 1024
 
@@ -59,8 +60,9 @@ class FeedClient(asyncio.Protocol):
         request's header lines): turned into an access record with the others, off the request path."""
         hits = self.hits
         hits.append((site, target, size, rid, client, headers))
-        if len(hits) >= _HITS_MAX:
-            self._send_hits(None)
+        if len(hits) == _HITS_MAX:
+            # After this turn's answers are written, not before the one being answered now.
+            self._proxy.loop.call_soon(self._send_pending)
 
     # -- the proxy's sweep
 
@@ -73,6 +75,10 @@ class FeedClient(asyncio.Protocol):
             self._pings[self._ping] = now
             self._send_hits(self._ping)
         elif self.hits:
+            self._send_hits(None)
+
+    def _send_pending(self) -> None:
+        if self.hits:
             self._send_hits(None)
 
     def _send_hits(self, ping: int | None) -> None:
@@ -147,7 +153,7 @@ class FeedClient(asyncio.Protocol):
 def _held_hit(
     site: str, target: bytes, size: int, rid: bytes, client: bytes, headers: bytes | bytearray
 ) -> HeldHit:
-    lower = b"\r\n" + bytes(headers).lower()
+    lower = b"\r\n" + headers.lower()
     return (
         site,
         target.decode("latin-1"),
