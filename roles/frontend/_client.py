@@ -475,6 +475,9 @@ class ClientConnection(asyncio.Protocol):
                 req.local = https_redirect(method, name, target, self._proxy.public_https_port)
             else:
                 self._forward_head(req, site, method, target, host, has_body, upgrade)
+                if req.held is not None:
+                    self._answer_held(req, req.held)
+                    return
         if has_body:
             self._state = _BODY
             self.read_deadline = self._proxy.loop.time() + self._proxy.body_timeout
@@ -635,14 +638,6 @@ class ClientConnection(asyncio.Protocol):
             self._meter = req.site.usage if req.site is not None else None
             if len(queue) == 1:
                 self._resume(_PAUSE_PIPELINE)  # the request being read is now the one answered
-            if req.held is not None:
-                self._answer_held(req, req.held)
-                queue.popleft()
-                self._meter = None
-                if req.close_after:
-                    self.close()
-                    return
-                continue
             if req.local is None:
                 if req.expect_continue and not req.body_done:
                     self._write(_CONTINUE)
@@ -918,15 +913,25 @@ class ClientConnection(asyncio.Protocol):
                         req.site.off_lane.clear()
                     req.site.off_lane.add(req.target)
         self._write_answer(req, status_line, headers, body)
+        self._finish(req)
 
     def _answer_held(self, req: _Request, entry: CacheEntry) -> None:
-        """An answer the cache gives without asking a worker (see Proxy.held_fresh)."""
+        """An answer the cache gives without asking a worker (see Proxy.held_fresh), in the turn its
+        request's head came in. Nothing was queued before it, and it has no body: it is answered
+        here and now, never queued."""
         cache = self._proxy.cache
-        assert cache is not None
+        assert cache is not None and req.site is not None
         cache.hits += 1
         cache.held_hits += 1
-        self._write_answer(req, entry.head, http_date_line(), entry.body)
         req.held = None
+        req.body_done = True
+        self._state = _WAIT  # (the end of the message makes it idle)
+        self.read_deadline = 0.0
+        self._meter = req.site.usage
+        self._write_answer(req, entry.head, http_date_line(), entry.body)
+        self._meter = None
+        if req.close_after:
+            self.close()
 
     def _write_answer(self, req: _Request, status_line: bytes, headers: bytes, body: bytes) -> None:
         """A whole answer to ``req`` (``headers`` end-to-end ones, each line ending in CRLF): the
@@ -947,8 +952,6 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._write(b"".join((status_line, headers, extra, b"\r\n")))
             self._write(body)
-        if req.held is None:
-            self._finish(req)
 
     def lane_refused(self, req: Exchange, *, site_wide: bool) -> None:
         """The worker will not answer this GET on its lane (its app answers it, or a large file
