@@ -173,6 +173,10 @@ class Target:
     url: str
     host: str
     cpu: Callable[[], CpuMeter]
+    # After the warm-up: wait until the side is in the state a warm user's visit finds it in.
+    settle: Callable[[], None] | None = None
+    # Answers the front end sent from its cache without asking a worker, so far (None: unknown).
+    held: Callable[[], int | None] | None = None
 
 
 class Bench:
@@ -187,8 +191,11 @@ class Bench:
         for target, _ in sides.values():
             # Warm-up, not counted: TLS handshakes, pooled upstream connections, caches, both alike.
             run_wrk(target.url, target.host, seconds=1, connections=args.connections, threads=threads)
+            if target.settle is not None:
+                target.settle()
         for rnd in range(args.rounds):
             for who, (target, side) in sides.items():
+                held = target.held() if target.held is not None else None
                 meter = target.cpu()
                 meter.start()
                 result = run_wrk(
@@ -203,10 +210,18 @@ class Bench:
                 side.cpu.append(cpu)
                 self.loads.append(os.getloadavg()[0])
                 per = ", ".join(f"{g} {s * 1e6 / max(1, result.requests):.0f}" for g, s in cpu.items())
+                waited = ", ".join(f"{g} {s * 1e3 / args.seconds:.0f}" for g, s in meter.waited.items())
+                held_now = target.held() if held is not None and target.held is not None else None
+                share = (
+                    f"; held hits {(held_now - held) / max(1, result.requests):.0%} of requests"
+                    if held is not None and held_now is not None
+                    else ""
+                )
                 print(
                     f"  {row.case} round {rnd + 1} {who:9s} {result.requests_per_second:9,.0f} req/s "
                     f"p50 {result.p50_ms:.2f} ms p99 {result.p99_ms:.2f} ms errors {result.errors}; "
-                    f"CPU µs/req: {per}; load {os.getloadavg()[0]:.2f}",
+                    f"CPU µs/req: {per}; waited for a CPU (ms/s): {waited}{share}; "
+                    f"load {os.getloadavg()[0]:.2f}",
                     file=sys.stderr,
                 )
         self.rows.append(row)
@@ -277,6 +292,25 @@ def start_up_cloud(work: Path, files_dir: Path, processes: int) -> UpCloud:
     return cloud
 
 
+def _feeds_live(cloud: UpCloud) -> None:
+    """Wait until the front end's version feeds are live (a warm site's state: its hits are answered
+    by the front end alone). With several serving processes the main process has no cache figures,
+    and the warm-up stands for it."""
+    if "cache_feeds_live" not in cloud.health("frontend"):
+        return
+    wait_until(
+        lambda: cloud.health("frontend").get("cache_feeds_live", 0) >= 1,
+        timeout=30,
+        interval=0.2,
+        what="the front end's version feed from the worker to be live",
+    )
+
+
+def _held_hits(cloud: UpCloud) -> int | None:
+    held = cloud.health("frontend").get("cache_held_hits")
+    return int(held) if held is not None else None
+
+
 def _building(cloud: UpCloud) -> bool:
     """Whether `up` still runs a ``pip wheel`` (its wheelhouse build) under it."""
     assert cloud.proc is not None
@@ -334,7 +368,13 @@ def _up_rows(bench: Bench, ws: Workspace, processes: int) -> None:
             )
             bench.run(
                 Row(f"{name}, HTTPS keep-alive, {processes} {plural} each, `sitecloud up`", target=target),
-                Target(f"https://127.0.0.1:{cloud.ports['https_port']}/{name}", host, _up_cpu(cloud)),
+                Target(
+                    f"https://127.0.0.1:{cloud.ports['https_port']}/{name}",
+                    host,
+                    _up_cpu(cloud),
+                    settle=lambda: _feeds_live(cloud),
+                    held=lambda: _held_hits(cloud),
+                ),
                 Target(f"https://127.0.0.1:{nginx.https_port}/{name}", host, _nginx_cpu(nginx)),
                 processes,
             )
