@@ -341,7 +341,11 @@ A fresh `sitecloud up` first builds its wheelhouse for role hosts in the backgro
 of `pip wheel`, once per code version); the bench waits for it, so the rows are the steady state.
 wrk, both proxies and both servers share the same cores, and other jobs share this VM (see the load
 average above), so figures move by a tenth or more from run to run; medians of the alternated rounds
-are shown, and only the ratios of one run mean much.
+are shown, and only the ratios of one run mean much. Each round's line on stderr also says how long
+each side's processes waited for a CPU (run-queue time from /proc/PID/task/*/schedstat): when the
+hottest process of each side (sitecloud's front end, nginx's proxy) waits about half of every second,
+each gets about the same share of a core, and the req/s ratio then follows the ratio of their CPU per
+request rather than the whole stack's.
 
 How a request goes (docs/architecture.md, "The lane" and "The version feed"): the front end keeps
 static answers of up to 1 MB (its cache, keyed by site, target and the worker's content version).
