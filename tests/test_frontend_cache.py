@@ -167,6 +167,37 @@ def test_a_hit_is_still_in_the_sites_access_log_as_the_200_the_visitor_got(stack
     assert f'"GET /logged.html HTTP/1.1" 200 {len(page)} ' in line and "[access]" in line
 
 
+def test_every_hit_of_a_burst_longer_than_one_report_is_in_the_access_log(stack: Stack) -> None:
+    """Held hits go to the worker in short lines (a few hundred at most each): a burst of more than
+    that loses none of them."""
+    page = b"<p>a burst</p>"
+    stack.publish("beta", {"burst.html": page})
+    _live(stack, "beta", "/burst.html", page)
+    _feed_live(stack)
+    visitor = Visitor(stack, "beta")
+    rids: set[str] = set()
+    try:
+        held = stack.cache()["cache_held_hits"]
+        for _ in range(450):
+            visitor.conn.request("GET", "/burst.html", headers={"Host": visitor.host})
+            resp = visitor.conn.getresponse()
+            assert (resp.status, resp.read()) == (200, page)
+            rids.add(resp.getheader("X-Request-Id") or "")
+        assert stack.cache()["cache_held_hits"] - held >= 400
+    finally:
+        visitor.close()
+    assert len(rids) == 450 and "" not in rids
+
+    def missing() -> set[str]:
+        url = f"{stack.worker.control_url}/v1/sites/beta/logs?lines=2000"
+        code, text = call(url, stack.pki.client_ssl("controller"))
+        assert code == 200
+        logged = {ln.rsplit("id=", 1)[-1] for ln in bytes(text).decode().splitlines() if "/burst.html" in ln}
+        return rids - logged
+
+    wait_until(lambda: not missing(), timeout=15, what="every hit of the burst in the access log")
+
+
 class Visitor:
     """One keep-alive HTTPS connection to the front end, for many GETs in a row."""
 
