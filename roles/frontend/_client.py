@@ -18,8 +18,10 @@ from roles.frontend._cache import CacheEntry, app_lifetime, cacheable, http_date
 from roles.frontend._head import (
     AUTHORIZATION,
     CONDITIONAL,
+    ENCODING,
     IDEMPOTENT,
     NOTED,
+    USER_AGENT,
     absolute_form,
     https_redirect,
     normalize_host,
@@ -225,6 +227,8 @@ class ClientConnection(asyncio.Protocol):
         self._plain = True  # no conditional or range header: the whole answer, the same for anyone
         self._auth = False
         self._encoding = b""
+        self._agent = b""  # (for the access line of an answer given from the cache)
+        self._referer = b""
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -352,6 +356,8 @@ class ClientConnection(asyncio.Protocol):
         self._plain = True
         self._auth = False
         self._encoding = b""
+        self._agent = b""  # (for the access line of an answer given from the cache)
+        self._referer = b""
         self.read_deadline = now + self._proxy.header_timeout
         if self._queue:
             self._pause(_PAUSE_PIPELINE)
@@ -377,8 +383,12 @@ class ClientConnection(asyncio.Protocol):
                     self._plain = False
                 elif noted == AUTHORIZATION:
                     self._auth = True
-                else:
+                elif noted == ENCODING:
                     self._encoding = value
+                elif noted == USER_AGENT:
+                    self._agent = self._agent or value
+                else:
+                    self._referer = self._referer or value
         if kind is None or kind in (H_CONTENT_LENGTH, H_COOKIE):
             if kind == H_CONTENT_LENGTH:
                 self._lengths += 1
@@ -574,7 +584,7 @@ class ClientConnection(asyncio.Protocol):
         feed = site.upstreams[0].feed
         if feed is not None:
             client = self._ip if self._xff is None else self._xff + b", " + self._ip
-            feed.report(site.name, target, size, rid, client, self._headers)  # (a new one per request)
+            feed.report(site.name, target, size, rid, client, self._agent, self._referer)
 
     def on_body(self, data: bytes) -> None:
         req = self._req

@@ -48,18 +48,18 @@ class FeedClient(asyncio.Protocol):
         self._ping = 0
         self._pinged_at = 0.0
         self._buf = bytearray()
-        self.hits: list[tuple[str, bytes, int, bytes, bytes, bytes | bytearray]] = []
+        self.hits: list[tuple[str, bytes, int, bytes, bytes, bytes, bytes]] = []
         self.lost = asyncio.Event()
 
     # -- asked on the request path
 
     def report(
-        self, site: str, target: bytes, size: int, rid: bytes, client: bytes, headers: bytes | bytearray
+        self, site: str, target: bytes, size: int, rid: bytes, client: bytes, agent: bytes, referer: bytes
     ) -> None:
-        """An answer given from the cache unasked (``rid`` as its header line, ``headers`` the
-        request's header lines): turned into an access record with the others, off the request path."""
+        """An answer given from the cache unasked (``rid`` as its header line; the request's User-Agent
+        and Referer): turned into an access record with the others, off the request path."""
         hits = self.hits
-        hits.append((site, target, size, rid, client, headers))
+        hits.append((site, target, size, rid, client, agent, referer))
         if len(hits) == _HITS_MAX:
             # After this turn's answers are written, not before the one being answered now.
             self._proxy.loop.call_soon(self._send_pending)
@@ -151,9 +151,8 @@ class FeedClient(asyncio.Protocol):
 
 
 def _held_hit(
-    site: str, target: bytes, size: int, rid: bytes, client: bytes, headers: bytes | bytearray
+    site: str, target: bytes, size: int, rid: bytes, client: bytes, agent: bytes, referer: bytes
 ) -> HeldHit:
-    lower = b"\r\n" + headers.lower()
     return (
         site,
         target.decode("latin-1"),
@@ -162,18 +161,9 @@ def _held_hit(
         0.0,
         rid[14:-2].decode("latin-1"),  # (the value of its "X-Request-Id: ...\r\n" line)
         client.decode("latin-1"),
-        _header_value(lower, b"\r\nuser-agent:"),
-        _header_value(lower, b"\r\nreferer:"),
+        agent.strip().decode("latin-1"),
+        referer.strip().decode("latin-1"),
     )
-
-
-def _header_value(lower: bytes, name: bytes) -> str:
-    """A header's value from lower-cased header lines (``name`` as CRLF, name, colon), as text."""
-    at = lower.find(name)
-    if at < 0:
-        return ""
-    start = at + len(name)
-    return lower[start : lower.find(b"\r\n", start)].strip().decode("latin-1")
 
 
 async def run_feed(proxy: Hub, upstream: Upstream, feed: FeedClient) -> None:
