@@ -30,6 +30,8 @@ from bench._stack import SITE, SitecloudStack
 from bench._up import UpCloud, wait_until
 from bench._workspace import Workspace
 from bench._wrk import WrkResult, run_wrk, wrk_available
+from roles.controller.config import CloudConfig
+from roles.controller.fabric._wheelhouse import Wheelhouse, code_hash
 
 DOMAIN = "sites.bench"
 FILES = {"1k.html": b"x" * 1024, "100k.bin": os.urandom(100 * 1024), "1m.bin": os.urandom(1024 * 1024)}
@@ -173,6 +175,10 @@ class Target:
     url: str
     host: str
     cpu: Callable[[], CpuMeter]
+    # After the warm-up: wait until the side is in the state a warm user's visit finds it in.
+    settle: Callable[[], None] | None = None
+    # Answers the front end sent from its cache without asking a worker, so far (None: unknown).
+    held: Callable[[], int | None] | None = None
 
 
 class Bench:
@@ -187,8 +193,11 @@ class Bench:
         for target, _ in sides.values():
             # Warm-up, not counted: TLS handshakes, pooled upstream connections, caches, both alike.
             run_wrk(target.url, target.host, seconds=1, connections=args.connections, threads=threads)
+            if target.settle is not None:
+                target.settle()
         for rnd in range(args.rounds):
             for who, (target, side) in sides.items():
+                held = target.held() if target.held is not None else None
                 meter = target.cpu()
                 meter.start()
                 result = run_wrk(
@@ -203,10 +212,18 @@ class Bench:
                 side.cpu.append(cpu)
                 self.loads.append(os.getloadavg()[0])
                 per = ", ".join(f"{g} {s * 1e6 / max(1, result.requests):.0f}" for g, s in cpu.items())
+                waited = ", ".join(f"{g} {s * 1e3 / args.seconds:.0f}" for g, s in meter.waited.items())
+                held_now = target.held() if held is not None and target.held is not None else None
+                share = (
+                    f"; held hits {(held_now - held) / max(1, result.requests):.0%} of requests"
+                    if held is not None and held_now is not None
+                    else ""
+                )
                 print(
                     f"  {row.case} round {rnd + 1} {who:9s} {result.requests_per_second:9,.0f} req/s "
                     f"p50 {result.p50_ms:.2f} ms p99 {result.p99_ms:.2f} ms errors {result.errors}; "
-                    f"CPU µs/req: {per}; load {os.getloadavg()[0]:.2f}",
+                    f"CPU µs/req: {per}; waited for a CPU (ms/s): {waited}{share}; "
+                    f"load {os.getloadavg()[0]:.2f}",
                     file=sys.stderr,
                 )
         self.rows.append(row)
@@ -258,10 +275,12 @@ def start_up_cloud(work: Path, files_dir: Path, processes: int) -> UpCloud:
         cloud.cli("site", "create", SITE, "--subscription", str(subscription))
         cloud.cli("deploy", SITE, str(files_dir))
         # A fresh `up` builds the wheelhouse for role hosts in the background, once per code version
-        # (see `up --wheelhouse`): measure the steady state after it, as a user's second minute is.
+        # (see `up --wheelhouse`), starting some seconds after it started: measure the steady state
+        # after it, as a user's next minutes are. (Nothing running `pip wheel` yet is not enough.)
+        started = time.monotonic()
         wait_until(
-            lambda: not _building(cloud),
-            timeout=600,
+            lambda: _wheelhouse_ready() or (time.monotonic() - started > 60 and not _building(cloud)),
+            timeout=900,
             interval=1,
             what="`up` to finish building its wheelhouse",
         )
@@ -275,6 +294,30 @@ def start_up_cloud(work: Path, files_dir: Path, processes: int) -> UpCloud:
         cloud.stop()
         raise
     return cloud
+
+
+def _feeds_live(cloud: UpCloud) -> None:
+    """Wait until the front end's version feeds are live (a warm site's state: its hits are answered
+    by the front end alone). With several serving processes the main process has no cache figures,
+    and the warm-up stands for it."""
+    if "cache_feeds_live" not in cloud.health("frontend"):
+        return
+    wait_until(
+        lambda: cloud.health("frontend").get("cache_feeds_live", 0) >= 1,
+        timeout=30,
+        interval=0.2,
+        what="the front end's version feed from the worker to be live",
+    )
+
+
+def _held_hits(cloud: UpCloud) -> int | None:
+    held = cloud.health("frontend").get("cache_held_hits")
+    return int(held) if held is not None else None
+
+
+def _wheelhouse_ready() -> bool:
+    """Whether the wheelhouse `up` builds ahead for this code (at its default place) is there."""
+    return Wheelhouse(CloudConfig(home=Path()).wheelhouse_dir).ready(code_hash())
 
 
 def _building(cloud: UpCloud) -> bool:
@@ -298,7 +341,11 @@ A fresh `sitecloud up` first builds its wheelhouse for role hosts in the backgro
 of `pip wheel`, once per code version); the bench waits for it, so the rows are the steady state.
 wrk, both proxies and both servers share the same cores, and other jobs share this VM (see the load
 average above), so figures move by a tenth or more from run to run; medians of the alternated rounds
-are shown, and only the ratios of one run mean much.
+are shown, and only the ratios of one run mean much. Each round's line on stderr also says how long
+each side's processes waited for a CPU (run-queue time from /proc/PID/task/*/schedstat): when the
+hottest process of each side (sitecloud's front end, nginx's proxy) waits about half of every second,
+each gets about the same share of a core, and the req/s ratio then follows the ratio of their CPU per
+request rather than the whole stack's.
 
 How a request goes (docs/architecture.md, "The lane" and "The version feed"): the front end keeps
 static answers of up to 1 MB (its cache, keyed by site, target and the worker's content version).
@@ -334,7 +381,13 @@ def _up_rows(bench: Bench, ws: Workspace, processes: int) -> None:
             )
             bench.run(
                 Row(f"{name}, HTTPS keep-alive, {processes} {plural} each, `sitecloud up`", target=target),
-                Target(f"https://127.0.0.1:{cloud.ports['https_port']}/{name}", host, _up_cpu(cloud)),
+                Target(
+                    f"https://127.0.0.1:{cloud.ports['https_port']}/{name}",
+                    host,
+                    _up_cpu(cloud),
+                    settle=lambda: _feeds_live(cloud),
+                    held=lambda: _held_hits(cloud),
+                ),
                 Target(f"https://127.0.0.1:{nginx.https_port}/{name}", host, _nginx_cpu(nginx)),
                 processes,
             )

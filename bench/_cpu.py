@@ -40,20 +40,37 @@ def family(pid: int) -> list[int]:
     return found
 
 
+def _waited(pid: int) -> float:
+    """Seconds ``pid``'s threads have spent runnable but waiting for a CPU (schedstat, field 2)."""
+    waited = 0.0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            waited += int((task / "schedstat").read_text().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    return waited
+
+
 class CpuMeter:
-    """CPU seconds of named groups of processes between ``start()`` and ``stop()``."""
+    """CPU seconds of named groups of processes between ``start()`` and ``stop()``, and the seconds
+    they waited for a CPU meanwhile (``waited``: how contended the box was for them)."""
 
     def __init__(self, groups: dict[str, list[int]]) -> None:
         # name -> root pids; a group is its roots and every process under them, found at start().
         self.groups = groups
         self._pids: dict[str, list[int]] = {}
         self._before: dict[str, float] = {}
+        self._waited_before: dict[str, float] = {}
+        self.waited: dict[str, float] = {}
 
     def _read(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, pids in self._pids.items():
             out[name] = sum(st[1] for pid in pids if (st := _stat(pid)) is not None)
         return out
+
+    def _read_waited(self) -> dict[str, float]:
+        return {name: sum(_waited(pid) for pid in pids) for name, pids in self._pids.items()}
 
     def start(self) -> None:
         # A process counts once, in the first group that holds it (a role may be its starter's child).
@@ -64,7 +81,10 @@ class CpuMeter:
             seen |= pids
             self._pids[name] = sorted(pids)
         self._before = self._read()
+        self._waited_before = self._read_waited()
 
     def stop(self) -> dict[str, float]:
         after = self._read()
+        waited = self._read_waited()
+        self.waited = {name: waited[name] - self._waited_before[name] for name in self._pids}
         return {name: after[name] - self._before[name] for name in self._pids}

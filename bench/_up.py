@@ -70,6 +70,7 @@ class UpCloud:
         self._api: ApiClient | None = None
         self._tls: ssl.SSLContext | None = None
         self._worker: tuple[int, ssl.SSLContext] | None = None
+        self._controller: ssl.SSLContext | None = None
 
     def start(self, timeout: float = 90.0) -> None:
         argv = [sys.executable, "-m", "roles.management.cli", "up", "--home", str(self.home), "--json"]
@@ -188,6 +189,17 @@ class UpCloud:
         if b"transfer-encoding: chunked" in head.lower():
             body = _unchunk(body)
         return status, body, elapsed
+
+    def health(self, role: str) -> dict[str, Any]:
+        """A role's own health answer, asked on its control port as the controller asks it (with the
+        controller's certificate)."""
+        if self._controller is None:
+            tls = self.home / "controller" / "tls"
+            self._controller = client_context_from_files(tls / "role.pem", tls / "role.key", self.ca_file)
+        raw = json.loads((self.home / "roles" / role / "role.json").read_text())
+        url = f"https://localhost:{raw['control_port']}/v1/health"
+        with urllib.request.urlopen(url, context=self._controller, timeout=10) as resp:
+            return dict(json.loads(resp.read()))
 
     def role_pid(self, role: str) -> int:
         return int((self.home / "roles" / role / "role.pid").read_text())

@@ -149,11 +149,16 @@ def test_a_hit_is_still_in_the_sites_access_log_as_the_200_the_visitor_got(stack
     page = b"<p>logged even when kept</p>"
     stack.publish("beta", {"logged.html": page})
     _live(stack, "beta", "/logged.html", page)
+    _feed_live(stack, "beta", "/logged.html")
     for _ in range(2):
         stack.get("beta", "/logged.html")
-    hits = stack.cache()["cache_hits"]
-    status, body, resp = stack.get("beta", "/logged.html")
-    assert (status, body) == (200, page) and stack.cache()["cache_hits"] == hits + 1
+    before = stack.cache()
+    agent, referer = "Probe/1.0 (Mixed Case)", "https://Ref.Example/Some/Page"
+    status, body, resp = stack.get("beta", "/logged.html", **{"User-Agent": agent, "Referer": referer})
+    after = stack.cache()
+    assert (status, body) == (200, page)
+    # Given by the front end alone: its line comes from the report on the worker's feed.
+    assert after["cache_held_hits"] == before["cache_held_hits"] + 1, (before, after)
     rid = resp.getheader("X-Request-Id")
     assert rid
 
@@ -165,6 +170,39 @@ def test_a_hit_is_still_in_the_sites_access_log_as_the_200_the_visitor_got(stack
 
     line = wait_until(logged, timeout=10, what="the hit's access line")
     assert f'"GET /logged.html HTTP/1.1" 200 {len(page)} ' in line and "[access]" in line
+    # The visitor's own User-Agent and Referer, as sent.
+    assert f'"{referer}" "{agent}"' in line, line
+
+
+def test_every_hit_of_a_burst_longer_than_one_report_is_in_the_access_log(stack: Stack) -> None:
+    """Held hits go to the worker in short lines (a few hundred at most each): a burst of more than
+    that loses none of them."""
+    page = b"<p>a burst</p>"
+    stack.publish("beta", {"burst.html": page})
+    _live(stack, "beta", "/burst.html", page)
+    _feed_live(stack, "beta", "/burst.html")
+    visitor = Visitor(stack, "beta")
+    rids: set[str] = set()
+    try:
+        held = stack.cache()["cache_held_hits"]
+        for _ in range(450):
+            visitor.conn.request("GET", "/burst.html", headers={"Host": visitor.host})
+            resp = visitor.conn.getresponse()
+            assert (resp.status, resp.read()) == (200, page)
+            rids.add(resp.getheader("X-Request-Id") or "")
+        assert stack.cache()["cache_held_hits"] - held >= 400
+    finally:
+        visitor.close()
+    assert len(rids) == 450 and "" not in rids
+
+    def missing() -> set[str]:
+        url = f"{stack.worker.control_url}/v1/sites/beta/logs?lines=2000"
+        code, text = call(url, stack.pki.client_ssl("controller"))
+        assert code == 200
+        logged = {ln.rsplit("id=", 1)[-1] for ln in bytes(text).decode().splitlines() if "/burst.html" in ln}
+        return rids - logged
+
+    wait_until(lambda: not missing(), timeout=15, what="every hit of the burst in the access log")
 
 
 class Visitor:
@@ -187,10 +225,10 @@ class Visitor:
         self.conn.close()
 
 
-def _feed_live(stack: Stack) -> None:
+def _feed_live(stack: Stack, site: str = "alpha", path: str = "/page.html") -> None:
     # The worker's version feed opens once the front end keeps one of its answers.
     wait_until(
-        lambda: stack.get("alpha", "/page.html")[0] == 200 and stack.cache().get("cache_feeds_live", 0) >= 1,
+        lambda: stack.get(site, path)[0] == 200 and stack.cache().get("cache_feeds_live", 0) >= 1,
         timeout=10,
         what="a live feed",
     )

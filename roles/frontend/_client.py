@@ -21,8 +21,10 @@ from roles.frontend._dispatch import dispatch, keep_off_lane, release, resend_st
 from roles.frontend._head import (
     AUTHORIZATION,
     CONDITIONAL,
+    ENCODING,
     IDEMPOTENT,
     NOTED,
+    USER_AGENT,
     absolute_form,
     https_redirect,
     normalize_host,
@@ -133,6 +135,8 @@ class ClientConnection(asyncio.Protocol):
         self._plain = True  # no conditional or range header: the whole answer, the same for anyone
         self._auth = False
         self._encoding = b""
+        self._agent = b""  # (for the access line of an answer given from the cache)
+        self._referer = b""
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -262,6 +266,8 @@ class ClientConnection(asyncio.Protocol):
         self._plain = True
         self._auth = False
         self._encoding = b""
+        self._agent = b""  # (for the access line of an answer given from the cache)
+        self._referer = b""
         self.read_deadline = now + self._proxy.header_timeout
         if self._queue:
             self._pause(_PAUSE_PIPELINE)
@@ -287,8 +293,12 @@ class ClientConnection(asyncio.Protocol):
                     self._plain = False
                 elif noted == AUTHORIZATION:
                     self._auth = True
-                else:
+                elif noted == ENCODING:
                     self._encoding = value
+                elif noted == USER_AGENT:
+                    self._agent = self._agent or value
+                else:
+                    self._referer = self._referer or value
         if kind is None or kind in (H_CONTENT_LENGTH, H_COOKIE):
             if kind == H_CONTENT_LENGTH:
                 self._lengths += 1
@@ -385,6 +395,9 @@ class ClientConnection(asyncio.Protocol):
                 req.local = https_redirect(method, name, target, self._proxy.public_https_port)
             else:
                 self._forward_head(req, site, method, target, host, has_body, upgrade)
+                if req.held is not None:
+                    self._answer_held(req, req.held)
+                    return
         if has_body:
             self._state = _BODY
             self.read_deadline = self._proxy.loop.time() + self._proxy.body_timeout
@@ -481,7 +494,7 @@ class ClientConnection(asyncio.Protocol):
         feed = site.upstreams[0].feed
         if feed is not None:
             client = self._ip if self._xff is None else self._xff + b", " + self._ip
-            feed.report(site.name, target, size, rid, client, self._headers)  # (a new one per request)
+            feed.report(site.name, target, size, rid, client, self._agent, self._referer)
 
     def on_body(self, data: bytes) -> None:
         req = self._req
@@ -545,14 +558,6 @@ class ClientConnection(asyncio.Protocol):
             self._meter = req.site.usage if req.site is not None else None
             if len(queue) == 1:
                 self._resume(_PAUSE_PIPELINE)  # the request being read is now the one answered
-            if req.held is not None:
-                self._answer_held(req, req.held)
-                queue.popleft()
-                self._meter = None
-                if req.close_after:
-                    self.close()
-                    return
-                continue
             if req.local is None:
                 if req.expect_continue and not req.body_done:
                     self._write(_CONTINUE)
@@ -752,15 +757,25 @@ class ClientConnection(asyncio.Protocol):
                     # Too big to keep here: it would only come on the lane again and again.
                     skip_lane(req.site, req.target)
         self._write_answer(req, status_line, headers, body)
+        self._finish(req)
 
     def _answer_held(self, req: Request, entry: CacheEntry) -> None:
-        """An answer the cache gives without asking a worker (see Proxy.held_fresh)."""
+        """An answer the cache gives without asking a worker (see Proxy.held_fresh), in the turn its
+        request's head came in. Nothing was queued before it, and it has no body: it is answered
+        here and now, never queued."""
         cache = self._proxy.cache
-        assert cache is not None
+        assert cache is not None and req.site is not None
         cache.hits += 1
         cache.held_hits += 1
-        self._write_answer(req, entry.head, http_date_line(), entry.body)
         req.held = None
+        req.body_done = True
+        self._state = _WAIT  # (the end of the message makes it idle)
+        self.read_deadline = 0.0
+        self._meter = req.site.usage
+        self._write_answer(req, entry.head, http_date_line(), entry.body)
+        self._meter = None
+        if req.close_after:
+            self.close()
 
     def _write_answer(self, req: Request, status_line: bytes, headers: bytes, body: bytes) -> None:
         """A whole answer to ``req`` (``headers`` end-to-end ones, each line ending in CRLF): the
@@ -781,8 +796,6 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._write(b"".join((status_line, headers, extra, b"\r\n")))
             self._write(body)
-        if req.held is None:
-            self._finish(req)
 
     def lane_refused(self, req: Exchange, *, site_wide: bool) -> None:
         """The worker will not answer this GET on its lane (its app answers it, or a large file

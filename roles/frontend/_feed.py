@@ -26,8 +26,9 @@ __all__ = ["FeedClient", "run_feed"]
 # The worker's lease (roles/worker/_feed.py LEASE), less a margin for this side's timer.
 _LEASE = 5.0 - 0.5
 _PING_EVERY = 0.5
-# Hits reported in one line at most (more go in the next).
-_HITS_MAX = 2000
+# Hits reported in one line at most (more go in the next): small lines, so that neither side stalls
+# on one (turning 2,000 into a line took a few ms here, and the worker's parse of it more).
+_HITS_MAX = 200
 _RETRY = 1.0
 _MAX_LINE = 16 * 1024 * 1024
 
@@ -47,20 +48,21 @@ class FeedClient(asyncio.Protocol):
         self._ping = 0
         self._pinged_at = 0.0
         self._buf = bytearray()
-        self.hits: list[tuple[str, bytes, int, bytes, bytes, bytes | bytearray]] = []
+        self.hits: list[tuple[str, bytes, int, bytes, bytes, bytes, bytes]] = []
         self.lost = asyncio.Event()
 
     # -- asked on the request path
 
     def report(
-        self, site: str, target: bytes, size: int, rid: bytes, client: bytes, headers: bytes | bytearray
+        self, site: str, target: bytes, size: int, rid: bytes, client: bytes, agent: bytes, referer: bytes
     ) -> None:
-        """An answer given from the cache unasked (``rid`` as its header line, ``headers`` the
-        request's header lines): turned into an access record with the others, off the request path."""
+        """An answer given from the cache unasked (``rid`` as its header line; the request's User-Agent
+        and Referer): turned into an access record with the others, off the request path."""
         hits = self.hits
-        hits.append((site, target, size, rid, client, headers))
-        if len(hits) >= _HITS_MAX:
-            self._send_hits(None)
+        hits.append((site, target, size, rid, client, agent, referer))
+        if len(hits) == _HITS_MAX:
+            # After this turn's answers are written, not before the one being answered now.
+            self._proxy.loop.call_soon(self._send_pending)
 
     # -- the proxy's sweep
 
@@ -73,6 +75,10 @@ class FeedClient(asyncio.Protocol):
             self._pings[self._ping] = now
             self._send_hits(self._ping)
         elif self.hits:
+            self._send_hits(None)
+
+    def _send_pending(self) -> None:
+        if self.hits:
             self._send_hits(None)
 
     def _send_hits(self, ping: int | None) -> None:
@@ -145,9 +151,8 @@ class FeedClient(asyncio.Protocol):
 
 
 def _held_hit(
-    site: str, target: bytes, size: int, rid: bytes, client: bytes, headers: bytes | bytearray
+    site: str, target: bytes, size: int, rid: bytes, client: bytes, agent: bytes, referer: bytes
 ) -> HeldHit:
-    lower = b"\r\n" + bytes(headers).lower()
     return (
         site,
         target.decode("latin-1"),
@@ -156,18 +161,9 @@ def _held_hit(
         0.0,
         rid[14:-2].decode("latin-1"),  # (the value of its "X-Request-Id: ...\r\n" line)
         client.decode("latin-1"),
-        _header_value(lower, b"\r\nuser-agent:"),
-        _header_value(lower, b"\r\nreferer:"),
+        agent.strip().decode("latin-1"),
+        referer.strip().decode("latin-1"),
     )
-
-
-def _header_value(lower: bytes, name: bytes) -> str:
-    """A header's value from lower-cased header lines (``name`` as CRLF, name, colon), as text."""
-    at = lower.find(name)
-    if at < 0:
-        return ""
-    start = at + len(name)
-    return lower[start : lower.find(b"\r\n", start)].strip().decode("latin-1")
 
 
 async def run_feed(proxy: Hub, upstream: Upstream, feed: FeedClient) -> None:

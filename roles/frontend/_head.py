@@ -17,6 +17,8 @@ __all__ = [
     "ENCODING",
     "IDEMPOTENT",
     "NOTED",
+    "REFERER",
+    "USER_AGENT",
     "absolute_form",
     "https_redirect",
     "normalize_host",
@@ -24,12 +26,17 @@ __all__ = [
 ]
 
 # Request headers the cache looks at: those that make an answer this visitor's own (a part, "not
-# modified", or one for its credentials: never kept nor given from the cache), and Accept-Encoding
-# (which an app's answer that varies by it is kept under).
+# modified", or one for its credentials: never kept nor given from the cache), Accept-Encoding
+# (which an app's answer that varies by it is kept under), and the two an access line shows (an
+# answer given from the cache is logged with them).
 CONDITIONAL = 1
 AUTHORIZATION = 2
 ENCODING = 3
+USER_AGENT = 4
+REFERER = 5
 NOTED = {
+    b"user-agent": USER_AGENT,
+    b"referer": REFERER,
     b"range": CONDITIONAL,
     b"if-range": CONDITIONAL,
     b"if-none-match": CONDITIONAL,

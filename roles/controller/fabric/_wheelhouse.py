@@ -66,6 +66,10 @@ class Wheelhouse:
     def path(self, digest: str) -> Path:
         return self.root / digest
 
+    def ready(self, digest: str) -> bool:
+        """Whether the wheelhouse of ``digest`` is built (a half-built one never counts)."""
+        return (self.path(digest) / _MARKER).exists()
+
     async def ensure(self) -> tuple[str, Path]:
         """(code hash, directory) of the wheelhouse for the current code; built if not there yet.
 
@@ -74,7 +78,7 @@ class Wheelhouse:
         """
         digest = await asyncio.to_thread(code_hash, self.project)
         target = self.path(digest)
-        if not (target / _MARKER).exists():
+        if not self.ready(digest):
             await self._build_locked(digest, target)
         return digest, target
 
