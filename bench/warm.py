@@ -62,6 +62,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument(
+        "--case", choices=("python", "php"), action="append", help="only these cases (default: all)"
+    )
     args = parser.parse_args()
     if not wrk_available() or not GUNICORN.exists() or not nginx_available():
         print(
@@ -107,6 +110,8 @@ def main() -> int:
                 cases["warm-php"],
                 _anchor(f"nginx → php-fpm, {children} children (static)", fpm),
             ]
+        if args.case:
+            targets = {case: group for case, group in targets.items() if case in args.case}
         _rounds([t for group in targets.values() for t in group], args)
         limited = all(a.limited for a in anchors)
     finally:

@@ -293,7 +293,7 @@ class AppExchange(Generic[T]):
             self._closed = True
             self._task.cancel()
             if self._upstream is not None:
-                self._upstream.close()
+                self._upstream.abandon(self)
             self._release(answered=False)
 
     # -- the app's side
@@ -364,6 +364,13 @@ class AppExchange(Generic[T]):
         if keep:
             kept = pool.take()
             if kept is None and not pool.closed and not pool.room():
+                ahead = pool.behind()
+                if isinstance(ahead, FastCgiUpstream):
+                    self._retry = fresh
+                    self._upstream = ahead
+                    self._arm(inst)
+                    ahead.pipeline(self, request, head_only=head_only)
+                    return
 
                 def handover(conn: object) -> bool:
                     """A connection back in the pool (or a place for a new one), in the same turn."""
@@ -451,7 +458,7 @@ class AppExchange(Generic[T]):
         self._timer = None
         if self._head is None and not self._finished and not self._closed:
             if self._upstream is not None:
-                self._upstream.close()
+                self._upstream.abandon(self)
             if starting:
                 self._error(
                     503, "This site is not answering", "The site's app did not answer in time.", retry=True
@@ -509,7 +516,7 @@ class AppExchange(Generic[T]):
         self._retry = None
         if (
             again is not None and inst is not None and stale is not None
-            and stale.reused and not stale.heard and not self._closed and self._head is None
+            and stale.unheard(self) and not self._closed and self._head is None
         ):  # fmt: skip
             # A kept connection the app closed as it was reused (its stop, say): the request never
             # reached it, so it goes again on a new connection, once, in that one's place.
