@@ -20,7 +20,7 @@ from collections import deque
 from roles.worker.apps._pool import UpstreamPool
 from roles.worker.apps._upstream import Sink, UpstreamBase
 
-__all__ = ["FastCgiUpstream", "encode_request", "parse_cgi_head"]
+__all__ = ["FastCgiUpstream", "encode_params", "encode_request", "parse_cgi_head"]
 
 VERSION = 1
 BEGIN_REQUEST, ABORT_REQUEST, END_REQUEST, PARAMS, STDIN, STDOUT, STDERR = 1, 2, 3, 4, 5, 6, 7
@@ -29,9 +29,13 @@ KEEP_CONN = 1
 REQUEST_ID = 1
 MAX_CONTENT = 65535
 _HEAD = struct.Struct("!BBHHBx")
+_PAD = [b"\0" * n for n in range(8)]
 
 
 def _record(kind: int, content: bytes) -> bytes:
+    if len(content) <= MAX_CONTENT:
+        pad = -len(content) % 8
+        return b"".join((_HEAD.pack(VERSION, kind, REQUEST_ID, len(content), pad), content, _PAD[pad]))
     out = []
     for start in range(0, max(len(content), 1), MAX_CONTENT):
         chunk = content[start : start + MAX_CONTENT]
@@ -40,23 +44,38 @@ def _record(kind: int, content: bytes) -> bytes:
     return b"".join(out)
 
 
+_BEGIN = _HEAD.pack(VERSION, BEGIN_REQUEST, REQUEST_ID, 8, 0) + struct.pack("!HB5x", RESPONDER, 0)
+_BEGIN_KEEP = _HEAD.pack(VERSION, BEGIN_REQUEST, REQUEST_ID, 8, 0) + struct.pack(
+    "!HB5x", RESPONDER, KEEP_CONN
+)
+_EMPTY_PARAMS = _HEAD.pack(VERSION, PARAMS, REQUEST_ID, 0, 0)
+_EMPTY_STDIN = _HEAD.pack(VERSION, STDIN, REQUEST_ID, 0, 0)
+
+
 def _length(n: int) -> bytes:
     return bytes([n]) if n < 128 else struct.pack("!I", n | 0x80000000)
 
 
-def encode_request(params: dict[str, str], body: bytes, *, keep: bool = False) -> bytes:
-    pairs = b"".join(
-        _length(len(k := name.encode("latin-1")))
-        + _length(len(v := value.encode("latin-1", "replace")))
-        + k
-        + v
-        for name, value in params.items()
-    )
-    begin = _HEAD.pack(VERSION, BEGIN_REQUEST, REQUEST_ID, 8, 0) + struct.pack(
-        "!HB5x", RESPONDER, KEEP_CONN if keep else 0
-    )
+def encode_params(params: dict[str, str]) -> bytes:
+    """Name-value pairs (section 3.4), not yet in records: a site's fixed ones are encoded once."""
+    out = []
+    for name, value in params.items():
+        k, v = name.encode("latin-1"), value.encode("latin-1", "replace")
+        nk, nv = len(k), len(v)
+        if nk < 128 and nv < 128:
+            out.append(bytes((nk, nv)))
+        else:
+            out.append(_length(nk) + _length(nv))
+        out.append(k)
+        out.append(v)
+    return b"".join(out)
+
+
+def encode_request(pairs: bytes, body: bytes, *, keep: bool = False) -> bytes:
+    """A whole request in one piece (one write): ``pairs`` from :func:`encode_params`."""
+    begin = _BEGIN_KEEP if keep else _BEGIN
     stdin = _record(STDIN, body) if body else b""
-    return begin + _record(PARAMS, pairs) + _record(PARAMS, b"") + stdin + _record(STDIN, b"")
+    return b"".join((begin, _record(PARAMS, pairs), _EMPTY_PARAMS, stdin, _EMPTY_STDIN))
 
 
 def parse_cgi_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
