@@ -30,17 +30,14 @@ from pathlib import Path
 
 from shared.errors import Unavailable
 
-__all__ = ["REFILL_AFTER", "BlankImages", "HomeVolume", "unmount_stale"]
+__all__ = ["BlankImages", "HomeVolume", "unmount_stale"]
 
 _TOOLS = "/usr/sbin:/usr/bin:/sbin:/bin"
 # Below this much free space (beyond ext4's own reserve for metadata, which writes cannot use: 2% of
 # the blocks, at most 4096) the volume counts as full: a write has hit the quota.
 FULL_MARGIN = 256 * 1024
 # Blank images kept ready per size: enough for a few new sites at once, a few MB of disk each.
-BLANKS = 3
-# Seconds after a blank is taken before another is made: mkfs beside the mount and the app's start
-# slows both (I/O and CPU) when the start is what a visitor waits for.
-REFILL_AFTER = 0.5
+BLANKS = 2
 
 
 def _mkfs_argv(image: Path, uid: int, gid: int) -> list[str]:
@@ -143,29 +140,17 @@ class BlankImages:
         self._keep = keep
         self._made = 0
         self._filling: dict[int, asyncio.Task[None]] = {}
-        self._later: dict[int, asyncio.TimerHandle] = {}
-        self._closed = False
 
     def take(self, size_mb: int) -> Path | None:
         """A blank image of ``size_mb`` (the caller renames it away at once), if one is ready;
-        more are made a little later, not beside the start that takes it."""
+        more are made meanwhile."""
+        self.fill(size_mb)
         for path in sorted(self._dir.glob(f"{size_mb}-*.img")):
-            if size_mb not in self._later:
-                self._later[size_mb] = asyncio.get_running_loop().call_later(
-                    REFILL_AFTER, self._refill, size_mb
-                )
             return path
-        self.fill(size_mb)
         return None
-
-    def _refill(self, size_mb: int) -> None:
-        del self._later[size_mb]
-        self.fill(size_mb)
 
     def fill(self, size_mb: int) -> None:
         """Make blanks of this size in the background, up to the number kept."""
-        if self._closed:
-            return
         task = self._filling.get(size_mb)
         if task is None or task.done():
             self._filling[size_mb] = asyncio.get_running_loop().create_task(self._fill(size_mb))
@@ -192,10 +177,6 @@ class BlankImages:
 
     async def close(self) -> None:
         """Stop making blanks; half-made ones go (whole ones stay for the next worker)."""
-        self._closed = True
-        for later in self._later.values():
-            later.cancel()
-        self._later.clear()
         tasks = [t for t in self._filling.values() if not t.done()]
         for task in tasks:
             task.cancel()
