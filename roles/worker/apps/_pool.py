@@ -27,9 +27,10 @@ class Pooled(Protocol):
     def close(self) -> None: ...
 
 
-# Called with a connection handed over (or None: open one in a place made free); False when the
-# waiter has gone meanwhile and does not take it (the pool offers it to the next).
-Handover = Callable[["Pooled | None"], bool]
+# Called with a connection handed over (or None: open one in a place made free), and whether that
+# one is busy and takes the request behind its own (see :meth:`UpstreamPool.busy`); False when the
+# waiter has gone meanwhile or does not take it (the pool offers it to the next).
+Handover = Callable[["Pooled | None", bool], bool]
 
 
 class UpstreamPool:
@@ -60,8 +61,8 @@ class UpstreamPool:
             return None
         waiter: asyncio.Future[Pooled | None] = asyncio.get_running_loop().create_future()
 
-        def handover(conn: Pooled | None) -> bool:
-            if waiter.done():
+        def handover(conn: Pooled | None, behind: bool) -> bool:
+            if waiter.done() or behind:
                 return False
             waiter.set_result(conn)
             return True
@@ -104,7 +105,7 @@ class UpstreamPool:
         if self.closed:
             return False
         while self._waiters:
-            if self._waiters.popleft()(conn):
+            if self._waiters.popleft()(conn, False):
                 return True
         if len(self._idle) >= self._limit:
             return False
@@ -114,13 +115,19 @@ class UpstreamPool:
     def closed_one(self) -> None:
         """A counted connection ended (or never opened): its place goes to a waiter, if any."""
         while self._waiters:
-            if self._waiters.popleft()(None):  # it opens a connection in this one's place
+            if self._waiters.popleft()(None, False):  # it opens a connection in this one's place
                 return
         self._open = max(0, self._open - 1)
 
     def busy(self, conn: Pooled) -> None:
-        """``conn`` carries a request now, and may take one more behind it (:meth:`behind`)."""
+        """``conn`` carries a request now, and may take one more behind it: the first waiting
+        request's (waiters go first, or requests coming after would always get ahead of them), else
+        the next to ask (:meth:`behind`)."""
         self._busy.pop(conn, None)
+        for at, waiter in enumerate(self._waiters):
+            if waiter(conn, True):
+                del self._waiters[at]
+                return
         self._busy[conn] = time.monotonic()
 
     def unbusy(self, conn: Pooled) -> None:
@@ -157,4 +164,4 @@ class UpstreamPool:
         for conn in idle:
             conn.close()
         while self._waiters:
-            self._waiters.popleft()(None)
+            self._waiters.popleft()(None, False)

@@ -417,11 +417,18 @@ class AppExchange(Generic[T]):
                     ahead.pipeline(self, request, head_only=head_only)
                     return
 
-                def handover(conn: object) -> bool:
-                    """A connection back in the pool (or a place for a new one), in the same turn."""
+                def handover(conn: object, behind: bool) -> bool:
+                    """A connection back in the pool, one that takes this request behind its own
+                    (:meth:`UpstreamPool.busy`), or a place for a new one: in the same turn."""
                     if self._closed:
                         return False
-                    if isinstance(conn, (HttpUpstream, FastCgiUpstream)):
+                    if behind:
+                        assert isinstance(conn, FastCgiUpstream)
+                        self._retry = fresh
+                        self._upstream = conn
+                        self._arm(inst)
+                        conn.pipeline(self, request, head_only=head_only)
+                    elif isinstance(conn, (HttpUpstream, FastCgiUpstream)):
                         self._send_kept(inst, conn, fresh, request, head_only)
                     else:
                         upstream = fresh()
