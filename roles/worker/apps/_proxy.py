@@ -259,6 +259,10 @@ class AppExchange(Generic[T]):
         self._inst: T | None = None
         # The request sent on a kept connection, should it have to go again on a new one.
         self._retry: Callable[[], UpstreamBase] | None = None
+        self._retried = False
+        # The request as sent to the app (should it go again) and whether it is a HEAD.
+        self._request = b""
+        self._head_only = False
         self._reconnect: asyncio.Task[None] | None = None
         self._opening: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -373,7 +377,6 @@ class AppExchange(Generic[T]):
             return
         body = b"".join(self._body)
         self._body = []
-        upstream: UpstreamBase
         pool = inst.pool
         if script is not None:
             params = cgi_params(
@@ -405,6 +408,14 @@ class AppExchange(Generic[T]):
 
         if self._closed:
             return
+        self._request = request
+        self._head_only = head_only
+        self._dispatch(inst, fresh, request, head_only, keep=keep)
+
+    def _dispatch(
+        self, inst: T, fresh: Callable[[], UpstreamBase], request: bytes, head_only: bool, *, keep: bool
+    ) -> None:
+        pool = inst.pool
         kept = None
         if keep:
             kept = pool.take()
@@ -476,6 +487,8 @@ class AppExchange(Generic[T]):
         await self._connect(inst, upstream)
 
     def _arm(self, inst: T) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         config = self._proxy.config
         wait = config.app_response_timeout if inst.served else config.app_start_timeout
         self._timer = self._loop.call_later(wait, self._timed_out, not inst.served)
@@ -567,12 +580,19 @@ class AppExchange(Generic[T]):
         stale, again, inst = self._upstream, self._retry, self._inst
         self._retry = None
         if (
-            again is not None and inst is not None and stale is not None
+            again is not None and inst is not None and stale is not None and not self._retried
             and stale.unheard(self) and not self._closed and self._head is None
         ):  # fmt: skip
             # A kept connection the app closed as it was reused (its stop, say): the request never
             # reached it, so it goes again on a new connection, once, in that one's place.
-            self._reconnect = self._loop.create_task(self._again(inst, again))
+            self._retried = True
+            if inst.pool.max_open is not None:
+                # php-cgi's: its children restart (at their request limit) all the time, and the
+                # request goes to the next as any other does (a kept connection is closed only as its
+                # child leaves); waiting for a new connection's place would put it behind all.
+                self._dispatch(inst, again, self._request, self._head_only, keep=True)
+            else:
+                self._reconnect = self._loop.create_task(self._again(inst, again))
             return
         if self._timer is not None:
             self._timer.cancel()
