@@ -62,6 +62,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument(
+        "--case", choices=("python", "php"), action="append", help="only these cases (default: all)"
+    )
     args = parser.parse_args()
     if not wrk_available() or not GUNICORN.exists() or not nginx_available():
         print(
@@ -107,6 +110,8 @@ def main() -> int:
                 cases["warm-php"],
                 _anchor(f"nginx → php-fpm, {children} children (static)", fpm),
             ]
+        if args.case:
+            targets = {case: group for case, group in targets.items() if case in args.case}
         _rounds([t for group in targets.values() for t in group], args)
         limited = all(a.limited for a in anchors)
     finally:
@@ -244,14 +249,26 @@ def _write_doc(
     lines += [
         "Where the PHP gap is (measured 2026-12-03 on this VM): not in PHP. nginx → php-cgi "
         "(`PHP_FCGI_CHILDREN`, kept FastCGI connections) and nginx → php-fpm answer at the same rate "
-        "within noise, and php-cgi's CPU per request is php-fpm's; a php-fpm pool per site would "
-        "change nothing here. It is the two Python hops (front end, worker) in front of a pool that "
-        "takes as many requests at once as it has children: each child waits for the worker's turn "
-        "between answers, where nginx (far less CPU per request, so scheduled sooner) keeps them "
-        "busy. Handing a returning FastCGI connection to the next waiting request in the same turn "
-        "of the worker's loop halved the worker's CPU per PHP request and took the ratio from "
-        "0.28-0.39x to 0.44x; the WSGI site, whose app server queues requests itself, is not bound "
-        "that way.",
+        "within noise, php-cgi's CPU per request is php-fpm's, and opcache is on in the site's "
+        "children (Debian's cgi `conf.d` is read inside the sandbox); a php-fpm pool per site would "
+        "change nothing here. It is the two Python hops: the front end and the worker together spend "
+        "2-3x nginx's whole CPU per request, and on two shared cores req/s follows CPU. What took "
+        "the worker's share down (each an A/B in one run, medians): the next request is sent at once "
+        "behind the one a php-cgi child is on, on its kept FastCGI connection, so the child reads it "
+        "as soon as it has answered rather than idling until the worker's next turn (only behind a "
+        "request that went out within 50 ms, so none waits behind a slow one): +18 % req/s, -16 % "
+        "CPU per request (worker 281 → 232 µs, front end 151 → 125); a warm app gets the request in "
+        "the turn its body ends (no task), with the site's fixed CGI variables encoded once and the "
+        "request in one write: worker -6 % more. The tail: requests waiting in the worker now take "
+        "the place behind a busy child as soon as it opens, before later ones, and one whose child "
+        "left at its request limit before reading it (every 1,000 requests) goes again at once rather "
+        "than at the back of the line: p99 from 330-840 ms (wrk timeouts) to 36-49 ms in a run at "
+        "load 6 (nginx 25-39 ms); at load 8.5, as in the table, it is 250-400 ms (nginx 35-117). A new "
+        "FastCGI connection per request, queued in the "
+        "socket's backlog as nginx does to php-fpm, was worse (0.29x against 0.47x in its A/B: a "
+        "connect costs the worker ~170 µs). 1.0x needs the front end and the worker together at "
+        "about nginx's CPU per app request; the front end's app path (129 µs here, 39 µs for a "
+        "static page it holds) is the larger share left.",
     ]
     write_section("warm", "\n".join(lines).rstrip())
     print(f"wrote {DOC}", file=sys.stderr)

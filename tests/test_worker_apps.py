@@ -313,6 +313,66 @@ def test_php_keeps_connections_to_its_children_and_queues_requests_beyond_them(c
     assert sorted(results) == sorted((200, b"n=%d.%d" % (k, i)) for k in range(8) for i in range(15))
 
 
+@pytest.mark.skipif(not PHP, reason="php-cgi is not installed (apt-get install php-cgi)")
+def test_php_requests_sent_behind_a_child_that_dies_go_again(cloud: AppCloud) -> None:
+    """Requests beyond the children are sent at once behind the ones the children are on; when a
+    child dies (killed here, or at its request limit) those it never read go again on a new
+    connection: only the request it died on fails."""
+    cloud.add_site("phpdie")
+    script = b'<?php if (isset($_GET["die"])) posix_kill(getmypid(), 9); usleep(5000); echo "n=", $_GET["n"] ?? "";'
+    cloud.publish_and_wait("phpdie", {"index.php": script}, "/?n=first", b"n=first")
+    results: list[tuple[int, bytes]] = []
+    died: list[int] = []
+
+    def visitor(k: int) -> None:
+        for i in range(12):
+            status, _, body = cloud.get("phpdie", f"/?n={k}.{i}")
+            results.append((status, body))
+
+    def killer() -> None:
+        for _ in range(4):
+            died.append(cloud.get("phpdie", "/?die=1")[0])
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=visitor, args=(k,)) for k in range(6)]
+    threads.append(threading.Thread(target=killer))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == sorted((200, b"n=%d.%d" % (k, i)) for k in range(6) for i in range(12))
+    assert died == [502] * 4
+    assert cloud.get("phpdie", "/?n=after")[2] == b"n=after"
+
+
+@pytest.mark.skipif(not PHP, reason="php-cgi is not installed (apt-get install php-cgi)")
+def test_php_requests_are_not_sent_behind_a_slow_one(cloud: AppCloud) -> None:
+    """While one child is on a slow request, the quick ones go to the other child (sent behind
+    its current request, or waiting in the worker), never behind the slow one."""
+    cloud.add_site("phpslow")
+    script = b'<?php if (isset($_GET["slow"])) sleep(3); echo "n=", $_GET["n"] ?? "";'
+    cloud.publish_and_wait("phpslow", {"index.php": script}, "/?n=first", b"n=first")
+    slow = threading.Thread(target=lambda: cloud.get("phpslow", "/?slow=1&n=slow"))
+    slow.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    times: list[float] = []
+
+    def visitor(k: int) -> None:
+        for i in range(10):
+            t0 = time.monotonic()
+            assert cloud.get("phpslow", f"/?n={k}.{i}")[2] == b"n=%d.%d" % (k, i)
+            times.append(time.monotonic() - t0)
+
+    threads = [threading.Thread(target=visitor, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    slow.join(60)
+    assert len(times) == 30 and max(times) < 2.0, (max(times), time.monotonic() - started)
+
+
 def test_procfile_site_runs_its_command_on_port(cloud: AppCloud) -> None:
     cloud.add_site("cmd")
     files = {"Procfile": b"web: python3 -m http.server $PORT --bind 127.0.0.1\n", "sub/data.txt": b"d"}

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from roles.worker._access import AccessRecord
 from roles.worker.apps._instance import AppInstance
 from roles.worker.apps._manager import AppManager, AppSite
 from roles.worker.apps._pool import UpstreamPool
@@ -184,8 +185,9 @@ class RemoteLog:
     def write(self, source: str, text: str) -> None:
         self._apps.tell({"op": "log", "site": self._site, "source": source, "text": text})
 
-    def access(self, text: str) -> None:
-        self._apps.tell({"op": "access", "site": self._site, "text": text})
+    def access(self, text: str | AccessRecord) -> None:
+        line = text.line() if isinstance(text, AccessRecord) else text
+        self._apps.tell({"op": "access", "site": self._site, "text": line})
 
 
 class RemoteApps:
@@ -212,6 +214,9 @@ class RemoteApps:
 
     def dynamic(self, site: str) -> AppSite | None:
         return self._sites.get(site)
+
+    def running(self, app: AppSite) -> RemoteInstance | None:
+        return None  # the main process has the apps: each request asks it
 
     async def acquire(self, app: AppSite) -> RemoteInstance:
         answer = await self._ask({"op": "acquire", "site": app.name})

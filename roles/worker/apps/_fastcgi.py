@@ -6,17 +6,21 @@ unmaintained or server-side (flup); what the worker needs is a few records on an
 A request: BEGIN_REQUEST, PARAMS (then an empty PARAMS), STDIN (then an empty STDIN); the app answers
 STDOUT (a CGI response: header lines, a blank line, the body), STDERR, END_REQUEST. With KEEP_CONN
 (section 5.1) the app keeps the connection after END_REQUEST for the next request, which a pool
-(``_pool.py``) hands out again. See the FastCGI specification, sections 3 to 6.
+(``_pool.py``) hands out again, or which the worker has sent already, behind the one the app is on
+(:meth:`FastCgiUpstream.pipeline`): php-cgi reads it as soon as it has answered, without waiting
+for the worker's turn. See the FastCGI specification, sections 3 to 6.
 """
 
 from __future__ import annotations
 
+import asyncio
 import struct
+from collections import deque
 
 from roles.worker.apps._pool import UpstreamPool
 from roles.worker.apps._upstream import Sink, UpstreamBase
 
-__all__ = ["FastCgiUpstream", "encode_request", "parse_cgi_head"]
+__all__ = ["FastCgiUpstream", "encode_params", "encode_request", "parse_cgi_head"]
 
 VERSION = 1
 BEGIN_REQUEST, ABORT_REQUEST, END_REQUEST, PARAMS, STDIN, STDOUT, STDERR = 1, 2, 3, 4, 5, 6, 7
@@ -25,9 +29,13 @@ KEEP_CONN = 1
 REQUEST_ID = 1
 MAX_CONTENT = 65535
 _HEAD = struct.Struct("!BBHHBx")
+_PAD = [b"\0" * n for n in range(8)]
 
 
 def _record(kind: int, content: bytes) -> bytes:
+    if len(content) <= MAX_CONTENT:
+        pad = -len(content) % 8
+        return b"".join((_HEAD.pack(VERSION, kind, REQUEST_ID, len(content), pad), content, _PAD[pad]))
     out = []
     for start in range(0, max(len(content), 1), MAX_CONTENT):
         chunk = content[start : start + MAX_CONTENT]
@@ -36,23 +44,38 @@ def _record(kind: int, content: bytes) -> bytes:
     return b"".join(out)
 
 
+_BEGIN = _HEAD.pack(VERSION, BEGIN_REQUEST, REQUEST_ID, 8, 0) + struct.pack("!HB5x", RESPONDER, 0)
+_BEGIN_KEEP = _HEAD.pack(VERSION, BEGIN_REQUEST, REQUEST_ID, 8, 0) + struct.pack(
+    "!HB5x", RESPONDER, KEEP_CONN
+)
+_EMPTY_PARAMS = _HEAD.pack(VERSION, PARAMS, REQUEST_ID, 0, 0)
+_EMPTY_STDIN = _HEAD.pack(VERSION, STDIN, REQUEST_ID, 0, 0)
+
+
 def _length(n: int) -> bytes:
     return bytes([n]) if n < 128 else struct.pack("!I", n | 0x80000000)
 
 
-def encode_request(params: dict[str, str], body: bytes, *, keep: bool = False) -> bytes:
-    pairs = b"".join(
-        _length(len(k := name.encode("latin-1")))
-        + _length(len(v := value.encode("latin-1", "replace")))
-        + k
-        + v
-        for name, value in params.items()
-    )
-    begin = _HEAD.pack(VERSION, BEGIN_REQUEST, REQUEST_ID, 8, 0) + struct.pack(
-        "!HB5x", RESPONDER, KEEP_CONN if keep else 0
-    )
+def encode_params(params: dict[str, str]) -> bytes:
+    """Name-value pairs (section 3.4), not yet in records: a site's fixed ones are encoded once."""
+    out = []
+    for name, value in params.items():
+        k, v = name.encode("latin-1"), value.encode("latin-1", "replace")
+        nk, nv = len(k), len(v)
+        if nk < 128 and nv < 128:
+            out.append(bytes((nk, nv)))
+        else:
+            out.append(_length(nk) + _length(nv))
+        out.append(k)
+        out.append(v)
+    return b"".join(out)
+
+
+def encode_request(pairs: bytes, body: bytes, *, keep: bool = False) -> bytes:
+    """A whole request in one piece (one write): ``pairs`` from :func:`encode_params`."""
+    begin = _BEGIN_KEEP if keep else _BEGIN
     stdin = _record(STDIN, body) if body else b""
-    return begin + _record(PARAMS, pairs) + _record(PARAMS, b"") + stdin + _record(STDIN, b"")
+    return b"".join((begin, _record(PARAMS, pairs), _EMPTY_PARAMS, stdin, _EMPTY_STDIN))
 
 
 def parse_cgi_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
@@ -73,6 +96,37 @@ def parse_cgi_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
     return status, headers
 
 
+class _Discard:
+    """Where the answer to a request nobody waits for any more goes."""
+
+    def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        pass
+
+    def upstream_data(self, data: bytes) -> None:
+        pass
+
+    def upstream_end(self) -> None:
+        pass
+
+    def upstream_failed(self, why: str) -> None:
+        pass
+
+    def upstream_stderr(self, text: str) -> None:
+        pass
+
+    def upstream_tunnel(self, early: bytes) -> None:
+        pass
+
+    def upstream_writable(self, writable: bool) -> None:
+        pass
+
+    def upstream_batch(self, open_: bool) -> None:
+        pass
+
+
+_DISCARD = _Discard()
+
+
 class FastCgiUpstream(UpstreamBase):
     """``pool``: the request was encoded with KEEP_CONN, and the connection goes back there after it."""
 
@@ -81,6 +135,8 @@ class FastCgiUpstream(UpstreamBase):
     ) -> None:
         super().__init__(sink, request, pool=pool)
         self._buf = bytearray()
+        # Requests sent behind the one being answered, in order: (who waits for it, HEAD).
+        self._behind: deque[tuple[Sink, bool]] = deque()
         self._reset(head_only)
 
     def _reset(self, head_only: bool) -> None:
@@ -89,25 +145,49 @@ class FastCgiUpstream(UpstreamBase):
         self._have_head = False
         self._ended = False
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.pool is not None:
+            self.pool.busy(self)
+
     def again(self, sink: Sink, request: bytes, *, head_only: bool) -> None:
         """The next request on this kept connection."""
         self._reset(head_only)
         self.begin(sink, request)
+        if self.pool is not None:
+            self.pool.busy(self)
+
+    def pipeline(self, sink: Sink, request: bytes, *, head_only: bool) -> None:
+        """Send ``request`` now, to be answered after the one(s) before it on this connection."""
+        assert self.transport is not None
+        self._behind.append((sink, head_only))
+        self.transport.write(request)
 
     def keepable(self) -> bool:
-        return self._ended and not self._buf
+        return self._ended and not self._buf and not self._behind
+
+    def unheard(self, sink: Sink) -> bool:
+        if sink is not self.sink:
+            return any(s is sink for s, _ in self._behind)  # the app has not read it yet
+        return super().unheard(sink)
+
+    def abandon(self, sink: Sink) -> None:
+        if sink is self.sink:
+            self.close()  # those behind it go again on another connection
+            return
+        # Sent already: its answer is read and dropped, and the connection carries on.
+        self._behind = deque((_DISCARD if s is sink else s, h) for s, h in self._behind)
 
     def data_received(self, data: bytes) -> None:
         self.heard = True
         if self.done:
             self.close()  # nothing is due on a finished or idle connection
             return
-        sink = self.sink
-        sink.upstream_batch(True)
+        self.sink.upstream_batch(True)
         try:
             self._records(data)
         finally:
-            sink.upstream_batch(False)
+            self.sink.upstream_batch(False)
 
     def _records(self, data: bytes) -> None:
         self._buf += data
@@ -126,13 +206,40 @@ class FastCgiUpstream(UpstreamBase):
                 self._ended = True
                 if not self._have_head:
                     self._fail("the app ended the request without an answer")
+                elif self._behind:
+                    self._next()
                 else:
                     self._finish()
+
+    def _next(self) -> None:
+        """The answer read is whole: the request sent behind it is the one answered now."""
+        done = self.sink
+        self.done = True
+        done.upstream_end()
+        done.upstream_batch(False)
+        sink, head_only = self._behind.popleft()
+        self.sink = sink
+        self._reset(head_only)
+        self.done = False
+        self.reused = True
+        self.heard = bool(self._buf)
+        sink.upstream_batch(True)
+        if self.pool is not None and not self._behind:
+            self.pool.busy(self)
+
+    def _finish(self) -> None:
+        if self.pool is not None:
+            self.pool.unbusy(self)
+        super()._finish()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         if not self.done:
             self._fail("the app closed the connection before it answered")
+        # Never read by the app (it answers in order): each goes again on another connection.
+        for sink, _ in list(self._behind):
+            sink.upstream_failed("the app closed the connection before it answered")
+        self._behind.clear()
 
     def _stdout(self, data: bytes) -> None:
         if self._have_head:

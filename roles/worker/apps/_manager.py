@@ -378,6 +378,10 @@ class AppManager:
         except TimeoutError:
             raise Unavailable("the site's app did not start in time", hint="its log says why") from None
 
+    def running(self, app: AppSite) -> AppInstance | None:
+        inst = app.instance
+        return inst if inst is not None and inst.alive else None
+
     def begin(self, app: AppSite, inst: AppInstance) -> None:
         inst.inflight += 1
         app.last_used = time.monotonic()

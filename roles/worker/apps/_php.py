@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["cgi_params", "php_script"]
+__all__ = ["cgi_params", "fixed_params", "php_script"]
 
 
 def _inside(root: str, path: str) -> bool:
@@ -24,16 +24,32 @@ def php_script(root: str, rel: str, front: str) -> tuple[str, str, str] | None:
     return None
 
 
+def fixed_params(root: str, settings: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """The CGI variables every request of a site gets (its app settings first: ours win over them).
+    Sent before :func:`cgi_params`; php-cgi keeps the last of a name given twice."""
+    params = dict(settings)
+    params.update(
+        {
+            "GATEWAY_INTERFACE": "CGI/1.1",
+            "SERVER_SOFTWARE": "sitecloud",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "DOCUMENT_ROOT": root,
+            # php-cgi refuses to run a script unless it believes a web server sent it (force_redirect).
+            "REDIRECT_STATUS": "200",
+        }
+    )
+    return params
+
+
 def cgi_params(
     *,
     method: str,
     target: str,
     headers: list[tuple[bytes, bytes]],
     body_length: int,
-    root: str,
     script: tuple[str, str, str],
-    settings: tuple[tuple[str, str], ...],
 ) -> dict[str, str]:
+    """The CGI variables of one request (after :func:`fixed_params`)."""
     filename, name, path_info = script
     _, _, query = target.partition("?")
     values = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers}
@@ -41,28 +57,19 @@ def cgi_params(
     host = values.get("x-forwarded-host") or values.get("host") or "localhost"
     server_name, _, port = host.partition(":")
     client = values.get("x-forwarded-for", "127.0.0.1").rsplit(",", 1)[-1].strip()
-    params = dict(settings)
-    params.update(
-        {
-            "GATEWAY_INTERFACE": "CGI/1.1",
-            "SERVER_SOFTWARE": "sitecloud",
-            "SERVER_PROTOCOL": "HTTP/1.1",
-            "SERVER_NAME": server_name,
-            "SERVER_PORT": port or ("443" if proto == "https" else "80"),
-            "REQUEST_METHOD": method,
-            "REQUEST_URI": target,
-            "QUERY_STRING": query,
-            "SCRIPT_FILENAME": filename,
-            "SCRIPT_NAME": name,
-            "PATH_INFO": path_info,
-            "DOCUMENT_ROOT": root,
-            "REMOTE_ADDR": client,
-            "CONTENT_LENGTH": str(body_length) if body_length or method not in ("GET", "HEAD") else "",
-            "CONTENT_TYPE": values.get("content-type", ""),
-            # php-cgi refuses to run a script unless it believes a web server sent it (force_redirect).
-            "REDIRECT_STATUS": "200",
-        }
-    )
+    params = {
+        "SERVER_NAME": server_name,
+        "SERVER_PORT": port or ("443" if proto == "https" else "80"),
+        "REQUEST_METHOD": method,
+        "REQUEST_URI": target,
+        "QUERY_STRING": query,
+        "SCRIPT_FILENAME": filename,
+        "SCRIPT_NAME": name,
+        "PATH_INFO": path_info,
+        "REMOTE_ADDR": client,
+        "CONTENT_LENGTH": str(body_length) if body_length or method not in ("GET", "HEAD") else "",
+        "CONTENT_TYPE": values.get("content-type", ""),
+    }
     if proto == "https":
         params["HTTPS"] = "on"
     for key, value in values.items():

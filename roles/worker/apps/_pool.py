@@ -8,15 +8,18 @@ another; one the app closes while idle leaves the pool on its own. The pool clos
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["IDLE_LIMIT", "UpstreamPool"]
+__all__ = ["BEHIND_AGE", "IDLE_LIMIT", "UpstreamPool"]
 
 # Idle connections kept per instance and serving process (each is an open file of the app's, which
 # its nofile limit counts): beyond this a finished one is closed.
 IDLE_LIMIT = 64
+# A request is sent behind another on a kept connection only if that one went out this recently (s).
+BEHIND_AGE = 0.05
 
 
 class Pooled(Protocol):
@@ -24,9 +27,10 @@ class Pooled(Protocol):
     def close(self) -> None: ...
 
 
-# Called with a connection handed over (or None: open one in a place made free); False when the
-# waiter has gone meanwhile and does not take it (the pool offers it to the next).
-Handover = Callable[["Pooled | None"], bool]
+# Called with a connection handed over (or None: open one in a place made free), and whether that
+# one is busy and takes the request behind its own (see :meth:`UpstreamPool.busy`); False when the
+# waiter has gone meanwhile or does not take it (the pool offers it to the next).
+Handover = Callable[["Pooled | None", bool], bool]
 
 
 class UpstreamPool:
@@ -40,6 +44,9 @@ class UpstreamPool:
         self._limit = limit if max_open is None else max(limit, max_open)
         self.max_open = max_open
         self._idle: list[Pooled] = []
+        # Kept connections carrying one request and able to take the next behind it (pipelined),
+        # with when that request went out.
+        self._busy: dict[Pooled, float] = {}
         self._open = 0
         self._waiters: deque[Handover] = deque()
         self.closed = False
@@ -54,8 +61,8 @@ class UpstreamPool:
             return None
         waiter: asyncio.Future[Pooled | None] = asyncio.get_running_loop().create_future()
 
-        def handover(conn: Pooled | None) -> bool:
-            if waiter.done():
+        def handover(conn: Pooled | None, behind: bool) -> bool:
+            if waiter.done() or behind:
                 return False
             waiter.set_result(conn)
             return True
@@ -98,7 +105,7 @@ class UpstreamPool:
         if self.closed:
             return False
         while self._waiters:
-            if self._waiters.popleft()(conn):
+            if self._waiters.popleft()(conn, False):
                 return True
         if len(self._idle) >= self._limit:
             return False
@@ -108,11 +115,42 @@ class UpstreamPool:
     def closed_one(self) -> None:
         """A counted connection ended (or never opened): its place goes to a waiter, if any."""
         while self._waiters:
-            if self._waiters.popleft()(None):  # it opens a connection in this one's place
+            if self._waiters.popleft()(None, False):  # it opens a connection in this one's place
                 return
         self._open = max(0, self._open - 1)
 
+    def busy(self, conn: Pooled) -> None:
+        """``conn`` carries a request now, and may take one more behind it: the first waiting
+        request's (waiters go first, or requests coming after would always get ahead of them), else
+        the next to ask (:meth:`behind`)."""
+        self._busy.pop(conn, None)
+        for at, waiter in enumerate(self._waiters):
+            if waiter(conn, True):
+                del self._waiters[at]
+                return
+        self._busy[conn] = time.monotonic()
+
+    def unbusy(self, conn: Pooled) -> None:
+        self._busy.pop(conn, None)
+
+    def behind(self) -> Pooled | None:
+        """A busy connection to send the next request on at once (then no longer offered), or None.
+        The app reads it as soon as it has answered the one before: with few children, this keeps
+        them from idling between answers while the worker waits for its turn. Only behind a request
+        that went out within :data:`BEHIND_AGE`, the newest first: one that runs long already is
+        likely to run longer, and what waits behind it waits as long (the rest wait in the worker
+        for whichever connection comes back first)."""
+        since = time.monotonic() - BEHIND_AGE
+        for conn, sent in list(reversed(self._busy.items())):
+            if sent < since:
+                break
+            del self._busy[conn]
+            if conn.alive():
+                return conn
+        return None
+
     def discard(self, conn: Pooled) -> None:
+        self._busy.pop(conn, None)
         if conn in self._idle:
             self._idle.remove(conn)
 
@@ -121,8 +159,9 @@ class UpstreamPool:
 
     def close(self) -> None:
         self.closed = True
+        self._busy.clear()
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
         while self._waiters:
-            self._waiters.popleft()(None)
+            self._waiters.popleft()(None, False)

@@ -22,12 +22,12 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
-from roles.worker._access import LOGGED_HEADERS, access_line
+from roles.worker._access import LOGGED_HEADERS, AccessRecord
 from roles.worker._http import http_date
 from roles.worker._static import FileHit, Redirect, resolve
-from roles.worker.apps._fastcgi import FastCgiUpstream, encode_request
+from roles.worker.apps._fastcgi import FastCgiUpstream, encode_params, encode_request
 from roles.worker.apps._manager import AppSite
-from roles.worker.apps._php import cgi_params, php_script
+from roles.worker.apps._php import cgi_params, fixed_params, php_script
 from roles.worker.apps._pool import UpstreamPool
 from roles.worker.apps._spec import is_app_source
 from roles.worker.apps._upstream import HttpUpstream, UpstreamBase
@@ -77,7 +77,7 @@ class Target(Protocol):
 
 class LogSink(Protocol):
     def write(self, source: str, text: str) -> None: ...
-    def access(self, text: str) -> None: ...
+    def access(self, text: str | AccessRecord) -> None: ...
 
 
 T = TypeVar("T", bound=Target)
@@ -91,6 +91,10 @@ class AppBackend(Protocol[T]):
     def active(self) -> bool: ...
     def dynamic(self, site: str) -> AppSite | None: ...
     async def acquire(self, app: AppSite) -> T: ...
+    def running(self, app: AppSite) -> T | None:
+        """The site's running instance, if it has one that can take a request now."""
+        ...
+
     def begin(self, app: AppSite, inst: T) -> None: ...
     def end(self, app: AppSite, inst: T, *, answered: bool) -> None: ...
     def site_log(self, app: AppSite) -> LogSink: ...
@@ -106,6 +110,8 @@ class AppProxy(Generic[T]):
         # (version root, path, trailing slash) → whether a static file answers it.
         self._static: dict[tuple[str, int, str, bool], bool] = {}
         self._scripts: dict[tuple[str, int, str, str], tuple[str, str, str] | None] = {}
+        # A PHP site's fixed CGI variables, encoded: (the spec and root they are of, the bytes).
+        self._fixed: dict[str, tuple[object, str, bytes]] = {}
 
     @property
     def active(self) -> bool:
@@ -158,6 +164,17 @@ class AppProxy(Generic[T]):
             self._scripts.clear()
         found = self._scripts[key] = php_script(root, rel, entry)
         return found
+
+    def fixed_params(self, app: AppSite) -> bytes:
+        """The CGI variables every request of this PHP site sends, encoded once per spec and root."""
+        held = self._fixed.get(app.name)
+        if held is not None and held[0] is app.spec and held[1] == app.root:
+            return held[2]
+        pairs = encode_params(fixed_params(app.root, app.spec.env))
+        if len(self._fixed) >= STATIC_MEMO:
+            self._fixed.clear()
+        self._fixed[app.name] = (app.spec, app.root, pairs)
+        return pairs
 
     def _static_file(self, root: str, version: int, rel: str, *, slash: bool) -> bool:
         """Whether the static server answers this path; remembered per version number, not per root:
@@ -242,11 +259,29 @@ class AppExchange(Generic[T]):
         self._inst: T | None = None
         # The request sent on a kept connection, should it have to go again on a new one.
         self._retry: Callable[[], UpstreamBase] | None = None
+        self._retried = False
+        # The request as sent to the app (should it go again) and whether it is a HEAD.
+        self._request = b""
+        self._head_only = False
         self._reconnect: asyncio.Task[None] | None = None
         self._opening: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._t0 = time.monotonic()
-        self._task = self._loop.create_task(self._run())
+        self._task: asyncio.Task[None] | None = None
+        # A running app and the request's script: the request goes to it from :meth:`end`, in this
+        # turn, with no task and no wait (a warm request's usual way).
+        self._ready: T | None = None
+        self._script: tuple[str, str, str] | None = None
+        inst = proxy.manager.running(app)
+        if app.runtime == "php" and inst is not None:
+            self._script = proxy.php_script(app.root, app.version, rel, app.entry)
+            if self._script is None:
+                inst = None  # the task path answers 404
+        if inst is None:
+            self._task = self._loop.create_task(self._run())
+        else:
+            self._ready = self._inst = inst
+            proxy.manager.begin(app, inst)
 
     # -- the connection's side
 
@@ -263,6 +298,13 @@ class AppExchange(Generic[T]):
     def end(self) -> None:
         if not self._body_done.done():
             self._body_done.set_result(None)
+        inst, self._ready = self._ready, None
+        if inst is not None and not self._closed:
+            try:
+                self._send(inst, self._script)
+            except Exception:
+                self._proxy.log.bind(site=self._app.name).exception("app request failed")
+                self.upstream_failed("the worker failed to pass the request on")
 
     def answer(self, conn: HttpConnection, keep_alive: bool) -> None:
         self._conn = conn
@@ -291,9 +333,11 @@ class AppExchange(Generic[T]):
         self._conn = None
         if not self._closed:
             self._closed = True
-            self._task.cancel()
+            self._ready = None
+            if self._task is not None:
+                self._task.cancel()
             if self._upstream is not None:
-                self._upstream.close()
+                self._upstream.abandon(self)
             self._release(answered=False)
 
     # -- the app's side
@@ -321,13 +365,18 @@ class AppExchange(Generic[T]):
         self._inst = inst
         manager.begin(app, inst)
         await self._body_done
+        self._send(inst, script)
+
+    def _send(self, inst: T, script: tuple[str, str, str] | None) -> None:
+        """The request to the app, once its body is whole: on a kept connection, behind another's
+        request, or (waiting for one to come back or) on a new connection."""
+        app = self._app
         if self._too_large:
             self._keep = False
             self._error(413, "Too large", "The request's body is larger than this site accepts.")
             return
         body = b"".join(self._body)
         self._body = []
-        upstream: UpstreamBase
         pool = inst.pool
         if script is not None:
             params = cgi_params(
@@ -335,13 +384,12 @@ class AppExchange(Generic[T]):
                 target=self._target.decode("latin-1"),
                 headers=self._headers,
                 body_length=len(body),
-                root=app.root,
                 script=script,
-                settings=app.spec.env,
             )
             # Kept connections only where the pool bounds them by the app's children (see _pool.py).
             keep = pool.max_open is not None
-            request = encode_request(params, body, keep=keep)
+            pairs = self._proxy.fixed_params(app) + encode_params(params)
+            request = encode_request(pairs, body, keep=keep)
             head_only = self._bodyless
 
             def fresh() -> UpstreamBase:
@@ -360,16 +408,38 @@ class AppExchange(Generic[T]):
 
         if self._closed:
             return
+        self._request = request
+        self._head_only = head_only
+        self._dispatch(inst, fresh, request, head_only, keep=keep)
+
+    def _dispatch(
+        self, inst: T, fresh: Callable[[], UpstreamBase], request: bytes, head_only: bool, *, keep: bool
+    ) -> None:
+        pool = inst.pool
         kept = None
         if keep:
             kept = pool.take()
             if kept is None and not pool.closed and not pool.room():
+                ahead = pool.behind()
+                if isinstance(ahead, FastCgiUpstream):
+                    self._retry = fresh
+                    self._upstream = ahead
+                    self._arm(inst)
+                    ahead.pipeline(self, request, head_only=head_only)
+                    return
 
-                def handover(conn: object) -> bool:
-                    """A connection back in the pool (or a place for a new one), in the same turn."""
+                def handover(conn: object, behind: bool) -> bool:
+                    """A connection back in the pool, one that takes this request behind its own
+                    (:meth:`UpstreamPool.busy`), or a place for a new one: in the same turn."""
                     if self._closed:
                         return False
-                    if isinstance(conn, (HttpUpstream, FastCgiUpstream)):
+                    if behind:
+                        assert isinstance(conn, FastCgiUpstream)
+                        self._retry = fresh
+                        self._upstream = conn
+                        self._arm(inst)
+                        conn.pipeline(self, request, head_only=head_only)
+                    elif isinstance(conn, (HttpUpstream, FastCgiUpstream)):
                         self._send_kept(inst, conn, fresh, request, head_only)
                     else:
                         upstream = fresh()
@@ -386,7 +456,7 @@ class AppExchange(Generic[T]):
         upstream = fresh()
         self._upstream = upstream
         self._arm(inst)
-        await self._connect(inst, upstream)
+        self._opening = self._loop.create_task(self._connect(inst, upstream))
 
     def _send_kept(
         self,
@@ -417,6 +487,8 @@ class AppExchange(Generic[T]):
         await self._connect(inst, upstream)
 
     def _arm(self, inst: T) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         config = self._proxy.config
         wait = config.app_response_timeout if inst.served else config.app_start_timeout
         self._timer = self._loop.call_later(wait, self._timed_out, not inst.served)
@@ -451,7 +523,7 @@ class AppExchange(Generic[T]):
         self._timer = None
         if self._head is None and not self._finished and not self._closed:
             if self._upstream is not None:
-                self._upstream.close()
+                self._upstream.abandon(self)
             if starting:
                 self._error(
                     503, "This site is not answering", "The site's app did not answer in time.", retry=True
@@ -508,12 +580,19 @@ class AppExchange(Generic[T]):
         stale, again, inst = self._upstream, self._retry, self._inst
         self._retry = None
         if (
-            again is not None and inst is not None and stale is not None
-            and stale.reused and not stale.heard and not self._closed and self._head is None
+            again is not None and inst is not None and stale is not None and not self._retried
+            and stale.unheard(self) and not self._closed and self._head is None
         ):  # fmt: skip
             # A kept connection the app closed as it was reused (its stop, say): the request never
             # reached it, so it goes again on a new connection, once, in that one's place.
-            self._reconnect = self._loop.create_task(self._again(inst, again))
+            self._retried = True
+            if inst.pool.max_open is not None:
+                # php-cgi's: its children restart (at their request limit) all the time, and the
+                # request goes to the next as any other does (a kept connection is closed only as its
+                # child leaves); waiting for a new connection's place would put it behind all.
+                self._dispatch(inst, again, self._request, self._head_only, keep=True)
+            else:
+                self._reconnect = self._loop.create_task(self._again(inst, again))
             return
         if self._timer is not None:
             self._timer.cancel()
@@ -630,14 +709,7 @@ class AppExchange(Generic[T]):
         status = self._status or 499
         logged = {k.lower(): v for k, v in self._headers if k.lower() in LOGGED_HEADERS}
         manager.site_log(app).access(
-            access_line(
-                method=self._method,
-                target=self._target,
-                status=status,
-                sent=self._sent,
-                seconds=ms / 1000,
-                logged=logged,
-            )
+            AccessRecord(self._method, self._target, status, self._sent, ms / 1000, logged)
         )
         inst, self._inst = self._inst, None
         if inst is not None:

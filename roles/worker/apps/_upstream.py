@@ -74,6 +74,15 @@ class UpstreamBase(asyncio.Protocol):
         """Whether the answer just read leaves the connection ready for another request."""
         return False
 
+    def unheard(self, sink: Sink) -> bool:
+        """Whether ``sink``'s request surely never reached the app (a kept connection it closed as it
+        was reused), so that it may go again on another connection."""
+        return self.reused and not self.heard
+
+    def abandon(self, sink: Sink) -> None:
+        """``sink`` wants no answer any more (its visitor left, or it timed out)."""
+        self.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.uncount()
 
