@@ -120,10 +120,13 @@ def checked(op: Operation) -> Any:
 NDJSON = "application/x-ndjson"
 
 
-async def relay_lines(request: web.Request, lines: AsyncIterator[bytes]) -> web.StreamResponse:
-    """Pass progress lines on as they come; an error before the first line is answered as an error."""
+async def relay_lines(
+    request: web.Request, lines: AsyncIterator[bytes], content_type: str = NDJSON
+) -> web.StreamResponse:
+    """Pass lines on as they come; an error before the first line (no such site, say) is answered as
+    an error."""
     first = await anext(lines, b"")
-    out = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+    out = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-store"})
     await out.prepare(request)
     await out.write(first)
     async for line in lines:

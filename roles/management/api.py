@@ -343,17 +343,7 @@ async def site_logs(request: web.Request) -> web.StreamResponse:
     q = query_of(request, m.LogsQuery)
     follow = q.follow in ("1", "true", "yes")
     stream = service_of(request).site_logs(who, request.match_info["name"], follow=follow, lines=q.lines)
-    # The first line (or the error, e.g. no such site) before the answer starts.
-    first = await anext(stream, b"")
-    resp = web.StreamResponse(
-        headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
-    )
-    await resp.prepare(request)
-    await resp.write(first)
-    async for line in stream:
-        await resp.write(line)
-    await resp.write_eof()
-    return resp
+    return await relay_lines(request, stream, "text/plain; charset=utf-8")
 
 
 async def get_app_settings(request: web.Request) -> web.Response:
