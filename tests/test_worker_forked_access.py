@@ -8,19 +8,25 @@ every request, whichever process answered it, and a follower gets new lines as t
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import itertools
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from roles.fileserver.config import FileserverConfig
 from roles.frontend.config import FrontendConfig
+from roles.worker._access import AccessRecord
+from roles.worker.apps import AppManager
+from roles.worker.apps._channel import AppChannel, RemoteApps
 from roles.worker.config import WorkerConfig
+from shared.contracts.snapshots import WorkerSnapshot
 from tests.support import CloudPKI, RoleProcess, call, lane_exchange, wait_until
 
 DOMAIN = "sites.test"
@@ -189,3 +195,61 @@ def test_a_follower_gets_a_serving_process_s_new_line(stack: Stack) -> None:
         assert b"[access]" in seen
     finally:
         conn.close()
+
+
+async def test_lines_wait_while_the_channel_restarts_and_beyond_the_bound_are_counted(tmp_path: Path) -> None:
+    """The real channel ends, in one process: lines held while the main process's end is away go once
+    it is back; those past the bound are dropped, and the main process hears how many."""
+    config = WorkerConfig(host="localhost", home=tmp_path / "worker")
+    root = tmp_path / "apps"
+    root.mkdir()
+    manager = AppManager(config, lambda site: (True, None), root)
+    manager.apply(WorkerSnapshot.parse({"version": 1, "sites": {"s": {"uid": UID}}}))
+    log = manager.access_log("s")
+    assert log is not None
+    follower = log.follow()
+    channel = AppChannel(manager)
+    await channel.start()
+    remote = RemoteApps(channel.path, held_bytes=20 * 1024)
+    try:
+        await remote.reload()  # connected, as a serving process is from its start
+        sink = remote.log_of("s")
+        for i in range(50):
+            sink.access(AccessRecord(b"GET", f"/a{i}".encode(), 200, 10, 0.001, {b"x-request-id": b"r"}))
+        first = await asyncio.wait_for(follower.get(), 2)
+        assert first is not None and '[access] - "GET /a0 HTTP/1.1" 200 10 "-" "-" 1.0ms id=r' in first
+        for _ in range(49):
+            await asyncio.wait_for(follower.get(), 2)
+
+        await channel.stop()  # the main process's end goes away (a restart) ...
+        for i in range(50):
+            sink.access(f"held {i}")
+        await asyncio.sleep(0.3)
+        assert follower.empty()
+        # ... and far more than the bound comes meanwhile.
+        for i in range(1000):
+            sink.access(f"over {i}")
+        channel = AppChannel(manager)
+        await channel.start()
+        got = [await asyncio.wait_for(follower.get(), 5) for _ in range(50)]
+        assert [str(g).split("[access] ")[1] for g in got] == [f"held {i}" for i in range(50)]
+        await wait_async(lambda: channel.access_dropped > 0)
+        kept = 50 + follower.qsize()
+        # Every line is either kept or counted as dropped.
+        assert kept + channel.access_dropped == 1050 and channel.access_dropped > 500, (
+            kept,
+            channel.access_dropped,
+        )
+    finally:
+        await remote.close()
+        await channel.stop()
+        log.flush()
+    text = log.path.read_text()
+    assert text.count("[access] ") == kept + 50
+
+
+async def wait_async(predicate: Callable[[], bool], timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)

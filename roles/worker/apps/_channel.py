@@ -229,8 +229,9 @@ class RemoteLog:
 class RemoteApps:
     """A serving process's end: the app manager's request-path methods, answered by the main process."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, held_bytes: int = ACCESS_HELD_BYTES) -> None:
         self._path = path
+        self._held_max = held_bytes
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(1)
@@ -292,7 +293,7 @@ class RemoteApps:
     def access(self, site: str, text: str | AccessRecord) -> None:
         """Held for the next batch: no write on the request's path."""
         size = _RECORD_BYTES + len(text.target if isinstance(text, AccessRecord) else text)
-        if self._held_bytes + size > ACCESS_HELD_BYTES:
+        if self._held_bytes + size > self._held_max:
             if not self._dropped:
                 self._log.warning("dropping access lines: the main process is not taking them")
             self._dropped += 1
