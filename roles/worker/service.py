@@ -2,7 +2,8 @@
 
 With ``processes: N > 1`` the main process keeps the control plane, the content sync and the sites' apps,
 and N serving processes (see :mod:`shared.prefork`) answer on the data port's shared listener; they
-reach the apps through the main process's app channel (``roles/worker/apps/_channel.py``). After each snapshot and
+reach the apps through the main process's app channel (``roles/worker/apps/_channel.py``), and hand
+their access lines to it there in batches (the main process owns every site's log). After each snapshot and
 each version flip the main process writes which version directory serves each site to
 ``state/serving.json`` and sends SIGHUP; each serving process swaps its lookup table and drops its hot
 cache for the sites that moved.
