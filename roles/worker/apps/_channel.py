@@ -67,6 +67,7 @@ class AppChannel:
         self._server: asyncio.AbstractServer | None = None
         self._tokens = itertools.count(1)
         self._conns: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self._log = manager.log
         # Access lines the serving processes said they dropped, since start.
         self.access_dropped = 0
@@ -84,16 +85,20 @@ class AppChannel:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._conns):
-            task.cancel()
+        # Closed rather than cancelled: each connection then ends as when its serving process goes.
+        for writer in list(self._writers):
+            writer.close()
         if self._conns:
             await asyncio.wait(self._conns, timeout=2)
+        for task in list(self._conns):
+            task.cancel()
         self.path.unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
+        self._writers.add(writer)
         # Requests under way for this serving process: ended by it, or here if it goes away.
         held: dict[int, tuple[AppSite, AppInstance]] = {}
         answering: set[asyncio.Task[None]] = set()
@@ -132,6 +137,7 @@ class AppChannel:
                 self._manager.end(app, inst, answered=False)
             held.clear()
             writer.close()
+            self._writers.discard(writer)
             self._conns.discard(task)
 
     def _access(self, msg: dict[str, Any]) -> None:
