@@ -119,7 +119,10 @@ class AppChannel:
                     if found is not None:
                         self._manager.end(*found, answered=bool(msg.get("answered")))
                 elif op == "access":
-                    self._access(msg)
+                    try:
+                        self._access(msg)
+                    except (ValueError, TypeError):
+                        self._log.warning("serving process sent unreadable access lines; skipped them")
                 elif op == "log":
                     app = self._manager.dynamic(str(msg.get("site", "")))
                     if app is not None:
