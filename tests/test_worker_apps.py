@@ -717,8 +717,11 @@ def test_a_worker_with_serving_processes_hands_app_requests_to_apps(tmp_path: Pa
             assert len(pids) == 1  # one app process for the site, woken once, whichever process asked
             health = cloud.worker.health()
             assert health["processes"] == 2 and len(health["serving_pids"]) == 2
-            # The main process counted the serving processes' requests (its access lines are theirs).
-            assert cloud.log("dyn").count('"GET /api?n=') >= 6 * 40 - 10
+            # The main process counted the serving processes' requests (its access lines are theirs,
+            # sent in batches: the last one a moment later).
+            wait_until(
+                lambda: cloud.log("dyn").count('"GET /api?n=') >= 6 * 40 - 10, timeout=5, what="access lines"
+            )
             # A new version flips the app for the serving processes too.
             cloud.publish("dyn", {"app.py": ROUTED_APP.replace(b'"index"', b'"index v2"')})
             wait_until(lambda: once("dyn", "/") == (200, b"index v2"), timeout=20, what="v2")

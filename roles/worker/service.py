@@ -2,7 +2,8 @@
 
 With ``processes: N > 1`` the main process keeps the control plane, the content sync and the sites' apps,
 and N serving processes (see :mod:`shared.prefork`) answer on the data port's shared listener; they
-reach the apps through the main process's app channel (``roles/worker/apps/_channel.py``). After each snapshot and
+reach the apps through the main process's app channel (``roles/worker/apps/_channel.py``), and hand
+their access lines to it there in batches (the main process owns every site's log). After each snapshot and
 each version flip the main process writes which version directory serves each site to
 ``state/serving.json`` and sends SIGHUP; each serving process swaps its lookup table and drops its hot
 cache for the sites that moved.
@@ -26,7 +27,7 @@ from roles.worker._layout import apps_root, prepare_apps_root
 from roles.worker._static import HotCache
 from roles.worker._usage import WorkerUsageReporter
 from roles.worker.apps import AppManager, AppProxy, app_routes
-from roles.worker.apps._channel import AppChannel, RemoteApps, channel_path
+from roles.worker.apps._channel import AppChannel, RemoteApps, RemoteLog, channel_path
 from roles.worker.apps._manager import run_dir_for
 from roles.worker.config import WorkerConfig
 from roles.worker.content import ContentSync
@@ -160,7 +161,8 @@ class _Forked:
         pass  # each serving process announces to its own feeds as it takes the handed-over versions
 
     def figures(self) -> WorkerFigures:
-        return WorkerFigures(serving_pids=self._children.pids)
+        dropped = self._channel.access_dropped
+        return WorkerFigures(serving_pids=self._children.pids, access_lines_dropped=dropped or None)
 
     def counts(self) -> HttpCounts:
         # The serving processes' counts, summed when scraped.
@@ -386,9 +388,14 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
             pending.clear()
             pending.update(fresh_pending)
 
-    feeds = VersionFeeds(lambda: {site: tag_of(v) for site, v in table.items()}, lambda _: None, log)
     # Dynamic sites: their apps are the main process's; requests for them go through its channel.
+    # So do access lines (batched): the main process owns every site's log.
     remote = RemoteApps(channel_path(run_dir_for(apps_root(config))))
+
+    def site_log(site: str) -> RemoteLog | None:
+        return remote.log_of(site) if site in table else None
+
+    feeds = VersionFeeds(lambda: {site: tag_of(v) for site, v in table.items()}, site_log, log)
 
     async def reload_all() -> None:
         await reload()
@@ -406,6 +413,7 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
         divert=AppProxy(config, remote),
         failure=failed.get,
         pending=pending.__contains__,
+        site_log=site_log,
         feeds=feeds,
     )
     await server.start()

@@ -124,6 +124,8 @@ class WorkerFigures(RoleFigures):
     fileserver_reachable: bool | None = None
     processes: Count | None = None
     serving_pids: list[int] | None = None
+    # Access lines the serving processes dropped because the main process did not take them in time.
+    access_lines_dropped: Count | None = None
     apps_dynamic: Count | None = None
     apps_active: Count | None = None
     apps_max_active: Count | None = None

@@ -10,7 +10,14 @@ that goes away ends what it had under way.
 
 One JSON object a line each way. Asked: ``sites`` (the dynamic sites and what the proxy needs of
 each), ``acquire`` (an instance, with an ``id`` the answer carries). Told, without an answer:
-``end``, ``log`` and ``access`` (lines for the site's log).
+``end``, ``log`` (lines for the site's log) and ``access``.
+
+Access lines (static answers, app answers and the front ends' held hits a serving process's feeds
+report) go to the main process, which owns every site's log, in batches: a serving process holds them
+for up to ``ACCESS_EVERY`` seconds and sends one ``access`` message (``lines``: ``[site, second,
+line]`` each) a batch, never a write a request. While the main process is away (restarting its
+channel) or slow to read, lines are held up to ``ACCESS_HELD_BYTES``; beyond that they are dropped,
+counted in the next batch's ``dropped`` and in the worker's health (``access_lines_dropped``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +34,25 @@ from roles.worker._access import AccessRecord
 from roles.worker.apps._instance import AppInstance
 from roles.worker.apps._manager import AppManager, AppSite
 from roles.worker.apps._pool import UpstreamPool
+from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import AppSpec
 from shared.errors import SitecloudError, Unavailable
 from shared.logs import get_logger
 
-__all__ = ["AppChannel", "RemoteApps", "RemoteInstance", "channel_path"]
+__all__ = ["AppChannel", "RemoteApps", "RemoteInstance", "RemoteLog", "channel_path"]
 
 _LIMIT = 1024 * 1024
 REMOTE_IDLE = 16
+# Seconds a serving process holds access lines before sending them as one message.
+ACCESS_EVERY = 0.1
+# Access lines a serving process holds (about this many bytes) while they cannot go; more are dropped.
+ACCESS_HELD_BYTES = 4 * 1024 * 1024
+# About what an access line takes besides its target, for that bound.
+_RECORD_BYTES = 160
+# One access message's bytes at most (well under the channel's line limit).
+_BATCH_BYTES = 256 * 1024
+# Bytes already waiting to go to the main process past which it counts as slow: lines wait here.
+_SEND_BOUND = 1024 * 1024
 
 
 def channel_path(manager_run_dir: Path) -> Path:
@@ -48,7 +67,10 @@ class AppChannel:
         self._server: asyncio.AbstractServer | None = None
         self._tokens = itertools.count(1)
         self._conns: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self._log = manager.log
+        # Access lines the serving processes said they dropped, since start.
+        self.access_dropped = 0
 
     @property
     def path(self) -> Path:
@@ -63,16 +85,20 @@ class AppChannel:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._conns):
-            task.cancel()
+        # Closed rather than cancelled: each connection then ends as when its serving process goes.
+        for writer in list(self._writers):
+            writer.close()
         if self._conns:
             await asyncio.wait(self._conns, timeout=2)
+        for task in list(self._conns):
+            task.cancel()
         self.path.unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
+        self._writers.add(writer)
         # Requests under way for this serving process: ended by it, or here if it goes away.
         held: dict[int, tuple[AppSite, AppInstance]] = {}
         answering: set[asyncio.Task[None]] = set()
@@ -92,14 +118,17 @@ class AppChannel:
                     found = held.pop(int(msg["token"]), None)
                     if found is not None:
                         self._manager.end(*found, answered=bool(msg.get("answered")))
-                elif op in ("log", "access"):
+                elif op == "access":
+                    try:
+                        self._access(msg)
+                    except (ValueError, TypeError):
+                        self._log.warning("serving process sent unreadable access lines; skipped them")
+                elif op == "log":
                     app = self._manager.dynamic(str(msg.get("site", "")))
                     if app is not None:
-                        log = self._manager.site_log(app)
-                        if op == "access":
-                            log.access(str(msg.get("text", "")))
-                        else:
-                            log.write(str(msg.get("source", "worker")), str(msg.get("text", "")))
+                        self._manager.site_log(app).write(
+                            str(msg.get("source", "worker")), str(msg.get("text", ""))
+                        )
                 elif op == "sites":
                     self._send(writer, {"id": msg.get("id"), "sites": self._sites()})
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -111,7 +140,24 @@ class AppChannel:
                 self._manager.end(app, inst, answered=False)
             held.clear()
             writer.close()
+            self._writers.discard(writer)
             self._conns.discard(task)
+
+    def _access(self, msg: dict[str, Any]) -> None:
+        """A serving process's batch of access lines, each into its site's log (static or app)."""
+        logs: dict[str, SiteLog | None] = {}
+        for site, second, line in msg.get("lines", ()):
+            if site not in logs:
+                logs[site] = self._manager.access_log(str(site))
+            log = logs[site]
+            if log is not None:
+                log.access(str(line), at=int(second))
+        dropped = int(msg.get("dropped") or 0)
+        if dropped > 0:
+            self.access_dropped += dropped
+            self._log.warning(
+                "a serving process dropped %s access line(s): this process did not take them in time", dropped
+            )
 
     def _sites(self) -> dict[str, Any]:
         return {
@@ -186,15 +232,15 @@ class RemoteLog:
         self._apps.tell({"op": "log", "site": self._site, "source": source, "text": text})
 
     def access(self, text: str | AccessRecord) -> None:
-        line = text.line() if isinstance(text, AccessRecord) else text
-        self._apps.tell({"op": "access", "site": self._site, "text": line})
+        self._apps.access(self._site, text)
 
 
 class RemoteApps:
     """A serving process's end: the app manager's request-path methods, answered by the main process."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, held_bytes: int = ACCESS_HELD_BYTES) -> None:
         self._path = path
+        self._held_max = held_bytes
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(1)
@@ -205,6 +251,13 @@ class RemoteApps:
         self._instances: dict[str, RemoteInstance] = {}
         self._lock = asyncio.Lock()
         self._log = get_logger("worker")
+        # Access lines waiting for their batch: (site, second, line), and about their bytes.
+        self._held: list[tuple[str, int, str | AccessRecord]] = []
+        self._held_bytes = 0
+        self._sending: asyncio.TimerHandle | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        # Lines dropped and not yet told to the main process.
+        self._dropped = 0
 
     # -- what the proxy asks
 
@@ -238,7 +291,63 @@ class RemoteApps:
         self.tell({"op": "end", "token": inst.token, "answered": answered})
 
     def site_log(self, app: AppSite) -> RemoteLog:
-        return RemoteLog(self, app.name)
+        return self.log_of(app.name)
+
+    def log_of(self, site: str) -> RemoteLog:
+        """Any site's log as this process writes to it (static sites' access lines too)."""
+        return RemoteLog(self, site)
+
+    # -- access lines, batched
+
+    def access(self, site: str, text: str | AccessRecord) -> None:
+        """Held for the next batch: no write on the request's path."""
+        size = _RECORD_BYTES + len(text.target if isinstance(text, AccessRecord) else text)
+        if self._held_bytes + size > self._held_max:
+            if not self._dropped:
+                self._log.warning("dropping access lines: the main process is not taking them")
+            self._dropped += 1
+        else:
+            self._held.append((site, int(time.time()), text))
+            self._held_bytes += size
+        if self._sending is None:
+            self._sending = asyncio.get_running_loop().call_later(ACCESS_EVERY, self._send_access)
+
+    def _send_access(self, *, last: bool = False) -> None:
+        if self._sending is not None:
+            self._sending.cancel()
+            self._sending = None
+        if not self._held and not self._dropped:
+            return
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            # The main process is away (its channel restarting): connect again, lines wait.
+            if not last and (self._connecting is None or self._connecting.done()):
+                self._connecting = asyncio.get_running_loop().create_task(self._reconnect())
+        elif last or writer.transport.get_write_buffer_size() <= _SEND_BOUND:
+            held, self._held, self._held_bytes = self._held, [], 0
+            batch: list[tuple[str, int, str]] = []
+            size = 0
+            for site, second, text in held:
+                line = text.line() if isinstance(text, AccessRecord) else text
+                batch.append((site, second, line))
+                size += len(line) + len(site) + 16
+                if size > _BATCH_BYTES:
+                    self.tell({"op": "access", "lines": batch})
+                    batch, size = [], 0
+            self.tell({"op": "access", "lines": batch, "dropped": self._dropped})
+            self._dropped = 0
+            return
+        if not last:
+            self._sending = asyncio.get_running_loop().call_later(ACCESS_EVERY, self._send_access)
+        elif self._held:
+            self._log.warning("%s access line(s) not sent: the main process is away", len(self._held))
+
+    async def _reconnect(self) -> None:
+        try:
+            await self._connect()
+        except OSError:
+            return  # tried again with the next batch
+        self._send_access()
 
     # -- the table of dynamic sites
 
@@ -264,6 +373,12 @@ class RemoteApps:
     # -- the channel
 
     async def close(self) -> None:
+        self._send_access(last=True)
+        if self._writer is not None and not self._writer.is_closing():
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(self._writer.drain(), 2)
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self._reading is not None:
             self._reading.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -36,8 +36,8 @@ class SiteLog:
         self._second = -1
         self._stamp = ""
 
-    def _now(self) -> str:
-        second = int(time.time())
+    def _now(self, at: int | None = None) -> str:
+        second = int(time.time()) if at is None else at
         if second != self._second:
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
         return self._stamp
@@ -50,10 +50,11 @@ class SiteLog:
         self._append(("\n".join(lines) + "\n").encode("utf-8", "replace"))
         self._tell(lines)
 
-    def access(self, text: str | AccessRecord) -> None:
+    def access(self, text: str | AccessRecord, *, at: int | None = None) -> None:
         """One access line, written with the next batch; followers get it at once. A record is
-        formatted only then (with its batch, or at once for followers), off the request's own path."""
-        stamp = self._now()
+        formatted only then (with its batch, or at once for followers), off the request's own path.
+        ``at``: the second the request ended, when that was elsewhere (a serving process)."""
+        stamp = self._now(at)
         if isinstance(text, AccessRecord):
             self._held.append((stamp, text))
             self._held_bytes += _RECORD_BYTES + len(text.target)
