@@ -194,17 +194,10 @@ class AppInstance:
             finally:
                 os.close(block_r)
                 os.close(info_w)
-            # The first cgroup write of a start waits out an RCU grace period (~10 ms on cgroup v1):
-            # bwrap's own process goes in from a thread while bwrap builds the sandbox, off the loop.
-            outer = asyncio.ensure_future(self._attach_off_loop(self.proc.pid))
             try:
                 self.init_pid = await read_info(info_r)
             except ValueError:
-                await outer
                 raise OSError(f"its sandbox could not be built: {self._abandon()}") from None
-            finally:
-                if not outer.done():
-                    await outer
             # Before the block fd lets pid 1 fork the app: the app inherits them.
             try:
                 set_rlimits(self.init_pid, self.limits, own_uid=True, cgroup=self.cgroup is not None)
@@ -213,7 +206,10 @@ class AppInstance:
                 raise OSError(f"could not set the app's limits: {exc}") from None
             for pid in (self.proc.pid, self.init_pid):
                 lower_priority(pid)
-            self._attach(self.init_pid)
+            # Only now that bwrap has cloned pid 1 (its pid came on the info fd): bwrap's cgroup
+            # namespace is rooted where bwrap was at the clone, so moving bwrap any earlier would race
+            # it and the app would see its group's path one way or the other by timing.
+            await self._attach_off_loop(self.init_pid, self.proc.pid)
             if self.sandbox.slirp4netns is not None:
                 self._spawn_egress(self.init_pid)
         finally:
@@ -257,11 +253,19 @@ class AppInstance:
         except OSError as exc:
             self._not_attached(exc)
 
-    async def _attach_off_loop(self, pid: int) -> None:
-        if self.cgroup is None:
+    async def _attach_off_loop(self, *pids: int) -> None:
+        """From a thread: the first cgroup write of a start waits out an RCU grace period (~10 ms on
+        cgroup v1), the ones right after it do not."""
+        cgroup = self.cgroup
+        if cgroup is None:
             return
+
+        def attach() -> None:
+            for pid in pids:
+                CgroupTree.attach(cgroup, pid)
+
         try:
-            await asyncio.to_thread(CgroupTree.attach, self.cgroup, pid)
+            await asyncio.to_thread(attach)
         except OSError as exc:
             self._not_attached(exc)
 

@@ -16,6 +16,8 @@ Paths stay what they are on the host (content root, HOME, TMPDIR), so the enviro
 need no rewriting. Inside, util-linux ``setpriv`` drops to the site's uid with no groups, no
 capabilities and no_new_privs before the app. ``--block-fd`` holds the sandbox before anything of
 the app runs, so the worker puts it in its cgroup and sets its rlimits first (no fork escapes them).
+Its cgroup namespace is rooted at the worker's own group (bwrap is moved only after its clone), so the
+app sees its group's path below the worker's, always the same one.
 """
 
 from __future__ import annotations
