@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.timeout(180)
 DOMAIN = "sites.test"
 
 APP = b"""
+import time
 import uuid
 
 VERSION = %s
@@ -44,6 +46,9 @@ def app(environ, start_response):
         headers += [("Cache-Control", "public, max-age=60"), ("Vary", "Accept-Encoding")]
     elif path == "/private":
         headers.append(("Cache-Control", "private, max-age=60"))
+    elif path == "/slow":
+        time.sleep(3)
+        headers.append(("Cache-Control", "public, max-age=60"))
     body = ("%%s %%s %%s" %% (VERSION, path, uuid.uuid4().hex)).encode()
     headers.append(("Content-Length", str(len(body))))
     start_response("200 OK", headers)
@@ -175,3 +180,23 @@ def test_a_publish_drops_a_kept_answer(front: Front) -> None:
     )
     for _ in range(3):
         assert front.get("/public")[1] == body
+
+
+def test_an_old_apps_answer_that_ends_after_a_publish_is_not_kept_as_the_new_versions(front: Front) -> None:
+    """The old app answers a slow request after the new version was announced: that answer is the old
+    version's, and the new version's visitors must never be given it."""
+
+    def serves(version: bytes) -> bool:
+        return front.get("/x")[1].startswith(version)
+
+    wait_until(lambda: serves(b"v2"), timeout=30, what="the app of the last test")
+    slow: list[bytes] = []
+    asker = threading.Thread(target=lambda: slow.append(front.get("/slow")[1]))
+    asker.start()
+    time.sleep(1.0)  # the request is with the v2 app now
+    front.cloud.publish("pyapp", {"app.py": APP % b"'v3'"})
+    asker.join(timeout=30)
+    assert slow and slow[0].startswith(b"v2 /slow "), slow
+    wait_until(lambda: serves(b"v3"), timeout=30, what="the new app's answer")
+    # Asked now, /slow is the new app's: the old answer was not kept under the new version.
+    assert front.get("/slow")[1].startswith(b"v3 /slow ")

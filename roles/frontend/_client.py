@@ -662,7 +662,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _keep_app_answer(self, req: Request, reason: bytes, headers: bytearray) -> None:
         """Start keeping an app's answer that says it may be kept (roles/frontend/_cache.py
-        app_lifetime), if the site's version feeds are live: only they can drop it on a publish."""
+        app_lifetime), if the site's version feeds are live (only they can drop it on a publish) and
+        name the version the worker says the answer came from (an old app's answer that arrives
+        after a new version's notice is not kept as the new one's)."""
         site, cache = req.site, self._proxy.cache
         if site is None or cache is None:
             return
@@ -671,7 +673,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._proxy.ensure_feed(req.upstream)
         version = self._proxy.feed_version(site)
-        if version is None:
+        if version is None or req.answer_version != version:
             return
         req.kept = [b"HTTP/1.1 200 %b\r\n%b" % (reason, without_date(bytes(headers)))]
         req.kept_for = lifetime

@@ -19,6 +19,7 @@ __all__ = [
     "H_HOST",
     "H_TRANSFER_ENCODING",
     "H_UPGRADE",
+    "H_VERSION",
     "H_XFF",
     "PAGES",
     "REQUEST_HEADERS",
@@ -41,6 +42,7 @@ H_XFF = 6
 H_EXPECT = 7
 H_COOKIE = 8  # forwarded, and read when the site uses an affinity cookie
 H_UPGRADE = 9  # hop-by-hop; sent on only when a WebSocket is tunnelled
+H_VERSION = 10  # the content version an answer came from: read, never sent on
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
 _HOP_BY_HOP = {
@@ -78,8 +80,8 @@ RESPONSE_HEADERS: dict[bytes, int] = {
     b"upgrade": H_DROP,
     b"x-sitecloud-lane": H_DROP,
     b"x-sitecloud-lane-refused": H_DROP,
-    # The front end's cache (roles/frontend/_cache.py) reads these on lane answers only.
-    b"x-sitecloud-version": H_DROP,
+    # The front end's cache (roles/frontend/_cache.py) reads these; the visitor never gets them.
+    b"x-sitecloud-version": H_VERSION,
     b"x-sitecloud-fresh": H_DROP,
     b"x-request-id": H_DROP,
 }

@@ -15,6 +15,7 @@ class Request:
     """One request on a client connection, from its headers to the end of its response."""
 
     __slots__ = (
+        "answer_version",
         "body_done",
         "body_parts",
         "body_seen",
@@ -100,4 +101,5 @@ class Request:
         self.kept: list[bytes] | None = None
         self.kept_for = 0.0
         self.fill_version = b""
+        self.answer_version = b""
         self.encoding = b""  # its Accept-Encoding, for an app's answer that varies by it

@@ -27,6 +27,7 @@ from roles.frontend._http import (
     H_CONNECTION,
     H_CONTENT_LENGTH,
     H_TRANSFER_ENCODING,
+    H_VERSION,
     RESPONSE_HEADERS,
     extra_connection_tokens,
     strip_headers,
@@ -43,6 +44,7 @@ class Exchange(Protocol):
     tunnel: bool  # a WebSocket upgrade: a 101 answer turns the connection into a byte tunnel
     replayable: bool  # idempotent and bodiless: safe to send again
     cached_version: bytes  # the content version of the answer the front end holds for it, or b""
+    answer_version: bytes  # the content version its answer says it came from, or b""
 
 
 class Owner(Protocol):
@@ -403,6 +405,10 @@ class UpstreamConnection(asyncio.Protocol):
             tokens = extra_connection_tokens(value)
             if tokens:
                 self._tokens = tokens if self._tokens is None else self._tokens | tokens
+        elif kind == H_VERSION:
+            req = self.req
+            if req is not None:
+                req.answer_version = value
 
     def on_headers_complete(self) -> None:
         parser = self._parser

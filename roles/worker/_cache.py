@@ -32,7 +32,7 @@ from pathlib import Path
 from shared.contracts.content import FileMeta
 from shared.files import fsync_dir
 
-__all__ = ["ContentCache", "SiteVersion"]
+__all__ = ["ContentCache", "SiteVersion", "version_line", "version_tag"]
 
 _VERSION_DIR = re.compile(r"^v([0-9]+)$")
 
@@ -67,6 +67,17 @@ def spread_subdirs(directory: Path) -> None:
         os.close(fd)
 
 
+def version_tag(content_id: str, number: int) -> bytes:
+    """What a front end's cache names a version by: content id and number, so never another site's
+    nor an earlier site's of the same name."""
+    return f"{content_id or '-'}.{number}".encode()
+
+
+def version_line(tag: bytes) -> bytes:
+    """The header line an answer that may be kept carries its version in (b"" for none)."""
+    return b"X-Sitecloud-Version: " + tag + b"\r\n" if tag else b""
+
+
 @dataclass(frozen=True, slots=True)
 class SiteVersion:
     number: int
@@ -85,9 +96,9 @@ class SiteVersion:
             object.__setattr__(self, "tag", b"")
             object.__setattr__(self, "line", b"")
             return
-        tag = f"{self.content_id or '-'}.{self.number}".encode()
+        tag = version_tag(self.content_id, self.number)
         object.__setattr__(self, "tag", tag)
-        object.__setattr__(self, "line", b"X-Sitecloud-Version: " + tag + b"\r\n")
+        object.__setattr__(self, "line", version_line(tag))
 
 
 class ContentCache:

@@ -214,6 +214,8 @@ class RemoteInstance:
         self.serial = serial
         self.address = address
         self.served = False
+        # Not told by the main process: a serving process's app answers are not kept by front ends.
+        self.version_line = b""
         # Fewer than the main process keeps: several serving processes each keep theirs, and every
         # kept connection is an open file of the app's.
         self.pool = UpstreamPool(REMOTE_IDLE)

@@ -83,6 +83,9 @@ class AppInstance:
         self.pids_hits_seen = 0  # the cgroup's count of refused forks, as last logged
         self.at_pids_limit = False
         self.served = False
+        # The content version its code was loaded from, as a front end keeps its answers by (set by
+        # the manager; PHP's children take each request's script from its version instead).
+        self.version_line = b""
         # This process's kept connections to the app.
         # php-cgi's children each hold one connection while it is open: no more open than they are.
         children = plan.env.get("PHP_FCGI_CHILDREN")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from roles.worker._appserver.sitecloud_appserver import MEMORY_EXIT
-from roles.worker._cache import SiteVersion
+from roles.worker._cache import SiteVersion, version_line, version_tag
 from roles.worker.apps._cgroup import AppGroup, CgroupTree
 from roles.worker.apps._instance import AppInstance
 from roles.worker.apps._isolation import (
@@ -628,6 +628,7 @@ class AppManager:
                     "the site's package.json names nothing to run",
                     hint='add "scripts": {"start": "node server.js"} or a server.js',
                 )
+            started_version = app.version  # (the code the plan points at: app.root is that version's)
             plan = plan_launch(
                 site=app.name,
                 runtime=app.runtime,
@@ -673,6 +674,8 @@ class AppManager:
                 sandbox=sandbox,
                 mounts=mounts,
             )
+            if app.runtime != "php":
+                inst.version_line = version_line(version_tag(app.content_id, started_version))
             try:
                 await inst.start()
             except BaseException:

@@ -23,6 +23,7 @@ from urllib.parse import unquote_to_bytes
 import httptools
 
 from roles.worker._access import LOGGED_HEADERS, AccessRecord
+from roles.worker._cache import version_line, version_tag
 from roles.worker._http import http_date
 from roles.worker._static import FileHit, Redirect, resolve
 from roles.worker.apps._fastcgi import FastCgiUpstream, encode_params, encode_request
@@ -70,6 +71,9 @@ class Target(Protocol):
 
     served: bool
     pool: UpstreamPool
+    # The content version its code was loaded from, as the line a front end may keep an answer by;
+    # b"" when unknown (then no answer of it is kept).
+    version_line: bytes
 
     @property
     def address(self) -> tuple[str, str]: ...
@@ -235,6 +239,8 @@ class AppExchange(Generic[T]):
         self._too_large = False
         self._body_done: asyncio.Future[None] = self._loop.create_future()
         self._conn: HttpConnection | None = None
+        # A PHP answer's content version (its script's); other runtimes' is their instance's.
+        self._php_version = b""
         self._head: bytes | None = None
         self._head_written = False
         self._out: list[bytes] = []
@@ -275,6 +281,7 @@ class AppExchange(Generic[T]):
         inst = proxy.manager.running(app)
         if app.runtime == "php" and inst is not None:
             self._script = proxy.php_script(app.root, app.version, rel, app.entry)
+            self._php_version = version_line(version_tag(app.content_id, app.version))
             if self._script is None:
                 inst = None  # the task path answers 404
         if inst is None:
@@ -354,6 +361,7 @@ class AppExchange(Generic[T]):
         script = None
         if app.runtime == "php":
             script = self._proxy.php_script(app.root, app.version, self._rel, app.entry)
+            self._php_version = version_line(version_tag(app.content_id, app.version))
             if script is None:
                 self._error(404, "Not found", "Nothing is published at this address.")
                 return
@@ -663,6 +671,9 @@ class AppExchange(Generic[T]):
                 connection = b"Connection: close\r\n\r\n"
             self._out.insert(0, self._head + connection)
             self._head_written = True
+            # Which version answered: a front end keeps an app's answer only as that version's.
+            inst = self._inst
+            conn.version_line = self._php_version or (inst.version_line if inst is not None else b"")
         if not self._head_written:
             return
         # One write for what is there: one TLS record to the front end, not one per piece.
