@@ -17,7 +17,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import dns.message
 import dns.name
@@ -31,11 +35,23 @@ import dns.tsigkeyring
 import dns.update
 
 from bench.harness.processes import CloudPKI, RoleProcess, call, wait_until
+from roles.fileserver.config import FileserverConfig
+from roles.frontend.config import FrontendConfig
+from roles.worker.config import WorkerConfig
 from shared.tls import LANE_ALPN
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 
-__all__ = ["Answer", "CloudPKI", "RoleProcess", "TinyDns", "call", "lane_exchange", "wait_until"]
+__all__ = [
+    "Answer",
+    "CloudPKI",
+    "RoleProcess",
+    "TinyDns",
+    "call",
+    "data_plane",
+    "lane_exchange",
+    "wait_until",
+]
 
 
 @dataclass(frozen=True)
@@ -330,3 +346,27 @@ class WebSocket:
 
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
+
+
+@contextmanager
+def data_plane(
+    root: Path, domain: str, *, worker: dict[str, Any] | None = None, frontend: dict[str, Any] | None = None
+) -> Iterator[tuple[CloudPKI, RoleProcess, RoleProcess, RoleProcess]]:
+    """A fileserver, a worker (a 0.3 s version grace unless ``worker`` says) and a front end with
+    ``domain``'s wildcard certificate, started side by side and healthy: (pki, fileserver, worker,
+    front end). Stopped afterwards, front end first."""
+    pki = CloudPKI(root / "pki")
+    fs_config = pki.role_config(FileserverConfig, "fileserver", root / "fileserver")
+    w_config = pki.role_config(
+        WorkerConfig, "worker", root / "worker", **{"version_grace": 0.3, **(worker or {})}
+    )
+    fe_config = pki.role_config(FrontendConfig, "frontend", root / "frontend", **(frontend or {}))
+    pki.ca.issue_wildcard(domain).write(fe_config.wildcard_key_file, fe_config.wildcard_cert_file)
+    procs = [RoleProcess(c, pki).start(wait=False) for c in (fs_config, w_config, fe_config)]
+    try:
+        for proc in procs:
+            proc.wait_healthy()
+        yield pki, procs[0], procs[1], procs[2]
+    finally:
+        for proc in reversed(procs):
+            proc.stop()

@@ -20,11 +20,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from roles.fileserver.config import FileserverConfig
 from roles.frontend._cache import CacheEntry, ResponseCache, cacheable, without_date
-from roles.frontend.config import FrontendConfig
-from roles.worker.config import WorkerConfig
-from tests.support import CloudPKI, RoleProcess, call, lane_exchange, wait_until
+from tests.support import CloudPKI, RoleProcess, call, data_plane, lane_exchange, wait_until
 
 DOMAIN = "sites.test"
 SITES = {"alpha": "a1a1a1a1a1a1a1a1", "beta": "b2b2b2b2b2b2b2b2"}
@@ -81,16 +78,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("fecache")
-    pki = CloudPKI(root / "pki")
-    fs_config = pki.role_config(FileserverConfig, "fileserver", root / "fileserver")
-    w_config = pki.role_config(WorkerConfig, "worker", root / "worker", version_grace=0.3)
-    fe_config = pki.role_config(FrontendConfig, "frontend", root / "frontend", usage_interval=0.0)
-    pki.ca.issue_wildcard(DOMAIN).write(fe_config.wildcard_key_file, fe_config.wildcard_cert_file)
-    procs = [RoleProcess(c, pki).start(wait=False) for c in (fs_config, w_config, fe_config)]
-    fileserver, worker, frontend = procs
-    try:
-        for proc in procs:
-            proc.wait_healthy()
+    with data_plane(root, DOMAIN, frontend={"usage_interval": 0.0}) as (pki, fileserver, worker, frontend):
         quota = 1 << 24
         fileserver.push_config(
             {"version": 1, "sites": {s: {"uid": u, "quota_bytes": quota} for s, u in SITES.items()}}
@@ -106,13 +94,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             {
                 "version": next(_generations),
                 "domain": DOMAIN,
-                "sites": {s: {"workers": [f"localhost:{w_config.data_port}"]} for s in SITES},
+                "sites": {s: {"workers": [f"localhost:{worker.config.data_port}"]} for s in SITES},
             }
         )
         yield Stack(pki, fileserver, worker, frontend)
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
 
 
 def _live(stack: Stack, site: str, path: str, body: bytes) -> None:

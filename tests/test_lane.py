@@ -21,12 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from roles.fileserver.config import FileserverConfig
-from roles.frontend.config import FrontendConfig
 from roles.worker.config import WorkerConfig
 from shared.net import free_port
 from shared.tls import LANE_ALPN
-from tests.support import CloudPKI, RoleProcess, call, lane_exchange, wait_until
+from tests.support import CloudPKI, RoleProcess, call, data_plane, lane_exchange, wait_until
 
 DOMAIN = "sites.test"
 UID = "0123456789abcdef"
@@ -71,16 +69,7 @@ def _get(path: str, tag: int | None, *extra: str, method: str = "GET", site: str
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("lane")
-    pki = CloudPKI(root / "pki")
-    fs_config = pki.role_config(FileserverConfig, "fileserver", root / "fileserver")
-    w_config = pki.role_config(WorkerConfig, "worker", root / "worker", version_grace=0.3)
-    fe_config = pki.role_config(FrontendConfig, "frontend", root / "frontend", usage_interval=0.0)
-    pki.ca.issue_wildcard(DOMAIN).write(fe_config.wildcard_key_file, fe_config.wildcard_cert_file)
-    procs = [RoleProcess(c, pki).start(wait=False) for c in (fs_config, w_config, fe_config)]
-    fileserver, worker, frontend = procs
-    try:
-        for proc in procs:
-            proc.wait_healthy()
+    with data_plane(root, DOMAIN, frontend={"usage_interval": 0.0}) as (pki, fileserver, worker, frontend):
         uid = UID
         fileserver.push_config({"version": 1, "sites": {"blog": {"uid": uid, "quota_bytes": 1 << 24}}})
         worker.push_config(
@@ -90,7 +79,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             {
                 "version": 1,
                 "domain": DOMAIN,
-                "sites": {"blog": {"workers": [f"localhost:{w_config.data_port}"]}},
+                "sites": {"blog": {"workers": [f"localhost:{worker.config.data_port}"]}},
             }
         )
         ctx = pki.client_ssl("publisher")
@@ -111,9 +100,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             what="the published page on the worker",
         )
         yield s
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
 
 
 def test_a_lane_answers_pipelined_gets_in_order_each_with_its_tag(stack: Stack) -> None:

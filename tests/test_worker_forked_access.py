@@ -20,14 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from roles.fileserver.config import FileserverConfig
-from roles.frontend.config import FrontendConfig
 from roles.worker._access import AccessRecord
 from roles.worker.apps import AppManager
 from roles.worker.apps._channel import AppChannel, RemoteApps
 from roles.worker.config import WorkerConfig
 from shared.contracts.snapshots import WorkerSnapshot
-from tests.support import CloudPKI, RoleProcess, call, lane_exchange, wait_until
+from tests.support import CloudPKI, RoleProcess, call, data_plane, lane_exchange, wait_until
 
 DOMAIN = "sites.test"
 SITE, UID = "plain", "c3c3c3c3c3c3c3c3"
@@ -80,16 +78,12 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("forkedlog")
-    pki = CloudPKI(root / "pki")
-    fs_config = pki.role_config(FileserverConfig, "fileserver", root / "fileserver")
-    w_config = pki.role_config(WorkerConfig, "worker", root / "worker", version_grace=0.3, processes=2)
-    fe_config = pki.role_config(FrontendConfig, "frontend", root / "frontend", usage_interval=0.0)
-    pki.ca.issue_wildcard(DOMAIN).write(fe_config.wildcard_key_file, fe_config.wildcard_cert_file)
-    procs = [RoleProcess(c, pki).start(wait=False) for c in (fs_config, w_config, fe_config)]
-    fileserver, worker, frontend = procs
-    try:
-        for proc in procs:
-            proc.wait_healthy()
+    with data_plane(root, DOMAIN, worker={"processes": 2}, frontend={"usage_interval": 0.0}) as (
+        pki,
+        fileserver,
+        worker,
+        frontend,
+    ):
         fileserver.push_config({"version": 1, "sites": {SITE: {"uid": UID, "quota_bytes": 1 << 24}}})
         worker.push_config(
             {"version": 1, "fileserver": fileserver.control_url, "sites": {SITE: {"uid": UID}}}
@@ -98,7 +92,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             {
                 "version": 1,
                 "domain": DOMAIN,
-                "sites": {SITE: {"workers": [f"localhost:{w_config.data_port}"]}},
+                "sites": {SITE: {"workers": [f"localhost:{worker.config.data_port}"]}},
             }
         )
         stack = Stack(pki, fileserver, worker, frontend)
@@ -114,9 +108,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         assert worker.health()["processes"] == 2
         yield stack
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
 
 
 def test_every_request_a_serving_process_answers_is_in_the_sites_log(stack: Stack) -> None:
