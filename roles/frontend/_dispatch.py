@@ -105,9 +105,15 @@ def resend_stale(client: Client, proxy: Proxy, req: Request, https: bool) -> boo
     if not req.replayable or req.fresh:
         return False
     req.fresh = True
-    site = proxy.current(req.site) if req.site is not None else None
+    old = req.site
+    site = proxy.current(old) if old is not None else None
     if site is None:
         return False
+    if old is not None and site.header != old.header:
+        # A slot swap meanwhile: the address is now the other site's. The head must name the site its
+        # answer will be kept under (visitors' own X-Sitecloud-Site headers were dropped, so the line
+        # is the front end's).
+        req.head = req.head.replace(old.header, site.header, 1)
     req.site = site
     if req.pinned is not None and req.pinned.retired:
         req.pinned = None
