@@ -265,7 +265,9 @@ class AppExchange(Generic[T]):
         self._inst: T | None = None
         # The request sent on a kept connection, should it have to go again on a new one.
         self._retry: Callable[[], UpstreamBase] | None = None
-        self._retried = False
+        # A request the app never read may go again this many times (each child it was sent behind
+        # may die before reading it), and no more: an app that dies on every request ends it.
+        self._resends_left = 3
         # The request as sent to the app (should it go again) and whether it is a HEAD.
         self._request = b""
         self._head_only = False
@@ -588,12 +590,12 @@ class AppExchange(Generic[T]):
         stale, again, inst = self._upstream, self._retry, self._inst
         self._retry = None
         if (
-            again is not None and inst is not None and stale is not None and not self._retried
+            again is not None and inst is not None and stale is not None and self._resends_left > 0
             and stale.unheard(self) and not self._closed and self._head is None
         ):  # fmt: skip
             # A kept connection the app closed as it was reused (its stop, say): the request never
-            # reached it, so it goes again on a new connection, once, in that one's place.
-            self._retried = True
+            # reached it, so it goes again on a new connection, in that one's place.
+            self._resends_left -= 1
             if inst.pool.max_open is not None:
                 # php-cgi's: its children restart (at their request limit) all the time, and the
                 # request goes to the next as any other does (a kept connection is closed only as its
