@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +208,7 @@ def _frontend_config(cloud: CloudPKI, home: Path, **fields: Any) -> FrontendConf
         "max_header_bytes": 8192,
         "idle_timeout": 1.5,
         "body_timeout": 5.0,
+        "handshake_timeout": 1.5,
     }
     config = cloud.role_config(FrontendConfig, "frontend", home, **{**short, **fields})
     cloud.ca.issue_wildcard(DOMAIN).write(config.wildcard_key_file, config.wildcard_cert_file)
@@ -474,6 +475,76 @@ def test_pipelined_requests_are_answered_in_order(
     first, second, third = out.index(b"HTTP/1.1 200"), out.index(b"HTTP/1.1 404"), out.rindex(b"HTTP/1.1 200")
     assert first < second < third
     assert out.endswith(_pattern(7))
+
+
+def _tls_records(
+    cloud: CloudPKI, port: int, send: Callable[[ssl.SSLObject, ssl.MemoryBIO, socket.socket], None]
+) -> bytes:
+    """A TLS session whose records and TCP writes the test shapes (``send`` writes records with the
+    ``SSLObject``, takes their bytes from the BIO and sends them); returns the plaintext answered until
+    the front end closes."""
+    ctx = cloud.client_ssl(None)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=BLOG)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        sock.sendall(outgoing.read())
+        send(tls, outgoing, sock)
+        plain = []
+        while data := sock.recv(65536):
+            incoming.write(data)
+            try:
+                while chunk := tls.read(65536):
+                    plain.append(chunk)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                pass
+    return b"".join(plain)
+
+
+def test_tls_records_cut_anywhere_are_read_whole(
+    frontend: RoleProcess, cloud: CloudPKI, origins: tuple[Origin, Origin]
+) -> None:
+    """Requests reach the front end in records cut at any byte and in TCP writes that split record
+    headers: three pipelined requests, the second one spread over many small records."""
+    route(frontend, {"blog": [origins[0].address]})
+    one = f"GET /big?n=3 HTTP/1.1\r\nHost: {BLOG}\r\n\r\n".encode()
+    two = f"GET /big?n=4 HTTP/1.1\r\nHost: {BLOG}\r\nX-Pad: {'p' * 3000}\r\n\r\n".encode()
+    last = f"GET /big?n=5 HTTP/1.1\r\nHost: {BLOG}\r\nConnection: close\r\n\r\n".encode()
+
+    def send(tls: ssl.SSLObject, outgoing: ssl.MemoryBIO, sock: socket.socket) -> None:
+        tls.write(one)
+        for at in range(0, len(two), 700):
+            tls.write(two[at : at + 700])
+        tls.write(last)
+        wire = outgoing.read()
+        # TCP writes of 1, 2, 3 ... bytes: record headers land across them.
+        at, size = 0, 1
+        while at < len(wire):
+            sock.sendall(wire[at : at + size])
+            at, size = at + size, size % 11 + 1
+            if size == 1:
+                time.sleep(0.002)
+
+    out = _tls_records(cloud, frontend.config.https_port, send)  # type: ignore[attr-defined]
+    assert out.count(b"HTTP/1.1 200") == 3
+    assert out.endswith(_pattern(5))
+    assert _pattern(3) in out and _pattern(4) in out
+
+
+def test_a_tls_handshake_that_stalls_is_dropped(frontend: RoleProcess) -> None:
+    """A visitor that opens a connection and sends part of a ClientHello holds nothing for long."""
+    assert isinstance(frontend.config, FrontendConfig)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", frontend.config.https_port), timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01\x02")
+        assert sock.recv(100) == b""
+    assert time.monotonic() - started < 8
 
 
 # -- strict parsing and limits ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 from roles.frontend._client import ClientConnection
 from roles.frontend._proxy import Proxy
 from roles.frontend._routes import CustomCert, build_routes, failure_figures
+from roles.frontend._tls import TlsBridge
 from roles.frontend._upstream import Upstream
 from roles.frontend._usage import UsageReporter
 from roles.frontend.config import FrontendConfig
@@ -121,12 +122,11 @@ async def _listen(proxy: Proxy, tls: ssl.SSLContext | None) -> list[asyncio.Serv
     ]
     if tls is not None:
         https = listener("https", config.bind, config.https_port, backlog=_BACKLOG)
+        timeout = config.handshake_timeout
         servers.append(
             await loop.create_server(
-                lambda: ClientConnection(proxy, b"https"),
+                lambda: TlsBridge(loop, tls, ClientConnection(proxy, b"https"), timeout),
                 sock=https,
-                ssl=tls,
-                ssl_handshake_timeout=config.handshake_timeout,
                 backlog=_BACKLOG,
             )
         )
