@@ -47,7 +47,8 @@ def _harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
     # TLS 1.2 and up (RFC 8996 retires 1.0 and 1.1), the intermediate profile's suites.
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION
+    # No compression (CRIME); no renegotiation, which only lets a client make the server redo handshakes.
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     return ctx
 
 
