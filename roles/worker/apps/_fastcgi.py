@@ -17,7 +17,7 @@ import asyncio
 import struct
 from collections import deque
 
-from roles.worker.apps._pool import UpstreamPool
+from roles.worker.apps._pool import BEHIND_DEPTH, UpstreamPool
 from roles.worker.apps._upstream import Sink, UpstreamBase
 
 __all__ = ["FastCgiUpstream", "encode_params", "encode_request", "pair", "parse_cgi_head"]
@@ -146,14 +146,14 @@ class FastCgiUpstream(UpstreamBase):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if self.pool is not None:
-            self.pool.busy(self)
+            self.pool.busy(self, BEHIND_DEPTH)
 
     def again(self, sink: Sink, request: bytes, *, head_only: bool) -> None:
         """The next request on this kept connection."""
         self._reset(head_only)
         self.begin(sink, request)
         if self.pool is not None:
-            self.pool.busy(self)
+            self.pool.busy(self, BEHIND_DEPTH)
 
     def pipeline(self, sink: Sink, request: bytes, *, head_only: bool) -> None:
         """Send ``request`` now, to be answered after the one(s) before it on this connection."""
@@ -222,8 +222,8 @@ class FastCgiUpstream(UpstreamBase):
         self.reused = True
         self.heard = bool(self._buf)
         sink.upstream_batch(True)
-        if self.pool is not None and not self._behind:
-            self.pool.busy(self)
+        if self.pool is not None and len(self._behind) < BEHIND_DEPTH:
+            self.pool.busy(self, BEHIND_DEPTH - len(self._behind))
 
     def _finish(self) -> None:
         if self.pool is not None:
