@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from roles.worker.apps._pool import BEHIND_AGE, UpstreamPool
+from roles.worker.apps._pool import BEHIND_AGE, BEHIND_DEPTH, UpstreamPool
 
 
 class Conn:
@@ -65,3 +65,30 @@ def test_only_behind_a_request_that_went_out_just_now() -> None:
     assert pool.behind() is new  # the newest first
     time.sleep(BEHIND_AGE * 1.5)  # the other went out a while ago: likely a slow one
     assert pool.behind() is None
+
+
+def test_a_busy_connection_takes_as_many_requests_behind_it_as_it_has_room_for() -> None:
+    pool = UpstreamPool(max_open=1)
+    assert pool.room()
+    conn = Conn()
+    got: list[str] = []
+    for name in ("first", "second", "third"):
+        pool.wait(lambda c, behind, name=name: got.append(name) is None)  # type: ignore[misc]
+    # Room for two behind the one it is on: the first two waiters go, in order; the third waits.
+    pool.busy(conn, BEHIND_DEPTH)
+    assert got == ["first", "second"][:BEHIND_DEPTH] and pool.behind() is None
+    # One answered, so one place opens: the third takes it.
+    pool.busy(conn, 1)
+    assert got[-1] == "third"
+    # With no waiters left, a request arriving later may take the places (while its age allows).
+    pool.busy(conn, 2)
+    assert pool.behind() is conn and pool.behind() is conn and pool.behind() is None
+
+
+def test_a_closed_busy_connection_is_not_offered() -> None:
+    pool = UpstreamPool(max_open=2)
+    gone, live = Conn(), Conn()
+    pool.busy(live, 2)
+    pool.busy(gone, 2)
+    gone.close()
+    assert pool.behind() is live

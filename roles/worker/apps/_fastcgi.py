@@ -17,10 +17,10 @@ import asyncio
 import struct
 from collections import deque
 
-from roles.worker.apps._pool import UpstreamPool
+from roles.worker.apps._pool import BEHIND_DEPTH, UpstreamPool
 from roles.worker.apps._upstream import Sink, UpstreamBase
 
-__all__ = ["FastCgiUpstream", "encode_params", "encode_request", "parse_cgi_head"]
+__all__ = ["FastCgiUpstream", "encode_params", "encode_request", "pair", "parse_cgi_head"]
 
 VERSION = 1
 BEGIN_REQUEST, ABORT_REQUEST, END_REQUEST, PARAMS, STDIN, STDOUT, STDERR = 1, 2, 3, 4, 5, 6, 7
@@ -56,19 +56,17 @@ def _length(n: int) -> bytes:
     return bytes([n]) if n < 128 else struct.pack("!I", n | 0x80000000)
 
 
+def pair(name: bytes, value: bytes) -> bytes:
+    """One name-value pair (section 3.4)."""
+    nk, nv = len(name), len(value)
+    if nk < 128 and nv < 128:
+        return b"".join((bytes((nk, nv)), name, value))
+    return b"".join((_length(nk), _length(nv), name, value))
+
+
 def encode_params(params: dict[str, str]) -> bytes:
-    """Name-value pairs (section 3.4), not yet in records: a site's fixed ones are encoded once."""
-    out = []
-    for name, value in params.items():
-        k, v = name.encode("latin-1"), value.encode("latin-1", "replace")
-        nk, nv = len(k), len(v)
-        if nk < 128 and nv < 128:
-            out.append(bytes((nk, nv)))
-        else:
-            out.append(_length(nk) + _length(nv))
-        out.append(k)
-        out.append(v)
-    return b"".join(out)
+    """Name-value pairs, not yet in records: a site's fixed ones are encoded once."""
+    return b"".join(pair(k.encode("latin-1"), v.encode("latin-1", "replace")) for k, v in params.items())
 
 
 def encode_request(pairs: bytes, body: bytes, *, keep: bool = False) -> bytes:
@@ -148,14 +146,14 @@ class FastCgiUpstream(UpstreamBase):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if self.pool is not None:
-            self.pool.busy(self)
+            self.pool.busy(self, BEHIND_DEPTH)
 
     def again(self, sink: Sink, request: bytes, *, head_only: bool) -> None:
         """The next request on this kept connection."""
         self._reset(head_only)
         self.begin(sink, request)
         if self.pool is not None:
-            self.pool.busy(self)
+            self.pool.busy(self, BEHIND_DEPTH)
 
     def pipeline(self, sink: Sink, request: bytes, *, head_only: bool) -> None:
         """Send ``request`` now, to be answered after the one(s) before it on this connection."""
@@ -224,8 +222,8 @@ class FastCgiUpstream(UpstreamBase):
         self.reused = True
         self.heard = bool(self._buf)
         sink.upstream_batch(True)
-        if self.pool is not None and not self._behind:
-            self.pool.busy(self)
+        if self.pool is not None and len(self._behind) < BEHIND_DEPTH:
+            self.pool.busy(self, BEHIND_DEPTH - len(self._behind))
 
     def _finish(self) -> None:
         if self.pool is not None:

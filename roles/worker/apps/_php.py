@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["cgi_params", "fixed_params", "php_script"]
+from roles.worker.apps._fastcgi import pair
+
+__all__ = ["fixed_params", "php_script", "request_pairs"]
 
 
 def _inside(root: str, path: str) -> bool:
@@ -26,7 +28,7 @@ def php_script(root: str, rel: str, front: str) -> tuple[str, str, str] | None:
 
 def fixed_params(root: str, settings: tuple[tuple[str, str], ...]) -> dict[str, str]:
     """The CGI variables every request of a site gets (its app settings first: ours win over them).
-    Sent before :func:`cgi_params`; php-cgi keeps the last of a name given twice."""
+    Sent before :func:`request_pairs`; php-cgi keeps the last of a name given twice."""
     params = dict(settings)
     params.update(
         {
@@ -41,39 +43,55 @@ def fixed_params(root: str, settings: tuple[tuple[str, str], ...]) -> dict[str, 
     return params
 
 
-def cgi_params(
+def request_pairs(
     *,
-    method: str,
-    target: str,
+    method: bytes,
+    target: bytes,
     headers: list[tuple[bytes, bytes]],
     body_length: int,
     script: tuple[str, str, str],
-) -> dict[str, str]:
-    """The CGI variables of one request (after :func:`fixed_params`)."""
+) -> bytes:
+    """The CGI variables of one request (after :func:`fixed_params`), encoded as FastCGI
+    name-value pairs straight from the request's bytes. A header field given more than once is one
+    variable, its values joined (RFC 3875 section 4.1.18; cookies with "; ", as RFC 6265 section
+    5.4 sends them)."""
     filename, name, path_info = script
-    _, _, query = target.partition("?")
-    values = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers}
-    proto = values.get("x-forwarded-proto", "http").strip().lower()
-    host = values.get("x-forwarded-host") or values.get("host") or "localhost"
-    server_name, _, port = host.partition(":")
-    client = values.get("x-forwarded-for", "127.0.0.1").rsplit(",", 1)[-1].strip()
-    params = {
-        "SERVER_NAME": server_name,
-        "SERVER_PORT": port or ("443" if proto == "https" else "80"),
-        "REQUEST_METHOD": method,
-        "REQUEST_URI": target,
-        "QUERY_STRING": query,
-        "SCRIPT_FILENAME": filename,
-        "SCRIPT_NAME": name,
-        "PATH_INFO": path_info,
-        "REMOTE_ADDR": client,
-        "CONTENT_LENGTH": str(body_length) if body_length or method not in ("GET", "HEAD") else "",
-        "CONTENT_TYPE": values.get("content-type", ""),
-    }
-    if proto == "https":
-        params["HTTPS"] = "on"
+    _, _, query = target.partition(b"?")
+    values: dict[bytes, bytes] = {}
+    for key, value in headers:
+        key = key.lower()
+        old = values.get(key)
+        if old is None:
+            values[key] = value
+        else:
+            values[key] = old + (b"; " if key == b"cookie" else b", ") + value
+    proto = values.get(b"x-forwarded-proto", b"http").strip().lower()
+    host = values.get(b"x-forwarded-host") or values.get(b"host") or b"localhost"
+    server_name, _, port = host.partition(b":")
+    client = values.get(b"x-forwarded-for", b"127.0.0.1").rsplit(b",", 1)[-1].strip()
+    has_length = body_length or method not in (b"GET", b"HEAD")
+    out = [
+        pair(b"SERVER_NAME", server_name),
+        pair(b"SERVER_PORT", port or (b"443" if proto == b"https" else b"80")),
+        pair(b"REQUEST_METHOD", method),
+        pair(b"REQUEST_URI", target),
+        pair(b"QUERY_STRING", query),
+        pair(b"SCRIPT_FILENAME", filename.encode("latin-1", "replace")),
+        pair(b"SCRIPT_NAME", name.encode("latin-1", "replace")),
+        pair(b"PATH_INFO", path_info.encode("latin-1", "replace")),
+        pair(b"REMOTE_ADDR", client),
+        pair(b"CONTENT_LENGTH", b"%d" % body_length if has_length else b""),
+        pair(b"CONTENT_TYPE", values.get(b"content-type", b"")),
+    ]
+    if proto == b"https":
+        out.append(pair(b"HTTPS", b"on"))
     for key, value in values.items():
-        if key in ("content-type", "content-length", "proxy"):
-            continue  # "Proxy:" would become HTTP_PROXY (httpoxy)
-        params["HTTP_" + key.upper().replace("-", "_")] = value
-    return params
+        if key in _NOT_HTTP:
+            continue
+        out.append(pair(b"HTTP_" + key.upper().replace(b"-", b"_"), value))
+    return b"".join(out)
+
+
+# Header fields not passed as HTTP_* variables: the two CGI has variables of its own for, and
+# "Proxy:", which would become HTTP_PROXY (httpoxy).
+_NOT_HTTP = frozenset({b"content-type", b"content-length", b"proxy"})

@@ -13,13 +13,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["BEHIND_AGE", "IDLE_LIMIT", "UpstreamPool"]
+__all__ = ["BEHIND_AGE", "BEHIND_DEPTH", "IDLE_LIMIT", "UpstreamPool"]
 
 # Idle connections kept per instance and serving process (each is an open file of the app's, which
 # its nofile limit counts): beyond this a finished one is closed.
 IDLE_LIMIT = 64
 # A request is sent behind another on a kept connection only if that one went out this recently (s).
 BEHIND_AGE = 0.05
+# Requests sent behind the one a connection's app is on, at most: with one, a child that answers
+# before the worker's next turn waits idle for its next request (and is woken for it).
+BEHIND_DEPTH = 2
 
 
 class Pooled(Protocol):
@@ -45,8 +48,8 @@ class UpstreamPool:
         self.max_open = max_open
         self._idle: list[Pooled] = []
         # Kept connections carrying one request and able to take the next behind it (pipelined),
-        # with when that request went out.
-        self._busy: dict[Pooled, float] = {}
+        # with when that request went out and how many more it may take.
+        self._busy: dict[Pooled, tuple[float, int]] = {}
         self._open = 0
         self._waiters: deque[Handover] = deque()
         self.closed = False
@@ -119,34 +122,44 @@ class UpstreamPool:
                 return
         self._open = max(0, self._open - 1)
 
-    def busy(self, conn: Pooled) -> None:
-        """``conn`` carries a request now, and may take one more behind it: the first waiting
-        request's (waiters go first, or requests coming after would always get ahead of them), else
+    def busy(self, conn: Pooled, room: int = 1) -> None:
+        """``conn`` carries a request now, and may take ``room`` more behind it: the first waiting
+        requests' (waiters go first, or requests coming after would always get ahead of them), else
         the next to ask (:meth:`behind`)."""
         self._busy.pop(conn, None)
-        for at, waiter in enumerate(self._waiters):
-            if waiter(conn, True):
-                del self._waiters[at]
-                return
-        self._busy[conn] = time.monotonic()
+        waiters = self._waiters
+        at = 0
+        while room > 0 and at < len(waiters):
+            if waiters[at](conn, True):
+                del waiters[at]
+                room -= 1
+            else:
+                at += 1
+        if room > 0:
+            self._busy[conn] = (time.monotonic(), room)
 
     def unbusy(self, conn: Pooled) -> None:
         self._busy.pop(conn, None)
 
     def behind(self) -> Pooled | None:
-        """A busy connection to send the next request on at once (then no longer offered), or None.
-        The app reads it as soon as it has answered the one before: with few children, this keeps
-        them from idling between answers while the worker waits for its turn. Only behind a request
-        that went out within :data:`BEHIND_AGE`, the newest first: one that runs long already is
-        likely to run longer, and what waits behind it waits as long (the rest wait in the worker
-        for whichever connection comes back first)."""
+        """A busy connection to send the next request on at once, or None. The app reads it as soon
+        as it has answered the ones before: with few children, this keeps them from idling between
+        answers while the worker waits for its turn. Only behind a request that went out within
+        :data:`BEHIND_AGE`, the newest first: one that runs long already is likely to run longer,
+        and what waits behind it waits as long (the rest wait in the worker for whichever
+        connection comes back first)."""
         since = time.monotonic() - BEHIND_AGE
-        for conn, sent in list(reversed(self._busy.items())):
+        for conn, (sent, room) in list(reversed(self._busy.items())):
             if sent < since:
                 break
-            del self._busy[conn]
-            if conn.alive():
-                return conn
+            if not conn.alive():
+                del self._busy[conn]
+                continue
+            if room > 1:
+                self._busy[conn] = (sent, room - 1)
+            else:
+                del self._busy[conn]
+            return conn
         return None
 
     def discard(self, conn: Pooled) -> None:

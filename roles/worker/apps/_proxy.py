@@ -28,7 +28,7 @@ from roles.worker._http import http_date
 from roles.worker._static import FileHit, Redirect, resolve
 from roles.worker.apps._fastcgi import FastCgiUpstream, encode_params, encode_request
 from roles.worker.apps._manager import AppSite
-from roles.worker.apps._php import cgi_params, fixed_params, php_script
+from roles.worker.apps._php import fixed_params, php_script, request_pairs
 from roles.worker.apps._pool import UpstreamPool
 from roles.worker.apps._spec import is_app_source
 from roles.worker.apps._upstream import HttpUpstream, UpstreamBase
@@ -237,7 +237,8 @@ class AppExchange(Generic[T]):
         self._body: list[bytes] = []
         self._size = 0
         self._too_large = False
-        self._body_done: asyncio.Future[None] = self._loop.create_future()
+        # Awaited on the task path only (a warm request is sent from :meth:`end`).
+        self._body_done: asyncio.Future[None] | None = None
         self._conn: HttpConnection | None = None
         # A PHP answer's content version (its script's); other runtimes' is their instance's.
         self._php_version = b""
@@ -287,6 +288,7 @@ class AppExchange(Generic[T]):
             if self._script is None:
                 inst = None  # the task path answers 404
         if inst is None:
+            self._body_done = self._loop.create_future()
             self._task = self._loop.create_task(self._run())
         else:
             self._ready = self._inst = inst
@@ -305,8 +307,9 @@ class AppExchange(Generic[T]):
             self._body.append(data)
 
     def end(self) -> None:
-        if not self._body_done.done():
-            self._body_done.set_result(None)
+        done = self._body_done
+        if done is not None and not done.done():
+            done.set_result(None)
         inst, self._ready = self._ready, None
         if inst is not None and not self._closed:
             try:
@@ -374,6 +377,7 @@ class AppExchange(Generic[T]):
             return
         self._inst = inst
         manager.begin(app, inst)
+        assert self._body_done is not None
         await self._body_done
         self._send(inst, script)
 
@@ -389,16 +393,15 @@ class AppExchange(Generic[T]):
         self._body = []
         pool = inst.pool
         if script is not None:
-            params = cgi_params(
-                method=self._method.decode("latin-1"),
-                target=self._target.decode("latin-1"),
+            # Kept connections only where the pool bounds them by the app's children (see _pool.py).
+            keep = pool.max_open is not None
+            pairs = self._proxy.fixed_params(app) + request_pairs(
+                method=self._method,
+                target=self._target,
                 headers=self._headers,
                 body_length=len(body),
                 script=script,
             )
-            # Kept connections only where the pool bounds them by the app's children (see _pool.py).
-            keep = pool.max_open is not None
-            pairs = self._proxy.fixed_params(app) + encode_params(params)
             request = encode_request(pairs, body, keep=keep)
             head_only = self._bodyless
 
@@ -720,7 +723,11 @@ class AppExchange(Generic[T]):
         manager = self._proxy.manager
         ms = (time.monotonic() - self._t0) * 1000
         status = self._status or 499
-        logged = {k.lower(): v for k, v in self._headers if k.lower() in LOGGED_HEADERS}
+        logged = {}
+        for key, value in self._headers:
+            key = key.lower()
+            if key in LOGGED_HEADERS:
+                logged[key] = value
         manager.site_log(app).access(
             AccessRecord(self._method, self._target, status, self._sent, ms / 1000, logged)
         )
