@@ -55,6 +55,7 @@ SITES = {
     "gone": ("gone-secret", QUOTA),
     "large": ("large-secret", 8 * 1024 * 1024),
     "bigup": ("bigup-secret", BIG_QUOTA),
+    "shelf": ("shelf-secret", QUOTA),
 }
 
 
@@ -310,6 +311,31 @@ def test_ftp_a_big_download_is_sent_from_the_publishers_own_copy(cloud: Cloud) -
         assert _retr(ftp, "one.bin") == one
         ftp.delete("one.bin")
         ftp.delete("two.bin")
+
+
+def test_ftp_a_session_starts_from_the_last_ones_tree_and_sees_what_changed_since(cloud: Cloud) -> None:
+    with cloud.ftp("shelf") as first:
+        _stor(first, "a.txt", b"a")
+        _stor(first, "b.txt", b"b")
+    with cloud.ftp("shelf") as second, cloud.ftp("shelf") as third:
+        assert second.nlst() == ["a.txt", "b.txt"]
+        third.delete("a.txt")
+        _stor(third, "c.txt", b"c")
+    # Between sessions, a change none of them made: a rollback on the fileserver (undoes c.txt).
+    status, body = call(
+        f"{cloud.fileserver.control_url}/v1/sites/shelf/rollback",
+        cloud.pki.client_ssl("management"),
+        method="POST",
+        body={},
+    )
+    assert status == 200, body
+    with cloud.ftp("shelf") as fourth:
+        assert fourth.nlst() == ["b.txt"]
+        assert _retr(fourth, "b.txt") == b"b"
+        assert fourth.size("b.txt") == 1
+        with pytest.raises(ftplib.error_perm, match=r"^550"):
+            _retr(fourth, "c.txt")
+        fourth.delete("b.txt")
 
 
 def test_ftp_wrong_password_or_unknown_user_is_530(cloud: Cloud) -> None:

@@ -13,7 +13,9 @@ import io
 import os
 import posixpath
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, NamedTuple
@@ -32,12 +34,23 @@ from shared.contracts.content import (
 from shared.errors import NotFound, QuotaExceeded
 from shared.logs import ContextLogger
 
-__all__ = ["CachedDownload", "Download", "FileInfo", "SiteContent", "StreamedDownload", "Tree", "Upload"]
+__all__ = [
+    "CachedDownload",
+    "Download",
+    "FileInfo",
+    "SiteContent",
+    "StreamedDownload",
+    "Tree",
+    "TreeShelf",
+    "Upload",
+]
 
 _EXACT_FOR = 0.5
 _SPOOL_MEMORY = 1024 * 1024
 # A streamed download is read and sent in chunks this big.
 _STREAM_CHUNK = 256 * 1024
+# Files, in all sites together, of the trees kept between sessions.
+_SHELF_FILES = 200_000
 
 
 class FileInfo(NamedTuple):
@@ -66,6 +79,9 @@ class Tree:
             dirs.update(_parents(path))
         newest = max((f.mtime for f in files.values()), default=0.0)
         return cls(manifest.version, manifest.total_bytes, files, dirs, newest)
+
+    def copy(self) -> Tree:
+        return Tree(self.version, self.total_bytes, dict(self.files), set(self.dirs), self.mtime)
 
     def put(self, rel: str, info: FileInfo, version: int, total_bytes: int) -> None:
         if rel not in self.files:
@@ -121,16 +137,59 @@ def _parents(path: str) -> Iterator[str]:
         yield "/".join(parts[:i])
 
 
+class TreeShelf:
+    """The tree each site's last session ended with, for the next session to start from: one small
+    call for the changes since then instead of the whole manifest (0.1 s in a 9,000-file site, paid
+    by each session's first command). Shared by the sessions' threads; a session takes a copy."""
+
+    def __init__(self, max_files: int = _SHELF_FILES) -> None:
+        self._max_files = max_files
+        self._lock = threading.Lock()
+        self._trees: OrderedDict[str, Tree] = OrderedDict()  # by content id, oldest use first
+        self._files = 0
+
+    def take(self, content_id: str) -> Tree | None:
+        with self._lock:
+            tree = self._trees.get(content_id)
+            if tree is None:
+                return None
+            self._trees.move_to_end(content_id)
+        return tree.copy()  # a kept tree is never changed, so it is copied outside the lock
+
+    def leave(self, content_id: str, tree: Tree) -> None:
+        """Keep ``tree`` (its session is done with it) unless a newer one is kept already."""
+        if len(tree.files) > self._max_files:
+            return
+        with self._lock:
+            kept = self._trees.get(content_id)
+            if kept is not None:
+                if kept.version >= tree.version:
+                    return
+                self._files -= len(kept.files)
+            self._trees[content_id] = tree
+            self._trees.move_to_end(content_id)
+            self._files += len(tree.files)
+            while self._files > self._max_files:
+                _, old = self._trees.popitem(last=False)
+                self._files -= len(old.files)
+
+
 class SiteContent:
     """A publishing session's handle on one site; used from one thread at a time."""
 
     def __init__(
-        self, site: SiteInfo, client: FileserverClient, log: ContextLogger, cache: BlobCache
+        self,
+        site: SiteInfo,
+        client: FileserverClient,
+        log: ContextLogger,
+        cache: BlobCache,
+        shelf: TreeShelf,
     ) -> None:
         self.site = site
         self.client = client
         self.log = log
         self.cache = cache
+        self._shelf = shelf
         self._tree: Tree | None = None
         self._fresh = False
         # Until then, the tree is known exact (this session's own put was the site's only change).
@@ -138,6 +197,9 @@ class SiteContent:
 
     def close(self) -> None:
         self.client.close()
+        if self._tree is not None:
+            self._shelf.leave(self.site.content_id, self._tree)
+            self._tree = None
 
     def invalidate(self) -> None:
         """The next lookup asks the fileserver whether the site changed (once per FTP command).
@@ -151,6 +213,8 @@ class SiteContent:
     def tree(self) -> Tree:
         if self._tree is not None and self._fresh:
             return self._tree
+        if self._tree is None:
+            self._tree = self._shelf.take(self.site.content_id)
         if self._tree is not None and self._tree.version > 0:
             # One small call brings the cached tree up to date: the paths changed since its version.
             try:

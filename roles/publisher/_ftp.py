@@ -30,7 +30,7 @@ from pyftpdlib.log import logger as pyftpdlib_logger
 from pyftpdlib.servers import ThreadedFTPServer
 
 from roles.publisher._cache import BlobCache
-from roles.publisher._content import CachedDownload, SiteContent, StreamedDownload, Upload
+from roles.publisher._content import CachedDownload, SiteContent, StreamedDownload, TreeShelf, Upload
 from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import Credentials, SiteTable
 from roles.publisher._throttle import LoginThrottle
@@ -72,6 +72,7 @@ class _Context:
     login_timeout: float
     require_tls: bool
     cache: BlobCache
+    trees: TreeShelf = field(default_factory=TreeShelf)
     sessions: int = 0
     # Running totals for metrics (under the lock: sessions run in threads of their own).
     sessions_total: int = 0
@@ -450,7 +451,7 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
         self._drop_content()
         log = self.context.log.bind(site=site.name, client=f"{self.remote_ip}:{self.remote_port}")
         client = FileserverClient(self.context.sites.fileserver, self.context.ssl_context)
-        self.site_content = SiteContent(site, client, log, self.context.cache)
+        self.site_content = SiteContent(site, client, log, self.context.cache, self.context.trees)
         super().handle_auth_success(home, password, msg_login)
 
     def on_login(self, username: str) -> None:
