@@ -48,12 +48,14 @@ class BlobCache:
             if self._sizes.get(sha) != size:
                 return None
             self._sizes.move_to_end(sha)
-            self.hits += 1
         try:
             # Opened after the lookup: an eviction in between is a miss, not an error.
-            return open(self.directory / sha, "rb")  # the download closes it
+            copy = open(self.directory / sha, "rb")  # noqa: SIM115  # the download closes it
         except FileNotFoundError:
             return None
+        with self._lock:
+            self.hits += 1
+        return copy
 
     def fill(self) -> CacheFill | None:
         """A copy to write a blob's bytes into, in order; None when the cache keeps nothing."""
