@@ -1,11 +1,13 @@
 """The publisher's copies of big files (roles/publisher/_cache.py): kept only whole and under the
-sha256 given for them, least recently used out first, nothing left over from a previous start."""
+sha256 given for them, least recently used out first, nothing left over from a previous start; and the
+trees FTP sessions leave for the next session of their site."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from roles.publisher._cache import BlobCache
+from roles.publisher._content import FileInfo, Tree, TreeShelf
 from shared.logs import get_logger
 
 SHA_A, SHA_B, SHA_C = "a" * 64, "b" * 64, "c" * 64
@@ -88,3 +90,24 @@ def test_a_start_empties_the_cache_and_size_zero_keeps_nothing(tmp_path: Path) -
     assert list((tmp_path / "cache").iterdir()) == []
     off = _cache(tmp_path / "off", 0)
     assert off.fill() is None and not (tmp_path / "off").exists()
+
+
+def _tree(version: int, *names: str) -> Tree:
+    return Tree(version, len(names), {n: FileInfo(1, 0.0, SHA_A) for n in names}, {""}, 0.0)
+
+
+def test_the_shelf_keeps_each_sites_newest_tree_and_hands_out_copies() -> None:
+    shelf = TreeShelf(max_files=3)
+    assert shelf.take("s") is None
+    shelf.leave("s", _tree(2, "a", "b"))
+    shelf.leave("s", _tree(1, "a"))  # a session that ended later with an older tree
+    got = shelf.take("s")
+    assert got is not None and got.version == 2 and set(got.files) == {"a", "b"}
+    got.files["c"] = FileInfo(1, 0.0, SHA_B)  # the taker's own copy
+    again = shelf.take("s")
+    assert again is not None and set(again.files) == {"a", "b"}
+    # Past the bound (files in all sites), the least recently used site's tree goes.
+    shelf.leave("t", _tree(1, "x", "y"))
+    assert shelf.take("s") is None
+    kept = shelf.take("t")
+    assert kept is not None and set(kept.files) == {"x", "y"}
