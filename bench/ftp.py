@@ -275,8 +275,10 @@ _WHAT_A_226_COSTS = (
     "with the others, as one pack. vsftpd does not fsync at all: for a client that sends one file at a "
     "time, each 226 here waits for one fdatasync (2 ms median, 4.7 ms p90 on this disk at load 8), which "
     "bounds the sequential rate (2,000 fsyncs are about as long as vsftpd's whole mirror); uploads that "
-    "overlap (``--parallel``, several sessions) share one fsync (group commit). A big download is sent to "
-    "the client as it comes from the fileserver; a big upload (past 1 MB) goes on to the fileserver as it "
+    "overlap (``--parallel``, several sessions) share one fsync (group commit). A big download is sent with "
+    "sendfile from the publisher's own copy of the file (made while it went up, or the last time it came "
+    "down: the publisher keeps up to 2 GiB of them, by sha256), or else as it comes from the fileserver; "
+    "a big upload (past 1 MB) goes on to the fileserver as it "
     "arrives, in one chunked PUT whose body ends with the client's data: the fileserver hashes and writes "
     "it while it receives, and answers after one fsync of it and its journal record."
 )

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from roles.fileserver.config import FileserverConfig
 from roles.publisher._sites import SiteTable
@@ -38,6 +39,8 @@ QUOTA = 256 * 1024
 TINY_QUOTA = 8 * 1024
 # Room for the big uploads' tests: past the size where an upload is streamed on, not much more.
 BIG_QUOTA = 12 * 1024 * 1024
+# The publisher's own copies of big files: room for one of 3 MB, not for two of 2 MB or one of 5 MB.
+CACHE_BYTES = 4 * 1024 * 1024
 
 # site -> (password, quota); each test works on sites of its own so their order does not matter.
 SITES = {
@@ -52,6 +55,7 @@ SITES = {
     "gone": ("gone-secret", QUOTA),
     "large": ("large-secret", 8 * 1024 * 1024),
     "bigup": ("bigup-secret", BIG_QUOTA),
+    "shelf": ("shelf-secret", QUOTA),
 }
 
 
@@ -87,6 +91,16 @@ class Cloud:
         )
         assert status == 200, body
         return dict(body)
+
+    def cache_hits(self) -> int:
+        """Downloads the publisher sent from its own copies, from its metrics."""
+        status, body = call(f"{self.publisher.control_url}/metrics", self.pki.client_ssl("controller"))
+        assert status == 200, body
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                if sample.name == "sitecloud_publisher_ftp_cache_hits_total":
+                    return int(sample.value)
+        raise AssertionError("the publisher has no ftp_cache_hits metric")
 
     def tree(self, site: str) -> tuple[dict[str, int], list[str]]:
         """The newest version's files (path -> size) and directories."""
@@ -150,6 +164,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
         ftp_auth_failed_delay=0.05,
         passive_ports=_free_port_range(20),
         max_deploy_bytes=512 * 1024,
+        ftp_cache_bytes=CACHE_BYTES,
     )
     fileserver = RoleProcess(fs_config, pki).start()
     publisher = RoleProcess(pub_config, pki)
@@ -265,6 +280,62 @@ def test_ftp_a_big_file_is_sent_as_it_arrives_and_resumes_with_rest(cloud: Cloud
         assert ftp.size("big.bin") == len(big)
         ftp.delete("big.bin")
         assert ftp.voidcmd("NOOP").startswith("200")
+
+
+def test_ftp_a_big_download_is_sent_from_the_publishers_own_copy(cloud: Cloud) -> None:
+    one, two = os.urandom(2 * 1024 * 1024 + 1), os.urandom(2 * 1024 * 1024 + 2)
+    hits = cloud.cache_hits()
+    with cloud.ftp("large") as ftp:
+        # The copy made while the file went up to the fileserver.
+        _stor(ftp, "one.bin", one)
+        assert _retr(ftp, "one.bin") == one
+        assert cloud.cache_hits() == hits + 1
+        # Another big upload's copy takes its room: one.bin comes from the fileserver again, and is
+        # copied on its way to the client.
+        _stor(ftp, "two.bin", two)
+        assert _retr(ftp, "one.bin") == one
+        assert cloud.cache_hits() == hits + 1
+        assert _retr(ftp, "one.bin") == one
+        assert cloud.cache_hits() == hits + 2
+        # The copy sent is the one of the file's bytes now, whoever changed them: here a rollback on
+        # the fileserver, behind the session's back.
+        _stor(ftp, "one.bin", two)
+        assert _retr(ftp, "one.bin") == two
+        status, body = call(
+            f"{cloud.fileserver.control_url}/v1/sites/large/rollback",
+            cloud.pki.client_ssl("management"),
+            method="POST",
+            body={},
+        )
+        assert status == 200, body
+        assert _retr(ftp, "one.bin") == one
+        ftp.delete("one.bin")
+        ftp.delete("two.bin")
+
+
+def test_ftp_a_session_starts_from_the_last_ones_tree_and_sees_what_changed_since(cloud: Cloud) -> None:
+    with cloud.ftp("shelf") as first:
+        _stor(first, "a.txt", b"a")
+        _stor(first, "b.txt", b"b")
+    with cloud.ftp("shelf") as second, cloud.ftp("shelf") as third:
+        assert second.nlst() == ["a.txt", "b.txt"]
+        third.delete("a.txt")
+        _stor(third, "c.txt", b"c")
+    # Between sessions, a change none of them made: a rollback on the fileserver (undoes c.txt).
+    status, body = call(
+        f"{cloud.fileserver.control_url}/v1/sites/shelf/rollback",
+        cloud.pki.client_ssl("management"),
+        method="POST",
+        body={},
+    )
+    assert status == 200, body
+    with cloud.ftp("shelf") as fourth:
+        assert fourth.nlst() == ["b.txt"]
+        assert _retr(fourth, "b.txt") == b"b"
+        assert fourth.size("b.txt") == 1
+        with pytest.raises(ftplib.error_perm, match=r"^550"):
+            _retr(fourth, "c.txt")
+        fourth.delete("b.txt")
 
 
 def test_ftp_wrong_password_or_unknown_user_is_530(cloud: Cloud) -> None:

@@ -65,7 +65,9 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
     async def blob(request: web.Request) -> web.FileResponse:
         require_role(request, *_READERS)
         path = await store.blob_path(request.match_info["site"], request.match_info["sha"])
-        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+        return web.FileResponse(
+            path, chunk_size=_SEND_CHUNK, headers={"Content-Type": "application/octet-stream"}
+        )
 
     async def file(request: web.Request) -> web.FileResponse:
         require_role(request, *_READERS)

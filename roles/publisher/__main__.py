@@ -77,6 +77,16 @@ async def serve(config: PublisherConfig, stop: asyncio.Event) -> None:
             "sitecloud_publisher_ftp_sent_bytes", "Bytes downloaded over FTP.", value=totals["bytes_out"]
         )
         yield CounterMetricFamily(
+            "sitecloud_publisher_ftp_cache_hits",
+            "FTP downloads of big files sent from the publisher's own copy.",
+            value=totals["cache_hits"],
+        )
+        yield GaugeMetricFamily(
+            "sitecloud_publisher_ftp_cache_bytes",
+            "Bytes of the publisher's own copies of big files.",
+            value=totals["cache_bytes"],
+        )
+        yield CounterMetricFamily(
             "sitecloud_publisher_logins_failed",
             "Failed logins (FTP and web deploy).",
             value=throttle.failures,

@@ -182,12 +182,12 @@ class FileserverClient:
             self.close()
         return total
 
-    def stream(self, site: str, path: str) -> FileStream:
-        """The newest version of ``path`` as a stream on a connection of its own (the session's stays
-        free for other calls meanwhile); the caller closes it."""
+    def stream_blob(self, site: str, sha256: str, *, path: str) -> FileStream:
+        """Blob ``sha256`` of ``site`` (the file at ``path``, for messages) as a stream on a connection of its own (the session's stays free
+        for other calls meanwhile); the caller closes it."""
         fresh = FileserverClient(self.base_url, self._ssl, timeout=self._timeout)
         try:
-            resp = fresh._send("GET", f"{self._site(site)}/files/{quote(path, safe='/')}", headers={})
+            resp = fresh._send("GET", f"{self._site(site)}/blobs/{quote(sha256, safe='')}", headers={})
             if resp.status >= 400:
                 fresh._decode(resp, fresh._finish(resp))
         except BaseException:

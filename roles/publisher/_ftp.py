@@ -29,7 +29,8 @@ from pyftpdlib.ioloop import _ERRNOS_RETRY, IOLoop
 from pyftpdlib.log import logger as pyftpdlib_logger
 from pyftpdlib.servers import ThreadedFTPServer
 
-from roles.publisher._content import SiteContent, StreamedDownload, Upload
+from roles.publisher._cache import BlobCache
+from roles.publisher._content import CachedDownload, SiteContent, StreamedDownload, TreeShelf, Upload
 from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import Credentials, SiteTable
 from roles.publisher._throttle import LoginThrottle
@@ -70,6 +71,8 @@ class _Context:
     throttle: LoginThrottle
     login_timeout: float
     require_tls: bool
+    cache: BlobCache
+    trees: TreeShelf = field(default_factory=TreeShelf)
     sessions: int = 0
     # Running totals for metrics (under the lock: sessions run in threads of their own).
     sessions_total: int = 0
@@ -448,7 +451,7 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
         self._drop_content()
         log = self.context.log.bind(site=site.name, client=f"{self.remote_ip}:{self.remote_port}")
         client = FileserverClient(self.context.sites.fileserver, self.context.ssl_context)
-        self.site_content = SiteContent(site, client, log)
+        self.site_content = SiteContent(site, client, log, self.context.cache, self.context.trees)
         super().handle_auth_success(home, password, msg_login)
 
     def on_login(self, username: str) -> None:
@@ -484,7 +487,7 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
     def push_dtp_data(
         self, data: Any, isproducer: bool = False, file: Any = None, cmd: str | None = None
     ) -> None:
-        if isproducer and isinstance(file, StreamedDownload):
+        if isproducer and isinstance(file, StreamedDownload | CachedDownload):
             data.buffer_size = file.chunk  # the producer asks for whole chunks
         super().push_dtp_data(data, isproducer=isproducer, file=file, cmd=cmd)
 
@@ -577,6 +580,7 @@ class FtpServer:
             throttle=throttle,
             login_timeout=config.ftp_login_timeout,
             require_tls=config.require_tls,
+            cache=BlobCache(config.home / "ftp-cache", config.ftp_cache_bytes, self._log),
         )
         passive = config.passive_ports
         settings: dict[str, Any] = {
@@ -622,10 +626,13 @@ class FtpServer:
         return self._context.sessions
 
     def totals(self) -> dict[str, int]:
-        """Running totals since start: sessions, and bytes of transfers (in: uploads; out: downloads)."""
+        """Running totals since start: sessions, bytes of transfers (in: uploads; out: downloads) and
+        downloads sent from the publisher's own copies; and the bytes those copies hold now."""
         c = self._context
         with c.lock:
-            return {"sessions": c.sessions_total, "bytes_in": c.bytes_received, "bytes_out": c.bytes_sent}
+            totals = {"sessions": c.sessions_total, "bytes_in": c.bytes_received, "bytes_out": c.bytes_sent}
+        totals["cache_hits"], totals["cache_bytes"] = c.cache.hits, c.cache.total_bytes
+        return totals
 
     def start(self) -> None:
         self._thread.start()

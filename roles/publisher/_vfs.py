@@ -18,7 +18,7 @@ from typing import Any
 from pyftpdlib.exceptions import FilesystemError
 from pyftpdlib.filesystems import AbstractedFS
 
-from roles.publisher._content import Download, SiteContent, StreamedDownload, Upload
+from roles.publisher._content import CachedDownload, Download, SiteContent, StreamedDownload, Upload
 from shared.contracts.content import PathOp, RenameOp
 from shared.errors import AlreadyExists, Forbidden, InvalidInput, NotFound
 from shared.paths import site_relpath
@@ -69,7 +69,7 @@ class SiteFilesystem(AbstractedFS):  # type: ignore[misc]  # pyftpdlib has no ty
         tree = self.content.tree()
         ino = zlib.crc32(rel.encode())
         if rel in tree.files:
-            size, mtime = tree.files[rel]
+            size, mtime, _ = tree.files[rel]
             return os.stat_result((_FILE_MODE, ino, 0, 1, 0, 0, size, mtime, mtime, mtime))
         if rel in tree.dirs:
             return os.stat_result((_DIR_MODE, ino, 0, 2, 0, 0, 0, tree.mtime, tree.mtime, tree.mtime))
@@ -132,7 +132,7 @@ class SiteFilesystem(AbstractedFS):  # type: ignore[misc]  # pyftpdlib has no ty
 
     # --- files
 
-    def open(self, filename: str, mode: str) -> Download | StreamedDownload | Upload:
+    def open(self, filename: str, mode: str) -> Download | StreamedDownload | CachedDownload | Upload:
         rel = self._rel(filename)
         tree = self.content.tree()
         if mode in ("r", "rb"):

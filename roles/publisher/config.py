@@ -28,6 +28,9 @@ class PublisherConfig(RoleConfig):
     # FTP control connections at once, in all and from one client address (0 = no limit).
     ftp_max_connections: int = 512
     ftp_max_connections_per_ip: int = 16
+    # Disk for the publisher's own copies of big files uploaded or downloaded over FTP (0 = none): a
+    # download of one is then sent from local disk instead of fetched from the fileserver again.
+    ftp_cache_bytes: int = 2 * 1024 * 1024 * 1024
     # Explicit FTPS (AUTH TLS). The certificate is the role's own (issued by the cloud CA for the
     # publisher's DNS names) unless the admin gives one by path.
     ftp_tls: bool = True
@@ -62,6 +65,7 @@ class PublisherConfig(RoleConfig):
             ("login_failures_per_account", self.login_failures_per_account, 1),
             ("login_failures_per_address", self.login_failures_per_address, 1),
             ("login_throttle_entries", self.login_throttle_entries, 1),
+            ("ftp_cache_bytes", self.ftp_cache_bytes, 0),
         )
         for name, value, least in counts:
             if not isinstance(value, int) or isinstance(value, bool) or value < least:

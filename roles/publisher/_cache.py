@@ -1,0 +1,133 @@
+"""The publisher's own copies of big files, by sha256: a download of one goes out with sendfile(2) from
+local disk instead of being fetched again from the fileserver over mTLS and relayed.
+
+A copy is filled while the bytes pass through anyway (a big upload on its way to the fileserver, a big
+download on its way to the client) and kept, by rename, only when it is whole and the fileserver named
+that sha256 for exactly those bytes. Copies are addressed by content, so one is never stale; the least
+recently used go once the cache passes its size. The directory is the publisher's alone and is emptied
+at start (a copy renamed just before a crash may not have reached the disk whole).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import IO
+
+from shared.logs import ContextLogger
+
+__all__ = ["BlobCache", "CacheFill"]
+
+
+class BlobCache:
+    """Copies of blobs under ``directory``, at most ``max_bytes`` in all (0: keep none)."""
+
+    def __init__(self, directory: Path, max_bytes: int, log: ContextLogger) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._log = log
+        self._lock = threading.Lock()
+        self._sizes: OrderedDict[str, int] = OrderedDict()  # oldest use first
+        self._total = 0
+        self.hits = 0
+        shutil.rmtree(directory, ignore_errors=True)
+        if max_bytes > 0:
+            directory.mkdir(parents=True, mode=0o700)
+
+    @property
+    def total_bytes(self) -> int:
+        return self._total
+
+    def open(self, sha: str, size: int) -> IO[bytes] | None:
+        """The copy of blob ``sha`` (of ``size`` bytes) opened for reading, or None."""
+        with self._lock:
+            if self._sizes.get(sha) != size:
+                return None
+            self._sizes.move_to_end(sha)
+        try:
+            # Opened after the lookup: an eviction in between is a miss, not an error.
+            copy = open(self.directory / sha, "rb")  # noqa: SIM115  # the download closes it
+        except FileNotFoundError:
+            return None
+        with self._lock:
+            self.hits += 1
+        return copy
+
+    def fill(self) -> CacheFill | None:
+        """A copy to write a blob's bytes into, in order; None when the cache keeps nothing."""
+        if self.max_bytes <= 0:
+            return None
+        try:
+            return CacheFill(self)
+        except OSError as err:
+            self._log.warning("no cache copy: %s", err)
+            return None
+
+    def _keep(self, temp: Path, sha: str, size: int) -> None:
+        if size > self.max_bytes:
+            temp.unlink(missing_ok=True)
+            return
+        with self._lock:
+            if sha in self._sizes:
+                temp.unlink(missing_ok=True)
+                self._sizes.move_to_end(sha)
+                return
+            os.replace(temp, self.directory / sha)
+            self._sizes[sha] = size
+            self._total += size
+            while self._total > self.max_bytes:
+                old, old_size = self._sizes.popitem(last=False)
+                self._total -= old_size
+                # A download still reading the old copy keeps its open file.
+                (self.directory / old).unlink(missing_ok=True)
+
+
+class CacheFill:
+    """One blob's copy being written; :meth:`keep` files it under its sha256, :meth:`drop` throws it
+    away. A failed write (a full disk) only means no copy: the transfer goes on.
+
+    Written in the transfer's own thread: a thread of its own for it cost more CPU in hand-offs than the
+    copy itself (a write to the page cache).
+    """
+
+    def __init__(self, cache: BlobCache) -> None:
+        self._cache = cache
+        fd, name = tempfile.mkstemp(dir=cache.directory, prefix=".fill-")
+        self._path = Path(name)
+        self._file: IO[bytes] | None = os.fdopen(fd, "wb", buffering=0)
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if self._file is None:
+            return
+        try:
+            if self._file.write(data) != len(data):  # unbuffered: a short write means a full disk
+                raise OSError(f"short write to {self._path}")
+            self.size += len(data)
+        except OSError as err:
+            self._cache._log.warning("cache copy given up: %s", err)
+            self.drop()
+
+    def keep(self, sha: str, size: int) -> None:
+        """File the copy as blob ``sha``, if all ``size`` bytes of it were written."""
+        if self._file is None:
+            return
+        try:
+            self._file.close()
+            self._file = None
+            if self.size == size:
+                self._cache._keep(self._path, sha, size)
+        except OSError as err:
+            self._cache._log.warning("cache copy not kept: %s", err)
+        finally:
+            self.drop()
+
+    def drop(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._path.unlink(missing_ok=True)
