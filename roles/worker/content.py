@@ -10,6 +10,7 @@ A failure is retried with back-off and never touches another site; serving goes 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import os
@@ -21,11 +22,12 @@ from typing import Any, TypeVar
 import aiohttp
 
 from roles.worker._cache import ContentCache, SiteVersion
+from roles.worker._source import is_app_source
 from roles.worker.config import WorkerConfig
 from shared.backoff import Backoff
 from shared.contracts.content import BlobFetch, ChangeFeedPage, FileMeta, Manifest, SiteVersions, VersionDiff
 from shared.contracts.health import WorkerFigures
-from shared.contracts.snapshots import WorkerSnapshot
+from shared.contracts.snapshots import WorkerSite, WorkerSnapshot
 from shared.errors import NotFound, SitecloudError, Unavailable, error_from_json
 from shared.files import syncfs
 from shared.internal import InternalClient
@@ -80,6 +82,9 @@ class ContentSync:
         self._client = InternalClient(config, timeout=60)
         self._fileserver = ""
         self._held: dict[str, str] = {}
+        # Held sites whose snapshot entry says something about an app: apps see their site as files,
+        # so these keep every file in their version directory (no packs).
+        self._app_sites: set[str] = set()
         # Sites of the snapshot that cannot be served, with why (their visitors get a 503 page).
         self._failed: dict[str, str] = {}
         self._configured = False
@@ -180,6 +185,11 @@ class ContentSync:
             await self._load_disk()
         self._held = held
         self._failed = failures
+        self._app_sites = {
+            name
+            for name, entry in snapshot.sites.items()
+            if isinstance(entry, WorkerSite) and entry.has_app_fields
+        }
         for site in set(held) | set(self._disk_content_id):
             if site in self._current and held.get(site) != self._disk_content_id.get(site):
                 # Gone, or another incarnation of the name: stop serving it now; its task cleans up.
@@ -243,6 +253,9 @@ class ContentSync:
         have = self._current[site].number if site in self._current else 0
         # A fileserver that says "no version" (0) is not trusted to empty a site that has content.
         target = self._target.get(site, 0)
+        if target > 0 and site in self._app_sites and site in self._current:
+            # Settings that start an app on a version served from packs: its files are made.
+            return target != have or self._current[site].files.packed
         return target > 0 and target != have
 
     def _kick(self, site: str) -> None:
@@ -344,6 +357,7 @@ class ContentSync:
             current is not None
             and 0 < current.number < target
             and self._disk_content_id.get(site) == content_id
+            and not (site in self._app_sites and current.files.packed)
         )
         if (
             incremental
@@ -376,7 +390,15 @@ class ContentSync:
             if self._held.get(site) != content_id:
                 return
             self._disk_content_id[site] = content_id
-            built = await _in_thread(self._cache.build_version, site, content_id, version, files, dirs)
+            packed = site not in self._app_sites and not any(map(is_app_source, files))
+            built = await _in_thread(
+                functools.partial(self._cache.build_version, packed=packed),
+                site,
+                content_id,
+                version,
+                files,
+                dirs,
+            )
             steps.append(time.monotonic())
         finally:
             self._busy -= 1
@@ -422,6 +444,9 @@ class ContentSync:
         diff.for_site(site)
         version, whole, changes, dirs = diff.version, diff.whole, diff.files, diff.new_dirs
         if whole or len(changes) + len(dirs) > INCREMENTAL_MAX:
+            return False
+        if current.files.packed and any(map(is_app_source, changes)):
+            # Code arrived: the site may run an app now, which sees its site as files.
             return False
         await self._enter_busy()
         try:
@@ -522,14 +547,17 @@ class ContentSync:
 
         def keep() -> int:
             at, total = 0, 0
+            blobs: list[tuple[str, bytes]] = []
             for meta in metas:
                 size = int.from_bytes(payload[at : at + 8], "big")
                 data = payload[at + 8 : at + 8 + size]
                 at += 8 + size
                 if len(data) != meta.size or hashlib.sha256(data).hexdigest() != meta.sha256:
                     raise Unavailable(f"blob {meta.sha256} arrived corrupt ({len(data)} bytes)")
-                self._cache.write_blob(meta.sha256, data, meta.mtime)
+                blobs.append((meta.sha256, data))
                 total += size
+            # One file for the batch: a file per blob costs an inode each, most of a big deploy's sync.
+            self._cache.write_pack(blobs)
             return total
 
         # Not `+= await`: that reads the tally before the await, and a download finishing meanwhile

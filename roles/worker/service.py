@@ -372,6 +372,10 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
             moved = {
                 site: tag_of(v) for site, v in fresh.items() if table.get(site) != v or site not in table
             }
+            if table:
+                # A flipped version's index is read here, in a thread, not by its first request.
+                flipped = [v for site, v in fresh.items() if v is not None and site in moved]
+                await asyncio.to_thread(lambda: [v.files.load() for v in flipped])
             moved.update({site: "" for site in table.keys() - fresh.keys()})
             if moved:
                 # Front ends keeping answers hear of new versions before this process serves them.
