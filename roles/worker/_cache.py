@@ -38,12 +38,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from roles.worker._packs import (
+    CHANGES_SUFFIX,
     INDEX_SUFFIX,
     PackedFile,
     PackStore,
     VersionFiles,
+    changes_path,
     index_packs,
     index_path,
+    packed_file,
+    write_changes,
     write_index,
 )
 from shared.contracts.content import FileMeta
@@ -243,9 +247,7 @@ class ContentCache:
         where = self.packs.location(meta.sha256)
         if where is None:
             return None
-        return PackedFile(
-            where[0], where[1], where[2], meta.mtime if meta.mtime > 0 else time.time(), meta.sha256
-        )
+        return packed_file(*where, meta.mtime if meta.mtime > 0 else time.time(), meta.sha256)
 
     def collect_blobs(self) -> int:
         """Drop blobs no version links to, packs no version's index names (and stale downloads);
@@ -253,10 +255,10 @@ class ContentCache:
         referenced: set[str] = set()
         for site in os.scandir(self.sites):
             with contextlib.suppress(OSError):
-                for entry in os.scandir(site.path):
-                    if entry.name.endswith(INDEX_SUFFIX):
-                        with contextlib.suppress(OSError, ValueError, KeyError):
-                            referenced.update(index_packs(entry.path))
+                for found in os.scandir(site.path):
+                    if found.name.endswith((INDEX_SUFFIX, CHANGES_SUFFIX)):
+                        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                            referenced.update(index_packs(found.path))
         total = self.packs.collect(referenced)
         for entry in os.scandir(self.blobs):
             if entry.name.startswith(".tmp-"):
@@ -350,6 +352,7 @@ class ContentCache:
             if final.exists():
                 shutil.rmtree(final)
             os.rename(build, final)
+            Path(changes_path(str(final))).unlink(missing_ok=True)
             if index_tmp is not None:
                 os.replace(index_tmp, index_path(str(final)))
             else:
@@ -383,8 +386,9 @@ class ContentCache:
         A version with an index gets a new index (renamed over the old one) for its small files.
         """
         root = Path(current.root)
-        old_index = current.files.load()
-        index = None if old_index is None else dict(old_index)
+        packed = current.files.packed
+        overlay = current.files.changes() if packed else {}
+        before = dict(overlay)
         # After a restart the directory's name no longer tells its version: it is then rebuilt whole.
         marker = self.site_dir(site) / "edited"
         if not marker.exists():
@@ -397,11 +401,9 @@ class ContentCache:
                     shutil.rmtree(target)
                 else:
                     target.unlink(missing_ok=True)
-                if index is not None:
-                    index.pop(rel, None)
-                    below = rel + "/"
-                    for gone in [r for r in index if r.startswith(below)]:
-                        del index[gone]
+                if packed:
+                    for gone in [rel, *current.files.paths_below(rel)]:
+                        overlay[gone] = None
         for rel in sorted(dirs):
             (root / rel).mkdir(parents=True, exist_ok=True)
         for rel, meta in changes.items():
@@ -409,9 +411,9 @@ class ContentCache:
                 continue
             dest = root / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            pf = None if index is None else self._packed(meta)
-            if index is not None and pf is not None:
-                index[rel] = pf
+            pf = self._packed(meta) if packed else None
+            if pf is not None:
+                overlay[rel] = pf
                 if dest.is_dir() and not dest.is_symlink():
                     shutil.rmtree(dest)
                 else:
@@ -422,11 +424,12 @@ class ContentCache:
             tmp = dest.parent / f".new-{uuid.uuid4().hex}"
             self._place(meta.sha256, str(tmp), meta.mtime)
             os.replace(tmp, dest)
-            if index is not None:
-                index.pop(rel, None)
-        if index is not None and index != old_index:
-            os.replace(write_index(current.root, index), index_path(current.root))
+            if packed:
+                overlay[rel] = None  # (the file in the directory is served, not the index's)
+        if overlay != before:
+            write_changes(current.root, overlay)
         changed = SiteVersion(version, current.root, current.content_id)
+        changed.files.inherit(current.files)
         changed.files.load()
         return changed
 
@@ -440,7 +443,7 @@ class ContentCache:
             served = ""
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(site_dir):
-                name = entry.name.removesuffix(INDEX_SUFFIX)
+                name = entry.name.removesuffix(INDEX_SUFFIX).removesuffix(CHANGES_SUFFIX)
                 match = _VERSION_DIR.match(name)
                 stale = match and name != served and int(match.group(1)) not in keep
                 if stale or entry.name.startswith(".build-"):

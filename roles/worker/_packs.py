@@ -8,14 +8,16 @@ small blobs fetched together is written as one pack instead::
                          trailer (entry count, magic); written beside its place and renamed into it
 
 A static version then lists its small files in ``sites/<site>/v<N>.files`` (path → pack, offset, size,
-mtime, sha256) beside its directory, which keeps the folders (and any large file, hard-linked as
-before). Both are immutable once renamed into place, except that file-by-file changes replace a
-version's index whole, with a rename. A pack no index names is deleted by collection; a pack that some
-index still names is kept whole, even when most of its blobs are no longer used.
+mtime, validator) beside its directory, which keeps the folders (and any large file, hard-linked as
+before). Both are immutable once renamed into place. File-by-file changes (FTP) are listed in
+``v<N>.changes``, replaced whole with a rename on each change, so a change costs what changed since the
+version was built, not the site's size. A pack no index or changes file names is deleted by
+collection; a pack that one still names is kept whole, even when most of its blobs are no longer used.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -23,16 +25,20 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
+    "CHANGES_SUFFIX",
     "INDEX_SUFFIX",
     "PackStore",
     "PackedFile",
     "VersionFiles",
+    "changes_path",
     "index_packs",
     "index_path",
     "pack_table",
-    "read_index",
+    "packed_file",
+    "write_changes",
     "write_index",
 ]
 
@@ -41,6 +47,7 @@ _ENTRY = struct.Struct(">32sQQ")
 _TRAILER = struct.Struct(">Q8s")
 _SUFFIX = ".pack"
 INDEX_SUFFIX = ".files"
+CHANGES_SUFFIX = ".changes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +57,14 @@ class PackedFile:
     pack: str  # the pack's full path
     offset: int
     size: int
-    mtime: float
-    sha256: str
+    mtime: int
+    # A strong validator of its bytes (the start of their SHA-256).
+    tag: str
+
+
+# In an index: [pack (its number in the index's list), offset, size, mtime, tag]; in a changes file:
+# the same with the pack's name, or null for a path gone.
+_Entry = list[Any]
 
 
 def index_path(version_root: str) -> str:
@@ -59,73 +72,138 @@ def index_path(version_root: str) -> str:
     return version_root + INDEX_SUFFIX
 
 
+def changes_path(version_root: str) -> str:
+    """Where the files changed in place since the index was written are listed."""
+    return version_root + CHANGES_SUFFIX
+
+
 def _packs_dir_of(version_root: str) -> str:
     # A version directory is <apps root>/sites/<site>/v<N>; packs are <apps root>/packs.
     return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(version_root))), "packs")
 
 
-def read_index(version_root: str) -> dict[str, PackedFile] | None:
-    """The packed files of a version (None: it has no index, every file is in its directory)."""
-    try:
-        with open(index_path(version_root), "rb") as f:
-            raw = json.loads(f.read())
-    except FileNotFoundError:
-        return None
-    packs_dir = _packs_dir_of(version_root)
-    packs = [f"{packs_dir}/{name}{_SUFFIX}" for name in raw["packs"]]
-    return {
-        rel: PackedFile(packs[p], offset, size, mtime, sha)
-        for rel, (p, offset, size, mtime, sha) in raw["files"].items()
-    }
-
-
-def index_packs(path: str) -> list[str]:
-    """The names of the packs an index file names."""
+def _read(path: str) -> Any:
     with open(path, "rb") as f:
-        return list(json.loads(f.read())["packs"])
+        return json.loads(f.read())
 
 
-def write_index(version_root: str, files: Mapping[str, PackedFile], *, tmp_dir: str | None = None) -> str:
-    """Write the index of ``version_root`` to a temporary file and return its path; the caller
-    renames it to :func:`index_path` when the version is ready."""
-    names: dict[str, int] = {}
-    out: dict[str, list[object]] = {}
-    for rel, pf in files.items():
-        name = os.path.basename(pf.pack).removesuffix(_SUFFIX)
-        p = names.setdefault(name, len(names))
-        out[rel] = [p, pf.offset, pf.size, pf.mtime, pf.sha256]
-    where = tmp_dir or os.path.dirname(version_root)
-    tmp = f"{where}/.build-{uuid.uuid4().hex}{INDEX_SUFFIX}"
+def _write_tmp(directory: str, suffix: str, value: object) -> str:
+    tmp = f"{directory}/.build-{uuid.uuid4().hex}{suffix}"
     with open(tmp, "w") as f:
-        json.dump({"packs": list(names), "files": out}, f, separators=(",", ":"))
+        json.dump(value, f, separators=(",", ":"))
     return tmp
 
 
-class VersionFiles:
-    """A version's packed files, read from its index on first use (a serving process reads it only
-    for the sites it is asked for)."""
+def index_packs(path: str) -> list[str]:
+    """The names of the packs an index or changes file names."""
+    raw = _read(path)
+    if path.endswith(CHANGES_SUFFIX):
+        return [e[0] for e in raw["files"].values() if e is not None]
+    return list(raw["packs"])
 
-    __slots__ = ("_files", "_loaded", "_root")
+
+def packed_file(pack: str, offset: int, size: int, mtime: float, sha256: str) -> PackedFile:
+    """A packed file as the cache knows it (``pack``: the pack's full path)."""
+    return PackedFile(pack, offset, size, int(mtime), sha256[:32])
+
+
+def write_index(version_root: str, files: Mapping[str, PackedFile]) -> str:
+    """Write the index of ``version_root`` to a temporary file beside it and return its path; the
+    caller renames it to :func:`index_path` when the version is ready."""
+    names: dict[str, int] = {}
+    out: dict[str, _Entry] = {}
+    for rel, pf in files.items():
+        name = os.path.basename(pf.pack).removesuffix(_SUFFIX)
+        out[rel] = [names.setdefault(name, len(names)), pf.offset, pf.size, pf.mtime, pf.tag]
+    return _write_tmp(os.path.dirname(version_root), INDEX_SUFFIX, {"packs": list(names), "files": out})
+
+
+def write_changes(version_root: str, changes: Mapping[str, PackedFile | None]) -> None:
+    """Replace the list of files changed in place since the index was written (one rename)."""
+    out = {
+        rel: None
+        if pf is None
+        else [os.path.basename(pf.pack).removesuffix(_SUFFIX), pf.offset, pf.size, pf.mtime, pf.tag]
+        for rel, pf in changes.items()
+    }
+    tmp = _write_tmp(os.path.dirname(version_root), CHANGES_SUFFIX, {"files": out})
+    os.replace(tmp, changes_path(version_root))
+
+
+class VersionFiles:
+    """A version's packed files: its index, and the files changed in place since (which win), read
+    on first use (a serving process reads them only for the sites it is asked for)."""
+
+    __slots__ = ("_base", "_changes", "_loaded", "_packs", "_root")
 
     def __init__(self, root: str) -> None:
         self._root = root
-        self._files: dict[str, PackedFile] | None = None
+        # (pack paths, path → entry) of the index; None: the version has none.
+        self._base: tuple[list[str], dict[str, _Entry]] | None = None
+        self._changes: dict[str, _Entry | None] = {}
+        self._packs = ""
         self._loaded = False
 
-    def load(self) -> dict[str, PackedFile] | None:
-        if not self._loaded:
-            self._files = read_index(self._root)
-            self._loaded = True
-        return self._files
+    def inherit(self, earlier: VersionFiles) -> None:
+        """Take the index already read for the same directory (an index never changes once written;
+        only its changes are read again)."""
+        if earlier._root == self._root and earlier._loaded and not self._loaded:
+            self._base = earlier._base
 
-    def get(self, rel: str) -> PackedFile | None:
-        files = self._files if self._loaded else self.load()
-        return None if files is None else files.get(rel)
+    def load(self) -> bool:
+        """Read what is not read yet; whether the version has an index."""
+        if self._loaded:
+            return self._base is not None
+        packs = _packs_dir_of(self._root)
+        if self._base is None:
+            try:
+                raw = _read(index_path(self._root))
+            except FileNotFoundError:
+                self._loaded = True
+                return False
+            self._base = ([f"{packs}/{name}{_SUFFIX}" for name in raw["packs"]], raw["files"])
+        try:
+            self._changes = _read(changes_path(self._root))["files"]
+        except FileNotFoundError:
+            self._changes = {}
+        self._packs = packs
+        self._loaded = True
+        return True
 
     @property
     def packed(self) -> bool:
         """Whether the version serves files from packs (else all of it is in its directory)."""
-        return self.load() is not None
+        return self.load()
+
+    @property
+    def changed(self) -> int:
+        """How many paths were changed in place since the index was written."""
+        self.load()
+        return len(self._changes)
+
+    def get(self, rel: str) -> PackedFile | None:
+        if not self._loaded:
+            self.load()
+        base = self._base
+        if base is None:
+            return None
+        if self._changes and rel in self._changes:
+            e = self._changes[rel]
+            return None if e is None else PackedFile(f"{self._packs}/{e[0]}{_SUFFIX}", e[1], e[2], e[3], e[4])
+        e = base[1].get(rel)
+        return None if e is None else PackedFile(base[0][e[0]], e[1], e[2], e[3], e[4])
+
+    def changes(self) -> dict[str, PackedFile | None]:
+        """The files changed in place so far (None: gone)."""
+        self.load()
+        return {rel: None if e is None else self.get(rel) for rel, e in self._changes.items()}
+
+    def paths_below(self, folder: str) -> list[str]:
+        """Every packed path inside ``folder`` (for a folder deleted in place)."""
+        self.load()
+        below = folder + "/"
+        base = self._base[1] if self._base is not None else {}
+        return [rel for rel in itertools.chain(base, self._changes) if rel.startswith(below)]
 
 
 def pack_table(path: str) -> list[tuple[str, int, int]]:

@@ -90,7 +90,7 @@ def _packed_hit(rel: str, pf: PackedFile) -> FileHit:
         path=pf.pack,
         size=pf.size,
         # The content's hash: the same bytes keep their validator across versions (RFC 9110 8.8.3).
-        etag=f'"{pf.sha256[:32]}"',
+        etag=f'"{pf.tag}"',
         last_modified=http_date(pf.mtime),
         mtime=int(pf.mtime),
         content_type=content_type(os.path.basename(rel)),
@@ -117,16 +117,16 @@ def resolve(
     """
     if is_app_source(rel):
         return None
-    index = None if packed is None else packed.load()
-    if index is not None and rel in index:
-        return None if slash else _packed_hit(rel, index[rel])
+    pf = None if packed is None or not rel else packed.get(rel)
+    if pf is not None:
+        return None if slash else _packed_hit(rel, pf)
     full = f"{root}/{rel}" if rel else root
     st = _stat(full)
     if st is None:
         return None
     if stat.S_ISDIR(st.st_mode):
         for doc in DEFAULT_DOCUMENTS:
-            pf = None if index is None else index.get(f"{rel}/{doc}" if rel else doc)
+            pf = None if packed is None else packed.get(f"{rel}/{doc}" if rel else doc)
             if pf is not None:
                 if rel and not slash:
                     return Redirect("/" + quote(rel) + "/")

@@ -448,6 +448,9 @@ class ContentSync:
         if current.files.packed and any(map(is_app_source, changes)):
             # Code arrived: the site may run an app now, which sees its site as files.
             return False
+        if current.files.packed and current.files.changed + len(changes) > INCREMENTAL_MAX:
+            # The list of changes is written whole each time: past this, a new index is cheaper.
+            return False
         await self._enter_busy()
         try:
             missing = self._cache.missing_blobs(changes.values())
