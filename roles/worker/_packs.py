@@ -172,14 +172,21 @@ class VersionFiles:
 
     @property
     def packed(self) -> bool:
-        """Whether the version serves files from packs (else all of it is in its directory)."""
-        return self.load()
+        """Whether the version serves files from packs (else all of it is in its directory); asked
+        without reading the index."""
+        if self._loaded:
+            return self._base is not None
+        return os.path.exists(index_path(self._root))
 
     @property
     def changed(self) -> int:
-        """How many paths were changed in place since the index was written."""
-        self.load()
-        return len(self._changes)
+        """How many paths were changed in place since the index was written (without reading it)."""
+        if self._loaded:
+            return len(self._changes)
+        try:
+            return len(_read(changes_path(self._root))["files"])
+        except FileNotFoundError:
+            return 0
 
     def get(self, rel: str) -> PackedFile | None:
         if not self._loaded:
@@ -228,7 +235,8 @@ class PackStore:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        # Every static site's small files: for the worker alone (apps see their own site as files).
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._where: dict[str, tuple[str, int, int]] = {}
         self._sizes: dict[str, int] = {}
 
