@@ -40,6 +40,7 @@ from pathlib import Path
 from roles.worker._packs import (
     CHANGES_SUFFIX,
     INDEX_SUFFIX,
+    IndexBuilder,
     PackedFile,
     PackStore,
     VersionFiles,
@@ -48,7 +49,6 @@ from roles.worker._packs import (
     index_path,
     packed_file,
     write_changes,
-    write_index,
 )
 from shared.contracts.content import FileMeta
 from shared.files import fsync_dir
@@ -339,16 +339,18 @@ class ContentCache:
             for d in sorted(folders):
                 os.makedirs(build / d, exist_ok=True)
             base = str(build)
-            index: dict[str, PackedFile] = {}
+            index = IndexBuilder()
+            where = self.packs.location
+            now = time.time()
             for rel, meta in files.items():
-                pf = self._packed(meta) if packed else None
-                if pf is not None:
-                    index[rel] = pf
+                loc = where(meta.sha256) if packed else None
+                if loc is not None:
+                    index.add(rel, loc, meta.mtime if meta.mtime > 0 else now, meta.sha256)
                 else:
                     self._place(meta.sha256, f"{base}/{rel}", meta.mtime)
             final = site_dir / name
             if packed:
-                index_tmp = write_index(str(final), index)
+                index_tmp = index.write(str(final))
             if final.exists():
                 shutil.rmtree(final)
             os.rename(build, final)
@@ -368,7 +370,8 @@ class ContentCache:
         (site_dir / "edited").unlink(missing_ok=True)
         fsync_dir(site_dir)
         built = SiteVersion(version, os.path.realpath(final), content_id)
-        built.files.load()  # (here in a thread, not on the first request)
+        if index_tmp is not None:
+            built.files.adopt(index)
         return built
 
     def apply_changes(

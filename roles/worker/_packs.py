@@ -30,6 +30,7 @@ from typing import Any
 __all__ = [
     "CHANGES_SUFFIX",
     "INDEX_SUFFIX",
+    "IndexBuilder",
     "PackStore",
     "PackedFile",
     "VersionFiles",
@@ -39,7 +40,6 @@ __all__ = [
     "pack_table",
     "packed_file",
     "write_changes",
-    "write_index",
 ]
 
 _MAGIC = b"SCPACK01"
@@ -107,15 +107,27 @@ def packed_file(pack: str, offset: int, size: int, mtime: float, sha256: str) ->
     return PackedFile(pack, offset, size, int(mtime), sha256[:32])
 
 
-def write_index(version_root: str, files: Mapping[str, PackedFile]) -> str:
-    """Write the index of ``version_root`` to a temporary file beside it and return its path; the
-    caller renames it to :func:`index_path` when the version is ready."""
-    names: dict[str, int] = {}
-    out: dict[str, _Entry] = {}
-    for rel, pf in files.items():
-        name = os.path.basename(pf.pack).removesuffix(_SUFFIX)
-        out[rel] = [names.setdefault(name, len(names)), pf.offset, pf.size, pf.mtime, pf.tag]
-    return _write_tmp(os.path.dirname(version_root), INDEX_SUFFIX, {"packs": list(names), "files": out})
+class IndexBuilder:
+    """A version's index as it is built: one entry per packed file, in the form it is stored in."""
+
+    def __init__(self) -> None:
+        self._packs: dict[str, int] = {}
+        self.files: dict[str, _Entry] = {}
+
+    def add(self, rel: str, where: tuple[str, int, int], mtime: float, sha256: str) -> None:
+        """``where``: (pack path, offset, size), as :meth:`PackStore.location` tells it."""
+        pack = self._packs.setdefault(where[0], len(self._packs))
+        self.files[rel] = [pack, where[1], where[2], int(mtime), sha256[:32]]
+
+    def write(self, version_root: str) -> str:
+        """Write the index of ``version_root`` to a temporary file beside it and return its path;
+        the caller renames it to :func:`index_path` when the version is ready."""
+        names = [os.path.basename(p).removesuffix(_SUFFIX) for p in self._packs]
+        return _write_tmp(os.path.dirname(version_root), INDEX_SUFFIX, {"packs": names, "files": self.files})
+
+    @property
+    def packs(self) -> list[str]:
+        return list(self._packs)
 
 
 def write_changes(version_root: str, changes: Mapping[str, PackedFile | None]) -> None:
@@ -149,6 +161,13 @@ class VersionFiles:
         only its changes are read again)."""
         if earlier._root == self._root and earlier._loaded and not self._loaded:
             self._base = earlier._base
+
+    def adopt(self, built: IndexBuilder) -> None:
+        """Take the index just written for this directory (no need to read it back)."""
+        self._base = (built.packs, built.files)
+        self._changes = {}
+        self._packs = _packs_dir_of(self._root)
+        self._loaded = True
 
     def load(self) -> bool:
         """Read what is not read yet; whether the version has an index."""
