@@ -537,6 +537,24 @@ def test_small_files_are_served_from_packs_exactly_and_after_a_restart(pki: Clou
         assert pair.get("packed", "/big.bin")[::2] == (200, BIG)
         pair.fileserver.start()
 
+        # Settings that name an app runtime: the same version is built again with all its files.
+        served_dir = version_dir.parent / "current"
+        pair.worker.push_config(
+            {
+                "version": next(pair.version),
+                "fileserver": pair.fs_url,
+                "sites": {"packed": {"uid": pair.sites["packed"], "runtime": "php"}},
+            }
+        )
+        wait_until(
+            lambda: (served_dir / "a" / "page.bin").is_file(), timeout=15, what="the version's files made"
+        )
+        assert (served_dir / "a" / "page.bin").read_bytes() == edited
+        assert (served_dir / "index.html").read_bytes() == b"<h1>home</h1>"
+        assert not (served_dir / "docs" / "index.html").exists()
+        assert not (served_dir.parent / f"{os.readlink(served_dir)}.files").exists()
+        del pair.sites["packed"]
+
         # A site with code: every file in its version directory, for its app (none starts here).
         pair.add_site("coded")
         coded = pair.publish("coded", {"app.py": b"app = None\n", "static/site.css": b"body{}"})

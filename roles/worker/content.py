@@ -15,7 +15,7 @@ import hashlib
 import itertools
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import suppress
 from typing import Any, TypeVar
 
@@ -82,9 +82,8 @@ class ContentSync:
         self._client = InternalClient(config, timeout=60)
         self._fileserver = ""
         self._held: dict[str, str] = {}
-        # Held sites whose snapshot entry says something about an app: apps see their site as files,
-        # so these keep every file in their version directory (no packs).
-        self._app_sites: set[str] = set()
+        # The runtime each site's settings name (None: detected from its content; see _packable).
+        self._runtimes: dict[str, str | None] = {}
         # Sites of the snapshot that cannot be served, with why (their visitors get a 503 page).
         self._failed: dict[str, str] = {}
         self._configured = False
@@ -185,10 +184,8 @@ class ContentSync:
             await self._load_disk()
         self._held = held
         self._failed = failures
-        self._app_sites = {
-            name
-            for name, entry in snapshot.sites.items()
-            if isinstance(entry, WorkerSite) and entry.has_app_fields
+        self._runtimes = {
+            name: entry.runtime for name, entry in snapshot.sites.items() if isinstance(entry, WorkerSite)
         }
         for site in set(held) | set(self._disk_content_id):
             if site in self._current and held.get(site) != self._disk_content_id.get(site):
@@ -253,10 +250,19 @@ class ContentSync:
         have = self._current[site].number if site in self._current else 0
         # A fileserver that says "no version" (0) is not trusted to empty a site that has content.
         target = self._target.get(site, 0)
-        if target > 0 and site in self._app_sites and site in self._current:
+        if target > 0 and site in self._current and not self._packable(site, ()):
             # Settings that start an app on a version served from packs: its files are made.
             return target != have or self._current[site].files.packed
         return target > 0 and target != have
+
+    def _packable(self, site: str, paths: Iterable[str]) -> bool:
+        """Whether a version of ``site`` may keep its small files in packs: no app runs on it (an app
+        sees its site as files). One runs when the settings name its runtime, or (none named) when
+        the content has code, which is what the app manager detects it from."""
+        runtime = self._runtimes.get(site)
+        if runtime == "static":
+            return True
+        return runtime is None and not any(map(is_app_source, paths))
 
     def _kick(self, site: str) -> None:
         if site not in self._tasks and not self._stopping:
@@ -357,7 +363,7 @@ class ContentSync:
             current is not None
             and 0 < current.number < target
             and self._disk_content_id.get(site) == content_id
-            and not (site in self._app_sites and current.files.packed)
+            and not (current.files.packed and not self._packable(site, ()))
         )
         if (
             incremental
@@ -390,7 +396,7 @@ class ContentSync:
             if self._held.get(site) != content_id:
                 return
             self._disk_content_id[site] = content_id
-            packed = site not in self._app_sites and not any(map(is_app_source, files))
+            packed = self._packable(site, files)
             built = await _in_thread(
                 functools.partial(self._cache.build_version, packed=packed),
                 site,
@@ -445,7 +451,7 @@ class ContentSync:
         version, whole, changes, dirs = diff.version, diff.whole, diff.files, diff.new_dirs
         if whole or len(changes) + len(dirs) > INCREMENTAL_MAX:
             return False
-        if current.files.packed and any(map(is_app_source, changes)):
+        if current.files.packed and not self._packable(site, changes):
             # Code arrived: the site may run an app now, which sees its site as files.
             return False
         if current.files.packed and current.files.changed + len(changes) > INCREMENTAL_MAX:
