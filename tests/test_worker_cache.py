@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from roles.worker._cache import ContentCache
+from roles.worker._packs import VersionFiles
 from shared.contracts.content import FileMeta
 
 
@@ -118,3 +119,18 @@ def test_packed_versions_change_in_place_rebuild_as_files_and_are_collected(tmp_
     # No index names a pack now: every pack goes.
     cache.collect_blobs()
     assert not list((tmp_path / "packs").iterdir())
+
+
+def test_an_index_written_again_at_the_same_path_is_read_again(tmp_path: Path) -> None:
+    # A serving process hands what it read of a version's index on to the version's next number when
+    # only changes were made in place; a directory built again at the same path has a new index.
+    cache = ContentCache(tmp_path)
+    first, second = _packed(cache, [b"first", b"second!"])
+    v1 = cache.build_version("x", "c1", 1, {"a.html": first}, [], packed=True)
+    cache.build_version("x", "c1", 2, {"a.html": first}, [], packed=True)
+    again = cache.build_version("x", "c1", 1, {"a.html": second}, [], packed=True)
+    assert again.root == v1.root
+    seen = VersionFiles(v1.root)
+    seen.inherit(v1.files)
+    hit = seen.get("a.html")
+    assert hit is not None and hit.size == len(b"second!")

@@ -94,6 +94,14 @@ def _write_tmp(directory: str, suffix: str, value: object) -> str:
     return tmp
 
 
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def index_packs(path: str) -> list[str]:
     """The names of the packs an index or changes file names."""
     raw = _read(path)
@@ -146,7 +154,7 @@ class VersionFiles:
     """A version's packed files: its index, and the files changed in place since (which win), read
     on first use (a serving process reads them only for the sites it is asked for)."""
 
-    __slots__ = ("_base", "_changes", "_loaded", "_packs", "_root")
+    __slots__ = ("_base", "_changes", "_loaded", "_packs", "_root", "_stamp")
 
     def __init__(self, root: str) -> None:
         self._root = root
@@ -155,16 +163,21 @@ class VersionFiles:
         self._changes: dict[str, _Entry | None] = {}
         self._packs = ""
         self._loaded = False
+        # Which index file was read (inode, mtime): one written again at the same path is another.
+        self._stamp: tuple[int, int] | None = None
 
     def inherit(self, earlier: VersionFiles) -> None:
-        """Take the index already read for the same directory (an index never changes once written;
-        only its changes are read again)."""
-        if earlier._root == self._root and earlier._loaded and not self._loaded:
-            self._base = earlier._base
+        """Take the index already read for the same directory, if it is still the one there (an
+        index is never rewritten, only replaced by a new file; its changes are read again)."""
+        if earlier._root != self._root or not earlier._loaded or earlier._base is None or self._loaded:
+            return
+        if _stamp(index_path(self._root)) == earlier._stamp:
+            self._base, self._stamp = earlier._base, earlier._stamp
 
     def adopt(self, built: IndexBuilder) -> None:
         """Take the index just written for this directory (no need to read it back)."""
         self._base = (built.packs, built.files)
+        self._stamp = _stamp(index_path(self._root))
         self._changes = {}
         self._packs = _packs_dir_of(self._root)
         self._loaded = True
@@ -176,11 +189,14 @@ class VersionFiles:
         packs = _packs_dir_of(self._root)
         if self._base is None:
             try:
-                raw = _read(index_path(self._root))
+                with open(index_path(self._root), "rb") as f:
+                    st = os.fstat(f.fileno())
+                    raw = json.loads(f.read())
             except FileNotFoundError:
                 self._loaded = True
                 return False
             self._base = ([f"{packs}/{name}{_SUFFIX}" for name in raw["packs"]], raw["files"])
+            self._stamp = (st.st_ino, st.st_mtime_ns)
         try:
             self._changes = _read(changes_path(self._root))["files"]
         except FileNotFoundError:
