@@ -193,25 +193,6 @@ class ContentCache:
             os.utime(tmp, (mtime, mtime))
         os.replace(tmp, self.blob_path(sha))
 
-    def write_blob(self, sha: str, data: bytes, mtime: float) -> None:
-        """Store a verified small blob whole: written beside its place, then renamed into it."""
-        fd, tmp = self.new_blob_file(sha)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fchmod(fd, 0o644)
-                if mtime > 0:
-                    os.utime(fd, (mtime, mtime))
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.blob_path(sha))
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
     def write_pack(self, blobs: list[tuple[str, bytes]]) -> None:
         """Store verified small blobs fetched together as one pack."""
         self.packs.write(blobs)

@@ -91,6 +91,9 @@ def _write_tmp(directory: str, suffix: str, value: object) -> str:
     tmp = f"{directory}/.build-{uuid.uuid4().hex}{suffix}"
     with open(tmp, "w") as f:
         json.dump(value, f, separators=(",", ":"))
+        f.flush()
+        # Durable before it is renamed into place: a version is served only with all of its index.
+        os.fsync(f.fileno())
     return tmp
 
 
