@@ -198,9 +198,9 @@ def main() -> int:
             "processes; the deploy through the publisher's web deploy door, the changes with ftplib, each "
             "one asked for through the front end on a keep-alive HTTPS connection until it answers the new "
             "bytes. A change made file by file reaches the worker as that path alone (no rebuild of the "
-            "site's 20,000 files). The fileserver stores a deploy's small files as one pack per batch; the "
-            "worker writes a file per blob (it serves files), and creating 20,000 inodes is most of what is "
-            "left (its log line splits the sync into fetch, syncfs and build).\n\n" + table + "\n",
+            "site's 20,000 files). The fileserver stores a deploy's small files as one pack per batch, and "
+            "so does the worker, which serves a static site's small files from its packs through the "
+            "version's index (its log line splits the sync into fetch, syncfs and build).\n\n" + table + "\n",
         )
     return 0
 

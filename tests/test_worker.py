@@ -19,6 +19,7 @@ import pytest
 
 from bench.harness.clients import fetch_from_worker as fetch
 from roles.fileserver.config import FileserverConfig
+from roles.worker._packs import pack_table
 from roles.worker.config import WorkerConfig
 from tests.support import CloudPKI, RoleProcess, call, wait_until
 
@@ -86,10 +87,10 @@ class Cloud:
         return fetch(self.pki, self.worker_config, site, path, **kwargs)
 
 
-def start_pair(pki: CloudPKI, root: Path) -> Cloud:
+def start_pair(pki: CloudPKI, root: Path, **worker: Any) -> Cloud:
     fs_config = pki.role_config(FileserverConfig, "fileserver", root / "fileserver")
     w_config = pki.role_config(
-        WorkerConfig, "worker", root / "worker", version_grace=0.3, request_timeout=1.0
+        WorkerConfig, "worker", root / "worker", version_grace=0.3, request_timeout=1.0, **worker
     )
     fileserver = RoleProcess(fs_config, pki).start(wait=False)
     worker = RoleProcess(w_config, pki).start(wait=False)
@@ -296,7 +297,17 @@ def test_only_frontend_certificates_get_in(cloud: Cloud) -> None:
 
 def _versions_on_disk(cloud: Cloud, site: str) -> list[str]:
     site_dir = cloud.content / "sites" / site
-    return sorted(n for n in os.listdir(site_dir) if n.startswith("v")) if site_dir.exists() else []
+    if not site_dir.exists():
+        return []
+    return sorted(n for n in os.listdir(site_dir) if n.startswith("v") and (site_dir / n).is_dir())
+
+
+def _blob_kept(cloud: Cloud, sha: str) -> bool:
+    """Whether the worker still keeps a blob: as a file of its own, or in a pack."""
+    if (cloud.content / "blobs" / sha[:2] / sha).exists():
+        return True
+    packs = (cloud.content / "packs").glob("*.pack")
+    return any(sha == held for pack in packs for held, _, _ in pack_table(str(pack)))
 
 
 def test_new_versions_flip_and_replaced_files_go(cloud: Cloud) -> None:
@@ -318,15 +329,14 @@ def test_new_versions_flip_and_replaced_files_go(cloud: Cloud) -> None:
     wait_until(
         lambda: _versions_on_disk(cloud, "news") == [f"v{version}"], timeout=10, what="old versions pruned"
     )
-    blobs = cloud.content / "blobs"
+    assert not (cloud.content / "sites" / "news" / f"v{version - 1}.files").exists()
     gone = [hashlib.sha256(b).hexdigest() for b in (b"old page", b"kept", b"one", b"two")]
     wait_until(
-        lambda: not any((blobs / sha[:2] / sha).exists() for sha in gone),
+        lambda: not any(_blob_kept(cloud, sha) for sha in gone),
         timeout=10,
         what="unused blobs deleted",
     )
-    fresh = hashlib.sha256(b"fresh").hexdigest()
-    assert (blobs / fresh[:2] / fresh).exists()
+    assert _blob_kept(cloud, hashlib.sha256(b"fresh").hexdigest())
 
 
 def test_file_by_file_changes_are_applied_in_place(cloud: Cloud) -> None:
@@ -442,6 +452,117 @@ def test_restarted_worker_serves_last_content_with_the_fileserver_down(pki: Clou
         assert status == 200 and b"Nothing has been published yet" in body
         pair.publish("cart", {"index.html": b"basket"})
         wait_for_body(pair, "cart", "/", b"basket")
+    finally:
+        pair.worker.stop()
+        pair.fileserver.stop()
+
+
+def test_small_files_are_served_from_packs_exactly_and_after_a_restart(pki: CloudPKI, tmp_path: Path) -> None:
+    """A static site's small files are kept many to a pack (no file each); serving processes answer
+    them byte for byte with validators and ranges, file-by-file changes included, and a restarted
+    worker finds its packs again. A site with code keeps every file in its directory (apps see files)."""
+    pair = start_pair(pki, tmp_path, processes=2)
+    try:
+        pair.add_site("packed")
+        page = os.urandom(1000)
+        files = {
+            "index.html": b"<h1>home</h1>",
+            "docs/index.html": b"docs",
+            "a/page.bin": page,
+            "big.bin": BIG,
+        }
+        first = pair.publish("packed", files)
+        wait_for_body(pair, "packed", "/a/page.bin", page)
+        version_dir = pair.content / "sites" / "packed" / f"v{first}"
+        # The small files are in the version's index, not its directory; the large one is a file there.
+        assert sorted(p.name for p in version_dir.rglob("*") if p.is_file()) == ["big.bin"]
+        assert (version_dir.parent / f"v{first}.files").is_file()
+        packed = {
+            sha for pack in (pair.content / "packs").glob("*.pack") for sha, _, _ in pack_table(str(pack))
+        }
+        assert hashlib.sha256(page).hexdigest() in packed
+
+        def check(path: str, body: bytes) -> str:
+            status, headers, got = pair.get("packed", path)
+            assert (status, got) == (200, body)
+            assert headers["accept-ranges"] == "bytes" and headers["content-length"] == str(len(body))
+            etag, modified = headers["etag"], headers["last-modified"]
+            status, headers, got = pair.get("packed", path, headers={"Range": "bytes=10-19"})
+            assert (status, got, headers["content-range"]) == (206, body[10:20], f"bytes 10-19/{len(body)}")
+            status, _, got = pair.get("packed", path, headers={"Range": "bytes=-7"})
+            assert (status, got) == (206, body[-7:])
+            status, headers, _ = pair.get("packed", path, headers={"Range": f"bytes={len(body)}-"})
+            assert status == 416 and headers["content-range"] == f"bytes */{len(body)}"
+            assert pair.get("packed", path, headers={"If-None-Match": etag})[0] == 304
+            assert pair.get("packed", path, headers={"If-Modified-Since": modified})[0] == 304
+            status, _, got = pair.get("packed", path, headers={"Range": "bytes=0-1", "If-Range": '"other"'})
+            assert (status, got) == (200, body)
+            return etag
+
+        # Each request on a connection of its own: the two serving processes share the port.
+        etags = {check("/a/page.bin", page) for _ in range(4)}
+        assert len(etags) == 1
+        assert pair.get("packed", "/docs/")[::2] == (200, b"docs")
+        status, headers, _ = pair.get("packed", "/docs")
+        assert status == 301 and headers["location"] == "/docs/"
+        assert pair.get("packed", "/a/page.bin/")[0] == 404
+        assert pair.get("packed", "/big.bin", headers={"Range": "bytes=1000-1009"})[2] == BIG[1000:1010]
+
+        # File by file, as FTP makes them: listed beside the index, in the same directory.
+        ctx = pki.client_ssl("publisher")
+        edited = os.urandom(700)
+        status, body = call(f"{pair.fs_url}/v1/sites/packed/files/a/page.bin", ctx, method="PUT", data=edited)
+        assert status == 200, body
+        status, body = call(
+            f"{pair.fs_url}/v1/sites/packed/commit",
+            ctx,
+            method="POST",
+            body={"ops": [{"op": "delete", "path": "docs/index.html"}], "source": "ftp"},
+        )
+        assert status == 200, body
+        wait_until(lambda: pair.get("packed", "/docs/")[0] == 404, timeout=10, what="deleted page gone")
+        wait_for_body(pair, "packed", "/a/page.bin", edited)
+        edited_etag = check("/a/page.bin", edited)
+        assert edited_etag not in etags
+        assert (version_dir.parent / f"v{first}.changes").is_file()
+        assert _versions_on_disk(pair, "packed") == [f"v{first}"]
+
+        # A restart (the fileserver down too): the worker finds its packs and indexes again.
+        pair.fileserver.stop()
+        assert pair.worker.stop() == 0
+        pair.worker.start()
+        assert {check("/a/page.bin", edited) for _ in range(4)} == {edited_etag}
+        assert pair.get("packed", "/")[::2] == (200, b"<h1>home</h1>")
+        assert pair.get("packed", "/docs/")[0] == 404
+        assert pair.get("packed", "/big.bin")[::2] == (200, BIG)
+        pair.fileserver.start()
+
+        # Settings that name an app runtime: the same version is built again with all its files.
+        served_dir = version_dir.parent / "current"
+        pair.worker.push_config(
+            {
+                "version": next(pair.version),
+                "fileserver": pair.fs_url,
+                "sites": {"packed": {"uid": pair.sites["packed"], "runtime": "php"}},
+            }
+        )
+        wait_until(
+            lambda: (served_dir / "a" / "page.bin").is_file(), timeout=15, what="the version's files made"
+        )
+        assert (served_dir / "a" / "page.bin").read_bytes() == edited
+        assert (served_dir / "index.html").read_bytes() == b"<h1>home</h1>"
+        assert not (served_dir / "docs" / "index.html").exists()
+        assert not (served_dir.parent / f"{os.readlink(served_dir)}.files").exists()
+        del pair.sites["packed"]
+
+        # A site with code: every file in its version directory, for its app (none starts here).
+        pair.add_site("coded")
+        coded = pair.publish("coded", {"app.py": b"app = None\n", "static/site.css": b"body{}"})
+        wait_for_body(pair, "coded", "/static/site.css", b"body{}")
+        coded_dir = pair.content / "sites" / "coded" / f"v{coded}"
+        assert (coded_dir / "static" / "site.css").read_bytes() == b"body{}"
+        assert (coded_dir / "app.py").is_file()
+        assert not (coded_dir.parent / f"v{coded}.files").exists()
     finally:
         pair.worker.stop()
         pair.fileserver.stop()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from roles.worker._cache import ContentCache
+from roles.worker._packs import VersionFiles
 from shared.contracts.content import FileMeta
 
 
@@ -70,3 +71,66 @@ def test_blob_folders_are_spread_over_the_filesystem(tmp_path: Path) -> None:
     # Made again (a restart): the call is a no-op, and the cache still works.
     again = ContentCache(tmp_path)
     assert again.missing_blobs([_blob(again, b"x")]) == []
+
+
+def _packed(cache: ContentCache, blobs: list[bytes]) -> list[FileMeta]:
+    cache.write_pack([(hashlib.sha256(b).hexdigest(), b) for b in blobs])
+    return [FileMeta(sha256=hashlib.sha256(b).hexdigest(), size=len(b), mtime=1_700_000_000) for b in blobs]
+
+
+def test_packed_versions_change_in_place_rebuild_as_files_and_are_collected(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path)
+    home, page, gone = _packed(cache, [b"home", b"page", b"gone"])
+    v1 = cache.build_version(
+        "blog", "c1", 1, {"index.html": home, "a/p.html": page, "a/g.html": gone}, [], packed=True
+    )
+    assert v1.files.packed and sorted(p.name for p in Path(v1.root).rglob("*")) == ["a"]
+    hit = v1.files.get("a/p.html")
+    assert hit is not None and hit.size == 4 and hit.mtime == 1_700_000_000
+    with open(hit.pack, "rb") as f:
+        assert os.pread(f.fileno(), hit.size, hit.offset) == b"page"
+
+    # File by file: the changes are listed beside the index; a folder deleted takes its files along.
+    (edited,) = _packed(cache, [b"page, edited"])
+    v2 = cache.apply_changes("blog", v1, 2, {"a/p.html": edited, "a": None, "new.html": home}, [])
+    assert v2.root == v1.root and v1.files.get("a/p.html") == hit  # (the old view is unchanged)
+    assert v2.files.get("a/g.html") is None and v2.files.get("new.html") is not None
+    assert v2.files.changed == 4  # a and a/g.html gone; a/p.html and new.html new
+    # A restart reads the index and its changes again.
+    again = ContentCache(tmp_path).load_current("blog")
+    assert again is not None and again.files.get("new.html") == v2.files.get("new.html")
+
+    # A full build (a deploy) starts a new index; the old directory, index and changes are pruned.
+    v3 = cache.build_version("blog", "c1", 3, {"index.html": edited}, [], packed=True)
+    cache.prune("blog", set())
+    on_disk = sorted(p.name for p in cache.site_dir("blog").iterdir() if p.name.startswith("v"))
+    assert on_disk == ["v3", "v3.files"]
+    assert v3.files.changed == 0 and v3.files.get("index.html") is not None
+
+    # The same version built again with all its files (its site now runs an app): beside the one
+    # served, which stays whole until ``current`` flips.
+    v3_files = cache.build_version("blog", "c1", 3, {"index.html": edited}, [], packed=False)
+    assert Path(v3_files.root).name.startswith("v3-") and not v3_files.files.packed
+    assert (Path(v3_files.root) / "index.html").read_bytes() == b"page, edited"
+    assert cache.load_current("blog") == v3_files
+    cache.prune("blog", set())
+    on_disk = [p.name for p in cache.site_dir("blog").iterdir() if p.name.startswith("v")]
+    assert on_disk == [Path(v3_files.root).name]
+    # No index names a pack now: every pack goes.
+    cache.collect_blobs()
+    assert not list((tmp_path / "packs").iterdir())
+
+
+def test_an_index_written_again_at_the_same_path_is_read_again(tmp_path: Path) -> None:
+    # A serving process hands what it read of a version's index on to the version's next number when
+    # only changes were made in place; a directory built again at the same path has a new index.
+    cache = ContentCache(tmp_path)
+    first, second = _packed(cache, [b"first", b"second!"])
+    v1 = cache.build_version("x", "c1", 1, {"a.html": first}, [], packed=True)
+    cache.build_version("x", "c1", 2, {"a.html": first}, [], packed=True)
+    again = cache.build_version("x", "c1", 1, {"a.html": second}, [], packed=True)
+    assert again.root == v1.root
+    seen = VersionFiles(v1.root)
+    seen.inherit(v1.files)
+    hit = seen.get("a.html")
+    assert hit is not None and hit.size == len(b"second!")

@@ -274,7 +274,13 @@ def test_other_sites_content_and_the_worker_home_are_not_there(cloud: AppCloud) 
     ):
         body = cloud.get("reader", f"/read?{path}")[2]
         assert body.startswith(b"denied"), (path, body)
-    for path in (apps_dir / "sites" / "bystander", apps_dir / "blobs", home / "tls", apps_dir / "run"):
+    for path in (
+        apps_dir / "sites" / "bystander",
+        apps_dir / "blobs",
+        apps_dir / "packs",
+        home / "tls",
+        apps_dir / "run",
+    ):
         assert cloud.get("reader", f"/exists?{path}")[2] == b"False", path
     # Its own content is there, read-only.
     own = apps_dir / "sites" / "reader" / "current" / "app.py"

@@ -3,13 +3,20 @@
 Layout under the worker's apps root (its home, or a directory apps can reach: see ``_layout.py``)::
 
     blobs/<sha[:2]>/<sha>          verified content, by SHA-256 (shared by every site and version)
+    packs/<name>.pack              small blobs fetched together, in one file (see ``_packs.py``)
     sites/<site>/uid               which incarnation of the site the directory holds (its content id)
-    sites/<site>/v<N>/             a built version: hard links to blobs, plus empty directories
+    sites/<site>/v<N>/             a built version: its folders, and hard links to blobs
+    sites/<site>/v<N>.files        a static version's index of its small files, served from packs
     sites/<site>/current -> v<N>   flipped atomically (a new symlink renamed over the old one)
     sites/<site>/edited            names v<N> once file-by-file changes were applied to it in place
     trash/                         whole site directories on their way out
 
 A blob that no version links to any more has a link count of 1; that is how it is found unreferenced.
+A pack is unreferenced when no index names it.
+
+A site whose content or settings show an app keeps every file in its version directory (apps see
+their site as files): its blobs that came in packs are copied out. A static site's version has only
+its folders and large files there; its small files are in its index (no inode per file).
 """
 
 from __future__ import annotations
@@ -24,17 +31,32 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from roles.worker._packs import (
+    CHANGES_SUFFIX,
+    INDEX_SUFFIX,
+    IndexBuilder,
+    PackedFile,
+    PackStore,
+    VersionFiles,
+    changes_path,
+    index_packs,
+    index_path,
+    packed_file,
+    write_changes,
+)
 from shared.contracts.content import FileMeta
 from shared.files import fsync_dir
 
 __all__ = ["ContentCache", "SiteVersion", "version_line", "version_tag"]
 
-_VERSION_DIR = re.compile(r"^v([0-9]+)$")
+# v<N>, or v<N>-<hex> when version N is built again beside itself (its files moved out of packs).
+_VERSION_DIR = re.compile(r"^v([0-9]+)(?:-[0-9a-f]{8})?$")
 
 # ext2/3/4 inode flags (linux/fs.h): "top of a directory hierarchy" for the Orlov allocator.
 _FS_IOC_GETFLAGS = 0x80086601
@@ -89,8 +111,11 @@ class SiteVersion:
     # earlier site's of the same name), and the header line a cacheable answer carries it in.
     tag: bytes = field(init=False, repr=False, compare=False)
     line: bytes = field(init=False, repr=False, compare=False)
+    # Its small files kept in packs (none for a version whose files are all in its directory).
+    files: VersionFiles = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "files", VersionFiles(self.root))
         if self.number == 0:
             # A directory changed in place before a restart: its number is unknown, so nothing names it.
             object.__setattr__(self, "tag", b"")
@@ -109,6 +134,8 @@ class ContentCache:
         self.trash = root / "trash"
         for d in (self.blobs, self.sites, self.trash):
             d.mkdir(parents=True, exist_ok=True)
+        self.packs = PackStore(root / "packs")
+        self.packs.load()
         # Every new inode of the cache is a blob, made in one of blobs/'s 256 folders.
         spread_subdirs(self.blobs)
         # The blob folders known to exist (``blobs/<sha[:2]>``).
@@ -123,7 +150,7 @@ class ContentCache:
         return self.blobs / sha[:2] / sha
 
     def has_blob(self, sha: str) -> bool:
-        return self.blob_path(sha).is_file()
+        return self.packs.has(sha) or self.blob_path(sha).is_file()
 
     def missing_blobs(self, files: Iterable[FileMeta | None]) -> list[FileMeta]:
         """The blobs of ``files`` not in the cache yet, each once (one stat per blob, no Path objects:
@@ -136,6 +163,8 @@ class ContentCache:
                 continue
             sha = meta.sha256
             seen.add(sha)
+            if self.packs.has(sha):
+                continue
             try:
                 if stat.S_ISREG(os.stat(f"{blobs}/{sha[:2]}/{sha}").st_mode):
                     continue
@@ -164,28 +193,54 @@ class ContentCache:
             os.utime(tmp, (mtime, mtime))
         os.replace(tmp, self.blob_path(sha))
 
-    def write_blob(self, sha: str, data: bytes, mtime: float) -> None:
-        """Store a verified small blob whole: written beside its place, then renamed into it."""
-        fd, tmp = self.new_blob_file(sha)
+    def write_pack(self, blobs: list[tuple[str, bytes]]) -> None:
+        """Store verified small blobs fetched together as one pack."""
+        self.packs.write(blobs)
+
+    def _place(self, sha: str, dest: str, mtime: float) -> None:
+        """Make ``dest`` a file with blob ``sha``'s bytes: a hard link to the blob, or a copy."""
+        blob = f"{self.blobs}/{sha[:2]}/{sha}"
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fchmod(fd, 0o644)
-                if mtime > 0:
-                    os.utime(fd, (mtime, mtime))
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.blob_path(sha))
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+            os.link(blob, dest)
+            return
+        except FileNotFoundError:
+            if not self.packs.has(sha):
+                raise
+        except OSError as exc:
+            if exc.errno not in (errno.EMLINK, errno.EXDEV):
+                raise
+            # A blob shared by very many files hit the filesystem's link limit (or blobs ended up on
+            # another filesystem): copy it.
+            shutil.copy2(blob, dest)
+            return
+        # Only in a pack: this version keeps its files in its directory (an app's site).
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(self.packs.read(sha))
+            while view:
+                view = view[os.write(fd, view) :]
+            if mtime > 0:
+                os.utime(fd, (mtime, mtime))
+        finally:
+            os.close(fd)
+
+    def _packed(self, meta: FileMeta) -> PackedFile | None:
+        where = self.packs.location(meta.sha256)
+        if where is None:
+            return None
+        return packed_file(*where, meta.mtime if meta.mtime > 0 else time.time(), meta.sha256)
 
     def collect_blobs(self) -> int:
-        """Drop blobs no version links to (and stale downloads); return the bytes that remain."""
-        total = 0
+        """Drop blobs no version links to, packs no version's index names (and stale downloads);
+        return the bytes that remain."""
+        referenced: set[str] = set()
+        for site in os.scandir(self.sites):
+            with contextlib.suppress(OSError):
+                for found in os.scandir(site.path):
+                    if found.name.endswith((INDEX_SUFFIX, CHANGES_SUFFIX)):
+                        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                            referenced.update(index_packs(found.path))
+        total = self.packs.collect(referenced)
         for entry in os.scandir(self.blobs):
             if entry.name.startswith(".tmp-"):
                 Path(entry.path).unlink(missing_ok=True)
@@ -233,18 +288,31 @@ class ContentCache:
         return SiteVersion(int(match.group(1)), os.path.realpath(site_dir / target), content_id)
 
     def build_version(
-        self, site: str, content_id: str, version: int, files: dict[str, FileMeta], dirs: list[str]
+        self,
+        site: str,
+        content_id: str,
+        version: int,
+        files: dict[str, FileMeta],
+        dirs: list[str],
+        *,
+        packed: bool = False,
     ) -> SiteVersion:
-        """Build ``v<version>`` from blobs (all present), then flip ``current`` to it."""
+        """Build ``v<version>`` from blobs (all present), then flip ``current`` to it. With ``packed``,
+        files whose blobs are in packs are listed in the version's index instead of made as files."""
         site_dir = self.site_dir(site)
         site_dir.mkdir(exist_ok=True)
         if self.read_content_id(site) != content_id:
             (site_dir / "uid").write_text(content_id + "\n")
         current = self.load_current(site)
-        if current is not None and current.number == version:
-            return current
         name = f"v{version}"
+        if current is not None and current.number == version:
+            if current.files.packed == packed or not current.files.packed:
+                return current
+            # The same version again, all in files (the site now runs an app): built beside the one
+            # served, which stays whole until ``current`` flips.
+            name = f"v{version}-{uuid.uuid4().hex[:8]}"
         build = Path(tempfile.mkdtemp(dir=site_dir, prefix=".build-"))
+        index_tmp = None
         try:
             # Each folder made once (not a mkdir per file: a site is mostly many files in few folders).
             folders = set(dirs) | {os.path.dirname(rel) for rel in files}
@@ -252,30 +320,40 @@ class ContentCache:
             for d in sorted(folders):
                 os.makedirs(build / d, exist_ok=True)
             base = str(build)
+            index = IndexBuilder()
+            where = self.packs.location
+            now = time.time()
             for rel, meta in files.items():
-                dest = f"{base}/{rel}"
-                blob = f"{self.blobs}/{meta.sha256[:2]}/{meta.sha256}"
-                try:
-                    os.link(blob, dest)
-                except OSError as exc:
-                    if exc.errno not in (errno.EMLINK, errno.EXDEV):
-                        raise
-                    # A blob shared by very many files hit the filesystem's link limit (or blobs
-                    # ended up on another filesystem): copy it.
-                    shutil.copy2(blob, dest)
+                loc = where(meta.sha256) if packed else None
+                if loc is not None:
+                    index.add(rel, loc, meta.mtime if meta.mtime > 0 else now, meta.sha256)
+                else:
+                    self._place(meta.sha256, f"{base}/{rel}", meta.mtime)
             final = site_dir / name
+            if packed:
+                index_tmp = index.write(str(final))
             if final.exists():
                 shutil.rmtree(final)
             os.rename(build, final)
+            Path(changes_path(str(final))).unlink(missing_ok=True)
+            if index_tmp is not None:
+                os.replace(index_tmp, index_path(str(final)))
+            else:
+                Path(index_path(str(final))).unlink(missing_ok=True)
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
+            if index_tmp is not None:
+                Path(index_tmp).unlink(missing_ok=True)
             raise
         link = site_dir / f".current-{uuid.uuid4().hex}"
         os.symlink(name, link)
         os.replace(link, site_dir / "current")
         (site_dir / "edited").unlink(missing_ok=True)
         fsync_dir(site_dir)
-        return SiteVersion(version, os.path.realpath(final), content_id)
+        built = SiteVersion(version, os.path.realpath(final), content_id)
+        if index_tmp is not None:
+            built.files.adopt(index)
+        return built
 
     def apply_changes(
         self,
@@ -285,12 +363,16 @@ class ContentCache:
         changes: dict[str, FileMeta | None],
         dirs: list[str],
     ) -> SiteVersion:
-        """Bring the served directory from its version to ``version`` in place, path by path.
+        """Bring the served version to ``version`` in place, path by path.
 
         Only for changes that were made file by file on the fileserver (FTP uploads): each file is
         swapped in with a rename, so a reader sees the old file or the new one, never half of either.
+        A version with an index gets a new index (renamed over the old one) for its small files.
         """
         root = Path(current.root)
+        packed = current.files.packed
+        overlay = current.files.changes() if packed else {}
+        before = dict(overlay)
         # After a restart the directory's name no longer tells its version: it is then rebuilt whole.
         marker = self.site_dir(site) / "edited"
         if not marker.exists():
@@ -303,6 +385,9 @@ class ContentCache:
                     shutil.rmtree(target)
                 else:
                     target.unlink(missing_ok=True)
+                if packed:
+                    for gone in [rel, *current.files.paths_below(rel)]:
+                        overlay[gone] = None
         for rel in sorted(dirs):
             (root / rel).mkdir(parents=True, exist_ok=True)
         for rel, meta in changes.items():
@@ -310,18 +395,27 @@ class ContentCache:
                 continue
             dest = root / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
+            pf = self._packed(meta) if packed else None
+            if pf is not None:
+                overlay[rel] = pf
+                if dest.is_dir() and not dest.is_symlink():
+                    shutil.rmtree(dest)
+                else:
+                    dest.unlink(missing_ok=True)
+                continue
             if dest.is_dir() and not dest.is_symlink():
                 shutil.rmtree(dest)
             tmp = dest.parent / f".new-{uuid.uuid4().hex}"
-            blob = self.blob_path(meta.sha256)
-            try:
-                os.link(blob, tmp)
-            except OSError as exc:
-                if exc.errno not in (errno.EMLINK, errno.EXDEV):
-                    raise
-                shutil.copy2(blob, tmp)
+            self._place(meta.sha256, str(tmp), meta.mtime)
             os.replace(tmp, dest)
-        return SiteVersion(version, current.root, current.content_id)
+            if packed:
+                overlay[rel] = None  # (the file in the directory is served, not the index's)
+        if overlay != before:
+            write_changes(current.root, overlay)
+        changed = SiteVersion(version, current.root, current.content_id)
+        changed.files.inherit(current.files)
+        changed.files.load()
+        return changed
 
     def prune(self, site: str, keep: set[int]) -> None:
         """Remove versions (and failed builds) other than ``keep`` and the current one."""
@@ -333,10 +427,14 @@ class ContentCache:
             served = ""
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(site_dir):
-                match = _VERSION_DIR.match(entry.name)
-                stale = match and entry.name != served and int(match.group(1)) not in keep
+                name = entry.name.removesuffix(INDEX_SUFFIX).removesuffix(CHANGES_SUFFIX)
+                match = _VERSION_DIR.match(name)
+                stale = match and name != served and int(match.group(1)) not in keep
                 if stale or entry.name.startswith(".build-"):
-                    shutil.rmtree(entry.path, ignore_errors=True)
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        Path(entry.path).unlink(missing_ok=True)
 
     def drop(self, site: str) -> None:
         """Forget a site: its directory leaves ``sites/`` in one rename, then is deleted."""

@@ -3,7 +3,7 @@
 Apps run as uids of their own, so every directory above their files must be searchable by others. A
 role home under such a path (e.g. the default ``~/.local/share/sitecloud`` under root's 0700 ``/root``)
 keeps only the worker's private files (keys, config, state); the content cache (``blobs/``,
-``sites/``, ``trash/``), ``apps/`` and ``run/`` then live in a root-owned, search-only directory
+``packs/``, ``sites/``, ``trash/``), ``apps/`` and ``run/`` then live in a root-owned, search-only directory
 ``/var/lib/sitecloud/apps-<hash of the home>`` instead. Blobs move with the version trees: those are
 hard links to them, which need one filesystem.
 """
@@ -27,9 +27,9 @@ __all__ = ["APPS_BASE", "CACHE_DIRS", "apps_root", "prepare_apps_root", "searcha
 
 APPS_BASE = Path("/var/lib/sitecloud")
 # What lives in the apps root (beside the home's tls/, state/, role.json).
-CACHE_DIRS = ("blobs", "sites", "trash", "apps")
+CACHE_DIRS = ("blobs", "packs", "sites", "trash", "apps")
 # The content cache, which the fileserver has: dropped when the root outlives its home.
-STALE_ON_NEW_HOME = ("blobs", "sites", "trash")
+STALE_ON_NEW_HOME = ("blobs", "packs", "sites", "trash")
 
 
 def searchable_by_others(path: Path) -> bool:

@@ -10,22 +10,24 @@ A failure is retried with back-off and never touches another site; serving goes 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import suppress
 from typing import Any, TypeVar
 
 import aiohttp
 
 from roles.worker._cache import ContentCache, SiteVersion
+from roles.worker._source import is_app_source
 from roles.worker.config import WorkerConfig
 from shared.backoff import Backoff
 from shared.contracts.content import BlobFetch, ChangeFeedPage, FileMeta, Manifest, SiteVersions, VersionDiff
 from shared.contracts.health import WorkerFigures
-from shared.contracts.snapshots import WorkerSnapshot
+from shared.contracts.snapshots import WorkerSite, WorkerSnapshot
 from shared.errors import NotFound, SitecloudError, Unavailable, error_from_json
 from shared.files import syncfs
 from shared.internal import InternalClient
@@ -80,6 +82,8 @@ class ContentSync:
         self._client = InternalClient(config, timeout=60)
         self._fileserver = ""
         self._held: dict[str, str] = {}
+        # The runtime each site's settings name (None: detected from its content; see _packable).
+        self._runtimes: dict[str, str | None] = {}
         # Sites of the snapshot that cannot be served, with why (their visitors get a 503 page).
         self._failed: dict[str, str] = {}
         self._configured = False
@@ -180,6 +184,9 @@ class ContentSync:
             await self._load_disk()
         self._held = held
         self._failed = failures
+        self._runtimes = {
+            name: entry.runtime for name, entry in snapshot.sites.items() if isinstance(entry, WorkerSite)
+        }
         for site in set(held) | set(self._disk_content_id):
             if site in self._current and held.get(site) != self._disk_content_id.get(site):
                 # Gone, or another incarnation of the name: stop serving it now; its task cleans up.
@@ -243,7 +250,19 @@ class ContentSync:
         have = self._current[site].number if site in self._current else 0
         # A fileserver that says "no version" (0) is not trusted to empty a site that has content.
         target = self._target.get(site, 0)
+        if target > 0 and site in self._current and not self._packable(site, ()):
+            # Settings that start an app on a version served from packs: its files are made.
+            return target != have or self._current[site].files.packed
         return target > 0 and target != have
+
+    def _packable(self, site: str, paths: Iterable[str]) -> bool:
+        """Whether a version of ``site`` may keep its small files in packs: no app runs on it (an app
+        sees its site as files). One runs when the settings name its runtime, or (none named) when
+        the content has code, which is what the app manager detects it from."""
+        runtime = self._runtimes.get(site)
+        if runtime == "static":
+            return True
+        return runtime is None and not any(map(is_app_source, paths))
 
     def _kick(self, site: str) -> None:
         if site not in self._tasks and not self._stopping:
@@ -344,6 +363,7 @@ class ContentSync:
             current is not None
             and 0 < current.number < target
             and self._disk_content_id.get(site) == content_id
+            and not (current.files.packed and not self._packable(site, ()))
         )
         if (
             incremental
@@ -376,7 +396,15 @@ class ContentSync:
             if self._held.get(site) != content_id:
                 return
             self._disk_content_id[site] = content_id
-            built = await _in_thread(self._cache.build_version, site, content_id, version, files, dirs)
+            packed = self._packable(site, files)
+            built = await _in_thread(
+                functools.partial(self._cache.build_version, packed=packed),
+                site,
+                content_id,
+                version,
+                files,
+                dirs,
+            )
             steps.append(time.monotonic())
         finally:
             self._busy -= 1
@@ -422,6 +450,12 @@ class ContentSync:
         diff.for_site(site)
         version, whole, changes, dirs = diff.version, diff.whole, diff.files, diff.new_dirs
         if whole or len(changes) + len(dirs) > INCREMENTAL_MAX:
+            return False
+        if current.files.packed and not self._packable(site, changes):
+            # Code arrived: the site may run an app now, which sees its site as files.
+            return False
+        if current.files.packed and current.files.changed + len(changes) > INCREMENTAL_MAX:
+            # The list of changes is written whole each time: past this, a new index is cheaper.
             return False
         await self._enter_busy()
         try:
@@ -522,14 +556,17 @@ class ContentSync:
 
         def keep() -> int:
             at, total = 0, 0
+            blobs: list[tuple[str, bytes]] = []
             for meta in metas:
                 size = int.from_bytes(payload[at : at + 8], "big")
                 data = payload[at + 8 : at + 8 + size]
                 at += 8 + size
                 if len(data) != meta.size or hashlib.sha256(data).hexdigest() != meta.sha256:
                     raise Unavailable(f"blob {meta.sha256} arrived corrupt ({len(data)} bytes)")
-                self._cache.write_blob(meta.sha256, data, meta.mtime)
+                blobs.append((meta.sha256, data))
                 total += size
+            # One file for the batch: a file per blob costs an inode each, most of a big deploy's sync.
+            self._cache.write_pack(blobs)
             return total
 
         # Not `+= await`: that reads the tally before the await, and a download finishing meanwhile

@@ -272,7 +272,7 @@ class DataServer:
             if cached is not None:
                 conn.write_fresh(version.tag, len(cached.body))
                 return keep_alive
-            file = _file_at(version.root, target)
+            file = _file_at(version, target)
             if file is not None:
                 conn.write_fresh(version.tag, file.size)
                 return keep_alive
@@ -292,7 +292,7 @@ class DataServer:
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, InvalidInput):
             _page(conn, 400, "Bad address", "This address is not valid.", head, False)
             return False
-        found = resolve(version.root, rel, slash=path.endswith("/"))
+        found = resolve(version.root, rel, slash=path.endswith("/"), packed=version.files)
         if found is None:
             _page(conn, 404, "Not found", "Nothing is published at this address.", head, keep_alive)
         elif isinstance(found, Redirect):
@@ -324,12 +324,12 @@ class DataServer:
             self._hot.put(key, hit, data)
 
 
-def _file_at(root: str, target: bytes) -> FileHit | None:
-    """The file ``target`` names in the version ``root``, if it names one."""
+def _file_at(version: SiteVersion, target: bytes) -> FileHit | None:
+    """The file ``target`` names in ``version``, if it names one."""
     try:
         url = httptools.parse_url(target)
         path = unquote_to_bytes(url.path or b"/").decode("utf-8")
-        found = resolve(root, site_relpath(path), slash=path.endswith("/"))
+        found = resolve(version.root, site_relpath(path), slash=path.endswith("/"), packed=version.files)
     except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, InvalidInput):
         return None
     return found if isinstance(found, FileHit) else None

@@ -372,6 +372,17 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
             moved = {
                 site: tag_of(v) for site, v in fresh.items() if table.get(site) != v or site not in table
             }
+            for site, v in list(fresh.items()):
+                old = table.get(site)
+                if v is not None and old is not None:
+                    if v == old:
+                        fresh[site] = old  # (with what it has read of its files)
+                    else:
+                        v.files.inherit(old.files)  # (changed in place: only its changes are read again)
+            if table:
+                # A flipped version's index is read here, in a thread, not by its first request.
+                flipped = [v for site, v in fresh.items() if v is not None and site in moved]
+                await asyncio.to_thread(lambda: [v.files.load() for v in flipped])
             moved.update({site: "" for site in table.keys() - fresh.keys()})
             if moved:
                 # Front ends keeping answers hear of new versions before this process serves them.

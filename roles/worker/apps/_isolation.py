@@ -4,7 +4,7 @@ When the worker runs as root each site incarnation gets a numeric uid/gid of its
 (no /etc/passwd entries; the child gets it through setgroups/setgid/setuid in ``subprocess``). Its
 content directory is ``root:<gid> 0750``, its home and temp directory are its own ``0700``, and the
 apps root (the worker's home, or a directory of its own elsewhere: see ``roles/worker/_layout.py``) is
-``0711`` with blobs and trash ``0700``; keys, config and state stay ``0700``/``0600`` in the home, so a
+``0711`` with blobs, packs and trash ``0700``; keys, config and state stay ``0700``/``0600`` in the home, so a
 site reads its own files and nobody else's. Not as root, apps run as the worker's user (no isolation; said once in the log).
 """
 
@@ -122,7 +122,7 @@ def harden_home(home: Path, root: Path) -> None:
     # Search only: a site reaches its own directory.
     os.chmod(home, 0o711 if root == home else 0o700)
     os.chmod(root, 0o711)  # noqa: S103
-    for path in (home / "tls", home / "state", root / "blobs", root / "trash"):
+    for path in (home / "tls", home / "state", root / "blobs", root / "packs", root / "trash"):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(path, 0o700)
     for name in ("sites", "apps"):

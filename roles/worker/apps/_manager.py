@@ -271,7 +271,8 @@ class AppManager:
             if app is not None:
                 self._drop(name, "another incarnation of the site")
             app = self._sites[name] = AppSite(name, content_id)
-        generation = (runtime, entry, spec.env, spec.limits, version.number)
+        # The root too: a version built again with all its files (out of packs) keeps its number.
+        generation = (runtime, entry, spec.env, spec.limits, version.number, version.root)
         if app.generation == generation:
             app.spec, app.always_on = spec, spec.always_on
             return
