@@ -7,6 +7,7 @@ certificate: they stand in for an HTTP origin (echo, big bodies, slow answers), 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import itertools
@@ -545,6 +546,31 @@ def test_a_tls_handshake_that_stalls_is_dropped(frontend: RoleProcess) -> None:
         sock.sendall(b"\x16\x03\x01\x02")
         assert sock.recv(100) == b""
     assert time.monotonic() - started < 8
+
+
+def test_a_close_notify_ends_the_visitor_s_side_whatever_follows_it(
+    frontend: RoleProcess, cloud: CloudPKI, origins: tuple[Origin, Origin]
+) -> None:
+    """A close_notify read together with the start of another record (a read that ends mid-record)
+    closes that one connection at once: the front end neither spins nor stops serving others."""
+    route(frontend, {"blog": [origins[0].address]})
+    missing = f"GET / HTTP/1.1\r\nHost: nosuch.{DOMAIN}\r\n\r\n".encode()
+
+    def send(tls: ssl.SSLObject, outgoing: ssl.MemoryBIO, sock: socket.socket) -> None:
+        tls.write(missing)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            tls.unwrap()  # the close_notify, without waiting for the front end's
+        sock.sendall(outgoing.read() + b"\x17\x03")
+
+    started = time.monotonic()
+    out = _tls_records(cloud, frontend.config.https_port, send)  # type: ignore[attr-defined]
+    assert out.startswith(b"HTTP/1.1 404 ")  # what came before the close_notify is answered
+    assert time.monotonic() - started < 3  # closed at once, not by a timeout
+    conn = https_conn(frontend, cloud)
+    conn.timeout = 5
+    status, _resp, body = fetch(conn, "/big?n=3")
+    assert (status, body) == (200, _pattern(3))
+    conn.close()
 
 
 # -- strict parsing and limits ----------------------------------------------------------------------

@@ -65,40 +65,31 @@ class TlsBridge(asyncio.Protocol):
         if not self._ready and not self._handshake():
             return
         tls = self._tls
+        chunks: list[bytes] = []
+        ended = False
         try:
-            if boundary:
-                # Whole records only: each read takes one, and none is left to wait for.
-                pending = self._in.pending
-                if not pending:
-                    return
-                plain = tls.read(_READ)
-                if self._in.pending:
-                    chunks = [plain]
-                    while self._in.pending:
-                        chunks.append(tls.read(_READ))
-                    plain = b"".join(chunks)
-            else:
-                chunks = []
-                try:
-                    while True:
-                        chunks.append(tls.read(_READ))
-                except ssl.SSLWantReadError:
-                    pass
-                plain = b"".join(chunks)
+            # On a boundary, whole records only: each read takes one, and none is left to wait for.
+            # Otherwise, read until the would-block. An empty read is the visitor's close_notify.
+            while not boundary or self._in.pending:
+                chunk = tls.read(_READ)
+                if not chunk:
+                    ended = True
+                    break
+                chunks.append(chunk)
         except ssl.SSLWantReadError:
-            # A record that was not application data (a key update, a ticket): nothing for the app.
-            plain = b""
+            # A record not whole yet, or one that was not application data (a key update).
+            pass
         except ssl.SSLZeroReturnError:
-            self._flush_out()
-            self._eof()
-            return
+            ended = True
         except ssl.SSLError:
             self.abort()
             return
         if self._out.pending:
             self._flush_out()
-        if plain:
-            self._app.data_received(plain)
+        if chunks:
+            self._app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if ended:
+            self._eof()
 
     def eof_received(self) -> bool | None:
         self._eof()
