@@ -538,6 +538,12 @@ def test_tls_records_cut_anywhere_are_read_whole(
     assert _pattern(3) in out and _pattern(4) in out
 
 
+def test_plain_http_to_the_https_port_is_told_to_use_https(frontend: RoleProcess) -> None:
+    assert isinstance(frontend.config, FrontendConfig)
+    out = raw(frontend.config.https_port, f"GET / HTTP/1.1\r\nHost: {BLOG}\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 400 ") and b"https://" in out
+
+
 def test_a_tls_handshake_that_stalls_is_dropped(frontend: RoleProcess) -> None:
     """A visitor that opens a connection and sends part of a ClientHello holds nothing for long."""
     assert isinstance(frontend.config, FrontendConfig)

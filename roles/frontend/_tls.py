@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 from typing import Any
 
@@ -20,6 +21,13 @@ __all__ = ["TlsBridge"]
 
 # A TLS record's header: type (1), version (2), length (2).
 _HEADER = 5
+# A plain HTTP request line's start (a TLS connection starts with a handshake record, 0x16).
+_PLAIN_HTTP = re.compile(rb"[A-Z]{3,10} ")
+_USE_HTTPS_TEXT = b"This port speaks HTTPS: ask for https:// and this address instead.\n"
+_USE_HTTPS = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_USE_HTTPS_TEXT), _USE_HTTPS_TEXT)
+)
 # What one read hands over at most: more than a record (16 KB plus overhead), so a read is a record.
 _READ = 1 << 18
 
@@ -59,6 +67,13 @@ class TlsBridge(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
+            return
+        if not self._ready and not self._in.pending and _PLAIN_HTTP.match(data):
+            # Someone typed http:// with the HTTPS port: say so, as nginx does, rather than hang up.
+            assert self._raw is not None
+            self._closing = True
+            self._raw.write(_USE_HTTPS)
+            self._raw.close()
             return
         self._in.write(data)
         boundary = self._frame(data)
