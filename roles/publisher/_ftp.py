@@ -55,11 +55,15 @@ _DRAIN_SECONDS = 60.0
 _PROTO_CMDS = {cmd: spec for cmd, spec in TLS_FTPHandler.proto_cmds.items() if cmd != "MFMT"}
 
 
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_FTPLIB_LOG = logging.getLogger("pyftpdlib")  # pyftpdlib's own logger, typed
+
+
 def _short_repr(obj: Any, full: Any) -> str:
     """pyftpdlib formats ``repr(self)`` into its debug lines before the logger drops them (on every
     close, several times per uploaded file); the full one, which asks the socket for its details, only
     when those lines are kept."""
-    if pyftpdlib_logger.isEnabledFor(logging.DEBUG):
+    if _FTPLIB_LOG.isEnabledFor(logging.DEBUG):
         return str(full())
     return f"<{type(obj).__name__} at {id(obj):#x}>"
 
@@ -417,8 +421,10 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
 
     def log(self, msg: str, logfun: Any = pyftpdlib_logger.info) -> None:
         # pyftpdlib builds the line (its prefix from the session's attributes) before the logger looks
-        # at its level: once per transfer at least, for nothing when INFO is off.
-        if logfun != pyftpdlib_logger.info or pyftpdlib_logger.isEnabledFor(logging.INFO):
+        # at its level: for every reply (at DEBUG) and transfer (at INFO), mostly for nothing.
+        level = _LOG_LEVELS.get(getattr(logfun, "__name__", ""))
+        owner = getattr(logfun, "__self__", None)
+        if level is None or owner is not _FTPLIB_LOG or _FTPLIB_LOG.isEnabledFor(level):
             super().log(msg, logfun)
 
     # --- login
