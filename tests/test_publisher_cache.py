@@ -8,6 +8,7 @@ from pathlib import Path
 
 from roles.publisher._cache import BlobCache
 from roles.publisher._content import FileInfo, Tree, TreeShelf
+from shared.contracts.content import FileMeta, Manifest, VersionDiff
 from shared.logs import get_logger
 
 SHA_A, SHA_B, SHA_C = "a" * 64, "b" * 64, "c" * 64
@@ -111,3 +112,29 @@ def test_the_shelf_keeps_each_sites_newest_tree_and_hands_out_copies() -> None:
     assert shelf.take("s") is None
     kept = shelf.take("t")
     assert kept is not None and set(kept.files) == {"x", "y"}
+
+
+def _diff(version: int, files: dict[str, FileMeta | None], dirs: dict[str, bool]) -> VersionDiff:
+    return VersionDiff(
+        site="s", since=version - 1, version=version, total_bytes=0, whole=False, files=files, dirs=dirs
+    )
+
+
+def test_a_trees_listing_follows_the_changes_it_is_brought_up_to() -> None:
+    tree = Tree.from_manifest(
+        Manifest(site="s", version=1, total_bytes=1, files={"d/a": FileMeta(sha256=SHA_A, size=1)})
+    )
+    assert tree.children("") == ["d"] and tree.children("d") == ["a"]
+    # Names only added (a mirror's MKD, another session's uploads): the listing has them at once.
+    meta = FileMeta(sha256=SHA_B, size=2)
+    tree.apply_changes(_diff(2, {"d/b": meta, "n/m/c": meta, "d/a": meta}, {"e": True, "n": True}))
+    assert tree.children("") == ["d", "e", "n"]
+    assert tree.children("d") == ["a", "b"]
+    assert tree.children("n") == ["m"] and tree.children("n/m") == ["c"] and tree.children("e") == []
+    assert tree.is_dir("n/m") and tree.files["d/a"].sha256 == SHA_B
+    # A removal, and a file where a directory was: the listing is right too.
+    tree.apply_changes(_diff(3, {"d/b": None, "e": meta}, {}))
+    assert tree.children("d") == ["a"] and tree.children("") == ["d", "e", "n"]
+    assert tree.is_file("e") and not tree.is_dir("e")
+    tree.apply_changes(_diff(4, {"n/m/c": None, "n/m": None}, {}))  # a gone directory maps to None
+    assert tree.children("n") == [] and not tree.is_dir("n/m") and tree.version == 4

@@ -143,7 +143,8 @@ class Journal:
     async def _fsync(self) -> None:
         try:
             target = self.written
-            await asyncio.to_thread(os.fdatasync, self._fd)
+            # run_in_executor, not to_thread: nothing here needs the caller's context copied.
+            await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, self._fd)
             self._synced = max(self._synced, target)
         finally:
             self._flush = None

@@ -85,15 +85,18 @@ class Tree:
 
     def put(self, rel: str, info: FileInfo, version: int, total_bytes: int) -> None:
         if rel not in self.files:
-            # The index learns the new name and any new parents (rebuilding it would cost a pass over
-            # the whole site for every file a mirror adds).
-            self._add_child(rel)
-            for parent in _parents(rel):
-                if parent not in self.dirs:
-                    self.dirs.add(parent)
-                    self._add_child(parent)
+            self._learn(rel)
         self.files[rel] = info
         self.version, self.total_bytes, self.mtime = version, total_bytes, max(self.mtime, info.mtime)
+
+    def _learn(self, path: str) -> None:
+        """The index learns a new name and any new parents (rebuilding it would cost a pass over the
+        whole site for every file a mirror adds)."""
+        self._add_child(path)
+        for parent in _parents(path):
+            if parent not in self.dirs:
+                self.dirs.add(parent)
+                self._add_child(parent)
 
     def _add_child(self, path: str) -> None:
         if self._children is not None:
@@ -102,17 +105,31 @@ class Tree:
 
     def apply_changes(self, changes: VersionDiff) -> None:
         """Bring the tree to a newer version from the fileserver's list of changed paths."""
+        # Names only added (a mirror's MKD, another session's uploads) go into the index as they come;
+        # anything removed, or a file where a directory was, makes it be rebuilt when next asked.
+        keep_index = all(changes.dirs.values())
         for path, entry in changes.files.items():
             if entry is None:
+                keep_index = False
                 if self.files.pop(path, None) is None:
                     self.dirs.discard(path)
             else:
-                self.dirs.discard(path)
+                if path in self.dirs:
+                    keep_index = False
+                    self.dirs.discard(path)
+                elif path not in self.files:
+                    self._learn(path)
                 self.files[path] = FileInfo(entry.size, entry.mtime, entry.sha256)
                 self.mtime = max(self.mtime, entry.mtime)
-        self.dirs.update(changes.new_dirs)
+        for path in changes.new_dirs:
+            if path not in self.dirs:
+                if path in self.files:
+                    keep_index = False
+                self._learn(path)
+                self.dirs.add(path)
         self.version, self.total_bytes = changes.version, changes.total_bytes
-        self._children = None
+        if not keep_index:
+            self._children = None
 
     def is_dir(self, rel: str) -> bool:
         return rel in self.dirs

@@ -13,6 +13,7 @@ to login, and failed logins throttled per account and address (:mod:`roles.publi
 from __future__ import annotations
 
 import errno
+import logging
 import random
 import socket
 import ssl
@@ -52,6 +53,19 @@ _AUTH_FAILED = "authentication failed"
 _DRAIN_BYTES = 256 * 1024 * 1024
 _DRAIN_SECONDS = 60.0
 _PROTO_CMDS = {cmd: spec for cmd, spec in TLS_FTPHandler.proto_cmds.items() if cmd != "MFMT"}
+
+
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_FTPLIB_LOG = logging.getLogger("pyftpdlib")  # pyftpdlib's own logger, typed
+
+
+def _short_repr(obj: Any, full: Any) -> str:
+    """pyftpdlib formats ``repr(self)`` into its debug lines before the logger drops them (on every
+    close, several times per uploaded file); the full one, which asks the socket for its details, only
+    when those lines are kept."""
+    if _FTPLIB_LOG.isEnabledFor(logging.DEBUG):
+        return str(full())
+    return f"<{type(obj).__name__} at {id(obj):#x}>"
 
 
 def ftp_reply(err: SitecloudError) -> str:
@@ -165,6 +179,9 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
     cmd_channel: Any
     tot_bytes_received: int
     tot_bytes_sent: int
+
+    def __repr__(self) -> str:
+        return _short_repr(self, super().__repr__)
 
     def __init__(self, sock: Any, cmd_channel: Any) -> None:
         self._broken = False
@@ -303,6 +320,9 @@ class _PassiveListener(FTPHandler.passive_dtp):  # type: ignore[misc]  # pyftpdl
     socket: Any
     cmd_channel: Any
 
+    def __repr__(self) -> str:
+        return _short_repr(self, super().__repr__)
+
     def listen(self, num: int) -> None:
         host, taken = self.socket.getsockname()[:2]
         ports = [p for p in (self.cmd_channel.passive_ports or ()) if p != taken]
@@ -398,6 +418,14 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
             f"421 Too many connections from your address (at most {limit}); close some and try again."
         )
         self.close_when_done()
+
+    def log(self, msg: str, logfun: Any = pyftpdlib_logger.info) -> None:
+        # pyftpdlib builds the line (its prefix from the session's attributes) before the logger looks
+        # at its level: for every reply (at DEBUG) and transfer (at INFO), mostly for nothing.
+        level = _LOG_LEVELS.get(getattr(logfun, "__name__", ""))
+        owner = getattr(logfun, "__self__", None)
+        if level is None or owner is not _FTPLIB_LOG or _FTPLIB_LOG.isEnabledFor(level):
+            super().log(msg, logfun)
 
     # --- login
 
