@@ -32,7 +32,7 @@ from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import Credentials, SiteInfo, SiteTable
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
-from roles.publisher.zipsafe import ZipMember, check_zip, copy_member, open_zip
+from roles.publisher.zipsafe import ZipMember, check_zip, copy_member, open_zip, read_member
 from shared.contracts.content import CommitOp, DeployResult, PathOp, PutOp
 from shared.errors import (
     InvalidInput,
@@ -67,6 +67,11 @@ NDJSON = "application/x-ndjson"
 
 def _ndjson(line: dict[str, Any]) -> bytes:
     return json.dumps(line).encode() + b"\n"
+
+
+def _put(member: ZipMember, sha256: str) -> PutOp:
+    # Built without checks: check_zip checked the path, and the fileserver named the blob.
+    return PutOp.model_construct(path=member.path, sha256=sha256, mtime=member.mtime)
 
 
 @web.middleware
@@ -424,24 +429,24 @@ class Deployer:
                     if batch:
                         stored = client.upload_blobs(site.name, [data for _, data in batch])
                         for (member, _), blob in zip(batch, stored, strict=True):
-                            ops.append(PutOp(path=member.path, sha256=blob.sha256, mtime=member.mtime))
+                            ops.append(_put(member, blob.sha256))
                         batch.clear()
                         batch_bytes = 0
 
                 for member in plan.files:
-                    member_file.seek(0)
-                    member_file.truncate()
-                    copy_member(zf, member, member_file)
-                    member_file.seek(0)
                     if member.size <= _BATCH_FILE:
-                        # Small files travel many to a request.
-                        batch.append((member, member_file.read()))
+                        # Small files travel many to a request, straight from memory.
+                        batch.append((member, read_member(zf, member)))
                         batch_bytes += member.size
                         if batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_FILES:
                             send_batch()
                         continue
+                    member_file.seek(0)
+                    member_file.truncate()
+                    copy_member(zf, member, member_file)
+                    member_file.seek(0)
                     blob = client.upload_blob(site.name, member_file)
-                    ops.append(PutOp(path=member.path, sha256=blob.sha256, mtime=member.mtime))
+                    ops.append(_put(member, blob.sha256))
                 send_batch()
                 uploaded = time.monotonic()
                 answer = client.commit(site.name, ops, replace=True)
