@@ -98,11 +98,13 @@ class Manifest(Contract):
 
 
 class VersionDiff(Contract):
-    """``GET /v1/sites/{site}/diff?since=N[&version=M]``: the paths that differ between two versions.
+    """``GET /v1/sites/{site}/diff?since=N[&version=M][&limit=L]``: the paths that differ between two
+    versions.
 
     A file maps to what it became, or None when it is gone (a gone directory too); ``dirs`` holds the
     directories that are new. ``whole`` says a deploy or rollback came in between: the site flipped
-    whole, so a worker builds the version anew instead of changing its copy file by file.
+    whole, so a worker builds the version anew instead of changing its copy file by file. With
+    ``limit``, a whole difference or one of more than L paths comes as ``whole`` without its paths.
     """
 
     site: SiteName
