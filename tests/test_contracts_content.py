@@ -29,6 +29,8 @@ from shared.contracts.content import (
     SiteVersions,
     VersionDiff,
     VersionList,
+    encode_blob_batch,
+    encode_commit,
     encode_diff,
     encode_manifest,
     over_quota,
@@ -79,6 +81,28 @@ def test_a_diff_round_trips_with_gone_files_and_new_directories() -> None:
     assert diff.files == {"old.html": None, "new.html": FileMeta(sha256=SHA_A, size=10, mtime=5.0)}
     assert diff.new_dirs == ["assets"] and not diff.whole
     assert diff.to_json() == json.loads(raw)
+
+
+def test_a_deploy_commit_and_a_batch_answer_round_trip() -> None:
+    raw = encode_commit(
+        [("index.html", SHA_A, 1700000000.5), ("img/logo.png", SHA_B, None)],
+        ops=[PathOp(op="mkdir", path="empty")],
+        replace=True,
+    )
+    commit = CommitRequest.parse_json(raw)
+    assert commit.ops == [
+        PathOp(op="mkdir", path="empty"),
+        PutOp(path="index.html", sha256=SHA_A, mtime=1700000000.5),
+        PutOp(path="img/logo.png", sha256=SHA_B),
+    ]
+    assert commit.replace and commit.source == "deploy"
+    assert commit.to_json() == json.loads(raw)
+    # What the encoder writes is still checked where it arrives.
+    assert "climbs out of the site root" in _refusal(
+        CommitRequest, json.loads(encode_commit([("../x", SHA_A, None)], replace=True))
+    )
+    batch = BlobBatchStored.parse_json(encode_blob_batch([(SHA_A, 1), (SHA_B, 2)]))
+    assert [(b.sha256, b.size) for b in batch.blobs] == [(SHA_A, 1), (SHA_B, 2)]
 
 
 def test_manifest_paths_are_checked_by_the_one_path_boundary() -> None:

@@ -11,7 +11,7 @@ from roles.fileserver._zip import stream_zip
 from roles.fileserver.feed import MAX_WAIT
 from roles.fileserver.store import ContentStore
 from shared.config import ROLE_KINDS
-from shared.contracts.content import BlobFetch, CommitRequest, RollbackRequest
+from shared.contracts.content import BlobFetch, CommitRequest, RollbackRequest, encode_blob_batch
 from shared.errors import BadRequest, InvalidInput, QuotaExceeded
 from shared.internal import json_error, require_role
 
@@ -106,8 +106,7 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
             response = json_error(err)
             response.force_close()
             return response
-        # Encoded by pydantic in one pass: the answer names every blob of the batch.
-        return web.Response(body=answer.model_dump_json(), content_type="application/json")
+        return web.Response(body=encode_blob_batch(answer), content_type="application/json")
 
     async def put_file(request: web.Request) -> web.Response:
         require_role(request, *_WRITERS)

@@ -176,12 +176,16 @@ class SiteDir:
         entries: list[tuple[str, int, int]] = []
         seen: set[str] = set()
         loose = str(self.blobs)
+        # Only a folder of loose blobs that exists can hold one: no stat for most blobs of a packed site.
+        try:
+            folders = set(os.listdir(loose))
+        except FileNotFoundError:
+            folders = set()
         for sha, data in blobs:
             if sha in known or sha in seen:
                 continue
-            # A plain string path: pathlib's own cost was most of this loop's.
             path = f"{loose}/{sha[:2]}/{sha}"
-            if os.path.isfile(path):
+            if sha[:2] in folders and os.path.isfile(path):
                 os.utime(path)  # about to be committed again: spared by the GC
                 continue
             seen.add(sha)

@@ -35,7 +35,6 @@ from roles.fileserver.config import FileserverConfig
 from roles.fileserver.feed import ChangeFeed
 from shared.contracts.content import (
     BLOB_BATCH_MAX,
-    BlobBatchStored,
     BlobStored,
     CommitAnswer,
     CommitOp,
@@ -559,11 +558,12 @@ class ContentStore:
         self.blob_bytes_received += upload.size
         return BlobStored(sha256=sha, size=upload.size)
 
-    async def upload_blobs(self, name: str, chunks: AsyncIterator[bytes]) -> BlobBatchStored:
+    async def upload_blobs(self, name: str, chunks: AsyncIterator[bytes]) -> list[tuple[str, int]]:
         """Store many small blobs sent in one body as ``size (8 bytes, big-endian) | bytes`` frames.
 
         Like single small blobs they get no fsync of their own: the commit that uses them makes them
         durable with one syncfs, so a deploy of thousands of files costs one round trip per batch.
+        Returns each blob's sha256 and size, in the order sent.
         """
         site = self.site(name)
         buffer = bytearray()
@@ -594,10 +594,7 @@ class ContentStore:
             site.unsynced.update(sha for sha, _ in stored)
         self.blobs_received += len(stored)
         self.blob_bytes_received += sum(size for _, size in stored)
-        # Built without checks: this store named each blob from its bytes.
-        return BlobBatchStored.model_construct(
-            blobs=[BlobStored.model_construct(sha256=sha, size=size) for sha, size in stored]
-        )
+        return stored
 
     async def put_file(
         self, name: str, path: str, chunks: AsyncIterator[bytes], length: int | None

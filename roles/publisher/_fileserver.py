@@ -233,12 +233,13 @@ class FileserverClient:
         source: Literal["ftp", "deploy"] = "deploy",
     ) -> CommitAnswer:
         """Apply ``ops`` all or nothing as one new version."""
-        # Encoded by pydantic in one pass: a deploy's commit holds an op per file.
         body = CommitRequest(ops=list(ops), replace=replace, source=source).model_dump_json(by_alias=True)
+        return self.commit_encoded(site, body.encode())
+
+    def commit_encoded(self, site: str, body: bytes) -> CommitAnswer:
+        """:meth:`commit` of a :class:`CommitRequest` already in JSON (see ``encode_commit``)."""
         return parse_answer(
-            CommitAnswer,
-            self._json("POST", f"{self._site(site)}/commit", body=body.encode()),
-            peer=self.base_url,
+            CommitAnswer, self._json("POST", f"{self._site(site)}/commit", body=body), peer=self.base_url
         )
 
 

@@ -6,7 +6,9 @@ Paths are checked by :data:`~shared.contracts.fields.SitePath` on the way in, so
 one that climbs out of a site. The two big messages, a manifest and a diff of a site of 20,000 files,
 are written by :func:`encode_manifest` and :func:`encode_diff`: building a model per file on the
 producer costs about ten times the plain JSON encoding of the same shape, and the fileserver checked
-every path when it was written. The round-trip tests hold the encoders and the models to one shape.
+every path when it was written. So are a deploy's commit (:func:`encode_commit`, its paths checked by
+the zip's trust boundary; the fileserver checks them again) and the answer to a batch of blobs
+(:func:`encode_blob_batch`). The round-trip tests hold the encoders and the models to one shape.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ __all__ = [
     "VersionDiff",
     "VersionEntry",
     "VersionList",
+    "encode_blob_batch",
+    "encode_commit",
     "encode_diff",
     "encode_manifest",
     "over_quota",
@@ -324,6 +328,29 @@ class CommitRequest(Contract):
     ops: Annotated[list[CommitOp], Field(max_length=COMMIT_OPS_MAX)]
     replace: bool = False
     source: Literal["ftp", "deploy"] = "deploy"
+
+
+def encode_commit(
+    puts: Iterable[tuple[str, str, float | None]],
+    *,
+    ops: Iterable[CommitOp] = (),
+    replace: bool,
+    source: Literal["ftp", "deploy"] = "deploy",
+) -> bytes:
+    """A :class:`CommitRequest` as JSON: ``ops``, then a put per ``(path, sha256, mtime)``, written
+    without a model per file."""
+    body = {
+        "ops": [op.to_json() for op in ops]
+        + [{"op": "put", "path": path, "sha256": sha, "mtime": mtime} for path, sha, mtime in puts],
+        "replace": replace,
+        "source": source,
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def encode_blob_batch(blobs: Iterable[tuple[str, int]]) -> bytes:
+    """A :class:`BlobBatchStored` of ``(sha256, size)`` pairs as JSON, written without a model per blob."""
+    return json.dumps({"blobs": [{"sha256": sha, "size": size} for sha, size in blobs]}).encode()
 
 
 class CommitAnswer(Contract):
