@@ -22,6 +22,7 @@ import json
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
 from aiohttp import BasicAuth, web
@@ -417,18 +418,31 @@ class Deployer:
             with (
                 FileserverClient(self._sites.fileserver, self._ssl) as client,
                 tempfile.TemporaryFile(prefix="sitecloud-member-") as member_file,
+                # One batch is stored by the fileserver while the next is read from the zip.
+                ThreadPoolExecutor(1, thread_name_prefix="deploy-send") as sender,
             ):
                 batch: list[tuple[ZipMember, bytes]] = []
                 batch_bytes = 0
+                sending: Future[None] | None = None
+
+                def upload(sent: list[tuple[ZipMember, bytes]]) -> None:
+                    stored = client.upload_blobs(site.name, [data for _, data in sent])
+                    for (member, _), blob in zip(sent, stored, strict=True):
+                        puts.append((member.path, blob.sha256, member.mtime))
+
+                def sent() -> None:
+                    # The client's one connection is free again (and a refusal is raised here).
+                    nonlocal sending
+                    if sending is not None:
+                        done, sending = sending, None
+                        done.result()
 
                 def send_batch() -> None:
-                    nonlocal batch_bytes
+                    nonlocal batch, batch_bytes, sending
                     if batch:
-                        stored = client.upload_blobs(site.name, [data for _, data in batch])
-                        for (member, _), blob in zip(batch, stored, strict=True):
-                            puts.append((member.path, blob.sha256, member.mtime))
-                        batch.clear()
-                        batch_bytes = 0
+                        sent()
+                        sending = sender.submit(upload, batch)
+                        batch, batch_bytes = [], 0
 
                 for member in plan.files:
                     if member.size <= _BATCH_FILE:
@@ -442,9 +456,11 @@ class Deployer:
                     member_file.truncate()
                     copy_member(zf, member, member_file)
                     member_file.seek(0)
+                    sent()
                     blob = client.upload_blob(site.name, member_file)
                     puts.append((member.path, blob.sha256, member.mtime))
                 send_batch()
+                sent()
                 uploaded = time.monotonic()
                 answer = client.commit_encoded(site.name, encode_commit(puts, ops=ops, replace=True))
         result = DeployResult(
