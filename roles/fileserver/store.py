@@ -667,7 +667,8 @@ class ContentStore:
             header: dict[str, Any] = {"v": version, "t": now, "src": source, "replace": replace, "ops": done}
             if data:
                 header["blob"] = blob[0] if blob else None
-            offset = await self._append(site, Record(header, data))
+            # A deploy's record (an op per file) is encoded and written off the loop.
+            offset = await self._append(site, Record(header, data), in_thread=len(done) > _INLINE_OPS)
             site.records[version] = record
             self._prune(site)
             site.head, site.head_version = tree, version
@@ -701,11 +702,14 @@ class ContentStore:
         await self._publish(site, site.journal, offset, number, tree)
         return RollbackAnswer(version=number, total_bytes=tree.total_bytes, rolled_back_to=target)
 
-    async def _append(self, site: _Site, record: Record) -> int:
+    async def _append(self, site: _Site, record: Record, *, in_thread: bool = False) -> int:
         if site.journal is None:
             journal = Journal(site.disk.journal)
             await asyncio.to_thread(journal.open)
             site.journal = journal
+        if in_thread:
+            # Safe under the site's lock: the only appender, and no compaction meanwhile.
+            return await asyncio.to_thread(site.journal.append, record)
         return site.journal.append(record)
 
     def _keep(self, site: _Site) -> int:
