@@ -83,6 +83,28 @@ def test_a_diff_round_trips_with_gone_files_and_new_directories() -> None:
     assert diff.to_json() == json.loads(raw)
 
 
+def test_the_encoders_write_any_name_and_time_as_json_would() -> None:
+    odd = [
+        ('say "hi"/caf\u00e9 \u2603.html', FileMeta(sha256=SHA_A, size=3, mtime=0.1 + 0.2)),
+        ("plain.html", FileMeta(sha256=SHA_B, size=0, mtime=1e-7)),
+        ("big.bin", FileMeta(sha256=SHA_B, size=2**40, mtime=-1.5)),
+    ]
+    raw = encode_manifest("blog", 1, 3, odd, ["e \u00e9"])
+    files = {path: {"sha256": e.sha256, "size": e.size, "mtime": e.mtime} for path, e in odd}
+    assert json.loads(raw) == {
+        "site": "blog",
+        "version": 1,
+        "total_bytes": 3,
+        "files": files,
+        "dirs": ["e \u00e9"],
+    }
+    assert Manifest.parse_json(raw).files == dict(odd)
+    gone = [*odd, ("old.html", None)]
+    diff = encode_diff("blog", since=1, version=2, total_bytes=3, whole=False, files=gone, dirs=["e"])
+    assert json.loads(diff)["files"] == {**files, "old.html": None}
+    assert VersionDiff.parse_json(diff).files == dict(gone)
+
+
 def test_a_deploy_commit_and_a_batch_answer_round_trip() -> None:
     raw = encode_commit(
         [("index.html", SHA_A, 1700000000.5), ("img/logo.png", SHA_B, None)],

@@ -14,8 +14,10 @@ the zip's trust boundary; the fileserver checks them again) and the answer to a 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
-from typing import Annotated, Any, Literal, Protocol
+from json.encoder import encode_basestring_ascii as _string
+from typing import Annotated, Literal, Protocol
 
 from pydantic import ConfigDict, Field
 from typing_extensions import TypedDict
@@ -133,8 +135,17 @@ def _path_of(item: tuple[str, object]) -> str:
     return item[0]
 
 
-def _file_json(entry: _FileFacts) -> dict[str, Any]:
-    return {"sha256": entry.sha256, "size": entry.size, "mtime": entry.mtime}
+def _file_json(entry: _FileFacts) -> str:
+    """A file's JSON object, formatted directly: a dict per file for ``json.dumps`` cost three times more."""
+    mtime = entry.mtime
+    number = repr(float(mtime)) if math.isfinite(mtime) else json.dumps(mtime)
+    return f'{{"sha256":{_string(entry.sha256)},"size":{int(entry.size)},"mtime":{number}}}'
+
+
+def _files_json(files: Iterable[tuple[str, _FileFacts | None]]) -> str:
+    return ",".join(
+        [f"{_string(path)}:{'null' if entry is None else _file_json(entry)}" for path, entry in files]
+    )
 
 
 def encode_manifest(
@@ -145,14 +156,9 @@ def encode_manifest(
     dirs: Iterable[str],
 ) -> bytes:
     """A :class:`Manifest` as JSON, written without a model per file (see the module's docstring)."""
-    body = {
-        "site": site,
-        "version": version,
-        "total_bytes": total_bytes,
-        "files": {path: _file_json(entry) for path, entry in sorted(files, key=_path_of)},
-        "dirs": sorted(dirs),
-    }
-    return json.dumps(body).encode()
+    head = json.dumps({"site": site, "version": version, "total_bytes": total_bytes})
+    body = f'{head[:-1]},"files":{{{_files_json(sorted(files, key=_path_of))}}},"dirs":{json.dumps(sorted(dirs))}}}'
+    return body.encode()
 
 
 def encode_diff(
@@ -166,16 +172,11 @@ def encode_diff(
     dirs: Iterable[str],
 ) -> bytes:
     """A :class:`VersionDiff` as JSON, written without a model per file."""
-    body = {
-        "site": site,
-        "since": since,
-        "version": version,
-        "total_bytes": total_bytes,
-        "whole": whole,
-        "files": {path: None if entry is None else _file_json(entry) for path, entry in files},
-        "dirs": dict.fromkeys(dirs, True),
-    }
-    return json.dumps(body).encode()
+    head = json.dumps(
+        {"site": site, "since": since, "version": version, "total_bytes": total_bytes, "whole": whole}
+    )
+    dirs_json = json.dumps(dict.fromkeys(dirs, True))
+    return f'{head[:-1]},"files":{{{_files_json(files)}}},"dirs":{dirs_json}}}'.encode()
 
 
 # --- what a site holds, and its versions
