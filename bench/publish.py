@@ -169,8 +169,12 @@ def main() -> int:
                 file=sys.stderr,
             )
             # Where the time went, as the roles log it.
-            for line in (publisher.log() + stack.worker.log()).splitlines():
-                if "deployed as version" in line or ("serving version" in line and "fetched in" in line):
+            for line in (publisher.log() + stack.fileserver.log() + stack.worker.log()).splitlines():
+                if (
+                    "deployed as version" in line
+                    or "ops applied in" in line
+                    or ("serving version" in line and "fetched in" in line)
+                ):
                     print("   ", line.strip()[-160:], file=sys.stderr)
 
             ftp = ftplib.FTP(timeout=30)
