@@ -80,8 +80,8 @@ def _utf8_name(info: zipfile.ZipInfo) -> str:
     zipfile then reads them as CP437; names that are not UTF-8 at all are refused (a worker could not
     serve them under the name the client meant)."""
     name = info.orig_filename
-    if info.flag_bits & _UTF8_FLAG:
-        return name
+    if info.flag_bits & _UTF8_FLAG or name.isascii():
+        return name  # (an ASCII name reads the same in CP437 and UTF-8)
     try:
         return name.encode("cp437").decode("utf-8")
     except UnicodeEncodeError:
