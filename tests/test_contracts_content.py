@@ -123,6 +123,12 @@ def test_a_deploy_commit_and_a_batch_answer_round_trip() -> None:
     assert "climbs out of the site root" in _refusal(
         CommitRequest, json.loads(encode_commit([("../x", SHA_A, None)], replace=True))
     )
+    assert json.loads(encode_commit([], replace=False, source="ftp")) == {
+        "ops": [],
+        "replace": False,
+        "source": "ftp",
+    }
+    assert json.loads(encode_blob_batch([])) == {"blobs": []}
     batch = BlobBatchStored.parse_json(encode_blob_batch([(SHA_A, 1), (SHA_B, 2)]))
     assert [(b.sha256, b.size) for b in batch.blobs] == [(SHA_A, 1), (SHA_B, 2)]
 

@@ -137,9 +137,14 @@ def _path_of(item: tuple[str, object]) -> str:
 
 def _file_json(entry: _FileFacts) -> str:
     """A file's JSON object, formatted directly: a dict per file for ``json.dumps`` cost three times more."""
-    mtime = entry.mtime
-    number = repr(float(mtime)) if math.isfinite(mtime) else json.dumps(mtime)
-    return f'{{"sha256":{_string(entry.sha256)},"size":{int(entry.size)},"mtime":{number}}}'
+    return f'{{"sha256":{_string(entry.sha256)},"size":{int(entry.size)},"mtime":{_number(entry.mtime)}}}'
+
+
+def _number(value: float | None) -> str:
+    """A float as ``json.dumps`` writes it."""
+    if value is None:
+        return "null"
+    return repr(float(value)) if math.isfinite(value) else json.dumps(value)
 
 
 def _files_json(files: Iterable[tuple[str, _FileFacts | None]]) -> str:
@@ -340,18 +345,20 @@ def encode_commit(
 ) -> bytes:
     """A :class:`CommitRequest` as JSON: ``ops``, then a put per ``(path, sha256, mtime)``, written
     without a model per file."""
-    body = {
-        "ops": [op.to_json() for op in ops]
-        + [{"op": "put", "path": path, "sha256": sha, "mtime": mtime} for path, sha, mtime in puts],
-        "replace": replace,
-        "source": source,
-    }
-    return json.dumps(body, separators=(",", ":")).encode()
+    # Formatted directly: no dict per file (nor the garbage collections their thousands set off).
+    written = [json.dumps(op.to_json(), separators=(",", ":")) for op in ops]
+    written += [
+        f'{{"op":"put","path":{_string(path)},"sha256":{_string(sha)},"mtime":{_number(mtime)}}}'
+        for path, sha, mtime in puts
+    ]
+    tail = json.dumps({"replace": replace, "source": source}, separators=(",", ":"))
+    return f'{{"ops":[{",".join(written)}],{tail[1:]}'.encode()
 
 
 def encode_blob_batch(blobs: Iterable[tuple[str, int]]) -> bytes:
     """A :class:`BlobBatchStored` of ``(sha256, size)`` pairs as JSON, written without a model per blob."""
-    return json.dumps({"blobs": [{"sha256": sha, "size": size} for sha, size in blobs]}).encode()
+    written = ",".join([f'{{"sha256":{_string(sha)},"size":{int(size)}}}' for sha, size in blobs])
+    return f'{{"blobs":[{written}]}}'.encode()
 
 
 class CommitAnswer(Contract):
