@@ -24,6 +24,7 @@ import time
 import zipfile
 from pathlib import Path
 
+from bench._cpu import CpuMeter
 from bench._doc import write_section
 from bench._stack import SITE, SitecloudStack
 from bench.harness.clients import SiteConnection
@@ -142,6 +143,9 @@ def main() -> int:
             conn = http.client.HTTPSConnection("localhost", config.deploy_port, context=pki.client_ssl(None))
             token = base64.b64encode(f"{SITE}:{PASSWORD}".encode()).decode()
             spies = _spy(args.profile, {"publisher": publisher, **stack.roles()})
+            roles = {"publisher": publisher, **stack.roles()}
+            meter = CpuMeter({name: [role.proc.pid] for name, role in roles.items() if role.proc is not None})
+            meter.start()
             started = time.perf_counter()
             conn.request(
                 "POST",
@@ -155,14 +159,22 @@ def main() -> int:
                 raise RuntimeError(f"deploy answered {resp.status}: {answer[:300]!r}")
             deployed = time.perf_counter() - started
             served = reader.wait_for(f"/{last_path}", last_data) - started
+            cpu = meter.stop()
             _stop_spies(spies)
             print(
-                f"  zip deploy of {FILES} files: answered {deployed:.2f} s, served {served:.2f} s",
+                f"  zip deploy of {FILES} files: answered {deployed:.2f} s, served {served:.2f} s "
+                f"(load {os.getloadavg()[0]:.1f}; CPU s until served: "
+                + ", ".join(f"{name} {seconds:.2f}" for name, seconds in cpu.items())
+                + ")",
                 file=sys.stderr,
             )
             # Where the time went, as the roles log it.
-            for line in (publisher.log() + stack.worker.log()).splitlines():
-                if "deployed as version" in line or ("serving version" in line and "fetched in" in line):
+            for line in (publisher.log() + stack.fileserver.log() + stack.worker.log()).splitlines():
+                if (
+                    "deployed as version" in line
+                    or "ops applied in" in line
+                    or ("serving version" in line and "fetched in" in line)
+                ):
                     print("   ", line.strip()[-160:], file=sys.stderr)
 
             ftp = ftplib.FTP(timeout=30)

@@ -29,6 +29,8 @@ from shared.contracts.content import (
     SiteVersions,
     VersionDiff,
     VersionList,
+    encode_blob_batch,
+    encode_commit,
     encode_diff,
     encode_manifest,
     over_quota,
@@ -79,6 +81,56 @@ def test_a_diff_round_trips_with_gone_files_and_new_directories() -> None:
     assert diff.files == {"old.html": None, "new.html": FileMeta(sha256=SHA_A, size=10, mtime=5.0)}
     assert diff.new_dirs == ["assets"] and not diff.whole
     assert diff.to_json() == json.loads(raw)
+
+
+def test_the_encoders_write_any_name_and_time_as_json_would() -> None:
+    odd = [
+        ('say "hi"/caf\u00e9 \u2603.html', FileMeta(sha256=SHA_A, size=3, mtime=0.1 + 0.2)),
+        ("plain.html", FileMeta(sha256=SHA_B, size=0, mtime=1e-7)),
+        ("big.bin", FileMeta(sha256=SHA_B, size=2**40, mtime=-1.5)),
+    ]
+    raw = encode_manifest("blog", 1, 3, odd, ["e \u00e9"])
+    files = {path: {"sha256": e.sha256, "size": e.size, "mtime": e.mtime} for path, e in odd}
+    assert json.loads(raw) == {
+        "site": "blog",
+        "version": 1,
+        "total_bytes": 3,
+        "files": files,
+        "dirs": ["e \u00e9"],
+    }
+    assert Manifest.parse_json(raw).files == dict(odd)
+    gone = [*odd, ("old.html", None)]
+    diff = encode_diff("blog", since=1, version=2, total_bytes=3, whole=False, files=gone, dirs=["e"])
+    assert json.loads(diff)["files"] == {**files, "old.html": None}
+    assert VersionDiff.parse_json(diff).files == dict(gone)
+
+
+def test_a_deploy_commit_and_a_batch_answer_round_trip() -> None:
+    raw = encode_commit(
+        [("index.html", SHA_A, 1700000000.5), ("img/logo.png", SHA_B, None)],
+        ops=[PathOp(op="mkdir", path="empty")],
+        replace=True,
+    )
+    commit = CommitRequest.parse_json(raw)
+    assert commit.ops == [
+        PathOp(op="mkdir", path="empty"),
+        PutOp(path="index.html", sha256=SHA_A, mtime=1700000000.5),
+        PutOp(path="img/logo.png", sha256=SHA_B),
+    ]
+    assert commit.replace and commit.source == "deploy"
+    assert commit.to_json() == json.loads(raw)
+    # What the encoder writes is still checked where it arrives.
+    assert "climbs out of the site root" in _refusal(
+        CommitRequest, json.loads(encode_commit([("../x", SHA_A, None)], replace=True))
+    )
+    assert json.loads(encode_commit([], replace=False, source="ftp")) == {
+        "ops": [],
+        "replace": False,
+        "source": "ftp",
+    }
+    assert json.loads(encode_blob_batch([])) == {"blobs": []}
+    batch = BlobBatchStored.parse_json(encode_blob_batch([(SHA_A, 1), (SHA_B, 2)]))
+    assert [(b.sha256, b.size) for b in batch.blobs] == [(SHA_A, 1), (SHA_B, 2)]
 
 
 def test_manifest_paths_are_checked_by_the_one_path_boundary() -> None:

@@ -26,6 +26,30 @@ def _tree(*ops: dict[str, str]) -> Tree:
     return tree
 
 
+def test_puts_after_a_folder_moved_or_went_land_where_their_path_says() -> None:
+    # Puts into one folder reuse it; a rename or rmdir in between must not send them to the old one.
+    sha = "a" * 64
+    tree = _tree(
+        {"op": "put", "path": "a/x", "sha256": sha},
+        {"op": "rename", "from": "a", "to": "b"},
+        {"op": "put", "path": "a/y", "sha256": sha},
+        {"op": "put", "path": "c/z", "sha256": sha},
+        {"op": "delete", "path": "c/z"},
+        {"op": "rmdir", "path": "c"},
+        {"op": "put", "path": "c/w", "sha256": sha},
+    )
+    assert set(tree.files) == {"b/x", "a/y", "c/w"}
+    assert tree.file_count == 3
+    # A frozen tree's folders belong to no change: a later change of it copies them first.
+    tree.freeze(lambda digest, data: None)
+    before = set(tree.begin().files)
+    later = tree.begin()
+    apply_ops(later, _ops({"op": "put", "path": "c/v", "sha256": sha}), blob_size=lambda sha: 1, now=1.0)
+    assert set(later.files) == before | {"c/v"} and set(tree.files) == before
+    with pytest.raises(InvalidInput, match="it is a directory"):
+        apply_ops(later, _ops({"op": "put", "path": "c", "sha256": sha}), blob_size=lambda sha: 1, now=1.0)
+
+
 def test_directory_rename_moves_the_subtree_and_only_it() -> None:
     sha = "a" * 64
     tree = _tree(

@@ -281,6 +281,15 @@ def test_versions_and_rollback(pair: Pair) -> None:
     status, body = pair.api("GET", f"/diff?since={newest['version']}&version={back['version']}")
     assert status == 200, body
     assert set(body["files"]) == {"index.html", "d00/f0000.html"} and body["whole"] is True
+    # Asked with a limit, a whole difference comes without its paths (the worker builds anew), and
+    # so does one longer than the limit; a shorter one comes as it is.
+    status, body = pair.api("GET", f"/diff?since={newest['version']}&version={back['version']}&limit=100")
+    assert status == 200 and body["whole"] is True and body["files"] == {} and body["dirs"] == {}, body
+    status, body = pair.api("GET", f"/diff?since={one}&version={newest['version']}&limit=1")
+    assert status == 200 and body["whole"] is True and body["files"] == {}, body
+    status, body = pair.api("GET", f"/diff?since={one}&version={newest['version']}&limit=2")
+    assert status == 200 and body["whole"] is False, body
+    assert set(body["files"]) == {"index.html", "d00/f0000.html"}
 
     status, body = pair.api("POST", "/rollback", body={"version": 10_000})
     assert status == 404 and "kept versions" in body["error"]["hint"], body

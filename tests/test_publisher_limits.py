@@ -10,10 +10,13 @@ import json
 import threading
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from roles.controller.config import CloudConfig
 from roles.controller.home import CloudHome
@@ -22,7 +25,7 @@ from roles.publisher.config import PublisherConfig
 from roles.publisher.zipsafe import check_zip
 from shared.errors import InvalidInput
 from shared.net import free_port_range
-from shared.paths import MAX_NAME_BYTES, MAX_PATH_BYTES, site_relpath
+from shared.paths import MAX_NAME_BYTES, MAX_PATH_BYTES, _normalise, site_relpath
 from tests.support import CloudPKI, RoleProcess
 
 
@@ -135,6 +138,32 @@ def test_names_up_to_255_bytes_are_fine(path: str, expected: str) -> None:
 def test_names_no_worker_could_hold_are_refused(path: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         site_relpath(path)
+
+
+_TRICKY = st.text(alphabet=st.sampled_from(list("ab./\\:\x00\x1f\x7f \ufffd\udcffé")), max_size=12)
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True)
+@given(
+    st.one_of(
+        _TRICKY,
+        st.lists(
+            st.sampled_from(["a", ".", "..", "", "c:", "a" * 255, "a" * 256, "é" * 128]), max_size=6
+        ).map("/".join),
+    ),
+    st.booleans(),
+)
+def test_the_quick_path_check_agrees_with_the_full_walk(path: str, allow_root: bool) -> None:
+    # Plain paths skip the walk over names; whatever the walk refuses or rewrites must still be.
+    def outcome(check: Callable[[], str]) -> str:
+        try:
+            return "ok " + check()
+        except InvalidInput as exc:
+            return "refused " + exc.message
+
+    assert outcome(lambda: site_relpath(path, allow_root=allow_root)) == outcome(
+        lambda: _normalise(path, allow_root=allow_root)
+    )
 
 
 def _zip_with_raw_name(raw: bytes) -> zipfile.ZipFile:

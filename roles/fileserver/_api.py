@@ -11,7 +11,7 @@ from roles.fileserver._zip import stream_zip
 from roles.fileserver.feed import MAX_WAIT
 from roles.fileserver.store import ContentStore
 from shared.config import ROLE_KINDS
-from shared.contracts.content import BlobFetch, CommitRequest, RollbackRequest
+from shared.contracts.content import BlobFetch, CommitRequest, RollbackRequest, encode_blob_batch
 from shared.errors import BadRequest, InvalidInput, QuotaExceeded
 from shared.internal import json_error, require_role
 
@@ -106,7 +106,7 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
             response = json_error(err)
             response.force_close()
             return response
-        return web.json_response(answer.to_json())
+        return web.Response(body=encode_blob_batch(answer), content_type="application/json")
 
     async def put_file(request: web.Request) -> web.Response:
         require_role(request, *_WRITERS)
@@ -126,7 +126,9 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
     async def diff(request: web.Request) -> web.Response:
         require_role(request, *_READERS)
         since = _integer(request, "since") or 0
-        body = await store.diff(request.match_info["site"], since, _integer(request, "version"))
+        body = await store.diff(
+            request.match_info["site"], since, _integer(request, "version"), _integer(request, "limit")
+        )
         return web.Response(body=body, content_type="application/json")
 
     async def site_versions(request: web.Request) -> web.Response:
@@ -161,7 +163,8 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
 
     async def commit(request: web.Request) -> web.Response:
         require_role(request, *_WRITERS)
-        wanted = CommitRequest.parse(await _json_body(request), what="commit")
+        # Decoded and checked by pydantic straight from the bytes: a deploy's commit holds an op per file.
+        wanted = CommitRequest.parse_json(await request.read(), what="commit")
         answer = await store.commit(
             request.match_info["site"], wanted.ops, replace=wanted.replace, source=wanted.source
         )

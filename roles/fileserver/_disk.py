@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -167,17 +168,25 @@ class SiteDir:
                     found[str(sha)] = Packed(pack.name, int(offset), int(size))
         return found
 
-    def write_pack(self, blobs: list[tuple[str, bytes]]) -> None:
+    def write_pack(self, blobs: Sequence[tuple[str, bytes | memoryview]]) -> None:
         """Store many small blobs as one pack and its index (not yet durable: the commit that uses
         them runs one syncfs first). Blobs stored already are left out."""
         known = self.packed()
         body = io.BytesIO()
         entries: list[tuple[str, int, int]] = []
         seen: set[str] = set()
+        loose = str(self.blobs)
+        # Only a folder of loose blobs that exists can hold one: no stat for most blobs of a packed site.
+        try:
+            folders = set(os.listdir(loose))
+        except FileNotFoundError:
+            folders = set()
         for sha, data in blobs:
-            if sha in known or sha in seen or self.blob(sha).is_file():
-                if sha not in known and sha not in seen:
-                    os.utime(self.blob(sha))  # about to be committed again: spared by the GC
+            if sha in known or sha in seen:
+                continue
+            path = f"{loose}/{sha[:2]}/{sha}"
+            if sha[:2] in folders and os.path.isfile(path):
+                os.utime(path)  # about to be committed again: spared by the GC
                 continue
             seen.add(sha)
             entries.append((sha, body.tell(), len(data)))

@@ -132,6 +132,8 @@ class Tree:
         self.file_count = file_count
         # Whether a change made it differ from where it began (a put of the same entry does not).
         self.changed = False
+        # The folder the last put went into: a deploy puts file after file into the same one.
+        self._last: tuple[str, Folder] | None = None
 
     def begin(self) -> Tree:
         """A new tree that starts as this one; changing it leaves this one as it is."""
@@ -159,11 +161,17 @@ class Tree:
         """This tree as the :class:`~shared.contracts.content.Manifest` of ``version``, in JSON."""
         files: list[tuple[str, FileEntry]] = []
         dirs: list[str] = []
-        for path, entry in _walk_files(self.root, ""):
-            if isinstance(entry, Folder):
-                dirs.append(path)
-            else:
-                files.append((path, entry))
+
+        def collect(folder: Folder, prefix: str) -> None:
+            # Not through walk(): a generator per folder and a yield per file cost more than the JSON.
+            for name, entry in folder.entries.items():
+                if isinstance(entry, Folder):
+                    dirs.append(prefix + name)
+                    collect(entry, f"{prefix}{name}/")
+                else:
+                    files.append((prefix + name, entry))
+
+        collect(self.root, "")
         return encode_manifest(site, version, self.total_bytes, files, dirs)
 
     def same_as(self, other: Tree) -> bool:
@@ -221,11 +229,16 @@ class Tree:
         return parent, name
 
     def put(self, path: str, entry: FileEntry) -> None:
-        if isinstance(self.get(path), Folder):
-            raise InvalidInput(f"cannot write {path!r}: it is a directory")
         parent, name = self._parent_and_name(path)
-        folder = self._folder(parent, create=True, target=path)
+        last = self._last
+        if last is not None and last[0] == parent and last[1].owner is self._owner:
+            folder = last[1]  # still this change's, and still at ``parent`` (no rename or rmdir since)
+        else:
+            folder = self._folder(parent, create=True, target=path)
+            self._last = (parent, folder)
         old = folder.entries.get(name)
+        if isinstance(old, Folder):
+            raise InvalidInput(f"cannot write {path!r}: it is a directory")
         if old == entry:
             return
         if isinstance(old, FileEntry):
@@ -266,9 +279,11 @@ class Tree:
             raise InvalidInput(f"cannot remove directory {path!r}: it is not empty")
         parent, name = self._parent_and_name(path)
         del self._folder(parent, create=False, target=path).entries[name]
+        self._last = None
         self.changed = True
 
     def rename(self, src: str, dst: str) -> None:
+        self._last = None
         node = self.get(src)
         if src == dst:
             if node is None:
@@ -349,7 +364,15 @@ def apply_ops(
         if isinstance(op, PutOp):
             entry = FileEntry(op.sha256, blob_size(op.sha256), now if op.mtime is None else op.mtime)
             tree.put(op.path, entry)
-            done.append({"op": "put", "path": op.path, **entry.to_json()})
+            done.append(
+                {
+                    "op": "put",
+                    "path": op.path,
+                    "sha256": entry.sha256,
+                    "size": entry.size,
+                    "mtime": entry.mtime,
+                }
+            )
         elif isinstance(op, RenameOp):
             tree.rename(op.src, op.dst)
             done.append(op.to_json())

@@ -35,7 +35,6 @@ from roles.fileserver.config import FileserverConfig
 from roles.fileserver.feed import ChangeFeed
 from shared.contracts.content import (
     BLOB_BATCH_MAX,
-    BlobBatchStored,
     BlobStored,
     CommitAnswer,
     CommitOp,
@@ -111,6 +110,17 @@ class _Site:
     @property
     def total_bytes(self) -> int:
         return self.tree.total_bytes
+
+
+def _store_batch(disk: SiteDir, buffer: bytearray, frames: list[tuple[int, int]]) -> list[tuple[str, int]]:
+    """Blocking: hash a batch's blobs (framed in ``buffer``) and write them as one pack."""
+    with memoryview(buffer) as view:
+        blobs = [(hashlib.sha256(view[o : o + n]).hexdigest(), view[o : o + n]) for o, n in frames]
+        disk.write_pack(blobs)
+        stored = [(sha, len(data)) for sha, data in blobs]
+        for _, data in blobs:
+            data.release()
+    return stored
 
 
 def _load_folder(disk: SiteDir, digest: str, cache: dict[str, Folder]) -> Folder:
@@ -377,24 +387,29 @@ class ContentStore:
             site.manifest_cache = (wanted, body)
         return body
 
-    async def diff(self, name: str, since: int, version: int | None) -> bytes:
-        """The paths that differ between two versions, for a worker that has ``since``."""
+    async def diff(self, name: str, since: int, version: int | None, limit: int | None = None) -> bytes:
+        """The paths that differ between two versions, for a worker that has ``since``; with ``limit``,
+        a difference that is whole or longer comes without its paths (the worker builds anew then)."""
         site = self.site(name)
         wanted = site.version if version is None else version
         old = Tree() if since == 0 else await self._tree_of(site, since)
         new = await self._tree_of(site, wanted) if wanted else Tree()
-        files: list[tuple[str, FileEntry | None]] = []
-        dirs: list[str] = []
-        for path, change in diff(old.root, new.root):
-            if change == "dir":
-                dirs.append(path)
-            else:
-                files.append((path, change))
         # A deploy or rollback in between flips the site whole: a worker builds it anew, not file by file.
         whole = (
             any(site.records.get(n, {}).get("source") != "ftp" for n in range(since + 1, wanted + 1))
             or since == 0
         )
+        files: list[tuple[str, FileEntry | None]] = []
+        dirs: list[str] = []
+        if not (whole and limit is not None):
+            for path, change in diff(old.root, new.root):
+                if change == "dir":
+                    dirs.append(path)
+                else:
+                    files.append((path, change))
+                if limit is not None and len(files) + len(dirs) > limit:
+                    whole, files, dirs = True, [], []
+                    break
         return encode_diff(
             site.name,
             since=since,
@@ -543,42 +558,43 @@ class ContentStore:
         self.blob_bytes_received += upload.size
         return BlobStored(sha256=sha, size=upload.size)
 
-    async def upload_blobs(self, name: str, chunks: AsyncIterator[bytes]) -> BlobBatchStored:
+    async def upload_blobs(self, name: str, chunks: AsyncIterator[bytes]) -> list[tuple[str, int]]:
         """Store many small blobs sent in one body as ``size (8 bytes, big-endian) | bytes`` frames.
 
         Like single small blobs they get no fsync of their own: the commit that uses them makes them
         durable with one syncfs, so a deploy of thousands of files costs one round trip per batch.
+        Returns each blob's sha256 and size, in the order sent.
         """
         site = self.site(name)
         buffer = bytearray()
-        blobs: list[tuple[str, bytes]] = []
-        received = 0
+        # (offset, size) of each blob's bytes in ``buffer``: hashed and stored in one go at the end.
+        frames: list[tuple[int, int]] = []
+        at = received = 0
         async for chunk in chunks:
             received += len(chunk)
             if received > site.quota_bytes + 8 * BLOB_BATCH_MAX:
                 raise self._too_big(site, received, known=False)
             buffer += chunk
-            while len(buffer) >= 8:
-                size = int.from_bytes(buffer[:8], "big")
+            while len(buffer) - at >= 8:
+                size = int.from_bytes(buffer[at : at + 8], "big")
                 if size > site.quota_bytes:
                     raise self._too_big(site, size, known=True)
-                if len(buffer) < 8 + size:
+                if len(buffer) - at < 8 + size:
                     break
-                data = bytes(buffer[8 : 8 + size])
-                del buffer[: 8 + size]
-                blobs.append((hashlib.sha256(data).hexdigest(), data))
-                if len(blobs) > BLOB_BATCH_MAX:
+                frames.append((at + 8, size))
+                at += 8 + size
+                if len(frames) > BLOB_BATCH_MAX:
                     raise InvalidInput(f"a batch may hold at most {BLOB_BATCH_MAX} blobs")
-        if buffer:
+        if at != len(buffer):
             raise InvalidInput("the batch ends inside a frame: each is an 8-byte size, then that many bytes")
 
         # One pack for the whole batch: an inode per blob would cost more than all the rest.
-        await asyncio.to_thread(site.disk.write_pack, blobs)
+        stored = await asyncio.to_thread(_store_batch, site.disk, buffer, frames)
         async with site.lock:
-            site.unsynced.update(sha for sha, _ in blobs)
-        self.blobs_received += len(blobs)
-        self.blob_bytes_received += sum(len(d) for _, d in blobs)
-        return BlobBatchStored(blobs=[BlobStored(sha256=sha, size=len(data)) for sha, data in blobs])
+            site.unsynced.update(sha for sha, _ in stored)
+        self.blobs_received += len(stored)
+        self.blob_bytes_received += sum(size for _, size in stored)
+        return stored
 
     async def put_file(
         self, name: str, path: str, chunks: AsyncIterator[bytes], length: int | None
@@ -635,7 +651,7 @@ class ContentStore:
         async with site.lock:
             if self._sites.get(name) is not site:
                 raise NotFound(f"site {name} is not served by this fileserver")
-            version, now = site.head_version + 1, time.time()
+            version, now, started = site.head_version + 1, time.time(), time.monotonic()
             if not replace and len(ops) <= _INLINE_OPS:
                 # A file or two (an FTP upload): cheaper here than a hop to a thread and back.
                 made = self._apply(site, ops, replace, version, source, now)
@@ -651,17 +667,30 @@ class ContentStore:
             if blob is not None and blob[1]:
                 data = blob[1]
                 site.unsynced.discard(blob[0])
+            applied = time.monotonic()
             if site.unsynced & wanted:
                 await asyncio.to_thread(syncfs, site.disk.root)
                 site.unsynced -= wanted
+            synced = time.monotonic()
             header: dict[str, Any] = {"v": version, "t": now, "src": source, "replace": replace, "ops": done}
             if data:
                 header["blob"] = blob[0] if blob else None
-            offset = await self._append(site, Record(header, data))
+            # A deploy's record (an op per file) is encoded and written off the loop.
+            offset = await self._append(site, Record(header, data), in_thread=len(done) > _INLINE_OPS)
             site.records[version] = record
             self._prune(site)
             site.head, site.head_version = tree, version
         await self._publish(site, site.journal, offset, version, tree)
+        if len(done) > _INLINE_OPS:
+            # A deploy's commit: where its time went (blobs made durable by one syncfs, the record by fsync).
+            self._log.bind(site=site.name).info(
+                "version %s: %s ops applied in %.2f s, blobs synced in %.2f s, journaled in %.2f s",
+                version,
+                len(done),
+                applied - started,
+                synced - applied,
+                time.monotonic() - synced,
+            )
         return CommitAnswer.model_construct(version=version, total_bytes=tree.total_bytes)
 
     async def rollback(self, name: str, version: int | None) -> RollbackAnswer:
@@ -691,11 +720,14 @@ class ContentStore:
         await self._publish(site, site.journal, offset, number, tree)
         return RollbackAnswer(version=number, total_bytes=tree.total_bytes, rolled_back_to=target)
 
-    async def _append(self, site: _Site, record: Record) -> int:
+    async def _append(self, site: _Site, record: Record, *, in_thread: bool = False) -> int:
         if site.journal is None:
             journal = Journal(site.disk.journal)
             await asyncio.to_thread(journal.open)
             site.journal = journal
+        if in_thread:
+            # Safe under the site's lock: the only appender, and no compaction meanwhile.
+            return await asyncio.to_thread(site.journal.append, record)
         return site.journal.append(record)
 
     def _keep(self, site: _Site) -> int:

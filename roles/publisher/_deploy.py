@@ -22,6 +22,7 @@ import json
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
 from aiohttp import BasicAuth, web
@@ -32,8 +33,8 @@ from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import Credentials, SiteInfo, SiteTable
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
-from roles.publisher.zipsafe import ZipMember, check_zip, copy_member, open_zip
-from shared.contracts.content import CommitOp, DeployResult, PathOp, PutOp
+from roles.publisher.zipsafe import ZipMember, check_zip, copy_member, open_zip, read_member
+from shared.contracts.content import DeployResult, PathOp, encode_commit
 from shared.errors import (
     InvalidInput,
     NotFound,
@@ -411,40 +412,57 @@ class Deployer:
         started = time.monotonic()
         with open_zip(spool) as zf:
             plan = check_zip(zf, max_total_bytes=site.quota_bytes)
-            ops: list[CommitOp] = [PathOp(op="mkdir", path=d) for d in plan.empty_dirs]
+            ops = [PathOp(op="mkdir", path=d) for d in plan.empty_dirs]
+            # (path, sha256, mtime) of each file: a model per file would cost more than its upload.
+            puts: list[tuple[str, str, float | None]] = []
             with (
                 FileserverClient(self._sites.fileserver, self._ssl) as client,
                 tempfile.TemporaryFile(prefix="sitecloud-member-") as member_file,
+                # One batch is stored by the fileserver while the next is read from the zip.
+                ThreadPoolExecutor(1, thread_name_prefix="deploy-send") as sender,
             ):
                 batch: list[tuple[ZipMember, bytes]] = []
                 batch_bytes = 0
+                sending: Future[None] | None = None
+
+                def upload(sent: list[tuple[ZipMember, bytes]]) -> None:
+                    stored = client.upload_blobs(site.name, [data for _, data in sent])
+                    for (member, _), blob in zip(sent, stored, strict=True):
+                        puts.append((member.path, blob.sha256, member.mtime))
+
+                def sent() -> None:
+                    # The client's one connection is free again (and a refusal is raised here).
+                    nonlocal sending
+                    if sending is not None:
+                        done, sending = sending, None
+                        done.result()
 
                 def send_batch() -> None:
-                    nonlocal batch_bytes
+                    nonlocal batch, batch_bytes, sending
                     if batch:
-                        stored = client.upload_blobs(site.name, [data for _, data in batch])
-                        for (member, _), blob in zip(batch, stored, strict=True):
-                            ops.append(PutOp(path=member.path, sha256=blob.sha256, mtime=member.mtime))
-                        batch.clear()
-                        batch_bytes = 0
+                        sent()
+                        sending = sender.submit(upload, batch)
+                        batch, batch_bytes = [], 0
 
                 for member in plan.files:
-                    member_file.seek(0)
-                    member_file.truncate()
-                    copy_member(zf, member, member_file)
-                    member_file.seek(0)
                     if member.size <= _BATCH_FILE:
-                        # Small files travel many to a request.
-                        batch.append((member, member_file.read()))
+                        # Small files travel many to a request, straight from memory.
+                        batch.append((member, read_member(zf, member)))
                         batch_bytes += member.size
                         if batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_FILES:
                             send_batch()
                         continue
+                    member_file.seek(0)
+                    member_file.truncate()
+                    copy_member(zf, member, member_file)
+                    member_file.seek(0)
+                    sent()
                     blob = client.upload_blob(site.name, member_file)
-                    ops.append(PutOp(path=member.path, sha256=blob.sha256, mtime=member.mtime))
+                    puts.append((member.path, blob.sha256, member.mtime))
                 send_batch()
+                sent()
                 uploaded = time.monotonic()
-                answer = client.commit(site.name, ops, replace=True)
+                answer = client.commit_encoded(site.name, encode_commit(puts, ops=ops, replace=True))
         result = DeployResult(
             site=site.name, version=answer.version, files=len(plan.files), total_bytes=plan.total_bytes
         )

@@ -126,11 +126,11 @@ class FileserverClient:
             self.close()
         return data
 
-    def _json(self, method: str, path: str, *, body: dict[str, Any] | None = None) -> object:
+    def _json(self, method: str, path: str, *, body: dict[str, Any] | bytes | None = None) -> object:
         headers = {"Accept": "application/json"}
         data: bytes | None = None
         if body is not None:
-            data = json.dumps(body).encode()
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         resp = self._send(method, path, body=data, headers=headers)
         return self._decode(resp, self._finish(resp))
@@ -242,7 +242,11 @@ class FileserverClient:
         source: Literal["ftp", "deploy"] = "deploy",
     ) -> CommitAnswer:
         """Apply ``ops`` all or nothing as one new version."""
-        body = CommitRequest(ops=list(ops), replace=replace, source=source).to_json()
+        body = CommitRequest(ops=list(ops), replace=replace, source=source).model_dump_json(by_alias=True)
+        return self.commit_encoded(site, body.encode())
+
+    def commit_encoded(self, site: str, body: bytes) -> CommitAnswer:
+        """:meth:`commit` of a :class:`CommitRequest` already in JSON (see ``encode_commit``)."""
         return parse_answer(
             CommitAnswer, self._json("POST", f"{self._site(site)}/commit", body=body), peer=self.base_url
         )

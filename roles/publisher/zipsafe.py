@@ -7,7 +7,10 @@ re-checks the size it really inflates to, so a zip whose headers lie (a zip bomb
 
 from __future__ import annotations
 
+import functools
+import io
 import lzma
+import re
 import stat
 import time
 import zipfile
@@ -19,13 +22,23 @@ from typing import IO, BinaryIO
 from shared.errors import BadRequest, InvalidInput, QuotaExceeded
 from shared.paths import site_relpath
 
-__all__ = ["MAX_MEMBERS", "ZipMember", "ZipPlan", "check_zip", "copy_member", "open_zip"]
+__all__ = ["MAX_MEMBERS", "ZipMember", "ZipPlan", "check_zip", "copy_member", "open_zip", "read_member"]
 
 MAX_MEMBERS = 100_000
 _CHUNK = 256 * 1024
 _SUPPORTED_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 _ENCRYPTED_FLAG = 0x1
 _UTF8_FLAG = 0x800
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+@functools.lru_cache(maxsize=1024)
+def _mktime(date_time: tuple[int, int, int, int, int, int]) -> float | None:
+    # The members of one zip share few distinct times; mktime costs a time zone lookup each call.
+    try:
+        return time.mktime((*date_time, 0, 0, -1))
+    except (OverflowError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -41,10 +54,8 @@ class ZipMember:
 
     @property
     def mtime(self) -> float:
-        try:
-            return time.mktime((*self.info.date_time, 0, 0, -1))
-        except (OverflowError, ValueError):
-            return time.time()
+        when = _mktime(self.info.date_time)
+        return time.time() if when is None else when
 
 
 @dataclass(frozen=True)
@@ -69,8 +80,8 @@ def _utf8_name(info: zipfile.ZipInfo) -> str:
     zipfile then reads them as CP437; names that are not UTF-8 at all are refused (a worker could not
     serve them under the name the client meant)."""
     name = info.orig_filename
-    if info.flag_bits & _UTF8_FLAG:
-        return name
+    if info.flag_bits & _UTF8_FLAG or name.isascii():
+        return name  # (an ASCII name reads the same in CP437 and UTF-8)
     try:
         return name.encode("cp437").decode("utf-8")
     except UnicodeEncodeError:
@@ -90,7 +101,7 @@ def _member_path(info: zipfile.ZipInfo) -> tuple[str, bool]:
     shown = repr(raw)
     if not raw:
         raise InvalidInput("the zip has a member with an empty name")
-    if any(ord(c) < 32 or ord(c) == 127 for c in raw):
+    if _CONTROL.search(raw):
         raise InvalidInput(f"zip member {shown} has a NUL or control character in its name")
     if "\\" in raw:
         raise InvalidInput(f"zip member {shown} has a backslash in its name", hint="use '/' between folders")
@@ -165,6 +176,13 @@ def check_zip(zf: zipfile.ZipFile, *, max_total_bytes: int, max_members: int = M
             raise InvalidInput(f"the zip has {path!r} both as a file and as a directory")
     empty_dirs = tuple(sorted(d for d in dirs if d not in implied))
     return ZipPlan(tuple(files[p] for p in sorted(files)), empty_dirs, total)
+
+
+def read_member(zf: zipfile.ZipFile, member: ZipMember) -> bytes:
+    """A small member's bytes, held to the size its header declares as :func:`copy_member` holds it."""
+    out = io.BytesIO()
+    copy_member(zf, member, out)
+    return out.getvalue()
 
 
 def copy_member(zf: zipfile.ZipFile, member: ZipMember, out: BinaryIO) -> int:

@@ -443,7 +443,8 @@ class ContentSync:
                 VersionDiff,
                 f"{base}/diff",
                 what=f"changes of {site}",
-                params={"since": str(current.number), "version": str(target)},
+                # Past the limit (or across a deploy) the answer holds no paths: this builds anew then.
+                params={"since": str(current.number), "version": str(target), "limit": str(INCREMENTAL_MAX)},
             )
         except NotFound:
             return False
