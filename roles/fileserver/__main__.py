@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterator
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -69,10 +68,11 @@ async def serve(config: FileserverConfig, stop: asyncio.Event) -> None:
         # Long polls return at once instead of holding the shutdown for their full wait.
         store.feed.stop_waiting()
         await plane.stop()
+        # The upkeep ends its round first (stop is set): a checkpoint it is in the middle of would
+        # otherwise make the store's own last one a no-op, and its cancel leave the journal unfolded.
+        stop.set()
+        await upkeep
         await store.close()
-        upkeep.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await upkeep
 
 
 if __name__ == "__main__":
