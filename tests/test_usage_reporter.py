@@ -95,6 +95,8 @@ async def test_worker_usage_is_reported_once_each_even_after_the_controller_was_
 
         await controller.start()
         await _until(lambda: _day_totals(db, "blog") == (2.0, 150.0), "both reports counted")
+        # (The controller counts a report before it answers: the reporter's tally follows its answer.)
+        await _until(lambda: reporter.reports_sent >= 2, "both reports answered")
         assert reporter.reports_sent == 2
         assert first is not None and first.sites["blog"].cpu_seconds == 1.5
         # A site whose totals fell came back anew: it counts from zero, not negative.
