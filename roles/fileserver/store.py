@@ -90,7 +90,7 @@ class _Site:
     # Where commits build on: may be ahead of ``version`` while its record waits for an fsync.
     head_version: int = 0
     head: Tree = field(default_factory=Tree)
-    # Kept version records (number -> record), oldest first.
+    # Kept version records (number -> record), oldest first: pruning walks it from there.
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
     journal: Journal | None = None
     checkpointed: int = 0
@@ -734,13 +734,19 @@ class ContentStore:
         return site.keep_versions or self.config.keep_versions
 
     def _prune(self, site: _Site) -> None:
-        """Drop the versions neither among the last N nor younger than D days (the plan's retention)."""
-        beyond = sorted(site.records)[: -self._keep(site)]
+        """Drop the versions neither among the last N nor younger than D days (the plan's retention).
+
+        Oldest first, stopping at the first one kept: ``records`` is in version order, which is time
+        order, so a commit costs the versions it drops, not the thousands a plan's days may keep.
+        """
+        records, keep = site.records, self._keep(site)
         cutoff = time.time() - site.keep_days * 86400
-        old = [n for n in beyond if float(site.records[n]["time"]) < cutoff]
-        for number in old:
+        while len(records) > keep:
+            number = next(iter(records))
+            if float(records[number]["time"]) >= cutoff:
+                break
             # Only a checkpointed version has a file; the next checkpoint removes it, off the loop.
-            if site.records.pop(number).get("written"):
+            if records.pop(number).get("written"):
                 site.dropped.append(number)
             site.recent.pop(number, None)
 
