@@ -43,6 +43,20 @@ def _remaining(source: IO[bytes]) -> int:
     return size
 
 
+class _Connection(http.client.HTTPSConnection):
+    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
+        if isinstance(message_body, bytes) and not encode_chunked:
+            # Head and body in one write (http.client sends two): one TLS record run and one wake-up
+            # of the fileserver for a small upload.
+            buffer: list[bytes] = self._buffer  # type: ignore[attr-defined]
+            buffer.extend((b"", b""))
+            head = b"\r\n".join(buffer)
+            del buffer[:]
+            self.send(head + message_body)
+            return
+        super()._send_output(message_body, encode_chunked)  # type: ignore[misc]
+
+
 class FileserverClient:
     def __init__(self, base_url: str, ssl_context: ssl.SSLContext, *, timeout: float = 60.0) -> None:
         parts = urlsplit(base_url)
@@ -71,7 +85,7 @@ class FileserverClient:
 
     def _connection(self) -> http.client.HTTPSConnection:
         if self._conn is None:
-            self._conn = http.client.HTTPSConnection(
+            self._conn = _Connection(
                 self._host, self._port, context=self._ssl, timeout=self._timeout, blocksize=_CHUNK
             )
             self._used = False
