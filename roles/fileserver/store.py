@@ -92,6 +92,10 @@ class _Site:
     head: Tree = field(default_factory=Tree)
     # Kept version records (number -> record), oldest first: pruning walks it from there.
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # Versions whose tree left ``recent`` before a checkpoint wrote it (a burst of uploads between two
+    # checkpoints, beyond the plan's last N): they can no longer be served, and leave ``records`` at
+    # the next prune, under the lock a checkpoint holds while it reads them.
+    ghosts: list[int] = field(default_factory=list)
     journal: Journal | None = None
     checkpointed: int = 0
     checkpointing: bool = False
@@ -431,8 +435,9 @@ class ContentStore:
                     files=int(r["files"]),
                     total_bytes=int(r["total_bytes"]),
                 )
-                for n, r in sorted(site.records.items())
-                if n <= site.version
+                for n, r in site.records.items()
+                # Listed only if it can be served (see ``ghosts``).
+                if n <= site.version and (r["root"] is not None or n in site.recent)
             ]
         )
 
@@ -740,6 +745,12 @@ class ContentStore:
         order, so a commit costs the versions it drops, not the thousands a plan's days may keep.
         """
         records, keep = site.records, self._keep(site)
+        for number in site.ghosts:
+            record = records.get(number)
+            # A checkpoint may have written it meanwhile: then it is kept like any other.
+            if record is not None and record["root"] is None:
+                del records[number]
+        site.ghosts.clear()
         cutoff = time.time() - site.keep_days * 86400
         while len(records) > keep:
             number = next(iter(records))
@@ -758,7 +769,11 @@ class ContentStore:
         self.commits += 1
         site.recent[version] = tree
         while len(site.recent) > max(_RECENT, self._keep(site) + 1):
-            del site.recent[min(site.recent)]
+            gone = min(site.recent)
+            del site.recent[gone]
+            record = site.records.get(gone)
+            if record is not None and record["root"] is None:
+                site.ghosts.append(gone)
         if version > site.version:
             site.version, site.tree = version, tree
             await self.feed.publish(site.name, version)
