@@ -188,6 +188,33 @@ def test_a_cpu_quota_of_20_percent_holds_a_spinning_process_near_it(
     assert 0.02 < rate <= 0.26, rate
 
 
+def test_a_boosted_start_gets_a_whole_core_until_it_settles_to_its_quota(
+    tree: CgroupTree, groups: list[AppGroup]
+) -> None:
+    limits = AppLimits(cpu_percent=20)
+    group = tree.create("boost", limits, boost=True)
+    groups.append(group)
+    proc = _start(group, "while True:\n    pass")
+
+    def rate_over(seconds: float) -> float:
+        before, t0 = CgroupTree.cpu_seconds(group), time.monotonic()
+        time.sleep(seconds)
+        return (CgroupTree.cpu_seconds(group) - before) / (time.monotonic() - t0)
+
+    try:
+        time.sleep(0.2)
+        boosted = rate_over(1.0)
+        CgroupTree.settle(group, limits)
+        time.sleep(0.2)
+        settled = rate_over(1.5)
+    finally:
+        proc.kill()
+        proc.communicate()
+    # Past the 20 % quota while boosted (a core, unless the host starves it), back under it after.
+    assert boosted > 0.3, boosted
+    assert 0.02 < settled <= 0.26, settled
+
+
 def test_memory_and_cpu_readings_are_sane(tree: CgroupTree, groups: list[AppGroup]) -> None:
     group = _group(tree, groups, "usage", memory_mb=128)
     script = (
@@ -257,6 +284,10 @@ def test_v2_file_names_on_a_fake_tree(tmp_path: Path) -> None:
     assert (site / "memory.swap.max").read_text() == "0"
     assert (site / "cpu.max").read_text() == "20000 100000"
     assert (site / "pids.max").read_text() == "32"
+    boosted = tree.create("8", AppLimits(memory_mb=64, cpu_percent=20, nproc=32), boost=True)
+    assert (apps / "8" / "cpu.max").read_text() == "100000 100000"
+    CgroupTree.settle(boosted, AppLimits(memory_mb=64, cpu_percent=20, nproc=32))
+    assert (apps / "8" / "cpu.max").read_text() == "20000 100000"
     (site / "memory.current").write_text(f"{50 * MB}\n")
     (site / "memory.stat").write_text(f"anon {30 * MB}\nfile {20 * MB}\ninactive_file {15 * MB}\n")
     (site / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\n")

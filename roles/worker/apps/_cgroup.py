@@ -254,7 +254,9 @@ class CgroupTree:
         atexit.register(tree.close)
         return tree
 
-    def create(self, name: str, limits: AppLimits) -> AppGroup:
+    def create(self, name: str, limits: AppLimits, *, boost: bool = False) -> AppGroup:
+        """The app's group with its limits; ``boost`` lifts its CPU to at least a whole core until
+        :meth:`settle` (a start's own CPU, not the app's steady state: see the manager)."""
         group = AppGroup(name, self.files, {c: base / name for c, base in self.bases.items()})
         for path in group.unique_dirs():
             path.mkdir(exist_ok=True)
@@ -272,14 +274,16 @@ class CgroupTree:
             _write(group.file(f.memory_limit), memory)
             with contextlib.suppress(OSError):
                 _write(group.file(f.swap_limit), "0")
-        quota = max(1000, CPU_PERIOD_US * limits.cpu_percent // 100)
-        if f.cpu_period is None:
-            _write(group.file(f.cpu_quota), f"{quota} {CPU_PERIOD_US}")
-        else:
-            _write(group.file(f.cpu_period), str(CPU_PERIOD_US))
-            _write(group.file(f.cpu_quota), str(quota))
+        quota = _cpu_quota(limits)
+        _set_cpu(group, max(quota, CPU_PERIOD_US) if boost else quota)
         _write(group.file(f.pids_limit), str(limits.nproc))
         return group
+
+    @staticmethod
+    def settle(group: AppGroup, limits: AppLimits) -> None:
+        """The plan's CPU limit again after a boosted start (a group already gone is left)."""
+        with contextlib.suppress(OSError):
+            _set_cpu(group, _cpu_quota(limits))
 
     @staticmethod
     def attach(group: AppGroup, pid: int) -> None:
@@ -381,6 +385,19 @@ class CgroupTree:
                 _remove_empty(path)
                 with contextlib.suppress(OSError):
                     path.rmdir()
+
+
+def _cpu_quota(limits: AppLimits) -> int:
+    return max(1000, CPU_PERIOD_US * limits.cpu_percent // 100)
+
+
+def _set_cpu(group: AppGroup, quota: int) -> None:
+    f = group.files
+    if f.cpu_period is None:
+        _write(group.file(f.cpu_quota), f"{quota} {CPU_PERIOD_US}")
+    else:
+        _write(group.file(f.cpu_period), str(CPU_PERIOD_US))
+        _write(group.file(f.cpu_quota), str(quota))
 
 
 def _kill_listed(pids: Iterable[int]) -> None:
