@@ -56,6 +56,7 @@ SITES = {
     "large": ("large-secret", 8 * 1024 * 1024),
     "bigup": ("bigup-secret", BIG_QUOTA),
     "shelf": ("shelf-secret", QUOTA),
+    "newest": ("newest-secret", 8 * 1024 * 1024),
 }
 
 
@@ -311,6 +312,30 @@ def test_ftp_a_big_download_is_sent_from_the_publishers_own_copy(cloud: Cloud) -
         assert _retr(ftp, "one.bin") == one
         ftp.delete("one.bin")
         ftp.delete("two.bin")
+
+
+def test_ftp_a_download_gives_the_newest_bytes_whatever_another_session_did(cloud: Cloud) -> None:
+    # A small file is fetched by its path, with no look at the changes first: what another session
+    # made, grew past the small-file size or removed since this one looked must still come out right.
+    big = os.urandom(1024 * 1024 + 3)
+    with cloud.ftp("newest") as mine, cloud.ftp("newest") as theirs:
+        _stor(mine, "page.html", b"small")
+        assert mine.nlst() == ["page.html"]
+        assert _retr(mine, "page.html") == b"small"
+        _stor(theirs, "page.html", big)
+        _stor(theirs, "new.html", b"made by the other session")
+        theirs.mkd("folder")
+        assert _retr(mine, "page.html") == big
+        assert _retr(mine, "new.html") == b"made by the other session"
+        theirs.delete("new.html")
+        with pytest.raises(ftplib.error_perm, match=r"^550"):
+            _retr(mine, "new.html")
+        with pytest.raises(ftplib.error_perm, match=r"^550"):
+            _retr(mine, "folder")
+        # The session still works after those refusals and the big file's abandoned small fetch.
+        assert _retr(mine, "page.html") == big
+        theirs.delete("page.html")
+        theirs.rmd("folder")
 
 
 def test_ftp_a_session_starts_from_the_last_ones_tree_and_sees_what_changed_since(cloud: Cloud) -> None:

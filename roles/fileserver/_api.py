@@ -69,9 +69,13 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
             path, chunk_size=_SEND_CHUNK, headers={"Content-Type": "application/octet-stream"}
         )
 
-    async def file(request: web.Request) -> web.FileResponse:
+    async def file(request: web.Request) -> web.StreamResponse:
         require_role(request, *_READERS)
-        path = await store.file_path(request.match_info["site"], request.match_info["path"])
+        site, rel = request.match_info["site"], request.match_info["path"]
+        data = await store.file_bytes(site, rel)
+        if data is not None:
+            return web.Response(body=data, content_type="application/octet-stream")
+        path = await store.file_path(site, rel)
         return web.FileResponse(
             path, chunk_size=_SEND_CHUNK, headers={"Content-Type": "application/octet-stream"}
         )

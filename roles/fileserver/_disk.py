@@ -133,6 +133,10 @@ class SiteDir:
         with self._pack_lock:
             self._held[sha] = data
 
+    def held(self, sha: str) -> bytes | None:
+        """A small blob's bytes if only memory (and the journal) holds them yet."""
+        return self._held.get(sha)
+
     def write_held(self) -> None:
         """Write the held blobs as one pack (for a checkpoint, which then makes it durable)."""
         with self._pack_lock:

@@ -277,6 +277,22 @@ class SiteContent:
         return answer
 
     def download(self, rel: str, name: str) -> Download | StreamedDownload | CachedDownload:
+        seen = self._tree.files.get(rel) if self._tree is not None else None
+        if seen is None or seen.size <= _SPOOL_MEMORY:
+            # A small file (or one this session has not seen yet) is fetched by its path: the newest
+            # bytes, in one round trip with no look at the changes first. One that turns out big goes
+            # the big file's way below.
+            download = Download(name)
+            try:
+                fetched = self.client.download(self.site.name, rel, download.file, limit=_SPOOL_MEMORY)
+            except BaseException:
+                download.close()
+                raise
+            if fetched is not None:
+                download.file.seek(0)
+                return download
+            download.close()
+            self._exact_until, self._fresh = 0.0, False  # it is big now: learn its sha256
         info = self.tree().files.get(rel)
         if info is not None and info.size > _SPOOL_MEMORY and time.monotonic() < self._exact_until:
             # The bytes sent are picked by sha256: ask for another session's change even right after

@@ -180,11 +180,15 @@ class FileserverClient:
             VersionDiff, self._json("GET", f"{self._site(site)}/diff?since={since}"), peer=self.base_url
         ).for_site(site)
 
-    def download(self, site: str, path: str, out: IO[bytes]) -> int:
-        """Stream the newest version of ``path`` into ``out``; returns the bytes written."""
+    def download(self, site: str, path: str, out: IO[bytes], *, limit: int | None = None) -> int | None:
+        """Stream the newest version of ``path`` into ``out``; returns the bytes written, or None
+        (and nothing written) when the file is larger than ``limit``."""
         resp = self._send("GET", f"{self._site(site)}/files/{quote(path, safe='/')}", headers={})
         if resp.status >= 400:
             self._decode(resp, self._finish(resp))
+        if limit is not None and (resp.length is None or resp.length > limit):
+            self.close()  # its body is not read: the connection cannot carry another request
+            return None
         total = 0
         try:
             while chunk := resp.read(_CHUNK):

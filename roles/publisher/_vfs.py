@@ -134,11 +134,13 @@ class SiteFilesystem(AbstractedFS):  # type: ignore[misc]  # pyftpdlib has no ty
 
     def open(self, filename: str, mode: str) -> Download | StreamedDownload | CachedDownload | Upload:
         rel = self._rel(filename)
-        tree = self.content.tree()
         if mode in ("r", "rb"):
-            if not tree.is_file(rel):
-                raise NotFound(f"no file {filename}")
-            return self.content.download(rel, filename)
+            # The fileserver says if there is no such file, or it is a directory (550 either way).
+            try:
+                return self.content.download(rel, filename)
+            except InvalidInput:
+                raise NotFound(f"no file {filename}") from None
+        tree = self.content.tree()
         if tree.is_dir(rel):
             raise InvalidInput(f"{filename} is a directory")
         self._parent_must_exist(rel, filename)
