@@ -37,8 +37,10 @@ _HEAD = struct.Struct(">II")
 _MAX_RECORD = 256 * 1024 * 1024
 # The journal grows by at least this much of zeros at a time.
 _EXTENT = 4 * 1024 * 1024
-# An fsync runs on the loop while the recent ones took less than this on average.
+# An fsync runs on the loop while the recent ones took less than this on average, and it has at most
+# _INLINE_SYNC_BYTES to flush (a deploy's record, or a small file's bytes near 1 MB, go to a thread).
 _INLINE_SYNC_S = 0.0005
+_INLINE_SYNC_BYTES = 64 * 1024
 
 
 class Record:
@@ -152,12 +154,14 @@ class Journal:
         try:
             # A task's first step runs after the callbacks already due: their records are in.
             target = self.written
-            if self._sync_s < _INLINE_SYNC_S:
+            small = target - self._synced <= _INLINE_SYNC_BYTES
+            if small and self._sync_s < _INLINE_SYNC_S:
                 took = _timed_fdatasync(self._fd)
             else:
                 # run_in_executor, not to_thread: nothing here needs the caller's context copied.
                 took = await asyncio.get_running_loop().run_in_executor(None, _timed_fdatasync, self._fd)
-            self._sync_s = 0.8 * self._sync_s + 0.2 * took
+            if small:  # (a big flush's time says nothing of the small ones this decides)
+                self._sync_s = 0.8 * self._sync_s + 0.2 * took
             self._synced = max(self._synced, target)
         finally:
             self._flush = None
