@@ -32,6 +32,8 @@ from shared.errors import Unavailable, error_from_json
 __all__ = ["FilePut", "FileStream", "FileserverClient"]
 
 _CHUNK = 256 * 1024
+# A request body up to this size goes out in the same write as its head.
+_ONE_WRITE = 256 * 1024
 
 
 def _remaining(source: IO[bytes]) -> int:
@@ -45,9 +47,9 @@ def _remaining(source: IO[bytes]) -> int:
 
 class _Connection(http.client.HTTPSConnection):
     def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
-        if isinstance(message_body, bytes) and not encode_chunked:
+        if isinstance(message_body, bytes) and len(message_body) <= _ONE_WRITE and not encode_chunked:
             # Head and body in one write (http.client sends two): one TLS record run and one wake-up
-            # of the fileserver for a small upload.
+            # of the fileserver for a small upload (a big body is not copied for it).
             buffer: list[bytes] = self._buffer  # type: ignore[attr-defined]
             buffer.extend((b"", b""))
             head = b"\r\n".join(buffer)
