@@ -231,6 +231,17 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
             self.handle_close()
         return data
 
+    def _reset_pending(self) -> bool:
+        """Whether the socket holds an error no read has reported. pyftpdlib's loop closes a channel
+        on an error event that carries no read flag without reading it, and a reset then would look
+        like the upload's clean end."""
+        try:
+            sock = self.socket
+            raw = sock.get_socket() if isinstance(sock, SSL.Connection) else sock
+            return bool(raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+        except (OSError, AttributeError):
+            return False
+
     def _start_draining(self, reply: str) -> None:
         self._refusal = reply
         self._resp = (reply, pyftpdlib_logger.info)
@@ -248,6 +259,8 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
             self.close()
 
     def handle_close(self) -> None:
+        if self.receive and not self._broken and not self._closed and self._reset_pending():
+            self._broken = True
         if self._refusal is not None and not self._closed:
             self._resp = (self._refusal, pyftpdlib_logger.info)
             self.transfer_finished = False
