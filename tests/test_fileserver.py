@@ -501,3 +501,43 @@ def test_a_batch_of_blobs_in_one_request(fs: Fs) -> None:
     assert status == 400 and "ends inside a frame" in answer["error"]["message"], answer
     status, answer = fs.call("POST", "/v1/sites/shop/blob-batch", data=body, role="worker")
     assert status == 403, answer
+
+
+def test_a_put_answers_the_other_sessions_changes_since_the_uploaders_version(fs: Fs) -> None:
+    def put(path: str, data: bytes, since: int | None = None) -> dict[str, Any]:
+        query = "" if since is None else f"?since={since}"
+        status, body = fs.call("PUT", f"/v1/sites/shop/files/{path}{query}", data=data)
+        assert status == 200, body
+        return dict(body)
+
+    def ftp_commit(op: dict[str, str]) -> None:  # another FTP session's MKD or DELE
+        status, body = fs.call("POST", "/v1/sites/shop/commit", body={"ops": [op], "source": "ftp"})
+        assert status == 200, body
+
+    first = put("a.html", b"a")
+    assert first["version"] == 1 and first.get("changes") is None
+    # Nobody else wrote: the answer is the put alone.
+    assert put("b.html", b"bb", since=1).get("changes") is None
+    # Another session made a folder; the next put from version 2 brings it along, itself too, so the
+    # uploader's view is exact without asking.
+    ftp_commit({"op": "mkdir", "path": "img"})
+    answer = put("c.html", b"ccc", since=2)
+    changes = answer["changes"]
+    assert (changes["since"], changes["version"], changes["whole"]) == (2, 4, False)
+    assert set(changes["files"]) == {"c.html"} and changes["files"]["c.html"]["size"] == 3
+    assert changes["dirs"] == {"img": True}
+    assert changes["total_bytes"] == answer["total_bytes"] == 1 + 2 + 3
+    # A file another session removed comes as gone.
+    ftp_commit({"op": "delete", "path": "b.html"})
+    changes = put("d.html", b"d", since=4)["changes"]
+    assert changes["files"]["b.html"] is None and set(changes["files"]) == {"b.html", "d.html"}
+    # A version no longer kept (the fixture keeps 3) gives none: the uploader asks for the manifest.
+    ftp_commit({"op": "mkdir", "path": "x"})
+    ftp_commit({"op": "mkdir", "path": "y"})
+    assert put("e.html", b"e", since=6)["changes"] is None
+    # A deploy in between flipped the site whole: no paths, the uploader asks for the manifest.
+    fs.ok("shop", [{"op": "mkdir", "path": "z"}])
+    changes = put("g.html", b"g", since=9)["changes"]
+    assert changes["whole"] and changes["files"] == {}
+    status, body = fs.call("PUT", "/v1/sites/shop/files/f.html?since=x", data=b"e")
+    assert status == 400 and "since" in body["error"]["message"]

@@ -57,6 +57,7 @@ SITES = {
     "bigup": ("bigup-secret", BIG_QUOTA),
     "shelf": ("shelf-secret", QUOTA),
     "newest": ("newest-secret", 8 * 1024 * 1024),
+    "parallel": ("parallel-secret", QUOTA),
 }
 
 
@@ -336,6 +337,31 @@ def test_ftp_a_download_gives_the_newest_bytes_whatever_another_session_did(clou
         assert _retr(mine, "page.html") == big
         theirs.delete("page.html")
         theirs.rmd("folder")
+
+
+def test_ftp_parallel_sessions_see_each_others_changes_at_once(cloud: Cloud) -> None:
+    # A client's parallel transfers (lftp mirror --parallel, FileZilla's two at a time): one session
+    # makes a folder, another stores into it right after its own upload, when its view of the site is
+    # a moment old; and each upload's answer brings the others' files, with no extra round trip.
+    with cloud.ftp("parallel") as main, cloud.ftp("parallel") as transfer:
+        _stor(transfer, "first.html", b"1")
+        main.mkd("img")
+        _stor(transfer, "img/logo.png", b"png")
+        transfer.cwd("/img")
+        assert transfer.nlst() == ["logo.png"]
+        _stor(main, "other.html", b"other")
+        transfer.voidcmd("TYPE I")
+        assert transfer.size("/other.html") == 5
+        _stor(transfer, "/second.html", b"2")
+        _stor(main, "third.html", b"3")
+        _stor(transfer, "/fourth.html", b"4")
+        transfer.cwd("/")
+        assert transfer.nlst() == ["first.html", "fourth.html", "img", "other.html", "second.html", "third.html"]
+        main.delete("other.html")
+        with pytest.raises(ftplib.error_perm, match=r"^550"):
+            transfer.size("/other.html")
+    files = cloud.manifest("parallel")["files"]
+    assert sorted(files) == ["first.html", "fourth.html", "img/logo.png", "second.html", "third.html"]
 
 
 def test_ftp_a_session_starts_from_the_last_ones_tree_and_sees_what_changed_since(cloud: Cloud) -> None:

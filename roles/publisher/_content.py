@@ -211,6 +211,7 @@ class SiteContent:
         self._fresh = False
         # Until then, the tree is known exact (this session's own put was the site's only change).
         self._exact_until = 0.0
+        self._asked = False  # whether the fileserver was asked during the current FTP command
 
     def close(self) -> None:
         self.client.close()
@@ -224,8 +225,16 @@ class SiteContent:
         Right after this session's own upload the answer is known, and a client sending file after file
         is spared one round trip per file; another session's change shows within ``_EXACT_FOR``.
         """
+        self._asked = False
         if time.monotonic() >= self._exact_until:
             self._fresh = False
+
+    def current_tree(self) -> Tree:
+        """The tree as the fileserver has it now, for an answer that would refuse the command (another
+        session's MKD a moment ago is not "no directory"): asks, unless this command already did."""
+        if not self._asked:
+            self._fresh = False
+        return self.tree()
 
     def tree(self) -> Tree:
         if self._tree is not None and self._fresh:
@@ -241,10 +250,10 @@ class SiteContent:
             if changes is not None:
                 if changes.version != self._tree.version:
                     self._tree.apply_changes(changes)
-                self._fresh = True
+                self._fresh = self._asked = True
                 return self._tree
         self._tree = Tree.from_manifest(self.client.manifest(self.site.name))
-        self._fresh = True
+        self._fresh = self._asked = True
         return self._tree
 
     def commit(self, ops: Sequence[CommitOp], *, replace: bool = False) -> CommitAnswer:
@@ -256,7 +265,8 @@ class SiteContent:
         """Store a whole file; the cached tree learns it without fetching the manifest again."""
         self._fresh = False
         self._exact_until = 0.0
-        return self.stored(rel, self.client.put_file(self.site.name, rel, source))
+        since = self._tree.version if self._tree is not None else None
+        return self.stored(rel, self.client.put_file(self.site.name, rel, source, since=since))
 
     def start_put(self, rel: str) -> FilePut:
         """A put of ``rel`` whose bytes go to the fileserver as they are written."""
@@ -266,14 +276,27 @@ class SiteContent:
 
     def stored(self, rel: str, answer: FileStored) -> FileStored:
         """The cached tree learns this session's put without fetching the manifest again."""
-        tree = self._tree
-        if tree is not None and answer.version == tree.version + 1:
-            # Nobody else changed the site in between: this put is the whole difference, and the tree
-            # is known exact for a moment (the next STOR of a mirror asks nothing first).
-            info = FileInfo(answer.size, time.time(), answer.sha256)
-            tree.put(rel, info, answer.version, answer.total_bytes)
-            self._fresh = True
-            self._exact_until = time.monotonic() + _EXACT_FOR
+        tree, changes = self._tree, answer.changes
+        if tree is None or answer.version <= tree.version:
+            return answer
+        if answer.version == tree.version + 1:
+            # Nobody else changed the site in between: this put is the whole difference.
+            tree.put(
+                rel, FileInfo(answer.size, time.time(), answer.sha256), answer.version, answer.total_bytes
+            )
+        elif (
+            changes is not None
+            and not changes.whole
+            and (changes.since, changes.version) == (tree.version, answer.version)
+        ):
+            # Other sessions (a client's parallel transfers) committed meanwhile: their changes came
+            # with the answer, this put among them.
+            tree.apply_changes(changes)
+        else:
+            return answer
+        # The tree is known exact for a moment (the next STOR of a mirror asks nothing first).
+        self._fresh = True
+        self._exact_until = time.monotonic() + _EXACT_FOR
         return answer
 
     def download(self, rel: str, name: str) -> Download | StreamedDownload | CachedDownload:

@@ -230,9 +230,9 @@ class FileserverClient:
         resp = self._send("POST", f"{self._site(site)}/blob-batch", body=body, headers=headers)
         return parse_answer(BlobBatchStored, self._decode(resp, self._finish(resp)), peer=self.base_url).blobs
 
-    def put_file(self, site: str, path: str, source: IO[bytes]) -> FileStored:
+    def put_file(self, site: str, path: str, source: IO[bytes], *, since: int | None = None) -> FileStored:
         """Store ``source`` from its current position to its end as the file at ``path``, in one request;
-        answered once it is durable."""
+        answered once it is durable, with the other changes from version ``since`` if any came."""
         body: bytes | IO[bytes] = source
         if isinstance(source, io.BytesIO):
             # A spool in memory goes out as bytes: http.client then sends the head and the body in one
@@ -244,6 +244,8 @@ class FileserverClient:
             size = _remaining(source)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         url = f"{self._site(site)}/files/{quote(path, safe='/')}"
+        if since is not None:
+            url += f"?since={since}"
         resp = self._send("PUT", url, body=body, headers=headers)
         return parse_answer(FileStored, self._decode(resp, self._finish(resp)), peer=self.base_url)
 

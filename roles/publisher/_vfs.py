@@ -13,12 +13,20 @@ import posixpath
 import secrets
 import stat
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from pyftpdlib.exceptions import FilesystemError
 from pyftpdlib.filesystems import AbstractedFS
 
-from roles.publisher._content import CachedDownload, Download, SiteContent, StreamedDownload, Upload
+from roles.publisher._content import (
+    CachedDownload,
+    Download,
+    SiteContent,
+    StreamedDownload,
+    Tree,
+    Upload,
+)
 from shared.contracts.content import PathOp, RenameOp
 from shared.errors import AlreadyExists, Forbidden, InvalidInput, NotFound
 from shared.paths import site_relpath
@@ -54,9 +62,17 @@ class SiteFilesystem(AbstractedFS):  # type: ignore[misc]  # pyftpdlib has no ty
     def _rel(path: str, *, allow_root: bool = False) -> str:
         return site_relpath(path, allow_root=allow_root)
 
+    def _tree_says(self, check: Callable[[Tree], bool], *, refusing: bool) -> bool:
+        """``check`` on the session's tree, which may be a moment stale; an answer that would refuse
+        the command (``refusing``) is checked again on the tree as the fileserver has it now."""
+        answer = check(self.content.tree())
+        if answer == refusing:
+            answer = check(self.content.current_tree())
+        return answer
+
     def _parent_must_exist(self, rel: str, path: str) -> None:
         parent = posixpath.dirname(rel)
-        if not self.content.tree().is_dir(parent):
+        if not self._tree_says(lambda tree: tree.is_dir(parent), refusing=False):
             raise NotFound(f"no directory {posixpath.dirname(path)}")
 
     # --- reading
@@ -67,6 +83,8 @@ class SiteFilesystem(AbstractedFS):  # type: ignore[misc]  # pyftpdlib has no ty
         except InvalidInput as err:
             raise FilesystemError(err.message) from None
         tree = self.content.tree()
+        if rel not in tree.files and rel not in tree.dirs:
+            tree = self.content.current_tree()
         ino = zlib.crc32(rel.encode())
         if rel in tree.files:
             size, mtime, _ = tree.files[rel]
@@ -84,15 +102,17 @@ class SiteFilesystem(AbstractedFS):  # type: ignore[misc]  # pyftpdlib has no ty
 
     def isfile(self, path: str) -> bool:
         try:
-            return self.content.tree().is_file(self._rel(path))
+            rel = self._rel(path)
         except InvalidInput:
             return False
+        return self._tree_says(lambda tree: tree.is_file(rel), refusing=False)
 
     def isdir(self, path: str) -> bool:
         try:
-            return self.content.tree().is_dir(self._rel(path, allow_root=True))
+            rel = self._rel(path, allow_root=True)
         except InvalidInput:
             return False
+        return self._tree_says(lambda tree: tree.is_dir(rel), refusing=False)
 
     def islink(self, path: str) -> bool:
         return False
@@ -108,10 +128,9 @@ class SiteFilesystem(AbstractedFS):  # type: ignore[misc]  # pyftpdlib has no ty
 
     def listdir(self, path: str) -> list[str]:
         rel = self._rel(path, allow_root=True)
-        tree = self.content.tree()
-        if not tree.is_dir(rel):
+        if not self._tree_says(lambda tree: tree.is_dir(rel), refusing=False):
             raise NotFound(f"no directory {path}")
-        return tree.children(rel)
+        return self.content.tree().children(rel)
 
     def listdirinfo(self, path: str) -> list[str]:
         return self.listdir(path)
@@ -140,8 +159,7 @@ class SiteFilesystem(AbstractedFS):  # type: ignore[misc]  # pyftpdlib has no ty
                 return self.content.download(rel, filename)
             except InvalidInput:
                 raise NotFound(f"no file {filename}") from None
-        tree = self.content.tree()
-        if tree.is_dir(rel):
+        if self._tree_says(lambda tree: tree.is_dir(rel), refusing=True):
             raise InvalidInput(f"{filename} is a directory")
         self._parent_must_exist(rel, filename)
         # "ab" (APPE) and "r+b" (STOR after REST) continue the file that is there.

@@ -369,12 +369,18 @@ class CommitAnswer(Contract):
 
 
 class FileStored(Contract):
-    """``PUT /v1/sites/{site}/files/{path}``: a file stored and committed in one step."""
+    """``PUT /v1/sites/{site}/files/{path}[?since=N]``: a file stored and committed in one step.
+
+    With ``since`` (the version the uploader's view of the site is at), ``changes`` holds what changed
+    from it to this version when other commits came in between (at most a few hundred paths, else
+    None), so a session beside others (parallel transfers) stays exact without asking.
+    """
 
     version: VersionNumber
     total_bytes: ByteCount
     sha256: Sha256
     size: ByteCount
+    changes: VersionDiff | None = None
 
 
 class RollbackRequest(Contract):
