@@ -27,6 +27,7 @@ __all__ = [
     "FRONTEND_KEYS",
     "IDLE_TIMEOUT_MAX",
     "IDLE_TIMEOUT_MIN",
+    "LOADER_ENV",
     "MAX_ENTRY_CHARS",
     "MAX_ENV_BYTES",
     "MAX_SETTINGS",
@@ -44,6 +45,7 @@ __all__ = [
     "env_value",
     "frontend_fields",
     "idle_timeout",
+    "loader_variable",
     "runtime",
     "setting_name",
     "text",
@@ -56,6 +58,33 @@ SITE_KEYS = frozenset({"runtime", "entry", "always_on", "idle_timeout"}) | FRONT
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # Set by the worker for every app; a site's settings may not override them.
 RESERVED_ENV = frozenset({"PORT", "HOME", "TMPDIR", "PATH", "PYTHONPATH", "LD_PRELOAD", "LD_LIBRARY_PATH"})
+# Variables the dynamic loader and libc act on before a program's own code runs (glibc ignores them for
+# setuid programs for that reason). The sandbox and its privilege drop start as root with the app's
+# environment: one of these would run a tenant's library as root on the host.
+LOADER_ENV = frozenset(
+    {
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "GLIBC_TUNABLES",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "MALLOC_TRACE",
+        "NIS_PATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+        "TZDIR",
+    }
+)
+
+
+def loader_variable(key: str) -> bool:
+    """Whether ``key`` is one the loader or libc acts on at a program's start (``LD_*`` and the like)."""
+    upper = key.upper()
+    return upper.startswith("LD_") or upper in LOADER_ENV
+
+
 # What the worker gives an app as environment, counted as the kernel does ("KEY=VALUE\0", in bytes).
 MAX_ENV_BYTES = 64 * 1024
 # The smallest disk an app's home and temp directory get (an ext4 volume with its journal); a plan
@@ -102,6 +131,11 @@ def setting_name(key: Any) -> str:
         raise InvalidInput(
             f"{key} is set by the platform for every app and cannot be an app setting",
             hint=f"reserved names: {', '.join(sorted(RESERVED_ENV))}",
+        )
+    if loader_variable(key):
+        raise InvalidInput(
+            f"{key} changes how every program loads and cannot be an app setting",
+            hint=f"names starting with LD_ and {', '.join(sorted(LOADER_ENV))} are refused",
         )
     return key
 

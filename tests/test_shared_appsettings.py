@@ -161,3 +161,13 @@ def test_routing_switches_go_to_the_front_ends_not_the_app() -> None:
     settings = {"https_only": "true", "affinity": "false", "KEY": "v"}
     assert frontend_fields(settings) == {"https_only": True}
     assert app_fields(settings, always_on_allowed=False) == {"env": {"KEY": "v"}}
+
+
+@pytest.mark.parametrize("key", ["LD_AUDIT", "ld_debug_output", "LD_DEBUG", "GLIBC_TUNABLES", "GCONV_PATH"])
+def test_loader_variables_are_refused_and_never_reach_a_started_process(key: str) -> None:
+    # The sandbox starts as root with the app's environment: LD_AUDIT would load a tenant's library there.
+    with pytest.raises(InvalidInput, match="changes how every program loads") as err:
+        appsettings.setting_name(key)
+    assert err.value.hint is not None and "LD_" in err.value.hint
+    assert appsettings.loader_variable(key)
+    assert not appsettings.loader_variable("OLD_DATABASE_URL") and not appsettings.loader_variable("GREETING")

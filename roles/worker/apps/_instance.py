@@ -27,6 +27,7 @@ from roles.worker.apps._pool import IDLE_LIMIT, UpstreamPool
 from roles.worker.apps._sandbox import Sandbox, SandboxMounts, read_info
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import AppLimits
+from shared.appsettings import loader_variable
 
 __all__ = ["AppInstance"]
 
@@ -158,7 +159,7 @@ class AppInstance:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=self.plan.cwd,
-            env=self.plan.env,
+            env=self._safe_env(),
             user=ident.unix_uid,
             group=ident.gid,
             extra_groups=[] if ident.unix_uid is not None else None,
@@ -167,6 +168,11 @@ class AppInstance:
         )
         lower_priority(self.proc.pid)
         self._attach(self.proc.pid)
+
+    def _safe_env(self) -> dict[str, str]:
+        """The app's environment without loader variables: settings stored before they were refused
+        must not reach a process that starts as root (bwrap, setpriv)."""
+        return {key: value for key, value in self.plan.env.items() if not loader_variable(key)}
 
     async def _spawn_sandboxed(self, stdin: int) -> None:
         """bwrap holds the sandbox on ``--block-fd`` until its pids are in the site's cgroup and its
@@ -189,7 +195,7 @@ class AppInstance:
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     cwd="/",
-                    env=self.plan.env,
+                    env=self._safe_env(),
                     pass_fds=(block_r, info_w),
                     start_new_session=True,
                     umask=0o077,
