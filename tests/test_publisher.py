@@ -356,7 +356,14 @@ def test_ftp_parallel_sessions_see_each_others_changes_at_once(cloud: Cloud) -> 
         _stor(main, "third.html", b"3")
         _stor(transfer, "/fourth.html", b"4")
         transfer.cwd("/")
-        assert transfer.nlst() == ["first.html", "fourth.html", "img", "other.html", "second.html", "third.html"]
+        assert transfer.nlst() == [
+            "first.html",
+            "fourth.html",
+            "img",
+            "other.html",
+            "second.html",
+            "third.html",
+        ]
         main.delete("other.html")
         with pytest.raises(ftplib.error_perm, match=r"^550"):
             transfer.size("/other.html")
