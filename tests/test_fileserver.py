@@ -383,7 +383,7 @@ def test_a_plans_retention_keeps_the_last_n_and_the_last_d_days(pki: CloudPKI, t
             what="versions beyond the last two to be pruned",
         )
         status, body = server.call("GET", "/v1/sites/blog/manifest?version=3", role="worker")
-        assert status == 404 and "the last 2 versions are kept" in body["error"]["hint"], body
+        assert status == 404 and "the last 2 versions and publishes are kept" in body["error"]["hint"], body
 
         def collected() -> bool:
             status, _ = server.call("GET", f"/v1/sites/blog/blobs/{shas[2]}", role="worker")
@@ -428,6 +428,48 @@ def test_every_version_a_plans_days_list_can_be_served_after_a_burst_of_uploads(
         server.proc.start()
         again = [v["version"] for v in server.get("/v1/sites/blog/versions")["versions"]]
         assert again == listed
+    finally:
+        server.proc.stop()
+
+
+def test_a_run_of_ftp_uploads_counts_once_against_the_plans_last_n(pki: CloudPKI, tmp_path: Path) -> None:
+    # Keep the last 3: one FTP session of 30 files used to push both deploys out of reach.
+    server = _start(pki, tmp_path / "fs", keep_versions=3)
+    try:
+        blog = {"uid": BLOG_UID, "quota_bytes": 1 << 20, "keep_versions": 3, "keep_days": 0}
+        server.proc.push_config({"version": 2, "sites": {"blog": blog}})
+        first, second = server.upload("blog", b"release 1"), server.upload("blog", b"release 2")
+        server.ok("blog", [{"op": "put", "path": "index.html", "sha256": first}], replace=True)
+        server.ok("blog", [{"op": "put", "path": "index.html", "sha256": second}], replace=True)
+
+        def ftp_run(start: int, count: int) -> None:
+            for n in range(start, start + count):
+                sha = server.upload("blog", f"upload {n}".encode())
+                op = {"op": "put", "path": f"up/{n}.txt", "sha256": sha}
+                status, body = server.call(
+                    "POST", "/v1/sites/blog/commit", body={"ops": [op], "source": "ftp"}
+                )
+                assert status == 200, body
+
+        def listed() -> list[tuple[int, str]]:
+            return [(v["version"], v["source"]) for v in server.get("/v1/sites/blog/versions")["versions"]]
+
+        ftp_run(0, 30)  # versions 3..32
+        # The last three versions, and the last three publishes: both deploys and the run's end.
+        assert listed() == [(1, "deploy"), (2, "deploy"), (30, "ftp"), (31, "ftp"), (32, "ftp")]
+        status, body = server.call("POST", "/v1/sites/blog/rollback", role="management", body={"version": 1})
+        assert status == 200 and body["rolled_back_to"] == 1, body
+        assert server.get("/v1/sites/blog/files/index.html", role="publisher") == b"release 1"
+        assert server.manifest("blog")["files"].keys() == {"index.html"}
+
+        # A second session: the last three publishes are now the first session's end, the rollback
+        # and this session's newest upload, so both deploys go.
+        ftp_run(30, 10)  # versions 34..43
+        assert listed() == [(32, "ftp"), (33, "rollback"), (41, "ftp"), (42, "ftp"), (43, "ftp")]
+        server.proc.stop()
+        server.proc.start()
+        assert listed() == [(32, "ftp"), (33, "rollback"), (41, "ftp"), (42, "ftp"), (43, "ftp")]
+        assert len(server.manifest("blog", 32)["files"]) == 31
     finally:
         server.proc.stop()
 

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +82,8 @@ class _Site:
     uid: str
     quota_bytes: int
     disk: SiteDir
-    # The plan's retention: a version goes once it is neither among the last ``keep_versions`` nor
-    # younger than ``keep_days`` (0: the fileserver's default count, no age rule).
+    # The plan's retention: a version goes once it is neither among the last ``keep_versions`` versions
+    # or publishes nor younger than ``keep_days`` (0: the fileserver's default count, no age rule).
     keep_versions: int = 0
     keep_days: float = 0.0
     # What readers see: the newest version whose journal record is on disk.
@@ -96,6 +98,10 @@ class _Site:
     # checkpoints, beyond the plan's last N): they can no longer be served, and leave ``records`` at
     # the next prune, under the lock a checkpoint holds while it reads them.
     ghosts: list[int] = field(default_factory=list)
+    # The kept versions that are publishes of their own, oldest first: a deploy, a rollback, or the
+    # last upload of a run of FTP uploads. Retention keeps the last N of these besides the last N
+    # versions, so one FTP session of many files does not push every earlier deploy out.
+    milestones: deque[int] = field(default_factory=deque)
     journal: Journal | None = None
     checkpointed: int = 0
     checkpointing: bool = False
@@ -150,6 +156,16 @@ def _version_record(version: int, tree: Tree, root: str | None, source: str, now
         "time": now,
         "source": source,
     }
+
+
+def _publishes(records: dict[int, dict[str, Any]]) -> deque[int]:
+    """The kept versions that are publishes of their own: all but an FTP upload another one follows."""
+    numbers = list(records)
+    return deque(
+        n
+        for n, after in zip(numbers, [*numbers[1:], None], strict=True)
+        if after is None or not (records[n]["source"] == "ftp" == records[after]["source"])
+    )
 
 
 def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
@@ -216,6 +232,7 @@ def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
             if number <= version and "root" in kept:
                 kept["written"] = True
                 site.records[number] = kept
+    site.milestones = _publishes(site.records)
     if version or replayed:
         root = tree.freeze(disk.write_folder)
         disk.write_checkpoint(_version_record(version, tree, root, "checkpoint", time.time()))
@@ -371,7 +388,7 @@ class ContentStore:
         if record is None or record["root"] is None:
             raise NotFound(
                 f"version {version} of site {site.name} is no longer kept",
-                hint=f"the last {self._keep(site)} versions are kept"
+                hint=f"the last {self._keep(site)} versions and publishes are kept"
                 + (f", and those of the last {site.keep_days:g} days" if site.keep_days else ""),
             )
         return await asyncio.to_thread(_load_tree, site.disk, record)
@@ -700,8 +717,7 @@ class ContentStore:
                 header["blob"] = blob[0] if blob else None
             # A deploy's record (an op per file) is encoded and written off the loop.
             offset = await self._append(site, Record(header, data), in_thread=len(done) > _INLINE_OPS)
-            site.records[version] = record
-            self._prune(site)
+            self._remember(site, version, record)
             site.head, site.head_version = tree, version
         await self._publish(site, site.journal, offset, version, tree)
         if len(done) > _INLINE_OPS:
@@ -737,8 +753,7 @@ class ContentStore:
             )
             record = _version_record(number, tree, None, "rollback", now)
             record["rollback_of"] = target
-            site.records[number] = record
-            self._prune(site)
+            self._remember(site, number, record)
             site.head, site.head_version = tree, number
         await self._publish(site, site.journal, offset, number, tree)
         return RollbackAnswer(version=number, total_bytes=tree.total_bytes, rolled_back_to=target)
@@ -756,28 +771,55 @@ class ContentStore:
     def _keep(self, site: _Site) -> int:
         return site.keep_versions or self.config.keep_versions
 
-    def _prune(self, site: _Site) -> None:
-        """Drop the versions neither among the last N nor younger than D days (the plan's retention).
+    def _remember(self, site: _Site, number: int, record: dict[str, Any]) -> None:
+        """Add a new version's record, then apply the plan's retention."""
+        records, milestones = site.records, site.milestones
+        last = milestones[-1] if milestones else None
+        if last == number - 1 and record["source"] == "ftp" == records[last]["source"]:
+            # The run of uploads goes on: its previous version is no longer where it ends.
+            milestones.pop()
+        records[number] = record
+        milestones.append(number)
+        self._prune(site)
 
-        Oldest first, stopping at the first one kept: ``records`` is in version order, which is time
-        order, so a commit costs the versions it drops, not the thousands a plan's days may keep.
+    def _prune(self, site: _Site) -> None:
+        """Drop the versions the plan's retention no longer keeps: a version stays while it is among
+        the last N versions, or among the last N publishes (``milestones``), or younger than D days.
+
+        Oldest first, stopping at the first one among the last N or younger than D days: ``records``
+        is in version order, which is time order, so a commit costs the versions it drops and the
+        older publishes it keeps (at most N), not the thousands a plan's days may keep.
         """
-        records, keep = site.records, self._keep(site)
+        records, keep, milestones = site.records, self._keep(site), site.milestones
         for number in site.ghosts:
             record = records.get(number)
             # A checkpoint may have written it meanwhile: then it is kept like any other.
             if record is not None and record["root"] is None:
                 del records[number]
+                if number in milestones:
+                    milestones.remove(number)
         site.ghosts.clear()
         cutoff = time.time() - site.keep_days * 86400
-        while len(records) > keep:
-            number = next(iter(records))
-            if float(records[number]["time"]) >= cutoff:
+        oldest_kept_publish = milestones[-keep] if len(milestones) >= keep else 0
+        publishes = iter(milestones)
+        publish = next(publishes, None)
+        doomed: list[int] = []
+        left = len(records)
+        for number, record in records.items():
+            if left <= keep or float(record["time"]) >= cutoff:
                 break
+            left -= 1
+            while publish is not None and publish < number:
+                publish = next(publishes, None)
+            if number != publish or number < oldest_kept_publish:
+                doomed.append(number)
+        for number in doomed:
             # Only a checkpointed version has a file; the next checkpoint removes it, off the loop.
             if records.pop(number).get("written"):
                 site.dropped.append(number)
             site.recent.pop(number, None)
+        while milestones and milestones[0] not in records:
+            milestones.popleft()
 
     async def _publish(
         self, site: _Site, journal: Journal | None, offset: int, version: int, tree: Tree
@@ -787,7 +829,10 @@ class ContentStore:
         self.commits += 1
         site.recent[version] = tree
         while len(site.recent) > max(_RECENT, self._keep(site) + 1):
-            gone = min(site.recent)
+            # The last N publishes keep their trees until a checkpoint writes them, as the last N
+            # versions do: a burst of uploads right after a deploy must not make it unservable.
+            protected = set(itertools.islice(reversed(site.milestones), self._keep(site)))
+            gone = min(n for n in site.recent if n not in protected)
             del site.recent[gone]
             record = site.records.get(gone)
             if record is not None and record["root"] is None:

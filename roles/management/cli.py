@@ -116,7 +116,10 @@ def _show_plan(plan: Any, a: argparse.Namespace) -> None:
             ("compute", compute),
             ("always on", _yes_no(plan["always_on"])),
             ("instances/site", plan["max_instances_per_site"]),
-            ("versions kept", f"last {plan['keep_versions']}, and all of the last {plan['keep_days']} days"),
+            (
+                "versions kept",
+                f"last {plan['keep_versions']} and last {plan['keep_versions']} publishes, and all of the last {plan['keep_days']} days",
+            ),
             ("backups", _backups_line(plan["backup_every_seconds"], plan["backup_keep"])),
             ("subscriptions", plan.get("subscriptions", 0)),
         ]
