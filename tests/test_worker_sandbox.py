@@ -93,6 +93,11 @@ def app(environ, start_response):
             out = "denied " + type(exc).__name__
     elif path == "/exists":
         out = str(os.path.exists(q))
+    elif path == "/resolve":
+        try:
+            out = "resolved " + socket.getaddrinfo(q, 443, socket.AF_INET)[0][4][0]
+        except OSError as exc:
+            out = "unresolved " + type(exc).__name__
     elif path == "/cat":
         with open(q) as f:
             out = f.read()
@@ -434,6 +439,17 @@ def test_with_egress_the_host_and_private_networks_stay_out_of_reach() -> None:
             assert host.hits == 0
         finally:
             host.close()
+        # Names resolve through slirp's forwarder: the host's resolver is a private address the
+        # rules refuse (before, every lookup failed, so no app could call an API by name).
+        resolv = c.get("egress", "/cat?/etc/resolv.conf")[2].decode()
+        assert resolv.split() == ["nameserver", "10.0.2.3"], resolv
+        name = "pypi.org"
+        try:
+            known = socket.getaddrinfo(name, 443, socket.AF_INET)[0][4][0]
+        except OSError:
+            known = None  # a host without DNS: only the file can be checked
+        if known is not None:
+            assert c.get("egress", f"/resolve?{name}")[2].decode() == f"resolved {known}"
         bystander_answers(c)
 
 

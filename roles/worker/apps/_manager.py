@@ -317,6 +317,7 @@ class AppManager:
                 appserver=self._appserver,
                 egress=self._config.app_egress,
                 enabled=self._config.app_sandbox,
+                state_dir=self._config.state_dir,
             )
             self._quota = self._sandbox is not None and HomeVolume.available()
             if self._sandbox is not None and not self._quota:

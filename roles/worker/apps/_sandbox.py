@@ -41,6 +41,8 @@ _TOOLS = "/usr/bin:/bin:/usr/sbin:/sbin"
 # Read-only as they are; the /bin, /sbin and /lib* links of a merged /usr are made as links.
 _SYSTEM = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 EGRESS_MODES = ("off", "slirp4netns")
+# slirp4netns's DNS forwarder, as ``--configure`` sets the sandbox's network up.
+SLIRP_DNS = "10.0.2.3"
 INFO_TIMEOUT = 5.0
 
 
@@ -67,10 +69,20 @@ class Sandbox:
     nft: str = ""
     # nft rules loaded into each sandbox's network namespace before its egress comes up.
     egress_rules: str = ""
+    # With egress: a resolv.conf naming slirp's DNS forwarder, bound over the host's, whose
+    # resolver (a private or loopback address) the egress rules refuse.
+    resolv_conf: str = ""
 
     @classmethod
     def detect(
-        cls, log: ContextLogger, *, python: str, appserver: str, egress: str, enabled: bool = True
+        cls,
+        log: ContextLogger,
+        *,
+        python: str,
+        appserver: str,
+        egress: str,
+        enabled: bool = True,
+        state_dir: Path | None = None,
     ) -> Sandbox | None:
         """The sandbox this worker can build; None (and one log line saying why) when it cannot."""
         if not enabled:
@@ -111,6 +123,7 @@ class Sandbox:
             nsenter or "",
             nft or "",
             egress_rules(_host_addresses()) if slirp else "",
+            _write_resolv_conf(state_dir) if slirp and state_dir is not None else "",
         )
 
     def argv(self, mounts: SandboxMounts, *, uid: int, gid: int, block_fd: int, info_fd: int) -> list[str]:
@@ -125,6 +138,8 @@ class Sandbox:
                 argv += ["--symlink", os.readlink(path), path]
             elif os.path.isdir(path):
                 argv += ["--ro-bind", path, path]
+        if self.resolv_conf:
+            argv += _resolv_conf_bind(self.resolv_conf)
         argv += ["--proc", "/proc", "--dev", "/dev"]
         argv += ["--perms", "1777", "--size", size, "--tmpfs", "/dev/shm"]  # noqa: S108 - its own too
         binds = [(p, p, "--ro-bind") for p in self.runtime_paths]
@@ -217,12 +232,34 @@ def egress_rules(host_addresses: list[str]) -> str:
         "  chain out {\n"
         "    type filter hook output priority 0; policy accept;\n"
         '    oifname "lo" accept\n'
-        "    ip daddr 10.0.2.3 meta l4proto { tcp, udp } th dport 53 accept\n"
+        f"    ip daddr {SLIRP_DNS} meta l4proto {{ tcp, udp }} th dport 53 accept\n"
         f"    ip daddr {{ {blocked} }} reject\n"
         "    meta nfproto ipv6 reject\n"
         "  }\n"
         "}\n"
     )
+
+
+def _write_resolv_conf(state_dir: Path) -> str:
+    path = state_dir / "sandbox-resolv.conf"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"nameserver {SLIRP_DNS}\n")
+    path.chmod(0o644)
+    return str(path)
+
+
+def _resolv_conf_bind(source: str) -> list[str]:
+    """bwrap arguments that put ``source`` where the system's resolver reads /etc/resolv.conf."""
+    # Often a link (systemd-resolved's stub, or a file under /run); its target is then not in the
+    # sandbox, and the bind goes there, with the folders on the way made.
+    target = os.path.realpath("/etc/resolv.conf")
+    if target == "/etc/resolv.conf" or target.startswith("/etc/"):
+        return ["--ro-bind", source, target] if os.path.exists(target) else []
+    argv: list[str] = []
+    for parent in reversed(Path(target).parents):
+        if str(parent) != "/":
+            argv += ["--perms", "0755", "--dir", str(parent)]
+    return [*argv, "--ro-bind", source, target]
 
 
 def _host_addresses() -> list[str]:
