@@ -277,6 +277,10 @@ def test_version_usage_errors_and_suggestions(home: Path) -> None:
     result = run(home, "--json", "plan", "create", "x", "--max-sites", "1")
     assert result.returncode == 2
     assert "--storage-mb" in json.loads(result.stdout)["error"]["message"]
+    # No command at all: the same error object, not the help text.
+    result = run(home, "--json")
+    assert result.returncode == 2 and result.stderr == ""
+    assert json.loads(result.stdout)["error"]["message"] == "a command is required"
 
     # A mistyped site name: the closest one of the sites there are.
     env = _site_for(home, "suggest-me")

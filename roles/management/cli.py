@@ -1534,6 +1534,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out(json.dumps({"version": CODE_VERSION}) if args.json else f"sitecloud {CODE_VERSION}")
         return int(ExitCode.OK)
     if getattr(args, "run", None) is None:
+        if args.json:
+            return _usage_failed(
+                UsageError("a command is required", parser.format_usage(), parser.prog), True
+            )
         parser.print_help(sys.stderr)
         return int(ExitCode.USAGE)
     home = Path(args.home or os.environ.get("SITECLOUD_HOME") or _DEFAULT_HOME).expanduser()
