@@ -65,8 +65,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return web.json_response(
             {"error": {"code": code, "message": message}}, status=exc.status, headers=headers
         )
-    except (asyncio.CancelledError, ConnectionResetError):
+    except asyncio.CancelledError:
         raise
+    except ConnectionResetError:
+        # The caller went away mid-request (an FTP upload its client aborted): nothing was done,
+        # and there is no one to answer. One line, not aiohttp's traceback at ERROR.
+        _log.info(
+            "%s %s: the caller closed the connection before the request ended", request.method, request.path
+        )
+        return web.Response(status=499)
     except Exception:
         _log.exception("unhandled error in %s %s", request.method, request.path)
         return json_error(SitecloudError("internal error; the request was not completed"))

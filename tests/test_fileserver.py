@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import socket
+import struct
 import time
 import zipfile
 from collections.abc import Iterator
@@ -136,6 +138,27 @@ def test_upload_commit_and_read_back(fs: Fs) -> None:
 
     status, body = fs.call("GET", "/v1/sites/nope/manifest", role="worker")
     assert status == 404 and body["error"]["message"] == "site nope is not served by this fileserver"
+
+
+def test_an_upload_its_caller_aborts_is_one_log_line_and_leaves_nothing(fs: Fs) -> None:
+    host, port = fs.proc.control_url.removeprefix("https://").rsplit(":", 1)
+    raw = socket.create_connection((host, int(port)))
+    with fs.pki.client_ssl("publisher").wrap_socket(raw, server_hostname=host) as tls:
+        tls.sendall(
+            f"PUT /v1/sites/blog/files/big.bin HTTP/1.1\r\nHost: {host}\r\n"
+            "Content-Length: 8000\r\n\r\n".encode()
+            + b"x" * 1000
+        )
+        time.sleep(0.2)
+        # A reset, as a publisher whose FTP client went away sends.
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wait_until(
+        lambda: "the caller closed the connection before the request ended" in fs.proc.log(),
+        what="the aborted upload's log line",
+    )
+    assert "Traceback" not in fs.proc.log()
+    assert "big.bin" not in fs.manifest("blog")["files"]
+    assert fs.upload("blog", b"still fine")
 
 
 def test_ops_and_their_errors_leave_nothing_half_done(fs: Fs) -> None:
