@@ -37,6 +37,7 @@ from typing import Any
 
 import pytest
 
+from roles.worker.apps._instance import LOG_BURST_BYTES, LOG_BYTES_PER_SECOND
 from roles.worker.apps._isolation import reap_orphans
 from tests.cloud import LocalCloud, SiteConnection
 from tests.support import wait_until
@@ -787,6 +788,32 @@ def test_a_fork_bomb_hits_the_pids_limit_and_the_victim_keeps_answering(
     finally:
         _restart_site(cloud, "attacker-py")
     cloud.wait_for_content("attacker-py", "/", b"attacker here", timeout=20)
+    assert_victim_ok(cloud, world)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_printing_flat_out_is_read_at_the_log_rate_and_costs_the_worker_little(
+    cloud: LocalCloud, world: World
+) -> None:
+    # Reading an app's output is the worker's CPU, shared by every site: before, an app printing in
+    # a loop got ~100 MB out in 3 s and held a core of the worker.
+    worker = cloud.role_pids()["worker"]
+    before_lines = _log_lines(cloud, "attacker-py")
+    cpu = _cpu_seconds(worker)
+    status, answer = _attack(cloud, "/spam", secs=3, timeout=30)
+    used = _cpu_seconds(worker) - cpu
+    assert status == 200, (status, answer)
+    print(f"log spam: {answer}; worker CPU {used:.2f} s")
+    # The burst, the rate over the seconds, the pipe's buffer: what a reader at that rate lets out.
+    allowed = LOG_BURST_BYTES + LOG_BYTES_PER_SECOND * answer["seconds"] + 2 * MB
+    assert answer["wrote"] <= allowed, f"the app got {answer['wrote'] // MB} MB of output read in 3 s"
+    # Said once, before the spam that follows it.
+    got = cloud.cli("site", "logs", "attacker-py", "--lines", "10000")["lines"]
+    assert any("[worker]" in line and "KB/s" in line for line in got[len(before_lines) :]), got[-5:]
     assert_victim_ok(cloud, world)
 
 

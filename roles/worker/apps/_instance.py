@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from typing import cast
 from pathlib import Path
 
 from roles.worker.apps._cgroup import AppGroup, CgroupTree
@@ -395,15 +396,58 @@ class AppInstance:
             self._socket_path.unlink(missing_ok=True)
 
 
+# What an app may print, sustained and in a burst: reading its output costs the worker's CPU (shared
+# by every site, outside the app's cgroup), so past this the worker stops reading for a while and
+# the app's own writes block on the full pipe. About 2,000 log lines a second.
+LOG_BYTES_PER_SECOND = 256 * 1024
+LOG_BURST_BYTES = 1024 * 1024
+
+
 class _LogPipe(asyncio.Protocol):
-    """The app's stdout and stderr (one pipe), line by line into its site log."""
+    """The app's stdout and stderr (one pipe), line by line into its site log, at most
+    :data:`LOG_BYTES_PER_SECOND` (a token bucket; the pipe is paused while it is empty)."""
 
     def __init__(self, log: SiteLog, done: asyncio.Future[None]) -> None:
         self._log = log
         self._done = done
         self._partial = b""
+        self._transport: asyncio.ReadTransport | None = None
+        self._allowance = float(LOG_BURST_BYTES)
+        self._counted_at = time.monotonic()
+        self._resume: asyncio.TimerHandle | None = None
+        self._told_at = -60.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's pipe transport has the methods but not the class.
+        self._transport = cast(asyncio.ReadTransport, transport)
+
+    def _meter(self, size: int) -> None:
+        now = time.monotonic()
+        self._allowance = min(
+            float(LOG_BURST_BYTES), self._allowance + (now - self._counted_at) * LOG_BYTES_PER_SECOND
+        )
+        self._counted_at = now
+        self._allowance -= size
+        if self._allowance >= 0 or self._transport is None or self._resume is not None:
+            return
+        self._transport.pause_reading()
+        wait = -self._allowance / LOG_BYTES_PER_SECOND
+        self._resume = asyncio.get_running_loop().call_later(wait, self._read_again)
+        if now - self._told_at >= 60:
+            self._told_at = now
+            self._log.write(
+                "worker",
+                f"the app prints more than {LOG_BYTES_PER_SECOND // 1024} KB/s: its output is read at "
+                "that rate, and its writes wait meanwhile",
+            )
+
+    def _read_again(self) -> None:
+        self._resume = None
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        self._meter(len(data))
         data = self._partial + data
         lines, sep, self._partial = data.rpartition(b"\n")
         if sep:
@@ -416,6 +460,10 @@ class _LogPipe(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        self._transport = None
         if self._partial:
             self._log.write("app", self._partial.decode("utf-8", "replace"))
         if not self._done.done():

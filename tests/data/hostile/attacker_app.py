@@ -2,7 +2,7 @@
 says what the attack got, so the test reads the outcome through the app's own HTTP answer.
 
 Every loop is bounded in count and time, and every process it starts ends by itself. It prints
-nothing: whatever the site's log says about an attack, the platform wrote it.
+nothing but ``/spam``'s lines: whatever else the site's log says about an attack, the platform wrote it.
 """
 
 import contextlib
@@ -213,6 +213,17 @@ def bomb(query: Query) -> Answer:
     return {"forked": forked, "error": error, "seconds": round(time.monotonic() - started, 2)}
 
 
+def spam(query: Query) -> Answer:
+    """Print as fast as the pipe takes it for ``secs`` seconds: how much got out, and how fast."""
+    secs = min(float(query.get("secs", "3")), 10.0)
+    line = b"spam " * 200 + b"\n"
+    started = time.monotonic()
+    wrote = 0
+    while time.monotonic() - started < secs:
+        wrote += os.write(2, line)
+    return {"wrote": wrote, "seconds": round(time.monotonic() - started, 2)}
+
+
 def _listening(proc_file: str) -> set[int]:
     ports = set()
     try:
@@ -276,6 +287,7 @@ ATTACKS: dict[str, Callable[[Query], Answer]] = {
     "/bomb": bomb,
     "/scan": scan,
     "/read": read_paths,
+    "/spam": spam,
 }
 
 
