@@ -489,6 +489,7 @@ def test_a_cli_deploy_whose_build_fails_exits_non_zero_with_the_builds_error(
     assert cloud.get("buildcli", "/message.txt")[::2] == (200, b"v2")
     status, _, body = cloud.get("buildcli", "/")
     assert status == 503 and b"build failed" in body, (status, body[:300])
+    assert b"this-package-does-not-exist-xyz" not in body  # the why is the owner's, not every visitor's
     shown = _sitecloud(cloud, "site", "show", "buildcli")
     assert "build failed" in shown.stdout and "this-package-does-not-exist-xyz" in shown.stdout, shown.stdout
 

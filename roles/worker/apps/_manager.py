@@ -73,7 +73,8 @@ SWEEP_INTERVAL = 0.25
 _START_ROUNDS = 3
 # Waits before an app that failed to start or crashed is started again.
 _RETRY = Backoff(first=0.25, cap=30.0)
-_REBUILD = "fix it and deploy again; `sitecloud site logs` shows the whole build"
+_BUILD_FAILED = "the site's build failed: its app does not start until a version of it builds"
+_REBUILD = "the deploy's answer and `sitecloud site logs` say why; fix it and deploy again"
 # Where a sandboxed ``command`` app listens: its network namespace is its own, any port will do.
 SANDBOX_PORT = 8000
 _NO_SPEC = AppSpec()
@@ -381,7 +382,7 @@ class AppManager:
         if app.starting is None:
             now = time.monotonic()
             if app.retry_at > now and app.build_error is not None:
-                raise Unavailable(f"the site's build failed: {app.build_error}", hint=_REBUILD)
+                raise Unavailable(_BUILD_FAILED, hint=_REBUILD)
             if app.retry_at > now:
                 raise Unavailable(
                     f"the site's app stopped unexpectedly; it starts again in {app.retry_at - now:.0f} s",
@@ -636,8 +637,9 @@ class AppManager:
             assert app.identity is not None
             packages = await self._packages(app) if app.runtime in _PACKAGED else None
             if app.build_error is not None:
-                # Started without what it needs, it would fail in ways that hide why: say why.
-                raise Unavailable(f"the site's build failed: {app.build_error}", hint=_REBUILD)
+                # Started without what it needs, it would fail in ways that hide why. The why itself
+                # (pip's lines: index hosts, the tenant's file) is for the owner, not every visitor.
+                raise Unavailable(_BUILD_FAILED, hint=_REBUILD)
             if app.runtime == "node":
                 link_node_modules(self._root / "sites" / app.name, packages)
             sandbox = self._sandbox
