@@ -586,7 +586,7 @@ class AppManager:
                         log=log,
                     )
             except BuildFailed as exc:
-                error, ok = exc.message, False
+                error, ok = str(exc), False  # with its hint: what the owner reads of it
             except OSError as exc:
                 error = f"installing {'package.json' if node else 'requirements.txt'} failed: {exc}"
                 log.write("worker", error)

@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 INSTALL_TIMEOUT = 600.0
-_FIX = "fix package.json (and package-lock.json) and deploy again"
 # ``npm_registry`` that turns installs off.
 NO_REGISTRY = "none"
 MAX_MANIFEST = 4 * 1024 * 1024
@@ -222,7 +221,7 @@ async def install_node_packages(*, root: str, target: Path, registry: str, log: 
         manifest, lock = await asyncio.to_thread(_read_manifest, root)
     except OSError as exc:
         log.write("worker", f"package.json cannot be read ({exc}); not installed")
-        raise BuildFailed(f"package.json cannot be read ({exc})", hint=_FIX) from None
+        raise BuildFailed(f"package.json cannot be read ({exc})") from None
     building = target.with_name(target.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(mode=0o700)
@@ -235,7 +234,7 @@ async def install_node_packages(*, root: str, target: Path, registry: str, log: 
             checked_manifest(manifest, lock, registries)
         except InvalidInput as exc:
             log.write("worker", f"{exc}; not installed" + (f" ({exc.hint})" if exc.hint else ""))
-            raise BuildFailed(exc.message, hint=exc.hint or _FIX) from None
+            raise BuildFailed(exc.message, hint=exc.hint) from None
         (building / "package.json").write_bytes(manifest)
         if lock is not None:
             (building / "package-lock.json").write_bytes(lock)
@@ -262,9 +261,7 @@ async def install_node_packages(*, root: str, target: Path, registry: str, log: 
                 else f"failed (npm exit {step.status})"
             )
             log.write("worker", f"installing package.json {why}")
-            raise BuildFailed(
-                "\n".join([f"installing package.json {why}:", *failure_lines(step.tail)]), hint=_FIX
-            )
+            raise BuildFailed("\n".join([f"installing package.json {why}:", *failure_lines(step.tail)]))
         await asyncio.to_thread(_finish, building, target)
         log.write("worker", "node packages installed")
         return True

@@ -30,7 +30,8 @@ MAX_REQUIREMENTS = 500
 INSTALL_TIMEOUT = 600.0
 # ``package_index_url`` that turns installs off.
 NO_INDEX = "none"
-_FIX = "fix requirements.txt (each package must exist on the index as a wheel) and deploy again"
+# Installs take wheels only: a package the index has only as source is "not found" too.
+_WHEELS = "each package must be on the index as a wheel for the site's Python"
 # What pip may take from the worker's environment: where packages come from and how to reach it
 # (the host's pip configuration, as ``pip install`` on the host would use it), nothing that changes
 # where or what it installs.
@@ -114,7 +115,7 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
         wanted = checked_requirements(await asyncio.to_thread(_read_text, Path(root, "requirements.txt")))
     except (OSError, UnicodeDecodeError) as exc:
         log.write("worker", f"requirements.txt cannot be read as UTF-8 text ({exc}); not installed")
-        raise BuildFailed(f"requirements.txt cannot be read as UTF-8 text ({exc})", hint=_FIX) from None
+        raise BuildFailed(f"requirements.txt cannot be read as UTF-8 text ({exc})") from None
     except InvalidInput as exc:
         log.write("worker", f"{exc}; not installed ({exc.hint})")
         raise BuildFailed(exc.message, hint=exc.hint) from None
@@ -150,7 +151,7 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
         )
         log.write("worker", f"installing requirements.txt {why}")
         raise BuildFailed(
-            "\n".join([f"installing requirements.txt {why}:", *failure_lines(step.tail)]), hint=_FIX
+            "\n".join([f"installing requirements.txt {why}:", *failure_lines(step.tail)]), hint=_WHEELS
         )
     (building / ".complete").write_text("")
     for dirpath, dirnames, filenames in os.walk(building):
