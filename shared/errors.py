@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 __all__ = [
     "AlreadyExists",
     "BadRequest",
+    "BuildFailed",
     "ConfirmationRequired",
     "Forbidden",
     "InUse",
@@ -140,6 +141,15 @@ class RateLimited(SitecloudError):
     code = "rate_limited"
     status = 429
     ftp_code = 421
+
+
+class BuildFailed(SitecloudError):
+    """The content is stored, but what it asks to be built (its requirements.txt or package.json)
+    could not be; the message ends with the build's own error lines."""
+
+    code = "build_failed"
+    status = 422
+    ftp_code = 451
 
 
 class Unavailable(SitecloudError):

@@ -12,6 +12,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from roles.publisher._git import _pkt, _split_report
+from roles.publisher._git import _pkt, _rejected, _split_report
 from tests.cloud import LocalCloud
 from tests.support import wait_until
 
@@ -49,7 +50,7 @@ def cloud(traversable_home: Path) -> Iterator[LocalCloud]:
     cloud = LocalCloud(traversable_home)
     cloud.start()
     try:
-        cloud.cli("plan", "create", "deploys", "--max-sites", "10", "--storage-mb", "5")
+        cloud.cli("plan", "create", "deploys", "--max-sites", "20", "--storage-mb", "5")
         cloud.cli("tenant", "create", "contoso")
         yield cloud
     finally:
@@ -401,3 +402,160 @@ def test_deploy_lines_go_only_into_a_report_multiplexed_on_side_bands() -> None:
     assert _split_report(_pkt(b"unpack ok\n") + b"0000") is None
     assert _split_report(report[:-3]) is None
     assert _split_report(b"HTTP garbage") is None
+
+
+def test_a_failed_deploy_turns_the_reports_ok_into_ng_with_why() -> None:
+    status = _pkt(b"unpack ok\n") + _pkt(b"ok refs/heads/main\n") + b"0000"
+    hook = _pkt(b"\x02hook says hi\n")
+    # The report-status may come cut across band-1 packets anywhere.
+    report = hook + _pkt(b"\x01" + status[:9]) + _pkt(b"\x01" + status[9:]) + b"0000"
+    refused = _rejected(report, "refs/heads/main", "deploy failed: the build failed")
+    ng = _pkt(b"unpack ok\n") + _pkt(b"ng refs/heads/main deploy failed: the build failed\n") + b"0000"
+    assert refused == hook + _pkt(b"\x01" + ng) + b"0000"
+    # Without side bands, and report-status v2 (an ok's option lines go with it).
+    plain = _pkt(b"unpack ok\n") + _pkt(b"ok refs/heads/main\n") + _pkt(b"option refname refs/heads/main\n")
+    assert _rejected(plain + b"0000", "refs/heads/main", "why") == (
+        _pkt(b"unpack ok\n") + _pkt(b"ng refs/heads/main why\n") + b"0000"
+    )
+    # Another ref's ok, and what is not pkt-lines, are left alone.
+    assert _rejected(plain, "refs/heads/master", "why") == plain
+    assert _rejected(b"HTTP garbage", "refs/heads/main", "why") == b"HTTP garbage"
+
+
+# --- a deploy whose build fails
+
+# A Python app whose requirements.txt names a package no index has: pip fails at once, offline too.
+_MISSING = b"this-package-does-not-exist-xyz==1.0"
+_APP = b"""
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [open("message.txt", "rb").read()]
+"""
+
+
+def _app_files(message: bytes, *, broken: bool) -> dict[str, bytes]:
+    files = {"app.py": _APP, "message.txt": message}
+    if broken:
+        files["requirements.txt"] = b"# the app's packages\n" + _MISSING + b"\n"
+    return files
+
+
+def _sitecloud(cloud: LocalCloud, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "roles.management.cli", "--home", str(cloud.home), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _tree(root: Path, files: dict[str, bytes]) -> Path:
+    shutil.rmtree(root, ignore_errors=True)
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def test_a_cli_deploy_whose_build_fails_exits_non_zero_with_the_builds_error(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    _site(cloud, subscription, "buildcli")
+    good = _sitecloud(
+        cloud, "deploy", "buildcli", str(_tree(tmp_path / "app", _app_files(b"v1", broken=False)))
+    )
+    assert good.returncode == 0, good.stderr
+    cloud.wait_for_content("buildcli", "/", b"v1", timeout=60)
+
+    broken = _tree(tmp_path / "app", _app_files(b"v2", broken=True))
+    failed = _sitecloud(cloud, "deploy", "buildcli", str(broken))
+    assert failed.returncode != 0, (failed.stdout, failed.stderr)
+    # pip's lines as they ran, then the error: the build's own last lines, and what to do next.
+    assert "No matching distribution found for this-package-does-not-exist-xyz" in failed.stdout
+    assert "served" not in failed.stdout.splitlines()[-1]
+    error, _, hint = failed.stderr.partition("hint: ")
+    assert error.startswith("error: version ") and "its build failed" in error, failed.stderr
+    assert "No matching distribution found for this-package-does-not-exist-xyz==1.0" in error
+    assert "deploy again" in hint and "site logs buildcli" in hint
+    # --json carries it as an error with its code.
+    as_json = _sitecloud(cloud, "deploy", "buildcli", str(broken), "--json")
+    assert as_json.returncode == failed.returncode
+    answer = json.loads(as_json.stdout)
+    assert (
+        answer["error"]["code"] == "build_failed" and "No matching distribution" in answer["error"]["message"]
+    )
+
+    # What is served says the same: the new files, and the app reports why it does not run.
+    assert cloud.get("buildcli", "/message.txt")[::2] == (200, b"v2")
+    status, _, body = cloud.get("buildcli", "/")
+    assert status == 503 and b"build failed" in body, (status, body[:300])
+    assert b"this-package-does-not-exist-xyz" not in body  # the why is the owner's, not every visitor's
+    shown = _sitecloud(cloud, "site", "show", "buildcli")
+    assert "build failed" in shown.stdout and "this-package-does-not-exist-xyz" in shown.stdout, shown.stdout
+
+    # Fixed, the next deploy succeeds and the app runs its new version.
+    fixed = _sitecloud(
+        cloud, "deploy", "buildcli", str(_tree(tmp_path / "app", _app_files(b"v3", broken=False)))
+    )
+    assert fixed.returncode == 0, fixed.stderr
+    cloud.wait_for_content("buildcli", "/", b"v3", timeout=60)
+
+
+def test_a_zipdeploy_whose_build_fails_is_a_failed_deployment(cloud: LocalCloud, subscription: int) -> None:
+    site = _site(cloud, subscription, "buildkudu")
+    auth = f"{site['ftp']['user']}:{site['ftp']['password']}"
+    archive = cloud.home.parent / "buildkudu.zip"
+    archive.write_bytes(_zip(_app_files(b"v1", broken=True)))
+    # Synchronous: an error status, with the failed (and complete) deployment record as its answer.
+    status, _, body = _curl(
+        cloud, "-u", auth, "--data-binary", f"@{archive}", f"{_deploy_base(site)}/api/zipdeploy"
+    )
+    assert status == 422, body
+    record = json.loads(body)
+    assert (record["status"], record["status_text"], record["complete"]) == (3, "failed", True), record
+    assert record["active"] is False and "No matching distribution found" in record["message"]
+    code, _, log = _curl(cloud, "-u", auth, record["log_url"])
+    messages = [entry["message"] for entry in json.loads(log)]
+    assert code == 200 and any(m.startswith("ERROR: No matching distribution") for m in messages), messages
+    assert "its build failed" in messages[-1]
+
+    # Asynchronous: the status URL ends at 3 (Failed), complete, saying why.
+    status, headers, _ = _curl(
+        cloud, "-u", auth, "--data-binary", f"@{archive}", f"{_deploy_base(site)}/api/zipdeploy?isAsync=true"
+    )
+    assert status == 202
+    failed = wait_until(polled_at(cloud, auth, headers["location"]), timeout=120, what="the build to fail")
+    assert failed["status"] == 3 and "this-package-does-not-exist-xyz" in failed["message"], failed
+
+
+def test_a_git_push_whose_build_fails_is_rejected_and_its_branch_left_where_it_was(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    site = _site(cloud, subscription, "buildgit")
+    repo = Checkout(cloud, tmp_path / "buildgit", _remote(site))
+    repo.commit(_app_files(b"v1", broken=False), "an app that builds")
+    pushed = repo.push()
+    assert pushed.returncode == 0, pushed.stderr
+    cloud.wait_for_content("buildgit", "/", b"v1", timeout=60)
+    good = repo.run("rev-parse", "HEAD").stdout.strip()
+
+    repo.commit(_app_files(b"v2", broken=True), "a requirement that does not exist")
+    pushed = repo.push()
+    assert pushed.returncode != 0, pushed.stderr
+    # pip's own error on the pusher's screen, then git's report: main was not updated, and why.
+    assert (
+        "remote: ERROR: No matching distribution found for this-package-does-not-exist-xyz" in pushed.stderr
+    )
+    assert "remote: sitecloud: deploy FAILED: version" in pushed.stderr
+    rejected = [line for line in pushed.stderr.splitlines() if "[remote rejected]" in line]
+    assert rejected and "main -> main (deploy failed: version" in rejected[0], pushed.stderr
+    assert "its build failed" in rejected[0]
+    remote_main = repo.run("ls-remote", "origin", "refs/heads/main").stdout.split()[0]
+    assert remote_main == good
+    tracking = repo.run("rev-parse", "refs/remotes/origin/main").stdout.strip()
+    assert tracking == good  # git took the push as refused
+
+    repo.commit({"requirements.txt": None, "message.txt": b"v3"}, "no requirements")
+    fixed = repo.push()
+    assert fixed.returncode == 0 and "live at" in fixed.stderr, fixed.stderr
+    cloud.wait_for_content("buildgit", "/", b"v3", timeout=60)

@@ -1,12 +1,19 @@
 """A site's requirements.txt is a trust boundary: pip runs as root outside the sandbox, so only named
-requirements reach it (no options, paths, URLs or direct references)."""
+requirements reach it (no options, paths, URLs or direct references). One that cannot be installed
+fails the build, with the lines that say why."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from pathlib import Path
+
 import pytest
 
-from roles.worker.apps._packages import checked_requirements
-from shared.errors import InvalidInput
+from roles.worker.apps._build import failure_lines
+from roles.worker.apps._packages import NO_INDEX, checked_requirements, install_requirements
+from roles.worker.apps._sitelog import SiteLog
+from shared.errors import BuildFailed, InvalidInput
 
 
 def test_named_requirements_pass_normalised_with_comments_and_continuations() -> None:
@@ -53,3 +60,61 @@ def test_anything_but_a_named_requirement_is_refused_with_its_line(line: str, sa
 def test_a_huge_list_is_refused() -> None:
     with pytest.raises(InvalidInput, match="more than"):
         checked_requirements("".join(f"pkg{i}\n" for i in range(501)))
+
+
+def _install(tmp_path: Path, requirements: str, *, index_url: str = "") -> tuple[bool, str]:
+    """Install a version's requirements.txt as the worker does: what it answered, and its site log."""
+    root = tmp_path / "v1"
+    root.mkdir(exist_ok=True)
+    (root / "requirements.txt").write_text(requirements)
+    log = SiteLog(tmp_path / "app.log", 1024 * 1024)
+    target = tmp_path / "packages-test"
+    try:
+        ok = asyncio.run(
+            install_requirements(
+                root=str(root), target=target, index_url=index_url, python=sys.executable, log=log
+            )
+        )
+    finally:
+        log.close()
+    return ok, (tmp_path / "app.log").read_text()
+
+
+def test_a_requirement_no_index_has_fails_the_build_with_pips_error(tmp_path: Path) -> None:
+    with pytest.raises(BuildFailed) as err:
+        _install(tmp_path, "this-package-does-not-exist-xyz==1.0\n")
+    lines = err.value.message.splitlines()
+    assert lines[0] == "installing requirements.txt failed (pip exit 1):"
+    assert lines[-1] == "ERROR: No matching distribution found for this-package-does-not-exist-xyz==1.0"
+    assert err.value.hint and "wheel" in err.value.hint
+    log = (tmp_path / "app.log").read_text()
+    assert "[build] ERROR: No matching distribution" in log and "failed (pip exit 1)" in log
+    assert not (tmp_path / "packages-test").exists()
+
+
+def test_a_refused_requirements_txt_fails_the_build_and_installs_off_do_not(tmp_path: Path) -> None:
+    with pytest.raises(BuildFailed) as err:
+        _install(tmp_path, "flask\n-r /etc/shadow\n")
+    assert "line 2" in err.value.message and "options" in err.value.message and err.value.hint
+    # Installs the worker's admin turned off are no failure of the site's: the app starts without.
+    ok, log = _install(tmp_path, "flask\n", index_url=NO_INDEX)
+    assert ok is False and "installs are off" in log
+
+
+def test_the_lines_that_say_why_a_build_failed() -> None:
+    pip = (
+        "Looking in links: /opt/wheels",
+        "ERROR: Could not find a version",
+        "ERROR: No matching distribution",
+    )
+    assert failure_lines(pip) == ["ERROR: Could not find a version", "ERROR: No matching distribution"]
+    npm = (
+        "added 0 packages",
+        "npm error code E404",
+        "npm error 404 Not Found - GET https://r/x",
+        "npm error A log",
+    )
+    assert failure_lines(npm) == list(npm[1:])
+    assert failure_lines(("npm ERR! code ETARGET",)) == ["npm ERR! code ETARGET"]
+    # No marked line: the last ones, at most five.
+    assert failure_lines(tuple(f"line {n}" for n in range(9))) == [f"line {n}" for n in range(4, 9)]

@@ -897,7 +897,8 @@ def operations() -> list[Operation]:
             "deploy_site",
             "Replace the site's content with a zip (web deploy). With Accept: application/x-ndjson the "
             "answer is lines: the deploy's and its build's ({source, text}) as they come, then {result} once "
-            "the site's workers serve it built, or {error}",
+            "the site's workers serve it built, or {error} (code build_failed when the version is stored but "
+            "its requirements.txt or package.json could not be installed)",
             "sites",
             answer=m.Deployed,
             params=site,

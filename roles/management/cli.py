@@ -357,6 +357,9 @@ def _app_line(app: dict[str, Any]) -> str:
     ):
         if app.get(key):
             parts.append(f"{what} {app[key]}x")
+    if app.get("build_error"):
+        # Its last error lines, one line here: `site logs` has the whole build.
+        parts.append("DEGRADED, build failed: " + " / ".join(str(app["build_error"]).splitlines()))
     return "; ".join(parts)
 
 

@@ -4,7 +4,8 @@ package.json when the new version reaches them, and write pip's or npm's output 
 A :class:`BuildFollow` opens each worker's log stream (``GET /v1/sites/{site}/logs?follow=1``, mTLS)
 before the deploy's commit, so no line is missed, and passes on the ``build`` and ``worker`` lines until
 every worker says (``GET /v1/sites/{site}/app``) it has the new version and is not building, or a time
-limit passes. A worker that cannot be reached is left out: the deploy itself has succeeded by then.
+limit passes; a worker whose build of that version failed says why (``build_error``), and the deploy
+then fails with it. A worker that cannot be reached is left out: the content is stored by then.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -22,7 +24,7 @@ from shared.errors import NotFound, SitecloudError
 from shared.internal import InternalClient
 from shared.logs import ContextLogger
 
-__all__ = ["BuildFollow", "BuildFollower", "Emit"]
+__all__ = ["BuildFollow", "BuildFollower", "BuildOutcome", "Emit"]
 
 # (source, text): "deploy" for the publisher's own lines, "build" or "worker" for the worker's.
 Emit = Callable[[str, str], Awaitable[None]]
@@ -38,6 +40,14 @@ _SETTLE = 0.3
 _SETTLE_MAX = 3.0
 
 
+@dataclass(frozen=True)
+class BuildOutcome:
+    # Every worker serves the version with its build over (False: the time ran out first).
+    done: bool
+    # Worker address → why its build of the version failed.
+    failed: dict[str, str] = field(default_factory=dict)
+
+
 class BuildFollow:
     """One deploy's view of its site's workers; open it before the commit, close it after."""
 
@@ -48,6 +58,7 @@ class BuildFollow:
         self._lines: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         # Whether a build was seen (a line, or a worker building): only then may lines be in flight.
         self._built = False
+        self._failed: dict[str, str] = {}
         # With several workers each builds: their lines are told apart by the worker's address.
         self._streams = [asyncio.create_task(self._stream(url)) for url in site.workers]
 
@@ -87,11 +98,16 @@ class BuildFollow:
         if app.building:
             self._built = True
             return False
-        return app.version is not None and app.version >= version
+        if app.version is None or app.version < version:
+            return False
+        if app.version == version and app.build_error is not None:
+            self._built = True
+            self._failed[url] = app.build_error
+        return True
 
-    async def until_served(self, version: int, emit: Emit, *, timeout: float) -> bool:
-        """Pass on the build's lines until every worker serves ``version`` built; False when the time
-        ran out first."""
+    async def until_served(self, version: int, emit: Emit, *, timeout: float) -> BuildOutcome:
+        """Pass on the build's lines until every worker serves ``version`` built, or says its build
+        failed; not done when the time ran out first."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         waiting = set(self._site.workers)
@@ -99,7 +115,7 @@ class BuildFollow:
         while waiting:
             now = loop.time()
             if now >= deadline:
-                return False
+                return BuildOutcome(False, dict(self._failed))
             if now >= poll_at:
                 for url in sorted(waiting):
                     if await self._served(url, version) is not False:
@@ -111,7 +127,7 @@ class BuildFollow:
                 self._built = True
                 await emit(source, text)
         if not self._built and self._lines.empty():
-            return True
+            return BuildOutcome(True)
         settle_until = loop.time() + _SETTLE_MAX
         while (left := min(_SETTLE, settle_until - loop.time())) > 0:
             try:
@@ -119,7 +135,7 @@ class BuildFollow:
             except TimeoutError:
                 break
             await emit(source, text)
-        return True
+        return BuildOutcome(True, dict(self._failed))
 
     async def close(self) -> None:
         for task in self._streams:

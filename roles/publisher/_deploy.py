@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from aiohttp import BasicAuth, web
 
-from roles.publisher._builds import BuildFollower, Emit
+from roles.publisher._builds import BuildFollower, BuildOutcome, Emit
 from roles.publisher._deployments import Deployment, DeploymentLog
 from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import Credentials, SiteInfo, SiteTable
@@ -36,6 +36,7 @@ from roles.publisher.config import PublisherConfig
 from roles.publisher.zipsafe import ZipMember, check_zip, copy_member, open_zip, read_member
 from shared.contracts.content import DeployResult, PathOp, encode_commit
 from shared.errors import (
+    BuildFailed,
     InvalidInput,
     NotFound,
     QuotaExceeded,
@@ -64,6 +65,19 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _RETRY_AFTER = web.RequestKey("retry_after", int)
 # What management asks for to see the deploy's build as it runs.
 NDJSON = "application/x-ndjson"
+# What a site's owner does about a failed build (the site's app serves no version until one builds).
+_BUILD_HINT = (
+    "fix what the build says and deploy again; the new files are served, but the site's app does "
+    "not start until a version builds (`sitecloud site logs {site}` shows the whole build)"
+)
+
+
+def _build_failure(version: int, failed: dict[str, str]) -> str:
+    """What a deploy whose build failed answers: the build's own error lines, from one worker (with
+    several, which ones: each builds alone, and they fail alike)."""
+    first = sorted(failed)[0]
+    where = "" if len(failed) == 1 else f" on {len(failed)} workers (on {first.removeprefix('https://')})"
+    return f"version {version} is stored, but its build failed{where}: {failed[first]}"
 
 
 def _ndjson(line: dict[str, Any]) -> bytes:
@@ -171,11 +185,24 @@ class Deployer:
         if is_async not in ("true", "false"):
             raise InvalidInput(f"isAsync must be true or false, not {is_async!r}")
         if is_async == "false":
-            # As Kudu's: the answer comes once the deployment is done, the site built and served.
-            _, record = await self._deploy_request(
-                request, site, via="zip deploy", deployer="ZipDeploy", follow_build=True
-            )
-            return web.json_response(self._record_json(request, record))
+            # As Kudu's: the answer comes once the deployment is done, the site built and served; a
+            # failed build answers its failed record with an error status, so `curl --fail` sees it.
+            with tempfile.TemporaryFile(prefix="sitecloud-deploy-") as spool:
+                size = await self._receive(request, spool)
+                record = self.deployments.start(site.name, deployer="ZipDeploy", author=self._author(request))
+                status = 200
+                try:
+                    await self.deploy_zip(
+                        site,
+                        spool,
+                        record,
+                        via=f"zip deploy from {request.remote}",
+                        size=size,
+                        follow_build=True,
+                    )
+                except BuildFailed as err:
+                    status = err.status
+            return web.json_response(self._record_json(request, record), status=status)
         # Kudu's async deploy: take the whole body now, answer 202 and deploy in the background.
         spool = tempfile.TemporaryFile(prefix="sitecloud-deploy-")  # noqa: SIM115 (closed by the task)
         try:
@@ -360,6 +387,7 @@ class Deployer:
                 *took,
             )
             message = f"version {answer.version}"
+            outcome = BuildOutcome(True)
             if follow is not None:
                 try:
                     await tell(
@@ -367,14 +395,17 @@ class Deployer:
                         f"deployed as version {answer.version}: {answer.files} files, "
                         f"{answer.total_bytes} bytes in {time.monotonic() - started:.2f}s",
                     )
-                    built = await follow.until_served(
+                    outcome = await follow.until_served(
                         answer.version, tell, timeout=self._config.build_follow_seconds
                     )
+                    if outcome.failed:
+                        message = _build_failure(answer.version, outcome.failed)
+                        # (The deployer is answered with it as an error: only the record's log.)
+                        self.deployments.note(record, message)
                 except (OSError, ConnectionError) as exc:
-                    # The deployer went away (a git client that hung up): the deploy stands.
+                    # The deployer went away (a git client that hung up): the outcome is on the record.
                     log.info("stopped following the build: %s", exc)
-                    built = True
-                if not built:
+                if not outcome.done:
                     message += "; its build was still going on when the publisher stopped following it"
                     await tell(
                         "deploy", f"the build goes on; follow it with 'sitecloud site logs {site.name}'"
@@ -382,7 +413,11 @@ class Deployer:
         finally:
             if follow is not None:
                 await follow.close()
-        self.deployments.finish(record, version=answer.version, message=message)
+        failed = bool(outcome.failed)
+        self.deployments.finish(record, version=answer.version, message=message, failed=failed)
+        if failed:
+            log.warning("%s: version %s stored, but its build failed", via, answer.version)
+            raise BuildFailed(message, hint=_BUILD_HINT.format(site=site.name))
         return answer
 
     async def _receive(self, request: web.Request, spool: IO[bytes]) -> int:

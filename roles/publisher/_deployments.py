@@ -113,9 +113,12 @@ class DeploymentLog:
             for n, (at, text) in enumerate(lines)
         ]
 
-    def finish(self, record: Deployment, *, version: int | None, message: str) -> None:
+    def finish(self, record: Deployment, *, version: int | None, message: str, failed: bool = False) -> None:
+        """Complete the record: failed when no version was made, or (``failed``) when one was but its
+        build failed."""
         with self._lock:
-            record.status = DeployStatus.SUCCESS if version is not None else DeployStatus.FAILED
+            ok = version is not None and not failed
+            record.status = DeployStatus.SUCCESS if ok else DeployStatus.FAILED
             record.version = version
             record.message = message
             record.end_time = _now()

@@ -96,6 +96,69 @@ def _split_report(body: bytes) -> tuple[bytes, bool] | None:
     return body, False
 
 
+def _one_line(text: str, limit: int = 500) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _pkt_lines(data: bytes) -> list[bytes] | None:
+    """``data`` cut into its pkt-lines (a flush-pkt as b""); None unless it is exactly pkt-lines."""
+    lines: list[bytes] = []
+    at = 0
+    while at < len(data):
+        try:
+            length = int(data[at : at + 4], 16)
+        except ValueError:
+            return None
+        if length == 0:
+            lines.append(b"")
+            at += 4
+            continue
+        if length < 4 or at + length > len(data):
+            return None
+        lines.append(data[at + 4 : at + length])
+        at += length
+    return lines
+
+
+def _encode(lines: list[bytes]) -> bytes:
+    return b"".join(_pkt(line) if line else b"0000" for line in lines)
+
+
+def _rejected_status(status: bytes, ref: str, why: str) -> bytes | None:
+    """A report-status (v1 or v2, as git's ``send-pack`` reads it) with ``ok <ref>`` turned into
+    ``ng <ref> <why>``, the ``option`` lines v2 puts after an ``ok`` dropped with it."""
+    lines = _pkt_lines(status)
+    if lines is None:
+        return None
+    out: list[bytes] = []
+    dropping = False
+    for line in lines:
+        if dropping and line.startswith(b"option "):
+            continue
+        dropping = line.rstrip(b"\n") == f"ok {ref}".encode()
+        out.append(f"ng {ref} {why}\n".encode() if dropping else line)
+    return _encode(out)
+
+
+def _rejected(report: bytes, ref: str, why: str) -> bytes:
+    """git's answer to a push with ``ref`` reported as refused for ``why``: in the report-status
+    itself, or in band 1 when the answer is multiplexed on side bands (the other bands kept)."""
+    packets = _pkt_lines(report)
+    if packets is None:
+        return report
+    if not all(p == b"" or p[:1] in (b"\x01", b"\x02", b"\x03") for p in packets):
+        return _rejected_status(report, ref, why) or report
+    status = b"".join(p[1:] for p in packets if p[:1] == b"\x01")
+    rewritten = _rejected_status(status, ref, why)
+    if rewritten is None:
+        return report
+    others = [p for p in packets if p and p[:1] != b"\x01"]
+    band1 = [b"\x01" + rewritten[i : i + _MAX_BAND] for i in range(0, len(rewritten), _MAX_BAND)]
+    flushed = [b""] if packets and packets[-1] == b"" else []
+    return _encode([*others, *band1, *flushed])
+
+
 class _Cgi:
     """One ``git http-backend`` run: CGI headers parsed, body readable."""
 
@@ -402,19 +465,21 @@ class GitDeploy:
         moved = [ref for ref in _DEPLOYED if ref in after and after[ref] != before.get(ref)]
         response = self._response(cgi)
         await response.prepare(request)
-        split = _split_report(report) if cgi.status == 200 else None
-        if not moved or split is None:
+        if not moved:
             await response.write(report)
-            if moved:
-                await self._deploy(site, repo, moved[0], before.get(moved[0]), after[moved[0]], None)
             await response.write_eof()
             return response
-        # The deploy's lines follow git's report on band 2, before the flush-pkt that ends it.
-        head, flushed = split
-        await response.write(head)
-        await self._deploy(site, repo, moved[0], before.get(moved[0]), after[moved[0]], response)
-        if flushed:
-            await response.write(b"0000")
+        # git's report (``ok <ref>``) is held back until the deploy is done: the deploy's lines go
+        # first on band 2, and a failed deploy turns it into ``ng <ref> <why>``, so that git says the
+        # push was rejected and exits non-zero.
+        ref = moved[0]
+        multiplexed = cgi.status == 200 and _split_report(report) is not None
+        failure = await self._deploy(
+            site, repo, ref, before.get(ref), after[ref], response if multiplexed else None
+        )
+        if failure is not None and cgi.status == 200:
+            report = _rejected(report, ref, failure)
+        await response.write(report)
         await response.write_eof()
         return response
 
@@ -426,8 +491,9 @@ class GitDeploy:
         old: str | None,
         new: str,
         response: web.StreamResponse | None,
-    ) -> None:
-        """Export ``new`` and deploy it as the whole site; on failure put ``ref`` back to ``old``."""
+    ) -> str | None:
+        """Export ``new`` and deploy it as the whole site; on failure put ``ref`` back to ``old`` and
+        say why (one line, for git's report)."""
         assert self._git is not None
         log = self._log.bind(site=site.name)
         branch = ref.removeprefix("refs/heads/")
@@ -463,9 +529,10 @@ class GitDeploy:
             log.warning("git push of %s not deployed: %s", new[:10], err)
             await say(f"deploy FAILED: {err}")
             await say(f"{branch} is back at {old[:10] if old else 'nothing'}; fix and push again")
-            return
+            return _one_line(f"deploy failed: {err.message}")
         url = self._sites.site_url(site.address)
         await say(f"live at {url}" if url else f"site {site.address} is live")
+        return None
 
     async def _rewind(self, repo: Path, ref: str, old: str | None, new: str) -> None:
         assert self._git is not None

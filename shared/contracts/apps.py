@@ -29,6 +29,9 @@ class AppDescription(Contract):
     state: AppState
     building: bool  # installing its requirements.txt or package.json for this version
     cpu_seconds: Annotated[float, Field(ge=0)]
+    # Why this version's requirements.txt or package.json could not be installed: its app does not
+    # start until a version builds (None: built, building, or nothing to build).
+    build_error: str | None = None
     entry: str | None = None
     pid: Annotated[int, Field(ge=1)] | None = None
     memory_bytes: ByteCount = 0

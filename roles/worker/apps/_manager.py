@@ -62,7 +62,7 @@ from shared.backoff import Backoff
 from shared.contracts.apps import AppDescription, AppState
 from shared.contracts.health import WorkerFigures
 from shared.contracts.snapshots import WorkerSite, WorkerSnapshot
-from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
+from shared.errors import BuildFailed, InvalidInput, NotFound, SitecloudError, Unavailable
 from shared.logs import ContextLogger, get_logger
 
 __all__ = ["AppManager", "AppSite", "run_dir_for"]
@@ -73,6 +73,8 @@ SWEEP_INTERVAL = 0.25
 _START_ROUNDS = 3
 # Waits before an app that failed to start or crashed is started again.
 _RETRY = Backoff(first=0.25, cap=30.0)
+_BUILD_FAILED = "the site's build failed: its app does not start until a version of it builds"
+_REBUILD = "the deploy's answer and `sitecloud site logs` say why; fix it and deploy again"
 # Where a sandboxed ``command`` app listens: its network namespace is its own, any port will do.
 SANDBOX_PORT = 8000
 _NO_SPEC = AppSpec()
@@ -93,6 +95,7 @@ class AppSite:
     __slots__ = (
         "always_on",
         "boosted_at",
+        "build_error",
         "content_id",
         "cpu_total",
         "crashes",
@@ -133,6 +136,9 @@ class AppSite:
         self.instance: AppInstance | None = None
         self.starting: asyncio.Task[AppInstance] | None = None
         self.packages_task: asyncio.Task[Path | None] | None = None
+        # Why this version's requirements.txt or package.json could not be installed (its app then
+        # does not start): None while it builds, once it is built, or when it has nothing to build.
+        self.build_error: str | None = None
         self.identity: SiteIdentity | None = None
         self.log: SiteLog | None = None
         self.failures = 0
@@ -287,6 +293,7 @@ class AppManager:
         app.spec, app.runtime, app.entry, app.always_on = spec, runtime, entry, spec.always_on
         app.root, app.version, app.generation = version.root, version.number, generation
         app.failures, app.retry_at = 0, 0.0
+        app.build_error = None
         if app.identity is not None:
             self._protect(app)
         if runtime in _PACKAGED:
@@ -375,6 +382,8 @@ class AppManager:
             return inst
         if app.starting is None:
             now = time.monotonic()
+            if app.retry_at > now and app.build_error is not None:
+                raise Unavailable(_BUILD_FAILED, hint=_REBUILD)
             if app.retry_at > now:
                 raise Unavailable(
                     f"the site's app stopped unexpectedly; it starts again in {app.retry_at - now:.0f} s",
@@ -485,6 +494,7 @@ class AppManager:
             state=state,
             # Installing its requirements.txt or package.json for this version.
             building=app.packages_task is not None and not app.packages_task.done(),
+            build_error=app.build_error,
             pid=inst.pid if inst is not None and inst.alive else None,
             memory_bytes=inst.rss if inst is not None else 0,
             cpu_seconds=round(self.cpu_seconds(app), 3),
@@ -562,6 +572,7 @@ class AppManager:
         root, log, node = app.root, self._site_log(app), app.runtime == "node"
 
         async def build() -> Path | None:
+            error: str | None = None
             try:
                 if node:
                     ok = await install_node_packages(
@@ -575,13 +586,17 @@ class AppManager:
                         python=self._python,
                         log=log,
                     )
+            except BuildFailed as exc:
+                error, ok = str(exc), False  # with its hint: what the owner reads of it
             except OSError as exc:
-                log.write(
-                    "worker", f"installing {'package.json' if node else 'requirements.txt'} failed: {exc}"
-                )
+                error = f"installing {'package.json' if node else 'requirements.txt'} failed: {exc}"
+                log.write("worker", error)
                 ok = False
             finally:
                 self._building.pop(target, None)
+            # Only the build of what the site holds now says how its version went.
+            if app.packages_task is asyncio.current_task():
+                app.build_error = error
             return target if ok else None
 
         app.packages_task = self._building[target] = self._spawn(build())
@@ -622,6 +637,10 @@ class AppManager:
             dirs = self._dirs(app)
             assert app.identity is not None
             packages = await self._packages(app) if app.runtime in _PACKAGED else None
+            if app.build_error is not None:
+                # Started without what it needs, it would fail in ways that hide why. The why itself
+                # (pip's lines: index hosts, the tenant's file) is for the owner, not every visitor.
+                raise Unavailable(_BUILD_FAILED, hint=_REBUILD)
             if app.runtime == "node":
                 link_node_modules(self._root / "sites" / app.name, packages)
             sandbox = self._sandbox

@@ -1,8 +1,8 @@
 """A Node site's ``package.json`` dependencies, installed by npm into a package directory of its own.
 
 As with ``requirements.txt`` (``_packages.py``): the directory is named by a hash of ``package.json``
-and ``package-lock.json``, built once per package set outside the request path, and a failure is a
-line in the site's log, never an error to a visitor. npm runs as the worker, outside the sandbox, so
+and ``package-lock.json``, built once per package set outside the request path; a failure is in the
+site's log and fails the deploy that caused it. npm runs as the worker, outside the sandbox, so
 the tenant's two files are a trust boundary (:func:`checked_manifest`): dependencies are registry
 packages only -- no ``file:``/``link:`` paths, git, URLs or workspaces, any of which would make npm
 read host files or fetch from anywhere -- and a lock file may only point at the registry. npm runs
@@ -26,9 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from roles.worker.apps._build import run_logged
+from roles.worker.apps._build import failure_lines, run_logged
 from roles.worker.apps._sitelog import SiteLog
-from shared.errors import InvalidInput
+from shared.errors import BuildFailed, InvalidInput
 
 __all__ = [
     "NO_REGISTRY",
@@ -202,7 +202,8 @@ def _prefix(url: str) -> str:
 
 async def install_node_packages(*, root: str, target: Path, registry: str, log: SiteLog) -> bool:
     """``npm ci`` (with a lock file) or ``npm install`` into ``target`` unless it is there; False
-    (logged) when it cannot be done."""
+    (logged) when installs are off here or there is no npm. A package.json that cannot be installed
+    raises :class:`BuildFailed` (logged too)."""
     if (target / ".complete").exists():
         return True
     if registry == NO_REGISTRY:
@@ -219,8 +220,8 @@ async def install_node_packages(*, root: str, target: Path, registry: str, log: 
     try:
         manifest, lock = await asyncio.to_thread(_read_manifest, root)
     except OSError as exc:
-        log.write("worker", f"package.json cannot be read ({exc}); skipping the install")
-        return False
+        log.write("worker", f"package.json cannot be read ({exc}); not installed")
+        raise BuildFailed(f"package.json cannot be read ({exc})") from None
     building = target.with_name(target.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(mode=0o700)
@@ -232,8 +233,8 @@ async def install_node_packages(*, root: str, target: Path, registry: str, log: 
         try:
             checked_manifest(manifest, lock, registries)
         except InvalidInput as exc:
-            log.write("worker", f"{exc}; skipping the install" + (f" ({exc.hint})" if exc.hint else ""))
-            return False
+            log.write("worker", f"{exc}; not installed" + (f" ({exc.hint})" if exc.hint else ""))
+            raise BuildFailed(exc.message, hint=exc.hint) from None
         (building / "package.json").write_bytes(manifest)
         if lock is not None:
             (building / "package-lock.json").write_bytes(lock)
@@ -252,13 +253,15 @@ async def install_node_packages(*, root: str, target: Path, registry: str, log: 
             stderr=asyncio.subprocess.STDOUT,
             env=env,
         )
-        status = await run_logged(proc, log, timeout=INSTALL_TIMEOUT)
-        if status is None:
-            log.write("worker", f"npm {verb[0]} took longer than {INSTALL_TIMEOUT:.0f} s; stopped it")
-            return False
-        if status != 0:
-            log.write("worker", f"installing package.json failed (npm exit {status})")
-            return False
+        step = await run_logged(proc, log, timeout=INSTALL_TIMEOUT)
+        if step.status != 0:
+            why = (
+                f"took longer than {INSTALL_TIMEOUT:.0f} s (npm {verb[0]} was stopped)"
+                if step.status is None
+                else f"failed (npm exit {step.status})"
+            )
+            log.write("worker", f"installing package.json {why}")
+            raise BuildFailed("\n".join([f"installing package.json {why}:", *failure_lines(step.tail)]))
         await asyncio.to_thread(_finish, building, target)
         log.write("worker", "node packages installed")
         return True

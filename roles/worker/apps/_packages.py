@@ -19,9 +19,9 @@ from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from roles.worker.apps._build import run_logged
+from roles.worker.apps._build import failure_lines, run_logged
 from roles.worker.apps._sitelog import SiteLog
-from shared.errors import InvalidInput, Unavailable
+from shared.errors import BuildFailed, InvalidInput
 
 __all__ = ["checked_requirements", "install_requirements", "packages_dir"]
 
@@ -30,6 +30,8 @@ MAX_REQUIREMENTS = 500
 INSTALL_TIMEOUT = 600.0
 # ``package_index_url`` that turns installs off.
 NO_INDEX = "none"
+# Installs take wheels only: a package the index has only as source is "not found" too.
+_WHEELS = "each package must be on the index as a wheel for the site's Python"
 # What pip may take from the worker's environment: where packages come from and how to reach it
 # (the host's pip configuration, as ``pip install`` on the host would use it), nothing that changes
 # where or what it installs.
@@ -98,7 +100,8 @@ def checked_requirements(text: str) -> list[str]:
 
 
 async def install_requirements(*, root: str, target: Path, index_url: str, python: str, log: SiteLog) -> bool:
-    """Install into ``target`` unless it is there; False (logged) when it cannot be done."""
+    """Install into ``target`` unless it is there; False (logged) when installs are off here. A
+    requirements.txt that cannot be installed raises :class:`BuildFailed` (logged too)."""
     if (target / ".complete").exists():
         return True
     if index_url == NO_INDEX:
@@ -111,11 +114,11 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
     try:
         wanted = checked_requirements(await asyncio.to_thread(_read_text, Path(root, "requirements.txt")))
     except (OSError, UnicodeDecodeError) as exc:
-        log.write("worker", f"requirements.txt cannot be read as UTF-8 text ({exc}); skipping the install")
-        return False
+        log.write("worker", f"requirements.txt cannot be read as UTF-8 text ({exc}); not installed")
+        raise BuildFailed(f"requirements.txt cannot be read as UTF-8 text ({exc})") from None
     except InvalidInput as exc:
-        log.write("worker", f"{exc}; skipping the install ({exc.hint})")
-        return False
+        log.write("worker", f"{exc}; not installed ({exc.hint})")
+        raise BuildFailed(exc.message, hint=exc.hint) from None
     building = target.with_name(target.name + ".building")
     shutil.rmtree(building, ignore_errors=True)
     checked = target.with_name(target.name + ".requirements.txt")
@@ -137,14 +140,19 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
         # Named relative to it, so pip's lines (which reach the deployer) show no path of the host.
         cwd=target.parent,
     )
-    status = await run_logged(proc, log, timeout=INSTALL_TIMEOUT)
+    step = await run_logged(proc, log, timeout=INSTALL_TIMEOUT)
     checked.unlink(missing_ok=True)
-    if status is None:
-        raise Unavailable("installing the site's requirements took too long")
-    if status != 0:
-        log.write("worker", f"installing requirements.txt failed (pip exit {status})")
+    if step.status != 0:
         shutil.rmtree(building, ignore_errors=True)
-        return False
+        why = (
+            f"took longer than {INSTALL_TIMEOUT:.0f} s"
+            if step.status is None
+            else f"failed (pip exit {step.status})"
+        )
+        log.write("worker", f"installing requirements.txt {why}")
+        raise BuildFailed(
+            "\n".join([f"installing requirements.txt {why}:", *failure_lines(step.tail)]), hint=_WHEELS
+        )
     (building / ".complete").write_text("")
     for dirpath, dirnames, filenames in os.walk(building):
         for name in dirnames:
