@@ -3,6 +3,7 @@ the CLI, and it answers through the front end, woken on the first request; its l
 
 from __future__ import annotations
 
+import contextlib
 import ftplib
 import io
 import shutil
@@ -190,6 +191,17 @@ def user(name):
 """
 
 
+def _app_base(site: str) -> Path:
+    """The worker's directory for a running site's app (its HOME's parent), from the app's process."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if entry.name.isdigit() and f"SITECLOUD_SITE={site}".encode() in environ:
+                home = next(v[5:] for v in environ if v.startswith(b"HOME="))
+                return Path(home.decode()).parent
+    raise AssertionError(f"no process of site {site} runs")
+
+
 def test_a_flask_app_with_requirements_txt_answers_with_the_hosts_package_index(cloud: LocalCloud) -> None:
     """The first Python app most people publish: no setting, no index configured by the admin."""
     if why := pip_index_unreachable():
@@ -211,3 +223,20 @@ def test_a_flask_app_with_requirements_txt_answers_with_the_hosts_package_index(
     assert cloud.get("flaskapp", "/requirements.txt")[0] == 404
     lines = cloud.cli("site", "logs", "flaskapp", "--lines", "200")["lines"]
     assert any("requirements installed" in line for line in lines), lines
+
+    # Each new requirements.txt installs beside the old one; only the newest two stay (they live
+    # outside the plan's storage: before, every publish that changed them left one more behind).
+    for n, spec in enumerate((b"flask>=3.0\n", b"flask>=3.0.0\n")):
+        ftp = ftplib.FTP()
+        ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
+        ftp.login(site["ftp"]["user"], site["ftp"]["password"])
+        ftp.storbinary("STOR requirements.txt", io.BytesIO(spec))
+        ftp.storbinary("STOR app.py", io.BytesIO(FLASK_APP.replace(b"hello from flask", b"flask %d" % n)))
+        ftp.quit()
+        cloud.wait_for_content("flaskapp", "/", b"flask %d" % n, timeout=120)
+    base = _app_base("flaskapp")
+
+    def package_dirs() -> list[str]:
+        return sorted(p.name for p in base.glob("packages-*") if p.is_dir())
+
+    wait_until(lambda: len(package_dirs()) == 2, timeout=15, what="the oldest packages to be removed")

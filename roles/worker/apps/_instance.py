@@ -11,8 +11,8 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from typing import cast
 from pathlib import Path
+from typing import cast
 
 from roles.worker.apps._cgroup import AppGroup, CgroupTree
 from roles.worker.apps._isolation import (

@@ -44,7 +44,7 @@ from roles.worker.apps._launch import (
     plan_launch,
 )
 from roles.worker.apps._npm import install_node_packages, link_node_modules, node_packages_dir
-from roles.worker.apps._packages import install_requirements, packages_dir
+from roles.worker.apps._packages import install_requirements, packages_dir, prune_packages
 from roles.worker.apps._sandbox import EGRESS_MODES, Sandbox, SandboxMounts
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import (
@@ -601,6 +601,11 @@ class AppManager:
 
         app.packages_task = self._building[target] = self._spawn(build())
 
+    async def _prune_packages(self, app: AppSite, base: Path, in_use: Path) -> None:
+        removed = await asyncio.to_thread(prune_packages, base, in_use, building=set(self._building))
+        if removed:
+            self._site_log(app).write("worker", f"removed the packages of earlier versions ({len(removed)})")
+
     async def _packages(self, app: AppSite) -> Path | None:
         target = self._packages_dir(app)
         if target is None:
@@ -637,6 +642,8 @@ class AppManager:
             dirs = self._dirs(app)
             assert app.identity is not None
             packages = await self._packages(app) if app.runtime in _PACKAGED else None
+            if packages is not None:
+                self._spawn(self._prune_packages(app, dirs.base, packages))
             if app.build_error is not None:
                 # Started without what it needs, it would fail in ways that hide why. The why itself
                 # (pip's lines: index hosts, the tenant's file) is for the owner, not every visitor.

@@ -23,7 +23,7 @@ from roles.worker.apps._build import failure_lines, run_logged
 from roles.worker.apps._sitelog import SiteLog
 from shared.errors import BuildFailed, InvalidInput
 
-__all__ = ["checked_requirements", "install_requirements", "packages_dir"]
+__all__ = ["checked_requirements", "install_requirements", "packages_dir", "prune_packages"]
 
 MAX_REQUIREMENTS = 500
 
@@ -164,6 +164,32 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
     os.rename(building, target)
     log.write("worker", "requirements installed")
     return True
+
+
+# Installed package directories of a site, Python's and Node's (the ``.building`` ones are in progress).
+_PACKAGE_DIRS = ("packages-*", "node-packages-*")
+
+
+def prune_packages(base: Path, in_use: Path, *, building: set[Path]) -> list[str]:
+    """Blocking: remove the site's installed package directories but ``in_use`` and the newest
+    other one (an instance of the version before may still run on it; a rollback finds it ready).
+    Each publish that changes requirements.txt installs beside the old one, and these live outside
+    the site's storage quota, so they are pruned rather than kept. Returns the names removed."""
+    found: list[tuple[float, Path]] = []
+    for pattern in _PACKAGE_DIRS:
+        for path in base.glob(pattern):
+            if path == in_use or path in building or not path.is_dir() or path.name.endswith(".building"):
+                continue
+            try:
+                found.append((path.stat().st_mtime, path))
+            except OSError:
+                continue
+    found.sort(reverse=True)
+    removed = []
+    for _, path in found[1:]:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
 
 
 def _read_text(path: Path) -> str:
