@@ -669,12 +669,13 @@ def _deploy(a: argparse.Namespace, api: ApiClient) -> Any:
         )
     if not a.json and not a.no_wait:
         # A stopped site takes the deploy but serves nothing: the last line must not say "served".
-        a.stopped = api.request("GET", api.path("sites", a.site)).get("state") == "stopped"
+        answer = {**answer, "site_state": api.request("GET", api.path("sites", a.site)).get("state")}
     return answer
 
 
 def _show_deploy(answer: Any, a: argparse.Namespace) -> None:
-    served = "" if a.no_wait else ", kept until the site is started" if a.stopped else ", served"
+    stopped = answer.get("site_state") == "stopped"
+    served = "" if a.no_wait else ", kept until the site is started" if stopped else ", served"
     out(
         f"deployed {answer.get('files')} file(s), {answer.get('bytes')} bytes to {answer.get('site')}: "
         f"content version {answer.get('version')}{served}"
