@@ -1,4 +1,4 @@
-"""What state a role is in, as the controller records it and every edge shows it.
+"""What state a role (or a site) is in, as the controller records it and every edge shows it.
 
 Stored in the runtime DB and sent over the wire as the plain strings below (a ``StrEnum`` compares
 equal to them), so older rows and answers read the same.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["HealthStatus", "RoleState"]
+__all__ = ["HealthStatus", "RoleState", "SiteState"]
 
 
 class RoleState(StrEnum):
@@ -37,3 +37,18 @@ class HealthStatus(StrEnum):
 
     READY = "ready"
     DEGRADED = "degraded"
+
+
+class SiteState(StrEnum):
+    """Whether a site serves, as the controller tells the roles that keep or publish its content."""
+
+    RUNNING = "running"
+    # Stopped by its owner: no worker or front end has it; its content stays and can be published to.
+    STOPPED = "stopped"
+    # Its subscription is suspended: served by nothing and published to by no one; its content stays.
+    SUSPENDED = "suspended"
+
+    @property
+    def serving(self) -> bool:
+        """Workers run it and front ends route it."""
+        return self is SiteState.RUNNING

@@ -102,6 +102,16 @@ PUBLISHER: dict[str, Any] = {
         (WorkerSnapshot, WORKER),
         (FileserverSnapshot, FILESERVER),
         (PublisherSnapshot, PUBLISHER),
+        (
+            PublisherSnapshot,
+            {
+                **PUBLISHER,
+                "sites": {"blog": {**PUBLISHER["sites"]["blog"], "state": "stopped"}},
+                "suspended": {
+                    "shop": {"uid": "b" * 32, "quota_bytes": 1, "users": {"shop": "h"}, "state": "suspended"}
+                },
+            },
+        ),
         (BareSnapshot, {"version": 3}),
     ],
 )

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from roles.controller.desired import (
     DesiredSite,
     DesiredState,
@@ -16,8 +18,9 @@ from roles.controller.desired import (
     unreachable_needs,
 )
 from roles.controller.desired import snapshots_for as snapshot_objects
+from roles.publisher._sites import SiteTable
 from shared.acme import AcmeChallenge
-from shared.contracts.snapshots import Refused
+from shared.contracts.snapshots import PublisherSnapshot, Refused
 from shared.db import (
     CustomHostname,
     Database,
@@ -30,6 +33,7 @@ from shared.db import (
     Tenant,
     current_generation,
 )
+from shared.states import SiteState
 
 
 def snapshots_for(state: DesiredState) -> dict[int, Any]:
@@ -129,15 +133,54 @@ def test_each_role_gets_only_what_it_needs(tmp_path: Path) -> None:
     )
 
 
-def test_a_suspended_subscription_takes_its_sites_off_every_role(tmp_path: Path) -> None:
+def test_a_suspended_subscription_takes_its_sites_off_the_serving_roles_only(tmp_path: Path) -> None:
     db = _db(tmp_path)
     with db.session() as s:
         place_sites(s)
         for sub in s.query(Subscription):
             sub.state = "suspended"
     with db.session() as s:
-        snaps = snapshots_for(read_desired(s, "sites.test"))
-    assert all(not snap.get("sites") for snap in snaps.values())
+        state = read_desired(s, "sites.test")
+    snaps = snapshots_for(state)
+    by_kind = {r.kind: snaps[r.id] for r in state.roles}
+    assert not by_kind["frontend"]["sites"]
+    assert all(not snaps[r.id]["sites"] for r in state.of_kind("worker"))
+    # The fileserver keeps their content: a site left out of its snapshot goes to the trash.
+    assert sorted(by_kind["fileserver"]["sites"]) == ["alpha", "beta", "gamma"]
+    # The publisher knows their users only to refuse them, saying why; none of them may publish.
+    pub = by_kind["publisher"]
+    assert not pub["sites"] and sorted(pub["suspended"]) == ["alpha", "beta", "gamma"]
+    assert pub["suspended"]["alpha"] == {
+        "uid": pub["suspended"]["alpha"]["uid"],
+        "quota_bytes": 2 * 1024 * 1024,
+        "users": {"alpha": "hash-alpha"},
+        "workers": [],
+        "state": "suspended",
+    }
+
+
+def test_a_stopped_site_keeps_its_content_and_its_publishing_but_is_served_by_nothing(
+    tmp_path: Path,
+) -> None:
+    db = _db(tmp_path)
+    with db.session() as s:
+        place_sites(s)
+        s.scalars(select(Site).where(Site.name == "beta")).one().state = "stopped"
+    with db.session() as s:
+        place_sites(s)
+        state = read_desired(s, "sites.test")
+    snaps = snapshots_for(state)
+    by_kind = {r.kind: snaps[r.id] for r in state.roles}
+    assert sorted(by_kind["frontend"]["sites"]) == ["alpha", "gamma"]
+    held = sorted(name for r in state.of_kind("worker") for name in snaps[r.id]["sites"])
+    assert held == ["alpha", "alpha", "gamma", "gamma"]
+    assert sorted(by_kind["fileserver"]["sites"]) == ["alpha", "beta", "gamma"]
+    pub = by_kind["publisher"]
+    assert sorted(pub["sites"]) == ["alpha", "beta", "gamma"] and "suspended" not in pub
+    # Published to as ever, with no worker to follow a build on.
+    beta = pub["sites"]["beta"]
+    assert beta["users"] == {"beta": "hash-beta"} and beta["workers"] == [] and beta["state"] == "stopped"
+    assert "state" not in pub["sites"]["alpha"]
 
 
 def _workers(*ids: int, reserved: dict[int, int] | None = None) -> list[WorkerSlot]:
@@ -344,6 +387,35 @@ def test_a_swap_routes_each_slot_s_addresses_to_the_other_s_workers_and_nothing_
         "blog-staging": {"uid": "u2"}
     }
     assert snaps[8]["sites"]["blog"]["uid"] == "u1"
-    # Unswapped, or swapped to a site that left the state (stopped): each answers its own.
+    # Unswapped, or swapped to a site that left the state: each answers its own.
     state.sites = [DesiredSite("blog", "u1", 1, {}, (3,), 10, routed_to="gone")]
     assert snapshots_for(state)[1]["sites"]["blog"] == {"workers": ["web1:7412"]}
+    # Swapped with a stopped slot: production answers its own names with its own content and users;
+    # the stopped slot is published to under its own name, and no address is claimed twice.
+    state.sites = [
+        DesiredSite("blog", "u1", 1, {"blog": "h"}, (3,), 10, routed_to="blog-staging"),
+        DesiredSite(
+            "blog-staging",
+            "u2",
+            1,
+            {"blog-staging": "h2"},
+            (4,),
+            10,
+            routed_to="blog",
+            state=SiteState.STOPPED,
+        ),
+    ]
+    snaps = snapshots_for(state)
+    assert snaps[1]["sites"] == {"blog": {"workers": ["web1:7412"]}}
+    assert snaps[8]["sites"] == {
+        "blog": {"uid": "u1", "quota_bytes": 1, "workers": ["https://web1:7402"], "users": {"blog": "h"}},
+        "blog-staging": {
+            "uid": "u2",
+            "quota_bytes": 1,
+            "workers": [],
+            "users": {"blog-staging": "h2"},
+            "state": "stopped",
+        },
+    }
+    # The publisher takes it (one address claimed twice would refuse the whole snapshot).
+    SiteTable().apply(PublisherSnapshot.parse(snaps[8]))

@@ -58,6 +58,8 @@ SITES = {
     "shelf": ("shelf-secret", QUOTA),
     "newest": ("newest-secret", 8 * 1024 * 1024),
     "parallel": ("parallel-secret", QUOTA),
+    "paused": ("paused-secret", QUOTA),
+    "frozen": ("frozen-secret", QUOTA),
 }
 
 
@@ -69,6 +71,8 @@ class Cloud:
     hashes: dict[str, str]
     version: int = 0
     removed: set[str] = field(default_factory=set)
+    # site -> "stopped" or "suspended", as the controller sends them (absent: running).
+    states: dict[str, str] = field(default_factory=dict)
 
     @property
     def config(self) -> PublisherConfig:
@@ -82,9 +86,13 @@ class Cloud:
         live = {name: spec for name, spec in SITES.items() if name not in self.removed}
         fs_sites = {name: {"uid": f"uid-{name}", "quota_bytes": quota} for name, (_, quota) in live.items()}
         self.fileserver.push_config({"version": self.version, "sites": fs_sites})
-        pub_sites = {name: {**fs_sites[name], "users": {name: self.hashes[name]}} for name in live}
+        pub_sites: dict[str, Any] = {"sites": {}, "suspended": {}}
+        for name in live:
+            state = self.states.get(name, "running")
+            entry = {**fs_sites[name], "users": {name: self.hashes[name]}, "state": state}
+            pub_sites["suspended" if state == "suspended" else "sites"][name] = entry
         self.publisher.push_config(
-            {"version": self.version, "fileserver": self.fileserver.control_url, "sites": pub_sites}
+            {"version": self.version, "fileserver": self.fileserver.control_url, **pub_sites}
         )
 
     def manifest(self, site: str) -> dict[str, Any]:
@@ -637,6 +645,56 @@ def test_management_deploys_over_mtls_on_the_control_port(cloud: Cloud) -> None:
     assert status == 404
 
 
+# --- stopped and suspended sites
+
+
+def test_a_stopped_site_is_published_to_as_a_running_one(cloud: Cloud) -> None:
+    cloud.states["paused"] = "stopped"
+    cloud.push()
+    with ftplib.FTP(timeout=10) as ftp:
+        ftp.connect("127.0.0.1", cloud.config.ftp_port)
+        reply = ftp.login("paused", SITES["paused"][0])
+        assert "Logged in to site paused: stopped, it serves what you publish once started." in reply, reply
+        _stor(ftp, "index.html", b"published while stopped")
+    assert cloud.tree("paused") == ({"index.html": 23}, [])
+    status, answer, _ = cloud.deploy("paused", _zip({"a.html": b"a", "b.html": b"bb"}))
+    assert status == 200 and answer["files"] == 2, answer
+    assert cloud.tree("paused") == ({"a.html": 1, "b.html": 2}, [])
+
+
+def test_a_suspended_subscription_s_site_refuses_its_publishers_saying_why(cloud: Cloud) -> None:
+    with cloud.ftp("frozen") as ftp:
+        _stor(ftp, "index.html", b"before")
+    open_session = cloud.ftp("frozen")
+    try:
+        cloud.states["frozen"] = "suspended"
+        cloud.push()
+        before = cloud.manifest("frozen")
+        # The right password is told why; a wrong one learns nothing.
+        with pytest.raises(ftplib.error_perm) as caught:
+            cloud.ftp("frozen")
+        assert str(caught.value).startswith("530 The subscription of site frozen is suspended"), caught.value
+        with pytest.raises(ftplib.error_perm, match=r"^530 Authentication failed"):
+            cloud.ftp("frozen", "wrong")
+        status, answer, _ = cloud.deploy("frozen", _zip({"index.html": b"after"}))
+        assert status == 403 and answer["error"]["code"] == "forbidden", answer
+        assert "subscription of site frozen is suspended" in answer["error"]["message"], answer
+        # A session open when it was suspended is closed at its next command.
+        with pytest.raises(ftplib.error_temp, match=r"^421 The subscription of this site was suspended"):
+            open_session.nlst()
+        assert cloud.manifest("frozen") == before
+    finally:
+        open_session.close()
+    # Management decides who may (an admin restoring a backup): its deploys still land.
+    url = f"{cloud.publisher.control_url}/v1/deploy/frozen"
+    status, answer, _ = _https(url, cloud.pki.client_ssl("management"), _zip({"index.html": b"x"}), {})
+    assert status == 200 and answer["site"] == "frozen", answer
+    cloud.states["frozen"] = "running"
+    cloud.push()
+    with cloud.ftp("frozen") as ftp:
+        assert _retr(ftp, "index.html") == b"x"
+
+
 # --- lftp, snapshots, lifecycle
 
 
@@ -714,3 +772,31 @@ def test_the_snapshot_names_each_sites_workers_by_control_url() -> None:
             {"version": 3, "fileserver": "https://fs:1", "sites": {"c": {**site, "workers": ["w1:9"]}}}
         )
     assert table.site("beta") is not None
+
+
+def test_a_suspended_site_is_never_found_to_publish_to_but_its_things_are_kept() -> None:
+    table = SiteTable()
+    entry = {"uid": "u1", "quota_bytes": 1, "users": {"a": "h"}}
+    table.apply(
+        PublisherSnapshot.parse(
+            {
+                "version": 1,
+                "fileserver": "https://fs:1",
+                "suspended": {"a": entry},
+                # Marked in ``sites`` instead: refused all the same.
+                "sites": {"b": {**entry, "uid": "u2", "users": {"b": "h"}, "state": "suspended"}},
+            }
+        )
+    )
+    for name in ("a", "b"):
+        assert table.site(name) is None and table.site_at(name) is None and table.site_of_user(name) is None
+        found = table.suspended_site(name)
+        assert found is not None and found == table.suspended_site(None, name)
+    # Its git repository and deployment records stay, for when it is resumed.
+    assert table.names() == {"a", "b"} and len(table) == 2
+    with pytest.raises(InvalidInput, match="both publishable and suspended"):
+        table.apply(
+            PublisherSnapshot.parse(
+                {"version": 2, "fileserver": "https://fs:1", "sites": {"a": entry}, "suspended": {"a": entry}}
+            )
+        )

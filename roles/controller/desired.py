@@ -46,6 +46,7 @@ from shared.dns01 import RECORD_KEY, PlatformCertificate, WildcardRecord
 from shared.errors import InvalidInput
 from shared.names import HostnameState
 from shared.quota import QuotaStop
+from shared.states import SiteState
 
 __all__ = [
     "REPLICAS",
@@ -122,6 +123,8 @@ class DesiredSite:
     routing: dict[str, Any] = field(default_factory=dict)
     # After slot swaps: the site whose workers answer this site's host names ("": its own).
     routed_to: str = ""
+    # Only a running site of an active subscription is served; every site keeps its content.
+    state: SiteState = SiteState.RUNNING
 
 
 @dataclass
@@ -129,6 +132,7 @@ class DesiredState:
     generation: int
     domain: str
     roles: list[RoleEndpoint] = field(default_factory=list)
+    # Every site there is, served or not: a site missing here loses its content on the fileserver.
     sites: list[DesiredSite] = field(default_factory=list)
     # Roles to route around: down, stopped or draining (the controller fills this from health).
     down: frozenset[int] = frozenset()
@@ -141,6 +145,11 @@ class DesiredState:
 
     def of_kind(self, kind: str) -> list[RoleEndpoint]:
         return [r for r in self.roles if r.kind == kind]
+
+    @property
+    def serving(self) -> list[DesiredSite]:
+        """The sites workers run and front ends route: running, of an active subscription."""
+        return [s for s in self.sites if s.state.serving]
 
 
 @dataclass(frozen=True)
@@ -245,7 +254,6 @@ def read_desired(session: Session, domain: str, *, advertise: str = "") -> Desir
     sites = session.scalars(
         select(Site)
         .join(Subscription)
-        .where(Site.state == "running", Subscription.state == "active")
         .options(
             selectinload(Site.credentials),
             selectinload(Site.assignments),
@@ -272,8 +280,8 @@ def read_desired(session: Session, domain: str, *, advertise: str = "") -> Desir
                     "limits": {"disk_mb": max(plan.storage_mb, APP_DISK_MIN_MB)},
                 },
                 routing=frontend_fields(dict(site.app_settings or {})),
-                # A stopped target leaves the address to its own site rather than to nothing.
                 routed_to=names.get(site.routed_to_id or 0, ""),
+                state=_site_state(site),
                 hostnames=tuple(
                     {"name": h.hostname, "cert": h.cert_pem, "key": h.key_pem}
                     if h.cert_pem and h.key_pem
@@ -285,6 +293,13 @@ def read_desired(session: Session, domain: str, *, advertise: str = "") -> Desir
             )
         )
     return state
+
+
+def _site_state(site: Site) -> SiteState:
+    # A suspension wins: a stopped site of a suspended subscription may not be published to either.
+    if site.subscription.state != "active":
+        return SiteState.SUSPENDED
+    return SiteState.RUNNING if site.state == "running" else SiteState.STOPPED
 
 
 def _wildcard(session: Session, domain: str) -> PlatformCertificate | None:
@@ -362,6 +377,8 @@ def _publisher_entry(site: DesiredSite, addresses: list[DesiredSite], workers: l
     entry["users"] = {user: hashed for a in addresses for user, hashed in a.users.items()}
     if [a.name for a in addresses] != [site.name]:
         entry["addresses"] = [a.name for a in addresses]
+    if not site.state.serving:
+        entry["state"] = site.state
     return entry
 
 
@@ -384,13 +401,17 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
     version = state.generation
     fileserver = _fileserver(state)
     workers = {r.id: r for r in state.of_kind("worker")}
-    by_name = {s.name: s for s in state.sites}
+    serving = state.serving
+    by_name = {s.name: s for s in serving}
     # Host names → the site that answers them: one generation flips every front end's routes of a swap.
-    answers = {s.name: by_name.get(s.routed_to, s) for s in state.sites}
-    # The other way round: the addresses each site's content answers (swapped slots trade theirs).
-    addresses: dict[str, list[DesiredSite]] = {}
-    for s in state.sites:
+    # A target that is not served leaves the address to its own site rather than to nothing.
+    answers = {s.name: by_name.get(s.routed_to, s) for s in serving}
+    # The other way round: the addresses each site's content answers (swapped slots trade theirs); a
+    # site that is not served answers none, and is published to under its own name.
+    addresses: dict[str, list[DesiredSite]] = {s.name: [s] for s in state.sites if not s.state.serving}
+    for s in serving:
         addresses.setdefault(answers[s.name].name, []).append(s)
+    suspended = {s.name: s for s in state.sites if s.state is SiteState.SUSPENDED}
     # Left out when there are none, as they always were.
     acme: dict[str, Any] = {}
     if state.acme_challenges:
@@ -419,7 +440,7 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
                             **s.routing,
                             **_quota_entry(state.quota_stops.get(answers[s.name].name)),
                         }
-                        for s in state.sites
+                        for s in serving
                     },
                     **acme,
                 },
@@ -430,9 +451,7 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
                 {
                     "version": version,
                     "fileserver": fileserver_url,
-                    "sites": {
-                        s.name: {"uid": s.uid, **s.app} for s in state.sites if role.id in s.worker_ids
-                    },
+                    "sites": {s.name: {"uid": s.uid, **s.app} for s in serving if role.id in s.worker_ids},
                 },
                 what="worker snapshot",
             )
@@ -442,6 +461,7 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
                     FileserverSnapshot,
                     {
                         "version": version,
+                        # Every site, served or not: content the snapshot leaves out goes to the trash.
                         "sites": {
                             s.name: {"uid": s.uid, "quota_bytes": s.quota_bytes, **s.retention}
                             for s in state.sites
@@ -457,6 +477,7 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
                     "fileserver": fileserver_url,
                     # How a site's address reads, for the publisher to tell a pusher where it went live.
                     "site_url": _site_url(state),
+                    # A stopped site is published to; what is published serves once it is started.
                     "sites": {
                         s.name: _publisher_entry(
                             s,
@@ -464,11 +485,18 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
                             [
                                 role.control_url_of(workers[w])
                                 for w in s.worker_ids
-                                if w in workers and role.reaches(workers[w])
+                                if s.state.serving and w in workers and role.reaches(workers[w])
                             ],
                         )
                         for s in state.sites
+                        if s.name not in suspended
                     },
+                    # Left out when there are none, as it always was.
+                    **(
+                        {"suspended": {n: _publisher_entry(s, [s], []) for n, s in suspended.items()}}
+                        if suspended
+                        else {}
+                    ),
                 },
             )
         else:

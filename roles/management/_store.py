@@ -709,19 +709,15 @@ class Store:
             self._visible_site(s, who, name)
 
     def check_publishable(self, who: Principal, name: str) -> None:
-        """As :meth:`check_site`, and the site is served: a stopped site or a suspended subscription
-        is on no publisher, so a deploy is refused here with what to do."""
+        """As :meth:`check_site`, and ``who`` may change its content: a stopped site may be published
+        to (it serves that once started); a suspended subscription's site only by an admin (as a
+        backup's restore does), never by its tenant."""
         with self._db.session() as s:
             site = self._visible_site(s, who, name)
-            if site.state != "running":
-                raise InUse(
-                    f"site {name} is stopped: nothing can be published to it",
-                    hint=f"start it first (sitecloud site start {name})",
-                )
-            if site.subscription.state != "active":
-                raise InUse(
+            if site.subscription.state != "active" and not who.is_admin:
+                raise Forbidden(
                     f"the subscription of site {name} is suspended: nothing can be published to it",
-                    hint="an admin can resume it",
+                    hint="its content is kept; ask your hosting provider to resume the subscription",
                 )
 
     def delete_site(self, who: Principal, name: str) -> None:

@@ -831,7 +831,7 @@ def operations() -> list[Operation]:
             f"/subscriptions/{_ID}/suspend",
             suspend_subscription,
             "suspend_subscription",
-            "Suspend: its sites go offline (admin)",
+            "Suspend: its sites go offline and cannot be published to; their content is kept (admin)",
             "subscriptions",
             answer=m.Subscription,
             params=(SUBSCRIPTION,),
@@ -898,12 +898,13 @@ def operations() -> list[Operation]:
             "Replace the site's content with a zip (web deploy). With Accept: application/x-ndjson the "
             "answer is lines: the deploy's and its build's ({source, text}) as they come, then {result} once "
             "the site's workers serve it built, or {error} (code build_failed when the version is stored but "
-            "its requirements.txt or package.json could not be installed)",
+            "its requirements.txt or package.json could not be installed). A stopped site takes it and "
+            "serves it once started; a suspended subscription's site takes it from an admin only (403)",
             "sites",
             answer=m.Deployed,
             params=site,
             raw_body="application/zip",
-            errors=(413, 503),
+            errors=(403, 413, 503),
         ),
         op(
             "POST",
@@ -969,7 +970,7 @@ def operations() -> list[Operation]:
             "sites",
             answer=m.BackupRestored,
             params=(SITE, BACKUP),
-            errors=(413, 503),
+            errors=(403, 413, 503),
         ),
         op(
             "POST",
@@ -982,7 +983,7 @@ def operations() -> list[Operation]:
             body=m.Rollback,
             body_required=False,
             params=site,
-            errors=(413, 503),
+            errors=(403, 413, 503),
         ),
         op(
             "POST",
@@ -1001,7 +1002,7 @@ def operations() -> list[Operation]:
             "/sites/{name}/stop",
             stop_site,
             "stop_site",
-            "Stop a site: visitors get a 'stopped' page",
+            "Stop a site: visitors get a 'stopped' page; its content is kept and can still be published to",
             "sites",
             answer=m.Site,
             params=site,

@@ -670,13 +670,21 @@ def _deploy(a: argparse.Namespace, api: ApiClient) -> Any:
             out(("  " if line.get("source") != "deploy" else "") + str(line.get("text", "")))
 
     with zipped(Path(a.path)) as zip_file:
-        return api.upload(api.path("sites", a.site, "deploy"), zip_file, on_line=None if a.no_wait else show)
+        answer = api.upload(
+            api.path("sites", a.site, "deploy"), zip_file, on_line=None if a.no_wait else show
+        )
+    if not a.json and not a.no_wait:
+        # A stopped site takes the deploy but serves nothing: the last line must not say "served".
+        answer = {**answer, "site_state": api.request("GET", api.path("sites", a.site)).get("state")}
+    return answer
 
 
 def _show_deploy(answer: Any, a: argparse.Namespace) -> None:
+    stopped = answer.get("site_state") == "stopped"
+    served = "" if a.no_wait else ", kept until the site is started" if stopped else ", served"
     out(
         f"deployed {answer.get('files')} file(s), {answer.get('bytes')} bytes to {answer.get('site')}: "
-        f"content version {answer.get('version')}" + ("" if a.no_wait else ", served")
+        f"content version {answer.get('version')}{served}"
     )
 
 
@@ -1109,7 +1117,7 @@ def _parser() -> argparse.ArgumentParser:
         ("show", "show a subscription's quotas and usage", get("subscriptions", "{a.id}")),
         (
             "suspend",
-            "suspend a subscription: its sites go offline (admin)",
+            "suspend a subscription: its sites go offline and take no publishing; content is kept (admin)",
             post("subscriptions", "{a.id}", "suspend"),
         ),
         ("resume", "resume a suspended subscription (admin)", post("subscriptions", "{a.id}", "resume")),
@@ -1155,7 +1163,7 @@ def _parser() -> argparse.ArgumentParser:
     sp = leaf(
         site,
         "stop",
-        "stop a site (visitors get a 'stopped' page)",
+        "stop a site (visitors get a 'stopped' page; its content is kept and can be published to)",
         post("sites", "{a.name}", "stop"),
         _done("stopped {a.name}"),
     )

@@ -265,12 +265,13 @@ class ManagementService:
         return (await self._with_storage([answer]))[0]
 
     async def suspend_subscription(self, who: Principal, sub_id: int) -> Json:
-        result = await self._write(self._store.set_subscription_state, who, sub_id, "suspended")
+        # Answered once the publishers refuse its sites' users.
+        result = await self._write_live(self._store.set_subscription_state, who, sub_id, "suspended")
         self._log.bind(tenant=result["tenant"]).info("subscription %s suspended", sub_id)
         return result
 
     async def resume_subscription(self, who: Principal, sub_id: int) -> Json:
-        result = await self._write(self._store.set_subscription_state, who, sub_id, "active")
+        result = await self._write_live(self._store.set_subscription_state, who, sub_id, "active")
         self._log.bind(tenant=result["tenant"]).info("subscription %s resumed", sub_id)
         return result
 
@@ -584,7 +585,7 @@ class ManagementService:
     async def rollback_site(self, who: Principal, name: str, version: int | None) -> Json:
         """Make an earlier version the site's content again, as a new version (every worker flips to it);
         ``version`` None: the one before the newest."""
-        await self._read(self._store.check_site, who, name)
+        await self._read(self._store.check_publishable, who, name)
         base = await self._fileserver()
         wanted = RollbackRequest(version=version).to_json()
         answer = parse_answer(

@@ -30,7 +30,7 @@ from aiohttp import BasicAuth, web
 from roles.publisher._builds import BuildFollower, BuildOutcome, Emit
 from roles.publisher._deployments import Deployment, DeploymentLog
 from roles.publisher._fileserver import FileserverClient
-from roles.publisher._sites import Credentials, SiteInfo, SiteTable
+from roles.publisher._sites import Credentials, SiteInfo, SiteTable, suspended_error
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
 from roles.publisher.zipsafe import ZipMember, check_zip, copy_member, open_zip, read_member
@@ -46,6 +46,7 @@ from shared.errors import (
 )
 from shared.internal import InternalClient, error_middleware, require_role
 from shared.logs import get_logger
+from shared.states import SiteState
 
 __all__ = ["Deployer"]
 
@@ -141,7 +142,8 @@ class Deployer:
     async def _internal(self, request: web.Request) -> web.StreamResponse:
         require_role(request, "management")
         name = request.match_info["site"]
-        site = self._sites.site(name)
+        # Management decides who publishes to a suspended subscription's site (an admin restoring it).
+        site = self._sites.site(name) or self._sites.suspended_site(name)
         if site is None:
             raise NotFound(f"site {name} is not served by this publisher")
         if NDJSON not in request.headers.get("Accept", ""):
@@ -283,16 +285,25 @@ class Deployer:
             )
         # A name is the address publishers know: after a slot swap, what answers it.
         site = self._sites.site_at(name) if name is not None else self._sites.site_of_user(auth.login)
+        suspended = self._sites.suspended_site(name, auth.login) if site is None else None
+        known = site or suspended
         # An unknown site and a wrong password get the same answer.
-        ok = site is not None and await asyncio.to_thread(
-            self._credentials.check, site, auth.login, auth.password
+        ok = known is not None and await asyncio.to_thread(
+            self._credentials.check, known, auth.login, auth.password
         )
-        if site is None or not ok:
+        if known is None or not ok:
             self._throttle.failed(auth.login, address)
             self._log.bind(site=shown).warning("web deploy: login failed for user %r", auth.login)
             raise Unauthorized(f"wrong user or password for site {shown}")
+        if suspended is not None:
+            # Counted as a failed login, as on FTP: it publishes nothing.
+            self._throttle.failed(auth.login, address)
+            self._log.bind(site=suspended.name).warning(
+                "web deploy: refused user %r: the site's subscription is suspended", auth.login
+            )
+            raise suspended_error(suspended.name)
         self._throttle.succeeded(auth.login, address)
-        return site
+        return known
 
     # --- the deploy itself
 
@@ -388,6 +399,10 @@ class Deployer:
             )
             message = f"version {answer.version}"
             outcome = BuildOutcome(True)
+            # Kept and published to, but served by nothing until it is started.
+            stopped = f"site {site.name} is stopped: it serves this version once it is started"
+            if site.state is SiteState.STOPPED:
+                message += f"; {stopped}"
             if follow is not None:
                 try:
                     await tell(
@@ -395,6 +410,8 @@ class Deployer:
                         f"deployed as version {answer.version}: {answer.files} files, "
                         f"{answer.total_bytes} bytes in {time.monotonic() - started:.2f}s",
                     )
+                    if site.state is SiteState.STOPPED:
+                        await tell("deploy", stopped)
                     outcome = await follow.until_served(
                         answer.version, tell, timeout=self._config.build_follow_seconds
                     )

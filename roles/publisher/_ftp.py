@@ -33,13 +33,14 @@ from pyftpdlib.servers import ThreadedFTPServer
 from roles.publisher._cache import BlobCache
 from roles.publisher._content import CachedDownload, SiteContent, StreamedDownload, TreeShelf, Upload
 from roles.publisher._fileserver import FileserverClient
-from roles.publisher._sites import Credentials, SiteTable
+from roles.publisher._sites import Credentials, SiteTable, suspended_error
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher._vfs import SiteFilesystem
 from roles.publisher.config import PublisherConfig
 from shared.errors import SitecloudError
 from shared.listeners import listener
 from shared.logs import ContextLogger, get_logger
+from shared.states import SiteState
 
 __all__ = ["FtpServer", "ftp_reply"]
 
@@ -102,10 +103,19 @@ class _Authorizer:
         self._context = context
 
     def validate_authentication(self, username: str, password: str, handler: Any) -> None:
-        site = self._context.sites.site_of_user(username)
+        sites = self._context.sites
+        site = sites.site_of_user(username)
+        suspended = sites.suspended_site(None, username) if site is None else None
+        known = site or suspended
         # An unknown user and a wrong password get the same answer.
-        if site is None or not self._context.credentials.check(site, username, password):
+        if known is None or not self._context.credentials.check(known, username, password):
             raise AuthenticationFailed(_AUTH_FAILED)
+        if suspended is not None:
+            # Only someone who knows the password learns why (a 530, counted as a failed login).
+            self._context.log.bind(site=suspended.name).warning(
+                "FTP login refused for user %r: the site's subscription is suspended", username
+            )
+            raise AuthenticationFailed(str(suspended_error(suspended.name)))
 
     def get_home_dir(self, username: str) -> str:
         return "/"
@@ -121,6 +131,9 @@ class _Authorizer:
         return _PERMS.replace("M", "")
 
     def get_msg_login(self, username: str) -> str:
+        site = self._context.sites.site_of_user(username)
+        if site is not None and site.state is SiteState.STOPPED:
+            return f"Logged in to site {username}: stopped, it serves what you publish once started."
         return f"Logged in to site {username}."
 
     def get_msg_quit(self, username: str) -> str:
@@ -522,6 +535,8 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
             if current is None or current.content_id != content.site.content_id:
                 gone = current is None or self.context.sites.site(content.site.name) is None
                 why = "This site no longer exists" if gone else "This slot was swapped: log in again"
+                if self.context.sites.suspended_site(None, self.username) is not None:
+                    why = "The subscription of this site was suspended"
                 self.respond(f"421 {why}; closing the session.")
                 self.close_when_done()
                 return

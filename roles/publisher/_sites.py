@@ -3,6 +3,10 @@
 The snapshot (:class:`~shared.contracts.snapshots.PublisherSnapshot`, checked as it came) becomes an
 immutable table swapped in with one assignment, so FTP threads and the web deploy handlers always see
 one whole version, and a site removed from the snapshot stops accepting logins at once.
+
+A stopped site is published to like a running one. A suspended subscription's sites are kept apart:
+the lookups that let someone publish never return them; :meth:`SiteTable.suspended_site` finds one
+only for a login to be refused, once its password is right, with :func:`suspended_error`.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from shared.contracts.snapshots import PublisherSnapshot
+from shared.contracts.snapshots import PublisherSite, PublisherSnapshot
 from shared.credentials import verify_password
-from shared.errors import InvalidInput, Unavailable
+from shared.errors import Forbidden, InvalidInput, Unavailable
+from shared.states import SiteState
 
-__all__ = ["Credentials", "SiteInfo", "SiteTable"]
+__all__ = ["Credentials", "SiteInfo", "SiteTable", "suspended_error"]
 
 
 @dataclass(frozen=True)
@@ -34,11 +39,20 @@ class SiteInfo:
     addresses: tuple[str, ...] = ()
     # Control URLs of the workers serving the site: a deploy follows its build in their logs.
     workers: tuple[str, ...] = ()
+    state: SiteState = SiteState.RUNNING
 
     @property
     def address(self) -> str:
         """The name publishers know it by (where it is served)."""
         return self.addresses[0] if self.addresses else self.name
+
+
+def suspended_error(name: str) -> Forbidden:
+    """What a publishing user of a suspended subscription's site is told, at either door."""
+    return Forbidden(
+        f"the subscription of site {name} is suspended: nothing can be published to it",
+        hint="its content is kept; ask your hosting provider to resume the subscription",
+    )
 
 
 @dataclass(frozen=True)
@@ -50,27 +64,45 @@ class _Snapshot:
     logins: Mapping[str, str]
     # address -> site: a name a publisher gives (a deploy URL, ``?site=``) is an address.
     by_address: Mapping[str, str]
+    # Sites of suspended subscriptions (by name), and their users: logins to be refused, saying why.
+    suspended: Mapping[str, SiteInfo]
+    suspended_logins: Mapping[str, str]
     # "https://{site}.<domain>/": where a site is served, for messages to its publishers.
     site_url: str | None = None
 
 
+def _info(name: str, site: PublisherSite, addresses: list[str]) -> SiteInfo:
+    return SiteInfo(
+        name,
+        site.content_id,
+        site.quota_bytes,
+        MappingProxyType(dict(site.users)),
+        tuple(addresses),
+        tuple(w.rstrip("/") for w in site.workers),
+        site.state,
+    )
+
+
 def _table(snapshot: PublisherSnapshot) -> _Snapshot:
     sites: dict[str, SiteInfo] = {}
+    suspended: dict[str, SiteInfo] = {}
     owners: dict[str, list[str]] = {}
     by_address: dict[str, str] = {}
-    for name, site in snapshot.sites.items():
-        addresses = site.addresses if site.addresses is not None else [name]
-        for address in addresses:
-            if by_address.setdefault(address, name) != name:
-                raise InvalidInput(f"address {address!r} is claimed by {by_address[address]!r} and {name!r}")
-        sites[name] = SiteInfo(
-            name,
-            site.content_id,
-            site.quota_bytes,
-            MappingProxyType(dict(site.users)),
-            tuple(addresses),
-            tuple(w.rstrip("/") for w in site.workers),
-        )
+    entries = [*snapshot.sites.items(), *snapshot.suspended.items()]
+    for name, site in entries:
+        if name in sites or name in suspended:
+            raise InvalidInput(f"site {name!r} is both publishable and suspended")
+        if name in snapshot.suspended or site.state is SiteState.SUSPENDED:
+            # Never an address: nothing may publish to it by any name.
+            suspended[name] = _info(name, site, [name])
+        else:
+            addresses = site.addresses if site.addresses is not None else [name]
+            for address in addresses:
+                if by_address.setdefault(address, name) != name:
+                    raise InvalidInput(
+                        f"address {address!r} is claimed by {by_address[address]!r} and {name!r}"
+                    )
+            sites[name] = _info(name, site, addresses)
         for user in site.users:
             owners.setdefault(user, []).append(name)
     # A user name two sites claim would log in to whichever came first; let it log in to neither.
@@ -79,8 +111,10 @@ def _table(snapshot: PublisherSnapshot) -> _Snapshot:
         snapshot.version,
         snapshot.fileserver.rstrip("/"),
         MappingProxyType(sites),
-        MappingProxyType(logins),
+        MappingProxyType({u: n for u, n in logins.items() if n in sites}),
         MappingProxyType(by_address),
+        MappingProxyType(suspended),
+        MappingProxyType({u: n for u, n in logins.items() if n in suspended}),
         snapshot.site_url,
     )
 
@@ -128,12 +162,13 @@ class SiteTable:
         return current.site_url.replace("{site}", name)
 
     def names(self) -> set[str]:
-        current = self._current
-        return set(current.sites) if current else set()
+        """Every site this publisher keeps anything for (a suspended one too)."""
+        return {site.name for site in self.all()}
 
     def all(self) -> list[SiteInfo]:
+        """Every site this publisher keeps anything for (a suspended one too)."""
         current = self._current
-        return list(current.sites.values()) if current else []
+        return [*current.sites.values(), *current.suspended.values()] if current else []
 
     def site_of_user(self, user: str) -> SiteInfo | None:
         current = self._current
@@ -142,9 +177,18 @@ class SiteTable:
         name = current.logins.get(user)
         return current.sites.get(name) if name else None
 
-    def __len__(self) -> int:
+    def suspended_site(self, name: str | None, user: str = "") -> SiteInfo | None:
+        """The suspended subscription's site a login is for: ``name``, or without one ``user``'s site.
+        Only ever to refuse the login, saying why."""
         current = self._current
-        return len(current.sites) if current else 0
+        if current is None:
+            return None
+        if name is None:
+            name = current.suspended_logins.get(user)
+        return current.suspended.get(name) if name else None
+
+    def __len__(self) -> int:
+        return len(self.all())
 
 
 class Credentials:

@@ -51,6 +51,7 @@ from shared.contracts.fields import (
 from shared.dns01 import PlatformCertificate
 from shared.errors import InvalidInput
 from shared.names import validate_hostname, validate_site_name
+from shared.states import SiteState
 
 __all__ = [
     "AppLimits",
@@ -398,6 +399,8 @@ class PublisherSite(SnapshotPart):
     addresses: list[SiteName] | None = None
     # Control URLs of the workers serving the site: a deploy follows its build in their logs.
     workers: list[Annotated[str, Field(pattern=r"^https://", max_length=2048)]] = Field(default_factory=list)
+    # A stopped site is published to as a running one; what is published serves once it is started.
+    state: Annotated[SiteState, Field(strict=False)] = SiteState.RUNNING
 
 
 class PublisherSnapshot(Snapshot):
@@ -407,6 +410,11 @@ class PublisherSnapshot(Snapshot):
     # How a site's address reads ("https://{site}.<domain>/"), to tell a publisher where it went live.
     site_url: str | None = Field(default=None, pattern=r"\{site\}")
     sites: Annotated[dict[str, PublisherSite], _SiteMap(PublisherSite, tolerant=False)] = Field(
+        default_factory=dict
+    )
+    # Sites of suspended subscriptions: their users' logins are refused, saying why. Apart from
+    # ``sites`` so that a publisher a release older, which reads only ``sites``, refuses them too.
+    suspended: Annotated[dict[str, PublisherSite], _SiteMap(PublisherSite, tolerant=False)] = Field(
         default_factory=dict
     )
 

@@ -61,7 +61,8 @@ NOTICES = {
     "slot-deleted": "Slot deleted.",
     "site-deleted": "Site deleted, with its content.",
     "started": "Site started: it serves visitors again.",
-    "stopped": "Site stopped: visitors get a 'site stopped' page until you start it.",
+    "stopped": "Site stopped: visitors get a 'site stopped' page until you start it. "
+    "Its content is kept, and you can still publish to it.",
     "settings-saved": "App settings saved.",
     "hostname-added": "Custom hostname added. It is served once DNS proves it is yours (see its records below).",
     "hostname-verified": "Custom hostname verified: it is served now.",
@@ -71,7 +72,7 @@ NOTICES = {
     "token-revoked": "Token revoked: it no longer works.",
     "plan-created": "Plan created.",
     "plan-saved": "Plan saved. Every subscription on it has the new quotas now.",
-    "suspended": "Subscription suspended: its sites are offline.",
+    "suspended": "Subscription suspended: its sites are offline and cannot be published to; their content is kept.",
     "resumed": "Subscription resumed: its running sites are back online.",
     "subscription-deleted": "Subscription deleted, with its sites.",
     "cloud-saved": "Cloud settings saved.",
