@@ -7,6 +7,7 @@ Tests talk to roles the way other roles do: over mTLS with a certificate of the 
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import os
@@ -47,6 +48,7 @@ __all__ = [
     "CloudPKI",
     "RoleProcess",
     "TinyDns",
+    "app_base",
     "call",
     "data_plane",
     "lane_exchange",
@@ -97,6 +99,17 @@ def lane_exchange(pki: CloudPKI, port: int, heads: list[bytes], *, lane: bool = 
 
 
 @functools.cache
+def app_base(site: str) -> Path:
+    """The worker's directory for a running site's app (its HOME's parent), from the app's process."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if entry.name.isdigit() and f"SITECLOUD_SITE={site}".encode() in environ:
+                home = next(v[5:] for v in environ if v.startswith(b"HOME="))
+                return Path(home.decode()).parent
+    raise AssertionError(f"no process of site {site} runs")
+
+
 def pip_index_unreachable() -> str:
     """Why this host's pip configuration cannot fetch packages ("" when it can), asked once: tests of
     sites with a requirements.txt skip with it."""

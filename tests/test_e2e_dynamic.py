@@ -3,7 +3,6 @@ the CLI, and it answers through the front end, woken on the first request; its l
 
 from __future__ import annotations
 
-import contextlib
 import ftplib
 import io
 import shutil
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.cloud import LocalCloud
-from tests.support import pip_index_unreachable, wait_until
+from tests.support import app_base, pip_index_unreachable, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -191,17 +190,6 @@ def user(name):
 """
 
 
-def _app_base(site: str) -> Path:
-    """The worker's directory for a running site's app (its HOME's parent), from the app's process."""
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            if entry.name.isdigit() and f"SITECLOUD_SITE={site}".encode() in environ:
-                home = next(v[5:] for v in environ if v.startswith(b"HOME="))
-                return Path(home.decode()).parent
-    raise AssertionError(f"no process of site {site} runs")
-
-
 def test_a_flask_app_with_requirements_txt_answers_with_the_hosts_package_index(cloud: LocalCloud) -> None:
     """The first Python app most people publish: no setting, no index configured by the admin."""
     if why := pip_index_unreachable():
@@ -234,7 +222,7 @@ def test_a_flask_app_with_requirements_txt_answers_with_the_hosts_package_index(
         ftp.storbinary("STOR app.py", io.BytesIO(FLASK_APP.replace(b"hello from flask", b"flask %d" % n)))
         ftp.quit()
         cloud.wait_for_content("flaskapp", "/", b"flask %d" % n, timeout=120)
-    base = _app_base("flaskapp")
+    base = app_base("flaskapp")
 
     def package_dirs() -> list[str]:
         return sorted(p.name for p in base.glob("packages-*") if p.is_dir())

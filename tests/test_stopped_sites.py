@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.cloud import LocalCloud, running_cloud
-from tests.support import wait_until
+from tests.support import app_base, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -234,3 +234,49 @@ def _unzipped_version(cloud: LocalCloud, name: str, where: Path) -> dict[str, by
     target = where / f"{name}.zip"
     cloud.cli("site", "download", name, "-o", str(target))
     return _unzipped(target)
+
+
+COUNTER_APP = b"""
+import os
+
+def app(environ, start_response):
+    path = os.path.join(os.environ["HOME"], "visits")
+    visits = int(open(path).read()) + 1 if os.path.exists(path) else 1
+    with open(path, "w") as f:
+        f.write(str(visits))
+    body = ("visit %d" % visits).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def test_a_deleted_sites_app_home_goes_from_the_worker_and_a_stopped_sites_stays(
+    cloud: LocalCloud, tmp_path: Path
+) -> None:
+    # Before, an app's home (its files, its quota volume, packages and logs) stayed on the worker
+    # for good after its site was deleted.
+    cloud.cli("plan", "create", "apps", "--max-sites", "2", "--storage-mb", "20")
+    cloud.cli("tenant", "create", "counters")
+    sub = cloud.cli("subscription", "create", "--tenant", "counters", "--plan", "apps")
+    bases = {}
+    for name in ("keeper", "goner"):
+        cloud.cli("site", "create", name, "--subscription", str(sub["id"]))
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "app.py").write_bytes(COUNTER_APP)
+        cloud.cli("deploy", name, str(tmp_path / name))
+        cloud.wait_for_content(name, "/", b"visit 1", timeout=60)
+        bases[name] = app_base(name)
+    assert bases["keeper"] != bases["goner"]
+
+    cloud.cli("site", "stop", "keeper")
+    cloud.cli("site", "delete", "goner", "--yes")
+    wait_until(lambda: not bases["goner"].exists(), timeout=60, what="the deleted site's app home to go")
+    assert bases["keeper"].is_dir()
+    # The stopped site's home is whole: its app counts on from where it was.
+    cloud.cli("site", "start", "keeper")
+
+    def answered() -> bytes | None:
+        status, _, body = cloud.get("keeper", "/")
+        return body if status == 200 else None
+
+    assert wait_until(answered, timeout=60, what="the started site to answer") == b"visit 2"

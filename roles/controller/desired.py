@@ -452,6 +452,10 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
                     "version": version,
                     "fileserver": fileserver_url,
                     "sites": {s.name: {"uid": s.uid, **s.app} for s in serving if role.id in s.worker_ids},
+                    # Its sites that exist but do not serve now: their apps' homes stay.
+                    "kept": sorted(
+                        s.uid for s in state.sites if not s.state.serving and role.id in s.worker_ids
+                    ),
                 },
                 what="worker snapshot",
             )

@@ -338,6 +338,11 @@ class WorkerSnapshot(Snapshot):
     sites: Annotated[dict[str, WorkerSite | Refused], _SiteMap(WorkerSite, tolerant=True)] = Field(
         default_factory=dict
     )
+    # Content ids of this worker's sites that exist but do not serve now (stopped, or of a suspended
+    # subscription): their apps' homes are kept. The home of a site neither here nor in ``sites`` is
+    # removed (a deleted site, or one moved to another worker). None: a controller that does not say,
+    # so nothing is removed.
+    kept: list[ContentId] | None = None
 
     def content_ids(self) -> tuple[dict[str, str], dict[str, str]]:
         """Site → content id of every site whose content the worker keeps (one whose app settings are

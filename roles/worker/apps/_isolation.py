@@ -73,6 +73,11 @@ class Identities:
         with contextlib.suppress(OSError, ValueError):
             self._numbers = {str(k): int(v) for k, v in read_json(self._path).items()}
 
+    def owners(self) -> dict[int, str]:
+        """Blocking: number -> the content id it was given to (every site numbered so far)."""
+        self._load()
+        return {number: content_id for content_id, number in self._numbers.items()}
+
     def get(self, content_id: ContentId) -> SiteIdentity:
         number = self._numbers.get(content_id)
         if number is None:

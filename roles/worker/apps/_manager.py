@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -56,7 +57,7 @@ from roles.worker.apps._spec import (
     node_entry,
     procfile_web,
 )
-from roles.worker.apps._volume import BlankImages, HomeVolume, unmount_stale
+from roles.worker.apps._volume import BlankImages, HomeVolume, unmount_lazily, unmount_stale
 from roles.worker.config import WorkerConfig
 from shared.backoff import Backoff
 from shared.contracts.apps import AppDescription, AppState
@@ -69,6 +70,9 @@ __all__ = ["AppManager", "AppSite", "run_dir_for"]
 
 Lookup = Callable[[str], tuple[bool, SiteVersion | None]]
 SWEEP_INTERVAL = 0.25
+# How long after a snapshot the app homes of sites no longer here are removed: their processes
+# have had their stop grace by then.
+HOME_REMOVAL_DELAY = 15.0
 # Starts of one wake-up when the content keeps changing under it; the last one serves what it got.
 _START_ROUNDS = 3
 # Waits before an app that failed to start or crashed is started again.
@@ -201,6 +205,9 @@ class AppManager:
         self._building: dict[Path, asyncio.Task[Path | None]] = {}
         self._active: dict[AppInstance, AppSite] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        # Content ids whose app homes stay (None: the controller does not say; nothing is removed).
+        self._live_homes: set[str] | None = None
+        self._home_removal: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._sockets = 0
         self._stopping = False
@@ -255,6 +262,41 @@ class AppManager:
             self._static_logs.pop(name).close()
         for name in self._content_ids:
             self.refresh(name)
+        held, unreadable = snapshot.content_ids()
+        if snapshot.kept is not None and not unreadable:
+            self._live_homes = {*held.values(), *snapshot.kept}
+            if self._home_removal is None and not self._stopping:
+                self._home_removal = asyncio.get_running_loop().call_later(
+                    HOME_REMOVAL_DELAY, lambda: self._spawn(self._remove_gone_homes())
+                )
+
+    async def _remove_gone_homes(self) -> None:
+        """Remove the app homes (its files, quota volume, packages and logs) of site incarnations
+        that are gone from this worker: deleted, or moved to another one. A stopped site's stays."""
+        self._home_removal = None
+        live = self._live_homes
+        if live is None or self._stopping:
+            return
+        owners = await asyncio.to_thread(self._identities.owners)
+        in_use = {a.identity.number for a in self._sites.values() if a.identity is not None}
+        in_use |= {inst.identity.number for inst in self._active}
+        entries = await asyncio.to_thread(lambda: list(self._apps_dir.iterdir()))
+        for entry in entries:
+            number = int(entry.name) if entry.name.isdigit() else 0
+            owner = owners.get(number)
+            if owner is None or owner in live or number in in_use:
+                continue
+            volume = self._volumes.pop(number, None)
+            try:
+                if volume is not None:
+                    await volume.close()
+                elif await asyncio.to_thread(os.path.ismount, entry / "volume"):
+                    await unmount_lazily(entry / "volume")
+                await asyncio.to_thread(shutil.rmtree, entry)
+            except OSError as exc:
+                self._log.warning("could not remove the app home %s of a site gone from here: %s", entry, exc)
+                continue
+            self._log.info("removed the app home %s of site %s, gone from this worker", entry.name, owner)
 
     def refresh(self, name: str) -> None:
         """Look at a site again: after a snapshot, or when its content flipped to another version."""
@@ -347,6 +389,8 @@ class AppManager:
         self._stopping = True
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._home_removal is not None:
+            self._home_removal.cancel()
         for task in list(self._background):
             task.cancel()
         for app in self._sites.values():

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from shared.errors import Unavailable
 
-__all__ = ["BlankImages", "HomeVolume", "unmount_stale"]
+__all__ = ["BlankImages", "HomeVolume", "unmount_lazily", "unmount_stale"]
 
 _TOOLS = "/usr/sbin:/usr/bin:/sbin:/bin"
 # Below this much free space (beyond ext4's own reserve for metadata, which writes cannot use: 2% of
@@ -110,6 +110,10 @@ def _mount_loop(image: str, mountpoint: str) -> None:
             os.close(control)
     finally:
         os.close(backing)
+
+
+async def unmount_lazily(mountpoint: Path) -> None:
+    await _run("umount", "--lazy", str(mountpoint))
 
 
 async def unmount_stale(apps_dir: Path) -> int:
