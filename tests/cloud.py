@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ftplib
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from roles.worker.apps._isolation import reap_orphans
 from shared.net import free_port, free_port_range
 from tests.support import wait_until
 
-__all__ = ["LocalCloud", "SiteConnection", "https_get"]
+__all__ = ["LocalCloud", "SiteConnection", "basic_tenant", "https_get", "site_ftp"]
 
 # Every test cloud builds role-host wheelhouses here (once per code version, kept across runs).
 TEST_WHEELHOUSE = Path("/tmp/sitecloud-test-wheelhouse")
@@ -172,3 +173,23 @@ def running_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClo
         yield cloud
     finally:
         cloud.kill_everything()
+
+
+def basic_tenant(cloud: LocalCloud) -> dict[str, Any]:
+    """Tenant contoso on plan basic (3 sites, 5 MB), with its token and subscription id."""
+    cloud.cli("plan", "create", "basic", "--max-sites", "3", "--storage-mb", "5")
+    tenant = cloud.cli("tenant", "create", "contoso")
+    sub = cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "basic")
+    return {**tenant, "subscription": sub["id"]}
+
+
+def site_ftp(site: dict[str, Any]) -> ftplib.FTP:
+    """A logged-in plain FTP session with a site, from the answer that created it."""
+    ftp = ftplib.FTP()
+    try:
+        ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
+        ftp.login(site["ftp"]["user"], site["ftp"]["password"])
+    except BaseException:
+        ftp.close()
+        raise
+    return ftp

@@ -3,7 +3,6 @@ API), and a backup of a whole cloud restored on a fresh one."""
 
 from __future__ import annotations
 
-import ftplib
 import http.client
 import io
 import json
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.cloud import LocalCloud, running_cloud
+from tests.cloud import LocalCloud, basic_tenant, running_cloud, site_ftp
 from tests.support import TinyDns
 
 pytestmark = pytest.mark.timeout(300)
@@ -27,17 +26,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
 
 @pytest.fixture(scope="module")
 def tenant(cloud: LocalCloud) -> dict[str, Any]:
-    cloud.cli("plan", "create", "basic", "--max-sites", "3", "--storage-mb", "5")
-    tenant = cloud.cli("tenant", "create", "contoso")
-    sub = cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "basic")
-    return {**tenant, "subscription": sub["id"]}
-
-
-def _ftp(site: dict[str, Any]) -> ftplib.FTP:
-    ftp = ftplib.FTP()
-    ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
-    ftp.login(site["ftp"]["user"], site["ftp"]["password"])
-    return ftp
+    return basic_tenant(cloud)
 
 
 def _unzipped(path: Path) -> dict[str, bytes]:
@@ -59,7 +48,7 @@ def test_each_kept_version_downloads_as_the_zip_that_was_published(
     for name, data in v1.items():
         (tree / name).write_bytes(data)
     first = cloud.cli("deploy", "blog", str(tree), token=token)["version"]
-    ftp = _ftp(site)
+    ftp = site_ftp(site)
     try:
         ftp.storbinary("STOR index.html", io.BytesIO(b"<h1>v2 by FTP</h1>"))
         ftp.storbinary("STOR notes.txt", io.BytesIO(b"new"))
@@ -198,7 +187,7 @@ def test_backup_restores_on_a_fresh_cloud_with_the_same_bytes_and_passwords(
     cloud.cli("settings", "set", "--dns-resolver", f"127.0.0.1:{tiny_dns.port}", "--acme-directory", "off")
     cloud.cli("plan", "update", "basic", "--max-custom-hostnames", "2")
     shop = cloud.cli("site", "create", "shop", "--subscription", str(tenant["subscription"]), token=token)
-    ftp = _ftp(shop)
+    ftp = site_ftp(shop)
     try:
         ftp.storbinary("STOR index.html", io.BytesIO(b"<h1>shop</h1>"))
         ftp.mkd("img")
@@ -250,7 +239,7 @@ def test_backup_restores_on_a_fresh_cloud_with_the_same_bytes_and_passwords(
         # The same FTP passwords and the tenant's token work on the new cloud.
         for creds in (tenant["blog"], shop):
             moved = {**creds, "ftp": {**creds["ftp"], "port": fresh.ports["ftp_port"]}}
-            ftp = _ftp(moved)
+            ftp = site_ftp(moved)
             assert "index.html" in ftp.nlst()
             ftp.quit()
         assert [s["name"] for s in fresh.cli("site", "list", token=token)["sites"]] == ["blog", "shop"]
@@ -282,7 +271,7 @@ def test_a_plan_sets_how_many_versions_its_sites_keep(cloud: LocalCloud, tenant:
     uploads = iter(range(100))
 
     def pruned() -> bool:
-        ftp = _ftp(tenant["blog"])
+        ftp = site_ftp(tenant["blog"])
         try:
             ftp.storbinary(f"STOR later{next(uploads)}.txt", io.BytesIO(b"later"))
         finally:

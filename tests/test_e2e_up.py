@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.cloud import LocalCloud, running_cloud
+from tests.cloud import LocalCloud, running_cloud, site_ftp
 from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -37,13 +37,6 @@ def sites(cloud: LocalCloud) -> dict[str, Any]:
     blog = cloud.cli("site", "create", "blog", "--subscription", str(sub["id"]), token=tenant["token"])
     shop = cloud.cli("site", "create", "shop", "--subscription", str(sub["id"]))
     return {"tenant": tenant, "subscription": sub, "blog": blog, "shop": shop}
-
-
-def _ftp(site: dict[str, Any]) -> ftplib.FTP:
-    ftp = ftplib.FTP()
-    ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
-    ftp.login(site["ftp"]["user"], site["ftp"]["password"])
-    return ftp
 
 
 def _zip(files: dict[str, bytes]) -> bytes:
@@ -70,7 +63,7 @@ def test_site_create_answers_urls_and_publishing_credentials(
 def test_ftp_upload_is_served_over_https_on_the_wildcard_subdomain(
     cloud: LocalCloud, sites: dict[str, Any]
 ) -> None:
-    ftp = _ftp(sites["blog"])
+    ftp = site_ftp(sites["blog"])
     try:
         ftp.storbinary("STOR index.html", io.BytesIO(b"<h1>hello from blog</h1>"))
         ftp.mkd("docs")
@@ -156,10 +149,10 @@ def test_a_zip_slip_deploy_is_refused_and_changes_nothing(cloud: LocalCloud, sit
 
 
 def test_one_sites_ftp_credentials_cannot_reach_another(cloud: LocalCloud, sites: dict[str, Any]) -> None:
-    blog = _ftp(sites["blog"])
+    blog = site_ftp(sites["blog"])
     blog.storbinary("STOR secret-blog.txt", io.BytesIO(b"blog only"))
     blog.quit()
-    shop = _ftp(sites["shop"])
+    shop = site_ftp(sites["shop"])
     try:
         shop.storbinary("STOR index.html", io.BytesIO(b"shop"))
         for path in ("../blog", "/../blog", "/blog", "../..", "/"):
@@ -248,7 +241,7 @@ def test_the_data_plane_outlives_the_controller_and_a_restart(
     cloud.kill_controller()
     # Controller gone: sites still serve, FTP still publishes.
     assert cloud.get("blog", "/")[2] == b"<h1>v3</h1>"
-    ftp = _ftp(sites["shop"])
+    ftp = site_ftp(sites["shop"])
     ftp.storbinary("STOR index.html", io.BytesIO(b"shop v2"))
     ftp.quit()
     cloud.wait_for_content("shop", "/", b"shop v2")

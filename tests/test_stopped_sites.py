@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.cloud import LocalCloud, running_cloud
+from tests.cloud import LocalCloud, basic_tenant, running_cloud, site_ftp
 from tests.support import app_base, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -30,21 +30,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
 
 @pytest.fixture(scope="module")
 def tenant(cloud: LocalCloud) -> dict[str, Any]:
-    cloud.cli("plan", "create", "basic", "--max-sites", "3", "--storage-mb", "5")
-    tenant = cloud.cli("tenant", "create", "contoso")
-    sub = cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "basic")
-    return {**tenant, "subscription": sub["id"]}
-
-
-def _ftp(site: dict[str, Any]) -> ftplib.FTP:
-    ftp = ftplib.FTP()
-    try:
-        ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
-        ftp.login(site["ftp"]["user"], site["ftp"]["password"])
-    except BaseException:
-        ftp.close()
-        raise
-    return ftp
+    return basic_tenant(cloud)
 
 
 def _unzipped(path: Path) -> dict[str, bytes]:
@@ -61,7 +47,7 @@ def _published(cloud: LocalCloud, tenant: dict[str, Any], name: str, tmp_path: P
     (tree / "index.html").write_bytes(f"<h1>{name}</h1>".encode())
     (tree / "img" / "logo.bin").write_bytes(LOGO)
     cloud.cli("deploy", name, str(tree), token=token)
-    ftp = _ftp(site)
+    ftp = site_ftp(site)
     try:
         ftp.storbinary("STOR notes.txt", io.BytesIO(b"first"))
         ftp.storbinary("STOR notes.txt", io.BytesIO(b"second"))
@@ -137,7 +123,7 @@ def test_a_stopped_site_is_read_backed_up_and_published_to(
     assert _unzipped(tmp_path / "backup" / "sites" / "kept.zip") == site["files"]
 
     # It is still published to (as on Azure): what is published serves once it is started.
-    ftp = _ftp(site)
+    ftp = site_ftp(site)
     try:
         ftp.storbinary("STOR later.txt", io.BytesIO(b"published while stopped"))
     finally:
@@ -168,7 +154,7 @@ def test_a_suspended_subscription_s_site_refuses_its_publishers_saying_why_and_i
         _offline(cloud, "frozen")
         # Its publishing user learns why it may not publish; its tenant too.
         with pytest.raises(ftplib.error_perm) as caught:
-            _ftp(site)
+            site_ftp(site)
         assert str(caught.value).startswith("530 The subscription of site frozen is suspended"), caught.value
         (tmp_path / "tree").mkdir()
         (tmp_path / "tree" / "index.html").write_bytes(b"not while suspended")
@@ -186,7 +172,7 @@ def test_a_suspended_subscription_s_site_refuses_its_publishers_saying_why_and_i
         assert cloud.cli("subscription", "resume", sub)["state"] == "active"
     _serves_it_all(cloud, tenant, site)
     assert cloud.cli("site", "versions", "frozen", token=token)["versions"] == site["versions"]
-    _ftp(site).quit()
+    site_ftp(site).quit()
 
 
 def test_a_backup_of_a_stopped_and_a_suspended_site_restores_their_content(
@@ -196,7 +182,7 @@ def test_a_backup_of_a_stopped_and_a_suspended_site_restores_their_content(
     # A second subscription to suspend, beside the stopped site of the first.
     other = cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "basic")["id"]
     asleep = cloud.cli("site", "create", "asleep", "--subscription", str(other), token=token)
-    ftp = _ftp(asleep)
+    ftp = site_ftp(asleep)
     try:
         ftp.storbinary("STOR index.html", io.BytesIO(b"<h1>asleep</h1>"))
     finally:
