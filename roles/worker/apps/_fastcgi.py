@@ -21,7 +21,16 @@ from roles.worker.apps._head import MAX_HEAD_BYTES, HeadBudget, HeadTooLarge
 from roles.worker.apps._pool import BEHIND_DEPTH, UpstreamPool
 from roles.worker.apps._upstream import Sink, UpstreamBase
 
-__all__ = ["FastCgiUpstream", "encode_params", "encode_request", "pair", "parse_cgi_head"]
+__all__ = [
+    "STDIN_END",
+    "FastCgiUpstream",
+    "encode_params",
+    "encode_request",
+    "encode_request_head",
+    "pair",
+    "parse_cgi_head",
+    "stdin",
+]
 
 VERSION = 1
 BEGIN_REQUEST, ABORT_REQUEST, END_REQUEST, PARAMS, STDIN, STDOUT, STDERR = 1, 2, 3, 4, 5, 6, 7
@@ -51,6 +60,8 @@ _BEGIN_KEEP = _HEAD.pack(VERSION, BEGIN_REQUEST, REQUEST_ID, 8, 0) + struct.pack
 )
 _EMPTY_PARAMS = _HEAD.pack(VERSION, PARAMS, REQUEST_ID, 0, 0)
 _EMPTY_STDIN = _HEAD.pack(VERSION, STDIN, REQUEST_ID, 0, 0)
+# The end of a request's body (section 3.3: an empty record ends a stream).
+STDIN_END = _EMPTY_STDIN
 
 
 def _length(n: int) -> bytes:
@@ -72,9 +83,17 @@ def encode_params(params: dict[str, str]) -> bytes:
 
 def encode_request(pairs: bytes, body: bytes, *, keep: bool = False) -> bytes:
     """A whole request in one piece (one write): ``pairs`` from :func:`encode_params`."""
-    begin = _BEGIN_KEEP if keep else _BEGIN
-    stdin = _record(STDIN, body) if body else b""
-    return b"".join((begin, _record(PARAMS, pairs), _EMPTY_PARAMS, stdin, _EMPTY_STDIN))
+    return b"".join((encode_request_head(pairs, keep=keep), stdin(body), _EMPTY_STDIN))
+
+
+def encode_request_head(pairs: bytes, *, keep: bool = False) -> bytes:
+    """A request up to its body, which follows as :func:`stdin` records and :data:`STDIN_END`."""
+    return b"".join((_BEGIN_KEEP if keep else _BEGIN, _record(PARAMS, pairs), _EMPTY_PARAMS))
+
+
+def stdin(data: bytes) -> bytes:
+    """A piece of a request's body as STDIN records (none for no bytes: an empty one ends it)."""
+    return _record(STDIN, data) if data else b""
 
 
 def parse_cgi_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
@@ -130,6 +149,9 @@ class _Discard:
         pass
 
     def upstream_stderr(self, text: str) -> None:
+        pass
+
+    def upstream_open(self) -> None:
         pass
 
     def upstream_tunnel(self, early: bytes) -> None:

@@ -25,6 +25,11 @@ class Sink(Protocol):
     def upstream_end(self) -> None: ...
     def upstream_failed(self, why: str) -> None: ...
     def upstream_stderr(self, text: str) -> None: ...
+    def upstream_open(self) -> None:
+        """A new connection to the app is open and the request went out on it (more of a body that
+        streams may follow through :meth:`UpstreamBase.send`)."""
+        ...
+
     def upstream_tunnel(self, early: bytes) -> None:
         """The app said 101 to an upgrade: what follows are the raw bytes of the new protocol."""
         ...
@@ -57,6 +62,7 @@ class UpstreamBase(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.write(self._request)
         self._request = b""
+        self.sink.upstream_open()
 
     def begin(self, sink: Sink, request: bytes) -> None:
         """The next request on a kept connection."""
@@ -67,6 +73,11 @@ class UpstreamBase(asyncio.Protocol):
         assert self.transport is not None
         self.transport.resume_reading()
         self.transport.write(request)
+
+    def send(self, data: bytes) -> None:
+        """Bytes for the app after the request: more of a body that streams, or a tunnel's."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     def alive(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
@@ -206,11 +217,6 @@ class HttpUpstream(UpstreamBase):
                     self._fail(str(HeadTooLarge.over_bytes()))
         finally:
             sink.upstream_batch(False)
-
-    def send(self, data: bytes) -> None:
-        """Tunnel bytes from the visitor to the app."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
 
     def eof_received(self) -> bool | None:
         # A body without a length ends with the connection.
