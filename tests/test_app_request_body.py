@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,31 @@ def app(environ, start_response):
     out = ("%d %s" % (n, digest.hexdigest())).encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))])
     return [out]
+"""
+
+# Answers before it reads any of the body, after a pause (by then the worker has sent what the
+# sockets between them hold, and holds the rest), and never reads it nor closes.
+EARLY = b"""
+import os, socket, threading, time
+
+def serve(conn):
+    data = b""
+    while b"\\r\\n\\r\\n" not in data:
+        data += conn.recv(4096)
+    status = b"200 OK"
+    if data.startswith(b"POST"):
+        time.sleep(1)
+        status = b"403 Forbidden"
+    conn.sendall(b"HTTP/1.1 " + status + b"\\r\\nContent-Length: 4\\r\\n\\r\\nnope")
+    time.sleep(120)
+
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(os.environ["PORT"])))
+srv.listen(64)
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
 """
 
 PHP = b"""<?php
@@ -99,6 +125,21 @@ def test_many_long_uploads_at_once_cost_the_worker_little_memory(cloud: AppCloud
     assert answers == [(200, expected(body))] * UPLOADS
     peak = vm(pid, "VmHWM")
     assert peak - peak_before < RSS_SLACK, (peak_before // MB, peak // MB)
+
+
+def test_an_app_that_answers_without_reading_the_body_leaves_the_worker_no_connection(
+    cloud: AppCloud,
+) -> None:
+    cloud.add_site("early")
+    cloud.publish_and_wait("early", {"Procfile": b"web: python3 early.py\n", "early.py": EARLY}, "/", b"nope")
+    assert cloud.worker.proc is not None
+    fds = Path(f"/proc/{cloud.worker.proc.pid}/fd")
+    before = len(list(fds.iterdir()))
+    body = b"e" * MAX_BODY
+    for _ in range(4):
+        assert post(cloud, "early", "/", body) == (403, b"nope")
+    # Each connection to the app is dropped with what the app left unread, not held open for it.
+    assert len(list(fds.iterdir())) - before < 2
 
 
 def test_a_body_longer_than_the_site_accepts_gets_413_with_the_limit(cloud: AppCloud) -> None:

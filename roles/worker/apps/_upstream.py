@@ -129,10 +129,17 @@ class UpstreamBase(asyncio.Protocol):
         if not self.done:
             self.done = True
             self.sink.upstream_end()
-        if self.pool is not None and self.keepable() and self.alive() and self.pool.put(self):
+        # Part of the request still unsent means the app answered without reading all of it (a body
+        # it did not want): the connection is not fit for another request, and a close would wait
+        # for the app to read the rest, which it may never do.
+        unsent = self.transport is not None and self.transport.get_write_buffer_size() > 0
+        if self.pool is not None and not unsent and self.keepable() and self.alive() and self.pool.put(self):
             return
         if self.transport is not None:
-            self.transport.close()
+            if unsent:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def _fail(self, why: str) -> None:
         if not self.done:
