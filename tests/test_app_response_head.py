@@ -109,6 +109,16 @@ echo "php ok";
 """
 
 
+# A WSGI app (behind our app server, on kept connections) that sets as many fields as asked.
+WSGI_FIELDS = b"""
+def app(environ, start_response):
+    n = int(environ["QUERY_STRING"] or 0)
+    headers = [("X-F%d" % i, "1") for i in range(n)] + [("Content-Length", "7")]
+    start_response("200 OK", headers)
+    return [b"wsgi ok"]
+"""
+
+
 def vm(pid: int, field: str) -> int:
     """A field of /proc/<pid>/status in bytes (VmRSS, VmHWM: the peak RSS)."""
     with open(f"/proc/{pid}/status") as f:
@@ -172,6 +182,18 @@ def test_a_complete_head_past_the_bound_in_bytes_gets_a_502(cloud: AppCloud) -> 
     before = too_large()
     assert cloud.get("flood", "/flood?how=wide")[0] == 502
     wait_until(lambda: too_large() > before, timeout=5, what="the reason in the site's log")
+
+
+def test_a_wsgi_app_with_too_many_fields_gets_a_502_and_its_kept_connections_stay_sound(
+    cloud: AppCloud,
+) -> None:
+    cloud.add_site("wsgifields")
+    cloud.publish_and_wait("wsgifields", {"app.py": WSGI_FIELDS}, "/", b"wsgi ok")
+    for _ in range(3):
+        assert cloud.get("wsgifields", f"/?{MAX_HEAD_FIELDS + 1}")[0] == 502
+        status, headers, body = cloud.get("wsgifields", f"/?{MAX_HEAD_FIELDS - 10}")
+        assert (status, body) == (200, b"wsgi ok") and headers["x-f0"] == "1"
+    assert any(f"more than {MAX_HEAD_FIELDS} fields" in ln for ln in cloud.log("wsgifields").splitlines())
 
 
 @pytest.mark.skipif(shutil.which("php-cgi") is None, reason="php-cgi is not installed")
