@@ -1,7 +1,8 @@
-"""A long request body streams to the app (roles/worker/apps/_proxy.py STREAM_BODY_AFTER): the worker
-holds about a megabyte of it, not all of it, however many visitors upload at once; one longer than
-the site accepts gets 413 that says the limit. Real fileserver and worker (and a front end in front
-of them, where a visitor's upload slows to the app's pace end to end), a WSGI and a PHP app.
+"""A long request body streams to the app (roles/worker/apps/_proxy.py STREAM_BODY_AFTER), or, when
+it comes chunked, waits in a file: the worker holds about a megabyte of it in memory, not all of it,
+however many visitors upload at once; one longer than the site accepts gets 413 that says the limit.
+Real fileserver and worker (and a front end in front of them, where a visitor's upload slows to the
+app's pace end to end), a WSGI, a PHP and a Procfile app.
 """
 
 from __future__ import annotations
@@ -84,12 +85,14 @@ def cloud() -> Iterator[AppCloud]:
         yield c
 
 
-def post(cloud: AppCloud, site: str, path: str, body: bytes) -> tuple[int, bytes]:
+def post(cloud: AppCloud, site: str, path: str, body: bytes, *, chunked: bool = False) -> tuple[int, bytes]:
+    """``body`` with its length, or chunked (in pieces of 1 MB, as a client that streams sends it)."""
     conn = http.client.HTTPSConnection(
         "localhost", cloud.config.data_port, context=cloud.pki.client_ssl("frontend"), timeout=60
     )
+    sent = iter([body[i : i + MB] for i in range(0, len(body), MB)]) if chunked else body
     try:
-        conn.request("POST", path, body=body, headers={"X-Sitecloud-Site": site})
+        conn.request("POST", path, body=sent, headers={"X-Sitecloud-Site": site}, encode_chunked=chunked)
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -100,10 +103,11 @@ def expected(body: bytes) -> bytes:
     return b"%d %s" % (len(body), hashlib.sha256(body).hexdigest().encode())
 
 
-def test_a_long_body_reaches_the_app_whole_and_in_order(cloud: AppCloud) -> None:
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_long_body_reaches_the_app_whole_and_in_order(cloud: AppCloud, chunked: bool) -> None:
     for size in (STREAM_BODY_AFTER + 1, 5 * MB + 3, MAX_BODY):
         body = bytes(i * 7 % 251 for i in range(256)) * (size // 256) + b"e" * (size % 256)
-        assert post(cloud, "upload", "/", body) == (200, expected(body))
+        assert post(cloud, "upload", "/", body, chunked=chunked) == (200, expected(body))
 
 
 def test_a_long_body_for_an_app_not_running_yet_waits_for_it_then_streams(cloud: AppCloud) -> None:
@@ -115,16 +119,21 @@ def test_a_long_body_for_an_app_not_running_yet_waits_for_it_then_streams(cloud:
     assert post(cloud, "cold", "/", body) == (200, expected(body))
 
 
-def test_many_long_uploads_at_once_cost_the_worker_little_memory(cloud: AppCloud) -> None:
+@pytest.mark.parametrize("chunked", [False, True])
+def test_many_long_uploads_at_once_cost_the_worker_little_memory(cloud: AppCloud, chunked: bool) -> None:
     assert cloud.worker.proc is not None
     pid = cloud.worker.proc.pid
+    fds = Path(f"/proc/{pid}/fd")
+    fds_before = len(list(fds.iterdir()))
     peak_before = vm(pid, "VmHWM")
     body = b"u" * MAX_BODY
     with concurrent.futures.ThreadPoolExecutor(UPLOADS) as pool:
-        answers = list(pool.map(lambda _: post(cloud, "upload", "/", body), range(UPLOADS)))
+        answers = list(pool.map(lambda _: post(cloud, "upload", "/", body, chunked=chunked), range(UPLOADS)))
     assert answers == [(200, expected(body))] * UPLOADS
     peak = vm(pid, "VmHWM")
     assert peak - peak_before < RSS_SLACK, (peak_before // MB, peak // MB)
+    # Nothing is left open (a chunked body's file included).
+    assert len(list(fds.iterdir())) - fds_before < 2
 
 
 def test_an_app_that_answers_without_reading_the_body_leaves_the_worker_no_connection(
@@ -142,8 +151,9 @@ def test_an_app_that_answers_without_reading_the_body_leaves_the_worker_no_conne
     assert len(list(fds.iterdir())) - before < 2
 
 
-def test_a_body_longer_than_the_site_accepts_gets_413_with_the_limit(cloud: AppCloud) -> None:
-    status, page = post(cloud, "upload", "/", b"x" * (MAX_BODY + 1))
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_longer_than_the_site_accepts_gets_413_with_the_limit(cloud: AppCloud, chunked: bool) -> None:
+    status, page = post(cloud, "upload", "/", b"x" * (MAX_BODY + 1), chunked=chunked)
     assert status == 413 and b"(16 MiB)" in page
     # The worker goes on with the site.
     assert post(cloud, "upload", "/", b"small") == (200, expected(b"small"))
@@ -156,6 +166,8 @@ def test_a_long_body_streams_to_php_as_fastcgi_stdin(cloud: AppCloud) -> None:
     for size in (100, 3 * MB + 5):
         body = bytes(range(256)) * (size // 256) + b"p" * (size % 256)
         assert post(cloud, "phpup", "/up.php", body) == (200, expected(body))
+        # Chunked: php-cgi needs the length first, which the body's file gives.
+        assert post(cloud, "phpup", "/up.php", body, chunked=True) == (200, expected(body))
 
 
 def test_an_upload_through_the_front_end_reaches_the_app_whole(cloud: AppCloud) -> None:

@@ -7,6 +7,9 @@ stays on the static path (``None``); a Procfile site's app answers every path. A
 app's answer for the front end (its length, or chunked) in the connection's turn. A body longer than
 :data:`STREAM_BODY_AFTER` (by its Content-Length) is not read whole: it goes to the app as it arrives,
 on a connection of its own, and the visitor's connection stops reading while the app cannot take more.
+A body that gives no length (chunked) and grows past it is kept in an unnamed file in the worker's
+home instead of its memory (apps need the length first: php-cgi, our app server), and goes on from
+there once whole.
 
 A WebSocket (``Upgrade: websocket``) goes on as an upgrade to apps that can take one (Python's ASGI
 apps, through our app server; ``command`` and ``node`` apps, through the bridge): when the app says
@@ -17,9 +20,10 @@ A WSGI or PHP app cannot switch protocols: it answers the request as plain HTTP.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import IO, TYPE_CHECKING, Generic, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -74,6 +78,8 @@ MAX_PENDING = 1024 * 1024
 # A body longer than this (by its Content-Length) streams to the app instead of being read whole
 # first; at most about this much of it is held while the app's connection opens.
 STREAM_BODY_AFTER = 1024 * 1024
+# A spooled body goes to the app in pieces of this size, as fast as it takes them.
+SPOOL_CHUNK = 256 * 1024
 # Paths remembered as static or not (a few hundred bytes each); forgotten all at once beyond this.
 STATIC_MEMO = 8192
 
@@ -289,6 +295,11 @@ class AppExchange(Generic[T]):
         self._holding = False
         self._body_ended = False
         self._fastcgi = False
+        # A chunked body past STREAM_BODY_AFTER: on disk, then piped from there (_pump_spool) while
+        # the app's socket has room (_app_full). None again once sent or dropped.
+        self._spool: IO[bytes] | None = None
+        self._spool_failed = ""
+        self._app_full = False
         # Awaited on the task path only (a warm request is sent from :meth:`end`).
         self._body_done: asyncio.Future[None] | None = None
         self._conn: HttpConnection | None = None
@@ -361,10 +372,19 @@ class AppExchange(Generic[T]):
         if self._size > self._proxy.config.app_max_body:
             self._too_large = True
             self._body = []
+            self._close_spool()
+            return
+        if self._spool is not None:
+            self._spool_write([data])
+            return
+        if self._spool_failed:
             return
         self._body.append(data)
-        if self._streams and self._size > STREAM_BODY_AFTER:
-            self._hold(True)  # the app's connection is not open yet
+        if self._size > STREAM_BODY_AFTER:
+            if self._streams:
+                self._hold(True)  # the app's connection is not open yet
+            else:
+                self._spill()
 
     def end(self) -> None:
         self._body_ended = True
@@ -464,10 +484,17 @@ class AppExchange(Generic[T]):
             limit = _byte_count(self._proxy.config.app_max_body)
             self._error(413, "Too large", f"The request's body is larger than this site accepts ({limit}).")
             return
+        if self._spool_failed:
+            self._keep = False
+            self._error(503, "This site is not answering", "The worker could not hold the request's body.")
+            return
         body = b"".join(self._body)
         self._body = []
+        spooled = self._spool is not None
+        # What the app is told the body's length is: it comes after the head, as it arrives or from disk.
+        length = self._declared if self._streams else self._size
         self._size = 0
-        streams = self._streams
+        streams = self._streams or spooled
         pool = inst.pool
         if script is not None:
             # Kept connections only where the pool bounds them by the app's children (see _pool.py);
@@ -477,11 +504,11 @@ class AppExchange(Generic[T]):
                 method=self._method,
                 target=self._target,
                 headers=self._headers,
-                body_length=self._declared if streams else len(body),
+                body_length=length if streams else len(body),
                 script=script,
             )
             if streams:
-                end = STDIN_END if self._body_ended else b""
+                end = STDIN_END if self._body_ended and not spooled else b""
                 request = encode_request_head(pairs) + stdin(body) + end
                 self._fastcgi = True
             else:
@@ -494,7 +521,7 @@ class AppExchange(Generic[T]):
         else:
             # Our app server keeps connections (an app of another make may not frame for it).
             keep = app.runtime == "python" and not self._upgrade and not self._bodyless and not streams
-            request = self._request_bytes(body, keep=keep, length=self._declared if streams else len(body))
+            request = self._request_bytes(body, keep=keep, length=length if streams else len(body))
             head_only, upgrade = self._bodyless, self._upgrade
 
             def fresh() -> UpstreamBase:
@@ -632,6 +659,11 @@ class AppExchange(Generic[T]):
 
     def upstream_open(self) -> None:
         """The app's connection is open: what was held of the body goes, and the rest follows."""
+        if self._spool is not None and not self._piping and not self._pipe_over:
+            self._piping = True
+            self._spool.seek(0)
+            self._pump_spool()
+            return
         if not self._streams or self._piping or self._pipe_over:
             return
         self._piping = True
@@ -661,10 +693,58 @@ class AppExchange(Generic[T]):
     def _stop_pipe(self) -> None:
         """The app takes no more of the body (it answered, failed or timed out): the rest is read and
         dropped, and the answer goes in the connection's turn, once the request is whole."""
+        self._close_spool()
         if self._streams and not self._pipe_over:
             self._pipe_over = True
             self._body = []
             self._hold(False)
+
+    def _spill(self) -> None:
+        """The body held so far to an unnamed file; the rest follows it there."""
+        held, self._body = self._body, []
+        try:
+            # Open across callbacks, closed by _close_spool; unnamed, so nothing is left should we die.
+            self._spool = tempfile.TemporaryFile(dir=self._proxy.config.home)  # noqa: SIM115
+        except OSError as exc:
+            self._spool_lost(exc)
+            return
+        self._spool_write(held)
+
+    def _spool_write(self, pieces: list[bytes]) -> None:
+        assert self._spool is not None
+        try:
+            self._spool.writelines(pieces)
+        except OSError as exc:
+            self._spool_lost(exc)
+
+    def _spool_lost(self, exc: OSError) -> None:
+        """The disk would not take the body (full, say): the rest is dropped, and the answer is 503."""
+        self._proxy.log.bind(site=self._app.name).warning("cannot spool a request body: %s", exc)
+        self._spool_failed = str(exc)
+        self._close_spool()
+
+    def _pump_spool(self) -> None:
+        """A spooled body to the app, until its socket is full (upstream_writable resumes it)."""
+        spool = self._spool
+        while spool is not None and not self._app_full and not self._pipe_over:
+            try:
+                data = spool.read(SPOOL_CHUNK)
+            except OSError as exc:
+                self._spool_lost(exc)
+                if self._upstream is not None:
+                    self._upstream.abandon(self)
+                self.upstream_failed(f"the worker could not read the request's body back ({exc})")
+                return
+            if not data:
+                self._close_spool()
+                self._end_pipe()
+                return
+            self._pipe(data)
+
+    def _close_spool(self) -> None:
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.close()
 
     def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         if self._timer is not None:
@@ -760,6 +840,11 @@ class AppExchange(Generic[T]):
     def upstream_writable(self, writable: bool) -> None:
         """A tunnel's app (or a streaming body's) is slow to read: the visitor's connection stops
         reading until it drains."""
+        if self._spool is not None and self._piping:
+            self._app_full = not writable
+            if writable:
+                self._pump_spool()
+            return
         if self._piping and not self._pipe_over and not self._body_ended:
             self._hold(not writable)
             return
@@ -845,6 +930,7 @@ class AppExchange(Generic[T]):
             self._out.append(b"0\r\n\r\n")
 
     def _release(self, *, answered: bool) -> None:
+        self._close_spool()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
