@@ -17,6 +17,7 @@ __all__ = [
     "H_DROP",
     "H_EXPECT",
     "H_HOST",
+    "H_SET_COOKIE",
     "H_TRANSFER_ENCODING",
     "H_UPGRADE",
     "H_VERSION",
@@ -43,6 +44,7 @@ H_EXPECT = 7
 H_COOKIE = 8  # forwarded, and read when the site uses an affinity cookie
 H_UPGRADE = 9  # hop-by-hop; sent on only when a WebSocket is tunnelled
 H_VERSION = 10  # the content version an answer came from: read, never sent on
+H_SET_COOKIE = 11  # an app's cookie: kept to its own site (roles/frontend/_cookies.py)
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded.
 _HOP_BY_HOP = {
@@ -84,6 +86,7 @@ RESPONSE_HEADERS: dict[bytes, int] = {
     b"x-sitecloud-version": H_VERSION,
     b"x-sitecloud-fresh": H_DROP,
     b"x-request-id": H_DROP,
+    b"set-cookie": H_SET_COOKIE,
 }
 
 # How a response body is delimited upstream.

@@ -19,6 +19,7 @@ from typing import Protocol, cast
 import httptools
 
 from roles.frontend._cache import ResponseCache
+from roles.frontend._cookies import site_scoped_cookie
 from roles.frontend._http import (
     BODY_CHUNKED,
     BODY_CLOSE,
@@ -26,6 +27,7 @@ from roles.frontend._http import (
     BODY_NONE,
     H_CONNECTION,
     H_CONTENT_LENGTH,
+    H_SET_COOKIE,
     H_TRANSFER_ENCODING,
     H_VERSION,
     RESPONSE_HEADERS,
@@ -80,9 +82,10 @@ class Pooled(Protocol):
 
 class Hub(Protocol):
     """What connections to workers need of the proxy (roles/frontend/_proxy.py): its loop, log,
-    timeouts and the set they join while open."""
+    timeouts, the set they join while open, and the platform's domain (no app may set cookies for it)."""
 
     loop: asyncio.AbstractEventLoop
+    domain: str
     log: ContextLogger
     draining: bool
     connect_timeout: float
@@ -390,8 +393,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         kind = RESPONSE_HEADERS.get(name.lower())
-        if kind is None or kind == H_CONTENT_LENGTH:
-            if kind is not None:
+        if kind is None or kind in (H_CONTENT_LENGTH, H_SET_COOKIE):
+            if kind == H_SET_COOKIE:
+                value = site_scoped_cookie(value, self._proxy.domain.encode())
+            elif kind is not None:
                 self._lengths += 1
                 self._length = value
             h = self._headers

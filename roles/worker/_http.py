@@ -129,7 +129,8 @@ class Diverted(Protocol):
 
 class Divert(Protocol):
     """Hook: asked once a request's head is in (only while ``active``); None keeps it here.
-    ``headers`` are all of the request's header fields, as sent."""
+    ``headers`` are all of the request's header fields, as sent; ``conn`` the connection it came on
+    (a body passed on as it arrives holds its reading back with :meth:`HttpConnection.body_reading`)."""
 
     @property
     def active(self) -> bool: ...
@@ -145,6 +146,7 @@ class Divert(Protocol):
         wanted: dict[bytes, bytes],
         headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
+        conn: HttpConnection,
     ) -> Diverted | None: ...
 
 
@@ -276,6 +278,8 @@ class HttpConnection(asyncio.Protocol):
         self._answering = False
         self._write_paused = False
         self._reading_paused = False
+        # A diverted request's app cannot take its body as fast as it comes (body_reading).
+        self._body_paused = False
         self._parsing = True
         self._closed = False
         self._draining = False
@@ -512,6 +516,20 @@ class HttpConnection(asyncio.Protocol):
 
     # -- reading
 
+    def body_reading(self, on: bool) -> None:
+        """A diverted request's app cannot take more of its body yet (False) or can again (True).
+        The request's deadline stops meanwhile: the wait is the app's, not the peer's."""
+        if self._transport is None or self._closed or on != self._body_paused:
+            return
+        self._body_paused = not on
+        if on:
+            self.deadline = self._loop.time() + self._limits.request_timeout
+            if not self._reading_paused:
+                self._transport.resume_reading()
+        else:
+            self.deadline = 0.0
+            self._transport.pause_reading()
+
     def tunnel_reading(self, on: bool) -> None:
         """A tunnel's far side cannot take more (False) or can again (True)."""
         if self._transport is not None and not self._closed:
@@ -608,7 +626,7 @@ class HttpConnection(asyncio.Protocol):
         if self._raw is not None and self._divert is not None:
             parser = self._parser
             self._diverting = self._divert(
-                parser.get_method(), self._url, self._headers, self._raw, parser.should_keep_alive()
+                parser.get_method(), self._url, self._headers, self._raw, parser.should_keep_alive(), self
             )
 
     def on_body(self, body: bytes) -> None:
@@ -664,7 +682,8 @@ class HttpConnection(asyncio.Protocol):
                 item = queue.popleft()
                 if self._reading_paused and len(queue) <= MAX_QUEUED // 2 and self._transport:
                     self._reading_paused = False
-                    self._transport.resume_reading()
+                    if not self._body_paused:
+                        self._transport.resume_reading()
                 if isinstance(item, _Refusal):
                     self._started_response = False
                     self._meter = None

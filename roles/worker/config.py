@@ -42,7 +42,8 @@ class WorkerConfig(ServingConfig):
     app_start_timeout: float = 10.0
     # Later requests wait this long for an app's answer before a 504.
     app_response_timeout: float = 120.0
-    # Request bodies for apps are read whole before they go on; larger ones get 413.
+    # The longest request body an app gets; a longer one gets 413. One longer than 1 MiB streams to
+    # the app as it arrives (with a Content-Length) or waits in a file in the home (chunked).
     app_max_body: int = 32 * 1024 * 1024
     # Per-site app log (stdout/stderr, access lines) before it rotates once.
     app_log_bytes: int = 1024 * 1024

@@ -17,10 +17,20 @@ import asyncio
 import struct
 from collections import deque
 
+from roles.worker.apps._head import MAX_HEAD_BYTES, HeadBudget, HeadTooLarge
 from roles.worker.apps._pool import BEHIND_DEPTH, UpstreamPool
 from roles.worker.apps._upstream import Sink, UpstreamBase
 
-__all__ = ["FastCgiUpstream", "encode_params", "encode_request", "pair", "parse_cgi_head"]
+__all__ = [
+    "STDIN_END",
+    "FastCgiUpstream",
+    "encode_params",
+    "encode_request",
+    "encode_request_head",
+    "pair",
+    "parse_cgi_head",
+    "stdin",
+]
 
 VERSION = 1
 BEGIN_REQUEST, ABORT_REQUEST, END_REQUEST, PARAMS, STDIN, STDOUT, STDERR = 1, 2, 3, 4, 5, 6, 7
@@ -50,6 +60,8 @@ _BEGIN_KEEP = _HEAD.pack(VERSION, BEGIN_REQUEST, REQUEST_ID, 8, 0) + struct.pack
 )
 _EMPTY_PARAMS = _HEAD.pack(VERSION, PARAMS, REQUEST_ID, 0, 0)
 _EMPTY_STDIN = _HEAD.pack(VERSION, STDIN, REQUEST_ID, 0, 0)
+# The end of a request's body (section 3.3: an empty record ends a stream).
+STDIN_END = _EMPTY_STDIN
 
 
 def _length(n: int) -> bytes:
@@ -71,27 +83,54 @@ def encode_params(params: dict[str, str]) -> bytes:
 
 def encode_request(pairs: bytes, body: bytes, *, keep: bool = False) -> bytes:
     """A whole request in one piece (one write): ``pairs`` from :func:`encode_params`."""
-    begin = _BEGIN_KEEP if keep else _BEGIN
-    stdin = _record(STDIN, body) if body else b""
-    return b"".join((begin, _record(PARAMS, pairs), _EMPTY_PARAMS, stdin, _EMPTY_STDIN))
+    return b"".join((encode_request_head(pairs, keep=keep), stdin(body), _EMPTY_STDIN))
+
+
+def encode_request_head(pairs: bytes, *, keep: bool = False) -> bytes:
+    """A request up to its body, which follows as :func:`stdin` records and :data:`STDIN_END`."""
+    return b"".join((_BEGIN_KEEP if keep else _BEGIN, _record(PARAMS, pairs), _EMPTY_PARAMS))
+
+
+def stdin(data: bytes) -> bytes:
+    """A piece of a request's body as STDIN records (none for no bytes: an empty one ends it)."""
+    return _record(STDIN, data) if data else b""
 
 
 def parse_cgi_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
-    """A CGI response's header lines → (status, headers); ``Status:`` sets it, ``Location:`` means 302."""
+    """A CGI response's header lines → (status, headers); ``Status:`` sets it, ``Location:`` means 302.
+    Raises :class:`HeadTooLarge` past the bounds of ``_head.py``, ValueError for a Status that is no
+    final HTTP status (CGI has no interim answers: RFC 3875 section 6.3.3)."""
     status = 0
     headers: list[tuple[bytes, bytes]] = []
+    budget = HeadBudget()
     for line in head.replace(b"\r\n", b"\n").split(b"\n"):
         name, sep, value = line.partition(b":")
         if not sep:
             continue
         key, value = name.strip().lower(), value.strip()
+        budget.add(key, value)
         if key == b"status":
-            status = int(value.split(b" ", 1)[0] or b"200")
+            code = value.split(b" ", 1)[0] or b"200"
+            if not (code.isdigit() and len(code) == 3 and 200 <= int(code) <= 599):
+                raise ValueError(f"the app's Status {code[:20]!r} is not an HTTP status")
+            status = int(code)
             continue
         headers.append((key, value))
     if not status:
         status = 302 if any(k == b"location" for k, _ in headers) else 200
     return status, headers
+
+
+def _head_end(head: bytearray, start: int) -> tuple[int, int]:
+    """Where a CGI head's blank line begins and where the body after it starts ((-1, -1): not yet);
+    its lines end in CRLF or LF alone, whichever comes first."""
+    crlf = head.find(b"\r\n\r\n", start)
+    lf = head.find(b"\n\n", start)
+    if lf >= 0 and (crlf < 0 or lf < crlf):
+        return lf, lf + 2
+    if crlf >= 0:
+        return crlf, crlf + 4
+    return -1, -1
 
 
 class _Discard:
@@ -110,6 +149,9 @@ class _Discard:
         pass
 
     def upstream_stderr(self, text: str) -> None:
+        pass
+
+    def upstream_open(self) -> None:
         pass
 
     def upstream_tunnel(self, early: bytes) -> None:
@@ -244,17 +286,20 @@ class FastCgiUpstream(UpstreamBase):
             if not self._head_only:
                 self.sink.upstream_data(data)
             return
+        # Searched from where the last piece ended (a blank line may straddle two): one pass in all.
+        start = max(0, len(self._head) - 3)
         self._head += data
-        for sep in (b"\r\n\r\n", b"\n\n"):
-            at = self._head.find(sep)
-            if at >= 0:
-                break
-        else:
-            if len(self._head) > 64 * 1024:
-                self._fail("the app's response head is too large")
+        at, end = _head_end(self._head, start)
+        if at < 0 or at > MAX_HEAD_BYTES:
+            if at >= 0 or len(self._head) > MAX_HEAD_BYTES:
+                self._fail(str(HeadTooLarge.over_bytes()))
             return
-        status, headers = parse_cgi_head(bytes(self._head[:at]))
-        rest = bytes(self._head[at + len(sep) :])
+        try:
+            status, headers = parse_cgi_head(bytes(self._head[:at]))
+        except (HeadTooLarge, ValueError) as exc:
+            self._fail(str(exc))
+            return
+        rest = bytes(self._head[end:])
         self._have_head = True
         self._head = bytearray()
         self.sink.upstream_head(status, headers)

@@ -4,7 +4,12 @@ The data server's connection (``roles/worker/_http.py``) asks :class:`AppProxy` 
 is in. A static site, or a path of a Python or PHP site that maps to a file other than app source,
 stays on the static path (``None``); a Procfile site's app answers every path. Anything else becomes an :class:`AppExchange`: it wakes the app at once
 (while the body is still arriving), reads the body whole (bounded), sends the request, and frames the
-app's answer for the front end (its length, or chunked) in the connection's turn.
+app's answer for the front end (its length, or chunked) in the connection's turn. A body longer than
+:data:`STREAM_BODY_AFTER` (by its Content-Length) is not read whole: it goes to the app as it arrives,
+on a connection of its own, and the visitor's connection stops reading while the app cannot take more.
+A body that gives no length (chunked) and grows past it is kept in an unnamed file in the worker's
+home instead of its memory (apps need the length first: php-cgi, our app server), and goes on from
+there once whole.
 
 A WebSocket (``Upgrade: websocket``) goes on as an upgrade to apps that can take one (Python's ASGI
 apps, through our app server; ``command`` and ``node`` apps, through the bridge): when the app says
@@ -15,9 +20,10 @@ A WSGI or PHP app cannot switch protocols: it answers the request as plain HTTP.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import IO, TYPE_CHECKING, Generic, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -26,7 +32,14 @@ from roles.worker._access import LOGGED_HEADERS, AccessRecord
 from roles.worker._cache import version_line, version_tag
 from roles.worker._http import http_date
 from roles.worker._static import FileHit, Redirect, resolve
-from roles.worker.apps._fastcgi import FastCgiUpstream, encode_params, encode_request
+from roles.worker.apps._fastcgi import (
+    STDIN_END,
+    FastCgiUpstream,
+    encode_params,
+    encode_request,
+    encode_request_head,
+    stdin,
+)
 from roles.worker.apps._manager import AppSite
 from roles.worker.apps._php import fixed_params, php_script, request_pairs
 from roles.worker.apps._pool import UpstreamPool
@@ -62,6 +75,11 @@ _SWITCH_DROP = frozenset(
 _UPGRADABLE = frozenset({"python", "command", "node"})
 # Answer bytes buffered before the connection's turn comes (pipelining) before the app is paused.
 MAX_PENDING = 1024 * 1024
+# A body longer than this (by its Content-Length) streams to the app instead of being read whole
+# first; at most about this much of it is held while the app's connection opens.
+STREAM_BODY_AFTER = 1024 * 1024
+# A spooled body goes to the app in pieces of this size, as fast as it takes them.
+SPOOL_CHUNK = 256 * 1024
 # Paths remembered as static or not (a few hundred bytes each); forgotten all at once beyond this.
 STATIC_MEMO = 8192
 
@@ -131,13 +149,14 @@ class AppProxy(Generic[T]):
         wanted: dict[bytes, bytes],
         headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
+        conn: HttpConnection,
     ) -> AppExchange[T] | None:
         route = self._route(method, url, wanted)
         if route is None:
             return None
         app, rel = route
         upgrade = app.runtime in _UPGRADABLE and method == b"GET" and _websocket(headers)
-        return AppExchange(self, app, method, url, headers, keep_alive, rel, upgrade=upgrade)
+        return AppExchange(self, app, method, url, headers, keep_alive, rel, conn, upgrade=upgrade)
 
     def _route(self, method: bytes, url: bytes, wanted: dict[bytes, bytes]) -> tuple[AppSite, str] | None:
         """The app and path a request goes to; None when the static server answers it."""
@@ -204,6 +223,29 @@ def _websocket(headers: list[tuple[bytes, bytes]]) -> bool:
     return upgrade and connection
 
 
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """A request body's length as its head gives it; None when it gives none, or it comes chunked."""
+    length = None
+    for key, value in headers:
+        name = key.lower()
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            value = value.strip()
+            if not value.isdigit():
+                return None
+            length = int(value)
+    return length
+
+
+def _byte_count(n: int) -> str:
+    """A size as a limit reads best: "32 MiB", "1500 bytes"."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} bytes"
+
+
 def _static_file(root: str, rel: str, *, slash: bool) -> bool:
     found = resolve(root, rel, slash=slash)
     if isinstance(found, FileHit):
@@ -223,6 +265,7 @@ class AppExchange(Generic[T]):
         headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
         rel: str,
+        reader: HttpConnection,
         *,
         upgrade: bool = False,
     ) -> None:
@@ -236,7 +279,27 @@ class AppExchange(Generic[T]):
         self._loop = asyncio.get_running_loop()
         self._body: list[bytes] = []
         self._size = 0
-        self._too_large = False
+        declared = _content_length(headers)
+        self._declared = declared or 0
+        # Known from the head: nothing of the body is kept, and the answer is 413.
+        self._too_large = declared is not None and declared > proxy.config.app_max_body
+        # The visitor's connection, whose reading a streaming body holds back (body_reading).
+        self._reader = reader
+        # A long body streams: held until the app's connection opens (_piping), then written to it
+        # piece by piece, until it ends or the app takes no more of it (_pipe_over: the rest is dropped).
+        self._streams = (
+            not upgrade and not self._too_large and declared is not None and declared > STREAM_BODY_AFTER
+        )
+        self._piping = False
+        self._pipe_over = False
+        self._holding = False
+        self._body_ended = False
+        self._fastcgi = False
+        # A chunked body past STREAM_BODY_AFTER: on disk, then piped from there (_pump_spool) while
+        # the app's socket has room (_app_full). None again once sent or dropped.
+        self._spool: IO[bytes] | None = None
+        self._spool_failed = ""
+        self._app_full = False
         # Awaited on the task path only (a warm request is sent from :meth:`end`).
         self._body_done: asyncio.Future[None] | None = None
         self._conn: HttpConnection | None = None
@@ -293,30 +356,59 @@ class AppExchange(Generic[T]):
         else:
             self._ready = self._inst = inst
             proxy.manager.begin(app, inst)
+            if self._streams:
+                self._ready = None
+                self._send_now(inst)
 
     # -- the connection's side
 
     def body(self, data: bytes) -> None:
-        if self._too_large:
+        if self._too_large or self._pipe_over:
+            return
+        if self._piping:
+            self._pipe(data)
             return
         self._size += len(data)
         if self._size > self._proxy.config.app_max_body:
             self._too_large = True
             self._body = []
-        else:
-            self._body.append(data)
+            self._close_spool()
+            return
+        if self._spool is not None:
+            self._spool_write([data])
+            return
+        if self._spool_failed:
+            return
+        self._body.append(data)
+        if self._size > STREAM_BODY_AFTER:
+            if self._streams:
+                self._hold(True)  # the app's connection is not open yet
+            else:
+                self._spill()
 
     def end(self) -> None:
+        self._body_ended = True
         done = self._body_done
         if done is not None and not done.done():
             done.set_result(None)
+        if self._streams:
+            self._hold(False)  # paused as the read that ended it was parsed
+            if self._piping and not self._pipe_over:
+                self._end_pipe()
+            # The app has the whole request only now: its time to answer starts here.
+            if self._inst is not None and self._upstream is not None and self._head is None:
+                self._arm(self._inst)
+            return
         inst, self._ready = self._ready, None
         if inst is not None and not self._closed:
-            try:
-                self._send(inst, self._script)
-            except Exception:
-                self._proxy.log.bind(site=self._app.name).exception("app request failed")
-                self.upstream_failed("the worker failed to pass the request on")
+            self._send_now(inst)
+
+    def _send_now(self, inst: T) -> None:
+        try:
+            self._send(inst, self._script)
+        except Exception:
+            self._proxy.log.bind(site=self._app.name).exception("app request failed")
+            self.upstream_failed("the worker failed to pass the request on")
 
     def answer(self, conn: HttpConnection, keep_alive: bool) -> None:
         self._conn = conn
@@ -346,6 +438,7 @@ class AppExchange(Generic[T]):
         if not self._closed:
             self._closed = True
             self._ready = None
+            self._stop_pipe()
             if self._task is not None:
                 self._task.cancel()
             if self._upstream is not None:
@@ -378,7 +471,8 @@ class AppExchange(Generic[T]):
         self._inst = inst
         manager.begin(app, inst)
         assert self._body_done is not None
-        await self._body_done
+        if not self._streams:
+            await self._body_done
         self._send(inst, script)
 
     def _send(self, inst: T, script: tuple[str, str, str] | None) -> None:
@@ -387,22 +481,38 @@ class AppExchange(Generic[T]):
         app = self._app
         if self._too_large:
             self._keep = False
-            self._error(413, "Too large", "The request's body is larger than this site accepts.")
+            limit = _byte_count(self._proxy.config.app_max_body)
+            self._error(413, "Too large", f"The request's body is larger than this site accepts ({limit}).")
+            return
+        if self._spool_failed:
+            self._keep = False
+            self._error(503, "This site is not answering", "The worker could not hold the request's body.")
             return
         body = b"".join(self._body)
         self._body = []
+        spooled = self._spool is not None
+        # What the app is told the body's length is: it comes after the head, as it arrives or from disk.
+        length = self._declared if self._streams else self._size
+        self._size = 0
+        streams = self._streams or spooled
         pool = inst.pool
         if script is not None:
-            # Kept connections only where the pool bounds them by the app's children (see _pool.py).
-            keep = pool.max_open is not None
+            # Kept connections only where the pool bounds them by the app's children (see _pool.py);
+            # a streaming body has one of its own (it cannot go again, nor wait behind another).
+            keep = pool.max_open is not None and not streams
             pairs = self._proxy.fixed_params(app) + request_pairs(
                 method=self._method,
                 target=self._target,
                 headers=self._headers,
-                body_length=len(body),
+                body_length=length if streams else len(body),
                 script=script,
             )
-            request = encode_request(pairs, body, keep=keep)
+            if streams:
+                end = STDIN_END if self._body_ended and not spooled else b""
+                request = encode_request_head(pairs) + stdin(body) + end
+                self._fastcgi = True
+            else:
+                request = encode_request(pairs, body, keep=keep)
             head_only = self._bodyless
 
             def fresh() -> UpstreamBase:
@@ -410,8 +520,8 @@ class AppExchange(Generic[T]):
 
         else:
             # Our app server keeps connections (an app of another make may not frame for it).
-            keep = app.runtime == "python" and not self._upgrade and not self._bodyless
-            request = self._request_bytes(body, keep=keep)
+            keep = app.runtime == "python" and not self._upgrade and not self._bodyless and not streams
+            request = self._request_bytes(body, keep=keep, length=length if streams else len(body))
             head_only, upgrade = self._bodyless, self._upgrade
 
             def fresh() -> UpstreamBase:
@@ -521,11 +631,12 @@ class AppExchange(Generic[T]):
             upstream.uncount()
             raise
 
-    def _request_bytes(self, body: bytes, *, keep: bool = False) -> bytes:
+    def _request_bytes(self, body: bytes, *, keep: bool, length: int) -> bytes:
+        """The request for an HTTP app, with ``body`` (all of it, or what came of a streaming one)."""
         lines = [self._method + b" " + self._target + b" HTTP/1.1"]
         lines += [k + b": " + v for k, v in self._headers if k.lower() not in _REQUEST_DROP]
-        if body or self._method not in (b"GET", b"HEAD"):
-            lines.append(b"Content-Length: %d" % len(body))
+        if length or self._method not in (b"GET", b"HEAD"):
+            lines.append(b"Content-Length: %d" % length)
         if self._upgrade:
             lines.append(b"Connection: Upgrade\r\nUpgrade: websocket")
         else:
@@ -543,6 +654,97 @@ class AppExchange(Generic[T]):
                 )
             else:
                 self._error(504, "This site is not answering", "The site's app took too long to answer.")
+
+    # -- a streaming body
+
+    def upstream_open(self) -> None:
+        """The app's connection is open: what was held of the body goes, and the rest follows."""
+        if self._spool is not None and not self._piping and not self._pipe_over:
+            self._piping = True
+            self._spool.seek(0)
+            self._pump_spool()
+            return
+        if not self._streams or self._piping or self._pipe_over:
+            return
+        self._piping = True
+        # Reading goes on unless the app's socket fills up as what was held goes (upstream_writable).
+        self._hold(False)
+        held, self._body = self._body, []
+        self._size = 0
+        for data in held:
+            self._pipe(data)
+        if self._body_ended:
+            self._end_pipe()
+
+    def _pipe(self, data: bytes) -> None:
+        if self._upstream is not None:
+            self._upstream.send(stdin(data) if self._fastcgi else data)
+
+    def _end_pipe(self) -> None:
+        if self._fastcgi and self._upstream is not None:
+            self._upstream.send(STDIN_END)
+
+    def _hold(self, on: bool) -> None:
+        """Stop (or restart) reading the visitor's body while the app cannot take it."""
+        if on != self._holding and not (on and self._body_ended):
+            self._holding = on
+            self._reader.body_reading(not on)
+
+    def _stop_pipe(self) -> None:
+        """The app takes no more of the body (it answered, failed or timed out): the rest is read and
+        dropped, and the answer goes in the connection's turn, once the request is whole."""
+        self._close_spool()
+        if self._streams and not self._pipe_over:
+            self._pipe_over = True
+            self._body = []
+            self._hold(False)
+
+    def _spill(self) -> None:
+        """The body held so far to an unnamed file; the rest follows it there."""
+        held, self._body = self._body, []
+        try:
+            # Open across callbacks, closed by _close_spool; unnamed, so nothing is left should we die.
+            self._spool = tempfile.TemporaryFile(dir=self._proxy.config.home)  # noqa: SIM115
+        except OSError as exc:
+            self._spool_lost(exc)
+            return
+        self._spool_write(held)
+
+    def _spool_write(self, pieces: list[bytes]) -> None:
+        assert self._spool is not None
+        try:
+            self._spool.writelines(pieces)
+        except OSError as exc:
+            self._spool_lost(exc)
+
+    def _spool_lost(self, exc: OSError) -> None:
+        """The disk would not take the body (full, say): the rest is dropped, and the answer is 503."""
+        self._proxy.log.bind(site=self._app.name).warning("cannot spool a request body: %s", exc)
+        self._spool_failed = str(exc)
+        self._close_spool()
+
+    def _pump_spool(self) -> None:
+        """A spooled body to the app, until its socket is full (upstream_writable resumes it)."""
+        spool = self._spool
+        while spool is not None and not self._app_full and not self._pipe_over:
+            try:
+                data = spool.read(SPOOL_CHUNK)
+            except OSError as exc:
+                self._spool_lost(exc)
+                if self._upstream is not None:
+                    self._upstream.abandon(self)
+                self.upstream_failed(f"the worker could not read the request's body back ({exc})")
+                return
+            if not data:
+                self._close_spool()
+                self._end_pipe()
+                return
+            self._pipe(data)
+
+    def _close_spool(self) -> None:
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.close()
 
     def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         if self._timer is not None:
@@ -584,6 +786,7 @@ class AppExchange(Generic[T]):
             self._flush()
 
     def upstream_end(self) -> None:
+        self._stop_pipe()
         if self._chunked:
             self._out.append(b"0\r\n\r\n")
         self._finished = True
@@ -610,6 +813,7 @@ class AppExchange(Generic[T]):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._stop_pipe()
         if self._closed or self._finished:
             return
         self._proxy.manager.site_log(self._app).write(
@@ -634,7 +838,16 @@ class AppExchange(Generic[T]):
             self.tunnel_in(data)
 
     def upstream_writable(self, writable: bool) -> None:
-        """A tunnel's app is slow to read: the visitor's connection stops reading until it drains."""
+        """A tunnel's app (or a streaming body's) is slow to read: the visitor's connection stops
+        reading until it drains."""
+        if self._spool is not None and self._piping:
+            self._app_full = not writable
+            if writable:
+                self._pump_spool()
+            return
+        if self._piping and not self._pipe_over and not self._body_ended:
+            self._hold(not writable)
+            return
         conn = self._conn
         if self._tunnel and conn is not None and not self._closed:
             conn.tunnel_reading(writable)
@@ -642,6 +855,7 @@ class AppExchange(Generic[T]):
     # -- writing the answer, in the connection's turn
 
     def _error(self, status: int, title: str, detail: str, *, retry: bool = False) -> None:
+        self._stop_pipe()
         body = error_page(status, title, detail)
         lines = [
             b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Error").encode()),
@@ -716,6 +930,7 @@ class AppExchange(Generic[T]):
             self._out.append(b"0\r\n\r\n")
 
     def _release(self, *, answered: bool) -> None:
+        self._close_spool()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -3,7 +3,7 @@
 A connection given a pool (``_pool.py``) asks for keep-alive and, once an answer was read whole and
 the app agreed, goes back to the pool for the next request (:meth:`UpstreamBase.begin`); otherwise
 it carries one request (``Connection: close``). The response is parsed with httptools and handed to
-a :class:`Sink` (the exchange), which frames it for the front end.
+a :class:`Sink` (the exchange), which frames it for the front end. Its head is bounded (``_head.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Protocol, cast
 
 import httptools
 
+from roles.worker.apps._head import MAX_HEAD_BYTES, HeadBudget, HeadTooLarge
 from roles.worker.apps._pool import UpstreamPool
 
 __all__ = ["HttpUpstream", "Sink", "UpstreamBase"]
@@ -24,6 +25,11 @@ class Sink(Protocol):
     def upstream_end(self) -> None: ...
     def upstream_failed(self, why: str) -> None: ...
     def upstream_stderr(self, text: str) -> None: ...
+    def upstream_open(self) -> None:
+        """A new connection to the app is open and the request went out on it (more of a body that
+        streams may follow through :meth:`UpstreamBase.send`)."""
+        ...
+
     def upstream_tunnel(self, early: bytes) -> None:
         """The app said 101 to an upgrade: what follows are the raw bytes of the new protocol."""
         ...
@@ -56,6 +62,7 @@ class UpstreamBase(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.write(self._request)
         self._request = b""
+        self.sink.upstream_open()
 
     def begin(self, sink: Sink, request: bytes) -> None:
         """The next request on a kept connection."""
@@ -66,6 +73,11 @@ class UpstreamBase(asyncio.Protocol):
         assert self.transport is not None
         self.transport.resume_reading()
         self.transport.write(request)
+
+    def send(self, data: bytes) -> None:
+        """Bytes for the app after the request: more of a body that streams, or a tunnel's."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     def alive(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
@@ -117,10 +129,17 @@ class UpstreamBase(asyncio.Protocol):
         if not self.done:
             self.done = True
             self.sink.upstream_end()
-        if self.pool is not None and self.keepable() and self.alive() and self.pool.put(self):
+        # Part of the request still unsent means the app answered without reading all of it (a body
+        # it did not want): the connection is not fit for another request, and a close would wait
+        # for the app to read the rest, which it may never do.
+        unsent = self.transport is not None and self.transport.get_write_buffer_size() > 0
+        if self.pool is not None and not unsent and self.keepable() and self.alive() and self.pool.put(self):
             return
         if self.transport is not None:
-            self.transport.close()
+            if unsent:
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def _fail(self, why: str) -> None:
         if not self.done:
@@ -151,6 +170,11 @@ class HttpUpstream(UpstreamBase):
         self._head_only = head_only
         self._upgrade = upgrade
         self._headers: list[tuple[bytes, bytes]] = []
+        self._budget = HeadBudget()
+        # Bytes read since the parser last handed on a head, a piece of body or a message end: what
+        # httptools may hold of an unfinished field (it joins a field's pieces until the field ends).
+        self._quiet = 0
+        self._progress = 0
         self._framed = False
         self._have_head = False
         self._complete = False
@@ -175,6 +199,7 @@ class HttpUpstream(UpstreamBase):
             return
         sink = self.sink
         sink.upstream_batch(True)
+        progress = self._progress
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -183,14 +208,22 @@ class HttpUpstream(UpstreamBase):
                 return
             self.sink.upstream_tunnel(data[int(exc.args[0]) :])
         except httptools.HttpParserError as exc:
-            self._fail(f"the app's response could not be parsed ({exc})")
+            cause = exc.__context__
+            if isinstance(cause, HeadTooLarge):
+                self._fail(str(cause))
+            else:
+                self._fail(f"the app's response could not be parsed ({exc})")
+        else:
+            # An endless field (or status line) never reaches on_header: bounded here, at most one
+            # read past the bound.
+            if self._progress != progress:
+                self._quiet = 0
+            elif not self.done:
+                self._quiet += len(data)
+                if self._quiet > MAX_HEAD_BYTES:
+                    self._fail(str(HeadTooLarge.over_bytes()))
         finally:
             sink.upstream_batch(False)
-
-    def send(self, data: bytes) -> None:
-        """Tunnel bytes from the visitor to the app."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
 
     def eof_received(self) -> bool | None:
         # A body without a length ends with the connection.
@@ -208,12 +241,17 @@ class HttpUpstream(UpstreamBase):
                            else "the app's response was cut short")  # fmt: skip
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._budget.add(name, value)
+        if self._have_head:
+            return  # a chunked answer's trailer fields: counted, and dropped (the answer is re-framed)
         key = name.lower()
         if key in (b"content-length", b"transfer-encoding"):
             self._framed = True
         self._headers.append((key, value))
 
     def on_headers_complete(self) -> None:
+        self._progress += 1
+        self._budget = HeadBudget()  # a fresh one for the next head, or the trailers
         status = self._parser.get_status_code()
         if status == 101 and self._upgrade and self._parser.should_upgrade():
             self.tunnel = self._have_head = self._framed = True
@@ -230,10 +268,12 @@ class HttpUpstream(UpstreamBase):
             self._finish()
 
     def on_body(self, body: bytes) -> None:
+        self._progress += 1
         if not self.done:
             self.sink.upstream_data(body)
 
     def on_message_complete(self) -> None:
+        self._progress += 1
         if self._have_head and not self.tunnel:
             self._complete = True
             self._finish()
