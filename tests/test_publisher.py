@@ -16,6 +16,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ SITES = {
     "shelf": ("shelf-secret", QUOTA),
     "newest": ("newest-secret", 8 * 1024 * 1024),
     "parallel": ("parallel-secret", QUOTA),
+    "reset": ("reset-secret", 8 * 1024 * 1024),
+    "suspended": ("suspended-secret", QUOTA),
 }
 
 
@@ -691,6 +694,63 @@ def test_a_removed_site_stops_logging_in_and_config_survives_restart(cloud: Clou
         still_open.close()
     status, _, _ = cloud.deploy("gone", _zip({"a.html": b"a"}))
     assert status == 401
+
+
+def _unprompted_replies(ftp: ftplib.FTP) -> list[str]:
+    """The lines the server sends on its own until it closes the control connection."""
+    lines: list[str] = []
+    with contextlib.suppress(EOFError, ConnectionError):
+        while True:
+            lines.append(ftp.getline())
+    return lines
+
+
+def test_a_password_reset_or_a_suspension_ends_the_sessions_already_logged_in(cloud: Cloud) -> None:
+    old, new = SITES["reset"][0], "reset-new-secret"
+    with cloud.ftp("reset") as ftp:
+        _stor(ftp, "kept.html", b"kept")
+    before = cloud.manifest("reset")
+    idle, small, big = cloud.ftp("reset"), cloud.ftp("reset"), cloud.ftp("reset")
+    suspended = cloud.ftp("suspended")
+    with contextlib.ExitStack() as stack:
+        for ftp in (idle, small, big, suspended):
+            stack.callback(ftp.close)
+        for ftp in (small, big):
+            ftp.voidcmd("TYPE I")
+        small_conn = stack.enter_context(small.transfercmd("STOR small.html"))
+        small_conn.sendall(b"written with the old password " * 100)
+        # Past the size sent on to the fileserver as it arrives.
+        big_conn = stack.enter_context(big.transfercmd("STOR big.bin"))
+        big_conn.sendall(os.urandom(3 * 1024 * 1024))
+        wait_until(lambda: _staging(cloud), what="the big upload's staging file on the fileserver")
+
+        cloud.hashes["reset"] = hash_password(new)
+        cloud.removed.add("suspended")  # as a suspended subscription leaves the snapshot
+        cloud.push()
+
+        # The small upload ends cleanly, maybe before its session saw the new snapshot: not stored.
+        small_conn.close()
+        replies = _unprompted_replies(small)
+        assert [r[:3] for r in replies] == ["426", "421"], replies
+        assert "password was changed" in replies[1], replies
+        # The idle session and the one in the middle of the big upload are told, unasked, and closed.
+        assert [r[:3] for r in _unprompted_replies(idle)] == ["421"]
+        replies = _unprompted_replies(big)
+        assert [r[:3] for r in replies] == ["426", "421"], replies
+        big_conn.close()
+        replies = _unprompted_replies(suspended)
+        assert len(replies) == 1 and replies[0].startswith("421 This site no longer exists"), replies
+    assert cloud.manifest("reset") == before
+    wait_until(lambda: _staging(cloud) == [], what="the cut-off big upload's staging file to go")
+
+    with pytest.raises(ftplib.error_perm, match=r"^530"):
+        cloud.ftp("reset", old)
+    # The new password's sessions go on through a push that leaves the login as it is.
+    with cloud.ftp("reset", new) as ftp:
+        cloud.push()
+        time.sleep(1.5)  # a second for the session to look at the snapshot
+        assert _stor(ftp, "new.html", b"new").startswith("226")
+        assert ftp.nlst() == ["kept.html", "new.html"]
 
 
 def test_the_snapshot_names_each_sites_workers_by_control_url() -> None:

@@ -33,7 +33,7 @@ from pyftpdlib.servers import ThreadedFTPServer
 from roles.publisher._cache import BlobCache
 from roles.publisher._content import CachedDownload, SiteContent, StreamedDownload, TreeShelf, Upload
 from roles.publisher._fileserver import FileserverClient
-from roles.publisher._sites import Credentials, SiteTable
+from roles.publisher._sites import Credentials, SiteInfo, SiteTable
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher._vfs import SiteFilesystem
 from roles.publisher.config import PublisherConfig
@@ -52,6 +52,8 @@ _AUTH_FAILED = "authentication failed"
 # control connection instead of a reset data connection; past these bounds the data connection is cut.
 _DRAIN_BYTES = 256 * 1024 * 1024
 _DRAIN_SECONDS = 60.0
+# How often a logged-in session looks whether the snapshot in force still allows it.
+_SNAPSHOT_WATCH_SECONDS = 1.0
 _PROTO_CMDS = {cmd: spec for cmd, spec in TLS_FTPHandler.proto_cmds.items() if cmd != "MFMT"}
 
 
@@ -101,11 +103,13 @@ class _Authorizer:
     def __init__(self, context: _Context) -> None:
         self._context = context
 
-    def validate_authentication(self, username: str, password: str, handler: Any) -> None:
+    def validate_authentication(self, username: str, password: str, handler: _Session) -> None:
         site = self._context.sites.site_of_user(username)
         # An unknown user and a wrong password get the same answer.
         if site is None or not self._context.credentials.check(site, username, password):
             raise AuthenticationFailed(_AUTH_FAILED)
+        # The session lives as long as this entry does: the hash it checked the password against.
+        handler.login_site = site
 
     def get_home_dir(self, username: str) -> str:
         return "/"
@@ -289,6 +293,12 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
             return
         super().handle_error()
 
+    def abort(self, reply: str) -> None:
+        """Cut the transfer off with ``reply`` to its command; an upload stores nothing."""
+        self._resp = (reply, pyftpdlib_logger.info)
+        self.transfer_finished = False
+        self.close()
+
     def close(self) -> None:
         if not self._closed:
             context = self.cmd_channel.context
@@ -297,18 +307,24 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
                 context.bytes_sent += self.tot_bytes_sent
         if self._drain_timer is not None and not self._drain_timer.cancelled:
             self._drain_timer.cancel()
-        upload = self.file_obj
-        if (
-            not self._closed
+        upload = self.file_obj if isinstance(self.file_obj, Upload) else None
+        commit_due = (
+            upload is not None
+            and not self._closed
             and self._refusal is None
-            and isinstance(upload, Upload)
             and not upload.closed
             and upload.committed is None
             and self.receive
             and self.transfer_finished
-            and self._resp
+            and bool(self._resp)
             and self._resp[0].startswith("226")
-        ):
+        )
+        # A snapshot applied while the bytes came in may have ended the login that sent them.
+        ended = self.cmd_channel.ended_by_snapshot() if commit_due else None
+        if ended is not None:
+            self._resp = (f"426 {ended}; nothing was stored.", pyftpdlib_logger.info)
+            self.transfer_finished = False
+        elif commit_due and upload is not None:
             try:
                 upload.commit()
             except SitecloudError as err:
@@ -321,7 +337,10 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
                     pyftpdlib_logger.info,
                 )
                 self.transfer_finished = False
+        session = self.cmd_channel
         super().close()
+        if ended is not None:
+            session.end_session(ended)
 
 
 class _PassiveListener(FTPHandler.passive_dtp):  # type: ignore[misc]  # pyftpdlib has no type hints
@@ -391,8 +410,12 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
 
     def __init__(self, conn: Any, server: Any, ioloop: Any = None) -> None:
         self.site_content: SiteContent | None = None
+        # The snapshot's entry the password was checked against (set by the authorizer).
+        self.login_site: SiteInfo | None = None
         self._counted = False
         self._login_deadline: Any = None
+        self._snapshot_watch: Any = None
+        self._ending = False
         super().__init__(conn, server, ioloop=ioloop)
         if not self._closed:
             with self.context.lock:
@@ -487,8 +510,10 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
         super().handle_auth_failed(msg, password)
 
     def handle_auth_success(self, home: str, password: str, msg_login: str) -> None:
-        site = self.context.sites.site_of_user(self.username)
-        if site is None:  # the site went away between the password check and here
+        site = self.login_site
+        if site is None or self.ended_by_snapshot() is not None:
+            # The snapshot changed between the password check and here.
+            self.login_site = None
             self.handle_auth_failed(_AUTH_FAILED, password)
             return
         self.context.throttle.succeeded(self.username, self.remote_ip)
@@ -497,6 +522,12 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
         log = self.context.log.bind(site=site.name, client=f"{self.remote_ip}:{self.remote_port}")
         client = FileserverClient(self.context.sites.fileserver, self.context.ssl_context)
         self.site_content = SiteContent(site, client, log, self.context.cache, self.context.trees)
+        self._cancel_snapshot_watch()
+        # An idle session, or one in a long transfer, sends no command to be checked at: look each
+        # second (the session's loop wakes that often anyway) whether a new snapshot ended it.
+        self._snapshot_watch = self.ioloop.call_every(
+            _SNAPSHOT_WATCH_SECONDS, self._watch_snapshot, _errback=self.handle_error
+        )
         super().handle_auth_success(home, password, msg_login)
 
     def on_login(self, username: str) -> None:
@@ -510,22 +541,65 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
 
     def flush_account(self) -> None:
         super().flush_account()
+        self._cancel_snapshot_watch()
+        self.login_site = None
         self._drop_content()
+
+    # --- the snapshot in force
+
+    def ended_by_snapshot(self) -> str | None:
+        """Why the snapshot in force no longer allows this login (``None`` while it does): a session
+        lasts only while its user is on the same site's content with the password hash it logged in
+        with, so a password reset, a removed user and a deleted or suspended site all end it."""
+        login = self.login_site
+        if login is None:
+            return None
+        current = self.context.sites.site_of_user(self.username)
+        if current is None:
+            if self.context.sites.site(login.name) is None:
+                return "This site no longer exists"
+            return "This login no longer exists"
+        if current.content_id != login.content_id:
+            return "This slot was swapped: log in again"
+        if current.users.get(self.username) != login.users.get(self.username):
+            return "The password was changed: log in with the new one"
+        return None
+
+    def _watch_snapshot(self) -> None:
+        if self._closed or not self.authenticated:
+            return
+        reason = self.ended_by_snapshot()
+        if reason is not None:
+            self.end_session(reason)
+
+    def end_session(self, reason: str) -> None:
+        """Close a session the snapshot ended; a transfer under way is cut off first, and an upload
+        stores nothing (RFC 959: 421 may answer any command when the server closes the connection)."""
+        if self._closed or self._ending:
+            return
+        self._ending = True
+        self._cancel_snapshot_watch()
+        content = self.site_content
+        (content.log if content is not None else self.context.log).info("FTP session ended: %s", reason)
+        channel = self.data_channel
+        if channel is not None and not channel._closed:
+            channel.abort(f"426 {reason}; transfer aborted, nothing was stored.")
+        self.respond(f"421 {reason}; closing the session.")
+        self.close_when_done()
 
     # --- commands
 
     def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
         content = self.site_content
         if content is not None and self.authenticated:
-            # The user's site as the snapshot has it now: gone, or after a slot swap another content.
-            current = self.context.sites.site_of_user(self.username)
-            if current is None or current.content_id != content.site.content_id:
-                gone = current is None or self.context.sites.site(content.site.name) is None
-                why = "This site no longer exists" if gone else "This slot was swapped: log in again"
-                self.respond(f"421 {why}; closing the session.")
-                self.close_when_done()
+            reason = self.ended_by_snapshot()
+            if reason is not None:
+                self.end_session(reason)
                 return
-            content.site = current  # quota changes apply to the next upload
+            # Still the same login: the site's entry as the snapshot has it now.
+            current = self.context.sites.site_of_user(self.username)
+            if current is not None:
+                content.site = current  # quota changes apply to the next upload
             content.invalidate()
         super().pre_process_command(line, cmd, arg)
 
@@ -551,6 +625,11 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
             self._login_deadline.cancel()
         self._login_deadline = None
 
+    def _cancel_snapshot_watch(self) -> None:
+        if self._snapshot_watch is not None and not self._snapshot_watch.cancelled:
+            self._snapshot_watch.cancel()
+        self._snapshot_watch = None
+
     def _drop_content(self) -> None:
         if self.site_content is not None:
             self.site_content.close()
@@ -559,6 +638,7 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
     def close(self) -> None:
         try:
             self._cancel_login_deadline()
+            self._cancel_snapshot_watch()
             super().close()
         finally:
             self._drop_content()
