@@ -12,6 +12,7 @@ to login, and failed logins throttled per account and address (:mod:`roles.publi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import random
@@ -191,6 +192,12 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
         self._broken = False
         self._refusal: str | None = None
         self._drain_timer: Any = None
+        # pyftpdlib turns Nagle off on the control connection only. On a data connection Nagle may
+        # hold a last small segment (a small file's tail, TLS's close_notify) until the client has
+        # acknowledged the one before, which clients delay by up to 40 ms. Set on the plain socket,
+        # so it holds for the TLS handshake and all that follows.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().__init__(sock, cmd_channel)
         if self._closed:
             # The client reset the data connection before it was set up; pyftpdlib would then leave
