@@ -397,6 +397,16 @@ class _PassiveListener(FTPHandler.passive_dtp):  # type: ignore[misc]  # pyftpdl
 class _TlsDataChannel(_DataChannel, TLS_DTPHandler):  # type: ignore[misc]
     """The data channel of an FTPS session: TLS after ``PROT P``, resuming the control session."""
 
+    _ssl_accepting: bool
+    _ssl_want_read: bool
+
+    def modify_ioloop_events(self, events: int, logdebug: bool = False) -> None:
+        if self._ssl_accepting and self._ssl_want_read:
+            # pyftpdlib keeps a download's interest in writing while the handshake waits to read; the
+            # socket is always writable, so the loop retried the handshake thousands of times a second.
+            events = self.ioloop.READ
+        super().modify_ioloop_events(events, logdebug)
+
 
 class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
     """One FTP control connection. Subclassed per server with ``context`` and the server's settings."""
