@@ -190,6 +190,7 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
 
     def __init__(self, sock: Any, cmd_channel: Any) -> None:
         self._broken = False
+        self._read_end = False  # a read saw the client's clean end of the upload
         self._refusal: str | None = None
         self._drain_timer: Any = None
         # pyftpdlib turns Nagle off on the control connection only. On a data connection Nagle may
@@ -228,6 +229,7 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
             raise _RetryError from err
         except SSL.ZeroReturnError:
             data = b""  # the client's TLS close_notify: a clean end
+            self._read_end = True
         except SSL.SysCallError:
             # A reset, or a TCP close without TLS close_notify: only the latter tells a cut-off upload
             # from a complete one, and lftp, curl, FileZilla and ftplib all send it.
@@ -238,6 +240,9 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
                 raise _RetryError from err
             self._broken = True
             data = b""
+        else:
+            # A plain connection's FIN (on TLS the record layer says so first, as ZeroReturnError).
+            self._read_end = not data
         if not data:
             self.handle_close()
         return data
@@ -245,12 +250,12 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
     def _reset_pending(self) -> bool:
         """Whether the socket holds an error no read has reported. pyftpdlib's loop closes a channel
         on an error event that carries no read flag without reading it, and a reset then would look
-        like the upload's clean end."""
+        like the upload's clean end. Once a read has seen the clean end, a reset after it (lftp resets
+        a TLS data connection once it has sent close_notify) cuts nothing off."""
+        # A pyOpenSSL connection hands getsockopt to its TCP socket (it has no get_socket()).
         try:
-            sock = self.socket
-            raw = sock.get_socket() if isinstance(sock, SSL.Connection) else sock
-            return bool(raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
-        except (OSError, AttributeError):
+            return bool(self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+        except OSError:
             return False
 
     def _start_draining(self, reply: str) -> None:
@@ -270,7 +275,13 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
             self.close()
 
     def handle_close(self) -> None:
-        if self.receive and not self._broken and not self._closed and self._reset_pending():
+        if (
+            self.receive
+            and not self._broken
+            and not self._read_end
+            and not self._closed
+            and self._reset_pending()
+        ):
             self._broken = True
         if self._refusal is not None and not self._closed:
             self._resp = (self._refusal, pyftpdlib_logger.info)
