@@ -61,6 +61,7 @@ SITES = {
     "parallel": ("parallel-secret", QUOTA),
     "reset": ("reset-secret", 8 * 1024 * 1024),
     "suspended": ("suspended-secret", QUOTA),
+    "sized": ("sized-secret", QUOTA),
 }
 
 
@@ -407,6 +408,20 @@ def test_ftp_a_session_starts_from_the_last_ones_tree_and_sees_what_changed_sinc
         with pytest.raises(ftplib.error_perm, match=r"^550"):
             _retr(fourth, "c.txt")
         fourth.delete("b.txt")
+
+
+def test_ftp_size_answers_the_stored_size_in_either_type(cloud: Cloud) -> None:
+    # Clients ask SIZE before switching to TYPE I (pyftpdlib refused it under TYPE A); like vsftpd,
+    # the answer is the stored size.
+    with cloud.ftp("sized") as ftp:
+        _stor(ftp, "page.html", b"line one\nline two\n")
+        ftp.mkd("folder")
+        for kind in ("A", "I", "A"):
+            ftp.voidcmd(f"TYPE {kind}")
+            assert ftp.sendcmd("SIZE page.html") == "213 18"
+            for refused in ("folder", "nothing.html"):
+                with pytest.raises(ftplib.error_perm, match=r"^550 "):
+                    ftp.sendcmd(f"SIZE {refused}")
 
 
 def test_ftp_wrong_password_or_unknown_user_is_530(cloud: Cloud) -> None:

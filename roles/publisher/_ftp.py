@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
-from pyftpdlib.exceptions import AuthenticationFailed, _RetryError
+from pyftpdlib.exceptions import AuthenticationFailed, FilesystemError, _RetryError
 from pyftpdlib.handlers import DTPHandler, FTPHandler, TLS_DTPHandler, TLS_FTPHandler
 from pyftpdlib.ioloop import _ERRNOS_RETRY, IOLoop
 from pyftpdlib.log import logger as pyftpdlib_logger
@@ -654,6 +654,18 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
         if isproducer and isinstance(file, StreamedDownload | CachedDownload):
             data.buffer_size = file.chunk  # the producer asks for whole chunks
         super().push_dtp_data(data, isproducer=isproducer, file=file, cmd=cmd)
+
+    def ftp_SIZE(self, path: str) -> None:
+        # pyftpdlib refuses SIZE under TYPE A, where the exact answer (RFC 3659 section 4: the
+        # octets a transfer in the current TYPE would send, LF sent as CRLF) needs the whole file
+        # read. Many clients ask SIZE before they switch to TYPE I; like
+        # vsftpd, answer the stored size in either TYPE (what clients use it for: progress, resume).
+        try:
+            size = self.fs.getsize(path)
+        except FilesystemError:
+            self.respond(f"550 {self.fs.fs2ftp(path)} is not retrievable.")
+            return
+        self.respond(f"213 {size}")
 
     def ftp_ABOR(self, line: str) -> None:
         super().ftp_ABOR(line)
