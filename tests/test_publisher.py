@@ -19,6 +19,7 @@ import subprocess
 import time
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ SITES = {
     "reset": ("reset-secret", 8 * 1024 * 1024),
     "suspended": ("suspended-secret", QUOTA),
     "sized": ("sized-secret", QUOTA),
+    "race": ("race-secret", QUOTA),
 }
 
 
@@ -383,6 +385,39 @@ def test_ftp_parallel_sessions_see_each_others_changes_at_once(cloud: Cloud) -> 
         "second.html",
         "third.html",
     ]
+
+
+def test_ftp_two_sessions_making_and_entering_the_same_folders_never_fail(cloud: Cloud) -> None:
+    # FileZilla's two transfers into new folders: each session enters the folder, or makes each
+    # part of the path (the other session may just have: "exists") and then enters it. Entering
+    # must work once the folder exists, whichever session made it and however recently.
+    jobs = [(f"/a{i // 10}/b{i // 5}", f"f{i}.txt") for i in range(200)]
+    failures: list[str] = []
+    stored: list[str] = []
+
+    def session(share: list[tuple[str, str]]) -> None:
+        with cloud.ftp("race") as ftp:
+            for folder, name in share:
+                try:
+                    try:
+                        ftp.cwd(folder)
+                    except ftplib.error_perm:
+                        path = ""
+                        for part in folder.strip("/").split("/"):
+                            path += "/" + part
+                            with contextlib.suppress(ftplib.error_perm):
+                                ftp.mkd(path)
+                        ftp.cwd(folder)
+                    _stor(ftp, name, b"z" * 100)
+                    stored.append(f"{folder}/{name}"[1:])
+                except ftplib.Error as err:
+                    failures.append(f"{folder}/{name}: {err}")
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(session, (jobs[0::2], jobs[1::2])))
+    assert failures == []
+    assert sorted(cloud.manifest("race")["files"]) == sorted(stored)
+    assert len(stored) == len(jobs)
 
 
 def test_ftp_a_session_starts_from_the_last_ones_tree_and_sees_what_changed_since(cloud: Cloud) -> None:
