@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import socket
@@ -15,7 +16,12 @@ from typing import Any
 
 import pytest
 
+from roles.fileserver._journal import Journal
 from roles.fileserver.config import FileserverConfig
+from roles.fileserver.store import ContentStore
+from shared.contracts.content import PathOp
+from shared.contracts.snapshots import FileserverSnapshot
+from shared.errors import AlreadyExists
 from tests.support import CloudPKI, RoleProcess, call, wait_until
 
 BLOG_UID = "b10b10b10b10b10b10b10b10b10b10b1"
@@ -606,3 +612,44 @@ def test_a_put_answers_the_other_sessions_changes_since_the_uploaders_version(fs
     assert changes["whole"] and changes["files"] == {}
     status, body = fs.call("PUT", "/v1/sites/shop/files/f.html?since=x", data=b"e")
     assert status == 400 and "since" in body["error"]["message"]
+
+
+# --- in-process, where an fsync can be held
+
+
+async def test_a_refused_commit_is_answered_once_what_refused_it_can_be_read(
+    pki: CloudPKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two FTP sessions make the same folder. The second is refused ("exists") while the first's
+    # record still waits for its fsync, and then asks for the folder: the refusal must not come
+    # before the folder can be read, or the session is told it does not exist.
+    store = ContentStore(pki.role_config(FileserverConfig, "fileserver", tmp_path / "fs"))
+    await store.open()
+    await store.apply_snapshot(FileserverSnapshot.parse(SNAPSHOT))
+    held = asyncio.Event()
+    sync = Journal.sync
+
+    async def held_sync(journal: Journal, upto: int) -> None:
+        await held.wait()
+        await sync(journal, upto)
+
+    monkeypatch.setattr(Journal, "sync", held_sync)
+    mkdir = [PathOp(op="mkdir", path="new")]
+    first = asyncio.create_task(store.commit("blog", mkdir, replace=False, source="ftp"))
+    while store.site("blog").head_version < 1:
+        await asyncio.sleep(0)
+
+    async def refused() -> int:
+        """The version readers see when the refusal comes."""
+        with pytest.raises(AlreadyExists):
+            await store.commit("blog", mkdir, replace=False, source="ftp")
+        return store.site("blog").version
+
+    second = asyncio.create_task(refused())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    held.set()
+    assert (await first).version == 1
+    assert await second == 1
+    assert b'"new"' in await store.manifest_bytes("blog", None)
+    await store.close()

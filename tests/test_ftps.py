@@ -5,15 +5,19 @@ the login deadline, the failed-login throttle and over-long names."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import ctypes
 import ftplib
 import hashlib
 import http.client
 import io
 import json
+import os
 import random
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import time
 import zipfile
@@ -35,6 +39,7 @@ QUOTA = 256 * 1024
 TINY_QUOTA = 16 * 1024
 PER_IP = 6
 LOGIN_TIMEOUT = 1.5
+_SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture
 
 # site -> (password, quota); each test works on sites of its own.
 SITES = {
@@ -276,6 +281,63 @@ def test_ftps_data_connections_resume_the_control_session(cloud: Cloud, version:
             assert data.recv(100) == b"resumed"
         ftp.voidresp()
         ftp.delete("resume.txt")
+
+
+def _peer_socket_option(process: RoleProcess, conn: socket.socket, level: int, option: int) -> int:
+    """A socket option of the role's own end of ``conn``, read from a duplicate of its descriptor
+    (pidfd_getfd(2), Linux 5.6: allowed on a child process)."""
+    assert process.proc is not None
+    pid = process.proc.pid
+    # The role's end: local address = conn's peer, remote address = conn's own.
+    (cli_host, cli_port), (srv_host, srv_port) = conn.getsockname()[:2], conn.getpeername()[:2]
+
+    def hexaddr(host: str, port: int) -> str:
+        return f"{struct.unpack('<I', socket.inet_aton(host))[0]:08X}:{port:04X}"
+
+    wanted = (hexaddr(srv_host, srv_port), hexaddr(cli_host, cli_port))
+
+    def inode() -> str | None:
+        for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if (fields[1], fields[2]) == wanted and fields[9] != "0":  # 0: not accepted yet
+                return fields[9]
+        return None
+
+    target = f"socket:[{wait_until(inode, what='the role end of the connection')}]"
+    fd = -1
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # a descriptor closed meanwhile
+            if os.readlink(entry) == target:
+                fd = int(entry.name)
+    assert fd >= 0, f"the role holds no descriptor for {target}"
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        copy = libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if copy < 0:
+            pytest.skip(f"pidfd_getfd refused: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(pidfd)
+    with socket.socket(fileno=copy) as dup:
+        return dup.getsockopt(level, option)
+
+
+def test_control_and_data_connections_send_small_segments_at_once(cloud: Cloud) -> None:
+    # Nagle's algorithm held each data connection's last small segment until the client's delayed
+    # acknowledgement, 40 ms later: lftp mirroring small files over FTPS waited that per file.
+    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    with cloud.ftps("tls") as ftps, cloud.ftp("tls") as plain:
+        for ftp in (ftps, plain):
+            ftp.voidcmd("TYPE I")
+            assert _peer_socket_option(cloud.publisher, ftp.sock, *nodelay)
+            with ftp.transfercmd("STOR nodelay.txt") as data:
+                assert isinstance(data, ssl.SSLSocket) == (ftp is ftps)
+                assert _peer_socket_option(cloud.publisher, data, *nodelay)
+                data.sendall(b"sent")
+                if isinstance(data, ssl.SSLSocket):
+                    data.unwrap()  # close_notify: the upload is complete
+            assert ftp.voidresp().startswith("226")
+        ftps.delete("nodelay.txt")
 
 
 def test_lftp_with_forced_tls_uploads_lists_and_downloads(cloud: Cloud, tmp_path: Path) -> None:

@@ -16,8 +16,10 @@ import socket
 import ssl
 import struct
 import subprocess
+import time
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,10 @@ SITES = {
     "parallel": ("parallel-secret", QUOTA),
     "paused": ("paused-secret", QUOTA),
     "frozen": ("frozen-secret", QUOTA),
+    "reset": ("reset-secret", 8 * 1024 * 1024),
+    "suspended": ("suspended-secret", QUOTA),
+    "sized": ("sized-secret", QUOTA),
+    "race": ("race-secret", QUOTA),
 }
 
 
@@ -372,11 +378,54 @@ def test_ftp_parallel_sessions_see_each_others_changes_at_once(cloud: Cloud) -> 
             "second.html",
             "third.html",
         ]
+        # Right after its own put (its view is then taken as exact for a moment), SIZE of a file the
+        # other session deleted meanwhile: clients resume from SIZE, so it is the fileserver's answer.
+        _stor(transfer, "/fifth.html", b"5")  # leaves TYPE I set: SIZE worked only in TYPE I
         main.delete("other.html")
         with pytest.raises(ftplib.error_perm, match=r"^550"):
             transfer.size("/other.html")
     files = cloud.manifest("parallel")["files"]
-    assert sorted(files) == ["first.html", "fourth.html", "img/logo.png", "second.html", "third.html"]
+    assert sorted(files) == [
+        "fifth.html",
+        "first.html",
+        "fourth.html",
+        "img/logo.png",
+        "second.html",
+        "third.html",
+    ]
+
+
+def test_ftp_two_sessions_making_and_entering_the_same_folders_never_fail(cloud: Cloud) -> None:
+    # FileZilla's two transfers into new folders: each session enters the folder, or makes each
+    # part of the path (the other session may just have: "exists") and then enters it. Entering
+    # must work once the folder exists, whichever session made it and however recently.
+    jobs = [(f"/a{i // 10}/b{i // 5}", f"f{i}.txt") for i in range(200)]
+    failures: list[str] = []
+    stored: list[str] = []
+
+    def session(share: list[tuple[str, str]]) -> None:
+        with cloud.ftp("race") as ftp:
+            for folder, name in share:
+                try:
+                    try:
+                        ftp.cwd(folder)
+                    except ftplib.error_perm:
+                        path = ""
+                        for part in folder.strip("/").split("/"):
+                            path += "/" + part
+                            with contextlib.suppress(ftplib.error_perm):
+                                ftp.mkd(path)
+                        ftp.cwd(folder)
+                    _stor(ftp, name, b"z" * 100)
+                    stored.append(f"{folder}/{name}"[1:])
+                except ftplib.Error as err:
+                    failures.append(f"{folder}/{name}: {err}")
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(session, (jobs[0::2], jobs[1::2])))
+    assert failures == []
+    assert sorted(cloud.manifest("race")["files"]) == sorted(stored)
+    assert len(stored) == len(jobs)
 
 
 def test_ftp_a_session_starts_from_the_last_ones_tree_and_sees_what_changed_since(cloud: Cloud) -> None:
@@ -402,6 +451,20 @@ def test_ftp_a_session_starts_from_the_last_ones_tree_and_sees_what_changed_sinc
         with pytest.raises(ftplib.error_perm, match=r"^550"):
             _retr(fourth, "c.txt")
         fourth.delete("b.txt")
+
+
+def test_ftp_size_answers_the_stored_size_in_either_type(cloud: Cloud) -> None:
+    # Clients ask SIZE before switching to TYPE I (pyftpdlib refused it under TYPE A); like vsftpd,
+    # the answer is the stored size.
+    with cloud.ftp("sized") as ftp:
+        _stor(ftp, "page.html", b"line one\nline two\n")
+        ftp.mkd("folder")
+        for kind in ("A", "I", "A"):
+            ftp.voidcmd(f"TYPE {kind}")
+            assert ftp.sendcmd("SIZE page.html") == "213 18"
+            for refused in ("folder", "nothing.html"):
+                with pytest.raises(ftplib.error_perm, match=r"^550 "):
+                    ftp.sendcmd(f"SIZE {refused}")
 
 
 def test_ftp_wrong_password_or_unknown_user_is_530(cloud: Cloud) -> None:
@@ -749,6 +812,63 @@ def test_a_removed_site_stops_logging_in_and_config_survives_restart(cloud: Clou
         still_open.close()
     status, _, _ = cloud.deploy("gone", _zip({"a.html": b"a"}))
     assert status == 401
+
+
+def _unprompted_replies(ftp: ftplib.FTP) -> list[str]:
+    """The lines the server sends on its own until it closes the control connection."""
+    lines: list[str] = []
+    with contextlib.suppress(EOFError, ConnectionError):
+        while True:
+            lines.append(ftp.getline())
+    return lines
+
+
+def test_a_password_reset_or_a_suspension_ends_the_sessions_already_logged_in(cloud: Cloud) -> None:
+    old, new = SITES["reset"][0], "reset-new-secret"
+    with cloud.ftp("reset") as ftp:
+        _stor(ftp, "kept.html", b"kept")
+    before = cloud.manifest("reset")
+    idle, small, big = cloud.ftp("reset"), cloud.ftp("reset"), cloud.ftp("reset")
+    suspended = cloud.ftp("suspended")
+    with contextlib.ExitStack() as stack:
+        for ftp in (idle, small, big, suspended):
+            stack.callback(ftp.close)
+        for ftp in (small, big):
+            ftp.voidcmd("TYPE I")
+        small_conn = stack.enter_context(small.transfercmd("STOR small.html"))
+        small_conn.sendall(b"written with the old password " * 100)
+        # Past the size sent on to the fileserver as it arrives.
+        big_conn = stack.enter_context(big.transfercmd("STOR big.bin"))
+        big_conn.sendall(os.urandom(3 * 1024 * 1024))
+        wait_until(lambda: _staging(cloud), what="the big upload's staging file on the fileserver")
+
+        cloud.hashes["reset"] = hash_password(new)
+        cloud.removed.add("suspended")  # as a suspended subscription leaves the snapshot
+        cloud.push()
+
+        # The small upload ends cleanly, maybe before its session saw the new snapshot: not stored.
+        small_conn.close()
+        replies = _unprompted_replies(small)
+        assert [r[:3] for r in replies] == ["426", "421"], replies
+        assert "password was changed" in replies[1], replies
+        # The idle session and the one in the middle of the big upload are told, unasked, and closed.
+        assert [r[:3] for r in _unprompted_replies(idle)] == ["421"]
+        replies = _unprompted_replies(big)
+        assert [r[:3] for r in replies] == ["426", "421"], replies
+        big_conn.close()
+        replies = _unprompted_replies(suspended)
+        assert len(replies) == 1 and replies[0].startswith("421 This site no longer exists"), replies
+    assert cloud.manifest("reset") == before
+    wait_until(lambda: _staging(cloud) == [], what="the cut-off big upload's staging file to go")
+
+    with pytest.raises(ftplib.error_perm, match=r"^530"):
+        cloud.ftp("reset", old)
+    # The new password's sessions go on through a push that leaves the login as it is.
+    with cloud.ftp("reset", new) as ftp:
+        cloud.push()
+        time.sleep(1.5)  # a second for the session to look at the snapshot
+        assert _stor(ftp, "new.html", b"new").startswith("226")
+        assert ftp.nlst() == ["kept.html", "new.html"]
 
 
 def test_the_snapshot_names_each_sites_workers_by_control_url() -> None:

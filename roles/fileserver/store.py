@@ -54,7 +54,7 @@ from shared.contracts.content import (
 )
 from shared.contracts.health import FileserverFigures
 from shared.contracts.snapshots import FileserverSnapshot
-from shared.errors import InvalidInput, NotFound, QuotaExceeded
+from shared.errors import InvalidInput, NotFound, QuotaExceeded, SitecloudError, Unavailable
 from shared.files import syncfs
 from shared.logs import get_logger
 from shared.paths import site_relpath
@@ -73,6 +73,8 @@ _RECENT = 64
 # Commits of up to this many ops are applied on the event loop (a file by file change).
 _INLINE_OPS = 8
 _BATCH_READ_BYTES = 64 * 1024 * 1024
+# A published version follows its fsync at once; past this, something is wrong (never seen).
+_READABLE_WAIT = 30.0
 _QUOTA_HINT = "delete files, or move the site to a plan with more storage"
 
 
@@ -116,6 +118,8 @@ class _Site:
     # Version records on disk that retention dropped: the next checkpoint removes their files.
     dropped: list[int] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Set (and replaced) each time ``version`` moves on, for answers that wait to be readable.
+    published: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def total_bytes(self) -> int:
@@ -692,12 +696,17 @@ class ContentStore:
             if self._sites.get(name) is not site:
                 raise NotFound(f"site {name} is not served by this fileserver")
             version, now, started = site.head_version + 1, time.time(), time.monotonic()
-            if not replace and len(ops) <= _INLINE_OPS:
-                # A file or two (an FTP upload): cheaper here than a hop to a thread and back.
-                made = self._apply(site, ops, replace, version, source, now)
-            else:
-                made = await asyncio.to_thread(self._apply, site, ops, replace, version, source, now)
+            try:
+                if not replace and len(ops) <= _INLINE_OPS:
+                    # A file or two (an FTP upload): cheaper here than a hop to a thread and back.
+                    made = self._apply(site, ops, replace, version, source, now)
+                else:
+                    made = await asyncio.to_thread(self._apply, site, ops, replace, version, source, now)
+            except SitecloudError:
+                await self._readable(site, site.head_version)
+                raise
             if made is None:
+                await self._readable(site, site.head_version)
                 return CommitAnswer.model_construct(
                     version=site.head_version, total_bytes=site.head.total_bytes
                 )
@@ -757,6 +766,26 @@ class ContentStore:
             site.head, site.head_version = tree, number
         await self._publish(site, site.journal, offset, number, tree)
         return RollbackAnswer(version=number, total_bytes=tree.total_bytes, rolled_back_to=target)
+
+    async def _readable(self, site: _Site, version: int) -> None:
+        """Return once readers see ``version``. A commit refused (or changing nothing) was decided on
+        the head, which runs ahead of what readers see while its record waits for an fsync; answered
+        at once, an FTP session told "that directory exists" asked for the directory next and was told
+        there is none. Waited for under the site's lock: a rare answer, and a short wait."""
+        if site.version >= version:
+            return
+        assert site.journal is not None  # the head is ahead: its record was appended
+        # That record's fsync (a failure raises here as it does for its committer).
+        await site.journal.sync(site.journal.written)
+        while site.version < version:
+            # Its committer publishes it as soon as it runs again after that same fsync.
+            try:
+                await asyncio.wait_for(site.published.wait(), _READABLE_WAIT)
+            except TimeoutError:
+                raise Unavailable(
+                    f"version {version} of site {site.name} is on disk but not published yet",
+                    hint="try again in a moment",
+                ) from None
 
     async def _append(self, site: _Site, record: Record, *, in_thread: bool = False) -> int:
         if site.journal is None:
@@ -839,6 +868,8 @@ class ContentStore:
                 site.ghosts.append(gone)
         if version > site.version:
             site.version, site.tree = version, tree
+            published, site.published = site.published, asyncio.Event()
+            published.set()
             await self.feed.publish(site.name, version)
             if self._log.isEnabledFor(logging.DEBUG):
                 self._log.bind(site=site.name).debug(

@@ -12,6 +12,7 @@ to login, and failed logins throttled per account and address (:mod:`roles.publi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import random
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
-from pyftpdlib.exceptions import AuthenticationFailed, _RetryError
+from pyftpdlib.exceptions import AuthenticationFailed, FilesystemError, _RetryError
 from pyftpdlib.handlers import DTPHandler, FTPHandler, TLS_DTPHandler, TLS_FTPHandler
 from pyftpdlib.ioloop import _ERRNOS_RETRY, IOLoop
 from pyftpdlib.log import logger as pyftpdlib_logger
@@ -33,7 +34,7 @@ from pyftpdlib.servers import ThreadedFTPServer
 from roles.publisher._cache import BlobCache
 from roles.publisher._content import CachedDownload, SiteContent, StreamedDownload, TreeShelf, Upload
 from roles.publisher._fileserver import FileserverClient
-from roles.publisher._sites import Credentials, SiteTable, suspended_error
+from roles.publisher._sites import Credentials, SiteInfo, SiteTable, suspended_error
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher._vfs import SiteFilesystem
 from roles.publisher.config import PublisherConfig
@@ -53,6 +54,8 @@ _AUTH_FAILED = "authentication failed"
 # control connection instead of a reset data connection; past these bounds the data connection is cut.
 _DRAIN_BYTES = 256 * 1024 * 1024
 _DRAIN_SECONDS = 60.0
+# How often a logged-in session looks whether the snapshot in force still allows it.
+_SNAPSHOT_WATCH_SECONDS = 1.0
 _PROTO_CMDS = {cmd: spec for cmd, spec in TLS_FTPHandler.proto_cmds.items() if cmd != "MFMT"}
 
 
@@ -102,7 +105,7 @@ class _Authorizer:
     def __init__(self, context: _Context) -> None:
         self._context = context
 
-    def validate_authentication(self, username: str, password: str, handler: Any) -> None:
+    def validate_authentication(self, username: str, password: str, handler: _Session) -> None:
         sites = self._context.sites
         site = sites.site_of_user(username)
         suspended = sites.suspended_site(None, username) if site is None else None
@@ -116,6 +119,8 @@ class _Authorizer:
                 "FTP login refused for user %r: the site's subscription is suspended", username
             )
             raise AuthenticationFailed(str(suspended_error(suspended.name)))
+        # The session lives as long as this entry does: the hash it checked the password against.
+        handler.login_site = site
 
     def get_home_dir(self, username: str) -> str:
         return "/"
@@ -198,8 +203,15 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
 
     def __init__(self, sock: Any, cmd_channel: Any) -> None:
         self._broken = False
+        self._read_end = False  # a read saw the client's clean end of the upload
         self._refusal: str | None = None
         self._drain_timer: Any = None
+        # pyftpdlib turns Nagle off on the control connection only. On a data connection Nagle may
+        # hold a last small segment (a small file's tail, TLS's close_notify) until the client has
+        # acknowledged the one before, which clients delay by up to 40 ms. Set on the plain socket,
+        # so it holds for the TLS handshake and all that follows.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().__init__(sock, cmd_channel)
         if self._closed:
             # The client reset the data connection before it was set up; pyftpdlib would then leave
@@ -230,6 +242,7 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
             raise _RetryError from err
         except SSL.ZeroReturnError:
             data = b""  # the client's TLS close_notify: a clean end
+            self._read_end = True
         except SSL.SysCallError:
             # A reset, or a TCP close without TLS close_notify: only the latter tells a cut-off upload
             # from a complete one, and lftp, curl, FileZilla and ftplib all send it.
@@ -240,6 +253,9 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
                 raise _RetryError from err
             self._broken = True
             data = b""
+        else:
+            # A plain connection's FIN (on TLS the record layer says so first, as ZeroReturnError).
+            self._read_end = not data
         if not data:
             self.handle_close()
         return data
@@ -247,12 +263,12 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
     def _reset_pending(self) -> bool:
         """Whether the socket holds an error no read has reported. pyftpdlib's loop closes a channel
         on an error event that carries no read flag without reading it, and a reset then would look
-        like the upload's clean end."""
+        like the upload's clean end. Once a read has seen the clean end, a reset after it (lftp resets
+        a TLS data connection once it has sent close_notify) cuts nothing off."""
+        # A pyOpenSSL connection hands getsockopt to its TCP socket (it has no get_socket()).
         try:
-            sock = self.socket
-            raw = sock.get_socket() if isinstance(sock, SSL.Connection) else sock
-            return bool(raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
-        except (OSError, AttributeError):
+            return bool(self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+        except OSError:
             return False
 
     def _start_draining(self, reply: str) -> None:
@@ -272,7 +288,13 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
             self.close()
 
     def handle_close(self) -> None:
-        if self.receive and not self._broken and not self._closed and self._reset_pending():
+        if (
+            self.receive
+            and not self._broken
+            and not self._read_end
+            and not self._closed
+            and self._reset_pending()
+        ):
             self._broken = True
         if self._refusal is not None and not self._closed:
             self._resp = (self._refusal, pyftpdlib_logger.info)
@@ -302,6 +324,12 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
             return
         super().handle_error()
 
+    def abort(self, reply: str) -> None:
+        """Cut the transfer off with ``reply`` to its command; an upload stores nothing."""
+        self._resp = (reply, pyftpdlib_logger.info)
+        self.transfer_finished = False
+        self.close()
+
     def close(self) -> None:
         if not self._closed:
             context = self.cmd_channel.context
@@ -310,18 +338,24 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
                 context.bytes_sent += self.tot_bytes_sent
         if self._drain_timer is not None and not self._drain_timer.cancelled:
             self._drain_timer.cancel()
-        upload = self.file_obj
-        if (
-            not self._closed
+        upload = self.file_obj if isinstance(self.file_obj, Upload) else None
+        commit_due = (
+            upload is not None
+            and not self._closed
             and self._refusal is None
-            and isinstance(upload, Upload)
             and not upload.closed
             and upload.committed is None
             and self.receive
             and self.transfer_finished
-            and self._resp
+            and bool(self._resp)
             and self._resp[0].startswith("226")
-        ):
+        )
+        # A snapshot applied while the bytes came in may have ended the login that sent them.
+        ended = self.cmd_channel.ended_by_snapshot() if commit_due else None
+        if ended is not None:
+            self._resp = (f"426 {ended}; nothing was stored.", pyftpdlib_logger.info)
+            self.transfer_finished = False
+        elif commit_due and upload is not None:
             try:
                 upload.commit()
             except SitecloudError as err:
@@ -334,7 +368,10 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
                     pyftpdlib_logger.info,
                 )
                 self.transfer_finished = False
+        session = self.cmd_channel
         super().close()
+        if ended is not None:
+            session.end_session(ended)
 
 
 class _PassiveListener(FTPHandler.passive_dtp):  # type: ignore[misc]  # pyftpdlib has no type hints
@@ -381,8 +418,35 @@ class _PassiveListener(FTPHandler.passive_dtp):  # type: ignore[misc]  # pyftpdl
                     raise
 
 
-class _TlsDataChannel(_DataChannel, TLS_DTPHandler):  # type: ignore[misc]
+class _QuickAckHandshake:
+    """A TLS handshake (pyftpdlib's ``SSLConnectionMixin``) whose client's flight is acknowledged at
+    once. A client that writes its ChangeCipherSpec and Finished apart without TCP_NODELAY (lftp with
+    GnuTLS) holds the Finished back until the first is acknowledged, and a server that has just
+    answered has the kernel delay that acknowledgement by 40 ms: each FTPS data connection of lftp
+    waited that long. (On a pyOpenSSL connection ``setsockopt`` reaches the TCP socket under it.)"""
+
+    socket: Any
+    _closed: bool
+    _ssl_accepting: bool
+    _ssl_want_read: bool
+
+    def _do_ssl_handshake(self) -> None:
+        super()._do_ssl_handshake()  # type: ignore[misc]  # the mixin's, next in line
+        if self._ssl_accepting and self._ssl_want_read and not self._closed:
+            # Linux leaves quick-ack mode again by itself: set each time the client is to send.
+            with contextlib.suppress(OSError):
+                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
+class _TlsDataChannel(_QuickAckHandshake, _DataChannel, TLS_DTPHandler):  # type: ignore[misc]
     """The data channel of an FTPS session: TLS after ``PROT P``, resuming the control session."""
+
+    def modify_ioloop_events(self, events: int, logdebug: bool = False) -> None:
+        if self._ssl_accepting and self._ssl_want_read:
+            # pyftpdlib keeps a download's interest in writing while the handshake waits to read; the
+            # socket is always writable, so the loop retried the handshake thousands of times a second.
+            events = self.ioloop.READ
+        super().modify_ioloop_events(events, logdebug)
 
 
 class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
@@ -404,8 +468,12 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
 
     def __init__(self, conn: Any, server: Any, ioloop: Any = None) -> None:
         self.site_content: SiteContent | None = None
+        # The snapshot's entry the password was checked against (set by the authorizer).
+        self.login_site: SiteInfo | None = None
         self._counted = False
         self._login_deadline: Any = None
+        self._snapshot_watch: Any = None
+        self._ending = False
         super().__init__(conn, server, ioloop=ioloop)
         if not self._closed:
             with self.context.lock:
@@ -500,8 +568,10 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
         super().handle_auth_failed(msg, password)
 
     def handle_auth_success(self, home: str, password: str, msg_login: str) -> None:
-        site = self.context.sites.site_of_user(self.username)
-        if site is None:  # the site went away between the password check and here
+        site = self.login_site
+        if site is None or self.ended_by_snapshot() is not None:
+            # The snapshot changed between the password check and here.
+            self.login_site = None
             self.handle_auth_failed(_AUTH_FAILED, password)
             return
         self.context.throttle.succeeded(self.username, self.remote_ip)
@@ -510,6 +580,12 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
         log = self.context.log.bind(site=site.name, client=f"{self.remote_ip}:{self.remote_port}")
         client = FileserverClient(self.context.sites.fileserver, self.context.ssl_context)
         self.site_content = SiteContent(site, client, log, self.context.cache, self.context.trees)
+        self._cancel_snapshot_watch()
+        # An idle session, or one in a long transfer, sends no command to be checked at: look each
+        # second (the session's loop wakes that often anyway) whether a new snapshot ended it.
+        self._snapshot_watch = self.ioloop.call_every(
+            _SNAPSHOT_WATCH_SECONDS, self._watch_snapshot, _errback=self.handle_error
+        )
         super().handle_auth_success(home, password, msg_login)
 
     def on_login(self, username: str) -> None:
@@ -523,24 +599,67 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
 
     def flush_account(self) -> None:
         super().flush_account()
+        self._cancel_snapshot_watch()
+        self.login_site = None
         self._drop_content()
+
+    # --- the snapshot in force
+
+    def ended_by_snapshot(self) -> str | None:
+        """Why the snapshot in force no longer allows this login (``None`` while it does): a session
+        lasts only while its user is on the same site's content with the password hash it logged in
+        with, so a password reset, a removed user and a deleted or suspended site all end it."""
+        login = self.login_site
+        if login is None:
+            return None
+        current = self.context.sites.site_of_user(self.username)
+        if current is None:
+            if self.context.sites.suspended_site(None, self.username) is not None:
+                return "The subscription of this site was suspended"
+            if self.context.sites.site(login.name) is None:
+                return "This site no longer exists"
+            return "This login no longer exists"
+        if current.content_id != login.content_id:
+            return "This slot was swapped: log in again"
+        if current.users.get(self.username) != login.users.get(self.username):
+            return "The password was changed: log in with the new one"
+        return None
+
+    def _watch_snapshot(self) -> None:
+        if self._closed or not self.authenticated:
+            return
+        reason = self.ended_by_snapshot()
+        if reason is not None:
+            self.end_session(reason)
+
+    def end_session(self, reason: str) -> None:
+        """Close a session the snapshot ended; a transfer under way is cut off first, and an upload
+        stores nothing (RFC 959: 421 may answer any command when the server closes the connection)."""
+        if self._closed or self._ending:
+            return
+        self._ending = True
+        self._cancel_snapshot_watch()
+        content = self.site_content
+        (content.log if content is not None else self.context.log).info("FTP session ended: %s", reason)
+        channel = self.data_channel
+        if channel is not None and not channel._closed:
+            channel.abort(f"426 {reason}; transfer aborted, nothing was stored.")
+        self.respond(f"421 {reason}; closing the session.")
+        self.close_when_done()
 
     # --- commands
 
     def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
         content = self.site_content
         if content is not None and self.authenticated:
-            # The user's site as the snapshot has it now: gone, or after a slot swap another content.
-            current = self.context.sites.site_of_user(self.username)
-            if current is None or current.content_id != content.site.content_id:
-                gone = current is None or self.context.sites.site(content.site.name) is None
-                why = "This site no longer exists" if gone else "This slot was swapped: log in again"
-                if self.context.sites.suspended_site(None, self.username) is not None:
-                    why = "The subscription of this site was suspended"
-                self.respond(f"421 {why}; closing the session.")
-                self.close_when_done()
+            reason = self.ended_by_snapshot()
+            if reason is not None:
+                self.end_session(reason)
                 return
-            content.site = current  # quota changes apply to the next upload
+            # Still the same login: the site's entry as the snapshot has it now.
+            current = self.context.sites.site_of_user(self.username)
+            if current is not None:
+                content.site = current  # quota changes apply to the next upload
             content.invalidate()
         super().pre_process_command(line, cmd, arg)
 
@@ -550,6 +669,18 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
         if isproducer and isinstance(file, StreamedDownload | CachedDownload):
             data.buffer_size = file.chunk  # the producer asks for whole chunks
         super().push_dtp_data(data, isproducer=isproducer, file=file, cmd=cmd)
+
+    def ftp_SIZE(self, path: str) -> None:
+        # pyftpdlib refuses SIZE under TYPE A, where the exact answer (RFC 3659 section 4: the
+        # octets a transfer in the current TYPE would send, LF sent as CRLF) needs the whole file
+        # read. Many clients ask SIZE before they switch to TYPE I; like
+        # vsftpd, answer the stored size in either TYPE (what clients use it for: progress, resume).
+        try:
+            size = self.fs.getsize(path)
+        except FilesystemError:
+            self.respond(f"550 {self.fs.fs2ftp(path)} is not retrievable.")
+            return
+        self.respond(f"213 {size}")
 
     def ftp_ABOR(self, line: str) -> None:
         super().ftp_ABOR(line)
@@ -566,6 +697,11 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
             self._login_deadline.cancel()
         self._login_deadline = None
 
+    def _cancel_snapshot_watch(self) -> None:
+        if self._snapshot_watch is not None and not self._snapshot_watch.cancelled:
+            self._snapshot_watch.cancel()
+        self._snapshot_watch = None
+
     def _drop_content(self) -> None:
         if self.site_content is not None:
             self.site_content.close()
@@ -574,6 +710,7 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
     def close(self) -> None:
         try:
             self._cancel_login_deadline()
+            self._cancel_snapshot_watch()
             super().close()
         finally:
             self._drop_content()
@@ -583,7 +720,7 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
                     self.context.sessions -= 1
 
 
-class _TlsSession(_Session, TLS_FTPHandler):  # type: ignore[misc]
+class _TlsSession(_QuickAckHandshake, _Session, TLS_FTPHandler):  # type: ignore[misc]
     """A session that may turn to TLS with ``AUTH TLS`` (RFC 4217)."""
 
 

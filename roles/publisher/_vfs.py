@@ -121,7 +121,16 @@ class SiteFilesystem(AbstractedFS):  # type: ignore[misc]  # pyftpdlib has no ty
         return self.isfile(path) or self.isdir(path)
 
     def getsize(self, path: str) -> int:
-        return self._stat(path).st_size
+        """A file's size as the fileserver has it now (SIZE, and the offset check of a resumed
+        transfer): a client resumes from it, and another session may have just replaced the file."""
+        try:
+            rel = self._rel(path)
+        except InvalidInput as err:
+            raise FilesystemError(err.message) from None
+        info = self.content.current_tree().files.get(rel)
+        if info is None:
+            raise FilesystemError(f"no such file: {path}")
+        return info.size
 
     def getmtime(self, path: str) -> float:
         return self._stat(path).st_mtime
