@@ -211,6 +211,10 @@ class AppInstance:
             # Before the block fd lets pid 1 fork the app: the app inherits them.
             try:
                 set_rlimits(self.init_pid, self.limits, own_uid=True, cgroup=self.cgroup is not None)
+            except ProcessLookupError:
+                # pid 1 ended while bwrap built the rest of the sandbox (a bind it could not make):
+                # nothing to limit, and its exit and bwrap's reason reach the site log as any exit's.
+                pass
             except OSError as exc:
                 self._abandon()
                 raise OSError(f"could not set the app's limits: {exc}") from None
@@ -276,6 +280,8 @@ class AppInstance:
 
         try:
             await asyncio.to_thread(attach)
+        except ProcessLookupError:
+            pass  # it ended already (a sandbox bwrap could not finish): its exit says why
         except OSError as exc:
             self._not_attached(exc)
 
