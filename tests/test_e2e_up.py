@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import ftplib
 import http.client
 import io
@@ -232,6 +233,32 @@ def test_a_role_process_that_dies_is_restarted(cloud: LocalCloud, sites: dict[st
     assert os.path.exists(f"/proc/{after}")
     # Back from its last-known-good config and cached content, without a new push.
     cloud.wait_for_content("blog", "/", b"<h1>v3</h1>")
+
+
+def test_a_role_process_that_hangs_is_restarted(cloud: LocalCloud, sites: dict[str, Any]) -> None:
+    # Alive but answering nothing: its supervisor sees no exit, so only the health checks can tell.
+    # Before, it stayed Unhealthy (visitors got 502s) until an admin ran `role repair`.
+    before = cloud.role_pids()["worker"]
+    os.kill(before, signal.SIGSTOP)
+    try:
+
+        def unhealthy() -> str | None:
+            worker = next(r for r in cloud.cli("role", "list")["roles"] if r["role"] == "worker")
+            return str(worker.get("reason") or "") if worker["state"] == "Unhealthy" else None
+
+        reason = wait_until(unhealthy, timeout=15, what="the hung worker to show Unhealthy")
+        assert reason.startswith("health check failed: ") and reason != "health check failed: ", reason
+        after = wait_until(
+            lambda: (pid := cloud.role_pids().get("worker")) != before and pid,
+            timeout=60,
+            what="the controller to restart the hung worker",
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(before, signal.SIGCONT)
+    assert os.path.exists(f"/proc/{after}")
+    cloud.wait_for_content("blog", "/", b"<h1>v3</h1>", timeout=30)
+    assert "has not answered for" in cloud.log()
 
 
 def test_the_data_plane_outlives_the_controller_and_a_restart(

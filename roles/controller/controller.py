@@ -51,6 +51,11 @@ _RECONCILE_EVERY = 2.0
 _UNHEALTHY_AFTER = 2
 _HEALTH_TIMEOUT = 2.0
 _PUSH_TIMEOUT = 5.0
+# A role that answered before and has not for this long is hung (a process that is alive but stuck
+# answers nothing, and its supervisor sees nothing wrong): the controller restarts it, as an admin's
+# `role restart` would, at most once per _REVIVE_EVERY while it does not come back.
+_REVIVE_AFTER = 15.0
+_REVIVE_EVERY = 120.0
 
 
 @dataclass
@@ -65,6 +70,9 @@ class RoleObservation:
     failures: int = 0
     ever_healthy: bool = False
     load: dict[str, Any] | None = None
+    # Monotonic times: since when it has not answered, and when the controller last restarted it.
+    silent_since: float | None = None
+    revived_at: float | None = None
 
 
 # Seconds after `up` is ready before the wheelhouse for role hosts is built.
@@ -93,6 +101,7 @@ class Controller:
         self._routed_down: frozenset[int] = frozenset()
         self._draining: set[int] = set()
         self._pushing: dict[int, asyncio.Task[None]] = {}
+        self._reviving: dict[int, asyncio.Task[None]] = {}
         self.fleet: Fleet | None = None
         # What quota stops the current generation carries; the clock decides the UTC day (tests set it).
         self._quota_seen: dict[str, tuple[str, float, dt.datetime]] | None = None
@@ -571,20 +580,25 @@ class Controller:
         obs = self._observed.setdefault(role.id, RoleObservation())
         if role.desired_state != "running":
             obs.state, obs.reason, obs.failures = RoleState.STOPPED, "stopped by the admin", 0
+            obs.silent_since = None
             return
         launcher_state, launcher_reason = self.fleet.describe(role.kind, role.host, role.fabric)
         try:
             health = await self._health_of(role.kind, role.control_url)
         except (SitecloudError, TimeoutError) as err:
             obs.failures += 1
+            if obs.silent_since is None:
+                obs.silent_since = time.monotonic()
+            why = str(err) or f"no answer within {_HEALTH_TIMEOUT:g} s"
             if launcher_state == "failed" and role.is_local:
                 obs.state, obs.reason = RoleState.FAILED, launcher_reason
             elif obs.ever_healthy and obs.failures >= _UNHEALTHY_AFTER:
-                obs.state, obs.reason = RoleState.UNHEALTHY, f"health check failed: {err or 'timed out'}"
+                obs.state, obs.reason = RoleState.UNHEALTHY, f"health check failed: {why}"
+                self._revive_if_hung(role, obs)
             elif not obs.ever_healthy:
                 obs.state, obs.reason = RoleState.STARTING, ""
             return
-        obs.failures, obs.ever_healthy = 0, True
+        obs.failures, obs.ever_healthy, obs.silent_since = 0, True, None
         obs.state, obs.reason = health.state()
         obs.code_version = health.code_version
         obs.config_version = health.config_version
@@ -601,6 +615,32 @@ class Controller:
         if obs.config_version < self._acked.get(role.id, 0):
             self._acked[role.id] = obs.config_version
             self._nudge.set()
+
+    def _revive_if_hung(self, role: RoleEndpoint, obs: RoleObservation) -> None:
+        """Restart a role that answered before and has stayed silent for _REVIVE_AFTER (hung, or its
+        host's agent lost it); the restart kills it if it does not stop in time."""
+        now = time.monotonic()
+        if obs.silent_since is None or now - obs.silent_since < _REVIVE_AFTER or role.id in self._reviving:
+            return
+        if obs.revived_at is not None and now - obs.revived_at < _REVIVE_EVERY:
+            return
+        obs.revived_at = now
+        silent = now - obs.silent_since
+        self._log.warning("%s on %s has not answered for %.0f s: restarting it", role.kind, role.host, silent)
+        obs.reason += f"; silent for {silent:.0f} s, restarting it"
+
+        async def revive() -> None:
+            assert self.fleet is not None
+            try:
+                outcome = await self.fleet.act(role.id, "restart", lambda _: None)
+            except Exception as exc:  # a host that cannot be reached: the next try is _REVIVE_EVERY on
+                self._log.warning("restarting %s on %s failed: %s", role.kind, role.host, exc)
+                return
+            self._log.info("restarted %s on %s: %s", role.kind, role.host, outcome.state)
+
+        task = asyncio.create_task(revive(), name=f"revive-{role.id}")
+        self._reviving[role.id] = task
+        task.add_done_callback(lambda _: self._reviving.pop(role.id, None))
 
     def _record(self, roles: list[RoleEndpoint], bump: bool) -> None:
         with self.db.session() as session:
