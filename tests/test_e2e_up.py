@@ -212,6 +212,49 @@ def test_bad_input_is_refused_with_clear_errors(cloud: LocalCloud, sites: dict[s
     assert sorted(names) == ["blog", "shop"]
 
 
+def test_a_subscription_moves_to_a_bigger_plan_and_back_only_when_it_fits(cloud: LocalCloud) -> None:
+    # Before, there was no way to move a subscription: an admin could only edit the plan every
+    # subscriber shares, or delete the subscription with its sites.
+    cloud.cli("plan", "create", "tiny", "--max-sites", "1", "--storage-mb", "1")
+    cloud.cli("plan", "create", "roomy", "--max-sites", "2", "--storage-mb", "20", "--public")
+    tenant = cloud.cli("tenant", "create", "mover")
+    sub = cloud.cli("subscription", "create", "--tenant", "mover", "--plan", "tiny")
+    site = cloud.cli("site", "create", "mover-site", "--subscription", str(sub["id"]))
+    big = b"x" * (1536 * 1024)
+    ftp = site_ftp(site)
+    try:
+        with pytest.raises(ftplib.error_perm, match="552"):
+            ftp.storbinary("STOR big.bin", io.BytesIO(big))
+    finally:
+        ftp.close()
+
+    # The tenant itself, to a public plan; the answer comes once the roles have the new quota.
+    moved = cloud.cli("subscription", "update", str(sub["id"]), "--plan", "roomy", token=tenant["token"])
+    assert moved["plan"] == "roomy" and moved["quotas"]["storage_mb"] == 20
+    ftp = site_ftp(site)
+    try:
+        ftp.storbinary("STOR big.bin", io.BytesIO(big))
+    finally:
+        ftp.quit()
+
+    # Back to the small plan: refused, saying what does not fit (or, while the fileserver cannot
+    # say what the site stores yet, that it cannot be checked); nothing changes.
+    def refused() -> dict[str, Any] | None:
+        result = cloud.cli("subscription", "update", str(sub["id"]), "--plan", "tiny", check=False)
+        assert "error" in result, result
+        return result if result["error"]["code"] != "unavailable" else None
+
+    error = wait_until(refused, timeout=15, what="the fileserver's size of the upload")["error"]
+    assert error["code"] == "limit_reached", error
+    assert "1.5 MB of content (it allows 1 MB)" in error["message"], error
+    assert cloud.cli("subscription", "show", str(sub["id"]))["plan"] == "roomy"
+    # A tenant may not pick a plan that is not public.
+    denied = cloud.cli(
+        "subscription", "update", str(sub["id"]), "--plan", "tiny", token=tenant["token"], check=False
+    )
+    assert denied["error"]["code"] == "not_found", denied
+
+
 def test_role_list_shows_every_role_ready(cloud: LocalCloud, sites: dict[str, Any]) -> None:
     def all_ready() -> list[dict[str, Any]] | None:
         roles = cloud.cli("role", "list")["roles"]

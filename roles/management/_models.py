@@ -426,6 +426,13 @@ class SubscriptionCreate(Body):
     tenant: str | None = Field(None, description="admins: the tenant; tenants: leave out")
 
 
+class SubscriptionUpdate(Body):
+    what = "subscription update"
+    plan: PlanName = Field(
+        description="the plan to move to; refused while the subscription holds more than it allows"
+    )
+
+
 class SubscriptionUsage(Answer):
     sites: int
     custom_hostnames: int

@@ -54,6 +54,7 @@ from shared.errors import (
     LimitReached,
     NotFound,
     RateLimited,
+    Unavailable,
 )
 from shared.names import (
     DEFAULT_IP_DNS_SERVICES,
@@ -576,6 +577,57 @@ class Store:
         with self._write_lock, self._db.session() as s:
             sub = self._visible_subscription(s, who, sub_id)
             sub.state = state
+            bump_generation(s)
+        return self.show_subscription(who, sub_id)
+
+    def change_plan(self, who: Principal, sub_id: int, plan_name: str, storage_bytes: int | None) -> Json:
+        """Move a subscription to another plan: an admin to any plan that takes subscriptions, a
+        tenant to a public one. Refused while the subscription holds more than the plan allows
+        (``storage_bytes``: its sites' content, when the fileserver could say)."""
+        with self._write_lock, self._db.session() as s:
+            sub = self._visible_subscription(s, who, sub_id)
+            plan = s.execute(select(Plan).where(Plan.name == plan_name)).scalar_one_or_none()
+            if plan is None or (not who.is_admin and not plan.public):
+                raise NotFound(f"no plan {plan_name!r}", hint="see the list of plans")
+            if plan.retired and plan.id != sub.plan_id:
+                raise Forbidden(
+                    f"plan {plan_name!r} is retired and takes no new subscriptions",
+                    hint="choose another plan",
+                )
+            sites = list(s.scalars(select(Site).where(Site.subscription_id == sub.id)))
+            hostnames = (
+                s.scalar(
+                    select(func.count(CustomHostname.id)).join(Site).where(Site.subscription_id == sub.id)
+                )
+                or 0
+            )
+            over = [
+                f"{len(sites)} site(s) (it allows {plan.max_sites})" if len(sites) > plan.max_sites else "",
+                f"{hostnames} custom hostname(s) (it allows {plan.max_custom_hostnames})"
+                if hostnames > plan.max_custom_hostnames
+                else "",
+                f"{storage_bytes / 2**20:.1f} MB of content (it allows {plan.storage_mb} MB)"
+                if storage_bytes is not None and storage_bytes > plan.storage_mb * 1024 * 1024
+                else "",
+                ", ".join(
+                    f"site {site.name} runs {site.instances} instances (it allows {plan.max_instances_per_site})"
+                    for site in sites
+                    if (site.instances or 1) > plan.max_instances_per_site
+                ),
+            ]
+            if storage_bytes is None and plan.storage_mb < sub.plan.storage_mb:
+                raise Unavailable(
+                    f"the fileserver cannot say now how much subscription {sub.id} stores, so a move to "
+                    "a plan with less storage cannot be checked",
+                    hint="try again in a moment",
+                )
+            if any(over):
+                raise LimitReached(
+                    f"subscription {sub.id} holds more than plan {plan.name!r} allows: "
+                    + "; ".join(o for o in over if o),
+                    hint="delete or shrink what is over first, or choose a larger plan",
+                )
+            sub.plan = plan
             bump_generation(s)
         return self.show_subscription(who, sub_id)
 

@@ -224,6 +224,13 @@ async def show_subscription(request: web.Request) -> web.Response:
     return web.json_response(await service_of(request).show_subscription(who, _int_param(request, "id")))
 
 
+async def update_subscription(request: web.Request) -> web.Response:
+    who = await principal(request)
+    body = body_of(request, m.SubscriptionUpdate)
+    answer = await service_of(request).change_plan(who, _int_param(request, "id"), body.plan)
+    return web.json_response(answer)
+
+
 async def suspend_subscription(request: web.Request) -> web.Response:
     who = await principal(request)
     return web.json_response(await service_of(request).suspend_subscription(who, _int_param(request, "id")))
@@ -825,6 +832,20 @@ def operations() -> list[Operation]:
             ok=204,
             params=(SUBSCRIPTION,),
             errors=(403,),
+        ),
+        op(
+            "PATCH",
+            f"/subscriptions/{_ID}",
+            update_subscription,
+            "update_subscription",
+            "Move a subscription to another plan (an admin: any plan that takes subscriptions; a tenant: "
+            "a public one); refused (409) while it holds more sites, hostnames, instances or storage "
+            "than that plan allows",
+            "subscriptions",
+            answer=m.Subscription,
+            body=m.SubscriptionUpdate,
+            params=(SUBSCRIPTION,),
+            errors=(403, 409),
         ),
         op(
             "POST",

@@ -1126,6 +1126,15 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("id", type=int)
     sp = leaf(
         sub,
+        "update",
+        "move a subscription to another plan (a tenant: to a public plan)",
+        lambda a, api: api.request("PATCH", api.path("subscriptions", str(a.id)), {"plan": a.plan}),
+        _show_subscription,
+    )
+    sp.add_argument("id", type=int)
+    sp.add_argument("--plan", required=True, help="the plan to move to")
+    sp = leaf(
+        sub,
         "delete",
         "delete a subscription and its sites (admin)",
         _subscription_delete,

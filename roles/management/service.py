@@ -275,6 +275,20 @@ class ManagementService:
         self._log.bind(tenant=result["tenant"]).info("subscription %s resumed", sub_id)
         return result
 
+    async def change_plan(self, who: Principal, sub_id: int, plan: str) -> Json:
+        # Its content against the new plan's storage, as the fileserver has it now (not as cached
+        # for the usage pages: an upload a moment ago counts).
+        current = await self._read(self._store.show_subscription, who, sub_id)
+        for name in current["site_names"]:
+            self._storage.forget(name)
+        (current,) = await self._with_storage([current])
+        stored = current["usage"]["storage_bytes"]
+        result = await self._write_live(self._store.change_plan, who, sub_id, plan, stored)
+        self._log.bind(tenant=result["tenant"]).info(
+            "subscription %s moved from plan %s to %s", sub_id, current["plan"], result["plan"]
+        )
+        return (await self._with_storage([result]))[0]
+
     async def delete_subscription(self, who: Principal, sub_id: int) -> None:
         await self._write(self._store.delete_subscription, who, sub_id)
         await self._sweep_backups()
