@@ -302,6 +302,13 @@ def test_a_role_process_that_hangs_is_restarted(cloud: LocalCloud, sites: dict[s
     assert os.path.exists(f"/proc/{after}")
     cloud.wait_for_content("blog", "/", b"<h1>v3</h1>", timeout=30)
     assert "has not answered for" in cloud.log()
+    wait_until(
+        lambda: (
+            next(r for r in cloud.cli("role", "list")["roles"] if r["role"] == "worker")["state"] == "Ready"
+        ),
+        timeout=30,
+        what="the restarted worker to be Ready",
+    )
 
 
 def test_the_data_plane_outlives_the_controller_and_a_restart(
@@ -316,9 +323,22 @@ def test_the_data_plane_outlives_the_controller_and_a_restart(
     ftp.quit()
     cloud.wait_for_content("shop", "/", b"shop v2")
 
+    # Nobody checks the roles now: `role list` says so rather than a Ready from before.
+    def unknown() -> list[dict[str, Any]] | None:
+        roles = cloud.cli("role", "list")["roles"]
+        return roles if all(r["state"] == "Unknown" for r in roles) else None
+
+    roles = wait_until(unknown, timeout=20, what="the roles to show Unknown without a controller")
+    assert "is the controller running?" in roles[0]["reason"], roles[0]
+
     # A new `up` on the same home adopts the running roles rather than restarting them.
     cloud.start()
     assert cloud.role_pids() == pids
+    wait_until(
+        lambda: all(r["state"] == "Ready" for r in cloud.cli("role", "list")["roles"]),
+        timeout=15,
+        what="every role Ready again",
+    )
     assert cloud.get("blog", "/")[2] == b"<h1>v3</h1>"
 
     # A clean stop stops every role process.

@@ -10,6 +10,7 @@ outcome (:func:`outcome`).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,6 +45,7 @@ from shared.errors import (
 )
 from shared.internal import InternalClient
 from shared.names import validate_hostname
+from shared.states import RoleState
 
 __all__ = ["ACTIONS", "FABRICS", "KINDS", "FabricService", "outcome"]
 
@@ -107,6 +109,7 @@ def _delete_host(db: Database, name: str) -> None:
 
 
 def _list_roles(db: Database) -> Json:
+    now = dt.datetime.now(dt.UTC)
     with db.session() as s:
         desired = current_generation(s)
         rows = s.scalars(select(Role).options(joinedload(Role.host)))
@@ -116,8 +119,7 @@ def _list_roles(db: Database) -> Json:
                 "host": r.host.name,
                 "fabric": r.host.fabric,
                 "host_state": r.host.state,
-                "state": r.state,
-                "reason": r.reason,
+                **_seen_state(r, now),
                 "desired_state": r.desired_state,
                 "config_version": r.config_version,
                 "desired_version": desired,
@@ -132,6 +134,26 @@ def _list_roles(db: Database) -> Json:
         ]
     roles.sort(key=lambda r: (r["role"], r["host"]))
     return {"roles": roles}
+
+
+# The controller checks every role each second or two: a state older than this is not known now.
+_STALE_AFTER = dt.timedelta(seconds=10)
+
+
+def _seen_state(role: Role, now: dt.datetime) -> dict[str, str]:
+    """The role's state as the controller last recorded it; Unknown once that is stale (the
+    controller is not running, or cannot reach the DB), rather than a Ready nobody checks."""
+    beat = role.last_heartbeat
+    if beat is not None and beat.tzinfo is None:
+        beat = beat.replace(tzinfo=dt.UTC)
+    if role.state in (RoleState.READY, RoleState.DEGRADED) and beat is not None and now - beat > _STALE_AFTER:
+        silent = int((now - beat).total_seconds())
+        return {
+            "state": "Unknown",
+            "reason": f"last checked {silent} s ago (then {role.state}): is the controller running? "
+            "`sitecloud up` runs it",
+        }
+    return {"state": role.state, "reason": role.reason}
 
 
 def _add_role(db: Database, body: Json) -> int:
