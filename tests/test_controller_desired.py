@@ -144,6 +144,8 @@ def test_a_suspended_subscription_takes_its_sites_off_the_serving_roles_only(tmp
     snaps = snapshots_for(state)
     by_kind = {r.kind: snaps[r.id] for r in state.roles}
     assert not by_kind["frontend"]["sites"]
+    # Front ends know them to tell visitors they are suspended, rather than that there is no such site.
+    assert by_kind["frontend"]["offline"] == {n: {"state": "suspended"} for n in ("alpha", "beta", "gamma")}
     assert all(not snaps[r.id]["sites"] for r in state.of_kind("worker"))
     # The fileserver keeps their content: a site left out of its snapshot goes to the trash.
     assert sorted(by_kind["fileserver"]["sites"]) == ["alpha", "beta", "gamma"]
@@ -172,6 +174,7 @@ def test_a_stopped_site_keeps_its_content_and_its_publishing_but_is_served_by_no
     snaps = snapshots_for(state)
     by_kind = {r.kind: snaps[r.id] for r in state.roles}
     assert sorted(by_kind["frontend"]["sites"]) == ["alpha", "gamma"]
+    assert by_kind["frontend"]["offline"] == {"beta": {"state": "stopped"}}
     held = sorted(name for r in state.of_kind("worker") for name in snaps[r.id]["sites"])
     assert held == ["alpha", "alpha", "gamma", "gamma"]
     assert sorted(by_kind["fileserver"]["sites"]) == ["alpha", "beta", "gamma"]
@@ -346,6 +349,23 @@ def test_app_settings_and_custom_hostnames_reach_the_roles_that_use_them(tmp_pat
     # A certificate's key goes to the front ends only.
     others = [snaps[r.id] for r in state.roles if r.kind != "frontend"]
     assert "KEY" not in str(others)
+    # Every site serves: no offline entry, as front ends always got.
+    assert "offline" not in fe
+
+    # Stopped, its verified names (and the certificate to answer them over HTTPS) stay with the front
+    # ends, to say it is stopped.
+    with db.session() as s:
+        s.query(Site).filter_by(name="alpha").one().state = "stopped"
+    with db.session() as s:
+        state = read_desired(s, "sites.test")
+    fe = next(snapshots_for(state)[r.id] for r in state.roles if r.kind == "frontend")
+    assert "alpha" not in fe["sites"]
+    assert fe["offline"] == {
+        "alpha": {
+            "state": "stopped",
+            "hostnames": ["alpha.example", {"name": "www.alpha.example", "cert": "CERT", "key": "KEY"}],
+        }
+    }
 
 
 def test_a_scaled_site_gets_its_instance_count_and_others_the_default() -> None:

@@ -281,7 +281,7 @@ def read_desired(session: Session, domain: str, *, advertise: str = "") -> Desir
                 },
                 routing=frontend_fields(dict(site.app_settings or {})),
                 routed_to=names.get(site.routed_to_id or 0, ""),
-                state=_site_state(site),
+                state=SiteState.of(site.state, site.subscription.state),
                 hostnames=tuple(
                     {"name": h.hostname, "cert": h.cert_pem, "key": h.key_pem}
                     if h.cert_pem and h.key_pem
@@ -293,13 +293,6 @@ def read_desired(session: Session, domain: str, *, advertise: str = "") -> Desir
             )
         )
     return state
-
-
-def _site_state(site: Site) -> SiteState:
-    # A suspension wins: a stopped site of a suspended subscription may not be published to either.
-    if site.subscription.state != "active":
-        return SiteState.SUSPENDED
-    return SiteState.RUNNING if site.state == "running" else SiteState.STOPPED
 
 
 def _wildcard(session: Session, domain: str) -> PlatformCertificate | None:
@@ -412,6 +405,15 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
     for s in serving:
         addresses.setdefault(answers[s.name].name, []).append(s)
     suspended = {s.name: s for s in state.sites if s.state is SiteState.SUSPENDED}
+    # Sites that exist and serve nothing: front ends tell their visitors so (left out when there are
+    # none, as they always were).
+    offline: dict[str, Any] = {}
+    if len(serving) < len(state.sites):
+        offline["offline"] = {
+            s.name: {"state": s.state, **({"hostnames": list(s.hostnames)} if s.hostnames else {})}
+            for s in state.sites
+            if not s.state.serving
+        }
     # Left out when there are none, as they always were.
     acme: dict[str, Any] = {}
     if state.acme_challenges:
@@ -442,6 +444,7 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
                         }
                         for s in serving
                     },
+                    **offline,
                     **acme,
                 },
                 what="frontend snapshot",
