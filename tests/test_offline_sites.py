@@ -149,3 +149,22 @@ def test_with_every_worker_stopped_a_deploy_is_stored_but_not_called_served(
     done = _sitecloud(cloud, "deploy", "shop", str(tree), token=token)
     assert done.returncode == 0 and done.stdout.rstrip().endswith(", served"), (done.stdout, done.stderr)
     cloud.wait_for_content("shop", "/", b"<h1>new</h1>")
+
+
+def test_a_tenant_s_site_show_names_no_internal_address_when_its_workers_cannot_be_reached(
+    cloud: LocalCloud, tenant: dict[str, Any]
+) -> None:
+    token = tenant["token"]
+    with _workers_stopped(cloud):
+        # Before, it printed "unknown (cannot reach https://<address>:<control port>/v1/sites/...)".
+        shown = cloud.cli("site", "show", "shop", token=token)
+        assert shown["apps"] and all(
+            a["state"] == "unknown" and a["reason"] == "its server cannot be reached now"
+            for a in shown["apps"]
+        ), shown["apps"]
+        printed = _sitecloud(cloud, "site", "show", "shop", token=token).stdout
+        assert "state unknown (its server cannot be reached now)" in printed, printed
+        assert "cannot reach" not in printed and "/v1/" not in printed, printed
+        # The admin keeps the detail.
+        admin = cloud.cli("site", "show", "shop")
+        assert all("cannot reach https://" in a["reason"] for a in admin["apps"]), admin["apps"]
