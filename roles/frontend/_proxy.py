@@ -162,8 +162,9 @@ class Proxy:
         self.applied = True
         if self.cache is not None:
             # A site gone from the routes takes its answers along (a site made again under its
-            # name has a new content id, which its entries' versions would not match anyway).
-            self.cache.drop_sites({site.name for site in routes.hosts.values()})
+            # name has a new content id, which its entries' versions would not match anyway), and so
+            # does one that went offline: it serves nothing until it is started.
+            self.cache.drop_sites({site.name for site in routes.hosts.values()} - routes.offline)
         for address, old in self.upstreams.items():
             if address not in used:
                 old.retired = True

@@ -153,6 +153,8 @@ class Routes:
     skipped: list[str] = field(default_factory=list)
     # Site entries that could not be used, with why: their visitors get the platform's 503 page.
     failed: dict[str, str] = field(default_factory=dict)
+    # Sites that exist but serve nothing now (stopped, suspended): their names get the page saying so.
+    offline: set[str] = field(default_factory=set)
     sites: int = 0
     # ACME HTTP-01 answers: (host, request target) -> the key authorization.
     challenges: dict[tuple[bytes, bytes], bytes] = field(default_factory=dict)
@@ -287,6 +289,7 @@ def _add_offline(routes: Routes, name: str, entry: OfflineSite | Refused, suffix
         return
     # No workers, no usage counted: every request gets the page.
     site = Site(name, (), usage=[0, 0, 0], stopped=offline_page(entry.state))
+    routes.offline.add(name)
     hosts = routes.hosts
     own = name + suffix
     for host, cert in [(own, None), *_hostnames(entry.hostnames)]:
