@@ -46,8 +46,10 @@ _FILESERVER = "the fileserver"
 _DEPLOY_TIMEOUT = 3600.0
 # `site show` asks each of the site's workers how its app is doing, this long at most.
 _APP_STATE_WAIT = 3.0
-# Why a tenant sees its app's state as unknown on a worker.
+# Why a tenant sees its app's state as unknown on a worker: the worker is down or out of reach, or
+# it answered something else (not having the site yet, say).
 _UNREACHED = "its server cannot be reached now"
+_UNSAID = "its server could not say"
 # Pending custom hostnames are asked about in DNS this often (seconds), and at once when one is added.
 _HOSTNAME_RECHECK = 60.0
 _APP_FIELDS = (
@@ -349,7 +351,13 @@ class ManagementService:
             except (SitecloudError, OSError, TimeoutError) as exc:
                 why = str(exc) or type(exc).__name__
                 self._log.bind(site=name).warning("app state on worker %s unknown: %s", host, why)
-                return {"worker": host, "state": "unknown", "reason": why if detail else _UNREACHED}
+                if detail:
+                    reason = why
+                elif isinstance(exc, SitecloudError) and not isinstance(exc, Unavailable):
+                    reason = _UNSAID
+                else:
+                    reason = _UNREACHED
+                return {"worker": host, "state": "unknown", "reason": reason}
             return {"worker": host, **{k: state[k] for k in _APP_FIELDS if k in state}}
 
         return list(await asyncio.gather(*(one(host, url) for host, url in workers)))
