@@ -137,7 +137,7 @@ class Proxy:
                 counters = new_usage[site] = [0, 0, 0]
             return counters
 
-        if len(snapshot.sites) > _BIG_SNAPSHOT:
+        if len(snapshot.sites) + len(snapshot.offline) > _BIG_SNAPSHOT:
             # A big table is built off the loop (which only reads our state meanwhile), so requests
             # go on being answered while it is made; the swap below is one step on the loop.
             routes = await asyncio.to_thread(
