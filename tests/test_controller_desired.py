@@ -254,6 +254,18 @@ def test_many_front_ends_get_the_same_routes_without_down_or_unreachable_workers
     assert all_down[2]["sites"]["blog"]["workers"] == ["web1:7412", "web2:7412", "localhost:9102"]
 
 
+def test_a_publisher_learns_how_many_of_a_site_s_workers_it_cannot_reach() -> None:
+    # pub1 (another host) reaches web1 and web2, not this machine's loopback worker: a deploy it sees
+    # served by none of the two it asks may still be served there, so it must not say otherwise.
+    blog = snapshots_for(_state())[8]["sites"]["blog"]
+    assert blog["workers"] == ["https://web1:7402", "https://web2:7402"] and blog["unreached_workers"] == 1
+    # A local publisher reaches every worker: the field is left out, as it always was.
+    state = _state()
+    state.roles[-1] = RoleEndpoint(8, "publisher", "localhost", 9005, {}, fabric="local")
+    blog = snapshots_for(state)[8]["sites"]["blog"]
+    assert len(blog["workers"]) == 3 and "unreached_workers" not in blog
+
+
 def test_acme_challenges_go_to_every_front_end_and_nowhere_else() -> None:
     state = _state()
     token = "t" * 43

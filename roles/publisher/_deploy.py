@@ -81,6 +81,13 @@ _NOT_SERVED_HINT = (
 )
 
 
+def _not_served(site: SiteInfo, outcome: BuildOutcome) -> bool:
+    """Whether a deploy's version, stored and built, is served by none of the site's workers. A
+    stopped site is meant to serve nothing; workers this publisher cannot reach may serve it, so then
+    it says nothing either way."""
+    return outcome.unserved and not outcome.failed and site.state.serving and not site.unreached_workers
+
+
 def _build_failure(version: int, failed: dict[str, str]) -> str:
     """What a deploy whose build failed answers: the build's own error lines, from one worker (with
     several, which ones: each builds alone, and they fail alike)."""
@@ -427,7 +434,7 @@ class Deployer:
                         message = _build_failure(answer.version, outcome.failed)
                         # (The deployer is answered with it as an error: only the record's log.)
                         self.deployments.note(record, message)
-                    elif outcome.unserved and site.state.serving:
+                    elif _not_served(site, outcome):
                         message = f"version {answer.version} is stored, but no worker is running to serve it"
                         self.deployments.note(record, message)
                 except (OSError, ConnectionError) as exc:
@@ -441,7 +448,7 @@ class Deployer:
         finally:
             if follow is not None:
                 await follow.close()
-        unserved = outcome.unserved and site.state.serving and not outcome.failed
+        unserved = _not_served(site, outcome)
         failed = bool(outcome.failed) or unserved
         self.deployments.finish(record, version=answer.version, message=message, failed=failed)
         if unserved:

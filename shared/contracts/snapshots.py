@@ -427,6 +427,9 @@ class PublisherSite(SnapshotPart):
     addresses: list[SiteName] | None = None
     # Control URLs of the workers serving the site: a deploy follows its build in their logs.
     workers: list[Annotated[str, Field(pattern=r"^https://", max_length=2048)]] = Field(default_factory=list)
+    # Workers holding the site that this publisher cannot reach (on another host, not advertised):
+    # whether they serve a deploy is not for it to judge. 0 (absent): ``workers`` are all there are.
+    unreached_workers: int = Field(default=0, ge=0, le=10**6)
     # A stopped site is published to as a running one; what is published serves once it is started.
     state: Annotated[SiteState, Field(strict=False)] = SiteState.RUNNING
 
