@@ -20,6 +20,7 @@ __all__ = [
     "InvalidInput",
     "LimitReached",
     "NotFound",
+    "NotServed",
     "NotSupported",
     "QuotaExceeded",
     "RateLimited",
@@ -158,6 +159,13 @@ class Unavailable(SitecloudError):
     code = "unavailable"
     status = 503
     ftp_code = 421
+
+
+class NotServed(Unavailable):
+    """The content is stored, but no worker of the site's serves it: none is running, or none can be
+    reached. It serves as soon as one is back."""
+
+    code = "not_served"
 
 
 SitecloudError._by_code[SitecloudError.code] = SitecloudError

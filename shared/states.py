@@ -52,3 +52,12 @@ class SiteState(StrEnum):
     def serving(self) -> bool:
         """Workers run it and front ends route it."""
         return self is SiteState.RUNNING
+
+    @classmethod
+    def of(cls, site: str, subscription: str) -> SiteState:
+        """A site's state from its own (running, stopped) and its subscription's (active, suspended):
+        a suspension wins, for a stopped site of a suspended subscription may not be published to
+        either."""
+        if subscription != "active":
+            return cls.SUSPENDED
+        return cls.RUNNING if site == "running" else cls.STOPPED

@@ -26,6 +26,7 @@ from shared.contracts.snapshots import (
     FileserverSnapshot,
     FrontendSite,
     FrontendSnapshot,
+    OfflineSite,
     PublisherSnapshot,
     Refused,
     WorkerSite,
@@ -34,7 +35,7 @@ from shared.contracts.snapshots import (
 from shared.control import parse_snapshot
 from shared.dns01 import PlatformCertificate
 from shared.errors import InvalidInput
-from shared.states import HealthStatus, RoleState
+from shared.states import HealthStatus, RoleState, SiteState
 
 UID = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -99,6 +100,19 @@ PUBLISHER: dict[str, Any] = {
     ("kind", "wire"),
     [
         (FrontendSnapshot, FRONTEND),
+        (
+            FrontendSnapshot,
+            {
+                **FRONTEND,
+                "offline": {
+                    "news": {
+                        "state": "stopped",
+                        "hostnames": [{"name": "news.example", "cert": PEM, "key": KEY}],
+                    },
+                    "old": {"state": "suspended"},
+                },
+            },
+        ),
         (WorkerSnapshot, WORKER),
         (FileserverSnapshot, FILESERVER),
         (PublisherSnapshot, PUBLISHER),
@@ -121,6 +135,27 @@ def test_each_snapshot_goes_over_the_wire_and_back_unchanged(kind: Any, wire: di
     # From the bytes as a role gets them, too.
     assert kind.parse_json(json.dumps(wire)).to_json() == wire
     assert kind.parse(parsed.to_json()) == parsed
+
+
+def test_an_offline_site_is_stopped_or_suspended_and_a_bad_entry_fails_alone() -> None:
+    front = FrontendSnapshot.parse(
+        {
+            **FRONTEND,
+            "offline": {
+                "news": {"state": "suspended", "hostnames": ["news.example"]},
+                "live": {"state": "running"},
+                "odd": {"state": "stopped", "hostnames": ["not a name"]},
+            },
+        }
+    )
+    news = front.offline["news"]
+    assert isinstance(news, OfflineSite) and news.state is SiteState.SUSPENDED
+    assert news.hostnames == ["news.example"]
+    for name in ("live", "odd"):
+        assert isinstance(front.offline[name], Refused), front.offline[name]
+    # The serving sites stand; without offline sites the field is left out, as it always was.
+    assert sorted(front.sites) == ["blog", "empty", "shop"]
+    assert "offline" not in FrontendSnapshot.parse(FRONTEND).to_json()
 
 
 def test_a_parsed_snapshot_holds_typed_values() -> None:

@@ -144,6 +144,8 @@ def test_a_suspended_subscription_takes_its_sites_off_the_serving_roles_only(tmp
     snaps = snapshots_for(state)
     by_kind = {r.kind: snaps[r.id] for r in state.roles}
     assert not by_kind["frontend"]["sites"]
+    # Front ends know them to tell visitors they are suspended, rather than that there is no such site.
+    assert by_kind["frontend"]["offline"] == {n: {"state": "suspended"} for n in ("alpha", "beta", "gamma")}
     assert all(not snaps[r.id]["sites"] for r in state.of_kind("worker"))
     # The fileserver keeps their content: a site left out of its snapshot goes to the trash.
     assert sorted(by_kind["fileserver"]["sites"]) == ["alpha", "beta", "gamma"]
@@ -172,6 +174,7 @@ def test_a_stopped_site_keeps_its_content_and_its_publishing_but_is_served_by_no
     snaps = snapshots_for(state)
     by_kind = {r.kind: snaps[r.id] for r in state.roles}
     assert sorted(by_kind["frontend"]["sites"]) == ["alpha", "gamma"]
+    assert by_kind["frontend"]["offline"] == {"beta": {"state": "stopped"}}
     held = sorted(name for r in state.of_kind("worker") for name in snaps[r.id]["sites"])
     assert held == ["alpha", "alpha", "gamma", "gamma"]
     assert sorted(by_kind["fileserver"]["sites"]) == ["alpha", "beta", "gamma"]
@@ -249,6 +252,18 @@ def test_many_front_ends_get_the_same_routes_without_down_or_unreachable_workers
     all_down = snapshots_for(_state(frozenset({3, 4, 5})))
     assert all_down[1]["sites"]["blog"]["workers"] == ["web1:7412", "web2:7412"]
     assert all_down[2]["sites"]["blog"]["workers"] == ["web1:7412", "web2:7412", "localhost:9102"]
+
+
+def test_a_publisher_learns_how_many_of_a_site_s_workers_it_cannot_reach() -> None:
+    # pub1 (another host) reaches web1 and web2, not this machine's loopback worker: a deploy it sees
+    # served by none of the two it asks may still be served there, so it must not say otherwise.
+    blog = snapshots_for(_state())[8]["sites"]["blog"]
+    assert blog["workers"] == ["https://web1:7402", "https://web2:7402"] and blog["unreached_workers"] == 1
+    # A local publisher reaches every worker: the field is left out, as it always was.
+    state = _state()
+    state.roles[-1] = RoleEndpoint(8, "publisher", "localhost", 9005, {}, fabric="local")
+    blog = snapshots_for(state)[8]["sites"]["blog"]
+    assert len(blog["workers"]) == 3 and "unreached_workers" not in blog
 
 
 def test_acme_challenges_go_to_every_front_end_and_nowhere_else() -> None:
@@ -346,6 +361,23 @@ def test_app_settings_and_custom_hostnames_reach_the_roles_that_use_them(tmp_pat
     # A certificate's key goes to the front ends only.
     others = [snaps[r.id] for r in state.roles if r.kind != "frontend"]
     assert "KEY" not in str(others)
+    # Every site serves: no offline entry, as front ends always got.
+    assert "offline" not in fe
+
+    # Stopped, its verified names (and the certificate to answer them over HTTPS) stay with the front
+    # ends, to say it is stopped.
+    with db.session() as s:
+        s.query(Site).filter_by(name="alpha").one().state = "stopped"
+    with db.session() as s:
+        state = read_desired(s, "sites.test")
+    fe = next(snapshots_for(state)[r.id] for r in state.roles if r.kind == "frontend")
+    assert "alpha" not in fe["sites"]
+    assert fe["offline"] == {
+        "alpha": {
+            "state": "stopped",
+            "hostnames": ["alpha.example", {"name": "www.alpha.example", "cert": "CERT", "key": "KEY"}],
+        }
+    }
 
 
 def test_a_scaled_site_gets_its_instance_count_and_others_the_default() -> None:

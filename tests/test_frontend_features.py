@@ -448,6 +448,63 @@ def test_custom_hostnames_are_routed_and_get_their_own_certificate_by_sni(
     assert health["status"] == "degraded" and "'shop'" in health["reason"]
 
 
+def test_stopped_and_suspended_sites_get_a_page_saying_so_not_no_site_here(
+    frontend: RoleProcess, cloud: CloudPKI, origins: tuple[Origin, Origin], tmp_path: Path
+) -> None:
+    # Before, a stopped site's visitors got "No site here ... check the address you typed" (404).
+    a, _ = origins
+    other_ca = CloudPKI(tmp_path / "tenant-ca")
+    issued = other_ca.ca.issue("www.shop.example", dns_names=["www.shop.example"])
+    key_file, cert_file = tmp_path / "t.key", tmp_path / "t.pem"
+    issued.write(key_file, cert_file)
+    frontend.push_config(
+        {
+            "version": next(_versions),
+            "domain": DOMAIN,
+            "sites": {"blog": {"workers": [a.address], "hostnames": ["blog.example"]}},
+            "offline": {
+                "shop": {
+                    "state": "stopped",
+                    "hostnames": [
+                        {
+                            "name": "www.shop.example",
+                            "cert": cert_file.read_text(),
+                            "key": key_file.read_text(),
+                        }
+                    ],
+                },
+                "news": {"state": "suspended", "hostnames": ["news.example"]},
+                # A name a serving site holds stays that site's.
+                "old": {"state": "stopped", "hostnames": ["blog.example"]},
+            },
+        }
+    )
+    conn = https_conn(frontend, cloud, f"shop.{DOMAIN}")
+    status, resp, body = fetch(conn, "/cart", host=f"shop.{DOMAIN}")
+    assert status == 403 and b"This site is stopped" in body, body
+    assert resp.getheader("Cache-Control") == "no-store"
+    conn.close()
+    # Its custom hostname is answered with its own certificate, with the same page.
+    config = frontend.config
+    assert isinstance(config, FrontendConfig)
+    custom = _SNIConnection(config.https_port, "www.shop.example", other_ca.client_ssl(None))
+    status, _, body = fetch(custom, "/", host="www.shop.example")
+    assert status == 403 and b"This site is stopped" in body, body
+    custom.close()
+    conn = http_conn(frontend)
+    for host in (f"news.{DOMAIN}", "news.example"):
+        status, _, body = fetch(conn, "/", host=host)
+        assert status == 403 and b"This site is suspended" in body, (host, body)
+        # The state and nothing more: no tenant, plan, reason or address.
+        assert b"news" not in body and b"subscription" not in body.lower()
+    assert fetch(conn, "/", host=f"gone.{DOMAIN}")[0] == 404
+    status, _, body = fetch(conn, "/echo", host="blog.example")
+    assert status == 200 and _origin_of(body) == "a"
+    conn.close()
+    health = frontend.health()
+    assert health["sites"] == 1 and health["status"] != "degraded", health
+
+
 def test_a_100k_site_snapshot_applies_and_routes(
     frontend: RoleProcess, origins: tuple[Origin, Origin]
 ) -> None:

@@ -380,6 +380,28 @@ def test_duplicate_limits_unknown_and_inactive_subscriptions(cloud: ManagementCl
     assert cloud.generation() == before
 
 
+def test_a_suspended_subscription_s_sites_show_as_suspended_and_filter_so(cloud: ManagementCloud) -> None:
+    # Before, they said "running" (their own state) while nothing served them.
+    token, sub = _tenant_with_subscription(cloud, "frozen", "frozen-plan")
+    for name in ("cold", "parked"):
+        cloud.ok("POST", "/sites", token=token, body={"name": name, "subscription": sub})
+    cloud.ok("POST", "/sites/parked/stop", token=token)
+
+    def states(query: str = "") -> dict[str, str]:
+        return {s["name"]: s["state"] for s in cloud.ok("GET", f"/sites{query}", token=token)["sites"]}
+
+    assert states() == {"cold": "running", "parked": "stopped"}
+    cloud.ok("POST", f"/subscriptions/{sub}/suspend")
+    # A suspension wins over the site's own state, stopped or not.
+    assert states() == {"cold": "suspended", "parked": "suspended"}
+    assert cloud.ok("GET", "/sites/cold", token=token)["state"] == "suspended"
+    assert states("?state=suspended") == {"cold": "suspended", "parked": "suspended"}
+    assert states("?state=running") == {} and states("?state=stopped") == {}
+    cloud.ok("POST", f"/subscriptions/{sub}/resume")
+    assert states() == {"cold": "running", "parked": "stopped"}
+    assert states("?state=stopped") == {"parked": "stopped"}
+
+
 def test_a_failing_create_leaves_nothing_behind(cloud: ManagementCloud) -> None:
     token, sub = _tenant_with_subscription(cloud, "atomic", "atomic-plan")
     # A publishing user named like the new site already exists (left by some other writer): the site

@@ -271,6 +271,11 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
     assert "Subscription suspended" in admin.inner_text(".notice")
     tenant.goto(f"{portal}/portal/")
     assert "suspended" in tenant.inner_text("main")
+    # Its site says so too (it said running), and is not offered a start that would be refused.
+    tenant.goto(f"{portal}/portal/sites/portal-demo")
+    assert tenant.locator("h1 .badge").inner_text() == "suspended"
+    assert "Its subscription is suspended" in tenant.inner_text("main")
+    assert tenant.locator("button:text-is('Start site')").count() == 0
     with admin.expect_navigation():
         admin.locator("tr", has_text="fabrikam").first.locator("button[value=resume]").click()
     assert "resumed" in admin.inner_text(".notice")

@@ -281,7 +281,7 @@ def read_desired(session: Session, domain: str, *, advertise: str = "") -> Desir
                 },
                 routing=frontend_fields(dict(site.app_settings or {})),
                 routed_to=names.get(site.routed_to_id or 0, ""),
-                state=_site_state(site),
+                state=SiteState.of(site.state, site.subscription.state),
                 hostnames=tuple(
                     {"name": h.hostname, "cert": h.cert_pem, "key": h.key_pem}
                     if h.cert_pem and h.key_pem
@@ -293,13 +293,6 @@ def read_desired(session: Session, domain: str, *, advertise: str = "") -> Desir
             )
         )
     return state
-
-
-def _site_state(site: Site) -> SiteState:
-    # A suspension wins: a stopped site of a suspended subscription may not be published to either.
-    if site.subscription.state != "active":
-        return SiteState.SUSPENDED
-    return SiteState.RUNNING if site.state == "running" else SiteState.STOPPED
 
 
 def _wildcard(session: Session, domain: str) -> PlatformCertificate | None:
@@ -369,11 +362,16 @@ def _quota_entry(stop: QuotaStop | None) -> dict[str, Any]:
     return {"quota_stop": {"what": stop.what, "limit": stop.limit, "unit": stop.unit, "until": until}}
 
 
-def _publisher_entry(site: DesiredSite, addresses: list[DesiredSite], workers: list[str]) -> dict[str, Any]:
+def _publisher_entry(
+    site: DesiredSite, addresses: list[DesiredSite], workers: list[str], unreached: int = 0
+) -> dict[str, Any]:
     """A site's content as the publisher sees it: publishing credentials go with the address, as
     Azure's slot credentials do, so after a swap a slot's users write to what now answers the slot.
-    ``workers``: control URLs of the workers holding it, whose logs a deploy follows for its build."""
+    ``workers``: control URLs of the workers holding it, whose logs a deploy follows for its build;
+    ``unreached``: how many more hold it that the publisher cannot reach."""
     entry: dict[str, Any] = {"uid": site.uid, "quota_bytes": site.quota_bytes, "workers": workers}
+    if unreached:
+        entry["unreached_workers"] = unreached
     entry["users"] = {user: hashed for a in addresses for user, hashed in a.users.items()}
     if [a.name for a in addresses] != [site.name]:
         entry["addresses"] = [a.name for a in addresses]
@@ -412,6 +410,17 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
     for s in serving:
         addresses.setdefault(answers[s.name].name, []).append(s)
     suspended = {s.name: s for s in state.sites if s.state is SiteState.SUSPENDED}
+    # The workers that serve each site (none for a site that is not served).
+    holders = {s.name: [w for w in s.worker_ids if s.state.serving and w in workers] for s in state.sites}
+    # Sites that exist and serve nothing: front ends tell their visitors so (left out when there are
+    # none, as they always were).
+    offline: dict[str, Any] = {}
+    if len(serving) < len(state.sites):
+        offline["offline"] = {
+            s.name: {"state": s.state, **({"hostnames": list(s.hostnames)} if s.hostnames else {})}
+            for s in state.sites
+            if not s.state.serving
+        }
     # Left out when there are none, as they always were.
     acme: dict[str, Any] = {}
     if state.acme_challenges:
@@ -442,6 +451,7 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
                         }
                         for s in serving
                     },
+                    **offline,
                     **acme,
                 },
                 what="frontend snapshot",
@@ -488,9 +498,10 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
                             addresses.get(s.name, []),
                             [
                                 role.control_url_of(workers[w])
-                                for w in s.worker_ids
-                                if s.state.serving and w in workers and role.reaches(workers[w])
+                                for w in holders[s.name]
+                                if role.reaches(workers[w])
                             ],
+                            sum(not role.reaches(workers[w]) for w in holders[s.name]),
                         )
                         for s in state.sites
                         if s.name not in suspended

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from shared.pages import error_response
+from shared.states import SiteState
 
 __all__ = [
     "BODY_CHUNKED",
@@ -27,6 +28,7 @@ __all__ = [
     "RESPONSE_HEADERS",
     "Page",
     "extra_connection_tokens",
+    "offline_page",
     "quota_page",
     "redirect_page",
     "strip_headers",
@@ -173,6 +175,27 @@ def quota_page(what: str, limit: float, unit: str, until: str) -> Page:
         "moves it to a larger plan."
     )
     return _page(403, "Site stopped: quota exceeded", detail)
+
+
+# A site that exists but serves nothing now: 403, as Azure's "Error 403 - This web app is stopped" and
+# our quota page. Not a 5xx: nothing failed, the platform does what it was told, and retrying will
+# not help (5xx would also count as the platform's errors and make monitors and crawlers retry).
+# The page says the state and nothing more: not who stopped it, nor why a subscription is suspended.
+_OFFLINE = {
+    SiteState.STOPPED: _page(
+        403,
+        "This site is stopped",
+        "The site at this address is stopped. It serves again once it is started.",
+    ),
+    SiteState.SUSPENDED: _page(
+        403, "This site is suspended", "The site at this address is suspended and cannot be visited now."
+    ),
+}
+
+
+def offline_page(state: SiteState) -> Page:
+    """What the visitors of a site that exists but does not serve get: stopped or suspended."""
+    return _OFFLINE.get(state, _OFFLINE[SiteState.STOPPED])
 
 
 def redirect_page(status: int, location: bytes) -> Page:

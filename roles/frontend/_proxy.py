@@ -137,7 +137,7 @@ class Proxy:
                 counters = new_usage[site] = [0, 0, 0]
             return counters
 
-        if len(snapshot.sites) > _BIG_SNAPSHOT:
+        if len(snapshot.sites) + len(snapshot.offline) > _BIG_SNAPSHOT:
             # A big table is built off the loop (which only reads our state meanwhile), so requests
             # go on being answered while it is made; the swap below is one step on the loop.
             routes = await asyncio.to_thread(
@@ -162,8 +162,9 @@ class Proxy:
         self.applied = True
         if self.cache is not None:
             # A site gone from the routes takes its answers along (a site made again under its
-            # name has a new content id, which its entries' versions would not match anyway).
-            self.cache.drop_sites({site.name for site in routes.hosts.values()})
+            # name has a new content id, which its entries' versions would not match anyway), and so
+            # does one that went offline: it serves nothing until it is started.
+            self.cache.drop_sites({site.name for site in routes.hosts.values()} - routes.offline)
         for address, old in self.upstreams.items():
             if address not in used:
                 old.retired = True

@@ -3,7 +3,8 @@
 
 The table is one dict from host name (bytes, lower case, no port) to :class:`Site`: ``<site>.<domain>``
 and every custom hostname of the site point at the same object, so a lookup is one hash probe whatever
-the number of sites.
+the number of sites. A site that exists but serves nothing now (stopped, or of a suspended
+subscription) is in the table too, with no workers: its visitors get the page that says so.
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from roles.frontend._http import Page, quota_page
+from roles.frontend._http import Page, offline_page, quota_page
 from roles.frontend._upstream import Upstream
 from shared.acme import CHALLENGE_PATH
-from shared.contracts.snapshots import FrontendSite, FrontendSnapshot, QuotaStopEntry, Refused
+from shared.contracts.snapshots import (
+    CustomHostname,
+    FrontendSite,
+    FrontendSnapshot,
+    OfflineSite,
+    QuotaStopEntry,
+    Refused,
+)
 from shared.errors import InvalidInput
 from shared.names import validate_hostname, validate_site_name
 
@@ -145,6 +153,8 @@ class Routes:
     skipped: list[str] = field(default_factory=list)
     # Site entries that could not be used, with why: their visitors get the platform's 503 page.
     failed: dict[str, str] = field(default_factory=dict)
+    # Sites that exist but serve nothing now (stopped, suspended): their names get the page saying so.
+    offline: set[str] = field(default_factory=set)
     sites: int = 0
     # ACME HTTP-01 answers: (host, request target) -> the key authorization.
     challenges: dict[tuple[bytes, bytes], bytes] = field(default_factory=dict)
@@ -254,10 +264,7 @@ def build_routes(
             continue
         hosts[(name + suffix).encode()] = site
         routes.sites += 1
-        for entry in spec.hostnames:
-            host, cert = (
-                (entry, None) if isinstance(entry, str) else (entry.name, _custom_cert(entry.cert, entry.key))
-            )
+        for host, cert in _hostnames(spec.hostnames):
             key = host.encode()
             if key in claimed or host.endswith(suffix):
                 routes.skipped.append(f"hostname {host!r} of site {name!r}: also claimed elsewhere")
@@ -269,7 +276,37 @@ def build_routes(
             hosts[key] = site
             if cert is not None:
                 routes.certs[host] = cert
+    for name, entry in snapshot.offline.items():
+        _add_offline(routes, name, entry, suffix)
     return routes
+
+
+def _add_offline(routes: Routes, name: str, entry: OfflineSite | Refused, suffix: str) -> None:
+    """A site that serves nothing now: its names get the page that says so. A name a serving site
+    holds stays that site's; an entry that cannot be used is left out (its names stay unknown)."""
+    if isinstance(entry, Refused):
+        routes.skipped.append(f"offline {entry.reason}")
+        return
+    # No workers, no usage counted: every request gets the page.
+    site = Site(name, (), usage=[0, 0, 0], stopped=offline_page(entry.state))
+    routes.offline.add(name)
+    hosts = routes.hosts
+    own = name + suffix
+    for host, cert in [(own, None), *_hostnames(entry.hostnames)]:
+        key = host.encode()
+        if key in hosts or (host != own and host.endswith(suffix)):
+            continue
+        hosts[key] = site
+        if cert is not None:
+            routes.certs[host] = cert
+
+
+def _hostnames(entries: list[str | CustomHostname]) -> list[tuple[str, CustomCert | None]]:
+    """A site entry's custom hostnames, each with its own certificate if it has one."""
+    return [
+        (entry, None) if isinstance(entry, str) else (entry.name, _custom_cert(entry.cert, entry.key))
+        for entry in entries
+    ]
 
 
 def _custom_cert(cert: str | None, key: str | None) -> CustomCert | None:

@@ -577,7 +577,9 @@ class Site(Answer):
     url: str
     subscription: int
     tenant: str
-    state: Literal["running", "stopped"]
+    state: Literal["running", "stopped", "suspended"] = Field(
+        description="suspended: its subscription is (whatever the site's own state), so it serves nothing"
+    )
     instances: int = Field(1, ge=1)
     hostnames: list[str]
     ftp: Ftp
@@ -594,7 +596,7 @@ class SiteList(Answer):
 class SiteListQuery(ListQuery):
     tenant: str | None = Field(None, max_length=NAME_MAX, description="only this tenant's sites")
     subscription: int | None = Field(None, ge=0, le=ID_MAX, description="only this subscription's sites")
-    state: Literal["running", "stopped"] | None = None
+    state: Literal["running", "stopped", "suspended"] | None = None
 
 
 class Deployed(Answer):

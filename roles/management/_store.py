@@ -66,6 +66,7 @@ from shared.names import (
     validate_site_name,
     validate_slot_name,
 )
+from shared.states import SiteState
 
 __all__ = [
     "COMPUTE_MODES",
@@ -649,7 +650,8 @@ class Store:
             "url": f"https://{site.name}.{c.domain}{port}/",
             "subscription": site.subscription_id,
             "tenant": site.subscription.tenant.name,
-            "state": site.state,
+            # As the roles see it: a suspended subscription's sites serve nothing, whatever their own.
+            "state": SiteState.of(site.state, site.subscription.state),
             "instances": site.instances or 1,
             "hostnames": [h.hostname for h in site.hostnames],
             "ftp": {"host": c.ftp_host, "port": c.ftp_port, "user": site.name},
@@ -735,8 +737,10 @@ class Store:
                 query = query.where(Subscription.tenant.has(Tenant.name == tenant))
             if subscription is not None:
                 query = query.where(Site.subscription_id == subscription)
-            if state is not None:
-                query = query.where(Site.state == state)
+            if state == SiteState.SUSPENDED:
+                query = query.where(Subscription.state != "active")
+            elif state is not None:
+                query = query.where(Site.state == state, Subscription.state == "active")
             after = page.after(str)
             if after is not None:
                 query = query.where(Site.name > after)

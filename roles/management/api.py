@@ -919,7 +919,8 @@ def operations() -> list[Operation]:
             "Replace the site's content with a zip (web deploy). With Accept: application/x-ndjson the "
             "answer is lines: the deploy's and its build's ({source, text}) as they come, then {result} once "
             "the site's workers serve it built, or {error} (code build_failed when the version is stored but "
-            "its requirements.txt or package.json could not be installed). A stopped site takes it and "
+            "its requirements.txt or package.json could not be installed; not_served when it is stored but "
+            "no worker of the running site is running to serve it). A stopped site takes it and "
             "serves it once started; a suspended subscription's site takes it from an admin only (403)",
             "sites",
             answer=m.Deployed,

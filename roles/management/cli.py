@@ -342,7 +342,7 @@ def _mb(size: int) -> str:
 def _app_line(app: dict[str, Any]) -> str:
     """One line per worker: the app's state and each limit it has run into."""
     if app.get("state") == "unknown":
-        return f"unknown ({app.get('reason', 'no answer')})"
+        return f"state unknown ({app.get('reason', 'no answer')})"
     mb = 1024 * 1024
     parts = [f"{app['runtime']}, {app['state']}"]
     if app.get("memory_limit_bytes"):

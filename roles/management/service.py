@@ -46,6 +46,10 @@ _FILESERVER = "the fileserver"
 _DEPLOY_TIMEOUT = 3600.0
 # `site show` asks each of the site's workers how its app is doing, this long at most.
 _APP_STATE_WAIT = 3.0
+# Why a tenant sees its app's state as unknown on a worker: the worker is down or out of reach, or
+# it answered something else (not having the site yet, say).
+_UNREACHED = "its server cannot be reached now"
+_UNSAID = "its server could not say"
 # Pending custom hostnames are asked about in DNS this often (seconds), and at once when one is added.
 _HOSTNAME_RECHECK = 60.0
 _APP_FIELDS = (
@@ -317,7 +321,7 @@ class ManagementService:
     async def show_site(self, who: Principal, name: str) -> Json:
         site = await self._read(self._store.show_site, who, name)
         workers = await self._read(self._store.site_worker_urls, who, name)
-        site["apps"] = await self._app_states(name, workers)
+        site["apps"] = await self._app_states(name, workers, detail=who.is_admin)
         site["quota"] = await self._read(self.metering.site_quota, who, name)
         return site
 
@@ -346,9 +350,11 @@ class ManagementService:
         self._log.bind(site=name).info("quota stop lifted for today by an admin")
         return result
 
-    async def _app_states(self, name: str, workers: list[tuple[str, str]]) -> list[Json]:
+    async def _app_states(self, name: str, workers: list[tuple[str, str]], *, detail: bool) -> list[Json]:
         """How the site's app is doing on each of its workers: state and the limits it ran into. A
-        worker that does not answer in time is listed as unknown, never holding up the answer."""
+        worker that does not answer in time is listed as unknown, never holding up the answer; why
+        only with ``detail`` (an admin's view): the error names the worker's private address and
+        control port, which are no tenant's business. The management log has it either way."""
 
         async def one(host: str, url: str) -> Json:
             try:
@@ -357,7 +363,15 @@ class ManagementService:
                 )
                 state = AppDescription.parse(answer, what="unexpected answer").to_json()
             except (SitecloudError, OSError, TimeoutError) as exc:
-                return {"worker": host, "state": "unknown", "reason": str(exc) or type(exc).__name__}
+                why = str(exc) or type(exc).__name__
+                self._log.bind(site=name).warning("app state on worker %s unknown: %s", host, why)
+                if detail:
+                    reason = why
+                elif isinstance(exc, SitecloudError) and not isinstance(exc, Unavailable):
+                    reason = _UNSAID
+                else:
+                    reason = _UNREACHED
+                return {"worker": host, "state": "unknown", "reason": reason}
             return {"worker": host, **{k: state[k] for k in _APP_FIELDS if k in state}}
 
         return list(await asyncio.gather(*(one(host, url) for host, url in workers)))

@@ -5,7 +5,10 @@ A :class:`BuildFollow` opens each worker's log stream (``GET /v1/sites/{site}/lo
 before the deploy's commit, so no line is missed, and passes on the ``build`` and ``worker`` lines until
 every worker says (``GET /v1/sites/{site}/app``) it has the new version and is not building, or a time
 limit passes; a worker whose build of that version failed says why (``build_error``), and the deploy
-then fails with it. A worker that cannot be reached is left out: the content is stored by then.
+then fails with it. A worker that cannot be reached is left out (after a few seconds, in case it is
+restarting): the content is stored by then. When no worker said it serves the version (each one
+stopped, or out of reach), the outcome says so: a deploy must not claim to be served when visitors
+get 502.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ _POLL = 0.25
 # without a new line (at most _SETTLE_MAX in all) before ending.
 _SETTLE = 0.3
 _SETTLE_MAX = 3.0
+# A worker that cannot be asked is asked again for this long before the deploy goes on without it.
+_UNREACHED_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class BuildOutcome:
     done: bool
     # Worker address → why its build of the version failed.
     failed: dict[str, str] = field(default_factory=dict)
+    # Done, and not one worker said it serves the version: none is running, or none can be reached.
+    unserved: bool = False
 
 
 class BuildFollow:
@@ -111,6 +118,8 @@ class BuildFollow:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         waiting = set(self._site.workers)
+        serving = 0
+        unreached_since: dict[str, float] = {}
         poll_at = loop.time()
         while waiting:
             now = loop.time()
@@ -118,8 +127,16 @@ class BuildFollow:
                 return BuildOutcome(False, dict(self._failed))
             if now >= poll_at:
                 for url in sorted(waiting):
-                    if await self._served(url, version) is not False:
+                    served = await self._served(url, version)
+                    if served is None:
+                        # A worker restarting is back within moments: it is asked again for a while,
+                        # unless another one serves the version already.
+                        first = unreached_since.setdefault(url, now)
+                        if serving or loop.time() - first >= _UNREACHED_GRACE:
+                            waiting.discard(url)
+                    elif served:
                         waiting.discard(url)
+                        serving += 1
                 poll_at = loop.time() + _POLL
                 continue
             with contextlib.suppress(TimeoutError):
@@ -127,7 +144,7 @@ class BuildFollow:
                 self._built = True
                 await emit(source, text)
         if not self._built and self._lines.empty():
-            return BuildOutcome(True)
+            return BuildOutcome(True, unserved=not serving)
         settle_until = loop.time() + _SETTLE_MAX
         while (left := min(_SETTLE, settle_until - loop.time())) > 0:
             try:
@@ -135,7 +152,7 @@ class BuildFollow:
             except TimeoutError:
                 break
             await emit(source, text)
-        return BuildOutcome(True, dict(self._failed))
+        return BuildOutcome(True, dict(self._failed), unserved=not serving)
 
     async def close(self) -> None:
         for task in self._streams:

@@ -39,6 +39,7 @@ from shared.errors import (
     BuildFailed,
     InvalidInput,
     NotFound,
+    NotServed,
     QuotaExceeded,
     RateLimited,
     SitecloudError,
@@ -71,6 +72,20 @@ _BUILD_HINT = (
     "fix what the build says and deploy again; the new files are served, but the site's app does "
     "not start until a version builds (`sitecloud site logs {site}` shows the whole build)"
 )
+
+
+# What to do about a version stored that no worker serves: only an admin can start a worker.
+_NOT_SERVED_HINT = (
+    "ask an admin to start the site's workers (`sitecloud role list`, then `sitecloud role start worker "
+    "<host>`): the site serves this version as soon as one runs"
+)
+
+
+def _not_served(site: SiteInfo, outcome: BuildOutcome) -> bool:
+    """Whether a deploy's version, stored and built, is served by none of the site's workers. A
+    stopped site is meant to serve nothing; workers this publisher cannot reach may serve it, so then
+    it says nothing either way."""
+    return outcome.unserved and not outcome.failed and site.state.serving and not site.unreached_workers
 
 
 def _build_failure(version: int, failed: dict[str, str]) -> str:
@@ -202,7 +217,7 @@ class Deployer:
                         size=size,
                         follow_build=True,
                     )
-                except BuildFailed as err:
+                except (BuildFailed, NotServed) as err:
                     status = err.status
             return web.json_response(self._record_json(request, record), status=status)
         # Kudu's async deploy: take the whole body now, answer 202 and deploy in the background.
@@ -419,6 +434,9 @@ class Deployer:
                         message = _build_failure(answer.version, outcome.failed)
                         # (The deployer is answered with it as an error: only the record's log.)
                         self.deployments.note(record, message)
+                    elif _not_served(site, outcome):
+                        message = f"version {answer.version} is stored, but no worker is running to serve it"
+                        self.deployments.note(record, message)
                 except (OSError, ConnectionError) as exc:
                     # The deployer went away (a git client that hung up): the outcome is on the record.
                     log.info("stopped following the build: %s", exc)
@@ -430,8 +448,14 @@ class Deployer:
         finally:
             if follow is not None:
                 await follow.close()
-        failed = bool(outcome.failed)
+        unserved = _not_served(site, outcome)
+        failed = bool(outcome.failed) or unserved
         self.deployments.finish(record, version=answer.version, message=message, failed=failed)
+        if unserved:
+            log.warning(
+                "%s: version %s stored, but none of the site's workers serves it", via, answer.version
+            )
+            raise NotServed(message, hint=_NOT_SERVED_HINT)
         if failed:
             log.warning("%s: version %s stored, but its build failed", via, answer.version)
             raise BuildFailed(message, hint=_BUILD_HINT.format(site=site.name))

@@ -40,6 +40,8 @@ class SiteInfo:
     # Control URLs of the workers serving the site: a deploy follows its build in their logs.
     workers: tuple[str, ...] = ()
     state: SiteState = SiteState.RUNNING
+    # Workers holding the site that this publisher cannot reach: it cannot tell whether they serve it.
+    unreached_workers: int = 0
 
     @property
     def address(self) -> str:
@@ -80,6 +82,7 @@ def _info(name: str, site: PublisherSite, addresses: list[str]) -> SiteInfo:
         tuple(addresses),
         tuple(w.rstrip("/") for w in site.workers),
         site.state,
+        site.unreached_workers,
     )
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "FileserverSnapshot",
     "FrontendSite",
     "FrontendSnapshot",
+    "OfflineSite",
     "PublisherSite",
     "PublisherSnapshot",
     "QuotaStopEntry",
@@ -243,6 +244,14 @@ def _hostname_entry(raw: Any) -> str | CustomHostname:
     return CustomHostname.parse(raw, what="hostname")
 
 
+# A custom hostname as a snapshot gives it: its name, or {name, cert, key}.
+_HostnameEntry = Annotated[
+    str | CustomHostname,
+    checked(_hostname_entry),
+    PlainSerializer(lambda h: h if isinstance(h, str) else h.to_json()),
+]
+
+
 class QuotaStopEntry(SnapshotPart):
     """A site over a daily quota of its plan: what ran out and until when (visitors get the quota page)."""
 
@@ -258,13 +267,7 @@ class FrontendSite(SnapshotPart):
     workers: list[str] = Field(default_factory=list)
     # After a slot swap: the site whose workers answer this site's host names.
     serve_as: SiteName | None = None
-    hostnames: list[
-        Annotated[
-            str | CustomHostname,
-            checked(_hostname_entry),
-            PlainSerializer(lambda h: h if isinstance(h, str) else h.to_json()),
-        ]
-    ] = Field(default_factory=list)
+    hostnames: list[_HostnameEntry] = Field(default_factory=list)
     https_only: bool = False
     hsts: bool = False
     affinity: bool = False
@@ -273,11 +276,31 @@ class FrontendSite(SnapshotPart):
     quota_stop: QuotaStopEntry | None = None
 
 
+class OfflineSite(SnapshotPart):
+    """A site that exists but serves nothing now: its visitors are told so, and only that."""
+
+    # Stopped by its owner, or of a suspended subscription (never running: that one is in ``sites``).
+    state: Annotated[SiteState, Field(strict=False)]
+    hostnames: list[_HostnameEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _not_serving(self) -> Self:
+        if self.state.serving:
+            raise _invalid(f"an offline site cannot be {self.state}")
+        return self
+
+
 class FrontendSnapshot(Snapshot):
     kind: ClassVar[str] = "frontend"
 
     domain: Hostname
     sites: Annotated[dict[str, FrontendSite | Refused], _SiteMap(FrontendSite, tolerant=True)] = Field(
+        default_factory=dict
+    )
+    # Sites that exist but do not serve (stopped, suspended): their host names get a page saying so
+    # rather than "no site here". Apart from ``sites`` so that a front end a release older, which
+    # reads only ``sites``, keeps answering them as it did.
+    offline: Annotated[dict[str, OfflineSite | Refused], _SiteMap(OfflineSite, tolerant=True)] = Field(
         default_factory=dict
     )
     # HTTP-01 answers of the ACME orders in flight (the front ends answer them for every host).
@@ -404,6 +427,9 @@ class PublisherSite(SnapshotPart):
     addresses: list[SiteName] | None = None
     # Control URLs of the workers serving the site: a deploy follows its build in their logs.
     workers: list[Annotated[str, Field(pattern=r"^https://", max_length=2048)]] = Field(default_factory=list)
+    # Workers holding the site that this publisher cannot reach (on another host, not advertised):
+    # whether they serve a deploy is not for it to judge. 0 (absent): ``workers`` are all there are.
+    unreached_workers: int = Field(default=0, ge=0, le=10**6)
     # A stopped site is published to as a running one; what is published serves once it is started.
     state: Annotated[SiteState, Field(strict=False)] = SiteState.RUNNING
 
