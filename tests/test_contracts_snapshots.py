@@ -26,6 +26,7 @@ from shared.contracts.snapshots import (
     FileserverSnapshot,
     FrontendSite,
     FrontendSnapshot,
+    ManagementSnapshot,
     PublisherSnapshot,
     Refused,
     WorkerSite,
@@ -113,6 +114,20 @@ PUBLISHER: dict[str, Any] = {
             },
         ),
         (BareSnapshot, {"version": 3}),
+        (
+            ManagementSnapshot,
+            {
+                "version": 3,
+                "publisher": {
+                    "control_url": "https://pub1:7403",
+                    "public_host": "pub1",
+                    "ftp_port": 2121,
+                    "deploy_port": 8172,
+                },
+            },
+        ),
+        (ManagementSnapshot, {"version": 3, "publisher": None}),
+        (ManagementSnapshot, {"version": 3}),
     ],
 )
 def test_each_snapshot_goes_over_the_wire_and_back_unchanged(kind: Any, wire: dict[str, Any]) -> None:
@@ -314,7 +329,9 @@ def test_the_controller_builds_each_role_its_contract_and_passes_a_bad_value_on_
     front, worker, files, publisher, management = (snaps[i] for i in range(1, 6))
     assert isinstance(front, FrontendSnapshot) and isinstance(worker, WorkerSnapshot)
     assert isinstance(files, FileserverSnapshot) and isinstance(publisher, PublisherSnapshot)
-    assert isinstance(management, BareSnapshot) and management.to_json() == {"version": 4}
+    # The publisher has no public ports in this state: none is given to management.
+    assert isinstance(management, ManagementSnapshot)
+    assert management.to_json() == {"version": 4, "publisher": None}
     good = worker.sites["good"]
     assert isinstance(good, WorkerSite) and good.runtime == "php"
     # The controller never fails on one site's bad value: the role refuses that site, in the same words.
