@@ -413,7 +413,8 @@ class PublisherSite(SnapshotPart):
 class PublisherSnapshot(Snapshot):
     kind: ClassVar[str] = "publisher"
 
-    fileserver: str = Field(pattern=r"^https://")
+    # The file server's control URL; "": none runs (publishing answers "storage is unavailable").
+    fileserver: str = Field(default="", pattern=r"^(https://.+)?$", max_length=2048)
     # How a site's address reads ("https://{site}.<domain>/"), to tell a publisher where it went live.
     site_url: str | None = Field(default=None, pattern=r"\{site\}")
     sites: Annotated[dict[str, PublisherSite], _SiteMap(PublisherSite, tolerant=False)] = Field(
