@@ -125,6 +125,7 @@ def _tenant_is_told(cloud: LocalCloud, site: dict[str, Any], host: str) -> None:
     assert site["ftp"]["host"] == host and site["ftp"]["port"] == cloud.ports["ftp_port"], site
     deploy = f"https://{host}:{cloud.ports['deploy_port']}/api/deploy/{SITE}"
     assert site["deploy"]["url"] == deploy, site
+    assert site["deploy"]["git"] == f"https://{host}:{cloud.ports['deploy_port']}/{SITE}.git", site
 
 
 def test_tenants_are_given_the_publisher_s_host_and_deploys_follow_it(

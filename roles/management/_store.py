@@ -604,7 +604,11 @@ class Store:
             "instances": site.instances or 1,
             "hostnames": [h.hostname for h in site.hostnames],
             "ftp": {"host": publishing.ftp_host, "port": publishing.ftp_port, "user": site.name},
-            "deploy": {"url": f"{publishing.deploy_url}/api/deploy/{site.name}", "user": site.name},
+            "deploy": {
+                "url": f"{publishing.deploy_url}/api/deploy/{site.name}",
+                "git": f"{publishing.deploy_url}/{site.name}.git",
+                "user": site.name,
+            },
             "problems": _site_problems(site),
         }
 
