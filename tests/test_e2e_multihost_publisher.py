@@ -26,6 +26,7 @@ import pytest
 from roles.controller.fabric._etchosts import read_block, update_hosts_file
 from roles.controller.fabric._wheelhouse import Wheelhouse
 from roles.controller.fabric.netns import NetnsFabric
+from roles.controller.up import _summary
 from tests.cloud import TEST_WHEELHOUSE, LocalCloud
 from tests.support import wait_until
 
@@ -181,3 +182,27 @@ def test_tenants_are_given_the_publisher_s_host_and_deploys_follow_it(
         refused, timeout=15, interval=0.5, what="deploy to be refused with no publisher running"
     )
     assert done.returncode == 6 and b"no publisher is running" in done.stdout + done.stderr, done
+
+
+def test_up_with_the_data_plane_elsewhere_points_to_the_hosts_not_this_machine() -> None:
+    """`up --local-roles management` prints no FTP, web deploy or site address on this machine, where
+    nothing listens; the whole cloud on one box prints them all."""
+    endpoints = {
+        "api": "https://127.0.0.1:8090",
+        "sites": {
+            "https": "https://<site>.sites.localhost:8443/",
+            "http": "http://<site>.sites.localhost:8080/",
+        },
+        "ftp": {"host": "127.0.0.1", "port": 2121},
+        "deploy": "https://127.0.0.1:8172/api/deploy/<site>",
+        "admin_token_file": "/h/admin-token",
+        "ca_cert": "/h/ca/ca.pem",
+        "logs": "/h/logs",
+    }
+    control_plane = _summary(endpoints, ("management",))
+    assert "127.0.0.1:2121" not in control_plane and "127.0.0.1:8172" not in control_plane
+    assert ":8443" not in control_plane and "on the publisher's host" in control_plane
+    assert "https://127.0.0.1:8090" in control_plane
+    one_box = _summary(endpoints)
+    assert "ftp://127.0.0.1:2121" in one_box and "https://127.0.0.1:8172/api/deploy/<site>" in one_box
+    assert "https://<site>.sites.localhost:8443/" in one_box
