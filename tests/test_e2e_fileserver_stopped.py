@@ -61,14 +61,11 @@ def test_publishing_with_the_file_server_stopped_says_storage_is_unavailable(
 
     # Logins need no storage; what does is answered 451, and the session goes on.
     ftp = site_ftp(site)
-    try:
-        with pytest.raises(ftplib.error_temp, match=r"^451 storage is unavailable, try again later"):
-            ftp.storbinary("STOR new.html", io.BytesIO(b"new"))
-        with pytest.raises(ftplib.error_temp, match=r"^451 storage is unavailable"):
-            ftp.nlst()
-        assert ftp.voidcmd("NOOP").startswith("200")
-    finally:
-        ftp.close()
+    with pytest.raises(ftplib.error_temp, match=r"^451 storage is unavailable, try again later"):
+        ftp.storbinary("STOR new.html", io.BytesIO(b"new"))
+    with pytest.raises(ftplib.error_temp, match=r"^451 storage is unavailable"):
+        ftp.nlst()
+    assert ftp.voidcmd("NOOP").startswith("200")
 
     folder = tmp_path / "site"
     folder.mkdir()
@@ -84,8 +81,19 @@ def test_publishing_with_the_file_server_stopped_says_storage_is_unavailable(
     publisher_log = (cloud.home / "logs" / "publisher.log").read_text(errors="replace")
     assert "AttributeError" not in publisher_log and "Traceback" not in publisher_log
 
+    worker = _role(cloud, "worker")
+    assert "refused" not in (worker["reason"] or ""), worker
+
     cloud.cli("role", "start", "fileserver", "localhost")
     wait_until(lambda: _role(cloud, "publisher")["state"] == "Ready", timeout=20, what="the publisher Ready")
+    # The session that was told to try again later does, and it works.
+    try:
+        ftp.storbinary("STOR new.html", io.BytesIO(b"new"))
+        assert "new.html" in ftp.nlst()
+        ftp.quit()
+    finally:
+        ftp.close()
+    cloud.wait_for_content("kept", "/new.html", b"new")
     done = _deploy(cloud, "kept", folder)
     assert done.returncode == 0, (done.stdout, done.stderr)
     cloud.wait_for_content("kept", "/", b"<h1>not now</h1>")

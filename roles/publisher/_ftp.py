@@ -667,6 +667,12 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
             current = self.context.sites.site_of_user(self.username)
             if current is not None:
                 content.site = current  # quota changes apply to the next upload
+            fileserver = self.context.sites.fileserver
+            if fileserver != content.client.base_url and self.data_channel is None:
+                # The file server moved, stopped or is back: this command goes where it is now (never
+                # while a transfer holds a connection of the old client).
+                content.client.close()
+                content.client = FileserverClient(fileserver, self.context.ssl_context)
             content.invalidate()
         super().pre_process_command(line, cmd, arg)
 
