@@ -9,6 +9,7 @@ Needs root, iproute2 and OpenSSH's sshd; everything made is removed afterwards, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ftplib
 import os
 import shutil
@@ -80,6 +81,22 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
 
         asyncio.run(destroy())
         _sweep()
+        _kill_leftovers(home)
+
+
+def _kill_leftovers(home: Path) -> None:
+    """Kill what still runs from this test's home: a namespace whose name went away while its
+    processes lived on (other tests on this machine make and delete namespaces too) is not swept."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(home).encode() in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
 
 
 def _https_get(cloud: LocalCloud, host: str) -> tuple[int, bytes]:
