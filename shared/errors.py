@@ -25,6 +25,7 @@ __all__ = [
     "QuotaExceeded",
     "RateLimited",
     "SitecloudError",
+    "StorageUnavailable",
     "Unauthorized",
     "Unavailable",
     "error_from_json",
@@ -166,6 +167,21 @@ class NotServed(Unavailable):
     reached. It serves as soon as one is back."""
 
     code = "not_served"
+
+
+class StorageUnavailable(Unavailable):
+    """The content store (the fileserver) is stopped or cannot be reached: publishing waits for it.
+
+    FTP answers 451 (RFC 959: action aborted, local error) and keeps the session, where a 421 would
+    close it: the client retries the command, not the login."""
+
+    code = "storage_unavailable"
+    ftp_code = 451
+
+    def __init__(
+        self, message: str = "storage is unavailable, try again later", *, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
 
 
 SitecloudError._by_code[SitecloudError.code] = SitecloudError

@@ -76,6 +76,7 @@ def test_admin_and_tenant_flow_as_json(home: Path, cloud: ManagementCloud) -> No
     assert site["ftp"]["port"] == cloud.config.ftp_port and site["ftp"]["host"] == cloud.config.ftp_host
     assert site["deploy"] == {
         "url": f"{cloud.config.deploy_url}/api/deploy/blog",
+        "git": f"{cloud.config.deploy_url}/blog.git",
         "user": "blog",
         "password": site["ftp"]["password"],
     }

@@ -26,6 +26,7 @@ from shared.contracts.snapshots import (
     FileserverSnapshot,
     FrontendSite,
     FrontendSnapshot,
+    ManagementSnapshot,
     OfflineSite,
     PublisherSnapshot,
     Refused,
@@ -127,6 +128,22 @@ PUBLISHER: dict[str, Any] = {
             },
         ),
         (BareSnapshot, {"version": 3}),
+        (
+            ManagementSnapshot,
+            {
+                "version": 3,
+                "publisher": {
+                    "control_url": "https://pub1:7403",
+                    "public_host": "pub1",
+                    "ftp_port": 2121,
+                    "deploy_port": 8172,
+                },
+            },
+        ),
+        (ManagementSnapshot, {"version": 3, "publisher": None}),
+        (ManagementSnapshot, {"version": 3}),
+        # No file server runs (every one stopped): the publisher takes it and says it is degraded.
+        (PublisherSnapshot, {**PUBLISHER, "fileserver": ""}),
     ],
 )
 def test_each_snapshot_goes_over_the_wire_and_back_unchanged(kind: Any, wire: dict[str, Any]) -> None:
@@ -232,8 +249,8 @@ def test_unknown_fields_are_ignored_not_refused() -> None:
         ),
         (
             PublisherSnapshot,
-            {**PUBLISHER, "fileserver": ""},
-            "fileserver: String should match pattern '^https://'",
+            {**PUBLISHER, "fileserver": "http://files.example:9004"},
+            "fileserver: String should match pattern '^(https://.+)?$'",
         ),
         (PublisherSnapshot, {**PUBLISHER, "site_url": "https://x/"}, "site_url: String should match pattern"),
         (
@@ -349,7 +366,9 @@ def test_the_controller_builds_each_role_its_contract_and_passes_a_bad_value_on_
     front, worker, files, publisher, management = (snaps[i] for i in range(1, 6))
     assert isinstance(front, FrontendSnapshot) and isinstance(worker, WorkerSnapshot)
     assert isinstance(files, FileserverSnapshot) and isinstance(publisher, PublisherSnapshot)
-    assert isinstance(management, BareSnapshot) and management.to_json() == {"version": 4}
+    # The publisher has no public ports in this state: none is given to management.
+    assert isinstance(management, ManagementSnapshot)
+    assert management.to_json() == {"version": 4, "publisher": None}
     good = worker.sites["good"]
     assert isinstance(good, WorkerSite) and good.runtime == "php"
     # The controller never fails on one site's bad value: the role refuses that site, in the same words.
@@ -364,11 +383,20 @@ def test_the_controller_builds_each_role_its_contract_and_passes_a_bad_value_on_
 
 def test_a_snapshot_its_role_would_refuse_goes_as_it_is() -> None:
     state = _state()
-    state.roles = [r for r in state.roles if r.kind != "fileserver"]
-    # No file server: the publisher cannot work, and says so itself when it gets this.
+    state.sites.append(DesiredSite("odd", "not a content id!", 1, {}, ()))
+    # A value stored past management's checks: the publisher refuses the whole snapshot, saying why.
     publisher = snapshots_for(state)[4]
-    assert isinstance(publisher, Refused) and "fileserver" in publisher.reason
-    assert publisher.raw["fileserver"] == "" and publisher.raw["version"] == 4
+    assert isinstance(publisher, Refused) and "site 'odd'" in publisher.reason
+    assert publisher.raw["sites"]["odd"]["uid"] == "not a content id!" and publisher.raw["version"] == 4
+
+
+def test_with_no_file_server_running_the_publisher_is_told_so_and_not_refused() -> None:
+    state = _state()
+    state.roles = [r for r in state.roles if r.kind != "fileserver"]
+    # It keeps its sites and logins, and answers what needs storage "storage is unavailable".
+    publisher = snapshots_for(state)[4]
+    assert isinstance(publisher, PublisherSnapshot) and publisher.fileserver == ""
+    assert publisher.to_json()["fileserver"] == "" and set(publisher.sites) == {"good", "bad"}
 
 
 def test_a_config_push_answer_is_a_contract_too() -> None:

@@ -451,3 +451,44 @@ def test_a_swap_routes_each_slot_s_addresses_to_the_other_s_workers_and_nothing_
     }
     # The publisher takes it (one address claimed twice would refuse the whole snapshot).
     SiteTable().apply(PublisherSnapshot.parse(snaps[8]))
+
+
+def test_management_is_told_where_the_publisher_runs_wherever_that_is() -> None:
+    """Tenants are given the publisher's host (FTP, web deploy) and management forwards deploys to its
+    control port: on a host of its own, by its name; on this machine, at the public or advertised
+    address; none running, none given."""
+    publisher_ports = {"ftp": 2121, "deploy": 8172}
+    management = RoleEndpoint(1, "management", "localhost", 9000, {"api": 8090})
+
+    def told(*publishers: RoleEndpoint, public: str = "127.0.0.1") -> Any:
+        state = DesiredState(generation=4, domain="sites.test", roles=[management, *publishers])
+        state.public_host = public
+        return snapshots_for(state)[1]["publisher"]
+
+    remote = RoleEndpoint(2, "publisher", "pub7", 7403, publisher_ports, fabric="netns")
+    assert told(remote) == {
+        "control_url": "https://pub7:7403",
+        "public_host": "pub7",
+        "ftp_port": 2121,
+        "deploy_port": 8172,
+    }
+    local = RoleEndpoint(3, "publisher", "localhost", 9005, publisher_ports)
+    assert told(local, public="192.0.2.7") == {
+        "control_url": "https://localhost:9005",
+        "public_host": "192.0.2.7",
+        "ftp_port": 2121,
+        "deploy_port": 8172,
+    }
+    advertised = RoleEndpoint(3, "publisher", "localhost", 9005, publisher_ports, advertised="10.0.0.5")
+    assert told(advertised)["public_host"] == "10.0.0.5"
+    # Moved: the stopped one is left for the one that runs.
+    stopped = RoleEndpoint(
+        2, "publisher", "pub7", 7403, publisher_ports, fabric="netns", desired_state="stopped"
+    )
+    assert told(stopped, local)["public_host"] == "127.0.0.1"
+    assert told(stopped) is None
+    assert told() is None
+    # Management on another host never gets this machine's loopback publisher.
+    elsewhere = RoleEndpoint(1, "management", "mgmt7", 7405, {"api": 8090}, fabric="netns")
+    state = DesiredState(generation=4, domain="sites.test", roles=[elsewhere, local])
+    assert snapshots_for(state)[1]["publisher"] is None

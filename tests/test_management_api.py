@@ -230,7 +230,12 @@ def test_site_lifecycle(cloud: ManagementCloud) -> None:
             "user": "blog",
             "password": password,
         },
-        "deploy": {"url": f"{cloud.config.deploy_url}/api/deploy/blog", "user": "blog", "password": password},
+        "deploy": {
+            "url": f"{cloud.config.deploy_url}/api/deploy/blog",
+            "git": f"{cloud.config.deploy_url}/blog.git",
+            "user": "blog",
+            "password": password,
+        },
         "problems": [],
     }
     assert len(password) >= 16

@@ -380,7 +380,13 @@ class Controller:
                     bump_generation(session)
                 self._quota_seen = seen
         with self.db.session() as session:
-            state = read_desired(session, self.config.domain, advertise=self.config.advertise)
+            state = read_desired(
+                session,
+                self.config.domain,
+                advertise=self.config.advertise,
+                # People on other machines reach this one where its roles are advertised.
+                public_host=self.config.advertise or self.config.public_host,
+            )
         state.down = down
         state.quota_stops = stops
         return state

@@ -26,6 +26,7 @@ from shared.contracts.snapshots import (
     BareSnapshot,
     FileserverSnapshot,
     FrontendSnapshot,
+    ManagementSnapshot,
     PublisherSnapshot,
     Refused,
     Snapshot,
@@ -142,6 +143,9 @@ class DesiredState:
     acme_challenges: tuple[AcmeChallenge, ...] = ()
     # The platform's wildcard from ACME, served for <site>.<domain> instead of the cloud CA's one.
     wildcard: PlatformCertificate | None = None
+    # Where people reach this machine's roles (FTP, web deploy): its advertised address, else the
+    # address `up` binds to.
+    public_host: str = "127.0.0.1"
 
     def of_kind(self, kind: str) -> list[RoleEndpoint]:
         return [r for r in self.roles if r.kind == kind]
@@ -231,9 +235,12 @@ def place_sites(session: Session, down: Collection[int] = ()) -> int:
     return len(adds) + len(removes)
 
 
-def read_desired(session: Session, domain: str, *, advertise: str = "") -> DesiredState:
-    """The desired state in the DB; ``advertise`` is where other hosts reach the local roles."""
-    state = DesiredState(generation=current_generation(session), domain=domain)
+def read_desired(
+    session: Session, domain: str, *, advertise: str = "", public_host: str = "127.0.0.1"
+) -> DesiredState:
+    """The desired state in the DB; ``advertise`` is where other hosts reach the local roles,
+    ``public_host`` where people reach them."""
+    state = DesiredState(generation=current_generation(session), domain=domain, public_host=public_host)
     state.wildcard = _wildcard(session, domain)
     for role, host in session.execute(
         select(Role, Host).join(Host, Role.host_id == Host.id).order_by(Role.id)
@@ -330,6 +337,34 @@ def _fileserver(state: DesiredState) -> RoleEndpoint | None:
     candidates = [r for r in state.of_kind("fileserver") if r.desired_state == "running"]
     candidates.sort(key=lambda r: (r.is_local, r.id in state.down, r.id))
     return candidates[0] if candidates else None
+
+
+def _publisher(state: DesiredState) -> RoleEndpoint | None:
+    """The publisher tenants are sent to: a running one (one on a host of its own before this
+    machine's, as for the file server)."""
+    candidates = [
+        r
+        for r in state.of_kind("publisher")
+        # One being added has no public ports yet: it serves nobody.
+        if r.desired_state == "running" and {"ftp", "deploy"} <= set(r.ports)
+    ]
+    candidates.sort(key=lambda r: (r.is_local, r.id in state.down, r.id))
+    return candidates[0] if candidates else None
+
+
+def _publisher_address(state: DesiredState, management: RoleEndpoint) -> dict[str, Any] | None:
+    """Where ``management`` forwards web deploys, and the host and ports it gives tenants: those of
+    the host the publisher runs on, wherever that is."""
+    publisher = _publisher(state)
+    if publisher is None or not management.reaches(publisher):
+        return None
+    public = (publisher.advertised or state.public_host) if publisher.is_local else publisher.host
+    return {
+        "control_url": management.control_url_of(publisher),
+        "public_host": public,
+        "ftp_port": publisher.ports["ftp"],
+        "deploy_port": publisher.ports["deploy"],
+    }
 
 
 def _routable(
@@ -513,6 +548,10 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
                         else {}
                     ),
                 },
+            )
+        elif role.kind == "management":
+            out[role.id] = _whole(
+                ManagementSnapshot, {"version": version, "publisher": _publisher_address(state, role)}
             )
         else:
             out[role.id] = BareSnapshot(version=version)

@@ -212,7 +212,10 @@ class CloudHome:
                 ftp_host=c.public_host,
                 ftp_port=c.ftp_port,
                 deploy_url=f"https://{c.public_host}:{c.deploy_port}",
-                publisher_url=f"https://localhost:{ports['publisher']}",
+                # Until the controller's snapshot says where a publisher runs: the one `up` runs here.
+                publisher_url=f"https://localhost:{ports['publisher']}"
+                if "publisher" in self.local_roles
+                else "",
                 backup_min_every=backup_min_every_from_env(),
             )
         raise ValueError(f"unknown role {kind!r}")

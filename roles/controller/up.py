@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from roles.controller.config import CloudConfig
 from roles.controller.controller import Controller
+from roles.controller.home import LOCAL_ROLES
 from shared.errors import SitecloudError
 from shared.logs import setup_logging
 from shared.process import run_until_stopped
@@ -105,16 +107,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _summary(endpoints: dict[str, Any]) -> str:
+def _summary(endpoints: dict[str, Any], local_roles: Collection[str] = LOCAL_ROLES) -> str:
+    # A role `up` does not run here is reached on the host it is added to, never on this machine.
+    sites = [
+        f"  sites (HTTPS)    {endpoints['sites']['https']}",
+        f"  sites (HTTP)     {endpoints['sites']['http']}",
+    ]
+    if "frontend" not in local_roles:
+        sites = ["  sites            through the front ends' hosts (sitecloud role add frontend HOST)"]
+    publishing = [
+        f"  FTP              ftp://{endpoints['ftp']['host']}:{endpoints['ftp']['port']}",
+        f"  web deploy       {endpoints['deploy']}",
+    ]
+    if "publisher" not in local_roles:
+        publishing = [
+            "  FTP, web deploy  on the publisher's host (sitecloud role add publisher HOST; "
+            "sitecloud site show SITE gives it)"
+        ]
     return "\n".join(
         [
             "",
             "sitecloud is up.",
             f"  management API   {endpoints['api']}",
-            f"  sites (HTTPS)    {endpoints['sites']['https']}",
-            f"  sites (HTTP)     {endpoints['sites']['http']}",
-            f"  FTP              ftp://{endpoints['ftp']['host']}:{endpoints['ftp']['port']}",
-            f"  web deploy       {endpoints['deploy']}",
+            *sites,
+            *publishing,
             f"  admin token      {endpoints['admin_token_file']}",
             f"  CA certificate   {endpoints['ca_cert']}  (trust it: curl --cacert ...)",
             f"  role logs        {endpoints['logs']}",
@@ -158,7 +174,7 @@ def run_up(argv: list[str]) -> int:
             if args.json:
                 print(json.dumps(endpoints), flush=True)
             else:
-                print(_summary(endpoints), flush=True)
+                print(_summary(endpoints, controller.home.local_roles), flush=True)
 
     controller = Controller(config, progress=progress)
 

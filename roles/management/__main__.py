@@ -11,18 +11,13 @@ from roles.management.app import make_app
 from roles.management.config import ManagementConfig
 from roles.management.service import ManagementService
 from shared.contracts.health import ManagementFigures
-from shared.contracts.snapshots import BareSnapshot
+from shared.contracts.snapshots import ManagementSnapshot
 from shared.control import ControlPlane
 from shared.db import Database
 from shared.listeners import listener
 from shared.logs import get_logger
 from shared.process import role_main
 from shared.tls import public_server_context
-
-
-async def _ignore_snapshot(snapshot: BareSnapshot) -> None:
-    # Management reads desired state from the DB itself; a pushed snapshot carries nothing it needs.
-    return None
 
 
 async def serve(config: ManagementConfig, stop: asyncio.Event) -> None:
@@ -32,7 +27,10 @@ async def serve(config: ManagementConfig, stop: asyncio.Event) -> None:
     db = Database(config.db_url)
     service = ManagementService(config, db)
     control = ControlPlane(
-        config, BareSnapshot, _ignore_snapshot, health=lambda: ManagementFigures(api_port=config.api_port)
+        config,
+        ManagementSnapshot,
+        service.apply_snapshot,
+        health=lambda: ManagementFigures(api_port=config.api_port),
     )
     runner = web.AppRunner(make_app(service), access_log=None, shutdown_timeout=5, logger=ProtocolErrorLog())
     try:

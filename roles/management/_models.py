@@ -556,6 +556,7 @@ class Ftp(Answer):
 
 class Deploy(Answer):
     url: str
+    git: str | None = Field(None, description="where a git push (to main or master) deploys the site")
     user: str
     password: str | None = Field(None, description="only when just set")
 

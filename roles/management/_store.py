@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, joinedload, object_session, selectinload
 from roles.management._certs import describe, load_certificate
 from roles.management._domains import check_ownership, parse_resolvers, records_to_create
 from roles.management._paging import Page, paged
+from roles.management._publishing import PublishingEndpoints
 from roles.management._site_backups import BACKUP_KEEP_MAX, Due, check_backup_every
 from roles.management.config import ManagementConfig
 from shared import appsettings
@@ -285,6 +286,8 @@ class Store:
     def __init__(self, db: Database, config: ManagementConfig, lock: threading.Lock | None = None) -> None:
         self._db = db
         self._config = config
+        # Where the publisher runs: replaced whole when the controller says it moved.
+        self.publishing = PublishingEndpoints.from_config(config)
         # One writer at a time in this process: a plan's site count is checked, then a site inserted.
         self._write_lock = lock or threading.Lock()
 
@@ -643,7 +646,7 @@ class Store:
     # -- sites
 
     def site_json(self, site: Site) -> Json:
-        c = self._config
+        c, publishing = self._config, self.publishing
         port = "" if c.https_port == 443 else f":{c.https_port}"
         return {
             "name": site.name,
@@ -654,8 +657,12 @@ class Store:
             "state": SiteState.of(site.state, site.subscription.state),
             "instances": site.instances or 1,
             "hostnames": [h.hostname for h in site.hostnames],
-            "ftp": {"host": c.ftp_host, "port": c.ftp_port, "user": site.name},
-            "deploy": {"url": f"{c.deploy_url.rstrip('/')}/api/deploy/{site.name}", "user": site.name},
+            "ftp": {"host": publishing.ftp_host, "port": publishing.ftp_port, "user": site.name},
+            "deploy": {
+                "url": f"{publishing.deploy_url}/api/deploy/{site.name}",
+                "git": f"{publishing.deploy_url}/{site.name}.git",
+                "user": site.name,
+            },
             "problems": _site_problems(site),
         }
 
@@ -1071,7 +1078,8 @@ class Store:
         """Host names of the platform's own endpoints, which no tenant may claim."""
         c = self._config
         urls = (c.deploy_url, c.publisher_url, c.controller_url)
-        return [c.host, c.ftp_host, *(urlsplit(u).hostname or "" for u in urls if u)]
+        configured = [c.host, c.ftp_host, *(urlsplit(u).hostname or "" for u in urls if u)]
+        return [*configured, *self.publishing.host_names]
 
     def _check_hostname(self, s: Session, hostname: object) -> str:
         _, services = self._domain_settings(s)

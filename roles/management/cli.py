@@ -257,6 +257,8 @@ def _site_fields(site: Any) -> list[tuple[str, Any]]:
     pairs += [("deploy url", deploy["url"]), ("deploy user", deploy["user"])]
     if "password" in deploy:
         pairs.append(("deploy password", deploy["password"]))
+    if deploy.get("git"):
+        pairs.append(("git url", deploy["git"]))
     return pairs
 
 

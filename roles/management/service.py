@@ -21,6 +21,7 @@ from roles.management._metering import Metering
 from roles.management._nudge import Nudger
 from roles.management._paging import Page
 from roles.management._publish_profile import publish_settings
+from roles.management._publishing import PublishingEndpoints
 from roles.management._site_backups import BackupFile, ScheduledBackups, human_every
 from roles.management._store import Principal, Store, require_admin
 from roles.management._usage import StorageReader
@@ -29,6 +30,7 @@ from roles.management.config import ManagementConfig
 from shared.contracts.answers import parse_answer
 from shared.contracts.apps import AppDescription
 from shared.contracts.content import DeployResult, RollbackAnswer, RollbackRequest, SiteVersions, VersionList
+from shared.contracts.snapshots import ManagementSnapshot
 from shared.db import Database
 from shared.errors import SitecloudError, Unauthorized, Unavailable
 from shared.internal import InternalClient
@@ -86,6 +88,19 @@ class ManagementService:
             log=self._log,
         )
         self._backups_stop = asyncio.Event()
+
+    async def apply_snapshot(self, snapshot: ManagementSnapshot) -> None:
+        """Take the controller's word for where the publisher runs (it may have moved)."""
+        publishing = PublishingEndpoints.from_snapshot(snapshot, self.config)
+        if publishing != self._store.publishing:
+            self._log.info(
+                "publisher at %s (FTP %s:%s, web deploy %s)",
+                publishing.control_url or "(none running)",
+                publishing.ftp_host,
+                publishing.ftp_port,
+                publishing.deploy_url,
+            )
+        self._store.publishing = publishing
 
     async def start(self) -> None:
         self._nudger.start()
@@ -412,7 +427,7 @@ class ManagementService:
         return publish_settings(
             site=site["name"],
             site_url=site["url"],
-            deploy_url=self.config.deploy_url,
+            deploy_url=self._store.publishing.deploy_url,
             ftp_host=site["ftp"]["host"],
             ftp_port=site["ftp"]["port"],
             user=site["ftp"]["user"],
@@ -657,9 +672,13 @@ class ManagementService:
 
     async def _deploy_url(self, who: Principal, name: str) -> str:
         await self._read(self._store.check_publishable, who, name)
-        if not self.config.publisher_url:
-            raise Unavailable("web deploy is not available: no publisher is configured")
-        return f"{self.config.publisher_url.rstrip('/')}/v1/deploy/{name}"
+        publisher = self._store.publishing.control_url
+        if not publisher:
+            raise Unavailable(
+                "web deploy is not available: no publisher is running",
+                hint="see `sitecloud role list`; start one with `sitecloud role start publisher HOST`",
+            )
+        return f"{publisher.rstrip('/')}/v1/deploy/{name}"
 
     async def deploy_following(
         self, who: Principal, name: str, body: AsyncIterable[bytes]

@@ -23,6 +23,7 @@ from shared.listeners import listener
 from shared.logs import get_logger
 from shared.metrics import FiguresCollector
 from shared.process import role_main
+from shared.states import HealthStatus
 from shared.tls import client_context, public_server_context
 
 __all__ = ["serve"]
@@ -53,7 +54,7 @@ async def serve(config: PublisherConfig, stop: asyncio.Event) -> None:
         await asyncio.to_thread(git.sweep)
 
     def health() -> PublisherFigures:
-        return PublisherFigures(
+        figures = PublisherFigures(
             ftp_port=ftp.address[1],
             deploy_port=config.deploy_port,
             ftp_sessions=ftp.sessions,
@@ -61,6 +62,14 @@ async def serve(config: PublisherConfig, stop: asyncio.Event) -> None:
             login_throttle_entries=throttle.entries,
             sites=len(sites),
         )
+        if sites.configured and not sites.fileserver:
+            # Logins work, but nothing can be read or stored until a file server runs again.
+            stalled = PublisherFigures(
+                status=HealthStatus.DEGRADED,
+                reason="no fileserver is running: uploads and deploys are refused until one runs",
+            )
+            return PublisherFigures.merge(figures, stalled)
+        return figures
 
     plane = ControlPlane(config, PublisherSnapshot, apply, health=health, routes=deployer.control_routes())
 

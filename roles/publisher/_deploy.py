@@ -395,7 +395,8 @@ class Deployer:
                     answer, took = await asyncio.to_thread(self._apply, site, spool)
                 except SitecloudError as err:
                     self.deploys_refused += 1
-                    log.warning("%s refused: %s", via, err)
+                    # A cause kept from the answer (where the fileserver was not reached) is logged.
+                    log.warning("%s refused: %s%s", via, err, f" ({err.__cause__})" if err.__cause__ else "")
                     self.deployments.finish(record, version=None, message=str(err))
                     raise
                 except BaseException:

@@ -27,13 +27,18 @@ from shared.contracts.content import (
     SiteContentInfo,
     VersionDiff,
 )
-from shared.errors import Unavailable, error_from_json
+from shared.errors import StorageUnavailable, Unavailable, error_from_json
 
 __all__ = ["FilePut", "FileStream", "FileserverClient"]
 
 _CHUNK = 256 * 1024
 # A request body up to this size goes out in the same write as its head.
 _ONE_WRITE = 256 * 1024
+
+
+class _Unreachable(Exception):
+    """Why the fileserver could not be reached, chained under :class:`StorageUnavailable` for the log
+    (the tenant's answer does not name internal addresses)."""
 
 
 def _remaining(source: IO[bytes]) -> int:
@@ -62,10 +67,11 @@ class _Connection(http.client.HTTPSConnection):
 class FileserverClient:
     def __init__(self, base_url: str, ssl_context: ssl.SSLContext, *, timeout: float = 60.0) -> None:
         parts = urlsplit(base_url)
-        if parts.scheme != "https" or not parts.hostname:
+        if base_url and (parts.scheme != "https" or not parts.hostname):
             raise Unavailable(f"fileserver URL {base_url!r} is not https://<host>:<port>")
         self.base_url = base_url
-        self._host = parts.hostname
+        # "" when no fileserver runs: every request is answered "storage is unavailable".
+        self._host = parts.hostname or ""
         self._port = parts.port or 443
         self._ssl = ssl_context
         self._timeout = timeout
@@ -86,6 +92,8 @@ class FileserverClient:
     # --- transport
 
     def _connection(self) -> http.client.HTTPSConnection:
+        if not self._host:
+            raise StorageUnavailable(hint="no fileserver is running")
         if self._conn is None:
             self._conn = _Connection(
                 self._host, self._port, context=self._ssl, timeout=self._timeout, blocksize=_CHUNK
@@ -111,7 +119,10 @@ class FileserverClient:
                 # failing means the fileserver is not there (or broke off).
                 if attempt == 0 and reused and not isinstance(exc, TimeoutError):
                     continue
-                raise Unavailable(f"cannot reach the fileserver at {self.base_url}: {exc}") from exc
+                # The tenant is told to retry; the cause (with the fileserver's address) is for the log.
+                raise StorageUnavailable() from _Unreachable(
+                    f"cannot reach the fileserver at {self.base_url}: {exc}"
+                )
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -125,6 +136,9 @@ class FileserverClient:
         try:
             conn.request(method, path, body=body, headers=headers)
         except OSError as exc:
+            if conn.sock is None:
+                # Never connected (refused, no route): there is no answer to read.
+                raise
             # The fileserver answers a refused upload at once and closes: read that answer if it came.
             try:
                 return conn.getresponse()
@@ -315,7 +329,9 @@ class FilePut:
             conn.endheaders()
         except (OSError, http.client.HTTPException) as exc:
             client.close()
-            raise Unavailable(f"cannot reach the fileserver at {client.base_url}: {exc}") from exc
+            raise StorageUnavailable() from _Unreachable(
+                f"cannot reach the fileserver at {client.base_url}: {exc}"
+            )
         self._conn = conn
 
     def write(self, data: bytes) -> None:

@@ -38,7 +38,7 @@ from roles.publisher._sites import Credentials, SiteInfo, SiteTable, suspended_e
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher._vfs import SiteFilesystem
 from roles.publisher.config import PublisherConfig
-from shared.errors import SitecloudError
+from shared.errors import SitecloudError, StorageUnavailable
 from shared.listeners import listener
 from shared.logs import ContextLogger, get_logger
 from shared.states import SiteState
@@ -359,6 +359,10 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
             try:
                 upload.commit()
             except SitecloudError as err:
+                if isinstance(err, StorageUnavailable):
+                    upload.content.log.warning(
+                        "storing /%s: %s (%s)", upload.rel, err, err.__cause__ or err.hint
+                    )
                 self._resp = (ftp_reply(err), pyftpdlib_logger.info)
                 self.transfer_finished = False
             except Exception:
@@ -543,6 +547,9 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
             reply = ftp_reply(err)
             self.respond(reply)
             self.log_cmd(cmd, args[0] if args else "", err.ftp_code, reply[4:])
+            if isinstance(err, StorageUnavailable):
+                # The client is told to retry later; the admin is told why.
+                self.context.log.warning("FTP %s: %s (%s)", cmd, err, err.__cause__ or err.hint)
         except Exception:
             self.context.log.exception("FTP command %s failed", cmd)
             self.respond("451 Internal error; the command was not completed.")
@@ -660,6 +667,12 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
             current = self.context.sites.site_of_user(self.username)
             if current is not None:
                 content.site = current  # quota changes apply to the next upload
+            fileserver = self.context.sites.fileserver
+            if fileserver != content.client.base_url and self.data_channel is None:
+                # The file server moved, stopped or is back: this command goes where it is now (never
+                # while a transfer holds a connection of the old client).
+                content.client.close()
+                content.client = FileserverClient(fileserver, self.context.ssl_context)
             content.invalidate()
         super().pre_process_command(line, cmd, arg)
 

@@ -62,7 +62,9 @@ __all__ = [
     "FileserverSnapshot",
     "FrontendSite",
     "FrontendSnapshot",
+    "ManagementSnapshot",
     "OfflineSite",
+    "PublisherAddress",
     "PublisherSite",
     "PublisherSnapshot",
     "QuotaStopEntry",
@@ -437,7 +439,8 @@ class PublisherSite(SnapshotPart):
 class PublisherSnapshot(Snapshot):
     kind: ClassVar[str] = "publisher"
 
-    fileserver: str = Field(pattern=r"^https://")
+    # The file server's control URL; "": none runs (publishing answers "storage is unavailable").
+    fileserver: str = Field(default="", pattern=r"^(https://.+)?$", max_length=2048)
     # How a site's address reads ("https://{site}.<domain>/"), to tell a publisher where it went live.
     site_url: str | None = Field(default=None, pattern=r"\{site\}")
     sites: Annotated[dict[str, PublisherSite], _SiteMap(PublisherSite, tolerant=False)] = Field(
@@ -454,6 +457,33 @@ class ConfigAck(Contract):
     """A role's answer to a push: the version it serves with now (a stale push leaves it older)."""
 
     config_version: VersionNumber
+
+
+# -- management ------------------------------------------------------------------------------------
+
+# A host name or an IP address (v4 or v6), as people and roles are told to reach a host.
+_HostOrAddress = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[0-9A-Za-z.:_-]+$")]
+_Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class PublisherAddress(SnapshotPart):
+    """Where the cloud's publisher runs, as management needs it: the URL it forwards web deploys to
+    (over mTLS), and the host and ports it tells tenants to publish to."""
+
+    control_url: str = Field(pattern=r"^https://", max_length=2048)
+    public_host: _HostOrAddress
+    ftp_port: _Port
+    deploy_port: _Port
+
+
+class ManagementSnapshot(Snapshot):
+    """Management reads tenants and sites from the DB itself; what it learns from the controller is
+    where the roles it hands out addresses of run now."""
+
+    kind: ClassVar[str] = "management"
+
+    # None: no publisher runs that management can reach (none placed, or every one stopped).
+    publisher: PublisherAddress | None = None
 
 
 # -- roles that take no sites ----------------------------------------------------------------------
