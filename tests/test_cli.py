@@ -177,6 +177,44 @@ def test_expected_errors_are_messages_not_tracebacks(home: Path, tmp_path: Path)
         assert "Traceback" not in r.stderr
 
 
+def test_a_token_with_a_line_break_is_cleaned_or_refused_never_a_traceback(home: Path) -> None:
+    tenant = ok_json(home, "tenant", "create", "pasted")
+    token = tenant["token"]
+    # Pasted from a file or a CI secret: the line break around it goes.
+    for given in (f"{token}\n", f"{token}\r\n", f"  {token}\t"):
+        assert ok_json(home, "site", "list", env={"SITECLOUD_TOKEN": given}) == {"sites": []}
+        assert ok_json(home, "--token", given, "site", "list") == {"sites": []}
+
+    # Inside the token it cannot be cleaned: a clear refusal, as JSON under --json.
+    for given, what, by_env in (
+        ("sct_a\nb", "a line break", True),
+        ("sct_a b", "a space", False),
+        ("sct_a\x7fb", "a control character", False),
+        ("sct_ä", "a character that is not ASCII", True),
+    ):
+        env = {"SITECLOUD_TOKEN": given} if by_env else None
+        argv = ("site", "list") if by_env else ("--token", given, "site", "list")
+        where = "SITECLOUD_TOKEN" if by_env else "--token"
+        result = run(home, *argv, env=env)
+        assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith(f"error: the API token given by {where} contains {what}"), (
+            result.stderr
+        )
+        result = run(home, *argv, "--json", env=env)
+        assert result.returncode == 4 and result.stderr == "", result.stderr
+        assert json.loads(result.stdout)["error"]["code"] == "unauthorized"
+
+    # Only whitespace: refused, not quietly replaced by the admin token.
+    result = run(home, "--token", " \n", "tenant", "list")
+    assert result.returncode == 4 and "error: the API token given by --token is empty" in result.stderr
+
+
+def test_a_usage_date_with_a_space_reaches_the_server_as_typed(home: Path) -> None:
+    result = run(home, "site", "usage", "no-such-site", "--from", "2026-01-01 x", "--json")
+    assert "Traceback" not in result.stderr and result.stderr == "", result.stderr
+    assert json.loads(result.stdout)["error"]["code"] != "unavailable", result.stdout
+
+
 def _site_for(home: Path, name: str) -> dict[str, str]:
     """A tenant with a site of its own; returns the env that acts as that tenant."""
     ok_json(home, "plan", "create", f"{name}-plan", "--max-sites", "3", "--storage-mb", "10")

@@ -21,12 +21,41 @@ from urllib.parse import quote, urlsplit
 
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unauthorized, Unavailable, error_from_json
 
-__all__ = ["NDJSON", "ApiClient", "Endpoints", "read_result_lines", "zipped"]
+__all__ = ["NDJSON", "ApiClient", "Endpoints", "clean_token", "read_result_lines", "zipped"]
 
 _CHUNK = 256 * 1024
 NDJSON = "application/x-ndjson"
 # Uploads smaller than this finish too fast for a progress display to help.
 _PROGRESS_MIN = 1024 * 1024
+
+
+def clean_token(raw: str, where: str) -> str:
+    """The token to send, from ``raw`` as given by ``where`` (``--token``, ``SITECLOUD_TOKEN``, a file).
+
+    Tokens pasted from files and CI secrets often end in a line break: surrounding whitespace goes.
+    Whitespace or control characters left inside cannot be a token, and would not fit in the
+    Authorization header (RFC 9110 section 5.5), so they are refused here with a message saying so.
+    """
+    token = raw.strip()
+    if not token:
+        raise Unauthorized(f"the API token given by {where} is empty", hint="give the whole token")
+    bad = next((c for c in token if c.isspace() or not c.isprintable() or not c.isascii()), None)
+    if bad is not None:
+        raise Unauthorized(
+            f"the API token given by {where} contains {_describe(bad)}",
+            hint="copy the token again: it is one word of letters, digits, '-' and '_'",
+        )
+    return token
+
+
+def _describe(char: str) -> str:
+    if char in "\r\n":
+        return "a line break"
+    if char.isspace():
+        return "a space" if char == " " else f"whitespace ({char!a})"
+    if not char.isascii() and char.isprintable():
+        return f"a character that is not ASCII ({char!r})"
+    return f"a control character ({char!a})"
 
 
 @dataclass(frozen=True)
@@ -63,12 +92,14 @@ class Endpoints:
         if self.admin_token_file is None:
             raise Unauthorized("no API token", hint="pass --token or set SITECLOUD_TOKEN")
         try:
-            return self.admin_token_file.read_text().strip()
-        except OSError as exc:
+            raw = self.admin_token_file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "it is not text"
             raise Unauthorized(
-                f"cannot read the admin token at {self.admin_token_file}: {exc.strerror}",
+                f"cannot read the admin token at {self.admin_token_file}: {why}",
                 hint="pass --token or set SITECLOUD_TOKEN",
             ) from None
+        return clean_token(raw, str(self.admin_token_file))
 
 
 class _Progress:
