@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import socket
 import ssl
 import urllib.request
 import zipfile
@@ -232,6 +233,55 @@ def test_a_role_process_that_dies_is_restarted(cloud: LocalCloud, sites: dict[st
     assert os.path.exists(f"/proc/{after}")
     # Back from its last-known-good config and cached content, without a new push.
     cloud.wait_for_content("blog", "/", b"<h1>v3</h1>")
+
+
+def test_a_second_up_on_a_running_home_is_refused_before_it_starts_anything(
+    cloud: LocalCloud, sites: dict[str, Any]
+) -> None:
+    assert cloud.proc is not None
+    pids = cloud.role_pids()
+    message = f"a cloud is already running on this home ({cloud.home}, pid {cloud.proc.pid}); stop it first"
+    result = cloud.up_refused(json_output=False)
+    assert result.returncode == 5 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: {message}\n" in result.stderr
+    assert f"hint: Ctrl-C where that `sitecloud up` runs, or `kill {cloud.proc.pid}`" in result.stderr
+    result = cloud.up_refused(json_output=True)
+    assert result.returncode == 5 and "Traceback" not in result.stderr, result.stderr
+    assert json.loads(result.stdout)["error"] == {
+        "code": "in_use",
+        "message": message,
+        "hint": f"Ctrl-C where that `sitecloud up` runs, or `kill {cloud.proc.pid}`",
+    }
+    # The running cloud did not notice.
+    assert cloud.role_pids() == pids and cloud.proc.poll() is None
+    assert {r["state"] for r in cloud.cli("role", "list")["roles"]} == {"Ready"}
+
+
+def test_up_with_a_public_port_taken_names_it_and_starts_nothing(tmp_path: Path) -> None:
+    other = LocalCloud(tmp_path / "home")
+    with socket.create_server(("127.0.0.1", other.ports["https_port"])):
+        result = other.up_refused(json_output=False)
+        port = other.ports["https_port"]
+        assert result.returncode == 5 and "Traceback" not in result.stderr, result.stderr
+        assert (
+            f"error: port {port} (--https-port) is in use by another process; choose another with --https-port\n"
+            in result.stderr
+        )
+        result = other.up_refused(json_output=True)
+        assert result.returncode == 5, result.stderr
+        assert json.loads(result.stdout)["error"]["code"] == "in_use"
+    assert not list((other.home / "roles").glob("*/role.pid"))
+    assert not list((other.home / "logs").glob("*.log"))
+
+
+def test_up_with_one_port_given_twice_is_refused(tmp_path: Path) -> None:
+    other = LocalCloud(tmp_path / "home")
+    other.ports["api_port"] = other.ports["https_port"]
+    result = other.up_refused(json_output=True)
+    assert result.returncode == 2, result.stderr
+    assert json.loads(result.stdout)["error"]["message"] == (
+        f"--https-port and --api-port are both {other.ports['api_port']}; each needs a port of its own"
+    )
 
 
 def test_the_data_plane_outlives_the_controller_and_a_restart(

@@ -24,6 +24,8 @@ from sqlalchemy import select
 from roles.controller._certificates import CertificateManager
 from roles.controller._fleet import Fleet
 from roles.controller._fleet_api import fleet_routes
+from roles.controller._pids import running_role
+from roles.controller._preflight import check_public_ports, hold_home
 from roles.controller._usage import UsageBook, usage_routes
 from roles.controller.config import CloudConfig
 from roles.controller.desired import DesiredState, RoleEndpoint, place_sites, read_desired, snapshots_for
@@ -133,6 +135,17 @@ class Controller:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Bring the cloud up and keep it so until ``stop``; refused before anything starts when
+        another controller runs on this home or a public port is taken."""
+        with hold_home(self.config.home):
+            check_public_ports(self.config, self._runs_already)
+            await self._serve(stop)
+
+    def _runs_already(self, kind: str) -> bool:
+        """Whether a role of this home still runs, left by a controller that died (it is adopted)."""
+        return running_role(RoleSpec(kind, LOCAL_HOST, self.home.role_home(kind))) is not None
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         started = time.monotonic()
         await asyncio.to_thread(self._prepare)
         identity = self.home.controller_identity

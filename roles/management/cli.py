@@ -1545,6 +1545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_up(args_list)
         except UsageError as err:
             return _usage_failed(err, as_json)
+        except SitecloudError as err:
+            return _fail(err, as_json)
     parser = _parser()
     if "_ARGCOMPLETE" in os.environ:
         # The shell asks for completions (see docs/operations.md); imported only then, to start fast.
