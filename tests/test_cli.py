@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from roles.management import cli
+from shared.home_lock import hold_home
 from shared.net import free_port
 from tests.test_management_api import ManagementCloud, start_management
 
@@ -172,7 +173,19 @@ def test_expected_errors_are_messages_not_tracebacks(home: Path, tmp_path: Path)
     (unreachable / "endpoints.json").write_text(json.dumps({**json_home, "api": api}))
     result = run(unreachable, "site", "list")
     assert result.returncode == 6
-    assert result.stderr == f"error: cannot reach the management API at {api} — is `sitecloud up` running?\n"
+    assert result.stderr == (
+        f"error: cannot reach the management API at {api}\n"
+        f"hint: is `sitecloud up` running? Start it with `sitecloud up --home {unreachable}`; if it runs, "
+        "its management role is down: restarting `sitecloud up` starts it again\n"
+    )
+    # While `sitecloud up` holds the home, the hint says so: management itself is down.
+    with hold_home(unreachable):
+        result = run(unreachable, "site", "list", "--json")
+    assert result.returncode == 6
+    error = json.loads(result.stdout)["error"]
+    assert error["code"] == "unavailable" and error["message"] == f"cannot reach the management API at {api}"
+    assert error["hint"].startswith(f"`sitecloud up` runs (pid {os.getpid()}) but its management role")
+    assert str(unreachable / "logs" / "management.log") in error["hint"]
     for r in (result, run(home, "site", "show", "Bad_name")):
         assert "Traceback" not in r.stderr
 

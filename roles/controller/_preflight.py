@@ -1,24 +1,20 @@
-"""What `sitecloud up` checks before it starts anything: that no other controller runs on its home,
-and that the public ports it was given are free.
+"""What `sitecloud up` checks before it starts a role: that the public ports it was given are free
+(that no other controller runs on its home is :mod:`shared.home_lock`'s).
 
-Either failure used to show only once the roles were starting: a traceback from the controller's own
-listener, or roles restarted for ever on a port someone else holds.
+A taken port used to show only once the roles were starting, as roles restarted for ever.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 from roles.controller.config import CloudConfig
 from shared.errors import InUse, InvalidInput
 from shared.listeners import ListenerSpec, bind_listener
 
-__all__ = ["PUBLIC_PORTS", "check_public_ports", "hold_home"]
+__all__ = ["PUBLIC_PORTS", "check_public_ports"]
 
 # The ports people and other machines use, by the role that listens on them: `up`'s option for each
 # and the CloudConfig field it sets.
@@ -27,44 +23,6 @@ PUBLIC_PORTS: dict[str, tuple[tuple[str, str], ...]] = {
     "publisher": (("--ftp-port", "ftp_port"), ("--deploy-port", "deploy_port")),
     "management": (("--api-port", "api_port"),),
 }
-
-
-@contextlib.contextmanager
-def hold_home(home: Path) -> Iterator[None]:
-    """Hold ``HOME/controller.pid`` (with this pid in it) while the body runs; refuse if another
-    process holds it.
-
-    An flock rather than the pid alone: the kernel drops it when its holder dies, so a controller
-    killed with SIGKILL leaves no lock behind and the next `up` adopts its roles. The descriptor is
-    not inherited (Python's default), so the role processes, which outlive the controller, never hold it.
-    """
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / "controller.pid"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise InvalidInput(
-            f"cannot open {path}: {exc.strerror}", hint="check the home's owner and mode"
-        ) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            raise InUse(
-                f"a cloud is already running on this home ({home}, pid {pid or 'unknown'}); stop it first",
-                hint=f"Ctrl-C where that `sitecloud up` runs, or `kill {pid}`" if pid else None,
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            # Emptied, not removed: an `up` that opened it just before a removal would lock the
-            # removed file while the next one locks a new file.
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)
 
 
 def check_public_ports(config: CloudConfig, running: Callable[[str], bool]) -> None:

@@ -25,7 +25,7 @@ from roles.controller._certificates import CertificateManager
 from roles.controller._fleet import Fleet
 from roles.controller._fleet_api import fleet_routes
 from roles.controller._pids import running_role
-from roles.controller._preflight import check_public_ports, hold_home
+from roles.controller._preflight import check_public_ports
 from roles.controller._usage import UsageBook, usage_routes
 from roles.controller.config import CloudConfig
 from roles.controller.desired import DesiredState, RoleEndpoint, place_sites, read_desired, snapshots_for
@@ -38,6 +38,7 @@ from shared.contracts.health import HEALTHS, ControllerHealth, RoleHealth
 from shared.contracts.snapshots import ConfigAck, Refused, Snapshot
 from shared.db import Database, Host, Role, bump_generation
 from shared.errors import SitecloudError, Unavailable
+from shared.home_lock import hold_home
 from shared.internal import InternalClient, error_middleware, require_role
 from shared.logs import get_logger
 from shared.metrics import FiguresCollector, metrics_handler, role_registry

@@ -20,6 +20,7 @@ from typing import IO, Any
 from urllib.parse import quote, urlsplit
 
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unauthorized, Unavailable, error_from_json
+from shared.home_lock import home_holder
 
 __all__ = ["NDJSON", "ApiClient", "Endpoints", "clean_token", "read_result_lines", "zipped"]
 
@@ -65,6 +66,8 @@ class Endpoints:
     api: str
     ca_cert: Path
     admin_token_file: Path | None
+    # The home it was read from; None when made by hand.
+    home: Path | None = None
 
     @classmethod
     def load(cls, home: Path) -> Endpoints:
@@ -86,6 +89,7 @@ class Endpoints:
             api=str(raw["api"]).rstrip("/"),
             ca_cert=Path(raw["ca_cert"]),
             admin_token_file=Path(token_file) if token_file else None,
+            home=home,
         )
 
     def admin_token(self) -> str:
@@ -142,6 +146,7 @@ class ApiClient:
             raise InvalidInput(f"the API address {self.base!r} is not an https:// URL")
         self._host, self._port, self._prefix = parts.hostname, parts.port or 443, parts.path.rstrip("/")
         self._ca = endpoints.ca_cert
+        self._home = endpoints.home
         self._token = token
         self._timeout = timeout
 
@@ -165,7 +170,24 @@ class ApiClient:
                 f"({exc.verify_message})",
                 hint=f"check 'ca_cert' in endpoints.json ({self._ca})",
             )
-        return Unavailable(f"cannot reach the management API at {self.base} — is `sitecloud up` running?")
+        return Unavailable(f"cannot reach the management API at {self.base}", hint=self._unreachable_hint())
+
+    def _unreachable_hint(self) -> str:
+        """What to do when management does not answer: it depends on whether `sitecloud up` runs."""
+        home = self._home
+        pid = home_holder(home) if home is not None else None
+        if home is None or pid is None:
+            where = f" --home {home}" if home is not None else ""
+            return (
+                f"is `sitecloud up` running? Start it with `sitecloud up{where}`; if it runs, its "
+                "management role is down: restarting `sitecloud up` starts it again"
+            )
+        log = home / "logs" / "management.log"
+        return (
+            f"`sitecloud up` runs (pid {pid}) but its management role does not answer: it may be "
+            f"starting or restarting (try again in a moment), or down (see {log}); "
+            "restarting `sitecloud up` starts it again"
+        )
 
     @staticmethod
     def _answer(resp: http.client.HTTPResponse) -> Any:
