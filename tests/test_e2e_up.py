@@ -11,6 +11,8 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -255,6 +257,51 @@ def test_a_second_up_on_a_running_home_is_refused_before_it_starts_anything(
     # The running cloud did not notice.
     assert cloud.role_pids() == pids and cloud.proc.poll() is None
     assert {r["state"] for r in cloud.cli("role", "list")["roles"]} == {"Ready"}
+
+
+def _sitecloud(cloud: LocalCloud, *args: str) -> tuple[int, Any]:
+    """`sitecloud --json ...` with no terminal: its exit code and its JSON answer."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "roles.management.cli", "--home", str(cloud.home), *args, "--json"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_the_last_management_role_cannot_be_stopped_and_the_last_worker_asks_first(
+    cloud: LocalCloud, sites: dict[str, Any]
+) -> None:
+    for action in (["stop"], ["remove", "--yes"]):
+        code, answer = _sitecloud(cloud, "role", *action, "management", "localhost")
+        assert code == 5 and answer["error"]["code"] == "in_use", answer
+        assert "the last running management role" in answer["error"]["message"]
+        assert "`sitecloud role restart management localhost`" in answer["error"]["hint"]
+    roles = {r["role"]: r for r in cloud.cli("role", "list")["roles"]}
+    assert roles["management"]["desired_state"] == "running"
+
+    # The last worker: every site would go down, so not without --yes.
+    pid = cloud.role_pids()["worker"]
+    code, answer = _sitecloud(cloud, "role", "stop", "worker", "localhost")
+    assert code == 4 and answer["error"]["code"] == "confirmation_required", answer
+    assert "last running worker" in answer["error"]["message"] and "--yes" in answer["error"]["hint"]
+    assert cloud.role_pids()["worker"] == pid
+    assert {r["role"]: r for r in cloud.cli("role", "list")["roles"]}["worker"]["desired_state"] == "running"
+
+    code, answer = _sitecloud(cloud, "role", "stop", "worker", "localhost", "--yes")
+    assert code == 0, answer
+    wait_until(
+        lambda: {r["role"]: r for r in cloud.cli("role", "list")["roles"]}["worker"]["state"] == "Stopped",
+        timeout=30,
+        what="the worker stopped",
+    )
+    # --yes is taken by every role action, so a script may pass it to each.
+    code, answer = _sitecloud(cloud, "role", "start", "worker", "localhost", "--yes")
+    assert code == 0, answer
+    cloud.wait_for_content("blog", "/", b"<h1>v3</h1>", timeout=30)
 
 
 def test_up_with_a_public_port_taken_names_it_and_starts_nothing(tmp_path: Path) -> None:

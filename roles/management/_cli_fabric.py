@@ -15,7 +15,8 @@ from typing import Any
 
 from roles.management._cli_client import NDJSON, ApiClient, read_result_lines
 from roles.management._cli_output import ago, out, print_table
-from shared.errors import InvalidInput, Unavailable, error_from_json
+from roles.management._cli_ux import ask
+from shared.errors import ConfirmationRequired, InvalidInput, Unavailable, error_from_json
 
 __all__ = ["add_fabric_commands"]
 
@@ -104,7 +105,15 @@ def _role_action(action: str) -> Command:
     def run(a: argparse.Namespace, api: ApiClient) -> Any:
         if not a.json:
             out(f"{action} {a.role} on {a.host}")
-        return _stream(api, api.path("roles", a.role, a.host, action), {}, quiet=a.json)
+        path = api.path("roles", a.role, a.host, action)
+        try:
+            return _stream(api, path, {"confirm": a.yes}, quiet=a.json)
+        except ConfirmationRequired:
+            # The server asks only for the last running worker or front end: ask the admin, then
+            # send the action again as confirmed.
+            what = f"{action} the last running {a.role} ({a.role} on {a.host}): every site goes down"
+            ask(a, lambda _: (f"{what} until one runs again", None))
+            return _stream(api, path, {"confirm": True}, quiet=a.json)
 
     return run
 
@@ -219,6 +228,12 @@ def add_fabric_commands(group: Callable[[str, str], Any], leaf: Leaf, top: Any) 
             _show_role_done,
             confirm=_role_remove if action == "remove" else None,
         )
+        if action != "remove":
+            # Stopping the last running worker or front end asks first; the others take --yes too, so
+            # a script may pass it to every role action.
+            sp.add_argument(
+                "-y", "--yes", action="store_true", help="do not ask (needed where there is no terminal)"
+            )
         sp.add_argument("role", choices=_KINDS)
         sp.add_argument("host")
 

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import joinedload
+from sqlalchemy.orm import Session, joinedload
 
 from roles.management._store import WORKER_SIZES, Principal, iso, require_admin
 from roles.management.config import ManagementConfig
@@ -35,6 +35,8 @@ from shared.contracts.fleet import (
 from shared.db import Database, Host, Role, Subscription, current_generation
 from shared.errors import (
     AlreadyExists,
+    ConfirmationRequired,
+    InUse,
     InvalidInput,
     NotFound,
     NotSupported,
@@ -44,6 +46,7 @@ from shared.errors import (
 )
 from shared.internal import InternalClient
 from shared.names import validate_hostname
+from shared.states import RoleState
 
 __all__ = ["ACTIONS", "FABRICS", "KINDS", "FabricService", "outcome"]
 
@@ -176,7 +179,49 @@ def _add_role(db: Database, body: Json) -> int:
         return role.id
 
 
-def _role_for_action(db: Database, kind: str, host_name: str, action: str) -> int:
+# Roles of these kinds carry every site: stopping the last one that runs takes every site down.
+_SITES_NEED = {"worker": "workers serve them", "frontend": "visitors reach them through front ends"}
+_DOING = {"stop": "stopping", "remove": "removing"}
+_SERVING = (RoleState.READY, RoleState.DEGRADED)
+
+
+def _check_not_last(s: Session, role: Role, host_name: str, action: str, *, confirmed: bool) -> None:
+    """Refuse stopping or removing the last running management role (nothing could start it again:
+    the CLI and the portals reach the cloud only through it), and ask for a confirmation before the
+    last running worker or front end goes."""
+    if action not in ("stop", "remove") or role.desired_state != "running":
+        return
+    others = s.scalar(
+        select(func.count())
+        .select_from(Role)
+        .where(
+            Role.kind == role.kind,
+            Role.id != role.id,
+            Role.desired_state == "running",
+            Role.state.in_([str(x) for x in _SERVING]),
+        )
+    )
+    if others:
+        return
+    doing = _DOING[action]
+    if role.kind == "management":
+        raise InUse(
+            f"management on {host_name} is the last running management role: {doing} it would lock "
+            "every admin out, as the CLI and the portals reach the cloud only through it "
+            "(and `role start` would have nothing to go through)",
+            hint=f"to restart it: `sitecloud role restart management {host_name}`; to move it, "
+            "add a management role on another host first",
+        )
+    need = _SITES_NEED.get(role.kind)
+    if need is not None and not confirmed:
+        raise ConfirmationRequired(
+            f"not confirmed: {doing} {role.kind} on {host_name}, the last running {role.kind}, takes "
+            f"every site down until one runs again ({need})",
+            hint='pass --yes to confirm (API: {"confirm": true})',
+        )
+
+
+def _role_for_action(db: Database, kind: str, host_name: str, action: str, *, confirmed: bool) -> int:
     if kind not in KINDS:
         raise InvalidInput(f"{kind!r} is not a role", hint=f"one of {', '.join(KINDS)}")
     if action not in ACTIONS:
@@ -185,6 +230,7 @@ def _role_for_action(db: Database, kind: str, host_name: str, action: str) -> in
         role = s.scalar(select(Role).join(Host).where(Role.kind == kind, Host.name == host_name.lower()))
         if role is None:
             raise NotFound(f"no {kind} role on {host_name}", hint="see the list of roles")
+        _check_not_last(s, role, host_name, action, confirmed=confirmed)
         if action == "stop":
             role.desired_state = "stopped"
         elif action != "remove":
@@ -271,9 +317,12 @@ class FabricService:
         async for line in self._stream("/v1/roles", RoleAdd(id=role_id, **ssh).to_json()):
             yield line
 
-    async def role_action(self, who: Principal, kind: str, host: str, action: str) -> AsyncIterator[bytes]:
+    async def role_action(
+        self, who: Principal, kind: str, host: str, action: str, *, confirmed: bool = False
+    ) -> AsyncIterator[bytes]:
+        """``confirmed``: the admin agreed to stop or remove the last running worker or front end."""
         require_admin(who)
-        role_id = await asyncio.to_thread(_role_for_action, self.db, kind, host, action)
+        role_id = await asyncio.to_thread(_role_for_action, self.db, kind, host, action, confirmed=confirmed)
         async for line in self._stream(f"/v1/roles/{role_id}/{action}", {}):
             yield line
 

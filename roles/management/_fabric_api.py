@@ -76,8 +76,10 @@ async def add_role(request: web.Request) -> web.StreamResponse:
 async def role_action(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
     p = request.match_info
+    confirm = body_of(request, m.RoleActionRequest).confirm
     return await relay_lines(
-        request, service_of(request).fabric.role_action(who, p["role"], p["host"], p["action"])
+        request,
+        service_of(request).fabric.role_action(who, p["role"], p["host"], p["action"], confirmed=confirm),
     )
 
 
@@ -161,6 +163,8 @@ def fabric_operations() -> list[Operation]:
             "roles",
             content=NDJSON,
             params=(_ROLE, _ROLE_HOST, _ACTION),
+            body=m.RoleActionRequest,
+            body_required=False,
             errors=(*admin, 409),
         ),
         Operation(

@@ -146,7 +146,8 @@ async def role_action(request: web.Request) -> web.StreamResponse:
         elif action in _ROLE_NOTICES:
             if action in _ASKS_FIRST:
                 check_confirmed(form, f"{action} {kind} {'from' if action == 'remove' else 'on'} {host}")
-            await outcome(fabric.role_action(page.who, kind, host, action))
+            # Confirmed on the page that asked first (stop and remove), as the API's "confirm" does.
+            await outcome(fabric.role_action(page.who, kind, host, action, confirmed=True))
         else:
             raise InvalidInput("unknown role action")
     except SitecloudError as err:
