@@ -292,16 +292,27 @@ def test_the_last_management_role_cannot_be_stopped_and_the_last_worker_asks_fir
     assert {r["role"]: r for r in cloud.cli("role", "list")["roles"]}["worker"]["desired_state"] == "running"
 
     code, answer = _sitecloud(cloud, "role", "stop", "worker", "localhost", "--yes")
-    assert code == 0, answer
-    wait_until(
-        lambda: {r["role"]: r for r in cloud.cli("role", "list")["roles"]}["worker"]["state"] == "Stopped",
-        timeout=30,
-        what="the worker stopped",
-    )
+    assert code == 0 and answer["state"] == "Stopped" and answer["seconds"] > 0, answer
+    # The answer comes once the role list says so too.
+    assert _listed(cloud)["worker"]["state"] == "Stopped"
     # --yes is taken by every role action, so a script may pass it to each.
     code, answer = _sitecloud(cloud, "role", "start", "worker", "localhost", "--yes")
-    assert code == 0, answer
+    assert code == 0 and answer["state"] == "Ready" and answer["seconds"] > 0, answer
+    assert _listed(cloud)["worker"]["state"] == "Ready"
     cloud.wait_for_content("blog", "/", b"<h1>v3</h1>", timeout=30)
+
+
+def _listed(cloud: LocalCloud) -> dict[str, dict[str, Any]]:
+    return {r["role"]: r for r in cloud.cli("role", "list")["roles"]}
+
+
+def test_restarting_management_waits_until_it_serves_again(cloud: LocalCloud, sites: dict[str, Any]) -> None:
+    before = cloud.role_pids()["management"]
+    code, answer = _sitecloud(cloud, "role", "restart", "management", "localhost")
+    assert code == 0 and answer["state"] == "Ready", answer
+    assert answer["seconds"] >= 1.0, answer
+    assert cloud.role_pids()["management"] != before
+    assert _listed(cloud)["management"]["state"] == "Ready"
 
 
 def test_up_with_a_public_port_taken_names_it_and_starts_nothing(tmp_path: Path) -> None:
