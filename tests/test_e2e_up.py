@@ -10,9 +10,11 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -369,3 +371,20 @@ def test_the_data_plane_outlives_the_controller_and_a_restart(
     assert cloud.get("blog", "/")[2] == b"<h1>v3</h1>"
     cloud.wait_for_content("shop", "/", b"shop v2")
     assert cloud.stop() == 0
+
+
+def test_up_brings_back_a_management_role_left_stopped(cloud: LocalCloud) -> None:
+    """A home where management was stopped (older versions allowed it) is not left without a door."""
+    assert cloud.proc is not None and cloud.proc.poll() is not None  # stopped by the test before
+    db = sqlite3.connect(cloud.home / "sitecloud.db")
+    with db:
+        db.execute("UPDATE roles SET desired_state = 'stopped' WHERE kind = 'management'")
+    db.close()
+    started = time.monotonic()
+    cloud.start()
+    try:
+        assert time.monotonic() - started < 40
+        management = _listed(cloud)["management"]
+        assert (management["state"], management["desired_state"]) == ("Ready", "running"), management
+    finally:
+        assert cloud.stop() == 0
