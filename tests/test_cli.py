@@ -222,6 +222,17 @@ def test_a_token_with_a_line_break_is_cleaned_or_refused_never_a_traceback(home:
     assert result.returncode == 4 and "error: the API token given by --token is empty" in result.stderr
 
 
+def test_a_broken_api_address_in_endpoints_is_an_error_not_a_traceback(home: Path, tmp_path: Path) -> None:
+    good = json.loads((home / "endpoints.json").read_text())
+    for api in ("https://127.0.0.1:80x90", "https://127.0.0.1 x:8090", "https://127.0.0.1:8090/a\x7f"):
+        (tmp_path / "endpoints.json").write_text(json.dumps({**good, "api": api}))
+        result = run(tmp_path, "site", "list", "--json")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert (
+            json.loads(result.stdout)["error"]["message"] == f"the API address {api!r} is not an https:// URL"
+        )
+
+
 def test_a_usage_date_with_a_space_reaches_the_server_as_typed(home: Path) -> None:
     result = run(home, "site", "usage", "no-such-site", "--from", "2026-01-01 x", "--json")
     assert "Traceback" not in result.stderr and result.stderr == "", result.stderr

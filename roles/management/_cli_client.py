@@ -142,9 +142,23 @@ class ApiClient:
     def __init__(self, endpoints: Endpoints, token: str | None, *, timeout: float = 30.0) -> None:
         self.base = endpoints.api
         parts = urlsplit(self.base)
-        if parts.scheme != "https" or not parts.hostname:
-            raise InvalidInput(f"the API address {self.base!r} is not an https:// URL")
-        self._host, self._port, self._prefix = parts.hostname, parts.port or 443, parts.path.rstrip("/")
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        # The host goes into the Host header and the path into the request line: neither may hold
+        # whitespace or control characters.
+        if (
+            parts.scheme != "https"
+            or not parts.hostname
+            or port == -1
+            or any(c.isspace() or not c.isprintable() for c in self.base)
+        ):
+            raise InvalidInput(
+                f"the API address {self.base!r} is not an https:// URL",
+                hint="run `sitecloud up` to rewrite endpoints.json",
+            )
+        self._host, self._port, self._prefix = parts.hostname, port or 443, parts.path.rstrip("/")
         self._ca = endpoints.ca_cert
         self._home = endpoints.home
         self._token = token
