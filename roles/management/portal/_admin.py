@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from roles.management._fabric import outcome
+from roles.management._fabric import SITES_NEED, last_running, outcome
 from roles.management._request import service_of
 from roles.management._site_backups import parse_every
 from roles.management._store import WORKER_SIZES
@@ -183,6 +183,10 @@ async def confirm_role_action(request: web.Request) -> web.StreamResponse:
         ]
     if kind == "management":
         consequences.append("The API and these portals are served by management roles: keep one running.")
+    elif kind in SITES_NEED and last_running(roles, kind, host):
+        consequences.append(
+            f"It is the last running {kind}: every site goes down until one runs again ({SITES_NEED[kind]})."
+        )
     return confirm_page(
         request,
         page,
