@@ -7,8 +7,11 @@
 | ``DELETE /api/v1/hosts/{name}`` | 204 (a host with roles is refused) |
 | ``GET /api/v1/roles`` | ``{"roles": [...], "next_cursor"}`` |
 | ``POST /api/v1/roles`` | ``{role, host, ssh_user?, ssh_key?, size?, reserved_for?}`` → NDJSON |
-| ``POST /api/v1/roles/{role}/{host}/{action}`` | start, stop, restart, repair, remove → NDJSON |
+| ``POST /api/v1/roles/{role}/{host}/{action}`` | start, stop, restart, repair, remove; ``{confirm?}`` → NDJSON |
 | ``POST /api/v1/upgrade`` | ``{force?}`` → NDJSON |
+
+Stopping or removing the last running management role is refused (409); the last running worker or
+front end needs ``{"confirm": true}`` (else 400 ``confirmation_required``).
 """
 
 from __future__ import annotations
