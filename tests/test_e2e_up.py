@@ -334,6 +334,23 @@ def test_up_with_a_public_port_taken_names_it_and_starts_nothing(tmp_path: Path)
     assert not list((other.home / "logs").glob("*.log"))
 
 
+def test_up_with_an_internal_port_taken_names_it_and_starts_nothing(tmp_path: Path) -> None:
+    other = LocalCloud(tmp_path / "home")
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        other.home.mkdir(parents=True)
+        (other.home / "cloud.json").write_text(json.dumps({"internal_ports": {"worker": port}}))
+        result = other.up_refused(json_output=True)
+    assert result.returncode == 5 and "Traceback" not in result.stderr, result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error["message"] == (
+        f"port {port} (the worker's control port, chosen by the first `up` on this home) is in use by "
+        "another process"
+    )
+    assert '"worker" from "internal_ports"' in error["hint"]
+    assert not list((other.home / "roles").glob("*/role.pid"))
+
+
 def test_up_with_one_port_given_twice_is_refused(tmp_path: Path) -> None:
     other = LocalCloud(tmp_path / "home")
     other.ports["api_port"] = other.ports["https_port"]

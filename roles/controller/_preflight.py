@@ -1,5 +1,6 @@
-"""What `sitecloud up` checks before it starts a role: that the public ports it was given are free
-(that no other controller runs on its home is :mod:`shared.home_lock`'s).
+"""What `sitecloud up` checks before it starts a role: that the public ports it was given, and the
+internal ones an earlier `up` chose for this home, are free (that no other controller runs on its home
+is :mod:`shared.home_lock`'s).
 
 A taken port used to show only once the roles were starting, as roles restarted for ever.
 """
@@ -8,13 +9,14 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from roles.controller.config import CloudConfig
 from shared.errors import InUse, InvalidInput
 from shared.listeners import ListenerSpec, bind_listener
 
-__all__ = ["PUBLIC_PORTS", "check_public_ports"]
+__all__ = ["PUBLIC_PORTS", "check_internal_ports", "check_public_ports"]
 
 # The ports people and other machines use, by the role that listens on them: `up`'s option for each
 # and the CloudConfig field it sets.
@@ -77,3 +79,28 @@ def _port_error(problems: list[tuple[int, str, int]], bind: str) -> InUse | Inva
     return InvalidInput(
         f"port {port} ({option}) cannot be bound on {bind}: {why}; choose another with {option}", hint=hint
     )
+
+
+def check_internal_ports(
+    config: CloudConfig, chosen: Mapping[str, int], state_file: Path, running: Callable[[str], bool]
+) -> None:
+    """Refuse when a port an earlier `up` chose for this home (``chosen``, by name: a role's control
+    port, ``worker_data``, ``controller``) is held by another process; a role of this home that still
+    runs holds its own."""
+    for name, port in chosen.items():
+        kind = "worker" if name == "worker_data" else name
+        if kind not in (*config.local_roles, "controller") or not port or running(kind):
+            continue
+        try:
+            bind_listener(ListenerSpec(name, config.bind, int(port))).close()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                continue  # the role says why when it binds
+            what = {"controller": "the controller's port", "worker_data": "the worker's data port"}.get(
+                name, f"the {name}'s control port"
+            )
+            raise InUse(
+                f"port {port} ({what}, chosen by the first `up` on this home) is in use by another process",
+                hint=f'stop that process, or remove "{name}" from "internal_ports" in {state_file} and '
+                "`up` chooses a free port",
+            ) from None

@@ -25,7 +25,7 @@ from roles.controller._certificates import CertificateManager
 from roles.controller._fleet import Fleet
 from roles.controller._fleet_api import fleet_routes
 from roles.controller._pids import running_role
-from roles.controller._preflight import check_public_ports
+from roles.controller._preflight import check_internal_ports, check_public_ports
 from roles.controller._usage import UsageBook, usage_routes
 from roles.controller.config import CloudConfig
 from roles.controller.desired import DesiredState, RoleEndpoint, place_sites, read_desired, snapshots_for
@@ -38,6 +38,7 @@ from shared.contracts.health import HEALTHS, ControllerHealth, RoleHealth
 from shared.contracts.snapshots import ConfigAck, Refused, Snapshot
 from shared.db import Database, Host, Role, bump_generation
 from shared.errors import SitecloudError, Unavailable
+from shared.files import read_json
 from shared.home_lock import hold_home
 from shared.internal import InternalClient, error_middleware, require_role
 from shared.logs import get_logger
@@ -140,7 +141,16 @@ class Controller:
         another controller runs on this home or a public port is taken."""
         with hold_home(self.config.home):
             check_public_ports(self.config, self._runs_already)
+            check_internal_ports(self.config, self._chosen_ports(), self.home.state_file, self._runs_already)
             await self._serve(stop)
+
+    def _chosen_ports(self) -> dict[str, int]:
+        """The internal ports an earlier `up` chose for this home (none on a first `up`)."""
+        try:
+            ports = read_json(self.home.state_file).get("internal_ports")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return {str(k): v for k, v in ports.items() if isinstance(v, int)} if isinstance(ports, dict) else {}
 
     def _runs_already(self, kind: str) -> bool:
         """Whether a role of this home still runs, left by a controller that died (it is adopted)."""
