@@ -233,7 +233,7 @@ class Controller:
                 role.ports = self._public_ports(kind)
                 role.state, role.reason = RoleState.STARTING, ""
                 role.config_version = 0
-                if kind == "management" and role.desired_state != "running":
+                if kind == "management" and role.desired_state == "stopped":
                     # Stopped (by an older version that allowed it), it is the one door the admin has
                     # to start anything: `up` always brings it back.
                     self._log.warning("management on %s was stopped; starting it again", LOCAL_HOST)
