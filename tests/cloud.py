@@ -48,14 +48,18 @@ class LocalCloud:
     def ca_file(self) -> Path:
         return self.home / "ca" / "ca.pem"
 
-    def start(self, timeout: float = 60.0) -> dict[str, Any]:
-        argv = [sys.executable, "-m", "roles.management.cli", "up", "--home", str(self.home), "--json"]
+    def _up_argv(self, *, json_output: bool = True) -> list[str]:
+        argv = [sys.executable, "-m", "roles.management.cli", "up", "--home", str(self.home)]
+        argv += ["--json"] if json_output else []
         for name, port in self.ports.items():
             argv += [f"--{name.replace('_', '-')}", str(port)]
         argv += ["--passive-ports", f"{self.passive[0]}-{self.passive[1]}"]
         if self.db_url:
             argv += ["--db", self.db_url]
-        argv += list(self.extra_args)
+        return argv + list(self.extra_args)
+
+    def start(self, timeout: float = 60.0) -> dict[str, Any]:
+        argv = self._up_argv()
         endpoints = self.home / "endpoints.json"
         endpoints.unlink(missing_ok=True)
         log = self.log_path.open("ab")
@@ -76,6 +80,27 @@ class LocalCloud:
             self.kill_everything()
             raise AssertionError(message) from None
         return dict(json.loads(endpoints.read_text()))
+
+    def up_refused(self, *, json_output: bool, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run another `sitecloud up` on this home that is expected to be refused at once; one that
+        runs on instead is stopped (with whatever it started) and fails the test."""
+        env = {"SITECLOUD_WHEELHOUSE": str(TEST_WHEELHOUSE), **os.environ}
+        proc = subprocess.Popen(
+            self._up_argv(json_output=json_output),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            stdout, stderr = proc.communicate(timeout=30)
+            if self.proc is None:  # a home of its own: nothing of it may outlive the test
+                self.kill_everything()
+            raise AssertionError(f"`sitecloud up` was not refused within {timeout}s:\n{stderr}") from None
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

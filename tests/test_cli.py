@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from roles.management import cli
+from shared.home_lock import hold_home
 from shared.net import free_port
 from tests.test_management_api import ManagementCloud, start_management
 
@@ -173,9 +174,70 @@ def test_expected_errors_are_messages_not_tracebacks(home: Path, tmp_path: Path)
     (unreachable / "endpoints.json").write_text(json.dumps({**json_home, "api": api}))
     result = run(unreachable, "site", "list")
     assert result.returncode == 6
-    assert result.stderr == f"error: cannot reach the management API at {api} — is `sitecloud up` running?\n"
+    assert result.stderr == (
+        f"error: cannot reach the management API at {api}\n"
+        f"hint: is `sitecloud up` running? Start it with `sitecloud up --home {unreachable}`; if it runs, "
+        "its management role is down: restarting `sitecloud up` starts it again\n"
+    )
+    # While `sitecloud up` holds the home, the hint says so: management itself is down.
+    with hold_home(unreachable):
+        result = run(unreachable, "site", "list", "--json")
+    assert result.returncode == 6
+    error = json.loads(result.stdout)["error"]
+    assert error["code"] == "unavailable" and error["message"] == f"cannot reach the management API at {api}"
+    assert error["hint"].startswith(f"`sitecloud up` runs (pid {os.getpid()}) but its management role")
+    assert str(unreachable / "logs" / "management.log") in error["hint"]
     for r in (result, run(home, "site", "show", "Bad_name")):
         assert "Traceback" not in r.stderr
+
+
+def test_a_token_with_a_line_break_is_cleaned_or_refused_never_a_traceback(home: Path) -> None:
+    tenant = ok_json(home, "tenant", "create", "pasted")
+    token = tenant["token"]
+    # Pasted from a file or a CI secret: the line break around it goes.
+    for given in (f"{token}\n", f"{token}\r\n", f"  {token}\t"):
+        assert ok_json(home, "site", "list", env={"SITECLOUD_TOKEN": given}) == {"sites": []}
+        assert ok_json(home, "--token", given, "site", "list") == {"sites": []}
+
+    # Inside the token it cannot be cleaned: a clear refusal, as JSON under --json.
+    for given, what, by_env in (
+        ("sct_a\nb", "a line break", True),
+        ("sct_a b", "a space", False),
+        ("sct_a\x7fb", "a control character", False),
+        ("sct_ä", "a character that is not ASCII", True),
+    ):
+        env = {"SITECLOUD_TOKEN": given} if by_env else None
+        argv = ("site", "list") if by_env else ("--token", given, "site", "list")
+        where = "SITECLOUD_TOKEN" if by_env else "--token"
+        result = run(home, *argv, env=env)
+        assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith(f"error: the API token given by {where} contains {what}"), (
+            result.stderr
+        )
+        result = run(home, *argv, "--json", env=env)
+        assert result.returncode == 4 and result.stderr == "", result.stderr
+        assert json.loads(result.stdout)["error"]["code"] == "unauthorized"
+
+    # Only whitespace: refused, not quietly replaced by the admin token.
+    result = run(home, "--token", " \n", "tenant", "list")
+    assert result.returncode == 4 and "error: the API token given by --token is empty" in result.stderr
+
+
+def test_a_broken_api_address_in_endpoints_is_an_error_not_a_traceback(home: Path, tmp_path: Path) -> None:
+    good = json.loads((home / "endpoints.json").read_text())
+    for api in ("https://127.0.0.1:80x90", "https://127.0.0.1 x:8090", "https://127.0.0.1:8090/a\x7f"):
+        (tmp_path / "endpoints.json").write_text(json.dumps({**good, "api": api}))
+        result = run(tmp_path, "site", "list", "--json")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert (
+            json.loads(result.stdout)["error"]["message"] == f"the API address {api!r} is not an https:// URL"
+        )
+
+
+def test_a_usage_date_with_a_space_reaches_the_server_as_typed(home: Path) -> None:
+    result = run(home, "site", "usage", "no-such-site", "--from", "2026-01-01 x", "--json")
+    assert "Traceback" not in result.stderr and result.stderr == "", result.stderr
+    assert json.loads(result.stdout)["error"]["code"] != "unavailable", result.stdout
 
 
 def _site_for(home: Path, name: str) -> dict[str, str]:

@@ -10,7 +10,12 @@ import io
 import json
 import os
 import signal
+import socket
+import sqlite3
 import ssl
+import subprocess
+import sys
+import time
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -311,6 +316,128 @@ def test_a_role_process_that_hangs_is_restarted(cloud: LocalCloud, sites: dict[s
     )
 
 
+def test_a_second_up_on_a_running_home_is_refused_before_it_starts_anything(
+    cloud: LocalCloud, sites: dict[str, Any]
+) -> None:
+    assert cloud.proc is not None
+    pids = cloud.role_pids()
+    message = f"a cloud is already running on this home ({cloud.home}, pid {cloud.proc.pid}); stop it first"
+    result = cloud.up_refused(json_output=False)
+    assert result.returncode == 5 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: {message}\n" in result.stderr
+    assert f"hint: Ctrl-C where that `sitecloud up` runs, or `kill {cloud.proc.pid}`" in result.stderr
+    result = cloud.up_refused(json_output=True)
+    assert result.returncode == 5 and "Traceback" not in result.stderr, result.stderr
+    assert json.loads(result.stdout)["error"] == {
+        "code": "in_use",
+        "message": message,
+        "hint": f"Ctrl-C where that `sitecloud up` runs, or `kill {cloud.proc.pid}`",
+    }
+    # The running cloud did not notice.
+    assert cloud.role_pids() == pids and cloud.proc.poll() is None
+    assert {r["state"] for r in cloud.cli("role", "list")["roles"]} == {"Ready"}
+
+
+def _sitecloud(cloud: LocalCloud, *args: str) -> tuple[int, Any]:
+    """`sitecloud --json ...` with no terminal: its exit code and its JSON answer."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "roles.management.cli", "--home", str(cloud.home), *args, "--json"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_the_last_management_role_cannot_be_stopped_and_the_last_worker_asks_first(
+    cloud: LocalCloud, sites: dict[str, Any]
+) -> None:
+    for action in (["stop"], ["remove", "--yes"]):
+        code, answer = _sitecloud(cloud, "role", *action, "management", "localhost")
+        assert code == 5 and answer["error"]["code"] == "in_use", answer
+        assert "the last running management role" in answer["error"]["message"]
+        assert "`sitecloud role restart management localhost`" in answer["error"]["hint"]
+    roles = {r["role"]: r for r in cloud.cli("role", "list")["roles"]}
+    assert roles["management"]["desired_state"] == "running"
+
+    # The last worker: every site would go down, so not without --yes.
+    pid = cloud.role_pids()["worker"]
+    code, answer = _sitecloud(cloud, "role", "stop", "worker", "localhost")
+    assert code == 4 and answer["error"]["code"] == "confirmation_required", answer
+    assert "last running worker" in answer["error"]["message"] and "--yes" in answer["error"]["hint"]
+    assert cloud.role_pids()["worker"] == pid
+    assert {r["role"]: r for r in cloud.cli("role", "list")["roles"]}["worker"]["desired_state"] == "running"
+
+    code, answer = _sitecloud(cloud, "role", "stop", "worker", "localhost", "--yes")
+    assert code == 0 and answer["state"] == "Stopped" and answer["seconds"] > 0, answer
+    # The answer comes once the role list says so too.
+    assert _listed(cloud)["worker"]["state"] == "Stopped"
+    # --yes is taken by every role action, so a script may pass it to each.
+    code, answer = _sitecloud(cloud, "role", "start", "worker", "localhost", "--yes")
+    assert code == 0 and answer["state"] == "Ready" and answer["seconds"] > 0, answer
+    assert _listed(cloud)["worker"]["state"] == "Ready"
+    cloud.wait_for_content("blog", "/", b"<h1>v3</h1>", timeout=30)
+
+
+def _listed(cloud: LocalCloud) -> dict[str, dict[str, Any]]:
+    return {r["role"]: r for r in cloud.cli("role", "list")["roles"]}
+
+
+def test_restarting_management_waits_until_it_serves_again(cloud: LocalCloud, sites: dict[str, Any]) -> None:
+    before = cloud.role_pids()["management"]
+    code, answer = _sitecloud(cloud, "role", "restart", "management", "localhost")
+    assert code == 0 and answer["state"] == "Ready", answer
+    assert answer["seconds"] >= 1.0, answer
+    assert cloud.role_pids()["management"] != before
+    assert _listed(cloud)["management"]["state"] == "Ready"
+
+
+def test_up_with_a_public_port_taken_names_it_and_starts_nothing(tmp_path: Path) -> None:
+    other = LocalCloud(tmp_path / "home")
+    with socket.create_server(("127.0.0.1", other.ports["https_port"])):
+        result = other.up_refused(json_output=False)
+        port = other.ports["https_port"]
+        assert result.returncode == 5 and "Traceback" not in result.stderr, result.stderr
+        assert (
+            f"error: port {port} (--https-port) is in use by another process; choose another with --https-port\n"
+            in result.stderr
+        )
+        result = other.up_refused(json_output=True)
+        assert result.returncode == 5, result.stderr
+        assert json.loads(result.stdout)["error"]["code"] == "in_use"
+    assert not list((other.home / "roles").glob("*/role.pid"))
+    assert not list((other.home / "logs").glob("*.log"))
+
+
+def test_up_with_an_internal_port_taken_names_it_and_starts_nothing(tmp_path: Path) -> None:
+    other = LocalCloud(tmp_path / "home")
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        other.home.mkdir(parents=True)
+        (other.home / "cloud.json").write_text(json.dumps({"internal_ports": {"worker": port}}))
+        result = other.up_refused(json_output=True)
+    assert result.returncode == 5 and "Traceback" not in result.stderr, result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error["message"] == (
+        f"port {port} (the worker's control port, chosen by the first `up` on this home) is in use by "
+        "another process"
+    )
+    assert '"worker" from "internal_ports"' in error["hint"]
+    assert not list((other.home / "roles").glob("*/role.pid"))
+
+
+def test_up_with_one_port_given_twice_is_refused(tmp_path: Path) -> None:
+    other = LocalCloud(tmp_path / "home")
+    other.ports["api_port"] = other.ports["https_port"]
+    result = other.up_refused(json_output=True)
+    assert result.returncode == 2, result.stderr
+    assert json.loads(result.stdout)["error"]["message"] == (
+        f"--https-port and --api-port are both {other.ports['api_port']}; each needs a port of its own"
+    )
+
+
 def test_the_data_plane_outlives_the_controller_and_a_restart(
     cloud: LocalCloud, sites: dict[str, Any]
 ) -> None:
@@ -351,3 +478,20 @@ def test_the_data_plane_outlives_the_controller_and_a_restart(
     assert cloud.get("blog", "/")[2] == b"<h1>v3</h1>"
     cloud.wait_for_content("shop", "/", b"shop v2")
     assert cloud.stop() == 0
+
+
+def test_up_brings_back_a_management_role_left_stopped(cloud: LocalCloud) -> None:
+    """A home where management was stopped (older versions allowed it) is not left without a door."""
+    assert cloud.proc is not None and cloud.proc.poll() is not None  # stopped by the test before
+    db = sqlite3.connect(cloud.home / "sitecloud.db")
+    with db:
+        db.execute("UPDATE roles SET desired_state = 'stopped' WHERE kind = 'management'")
+    db.close()
+    started = time.monotonic()
+    cloud.start()
+    try:
+        assert time.monotonic() - started < 40
+        management = _listed(cloud)["management"]
+        assert (management["state"], management["desired_state"]) == ("Ready", "running"), management
+    finally:
+        assert cloud.stop() == 0

@@ -416,6 +416,7 @@ def test_every_destructive_action_asks_and_no_post_is_sent_twice(
     admin.goto(f"{portal}/admin/")
     submit(admin, "a[aria-label='Remove worker from localhost']")
     assert admin.locator("h1").inner_text() == "Remove worker from localhost?"
+    assert "It is the last running worker: every site goes down" in admin.inner_text("main")
     submit(admin, "a:text-is('Cancel')")
     answer = admin.request.post(
         f"{portal}/admin/roles",

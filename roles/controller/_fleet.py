@@ -41,6 +41,9 @@ Progress = Callable[[FleetProgress], None]
 # first (workers serve from their caches meanwhile), front ends last (clients move to the others).
 UPGRADE_ORDER = ("fileserver", "publisher", "worker", "management", "frontend")
 _READY_TIMEOUT = 60.0
+# The health loop records what it saw in the DB about once a second; a few passes at most.
+_LISTED_TIMEOUT = 10.0
+_SERVING = (RoleState.READY, RoleState.DEGRADED)
 
 
 class FleetHooks(Protocol):
@@ -162,6 +165,20 @@ class Fleet:
                 for key, value in fields.items():
                     setattr(role, key, value)
 
+    def _listed_state(self, role_id: int) -> str:
+        with self.db.session() as s:
+            role = s.get(Role, role_id)
+            return role.state if role is not None else RoleState.REMOVED
+
+    async def _until_listed(self, role_id: int, states: tuple[RoleState, ...]) -> None:
+        """Until `role list` shows the role in one of ``states``, so an action's answer is not ahead
+        of the list; after the bound, the answer goes as it is (the list catches up on its own)."""
+        deadline = time.monotonic() + _LISTED_TIMEOUT
+        while time.monotonic() < deadline:
+            if await asyncio.to_thread(self._listed_state, role_id) in states:
+                return
+            await asyncio.sleep(0.1)
+
     def _set_host(self, name: str, **fields: Any) -> None:
         with self.db.session() as s:
             host = s.scalar(select(Host).where(Host.name == name))
@@ -280,6 +297,7 @@ class Fleet:
         progress(FleetProgress(role=row.kind, host=row.host, step="ready", phase="started"))
         await self.hooks.converge(timeout=10.0)
         state, reason = await self.hooks.wait_ready(row.id, row.control_url, _READY_TIMEOUT)
+        await self._until_listed(row.id, _SERVING)
         seconds = time.monotonic() - started
         progress(
             FleetProgress(role=row.kind, host=row.host, step="ready", phase="done", seconds=round(seconds, 2))
@@ -358,7 +376,8 @@ class Fleet:
         started = time.monotonic()
         row = await asyncio.to_thread(self._role_row, role_id)
         if row.fabric == "local":
-            return await self._act_local(row, action)
+            done = await self._act_local(row, action, progress)
+            return done.model_copy(update={"seconds": round(time.monotonic() - started, 2)})
         launcher = self.launcher(row.host, row.fabric)
         assert isinstance(launcher, RemoteLauncher)
         spec = RoleSpec(row.kind, row.host, Path(str(launcher.role_home(row.kind))))
@@ -388,6 +407,8 @@ class Fleet:
             # Back into the routes only once it serves (a stopped role stays out by its desired state).
             self.hooks.route_around(row.id, False)
         await self.hooks.converge()
+        if action == "stop":
+            await self._until_listed(row.id, (RoleState.STOPPED,))
         return RoleOutcome(
             role=row.kind,
             host=row.host,
@@ -405,7 +426,7 @@ class Fleet:
         await self.hooks.converge()
         progress(FleetProgress(role=row.kind, host=row.host, step="drain", phase="done"))
 
-    async def _act_local(self, row: _RoleRow, action: str) -> RoleOutcome:
+    async def _act_local(self, row: _RoleRow, action: str, progress: Progress) -> RoleOutcome:
         launcher = self.launcher(LOCAL_HOST, "local")
         spec = RoleSpec(row.kind, LOCAL_HOST, self.home.role_home(row.kind), dict(self.config.extra_env))
         if action == "remove":
@@ -433,10 +454,15 @@ class Fleet:
                 host=row.host,
                 state=RoleState.RESTARTING if action != "stop" else RoleState.STOPPING,
             )
+        progress(FleetProgress(role=row.kind, host=row.host, step=action, phase="started"))
         await run()
-        state, reason = RoleState.STOPPED, ""
-        if action != "stop":
-            state, reason = await self.hooks.wait_ready(row.id, row.control_url, _READY_TIMEOUT)
+        progress(FleetProgress(role=row.kind, host=row.host, step=action, phase="done"))
+        if action == "stop":
+            # The health loop sees the stop once it has the new desired state.
+            await self.hooks.converge()
+            await self._until_listed(row.id, (RoleState.STOPPED,))
+            return RoleOutcome(role=row.kind, host=row.host, state=RoleState.STOPPED)
+        _, state, reason = await self._ready(row, progress)
         return RoleOutcome(role=row.kind, host=row.host, state=state, reason=reason or None)
 
     # -- rolling upgrade --------------------------------------------------------------------------
@@ -501,7 +527,7 @@ class Fleet:
         try:
             if row.fabric == "local":
                 await self._drain(row, progress)
-                await self._act_local(row, "restart")
+                await self._act_local(row, "restart", lambda _: None)  # the upgrade reports its own steps
             else:
                 async with self._host(row.host):
                     await self._drain(row, progress)

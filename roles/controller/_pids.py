@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["STABLE_AFTER", "cmdline", "pid_alive"]
+from roles.controller.fabric.base import RoleSpec
+
+__all__ = ["STABLE_AFTER", "cmdline", "pid_alive", "running_role"]
 
 # A process that stayed up this long is healthy again: its next crash restarts without delay.
 STABLE_AFTER = 30.0
@@ -31,3 +33,15 @@ def cmdline(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\x00")
     except OSError:
         return []
+
+
+def running_role(spec: RoleSpec) -> int | None:
+    """The pid of the role process in ``spec``'s pid file, if it still runs with ``spec``'s config
+    (a pid reused by some other process does not count)."""
+    try:
+        pid = int(spec.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if pid_alive(pid) and str(spec.config_file) in cmdline(pid):
+        return pid
+    return None

@@ -24,6 +24,8 @@ from sqlalchemy import select
 from roles.controller._certificates import CertificateManager
 from roles.controller._fleet import Fleet
 from roles.controller._fleet_api import fleet_routes
+from roles.controller._pids import running_role
+from roles.controller._preflight import check_internal_ports, check_public_ports
 from roles.controller._usage import UsageBook, usage_routes
 from roles.controller.config import CloudConfig
 from roles.controller.desired import DesiredState, RoleEndpoint, place_sites, read_desired, snapshots_for
@@ -36,6 +38,8 @@ from shared.contracts.health import HEALTHS, ControllerHealth, RoleHealth
 from shared.contracts.snapshots import ConfigAck, Refused, Snapshot
 from shared.db import Database, Host, Role, bump_generation
 from shared.errors import SitecloudError, Unavailable
+from shared.files import read_json
+from shared.home_lock import hold_home
 from shared.internal import InternalClient, error_middleware, require_role
 from shared.logs import get_logger
 from shared.metrics import FiguresCollector, metrics_handler, role_registry
@@ -142,6 +146,26 @@ class Controller:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Bring the cloud up and keep it so until ``stop``; refused before anything starts when
+        another controller runs on this home or a public port is taken."""
+        with hold_home(self.config.home):
+            check_public_ports(self.config, self._runs_already)
+            check_internal_ports(self.config, self._chosen_ports(), self.home.state_file, self._runs_already)
+            await self._serve(stop)
+
+    def _chosen_ports(self) -> dict[str, int]:
+        """The internal ports an earlier `up` chose for this home (none on a first `up`)."""
+        try:
+            ports = read_json(self.home.state_file).get("internal_ports")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return {str(k): v for k, v in ports.items() if isinstance(v, int)} if isinstance(ports, dict) else {}
+
+    def _runs_already(self, kind: str) -> bool:
+        """Whether a role of this home still runs, left by a controller that died (it is adopted)."""
+        return running_role(RoleSpec(kind, LOCAL_HOST, self.home.role_home(kind))) is not None
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         started = time.monotonic()
         await asyncio.to_thread(self._prepare)
         identity = self.home.controller_identity
@@ -218,6 +242,11 @@ class Controller:
                 role.ports = self._public_ports(kind)
                 role.state, role.reason = RoleState.STARTING, ""
                 role.config_version = 0
+                if kind == "management" and role.desired_state == "stopped":
+                    # Stopped (by an older version that allowed it), it is the one door the admin has
+                    # to start anything: `up` always brings it back.
+                    self._log.warning("management on %s was stopped; starting it again", LOCAL_HOST)
+                    role.desired_state = "running"
             # Ports or hosts may have moved since the last run: every role gets a fresh snapshot.
             bump_generation(session)
 

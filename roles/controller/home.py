@@ -8,6 +8,7 @@ HOME/cloud.json     choices that must stay stable across restarts (internal port
                     publisher settings under "publisher" (e.g. {"require_tls": true})
 HOME/admin-token    the admin API token (0600)
 HOME/endpoints.json what the CLI and people need to reach the cloud
+HOME/controller.pid locked by the running `sitecloud up` (see shared/home_lock.py)
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from roles.controller._pids import STABLE_AFTER, cmdline, pid_alive
+from roles.controller._pids import STABLE_AFTER, pid_alive, running_role
 from roles.controller.fabric.base import RoleSpec
 from shared.backoff import Backoff
 from shared.listeners import ENV_HANDBACK, HeldListeners, listener_specs
@@ -37,7 +37,7 @@ class RoleProcessSupervisor:
     def __init__(self, spec: RoleSpec, log_file: Path) -> None:
         self.spec = spec
         self.log_file = log_file
-        self._pid_file = spec.home / "role.pid"
+        self._pid_file = spec.pid_file
         self._proc: asyncio.subprocess.Process | None = None
         self._adopted_pid: int | None = None
         self._task: asyncio.Task[None] | None = None
@@ -60,13 +60,7 @@ class RoleProcessSupervisor:
 
     def _running_orphan(self) -> int | None:
         """The pid of this role left running by an earlier controller, if there is one."""
-        try:
-            pid = int(self._pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        if pid_alive(pid) and str(self.spec.config_file) in cmdline(pid):
-            return pid
-        return None
+        return running_role(self.spec)
 
     @property
     def listeners(self) -> dict[str, int]:

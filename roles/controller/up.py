@@ -12,7 +12,6 @@ from typing import Any
 from roles.controller.config import CloudConfig
 from roles.controller.controller import Controller
 from roles.controller.home import LOCAL_ROLES
-from shared.errors import SitecloudError
 from shared.logs import setup_logging
 from shared.process import run_until_stopped
 
@@ -142,29 +141,27 @@ def _summary(endpoints: dict[str, Any], local_roles: Collection[str] = LOCAL_ROL
 
 
 def run_up(argv: list[str]) -> int:
+    """Run the cloud until Ctrl-C or SIGTERM. A :class:`SitecloudError` (a bad option, a home or port
+    in use) is raised to the CLI, which prints it as every command's errors are printed."""
     args = _parser().parse_args(argv)
-    try:
-        config = CloudConfig(
-            home=CloudConfig.home_from_env(args.home),
-            domain=args.domain,
-            bind=args.bind,
-            advertise=args.advertise,
-            http_port=args.http_port,
-            https_port=args.https_port,
-            ftp_port=args.ftp_port,
-            api_port=args.api_port,
-            deploy_port=args.deploy_port,
-            passive_ports=args.passive_ports,
-            db_url=args.db,
-            log_level=args.log_level,
-            local_roles=tuple(r.strip() for r in args.local_roles.split(",") if r.strip()),
-            wheelhouse=Path(args.wheelhouse).resolve() if args.wheelhouse else None,
-            usage_interval=args.usage_interval,
-            processes=args.processes,
-        )
-    except SitecloudError as err:
-        print(f"error: {err.message}", file=sys.stderr)
-        return 2
+    config = CloudConfig(
+        home=CloudConfig.home_from_env(args.home),
+        domain=args.domain,
+        bind=args.bind,
+        advertise=args.advertise,
+        http_port=args.http_port,
+        https_port=args.https_port,
+        ftp_port=args.ftp_port,
+        api_port=args.api_port,
+        deploy_port=args.deploy_port,
+        passive_ports=args.passive_ports,
+        db_url=args.db,
+        log_level=args.log_level,
+        local_roles=tuple(r.strip() for r in args.local_roles.split(",") if r.strip()),
+        wheelhouse=Path(args.wheelhouse).resolve() if args.wheelhouse else None,
+        usage_interval=args.usage_interval,
+        processes=args.processes,
+    )
     setup_logging("controller", "localhost", args.log_level if args.log_level != "INFO" else "WARNING")
 
     def progress(line: str) -> None:
@@ -179,16 +176,12 @@ def run_up(argv: list[str]) -> int:
     controller = Controller(config, progress=progress)
 
     progress(f"home {config.home}")
-    try:
-        run_until_stopped(controller.run)
-    except SitecloudError as err:
-        print(f"error: {err.message}", file=sys.stderr)
-        if err.hint:
-            print(f"hint: {err.hint}", file=sys.stderr)
-        return 1
+    run_until_stopped(controller.run)
     progress("stopped")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_up(sys.argv[1:]))
+    from roles.management.cli import main  # where errors are printed, as for `sitecloud up`
+
+    sys.exit(main(["up", *sys.argv[1:]]))

@@ -20,13 +20,43 @@ from typing import IO, Any
 from urllib.parse import quote, urlsplit
 
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unauthorized, Unavailable, error_from_json
+from shared.home_lock import home_holder
 
-__all__ = ["NDJSON", "ApiClient", "Endpoints", "read_result_lines", "zipped"]
+__all__ = ["NDJSON", "ApiClient", "Endpoints", "clean_token", "read_result_lines", "zipped"]
 
 _CHUNK = 256 * 1024
 NDJSON = "application/x-ndjson"
 # Uploads smaller than this finish too fast for a progress display to help.
 _PROGRESS_MIN = 1024 * 1024
+
+
+def clean_token(raw: str, where: str) -> str:
+    """The token to send, from ``raw`` as given by ``where`` (``--token``, ``SITECLOUD_TOKEN``, a file).
+
+    Tokens pasted from files and CI secrets often end in a line break: surrounding whitespace goes.
+    Whitespace or control characters left inside cannot be a token, and would not fit in the
+    Authorization header (RFC 9110 section 5.5), so they are refused here with a message saying so.
+    """
+    token = raw.strip()
+    if not token:
+        raise Unauthorized(f"the API token given by {where} is empty", hint="give the whole token")
+    bad = next((c for c in token if c.isspace() or not c.isprintable() or not c.isascii()), None)
+    if bad is not None:
+        raise Unauthorized(
+            f"the API token given by {where} contains {_describe(bad)}",
+            hint="copy the token again: it is one word of letters, digits, '-' and '_'",
+        )
+    return token
+
+
+def _describe(char: str) -> str:
+    if char in "\r\n":
+        return "a line break"
+    if char.isspace():
+        return "a space" if char == " " else f"whitespace ({char!a})"
+    if not char.isascii() and char.isprintable():
+        return f"a character that is not ASCII ({char!r})"
+    return f"a control character ({char!a})"
 
 
 @dataclass(frozen=True)
@@ -36,6 +66,8 @@ class Endpoints:
     api: str
     ca_cert: Path
     admin_token_file: Path | None
+    # The home it was read from; None when made by hand.
+    home: Path | None = None
 
     @classmethod
     def load(cls, home: Path) -> Endpoints:
@@ -57,18 +89,21 @@ class Endpoints:
             api=str(raw["api"]).rstrip("/"),
             ca_cert=Path(raw["ca_cert"]),
             admin_token_file=Path(token_file) if token_file else None,
+            home=home,
         )
 
     def admin_token(self) -> str:
         if self.admin_token_file is None:
             raise Unauthorized("no API token", hint="pass --token or set SITECLOUD_TOKEN")
         try:
-            return self.admin_token_file.read_text().strip()
-        except OSError as exc:
+            raw = self.admin_token_file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "it is not text"
             raise Unauthorized(
-                f"cannot read the admin token at {self.admin_token_file}: {exc.strerror}",
+                f"cannot read the admin token at {self.admin_token_file}: {why}",
                 hint="pass --token or set SITECLOUD_TOKEN",
             ) from None
+        return clean_token(raw, str(self.admin_token_file))
 
 
 class _Progress:
@@ -107,10 +142,25 @@ class ApiClient:
     def __init__(self, endpoints: Endpoints, token: str | None, *, timeout: float = 30.0) -> None:
         self.base = endpoints.api
         parts = urlsplit(self.base)
-        if parts.scheme != "https" or not parts.hostname:
-            raise InvalidInput(f"the API address {self.base!r} is not an https:// URL")
-        self._host, self._port, self._prefix = parts.hostname, parts.port or 443, parts.path.rstrip("/")
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        # The host goes into the Host header and the path into the request line: neither may hold
+        # whitespace or control characters.
+        if (
+            parts.scheme != "https"
+            or not parts.hostname
+            or port == -1
+            or any(c.isspace() or not c.isprintable() for c in self.base)
+        ):
+            raise InvalidInput(
+                f"the API address {self.base!r} is not an https:// URL",
+                hint="run `sitecloud up` to rewrite endpoints.json",
+            )
+        self._host, self._port, self._prefix = parts.hostname, port or 443, parts.path.rstrip("/")
         self._ca = endpoints.ca_cert
+        self._home = endpoints.home
         self._token = token
         self._timeout = timeout
 
@@ -134,7 +184,24 @@ class ApiClient:
                 f"({exc.verify_message})",
                 hint=f"check 'ca_cert' in endpoints.json ({self._ca})",
             )
-        return Unavailable(f"cannot reach the management API at {self.base} — is `sitecloud up` running?")
+        return Unavailable(f"cannot reach the management API at {self.base}", hint=self._unreachable_hint())
+
+    def _unreachable_hint(self) -> str:
+        """What to do when management does not answer: it depends on whether `sitecloud up` runs."""
+        home = self._home
+        pid = home_holder(home) if home is not None else None
+        if home is None or pid is None:
+            where = f" --home {home}" if home is not None else ""
+            return (
+                f"is `sitecloud up` running? Start it with `sitecloud up{where}`; if it runs, its "
+                "management role is down: restarting `sitecloud up` starts it again"
+            )
+        log = home / "logs" / "management.log"
+        return (
+            f"`sitecloud up` runs (pid {pid}) but its management role does not answer: it may be "
+            f"starting or restarting (try again in a moment), or down (see {log}); "
+            "restarting `sitecloud up` starts it again"
+        )
 
     @staticmethod
     def _answer(resp: http.client.HTTPResponse) -> Any:

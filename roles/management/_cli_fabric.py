@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from roles.management._cli_client import NDJSON, ApiClient, read_result_lines
 from roles.management._cli_output import ago, out, print_table
-from shared.errors import InvalidInput, Unavailable, error_from_json
+from roles.management._cli_ux import ask
+from shared.errors import ConfirmationRequired, InvalidInput, Unavailable, error_from_json
+from shared.states import RoleState
 
 __all__ = ["add_fabric_commands"]
 
@@ -26,6 +29,9 @@ Leaf = Callable[..., argparse.ArgumentParser]
 _KINDS = ("frontend", "worker", "publisher", "fileserver", "management")
 # Seconds without a line before the CLI gives up on a stream (a cold install takes a while per step).
 _STREAM_TIMEOUT = 900.0
+# Management restarting itself: it goes half a second after its answer, and should be back within this.
+_RESTART_GRACE = 1.5
+_RESTART_TIMEOUT = 60.0
 
 
 def _step_line(event: dict[str, Any]) -> str | None:
@@ -102,11 +108,45 @@ def _role_add(a: argparse.Namespace, api: ApiClient) -> Any:
 
 def _role_action(action: str) -> Command:
     def run(a: argparse.Namespace, api: ApiClient) -> Any:
+        started = time.monotonic()
         if not a.json:
             out(f"{action} {a.role} on {a.host}")
-        return _stream(api, api.path("roles", a.role, a.host, action), {}, quiet=a.json)
+        path = api.path("roles", a.role, a.host, action)
+        try:
+            answer = _stream(api, path, {"confirm": a.yes}, quiet=a.json)
+        except ConfirmationRequired:
+            # The server asks only for the last running worker or front end: ask the admin, then
+            # send the action again as confirmed.
+            what = f"{action} the last running {a.role} ({a.role} on {a.host}): every site goes down"
+            ask(a, lambda _: (f"{what} until one runs again", None))
+            started = time.monotonic()
+            answer = _stream(api, path, {"confirm": True}, quiet=a.json)
+        if answer.get("state") == RoleState.RESTARTING:
+            # Management restarting itself answers before it goes: wait for the new one here.
+            answer = _until_serving(api, a, answer)
+        return {**answer, "seconds": round(time.monotonic() - started, 2)}
 
     return run
+
+
+def _until_serving(api: ApiClient, a: argparse.Namespace, answer: dict[str, Any]) -> dict[str, Any]:
+    """Poll the role list until the role serves again (the API itself may be restarting meanwhile);
+    after the bound, the answer as it was."""
+    if not a.json:
+        out(f"  {a.role} on {a.host}: waiting until it serves again")
+    # The restart begins a moment after the answer: the list must not be read before it.
+    time.sleep(_RESTART_GRACE)
+    deadline = time.monotonic() + _RESTART_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            roles = api.list_all(api.path("roles"), "roles")["roles"]
+        except Unavailable:
+            roles = []
+        role = next((r for r in roles if r["role"] == a.role and r["host"] == a.host), None)
+        if role is not None and role["state"] in (RoleState.READY, RoleState.DEGRADED):
+            return {**answer, "state": role["state"], "reason": role.get("reason") or None}
+        time.sleep(0.5)
+    return answer
 
 
 def _upgrade(a: argparse.Namespace, api: ApiClient) -> Any:
@@ -149,7 +189,8 @@ def _show_roles(answer: Any, a: argparse.Namespace) -> None:
 
 
 def _show_role_done(answer: Any, a: argparse.Namespace) -> None:
-    out(f"{answer['role']} on {answer['host']} is {answer['state']} ({answer.get('seconds', 0):.1f}s)")
+    took = f" ({answer['seconds']:.1f}s)" if answer.get("seconds") is not None else ""
+    out(f"{answer['role']} on {answer['host']} is {answer['state']}{took}")
     if answer.get("reason"):
         out(f"  why: {answer['reason']}")
 
@@ -219,6 +260,12 @@ def add_fabric_commands(group: Callable[[str, str], Any], leaf: Leaf, top: Any) 
             _show_role_done,
             confirm=_role_remove if action == "remove" else None,
         )
+        if action != "remove":
+            # Stopping the last running worker or front end asks first; the others take --yes too, so
+            # a script may pass it to every role action.
+            sp.add_argument(
+                "-y", "--yes", action="store_true", help="do not ask (needed where there is no terminal)"
+            )
         sp.add_argument("role", choices=_KINDS)
         sp.add_argument("host")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -36,6 +36,8 @@ from shared.contracts.fleet import (
 from shared.db import Database, Host, Role, Subscription, current_generation
 from shared.errors import (
     AlreadyExists,
+    ConfirmationRequired,
+    InUse,
     InvalidInput,
     NotFound,
     NotSupported,
@@ -47,7 +49,7 @@ from shared.internal import InternalClient
 from shared.names import validate_hostname
 from shared.states import RoleState
 
-__all__ = ["ACTIONS", "FABRICS", "KINDS", "FabricService", "outcome"]
+__all__ = ["ACTIONS", "FABRICS", "KINDS", "SITES_NEED", "FabricService", "last_running", "outcome"]
 
 Json = dict[str, Any]
 
@@ -198,15 +200,59 @@ def _add_role(db: Database, body: Json) -> int:
         return role.id
 
 
-def _role_for_action(db: Database, kind: str, host_name: str, action: str) -> int:
+# Roles of these kinds carry every site: stopping the last one that runs takes every site down.
+SITES_NEED = {"worker": "workers serve them", "frontend": "visitors reach them through front ends"}
+_DOING = {"stop": "stopping", "remove": "removing"}
+_SERVING = (RoleState.READY, RoleState.DEGRADED)
+
+
+def last_running(roles: Sequence[Json], kind: str, host: str) -> bool:
+    """Whether ``kind`` on ``host`` (from :func:`_list_roles`) is meant to run and no other role of
+    its kind serves: stopping or removing it leaves none."""
+    this = next((r for r in roles if r["role"] == kind and r["host"] == host), None)
+    if this is None or this["desired_state"] != "running":
+        return False
+    return not any(
+        r["role"] == kind and r["host"] != host and r["desired_state"] == "running" and r["state"] in _SERVING
+        for r in roles
+    )
+
+
+def _check_not_last(roles: Sequence[Json], kind: str, host: str, action: str, *, confirmed: bool) -> None:
+    """Refuse stopping or removing the last running management role (nothing could start it again:
+    the CLI and the portals reach the cloud only through it), and ask for a confirmation before the
+    last running worker or front end goes."""
+    if action not in _DOING or not last_running(roles, kind, host):
+        return
+    doing = _DOING[action]
+    if kind == "management":
+        raise InUse(
+            f"management on {host} is the last running management role: {doing} it would lock "
+            "every admin out, as the CLI and the portals reach the cloud only through it "
+            "(and `role start` would have nothing to go through)",
+            hint=f"to restart it: `sitecloud role restart management {host}`; to move it, "
+            "add a management role on another host first",
+        )
+    need = SITES_NEED.get(kind)
+    if need is not None and not confirmed:
+        raise ConfirmationRequired(
+            f"not confirmed: {doing} {kind} on {host}, the last running {kind}, takes "
+            f"every site down until one runs again ({need})",
+            hint='pass --yes to confirm (API: {"confirm": true})',
+        )
+
+
+def _role_for_action(db: Database, kind: str, host_name: str, action: str, *, confirmed: bool) -> int:
     if kind not in KINDS:
         raise InvalidInput(f"{kind!r} is not a role", hint=f"one of {', '.join(KINDS)}")
     if action not in ACTIONS:
         raise InvalidInput(f"no role action {action!r}", hint=f"one of {', '.join(ACTIONS)}")
+    roles = _list_roles(db)["roles"]
     with db.session() as s:
         role = s.scalar(select(Role).join(Host).where(Role.kind == kind, Host.name == host_name.lower()))
         if role is None:
             raise NotFound(f"no {kind} role on {host_name}", hint="see the list of roles")
+        _check_not_last(roles, kind, role.host.name, action, confirmed=confirmed)
         if action == "stop":
             role.desired_state = "stopped"
         elif action != "remove":
@@ -293,9 +339,12 @@ class FabricService:
         async for line in self._stream("/v1/roles", RoleAdd(id=role_id, **ssh).to_json()):
             yield line
 
-    async def role_action(self, who: Principal, kind: str, host: str, action: str) -> AsyncIterator[bytes]:
+    async def role_action(
+        self, who: Principal, kind: str, host: str, action: str, *, confirmed: bool = False
+    ) -> AsyncIterator[bytes]:
+        """``confirmed``: the admin agreed to stop or remove the last running worker or front end."""
         require_admin(who)
-        role_id = await asyncio.to_thread(_role_for_action, self.db, kind, host, action)
+        role_id = await asyncio.to_thread(_role_for_action, self.db, kind, host, action, confirmed=confirmed)
         async for line in self._stream(f"/v1/roles/{role_id}/{action}", {}):
             yield line
 

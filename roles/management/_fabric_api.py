@@ -7,8 +7,11 @@
 | ``DELETE /api/v1/hosts/{name}`` | 204 (a host with roles is refused) |
 | ``GET /api/v1/roles`` | ``{"roles": [...], "next_cursor"}`` |
 | ``POST /api/v1/roles`` | ``{role, host, ssh_user?, ssh_key?, size?, reserved_for?}`` → NDJSON |
-| ``POST /api/v1/roles/{role}/{host}/{action}`` | start, stop, restart, repair, remove → NDJSON |
+| ``POST /api/v1/roles/{role}/{host}/{action}`` | start, stop, restart, repair, remove; ``{confirm?}`` → NDJSON |
 | ``POST /api/v1/upgrade`` | ``{force?}`` → NDJSON |
+
+Stopping or removing the last running management role is refused (409); the last running worker or
+front end needs ``{"confirm": true}`` (else 400 ``confirmation_required``).
 """
 
 from __future__ import annotations
@@ -76,8 +79,10 @@ async def add_role(request: web.Request) -> web.StreamResponse:
 async def role_action(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
     p = request.match_info
+    confirm = body_of(request, m.RoleActionRequest).confirm
     return await relay_lines(
-        request, service_of(request).fabric.role_action(who, p["role"], p["host"], p["action"])
+        request,
+        service_of(request).fabric.role_action(who, p["role"], p["host"], p["action"], confirmed=confirm),
     )
 
 
@@ -161,6 +166,8 @@ def fabric_operations() -> list[Operation]:
             "roles",
             content=NDJSON,
             params=(_ROLE, _ROLE_HOST, _ACTION),
+            body=m.RoleActionRequest,
+            body_required=False,
             errors=(*admin, 409),
         ),
         Operation(

@@ -799,6 +799,13 @@ class RoleAdd(Body):
     )
 
 
+class RoleActionRequest(Body):
+    what = "role action"
+    confirm: bool = Field(
+        False, description="stop or remove the last running worker or front end, taking every site down"
+    )
+
+
 class UpgradeRequest(Body):
     what = "upgrade"
     force: bool = False

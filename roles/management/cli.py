@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from roles.management._cli_backup import add_backup_commands
-from roles.management._cli_client import ApiClient, Endpoints, zipped
+from roles.management._cli_client import ApiClient, Endpoints, clean_token, zipped
 from roles.management._cli_fabric import add_fabric_commands
 from roles.management._cli_output import ago, out, print_fields, print_table
 from roles.management._cli_ux import CliParser, Confirm, ExitCode, UsageError, ask, did_you_mean, exit_code
@@ -301,7 +302,8 @@ def _quota_lines(quota: dict[str, Any] | None) -> list[str]:
 
 
 def _site_usage(a: argparse.Namespace, api: ApiClient) -> Any:
-    query = "&".join(f"{k}={v}" for k, v in (("from", a.since), ("to", a.until)) if v)
+    # Quoted: a date typed with a space or '&' must reach the server as what was typed, to be refused there.
+    query = urlencode([(k, v) for k, v in (("from", a.since), ("to", a.until)) if v])
     return api.request("GET", api.path("sites", a.name, "usage") + (f"?{query}" if query else ""))
 
 
@@ -1530,6 +1532,18 @@ def _not_text(args: list[str]) -> InvalidInput | None:
     return None
 
 
+def _given_token(flag: str | None) -> str | None:
+    """The token from ``--token`` or else ``SITECLOUD_TOKEN``, cleaned; None when neither is set.
+
+    An empty value counts as not set (``SITECLOUD_TOKEN=`` in a script); one of only whitespace is
+    refused rather than falling back to the admin token, which the user did not mean to use.
+    """
+    if flag:
+        return clean_token(flag, "--token")
+    env = os.environ.get("SITECLOUD_TOKEN")
+    return clean_token(env, "SITECLOUD_TOKEN") if env else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in args_list
@@ -1542,6 +1556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_up(args_list)
         except UsageError as err:
             return _usage_failed(err, as_json)
+        except SitecloudError as err:
+            return _fail(err, as_json)
     parser = _parser()
     if "_ARGCOMPLETE" in os.environ:
         # The shell asks for completions (see docs/operations.md); imported only then, to start fast.
@@ -1566,7 +1582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     api: ApiClient | None = None
     try:
         endpoints = Endpoints.load(home)
-        token = args.token or os.environ.get("SITECLOUD_TOKEN")
+        token = _given_token(args.token)
         if not token and not args.anonymous:
             token = endpoints.admin_token()
         api = ApiClient(endpoints, token)

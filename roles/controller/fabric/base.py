@@ -41,6 +41,10 @@ class RoleSpec:
     def config_file(self) -> Path:
         return self.home / "role.json"
 
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "role.pid"
+
 
 _DEFAULT_ROOT = PurePosixPath("/var/lib/sitecloud")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from roles.management._fabric import outcome
+from roles.management._fabric import SITES_NEED, last_running, outcome
 from roles.management._request import service_of
 from roles.management._site_backups import parse_every
 from roles.management._store import WORKER_SIZES
@@ -146,7 +146,8 @@ async def role_action(request: web.Request) -> web.StreamResponse:
         elif action in _ROLE_NOTICES:
             if action in _ASKS_FIRST:
                 check_confirmed(form, f"{action} {kind} {'from' if action == 'remove' else 'on'} {host}")
-            await outcome(fabric.role_action(page.who, kind, host, action))
+            # Confirmed on the page that asked first (stop and remove), as the API's "confirm" does.
+            await outcome(fabric.role_action(page.who, kind, host, action, confirmed=True))
         else:
             raise InvalidInput("unknown role action")
     except SitecloudError as err:
@@ -182,6 +183,10 @@ async def confirm_role_action(request: web.Request) -> web.StreamResponse:
         ]
     if kind == "management":
         consequences.append("The API and these portals are served by management roles: keep one running.")
+    elif kind in SITES_NEED and last_running(roles, kind, host):
+        consequences.append(
+            f"It is the last running {kind}: every site goes down until one runs again ({SITES_NEED[kind]})."
+        )
     return confirm_page(
         request,
         page,
