@@ -439,7 +439,7 @@ def test_up_with_one_port_given_twice_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_data_plane_outlives_the_controller_and_a_restart(
-    cloud: LocalCloud, sites: dict[str, Any]
+    cloud: LocalCloud, sites: dict[str, Any], tmp_path: Path
 ) -> None:
     pids = cloud.role_pids()
     cloud.kill_controller()
@@ -457,6 +457,16 @@ def test_the_data_plane_outlives_the_controller_and_a_restart(
 
     roles = wait_until(unknown, timeout=20, what="the roles to show Unknown without a controller")
     assert "is the controller running?" in roles[0]["reason"], roles[0]
+    # A site made now reaches the publisher only with the controller: a deploy says to retry
+    # (before: "site late is not served by this publisher", a not-found).
+    cloud.cli("plan", "create", "late-plan", "--max-sites", "1", "--storage-mb", "1")
+    late_sub = cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "late-plan")
+    cloud.cli("site", "create", "late", "--subscription", str(late_sub["id"]))
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "index.html").write_bytes(b"late")
+    error = cloud.cli("deploy", "late", str(tmp_path / "late"), check=False)["error"]
+    assert error["code"] == "unavailable", error
+    assert "does not know site late yet" in error["message"] and "controller" in error["hint"], error
 
     # A new `up` on the same home adopts the running roles rather than restarting them.
     cloud.start()
@@ -466,6 +476,8 @@ def test_the_data_plane_outlives_the_controller_and_a_restart(
         timeout=15,
         what="every role Ready again",
     )
+    cloud.cli("deploy", "late", str(tmp_path / "late"))
+    cloud.wait_for_content("late", "/", b"late")
     assert cloud.get("blog", "/")[2] == b"<h1>v3</h1>"
 
     # A clean stop stops every role process.

@@ -7,9 +7,10 @@ nudged. Every method takes the calling :class:`Principal` and enforces its right
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 from roles.management._accounts import Accounts
@@ -32,7 +33,7 @@ from shared.contracts.apps import AppDescription
 from shared.contracts.content import DeployResult, RollbackAnswer, RollbackRequest, SiteVersions, VersionList
 from shared.contracts.snapshots import ManagementSnapshot
 from shared.db import Database
-from shared.errors import SitecloudError, Unauthorized, Unavailable
+from shared.errors import NotFound, SitecloudError, Unauthorized, Unavailable
 from shared.internal import InternalClient
 from shared.logs import get_logger
 
@@ -686,32 +687,50 @@ class ManagementService:
         """:meth:`deploy`, and then the build until the site's workers serve it, as the publisher's
         lines (``{"source", "text"}``, then ``{"result": …}`` or ``{"error": …}``) as they come."""
         url = await self._deploy_url(who, name)
-        async for line in self._deploy_client.lines(
-            "POST",
-            url,
-            quiet_for=_DEPLOY_TIMEOUT,
-            data=body,
-            headers={"Content-Type": "application/zip", "Accept": "application/x-ndjson"},
-        ):
-            if line.startswith(b'{"result"'):
-                self._storage.forget(name)
-                self._log.bind(site=name).info(
-                    "deployed and built: %s", line.decode(errors="replace").strip()
-                )
-            yield line
+        with _unknown_to_the_publisher(name):
+            async for line in self._deploy_client.lines(
+                "POST",
+                url,
+                quiet_for=_DEPLOY_TIMEOUT,
+                data=body,
+                headers={"Content-Type": "application/zip", "Accept": "application/x-ndjson"},
+            ):
+                if line.startswith(b'{"result"'):
+                    self._storage.forget(name)
+                    self._log.bind(site=name).info(
+                        "deployed and built: %s", line.decode(errors="replace").strip()
+                    )
+                yield line
 
     async def deploy(self, who: Principal, name: str, body: AsyncIterable[bytes]) -> Json:
         """Stream a zip to the publisher, which replaces the site's content with it in one version."""
         url = await self._deploy_url(who, name)
-        answer = parse_answer(
-            DeployResult,
-            await self._deploy_client.request_json(
-                "POST", url, data=body, headers={"Content-Type": "application/zip"}
-            ),
-            peer="the publisher",
-        )
+        with _unknown_to_the_publisher(name):
+            answer = parse_answer(
+                DeployResult,
+                await self._deploy_client.request_json(
+                    "POST", url, data=body, headers={"Content-Type": "application/zip"}
+                ),
+                peer="the publisher",
+            )
         self._storage.forget(name)
         self._log.bind(site=name).info("deployed version %s", answer.version)
         return answer.to_json()
 
     # -- roles
+
+
+@contextlib.contextmanager
+def _unknown_to_the_publisher(name: str) -> Iterator[None]:
+    """The site exists (management checked), so a publisher that does not know it has not been told
+    yet: the controller has not pushed it (it is not running, or a moment behind). That is worth a
+    retry, not a "no such site"."""
+    try:
+        yield
+    except NotFound as err:
+        if "is not served by this publisher" not in err.message:
+            raise
+        raise Unavailable(
+            f"the publisher does not know site {name} yet: its configuration has not reached it",
+            hint="try again in a moment; if it lasts, check that the controller (`sitecloud up`) runs",
+        ) from None
