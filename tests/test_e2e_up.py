@@ -217,6 +217,19 @@ def test_bad_input_is_refused_with_clear_errors(cloud: LocalCloud, sites: dict[s
     assert sorted(names) == ["blog", "shop"]
 
 
+def test_a_plan_update_says_which_subscriptions_it_leaves_over_their_limits(
+    cloud: LocalCloud, sites: dict[str, Any]
+) -> None:
+    sub = sites["subscription"]["id"]
+    try:
+        plan = cloud.cli("plan", "update", "basic", "--max-sites", "1")
+        assert plan["over_limit"] == [f"subscription {sub}: 2 sites (allowed 1)"], plan
+        text = cloud.cli_text("plan", "update", "basic", "--max-sites", "1")
+        assert "warning: 1 subscription(s) now hold more than this plan allows:" in text, text
+    finally:
+        assert cloud.cli("plan", "update", "basic", "--max-sites", "2")["over_limit"] == []
+
+
 def test_a_subscription_moves_to_a_bigger_plan_and_back_only_when_it_fits(cloud: LocalCloud) -> None:
     # Before, there was no way to move a subscription: an admin could only edit the plan every
     # subscriber shares, or delete the subscription with its sites.

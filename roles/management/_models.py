@@ -371,6 +371,11 @@ class Plan(Quotas):
     backup_every_seconds: int = Field(0, description="scheduled backups of each site this often; 0: off")
     backup_keep: int = Field(7, description="scheduled backups each site keeps")
     subscriptions: int = Field(0, description="how many subscriptions use it (admins)")
+    over_limit: list[str] = Field(
+        [],
+        description="after an update: the subscriptions that now hold more than the plan allows "
+        "(they keep it; new sites, hostnames and instances are refused until they are under)",
+    )
 
 
 class PlanList(Answer):

@@ -253,6 +253,51 @@ def _plan_json(plan: Plan, subscriptions: int = 0) -> Json:
     }
 
 
+def _over_limit(s: Session, plan: Plan) -> list[str]:
+    """The plan's subscriptions that hold more sites, custom hostnames or instances than it allows."""
+    sites = dict(
+        s.execute(
+            select(Site.subscription_id, func.count(Site.id))
+            .join(Subscription)
+            .where(Subscription.plan_id == plan.id)
+            .group_by(Site.subscription_id)
+        ).all()
+    )
+    hostnames = dict(
+        s.execute(
+            select(Site.subscription_id, func.count(CustomHostname.id))
+            .join(CustomHostname)
+            .join(Subscription)
+            .where(Subscription.plan_id == plan.id)
+            .group_by(Site.subscription_id)
+        ).all()
+    )
+    widest = dict(
+        s.execute(
+            select(Site.subscription_id, func.max(Site.instances))
+            .join(Subscription)
+            .where(Subscription.plan_id == plan.id)
+            .group_by(Site.subscription_id)
+        ).all()
+    )
+    over = []
+    for sub_id in sorted(set(sites) | set(hostnames)):
+        what = [
+            f"{sites.get(sub_id, 0)} sites (allowed {plan.max_sites})"
+            if sites.get(sub_id, 0) > plan.max_sites
+            else "",
+            f"{hostnames[sub_id]} custom hostnames (allowed {plan.max_custom_hostnames})"
+            if hostnames.get(sub_id, 0) > plan.max_custom_hostnames
+            else "",
+            f"a site with {widest[sub_id]} instances (allowed {plan.max_instances_per_site})"
+            if (widest.get(sub_id) or 1) > plan.max_instances_per_site
+            else "",
+        ]
+        if any(what):
+            over.append(f"subscription {sub_id}: " + ", ".join(w for w in what if w))
+    return over
+
+
 def _subscription_json(sub: Subscription, sites: list[str], hostnames: int) -> Json:
     return {
         "id": sub.id,
@@ -358,7 +403,10 @@ class Store:
             _apply_plan_fields(plan, body, backup_min_every=self._config.backup_min_every)
             s.flush()
             bump_generation(s)
-            return _plan_json(plan, self._subscription_counts(s).get(plan.id, 0))
+            return {
+                **_plan_json(plan, self._subscription_counts(s).get(plan.id, 0)),
+                "over_limit": _over_limit(s, plan),
+            }
 
     def delete_plan(self, who: Principal, name: str) -> None:
         """Delete a plan no subscription uses; one in use is refused (retiring it stops new ones)."""

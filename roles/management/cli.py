@@ -104,6 +104,10 @@ def _show_plan_create(plan: Any, a: argparse.Namespace) -> None:
 
 
 def _show_plan(plan: Any, a: argparse.Namespace) -> None:
+    if plan.get("over_limit"):
+        out(f"warning: {len(plan['over_limit'])} subscription(s) now hold more than this plan allows:")
+        for line in plan["over_limit"]:
+            out(f"  {line}")
     offered = "retired" if plan["retired"] else "public" if plan["public"] else "private"
     compute = plan["compute_mode"] + (f" ({plan['worker_size']})" if plan["worker_size"] else "")
     out(f"plan {plan['name']} ({offered})")
