@@ -15,6 +15,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import zipfile
@@ -399,12 +400,48 @@ def _listed(cloud: LocalCloud) -> dict[str, dict[str, Any]]:
 
 
 def test_restarting_management_waits_until_it_serves_again(cloud: LocalCloud, sites: dict[str, Any]) -> None:
-    before = cloud.role_pids()["management"]
-    code, answer = _sitecloud(cloud, "role", "restart", "management", "localhost")
-    assert code == 0 and answer["state"] == "Ready", answer
-    assert answer["seconds"] >= 1.0, answer
-    assert cloud.role_pids()["management"] != before
-    assert _listed(cloud)["management"]["state"] == "Ready"
+    # A `site logs --follow` open meanwhile reconnects (before, it ended at once with exit 0).
+    follow = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "roles.management.cli",
+            "--home",
+            str(cloud.home),
+            "site",
+            "logs",
+            "blog",
+            "-f",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    printed: list[str] = []
+    assert follow.stdout is not None
+    reader = threading.Thread(target=lambda: printed.extend(follow.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        time.sleep(1.0)
+        before = cloud.role_pids()["management"]
+        code, answer = _sitecloud(cloud, "role", "restart", "management", "localhost")
+        assert code == 0 and answer["state"] == "Ready", answer
+        assert answer["seconds"] >= 1.0, answer
+        assert cloud.role_pids()["management"] != before
+        assert _listed(cloud)["management"]["state"] == "Ready"
+        marker = f"/after-restart-{os.getpid()}"
+        wait_until(
+            lambda: cloud.get("blog", marker)[0] and any(marker in line for line in printed),
+            timeout=30,
+            what="the follow to show a request made after the restart",
+        )
+        assert follow.poll() is None
+    finally:
+        follow.terminate()
+        _, err = follow.communicate(timeout=10)
+        reader.join(timeout=5)
+        follow.stdout.close()
+    assert "reconnecting" in err, err
 
 
 def test_up_with_a_public_port_taken_names_it_and_starts_nothing(tmp_path: Path) -> None:

@@ -281,11 +281,16 @@ class ApiClient:
                 done += len(chunk)
         return done
 
-    def lines(self, path: str, *, timeout: float | None) -> Iterator[str]:
-        """GET a text answer and yield its lines as they arrive (``timeout`` None: wait for ever)."""
+    def lines(
+        self, path: str, *, timeout: float | None, on_open: Callable[[], None] | None = None
+    ) -> Iterator[str]:
+        """GET a text answer and yield its lines as they arrive (``timeout`` None: wait for ever);
+        ``on_open`` is called once the server has answered 200."""
         with self._exchange("GET", path, {"Accept": "text/plain"}) as (conn, resp):
             if resp.status >= 400:
                 self._answer(resp)
+            if on_open is not None:
+                on_open()
             if conn.sock is not None:
                 conn.sock.settimeout(timeout)
             while line := resp.readline():

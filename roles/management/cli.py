@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import getpass
+import http.client
 import json
 import os
 import re
@@ -26,7 +28,7 @@ from roles.management._cli_fabric import add_fabric_commands
 from roles.management._cli_output import ago, out, print_fields, print_table
 from roles.management._cli_ux import CliParser, Confirm, ExitCode, UsageError, ask, did_you_mean, exit_code
 from roles.management._site_backups import human_every, parse_every
-from shared.errors import InvalidInput, NotFound, SitecloudError
+from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
 from shared.version import CODE_VERSION
 
 __all__ = ["main"]
@@ -529,15 +531,41 @@ def _site_backup_download(a: argparse.Namespace, api: ApiClient) -> Any:
     return {"site": a.name, "backup": name, "file": str(target), "bytes": size}
 
 
+# How long `site logs --follow` tries to open a cut stream again before it gives up.
+_FOLLOW_RECONNECT_S = 60.0
+
+
 def _site_logs(a: argparse.Namespace, api: ApiClient) -> Any:
     query = f"?lines={a.lines}" + ("&follow=1" if a.follow else "")
     stream = api.lines(api.path("sites", a.name, "logs") + query, timeout=None if a.follow else 60.0)
     if not a.follow:
         return {"site": a.name, "lines": list(stream)}
-    # Following: print lines as they come, until Ctrl-C.
+    # Following: print lines as they come, until Ctrl-C. A stream that ends (management restarted,
+    # or went away) is opened again rather than ending the command as if all were said.
+    path = api.path("sites", a.name, "logs") + "?lines=0&follow=1"
+    cut_at: list[float] = []
+
+    def opened() -> None:
+        if cut_at:
+            sys.stderr.write("reconnected; lines written while cut off: `sitecloud site logs NAME -n 100`\n")
+        cut_at.clear()
+
     try:
-        for line in stream:
-            out(json.dumps({"line": line}) if a.json else line)
+        while True:
+            with contextlib.suppress(OSError, http.client.HTTPException, Unavailable):
+                for line in stream:
+                    out(json.dumps({"line": line}) if a.json else line)
+            if not cut_at:
+                cut_at.append(time.monotonic())
+                sys.stderr.write("the log stream was cut (management restarted?); reconnecting...\n")
+            elif time.monotonic() - cut_at[0] > _FOLLOW_RECONNECT_S:
+                raise Unavailable(
+                    f"the log stream was cut and management did not answer for {_FOLLOW_RECONNECT_S:.0f} s",
+                    hint="check `sitecloud role list`, then follow again",
+                )
+            else:
+                time.sleep(1.0)
+            stream = api.lines(path, timeout=None, on_open=opened)
     except KeyboardInterrupt:
         pass
     return None
