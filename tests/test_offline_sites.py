@@ -117,7 +117,7 @@ def _zipdeploy(cloud: LocalCloud, site: dict[str, Any], tmp_path: Path) -> tuple
 @contextmanager
 def _workers_stopped(cloud: LocalCloud) -> Iterator[None]:
     """Every worker of the cloud stopped (`role stop worker`), as an admin may; started again after."""
-    cloud.cli("role", "stop", "worker", "localhost")
+    cloud.cli("role", "stop", "worker", "localhost", "--yes")
     try:
         wait_until(lambda: _worker_state(cloud) == "Stopped", timeout=30, what="the worker to stop")
         yield
