@@ -38,12 +38,11 @@ from typing import Any
 
 import pytest
 
-from roles.controller.fabric._etchosts import read_block, update_hosts_file
 from roles.controller.fabric._wheelhouse import Wheelhouse
-from roles.controller.fabric.netns import NetnsFabric
 from shared.pki import CertificateAuthority
 from shared.tls import client_context_from_files
 from tests.cloud import LocalCloud
+from tests.netns import https_get_via, netns_cloud
 from tests.support import call, wait_until
 
 pytestmark = [
@@ -65,52 +64,18 @@ HOSTS = {
     "fe2": "frontend",
 }
 WHEELHOUSE_CACHE = Path("/tmp/sitecloud-test-wheelhouse")
-HOSTS_FILE = Path("/etc/hosts")
 SITE = "blog"
 BODY = b"<h1>hello from a six-host cloud</h1>"
 
 
-def _namespaces() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _sweep() -> None:
-    """Remove what a crashed earlier run of this test left (its host names only)."""
-    for name in HOSTS:
-        ns = f"sc-{name}"
-        if ns in _namespaces():
-            for pid in subprocess.run(
-                ["ip", "netns", "pids", ns], capture_output=True, text=True
-            ).stdout.split():
-                os.kill(int(pid), signal.SIGKILL)
-            subprocess.run(["ip", "netns", "del", ns], check=False)
-    if set(HOSTS) & set(read_block(HOSTS_FILE.read_text())):
-        update_hosts_file(HOSTS_FILE, remove=set(HOSTS))
-
-
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    _sweep()
     # Warm once per code version (kept across runs): role add then measures install, not pip.
     asyncio.run(Wheelhouse(WHEELHOUSE_CACHE).ensure())
     home = tmp_path_factory.mktemp("fabric") / "home"
-    cloud = LocalCloud(
-        home, extra_args=("--local-roles", "management", "--wheelhouse", str(WHEELHOUSE_CACHE))
+    yield from netns_cloud(
+        home, HOSTS, ("--local-roles", "management", "--wheelhouse", str(WHEELHOUSE_CACHE))
     )
-    try:
-        cloud.start()
-        yield cloud
-    finally:
-        cloud.kill_everything()
-        fabric = NetnsFabric(home)
-
-        async def destroy() -> None:
-            for host in await fabric.list_hosts():
-                await fabric.destroy(host.name)
-
-        asyncio.run(destroy())
-        _sweep()
 
 
 @pytest.fixture(scope="module")
@@ -124,22 +89,6 @@ def controller_ssl(cloud: LocalCloud) -> ssl.SSLContext:
 
 def _address(host: str) -> str:
     return socket.gethostbyname(host)
-
-
-def _https_get(cloud: LocalCloud, frontend: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """GET / of the site through one front end: SNI and Host are the site's name, verified by the CA."""
-    ctx = ssl.create_default_context(cafile=str(cloud.ca_file))
-    server_name = f"{SITE}.{cloud.domain}"
-    with (
-        socket.create_connection((_address(frontend), cloud.ports["https_port"]), timeout) as raw,
-        ctx.wrap_socket(raw, server_hostname=server_name) as tls,
-    ):
-        tls.sendall(f"GET / HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := tls.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
 
 
 class ClientLoop:
@@ -159,7 +108,7 @@ class ClientLoop:
         order = [first, "fe2" if first == "fe1" else "fe1"]
         for frontend in order:
             try:
-                status, body = _https_get(self.cloud, frontend, timeout=10)
+                status, body = https_get_via(self.cloud, frontend, SITE, timeout=10)
             except (ConnectionRefusedError, ConnectionResetError, ssl.SSLEOFError) as exc:
                 if frontend == order[-1]:
                     return f"both front ends refused: {exc!r}"
@@ -292,7 +241,9 @@ def test_publish_by_ftp_to_pub1_and_fetch_through_both_front_ends(cloud: LocalCl
     ftp.quit()
     for frontend in ("fe1", "fe2"):
         wait_until(
-            lambda f=frontend: _https_get(cloud, f) == (200, BODY), timeout=15, what=f"{SITE} via {frontend}"
+            lambda f=frontend: https_get_via(cloud, f, SITE) == (200, BODY),
+            timeout=15,
+            what=f"{SITE} via {frontend}",
         )
     # Both front ends route to both workers: the site is placed on two.
     roles = _roles(cloud)
@@ -313,7 +264,9 @@ def test_a_dead_worker_process_is_restarted_on_its_host(
     assert after != before
     for frontend in ("fe1", "fe2"):
         wait_until(
-            lambda f=frontend: _https_get(cloud, f) == (200, BODY), timeout=15, what=f"{SITE} via {frontend}"
+            lambda f=frontend: https_get_via(cloud, f, SITE) == (200, BODY),
+            timeout=15,
+            what=f"{SITE} via {frontend}",
         )
 
 
@@ -360,7 +313,7 @@ def test_a_host_that_stops_answering_is_routed_around_and_rejoins(cloud: LocalCl
     hosts = {h["name"]: h for h in cloud.cli("host", "list")["hosts"]}
     assert hosts["web1"]["state"] == "ready"
     for frontend in ("fe1", "fe2"):
-        assert _https_get(cloud, frontend) == (200, BODY)
+        assert https_get_via(cloud, frontend, SITE) == (200, BODY)
 
 
 def test_a_rolling_upgrade_sees_no_failed_request(cloud: LocalCloud) -> None:

@@ -12,14 +12,11 @@ Needs root, iproute2 and OpenSSH's sshd, as tests/test_e2e_fabric.py does.
 
 from __future__ import annotations
 
-import asyncio
 import ftplib
 import io
 import os
 import shutil
-import signal
 import socket
-import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from roles.controller.fabric._etchosts import read_block, update_hosts_file
-from roles.controller.fabric.netns import SUBNET, NetnsFabric
+from roles.controller.fabric.netns import SUBNET
 from tests.cloud import LocalCloud
+from tests.netns import https_get_via, netns_cloud
 from tests.support import wait_until
 
 pytestmark = [
@@ -44,64 +41,19 @@ pytestmark = [
 
 HOSTS = {"web7": "worker", "fe7": "frontend"}
 GATEWAY = str(next(SUBNET.hosts()))
-HOSTS_FILE = Path("/etc/hosts")
 SITE = "mixed"
 BODY = b"<h1>served by a worker on another host</h1>"
 
 
-def _sweep() -> None:
-    """Remove what a crashed earlier run of this module left (its host names only)."""
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    present = {line.split()[0] for line in listed.splitlines() if line.strip()}
-    for name in HOSTS:
-        ns = f"sc-{name}"
-        if ns in present:
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
-            for pid in pids.split():
-                os.kill(int(pid), signal.SIGKILL)
-            subprocess.run(["ip", "netns", "del", ns], check=False)
-    if set(HOSTS) & set(read_block(HOSTS_FILE.read_text())):
-        update_hosts_file(HOSTS_FILE, remove=set(HOSTS))
-
-
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    _sweep()
     home = tmp_path_factory.mktemp("mixed") / "home"
     # The wheelhouse is whatever `up` built ahead (or the first add builds), as for a user.
-    cloud = LocalCloud(home, extra_args=("--advertise", GATEWAY))
-    try:
-        cloud.start()
-        yield cloud
-    finally:
-        cloud.kill_everything()
-        fabric = NetnsFabric(home)
-
-        async def destroy() -> None:
-            for host in await fabric.list_hosts():
-                await fabric.destroy(host.name)
-
-        asyncio.run(destroy())
-        _sweep()
+    yield from netns_cloud(home, HOSTS, ("--advertise", GATEWAY))
 
 
 def _roles(cloud: LocalCloud) -> dict[tuple[str, str], dict[str, Any]]:
     return {(r["role"], r["host"]): r for r in cloud.cli("role", "list")["roles"]}
-
-
-def _https_get(cloud: LocalCloud, host: str) -> tuple[int, bytes]:
-    ctx = ssl.create_default_context(cafile=str(cloud.ca_file))
-    name = f"{SITE}.{cloud.domain}"
-    with (
-        socket.create_connection((socket.gethostbyname(host), cloud.ports["https_port"]), 5) as raw,
-        ctx.wrap_socket(raw, server_hostname=name) as tls,
-    ):
-        tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := tls.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
 
 
 def test_roles_added_on_other_hosts_reach_the_roles_up_started(cloud: LocalCloud) -> None:
@@ -130,7 +82,9 @@ def test_roles_added_on_other_hosts_reach_the_roles_up_started(cloud: LocalCloud
     ftp = wait_until(login, timeout=15, interval=0.2, what="FTP login")
     ftp.storbinary("STOR index.html", io.BytesIO(BODY))
     ftp.quit()
-    wait_until(lambda: _https_get(cloud, "fe7") == (200, BODY), timeout=20, what=f"{SITE} through fe7")
+    wait_until(
+        lambda: https_get_via(cloud, "fe7", SITE) == (200, BODY), timeout=20, what=f"{SITE} through fe7"
+    )
 
     # With this machine's worker stopped, web7 alone serves the site, from this machine's file server.
     cloud.cli("role", "stop", "worker", "localhost")
@@ -140,7 +94,7 @@ def test_roles_added_on_other_hosts_reach_the_roles_up_started(cloud: LocalCloud
         what="worker stopped",
     )
     for _ in range(5):
-        assert _https_get(cloud, "fe7") == (200, BODY)
+        assert https_get_via(cloud, "fe7", SITE) == (200, BODY)
     roles = _roles(cloud)
     assert roles[("worker", "web7")]["state"] == roles[("frontend", "fe7")]["state"] == "Ready", roles
     cloud.cli("role", "start", "worker", "localhost")
@@ -158,12 +112,12 @@ def test_a_cut_off_worker_on_another_host_is_routed_around_and_no_wrong_page_is_
     try:
 
         def unhealthy() -> bool:
-            answers.append(_https_get(cloud, "fe7"))
+            answers.append(https_get_via(cloud, "fe7", SITE))
             return bool(_roles(cloud)[("worker", "web7")]["state"] in ("Unhealthy", "Degraded"))
 
         wait_until(unhealthy, timeout=15, interval=0.2, what="web7 Unhealthy")
         for _ in range(10):
-            answers.append(_https_get(cloud, "fe7"))
+            answers.append(https_get_via(cloud, "fe7", SITE))
     finally:
         subprocess.run(["ip", "link", "set", veth, "up"], check=True)
     # Served by this machine's worker, or a plain error while the cut was not yet known: never a

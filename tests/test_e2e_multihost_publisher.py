@@ -9,13 +9,9 @@ Needs root, iproute2 and OpenSSH's sshd; everything made is removed afterwards, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ftplib
 import os
 import shutil
-import signal
-import socket
-import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,11 +20,10 @@ from typing import Any
 
 import pytest
 
-from roles.controller.fabric._etchosts import read_block, update_hosts_file
 from roles.controller.fabric._wheelhouse import Wheelhouse
-from roles.controller.fabric.netns import NetnsFabric
 from roles.controller.up import _summary
 from tests.cloud import TEST_WHEELHOUSE, LocalCloud
+from tests.netns import https_get_via, netns_cloud
 from tests.support import wait_until
 
 pytestmark = [
@@ -43,76 +38,16 @@ pytestmark = [
 
 # Names of their own: other tests make netns hosts on this machine at the same time.
 FIRST, SECOND = "h7pa", "h7pb"
-HOSTS_FILE = Path("/etc/hosts")
 SITE = "blog"
-
-
-def _sweep() -> None:
-    """Remove what a crashed earlier run of this test left (its host names only)."""
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    namespaces = {line.split()[0] for line in listed.splitlines() if line.strip()}
-    for name in (FIRST, SECOND):
-        ns = f"sc-{name}"
-        if ns in namespaces:
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
-            for pid in pids.split():
-                os.kill(int(pid), signal.SIGKILL)
-            subprocess.run(["ip", "netns", "del", ns], check=False)
-    if {FIRST, SECOND} & set(read_block(HOSTS_FILE.read_text())):
-        update_hosts_file(HOSTS_FILE, remove={FIRST, SECOND})
 
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    _sweep()
     asyncio.run(Wheelhouse(TEST_WHEELHOUSE).ensure())
     home = tmp_path_factory.mktemp("multihost") / "home"
-    cloud = LocalCloud(home, extra_args=("--local-roles", "management", "--wheelhouse", str(TEST_WHEELHOUSE)))
-    try:
-        cloud.start()
-        yield cloud
-    finally:
-        cloud.kill_everything()
-        fabric = NetnsFabric(home)
-
-        async def destroy() -> None:
-            for host in await fabric.list_hosts():
-                await fabric.destroy(host.name)
-
-        asyncio.run(destroy())
-        _sweep()
-        _kill_leftovers(home)
-
-
-def _kill_leftovers(home: Path) -> None:
-    """Kill what still runs from this test's home: a namespace whose name went away while its
-    processes lived on (other tests on this machine make and delete namespaces too) is not swept."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(home).encode() in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
-
-
-def _https_get(cloud: LocalCloud, host: str) -> tuple[int, bytes]:
-    """GET / of the site through the front end on ``host``, verified against the cloud CA."""
-    ctx = ssl.create_default_context(cafile=str(cloud.ca_file))
-    name = f"{SITE}.{cloud.domain}"
-    with (
-        socket.create_connection((socket.gethostbyname(host), cloud.ports["https_port"]), 5) as raw,
-        ctx.wrap_socket(raw, server_hostname=name) as tls,
-    ):
-        tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := tls.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+    yield from netns_cloud(
+        home, (FIRST, SECOND), ("--local-roles", "management", "--wheelhouse", str(TEST_WHEELHOUSE))
+    )
 
 
 def _deploy(cloud: LocalCloud, folder: Path) -> subprocess.CompletedProcess[bytes]:
@@ -126,7 +61,9 @@ def _deployed(cloud: LocalCloud, tmp_path: Path, body: bytes, frontend: str) -> 
     (folder / "index.html").write_bytes(body)
     done = _deploy(cloud, folder)
     assert done.returncode == 0, (done.stdout, done.stderr, cloud.role_logs())
-    wait_until(lambda: _https_get(cloud, frontend) == (200, body), timeout=20, what=f"{SITE} via {frontend}")
+    wait_until(
+        lambda: https_get_via(cloud, frontend, SITE) == (200, body), timeout=20, what=f"{SITE} via {frontend}"
+    )
 
 
 def _ftp_login(site: dict[str, Any], password: str) -> None:
