@@ -255,31 +255,17 @@ def _plan_json(plan: Plan, subscriptions: int = 0) -> Json:
 
 def _over_limit(s: Session, plan: Plan) -> list[str]:
     """The plan's subscriptions that hold more sites, custom hostnames or instances than it allows."""
-    sites = dict(
-        s.execute(
-            select(Site.subscription_id, func.count(Site.id))
-            .join(Subscription)
-            .where(Subscription.plan_id == plan.id)
-            .group_by(Site.subscription_id)
-        ).all()
-    )
-    hostnames = dict(
-        s.execute(
-            select(Site.subscription_id, func.count(CustomHostname.id))
-            .join(CustomHostname)
-            .join(Subscription)
-            .where(Subscription.plan_id == plan.id)
-            .group_by(Site.subscription_id)
-        ).all()
-    )
-    widest = dict(
-        s.execute(
-            select(Site.subscription_id, func.max(Site.instances))
-            .join(Subscription)
-            .where(Subscription.plan_id == plan.id)
-            .group_by(Site.subscription_id)
-        ).all()
-    )
+
+    def per_subscription(figure: Any, *joins: Any) -> dict[int, int]:
+        query = select(Site.subscription_id, figure)
+        for table in joins:
+            query = query.join(table)
+        query = query.join(Subscription).where(Subscription.plan_id == plan.id)
+        return {sub: int(n or 0) for sub, n in s.execute(query.group_by(Site.subscription_id)).all()}
+
+    sites = per_subscription(func.count(Site.id))
+    hostnames = per_subscription(func.count(CustomHostname.id), CustomHostname)
+    widest = per_subscription(func.max(Site.instances))
     over = []
     for sub_id in sorted(set(sites) | set(hostnames)):
         what = [
