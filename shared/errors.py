@@ -14,6 +14,7 @@ __all__ = [
     "AlreadyExists",
     "BadRequest",
     "BuildFailed",
+    "Changed",
     "ConfirmationRequired",
     "Forbidden",
     "InUse",
@@ -127,6 +128,14 @@ class InUse(SitecloudError):
     code = "in_use"
     status = 409
     ftp_code = 550
+
+
+class Changed(SitecloudError):
+    """What the request was made against changed meanwhile (a site published to since)."""
+
+    code = "changed"
+    status = 409
+    ftp_code = 450
 
 
 class NotSupported(SitecloudError):

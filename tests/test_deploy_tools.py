@@ -485,13 +485,16 @@ def test_a_cli_deploy_whose_build_fails_exits_non_zero_with_the_builds_error(
         answer["error"]["code"] == "build_failed" and "No matching distribution" in answer["error"]["message"]
     )
 
-    # What is served says the same: the new files, and the app reports why it does not run.
-    assert cloud.get("buildcli", "/message.txt")[::2] == (200, b"v2")
-    status, _, body = cloud.get("buildcli", "/")
-    assert status == 503 and b"build failed" in body, (status, body[:300])
-    assert b"this-package-does-not-exist-xyz" not in body  # the why is the owner's, not every visitor's
-    shown = _sitecloud(cloud, "site", "show", "buildcli")
-    assert "build failed" in shown.stdout and "this-package-does-not-exist-xyz" in shown.stdout, shown.stdout
+    # The site keeps serving what it did, as Kudu keeps the running app: the content before the
+    # deploy is put back as a new version (before, the site answered 503 "build failed").
+    assert "the site is back at version" in error, error
+    cloud.wait_for_content("buildcli", "/message.txt", b"v1", timeout=60)
+    cloud.wait_for_content("buildcli", "/", b"v1", timeout=60)
+    sources = [
+        v["source"]
+        for v in json.loads(_sitecloud(cloud, "site", "versions", "buildcli", "--json").stdout)["versions"]
+    ]
+    assert sources[-1] == "rollback", sources
 
     # Fixed, the next deploy succeeds and the app runs its new version.
     fixed = _sitecloud(
@@ -554,6 +557,8 @@ def test_a_git_push_whose_build_fails_is_rejected_and_its_branch_left_where_it_w
     assert remote_main == good
     tracking = repo.run("rev-parse", "refs/remotes/origin/main").stdout.strip()
     assert tracking == good  # git took the push as refused
+    # And the site holds what main says: the content of the commit before.
+    cloud.wait_for_content("buildgit", "/", b"v1", timeout=60)
 
     repo.commit({"requirements.txt": None, "message.txt": b"v3"}, "no requirements")
     fixed = repo.push()

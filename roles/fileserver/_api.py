@@ -173,7 +173,7 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         require_role(request, *_WRITERS, "management")
         body = await _json_body(request) if request.can_read_body else {}
         wanted = RollbackRequest.parse(body, what="rollback")
-        answer = await store.rollback(request.match_info["site"], wanted.version)
+        answer = await store.rollback(request.match_info["site"], wanted.version, if_newest=wanted.if_newest)
         return web.json_response(answer.to_json())
 
     async def commit(request: web.Request) -> web.Response:

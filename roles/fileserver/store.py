@@ -54,7 +54,7 @@ from shared.contracts.content import (
 )
 from shared.contracts.health import FileserverFigures
 from shared.contracts.snapshots import FileserverSnapshot
-from shared.errors import InvalidInput, NotFound, QuotaExceeded, SitecloudError, Unavailable
+from shared.errors import Changed, InvalidInput, NotFound, QuotaExceeded, SitecloudError, Unavailable
 from shared.files import syncfs
 from shared.logs import get_logger
 from shared.paths import site_relpath
@@ -741,10 +741,18 @@ class ContentStore:
             )
         return CommitAnswer.model_construct(version=version, total_bytes=tree.total_bytes)
 
-    async def rollback(self, name: str, version: int | None) -> RollbackAnswer:
-        """A new version with the content of an earlier one (the one before the newest by default)."""
+    async def rollback(
+        self, name: str, version: int | None, *, if_newest: int | None = None
+    ) -> RollbackAnswer:
+        """A new version with the content of an earlier one (the one before the newest by default);
+        with ``if_newest``, only while that is still the newest version."""
         site = self.site(name)
         async with site.lock:
+            if if_newest is not None and site.head_version != if_newest:
+                raise Changed(
+                    f"site {site.name} has changed since version {if_newest} (it is at {site.head_version})",
+                    hint="nothing was rolled back",
+                )
             target = site.head_version - 1 if version is None else version
             if target < 1 or target >= site.head_version or target not in site.records:
                 kept = sorted(n for n in site.records if n < site.head_version)

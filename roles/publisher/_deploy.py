@@ -46,7 +46,7 @@ from shared.errors import (
     Unauthorized,
 )
 from shared.internal import InternalClient, error_middleware, require_role
-from shared.logs import get_logger
+from shared.logs import ContextLogger, get_logger
 from shared.states import SiteState
 
 __all__ = ["Deployer"]
@@ -433,6 +433,14 @@ class Deployer:
                     )
                     if outcome.failed:
                         message = _build_failure(answer.version, outcome.failed)
+                        restored = await self._restore_before(site, answer.version, log)
+                        if restored is not None:
+                            back = (
+                                f"the site is back at version {answer.version - 1}'s content (as version "
+                                f"{restored}): it serves what it did before this deploy"
+                            )
+                            message += f"; {back}"
+                            await tell("deploy", back)
                         # (The deployer is answered with it as an error: only the record's log.)
                         self.deployments.note(record, message)
                     elif _not_served(site, outcome):
@@ -461,6 +469,26 @@ class Deployer:
             log.warning("%s: version %s stored, but its build failed", via, answer.version)
             raise BuildFailed(message, hint=_BUILD_HINT.format(site=site.name))
         return answer
+
+    async def _restore_before(self, site: SiteInfo, version: int, log: ContextLogger) -> int | None:
+        """After ``version``'s build failed: a new version with the content before it, so the site
+        keeps serving what it did (as Kudu keeps the running app) and what git and the CLI report
+        as failed is not what the site holds. Not when it was the site's first version, nor when
+        something was published after it (that stays). The new version's number, or None."""
+        if version <= 1:
+            return None
+
+        def roll_back() -> int:
+            with FileserverClient(self._sites.fileserver, self._ssl) as client:
+                return client.rollback(site.name, version - 1, if_newest=version).version
+
+        try:
+            return await asyncio.to_thread(roll_back)
+        except SitecloudError as err:
+            log.warning(
+                "version %s's build failed, and version %s was not put back: %s", version, version - 1, err
+            )
+            return None
 
     async def _receive(self, request: web.Request, spool: IO[bytes]) -> int:
         limit = self._config.max_deploy_bytes

@@ -24,6 +24,8 @@ from shared.contracts.content import (
     CommitRequest,
     FileStored,
     Manifest,
+    RollbackAnswer,
+    RollbackRequest,
     SiteContentInfo,
     VersionDiff,
 )
@@ -280,6 +282,13 @@ class FileserverClient:
         """Apply ``ops`` all or nothing as one new version."""
         body = CommitRequest(ops=list(ops), replace=replace, source=source).model_dump_json(by_alias=True)
         return self.commit_encoded(site, body.encode())
+
+    def rollback(self, site: str, version: int, *, if_newest: int) -> RollbackAnswer:
+        """A new version with ``version``'s content, only while ``if_newest`` is the newest."""
+        body = RollbackRequest(version=version, if_newest=if_newest).model_dump_json().encode()
+        return parse_answer(
+            RollbackAnswer, self._json("POST", f"{self._site(site)}/rollback", body=body), peer=self.base_url
+        )
 
     def commit_encoded(self, site: str, body: bytes) -> CommitAnswer:
         """:meth:`commit` of a :class:`CommitRequest` already in JSON (see ``encode_commit``)."""

@@ -30,7 +30,7 @@ from aiohttp import BasicAuth, web
 from roles.publisher._deploy import Deployer
 from roles.publisher._sites import SiteInfo, SiteTable
 from roles.publisher.config import PublisherConfig
-from shared.errors import BadRequest, NotFound, QuotaExceeded, SitecloudError, Unavailable
+from shared.errors import BadRequest, NotFound, NotServed, QuotaExceeded, SitecloudError, Unavailable
 from shared.logs import ContextLogger, get_logger
 from shared.names import validate_site_name
 
@@ -522,6 +522,12 @@ class GitDeploy:
                 await self._deployer.deploy_zip(
                     site, spool, record, via="git push", size=size, follow_build=True, emit=tell
                 )
+        except NotServed as err:
+            # Stored, and served once a worker runs: the push stands (put back, the branch would
+            # say the site holds the old commit while it holds this one).
+            log.warning("git push of %s stored, but not served: %s", new[:10], err)
+            await say(f"WARNING: {err}")
+            return None
         except SitecloudError as err:
             if not record.complete:
                 self._deployer.deployments.finish(record, version=None, message=str(err))

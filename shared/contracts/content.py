@@ -387,6 +387,9 @@ class RollbackRequest(Contract):
     """``POST /v1/sites/{site}/rollback``: the version to bring back; the one before the newest if None."""
 
     version: VersionNumber | None = None
+    # Only while the site's newest version is still this one (409 otherwise): a deploy undoing itself
+    # never undoes what was published after it.
+    if_newest: VersionNumber | None = None
 
 
 class RollbackAnswer(Contract):
