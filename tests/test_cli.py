@@ -428,6 +428,32 @@ def test_up_is_handed_to_the_controller(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert os.environ["SITECLOUD_HOME"] == str(tmp_path)
 
 
+def test_a_second_up_on_a_home_keeps_its_ports_domain_and_db_unless_told_otherwise(tmp_path: Path) -> None:
+    # Before, `up` without the flags moved every site of a home made with --https-port 47443 to 8443.
+    from roles.controller.config import CloudConfig
+    from roles.controller.home import CloudHome
+    from roles.controller.up import _parser, _remembered_choices
+
+    home = tmp_path / "cloud"
+    first = ["--home", str(home), "--domain", "example.test", "--https-port", "47443", "--ftp-port", "47021"]
+    chosen = _remembered_choices(home, _parser().parse_args(first))
+    assert (chosen["domain"], chosen["https_port"], chosen["http_port"]) == ("example.test", 47443, 8080)
+    CloudHome(
+        CloudConfig(
+            home=home, domain=chosen["domain"], https_port=47443, ftp_port=47021, db_url="sqlite:///x.db"
+        )
+    ).prepare()
+    again = _remembered_choices(home, _parser().parse_args(["--home", str(home)]))
+    assert (again["domain"], again["https_port"], again["ftp_port"], again["db"]) == (
+        "example.test",
+        47443,
+        47021,
+        "sqlite:///x.db",
+    )
+    moved = _remembered_choices(home, _parser().parse_args(["--home", str(home), "--https-port", "9443"]))
+    assert (moved["https_port"], moved["ftp_port"]) == (9443, 47021)
+
+
 def test_up_processes_reach_the_front_end_and_worker_and_bad_counts_are_refused(tmp_path: Path) -> None:
     from roles.controller.config import CloudConfig
     from roles.controller.home import CloudHome

@@ -125,6 +125,20 @@ class CloudHome:
         for kind in LOCAL_ROLES:
             self._write_role_home(self._role_config(kind))
         self._write_wildcard()
+        c = self.config
+        # What the next `up` on this home uses where its command line says nothing (see up.py).
+        self._state["up"] = {
+            "domain": c.domain,
+            "bind": c.bind,
+            "advertise": c.advertise,
+            "http_port": c.http_port,
+            "https_port": c.https_port,
+            "ftp_port": c.ftp_port,
+            "api_port": c.api_port,
+            "deploy_port": c.deploy_port,
+            "passive_ports": list(c.passive_ports) if c.passive_ports else None,
+            "db": c.db_url,
+        }
         atomic_write_json(self.state_file, self._state, mode=0o600)
 
     @property

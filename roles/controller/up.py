@@ -12,6 +12,7 @@ from typing import Any
 from roles.controller.config import CloudConfig
 from roles.controller.controller import Controller
 from roles.controller.home import LOCAL_ROLES
+from shared.files import read_json
 from shared.logs import setup_logging
 from shared.process import run_until_stopped
 
@@ -53,26 +54,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--home", help="cloud home directory (env SITECLOUD_HOME; default ~/.local/share/sitecloud)"
     )
-    p.add_argument(
-        "--domain", default="sites.localhost", help="sites are <site>.DOMAIN (default %(default)s)"
-    )
-    p.add_argument("--bind", default="127.0.0.1", help="address every listener binds (default %(default)s)")
+    p.add_argument("--domain", help="sites are <site>.DOMAIN (default sites.localhost)")
+    p.add_argument("--bind", help="address every listener binds (default 127.0.0.1)")
     p.add_argument(
         "--advertise",
-        default="",
         metavar="ADDRESS",
         help="address (or DNS name) where roles on other hosts reach this machine's roles; they then "
         "listen on all addresses (default: this machine's roles serve only this machine)",
     )
-    p.add_argument("--http-port", type=int, default=8080)
-    p.add_argument("--https-port", type=int, default=8443)
-    p.add_argument("--ftp-port", type=int, default=2121)
-    p.add_argument("--api-port", type=int, default=8090)
-    p.add_argument("--deploy-port", type=int, default=8172)
+    p.add_argument("--http-port", type=int, help="default 8080")
+    p.add_argument("--https-port", type=int, help="default 8443")
+    p.add_argument("--ftp-port", type=int, help="default 2121")
+    p.add_argument("--api-port", type=int, help="default 8090")
+    p.add_argument("--deploy-port", type=int, help="default 8172")
     p.add_argument("--passive-ports", type=_port_range, metavar="LOW-HIGH", help="FTP passive port range")
-    p.add_argument(
-        "--db", default="", help="runtime DB URL, e.g. postgresql://user:pw@host/db (default: SQLite)"
-    )
+    p.add_argument("--db", help="runtime DB URL, e.g. postgresql://user:pw@host/db (default: SQLite)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument(
         "--local-roles",
@@ -140,22 +136,56 @@ def _summary(endpoints: dict[str, Any], local_roles: Collection[str] = LOCAL_ROL
     )
 
 
+# What `up` was told once and keeps using on the same home until told otherwise: the addresses
+# tenants were given (a second `up` without the flags must not move every site to other ports), and
+# the runtime DB (without --db, a home on PostgreSQL must not come up empty on SQLite).
+_REMEMBERED: dict[str, Any] = {
+    "domain": "sites.localhost",
+    "bind": "127.0.0.1",
+    "advertise": "",
+    "http_port": 8080,
+    "https_port": 8443,
+    "ftp_port": 2121,
+    "api_port": 8090,
+    "deploy_port": 8172,
+    "passive_ports": None,
+    "db": "",
+}
+
+
+def _remembered_choices(home: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Each option as given now, else as the last `up` on this home had it (HOME/cloud.json's "up"
+    object, written by the home once `up` holds it), else its default."""
+    state_file = home / "cloud.json"
+    state = read_json(state_file) if state_file.exists() else {}
+    saved = state.get("up") if isinstance(state, dict) else None
+    remembered: dict[str, Any] = saved if isinstance(saved, dict) else {}
+    chosen = {}
+    for name, default in _REMEMBERED.items():
+        given = getattr(args, name)
+        chosen[name] = given if given is not None else remembered.get(name, default)
+    return chosen
+
+
 def run_up(argv: list[str]) -> int:
     """Run the cloud until Ctrl-C or SIGTERM. A :class:`SitecloudError` (a bad option, a home or port
     in use) is raised to the CLI, which prints it as every command's errors are printed."""
     args = _parser().parse_args(argv)
+    home = CloudConfig.home_from_env(args.home)
+    chosen = _remembered_choices(home, args)
+    passive = chosen["passive_ports"]
     config = CloudConfig(
-        home=CloudConfig.home_from_env(args.home),
-        domain=args.domain,
-        bind=args.bind,
-        advertise=args.advertise,
-        http_port=args.http_port,
-        https_port=args.https_port,
-        ftp_port=args.ftp_port,
-        api_port=args.api_port,
-        deploy_port=args.deploy_port,
-        passive_ports=args.passive_ports,
-        db_url=args.db,
+        home=home,
+        domain=chosen["domain"],
+        bind=chosen["bind"],
+        advertise=chosen["advertise"],
+        http_port=chosen["http_port"],
+        https_port=chosen["https_port"],
+        ftp_port=chosen["ftp_port"],
+        api_port=chosen["api_port"],
+        deploy_port=chosen["deploy_port"],
+        passive_ports=tuple(passive) if passive else None,
+        db_url=chosen["db"],
         log_level=args.log_level,
         local_roles=tuple(r.strip() for r in args.local_roles.split(",") if r.strip()),
         wheelhouse=Path(args.wheelhouse).resolve() if args.wheelhouse else None,
