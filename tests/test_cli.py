@@ -363,6 +363,26 @@ def test_version_usage_errors_and_suggestions(home: Path) -> None:
     assert result.returncode == 5, result.stderr
 
 
+def test_a_reader_that_goes_away_gets_no_traceback(home: Path) -> None:
+    # `sitecloud plan list | head -1`: before, a BrokenPipeError traceback on stderr.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SITECLOUD_")}
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "roles.management.cli", "--home", str(home), "plan", "list"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=_ROOT,
+            env=environ,
+            timeout=30,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_deploy_zips_a_directory_and_relays_errors(home: Path, tmp_path: Path) -> None:
     sub = ok_json(home, "plan", "create", "deploy-plan", "--max-sites", "1", "--storage-mb", "10")
     ok_json(home, "tenant", "create", "deploy-tenant")
