@@ -163,6 +163,9 @@ def test_a_suspended_subscription_s_site_refuses_its_publishers_saying_why_and_i
         assert "subscription of site frozen is suspended" in refused["error"]["message"], refused
         rolled = cloud.cli("site", "rollback", "frozen", token=token, check=False)
         assert rolled["error"]["code"] == "forbidden", rolled
+        # A slot is a new site: refused as `site create` is (before, it was made, suspended).
+        slot = cloud.cli("site", "slot", "create", "frozen", "stage", token=token, check=False)
+        assert slot["error"]["code"] == "forbidden" and "suspended" in slot["error"]["message"], slot
 
         # Its content can still be read: versions, and a backup with its files.
         assert cloud.cli("site", "versions", "frozen", token=token)["versions"] == site["versions"]

@@ -904,6 +904,11 @@ class Store:
         password_hash = hash_password(password)
         with self._write_lock, self._db.session() as s:
             production = self._production(s, who, name)
+            if production.subscription.state != "active":
+                # A slot is a site: refused where `site create` is.
+                raise Forbidden(
+                    f"subscription {production.subscription_id} is {production.subscription.state}, not active"
+                )
             sticky = set(production.sticky_settings or [])
             settings = {k: v for k, v in (production.app_settings or {}).items() if k not in sticky}
             site = self._add_site(
