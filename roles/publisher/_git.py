@@ -536,6 +536,9 @@ class GitDeploy:
             await say(f"deploy FAILED: {err}")
             await say(f"{branch} is back at {old[:10] if old else 'nothing'}; fix and push again")
             return _one_line(f"deploy failed: {err.message}")
+        if not site.state.serving:
+            # Its deploy said so already: kept, served once the site is started.
+            return None
         url = self._sites.site_url(site.address)
         await say(f"live at {url}" if url else f"site {site.address} is live")
         return None
