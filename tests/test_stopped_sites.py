@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import ftplib
 import io
+import os
 import shutil
+import subprocess
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -163,6 +166,20 @@ def test_a_suspended_subscription_s_site_refuses_its_publishers_saying_why_and_i
         assert "subscription of site frozen is suspended" in refused["error"]["message"], refused
         rolled = cloud.cli("site", "rollback", "frozen", token=token, check=False)
         assert rolled["error"]["code"] == "forbidden", rolled
+        # git shows why too (before: only "The requested URL returned error: 403").
+        base = urlsplit(site["deploy"]["url"])
+        remote = f"https://{site['ftp']['user']}:{site['ftp']['password']}@{base.netloc}/frozen.git"
+        listed = subprocess.run(
+            ["git", "ls-remote", remote],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "GIT_SSL_CAINFO": str(cloud.ca_file), "GIT_TERMINAL_PROMPT": "0"},
+            timeout=30,
+        )
+        assert listed.returncode != 0, listed
+        assert "remote: sitecloud: the subscription of site frozen is suspended" in listed.stderr, (
+            listed.stderr
+        )
         # A slot is a new site: refused as `site create` is (before, it was made, suspended).
         slot = cloud.cli("site", "slot", "create", "frozen", "stage", token=token, check=False)
         assert slot["error"]["code"] == "forbidden" and "suspended" in slot["error"]["message"], slot

@@ -23,6 +23,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import BasicAuth, web
@@ -94,6 +95,25 @@ def _split_report(body: bytes) -> tuple[bytes, bool] | None:
             return None
         at += length
     return body, False
+
+
+def _plain_errors(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """git shows an HTTP error's body to the pusher only as text/plain (each line as ``remote:``):
+    a refusal (a suspended subscription, a full quota) is said that way rather than as JSON. A 401
+    stays as it is: git answers it by asking for the password."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except SitecloudError as err:
+            if err.status == 401:
+                raise
+            text = f"sitecloud: {err.message}\n" + (f"sitecloud: {err.hint}\n" if err.hint else "")
+            return web.Response(status=err.status, text=text, content_type="text/plain")
+
+    return handle
 
 
 def _one_line(text: str, limit: int = 500) -> str:
@@ -217,8 +237,8 @@ class GitDeploy:
 
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.get("/{site}.git/info/refs", self._info_refs),
-            web.post("/{site}.git/{service}", self._service),
+            web.get("/{site}.git/info/refs", _plain_errors(self._info_refs)),
+            web.post("/{site}.git/{service}", _plain_errors(self._service)),
         ]
 
     # --- the repository of a site
