@@ -68,10 +68,7 @@ _RETRY_AFTER = web.RequestKey("retry_after", int)
 # What management asks for to see the deploy's build as it runs.
 NDJSON = "application/x-ndjson"
 # What a site's owner does about a failed build (the site's app serves no version until one builds).
-_BUILD_HINT = (
-    "fix what the build says and deploy again; the new files are served, but the site's app does "
-    "not start until a version builds (`sitecloud site logs {site}` shows the whole build)"
-)
+_BUILD_HINT = "fix what the build says and deploy again (`sitecloud site logs {site}` shows the whole build)"
 
 
 # What to do about a version stored that no worker serves: only an admin can start a worker.
