@@ -234,6 +234,7 @@ def test_small_answers_round_trip() -> None:
             {"versions": [{"version": 1, "time": 5.5, "source": "ftp", "files": 2, "total_bytes": 30}]},
         ),
         (RollbackRequest, {"version": 2}),
+        (RollbackRequest, {"version": 2, "if_newest": 3}),
     ]
     for kind, wire in cases:
         assert kind.parse(wire).to_json() == wire, kind

@@ -17,7 +17,7 @@ import json
 import math
 from collections.abc import Iterable
 from json.encoder import encode_basestring_ascii as _string
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import ConfigDict, Field
 from typing_extensions import TypedDict
@@ -390,6 +390,9 @@ class RollbackRequest(Contract):
     # Only while the site's newest version is still this one (409 otherwise): a deploy undoing itself
     # never undoes what was published after it.
     if_newest: VersionNumber | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 class RollbackAnswer(Contract):
