@@ -357,8 +357,12 @@ def test_git_endpoints_refuse_what_they_do_not_serve(cloud: LocalCloud, subscrip
     assert status == 400 and b"smart HTTP" in body
     status, _, body = _curl(cloud, "-u", auth, "-X", "POST", f"{base}/gitmine.git/git-evil-pack")
     assert status == 404 and b"no such git endpoint" in body
-    status, _, body = _curl(cloud, "-u", auth, f"{base}/Not_A.Site.git/info/refs?service=git-receive-pack")
-    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_input"
+    status, headers, body = _curl(
+        cloud, "-u", auth, f"{base}/Not_A.Site.git/info/refs?service=git-receive-pack"
+    )
+    # As text, which git shows the pusher as `remote:` lines (JSON it would not show).
+    assert status == 400 and headers["content-type"].startswith("text/plain"), headers
+    assert body.startswith(b"sitecloud: ") and b"Not_A.Site" in body, body
     # One site's credentials open no other site's repository.
     status, _, _ = _curl(cloud, "-u", auth, f"{base}/{theirs['name']}.git/info/refs?service=git-receive-pack")
     assert status == 401
