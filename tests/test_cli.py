@@ -250,6 +250,20 @@ def _site_for(home: Path, name: str) -> dict[str, str]:
     return env
 
 
+def test_a_tenants_control_characters_reach_no_terminal_raw(home: Path) -> None:
+    env = _site_for(home, "escapes")
+    value = "a\x1b]0;TITLE\x07b\x1b[31mred\x9b1m\x7f\u00e9"
+    ok_json(home, "site", "set", "escapes", f"EVIL={value}", env=env)
+    shown = run(home, "site", "settings", "escapes", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "EVIL=a\\x1b]0;TITLE\\x07b\\x1b[31mred\\x9b1m\\x7f\u00e9" in shown.stdout
+    assert not any(c in shown.stdout for c in "\x1b\x07\x9b\x7f")
+    # As JSON the value is exact, and still nothing raw reaches the terminal.
+    answer = run(home, "site", "settings", "escapes", "--json", env=env)
+    assert json.loads(answer.stdout)["settings"]["EVIL"] == value
+    assert not any(c in answer.stdout for c in "\x1b\x07\x9b\x7f")
+
+
 def _on_a_terminal(home: Path, args: list[str], env: dict[str, str], answer: str) -> tuple[int, str]:
     """Run the CLI with a pseudo-terminal as stdin and stderr, answer its question; (exit code, what it wrote)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SITECLOUD_")}

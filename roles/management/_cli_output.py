@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ago", "out", "print_fields", "print_table"]
+__all__ = ["ago", "dumps", "out", "print_fields", "print_table", "printable"]
+
+# Control characters (C0 but tab and newline, DEL, C1) shown as escapes: app output and settings are a
+# tenant's bytes, and a terminal acts on escape sequences (titles, colours, OSC 52 clipboard writes).
+_ESCAPED = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A)}
+
+
+# JSON escapes C0 itself; DEL and C1 are left raw by ensure_ascii=False, so they get \\u escapes here.
+_JSON_ESCAPED = {c: f"\\u{c:04x}" for c in (0x7F, *range(0x80, 0xA0))}
+
+
+def printable(text: str) -> str:
+    return text.translate(_ESCAPED)
+
+
+def dumps(answer: Any, *, indent: int | None = 2) -> str:
+    """``answer`` as JSON for the terminal: readable non-ASCII text, no raw control characters."""
+    return json.dumps(answer, indent=indent, ensure_ascii=False).translate(_JSON_ESCAPED)
 
 
 def out(line: str = "") -> None:
-    sys.stdout.write(line + "\n")
+    sys.stdout.write(line.translate(_ESCAPED) + "\n")
     sys.stdout.flush()
 
 

@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 from roles.management._cli_backup import add_backup_commands
 from roles.management._cli_client import ApiClient, Endpoints, clean_token, zipped
 from roles.management._cli_fabric import add_fabric_commands
-from roles.management._cli_output import ago, out, print_fields, print_table
+from roles.management._cli_output import ago, dumps, out, print_fields, print_table, printable
 from roles.management._cli_ux import CliParser, Confirm, ExitCode, UsageError, ask, did_you_mean, exit_code
 from roles.management._site_backups import human_every, parse_every
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
@@ -554,7 +554,7 @@ def _site_logs(a: argparse.Namespace, api: ApiClient) -> Any:
         while True:
             with contextlib.suppress(OSError, http.client.HTTPException, Unavailable):
                 for line in stream:
-                    out(json.dumps({"line": line}) if a.json else line)
+                    out(dumps({"line": line}, indent=None) if a.json else line)
             if not cut_at:
                 cut_at.append(time.monotonic())
                 sys.stderr.write("the log stream was cut (management restarted?); reconnecting...\n")
@@ -1487,17 +1487,17 @@ def _run_up(argv: list[str]) -> int:
 
 def _fail(err: SitecloudError, as_json: bool) -> int:
     if as_json:
-        out(json.dumps(err.to_json(), indent=2, ensure_ascii=False))
+        out(dumps(err.to_json()))
     else:
-        sys.stderr.write(f"error: {err.message}\n")
+        sys.stderr.write(f"error: {printable(err.message)}\n")
         if err.hint:
-            sys.stderr.write(f"hint: {err.hint}\n")
+            sys.stderr.write(f"hint: {printable(err.hint)}\n")
     return int(exit_code(err))
 
 
 def _usage_failed(err: UsageError, as_json: bool) -> int:
     if as_json:
-        out(json.dumps(err.to_json(), indent=2, ensure_ascii=False))
+        out(dumps(err.to_json()))
     else:
         sys.stderr.write(err.usage)
         sys.stderr.write(f"{err.prog}: error: {err.message}\n")
@@ -1639,7 +1639,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return int(ExitCode.INTERRUPTED)
     if args.json and answer is not None:
-        out(json.dumps(answer, indent=2, ensure_ascii=False))
+        out(dumps(answer))
     elif args.show is not None:
         args.show(answer, args)
     return int(ExitCode.OK)
