@@ -29,19 +29,36 @@ def test_prune_keeps_a_version_changed_in_place(tmp_path: Path) -> None:
     # The pruning of v1 that follows must leave the served directory alone.
     cache = ContentCache(tmp_path)
     old, new, upload = _blob(cache, b"old"), _blob(cache, b"new"), _blob(cache, b"upload")
-    cache.build_version("blog", "c1", 1, {"index.html": old}, [])
-    v2 = cache.build_version("blog", "c1", 2, {"index.html": new}, [])
+    cache.build_version("blog", "c1", 1, {"index.html": old}, [], packed=True)
+    v2 = cache.build_version("blog", "c1", 2, {"index.html": new}, [], packed=True)
     cache.apply_changes("blog", v2, 3, {"up.txt": upload}, [])
 
     cache.prune("blog", set())
 
-    assert sorted(p.name for p in cache.site_dir("blog").glob("v*")) == ["v2"]
+    assert sorted(p.name for p in cache.site_dir("blog").glob("v*") if p.is_dir()) == ["v2"]
     served = Path(cache.site_dir("blog") / "current")
     assert (served / "index.html").read_bytes() == b"new"
     assert (served / "up.txt").read_bytes() == b"upload"
     # Only the blob no version links any more goes.
     assert cache.collect_blobs() == len(b"new") + len(b"upload")
     assert not cache.has_blob(old.sha256) and cache.has_blob(upload.sha256)
+
+
+def test_an_app_sites_files_share_no_inode_with_another_site(tmp_path: Path) -> None:
+    # An app can stat its own files: a shared inode would tell it whether another tenant holds the
+    # same bytes (the link count) and since when (the mtime of the first copy).
+    cache = ContentCache(tmp_path)
+    big = _blob(cache, b"x" * 300_000)
+    cache.build_version("victim", "c1", 1, {"export.csv": big}, [], packed=True)
+    mine = FileMeta(sha256=big.sha256, size=big.size, mtime=1_700_000_000)
+    v1 = cache.build_version("attacker", "c2", 1, {"guess.csv": mine}, [])
+    v2 = cache.apply_changes("attacker", v1, 2, {"again.csv": mine}, [])
+    for name in ("guess.csv", "again.csv"):
+        st = os.stat(Path(v2.root) / name)
+        assert (st.st_nlink, st.st_mtime) == (1, 1_700_000_000)
+        assert (Path(v2.root) / name).read_bytes() == b"x" * 300_000
+    # A site no app sees still shares the blob's bytes on disk.
+    assert os.stat(cache.site_dir("victim") / "current" / "export.csv").st_nlink == 2
 
 
 def test_missing_blobs_names_each_absent_blob_once(tmp_path: Path) -> None:

@@ -197,21 +197,29 @@ class ContentCache:
         """Store verified small blobs fetched together as one pack."""
         self.packs.write(blobs)
 
-    def _place(self, sha: str, dest: str, mtime: float) -> None:
-        """Make ``dest`` a file with blob ``sha``'s bytes: a hard link to the blob, or a copy."""
+    def _place(self, sha: str, dest: str, mtime: float, *, link: bool) -> None:
+        """Make ``dest`` a file with blob ``sha``'s bytes: a hard link to the blob, or a copy.
+
+        Only a site no app sees gets links (``link``): an app could read another site's use of the same
+        bytes from the inode it would share with it (its link count, and the mtime of the first copy).
+        """
         blob = f"{self.blobs}/{sha[:2]}/{sha}"
-        try:
-            os.link(blob, dest)
-            return
-        except FileNotFoundError:
-            if not self.packs.has(sha):
-                raise
-        except OSError as exc:
-            if exc.errno not in (errno.EMLINK, errno.EXDEV):
-                raise
-            # A blob shared by very many files hit the filesystem's link limit (or blobs ended up on
-            # another filesystem): copy it.
-            shutil.copy2(blob, dest)
+        if link:
+            try:
+                os.link(blob, dest)
+                return
+            except FileNotFoundError:
+                if not self.packs.has(sha):
+                    raise
+            except OSError as exc:
+                if exc.errno not in (errno.EMLINK, errno.EXDEV):
+                    raise
+                # A blob shared by very many files hit the filesystem's link limit (or blobs ended up
+                # on another filesystem): copy it.
+                self._copy(blob, dest, mtime)
+                return
+        elif not self.packs.has(sha):
+            self._copy(blob, dest, mtime)
             return
         # Only in a pack: this version keeps its files in its directory (an app's site).
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -223,6 +231,13 @@ class ContentCache:
                 os.utime(fd, (mtime, mtime))
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _copy(blob: str, dest: str, mtime: float) -> None:
+        shutil.copyfile(blob, dest)  # (sendfile / copy_file_range: in the kernel)
+        os.chmod(dest, 0o644)
+        if mtime > 0:
+            os.utime(dest, (mtime, mtime))
 
     def _packed(self, meta: FileMeta) -> PackedFile | None:
         where = self.packs.location(meta.sha256)
@@ -328,7 +343,7 @@ class ContentCache:
                 if loc is not None:
                     index.add(rel, loc, meta.mtime if meta.mtime > 0 else now, meta.sha256)
                 else:
-                    self._place(meta.sha256, f"{base}/{rel}", meta.mtime)
+                    self._place(meta.sha256, f"{base}/{rel}", meta.mtime, link=packed)
             final = site_dir / name
             if packed:
                 index_tmp = index.write(str(final))
@@ -406,7 +421,7 @@ class ContentCache:
             if dest.is_dir() and not dest.is_symlink():
                 shutil.rmtree(dest)
             tmp = dest.parent / f".new-{uuid.uuid4().hex}"
-            self._place(meta.sha256, str(tmp), meta.mtime)
+            self._place(meta.sha256, str(tmp), meta.mtime, link=packed)
             os.replace(tmp, dest)
             if packed:
                 overlay[rel] = None  # (the file in the directory is served, not the index's)
