@@ -508,6 +508,42 @@ def test_a_cli_deploy_whose_build_fails_exits_non_zero_with_the_builds_error(
     cloud.wait_for_content("buildcli", "/", b"v3", timeout=60)
 
 
+def test_a_stopped_sites_start_builds_what_was_published_to_it_and_fails_as_its_build_does(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    # Nothing builds while a site is stopped: its start builds what was deployed meanwhile, and
+    # reports the build as a deploy does (before, it said "started" and the site answered 503).
+    _site(cloud, subscription, "buildstart")
+    cloud.cli("site", "stop", "buildstart")
+    broken = _tree(tmp_path / "app", _app_files(b"v1", broken=True))
+    deployed = _sitecloud(cloud, "deploy", "buildstart", str(broken))
+    assert deployed.returncode == 0, deployed.stderr
+    assert "it builds and serves this version once it is started" in deployed.stdout, deployed.stdout
+
+    started = _sitecloud(cloud, "site", "start", "buildstart")
+    assert started.returncode != 0, (started.stdout, started.stderr)
+    assert "No matching distribution found for this-package-does-not-exist-xyz" in started.stdout
+    error, _, hint = started.stderr.partition("hint: ")
+    assert error.startswith("error: site buildstart is started, but version"), started.stderr
+    assert "its build failed" in error and "No matching distribution found" in error, error
+    assert "deploy again" in hint and "site rollback buildstart" in hint, hint
+    as_json = _sitecloud(cloud, "site", "start", "buildstart", "--json")
+    assert as_json.returncode == started.returncode
+    assert json.loads(as_json.stdout)["error"]["code"] == "build_failed", as_json.stdout
+
+    # A version that builds: the start ends once the site serves it.
+    cloud.cli("site", "stop", "buildstart")
+    fixed = _sitecloud(
+        cloud, "deploy", "buildstart", str(_tree(tmp_path / "app", _app_files(b"v2", broken=False)))
+    )
+    assert fixed.returncode == 0, fixed.stderr
+    started = _sitecloud(cloud, "site", "start", "buildstart")
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.splitlines()[-1] == "started buildstart", started.stdout
+    status, _, body = cloud.get("buildstart", "/")  # no waiting: it said started
+    assert (status, body) == (200, b"v2"), (status, body[:300])
+
+
 def test_a_zipdeploy_whose_build_fails_is_a_failed_deployment(cloud: LocalCloud, subscription: int) -> None:
     site = _site(cloud, subscription, "buildkudu")
     auth = f"{site['ftp']['user']}:{site['ftp']['password']}"

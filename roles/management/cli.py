@@ -36,6 +36,8 @@ __all__ = ["main"]
 _DEFAULT_HOME = Path.home() / ".local" / "share" / "sitecloud"
 # Global options that take a value: skipped when looking for the command word.
 _VALUED_GLOBALS = ("--home", "--token")
+# Seconds without a line before `site start` stops waiting for the site's build (pip may be quiet a while).
+_BUILD_TIMEOUT = 900.0
 
 Command = Callable[[argparse.Namespace, ApiClient], Any]
 Show = Callable[[Any, argparse.Namespace], None]
@@ -699,15 +701,21 @@ def _show_availability(answer: Any, a: argparse.Namespace) -> None:
     )
 
 
-def _deploy(a: argparse.Namespace, api: ApiClient) -> Any:
-    def show(line: dict[str, Any]) -> None:
-        # The build's own lines as pip or npm wrote them; the publisher's marked as such.
-        if not a.json:
-            out(("  " if line.get("source") != "deploy" else "") + str(line.get("text", "")))
+def _build_lines(a: argparse.Namespace) -> Callable[[dict[str, Any]], None]:
+    """What prints a deploy's or a start's lines: the build's own as pip or npm wrote them, indented
+    under the platform's."""
 
+    def show(line: dict[str, Any]) -> None:
+        if not a.json:
+            out(("  " if line.get("source") in ("build", "worker") else "") + str(line.get("text", "")))
+
+    return show
+
+
+def _deploy(a: argparse.Namespace, api: ApiClient) -> Any:
     with zipped(Path(a.path)) as zip_file:
         answer = api.upload(
-            api.path("sites", a.site, "deploy"), zip_file, on_line=None if a.no_wait else show
+            api.path("sites", a.site, "deploy"), zip_file, on_line=None if a.no_wait else _build_lines(a)
         )
     if not a.json and not a.no_wait:
         # A stopped site takes the deploy but serves nothing: the last line must not say "served".
@@ -715,9 +723,26 @@ def _deploy(a: argparse.Namespace, api: ApiClient) -> Any:
     return answer
 
 
+def _site_start(a: argparse.Namespace, api: ApiClient) -> Any:
+    path = api.path("sites", a.name, "start")
+    if a.no_wait:
+        return api.request("POST", path)
+    # A version published while the site was stopped builds now: its failure is reported here.
+    return api.request_lines(
+        "POST",
+        path,
+        on_line=_build_lines(a),
+        timeout=_BUILD_TIMEOUT,
+        what="the start",
+        hint=f"see `sitecloud site show {a.name}` and `sitecloud site logs {a.name}`",
+    )
+
+
 def _show_deploy(answer: Any, a: argparse.Namespace) -> None:
     stopped = answer.get("site_state") == "stopped"
-    served = "" if a.no_wait else ", kept until the site is started" if stopped else ", served"
+    served = (
+        "" if a.no_wait else ", kept until the site is started (it is built then)" if stopped else ", served"
+    )
     out(
         f"deployed {answer.get('files')} file(s), {answer.get('bytes')} bytes to {answer.get('site')}: "
         f"content version {answer.get('version')}{served}"
@@ -1203,8 +1228,18 @@ def _parser() -> argparse.ArgumentParser:
         confirm=lambda a: (f"delete site {a.name} and all its content", a.name),
     )
     sp.add_argument("name")
-    sp = leaf(site, "start", "start a site", post("sites", "{a.name}", "start"), _done("started {a.name}"))
+    sp = leaf(
+        site,
+        "start",
+        "start a site; ends once its workers serve it, built (a version published while it was stopped "
+        "builds now)",
+        _site_start,
+        _done("started {a.name}"),
+    )
     sp.add_argument("name")
+    sp.add_argument(
+        "--no-wait", action="store_true", help="answer once it is started, without waiting for its build"
+    )
     sp = leaf(
         site,
         "stop",

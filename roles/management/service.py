@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from roles.management._accounts import Accounts
@@ -28,14 +29,15 @@ from roles.management._store import Principal, Store, require_admin
 from roles.management._usage import StorageReader
 from roles.management._warm import warm_site
 from roles.management.config import ManagementConfig
+from shared.builds import NOT_SERVED_HINT, BuildFollow, BuildFollower, Emit, build_failure
 from shared.contracts.answers import parse_answer
 from shared.contracts.apps import AppDescription
 from shared.contracts.content import DeployResult, RollbackAnswer, RollbackRequest, SiteVersions, VersionList
 from shared.contracts.snapshots import ManagementSnapshot
 from shared.db import Database
-from shared.errors import NotFound, SitecloudError, Unauthorized, Unavailable
+from shared.errors import BuildFailed, NotFound, NotServed, SitecloudError, Unauthorized, Unavailable
 from shared.internal import InternalClient
-from shared.logs import get_logger
+from shared.logs import ContextLogger, get_logger
 
 __all__ = ["ManagementService", "Principal"]
 
@@ -47,6 +49,8 @@ _FILESERVER = "the fileserver"
 
 # A web deploy may carry a large zip over a slow link; the publisher answers once it is committed.
 _DEPLOY_TIMEOUT = 3600.0
+# A started site's build is followed this long at most (as the publisher follows a deploy's).
+_BUILD_WAIT = 660.0
 # `site show` asks each of the site's workers how its app is doing, this long at most.
 _APP_STATE_WAIT = 3.0
 # Why a tenant sees its app's state as unknown on a worker: the worker is down or out of reach, or
@@ -75,6 +79,7 @@ class ManagementService:
         self._client = InternalClient(config, timeout=10)
         self._deploy_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
         self._logs_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
+        self._builds = BuildFollower(InternalClient(config, timeout=10), self._log)
         self._nudger = Nudger(self._client, config.controller_url, self._log)
         self._hostname_wake = asyncio.Event()
         self._hostname_stop = threading.Event()
@@ -121,6 +126,7 @@ class ManagementService:
         await self._client.close()
         await self._deploy_client.close()
         await self._logs_client.close()
+        await self._builds.close()
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -405,6 +411,54 @@ class ManagementService:
         result = await self._write_live(self._store.set_site_state, who, name, "running")
         self._log.bind(tenant=result["tenant"], site=name).info("site started")
         return result
+
+    async def start_site_following(self, who: Principal, name: str) -> AsyncIterator[bytes]:
+        """:meth:`start_site`, then the build of the site's newest version until its workers serve it,
+        as lines (``{"source", "text"}`` as they come, then ``{"result": …}`` or ``{"error": …}``): a
+        version published while the site was stopped is built only now, and its owner is looking
+        here, not at the deploy. A refusal (no such site, a suspended subscription) comes before
+        the first line."""
+        workers = await self._read(self._store.site_worker_urls, who, name)
+        # Opened before the start: the build begins as soon as the site reaches its workers.
+        follow = self._builds.open(name, [url for _, url in workers])
+        try:
+            result = await self.start_site(who, name)
+            placed = await self._read(self._store.site_worker_urls, who, name)
+            if placed != workers:
+                await follow.close()
+                follow = self._builds.open(name, [url for _, url in placed])
+            async for line in _as_lines(
+                lambda emit: self._until_built(name, result, follow, emit), self._log
+            ):
+                yield line
+        finally:
+            await follow.close()
+
+    async def _until_built(self, name: str, started: Json, follow: BuildFollow, emit: Emit) -> Json:
+        """``started`` once the site's workers serve its newest version built; a failed build, or no
+        worker to serve it, is raised."""
+        try:
+            version = await self._newest_version(name)
+        except SitecloudError as exc:
+            self._log.bind(site=name).warning("cannot tell whether started site %s builds: %s", name, exc)
+            await emit("start", "its build cannot be followed: the content store does not answer now")
+            return started
+        if version is None:
+            return started  # nothing published yet: nothing to build
+        outcome = await follow.until_served(version, emit, timeout=_BUILD_WAIT)
+        if outcome.failed:
+            raise BuildFailed(
+                f"site {name} is started, but version {version} does not run: {build_failure(outcome.failed)}",
+                hint=f"fix what the build says and deploy again (`sitecloud site logs {name}` shows the whole "
+                f"build), or put an earlier version back with `sitecloud site rollback {name}`",
+            )
+        if outcome.unserved:
+            raise NotServed(
+                f"site {name} is started, but no worker is running to serve it", hint=NOT_SERVED_HINT
+            )
+        if not outcome.done:
+            await emit("start", f"its build goes on; follow it with `sitecloud site logs {name}`")
+        return started
 
     async def stop_site(self, who: Principal, name: str) -> Json:
         result = await self._write_live(self._store.set_site_state, who, name, "stopped")
@@ -718,6 +772,38 @@ class ManagementService:
         return answer.to_json()
 
     # -- roles
+
+
+async def _as_lines(run: Callable[[Emit], Awaitable[Json]], log: ContextLogger) -> AsyncIterator[bytes]:
+    """NDJSON lines of ``run``: each line it emits as it comes, then ``{"result": …}`` with what it
+    returns, or ``{"error": …}`` with what it raised."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def put(line: Json) -> None:
+        queue.put_nowait(json.dumps(line).encode() + b"\n")
+
+    async def emit(source: str, text: str) -> None:
+        put({"source": source, "text": text})
+
+    async def work() -> None:
+        try:
+            put({"result": await run(emit)})
+        except SitecloudError as err:
+            put(err.to_json())
+        except Exception:
+            log.exception("a streamed request failed")
+            put(SitecloudError("internal error; the request was not completed").to_json())
+        finally:
+            queue.put_nowait(None)
+
+    task = asyncio.create_task(work())
+    try:
+        while (line := await queue.get()) is not None:
+            yield line
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @contextlib.contextmanager
