@@ -122,6 +122,36 @@ def test_zipdeploy_with_curl_answers_when_the_site_is_live(cloud: LocalCloud, su
     assert cloud.get("kudusync", "/")[2] == b"zipdeployed, sync"
 
 
+def test_publishing_to_a_stopped_site_says_it_serves_once_started_at_every_door(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    site = _site(cloud, subscription, "stoppedpub")
+    cloud.cli("site", "stop", "stoppedpub")
+    kept = "site stoppedpub is stopped: it builds and serves this version once it is started"
+    # The README's web deploy: its JSON says so (before: only site, version, files and bytes).
+    archive = tmp_path / "site.zip"
+    archive.write_bytes(_zip({"index.html": b"deployed while stopped"}))
+    auth = f"{site['ftp']['user']}:{site['ftp']['password']}"
+    status, _, body = _curl(
+        cloud, "-u", auth, "--data-binary", f"@{archive}", f"{_deploy_base(site)}/api/deploy/stoppedpub"
+    )
+    answer = json.loads(body)
+    assert status == 200 and answer["message"].startswith(kept), answer
+    # git: the push stands, and says the site is stopped, not that it is live.
+    repo = Checkout(cloud, tmp_path / "stoppedpub", _remote(site))
+    repo.commit({"index.html": b"pushed while stopped"}, "while stopped")
+    pushed = repo.push()
+    assert pushed.returncode == 0, pushed.stderr
+    assert f"remote: sitecloud: {kept}" in pushed.stderr, pushed.stderr
+    assert "live at" not in pushed.stderr, pushed.stderr
+    # A running site's answer is as it always was.
+    cloud.cli("site", "start", "stoppedpub")
+    status, _, body = _curl(
+        cloud, "-u", auth, "--data-binary", f"@{archive}", f"{_deploy_base(site)}/api/deploy/stoppedpub"
+    )
+    assert status == 200 and set(json.loads(body)) == {"site", "version", "files", "bytes"}, body
+
+
 def test_async_zipdeploy_gives_a_status_url_to_poll(cloud: LocalCloud, subscription: int) -> None:
     site = _site(cloud, subscription, "kuduasync")
     archive = cloud.home.parent / "async.zip"

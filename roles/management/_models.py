@@ -610,6 +610,9 @@ class Deployed(Answer):
     version: int
     files: int | None = None
     bytes: int | None = None
+    message: str | None = Field(
+        None, description="what to know beyond the numbers: a stopped site builds and serves it once started"
+    )
 
 
 class BackupRestored(Deployed):

@@ -404,6 +404,7 @@ class Deployer:
             )
             if site.state is SiteState.STOPPED:
                 message += f"; {stopped}"
+                answer = answer.model_copy(update={"message": stopped})
             if follow is not None:
                 try:
                     await tell(
