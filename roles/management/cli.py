@@ -282,10 +282,14 @@ def _show_site(site: Any, a: argparse.Namespace) -> None:
     out(f"site {site['name']}")
     print_fields(_site_fields(site))
     for problem in site.get("problems", []):
-        out(f"cannot be served by worker {problem['worker']}: {problem['reason']}")
-    for app in site.get("apps", []):
+        by = f" by worker {problem['worker']}" if problem.get("worker") else ""
+        out(f"cannot be served{by}: {problem['reason']}")
+    apps = site.get("apps") or []
+    for number, app in enumerate(apps, 1):
         if app.get("runtime", "static") != "static" or app.get("state") == "unknown":
-            out(f"app on {app['worker']}: {_app_line(app)}")
+            # A tenant is not told the platform's host names: its servers are numbered.
+            where = app.get("worker") or (f"server {number}" if len(apps) > 1 else "")
+            out(f"app{' on ' + where if where else ''}: {_app_line(app)}")
     for line in _quota_lines(site.get("quota")):
         out(line)
 

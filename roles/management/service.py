@@ -36,8 +36,9 @@ from shared.contracts.content import DeployResult, RollbackAnswer, RollbackReque
 from shared.contracts.snapshots import ManagementSnapshot
 from shared.db import Database
 from shared.errors import BuildFailed, NotFound, NotServed, SitecloudError, Unauthorized, Unavailable
-from shared.internal import InternalClient
+from shared.internal import InternalClient, unreached_reason
 from shared.logs import ContextLogger, get_logger
+from shared.states import SiteState
 
 __all__ = ["ManagementService", "Principal"]
 
@@ -55,7 +56,7 @@ _BUILD_WAIT = 660.0
 _APP_STATE_WAIT = 3.0
 # Why a tenant sees its app's state as unknown on a worker: the worker is down or out of reach, or
 # it answered something else (not having the site yet, say).
-_UNREACHED = "its server cannot be reached now"
+_UNREACHED = "the server is unavailable"
 _UNSAID = "its server could not say"
 # Pending custom hostnames are asked about in DNS this often (seconds), and at once when one is added.
 _HOSTNAME_RECHECK = 60.0
@@ -343,7 +344,9 @@ class ManagementService:
     async def show_site(self, who: Principal, name: str) -> Json:
         site = await self._read(self._store.show_site, who, name)
         workers = await self._read(self._store.site_worker_urls, who, name)
-        site["apps"] = await self._app_states(name, workers, detail=who.is_admin)
+        # A stopped or suspended site runs no app anywhere: there is nothing to ask about.
+        running = site["state"] == SiteState.RUNNING
+        site["apps"] = await self._app_states(name, workers, detail=who.is_admin) if running else []
         site["quota"] = await self._read(self.metering.site_quota, who, name)
         return site
 
@@ -374,27 +377,24 @@ class ManagementService:
 
     async def _app_states(self, name: str, workers: list[tuple[str, str]], *, detail: bool) -> list[Json]:
         """How the site's app is doing on each of its workers: state and the limits it ran into. A
-        worker that does not answer in time is listed as unknown, never holding up the answer; why
-        only with ``detail`` (an admin's view): the error names the worker's private address and
-        control port, which are no tenant's business. The management log has it either way."""
+        worker that does not answer in time is listed as unknown, never holding up the answer. The
+        worker's host and why it did not say only with ``detail`` (an admin's view), and even then
+        not the client library's error, which names private addresses and control ports; the
+        management log has that."""
 
         async def one(host: str, url: str) -> Json:
+            where = {"worker": host} if detail else {}
             try:
                 answer = await asyncio.wait_for(
                     self._client.get_json(f"{url}/v1/sites/{name}/app"), _APP_STATE_WAIT
                 )
                 state = AppDescription.parse(answer, what="unexpected answer").to_json()
             except (SitecloudError, OSError, TimeoutError) as exc:
-                why = str(exc) or type(exc).__name__
-                self._log.bind(site=name).warning("app state on worker %s unknown: %s", host, why)
-                if detail:
-                    reason = why
-                elif isinstance(exc, SitecloudError) and not isinstance(exc, Unavailable):
-                    reason = _UNSAID
-                else:
-                    reason = _UNREACHED
-                return {"worker": host, "state": "unknown", "reason": reason}
-            return {"worker": host, **{k: state[k] for k in _APP_FIELDS if k in state}}
+                self._log.bind(site=name).warning(
+                    "app state on worker %s unknown: %s", host, str(exc) or type(exc).__name__
+                )
+                return {**where, "state": "unknown", "reason": _unknown_app_state(exc, detail=detail)}
+            return {**where, **{k: state[k] for k in _APP_FIELDS if k in state}}
 
         return list(await asyncio.gather(*(one(host, url) for host, url in workers)))
 
@@ -601,7 +601,9 @@ class ManagementService:
     async def site_logs(self, who: Principal, name: str, *, follow: bool, lines: int) -> AsyncIterator[bytes]:
         """The site's log lines from its workers; with ``follow``, new ones as they come."""
         workers = await self._read(self._store.site_worker_urls, who, name)
-        async for line in stream_site_logs(self._logs_client, name, workers, follow=follow, lines=lines):
+        async for line in stream_site_logs(
+            self._logs_client, name, workers, follow=follow, lines=lines, by_host=who.is_admin
+        ):
             yield line
 
     async def _fileserver(self) -> str:
@@ -772,6 +774,18 @@ class ManagementService:
         return answer.to_json()
 
     # -- roles
+
+
+def _unknown_app_state(exc: BaseException, *, detail: bool) -> str:
+    """Why a worker did not say how a site's app is doing: for a tenant, only whether its server is
+    there; for an admin, what to look at (never the client's error text: addresses and ports)."""
+    said = isinstance(exc, SitecloudError) and not isinstance(exc, Unavailable)
+    if not detail:
+        return _UNSAID if said else _UNREACHED
+    if said:
+        assert isinstance(exc, SitecloudError)
+        return f"the worker answered: {exc.message}"
+    return f"the worker cannot be reached ({unreached_reason(exc)}): see `sitecloud role list`"
 
 
 async def _as_lines(run: Callable[[Emit], Awaitable[Json]], log: ContextLogger) -> AsyncIterator[bytes]:
