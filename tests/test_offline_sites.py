@@ -81,6 +81,23 @@ def test_a_stopped_and_a_suspended_site_tell_their_visitors_so_and_the_tenant_se
     assert cloud.get("nosuchsite")[0] == 404
 
 
+def test_suspending_and_resuming_a_subscription_answer_its_stored_content(
+    cloud: LocalCloud, tenant: dict[str, Any]
+) -> None:
+    # Before, `subscription suspend` and `resume` printed "storage  ?/5 MB".
+    sub = str(tenant["subscription"])
+    stored = cloud.cli("subscription", "show", sub)["usage"]["storage_bytes"]
+    assert stored, stored
+    try:
+        printed = cloud.cli_text("subscription", "suspend", sub)
+        assert "?" not in printed and "storage" in printed, printed
+        assert cloud.cli("subscription", "show", sub)["usage"]["storage_bytes"] == stored
+    finally:
+        resumed = cloud.cli("subscription", "resume", sub)
+    assert resumed["state"] == "active" and resumed["usage"]["storage_bytes"] == stored, resumed
+    cloud.wait_for_content("shop", "/", b"<h1>shop</h1>")
+
+
 def _sitecloud(cloud: LocalCloud, *args: str, token: str) -> subprocess.CompletedProcess[str]:
     """`sitecloud ...` as a tenant types it: its exit code and what it printed."""
     return subprocess.run(

@@ -295,12 +295,13 @@ class ManagementService:
         # Answered once the publishers refuse its sites' users.
         result = await self._write_live(self._store.set_subscription_state, who, sub_id, "suspended")
         self._log.bind(tenant=result["tenant"]).info("subscription %s suspended", sub_id)
-        return result
+        # Its content is kept: answered with its size, as `subscription show` is.
+        return (await self._with_storage([result]))[0]
 
     async def resume_subscription(self, who: Principal, sub_id: int) -> Json:
         result = await self._write_live(self._store.set_subscription_state, who, sub_id, "active")
         self._log.bind(tenant=result["tenant"]).info("subscription %s resumed", sub_id)
-        return result
+        return (await self._with_storage([result]))[0]
 
     async def change_plan(self, who: Principal, sub_id: int, plan: str) -> Json:
         # Its content against the new plan's storage, as the fileserver has it now (not as cached
