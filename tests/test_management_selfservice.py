@@ -238,6 +238,8 @@ def test_site_start_stop_and_app_settings(cloud: ManagementCloud) -> None:
         "sticky": [],
     }
     answer = cloud.ok("PATCH", f"/sites/{name}/settings", token=token, body={"B": "2", "A_1": "x=y"})
+    # No controller runs here: the change is stored, and the answer says it is not live yet.
+    assert answer.pop("pending").startswith("not live yet"), answer
     assert answer == {"site": name, "settings": {"A_1": "x=y", "B": "2"}, "sticky": []}
     answer = cloud.ok("PATCH", f"/sites/{name}/settings", token=token, body={"B": None, "C": ""})
     assert answer["settings"] == {"A_1": "x=y", "C": ""}

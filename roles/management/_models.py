@@ -595,6 +595,10 @@ class Site(Answer):
     apps: list[AppState] | None = Field(
         None, description="site show: the site's app on each worker (none while the site is not running)"
     )
+    pending: str | None = Field(
+        None,
+        description="a change's answer: why it is stored but not live yet (the controller did not apply it)",
+    )
 
 
 class SiteList(Answer):

@@ -1681,6 +1681,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         out(json.dumps(answer, indent=2, ensure_ascii=False))
     elif args.show is not None:
         args.show(answer, args)
+        if isinstance(answer, dict) and answer.get("pending"):
+            out(f"NOTE: {answer['pending']}")
     return int(ExitCode.OK)
 
 

@@ -58,6 +58,11 @@ _APP_STATE_WAIT = 3.0
 # it answered something else (not having the site yet, say).
 _UNREACHED = "the server is unavailable"
 _UNSAID = "its server could not say"
+# What a change's answer says when the controller did not apply it in time.
+_PENDING = (
+    "not live yet: the change is stored, but the cloud's controller has not applied it; it takes "
+    "effect as soon as the controller runs again"
+)
 # Pending custom hostnames are asked about in DNS this often (seconds), and at once when one is added.
 _HOSTNAME_RECHECK = 60.0
 _APP_FIELDS = (
@@ -138,9 +143,14 @@ class ManagementService:
         return result
 
     async def _write_live(self, fn: Callable[..., T], *args: Any) -> T:
-        """A site change the owner acts on at once (log in by FTP, open the site): answer once it is live."""
+        """A site change the owner acts on at once (log in by FTP, open the site): answer once it is
+        live. When the controller does not apply it in time (it is down, say), the answer says
+        (``pending``) that it is stored but takes effect only once the controller does."""
         result = await asyncio.to_thread(fn, *args)
-        await self._nudger.settle(await self._read(self._store.generation))
+        applied = await self._nudger.settle(await self._read(self._store.generation))
+        if applied is False and isinstance(result, dict):
+            self._log.warning("a change is stored, but the controller did not apply it in time")
+            result["pending"] = _PENDING
         return result
 
     # -- auth and accounts
@@ -327,6 +337,11 @@ class ManagementService:
     async def create_site(self, who: Principal, body: Json) -> Json:
         result = await self._write_live(self._store.create_site, who, body)
         self._log.bind(tenant=result["tenant"], site=result["name"]).info("site created")
+        if "pending" in result:
+            result["pending"] = (
+                f"not live yet: site {result['name']} is created, but the cloud's controller has not "
+                "applied it; it goes live, and takes publishing, as soon as the controller runs again"
+            )
         return result
 
     async def list_sites(
@@ -438,6 +453,8 @@ class ManagementService:
     async def _until_built(self, name: str, started: Json, follow: BuildFollow, emit: Emit) -> Json:
         """``started`` once the site's workers serve its newest version built; a failed build, or no
         worker to serve it, is raised."""
+        if started.get("pending"):
+            return started  # the workers have not been told: nothing builds yet
         try:
             version = await self._newest_version(name)
         except SitecloudError as exc:
