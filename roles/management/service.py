@@ -14,6 +14,8 @@ import threading
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
+import aiohttp
+
 from roles.management._accounts import Accounts
 from roles.management._backup import BACKUP_FORMAT, dump_tables, restore_tables
 from roles.management._content import site_zip
@@ -47,6 +49,7 @@ T = TypeVar("T")
 # The whole list: what the portals show; the API passes the page it was asked for.
 _ALL = Page()
 _FILESERVER = "the fileserver"
+_PUBLISHER = "the publisher"
 
 # A web deploy may carry a large zip over a slow link; the publisher answers once it is committed.
 _DEPLOY_TIMEOUT = 3600.0
@@ -634,9 +637,10 @@ class ManagementService:
         """The site's kept content versions, oldest first: number, time, source, files and bytes."""
         await self._read(self._store.check_site, who, name)
         base = await self._fileserver()
-        answer = parse_answer(
-            VersionList, await self._client.get_json(f"{base}/v1/sites/{name}/versions"), peer=_FILESERVER
-        )
+        with _reaching(_FILESERVER, self._log):
+            answer = parse_answer(
+                VersionList, await self._client.get_json(f"{base}/v1/sites/{name}/versions"), peer=_FILESERVER
+            )
         return {"site": name, **answer.to_json()}
 
     async def site_zip(self, who: Principal, name: str, version: int | None) -> AsyncIterator[bytes]:
@@ -644,14 +648,16 @@ class ManagementService:
         fileserver; no such version raises before the first chunk."""
         await self._read(self._store.check_site, who, name)
         base = await self._fileserver()
-        async for chunk in site_zip(self._logs_client, base, name, version):
-            yield chunk
+        with _reaching(_FILESERVER, self._log):
+            async for chunk in site_zip(self._logs_client, base, name, version):
+                yield chunk
 
     async def _newest_version(self, name: str) -> int | None:
         base = await self._fileserver()
-        answer = parse_answer(
-            VersionList, await self._client.get_json(f"{base}/v1/sites/{name}/versions"), peer=_FILESERVER
-        )
+        with _reaching(_FILESERVER, self._log):
+            answer = parse_answer(
+                VersionList, await self._client.get_json(f"{base}/v1/sites/{name}/versions"), peer=_FILESERVER
+            )
         return max((v.version for v in answer.versions), default=None)
 
     async def _zip_of(self, name: str, version: int) -> AsyncIterator[bytes]:
@@ -706,11 +712,12 @@ class ManagementService:
         await self._read(self._store.check_publishable, who, name)
         base = await self._fileserver()
         wanted = RollbackRequest(version=version).to_json()
-        answer = parse_answer(
-            RollbackAnswer,
-            await self._client.request_json("POST", f"{base}/v1/sites/{name}/rollback", json=wanted),
-            peer=_FILESERVER,
-        )
+        with _reaching(_FILESERVER, self._log):
+            answer = parse_answer(
+                RollbackAnswer,
+                await self._client.request_json("POST", f"{base}/v1/sites/{name}/rollback", json=wanted),
+                peer=_FILESERVER,
+            )
         self._storage.forget(name)
         self._log.bind(tenant=who.tenant, site=name).info(
             "rolled back to version %s as version %s", answer.rolled_back_to, answer.version
@@ -761,7 +768,7 @@ class ManagementService:
         """:meth:`deploy`, and then the build until the site's workers serve it, as the publisher's
         lines (``{"source", "text"}``, then ``{"result": …}`` or ``{"error": …}``) as they come."""
         url = await self._deploy_url(who, name)
-        with _unknown_to_the_publisher(name):
+        with _reaching(_PUBLISHER, self._log), _unknown_to_the_publisher(name):
             async for line in self._deploy_client.lines(
                 "POST",
                 url,
@@ -779,13 +786,13 @@ class ManagementService:
     async def deploy(self, who: Principal, name: str, body: AsyncIterable[bytes]) -> Json:
         """Stream a zip to the publisher, which replaces the site's content with it in one version."""
         url = await self._deploy_url(who, name)
-        with _unknown_to_the_publisher(name):
+        with _reaching(_PUBLISHER, self._log), _unknown_to_the_publisher(name):
             answer = parse_answer(
                 DeployResult,
                 await self._deploy_client.request_json(
                     "POST", url, data=body, headers={"Content-Type": "application/zip"}
                 ),
-                peer="the publisher",
+                peer=_PUBLISHER,
             )
         self._storage.forget(name)
         self._log.bind(site=name).info("deployed version %s", answer.version)
@@ -836,6 +843,23 @@ async def _as_lines(run: Callable[[Emit], Awaitable[Json]], log: ContextLogger) 
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@contextlib.contextmanager
+def _reaching(role: str, log: ContextLogger) -> Iterator[None]:
+    """A call to ``role`` that does not reach it says so, and why in a few words: the client's error
+    names the role's private address and control port, no tenant's business (the log keeps it). What
+    the role itself answered goes on as it is."""
+    try:
+        yield
+    except Unavailable as err:
+        if not isinstance(err.__cause__, aiohttp.ClientError | TimeoutError):
+            raise
+        log.warning("%s", err)
+        raise Unavailable(
+            f"{role} is unavailable now ({unreached_reason(err)})",
+            hint="try again in a moment; if it lasts, an admin can see why with `sitecloud role list`",
+        ) from None
 
 
 @contextlib.contextmanager
