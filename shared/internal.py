@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -30,6 +31,7 @@ __all__ = [
     "json_error",
     "peer_role",
     "require_role",
+    "unreached_reason",
 ]
 
 # Answers bigger than this are parsed in a thread (a 20,000-file manifest takes 0.2 s to check).
@@ -92,6 +94,20 @@ def require_role(request: web.Request, *roles: str) -> str:
     if role not in roles:
         raise Forbidden(f"role {role or 'unknown'} may not call {request.method} {request.path}")
     return role
+
+
+def unreached_reason(exc: BaseException) -> str:
+    """Why a call did not reach its peer, in a few words and without the peer's address (the
+    :class:`InternalClient` error's message names it): "connection refused", "no answer in time"."""
+    cause = exc.__cause__ if isinstance(exc, Unavailable) and exc.__cause__ is not None else exc
+    if isinstance(cause, TimeoutError):
+        return "no answer in time"
+    if isinstance(cause, aiohttp.ClientSSLError):
+        return "its TLS handshake failed"
+    os_error = getattr(cause, "os_error", cause)
+    if isinstance(os_error, OSError) and os_error.errno:
+        return os.strerror(os_error.errno).lower()
+    return "no answer"
 
 
 class InternalClient:

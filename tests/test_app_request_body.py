@@ -11,6 +11,7 @@ import concurrent.futures
 import hashlib
 import http.client
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,6 +160,28 @@ def test_a_body_longer_than_the_site_accepts_gets_413_with_the_limit(cloud: AppC
     assert post(cloud, "upload", "/", b"small") == (200, expected(b"small"))
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_the_limit_is_refused_at_once_and_the_rest_not_read(
+    cloud: AppCloud, chunked: bool
+) -> None:
+    # Before, the worker read (and dropped) the whole body, or waited for it, before its 413.
+    head = b"POST / HTTP/1.1\r\nHost: upload\r\nX-Sitecloud-Site: upload\r\n"
+    if chunked:  # just past the limit, and no last chunk: the rest would follow
+        parts = [head + b"Transfer-Encoding: chunked\r\n\r\n"] + [b"100000\r\n" + b"x" * MB + b"\r\n"] * 17
+    else:  # its head alone: no byte of the body
+        parts = [head + b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1)]
+    raw = socket.create_connection(("localhost", cloud.config.data_port), timeout=5)
+    with cloud.pki.client_ssl("frontend").wrap_socket(raw, server_hostname="localhost") as conn:
+        for part in parts:
+            conn.sendall(part)
+        answer = b""
+        while chunk := conn.recv(65536):  # to the end: the connection closes after it
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"Connection: close" in answer and b"(16 MiB)" in answer, answer
+    assert post(cloud, "upload", "/", b"small") == (200, expected(b"small"))
+
+
 @pytest.mark.skipif(shutil.which("php-cgi") is None, reason="php-cgi is not installed")
 def test_a_long_body_streams_to_php_as_fastcgi_stdin(cloud: AppCloud) -> None:
     cloud.add_site("phpup", runtime="php")
@@ -197,5 +220,14 @@ def test_an_upload_through_the_front_end_reaches_the_app_whole(cloud: AppCloud) 
                 assert (resp.status, resp.read()) == (200, expected(body)), chunked
             finally:
                 conn.close()
+        # One over the limit: the worker's 413 reaches the visitor at once, its body unsent.
+        with socket.create_connection(("127.0.0.1", fe_config.http_port), timeout=5) as conn:
+            conn.sendall(
+                b"POST / HTTP/1.1\r\nHost: upload.sites.test\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1)
+            )
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"(16 MiB)" in answer, answer[:300]
     finally:
         front.stop()

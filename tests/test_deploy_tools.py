@@ -122,6 +122,36 @@ def test_zipdeploy_with_curl_answers_when_the_site_is_live(cloud: LocalCloud, su
     assert cloud.get("kudusync", "/")[2] == b"zipdeployed, sync"
 
 
+def test_publishing_to_a_stopped_site_says_it_serves_once_started_at_every_door(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    site = _site(cloud, subscription, "stoppedpub")
+    cloud.cli("site", "stop", "stoppedpub")
+    kept = "site stoppedpub is stopped: it builds and serves this version once it is started"
+    # The README's web deploy: its JSON says so (before: only site, version, files and bytes).
+    archive = tmp_path / "site.zip"
+    archive.write_bytes(_zip({"index.html": b"deployed while stopped"}))
+    auth = f"{site['ftp']['user']}:{site['ftp']['password']}"
+    status, _, body = _curl(
+        cloud, "-u", auth, "--data-binary", f"@{archive}", f"{_deploy_base(site)}/api/deploy/stoppedpub"
+    )
+    answer = json.loads(body)
+    assert status == 200 and answer["message"].startswith(kept), answer
+    # git: the push stands, and says the site is stopped, not that it is live.
+    repo = Checkout(cloud, tmp_path / "stoppedpub", _remote(site))
+    repo.commit({"index.html": b"pushed while stopped"}, "while stopped")
+    pushed = repo.push()
+    assert pushed.returncode == 0, pushed.stderr
+    assert f"remote: sitecloud: {kept}" in pushed.stderr, pushed.stderr
+    assert "live at" not in pushed.stderr, pushed.stderr
+    # A running site's answer is as it always was.
+    cloud.cli("site", "start", "stoppedpub")
+    status, _, body = _curl(
+        cloud, "-u", auth, "--data-binary", f"@{archive}", f"{_deploy_base(site)}/api/deploy/stoppedpub"
+    )
+    assert status == 200 and set(json.loads(body)) == {"site", "version", "files", "bytes"}, body
+
+
 def test_async_zipdeploy_gives_a_status_url_to_poll(cloud: LocalCloud, subscription: int) -> None:
     site = _site(cloud, subscription, "kuduasync")
     archive = cloud.home.parent / "async.zip"
@@ -506,6 +536,42 @@ def test_a_cli_deploy_whose_build_fails_exits_non_zero_with_the_builds_error(
     )
     assert fixed.returncode == 0, fixed.stderr
     cloud.wait_for_content("buildcli", "/", b"v3", timeout=60)
+
+
+def test_a_stopped_sites_start_builds_what_was_published_to_it_and_fails_as_its_build_does(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    # Nothing builds while a site is stopped: its start builds what was deployed meanwhile, and
+    # reports the build as a deploy does (before, it said "started" and the site answered 503).
+    _site(cloud, subscription, "buildstart")
+    cloud.cli("site", "stop", "buildstart")
+    broken = _tree(tmp_path / "app", _app_files(b"v1", broken=True))
+    deployed = _sitecloud(cloud, "deploy", "buildstart", str(broken))
+    assert deployed.returncode == 0, deployed.stderr
+    assert "it builds and serves this version once it is started" in deployed.stdout, deployed.stdout
+
+    started = _sitecloud(cloud, "site", "start", "buildstart")
+    assert started.returncode != 0, (started.stdout, started.stderr)
+    assert "No matching distribution found for this-package-does-not-exist-xyz" in started.stdout
+    error, _, hint = started.stderr.partition("hint: ")
+    assert error.startswith("error: site buildstart is started, but version"), started.stderr
+    assert "its build failed" in error and "No matching distribution found" in error, error
+    assert "deploy again" in hint and "site rollback buildstart" in hint, hint
+    as_json = _sitecloud(cloud, "site", "start", "buildstart", "--json")
+    assert as_json.returncode == started.returncode
+    assert json.loads(as_json.stdout)["error"]["code"] == "build_failed", as_json.stdout
+
+    # A version that builds: the start ends once the site serves it.
+    cloud.cli("site", "stop", "buildstart")
+    fixed = _sitecloud(
+        cloud, "deploy", "buildstart", str(_tree(tmp_path / "app", _app_files(b"v2", broken=False)))
+    )
+    assert fixed.returncode == 0, fixed.stderr
+    started = _sitecloud(cloud, "site", "start", "buildstart")
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.splitlines()[-1] == "started buildstart", started.stdout
+    status, _, body = cloud.get("buildstart", "/")  # no waiting: it said started
+    assert (status, body) == (200, b"v2"), (status, body[:300])
 
 
 def test_a_zipdeploy_whose_build_fails_is_a_failed_deployment(cloud: LocalCloud, subscription: int) -> None:

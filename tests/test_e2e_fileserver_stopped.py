@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ftplib
 import io
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -74,6 +75,16 @@ def test_publishing_with_the_file_server_stopped_says_storage_is_unavailable(
     assert done.returncode == 6, (done.stdout, done.stderr)
     assert "storage is unavailable, try again later" in done.stderr, done.stderr
     assert "internal error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+    # The tenant's reads of its content say it is unavailable, but not where the fileserver listens
+    # (before: "cannot reach https://localhost:<control port>/v1/sites/kept/versions: ...").
+    for command in (("site", "versions", "kept"), ("site", "rollback", "kept")):
+        argv = [sys.executable, "-m", "roles.management.cli", "--home", str(cloud.home), *command]
+        env = {**os.environ, "SITECLOUD_TOKEN": tenant["token"]}
+        read = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+        assert read.returncode == 6, (command, read.stdout, read.stderr)
+        assert read.stderr.startswith("error: the fileserver is unavailable now ("), read.stderr
+        assert "https://" not in read.stderr and "localhost" not in read.stderr, read.stderr
 
     # The worker keeps serving the version it has.
     status, _, body = cloud.get("kept", "/")

@@ -511,7 +511,10 @@ def test_the_data_plane_outlives_the_controller_and_a_restart(
     # (before: "site late is not served by this publisher", a not-found).
     cloud.cli("plan", "create", "late-plan", "--max-sites", "1", "--storage-mb", "1")
     late_sub = cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "late-plan")
-    cloud.cli("site", "create", "late", "--subscription", str(late_sub["id"]))
+    # Its creation says so (before: "state running", as if it were live).
+    created = cloud.cli("site", "create", "late", "--subscription", str(late_sub["id"]))
+    assert created["pending"].startswith("not live yet: site late is created"), created
+    assert "as soon as the controller runs again" in created["pending"], created
     (tmp_path / "late").mkdir()
     (tmp_path / "late" / "index.html").write_bytes(b"late")
     error = cloud.cli("deploy", "late", str(tmp_path / "late"), check=False)["error"]

@@ -19,8 +19,10 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 from sqlalchemy import select
 
+from roles.management._usage import StorageReader
 from shared.credentials import verify_password
 from shared.db import PublishingCredential, Site
+from shared.errors import Unavailable
 from tests.support import call
 from tests.test_management_api import ManagementCloud, start_management
 
@@ -178,6 +180,25 @@ def test_several_subscriptions_and_usage(cloud: ManagementCloud) -> None:
     assert subs[second]["usage"]["storage_bytes"] == 0
 
 
+async def test_a_site_s_storage_stands_while_the_fileserver_does_not_answer() -> None:
+    answers: list[Any] = [{"site": "s", "version": 3, "total_bytes": 1234, "quota_bytes": 10**6}]
+
+    class Fileserver:
+        async def get_json(self, url: str) -> Any:
+            answer = answers.pop(0) if answers else Unavailable("cannot reach the fileserver")
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    async def urls() -> list[str]:
+        return ["https://fileserver"]
+
+    reader = StorageReader(Fileserver(), urls)  # type: ignore[arg-type]
+    assert await reader.sizes(["s", "never"]) == {"s": 1234, "never": None}
+    reader.forget("s")  # asked again, and the fileserver is gone: the size it gave stands
+    assert await reader.sizes(["s", "never"]) == {"s": 1234, "never": None}
+
+
 def test_max_sites_edge(cloud: ManagementCloud) -> None:
     token, sub, plan = _tenant(cloud, max_sites=0)
     status, body = cloud.call(
@@ -217,6 +238,8 @@ def test_site_start_stop_and_app_settings(cloud: ManagementCloud) -> None:
         "sticky": [],
     }
     answer = cloud.ok("PATCH", f"/sites/{name}/settings", token=token, body={"B": "2", "A_1": "x=y"})
+    # No controller runs here: the change is stored, and the answer says it is not live yet.
+    assert answer.pop("pending").startswith("not live yet"), answer
     assert answer == {"site": name, "settings": {"A_1": "x=y", "B": "2"}, "sticky": []}
     answer = cloud.ok("PATCH", f"/sites/{name}/settings", token=token, body={"B": None, "C": ""})
     assert answer["settings"] == {"A_1": "x=y", "C": ""}

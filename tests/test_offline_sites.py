@@ -81,6 +81,23 @@ def test_a_stopped_and_a_suspended_site_tell_their_visitors_so_and_the_tenant_se
     assert cloud.get("nosuchsite")[0] == 404
 
 
+def test_suspending_and_resuming_a_subscription_answer_its_stored_content(
+    cloud: LocalCloud, tenant: dict[str, Any]
+) -> None:
+    # Before, `subscription suspend` and `resume` printed "storage  ?/5 MB".
+    sub = str(tenant["subscription"])
+    stored = cloud.cli("subscription", "show", sub)["usage"]["storage_bytes"]
+    assert stored, stored
+    try:
+        printed = cloud.cli_text("subscription", "suspend", sub)
+        assert "?" not in printed and "storage" in printed, printed
+        assert cloud.cli("subscription", "show", sub)["usage"]["storage_bytes"] == stored
+    finally:
+        resumed = cloud.cli("subscription", "resume", sub)
+    assert resumed["state"] == "active" and resumed["usage"]["storage_bytes"] == stored, resumed
+    cloud.wait_for_content("shop", "/", b"<h1>shop</h1>")
+
+
 def _sitecloud(cloud: LocalCloud, *args: str, token: str) -> subprocess.CompletedProcess[str]:
     """`sitecloud ...` as a tenant types it: its exit code and what it printed."""
     return subprocess.run(
@@ -156,15 +173,34 @@ def test_a_tenant_s_site_show_names_no_internal_address_when_its_workers_cannot_
 ) -> None:
     token = tenant["token"]
     with _workers_stopped(cloud):
-        # Before, it printed "unknown (cannot reach https://<address>:<control port>/v1/sites/...)".
+        # Before, it printed "app on localhost: unknown (cannot reach https://<address>:<control
+        # port>/v1/sites/...: Cannot connect to host ...)": the worker's host, address and port.
         shown = cloud.cli("site", "show", "shop", token=token)
-        assert shown["apps"] and all(
-            a["state"] == "unknown" and a["reason"] == "its server cannot be reached now"
-            for a in shown["apps"]
-        ), shown["apps"]
+        assert shown["apps"] == [{"state": "unknown", "reason": "the server is unavailable"}], shown["apps"]
         printed = _sitecloud(cloud, "site", "show", "shop", token=token).stdout
-        assert "state unknown (its server cannot be reached now)" in printed, printed
-        assert "cannot reach" not in printed and "/v1/" not in printed, printed
-        # The admin keeps the detail.
+        assert printed.splitlines()[-1] == "app: state unknown (the server is unavailable)", printed
+        assert "localhost" not in printed.replace("sites.localhost", "") and "/v1/" not in printed, printed
+        # Nor does its log, which cannot be read now.
+        logs = _sitecloud(cloud, "site", "logs", "shop", token=token)
+        assert logs.returncode == 6, (logs.stdout, logs.stderr)
+        assert logs.stderr.startswith("error: the site's log cannot be read now: its server is unavailable")
+        assert "https://" not in logs.stderr and "localhost" not in logs.stderr, logs.stderr
+        # The admin sees which worker and what to look at, but not the client library's error either.
         admin = cloud.cli("site", "show", "shop")
-        assert all("cannot reach https://" in a["reason"] for a in admin["apps"]), admin["apps"]
+        assert [(a["worker"], a["state"]) for a in admin["apps"]] == [("localhost", "unknown")], admin
+        assert admin["apps"][0]["reason"] == (
+            "the worker cannot be reached (connection refused): see `sitecloud role list`"
+        ), admin["apps"]
+
+
+def test_a_stopped_site_shows_no_app(cloud: LocalCloud, tenant: dict[str, Any]) -> None:
+    # Before, a stopped static site's `site show` ended "app on localhost: state unknown (its server
+    # could not say)": a stopped site has no app to ask about.
+    token = tenant["token"]
+    cloud.cli("site", "stop", "shop", token=token)
+    try:
+        assert cloud.cli("site", "show", "shop", token=token)["apps"] == []
+        printed = _sitecloud(cloud, "site", "show", "shop", token=token).stdout
+        assert "app" not in printed.splitlines()[-1], printed
+    finally:
+        cloud.cli("site", "start", "shop", token=token)

@@ -138,8 +138,8 @@ def test_a_stopped_site_is_read_backed_up_and_published_to(
         (tree / path).write_bytes(body)
     (tree / "later.txt").write_bytes(b"deployed while stopped")
     printed = cloud.cli_text("deploy", "kept", str(tree), "--token", token)
-    assert "site kept is stopped: it serves this version once it is started" in printed, printed
-    assert printed.rstrip().endswith(", kept until the site is started"), printed
+    assert "site kept is stopped: it builds and serves this version once it is started" in printed, printed
+    assert printed.rstrip().endswith(", kept until the site is started (it is built then)"), printed
     assert cloud.get("kept", "/later.txt")[0] != 200
 
     assert cloud.cli("site", "start", "kept", token=token)["state"] == "running"

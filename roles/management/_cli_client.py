@@ -249,6 +249,28 @@ class ApiClient:
         with self._exchange(method, path, headers, data) as (_, resp):
             return self._answer(resp)
 
+    def request_lines(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        on_line: Callable[[dict[str, Any]], None],
+        timeout: float,
+        what: str,
+        hint: str | None = None,
+    ) -> Any:
+        """A call whose answer comes as lines (NDJSON): each passed to ``on_line`` as it comes, and the
+        last one's result returned (or its error raised); ``timeout``: seconds without a line."""
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Accept": NDJSON, **({"Content-Type": "application/json"} if data is not None else {})}
+        with self._connected(timeout) as conn:
+            conn.request(method, path, body=data, headers=self._headers(headers))
+            resp = conn.getresponse()
+            if resp.status >= 400:
+                return self._answer(resp)
+            return read_result_lines(resp, on_line, what=what, hint=hint)
+
     def list_all(self, path: str, key: str, *, page_size: int = _PAGE) -> Any:
         """Every item of a list answer, following its pages (``next_cursor``) to the end."""
         items: list[Any] = []

@@ -7,17 +7,15 @@ API as JSON lines); with ``--json`` only the final answer is printed.
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from roles.management._cli_client import NDJSON, ApiClient, read_result_lines
+from roles.management._cli_client import ApiClient
 from roles.management._cli_output import ago, out, print_table
 from roles.management._cli_ux import ask
-from shared.errors import ConfirmationRequired, InvalidInput, Unavailable, error_from_json
+from shared.errors import ConfirmationRequired, InvalidInput, Unavailable
 from shared.states import RoleState
 
 __all__ = ["add_fabric_commands"]
@@ -49,31 +47,21 @@ def _step_line(event: dict[str, Any]) -> str | None:
 
 def _stream(api: ApiClient, path: str, body: dict[str, Any], *, quiet: bool) -> Any:
     """POST, print each progress line as it comes, and return the final result (or raise its error)."""
-    conn = api._connection(_STREAM_TIMEOUT)
-    try:
-        conn.request(
-            "POST",
-            path,
-            body=json.dumps(body).encode(),
-            headers=api._headers({"Content-Type": "application/json", "Accept": NDJSON}),
-        )
-        resp = conn.getresponse()
-        if resp.status >= 400:
-            raw = resp.read()
-            raise error_from_json(resp.status, json.loads(raw) if raw else None)
 
-        def show(event: dict[str, Any]) -> None:
-            text = _step_line(event)
-            if text and not quiet:
-                out(text)
+    def show(event: dict[str, Any]) -> None:
+        text = _step_line(event)
+        if text and not quiet:
+            out(text)
 
-        return read_result_lines(resp, show, what="the controller", hint="see `sitecloud role list`")
-    except OSError as exc:
-        raise api._unreachable(exc) from None
-    except (http.client.HTTPException, ValueError) as exc:
-        raise Unavailable(f"the answer from {api.base} broke off: {exc!r}") from None
-    finally:
-        conn.close()
+    return api.request_lines(
+        "POST",
+        path,
+        body,
+        on_line=show,
+        timeout=_STREAM_TIMEOUT,
+        what="the controller",
+        hint="see `sitecloud role list`",
+    )
 
 
 # -- commands --------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Each worker serves its part of the site's log on its control port (app output and access lines, see
 docs/architecture.md); a site on several workers gets their lines merged as they come, each line
-prefixed with the worker's host.
+prefixed with the worker's host for an admin, with a number for a tenant (as ``site show`` names
+them): the platform's hosts and addresses are no tenant's business.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from shared.errors import NotFound, Unavailable, error_from_json
-from shared.internal import InternalClient
+from shared.internal import InternalClient, unreached_reason
 
 __all__ = ["stream_site_logs"]
 
@@ -22,7 +23,9 @@ __all__ = ["stream_site_logs"]
 _FOLLOW_READ_TIMEOUT = 60.0
 
 
-async def _lines_from(client: InternalClient, url: str, follow: bool, lines: int) -> AsyncIterator[bytes]:
+async def _lines_from(
+    client: InternalClient, url: str, follow: bool, lines: int, *, label: str, by_host: bool
+) -> AsyncIterator[bytes]:
     timeout = aiohttp.ClientTimeout(total=None if follow else 30, sock_read=_FOLLOW_READ_TIMEOUT)
     params = {"lines": str(lines), **({"follow": "1"} if follow else {})}
     try:
@@ -32,32 +35,51 @@ async def _lines_from(client: InternalClient, url: str, follow: bool, lines: int
             async for line in resp.content:
                 yield line
     except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-        raise Unavailable(f"cannot read logs from {url}: {exc or type(exc).__name__}") from exc
+        if by_host:
+            raise Unavailable(
+                f"the site's log cannot be read from worker {label} ({unreached_reason(exc)})",
+                hint="see `sitecloud role list`",
+            ) from exc
+        raise Unavailable(
+            f"the site's log cannot be read now: {label} is unavailable", hint="try again in a moment"
+        ) from exc
 
 
 async def stream_site_logs(
-    client: InternalClient, site: str, workers: list[tuple[str, str]], *, follow: bool, lines: int
+    client: InternalClient,
+    site: str,
+    workers: list[tuple[str, str]],
+    *,
+    follow: bool,
+    lines: int,
+    by_host: bool,
 ) -> AsyncIterator[bytes]:
+    """``by_host``: lines and errors name the workers' hosts (an admin's view)."""
     if not workers:
         raise NotFound(f"site {site} is on no worker yet", hint="try again in a few seconds")
-    sources = [(host, f"{url}/v1/sites/{site}/logs") for host, url in workers]
-    if len(sources) == 1:
-        async for line in _lines_from(client, sources[0][1], follow, lines):
+    several = len(workers) > 1
+    sources = [
+        (host if by_host else f"server {number}" if several else "its server", f"{url}/v1/sites/{site}/logs")
+        for number, (host, url) in enumerate(workers, 1)
+    ]
+    if not several:
+        label, url = sources[0]
+        async for line in _lines_from(client, url, follow, lines, label=label, by_host=by_host):
             yield line
         return
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1000)
 
-    async def pump(host: str, url: str) -> None:
-        prefix = f"[{host}] ".encode()
+    async def pump(label: str, url: str) -> None:
+        prefix = f"[{label}] ".encode()
         try:
-            async for line in _lines_from(client, url, follow, lines):
+            async for line in _lines_from(client, url, follow, lines, label=label, by_host=by_host):
                 await queue.put(prefix + line)
         except Unavailable as err:
             await queue.put(prefix + f"(log unavailable: {err.message})\n".encode())
         finally:
             await queue.put(None)
 
-    tasks = [asyncio.create_task(pump(host, url)) for host, url in sources]
+    tasks = [asyncio.create_task(pump(label, url)) for label, url in sources]
     try:
         open_sources = len(tasks)
         while open_sources:

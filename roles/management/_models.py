@@ -567,15 +567,16 @@ class Deploy(Answer):
 
 
 class SiteProblem(Answer):
-    worker: str
+    worker: str | None = Field(None, description="the worker's host (an admin's view only)")
     reason: str
 
 
 class AppState(Answer):
     """The site's app on one worker: its state and the limits it met."""
 
-    worker: str
+    worker: str | None = Field(None, description="the worker's host (an admin's view only)")
     state: str
+    reason: str | None = Field(None, description="state unknown: why")
 
 
 class Site(Answer):
@@ -591,7 +592,13 @@ class Site(Answer):
     ftp: Ftp
     deploy: Deploy
     problems: list[SiteProblem] = Field([], description="why a worker cannot serve the site (empty: none)")
-    apps: list[AppState] | None = Field(None, description="site show: the site's app on each worker")
+    apps: list[AppState] | None = Field(
+        None, description="site show: the site's app on each worker (none while the site is not running)"
+    )
+    pending: str | None = Field(
+        None,
+        description="a change's answer: why it is stored but not live yet (the controller did not apply it)",
+    )
 
 
 class SiteList(Answer):
@@ -610,6 +617,9 @@ class Deployed(Answer):
     version: int
     files: int | None = None
     bytes: int | None = None
+    message: str | None = Field(
+        None, description="what to know beyond the numbers: a stopped site builds and serves it once started"
+    )
 
 
 class BackupRestored(Deployed):

@@ -53,14 +53,15 @@ class Nudger:
                     self._log.info("the controller at %s takes nudges again", self._url)
                 self._failing = False
 
-    async def settle(self, generation: int, timeout: float = 5.0) -> bool:
-        """Ask the controller to apply ``generation`` now and wait until the serving roles run it.
+    async def settle(self, generation: int, timeout: float = 5.0) -> bool | None:
+        """Ask the controller to apply ``generation`` now and wait until the serving roles run it;
+        whether they do (None: there is no controller to ask).
 
         So a site owner who just created a site can log in by FTP at once. Bounded, and best effort:
         a controller that is down or slow only means the change lands a little later.
         """
         if not self._url:
-            return False
+            return None
         try:
             answer = await asyncio.wait_for(
                 self._client.post_json(self._url, {"wait_for": generation, "timeout": timeout}), timeout + 2

@@ -488,7 +488,7 @@ class Store:
                 "name": tenant.name,
                 "created_at": iso(tenant.created_at),
                 "subscriptions": subs,
-                "sites": [self.site_json(site) for site in sites],
+                "sites": [self.site_json(site, who) for site in sites],
                 "users": [
                     {
                         "username": u.username,
@@ -679,7 +679,7 @@ class Store:
 
     # -- sites
 
-    def site_json(self, site: Site) -> Json:
+    def site_json(self, site: Site, who: Principal) -> Json:
         c, publishing = self._config, self.publishing
         port = "" if c.https_port == 443 else f":{c.https_port}"
         return {
@@ -697,7 +697,7 @@ class Store:
                 "git": f"{publishing.deploy_url}/{site.name}.git",
                 "user": site.name,
             },
-            "problems": _site_problems(site),
+            "problems": _site_problems(site, by_host=who.is_admin),
         }
 
     def _visible_site(self, s: Session, who: Principal, name: str) -> Site:
@@ -728,7 +728,7 @@ class Store:
             if sub.state != "active":
                 raise Forbidden(f"subscription {sub_id} is {sub.state}, not active")
             site = self._add_site(s, sub, name, password_hash, app_settings={})
-            answer = self.site_json(site)
+            answer = self.site_json(site, who)
         answer["ftp"]["password"] = password
         answer["deploy"]["password"] = password
         return answer
@@ -788,12 +788,12 @@ class Store:
             if page.limit is not None:
                 query = query.limit(page.limit + 1)
             sites, cursor = page.cut(list(s.scalars(query)), lambda site: site.name)
-            return {"sites": [self.site_json(site) for site in sites], "next_cursor": cursor}
+            return {"sites": [self.site_json(site, who) for site in sites], "next_cursor": cursor}
 
     def show_site(self, who: Principal, name: str) -> Json:
         with self._db.session() as s:
             site = self._visible_site(s, who, name)
-            return self.site_json(site)
+            return self.site_json(site, who)
 
     def site_plan(self, who: Principal, name: str) -> Json:
         """The plan of a site ``who`` may see."""
@@ -842,7 +842,7 @@ class Store:
                 )
             site.state = state
             bump_generation(s)
-            return self.site_json(site)
+            return self.site_json(site, who)
 
     def scale_site(self, who: Principal, name: str, instances: Any) -> Json:
         """Run the site on ``instances`` workers (the front ends balance across them), within its plan."""
@@ -857,7 +857,7 @@ class Store:
                 )
             site.instances = instances
             bump_generation(s)
-            return self.site_json(site)
+            return self.site_json(site, who)
 
     def reset_publishing_password(self, who: Principal, name: str) -> Json:
         """A new FTP/web deploy password; the old one stops working at the next snapshot."""
@@ -872,7 +872,7 @@ class Store:
             else:
                 site.credentials.append(PublishingCredential(username=site.name, password_hash=password_hash))
             bump_generation(s)
-            answer = self.site_json(site)
+            answer = self.site_json(site, who)
         answer["ftp"]["password"] = password
         answer["deploy"]["password"] = password
         return answer
@@ -922,7 +922,7 @@ class Store:
                 instances=production.instances,
                 state=production.state,
             )
-            answer = {**self.site_json(site), "slot": slot, "production": production.name}
+            answer = {**self.site_json(site, who), "slot": slot, "production": production.name}
         answer["ftp"]["password"] = password
         answer["deploy"]["password"] = password
         return answer
@@ -1494,11 +1494,15 @@ def _delete_sites(s: Session, sites: Iterable[Site]) -> None:
     s.flush()
 
 
-def _site_problems(site: Site) -> list[Json]:
-    """Why the site's workers said, in their last health answers, they cannot serve it."""
+def _site_problems(site: Site, *, by_host: bool) -> list[Json]:
+    """Why the site's workers said, in their last health answers, they cannot serve it; which worker
+    only ``by_host`` (an admin's view): the platform's host names are no tenant's business."""
     problems: list[Json] = []
     for assignment in sorted(site.assignments, key=lambda a: a.role_id):
         failed = (assignment.role.load or {}).get("failed_sites")
         if isinstance(failed, dict) and isinstance(failed.get(site.name), str):
-            problems.append({"worker": assignment.role.host.name, "reason": failed[site.name]})
+            problem = {"worker": assignment.role.host.name} if by_host else {}
+            problem["reason"] = failed[site.name]
+            if problem not in problems:  # without hosts, the same reason from two workers is one
+                problems.append(problem)
     return problems

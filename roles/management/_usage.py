@@ -1,7 +1,8 @@
 """Storage used per site, asked of the fileserver (``GET /v1/sites/{site}`` over mTLS), best effort.
 
 Pages must not wait on a slow or absent fileserver: each ask has a short timeout, answers are cached
-for a little while, and an unknown size is ``None`` (the portal says "unknown").
+for a little while, and when the fileserver does not answer, the last size it gave stands (asked again
+next time); a size it never gave is ``None`` (the portal says "unknown").
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ class StorageReader:
             return None
 
     def forget(self, site: str) -> None:
-        """Drop a cached size (after a deploy through us, the next page shows the new one)."""
-        self._cache.pop(site, None)
+        """Ask again next time (after a deploy through us, the next page shows the new size); the
+        old one stays as the last known."""
+        hit = self._cache.get(site)
+        if hit is not None:
+            self._cache[site] = (0.0, hit[1])
 
     async def sizes(self, sites: list[str]) -> dict[str, int | None]:
         now = time.monotonic()
@@ -61,6 +65,11 @@ class StorageReader:
                 return {**out, **dict.fromkeys(wanted)}
             got = await asyncio.gather(*(self._one(bases[0], site) for site in wanted))
             for site, size in zip(wanted, got, strict=True):
+                if size is None:
+                    # A moment without an answer does not make the stored content unknown.
+                    known = self._cache.get(site)
+                    out[site] = known[1] if known is not None else None
+                    continue
                 self._cache[site] = (now + _TTL, size)
                 out[site] = size
         return out

@@ -275,9 +275,12 @@ async def delete_site(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def start_site(request: web.Request) -> web.Response:
+async def start_site(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
-    return web.json_response(await service_of(request).start_site(who, request.match_info["name"]))
+    service, name = service_of(request), request.match_info["name"]
+    if NDJSON in request.headers.get("Accept", ""):
+        return await relay_lines(request, service.start_site_following(who, name))
+    return web.json_response(await service.start_site(who, name))
 
 
 async def scale_site(request: web.Request) -> web.Response:
@@ -933,11 +936,15 @@ def operations() -> list[Operation]:
             "/sites/{name}/start",
             start_site,
             "start_site",
-            "Start a site: it is routed and served",
+            "Start a site: it is routed and served. With Accept: application/x-ndjson the answer is lines: "
+            "the build of its newest version ({source, text}) as it runs (a version published while the site "
+            "was stopped is built now), then {result} once its workers serve it, or {error} (code "
+            "build_failed: started, but the version's requirements.txt or package.json could not be "
+            "installed; not_served: started, but no worker runs to serve it)",
             "sites",
             answer=m.Site,
             params=site,
-            errors=(403,),
+            errors=(403, 503),
         ),
         op(
             "GET",

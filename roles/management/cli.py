@@ -36,6 +36,8 @@ __all__ = ["main"]
 _DEFAULT_HOME = Path.home() / ".local" / "share" / "sitecloud"
 # Global options that take a value: skipped when looking for the command word.
 _VALUED_GLOBALS = ("--home", "--token")
+# Seconds without a line before `site start` stops waiting for the site's build (pip may be quiet a while).
+_BUILD_TIMEOUT = 900.0
 
 Command = Callable[[argparse.Namespace, ApiClient], Any]
 Show = Callable[[Any, argparse.Namespace], None]
@@ -280,10 +282,14 @@ def _show_site(site: Any, a: argparse.Namespace) -> None:
     out(f"site {site['name']}")
     print_fields(_site_fields(site))
     for problem in site.get("problems", []):
-        out(f"cannot be served by worker {problem['worker']}: {problem['reason']}")
-    for app in site.get("apps", []):
+        by = f" by worker {problem['worker']}" if problem.get("worker") else ""
+        out(f"cannot be served{by}: {problem['reason']}")
+    apps = site.get("apps") or []
+    for number, app in enumerate(apps, 1):
         if app.get("runtime", "static") != "static" or app.get("state") == "unknown":
-            out(f"app on {app['worker']}: {_app_line(app)}")
+            # A tenant is not told the platform's host names: its servers are numbered.
+            where = app.get("worker") or (f"server {number}" if len(apps) > 1 else "")
+            out(f"app{' on ' + where if where else ''}: {_app_line(app)}")
     for line in _quota_lines(site.get("quota")):
         out(line)
 
@@ -699,15 +705,21 @@ def _show_availability(answer: Any, a: argparse.Namespace) -> None:
     )
 
 
-def _deploy(a: argparse.Namespace, api: ApiClient) -> Any:
-    def show(line: dict[str, Any]) -> None:
-        # The build's own lines as pip or npm wrote them; the publisher's marked as such.
-        if not a.json:
-            out(("  " if line.get("source") != "deploy" else "") + str(line.get("text", "")))
+def _build_lines(a: argparse.Namespace) -> Callable[[dict[str, Any]], None]:
+    """What prints a deploy's or a start's lines: the build's own as pip or npm wrote them, indented
+    under the platform's."""
 
+    def show(line: dict[str, Any]) -> None:
+        if not a.json:
+            out(("  " if line.get("source") in ("build", "worker") else "") + str(line.get("text", "")))
+
+    return show
+
+
+def _deploy(a: argparse.Namespace, api: ApiClient) -> Any:
     with zipped(Path(a.path)) as zip_file:
         answer = api.upload(
-            api.path("sites", a.site, "deploy"), zip_file, on_line=None if a.no_wait else show
+            api.path("sites", a.site, "deploy"), zip_file, on_line=None if a.no_wait else _build_lines(a)
         )
     if not a.json and not a.no_wait:
         # A stopped site takes the deploy but serves nothing: the last line must not say "served".
@@ -715,9 +727,26 @@ def _deploy(a: argparse.Namespace, api: ApiClient) -> Any:
     return answer
 
 
+def _site_start(a: argparse.Namespace, api: ApiClient) -> Any:
+    path = api.path("sites", a.name, "start")
+    if a.no_wait:
+        return api.request("POST", path)
+    # A version published while the site was stopped builds now: its failure is reported here.
+    return api.request_lines(
+        "POST",
+        path,
+        on_line=_build_lines(a),
+        timeout=_BUILD_TIMEOUT,
+        what="the start",
+        hint=f"see `sitecloud site show {a.name}` and `sitecloud site logs {a.name}`",
+    )
+
+
 def _show_deploy(answer: Any, a: argparse.Namespace) -> None:
     stopped = answer.get("site_state") == "stopped"
-    served = "" if a.no_wait else ", kept until the site is started" if stopped else ", served"
+    served = (
+        "" if a.no_wait else ", kept until the site is started (it is built then)" if stopped else ", served"
+    )
     out(
         f"deployed {answer.get('files')} file(s), {answer.get('bytes')} bytes to {answer.get('site')}: "
         f"content version {answer.get('version')}{served}"
@@ -1203,8 +1232,18 @@ def _parser() -> argparse.ArgumentParser:
         confirm=lambda a: (f"delete site {a.name} and all its content", a.name),
     )
     sp.add_argument("name")
-    sp = leaf(site, "start", "start a site", post("sites", "{a.name}", "start"), _done("started {a.name}"))
+    sp = leaf(
+        site,
+        "start",
+        "start a site; ends once its workers serve it, built (a version published while it was stopped "
+        "builds now)",
+        _site_start,
+        _done("started {a.name}"),
+    )
     sp.add_argument("name")
+    sp.add_argument(
+        "--no-wait", action="store_true", help="answer once it is started, without waiting for its build"
+    )
     sp = leaf(
         site,
         "stop",
@@ -1642,6 +1681,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         out(dumps(answer))
     elif args.show is not None:
         args.show(answer, args)
+        if isinstance(answer, dict) and answer.get("pending"):
+            out(f"NOTE: {answer['pending']}")
     return int(ExitCode.OK)
 
 

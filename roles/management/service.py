@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
+
+import aiohttp
 
 from roles.management._accounts import Accounts
 from roles.management._backup import BACKUP_FORMAT, dump_tables, restore_tables
@@ -28,14 +31,16 @@ from roles.management._store import Principal, Store, require_admin
 from roles.management._usage import StorageReader
 from roles.management._warm import warm_site
 from roles.management.config import ManagementConfig
+from shared.builds import NOT_SERVED_HINT, BuildFollow, BuildFollower, Emit, build_failure
 from shared.contracts.answers import parse_answer
 from shared.contracts.apps import AppDescription
 from shared.contracts.content import DeployResult, RollbackAnswer, RollbackRequest, SiteVersions, VersionList
 from shared.contracts.snapshots import ManagementSnapshot
 from shared.db import Database
-from shared.errors import NotFound, SitecloudError, Unauthorized, Unavailable
-from shared.internal import InternalClient
-from shared.logs import get_logger
+from shared.errors import BuildFailed, NotFound, NotServed, SitecloudError, Unauthorized, Unavailable
+from shared.internal import InternalClient, unreached_reason
+from shared.logs import ContextLogger, get_logger
+from shared.states import SiteState
 
 __all__ = ["ManagementService", "Principal"]
 
@@ -44,15 +49,23 @@ T = TypeVar("T")
 # The whole list: what the portals show; the API passes the page it was asked for.
 _ALL = Page()
 _FILESERVER = "the fileserver"
+_PUBLISHER = "the publisher"
 
 # A web deploy may carry a large zip over a slow link; the publisher answers once it is committed.
 _DEPLOY_TIMEOUT = 3600.0
+# A started site's build is followed this long at most (as the publisher follows a deploy's).
+_BUILD_WAIT = 660.0
 # `site show` asks each of the site's workers how its app is doing, this long at most.
 _APP_STATE_WAIT = 3.0
 # Why a tenant sees its app's state as unknown on a worker: the worker is down or out of reach, or
 # it answered something else (not having the site yet, say).
-_UNREACHED = "its server cannot be reached now"
+_UNREACHED = "the server is unavailable"
 _UNSAID = "its server could not say"
+# What a change's answer says when the controller did not apply it in time.
+_PENDING = (
+    "not live yet: the change is stored, but the cloud's controller has not applied it; it takes "
+    "effect as soon as the controller runs again"
+)
 # Pending custom hostnames are asked about in DNS this often (seconds), and at once when one is added.
 _HOSTNAME_RECHECK = 60.0
 _APP_FIELDS = (
@@ -75,6 +88,7 @@ class ManagementService:
         self._client = InternalClient(config, timeout=10)
         self._deploy_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
         self._logs_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
+        self._builds = BuildFollower(InternalClient(config, timeout=10), self._log)
         self._nudger = Nudger(self._client, config.controller_url, self._log)
         self._hostname_wake = asyncio.Event()
         self._hostname_stop = threading.Event()
@@ -121,6 +135,7 @@ class ManagementService:
         await self._client.close()
         await self._deploy_client.close()
         await self._logs_client.close()
+        await self._builds.close()
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -131,9 +146,14 @@ class ManagementService:
         return result
 
     async def _write_live(self, fn: Callable[..., T], *args: Any) -> T:
-        """A site change the owner acts on at once (log in by FTP, open the site): answer once it is live."""
+        """A site change the owner acts on at once (log in by FTP, open the site): answer once it is
+        live. When the controller does not apply it in time (it is down, say), the answer says
+        (``pending``) that it is stored but takes effect only once the controller does."""
         result = await asyncio.to_thread(fn, *args)
-        await self._nudger.settle(await self._read(self._store.generation))
+        applied = await self._nudger.settle(await self._read(self._store.generation))
+        if applied is False and isinstance(result, dict):
+            self._log.warning("a change is stored, but the controller did not apply it in time")
+            result["pending"] = _PENDING
         return result
 
     # -- auth and accounts
@@ -288,12 +308,13 @@ class ManagementService:
         # Answered once the publishers refuse its sites' users.
         result = await self._write_live(self._store.set_subscription_state, who, sub_id, "suspended")
         self._log.bind(tenant=result["tenant"]).info("subscription %s suspended", sub_id)
-        return result
+        # Its content is kept: answered with its size, as `subscription show` is.
+        return (await self._with_storage([result]))[0]
 
     async def resume_subscription(self, who: Principal, sub_id: int) -> Json:
         result = await self._write_live(self._store.set_subscription_state, who, sub_id, "active")
         self._log.bind(tenant=result["tenant"]).info("subscription %s resumed", sub_id)
-        return result
+        return (await self._with_storage([result]))[0]
 
     async def change_plan(self, who: Principal, sub_id: int, plan: str) -> Json:
         # Its content against the new plan's storage, as the fileserver has it now (not as cached
@@ -319,6 +340,11 @@ class ManagementService:
     async def create_site(self, who: Principal, body: Json) -> Json:
         result = await self._write_live(self._store.create_site, who, body)
         self._log.bind(tenant=result["tenant"], site=result["name"]).info("site created")
+        if "pending" in result:
+            result["pending"] = (
+                f"not live yet: site {result['name']} is created, but the cloud's controller has not "
+                "applied it; it goes live, and takes publishing, as soon as the controller runs again"
+            )
         return result
 
     async def list_sites(
@@ -337,7 +363,9 @@ class ManagementService:
     async def show_site(self, who: Principal, name: str) -> Json:
         site = await self._read(self._store.show_site, who, name)
         workers = await self._read(self._store.site_worker_urls, who, name)
-        site["apps"] = await self._app_states(name, workers, detail=who.is_admin)
+        # A stopped or suspended site runs no app anywhere: there is nothing to ask about.
+        running = site["state"] == SiteState.RUNNING
+        site["apps"] = await self._app_states(name, workers, detail=who.is_admin) if running else []
         site["quota"] = await self._read(self.metering.site_quota, who, name)
         return site
 
@@ -368,27 +396,24 @@ class ManagementService:
 
     async def _app_states(self, name: str, workers: list[tuple[str, str]], *, detail: bool) -> list[Json]:
         """How the site's app is doing on each of its workers: state and the limits it ran into. A
-        worker that does not answer in time is listed as unknown, never holding up the answer; why
-        only with ``detail`` (an admin's view): the error names the worker's private address and
-        control port, which are no tenant's business. The management log has it either way."""
+        worker that does not answer in time is listed as unknown, never holding up the answer. The
+        worker's host and why it did not say only with ``detail`` (an admin's view), and even then
+        not the client library's error, which names private addresses and control ports; the
+        management log has that."""
 
         async def one(host: str, url: str) -> Json:
+            where = {"worker": host} if detail else {}
             try:
                 answer = await asyncio.wait_for(
                     self._client.get_json(f"{url}/v1/sites/{name}/app"), _APP_STATE_WAIT
                 )
                 state = AppDescription.parse(answer, what="unexpected answer").to_json()
             except (SitecloudError, OSError, TimeoutError) as exc:
-                why = str(exc) or type(exc).__name__
-                self._log.bind(site=name).warning("app state on worker %s unknown: %s", host, why)
-                if detail:
-                    reason = why
-                elif isinstance(exc, SitecloudError) and not isinstance(exc, Unavailable):
-                    reason = _UNSAID
-                else:
-                    reason = _UNREACHED
-                return {"worker": host, "state": "unknown", "reason": reason}
-            return {"worker": host, **{k: state[k] for k in _APP_FIELDS if k in state}}
+                self._log.bind(site=name).warning(
+                    "app state on worker %s unknown: %s", host, str(exc) or type(exc).__name__
+                )
+                return {**where, "state": "unknown", "reason": _unknown_app_state(exc, detail=detail)}
+            return {**where, **{k: state[k] for k in _APP_FIELDS if k in state}}
 
         return list(await asyncio.gather(*(one(host, url) for host, url in workers)))
 
@@ -405,6 +430,56 @@ class ManagementService:
         result = await self._write_live(self._store.set_site_state, who, name, "running")
         self._log.bind(tenant=result["tenant"], site=name).info("site started")
         return result
+
+    async def start_site_following(self, who: Principal, name: str) -> AsyncIterator[bytes]:
+        """:meth:`start_site`, then the build of the site's newest version until its workers serve it,
+        as lines (``{"source", "text"}`` as they come, then ``{"result": …}`` or ``{"error": …}``): a
+        version published while the site was stopped is built only now, and its owner is looking
+        here, not at the deploy. A refusal (no such site, a suspended subscription) comes before
+        the first line."""
+        workers = await self._read(self._store.site_worker_urls, who, name)
+        # Opened before the start: the build begins as soon as the site reaches its workers.
+        follow = self._builds.open(name, [url for _, url in workers])
+        try:
+            result = await self.start_site(who, name)
+            placed = await self._read(self._store.site_worker_urls, who, name)
+            if placed != workers:
+                await follow.close()
+                follow = self._builds.open(name, [url for _, url in placed])
+            async for line in _as_lines(
+                lambda emit: self._until_built(name, result, follow, emit), self._log
+            ):
+                yield line
+        finally:
+            await follow.close()
+
+    async def _until_built(self, name: str, started: Json, follow: BuildFollow, emit: Emit) -> Json:
+        """``started`` once the site's workers serve its newest version built; a failed build, or no
+        worker to serve it, is raised."""
+        if started.get("pending"):
+            return started  # the workers have not been told: nothing builds yet
+        try:
+            version = await self._newest_version(name)
+        except SitecloudError as exc:
+            self._log.bind(site=name).warning("cannot tell whether started site %s builds: %s", name, exc)
+            await emit("start", "its build cannot be followed: the content store does not answer now")
+            return started
+        if version is None:
+            return started  # nothing published yet: nothing to build
+        outcome = await follow.until_served(version, emit, timeout=_BUILD_WAIT)
+        if outcome.failed:
+            raise BuildFailed(
+                f"site {name} is started, but version {version} does not run: {build_failure(outcome.failed)}",
+                hint=f"fix what the build says and deploy again (`sitecloud site logs {name}` shows the whole "
+                f"build), or put an earlier version back with `sitecloud site rollback {name}`",
+            )
+        if outcome.unserved:
+            raise NotServed(
+                f"site {name} is started, but no worker is running to serve it", hint=NOT_SERVED_HINT
+            )
+        if not outcome.done:
+            await emit("start", f"its build goes on; follow it with `sitecloud site logs {name}`")
+        return started
 
     async def stop_site(self, who: Principal, name: str) -> Json:
         result = await self._write_live(self._store.set_site_state, who, name, "stopped")
@@ -547,7 +622,9 @@ class ManagementService:
     async def site_logs(self, who: Principal, name: str, *, follow: bool, lines: int) -> AsyncIterator[bytes]:
         """The site's log lines from its workers; with ``follow``, new ones as they come."""
         workers = await self._read(self._store.site_worker_urls, who, name)
-        async for line in stream_site_logs(self._logs_client, name, workers, follow=follow, lines=lines):
+        async for line in stream_site_logs(
+            self._logs_client, name, workers, follow=follow, lines=lines, by_host=who.is_admin
+        ):
             yield line
 
     async def _fileserver(self) -> str:
@@ -560,9 +637,10 @@ class ManagementService:
         """The site's kept content versions, oldest first: number, time, source, files and bytes."""
         await self._read(self._store.check_site, who, name)
         base = await self._fileserver()
-        answer = parse_answer(
-            VersionList, await self._client.get_json(f"{base}/v1/sites/{name}/versions"), peer=_FILESERVER
-        )
+        with _reaching(_FILESERVER, self._log):
+            answer = parse_answer(
+                VersionList, await self._client.get_json(f"{base}/v1/sites/{name}/versions"), peer=_FILESERVER
+            )
         return {"site": name, **answer.to_json()}
 
     async def site_zip(self, who: Principal, name: str, version: int | None) -> AsyncIterator[bytes]:
@@ -570,14 +648,16 @@ class ManagementService:
         fileserver; no such version raises before the first chunk."""
         await self._read(self._store.check_site, who, name)
         base = await self._fileserver()
-        async for chunk in site_zip(self._logs_client, base, name, version):
-            yield chunk
+        with _reaching(_FILESERVER, self._log):
+            async for chunk in site_zip(self._logs_client, base, name, version):
+                yield chunk
 
     async def _newest_version(self, name: str) -> int | None:
         base = await self._fileserver()
-        answer = parse_answer(
-            VersionList, await self._client.get_json(f"{base}/v1/sites/{name}/versions"), peer=_FILESERVER
-        )
+        with _reaching(_FILESERVER, self._log):
+            answer = parse_answer(
+                VersionList, await self._client.get_json(f"{base}/v1/sites/{name}/versions"), peer=_FILESERVER
+            )
         return max((v.version for v in answer.versions), default=None)
 
     async def _zip_of(self, name: str, version: int) -> AsyncIterator[bytes]:
@@ -632,11 +712,12 @@ class ManagementService:
         await self._read(self._store.check_publishable, who, name)
         base = await self._fileserver()
         wanted = RollbackRequest(version=version).to_json()
-        answer = parse_answer(
-            RollbackAnswer,
-            await self._client.request_json("POST", f"{base}/v1/sites/{name}/rollback", json=wanted),
-            peer=_FILESERVER,
-        )
+        with _reaching(_FILESERVER, self._log):
+            answer = parse_answer(
+                RollbackAnswer,
+                await self._client.request_json("POST", f"{base}/v1/sites/{name}/rollback", json=wanted),
+                peer=_FILESERVER,
+            )
         self._storage.forget(name)
         self._log.bind(tenant=who.tenant, site=name).info(
             "rolled back to version %s as version %s", answer.rolled_back_to, answer.version
@@ -687,7 +768,7 @@ class ManagementService:
         """:meth:`deploy`, and then the build until the site's workers serve it, as the publisher's
         lines (``{"source", "text"}``, then ``{"result": …}`` or ``{"error": …}``) as they come."""
         url = await self._deploy_url(who, name)
-        with _unknown_to_the_publisher(name):
+        with _reaching(_PUBLISHER, self._log), _unknown_to_the_publisher(name):
             async for line in self._deploy_client.lines(
                 "POST",
                 url,
@@ -705,19 +786,80 @@ class ManagementService:
     async def deploy(self, who: Principal, name: str, body: AsyncIterable[bytes]) -> Json:
         """Stream a zip to the publisher, which replaces the site's content with it in one version."""
         url = await self._deploy_url(who, name)
-        with _unknown_to_the_publisher(name):
+        with _reaching(_PUBLISHER, self._log), _unknown_to_the_publisher(name):
             answer = parse_answer(
                 DeployResult,
                 await self._deploy_client.request_json(
                     "POST", url, data=body, headers={"Content-Type": "application/zip"}
                 ),
-                peer="the publisher",
+                peer=_PUBLISHER,
             )
         self._storage.forget(name)
         self._log.bind(site=name).info("deployed version %s", answer.version)
         return answer.to_json()
 
     # -- roles
+
+
+def _unknown_app_state(exc: BaseException, *, detail: bool) -> str:
+    """Why a worker did not say how a site's app is doing: for a tenant, only whether its server is
+    there; for an admin, what to look at (never the client's error text: addresses and ports)."""
+    said = isinstance(exc, SitecloudError) and not isinstance(exc, Unavailable)
+    if not detail:
+        return _UNSAID if said else _UNREACHED
+    if said:
+        assert isinstance(exc, SitecloudError)
+        return f"the worker answered: {exc.message}"
+    return f"the worker cannot be reached ({unreached_reason(exc)}): see `sitecloud role list`"
+
+
+async def _as_lines(run: Callable[[Emit], Awaitable[Json]], log: ContextLogger) -> AsyncIterator[bytes]:
+    """NDJSON lines of ``run``: each line it emits as it comes, then ``{"result": …}`` with what it
+    returns, or ``{"error": …}`` with what it raised."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def put(line: Json) -> None:
+        queue.put_nowait(json.dumps(line).encode() + b"\n")
+
+    async def emit(source: str, text: str) -> None:
+        put({"source": source, "text": text})
+
+    async def work() -> None:
+        try:
+            put({"result": await run(emit)})
+        except SitecloudError as err:
+            put(err.to_json())
+        except Exception:
+            log.exception("a streamed request failed")
+            put(SitecloudError("internal error; the request was not completed").to_json())
+        finally:
+            queue.put_nowait(None)
+
+    task = asyncio.create_task(work())
+    try:
+        while (line := await queue.get()) is not None:
+            yield line
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.contextmanager
+def _reaching(role: str, log: ContextLogger) -> Iterator[None]:
+    """A call to ``role`` that does not reach it says so, and why in a few words: the client's error
+    names the role's private address and control port, no tenant's business (the log keeps it). What
+    the role itself answered goes on as it is."""
+    try:
+        yield
+    except Unavailable as err:
+        if not isinstance(err.__cause__, aiohttp.ClientError | TimeoutError):
+            raise
+        log.warning("%s", err)
+        raise Unavailable(
+            f"{role} is unavailable now ({unreached_reason(err)})",
+            hint="try again in a moment; if it lasts, an admin can see why with `sitecloud role list`",
+        ) from None
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ Kudu's zip deploy names the site by the publishing user (``?site=`` or a ``<site
 too) and, as Kudu's does, answers 200 once the site's workers have built and serve the new version, or
 with ``?isAsync=true`` 202 at once and a ``Location`` to poll at ``GET /api/deployments/{id}``
 (:mod:`roles.publisher._deployments`), which stays incomplete until then (a git push follows the build
-too). ``GET /api/deployments/{id}/log`` lists the build's lines (:mod:`roles.publisher._builds`).
+too). ``GET /api/deployments/{id}/log`` lists the build's lines (:mod:`shared.builds`).
 ``/api/deploy/{site}`` answers at the commit.
 """
 
@@ -27,13 +27,13 @@ from typing import IO, Any
 
 from aiohttp import BasicAuth, web
 
-from roles.publisher._builds import BuildFollower, BuildOutcome, Emit
 from roles.publisher._deployments import Deployment, DeploymentLog
 from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import Credentials, SiteInfo, SiteTable, suspended_error
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
 from roles.publisher.zipsafe import ZipMember, check_zip, copy_member, open_zip, read_member
+from shared.builds import NOT_SERVED_HINT, BuildFollower, BuildOutcome, Emit, build_failure
 from shared.contracts.content import DeployResult, PathOp, encode_commit
 from shared.errors import (
     BuildFailed,
@@ -71,26 +71,11 @@ NDJSON = "application/x-ndjson"
 _BUILD_HINT = "fix what the build says and deploy again (`sitecloud site logs {site}` shows the whole build)"
 
 
-# What to do about a version stored that no worker serves: only an admin can start a worker.
-_NOT_SERVED_HINT = (
-    "ask an admin to start the site's workers (`sitecloud role list`, then `sitecloud role start worker "
-    "<host>`): the site serves this version as soon as one runs"
-)
-
-
 def _not_served(site: SiteInfo, outcome: BuildOutcome) -> bool:
     """Whether a deploy's version, stored and built, is served by none of the site's workers. A
     stopped site is meant to serve nothing; workers this publisher cannot reach may serve it, so then
     it says nothing either way."""
     return outcome.unserved and not outcome.failed and site.state.serving and not site.unreached_workers
-
-
-def _build_failure(version: int, failed: dict[str, str]) -> str:
-    """What a deploy whose build failed answers: the build's own error lines, from one worker (with
-    several, which ones: each builds alone, and they fail alike)."""
-    first = sorted(failed)[0]
-    where = "" if len(failed) == 1 else f" on {len(failed)} workers (on {first.removeprefix('https://')})"
-    return f"version {version} is stored, but its build failed{where}: {failed[first]}"
 
 
 def _ndjson(line: dict[str, Any]) -> bytes:
@@ -378,7 +363,7 @@ class Deployer:
         log = self._log.bind(site=site.name)
         started = time.monotonic()
         # Opened before the commit: a worker may start building before the commit's answer is back.
-        follow = self.builds.open(site) if follow_build else None
+        follow = self.builds.open(site.name, site.workers) if follow_build else None
 
         async def tell(source: str, text: str) -> None:
             self.deployments.note(record, text)
@@ -412,10 +397,14 @@ class Deployer:
             )
             message = f"version {answer.version}"
             outcome = BuildOutcome(True)
-            # Kept and published to, but served by nothing until it is started.
-            stopped = f"site {site.name} is stopped: it serves this version once it is started"
+            # Kept and published to, but built and served by nothing until it is started.
+            stopped = (
+                f"site {site.name} is stopped: it builds and serves this version once it is started "
+                f"(`sitecloud site start {site.name}` shows the build)"
+            )
             if site.state is SiteState.STOPPED:
                 message += f"; {stopped}"
+                answer = answer.model_copy(update={"message": stopped})
             if follow is not None:
                 try:
                     await tell(
@@ -429,7 +418,7 @@ class Deployer:
                         answer.version, tell, timeout=self._config.build_follow_seconds
                     )
                     if outcome.failed:
-                        message = _build_failure(answer.version, outcome.failed)
+                        message = f"version {answer.version} is stored, but {build_failure(outcome.failed)}"
                         restored = await self._restore_before(site, answer.version, log)
                         if restored is not None:
                             back = (
@@ -461,7 +450,7 @@ class Deployer:
             log.warning(
                 "%s: version %s stored, but none of the site's workers serves it", via, answer.version
             )
-            raise NotServed(message, hint=_NOT_SERVED_HINT)
+            raise NotServed(message, hint=NOT_SERVED_HINT)
         if failed:
             log.warning("%s: version %s stored, but its build failed", via, answer.version)
             raise BuildFailed(message, hint=_BUILD_HINT.format(site=site.name))

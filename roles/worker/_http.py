@@ -126,6 +126,16 @@ class Diverted(Protocol):
 
     def tunnel_in(self, data: bytes) -> None: ...
 
+    @property
+    def refusal(self) -> str | None:
+        """Why the request is answered 413 now, before the rest of its body is read (it is larger
+        than the app takes); None while it is not."""
+        ...
+
+    def refused(self) -> None:
+        """The connection answered the refusal: drop the request."""
+        ...
+
 
 class Divert(Protocol):
     """Hook: asked once a request's head is in (only while ``active``); None keeps it here.
@@ -163,10 +173,11 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class _Refusal:
-    """A request that could not be parsed: answered in turn, then the connection closes."""
+    """A request that could not be parsed, or not taken: answered in turn, then the connection closes."""
 
     status: int
     detail: str
+    title: str = "Bad request"
 
 
 _last_date: list[object] = [0, "", b""]
@@ -573,9 +584,22 @@ class HttpConnection(asyncio.Protocol):
         if self.idle:
             self._close()
 
-    def _refuse(self, status: int, detail: str) -> None:
+    def _refuse(self, status: int, detail: str, title: str = "Bad request") -> None:
         self._parsing = False
-        self._enqueue(_Refusal(status, detail))
+        self._enqueue(_Refusal(status, detail, title))
+
+    def _refuse_diverted(self) -> None:
+        """A diverted request whose body is over what its app takes is answered 413 at once, by its
+        length or as soon as a chunked body passes it, and the connection closes: the rest is not read
+        (RFC 9110 section 15.5.14)."""
+        diverted = self._diverting
+        why = diverted.refusal if diverted is not None else None
+        if diverted is None or why is None:
+            return
+        self._diverting = None
+        diverted.refused()
+        self._refuse(413, why, "Too large")
+        raise httptools.HttpParserCallbackError("body too large")
 
     def on_message_begin(self) -> None:
         self._url = b""
@@ -628,10 +652,12 @@ class HttpConnection(asyncio.Protocol):
             self._diverting = self._divert(
                 parser.get_method(), self._url, self._headers, self._raw, parser.should_keep_alive(), self
             )
+            self._refuse_diverted()
 
     def on_body(self, body: bytes) -> None:
         if self._diverting is not None:
             self._diverting.body(body)
+            self._refuse_diverted()
             return
         # Static sites take no bodies: count and drop them.
         self._body_bytes += len(body)
@@ -689,7 +715,7 @@ class HttpConnection(asyncio.Protocol):
                     self._meter = None
                     self._t0 = self._loop.time()
                     self._tag = None  # untagged: a front end's lane takes it as the end of the lane
-                    self.write(error_response(item.status, "Bad request", item.detail, keep_alive=False))
+                    self.write(error_response(item.status, item.title, item.detail, keep_alive=False))
                     keep = False
                     break
                 keep = self._answer(item)

@@ -206,6 +206,12 @@ class DeployResult(Contract):
     version: VersionNumber
     files: Annotated[int, Field(ge=0)]
     total_bytes: ByteCount = Field(validation_alias="bytes", serialization_alias="bytes")
+    # What the deployer should know beyond the numbers (a stopped site: not built nor served yet).
+    message: Annotated[str, Field(max_length=2000)] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        # Nothing to say leaves the answer as it always was.
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 class VersionEntry(Contract):

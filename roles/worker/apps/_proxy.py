@@ -344,6 +344,8 @@ class AppExchange(Generic[T]):
         # turn, with no task and no wait (a warm request's usual way).
         self._ready: T | None = None
         self._script: tuple[str, str, str] | None = None
+        if self._too_large:
+            return  # refused by the connection at once (refusal): no app wakes for it
         inst = proxy.manager.running(app)
         if app.runtime == "php" and inst is not None:
             self._script = proxy.php_script(app.root, app.version, rel, app.entry)
@@ -361,6 +363,17 @@ class AppExchange(Generic[T]):
                 self._send_now(inst)
 
     # -- the connection's side
+
+    @property
+    def refusal(self) -> str | None:
+        if not self._too_large:
+            return None
+        limit = _byte_count(self._proxy.config.app_max_body)
+        return f"The request's body is larger than this site accepts ({limit})."
+
+    def refused(self) -> None:
+        self._status = 413  # for its access line
+        self.abort()
 
     def body(self, data: bytes) -> None:
         if self._too_large or self._pipe_over:

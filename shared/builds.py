@@ -1,14 +1,20 @@
-"""A deploy's build, as whoever deployed sees it: the site's workers install its requirements.txt or
-package.json when the new version reaches them, and write pip's or npm's output to the site's log.
+"""A version's build, as whoever asked for it sees it: the site's workers install its requirements.txt
+or package.json when the version reaches them, and write pip's or npm's output to the site's log. The
+publisher follows a deploy's build; management follows the build a stopped site's start sets off (a
+version published while it was stopped was not built then).
 
 A :class:`BuildFollow` opens each worker's log stream (``GET /v1/sites/{site}/logs?follow=1``, mTLS)
-before the deploy's commit, so no line is missed, and passes on the ``build`` and ``worker`` lines until
-every worker says (``GET /v1/sites/{site}/app``) it has the new version and is not building, or a time
-limit passes; a worker whose build of that version failed says why (``build_error``), and the deploy
-then fails with it. A worker that cannot be reached is left out (after a few seconds, in case it is
+before the deploy's commit or the start, so no line is missed (a worker that does not hold the site
+yet is asked again until it does), and passes on the ``build`` and ``worker`` lines until every worker
+says (``GET /v1/sites/{site}/app``) it has the version and is not building, or a time limit passes; a
+worker whose build of that version failed says why (``build_error``), and the deploy or start then
+fails with it. A worker that cannot be reached is left out (after a few seconds, in case it is
 restarting): the content is stored by then. When no worker said it serves the version (each one
 stopped, or out of reach), the outcome says so: a deploy must not claim to be served when visitors
 get 502.
+
+With several workers, their lines and failures are told apart by number, never by address: whoever
+deployed is a tenant, and the workers' addresses are the platform's.
 """
 
 from __future__ import annotations
@@ -16,18 +22,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from roles.publisher._sites import SiteInfo
 from shared.contracts.apps import AppDescription
 from shared.errors import NotFound, SitecloudError
 from shared.internal import InternalClient
 from shared.logs import ContextLogger
 
-__all__ = ["BuildFollow", "BuildFollower", "BuildOutcome", "Emit"]
+__all__ = ["NOT_SERVED_HINT", "BuildFollow", "BuildFollower", "BuildOutcome", "Emit", "build_failure"]
 
 # (source, text): "deploy" for the publisher's own lines, "build" or "worker" for the worker's.
 Emit = Callable[[str, str], Awaitable[None]]
@@ -43,50 +48,75 @@ _SETTLE = 0.3
 _SETTLE_MAX = 3.0
 # A worker that cannot be asked is asked again for this long before the deploy goes on without it.
 _UNREACHED_GRACE = 5.0
+# A worker that does not hold the site yet (it is on its way there) is asked for its log this often.
+_NOT_THERE_YET = 0.1
+
+# What to do about a version stored that no worker serves: only an admin can start a worker.
+NOT_SERVED_HINT = (
+    "ask an admin to start the site's workers (`sitecloud role list`, then `sitecloud role start worker "
+    "<host>`): the site serves this version as soon as one runs"
+)
 
 
 @dataclass(frozen=True)
 class BuildOutcome:
     # Every worker serves the version with its build over (False: the time ran out first).
     done: bool
-    # Worker address → why its build of the version failed.
+    # Worker ("server 1", numbered as the site's workers were given) → why its build of the version
+    # failed.
     failed: dict[str, str] = field(default_factory=dict)
     # Done, and not one worker said it serves the version: none is running, or none can be reached.
     unserved: bool = False
 
 
-class BuildFollow:
-    """One deploy's view of its site's workers; open it before the commit, close it after."""
+def build_failure(failed: dict[str, str]) -> str:
+    """Why a version's build failed, as its owner reads it: the build's own error lines from one
+    worker (with several, which one: each builds alone, and they fail alike)."""
+    first = sorted(failed)[0]
+    where = "" if len(failed) == 1 else f" on {len(failed)} servers ({first}'s lines)"
+    return f"its build failed{where}: {failed[first]}"
 
-    def __init__(self, client: InternalClient, site: SiteInfo, log: ContextLogger) -> None:
+
+class BuildFollow:
+    """One deploy's (or start's) view of its site's workers; open it before the commit, close it after."""
+
+    def __init__(self, client: InternalClient, site: str, workers: Sequence[str], log: ContextLogger) -> None:
         self._client = client
         self._site = site
+        self._workers = tuple(workers)
         self._log = log
         self._lines: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         # Whether a build was seen (a line, or a worker building): only then may lines be in flight.
         self._built = False
         self._failed: dict[str, str] = {}
         # With several workers each builds: their lines are told apart by the worker's address.
-        self._streams = [asyncio.create_task(self._stream(url)) for url in site.workers]
+        self._streams = [asyncio.create_task(self._stream(url)) for url in self._workers]
 
-    def _label(self, url: str) -> str:
-        return f"[{url.removeprefix('https://')}] " if len(self._site.workers) > 1 else ""
+    def _name(self, url: str) -> str:
+        return f"server {self._workers.index(url) + 1}"
 
     async def _stream(self, url: str) -> None:
-        label = self._label(url)
+        label = f"[{self._name(url)}] " if len(self._workers) > 1 else ""
         try:
-            async with self._client.session.get(
-                f"{url}/v1/sites/{self._site.name}/logs",
-                params={"follow": "1", "lines": "0"},
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-            ) as resp:
-                if resp.status != 200:
-                    self._log.info("%s does not show the site's log (HTTP %s)", url, resp.status)
+            while True:
+                async with self._client.session.get(
+                    f"{url}/v1/sites/{self._site}/logs",
+                    params={"follow": "1", "lines": "0"},
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+                ) as resp:
+                    if resp.status == 404:
+                        # The site is on its way to the worker (a started site): its build's first
+                        # lines come as soon as it is there.
+                        await asyncio.sleep(_NOT_THERE_YET)
+                        continue
+                    if resp.status != 200:
+                        self._log.info("%s does not show the site's log (HTTP %s)", url, resp.status)
+                        return
+                    async for raw in resp.content:
+                        found = _LINE.match(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                        if found and found[1] in _SOURCES:
+                            self._lines.put_nowait((found[1], label + found[2]))
                     return
-                async for raw in resp.content:
-                    found = _LINE.match(raw.decode("utf-8", "replace").rstrip("\r\n"))
-                    if found and found[1] in _SOURCES:
-                        self._lines.put_nowait((found[1], label + found[2]))
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._log.info("cannot follow the site's log on %s: %s", url, exc or type(exc).__name__)
 
@@ -95,7 +125,7 @@ class BuildFollow:
         worker cannot be asked."""
         try:
             app = AppDescription.parse(
-                await self._client.get_json(f"{url}/v1/sites/{self._site.name}/app"), what="unexpected answer"
+                await self._client.get_json(f"{url}/v1/sites/{self._site}/app"), what="unexpected answer"
             )
         except NotFound:
             return False  # the site has not reached this worker yet
@@ -109,7 +139,7 @@ class BuildFollow:
             return False
         if app.version == version and app.build_error is not None:
             self._built = True
-            self._failed[url] = app.build_error
+            self._failed[self._name(url)] = app.build_error
         return True
 
     async def until_served(self, version: int, emit: Emit, *, timeout: float) -> BuildOutcome:
@@ -117,7 +147,7 @@ class BuildFollow:
         failed; not done when the time ran out first."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        waiting = set(self._site.workers)
+        waiting = set(self._workers)
         serving = 0
         unreached_since: dict[str, float] = {}
         poll_at = loop.time()
@@ -167,8 +197,8 @@ class BuildFollower:
         self._client = client
         self._log = log
 
-    def open(self, site: SiteInfo) -> BuildFollow:
-        return BuildFollow(self._client, site, self._log.bind(site=site.name))
+    def open(self, site: str, workers: Sequence[str]) -> BuildFollow:
+        return BuildFollow(self._client, site, workers, self._log.bind(site=site))
 
     async def close(self) -> None:
         await self._client.close()
