@@ -428,6 +428,68 @@ def test_a_push_that_cannot_deploy_says_why_and_leaves_the_branch_where_it_was(
     cloud.wait_for_content("gitfails", "/", b"fixed version")
 
 
+def _server_repository(cloud: LocalCloud, site: str) -> Path:
+    found = list((cloud.home / "roles" / "publisher" / "git").glob(f"{site}@*/{site}.git"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_a_refused_push_leaves_nothing_and_a_pack_over_the_quota_is_refused_as_it_arrives(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    site = _site(cloud, subscription, "gitquota")  # the plan's storage: 5 MB
+    repo = Checkout(cloud, tmp_path / "gitquota", _remote(site))
+    repo.commit({"index.html": b"fits"}, "small")
+    assert repo.push().returncode == 0
+    cloud.wait_for_content("gitquota", "/", b"fits")
+    server = _server_repository(cloud, "gitquota")
+    small = _bytes_under(server)
+
+    # A 3 MB pack git takes, whose tree unpacks past the quota: the deploy refuses it, and its
+    # objects, which no ref reaches once main is put back, are dropped after the answer.
+    repo.commit({"noise.bin": os.urandom(3 * 2**20), "zeros.bin": bytes(3 * 2**20)}, "6 MB unpacked")
+    blob = repo.run("rev-parse", "HEAD:noise.bin").stdout.strip()
+    # What git leaves when a push is killed midway (its quarantine) goes too.
+    leftover = server / "objects" / "tmp_objdir-incoming-killed" / "pack"
+    leftover.mkdir(parents=True)
+    (leftover / "tmp_pack_x").write_bytes(os.urandom(2**20))
+    refused = repo.push()
+    assert refused.returncode != 0 and "quota" in refused.stderr, refused.stderr
+
+    def dropped() -> bool:
+        there = subprocess.run(
+            [repo.git, "cat-file", "-e", blob], cwd=server, env=repo.env, capture_output=True
+        )
+        return there.returncode != 0
+
+    wait_until(dropped, timeout=30, what="the refused push's objects to be dropped")
+    assert _bytes_under(server) < small + 2**20 and not leftover.parent.exists()
+
+    # A pack bigger than the quota is refused while it arrives (git's receive.maxInputSize), and
+    # leaves nothing either.
+    repo.run("reset", "-q", "--hard", "HEAD~1")
+    repo.commit({"noise.bin": os.urandom(6 * 2**20)}, "6 MB packed")
+    over = repo.push()
+    assert (
+        over.returncode != 0
+        and "remote: sitecloud: the push is larger than the site's storage quota (5242880 bytes)"
+        in over.stderr
+    )
+    assert "[remote rejected] main -> main (unpacker error)" in over.stderr, over.stderr
+    assert _bytes_under(server) < small + 2**20
+    assert not list((server / "objects").glob("tmp_objdir-*"))
+    assert cloud.get("gitquota", "/")[2] == b"fits"
+    # Within the quota, pushing goes on as before.
+    repo.run("reset", "-q", "--hard", "HEAD~1")
+    repo.commit({"index.html": b"still pushes"}, "fits again")
+    assert repo.push().returncode == 0
+    cloud.wait_for_content("gitquota", "/", b"still pushes")
+
+
 def test_deploy_lines_go_only_into_a_report_multiplexed_on_side_bands() -> None:
     report = _pkt(b"\x01" + _pkt(b"unpack ok\n") + _pkt(b"ok refs/heads/main\n") + b"0000")
     assert _split_report(report + b"0000") == (report, True)

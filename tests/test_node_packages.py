@@ -53,6 +53,7 @@ def test_the_express_sample_and_registry_specs_pass() -> None:
         ("x/y", "only versions"),
         ("https://evil.example/pkg.tgz", "only versions"),
         ("npm:e@file:/etc", "only versions"),
+        ("${NPM_TOKEN}", "only versions"),
     ],
 )
 def test_anything_but_a_registry_dependency_is_refused(spec: str, says: str) -> None:

@@ -1,6 +1,6 @@
 """A site's requirements.txt is a trust boundary: pip runs as root outside the sandbox, so only named
-requirements reach it (no options, paths, URLs or direct references). One that cannot be installed
-fails the build, with the lines that say why."""
+requirements reach it (no options, paths, URLs, direct references or environment variables). One
+that cannot be installed fails the build, with the lines that say why."""
 
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ def test_named_requirements_pass_normalised_with_comments_and_continuations() ->
         ("pkg @ file:///tmp/pkg", "direct references"),
         ("pkg @ https://example.com/pkg.whl", "direct references"),
         ("flask==3.0.3 --hash=sha256:00", "not a package requirement"),
+        # pip would fill these in from the worker's environment and print them in its error.
+        ("nonexistent===${PIP_INDEX_URL}", "environment variables"),
+        ("flask; python_version == '${HTTPS_PROXY}'", "environment variables"),
+        ("flask==$HOME", "environment variables"),
     ],
 )
 def test_anything_but_a_named_requirement_is_refused_with_its_line(line: str, says: str) -> None:

@@ -22,7 +22,7 @@ from roles.worker._appserver import APPSERVER_PATH
 from roles.worker.apps._instance import AppInstance
 from roles.worker.apps._isolation import UID_BASE, SiteIdentity
 from roles.worker.apps._launch import SiteDirs, plan_launch
-from roles.worker.apps._sandbox import Sandbox, SandboxMounts, egress_rules
+from roles.worker.apps._sandbox import EGRESS_UDP_FLOWS, Sandbox, SandboxMounts, egress_nofile, egress_rules
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import AppLimits
 from roles.worker.apps._volume import BlankImages, HomeVolume
@@ -131,6 +131,19 @@ def app(environ, start_response):
         out = "forked %d then %s" % (n, err)
     elif path == "/whoami":
         out = "%d" % os.getuid()
+    elif path == "/udpflows":
+        # One datagram from each of many ports (TEST-NET-2 never answers), each socket closed at once.
+        sent = 0
+        for port in range(20000, 20000 + int(q)):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                s.bind(("0.0.0.0", port))
+                s.sendto(b"x", ("198.51.100.1", 9))
+                sent += 1
+            except OSError:
+                pass
+            s.close()
+        out = "sent %d" % sent
     else:
         out = "attacker " + path
     start_response("200 OK", [("Content-Type", "text/plain")])
@@ -415,10 +428,13 @@ def test_a_fork_bomb_hits_the_process_limit_and_is_logged(cloud: AppCloud) -> No
     wait_until(lambda: uid_processes(uid) == [], timeout=10, what="the bomb to be gone with its site")
 
 
-@pytest.mark.skipif(
+needs_egress = pytest.mark.skipif(
     shutil.which("slirp4netns") is None or shutil.which("nft") is None,
     reason="egress needs slirp4netns and nftables (apt-get install slirp4netns nftables)",
 )
+
+
+@needs_egress
 def test_with_egress_the_host_and_private_networks_stay_out_of_reach() -> None:
     with running_cloud(app_start_timeout=10.0, app_egress="slirp4netns") as c:
         assert "outbound internet through slirp4netns" in c.worker.log()
@@ -451,6 +467,41 @@ def test_with_egress_the_host_and_private_networks_stay_out_of_reach() -> None:
         if known is not None:
             assert c.get("egress", f"/resolve?{name}")[2].decode() == f"resolved {known}"
         bystander_answers(c)
+
+
+def _udp_sockets(pid: int) -> int:
+    """How many host UDP sockets ``pid`` holds (its socket fds listed in the host's udp table)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    table = Path(f"/proc/{pid}/net/udp").read_text().splitlines()[1:]
+    return sum(1 for line in table if line.split()[9] in inodes)
+
+
+@needs_egress
+def test_an_apps_egress_counts_against_its_cgroup_and_holds_few_host_ports(cloud: AppCloud) -> None:
+    """slirp4netns runs as root in the host's network namespace: it is the app's, in the app's
+    cgroup, and an app sending from thousands of UDP ports leaves it holding at most the cap."""
+    attacker(cloud, "flows")
+    wait_until(lambda: "tap0" in cloud.get("flows", "/cat?/proc/net/dev")[2].decode(), what="egress")
+    app_pid = cloud.app("flows")["pid"]
+    members = [int(p) for p in (_cgroup_dirs(app_pid)[0] / "cgroup.procs").read_text().split()]
+    slirp = next(p for p in members if Path(f"/proc/{p}/comm").read_text().strip() == "slirp4netns")
+    # Every controller: its CPU, memory and pid count as the app's.
+    assert Path(f"/proc/{slirp}/cgroup").read_text() == Path(f"/proc/{app_pid}/cgroup").read_text()
+    nofile = next(
+        line for line in Path(f"/proc/{slirp}/limits").read_text().splitlines() if "open files" in line
+    )
+    assert nofile.split()[3:5] == [str(egress_nofile(AppLimits().nofile))] * 2, nofile
+    t0 = time.monotonic()
+    body = cloud.get("flows", "/udpflows?3000")[2].decode()
+    assert body.startswith("sent ") and 0 < int(body.split()[1]) <= EGRESS_UDP_FLOWS, body
+    assert _udp_sockets(slirp) <= EGRESS_UDP_FLOWS
+    assert time.monotonic() - t0 < 10
+    bystander_answers(cloud)
 
 
 def test_a_sandbox_that_cannot_be_built_fails_with_bwraps_reason_and_leaves_nothing(tmp_path: Path) -> None:
@@ -539,6 +590,9 @@ def test_egress_rules_refuse_the_host_and_private_ranges() -> None:
     # The host's public address is listed; those inside a blocked range need not be.
     assert "203.0.113.9" in blocked and "10.1.2.3" not in blocked and "127.0.0.1," not in blocked
     assert "meta nfproto ipv6 reject" in rules
+    # UDP flows (a host port each through slirp) are capped, kept as long as slirp keeps them.
+    assert f"size {EGRESS_UDP_FLOWS}; timeout 240s;" in rules
+    assert "update @udp_flows { udp sport } accept\n    meta l4proto udp reject" in rules
 
 
 @pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables (apt-get install nftables)")

@@ -127,6 +127,7 @@ async def serve(config: PublisherConfig, stop: asyncio.Event) -> None:
         log.info("stopping")
         await asyncio.to_thread(ftp.stop)
         await runner.cleanup()
+        await git.close()
         await plane.stop()
 
 

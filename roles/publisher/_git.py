@@ -11,8 +11,11 @@ branch back where it was, so pushing again retries it.
 The trust boundary: the repository path comes only from a validated site name and the site's uid (a
 deleted and re-created site gets a fresh repository); hooks are the publisher's own (``core.hooksPath``
 outside any repository, nothing a push can write); ``GIT_PROJECT_ROOT`` names that one site's
-directory, set per request; request bodies are capped at ``max_deploy_bytes`` and packs at
-``receive.maxInputSize``. Repositories count against no quota yet.
+directory, set per request; request bodies are capped at ``max_deploy_bytes`` and a push's pack at
+the site's storage quota (``receive.maxInputSize``, set per push), so git refuses a bigger one while it
+arrives. A push git accepts but the deploy refuses leaves objects no ref reaches (``gc.auto`` is off):
+they are dropped after it (``git gc --prune=now``), off the request path, under the site's push lock.
+The history of deployed pushes counts against no quota yet.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ _SERVICES = ("git-receive-pack", "git-upload-pack")
 _MAX_REPORT = 4 * 1024 * 1024
 # The longest band-2 payload one pkt-line carries (side-band-64k).
 _MAX_BAND = 65515
+# What index-pack says past receive.maxInputSize (LANG=C).
+_PACK_TOO_BIG = b"pack exceeds maximum allowed size"
 
 # Refuses every ref but the two that deploy, and deleting them; tenants never write hooks.
 _PRE_RECEIVE = """#!/bin/sh
@@ -179,6 +184,14 @@ def _rejected(report: bytes, ref: str, why: str) -> bytes:
     return _encode([*others, *band1, *flushed])
 
 
+def _remove_quarantines(objects: Path) -> None:
+    """Blocking: what pushes killed midway left (git 2.35 and later name it tmp_objdir-incoming-*,
+    before that incoming-*). Only while no push of the repository is in flight: none is live then."""
+    for pattern in ("tmp_objdir-*", "incoming-*"):
+        for quarantine in objects.glob(pattern):
+            shutil.rmtree(quarantine, ignore_errors=True)
+
+
 class _Cgi:
     """One ``git http-backend`` run: CGI headers parsed, body readable."""
 
@@ -187,6 +200,8 @@ class _Cgi:
         self.status = 200
         self.headers: dict[str, str] = {}
         self.too_big = False
+        # Killed mid-push, git leaves what it received in a quarantine directory of the repository.
+        self.killed = False
         self._log = log
         # Drained all along, so git never blocks on a full stderr pipe; logged when it ends.
         self._stderr = asyncio.create_task(self._drain_stderr())
@@ -200,6 +215,7 @@ class _Cgi:
 
     async def wait(self, *, kill: bool = False) -> None:
         if kill and self.proc.returncode is None:
+            self.killed = True
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
         await self.proc.wait()
@@ -234,6 +250,8 @@ class GitDeploy:
         # at a time, as two first requests could race to create it.
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating = asyncio.Lock()
+        # Repositories to drop a refused push's objects from, each with its one pending run.
+        self._tidying: dict[Path, asyncio.Task[None]] = {}
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -373,7 +391,49 @@ class GitDeploy:
             return await self._stream(request, site, repo, service)
         lock = self._locks.setdefault(site.name, asyncio.Lock())
         async with lock:
-            return await self._push(request, site, repo)
+            kept = False
+            try:
+                response, kept = await self._push(request, site, repo)
+            finally:
+                if not kept:
+                    self._tidy_later(site.name, repo, lock)
+            return response
+
+    def _tidy_later(self, name: str, repo: Path, lock: asyncio.Lock) -> None:
+        """Drop what a refused push left, once its request has been answered; the site's push lock
+        held, as ``--prune=now`` would take the objects of a push in flight."""
+        if repo in self._tidying:
+            return  # the pending one runs after this push: it covers it
+
+        async def tidy() -> None:
+            try:
+                async with lock:
+                    await self._tidy(name, repo)
+            finally:
+                del self._tidying[repo]
+
+        self._tidying[repo] = asyncio.get_running_loop().create_task(tidy())
+
+    async def _tidy(self, name: str, repo: Path) -> None:
+        assert self._git is not None
+        await asyncio.to_thread(_remove_quarantines, repo / "objects")
+        if not (repo / "config").exists():
+            return  # the site went meanwhile, and its repository with it
+        code, out = await self._run(self._git, "gc", "--quiet", "--prune=now", cwd=repo)
+        log = self._log.bind(site=name)
+        if code != 0:
+            log.warning("git gc after a refused push failed: %s", out.decode(errors="replace").strip()[:300])
+        else:
+            log.info("git repository: a refused push's objects dropped")
+
+    async def close(self) -> None:
+        """Let pending clean-ups finish (a few seconds at most), then stop them."""
+        pending = list(self._tidying.values())
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=10)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
     async def _start(self, request: web.Request, site: SiteInfo, repo: Path, path: str) -> _Cgi:
         """Start ``git http-backend`` for this request and feed it the (size-capped) request body."""
@@ -391,6 +451,14 @@ class GitDeploy:
         }
         if "Git-Protocol" in request.headers:
             env["GIT_PROTOCOL"] = request.headers["Git-Protocol"]
+        if path == "git-receive-pack":
+            # Per push, as the plan may change: git's index-pack stops at this many bytes of pack.
+            # Config from the environment outranks the repository's.
+            env |= {
+                "GIT_CONFIG_COUNT": "1",
+                "GIT_CONFIG_KEY_0": "receive.maxInputSize",
+                "GIT_CONFIG_VALUE_0": str(self._max_pack(site)),
+            }
         proc = await asyncio.create_subprocess_exec(
             self._git,
             "http-backend",
@@ -426,7 +494,7 @@ class GitDeploy:
             async for chunk in request.content.iter_chunked(_CHUNK):
                 total += len(chunk)
                 if total > limit:
-                    cgi.too_big = True
+                    cgi.too_big = cgi.killed = True
                     with contextlib.suppress(ProcessLookupError):
                         cgi.proc.kill()
                     return
@@ -460,6 +528,10 @@ class GitDeploy:
             await cgi.wait(kill=not cgi.proc.stdout.at_eof())
         return response
 
+    def _max_pack(self, site: SiteInfo) -> int:
+        # 0 would mean no limit to git.
+        return max(1, min(self._config.max_deploy_bytes, site.quota_bytes))
+
     async def _refs(self, repo: Path) -> dict[str, str]:
         assert self._git is not None
         _, out = await self._run(
@@ -471,7 +543,10 @@ class GitDeploy:
             refs[name] = sha
         return refs
 
-    async def _push(self, request: web.Request, site: SiteInfo, repo: Path) -> web.StreamResponse:
+    async def _push(
+        self, request: web.Request, site: SiteInfo, repo: Path
+    ) -> tuple[web.StreamResponse, bool]:
+        """The answer to a push, and whether all it left in the repository is kept (nothing to tidy)."""
         before = await self._refs(repo)
         cgi = await self._start(request, site, repo, "git-receive-pack")
         assert cgi.proc.stdout is not None
@@ -486,9 +561,20 @@ class GitDeploy:
         response = self._response(cgi)
         await response.prepare(request)
         if not moved:
+            if cgi.status == 200 and _PACK_TOO_BIG in report and _split_report(report) is not None:
+                # git's own line names no figure: say which limit it was.
+                most = self._max_pack(site)
+                limit = "the site's storage quota" if most == site.quota_bytes else "a push's limit here"
+                await response.write(
+                    _progress(
+                        f"sitecloud: the push is larger than {limit} ({most} bytes): push less history "
+                        "at once, or deploy a zip\n"
+                    )
+                )
             await response.write(report)
             await response.write_eof()
-            return response
+            # A push git refused left nothing: it removes its own quarantine.
+            return response, not cgi.killed
         # git's report (``ok <ref>``) is held back until the deploy is done: the deploy's lines go
         # first on band 2, and a failed deploy turns it into ``ng <ref> <why>``, so that git says the
         # push was rejected and exits non-zero.
@@ -501,7 +587,7 @@ class GitDeploy:
             report = _rejected(report, ref, failure)
         await response.write(report)
         await response.write_eof()
-        return response
+        return response, failure is None and not cgi.killed
 
     async def _deploy(
         self,

@@ -287,8 +287,13 @@ class CgroupTree:
 
     @staticmethod
     def attach(group: AppGroup, pid: int) -> None:
-        for path in group.unique_dirs():
-            (path / group.files.procs).write_text(str(pid))
+        for path in CgroupTree.procs_files(group):
+            path.write_text(str(pid))
+
+    @staticmethod
+    def procs_files(group: AppGroup) -> list[Path]:
+        """The files a process writes its pid to, to join the group (one per directory)."""
+        return [path / group.files.procs for path in group.unique_dirs()]
 
     @staticmethod
     def cpu_seconds(group: AppGroup) -> float:

@@ -25,7 +25,7 @@ from roles.worker.apps._isolation import (
 )
 from roles.worker.apps._launch import LaunchPlan
 from roles.worker.apps._pool import IDLE_LIMIT, UpstreamPool
-from roles.worker.apps._sandbox import Sandbox, SandboxMounts, read_info
+from roles.worker.apps._sandbox import Sandbox, SandboxMounts, egress_nofile, read_info
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import AppLimits
 from shared.appsettings import loader_variable
@@ -247,10 +247,14 @@ class AppInstance:
         sandbox = self.sandbox
         # slirp4netns ends when this pipe's write end closes: at the app's exit, or with the worker.
         exit_r, self._egress_exit = os.pipe()
+        procs = [str(p) for p in CgroupTree.procs_files(self.cgroup)] if self.cgroup is not None else []
 
         async def run() -> None:
             try:
-                self._egress = await sandbox.start_egress(init_pid, exit_r)
+                self._egress = await sandbox.start_egress(
+                    init_pid, exit_r, nofile=egress_nofile(self.limits.nofile), cgroup_procs=procs
+                )
+                lower_priority(self._egress.pid)
             except OSError as exc:
                 self.log.write("worker", f"no outbound network for this app: {exc}")
             finally:

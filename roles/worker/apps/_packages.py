@@ -5,7 +5,8 @@ and a change builds the new one beside the old. pip runs as the worker (root), o
 the tenant's file is a trust boundary (:func:`checked_requirements`): only named requirements from the
 host's pip configuration (or the index the admin set) reach pip -- no options (``-r``, ``-e``, ``--index-url``, ``-f``), no paths,
 no URLs, no direct references, any of which would make pip read host files or build (run) tenant code
-as root -- and wheels only (``--only-binary=:all:``), so installing runs no code from the index.
+as root, and no ``${NAME}``, which pip fills in from the worker's environment and prints in its
+errors -- and wheels only (``--only-binary=:all:``), so installing runs no code from the index.
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ def checked_requirements(text: str) -> list[str]:
             raise InvalidInput(
                 f"requirements.txt line {number}: options such as {line.split()[0]!r} are not allowed",
                 hint="list packages by name (e.g. flask==3.0.3); the index is the platform's",
+            )
+        if "$" in line:
+            # pip replaces ${NAME} with the worker's environment (its index credentials, proxies)
+            # and prints the line back in its errors, which reach the tenant.
+            raise InvalidInput(
+                f"requirements.txt line {number}: environment variables ('$') are not allowed",
+                hint="write the version out (e.g. flask==3.0.3)",
             )
         try:
             req = Requirement(line)

@@ -30,12 +30,13 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.logs import ContextLogger
 
-__all__ = ["EGRESS_MODES", "Sandbox", "SandboxMounts", "read_info"]
+__all__ = ["EGRESS_MODES", "EGRESS_UDP_FLOWS", "Sandbox", "SandboxMounts", "egress_nofile", "read_info"]
 
 _TOOLS = "/usr/bin:/bin:/usr/sbin:/sbin"
 # Read-only as they are; the /bin, /sbin and /lib* links of a merged /usr are made as links.
@@ -44,6 +45,23 @@ EGRESS_MODES = ("off", "slirp4netns")
 # slirp4netns's DNS forwarder, as ``--configure`` sets the sandbox's network up.
 SLIRP_DNS = "10.0.2.3"
 INFO_TIMEOUT = 5.0
+# slirp4netns holds a host socket for each connection of its app and for each UDP source port the
+# app sends from, the UDP ones on a host ephemeral port each (the host has about 28,000), kept for
+# libslirp's SO_EXPIRE after the flow's last packet, or SO_EXPIREFAST after a DNS answer.
+UDP_FLOW_SECONDS = 240
+DNS_FLOW_SECONDS = 10
+# UDP flows one app may hold at once: about 25 name lookups a second (a flow each) beside a few
+# long-lived ones (statsd, syslog); a worker's 50 small apps take at most 12,800 host ports.
+EGRESS_UDP_FLOWS = 256
+# slirp4netns's descriptors beyond the app's own limit (as many connections as the app can hold)
+# and its UDP flows: its own dozen, and connections the app closed that slirp still ends.
+EGRESS_SPARE_FDS = 32
+# Joins the app's cgroup and takes the descriptor cap before exec: nothing of slirp4netns runs, or
+# is charged (cgroup v1 leaves charges where they were made), outside them.
+_EGRESS_WRAPPER = (
+    'ulimit -n "$1" && shift && while [ "$1" != -- ]; do echo $$ >"$1" || exit 1; shift; done '
+    '&& shift && exec "$@"'
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,13 +189,19 @@ class Sandbox:
         ]
         return argv
 
-    async def start_egress(self, child_pid: int, exit_fd: int) -> asyncio.subprocess.Process:
+    async def start_egress(
+        self, child_pid: int, exit_fd: int, *, nofile: int, cgroup_procs: Sequence[str] = ()
+    ) -> asyncio.subprocess.Process:
         """Outbound internet for one sandbox: first nft rules in its network namespace (root's: the
         app has no capability to change them) that refuse the host's own addresses and every
         private, loopback and link-local range, so no role port and no other host of the cloud is
         reachable; then slirp4netns, a NAT in user space, with ``--disable-host-loopback``. The
         caller starts this beside the app: the cold start never waits for it. slirp4netns ends
-        when ``exit_fd``'s other end closes (the app's exit, or the worker's)."""
+        when ``exit_fd``'s other end closes (the app's exit, or the worker's).
+
+        slirp4netns runs as root in the host's network namespace, so it joins the app's cgroup
+        (``cgroup_procs``: its CPU, memory and pid count as the app's) and may hold at most
+        ``nofile`` descriptors, which bounds the host sockets, and ports, one app takes."""
         assert self.slirp4netns is not None
         rules = await asyncio.create_subprocess_exec(
             self.nsenter,
@@ -199,6 +223,13 @@ class Sandbox:
         if rules.returncode != 0:
             raise OSError(f"nft refused the egress rules: {err.decode(errors='replace').strip()[:200]}")
         return await asyncio.create_subprocess_exec(
+            "/bin/sh",
+            "-c",
+            _EGRESS_WRAPPER,
+            "sh",
+            str(nofile),
+            *cgroup_procs,
+            "--",
             self.slirp4netns,
             "--configure",
             "--mtu=65520",
@@ -214,6 +245,11 @@ class Sandbox:
         )
 
 
+def egress_nofile(app_nofile: int) -> int:
+    """slirp4netns's descriptor limit for an app that may open ``app_nofile`` itself."""
+    return app_nofile + EGRESS_UDP_FLOWS + EGRESS_SPARE_FDS
+
+
 # Never reachable from a sandbox with egress: this host, private networks (other role hosts),
 # loopback, link-local (cloud metadata), shared and multicast ranges. slirp's DNS (10.0.2.3) is let
 # through for name lookups.
@@ -227,14 +263,32 @@ def egress_rules(host_addresses: list[str]) -> str:
     nets = [ipaddress.ip_network(n) for n in _BLOCKED]
     own = [a for a in host_addresses if not any(ipaddress.ip_address(a) in n for n in nets)]
     blocked = ", ".join([*_BLOCKED, *own])
+    # udp_flows mirrors slirp's UDP table (keyed by the app's source port, kept as long as slirp
+    # keeps each), after the chain that refuses private ranges: a new flow past the cap is refused
+    # before slirp opens a host socket for it.
     return (
         "table inet sitecloud {\n"
+        "  set udp_flows {\n"
+        "    type inet_service; flags dynamic, timeout;\n"
+        f"    size {EGRESS_UDP_FLOWS}; timeout {UDP_FLOW_SECONDS}s;\n"
+        "  }\n"
         "  chain out {\n"
         "    type filter hook output priority 0; policy accept;\n"
         '    oifname "lo" accept\n'
         f"    ip daddr {SLIRP_DNS} meta l4proto {{ tcp, udp }} th dport 53 accept\n"
         f"    ip daddr {{ {blocked} }} reject\n"
         "    meta nfproto ipv6 reject\n"
+        "  }\n"
+        "  chain udp_out {\n"
+        "    type filter hook output priority 10; policy accept;\n"
+        '    oifname "lo" accept\n'
+        "    update @udp_flows { udp sport } accept\n"
+        "    meta l4proto udp reject\n"
+        "  }\n"
+        "  chain udp_in {\n"
+        "    type filter hook input priority 0; policy accept;\n"
+        f"    udp sport 53 udp dport @udp_flows update @udp_flows {{ udp dport timeout {DNS_FLOW_SECONDS}s }} accept\n"
+        "    udp dport @udp_flows update @udp_flows { udp dport }\n"
         "  }\n"
         "}\n"
     )
