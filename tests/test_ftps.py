@@ -55,6 +55,7 @@ SITES = {
     "names": ("names-secret", QUOTA),
     "strict": ("strict-secret", QUOTA),
     "bigtls": ("bigtls-secret", 8 * 1024 * 1024),
+    "abort": ("abort-secret", QUOTA),
 }
 
 
@@ -561,6 +562,21 @@ def test_connections_that_do_not_log_in_are_closed(cloud: Cloud) -> None:
     with cloud.ftp("caps") as ftp:
         time.sleep(LOGIN_TIMEOUT + 0.5)
         assert ftp.nlst() is not None
+
+
+def test_abor_whose_reply_finds_the_connection_reset_logs_no_traceback(cloud: Cloud) -> None:
+    # pyftpdlib closes the session inside ABOR when its reply cannot be sent; what ABOR does after
+    # that must not trip over the closed session.
+    before = len(cloud.publisher.log())
+    for _ in range(3):
+        ftp = cloud.ftp("abort")
+        ftp.sendcmd("PASV")  # a data port for ABOR to close
+        ftp.sock.sendall(b"ABOR\r\n")
+        ftp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        ftp.close()  # a reset, not a FIN: the reply meets it
+    wait_until(lambda: cloud.publisher.health()["ftp_sessions"] == 0, what="the sessions to close")
+    log = cloud.publisher.log()[before:]
+    assert "ABOR failed" not in log and "Traceback" not in log, log
 
 
 def test_failed_logins_are_throttled_per_account_and_address(cloud: Cloud) -> None:

@@ -697,6 +697,8 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
 
     def ftp_ABOR(self, line: str) -> None:
         super().ftp_ABOR(line)
+        if self._closed:
+            return  # a reply that met a reset closed the session, and its queued upload with it
         # An upload queued for a data connection that never came: drop its spool now.
         queued = self._in_dtp_queue
         if queued is not None and self.data_channel is None:
