@@ -61,6 +61,7 @@ SITES = {
     "hijack": ("hijack-secret", QUOTA),
     "lenient": ("lenient-secret", QUOTA),
     "tls12": ("tls12-secret", QUOTA),
+    "gone": ("gone-secret", QUOTA),
 }
 SECRET = b"<?php $db_password = 'not for the neighbours';\n"
 
@@ -387,6 +388,36 @@ def test_a_data_port_taken_by_someone_else_at_the_address_gives_them_nothing(
         # The victim's own transfers go on, and nothing of the stranger's was stored.
         assert _retr(victim, "config.php") == SECRET
     assert cloud.files("hijack") == {"config.php": len(SECRET)}
+
+
+def test_a_data_connection_gone_during_its_handshake_leaves_no_command_waiting(cloud: Cloud) -> None:
+    # Someone at the client's address connects to the data port and goes (at once, or halfway through
+    # a ClientHello): the transfer it took is answered at once, and the session goes on.
+    def connect_and_go(port: int, sent: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(sent)
+            time.sleep(0.1)
+
+    half_hello = b"\x16\x03\x01\x02\x00\x01"
+    with cloud.ftps("gone") as ftp:
+        ftp.storbinary("STOR page.html", io.BytesIO(b"<p>stays</p>"))
+        ftp.voidcmd("TYPE I")
+        for sent in (b"", half_hello):
+            port = ftp.makepasv()[1]
+            assert ftp.sendcmd("RETR page.html").startswith("150")
+            connect_and_go(port, sent)
+            with pytest.raises(ftplib.error_temp, match=r"^425 The data connection closed before its TLS"):
+                ftp.voidresp()
+            # Before the command: the command is answered so, instead of waiting for a connection (or
+            # after a 1xx, on a busy machine where the publisher sees the close only after the command).
+            connect_and_go(ftp.makepasv()[1], sent)
+            time.sleep(0.2)
+            with pytest.raises(ftplib.error_temp, match=r"^425 The data connection closed before its TLS"):
+                assert ftp.sendcmd("STOR page.html").startswith("125")
+                ftp.voidresp()
+        # A new PASV starts afresh.
+        assert _retr(ftp, "page.html") == b"<p>stays</p>"
+    assert cloud.files("gone") == {"page.html": 12}
 
 
 def test_with_session_reuse_optional_the_first_tls_data_connection_is_taken(cloud: Cloud) -> None:

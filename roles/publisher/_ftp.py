@@ -68,6 +68,8 @@ _NOT_RESUMED = (
     "ftplib.FTP_TLS needs session=ftp.sock.session on the data socket), or someone else at your "
     "address connected first."
 )
+_HANDSHAKE_FAILED = "522 The data connection's TLS handshake failed; nothing was transferred."
+_HANDSHAKE_CUT = "425 The data connection closed before its TLS handshake completed; nothing was transferred."
 
 
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
@@ -464,7 +466,9 @@ class _TlsDataChannel(_QuickAckHandshake, _DataChannel, TLS_DTPHandler):  # type
 
     def handle_failed_ssl_handshake(self) -> None:
         if not self._refused_for_not_resuming():
-            super().handle_failed_ssl_handshake()
+            # pyftpdlib would answer at once, even when no command waits for the answer.
+            self._answer_transfer(_HANDSHAKE_FAILED)
+            self.close()
 
     def handle_error(self) -> None:
         # A download's first bytes are written as soon as its command gives them, and OpenSSL then runs
@@ -487,14 +491,26 @@ class _TlsDataChannel(_QuickAckHandshake, _DataChannel, TLS_DTPHandler):  # type
             "FTPS data connection from %s refused: it did not resume the control connection's TLS session",
             peer,
         )
-        if self._initialized:
-            self.abort(_NOT_RESUMED)  # the transfer's answer; an upload stores nothing
-        else:
-            # No transfer command yet: the one to come is answered with this instead of waiting for a
-            # data connection (pyftpdlib takes one per PASV).
-            session.data_refusal = _NOT_RESUMED
-            self.close()
+        self._answer_transfer(_NOT_RESUMED)
+        self.close()
         return True
+
+    def _answer_transfer(self, reply: str) -> None:
+        """Make ``reply`` the answer to this connection's transfer, which will not happen: to its command
+        once closed, or, before the command came, to the one to come (pyftpdlib takes one data
+        connection per PASV, so that command would wait for a connection that does not come)."""
+        if self._initialized:
+            self._resp = (reply, pyftpdlib_logger.info)
+            self.transfer_finished = False  # an upload stores nothing
+        elif self.cmd_channel.data_failure is None:
+            self.cmd_channel.data_failure = reply
+
+    def close(self) -> None:
+        if not self._closed and self._ssl_accepting and not self._resp and not self.cmd_channel._closed:
+            # Gone during the handshake without an answer (whoever connected went away, or the
+            # connection was cut): pyftpdlib would leave the transfer's command waiting.
+            self._answer_transfer(_HANDSHAKE_CUT)
+        super().close()
 
     def modify_ioloop_events(self, events: int, logdebug: bool = False) -> None:
         if self._ssl_accepting and self._ssl_want_read:
@@ -793,8 +809,8 @@ class _TlsSession(_QuickAckHandshake, _Session, TLS_FTPHandler):  # type: ignore
     ssl_context: SessionContext | None
 
     def __init__(self, conn: Any, server: Any, ioloop: Any = None) -> None:
-        # The answer to the next transfer command, when its data connection was refused before it came.
-        self.data_refusal: str | None = None
+        # The answer to the next transfer command, when its data connection failed before it came.
+        self.data_failure: str | None = None
         super().__init__(conn, server, ioloop=ioloop)
 
     @classmethod
@@ -809,9 +825,12 @@ class _TlsSession(_QuickAckHandshake, _Session, TLS_FTPHandler):  # type: ignore
 
     def process_command(self, cmd: str, *args: Any, **kwargs: Any) -> None:
         if cmd in _DATA_PORT_CMDS:
-            self.data_refusal = None  # a new data connection to come
-        elif cmd in _TRANSFER_CMDS and self.data_refusal is not None:
-            reply, self.data_refusal = self.data_refusal, None
+            super().process_command(cmd, *args, **kwargs)
+            # After the command, which closes a data connection still in its handshake: a new one to come.
+            self.data_failure = None
+            return
+        if cmd in _TRANSFER_CMDS and self.data_failure is not None:
+            reply, self.data_failure = self.data_failure, None
             self.respond(reply)
             self.log_cmd(cmd, args[0] if args else "", int(reply[:3]), reply[4:])
             return
