@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ftplib
 import functools
 import hashlib
 import os
@@ -46,6 +47,7 @@ WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 __all__ = [
     "Answer",
     "CloudPKI",
+    "ResumingFTP_TLS",
     "RoleProcess",
     "TinyDns",
     "app_base",
@@ -99,6 +101,19 @@ def lane_exchange(pki: CloudPKI, port: int, heads: list[bytes], *, lane: bool = 
 
 
 @functools.cache
+class ResumingFTP_TLS(ftplib.FTP_TLS):
+    """ftplib's FTPS client with data connections that resume the control connection's TLS session, as
+    FileZilla, lftp and curl make them; the publisher refuses others. ftplib's own ``ntransfercmd``
+    wraps the data socket without ``session=`` (docs/publishing.md shows the same lines for users)."""
+
+    def ntransfercmd(self, cmd: str, rest: int | str | None = None) -> tuple[socket.socket, int | None]:
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        if self._prot_p:  # type: ignore[attr-defined]  # ftplib's own flag, set by prot_p()
+            assert isinstance(self.sock, ssl.SSLSocket)
+            conn = self.context.wrap_socket(conn, server_hostname=self.host, session=self.sock.session)
+        return conn, size
+
+
 def app_base(site: str) -> Path:
     """The worker's directory for a running site's app (its HOME's parent), from the app's process."""
     for entry in Path("/proc").iterdir():

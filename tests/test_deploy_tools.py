@@ -5,7 +5,6 @@ then served through the front end."""
 
 from __future__ import annotations
 
-import ftplib
 import io
 import json
 import os
@@ -25,7 +24,7 @@ import pytest
 
 from roles.publisher._git import _pkt, _rejected, _split_report
 from tests.cloud import LocalCloud
-from tests.support import wait_until
+from tests.support import ResumingFTP_TLS, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -234,7 +233,8 @@ def test_every_method_of_the_publish_profile_publishes(cloud: LocalCloud, subscr
     ftp_profile = profiles["FTP"]
     url = urlsplit(ftp_profile["publishUrl"])
     assert url.scheme == "ftps" and url.hostname and url.port
-    ftps = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(cloud.ca_file)), timeout=10)
+    # As FileZilla does, the data connections resume the control connection's TLS session.
+    ftps = ResumingFTP_TLS(context=ssl.create_default_context(cafile=str(cloud.ca_file)), timeout=10)
     ftps.connect(url.hostname, url.port)
     ftps.login(ftp_profile["userName"], ftp_profile["userPWD"])
     ftps.prot_p()

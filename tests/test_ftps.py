@@ -1,6 +1,7 @@
 """The publisher as FTP clients and attackers meet it: explicit FTPS with ftplib, lftp and curl against
-a real publisher and fileserver; lftp mirror; quota refusals the clients can read; connection caps,
-the login deadline, the failed-login throttle and over-long names."""
+a real publisher and fileserver; data connections that must resume the control connection's TLS
+session; lftp mirror; quota refusals the clients can read; connection caps, the login deadline, the
+failed-login throttle and over-long names."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from roles.publisher.config import PublisherConfig
 from roles.worker.config import WorkerConfig
 from shared.credentials import hash_password
 from shared.net import free_port_range
-from tests.support import CloudPKI, RoleProcess, call, wait_until
+from tests.support import CloudPKI, ResumingFTP_TLS, RoleProcess, call, wait_until
 
 QUOTA = 256 * 1024
 TINY_QUOTA = 16 * 1024
@@ -55,7 +56,14 @@ SITES = {
     "names": ("names-secret", QUOTA),
     "strict": ("strict-secret", QUOTA),
     "bigtls": ("bigtls-secret", 8 * 1024 * 1024),
+    "abort": ("abort-secret", QUOTA),
+    "noresume": ("noresume-secret", QUOTA),
+    "hijack": ("hijack-secret", QUOTA),
+    "lenient": ("lenient-secret", QUOTA),
+    "tls12": ("tls12-secret", QUOTA),
+    "gone": ("gone-secret", QUOTA),
 }
+SECRET = b"<?php $db_password = 'not for the neighbours';\n"
 
 
 def _tool(name: str) -> str:
@@ -76,6 +84,7 @@ class Cloud:
     fileserver: RoleProcess
     publisher: RoleProcess
     strict: RoleProcess  # a publisher with require_tls
+    lenient: RoleProcess  # a publisher with ftp_tls_session_reuse "optional"
 
     @staticmethod
     def port(process: RoleProcess) -> int:
@@ -110,8 +119,11 @@ class Cloud:
             raise
         return ftp
 
-    def ftps(self, site: str, process: RoleProcess | None = None) -> ftplib.FTP_TLS:
-        ftp = ftplib.FTP_TLS(context=self.tls_context(), timeout=10)
+    def ftps(self, site: str, process: RoleProcess | None = None, *, resuming: bool = True) -> ftplib.FTP_TLS:
+        """A logged-in FTPS client with PROT P; ``resuming=False`` is ftplib's own, whose data
+        connections do not resume the control connection's TLS session."""
+        kind = ResumingFTP_TLS if resuming else ftplib.FTP_TLS
+        ftp = kind(context=self.tls_context(), timeout=10)
         try:
             ftp.connect("localhost", self.port(process or self.publisher))
             ftp.login(site, SITES[site][0])
@@ -168,12 +180,23 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
     strict_config = pki.role_config(
         PublisherConfig, "publisher", root / "strict", passive_ports=_free_port_range(10), require_tls=True
     )
+    lenient_config = pki.role_config(
+        PublisherConfig,
+        "publisher",
+        root / "lenient",
+        passive_ports=_free_port_range(10),
+        ftp_tls_session_reuse="optional",
+    )
     fileserver = RoleProcess(fs_config, pki).start()
     publisher = RoleProcess(pub_config, pki)
     strict = RoleProcess(strict_config, pki)
+    lenient = RoleProcess(lenient_config, pki)
     try:
-        publisher.start()
-        strict.start()
+        publisher.start(wait=False)
+        strict.start(wait=False)
+        lenient.start(wait=False)
+        for process in (publisher, strict, lenient):
+            process.wait_healthy()
         fs_sites = {name: {"uid": f"uid-{name}", "quota_bytes": quota} for name, (_, quota) in SITES.items()}
         fileserver.push_config({"version": 1, "sites": fs_sites})
         pub_sites = {
@@ -181,10 +204,11 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
             for name, (password, _) in SITES.items()
         }
         snapshot = {"version": 1, "fileserver": fileserver.control_url, "sites": pub_sites}
-        publisher.push_config(snapshot)
-        strict.push_config(snapshot)
-        yield Cloud(pki, fileserver, publisher, strict)
+        for process in (publisher, strict, lenient):
+            process.push_config(snapshot)
+        yield Cloud(pki, fileserver, publisher, strict, lenient)
     finally:
+        lenient.stop()
         strict.stop()
         publisher.stop()
         fileserver.stop()
@@ -266,7 +290,7 @@ def test_a_big_ftps_upload_arrives_intact_and_a_cut_off_one_leaves_nothing(cloud
 def test_ftps_data_connections_resume_the_control_session(cloud: Cloud, version: ssl.TLSVersion) -> None:
     context = cloud.tls_context()
     context.maximum_version = version
-    with ftplib.FTP_TLS(context=context, timeout=10) as ftp:
+    with ResumingFTP_TLS(context=context, timeout=10) as ftp:
         ftp.connect("localhost", cloud.ftp_port)
         ftp.login("tls", SITES["tls"][0])
         ftp.prot_p()
@@ -281,6 +305,139 @@ def test_ftps_data_connections_resume_the_control_session(cloud: Cloud, version:
             assert data.recv(100) == b"resumed"
         ftp.voidresp()
         ftp.delete("resume.txt")
+
+
+def _stranger(version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    """TLS as someone else at the client's address makes it: no credentials, its own sessions."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if version is not None:
+        context.maximum_version = version
+    return context
+
+
+def test_ftplib_data_connections_that_do_not_resume_are_refused_with_why(cloud: Cloud) -> None:
+    with cloud.ftps("noresume") as ftp:
+        ftp.storbinary("STOR kept.txt", io.BytesIO(b"kept"))
+    before = len(cloud.publisher.log())
+    with cloud.ftps("noresume", resuming=False) as ftp:
+        received: list[bytes] = []
+        # The data connection's handshake is refused, and the command answered with why.
+        with pytest.raises(ssl.SSLError, match="ALERT_ACCESS_DENIED"):
+            ftp.retrbinary("RETR kept.txt", received.append)
+        with pytest.raises(ftplib.error_perm) as caught:
+            ftp.voidresp()
+        reply = str(caught.value)
+        assert reply.startswith(
+            "522 Data connection refused: it did not resume this control connection's TLS"
+        ), reply
+        assert "session=ftp.sock.session" in reply
+        assert received == []
+        with pytest.raises(ssl.SSLError, match="ALERT_ACCESS_DENIED"):
+            ftp.storbinary("STOR new.txt", io.BytesIO(b"never stored"))
+        with pytest.raises(ftplib.error_perm, match=r"^522 Data connection refused"):
+            ftp.voidresp()
+        # The session goes on.
+        assert ftp.size("kept.txt") == 4
+    assert cloud.files("noresume") == {"kept.txt": 4}
+    assert "did not resume the control connection's TLS session" in cloud.publisher.log()[before:]
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_a_data_port_taken_by_someone_else_at_the_address_gives_them_nothing(
+    cloud: Cloud, version: ssl.TLSVersion
+) -> None:
+    stranger = _stranger(version)
+
+    def steal(port: int, session: ssl.SSLSession | None = None) -> None:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            pytest.raises(ssl.SSLError, match="ALERT_ACCESS_DENIED"),
+        ):
+            stranger.wrap_socket(raw, server_hostname="localhost", session=session)
+
+    with cloud.ftps("hijack") as victim:
+        victim.storbinary("STOR config.php", io.BytesIO(SECRET))
+        victim.voidcmd("TYPE I")
+        # The stranger connects to the data port first and makes its own TLS session: refused, and the
+        # victim's RETR is answered with why instead of waiting for a data connection.
+        steal(victim.makepasv()[1])
+        with pytest.raises(ftplib.error_perm, match=r"^522 Data connection refused"):
+            victim.sendcmd("RETR config.php")
+        # The same once the RETR waits for its data connection, and for an upload.
+        for command in ("RETR config.php", "STOR config.php"):
+            port = victim.makepasv()[1]
+            assert victim.sendcmd(command).startswith("150")
+            steal(port)
+            with pytest.raises(ftplib.error_perm, match=r"^522 Data connection refused"):
+                victim.voidresp()
+        # A TLS session of the stranger's own on the publisher (AUTH TLS needs no login) does not
+        # resume on the victim's data connection either.
+        with ftplib.FTP_TLS(context=stranger, timeout=10) as own:
+            own.connect("localhost", cloud.ftp_port)
+            own.auth()
+            own.voidcmd("NOOP")  # a reply read after the handshake brings TLS 1.3's tickets with it
+            assert isinstance(own.sock, ssl.SSLSocket) and own.sock.session is not None
+            assert own.sock.session.has_ticket
+            port = victim.makepasv()[1]
+            assert victim.sendcmd("RETR config.php").startswith("150")
+            steal(port, own.sock.session)
+            with pytest.raises(ftplib.error_perm, match=r"^522 Data connection refused"):
+                victim.voidresp()
+        # The victim's own transfers go on, and nothing of the stranger's was stored.
+        assert _retr(victim, "config.php") == SECRET
+    assert cloud.files("hijack") == {"config.php": len(SECRET)}
+
+
+def test_a_data_connection_gone_during_its_handshake_leaves_no_command_waiting(cloud: Cloud) -> None:
+    # Someone at the client's address connects to the data port and goes (at once, or halfway through
+    # a ClientHello): the transfer it took is answered at once, and the session goes on.
+    def connect_and_go(port: int, sent: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(sent)
+            time.sleep(0.1)
+
+    half_hello = b"\x16\x03\x01\x02\x00\x01"
+    with cloud.ftps("gone") as ftp:
+        ftp.storbinary("STOR page.html", io.BytesIO(b"<p>stays</p>"))
+        ftp.voidcmd("TYPE I")
+        for sent in (b"", half_hello):
+            port = ftp.makepasv()[1]
+            assert ftp.sendcmd("RETR page.html").startswith("150")
+            connect_and_go(port, sent)
+            with pytest.raises(ftplib.error_temp, match=r"^425 The data connection closed before its TLS"):
+                ftp.voidresp()
+            # Before the command: the command is answered so, instead of waiting for a connection (or
+            # after a 1xx, on a busy machine where the publisher sees the close only after the command).
+            connect_and_go(ftp.makepasv()[1], sent)
+            time.sleep(0.2)
+            with pytest.raises(ftplib.error_temp, match=r"^425 The data connection closed before its TLS"):
+                assert ftp.sendcmd("STOR page.html").startswith("125")
+                ftp.voidresp()
+        # A new PASV starts afresh.
+        assert _retr(ftp, "page.html") == b"<p>stays</p>"
+    assert cloud.files("gone") == {"page.html": 12}
+
+
+def test_with_session_reuse_optional_the_first_tls_data_connection_is_taken(cloud: Cloud) -> None:
+    # What an admin's ftp_tls_session_reuse "optional" lets in: ftplib's own client, and with it
+    # whoever at the client's address connects to the data port first.
+    with cloud.ftps("lenient", cloud.lenient, resuming=False) as victim:
+        victim.storbinary("STOR config.php", io.BytesIO(SECRET))
+        assert _retr(victim, "config.php") == SECRET
+        victim.voidcmd("TYPE I")
+        port = victim.makepasv()[1]
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            _stranger().wrap_socket(raw, server_hostname="localhost") as taken,
+        ):
+            assert victim.sendcmd("RETR config.php").startswith("125")
+            stolen = b""
+            while chunk := taken.recv(65536):
+                stolen += chunk
+        assert stolen == SECRET
+        victim.voidresp()
 
 
 def _peer_socket_option(process: RoleProcess, conn: socket.socket, level: int, option: int) -> int:
@@ -381,13 +538,36 @@ def test_curl_with_ssl_reqd_uploads_lists_and_downloads(cloud: Cloud, tmp_path: 
     assert cloud.files("curltls") == {"www/page.html": 13}
 
 
+def test_lftp_and_curl_resume_the_session_over_tls_1_2_too(cloud: Cloud, tmp_path: Path) -> None:
+    # TLS 1.2 resumes otherwise than TLS 1.3 (a ticket or session id in the handshake, not a PSK).
+    lftp, curl = _tool("lftp"), _tool("curl")
+    (tmp_path / "a.txt").write_bytes(b"lftp over TLS 1.2\n")
+    (tmp_path / "b.txt").write_bytes(b"curl over TLS 1.2\n")
+    script = (
+        "set ssl:priority NORMAL:-VERS-TLS1.3; "
+        + _lftp_tls(cloud, "tls12")
+        + f"put {tmp_path / 'a.txt'} -o a.txt; get a.txt -o {tmp_path}/a.back; bye"
+    )
+    result = _run([lftp, "-c", script])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "a.back").read_bytes() == b"lftp over TLS 1.2\n"
+    common = [curl, "-sS", "--ssl-reqd", "--tls-max", "1.2", "--cacert", str(cloud.ca_file)]
+    common += ["--user", f"tls12:{SITES['tls12'][0]}"]
+    base = f"ftp://localhost:{cloud.ftp_port}"
+    put = _run([*common, "-T", str(tmp_path / "b.txt"), f"{base}/b.txt"])
+    assert put.returncode == 0, put.stderr
+    get = _run([*common, f"{base}/b.txt"])
+    assert get.returncode == 0 and get.stdout == "curl over TLS 1.2\n", get.stderr
+    assert cloud.files("tls12") == {"a.txt": 18, "b.txt": 18}
+
+
 def test_require_tls_refuses_user_before_auth_tls(cloud: Cloud) -> None:
     with ftplib.FTP(timeout=10) as ftp:
         ftp.connect("127.0.0.1", cloud.port(cloud.strict))
         with pytest.raises(ftplib.error_perm) as caught:
             ftp.login("strict", SITES["strict"][0])
         assert str(caught.value).startswith("530 This server requires FTPS"), caught.value
-    ftps = ftplib.FTP_TLS(context=cloud.tls_context(), timeout=10)
+    ftps = ResumingFTP_TLS(context=cloud.tls_context(), timeout=10)
     with ftps:
         ftps.connect("localhost", cloud.port(cloud.strict))
         ftps.login("strict", SITES["strict"][0])
@@ -561,6 +741,21 @@ def test_connections_that_do_not_log_in_are_closed(cloud: Cloud) -> None:
     with cloud.ftp("caps") as ftp:
         time.sleep(LOGIN_TIMEOUT + 0.5)
         assert ftp.nlst() is not None
+
+
+def test_abor_whose_reply_finds_the_connection_reset_logs_no_traceback(cloud: Cloud) -> None:
+    # pyftpdlib closes the session inside ABOR when its reply cannot be sent; what ABOR does after
+    # that must not trip over the closed session.
+    before = len(cloud.publisher.log())
+    for _ in range(3):
+        ftp = cloud.ftp("abort")
+        ftp.sendcmd("PASV")  # a data port for ABOR to close
+        ftp.sock.sendall(b"ABOR\r\n")
+        ftp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        ftp.close()  # a reset, not a FIN: the reply meets it
+    wait_until(lambda: cloud.publisher.health()["ftp_sessions"] == 0, what="the sessions to close")
+    log = cloud.publisher.log()[before:]
+    assert "ABOR failed" not in log and "Traceback" not in log, log
 
 
 def test_failed_logins_are_throttled_per_account_and_address(cloud: Cloud) -> None:

@@ -196,6 +196,9 @@ def test_publisher_config_refuses_nonsense(tmp_path: Path) -> None:
         PublisherConfig(**base, login_failures_per_account=0)
     with pytest.raises(ValueError, match="passive_ports"):
         PublisherConfig(**base, passive_ports=(3000, 2000))
+    with pytest.raises(ValueError, match="ftp_tls_session_reuse must be one of required, optional"):
+        PublisherConfig(**base, ftp_tls_session_reuse="sometimes")  # type: ignore[arg-type]
+    assert PublisherConfig(**base).ftp_tls_session_reuse == "required"
     config = PublisherConfig(**base, ftp_tls_cert_file=tmp_path / "ftp.pem")
     assert config.ftp_cert_file == config.ftp_key_file == tmp_path / "ftp.pem"
     assert PublisherConfig(**base).ftp_cert_file == PublisherConfig(**base).cert_file
@@ -204,7 +207,12 @@ def test_publisher_config_refuses_nonsense(tmp_path: Path) -> None:
 def test_the_admins_publisher_settings_reach_the_publishers_config(tmp_path: Path) -> None:
     home_dir = tmp_path / "cloud"
     home_dir.mkdir()
-    settings = {"require_tls": True, "ftp_max_connections_per_ip": 32, "passive_ports": [40000, 40099]}
+    settings = {
+        "require_tls": True,
+        "ftp_max_connections_per_ip": 32,
+        "passive_ports": [40000, 40099],
+        "ftp_tls_session_reuse": "optional",
+    }
     (home_dir / "cloud.json").write_text(json.dumps({"publisher": settings}))
     home = CloudHome(CloudConfig(home=home_dir))
     home.prepare()
@@ -212,8 +220,10 @@ def test_the_admins_publisher_settings_reach_the_publishers_config(tmp_path: Pat
     assert written["require_tls"] is True
     assert written["ftp_max_connections_per_ip"] == 32
     assert written["passive_ports"] == [40000, 40099]
+    assert written["ftp_tls_session_reuse"] == "optional"
     remote = home.remote_role_config("publisher", "pub1.example.net", Path("/srv/pub"), controller_url="x")
     assert isinstance(remote, PublisherConfig) and remote.require_tls
+    assert remote.ftp_tls_session_reuse == "optional"
 
     (home_dir / "cloud.json").write_text(json.dumps({"publisher": {"require_tsl": True}}))
     with pytest.raises(InvalidInput, match="unknown publisher settings"):

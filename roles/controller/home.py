@@ -48,6 +48,7 @@ PUBLISHER_SETTINGS = frozenset(
     {
         "require_tls",
         "ftp_tls",
+        "ftp_tls_session_reuse",
         "ftp_tls_cert_file",
         "ftp_tls_key_file",
         "masquerade_address",

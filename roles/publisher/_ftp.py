@@ -6,8 +6,10 @@ sitecloud steps in: the authorizer checks the pushed credentials, the filesystem
 and the data channel commits an upload only when the client sent all of it.
 
 Explicit FTPS (RFC 4217: ``AUTH TLS``, ``PBSZ``, ``PROT P``) is pyftpdlib's ``TLS_FTPHandler`` with a
-certificate from the cloud CA. Abuse limits: connections per client address, a deadline from connect
-to login, and failed logins throttled per account and address (:mod:`roles.publisher._throttle`).
+certificate from the cloud CA, a TLS context per session, and data connections that must resume the
+control connection's TLS session (:mod:`roles.publisher._ftps`). Abuse limits: connections per client
+address, a deadline from connect to login, and failed logins throttled per account and address
+(:mod:`roles.publisher._throttle`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import ssl
 import sys
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
@@ -34,6 +35,7 @@ from pyftpdlib.servers import ThreadedFTPServer
 from roles.publisher._cache import BlobCache
 from roles.publisher._content import CachedDownload, SiteContent, StreamedDownload, TreeShelf, Upload
 from roles.publisher._fileserver import FileserverClient
+from roles.publisher._ftps import FtpsContexts, SessionContext
 from roles.publisher._sites import Credentials, SiteInfo, SiteTable, suspended_error
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher._vfs import SiteFilesystem
@@ -57,6 +59,17 @@ _DRAIN_SECONDS = 60.0
 # How often a logged-in session looks whether the snapshot in force still allows it.
 _SNAPSHOT_WATCH_SECONDS = 1.0
 _PROTO_CMDS = {cmd: spec for cmd, spec in TLS_FTPHandler.proto_cmds.items() if cmd != "MFMT"}
+_DATA_PORT_CMDS = frozenset({"PASV", "EPSV", "PORT", "EPRT"})
+_TRANSFER_CMDS = frozenset({"RETR", "STOR", "STOU", "APPE", "LIST", "NLST", "MLSD"})
+# 522: what vsftpd and pyftpdlib answer when a data connection's TLS negotiation fails.
+_NOT_RESUMED = (
+    "522 Data connection refused: it did not resume this control connection's TLS session. Use a "
+    "client that reuses the session on data connections (lftp, curl, FileZilla; Python's "
+    "ftplib.FTP_TLS needs session=ftp.sock.session on the data socket), or someone else at your "
+    "address connected first."
+)
+_HANDSHAKE_FAILED = "522 The data connection's TLS handshake failed; nothing was transferred."
+_HANDSHAKE_CUT = "425 The data connection closed before its TLS handshake completed; nothing was transferred."
 
 
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
@@ -445,6 +458,60 @@ class _QuickAckHandshake:
 class _TlsDataChannel(_QuickAckHandshake, _DataChannel, TLS_DTPHandler):  # type: ignore[misc]
     """The data channel of an FTPS session: TLS after ``PROT P``, resuming the control session."""
 
+    _initialized: bool  # pyftpdlib's: a transfer command has been given this channel
+
+    def secure_connection(self, ssl_context: SessionContext) -> None:
+        ssl_context.start_data_handshake()
+        super().secure_connection(ssl_context)
+
+    def handle_failed_ssl_handshake(self) -> None:
+        if not self._refused_for_not_resuming():
+            # pyftpdlib would answer at once, even when no command waits for the answer.
+            self._answer_transfer(_HANDSHAKE_FAILED)
+            self.close()
+
+    def handle_error(self) -> None:
+        # A download's first bytes are written as soon as its command gives them, and OpenSSL then runs
+        # the handshake inside that write: a refusal comes out here instead.
+        if isinstance(sys.exc_info()[1], SSL.Error) and self._refused_for_not_resuming():
+            return
+        super().handle_error()
+
+    def _refused_for_not_resuming(self) -> bool:
+        """If the handshake that just failed was refused for not resuming the control connection's TLS
+        session: answer so, and close. Nothing was sent on the connection, nor read from it."""
+        session = self.cmd_channel
+        if not session.ssl_context.take_refusal():
+            return False
+        peer = "?"
+        with contextlib.suppress(OSError):
+            peer = "{}:{}".format(*self.socket.getpeername()[:2])
+        content = session.site_content
+        (content.log if content is not None else session.context.log).warning(
+            "FTPS data connection from %s refused: it did not resume the control connection's TLS session",
+            peer,
+        )
+        self._answer_transfer(_NOT_RESUMED)
+        self.close()
+        return True
+
+    def _answer_transfer(self, reply: str) -> None:
+        """Make ``reply`` the answer to this connection's transfer, which will not happen: to its command
+        once closed, or, before the command came, to the one to come (pyftpdlib takes one data
+        connection per PASV, so that command would wait for a connection that does not come)."""
+        if self._initialized:
+            self._resp = (reply, pyftpdlib_logger.info)
+            self.transfer_finished = False  # an upload stores nothing
+        elif self.cmd_channel.data_failure is None:
+            self.cmd_channel.data_failure = reply
+
+    def close(self) -> None:
+        if not self._closed and self._ssl_accepting and not self._resp and not self.cmd_channel._closed:
+            # Gone during the handshake without an answer (whoever connected went away, or the
+            # connection was cut): pyftpdlib would leave the transfer's command waiting.
+            self._answer_transfer(_HANDSHAKE_CUT)
+        super().close()
+
     def modify_ioloop_events(self, events: int, logdebug: bool = False) -> None:
         if self._ssl_accepting and self._ssl_want_read:
             # pyftpdlib keeps a download's interest in writing while the handshake waits to read; the
@@ -697,6 +764,8 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
 
     def ftp_ABOR(self, line: str) -> None:
         super().ftp_ABOR(line)
+        if self._closed:
+            return  # a reply that met a reset closed the session, and its queued upload with it
         # An upload queued for a data connection that never came: drop its spool now.
         queued = self._in_dtp_queue
         if queued is not None and self.data_channel is None:
@@ -734,21 +803,38 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
 
 
 class _TlsSession(_QuickAckHandshake, _Session, TLS_FTPHandler):  # type: ignore[misc]
-    """A session that may turn to TLS with ``AUTH TLS`` (RFC 4217)."""
+    """A session that may turn to TLS with ``AUTH TLS`` (RFC 4217), in a TLS context of its own."""
 
+    ftps: FtpsContexts
+    ssl_context: SessionContext | None
 
-def ftps_context(cert_file: Path, key_file: Path) -> SSL.Context:
-    """pyOpenSSL's context for FTPS: TLS 1.2 or newer, and sessions the data connections can resume
-    (clients resume the control connection's session there, and some servers insist on it)."""
-    context = SSL.Context(SSL.TLS_SERVER_METHOD)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
-    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
-    context.use_certificate_chain_file(str(cert_file))
-    context.use_privatekey_file(str(key_file))
-    context.check_privatekey()
-    context.set_session_id(b"sitecloud-ftps")
-    context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
-    return context
+    def __init__(self, conn: Any, server: Any, ioloop: Any = None) -> None:
+        # The answer to the next transfer command, when its data connection failed before it came.
+        self.data_failure: str | None = None
+        super().__init__(conn, server, ioloop=ioloop)
+
+    @classmethod
+    def get_ssl_context(cls) -> None:
+        # pyftpdlib's one context for all sessions: each makes its own at AUTH TLS instead.
+        return None
+
+    def ftp_AUTH(self, line: str) -> None:
+        if not isinstance(self.socket, SSL.Connection):
+            self.ssl_context = self.ftps.new()
+        super().ftp_AUTH(line)
+
+    def process_command(self, cmd: str, *args: Any, **kwargs: Any) -> None:
+        if cmd in _DATA_PORT_CMDS:
+            super().process_command(cmd, *args, **kwargs)
+            # After the command, which closes a data connection still in its handshake: a new one to come.
+            self.data_failure = None
+            return
+        if cmd in _TRANSFER_CMDS and self.data_failure is not None:
+            reply, self.data_failure = self.data_failure, None
+            self.respond(reply)
+            self.log_cmd(cmd, args[0] if args else "", int(reply[:3]), reply[4:])
+            return
+        super().process_command(cmd, *args, **kwargs)
 
 
 class _Server(ThreadedFTPServer):  # type: ignore[misc]  # pyftpdlib has no type hints
@@ -812,7 +898,11 @@ class FtpServer:
         if config.ftp_tls:
             base = _TlsSession
             settings["dtp_handler"] = _TlsDataChannel
-            settings["ssl_context"] = ftps_context(config.ftp_cert_file, config.ftp_key_file)
+            settings["ftps"] = FtpsContexts(
+                config.ftp_cert_file,
+                config.ftp_key_file,
+                reuse_required=config.ftp_tls_session_reuse == "required",
+            )
         else:
             settings["proto_cmds"] = {
                 cmd: spec for cmd, spec in _PROTO_CMDS.items() if cmd not in ("AUTH", "PBSZ", "PROT")

@@ -2,10 +2,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from shared.config import RoleConfig
 
-__all__ = ["PublisherConfig"]
+__all__ = ["PublisherConfig", "TlsSessionReuse"]
+
+TlsSessionReuse = Literal["required", "optional"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +41,11 @@ class PublisherConfig(RoleConfig):
     ftp_tls_key_file: Path | None = None
     # Refuse USER before AUTH TLS, so no password ever crosses the network in clear text.
     require_tls: bool = False
+    # Whether an FTPS data connection (PROT P) must resume its control connection's TLS session: the
+    # only proof that it comes from the client rather than from someone else at the same address.
+    # "optional" lets clients that do not resume in (Python's ftplib.FTP_TLS as it stands), and with
+    # them anyone at the client's address who connects to the data port first.
+    ftp_tls_session_reuse: TlsSessionReuse = "required"
     # Failed logins (FTP and web deploy together) before a client is refused for a while: for one
     # account from one address, and for any accounts from one address; the allowance refills over
     # ``login_failure_window`` seconds. The throttle tables keep at most ``login_throttle_entries``.
@@ -52,6 +60,11 @@ class PublisherConfig(RoleConfig):
     def __post_init__(self) -> None:
         if self.require_tls and not self.ftp_tls:
             raise ValueError("require_tls needs ftp_tls")
+        if self.ftp_tls_session_reuse not in get_args(TlsSessionReuse):
+            raise ValueError(
+                f"ftp_tls_session_reuse must be one of {', '.join(get_args(TlsSessionReuse))}, "
+                f"not {self.ftp_tls_session_reuse!r}"
+            )
         if (self.ftp_tls_key_file is not None) and self.ftp_tls_cert_file is None:
             raise ValueError("ftp_tls_key_file needs ftp_tls_cert_file")
         if self.passive_ports is not None:

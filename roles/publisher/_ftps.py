@@ -1,0 +1,105 @@
+"""FTPS's TLS contexts: one per control connection, so that its data connections can prove they are its
+own by resuming its TLS session (as FileZilla Server, vsftpd's ``require_ssl_reuse`` and ProFTPD ask).
+
+After PASV the server takes the first data connection from the control connection's address, and many
+clients share an address (NAT, a VPN exit, CI runners): whoever behind it connects first would read the
+download or write the upload. Only the client that holds the control connection's TLS session can
+resume it. Each control connection gets a context of its own, with its own ticket keys and session
+cache, so no session issued on another connection resumes there; and a data connection that does not
+resume is refused at its ClientHello, before it gets a byte of the transfer or a session to resume.
+"""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+
+# pyOpenSSL wraps neither SSL_session_reused nor a server-name callback that may answer with an alert
+# of its choosing without printing a traceback (its own one reports exceptions through sys.excepthook).
+from OpenSSL._util import ffi, lib
+
+__all__ = ["FtpsContexts", "SessionContext"]
+
+# RFC 8446 section 6.2: "a valid certificate or PSK was received, but ... the sender decided not to
+# proceed with negotiation".
+_ACCESS_DENIED = 49
+# A session lives as long as its control connection may, up to a TLS 1.3 ticket's longest lifetime
+# (RFC 8446 section 4.6.1: 7 days); OpenSSL's default, 2 hours, would refuse a long session's transfers.
+_SESSION_SECONDS = 7 * 24 * 3600
+
+
+class SessionContext(SSL.Context):
+    """The TLS context of one FTPS control connection and its data connections.
+
+    The first ClientHello it sees is the control connection's (``AUTH TLS`` made the context for it);
+    any other is a data connection's, allowed only if it resumes a session of this context when
+    ``reuse_required``."""
+
+    def __init__(
+        self, chain: tuple[x509.Certificate, ...], key: crypto.PKey, *, reuse_required: bool
+    ) -> None:
+        super().__init__(SSL.TLS_SERVER_METHOD)
+        self.set_min_proto_version(SSL.TLS1_2_VERSION)
+        self.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        self.use_certificate(chain[0])
+        for cert in chain[1:]:
+            self.add_extra_chain_cert(cert)
+        self.use_privatekey(key)
+        self.set_session_id(b"sitecloud-ftps")
+        self.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        self.set_timeout(_SESSION_SECONDS)
+        self.reuse_required = reuse_required
+        # Whether a data connection was refused since the last take_refusal(): its handshake then fails.
+        self._refused = False
+        self._control: Any = None  # the control connection's SSL *
+        # A weak reference: the callback lives on this object, which a strong one would make a cycle.
+        ref = weakref.ref(self)
+
+        def on_client_hello(ssl: Any, alert: Any, arg: Any) -> int:
+            context = ref()
+            if context is not None and context._allows(ssl):
+                return int(lib.SSL_TLSEXT_ERR_NOACK)  # as if there were no callback
+            alert[0] = _ACCESS_DENIED
+            return int(lib.SSL_TLSEXT_ERR_ALERT_FATAL)
+
+        # Called for every ClientHello, once the session to resume (if any) is known; an exception in it
+        # refuses the connection rather than letting it through.
+        self._on_client_hello = ffi.callback(
+            "int (*)(SSL *, int *, void *)", on_client_hello, error=lib.SSL_TLSEXT_ERR_ALERT_FATAL
+        )
+        lib.SSL_CTX_set_tlsext_servername_callback(self._context, self._on_client_hello)
+
+    def _allows(self, ssl: Any) -> bool:
+        if self._control is None or ssl == self._control:
+            self._control = ssl
+            return True
+        if self.reuse_required and not lib.SSL_session_reused(ssl):
+            self._refused = True
+            return False
+        return True
+
+    def start_data_handshake(self) -> None:
+        """A data connection's handshake begins: what refused an earlier one is not its refusal."""
+        self._refused = False
+
+    def take_refusal(self) -> bool:
+        """Whether the data connection whose handshake just failed was refused for not resuming."""
+        refused, self._refused = self._refused, False
+        return refused
+
+
+class FtpsContexts:
+    """The certificate chain and key, read once at start; a fresh context for each control connection."""
+
+    def __init__(self, cert_file: Path, key_file: Path, *, reuse_required: bool) -> None:
+        self._chain = tuple(x509.load_pem_x509_certificates(cert_file.read_bytes()))
+        self._key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_file.read_bytes())
+        self.reuse_required = reuse_required
+        self.new().check_privatekey()  # a key that does not match the certificate fails the start
+
+    def new(self) -> SessionContext:
+        return SessionContext(self._chain, self._key, reuse_required=self.reuse_required)
