@@ -424,6 +424,7 @@ def test_restarting_management_waits_until_it_serves_again(cloud: LocalCloud, si
     try:
         time.sleep(1.0)
         before = cloud.role_pids()["management"]
+        logged = len(cloud.log())
         code, answer = _sitecloud(cloud, "role", "restart", "management", "localhost")
         assert code == 0 and answer["state"] == "Ready", answer
         assert answer["seconds"] >= 1.0, answer
@@ -436,6 +437,8 @@ def test_restarting_management_waits_until_it_serves_again(cloud: LocalCloud, si
             what="the follow to show a request made after the restart",
         )
         assert follow.poll() is None
+        # The open follow ended with the old management rather than hold its stop until it was killed.
+        assert "did not stop within" not in cloud.log()[logged:], cloud.log()[logged:]
     finally:
         follow.terminate()
         _, err = follow.communicate(timeout=10)
