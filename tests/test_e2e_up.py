@@ -533,8 +533,11 @@ def test_the_data_plane_outlives_the_controller_and_a_restart(
     cloud.wait_for_content("late", "/", b"late")
     assert cloud.get("blog", "/")[2] == b"<h1>v3</h1>"
 
-    # A clean stop stops every role process.
+    # A clean stop stops every role process, each on its own (the deploy's log follow on the worker
+    # held its stop until it was killed).
+    logged = len(cloud.log())
     assert cloud.stop() == 0
+    assert "did not stop within" not in cloud.log()[logged:], cloud.log()[logged:]
     for pid in pids.values():
         wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), timeout=10, what=f"pid {pid} to exit")
 

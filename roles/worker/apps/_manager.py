@@ -414,6 +414,9 @@ class AppManager:
         for app in self._sites.values():
             if app.log is not None:
                 app.log.close()
+        # Static sites' logs too: a follow of one would otherwise hold the control port's drain.
+        for log in self._static_logs.values():
+            log.close()
         with contextlib.suppress(OSError):
             self._run_dir.rmdir()  # empty once every app has gone
 
