@@ -55,10 +55,8 @@ _RECONCILE_EVERY = 2.0
 _UNHEALTHY_AFTER = 2
 _HEALTH_TIMEOUT = 2.0
 _PUSH_TIMEOUT = 5.0
-# A role that answered before and has not for this long is hung (a process that is alive but stuck
-# answers nothing, and its supervisor sees nothing wrong): the controller restarts it, as an admin's
-# `role restart` would, at most once per _REVIVE_EVERY while it does not come back.
-_REVIVE_AFTER = 15.0
+# A hung role (see CloudConfig.revive_after) is restarted at most once per _REVIVE_EVERY while it does
+# not come back.
 _REVIVE_EVERY = 120.0
 
 
@@ -88,7 +86,9 @@ class Controller:
         self.config = config
         self.home = CloudHome(config)
         self.db = Database(config.database_url)
-        self.fabric = LocalFabric(self.home.logs_dir, address="localhost")
+        self.fabric = LocalFabric(
+            self.home.logs_dir, address="localhost", stop_timeout=config.role_stop_timeout
+        )
         self._progress = progress
         self._log = get_logger("controller", host=LOCAL_HOST)
         self._nudge = asyncio.Event()
@@ -652,10 +652,12 @@ class Controller:
             self._nudge.set()
 
     def _revive_if_hung(self, role: RoleEndpoint, obs: RoleObservation) -> None:
-        """Restart a role that answered before and has stayed silent for _REVIVE_AFTER (hung, or its
+        """Restart a role that answered before and has stayed silent for ``revive_after`` (hung, or its
         host's agent lost it); the restart kills it if it does not stop in time."""
         now = time.monotonic()
-        if obs.silent_since is None or now - obs.silent_since < _REVIVE_AFTER or role.id in self._reviving:
+        if obs.silent_since is None or role.id in self._reviving:
+            return
+        if now - obs.silent_since < self.config.revive_after:
             return
         if obs.revived_at is not None and now - obs.revived_at < _REVIVE_EVERY:
             return

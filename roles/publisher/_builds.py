@@ -41,8 +41,6 @@ _POLL = 0.25
 # without a new line (at most _SETTLE_MAX in all) before ending.
 _SETTLE = 0.3
 _SETTLE_MAX = 3.0
-# A worker that cannot be asked is asked again for this long before the deploy goes on without it.
-_UNREACHED_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -58,10 +56,14 @@ class BuildOutcome:
 class BuildFollow:
     """One deploy's view of its site's workers; open it before the commit, close it after."""
 
-    def __init__(self, client: InternalClient, site: SiteInfo, log: ContextLogger) -> None:
+    def __init__(
+        self, client: InternalClient, site: SiteInfo, log: ContextLogger, *, unreached_grace: float
+    ) -> None:
         self._client = client
         self._site = site
         self._log = log
+        # A worker that cannot be asked is asked again for this long before the deploy goes on without it.
+        self._unreached_grace = unreached_grace
         self._lines: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         # Whether a build was seen (a line, or a worker building): only then may lines be in flight.
         self._built = False
@@ -132,7 +134,7 @@ class BuildFollow:
                         # A worker restarting is back within moments: it is asked again for a while,
                         # unless another one serves the version already.
                         first = unreached_since.setdefault(url, now)
-                        if serving or loop.time() - first >= _UNREACHED_GRACE:
+                        if serving or loop.time() - first >= self._unreached_grace:
                             waiting.discard(url)
                     elif served:
                         waiting.discard(url)
@@ -163,12 +165,15 @@ class BuildFollow:
 class BuildFollower:
     """Opens :class:`BuildFollow` s over one mTLS client of the publisher's."""
 
-    def __init__(self, client: InternalClient, log: ContextLogger) -> None:
+    def __init__(self, client: InternalClient, log: ContextLogger, *, unreached_grace: float) -> None:
         self._client = client
         self._log = log
+        self._unreached_grace = unreached_grace
 
     def open(self, site: SiteInfo) -> BuildFollow:
-        return BuildFollow(self._client, site, self._log.bind(site=site.name))
+        return BuildFollow(
+            self._client, site, self._log.bind(site=site.name), unreached_grace=self._unreached_grace
+        )
 
     async def close(self) -> None:
         await self._client.close()
