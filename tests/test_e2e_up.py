@@ -30,10 +30,17 @@ from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
+# Shorter than the product's waits that tests below sit through: a hung role restarted after 15 s of
+# silence and killed 10 s after its SIGTERM, roles shown Unknown 10 s after the controller's last look.
+SETTINGS = {
+    "controller": {"revive_after": 4, "role_stop_timeout": 3},
+    "management": {"role_stale_after": 5},
+}
+
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    yield from running_cloud(tmp_path_factory)
+    yield from running_cloud(tmp_path_factory, settings=SETTINGS)
 
 
 @pytest.fixture(scope="module")
