@@ -92,6 +92,8 @@ class Controller:
         self._progress = progress
         self._log = get_logger("controller", host=LOCAL_HOST)
         self._nudge = asyncio.Event()
+        # Set to have the health loop look at every role now (see look_now).
+        self._look = asyncio.Event()
         self._observed: dict[int, RoleObservation] = {}
         self._acked: dict[int, int] = {}
         # Why a role refused its last snapshot outright (an error answer to the push), by role.
@@ -607,8 +609,22 @@ class Controller:
                 if changed:
                     self._log.info("routing around roles %s", sorted(down) or "none")
                     self._nudge.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.health_interval)
+            await self._until_next_look(stop)
+
+    async def _until_next_look(self, stop: asyncio.Event) -> None:
+        """The health interval, or less when stopped or asked to look now."""
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._look.wait())]
+        try:
+            await asyncio.wait(
+                waits, timeout=self.config.health_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for wait in waits:
+                wait.cancel()
+        self._look.clear()
+
+    def look_now(self) -> None:
+        self._look.set()
 
     async def _check(self, role: RoleEndpoint) -> None:
         assert self._client is not None and self.fleet is not None
