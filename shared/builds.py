@@ -47,7 +47,7 @@ _POLL = 0.25
 _SETTLE = 0.3
 _SETTLE_MAX = 3.0
 # A worker that cannot be asked is asked again for this long before the deploy goes on without it.
-_UNREACHED_GRACE = 5.0
+UNREACHED_GRACE = 5.0
 # A worker that does not hold the site yet (it is on its way there) is asked for its log this often.
 _NOT_THERE_YET = 0.1
 
@@ -80,11 +80,21 @@ def build_failure(failed: dict[str, str]) -> str:
 class BuildFollow:
     """One deploy's (or start's) view of its site's workers; open it before the commit, close it after."""
 
-    def __init__(self, client: InternalClient, site: str, workers: Sequence[str], log: ContextLogger) -> None:
+    def __init__(
+        self,
+        client: InternalClient,
+        site: str,
+        workers: Sequence[str],
+        log: ContextLogger,
+        *,
+        unreached_grace: float = UNREACHED_GRACE,
+    ) -> None:
         self._client = client
         self._site = site
         self._workers = tuple(workers)
         self._log = log
+        # A worker that cannot be asked is asked again for this long before the deploy goes on without it.
+        self._unreached_grace = unreached_grace
         self._lines: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         # Whether a build was seen (a line, or a worker building): only then may lines be in flight.
         self._built = False
@@ -162,7 +172,7 @@ class BuildFollow:
                         # A worker restarting is back within moments: it is asked again for a while,
                         # unless another one serves the version already.
                         first = unreached_since.setdefault(url, now)
-                        if serving or loop.time() - first >= _UNREACHED_GRACE:
+                        if serving or loop.time() - first >= self._unreached_grace:
                             waiting.discard(url)
                     elif served:
                         waiting.discard(url)
@@ -193,12 +203,17 @@ class BuildFollow:
 class BuildFollower:
     """Opens :class:`BuildFollow` s over one mTLS client of the publisher's."""
 
-    def __init__(self, client: InternalClient, log: ContextLogger) -> None:
+    def __init__(
+        self, client: InternalClient, log: ContextLogger, *, unreached_grace: float = UNREACHED_GRACE
+    ) -> None:
         self._client = client
         self._log = log
+        self._unreached_grace = unreached_grace
 
     def open(self, site: str, workers: Sequence[str]) -> BuildFollow:
-        return BuildFollow(self._client, site, workers, self._log.bind(site=site))
+        return BuildFollow(
+            self._client, site, workers, self._log.bind(site=site), unreached_grace=self._unreached_grace
+        )
 
     async def close(self) -> None:
         await self._client.close()

@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,21 @@ TEST_WHEELHOUSE = Path("/tmp/sitecloud-test-wheelhouse")
 
 
 class LocalCloud:
-    def __init__(self, home: Path, *, db_url: str = "", extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        db_url: str = "",
+        extra_args: tuple[str, ...] = (),
+        settings: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         self.home = home
         self.db_url = db_url
         # More `sitecloud up` options, e.g. ("--local-roles", "management").
         self.extra_args = extra_args
+        # The admin's role settings in HOME/cloud.json, by role: shorter waits than the product's, where
+        # a test waits for one.
+        self.settings = dict(settings or {})
         self.ports = {
             name: free_port() for name in ("http_port", "https_port", "ftp_port", "api_port", "deploy_port")
         }
@@ -58,7 +68,16 @@ class LocalCloud:
             argv += ["--db", self.db_url]
         return argv + list(self.extra_args)
 
+    def _write_settings(self) -> None:
+        if not self.settings:
+            return
+        state_file = self.home / "cloud.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        self.home.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({**state, **self.settings}))
+
     def start(self, timeout: float = 60.0) -> dict[str, Any]:
+        self._write_settings()
         argv = self._up_argv()
         endpoints = self.home / "endpoints.json"
         endpoints.unlink(missing_ok=True)
@@ -190,9 +209,12 @@ class LocalCloud:
             ) from None
 
 
-def running_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    """A module's cloud, as `sitecloud up` starts it with its defaults, and nothing of it left after."""
-    cloud = LocalCloud(tmp_path_factory.mktemp("cloud") / "home")
+def running_cloud(
+    tmp_path_factory: pytest.TempPathFactory, *, settings: Mapping[str, Mapping[str, Any]] | None = None
+) -> Iterator[LocalCloud]:
+    """A module's cloud, as `sitecloud up` starts it with its defaults (but the role ``settings``
+    given), and nothing of it left after."""
+    cloud = LocalCloud(tmp_path_factory.mktemp("cloud") / "home", settings=settings)
     cloud.start()
     try:
         yield cloud

@@ -125,6 +125,7 @@ def app_base(site: str) -> Path:
     raise AssertionError(f"no process of site {site} runs")
 
 
+@functools.cache
 def pip_index_unreachable() -> str:
     """Why this host's pip configuration cannot fetch packages ("" when it can), asked once: tests of
     sites with a requirements.txt skip with it."""

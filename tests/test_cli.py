@@ -492,6 +492,43 @@ def test_a_second_up_on_a_home_keeps_its_ports_domain_and_db_unless_told_otherwi
     assert (moved["https_port"], moved["ftp_port"]) == (9443, 47021)
 
 
+def test_the_admins_role_settings_reach_the_controller_and_the_roles_configs(tmp_path: Path) -> None:
+    from roles.controller.config import CloudConfig
+    from roles.controller.home import CloudHome
+    from roles.controller.up import _controller_settings
+    from shared.errors import InvalidInput
+
+    home = tmp_path / "cloud"
+    home.mkdir()
+    settings = {
+        "controller": {"revive_after": 4, "role_stop_timeout": 3},
+        "worker": {"app_home_removal_delay": 1.5},
+        "management": {"role_stale_after": 2},
+        "publisher": {"build_unreached_grace": 0.5},
+    }
+    (home / "cloud.json").write_text(json.dumps(settings))
+    config = CloudConfig(home=home, **_controller_settings(home))
+    assert (config.revive_after, config.role_stop_timeout) == (4, 3)
+    CloudHome(config).prepare()
+    for kind in ("worker", "management", "publisher"):
+        written = json.loads((home / "roles" / kind / "role.json").read_text())
+        assert settings[kind].items() <= written.items(), (kind, written)
+    # Kept for the next `up`, beside what `up` itself writes there.
+    assert json.loads((home / "cloud.json").read_text()).items() >= settings.items()
+    # The product's own when nothing is set.
+    plain = CloudConfig(home=tmp_path / "plain")
+    assert (plain.revive_after, plain.role_stop_timeout) == (15.0, 10.0)
+
+    (home / "cloud.json").write_text(json.dumps({"controller": {"revive_afer": 4}}))
+    with pytest.raises(InvalidInput, match="unknown controller settings"):
+        _controller_settings(home)
+    with pytest.raises(InvalidInput, match="revive_after must be a number of seconds > 0"):
+        CloudConfig(home=home, revive_after=0)
+    (home / "cloud.json").write_text(json.dumps({"worker": {"app_home_removal_delay": "soon"}}))
+    with pytest.raises(InvalidInput, match="bad worker settings: app_home_removal_delay must be"):
+        CloudHome(CloudConfig(home=home)).prepare()
+
+
 def test_up_processes_reach_the_front_end_and_worker_and_bad_counts_are_refused(tmp_path: Path) -> None:
     from roles.controller.config import CloudConfig
     from roles.controller.home import CloudHome

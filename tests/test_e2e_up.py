@@ -30,10 +30,17 @@ from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
+# Shorter than the product's waits that tests below sit through: a hung role restarted after 15 s of
+# silence and killed 10 s after its SIGTERM, roles shown Unknown 10 s after the controller's last look.
+SETTINGS = {
+    "controller": {"revive_after": 4, "role_stop_timeout": 3},
+    "management": {"role_stale_after": 5},
+}
+
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    yield from running_cloud(tmp_path_factory)
+    yield from running_cloud(tmp_path_factory, settings=SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -424,6 +431,7 @@ def test_restarting_management_waits_until_it_serves_again(cloud: LocalCloud, si
     try:
         time.sleep(1.0)
         before = cloud.role_pids()["management"]
+        logged = len(cloud.log())
         code, answer = _sitecloud(cloud, "role", "restart", "management", "localhost")
         assert code == 0 and answer["state"] == "Ready", answer
         assert answer["seconds"] >= 1.0, answer
@@ -436,6 +444,8 @@ def test_restarting_management_waits_until_it_serves_again(cloud: LocalCloud, si
             what="the follow to show a request made after the restart",
         )
         assert follow.poll() is None
+        # The open follow ended with the old management rather than hold its stop until it was killed.
+        assert "did not stop within" not in cloud.log()[logged:], cloud.log()[logged:]
     finally:
         follow.terminate()
         _, err = follow.communicate(timeout=10)
@@ -533,8 +543,11 @@ def test_the_data_plane_outlives_the_controller_and_a_restart(
     cloud.wait_for_content("late", "/", b"late")
     assert cloud.get("blog", "/")[2] == b"<h1>v3</h1>"
 
-    # A clean stop stops every role process.
+    # A clean stop stops every role process, each on its own (the deploy's log follow on the worker
+    # held its stop until it was killed).
+    logged = len(cloud.log())
     assert cloud.stop() == 0
+    assert "did not stop within" not in cloud.log()[logged:], cloud.log()[logged:]
     for pid in pids.values():
         wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), timeout=10, what=f"pid {pid} to exit")
 

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
-    yield from running_cloud(tmp_path_factory)
+    # A deploy goes on without a worker it cannot ask after 5 s; the stopped ones here need not wait.
+    yield from running_cloud(tmp_path_factory, settings={"publisher": {"build_unreached_grace": 1}})
 
 
 @pytest.fixture(scope="module")

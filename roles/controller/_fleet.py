@@ -53,6 +53,10 @@ class FleetHooks(Protocol):
 
     async def converge(self, timeout: float = 10.0) -> None: ...
 
+    def look_now(self) -> None:
+        """Check every role's health now rather than at the next pass (and record what it saw)."""
+        ...
+
     async def wait_ready(self, role_id: int, url: str, timeout: float) -> tuple[RoleState, str]:
         """Until the role answers with the current config: Ready, or Degraded (it serves, not all)
         with its reason."""
@@ -173,6 +177,8 @@ class Fleet:
     async def _until_listed(self, role_id: int, states: tuple[RoleState, ...]) -> None:
         """Until `role list` shows the role in one of ``states``, so an action's answer is not ahead
         of the list; after the bound, the answer goes as it is (the list catches up on its own)."""
+        # The health loop writes the list: have it look now rather than within a second.
+        self.hooks.look_now()
         deadline = time.monotonic() + _LISTED_TIMEOUT
         while time.monotonic() < deadline:
             if await asyncio.to_thread(self._listed_state, role_id) in states:

@@ -31,6 +31,11 @@ class CloudConfig:
     log_level: str = "INFO"
     # Seconds between health polls of every role.
     health_interval: float = 1.0
+    # A role that answered before and has been silent this long is hung (alive but stuck, so its
+    # supervisor sees nothing wrong): the controller restarts it, as an admin's `role restart` would.
+    revive_after: float = 15.0
+    # Seconds a role process of this machine has to stop on SIGTERM before it is killed.
+    role_stop_timeout: float = 10.0
     # Seconds between usage reports of front ends and workers: how soon a daily quota stops a site.
     usage_interval: float = 30.0
     # Serving processes of this machine's front end and worker (each shares its listeners); one per
@@ -56,6 +61,10 @@ class CloudConfig:
                 # Reachable from elsewhere means listening beyond loopback.
                 object.__setattr__(self, "bind", "0.0.0.0")
         object.__setattr__(self, "home", self.home.expanduser().resolve())
+        for name in ("revive_after", "role_stop_timeout"):
+            seconds = getattr(self, name)
+            if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
+                raise InvalidInput(f"{name} must be a number of seconds > 0, not {seconds!r}")
         unknown = set(self.local_roles) - {"fileserver", "worker", "publisher", "frontend", "management"}
         if unknown or "management" not in self.local_roles:
             raise InvalidInput(

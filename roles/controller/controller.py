@@ -55,10 +55,8 @@ _RECONCILE_EVERY = 2.0
 _UNHEALTHY_AFTER = 2
 _HEALTH_TIMEOUT = 2.0
 _PUSH_TIMEOUT = 5.0
-# A role that answered before and has not for this long is hung (a process that is alive but stuck
-# answers nothing, and its supervisor sees nothing wrong): the controller restarts it, as an admin's
-# `role restart` would, at most once per _REVIVE_EVERY while it does not come back.
-_REVIVE_AFTER = 15.0
+# A hung role (see CloudConfig.revive_after) is restarted at most once per _REVIVE_EVERY while it does
+# not come back.
 _REVIVE_EVERY = 120.0
 
 
@@ -88,10 +86,14 @@ class Controller:
         self.config = config
         self.home = CloudHome(config)
         self.db = Database(config.database_url)
-        self.fabric = LocalFabric(self.home.logs_dir, address="localhost")
+        self.fabric = LocalFabric(
+            self.home.logs_dir, address="localhost", stop_timeout=config.role_stop_timeout
+        )
         self._progress = progress
         self._log = get_logger("controller", host=LOCAL_HOST)
         self._nudge = asyncio.Event()
+        # Set to have the health loop look at every role now (see look_now).
+        self._look = asyncio.Event()
         self._observed: dict[int, RoleObservation] = {}
         self._acked: dict[int, int] = {}
         # Why a role refused its last snapshot outright (an error answer to the push), by role.
@@ -607,8 +609,22 @@ class Controller:
                 if changed:
                     self._log.info("routing around roles %s", sorted(down) or "none")
                     self._nudge.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.health_interval)
+            await self._until_next_look(stop)
+
+    async def _until_next_look(self, stop: asyncio.Event) -> None:
+        """The health interval, or less when stopped or asked to look now."""
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._look.wait())]
+        try:
+            await asyncio.wait(
+                waits, timeout=self.config.health_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for wait in waits:
+                wait.cancel()
+        self._look.clear()
+
+    def look_now(self) -> None:
+        self._look.set()
 
     async def _check(self, role: RoleEndpoint) -> None:
         assert self._client is not None and self.fleet is not None
@@ -652,10 +668,12 @@ class Controller:
             self._nudge.set()
 
     def _revive_if_hung(self, role: RoleEndpoint, obs: RoleObservation) -> None:
-        """Restart a role that answered before and has stayed silent for _REVIVE_AFTER (hung, or its
+        """Restart a role that answered before and has stayed silent for ``revive_after`` (hung, or its
         host's agent lost it); the restart kills it if it does not stop in time."""
         now = time.monotonic()
-        if obs.silent_since is None or now - obs.silent_since < _REVIVE_AFTER or role.id in self._reviving:
+        if obs.silent_since is None or role.id in self._reviving:
+            return
+        if now - obs.silent_since < self.config.revive_after:
             return
         if obs.revived_at is not None and now - obs.revived_at < _REVIVE_EVERY:
             return

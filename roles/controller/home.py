@@ -5,7 +5,7 @@ HOME/controller/    the controller's own identity (it calls roles as OU=controll
 HOME/roles/<kind>/  each local role's own home: role.json, tls/, state/, content
 HOME/logs/          one log per role process
 HOME/cloud.json     choices that must stay stable across restarts (internal ports), and the admin's
-                    publisher settings under "publisher" (e.g. {"require_tls": true})
+                    role settings under each role's name (e.g. "publisher": {"require_tls": true})
 HOME/admin-token    the admin API token (0600)
 HOME/endpoints.json what the CLI and people need to reach the cloud
 HOME/controller.pid locked by the running `sitecloud up` (see shared/home_lock.py)
@@ -18,7 +18,7 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from sqlalchemy import select
@@ -37,33 +37,64 @@ from shared.files import atomic_write_bytes, atomic_write_json, read_json
 from shared.net import free_port
 from shared.pki import CertificateAuthority, IssuedCert
 
-__all__ = ["LOCAL_ROLES", "REMOTE_PORTS", "CloudHome"]
+__all__ = ["LOCAL_ROLES", "REMOTE_PORTS", "ROLE_SETTINGS", "CloudHome", "role_settings"]
+
+C = TypeVar("C", bound=RoleConfig)
 
 # Start order: what others depend on comes first.
 LOCAL_ROLES = ("fileserver", "worker", "publisher", "frontend", "management")
 
-# What an admin may set for every publisher in cloud.json's "publisher" object (the rest of a publisher's
-# config is the controller's to choose).
-PUBLISHER_SETTINGS = frozenset(
-    {
-        "require_tls",
-        "ftp_tls",
-        "ftp_tls_session_reuse",
-        "ftp_tls_cert_file",
-        "ftp_tls_key_file",
-        "masquerade_address",
-        "passive_ports",
-        "ftp_login_timeout",
-        "ftp_idle_timeout",
-        "ftp_max_connections",
-        "ftp_max_connections_per_ip",
-        "login_failures_per_account",
-        "login_failures_per_address",
-        "login_failure_window",
-        "login_throttle_entries",
-        "max_deploy_bytes",
-    }
-)
+# What an admin may set for every role of a kind in cloud.json, in the object under its name (e.g.
+# "publisher": {"require_tls": true}); the rest of a role's config is the controller's to choose. The
+# controller's own ("controller") are read by `sitecloud up` (see up.py).
+ROLE_SETTINGS: dict[str, frozenset[str]] = {
+    "publisher": frozenset(
+        {
+            "require_tls",
+            "ftp_tls",
+            "ftp_tls_session_reuse",
+            "ftp_tls_cert_file",
+            "ftp_tls_key_file",
+            "masquerade_address",
+            "passive_ports",
+            "ftp_login_timeout",
+            "ftp_idle_timeout",
+            "ftp_max_connections",
+            "ftp_max_connections_per_ip",
+            "login_failures_per_account",
+            "login_failures_per_address",
+            "login_failure_window",
+            "login_throttle_entries",
+            "max_deploy_bytes",
+            "build_unreached_grace",
+        }
+    ),
+    "worker": frozenset({"app_home_removal_delay"}),
+    "management": frozenset({"role_stale_after"}),
+    "controller": frozenset({"revive_after", "role_stop_timeout"}),
+}
+
+
+def role_settings(state_file: Path, state: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The admin's settings for roles of ``kind`` from cloud.json (already read into ``state``)."""
+    settings = state.get(kind) or {}
+    if not isinstance(settings, dict):
+        raise InvalidInput(f'{state_file}: "{kind}" must be an object of {kind} settings')
+    allowed = ROLE_SETTINGS.get(kind, frozenset())
+    unknown = set(settings) - allowed
+    if unknown:
+        raise InvalidInput(
+            f"{state_file}: unknown {kind} settings {sorted(unknown)}",
+            hint=f"settable: {', '.join(sorted(allowed))}" if allowed else f"{kind} has no settings here",
+        )
+    values = dict(settings)
+    for key in ("ftp_tls_cert_file", "ftp_tls_key_file"):
+        if values.get(key):
+            values[key] = Path(values[key])
+    if isinstance(values.get("passive_ports"), list):
+        values["passive_ports"] = tuple(values["passive_ports"])
+    return values
+
 
 # Internal ports of roles on other hosts: each host has its own address, so they can be fixed.
 REMOTE_PORTS = {"fileserver": 7401, "worker": 7402, "publisher": 7403, "frontend": 7404, "management": 7405}
@@ -202,7 +233,9 @@ class CloudHome:
                 lanes_per_worker=c.processes,
             )
         if kind == "worker":
-            return WorkerConfig(
+            return self._configured(
+                "worker",
+                WorkerConfig,
                 **common,
                 data_port=ports["worker_data"],
                 usage_interval=c.usage_interval,
@@ -211,7 +244,9 @@ class CloudHome:
         if kind == "fileserver":
             return FileserverConfig(**common)
         if kind == "publisher":
-            return self._publisher_config(
+            return self._configured(
+                "publisher",
+                PublisherConfig,
                 **common,
                 ftp_port=c.ftp_port,
                 deploy_port=c.deploy_port,
@@ -219,7 +254,9 @@ class CloudHome:
                 masquerade_address=None if c.bind != "0.0.0.0" else c.public_host,
             )
         if kind == "management":
-            return ManagementConfig(
+            return self._configured(
+                "management",
+                ManagementConfig,
                 **common,
                 api_port=c.api_port,
                 db_url=c.database_url,
@@ -236,27 +273,12 @@ class CloudHome:
             )
         raise ValueError(f"unknown role {kind!r}")
 
-    def _publisher_config(self, **fields: Any) -> PublisherConfig:
-        """A publisher's config: the controller's choices, then the admin's settings from cloud.json."""
-        settings = self._state.get("publisher") or {}
-        if not isinstance(settings, dict):
-            raise InvalidInput(f'{self.state_file}: "publisher" must be an object of publisher settings')
-        unknown = set(settings) - PUBLISHER_SETTINGS
-        if unknown:
-            raise InvalidInput(
-                f"{self.state_file}: unknown publisher settings {sorted(unknown)}",
-                hint=f"settable: {', '.join(sorted(PUBLISHER_SETTINGS))}",
-            )
-        values = dict(settings)
-        for key in ("ftp_tls_cert_file", "ftp_tls_key_file"):
-            if values.get(key):
-                values[key] = Path(values[key])
-        if isinstance(values.get("passive_ports"), list):
-            values["passive_ports"] = tuple(values["passive_ports"])
+    def _configured(self, kind: str, cls: type[C], **fields: Any) -> C:
+        """A role's config: the controller's choices, then the admin's settings from cloud.json."""
         try:
-            return PublisherConfig(**{**fields, **values})
+            return cls(**{**fields, **role_settings(self.state_file, self._state, kind)})
         except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"{self.state_file}: bad publisher settings: {exc}") from None
+            raise InvalidInput(f"{self.state_file}: bad {kind} settings: {exc}") from None
 
     def ensure_controller_address(self, ip: str) -> bool:
         """Make the controller's certificate also name ``ip`` (where netns hosts reach it); True if new."""
@@ -316,16 +338,25 @@ class CloudHome:
                 **common, http_port=ports["http"], https_port=ports["https"], usage_interval=c.usage_interval
             )
         if kind == "worker":
-            worker = WorkerConfig(**common, data_port=ports["data"], usage_interval=c.usage_interval)
+            worker = self._configured(
+                "worker", WorkerConfig, **common, data_port=ports["data"], usage_interval=c.usage_interval
+            )
             return dataclasses.replace(worker, size=size) if size else worker
         if kind == "fileserver":
             return FileserverConfig(**common)
         if kind == "publisher":
-            return self._publisher_config(
-                **common, ftp_port=ports["ftp"], deploy_port=ports["deploy"], passive_ports=c.passive_ports
+            return self._configured(
+                "publisher",
+                PublisherConfig,
+                **common,
+                ftp_port=ports["ftp"],
+                deploy_port=ports["deploy"],
+                passive_ports=c.passive_ports,
             )
         if kind == "management":
-            return ManagementConfig(
+            return self._configured(
+                "management",
+                ManagementConfig,
                 **common,
                 api_port=ports["api"],
                 db_url=c.database_url,

@@ -25,18 +25,20 @@ from shared.backoff import Backoff
 from shared.listeners import ENV_HANDBACK, HeldListeners, listener_specs
 from shared.logs import get_logger
 
-__all__ = ["RoleProcessSupervisor"]
+__all__ = ["STOP_TIMEOUT", "RoleProcessSupervisor"]
 
-_STOP_TIMEOUT = 10.0
+# Seconds a role process has to stop on SIGTERM before it is killed (CloudConfig.role_stop_timeout).
+STOP_TIMEOUT = 10.0
 _RESTART = Backoff(first=0.5, cap=30.0)
 
 
 class RoleProcessSupervisor:
     """One role process: ``python -m roles.<kind> --config <home>/role.json``."""
 
-    def __init__(self, spec: RoleSpec, log_file: Path) -> None:
+    def __init__(self, spec: RoleSpec, log_file: Path, *, stop_timeout: float = STOP_TIMEOUT) -> None:
         self.spec = spec
         self.log_file = log_file
+        self._stop_timeout = stop_timeout
         self._pid_file = spec.pid_file
         self._proc: asyncio.subprocess.Process | None = None
         self._adopted_pid: int | None = None
@@ -165,7 +167,7 @@ class RoleProcessSupervisor:
         if pid is not None and pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + _STOP_TIMEOUT
+            deadline = time.monotonic() + self._stop_timeout
             while pid_alive(pid) and time.monotonic() < deadline:
                 if self._proc is not None and self._proc.returncode is None:
                     with contextlib.suppress(TimeoutError):
@@ -173,7 +175,9 @@ class RoleProcessSupervisor:
                 else:
                     await asyncio.sleep(0.02)
             if pid_alive(pid):
-                self._log.warning("%s did not stop within %.0fs; killing it", self.spec.kind, _STOP_TIMEOUT)
+                self._log.warning(
+                    "%s did not stop within %gs; killing it", self.spec.kind, self._stop_timeout
+                )
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         if self._proc is not None and self._proc.returncode is None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from roles.controller.config import CloudConfig
 from roles.controller.controller import Controller
-from roles.controller.home import LOCAL_ROLES
+from roles.controller.home import LOCAL_ROLES, role_settings
 from shared.files import read_json
 from shared.logs import setup_logging
 from shared.process import run_until_stopped
@@ -167,6 +167,13 @@ def _remembered_choices(home: Path, args: argparse.Namespace) -> dict[str, Any]:
     return chosen
 
 
+def _controller_settings(home: Path) -> dict[str, Any]:
+    """The admin's settings of the controller itself: HOME/cloud.json's "controller" object."""
+    state_file = home / "cloud.json"
+    state = read_json(state_file) if state_file.exists() else {}
+    return role_settings(state_file, state if isinstance(state, dict) else {}, "controller")
+
+
 def run_up(argv: list[str]) -> int:
     """Run the cloud until Ctrl-C or SIGTERM. A :class:`SitecloudError` (a bad option, a home or port
     in use) is raised to the CLI, which prints it as every command's errors are printed."""
@@ -191,6 +198,7 @@ def run_up(argv: list[str]) -> int:
         wheelhouse=Path(args.wheelhouse).resolve() if args.wheelhouse else None,
         usage_interval=args.usage_interval,
         processes=args.processes,
+        **_controller_settings(home),
     )
     setup_logging("controller", "localhost", args.log_level if args.log_level != "INFO" else "WARNING")
 

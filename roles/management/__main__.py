@@ -48,6 +48,7 @@ async def serve(config: ManagementConfig, stop: asyncio.Event) -> None:
         await stop.wait()
         log.info("stopping")
     finally:
+        service.end_follows()
         await runner.cleanup()
         await control.stop()
         await service.close()

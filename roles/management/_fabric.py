@@ -110,7 +110,7 @@ def _delete_host(db: Database, name: str) -> None:
             s.delete(host)
 
 
-def _list_roles(db: Database) -> Json:
+def _list_roles(db: Database, stale_after: dt.timedelta) -> Json:
     now = dt.datetime.now(dt.UTC)
     with db.session() as s:
         desired = current_generation(s)
@@ -121,7 +121,7 @@ def _list_roles(db: Database) -> Json:
                 "host": r.host.name,
                 "fabric": r.host.fabric,
                 "host_state": r.host.state,
-                **_seen_state(r, now),
+                **_seen_state(r, now, stale_after),
                 "desired_state": r.desired_state,
                 "config_version": r.config_version,
                 "desired_version": desired,
@@ -138,17 +138,13 @@ def _list_roles(db: Database) -> Json:
     return {"roles": roles}
 
 
-# The controller checks every role each second or two: a state older than this is not known now.
-_STALE_AFTER = dt.timedelta(seconds=10)
-
-
-def _seen_state(role: Role, now: dt.datetime) -> dict[str, str]:
+def _seen_state(role: Role, now: dt.datetime, stale_after: dt.timedelta) -> dict[str, str]:
     """The role's state as the controller last recorded it; Unknown once that is stale (the
     controller is not running, or cannot reach the DB), rather than a Ready nobody checks."""
     beat = role.last_heartbeat
     if beat is not None and beat.tzinfo is None:
         beat = beat.replace(tzinfo=dt.UTC)
-    if role.state in (RoleState.READY, RoleState.DEGRADED) and beat is not None and now - beat > _STALE_AFTER:
+    if role.state in (RoleState.READY, RoleState.DEGRADED) and beat is not None and now - beat > stale_after:
         silent = int((now - beat).total_seconds())
         return {
             "state": "Unknown",
@@ -242,12 +238,14 @@ def _check_not_last(roles: Sequence[Json], kind: str, host: str, action: str, *,
         )
 
 
-def _role_for_action(db: Database, kind: str, host_name: str, action: str, *, confirmed: bool) -> int:
+def _role_for_action(
+    db: Database, kind: str, host_name: str, action: str, *, confirmed: bool, stale_after: dt.timedelta
+) -> int:
     if kind not in KINDS:
         raise InvalidInput(f"{kind!r} is not a role", hint=f"one of {', '.join(KINDS)}")
     if action not in ACTIONS:
         raise InvalidInput(f"no role action {action!r}", hint=f"one of {', '.join(ACTIONS)}")
-    roles = _list_roles(db)["roles"]
+    roles = _list_roles(db, stale_after)["roles"]
     with db.session() as s:
         role = s.scalar(select(Role).join(Host).where(Role.kind == kind, Host.name == host_name.lower()))
         if role is None:
@@ -266,6 +264,7 @@ class FabricService:
     def __init__(self, config: ManagementConfig, db: Database) -> None:
         self.config = config
         self.db = db
+        self._stale_after = dt.timedelta(seconds=config.role_stale_after)
 
     def _controller(self) -> str:
         if not self.config.controller_url:
@@ -330,7 +329,7 @@ class FabricService:
 
     async def list_roles(self, who: Principal) -> Json:
         require_admin(who)
-        return await asyncio.to_thread(_list_roles, self.db)
+        return await asyncio.to_thread(_list_roles, self.db, self._stale_after)
 
     async def add_role(self, who: Principal, body: Json) -> AsyncIterator[bytes]:
         require_admin(who)
@@ -344,7 +343,9 @@ class FabricService:
     ) -> AsyncIterator[bytes]:
         """``confirmed``: the admin agreed to stop or remove the last running worker or front end."""
         require_admin(who)
-        role_id = await asyncio.to_thread(_role_for_action, self.db, kind, host, action, confirmed=confirmed)
+        role_id = await asyncio.to_thread(
+            _role_for_action, self.db, kind, host, action, confirmed=confirmed, stale_after=self._stale_after
+        )
         async for line in self._stream(f"/v1/roles/{role_id}/{action}", {}):
             yield line
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import aiohttp
 
 from shared.errors import NotFound, Unavailable, error_from_json
 from shared.internal import InternalClient, unreached_reason
 
-__all__ = ["stream_site_logs"]
+__all__ = ["ended_by", "stream_site_logs"]
 
 # Follow streams stay open; only a worker that goes silent longer than its keep-alive is given up on.
 _FOLLOW_READ_TIMEOUT = 60.0
@@ -53,7 +53,7 @@ async def stream_site_logs(
     follow: bool,
     lines: int,
     by_host: bool,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """``by_host``: lines and errors name the workers' hosts (an admin's view)."""
     if not workers:
         raise NotFound(f"site {site} is on no worker yet", hint="try again in a few seconds")
@@ -94,3 +94,28 @@ async def stream_site_logs(
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def ended_by(lines: AsyncGenerator[bytes, None], stop: asyncio.Event) -> AsyncIterator[bytes]:
+    """``lines`` until ``stop`` is set, then the end: a follow never ends by itself, so a stopping
+    management ends it rather than hold its drain for it (the CLI opens it again)."""
+    stopped = asyncio.ensure_future(stop.wait())
+    step: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(lines))
+            await asyncio.wait((step, stopped), return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                return
+            try:
+                line = step.result()
+            except StopAsyncIteration:
+                return
+            yield line
+    finally:
+        stopped.cancel()
+        if step is not None and not step.done():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await step
+        await lines.aclose()

@@ -48,3 +48,11 @@ class ManagementConfig(RoleConfig):
     publisher_url: str = ""
     # The shortest scheduled-backup interval a plan may set (see backup_min_every_from_env).
     backup_min_every: int = DEFAULT_BACKUP_MIN_EVERY
+    # The controller checks every role each second or two: a state it recorded longer ago than this
+    # is not known now, and is shown as Unknown.
+    role_stale_after: float = 10.0
+
+    def __post_init__(self) -> None:
+        after = self.role_stale_after
+        if not isinstance(after, int | float) or isinstance(after, bool) or after <= 0:
+            raise ValueError(f"role_stale_after must be a number of seconds > 0, not {after!r}")

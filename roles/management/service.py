@@ -20,7 +20,7 @@ from roles.management._accounts import Accounts
 from roles.management._backup import BACKUP_FORMAT, dump_tables, restore_tables
 from roles.management._content import site_zip
 from roles.management._fabric import FabricService
-from roles.management._logs import stream_site_logs
+from roles.management._logs import ended_by, stream_site_logs
 from roles.management._metering import Metering
 from roles.management._nudge import Nudger
 from roles.management._paging import Page
@@ -103,6 +103,7 @@ class ManagementService:
             log=self._log,
         )
         self._backups_stop = asyncio.Event()
+        self._follows_stop = asyncio.Event()
 
     async def apply_snapshot(self, snapshot: ManagementSnapshot) -> None:
         """Take the controller's word for where the publisher runs (it may have moved)."""
@@ -124,6 +125,10 @@ class ManagementService:
             asyncio.create_task(self._tick_hostname_checks()),
             asyncio.create_task(self._backups.run(self._backups_stop)),
         ]
+
+    def end_follows(self) -> None:
+        """End every `site logs --follow` stream now: management is stopping."""
+        self._follows_stop.set()
 
     async def close(self) -> None:
         self._hostname_stop.set()
@@ -622,9 +627,10 @@ class ManagementService:
     async def site_logs(self, who: Principal, name: str, *, follow: bool, lines: int) -> AsyncIterator[bytes]:
         """The site's log lines from its workers; with ``follow``, new ones as they come."""
         workers = await self._read(self._store.site_worker_urls, who, name)
-        async for line in stream_site_logs(
+        stream = stream_site_logs(
             self._logs_client, name, workers, follow=follow, lines=lines, by_host=who.is_admin
-        ):
+        )
+        async for line in ended_by(stream, self._follows_stop) if follow else stream:
             yield line
 
     async def _fileserver(self) -> str:

@@ -112,7 +112,9 @@ class Deployer:
         self.deploys = 0
         self.deploys_refused = 0
         self.deployments = DeploymentLog()
-        self.builds = BuildFollower(InternalClient(ssl_context, timeout=10), self._log)
+        self.builds = BuildFollower(
+            InternalClient(ssl_context, timeout=10), self._log, unreached_grace=config.build_unreached_grace
+        )
         self._background: set[asyncio.Task[None]] = set()
 
     # --- the doors

@@ -56,6 +56,9 @@ class PublisherConfig(RoleConfig):
     # Longest a git push or an async zip deploy follows the site's build on its workers (pip and npm
     # may take up to ten minutes there).
     build_follow_seconds: float = 660.0
+    # A worker that cannot be asked whether it serves a deploy (restarting, or stopped) is asked again
+    # for this long before the deploy goes on without it.
+    build_unreached_grace: float = 5.0
 
     def __post_init__(self) -> None:
         if self.require_tls and not self.ftp_tls:
@@ -88,6 +91,7 @@ class PublisherConfig(RoleConfig):
             ("ftp_idle_timeout", self.ftp_idle_timeout),
             ("login_failure_window", self.login_failure_window),
             ("build_follow_seconds", self.build_follow_seconds),
+            ("build_unreached_grace", self.build_unreached_grace),
         ):
             if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, not {seconds!r}")

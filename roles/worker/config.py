@@ -72,3 +72,11 @@ class WorkerConfig(ServingConfig):
     app_disk_mb: int = 0
     # A site's quota volume stays mounted this long after its app stops (a quick wake pays no mount).
     app_volume_grace: float = 300.0
+    # How long after a snapshot the app homes of sites no longer here are removed: their processes
+    # have had their stop grace by then.
+    app_home_removal_delay: float = 15.0
+
+    def __post_init__(self) -> None:
+        delay = self.app_home_removal_delay
+        if not isinstance(delay, int | float) or isinstance(delay, bool) or delay < 0:
+            raise ValueError(f"app_home_removal_delay must be a number of seconds >= 0, not {delay!r}")

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from roles.controller.fabric.base import FabricProvider, HostInfo, RoleLauncher, RoleSpec
-from roles.controller.supervisor import RoleProcessSupervisor
+from roles.controller.supervisor import STOP_TIMEOUT, RoleProcessSupervisor
 from shared.errors import InvalidInput, NotFound
 
 __all__ = ["LOCAL_HOST", "LocalFabric", "LocalLauncher"]
@@ -15,14 +15,17 @@ LOCAL_HOST = "localhost"
 
 
 class LocalLauncher(RoleLauncher):
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, *, stop_timeout: float = STOP_TIMEOUT) -> None:
         self._log_dir = log_dir
+        self._stop_timeout = stop_timeout
         self._roles: dict[str, RoleProcessSupervisor] = {}
 
     async def start(self, spec: RoleSpec) -> None:
         if spec.kind in self._roles:
             return
-        supervisor = RoleProcessSupervisor(spec, self._log_dir / f"{spec.kind}.log")
+        supervisor = RoleProcessSupervisor(
+            spec, self._log_dir / f"{spec.kind}.log", stop_timeout=self._stop_timeout
+        )
         self._roles[spec.kind] = supervisor
         await supervisor.start()
 
@@ -59,9 +62,11 @@ class LocalLauncher(RoleLauncher):
 class LocalFabric(FabricProvider):
     name = "local"
 
-    def __init__(self, log_dir: Path, address: str = "127.0.0.1") -> None:
+    def __init__(
+        self, log_dir: Path, address: str = "127.0.0.1", *, stop_timeout: float = STOP_TIMEOUT
+    ) -> None:
         self._host = HostInfo(LOCAL_HOST, self.name, address)
-        self._launcher = LocalLauncher(log_dir)
+        self._launcher = LocalLauncher(log_dir, stop_timeout=stop_timeout)
 
     async def list_hosts(self) -> list[HostInfo]:
         return [self._host]

@@ -70,9 +70,6 @@ __all__ = ["AppManager", "AppSite", "run_dir_for"]
 
 Lookup = Callable[[str], tuple[bool, SiteVersion | None]]
 SWEEP_INTERVAL = 0.25
-# How long after a snapshot the app homes of sites no longer here are removed: their processes
-# have had their stop grace by then.
-HOME_REMOVAL_DELAY = 15.0
 # Starts of one wake-up when the content keeps changing under it; the last one serves what it got.
 _START_ROUNDS = 3
 # Waits before an app that failed to start or crashed is started again.
@@ -267,7 +264,7 @@ class AppManager:
             self._live_homes = {*held.values(), *snapshot.kept}
             if self._home_removal is None and not self._stopping:
                 self._home_removal = asyncio.get_running_loop().call_later(
-                    HOME_REMOVAL_DELAY, lambda: self._spawn(self._remove_gone_homes())
+                    self._config.app_home_removal_delay, lambda: self._spawn(self._remove_gone_homes())
                 )
 
     async def _remove_gone_homes(self) -> None:
@@ -414,6 +411,9 @@ class AppManager:
         for app in self._sites.values():
             if app.log is not None:
                 app.log.close()
+        # Static sites' logs too: a follow of one would otherwise hold the control port's drain.
+        for log in self._static_logs.values():
+            log.close()
         with contextlib.suppress(OSError):
             self._run_dir.rmdir()  # empty once every app has gone
 
