@@ -262,6 +262,11 @@ def test_a_tenants_control_characters_reach_no_terminal_raw(home: Path) -> None:
     answer = run(home, "site", "settings", "escapes", "--json", env=env)
     assert json.loads(answer.stdout)["settings"]["EVIL"] == value
     assert not any(c in answer.stdout for c in "\x1b\x07\x9b\x7f")
+    # A line break in a value does not show as a second setting.
+    ok_json(home, "site", "set", "escapes", "EVIL=x\nDB_PASSWORD=spoofed\tz", env=env)
+    shown = run(home, "site", "settings", "escapes", env=env)
+    assert "EVIL=x\\nDB_PASSWORD=spoofed\\tz" in shown.stdout
+    assert not any(line.startswith("DB_PASSWORD") for line in shown.stdout.splitlines())
 
 
 def _on_a_terminal(home: Path, args: list[str], env: dict[str, str], answer: str) -> tuple[int, str]:

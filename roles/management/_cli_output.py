@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ago", "dumps", "out", "print_fields", "print_table", "printable"]
+__all__ = ["ago", "dumps", "one_line", "out", "print_fields", "print_table", "printable"]
 
 # Control characters (C0 but tab and newline, DEL, C1) shown as escapes: app output and settings are a
 # tenant's bytes, and a terminal acts on escape sequences (titles, colours, OSC 52 clipboard writes).
@@ -19,8 +19,16 @@ _ESCAPED = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) i
 _JSON_ESCAPED = {c: f"\\u{c:04x}" for c in (0x7F, *range(0x80, 0xA0))}
 
 
+# A value shown as one line (an app setting): a line break in it would read as a second setting.
+_ESCAPED_IN_LINE = {**_ESCAPED, 0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+
+
 def printable(text: str) -> str:
     return text.translate(_ESCAPED)
+
+
+def one_line(text: str) -> str:
+    return text.translate(_ESCAPED_IN_LINE)
 
 
 def dumps(answer: Any, *, indent: int | None = 2) -> str:

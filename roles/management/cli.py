@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 from roles.management._cli_backup import add_backup_commands
 from roles.management._cli_client import ApiClient, Endpoints, clean_token, zipped
 from roles.management._cli_fabric import add_fabric_commands
-from roles.management._cli_output import ago, dumps, out, print_fields, print_table, printable
+from roles.management._cli_output import ago, dumps, one_line, out, print_fields, print_table, printable
 from roles.management._cli_ux import CliParser, Confirm, ExitCode, UsageError, ask, did_you_mean, exit_code
 from roles.management._site_backups import human_every, parse_every
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
@@ -418,7 +418,7 @@ def _show_settings(answer: Any, a: argparse.Namespace) -> None:
     if not settings:
         out(f"{answer['site']} has no app settings")
     for key, value in settings.items():
-        out(f"{key}={value}{'  (sticky to its slot)' if key in sticky else ''}")
+        out(f"{key}={one_line(value)}{'  (sticky to its slot)' if key in sticky else ''}")
     unset = sorted(sticky - set(settings))
     if unset:
         out(f"sticky to its slot, not set: {', '.join(unset)}")
@@ -455,7 +455,7 @@ def _show_slots(answer: Any, a: argparse.Namespace) -> None:
             s["slot"],
             s["url"],
             s["served_by"],
-            ", ".join(f"{k}={v}" for k, v in s["sticky_settings"].items()) or "-",
+            ", ".join(f"{k}={one_line(v)}" for k, v in s["sticky_settings"].items()) or "-",
         )
         for s in answer["slots"]
     ]

@@ -108,7 +108,11 @@ class SiteLog:
                     f.seek(0, os.SEEK_END)
                     size = f.tell()
                     f.seek(max(0, size - count * 512))
-                    chunk = f.read().decode("utf-8", "replace").splitlines()
+                    # Lines end at "\n" only: an app's "\r" stays inside its line (splitlines would
+                    # start a line of the app's own there, without our stamp and source).
+                    chunk = f.read().decode("utf-8", "replace").split("\n")
+                    if chunk and not chunk[-1]:
+                        chunk.pop()
             except OSError:
                 continue
             if size > count * 512:
