@@ -7,30 +7,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 from html import escape
+from http import HTTPStatus
 
 __all__ = ["REASONS", "error_page", "error_response"]
 
+# Every status's phrase (an app may answer any, 101 included), in RFC 9110's words where they changed.
 REASONS: dict[int, str] = {
-    200: "OK",
-    206: "Partial Content",
-    301: "Moved Permanently",
-    302: "Found",
-    304: "Not Modified",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    411: "Length Required",
+    **{status.value: status.phrase for status in HTTPStatus},
     413: "Content Too Large",
-    414: "URI Too Long",
     416: "Range Not Satisfiable",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
 }
 
 _TEMPLATE = """<!doctype html>

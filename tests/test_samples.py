@@ -153,7 +153,9 @@ def test_a_plain_asgi_app_echoes_websocket_messages_through_the_front_end(cloud:
     _wait_for(cloud, "asgi-sample", "/", b"<h1>Hello from plain ASGI</h1>", timeout=60)
     with _websocket(cloud, "asgi-sample", "/ws") as ws:
         head = ws.head.lower()
-        assert ws.head.startswith(b"HTTP/1.1 101 ") and b"upgrade: websocket" in head, ws.head
+        assert (
+            ws.head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n") and b"upgrade: websocket" in head
+        ), ws.head
         # Messages both ways, one at a time and several in flight, text, binary and a large one.
         ws.send("hello")
         assert ws.recv() == "1: hello"
