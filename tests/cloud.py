@@ -18,6 +18,7 @@ import pytest
 from bench.harness.clients import SiteConnection, https_get
 from roles.worker.apps._isolation import reap_orphans
 from shared.net import free_port, free_port_range
+from tests.forked_cli import run_cli
 from tests.support import wait_until
 
 __all__ = ["LocalCloud", "SiteConnection", "basic_tenant", "https_get", "site_ftp"]
@@ -169,12 +170,7 @@ class LocalCloud:
         env = {**os.environ}
         if token:
             env["SITECLOUD_TOKEN"] = token
-        proc = subprocess.run(
-            [sys.executable, "-m", "roles.management.cli", "--home", str(self.home), *args, "--json"],
-            capture_output=True,
-            env=env,
-            timeout=timeout,
-        )
+        proc = run_cli(["--home", str(self.home), *args, "--json"], env=env, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"sitecloud {' '.join(args)} failed ({proc.returncode}): {proc.stdout!r} {proc.stderr!r}"
@@ -184,12 +180,8 @@ class LocalCloud:
 
     def cli_text(self, *args: str, timeout: float = 60) -> str:
         """Run `sitecloud --home HOME ...` as a person would (no --json) and return what it printed."""
-        proc = subprocess.run(
-            [sys.executable, "-m", "roles.management.cli", "--home", str(self.home), *args],
-            capture_output=True,
-            timeout=timeout,
-            check=True,
-        )
+        proc = run_cli(["--home", str(self.home), *args], env=os.environ, timeout=timeout)
+        proc.check_returncode()
         return proc.stdout.decode()
 
     def get(self, site: str, path: str = "/", **kw: Any) -> tuple[int, dict[str, str], bytes]:

@@ -267,7 +267,15 @@ def test_a_plan_sets_how_many_versions_its_sites_keep(cloud: LocalCloud, tenant:
     assert bad["error"]["code"] == "invalid_input" and "keep_versions" in bad["error"]["message"], bad
     plan = cloud.cli("plan", "update", "basic", "--keep-versions", "3", "--keep-days", "0")
     assert (plan["keep_versions"], plan["keep_days"]) == (3, 0)
-    # The fileserver prunes at its next commit (or collection) once the plan's snapshot reaches it.
+
+    # The fileserver prunes at its next commit once the plan's snapshot reaches it. An upload before
+    # that starts a run of FTP uploads, one publish however long, which keeps the two publishes before
+    # it among the plan's last 3: the count would not come down to 3.
+    def fileserver_has_the_plan() -> bool:
+        role = next(r for r in cloud.cli("role", "list")["roles"] if r["role"] == "fileserver")
+        return bool(role["config_version"] >= role["desired_version"])
+
+    wait_until(fileserver_has_the_plan, timeout=30, what="the plan to reach the fileserver")
     uploads = iter(range(100))
 
     def pruned() -> bool:

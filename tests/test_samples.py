@@ -83,7 +83,7 @@ def _wait_for(cloud: LocalCloud, site: str, path: str, needle: bytes, timeout: f
         return bool(last[0] == 200 and needle in last[1])
 
     try:
-        wait_until(served, timeout=timeout, interval=0.5, what=f"{site}{path}")
+        wait_until(served, timeout=timeout, interval=0.1, what=f"{site}{path}")
     except AssertionError:
         logs = cloud.cli("site", "logs", site, "--lines", "40", check=False)
         raise AssertionError(f"{site}{path} answers {last}; its log: {logs}") from None
@@ -402,7 +402,7 @@ def test_an_async_zip_deploy_completes_with_its_build_and_logs_it(cloud: LocalCl
         record: dict[str, Any] = call(started["url"])[1]
         return record if record["complete"] else None
 
-    record = wait_until(finished, timeout=240, interval=0.5, what="the async deploy and its build")
+    record = wait_until(finished, timeout=240, interval=0.1, what="the async deploy and its build")
     assert record["status"] == 4, record
     _, log = call(record["log_url"])
     messages = [entry["message"] for entry in log]

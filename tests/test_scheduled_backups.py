@@ -22,6 +22,7 @@ from shared.db.session import _MIGRATIONS, Database
 from shared.logs import get_logger
 from tests.cloud import LocalCloud
 from tests.postgres import postgres_server
+from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,16 +66,6 @@ def _backups(cloud: LocalCloud, token: str, site: str = "shop") -> dict[str, Any
     return answer
 
 
-def _wait_for(what: str, check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"after {timeout}s: no {what}"
-        time.sleep(0.5)
-
-
 def test_a_published_site_is_backed_up_on_schedule_with_its_bytes(
     cloud: LocalCloud, tenant: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -90,9 +81,10 @@ def test_a_published_site_is_backed_up_on_schedule_with_its_bytes(
         (tree / name).write_bytes(data)
     version = cloud.cli("deploy", "shop", str(tree), token=token)["version"]
 
-    backups = _wait_for(
-        "scheduled backup of the published version",
+    backups = wait_until(
         lambda: [b for b in _backups(cloud, token)["backups"] if b["version"] == version],
+        timeout=30,
+        what="a scheduled backup of the published version",
     )
     newest = backups[-1]
     assert newest["name"].endswith(f"-v{version}.zip") and newest["bytes"] > 0, newest
@@ -126,7 +118,7 @@ def test_only_the_last_n_are_kept_and_unchanged_content_is_not_copied_again(
     cloud: LocalCloud, tenant: dict[str, Any], tmp_path: Path
 ) -> None:
     token = tenant["token"]
-    _wait_for("a backup", lambda: _backups(cloud, token)["backups"])
+    wait_until(lambda: _backups(cloud, token)["backups"], timeout=30, what="a backup")
     # Several intervals with nothing published: no second copy of the same version.
     time.sleep(3 * MIN_EVERY + 1)
     versions = [b["version"] for b in _backups(cloud, token)["backups"]]
@@ -139,14 +131,16 @@ def test_only_the_last_n_are_kept_and_unchanged_content_is_not_copied_again(
         (tree / "index.html").write_bytes(f"<h1>edition {n}</h1>".encode())
         version = cloud.cli("deploy", "shop", str(tree), token=token)["version"]
         published.append(version)
-        _wait_for(
-            f"a backup of version {version}",
+        wait_until(
             lambda v=version: [b for b in _backups(cloud, token)["backups"] if b["version"] == v],
+            timeout=30,
+            what=f"a backup of version {version}",
         )
     # The plan keeps two: the two newest versions, oldest first.
-    kept = _wait_for(
-        "exactly two kept",
+    kept = wait_until(
         lambda: (b := _backups(cloud, token)["backups"]) and len(b) == 2 and b,
+        timeout=30,
+        what="exactly two kept",
     )
     assert [b["version"] for b in kept] == published[-2:], kept
     names = [b["name"] for b in kept]
