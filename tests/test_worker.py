@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -209,6 +210,35 @@ def _raw(cloud: Cloud, payload: bytes) -> bytes:
         while chunk := tls.recv(65536):
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def test_a_visitor_right_after_the_first_publish_waits_for_it_rather_than_get_a_503(cloud: Cloud) -> None:
+    cloud.add_site("fresh")
+    wait_until(lambda: cloud.get("fresh", "/")[0] == 200, timeout=10, what="fresh's placeholder")
+    # A first version the worker takes a while to fetch, asked for all the while it comes.
+    big = os.urandom(8 * 1024 * 1024)
+    seen: list[tuple[int, bytes]] = []
+    stop = threading.Event()
+
+    def visit() -> None:
+        while not stop.is_set():
+            status, _, body = cloud.get("fresh", "/big.bin")
+            seen.append((status, body[:40]))
+            if status == 200 and body == big:
+                return
+
+    visitor = threading.Thread(target=visit)
+    visitor.start()
+    try:
+        cloud.publish("fresh", {"big.bin": big, "index.html": b"first"})
+        visitor.join(20)
+    finally:
+        stop.set()
+        visitor.join()
+    statuses = [status for status, _ in seen]
+    assert statuses[-1] == 200 and 503 not in statuses, seen
+    # Before the worker heard of the publish, the "nothing published yet" page; then the content.
+    assert all(status == 200 and body.startswith(b"<!doctype") for status, body in seen[:-1]), seen
 
 
 def test_pipelined_requests_are_answered_in_order_and_bad_ones_close(cloud: Cloud) -> None:

@@ -236,6 +236,32 @@ def test_wsgi_site_wakes_on_first_request_and_serves_static_files_itself(cloud: 
         conn.close()
 
 
+def test_a_request_that_waited_for_the_first_publish_goes_to_the_app_it_brought(cloud: AppCloud) -> None:
+    cloud.add_site("waited", env={"GREETING": "first"})
+    wait_until(lambda: cloud.get("waited", "/")[0] == 200, what="the placeholder page")
+    seen: list[tuple[int, bytes]] = []
+    stop = threading.Event()
+
+    def visit() -> None:
+        while not stop.is_set():
+            status, _, body = cloud.get("waited", "/app.py", headers={"Cookie": "k=v"})
+            seen.append((status, body))
+            if b"wsgi GET" in body:
+                return
+
+    visitor = threading.Thread(target=visit)
+    visitor.start()
+    try:
+        # A big file makes the worker's fetch take a while: the visitor's request waits through it.
+        cloud.publish("waited", {"app.py": WSGI_APP, "big.bin": os.urandom(8 * 1024 * 1024)})
+        visitor.join(30)
+    finally:
+        stop.set()
+        visitor.join()
+    assert seen[-1] == (200, b"wsgi GET /app.py  greeting=first cookie=k=v body="), seen[-1]
+    assert all(status == 200 and b"def app" not in body for status, body in seen), seen
+
+
 def test_a_lane_sends_app_requests_back_and_serves_static_files(cloud: AppCloud) -> None:
     """On a lane (a front end's pipelined GETs) nothing may wait for an app: its requests are refused
     for the whole site, while the site's static files are answered there."""

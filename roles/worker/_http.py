@@ -103,6 +103,9 @@ class Request:
     lane_refusal: bytes = b""
     # The headers of _LOGGED it carried (lower-case names), for its access line.
     logged: dict[bytes, bytes] | None = None
+    # Every header field as sent, kept (off lanes) while apps may take requests: one answered later
+    # (see HttpConnection.defer) may turn out to be an app's.
+    raw: list[tuple[bytes, bytes]] | None = None
 
 
 class Diverted(Protocol):
@@ -400,6 +403,29 @@ class HttpConnection(asyncio.Protocol):
     def write_paused(self) -> bool:
         return self._write_paused
 
+    def defer(self, waiting: Diverted) -> None:
+        """Hook: the handler answers the request in answer later, through ``waiting`` (which ends
+        with :meth:`deferred_done` or :meth:`hand_over`); later requests wait behind it."""
+        self._waiting = waiting
+
+    def deferred_done(self, keep: bool) -> None:
+        """Hook: a deferred request has been answered by the static server (a file may still be
+        streaming: its end logs it and goes on)."""
+        self._waiting = None
+        if self._stream is not None:
+            self._keep_after_stream = keep
+            self._pump()
+            return
+        self._log_access()
+        if not self._closed:
+            self._after_answers(keep)
+
+    def hand_over(self, diverted: Diverted, keep_alive: bool) -> None:
+        """Hook: a deferred request turned out to be an app's: ``diverted`` answers it now."""
+        self._answered = None
+        self._waiting = diverted
+        diverted.answer(self, keep_alive)
+
     def diverted_done(self, keep: bool) -> None:
         """Hook: the diverted request in answer has been answered."""
         self._waiting = None
@@ -611,7 +637,7 @@ class HttpConnection(asyncio.Protocol):
         self._lane_refusal = b""
         self._logged = None
         self.deadline = self._loop.time() + self._limits.request_timeout
-        self._raw = [] if self._divert is not None and self._divert.active and not self._lane else None
+        self._raw = [] if self._divert is not None and not self._lane else None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -647,7 +673,7 @@ class HttpConnection(asyncio.Protocol):
             elif divert is not None and divert.active and divert.takes(self._url, self._headers):
                 self._lane_refusal = LANE_REFUSED_SITE
             return
-        if self._raw is not None and self._divert is not None:
+        if self._raw is not None and self._divert is not None and self._divert.active:
             parser = self._parser
             self._diverting = self._divert(
                 parser.get_method(), self._url, self._headers, self._raw, parser.should_keep_alive(), self
@@ -685,6 +711,7 @@ class HttpConnection(asyncio.Protocol):
                 self._req_tag,
                 self._lane_refusal,
                 self._logged,
+                self._raw,
             )
         )
 

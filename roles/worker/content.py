@@ -135,6 +135,11 @@ class ContentSync:
             return False
         return not self._versions_known or self._target.get(site, 0) > 0
 
+    def arriving(self, site: str) -> bool:
+        """A pending site whose content can come now (the file server answers): its visitors wait
+        for it a moment rather than get the 503."""
+        return self._reachable and self.pending(site)
+
     @property
     def failed(self) -> dict[str, str]:
         return dict(self._failed)
@@ -151,7 +156,11 @@ class ContentSync:
             )
             for site in self._held
         }
-        state.update((site, {"pending": True}) for site in self._held if self.pending(site))
+        state.update(
+            (site, {"pending": True, "arriving": self._reachable})
+            for site in self._held
+            if self.pending(site)
+        )
         state.update((site, {"failed": why}) for site, why in self._failed.items())
         return state
 

@@ -21,6 +21,7 @@ from roles.worker._cache import SiteVersion
 from roles.worker._feed import VersionFeeds
 from roles.worker._http import (
     LANE_MAX_FILE,
+    LANE_REFUSED_SITE,
     Divert,
     HttpConnection,
     Limits,
@@ -59,6 +60,10 @@ _KEEP = b"\r\nConnection: keep-alive\r\n\r\n"
 _CLOSE = b"\r\nConnection: close\r\n\r\n"
 # How often idle, slow and stuck connections are looked for.
 _SWEEP = 0.25
+# How long a request for a site whose first content is on its way waits for it (then 503, as
+# before), and how often it looks.
+FIRST_CONTENT_WAIT = 10.0
+_FIRST_CONTENT_POLL = 0.02
 
 
 class DataServer:
@@ -71,6 +76,7 @@ class DataServer:
         divert: Divert | None = None,
         failure: Callable[[str], str | None] = lambda _: None,
         pending: Callable[[str], bool] = lambda _: False,
+        arriving: Callable[[str], bool] = lambda _: False,
         site_log: Callable[[str], AccessSink | None] = lambda _: None,
         feeds: VersionFeeds | None = None,
     ) -> None:
@@ -83,6 +89,8 @@ class DataServer:
         self._failure = failure
         # A held site without a version whose content is on its way (or not yet known).
         self._pending = pending
+        # A pending site whose content can come now: its requests wait for it (_FirstContent).
+        self._arriving = arriving
         # Hook: requests for dynamic sites go to their apps (roles/worker/apps).
         self._divert = divert
         self._lookup = lookup
@@ -195,6 +203,30 @@ class DataServer:
         if log is not None:
             log.access(AccessRecord(request.method, request.target, status, sent, seconds, request.logged))
 
+    def arriving(self, site: str) -> bool:
+        return self._arriving(site)
+
+    def lookup(self, site: str) -> tuple[bool, SiteVersion | None]:
+        return self._lookup(site)
+
+    def answer_waited(self, request: Request, conn: HttpConnection, keep_alive: bool) -> None:
+        """A request that waited for its site's first content: answered by the app the content
+        made (its head is all there is: only GETs and HEADs wait), or by the static server."""
+        divert = self._divert
+        if divert is not None and divert.active and request.raw is not None:
+            diverted = divert(request.method, request.target, request.headers, request.raw, keep_alive, conn)
+            if diverted is not None:
+                diverted.end()
+                conn.hand_over(diverted, keep_alive)
+                return
+        try:
+            keep = self._handle(request, conn, keep_alive, wait=False) and keep_alive
+        except Exception:
+            self._log.exception("failed to answer %r %r", request.method, request.target[:200])
+            conn.abort()
+            return
+        conn.deferred_done(keep)
+
     def _admit_plain(self, conn: HttpConnection, transport: asyncio.Transport) -> bool:
         """The opt-in loopback listener: only processes on this machine can reach it."""
         if self._stopping:
@@ -221,7 +253,7 @@ class DataServer:
         )
         return False
 
-    def _handle(self, request: Request, conn: HttpConnection, keep_alive: bool) -> bool:
+    def _handle(self, request: Request, conn: HttpConnection, keep_alive: bool, wait: bool = True) -> bool:
         method = request.method
         head = method == b"HEAD"
         if not head and method != b"GET":
@@ -245,6 +277,14 @@ class DataServer:
             )  # fmt: skip
             return keep_alive
         if version is None and self._pending(site):
+            # The site's first content is on its way (a publish a moment ago): its visitors wait for
+            # it rather than see an error. A lane answers at once, so such a request leaves it.
+            if conn.lane:
+                conn.refuse_lane(LANE_REFUSED_SITE)
+                return keep_alive
+            if wait and self._arriving(site):
+                conn.defer(_FirstContent(self, request, conn, keep_alive, site))
+                return keep_alive
             _page(
                 conn, 503, "Site updating",
                 "This site's content is on its way to this server; try again in a moment.",
@@ -359,3 +399,64 @@ def _page(
         *(extra or []),
     ]
     conn.write(response_head(status, headers, keep_alive=keep_alive) + (b"" if head else body))
+
+
+class _FirstContent:
+    """A request held until its site's first content is served here (see ``DataServer._handle``):
+    a visitor who asks right after the first publish gets the page, not a 503. Only bodiless
+    requests get this far (a static site refuses other methods first)."""
+
+    def __init__(
+        self, server: DataServer, request: Request, conn: HttpConnection, keep_alive: bool, site: str
+    ) -> None:
+        self._server = server
+        self._request = request
+        self._conn = conn
+        self._keep_alive = keep_alive
+        self._site = site
+        loop = asyncio.get_running_loop()
+        self._until = loop.time() + FIRST_CONTENT_WAIT
+        self._timer: asyncio.TimerHandle | None = loop.call_later(_FIRST_CONTENT_POLL, self._look)
+
+    def _look(self) -> None:
+        server = self._server
+        held, version = server.lookup(self._site)
+        loop = asyncio.get_running_loop()
+        if held and version is None and server.arriving(self._site) and loop.time() < self._until:
+            self._timer = loop.call_later(_FIRST_CONTENT_POLL, self._look)
+            return
+        self._timer = None
+        server.answer_waited(self._request, self._conn, self._keep_alive)
+
+    # -- Diverted, as far as a held request needs it
+
+    def body(self, data: bytes) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def answer(self, conn: HttpConnection, keep_alive: bool) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    @property
+    def upgrading(self) -> bool:
+        return False
+
+    def tunnel_in(self, data: bytes) -> None:
+        pass
+
+    @property
+    def refusal(self) -> str | None:
+        return None
+
+    def refused(self) -> None:
+        pass

@@ -95,6 +95,7 @@ class _InProcess:
             divert=AppProxy(config, apps),
             failure=sync.failure,
             pending=sync.pending,
+            arriving=sync.arriving,
             site_log=apps.access_log,
             feeds=self._feeds,
         )
@@ -347,6 +348,7 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
     table: dict[str, SiteVersion | None] = {}
     failed: dict[str, str] = {}
     pending: set[str] = set()
+    arriving: set[str] = set()
 
     def lookup(site: str) -> tuple[bool, SiteVersion | None]:
         if site not in table:
@@ -359,10 +361,13 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
             fresh: dict[str, SiteVersion | None] = {}
             fresh_failed: dict[str, str] = {}
             fresh_pending: set[str] = set()
+            fresh_arriving: set[str] = set()
             for site, v in raw.items():
                 if isinstance(v, dict) and v.get("pending"):
                     fresh[site] = None
                     fresh_pending.add(site)
+                    if v.get("arriving"):
+                        fresh_arriving.add(site)
                 elif isinstance(v, dict):
                     fresh[site], fresh_failed[site] = None, str(v.get("failed", ""))
                 else:
@@ -398,6 +403,8 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
             failed.update(fresh_failed)
             pending.clear()
             pending.update(fresh_pending)
+            arriving.clear()
+            arriving.update(fresh_arriving)
 
     # Dynamic sites: their apps are the main process's; requests for them go through its channel.
     # So do access lines (batched): the main process owns every site's log.
@@ -424,6 +431,7 @@ async def _serve_child(config: WorkerConfig, stop: asyncio.Event, index: int) ->
         divert=AppProxy(config, remote),
         failure=failed.get,
         pending=pending.__contains__,
+        arriving=arriving.__contains__,
         site_log=site_log,
         feeds=feeds,
     )
