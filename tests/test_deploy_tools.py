@@ -490,6 +490,35 @@ def test_a_refused_push_leaves_nothing_and_a_pack_over_the_quota_is_refused_as_i
     cloud.wait_for_content("gitquota", "/", b"still pushes")
 
 
+def test_git_history_is_held_to_the_storage_quota_and_a_force_push_frees_it(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    site = _site(cloud, subscription, "githistory")  # the plan's storage: 5 MB
+    repo = Checkout(cloud, tmp_path / "githistory", _remote(site))
+    repo.commit({"index.html": b"one", "data.bin": os.urandom(3 * 2**20)}, "3 MB")
+    assert repo.push().returncode == 0
+    cloud.wait_for_content("githistory", "/", b"one")
+    server = _server_repository(cloud, "githistory")
+
+    # Each version fits, but the history of both would not: pushed again and again, such commits
+    # would fill the publisher's disk past every plan.
+    repo.commit({"index.html": b"two", "data.bin": os.urandom(3 * 2**20)}, "another 3 MB")
+    refused = repo.push()
+    assert refused.returncode != 0, refused.stderr
+    assert "remote: sitecloud: the site's git history would take 6.0 MB" in refused.stderr, refused.stderr
+    assert "more than its storage quota of 5.0 MB" in refused.stderr and "--force" in refused.stderr
+    assert "[remote rejected] main -> main" in refused.stderr
+    wait_until(lambda: _bytes_under(server) < 4 * 2**20, timeout=30, what="the refused push's objects to go")
+    assert cloud.get("githistory", "/")[2] == b"one"
+
+    # A history that fits, pushed over the old one, is taken: what no branch reaches is dropped.
+    repo.run("checkout", "-q", "--orphan", "fresh")
+    repo.commit({"index.html": b"three", "data.bin": os.urandom(3 * 2**20)}, "squashed")
+    assert repo.push("--force", "fresh:main").returncode == 0
+    cloud.wait_for_content("githistory", "/", b"three")
+    assert _bytes_under(server) < 4 * 2**20
+
+
 def test_deploy_lines_go_only_into_a_report_multiplexed_on_side_bands() -> None:
     report = _pkt(b"\x01" + _pkt(b"unpack ok\n") + _pkt(b"ok refs/heads/main\n") + b"0000")
     assert _split_report(report + b"0000") == (report, True)

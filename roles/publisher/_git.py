@@ -15,7 +15,9 @@ directory, set per request; request bodies are capped at ``max_deploy_bytes`` an
 the site's storage quota (``receive.maxInputSize``, set per push), so git refuses a bigger one while it
 arrives. A push git accepts but the deploy refuses leaves objects no ref reaches (``gc.auto`` is off):
 they are dropped after it (``git gc --prune=now``), off the request path, under the site's push lock.
-The history of deployed pushes counts against no quota yet.
+The repository itself, history included, may hold at most the site's storage quota: a push that would
+take it past that is refused (its branch put back, its objects dropped), after a ``git gc`` has
+dropped what no branch reaches any more (the old history a ``--force`` push replaced).
 """
 
 from __future__ import annotations
@@ -182,6 +184,20 @@ def _rejected(report: bytes, ref: str, why: str) -> bytes:
     band1 = [b"\x01" + rewritten[i : i + _MAX_BAND] for i in range(0, len(rewritten), _MAX_BAND)]
     flushed = [b""] if packets and packets[-1] == b"" else []
     return _encode([*others, *band1, *flushed])
+
+
+def _bytes_on_disk(root: Path) -> int:
+    """Blocking: the bytes of every file under ``root`` (a repository's objects)."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
 
 
 def _remove_quarantines(objects: Path) -> None:
@@ -580,14 +596,43 @@ class GitDeploy:
         # push was rejected and exits non-zero.
         ref = moved[0]
         multiplexed = cgi.status == 200 and _split_report(report) is not None
-        failure = await self._deploy(
-            site, repo, ref, before.get(ref), after[ref], response if multiplexed else None
-        )
+        failure = await self._history_fits(site, repo)
+        if failure is not None:
+            await self._rewind(repo, ref, before.get(ref), after[ref])
+            self._log.bind(site=site.name).warning("git push of %s refused: %s", after[ref][:10], failure)
+            if multiplexed:
+                await response.write(_progress(f"sitecloud: {failure}\n"))
+        else:
+            failure = await self._deploy(
+                site, repo, ref, before.get(ref), after[ref], response if multiplexed else None
+            )
         if failure is not None and cgi.status == 200:
             report = _rejected(report, ref, failure)
         await response.write(report)
         await response.write_eof()
         return response, failure is None and not cgi.killed
+
+    async def _history_fits(self, site: SiteInfo, repo: Path) -> str | None:
+        """None when the repository, this push included, fits in the site's storage quota; else
+        why not, for the pusher. Over it, what no branch reaches (history a force push replaced)
+        is dropped first and the repository measured again."""
+        assert self._git is not None
+        objects = repo / "objects"
+        size = await asyncio.to_thread(_bytes_on_disk, objects)
+        if size > site.quota_bytes:
+            code, out = await self._run(self._git, "gc", "--quiet", "--prune=now", cwd=repo)
+            if code != 0:
+                self._log.bind(site=site.name).warning(
+                    "git gc before the history check failed: %s", out.decode(errors="replace").strip()[:300]
+                )
+            size = await asyncio.to_thread(_bytes_on_disk, objects)
+        if size <= site.quota_bytes:
+            return None
+        return (
+            f"the site's git history would take {_mb(size)}, more than its storage quota of "
+            f"{_mb(site.quota_bytes)}: push a shorter history (an orphan or squashed branch, with "
+            "--force), or deploy a zip"
+        )
 
     async def _deploy(
         self,
