@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import functools
 import hmac
 import secrets
 import threading
@@ -80,8 +81,15 @@ SETTINGS_DEFAULTS: Json = {
 _SECRETS = ("dns_update_key_secret",)
 # Changing these changes what the front ends serve (the ACME wildcard or not).
 _WILDCARD_SWITCHES = ("wildcard_dns01", "acme_directory_url")
-# Verified against for unknown users, so a sign-in takes as long whether or not the user exists.
-_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash to check a wrong user's password against, so that an unknown name costs as long as a
+    known one. Made on first use: hashing takes tens of milliseconds, every start would pay them."""
+    return hash_password(secrets.token_urlsafe(16))
+
+
 _ALL = Page()
 # last_used_at is written at most this often per token: not one DB write per request.
 _TOUCH_EVERY = dt.timedelta(minutes=1)
@@ -295,7 +303,7 @@ class Accounts:
         self.limiter.check(username, client)
         with self._db.session() as s:
             user = s.execute(select(User).where(User.username == username)).scalar_one_or_none()
-            ok = verify_password(password, user.password_hash if user else _DUMMY_HASH)
+            ok = verify_password(password, user.password_hash if user else _dummy_hash())
             if user is None or not ok:
                 self.limiter.failed(username, client)
                 raise Unauthorized("wrong user name or password")
