@@ -169,6 +169,7 @@ def test_site_show_tells_the_owner_the_app_ran_out_of_memory(cloud: LocalCloud, 
     assert app["runtime"] == "python" and app["memory_limit_bytes"] > 0
     text = cloud.cli_text("site", "show", "greedy")
     assert "stopped for memory 1x" in text
+    assert "last: stopped: exceeded its" in text and "(sitecloud site logs greedy)" in text, text
     # It starts again on the next request.
     cloud.wait_for_content("greedy", "/", b"still here", timeout=30)
 

@@ -473,6 +473,16 @@ def test_crash_is_logged_and_restarted_on_the_next_request(cloud: AppCloud) -> N
     wait_until(lambda: "exited with status 3" in cloud.log("crashy"), what="the crash in the log")
     wait_until(lambda: cloud.get("crashy", "/back")[0] == 200, timeout=10, what="a restart")
     assert cloud.app("crashy")["crashes"] == 1
+    assert cloud.app("crashy")["last_crash"] == "exited with status 3; its last output: handled /"
+
+
+def test_an_app_that_cannot_start_says_why_in_its_status(cloud: AppCloud) -> None:
+    cloud.add_site("noapp", entry="nomodule:app")
+    cloud.publish("noapp", {"app.py": WSGI_APP})
+    wait_until(lambda: cloud.get("noapp", "/")[0] == 502, what="the failed start")
+    status = wait_until(lambda: (a := cloud.app("noapp"))["crashes"] and a, what="the crash counted")
+    assert status["last_crash"].startswith("exited with status 1; its last output: "), status
+    assert "nomodule" in status["last_crash"], status
 
 
 def test_memory_limit_stops_the_app_with_a_clear_line(cloud: AppCloud) -> None:

@@ -289,7 +289,7 @@ def _show_site(site: Any, a: argparse.Namespace) -> None:
         if app.get("runtime", "static") != "static" or app.get("state") == "unknown":
             # A tenant is not told the platform's host names: its servers are numbered.
             where = app.get("worker") or (f"server {number}" if len(apps) > 1 else "")
-            out(f"app{' on ' + where if where else ''}: {_app_line(app)}")
+            out(f"app{' on ' + where if where else ''}: {_app_line(app, site['name'])}")
     for line in _quota_lines(site.get("quota")):
         out(line)
 
@@ -355,7 +355,7 @@ def _mb(size: int) -> str:
     return f"{size / 2**20:.2f}"
 
 
-def _app_line(app: dict[str, Any]) -> str:
+def _app_line(app: dict[str, Any], site: str) -> str:
     """One line per worker: the app's state and each limit it has run into."""
     if app.get("state") == "unknown":
         return f"state unknown ({app.get('reason', 'no answer')})"
@@ -373,6 +373,8 @@ def _app_line(app: dict[str, Any]) -> str:
     ):
         if app.get(key):
             parts.append(f"{what} {app[key]}x")
+    if app.get("crashes") and app.get("last_crash"):
+        parts.append(f"last: {app['last_crash']} (sitecloud site logs {site})")
     if app.get("build_error"):
         # Its last error lines, one line here: `site logs` has the whole build.
         parts.append("DEGRADED, build failed: " + " / ".join(str(app["build_error"]).splitlines()))

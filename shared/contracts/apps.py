@@ -37,6 +37,8 @@ class AppDescription(Contract):
     memory_bytes: ByteCount = 0
     starts: _Count = 0
     crashes: _Count = 0
+    # The last crash: how it exited, and the app's last line of output if it came just before.
+    last_crash: Annotated[str, Field(max_length=1000)] | None = None
     always_on: bool = False
     sandboxed: bool = False
     memory_limit_bytes: ByteCount = 0

@@ -74,6 +74,8 @@ SWEEP_INTERVAL = 0.25
 _START_ROUNDS = 3
 # Waits before an app that failed to start or crashed is started again.
 _RETRY = Backoff(first=0.25, cap=30.0)
+# An app's line this recent at its exit is taken as why it exited (site show's "last:").
+_LAST_WORDS = 5.0
 _BUILD_FAILED = "the site's build failed: its app does not start until a version of it builds"
 _REBUILD = "the deploy's answer and `sitecloud site logs` say why; fix it and deploy again"
 # Where a sandboxed ``command`` app listens: its network namespace is its own, any port will do.
@@ -107,6 +109,7 @@ class AppSite:
         "generation",
         "identity",
         "instance",
+        "last_crash",
         "last_used",
         "log",
         "memory_kills",
@@ -151,6 +154,8 @@ class AppSite:
         self.starts = 0
         self.boosted_at = -_BOOST_EVERY
         self.crashes = 0
+        # How the last crash went: the exit, and the app's last line before it (site show says it).
+        self.last_crash: str | None = None
         # Limits hit: memory kills, process-limit hits, times its disk quota filled up (and now).
         self.memory_kills = 0
         self.pids_hits = 0
@@ -544,6 +549,7 @@ class AppManager:
             cpu_seconds=round(self.cpu_seconds(app), 3),
             starts=app.starts,
             crashes=app.crashes,
+            last_crash=app.last_crash,
             always_on=app.always_on,
             sandboxed=self._sandbox is not None,
             memory_limit_bytes=app.spec.limits.memory_mb * 1024 * 1024,
@@ -875,14 +881,20 @@ class AppManager:
         if inst.cgroup is not None:
             self._note_pids_hits(app, inst)
             self._remove_group(inst.cgroup)
+        # A line just before the exit most often says why (a traceback's last); an older one is only
+        # the app at work.
+        said = log.last_app_line if time.monotonic() - log.last_app_at < _LAST_WORDS else ""
+        log.last_app_line = ""
         if inst.stopping == "memory" or code == MEMORY_EXIT or oom:
             app.memory_kills += 1
-            log.write("worker", f"stopped: exceeded its {inst.limits.memory_mb} MB memory limit")
+            how = f"stopped: exceeded its {inst.limits.memory_mb} MB memory limit"
         elif inst.stopping is not None:
             log.write("worker", f"stopped ({inst.stopping})")
             return
         else:
-            log.write("worker", f"exited with {_status(code)}")
+            how = f"exited with {_status(code)}"
+        log.write("worker", how)
+        app.last_crash = f"{how}; its last output: {said}" if said else how
         app.crashes += 1
         app.failures += 1
         wait = _RETRY.delay(app.failures) if not inst.served or app.failures > 1 else 0.0

@@ -24,6 +24,9 @@ _HOLD_BYTES = 64 * 1024
 # About what an access line takes besides its target, for the held-bytes bound.
 _RECORD_BYTES = 160
 
+# How much of an app's last line is kept for its status (site show).
+_LAST_LINE_CHARS = 300
+
 
 class SiteLog:
     def __init__(self, path: Path, max_bytes: int) -> None:
@@ -35,6 +38,9 @@ class SiteLog:
         self._flush_at: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
+        # The app's own last line (its stderr, stdout): most often why it exited.
+        self.last_app_line = ""
+        self.last_app_at = 0.0
 
     def _now(self, at: int | None = None) -> str:
         second = int(time.time()) if at is None else at
@@ -46,6 +52,11 @@ class SiteLog:
         """Append lines (``source`` is app, worker or access); a write error never reaches a request."""
         stamp = self._now()
         lines = [f"{stamp} [{source}] {line}" for line in text.rstrip("\n").split("\n")]
+        if source == "app":
+            said = [line for line in text.split("\n") if line.strip()]
+            if said:
+                self.last_app_line = said[-1].strip()[:_LAST_LINE_CHARS]
+                self.last_app_at = time.monotonic()
         self.flush()
         self._append(("\n".join(lines) + "\n").encode("utf-8", "replace"))
         self._tell(lines)
