@@ -471,6 +471,16 @@ def test_up_is_handed_to_the_controller(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert os.environ["SITECLOUD_HOME"] == str(tmp_path)
 
 
+def test_up_warns_when_the_advertised_address_is_not_this_machines() -> None:
+    from roles.controller.up import _is_this_machine
+
+    assert _is_this_machine("127.0.0.1") and _is_this_machine("localhost")
+    # TEST-NET-2 (RFC 5737) is on no interface here: a typo, or an address behind a NAT.
+    assert not _is_this_machine("198.51.100.77")
+    # A name that does not resolve here says nothing either way: no warning.
+    assert _is_this_machine("nosuchhost.invalid")
+
+
 def test_a_second_up_on_a_home_keeps_its_ports_domain_and_db_unless_told_otherwise(tmp_path: Path) -> None:
     # Before, `up` without the flags moved every site of a home made with --https-port 47443 to 8443.
     from roles.controller.config import CloudConfig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 from collections.abc import Collection
 from pathlib import Path
@@ -174,6 +175,24 @@ def _controller_settings(home: Path) -> dict[str, Any]:
     return role_settings(state_file, state if isinstance(state, dict) else {}, "controller")
 
 
+def _is_this_machine(address: str) -> bool:
+    """Whether ``address`` (or any address a DNS name resolves to) belongs to one of this machine's
+    interfaces: only such an address can be bound (a name that does not resolve here says nothing)."""
+    try:
+        found = {str(info[4][0]) for info in socket.getaddrinfo(address, None, proto=socket.IPPROTO_UDP)}
+    except OSError:
+        return True
+    for ip in found:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((ip, 0))
+            except OSError:
+                continue
+            return True
+    return False
+
+
 def run_up(argv: list[str]) -> int:
     """Run the cloud until Ctrl-C or SIGTERM. A :class:`SitecloudError` (a bad option, a home or port
     in use) is raised to the CLI, which prints it as every command's errors are printed."""
@@ -214,6 +233,12 @@ def run_up(argv: list[str]) -> int:
     controller = Controller(config, progress=progress)
 
     progress(f"home {config.home}")
+    if config.advertise and not _is_this_machine(config.advertise):
+        progress(
+            f"warning: --advertise {config.advertise} is not an address of this machine: roles on other "
+            "hosts reach this machine's roles there only through a NAT or a forward to it; if that is "
+            "not so, start again with one of this machine's addresses (`ip -4 addr`)"
+        )
     run_until_stopped(controller.run)
     progress("stopped")
     return 0
