@@ -507,6 +507,25 @@ def test_a_second_up_on_a_home_keeps_its_ports_domain_and_db_unless_told_otherwi
     assert (moved["https_port"], moved["ftp_port"]) == (9443, 47021)
 
 
+def test_an_up_without_advertise_after_one_with_it_serves_only_this_machine_again(tmp_path: Path) -> None:
+    # Before, --advertise's widened bind (0.0.0.0) was remembered as if asked for: every later `up`
+    # kept listening on all addresses.
+    from roles.controller.config import CloudConfig
+    from roles.controller.home import CloudHome
+    from roles.controller.up import _parser, _remembered_choices
+
+    home = tmp_path / "cloud"
+    chosen = _remembered_choices(home, _parser().parse_args(["--home", str(home), "--advertise", "10.0.0.5"]))
+    config = CloudConfig(home=home, bind=chosen["bind"], advertise=chosen["advertise"])
+    assert config.bind == "0.0.0.0"
+    CloudHome(config).prepare()
+    again = _remembered_choices(home, _parser().parse_args(["--home", str(home)]))
+    assert (again["advertise"], again["bind"]) == ("10.0.0.5", "127.0.0.1")
+    assert CloudConfig(home=home, bind=again["bind"], advertise=again["advertise"]).bind == "0.0.0.0"
+    alone = _remembered_choices(home, _parser().parse_args(["--home", str(home), "--advertise", ""]))
+    assert CloudConfig(home=home, bind=alone["bind"], advertise=alone["advertise"]).bind == "127.0.0.1"
+
+
 def test_the_admins_role_settings_reach_the_controller_and_the_roles_configs(tmp_path: Path) -> None:
     from roles.controller.config import CloudConfig
     from roles.controller.home import CloudHome

@@ -52,9 +52,13 @@ class CloudConfig:
     # this machine's roles are reachable only here, and a role on another host that would need one is
     # refused.
     advertise: str = ""
+    # The bind address as asked for, before --advertise widened a loopback one: what the next `up`
+    # on this home keeps (an `up` without --advertise serves only this machine again).
+    bind_asked: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "domain", validate_hostname(self.domain))
+        object.__setattr__(self, "bind_asked", self.bind)
         if self.advertise:
             object.__setattr__(self, "advertise", _address_or_name(self.advertise))
             if self.bind in ("127.0.0.1", "localhost", "::1"):

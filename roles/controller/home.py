@@ -161,7 +161,7 @@ class CloudHome:
         # What the next `up` on this home uses where its command line says nothing (see up.py).
         self._state["up"] = {
             "domain": c.domain,
-            "bind": c.bind,
+            "bind": c.bind_asked,
             "advertise": c.advertise,
             "http_port": c.http_port,
             "https_port": c.https_port,
