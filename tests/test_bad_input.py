@@ -450,3 +450,11 @@ def test_a_portal_flash_opens_only_for_the_session_that_sealed_it() -> None:
     # A form too big for a cookie is dropped; the message stays.
     big = seal_flash("session-a", {"error": {"message": "no"}, "form": {"v": "x" * 5000}})
     assert open_flash("session-a", big) == {"error": {"message": "no"}}
+    # An error too long for a cookie (a failed build's lines) is cut to fit, not dropped with it.
+    lines = "\n".join(f"ERROR: line {i} " + "é" * 300 for i in range(20))
+    long = seal_flash("session-a", {"error": {"message": lines, "hint": "deploy again"}, "form": {"v": "x"}})
+    assert len(long) <= 3800
+    shown = open_flash("session-a", long)
+    assert shown is not None and shown["error"]["hint"] == "deploy again" and "form" not in shown
+    message = shown["error"]["message"]
+    assert message.startswith("ERROR: line 0 é") and message.endswith(" …"), message[:100]

@@ -24,6 +24,8 @@ __all__ = ["FLASH_COOKIE", "open_flash", "seal_flash"]
 FLASH_COOKIE = "__Host-sitecloud_flash"
 # Browsers keep cookies up to 4096 bytes; a form too big to carry back is dropped, the message kept.
 _MAX_COOKIE = 3800
+# An error message is not cut shorter than this to fit.
+_MIN_MESSAGE = 200
 _CONTEXT = b"sitecloud portal flash v1"
 
 
@@ -39,7 +41,18 @@ def seal_flash(secret: str, data: dict[str, Any]) -> str:
 
     value = sealed(data)
     if len(value) > _MAX_COOKIE and "form" in data:
-        value = sealed({k: v for k, v in data.items() if k != "form"})
+        data = {k: v for k, v in data.items() if k != "form"}
+        value = sealed(data)
+    # A cookie past the bound is dropped by the browser, error and all: a long one (a failed build's
+    # lines) is cut instead, its start kept.
+    error = data.get("error")
+    while (
+        len(value) > _MAX_COOKIE and isinstance(error, dict) and len(str(error.get("message"))) > _MIN_MESSAGE
+    ):
+        message = str(error["message"])
+        error = {**error, "message": message[: len(message) // 2].rstrip() + " …"}
+        data = {**data, "error": error}
+        value = sealed(data)
     return value
 
 
