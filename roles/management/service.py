@@ -436,14 +436,11 @@ class ManagementService:
         self._log.bind(tenant=result["tenant"], site=name).info("site started")
         return result
 
-    async def start_site_following(self, who: Principal, name: str) -> AsyncIterator[bytes]:
-        """:meth:`start_site`, then the build of the site's newest version until its workers serve it,
-        as lines (``{"source", "text"}`` as they come, then ``{"result": …}`` or ``{"error": …}``): a
-        version published while the site was stopped is built only now, and its owner is looking
-        here, not at the deploy. A refusal (no such site, a suspended subscription) comes before
-        the first line."""
+    @contextlib.asynccontextmanager
+    async def _started_followed(self, who: Principal, name: str) -> AsyncIterator[tuple[Json, BuildFollow]]:
+        """:meth:`start_site`, with the site's workers followed from before the start: the build
+        begins as soon as the site reaches them."""
         workers = await self._read(self._store.site_worker_urls, who, name)
-        # Opened before the start: the build begins as soon as the site reaches its workers.
         follow = self._builds.open(name, [url for _, url in workers])
         try:
             result = await self.start_site(who, name)
@@ -451,27 +448,48 @@ class ManagementService:
             if placed != workers:
                 await follow.close()
                 follow = self._builds.open(name, [url for _, url in placed])
-            async for line in _as_lines(
-                lambda emit: self._until_built(name, result, follow, emit), self._log
-            ):
-                yield line
+            yield result, follow
         finally:
             await follow.close()
 
-    async def _until_built(self, name: str, started: Json, follow: BuildFollow, emit: Emit) -> Json:
-        """``started`` once the site's workers serve its newest version built; a failed build, or no
+    async def start_site_following(self, who: Principal, name: str) -> AsyncIterator[bytes]:
+        """:meth:`start_site`, then the build of the site's newest version until its workers serve it,
+        as lines (``{"source", "text"}`` as they come, then ``{"result": …}`` or ``{"error": …}``): a
+        version published while the site was stopped is built only now, and its owner is looking
+        here, not at the deploy. A refusal (no such site, a suspended subscription) comes before
+        the first line."""
+        async with self._started_followed(who, name) as (result, follow):
+
+            async def built(emit: Emit) -> Json:
+                return (await self._until_built(name, result, follow, emit))[0]
+
+            async for line in _as_lines(built, self._log):
+                yield line
+
+    async def start_site_built(self, who: Principal, name: str, *, wait: float) -> tuple[Json, bool]:
+        """:meth:`start_site_following` without the lines (the portal's start): the started site, and
+        whether its build is over (not when ``wait`` seconds passed first, or it cannot be followed);
+        a failed build, or no worker to serve it, is raised."""
+        async with self._started_followed(who, name) as (result, follow):
+            return await self._until_built(name, result, follow, _unheard, wait=wait)
+
+    async def _until_built(
+        self, name: str, started: Json, follow: BuildFollow, emit: Emit, *, wait: float = _BUILD_WAIT
+    ) -> tuple[Json, bool]:
+        """``started`` once the site's workers serve its newest version built, and whether they do
+        (not when the wait ran out first, or the build cannot be followed); a failed build, or no
         worker to serve it, is raised."""
         if started.get("pending"):
-            return started  # the workers have not been told: nothing builds yet
+            return started, True  # the workers have not been told: nothing builds yet
         try:
             version = await self._newest_version(name)
         except SitecloudError as exc:
             self._log.bind(site=name).warning("cannot tell whether started site %s builds: %s", name, exc)
             await emit("start", "its build cannot be followed: the content store does not answer now")
-            return started
+            return started, False
         if version is None:
-            return started  # nothing published yet: nothing to build
-        outcome = await follow.until_served(version, emit, timeout=_BUILD_WAIT)
+            return started, True  # nothing published yet: nothing to build
+        outcome = await follow.until_served(version, emit, timeout=wait)
         if outcome.failed:
             raise BuildFailed(
                 f"site {name} is started, but version {version} does not run: {build_failure(outcome.failed)}",
@@ -484,7 +502,7 @@ class ManagementService:
             )
         if not outcome.done:
             await emit("start", f"its build goes on; follow it with `sitecloud site logs {name}`")
-        return started
+        return started, outcome.done
 
     async def stop_site(self, who: Principal, name: str) -> Json:
         result = await self._write_live(self._store.set_site_state, who, name, "stopped")
@@ -817,6 +835,10 @@ def _unknown_app_state(exc: BaseException, *, detail: bool) -> str:
         assert isinstance(exc, SitecloudError)
         return f"the worker answered: {exc.message}"
     return f"the worker cannot be reached ({unreached_reason(exc)}): see `sitecloud role list`"
+
+
+async def _unheard(source: str, text: str) -> None:
+    """Where a build's lines go when nobody reads them as they come (the site's log has them)."""
 
 
 async def _as_lines(run: Callable[[Emit], Awaitable[Json]], log: ContextLogger) -> AsyncIterator[bytes]:

@@ -28,13 +28,21 @@ from roles.management.portal._web import (
     require_page,
     see_other,
 )
-from shared.errors import BadRequest, InvalidInput, NotFound, SitecloudError
+from roles.management.service import ManagementService
+from shared.errors import BadRequest, BuildFailed, InvalidInput, NotFound, NotServed, SitecloudError
 
 __all__ = ["tenant_routes"]
 
 _CHUNK = 256 * 1024
 # As the API's default: the slot's app has this long to answer its first request.
 _SWAP_WARM_SECONDS = 60.0
+# A start's page waits this long for the site's build; a longer one goes on, and the page says so.
+_START_WAIT = 120.0
+# What to do when a start fails, as the CLI says it, in the portal's words.
+_REBUILD = "fix what the build says and deploy again, or roll back to an earlier version under Versions below"
+_NO_WORKER = (
+    "ask your hosting provider to start the site's servers: it serves this version as soon as one runs"
+)
 
 
 def _site(request: web.Request) -> str:
@@ -186,8 +194,7 @@ async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
     back = _site_url(name)
     try:
         if action == "start":
-            await service.start_site(page.who, name)
-            raise see_other(request, back, notice="started")
+            raise see_other(request, back, notice=await _start(service, page, name))
         if action == "stop":
             await service.stop_site(page.who, name)
             raise see_other(request, back, notice="stopped")
@@ -270,6 +277,22 @@ async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
     except SitecloudError as err:
         raise see_other(request, back, error=err) from None
     raise web.HTTPNotFound()
+
+
+async def _start(service: ManagementService, page: Page, name: str) -> str:
+    """Start the site and wait for its build, as `sitecloud site start` does: a failed build, or no
+    worker to serve it, is raised, with what to do on this portal; what is left is the notice."""
+    try:
+        started, built = await service.start_site_built(page.who, name, wait=_START_WAIT)
+    except BuildFailed as err:
+        raise BuildFailed(err.message, hint=_REBUILD) from None
+    except NotServed as err:
+        raise NotServed(err.message, hint=_NO_WORKER) from None
+    if started.get("pending"):
+        return f"Site started, but {started['pending']}."
+    if not built:
+        return "Site started; its newest version may still be building: it serves that once it is built."
+    return "started"
 
 
 def _version(raw: object) -> int:
