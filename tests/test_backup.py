@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from tests.cloud import LocalCloud, basic_tenant, running_cloud, site_ftp
 from tests.support import TinyDns
@@ -289,6 +290,32 @@ def test_a_plan_sets_how_many_versions_its_sites_keep(cloud: LocalCloud, tenant:
     wait_until(pruned, timeout=30, interval=0.5, what="blog's versions to be pruned to the plan's 3")
     gone = cloud.cli("site", "download", "blog", "1", "-o", "/dev/null", check=False)
     assert gone["error"]["code"] == "not_found" and "no longer kept" in gone["error"]["message"], gone
+
+
+def test_a_dump_keeps_no_config_generation_of_the_cloud_that_wrote_it(tmp_path: Path) -> None:
+    """A site's live_from counts this cloud's config generations: in another cloud it would keep the
+    site pending until that one's count passed it."""
+    from roles.management._backup import dump_tables, restore_tables
+    from shared.db import Database
+    from shared.db.models import Plan, Site, Subscription, Tenant
+
+    source = Database.sqlite(tmp_path / "source.db")
+    source.migrate()
+    with source.session() as s:
+        sub = Subscription(tenant=Tenant(name="contoso"), plan=Plan(name="basic", max_sites=2, storage_mb=5))
+        s.add(Site(name="blog", subscription=sub, live_from=4711))
+    dump = dump_tables(source)
+    source.dispose()
+    (row,) = dump["tables"]["sites"]
+    assert row["name"] == "blog" and "live_from" not in row, row
+    target = Database.sqlite(tmp_path / "target.db")
+    target.migrate()
+    try:
+        restore_tables(target, dump["alembic_revision"], dump["tables"], force=False)
+        with target.session() as s:
+            assert s.execute(select(Site.live_from)).scalar_one() is None
+    finally:
+        target.dispose()
 
 
 def test_a_sqlite_dump_restores_into_postgresql_and_ids_go_on_from_there(tmp_path: Path) -> None:

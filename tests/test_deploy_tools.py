@@ -704,6 +704,9 @@ def test_the_portal_start_of_a_stopped_site_reports_its_build_as_the_cli_does(
             assert post_and_follow(page, "button:text-is('Start site')") == 303
             assert page.locator(".alert").count() == 0, page.inner_text(".alert")
             assert "Site started: it serves visitors again." in page.inner_text(".notice")
+            # The controller applied the start: the page says running, not pending.
+            assert page.locator("h1 .badge").all_inner_texts() == ["running"]
+            assert page.locator(".not-live").count() == 0, page.inner_text(".not-live")
             status, _, body = cloud.get("buildportal", "/")  # no waiting: it said it serves
             assert (status, body) == (200, b"v2"), (status, body[:300])
             ctx.close()

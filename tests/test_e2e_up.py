@@ -502,6 +502,12 @@ def test_the_data_plane_outlives_the_controller_and_a_restart(
     cloud: LocalCloud, sites: dict[str, Any], tmp_path: Path
 ) -> None:
     pids = cloud.role_pids()
+    cloud.cli("plan", "create", "late-plan", "--max-sites", "2", "--storage-mb", "1")
+    late_sub = cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "late-plan")
+    # A site the controller stopped, to be started while it is down.
+    cloud.cli("site", "create", "paused", "--subscription", str(late_sub["id"]))
+    assert "pending" not in cloud.cli("site", "show", "paused")
+    cloud.cli("site", "stop", "paused")
     cloud.kill_controller()
     # Controller gone: sites still serve, FTP still publishes.
     assert cloud.get("blog", "/")[2] == b"<h1>v3</h1>"
@@ -519,12 +525,28 @@ def test_the_data_plane_outlives_the_controller_and_a_restart(
     assert "is the controller running?" in roles[0]["reason"], roles[0]
     # A site made now reaches the publisher only with the controller: a deploy says to retry
     # (before: "site late is not served by this publisher", a not-found).
-    cloud.cli("plan", "create", "late-plan", "--max-sites", "1", "--storage-mb", "1")
-    late_sub = cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "late-plan")
     # Its creation says so (before: "state running", as if it were live).
     created = cloud.cli("site", "create", "late", "--subscription", str(late_sub["id"]))
     assert created["pending"].startswith("not live yet: site late is created"), created
     assert "as soon as the controller runs again" in created["pending"], created
+    # So do `site show` and `site list`, as long as it is so (before: "running", nothing more), and
+    # for a site started now too.
+    assert cloud.cli("site", "start", "paused")["pending"].startswith("not live yet"), "paused"
+    for name in ("late", "paused"):
+        shown = cloud.cli("site", "show", name)
+        assert shown["state"] == "running" and shown["apps"] == [], shown
+        assert shown["pending"] == (
+            f"not live yet: site {name} is stored as running, but the cloud's controller has not "
+            "applied that; nothing serves it until the controller runs again"
+        )
+        text = cloud.cli_text("site", "show", name)
+        assert "  state         running (pending)\n" in text and f"NOTE: {shown['pending']}\n" in text, text
+    listed = {site["name"]: site for site in cloud.cli("site", "list")["sites"]}
+    assert listed["late"]["pending"] and listed["paused"]["pending"] and "pending" not in listed["blog"]
+    rows = {line.split()[0]: line for line in cloud.cli_text("site", "list").splitlines() if line}
+    assert "running (pending)" in rows["late"] and "running (pending)" in rows["paused"], rows
+    assert "running" in rows["blog"] and "pending" not in rows["blog"], rows
+    assert rows["NOTE:"].startswith("NOTE: a pending site is not live yet"), rows
     (tmp_path / "late").mkdir()
     (tmp_path / "late" / "index.html").write_bytes(b"late")
     error = cloud.cli("deploy", "late", str(tmp_path / "late"), check=False)["error"]
@@ -539,6 +561,14 @@ def test_the_data_plane_outlives_the_controller_and_a_restart(
         timeout=15,
         what="every role Ready again",
     )
+    # Live now: show and list say running, nothing more.
+    for name in ("late", "paused"):
+        wait_until(
+            lambda name=name: "pending" not in cloud.cli("site", "show", name),
+            timeout=15,
+            what=f"{name} to be live",
+        )
+    assert not [site for site in cloud.cli("site", "list")["sites"] if "pending" in site]
     cloud.cli("deploy", "late", str(tmp_path / "late"))
     cloud.wait_for_content("late", "/", b"late")
     assert cloud.get("blog", "/")[2] == b"<h1>v3</h1>"

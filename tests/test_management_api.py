@@ -67,6 +67,14 @@ class ManagementCloud:
         with self.db.session() as s:
             return current_generation(s)
 
+    def worker_runs(self, config_version: int | None = None, *, desired_state: str = "running") -> None:
+        """Record the one worker as the controller would from its health: the config generation it
+        runs (the current one when not given), and whether the admin wants it running."""
+        with self.db.session() as s:
+            role = s.execute(select(Role)).scalar_one()
+            role.config_version = current_generation(s) if config_version is None else config_version
+            role.desired_state = desired_state
+
     def write_endpoints(self, home: Path, *, api: str | None = None) -> Path:
         """The ``endpoints.json`` that `sitecloud up` writes, pointing at this process."""
         home.mkdir(parents=True, exist_ok=True)
@@ -250,9 +258,12 @@ def test_site_lifecycle(cloud: ManagementCloud) -> None:
         first_uid = row.uid
 
     shown = cloud.ok("GET", "/sites/blog", token=token)
+    # Nor is it live when shown: no role here runs the generation that made it.
+    assert shown["pending"].startswith("not live yet: site blog is stored as running"), shown
     # Passwords are in the create answer only.
     assert shown == {
         **site,
+        "pending": shown["pending"],
         "ftp": {k: v for k, v in site["ftp"].items() if k != "password"},
         "deploy": {k: v for k, v in site["deploy"].items() if k != "password"},
         "apps": [],  # no worker holds it in this cloud: nothing to ask
@@ -279,6 +290,52 @@ def test_site_lifecycle(cloud: ManagementCloud) -> None:
     cloud.ok("POST", "/sites", token=token, body={"name": "blog", "subscription": sub})
     with cloud.db.session() as s:
         assert s.execute(select(Site.uid).where(Site.name == "blog")).scalar_one() != first_uid
+
+
+def test_a_running_site_is_pending_until_the_serving_roles_run_what_made_it_serve(
+    cloud: ManagementCloud,
+) -> None:
+    # No controller runs here, and the one worker's recorded config is old: nothing serves a new site.
+    # (Before, `site show` and `site list` said "running" as if it served.)
+    token, sub = _tenant_with_subscription(cloud, "waiting", "waiting-plan")
+    cloud.ok("POST", "/sites", token=token, body={"name": "waiting", "subscription": sub})
+    shown = cloud.ok("GET", "/sites/waiting", token=token)
+    assert shown["state"] == "running" and shown["apps"] == [], shown
+    assert shown["pending"] == (
+        "not live yet: site waiting is stored as running, but the cloud's controller has not applied "
+        "that; nothing serves it until the controller runs again"
+    )
+    (listed,) = cloud.ok("GET", "/sites", token=token)["sites"]
+    assert listed["pending"] == shown["pending"]
+    try:
+        cloud.worker_runs()
+        assert "pending" not in cloud.ok("GET", "/sites/waiting", token=token)
+        # Stopped, it is not meant to serve; started again, it waits for the roles once more.
+        cloud.ok("POST", "/sites/waiting/stop", token=token)
+        assert "pending" not in cloud.ok("GET", "/sites/waiting", token=token)
+        cloud.ok("POST", "/sites/waiting/start", token=token)
+        assert cloud.ok("GET", "/sites/waiting", token=token)["pending"] == shown["pending"]
+        cloud.worker_runs()
+        assert "pending" not in cloud.ok("GET", "/sites/waiting", token=token)
+        # Only a change that makes it serve waits: another one, not yet applied, leaves it live.
+        cloud.ok("POST", "/sites/waiting/scale", token=token, body={"instances": 1})
+        assert "pending" not in cloud.ok("GET", "/sites/waiting", token=token)
+        # Its subscription resumed, it waits again (suspended, it is not meant to serve).
+        cloud.ok("POST", f"/subscriptions/{sub}/suspend")
+        suspended = cloud.ok("GET", "/sites/waiting", token=token)
+        assert suspended["state"] == "suspended" and "pending" not in suspended, suspended
+        cloud.ok("POST", f"/subscriptions/{sub}/resume")
+        assert cloud.ok("GET", "/sites/waiting", token=token)["pending"] == shown["pending"]
+        cloud.worker_runs()
+        assert "pending" not in cloud.ok("GET", "/sites/waiting", token=token)
+        # A role the admin stopped serves nothing: it is not waited for.
+        cloud.ok("POST", "/sites/waiting/stop", token=token)
+        cloud.ok("POST", "/sites/waiting/start", token=token)
+        cloud.worker_runs(1, desired_state="stopped")
+        assert "pending" not in cloud.ok("GET", "/sites/waiting", token=token)
+    finally:
+        cloud.worker_runs(1)  # as the module's cloud began
+    cloud.ok("DELETE", "/sites/waiting", token=token)
 
 
 def test_tenant_isolation(cloud: ManagementCloud) -> None:

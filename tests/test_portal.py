@@ -300,6 +300,50 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
     tenant_ctx.close()
 
 
+def test_a_site_the_controller_has_not_applied_says_so_on_its_pages(
+    cloud: ManagementCloud, browser: Any
+) -> None:
+    # No controller runs here, and the worker's recorded config is older than the site: nothing
+    # serves it, and its pages say so (before: "running", as if it served).
+    portal = f"https://localhost:{cloud.config.api_port}"
+    admin_name, admin_password = admin_user(cloud.write_endpoints(cloud.home / "cli-home-3"), "watcher")
+    cloud.ok("POST", "/plans", body={"name": "waiting-plan", "max_sites": 1, "storage_mb": 10})
+    cloud.ok("POST", "/tenants", body={"name": "waiter"})
+    sub = cloud.ok("POST", "/subscriptions", body={"tenant": "waiter", "plan": "waiting-plan"})
+    cloud.ok("POST", "/sites", body={"name": "not-yet", "subscription": sub["id"]})
+    user = cloud.ok("POST", "/users", body={"username": "waiter-user", "tenant": "waiter"})
+    ctx = browser.new_context(ignore_https_errors=True, java_script_enabled=False)
+    page = ctx.new_page()
+    sign_in(page, portal, "waiter-user", user["password"])
+    admin_ctx = browser.new_context(ignore_https_errors=True, java_script_enabled=False)
+    admin = admin_ctx.new_page()
+    sign_in(admin, portal, admin_name, admin_password)
+
+    def badges() -> dict[str, list[str]]:
+        page.goto(f"{portal}/portal/")
+        home = page.locator("tr", has_text="not-yet").locator(".badge").all_inner_texts()
+        page.goto(f"{portal}/portal/sites/not-yet")
+        admin.goto(f"{portal}/admin/sites")
+        listed = admin.locator("tr", has_text="not-yet").locator(".badge").all_inner_texts()
+        return {"home": home, "site": page.locator("h1 .badge").all_inner_texts(), "admin": listed}
+
+    try:
+        assert badges() == {k: ["running", "pending"] for k in ("home", "site", "admin")}
+        assert page.inner_text(".not-live") == (
+            "Not live yet: site not-yet is stored as running, but the cloud's controller has not applied "
+            "that; nothing serves it until the controller runs again."
+        )
+        assert "running (pending)" in page.inner_text(".facts")
+        # Once the roles run it, it is live: running, nothing more.
+        cloud.worker_runs()
+        assert badges() == {k: ["running"] for k in ("home", "site", "admin")}
+        assert page.locator(".not-live").count() == 0
+    finally:
+        cloud.worker_runs(1)  # as the module's cloud began
+    ctx.close()
+    admin_ctx.close()
+
+
 def test_every_destructive_action_asks_and_no_post_is_sent_twice(
     cloud: ManagementCloud, browser: Any
 ) -> None:

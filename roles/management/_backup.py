@@ -37,6 +37,8 @@ TABLES = (
 )
 # A cloud holding any of these is not empty: a restore would mix two clouds' tenants.
 _OCCUPIED = ("plans", "tenants", "users", "sites")
+# Columns that only mean something in the cloud that wrote them (its config generations): not kept.
+_LOCAL = {"sites": frozenset({"live_from"})}
 Json = dict[str, Any]
 
 
@@ -88,7 +90,8 @@ def dump_tables(db: Database) -> Json:
                 query = query.where(~_seeded_admin_token(table))
             pk = list(table.primary_key.columns)
             rows = conn.execute(query.order_by(*pk)).mappings()
-            tables[name] = [{k: _plain(v) for k, v in row.items()} for row in rows]
+            local = _LOCAL.get(name, frozenset())
+            tables[name] = [{k: _plain(v) for k, v in row.items() if k not in local} for row in rows]
         return {
             "format": BACKUP_FORMAT,
             "alembic_revision": alembic_revision(conn),

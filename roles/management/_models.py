@@ -597,7 +597,8 @@ class Site(Answer):
     )
     pending: str | None = Field(
         None,
-        description="a change's answer: why it is stored but not live yet (the controller did not apply it)",
+        description="why it is stored but not live yet: in a change's answer, the controller did not apply "
+        "it; in a running site, the controller has not applied its creation or start, so nothing serves it",
     )
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload, object_session, selectinload
 
@@ -67,7 +67,7 @@ from shared.names import (
     validate_site_name,
     validate_slot_name,
 )
-from shared.states import SiteState
+from shared.states import RoleState, SiteState
 
 __all__ = [
     "COMPUTE_MODES",
@@ -614,8 +614,14 @@ class Store:
         require_admin(who)
         with self._write_lock, self._db.session() as s:
             sub = self._visible_subscription(s, who, sub_id)
+            resuming = state == "active" and sub.state != "active"
             sub.state = state
-            bump_generation(s)
+            generation = bump_generation(s)
+            if resuming:
+                for site in s.scalars(
+                    select(Site).where(Site.subscription_id == sub.id, Site.state == "running")
+                ):
+                    site.live_from = generation
         return self.show_subscription(who, sub_id)
 
     def change_plan(self, who: Principal, sub_id: int, plan_name: str, storage_bytes: int | None) -> Json:
@@ -682,13 +688,14 @@ class Store:
     def site_json(self, site: Site, who: Principal) -> Json:
         c, publishing = self._config, self.publishing
         port = "" if c.https_port == 443 else f":{c.https_port}"
-        return {
+        # As the roles see it: a suspended subscription's sites serve nothing, whatever their own.
+        state = SiteState.of(site.state, site.subscription.state)
+        answer: Json = {
             "name": site.name,
             "url": f"https://{site.name}.{c.domain}{port}/",
             "subscription": site.subscription_id,
             "tenant": site.subscription.tenant.name,
-            # As the roles see it: a suspended subscription's sites serve nothing, whatever their own.
-            "state": SiteState.of(site.state, site.subscription.state),
+            "state": state,
             "instances": site.instances or 1,
             "hostnames": [h.hostname for h in site.hostnames],
             "ftp": {"host": publishing.ftp_host, "port": publishing.ftp_port, "user": site.name},
@@ -699,6 +706,12 @@ class Store:
             },
             "problems": _site_problems(site, by_host=who.is_admin),
         }
+        if state is SiteState.RUNNING and _not_live_yet(site):
+            answer["pending"] = (
+                f"not live yet: site {site.name} is stored as running, but the cloud's controller has "
+                "not applied that; nothing serves it until the controller runs again"
+            )
+        return answer
 
     def _visible_site(self, s: Session, who: Principal, name: str) -> Site:
         site = s.execute(select(Site).where(Site.name == name)).scalar_one_or_none()
@@ -748,7 +761,7 @@ class Store:
         site.credentials.append(PublishingCredential(username=name, password_hash=password_hash))
         s.add(site)
         self._flush(s, f"site {name!r} already exists")
-        bump_generation(s)
+        site.live_from = bump_generation(s)
         return site
 
     def list_sites(
@@ -840,8 +853,11 @@ class Store:
                 raise Forbidden(
                     f"subscription {site.subscription_id} is {site.subscription.state}, not active"
                 )
+            starting = state == "running" and site.state != "running"
             site.state = state
-            bump_generation(s)
+            generation = bump_generation(s)
+            if starting:
+                site.live_from = generation
             return self.site_json(site, who)
 
     def scale_site(self, who: Principal, name: str, instances: Any) -> Json:
@@ -1461,6 +1477,11 @@ class Store:
         with self._db.session() as s:
             return current_generation(s)
 
+    def applied(self, generation: int) -> None:
+        """Every serving role runs ``generation``: a site that went live by then is live."""
+        with self._write_lock, self._db.session() as s:
+            s.execute(update(Site).where(Site.live_from <= generation).values(live_from=None))
+
     @staticmethod
     def _flush(s: Session, conflict: str) -> None:
         # A unique constraint still catches a writer in another process that won the race.
@@ -1492,6 +1513,23 @@ def _delete_sites(s: Session, sites: Iterable[Site]) -> None:
         if site.slot_of_id is not None:
             s.flush()
     s.flush()
+
+
+def _not_live_yet(site: Site) -> bool:
+    """Whether a running site waits for the controller: some role that serves (as the controller
+    last recorded them) does not run the generation that made it serve yet. With the controller
+    down, that record stays as it was: a site created or started since is not live."""
+    if site.live_from is None:
+        return False
+    session = object_session(site)
+    assert session is not None
+    lowest = session.scalar(
+        select(func.min(Role.config_version)).where(
+            Role.desired_state == "running", Role.state.in_((RoleState.READY, RoleState.DEGRADED))
+        )
+    )
+    # With no role serving, there is nothing to wait for (nor anything that serves: another matter).
+    return lowest is not None and lowest < site.live_from
 
 
 def _site_problems(site: Site, *, by_host: bool) -> list[Json]:

@@ -250,11 +250,16 @@ def _subscription_delete(a: argparse.Namespace, api: ApiClient) -> Any:
     return {"subscription": a.id, "deleted": True}
 
 
+def _site_state(site: Any) -> str:
+    """A site's state as people read it: running is not serving while the controller has not applied it."""
+    return f"{site['state']} (pending)" if site.get("pending") else str(site["state"])
+
+
 def _site_fields(site: Any) -> list[tuple[str, Any]]:
     ftp, deploy = site["ftp"], site["deploy"]
     pairs: list[tuple[str, Any]] = [
         ("url", site["url"]),
-        ("state", site["state"]),
+        ("state", _site_state(site)),
         ("tenant", site["tenant"]),
         ("subscription", site["subscription"]),
     ]
@@ -387,8 +392,13 @@ def _show_password(site: Any, a: argparse.Namespace) -> None:
 
 
 def _show_sites(answer: Any, a: argparse.Namespace) -> None:
-    rows = [(s["name"], s["tenant"], s["subscription"], s["state"], s["url"]) for s in answer["sites"]]
+    rows = [(s["name"], s["tenant"], s["subscription"], _site_state(s), s["url"]) for s in answer["sites"]]
     print_table(("NAME", "TENANT", "SUBSCRIPTION", "STATE", "URL"), rows, empty="no sites")
+    if any(s.get("pending") for s in answer["sites"]):
+        out(
+            "NOTE: a pending site is not live yet: the cloud's controller has not applied its creation "
+            "or start; nothing serves it until the controller runs again"
+        )
 
 
 def _site_delete(a: argparse.Namespace, api: ApiClient) -> Any:

@@ -155,10 +155,16 @@ class ManagementService:
         live. When the controller does not apply it in time (it is down, say), the answer says
         (``pending``) that it is stored but takes effect only once the controller does."""
         result = await asyncio.to_thread(fn, *args)
-        applied = await self._nudger.settle(await self._read(self._store.generation))
+        generation = await self._read(self._store.generation)
+        applied = await self._nudger.settle(generation)
         if applied is False and isinstance(result, dict):
             self._log.warning("a change is stored, but the controller did not apply it in time")
             result["pending"] = _PENDING
+        elif applied:
+            # Said now: the roles' versions in the DB catch up only at the controller's next health check.
+            await asyncio.to_thread(self._store.applied, generation)
+            if isinstance(result, dict):
+                result.pop("pending", None)
         return result
 
     # -- auth and accounts
@@ -368,8 +374,9 @@ class ManagementService:
     async def show_site(self, who: Principal, name: str) -> Json:
         site = await self._read(self._store.show_site, who, name)
         workers = await self._read(self._store.site_worker_urls, who, name)
-        # A stopped or suspended site runs no app anywhere: there is nothing to ask about.
-        running = site["state"] == SiteState.RUNNING
+        # A stopped or suspended site runs no app anywhere, nor one the controller has not placed yet:
+        # there is nothing to ask about.
+        running = site["state"] == SiteState.RUNNING and "pending" not in site
         site["apps"] = await self._app_states(name, workers, detail=who.is_admin) if running else []
         site["quota"] = await self._read(self.metering.site_quota, who, name)
         return site

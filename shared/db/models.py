@@ -202,6 +202,10 @@ class Site(Base):
     )
     # App settings bound to the address, not the content: a swap leaves them where they were.
     sticky_settings: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
+    # The config generation that makes it serve (its creation, its start, its subscription's resume):
+    # until the serving roles run that one, nothing serves it. NULL once management saw a generation
+    # at least as new applied everywhere; a generation of this cloud, so a backup does not keep it.
+    live_from: Mapped[int | None] = mapped_column(default=None)
     subscription: Mapped[Subscription] = relationship(back_populates="sites")
     hostnames: Mapped[list[CustomHostname]] = relationship(
         back_populates="site", cascade="all, delete-orphan", order_by="CustomHostname.hostname"
