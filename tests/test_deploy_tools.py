@@ -714,6 +714,47 @@ def test_the_portal_start_of_a_stopped_site_reports_its_build_as_the_cli_does(
             browser.close()
 
 
+def test_a_portal_deploy_reports_its_build_and_a_failed_one_is_put_back(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    from tests.test_portal import CHROMIUM, CHROMIUM_ARGS, admin_user, post_and_follow, sign_in
+
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    _site(cloud, subscription, "buildzip")
+    good, broken = tmp_path / "good.zip", tmp_path / "broken.zip"
+    good.write_bytes(_zip(_app_files(b"v1", broken=False)))
+    broken.write_bytes(_zip(_app_files(b"v2", broken=True)))
+    portal = f"https://localhost:{cloud.ports['api_port']}"
+    name, password = admin_user(cloud.home, "zipper")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            ctx: Any = browser.new_context(ignore_https_errors=True, java_script_enabled=False)
+            page = ctx.new_page()
+            sign_in(page, portal, name, password)
+            page.goto(f"{portal}/portal/sites/buildzip")
+            page.set_input_files("#zip", str(good))
+            assert post_and_follow(page, "button:text-is('Deploy')") == 303
+            assert page.locator(".alert").count() == 0, page.inner_text(".alert")
+            assert "served." in page.inner_text(".notice"), page.inner_text(".notice")
+            status, _, body = cloud.get("buildzip", "/")  # no waiting: it said it serves
+            assert (status, body) == (200, b"v1"), (status, body[:300])
+
+            # Before, the page said "Deployed 3 file(s)" while the new version did not run.
+            page.set_input_files("#zip", str(broken))
+            assert post_and_follow(page, "button:text-is('Deploy')") == 303
+            assert page.locator(".notice").count() == 0, page.inner_text(".notice")
+            alert = page.inner_text(".alert")
+            assert "No matching distribution found for this-package-does-not-exist-xyz" in alert, alert
+            assert "deploy again" in alert and "sitecloud " not in alert, alert
+            assert cloud.get("buildzip", "/")[::2] == (200, b"v1")
+            ctx.close()
+        finally:
+            browser.close()
+
+
 def test_a_zipdeploy_whose_build_fails_is_a_failed_deployment(cloud: LocalCloud, subscription: int) -> None:
     site = _site(cloud, subscription, "buildkudu")
     auth = f"{site['ftp']['user']}:{site['ftp']['password']}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,7 +30,16 @@ from roles.management.portal._web import (
     see_other,
 )
 from roles.management.service import ManagementService
-from shared.errors import BadRequest, BuildFailed, InvalidInput, NotFound, NotServed, SitecloudError
+from shared.errors import (
+    BadRequest,
+    BuildFailed,
+    InvalidInput,
+    NotFound,
+    NotServed,
+    SitecloudError,
+    Unavailable,
+    error_from_json,
+)
 
 __all__ = ["tenant_routes"]
 
@@ -610,14 +620,39 @@ async def deploy(request: web.Request) -> web.StreamResponse:
             while chunk := await upload.read_chunk(_CHUNK):
                 yield chunk
 
-        answer = await service_of(request).deploy(page.who, name, chunks())
+        answer = await _deployed_and_built(service_of(request), page, name, chunks())
+    except BuildFailed as err:
+        err = BuildFailed(err.message, hint=_REBUILD)
+        raise see_other(request, _site_url(name), error=err) from None
+    except NotServed as err:
+        err = NotServed(err.message, hint=_NO_WORKER)
+        raise see_other(request, _site_url(name), error=err) from None
     except SitecloudError as err:
         raise see_other(request, _site_url(name), error=err) from None
-    raise see_other(
-        request,
-        _site_url(name),
-        notice=f"Deployed {answer.get('files')} file(s), {answer.get('bytes')} bytes: content version {answer.get('version')}.",
-    )
+    said = f"Deployed {answer.get('files')} file(s), {answer.get('bytes')} bytes: content version {answer.get('version')}"
+    message = str(answer.get("message") or "")
+    raise see_other(request, _site_url(name), notice=f"{said}. {message}" if message else f"{said}, served.")
+
+
+async def _deployed_and_built(
+    service: ManagementService, page: Page, name: str, body: AsyncIterator[bytes]
+) -> dict[str, Any]:
+    """The deploy's answer once the site's workers serve it built, as `sitecloud deploy` waits for
+    it: a version whose build fails is put back and raised (BuildFailed), with pip's or npm's lines."""
+    answer: dict[str, Any] | None = None
+    async for line in service.deploy_following(page.who, name, body):
+        event = json.loads(line)
+        if not isinstance(event, dict):
+            continue
+        if "error" in event:
+            raise error_from_json(500, event)
+        if isinstance(event.get("result"), dict):
+            answer = event["result"]
+    if answer is None:
+        raise Unavailable(
+            "the deploy ended without an answer", hint="look at the site's versions, then try again"
+        )
+    return answer
 
 
 def tenant_routes() -> list[web.RouteDef]:
