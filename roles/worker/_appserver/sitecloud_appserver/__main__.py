@@ -70,11 +70,13 @@ def main() -> None:
         app = load(entry)
     except SystemExit:
         raise
-    except BaseException:
+    except BaseException as exc:
         import traceback
 
         traceback.print_exc(file=sys.stderr)
-        raise SystemExit(f"the app {entry} could not be loaded (the error is above)") from None
+        # The last line names the error too: it is what the site's status shows of a failed start.
+        said = traceback.format_exception_only(exc)[-1].strip()
+        raise SystemExit(f"the app {entry} could not be loaded: {said} (the traceback is above)") from None
     asgi = interface == "asgi" or (interface == "auto" and is_asgi(app))
     print(f"serving {entry} ({'ASGI' if asgi else 'WSGI'}), pid {os.getpid()}", file=sys.stderr, flush=True)
     listener = socket.socket(fileno=0)
