@@ -125,3 +125,29 @@ def test_a_cut_off_worker_on_another_host_is_routed_around_and_no_wrong_page_is_
     assert all(a == (200, BODY) or a[0] >= 500 for a in answers), answers
     assert answers[-10:] == [(200, BODY)] * 10, answers
     wait_until(lambda: _roles(cloud)[("worker", "web7")]["state"] == "Ready", timeout=30, what="web7 back")
+
+
+def test_a_worker_added_on_a_host_that_never_answers_gets_no_sites(cloud: LocalCloud) -> None:
+    # Before, it counted as "starting" forever: every new site was placed on it beside a real worker
+    # (site show: "state unknown"), and the front ends were handed it to route to.
+    failed = cloud.cli("role", "add", "worker", "nosuchhost.invalid", check=False)
+    assert failed["error"]["code"] == "unavailable" and "nosuchhost.invalid" in failed["error"]["message"]
+    try:
+        cloud.cli("plan", "create", "afterfail", "--max-sites", "1", "--storage-mb", "10")
+        cloud.cli("tenant", "create", "afterfail")
+        sub = cloud.cli("subscription", "create", "--tenant", "afterfail", "--plan", "afterfail")["id"]
+        cloud.cli("site", "create", "afterfail", "--subscription", str(sub))
+
+        # (Placed there in the moment before its first health check, it is moved off at the next.)
+        def placed() -> set[str]:
+            return {str(a.get("worker")) for a in cloud.cli("site", "show", "afterfail")["apps"]}
+
+        wait_until(
+            lambda: placed() and "nosuchhost.invalid" not in placed(),
+            timeout=10,
+            what="the site on live workers only",
+        )
+        roles = cloud.cli("role", "list")["roles"]
+        assert [r["state"] for r in roles if r["host"] == "nosuchhost.invalid"] == ["Failed"], roles
+    finally:
+        cloud.cli("role", "remove", "worker", "nosuchhost.invalid", "--yes", check=False)

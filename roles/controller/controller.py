@@ -400,7 +400,7 @@ class Controller:
 
     def _read(self, down: frozenset[int]) -> DesiredState:
         with self.db.session() as session:
-            place_sites(session, down)
+            place_sites(session, down, absent=self._never_up())
         with self.db.session() as session:
             stops = quota_stops(session, self.clock())
             # A site stopped or let go (a report, a new day, a plan change, an admin's lift) is a
@@ -586,11 +586,19 @@ class Controller:
         raw = await asyncio.wait_for(self._client.get_json(f"{url}/v1/health"), _HEALTH_TIMEOUT)
         return HEALTHS.get(kind, RoleHealth).parse(raw, what=f"{kind}'s health answer")
 
+    def _never_up(self) -> frozenset[int]:
+        """Roles asked about that never answered (a host that does not resolve or answer, an install
+        that failed): no site is placed or kept on them, nor routed to them, until they answer once."""
+        return frozenset(
+            rid for rid, obs in self._observed.items() if not obs.ever_healthy and obs.failures > 0
+        )
+
     def _down_set(self) -> frozenset[int]:
         down = {rid for rid in self._draining}
+        never_up = self._never_up()
         for rid, role in self._roles.items():
             obs = self._observed.get(rid)
-            if role.desired_state != "running" or (obs is not None and obs.state.down):
+            if role.desired_state != "running" or (obs is not None and obs.state.down) or rid in never_up:
                 down.add(rid)
         return frozenset(down)
 
@@ -708,6 +716,8 @@ class Controller:
                     RoleState.DEGRADED,
                 ):
                     continue  # the fabric work owns the state until the role first answers
+                if role.state == RoleState.FAILED and not obs.ever_healthy and obs.state != RoleState.FAILED:
+                    continue  # its install failed (and said why): not "Starting" while nothing starts it
                 role.state, role.reason = obs.state, obs.reason[:512]
                 role.code_version = obs.code_version
                 role.config_version = obs.config_version

@@ -209,11 +209,14 @@ def plan_placement(
     return adds, removes
 
 
-def place_sites(session: Session, down: Collection[int] = ()) -> int:
-    """Apply :func:`plan_placement` to every live site; returns how many assignments changed."""
+def place_sites(session: Session, down: Collection[int] = (), *, absent: Collection[int] = ()) -> int:
+    """Apply :func:`plan_placement` to every live site; returns how many assignments changed.
+    ``absent`` workers do not answer: one that never has (no heartbeat ever recorded: a host that does
+    not resolve, an install that failed) keeps no sites, unlike one that is down for a while."""
     workers = [
         WorkerSlot(r.id, r.reserved_for_id)
         for r in session.scalars(select(Role).where(Role.kind == "worker").order_by(Role.id))
+        if r.id not in absent or r.last_heartbeat is not None
     ]
     if not workers:
         return 0
