@@ -61,9 +61,11 @@ _CLOSE = b"\r\nConnection: close\r\n\r\n"
 # How often idle, slow and stuck connections are looked for.
 _SWEEP = 0.25
 # How long a request for a site whose first content is on its way waits for it (then 503, as
-# before), and how often it looks.
+# before), how often the waiting requests look (one timer for all of them), and how many of one site
+# may wait (more are answered 503 at once: a flood of them costs nothing but their connections).
 FIRST_CONTENT_WAIT = 10.0
 _FIRST_CONTENT_POLL = 0.02
+_FIRST_CONTENT_MAX = 512
 
 
 class DataServer:
@@ -91,6 +93,9 @@ class DataServer:
         self._pending = pending
         # A pending site whose content can come now: its requests wait for it (_FirstContent).
         self._arriving = arriving
+        # Requests waiting for their site's first content, by site, and the one timer that looks.
+        self._first: dict[str, set[_FirstContent]] = {}
+        self._first_timer: asyncio.TimerHandle | None = None
         # Hook: requests for dynamic sites go to their apps (roles/worker/apps).
         self._divert = divert
         self._lookup = lookup
@@ -203,23 +208,45 @@ class DataServer:
         if log is not None:
             log.access(AccessRecord(request.method, request.target, status, sent, seconds, request.logged))
 
-    def arriving(self, site: str) -> bool:
-        return self._arriving(site)
+    def _wait_first(
+        self, request: Request, conn: HttpConnection, keep_alive: bool, site: str
+    ) -> _FirstContent:
+        loop = asyncio.get_running_loop()
+        waiter = _FirstContent(self._first, request, conn, keep_alive, site, loop.time() + FIRST_CONTENT_WAIT)
+        self._first.setdefault(site, set()).add(waiter)
+        if self._first_timer is None:
+            self._first_timer = loop.call_later(_FIRST_CONTENT_POLL, self._look_first)
+        return waiter
 
-    def lookup(self, site: str) -> tuple[bool, SiteVersion | None]:
-        return self._lookup(site)
+    def _look_first(self) -> None:
+        """Answer the waiting requests whose site now has its content, or stopped getting it, or
+        that waited long enough; look again shortly while any wait."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for site, waiters in list(self._first.items()):
+            held, version = self._lookup(site)
+            coming = held and version is None and self._arriving(site)
+            done = [w for w in waiters if not coming or now >= w.until]
+            for waiter in done:
+                waiters.discard(waiter)
+                self._answer_waited(waiter.request, waiter.conn, waiter.keep_alive)
+            if not waiters:
+                self._first.pop(site, None)
+        self._first_timer = loop.call_later(_FIRST_CONTENT_POLL, self._look_first) if self._first else None
 
-    def answer_waited(self, request: Request, conn: HttpConnection, keep_alive: bool) -> None:
+    def _answer_waited(self, request: Request, conn: HttpConnection, keep_alive: bool) -> None:
         """A request that waited for its site's first content: answered by the app the content
         made (its head is all there is: only GETs and HEADs wait), or by the static server."""
-        divert = self._divert
-        if divert is not None and divert.active and request.raw is not None:
-            diverted = divert(request.method, request.target, request.headers, request.raw, keep_alive, conn)
-            if diverted is not None:
-                diverted.end()
-                conn.hand_over(diverted, keep_alive)
-                return
         try:
+            divert = self._divert
+            if divert is not None and divert.active and request.raw is not None:
+                diverted = divert(
+                    request.method, request.target, request.headers, request.raw, keep_alive, conn
+                )
+                if diverted is not None:
+                    diverted.end()
+                    conn.hand_over(diverted, keep_alive)
+                    return
             keep = self._handle(request, conn, keep_alive, wait=False) and keep_alive
         except Exception:
             self._log.exception("failed to answer %r %r", request.method, request.target[:200])
@@ -282,8 +309,9 @@ class DataServer:
             if conn.lane:
                 conn.refuse_lane(LANE_REFUSED_SITE)
                 return keep_alive
-            if wait and self._arriving(site):
-                conn.defer(_FirstContent(self, request, conn, keep_alive, site))
+            waiting = self._first.get(site)
+            if wait and self._arriving(site) and (waiting is None or len(waiting) < _FIRST_CONTENT_MAX):
+                conn.defer(self._wait_first(request, conn, keep_alive, site))
                 return keep_alive
             _page(
                 conn, 503, "Site updating",
@@ -406,27 +434,23 @@ class _FirstContent:
     a visitor who asks right after the first publish gets the page, not a 503. Only bodiless
     requests get this far (a static site refuses other methods first)."""
 
-    def __init__(
-        self, server: DataServer, request: Request, conn: HttpConnection, keep_alive: bool, site: str
-    ) -> None:
-        self._server = server
-        self._request = request
-        self._conn = conn
-        self._keep_alive = keep_alive
-        self._site = site
-        loop = asyncio.get_running_loop()
-        self._until = loop.time() + FIRST_CONTENT_WAIT
-        self._timer: asyncio.TimerHandle | None = loop.call_later(_FIRST_CONTENT_POLL, self._look)
+    __slots__ = ("conn", "keep_alive", "request", "site", "until", "waiting")
 
-    def _look(self) -> None:
-        server = self._server
-        held, version = server.lookup(self._site)
-        loop = asyncio.get_running_loop()
-        if held and version is None and server.arriving(self._site) and loop.time() < self._until:
-            self._timer = loop.call_later(_FIRST_CONTENT_POLL, self._look)
-            return
-        self._timer = None
-        server.answer_waited(self._request, self._conn, self._keep_alive)
+    def __init__(
+        self,
+        waiting: dict[str, set[_FirstContent]],
+        request: Request,
+        conn: HttpConnection,
+        keep_alive: bool,
+        site: str,
+        until: float,
+    ) -> None:
+        self.waiting = waiting
+        self.request = request
+        self.conn = conn
+        self.keep_alive = keep_alive
+        self.site = site
+        self.until = until
 
     # -- Diverted, as far as a held request needs it
 
@@ -443,9 +467,9 @@ class _FirstContent:
         pass
 
     def abort(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        held = self.waiting.get(self.site)
+        if held is not None:
+            held.discard(self)
 
     @property
     def upgrading(self) -> bool:
