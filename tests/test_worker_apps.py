@@ -366,7 +366,11 @@ def test_php_requests_sent_behind_a_child_that_dies_go_again(cloud: AppCloud) ->
         t.start()
     for t in threads:
         t.join(60)
-    assert sorted(results) == sorted((200, b"n=%d.%d" % (k, i)) for k in range(6) for i in range(12))
+    failed = [r for r in results if r[0] != 200]
+    assert sorted(results) == sorted((200, b"n=%d.%d" % (k, i)) for k in range(6) for i in range(12)), (
+        failed,
+        cloud.log("phpdie")[-3000:],
+    )
     assert died == [502] * 4
     assert cloud.get("phpdie", "/?n=after")[2] == b"n=after"
 
