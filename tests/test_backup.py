@@ -89,48 +89,35 @@ def test_a_version_that_is_not_kept_is_a_clear_404(cloud: LocalCloud, tenant: di
 def test_versions_in_the_portal_download_and_roll_back(
     cloud: LocalCloud, tenant: dict[str, Any], tmp_path: Path
 ) -> None:
-    from tests.test_portal import CHROMIUM, CHROMIUM_ARGS, admin_user, post_and_follow, sign_in, submit
+    from tests.test_portal import post_and_follow, signed_in_page, submit
 
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     versions = cloud.cli("site", "versions", "blog")["versions"]
     first, newest = versions[0]["version"], versions[-1]["version"]
-    portal = f"https://localhost:{cloud.ports['api_port']}"
-    name, password = admin_user(cloud.home)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            ctx: Any = browser.new_context(ignore_https_errors=True, java_script_enabled=False)
-            page = ctx.new_page()
-            sign_in(page, portal, name, password)
-            page.goto(f"{portal}/portal/sites/blog")
-            rows = page.locator("table[aria-label='Content versions, newest first'] tbody tr")
-            assert rows.count() == len(versions)
-            assert rows.first.inner_text().split()[:2] == [str(newest), "current"]
-            assert "FTP" in rows.first.inner_text() and "deploy" in rows.last.inner_text()
+    with signed_in_page(cloud.home, cloud.ports["api_port"], "root") as (page, portal):
+        page.goto(f"{portal}/portal/sites/blog")
+        rows = page.locator("table[aria-label='Content versions, newest first'] tbody tr")
+        assert rows.count() == len(versions)
+        assert rows.first.inner_text().split()[:2] == [str(newest), "current"]
+        assert "FTP" in rows.first.inner_text() and "deploy" in rows.last.inner_text()
 
-            with page.expect_download() as got:
-                page.click(f"a[aria-label='Download version {first} as a zip']")
-            saved = tmp_path / "from-portal.zip"
-            got.value.save_as(saved)
-            assert got.value.suggested_filename == f"blog-v{first}.zip"
-            assert _unzipped(saved)["index.html"] == b"<h1>v1</h1>"
+        with page.expect_download() as got:
+            page.click(f"a[aria-label='Download version {first} as a zip']")
+        saved = tmp_path / "from-portal.zip"
+        got.value.save_as(saved)
+        assert got.value.suggested_filename == f"blog-v{first}.zip"
+        assert _unzipped(saved)["index.html"] == b"<h1>v1</h1>"
 
-            # Rollback asks first, then the POST answers 303 to the site page with a notice.
-            submit(page, f"a[aria-label='Roll back to version {first}']")
-            assert f"Roll blog back to version {first}?" in page.inner_text("main")
-            status = post_and_follow(page, f"button:text-is('Roll back to version {first}')")
-            assert status == 303
-            notice = page.inner_text(".notice")
-            assert f"Rolled back to version {first}: it is served as version {newest + 1}." in notice
-            cloud.wait_for_content("blog", "/", b"<h1>v1</h1>")
-            assert cloud.get("blog", "/notes.txt")[0] == 404
-            top = rows.first.inner_text()
-            assert top.split()[:2] == [str(newest + 1), "current"] and "rollback" in top, top
-            ctx.close()
-        finally:
-            browser.close()
+        # Rollback asks first, then the POST answers 303 to the site page with a notice.
+        submit(page, f"a[aria-label='Roll back to version {first}']")
+        assert f"Roll blog back to version {first}?" in page.inner_text("main")
+        status = post_and_follow(page, f"button:text-is('Roll back to version {first}')")
+        assert status == 303
+        notice = page.inner_text(".notice")
+        assert f"Rolled back to version {first}: it is served as version {newest + 1}." in notice
+        cloud.wait_for_content("blog", "/", b"<h1>v1</h1>")
+        assert cloud.get("blog", "/notes.txt")[0] == 404
+        top = rows.first.inner_text()
+        assert top.split()[:2] == [str(newest + 1), "current"] and "rollback" in top, top
     assert cloud.cli("site", "versions", "blog")["versions"][-1]["source"] == "rollback"
 
 

@@ -668,91 +668,65 @@ def test_a_stopped_sites_start_builds_what_was_published_to_it_and_fails_as_its_
 def test_the_portal_start_of_a_stopped_site_reports_its_build_as_the_cli_does(
     cloud: LocalCloud, subscription: int, tmp_path: Path
 ) -> None:
-    from tests.test_portal import CHROMIUM, CHROMIUM_ARGS, admin_user, post_and_follow, sign_in
+    from tests.test_portal import post_and_follow, signed_in_page
 
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     _site(cloud, subscription, "buildportal")
     cloud.cli("site", "stop", "buildportal")
     broken = _tree(tmp_path / "app", _app_files(b"v1", broken=True))
     assert _sitecloud(cloud, "deploy", "buildportal", str(broken)).returncode == 0
-    portal = f"https://localhost:{cloud.ports['api_port']}"
-    name, password = admin_user(cloud.home, "builder")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            ctx: Any = browser.new_context(ignore_https_errors=True, java_script_enabled=False)
-            page = ctx.new_page()
-            sign_in(page, portal, name, password)
-            page.goto(f"{portal}/portal/sites/buildportal")
-            # Before, the page said "Site started: it serves visitors again." and the site answered 503.
-            assert post_and_follow(page, "button:text-is('Start site')") == 303
-            assert page.locator(".notice").count() == 0, page.inner_text(".notice")
-            alert = page.inner_text(".alert")
-            assert "site buildportal is started, but version" in alert, alert
-            assert "its build failed" in alert, alert
-            assert "No matching distribution found for this-package-does-not-exist-xyz" in alert, alert
-            # The hint as the CLI's (deploy a fix, or roll back), in the portal's words.
-            assert "deploy again" in alert and "roll back to an earlier version" in alert, alert
-            assert "sitecloud " not in alert and "`" not in alert, alert
+    with signed_in_page(cloud.home, cloud.ports["api_port"], "builder") as (page, portal):
+        page.goto(f"{portal}/portal/sites/buildportal")
+        # Before, the page said "Site started: it serves visitors again." and the site answered 503.
+        assert post_and_follow(page, "button:text-is('Start site')") == 303
+        assert page.locator(".notice").count() == 0, page.inner_text(".notice")
+        alert = page.inner_text(".alert")
+        assert "site buildportal is started, but version" in alert, alert
+        assert "its build failed" in alert, alert
+        assert "No matching distribution found for this-package-does-not-exist-xyz" in alert, alert
+        # The hint as the CLI's (deploy a fix, or roll back), in the portal's words.
+        assert "deploy again" in alert and "roll back to an earlier version" in alert, alert
+        assert "sitecloud " not in alert and "`" not in alert, alert
 
-            # A version that builds: the start says so once the site serves it.
-            assert post_and_follow(page, "button:text-is('Stop site')") == 303
-            fixed = _tree(tmp_path / "app", _app_files(b"v2", broken=False))
-            assert _sitecloud(cloud, "deploy", "buildportal", str(fixed)).returncode == 0
-            assert post_and_follow(page, "button:text-is('Start site')") == 303
-            assert page.locator(".alert").count() == 0, page.inner_text(".alert")
-            assert "Site started: it serves visitors again." in page.inner_text(".notice")
-            # The controller applied the start: the page says running, not pending.
-            assert page.locator("h1 .badge").all_inner_texts() == ["running"]
-            assert page.locator(".not-live").count() == 0, page.inner_text(".not-live")
-            status, _, body = cloud.get("buildportal", "/")  # no waiting: it said it serves
-            assert (status, body) == (200, b"v2"), (status, body[:300])
-            ctx.close()
-        finally:
-            browser.close()
+        # A version that builds: the start says so once the site serves it.
+        assert post_and_follow(page, "button:text-is('Stop site')") == 303
+        fixed = _tree(tmp_path / "app", _app_files(b"v2", broken=False))
+        assert _sitecloud(cloud, "deploy", "buildportal", str(fixed)).returncode == 0
+        assert post_and_follow(page, "button:text-is('Start site')") == 303
+        assert page.locator(".alert").count() == 0, page.inner_text(".alert")
+        assert "Site started: it serves visitors again." in page.inner_text(".notice")
+        # The controller applied the start: the page says running, not pending.
+        assert page.locator("h1 .badge").all_inner_texts() == ["running"]
+        assert page.locator(".not-live").count() == 0, page.inner_text(".not-live")
+        status, _, body = cloud.get("buildportal", "/")  # no waiting: it said it serves
+        assert (status, body) == (200, b"v2"), (status, body[:300])
 
 
 def test_a_portal_deploy_reports_its_build_and_a_failed_one_is_put_back(
     cloud: LocalCloud, subscription: int, tmp_path: Path
 ) -> None:
-    from tests.test_portal import CHROMIUM, CHROMIUM_ARGS, admin_user, post_and_follow, sign_in
+    from tests.test_portal import post_and_follow, signed_in_page
 
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     _site(cloud, subscription, "buildzip")
     good, broken = tmp_path / "good.zip", tmp_path / "broken.zip"
     good.write_bytes(_zip(_app_files(b"v1", broken=False)))
     broken.write_bytes(_zip(_app_files(b"v2", broken=True)))
-    portal = f"https://localhost:{cloud.ports['api_port']}"
-    name, password = admin_user(cloud.home, "zipper")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            ctx: Any = browser.new_context(ignore_https_errors=True, java_script_enabled=False)
-            page = ctx.new_page()
-            sign_in(page, portal, name, password)
-            page.goto(f"{portal}/portal/sites/buildzip")
-            page.set_input_files("#zip", str(good))
-            assert post_and_follow(page, "button:text-is('Deploy')") == 303
-            assert page.locator(".alert").count() == 0, page.inner_text(".alert")
-            assert "served." in page.inner_text(".notice"), page.inner_text(".notice")
-            status, _, body = cloud.get("buildzip", "/")  # no waiting: it said it serves
-            assert (status, body) == (200, b"v1"), (status, body[:300])
+    with signed_in_page(cloud.home, cloud.ports["api_port"], "zipper") as (page, portal):
+        page.goto(f"{portal}/portal/sites/buildzip")
+        page.set_input_files("#zip", str(good))
+        assert post_and_follow(page, "button:text-is('Deploy')") == 303
+        assert page.locator(".alert").count() == 0, page.inner_text(".alert")
+        assert "served." in page.inner_text(".notice"), page.inner_text(".notice")
+        status, _, body = cloud.get("buildzip", "/")  # no waiting: it said it serves
+        assert (status, body) == (200, b"v1"), (status, body[:300])
 
-            # Before, the page said "Deployed 3 file(s)" while the new version did not run.
-            page.set_input_files("#zip", str(broken))
-            assert post_and_follow(page, "button:text-is('Deploy')") == 303
-            assert page.locator(".notice").count() == 0, page.inner_text(".notice")
-            alert = page.inner_text(".alert")
-            assert "No matching distribution found for this-package-does-not-exist-xyz" in alert, alert
-            assert "deploy again" in alert and "sitecloud " not in alert, alert
-            assert cloud.get("buildzip", "/")[::2] == (200, b"v1")
-            ctx.close()
-        finally:
-            browser.close()
+        # Before, the page said "Deployed 3 file(s)" while the new version did not run.
+        page.set_input_files("#zip", str(broken))
+        assert post_and_follow(page, "button:text-is('Deploy')") == 303
+        assert page.locator(".notice").count() == 0, page.inner_text(".notice")
+        alert = page.inner_text(".alert")
+        assert "No matching distribution found for this-package-does-not-exist-xyz" in alert, alert
+        assert "deploy again" in alert and "sitecloud " not in alert, alert
+        assert cloud.get("buildzip", "/")[::2] == (200, b"v1")
 
 
 def test_a_zipdeploy_whose_build_fails_is_a_failed_deployment(cloud: LocalCloud, subscription: int) -> None:

@@ -10,6 +10,7 @@ Set SITECLOUD_SCREENSHOTS=docs/screenshots to (re)write the screenshots of the m
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -124,6 +125,27 @@ def sign_in(page: Any, portal: str, username: str, password: str) -> None:
     page.fill("#username", username)
     page.fill("#password", password)
     submit(page, "button[type=submit]")
+
+
+@contextlib.contextmanager
+def signed_in_page(home: Path, api_port: int, username: str) -> Iterator[tuple[Any, str]]:
+    """A page of Debian's Chromium (no JavaScript) signed in to the portal of the cloud at ``home`` as
+    a new admin ``username``, and the portal's base URL; skips where Chromium or Playwright is missing."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    portal = f"https://localhost:{api_port}"
+    name, password = admin_user(home, username)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            ctx: Any = browser.new_context(ignore_https_errors=True, java_script_enabled=False)
+            page = ctx.new_page()
+            sign_in(page, portal, name, password)
+            yield page, portal
+            ctx.close()
+        finally:
+            browser.close()
 
 
 def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, tmp_path: Path) -> None:

@@ -153,13 +153,14 @@ def test_every_request_a_serving_process_answers_is_in_the_sites_log(stack: Stac
     assert all(logged.count(rid) == 1 for rid in expected), [r for r in expected if logged.count(r) != 1]
     url = f"{stack.worker.control_url}/v1/sites/{SITE}/logs?lines=5000"
     text = bytes(call(url, stack.pki.client_ssl("management"))[1]).decode()
-    line = next(ln for ln in text.splitlines() if f"id={direct[0]}" in ln)
+    # (Ending with the id: "id=direct-1" is also the start of "id=direct-11".)
+    line = next(ln for ln in text.splitlines() if ln.endswith(f"id={direct[0]}"))
     # (What was sent counts the answer's head too, as with one process.)
     assert re.search(
         rf'Z \[access\] 203\.0\.113\.9 "GET /page\.html HTTP/1\.1" 200 \d+ "-" "Direct/1\.0" [\d.]+ms id={direct[0]}$',
         line,
     ), line
-    line = next(ln for ln in text.splitlines() if f"id={missing[0]}" in ln)
+    line = next(ln for ln in text.splitlines() if ln.endswith(f"id={missing[0]}"))
     assert '"GET /nothing-here.html HTTP/1.1" 404 ' in line, line
     assert "access_lines_dropped" not in stack.worker.health()
 
