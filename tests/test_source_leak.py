@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from roles.worker._source import is_app_source
+from roles.worker._source import is_app_source, is_never_served
 from roles.worker.apps._spec import detect_runtime
 from tests.support import lane_exchange, wait_until
 from tests.test_worker_apps import AppCloud, running_cloud
@@ -43,6 +43,12 @@ PROJECT = {
     "Procfile": b"worker: python jobs.py  # " + SECRET,
     "Gemfile": SECRET,
     "web.config": SECRET,
+    # Data: Django's startproject database, its journal, dumps left in the web root.
+    "db.sqlite3": b"SQLite format 3\x00" + SECRET,
+    "db.sqlite3-journal": SECRET,
+    "data/app.DB": SECRET,
+    "backup/dump.sql": b"INSERT INTO users VALUES ('" + SECRET + b"');",
+    "db.sqlite3.bak": SECRET,
     "index.html": b"<h1>home</h1>",
     "css/site.css": b"body{}",
     "readme.txt": b"plain text",
@@ -54,7 +60,8 @@ REFUSED = [
     "/settings.py.", "/settings%2epy", "/UPPER.PY", "/upper.py", "/lib/helpers.inc", "/lib/old.php.bak",
     "/__pycache__/settings.cpython-311.pyc", "/requirements.txt", "/Pipfile.lock", "/pyproject.toml",
     "/composer.json", "/composer.lock", "/package.json", "/package-lock.json", "/yarn.lock",
-    "/Procfile", "/Gemfile", "/web.config", "/.env?x=1", "/settings.py#x",
+    "/Procfile", "/Gemfile", "/web.config", "/.env?x=1", "/settings.py#x", "/db.sqlite3", "/DB.SQLITE3.",
+    "/db.sqlite3-journal", "/data/app.DB", "/data/app.db", "/backup/dump.sql", "/db.sqlite3.bak",
 ]  # fmt: skip
 SERVED = {"/": b"<h1>home</h1>", "/css/site.css": b"body{}", "/readme.txt": b"plain text"}
 
@@ -204,6 +211,10 @@ def test_the_rule_and_detection_on_their_own(tmp_path: Path) -> None:
     for rel in ("", "index.html", ".well-known/acme-challenge/abc", "phpinfo.html", "notes.bak", "a.min.js",
                 "readme.txt", "docs/python.html"):  # fmt: skip
         assert not is_app_source(rel), rel
+    for rel in ("db.sqlite3", "a/B.DB", "db.sqlite3-wal", "x.sqlite-shm", "dump.sql", "old.sql.bak", "a.mdb"):
+        assert is_never_served(rel) and not is_app_source(rel), rel
+    for rel in ("index.html", "sql.html", "db", "docs/db.html", "notes.bak", "a.sqlite3.html"):
+        assert not is_never_served(rel), rel
 
     def layout(name: str, files: list[str]) -> str:
         root = tmp_path / name

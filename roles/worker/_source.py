@@ -2,8 +2,11 @@
 
 A site's code, its dependency lists and its dot files (``.env``, ``.git/``, ``.htpasswd``) are its
 secrets: a static site may become a dynamic one with its next upload, and an upload tool may send
-them before anything else, so no site ever serves them raw. Apps still get such paths (a PHP script
-runs, a Python app routes ``/settings.py`` as it likes); only the static file path refuses them.
+them before anything else, so no site ever serves them raw. So are its databases: a Django project
+as ``startproject`` makes it keeps ``db.sqlite3`` (password hashes, sessions) beside its code, and
+database dumps left in the web root are the first thing scanners ask for. Apps still get such paths
+(a PHP script runs, a Python app routes ``/settings.py`` as it likes); only the static file path
+refuses them.
 
 It runs once per request that misses the hot cache (a hit was checked when it went in): a few string
 operations, no allocation beyond the lower-cased base name.
@@ -11,7 +14,7 @@ operations, no allocation beyond the lower-cased base name.
 
 from __future__ import annotations
 
-__all__ = ["is_app_source"]
+__all__ = ["is_app_source", "is_never_served"]
 
 # Extensions of code that runs on the server; any "php*" extension counts too (php5, phps, phar...).
 _SOURCE_EXTENSIONS = frozenset({"py", "pyc", "pyo", "pyd", "pyw", "pyz", "phtml", "inc", "phar"})
@@ -26,6 +29,12 @@ _SOURCE_NAMES = frozenset(
         "gemfile.lock", "web.config", "php.ini", "wp-config.php", "dockerfile",
     }
 )  # fmt: skip
+# Database files and dumps (IIS refuses .mdb, .ldb, .mdf and .ldf the same way), and SQLite's
+# journals beside them ("db.sqlite3-journal", "-wal", "-shm").
+_DATA_EXTENSIONS = frozenset(
+    {"sqlite", "sqlite3", "db", "db3", "s3db", "sl3", "sql", "mdb", "ldb", "mdf", "ldf"}
+)
+_DATA_SIDECARS = ("-journal", "-wal", "-shm")
 # The one dot folder meant for visitors (RFC 8615): site verification files, security.txt.
 _WELL_KNOWN = ".well-known/"
 
@@ -61,3 +70,23 @@ def is_app_source(rel: str) -> bool:
         return before in _SOURCE_NAMES or (inner >= 0 and _source_extension(before[inner + 1 :]))
     # requirements-dev.txt and friends
     return ext == "txt" and base.startswith("requirements")
+
+
+def is_never_served(rel: str) -> bool:
+    """Whether ``rel`` is never served as a file: a site's source (:func:`is_app_source`) or its data."""
+    if is_app_source(rel):
+        return True
+    base = rel[rel.rfind("/") + 1 :].lower().rstrip(". ~")
+    for sidecar in _DATA_SIDECARS:
+        if base.endswith(sidecar):
+            base = base[: -len(sidecar)]
+            break
+    dot = base.rfind(".")
+    if dot < 0:
+        return False
+    ext = base[dot + 1 :]
+    if ext in _DATA_EXTENSIONS:
+        return True
+    # "db.sqlite3.bak", "dump.sql.old"
+    inner = base.rfind(".", 0, dot)
+    return ext in _BACKUP_EXTENSIONS and inner >= 0 and base[inner + 1 : dot] in _DATA_EXTENSIONS

@@ -25,7 +25,7 @@ from roles.worker._http import (
     response_head,
 )
 from roles.worker._packs import PackedFile, VersionFiles
-from roles.worker._source import is_app_source
+from roles.worker._source import is_never_served
 
 __all__ = [
     "DEFAULT_DOCUMENTS",
@@ -113,9 +113,9 @@ def resolve(
 
     A directory is served by its first default document; asked for without its trailing slash, it
     redirects to the slash form so relative links in the page resolve. ``None`` means not found,
-    which is also the answer for a site's source (:func:`is_app_source`): its existence is not told.
+    which is also the answer for a site's source (:func:`is_never_served`): its existence is not told.
     """
-    if is_app_source(rel):
+    if is_never_served(rel):
         return None
     pf = None if packed is None or not rel else packed.get(rel)
     if pf is not None:

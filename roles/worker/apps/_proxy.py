@@ -31,6 +31,7 @@ import httptools
 from roles.worker._access import LOGGED_HEADERS, AccessRecord
 from roles.worker._cache import version_line, version_tag
 from roles.worker._http import http_date
+from roles.worker._source import is_never_served
 from roles.worker._static import FileHit, Redirect, resolve
 from roles.worker.apps._fastcgi import (
     STDIN_END,
@@ -43,7 +44,6 @@ from roles.worker.apps._fastcgi import (
 from roles.worker.apps._manager import AppSite
 from roles.worker.apps._php import fixed_params, php_script, request_pairs
 from roles.worker.apps._pool import UpstreamPool
-from roles.worker.apps._spec import is_app_source
 from roles.worker.apps._upstream import HttpUpstream, UpstreamBase
 from roles.worker.config import WorkerConfig
 from shared.errors import InvalidInput, SitecloudError
@@ -249,7 +249,7 @@ def _byte_count(n: int) -> str:
 def _static_file(root: str, rel: str, *, slash: bool) -> bool:
     found = resolve(root, rel, slash=slash)
     if isinstance(found, FileHit):
-        return not is_app_source(found.path[len(root) + 1 :])
+        return not is_never_served(found.path[len(root) + 1 :])
     return isinstance(found, Redirect)
 
 
