@@ -123,13 +123,13 @@ def test_the_django_sample(cloud: LocalCloud) -> None:
     _wait_for(cloud, "django-sample", "/", b"<h1>Hello from Django</h1>", timeout=120)
     first = _json(cloud, "django-sample", "/visits/")["visits"]
     assert _json(cloud, "django-sample", "/visits/")["visits"] == first + 1
-    # The database is in the site's home: it outlives a restart of the app.
+    # The database is beside the code, as startproject keeps it: it outlives a restart of the app.
     cloud.cli("site", "stop", "django-sample")
     cloud.cli("site", "start", "django-sample")
     _wait_for(cloud, "django-sample", "/", b"<h1>Hello from Django</h1>", timeout=60)
     assert _json(cloud, "django-sample", "/visits/")["visits"] == first + 2
     assert cloud.get("django-sample", "/static/site.css")[::2] == (200, b"body { margin: 2em; }\n")
-    for source in ("/manage.py", "/mysite/settings.py", "/requirements.txt"):
+    for source in ("/manage.py", "/mysite/settings.py", "/requirements.txt", "/db.sqlite3"):
         assert cloud.get("django-sample", source)[0] == 404, source
 
 

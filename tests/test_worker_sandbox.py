@@ -300,10 +300,13 @@ def test_other_sites_content_and_the_worker_home_are_not_there(cloud: AppCloud) 
         apps_dir / "run",
     ):
         assert cloud.get("reader", f"/exists?{path}")[2] == b"False", path
-    # Its own content is there, read-only.
+    # Its own content is there. The site's directory is read-only; the version it runs it may write,
+    # onto its own volume, and the published file stays as it was.
     own = apps_dir / "sites" / "reader" / "current" / "app.py"
     assert cloud.get("reader", f"/read?{own}")[2].startswith(b"read \nimport os")
-    assert cloud.get("reader", f"/fill?{own.parent}:1")[2].startswith(b"stopped at 0")
+    assert cloud.get("reader", f"/fill?{own.parent.parent}:1")[2].startswith(b"stopped at 0")
+    assert cloud.get("reader", f"/fill?{own.parent}:1")[2] == b"wrote 1"
+    assert not any(p.name.startswith("fill") for p in own.resolve().parent.iterdir())
     bystander_answers(cloud)
 
 
@@ -725,4 +728,83 @@ def test_quick_version_flips_leave_each_new_instance_in_its_own_cgroup(cloud: Ap
     for _ in range(20):
         assert cloud.get("flipper", "/")[2].startswith(b"flip 9")
     assert "could not put the app in its cgroup" not in cloud.log("flipper")
+    bystander_answers(cloud)
+
+
+WRITER_APP = b"""
+import os, sqlite3
+
+def app(environ, start_response):
+    path, arg = environ["PATH_INFO"], environ.get("QUERY_STRING", "")
+    try:
+        if path == "/write":
+            with open(arg, "w") as f:
+                f.write("app-" + arg)
+            body = "wrote " + arg
+        elif path == "/read":
+            with open(arg) as f:
+                body = f.read()
+        elif path == "/count":
+            db = sqlite3.connect("db.sqlite3")  # beside the code, as Django's startproject keeps it
+            with db:
+                db.execute("CREATE TABLE IF NOT EXISTS hits (n INTEGER)")
+                db.execute("INSERT INTO hits VALUES (1)")
+            body = str(db.execute("SELECT COUNT(*) FROM hits").fetchone()[0])
+            db.close()
+        elif path == "/fill":
+            with open("big.bin", "wb") as f:
+                for _ in range(int(arg)):
+                    f.write(b"x" * 1024 * 1024)
+            body = "filled"
+        elif path == "/outside":
+            with open("../escape.txt", "w") as f:
+                f.write("x")
+            body = "wrote outside"
+        else:
+            body = "writer " + path
+    except OSError as exc:
+        body = type(exc).__name__ + ": " + str(exc)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [body.encode()]
+"""
+
+
+def test_an_app_writes_its_own_folder_onto_its_volume_and_a_deploy_takes_back_what_it_changed(
+    cloud: AppCloud,
+) -> None:
+    cloud.add_site("writer", limits={"disk_mb": 32})
+    cloud.publish_and_wait(
+        "writer",
+        {"app.py": WRITER_APP, "data.txt": b"published-1", "keep.txt": b"published"},
+        "/",
+        b"writer /",
+    )
+    for name in ("data.txt", "keep.txt", "made.txt"):
+        assert cloud.get("writer", f"/write?{name}")[2] == f"wrote {name}".encode()
+        assert cloud.get("writer", f"/read?{name}")[2] == f"app-{name}".encode()
+    assert [cloud.get("writer", "/count")[2] for _ in range(2)] == [b"1", b"2"]
+    # The published version itself is never written: the app's copies are on its volume.
+    sites = Path(cloud.worker.health()["apps_dir"]) / "sites"
+    assert (sites / "writer" / "current" / "data.txt").read_bytes() == b"published-1"
+    assert not (sites / "writer" / "current" / "made.txt").exists()
+    # The site's folder only: the other versions and the site directory stay read-only.
+    assert cloud.get("writer", "/outside")[2].startswith(b"OSError: [Errno 30] Read-only file system")
+    # Its disk quota counts what it writes there.
+    assert cloud.get("writer", "/fill?40")[2].startswith(b"OSError: [Errno 28]")
+    assert cloud.get("writer", "/fill?1")[2] == b"filled"
+
+    # A deploy that changes data.txt takes it back from the app's copy; what it did not change stays.
+    cloud.publish("writer", {"data.txt": b"published-2", "other.txt": b"new"})
+    wait_until(
+        lambda: cloud.get("writer", "/read?data.txt")[2] == b"published-2",
+        timeout=20,
+        what="version 2's data.txt",
+    )
+    assert cloud.get("writer", "/read?keep.txt")[2] == b"app-keep.txt"
+    assert cloud.get("writer", "/read?made.txt")[2] == b"app-made.txt"
+    assert cloud.get("writer", "/count")[2] == b"3"
+    assert "replaced 1 file(s) the app had changed" in cloud.log("writer")
+    # Nothing the app wrote is ever served as a file, and its database is never served at all.
+    assert cloud.get("writer", "/made.txt")[2] == b"writer /made.txt"
+    assert cloud.get("writer", "/db.sqlite3")[2] == b"writer /db.sqlite3"
     bystander_answers(cloud)

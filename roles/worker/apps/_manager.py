@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -29,6 +30,7 @@ from typing import Any
 from roles.worker._appserver.sitecloud_appserver import MEMORY_EXIT
 from roles.worker._cache import SiteVersion, version_line, version_tag
 from roles.worker.apps._cgroup import AppGroup, CgroupTree
+from roles.worker.apps._files import WritableFiles, mount_files, unmount_files
 from roles.worker.apps._instance import AppInstance
 from roles.worker.apps._isolation import (
     Identities,
@@ -194,6 +196,8 @@ class AppManager:
         self._volumes: dict[int, HomeVolume] = {}
         self._blanks = BlankImages(self._apps_dir / "blank")
         self._held: dict[AppInstance, HomeVolume] = {}
+        self._files: dict[AppInstance, WritableFiles] = {}
+        self._files_off = ""  # why apps' folders stay read-only on this worker ("": they need not)
         self._quota = False
         # Held sites (name → incarnation's content id) and the app settings of those that have any.
         self._content_ids: dict[str, str] = {}
@@ -740,12 +744,16 @@ class AppManager:
                 app.boosted_at = time.monotonic()
                 asyncio.get_running_loop().call_later(_BOOST_S, CgroupTree.settle, group, app.spec.limits)
             volume: HomeVolume | None = None
+            files: WritableFiles | None = None
             mounts: SandboxMounts | None = None
             if sandbox is not None:
                 volume = await self._acquire_volume(app, dirs)
+                if volume is not None:
+                    files = await self._writable_files(app, volume, serial)
                 mounts = SandboxMounts(
                     site_dir=str(self._root / "sites" / app.name),
                     cwd=app.root,
+                    files=files.merged if files is not None else "",
                     home=(str(volume.home if volume else dirs.home), str(dirs.home)),
                     tmp=(str(volume.tmp if volume else dirs.tmp), str(dirs.tmp)),
                     read_only=(str(packages),) if packages is not None else (),
@@ -768,6 +776,8 @@ class AppManager:
             try:
                 await inst.start()
             except BaseException:
+                if files is not None:
+                    unmount_files(files)
                 if volume is not None:
                     self._spawn(volume.release())
                 if group is not None:
@@ -776,6 +786,8 @@ class AppManager:
                 raise
             if volume is not None:
                 self._held[inst] = volume
+            if files is not None:
+                self._files[inst] = files
             self._active[inst] = app
             app.starts += 1
             app.last_used = time.monotonic()
@@ -819,6 +831,29 @@ class AppManager:
             # Closed, not open: without its volume the app would write without a limit.
             raise Unavailable(f"its disk quota volume could not be mounted ({exc})") from exc
         return volume
+
+    async def _writable_files(self, app: AppSite, volume: HomeVolume, serial: str) -> WritableFiles | None:
+        """The version the app runs, writable through an overlay on its volume; None (the folder
+        stays read-only, as the site log says) where this worker cannot make one."""
+        ident = app.identity
+        if self._files_off or ident is None or ident.unix_uid is None or ident.gid is None:
+            return None
+        try:
+            files, taken_back = await asyncio.to_thread(
+                mount_files, volume.mountpoint, app.root, serial, ident.unix_uid, ident.gid
+            )
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP):
+                # The kernel or the content's filesystem has no idmapped mounts or overlays.
+                self._files_off = str(exc)
+                self._log.warning("apps' folders stay read-only on this worker: %s", exc)
+            self._site_log(app).write("worker", f"the app's folder is read-only for this start: {exc}")
+            return None
+        if taken_back:
+            self._site_log(app).write(
+                "worker", f"version {app.version} replaced {taken_back} file(s) the app had changed"
+            )
+        return files
 
     def ensure_run_dir(self) -> None:
         """Made on the first start (a worker without apps leaves no trace in /tmp)."""
@@ -873,6 +908,9 @@ class AppManager:
         app.cpu_total += inst.cpu_seconds
         if app.instance is inst:
             app.instance = None
+        files = self._files.pop(inst, None)
+        if files is not None:
+            unmount_files(files)
         volume = self._held.pop(inst, None)
         if volume is not None:
             self._spawn(volume.release())

@@ -5,7 +5,8 @@
 - network: its own loopback and nothing else; no host port, role or other site is reachable. The
   worker reaches it only through the unix listener it passes as fd 0;
 - mount: a fresh root with the system read-only (``/usr``, ``/etc``, the lib and bin links, the
-  Python the app runs under and our app server), the site's content read-only, its home and TMPDIR
+  Python the app runs under and our app server), the site's content read-only but for the version the
+  app runs, which it may write through an overlay onto its volume (``_files.py``), its home and TMPDIR
   writable (a size-capped volume, see ``_volume.py``), private size-capped ``/tmp`` and ``/dev/shm``
   tmpfs (their pages count against the site's memory cgroup), its own ``/proc`` and a minimal ``/dev``;
 - PID (plus IPC and UTS): bwrap's own init is pid 1 and reaps orphans; when the app's first process
@@ -72,6 +73,8 @@ class SandboxMounts:
     cwd: str
     home: tuple[str, str]  # (host source, path inside)
     tmp: tuple[str, str]
+    # The version at ``cwd`` as an overlay the app may write (``_files.py``); "": read-only as the rest.
+    files: str = ""
     read_only: tuple[str, ...] = ()  # e.g. the site's package directory
     tmpfs_bytes: int = 64 * 1024 * 1024  # each of /tmp and /dev/shm
 
@@ -162,6 +165,8 @@ class Sandbox:
         argv += ["--perms", "1777", "--size", size, "--tmpfs", "/dev/shm"]  # noqa: S108 - its own too
         binds = [(p, p, "--ro-bind") for p in self.runtime_paths]
         binds.append((mounts.site_dir, mounts.site_dir, "--ro-bind"))
+        if mounts.files:
+            binds.append((mounts.files, mounts.cwd, "--bind"))
         binds += [(p, p, "--ro-bind") for p in mounts.read_only]
         binds += [(source, inside, "--bind") for source, inside in (mounts.home, mounts.tmp)]
         made: set[str] = {"/", "/tmp"}  # noqa: S108 - the sandbox's tmpfs, made above

@@ -1,5 +1,6 @@
-"""Settings for a site on sitecloud: secrets from the site's settings (environment), the database in
-the site's writable home ($HOME; the published files are read-only)."""
+"""Settings for a site on sitecloud: secrets from the site's settings (environment), the database
+beside the code as `django-admin startproject` keeps it (the app may write its own folder; the
+platform never serves db.sqlite3 to visitors)."""
 
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ WSGI_APPLICATION = "mysite.wsgi.application"
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
-        "NAME": Path(os.environ.get("HOME", BASE_DIR)) / "db.sqlite3",
+        "NAME": BASE_DIR / "db.sqlite3",
     }
 }
 # Files under static/ are served by the platform as they are, without waking the app.

@@ -7,7 +7,7 @@ def index(request):
 
 
 def visits(request):
-    """A counter kept in SQLite in the site's home: it outlives the app's restarts."""
+    """A counter kept in db.sqlite3 beside the code: it outlives the app's restarts and deploys."""
     with connection.cursor() as cur:
         cur.execute("CREATE TABLE IF NOT EXISTS visits (n INTEGER NOT NULL)")
         cur.execute("INSERT INTO visits VALUES (1)")
