@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ftplib
 import io
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +41,7 @@ def cloud(traversable_home: Path) -> Iterator[LocalCloud]:
 
 @pytest.fixture(scope="module")
 def site(cloud: LocalCloud) -> dict[str, Any]:
-    cloud.cli("plan", "create", "apps", "--max-sites", "5", "--storage-mb", "5")
+    cloud.cli("plan", "create", "apps", "--max-sites", "8", "--storage-mb", "5")
     cloud.cli("tenant", "create", "fabrikam")
     sub = cloud.cli("subscription", "create", "--tenant", "fabrikam", "--plan", "apps")
     return dict(cloud.cli("site", "create", "pyapp", "--subscription", str(sub["id"])))
@@ -229,3 +230,60 @@ def test_a_flask_app_with_requirements_txt_answers_with_the_hosts_package_index(
         return sorted(p.name for p in base.glob("packages-*") if p.is_dir())
 
     wait_until(lambda: 1 <= len(package_dirs()) <= 2, timeout=15, what="the oldest packages to be removed")
+
+
+TOKEN_APP = b"""
+import os
+TOKEN = os.urandom(8).hex()  # made once per process: a restart shows as a new one
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [TOKEN.encode()]
+"""
+
+
+def test_restart_gives_the_app_new_processes_and_a_stopped_site_is_refused(
+    cloud: LocalCloud, site: dict[str, Any]
+) -> None:
+    restarted = _new_site(cloud, "restarted")
+    _publish(restarted, {"app.py": TOKEN_APP})
+    first = wait_until(
+        lambda: (got := cloud.get("restarted", "/"))[0] == 200 and len(got[2]) == 16 and got[2],
+        timeout=30,
+        what="the app's token",
+    )
+    assert cloud.get("restarted", "/")[2] == first  # one process keeps answering
+    answer = cloud.cli("site", "restart", "restarted")
+    assert answer["name"] == "restarted" and "pending" not in answer
+    # The workers had it when the command ended: the next request starts a new process.
+    second = cloud.get("restarted", "/")[2]
+    assert len(second) == 16 and second != first
+    assert "restarting: its owner asked" in "\n".join(cloud.cli("site", "logs", "restarted")["lines"])
+    assert "restarted the app of restarted" in cloud.cli_text("site", "restart", "restarted")
+    # A stopped site runs no app: refused, saying what to do; nothing changes.
+    cloud.cli("site", "stop", "restarted")
+    refused = cloud.cli("site", "restart", "restarted", check=False)
+    assert refused["error"]["code"] == "in_use", refused
+    assert "is stopped" in refused["error"]["message"] and "site start restarted" in refused["error"]["hint"]
+    refused = cloud.cli("site", "restart", "nosuchsite", check=False)
+    assert refused["error"]["code"] == "not_found", refused
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="an app's own network namespace needs the worker's sandbox (root)"
+)
+def test_a_command_that_listens_on_a_port_of_its_own_is_found_there(
+    cloud: LocalCloud, site: dict[str, Any]
+) -> None:
+    fixed = _new_site(cloud, "fixedport")
+    # As many a tutorial has it: the port written in the code, not $PORT.
+    _publish(
+        fixed,
+        {
+            "Procfile": b"web: python3 -m http.server 3000 --bind 127.0.0.1\n",
+            "hello.txt": b"found on port 3000",
+        },
+    )
+    cloud.wait_for_content("fixedport", "/hello.txt", b"found on port 3000", timeout=30)
+    lines = "\n".join(cloud.cli("site", "logs", "fixedport")["lines"])
+    assert "listens on port 3000, not on $PORT" in lines, lines

@@ -261,6 +261,9 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
     tenant.fill("#value", "hello")
     submit(tenant, "button:text-is('Set')")
     assert "App settings saved." in tenant.inner_text(".notice") and "GREETING" in tenant.inner_text("main")
+    # No controller runs here: a restart is stored and the page says it waits for one.
+    submit(tenant, "button:text-is('Restart app')")
+    assert "Restart asked: the cloud's controller has not applied it yet" in tenant.inner_text(".notice")
     tenant.fill("#check", "www.fabrikam.example")
     submit(tenant, "button:text-is('Check')")
     assert "www.fabrikam.example: free" in tenant.inner_text("main")
@@ -299,6 +302,7 @@ def test_tenant_and_admin_in_the_browser(cloud: ManagementCloud, browser: Any, t
     assert tenant.locator("h1 .badge").inner_text() == "suspended"
     assert "Its subscription is suspended" in tenant.inner_text("main")
     assert tenant.locator("button:text-is('Start site')").count() == 0
+    assert tenant.locator("button:text-is('Restart app')").count() == 0
     with admin.expect_navigation():
         admin.locator("tr", has_text="fabrikam").first.locator("button[value=resume]").click()
     assert "resumed" in admin.inner_text(".notice")

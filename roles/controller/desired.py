@@ -286,6 +286,7 @@ def read_desired(
                 retention={"keep_versions": plan.keep_versions, "keep_days": plan.keep_days},
                 app={
                     **app_fields(dict(site.app_settings or {}), always_on_allowed=plan.always_on),
+                    **({"restarts": site.restarts} if site.restarts else {}),
                     # The app's writable home is held to the plan's storage, as its content is.
                     "limits": {"disk_mb": max(plan.storage_mb, APP_DISK_MIN_MB)},
                 },

@@ -38,7 +38,7 @@ TABLES = (
 # A cloud holding any of these is not empty: a restore would mix two clouds' tenants.
 _OCCUPIED = ("plans", "tenants", "users", "sites")
 # Columns that only mean something in the cloud that wrote them (its config generations): not kept.
-_LOCAL = {"sites": frozenset({"live_from"})}
+_LOCAL = {"sites": frozenset({"live_from", "restarts"})}
 Json = dict[str, Any]
 
 

@@ -860,6 +860,21 @@ class Store:
                 site.live_from = generation
             return self.site_json(site, who)
 
+    def restart_site(self, who: Principal, name: str) -> Json:
+        """Ask every worker of a running site to replace its app processes (a new value in their
+        snapshot): requests under way finish on the old ones, the next start the new."""
+        with self._write_lock, self._db.session() as s:
+            site = self._visible_site(s, who, name)
+            if site.state != "running" or site.subscription.state != "active":
+                state = "suspended" if site.subscription.state != "active" else site.state
+                raise InUse(
+                    f"site {name} is {state}: it runs no app to restart",
+                    hint=f"start it with `sitecloud site start {name}`" if state == "stopped" else None,
+                )
+            site.restarts += 1
+            bump_generation(s)
+            return self.site_json(site, who)
+
     def scale_site(self, who: Principal, name: str, instances: Any) -> Json:
         """Run the site on ``instances`` workers (the front ends balance across them), within its plan."""
         if not isinstance(instances, int) or isinstance(instances, bool) or not 1 <= instances <= SCALE_MAX:

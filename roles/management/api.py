@@ -289,6 +289,11 @@ async def scale_site(request: web.Request) -> web.Response:
     return web.json_response(await service_of(request).scale_site(who, request.match_info["name"], instances))
 
 
+async def restart_site(request: web.Request) -> web.Response:
+    who = await principal(request)
+    return web.json_response(await service_of(request).restart_site(who, request.match_info["name"]))
+
+
 async def stop_site(request: web.Request) -> web.Response:
     who = await principal(request)
     return web.json_response(await service_of(request).stop_site(who, request.match_info["name"]))
@@ -1023,6 +1028,17 @@ def operations() -> list[Operation]:
             "sites",
             answer=m.Site,
             body=m.SiteScale,
+            params=site,
+            errors=(409,),
+        ),
+        op(
+            "POST",
+            "/sites/{name}/restart",
+            restart_site,
+            "restart_site",
+            "Restart a running site's app on every worker: requests under way finish on the old processes, the next ones start new ones (a static site has none; nothing changes for it)",
+            "sites",
+            answer=m.Site,
             params=site,
             errors=(409,),
         ),

@@ -903,6 +903,15 @@ def _new_password(a: argparse.Namespace) -> tuple[str, str | None]:
     return (f"set a new publishing password for {a.name}: the old one stops working for FTP and deploy", None)
 
 
+def _show_restarted(answer: Any, a: argparse.Namespace) -> None:
+    if answer.get("pending"):
+        out(f"restart of {a.name} asked, {answer['pending']}")
+    else:
+        out(
+            f"restarted the app of {a.name}: requests under way finished on the old processes, the next start new ones"
+        )
+
+
 def _done(text: str) -> Show:
     def show(answer: Any, a: argparse.Namespace) -> None:
         out(text.format(a=a, answer=answer))
@@ -1256,6 +1265,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--no-wait", action="store_true", help="answer once it is started, without waiting for its build"
     )
+    sp = leaf(
+        site,
+        "restart",
+        "restart a site's app on every worker (requests under way finish first)",
+        post("sites", "{a.name}", "restart"),
+        _show_restarted,
+    )
+    sp.add_argument("name")
     sp = leaf(
         site,
         "stop",

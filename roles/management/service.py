@@ -516,6 +516,11 @@ class ManagementService:
         self._log.bind(tenant=result["tenant"], site=name).info("site stopped")
         return result
 
+    async def restart_site(self, who: Principal, name: str) -> Json:
+        result = await self._write_live(self._store.restart_site, who, name)
+        self._log.bind(tenant=result["tenant"], site=name).info("site's app restarted")
+        return result
+
     async def scale_site(self, who: Principal, name: str, instances: Any) -> Json:
         result = await self._write_live(self._store.scale_site, who, name, instances)
         self._log.bind(tenant=result["tenant"], site=name).info("site scaled to %s instance(s)", instances)

@@ -348,6 +348,8 @@ class WorkerSite(WorkerSiteContent):
     always_on: AlwaysOn = False
     idle_timeout: IdleTimeout | None = None
     limits: AppLimits | None = None
+    # How many times the owner asked to restart the app: a new value replaces its processes.
+    restarts: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
 
     @property
     def has_app_fields(self) -> bool:

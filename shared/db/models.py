@@ -206,6 +206,9 @@ class Site(Base):
     # until the serving roles run that one, nothing serves it. NULL once management saw a generation
     # at least as new applied everywhere; a generation of this cloud, so a backup does not keep it.
     live_from: Mapped[int | None] = mapped_column(default=None)
+    # How many times its owner asked to restart its app: each ask is a new value in the workers'
+    # snapshot, which replace the site's app processes. A count of this cloud's, so a backup leaves it.
+    restarts: Mapped[int] = mapped_column(default=0, server_default="0")
     subscription: Mapped[Subscription] = relationship(back_populates="sites")
     hostnames: Mapped[list[CustomHostname]] = relationship(
         back_populates="site", cascade="all, delete-orphan", order_by="CustomHostname.hostname"

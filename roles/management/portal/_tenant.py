@@ -208,6 +208,9 @@ async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
         if action == "stop":
             await service.stop_site(page.who, name)
             raise see_other(request, back, notice="stopped")
+        if action == "restart":
+            done = await service.restart_site(page.who, name)
+            raise see_other(request, back, notice="restart-pending" if done.get("pending") else "restarted")
         if action == "delete":
             check_confirmed(form, f"delete {name} and its content", name)
             await service.delete_site(page.who, name)
@@ -526,6 +529,10 @@ async def stop(request: web.Request) -> web.StreamResponse:
     return await _site_action(request, "stop")
 
 
+async def restart(request: web.Request) -> web.StreamResponse:
+    return await _site_action(request, "restart")
+
+
 async def delete(request: web.Request) -> web.StreamResponse:
     return await _site_action(request, "delete")
 
@@ -664,6 +671,7 @@ def tenant_routes() -> list[web.RouteDef]:
         web.get(s, site_page),
         web.post(f"{s}/start", start),
         web.post(f"{s}/stop", stop),
+        web.post(f"{s}/restart", restart),
         web.get(f"{s}/delete", confirm_delete),
         web.post(f"{s}/delete", delete),
         web.get(f"{s}/password", confirm_password),

@@ -61,6 +61,8 @@ NOTICES = {
     "slot-deleted": "Slot deleted.",
     "site-deleted": "Site deleted, with its content.",
     "started": "Site started: it serves visitors again.",
+    "restarted": "App restarted: its next requests go to new processes on every worker.",
+    "restart-pending": "Restart asked: the cloud's controller has not applied it yet; it takes effect as soon as it runs again.",
     "stopped": "Site stopped: visitors get a 'site stopped' page until you start it. "
     "Its content is kept, and you can still publish to it.",
     "settings-saved": "App settings saved.",

@@ -333,11 +333,12 @@ class AppManager:
                 self._drop(name, "another incarnation of the site")
             app = self._sites[name] = AppSite(name, content_id)
         # The root too: a version built again with all its files (out of packs) keeps its number.
-        generation = (runtime, entry, spec.env, spec.limits, version.number, version.root)
+        generation = (runtime, entry, spec.env, spec.limits, version.number, version.root, spec.restarts)
         if app.generation == generation:
             app.spec, app.always_on = spec, spec.always_on
             return
         restart = bool(app.generation) and app.instance is not None
+        asked = bool(app.generation) and app.generation[:-1] == generation[:-1]
         app.spec, app.runtime, app.entry, app.always_on = spec, runtime, entry, spec.always_on
         app.root, app.version, app.generation = version.root, version.number, generation
         app.failures, app.retry_at = 0, 0.0
@@ -347,7 +348,8 @@ class AppManager:
         if runtime in _PACKAGED:
             self._start_packages(app)
         if restart:
-            self._site_log(app).write("worker", f"restarting: version {version.number} or new settings")
+            why = "its owner asked" if asked else f"version {version.number} or new settings"
+            self._site_log(app).write("worker", f"restarting: {why}")
             self._retire(app)
 
     # -- lifecycle

@@ -78,6 +78,7 @@ class AppSpec:
     always_on: bool = False
     idle_timeout: float | None = None
     limits: AppLimits = field(default_factory=AppLimits)
+    restarts: int = 0  # a new value: the owner asked for new processes
 
 
 def parse_app_spec(site: str, raw: object, default_limits: AppLimits) -> AppSpec | None:
@@ -110,6 +111,7 @@ def app_spec(site: WorkerSite, default_limits: AppLimits) -> AppSpec | None:
         always_on=site.always_on,
         idle_timeout=float(site.idle_timeout) if site.idle_timeout is not None else None,
         limits=limits,
+        restarts=site.restarts,
     )
 
 

@@ -3,7 +3,9 @@
 In its sandbox a ``command`` app listens on TCP ``$PORT`` in a network namespace of its own, while the
 worker speaks only to unix sockets it binds itself. This runs the command as its child, waits until
 something accepts on 127.0.0.1:PORT (connections wait in the fd-0 backlog meanwhile), then splices
-each accepted connection to it. SIGTERM and SIGINT go on to the command; the bridge exits with the
+each accepted connection to it. A command that listens on a port of its own choosing instead (the
+``app.listen(3000)`` of many a tutorial) is found in the namespace's socket table (``/proc/net/tcp*``:
+nothing else listens there) and used, with a line saying so. SIGTERM and SIGINT go on to the command; the bridge exits with the
 command's status. Standard library only: it runs under the app's Python, as a plain script.
 
 Hand-written on ``selectors`` rather than asyncio: importing asyncio costs 20-45 ms of CPU, which a
@@ -155,15 +157,50 @@ class _Splice:
             end.sock.close()
 
 
-def _listening(port: int) -> bool:
-    probe = socket.socket()
+# A port the command listens on other than $PORT is taken once it has listened this long without $PORT
+# (a command may open another port, for its metrics say, before $PORT).
+OTHER_PORT_AFTER = 0.2
+_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's "st" column
+# Where a listener bound to these can be reached from inside: the wildcard and loopback, v4 and v6.
+_REACHABLE = {
+    "00000000": (socket.AF_INET, "127.0.0.1"),
+    "0100007F": (socket.AF_INET, "127.0.0.1"),
+    "00000000000000000000000000000000": (socket.AF_INET6, "::1"),
+    "00000000000000000000000001000000": (socket.AF_INET6, "::1"),
+}
+
+Target = tuple[int, tuple[str, int]]
+
+
+def _listening(target: Target) -> bool:
+    probe = socket.socket(target[0])
     try:
-        probe.connect(("127.0.0.1", port))
+        probe.connect(target[1])
     except OSError:
         return False
     finally:
         probe.close()
     return True
+
+
+def _listeners() -> list[Target]:
+    """Where the command listens, from this network namespace's socket tables (its own alone)."""
+    found: list[Target] = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4 or fields[3] != _LISTEN:
+                continue
+            address, _, port = fields[1].partition(":")
+            reach = _REACHABLE.get(address)
+            if reach is not None:
+                found.append((reach[0], (reach[1], int(port, 16))))
+    return found
 
 
 def _forward(pid: int, sig: int) -> None:
@@ -173,16 +210,16 @@ def _forward(pid: int, sig: int) -> None:
         pass
 
 
-def _accept(sel: selectors.BaseSelector, listener: socket.socket, port: int) -> None:
+def _accept(sel: selectors.BaseSelector, listener: socket.socket, target: Target) -> None:
     while True:
         try:
             client, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         client.setblocking(False)
-        app = socket.socket()
+        app = socket.socket(target[0])
         app.setblocking(False)
-        code = app.connect_ex(("127.0.0.1", port))
+        code = app.connect_ex(target[1])
         if code not in (0, errno.EINPROGRESS):
             app.close()
             client.close()
@@ -198,10 +235,28 @@ def main(port: int, ready_timeout: float, child: int) -> int:
     sel.register(pidfd, _READ, None)
     deadline = time.monotonic() + ready_timeout
     delay = 0.005
-    while not _listening(port):
+    target: Target = (socket.AF_INET, ("127.0.0.1", port))
+    other: Target | None = None
+    other_since = 0.0
+    while not _listening(target):
         if sel.select(0):
             break  # the command ended before it listened: its status below
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        found = [t for t in _listeners() if t[1][1] != port]
+        if len({t[1][1] for t in found}) == 1:
+            if other is None or other[1][1] != found[0][1][1]:
+                other, other_since = found[0], now
+            elif now - other_since >= OTHER_PORT_AFTER and _listening(other):
+                print(
+                    f"the command listens on port {other[1][1]}, not on $PORT ({port}): visitors go to "
+                    f"port {other[1][1]} (listen on $PORT to choose)",
+                    flush=True,
+                )
+                target = other
+                continue  # (the loop's test now passes: on to serving)
+        else:
+            other = None
+        if now > deadline:
             print(f"the command did not listen on $PORT ({port}) within {ready_timeout:g} s", flush=True)
             _forward(child, signal.SIGKILL)
             os.waitpid(child, 0)
@@ -219,7 +274,7 @@ def main(port: int, ready_timeout: float, child: int) -> int:
                 if key.data is None:
                     break
                 if key.data is listener:
-                    _accept(sel, listener, port)
+                    _accept(sel, listener, target)
                 else:
                     pair, end = key.data
                     if not pair.closed:  # (closed by an earlier event of this turn)
