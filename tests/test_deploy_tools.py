@@ -571,6 +571,20 @@ def test_a_small_push_whose_trees_name_millions_of_files_or_bytes_is_refused_at_
     cloud.wait_for_content("gittrees", "/", b"still pushes")
 
 
+def test_export_subst_in_a_pushed_tree_is_not_expanded(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    site = _site(cloud, subscription, "gitsubst")
+    repo = Checkout(cloud, tmp_path / "gitsubst", _remote(site))
+    # Expanded, each $Format:%B$ would be the whole 100 KB message: 22 KB of them make 200 MB, which
+    # git archive builds in memory (a push of a few MB could take the publisher's host down).
+    page = b"$Format:%B$" * 2000
+    repo.commit({".gitattributes": b"* export-subst\n", "index.html": page}, "x" * 100_000)
+    pushed = repo.push()
+    assert pushed.returncode == 0, pushed.stderr
+    cloud.wait_for_content("gitsubst", "/", page)
+
+
 def test_deploy_lines_go_only_into_a_report_multiplexed_on_side_bands() -> None:
     report = _pkt(b"\x01" + _pkt(b"unpack ok\n") + _pkt(b"ok refs/heads/main\n") + b"0000")
     assert _split_report(report + b"0000") == (report, True)

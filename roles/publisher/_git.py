@@ -15,6 +15,7 @@ directory, set per request; request bodies are capped at ``max_deploy_bytes`` an
 the site's storage quota (``receive.maxInputSize``, set per push), so git refuses a bigger one while it
 arrives. A push git accepts but the deploy refuses leaves objects no ref reaches (``gc.auto`` is off):
 they are dropped after it (``git gc --prune=now``), off the request path, under the site's push lock.
+A pushed tree's own ``export-subst`` attribute is overridden (its expansion has no bound).
 A pushed tree is listed before it is exported: one naming more files than a zip may hold, or more
 bytes than the quota (trees naming trees many times make millions of files of a few KB), is refused.
 The repository itself, history included, may hold at most the site's storage quota: a push that would
@@ -63,6 +64,10 @@ _MAX_REPORT = 4 * 1024 * 1024
 _MAX_BAND = 65515
 # What index-pack says past receive.maxInputSize (LANG=C).
 _PACK_TOO_BIG = b"pack exceeds maximum allowed size"
+# What outranks every .gitattributes of a pushed tree ($GIT_DIR/info/attributes is read first):
+# export-subst would expand each $Format:%B$ to the whole commit message, so a few KB of file would
+# make git archive build gigabytes, in memory.
+_ATTRIBUTES = "* -export-subst\n"
 # Longest ``ls-tree --long`` record read: mode, type, object id, size and a path zipsafe would take.
 _MAX_RECORD = MAX_PATH_BYTES + 256
 
@@ -212,6 +217,18 @@ def _bytes_on_disk(root: Path) -> int:
 
 def _mb(size: int) -> str:
     return f"{size / 2**20:.1f} MB"
+
+
+def _pin_attributes(repo: Path) -> None:
+    """Blocking: the repository's own attributes in place (a repository made before them gets them)."""
+    path = repo / "info" / "attributes"
+    with contextlib.suppress(OSError):
+        if path.read_text() == _ATTRIBUTES:
+            return
+    path.parent.mkdir(exist_ok=True)
+    fresh = path.with_name("attributes.new")
+    fresh.write_text(_ATTRIBUTES)
+    fresh.replace(path)
 
 
 def _remove_quarantines(objects: Path) -> None:
@@ -678,6 +695,7 @@ class GitDeploy:
         record = self._deployer.deployments.start(site.name, deployer="git", author=f"git push to {branch}")
         try:
             await self._check_tree(site, repo, new)
+            await asyncio.to_thread(_pin_attributes, repo)
             with tempfile.NamedTemporaryFile(prefix="sitecloud-git-", suffix=".zip") as spool:
                 code, out = await self._run(
                     self._git, "archive", "--format=zip", f"--output={spool.name}", new, cwd=repo
