@@ -271,9 +271,17 @@ class Checkout:
         self.run("config", "http.sslCAInfo", str(cloud.ca_file))
         self.run("remote", "add", "origin", remote)
 
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [self.git, *args], cwd=self.path, env=self.env, capture_output=True, text=True, timeout=60
+            [self.git, *args],
+            cwd=self.path,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            input=stdin,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"git {' '.join(args)} failed: {proc.stdout}\n{proc.stderr}")
@@ -517,6 +525,64 @@ def test_git_history_is_held_to_the_storage_quota_and_a_force_push_frees_it(
     assert repo.push("--force", "fresh:main").returncode == 0
     cloud.wait_for_content("githistory", "/", b"three")
     assert _bytes_under(server) < 4 * 2**20
+
+
+def _tree_of_trees(repo: Checkout, blob: bytes, *, width: int, depth: int) -> str:
+    """A commit whose tree names ``width ** depth`` copies of ``blob``: each level is one tree naming
+    the level below ``width`` times, so the pack holds ``depth`` small trees and one blob."""
+    (repo.path.parent / "blob").write_bytes(blob)
+    sha = repo.run("hash-object", "-w", str(repo.path.parent / "blob")).stdout.strip()
+    mode, kind = "100644", "blob"
+    for _ in range(depth):
+        listing = "".join(f"{mode} {kind} {sha}\tn{i}\n" for i in range(width))
+        sha = repo.run("mktree", stdin=listing).stdout.strip()
+        mode, kind = "040000", "tree"
+    page = repo.run("hash-object", "-w", "--stdin", stdin="bomb").stdout.strip()
+    top = repo.run("mktree", stdin=f"040000 tree {sha}\tb\n100644 blob {page}\tindex.html\n").stdout.strip()
+    return repo.run("commit-tree", top, "-m", "tree of trees").stdout.strip()
+
+
+def test_a_small_push_whose_trees_name_millions_of_files_or_bytes_is_refused_at_once(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    site = _site(cloud, subscription, "gittrees")  # the plan's storage: 5 MB
+    repo = Checkout(cloud, tmp_path / "gittrees", _remote(site))
+    repo.commit({"index.html": b"fits"}, "small")
+    assert repo.push().returncode == 0
+    cloud.wait_for_content("gittrees", "/", b"fits")
+
+    # A pack of a few KB whose trees name a million files: refused before it is exported as a zip
+    # (a level more and the export alone would write gigabytes on the publisher's disk).
+    bomb = _tree_of_trees(repo, b"x", width=100, depth=3)
+    started = time.monotonic()
+    refused = repo.push("--force", f"{bomb}:refs/heads/main")
+    took = time.monotonic() - started
+    assert refused.returncode != 0, refused.stderr
+    assert "remote: sitecloud: deploy FAILED: the commit names more than 100000 files" in refused.stderr
+    assert took < 30, f"refused after {took:.1f}s"
+
+    # Few files, but each a copy of one large blob: past the quota, said as such.
+    zeros = _tree_of_trees(repo, bytes(2**20), width=8, depth=1)
+    refused = repo.push("--force", f"{zeros}:refs/heads/main")
+    assert refused.returncode != 0 and "more than the site's quota of 5242880 bytes" in refused.stderr
+    assert cloud.get("gittrees", "/")[2] == b"fits"
+    repo.commit({"index.html": b"still pushes"}, "fits again")
+    assert repo.push().returncode == 0
+    cloud.wait_for_content("gittrees", "/", b"still pushes")
+
+
+def test_export_subst_in_a_pushed_tree_is_not_expanded(
+    cloud: LocalCloud, subscription: int, tmp_path: Path
+) -> None:
+    site = _site(cloud, subscription, "gitsubst")
+    repo = Checkout(cloud, tmp_path / "gitsubst", _remote(site))
+    # Expanded, each $Format:%B$ would be the whole 100 KB message: 22 KB of them make 200 MB, which
+    # git archive builds in memory (a push of a few MB could take the publisher's host down).
+    page = b"$Format:%B$" * 2000
+    repo.commit({".gitattributes": b"* export-subst\n", "index.html": page}, "x" * 100_000)
+    pushed = repo.push()
+    assert pushed.returncode == 0, pushed.stderr
+    cloud.wait_for_content("gitsubst", "/", page)
 
 
 def test_deploy_lines_go_only_into_a_report_multiplexed_on_side_bands() -> None:

@@ -15,6 +15,9 @@ directory, set per request; request bodies are capped at ``max_deploy_bytes`` an
 the site's storage quota (``receive.maxInputSize``, set per push), so git refuses a bigger one while it
 arrives. A push git accepts but the deploy refuses leaves objects no ref reaches (``gc.auto`` is off):
 they are dropped after it (``git gc --prune=now``), off the request path, under the site's push lock.
+A pushed tree's own ``export-subst`` attribute is overridden (its expansion has no bound).
+A pushed tree is listed before it is exported: one naming more files than a zip may hold, or more
+bytes than the quota (trees naming trees many times make millions of files of a few KB), is refused.
 The repository itself, history included, may hold at most the site's storage quota: a push that would
 take it past that is refused (its branch put back, its objects dropped), after a ``git gc`` has
 dropped what no branch reaches any more (the old history a ``--force`` push replaced).
@@ -36,9 +39,19 @@ from aiohttp import BasicAuth, web
 from roles.publisher._deploy import Deployer
 from roles.publisher._sites import SiteInfo, SiteTable
 from roles.publisher.config import PublisherConfig
-from shared.errors import BadRequest, NotFound, NotServed, QuotaExceeded, SitecloudError, Unavailable
+from roles.publisher.zipsafe import MAX_MEMBERS
+from shared.errors import (
+    BadRequest,
+    InvalidInput,
+    NotFound,
+    NotServed,
+    QuotaExceeded,
+    SitecloudError,
+    Unavailable,
+)
 from shared.logs import ContextLogger, get_logger
 from shared.names import validate_site_name
+from shared.paths import MAX_PATH_BYTES
 
 __all__ = ["GitDeploy"]
 
@@ -51,6 +64,12 @@ _MAX_REPORT = 4 * 1024 * 1024
 _MAX_BAND = 65515
 # What index-pack says past receive.maxInputSize (LANG=C).
 _PACK_TOO_BIG = b"pack exceeds maximum allowed size"
+# What outranks every .gitattributes of a pushed tree ($GIT_DIR/info/attributes is read first):
+# export-subst would expand each $Format:%B$ to the whole commit message, so a few KB of file would
+# make git archive build gigabytes, in memory.
+_ATTRIBUTES = "* -export-subst\n"
+# Longest ``ls-tree --long`` record read: mode, type, object id, size and a path zipsafe would take.
+_MAX_RECORD = MAX_PATH_BYTES + 256
 
 # Refuses every ref but the two that deploy, and deleting them; tenants never write hooks.
 _PRE_RECEIVE = """#!/bin/sh
@@ -198,6 +217,18 @@ def _bytes_on_disk(root: Path) -> int:
 
 def _mb(size: int) -> str:
     return f"{size / 2**20:.1f} MB"
+
+
+def _pin_attributes(repo: Path) -> None:
+    """Blocking: the repository's own attributes in place (a repository made before them gets them)."""
+    path = repo / "info" / "attributes"
+    with contextlib.suppress(OSError):
+        if path.read_text() == _ATTRIBUTES:
+            return
+    path.parent.mkdir(exist_ok=True)
+    fresh = path.with_name("attributes.new")
+    fresh.write_text(_ATTRIBUTES)
+    fresh.replace(path)
 
 
 def _remove_quarantines(objects: Path) -> None:
@@ -663,6 +694,8 @@ class GitDeploy:
         await say(f"deploying {new[:10]} ({branch}) to site {site.name}")
         record = self._deployer.deployments.start(site.name, deployer="git", author=f"git push to {branch}")
         try:
+            await self._check_tree(site, repo, new)
+            await asyncio.to_thread(_pin_attributes, repo)
             with tempfile.NamedTemporaryFile(prefix="sitecloud-git-", suffix=".zip") as spool:
                 code, out = await self._run(
                     self._git, "archive", "--format=zip", f"--output={spool.name}", new, cwd=repo
@@ -693,6 +726,53 @@ class GitDeploy:
         url = self._sites.site_url(site.address)
         await say(f"live at {url}" if url else f"site {site.address} is live")
         return None
+
+    async def _check_tree(self, site: SiteInfo, repo: Path, commit: str) -> None:
+        """Refuse a commit naming more files than a zip deploy may hold, or more bytes than the site's
+        quota, before ``git archive`` writes them out. A tree can name another tree many times, so a
+        push of a few KB can name millions of files, each a full copy in the export: the listing is
+        read only as far as it fits."""
+        assert self._git is not None
+        proc = await asyncio.create_subprocess_exec(
+            self._git,
+            "ls-tree",
+            "-r",
+            "-z",
+            "--long",
+            commit,
+            cwd=repo,
+            env=self._env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        files = total = 0
+        pending = b""
+        try:
+            while chunk := await proc.stdout.read(_CHUNK):
+                *records, pending = (pending + chunk).split(b"\0")
+                for record in records:
+                    files += 1
+                    if files > MAX_MEMBERS:
+                        raise InvalidInput(
+                            f"the commit names more than {MAX_MEMBERS} files; at most {MAX_MEMBERS} are allowed",
+                            hint="a tree named many times counts each time: deploy fewer files",
+                        )
+                    size = record.partition(b"\t")[0].split()[-1:]
+                    total += int(size[0]) if size and size[0].isdigit() else 0  # "-" for a submodule
+                    if total > site.quota_bytes:
+                        raise QuotaExceeded(
+                            f"the commit's files take more than the site's quota of {site.quota_bytes} bytes",
+                            hint="remove files or ask for a bigger plan",
+                        )
+                if len(pending) > _MAX_RECORD:
+                    raise InvalidInput(f"the commit has a path longer than {MAX_PATH_BYTES} bytes")
+        finally:
+            if not proc.stdout.at_eof():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            await proc.wait()
 
     async def _rewind(self, repo: Path, ref: str, old: str | None, new: str) -> None:
         assert self._git is not None
