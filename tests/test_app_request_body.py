@@ -8,10 +8,13 @@ app's pace end to end), a WSGI, a PHP and a Procfile app.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import http.client
+import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -231,3 +234,47 @@ def test_an_upload_through_the_front_end_reaches_the_app_whole(cloud: AppCloud) 
         assert answer.startswith(b"HTTP/1.1 413 ") and b"(16 MiB)" in answer, answer[:300]
     finally:
         front.stop()
+
+
+def _spooled_bytes(pid: int) -> int:
+    """What ``pid`` holds in unnamed (deleted) files: the chunked bodies it spooled."""
+    total = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).endswith(" (deleted)"):
+                total += fd.stat().st_size
+    return total
+
+
+def test_chunked_bodies_left_unfinished_hold_at_most_the_workers_spool_total() -> None:
+    # Any visitor may send any app a chunked body and never end it: each waited on the worker's
+    # disk, the one every site's content is on, with no bound on them all.
+    with running_cloud(app_start_timeout=15.0, package_index_url="none", app_spool_total=8 * MB) as c:
+        c.add_site("upload")
+        c.publish_and_wait("upload", {"app.py": APP}, "/", b"0 ")
+        assert c.worker.proc is not None
+        pid = c.worker.proc.pid
+        context = c.pki.client_ssl("frontend")
+        head = b"POST / HTTP/1.1\r\nHost: x\r\nX-Sitecloud-Site: upload\r\nTransfer-Encoding: chunked\r\n\r\n"
+        piece = b"%x\r\n%s\r\n" % (MB, b"h" * MB)
+        held: list[socket.socket] = []
+        try:
+            for _ in range(4):
+                sock = context.wrap_socket(
+                    socket.create_connection(("localhost", c.config.data_port), timeout=10),
+                    server_hostname="localhost",
+                )
+                held.append(sock)
+                sock.sendall(head + piece * 3)  # 3 MB each, and never the last chunk
+            wait_until(lambda: _spooled_bytes(pid) >= 6 * MB, timeout=10, what="the bodies on disk")
+            time.sleep(0.5)
+            assert _spooled_bytes(pid) <= 8 * MB, _spooled_bytes(pid) // MB
+            body = b"n" * (3 * MB)
+            assert post(c, "upload", "/", body, chunked=True)[0] == 503
+            assert "request bodies on disk already" in c.worker.log()
+        finally:
+            for done in held:
+                done.close()
+        # Their files go with their connections: the next body is taken again.
+        wait_until(lambda: _spooled_bytes(pid) == 0, timeout=10, what="the held bodies to be dropped")
+        assert post(c, "upload", "/", body, chunked=True) == (200, expected(body))

@@ -7,6 +7,7 @@ PHP one a script that prints header lines.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from roles.worker.apps._fastcgi import parse_cgi_head
-from roles.worker.apps._head import MAX_HEAD_BYTES, MAX_HEAD_FIELDS, HeadTooLarge
+from roles.worker.apps._head import MAX_HEAD_BYTES, MAX_HEAD_FIELDS, MAX_INTERIM_HEADS, HeadTooLarge
 from tests.support import wait_until
 from tests.test_worker_apps import WSGI_APP, AppCloud, running_cloud
 
@@ -64,6 +65,12 @@ def flood(conn, how):
         head = b"HTTP/1.1 200 OK\\r\\n" + b"".join(b"X-W%d: %s\\r\\n" % (i, value) for i in range(40))
         conn.sendall(head + b"Content-Length: 2\\r\\n\\r\\nok")
         return
+    elif how == "interim":
+        # Each head complete, but never the answer: 1xx after 1xx, for as long as it is read.
+        chunk = b"HTTP/1.1 103 Early Hints\\r\\nLink: </a.css>; rel=preload\\r\\n\\r\\n" * 1000
+        while sent < LIMIT:
+            conn.sendall(chunk)
+            sent += len(chunk)
     elif how == "fields":
         # Small in bytes, but more fields than any proxy takes: complete, with a body.
         head = b"HTTP/1.1 200 OK\\r\\n" + b"".join(b"X-F%d: 1\\r\\n" % i for i in range(%(fields)d))
@@ -166,6 +173,31 @@ def test_an_endless_head_gets_a_quick_502_and_the_worker_stays_bounded(cloud: Ap
     # The worker goes on: the same site answers its next request, and another site too.
     assert cloud.get("flood", "/")[2] == b"flood ok"
     assert cloud.get("bystander", "/hi")[0:3:2] == (200, b"wsgi GET /hi  greeting=- cookie=- body=")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_endless_interim_heads_get_a_quick_502_and_cost_the_worker_little(cloud: AppCloud) -> None:
+    # Each 1xx head is dropped, but parsed in the worker's CPU, shared by every site: without a
+    # bound the worker parsed them for as long as the app sent them.
+    pid = worker_pid(cloud)
+    cpu = cpu_seconds(pid)
+    started = time.monotonic()
+    status, _, body = cloud.get("flood", "/flood?how=interim")
+    took, used = time.monotonic() - started, cpu_seconds(pid) - cpu
+    assert status == 502, (status, body[:200])
+    assert took < 5 and used < 2, (took, used)
+    wait_until(
+        lambda: f"more than {MAX_INTERIM_HEADS} interim (1xx) heads" in cloud.log("flood"),
+        timeout=5,
+        what="the reason in the site's log",
+    )
+    assert cloud.get("flood", "/")[2] == b"flood ok"
+    assert cloud.get("bystander", "/hi")[0] == 200
 
 
 def test_a_head_with_too_many_fields_gets_a_502(cloud: AppCloud) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 import socket
@@ -131,6 +132,21 @@ def app(environ, start_response):
         out = "forked %d then %s" % (n, err)
     elif path == "/whoami":
         out = "%d" % os.getuid()
+    elif path == "/userns":
+        # A user namespace of its own, by unshare(2) in a child and by util-linux unshare.
+        import ctypes, subprocess, threading
+        pid = os.fork()
+        if pid == 0:
+            libc = ctypes.CDLL(None, use_errno=True)
+            os._exit(0 if libc.unshare(0x10000000) == 0 else ctypes.get_errno())
+        got = ["unshare(2) %d" % os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])]
+        cmd = subprocess.run(["unshare", "-U", "-r", "id", "-u"], capture_output=True, text=True)
+        got.append("unshare -U %d %s" % (cmd.returncode, cmd.stdout.strip()))
+        # Threads still start (glibc tries clone3 first).
+        t = threading.Thread(target=got.append, args=("thread",))
+        t.start()
+        t.join()
+        out = ", ".join(got)
     elif path == "/udpflows":
         # One datagram from each of many ports (TEST-NET-2 never answers), each socket closed at once.
         sent = 0
@@ -340,6 +356,16 @@ def test_the_app_runs_with_its_rlimits_no_capabilities_and_no_new_privileges(clo
     assert int(status["Uid"].split()[0]) >= UID_BASE
     assert status["NoNewPrivs"].strip() == "1"
     assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+
+
+def test_the_app_cannot_make_a_user_namespace(cloud: AppCloud) -> None:
+    # Root in a user namespace of its own would open the kernel's namespaced-root code to the app
+    # (nftables, mounts): the usual first step of a kernel exploit.
+    attacker(cloud, "userns")
+    body = cloud.get("userns", "/userns")[2].decode()
+    assert body == f"unshare(2) {errno.EPERM}, unshare -U 1 , thread", body
+    assert "no user namespaces (seccomp)" in cloud.worker.log()
+    bystander_answers(cloud)
 
 
 @pytest.mark.parametrize("where", ["/dev/shm", "/tmp"])

@@ -45,6 +45,9 @@ class WorkerConfig(ServingConfig):
     # The longest request body an app gets; a longer one gets 413. One longer than 1 MiB streams to
     # the app as it arrives (with a Content-Length) or waits in a file in the home (chunked).
     app_max_body: int = 32 * 1024 * 1024
+    # All chunked request bodies waiting in files in the home at once, every site's: past it, a body
+    # that would add to them gets 503, so visitors cannot fill the disk that holds the content.
+    app_spool_total: int = 512 * 1024 * 1024
     # Per-site app log (stdout/stderr, access lines) before it rotates once.
     app_log_bytes: int = 1024 * 1024
     # Index for requirements.txt installs (e.g. https://pypi.org/simple); empty: the host's pip

@@ -45,6 +45,10 @@ V1_DIR = "sitecloud-apps"
 # How long kill() waits for a group to freeze; it kills what is listed even if freezing lags.
 _FREEZE_WAIT = 0.5
 _KILL_ROUNDS = 20
+# cgroup v1: an app's TCP buffers may take this fraction of its memory limit, beside it. A quarter
+# of a small app's 256 MB is 16 connections with full 4 MB buffers; 15 such apps stay well under
+# the kernel's default tcp_mem pressure mark (about 6 % of RAM).
+TCP_SHARE = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,9 @@ class CgroupFiles:
     # (controller, file, frozen value, thawed value)
     freeze: tuple[str, str, str, str]
     kill_file: tuple[str, str] | None
+    # v1 only: a cap on the group's TCP buffers, which v1 charges to no group until one is set
+    # (v2 counts them in memory.max). None: they are in the memory limit already.
+    tcp_limit: tuple[str, str] | None = None
     procs: str = "cgroup.procs"
 
 
@@ -112,6 +119,7 @@ V1 = CgroupFiles(
     cpu_usage=("cpuacct", "cpuacct.usage", "", 1e-9),
     freeze=("freezer", "freezer.state", "FROZEN", "THAWED"),
     kill_file=None,
+    tcp_limit=("memory", "memory.kmem.tcp.limit_in_bytes"),
 )
 
 
@@ -274,6 +282,12 @@ class CgroupTree:
             _write(group.file(f.memory_limit), memory)
             with contextlib.suppress(OSError):
                 _write(group.file(f.swap_limit), "0")
+        if f.tcp_limit is not None:
+            # Unset, an app's never-read loopback connections pin the host-wide TCP pool
+            # (net.ipv4.tcp_mem), whose exhaustion fails every connection on the host. Set before
+            # the app runs: a socket is charged to the group it was made in only once this is set.
+            with contextlib.suppress(OSError):  # a kernel without it (removed upstream in time)
+                _write(group.file(f.tcp_limit), str(limits.memory_mb * 1024 * 1024 // TCP_SHARE))
         quota = _cpu_quota(limits)
         _set_cpu(group, max(quota, CPU_PERIOD_US) if boost else quota)
         _write(group.file(f.pids_limit), str(limits.nproc))

@@ -8,12 +8,16 @@ the connection to the app is closed, never kept for another request.
 
 from __future__ import annotations
 
-__all__ = ["MAX_HEAD_BYTES", "MAX_HEAD_FIELDS", "HeadBudget", "HeadTooLarge"]
+__all__ = ["MAX_HEAD_BYTES", "MAX_HEAD_FIELDS", "MAX_INTERIM_HEADS", "HeadBudget", "HeadTooLarge"]
 
 # Generous next to common proxies (nginx reads an upstream's head into 4 or 8 KB, HAProxy takes 101
 # fields): a real app's head is a few hundred bytes.
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEAD_FIELDS = 100
+# Interim (1xx) heads before the answer: a real app sends one or two (100 Continue, 103 Early
+# Hints). The worker drops them but parses each, in its own CPU outside the app's cgroup, so an app
+# sending them without end would keep the worker busy for as long as the request may take.
+MAX_INTERIM_HEADS = 16
 
 
 class HeadTooLarge(Exception):
@@ -27,6 +31,10 @@ class HeadTooLarge(Exception):
     @classmethod
     def over_fields(cls) -> HeadTooLarge:
         return cls(f"the app's response head is too large (more than {MAX_HEAD_FIELDS} fields)")
+
+    @classmethod
+    def over_interim(cls) -> HeadTooLarge:
+        return cls(f"the app sent more than {MAX_INTERIM_HEADS} interim (1xx) heads before its answer")
 
 
 class HeadBudget:

@@ -184,9 +184,19 @@ class AppInstance:
         assert ident.unix_uid is not None and ident.gid is not None
         block_r, block_w = os.pipe()
         info_r, info_w = os.pipe()
+        passed = [block_r, info_w]
+        seccomp_fd = -1
+        if self.sandbox.seccomp:
+            seccomp_fd = _memfd("seccomp", self.sandbox.seccomp)
+            passed.append(seccomp_fd)
         try:
             argv = self.sandbox.argv(
-                self._mounts, uid=ident.unix_uid, gid=ident.gid, block_fd=block_r, info_fd=info_w
+                self._mounts,
+                uid=ident.unix_uid,
+                gid=ident.gid,
+                block_fd=block_r,
+                info_fd=info_w,
+                seccomp_fd=seccomp_fd,
             )
             argv += self.plan.argv
             try:
@@ -197,13 +207,13 @@ class AppInstance:
                     stderr=subprocess.STDOUT,
                     cwd="/",
                     env=self._safe_env(),
-                    pass_fds=(block_r, info_w),
+                    pass_fds=passed,
                     start_new_session=True,
                     umask=0o077,
                 )
             finally:
-                os.close(block_r)
-                os.close(info_w)
+                for fd in passed:
+                    os.close(fd)
             try:
                 self.init_pid = await read_info(info_r)
             except ValueError:
@@ -404,6 +414,18 @@ class AppInstance:
             self._listener.close()
             self._listener = None
             self._socket_path.unlink(missing_ok=True)
+
+
+def _memfd(name: str, data: bytes) -> int:
+    """A file of ``data`` only in memory, read from its start by whoever it is passed to."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # What an app may print, sustained and in a burst: reading its output costs the worker's CPU (shared

@@ -134,6 +134,8 @@ class AppProxy(Generic[T]):
         self._scripts: dict[tuple[str, int, str, str], tuple[str, str, str] | None] = {}
         # A PHP site's fixed CGI variables, encoded: (the spec and root they are of, the bytes).
         self._fixed: dict[str, tuple[object, str, bytes]] = {}
+        # Bytes of chunked request bodies in spool files now, all sites' (bounded by app_spool_total).
+        self.spooled = 0
 
     @property
     def active(self) -> bool:
@@ -298,6 +300,7 @@ class AppExchange(Generic[T]):
         # A chunked body past STREAM_BODY_AFTER: on disk, then piped from there (_pump_spool) while
         # the app's socket has room (_app_full). None again once sent or dropped.
         self._spool: IO[bytes] | None = None
+        self._spooled = 0  # bytes written to it, counted in the proxy's spooled
         self._spool_failed = ""
         self._app_full = False
         # Awaited on the task path only (a warm request is sent from :meth:`end`).
@@ -719,21 +722,31 @@ class AppExchange(Generic[T]):
             # Open across callbacks, closed by _close_spool; unnamed, so nothing is left should we die.
             self._spool = tempfile.TemporaryFile(dir=self._proxy.config.home)  # noqa: SIM115
         except OSError as exc:
-            self._spool_lost(exc)
+            self._spool_lost(str(exc))
             return
         self._spool_write(held)
 
     def _spool_write(self, pieces: list[bytes]) -> None:
         assert self._spool is not None
+        proxy = self._proxy
+        size = sum(map(len, pieces))
+        if proxy.spooled + size > proxy.config.app_spool_total:
+            # Any visitor may send chunked bodies to any app, and this disk holds every site's content.
+            held = f"{proxy.spooled >> 20} MiB"
+            self._spool_lost(f"the worker holds {held} of request bodies on disk already (app_spool_total)")
+            return
         try:
             self._spool.writelines(pieces)
         except OSError as exc:
-            self._spool_lost(exc)
+            self._spool_lost(str(exc))
+            return
+        self._spooled += size
+        proxy.spooled += size
 
-    def _spool_lost(self, exc: OSError) -> None:
+    def _spool_lost(self, why: str) -> None:
         """The disk would not take the body (full, say): the rest is dropped, and the answer is 503."""
-        self._proxy.log.bind(site=self._app.name).warning("cannot spool a request body: %s", exc)
-        self._spool_failed = str(exc)
+        self._proxy.log.bind(site=self._app.name).warning("cannot spool a request body: %s", why)
+        self._spool_failed = why
         self._close_spool()
 
     def _pump_spool(self) -> None:
@@ -743,7 +756,7 @@ class AppExchange(Generic[T]):
             try:
                 data = spool.read(SPOOL_CHUNK)
             except OSError as exc:
-                self._spool_lost(exc)
+                self._spool_lost(str(exc))
                 if self._upstream is not None:
                     self._upstream.abandon(self)
                 self.upstream_failed(f"the worker could not read the request's body back ({exc})")
@@ -758,6 +771,8 @@ class AppExchange(Generic[T]):
         spool, self._spool = self._spool, None
         if spool is not None:
             spool.close()
+            self._proxy.spooled -= self._spooled
+            self._spooled = 0
 
     def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         if self._timer is not None:

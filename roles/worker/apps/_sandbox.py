@@ -29,12 +29,14 @@ import ipaddress
 import itertools
 import json
 import os
+import platform
 import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from roles.worker.apps._seccomp import userns_filter
 from shared.logs import ContextLogger
 
 __all__ = ["EGRESS_MODES", "EGRESS_UDP_FLOWS", "Sandbox", "SandboxMounts", "egress_nofile", "read_info"]
@@ -93,6 +95,8 @@ class Sandbox:
     # With egress: a resolv.conf naming slirp's DNS forwarder, bound over the host's, whose
     # resolver (a private or loopback address) the egress rules refuse.
     resolv_conf: str = ""
+    # The seccomp program bwrap loads for the app (``_seccomp.py``); empty: none on this machine.
+    seccomp: bytes = b""
 
     @classmethod
     def detect(
@@ -132,9 +136,13 @@ class Sandbox:
                     "(apt-get install slirp4netns nftables); apps get no outbound network"
                 )
                 slirp = None
+        seccomp = userns_filter()
         log.info(
-            "app sandbox: bwrap network, mount and pid namespaces; outbound internet %s",
+            "app sandbox: bwrap network, mount and pid namespaces; outbound internet %s; %s",
             "through slirp4netns (public addresses only)" if slirp else "off (app_egress)",
+            "no user namespaces (seccomp)"
+            if seccomp
+            else f"user namespaces allowed (no seccomp filter for {platform.machine()})",
         )
         return cls(
             bwrap,
@@ -145,10 +153,13 @@ class Sandbox:
             nft or "",
             egress_rules(_host_addresses()) if slirp else "",
             _write_resolv_conf(state_dir) if slirp and state_dir is not None else "",
+            seccomp or b"",
         )
 
-    def argv(self, mounts: SandboxMounts, *, uid: int, gid: int, block_fd: int, info_fd: int) -> list[str]:
-        """bwrap and setpriv, to go before the app's command."""
+    def argv(
+        self, mounts: SandboxMounts, *, uid: int, gid: int, block_fd: int, info_fd: int, seccomp_fd: int = -1
+    ) -> list[str]:
+        """bwrap and setpriv, to go before the app's command; ``seccomp_fd`` holds :attr:`seccomp`."""
         size = str(mounts.tmpfs_bytes)
         argv = [self.bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
         argv += ["--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "app"]
@@ -181,7 +192,10 @@ class Sandbox:
                 made.add(name)
             argv += [kind, source, inside]
             bound.append(inside)
-        argv += ["--chdir", mounts.cwd, "--block-fd", str(block_fd), "--info-fd", str(info_fd), "--"]
+        argv += ["--chdir", mounts.cwd, "--block-fd", str(block_fd), "--info-fd", str(info_fd)]
+        if seccomp_fd >= 0:
+            argv += ["--seccomp", str(seccomp_fd)]
+        argv.append("--")
         argv += [
             self.setpriv,
             f"--reuid={uid}",

@@ -13,7 +13,7 @@ from typing import Protocol, cast
 
 import httptools
 
-from roles.worker.apps._head import MAX_HEAD_BYTES, HeadBudget, HeadTooLarge
+from roles.worker.apps._head import MAX_HEAD_BYTES, MAX_INTERIM_HEADS, HeadBudget, HeadTooLarge
 from roles.worker.apps._pool import UpstreamPool
 
 __all__ = ["HttpUpstream", "Sink", "UpstreamBase"]
@@ -171,6 +171,7 @@ class HttpUpstream(UpstreamBase):
         self._upgrade = upgrade
         self._headers: list[tuple[bytes, bytes]] = []
         self._budget = HeadBudget()
+        self._interim = 0
         # Bytes read since the parser last handed on a head, a piece of body or a message end: what
         # httptools may hold of an unfinished field (it joins a field's pieces until the field ends).
         self._quiet = 0
@@ -259,6 +260,9 @@ class HttpUpstream(UpstreamBase):
             return
         if 100 <= status < 200:
             self._headers = []
+            self._interim += 1
+            if self._interim > MAX_INTERIM_HEADS:
+                raise HeadTooLarge.over_interim()
             return
         self._have_head = True
         if status in (204, 304):
