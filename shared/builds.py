@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from shared.contracts.apps import AppDescription
+from shared.contracts.apps import AppDescription, AppProbe
 from shared.errors import NotFound, SitecloudError
 from shared.internal import InternalClient
 from shared.logs import ContextLogger
@@ -193,6 +193,21 @@ class BuildFollow:
                 break
             await emit(source, text)
         return BuildOutcome(True, dict(self._failed), unserved=not serving)
+
+    async def probe(self, version: int, *, host: str, timeout: float) -> AppProbe | None:
+        """Once ``version`` is served: its app started on one of the site's workers and asked for ``/``
+        (:class:`AppProbe`); None when no worker could be asked."""
+        for url in self._workers:
+            try:
+                raw = await self._client.post_json(
+                    f"{url}/v1/sites/{self._site}/app/probe",
+                    params={"version": str(version), "timeout": f"{timeout:g}", "host": host},
+                    timeout=aiohttp.ClientTimeout(total=timeout + 15),
+                )
+                return AppProbe.parse(raw, what="unexpected answer")
+            except SitecloudError as exc:
+                self._log.info("cannot ask %s to try the site's app: %s", url, exc)
+        return None
 
     async def close(self) -> None:
         for task in self._streams:

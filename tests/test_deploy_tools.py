@@ -49,7 +49,7 @@ def cloud(traversable_home: Path) -> Iterator[LocalCloud]:
     cloud = LocalCloud(traversable_home)
     cloud.start()
     try:
-        cloud.cli("plan", "create", "deploys", "--max-sites", "20", "--storage-mb", "5")
+        cloud.cli("plan", "create", "deploys", "--max-sites", "30", "--storage-mb", "5")
         cloud.cli("tenant", "create", "contoso")
         yield cloud
     finally:

@@ -411,3 +411,57 @@ def test_an_async_zip_deploy_completes_with_its_build_and_logs_it(cloud: LocalCl
     assert "requirements installed" in messages, messages
     status, _, body = cloud.get("flask-async", "/?name=Ada")
     assert status == 200 and b"Hello, Ada, from Flask" in body
+
+
+GOOD_APP = b"""
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"the good version"]
+"""
+# Valid Python, but it cannot be loaded: the worker's app server exits naming the error.
+BROKEN_APP = b"import module_that_is_not_there\n" + GOOD_APP
+
+
+def test_a_deploy_whose_app_does_not_start_says_why_and_the_site_keeps_serving_the_one_before(
+    cloud: LocalCloud, tmp_path: Path
+) -> None:
+    site = _new_site(cloud, "crashy")
+    tree = tmp_path / "crashy"
+    tree.mkdir()
+    (tree / "app.py").write_bytes(GOOD_APP)
+    printed = cloud.cli_text("deploy", "crashy", str(tree), timeout=120).splitlines()
+    assert "its app answered GET / with 200" in printed and printed[-1].endswith(", served"), printed
+    assert cloud.get("crashy", "/")[::2] == (200, b"the good version")
+
+    # `sitecloud deploy`: refused with the app's own error, the version before it put back.
+    (tree / "app.py").write_bytes(BROKEN_APP)
+    refused = cloud.cli("deploy", "crashy", str(tree), check=False, timeout=120)
+    message = refused["error"]["message"]
+    assert refused["error"]["code"] == "build_failed", refused
+    assert "its app does not start" in message and "No module named 'module_that_is_not_there'" in message
+    assert "back at version" in message and "sitecloud site logs crashy" in refused["error"]["hint"]
+    assert cloud.get("crashy", "/")[::2] == (200, b"the good version")
+
+    # git push: rejected with the same words, the branch back where it was, the site as it was.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "app.py").write_bytes(BROKEN_APP)
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "GIT_AUTHOR_NAME": "Site Owner",
+        "GIT_AUTHOR_EMAIL": "owner@example.net",
+        "GIT_COMMITTER_NAME": "Site Owner",
+        "GIT_COMMITTER_EMAIL": "owner@example.net",
+        "GIT_SSL_CAINFO": str(cloud.ca_file),
+    }
+    base = urlsplit(site["deploy"]["url"])
+    remote = f"https://{site['ftp']['user']}:{site['ftp']['password']}@{base.netloc}/crashy.git"
+    for args in (("init", "-q", "-b", "main"), ("add", "-A"), ("commit", "-q", "-m", "broken")):
+        subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, timeout=60)
+    pushed = subprocess.run(
+        ["git", "push", remote, "main"], cwd=repo, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert pushed.returncode != 0, pushed.stderr
+    assert "its app does not start" in pushed.stderr and "[remote rejected] main -> main" in pushed.stderr
+    assert cloud.get("crashy", "/")[::2] == (200, b"the good version")

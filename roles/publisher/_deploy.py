@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from aiohttp import BasicAuth, web
 
@@ -33,7 +34,7 @@ from roles.publisher._sites import Credentials, SiteInfo, SiteTable, suspended_e
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
 from roles.publisher.zipsafe import ZipMember, check_zip, copy_member, open_zip, read_member
-from shared.builds import NOT_SERVED_HINT, BuildFollower, BuildOutcome, Emit, build_failure
+from shared.builds import NOT_SERVED_HINT, BuildFollow, BuildFollower, BuildOutcome, Emit, build_failure
 from shared.contracts.content import DeployResult, PathOp, encode_commit
 from shared.errors import (
     BuildFailed,
@@ -69,6 +70,25 @@ _RETRY_AFTER = web.RequestKey("retry_after", int)
 NDJSON = "application/x-ndjson"
 # What a site's owner does about a failed build (the site's app serves no version until one builds).
 _BUILD_HINT = "fix what the build says and deploy again (`sitecloud site logs {site}` shows the whole build)"
+_APP_HINT = "fix the app and deploy again (`sitecloud site logs {site}` shows its output)"
+# How long a deploy waits for its app's first answer once the version is served.
+APP_PROBE_SECONDS = 20.0
+
+
+async def _app_failure(follow: BuildFollow, version: int, host: str, tell: Emit) -> str | None:
+    """Why a served version's app does not run (None: it answered, or there is nothing to ask); what
+    it answered is told to the deployer either way."""
+    probe = await follow.probe(version, host=host, timeout=APP_PROBE_SECONDS)
+    if probe is None or probe.outcome == "none":
+        return None
+    if probe.outcome == "crashed":
+        await tell("deploy", f"its app does not start: {probe.detail}")
+        return f"its app does not start: {probe.detail}"
+    if probe.outcome == "slow":
+        await tell("deploy", f"its app has not answered yet ({probe.detail}); it may still be starting")
+    else:
+        await tell("deploy", f"its app answered GET / with {probe.status}")
+    return None
 
 
 def _not_served(site: SiteInfo, outcome: BuildOutcome) -> bool:
@@ -399,6 +419,7 @@ class Deployer:
             )
             message = f"version {answer.version}"
             outcome = BuildOutcome(True)
+            app_failure: str | None = None
             # Kept and published to, but built and served by nothing until it is started.
             stopped = (
                 f"site {site.name} is stopped: it builds and serves this version once it is started "
@@ -419,8 +440,14 @@ class Deployer:
                     outcome = await follow.until_served(
                         answer.version, tell, timeout=self._config.build_follow_seconds
                     )
-                    if outcome.failed:
-                        message = f"version {answer.version} is stored, but {build_failure(outcome.failed)}"
+                    failure = build_failure(outcome.failed) if outcome.failed else None
+                    serving = outcome.done and not _not_served(site, outcome)
+                    if failure is None and serving and site.state is not SiteState.STOPPED:
+                        url = self._sites.site_url(site.address) or ""
+                        host = urlsplit(url).hostname or site.address
+                        failure = app_failure = await _app_failure(follow, answer.version, host, tell)
+                    if failure is not None:
+                        message = f"version {answer.version} is stored, but {failure}"
                         restored = await self._restore_before(site, answer.version, log)
                         if restored is not None:
                             back = (
@@ -446,13 +473,16 @@ class Deployer:
             if follow is not None:
                 await follow.close()
         unserved = _not_served(site, outcome)
-        failed = bool(outcome.failed) or unserved
+        failed = bool(outcome.failed) or unserved or app_failure is not None
         self.deployments.finish(record, version=answer.version, message=message, failed=failed)
         if unserved:
             log.warning(
                 "%s: version %s stored, but none of the site's workers serves it", via, answer.version
             )
             raise NotServed(message, hint=NOT_SERVED_HINT)
+        if app_failure is not None:
+            log.warning("%s: version %s stored, but its app does not start", via, answer.version)
+            raise BuildFailed(message, hint=_APP_HINT.format(site=site.name))
         if failed:
             log.warning("%s: version %s stored, but its build failed", via, answer.version)
             raise BuildFailed(message, hint=_BUILD_HINT.format(site=site.name))

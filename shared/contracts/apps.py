@@ -11,12 +11,17 @@ from shared.appsettings import Runtime
 from shared.contracts._base import Contract
 from shared.contracts.fields import ByteCount, SiteName, VersionNumber
 
-__all__ = ["AppDescription", "AppState"]
+__all__ = ["AppDescription", "AppProbe", "AppProbeOutcome", "AppState"]
 
 # "static": a site without an app; "crashed": it exited and its restart waits out a back-off.
 AppState = Literal["static", "running", "starting", "idle", "crashed"]
 
 _Count = Annotated[int, Field(ge=0)]
+# "answered": it answered ``GET /`` (any status: a 404 or a 500 is the app's own answer); "crashed":
+# it exited before it answered (``detail``: how, and its last output); "slow": no answer in the time
+# given (it may still be starting); "none": nothing to ask (a static or PHP site, or the worker serves
+# another version by now).
+AppProbeOutcome = Literal["answered", "crashed", "slow", "none"]
 
 
 class AppDescription(Contract):
@@ -54,3 +59,14 @@ class AppDescription(Contract):
     def to_json(self) -> dict[str, Any]:
         # A static site's description says nothing of a process it does not have.
         return self.model_dump(mode="json", exclude_unset=True)
+
+
+class AppProbe(Contract):
+    """``POST /v1/sites/{site}/app/probe?version=N`` on a worker's control port: the site's app started
+    as a first visitor starts it and asked for ``/`` once, so a deploy can say whether what it
+    published runs at all (the publisher and management ask it once the version is served)."""
+
+    site: SiteName
+    outcome: AppProbeOutcome
+    status: Annotated[int, Field(ge=100, le=999)] | None = None
+    detail: Annotated[str, Field(max_length=2000)] = ""

@@ -62,7 +62,7 @@ from roles.worker.apps._spec import (
 from roles.worker.apps._volume import BlankImages, HomeVolume, unmount_lazily, unmount_stale
 from roles.worker.config import WorkerConfig
 from shared.backoff import Backoff
-from shared.contracts.apps import AppDescription, AppState
+from shared.contracts.apps import AppDescription, AppProbe, AppState
 from shared.contracts.health import WorkerFigures
 from shared.contracts.snapshots import WorkerSite, WorkerSnapshot
 from shared.errors import BuildFailed, InvalidInput, NotFound, SitecloudError, Unavailable
@@ -450,6 +450,40 @@ class AppManager:
             return await asyncio.wait_for(asyncio.shield(app.starting), self._config.app_start_timeout)
         except TimeoutError:
             raise Unavailable("the site's app did not start in time", hint="its log says why") from None
+
+    async def probe(self, name: str, version: int, host: str, timeout: float) -> AppProbe:
+        """Start the site's app as a first visitor would and ask it for ``/`` once: whether what was
+        published runs at all. Straight to its socket, past the request path: one exchange, not a visit."""
+        app = self._sites.get(name)
+        if app is None or app.version != version or app.runtime == "php":
+            # php-cgi starts whatever the scripts hold: their errors are per request.
+            return AppProbe(site=name, outcome="none")
+        try:
+            inst = await self.acquire(app)
+        except Unavailable as exc:
+            return AppProbe(site=name, outcome="crashed", detail=(app.last_crash or str(exc))[:2000])
+        self.begin(app, inst)
+        answered = False
+        try:
+            ask = asyncio.ensure_future(_ask_root(inst.address, host))
+            deadline = time.monotonic() + timeout
+            while not ask.done() and inst.alive and time.monotonic() < deadline:
+                await asyncio.wait((ask,), timeout=0.05)
+            if ask.done() and ask.exception() is None:
+                answered = True
+                return AppProbe(site=name, outcome="answered", status=ask.result())
+            ask.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError, ValueError, ConnectionError):
+                await ask
+            for _ in range(40):  # its exit is seen (and its reason kept) a moment after the socket's end
+                if not inst.alive and app.instance is not inst:
+                    break
+                await asyncio.sleep(0.05)
+            if not inst.alive:
+                return AppProbe(site=name, outcome="crashed", detail=(app.last_crash or "it exited")[:2000])
+            return AppProbe(site=name, outcome="slow", detail=f"no answer to GET / within {timeout:g} s")
+        finally:
+            self.end(app, inst, answered=answered)
 
     def running(self, app: AppSite) -> AppInstance | None:
         inst = app.instance
@@ -1086,3 +1120,24 @@ def _status(code: int) -> str:
         with contextlib.suppress(ValueError):
             return f"signal {signal.Signals(-code).name}"
     return f"status {code}"
+
+
+async def _ask_root(address: tuple[str, str], host: str) -> int:
+    """The status of ``GET /`` asked of an app at ``address`` (as :attr:`AppInstance.address` gives it)."""
+    kind, where = address
+    if kind == "unix":
+        reader, writer = await asyncio.open_unix_connection(where)
+    else:
+        host, _, port = where.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: sitecloud-deploy-check\r\nConnection: close\r\n\r\n".encode()
+        )
+        line = await reader.readline()
+        parts = line.split(b" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit() or not parts[0].startswith(b"HTTP/"):
+            raise ConnectionError(f"not an HTTP answer: {line[:60]!r}")
+        return int(parts[1])
+    finally:
+        writer.close()

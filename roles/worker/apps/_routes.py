@@ -5,12 +5,15 @@ which follows a deploy's build to show it to whoever deployed).
 the response stays open and streams new lines until the caller goes away.
 ``GET /v1/sites/{site}/app``: runtime, version, state, whether it is building, pid, memory, CPU
 seconds, starts and crashes.
+``POST /v1/sites/{site}/app/probe?version=N[&timeout=S]``: the app started and asked for ``/`` once
+(:class:`~shared.contracts.apps.AppProbe`); the publisher and management ask it after a deploy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 
 from aiohttp import web
 
@@ -21,6 +24,9 @@ from shared.internal import require_role
 __all__ = ["app_routes"]
 
 MAX_LINES = 10_000
+_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}")
+# The longest a probe waits for an app's first answer (a deploy waits on it).
+PROBE_MAX = 30.0
 KEEPALIVE = 15.0
 # Both endpoints only read.
 _READERS = ("management", "controller", "publisher")
@@ -66,4 +72,21 @@ def app_routes(manager: AppManager) -> list[web.RouteDef]:
         require_role(request, *_READERS)
         return web.json_response(manager.describe(request.match_info["site"]).to_json())
 
-    return [web.get("/v1/sites/{site}/logs", logs), web.get("/v1/sites/{site}/app", describe)]
+    async def probe(request: web.Request) -> web.Response:
+        require_role(request, "publisher", "management")
+        try:
+            version = int(request.query.get("version", ""))
+            timeout = min(PROBE_MAX, float(request.query.get("timeout", str(PROBE_MAX))))
+        except ValueError:
+            raise InvalidInput("version must be a number, timeout seconds") from None
+        host = request.query.get("host", "") or request.match_info["site"]
+        if not _HOST.fullmatch(host):
+            raise InvalidInput("host must be a host name (letters, digits, dots and dashes)")
+        found = await manager.probe(request.match_info["site"], version, host, max(timeout, 0.1))
+        return web.json_response(found.to_json())
+
+    return [
+        web.get("/v1/sites/{site}/logs", logs),
+        web.get("/v1/sites/{site}/app", describe),
+        web.post("/v1/sites/{site}/app/probe", probe),
+    ]
