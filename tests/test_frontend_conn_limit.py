@@ -165,6 +165,41 @@ def test_refusals_are_counted_in_metrics_and_health_and_logged_once_a_minute(
     assert frontend.log().count("refusing connections from 127.0.0.1") == max(logged, 1) == 1
 
 
+def test_with_serving_processes_each_holds_the_limit_and_the_main_process_sums_refusals(
+    pki: CloudPKI, tmp_path: Path
+) -> None:
+    config = pki.role_config(
+        FrontendConfig,
+        "frontend",
+        tmp_path / "fe",
+        processes=2,
+        max_connections_per_ip=1,
+        header_timeout=30.0,
+        metrics_port=free_port(),
+        usage_interval=0,
+    )
+    pki.ca.issue_wildcard(DOMAIN).write(config.wildcard_key_file, config.wildcard_cert_file)
+    proc = RoleProcess(config, pki)
+    with proc.running(), _held(config.http_port, 10) as socks:
+        # Whichever process accepts each: at most one per process stays open, every other one is told.
+        refused = 0
+        for sock in socks:
+            sock.settimeout(1.0)
+            with contextlib.suppress(TimeoutError):
+                refused += _read_all(sock).startswith(b"HTTP/1.1 429 ")
+        assert 8 <= refused <= 9
+        metrics_url = f"http://127.0.0.1:{config.metrics_port}"
+        seen: list[float] = []
+
+        def summed() -> bool:
+            seen.append(value(scrape(metrics_url, None), "sitecloud_frontend_connections_refused_total"))
+            return seen[-1] == refused
+
+        with contextlib.suppress(AssertionError):  # (said below, with what was seen)
+            wait_until(summed, timeout=5, what="the refusals summed over the serving processes")
+        assert seen and seen[-1] == refused, (refused, seen[-3:])
+
+
 def _peer(address: str) -> asyncio.BaseTransport:
     """A transport as far as the limit reads it."""
     return asyncio.BaseTransport(extra={"peername": (address, 40000)})
