@@ -66,16 +66,18 @@ _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 class HttpCounts:
     """Requests by status class, a latency histogram and per-site counters, as plain numbers.
 
-    ``sites`` maps a site to ``[requests, bytes_in, bytes_out]``.
+    ``sites`` maps a site to ``[requests, bytes_in, bytes_out]``; ``refused_connections`` counts
+    connections closed at accept by a limit (the front end's per-address one).
     """
 
-    __slots__ = ("buckets", "latency_sum", "sites", "status")
+    __slots__ = ("buckets", "latency_sum", "refused_connections", "sites", "status")
 
     def __init__(self) -> None:
         self.status = [0, 0, 0, 0, 0, 0]  # index: status // 100 (0 unused)
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one: above the largest bound
         self.latency_sum = 0.0
         self.sites: dict[str, list[int]] = {}
+        self.refused_connections = 0
 
     def done(self, status: int, seconds: float) -> None:
         """One answered request (called on the request path: keep it to a few adds)."""
@@ -100,17 +102,25 @@ class HttpCounts:
         for i, v in enumerate(other.buckets):
             self.buckets[i] += v
         self.latency_sum += other.latency_sum
+        self.refused_connections += other.refused_connections
         add_sites(self.sites, other.sites)
 
     def folded(self, top_n: int) -> HttpCounts:
         """The same counts with only the ``top_n`` busiest sites on their own (see :func:`_top_sites`)."""
         out = HttpCounts()
         out.status, out.buckets, out.latency_sum = self.status, self.buckets, self.latency_sum
+        out.refused_connections = self.refused_connections
         out.sites = _top_sites(self.sites, top_n)
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"status": self.status, "buckets": self.buckets, "sum": self.latency_sum, "sites": self.sites}
+        return {
+            "status": self.status,
+            "buckets": self.buckets,
+            "sum": self.latency_sum,
+            "sites": self.sites,
+            "refused": self.refused_connections,
+        }
 
     @classmethod
     def parse(cls, raw: Any) -> HttpCounts:
@@ -124,6 +134,7 @@ class HttpCounts:
         if isinstance(buckets, list) and len(buckets) == len(counts.buckets):
             counts.buckets = [int(v) for v in buckets]
         counts.latency_sum = float(raw.get("sum") or 0.0)
+        counts.refused_connections = int(raw.get("refused") or 0)
         sites = raw.get("sites")
         if isinstance(sites, dict):
             for name, v in sites.items():
@@ -163,12 +174,19 @@ class HttpCollector(Collector):
     """Turns a data plane's :class:`HttpCounts` into metric families when scraped."""
 
     def __init__(
-        self, prefix: str, counts: Callable[[], HttpCounts], *, top_n: int, bytes_in: bool = True
+        self,
+        prefix: str,
+        counts: Callable[[], HttpCounts],
+        *,
+        top_n: int,
+        bytes_in: bool = True,
+        refused: bool = False,
     ) -> None:
         self._prefix = f"sitecloud_{prefix}"
         self._counts = counts
         self._top_n = max(0, top_n)
         self._bytes_in = bytes_in
+        self._refused = refused
 
     def collect(self) -> Iterator[Metric]:
         c = self._counts()
@@ -179,6 +197,12 @@ class HttpCollector(Collector):
         for i, name in enumerate(_CLASSES, start=1):
             requests.add_metric([name], c.status[i])
         yield requests
+        if self._refused:
+            yield CounterMetricFamily(
+                f"{p}_connections_refused",
+                "Connections closed at accept: their client address held the most it may at once.",
+                value=c.refused_connections,
+            )
         cumulative, buckets = 0, []
         for bound, n in zip(LATENCY_BUCKETS, c.buckets, strict=False):
             cumulative += n

@@ -10,8 +10,10 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["free_port", "free_port_range"]
+__all__ = ["client_key", "free_port", "free_port_range"]
 
+# IPv4-mapped IPv6 addresses, ::ffff:0:0/96 (RFC 4291 2.5.5.2): their first 12 bytes.
+_V4_MAPPED = bytes(10) + b"\xff\xff"
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 # Ports chosen by this process: two choices made before either is bound must still differ.
 _chosen: set[int] = set()
@@ -20,6 +22,20 @@ _chosen: set[int] = set()
 _CLAIMS = Path(tempfile.gettempdir()) / "sitecloud-port-claims"
 # A claim older than this is stale: whoever chose the port has bound it or given up on it.
 _CLAIM_TTL = 900.0
+
+
+def client_key(address: str) -> str:
+    """What limits per client count by: the address; IPv6 per /64, or one client would have 2**64
+    addresses (a host gets a whole /64, RFC 4291); an IPv4-mapped IPv6 address as the IPv4 one."""
+    if ":" not in address:  # IPv4 as the kernel gives it (or no address): already its key
+        return address
+    try:  # (socket's C parser: ipaddress takes some 30 µs here, and this runs at every accept)
+        packed = socket.inet_pton(socket.AF_INET6, address.partition("%")[0])
+    except OSError:
+        return address
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
 
 
 def _ephemeral() -> tuple[int, int]:

@@ -1,14 +1,16 @@
 """An app's response head is bounded in the worker: an app that never ends its head (endless header
 lines, one endless line, too many fields) gets its visitor a 502 at once, with the reason in the
 site's log, and costs the worker no more memory than a bounded buffer; the worker's other sites keep
-answering. Real fileserver and worker; the hostile app is a Procfile app on a raw socket, and the
-PHP one a script that prints header lines.
+answering. A 204 goes on with no length and no body, whatever the app said. Real fileserver and
+worker; the hostile app is a Procfile app on a raw socket, and the PHP one a script that prints
+header lines.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 
@@ -123,6 +125,37 @@ def app(environ, start_response):
     headers = [("X-F%d" % i, "1") for i in range(n)] + [("Content-Length", "7")]
     start_response("200 OK", headers)
     return [b"wsgi ok"]
+"""
+
+
+# Answers with no content that say they have some, and send it anyway (then close).
+BODYLESS_APP = b"""
+import os, socket, threading
+
+ANSWERS = {
+    "/204": b"HTTP/1.1 204 No Content\\r\\nContent-Length: 10\\r\\nX-Kind: 204\\r\\n\\r\\n0123456789",
+    "/204-chunked": b"HTTP/1.1 204 No Content\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n5\\r\\nhello\\r\\n0\\r\\n\\r\\n",
+    "/304": b'HTTP/1.1 304 Not Modified\\r\\nContent-Length: 10\\r\\nETag: "v1"\\r\\n\\r\\n0123456789',
+}
+
+def serve(conn):
+    with conn:
+        data = b""
+        while b"\\r\\n\\r\\n" not in data:
+            got = conn.recv(65536)
+            if not got:
+                return
+            data += got
+        path = data.split(b" ", 2)[1].decode()
+        conn.sendall(ANSWERS.get(path, b"HTTP/1.1 200 OK\\r\\nContent-Length: 11\\r\\n\\r\\nbodyless ok"))
+
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(os.environ["PORT"])))
+srv.listen(64)
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
 """
 
 
@@ -257,3 +290,45 @@ def test_a_cgi_head_within_the_bounds_is_read_and_one_past_them_refused() -> Non
     for bad in (b"abc", b"101", b"2000", b"99"):
         with pytest.raises(ValueError, match="is not an HTTP status"):
             parse_cgi_head(b"Status: " + bad)
+
+
+def _heads_and_rest(answer: bytes, n: int) -> tuple[list[dict[bytes, bytes]], list[int], bytes]:
+    """The first ``n`` answers of ``answer``, each taken as bodyless: their fields, statuses, and what
+    follows them (the next answer must start right after each blank line)."""
+    heads, statuses = [], []
+    for _ in range(n):
+        head, _, answer = answer.partition(b"\r\n\r\n")
+        status_line, *lines = head.split(b"\r\n")
+        statuses.append(int(status_line.split()[1]))
+        heads.append({k.strip().lower(): v.strip() for k, _, v in (ln.partition(b":") for ln in lines)})
+        assert answer.startswith(b"HTTP/1.1 "), (statuses, answer[:40])  # no body bytes in between
+    return heads, statuses, answer
+
+
+def test_a_204_goes_on_with_no_length_and_no_body_and_a_304_keeps_its_length(cloud: AppCloud) -> None:
+    cloud.add_site("bodyless")
+    cloud.publish_and_wait(
+        "bodyless", {"Procfile": b"web: python3 app.py\n", "app.py": BODYLESS_APP}, "/", b"bodyless ok"
+    )
+    ask = b"GET %b HTTP/1.1\r\nHost: bodyless\r\nX-Sitecloud-Site: bodyless\r\n%b\r\n"
+    paths = [b"/204", b"/204-chunked", b"/304"]
+    requests = b"".join(ask % (p, b"") for p in paths) + ask % (b"/", b"Connection: close\r\n")
+    # Pipelined on one kept connection, as a front end's: a stray body would be read as the next answer.
+    ctx = cloud.pki.client_ssl("frontend")
+    with (
+        socket.create_connection(("localhost", cloud.config.data_port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(requests)
+        chunks = []
+        while chunk := tls.recv(65536):
+            chunks.append(chunk)
+    heads, statuses, last = _heads_and_rest(b"".join(chunks), len(paths))
+    assert statuses == [204, 204, 304]
+    # RFC 9110 section 8.6: no Content-Length on a 204; nor any other framing.
+    for head in heads[:2]:
+        assert b"content-length" not in head and b"transfer-encoding" not in head, head
+    assert heads[0][b"x-kind"] == b"204"
+    # A 304 may say the length a 200 would have had; its body is still never sent.
+    assert heads[2][b"content-length"] == b"10" and heads[2][b"etag"] == b'"v1"'
+    assert last.startswith(b"HTTP/1.1 200 ") and last.endswith(b"\r\n\r\nbodyless ok")

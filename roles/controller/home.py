@@ -69,6 +69,7 @@ ROLE_SETTINGS: dict[str, frozenset[str]] = {
             "build_unreached_grace",
         }
     ),
+    "frontend": frozenset({"max_connections_per_ip"}),
     "worker": frozenset({"app_home_removal_delay"}),
     "management": frozenset({"role_stale_after"}),
     "controller": frozenset({"revive_after", "role_stop_timeout"}),
@@ -221,7 +222,9 @@ class CloudHome:
             "controller_url": f"https://localhost:{ports['controller']}",
         }
         if kind == "frontend":
-            return FrontendConfig(
+            return self._configured(
+                "frontend",
+                FrontendConfig,
                 **common,
                 http_port=c.http_port,
                 https_port=c.https_port,
@@ -334,8 +337,13 @@ class CloudHome:
             "controller_url": controller_url,
         }
         if kind == "frontend":
-            return FrontendConfig(
-                **common, http_port=ports["http"], https_port=ports["https"], usage_interval=c.usage_interval
+            return self._configured(
+                "frontend",
+                FrontendConfig,
+                **common,
+                http_port=ports["http"],
+                https_port=ports["https"],
+                usage_interval=c.usage_interval,
             )
         if kind == "worker":
             worker = self._configured(

@@ -16,6 +16,7 @@ from typing import cast
 
 import httptools
 
+from roles.frontend._admission import TOO_MANY
 from roles.frontend._cache import CacheEntry, app_lifetime, cacheable, http_date_line, without_date
 from roles.frontend._dispatch import dispatch, keep_off_lane, release, resend_stale, skip_lane
 from roles.frontend._head import (
@@ -101,6 +102,8 @@ class ClientConnection(asyncio.Protocol):
         self._closing = False
         self._eof = False
         self._tls = False
+        # What the per-address limit counted this connection under (a TLS bridge counts its own).
+        self._admitted: str | None = None
         self.read_deadline = 0.0
         self.write_deadline = 0.0
         # Writes made while corked leave in one transport.write (one TLS record, one send).
@@ -143,10 +146,18 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TLS transport is not an asyncio.Transport subclass, but has its interface.
         self.transport = transport = cast(asyncio.Transport, transport)
+        proxy = self._proxy
+        if not self._https:
+            self._admitted = proxy.admission.admit(transport)
+            if self._admitted is None:
+                self._closing = True
+                self._state = _DEAD
+                transport.write(TOO_MANY)
+                transport.close()
+                return
         self._tls = transport.get_extra_info("sslcontext") is not None
         peer = transport.get_extra_info("peername")
         self._ip = str(peer[0]).encode() if peer else b"unknown"
-        proxy = self._proxy
         proxy.clients.add(self)
         # A new connection gets the header timeout for its first request, not the idle one.
         self.read_deadline = proxy.loop.time() + proxy.header_timeout
@@ -154,6 +165,9 @@ class ClientConnection(asyncio.Protocol):
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted is not None:
+            self._proxy.admission.release(self._admitted)
+            self._admitted = None
         self._closing = True
         self._out.clear()
         self._up_out.clear()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
+from roles.frontend._admission import AddressLimit
 from roles.frontend._cache import CacheEntry, ResponseCache
 from roles.frontend._feed import FeedClient, run_feed
 from roles.frontend._http import Page, text_page
@@ -71,6 +72,8 @@ class Proxy:
         self.usage: dict[str, list[int]] = {}
         # Answers by status class and latency, counted on the request path (see shared.metrics).
         self.counts = HttpCounts()
+        # Open visitor connections per client address, and the most each may hold.
+        self.admission = AddressLimit(config.max_connections_per_ip, self.counts, log)
         self.applied = False
         self.public_https_port = config.public_https or config.https_port
         self.upstreams: dict[str, Upstream] = {}
@@ -362,6 +365,7 @@ class Proxy:
             # Which certificate <site>.<domain> is served with: the platform's from ACME, or the cloud CA's.
             "wildcard": "acme" if self.wildcard is not None else "cloud-ca",
             "client_connections": len(self.clients),
+            "connections_refused": self.counts.refused_connections,
             "upstream_connections": len(self.upstream_conns),
             "upstream_idle": sum(len(up.idle) for up in self.upstreams.values()),
             "upstream_lanes": sum(len(up.lanes) for up in self.upstreams.values()),

@@ -125,7 +125,7 @@ async def _listen(proxy: Proxy, tls: ssl.SSLContext | None) -> list[asyncio.Serv
         timeout = config.handshake_timeout
         servers.append(
             await loop.create_server(
-                lambda: TlsBridge(loop, tls, ClientConnection(proxy, b"https"), timeout),
+                lambda: TlsBridge(loop, tls, ClientConnection(proxy, b"https"), timeout, proxy.admission),
                 sock=https,
                 backlog=_BACKLOG,
             )
@@ -182,7 +182,7 @@ async def _serve_single(config: FrontendConfig, stop: asyncio.Event) -> None:
     servers, usage, https["on"] = await _serve_data(config, proxy, log)
     usage_ref["r"] = usage
     plane.metrics.register(
-        HttpCollector("frontend", lambda: _counts(proxy, usage), top_n=config.metrics_top_sites)
+        HttpCollector("frontend", lambda: _counts(proxy, usage), top_n=config.metrics_top_sites, refused=True)
     )
     await plane.start()
     _settle_heap()
@@ -243,6 +243,7 @@ async def _serve_main(config: FrontendConfig, stop: asyncio.Event, children: Ser
             "frontend",
             lambda: read_counts(config.state_dir, children.pids),
             top_n=config.metrics_top_sites,
+            refused=True,
         )
     )
     await plane.load_last_known_good()

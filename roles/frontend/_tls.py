@@ -17,6 +17,8 @@ import re
 import ssl
 from typing import Any
 
+from roles.frontend._admission import AddressLimit
+
 __all__ = ["TlsBridge"]
 
 # A TLS record's header: type (1), version (2), length (2).
@@ -34,7 +36,11 @@ _READ = 1 << 18
 
 class TlsBridge(asyncio.Protocol):
     """``app`` gets ``connection_made`` once the handshake is done (within ``handshake_timeout``, or the
-    connection is dropped), then plaintext; it writes plaintext to this bridge as to any transport."""
+    connection is dropped), then plaintext; it writes plaintext to this bridge as to any transport.
+
+    ``admission`` counts the connection from accept to close; one it refuses is dropped at once, before
+    any TLS state is made for it.
+    """
 
     def __init__(
         self,
@@ -42,15 +48,19 @@ class TlsBridge(asyncio.Protocol):
         ctx: ssl.SSLContext,
         app: asyncio.Protocol,
         handshake_timeout: float,
+        admission: AddressLimit,
     ) -> None:
         self._loop = loop
         self._ctx = ctx
         self._app = app
         self._handshake_timeout = handshake_timeout
+        self._admission = admission
+        self._admitted: str | None = None
         self._raw: asyncio.Transport | None = None
-        self._in = ssl.MemoryBIO()
-        self._out = ssl.MemoryBIO()
-        self._tls = ctx.wrap_bio(self._in, self._out, server_side=True)
+        # Made in connection_made, once the connection is admitted.
+        self._in: ssl.MemoryBIO
+        self._out: ssl.MemoryBIO
+        self._tls: ssl.SSLObject
         self._ready = False
         self._timer: asyncio.TimerHandle | None = None
         # Following the record layer over what came in: bytes the record in progress still needs
@@ -63,6 +73,13 @@ class TlsBridge(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._raw = transport  # type: ignore[assignment]
+        self._admitted = self._admission.admit(transport)
+        if self._admitted is None:
+            self.abort()  # (a reset: no handshake, and no TIME_WAIT left on our side)
+            return
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._tls = self._ctx.wrap_bio(self._in, self._out, server_side=True)
         self._timer = self._loop.call_later(self._handshake_timeout, self._handshake_timed_out)
 
     def data_received(self, data: bytes) -> None:
@@ -111,6 +128,9 @@ class TlsBridge(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted is not None:
+            self._admission.release(self._admitted)
+            self._admitted = None
         self._closing = True
         if self._timer is not None:
             self._timer.cancel()

@@ -45,6 +45,15 @@ class FrontendConfig(ServingConfig):
     cache_max_entry: int = 1024 * 1024
     # How often usage (requests, bytes) goes to the controller; 0: never.
     usage_interval: float = 30.0
+    # Visitor connections one client address (IPv6: one /64) may hold open at once, per serving
+    # process, from accept to close; past it a new one is closed at once. Far above a browser's 6 per
+    # host, so a NAT'd office fits; 0: no limit.
+    max_connections_per_ip: int = 256
+
+    def __post_init__(self) -> None:
+        value = self.max_connections_per_ip
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"max_connections_per_ip must be a whole number >= 0, not {value!r}")
 
     @property
     def wildcard_cert_file(self) -> Path:

@@ -10,30 +10,18 @@ of bounded size, so a flood of addresses costs bounded memory.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from shared.net import client_key
+
 __all__ = ["LoginThrottle"]
 
 # An account failing from many addresses this many times its per-address allowance is under attack.
 _ACCOUNT_WIDE_FACTOR = 10
-
-
-def client_key(address: str) -> str:
-    """IPv6 clients own whole /64s: count them per /64, or one client would have 2**64 addresses."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 class _Buckets:

@@ -105,6 +105,8 @@ class FrontendFigures(RoleFigures):
     usage_pending: dict[str, int] | None = None
     usage_reports_sent: Count | None = None
     client_connections: Count | None = None
+    # Connections closed at accept: their address held max_connections_per_ip already.
+    connections_refused: Count | None = None
     upstream_connections: Count | None = None
     upstream_idle: Count | None = None
     upstream_lanes: Count | None = None

@@ -67,6 +67,10 @@ _REQUEST_DROP = frozenset(
 _RESPONSE_DROP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"trailer"}
 )
+# A 1xx or 204 has no content and must not carry a Content-Length (RFC 9110 section 8.6): a visitor
+# could wait for the bytes it names. A 304's stays, as 8.6 allows (the length a 200 would have had;
+# a 304 has no content whatever it says, RFC 9112 section 6.3).
+_NO_CONTENT_DROP = _RESPONSE_DROP | {b"content-length"}
 # A 101 answer keeps its Upgrade field (RFC 9110 section 7.8); its framing fields mean nothing.
 _SWITCH_DROP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"content-length", b"transfer-encoding"}
@@ -783,7 +787,12 @@ class AppExchange(Generic[T]):
         self._bodyless = self._bodyless or status in (204, 304) or (status < 200 and not self._tunnel)
         lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown").encode())]
         length = dated = False
-        drop = _SWITCH_DROP if self._tunnel else _RESPONSE_DROP
+        if self._tunnel:
+            drop = _SWITCH_DROP
+        elif status == 204 or status < 200:
+            drop = _NO_CONTENT_DROP
+        else:
+            drop = _RESPONSE_DROP
         for key, value in headers:
             if key in drop:
                 continue
