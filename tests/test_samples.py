@@ -465,3 +465,15 @@ def test_a_deploy_whose_app_does_not_start_says_why_and_the_site_keeps_serving_t
     assert pushed.returncode != 0, pushed.stderr
     assert "its app does not start" in pushed.stderr and "[remote rejected] main -> main" in pushed.stderr
     assert cloud.get("crashy", "/")[::2] == (200, b"the good version")
+
+    # FTP does not follow the build: the broken app is served. A start shows it, as a deploy would.
+    ftp = ftplib.FTP()
+    ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
+    ftp.login(site["ftp"]["user"], site["ftp"]["password"])
+    ftp.storbinary("STOR app.py", io.BytesIO(BROKEN_APP))
+    ftp.quit()
+    wait_until(lambda: cloud.get("crashy", "/")[0] >= 500, timeout=30, what="the broken app served")
+    cloud.cli("site", "stop", "crashy")
+    started = cloud.cli("site", "start", "crashy", check=False, timeout=120)
+    assert started["error"]["code"] == "build_failed", started
+    assert "is started, but its app does not start" in started["error"]["message"], started

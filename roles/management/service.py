@@ -13,6 +13,7 @@ import json
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -55,6 +56,8 @@ _PUBLISHER = "the publisher"
 _DEPLOY_TIMEOUT = 3600.0
 # A started site's build is followed this long at most (as the publisher follows a deploy's).
 _BUILD_WAIT = 660.0
+# How long a start waits for its app's first answer once its version is served.
+_APP_PROBE_SECONDS = 20.0
 # `site show` asks each of the site's workers how its app is doing, this long at most.
 _APP_STATE_WAIT = 3.0
 # Why a tenant sees its app's state as unknown on a worker: the worker is down or out of reach, or
@@ -509,7 +512,19 @@ class ManagementService:
             )
         if not outcome.done:
             await emit("start", f"its build goes on; follow it with `sitecloud site logs {name}`")
-        return started, outcome.done
+            return started, False
+        # As a deploy does: an app that exits before its first answer is not called started well.
+        host = urlsplit(str(started.get("url", ""))).hostname or name
+        probe = await follow.probe(version, host=host, timeout=_APP_PROBE_SECONDS)
+        if probe is not None and probe.outcome == "crashed":
+            raise BuildFailed(
+                f"site {name} is started, but its app does not start: {probe.detail}",
+                hint=f"fix the app and deploy again (`sitecloud site logs {name}` shows its output), or put "
+                f"an earlier version back with `sitecloud site rollback {name}`",
+            )
+        if probe is not None and probe.outcome == "answered":
+            await emit("start", f"its app answered GET / with {probe.status}")
+        return started, True
 
     async def stop_site(self, who: Principal, name: str) -> Json:
         result = await self._write_live(self._store.set_site_state, who, name, "stopped")
