@@ -263,11 +263,9 @@ def _zipdeploy(cloud: LocalCloud, site: dict[str, Any], folder: str) -> None:
         assert resp.status == 200 and record["complete"] and record["status"] == 4, record
 
 
-def _git_push(cloud: LocalCloud, site: dict[str, Any], folder: str, work: Path) -> str:
-    """The folder as a fresh repository, pushed to the site's git URL; what the push printed."""
-    repo = work / "repo"
-    shutil.copytree(SAMPLES / folder, repo)
-    env = {
+def _git_env(cloud: LocalCloud, work: Path) -> dict[str, str]:
+    """A site owner's git: its own HOME and name, trusting the cloud's CA."""
+    return {
         **os.environ,
         "HOME": str(work),
         "GIT_AUTHOR_NAME": "Site Owner",
@@ -276,8 +274,18 @@ def _git_push(cloud: LocalCloud, site: dict[str, Any], folder: str, work: Path) 
         "GIT_COMMITTER_EMAIL": "owner@example.net",
         "GIT_SSL_CAINFO": str(cloud.ca_file),
     }
+
+
+def _git_remote(site: dict[str, Any]) -> str:
     base = urlsplit(site["deploy"]["url"])
-    remote = f"https://{site['ftp']['user']}:{site['ftp']['password']}@{base.netloc}/{site['name']}.git"
+    return f"https://{site['ftp']['user']}:{site['ftp']['password']}@{base.netloc}/{site['name']}.git"
+
+
+def _git_push(cloud: LocalCloud, site: dict[str, Any], folder: str, work: Path) -> str:
+    """The folder as a fresh repository, pushed to the site's git URL; what the push printed."""
+    repo = work / "repo"
+    shutil.copytree(SAMPLES / folder, repo)
+    env, remote = _git_env(cloud, work), _git_remote(site)
     for args in (
         ("init", "-q", "-b", "main"),
         ("add", "-A"),
@@ -446,17 +454,7 @@ def test_a_deploy_whose_app_does_not_start_says_why_and_the_site_keeps_serving_t
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "app.py").write_bytes(BROKEN_APP)
-    env = {
-        **os.environ,
-        "HOME": str(tmp_path),
-        "GIT_AUTHOR_NAME": "Site Owner",
-        "GIT_AUTHOR_EMAIL": "owner@example.net",
-        "GIT_COMMITTER_NAME": "Site Owner",
-        "GIT_COMMITTER_EMAIL": "owner@example.net",
-        "GIT_SSL_CAINFO": str(cloud.ca_file),
-    }
-    base = urlsplit(site["deploy"]["url"])
-    remote = f"https://{site['ftp']['user']}:{site['ftp']['password']}@{base.netloc}/crashy.git"
+    env, remote = _git_env(cloud, tmp_path), _git_remote(site)
     for args in (("init", "-q", "-b", "main"), ("add", "-A"), ("commit", "-q", "-m", "broken")):
         subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, timeout=60)
     pushed = subprocess.run(
