@@ -357,10 +357,17 @@ class ContentStore:
 
     # --- reads ----------------------------------------------------------------------------------
 
-    def site(self, name: str) -> _Site:
+    def site(self, name: str, uid: str | None = None) -> _Site:
+        """The site of ``name``; with ``uid``, only if the name is that site's here too (a worker told
+        of a new site under an old name before this fileserver was must not get the old one's)."""
         site = self._sites.get(name)
         if site is None:
             raise NotFound(f"site {name} is not served by this fileserver")
+        if uid is not None and site.uid != uid:
+            raise Unavailable(
+                f"site {name} is another site (uid {site.uid}) on this fileserver than uid {uid}",
+                hint="this fileserver's config is behind: try again in a moment",
+            )
         return site
 
     def health(self) -> FileserverFigures:
@@ -397,9 +404,9 @@ class ContentStore:
             )
         return await asyncio.to_thread(_load_tree, site.disk, record)
 
-    async def manifest_bytes(self, name: str, version: int | None) -> bytes:
+    async def manifest_bytes(self, name: str, version: int | None, uid: str | None = None) -> bytes:
         """A version's manifest (the newest when ``version`` is None)."""
-        site = self.site(name)
+        site = self.site(name, uid)
         wanted = site.version if version is None else version
         if wanted == 0 and site.version == 0:
             return encode_manifest(site.name, 0, 0, [], [])
@@ -412,10 +419,12 @@ class ContentStore:
             site.manifest_cache = (wanted, body)
         return body
 
-    async def diff(self, name: str, since: int, version: int | None, limit: int | None = None) -> bytes:
+    async def diff(
+        self, name: str, since: int, version: int | None, limit: int | None = None, uid: str | None = None
+    ) -> bytes:
         """The paths that differ between two versions, for a worker that has ``since``; with ``limit``,
         a difference that is whole or longer comes without its paths (the worker builds anew then)."""
-        site = self.site(name)
+        site = self.site(name, uid)
         wanted = site.version if version is None else version
         old = Tree() if since == 0 else await self._tree_of(site, since)
         new = await self._tree_of(site, wanted) if wanted else Tree()
