@@ -30,6 +30,13 @@ def tenant(cloud: LocalCloud) -> dict[str, Any]:
     return basic_tenant(cloud)
 
 
+def _site_dir(root: Path) -> Path:
+    site = root / "site"
+    site.mkdir()
+    (site / "index.html").write_bytes(b"<h1>private</h1>")
+    return site
+
+
 def _unzipped(path: Path) -> dict[str, bytes]:
     with zipfile.ZipFile(path) as zf:
         assert zf.testzip() is None
@@ -243,6 +250,27 @@ def test_backup_restores_on_a_fresh_cloud_with_the_same_bytes_and_passwords(
         assert "does not match its checksum" in damaged["error"]["message"], damaged
     finally:
         fresh.kill_everything()
+
+
+def test_a_backup_is_readable_by_its_owner_alone(
+    cloud: LocalCloud, tenant: dict[str, Any], tmp_path: Path
+) -> None:
+    # It holds password and token hashes, custom hostnames' private keys and every site's content:
+    # kept as the home keeps the CA's key, not open to every user of the machine.
+    cloud.cli(
+        "site", "create", "private", "--subscription", str(tenant["subscription"]), token=tenant["token"]
+    )
+    cloud.cli("deploy", "private", str(_site_dir(tmp_path)), token=tenant["token"])
+    made, given = tmp_path / "new" / "backup", tmp_path / "given"
+    given.mkdir(mode=0o755)
+    for target in (made, given):
+        cloud.cli("backup", "create", "--to", str(target))
+        files = sorted(p for p in target.rglob("*"))
+        assert target / "sites" / "private.zip" in files
+        modes = {str(p.relative_to(target)): p.stat().st_mode & 0o777 for p in files}
+        assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+    # A directory it makes is its own; one the admin made keeps the mode the admin gave it.
+    assert (made.stat().st_mode & 0o777, given.stat().st_mode & 0o777) == (0o700, 0o755)
 
 
 def test_a_plan_sets_how_many_versions_its_sites_keep(cloud: LocalCloud, tenant: dict[str, Any]) -> None:

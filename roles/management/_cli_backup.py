@@ -13,10 +13,11 @@ import datetime as dt
 import hashlib
 import io
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from roles.management._cli_client import ApiClient
 from roles.management._cli_output import out
@@ -40,6 +41,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _private(path: Path) -> IO[bytes]:
+    """A new file of the backup, for its owner alone: it holds password and token hashes, custom
+    hostnames' private keys and every site's content."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
 def _entry(root: Path, rel: str) -> dict[str, Any]:
     path = root / rel
     return {"file": rel, "sha256": _sha256(path), "bytes": path.stat().st_size}
@@ -56,15 +63,18 @@ def _backup_create(a: argparse.Namespace, api: ApiClient) -> Any:
             raise NotFound(f"there is no site {a.site}")
         versions = {a.site: versions[a.site]}
     try:
-        (root / "sites").mkdir(parents=True, exist_ok=True)
-        (root / _DB).write_text(json.dumps(dump, ensure_ascii=False))
+        root.parent.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, exist_ok=True)  # one the admin made keeps its mode: the files are 0600
+        (root / "sites").mkdir(mode=0o700)
+        with _private(root / _DB) as f:
+            f.write(json.dumps(dump, ensure_ascii=False).encode())
         sites: dict[str, Any] = {}
         for name, version in sorted(versions.items()):
             if version == 0:
                 sites[name] = {"version": 0}  # nothing published yet
                 continue
             rel = f"sites/{name}.zip"
-            with (root / rel).open("wb") as f:
+            with _private(root / rel) as f:
                 api.download(api.path("sites", name, "versions", str(version), "zip"), f)
             sites[name] = {"version": version, **_entry(root, rel)}
     except OSError as exc:
@@ -79,7 +89,11 @@ def _backup_create(a: argparse.Namespace, api: ApiClient) -> Any:
         "site_versions": {n: s["version"] for n, s in sites.items()},
     }
     # Last: its presence says the backup is whole.
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    try:
+        with _private(root / MANIFEST) as f:
+            f.write(json.dumps(manifest, indent=2).encode())
+    except OSError as exc:
+        raise InvalidInput(f"cannot write the backup in {root}: {exc}") from None
     rows = {t: len(r) for t, r in dump["tables"].items()}
     return {"directory": str(root), "rows": rows, "sites": manifest["site_versions"]}
 
