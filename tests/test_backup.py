@@ -243,6 +243,13 @@ def test_backup_restores_on_a_fresh_cloud_with_the_same_bytes_and_passwords(
         again = fresh.cli("backup", "restore", str(target), check=False)
         assert again["error"]["code"] == "already_exists", again
         assert "not empty" in again["error"]["message"]
+        # --force deletes every tenant and site this cloud has: it asks first, as `site delete` does.
+        unconfirmed = fresh.cli("backup", "restore", str(target), "--force", check=False)
+        assert unconfirmed["error"]["code"] == "confirmation_required", unconfirmed
+        assert "every plan, tenant, user and site" in unconfirmed["error"]["message"]
+        assert [s["name"] for s in fresh.cli("site", "list", token=token)["sites"]] == ["blog", "shop"]
+        missing = fresh.cli("backup", "restore", str(tmp_path / "nowhere"), check=False)
+        assert missing["error"]["message"] == f"there is no directory {tmp_path / 'nowhere'}", missing
         # A damaged backup is refused before anything changes.
         zip_path = target / "sites" / "shop.zip"
         zip_path.write_bytes(zip_path.read_bytes()[:-1] + b"x")

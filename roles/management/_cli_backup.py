@@ -21,7 +21,8 @@ from typing import IO, Any
 
 from roles.management._cli_client import ApiClient
 from roles.management._cli_output import out
-from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
+from roles.management._cli_ux import ask
+from shared.errors import AlreadyExists, InvalidInput, NotFound, SitecloudError, Unavailable
 
 __all__ = ["add_backup_commands"]
 
@@ -125,6 +126,11 @@ def _deploy(api: ApiClient, name: str, zip_path: Path) -> Any:
 
 def _backup_restore(a: argparse.Namespace, api: ApiClient) -> Any:
     root = Path(a.directory)
+    if not root.is_dir():
+        raise InvalidInput(
+            f"there is no directory {root}" if not root.exists() else f"{root} is not a directory",
+            hint="give the directory `sitecloud backup create --to DIR` wrote",
+        )
     try:
         manifest = json.loads((root / MANIFEST).read_text())
     except FileNotFoundError:
@@ -150,7 +156,15 @@ def _backup_restore(a: argparse.Namespace, api: ApiClient) -> Any:
         for name, entry in manifest["sites"].items()
         if entry.get("version", 0) > 0
     }
-    answer = api.request("POST", api.path("backup", "restore"), {**dump, "force": a.force})
+    try:
+        answer = api.request("POST", api.path("backup", "restore"), {**dump, "force": False})
+    except AlreadyExists:
+        if not a.force:
+            raise
+        # Asked only now: --force on an empty cloud deletes nothing.
+        what = "delete every plan, tenant, user and site this cloud has, with their content, for the backup's"
+        ask(a, lambda _: (what, "replace"))
+        answer = api.request("POST", api.path("backup", "restore"), {**dump, "force": True})
     deployed: dict[str, Any] = {}
     for name, path in sorted(zips.items()):
         try:
@@ -199,4 +213,7 @@ def add_backup_commands(group: Callable[[str, str], Any], leaf: Leaf) -> None:
     sp.add_argument("directory", metavar="DIR")
     sp.add_argument(
         "--force", action="store_true", help="replace this cloud's own plans, tenants, users and sites"
+    )
+    sp.add_argument(
+        "-y", "--yes", action="store_true", help="with --force: do not ask (needed with no terminal)"
     )
