@@ -16,6 +16,7 @@ import ftplib
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -151,3 +152,29 @@ def test_a_worker_added_on_a_host_that_never_answers_gets_no_sites(cloud: LocalC
         assert [r["state"] for r in roles if r["host"] == "nosuchhost.invalid"] == ["Failed"], roles
     finally:
         cloud.cli("role", "remove", "worker", "nosuchhost.invalid", "--yes", check=False)
+
+
+def test_a_worker_that_keeps_dying_on_its_host_is_failed_with_its_exit_not_a_host_down(
+    cloud: LocalCloud,
+) -> None:
+    # Its host agent restarts it and it dies again (broken code, say): role list said "Unhealthy (host
+    # down)", "no answer within 2 s", while the host answered SSH and its agent knew the exit.
+    root = cloud.home / "fabric" / "netns" / "web7" / "root"
+    (main,) = root.glob("venvs/*/lib/python3*/site-packages/roles/worker/__main__.py")
+    code = main.read_bytes()
+    main.write_text('raise SystemExit("boom: this worker cannot start")\n')
+    try:
+        os.kill(int((root / "roles" / "worker" / "role.pid").read_text()), signal.SIGKILL)
+
+        def failed() -> dict[str, Any] | None:
+            role = _roles(cloud)[("worker", "web7")]
+            return role if role["state"] == "Failed" else None
+
+        role = wait_until(failed, timeout=40, interval=0.5, what="web7's worker Failed")
+        assert "keeps failing on web7" in role["reason"] and "exited with code 1" in role["reason"], role
+        assert role["host_state"] == "ready", role
+        assert https_get_via(cloud, "fe7", SITE) == (200, BODY)  # this machine's worker serves it
+    finally:
+        main.write_bytes(code)
+    cloud.cli("role", "restart", "worker", "web7", timeout=60)
+    wait_until(lambda: _roles(cloud)[("worker", "web7")]["state"] == "Ready", timeout=30, what="web7 back")
