@@ -384,6 +384,17 @@ class Fleet:
         if row.fabric == "local":
             done = await self._act_local(row, action, progress)
             return done.model_copy(update={"seconds": round(time.monotonic() - started, 2)})
+        if action == "remove" and row.fabric == "ssh" and row.host not in await self._ssh_hosts():
+            # Its add never reached the host (a name that does not resolve, say): nothing of it is
+            # there, so only its record goes.
+            await asyncio.to_thread(self._delete_role, row.id)
+            await self.hooks.converge()
+            return RoleOutcome(
+                role=row.kind,
+                host=row.host,
+                state=RoleState.REMOVED,
+                seconds=round(time.monotonic() - started, 2),
+            )
         launcher = self.launcher(row.host, row.fabric)
         assert isinstance(launcher, RemoteLauncher)
         spec = RoleSpec(row.kind, row.host, Path(str(launcher.role_home(row.kind))))
