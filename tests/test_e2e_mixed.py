@@ -50,7 +50,7 @@ BODY = b"<h1>served by a worker on another host</h1>"
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
     home = tmp_path_factory.mktemp("mixed") / "home"
     # The wheelhouse is whatever `up` built ahead (or the first add builds), as for a user.
-    yield from netns_cloud(home, HOSTS, ("--advertise", GATEWAY))
+    yield from netns_cloud(home, HOSTS, ("--advertise", GATEWAY, "--usage-interval", "1"))
 
 
 def _roles(cloud: LocalCloud) -> dict[tuple[str, str], dict[str, Any]]:
@@ -102,6 +102,20 @@ def test_roles_added_on_other_hosts_reach_the_roles_up_started(cloud: LocalCloud
     wait_until(
         lambda: _roles(cloud)[("worker", "localhost")]["state"] == "Ready", timeout=30, what="worker back"
     )
+
+
+def test_what_a_front_end_on_another_host_counts_reaches_the_controller(cloud: LocalCloud) -> None:
+    # With --advertise the controller listens on every address, the bridge's too: the roles put on
+    # netns hosts were given no controller to report to, so their usage (and quotas) went nowhere.
+    assert "cannot listen on the netns gateway" not in cloud.log()
+
+    def requests() -> int:
+        return int(cloud.cli("site", "usage", SITE)["totals"]["requests"])
+
+    before = requests()
+    for _ in range(5):  # through fe7 only: this machine's front end sees none of them
+        assert https_get_via(cloud, "fe7", SITE) == (200, BODY)
+    wait_until(lambda: requests() >= before + 5, timeout=20, what="fe7's requests in the site's usage")
 
 
 def test_a_cut_off_worker_on_another_host_is_routed_around_and_no_wrong_page_is_served(

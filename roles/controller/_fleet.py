@@ -241,7 +241,14 @@ class Fleet:
     # -- roles ------------------------------------------------------------------------------------
 
     def _controller_url(self, fabric: str) -> str:
-        return self.gateway_url if fabric == "netns" else ""
+        """Where a role on a host of ``fabric`` reports to the controller (usage): the netns bridge, or
+        the advertised address; none when the controller serves only this machine."""
+        if fabric == "netns" and self.gateway_url:
+            return self.gateway_url
+        host = self.config.advertise
+        if not host:
+            return ""
+        return f"https://{f'[{host}]' if ':' in host else host}:{self.home.controller_identity.control_port}"
 
     async def _install(self, row: _RoleRow, progress: Progress) -> dict[str, float]:
         launcher = self.launcher(row.host, row.fabric)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -108,7 +109,8 @@ class Controller:
         self._desired: DesiredState | None = None
         self._client: InternalClient | None = None
         self._runner: web.AppRunner | None = None
-        self._gateway_site: web.TCPSite | None = None
+        self._on_gateway = False
+        self._server_ssl: ssl.SSLContext | None = None
         self._roles: dict[int, RoleEndpoint] = {}
         # Roles front ends route around (down, stopped, draining), as last written into a generation.
         self._routed_down: frozenset[int] = frozenset()
@@ -321,25 +323,34 @@ class Controller:
         app.add_routes(usage_routes(book))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
+        self._server_ssl = server_context(identity)
         await web.TCPSite(
-            self._runner, identity.bind, identity.control_port, ssl_context=server_context(identity)
+            self._runner, identity.bind, identity.control_port, ssl_context=self._server_ssl
         ).start()
         await self.listen_on_gateway()
 
     async def listen_on_gateway(self) -> None:
         """Also serve the internal API on the netns bridge, where roles on netns hosts reach us."""
-        if self._gateway_site is not None or self._runner is None or not self._netns_in_use():
+        if self._on_gateway or self._runner is None or not self._netns_in_use():
             return
         gateway = self._gateway()
-        await asyncio.to_thread(self.home.ensure_controller_address, gateway)
+        renewed = await asyncio.to_thread(self.home.ensure_controller_address, gateway)
         identity = self.home.controller_identity
-        site = web.TCPSite(self._runner, gateway, identity.control_port, ssl_context=server_context(identity))
-        try:
-            await site.start()
-        except OSError as exc:
-            self._log.warning("cannot listen on the netns gateway %s: %s", gateway, exc)
-            return
-        self._gateway_site = site
+        if identity.bind in ("0.0.0.0", "::"):
+            # Listening on every address already (`up --advertise`), the API is on the bridge too; its
+            # next handshakes show the certificate that names the bridge.
+            if renewed and self._server_ssl is not None:
+                self._server_ssl.load_cert_chain(identity.cert_file, identity.key_file)
+        else:
+            site = web.TCPSite(
+                self._runner, gateway, identity.control_port, ssl_context=server_context(identity)
+            )
+            try:
+                await site.start()
+            except OSError as exc:
+                self._log.warning("cannot listen on the netns gateway %s: %s", gateway, exc)
+                return
+        self._on_gateway = True
         assert self.fleet is not None
         self.fleet.gateway_url = f"https://{gateway}:{identity.control_port}"
 
