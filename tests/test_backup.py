@@ -312,6 +312,14 @@ def test_a_plan_sets_how_many_versions_its_sites_keep(cloud: LocalCloud, tenant:
     wait_until(pruned, timeout=30, interval=0.5, what="blog's versions to be pruned to the plan's 3")
     gone = cloud.cli("site", "download", "blog", "1", "-o", "/dev/null", check=False)
     assert gone["error"]["code"] == "not_found" and "no longer kept" in gone["error"]["message"], gone
+    # A rollback to it says the same, with the plan's rule, not that it never was.
+    back = cloud.cli("site", "rollback", "blog", "1", check=False)
+    assert back["error"]["code"] == "not_found", back
+    assert back["error"]["message"] == "version 1 of site blog is no longer kept", back
+    assert back["error"]["hint"].startswith("the last 3 versions and publishes are kept; kept: "), back
+    newest = cloud.cli("site", "versions", "blog")["versions"][-1]["version"]
+    current = cloud.cli("site", "rollback", "blog", str(newest), check=False)
+    assert current["error"]["message"] == f"version {newest} is site blog's content now", current
 
 
 def test_a_dump_keeps_no_config_generation_of_the_cloud_that_wrote_it(tmp_path: Path) -> None:

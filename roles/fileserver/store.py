@@ -399,8 +399,7 @@ class ContentStore:
         if record is None or record["root"] is None:
             raise NotFound(
                 f"version {version} of site {site.name} is no longer kept",
-                hint=f"the last {self._keep(site)} versions and publishes are kept"
-                + (f", and those of the last {site.keep_days:g} days" if site.keep_days else ""),
+                hint=self._retention(site),
             )
         return await asyncio.to_thread(_load_tree, site.disk, record)
 
@@ -765,9 +764,16 @@ class ContentStore:
             target = site.head_version - 1 if version is None else version
             if target < 1 or target >= site.head_version or target not in site.records:
                 kept = sorted(n for n in site.records if n < site.head_version)
+                listed = f"kept: {', '.join(map(str, kept)) or 'none'}"
+                if target == site.head_version:
+                    raise NotFound(f"version {target} is site {site.name}'s content now", hint=listed)
+                if 1 <= target < site.head_version:
+                    raise NotFound(
+                        f"version {target} of site {site.name} is no longer kept",
+                        hint=f"{self._retention(site)}; {listed}",
+                    )
                 raise NotFound(
-                    f"site {site.name} has no earlier version {target} to roll back to",
-                    hint=f"kept versions: {', '.join(map(str, kept)) or 'none'}",
+                    f"site {site.name} has no earlier version {target} to roll back to", hint=listed
                 )
             tree = await self._tree_of(site, target, head=True)
             if over_quota(site.quota_bytes, tree.total_bytes, site.head.total_bytes):
@@ -816,6 +822,11 @@ class ContentStore:
 
     def _keep(self, site: _Site) -> int:
         return site.keep_versions or self.config.keep_versions
+
+    def _retention(self, site: _Site) -> str:
+        return f"the last {self._keep(site)} versions and publishes are kept" + (
+            f", and those of the last {site.keep_days:g} days" if site.keep_days else ""
+        )
 
     def _remember(self, site: _Site, number: int, record: dict[str, Any]) -> None:
         """Add a new version's record, then apply the plan's retention."""
