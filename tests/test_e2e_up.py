@@ -459,6 +459,8 @@ def test_a_role_added_on_a_host_never_reached_can_be_removed_and_its_host_delete
     # its host go without SSH (before, remove answered "not in the ssh fabric: add it first").
     failed = cloud.cli("role", "add", "fileserver", "nosuchhost.invalid", check=False)
     assert failed["error"]["code"] == "unavailable", failed
+    hosts = {h["name"]: h["state"] for h in cloud.cli("host", "list")["hosts"]}
+    assert hosts["nosuchhost.invalid"] == "failed", hosts  # not "ready": it was never reached
     removed = cloud.cli("role", "remove", "fileserver", "nosuchhost.invalid", "--yes")
     assert removed["state"] == "Removed", removed
     cloud.cli("host", "delete", "nosuchhost.invalid", "--yes")

@@ -343,9 +343,14 @@ class Fleet:
         async with self._host(row.host):
             if row.fabric == "ssh" and (ssh_user or ssh_key or row.host not in await self._ssh_hosts()):
                 progress(FleetProgress(role=row.kind, host=row.host, step="reach", phase="started"))
-                info = await self.ssh.add(
-                    row.host, user=ssh_user, key_file=Path(ssh_key) if ssh_key else None
-                )
+                try:
+                    info = await self.ssh.add(
+                        row.host, user=ssh_user, key_file=Path(ssh_key) if ssh_key else None
+                    )
+                except SitecloudError:
+                    if row.host not in await self._ssh_hosts():  # never reached: not a ready host
+                        await asyncio.to_thread(self._set_host, row.host, state="failed")
+                    raise
                 await asyncio.to_thread(self._set_host, row.host, address=info.address, state="ready")
                 row = await asyncio.to_thread(self._role_row, role_id)
             timings = await self._install(row, progress)
