@@ -348,6 +348,39 @@ def test_a_dump_keeps_no_config_generation_of_the_cloud_that_wrote_it(tmp_path: 
         target.dispose()
 
 
+def test_a_dump_taken_while_a_slot_is_swapped_restores_swapped(tmp_path: Path) -> None:
+    """Swapped, production's row points at its slot's, which is restored after it: the restore failed
+    on that reference (a 500) and put nothing back."""
+    from roles.management._backup import dump_tables, restore_tables
+    from shared.db import Database
+    from shared.db.models import Plan, Site, Subscription, Tenant
+
+    source = Database.sqlite(tmp_path / "source.db")
+    source.migrate()
+    with source.session() as s:
+        sub = Subscription(tenant=Tenant(name="contoso"), plan=Plan(name="basic", max_sites=2, storage_mb=5))
+        blog = Site(name="blog", subscription=sub)
+        s.add(blog)
+        s.flush()
+        staging = Site(name="blog-staging", subscription=sub, slot_of_id=blog.id, slot_name="staging")
+        s.add(staging)
+        s.flush()
+        blog.routed_to_id, staging.routed_to_id = staging.id, blog.id
+    dump = dump_tables(source)
+    source.dispose()
+    target = Database.sqlite(tmp_path / "target.db")
+    target.migrate()
+    try:
+        counts = restore_tables(target, dump["alembic_revision"], dump["tables"], force=False)
+        assert counts["sites"] == 2
+        with target.session() as s:
+            routes = {site.name: site.routed_to_id for site in s.scalars(select(Site))}
+            ids = {site.name: site.id for site in s.scalars(select(Site))}
+        assert routes == {"blog": ids["blog-staging"], "blog-staging": ids["blog"]}
+    finally:
+        target.dispose()
+
+
 def test_a_sqlite_dump_restores_into_postgresql_and_ids_go_on_from_there(tmp_path: Path) -> None:
     """The logical dump is the same on both DBs: a cloud moves from SQLite to PostgreSQL with it."""
     from roles.management._backup import dump_tables, restore_tables
