@@ -30,6 +30,13 @@ def tenant(cloud: LocalCloud) -> dict[str, Any]:
     return basic_tenant(cloud)
 
 
+def _site_dir(root: Path) -> Path:
+    site = root / "site"
+    site.mkdir()
+    (site / "index.html").write_bytes(b"<h1>private</h1>")
+    return site
+
+
 def _unzipped(path: Path) -> dict[str, bytes]:
     with zipfile.ZipFile(path) as zf:
         assert zf.testzip() is None
@@ -236,6 +243,13 @@ def test_backup_restores_on_a_fresh_cloud_with_the_same_bytes_and_passwords(
         again = fresh.cli("backup", "restore", str(target), check=False)
         assert again["error"]["code"] == "already_exists", again
         assert "not empty" in again["error"]["message"]
+        # --force deletes every tenant and site this cloud has: it asks first, as `site delete` does.
+        unconfirmed = fresh.cli("backup", "restore", str(target), "--force", check=False)
+        assert unconfirmed["error"]["code"] == "confirmation_required", unconfirmed
+        assert "every plan, tenant, user and site" in unconfirmed["error"]["message"]
+        assert [s["name"] for s in fresh.cli("site", "list", token=token)["sites"]] == ["blog", "shop"]
+        missing = fresh.cli("backup", "restore", str(tmp_path / "nowhere"), check=False)
+        assert missing["error"]["message"] == f"there is no directory {tmp_path / 'nowhere'}", missing
         # A damaged backup is refused before anything changes.
         zip_path = target / "sites" / "shop.zip"
         zip_path.write_bytes(zip_path.read_bytes()[:-1] + b"x")
@@ -243,6 +257,27 @@ def test_backup_restores_on_a_fresh_cloud_with_the_same_bytes_and_passwords(
         assert "does not match its checksum" in damaged["error"]["message"], damaged
     finally:
         fresh.kill_everything()
+
+
+def test_a_backup_is_readable_by_its_owner_alone(
+    cloud: LocalCloud, tenant: dict[str, Any], tmp_path: Path
+) -> None:
+    # It holds password and token hashes, custom hostnames' private keys and every site's content:
+    # kept as the home keeps the CA's key, not open to every user of the machine.
+    cloud.cli(
+        "site", "create", "private", "--subscription", str(tenant["subscription"]), token=tenant["token"]
+    )
+    cloud.cli("deploy", "private", str(_site_dir(tmp_path)), token=tenant["token"])
+    made, given = tmp_path / "new" / "backup", tmp_path / "given"
+    given.mkdir(mode=0o755)
+    for target in (made, given):
+        cloud.cli("backup", "create", "--to", str(target))
+        files = sorted(p for p in target.rglob("*"))
+        assert target / "sites" / "private.zip" in files
+        modes = {str(p.relative_to(target)): p.stat().st_mode & 0o777 for p in files}
+        assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+    # A directory it makes is its own; one the admin made keeps the mode the admin gave it.
+    assert (made.stat().st_mode & 0o777, given.stat().st_mode & 0o777) == (0o700, 0o755)
 
 
 def test_a_plan_sets_how_many_versions_its_sites_keep(cloud: LocalCloud, tenant: dict[str, Any]) -> None:
@@ -277,6 +312,14 @@ def test_a_plan_sets_how_many_versions_its_sites_keep(cloud: LocalCloud, tenant:
     wait_until(pruned, timeout=30, interval=0.5, what="blog's versions to be pruned to the plan's 3")
     gone = cloud.cli("site", "download", "blog", "1", "-o", "/dev/null", check=False)
     assert gone["error"]["code"] == "not_found" and "no longer kept" in gone["error"]["message"], gone
+    # A rollback to it says the same, with the plan's rule, not that it never was.
+    back = cloud.cli("site", "rollback", "blog", "1", check=False)
+    assert back["error"]["code"] == "not_found", back
+    assert back["error"]["message"] == "version 1 of site blog is no longer kept", back
+    assert back["error"]["hint"].startswith("the last 3 versions and publishes are kept; kept: "), back
+    newest = cloud.cli("site", "versions", "blog")["versions"][-1]["version"]
+    current = cloud.cli("site", "rollback", "blog", str(newest), check=False)
+    assert current["error"]["message"] == f"version {newest} is site blog's content now", current
 
 
 def test_a_dump_keeps_no_config_generation_of_the_cloud_that_wrote_it(tmp_path: Path) -> None:
@@ -301,6 +344,39 @@ def test_a_dump_keeps_no_config_generation_of_the_cloud_that_wrote_it(tmp_path: 
         restore_tables(target, dump["alembic_revision"], dump["tables"], force=False)
         with target.session() as s:
             assert s.execute(select(Site.live_from)).scalar_one() is None
+    finally:
+        target.dispose()
+
+
+def test_a_dump_taken_while_a_slot_is_swapped_restores_swapped(tmp_path: Path) -> None:
+    """Swapped, production's row points at its slot's, which is restored after it: the restore failed
+    on that reference (a 500) and put nothing back."""
+    from roles.management._backup import dump_tables, restore_tables
+    from shared.db import Database
+    from shared.db.models import Plan, Site, Subscription, Tenant
+
+    source = Database.sqlite(tmp_path / "source.db")
+    source.migrate()
+    with source.session() as s:
+        sub = Subscription(tenant=Tenant(name="contoso"), plan=Plan(name="basic", max_sites=2, storage_mb=5))
+        blog = Site(name="blog", subscription=sub)
+        s.add(blog)
+        s.flush()
+        staging = Site(name="blog-staging", subscription=sub, slot_of_id=blog.id, slot_name="staging")
+        s.add(staging)
+        s.flush()
+        blog.routed_to_id, staging.routed_to_id = staging.id, blog.id
+    dump = dump_tables(source)
+    source.dispose()
+    target = Database.sqlite(tmp_path / "target.db")
+    target.migrate()
+    try:
+        counts = restore_tables(target, dump["alembic_revision"], dump["tables"], force=False)
+        assert counts["sites"] == 2
+        with target.session() as s:
+            routes = {site.name: site.routed_to_id for site in s.scalars(select(Site))}
+            ids = {site.name: site.id for site in s.scalars(select(Site))}
+        assert routes == {"blog": ids["blog-staging"], "blog-staging": ids["blog"]}
     finally:
         target.dispose()
 

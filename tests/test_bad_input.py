@@ -21,6 +21,7 @@ import pytest
 
 from roles.fileserver.config import FileserverConfig
 from roles.management._input import MAX_JSON_DEPTH, check_text, parse_json_object
+from roles.management._models import Rollback, SiteScale, validated
 from roles.management.portal._flash import open_flash, seal_flash
 from roles.publisher.config import PublisherConfig
 from shared.credentials import hash_password
@@ -423,6 +424,14 @@ def test_the_json_boundary_on_its_own() -> None:
         with pytest.raises(InvalidInput, match="not valid Unicode"):
             parse_json_object(body)
     assert check_text("plain", "x") == "plain"
+
+
+def test_a_number_out_of_its_range_is_told_the_range_it_must_be_in() -> None:
+    # A rollback to version 0 is an integer: the refusal says which ones are allowed.
+    with pytest.raises(InvalidInput, match=r"^'version' must be an integer of at least 1 or null \(got 0\)"):
+        validated(Rollback, {"version": 0})
+    with pytest.raises(InvalidInput, match=r"^'instances' must be an integer from 1 to \d+ \(got 0\)"):
+        validated(SiteScale, {"instances": 0})
 
 
 @pytest.mark.parametrize(

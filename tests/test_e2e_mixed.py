@@ -16,6 +16,7 @@ import ftplib
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -49,7 +50,7 @@ BODY = b"<h1>served by a worker on another host</h1>"
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
     home = tmp_path_factory.mktemp("mixed") / "home"
     # The wheelhouse is whatever `up` built ahead (or the first add builds), as for a user.
-    yield from netns_cloud(home, HOSTS, ("--advertise", GATEWAY))
+    yield from netns_cloud(home, HOSTS, ("--advertise", GATEWAY, "--usage-interval", "1"))
 
 
 def _roles(cloud: LocalCloud) -> dict[tuple[str, str], dict[str, Any]]:
@@ -103,6 +104,20 @@ def test_roles_added_on_other_hosts_reach_the_roles_up_started(cloud: LocalCloud
     )
 
 
+def test_what_a_front_end_on_another_host_counts_reaches_the_controller(cloud: LocalCloud) -> None:
+    # With --advertise the controller listens on every address, the bridge's too: the roles put on
+    # netns hosts were given no controller to report to, so their usage (and quotas) went nowhere.
+    assert "cannot listen on the netns gateway" not in cloud.log()
+
+    def requests() -> int:
+        return int(cloud.cli("site", "usage", SITE)["totals"]["requests"])
+
+    before = requests()
+    for _ in range(5):  # through fe7 only: this machine's front end sees none of them
+        assert https_get_via(cloud, "fe7", SITE) == (200, BODY)
+    wait_until(lambda: requests() >= before + 5, timeout=20, what="fe7's requests in the site's usage")
+
+
 def test_a_cut_off_worker_on_another_host_is_routed_around_and_no_wrong_page_is_served(
     cloud: LocalCloud,
 ) -> None:
@@ -151,3 +166,29 @@ def test_a_worker_added_on_a_host_that_never_answers_gets_no_sites(cloud: LocalC
         assert [r["state"] for r in roles if r["host"] == "nosuchhost.invalid"] == ["Failed"], roles
     finally:
         cloud.cli("role", "remove", "worker", "nosuchhost.invalid", "--yes", check=False)
+
+
+def test_a_worker_that_keeps_dying_on_its_host_is_failed_with_its_exit_not_a_host_down(
+    cloud: LocalCloud,
+) -> None:
+    # Its host agent restarts it and it dies again (broken code, say): role list said "Unhealthy (host
+    # down)", "no answer within 2 s", while the host answered SSH and its agent knew the exit.
+    root = cloud.home / "fabric" / "netns" / "web7" / "root"
+    (main,) = root.glob("venvs/*/lib/python3*/site-packages/roles/worker/__main__.py")
+    code = main.read_bytes()
+    main.write_text('raise SystemExit("boom: this worker cannot start")\n')
+    try:
+        os.kill(int((root / "roles" / "worker" / "role.pid").read_text()), signal.SIGKILL)
+
+        def failed() -> dict[str, Any] | None:
+            role = _roles(cloud)[("worker", "web7")]
+            return role if role["state"] == "Failed" else None
+
+        role = wait_until(failed, timeout=40, interval=0.5, what="web7's worker Failed")
+        assert "keeps failing on web7" in role["reason"] and "exited with code 1" in role["reason"], role
+        assert role["host_state"] == "ready", role
+        assert https_get_via(cloud, "fe7", SITE) == (200, BODY)  # this machine's worker serves it
+    finally:
+        main.write_bytes(code)
+    cloud.cli("role", "restart", "worker", "web7", timeout=60)
+    wait_until(lambda: _roles(cloud)[("worker", "web7")]["state"] == "Ready", timeout=30, what="web7 back")

@@ -454,6 +454,20 @@ def test_restarting_management_waits_until_it_serves_again(cloud: LocalCloud, si
     assert "reconnecting" in err, err
 
 
+def test_a_role_added_on_a_host_never_reached_can_be_removed_and_its_host_deleted(cloud: LocalCloud) -> None:
+    # A typo in `role add`: the role stays, Failed, to say why; nothing was installed there, so it and
+    # its host go without SSH (before, remove answered "not in the ssh fabric: add it first").
+    failed = cloud.cli("role", "add", "fileserver", "nosuchhost.invalid", check=False)
+    assert failed["error"]["code"] == "unavailable", failed
+    hosts = {h["name"]: h["state"] for h in cloud.cli("host", "list")["hosts"]}
+    assert hosts["nosuchhost.invalid"] == "failed", hosts  # not "ready": it was never reached
+    removed = cloud.cli("role", "remove", "fileserver", "nosuchhost.invalid", "--yes")
+    assert removed["state"] == "Removed", removed
+    cloud.cli("host", "delete", "nosuchhost.invalid", "--yes")
+    assert "nosuchhost.invalid" not in {r["host"] for r in cloud.cli("role", "list")["roles"]}
+    assert "nosuchhost.invalid" not in {h["name"] for h in cloud.cli("host", "list")["hosts"]}
+
+
 def test_up_with_a_public_port_taken_names_it_and_starts_nothing(tmp_path: Path) -> None:
     other = LocalCloud(tmp_path / "home")
     with socket.create_server(("127.0.0.1", other.ports["https_port"])):

@@ -246,6 +246,22 @@ def test_a_swap_to_a_slot_that_does_not_answer_is_refused(cloud: LocalCloud, app
     assert [s["slot"] for s in slots] == ["production"]
 
 
+def test_a_swap_to_a_slot_with_nothing_published_is_refused(cloud: LocalCloud, app: dict[str, Any]) -> None:
+    # Its address answers the platform's "nothing published yet" page with a 200: warm, it is not, and
+    # production would have served that page.
+    token = app["token"]
+    cloud.cli("site", "slot", "create", "app", "empty", token=token)
+    try:
+        refused = cloud.cli("site", "swap", "app", "empty", "--warm-timeout", "5", token=token, check=False)
+        assert refused["error"]["code"] == "unavailable", refused
+        assert refused["error"]["message"] == "slot empty of app (app-empty) has nothing published", refused
+        assert cloud.get("app")[2] == V1
+        slots = cloud.cli("site", "slot", "list", "app", token=token)["slots"]
+        assert {s["slot"]: s["served_by"] for s in slots} == {"production": "app", "empty": "app-empty"}
+    finally:
+        cloud.cli("site", "slot", "delete", "app", "empty", "--yes", token=token)
+
+
 def test_deleting_a_production_site_takes_its_slots_along(cloud: LocalCloud, app: dict[str, Any]) -> None:
     token = app["token"]
     cloud.cli("site", "slot", "create", "app", "next", token=token)

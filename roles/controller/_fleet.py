@@ -241,7 +241,14 @@ class Fleet:
     # -- roles ------------------------------------------------------------------------------------
 
     def _controller_url(self, fabric: str) -> str:
-        return self.gateway_url if fabric == "netns" else ""
+        """Where a role on a host of ``fabric`` reports to the controller (usage): the netns bridge, or
+        the advertised address; none when the controller serves only this machine."""
+        if fabric == "netns" and self.gateway_url:
+            return self.gateway_url
+        host = self.config.advertise
+        if not host:
+            return ""
+        return f"https://{f'[{host}]' if ':' in host else host}:{self.home.controller_identity.control_port}"
 
     async def _install(self, row: _RoleRow, progress: Progress) -> dict[str, float]:
         launcher = self.launcher(row.host, row.fabric)
@@ -336,9 +343,14 @@ class Fleet:
         async with self._host(row.host):
             if row.fabric == "ssh" and (ssh_user or ssh_key or row.host not in await self._ssh_hosts()):
                 progress(FleetProgress(role=row.kind, host=row.host, step="reach", phase="started"))
-                info = await self.ssh.add(
-                    row.host, user=ssh_user, key_file=Path(ssh_key) if ssh_key else None
-                )
+                try:
+                    info = await self.ssh.add(
+                        row.host, user=ssh_user, key_file=Path(ssh_key) if ssh_key else None
+                    )
+                except SitecloudError:
+                    if row.host not in await self._ssh_hosts():  # never reached: not a ready host
+                        await asyncio.to_thread(self._set_host, row.host, state="failed")
+                    raise
                 await asyncio.to_thread(self._set_host, row.host, address=info.address, state="ready")
                 row = await asyncio.to_thread(self._role_row, role_id)
             timings = await self._install(row, progress)
@@ -384,6 +396,17 @@ class Fleet:
         if row.fabric == "local":
             done = await self._act_local(row, action, progress)
             return done.model_copy(update={"seconds": round(time.monotonic() - started, 2)})
+        if action == "remove" and row.fabric == "ssh" and row.host not in await self._ssh_hosts():
+            # Its add never reached the host (a name that does not resolve, say): nothing of it is
+            # there, so only its record goes.
+            await asyncio.to_thread(self._delete_role, row.id)
+            await self.hooks.converge()
+            return RoleOutcome(
+                role=row.kind,
+                host=row.host,
+                state=RoleState.REMOVED,
+                seconds=round(time.monotonic() - started, 2),
+            )
         launcher = self.launcher(row.host, row.fabric)
         assert isinstance(launcher, RemoteLauncher)
         spec = RoleSpec(row.kind, row.host, Path(str(launcher.role_home(row.kind))))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ _PUSH_TIMEOUT = 5.0
 # A hung role (see CloudConfig.revive_after) is restarted at most once per _REVIVE_EVERY while it does
 # not come back.
 _REVIVE_EVERY = 120.0
+# A role on another host that stays silent: its host's supervisor is asked (over SSH) at most this often
+# whether it keeps dying there, and given this long to say.
+_ASK_SUPERVISOR_EVERY = 10.0
+_ASK_SUPERVISOR_TIMEOUT = 10.0
 
 
 @dataclass
@@ -75,6 +80,9 @@ class RoleObservation:
     # Monotonic times: since when it has not answered, and when the controller last restarted it.
     silent_since: float | None = None
     revived_at: float | None = None
+    # A silent role on another host: what its host's supervisor said (state, reason), and when asked.
+    supervisor: tuple[str, str] | None = None
+    supervisor_asked_at: float | None = None
 
 
 # Seconds after `up` is ready before the wheelhouse for role hosts is built.
@@ -101,13 +109,15 @@ class Controller:
         self._desired: DesiredState | None = None
         self._client: InternalClient | None = None
         self._runner: web.AppRunner | None = None
-        self._gateway_site: web.TCPSite | None = None
+        self._on_gateway = False
+        self._server_ssl: ssl.SSLContext | None = None
         self._roles: dict[int, RoleEndpoint] = {}
         # Roles front ends route around (down, stopped, draining), as last written into a generation.
         self._routed_down: frozenset[int] = frozenset()
         self._draining: set[int] = set()
         self._pushing: dict[int, asyncio.Task[None]] = {}
         self._reviving: dict[int, asyncio.Task[None]] = {}
+        self._asking: dict[int, asyncio.Task[None]] = {}
         self.fleet: Fleet | None = None
         # What quota stops the current generation carries; the clock decides the UTC day (tests set it).
         self._quota_seen: dict[str, tuple[str, float, dt.datetime]] | None = None
@@ -192,9 +202,9 @@ class Controller:
                 self._progress(f"ready in {time.monotonic() - started:.1f}s")
                 tasks.append(asyncio.create_task(self._build_wheelhouse_ahead(), name="wheelhouse"))
             await stop.wait()
-            for task in [*tasks, *self._pushing.values()]:
+            for task in [*tasks, *self._pushing.values(), *self._asking.values()]:
                 task.cancel()
-            for task in [*tasks, *self._pushing.values()]:
+            for task in [*tasks, *self._pushing.values(), *self._asking.values()]:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         finally:
@@ -313,25 +323,34 @@ class Controller:
         app.add_routes(usage_routes(book))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
+        self._server_ssl = server_context(identity)
         await web.TCPSite(
-            self._runner, identity.bind, identity.control_port, ssl_context=server_context(identity)
+            self._runner, identity.bind, identity.control_port, ssl_context=self._server_ssl
         ).start()
         await self.listen_on_gateway()
 
     async def listen_on_gateway(self) -> None:
         """Also serve the internal API on the netns bridge, where roles on netns hosts reach us."""
-        if self._gateway_site is not None or self._runner is None or not self._netns_in_use():
+        if self._on_gateway or self._runner is None or not self._netns_in_use():
             return
         gateway = self._gateway()
-        await asyncio.to_thread(self.home.ensure_controller_address, gateway)
+        renewed = await asyncio.to_thread(self.home.ensure_controller_address, gateway)
         identity = self.home.controller_identity
-        site = web.TCPSite(self._runner, gateway, identity.control_port, ssl_context=server_context(identity))
-        try:
-            await site.start()
-        except OSError as exc:
-            self._log.warning("cannot listen on the netns gateway %s: %s", gateway, exc)
-            return
-        self._gateway_site = site
+        if identity.bind in ("0.0.0.0", "::"):
+            # Listening on every address already (`up --advertise`), the API is on the bridge too; its
+            # next handshakes show the certificate that names the bridge.
+            if renewed and self._server_ssl is not None:
+                self._server_ssl.load_cert_chain(identity.cert_file, identity.key_file)
+        else:
+            site = web.TCPSite(
+                self._runner, gateway, identity.control_port, ssl_context=server_context(identity)
+            )
+            try:
+                await site.start()
+            except OSError as exc:
+                self._log.warning("cannot listen on the netns gateway %s: %s", gateway, exc)
+                return
+        self._on_gateway = True
         assert self.fleet is not None
         self.fleet.gateway_url = f"https://{gateway}:{identity.control_port}"
 
@@ -649,15 +668,26 @@ class Controller:
             if obs.silent_since is None:
                 obs.silent_since = time.monotonic()
             why = str(err) or f"no answer within {_HEALTH_TIMEOUT:g} s"
+            if not role.is_local and obs.failures >= _UNHEALTHY_AFTER:
+                self._ask_supervisor(role, obs)
+            said = obs.supervisor
             if launcher_state == "failed" and role.is_local:
                 obs.state, obs.reason = RoleState.FAILED, launcher_reason
+            elif said is not None and said[0] == "failed":
+                # Not a host that is down: the process keeps dying there.
+                obs.state = RoleState.FAILED
+                obs.reason = f"keeps failing on {role.host}: {said[1] or 'its supervisor gave up'}"
+                self._revive_if_hung(role, obs)
             elif obs.ever_healthy and obs.failures >= _UNHEALTHY_AFTER:
                 obs.state, obs.reason = RoleState.UNHEALTHY, f"health check failed: {why}"
+                if said is not None:
+                    obs.reason += f"; its supervisor on {role.host} says: {' '.join(filter(None, said))}"
                 self._revive_if_hung(role, obs)
             elif not obs.ever_healthy:
                 obs.state, obs.reason = RoleState.STARTING, ""
             return
         obs.failures, obs.ever_healthy, obs.silent_since = 0, True, None
+        obs.supervisor, obs.supervisor_asked_at = None, None
         obs.state, obs.reason = health.state()
         obs.code_version = health.code_version
         obs.config_version = health.config_version
@@ -674,6 +704,35 @@ class Controller:
         if obs.config_version < self._acked.get(role.id, 0):
             self._acked[role.id] = obs.config_version
             self._nudge.set()
+
+    def _ask_supervisor(self, role: RoleEndpoint, obs: RoleObservation) -> None:
+        """Ask a silent role's host supervisor, in the background, whether the process keeps dying
+        there (Failed, with its exit) or runs but does not answer; a host that cannot be asked may be
+        down."""
+        assert self.fleet is not None
+        now = time.monotonic()
+        if role.id in self._asking or (
+            obs.supervisor_asked_at is not None and now - obs.supervisor_asked_at < _ASK_SUPERVISOR_EVERY
+        ):
+            return
+        obs.supervisor_asked_at = now
+        fleet = self.fleet
+
+        async def ask() -> None:
+            try:
+                launcher = fleet.launcher(role.host, role.fabric)
+                said = await asyncio.wait_for(launcher.ask_supervisor(role.kind), _ASK_SUPERVISOR_TIMEOUT)
+            except Exception as exc:  # a host that cannot be reached: the health checks say the rest
+                self._log.info("cannot ask the supervisor of %s on %s: %s", role.kind, role.host, exc)
+                obs.supervisor = None
+                return
+            if obs.silent_since is not None:  # still silent: an answer since would have cleared it
+                obs.supervisor = said
+                self.look_now()
+
+        task = asyncio.create_task(ask(), name=f"ask-supervisor-{role.id}")
+        self._asking[role.id] = task
+        task.add_done_callback(lambda _: self._asking.pop(role.id, None))
 
     def _revive_if_hung(self, role: RoleEndpoint, obs: RoleObservation) -> None:
         """Restart a role that answered before and has stayed silent for ``revive_after`` (hung, or its
@@ -705,7 +764,7 @@ class Controller:
 
     def _record(self, roles: list[RoleEndpoint], bump: bool) -> None:
         with self.db.session() as session:
-            hosts: dict[str, list[RoleState]] = {}
+            hosts: dict[str, list[tuple[RoleState, bool]]] = {}
             for endpoint in roles:
                 role = session.get(Role, endpoint.id)
                 obs = self._observed.get(endpoint.id)
@@ -724,15 +783,19 @@ class Controller:
                 role.last_heartbeat = obs.last_heartbeat
                 role.load = obs.load
                 if not endpoint.is_local and endpoint.desired_state == "running":
-                    hosts.setdefault(endpoint.host, []).append(obs.state)
-            # A host none of whose roles answers is down; one that answers again rejoins.
-            for name, states in hosts.items():
+                    # A role whose host's supervisor answered for it says the host is up.
+                    answered = (
+                        obs.state in (RoleState.READY, RoleState.DEGRADED) or obs.supervisor is not None
+                    )
+                    hosts.setdefault(endpoint.host, []).append((obs.state, answered))
+            # A host none of whose roles (nor their supervisor) answers is down; one that answers rejoins.
+            for name, seen in hosts.items():
                 host = session.scalar(select(Host).where(Host.name == name))
                 if host is None or host.state not in ("ready", "down"):
                     continue
-                if all(s == RoleState.UNHEALTHY for s in states):
-                    host.state = "down"
-                elif any(s in (RoleState.READY, RoleState.DEGRADED) for s in states):
+                if any(answered for _, answered in seen):
                     host.state = "ready"
+                elif all(state == RoleState.UNHEALTHY for state, _ in seen):
+                    host.state = "down"
             if bump:
                 bump_generation(session)

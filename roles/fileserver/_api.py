@@ -62,7 +62,9 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
 
     async def manifest(request: web.Request) -> web.Response:
         require_role(request, *_READERS)
-        body = await store.manifest_bytes(request.match_info["site"], _integer(request, "version"))
+        body = await store.manifest_bytes(
+            request.match_info["site"], _integer(request, "version"), request.query.get("uid")
+        )
         return web.Response(body=body, content_type="application/json")
 
     async def blob(request: web.Request) -> web.FileResponse:
@@ -142,7 +144,11 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         require_role(request, *_READERS)
         since = _integer(request, "since") or 0
         body = await store.diff(
-            request.match_info["site"], since, _integer(request, "version"), _integer(request, "limit")
+            request.match_info["site"],
+            since,
+            _integer(request, "version"),
+            _integer(request, "limit"),
+            request.query.get("uid"),
         )
         return web.Response(body=body, content_type="application/json")
 

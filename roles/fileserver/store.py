@@ -357,10 +357,17 @@ class ContentStore:
 
     # --- reads ----------------------------------------------------------------------------------
 
-    def site(self, name: str) -> _Site:
+    def site(self, name: str, uid: str | None = None) -> _Site:
+        """The site of ``name``; with ``uid``, only if the name is that site's here too (a worker told
+        of a new site under an old name before this fileserver was must not get the old one's)."""
         site = self._sites.get(name)
         if site is None:
             raise NotFound(f"site {name} is not served by this fileserver")
+        if uid is not None and site.uid != uid:
+            raise Unavailable(
+                f"site {name} is another site (uid {site.uid}) on this fileserver than uid {uid}",
+                hint="this fileserver's config is behind: try again in a moment",
+            )
         return site
 
     def health(self) -> FileserverFigures:
@@ -392,14 +399,13 @@ class ContentStore:
         if record is None or record["root"] is None:
             raise NotFound(
                 f"version {version} of site {site.name} is no longer kept",
-                hint=f"the last {self._keep(site)} versions and publishes are kept"
-                + (f", and those of the last {site.keep_days:g} days" if site.keep_days else ""),
+                hint=self._retention(site),
             )
         return await asyncio.to_thread(_load_tree, site.disk, record)
 
-    async def manifest_bytes(self, name: str, version: int | None) -> bytes:
+    async def manifest_bytes(self, name: str, version: int | None, uid: str | None = None) -> bytes:
         """A version's manifest (the newest when ``version`` is None)."""
-        site = self.site(name)
+        site = self.site(name, uid)
         wanted = site.version if version is None else version
         if wanted == 0 and site.version == 0:
             return encode_manifest(site.name, 0, 0, [], [])
@@ -412,10 +418,12 @@ class ContentStore:
             site.manifest_cache = (wanted, body)
         return body
 
-    async def diff(self, name: str, since: int, version: int | None, limit: int | None = None) -> bytes:
+    async def diff(
+        self, name: str, since: int, version: int | None, limit: int | None = None, uid: str | None = None
+    ) -> bytes:
         """The paths that differ between two versions, for a worker that has ``since``; with ``limit``,
         a difference that is whole or longer comes without its paths (the worker builds anew then)."""
-        site = self.site(name)
+        site = self.site(name, uid)
         wanted = site.version if version is None else version
         old = Tree() if since == 0 else await self._tree_of(site, since)
         new = await self._tree_of(site, wanted) if wanted else Tree()
@@ -756,9 +764,16 @@ class ContentStore:
             target = site.head_version - 1 if version is None else version
             if target < 1 or target >= site.head_version or target not in site.records:
                 kept = sorted(n for n in site.records if n < site.head_version)
+                listed = f"kept: {', '.join(map(str, kept)) or 'none'}"
+                if target == site.head_version:
+                    raise NotFound(f"version {target} is site {site.name}'s content now", hint=listed)
+                if 1 <= target < site.head_version:
+                    raise NotFound(
+                        f"version {target} of site {site.name} is no longer kept",
+                        hint=f"{self._retention(site)}; {listed}",
+                    )
                 raise NotFound(
-                    f"site {site.name} has no earlier version {target} to roll back to",
-                    hint=f"kept versions: {', '.join(map(str, kept)) or 'none'}",
+                    f"site {site.name} has no earlier version {target} to roll back to", hint=listed
                 )
             tree = await self._tree_of(site, target, head=True)
             if over_quota(site.quota_bytes, tree.total_bytes, site.head.total_bytes):
@@ -807,6 +822,11 @@ class ContentStore:
 
     def _keep(self, site: _Site) -> int:
         return site.keep_versions or self.config.keep_versions
+
+    def _retention(self, site: _Site) -> str:
+        return f"the last {self._keep(site)} versions and publishes are kept" + (
+            f", and those of the last {site.keep_days:g} days" if site.keep_days else ""
+        )
 
     def _remember(self, site: _Site, number: int, record: dict[str, Any]) -> None:
         """Add a new version's record, then apply the plan's retention."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Connection, Date, DateTime, Table, delete, func, insert, select, text
+from sqlalchemy import Connection, Date, DateTime, Table, delete, func, insert, select, text, update
 
 from shared.db import Database, bump_generation
 from shared.db.models import ApiToken, Base
@@ -135,9 +135,17 @@ def restore_tables(db: Database, revision: str, tables: dict[str, list[Json]], *
             conn.execute(query)
         counts: dict[str, int] = {}
         for name in TABLES:
-            rows = [_typed(_table(name), row) for row in tables.get(name, [])]
+            table = _table(name)
+            rows = [_typed(table, row) for row in tables.get(name, [])]
+            # A row may point at one of its own table put back after it (a swapped site at its slot):
+            # those references are set once every row is in.
+            own = [c.name for c in table.columns if any(fk.column.table is table for fk in c.foreign_keys)]
+            later = [(row["id"], {c: row[c] for c in own if row.get(c) is not None}) for row in rows if own]
             if rows:
-                conn.execute(insert(_table(name)), rows)
+                conn.execute(insert(table), [{**row, **dict.fromkeys(own)} for row in rows])
+            for row_id, refs in later:
+                if refs:
+                    conn.execute(update(table).where(table.c.id == row_id).values(refs))
             counts[name] = len(rows)
         if conn.dialect.name == "postgresql":
             # Rows came with their ids: move each id sequence past them (table names are ours, above).

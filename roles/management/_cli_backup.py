@@ -13,14 +13,16 @@ import datetime as dt
 import hashlib
 import io
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from roles.management._cli_client import ApiClient
 from roles.management._cli_output import out
-from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
+from roles.management._cli_ux import ask
+from shared.errors import AlreadyExists, InvalidInput, NotFound, SitecloudError, Unavailable
 
 __all__ = ["add_backup_commands"]
 
@@ -40,6 +42,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _private(path: Path) -> IO[bytes]:
+    """A new file of the backup, for its owner alone: it holds password and token hashes, custom
+    hostnames' private keys and every site's content."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
 def _entry(root: Path, rel: str) -> dict[str, Any]:
     path = root / rel
     return {"file": rel, "sha256": _sha256(path), "bytes": path.stat().st_size}
@@ -56,15 +64,18 @@ def _backup_create(a: argparse.Namespace, api: ApiClient) -> Any:
             raise NotFound(f"there is no site {a.site}")
         versions = {a.site: versions[a.site]}
     try:
-        (root / "sites").mkdir(parents=True, exist_ok=True)
-        (root / _DB).write_text(json.dumps(dump, ensure_ascii=False))
+        root.parent.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, exist_ok=True)  # one the admin made keeps its mode: the files are 0600
+        (root / "sites").mkdir(mode=0o700)
+        with _private(root / _DB) as f:
+            f.write(json.dumps(dump, ensure_ascii=False).encode())
         sites: dict[str, Any] = {}
         for name, version in sorted(versions.items()):
             if version == 0:
                 sites[name] = {"version": 0}  # nothing published yet
                 continue
             rel = f"sites/{name}.zip"
-            with (root / rel).open("wb") as f:
+            with _private(root / rel) as f:
                 api.download(api.path("sites", name, "versions", str(version), "zip"), f)
             sites[name] = {"version": version, **_entry(root, rel)}
     except OSError as exc:
@@ -79,7 +90,11 @@ def _backup_create(a: argparse.Namespace, api: ApiClient) -> Any:
         "site_versions": {n: s["version"] for n, s in sites.items()},
     }
     # Last: its presence says the backup is whole.
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    try:
+        with _private(root / MANIFEST) as f:
+            f.write(json.dumps(manifest, indent=2).encode())
+    except OSError as exc:
+        raise InvalidInput(f"cannot write the backup in {root}: {exc}") from None
     rows = {t: len(r) for t, r in dump["tables"].items()}
     return {"directory": str(root), "rows": rows, "sites": manifest["site_versions"]}
 
@@ -111,6 +126,11 @@ def _deploy(api: ApiClient, name: str, zip_path: Path) -> Any:
 
 def _backup_restore(a: argparse.Namespace, api: ApiClient) -> Any:
     root = Path(a.directory)
+    if not root.is_dir():
+        raise InvalidInput(
+            f"there is no directory {root}" if not root.exists() else f"{root} is not a directory",
+            hint="give the directory `sitecloud backup create --to DIR` wrote",
+        )
     try:
         manifest = json.loads((root / MANIFEST).read_text())
     except FileNotFoundError:
@@ -136,7 +156,15 @@ def _backup_restore(a: argparse.Namespace, api: ApiClient) -> Any:
         for name, entry in manifest["sites"].items()
         if entry.get("version", 0) > 0
     }
-    answer = api.request("POST", api.path("backup", "restore"), {**dump, "force": a.force})
+    try:
+        answer = api.request("POST", api.path("backup", "restore"), {**dump, "force": False})
+    except AlreadyExists:
+        if not a.force:
+            raise
+        # Asked only now: --force on an empty cloud deletes nothing.
+        what = "delete every plan, tenant, user and site this cloud has, with their content, for the backup's"
+        ask(a, lambda _: (what, "replace"))
+        answer = api.request("POST", api.path("backup", "restore"), {**dump, "force": True})
     deployed: dict[str, Any] = {}
     for name, path in sorted(zips.items()):
         try:
@@ -185,4 +213,7 @@ def add_backup_commands(group: Callable[[str, str], Any], leaf: Leaf) -> None:
     sp.add_argument("directory", metavar="DIR")
     sp.add_argument(
         "--force", action="store_true", help="replace this cloud's own plans, tenants, users and sites"
+    )
+    sp.add_argument(
+        "-y", "--yes", action="store_true", help="with --force: do not ask (needed with no terminal)"
     )

@@ -172,8 +172,9 @@ def _add_role(db: Database, body: Json) -> int:
             raise NotFound(f"no subscription {reserved}", hint="see the list of subscriptions")
         host = s.scalar(select(Host).where(Host.name == host_name))
         if host is None:
-            # A host never created here is an existing machine reached over SSH by its DNS name.
-            host = Host(name=host_name, fabric="ssh", address="", state="ready")
+            # A host never created here is an existing machine reached over SSH by its DNS name; it
+            # is ready once the controller has reached it.
+            host = Host(name=host_name, fabric="ssh", address="", state="provisioning")
             s.add(host)
             s.flush()
         elif host.fabric == "local":

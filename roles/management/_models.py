@@ -959,6 +959,10 @@ def _describe(node: Json, defs: Json) -> str:
         low, high = node.get("minimum"), node.get("maximum")
         if low is not None and high is not None:
             return f"an integer from {low} to {high}"
+        if low is not None:
+            return f"an integer of at least {low}"
+        if high is not None:
+            return f"an integer of at most {high}"
         return "an integer"
     if kind == "boolean":
         return "true or false"

@@ -35,7 +35,14 @@ from roles.management.config import ManagementConfig
 from shared.builds import NOT_SERVED_HINT, BuildFollow, BuildFollower, Emit, build_failure
 from shared.contracts.answers import parse_answer
 from shared.contracts.apps import AppDescription
-from shared.contracts.content import DeployResult, RollbackAnswer, RollbackRequest, SiteVersions, VersionList
+from shared.contracts.content import (
+    DeployResult,
+    RollbackAnswer,
+    RollbackRequest,
+    SiteContentInfo,
+    SiteVersions,
+    VersionList,
+)
 from shared.contracts.snapshots import ManagementSnapshot
 from shared.db import Database
 from shared.errors import BuildFailed, NotFound, NotServed, SitecloudError, Unauthorized, Unavailable
@@ -578,6 +585,7 @@ class ManagementService:
         """Swap a slot with production: the slot's site gets production's sticky settings, is warmed
         through every front end, and only then one generation flips both addresses on every front end
         (the workers of both sites keep serving throughout, so no visitor's request fails)."""
+        await self._refuse_an_empty_slot(who, name, slot)
         plan = await self._read(self._store.prepare_swap, who, name, slot)
         await self._nudger.settle(await self._read(self._store.generation), timeout=warm_timeout)
         answering = (await self._read(self._store.list_slots, who, name))["slots"]
@@ -597,6 +605,27 @@ class ManagementService:
             "slot %s swapped: production is served by %s", plan.slot, result["production_served_by"]
         )
         return result
+
+    async def _refuse_an_empty_slot(self, who: Principal, name: str, slot: Any) -> None:
+        """A slot whose site has nothing published answers its address with the platform's 200
+        placeholder, which warms it: swapped, production would serve that page."""
+        slots = (await self._read(self._store.list_slots, who, name))["slots"]
+        entry = next((s for s in slots if s["slot"] == slot and s["slot"] != "production"), None)
+        if entry is None:
+            return  # prepare_swap says what is wrong with it
+        site = entry["served_by"]
+        base = await self._fileserver()
+        try:
+            with _reaching(_FILESERVER, self._log):
+                raw = await self._client.get_json(f"{base}/v1/sites/{site}")
+            version = parse_answer(SiteContentInfo, raw, peer=_FILESERVER).version
+        except NotFound:
+            version = 0  # a slot the fileserver has not been told of yet holds nothing
+        if version == 0:
+            raise Unavailable(
+                f"slot {slot} of {name} ({site}) has nothing published",
+                hint=f"publish to {site} (with its own FTP or deploy credentials), then swap",
+            )
 
     async def set_sticky(self, who: Principal, name: str, keys: Any) -> Json:
         return await self._write(self._store.set_sticky, who, name, keys)

@@ -383,11 +383,13 @@ class ContentSync:
         what = f"manifest of {site}"
         try:
             manifest = await self._client.get_contract(
-                Manifest, f"{base}/manifest", what=what, params={"version": str(target)}
+                Manifest, f"{base}/manifest", what=what, params={"version": str(target), "uid": content_id}
             )
         except NotFound:
             # That version was pruned while we were away: take the newest.
-            manifest = await self._client.get_contract(Manifest, f"{base}/manifest", what=what)
+            manifest = await self._client.get_contract(
+                Manifest, f"{base}/manifest", what=what, params={"uid": content_id}
+            )
         manifest.for_site(site)
         version, files, dirs = manifest.version, manifest.files, manifest.dirs
         await self._enter_busy()
@@ -453,7 +455,12 @@ class ContentSync:
                 f"{base}/diff",
                 what=f"changes of {site}",
                 # Past the limit (or across a deploy) the answer holds no paths: this builds anew then.
-                params={"since": str(current.number), "version": str(target), "limit": str(INCREMENTAL_MAX)},
+                params={
+                    "since": str(current.number),
+                    "version": str(target),
+                    "limit": str(INCREMENTAL_MAX),
+                    "uid": content_id,
+                },
             )
         except NotFound:
             return False

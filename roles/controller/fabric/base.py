@@ -102,6 +102,11 @@ class RoleLauncher(abc.ABC):
     def describe(self, kind: str) -> tuple[str, str]:
         """(state, reason) of the process as the launcher sees it, e.g. ("running", "")."""
 
+    async def ask_supervisor(self, kind: str) -> tuple[str, str]:
+        """(state, reason) as the host's supervisor says now (it may be asked over the network);
+        where :meth:`describe` is the supervisor's own view, that."""
+        return self.describe(kind)
+
 
 class FabricProvider(abc.ABC):
     """A source of hosts: ``local`` (this machine), ``ssh`` (existing hosts), ``netns`` (namespaces here)."""

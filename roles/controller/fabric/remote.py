@@ -441,6 +441,10 @@ WantedBy=multi-user.target
         """As last seen by install, start, stop or :meth:`status` (describe cannot wait on SSH)."""
         return self._seen.get(kind, ("stopped", ""))
 
+    async def ask_supervisor(self, kind: str) -> tuple[str, str]:
+        result = await self.status(kind)
+        return str(result["state"]), str(result.get("reason", ""))
+
 
 async def _put_atomic(sftp: asyncssh.SFTPClient, path: PurePosixPath, data: bytes, mode: int) -> None:
     """Write a file on the host so that no reader ever sees it half-written, with ``mode`` from the start."""
