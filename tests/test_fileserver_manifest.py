@@ -104,6 +104,8 @@ def _versions(seed: int, count: int, history: History) -> list[Tree]:
         except SitecloudError:
             continue  # refused, as the fileserver refuses it: no version
         _digest(tree)
+        # The count of folders a site's entry limit uses is kept right through every op.
+        assert tree.dir_count == len(tree.dirs) == Tree(tree.root).dir_count
         history.add(len(trees), flipped=False, undos=undos)
         trees.append(tree)
     return trees
@@ -119,6 +121,7 @@ def test_a_newer_tree_with_its_ops_taken_back_is_the_older_one_exactly(seed: int
         past = history.rewind(trees[at], at, to)
         assert past is not None
         assert _digest(past) == _digest(trees[to]), (seed, at, to)
+        assert past.dir_count == trees[to].dir_count
         # Rewinding copies: the tree it started from is as it was.
         assert set(trees[at].files) == set(trees[at].begin().files)
     # Past a deploy there is nothing to take back.

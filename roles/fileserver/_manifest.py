@@ -127,11 +127,20 @@ class Tree:
     digest (writing it through a callback) and ends the change. Totals are kept as changes are made.
     """
 
-    def __init__(self, root: Folder | None = None, *, total_bytes: int = 0, file_count: int = 0) -> None:
+    def __init__(
+        self,
+        root: Folder | None = None,
+        *,
+        total_bytes: int = 0,
+        file_count: int = 0,
+        dir_count: int | None = None,
+    ) -> None:
         self._owner = object()
         self.root = root if root is not None else Folder(owner=self._owner)
         self.total_bytes = total_bytes
         self.file_count = file_count
+        # Counted on first use for a tree read from disk (version records predate the count), then kept.
+        self._dir_count = 0 if root is None else dir_count
         # Whether a change made it differ from where it began (a put of the same entry does not).
         self.changed = False
         # The folder the last put went into: a deploy puts file after file into the same one.
@@ -139,9 +148,22 @@ class Tree:
 
     def begin(self) -> Tree:
         """A new tree that starts as this one; changing it leaves this one as it is."""
-        return Tree(self.root, total_bytes=self.total_bytes, file_count=self.file_count)
+        return Tree(
+            self.root, total_bytes=self.total_bytes, file_count=self.file_count, dir_count=self._dir_count
+        )
 
     # --- reading
+
+    @property
+    def dir_count(self) -> int:
+        if self._dir_count is None:
+            self._dir_count = sum(isinstance(e, Folder) for _, e in _walk_files(self.root, ""))
+        return self._dir_count
+
+    @property
+    def entry_count(self) -> int:
+        """Files and directories: what a site's entry limit counts (each is an inode on every worker)."""
+        return self.file_count + self.dir_count
 
     @property
     def files(self) -> dict[str, dict[str, Any]]:
@@ -217,6 +239,8 @@ class Tree:
                 if not create:
                     raise NotFound(f"no directory {'/'.join(walked)!r}")
                 child = Folder(owner=self._owner)
+                if self._dir_count is not None:
+                    self._dir_count += 1
             elif isinstance(child, FileEntry):
                 raise InvalidInput(f"cannot create {target!r}: {'/'.join(walked)!r} is a file")
             else:
@@ -281,6 +305,8 @@ class Tree:
             raise InvalidInput(f"cannot remove directory {path!r}: it is not empty")
         parent, name = self._parent_and_name(path)
         del self._folder(parent, create=False, target=path).entries[name]
+        if self._dir_count is not None:
+            self._dir_count -= 1
         self._last = None
         self.changed = True
 

@@ -39,6 +39,7 @@ from roles.fileserver.config import FileserverConfig
 from roles.fileserver.feed import ChangeFeed
 from shared.contracts.content import (
     BLOB_BATCH_MAX,
+    SITE_ENTRIES_MAX,
     BlobStored,
     CommitAnswer,
     CommitOp,
@@ -56,7 +57,15 @@ from shared.contracts.content import (
 )
 from shared.contracts.health import FileserverFigures
 from shared.contracts.snapshots import FileserverSnapshot
-from shared.errors import Changed, InvalidInput, NotFound, QuotaExceeded, SitecloudError, Unavailable
+from shared.errors import (
+    Changed,
+    InvalidInput,
+    NotFound,
+    QuotaExceeded,
+    SitecloudError,
+    TooManyEntries,
+    Unavailable,
+)
 from shared.files import syncfs
 from shared.logs import get_logger
 from shared.paths import site_relpath
@@ -152,7 +161,13 @@ def _load_folder(disk: SiteDir, digest: str, cache: dict[str, Folder]) -> Folder
 
 def _load_tree(disk: SiteDir, record: dict[str, Any], cache: dict[str, Folder] | None = None) -> Tree:
     root = _load_folder(disk, str(record["root"]), {} if cache is None else cache)
-    return Tree(root, total_bytes=int(record["total_bytes"]), file_count=int(record["files"]))
+    dirs = record.get("dirs")
+    return Tree(
+        root,
+        total_bytes=int(record["total_bytes"]),
+        file_count=int(record["files"]),
+        dir_count=None if dirs is None else int(dirs),
+    )
 
 
 def _version_record(version: int, tree: Tree, root: str | None, source: str, now: float) -> dict[str, Any]:
@@ -161,6 +176,7 @@ def _version_record(version: int, tree: Tree, root: str | None, source: str, now
         "root": root,
         "total_bytes": tree.total_bytes,
         "files": tree.file_count,
+        "dirs": tree.dir_count,
         "time": now,
         "source": source,
     }
@@ -250,11 +266,25 @@ def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
     disk.drop_versions([n for n in disk.version_numbers() if n > version])
     site.version = site.head_version = site.checkpointed = version
     site.tree = site.head = tree
+    # Counted here, in a thread, rather than by the first commit on the event loop.
+    _ = tree.dir_count
     return restored, replayed
 
 
 def _quota_message(site: _Site, total: int) -> str:
     return f"site {site.name} would use {human_size(total)} of its {human_size(site.quota_bytes)} quota"
+
+
+def _check_entries(site: _Site, tree: Tree) -> None:
+    """Refuse a change that grows a site past :data:`SITE_ENTRIES_MAX` files and folders; one that
+    does not grow it passes, so a site already past the limit can always be made smaller."""
+    entries = tree.entry_count
+    if entries > SITE_ENTRIES_MAX and entries > site.head.entry_count:
+        raise TooManyEntries(
+            f"site {site.name} would hold {entries:,} files and folders; "
+            f"a site may hold at most {SITE_ENTRIES_MAX:,}",
+            hint="delete files or folders first, or spread the content over more sites",
+        )
 
 
 class ContentStore:
@@ -796,6 +826,7 @@ class ContentStore:
             tree = await self._tree_of(site, target, head=True)
             if over_quota(site.quota_bytes, tree.total_bytes, site.head.total_bytes):
                 raise QuotaExceeded(_quota_message(site, tree.total_bytes), hint=_QUOTA_HINT)
+            _check_entries(site, tree)
             number = site.head_version + 1
             now = time.time()
             offset = await self._append(
@@ -942,6 +973,7 @@ class ContentStore:
         total = tree.total_bytes
         if over_quota(site.quota_bytes, total, site.head.total_bytes):
             raise QuotaExceeded(_quota_message(site, total), hint=_QUOTA_HINT)
+        _check_entries(site, tree)
         # Its folders and record reach the disk at the next checkpoint: until then the journal has them.
         return tree, done, _version_record(version, tree, None, source, now), undos
 
