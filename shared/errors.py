@@ -27,6 +27,7 @@ __all__ = [
     "RateLimited",
     "SitecloudError",
     "StorageUnavailable",
+    "TooManyEntries",
     "Unauthorized",
     "Unavailable",
     "error_from_json",
@@ -120,6 +121,14 @@ class QuotaExceeded(SitecloudError):
     code = "quota_exceeded"
     status = 413
     ftp_code = 552
+
+
+class TooManyEntries(SitecloudError):
+    """The write would take the site past the files and folders a site may hold."""
+
+    code = "too_many_entries"
+    status = 413
+    ftp_code = 552  # RFC 959: exceeded storage allocation
 
 
 class InUse(SitecloudError):

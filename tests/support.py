@@ -12,6 +12,7 @@ import ftplib
 import functools
 import hashlib
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -54,6 +55,7 @@ __all__ = [
     "call",
     "data_plane",
     "lane_exchange",
+    "random_op",
     "wait_until",
 ]
 
@@ -399,3 +401,32 @@ def data_plane(
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def random_op(rng: random.Random, files: set[str], dirs: set[str], shas: list[str]) -> dict[str, str]:
+    """One commit op on a site of ``files`` and ``dirs`` (paths), mostly one that applies: the moves an
+    FTP client makes (MKD, STOR over a file or new, DELE, RMD, RNFR/RNTO of a file or a folder)."""
+    folders = ["", *sorted(dirs)]
+
+    def fresh() -> str:
+        parent = rng.choice(folders)
+        name = f"n{rng.randrange(1000)}"
+        # Sometimes a path whose parents do not exist yet: a put or rename makes them.
+        if rng.random() < 0.2:
+            name += f"/m{rng.randrange(10)}"
+        return f"{parent}/{name}" if parent else name
+
+    kind = rng.choice(["mkdir", "put", "put", "overwrite", "delete", "rmdir", "rename", "rename"])
+    if kind == "overwrite" and files:
+        return {"op": "put", "path": rng.choice(sorted(files)), "sha256": rng.choice(shas)}
+    if kind == "delete" and files:
+        return {"op": "delete", "path": rng.choice(sorted(files))}
+    if kind == "rmdir" and dirs:
+        return {"op": "rmdir", "path": rng.choice(sorted(dirs))}
+    if kind == "rename" and (files or dirs):
+        src = rng.choice(sorted(files | dirs))
+        dst = rng.choice(sorted(files)) if files and rng.random() < 0.3 else fresh()
+        return {"op": "rename", "from": src, "to": dst}
+    if kind == "mkdir":
+        return {"op": "mkdir", "path": fresh()}
+    return {"op": "put", "path": fresh(), "sha256": rng.choice(shas)}

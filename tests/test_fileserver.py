@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import random
 import socket
 import struct
 import time
@@ -22,7 +23,7 @@ from roles.fileserver.store import ContentStore
 from shared.contracts.content import PathOp
 from shared.contracts.snapshots import FileserverSnapshot
 from shared.errors import AlreadyExists
-from tests.support import CloudPKI, RoleProcess, call, wait_until
+from tests.support import CloudPKI, RoleProcess, call, random_op, wait_until
 
 BLOG_UID = "b10b10b10b10b10b10b10b10b10b10b1"
 SHOP_UID = "5b0b5b0b5b0b5b0b5b0b5b0b5b0b5b0b"
@@ -602,16 +603,67 @@ def test_a_put_answers_the_other_sessions_changes_since_the_uploaders_version(fs
     ftp_commit({"op": "delete", "path": "b.html"})
     changes = put("d.html", b"d", since=4)["changes"]
     assert changes["files"]["b.html"] is None and set(changes["files"]) == {"b.html", "d.html"}
-    # A version no longer kept (the fixture keeps 3) gives none: the uploader asks for the manifest.
+    # A version retention dropped (the fixture keeps 3) is rebuilt from the newest: its changes come too.
     ftp_commit({"op": "mkdir", "path": "x"})
     ftp_commit({"op": "mkdir", "path": "y"})
-    assert put("e.html", b"e", since=6)["changes"] is None
+    changes = put("e.html", b"e", since=6)["changes"]
+    assert (changes["since"], changes["version"], changes["whole"]) == (6, 9, False)
+    assert set(changes["files"]) == {"e.html"} and changes["dirs"] == {"x": True, "y": True}
     # A deploy in between flipped the site whole: no paths, the uploader asks for the manifest.
     fs.ok("shop", [{"op": "mkdir", "path": "z"}])
     changes = put("g.html", b"g", since=9)["changes"]
     assert changes["whole"] and changes["files"] == {}
     status, body = fs.call("PUT", "/v1/sites/shop/files/f.html?since=x", data=b"e")
     assert status == 400 and "since" in body["error"]["message"]
+
+
+def _apply_diff(files: dict[str, Any], dirs: set[str], changes: dict[str, Any]) -> None:
+    """Apply a diff to a manifest's files and dirs as a worker applies it to its copy."""
+    for path, entry in changes["files"].items():
+        if entry is None:
+            for gone in [p for p in files if p == path or p.startswith(path + "/")]:
+                del files[gone]
+            dirs.difference_update({d for d in dirs if d == path or d.startswith(path + "/")})
+    dirs.update(changes["dirs"])
+    for path, entry in changes["files"].items():
+        if entry is not None:
+            dirs.difference_update({d for d in dirs if d == path or d.startswith(path + "/")})
+            files[path] = entry
+
+
+def test_a_worker_behind_by_versions_retention_dropped_gets_exactly_the_changed_paths(fs: Fs) -> None:
+    # Under a trickle of FTP changes the last 3 versions (the fixture's) go within a second: a worker a
+    # few behind was answered "not kept" or "whole" and built the whole site again, each time.
+    rng = random.Random(5)
+    shas = [fs.upload("shop", f"body {n}".encode()) for n in range(3)]
+    deploy = [{"op": "put", "path": f"d{n % 4}/f{n}.html", "sha256": shas[n % 3]} for n in range(40)]
+    first = fs.ok("shop", deploy, replace=True)["version"]
+    seen = {first: fs.manifest("shop", first)}
+    while len(seen) < 80:
+        files, dirs = fs.tree("shop")
+        ops = [random_op(rng, files, set(dirs), shas) for _ in range(rng.randint(1, 2))]
+        status, body = fs.call("POST", "/v1/sites/shop/commit", body={"ops": ops, "source": "ftp"})
+        assert status == 200 or body["error"]["code"] in ("not_found", "already_exists", "invalid_input")
+        if status == 200 and body["version"] not in seen:
+            seen[body["version"]] = fs.manifest("shop", body["version"])
+    newest = max(seen)
+    for since in sorted(seen)[:-1]:
+        for query in (f"since={since}&limit=2000", f"since={since}"):  # a worker's, the publisher's
+            changes = fs.get(f"/v1/sites/shop/diff?{query}")
+            assert (changes["version"], changes["whole"]) == (newest, False), (query, changes)
+            copy, copy_dirs = dict(seen[since]["files"]), set(seen[since]["dirs"])
+            _apply_diff(copy, copy_dirs, changes)
+            assert (copy, copy_dirs) == (seen[newest]["files"], set(seen[newest]["dirs"])), query
+    # Asked for a version dropped meanwhile: the changes up to the newest instead.
+    changes = fs.get(f"/v1/sites/shop/diff?since={first}&version={first + 5}&limit=2000")
+    assert (changes["version"], changes["whole"]) == (newest, False)
+    # A deploy in between still flips the site whole: no paths for a worker, nothing from before it.
+    fs.ok("shop", deploy[:5], replace=True)
+    fs.call("POST", "/v1/sites/shop/commit", body={"ops": [{"op": "mkdir", "path": "x"}], "source": "ftp"})
+    changes = fs.get(f"/v1/sites/shop/diff?since={newest - 1}&limit=2000")
+    assert changes["whole"] and changes["files"] == {} and changes["dirs"] == {}
+    status, body = fs.call("GET", f"/v1/sites/shop/diff?since={newest - 1}", role="worker")
+    assert status == 404 and "no longer kept" in body["error"]["message"], body
 
 
 # --- in-process, where an fsync can be held

@@ -1,12 +1,16 @@
-"""The fileserver's pure pieces: quota messages' sizes and the op semantics on a tree."""
+"""The fileserver's pure pieces: quota messages' sizes, the op semantics on a tree, and taking ops back."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from roles.fileserver._manifest import Tree, apply_ops, human_size
+from roles.fileserver._history import History
+from roles.fileserver._manifest import Tree, Undo, apply_ops, human_size
 from shared.contracts.content import CommitOp, CommitRequest
-from shared.errors import AlreadyExists, InvalidInput, NotFound
+from shared.errors import AlreadyExists, InvalidInput, NotFound, SitecloudError
+from tests.support import random_op
 
 
 def test_human_size() -> None:
@@ -77,3 +81,58 @@ def test_bad_ops(op: dict[str, str], error: type[Exception]) -> None:
     tree = _tree({"op": "put", "path": "f", "sha256": "b" * 64}, {"op": "mkdir", "path": "d"})
     with pytest.raises(error):
         apply_ops(tree, _ops(op), blob_size=lambda sha: 1, now=1.0)
+
+
+def _digest(tree: Tree) -> str:
+    return tree.freeze(lambda digest, data: None)
+
+
+def _versions(seed: int, count: int, history: History) -> list[Tree]:
+    """A site's trees after a deploy and ``count`` FTP-like commits of one to three ops each."""
+    rng = random.Random(seed)
+    shas = [c * 64 for c in "abc"]
+    first = _tree(*({"op": "put", "path": f"d{n % 3}/f{n}", "sha256": shas[n % 3]} for n in range(12)))
+    _digest(first)
+    history.add(1, flipped=True, undos=None)
+    trees = [Tree(), first]
+    while len(trees) <= count:
+        head = trees[-1]
+        ops = [random_op(rng, set(head.files), head.dirs, shas) for _ in range(rng.randint(1, 3))]
+        tree, undos = head.begin(), list[Undo]()
+        try:
+            apply_ops(tree, _ops(*ops), blob_size=lambda sha: 1, now=float(len(trees)), undos=undos)
+        except SitecloudError:
+            continue  # refused, as the fileserver refuses it: no version
+        _digest(tree)
+        # The count of folders a site's entry limit uses is kept right through every op.
+        assert tree.dir_count == len(tree.dirs) == Tree(tree.root).dir_count
+        history.add(len(trees), flipped=False, undos=undos)
+        trees.append(tree)
+    return trees
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_newer_tree_with_its_ops_taken_back_is_the_older_one_exactly(seed: int) -> None:
+    history = History()
+    trees = _versions(seed, 60, history)
+    newest = len(trees) - 1
+    for to in range(1, newest):
+        at = random.Random(seed + to).randint(to + 1, newest)
+        past = history.rewind(trees[at], at, to)
+        assert past is not None
+        assert _digest(past) == _digest(trees[to]), (seed, at, to)
+        assert past.dir_count == trees[to].dir_count
+        # Rewinding copies: the tree it started from is as it was.
+        assert set(trees[at].files) == set(trees[at].begin().files)
+    # Past a deploy there is nothing to take back.
+    assert history.rewind(trees[3], 3, 0) is None
+
+
+def test_history_remembers_a_bounded_number_of_ops_and_forgets_across_a_gap() -> None:
+    history = History(max_ops=10)
+    trees = _versions(7, 30, history)
+    assert history.rewind(trees[30], 30, 29) is not None
+    assert history.rewind(trees[30], 30, 5) is None  # forgotten: the caller answers "not kept"
+    assert history.flipped(30) is False and history.flipped(1) is None
+    history.add(40, flipped=False, undos=[])
+    assert history.flipped(30) is None and history.rewind(trees[30], 30, 29) is None

@@ -18,7 +18,7 @@ import struct
 import subprocess
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from roles.fileserver.config import FileserverConfig
 from roles.publisher._sites import SiteTable
 from roles.publisher.config import PublisherConfig
+from shared.contracts.content import SITE_ENTRIES_MAX
 from shared.contracts.snapshots import PublisherSnapshot
 from shared.credentials import hash_password
 from shared.errors import InvalidInput
@@ -66,6 +67,7 @@ SITES = {
     "suspended": ("suspended-secret", QUOTA),
     "sized": ("sized-secret", QUOTA),
     "race": ("race-secret", QUOTA),
+    "crowded": ("crowded-secret", QUOTA),
 }
 
 
@@ -515,6 +517,53 @@ def test_ftp_over_quota_upload_is_552_and_changes_nothing(cloud: Cloud) -> None:
         _stor(ftp, "keep.txt", b"k" * (TINY_QUOTA - 10))
         assert ftp.nlst() == ["keep.txt"]
     assert cloud.tree("tiny")[0] == {"keep.txt": TINY_QUOTA - 10}
+
+
+def test_ftp_cannot_grow_a_site_past_the_files_and_folders_a_zip_deploy_may_hold(cloud: Cloud) -> None:
+    # Empty files and folders cost no quota: without a cap of their own, MKD and STOR of empty files
+    # grew a site past what its own zip may hold, and every worker held each as an inode.
+    fs = f"{cloud.fileserver.control_url}/v1/sites/crowded"
+    ssl_ctx = cloud.pki.client_ssl("publisher")
+    status, blob = call(f"{fs}/blobs", ssl_ctx, method="POST", data=b"")
+    assert status == 200, blob
+    folders = [{"op": "mkdir", "path": f"d{n}"} for n in range(100)]
+    files = [
+        {"op": "put", "path": f"d{n % 100}/f{n}", "sha256": blob["sha256"]}
+        for n in range(SITE_ENTRIES_MAX - len(folders) - 1)
+    ]
+    status, body = call(
+        f"{fs}/commit", ssl_ctx, method="POST", body={"ops": folders + files, "replace": True}
+    )
+    assert status == 200, body
+    full = f"a site may hold at most {SITE_ENTRIES_MAX:,}"
+    with cloud.ftp("crowded") as ftp:
+        ftp.mkd("last")  # the 100,000th entry
+        version = cloud.manifest("crowded")["version"]
+        refusals: list[Callable[[], object]] = [
+            lambda: ftp.mkd("one-more"),
+            lambda: _stor(ftp, "empty.txt", b""),
+            lambda: ftp.storbinary("STOU", io.BytesIO(b"")),
+            lambda: ftp.storbinary("APPE new.txt", io.BytesIO(b"x")),
+            lambda: ftp.rename("d0/f0", "new/f0"),  # a rename that makes a folder on its way
+        ]
+        for refused in refusals:
+            with pytest.raises(ftplib.error_perm) as caught:
+                refused()
+            reply = str(caught.value)
+            assert reply.startswith("552 ") and full in reply and "delete files or folders" in reply, reply
+        assert cloud.manifest("crowded")["version"] == version  # nothing changed
+        # What does not add an entry still works, and room made is room to use.
+        ftp.storbinary("APPE d0/f0", io.BytesIO(b"more"))
+        ftp.rename("d0/f100", "d1/moved")
+        ftp.delete("d2/f2")
+        _stor(ftp, "empty.txt", b"")
+        with pytest.raises(ftplib.error_perm, match=full):
+            ftp.mkd("one-more")
+    # A deploy (a zip, a git push) of one entry too many is refused by the fileserver as well.
+    too_many = [*folders, *files, {"op": "mkdir", "path": "a"}, {"op": "mkdir", "path": "b"}]
+    status, body = call(f"{fs}/commit", ssl_ctx, method="POST", body={"ops": too_many, "replace": True})
+    assert status == 413 and body["error"]["code"] == "too_many_entries" and full in body["error"]["message"]
+    assert cloud.manifest("crowded")["version"] == version + 4
 
 
 def test_ftp_aborted_upload_commits_nothing(cloud: Cloud) -> None:

@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from roles.publisher.zipsafe import check_zip, copy_member, open_zip
-from shared.errors import BadRequest, InvalidInput, QuotaExceeded, SitecloudError
+from shared.errors import BadRequest, InvalidInput, QuotaExceeded, SitecloudError, TooManyEntries
 
 MB = 1024 * 1024
 
@@ -162,3 +162,12 @@ def test_too_many_members() -> None:
     data = _zip(*((f"f{i}.txt", b"") for i in range(11)))
     with _open(data) as zf, pytest.raises(InvalidInput, match="members"):
         check_zip(zf, max_total_bytes=MB, max_members=10)
+
+
+def test_the_folders_a_zips_paths_imply_count_as_the_sites_entries() -> None:
+    # Six members, but eleven files and folders once unpacked: what the fileserver would refuse.
+    data = _zip(*((f"d{i}/sub/f{i}.txt", b"") for i in range(5)), ("top.txt", b""))
+    with _open(data) as zf:
+        assert len(check_zip(zf, max_total_bytes=MB, max_members=16).files) == 6
+        with pytest.raises(TooManyEntries, match="makes 16 files and folders; a site may hold at most 15"):
+            check_zip(zf, max_total_bytes=MB, max_members=15)

@@ -25,10 +25,12 @@ __all__ = [
     "FileEntry",
     "Folder",
     "Tree",
+    "Undo",
     "apply_ops",
     "check_sha256",
     "diff",
     "human_size",
+    "undo_ops",
     "walk",
 ]
 
@@ -125,11 +127,20 @@ class Tree:
     digest (writing it through a callback) and ends the change. Totals are kept as changes are made.
     """
 
-    def __init__(self, root: Folder | None = None, *, total_bytes: int = 0, file_count: int = 0) -> None:
+    def __init__(
+        self,
+        root: Folder | None = None,
+        *,
+        total_bytes: int = 0,
+        file_count: int = 0,
+        dir_count: int | None = None,
+    ) -> None:
         self._owner = object()
         self.root = root if root is not None else Folder(owner=self._owner)
         self.total_bytes = total_bytes
         self.file_count = file_count
+        # Counted on first use for a tree read from disk (version records predate the count), then kept.
+        self._dir_count = 0 if root is None else dir_count
         # Whether a change made it differ from where it began (a put of the same entry does not).
         self.changed = False
         # The folder the last put went into: a deploy puts file after file into the same one.
@@ -137,9 +148,22 @@ class Tree:
 
     def begin(self) -> Tree:
         """A new tree that starts as this one; changing it leaves this one as it is."""
-        return Tree(self.root, total_bytes=self.total_bytes, file_count=self.file_count)
+        return Tree(
+            self.root, total_bytes=self.total_bytes, file_count=self.file_count, dir_count=self._dir_count
+        )
 
     # --- reading
+
+    @property
+    def dir_count(self) -> int:
+        if self._dir_count is None:
+            self._dir_count = sum(isinstance(e, Folder) for _, e in _walk_files(self.root, ""))
+        return self._dir_count
+
+    @property
+    def entry_count(self) -> int:
+        """Files and directories: what a site's entry limit counts (each is an inode on every worker)."""
+        return self.file_count + self.dir_count
 
     @property
     def files(self) -> dict[str, dict[str, Any]]:
@@ -215,6 +239,8 @@ class Tree:
                 if not create:
                     raise NotFound(f"no directory {'/'.join(walked)!r}")
                 child = Folder(owner=self._owner)
+                if self._dir_count is not None:
+                    self._dir_count += 1
             elif isinstance(child, FileEntry):
                 raise InvalidInput(f"cannot create {target!r}: {'/'.join(walked)!r} is a file")
             else:
@@ -279,6 +305,8 @@ class Tree:
             raise InvalidInput(f"cannot remove directory {path!r}: it is not empty")
         parent, name = self._parent_and_name(path)
         del self._folder(parent, create=False, target=path).entries[name]
+        if self._dir_count is not None:
+            self._dir_count -= 1
         self._last = None
         self.changed = True
 
@@ -350,17 +378,85 @@ def diff(old: Folder, new: Folder, prefix: str = "") -> Iterator[tuple[str, Chan
 BlobSize = Callable[[str], int]
 
 
+@dataclass(frozen=True, slots=True)
+class Undo:
+    """What one applied op needs to be taken back: the file it replaced or removed, and the folders
+    it made on its way (a put or rename makes missing parents, as mkdir -p does)."""
+
+    op: str
+    path: str
+    before: FileEntry | None = None
+    made: tuple[str, ...] = ()
+    dst: str = ""
+
+
+def _missing(tree: Tree, path: str) -> tuple[str, ...]:
+    """The folders from the root down to ``path`` (itself included) that do not exist yet."""
+    parts = _split(path)
+    node: FileEntry | Folder | None = tree.root
+    for depth, part in enumerate(parts):
+        node = node.entries.get(part) if isinstance(node, Folder) else None
+        if node is None:
+            return tuple("/".join(parts[: n + 1]) for n in range(depth, len(parts)))
+    return ()
+
+
+def _parent(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+def _undo_of(tree: Tree, op: CommitOp) -> Undo:
+    """How to take ``op`` back, read from ``tree`` just before it is applied."""
+    if isinstance(op, RenameOp):
+        old = tree.get(op.dst)
+        made = _missing(tree, _parent(op.dst)) if _parent(op.dst) else ()
+        return Undo("rename", op.src, old if isinstance(old, FileEntry) else None, made, op.dst)
+    if op.op == "mkdir":
+        return Undo("mkdir", op.path, made=_missing(tree, op.path))
+    old = tree.get(op.path)
+    before = old if isinstance(old, FileEntry) else None
+    made = _missing(tree, _parent(op.path)) if _parent(op.path) else ()
+    return Undo(op.op, op.path, before, made)
+
+
+def undo_ops(tree: Tree, undos: Sequence[Undo]) -> None:
+    """Take back ops applied to ``tree`` (newest last), leaving it as it was before them."""
+    for undo in reversed(undos):
+        if undo.op == "rename":
+            if undo.path != undo.dst:
+                tree.rename(undo.dst, undo.path)
+                if undo.before is not None:
+                    tree.put(undo.dst, undo.before)
+        elif undo.op == "rmdir":
+            tree.mkdir(undo.path)
+        elif undo.op in ("put", "delete"):
+            if undo.before is not None:
+                tree.put(undo.path, undo.before)
+            elif undo.op == "put":
+                tree.delete(undo.path)
+        for folder in reversed(undo.made):
+            tree.rmdir(folder)
+
+
 def apply_ops(
-    tree: Tree, ops: Sequence[CommitOp], *, blob_size: BlobSize, now: float
+    tree: Tree,
+    ops: Sequence[CommitOp],
+    *,
+    blob_size: BlobSize,
+    now: float,
+    undos: list[Undo] | None = None,
 ) -> list[dict[str, Any]]:
     """Apply commit ops (their paths checked by the contract) to ``tree`` in order; raises on the
     first op that cannot be applied.
 
     ``blob_size`` gives an uploaded blob's size, or raises :class:`NotFound` when it was never uploaded.
-    Returns the ops as applied (sizes and times filled in), which replay exactly.
+    Returns the ops as applied (sizes and times filled in), which replay exactly; with ``undos``, also
+    appends to it how to take each one back (see :func:`undo_ops`).
     """
     done: list[dict[str, Any]] = []
     for op in ops:
+        if undos is not None:
+            undos.append(_undo_of(tree, op))
         if isinstance(op, PutOp):
             entry = FileEntry(op.sha256, blob_size(op.sha256), now if op.mtime is None else op.mtime)
             tree.put(op.path, entry)

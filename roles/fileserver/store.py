@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from roles.fileserver._disk import SiteDir, Upload, move_to_trash, purge_trash, restore_from_trash
+from roles.fileserver._history import History
 from roles.fileserver._journal import Journal, Record, read_records, truncate
 from roles.fileserver._manifest import (
     FileEntry,
     Folder,
     Tree,
+    Undo,
     apply_ops,
     check_sha256,
     diff,
@@ -37,6 +39,7 @@ from roles.fileserver.config import FileserverConfig
 from roles.fileserver.feed import ChangeFeed
 from shared.contracts.content import (
     BLOB_BATCH_MAX,
+    SITE_ENTRIES_MAX,
     BlobStored,
     CommitAnswer,
     CommitOp,
@@ -54,7 +57,15 @@ from shared.contracts.content import (
 )
 from shared.contracts.health import FileserverFigures
 from shared.contracts.snapshots import FileserverSnapshot
-from shared.errors import Changed, InvalidInput, NotFound, QuotaExceeded, SitecloudError, Unavailable
+from shared.errors import (
+    Changed,
+    InvalidInput,
+    NotFound,
+    QuotaExceeded,
+    SitecloudError,
+    TooManyEntries,
+    Unavailable,
+)
 from shared.files import syncfs
 from shared.logs import get_logger
 from shared.paths import site_relpath
@@ -117,6 +128,8 @@ class _Site:
     pending: dict[str, bytes] = field(default_factory=dict)
     # Version records on disk that retention dropped: the next checkpoint removes their files.
     dropped: list[int] = field(default_factory=list)
+    # What made the newest versions, kept after retention drops them (see ``ContentStore.diff``).
+    history: History = field(default_factory=History)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Set (and replaced) each time ``version`` moves on, for answers that wait to be readable.
     published: asyncio.Event = field(default_factory=asyncio.Event)
@@ -148,7 +161,13 @@ def _load_folder(disk: SiteDir, digest: str, cache: dict[str, Folder]) -> Folder
 
 def _load_tree(disk: SiteDir, record: dict[str, Any], cache: dict[str, Folder] | None = None) -> Tree:
     root = _load_folder(disk, str(record["root"]), {} if cache is None else cache)
-    return Tree(root, total_bytes=int(record["total_bytes"]), file_count=int(record["files"]))
+    dirs = record.get("dirs")
+    return Tree(
+        root,
+        total_bytes=int(record["total_bytes"]),
+        file_count=int(record["files"]),
+        dir_count=None if dirs is None else int(dirs),
+    )
 
 
 def _version_record(version: int, tree: Tree, root: str | None, source: str, now: float) -> dict[str, Any]:
@@ -157,6 +176,7 @@ def _version_record(version: int, tree: Tree, root: str | None, source: str, now
         "root": root,
         "total_bytes": tree.total_bytes,
         "files": tree.file_count,
+        "dirs": tree.dir_count,
         "time": now,
         "source": source,
     }
@@ -246,11 +266,25 @@ def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
     disk.drop_versions([n for n in disk.version_numbers() if n > version])
     site.version = site.head_version = site.checkpointed = version
     site.tree = site.head = tree
+    # Counted here, in a thread, rather than by the first commit on the event loop.
+    _ = tree.dir_count
     return restored, replayed
 
 
 def _quota_message(site: _Site, total: int) -> str:
     return f"site {site.name} would use {human_size(total)} of its {human_size(site.quota_bytes)} quota"
+
+
+def _check_entries(site: _Site, tree: Tree) -> None:
+    """Refuse a change that grows a site past :data:`SITE_ENTRIES_MAX` files and folders; one that
+    does not grow it passes, so a site already past the limit can always be made smaller."""
+    entries = tree.entry_count
+    if entries > SITE_ENTRIES_MAX and entries > site.head.entry_count:
+        raise TooManyEntries(
+            f"site {site.name} would hold {entries:,} files and folders; "
+            f"a site may hold at most {SITE_ENTRIES_MAX:,}",
+            hint="delete files or folders first, or spread the content over more sites",
+        )
 
 
 class ContentStore:
@@ -422,19 +456,25 @@ class ContentStore:
         self, name: str, since: int, version: int | None, limit: int | None = None, uid: str | None = None
     ) -> bytes:
         """The paths that differ between two versions, for a worker that has ``since``; with ``limit``,
-        a difference that is whole or longer comes without its paths (the worker builds anew then)."""
+        a difference that is whole or longer comes without its paths (the worker builds anew then).
+
+        ``since`` may be a version retention has dropped (under a trickle of FTP changes, the last N go
+        within a second): its tree is then rebuilt from a newer one by taking back what came after it.
+        A ``version`` dropped meanwhile is answered with the newest (the answer says which)."""
         site = self.site(name, uid)
         wanted = site.version if version is None else version
-        old = Tree() if since == 0 else await self._tree_of(site, since)
-        new = await self._tree_of(site, wanted) if wanted else Tree()
+        try:
+            new = await self._tree_of(site, wanted) if wanted else Tree()
+        except NotFound:
+            if wanted >= site.version:
+                raise
+            wanted, new = site.version, site.tree
         # A deploy or rollback in between flips the site whole: a worker builds it anew, not file by file.
-        whole = (
-            any(site.records.get(n, {}).get("source") != "ftp" for n in range(since + 1, wanted + 1))
-            or since == 0
-        )
+        whole = since == 0 or any(self._flipped(site, n) for n in range(since + 1, wanted + 1))
         files: list[tuple[str, FileEntry | None]] = []
         dirs: list[str] = []
         if not (whole and limit is not None):
+            old = Tree() if since == 0 else await self._past_tree(site, since, wanted, new)
             for path, change in diff(old.root, new.root):
                 if change == "dir":
                     dirs.append(path)
@@ -452,6 +492,28 @@ class ContentStore:
             files=files,
             dirs=dirs,
         )
+
+    @staticmethod
+    def _flipped(site: _Site, version: int) -> bool:
+        """Whether ``version`` changed the site whole; a version neither remembered nor kept counts as
+        one (a worker that builds anew is slower, never wrong)."""
+        known = site.history.flipped(version)
+        if known is not None:
+            return known
+        record = site.records.get(version)
+        return record is None or record["source"] != "ftp"
+
+    async def _past_tree(self, site: _Site, since: int, wanted: int, new: Tree) -> Tree:
+        """The tree of ``since``: kept, or rebuilt from ``wanted``'s by taking back what came after."""
+        try:
+            return await self._tree_of(site, since)
+        except NotFound as err:
+            if since > wanted:
+                raise
+            past = site.history.rewind(new, wanted, since)
+            if past is None:
+                raise err from None
+            return past
 
     def version_list(self, name: str) -> VersionList:
         site = self.site(name)
@@ -718,7 +780,7 @@ class ContentStore:
                 return CommitAnswer.model_construct(
                     version=site.head_version, total_bytes=site.head.total_bytes
                 )
-            tree, done, record = made
+            tree, done, record, undos = made
             wanted = {op["sha256"] for op in done if op["op"] == "put"}
             data = b""
             if blob is not None and blob[1]:
@@ -735,6 +797,7 @@ class ContentStore:
             # A deploy's record (an op per file) is encoded and written off the loop.
             offset = await self._append(site, Record(header, data), in_thread=len(done) > _INLINE_OPS)
             self._remember(site, version, record)
+            site.history.add(version, flipped=source != "ftp", undos=undos)
             site.head, site.head_version = tree, version
         await self._publish(site, site.journal, offset, version, tree)
         if len(done) > _INLINE_OPS:
@@ -778,6 +841,7 @@ class ContentStore:
             tree = await self._tree_of(site, target, head=True)
             if over_quota(site.quota_bytes, tree.total_bytes, site.head.total_bytes):
                 raise QuotaExceeded(_quota_message(site, tree.total_bytes), hint=_QUOTA_HINT)
+            _check_entries(site, tree)
             number = site.head_version + 1
             now = time.time()
             offset = await self._append(
@@ -786,6 +850,7 @@ class ContentStore:
             record = _version_record(number, tree, None, "rollback", now)
             record["rollback_of"] = target
             self._remember(site, number, record)
+            site.history.add(number, flipped=True, undos=None)
             site.head, site.head_version = tree, number
         await self._publish(site, site.journal, offset, number, tree)
         return RollbackAnswer(version=number, total_bytes=tree.total_bytes, rolled_back_to=target)
@@ -913,10 +978,12 @@ class ContentStore:
 
     def _apply(
         self, site: _Site, ops: Sequence[CommitOp], replace: bool, version: int, source: str, now: float
-    ) -> tuple[Tree, list[dict[str, Any]], dict[str, Any]] | None:
-        """Blocking: the new tree, its folders and its version record written (not yet durable)."""
+    ) -> tuple[Tree, list[dict[str, Any]], dict[str, Any], list[Undo] | None] | None:
+        """Blocking: the new tree, its ops as applied, its version record and how to take it back
+        (None for a deploy that replaces the site)."""
         tree = Tree() if replace else site.head.begin()
-        done = apply_ops(tree, ops, blob_size=site.disk.blob_size, now=now)
+        undos: list[Undo] | None = None if replace else []
+        done = apply_ops(tree, ops, blob_size=site.disk.blob_size, now=now, undos=undos)
         if replace:
             # A deploy of what is there already makes no version: compare the two by their digests.
             if tree.freeze(site.pending.__setitem__) == site.head.freeze(site.pending.__setitem__):
@@ -926,8 +993,9 @@ class ContentStore:
         total = tree.total_bytes
         if over_quota(site.quota_bytes, total, site.head.total_bytes):
             raise QuotaExceeded(_quota_message(site, total), hint=_QUOTA_HINT)
+        _check_entries(site, tree)
         # Its folders and record reach the disk at the next checkpoint: until then the journal has them.
-        return tree, done, _version_record(version, tree, None, source, now)
+        return tree, done, _version_record(version, tree, None, source, now), undos
 
     async def checkpoint(self, site: _Site) -> None:
         """Write what only the journal holds (folders, version records), make it all durable, then

@@ -39,7 +39,7 @@ from aiohttp import BasicAuth, web
 from roles.publisher._deploy import Deployer
 from roles.publisher._sites import SiteInfo, SiteTable
 from roles.publisher.config import PublisherConfig
-from roles.publisher.zipsafe import MAX_MEMBERS
+from shared.contracts.content import SITE_ENTRIES_MAX
 from shared.errors import (
     BadRequest,
     InvalidInput,
@@ -754,9 +754,9 @@ class GitDeploy:
                 *records, pending = (pending + chunk).split(b"\0")
                 for record in records:
                     files += 1
-                    if files > MAX_MEMBERS:
+                    if files > SITE_ENTRIES_MAX:
                         raise InvalidInput(
-                            f"the commit names more than {MAX_MEMBERS} files; at most {MAX_MEMBERS} are allowed",
+                            f"the commit names more than {SITE_ENTRIES_MAX} files; at most {SITE_ENTRIES_MAX} are allowed",
                             hint="a tree named many times counts each time: deploy fewer files",
                         )
                     size = record.partition(b"\t")[0].split()[-1:]

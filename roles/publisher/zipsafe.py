@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
-from shared.errors import BadRequest, InvalidInput, QuotaExceeded
+from shared.contracts.content import SITE_ENTRIES_MAX
+from shared.errors import BadRequest, InvalidInput, QuotaExceeded, TooManyEntries
 from shared.paths import site_relpath
 
-__all__ = ["MAX_MEMBERS", "ZipMember", "ZipPlan", "check_zip", "copy_member", "open_zip", "read_member"]
+__all__ = ["ZipMember", "ZipPlan", "check_zip", "copy_member", "open_zip", "read_member"]
 
-MAX_MEMBERS = 100_000
 _CHUNK = 256 * 1024
 _SUPPORTED_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 _ENCRYPTED_FLAG = 0x1
@@ -134,13 +134,15 @@ def _check_kind(info: zipfile.ZipInfo, path: str, is_dir: bool) -> None:
         )
 
 
-def check_zip(zf: zipfile.ZipFile, *, max_total_bytes: int, max_members: int = MAX_MEMBERS) -> ZipPlan:
+def check_zip(zf: zipfile.ZipFile, *, max_total_bytes: int, max_members: int = SITE_ENTRIES_MAX) -> ZipPlan:
     """Decide whether ``zf`` may replace a site's content; the answer is the plan of what it writes.
 
     Refused: names that are absolute, climb with ``..``, hold backslashes, drive letters, NUL or control
     characters; symbolic links and other special files; encrypted members; the same path twice (also
     after normalising, and a path that is both a file and a directory); more than ``max_members``
-    members; a declared uncompressed total over ``max_total_bytes`` (:class:`QuotaExceeded`).
+    members, or more files and folders (those its paths imply too: the site's entries, as the
+    fileserver counts them, :class:`TooManyEntries`); a declared uncompressed total over
+    ``max_total_bytes`` (:class:`QuotaExceeded`).
     """
     infos = zf.infolist()
     if len(infos) > max_members:
@@ -174,6 +176,12 @@ def check_zip(zf: zipfile.ZipFile, *, max_total_bytes: int, max_members: int = M
     for path in files:
         if path in dirs or path in implied:
             raise InvalidInput(f"the zip has {path!r} both as a file and as a directory")
+    entries = len(files) + len(dirs | implied)
+    if entries > max_members:
+        raise TooManyEntries(
+            f"the zip makes {entries:,} files and folders; a site may hold at most {max_members:,}",
+            hint="deploy fewer files or folders, or spread the content over more sites",
+        )
     empty_dirs = tuple(sorted(d for d in dirs if d not in implied))
     return ZipPlan(tuple(files[p] for p in sorted(files)), empty_dirs, total)
 

@@ -29,6 +29,7 @@ from shared.errors import InvalidInput
 __all__ = [
     "BLOB_BATCH_MAX",
     "COMMIT_OPS_MAX",
+    "SITE_ENTRIES_MAX",
     "BlobBatchStored",
     "BlobFetch",
     "BlobStored",
@@ -63,6 +64,9 @@ __all__ = [
 BLOB_BATCH_MAX = 10_000
 # Ops in one commit: a deploy of a big site is one commit.
 COMMIT_OPS_MAX = 200_000
+# Files and folders one site may hold, however they came (a zip deploy, a git push, FTP): each is an
+# inode on every worker that serves it, and a site's own zip (at most as many members) deploys again.
+SITE_ENTRIES_MAX = 100_000
 
 
 class _FileFacts(Protocol):
