@@ -73,6 +73,12 @@ _BUILD_HINT = "fix what the build says and deploy again (`sitecloud site logs {s
 _APP_HINT = "fix the app and deploy again (`sitecloud site logs {site}` shows its output)"
 # How long a deploy waits for its app's first answer once the version is served.
 APP_PROBE_SECONDS = 20.0
+# How long a failed deploy waits for the workers to serve the version it put back.
+RESTORE_WAIT_SECONDS = 60.0
+
+
+async def _unheard(source: str, text: str) -> None:
+    """Lines nobody is shown (the put-back version's, built before)."""
 
 
 async def _app_failure(follow: BuildFollow, version: int, host: str, tell: Emit) -> str | None:
@@ -450,6 +456,9 @@ class Deployer:
                         message = f"version {answer.version} is stored, but {failure}"
                         restored = await self._restore_before(site, answer.version, log)
                         if restored is not None:
+                            # Said once true: the workers serve the version put back (until then
+                            # they serve the failed one, whose app may be down).
+                            await follow.until_served(restored, _unheard, timeout=RESTORE_WAIT_SECONDS)
                             back = (
                                 f"the site is back at version {answer.version - 1}'s content (as version "
                                 f"{restored}): it serves what it did before this deploy"

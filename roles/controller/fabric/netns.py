@@ -103,6 +103,16 @@ def _pids_in(ns: str) -> list[int]:
     return found
 
 
+def _sshd_of(ssh: Path) -> int | None:
+    """The host's sshd, by the pid file in its ``ssh`` folder (None: gone, or the number is another's)."""
+    try:
+        pid = int((ssh / "sshd.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if os.fsencode(ssh) in cmdline else None
+
+
 def _link_exists(link: str) -> bool:
     return Path(f"/sys/class/net/{link}").exists()
 
@@ -387,6 +397,9 @@ Subsystem sftp internal-sftp
         if _netns_exists(name):
             await self._kill_all(ns)
             await _run("ip", "netns", "del", ns, check=False)
+        # Also by its pid file: a namespace whose /run/netns entry went stale (another sweep took it)
+        # finds none of its processes above, and its sshd would outlive the host.
+        await self._kill_sshd(name)
         if _link_exists(_veth(address)):
             await _run("ip", "link", "del", _veth(address), check=False)
         if name in self._block():
@@ -394,6 +407,19 @@ Subsystem sftp internal-sftp
         await self.access.forget(name)
         await asyncio.to_thread(shutil.rmtree, self.host_dir(name), True)
         await self._drop_bridge_if_unused()
+
+    async def _kill_sshd(self, name: str) -> None:
+        pid = _sshd_of(self.host_dir(name) / "ssh")
+        if pid is None:
+            return
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        sig = signal.SIGTERM
+        while _pid_alive(pid):
+            if time.monotonic() >= deadline:
+                sig = signal.SIGKILL
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            await asyncio.sleep(0.05)
 
     async def _kill_all(self, ns: str) -> None:
         """SIGTERM every process in the namespace (roles drain), SIGKILL what is left after a bound."""
