@@ -46,6 +46,8 @@ __all__ = ["tenant_routes"]
 _CHUNK = 256 * 1024
 # As the API's default: the slot's app has this long to answer its first request.
 _SWAP_WARM_SECONDS = 60.0
+# The site page's forms whose fields the owner types in.
+_TYPED = frozenset({"hostname", "settings", "slot-create"})
 # The log page shows this many of the newest lines (the CLI's `site logs --lines` reads more).
 _LOG_LINES = 200
 # A start's page waits this long for the site's build; a longer one goes on, and the page says so.
@@ -308,7 +310,9 @@ async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
             await service.add_hostname(page.who, name, _hostname_body(form))
             raise see_other(request, back, notice="hostname-added")
     except SitecloudError as err:
-        raise see_other(request, back, error=err) from None
+        # What was typed comes back; a row's button (verify, remove) typed nothing.
+        typed = form if action in _TYPED else None
+        raise see_other(request, back, error=err, form=typed) from None
     raise web.HTTPNotFound()
 
 
