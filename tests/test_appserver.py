@@ -253,3 +253,24 @@ def test_out_of_file_descriptors_the_server_lets_an_idle_kept_connection_go(tmp_
             conn.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize(
+    ("server", "where"),
+    [
+        ((b"import os\n\ndef oops(:\n    pass\n", "app"), "app.py, line 3"),
+        ((b"def make():\n    return missing_name\n\napp = make()\n", "app"), "app.py, line 2"),
+    ],
+    indirect=["server"],
+)
+def test_an_app_that_cannot_load_names_its_file_and_line_on_its_last_line(
+    server: tuple[subprocess.Popen[bytes], Path], where: str
+) -> None:
+    # The last line is all a deploy and the site's page show of a failed start: it must point at the
+    # site's own code, and not at a traceback they do not show.
+    proc, _ = server
+    assert proc.wait(timeout=10) == 1
+    assert proc.stderr is not None
+    last = proc.stderr.read().decode().strip().splitlines()[-1]
+    assert where in last, last
+    assert "above" not in last, last

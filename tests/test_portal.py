@@ -659,3 +659,36 @@ def test_admin_opens_and_deletes_tenants_deletes_plans_and_issues_reset_links(
     assert user.url.endswith("/signin")
     admin_ctx.close()
     user_ctx.close()
+
+
+def test_a_refused_form_keeps_what_was_typed(cloud: ManagementCloud) -> None:
+    """A name the cloud refuses comes back in its field with the error, on the admin's tenants page and
+    on a site's page, so the user corrects it rather than types it all again."""
+    plan = cloud.ok(
+        "POST",
+        "/plans",
+        body={"name": "typing-plan", "max_sites": 2, "storage_mb": 10, "max_custom_hostnames": 2},
+    )
+    cloud.ok("POST", "/tenants", body={"name": "typist"})
+    sub = cloud.ok("POST", "/subscriptions", body={"tenant": "typist", "plan": plan["name"]})
+    cloud.ok("POST", "/sites", body={"name": "typed", "subscription": sub["id"]})
+    home = cloud.write_endpoints(cloud.home / "cli-home-typing")
+    with signed_in_page(home, cloud.config.api_port, "typing-admin") as (page, portal):
+        page.goto(f"{portal}/admin/tenants")
+        page.fill("#tenant-name", "Not A Name")
+        submit(page, "button:text-is('Create tenant')")
+        assert "is not valid" in page.inner_text(".alert")
+        assert page.input_value("#tenant-name") == "Not A Name"
+        page.fill("#user-name", "No Such User")
+        submit(page, "button:text-is('Create user')")
+        assert "is not valid" in page.inner_text(".alert")
+        assert page.input_value("#user-name") == "No Such User"
+
+        page.goto(f"{portal}/portal/sites/typed")
+        page.fill("#hostname", "typed.sites.localhost")
+        submit(page, "button:text-is('Add host name')")
+        assert "belong to the platform" in page.inner_text(".alert")
+        assert page.input_value("#hostname") == "typed.sites.localhost"
+        # A row's button typed nothing: the field is empty again after it.
+        page.goto(f"{portal}/portal/sites/typed")
+        assert page.input_value("#hostname") == ""

@@ -4,6 +4,8 @@ in from the browser; the admin dashboard shows every role and the storage used."
 
 from __future__ import annotations
 
+import ftplib
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 
 from roles.management.config import BACKUP_MIN_EVERY_ENV
 from tests.cloud import LocalCloud
+from tests.support import wait_until
 from tests.test_portal import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -21,6 +24,7 @@ from tests.test_portal import (
     make_zip,
     shot,
     sign_in,
+    signed_in_page,
     submit,
     sync_api,
 )
@@ -192,3 +196,31 @@ def _make_publish_and_swap_a_slot(cloud: LocalCloud, tenant: Any, tmp_path: Path
     tenant.fill("#confirm", "shop-staging")
     submit(tenant, "button:text-is('Delete shop-staging')")
     assert "swap back first" in tenant.inner_text("main"), tenant.inner_text("main")[:500]
+
+
+def test_the_site_page_says_when_its_app_does_not_start_and_shows_the_log(cloud: LocalCloud) -> None:
+    """A Python site whose app.py has a SyntaxError, published by FTP (no deploy checks it): the site is
+    "running", but visitors get a 502; its page must say so, where the error is, and show the log."""
+    cloud.cli("plan", "create", "basic", "--max-sites", "3", "--storage-mb", "20")
+    cloud.cli("tenant", "create", "contoso")
+    sub = cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "basic")
+    site = cloud.cli("site", "create", "blog", "--subscription", str(sub["id"]))
+    ftp = ftplib.FTP()
+    ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
+    ftp.login(site["ftp"]["user"], site["ftp"]["password"])
+    try:
+        ftp.storbinary("STOR app.py", io.BytesIO(b"import os\n\ndef oops(:\n    pass\n"))
+    finally:
+        ftp.quit()
+    wait_until(lambda: cloud.get("blog", "/")[0] == 502, timeout=30, interval=0.2, what="the 502")
+
+    with signed_in_page(cloud.home, cloud.ports["api_port"], "root") as (page, portal):
+        page.goto(f"{portal}/portal/sites/blog")
+        trouble = page.inner_text(".alert")
+        assert "crashed" in trouble and "app.py, line 3" in trouble, page.inner_text("main")[:800]
+        submit(page, 'a:text-is("See the site\'s log")')
+        assert page.locator("h1").inner_text() == "Log of blog"
+        log = page.inner_text("pre.log")
+        assert "SyntaxError" in log and "def oops(:" in log, log[-800:]
+        page.set_viewport_size({"width": 375, "height": 800})
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375

@@ -439,6 +439,10 @@ class ManagementService:
 
         return list(await asyncio.gather(*(one(host, url) for host, url in workers)))
 
+    async def check_site(self, who: Principal, name: str) -> None:
+        """Raise unless ``who`` may see the site ``name`` (no such site, or not theirs)."""
+        await self._read(self._store.check_site, who, name)
+
     async def site_storage(self, who: Principal, name: str) -> int | None:
         await self._read(self._store.check_site, who, name)
         return (await self._storage.sizes([name]))[name]

@@ -376,7 +376,8 @@ async def tenant_action(request: web.Request) -> web.StreamResponse:
             raise see_other(request, back, notice="subscription-deleted")
         raise InvalidInput("unknown action")
     except SitecloudError as err:
-        raise see_other(request, back, error=err) from None
+        typed = form if action in ("create-tenant", "create-user") else None
+        raise see_other(request, back, error=err, form=typed) from None
     except ValueError:
         # Only a hand-made request sends a subscription that is not a number: a plain 400.
         raise InvalidInput("choose a subscription", hint="subscriptions are numbers") from None

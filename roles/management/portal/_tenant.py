@@ -46,6 +46,10 @@ __all__ = ["tenant_routes"]
 _CHUNK = 256 * 1024
 # As the API's default: the slot's app has this long to answer its first request.
 _SWAP_WARM_SECONDS = 60.0
+# The site page's forms whose fields the owner types in.
+_TYPED = frozenset({"hostname", "settings", "slot-create"})
+# The log page shows this many of the newest lines (the CLI's `site logs --lines` reads more).
+_LOG_LINES = 200
 # A start's page waits this long for the site's build; a longer one goes on, and the page says so.
 _START_WAIT = 120.0
 # What to do when a start fails, as the CLI says it, in the portal's words.
@@ -197,6 +201,24 @@ async def site_page(request: web.Request) -> web.StreamResponse:
     return await _site_page(request, await require_page(request), _site(request))
 
 
+async def site_logs(request: web.Request) -> web.StreamResponse:
+    """The site's last log lines, as `sitecloud site logs` prints them; a worker that cannot be read
+    is said on the page, which still works."""
+    page, name = await require_page(request), _site(request)
+    service = service_of(request)
+    await service.check_site(page.who, name)
+    lines: list[str] = []
+    problem: SitecloudError | None = None
+    try:
+        async for line in service.site_logs(page.who, name, follow=False, lines=_LOG_LINES):
+            lines.append(line.decode("utf-8", "replace"))
+    except SitecloudError as err:
+        problem = err
+    return render(
+        request, "site_logs.html", page=page, site=name, log="".join(lines), lines=_LOG_LINES, problem=problem
+    )
+
+
 async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
     page = await require_page(request)
     form = await posted(request, page)
@@ -288,7 +310,9 @@ async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
             await service.add_hostname(page.who, name, _hostname_body(form))
             raise see_other(request, back, notice="hostname-added")
     except SitecloudError as err:
-        raise see_other(request, back, error=err) from None
+        # What was typed comes back; a row's button (verify, remove) typed nothing.
+        typed = form if action in _TYPED else None
+        raise see_other(request, back, error=err, form=typed) from None
     raise web.HTTPNotFound()
 
 
@@ -672,6 +696,7 @@ def tenant_routes() -> list[web.RouteDef]:
         web.post(f"{s}/start", start),
         web.post(f"{s}/stop", stop),
         web.post(f"{s}/restart", restart),
+        web.get(f"{s}/logs", site_logs),
         web.get(f"{s}/delete", confirm_delete),
         web.post(f"{s}/delete", delete),
         web.get(f"{s}/password", confirm_password),

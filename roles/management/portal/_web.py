@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,6 +212,10 @@ def render(
         data = flash.get("data")
         if isinstance(data, dict):
             context.update(data)
+        sent = flash.get("form")
+        if isinstance(sent, dict):
+            context["form"] = sent
+    context.setdefault("form", {})
     html = _ENV.get_template(template).render(
         page=page,
         who=page.who if page else None,
@@ -229,6 +233,10 @@ def render(
         response.del_cookie(FLASH_COOKIE, path="/", secure=True, httponly=True, samesite="Lax")
     security_headers(response)
     return response
+
+
+# Fields a refused form does not carry back: tokens, confirmations and passwords.
+_UNKEPT = frozenset({"csrf", "confirm", "password"})
 
 
 def _notice_text(notice: Any) -> str | None:
@@ -253,16 +261,20 @@ def see_other(
     *,
     notice: str | None = None,
     error: SitecloudError | None = None,
+    form: Mapping[str, Any] | None = None,
     **data: Any,
 ) -> web.HTTPSeeOther:
-    """POST → 303 → GET: the next page shows ``notice`` or ``error`` once, and ``data`` in its context
-    (a secret shown once, the form as it was sent). Raise it."""
+    """POST → 303 → GET: the next page shows ``notice`` or ``error`` once, ``form`` (the form as it
+    was sent, but its secrets) as ``form``, and ``data`` in its context (a secret shown once). Raise it."""
     response = web.HTTPSeeOther(location)
     flash: dict[str, Any] = {}
     if notice:
         flash["notice"] = notice
     if error is not None:
         flash["error"] = {"message": error.message, "hint": error.hint}
+    if form is not None:
+        # Top level: a form too big for the cookie is dropped there, the error kept (_flash.py).
+        flash["form"] = {k: v for k, v in form.items() if isinstance(v, str) and k not in _UNKEPT}
     if data:
         flash["data"] = data
     secret = _flash_secret(request)

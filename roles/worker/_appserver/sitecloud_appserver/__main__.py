@@ -62,6 +62,22 @@ def _options(argv: list[str]) -> dict[str, str]:
     return options
 
 
+def _where(exc: BaseException, root: str) -> str:
+    """' in FILE, line N': the innermost place in the site's own files that the error comes from."""
+    import traceback
+
+    place: tuple[str, int | None] | None = None
+    if isinstance(exc, SyntaxError) and exc.filename:
+        place = (exc.filename, exc.lineno)
+    else:
+        for frame in traceback.extract_tb(exc.__traceback__):
+            if frame.filename.startswith(root + os.sep):
+                place = (frame.filename, frame.lineno)
+    if place is None or not place[0].startswith(root + os.sep):
+        return ""
+    return f" in {os.path.relpath(place[0], root)}, line {place[1]}"
+
+
 def main() -> None:
     options = _options(sys.argv[1:])
     entry, interface = options["--app"], options["--interface"]
@@ -74,9 +90,13 @@ def main() -> None:
         import traceback
 
         traceback.print_exc(file=sys.stderr)
-        # The last line names the error too: it is what the site's status shows of a failed start.
+        # The last line names the error and where in the site's code it is: it is all a deploy and
+        # the site's page show of a failed start.
         said = traceback.format_exception_only(exc)[-1].strip()
-        raise SystemExit(f"the app {entry} could not be loaded: {said} (the traceback is above)") from None
+        raise SystemExit(
+            f"the app {entry!r} could not be loaded: {said}{_where(exc, os.getcwd())} "
+            "(the site's log has the whole traceback)"
+        ) from None
     asgi = interface == "asgi" or (interface == "auto" and is_asgi(app))
     print(f"serving {entry} ({'ASGI' if asgi else 'WSGI'}), pid {os.getpid()}", file=sys.stderr, flush=True)
     listener = socket.socket(fileno=0)
