@@ -489,6 +489,24 @@ def test_an_app_that_cannot_start_says_why_in_its_status(cloud: AppCloud) -> Non
     assert "No module named 'nomodule'" in status["last_crash"], status
 
 
+def test_a_crash_of_an_earlier_version_is_history_once_a_new_one_runs(cloud: AppCloud) -> None:
+    """A broken app.py crashed; the fixed one published next serves: the site's app is not said to be
+    crashing any more (site show and the portal read these fields), but the old crashes are kept apart."""
+    cloud.add_site("mended")
+    cloud.publish("mended", {"app.py": b"import nosuchmodule\n"})
+    wait_until(lambda: cloud.get("mended", "/")[0] == 502, what="the failed start")
+    wait_until(lambda: cloud.app("mended")["crashes"], what="the crash counted")
+    cloud.publish_and_wait("mended", {"app.py": WSGI_APP}, "/", b"wsgi")
+    app = cloud.app("mended")
+    assert app["state"] == "running", app
+    assert app["crashes"] == 0 and app.get("last_crash") is None, app
+    assert app["earlier_crashes"] >= 1, app
+    # A crash of the version it runs now counts as now again.
+    assert cloud.get("mended", "/crash")[0] == 502
+    wait_until(lambda: cloud.app("mended")["crashes"] == 1, what="the new crash counted")
+    assert cloud.app("mended")["last_crash"].startswith("exited with status 3"), cloud.app("mended")
+
+
 def test_memory_limit_stops_the_app_with_a_clear_line(cloud: AppCloud) -> None:
     cloud.add_site("hog", limits={"memory_mb": 64})
     cloud.publish_and_wait("hog", {"app.py": WSGI_APP}, "/", b"wsgi")

@@ -380,6 +380,9 @@ def _app_line(app: dict[str, Any], site: str) -> str:
             parts.append(f"{what} {app[key]}x")
     if app.get("crashes") and app.get("last_crash"):
         parts.append(f"last: {app['last_crash']} (sitecloud site logs {site})")
+    if app.get("earlier_crashes"):
+        # History: those crashes were of content or settings it no longer runs.
+        parts.append(f"earlier versions or settings crashed {app['earlier_crashes']}x")
     if app.get("build_error"):
         # Its last error lines, one line here: `site logs` has the whole build.
         parts.append("DEGRADED, build failed: " + " / ".join(str(app["build_error"]).splitlines()))

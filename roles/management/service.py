@@ -81,7 +81,8 @@ _HOSTNAME_RECHECK = 60.0
 _APP_FIELDS = (
     "runtime", "state", "memory_bytes", "memory_limit_bytes", "memory_kills", "pids_limit",
     "pids_limit_hits", "disk_used_bytes", "disk_limit_bytes", "disk_quota_hits", "disk_full",
-    "cpu_seconds", "starts", "crashes", "last_crash", "sandboxed", "build_error",
+    "cpu_seconds", "starts", "crashes", "last_crash", "earlier_crashes", "sandboxed",
+    "build_error",
 )  # fmt: skip
 
 

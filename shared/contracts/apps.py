@@ -41,9 +41,12 @@ class AppDescription(Contract):
     pid: Annotated[int, Field(ge=1)] | None = None
     memory_bytes: ByteCount = 0
     starts: _Count = 0
+    # Crashes of what runs now (this version with these settings): its state, not its history.
     crashes: _Count = 0
-    # The last crash: how it exited, and the app's last line of output if it came just before.
+    # The last of those: how it exited, and the app's last line of output if it came just before.
     last_crash: Annotated[str, Field(max_length=1000)] | None = None
+    # Crashes of the versions and settings it ran before, on this worker (history).
+    earlier_crashes: _Count = 0
     always_on: bool = False
     sandboxed: bool = False
     memory_limit_bytes: ByteCount = 0

@@ -104,6 +104,7 @@ class AppSite:
         "content_id",
         "cpu_total",
         "crashes",
+        "crashes_before",
         "disk_full",
         "disk_hits",
         "entry",
@@ -155,7 +156,9 @@ class AppSite:
         self.memory_mb_seconds = 0.0
         self.starts = 0
         self.boosted_at = -_BOOST_EVERY
-        self.crashes = 0
+        self.crashes = 0  # every crash since this worker started (a counter: the metric sums it)
+        # Of those, the crashes of the versions and settings it ran before the ones it runs now.
+        self.crashes_before = 0
         # How the last crash went: the exit, and the app's last line before it (site show says it).
         self.last_crash: str | None = None
         # Limits hit: memory kills, process-limit hits, times its disk quota filled up (and now).
@@ -343,6 +346,8 @@ class AppManager:
         app.root, app.version, app.generation = version.root, version.number, generation
         app.failures, app.retry_at = 0, 0.0
         app.build_error = None
+        # What crashed ran other content or settings: history now, not this app's state.
+        app.crashes_before, app.last_crash = app.crashes, None
         if app.identity is not None:
             self._protect(app)
         if runtime in _PACKAGED:
@@ -588,7 +593,8 @@ class AppManager:
             memory_bytes=inst.rss if inst is not None else 0,
             cpu_seconds=round(self.cpu_seconds(app), 3),
             starts=app.starts,
-            crashes=app.crashes,
+            crashes=app.crashes - app.crashes_before,
+            earlier_crashes=app.crashes_before,
             last_crash=app.last_crash,
             always_on=app.always_on,
             sandboxed=self._sandbox is not None,
