@@ -233,6 +233,13 @@ def test_small_answers_round_trip() -> None:
             VersionList,
             {"versions": [{"version": 1, "time": 5.5, "source": "ftp", "files": 2, "total_bytes": 30}]},
         ),
+        (
+            VersionList,
+            {
+                "versions": [{"version": 1, "time": 5.5, "source": "ftp", "files": 2, "total_bytes": 30}],
+                "current": 1,
+            },
+        ),
         (RollbackRequest, {"version": 2}),
         (RollbackRequest, {"version": 2, "if_newest": 3}),
     ]

@@ -139,7 +139,12 @@ def test_versions_and_rollback_through_the_cli(cloud: LocalCloud, sites: dict[st
     answer = cloud.cli("site", "rollback", "blog", str(newest), token=token)
     cloud.wait_for_content("blog", "/", b"<h1>v3</h1>")
     assert cloud.get("blog", "/assets/app.css")[0] == 404
-    assert cloud.cli("site", "versions", "blog")["versions"][-1]["source"] == "rollback"
+    versions = cloud.cli("site", "versions", "blog")
+    assert versions["versions"][-1]["source"] == "rollback"
+    # The one the site serves now is marked, in JSON and in the table.
+    assert versions["current"] == answer["version"], versions
+    marked = [line for line in cloud.cli_text("site", "versions", "blog").splitlines() if "(current)" in line]
+    assert len(marked) == 1 and marked[0].startswith(f"{answer['version']} (current) "), marked
 
     missing = cloud.cli("site", "rollback", "blog", "999999", check=False, token=token)
     assert "no earlier version 999999" in missing["error"]["message"], missing

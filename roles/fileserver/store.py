@@ -529,7 +529,8 @@ class ContentStore:
                 for n, r in site.records.items()
                 # Listed only if it can be served (see ``ghosts``).
                 if n <= site.version and (r["root"] is not None or n in site.recent)
-            ]
+            ],
+            current=site.version or None,
         )
 
     async def zip_members(self, name: str, version: int | None) -> tuple[int, list[ZipMember]]:

@@ -489,6 +489,10 @@ class SiteVersion(Answer):
 class SiteVersions(Answer):
     site: str
     versions: list[SiteVersion]
+    current: int | None = Field(
+        None,
+        description="the version the site's content is now, which its workers serve (none: nothing published)",
+    )
     next_cursor: NextCursor = None
 
 

@@ -478,9 +478,10 @@ def _show_slots(answer: Any, a: argparse.Namespace) -> None:
 
 
 def _show_versions(answer: Any, a: argparse.Namespace) -> None:
+    current = answer.get("current")
     rows = [
         (
-            v["version"],
+            f"{v['version']} (current)" if v["version"] == current else v["version"],
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["time"])),
             v["source"],
             v["files"],

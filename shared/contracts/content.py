@@ -232,6 +232,13 @@ class VersionList(Contract):
     """``GET /v1/sites/{site}/versions``: the versions kept, oldest first."""
 
     versions: list[VersionEntry]
+    # The version readers get now, so what the site's workers serve (None: nothing published yet,
+    # or a fileserver older than this field).
+    current: VersionNumber | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        # Before the first publish the answer is as it always was.
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 class SiteVersions(Contract):

@@ -156,9 +156,11 @@ async def _site_page(
     }
     # The page still works when the fileserver cannot be reached: the versions say why they are missing.
     versions: list[dict[str, Any]] = []
+    current_version = None
     versions_problem = None
     try:
-        versions = list(reversed((await service.site_versions(page.who, name))["versions"]))
+        listed = await service.site_versions(page.who, name)
+        versions, current_version = list(reversed(listed["versions"])), listed.get("current")
     except SitecloudError as err:
         versions_problem = err.message
     backups = await service.site_backups(page.who, name)
@@ -189,6 +191,7 @@ async def _site_page(
         charts=charts,
         check=check,
         versions=versions,
+        current_version=current_version,
         versions_problem=versions_problem,
         backups=backups,
         slots=slots,
