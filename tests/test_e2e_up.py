@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from roles.controller.up import _home_state, _HomeState, _next_step, _summary
+from shared.db.session import Database
 from tests.cloud import LocalCloud, running_cloud, site_ftp
 from tests.support import wait_until
 
@@ -284,6 +286,30 @@ def test_a_subscription_moves_to_a_bigger_plan_and_back_only_when_it_fits(cloud:
         "subscription", "update", str(sub["id"]), "--plan", "tiny", token=tenant["token"], check=False
     )
     assert denied["error"]["code"] == "not_found", denied
+
+
+def test_up_suggests_the_next_step_the_home_needs(
+    cloud: LocalCloud, sites: dict[str, Any], tmp_path: Path
+) -> None:
+    """`up` said "Next: sitecloud plan create" on a home that had plans and sites already."""
+    fresh = Database.sqlite(tmp_path / "fresh.db")
+    try:
+        fresh.migrate()
+        assert _next_step(_home_state(fresh)).startswith("sitecloud plan create basic ")
+    finally:
+        fresh.dispose()
+    db = Database(f"sqlite:///{cloud.home / 'sitecloud.db'}")
+    try:
+        then = _next_step(_home_state(db))
+    finally:
+        db.dispose()
+    assert then == "sitecloud site list"
+    summary = _summary(json.loads((cloud.home / "endpoints.json").read_text()), then=then)
+    assert "Next: sitecloud site list " in summary and "plan create" not in summary, summary
+    # In between, the walk-through's next step.
+    assert _next_step(_HomeState(plans=1)) == "sitecloud tenant create NAME"
+    assert _next_step(_HomeState(plans=1, tenants=1)).startswith("sitecloud subscription create ")
+    assert _next_step(_HomeState(plans=1, tenants=1, subscriptions=1)).startswith("sitecloud site create ")
 
 
 def test_role_list_shows_every_role_ready(cloud: LocalCloud, sites: dict[str, Any]) -> None:

@@ -7,12 +7,18 @@ import json
 import socket
 import sys
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from roles.controller.config import CloudConfig
 from roles.controller.controller import Controller
 from roles.controller.home import LOCAL_ROLES, role_settings
+from shared.db.models import Plan, Site, Subscription, Tenant
+from shared.db.session import Database
 from shared.files import read_json
 from shared.logs import setup_logging
 from shared.process import run_until_stopped
@@ -103,7 +109,49 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _summary(endpoints: dict[str, Any], local_roles: Collection[str] = LOCAL_ROLES) -> str:
+@dataclass(frozen=True)
+class _HomeState:
+    """How far the home's admin has come: what `up` suggests doing next depends on it."""
+
+    plans: int = 0
+    tenants: int = 0
+    subscriptions: int = 0
+    sites: int = 0
+
+
+def _home_state(db: Database) -> _HomeState | None:
+    """What the runtime DB holds (None: it cannot say now)."""
+    try:
+        with db.session() as s:
+            counts = [
+                s.scalar(select(func.count()).select_from(m)) or 0 for m in (Plan, Tenant, Subscription, Site)
+            ]
+    except SQLAlchemyError:
+        return None
+    return _HomeState(*counts)
+
+
+def _next_step(state: _HomeState | None) -> str:
+    """The command to run next on a home in this state, as the README's walk-through goes."""
+    if state is None:
+        return "sitecloud --help"
+    if not state.plans:
+        return "sitecloud plan create basic --max-sites 10 --storage-mb 100"
+    if not state.tenants:
+        return "sitecloud tenant create NAME"
+    if not state.subscriptions:
+        return "sitecloud subscription create --tenant NAME --plan PLAN"
+    if not state.sites:
+        return "sitecloud site create NAME --subscription ID"
+    return "sitecloud site list"
+
+
+def _summary(
+    endpoints: dict[str, Any],
+    local_roles: Collection[str] = LOCAL_ROLES,
+    *,
+    then: str = _next_step(_HomeState()),
+) -> str:
     # A role `up` does not run here is reached on the host it is added to, never on this machine.
     sites = [
         f"  sites (HTTPS)    {endpoints['sites']['https']}",
@@ -131,7 +179,7 @@ def _summary(endpoints: dict[str, Any], local_roles: Collection[str] = LOCAL_ROL
             f"  CA certificate   {endpoints['ca_cert']}  (trust it: curl --cacert ...)",
             f"  role logs        {endpoints['logs']}",
             "",
-            "Next: sitecloud plan create basic --max-sites 10 --storage-mb 100   (Ctrl-C stops the cloud)",
+            f"Next: {then}   (Ctrl-C stops the cloud)",
             "",
         ]
     )
@@ -228,7 +276,8 @@ def run_up(argv: list[str]) -> int:
             if args.json:
                 print(json.dumps(endpoints), flush=True)
             else:
-                print(_summary(endpoints, controller.home.local_roles), flush=True)
+                then = _next_step(_home_state(controller.db))
+                print(_summary(endpoints, controller.home.local_roles, then=then), flush=True)
 
     controller = Controller(config, progress=progress)
 
