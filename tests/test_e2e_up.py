@@ -240,7 +240,7 @@ def test_a_plan_update_says_which_subscriptions_it_leaves_over_their_limits(
         plan = cloud.cli("plan", "update", "basic", "--max-sites", "1")
         assert plan["over_limit"] == [f"subscription {sub}: 2 sites (allowed 1)"], plan
         text = cloud.cli_text("plan", "update", "basic", "--max-sites", "1")
-        assert "warning: 1 subscription(s) now hold more than this plan allows:" in text, text
+        assert "warning: 1 subscription now holds more than this plan allows:" in text, text
     finally:
         assert cloud.cli("plan", "update", "basic", "--max-sites", "2")["over_limit"] == []
 

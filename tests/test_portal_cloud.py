@@ -90,7 +90,7 @@ def test_deploy_from_the_browser_and_open_the_site(cloud: LocalCloud, tmp_path: 
 
             tenant.set_input_files("#zip", str(site_zip))
             submit(tenant, "button:text-is('Deploy')")
-            assert "Deployed 2 file(s)" in tenant.inner_text(".notice"), tenant.inner_text("main")[:500]
+            assert "Deployed 2 files" in tenant.inner_text(".notice"), tenant.inner_text("main")[:500]
             cloud.wait_for_content("shop", "/", b"<h1>deployed from the portal</h1>")
             # Chromium resolves *.localhost to loopback itself.
             site = ctx.new_page()

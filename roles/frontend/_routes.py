@@ -27,6 +27,7 @@ from shared.contracts.snapshots import (
 )
 from shared.errors import InvalidInput
 from shared.names import validate_hostname, validate_site_name
+from shared.words import counted
 
 __all__ = [
     "AFFINITY_COOKIE",
@@ -167,7 +168,7 @@ def failure_figures(failed: dict[str, str]) -> dict[str, Any]:
     if not failed:
         return {}
     first = next(iter(failed.values()))
-    return {"status": "degraded", "reason": f"{len(failed)} site(s) cannot be routed: {first}"[:500]}
+    return {"status": "degraded", "reason": f"{counted(len(failed), 'site')} cannot be routed: {first}"[:500]}
 
 
 def parse_worker_address(address: Any) -> tuple[str, int, bool]:

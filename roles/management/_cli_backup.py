@@ -23,6 +23,7 @@ from roles.management._cli_client import ApiClient
 from roles.management._cli_output import out
 from roles.management._cli_ux import ask
 from shared.errors import AlreadyExists, InvalidInput, NotFound, SitecloudError, Unavailable
+from shared.words import counted
 
 __all__ = ["add_backup_commands"]
 
@@ -180,7 +181,8 @@ def _backup_restore(a: argparse.Namespace, api: ApiClient) -> Any:
 
 def _show_created(answer: Any, a: argparse.Namespace) -> None:
     sites = answer["sites"]
-    out(f"backed up {len(sites)} site(s) and {sum(answer['rows'].values())} rows into {answer['directory']}")
+    rows = counted(sum(answer["rows"].values()), "row")
+    out(f"backed up {counted(len(sites), 'site')} and {rows} into {answer['directory']}")
     for name, version in sites.items():
         out(f"  {name}: version {version}" if version else f"  {name}: nothing published")
 
@@ -189,7 +191,7 @@ def _show_restored(answer: Any, a: argparse.Namespace) -> None:
     rows = ", ".join(f"{n} {t}" for t, n in answer["rows"].items() if n)
     out(f"restored {rows} from {answer['directory']}")
     for name, done in answer["sites"].items():
-        out(f"  {name}: {done['files']} file(s) deployed as version {done['version']}")
+        out(f"  {name}: {counted(done['files'], 'file')} deployed as version {done['version']}")
 
 
 def add_backup_commands(group: Callable[[str, str], Any], leaf: Leaf) -> None:

@@ -17,6 +17,7 @@ from roles.management._cli_output import ago, out, print_table
 from roles.management._cli_ux import ask
 from shared.errors import ConfirmationRequired, InvalidInput, Unavailable
 from shared.states import RoleState
+from shared.words import counted
 
 __all__ = ["add_fabric_commands"]
 
@@ -186,7 +187,7 @@ def _show_role_done(answer: Any, a: argparse.Namespace) -> None:
 def _show_upgrade(answer: Any, a: argparse.Namespace) -> None:
     done = len(answer["upgraded"])
     out(
-        f"upgraded {done} role(s) to code {answer['code']} in {answer['seconds']:.1f}s; "
+        f"upgraded {counted(done, 'role')} to code {answer['code']} in {answer['seconds']:.1f}s; "
         f"{len(answer['skipped'])} left as they were"
     )
 

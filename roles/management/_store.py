@@ -68,6 +68,7 @@ from shared.names import (
     validate_slot_name,
 )
 from shared.states import RoleState, SiteState
+from shared.words import counted
 
 __all__ = [
     "COMPUTE_MODES",
@@ -269,13 +270,13 @@ def _over_limit(s: Session, plan: Plan) -> list[str]:
     over = []
     for sub_id in sorted(set(sites) | set(hostnames)):
         what = [
-            f"{sites.get(sub_id, 0)} sites (allowed {plan.max_sites})"
+            f"{counted(sites.get(sub_id, 0), 'site')} (allowed {plan.max_sites})"
             if sites.get(sub_id, 0) > plan.max_sites
             else "",
             f"{hostnames[sub_id]} custom hostnames (allowed {plan.max_custom_hostnames})"
             if hostnames.get(sub_id, 0) > plan.max_custom_hostnames
             else "",
-            f"a site with {widest[sub_id]} instances (allowed {plan.max_instances_per_site})"
+            f"a site with {counted(widest[sub_id], 'instance')} (allowed {plan.max_instances_per_site})"
             if (widest.get(sub_id) or 1) > plan.max_instances_per_site
             else "",
         ]
@@ -402,7 +403,7 @@ class Store:
             used = self._subscription_counts(s).get(plan.id, 0)
             if used:
                 raise InUse(
-                    f"plan {name!r} is used by {used} subscription(s)",
+                    f"plan {name!r} is used by {counted(used, 'subscription')}",
                     hint="delete those subscriptions first, or retire the plan so it takes no new ones",
                 )
             s.delete(plan)
@@ -646,15 +647,17 @@ class Store:
                 or 0
             )
             over = [
-                f"{len(sites)} site(s) (it allows {plan.max_sites})" if len(sites) > plan.max_sites else "",
-                f"{hostnames} custom hostname(s) (it allows {plan.max_custom_hostnames})"
+                f"{counted(len(sites), 'site')} (it allows {plan.max_sites})"
+                if len(sites) > plan.max_sites
+                else "",
+                f"{counted(hostnames, 'custom hostname')} (it allows {plan.max_custom_hostnames})"
                 if hostnames > plan.max_custom_hostnames
                 else "",
                 f"{storage_bytes / 2**20:.1f} MB of content (it allows {plan.storage_mb} MB)"
                 if storage_bytes is not None and storage_bytes > plan.storage_mb * 1024 * 1024
                 else "",
                 ", ".join(
-                    f"site {site.name} runs {site.instances} instances (it allows {plan.max_instances_per_site})"
+                    f"site {site.name} runs {counted(site.instances or 1, 'instance')} (it allows {plan.max_instances_per_site})"
                     for site in sites
                     if (site.instances or 1) > plan.max_instances_per_site
                 ),
@@ -753,8 +756,8 @@ class Store:
         count = s.scalar(select(func.count(Site.id)).where(Site.subscription_id == sub.id)) or 0
         if count >= sub.plan.max_sites:
             raise LimitReached(
-                f"subscription {sub.id} (plan {sub.plan.name!r}) allows {sub.plan.max_sites} "
-                f"site(s) and has {count} (deployment slots count as sites)",
+                f"subscription {sub.id} (plan {sub.plan.name!r}) allows {counted(sub.plan.max_sites, 'site')} "
+                f"and has {count} (deployment slots count as sites)",
                 hint="delete a site or subscribe to a larger plan",
             )
         site = Site(name=name, subscription=sub, **fields)
@@ -884,7 +887,8 @@ class Store:
             most = site.subscription.plan.max_instances_per_site
             if instances > most:
                 raise LimitReached(
-                    f"the plan of site {name} allows at most {most} instance(s)", hint="ask for a larger plan"
+                    f"the plan of site {name} allows at most {counted(most, 'instance')}",
+                    hint="ask for a larger plan",
                 )
             site.instances = instances
             bump_generation(s)
@@ -1295,8 +1299,8 @@ class Store:
             )
             if used >= sub.plan.max_custom_hostnames:
                 raise LimitReached(
-                    f"subscription {sub.id} (plan {sub.plan.name!r}) allows {sub.plan.max_custom_hostnames} "
-                    f"custom hostname(s) and has {used}",
+                    f"subscription {sub.id} (plan {sub.plan.name!r}) allows "
+                    f"{counted(sub.plan.max_custom_hostnames, 'custom hostname')} and has {used}",
                     hint="remove a host name or subscribe to a larger plan",
                 )
             row = CustomHostname(

@@ -30,6 +30,7 @@ from roles.management._cli_ux import CliParser, Confirm, ExitCode, UsageError, a
 from roles.management._site_backups import human_every, parse_every
 from shared.errors import InvalidInput, NotFound, SitecloudError, Unavailable
 from shared.version import CODE_VERSION
+from shared.words import counted
 
 __all__ = ["main"]
 
@@ -104,12 +105,16 @@ def _plan_update(a: argparse.Namespace, api: ApiClient) -> Any:
 
 
 def _show_plan_create(plan: Any, a: argparse.Namespace) -> None:
-    out(f"created plan {plan['name']}: up to {plan['max_sites']} site(s), {plan['storage_mb']} MB storage")
+    out(
+        f"created plan {plan['name']}: up to {counted(plan['max_sites'], 'site')}, {plan['storage_mb']} MB storage"
+    )
 
 
 def _show_plan(plan: Any, a: argparse.Namespace) -> None:
     if plan.get("over_limit"):
-        out(f"warning: {len(plan['over_limit'])} subscription(s) now hold more than this plan allows:")
+        over = len(plan["over_limit"])
+        holds = "holds" if over == 1 else "hold"
+        out(f"warning: {counted(over, 'subscription')} now {holds} more than this plan allows:")
         for line in plan["over_limit"]:
             out(f"  {line}")
     offered = "retired" if plan["retired"] else "public" if plan["public"] else "private"
@@ -389,6 +394,10 @@ def _app_line(app: dict[str, Any], site: str) -> str:
     return "; ".join(parts)
 
 
+def _show_scaled(answer: Any, a: argparse.Namespace) -> None:
+    out(f"{a.name} runs on {counted(a.instances, 'instance')}")
+
+
 def _show_password(site: Any, a: argparse.Namespace) -> None:
     out(f"new publishing password for {site['name']}: {site['ftp']['password']}")
     out("Shown only this once. The old password no longer works.")
@@ -532,7 +541,9 @@ def _download_to(api: ApiClient, path: str, target: Path) -> int:
 
 def _show_download(answer: Any, a: argparse.Namespace) -> None:
     if answer is not None:
-        out(f"wrote {answer['file']}: version {answer['version']} of {a.name}, {answer['bytes']} bytes")
+        out(
+            f"wrote {answer['file']}: version {answer['version']} of {a.name}, {counted(answer['bytes'], 'byte')}"
+        )
 
 
 def _show_backups(answer: Any, a: argparse.Namespace) -> None:
@@ -764,7 +775,8 @@ def _show_deploy(answer: Any, a: argparse.Namespace) -> None:
         "" if a.no_wait else ", kept until the site is started (it is built then)" if stopped else ", served"
     )
     out(
-        f"deployed {answer.get('files')} file(s), {answer.get('bytes')} bytes to {answer.get('site')}: "
+        f"deployed {counted(answer.get('files', 0), 'file')}, {counted(answer.get('bytes', 0), 'byte')} "
+        f"to {answer.get('site')}: "
         f"content version {answer.get('version')}{served}"
     )
 
@@ -1357,7 +1369,7 @@ def _parser() -> argparse.ArgumentParser:
         "scale",
         "run a site on N workers, balanced by the front ends",
         lambda a, api: api.request("POST", api.path("sites", a.name, "scale"), {"instances": a.instances}),
-        _done("{a.name} runs on {a.instances} instance(s)"),
+        _show_scaled,
     )
     sp.add_argument("name")
     sp.add_argument("--instances", type=int, required=True)

@@ -49,6 +49,7 @@ from shared.errors import (
 from shared.internal import InternalClient, error_middleware, require_role
 from shared.logs import ContextLogger, get_logger
 from shared.states import SiteState
+from shared.words import counted
 
 __all__ = ["Deployer"]
 
@@ -438,8 +439,8 @@ class Deployer:
                 try:
                     await tell(
                         "deploy",
-                        f"deployed as version {answer.version}: {answer.files} files, "
-                        f"{answer.total_bytes} bytes in {time.monotonic() - started:.2f}s",
+                        f"deployed as version {answer.version}: {counted(answer.files, 'file')}, "
+                        f"{counted(answer.total_bytes, 'byte')} in {time.monotonic() - started:.2f}s",
                     )
                     if site.state is SiteState.STOPPED:
                         await tell("deploy", stopped)

@@ -48,6 +48,7 @@ from shared.metrics import (
 )
 from shared.prefork import PreforkedRole, ServingProcesses, reload_on_sighup
 from shared.states import HealthStatus
+from shared.words import counted
 
 __all__ = ["WORKER"]
 
@@ -330,7 +331,9 @@ def _degraded(failed: dict[str, str], gaps: list[str]) -> WorkerFigures:
     reasons = list(gaps)
     names = sorted(failed)
     if names:
-        site_reason = f"{len(names)} site(s) cannot be served: " + "; ".join(failed[n] for n in names[:3])
+        site_reason = f"{counted(len(names), 'site')} cannot be served: " + "; ".join(
+            failed[n] for n in names[:3]
+        )
         if len(names) > 3:
             site_reason += f"; and {len(names) - 3} more"
         reasons.append(site_reason)

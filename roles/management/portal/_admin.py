@@ -26,6 +26,7 @@ from roles.management.portal._web import (
 )
 from shared.config import ROLE_KINDS
 from shared.errors import InUse, InvalidInput, NotFound, SitecloudError
+from shared.words import counted
 
 __all__ = ["admin_routes"]
 
@@ -260,7 +261,7 @@ async def confirm_plan_delete(request: web.Request) -> web.StreamResponse:
             request,
             f"/admin/plans/{name}",
             error=InUse(
-                f"plan {name} is used by {plan['subscriptions']} subscription(s)",
+                f"plan {name} is used by {counted(plan['subscriptions'], 'subscription')}",
                 hint="delete those subscriptions first, or retire the plan so it takes no new ones",
             ),
         )
@@ -414,9 +415,13 @@ async def confirm_tenant_delete(request: web.Request) -> web.StreamResponse:
         page,
         title=f"Delete tenant {name}?",
         consequences=[
-            f"This deletes tenant {name} for good: its {len(detail['subscriptions'])} subscription(s), "
-            f"its {len(detail['users'])} portal user(s) and every API token it has"
-            + (f", and its {len(sites)} site(s) with all their content:" if sites else " (it has no sites)."),
+            f"This deletes tenant {name} for good: its {counted(len(detail['subscriptions']), 'subscription')}, "
+            f"its {counted(len(detail['users']), 'portal user')} and every API token it has"
+            + (
+                f", and its {counted(len(sites), 'site')} with all their content:"
+                if sites
+                else " (it has no sites)."
+            ),
         ],
         items=sites,
         action="/admin/tenants",
@@ -482,7 +487,7 @@ async def confirm_subscription_delete(request: web.Request) -> web.StreamRespons
         consequences=[
             f"This deletes subscription {sub_id} of tenant {sub['tenant']} (plan {sub['plan']}) "
             + (
-                f"and its {len(sites)} site(s) with all their content, for good:"
+                f"and its {counted(len(sites), 'site')} with all their content, for good:"
                 if sites
                 else "(it has no sites)."
             ),

@@ -40,6 +40,7 @@ from shared.errors import (
     Unavailable,
     error_from_json,
 )
+from shared.words import counted
 
 __all__ = ["tenant_routes"]
 
@@ -431,7 +432,7 @@ async def confirm_rollback(request: web.Request) -> web.StreamResponse:
         title=f"Roll {name} back to version {version}?",
         consequences=[
             f"The whole site flips at once to version {version}'s content "
-            f"({chosen['files']} files, {chosen['total_bytes']} bytes), as a new version.",
+            f"({counted(chosen['files'], 'file')}, {counted(chosen['total_bytes'], 'byte')}), as a new version.",
             "Nothing is lost: the current content stays a kept version you can roll forward to.",
         ],
         action=f"{_site_url(name)}/rollback",
@@ -663,7 +664,10 @@ async def deploy(request: web.Request) -> web.StreamResponse:
         raise see_other(request, _site_url(name), error=err) from None
     except SitecloudError as err:
         raise see_other(request, _site_url(name), error=err) from None
-    said = f"Deployed {answer.get('files')} file(s), {answer.get('bytes')} bytes: content version {answer.get('version')}"
+    said = (
+        f"Deployed {counted(answer.get('files', 0), 'file')}, {counted(answer.get('bytes', 0), 'byte')}: "
+        f"content version {answer.get('version')}"
+    )
     message = str(answer.get("message") or "")
     raise see_other(request, _site_url(name), notice=f"{said}. {message}" if message else f"{said}, served.")
 

@@ -27,6 +27,7 @@ from roles.management._site_backups import human_every
 from roles.management.portal._flash import FLASH_COOKIE, open_flash, seal_flash
 from roles.management.service import Principal
 from shared.errors import BadRequest, ConfirmationRequired, Forbidden, SitecloudError
+from shared.words import counted
 
 __all__ = [
     "PRE_CSRF_COOKIE",
@@ -139,6 +140,7 @@ def _environment() -> jinja2.Environment:
     env.filters["ago"] = _ago
     env.filters["utc_time"] = _utc_time
     env.filters["every"] = human_every
+    env.filters["counted"] = counted
     env.globals["percent"] = _percent
     return env
 
