@@ -204,10 +204,14 @@ def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
     checkpoint = disk.read_checkpoint()
     numbers = disk.version_numbers()
     tree, version = Tree(), 0
+    history = History()
     if checkpoint is not None:
         version = int(checkpoint["version"])
         if version:
             tree = _load_tree(disk, checkpoint, cache)
+        raw = disk.read_history()
+        if raw is not None:
+            history = History.decode(raw)
     elif numbers:
         # Content stored as flat manifests by an older fileserver: each kept one becomes a tree.
         for number in numbers:
@@ -242,11 +246,16 @@ def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
             if "rollback" in header:
                 base = disk.read_version(int(header["rollback"]))
                 tree = _load_tree(disk, base, cache)
+                history.add(number, flipped=True, undos=None)
             else:
-                tree = Tree() if header.get("replace") else tree.begin()
+                replace = bool(header.get("replace"))
+                tree = Tree() if replace else tree.begin()
                 sizes = {op["sha256"]: int(op["size"]) for op in header["ops"] if op["op"] == "put"}
                 ops = CommitRequest.parse({"ops": header["ops"]}, what="journal record").ops
-                apply_ops(tree, ops, blob_size=sizes.__getitem__, now=float(header["t"]))
+                undos: list[Undo] | None = None if replace else []
+                apply_ops(tree, ops, blob_size=sizes.__getitem__, now=float(header["t"]), undos=undos)
+                # As the commit remembered it, so a worker behind is answered as it was before the restart.
+                history.add(number, flipped=str(header["src"]) != "ftp", undos=undos)
             root = tree.freeze(lambda d, b: disk.write_folder(d, b, check=True))
             disk.write_version(_version_record(number, tree, root, str(header["src"]), float(header["t"])))
             version = number
@@ -258,8 +267,11 @@ def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
                 kept["written"] = True
                 site.records[number] = kept
     site.milestones = _publishes(site.records)
+    # Written by a checkpoint that did not finish (or by an older fileserver): it is not this version's.
+    site.history = history if history.newest == version else History()
     if version or replayed:
         root = tree.freeze(disk.write_folder)
+        disk.write_history(site.history.encode())
         disk.write_checkpoint(_version_record(version, tree, root, "checkpoint", time.time()))
         if disk.journal.exists():
             truncate(disk.journal)
@@ -1064,6 +1076,8 @@ class ContentStore:
         for digest, data in site.pending.items():
             site.disk.write_folder(digest, data)
         site.pending.clear()
+        # Beside the head it ends at: durable with the checkpoint, and read back at the next start.
+        site.disk.write_history(site.history.encode())
         for record in site.records.values():
             if record["root"] is not None and not record.get("written"):
                 site.disk.write_version(record)
