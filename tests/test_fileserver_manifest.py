@@ -136,3 +136,21 @@ def test_history_remembers_a_bounded_number_of_ops_and_forgets_across_a_gap() ->
     assert history.flipped(30) is False and history.flipped(1) is None
     history.add(40, flipped=False, undos=[])
     assert history.flipped(30) is None and history.rewind(trees[30], 30, 29) is None
+
+
+def test_history_read_back_takes_versions_back_as_before_and_a_bad_one_is_forgotten() -> None:
+    history = History(max_ops=40)
+    trees = _versions(3, 30, history)
+    again = History.decode(history.encode(), max_ops=40)
+    assert again.newest == history.newest == 30
+    assert again.rewind(trees[30], 30, 25) is not None
+    for to in range(29, 0, -1):
+        before, after = history.rewind(trees[30], 30, to), again.rewind(trees[30], 30, to)
+        assert (before is None) == (after is None), to
+        if before is not None and after is not None:
+            assert _digest(before) == _digest(after) == _digest(trees[to])
+        assert again.flipped(to + 1) == history.flipped(to + 1)
+    # Read back under a smaller bound, it keeps only what fits.
+    assert History.decode(history.encode(), max_ops=5).rewind(trees[30], 30, 20) is None
+    for bad in (b"", b"{", b'{"first": 1}', b'{"first": 1, "steps": [[false, [["put"]]]]}'):
+        assert History.decode(bad).newest is None

@@ -68,6 +68,7 @@ SITES = {
     "sized": ("sized-secret", QUOTA),
     "race": ("race-secret", QUOTA),
     "crowded": ("crowded-secret", QUOTA),
+    "reborn": ("reborn-secret", 4 * 1024 * 1024),
 }
 
 
@@ -81,6 +82,8 @@ class Cloud:
     removed: set[str] = field(default_factory=set)
     # site -> "stopped" or "suspended", as the controller sends them (absent: running).
     states: dict[str, str] = field(default_factory=dict)
+    # site -> its content id where it is not ``uid-<site>`` (a site deleted and created again).
+    uids: dict[str, str] = field(default_factory=dict)
 
     @property
     def config(self) -> PublisherConfig:
@@ -88,20 +91,25 @@ class Cloud:
         assert isinstance(config, PublisherConfig)
         return config
 
-    def push(self) -> None:
-        """Push the current site list to both roles, as the controller would."""
+    def push(self, *, fileserver: bool = True, publisher: bool = True) -> None:
+        """Push the current site list to both roles (or one of them), as the controller would."""
         self.version += 1
         live = {name: spec for name, spec in SITES.items() if name not in self.removed}
-        fs_sites = {name: {"uid": f"uid-{name}", "quota_bytes": quota} for name, (_, quota) in live.items()}
-        self.fileserver.push_config({"version": self.version, "sites": fs_sites})
+        fs_sites = {
+            name: {"uid": self.uids.get(name, f"uid-{name}"), "quota_bytes": quota}
+            for name, (_, quota) in live.items()
+        }
+        if fileserver:
+            self.fileserver.push_config({"version": self.version, "sites": fs_sites})
         pub_sites: dict[str, Any] = {"sites": {}, "suspended": {}}
         for name in live:
             state = self.states.get(name, "running")
             entry = {**fs_sites[name], "users": {name: self.hashes[name]}, "state": state}
             pub_sites["suspended" if state == "suspended" else "sites"][name] = entry
-        self.publisher.push_config(
-            {"version": self.version, "fileserver": self.fileserver.control_url, **pub_sites}
-        )
+        if publisher:
+            self.publisher.push_config(
+                {"version": self.version, "fileserver": self.fileserver.control_url, **pub_sites}
+            )
 
     def manifest(self, site: str) -> dict[str, Any]:
         status, body = call(
@@ -833,6 +841,53 @@ def test_lftp_mirror_uploads_a_directory(cloud: Cloud, tmp_path: Path) -> None:
     )
     with cloud.ftp("mirror") as ftp:
         assert _retr(ftp, "img/icons/x.bin") == bytes(range(256)) * 40
+
+
+def test_a_name_given_new_content_is_never_published_into_the_old_content(cloud: Cloud) -> None:
+    # A site deleted and created again under its name (or `backup restore --force`) gets a new uid.
+    # While the publisher and the fileserver disagree on the name's uid, nothing they do may land in
+    # the other one's content (gone with it, or shown to nobody): the publisher is told to retry.
+    with cloud.ftp("reborn") as ftp:
+        _stor(ftp, "index.html", b"old content")
+    old = cloud.manifest("reborn")
+
+    def refused_everywhere() -> None:
+        with cloud.ftp("reborn") as ftp:
+            for command in (
+                lambda: _stor(ftp, "index.html", b"new content"),
+                lambda: _stor(ftp, "big.bin", bytes(2 * 1024 * 1024)),  # streamed on as it arrives
+                lambda: ftp.mkd("new"),
+                lambda: ftp.nlst(),
+                lambda: _retr(ftp, "index.html"),
+            ):
+                with pytest.raises(ftplib.error_temp, match=r"^451 storage is unavailable, try again"):
+                    command()
+        status, answer, _ = cloud.deploy("reborn", _zip({"index.html": b"deployed"}))
+        assert status == 503 and answer["error"]["code"] == "storage_unavailable", answer
+        assert cloud.manifest("reborn") == old
+
+    # The publisher heard of the new site first: the fileserver still has the old one.
+    cloud.uids["reborn"] = "uid-reborn-2"
+    cloud.push(fileserver=False)
+    refused_everywhere()
+
+    # Both have it now: it starts empty, and takes what is published to it.
+    cloud.push()
+    with cloud.ftp("reborn") as ftp:
+        assert ftp.nlst() == []
+        _stor(ftp, "index.html", b"new content")
+    assert cloud.tree("reborn") == ({"index.html": 11}, [])
+    old = cloud.manifest("reborn")
+
+    # The fileserver heard of a newer one first: the publisher's is the old one there.
+    cloud.uids["reborn"] = "uid-reborn-3"
+    cloud.push(publisher=False)
+    old = cloud.manifest("reborn")
+    cloud.uids["reborn"] = "uid-reborn-2"
+    cloud.push(fileserver=False)
+    refused_everywhere()
+    cloud.uids["reborn"] = "uid-reborn-3"
+    cloud.push()
 
 
 def test_a_removed_site_stops_logging_in_and_config_survives_restart(cloud: Cloud) -> None:

@@ -47,6 +47,12 @@ def _integer(request: web.Request, key: str) -> int | None:
     return int(raw)
 
 
+def _uid(request: web.Request) -> str | None:
+    """The content id the caller means by the site's name: with it, a call is refused (503) while the
+    name is another site's here, so nothing is read from or written to the wrong site's content."""
+    return request.query.get("uid")
+
+
 async def _json_body(request: web.Request) -> object:
     try:
         body: object = await request.json()
@@ -58,18 +64,18 @@ async def _json_body(request: web.Request) -> object:
 def content_routes(store: ContentStore) -> list[web.RouteDef]:
     async def site_info(request: web.Request) -> web.Response:
         require_role(request, *ROLE_KINDS)
-        return web.json_response(store.info(request.match_info["site"]).to_json())
+        return web.json_response(store.info(request.match_info["site"], _uid(request)).to_json())
 
     async def manifest(request: web.Request) -> web.Response:
         require_role(request, *_READERS)
         body = await store.manifest_bytes(
-            request.match_info["site"], _integer(request, "version"), request.query.get("uid")
+            request.match_info["site"], _integer(request, "version"), _uid(request)
         )
         return web.Response(body=body, content_type="application/json")
 
     async def blob(request: web.Request) -> web.FileResponse:
         require_role(request, *_READERS)
-        path = await store.blob_path(request.match_info["site"], request.match_info["sha"])
+        path = await store.blob_path(request.match_info["site"], request.match_info["sha"], _uid(request))
         return web.FileResponse(
             path, chunk_size=_SEND_CHUNK, headers={"Content-Type": "application/octet-stream"}
         )
@@ -77,10 +83,10 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
     async def file(request: web.Request) -> web.StreamResponse:
         require_role(request, *_READERS)
         site, rel = request.match_info["site"], request.match_info["path"]
-        data = await store.file_bytes(site, rel)
+        data = await store.file_bytes(site, rel, _uid(request))
         if data is not None:
             return web.Response(body=data, content_type="application/octet-stream")
-        path = await store.file_path(site, rel)
+        path = await store.file_path(site, rel, _uid(request))
         return web.FileResponse(
             path, chunk_size=_SEND_CHUNK, headers={"Content-Type": "application/octet-stream"}
         )
@@ -89,7 +95,10 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         require_role(request, *_WRITERS)
         try:
             answer = await store.upload_blob(
-                request.match_info["site"], request.content.iter_chunked(_CHUNK), request.content_length
+                request.match_info["site"],
+                request.content.iter_chunked(_CHUNK),
+                request.content_length,
+                _uid(request),
             )
         except QuotaExceeded as err:
             # The rest of the body is not wanted: answer now and drop the connection.
@@ -101,7 +110,7 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
     async def fetch_batch(request: web.Request) -> web.Response:
         require_role(request, *_READERS)
         wanted = BlobFetch.parse(await _json_body(request), what="blob fetch")
-        blobs = await store.read_blobs(request.match_info["site"], wanted.sha256)
+        blobs = await store.read_blobs(request.match_info["site"], wanted.sha256, _uid(request))
         payload = b"".join(len(b).to_bytes(8, "big") + b for b in blobs)
         return web.Response(body=payload, content_type="application/octet-stream")
 
@@ -109,7 +118,7 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         require_role(request, *_WRITERS)
         try:
             answer = await store.upload_blobs(
-                request.match_info["site"], request.content.iter_chunked(_CHUNK)
+                request.match_info["site"], request.content.iter_chunked(_CHUNK), _uid(request)
             )
         except QuotaExceeded as err:
             response = json_error(err)
@@ -122,7 +131,11 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         site, since = request.match_info["site"], _integer(request, "since")
         try:
             answer = await store.put_file(
-                site, request.match_info["path"], request.content.iter_chunked(_CHUNK), request.content_length
+                site,
+                request.match_info["path"],
+                request.content.iter_chunked(_CHUNK),
+                request.content_length,
+                _uid(request),
             )
         except QuotaExceeded as err:
             response = json_error(err)
@@ -134,7 +147,7 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         if since is not None and since + 1 < answer.version:
             # Other commits came in between: their paths ride along, sparing the uploader a round trip.
             try:
-                changes = await store.diff(site, since, answer.version, _PUT_CHANGES_LIMIT)
+                changes = await store.diff(site, since, answer.version, _PUT_CHANGES_LIMIT, _uid(request))
             except NotFound:
                 changes = b"null"  # ``since`` is no longer kept: the uploader asks for the manifest
             body = body[:-1] + b', "changes": ' + changes + b"}"
@@ -148,19 +161,19 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
             since,
             _integer(request, "version"),
             _integer(request, "limit"),
-            request.query.get("uid"),
+            _uid(request),
         )
         return web.Response(body=body, content_type="application/json")
 
     async def site_versions(request: web.Request) -> web.Response:
         require_role(request, *_READERS, "management")
-        return web.json_response(store.version_list(request.match_info["site"]).to_json())
+        return web.json_response(store.version_list(request.match_info["site"], _uid(request)).to_json())
 
     async def site_zip(request: web.Request) -> web.StreamResponse:
         # Management streams it on to the tenant (a download, a backup).
         require_role(request, *_READERS, "management")
         name = request.match_info["site"]
-        version, members = await store.zip_members(name, _integer(request, "version"))
+        version, members = await store.zip_members(name, _integer(request, "version"), _uid(request))
         resp = web.StreamResponse(
             headers={
                 "Content-Type": "application/zip",
@@ -179,7 +192,9 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         require_role(request, *_WRITERS, "management")
         body = await _json_body(request) if request.can_read_body else {}
         wanted = RollbackRequest.parse(body, what="rollback")
-        answer = await store.rollback(request.match_info["site"], wanted.version, if_newest=wanted.if_newest)
+        answer = await store.rollback(
+            request.match_info["site"], wanted.version, if_newest=wanted.if_newest, uid=_uid(request)
+        )
         return web.json_response(answer.to_json())
 
     async def commit(request: web.Request) -> web.Response:
@@ -187,7 +202,11 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
         # Decoded and checked by pydantic straight from the bytes: a deploy's commit holds an op per file.
         wanted = CommitRequest.parse_json(await request.read(), what="commit")
         answer = await store.commit(
-            request.match_info["site"], wanted.ops, replace=wanted.replace, source=wanted.source
+            request.match_info["site"],
+            wanted.ops,
+            replace=wanted.replace,
+            source=wanted.source,
+            uid=_uid(request),
         )
         return web.json_response(answer.to_json())
 

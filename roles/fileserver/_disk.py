@@ -4,6 +4,7 @@
 
     journal                 changes not yet in a checkpoint (see _journal.py): the durable record
     checkpoint.json         the newest version whose blobs, folders and record are all on disk
+    history                 what made its last versions, and how to take them back (see _history.py)
     blobs/<sha[:2]>/<sha>   content-addressed, read-only; written to staging while hashed, then renamed
     packs/<id>.pack, .idx   many small blobs of one batch (a zip deploy) in one file, and where each is:
                             a file per blob costs an inode each, which is the dearest part of a deploy
@@ -109,6 +110,7 @@ class SiteDir:
         self.staging = root / "staging"
         self.journal = root / "journal"
         self.checkpoint = root / "checkpoint.json"
+        self.history = root / "history"
 
     def blob(self, sha: str) -> Path:
         return self.blobs / sha[:2] / sha
@@ -311,6 +313,15 @@ class SiteDir:
 
     def write_version(self, record: dict[str, Any]) -> None:
         _write_plain(self.manifest_path(int(record["version"])), json.dumps(record).encode())
+
+    def write_history(self, data: bytes) -> None:
+        _write_plain(self.history, data)
+
+    def read_history(self) -> bytes | None:
+        try:
+            return self.history.read_bytes()
+        except FileNotFoundError:
+            return None
 
     def read_checkpoint(self) -> dict[str, Any] | None:
         try:

@@ -4,15 +4,21 @@ Under a trickle of FTP changes retention drops versions within a fraction of a s
 hundreds a second), while a worker that applies them is always a few behind. What made each version,
 and how to take it back, lets the fileserver rebuild the tree a worker has from a newer one, and so
 answer it with the few paths that changed instead of "build the whole site again".
+
+It outlives a restart: each checkpoint writes it beside the version it holds (``encode``), and the
+start reads it back and adds the journal records it replays (``decode``), so a worker behind by
+dropped versions is not sent a whole rebuild after every restart of the fileserver.
 """
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from roles.fileserver._manifest import Tree, Undo, undo_ops
+from roles.fileserver._manifest import FileEntry, Tree, Undo, undo_ops
 
 __all__ = ["HISTORY_OPS", "History"]
 
@@ -79,3 +85,44 @@ class History:
         for version_undos in undos:
             undo_ops(past, version_undos)
         return past
+
+    @property
+    def newest(self) -> int | None:
+        """The last version remembered, None when none is."""
+        return self._first + len(self._steps) - 1 if self._steps else None
+
+    def encode(self) -> bytes:
+        steps = [
+            [s.flipped, None if s.undos is None else [_undo_json(u) for u in s.undos]] for s in self._steps
+        ]
+        return json.dumps({"first": self._first, "steps": steps}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes, max_ops: int = HISTORY_OPS) -> History:
+        """What :meth:`encode` wrote; an unreadable one is forgotten (a worker then builds anew: slower,
+        never wrong)."""
+        history = cls(max_ops)
+        try:
+            value = json.loads(raw)
+            first, steps = int(value["first"]), value["steps"]
+            for offset, (flipped, undos) in enumerate(steps):
+                history.add(
+                    first + offset,
+                    flipped=bool(flipped),
+                    undos=None if undos is None else [_undo(u) for u in undos],
+                )
+        except (ValueError, KeyError, TypeError, IndexError):
+            return cls(max_ops)
+        return history
+
+
+def _undo_json(undo: Undo) -> list[Any]:
+    before = undo.before
+    entry = None if before is None else [before.sha256, before.size, before.mtime]
+    return [undo.op, undo.path, entry, list(undo.made), undo.dst]
+
+
+def _undo(value: list[Any]) -> Undo:
+    op, path, entry, made, dst = value
+    before = None if entry is None else FileEntry(str(entry[0]), int(entry[1]), float(entry[2]))
+    return Undo(str(op), str(path), before, tuple(str(m) for m in made), str(dst))

@@ -63,6 +63,7 @@ from shared.errors import (
     NotFound,
     QuotaExceeded,
     SitecloudError,
+    StorageUnavailable,
     TooManyEntries,
     Unavailable,
 )
@@ -203,10 +204,14 @@ def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
     checkpoint = disk.read_checkpoint()
     numbers = disk.version_numbers()
     tree, version = Tree(), 0
+    history = History()
     if checkpoint is not None:
         version = int(checkpoint["version"])
         if version:
             tree = _load_tree(disk, checkpoint, cache)
+        raw = disk.read_history()
+        if raw is not None:
+            history = History.decode(raw)
     elif numbers:
         # Content stored as flat manifests by an older fileserver: each kept one becomes a tree.
         for number in numbers:
@@ -241,11 +246,16 @@ def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
             if "rollback" in header:
                 base = disk.read_version(int(header["rollback"]))
                 tree = _load_tree(disk, base, cache)
+                history.add(number, flipped=True, undos=None)
             else:
-                tree = Tree() if header.get("replace") else tree.begin()
+                replace = bool(header.get("replace"))
+                tree = Tree() if replace else tree.begin()
                 sizes = {op["sha256"]: int(op["size"]) for op in header["ops"] if op["op"] == "put"}
                 ops = CommitRequest.parse({"ops": header["ops"]}, what="journal record").ops
-                apply_ops(tree, ops, blob_size=sizes.__getitem__, now=float(header["t"]))
+                undos: list[Undo] | None = None if replace else []
+                apply_ops(tree, ops, blob_size=sizes.__getitem__, now=float(header["t"]), undos=undos)
+                # As the commit remembered it, so a worker behind is answered as it was before the restart.
+                history.add(number, flipped=str(header["src"]) != "ftp", undos=undos)
             root = tree.freeze(lambda d, b: disk.write_folder(d, b, check=True))
             disk.write_version(_version_record(number, tree, root, str(header["src"]), float(header["t"])))
             version = number
@@ -257,8 +267,11 @@ def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
                 kept["written"] = True
                 site.records[number] = kept
     site.milestones = _publishes(site.records)
+    # Written by a checkpoint that did not finish (or by an older fileserver): it is not this version's.
+    site.history = history if history.newest == version else History()
     if version or replayed:
         root = tree.freeze(disk.write_folder)
+        disk.write_history(site.history.encode())
         disk.write_checkpoint(_version_record(version, tree, root, "checkpoint", time.time()))
         if disk.journal.exists():
             truncate(disk.journal)
@@ -398,9 +411,14 @@ class ContentStore:
         if site is None:
             raise NotFound(f"site {name} is not served by this fileserver")
         if uid is not None and site.uid != uid:
-            raise Unavailable(
-                f"site {name} is another site (uid {site.uid}) on this fileserver than uid {uid}",
-                hint="this fileserver's config is behind: try again in a moment",
+            # One of the two configs is behind the other: retried, the call finds them agreeing.
+            self._log.bind(site=name).warning(
+                "asked for uid %s, but the name is uid %s here: refused until the configs agree",
+                uid,
+                site.uid,
+            )
+            raise StorageUnavailable(
+                hint=f"site {name} was just created again or swapped; try again in a moment"
             )
         return site
 
@@ -411,8 +429,8 @@ class ContentStore:
             seq=self.feed.seq,
         )
 
-    def info(self, name: str) -> SiteContentInfo:
-        site = self.site(name)
+    def info(self, name: str, uid: str | None = None) -> SiteContentInfo:
+        site = self.site(name, uid)
         return SiteContentInfo(
             site=site.name, version=site.version, total_bytes=site.total_bytes, quota_bytes=site.quota_bytes
         )
@@ -515,8 +533,8 @@ class ContentStore:
                 raise err from None
             return past
 
-    def version_list(self, name: str) -> VersionList:
-        site = self.site(name)
+    def version_list(self, name: str, uid: str | None = None) -> VersionList:
+        site = self.site(name, uid)
         return VersionList(
             versions=[
                 VersionEntry(
@@ -533,10 +551,12 @@ class ContentStore:
             current=site.version or None,
         )
 
-    async def zip_members(self, name: str, version: int | None) -> tuple[int, list[ZipMember]]:
+    async def zip_members(
+        self, name: str, version: int | None, uid: str | None = None
+    ) -> tuple[int, list[ZipMember]]:
         """What a zip of a version holds (the newest when ``version`` is None): its files, and its empty
         directories so that unpacking it gives the same tree."""
-        site = self.site(name)
+        site = self.site(name, uid)
         wanted = site.version if version is None else version
         tree = Tree() if wanted == 0 and site.version == 0 else await self._tree_of(site, wanted)
         members = []
@@ -549,16 +569,16 @@ class ContentStore:
                 members.append(ZipMember(path, None, time.time()))
         return wanted, sorted(members, key=lambda m: m.path)
 
-    async def blob_path(self, name: str, sha: str) -> Path:
-        site = self.site(name)
+    async def blob_path(self, name: str, sha: str, uid: str | None = None) -> Path:
+        site = self.site(name, uid)
         try:
             return await asyncio.to_thread(site.disk.blob_file, check_sha256(sha))
         except NotFound:
             raise NotFound(f"site {site.name} has no blob {sha}") from None
 
-    async def read_blobs(self, name: str, shas: list[str]) -> list[bytes]:
+    async def read_blobs(self, name: str, shas: list[str], uid: str | None = None) -> list[bytes]:
         """Several blobs at once, in the order asked (a worker fetching a site's many small files)."""
-        site = self.site(name)
+        site = self.site(name, uid)
         try:
             blobs = await asyncio.to_thread(site.disk.read_blobs, shas)
         except NotFound as err:
@@ -567,8 +587,8 @@ class ContentStore:
             raise InvalidInput(f"ask for at most {_BATCH_READ_BYTES} bytes of blobs at once")
         return blobs
 
-    def _newest_file(self, name: str, path: str) -> tuple[_Site, FileEntry]:
-        site = self.site(name)
+    def _newest_file(self, name: str, path: str, uid: str | None) -> tuple[_Site, FileEntry]:
+        site = self.site(name, uid)
         rel = site_relpath(path, allow_root=False)
         entry = site.tree.get(rel)
         if isinstance(entry, Folder):
@@ -577,12 +597,12 @@ class ContentStore:
             raise NotFound(f"site {site.name} has no file {rel!r}")
         return site, entry
 
-    async def file_bytes(self, name: str, path: str) -> bytes | None:
+    async def file_bytes(self, name: str, path: str, uid: str | None = None) -> bytes | None:
         """A small file of the newest version, whole (None for a big one: see :meth:`file_path`).
 
         Read from memory or its pack: a file of its own would cost a packed blob a create (0.1-0.5 ms
         on this VM's ext4) and the download a thread per chunk."""
-        site, entry = self._newest_file(name, path)
+        site, entry = self._newest_file(name, path, uid)
         if entry.size > _INLINE_BYTES:
             return None
         held = site.disk.held(entry.sha256)
@@ -591,9 +611,9 @@ class ContentStore:
         (data,) = await asyncio.to_thread(site.disk.read_blobs, [entry.sha256])
         return data
 
-    async def file_path(self, name: str, path: str) -> Path:
+    async def file_path(self, name: str, path: str, uid: str | None = None) -> Path:
         """The blob holding a file of the newest version."""
-        site, entry = self._newest_file(name, path)
+        site, entry = self._newest_file(name, path, uid)
         return await asyncio.to_thread(site.disk.blob_file, entry.sha256)
 
     # --- writes ---------------------------------------------------------------------------------
@@ -657,9 +677,11 @@ class ContentStore:
             await asyncio.to_thread(upload.discard)
             raise
 
-    async def upload_blob(self, name: str, chunks: AsyncIterator[bytes], length: int | None) -> BlobStored:
+    async def upload_blob(
+        self, name: str, chunks: AsyncIterator[bytes], length: int | None, uid: str | None = None
+    ) -> BlobStored:
         """Store a streamed blob; refused as soon as it alone passes the site's quota."""
-        site = self.site(name)
+        site = self.site(name, uid)
         upload, sha, small = await self._receive(site, chunks, length, keep=_INLINE_BYTES)
         try:
             async with site.lock:
@@ -673,14 +695,16 @@ class ContentStore:
         self.blob_bytes_received += upload.size
         return BlobStored(sha256=sha, size=upload.size)
 
-    async def upload_blobs(self, name: str, chunks: AsyncIterator[bytes]) -> list[tuple[str, int]]:
+    async def upload_blobs(
+        self, name: str, chunks: AsyncIterator[bytes], uid: str | None = None
+    ) -> list[tuple[str, int]]:
         """Store many small blobs sent in one body as ``size (8 bytes, big-endian) | bytes`` frames.
 
         Like single small blobs they get no fsync of their own: the commit that uses them makes them
         durable with one syncfs, so a deploy of thousands of files costs one round trip per batch.
         Returns each blob's sha256 and size, in the order sent.
         """
-        site = self.site(name)
+        site = self.site(name, uid)
         buffer = bytearray()
         # (offset, size) of each blob's bytes in ``buffer``: hashed and stored in one go at the end.
         frames: list[tuple[int, int]] = []
@@ -712,10 +736,15 @@ class ContentStore:
         return stored
 
     async def put_file(
-        self, name: str, path: str, chunks: AsyncIterator[bytes], length: int | None
+        self,
+        name: str,
+        path: str,
+        chunks: AsyncIterator[bytes],
+        length: int | None,
+        uid: str | None = None,
     ) -> FileStored:
         """Store a file's bytes and put it at ``path`` in one step, durable once its journal record is."""
-        site = self.site(name)
+        site = self.site(name, uid)
         rel = site_relpath(path, allow_root=False)
         if length is not None and length <= _INLINE_BYTES:
             # A small file is taken whole in memory: one write of its blob, no staging file.
@@ -743,7 +772,10 @@ class ContentStore:
         # Built, not validated: the path went through site_relpath above and the sha256 is our own (a
         # validation per uploaded file is a noticeable share of what an FTP upload costs here).
         ops = [PutOp.model_construct(path=rel, sha256=sha)]
-        answer = await self.commit(name, ops, replace=False, source="ftp", blob=(sha, small or b""))
+        # Into the site the bytes were stored for, even if the name went to another one meanwhile.
+        answer = await self.commit(
+            name, ops, replace=False, source="ftp", blob=(sha, small or b""), uid=site.uid
+        )
         return FileStored.model_construct(
             version=answer.version, total_bytes=answer.total_bytes, sha256=sha, size=size
         )
@@ -756,16 +788,17 @@ class ContentStore:
         replace: bool,
         source: str = "deploy",
         blob: tuple[str, bytes] | None = None,
+        uid: str | None = None,
     ) -> CommitAnswer:
         """Apply ops all or nothing as a new version; an idempotent commit makes no new version.
 
         The answer comes once the version's journal record is on disk; commits that arrive meanwhile
         share the next fsync.
         """
-        site = self.site(name)
+        site = self.site(name, uid)
         async with site.lock:
-            if self._sites.get(name) is not site:
-                raise NotFound(f"site {name} is not served by this fileserver")
+            # The name may have gone, or gone to another site, while this waited for the lock.
+            self.site(name, site.uid)
             version, now, started = site.head_version + 1, time.time(), time.monotonic()
             try:
                 if not replace and len(ops) <= _INLINE_OPS:
@@ -814,12 +847,13 @@ class ContentStore:
         return CommitAnswer.model_construct(version=version, total_bytes=tree.total_bytes)
 
     async def rollback(
-        self, name: str, version: int | None, *, if_newest: int | None = None
+        self, name: str, version: int | None, *, if_newest: int | None = None, uid: str | None = None
     ) -> RollbackAnswer:
         """A new version with the content of an earlier one (the one before the newest by default);
         with ``if_newest``, only while that is still the newest version."""
-        site = self.site(name)
+        site = self.site(name, uid)
         async with site.lock:
+            self.site(name, site.uid)
             if if_newest is not None and site.head_version != if_newest:
                 raise Changed(
                     f"site {site.name} has changed since version {if_newest} (it is at {site.head_version})",
@@ -1043,6 +1077,8 @@ class ContentStore:
         for digest, data in site.pending.items():
             site.disk.write_folder(digest, data)
         site.pending.clear()
+        # Beside the head it ends at: durable with the checkpoint, and read back at the next start.
+        site.disk.write_history(site.history.encode())
         for record in site.records.values():
             if record["root"] is not None and not record.get("written"):
                 site.disk.write_version(record)

@@ -244,7 +244,7 @@ class SiteContent:
         if self._tree is not None and self._tree.version > 0:
             # One small call brings the cached tree up to date: the paths changed since its version.
             try:
-                changes = self.client.changes(self.site.name, self._tree.version)
+                changes = self.client.changes(self.site, self._tree.version)
             except NotFound:
                 changes = None  # that version is no longer kept
             if changes is not None:
@@ -252,27 +252,27 @@ class SiteContent:
                     self._tree.apply_changes(changes)
                 self._fresh = self._asked = True
                 return self._tree
-        self._tree = Tree.from_manifest(self.client.manifest(self.site.name))
+        self._tree = Tree.from_manifest(self.client.manifest(self.site))
         self._fresh = self._asked = True
         return self._tree
 
     def commit(self, ops: Sequence[CommitOp], *, replace: bool = False) -> CommitAnswer:
         self._fresh = False
         self._exact_until = 0.0
-        return self.client.commit(self.site.name, ops, replace=replace, source="ftp")
+        return self.client.commit(self.site, ops, replace=replace, source="ftp")
 
     def put(self, rel: str, source: IO[bytes]) -> FileStored:
         """Store a whole file; the cached tree learns it without fetching the manifest again."""
         self._fresh = False
         self._exact_until = 0.0
         since = self._tree.version if self._tree is not None else None
-        return self.stored(rel, self.client.put_file(self.site.name, rel, source, since=since))
+        return self.stored(rel, self.client.put_file(self.site, rel, source, since=since))
 
     def start_put(self, rel: str) -> FilePut:
         """A put of ``rel`` whose bytes go to the fileserver as they are written."""
         self._fresh = False
         self._exact_until = 0.0
-        return self.client.start_put(self.site.name, rel)
+        return self.client.start_put(self.site, rel)
 
     def stored(self, rel: str, answer: FileStored) -> FileStored:
         """The cached tree learns this session's put without fetching the manifest again."""
@@ -307,7 +307,7 @@ class SiteContent:
             # the big file's way below.
             download = Download(name)
             try:
-                fetched = self.client.download(self.site.name, rel, download.file, limit=_SPOOL_MEMORY)
+                fetched = self.client.download(self.site, rel, download.file, limit=_SPOOL_MEMORY)
             except BaseException:
                 download.close()
                 raise
@@ -328,11 +328,11 @@ class SiteContent:
                 return CachedDownload(name, copy)
             # A big file is sent on as it arrives, not fetched whole first (that doubled its time); by
             # its blob, so the bytes are those of the sha256 its copy will be kept under.
-            stream = self.client.stream_blob(self.site.name, info.sha256, path=rel)
+            stream = self.client.stream_blob(self.site, info.sha256, path=rel)
             return StreamedDownload(name, stream, info, self.cache.fill())
         download = Download(name)
         try:
-            self.client.download(self.site.name, rel, download.file)
+            self.client.download(self.site, rel, download.file)
             download.file.seek(0)
         except BaseException:
             download.close()
@@ -347,7 +347,7 @@ class SiteContent:
         upload = Upload(self, rel, name, limit=room, stream=not keep_existing)
         try:
             if keep_existing and rel in tree.files:
-                self.client.download(self.site.name, rel, upload.file)
+                self.client.download(self.site, rel, upload.file)
                 upload.file.seek(0, os.SEEK_END if append else os.SEEK_SET)
         except BaseException:
             upload.close()

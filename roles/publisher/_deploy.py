@@ -508,7 +508,7 @@ class Deployer:
 
         def roll_back() -> int:
             with FileserverClient(self._sites.fileserver, self._ssl) as client:
-                return client.rollback(site.name, version - 1, if_newest=version).version
+                return client.rollback(site, version - 1, if_newest=version).version
 
         try:
             return await asyncio.to_thread(roll_back)
@@ -559,7 +559,7 @@ class Deployer:
                 sending: Future[None] | None = None
 
                 def upload(sent: list[tuple[ZipMember, bytes]]) -> None:
-                    stored = client.upload_blobs(site.name, [data for _, data in sent])
+                    stored = client.upload_blobs(site, [data for _, data in sent])
                     for (member, _), blob in zip(sent, stored, strict=True):
                         puts.append((member.path, blob.sha256, member.mtime))
 
@@ -590,12 +590,12 @@ class Deployer:
                     copy_member(zf, member, member_file)
                     member_file.seek(0)
                     sent()
-                    blob = client.upload_blob(site.name, member_file)
+                    blob = client.upload_blob(site, member_file)
                     puts.append((member.path, blob.sha256, member.mtime))
                 send_batch()
                 sent()
                 uploaded = time.monotonic()
-                answer = client.commit_encoded(site.name, encode_commit(puts, ops=ops, replace=True))
+                answer = client.commit_encoded(site, encode_commit(puts, ops=ops, replace=True))
         result = DeployResult(
             site=site.name, version=answer.version, files=len(plan.files), total_bytes=plan.total_bytes
         )

@@ -2,6 +2,10 @@
 
 One keep-alive connection per client; a connection the fileserver closed while idle is reopened and the
 request sent once more. Error answers come back as the same :class:`shared.errors.SitecloudError`.
+
+Every call names the site's content id beside its name: while the fileserver gives that name to other
+content (a site deleted and created again, restored or swapped, and one config behind the other) it
+answers "storage unavailable", so nothing is written into, or read from, the wrong site's content.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ import json
 import os
 import ssl
 from collections.abc import Sequence
-from typing import IO, Any, Literal
-from urllib.parse import quote, urlsplit
+from typing import IO, Any, Literal, Protocol
+from urllib.parse import quote, urlencode, urlsplit
 
 from shared.contracts.answers import parse_answer
 from shared.contracts.content import (
@@ -31,11 +35,21 @@ from shared.contracts.content import (
 )
 from shared.errors import StorageUnavailable, Unavailable, error_from_json
 
-__all__ = ["FilePut", "FileStream", "FileserverClient"]
+__all__ = ["FilePut", "FileStream", "FileserverClient", "SiteRef"]
 
 _CHUNK = 256 * 1024
 # A request body up to this size goes out in the same write as its head.
 _ONE_WRITE = 256 * 1024
+
+
+class SiteRef(Protocol):
+    """A site as the fileserver knows it (a publisher's ``SiteInfo`` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def content_id(self) -> str: ...
 
 
 class _Unreachable(Exception):
@@ -179,29 +193,31 @@ class FileserverClient:
         return value
 
     @staticmethod
-    def _site(site: str) -> str:
-        return f"/v1/sites/{quote(site, safe='')}"
+    def _url(site: SiteRef, tail: str = "", **params: str | int) -> str:
+        """The URL of ``tail`` under the site, with the site's content id (see the module's doc)."""
+        query = urlencode({**params, "uid": site.content_id})
+        return f"/v1/sites/{quote(site.name, safe='')}{tail}?{query}"
 
     # --- the content API
 
-    def site_info(self, site: str) -> SiteContentInfo:
-        return parse_answer(SiteContentInfo, self._json("GET", self._site(site)), peer=self.base_url)
+    def site_info(self, site: SiteRef) -> SiteContentInfo:
+        return parse_answer(SiteContentInfo, self._json("GET", self._url(site)), peer=self.base_url)
 
-    def manifest(self, site: str) -> Manifest:
+    def manifest(self, site: SiteRef) -> Manifest:
         return parse_answer(
-            Manifest, self._json("GET", f"{self._site(site)}/manifest"), peer=self.base_url
-        ).for_site(site)
+            Manifest, self._json("GET", self._url(site, "/manifest")), peer=self.base_url
+        ).for_site(site.name)
 
-    def changes(self, site: str, since: int) -> VersionDiff:
+    def changes(self, site: SiteRef, since: int) -> VersionDiff:
         """The paths changed from version ``since`` to the newest (see the fileserver's ``diff``)."""
         return parse_answer(
-            VersionDiff, self._json("GET", f"{self._site(site)}/diff?since={since}"), peer=self.base_url
-        ).for_site(site)
+            VersionDiff, self._json("GET", self._url(site, "/diff", since=since)), peer=self.base_url
+        ).for_site(site.name)
 
-    def download(self, site: str, path: str, out: IO[bytes], *, limit: int | None = None) -> int | None:
+    def download(self, site: SiteRef, path: str, out: IO[bytes], *, limit: int | None = None) -> int | None:
         """Stream the newest version of ``path`` into ``out``; returns the bytes written, or None
         (and nothing written) when the file is larger than ``limit``."""
-        resp = self._send("GET", f"{self._site(site)}/files/{quote(path, safe='/')}", headers={})
+        resp = self._send("GET", self._url(site, f"/files/{quote(path, safe='/')}"), headers={})
         if resp.status >= 400:
             self._decode(resp, self._finish(resp))
         if limit is not None and (resp.length is None or resp.length > limit):
@@ -219,12 +235,12 @@ class FileserverClient:
             self.close()
         return total
 
-    def stream_blob(self, site: str, sha256: str, *, path: str) -> FileStream:
+    def stream_blob(self, site: SiteRef, sha256: str, *, path: str) -> FileStream:
         """Blob ``sha256`` of ``site`` (the file at ``path``, for messages) as a stream on a connection of its own (the session's stays free
         for other calls meanwhile); the caller closes it."""
         fresh = FileserverClient(self.base_url, self._ssl, timeout=self._timeout)
         try:
-            resp = fresh._send("GET", f"{self._site(site)}/blobs/{quote(sha256, safe='')}", headers={})
+            resp = fresh._send("GET", self._url(site, f"/blobs/{quote(sha256, safe='')}"), headers={})
             if resp.status >= 400:
                 fresh._decode(resp, fresh._finish(resp))
         except BaseException:
@@ -232,21 +248,23 @@ class FileserverClient:
             raise
         return FileStream(fresh, resp, path)
 
-    def upload_blob(self, site: str, source: IO[bytes]) -> BlobStored:
+    def upload_blob(self, site: SiteRef, source: IO[bytes]) -> BlobStored:
         """Stream ``source`` from its current position to its end as one blob."""
         size = _remaining(source)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-        resp = self._send("POST", f"{self._site(site)}/blobs", body=source, headers=headers)
+        resp = self._send("POST", self._url(site, "/blobs"), body=source, headers=headers)
         return parse_answer(BlobStored, self._decode(resp, self._finish(resp)), peer=self.base_url)
 
-    def upload_blobs(self, site: str, blobs: list[bytes]) -> list[BlobStored]:
+    def upload_blobs(self, site: SiteRef, blobs: list[bytes]) -> list[BlobStored]:
         """Store many small blobs in one request; their names in the same order."""
         body = b"".join(len(b).to_bytes(8, "big") + b for b in blobs)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))}
-        resp = self._send("POST", f"{self._site(site)}/blob-batch", body=body, headers=headers)
+        resp = self._send("POST", self._url(site, "/blob-batch"), body=body, headers=headers)
         return parse_answer(BlobBatchStored, self._decode(resp, self._finish(resp)), peer=self.base_url).blobs
 
-    def put_file(self, site: str, path: str, source: IO[bytes], *, since: int | None = None) -> FileStored:
+    def put_file(
+        self, site: SiteRef, path: str, source: IO[bytes], *, since: int | None = None
+    ) -> FileStored:
         """Store ``source`` from its current position to its end as the file at ``path``, in one request;
         answered once it is durable, with the other changes from version ``since`` if any came."""
         body: bytes | IO[bytes] = source
@@ -259,21 +277,20 @@ class FileserverClient:
         else:
             size = _remaining(source)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-        url = f"{self._site(site)}/files/{quote(path, safe='/')}"
-        if since is not None:
-            url += f"?since={since}"
+        tail = f"/files/{quote(path, safe='/')}"
+        url = self._url(site, tail) if since is None else self._url(site, tail, since=since)
         resp = self._send("PUT", url, body=body, headers=headers)
         return parse_answer(FileStored, self._decode(resp, self._finish(resp)), peer=self.base_url)
 
-    def start_put(self, site: str, path: str) -> FilePut:
+    def start_put(self, site: SiteRef, path: str) -> FilePut:
         """A ``put_file`` whose bytes are sent while they are still being written (see :class:`FilePut`),
         on a connection of its own."""
         fresh = FileserverClient(self.base_url, self._ssl, timeout=self._timeout)
-        return FilePut(fresh, f"{self._site(site)}/files/{quote(path, safe='/')}", path)
+        return FilePut(fresh, self._url(site, f"/files/{quote(path, safe='/')}"), path)
 
     def commit(
         self,
-        site: str,
+        site: SiteRef,
         ops: Sequence[CommitOp],
         *,
         replace: bool = False,
@@ -283,17 +300,17 @@ class FileserverClient:
         body = CommitRequest(ops=list(ops), replace=replace, source=source).model_dump_json(by_alias=True)
         return self.commit_encoded(site, body.encode())
 
-    def rollback(self, site: str, version: int, *, if_newest: int) -> RollbackAnswer:
+    def rollback(self, site: SiteRef, version: int, *, if_newest: int) -> RollbackAnswer:
         """A new version with ``version``'s content, only while ``if_newest`` is the newest."""
         body = RollbackRequest(version=version, if_newest=if_newest).model_dump_json().encode()
         return parse_answer(
-            RollbackAnswer, self._json("POST", f"{self._site(site)}/rollback", body=body), peer=self.base_url
+            RollbackAnswer, self._json("POST", self._url(site, "/rollback"), body=body), peer=self.base_url
         )
 
-    def commit_encoded(self, site: str, body: bytes) -> CommitAnswer:
+    def commit_encoded(self, site: SiteRef, body: bytes) -> CommitAnswer:
         """:meth:`commit` of a :class:`CommitRequest` already in JSON (see ``encode_commit``)."""
         return parse_answer(
-            CommitAnswer, self._json("POST", f"{self._site(site)}/commit", body=body), peer=self.base_url
+            CommitAnswer, self._json("POST", self._url(site, "/commit"), body=body), peer=self.base_url
         )
 
 
