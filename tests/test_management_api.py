@@ -426,7 +426,7 @@ def test_duplicate_limits_unknown_and_inactive_subscriptions(cloud: ManagementCl
     before = cloud.generation()
     status, body = cloud.call("POST", "/sites", token=token, body={"name": "three", "subscription": sub})
     assert status == 409 and body["error"]["code"] == "limit_reached"
-    assert "allows 2 site(s)" in body["error"]["message"] and "tiny" in body["error"]["message"]
+    assert "allows 2 sites" in body["error"]["message"] and "tiny" in body["error"]["message"]
     assert body["error"]["hint"]
     assert cloud.generation() == before
     # The admin creates sites in any subscription, but within its plan too.

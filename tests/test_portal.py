@@ -601,7 +601,7 @@ def test_admin_opens_and_deletes_tenants_deletes_plans_and_issues_reset_links(
     )
     assert answer.status == 303
     admin.goto(f"{portal}{answer.headers['location']}")
-    assert "is used by 1 subscription(s)" in admin.inner_text(".alert")
+    assert "is used by 1 subscription\n" in admin.inner_text(".alert")
     assert cloud.ok("GET", "/plans/used-plan")["subscriptions"] == 1
     # ... an unused one can, once confirmed.
     admin.goto(f"{portal}/admin/plans/spare-plan")

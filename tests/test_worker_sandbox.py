@@ -829,7 +829,7 @@ def test_an_app_writes_its_own_folder_onto_its_volume_and_a_deploy_takes_back_wh
     assert cloud.get("writer", "/read?keep.txt")[2] == b"app-keep.txt"
     assert cloud.get("writer", "/read?made.txt")[2] == b"app-made.txt"
     assert cloud.get("writer", "/count")[2] == b"3"
-    assert "replaced 1 file(s) the app had changed" in cloud.log("writer")
+    assert "replaced 1 file the app had changed" in cloud.log("writer")
     # Nothing the app wrote is ever served as a file, and its database is never served at all.
     assert cloud.get("writer", "/made.txt")[2] == b"writer /made.txt"
     assert cloud.get("writer", "/db.sqlite3")[2] == b"writer /db.sqlite3"

@@ -67,6 +67,7 @@ from shared.contracts.health import WorkerFigures
 from shared.contracts.snapshots import WorkerSite, WorkerSnapshot
 from shared.errors import BuildFailed, InvalidInput, NotFound, SitecloudError, Unavailable
 from shared.logs import ContextLogger, get_logger
+from shared.words import counted
 
 __all__ = ["AppManager", "AppSite", "run_dir_for"]
 
@@ -893,7 +894,7 @@ class AppManager:
             return None
         if taken_back:
             self._site_log(app).write(
-                "worker", f"version {app.version} replaced {taken_back} file(s) the app had changed"
+                "worker", f"version {app.version} replaced {counted(taken_back, 'file')} the app had changed"
             )
         return files
 
