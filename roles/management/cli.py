@@ -132,7 +132,14 @@ def _show_plan(plan: Any, a: argparse.Namespace) -> None:
             ("instances/site", plan["max_instances_per_site"]),
             (
                 "versions kept",
-                f"last {plan['keep_versions']} and last {plan['keep_versions']} publishes, and all of the last {plan['keep_days']} days",
+                f"the last {counted(plan['keep_versions'], 'version')} and the last "
+                f"{counted(plan['keep_versions'], 'publish', 'publishes')} (a deploy, a rollback or a run of FTP "
+                f"uploads)"
+                + (
+                    f", and every version of the last {counted(plan['keep_days'], 'day')}"
+                    if plan["keep_days"]
+                    else ""
+                ),
             ),
             ("backups", _backups_line(plan["backup_every_seconds"], plan["backup_keep"])),
             ("subscriptions", plan.get("subscriptions", 0)),
