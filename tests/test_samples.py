@@ -213,6 +213,27 @@ def test_the_php_front_controller_sample(cloud: LocalCloud) -> None:
     assert body == b"post hello-world of 2026 (view 2 in this session)"
     assert cloud.get("php-sample", "/no/such/page")[0] == 404
     assert b"<?php" not in cloud.get("php-sample", "/lib/router.php")[2]
+    # An image uploaded through the app is served from where the app saved it.
+    photo = b"\x89PNG\r\n\x1a\n" + os.urandom(200_000)
+    boundary = "sample-boundary"
+    form = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="photo"; filename="cat.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + photo
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    status, _, body = cloud.get(
+        "php-sample",
+        "/upload",
+        method="POST",
+        body=form,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert (status, body) == (200, b"/uploads/cat.png"), body
+    status, headers, body = cloud.get("php-sample", "/uploads/cat.png")
+    assert (status, headers["content-type"], body == photo) == (200, "image/png", True)
 
 
 # Each sample's home page: where it is and what it says, and what its first start needs.

@@ -694,6 +694,12 @@ def index(environ):
 def api(environ):
     return "200 OK", json.dumps({"q": environ["QUERY_STRING"], "pid": os.getpid()})
 
+@route("/save")
+def save(environ):
+    with open("saved.txt", "w") as f:
+        f.write("saved by the app")
+    return "200 OK", "saved"
+
 def app(environ, start_response):
     view = ROUTES.get(environ["PATH_INFO"])
     status, text = view(environ) if view else ("404 Not Found", "no route")
@@ -780,6 +786,11 @@ def test_a_worker_with_serving_processes_hands_app_requests_to_apps(tmp_path: Pa
             wait_until(
                 lambda: cloud.log("dyn").count('"GET /api?n=') >= 6 * 40 - 10, timeout=5, what="access lines"
             )
+            # A file the app wrote is served by the serving processes too (where the worker can
+            # give apps a writable folder: as root, with quota volumes).
+            if cloud.app("dyn").get("sandboxed"):
+                assert once("dyn", "/save") == (200, b"saved")
+                assert [once("dyn", "/saved.txt") for _ in range(4)] == [(200, b"saved by the app")] * 4
             # A new version flips the app for the serving processes too.
             cloud.publish("dyn", {"app.py": ROUTED_APP.replace(b'"index"', b'"index v2"')})
             wait_until(lambda: once("dyn", "/") == (200, b"index v2"), timeout=20, what="v2")

@@ -764,9 +764,20 @@ def app(environ, start_response):
     path, arg = environ["PATH_INFO"], environ.get("QUERY_STRING", "")
     try:
         if path == "/write":
+            os.makedirs(os.path.dirname(arg) or ".", exist_ok=True)
             with open(arg, "w") as f:
                 f.write("app-" + arg)
             body = "wrote " + arg
+        elif path == "/symlink":
+            target, name = arg.split(":", 1)
+            os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
+            os.symlink(target, name)
+            body = "linked " + name
+        elif path == "/fifo":
+            os.mkfifo(arg)
+            body = "fifo " + arg
+        elif path == "/whoami":
+            body = str(os.getuid())
         elif path == "/read":
             with open(arg) as f:
                 body = f.read()
@@ -830,7 +841,53 @@ def test_an_app_writes_its_own_folder_onto_its_volume_and_a_deploy_takes_back_wh
     assert cloud.get("writer", "/read?made.txt")[2] == b"app-made.txt"
     assert cloud.get("writer", "/count")[2] == b"3"
     assert "replaced 1 file the app had changed" in cloud.log("writer")
-    # Nothing the app wrote is ever served as a file, and its database is never served at all.
-    assert cloud.get("writer", "/made.txt")[2] == b"writer /made.txt"
+    # What the app made is served as a file where the version has none; its database never is.
+    assert cloud.get("writer", "/made.txt")[2] == b"app-made.txt"
     assert cloud.get("writer", "/db.sqlite3")[2] == b"writer /db.sqlite3"
+    bystander_answers(cloud)
+
+
+def test_files_the_app_wrote_are_served_and_nothing_it_plants_there_leads_out(cloud: AppCloud) -> None:
+    cloud.add_site("uploader", idle_timeout=1)
+    cloud.publish_and_wait(
+        "uploader", {"app.py": WRITER_APP, "index.html": b"published"}, "/hi", b"writer /hi"
+    )
+    # As an upload form or a CMS's media library does: a file saved under uploads/, then its link.
+    assert cloud.get("uploader", "/write?uploads/photo.jpg")[2] == b"wrote uploads/photo.jpg"
+    status, headers, body = cloud.get("uploader", "/uploads/photo.jpg")
+    assert (status, body) == (200, b"app-uploads/photo.jpg")
+    # The app may change it at any time: no cache keeps it unasked.
+    assert (headers["content-type"], headers["cache-control"]) == ("image/jpeg", "no-cache")
+    assert "x-sitecloud-version" not in headers
+    assert cloud.get("uploader", "/uploads/photo.jpg", headers={"If-None-Match": headers["etag"]})[0] == 304
+    status, _, body = cloud.get("uploader", "/uploads/photo.jpg", headers={"Range": "bytes=4-9"})
+    assert (status, body) == (206, b"upload")
+    assert cloud.get("uploader", "/uploads/photo.jpg", method="HEAD")[:2][0] == 200
+    # A big one streams whole.
+    assert cloud.get("uploader", "/fill?3")[2] == b"filled"
+    status, _, body = cloud.get("uploader", "/big.bin")
+    assert (status, len(body), set(body)) == (200, 3 * 1024 * 1024, {ord("x")})
+
+    # What the app plants there is not followed: each goes to the app, as a path with no file does.
+    planted = {
+        "/symlink?/etc/passwd:uploads/passwd.txt": "/uploads/passwd.txt",
+        "/symlink?/:uploads/root": "/uploads/root/etc/hostname",
+        "/symlink?uploads:media": "/media/photo.jpg",
+        "/fifo?uploads/pipe.txt": "/uploads/pipe.txt",
+        "/write?.env": "/.env",
+        "/count": "/db.sqlite3",
+    }
+    for make, path in planted.items():
+        assert cloud.get("uploader", make)[0] == 200
+        assert cloud.get("uploader", path)[2] == f"writer {path}".encode(), path
+    # A published file is what its path serves, whatever the app wrote over it.
+    assert cloud.get("uploader", "/write?index.html")[2] == b"wrote index.html"
+    assert cloud.get("uploader", "/index.html")[2] == b"published"
+
+    # Once the app has idled out and its volume is gone, the file is still served (looked up as the
+    # app wakes).
+    uid = int(cloud.get("uploader", "/whoami")[2])
+    volume = Path(cloud.worker.health()["apps_dir"]) / "apps" / str(uid - UID_BASE) / "volume"
+    wait_until(lambda: not os.path.ismount(volume), timeout=15, what="the app to idle out, its volume gone")
+    assert cloud.get("uploader", "/uploads/photo.jpg")[:3:2] == (200, b"app-uploads/photo.jpg")
     bystander_answers(cloud)

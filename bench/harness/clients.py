@@ -31,11 +31,18 @@ class SiteConnection(http.client.HTTPSConnection):
 
 
 def https_get(
-    port: int, host_header: str, path: str = "/", *, ca_file: Path, headers: dict[str, str] | None = None
+    port: int,
+    host_header: str,
+    path: str = "/",
+    *,
+    ca_file: Path,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    body: bytes | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     conn = SiteConnection(port, host_header, ca_file)
     try:
-        conn.request("GET", path, headers={"Host": host_header, **(headers or {})})
+        conn.request(method, path, body=body, headers={"Host": host_header, **(headers or {})})
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:

@@ -427,8 +427,13 @@ class HttpConnection(asyncio.Protocol):
         diverted.answer(self, keep_alive)
 
     def diverted_done(self, keep: bool) -> None:
-        """Hook: the diverted request in answer has been answered."""
+        """Hook: the diverted request in answer has been answered (a file it sent may still be
+        streaming: its end goes on)."""
         self._waiting = None
+        if self._stream is not None:
+            self._keep_after_stream = keep
+            self._pump()
+            return
         if not self._closed:
             self._after_answers(keep)
 

@@ -14,6 +14,7 @@ import stat
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
+from typing import BinaryIO
 from urllib.parse import quote
 
 from roles.worker._http import (
@@ -274,11 +275,46 @@ def send_file(
     head: bool,
     keep_alive: bool,
     body: bytes | None = None,
+    opened: BinaryIO | None = None,
 ) -> bytes | None:
     """Answer with ``hit``; ``body`` is its bytes when already in memory. Returns the bytes read
     whole (small files) so the caller may cache them; a large file is handed to the connection to
-    stream under flow control."""
+    stream under flow control.
+
+    ``opened``: ``hit``'s file, open already (one whose path could change meanwhile: an app's own,
+    ``apps/_written.py``); it is read from instead of the path, closed here, and the answer says to
+    check again before reuse (``no-cache``) and is not for the caller's cache."""
+    sent: bytes | _Streamed | None = None
+    try:
+        sent = _send_file(conn, hit, headers, head=head, keep_alive=keep_alive, body=body, opened=opened)
+    finally:
+        if opened is not None and sent is not _STREAMED:
+            opened.close()
+    if isinstance(sent, _Streamed) or opened is not None:
+        return None
+    return sent
+
+
+class _Streamed:
+    """What :func:`_send_file` returns when the file went to the connection to stream (it owns it)."""
+
+
+_STREAMED = _Streamed()
+
+
+def _send_file(
+    conn: HttpConnection,
+    hit: FileHit,
+    headers: dict[bytes, bytes],
+    *,
+    head: bool,
+    keep_alive: bool,
+    body: bytes | None,
+    opened: BinaryIO | None,
+) -> bytes | _Streamed | None:
     common = [("ETag", hit.etag), ("Last-Modified", hit.last_modified)]
+    if opened is not None:
+        common.append(("Cache-Control", "no-cache"))
     if _not_modified(headers, hit):
         conn.write(response_head(304, common, keep_alive=keep_alive))
         return None
@@ -320,10 +356,11 @@ def send_file(
         conn.write_parts(head_bytes, data if first == 0 and last == len(data) - 1 else data[first : last + 1])
         return data
     # Reads from the page cache block for microseconds; a thread hop would cost more.
-    f = open(hit.path, "rb")  # noqa: SIM115 - a large file's handle goes to the connection's stream
+    # A large file's handle goes to the connection's stream.
+    f = opened if opened is not None else open(hit.path, "rb")  # noqa: SIM115
     if hit.size <= SMALL_FILE or conn.lane:
         with f:
-            data = f.read()
+            data = f.read(hit.size + 1)
         if len(data) != hit.size:
             raise OSError(f"{hit.path} changed size while being read")
         conn.write_parts(head_bytes, data if first == 0 and last == len(data) - 1 else data[first : last + 1])
@@ -335,7 +372,7 @@ def send_file(
         raise
     conn.write(head_bytes)
     conn.stream(f, length)
-    return None
+    return _STREAMED
 
 
 def _read_packed(hit: FileHit) -> bytes:

@@ -5,4 +5,9 @@ session_start();
 $_SESSION['views'] = ($_SESSION['views'] ?? 0) + 1;
 require __DIR__ . '/lib/router.php';
 $path = parse_url($_SERVER['REQUEST_URI'], PHP_URL_PATH);
+if ($_SERVER['REQUEST_METHOD'] === 'POST' && $path === '/upload') {
+    // As a media library does: the file is kept in the site's own folder and linked from there.
+    echo save_upload($_FILES['photo'] ?? null, __DIR__ . '/uploads');
+    exit;
+}
 echo route($path, $_SESSION['views']);

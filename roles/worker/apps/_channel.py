@@ -55,6 +55,10 @@ _BATCH_BYTES = 256 * 1024
 _SEND_BOUND = 1024 * 1024
 
 
+def _volume(raw: object) -> str | None:
+    return None if raw is None else str(raw)
+
+
 def channel_path(manager_run_dir: Path) -> Path:
     return manager_run_dir / "serving.sock"
 
@@ -169,6 +173,7 @@ class AppChannel:
                 "version": app.version,
                 "env": [list(pair) for pair in app.spec.env],
                 "instance": app.instance.serial if app.instance is not None else None,
+                "volume": app.volume,
             }
             for name, app in self._manager.sites().items()
         }
@@ -198,6 +203,7 @@ class AppChannel:
                 "instance": inst.serial,
                 "address": [kind, address],
                 "served": inst.served,
+                "volume": app.volume,
             },
         )
 
@@ -283,6 +289,7 @@ class RemoteApps:
         if inst is None:
             inst = self._instances[serial] = RemoteInstance(serial, (str(kind), str(address)))
         inst.served = bool(answer["served"])
+        app.volume = _volume(answer.get("volume"))
         inst.token = int(answer["token"])
         return inst
 
@@ -362,6 +369,7 @@ class RemoteApps:
             app.runtime = raw["runtime"]
             app.root, app.entry, app.version = str(raw["root"]), str(raw["entry"]), int(raw["version"])
             app.spec = AppSpec(env=tuple((str(k), str(v)) for k, v in raw["env"]))
+            app.volume = _volume(raw.get("volume"))
             fresh[name] = app
         self._sites = fresh
         # Kept connections to instances that are no longer current go (those busy close as they end).

@@ -128,6 +128,7 @@ class AppSite:
         "starting",
         "starts",
         "version",
+        "volume",
     )  # fmt: skip
 
     def __init__(self, name: str, content_id: str) -> None:
@@ -148,6 +149,9 @@ class AppSite:
         # does not start): None while it builds, once it is built, or when it has nothing to build.
         self.build_error: str | None = None
         self.identity: SiteIdentity | None = None
+        # Where the site's quota volume mounts here (the app's writes are in its ``files/``, see
+        # _written.py): "" when this worker has none, None until the site's identity is known.
+        self.volume: str | None = None
         self.log: SiteLog | None = None
         self.failures = 0
         self.retry_at = 0.0
@@ -648,6 +652,7 @@ class AppManager:
             dirs = SiteDirs.under(self._apps_dir, app.identity.number)
             _prepare_dirs(dirs, app.identity)
             self._protect(app)
+            app.volume = str(dirs.base / "volume") if self._quota else ""
         return SiteDirs.under(self._apps_dir, app.identity.number)
 
     def _protect(self, app: AppSite) -> None:

@@ -20,10 +20,11 @@ A WSGI or PHP app cannot switch protocols: it answers the request as plain HTTP.
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import IO, TYPE_CHECKING, BinaryIO, Generic, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -32,7 +33,7 @@ from roles.worker._access import LOGGED_HEADERS, AccessRecord
 from roles.worker._cache import version_line, version_tag
 from roles.worker._http import http_date
 from roles.worker._source import is_never_served
-from roles.worker._static import FileHit, Redirect, resolve
+from roles.worker._static import FileHit, Redirect, resolve, send_file
 from roles.worker.apps._fastcgi import (
     STDIN_END,
     FastCgiUpstream,
@@ -45,6 +46,7 @@ from roles.worker.apps._manager import AppSite
 from roles.worker.apps._php import fixed_params, php_script, request_pairs
 from roles.worker.apps._pool import UpstreamPool
 from roles.worker.apps._upstream import HttpUpstream, UpstreamBase
+from roles.worker.apps._written import open_written
 from roles.worker.config import WorkerConfig
 from shared.errors import InvalidInput, SitecloudError
 from shared.logs import get_logger
@@ -217,6 +219,11 @@ class AppProxy(Generic[T]):
         return found
 
 
+def _mounted_or_none(volume: str) -> bool:
+    """Whether a look at ``volume`` (a site's, "" when this worker has none) was a whole answer."""
+    return not volume or os.path.ismount(volume)
+
+
 def _websocket(headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether the request asks for a WebSocket (RFC 6455 section 4.1: Upgrade and Connection)."""
     upgrade = connection = False
@@ -353,6 +360,19 @@ class AppExchange(Generic[T]):
         self._script: tuple[str, str, str] | None = None
         if self._too_large:
             return  # refused by the connection at once (refusal): no app wakes for it
+        # A GET of a path the version has no file for may name one the app wrote (_written.py).
+        self._written: tuple[BinaryIO, FileHit] | None = None
+        self._look_written = (
+            not upgrade
+            and method in (b"GET", b"HEAD")
+            and app.runtime not in ("command", "node")
+            and rel != ""
+            and not target.partition(b"?")[0].endswith(b"/")
+        )
+        if self._look_written and app.volume:
+            self._written = open_written(app.volume, rel)
+            if self._written is not None:
+                return  # answered from the file once the connection hands over (answer)
         inst = proxy.manager.running(app)
         if app.runtime == "php" and inst is not None:
             self._script = proxy.php_script(app.root, app.version, rel, app.entry)
@@ -433,6 +453,9 @@ class AppExchange(Generic[T]):
     def answer(self, conn: HttpConnection, keep_alive: bool) -> None:
         self._conn = conn
         self._keep = self._keep and keep_alive
+        if self._written is not None:
+            self._send_written()
+            return
         self._flush()
 
     def resume(self) -> None:
@@ -455,6 +478,9 @@ class AppExchange(Generic[T]):
     def abort(self) -> None:
         """The front end's connection went away: drop the app request too."""
         self._conn = None
+        written, self._written = self._written, None
+        if written is not None:
+            written[0].close()
         if not self._closed:
             self._closed = True
             self._ready = None
@@ -477,10 +503,12 @@ class AppExchange(Generic[T]):
     async def _exchange(self) -> None:
         app, manager = self._app, self._proxy.manager
         script = None
+        # Whether the app's files still need a look once it runs (its volume mounts as it starts).
+        look = self._look_written and not (app.volume is not None and _mounted_or_none(app.volume))
         if app.runtime == "php":
             script = self._proxy.php_script(app.root, app.version, self._rel, app.entry)
             self._php_version = version_line(version_tag(app.content_id, app.version))
-            if script is None:
+            if script is None and not look:
                 self._error(404, "Not found", "Nothing is published at this address.")
                 return
         try:
@@ -488,8 +516,20 @@ class AppExchange(Generic[T]):
         except SitecloudError as exc:
             self._error(503, "This site is not answering", exc.message, retry=True)
             return
+        if look and app.volume:
+            self._written = open_written(app.volume, self._rel)
+            if self._written is not None:
+                # The app was only woken for the look: it counts as used, not as serving this.
+                manager.begin(app, inst)
+                manager.end(app, inst, answered=False)
+                if self._conn is not None:
+                    self._send_written()
+                return
         self._inst = inst
         manager.begin(app, inst)
+        if app.runtime == "php" and script is None:
+            self._error(404, "Not found", "Nothing is published at this address.")
+            return
         assert self._body_done is not None
         if not self._streams:
             await self._body_done
@@ -890,6 +930,38 @@ class AppExchange(Generic[T]):
             conn.tunnel_reading(writable)
 
     # -- writing the answer, in the connection's turn
+
+    def _send_written(self) -> None:
+        """Answer with the file the app wrote (open already: its path is never looked up again)."""
+        written, self._written = self._written, None
+        conn = self._conn
+        if written is None or conn is None or self._closed:
+            if written is not None:
+                written[0].close()
+            return
+        file, hit = written
+        self._closed = self._finished = True
+        self._status = 200
+        self._sent = 0 if self._bodyless else hit.size
+        # Not a file of the version: no front end keeps it as one.
+        conn.version_line = b""
+        keep = self._keep
+        try:
+            send_file(
+                conn,
+                hit,
+                {key.lower(): value for key, value in self._headers},
+                head=self._bodyless,
+                keep_alive=keep,
+                opened=file,
+            )
+        except OSError as exc:
+            self._proxy.log.bind(site=self._app.name).warning("could not send %s: %s", self._rel, exc)
+            self._release(answered=False)
+            conn.abort()
+            return
+        self._release(answered=False)
+        self._loop.call_soon(conn.diverted_done, keep)
 
     def _error(self, status: int, title: str, detail: str, *, retry: bool = False) -> None:
         self._stop_pipe()
