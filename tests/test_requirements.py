@@ -122,3 +122,17 @@ def test_the_lines_that_say_why_a_build_failed() -> None:
     assert failure_lines(("npm ERR! code ETARGET",)) == ["npm ERR! code ETARGET"]
     # No marked line: the last ones, at most five.
     assert failure_lines(tuple(f"line {n}" for n in range(9))) == [f"line {n}" for n in range(4, 9)]
+
+
+def test_installed_scripts_run_under_the_apps_python(tmp_path: Path) -> None:
+    """pip writes gunicorn's script for the Python that ran pip; a Procfile runs it under the apps'."""
+    from roles.worker.apps._packages import _point_scripts_at
+
+    scripts = tmp_path / "bin"
+    scripts.mkdir()
+    (scripts / "gunicorn").write_bytes(b"#!/opt/worker/venv/bin/python\nimport sys\nmain()\n")
+    (scripts / "tool.sh").write_bytes(b"#!/bin/sh\necho python\n")
+    (scripts / "link").symlink_to(scripts / "tool.sh")
+    _point_scripts_at(scripts, "/usr/bin/python3.11")
+    assert (scripts / "gunicorn").read_bytes() == b"#!/usr/bin/python3.11\nimport sys\nmain()\n"
+    assert (scripts / "tool.sh").read_bytes() == b"#!/bin/sh\necho python\n"

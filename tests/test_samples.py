@@ -55,14 +55,15 @@ def _new_site(cloud: LocalCloud, name: str) -> dict[str, Any]:
     return dict(cloud.cli("site", "create", name, "--subscription", str(sub["id"])))
 
 
-def _publish_sample(cloud: LocalCloud, name: str, folder: str) -> None:
-    """A new site with the sample's whole folder mirrored to it by FTP, as lftp `mirror -R` does."""
+def _publish_sample(cloud: LocalCloud, name: str, folder: str | Path) -> None:
+    """A new site with the sample's whole folder (or any folder) mirrored to it by FTP, as lftp
+    `mirror -R` does."""
     site = _new_site(cloud, name)
     ftp = ftplib.FTP()
     ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
     ftp.login(site["ftp"]["user"], site["ftp"]["password"])
     try:
-        root = SAMPLES / folder
+        root = SAMPLES / folder if isinstance(folder, str) else folder
         for path in sorted(root.rglob("*")):
             rel = path.relative_to(root).as_posix()
             if path.is_dir():
@@ -115,6 +116,50 @@ def test_the_flask_sample(cloud: LocalCloud) -> None:
     done = [n for n, line in enumerate(lines) if "requirements installed" in line]
     assert any("Successfully installed" in lines[n] for n in build) and len(build) > 1, lines
     assert done and build[-1] < done[0], lines
+
+
+def test_the_procfile_sample_runs_gunicorn_from_its_requirements(cloud: LocalCloud) -> None:
+    _needs_index()
+    _publish_sample(cloud, "procfile-sample", "procfile")
+    _wait_for(cloud, "procfile-sample", "/?name=Ada", b"<h1>Hello, Ada, from gunicorn</h1>", timeout=120)
+    # Its two gunicorn workers answer (the Procfile's own options hold).
+    pids = {_json(cloud, "procfile-sample", "/api/worker")["pid"] for _ in range(40)}
+    assert len(pids) == 2, pids
+    assert cloud.cli("site", "show", "procfile-sample")["apps"][0]["runtime"] == "command"
+    for source in ("/app.py", "/Procfile", "/requirements.txt"):
+        assert cloud.get("procfile-sample", source)[0] == 404, source
+
+
+def test_a_procfile_runs_python_and_nodes_packages_as_on_heroku(cloud: LocalCloud, tmp_path: Path) -> None:
+    """``web: python app.py`` on a host whose Python is ``python3`` only, and a Procfile Node app
+    whose package.json lists its dependencies."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "Procfile").write_text("web: python app.py\n")
+    (plain / "app.py").write_text(
+        "import http.server, os, sys\n"
+        "class Hello(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200)\n"
+        "        self.end_headers()\n"
+        "        self.wfile.write(b'python %d' % sys.version_info[0])\n"
+        "http.server.HTTPServer(('', int(os.environ['PORT'])), Hello).serve_forever()\n"
+    )
+    _publish_sample(cloud, "procfile-python", plain)
+    _wait_for(cloud, "procfile-python", "/", b"python 3", timeout=60)
+    if why := npm_registry_unreachable():
+        pytest.skip(why)
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "Procfile").write_text("web: node index.js\n")
+    (node / "package.json").write_text('{"name": "n", "dependencies": {"express": "^4.19.2"}}\n')
+    (node / "index.js").write_text(
+        "const app = require('express')();\n"
+        "app.get('/', (req, res) => res.send('express from a Procfile'));\n"
+        "app.listen(process.env.PORT);\n"
+    )
+    _publish_sample(cloud, "procfile-node", node)
+    _wait_for(cloud, "procfile-node", "/", b"express from a Procfile", timeout=180)
 
 
 def test_the_django_sample(cloud: LocalCloud) -> None:
@@ -243,6 +288,7 @@ HOMES = {
     "fastapi": ("/", b'{"hello":"from FastAPI"}', "pip"),
     "express": ("/?name=Ada", b"<h1>Hello, Ada, from Express</h1>", "npm"),
     "php": ("/", b"<h1>Hello from PHP</h1>", "php"),
+    "procfile": ("/?name=Ada", b"<h1>Hello, Ada, from gunicorn</h1>", "pip"),
 }
 
 

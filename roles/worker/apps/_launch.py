@@ -143,13 +143,18 @@ def plan_launch(
     limits: AppLimits,
     python: str,
     packages: Path | None,
+    node_packages: bool = False,
+    tools: str = "",
     appserver: str = APPSERVER_PATH,
     port: int = 0,
     bridge_timeout: float | None = None,
 ) -> LaunchPlan:
     """``bridge_timeout`` (sandboxed ``command`` apps): run the command behind our bridge, which
-    waits this long for it to listen on $PORT."""
+    waits this long for it to listen on $PORT. ``packages``: the site's installed packages, Node's
+    when ``node_packages``, else Python's; ``tools``: a directory of launchers for every app's PATH."""
     env = _base_env(site, dirs, settings)
+    if tools:
+        env["PATH"] = f"{tools}:{SAFE_PATH}"
     if runtime == "python":
         path = [appserver] + ([str(packages)] if packages is not None else [])
         env.update({"PYTHONPATH": ":".join(path), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
@@ -181,6 +186,15 @@ def plan_launch(
         return LaunchPlan(argv, env, root, "unix")
     if runtime in ("command", "node"):
         env["PORT"] = str(port)
+        if runtime == "command" and packages is not None:
+            # As on Heroku: the Procfile's command finds what requirements.txt (gunicorn, uvicorn)
+            # or package.json installed, by name and by import.
+            scripts = packages / "node_modules" / ".bin" if node_packages else packages / "bin"
+            env["PATH"] = f"{scripts}:{env['PATH']}"
+            if not node_packages:
+                env.update(
+                    {"PYTHONPATH": str(packages), "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+                )
         if runtime == "node":
             entry = node_command(entry)
             env.setdefault("NODE_ENV", "production")

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -85,7 +86,7 @@ _REBUILD = "the deploy's answer and `sitecloud site logs` say why; fix it and de
 SANDBOX_PORT = 8000
 _NO_SPEC = AppSpec()
 # Runtimes whose dependencies the worker installs (requirements.txt, package.json).
-_PACKAGED: tuple[Runtime, ...] = ("python", "node")
+_PACKAGED: tuple[Runtime, ...] = ("python", "node", "command")
 # Runtimes that listen on $PORT themselves (behind the bridge in a sandbox).
 _PORT_RUNTIMES: tuple[Runtime, ...] = ("command", "node")
 # A start runs with at least a whole core for this long (its interpreter, imports and first answer:
@@ -195,6 +196,8 @@ class AppManager:
         # The apps root: content (sites/), app homes and temp dirs (apps/); see roles/worker/_layout.py.
         self._root = root
         self._apps_dir = root / "apps"
+        # Launchers every app's PATH has (``python``): see _make_tools.
+        self._tools = self._apps_dir / "bin"
         self._run_dir = run_dir_for(root)
         self._python = pick_python(config.app_python, isolate=self._isolate)
         self._appserver = ""
@@ -376,6 +379,7 @@ class AppManager:
         else:
             self._log.info("apps run as the worker's own user: start the worker as root to isolate sites")
         self._appserver = appserver_for_apps(self._root, isolate=self._isolate)
+        await asyncio.to_thread(_make_tools, self._tools, self._python)
         self._spawn(compile_appserver(self._python, self._appserver))
         if self._isolate:
             self._sandbox = Sandbox.detect(
@@ -661,7 +665,7 @@ class AppManager:
 
     def _packages_dir(self, app: AppSite) -> Path | None:
         base = self._dirs(app).base
-        return node_packages_dir(base, app.root) if app.runtime == "node" else packages_dir(base, app.root)
+        return node_packages_dir(base, app.root) if _node_packages(app) else packages_dir(base, app.root)
 
     def _start_packages(self, app: AppSite) -> None:
         target = self._packages_dir(app)
@@ -671,7 +675,7 @@ class AppManager:
         running = app.packages_task
         if running is not None and not running.done() and self._building.get(target) is running:
             return  # the same requirements are being installed (an FTP upload flips many versions)
-        root, log, node = app.root, self._site_log(app), app.runtime == "node"
+        root, log, node = app.root, self._site_log(app), _node_packages(app)
 
         async def build() -> Path | None:
             error: str | None = None
@@ -750,7 +754,7 @@ class AppManager:
                 # Started without what it needs, it would fail in ways that hide why. The why itself
                 # (pip's lines: index hosts, the tenant's file) is for the owner, not every visitor.
                 raise Unavailable(_BUILD_FAILED, hint=_REBUILD)
-            if app.runtime == "node":
+            if _node_packages(app):
                 link_node_modules(self._root / "sites" / app.name, packages)
             sandbox = self._sandbox
             port = 0
@@ -776,6 +780,8 @@ class AppManager:
                 limits=app.spec.limits,
                 python=self._python,
                 packages=packages,
+                node_packages=_node_packages(app),
+                tools=str(self._tools),
                 appserver=self._appserver,
                 port=port,
                 bridge_timeout=self._config.app_start_timeout if sandbox is not None else None,
@@ -804,7 +810,7 @@ class AppManager:
                     files=files.merged if files is not None else "",
                     home=(str(volume.home if volume else dirs.home), str(dirs.home)),
                     tmp=(str(volume.tmp if volume else dirs.tmp), str(dirs.tmp)),
-                    read_only=(str(packages),) if packages is not None else (),
+                    read_only=(str(self._tools), *((str(packages),) if packages is not None else ())),
                     tmpfs_bytes=app.spec.limits.memory_mb * 1024 * 1024,
                 )
             inst = AppInstance(
@@ -1082,6 +1088,37 @@ def _started(app: AppSite, task: asyncio.Task[AppInstance]) -> None:
     app.starting = None
     if not task.cancelled():
         task.exception()  # retrieved: the waiters saw it
+
+
+def _node_packages(app: AppSite) -> bool:
+    """Whether the site's packages are Node's (package.json) rather than Python's (requirements.txt):
+    a Node app's, and a Procfile app's that has a package.json but no requirements.txt."""
+    if app.runtime == "node":
+        return True
+    return (
+        app.runtime == "command"
+        and not os.path.exists(os.path.join(app.root, "requirements.txt"))
+        and os.path.exists(os.path.join(app.root, "package.json"))
+    )
+
+
+def _make_tools(directory: Path, python: str) -> None:
+    """``python`` and ``python3`` for apps' commands: Debian has no ``python``, while a Procfile's
+    ``web: python app.py`` expects one, as on Heroku; both run the apps' Python."""
+    directory.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(directory, 0o755)  # noqa: S103 - two launchers, the same for every site
+    script = f'#!/bin/sh\nexec {shlex.quote(python)} "$@"\n'
+    for name in ("python", "python3"):
+        path = directory / name
+        try:
+            if path.read_text() == script:
+                continue
+        except OSError:
+            pass
+        temp = directory / f".{name}.new"
+        temp.write_text(script)
+        os.chmod(temp, 0o755)  # noqa: S103
+        os.replace(temp, path)
 
 
 def _default_entry(runtime: Runtime, root: str) -> str:

@@ -161,6 +161,7 @@ async def install_requirements(*, root: str, target: Path, index_url: str, pytho
         raise BuildFailed(
             "\n".join([f"installing requirements.txt {why}:", *failure_lines(step.tail)]), hint=_WHEELS
         )
+    _point_scripts_at(building / "bin", python)
     (building / ".complete").write_text("")
     for dirpath, dirnames, filenames in os.walk(building):
         for name in dirnames:
@@ -198,6 +199,22 @@ def prune_packages(base: Path, in_use: Path, *, building: set[Path]) -> list[str
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path.name)
     return removed
+
+
+def _point_scripts_at(scripts: Path, python: str) -> None:
+    """pip writes the scripts it installs (gunicorn, uvicorn) to run under the Python that ran pip,
+    the worker's; a Procfile runs them under the apps' Python."""
+    try:
+        entries = list(scripts.iterdir())
+    except OSError:
+        return
+    for path in entries:
+        if path.is_symlink() or not path.is_file():
+            continue
+        data = path.read_bytes()
+        end = data.find(b"\n")
+        if data.startswith(b"#!") and b"python" in data[:end]:
+            path.write_bytes(b"#!" + os.fsencode(python) + data[end:])
 
 
 def _read_text(path: Path) -> str:
