@@ -37,7 +37,7 @@ __all__ = ["NOT_SERVED_HINT", "BuildFollow", "BuildFollower", "BuildOutcome", "E
 # (source, text): "deploy" for the publisher's own lines, "build" or "worker" for the worker's.
 Emit = Callable[[str, str], Awaitable[None]]
 
-_SOURCES = frozenset({"build", "worker"})
+_SOURCES = frozenset({"build", "release", "worker"})
 # A site log line: "<UTC time> [<source>] <text>".
 _LINE = re.compile(r"^\S+ \[(\w+)\] (.*)$")
 # How often each worker is asked whether it serves the new version.

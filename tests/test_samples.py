@@ -166,6 +166,10 @@ def test_the_django_sample(cloud: LocalCloud) -> None:
     _needs_index()
     _publish_sample(cloud, "django-sample", "django")
     _wait_for(cloud, "django-sample", "/", b"<h1>Hello from Django</h1>", timeout=120)
+    # Its table is there: the Procfile's release command migrated before the app started.
+    lines = cloud.cli("site", "logs", "django-sample", "--lines", "1000")["lines"]
+    assert any("Applying visits.0001_initial... OK" in line for line in lines), lines
+    assert any("the release command ended well" in line for line in lines), lines
     first = _json(cloud, "django-sample", "/visits/")["visits"]
     assert _json(cloud, "django-sample", "/visits/")["visits"] == first + 1
     # The database is beside the code, as startproject keeps it: it outlives a restart of the app.
@@ -176,6 +180,51 @@ def test_the_django_sample(cloud: LocalCloud) -> None:
     assert cloud.get("django-sample", "/static/site.css")[::2] == (200, b"body { margin: 2em; }\n")
     for source in ("/manage.py", "/mysite/settings.py", "/requirements.txt", "/db.sqlite3"):
         assert cloud.get("django-sample", source)[0] == 404, source
+
+    # The admin, styled: its CSS was collected into static/ by the release command and is served
+    # from there. New settings are a new release: it makes the admin user they name.
+    status, headers, body = cloud.get("django-sample", "/static/admin/css/base.css")
+    assert (status, headers["content-type"]) == (200, "text/css; charset=utf-8") and b"body" in body
+    cloud.cli("site", "set", "django-sample", "DJANGO_ADMIN_USER=ada", "DJANGO_ADMIN_PASSWORD=lovelace-1815")
+    wait_until(
+        lambda: (
+            any(
+                "made the admin user ada" in line
+                for line in cloud.cli("site", "logs", "django-sample", "--lines", "300")["lines"]
+            )
+            or cloud.get("django-sample", "/admin/login/")[0] != 200
+        ),
+        timeout=60,
+        interval=0.5,
+        what="the release command to make the admin user",
+    )
+    # As a browser signs in: its Host and Origin name the port, which Django's CSRF check compares.
+    host = f"django-sample.{cloud.domain}:{cloud.ports['https_port']}"
+    status, headers, body = cloud.get("django-sample", "/admin/login/", headers={"Host": host})
+    assert status == 200 and b"csrfmiddlewaretoken" in body, (status, body[:300])
+    csrf = headers["set-cookie"].split("csrftoken=", 1)[1].split(";", 1)[0]
+    token = body.split(b'name="csrfmiddlewaretoken" value="', 1)[1].split(b'"', 1)[0].decode()
+    origin = f"https://{host}"
+    form = f"csrfmiddlewaretoken={token}&username=ada&password=lovelace-1815&next=/admin/"
+    status, headers, body = cloud.get(
+        "django-sample",
+        "/admin/login/?next=/admin/",
+        method="POST",
+        body=form.encode(),
+        headers={
+            "Host": host,
+            "Cookie": f"csrftoken={csrf}",
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Origin": origin,
+            "Referer": f"{origin}/admin/login/",
+        },
+    )
+    assert (status, headers.get("location")) == (302, "/admin/"), (status, body[body.find(b"<h1") :][:600])
+    session = headers["set-cookie"].split("sessionid=", 1)[1].split(";", 1)[0]
+    status, _, body = cloud.get(
+        "django-sample", "/admin/", headers={"Host": host, "Cookie": f"sessionid={session}"}
+    )
+    assert status == 200 and b"Site administration" in body, (status, body[:300])
 
 
 def test_the_fastapi_sample(cloud: LocalCloud) -> None:
@@ -495,6 +544,34 @@ def app(environ, start_response):
 """
 # Valid Python, but it cannot be loaded: the worker's app server exits naming the error.
 BROKEN_APP = b"import module_that_is_not_there\n" + GOOD_APP
+
+
+def test_a_failed_release_command_fails_the_deploy_with_its_output_and_keeps_the_version_before(
+    cloud: LocalCloud, tmp_path: Path
+) -> None:
+    _new_site(cloud, "releaser")
+    tree = tmp_path / "releaser"
+    tree.mkdir()
+    (tree / "app.py").write_bytes(GOOD_APP)
+    (tree / "Procfile").write_text("release: python -c \"print('schema ok')\"\n")
+    printed = cloud.cli_text("deploy", "releaser", str(tree), timeout=120).splitlines()
+    assert printed[-1].endswith(", served"), printed
+    assert cloud.get("releaser", "/")[::2] == (200, b"the good version")
+    lines = cloud.cli("site", "logs", "releaser", "--lines", "200")["lines"]
+    assert any(line.endswith("[release] schema ok") for line in lines), lines
+
+    # A release that fails (a migration that cannot apply): refused with its own words, as a failed
+    # build is, and the version before it stays.
+    (tree / "Procfile").write_text(
+        "release: python -c \"import sys; print('migration 0002 failed: no such column'); sys.exit(3)\"\n"
+    )
+    (tree / "app.py").write_bytes(GOOD_APP.replace(b"the good version", b"the next version"))
+    refused = cloud.cli("deploy", "releaser", str(tree), check=False, timeout=120)
+    message = refused["error"]["message"]
+    assert refused["error"]["code"] == "build_failed", refused
+    assert "release command exited with status 3" in message, message
+    assert "migration 0002 failed: no such column" in message, message
+    assert cloud.get("releaser", "/")[::2] == (200, b"the good version")
 
 
 def test_a_deploy_whose_app_does_not_start_says_why_and_the_site_keeps_serving_the_one_before(

@@ -40,6 +40,8 @@ class WorkerConfig(ServingConfig):
     app_idle_timeout: float = 1200.0
     # A woken app must answer its first request within this; otherwise 503 with the platform's page.
     app_start_timeout: float = 10.0
+    # How long a Procfile's release command (a migration) may run before the start gives up on it.
+    app_release_timeout: float = 300.0
     # Later requests wait this long for an app's answer before a 504.
     app_response_timeout: float = 120.0
     # The longest request body an app gets; a longer one gets 413. One longer than 1 MiB streams to

@@ -51,9 +51,12 @@ class AppInstance:
         sandbox: Sandbox | None = None,
         mounts: SandboxMounts | None = None,
         serial: str = "",
+        source: str = "app",
     ) -> None:
         # Which start of which site this is (its socket's and cgroup's name).
         self.serial = serial
+        # What its output lines are marked as in the site log.
+        self.source = source
         self.plan = plan
         self.identity = identity
         self.limits = limits
@@ -142,7 +145,7 @@ class AppInstance:
         assert self.proc.stdout is not None
         done: asyncio.Future[None] = loop.create_future()
         self._pipe_done = done
-        await loop.connect_read_pipe(lambda: _LogPipe(self.log, done), self.proc.stdout)
+        await loop.connect_read_pipe(lambda: _LogPipe(self.log, done, self.source), self.proc.stdout)
         # A pidfd becomes readable when the process exits: no SIGCHLD handler, no thread.
         self._pidfd = os.pidfd_open(pid)
         loop.add_reader(self._pidfd, self._reap)
@@ -439,9 +442,10 @@ class _LogPipe(asyncio.Protocol):
     """The app's stdout and stderr (one pipe), line by line into its site log, at most
     :data:`LOG_BYTES_PER_SECOND` (a token bucket; the pipe is paused while it is empty)."""
 
-    def __init__(self, log: SiteLog, done: asyncio.Future[None]) -> None:
+    def __init__(self, log: SiteLog, done: asyncio.Future[None], source: str = "app") -> None:
         self._log = log
         self._done = done
+        self._source = source
         self._partial = b""
         self._transport: asyncio.ReadTransport | None = None
         self._allowance = float(LOG_BURST_BYTES)
@@ -483,9 +487,9 @@ class _LogPipe(asyncio.Protocol):
         data = self._partial + data
         lines, sep, self._partial = data.rpartition(b"\n")
         if sep:
-            self._log.write("app", lines.decode("utf-8", "replace"))
+            self._log.write(self._source, lines.decode("utf-8", "replace"))
         if len(self._partial) > 16 * 1024:
-            self._log.write("app", self._partial.decode("utf-8", "replace"))
+            self._log.write(self._source, self._partial.decode("utf-8", "replace"))
             self._partial = b""
 
     def eof_received(self) -> bool | None:
@@ -497,6 +501,6 @@ class _LogPipe(asyncio.Protocol):
             self._resume = None
         self._transport = None
         if self._partial:
-            self._log.write("app", self._partial.decode("utf-8", "replace"))
+            self._log.write(self._source, self._partial.decode("utf-8", "replace"))
         if not self._done.done():
             self._done.set_result(None)

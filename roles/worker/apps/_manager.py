@@ -41,6 +41,7 @@ from roles.worker.apps._isolation import (
     reap_orphans,
 )
 from roles.worker.apps._launch import (
+    LaunchPlan,
     SiteDirs,
     appserver_for_apps,
     compile_appserver,
@@ -58,6 +59,7 @@ from roles.worker.apps._spec import (
     app_spec,
     detect_runtime,
     node_entry,
+    procfile_command,
     procfile_web,
 )
 from roles.worker.apps._volume import BlankImages, HomeVolume, unmount_lazily, unmount_stale
@@ -786,62 +788,10 @@ class AppManager:
                 port=port,
                 bridge_timeout=self._config.app_start_timeout if sandbox is not None else None,
             )
-            self.ensure_run_dir()
-            self._sockets += 1
-            # A cgroup per instance, not per site: a retiring instance that exits removes (and one
-            # killed at the end of its grace kills) its own group, never the one a newer instance of
-            # the same site is starting in.
-            serial = f"{app.identity.number}.{self._sockets}"
-            boost = time.monotonic() - app.boosted_at >= _BOOST_EVERY
-            group = self._cgroup.create(serial, app.spec.limits, boost=boost) if self._cgroup else None
-            if group is not None and boost:
-                app.boosted_at = time.monotonic()
-                asyncio.get_running_loop().call_later(_BOOST_S, CgroupTree.settle, group, app.spec.limits)
-            volume: HomeVolume | None = None
-            files: WritableFiles | None = None
-            mounts: SandboxMounts | None = None
-            if sandbox is not None:
-                volume = await self._acquire_volume(app, dirs)
-                if volume is not None:
-                    files = await self._writable_files(app, volume, serial)
-                mounts = SandboxMounts(
-                    site_dir=str(self._root / "sites" / app.name),
-                    cwd=app.root,
-                    files=files.merged if files is not None else "",
-                    home=(str(volume.home if volume else dirs.home), str(dirs.home)),
-                    tmp=(str(volume.tmp if volume else dirs.tmp), str(dirs.tmp)),
-                    read_only=(str(self._tools), *((str(packages),) if packages is not None else ())),
-                    tmpfs_bytes=app.spec.limits.memory_mb * 1024 * 1024,
-                )
-            inst = AppInstance(
-                plan=plan,
-                identity=app.identity,
-                limits=app.spec.limits,
-                log=log,
-                socket_path=self._run_dir / f"{serial}.sock",
-                serial=serial,
-                cgroup=group,
-                on_exit=self._exited,
-                sandbox=sandbox,
-                mounts=mounts,
-            )
+            await self._release(app, dirs, packages)
+            inst = await self._spawn_instance(app, dirs, plan, packages, on_exit=self._exited)
             if app.runtime != "php":
                 inst.version_line = version_line(version_tag(app.content_id, started_version))
-            try:
-                await inst.start()
-            except BaseException:
-                if files is not None:
-                    unmount_files(files)
-                if volume is not None:
-                    self._spawn(volume.release())
-                if group is not None:
-                    CgroupTree.kill(group)
-                    CgroupTree.remove(group)
-                raise
-            if volume is not None:
-                self._held[inst] = volume
-            if files is not None:
-                self._files[inst] = files
             self._active[inst] = app
             app.starts += 1
             app.last_used = time.monotonic()
@@ -859,6 +809,154 @@ class AppManager:
             if isinstance(exc, Unavailable):
                 raise
             raise Unavailable(f"the site's app could not start: {exc}", hint="its log says why") from exc
+
+    async def _spawn_instance(
+        self,
+        app: AppSite,
+        dirs: SiteDirs,
+        plan: LaunchPlan,
+        packages: Path | None,
+        *,
+        on_exit: Callable[[AppInstance, int], None],
+        source: str = "app",
+    ) -> AppInstance:
+        """One process of the site, started in its cgroup, sandbox, volume and writable folder."""
+        assert app.identity is not None
+        sandbox = self._sandbox
+        self.ensure_run_dir()
+        self._sockets += 1
+        # A cgroup per instance, not per site: a retiring instance that exits removes (and one
+        # killed at the end of its grace kills) its own group, never the one a newer instance of
+        # the same site is starting in.
+        serial = f"{app.identity.number}.{self._sockets}"
+        boost = source == "app" and time.monotonic() - app.boosted_at >= _BOOST_EVERY
+        group = self._cgroup.create(serial, app.spec.limits, boost=boost) if self._cgroup else None
+        if group is not None and boost:
+            app.boosted_at = time.monotonic()
+            asyncio.get_running_loop().call_later(_BOOST_S, CgroupTree.settle, group, app.spec.limits)
+        volume: HomeVolume | None = None
+        files: WritableFiles | None = None
+        mounts: SandboxMounts | None = None
+        try:
+            if sandbox is not None:
+                volume = await self._acquire_volume(app, dirs)
+                if volume is not None:
+                    files = await self._writable_files(app, volume, serial)
+                mounts = SandboxMounts(
+                    site_dir=str(self._root / "sites" / app.name),
+                    cwd=app.root,
+                    files=files.merged if files is not None else "",
+                    home=(str(volume.home if volume else dirs.home), str(dirs.home)),
+                    tmp=(str(volume.tmp if volume else dirs.tmp), str(dirs.tmp)),
+                    read_only=(str(self._tools), *((str(packages),) if packages is not None else ())),
+                    tmpfs_bytes=app.spec.limits.memory_mb * 1024 * 1024,
+                )
+            inst = AppInstance(
+                plan=plan,
+                identity=app.identity,
+                limits=app.spec.limits,
+                log=self._site_log(app),
+                socket_path=self._run_dir / f"{serial}.sock",
+                serial=serial,
+                cgroup=group,
+                on_exit=on_exit,
+                sandbox=sandbox,
+                mounts=mounts,
+                source=source,
+            )
+            await inst.start()
+        except BaseException:
+            if files is not None:
+                unmount_files(files)
+            if volume is not None:
+                self._spawn(volume.release())
+            if group is not None:
+                CgroupTree.kill(group)
+                CgroupTree.remove(group)
+            raise
+        if volume is not None:
+            self._held[inst] = volume
+        if files is not None:
+            self._files[inst] = files
+        return inst
+
+    def _let_go(self, inst: AppInstance) -> None:
+        """What an instance held besides its cgroup: its writable folder and its volume."""
+        files = self._files.pop(inst, None)
+        if files is not None:
+            unmount_files(files)
+        volume = self._held.pop(inst, None)
+        if volume is not None:
+            self._spawn(volume.release())
+
+    async def _release(self, app: AppSite, dirs: SiteDirs, packages: Path | None) -> None:
+        """The Procfile's ``release:`` command, as on Heroku (``python manage.py migrate``): run once
+        per version and settings on this worker, before the app starts, in the app's sandbox with its
+        packages and writable folder. Its output goes to the site log as ``release`` lines; a failure
+        keeps the app from starting (the deploy that asked then fails with it, as a failed build)."""
+        # Two small reads from the page cache: less than a thread hop, on every cold start.
+        command = procfile_command(app.root, "release")
+        marker = dirs.base / "released"
+        # As on Heroku, new settings are a new release too (a DJANGO_ADMIN_USER the command reads).
+        settings = hashlib.sha256(repr(app.spec.env).encode()).hexdigest()[:16]
+        done_for = f"{app.content_id} {app.version} {settings}\n"
+        if command is None or _read_or_empty(marker) == done_for:
+            return
+        assert app.identity is not None
+        plan = plan_launch(
+            site=app.name,
+            runtime="command",
+            entry=command,
+            root=app.root,
+            dirs=dirs,
+            settings=app.spec.env,
+            limits=app.spec.limits,
+            python=self._python,
+            packages=packages,
+            node_packages=_node_packages(app),
+            tools=str(self._tools),
+        )
+        env = {k: v for k, v in plan.env.items() if k != "PORT"}
+        plan = LaunchPlan(plan.argv, env, plan.cwd, "none")
+        log = self._site_log(app)
+        log.write("worker", f"running the release command of version {app.version}: {command}")
+        exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def on_exit(inst: AppInstance, code: int) -> None:
+            self._let_go(inst)
+            oom = inst.cgroup is not None and CgroupTree.oom_kills(inst.cgroup) > 0
+            if inst.cgroup is not None:
+                self._remove_group(inst.cgroup)
+            if not exited.done():
+                exited.set_result(MEMORY_EXIT if oom else code)
+
+        started = time.monotonic()
+        inst = await self._spawn_instance(app, dirs, plan, packages, on_exit=on_exit, source="release")
+        try:
+            code = await asyncio.wait_for(asyncio.shield(exited), self._config.app_release_timeout)
+        except TimeoutError:
+            inst.kill("release")
+            await exited
+            why = f"took longer than {self._config.app_release_timeout:g} s"
+        else:
+            if code == 0:
+                await asyncio.to_thread(marker.write_text, done_for)
+                log.write("worker", f"the release command ended well in {time.monotonic() - started:.1f} s")
+                return
+            why = (
+                f"stopped: exceeded its {app.spec.limits.memory_mb} MB memory limit"
+                if code == MEMORY_EXIT
+                else f"exited with {_status(code)}"
+            )
+        await inst.wait_closed()
+        said = " / ".join(_release_lines(log.tail(200))[-3:])
+        app.last_crash = f"its release command {why}" + (f"; its last output: {said}" if said else "")
+        log.write(
+            "worker", f"the release command {why}: the app does not start until a version's release succeeds"
+        )
+        raise Unavailable(
+            f"the site's release command {why}", hint="its log says why; fix it and deploy again"
+        )
 
     def _disk_mb(self, app: AppSite) -> int:
         return self._config.app_disk_mb or app.spec.limits.disk_mb
@@ -962,12 +1060,7 @@ class AppManager:
         app.cpu_total += inst.cpu_seconds
         if app.instance is inst:
             app.instance = None
-        files = self._files.pop(inst, None)
-        if files is not None:
-            unmount_files(files)
-        volume = self._held.pop(inst, None)
-        if volume is not None:
-            self._spawn(volume.release())
+        self._let_go(inst)
         log = self._site_log(app)
         oom = inst.cgroup is not None and CgroupTree.oom_kills(inst.cgroup) > 0
         if inst.cgroup is not None:
@@ -1088,6 +1181,18 @@ def _started(app: AppSite, task: asyncio.Task[AppInstance]) -> None:
     app.starting = None
     if not task.cancelled():
         task.exception()  # retrieved: the waiters saw it
+
+
+def _release_lines(lines: list[str]) -> list[str]:
+    """The release command's own output among a site log's lines."""
+    return [line.split("[release] ", 1)[1].strip() for line in lines if " [release] " in line]
+
+
+def _read_or_empty(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _node_packages(app: AppSite) -> bool:

@@ -28,6 +28,7 @@ __all__ = [
     "is_app_source",
     "node_entry",
     "parse_app_spec",
+    "procfile_command",
     "procfile_web",
 ]
 
@@ -117,6 +118,11 @@ def app_spec(site: WorkerSite, default_limits: AppLimits) -> AppSpec | None:
 
 def procfile_web(root: str) -> str | None:
     """The ``web:`` command of the site's Procfile, if it has one."""
+    return procfile_command(root, "web")
+
+
+def procfile_command(root: str, kind: str) -> str | None:
+    """The command of the site's Procfile for ``kind`` (``web``, ``release``), if it has one."""
     try:
         with open(os.path.join(root, "Procfile"), encoding="utf-8", errors="replace") as f:
             text = f.read(64 * 1024)
@@ -124,7 +130,7 @@ def procfile_web(root: str) -> str | None:
         return None
     for line in text.splitlines():
         name, sep, command = line.partition(":")
-        if sep and name.strip() == "web" and command.strip():
+        if sep and name.strip() == kind and command.strip():
             return command.strip()
     return None
 

@@ -1,3 +1,4 @@
+from django.contrib import admin
 from django.urls import path
 
 from mysite import views
@@ -5,4 +6,5 @@ from mysite import views
 urlpatterns = [
     path("", views.index),
     path("visits/", views.visits),
+    path("admin/", admin.site.urls),
 ]
