@@ -145,6 +145,7 @@ def plan_launch(
     packages: Path | None,
     node_packages: bool = False,
     tools: str = "",
+    max_body: int = 32 * 1024 * 1024,
     appserver: str = APPSERVER_PATH,
     port: int = 0,
     bridge_timeout: float | None = None,
@@ -179,6 +180,9 @@ def plan_launch(
             "sys_temp_dir": str(dirs.tmp),
             "open_basedir": f"{root}:{dirs.tmp}:{dirs.home}",
             "cgi.fix_pathinfo": "0",
+            # PHP's own 2 MB would refuse a phone's photo; the worker's body cap (413) is the limit.
+            "upload_max_filesize": str(max_body),
+            "post_max_size": str(max_body),
         }
         argv = [php]
         for key, value in ini.items():

@@ -784,6 +784,7 @@ class AppManager:
                 packages=packages,
                 node_packages=_node_packages(app),
                 tools=str(self._tools),
+                max_body=self._config.app_max_body,
                 appserver=self._appserver,
                 port=port,
                 bridge_timeout=self._config.app_start_timeout if sandbox is not None else None,
