@@ -329,6 +329,21 @@ def test_the_php_front_controller_sample(cloud: LocalCloud) -> None:
     assert (status, body) == (200, b"/uploads/cat.png"), body
     status, headers, body = cloud.get("php-sample", "/uploads/cat.png")
     assert (status, headers["content-type"], body == photo) == (200, "image/png", True)
+    # A guestbook in SQLite through PDO, in the site's own folder; its database is never served.
+    modules = subprocess.run(["php-cgi", "-m"], capture_output=True, text=True, timeout=30).stdout.split()
+    if not {"pdo_sqlite", "mbstring"} <= set(modules):
+        pytest.skip("the guestbook needs Debian php-sqlite3 and php-mbstring (.ci/run installs them)")
+    for name in ("Ada", "Grace"):
+        status, _, body = cloud.get(
+            "php-sample",
+            "/guestbook",
+            method="POST",
+            body=f"name={name}".encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert (status, body) == (200, f"signed by {name.upper()}".encode()), body
+    assert cloud.get("php-sample", "/guestbook")[::2] == (200, b"<ul><li>Ada</li><li>Grace</li></ul>")
+    assert cloud.get("php-sample", "/data/guestbook.sqlite")[0] == 404
 
 
 # Each sample's home page: where it is and what it says, and what its first start needs.
