@@ -211,9 +211,12 @@ def test_the_rule_and_detection_on_their_own(tmp_path: Path) -> None:
     for rel in ("", "index.html", ".well-known/acme-challenge/abc", "phpinfo.html", "notes.bak", "a.min.js",
                 "readme.txt", "docs/python.html"):  # fmt: skip
         assert not is_app_source(rel), rel
-    for rel in ("db.sqlite3", "a/B.DB", "db.sqlite3-wal", "x.sqlite-shm", "dump.sql", "old.sql.bak", "a.mdb"):
+    for rel in (
+        "db.sqlite3", "a/B.DB", "db.sqlite3-wal", "x.sqlite-shm", "dump.sql", "old.sql.bak", "a.mdb",
+        "wp-content/debug.log", "storage/logs/laravel.LOG", "storage/oauth-private.key", "cert.pfx",
+    ):  # fmt: skip
         assert is_never_served(rel) and not is_app_source(rel), rel
-    for rel in ("index.html", "sql.html", "db", "docs/db.html", "notes.bak", "a.sqlite3.html"):
+    for rel in ("index.html", "sql.html", "db", "docs/db.html", "notes.bak", "a.sqlite3.html", "blog.html"):
         assert not is_never_served(rel), rel
 
     def layout(name: str, files: list[str]) -> str:

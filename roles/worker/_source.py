@@ -4,7 +4,8 @@ A site's code, its dependency lists and its dot files (``.env``, ``.git/``, ``.h
 secrets: a static site may become a dynamic one with its next upload, and an upload tool may send
 them before anything else, so no site ever serves them raw. So are its databases: a Django project
 as ``startproject`` makes it keeps ``db.sqlite3`` (password hashes, sessions) beside its code, and
-database dumps left in the web root are the first thing scanners ask for. Apps still get such paths
+database dumps left in the web root are the first thing scanners ask for, as are logs and private
+keys an app leaves in its own folder. Apps still get such paths
 (a PHP script runs, a Python app routes ``/settings.py`` as it likes); only the static file path
 refuses them.
 
@@ -33,6 +34,9 @@ _SOURCE_NAMES = frozenset(
 # journals beside them ("db.sqlite3-journal", "-wal", "-shm").
 _DATA_EXTENSIONS = frozenset(
     {"sqlite", "sqlite3", "db", "db3", "s3db", "sl3", "sql", "mdb", "ldb", "mdf", "ldf"}
+    # Logs (an app's error log: paths, stack traces, visitors' addresses; WordPress's debug.log is
+    # the best known) and private keys (a framework's own, made by its setup: oauth-private.key).
+    | {"log", "key", "p12", "pfx", "jks", "keystore"}
 )
 _DATA_SIDECARS = ("-journal", "-wal", "-shm")
 # The one dot folder meant for visitors (RFC 8615): site verification files, security.txt.
