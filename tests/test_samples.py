@@ -346,6 +346,49 @@ def test_the_php_front_controller_sample(cloud: LocalCloud) -> None:
     assert cloud.get("php-sample", "/data/guestbook.sqlite")[0] == 404
 
 
+@pytest.mark.skipif(shutil.which("php-cgi") is None, reason="needs Debian php-cgi (.ci/run installs it)")
+def test_a_framework_layout_is_served_from_its_public_folder_and_nothing_beside_it(
+    cloud: LocalCloud, tmp_path: Path
+) -> None:
+    """Laravel's, Symfony's, Slim's layout published as it is: visitors see public/ (its front
+    controller, its assets), never the .env, logs, vendor/ or source beside it."""
+    tree = tmp_path / "framework"
+    for rel, text in {
+        "public/index.php": "<?php require __DIR__ . '/../src/app.php';\n",
+        "public/css/site.css": "body { color: teal; }\n",
+        "src/app.php": (
+            "<?php $path = parse_url($_SERVER['REQUEST_URI'], PHP_URL_PATH);\n"
+            "echo 'framework: ' . $path . ' in ' . basename($_SERVER['DOCUMENT_ROOT']);\n"
+        ),
+        ".env": "APP_KEY=base64:the-secret-key\n",
+        "artisan": "#!/usr/bin/env php\n<?php // the-secret-console\n",
+        "storage/app/notes.txt": "the-secret-notes\n",
+        "vendor/autoload.php": "<?php // the-secret-vendor\n",
+        "composer.json": '{"name": "the-secret/app"}\n',
+    }.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(text)
+    _publish_sample(cloud, "framework", tree)
+    _wait_for(cloud, "framework", "/", b"framework: / in public", timeout=60)
+    assert cloud.get("framework", "/posts/7")[::2] == (200, b"framework: /posts/7 in public")
+    assert cloud.get("framework", "/css/site.css")[::2] == (200, b"body { color: teal; }\n")
+    for outside in ("/.env", "/artisan", "/storage/app/notes.txt", "/vendor/autoload.php", "/composer.json"):
+        status, _, body = cloud.get("framework", outside)
+        assert b"the-secret" not in body, (outside, status, body)
+    # A static site generator's output published with its sources (Hugo's public/) is its site too.
+    static = tmp_path / "generated"
+    (static / "public" / "posts").mkdir(parents=True)
+    (static / "public" / "index.html").write_text("<h1>generated</h1>")
+    (static / "public" / "posts" / "index.html").write_text("<h1>posts</h1>")
+    (static / "config.toml").write_text("title = 'the-secret-config'\n")
+    _publish_sample(cloud, "generated", static)
+    _wait_for(cloud, "generated", "/", b"<h1>generated</h1>", timeout=30)
+    assert cloud.get("generated", "/posts/")[::2] == (200, b"<h1>posts</h1>")
+    status, headers, _ = cloud.get("generated", "/posts")
+    assert (status, headers["location"]) == (301, "/posts/")
+    assert b"the-secret" not in cloud.get("generated", "/config.toml")[2]
+
+
 # Each sample's home page: where it is and what it says, and what its first start needs.
 HOMES = {
     "flask": ("/?name=Ada", b"<h1>Hello, Ada, from Flask</h1>", "pip"),

@@ -872,7 +872,8 @@ def test_files_the_app_wrote_are_served_and_nothing_it_plants_there_leads_out(cl
     planted = {
         "/symlink?/etc/passwd:uploads/passwd.txt": "/uploads/passwd.txt",
         "/symlink?/:uploads/root": "/uploads/root/etc/hostname",
-        "/symlink?uploads:media": "/media/photo.jpg",
+        "/symlink?../../../../../../etc/passwd:uploads/up.txt": "/uploads/up.txt",
+        "/symlink?../../etc:uploads/etc": "/uploads/etc/passwd",
         "/fifo?uploads/pipe.txt": "/uploads/pipe.txt",
         "/write?.env": "/.env",
         "/count": "/db.sqlite3",
@@ -880,6 +881,9 @@ def test_files_the_app_wrote_are_served_and_nothing_it_plants_there_leads_out(cl
     for make, path in planted.items():
         assert cloud.get("uploader", make)[0] == 200
         assert cloud.get("uploader", path)[2] == f"writer {path}".encode(), path
+    # A link of the app's own that stays in its folder is followed (storage:link --relative).
+    assert cloud.get("uploader", "/symlink?uploads:media")[0] == 200
+    assert cloud.get("uploader", "/media/photo.jpg")[::2] == (200, b"app-uploads/photo.jpg")
     # A published file is what its path serves, whatever the app wrote over it.
     assert cloud.get("uploader", "/write?index.html")[2] == b"wrote index.html"
     assert cloud.get("uploader", "/index.html")[2] == b"published"

@@ -50,6 +50,7 @@ from roles.worker._packs import (
     packed_file,
     write_changes,
 )
+from roles.worker._static import web_root
 from shared.contracts.content import FileMeta
 from shared.files import fsync_dir
 
@@ -113,6 +114,14 @@ class SiteVersion:
     line: bytes = field(init=False, repr=False, compare=False)
     # Its small files kept in packs (none for a version whose files are all in its directory).
     files: VersionFiles = field(init=False, repr=False, compare=False)
+    # The folder its visitors see as "/" (see web_root), found on first use.
+    found_web: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    @property
+    def web(self) -> str:
+        if not self.found_web:
+            self.found_web.append(web_root(self.root, self.files))
+        return self.found_web[0]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "files", VersionFiles(self.root))

@@ -30,13 +30,16 @@ from roles.worker._source import is_never_served
 
 __all__ = [
     "DEFAULT_DOCUMENTS",
+    "WEB_FOLDER",
     "FileHit",
     "HotCache",
     "HotEntry",
     "HotKey",
     "Redirect",
+    "inside_web",
     "resolve",
     "send_file",
+    "web_root",
 ]
 
 DEFAULT_DOCUMENTS = ("index.html", "index.htm", "default.htm")
@@ -106,11 +109,44 @@ def _stat(path: str) -> os.stat_result | None:
         return None
 
 
+# A site published with its framework's layout (Laravel, Symfony, Slim, a generator's output) keeps
+# what visitors see in this folder, and the rest (.env, vendor/, storage/) beside it.
+WEB_FOLDER = "public"
+# Top-level files that say the version's root is what visitors see (or a Python app or Procfile's).
+_ROOT_SIGNS = (*DEFAULT_DOCUMENTS, "index.php", "app.py", "wsgi.py", "asgi.py", "manage.py", "Procfile")
+
+
+def web_root(root: str, packed: VersionFiles | None = None) -> str:
+    """The folder of a version that its visitors see as ``/``: ``public`` when the version has no
+    home page or app entry at its top but a ``public/index.php`` or ``public/index.html`` (a
+    framework's layout published as it is), else "" (the version's own root)."""
+
+    def there(rel: str) -> bool:
+        if packed is not None and packed.get(rel) is not None:
+            return True
+        st = _stat(f"{root}/{rel}")
+        return st is not None and stat.S_ISREG(st.st_mode)
+
+    if any(there(name) for name in _ROOT_SIGNS):
+        return ""
+    if there(f"{WEB_FOLDER}/index.php") or there(f"{WEB_FOLDER}/index.html"):
+        return WEB_FOLDER
+    return ""
+
+
+def inside_web(web: str, rel: str) -> str:
+    """A visitor's path ``rel`` as a path in the version, whose web root is ``web``."""
+    if not web:
+        return rel
+    return f"{web}/{rel}" if rel else web
+
+
 def resolve(
-    root: str, rel: str, *, slash: bool, packed: VersionFiles | None = None
+    root: str, rel: str, *, slash: bool, packed: VersionFiles | None = None, web: str = ""
 ) -> FileHit | Redirect | None:
     """What ``rel`` (already through :func:`shared.paths.site_relpath`) names in the version ``root``
-    (whose small files may be in packs, listed by ``packed``).
+    (whose small files may be in packs, listed by ``packed``), seen from its web root ``web``
+    (:func:`web_root`).
 
     A directory is served by its first default document; asked for without its trailing slash, it
     redirects to the slash form so relative links in the page resolve. ``None`` means not found,
@@ -118,16 +154,17 @@ def resolve(
     """
     if is_never_served(rel):
         return None
-    pf = None if packed is None or not rel else packed.get(rel)
+    inner = inside_web(web, rel)
+    pf = None if packed is None or not inner else packed.get(inner)
     if pf is not None:
-        return None if slash else _packed_hit(rel, pf)
-    full = f"{root}/{rel}" if rel else root
+        return None if slash else _packed_hit(inner, pf)
+    full = f"{root}/{inner}" if inner else root
     st = _stat(full)
     if st is None:
         return None
     if stat.S_ISDIR(st.st_mode):
         for doc in DEFAULT_DOCUMENTS:
-            pf = None if packed is None else packed.get(f"{rel}/{doc}" if rel else doc)
+            pf = None if packed is None else packed.get(f"{inner}/{doc}" if inner else doc)
             if pf is not None:
                 if rel and not slash:
                     return Redirect("/" + quote(rel) + "/")
@@ -144,7 +181,7 @@ def resolve(
         return None
     # We build version directories without symlinks; this holds even if one ever slips in.
     real = os.path.realpath(full)
-    if not real.startswith(root + "/"):
+    if not real.startswith(f"{root}/{web}/" if web else root + "/"):
         return None
     return _hit(full, st)
 

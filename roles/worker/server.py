@@ -360,7 +360,7 @@ class DataServer:
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, InvalidInput):
             _page(conn, 400, "Bad address", "This address is not valid.", head, False)
             return False
-        found = resolve(version.root, rel, slash=path.endswith("/"), packed=version.files)
+        found = resolve(version.root, rel, slash=path.endswith("/"), packed=version.files, web=version.web)
         if found is None:
             _page(conn, 404, "Not found", "Nothing is published at this address.", head, keep_alive)
         elif isinstance(found, Redirect):
@@ -397,7 +397,9 @@ def _file_at(version: SiteVersion, target: bytes) -> FileHit | None:
     try:
         url = httptools.parse_url(target)
         path = unquote_to_bytes(url.path or b"/").decode("utf-8")
-        found = resolve(version.root, site_relpath(path), slash=path.endswith("/"), packed=version.files)
+        found = resolve(
+            version.root, site_relpath(path), slash=path.endswith("/"), packed=version.files, web=version.web
+        )
     except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, InvalidInput):
         return None
     return found if isinstance(found, FileHit) else None

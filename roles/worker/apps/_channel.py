@@ -174,6 +174,7 @@ class AppChannel:
                 "env": [list(pair) for pair in app.spec.env],
                 "instance": app.instance.serial if app.instance is not None else None,
                 "volume": app.volume,
+                "web": app.web,
             }
             for name, app in self._manager.sites().items()
         }
@@ -370,6 +371,7 @@ class RemoteApps:
             app.root, app.entry, app.version = str(raw["root"]), str(raw["entry"]), int(raw["version"])
             app.spec = AppSpec(env=tuple((str(k), str(v)) for k, v in raw["env"]))
             app.volume = _volume(raw.get("volume"))
+            app.web = str(raw.get("web", ""))
             fresh[name] = app
         self._sites = fresh
         # Kept connections to instances that are no longer current go (those busy close as they end).

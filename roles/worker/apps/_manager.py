@@ -132,6 +132,7 @@ class AppSite:
         "starts",
         "version",
         "volume",
+        "web",
     )  # fmt: skip
 
     def __init__(self, name: str, content_id: str) -> None:
@@ -142,6 +143,8 @@ class AppSite:
         self.runtime: Runtime = "static"
         self.entry = ""
         self.root = ""
+        # The folder of the version that visitors see as "/" ("" for its root: see web_root).
+        self.web = ""
         self.version = 0
         self.always_on = False
         self.generation: tuple[Any, ...] = ()
@@ -354,6 +357,7 @@ class AppManager:
         asked = bool(app.generation) and app.generation[:-1] == generation[:-1]
         app.spec, app.runtime, app.entry, app.always_on = spec, runtime, entry, spec.always_on
         app.root, app.version, app.generation = version.root, version.number, generation
+        app.web = version.web
         app.failures, app.retry_at = 0, 0.0
         app.build_error = None
         # What crashed ran other content or settings: history now, not this app's state.

@@ -33,7 +33,7 @@ from roles.worker._access import LOGGED_HEADERS, AccessRecord
 from roles.worker._cache import version_line, version_tag
 from roles.worker._http import http_date
 from roles.worker._source import is_never_served
-from roles.worker._static import FileHit, Redirect, resolve, send_file
+from roles.worker._static import FileHit, Redirect, inside_web, resolve, send_file
 from roles.worker.apps._fastcgi import (
     STDIN_END,
     FastCgiUpstream,
@@ -182,12 +182,14 @@ class AppProxy(Generic[T]):
         # A Procfile or Node app answers every path itself, as it does on other platforms: its source is in
         # languages the worker cannot know (server.js, config.ru, main.go), so no file is served raw.
         static = app.runtime not in ("command", "node") and method in (b"GET", b"HEAD")
-        if static and self._static_file(app.root, app.version, rel, slash=path.endswith("/")):
+        if static and self._static_file(app.root, app.version, rel, slash=path.endswith("/"), web=app.web):
             return None
         return app, rel
 
-    def php_script(self, root: str, version: int, rel: str, entry: str) -> tuple[str, str, str] | None:
-        """The script that answers ``rel`` (see :func:`php_script`), remembered per version."""
+    def php_script(self, app: AppSite, rel: str) -> tuple[str, str, str] | None:
+        """The script that answers ``rel`` (see :func:`php_script`) in the site's web root,
+        remembered per version."""
+        root, version, entry = _docroot(app), app.version, app.entry
         key = (root, version, rel, entry)
         if key in self._scripts:
             return self._scripts[key]
@@ -198,16 +200,16 @@ class AppProxy(Generic[T]):
 
     def fixed_params(self, app: AppSite) -> bytes:
         """The CGI variables every request of this PHP site sends, encoded once per spec and root."""
-        held = self._fixed.get(app.name)
-        if held is not None and held[0] is app.spec and held[1] == app.root:
+        held, docroot = self._fixed.get(app.name), _docroot(app)
+        if held is not None and held[0] is app.spec and held[1] == docroot:
             return held[2]
-        pairs = encode_params(fixed_params(app.root, app.spec.env))
+        pairs = encode_params(fixed_params(docroot, app.spec.env))
         if len(self._fixed) >= STATIC_MEMO:
             self._fixed.clear()
-        self._fixed[app.name] = (app.spec, app.root, pairs)
+        self._fixed[app.name] = (app.spec, docroot, pairs)
         return pairs
 
-    def _static_file(self, root: str, version: int, rel: str, *, slash: bool) -> bool:
+    def _static_file(self, root: str, version: int, rel: str, *, slash: bool, web: str) -> bool:
         """Whether the static server answers this path; remembered per version number, not per root:
         changes made file by file are applied in place, under the same root, as a new number."""
         key = (root, version, rel, slash)
@@ -215,7 +217,7 @@ class AppProxy(Generic[T]):
         if found is None:
             if len(self._static) >= STATIC_MEMO:
                 self._static.clear()
-            found = self._static[key] = _static_file(root, rel, slash=slash)
+            found = self._static[key] = _static_file(root, rel, slash=slash, web=web)
         return found
 
 
@@ -259,8 +261,13 @@ def _byte_count(n: int) -> str:
     return f"{n} bytes"
 
 
-def _static_file(root: str, rel: str, *, slash: bool) -> bool:
-    found = resolve(root, rel, slash=slash)
+def _docroot(app: AppSite) -> str:
+    """The folder of the site's version that visitors see (its web root: DOCUMENT_ROOT for PHP)."""
+    return f"{app.root}/{app.web}" if app.web else app.root
+
+
+def _static_file(root: str, rel: str, *, slash: bool, web: str) -> bool:
+    found = resolve(root, rel, slash=slash, web=web)
     if isinstance(found, FileHit):
         return not is_never_served(found.path[len(root) + 1 :])
     return isinstance(found, Redirect)
@@ -370,12 +377,12 @@ class AppExchange(Generic[T]):
             and not target.partition(b"?")[0].endswith(b"/")
         )
         if self._look_written and app.volume:
-            self._written = open_written(app.volume, rel)
+            self._written = open_written(app.volume, inside_web(app.web, rel))
             if self._written is not None:
                 return  # answered from the file once the connection hands over (answer)
         inst = proxy.manager.running(app)
         if app.runtime == "php" and inst is not None:
-            self._script = proxy.php_script(app.root, app.version, rel, app.entry)
+            self._script = proxy.php_script(app, rel)
             self._php_version = version_line(version_tag(app.content_id, app.version))
             if self._script is None:
                 inst = None  # the task path answers 404
@@ -506,7 +513,7 @@ class AppExchange(Generic[T]):
         # Whether the app's files still need a look once it runs (its volume mounts as it starts).
         look = self._look_written and not (app.volume is not None and _mounted_or_none(app.volume))
         if app.runtime == "php":
-            script = self._proxy.php_script(app.root, app.version, self._rel, app.entry)
+            script = self._proxy.php_script(app, self._rel)
             self._php_version = version_line(version_tag(app.content_id, app.version))
             if script is None and not look:
                 self._error(404, "Not found", "Nothing is published at this address.")
@@ -517,7 +524,7 @@ class AppExchange(Generic[T]):
             self._error(503, "This site is not answering", exc.message, retry=True)
             return
         if look and app.volume:
-            self._written = open_written(app.volume, self._rel)
+            self._written = open_written(app.volume, inside_web(app.web, self._rel))
             if self._written is not None:
                 # The app was only woken for the look: it counts as used, not as serving this.
                 manager.begin(app, inst)

@@ -8,9 +8,10 @@ no file of the published version, the worker looks in the upper layer too: publi
 first (a deploy is what the owner chose), then what the app wrote.
 
 The app owns everything under the upper layer, so the worker (root) opens a path there only with
-``openat2`` resolving beneath it, through no symlink, magic link or other mount, then serves the open
-file, never the path again: a symlink, FIFO or device the app put there is not followed nor opened
-for reading, and a swap after the check changes nothing. The never-served rule holds as for
+``openat2`` resolving beneath it (a symlink only while it stays there; no magic link, no other
+mount), then serves the open file, never the path again: a symlink out of it (to ``/etc/passwd``, to
+another site), a FIFO or a device the app put there is not followed nor opened for reading, and a
+swap after the check changes nothing. The never-served rule holds as for
 published files (a ``db.sqlite3`` the app keeps is its data). Such an answer is marked ``no-cache``
 (the app may change the file at any time), and no cache on the worker or front end keeps it.
 """
@@ -36,9 +37,10 @@ _SYS_OPENAT2 = 437  # the same number on x86_64 and arm64
 _OPEN_HOW = struct.Struct("=QQQ")
 _RESOLVE_NO_XDEV = 0x01
 _RESOLVE_NO_MAGICLINKS = 0x02
-_RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
-_RESOLVE = _RESOLVE_NO_XDEV | _RESOLVE_NO_MAGICLINKS | _RESOLVE_NO_SYMLINKS | _RESOLVE_BENEATH
+# A symlink may be followed only while it stays beneath the upper layer (relative, as `php artisan
+# storage:link --relative` makes): an absolute one or one that climbs out is refused.
+_RESOLVE = _RESOLVE_NO_XDEV | _RESOLVE_NO_MAGICLINKS | _RESOLVE_BENEATH
 # NONBLOCK: a FIFO the app made opens at once (then is refused) instead of waiting for a writer.
 _FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
