@@ -389,6 +389,58 @@ def test_a_framework_layout_is_served_from_its_public_folder_and_nothing_beside_
     assert b"the-secret" not in cloud.get("generated", "/config.toml")[2]
 
 
+def test_a_static_sites_own_404_page_and_a_single_page_apps_routes(cloud: LocalCloud, tmp_path: Path) -> None:
+    """A generator's 404.html for missing pages; a single-page app's index.html for its routes, by
+    Azure Static Web Apps' staticwebapp.config.json or surge.sh's 200.html."""
+    blog = tmp_path / "blog"
+    blog.mkdir()
+    (blog / "index.html").write_text("<h1>blog</h1>")
+    (blog / "404.html").write_text("<h1>lost? our own page</h1>")
+    _publish_sample(cloud, "own404", blog)
+    _wait_for(cloud, "own404", "/", b"<h1>blog</h1>", timeout=30)
+    for missing in ("/no/such/post/", "/gone.png", "/.env"):
+        status, headers, body = cloud.get("own404", missing)
+        assert (status, body, headers["content-type"]) == (
+            404,
+            b"<h1>lost? our own page</h1>",
+            "text/html; charset=utf-8",
+        )
+
+    spa = tmp_path / "spa"
+    (spa / "css").mkdir(parents=True)
+    (spa / "index.html").write_text("<div id=app></div>")
+    (spa / "404.html").write_text("not here")
+    (spa / "css" / "app.css").write_text("#app{}")
+    (spa / "staticwebapp.config.json").write_text(
+        json.dumps(
+            {
+                "navigationFallback": {
+                    "rewrite": "/index.html",
+                    "exclude": ["/images/*.{png,jpg}", "/css/*"],
+                },
+                "responseOverrides": {"404": {"rewrite": "/404.html"}},
+            }
+        )
+    )
+    _publish_sample(cloud, "spa", spa)
+    _wait_for(cloud, "spa", "/css/app.css", b"#app{}", timeout=30)
+    for route in ("/dashboard/settings", "/users/7", "/dashboard/settings"):
+        assert cloud.get("spa", route)[::2] == (200, b"<div id=app></div>"), route
+    for excluded in ("/images/logo.png", "/css/missing.css"):
+        assert cloud.get("spa", excluded)[::2] == (404, b"not here"), excluded
+
+    surge = tmp_path / "surge"
+    surge.mkdir()
+    (surge / "index.html").write_text("<main>home</main>")
+    (surge / "200.html").write_text("<main>app shell</main>")
+    _publish_sample(cloud, "surge", surge)
+    _wait_for(cloud, "surge", "/", b"<main>home</main>", timeout=30)
+    assert cloud.get("surge", "/inbox/42")[::2] == (200, b"<main>app shell</main>")
+    # A missing file (it has an extension) is not a route: the platform's 404.
+    status, _, body = cloud.get("surge", "/missing.js")
+    assert status == 404 and b"app shell" not in body
+
+
 # Each sample's home page: where it is and what it says, and what its first start needs.
 HOMES = {
     "flask": ("/?name=Ada", b"<h1>Hello, Ada, from Flask</h1>", "pip"),

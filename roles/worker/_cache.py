@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from roles.worker._fallback import Fallbacks, fallbacks
 from roles.worker._packs import (
     CHANGES_SUFFIX,
     INDEX_SUFFIX,
@@ -114,14 +115,22 @@ class SiteVersion:
     line: bytes = field(init=False, repr=False, compare=False)
     # Its small files kept in packs (none for a version whose files are all in its directory).
     files: VersionFiles = field(init=False, repr=False, compare=False)
-    # The folder its visitors see as "/" (see web_root), found on first use.
+    # The folder its visitors see as "/" (see web_root), and what a path with no file gets (its
+    # 404 page, a single-page app's page: see _fallback.py), each found on first use.
     found_web: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    found_fallbacks: list[Fallbacks] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
     def web(self) -> str:
         if not self.found_web:
             self.found_web.append(web_root(self.root, self.files))
         return self.found_web[0]
+
+    @property
+    def fallbacks(self) -> Fallbacks:
+        if not self.found_fallbacks:
+            self.found_fallbacks.append(fallbacks(self.root, self.web, self.files))
+        return self.found_fallbacks[0]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "files", VersionFiles(self.root))

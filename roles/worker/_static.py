@@ -37,6 +37,7 @@ __all__ = [
     "HotKey",
     "Redirect",
     "inside_web",
+    "read_small",
     "resolve",
     "send_file",
     "web_root",
@@ -410,6 +411,14 @@ def _send_file(
     conn.write(head_bytes)
     conn.stream(f, length)
     return _STREAMED
+
+
+def read_small(hit: FileHit) -> bytes:
+    """A small file's bytes, from its pack or its own file."""
+    if hit.offset >= 0:
+        return _read_packed(hit)
+    with open(hit.path, "rb") as f:
+        return f.read(hit.size)
 
 
 def _read_packed(hit: FileHit) -> bytes:

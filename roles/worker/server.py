@@ -18,9 +18,11 @@ import httptools
 
 from roles.worker._access import AccessRecord
 from roles.worker._cache import SiteVersion
+from roles.worker._fallback import fallback_for, page_hit
 from roles.worker._feed import VersionFeeds
 from roles.worker._http import (
     LANE_MAX_FILE,
+    LANE_REFUSED_REQUEST,
     LANE_REFUSED_SITE,
     Divert,
     HttpConnection,
@@ -29,7 +31,7 @@ from roles.worker._http import (
     http_date_bytes,
     response_head,
 )
-from roles.worker._static import FileHit, HotCache, HotKey, Redirect, resolve, send_file
+from roles.worker._static import FileHit, HotCache, HotKey, Redirect, read_small, resolve, send_file
 from roles.worker.config import WorkerConfig
 from shared.errors import InvalidInput
 from shared.listeners import listener
@@ -48,6 +50,10 @@ Lookup = Callable[[str], tuple[bool, SiteVersion | None]]
 _ALLOWED = "GET, HEAD"
 _SITE = b"x-sitecloud-site"
 _CACHED = b"x-sitecloud-cached"
+
+
+# A site's own 404 page is sent whole from memory; a larger one gives way to the platform's.
+NOT_FOUND_PAGE_MAX = 256 * 1024
 
 
 class AccessSink(Protocol):
@@ -362,7 +368,8 @@ class DataServer:
             return False
         found = resolve(version.root, rel, slash=path.endswith("/"), packed=version.files, web=version.web)
         if found is None:
-            _page(conn, 404, "Not found", "Nothing is published at this address.", head, keep_alive)
+            if not self._fallback(conn, key, version, request, path, rel, keep_alive):
+                _page(conn, 404, "Not found", "Nothing is published at this address.", head, keep_alive)
         elif isinstance(found, Redirect):
             location = found.location + (f"?{url.query.decode('latin-1')}" if url.query else "")
             _page(
@@ -377,6 +384,43 @@ class DataServer:
         else:
             self._send(conn, key, found, request, head, keep_alive)
         return keep_alive
+
+    def _fallback(
+        self,
+        conn: HttpConnection,
+        key: HotKey,
+        version: SiteVersion,
+        request: Request,
+        path: str,
+        rel: str,
+        keep_alive: bool,
+    ) -> bool:
+        """Answer a path with no file from the site's own pages (_fallback.py): a single-page app's
+        page with 200, its 404 page with 404; False when it has neither for this path."""
+        chosen = fallback_for(version.fallbacks, path, rel)
+        if chosen is None:
+            return False
+        status, page = chosen
+        hit = page_hit(version.root, page, version.files)
+        if hit is None:
+            return False
+        head = request.method == b"HEAD"
+        if status == 200:
+            self._send(conn, key, hit, request, head, keep_alive)
+            return True
+        if hit.size > NOT_FOUND_PAGE_MAX:
+            return False
+        if conn.lane and hit.size > LANE_MAX_FILE:
+            conn.refuse_lane(LANE_REFUSED_REQUEST)
+            return True
+        body = read_small(hit)
+        headers = [
+            ("Content-Type", hit.content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ]
+        conn.write(response_head(404, headers, keep_alive=keep_alive) + (b"" if head else body))
+        return True
 
     def _send(
         self,
