@@ -9,6 +9,7 @@ answer, and a visitor cannot claim a version to get a stale one.
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import itertools
 import os
@@ -356,3 +357,39 @@ def test_the_cache_keeps_to_its_budget_and_forgets_sites_that_left() -> None:
     assert cache.get("other", b"/4") is not cache.get("s", b"/4")
     cache.drop_sites({"other"})
     assert cache.get("s", b"/4") is None and cache.get("other", b"/4") is not None
+
+
+def test_text_files_go_gzipped_to_visitors_who_take_gzip_and_as_they_are_to_the_rest(stack: Stack) -> None:
+    css = b"".join(b".rule-%d { color: #%06x; margin: %dpx; }\n" % (n, n * 977, n % 40) for n in range(800))
+    js = b"function f%d(a) { return a * %d; }\n" % (1, 2) * 600
+    small, png = b"body{}", b"\x89PNG\r\n\x1a\n" + os.urandom(4000)
+    stack.publish("alpha", {"site.css": css, "app.js": js, "small.css": small, "logo.png": png})
+    _live(stack, "alpha", "/site.css", css)
+    _feed_live(stack, path="/site.css")
+    gzip_ok = {"Accept-Encoding": "gzip, deflate, br"}
+
+    def gzipped(path: str) -> bool:
+        status, _, resp = stack.get("alpha", path, **gzip_ok)
+        return status == 200 and resp.getheader("Content-Encoding") == "gzip"
+
+    # The first answers go as they are while its gzip form is made, once, off the loop.
+    wait_until(lambda: gzipped("/site.css"), timeout=10, what="the gzip form of site.css")
+    status, body, resp = stack.get("alpha", "/site.css", **gzip_ok)
+    assert gzip.decompress(body) == css and len(body) < len(css) // 4
+    assert resp.getheader("Vary") == "Accept-Encoding" and resp.getheader("Content-Length") == str(len(body))
+    etag = resp.getheader("ETag")
+    assert etag.startswith('W/"'), etag
+    # The same file as it is: to a visitor who takes no gzip, or refuses it.
+    for headers in ({}, {"Accept-Encoding": "identity"}, {"Accept-Encoding": "br, gzip;q=0"}):
+        status, body, resp = stack.get("alpha", "/site.css", **headers)
+        assert (status, body, resp.getheader("Content-Encoding")) == (200, css, None), headers
+        assert resp.getheader("Vary") == "Accept-Encoding"
+    # A revalidation with the gzip form's validator still matches the file.
+    assert stack.get("alpha", "/site.css", **gzip_ok, **{"If-None-Match": etag})[0] == 304
+    wait_until(lambda: gzipped("/app.js"), timeout=10, what="the gzip form of app.js")
+    assert gzip.decompress(stack.get("alpha", "/app.js", **gzip_ok)[1]) == js
+    # Too small to gain, or compressed already: always as they are.
+    for path, data in (("/small.css", small), ("/logo.png", png)):
+        for _ in range(3):
+            status, body, resp = stack.get("alpha", path, **gzip_ok)
+            assert (status, body, resp.getheader("Content-Encoding")) == (200, data, None), path

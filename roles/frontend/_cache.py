@@ -16,14 +16,19 @@ An app's answer is kept only when the app allows it (:func:`app_lifetime`), for 
 from __future__ import annotations
 
 import collections
+import gzip
 import time
 from email.utils import formatdate
 
 __all__ = [
+    "COMPRESS_MIN",
     "CacheEntry",
     "ResponseCache",
+    "accepts_gzip",
     "app_lifetime",
     "cacheable",
+    "compressible",
+    "gzip_form",
     "http_date_line",
     "without_date",
 ]
@@ -67,6 +72,72 @@ def cacheable(headers: bytes) -> bool:
     return True
 
 
+# Content types worth compressing (text and text-like; images, fonts and archives but SVG, ICO, TTF and
+# OTF are compressed already), and the smallest body worth it (a gzip header and trailer are 18 bytes).
+_COMPRESSIBLE = (
+    b"text/", b"application/javascript", b"application/json", b"application/xml", b"image/svg+xml",
+    b"application/wasm", b"application/manifest+json", b"application/ld+json", b"application/rss+xml",
+    b"application/atom+xml", b"image/x-icon", b"image/vnd.microsoft.icon", b"font/ttf", b"font/otf",
+)  # fmt: skip
+COMPRESS_MIN = 1024
+GZIP_LEVEL = 6
+_ACCEPTS: dict[bytes, bool] = {}
+
+
+def compressible(head: bytes, size: int) -> bool:
+    """Whether a file's 200 (its status line and header lines) is worth a gzip form."""
+    if size < COMPRESS_MIN:
+        return False
+    lower = head.lower()
+    if b"\r\ncontent-encoding:" in lower:
+        return False
+    at = lower.find(b"\r\ncontent-type:")
+    if at < 0:
+        return False
+    return lower[at + 15 : lower.find(b"\r\n", at + 2)].strip().startswith(_COMPRESSIBLE)
+
+
+def accepts_gzip(value: bytes) -> bool:
+    """Whether an Accept-Encoding value takes gzip (RFC 9110 12.5.3: ``gzip;q=0`` and ``*;q=0``
+    refuse it); remembered per value, as browsers send the same few."""
+    found = _ACCEPTS.get(value)
+    if found is None:
+        found = False
+        for token in value.lower().split(b","):
+            name, _, params = token.partition(b";")
+            name = name.strip()
+            if name not in (b"gzip", b"x-gzip", b"*"):
+                continue
+            q = params.strip().removeprefix(b"q=").strip() if params.strip().startswith(b"q=") else b"1"
+            try:
+                found = float(q) > 0
+            except ValueError:
+                found = False
+            if name != b"*":
+                break
+        if len(_ACCEPTS) > 256:
+            _ACCEPTS.clear()
+        _ACCEPTS[value] = found
+    return found
+
+
+def gzip_form(head: bytes, body: bytes) -> tuple[bytes, bytes]:
+    """``head`` and ``body`` gzipped (blocking: run off the loop): its length, a weak ETag (the same
+    file, another form: a revalidation with it still matches, as nginx does), Content-Encoding."""
+    packed = gzip.compress(body, GZIP_LEVEL, mtime=0)
+    lines = []
+    for line in head.split(b"\r\n"):
+        lower = line.lower()
+        if lower.startswith(b"content-length:"):
+            line = b"Content-Length: %d" % len(packed)
+        elif lower.startswith(b"etag:") and not line[5:].strip().startswith(b"W/"):
+            line = b"ETag: W/" + line[5:].strip()
+        elif lower.startswith(b"accept-ranges:") or not line:
+            continue  # ranges are of the file as it is; the gzip form is served whole
+        lines.append(line)
+    return b"".join(line + b"\r\n" for line in lines) + b"Content-Encoding: gzip\r\n", packed
+
+
 def app_lifetime(headers: bytes) -> float:
     """Seconds an app's 200 to a plain GET may be kept (0: not at all): only when it says
     ``Cache-Control: public, max-age=N`` (RFC 9111 5.2.2), sets no cookie, and varies by nothing but
@@ -100,7 +171,7 @@ class CacheEntry:
     version it came from. An app's answer also has when it expires (loop time; 0 for a file's, which
     lasts as long as its version) and the Accept-Encoding it was asked with when it varies by it."""
 
-    __slots__ = ("body", "encoding", "expires", "head", "version")
+    __slots__ = ("body", "compressible", "compressing", "encoding", "expires", "gzip", "head", "version")
 
     def __init__(
         self, version: bytes, head: bytes, body: bytes, *, expires: float = 0.0, encoding: bytes | None = None
@@ -110,6 +181,15 @@ class CacheEntry:
         self.body = body
         self.expires = expires
         self.encoding = encoding
+        # A file's answer worth compressing (see compressible); its gzip form (head, body) once made.
+        self.compressible = False
+        self.compressing = False
+        self.gzip: tuple[bytes, bytes] | None = None
+
+    @property
+    def size(self) -> int:
+        gz = self.gzip
+        return len(self.head) + len(self.body) + (len(gz[0]) + len(gz[1]) if gz is not None else 0)
 
 
 class ResponseCache:
@@ -144,25 +224,36 @@ class ResponseCache:
         """Keep ``entry``; False when its body is larger than an entry may be."""
         if len(entry.body) > self.max_entry:
             return False
-        size = len(entry.body) + len(entry.head)
         key = (site, target)
         old = self._entries.pop(key, None)
         if old is not None:
-            self._bytes -= len(old.body) + len(old.head)
+            self._bytes -= old.size
         self._entries[key] = entry
         self._by_site.setdefault(site, set()).add(target)
-        self._bytes += size
+        self._bytes += entry.size
         self.fills += 1
+        self._trim()
+        return True
+
+    def add_gzip(self, site: str, target: bytes, entry: CacheEntry, head: bytes, body: bytes) -> None:
+        """The gzip form of ``entry``, made off the loop; dropped if the entry went meanwhile."""
+        entry.compressing = False
+        if self._entries.get((site, target)) is not entry:
+            return
+        entry.gzip = (head, body)
+        self._bytes += len(head) + len(body)
+        self._trim()
+
+    def _trim(self) -> None:
         while self._bytes > self.max_bytes:
             (gone, target), dropped = self._entries.popitem(last=False)
-            self._bytes -= len(dropped.body) + len(dropped.head)
+            self._bytes -= dropped.size
             self._forget(gone, target)
-        return True
 
     def drop(self, site: str, target: bytes) -> None:
         old = self._entries.pop((site, target), None)
         if old is not None:
-            self._bytes -= len(old.body) + len(old.head)
+            self._bytes -= old.size
             self._forget(site, target)
 
     def _forget(self, site: str, target: bytes) -> None:

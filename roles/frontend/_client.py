@@ -17,7 +17,15 @@ from typing import cast
 import httptools
 
 from roles.frontend._admission import TOO_MANY
-from roles.frontend._cache import CacheEntry, app_lifetime, cacheable, http_date_line, without_date
+from roles.frontend._cache import (
+    CacheEntry,
+    accepts_gzip,
+    app_lifetime,
+    cacheable,
+    compressible,
+    http_date_line,
+    without_date,
+)
 from roles.frontend._dispatch import dispatch, keep_off_lane, release, resend_stale, skip_lane
 from roles.frontend._head import (
     AUTHORIZATION,
@@ -80,6 +88,9 @@ _JOIN_MAX = 16 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _CHALLENGE_PREFIX = CHALLENGE_PATH.encode()
+
+
+_VARY_ENCODING = b"Vary: Accept-Encoding\r\n"
 
 
 class _Reject(Exception):
@@ -448,9 +459,10 @@ class ClientConnection(asyncio.Protocol):
                     # Answered from here in this very turn (nothing before it in the queue): no head
                     # to build, nothing to send.
                     req.held = entry
+                    req.held_form = form = self._form(entry, site.name, target, self._encoding)
                     req.target = target
                     req.rid = rid = proxy.request_id()
-                    self._report_held(site, target, len(entry.body), rid)
+                    self._report_held(site, target, len(form[1]), rid)
                     return
                 elif entry.expires:
                     entry = None  # an app's answer is only ever given unasked
@@ -502,6 +514,16 @@ class ClientConnection(asyncio.Protocol):
                 b"Transfer-Encoding: chunked\r\n\r\n" if req.chunked else b"\r\n",
             )
         )
+
+    def _form(self, entry: CacheEntry, site: str, target: bytes, encoding: bytes) -> tuple[bytes, bytes]:
+        """The form of a kept file's answer to send (its head with the status line, and its body):
+        the gzip one to a visitor who takes gzip, once it is made (asked for here the first time)."""
+        if entry.compressible and encoding and accepts_gzip(encoding):
+            gz = entry.gzip
+            if gz is not None:
+                return gz
+            self._proxy.compress(site, target, entry)
+        return entry.head, entry.body
 
     def _report_held(self, site: Site, target: bytes, size: int, rid: bytes) -> None:
         """An answer given from the cache unasked goes to the site's access log on its worker."""
@@ -762,16 +784,26 @@ class ClientConnection(asyncio.Protocol):
         if fresh:
             assert entry is not None  # the lane checked the version is the one held
             proxy.cache.hits += 1  # type: ignore[union-attr]
-            status_line, headers, body = entry.head, http_date_line(), entry.body
+            name = req.site.name if req.site is not None else ""
+            status_line, body = self._form(entry, name, req.target, req.encoding)
+            headers = http_date_line()
         elif version and req.fill and req.site is not None and proxy.cache is not None and cacheable(headers):
             proxy.ensure_feed(req.upstream)
             known = proxy.feed_version(req.site)
             # Not kept when the feeds name another version: this answer left before the notice did.
             if known is None or known == version:
                 kept = CacheEntry(version, status_line + without_date(headers), body)
+                if compressible(kept.head, len(body)):
+                    # Its gzip form is made once, for the next visitor who takes it; either form
+                    # says the answer varies by Accept-Encoding, for caches on the way.
+                    kept.compressible = True
+                    kept.head += _VARY_ENCODING
+                    headers += _VARY_ENCODING
                 if not proxy.cache.put(req.site.name, req.target, kept):
                     # Too big to keep here: it would only come on the lane again and again.
                     skip_lane(req.site, req.target)
+                elif kept.compressible:
+                    proxy.compress(req.site.name, req.target, kept)
         self._write_answer(req, status_line, headers, body)
         self._finish(req)
 
@@ -788,7 +820,9 @@ class ClientConnection(asyncio.Protocol):
         self._state = _WAIT  # (the end of the message makes it idle)
         self.read_deadline = 0.0
         self._meter = req.site.usage
-        self._write_answer(req, entry.head, http_date_line(), entry.body)
+        head, body = req.held_form
+        req.held_form = (b"", b"")
+        self._write_answer(req, head, http_date_line(), body)
         self._meter = None
         if req.close_after:
             self.close()

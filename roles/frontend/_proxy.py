@@ -15,7 +15,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from roles.frontend._admission import AddressLimit
-from roles.frontend._cache import CacheEntry, ResponseCache
+from roles.frontend._cache import CacheEntry, ResponseCache, gzip_form
 from roles.frontend._feed import FeedClient, run_feed
 from roles.frontend._http import Page, text_page
 from roles.frontend._lane import NO_LANE_FOR, LaneConnection
@@ -288,6 +288,23 @@ class Proxy:
             lane.close()
         else:
             upstream.lanes.append(lane)
+
+    def compress(self, site: str, target: bytes, entry: CacheEntry) -> None:
+        """Make the gzip form of a kept file's answer in a thread (zlib lets the loop go on); until it
+        is there, the file goes as it is."""
+        cache = self.cache
+        if cache is None or entry.compressing:
+            return
+        entry.compressing = True
+
+        def made(done: asyncio.Future[tuple[bytes, bytes]]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                entry.compressing = entry.compressible = False
+                return
+            head, body = done.result()
+            cache.add_gzip(site, target, entry, head, body)
+
+        self.loop.run_in_executor(None, gzip_form, entry.head, entry.body).add_done_callback(made)
 
     def ensure_feed(self, upstream: Upstream | None) -> None:
         """Open ``upstream``'s version feed, once it has given an answer worth keeping."""

@@ -34,6 +34,7 @@ class Request:
         "head",
         "head_request",
         "held",
+        "held_form",
         "http11",
         "keep_alive",
         "kept",
@@ -97,6 +98,8 @@ class Request:
         self.fill = False
         # An answer held here that is sent without asking a worker (its version feeds say current).
         self.held: CacheEntry | None = None
+        # The form of it sent (its head and body: the file as it is, or its gzip form).
+        self.held_form: tuple[bytes, bytes] = (b"", b"")
         # An app's answer being kept (its head, then its body's pieces), and the site's version then.
         self.kept: list[bytes] | None = None
         self.kept_for = 0.0
