@@ -39,7 +39,7 @@ def cloud(traversable_home: Path) -> Iterator[LocalCloud]:
     cloud = LocalCloud(traversable_home)
     cloud.start()
     try:
-        cloud.cli("plan", "create", "samples", "--max-sites", "30", "--storage-mb", "100")
+        cloud.cli("plan", "create", "samples", "--max-sites", "60", "--storage-mb", "100")
         cloud.cli("tenant", "create", "samplers")
         yield cloud
     finally:
@@ -73,6 +73,14 @@ def _publish_sample(cloud: LocalCloud, name: str, folder: str | Path) -> None:
                     ftp.storbinary(f"STOR {rel}", f)
     finally:
         ftp.quit()
+
+
+def _folder(root: Path, files: dict[str, str]) -> Path:
+    """A site's files as its owner has them on disk, to publish."""
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
 
 
 def _wait_for(cloud: LocalCloud, site: str, path: str, needle: bytes, timeout: float) -> None:
@@ -352,22 +360,22 @@ def test_a_framework_layout_is_served_from_its_public_folder_and_nothing_beside_
 ) -> None:
     """Laravel's, Symfony's, Slim's layout published as it is: visitors see public/ (its front
     controller, its assets), never the .env, logs, vendor/ or source beside it."""
-    tree = tmp_path / "framework"
-    for rel, text in {
-        "public/index.php": "<?php require __DIR__ . '/../src/app.php';\n",
-        "public/css/site.css": "body { color: teal; }\n",
-        "src/app.php": (
-            "<?php $path = parse_url($_SERVER['REQUEST_URI'], PHP_URL_PATH);\n"
-            "echo 'framework: ' . $path . ' in ' . basename($_SERVER['DOCUMENT_ROOT']);\n"
-        ),
-        ".env": "APP_KEY=base64:the-secret-key\n",
-        "artisan": "#!/usr/bin/env php\n<?php // the-secret-console\n",
-        "storage/app/notes.txt": "the-secret-notes\n",
-        "vendor/autoload.php": "<?php // the-secret-vendor\n",
-        "composer.json": '{"name": "the-secret/app"}\n',
-    }.items():
-        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tree / rel).write_text(text)
+    tree = _folder(
+        tmp_path / "framework",
+        {
+            "public/index.php": "<?php require __DIR__ . '/../src/app.php';\n",
+            "public/css/site.css": "body { color: teal; }\n",
+            "src/app.php": (
+                "<?php $path = parse_url($_SERVER['REQUEST_URI'], PHP_URL_PATH);\n"
+                "echo 'framework: ' . $path . ' in ' . basename($_SERVER['DOCUMENT_ROOT']);\n"
+            ),
+            ".env": "APP_KEY=base64:the-secret-key\n",
+            "artisan": "#!/usr/bin/env php\n<?php // the-secret-console\n",
+            "storage/app/notes.txt": "the-secret-notes\n",
+            "vendor/autoload.php": "<?php // the-secret-vendor\n",
+            "composer.json": '{"name": "the-secret/app"}\n',
+        },
+    )
     _publish_sample(cloud, "framework", tree)
     _wait_for(cloud, "framework", "/", b"framework: / in public", timeout=60)
     assert cloud.get("framework", "/posts/7")[::2] == (200, b"framework: /posts/7 in public")
@@ -376,11 +384,14 @@ def test_a_framework_layout_is_served_from_its_public_folder_and_nothing_beside_
         status, _, body = cloud.get("framework", outside)
         assert b"the-secret" not in body, (outside, status, body)
     # A static site generator's output published with its sources (Hugo's public/) is its site too.
-    static = tmp_path / "generated"
-    (static / "public" / "posts").mkdir(parents=True)
-    (static / "public" / "index.html").write_text("<h1>generated</h1>")
-    (static / "public" / "posts" / "index.html").write_text("<h1>posts</h1>")
-    (static / "config.toml").write_text("title = 'the-secret-config'\n")
+    static = _folder(
+        tmp_path / "generated",
+        {
+            "public/index.html": "<h1>generated</h1>",
+            "public/posts/index.html": "<h1>posts</h1>",
+            "config.toml": "title = 'the-secret-config'\n",
+        },
+    )
     _publish_sample(cloud, "generated", static)
     _wait_for(cloud, "generated", "/", b"<h1>generated</h1>", timeout=30)
     assert cloud.get("generated", "/posts/")[::2] == (200, b"<h1>posts</h1>")
@@ -392,10 +403,9 @@ def test_a_framework_layout_is_served_from_its_public_folder_and_nothing_beside_
 def test_a_static_sites_own_404_page_and_a_single_page_apps_routes(cloud: LocalCloud, tmp_path: Path) -> None:
     """A generator's 404.html for missing pages; a single-page app's index.html for its routes, by
     Azure Static Web Apps' staticwebapp.config.json or surge.sh's 200.html."""
-    blog = tmp_path / "blog"
-    blog.mkdir()
-    (blog / "index.html").write_text("<h1>blog</h1>")
-    (blog / "404.html").write_text("<h1>lost? our own page</h1>")
+    blog = _folder(
+        tmp_path / "blog", {"index.html": "<h1>blog</h1>", "404.html": "<h1>lost? our own page</h1>"}
+    )
     _publish_sample(cloud, "own404", blog)
     _wait_for(cloud, "own404", "/", b"<h1>blog</h1>", timeout=30)
     for missing in ("/no/such/post/", "/gone.png", "/.env"):
@@ -406,21 +416,18 @@ def test_a_static_sites_own_404_page_and_a_single_page_apps_routes(cloud: LocalC
             "text/html; charset=utf-8",
         )
 
-    spa = tmp_path / "spa"
-    (spa / "css").mkdir(parents=True)
-    (spa / "index.html").write_text("<div id=app></div>")
-    (spa / "404.html").write_text("not here")
-    (spa / "css" / "app.css").write_text("#app{}")
-    (spa / "staticwebapp.config.json").write_text(
-        json.dumps(
-            {
-                "navigationFallback": {
-                    "rewrite": "/index.html",
-                    "exclude": ["/images/*.{png,jpg}", "/css/*"],
-                },
-                "responseOverrides": {"404": {"rewrite": "/404.html"}},
-            }
-        )
+    config = {
+        "navigationFallback": {"rewrite": "/index.html", "exclude": ["/images/*.{png,jpg}", "/css/*"]},
+        "responseOverrides": {"404": {"rewrite": "/404.html"}},
+    }
+    spa = _folder(
+        tmp_path / "spa",
+        {
+            "index.html": "<div id=app></div>",
+            "404.html": "not here",
+            "css/app.css": "#app{}",
+            "staticwebapp.config.json": json.dumps(config),
+        },
     )
     _publish_sample(cloud, "spa", spa)
     _wait_for(cloud, "spa", "/css/app.css", b"#app{}", timeout=30)
@@ -429,10 +436,9 @@ def test_a_static_sites_own_404_page_and_a_single_page_apps_routes(cloud: LocalC
     for excluded in ("/images/logo.png", "/css/missing.css"):
         assert cloud.get("spa", excluded)[::2] == (404, b"not here"), excluded
 
-    surge = tmp_path / "surge"
-    surge.mkdir()
-    (surge / "index.html").write_text("<main>home</main>")
-    (surge / "200.html").write_text("<main>app shell</main>")
+    surge = _folder(
+        tmp_path / "surge", {"index.html": "<main>home</main>", "200.html": "<main>app shell</main>"}
+    )
     _publish_sample(cloud, "surge", surge)
     _wait_for(cloud, "surge", "/", b"<main>home</main>", timeout=30)
     assert cloud.get("surge", "/inbox/42")[::2] == (200, b"<main>app shell</main>")

@@ -776,20 +776,12 @@ class AppManager:
                     hint='add "scripts": {"start": "node server.js"} or a server.js',
                 )
             started_version = app.version  # (the code the plan points at: app.root is that version's)
-            plan = plan_launch(
-                site=app.name,
+            plan = self._plan(
+                app,
+                dirs,
+                packages,
                 runtime=app.runtime,
                 entry=app.entry,
-                root=app.root,
-                dirs=dirs,
-                settings=app.spec.env,
-                limits=app.spec.limits,
-                python=self._python,
-                packages=packages,
-                node_packages=_node_packages(app),
-                tools=str(self._tools),
-                max_body=self._config.app_max_body,
-                appserver=self._appserver,
                 port=port,
                 bridge_timeout=self._config.app_start_timeout if sandbox is not None else None,
             )
@@ -814,6 +806,35 @@ class AppManager:
             if isinstance(exc, Unavailable):
                 raise
             raise Unavailable(f"the site's app could not start: {exc}", hint="its log says why") from exc
+
+    def _plan(
+        self,
+        app: AppSite,
+        dirs: SiteDirs,
+        packages: Path | None,
+        *,
+        runtime: Runtime,
+        entry: str,
+        port: int = 0,
+        bridge_timeout: float | None = None,
+    ) -> LaunchPlan:
+        return plan_launch(
+            site=app.name,
+            runtime=runtime,
+            entry=entry,
+            root=app.root,
+            dirs=dirs,
+            settings=app.spec.env,
+            limits=app.spec.limits,
+            python=self._python,
+            packages=packages,
+            node_packages=_node_packages(app),
+            tools=str(self._tools),
+            max_body=self._config.app_max_body,
+            appserver=self._appserver,
+            port=port,
+            bridge_timeout=bridge_timeout,
+        )
 
     async def _spawn_instance(
         self,
@@ -908,19 +929,7 @@ class AppManager:
         if command is None or _read_or_empty(marker) == done_for:
             return
         assert app.identity is not None
-        plan = plan_launch(
-            site=app.name,
-            runtime="command",
-            entry=command,
-            root=app.root,
-            dirs=dirs,
-            settings=app.spec.env,
-            limits=app.spec.limits,
-            python=self._python,
-            packages=packages,
-            node_packages=_node_packages(app),
-            tools=str(self._tools),
-        )
+        plan = self._plan(app, dirs, packages, runtime="command", entry=command)
         env = {k: v for k, v in plan.env.items() if k != "PORT"}
         plan = LaunchPlan(plan.argv, env, plan.cwd, "none")
         log = self._site_log(app)
