@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.cloud import LocalCloud
+from tests.forked_cli import run_cli
 from tests.support import WebSocket, npm_registry_unreachable, pip_index_unreachable, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -234,6 +235,28 @@ def test_the_django_sample(cloud: LocalCloud) -> None:
     )
     assert status == 200 and b"Site administration" in body, (status, body[:300])
 
+    # The owner runs a command in the site's sandbox, as `heroku run` or Kudu's console does: it sees
+    # what the app sees (its packages, settings and database) and ends as the command did.
+    printed = cloud.cli_text(
+        "site", "run", "django-sample", "--", "python", "manage.py", "showmigrations", "visits"
+    )
+    assert printed.splitlines() == ["visits", " [X] 0001_initial"], printed
+    made = run_cli(
+        ["--home", str(cloud.home), "--json", "site", "run", "django-sample", "--timeout", "30", "--",
+         "sh", "-c", "echo $DJANGO_ADMIN_USER; ls db.sqlite3; exit 3"],
+        env=os.environ,
+        timeout=90,
+    )  # fmt: skip
+    answer = json.loads(made.stdout)
+    assert made.returncode == 3 and answer["exit_code"] == 3, (made, answer)
+    assert answer["output"] == "ada\ndb.sqlite3\n" and not answer["timed_out"], answer
+    slow = run_cli(
+        ["--home", str(cloud.home), "site", "run", "django-sample", "--timeout", "1", "--", "sleep", "30"],
+        env=os.environ,
+        timeout=90,
+    )
+    assert slow.returncode == 124 and b"stopped after 1 s" in slow.stderr, slow
+
 
 def test_the_fastapi_sample(cloud: LocalCloud) -> None:
     _needs_index()
@@ -409,6 +432,11 @@ def test_a_static_sites_own_404_page_and_a_single_page_apps_routes(cloud: LocalC
     )
     _publish_sample(cloud, "own404", blog)
     _wait_for(cloud, "own404", "/", b"<h1>blog</h1>", timeout=30)
+    # A static site has no app sandbox to run a command in.
+    static = run_cli(
+        ["--home", str(cloud.home), "site", "run", "own404", "--", "ls"], env=os.environ, timeout=60
+    )
+    assert static.returncode == 5 and b"runs no app here" in static.stderr, static
     for missing in ("/no/such/post/", "/gone.png", "/.env"):
         status, headers, body = cloud.get("own404", missing)
         assert (status, body, headers["content-type"]) == (

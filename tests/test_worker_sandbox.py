@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import AppLimits
 from roles.worker.apps._volume import BlankImages, HomeVolume
 from shared.logs import get_logger
-from tests.support import wait_until
+from tests.support import call, wait_until
 from tests.test_worker_apps import AppCloud, running_cloud
 
 ROOT = os.geteuid() == 0
@@ -895,3 +896,63 @@ def test_files_the_app_wrote_are_served_and_nothing_it_plants_there_leads_out(cl
     wait_until(lambda: not os.path.ismount(volume), timeout=15, what="the app to idle out, its volume gone")
     assert cloud.get("uploader", "/uploads/photo.jpg")[:3:2] == (200, b"app-uploads/photo.jpg")
     bystander_answers(cloud)
+
+
+def test_an_owners_command_runs_in_the_sandbox_once_at_a_time_and_leaves_nothing_behind(
+    cloud: AppCloud,
+) -> None:
+    attacker(cloud, "commander")
+    uid = int(cloud.get("commander", "/whoami")[2])
+    url = f"{cloud.worker.control_url}/v1/sites/commander/commands"
+    ctx = cloud.pki.client_ssl("management")
+
+    def run(command: str, timeout: float = 20) -> tuple[int, Any]:
+        return call(url, ctx, method="POST", body={"command": command, "timeout": timeout})
+
+    # It runs as the site's app does: its uid, its folder, no way out to the host's other files.
+    status, answer = run(
+        "id -u; cat /proc/1/cmdline | tr '\\0' ' '; ls ../../../../etc/shadow 2>&1 | head -1"
+    )
+    assert status == 200 and answer["exit_code"] == 0, answer
+    assert answer["output"].splitlines()[0] == str(uid), answer
+    # One at a time per site: a second one while the first runs is refused, saying why.
+    slow: dict[str, Any] = {}
+    first = threading.Thread(target=lambda: slow.update(answer=run("sleep 2; echo done")))
+    first.start()
+    wait_until(lambda: "running a command" in cloud.log("commander").splitlines()[-1], timeout=10)
+    status, busy = run("echo second")
+    first.join(30)
+    assert status == 409 and "already running" in busy["error"]["message"], busy
+    assert slow["answer"][1]["output"] == "done\n"
+    # A daemon it leaves, and one past its time limit, go with it; output past 1 MiB is cut.
+    status, answer = run("setsid sh -c 'sleep 300 &' ; echo left")
+    assert (status, answer["exit_code"], answer["output"]) == (200, 0, "left\n")
+    status, answer = run("sleep 300 & sleep 300", timeout=1)
+    assert (status, answer["exit_code"], answer["timed_out"]) == (200, None, True), answer
+    wait_until(
+        lambda: not uid_processes(uid) or _only_app(uid), timeout=10, what="the command's processes gone"
+    )
+    status, answer = run("head -c 3000000 /dev/zero | tr '\\0' x")
+    assert answer["truncated"] and len(answer["output"]) == 1024 * 1024, len(answer["output"])
+    # Absurd requests are refused with what is allowed, and change nothing.
+    for body in (
+        {"command": ""},
+        {"command": "x" * 5000},
+        {"command": "ls", "timeout": 10_000},
+        {"cmd": "ls"},
+    ):
+        status, refused = call(url, ctx, method="POST", body=body)
+        assert status == 400 and refused["error"]["code"] == "invalid_input", (body, refused)
+    bystander_answers(cloud)
+
+
+def _only_app(uid: int) -> bool:
+    """Whether the uid's processes are its app's alone (its server and the bridge or sandbox's own)."""
+    for pid in uid_processes(uid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"sleep" in f.read():
+                    return False
+        except OSError:
+            continue
+    return True

@@ -223,10 +223,15 @@ class ApiClient:
 
     @contextmanager
     def _exchange(
-        self, method: str, path: str, headers: dict[str, str], body: bytes | None = None
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes | None = None,
+        timeout: float | None = None,
     ) -> Iterator[tuple[http.client.HTTPSConnection, http.client.HTTPResponse]]:
         """One request; network failures become clear errors, and the connection is always closed."""
-        with self._connected(self._timeout) as conn:
+        with self._connected(timeout or self._timeout) as conn:
             conn.request(method, path, body=body, headers=self._headers(headers))
             yield conn, conn.getresponse()
 
@@ -243,10 +248,10 @@ class ApiClient:
         finally:
             conn.close()
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None, *, timeout: float | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        with self._exchange(method, path, headers, data) as (_, resp):
+        with self._exchange(method, path, headers, data, timeout) as (_, resp):
             return self._answer(resp)
 
     def request_lines(

@@ -32,6 +32,7 @@ from roles.management._store import (
 )
 from shared.acme import MAX_DIRECTORY_URL
 from shared.appsettings import ENV_NAME, MAX_VALUE_CHARS
+from shared.contracts.apps import COMMAND_CHARS_MAX, COMMAND_SECONDS_MAX
 from shared.dns01 import TSIG_ALGORITHMS
 from shared.errors import InvalidInput
 from shared.names import (
@@ -549,6 +550,26 @@ class BackupRestore(Body):
 class Restored(Answer):
     format: str
     restored: dict[str, int] = Field(description="rows put in, per table")
+
+
+class SiteCommand(Body):
+    what = "command"
+    command: Annotated[str, Field(min_length=1, max_length=COMMAND_CHARS_MAX)] = Field(
+        description="run once with /bin/sh -c in the site's app sandbox, as its app runs (its packages, "
+        "settings and writable folder), e.g. `python manage.py migrate`"
+    )
+    timeout: Annotated[float, Field(gt=0, le=COMMAND_SECONDS_MAX)] = Field(
+        60.0, description="seconds it may run before it is stopped"
+    )
+
+
+class SiteCommandResult(Answer):
+    site: str
+    exit_code: int | None = Field(description="its exit status; none when it was stopped at a limit")
+    output: str = Field(description="its standard output and error, as one text (the first 1 MiB)")
+    truncated: bool = Field(description="whether more output came than is shown")
+    timed_out: bool
+    seconds: float
 
 
 class SiteScale(Body):

@@ -294,6 +294,14 @@ async def restart_site(request: web.Request) -> web.Response:
     return web.json_response(await service_of(request).restart_site(who, request.match_info["name"]))
 
 
+async def run_site_command(request: web.Request) -> web.Response:
+    who = await principal(request)
+    run = body_of(request, m.SiteCommand)
+    return web.json_response(
+        await service_of(request).run_command(who, request.match_info["name"], run.command, run.timeout)
+    )
+
+
 async def stop_site(request: web.Request) -> web.Response:
     who = await principal(request)
     return web.json_response(await service_of(request).stop_site(who, request.match_info["name"]))
@@ -1041,6 +1049,18 @@ def operations() -> list[Operation]:
             answer=m.Site,
             params=site,
             errors=(409,),
+        ),
+        op(
+            "POST",
+            "/sites/{name}/commands",
+            run_site_command,
+            "run_site_command",
+            "Run a command once in the site's app sandbox, as its app runs (its uid, packages, settings and writable folder; no port), and get its exit status and output: `python manage.py migrate`, `php artisan cache:clear`, `ls`. One at a time per site, on one of its servers; what it writes in the app's folder stays on that server. The site's log says it ran and how it ended",
+            "sites",
+            answer=m.SiteCommandResult,
+            body=m.SiteCommand,
+            params=site,
+            errors=(409, 503),
         ),
         op(
             "POST",

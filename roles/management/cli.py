@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -776,6 +777,58 @@ def _site_start(a: argparse.Namespace, api: ApiClient) -> Any:
     )
 
 
+def _site_run(a: argparse.Namespace, api: ApiClient) -> Any:
+    words = list(a.command)
+    # Options given after the site's name land here (everything after it is the command's): take
+    # this command's own off the front, up to "--".
+    while words and (words[0].startswith("--timeout") or words[0] == "--json"):
+        flag = words.pop(0)
+        if flag == "--json":
+            a.json = True
+            continue
+        value = flag.partition("=")[2] if "=" in flag else (words.pop(0) if words else "")
+        try:
+            a.timeout = float(value)
+        except ValueError:
+            raise InvalidInput(
+                f"--timeout {value!r} is not a number of seconds", hint="e.g. --timeout 300"
+            ) from None
+    if words[:1] == ["--"]:
+        words = words[1:]
+    if not words:
+        raise InvalidInput("give the command to run", hint="e.g. sitecloud site run mysite -- ls -la")
+    # One word is taken as the shell would read it ("ls | head"); several are quoted back as given.
+    command = words[0] if len(words) == 1 else shlex.join(words)
+    return api.request(
+        "POST",
+        api.path("sites", a.name, "commands"),
+        {"command": command, "timeout": a.timeout},
+        timeout=a.timeout + 60,
+    )
+
+
+def _show_run(answer: Any, a: argparse.Namespace) -> None:
+    output = str(answer.get("output", ""))
+    if output:
+        sys.stdout.write(printable(output if output.endswith("\n") else output + "\n"))
+        sys.stdout.flush()
+    if answer.get("truncated"):
+        sys.stderr.write("sitecloud: (its output went on past 1 MiB; the rest is not shown)\n")
+    if answer.get("timed_out"):
+        sys.stderr.write(
+            f"sitecloud: the command was stopped after {a.timeout:g} s (--timeout sets how long)\n"
+        )
+    elif answer.get("exit_code") is None:
+        sys.stderr.write("sitecloud: the command was stopped at its memory limit\n")
+
+
+def _run_exit(answer: Any) -> int:
+    code = answer.get("exit_code") if isinstance(answer, dict) else None
+    if isinstance(code, int):
+        return code if 0 <= code <= 255 else 1
+    return 124 if isinstance(answer, dict) and answer.get("timed_out") else 137
+
+
 def _show_deploy(answer: Any, a: argparse.Namespace) -> None:
     stopped = answer.get("site_state") == "stopped"
     served = (
@@ -1014,13 +1067,14 @@ def _parser() -> argparse.ArgumentParser:
         *,
         anonymous: bool = False,
         confirm: Confirm | None = None,
+        exit_of: Callable[[Any], int] | None = None,
     ) -> argparse.ArgumentParser:
         sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, parents=[common])
         if confirm is not None:
             sp.add_argument(
                 "-y", "--yes", action="store_true", help="do not ask (needed where there is no terminal)"
             )
-        sp.set_defaults(run=run, show=show, anonymous=anonymous, confirm=confirm)
+        sp.set_defaults(run=run, show=show, anonymous=anonymous, confirm=confirm, exit_of=exit_of)
         return sp
 
     def group(name: str, help_: str) -> Any:
@@ -1296,6 +1350,27 @@ def _parser() -> argparse.ArgumentParser:
         _show_restarted,
     )
     sp.add_argument("name")
+    sp = leaf(
+        site,
+        "run",
+        "run a command once in a site's app sandbox, as its app runs, and print its output "
+        "(e.g. sitecloud site run mysite -- python manage.py migrate); exits with its status",
+        _site_run,
+        _show_run,
+        exit_of=_run_exit,
+    )
+    sp.add_argument("name")
+    sp.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds it may run before it is stopped (default 60, at most 600)",
+    )
+    sp.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="the command and its arguments (one quoted string keeps shell syntax)",
+    )
     sp = leaf(
         site,
         "stop",
@@ -1735,7 +1810,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         args.show(answer, args)
         if isinstance(answer, dict) and answer.get("pending"):
             out(f"NOTE: {answer['pending']}")
-    return int(ExitCode.OK)
+    # A command run on the site ends as the command did (as ssh and `heroku run` do).
+    return args.exit_of(answer) if args.exit_of is not None else int(ExitCode.OK)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from roles.management._warm import warm_site
 from roles.management.config import ManagementConfig
 from shared.builds import NOT_SERVED_HINT, BuildFollow, BuildFollower, Emit, build_failure
 from shared.contracts.answers import parse_answer
-from shared.contracts.apps import AppDescription
+from shared.contracts.apps import AppDescription, CommandResult, CommandRun
 from shared.contracts.content import (
     DeployResult,
     RollbackAnswer,
@@ -45,7 +45,15 @@ from shared.contracts.content import (
 )
 from shared.contracts.snapshots import ManagementSnapshot
 from shared.db import Database
-from shared.errors import BuildFailed, NotFound, NotServed, SitecloudError, Unauthorized, Unavailable
+from shared.errors import (
+    BuildFailed,
+    NotFound,
+    NotServed,
+    NotSupported,
+    SitecloudError,
+    Unauthorized,
+    Unavailable,
+)
 from shared.internal import InternalClient, unreached_reason
 from shared.logs import ContextLogger, get_logger
 from shared.states import SiteState
@@ -67,6 +75,8 @@ _BUILD_WAIT = 660.0
 _APP_PROBE_SECONDS = 20.0
 # `site show` asks each of the site's workers how its app is doing, this long at most.
 _APP_STATE_WAIT = 3.0
+# A command's answer may come this long after its own time limit (its sandbox made and torn down).
+_COMMAND_SLACK = 30.0
 # Why a tenant sees its app's state as unknown on a worker: the worker is down or out of reach, or
 # it answered something else (not having the site yet, say).
 _UNREACHED = "the server is unavailable"
@@ -547,6 +557,35 @@ class ManagementService:
         result = await self._write_live(self._store.restart_site, who, name)
         self._log.bind(tenant=result["tenant"], site=name).info("site's app restarted")
         return result
+
+    async def run_command(self, who: Principal, name: str, command: str, timeout: float) -> Json:
+        """A command run once in the site's app sandbox on one of its workers (the first: the same
+        one each time while the site stays there, so what one command writes the next one finds)."""
+        site = await self._read(self._store.show_site, who, name)
+        if site["state"] != SiteState.RUNNING:
+            raise NotSupported(
+                f"site {name!r} is {site['state']}: commands run in its app's sandbox while it runs",
+                hint=f"start it first: sitecloud site start {name}",
+            )
+        workers = await self._read(self._store.site_worker_urls, who, name)
+        if not workers:
+            raise Unavailable(f"site {name!r} is on no server yet", hint="try again in a moment")
+        _, url = workers[0]
+        run = CommandRun(command=command, timeout=timeout)
+        with _reaching("the site's server", self._log):
+            answer = await self._client.post_json(
+                f"{url}/v1/sites/{name}/commands",
+                run.to_json(),
+                timeout=aiohttp.ClientTimeout(total=timeout + _COMMAND_SLACK, sock_connect=5),
+            )
+        result = CommandResult.parse(answer, what="the worker's answer")
+        self._log.bind(tenant=site["tenant"], site=name).info(
+            "command run by %s: exit %s, %.1f s",
+            who.username or who.tenant or "an admin",
+            result.exit_code,
+            result.seconds,
+        )
+        return result.to_json()
 
     async def scale_site(self, who: Principal, name: str, instances: Any) -> Json:
         result = await self._write_live(self._store.scale_site, who, name, instances)

@@ -11,7 +11,17 @@ from shared.appsettings import Runtime
 from shared.contracts._base import Contract
 from shared.contracts.fields import ByteCount, SiteName, VersionNumber
 
-__all__ = ["AppDescription", "AppProbe", "AppProbeOutcome", "AppState"]
+__all__ = [
+    "COMMAND_CHARS_MAX",
+    "COMMAND_OUTPUT_MAX",
+    "COMMAND_SECONDS_MAX",
+    "AppDescription",
+    "AppProbe",
+    "AppProbeOutcome",
+    "AppState",
+    "CommandResult",
+    "CommandRun",
+]
 
 # "static": a site without an app; "crashed": it exited and its restart waits out a back-off.
 AppState = Literal["static", "running", "starting", "idle", "crashed"]
@@ -73,3 +83,34 @@ class AppProbe(Contract):
     outcome: AppProbeOutcome
     status: Annotated[int, Field(ge=100, le=999)] | None = None
     detail: Annotated[str, Field(max_length=2000)] = ""
+
+
+# A command a site's owner runs in its app's sandbox (`sitecloud site run`): what it may be, how long
+# it may run, and how much of its output comes back.
+COMMAND_CHARS_MAX = 4096
+COMMAND_SECONDS_MAX = 600.0
+COMMAND_OUTPUT_MAX = 1024 * 1024
+
+
+class CommandRun(Contract):
+    """``POST /v1/sites/{site}/commands`` (management's API, then a worker's control port): run
+    ``command`` once with ``/bin/sh -c`` in the site's app sandbox, as its app runs (its uid, packages,
+    settings and writable folder, no port), for at most ``timeout`` seconds."""
+
+    command: Annotated[str, Field(min_length=1, max_length=COMMAND_CHARS_MAX)]
+    timeout: Annotated[float, Field(gt=0, le=COMMAND_SECONDS_MAX)] = 60.0
+
+
+class CommandResult(Contract):
+    """What the command did: its exit status (None when it was stopped at its time limit or its
+    memory limit), its standard output and error as one text (at most COMMAND_OUTPUT_MAX bytes, the
+    start of it kept), and how long it ran."""
+
+    site: SiteName
+    exit_code: int | None
+    output: Annotated[str, Field(max_length=2 * COMMAND_OUTPUT_MAX)]
+    truncated: bool = False
+    timed_out: bool = False
+    seconds: Annotated[float, Field(ge=0)] = 0.0
+    # Which of the site's servers ran it (numbered; with one server, 1).
+    server: Annotated[int, Field(ge=1)] = 1

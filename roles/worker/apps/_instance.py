@@ -30,7 +30,7 @@ from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import AppLimits
 from shared.appsettings import loader_variable
 
-__all__ = ["AppInstance"]
+__all__ = ["AppInstance", "Captured"]
 
 STOP_GRACE = 5.0
 
@@ -52,11 +52,13 @@ class AppInstance:
         mounts: SandboxMounts | None = None,
         serial: str = "",
         source: str = "app",
+        capture: Captured | None = None,
     ) -> None:
         # Which start of which site this is (its socket's and cgroup's name).
         self.serial = serial
-        # What its output lines are marked as in the site log.
+        # What its output lines are marked as in the site log, and where else they go (a command's).
         self.source = source
+        self.capture = capture
         self.plan = plan
         self.identity = identity
         self.limits = limits
@@ -145,7 +147,9 @@ class AppInstance:
         assert self.proc.stdout is not None
         done: asyncio.Future[None] = loop.create_future()
         self._pipe_done = done
-        await loop.connect_read_pipe(lambda: _LogPipe(self.log, done, self.source), self.proc.stdout)
+        await loop.connect_read_pipe(
+            lambda: _LogPipe(self.log, done, self.source, self.capture), self.proc.stdout
+        )
         # A pidfd becomes readable when the process exits: no SIGCHLD handler, no thread.
         self._pidfd = os.pidfd_open(pid)
         loop.add_reader(self._pidfd, self._reap)
@@ -438,14 +442,36 @@ LOG_BYTES_PER_SECOND = 256 * 1024
 LOG_BURST_BYTES = 1024 * 1024
 
 
+class Captured:
+    """A process's output kept as it comes (a command's, for whoever ran it), up to ``limit`` bytes:
+    the start of it, the rest counted as cut."""
+
+    __slots__ = ("data", "limit", "truncated")
+
+    def __init__(self, limit: int) -> None:
+        self.data = bytearray()
+        self.limit = limit
+        self.truncated = False
+
+    def add(self, chunk: bytes) -> None:
+        room = self.limit - len(self.data)
+        if len(chunk) > room:
+            self.truncated = True
+            chunk = chunk[: max(room, 0)]
+        self.data += chunk
+
+
 class _LogPipe(asyncio.Protocol):
     """The app's stdout and stderr (one pipe), line by line into its site log, at most
     :data:`LOG_BYTES_PER_SECOND` (a token bucket; the pipe is paused while it is empty)."""
 
-    def __init__(self, log: SiteLog, done: asyncio.Future[None], source: str = "app") -> None:
+    def __init__(
+        self, log: SiteLog, done: asyncio.Future[None], source: str = "app", capture: Captured | None = None
+    ) -> None:
         self._log = log
         self._done = done
         self._source = source
+        self._capture = capture
         self._partial = b""
         self._transport: asyncio.ReadTransport | None = None
         self._allowance = float(LOG_BURST_BYTES)
@@ -484,6 +510,10 @@ class _LogPipe(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._meter(len(data))
+        if self._capture is not None:
+            # Whoever ran it gets its output; the site log only says that it ran.
+            self._capture.add(data)
+            return
         data = self._partial + data
         lines, sep, self._partial = data.rpartition(b"\n")
         if sep:

@@ -32,7 +32,7 @@ from roles.worker._appserver.sitecloud_appserver import MEMORY_EXIT
 from roles.worker._cache import SiteVersion, version_line, version_tag
 from roles.worker.apps._cgroup import AppGroup, CgroupTree
 from roles.worker.apps._files import WritableFiles, mount_files, unmount_files
-from roles.worker.apps._instance import AppInstance
+from roles.worker.apps._instance import AppInstance, Captured
 from roles.worker.apps._isolation import (
     Identities,
     SiteIdentity,
@@ -65,10 +65,18 @@ from roles.worker.apps._spec import (
 from roles.worker.apps._volume import BlankImages, HomeVolume, unmount_lazily, unmount_stale
 from roles.worker.config import WorkerConfig
 from shared.backoff import Backoff
-from shared.contracts.apps import AppDescription, AppProbe, AppState
+from shared.contracts.apps import COMMAND_OUTPUT_MAX, AppDescription, AppProbe, AppState, CommandResult
 from shared.contracts.health import WorkerFigures
 from shared.contracts.snapshots import WorkerSite, WorkerSnapshot
-from shared.errors import BuildFailed, InvalidInput, NotFound, SitecloudError, Unavailable
+from shared.errors import (
+    BuildFailed,
+    InUse,
+    InvalidInput,
+    NotFound,
+    NotSupported,
+    SitecloudError,
+    Unavailable,
+)
 from shared.logs import ContextLogger, get_logger
 from shared.words import counted
 
@@ -225,6 +233,8 @@ class AppManager:
         self._sites: dict[str, AppSite] = {}
         # requirements.txt installs in progress, by package directory.
         self._building: dict[Path, asyncio.Task[Path | None]] = {}
+        # Sites with a command of their owner's running (one at a time each).
+        self._commands: set[str] = set()
         self._active: dict[AppInstance, AppSite] = {}
         self._sweeper: asyncio.Task[None] | None = None
         # Content ids whose app homes stay (None: the controller does not say; nothing is removed).
@@ -845,6 +855,7 @@ class AppManager:
         *,
         on_exit: Callable[[AppInstance, int], None],
         source: str = "app",
+        capture: Captured | None = None,
     ) -> AppInstance:
         """One process of the site, started in its cgroup, sandbox, volume and writable folder."""
         assert app.identity is not None
@@ -889,6 +900,7 @@ class AppManager:
                 sandbox=sandbox,
                 mounts=mounts,
                 source=source,
+                capture=capture,
             )
             await inst.start()
         except BaseException:
@@ -928,12 +940,41 @@ class AppManager:
         done_for = f"{app.content_id} {app.version} {settings}\n"
         if command is None or _read_or_empty(marker) == done_for:
             return
-        assert app.identity is not None
+        log = self._site_log(app)
+        log.write("worker", f"running the release command of version {app.version}: {command}")
+        started = time.monotonic()
+        code, why = await self._run_once(
+            app, dirs, packages, command, source="release", timeout=self._config.app_release_timeout
+        )
+        if code == 0:
+            await asyncio.to_thread(marker.write_text, done_for)
+            log.write("worker", f"the release command ended well in {time.monotonic() - started:.1f} s")
+            return
+        said = " / ".join(_release_lines(log.tail(200))[-3:])
+        app.last_crash = f"its release command {why}" + (f"; its last output: {said}" if said else "")
+        log.write(
+            "worker", f"the release command {why}: the app does not start until a version's release succeeds"
+        )
+        raise Unavailable(
+            f"the site's release command {why}", hint="its log says why; fix it and deploy again"
+        )
+
+    async def _run_once(
+        self,
+        app: AppSite,
+        dirs: SiteDirs,
+        packages: Path | None,
+        command: str,
+        *,
+        source: str,
+        timeout: float,
+        capture: Captured | None = None,
+    ) -> tuple[int | None, str]:
+        """``command`` run once with ``/bin/sh -c`` in the app's sandbox, as its app runs but without
+        a port: (its exit status, None when it was stopped at a limit; how it ended, "" for well)."""
         plan = self._plan(app, dirs, packages, runtime="command", entry=command)
         env = {k: v for k, v in plan.env.items() if k != "PORT"}
         plan = LaunchPlan(plan.argv, env, plan.cwd, "none")
-        log = self._site_log(app)
-        log.write("worker", f"running the release command of version {app.version}: {command}")
         exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
         def on_exit(inst: AppInstance, code: int) -> None:
@@ -944,32 +985,62 @@ class AppManager:
             if not exited.done():
                 exited.set_result(MEMORY_EXIT if oom else code)
 
-        started = time.monotonic()
-        inst = await self._spawn_instance(app, dirs, plan, packages, on_exit=on_exit, source="release")
-        try:
-            code = await asyncio.wait_for(asyncio.shield(exited), self._config.app_release_timeout)
-        except TimeoutError:
-            inst.kill("release")
-            await exited
-            why = f"took longer than {self._config.app_release_timeout:g} s"
-        else:
-            if code == 0:
-                await asyncio.to_thread(marker.write_text, done_for)
-                log.write("worker", f"the release command ended well in {time.monotonic() - started:.1f} s")
-                return
-            why = (
-                f"stopped: exceeded its {app.spec.limits.memory_mb} MB memory limit"
-                if code == MEMORY_EXIT
-                else f"exited with {_status(code)}"
-            )
-        await inst.wait_closed()
-        said = " / ".join(_release_lines(log.tail(200))[-3:])
-        app.last_crash = f"its release command {why}" + (f"; its last output: {said}" if said else "")
-        log.write(
-            "worker", f"the release command {why}: the app does not start until a version's release succeeds"
+        inst = await self._spawn_instance(
+            app, dirs, plan, packages, on_exit=on_exit, source=source, capture=capture
         )
-        raise Unavailable(
-            f"the site's release command {why}", hint="its log says why; fix it and deploy again"
+        try:
+            code = await asyncio.wait_for(asyncio.shield(exited), timeout)
+        except TimeoutError:
+            inst.kill(source)
+            await exited
+            await inst.wait_closed()
+            return None, f"took longer than {timeout:g} s"
+        await inst.wait_closed()  # its last output read
+        if code == MEMORY_EXIT:
+            return None, f"stopped: exceeded its {app.spec.limits.memory_mb} MB memory limit"
+        return code, "" if code == 0 else f"exited with {_status(code)}"
+
+    async def run_command(self, name: str, command: str, timeout: float) -> CommandResult:
+        """A command its owner sends (``sitecloud site run``), run once in the site's app sandbox;
+        its output comes back (the site log says that it ran and how it ended). One at a time per
+        site."""
+        app = self._sites.get(name)
+        if app is None:
+            raise NotSupported(
+                f"site {name!r} runs no app here: commands run in a dynamic site's sandbox",
+                hint="publish an app (app.py, index.php, a Procfile or a package.json) first",
+            )
+        if self._sandbox is None:
+            raise Unavailable(
+                "this worker runs apps without the sandbox, so it runs no commands",
+                hint="an admin can start the worker as root with bubblewrap installed",
+            )
+        if name in self._commands:
+            raise InUse(f"a command is already running for site {name!r}", hint="wait for it to end")
+        self._commands.add(name)
+        try:
+            dirs = self._dirs(app)
+            packages = await self._packages(app) if app.runtime in _PACKAGED else None
+            if app.build_error is not None:
+                raise Unavailable(_BUILD_FAILED, hint=_REBUILD)
+            log = self._site_log(app)
+            log.write("worker", f"running a command its owner sent: {command[:300]}")
+            capture = Captured(COMMAND_OUTPUT_MAX)
+            started = time.monotonic()
+            code, why = await self._run_once(
+                app, dirs, packages, command, source="run", timeout=timeout, capture=capture
+            )
+            seconds = time.monotonic() - started
+            log.write("worker", f"the command {why or 'exited with status 0'} after {seconds:.1f} s")
+        finally:
+            self._commands.discard(name)
+        return CommandResult(
+            site=name,
+            exit_code=code,
+            output=capture.data.decode("utf-8", "replace"),
+            truncated=capture.truncated,
+            timed_out=why.startswith("took longer"),
+            seconds=round(seconds, 3),
         )
 
     def _disk_mb(self, app: AppSite) -> int:

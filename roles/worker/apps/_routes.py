@@ -7,6 +7,8 @@ the response stays open and streams new lines until the caller goes away.
 seconds, starts and crashes.
 ``POST /v1/sites/{site}/app/probe?version=N[&timeout=S]``: the app started and asked for ``/`` once
 (:class:`~shared.contracts.apps.AppProbe`); the publisher and management ask it after a deploy.
+``POST /v1/sites/{site}/commands``: a command run once in the site's app sandbox, its output back
+(:class:`~shared.contracts.apps.CommandRun`, :class:`~shared.contracts.apps.CommandResult`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 from aiohttp import web
 
 from roles.worker.apps._manager import AppManager
+from shared.contracts.apps import CommandRun
 from shared.errors import InvalidInput
 from shared.internal import require_role
 
@@ -85,8 +88,19 @@ def app_routes(manager: AppManager) -> list[web.RouteDef]:
         found = await manager.probe(request.match_info["site"], version, host, max(timeout, 0.1))
         return web.json_response(found.to_json())
 
+    async def command(request: web.Request) -> web.Response:
+        require_role(request, "management", "publisher")
+        try:
+            raw = await request.json()
+        except ValueError:
+            raise InvalidInput('the body must be JSON: {"command": "...", "timeout": seconds}') from None
+        run = CommandRun.parse(raw, what="command")
+        result = await manager.run_command(request.match_info["site"], run.command, run.timeout)
+        return web.json_response(result.to_json())
+
     return [
         web.get("/v1/sites/{site}/logs", logs),
+        web.post("/v1/sites/{site}/commands", command),
         web.get("/v1/sites/{site}/app", describe),
         web.post("/v1/sites/{site}/app/probe", probe),
     ]
