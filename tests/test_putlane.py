@@ -161,3 +161,19 @@ def test_a_lane_to_nowhere_is_storage_unavailable(pki: CloudPKI) -> None:
     finally:
         client.close()
         lanes.close()
+
+
+def test_a_lane_idle_for_a_minute_is_closed_before_the_fileserver_would(
+    fileserver: RoleProcess, pki: CloudPKI
+) -> None:
+    client, lanes = _client(fileserver, pki)
+    try:
+        assert client.put_file(SHOP, "a.html", io.BytesIO(b"a")).version == 1
+        [first] = [lane for idle in lanes._idle.values() for lane in idle]
+        first.used -= 61  # as if a minute went by
+        assert client.put_file(SHOP, "b.html", io.BytesIO(b"b")).version == 2
+        [second] = [lane for idle in lanes._idle.values() for lane in idle]
+        assert second is not first and first._sock.fileno() == -1
+    finally:
+        client.close()
+        lanes.close()

@@ -46,6 +46,8 @@ _CHUNK = 256 * 1024
 _ONE_WRITE = 256 * 1024
 # A fileserver that does not speak the put lane is asked again after this long (it may be upgraded).
 _NO_LANE_FOR = 60.0
+# A lane idle this long is closed, before the fileserver's idle timeout (75 s) would close it under a put.
+_LANE_IDLE = 60.0
 
 
 class SiteRef(Protocol):
@@ -92,6 +94,7 @@ class _Lane:
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self._sock = sock
         self._buffer = bytearray()
+        self.used = time.monotonic()  # when its last answer came
 
     def exchange(self, frame: bytes) -> tuple[int, bytes]:
         self._sock.sendall(frame)
@@ -156,18 +159,25 @@ class PutLanePool:
                 raise StorageUnavailable() from _Unreachable(
                     f"the put lane to the fileserver at {host}:{port} broke off: {exc}"
                 )
+            lane.used = time.monotonic()
             with self._lock:
                 self._idle.setdefault(key, []).append(lane)
             return answer
         raise AssertionError("unreachable")
 
     def _take(self, key: tuple[str, int]) -> tuple[_Lane, bool] | None:
+        now = time.monotonic()
         with self._lock:
+            stale = self._retire(now)
             idle = self._idle.get(key)
-            if idle:
-                return idle.pop(), True
-            if self._no_lane_until.get(key, 0.0) > time.monotonic():
-                return None
+            lane = idle.pop() if idle else None
+            no_lane = lane is None and self._no_lane_until.get(key, 0.0) > now
+        for old in stale:
+            old.close()
+        if lane is not None:
+            return lane, True
+        if no_lane:
+            return None
         host, port = key
         try:
             sock = socket.create_connection(key, timeout=self._timeout)
@@ -187,6 +197,17 @@ class PutLanePool:
                 self._no_lane_until[key] = time.monotonic() + _NO_LANE_FOR
             return None
         return _Lane(tls), False
+
+    def _retire(self, now: float) -> list[_Lane]:
+        """Take the lanes idle for ``_LANE_IDLE`` out of the pool (under the lock): retired before the
+        fileserver closes them, and none left open to a fileserver the sessions no longer use."""
+        stale = [lane for idle in self._idle.values() for lane in idle if lane.used + _LANE_IDLE <= now]
+        if stale:
+            self._idle = {
+                key: [lane for lane in idle if lane.used + _LANE_IDLE > now]
+                for key, idle in self._idle.items()
+            }
+        return stale
 
 
 class FileserverClient:
