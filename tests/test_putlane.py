@@ -16,7 +16,7 @@ import pytest
 
 from roles.fileserver.config import FileserverConfig
 from roles.publisher._fileserver import FileserverClient, PutLanePool
-from shared.contracts.putlane import PUT_HEAD, PutFrame
+from shared.contracts.putlane import PUT_HEAD, PUT_LANE_MAX_BODY, PutFrame
 from shared.errors import Forbidden, InvalidInput, QuotaExceeded, StorageUnavailable
 from shared.tls import server_context
 from tests.support import CloudPKI, RoleProcess
@@ -176,4 +176,22 @@ def test_a_lane_idle_for_a_minute_is_closed_before_the_fileserver_would(
         assert second is not first and first._sock.fileno() == -1
     finally:
         client.close()
+        lanes.close()
+
+
+def test_a_frame_over_the_limit_is_refused_and_the_lane_closed(
+    fileserver: RoleProcess, pki: CloudPKI
+) -> None:
+    lanes = PutLanePool(pki.client_ssl("publisher"))
+    try:
+        port = int(fileserver.config.control_port)
+        big = PutFrame("shop", SHOP_UID, "big.bin", None, bytes(PUT_LANE_MAX_BODY + 1))
+        answered = lanes.put("localhost", port, big)
+        assert answered is not None and answered[0] == 400
+        assert b"put lane takes files up to" in answered[1]
+        small = PutFrame("shop", SHOP_UID, "a.html", None, b"a")
+        # The refused lane was closed: the put goes on a new one.
+        answered = lanes.put("localhost", port, small)
+        assert answered is not None and answered[0] == 200
+    finally:
         lanes.close()

@@ -25,6 +25,8 @@ __all__ = ["PutLanes"]
 # A lane idle this long is closed (as aiohttp closes an idle keep-alive connection); the publisher
 # opens another when it next needs one.
 _IDLE_TIMEOUT = 75.0
+# Bytes a lane holds unread behind the request being stored before it stops reading.
+_BUFFERED_MAX = 2 * PUT_LANE_MAX_BODY
 
 
 def _refusal(err: SitecloudError) -> bytes:
@@ -47,7 +49,8 @@ class PutLanes:
         return _PutLane(self)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Close every lane once the put it is storing (if any) is answered, within ``timeout``."""
+        """Close every lane once the put it is storing (if any) is answered, within ``timeout``; the
+        answers written go out first."""
         lanes = list(self._open)
         for lane in lanes:
             lane.close_when_done()
@@ -55,7 +58,8 @@ class PutLanes:
         if pending:
             await asyncio.wait(pending, timeout=timeout)
         for lane in lanes:
-            lane.abort()
+            if lane.busy is not None:
+                lane.abort()  # still storing past the bound: its answer is not waited for
 
 
 class _PutLane(asyncio.Protocol):
@@ -65,6 +69,7 @@ class _PutLane(asyncio.Protocol):
         self._buffer = bytearray()
         self.busy: asyncio.Task[None] | None = None
         self._closing = False
+        self._paused = False
         self._idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -91,13 +96,17 @@ class _PutLane(asyncio.Protocol):
         self._buffer += data
         if self.busy is None:
             self._next()
+        elif len(self._buffer) > _BUFFERED_MAX and self._transport is not None:
+            # The publisher waits for each answer; whatever sends on regardless waits for its turn.
+            self._transport.pause_reading()
+            self._paused = True
 
     def _next(self) -> None:
         """Start storing the next whole request, if one is in."""
         if self._closing or self._transport is None or len(self._buffer) < PUT_HEAD.size:
             return
         size = PutFrame.size_of(self._buffer)
-        if size - PUT_HEAD.size > PUT_LANE_MAX_BODY + 3 * 0xFFFF:
+        if PutFrame.body_size_of(self._buffer) > PUT_LANE_MAX_BODY:
             err = BadRequest(f"a put lane takes files up to {PUT_LANE_MAX_BODY} bytes")
             self._transport.write(_refusal(err))
             self.close_when_done()
@@ -135,6 +144,9 @@ class _PutLane(asyncio.Protocol):
         if self._closing:
             self.abort_when_flushed()
             return
+        if self._paused and self._transport is not None:
+            self._transport.resume_reading()
+            self._paused = False
         self._arm_idle()
         self._next()
 

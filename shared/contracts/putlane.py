@@ -46,6 +46,11 @@ class PutFrame:
         site, uid, path, _, body = PUT_HEAD.unpack_from(head)
         return int(PUT_HEAD.size + site + uid + path + body)
 
+    @staticmethod
+    def body_size_of(head: bytes | bytearray | memoryview) -> int:
+        """The file's length, from the frame's first :data:`PUT_HEAD` bytes."""
+        return int(PUT_HEAD.unpack_from(head)[4])
+
     @classmethod
     def parse(cls, frame: bytes | memoryview) -> PutFrame:
         """One whole frame (as long as :meth:`size_of` says); ValueError when its names are not UTF-8.
