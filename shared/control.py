@@ -5,6 +5,8 @@ here once into the role's snapshot type. The role applies it, then the body is p
 last-known-good config, so that after a restart it serves from it at once, whether or not the
 controller is there. ``GET /v1/health`` answers any cloud role (:mod:`shared.contracts.health`);
 ``GET /metrics`` (Prometheus text, see :mod:`shared.metrics`) the controller and management.
+A role may also serve *lanes* on the same port: protocols other than HTTP that a client asks for by
+ALPN (the fileserver's put lane, :mod:`shared.contracts.putlane`).
 """
 
 from __future__ import annotations
@@ -91,7 +93,6 @@ class _Site(web.SockSite):
     ) -> None:
         super().__init__(runner, sock, ssl_context=ssl_context)
         self._lanes = lanes
-        self._held = sock
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
@@ -99,7 +100,7 @@ class _Site(web.SockSite):
         assert http is not None
         self._server = await asyncio.get_running_loop().create_server(
             lambda: _Dispatch(http, self._lanes),
-            sock=self._held,
+            sock=self._sock,
             ssl=self._ssl_context,
             backlog=self._backlog,
         )
