@@ -195,3 +195,41 @@ def test_a_frame_over_the_limit_is_refused_and_the_lane_closed(
         assert answered is not None and answered[0] == 200
     finally:
         lanes.close()
+
+
+def test_sessions_in_threads_share_the_pool_and_every_put_lands(
+    fileserver: RoleProcess, pki: CloudPKI
+) -> None:
+    """Four sessions' threads put at once through one pool: each gets a lane of its own, every file is
+    stored once, and the versions they were answered with are all different."""
+    lanes = PutLanePool(pki.client_ssl("publisher"))
+    answers: list[int] = []
+    failures: list[BaseException] = []
+
+    def session(n: int) -> None:
+        client = FileserverClient(fileserver.control_url, pki.client_ssl("publisher"), lanes=lanes)
+        try:
+            for i in range(25):
+                answers.append(client.put_file(SHOP, f"s{n}/f{i}.html", io.BytesIO(b"x" * (i + 1))).version)
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=session, args=(n,)) for n in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not failures, failures
+        assert sorted(answers) == list(range(1, 101))
+        assert 1 <= sum(len(idle) for idle in lanes._idle.values()) <= 4
+        reader = FileserverClient(fileserver.control_url, pki.client_ssl("publisher"))
+        try:
+            manifest = reader.manifest(SHOP)
+        finally:
+            reader.close()
+        assert len(manifest.files) == 100 and manifest.total_bytes == 4 * sum(range(1, 26))
+    finally:
+        lanes.close()
