@@ -5,6 +5,8 @@ here once into the role's snapshot type. The role applies it, then the body is p
 last-known-good config, so that after a restart it serves from it at once, whether or not the
 controller is there. ``GET /v1/health`` answers any cloud role (:mod:`shared.contracts.health`);
 ``GET /metrics`` (Prometheus text, see :mod:`shared.metrics`) the controller and management.
+A role may also serve *lanes* on the same port: protocols other than HTTP that a client asks for by
+ALPN (the fileserver's put lane, :mod:`shared.contracts.putlane`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import asyncio
 import gc
 import json
 import os
+import socket
+import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Generic, TypeVar
 
 from aiohttp import web
@@ -57,6 +61,51 @@ def parse_snapshot(kind: type[S], raw: bytes, *, what: str) -> S:
             gc.enable()
 
 
+LaneFactory = Callable[[], asyncio.Protocol]
+
+
+class _Dispatch(asyncio.Protocol):
+    """Stands in for a new connection's protocol until its TLS handshake is done, then hands the
+    connection to the protocol of the ALPN it selected: a lane's, or aiohttp's for HTTP."""
+
+    def __init__(self, http: Callable[[], asyncio.BaseProtocol], lanes: Mapping[str, LaneFactory]) -> None:
+        self._http = http
+        self._lanes = lanes
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        lane = self._lanes.get(alpn) if alpn is not None else None
+        protocol = lane() if lane is not None else self._http()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+
+class _Site(web.SockSite):
+    """aiohttp's site on a held socket, with the lanes beside HTTP on the same port."""
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        sock: socket.socket,
+        ssl_context: ssl.SSLContext,
+        lanes: Mapping[str, LaneFactory],
+    ) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context)
+        self._lanes = lanes
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        http = self._runner.server
+        assert http is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _Dispatch(http, self._lanes),
+            sock=self._sock,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+        )
+
+
 class ControlPlane(Generic[S]):
     """Owns a role's pushed config (of type ``kind``) and its control listener (an mTLS aiohttp app)."""
 
@@ -70,6 +119,7 @@ class ControlPlane(Generic[S]):
         routes: list[web.RouteDef] | None = None,
         client_max_size: int = 16 * 1024 * 1024,
         read_bufsize: int = 64 * 1024,
+        lanes: Mapping[str, LaneFactory] | None = None,
     ) -> None:
         self.config = config
         self._kind = kind
@@ -79,6 +129,8 @@ class ControlPlane(Generic[S]):
         self._client_max_size = client_max_size
         # What a request body may hold buffered before reading from the socket pauses.
         self._read_bufsize = read_bufsize
+        # Protocols other than HTTP on the control port, by the ALPN name a client offers for them.
+        self._lanes = dict(lanes or {})
         self._path = config.state_dir / "config.json"
         self._log = get_logger(config.role, host=config.host)
         self._started = time.time()
@@ -172,7 +224,13 @@ class ControlPlane(Generic[S]):
         )
         await self._runner.setup()
         sock = listener("control", self.config.bind, self.config.control_port)
-        site = web.SockSite(self._runner, sock, ssl_context=server_context(self.config))
+        tls = server_context(self.config)
+        site: web.SockSite
+        if self._lanes:
+            tls.set_alpn_protocols([*self._lanes, "http/1.1"])
+            site = _Site(self._runner, sock, tls, self._lanes)
+        else:
+            site = web.SockSite(self._runner, sock, ssl_context=tls)
         await site.start()
         if self.config.metrics_port:
             await self._start_metrics_port()

@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from roles.fileserver._api import content_routes
+from roles.fileserver._lane import PutLanes
 from roles.fileserver.config import FileserverConfig
 from roles.fileserver.store import ContentStore
+from shared.contracts.putlane import PUT_LANE_ALPN
 from shared.contracts.snapshots import FileserverSnapshot
 from shared.control import ControlPlane
 from shared.logs import get_logger
@@ -46,6 +48,7 @@ async def serve(config: FileserverConfig, stop: asyncio.Event) -> None:
     log = get_logger(config.role, host=config.host)
     store = ContentStore(config)
     await store.open()
+    lanes = PutLanes(store, role=config.role, host=config.host)
     plane = ControlPlane(
         config,
         FileserverSnapshot,
@@ -55,6 +58,7 @@ async def serve(config: FileserverConfig, stop: asyncio.Event) -> None:
         client_max_size=_MAX_BODY,
         # Big uploads stream in: a deeper buffer pauses the socket less often.
         read_bufsize=4 * 1024 * 1024,
+        lanes={PUT_LANE_ALPN: lanes.protocol},
     )
     plane.metrics.register(FiguresCollector(lambda: _metrics(store)))
     await plane.load_last_known_good()
@@ -68,6 +72,7 @@ async def serve(config: FileserverConfig, stop: asyncio.Event) -> None:
         # Long polls return at once instead of holding the shutdown for their full wait.
         store.feed.stop_waiting()
         await plane.stop()
+        await lanes.close()
         # The upkeep ends its round first (stop is set): a checkpoint it is in the middle of would
         # otherwise make the store's own last one a no-op, and its cancel leave the journal unfolded.
         stop.set()

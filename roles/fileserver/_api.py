@@ -12,7 +12,7 @@ from roles.fileserver.feed import MAX_WAIT
 from roles.fileserver.store import ContentStore
 from shared.config import ROLE_KINDS
 from shared.contracts.content import BlobFetch, CommitRequest, RollbackRequest, encode_blob_batch
-from shared.errors import BadRequest, InvalidInput, NotFound, QuotaExceeded
+from shared.errors import BadRequest, InvalidInput, QuotaExceeded
 from shared.internal import json_error, require_role
 
 __all__ = ["content_routes"]
@@ -21,9 +21,6 @@ __all__ = ["content_routes"]
 _READERS = ("worker", "publisher")
 _WRITERS = ("publisher",)
 _CHUNK = 256 * 1024
-# A put answers the changes since the uploader's version up to this many paths (a parallel mirror's
-# sessions interleave a few files each); more, and the uploader asks for them.
-_PUT_CHANGES_LIMIT = 256
 # A file is sent in reads this big (TLS rules out sendfile): fewer trips through the thread pool.
 _SEND_CHUNK = 1024 * 1024
 
@@ -141,16 +138,7 @@ def content_routes(store: ContentStore) -> list[web.RouteDef]:
             response = json_error(err)
             response.force_close()
             return response
-        stored = answer.to_json()
-        del stored["changes"]  # written below, as the diff's own JSON, when there are any
-        body = json.dumps(stored).encode()
-        if since is not None and since + 1 < answer.version:
-            # Other commits came in between: their paths ride along, sparing the uploader a round trip.
-            try:
-                changes = await store.diff(site, since, answer.version, _PUT_CHANGES_LIMIT, _uid(request))
-            except NotFound:
-                changes = b"null"  # ``since`` is no longer kept: the uploader asks for the manifest
-            body = body[:-1] + b', "changes": ' + changes + b"}"
+        body = await store.put_answer(site, answer, since, _uid(request))
         return web.Response(body=body, content_type="application/json")
 
     async def diff(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import itertools
+import json
 import logging
 import time
 from collections import deque
@@ -87,6 +88,9 @@ _INLINE_OPS = 8
 _BATCH_READ_BYTES = 64 * 1024 * 1024
 # A published version follows its fsync at once; past this, something is wrong (never seen).
 _READABLE_WAIT = 30.0
+# A put answers the changes since the uploader's version up to this many paths (a parallel mirror's
+# sessions interleave a few files each); more, and the uploader asks for them.
+_PUT_CHANGES_LIMIT = 256
 _QUOTA_HINT = "delete files, or move the site to a plan with more storage"
 
 
@@ -779,6 +783,20 @@ class ContentStore:
         return FileStored.model_construct(
             version=answer.version, total_bytes=answer.total_bytes, sha256=sha, size=size
         )
+
+    async def put_answer(self, name: str, stored: FileStored, since: int | None, uid: str | None) -> bytes:
+        """The JSON a put answers with: ``stored``, and the paths other commits changed between the
+        uploader's version ``since`` and this one (sparing it a round trip), if any and not too many."""
+        answer = stored.to_json()
+        del answer["changes"]  # written below, as the diff's own JSON, when there are any
+        body = json.dumps(answer).encode()
+        if since is None or since + 1 >= stored.version:
+            return body
+        try:
+            changes = await self.diff(name, since, stored.version, _PUT_CHANGES_LIMIT, uid)
+        except NotFound:
+            changes = b"null"  # ``since`` is no longer kept: the uploader asks for the manifest
+        return body[:-1] + b', "changes": ' + changes + b"}"
 
     async def commit(
         self,

@@ -14,7 +14,10 @@ import http.client
 import io
 import json
 import os
+import socket
 import ssl
+import threading
+import time
 from collections.abc import Sequence
 from typing import IO, Any, Literal, Protocol
 from urllib.parse import quote, urlencode, urlsplit
@@ -33,13 +36,18 @@ from shared.contracts.content import (
     SiteContentInfo,
     VersionDiff,
 )
+from shared.contracts.putlane import ANSWER_HEAD, PUT_LANE_ALPN, PUT_LANE_MAX_BODY, PutFrame
 from shared.errors import StorageUnavailable, Unavailable, error_from_json
 
-__all__ = ["FilePut", "FileStream", "FileserverClient", "SiteRef"]
+__all__ = ["FilePut", "FileStream", "FileserverClient", "PutLanePool", "SiteRef"]
 
 _CHUNK = 256 * 1024
 # A request body up to this size goes out in the same write as its head.
 _ONE_WRITE = 256 * 1024
+# A fileserver that does not speak the put lane is asked again after this long (it may be upgraded).
+_NO_LANE_FOR = 60.0
+# A lane idle this long is closed, before the fileserver's idle timeout (75 s) would close it under a put.
+_LANE_IDLE = 60.0
 
 
 class SiteRef(Protocol):
@@ -80,8 +88,137 @@ class _Connection(http.client.HTTPSConnection):
         super()._send_output(message_body, encode_chunked)  # type: ignore[misc]
 
 
+class _Lane:
+    """One put lane: a kept mTLS connection, one request then its answer at a time."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+        self.used = time.monotonic()  # when its last answer came
+
+    def exchange(self, frame: bytes) -> tuple[int, bytes]:
+        self._sock.sendall(frame)
+        status, length = ANSWER_HEAD.unpack(self._read(ANSWER_HEAD.size))
+        return status, self._read(length)
+
+    def _read(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            data = self._sock.recv(65536)
+            if not data:
+                raise ConnectionResetError("the fileserver closed the put lane")
+            self._buffer += data
+        taken = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return taken
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class PutLanePool:
+    """Put lanes (:mod:`shared.contracts.putlane`) to the fileserver, kept and shared by the FTP
+    sessions' threads: a small file's put costs a frame each way instead of an HTTP exchange, and a
+    session needs no handshake of its own for it.
+
+    ``ssl_context`` is the publisher's client identity, its own object: it offers the lane's ALPN. A
+    fileserver that does not select it is answered ``None`` (use HTTP) for a while.
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext, *, timeout: float = 60.0) -> None:
+        ssl_context.set_alpn_protocols([PUT_LANE_ALPN])
+        self._ssl = ssl_context
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, int], list[_Lane]] = {}
+        self._no_lane_until: dict[tuple[str, int], float] = {}
+
+    def close(self) -> None:
+        with self._lock:
+            lanes = [lane for idle in self._idle.values() for lane in idle]
+            self._idle.clear()
+        for lane in lanes:
+            lane.close()
+
+    def put(self, host: str, port: int, frame: PutFrame) -> tuple[int, bytes] | None:
+        """The status and JSON the fileserver answered ``frame`` with; None when it has no put lane."""
+        key = (host, port)
+        raw = frame.encode()
+        for attempt in range(2):
+            taken = self._take(key)
+            if taken is None:
+                return None
+            lane, reused = taken
+            try:
+                answer = lane.exchange(raw)
+            except OSError as exc:
+                lane.close()
+                # Only a kept lane may have been closed by the fileserver while idle (the put is sent
+                # again: storing the same bytes at the same path twice makes no second version).
+                if attempt == 0 and reused and not isinstance(exc, TimeoutError):
+                    continue
+                raise StorageUnavailable() from _Unreachable(
+                    f"the put lane to the fileserver at {host}:{port} broke off: {exc}"
+                )
+            lane.used = time.monotonic()
+            with self._lock:
+                self._idle.setdefault(key, []).append(lane)
+            return answer
+        raise AssertionError("unreachable")
+
+    def _take(self, key: tuple[str, int]) -> tuple[_Lane, bool] | None:
+        now = time.monotonic()
+        with self._lock:
+            stale = self._retire(now)
+            idle = self._idle.get(key)
+            lane = idle.pop() if idle else None
+            no_lane = lane is None and self._no_lane_until.get(key, 0.0) > now
+        for old in stale:
+            old.close()
+        if lane is not None:
+            return lane, True
+        if no_lane:
+            return None
+        host, port = key
+        try:
+            sock = socket.create_connection(key, timeout=self._timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                tls = self._ssl.wrap_socket(sock, server_hostname=host)
+            except BaseException:
+                sock.close()
+                raise
+        except OSError as exc:
+            raise StorageUnavailable() from _Unreachable(
+                f"cannot reach the fileserver at {host}:{port}: {exc}"
+            )
+        if tls.selected_alpn_protocol() != PUT_LANE_ALPN:
+            tls.close()
+            with self._lock:
+                self._no_lane_until[key] = time.monotonic() + _NO_LANE_FOR
+            return None
+        return _Lane(tls), False
+
+    def _retire(self, now: float) -> list[_Lane]:
+        """Take the lanes idle for ``_LANE_IDLE`` out of the pool (under the lock): retired before the
+        fileserver closes them, and none left open to a fileserver the sessions no longer use."""
+        stale = [lane for idle in self._idle.values() for lane in idle if lane.used + _LANE_IDLE <= now]
+        if stale:
+            self._idle = {
+                key: [lane for lane in idle if lane.used + _LANE_IDLE > now]
+                for key, idle in self._idle.items()
+            }
+        return stale
+
+
 class FileserverClient:
-    def __init__(self, base_url: str, ssl_context: ssl.SSLContext, *, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        ssl_context: ssl.SSLContext,
+        *,
+        timeout: float = 60.0,
+        lanes: PutLanePool | None = None,
+    ) -> None:
         parts = urlsplit(base_url)
         if base_url and (parts.scheme != "https" or not parts.hostname):
             raise Unavailable(f"fileserver URL {base_url!r} is not https://<host>:<port>")
@@ -93,6 +230,7 @@ class FileserverClient:
         self._timeout = timeout
         self._conn: http.client.HTTPSConnection | None = None
         self._used = False  # whether _conn has carried a request (so may have gone stale)
+        self._lanes = lanes  # small files go there, when the fileserver has put lanes
 
     def close(self) -> None:
         if self._conn is not None:
@@ -179,17 +317,17 @@ class FileserverClient:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         resp = self._send(method, path, body=data, headers=headers)
-        return self._decode(resp, self._finish(resp))
+        return self._decode(resp.status, self._finish(resp))
 
-    def _decode(self, resp: http.client.HTTPResponse, raw: bytes) -> object:
+    def _decode(self, status: int, raw: bytes) -> object:
         try:
             value = json.loads(raw) if raw else None
         except ValueError:
             value = None
-        if resp.status >= 400:
-            raise error_from_json(resp.status, value)
+        if status >= 400:
+            raise error_from_json(status, value)
         if value is None and raw:
-            raise Unavailable(f"the fileserver answered something that is not JSON (HTTP {resp.status})")
+            raise Unavailable(f"the fileserver answered something that is not JSON (HTTP {status})")
         return value
 
     @staticmethod
@@ -219,7 +357,7 @@ class FileserverClient:
         (and nothing written) when the file is larger than ``limit``."""
         resp = self._send("GET", self._url(site, f"/files/{quote(path, safe='/')}"), headers={})
         if resp.status >= 400:
-            self._decode(resp, self._finish(resp))
+            self._decode(resp.status, self._finish(resp))
         if limit is not None and (resp.length is None or resp.length > limit):
             self.close()  # its body is not read: the connection cannot carry another request
             return None
@@ -242,7 +380,7 @@ class FileserverClient:
         try:
             resp = fresh._send("GET", self._url(site, f"/blobs/{quote(sha256, safe='')}"), headers={})
             if resp.status >= 400:
-                fresh._decode(resp, fresh._finish(resp))
+                fresh._decode(resp.status, fresh._finish(resp))
         except BaseException:
             fresh.close()
             raise
@@ -253,14 +391,16 @@ class FileserverClient:
         size = _remaining(source)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         resp = self._send("POST", self._url(site, "/blobs"), body=source, headers=headers)
-        return parse_answer(BlobStored, self._decode(resp, self._finish(resp)), peer=self.base_url)
+        return parse_answer(BlobStored, self._decode(resp.status, self._finish(resp)), peer=self.base_url)
 
     def upload_blobs(self, site: SiteRef, blobs: list[bytes]) -> list[BlobStored]:
         """Store many small blobs in one request; their names in the same order."""
         body = b"".join(len(b).to_bytes(8, "big") + b for b in blobs)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))}
         resp = self._send("POST", self._url(site, "/blob-batch"), body=body, headers=headers)
-        return parse_answer(BlobBatchStored, self._decode(resp, self._finish(resp)), peer=self.base_url).blobs
+        return parse_answer(
+            BlobBatchStored, self._decode(resp.status, self._finish(resp)), peer=self.base_url
+        ).blobs
 
     def put_file(
         self, site: SiteRef, path: str, source: IO[bytes], *, since: int | None = None
@@ -276,11 +416,16 @@ class FileserverClient:
             size = len(body)
         else:
             size = _remaining(source)
+        if isinstance(body, bytes) and self._lanes is not None and self._host and size <= PUT_LANE_MAX_BODY:
+            frame = PutFrame(site.name, site.content_id, path, since, body)
+            answered = self._lanes.put(self._host, self._port, frame)
+            if answered is not None:
+                return parse_answer(FileStored, self._decode(*answered), peer=self.base_url)
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         tail = f"/files/{quote(path, safe='/')}"
         url = self._url(site, tail) if since is None else self._url(site, tail, since=since)
         resp = self._send("PUT", url, body=body, headers=headers)
-        return parse_answer(FileStored, self._decode(resp, self._finish(resp)), peer=self.base_url)
+        return parse_answer(FileStored, self._decode(resp.status, self._finish(resp)), peer=self.base_url)
 
     def start_put(self, site: SiteRef, path: str) -> FilePut:
         """A ``put_file`` whose bytes are sent while they are still being written (see :class:`FilePut`),
@@ -374,7 +519,7 @@ class FilePut:
             self._client.close()
             raise Unavailable(f"the fileserver broke off storing {self._path!r}: {exc}") from exc
         try:
-            answer = self._client._decode(resp, self._client._finish(resp))
+            answer = self._client._decode(resp.status, self._client._finish(resp))
             return parse_answer(FileStored, answer, peer=self._client.base_url)
         finally:
             self._client.close()
@@ -400,5 +545,5 @@ class FilePut:
                 self._client.close()
                 raise Unavailable(f"the fileserver broke off receiving {self._path!r}: {exc}") from exc
             self._client.close()
-            self._client._decode(resp, raw)
+            self._client._decode(resp.status, raw)
             raise Unavailable(f"the fileserver stopped receiving {self._path!r}: {exc}") from exc

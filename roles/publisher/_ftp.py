@@ -34,7 +34,7 @@ from pyftpdlib.servers import ThreadedFTPServer
 
 from roles.publisher._cache import BlobCache
 from roles.publisher._content import CachedDownload, SiteContent, StreamedDownload, TreeShelf, Upload
-from roles.publisher._fileserver import FileserverClient
+from roles.publisher._fileserver import FileserverClient, PutLanePool
 from roles.publisher._ftps import FtpsContexts, SessionContext
 from roles.publisher._sites import Credentials, SiteInfo, SiteTable, suspended_error
 from roles.publisher._throttle import LoginThrottle
@@ -44,6 +44,7 @@ from shared.errors import SitecloudError, StorageUnavailable
 from shared.listeners import listener
 from shared.logs import ContextLogger, get_logger
 from shared.states import SiteState
+from shared.tls import client_context
 
 __all__ = ["FtpServer", "ftp_reply"]
 
@@ -103,6 +104,7 @@ class _Context:
     login_timeout: float
     require_tls: bool
     cache: BlobCache
+    lanes: PutLanePool
     trees: TreeShelf = field(default_factory=TreeShelf)
     sessions: int = 0
     # Running totals for metrics (under the lock: sessions run in threads of their own).
@@ -652,7 +654,9 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
         self._cancel_login_deadline()
         self._drop_content()
         log = self.context.log.bind(site=site.name, client=f"{self.remote_ip}:{self.remote_port}")
-        client = FileserverClient(self.context.sites.fileserver, self.context.ssl_context)
+        client = FileserverClient(
+            self.context.sites.fileserver, self.context.ssl_context, lanes=self.context.lanes
+        )
         self.site_content = SiteContent(site, client, log, self.context.cache, self.context.trees)
         self._cancel_snapshot_watch()
         # An idle session, or one in a long transfer, sends no command to be checked at: look each
@@ -739,7 +743,9 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
                 # The file server moved, stopped or is back: this command goes where it is now (never
                 # while a transfer holds a connection of the old client).
                 content.client.close()
-                content.client = FileserverClient(fileserver, self.context.ssl_context)
+                content.client = FileserverClient(
+                    fileserver, self.context.ssl_context, lanes=self.context.lanes
+                )
             content.invalidate()
         super().pre_process_command(line, cmd, arg)
 
@@ -877,6 +883,8 @@ class FtpServer:
             login_timeout=config.ftp_login_timeout,
             require_tls=config.require_tls,
             cache=BlobCache(config.home / "ftp-cache", config.ftp_cache_bytes, self._log),
+            # A context of its own: it offers the put lane's ALPN.
+            lanes=PutLanePool(client_context(config)),
         )
         passive = config.passive_ports
         settings: dict[str, Any] = {
@@ -948,6 +956,7 @@ class FtpServer:
         finally:
             # Tells every session thread to leave its loop, joins them, closes their sockets.
             self._server.close_all()
+            self._context.lanes.close()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
