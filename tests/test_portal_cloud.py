@@ -224,3 +224,15 @@ def test_the_site_page_says_when_its_app_does_not_start_and_shows_the_log(cloud:
         assert "SyntaxError" in log and "def oops(:" in log, log[-800:]
         page.set_viewport_size({"width": 375, "height": 800})
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
+        # The console runs a command in the app's sandbox, even while the app itself cannot start,
+        # and shows its output and status.
+        page.set_viewport_size({"width": 1280, "height": 800})
+        page.goto(f"{portal}/portal/sites/blog")
+        submit(page, 'a:text-is("Run a command in the app\'s sandbox")')
+        page.fill("#command", "python -c 'import app' ; echo seen by $(id -u)")
+        submit(page, "button:text-is('Run')")
+        heading, output = page.inner_text("main h2"), page.inner_text("pre.log")
+        assert heading.startswith("Exited with status 0"), heading
+        assert "SyntaxError" in output and "seen by " in output, output
+        assert page.input_value("#command").startswith("python -c")
+        shot(page, "tenant-console")

@@ -571,7 +571,7 @@ class ManagementService:
         if not workers:
             raise Unavailable(f"site {name!r} is on no server yet", hint="try again in a moment")
         _, url = workers[0]
-        run = CommandRun(command=command, timeout=timeout)
+        run = CommandRun.parse({"command": command, "timeout": float(timeout)}, what="command")
         with _reaching("the site's server", self._log):
             answer = await self._client.post_json(
                 f"{url}/v1/sites/{name}/commands",

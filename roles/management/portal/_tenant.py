@@ -223,6 +223,39 @@ async def site_logs(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def site_console(request: web.Request) -> web.StreamResponse:
+    """A command run once in the site's app sandbox from the browser (`sitecloud site run`): the
+    form, and after a POST its output on the same page (an answer to read, not a state to go back to)."""
+    page, name = await require_page(request), _site(request)
+    service = service_of(request)
+    await service.check_site(page.who, name)
+    command, timeout = "", 60
+    result: dict[str, Any] | None = None
+    problem: SitecloudError | None = None
+    if request.method == "POST":
+        form = await posted(request, page)
+        command = str(form.get("command", "")).strip()
+        try:
+            timeout = int(str(form.get("timeout", "60")) or "60")
+        except ValueError:
+            problem = InvalidInput("stop it after a whole number of seconds", hint="1 to 600")
+        if problem is None:
+            try:
+                result = await service.run_command(page.who, name, command, float(timeout))
+            except SitecloudError as err:
+                problem = err
+    return render(
+        request,
+        "site_console.html",
+        page=page,
+        site=name,
+        command=command,
+        timeout=timeout,
+        result=result,
+        problem=problem,
+    )
+
+
 async def _site_action(request: web.Request, action: str) -> web.StreamResponse:
     page = await require_page(request)
     form = await posted(request, page)
@@ -704,6 +737,8 @@ def tenant_routes() -> list[web.RouteDef]:
         web.post(f"{s}/stop", stop),
         web.post(f"{s}/restart", restart),
         web.get(f"{s}/logs", site_logs),
+        web.get(f"{s}/console", site_console),
+        web.post(f"{s}/console", site_console),
         web.get(f"{s}/delete", confirm_delete),
         web.post(f"{s}/delete", delete),
         web.get(f"{s}/password", confirm_password),
