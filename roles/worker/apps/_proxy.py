@@ -365,10 +365,11 @@ class AppExchange(Generic[T]):
         # turn, with no task and no wait (a warm request's usual way).
         self._ready: T | None = None
         self._script: tuple[str, str, str] | None = None
-        if self._too_large:
-            return  # refused by the connection at once (refusal): no app wakes for it
         # A GET of a path the version has no file for may name one the app wrote (_written.py).
         self._written: tuple[BinaryIO, FileHit] | None = None
+        self._look_written = False
+        if self._too_large:
+            return  # refused by the connection at once (refusal): no app wakes for it
         self._look_written = (
             not upgrade
             and method in (b"GET", b"HEAD")
