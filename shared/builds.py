@@ -225,6 +225,11 @@ class BuildFollower:
         self._log = log
         self._unreached_grace = unreached_grace
 
+    @property
+    def client(self) -> InternalClient:
+        """The mTLS client it asks the workers with (for other calls to them: a site's command)."""
+        return self._client
+
     def open(self, site: str, workers: Sequence[str]) -> BuildFollow:
         return BuildFollow(
             self._client, site, workers, self._log.bind(site=site), unreached_grace=self._unreached_grace

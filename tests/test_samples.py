@@ -527,6 +527,21 @@ def _zipdeploy(cloud: LocalCloud, site: dict[str, Any], folder: str) -> None:
         assert resp.status == 200 and record["complete"] and record["status"] == 4, record
 
 
+def _kudu_command(cloud: LocalCloud, site: dict[str, Any], command: str) -> Any:
+    """POST Kudu's /api/command with the site's publishing credentials; its JSON answer."""
+    base = urlsplit(site["deploy"]["url"])
+    auth = base64.b64encode(f"{site['ftp']['user']}:{site['ftp']['password']}".encode()).decode()
+    req = urllib.request.Request(
+        f"https://{base.netloc}/api/command",
+        data=json.dumps({"command": command, "dir": "site\\wwwroot"}).encode(),
+        method="POST",
+        headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"},
+    )
+    ctx = ssl.create_default_context(cafile=str(cloud.ca_file))
+    with urllib.request.urlopen(req, context=ctx, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
 def _git_env(cloud: LocalCloud, work: Path) -> dict[str, str]:
     """A site owner's git: its own HOME and name, trusting the cloud's CA."""
     return {
@@ -697,7 +712,7 @@ BROKEN_APP = b"import module_that_is_not_there\n" + GOOD_APP
 def test_a_failed_release_command_fails_the_deploy_with_its_output_and_keeps_the_version_before(
     cloud: LocalCloud, tmp_path: Path
 ) -> None:
-    _new_site(cloud, "releaser")
+    site = _new_site(cloud, "releaser")
     tree = tmp_path / "releaser"
     tree.mkdir()
     (tree / "app.py").write_bytes(GOOD_APP)
@@ -707,6 +722,12 @@ def test_a_failed_release_command_fails_the_deploy_with_its_output_and_keeps_the
     assert cloud.get("releaser", "/")[::2] == (200, b"the good version")
     lines = cloud.cli("site", "logs", "releaser", "--lines", "200")["lines"]
     assert any(line.endswith("[release] schema ok") for line in lines), lines
+    # Kudu's command API, with the site's publishing credentials, runs there as `site run` does.
+    assert _kudu_command(cloud, site, "ls; exit 4") == {
+        "Output": "Procfile\napp.py\n",
+        "Error": "",
+        "ExitCode": 4,
+    }
 
     # A release that fails (a migration that cannot apply): refused with its own words, as a failed
     # build is, and the version before it stays.

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import BasicAuth, web
 
 from roles.publisher._deployments import Deployment, DeploymentLog
@@ -35,6 +36,7 @@ from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
 from roles.publisher.zipsafe import ZipMember, check_zip, copy_member, open_zip, read_member
 from shared.builds import NOT_SERVED_HINT, BuildFollow, BuildFollower, BuildOutcome, Emit, build_failure
+from shared.contracts.apps import CommandResult, CommandRun
 from shared.contracts.content import DeployResult, PathOp, encode_commit
 from shared.errors import (
     BuildFailed,
@@ -45,6 +47,7 @@ from shared.errors import (
     RateLimited,
     SitecloudError,
     Unauthorized,
+    Unavailable,
 )
 from shared.internal import InternalClient, error_middleware, require_role
 from shared.logs import ContextLogger, get_logger
@@ -74,6 +77,8 @@ _BUILD_HINT = "fix what the build says and deploy again (`sitecloud site logs {s
 _APP_HINT = "fix the app and deploy again (`sitecloud site logs {site}` shows its output)"
 # How long a deploy waits for its app's first answer once the version is served.
 APP_PROBE_SECONDS = 20.0
+# How long a command sent to Kudu's /api/command may run (Kudu's own default idle limit).
+KUDU_COMMAND_SECONDS = 60.0
 # How long a failed deploy waits for the workers to serve the version it put back.
 RESTORE_WAIT_SECONDS = 60.0
 
@@ -152,6 +157,7 @@ class Deployer:
         app.router.add_post("/api/zipdeploy", self._zipdeploy)
         app.router.add_get("/api/deployments/{id}", self._deployment)
         app.router.add_get("/api/deployments/{id}/log", self._deployment_log)
+        app.router.add_post("/api/command", self._command)
         app.router.add_routes(list(extra_routes))
         app.on_shutdown.append(self._drain)
         return app
@@ -261,6 +267,46 @@ class Deployer:
 
     async def _deployment_log(self, request: web.Request) -> web.Response:
         return web.json_response(self.deployments.log_of(await self._record(request)))
+
+    async def _command(self, request: web.Request) -> web.Response:
+        """Kudu's ``POST /api/command`` (``{"command": "...", "dir": "..."}`` with the publishing
+        credentials): the command run once in the site's app sandbox on its first worker, as
+        `sitecloud site run` does, answered as Kudu does (``Output``, ``Error``, ``ExitCode``). ``dir`` is
+        Windows' ``site\\wwwroot``: commands run in the site's own folder, whatever it says."""
+        site = await self.authenticate(request, self._kudu_site(request))
+        try:
+            raw = await request.json()
+        except ValueError:
+            raise InvalidInput('the body must be JSON: {"command": "..."}') from None
+        if not isinstance(raw, dict):
+            raise InvalidInput('the body must be a JSON object: {"command": "..."}')
+        run = CommandRun.parse(
+            {"command": raw.get("command"), "timeout": KUDU_COMMAND_SECONDS}, what="command"
+        )
+        if not site.workers:
+            raise Unavailable(f"site {site.name} is on no server yet", hint="try again in a moment")
+        timeout = aiohttp.ClientTimeout(total=KUDU_COMMAND_SECONDS + 30, sock_connect=5)
+        try:
+            answer = await self.builds.client.post_json(
+                f"{site.workers[0]}/v1/sites/{site.name}/commands", run.to_json(), timeout=timeout
+            )
+        except Unavailable as err:
+            if not isinstance(err.__cause__, aiohttp.ClientError | TimeoutError):
+                raise  # the worker's own answer (a site with no app there, say): said as it is
+            self._log.warning("%s", err)  # (its address and port are for the log, not the tenant)
+            raise Unavailable(
+                "the site's server cannot be reached now", hint="try again in a moment"
+            ) from None
+        result = CommandResult.parse(answer, what="the worker's answer")
+        self._log.bind(site=site.name).info("command from %s: exit %s", request.remote, result.exit_code)
+        # Kudu gives stderr apart; here both come as one stream, in the order they were written.
+        return web.json_response(
+            {
+                "Output": result.output,
+                "Error": "",
+                "ExitCode": -1 if result.exit_code is None else result.exit_code,
+            }
+        )
 
     def _kudu_site(self, request: web.Request) -> str | None:
         """The site a Kudu-style request names: ``?site=``, a ``<site>.scm.`` host, or else none (the
