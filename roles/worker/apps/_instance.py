@@ -511,8 +511,11 @@ class _LogPipe(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._meter(len(data))
         if self._capture is not None:
-            # Whoever ran it gets its output; the site log only says that it ran.
+            # Whoever ran it gets its output; the site log only says that it ran. Past what is kept,
+            # its pipe closes: it ends on EPIPE, as `cmd | head -c 1M` would, not at its time limit.
             self._capture.add(data)
+            if self._capture.truncated and self._transport is not None:
+                self._transport.close()
             return
         data = self._partial + data
         lines, sep, self._partial = data.rpartition(b"\n")
