@@ -782,6 +782,9 @@ class AppManager:
             # the same site is starting in.
             serial = f"{app.identity.number}.{self._sockets}"
             boost = time.monotonic() - app.boosted_at >= _BOOST_EVERY
+            if self._cgroup is not None:
+                # Beside the mounts below: the attach after them is then quick.
+                self._spawn(asyncio.to_thread(self._cgroup.ready_attach))
             group = self._cgroup.create(serial, app.spec.limits, boost=boost) if self._cgroup else None
             if group is not None and boost:
                 app.boosted_at = time.monotonic()
