@@ -160,6 +160,16 @@ class _Splice:
 # A port the command listens on other than $PORT is taken once it has listened this long without $PORT
 # (a command may open another port, for its metrics say, before $PORT).
 OTHER_PORT_AFTER = 0.2
+# How often the socket tables are read for such a port. Reading /proc/net/tcp walks the host's whole
+# TCP hash table, every namespace's connections: ~5 ms of CPU per file on a host with 7,000 of them,
+# which read at every look took most of a core from the command's start. A command that listens on
+# $PORT is found by a connect, which costs microseconds, so most starts never read them.
+SCAN_EVERY = 0.1
+# Connects to $PORT: every POLL while most commands come up (Node listens 35-50 ms after its spawn),
+# then less often, up to POLL_MAX apart.
+POLL = 0.002
+POLL_OFTEN_FOR = 0.25
+POLL_MAX = 0.01
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's "st" column
 # Where a listener bound to these can be reached from inside: the wildcard and loopback, v4 and v6.
 _REACHABLE = {
@@ -233,8 +243,9 @@ def main(port: int, ready_timeout: float, child: int) -> int:
     sel = selectors.DefaultSelector()
     pidfd = os.pidfd_open(child)
     sel.register(pidfd, _READ, None)
-    deadline = time.monotonic() + ready_timeout
-    delay = 0.005
+    started = scanned = time.monotonic()
+    deadline = started + ready_timeout
+    delay = POLL
     target: Target = (socket.AF_INET, ("127.0.0.1", port))
     other: Target | None = None
     other_since = 0.0
@@ -242,29 +253,30 @@ def main(port: int, ready_timeout: float, child: int) -> int:
         if sel.select(0):
             break  # the command ended before it listened: its status below
         now = time.monotonic()
-        found = [t for t in _listeners() if t[1][1] != port]
-        if len({t[1][1] for t in found}) == 1:
-            if other is None or other[1][1] != found[0][1][1]:
-                other, other_since = found[0], now
-            elif now - other_since >= OTHER_PORT_AFTER and _listening(other):
-                print(
-                    f"the command listens on port {other[1][1]}, not on $PORT ({port}): visitors go to "
-                    f"port {other[1][1]} (listen on $PORT to choose)",
-                    flush=True,
-                )
-                target = other
-                continue  # (the loop's test now passes: on to serving)
-        else:
-            other = None
+        if now - scanned >= SCAN_EVERY:
+            scanned = now
+            found = [t for t in _listeners() if t[1][1] != port]
+            if len({t[1][1] for t in found}) == 1:
+                if other is None or other[1][1] != found[0][1][1]:
+                    other, other_since = found[0], now
+                elif now - other_since >= OTHER_PORT_AFTER and _listening(other):
+                    print(
+                        f"the command listens on port {other[1][1]}, not on $PORT ({port}): visitors go "
+                        f"to port {other[1][1]} (listen on $PORT to choose)",
+                        flush=True,
+                    )
+                    target = other
+                    continue  # (the loop's test now passes: on to serving)
+            else:
+                other = None
         if now > deadline:
             print(f"the command did not listen on $PORT ({port}) within {ready_timeout:g} s", flush=True)
             _forward(child, signal.SIGKILL)
             os.waitpid(child, 0)
             return 1
-        # A refused connect on loopback costs microseconds: polling often costs the start far less
-        # than a late look (Node takes 50 ms or more to listen, more on a busy host).
         sel.select(delay)
-        delay = min(0.01, delay * 1.5)
+        if now - started >= POLL_OFTEN_FOR:
+            delay = min(POLL_MAX, delay * 1.5)
     else:
         listener = socket.socket(fileno=0)
         listener.setblocking(False)
