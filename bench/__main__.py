@@ -23,15 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench._cpu import CpuMeter, family
+from bench._cpu import CpuMeter
 from bench._doc import DOC, write_section
 from bench._nginx import NginxPair, nginx_available
 from bench._stack import SITE, SitecloudStack
 from bench._up import UpCloud, wait_until
 from bench._workspace import Workspace
 from bench._wrk import WrkResult, run_wrk, wrk_available
-from roles.controller.config import CloudConfig
-from roles.controller.fabric._wheelhouse import Wheelhouse, code_hash
 
 DOMAIN = "sites.bench"
 FILES = {"1k.html": b"x" * 1024, "100k.bin": os.urandom(100 * 1024), "1m.bin": os.urandom(1024 * 1024)}
@@ -276,14 +274,8 @@ def start_up_cloud(work: Path, files_dir: Path, processes: int) -> UpCloud:
         cloud.cli("deploy", SITE, str(files_dir))
         # A fresh `up` builds the wheelhouse for role hosts in the background, once per code version
         # (see `up --wheelhouse`), starting some seconds after it started: measure the steady state
-        # after it, as a user's next minutes are. (Nothing running `pip wheel` yet is not enough.)
-        started = time.monotonic()
-        wait_until(
-            lambda: _wheelhouse_ready() or (time.monotonic() - started > 60 and not _building(cloud)),
-            timeout=900,
-            interval=1,
-            what="`up` to finish building its wheelhouse",
-        )
+        # after it, as a user's next minutes are.
+        wait_until(cloud.wheelhouse_built, timeout=900, interval=1, what="`up` to build its wheelhouse")
         first = next(iter(FILES))
         wait_until(
             lambda: cloud.get(SITE, f"/{first}")[:2] == (200, FILES[first]),
@@ -313,23 +305,6 @@ def _feeds_live(cloud: UpCloud) -> None:
 def _held_hits(cloud: UpCloud) -> int | None:
     held = cloud.health("frontend").get("cache_held_hits")
     return int(held) if held is not None else None
-
-
-def _wheelhouse_ready() -> bool:
-    """Whether the wheelhouse `up` builds ahead for this code (at its default place) is there."""
-    return Wheelhouse(CloudConfig(home=Path()).wheelhouse_dir).ready(code_hash())
-
-
-def _building(cloud: UpCloud) -> bool:
-    """Whether `up` still runs a ``pip wheel`` (its wheelhouse build) under it."""
-    assert cloud.proc is not None
-    for pid in family(cloud.proc.pid):
-        try:
-            if b"pip\x00wheel" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return True
-        except OSError:
-            continue
-    return False
 
 
 NOTES = """

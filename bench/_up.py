@@ -23,6 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bench._cpu import CpuMeter, family
+from roles.controller.config import CloudConfig
+from roles.controller.fabric._wheelhouse import Wheelhouse, code_hash
 from roles.frontend.config import FrontendConfig
 from roles.management._cli_client import ApiClient, Endpoints
 from roles.worker._layout import APPS_BASE
@@ -71,6 +74,8 @@ class UpCloud:
         self._tls: ssl.SSLContext | None = None
         self._worker: tuple[int, ssl.SSLContext] | None = None
         self._controller: ssl.SSLContext | None = None
+        self._ready_at = 0.0
+        self._code = ""
 
     def start(self, timeout: float = 90.0) -> None:
         argv = [sys.executable, "-m", "roles.management.cli", "up", "--home", str(self.home), "--json"]
@@ -86,6 +91,8 @@ class UpCloud:
             return (self.home / "endpoints.json").exists()
 
         wait_until(ready, timeout=timeout, interval=0.1, what="sitecloud up")
+        self._ready_at = time.monotonic()
+        self._code = code_hash()
         endpoints = Endpoints.load(self.home)
         self._api = ApiClient(endpoints, endpoints.admin_token(), timeout=60)
         self._tls = ssl.create_default_context(cafile=str(self.ca_file))
@@ -200,6 +207,43 @@ class UpCloud:
         url = f"https://localhost:{raw['control_port']}/v1/health"
         with urllib.request.urlopen(url, context=self._controller, timeout=10) as resp:
             return dict(json.loads(resp.read()))
+
+    def wheelhouse_built(self) -> bool:
+        """Whether `up` is done with the wheelhouse for role hosts it builds in the background (a
+        ``pip wheel`` of a minute or two, some seconds after it is ready, once per code version): it
+        is there for this code, or a minute after `up` was ready no ``pip wheel`` runs under it (a
+        build that failed leaves none; nothing running yet is not enough)."""
+        if Wheelhouse(CloudConfig(home=Path()).wheelhouse_dir).ready(self._code or code_hash()):
+            return True
+        return time.monotonic() - self._ready_at > 60 and not self._building()
+
+    def _building(self) -> bool:
+        assert self.proc is not None
+        for pid in family(self.proc.pid):
+            try:
+                if b"pip\x00wheel" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def wait_at_rest(self, *, cpu: float = 0.05, window: float = 1.0, timeout: float = 900.0) -> float:
+        """Wait until the cloud is as a visitor finds it at rest: the wheelhouse built (see
+        :meth:`wheelhouse_built`), then `up` and every process under it (roles, their apps) using
+        less than ``cpu`` of a core over ``window`` seconds (publishing, syncing and app starts
+        settled). The seconds waited."""
+        started = time.monotonic()
+        wait_until(self.wheelhouse_built, timeout=timeout, interval=1, what="`up` to build its wheelhouse")
+
+        def quiet() -> bool:
+            assert self.proc is not None
+            meter = CpuMeter({"cloud": [self.proc.pid]})
+            meter.start()
+            time.sleep(window)
+            return meter.stop()["cloud"] < cpu * window
+
+        wait_until(quiet, timeout=timeout, interval=0, what="the cloud's processes to be quiet")
+        return time.monotonic() - started
 
     def role_pid(self, role: str) -> int:
         return int((self.home / "roles" / role / "role.pid").read_text())

@@ -100,6 +100,8 @@ class Figures:
 RUNTIMES = ("python (WSGI)", "python (ASGI)", "php", "node", "command (Procfile)")
 READY = "ready.txt"
 PUBLISHERS = 4
+# Before each sample, the cloud's processes quiet (under 5 % of a core) over this many seconds.
+REST_WINDOW = 0.3
 
 
 def _live_sites(cloud: UpCloud, subscription: int, names: list[str], files: dict[str, bytes]) -> None:
@@ -171,9 +173,14 @@ def run(
             slug = "".join(c for c in runtime if c.isalnum())[:10].lower()
             names = [f"cs-{slug}-{n}" for n in range(samples + 1)]
             _live_sites(cloud, subscription, names, HELLO[runtime])
+            waited = cloud.wait_at_rest()
+            print(f"{runtime}: the cloud at rest after {waited:.1f} s")
             values = []
             # The first start reads the app server's code from disk: not a sample.
             for n, name in enumerate(names):
+                # A visitor wakes an idle site on a cloud at rest, not beside the bench's publishing
+                # or the previous sample's start still settling.
+                cloud.wait_at_rest(window=REST_WINDOW)
                 status, body, elapsed = cloud.get(name, direct=direct)
                 if status != 200 or b"hello" not in body:
                     logs = "\n".join(cloud.cli("site", "logs", name)["lines"][-20:])
@@ -242,8 +249,11 @@ def write_doc(figures: Figures, via: str) -> None:
         f"sample is a fresh idle site ({figures.samples} per runtime). "
         "Target: Python p50 ≤ 100 ms, p99 ≤ 250 ms. A root worker's start includes the tenant wall: "
         "the app's bubblewrap sandbox (network, mount and PID namespaces), its cgroup and its disk-quota "
-        "volume. The load average is the host's while that runtime's samples were taken (the bench's own "
-        "publishing included).",
+        "volume. Each sample is taken on a cloud at rest, as a visitor finds an idle site: after `up`'s "
+        "background wheelhouse build, once the runtime's sites are published and the cloud's processes "
+        f"(roles and apps) have used under 5 % of a core for a second, and again for {REST_WINDOW:g} s "
+        "before each sample. The load average is the host's while that runtime's samples were taken "
+        "(other jobs on the host included).",
         "",
         "| runtime | p50 ms | p99 ms | max ms | load average |",
         "| --- | ---: | ---: | ---: | ---: |",

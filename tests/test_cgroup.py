@@ -347,6 +347,41 @@ def test_v2_file_names_on_a_fake_tree(tmp_path: Path) -> None:
     assert (site / "cgroup.kill").read_text() == "1"
 
 
+def test_ready_attach_moves_nothing_and_makes_the_next_attach_quick(
+    tree: CgroupTree, groups: list[AppGroup]
+) -> None:
+    before = Path("/proc/self/cgroup").read_text()
+    group = _group(tree, groups, "ready", memory_mb=64, nproc=32)
+    took = []
+    for _ in range(5):
+        proc = subprocess.Popen(["sleep", "30"])
+        try:
+            time.sleep(0.1)  # a quiet spell: an attach now would wait out a grace period
+            tree.ready_attach()
+            started = time.perf_counter()
+            CgroupTree.attach(group, proc.pid)
+            took.append(time.perf_counter() - started)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert Path("/proc/self/cgroup").read_text() == before
+    # Without it the first attach here takes 5-15 ms; the best of five with it, well under that.
+    assert min(took) < 0.003, took
+
+
+def test_ready_attach_writes_the_workers_own_pid_to_its_own_group_only(tmp_path: Path) -> None:
+    apps, own = tmp_path / "apps", tmp_path / "worker"
+    apps.mkdir()
+    own.mkdir()
+    CgroupTree(V2, dict.fromkeys(("memory", "cpu", "pids", "cgroup"), apps), own).ready_attach()
+    assert (own / "cgroup.procs").read_text() == str(os.getpid())
+    assert not (apps / "cgroup.procs").exists()
+    CgroupTree(
+        V2, dict.fromkeys(("memory", "cpu", "pids", "cgroup"), apps)
+    ).ready_attach()  # no own group: a no-op
+    assert not (apps / "cgroup.procs").exists()
+
+
 def test_v1_file_names_on_a_fake_tree(tmp_path: Path) -> None:
     bases = _fake_tree(tmp_path, ("memory", "pids", "cpu", "cpuacct", "freezer"))
     tree = CgroupTree(V1, {**bases, "cgroup": bases["pids"]})

@@ -176,9 +176,12 @@ def _pids(path: Path | None) -> list[int]:
 class CgroupTree:
     """Where this worker makes its sites' groups: ``bases`` maps each controller to its directory."""
 
-    def __init__(self, files: CgroupFiles, bases: Mapping[str, Path]) -> None:
+    def __init__(self, files: CgroupFiles, bases: Mapping[str, Path], own: Path | None = None) -> None:
         self.files = files
         self.bases = dict(bases)
+        # The group the worker itself is in (one hierarchy's), and the process that found it there.
+        self._own = own
+        self._owner = os.getpid()
 
     @classmethod
     def detect(cls, log: ContextLogger) -> CgroupTree | None:
@@ -217,7 +220,7 @@ class CgroupTree:
         # The subtree is this worker's alone: empty groups in it are a previous worker's.
         _remove_empty(base / "apps")
         log.info("app limits: cgroup v2 at %s", base / "apps")
-        return cls(V2, dict.fromkeys((*_REQUIRED, "cgroup"), base / "apps"))
+        return cls(V2, dict.fromkeys((*_REQUIRED, "cgroup"), base / "apps"), base / "worker")
 
     @classmethod
     def _detect_v1(
@@ -230,6 +233,7 @@ class CgroupTree:
         own = _v1_own_paths(proc_cgroup)
         me = f"{os.getpid()}.{secrets.token_hex(4)}"
         bases: dict[str, Path] = {}
+        home: Path | None = None
         try:
             for controller in (*_REQUIRED, *_OPTIONAL_V1):
                 if controller not in mounts:
@@ -239,6 +243,7 @@ class CgroupTree:
                     raise FileNotFoundError(
                         f"the worker's own {controller} group is not under {mounts[controller][0]}"
                     )
+                home = home or group
                 top = group / V1_DIR
                 top.mkdir(exist_ok=True)
                 _remove_dead_workers(top)
@@ -257,7 +262,7 @@ class CgroupTree:
             bases["memory"],
             f" (no {', '.join(lacking)}: CPU seconds or freezing unavailable)" if lacking else "",
         )
-        tree = cls(V1, bases)
+        tree = cls(V1, bases, home)
         # A worker that exits leaves no empty level behind (one that dies hard: the next detect).
         atexit.register(tree.close)
         return tree
@@ -298,6 +303,17 @@ class CgroupTree:
         """The plan's CPU limit again after a boosted start (a group already gone is left)."""
         with contextlib.suppress(OSError):
             _set_cpu(group, _cpu_quota(limits))
+
+    def ready_attach(self) -> None:
+        """Make the next attach fast: the first move into any cgroup after a quiet spell waits out
+        an RCU grace period (~10 ms) to take the kernel's migration lock, the moves within about one
+        grace period after it do not. So as a start begins, from a thread, this moves the worker to
+        the group it is in already (nothing changes), and that wait overlaps the start's mounts
+        instead of holding the app at its block fd."""
+        if self._own is None or os.getpid() != self._owner:
+            return  # a forked process: it may be elsewhere, and this must move nothing
+        with contextlib.suppress(OSError):
+            (self._own / self.files.procs).write_text(str(self._owner))
 
     @staticmethod
     def attach(group: AppGroup, pid: int) -> None:

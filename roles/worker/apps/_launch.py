@@ -205,8 +205,10 @@ def plan_launch(
         command = ["/bin/sh", "-c", f"exec {entry}" if _simple(entry) else entry]
         if bridge_timeout is not None:
             bridge = os.path.join(appserver, "sitecloud_appserver", "bridge.py")
-            # -I: our script alone, nothing of the site's PYTHON* settings or user site.
-            argv = [python, "-I", bridge, str(port), f"{bridge_timeout:g}", *command]
+            # -I: our script alone, nothing of the site's PYTHON* settings or user site. -S: no site
+            # module either (the bridge is standard library only), whose .pth files (an editable
+            # install's finder imports pathlib) would cost the command's start ~15 ms of CPU first.
+            argv = [python, "-I", "-S", bridge, str(port), f"{bridge_timeout:g}", *command]
             return LaunchPlan(argv, env, root, "unix", port)
         return LaunchPlan(command, env, root, "tcp", port)
     raise NotSupported(f"runtime {runtime!r} runs no process")

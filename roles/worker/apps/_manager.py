@@ -868,6 +868,10 @@ class AppManager:
         serial = f"{app.identity.number}.{self._sockets}"
         boost = source == "app" and time.monotonic() - app.boosted_at >= _BOOST_EVERY
         group = self._cgroup.create(serial, app.spec.limits, boost=boost) if self._cgroup else None
+        if self._cgroup is not None:
+            # Beside the mounts below, so the attach after them is quick; after the group's mkdir,
+            # which would wait on this loop for the cgroup lock the thread holds meanwhile.
+            self._spawn(asyncio.to_thread(self._cgroup.ready_attach))
         if group is not None and boost:
             app.boosted_at = time.monotonic()
             asyncio.get_running_loop().call_later(_BOOST_S, CgroupTree.settle, group, app.spec.limits)
