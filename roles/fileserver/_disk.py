@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+from shared.direct import DirectWriter
 from shared.errors import NotFound
 from shared.files import atomic_write_json, fsync_dir, read_json, syncfs
 
@@ -50,20 +51,24 @@ def _write_plain(path: Path, data: bytes, *, mode: int = 0o644) -> None:
 
 
 class Upload:
-    """A blob being received: bytes go to a staging file and through sha256 at once."""
+    """A blob being received: bytes go through sha256 and to a staging file at once (a big one
+    around the page cache, see :mod:`shared.direct`)."""
 
     def __init__(self, staging: Path) -> None:
         staging.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=staging, prefix="upload-", suffix=".tmp")
         self.path = Path(name)
-        self._file: IO[bytes] = os.fdopen(fd, "wb")
+        self._fd = fd
+        self._writer = DirectWriter(fd)
         self._hash = hashlib.sha256()
-        self.size = 0
+
+    @property
+    def size(self) -> int:
+        return self._writer.size
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
         self._hash.update(data)
-        self.size += len(data)
+        self._writer.write(data)
 
     def write_all(self, parts: list[bytes]) -> None:
         for part in parts:
@@ -71,19 +76,28 @@ class Upload:
 
     def sync_so_far(self) -> None:
         """Put what was written so far on disk (from another thread while writes go on), so the
-        fsync at the end of a big upload has little left to wait for."""
-        os.fdatasync(self._file.fileno())
+        fsync at the end of a big upload has little left to wait for. Direct writes are there."""
+        if not self._writer.direct:
+            os.fdatasync(self._fd)
 
     def finish(self, *, durable: bool = True) -> str:
-        self._file.flush()
-        if durable:
-            os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._writer.finish()
+            if durable:
+                os.fsync(self._fd)
+        finally:
+            self._close()
         return self._hash.hexdigest()
 
     def discard(self) -> None:
-        self._file.close()
+        self._writer.abort()
+        self._close()
         self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class Packed(NamedTuple):

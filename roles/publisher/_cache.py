@@ -18,6 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import IO
 
+from shared.direct import DirectWriter
 from shared.logs import ContextLogger
 
 __all__ = ["BlobCache", "CacheFill"]
@@ -90,36 +91,39 @@ class CacheFill:
     """One blob's copy being written; :meth:`keep` files it under its sha256, :meth:`drop` throws it
     away. A failed write (a full disk) only means no copy: the transfer goes on.
 
-    Written in the transfer's own thread: a thread of its own for it cost more CPU in hand-offs than the
-    copy itself (a write to the page cache).
+    Written in the transfer's own thread, a big one around the page cache (:mod:`shared.direct`): a
+    buffered copy cost the publisher more CPU than relaying the bytes to the fileserver over TLS.
     """
 
     def __init__(self, cache: BlobCache) -> None:
         self._cache = cache
         fd, name = tempfile.mkstemp(dir=cache.directory, prefix=".fill-")
         self._path = Path(name)
-        self._file: IO[bytes] | None = os.fdopen(fd, "wb", buffering=0)
-        self.size = 0
+        self._fd = fd
+        self._writer: DirectWriter | None = DirectWriter(fd)
+
+    @property
+    def size(self) -> int:
+        return self._writer.size if self._writer is not None else 0
 
     def write(self, data: bytes) -> None:
-        if self._file is None:
+        if self._writer is None:
             return
         try:
-            if self._file.write(data) != len(data):  # unbuffered: a short write means a full disk
-                raise OSError(f"short write to {self._path}")
-            self.size += len(data)
+            self._writer.write(data)
         except OSError as err:
             self._cache._log.warning("cache copy given up: %s", err)
             self.drop()
 
     def keep(self, sha: str, size: int) -> None:
         """File the copy as blob ``sha``, if all ``size`` bytes of it were written."""
-        if self._file is None:
+        if self._writer is None:
             return
         try:
-            self._file.close()
-            self._file = None
-            if self.size == size:
+            self._writer.finish()
+            written, self._writer = self._writer.size, None
+            self._close()
+            if written == size:
                 self._cache._keep(self._path, sha, size)
         except OSError as err:
             self._cache._log.warning("cache copy not kept: %s", err)
@@ -127,7 +131,13 @@ class CacheFill:
             self.drop()
 
     def drop(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self._close()
         self._path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
