@@ -46,6 +46,8 @@ _POLL = 0.25
 # without a new line (at most _SETTLE_MAX in all) before ending.
 _SETTLE = 0.3
 _SETTLE_MAX = 3.0
+# The longest an app's start may take with its build and release commands, as workers bound it.
+_START_MAX = 1500.0
 # A worker that cannot be asked is asked again for this long before the deploy goes on without it.
 UNREACHED_GRACE = 5.0
 # A worker that does not hold the site yet (it is on its way there) is asked for its log this often.
@@ -194,15 +196,41 @@ class BuildFollow:
             await emit(source, text)
         return BuildOutcome(True, dict(self._failed), unserved=not serving)
 
-    async def probe(self, version: int, *, host: str, timeout: float) -> AppProbe | None:
+    async def probe(
+        self, version: int, *, host: str, timeout: float, emit: Emit | None = None
+    ) -> AppProbe | None:
         """Once ``version`` is served: its app started on one of the site's workers and asked for ``/``
-        (:class:`AppProbe`); None when no worker could be asked."""
+        (:class:`AppProbe`); None when no worker could be asked. What the start runs first (a Node
+        app's build, a release command) writes lines meanwhile: ``emit`` gets them as they come."""
+        if emit is None:
+            return await self._probe(version, host=host, timeout=timeout)
+        probing = asyncio.ensure_future(self._probe(version, host=host, timeout=timeout))
+        try:
+            while not probing.done():
+                getting = asyncio.ensure_future(self._lines.get())
+                await asyncio.wait({probing, getting}, return_when=asyncio.FIRST_COMPLETED)
+                if getting.done():
+                    await emit(*getting.result())
+                else:
+                    getting.cancel()
+        finally:
+            if not probing.done():
+                probing.cancel()
+        # The last lines written before the answer are still on their way.
+        with contextlib.suppress(TimeoutError):
+            while True:
+                await emit(*await asyncio.wait_for(self._lines.get(), _SETTLE))
+        return probing.result()
+
+    async def _probe(self, version: int, *, host: str, timeout: float) -> AppProbe | None:
         for url in self._workers:
             try:
                 raw = await self._client.post_json(
                     f"{url}/v1/sites/{self._site}/app/probe",
                     params={"version": str(version), "timeout": f"{timeout:g}", "host": host},
-                    timeout=aiohttp.ClientTimeout(total=timeout + 15),
+                    # The worker answers once the start is done or past its own bound: a build and a
+                    # release command may come first (up to ten minutes each, by its settings).
+                    timeout=aiohttp.ClientTimeout(total=timeout + _START_MAX),
                 )
                 return AppProbe.parse(raw, what="unexpected answer")
             except SitecloudError as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from roles.worker.apps._launch import node_command
-from roles.worker.apps._npm import NPMJS, checked_manifest, node_packages_dir
+from roles.worker.apps._npm import NPMJS, build_command, checked_manifest, node_packages_dir
 from roles.worker.apps._spec import detect_runtime, node_entry
 from shared.errors import InvalidInput
 
@@ -129,3 +129,24 @@ def test_the_package_directory_follows_package_json_and_its_lock(tmp_path: Path)
     assert node_packages_dir(tmp_path, str(root)) not in (None, first)
     (root / "package.json").write_text(json.dumps({"devDependencies": {"jest": "29"}}))
     assert node_packages_dir(tmp_path, str(root)) is None  # nothing the app needs at run time
+
+
+def test_an_app_with_a_build_script_is_built_with_its_dev_dependencies(tmp_path: Path) -> None:
+    root = tmp_path / "v1"
+    root.mkdir()
+    (root / "package.json").write_text(json.dumps({"scripts": {"start": "node dist/server.js"}}))
+    assert build_command(str(root)) is None
+    # A TypeScript app: its compiler is a devDependency, and the build needs it.
+    pkg = {
+        "scripts": {"build": "tsc", "start": "node dist/server.js"},
+        "devDependencies": {"typescript": "^5.6.3"},
+    }
+    (root / "package.json").write_text(json.dumps(pkg))
+    assert build_command(str(root)) == "npm --no-update-notifier --no-fund --no-audit run build"
+    with_dev = node_packages_dir(tmp_path, str(root))
+    assert with_dev is not None
+    # The same package.json without its build script is a package set of its own (no dev tools).
+    (root / "package.json").write_text(json.dumps({**pkg, "scripts": {"start": "node dist/server.js"}}))
+    assert node_packages_dir(tmp_path, str(root)) is None
+    (root / "package.json").write_text(json.dumps({**pkg, "scripts": {"build": "  "}}))
+    assert build_command(str(root)) is None

@@ -327,6 +327,32 @@ def test_the_express_sample(cloud: LocalCloud) -> None:
         assert ws.close() == 1000
 
 
+def test_a_typescript_app_pushed_by_git_is_built_by_its_build_script_before_it_starts(
+    cloud: LocalCloud, tmp_path: Path
+) -> None:
+    if why := npm_registry_unreachable():
+        pytest.skip(why)
+    site = _new_site(cloud, "typescript-sample")
+    # As on Heroku: npm ci with the devDependencies (the compiler), then `npm run build` in the
+    # app's sandbox, whose output the push shows as it runs; then the compiled app starts.
+    printed = _git_push(cloud, site, "typescript", tmp_path / "push")
+    assert "> tsc" in printed, printed
+    _wait_for(cloud, "typescript-sample", "/", b"<h1>Hello from TypeScript</h1>", timeout=180)
+    assert _json(cloud, "typescript-sample", "/api/greeting?name=Ada") == {"name": "Ada", "compiled": True}
+    # A type error fails the deploy with the compiler's own words; the version before keeps serving.
+    broken = tmp_path / "broken"
+    shutil.copytree(SAMPLES / "typescript", broken)
+    with (broken / "src" / "server.ts").open("a") as source:
+        source.write('const port: number = "not a number";\n')
+    refused = cloud.cli("deploy", "typescript-sample", str(broken), check=False, timeout=180)
+    message = refused["error"]["message"]
+    assert refused["error"]["code"] == "build_failed", refused
+    assert "build command exited with status" in message and "TS2322" in message, message
+    # The version put back is built again (tsc wrote the broken build's output before it failed).
+    _wait_for(cloud, "typescript-sample", "/", b"<h1>Hello from TypeScript</h1>", timeout=120)
+    assert _json(cloud, "typescript-sample", "/api/greeting?name=Bo") == {"name": "Bo", "compiled": True}
+
+
 @pytest.mark.skipif(shutil.which("php-cgi") is None, reason="needs Debian php-cgi (.ci/run installs it)")
 def test_the_php_front_controller_sample(cloud: LocalCloud) -> None:
     _publish_sample(cloud, "php-sample", "php")

@@ -537,7 +537,7 @@ class ManagementService:
             return started, False
         # As a deploy does: an app that exits before its first answer is not called started well.
         host = urlsplit(str(started.get("url", ""))).hostname or name
-        probe = await follow.probe(version, host=host, timeout=_APP_PROBE_SECONDS)
+        probe = await follow.probe(version, host=host, timeout=_APP_PROBE_SECONDS, emit=emit)
         if probe is not None and probe.outcome == "crashed":
             raise BuildFailed(
                 f"site {name} is started, but its app does not start: {probe.detail}",

@@ -90,7 +90,7 @@ async def _unheard(source: str, text: str) -> None:
 async def _app_failure(follow: BuildFollow, version: int, host: str, tell: Emit) -> str | None:
     """Why a served version's app does not run (None: it answered, or there is nothing to ask); what
     it answered is told to the deployer either way."""
-    probe = await follow.probe(version, host=host, timeout=APP_PROBE_SECONDS)
+    probe = await follow.probe(version, host=host, timeout=APP_PROBE_SECONDS, emit=tell)
     if probe is None or probe.outcome == "none":
         return None
     if probe.outcome == "crashed":

@@ -48,7 +48,12 @@ from roles.worker.apps._launch import (
     pick_python,
     plan_launch,
 )
-from roles.worker.apps._npm import install_node_packages, link_node_modules, node_packages_dir
+from roles.worker.apps._npm import (
+    build_command,
+    install_node_packages,
+    link_node_modules,
+    node_packages_dir,
+)
 from roles.worker.apps._packages import install_requirements, packages_dir, prune_packages
 from roles.worker.apps._sandbox import EGRESS_MODES, Sandbox, SandboxMounts
 from roles.worker.apps._sitelog import SiteLog
@@ -460,8 +465,9 @@ class AppManager:
 
     # -- the request path
 
-    async def acquire(self, app: AppSite) -> AppInstance:
-        """The site's running process, woken if need be, within the start bound (else Unavailable)."""
+    async def acquire(self, app: AppSite, *, wait: float | None = None) -> AppInstance:
+        """The site's running process, woken if need be, within ``wait`` (the start bound by default;
+        else Unavailable: the start goes on for the next request)."""
         inst = app.instance
         if inst is not None and inst.alive:
             return inst
@@ -477,7 +483,8 @@ class AppManager:
             app.starting = asyncio.get_running_loop().create_task(self._start(app))
             app.starting.add_done_callback(lambda task: _started(app, task))
         try:
-            return await asyncio.wait_for(asyncio.shield(app.starting), self._config.app_start_timeout)
+            bound = self._config.app_start_timeout if wait is None else wait
+            return await asyncio.wait_for(asyncio.shield(app.starting), bound)
         except TimeoutError:
             raise Unavailable("the site's app did not start in time", hint="its log says why") from None
 
@@ -489,7 +496,8 @@ class AppManager:
             # php-cgi starts whatever the scripts hold: their errors are per request.
             return AppProbe(site=name, outcome="none")
         try:
-            inst = await self.acquire(app)
+            # The deploy that asks waits for what runs before the start too (a build, a release).
+            inst = await self.acquire(app, wait=self.start_bound)
         except Unavailable as exc:
             return AppProbe(site=name, outcome="crashed", detail=(app.last_crash or str(exc))[:2000])
         self.begin(app, inst)
@@ -514,6 +522,11 @@ class AppManager:
             return AppProbe(site=name, outcome="slow", detail=f"no answer to GET / within {timeout:g} s")
         finally:
             self.end(app, inst, answered=answered)
+
+    @property
+    def start_bound(self) -> float:
+        """The longest a start may take with its build and release commands before the app's own."""
+        return self._config.app_start_timeout + 2 * self._config.app_release_timeout
 
     def running(self, app: AppSite) -> AppInstance | None:
         inst = app.instance
@@ -932,36 +945,48 @@ class AppManager:
             self._spawn(volume.release())
 
     async def _release(self, app: AppSite, dirs: SiteDirs, packages: Path | None) -> None:
-        """The Procfile's ``release:`` command, as on Heroku (``python manage.py migrate``): run once
-        per version and settings on this worker, before the app starts, in the app's sandbox with its
-        packages and writable folder. Its output goes to the site log as ``release`` lines; a failure
-        keeps the app from starting (the deploy that asked then fails with it, as a failed build)."""
+        """What runs once per version and settings on this worker before the app starts, in the
+        app's sandbox with its packages and writable folder: a Node app's ``build`` script (as
+        Heroku and App Service run it; what it writes, ``dist/`` say, lands in the app's folder),
+        then the Procfile's ``release:`` command (``python manage.py migrate``). Their output goes to
+        the site log as ``build`` and ``release`` lines; a failure keeps the app from starting (the
+        deploy that asked then fails with it, as a failed install does)."""
         # Two small reads from the page cache: less than a thread hop, on every cold start.
-        command = procfile_command(app.root, "release")
+        steps = [
+            (source, command)
+            for source, command in (
+                ("build", build_command(app.root) if _node_packages(app) else None),
+                ("release", procfile_command(app.root, "release")),
+            )
+            if command is not None
+        ]
         marker = dirs.base / "released"
         # As on Heroku, new settings are a new release too (a DJANGO_ADMIN_USER the command reads).
         settings = hashlib.sha256(repr(app.spec.env).encode()).hexdigest()[:16]
         done_for = f"{app.content_id} {app.version} {settings}\n"
-        if command is None or _read_or_empty(marker) == done_for:
+        if not steps or _read_or_empty(marker) == done_for:
             return
         log = self._site_log(app)
-        log.write("worker", f"running the release command of version {app.version}: {command}")
-        started = time.monotonic()
-        code, why = await self._run_once(
-            app, dirs, packages, command, source="release", timeout=self._config.app_release_timeout
-        )
-        if code == 0:
-            await asyncio.to_thread(marker.write_text, done_for)
-            log.write("worker", f"the release command ended well in {time.monotonic() - started:.1f} s")
-            return
-        said = " / ".join(_release_lines(log.tail(200))[-3:])
-        app.last_crash = f"its release command {why}" + (f"; its last output: {said}" if said else "")
-        log.write(
-            "worker", f"the release command {why}: the app does not start until a version's release succeeds"
-        )
-        raise Unavailable(
-            f"the site's release command {why}", hint="its log says why; fix it and deploy again"
-        )
+        for source, command in steps:
+            log.write("worker", f"running the {source} command of version {app.version}: {command}")
+            started = time.monotonic()
+            code, why = await self._run_once(
+                app, dirs, packages, command, source=source, timeout=self._config.app_release_timeout
+            )
+            if code == 0:
+                took = time.monotonic() - started
+                log.write("worker", f"the {source} command ended well in {took:.1f} s")
+                continue
+            said = " / ".join(_step_lines(log.tail(200), source)[-3:])
+            app.last_crash = f"its {source} command {why}" + (f"; its last output: {said}" if said else "")
+            log.write(
+                "worker",
+                f"the {source} command {why}: the app does not start until a version's {source} succeeds",
+            )
+            raise Unavailable(
+                f"the site's {source} command {why}", hint="its log says why; fix it and deploy again"
+            )
+        await asyncio.to_thread(marker.write_text, done_for)
 
     async def _run_once(
         self,
@@ -1272,9 +1297,10 @@ def _started(app: AppSite, task: asyncio.Task[AppInstance]) -> None:
         task.exception()  # retrieved: the waiters saw it
 
 
-def _release_lines(lines: list[str]) -> list[str]:
-    """The release command's own output among a site log's lines."""
-    return [line.split("[release] ", 1)[1].strip() for line in lines if " [release] " in line]
+def _step_lines(lines: list[str], source: str) -> list[str]:
+    """A build or release command's own output among a site log's lines."""
+    mark = f" [{source}] "
+    return [line.split(mark, 1)[1].strip() for line in lines if mark in line]
 
 
 def _read_or_empty(path: Path) -> str:

@@ -32,6 +32,7 @@ from shared.errors import BuildFailed, InvalidInput
 
 __all__ = [
     "NO_REGISTRY",
+    "build_command",
     "checked_manifest",
     "install_node_packages",
     "link_node_modules",
@@ -61,8 +62,34 @@ _NPM_ENV = frozenset(
 )  # fmt: skip
 
 
+def build_script(pkg: object) -> str | None:
+    """The ``build`` script of a parsed package.json (``tsc``, ``vite build``), or None."""
+    scripts = pkg.get("scripts") if isinstance(pkg, dict) else None
+    script = scripts.get("build") if isinstance(scripts, dict) else None
+    return script if isinstance(script, str) and script.strip() else None
+
+
+def _parsed(root: str) -> object:
+    try:
+        with open(os.path.join(root, "package.json"), "rb") as f:
+            return json.loads(f.read(MAX_MANIFEST))
+    except (OSError, ValueError):
+        return None
+
+
+def build_command(root: str) -> str | None:
+    """What builds a Node app before it starts, as Heroku and App Service do: ``npm run build`` when
+    its package.json has a ``build`` script (TypeScript compiled to ``dist/``, a bundle), else None."""
+    if build_script(_parsed(root)) is None:
+        return None
+    return "npm --no-update-notifier --no-fund --no-audit run build"
+
+
 def node_packages_dir(base: Path, root: str) -> Path | None:
-    """Where the site's Node packages for this version live; None when its package.json lists none."""
+    """Where the site's Node packages for this version live; None when its package.json lists none.
+
+    An app with a build script gets its devDependencies too (the compiler, the bundler): a
+    package set of its own, so one installed without them is never taken for it."""
     try:
         manifest = Path(root, "package.json").read_bytes()
     except OSError:
@@ -75,9 +102,11 @@ def node_packages_dir(base: Path, root: str) -> Path | None:
         parsed = json.loads(manifest)
     except ValueError:
         parsed = None
-    if isinstance(parsed, dict) and not any(parsed.get(f) for f in ("dependencies", "optionalDependencies")):
+    builds = build_script(parsed) is not None
+    fields = ("dependencies", "optionalDependencies", *(("devDependencies",) if builds else ()))
+    if isinstance(parsed, dict) and not any(parsed.get(f) for f in fields):
         return None
-    digest = hashlib.sha256(manifest + b"\0" + lock).hexdigest()[:16]
+    digest = hashlib.sha256(manifest + b"\0" + lock + (b"\0dev" if builds else b"")).hexdigest()[:16]
     return base / f"node-packages-{digest}"
 
 
@@ -239,8 +268,10 @@ async def install_node_packages(*, root: str, target: Path, registry: str, log: 
         if lock is not None:
             (building / "package-lock.json").write_bytes(lock)
         verb = ["ci"] if lock is not None else ["install", "--no-package-lock"]
+        # The build needs its tools; an app that builds nothing gets what it runs with only.
+        omit = [] if build_script(json.loads(manifest)) is not None else ["--omit=dev"]
         argv = [
-            npm, *verb, "--omit=dev", "--ignore-scripts", "--no-audit", "--no-fund", "--no-update-notifier",
+            npm, *verb, *omit, "--ignore-scripts", "--no-audit", "--no-fund", "--no-update-notifier",
             "--loglevel=warn", "--cache", str(scratch / "cache"), "--logs-dir", str(scratch / "logs"),
             *(["--registry", registry] if registry else []),
         ]  # fmt: skip
