@@ -41,7 +41,7 @@ def _set_direct(fd: int, on: bool) -> bool:
     return on
 
 
-def _pwrite_all(fd: int, block: mmap.mmap, length: int, offset: int) -> None:
+def _pwrite_all(fd: int, block: mmap.mmap, length: int, offset: int, read_back: bool = False) -> None:
     with memoryview(block) as whole:
         done = 0
         while done < length:
@@ -57,6 +57,9 @@ def _pwrite_all(fd: int, block: mmap.mmap, length: int, offset: int) -> None:
             if wrote <= 0:
                 raise OSError(errno.EIO, f"short write at byte {offset + done}")
             done += wrote
+    if read_back:
+        # Read ahead by the disk into the page cache: pages filled by DMA, no copy by the CPU.
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
 
 
 class DirectWriter:
@@ -67,8 +70,11 @@ class DirectWriter:
     later :meth:`write` or by :meth:`finish`.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, read_back: bool = False) -> None:
         self._fd = fd
+        # Whether what goes around the page cache is read back into it after (for a copy kept to be
+        # read soon, not for a file kept to be durable).
+        self._read_back = read_back
         self._held: list[bytes | memoryview] | None = []
         self._held_bytes = 0
         self._block: mmap.mmap | None = None
@@ -109,7 +115,8 @@ class DirectWriter:
             if self._block is not None and self._used:
                 aligned = self._used - self._used % _ALIGN
                 if aligned:
-                    _pwrite_all(self._fd, self._block, aligned, self._offset)
+                    read_back = self._read_back and self.direct
+                    _pwrite_all(self._fd, self._block, aligned, self._offset, read_back)
                 if aligned < self._used:
                     if self.direct:
                         self.direct = _set_direct(self._fd, False)
@@ -146,7 +153,9 @@ class DirectWriter:
         block, self._block = self._block, None
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="direct-write")
-        future = self._writer.submit(_pwrite_all, self._fd, block, self._used, self._offset)
+        future = self._writer.submit(
+            _pwrite_all, self._fd, block, self._used, self._offset, self._read_back and self.direct
+        )
         self._pending.append((future, block))
         self._offset += self._used
         self._used = 0

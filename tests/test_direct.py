@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,19 @@ def test_a_big_file_goes_around_the_page_cache_where_it_can(tmp_path: Path) -> N
     buffered = tmp_path / "buffered"
     buffered.write_bytes(data)
     assert _resident_bytes(buffered) >= 2 * BLOCK
+    # A copy kept to be read soon is read back into the page cache behind its writes, by the disk.
+    fd = os.open(tmp_path / "back", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        back = DirectWriter(fd, read_back=True)
+        back.write(data)
+        back.finish()
+    finally:
+        os.close(fd)
+    assert back.direct
+    deadline = time.monotonic() + 10
+    while _resident_bytes(tmp_path / "back") < 2 * BLOCK and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _resident_bytes(tmp_path / "back") >= 2 * BLOCK
     # A tail that is not a whole disk block is written with O_DIRECT turned off again.
     assert _written(tmp_path / "tail", [data, b"x"]).direct is False
     assert (tmp_path / "tail").read_bytes() == data + b"x"

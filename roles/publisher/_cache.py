@@ -95,7 +95,9 @@ class CacheFill:
     away. A failed write (a full disk) only means no copy: the transfer goes on.
 
     Written in the transfer's own thread, a big one around the page cache (:mod:`shared.direct`): a
-    buffered copy cost the publisher more CPU than relaying the bytes to the fileserver over TLS.
+    buffered copy cost the publisher more CPU than relaying the bytes to the fileserver over TLS. Each
+    block is read back into the page cache behind its write (by the disk, not the CPU), so a download
+    soon after goes out of memory as it would after a buffered write.
     """
 
     def __init__(self, cache: BlobCache) -> None:
@@ -103,7 +105,7 @@ class CacheFill:
         fd, name = tempfile.mkstemp(dir=cache.directory, prefix=".fill-")
         self._path = Path(name)
         self._fd = fd
-        self._writer: DirectWriter | None = DirectWriter(fd)
+        self._writer: DirectWriter | None = DirectWriter(fd, read_back=True)
 
     @property
     def size(self) -> int:
