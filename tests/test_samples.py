@@ -353,6 +353,24 @@ def test_a_typescript_app_pushed_by_git_is_built_by_its_build_script_before_it_s
     assert _json(cloud, "typescript-sample", "/api/greeting?name=Bo") == {"name": "Bo", "compiled": True}
 
 
+def test_a_static_site_published_as_its_unbuilt_sources_is_told_so_by_its_deploy(
+    cloud: LocalCloud, tmp_path: Path
+) -> None:
+    _new_site(cloud, "vite-sources")
+    tree = _folder(
+        tmp_path / "vite-sources",
+        {
+            "package.json": '{"scripts": {"dev": "vite", "build": "vite build"}}',
+            "index.html": '<div id="root"></div><script type="module" src="/src/main.tsx"></script>',
+            "src/main.tsx": "export {};\n",
+        },
+    )
+    printed = cloud.cli_text("deploy", "vite-sources", str(tree), timeout=120)
+    assert "its package.json has a build script" in printed, printed
+    assert "sitecloud deploy vite-sources dist/" in printed, printed
+    assert cloud.get("vite-sources", "/")[0] == 200
+
+
 @pytest.mark.skipif(shutil.which("php-cgi") is None, reason="needs Debian php-cgi (.ci/run installs it)")
 def test_the_php_front_controller_sample(cloud: LocalCloud) -> None:
     _publish_sample(cloud, "php-sample", "php")

@@ -92,6 +92,8 @@ async def _app_failure(follow: BuildFollow, version: int, host: str, tell: Emit)
     it answered is told to the deployer either way."""
     probe = await follow.probe(version, host=host, timeout=APP_PROBE_SECONDS, emit=tell)
     if probe is None or probe.outcome == "none":
+        if probe is not None and probe.detail:
+            await tell("deploy", probe.detail)
         return None
     if probe.outcome == "crashed":
         await tell("deploy", f"its app does not start: {probe.detail}")

@@ -494,7 +494,7 @@ class AppManager:
         app = self._sites.get(name)
         if app is None or app.version != version or app.runtime == "php":
             # php-cgi starts whatever the scripts hold: their errors are per request.
-            return AppProbe(site=name, outcome="none")
+            return AppProbe(site=name, outcome="none", detail=self._static_build_note(name, app))
         try:
             # The deploy that asks waits for what runs before the start too (a build, a release).
             inst = await self.acquire(app, wait=self.start_bound)
@@ -522,6 +522,21 @@ class AppManager:
             return AppProbe(site=name, outcome="slow", detail=f"no answer to GET / within {timeout:g} s")
         finally:
             self.end(app, inst, answered=answered)
+
+    def _static_build_note(self, name: str, app: AppSite | None) -> str:
+        """What a deployer of a static site with a ``build`` script (a Vite or React app published as
+        its sources) should know: nothing builds it here, so its sources are what visitors get."""
+        if app is not None:
+            return ""
+        held, version = self._lookup(name)
+        if not held or version is None or build_command(version.root) is None:
+            return ""
+        return (
+            "this site is served as the static files it has: its package.json has a build script, "
+            "which runs here only for a Node app (one with a start script or a server.js); build it "
+            "and publish what the build makes (npm run build, then `sitecloud deploy "
+            f"{name} dist/`), or add a start script that serves it"
+        )
 
     @property
     def start_bound(self) -> float:
