@@ -1,8 +1,9 @@
 """`python -m bench.ftp`: FTP publishing throughput against vsftpd on the same files.
 
 Target (../shared/BRIEF.md): upload and download throughput at least 0.8x vsftpd's. The same clients
-drive sitecloud's publisher (with its fileserver, both real processes) and vsftpd (Debian, anonymous
-upload into a directory of its own), alternately, in the same run: ftplib for one 200 MB file up and
+drive sitecloud as users run it (`sitecloud up` with its defaults, the sites made with the CLI and
+published to with the FTP and deploy credentials it gives) and vsftpd (Debian, anonymous upload into a
+directory of its own), alternately, in the same run: ftplib for one 200 MB file up and
 down and 300 x 8 KB files up and down; lftp for ``mirror -R`` of a 2,000-file site in 40 folders
 (0.5-8 KB files), one transfer at a time and four at a time. Then sitecloud alone: the per-file upload
 cost in a 20,000-file site against a 200-file one (the journal and per-folder trees keep it flat), and a
@@ -28,18 +29,18 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 from bench._doc import write_section
-from bench.harness.processes import CloudPKI, RoleProcess
-from roles.fileserver.config import FileserverConfig
-from roles.publisher.config import PublisherConfig
-from shared.credentials import hash_password
+from bench._up import UpCloud, wait_until
 from shared.net import free_port
 
 __all__ = ["main"]
 
-SITE, PASSWORD = "ftpbench", "ftp-bench-secret"
+SITE = "ftpbench"
 BIG = os.urandom(200 * 1024 * 1024)
 SMALL = [os.urandom(8 * 1024) for _ in range(300)]
 MIRROR_FILES, MIRROR_FOLDERS = 2000, 40
@@ -116,56 +117,65 @@ class _Vsftpd:
 
 
 class _Sitecloud:
-    def __init__(self, workdir: Path, pki: CloudPKI) -> None:
-        self._version = 0
-        self._client_ssl = pki.client_ssl(None)
-        pasv = free_port()
-        self.fileserver = RoleProcess(
-            pki.role_config(FileserverConfig, "fileserver", workdir / "fileserver"), pki
-        )
-        self.publisher = RoleProcess(
-            pki.role_config(
-                PublisherConfig, "publisher", workdir / "publisher", passive_ports=(pasv, pasv + 50)
-            ),
-            pki,
-        )
+    """The cloud as users run it: `sitecloud up` with its defaults, sites made with the CLI, each
+    published to with the FTP and deploy credentials `site create` gives."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.cloud = UpCloud(workdir / "home")
+        self.sites: dict[str, dict[str, Any]] = {}
+        self._subscription = 0
 
     def start(self) -> None:
-        self.fileserver.start()
-        self.publisher.start()
+        self.cloud.start()
+        self.cloud.cli(
+            "plan", "create", "ftpbench", "--max-sites", "4", "--storage-mb", "8192",
+            "--bandwidth-mb-per-day", "unlimited", "--cpu-minutes-per-day", "unlimited",
+        )  # fmt: skip
+        self.cloud.cli("tenant", "create", "ftpbench")
+        subscription = self.cloud.cli("subscription", "create", "--tenant", "ftpbench", "--plan", "ftpbench")
+        self._subscription = int(subscription["id"])
         self.push()
+        # A fresh `up` builds its wheelhouse for role hosts in the background: measure after it.
+        wait_until(self.cloud.wheelhouse_built, timeout=900, interval=1, what="`up` to build its wheelhouse")
 
     def push(self, *extra: str) -> None:
-        names = (SITE, *extra)
-        sites = {n: {"uid": f"{n}0000", "quota_bytes": 4 << 30} for n in names}
-        self._version += 1
-        self.fileserver.push_config({"version": self._version, "sites": sites})
-        hashed = hash_password(PASSWORD)
-        self.publisher.push_config(
-            {
-                "version": self._version,
-                "fileserver": self.fileserver.control_url,
-                "sites": {n: {**spec, "users": {n: hashed}} for n, spec in sites.items()},
-            }
-        )
+        """The bench's sites (``SITE`` and ``extra``), made where missing, able to log in by FTP."""
+        for name in (SITE, *extra):
+            if name in self.sites:
+                continue
+            self.sites[name] = self.cloud.cli("site", "create", name, "--subscription", str(self._subscription))
+            # Its credentials reach the publisher with the next snapshot.
+            wait_until(partial(self._try_login, name), timeout=30, what=f"FTP login to {name}")
+
+    def _try_login(self, site: str) -> bool:
+        try:
+            self.login(site).quit()
+        except ftplib.error_perm:
+            return False
+        return True
 
     def login(self, site: str = SITE) -> ftplib.FTP:
+        ftp_info = self.sites[site]["ftp"]
         ftp = ftplib.FTP(timeout=60)
-        ftp.connect("127.0.0.1", int(self.publisher.config.ftp_port))  # type: ignore[attr-defined]
-        ftp.login(site, PASSWORD)
+        ftp.connect("127.0.0.1", int(ftp_info["port"]))
+        ftp.login(ftp_info["user"], ftp_info["password"])
         return ftp
 
     def lftp_target(self) -> tuple[str, int, str]:
-        return f"{SITE},{PASSWORD}", int(self.publisher.config.ftp_port), ""  # type: ignore[attr-defined]
+        ftp_info = self.sites[SITE]["ftp"]
+        return f"{ftp_info['user']},{ftp_info['password']}", int(ftp_info["port"]), ""
 
     def deploy(self, site: str, body: bytes) -> None:
-        port = int(self.publisher.config.deploy_port)  # type: ignore[attr-defined]
-        conn = http.client.HTTPSConnection("localhost", port, context=self._client_ssl, timeout=600)
-        token = base64.b64encode(f"{site}:{PASSWORD}".encode()).decode()
+        """A zip to the site's web deploy URL with its publishing credentials, answered once stored."""
+        deploy = self.sites[site]["deploy"]
+        url = urlsplit(deploy["url"])
+        conn = http.client.HTTPSConnection("127.0.0.1", url.port, context=self.cloud.tls, timeout=600)
+        token = base64.b64encode(f"{deploy['user']}:{deploy['password']}".encode()).decode()
         try:
             conn.request(
                 "POST",
-                f"/api/deploy/{site}",
+                url.path or "/",
                 body=body,
                 headers={"Content-Type": "application/zip", "Authorization": f"Basic {token}"},
             )
@@ -177,8 +187,7 @@ class _Sitecloud:
             conn.close()
 
     def stop(self) -> None:
-        self.publisher.stop()
-        self.fileserver.stop()
+        self.cloud.stop()
 
 
 def _big_up(ftp: ftplib.FTP, n: int) -> float:
@@ -321,7 +330,7 @@ def main() -> int:
         os.chmod(work, 0o755)
         source = _mirror_source(work / "mirror-src")
         os.chmod(work / "mirror-src", 0o755)
-        sitecloud = _Sitecloud(work / "sitecloud", CloudPKI(work / "pki"))
+        sitecloud = _Sitecloud(work / "sitecloud")
         vsftpd = _Vsftpd(work / "vsftpd")
         sitecloud.start()
         vsftpd.start()
@@ -385,8 +394,10 @@ def main() -> int:
             "## FTP publishing against vsftpd (`python -m bench.ftp`)\n\n"
             f"Run on {time.strftime('%Y-%m-%d')} (medians of {args.rounds} rounds; load average "
             f"{os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} CPUs), the same ftplib client "
-            "(passive, binary, one connection per transfer set) against sitecloud's publisher (which "
-            "writes through the fileserver: each finished upload is one committed content version) and "
+            "(passive, binary, one connection per transfer set) against sitecloud as `sitecloud up` "
+            "starts it, with its defaults (the sites made and their FTP users given by the CLI; its "
+            "publisher writes through its fileserver: each finished upload is one committed content "
+            "version) and "
             "vsftpd 3.0.3 (anonymous upload to a local directory). Target: at least 0.8x vsftpd.\n\n"
             + table
             + "\n\n"

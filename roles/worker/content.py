@@ -45,6 +45,12 @@ PARALLEL_BLOBS = 4
 # Up to this many changed paths (made file by file) are applied in place; more build a new version.
 INCREMENTAL_MAX = 2000
 _COLLECT_DELAY = 30.0
+# A change that comes this soon after the last one (or a site's last sync) is part of a burst (an FTP
+# mirror makes a version per file): the feed and the sync wait a moment for more and take them all at
+# once, as each costs a round trip, and a sync a diff, its blobs, a syncfs and a flip. A change alone
+# is taken and synced at once.
+_BURST = 0.05
+_GATHER = 0.02
 # Blobs up to _BATCH_BLOB bytes are fetched in batches of up to _BATCH_BYTES / _BATCH_COUNT.
 _BATCH_BLOB = 256 * 1024
 _BATCH_BYTES = 4 * 1024 * 1024
@@ -93,6 +99,7 @@ class ContentSync:
         # The newest version of each site the fileserver told us about.
         self._target: dict[str, int] = {}
         self._prune_at: dict[str, float] = {}
+        self._synced_at: dict[str, float] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._feed: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(PARALLEL_SITES)
@@ -193,6 +200,8 @@ class ContentSync:
             await self._load_disk()
         self._held = held
         self._failed = failures
+        for gone in set(self._synced_at) - set(held):
+            del self._synced_at[gone]
         self._runtimes = {
             name: entry.runtime for name, entry in snapshot.sites.items() if isinstance(entry, WorkerSite)
         }
@@ -281,6 +290,7 @@ class ContentSync:
         """Track every site's newest version through the fileserver's change feed."""
         seq: int | None = None
         failures = 0
+        last_page = 0.0
         while True:
             try:
                 if seq is None:
@@ -310,6 +320,12 @@ class ContentSync:
                         self._kick(site)
                 seq = page.seq
                 failures = self._back_up(fileserver, failures)
+                now = time.monotonic()
+                if page.changes and now - last_page < _BURST:
+                    # A burst of changes (an FTP mirror: a version per file): let the next ones
+                    # gather on the fileserver and come in one page, not a round trip each.
+                    await asyncio.sleep(_GATHER)
+                last_page = now
             except Exception as exc:
                 if failures == 0:
                     self._log.warning("change feed at %s failed: %r; retrying", fileserver, exc)
@@ -340,11 +356,15 @@ class ContentSync:
                     self._schedule_collect()
                     continue
                 if content_id is not None and self._needs_work(site):
+                    last = self._synced_at.get(site)
+                    if last is not None and time.monotonic() - last < _BURST:
+                        await asyncio.sleep(_GATHER)
                     target = self._target[site]
                     try:
                         async with self._slots:
                             await self._sync(site, content_id, target, log)
                         failures = 0
+                        self._synced_at[site] = time.monotonic()
                     except (SitecloudError, OSError) as exc:
                         failures += 1
                         log.warning("sync to version %s failed (attempt %s): %s", target, failures, exc)
