@@ -334,7 +334,7 @@ static nginx (plain HTTP, `access_log off`) and caches nothing.
 """
 
 
-def _up_rows(bench: Bench, ws: Workspace, processes: int) -> None:
+def _up_rows(bench: Bench, ws: Workspace, processes: int, files: list[str]) -> None:
     plural = "process" if processes == 1 else "processes"
     print(
         f"starting `sitecloud up` ({processes} {plural}) and nginx ({processes} worker {plural}) ...",
@@ -345,7 +345,7 @@ def _up_rows(bench: Bench, ws: Workspace, processes: int) -> None:
     nginx.start()
     host = f"{SITE}.{cloud.domain}"
     try:
-        names = list(FILES) if processes == 1 else ["1k.html"]
+        names = [name for name in (FILES if processes == 1 else ["1k.html"]) if name in files]
         for name in names:
             target = (
                 (1.2, 1.2)
@@ -396,6 +396,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="A/B rounds per case")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--processes", default="1,2", help="serving processes per role, e.g. 1,2")
+    parser.add_argument(
+        "--files",
+        default=",".join(FILES),
+        help=f"pages to fetch through `sitecloud up`, e.g. 1k.html (of {', '.join(FILES)})",
+    )
     parser.add_argument("--no-stack", action="store_true", help="skip the hand-built stack's row")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args()
@@ -403,6 +408,15 @@ def main() -> int:
         print("bench needs nginx and wrk: apt-get install -y nginx wrk", file=sys.stderr)
         return 2
     counts = [int(n) for n in args.processes.split(",") if n.strip()]
+    files = [name.strip() for name in args.files.split(",") if name.strip()]
+    if unknown := set(files) - set(FILES):
+        print(
+            f"--files: no such page {', '.join(sorted(unknown))} (pages: {', '.join(FILES)})", file=sys.stderr
+        )
+        return 2
+    if set(files) != set(FILES) and not args.no_write:
+        print("--files: some pages only, so docs/benchmarks.md is left as it is", file=sys.stderr)
+        args.no_write = True
     bench = Bench(args)
     before = os.getloadavg()
     # Site uids must reach their files: not under a 0700 directory, nor under /tmp, where test
@@ -410,7 +424,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sc-bench-", dir="/var/tmp") as tmp:
         ws = Workspace.create(Path(tmp), DOMAIN, FILES)
         for processes in counts:
-            _up_rows(bench, ws, processes)
+            _up_rows(bench, ws, processes, files)
         if not args.no_stack:
             _stack_rows(bench, ws)
 

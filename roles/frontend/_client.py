@@ -459,10 +459,19 @@ class ClientConnection(asyncio.Protocol):
                     # Answered from here in this very turn (nothing before it in the queue): no head
                     # to build, nothing to send.
                     req.held = entry
-                    req.held_form = form = self._form(entry, site.name, target, self._encoding)
+                    encoding = self._encoding
+                    req.held_form = form = (
+                        self._form(entry, site.name, target, encoding)
+                        if encoding and entry.compressible
+                        else (entry.head, entry.body)
+                    )
                     req.target = target
                     req.rid = rid = proxy.request_id()
-                    self._report_held(site, target, len(form[1]), rid)
+                    # It goes to the site's access log on its worker.
+                    feed = site.upstreams[0].feed
+                    if feed is not None:
+                        client = self._ip if self._xff is None else self._xff + b", " + self._ip
+                        feed.report(site.name, target, len(form[1]), rid, client, self._agent, self._referer)
                     return
                 elif entry.expires:
                     entry = None  # an app's answer is only ever given unasked
@@ -524,13 +533,6 @@ class ClientConnection(asyncio.Protocol):
                 return gz
             self._proxy.compress(site, target, entry)
         return entry.head, entry.body
-
-    def _report_held(self, site: Site, target: bytes, size: int, rid: bytes) -> None:
-        """An answer given from the cache unasked goes to the site's access log on its worker."""
-        feed = site.upstreams[0].feed
-        if feed is not None:
-            client = self._ip if self._xff is None else self._xff + b", " + self._ip
-            feed.report(site.name, target, size, rid, client, self._agent, self._referer)
 
     def on_body(self, data: bytes) -> None:
         req = self._req
@@ -933,16 +935,23 @@ class ClientConnection(asyncio.Protocol):
                 self._flush()
 
     def _flush(self) -> None:
-        out, self._out = self._out, []
-        if self._closing or self.transport is None:
-            return
-        if len(out) == 1:
-            self.transport.write(out[0])
+        out = self._out
+        transport = self.transport
+        if self._closing or transport is None:
+            out.clear()
+        elif len(out) == 1:
+            # (the list is kept for the next turn: one answer a turn is the usual case)
+            data = out[0]
+            out.clear()
+            transport.write(data)
         elif sum(map(len, out)) <= _JOIN_MAX:
-            self.transport.write(b"".join(out))
+            data = b"".join(out)
+            out.clear()
+            transport.write(data)
         else:
             # A large body's pieces go as they are: the TLS layer reads them in place, one send for all.
-            self.transport.writelines(out)
+            self._out = []
+            transport.writelines(out)
 
     def _pause(self, why: int) -> None:
         if not self._paused and not self._closing and self.transport is not None:

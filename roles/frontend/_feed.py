@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
+from pydantic_core import to_json
+
 from roles.frontend._cache import ResponseCache
 from roles.frontend._upstream import Hub, Upstream
 from shared.contracts.feed import FeedNotice, FeedReport, HeldHit
@@ -31,6 +33,9 @@ _PING_EVERY = 0.5
 _HITS_MAX = 200
 _RETRY = 1.0
 _MAX_LINE = 16 * 1024 * 1024
+# An answer given from the cache, as the request path notes it: site, target, size, request id line,
+# client, user agent, referer (see FeedClient.report).
+_Hit = tuple[str, bytes, int, bytes, bytes, bytes, bytes]
 
 
 class FeedClient(asyncio.Protocol):
@@ -48,7 +53,7 @@ class FeedClient(asyncio.Protocol):
         self._ping = 0
         self._pinged_at = 0.0
         self._buf = bytearray()
-        self.hits: list[tuple[str, bytes, int, bytes, bytes, bytes, bytes]] = []
+        self.hits: list[_Hit] = []
         self.lost = asyncio.Event()
 
     # -- asked on the request path
@@ -83,7 +88,8 @@ class FeedClient(asyncio.Protocol):
 
     def _send_hits(self, ping: int | None) -> None:
         hits, self.hits = self.hits, []
-        self._send(FeedReport.model_construct(ack=None, ping=ping, hits=[_held_hit(*hit) for hit in hits]))
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_report_line(ping, hits))
 
     def _send(self, report: FeedReport) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -148,6 +154,33 @@ class FeedClient(asyncio.Protocol):
                 cache.drop_site(site, keep=tag)
         # Taken: from now on nothing of the versions replaced is served from here.
         self._send(FeedReport.model_construct(ack=notice.seq, ping=None, hits=[]))
+
+
+def _report_line(ping: int | None, hits: list[_Hit]) -> bytes:
+    """``FeedReport(ping=ping, hits=hits)`` as its line, the bytes pydantic makes of it. The hits of a
+    burst are mostly one page to the same visitors, told apart by their request ids alone: what is
+    around the id is made once per report."""
+    made: dict[tuple[str, bytes, int, bytes, bytes, bytes], tuple[bytes, bytes]] = {}
+    parts: list[bytes] = []
+    for site, target, size, rid, client, agent, referer in hits:
+        key = (site, target, size, client, agent, referer)
+        around = made.get(key)
+        if around is None:
+            hit = _held_hit(site, target, size, rid, client, agent, referer)
+            # pydantic's own JSON (as model_dump_json's) of what comes before the id and after it
+            before, after = to_json(hit[:5]), to_json(hit[6:])
+            around = made[key] = (before[:-1] + b',"', b'",' + after[1:])
+        # (the id is this process's own hex: nothing in it to escape)
+        parts.append(around[0] + rid[14:-2] + around[1])
+    return b"".join(
+        (
+            b'{"ack":null,"ping":',
+            b"null" if ping is None else b"%d" % ping,
+            b',"hits":[',
+            b",".join(parts),
+            b"]}\n",
+        )
+    )
 
 
 def _held_hit(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["LOGGED_HEADERS", "AccessRecord", "access_line", "client_of"]
+__all__ = ["LOGGED_HEADERS", "AccessRecord", "access_head", "access_line", "client_of", "request_id_text"]
 
 # The request headers an access line shows (lower-case): the front end's request id, the visitor's
 # address, and what a combined log shows.
@@ -40,11 +40,25 @@ def access_line(
     logged: dict[bytes, bytes] | None,
 ) -> str:
     got = logged or {}
+    return access_head(method, target, status, sent, seconds, got) + request_id_text(got.get(b"x-request-id"))
+
+
+def access_head(
+    method: bytes, target: bytes, status: int, sent: int, seconds: float, logged: dict[bytes, bytes]
+) -> str:
+    """An access line up to its request id (``logged``'s id is not read): the same for every request
+    of a burst of one page, so a batch may make it once (see :func:`access_line`)."""
+    got = logged
     return (
         f'{client_of(got.get(b"x-forwarded-for"))} "{_text(method, 16)} {_text(target, 2000)} HTTP/1.1" '
         f'{status or "-"} {sent} "{_text(got.get(b"referer"))}" "{_text(got.get(b"user-agent"))}" '
-        f"{seconds * 1000:.1f}ms id={_text(got.get(b'x-request-id'), 64)}"
+        f"{seconds * 1000:.1f}ms id="
     )
+
+
+def request_id_text(rid: bytes | None) -> str:
+    """The end of an access line: its request id."""
+    return _text(rid, 64)
 
 
 class AccessRecord(NamedTuple):

@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import Callable, Mapping
 from typing import Protocol, cast
 
-from roles.worker._access import AccessRecord
+from roles.worker._access import AccessRecord, access_head, request_id_text
 from roles.worker._cache import SiteVersion
 from shared.contracts.feed import FeedNotice, FeedReport
 from shared.errors import InvalidInput
@@ -103,17 +103,28 @@ class _Feed(asyncio.Protocol):
         if report.ping is not None:
             self.pinged_at = asyncio.get_running_loop().time()
             self.send(FeedNotice(seq=feeds.seq, pong=report.ping))
+        # The hits of a report are mostly the same page to the same visitors, told apart by their
+        # request ids: each site's log is looked up, and each line up to its id made, once a report.
+        sinks: dict[str, FeedSink | None] = {}
+        heads: dict[tuple[str, int, int, float | str, str, str, str], str] = {}
         for site, target, status, sent, seconds, rid, client, agent, referer in report.hits:
-            sink = feeds.site_log(site)
+            if site in sinks:
+                sink = sinks[site]
+            else:
+                sink = sinks[site] = feeds.site_log(site)
             if sink is None:
                 continue
-            logged = {
-                b"x-request-id": rid.encode("latin-1"),
-                b"x-forwarded-for": client.encode("latin-1"),
-                b"user-agent": agent.encode("latin-1"),
-                b"referer": referer.encode("latin-1"),
-            }
-            sink.access(AccessRecord(_GET, target.encode("latin-1"), status, sent, seconds, logged))
+            # (-0.0 == 0.0 as a key, but each prints its sign)
+            key = (target, status, sent, seconds or str(seconds), client, agent, referer)
+            head = heads.get(key)
+            if head is None:
+                logged = {
+                    b"x-forwarded-for": client.encode("latin-1"),
+                    b"user-agent": agent.encode("latin-1"),
+                    b"referer": referer.encode("latin-1"),
+                }
+                head = heads[key] = access_head(_GET, target.encode("latin-1"), status, sent, seconds, logged)
+            sink.access(head + request_id_text(rid.encode("latin-1")))
 
 
 class VersionFeeds:

@@ -75,7 +75,8 @@ class SiteLog:
             line = f"{stamp} [access] {text}"
             self._held.append(line)
             self._held_bytes += len(line) + 1
-            self._tell((line,))
+            if self._followers:
+                self._tell((line,))
         if self._held_bytes > _HOLD_BYTES:
             self.flush()
         elif self._flush_at is None:
