@@ -144,7 +144,9 @@ class _Sitecloud:
         for name in (SITE, *extra):
             if name in self.sites:
                 continue
-            self.sites[name] = self.cloud.cli("site", "create", name, "--subscription", str(self._subscription))
+            self.sites[name] = self.cloud.cli(
+                "site", "create", name, "--subscription", str(self._subscription)
+            )
             # Its credentials reach the publisher with the next snapshot.
             wait_until(partial(self._try_login, name), timeout=30, what=f"FTP login to {name}")
 
