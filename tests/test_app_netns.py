@@ -123,6 +123,16 @@ async def test_a_port_elsewhere_is_found_and_a_namespace_gone_is_not_joined(
         fake[1] = str(int(fake[1]) + 1)
         with pytest.raises(OSError, match="has gone"):
             AppPort.join(dialer, ":".join(fake))
+        # Should the inode be another namespace's by then (they are reused), its cookie is not.
+        fake = port.where.split(":")
+        assert int(fake[2]) != 0  # (learnt from the sockets made there)
+        fake[2] = str(int(fake[2]) + 1)
+        impostor = AppPort.join(dialer, ":".join(fake))
+        try:
+            with pytest.raises(OSError, match="has gone"):
+                await impostor.connected()
+        finally:
+            impostor.close()
         with pytest.raises(OSError):
             AppPort.join(dialer, "nonsense")
     finally:

@@ -21,6 +21,7 @@ import errno
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 __all__ = ["AppPort", "NetnsDialer", "diag_listeners", "table_listeners"]
 
 _CLONE_NEWNET = 0x40000000
+# <asm-generic/socket.h>: a network namespace's cookie, never reused while the machine runs (its nsfs
+# inode may be, once the namespace is gone).
+_SO_NETNS_COOKIE = 71
 # Sockets made ahead per app (and per serving process): a new connection to the app then costs no
 # thread hop; more are made in one hop when fewer than half are left.
 STOCK = 4
@@ -41,6 +45,8 @@ POLL_OFTEN_FOR = 0.25
 POLL_MAX = 0.01
 
 Target = tuple[int, str, int]  # family, address, port
+# Sockets made in a namespace, its sock_diag socket (if asked for), and its cookie (0: not known).
+Made = tuple[list[socket.socket], "socket.socket | None", int]
 
 
 class NetnsDialer:
@@ -58,18 +64,17 @@ class NetnsDialer:
             code = ctypes.get_errno()
             raise OSError(code, f"cannot enter the app's network namespace: {os.strerror(code)}")
 
-    def _make(
-        self, netns: int, family: int, count: int, netlink: bool
-    ) -> tuple[list[socket.socket], socket.socket | None]:
+    def _make(self, netns: int, family: int, count: int, cookie: int, netlink: bool) -> Made:
         made: list[socket.socket] = []
-        diag: socket.socket | None = None
         self._setns(netns)
         try:
             for _ in range(count):
                 made.append(socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK))
             if netlink:
-                diag = socket.socket(
-                    socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, _NETLINK_SOCK_DIAG
+                made.append(
+                    socket.socket(
+                        socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, _NETLINK_SOCK_DIAG
+                    )
                 )
         except OSError:
             for s in made:
@@ -78,17 +83,24 @@ class NetnsDialer:
         finally:
             # Back home, so the app's namespace is not held by this thread once the app has gone.
             self._setns(self._home)
-        return made, diag
+        got = _cookie(made[0])
+        if cookie and got != cookie:
+            for s in made:
+                s.close()
+            raise OSError(errno.ESRCH, "the app has gone (its network namespace is another one now)")
+        diag = made.pop() if netlink else None
+        return made, diag, got
 
     async def make(
-        self, netns: int, family: int, count: int, *, netlink: bool = False
-    ) -> tuple[list[socket.socket], socket.socket | None]:
+        self, netns: int, family: int, count: int, *, cookie: int = 0, netlink: bool = False
+    ) -> Made:
         """``count`` nonblocking TCP sockets in the namespace of the nsfs file ``netns`` (and a
-        sock_diag netlink socket there, with ``netlink``)."""
+        sock_diag netlink socket there, with ``netlink``), and that namespace's cookie; OSError if
+        ``cookie`` is given and the namespace has another."""
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="netns")
         return await asyncio.get_running_loop().run_in_executor(
-            self._thread, self._make, netns, family, count, netlink
+            self._thread, self._make, netns, family, max(count, 1), cookie, netlink
         )
 
     def close(self) -> None:
@@ -109,6 +121,9 @@ class AppPort:
         self._netns = netns
         self._pid = pid
         self._inode = os.fstat(netns).st_ino
+        # The namespace's cookie, from the first sockets made there (or told, to a serving process):
+        # every later batch is checked against it.
+        self._cookie = 0
         self.target: Target = (socket.AF_INET, "127.0.0.1", port)
         self._stock: list[socket.socket] = []
         self._making: asyncio.Future[None] | None = None
@@ -129,16 +144,18 @@ class AppPort:
 
     @classmethod
     def join(cls, dialer: NetnsDialer, where: str) -> AppPort:
-        """From :attr:`where` (another process's): the same namespace, or OSError if it is gone (a
-        pid reused since is in another namespace, whose nsfs inode differs)."""
+        """From :attr:`where` (another process's): the same namespace, or OSError if it is gone. A
+        pid reused since is in another namespace, whose nsfs inode differs (or, should the inode be
+        reused too, whose cookie does: the sockets made there are checked)."""
         try:
-            pid, inode, family, port = (int(p) for p in where.split(":"))
+            pid, inode, cookie, family, port = (int(p) for p in where.split(":"))
         except ValueError:
             raise OSError(errno.EINVAL, f"not an app's port: {where!r}") from None
         found = cls.of_pid(dialer, pid, port)
         if found._inode != inode:
             found.close()
             raise OSError(errno.ESRCH, "the app has gone")
+        found._cookie = cookie
         if family == socket.AF_INET6:
             found.target = (family, "::1", port)
         return found
@@ -146,7 +163,7 @@ class AppPort:
     @property
     def where(self) -> str:
         """The namespace and port as another process of the worker (a serving one) can find them."""
-        return f"{self._pid}:{self._inode}:{self.target[0]}:{self.target[2]}"
+        return f"{self._pid}:{self._inode}:{self._cookie}:{self.target[0]}:{self.target[2]}"
 
     @property
     def port(self) -> int:
@@ -181,7 +198,9 @@ class AppPort:
 
     async def _make(self) -> None:
         try:
-            made, _ = await self._dialer.make(self._netns, self.target[0], STOCK)
+            made, _, self._cookie = await self._dialer.make(
+                self._netns, self.target[0], STOCK, cookie=self._cookie
+            )
         finally:
             self._making = None
         if self.closed:
@@ -199,7 +218,9 @@ class AppPort:
         return self._preparing
 
     async def _prepare(self) -> None:
-        made, diag = await self._dialer.make(self._netns, self.target[0], STOCK, netlink=True)
+        made, diag, self._cookie = await self._dialer.make(
+            self._netns, self.target[0], STOCK, cookie=self._cookie, netlink=True
+        )
         if self.closed:
             for s in (*made, *(d for d in (diag,) if d is not None)):
                 s.close()
@@ -272,6 +293,14 @@ class AppPort:
             self._diag.close()
             self._diag = None
         os.close(self._netns)
+
+
+def _cookie(sock: socket.socket) -> int:
+    """The cookie of the namespace ``sock`` was made in; 0 where the kernel gives none (before 5.14)."""
+    try:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, _SO_NETNS_COOKIE, 8), sys.byteorder)
+    except OSError:
+        return 0
 
 
 def _retrieved(done: asyncio.Future[None]) -> None:
