@@ -147,3 +147,24 @@ def test_the_listening_table_is_read_over_netlink_where_the_socket_is_made() -> 
         server.listen()
         nl.setblocking(False)
         assert (socket.AF_INET, "127.0.0.1", server.getsockname()[1]) in diag_listeners(nl)
+
+
+async def test_closed_while_sockets_are_being_made_it_leaves_nothing_open(
+    holder: tuple[int, list[int]],
+) -> None:
+    pid, ports = holder
+    dialer = NetnsDialer()
+    port = AppPort.of_pid(dialer, pid, ports[1])
+    try:
+        making = port.prepare()
+        await asyncio.sleep(0)  # (the batch is in the dialer's thread now)
+        port.close()  # as the app exits: the batch under way still has the namespace's file
+        assert port._netns >= 0
+        await making
+        assert port._netns == -1
+        with pytest.raises(OSError, match="has gone"):
+            await port.connected()
+    finally:
+        port.close()
+        dialer.close()
+    # (The autouse fixture fails the test on any descriptor left open: sockets or the nsfs file.)

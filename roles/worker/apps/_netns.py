@@ -131,6 +131,7 @@ class AppPort:
         self._diag: socket.socket | None = None
         self._diag_failed = False
         self.closed = False
+        self._jobs = 0  # batches under way in the dialer's thread
 
     @classmethod
     def of_pid(cls, dialer: NetnsDialer, pid: int, port: int) -> AppPort:
@@ -198,9 +199,7 @@ class AppPort:
 
     async def _make(self) -> None:
         try:
-            made, _, self._cookie = await self._dialer.make(
-                self._netns, self.target[0], STOCK, cookie=self._cookie
-            )
+            made, _, self._cookie = await self._in_thread(netlink=False)
         finally:
             self._making = None
         if self.closed:
@@ -208,6 +207,21 @@ class AppPort:
                 s.close()
         else:
             self._stock.extend(made)
+
+    async def _in_thread(self, *, netlink: bool) -> Made:
+        """A batch made by the dialer's thread. The nsfs file stays open until no batch is under way:
+        closed earlier, its number could be another file's by the time the thread enters it."""
+        if self.closed:
+            raise OSError(errno.ECONNREFUSED, "the app has gone")
+        self._jobs += 1
+        try:
+            return await self._dialer.make(
+                self._netns, self.target[0], STOCK, cookie=self._cookie, netlink=netlink
+            )
+        finally:
+            self._jobs -= 1
+            if self.closed and not self._jobs:
+                self._close_netns()
 
     def prepare(self) -> asyncio.Future[None]:
         """Sockets and the netlink socket made ahead, beside the app's start rather than after it
@@ -218,9 +232,7 @@ class AppPort:
         return self._preparing
 
     async def _prepare(self) -> None:
-        made, diag, self._cookie = await self._dialer.make(
-            self._netns, self.target[0], STOCK, cookie=self._cookie, netlink=True
-        )
+        made, diag, self._cookie = await self._in_thread(netlink=True)
         if self.closed:
             for s in (*made, *(d for d in (diag,) if d is not None)):
                 s.close()
@@ -292,7 +304,13 @@ class AppPort:
         if self._diag is not None:
             self._diag.close()
             self._diag = None
-        os.close(self._netns)
+        if not self._jobs:
+            self._close_netns()
+
+    def _close_netns(self) -> None:
+        if self._netns >= 0:
+            os.close(self._netns)
+            self._netns = -1
 
 
 def _cookie(sock: socket.socket) -> int:
