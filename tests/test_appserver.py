@@ -3,8 +3,6 @@ worker starts it (no sandbox needed), talked to over that socket."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -276,39 +274,3 @@ def test_an_app_that_cannot_load_names_its_file_and_line_on_its_last_line(
     last = proc.stderr.read().decode().strip().splitlines()[-1]
     assert where in last, last
     assert "above" not in last, last
-
-
-LISTENERS = """
-import socket, sys
-sys.path.insert(0, sys.argv[1])
-from sitecloud_appserver import bridge
-held = []
-for family, address in (
-    (socket.AF_INET, "0.0.0.0"), (socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::"),
-    (socket.AF_INET6, "::1"), (socket.AF_INET, "10.9.9.9"),
-):
-    held.append(socket.socket(family))
-    held[-1].bind((address, 0))
-    held[-1].listen()
-held.append(socket.socket())
-held[-1].bind(("127.0.0.1", 0))  # bound, not listening
-found = bridge._diag_listeners()
-print(len(found), sorted(found) == sorted(bridge._table_listeners()))
-"""
-
-
-def test_the_bridge_finds_its_namespaces_listeners_over_netlink_as_the_socket_tables_list_them() -> None:
-    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
-        pytest.skip("a network namespace of its own needs root, unshare and ip")
-    shell = 'ip link set lo up && ip addr add 10.9.9.9/32 dev lo && exec "$0" -I -S -c "$1" "$2"'
-    proc = subprocess.run(
-        ["unshare", "-n", "sh", "-c", shell, sys.executable, LISTENERS, APPSERVER_PATH],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    # The wildcard and loopback listeners, v4 and v6; not the one on another address, nor the
-    # socket that only bound.
-    assert proc.stdout.split() == ["4", "True"]

@@ -796,3 +796,51 @@ def test_a_worker_with_serving_processes_hands_app_requests_to_apps(tmp_path: Pa
             wait_until(lambda: once("dyn", "/") == (200, b"index v2"), timeout=20, what="v2")
         finally:
             frontend.stop()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="an app's own network namespace needs the worker's sandbox (root)"
+)
+def test_serving_processes_reach_a_procfile_app_inside_its_network_namespace() -> None:
+    """``processes: 2``, a sandboxed Procfile app on $PORT in its own namespace: each serving process
+    connects there itself (no relay in the sandbox), on new and kept connections at once."""
+    with running_cloud(app_start_timeout=10.0, processes=2) as cloud:
+        cloud.add_site("cmd")
+        cloud.publish_and_wait(
+            "cmd",
+            {"Procfile": b"web: python3 -m http.server $PORT --bind 127.0.0.1\n", "hi.txt": b"hi there"},
+            "/hi.txt",
+            b"hi there",
+        )
+        assert cloud.app("cmd").get("sandboxed")
+        failures: list[str] = []
+
+        def visitor() -> None:
+            kept = http.client.HTTPSConnection(
+                "localhost", cloud.config.data_port, context=cloud.pki.client_ssl("frontend"), timeout=15
+            )
+            for i in range(30):
+                conn = kept
+                if i % 3 == 0:
+                    conn = http.client.HTTPSConnection(
+                        "localhost",
+                        cloud.config.data_port,
+                        context=cloud.pki.client_ssl("frontend"),
+                        timeout=15,
+                    )
+                conn.request("GET", "/hi.txt", headers={"X-Sitecloud-Site": "cmd"})
+                resp = conn.getresponse()
+                got = (resp.status, resp.read())
+                if got != (200, b"hi there"):
+                    failures.append(repr(got))
+                if conn is not kept:
+                    conn.close()
+            kept.close()
+
+        threads = [threading.Thread(target=visitor) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert failures == [], failures[:5]
+        assert len(cloud.worker.health()["serving_pids"]) == 2

@@ -274,7 +274,7 @@ def test_the_host_loopback_role_ports_and_other_apps_are_out_of_reach(cloud: App
         assert f":{host.port:04X} " not in tcp and f":{cloud.config.data_port:04X} " not in tcp
     finally:
         host.close()
-    # The command app still answers through the worker (its bridge on the unix socket).
+    # The command app still answers through the worker (which connects inside its namespace).
     assert b"Directory" in cloud.get("cmdvictim", "/")[2]
     bystander_answers(cloud)
 
@@ -947,7 +947,7 @@ def test_an_owners_command_runs_in_the_sandbox_once_at_a_time_and_leaves_nothing
 
 
 def _only_app(uid: int) -> bool:
-    """Whether the uid's processes are its app's alone (its server and the bridge or sandbox's own)."""
+    """Whether the uid's processes are its app's alone (its server and the sandbox's own)."""
     for pid in uid_processes(uid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:

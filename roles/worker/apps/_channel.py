@@ -33,6 +33,7 @@ from typing import Any
 from roles.worker._access import AccessRecord
 from roles.worker.apps._instance import AppInstance
 from roles.worker.apps._manager import AppManager, AppSite
+from roles.worker.apps._netns import AppPort, NetnsDialer
 from roles.worker.apps._pool import UpstreamPool
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import AppSpec
@@ -217,9 +218,11 @@ class AppChannel:
 class RemoteInstance:
     """What a serving process knows of an app instance: where it listens, and its kept connections."""
 
-    def __init__(self, serial: str, address: tuple[str, str]) -> None:
+    def __init__(self, serial: str, address: tuple[str, str], netns: AppPort | None = None) -> None:
         self.serial = serial
         self.address = address
+        # The sandboxed app's port, entered by this process's own dialer.
+        self.netns = netns
         self.served = False
         # Not told by the main process: a serving process's app answers are not kept by front ends.
         self.version_line = b""
@@ -228,6 +231,11 @@ class RemoteInstance:
         self.pool = UpstreamPool(REMOTE_IDLE)
         # The main process's count of this request (sent back with ``end``).
         self.token = 0
+
+    def close(self) -> None:
+        self.pool.close()
+        if self.netns is not None:
+            self.netns.close()
 
 
 class RemoteLog:
@@ -258,6 +266,8 @@ class RemoteApps:
         self._sites: dict[str, AppSite] = {}
         # Instances by the main process's serial, so their kept connections outlive one request.
         self._instances: dict[str, RemoteInstance] = {}
+        # Made on the first sandboxed app's port this process connects to.
+        self._dialer: NetnsDialer | None = None
         self._lock = asyncio.Lock()
         self._log = get_logger("worker")
         # Access lines waiting for their batch: (site, second, line), and about their bytes.
@@ -288,7 +298,15 @@ class RemoteApps:
         kind, address = answer["address"]
         inst = self._instances.get(serial)
         if inst is None:
-            inst = self._instances[serial] = RemoteInstance(serial, (str(kind), str(address)))
+            netns = None
+            if kind == "netns":
+                if self._dialer is None:
+                    self._dialer = NetnsDialer()
+                try:
+                    netns = AppPort.join(self._dialer, str(address))
+                except OSError as exc:
+                    raise Unavailable(f"cannot reach the site's app: {exc}") from None
+            inst = self._instances[serial] = RemoteInstance(serial, (str(kind), str(address)), netns)
         inst.served = bool(answer["served"])
         app.volume = _volume(answer.get("volume"))
         inst.token = int(answer["token"])
@@ -380,7 +398,7 @@ class RemoteApps:
 
     def forget(self, live: set[str]) -> None:
         for serial in self._instances.keys() - live:
-            self._instances.pop(serial).pool.close()
+            self._instances.pop(serial).close()
 
     # -- the channel
 
@@ -398,7 +416,10 @@ class RemoteApps:
         if self._writer is not None:
             self._writer.close()
         for inst in self._instances.values():
-            inst.pool.close()
+            inst.close()
+        if self._dialer is not None:
+            self._dialer.close()
+            self._dialer = None
 
     def tell(self, msg: dict[str, Any]) -> None:
         writer = self._writer

@@ -24,6 +24,7 @@ from roles.worker.apps._isolation import (
     tree_usage,
 )
 from roles.worker.apps._launch import LaunchPlan
+from roles.worker.apps._netns import AppPort, NetnsDialer
 from roles.worker.apps._pool import IDLE_LIMIT, UpstreamPool
 from roles.worker.apps._sandbox import Sandbox, SandboxMounts, egress_nofile, read_info
 from roles.worker.apps._sitelog import SiteLog
@@ -36,7 +37,8 @@ STOP_GRACE = 5.0
 
 
 class AppInstance:
-    """``address`` is what the proxy connects to: ``("unix", path)`` or ``("tcp", "127.0.0.1:port")``."""
+    """``address`` is what the proxy connects to: ``("unix", path)``, ``("tcp", "127.0.0.1:port")``,
+    or ``("netns", where)`` (:attr:`AppPort.where`) for a port in the app's own network namespace."""
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class AppInstance:
         serial: str = "",
         source: str = "app",
         capture: Captured | None = None,
+        dialer: NetnsDialer | None = None,
     ) -> None:
         # Which start of which site this is (its socket's and cgroup's name).
         self.serial = serial
@@ -75,6 +78,9 @@ class AppInstance:
         self._socket_path = socket_path
         self._on_exit = on_exit
         self._listener: socket.socket | None = None
+        self._dialer = dialer
+        # Where it listens in its own network namespace ("netns" plans), once its sandbox is there.
+        self.netns: AppPort | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._pidfd = -1
         self._pipe_done: asyncio.Future[None] | None = None
@@ -104,6 +110,8 @@ class AppInstance:
     def address(self) -> tuple[str, str]:
         if self.plan.listen == "unix":
             return "unix", str(self._socket_path)
+        if self.netns is not None:
+            return "netns", self.netns.where
         return "tcp", f"127.0.0.1:{self.plan.port}"
 
     @property
@@ -140,6 +148,7 @@ class AppInstance:
                 self._spawn(stdin)
         except BaseException:
             self._close_listener()
+            self._close_netns()
             raise
         assert self.proc is not None
         pid = self.proc.pid
@@ -225,6 +234,8 @@ class AppInstance:
                 self.init_pid = await read_info(info_r)
             except ValueError:
                 raise OSError(f"its sandbox could not be built: {self._abandon()}") from None
+            if self.plan.listen == "netns":
+                self._join_netns(self.init_pid)
             # Before the block fd lets pid 1 fork the app: the app inherits them.
             try:
                 set_rlimits(self.init_pid, self.limits, own_uid=True, cgroup=self.cgroup is not None)
@@ -248,6 +259,19 @@ class AppInstance:
                 os.write(block_w, b"go")
             os.close(block_w)
             os.close(info_r)
+
+    def _join_netns(self, init_pid: int) -> None:
+        """Its namespace held open, and sockets made there while the app starts."""
+        assert self._dialer is not None, "a netns plan needs the worker's dialer"
+        try:
+            self.netns = AppPort.of_pid(self._dialer, init_pid, self.plan.port)
+        except OSError as exc:
+            raise OSError(f"cannot reach its sandbox's network: {exc}; {self._abandon()}") from None
+        self.netns.prepare()
+
+    def _close_netns(self) -> None:
+        if self.netns is not None:
+            self.netns.close()
 
     def _abandon(self) -> str:
         """Kill and reap a sandbox that never came up; what bwrap said about it."""
@@ -312,6 +336,10 @@ class AppInstance:
 
     async def wait_listening(self, timeout: float) -> bool:
         """For ``command`` apps: poll until something accepts on $PORT."""
+        if self.netns is not None:
+            return await self.netns.wait_listening(
+                timeout, alive=lambda: self.alive, say=lambda line: self.log.write("worker", line)
+            )
         deadline = time.monotonic() + timeout
         delay = 0.005
         while self.alive and time.monotonic() < deadline:
@@ -413,6 +441,7 @@ class AppInstance:
         # The listener goes with the process: connections still queued on it are refused now.
         self._close_listener()
         self.pool.close()
+        self._close_netns()
         self._reaped.set()
         self._on_exit(self, self.proc.returncode)
 

@@ -3,8 +3,8 @@
 ``python`` and ``php`` get a listening unix socket as file descriptor 0, bound by the worker in a
 directory only the worker can reach (socket activation: no readiness wait, no path the app or
 another site could connect to). ``command`` and ``node`` get ``$PORT``: in a sandbox that port is in the app's
-own network namespace, and our bridge (``sitecloud_appserver/bridge.py``) splices the fd-0 socket to
-it, so the worker talks unix to every runtime; unsandboxed it is a host loopback port, polled.
+own network namespace, which the worker connects into itself (``_netns.py``); unsandboxed it is a
+host loopback port. Either way the worker polls until something listens there.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class LaunchPlan:
     argv: list[str]
     env: dict[str, str]
     cwd: str
-    # "unix": the listener goes in as fd 0; "tcp": the process binds $PORT itself.
+    # "unix": the listener goes in as fd 0; "tcp": the process binds $PORT itself, on the host's
+    # loopback; "netns": the same in its sandbox's network namespace.
     listen: str
     port: int = 0
 
@@ -148,10 +149,9 @@ def plan_launch(
     max_body: int = 32 * 1024 * 1024,
     appserver: str = APPSERVER_PATH,
     port: int = 0,
-    bridge_timeout: float | None = None,
+    sandboxed: bool = False,
 ) -> LaunchPlan:
-    """``bridge_timeout`` (sandboxed ``command`` apps): run the command behind our bridge, which
-    waits this long for it to listen on $PORT. ``packages``: the site's installed packages, Node's
+    """``sandboxed``: a ``command`` app's $PORT is in its own network namespace. ``packages``: the site's installed packages, Node's
     when ``node_packages``, else Python's; ``tools``: a directory of launchers for every app's PATH."""
     env = _base_env(site, dirs, settings)
     if tools:
@@ -203,14 +203,7 @@ def plan_launch(
             entry = node_command(entry)
             env.setdefault("NODE_ENV", "production")
         command = ["/bin/sh", "-c", f"exec {entry}" if _simple(entry) else entry]
-        if bridge_timeout is not None:
-            bridge = os.path.join(appserver, "sitecloud_appserver", "bridge.py")
-            # -I: our script alone, nothing of the site's PYTHON* settings or user site. -S: no site
-            # module either (the bridge is standard library only), whose .pth files (an editable
-            # install's finder imports pathlib) would cost the command's start ~15 ms of CPU first.
-            argv = [python, "-I", "-S", bridge, str(port), f"{bridge_timeout:g}", *command]
-            return LaunchPlan(argv, env, root, "unix", port)
-        return LaunchPlan(command, env, root, "tcp", port)
+        return LaunchPlan(command, env, root, "netns" if sandboxed else "tcp", port)
     raise NotSupported(f"runtime {runtime!r} runs no process")
 
 

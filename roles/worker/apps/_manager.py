@@ -48,6 +48,7 @@ from roles.worker.apps._launch import (
     pick_python,
     plan_launch,
 )
+from roles.worker.apps._netns import NetnsDialer
 from roles.worker.apps._npm import (
     build_command,
     install_node_packages,
@@ -102,7 +103,7 @@ SANDBOX_PORT = 8000
 _NO_SPEC = AppSpec()
 # Runtimes whose dependencies the worker installs (requirements.txt, package.json).
 _PACKAGED: tuple[Runtime, ...] = ("python", "node", "command")
-# Runtimes that listen on $PORT themselves (behind the bridge in a sandbox).
+# Runtimes that listen on $PORT themselves (in a sandbox, in its own network namespace).
 _PORT_RUNTIMES: tuple[Runtime, ...] = ("command", "node")
 # A start runs with at least a whole core for this long (its interpreter, imports and first answer:
 # at a small worker's half core, Node took 139 ms to its first answer instead of 80), at most once per
@@ -221,6 +222,8 @@ class AppManager:
         self._appserver = ""
         self._cgroup: CgroupTree | None = None
         self._sandbox: Sandbox | None = None
+        # Makes the sockets that reach sandboxed apps' ports (made with the sandbox).
+        self._dialer: NetnsDialer | None = None
         # Disk quota volumes by site number, and which running instance holds which.
         self._volumes: dict[int, HomeVolume] = {}
         self._blanks = BlankImages(self._apps_dir / "blank")
@@ -411,6 +414,8 @@ class AppManager:
                 enabled=self._config.app_sandbox,
                 state_dir=self._config.state_dir,
             )
+            if self._sandbox is not None:
+                self._dialer = NetnsDialer()
             self._quota = self._sandbox is not None and HomeVolume.available()
             if self._sandbox is not None and not self._quota:
                 self._log.warning("app disk quota: no mkfs.ext4/mount here (e2fsprogs); homes are unlimited")
@@ -448,6 +453,9 @@ class AppManager:
             *[t for t in (self._sweeper, *self._background) if t is not None], return_exceptions=True
         )
         await self._blanks.close()
+        if self._dialer is not None:
+            self._dialer.close()
+            self._dialer = None
         # Releases under way were cancelled with the background tasks: unmount what is left.
         for volume in self._volumes.values():
             try:
@@ -503,7 +511,7 @@ class AppManager:
         self.begin(app, inst)
         answered = False
         try:
-            ask = asyncio.ensure_future(_ask_root(inst.address, host))
+            ask = asyncio.ensure_future(_ask_root(inst, host))
             deadline = time.monotonic() + timeout
             while not ask.done() and inst.alive and time.monotonic() < deadline:
                 await asyncio.wait((ask,), timeout=0.05)
@@ -821,7 +829,7 @@ class AppManager:
                 runtime=app.runtime,
                 entry=app.entry,
                 port=port,
-                bridge_timeout=self._config.app_start_timeout if sandbox is not None else None,
+                sandboxed=sandbox is not None,
             )
             await self._release(app, dirs, packages)
             inst = await self._spawn_instance(app, dirs, plan, packages, on_exit=self._exited)
@@ -832,7 +840,12 @@ class AppManager:
             app.last_used = time.monotonic()
             where = f"sandbox pid {inst.init_pid}" if inst.init_pid is not None else f"pid {inst.pid}"
             log.write("worker", f"started the {app.runtime} app ({where}) for version {app.version}")
-            if plan.listen == "tcp" and not await inst.wait_listening(self._config.app_start_timeout):
+            if plan.listen in ("tcp", "netns") and not await inst.wait_listening(
+                self._config.app_start_timeout
+            ):
+                if not inst.alive:
+                    # (Its exit is logged already, with its last words.)
+                    raise Unavailable(f"the site's command exited before it listened on $PORT ({port})")
                 inst.kill("start")
                 raise Unavailable(f"the site's command did not listen on $PORT ({port})")
             app.instance = inst
@@ -854,7 +867,7 @@ class AppManager:
         runtime: Runtime,
         entry: str,
         port: int = 0,
-        bridge_timeout: float | None = None,
+        sandboxed: bool = False,
     ) -> LaunchPlan:
         return plan_launch(
             site=app.name,
@@ -871,7 +884,7 @@ class AppManager:
             max_body=self._config.app_max_body,
             appserver=self._appserver,
             port=port,
-            bridge_timeout=bridge_timeout,
+            sandboxed=sandboxed,
         )
 
     async def _spawn_instance(
@@ -933,6 +946,7 @@ class AppManager:
                 mounts=mounts,
                 source=source,
                 capture=capture,
+                dialer=self._dialer,
             )
             await inst.start()
         except BaseException:
@@ -1406,14 +1420,16 @@ def _status(code: int) -> str:
     return f"status {code}"
 
 
-async def _ask_root(address: tuple[str, str], host: str) -> int:
-    """The status of ``GET /`` asked of an app at ``address`` (as :attr:`AppInstance.address` gives it)."""
-    kind, where = address
-    if kind == "unix":
+async def _ask_root(inst: AppInstance, host: str) -> int:
+    """The status of ``GET /`` asked of an app instance."""
+    kind, where = inst.address
+    if inst.netns is not None:
+        reader, writer = await asyncio.open_connection(sock=await inst.netns.connected())
+    elif kind == "unix":
         reader, writer = await asyncio.open_unix_connection(where)
     else:
-        host, _, port = where.rpartition(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
+        ip, _, port = where.rpartition(":")
+        reader, writer = await asyncio.open_connection(ip, int(port))
     try:
         writer.write(
             f"GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: sitecloud-deploy-check\r\nConnection: close\r\n\r\n".encode()

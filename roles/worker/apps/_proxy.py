@@ -12,7 +12,7 @@ home instead of its memory (apps need the length first: php-cgi, our app server)
 there once whole.
 
 A WebSocket (``Upgrade: websocket``) goes on as an upgrade to apps that can take one (Python's ASGI
-apps, through our app server; ``command`` and ``node`` apps, through the bridge): when the app says
+apps, through our app server; ``command`` and ``node`` apps, straight to their port): when the app says
 101, the exchange becomes a tunnel that passes bytes both ways, unparsed, until either side closes.
 A WSGI or PHP app cannot switch protocols: it answers the request as plain HTTP.
 """
@@ -43,6 +43,7 @@ from roles.worker.apps._fastcgi import (
     stdin,
 )
 from roles.worker.apps._manager import AppSite
+from roles.worker.apps._netns import AppPort
 from roles.worker.apps._php import fixed_params, php_script, request_pairs
 from roles.worker.apps._pool import UpstreamPool
 from roles.worker.apps._upstream import HttpUpstream, UpstreamBase
@@ -98,6 +99,8 @@ class Target(Protocol):
     # The content version its code was loaded from, as the line a front end may keep an answer by;
     # b"" when unknown (then no answer of it is kept).
     version_line: bytes
+    # Its port in its own network namespace, for a sandboxed app that listens on one.
+    netns: AppPort | None
 
     @property
     def address(self) -> tuple[str, str]: ...
@@ -687,7 +690,10 @@ class AppExchange(Generic[T]):
     async def _connect(self, inst: T, upstream: UpstreamBase) -> None:
         kind, address = inst.address
         try:
-            if kind == "unix":
+            if inst.netns is not None:
+                sock = await inst.netns.connected()
+                await self._loop.create_connection(lambda: upstream, sock=sock)
+            elif kind == "unix":
                 await self._loop.create_unix_connection(lambda: upstream, address)
             else:
                 host, _, port = address.rpartition(":")
