@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from roles.frontend._admission import AddressLimit
+from roles.frontend._handshakes import HandshakeGate
 from roles.frontend._tls import TlsBridge
 from shared.logs import get_logger
 from shared.metrics import HttpCounts
@@ -56,7 +57,7 @@ def _pair(tmp_path: Path) -> tuple[TlsBridge, _App, ssl.SSLObject, ssl.MemoryBIO
     loop = asyncio.new_event_loop()
     app = _App()
     admission = AddressLimit(0, HttpCounts(), get_logger("frontend"))
-    bridge = TlsBridge(loop, server, app, 10.0, admission)
+    bridge = TlsBridge(loop, server, app, 10.0, admission, HandshakeGate(loop, 1.0))
     from_server, to_server = ssl.MemoryBIO(), ssl.MemoryBIO()
     bridge.connection_made(_Raw(from_server))  # type: ignore[arg-type]
     client = client_ctx.wrap_bio(from_server, to_server, server_hostname="a.sites.test")

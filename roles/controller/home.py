@@ -69,7 +69,7 @@ ROLE_SETTINGS: dict[str, frozenset[str]] = {
             "build_unreached_grace",
         }
     ),
-    "frontend": frozenset({"max_connections_per_ip"}),
+    "frontend": frozenset({"max_connections_per_ip", "handshake_share"}),
     "worker": frozenset({"app_home_removal_delay"}),
     "management": frozenset({"role_stale_after"}),
     "controller": frozenset({"revive_after", "role_stop_timeout"}),

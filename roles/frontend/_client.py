@@ -91,6 +91,8 @@ _CHALLENGE_PREFIX = CHALLENGE_PATH.encode()
 
 
 _VARY_ENCODING = b"Vary: Accept-Encoding\r\n"
+# A closed connection's parser: one with no callbacks, holding nothing of it.
+_DETACHED = httptools.HttpRequestParser(object())
 
 
 class _Reject(Exception):
@@ -180,6 +182,10 @@ class ClientConnection(asyncio.Protocol):
             self._proxy.admission.release(self._admitted)
             self._admitted = None
         self._closing = True
+        # Unlinked, so refcounting frees the connection now: left to the cyclic collector, the
+        # connections of a wave of closes (a slowloris wave cut) were a 50 ms pass every request waited.
+        self._parser = _DETACHED
+        self.transport = None
         self._out.clear()
         self._up_out.clear()
         self._up = None
@@ -997,14 +1003,14 @@ class ClientConnection(asyncio.Protocol):
         queue.append(err)
         self._advance()
 
-    def check(self, now: float) -> None:
-        """Called by the proxy's sweep."""
+    def check(self, now: float) -> bool:
+        """Called by the proxy's sweep; whether it closed the connection (or began to)."""
         if self.write_deadline and now >= self.write_deadline:
             self._proxy.log.debug("client %s stopped reading; closing", self._ip)
             self.abort()
-            return
+            return True
         if not self.read_deadline or now < self.read_deadline or self._paused:
-            return
+            return False
         self.read_deadline = 0.0
         state = self._state
         if state == _IDLE:
@@ -1016,6 +1022,9 @@ class ClientConnection(asyncio.Protocol):
                 self._reject(408)
             else:
                 self.abort()
+        else:
+            return False
+        return True
 
     @property
     def closing(self) -> bool:

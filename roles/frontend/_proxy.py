@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from roles.frontend._admission import AddressLimit
 from roles.frontend._cache import CacheEntry, ResponseCache, gzip_form
 from roles.frontend._feed import FeedClient, run_feed
+from roles.frontend._handshakes import HandshakeGate
 from roles.frontend._http import Page, text_page
 from roles.frontend._lane import NO_LANE_FOR, LaneConnection
 from roles.frontend._routes import CustomCert, Site, build_routes, failure_figures
@@ -29,6 +30,10 @@ from shared.pki import role_of_peer
 from shared.tls import FEED_ALPN, LANE_ALPN, client_context
 
 __all__ = ["Client", "Proxy", "UpstreamRefused"]
+
+# Client connections cut or closed at most per sweep, and how soon the next sweep comes when some wait.
+_CUTS_PER_SWEEP = 32
+_SWEEP_AGAIN = 0.01
 
 # How long a worker that refused a connection is tried last.
 _DOWN_FOR = 2.0
@@ -44,7 +49,7 @@ _HEALTHZ_DRAINING = text_page(503, b"Service Unavailable", b"draining: this fron
 class Client(Protocol):
     """A visitor's connection (roles/frontend/_client.py), as the sweep and the drain see it."""
 
-    def check(self, now: float) -> None: ...
+    def check(self, now: float) -> bool: ...
     def close_if_idle(self) -> None: ...
     def abort(self) -> None: ...
 
@@ -74,6 +79,8 @@ class Proxy:
         self.counts = HttpCounts()
         # Open visitor connections per client address, and the most each may hold.
         self.admission = AddressLimit(config.max_connections_per_ip, self.counts, log)
+        # The share of this process's time new TLS handshakes may take when they come in a wave.
+        self.handshakes = HandshakeGate(self.loop, config.handshake_share)
         self.applied = False
         self.public_https_port = config.public_https or config.https_port
         self.upstreams: dict[str, Upstream] = {}
@@ -362,14 +369,21 @@ class Proxy:
 
     def _sweep(self) -> None:
         now = self.loop.time()
+        # Connections that time out together (a slowloris wave) are cut a few dozen per loop turn,
+        # each a TLS answer and a close, so the visitors' requests get turns between them.
+        cut = 0
         for client in list(self.clients):
-            client.check(now)
+            if client.check(now):
+                cut += 1
+                if cut >= _CUTS_PER_SWEEP:
+                    break
         for conn in list(self.upstream_conns):
             conn.check(now)
         for up in self.upstreams.values():
             if up.feed is not None:
                 up.feed.check(now)
-        self._sweeper = self.loop.call_later(self._tick, self._sweep)
+        delay = self._tick if cut < _CUTS_PER_SWEEP else _SWEEP_AGAIN
+        self._sweeper = self.loop.call_later(delay, self._sweep)
 
     # -- figures and lifecycle ------------------------------------------------------------------------
 
@@ -383,6 +397,9 @@ class Proxy:
             "wildcard": "acme" if self.wildcard is not None else "cloud-ca",
             "client_connections": len(self.clients),
             "connections_refused": self.counts.refused_connections,
+            # New TLS handshakes that waited for their share of this process's time, and wait now.
+            "tls_handshakes_waited": self.handshakes.held,
+            "tls_handshakes_waiting": self.handshakes.queued,
             "upstream_connections": len(self.upstream_conns),
             "upstream_idle": sum(len(up.idle) for up in self.upstreams.values()),
             "upstream_lanes": sum(len(up.lanes) for up in self.upstreams.values()),

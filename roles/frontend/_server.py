@@ -125,7 +125,9 @@ async def _listen(proxy: Proxy, tls: ssl.SSLContext | None) -> list[asyncio.Serv
         timeout = config.handshake_timeout
         servers.append(
             await loop.create_server(
-                lambda: TlsBridge(loop, tls, ClientConnection(proxy, b"https"), timeout, proxy.admission),
+                lambda: TlsBridge(
+                    loop, tls, ClientConnection(proxy, b"https"), timeout, proxy.admission, proxy.handshakes
+                ),
                 sock=https,
                 backlog=_BACKLOG,
             )

@@ -18,6 +18,8 @@ import ssl
 from typing import Any
 
 from roles.frontend._admission import AddressLimit
+from roles.frontend._handshakes import HandshakeGate
+from shared.net import client_key
 
 __all__ = ["TlsBridge"]
 
@@ -42,7 +44,7 @@ class TlsBridge(asyncio.Protocol):
     connection is dropped), then plaintext; it writes plaintext to this bridge as to any transport.
 
     ``admission`` counts the connection from accept to close; one it refuses is dropped at once, before
-    any TLS state is made for it.
+    any TLS state is made for it. ``gate`` decides when the handshake's costly first step runs.
     """
 
     def __init__(
@@ -52,13 +54,19 @@ class TlsBridge(asyncio.Protocol):
         app: asyncio.Protocol,
         handshake_timeout: float,
         admission: AddressLimit,
+        gate: HandshakeGate,
     ) -> None:
         self._loop = loop
         self._ctx = ctx
         self._app = app
         self._handshake_timeout = handshake_timeout
         self._admission = admission
+        self._gate = gate
         self._admitted: str | None = None
+        # Whether the server's first flight went out (the costly step, run through the gate), and
+        # whether that step waits in the gate's queue now.
+        self._answered = False
+        self._queued = False
         self._raw: asyncio.Transport | None = None
         # Made in connection_made, once the connection is admitted.
         self._in: ssl.MemoryBIO
@@ -101,8 +109,19 @@ class TlsBridge(asyncio.Protocol):
             boundary = True  # one whole record, as nearly every request comes
         else:
             boundary = self._frame(data)
-        if not self._ready and not self._handshake():
-            return
+        if not self._ready:
+            if self._queued:
+                return  # (in the buffer for the step that waits)
+            if not self._answered:
+                self._queued = True
+                self._gate.run(self._admitted or self._client(), self._first_step)
+                return
+            if not self._handshake():
+                return
+        self._deliver(boundary)
+
+    def _deliver(self, boundary: bool) -> None:
+        """Decrypt what came in and hand the plaintext to the app."""
         tls = self._tls
         chunks: list[bytes] = []
         ended = False
@@ -235,10 +254,24 @@ class TlsBridge(asyncio.Protocol):
             return False
         return True
 
+    def _client(self) -> str:
+        peer = self._raw.get_extra_info("peername") if self._raw is not None else None
+        return client_key(str(peer[0])) if peer else ""
+
+    def _first_step(self) -> None:
+        """The gate's turn for this connection: answer its ClientHello."""
+        self._queued = False
+        if self._closing:
+            return
+        if self._handshake() and self._in.pending:
+            self._deliver(False)
+
     def _handshake(self) -> bool:
         try:
             self._tls.do_handshake()
         except ssl.SSLWantReadError:
+            # A ClientHello cut short takes another read before anything is answered.
+            self._answered = self._answered or self._out.pending > 0
             self._flush_out()
             return False
         except (ssl.SSLError, OSError):

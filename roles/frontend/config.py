@@ -49,11 +49,18 @@ class FrontendConfig(ServingConfig):
     # process, from accept to close; past it a new one is closed at once. Far above a browser's 6 per
     # host, so a NAT'd office fits; 0: no limit.
     max_connections_per_ip: int = 256
+    # The share of a busy serving process's time that new TLS handshakes may take when many come at
+    # once (a flood, a slowloris wave reconnecting); past it they wait their turn, one client address
+    # after another (roles/frontend/_handshakes.py). 1: no bound.
+    handshake_share: float = 0.1
 
     def __post_init__(self) -> None:
         value = self.max_connections_per_ip
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"max_connections_per_ip must be a whole number >= 0, not {value!r}")
+        share = self.handshake_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0.01 <= share <= 1:
+            raise ValueError(f"handshake_share must be a number from 0.01 to 1, not {share!r}")
 
     @property
     def wildcard_cert_file(self) -> Path:
