@@ -172,7 +172,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.slowloris")
     parser.add_argument("--slow", type=int, default=1000, help="slowloris connections")
     parser.add_argument("--seconds", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=50, help="wrk's (well-behaved) connections")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument(

@@ -6,7 +6,8 @@ new connections (a slowloris attack reconnecting after its heads were cut, a han
 otherwise take one loop turn after another while the process is busy serving, and every visitor
 already connected would wait them out. So those first steps draw on a budget of loop time, at most
 ``burst`` ahead, that refills at ``share`` of the clock while the loop's thread is busy (over 80% of its
-time on the CPU, sampled every 50 ms) and at the whole clock while it has time to spare (HAProxy's
+time on a CPU or waiting for one, sampled every 50 ms: on cores shared with other work a loop that
+has more to do than it gets CPU for is busy too) and at the whole clock while it has time to spare (HAProxy's
 ``maxsslrate`` bounds the same thing as a fixed rate; this one leaves a crowd of new visitors alone on
 a process with room for them). A step that finds the budget spent waits in a queue served one client
 address after another, so one address's flood does not hold back another's first connection. The
@@ -16,6 +17,7 @@ rest of a handshake (checking the visitor's Finished) is cheap and is not held.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -36,8 +38,10 @@ class HandshakeGate:
         self._burst = burst
         self._budget = burst
         self._at = loop.time()
-        # The loop thread's CPU time and the clock at the last sample, and the share of time it was busy.
-        self._sampled = (time.thread_time(), self._at)
+        # The loop thread's time running or runnable and the clock at the last sample, and the share of
+        # time it was busy.
+        self._schedstat = (-1, 0)  # (fd, the pid that opened it: a forked serving process opens its own)
+        self._sampled = (self._demand(), self._at)
         self._busy = 0.0
         # Client key -> its waiting steps; served round-robin, oldest address first.
         self._waiting: OrderedDict[str, deque[Callable[[], None]]] = OrderedDict()
@@ -67,13 +71,25 @@ class HandshakeGate:
         now = self._loop.time()
         cpu, then = self._sampled
         if now - then >= _SAMPLE:
-            used = time.thread_time()
+            used = self._demand()
             self._busy = (used - cpu) / (now - then)
             self._sampled = (used, now)
         rate = self.share if self._busy > _BUSY else 1.0
         self._budget = min(self._burst, self._budget + (now - self._at) * rate)
         self._at = now
         return self._budget
+
+    def _demand(self) -> float:
+        """Seconds this thread has run or waited for a CPU (its schedstat; without one, its CPU time)."""
+        try:
+            fd, pid = self._schedstat
+            if pid != os.getpid():
+                fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+                self._schedstat = (fd, os.getpid())
+            ran, waited = os.pread(fd, 64, 0).split()[:2]
+            return (int(ran) + int(waited)) / 1e9
+        except (OSError, ValueError):
+            return time.thread_time()
 
     def _timed(self, step: Callable[[], None]) -> None:
         started = time.perf_counter()
