@@ -227,14 +227,14 @@ class Bench:
         self.rows.append(row)
 
 
-def _nginx_cpu(pair: NginxPair) -> Callable[[], CpuMeter]:
+def nginx_cpu(pair: NginxPair) -> Callable[[], CpuMeter]:
     def meter() -> CpuMeter:
         return CpuMeter({name: [int((pair.dir / f"{name}.pid").read_text())] for name in NG_GROUPS})
 
     return meter
 
 
-def _up_cpu(cloud: UpCloud) -> Callable[[], CpuMeter]:
+def up_cpu(cloud: UpCloud) -> Callable[[], CpuMeter]:
     def meter() -> CpuMeter:
         assert cloud.proc is not None
         groups = {name: [cloud.role_pid(name)] for name in SC_GROUPS}
@@ -359,11 +359,11 @@ def _up_rows(bench: Bench, ws: Workspace, processes: int, files: list[str]) -> N
                 Target(
                     f"https://127.0.0.1:{cloud.ports['https_port']}/{name}",
                     host,
-                    _up_cpu(cloud),
+                    up_cpu(cloud),
                     settle=lambda: _feeds_live(cloud),
                     held=lambda: _held_hits(cloud),
                 ),
-                Target(f"https://127.0.0.1:{nginx.https_port}/{name}", host, _nginx_cpu(nginx)),
+                Target(f"https://127.0.0.1:{nginx.https_port}/{name}", host, nginx_cpu(nginx)),
                 processes,
             )
     finally:
@@ -382,7 +382,7 @@ def _stack_rows(bench: Bench, ws: Workspace) -> None:
         bench.run(
             Row("1k.html, HTTPS keep-alive, 1 process each, hand-built stack (metering off)"),
             Target(f"https://127.0.0.1:{stack.https_port}/1k.html", host, _stack_cpu(stack)),
-            Target(f"https://127.0.0.1:{nginx.https_port}/1k.html", host, _nginx_cpu(nginx)),
+            Target(f"https://127.0.0.1:{nginx.https_port}/1k.html", host, nginx_cpu(nginx)),
             1,
         )
     finally:

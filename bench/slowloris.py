@@ -20,10 +20,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.__main__ import DOMAIN, FILES, start_up_cloud
+from bench.__main__ import DOMAIN, FILES, NG_GROUPS, SC_GROUPS, nginx_cpu, start_up_cloud, up_cpu
+from bench._cpu import CpuMeter
 from bench._doc import write_section
 from bench._nginx import NginxPair, nginx_available
 from bench._stack import SITE
@@ -124,19 +126,42 @@ class _Attack:
 @dataclass
 class _Row:
     server: str
+    groups: tuple[str, ...]
     base: list[WrkResult] = field(default_factory=list)
     attacked: list[WrkResult] = field(default_factory=list)
+    # CPU µs per visitor request by process group, without and with the attack (whose handling counts).
+    base_cpu: list[dict[str, float]] = field(default_factory=list)
+    attacked_cpu: list[dict[str, float]] = field(default_factory=list)
     held: list[float] = field(default_factory=list)
     cut: int = 0
     opened: int = 0
+
+    def cpu(self, runs: list[dict[str, float]]) -> str:
+        return " / ".join(f"{_median([r[g] for r in runs]):.0f}" for g in self.groups)
 
 
 def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
 
+def _metered(
+    meter: Callable[[], CpuMeter],
+    groups: tuple[str, ...],
+    url: str,
+    host: str,
+    seconds: int,
+    connections: int,
+) -> tuple[WrkResult, dict[str, float]]:
+    cpu = meter()
+    cpu.start()
+    result = run_wrk(url, host, seconds=seconds, connections=connections)
+    used = cpu.stop()
+    return result, {g: used[g] / max(1, result.requests) * 1e6 for g in groups}
+
+
 def _measure(
     row: _Row,
+    meter: Callable[[], CpuMeter],
     https_url: str,
     host: str,
     attack_port: int,
@@ -146,14 +171,18 @@ def _measure(
     connections: int,
     slow: int,
 ) -> None:
-    row.base.append(run_wrk(https_url, host, seconds=seconds, connections=connections))
+    result, cpu = _metered(meter, row.groups, https_url, host, seconds, connections)
+    row.base.append(result)
+    row.base_cpu.append(cpu)
     attack = _Attack(attack_port, slow, host, tls)
     attack.start()
     try:
         # All of them open and sending, and the run spans the front end's header timeout (15 s), when
         # it cuts them and they all come back at once: the attack's hardest moment.
         time.sleep(_WAIT)
-        row.attacked.append(run_wrk(https_url, host, seconds=seconds, connections=connections))
+        result, cpu = _metered(meter, row.groups, https_url, host, seconds, connections)
+        row.attacked.append(result)
+        row.attacked_cpu.append(cpu)
         row.held.append(_median([float(h) for h in attack.held_samples[-2 * seconds :]]))
     finally:
         attack.stop()
@@ -182,7 +211,7 @@ def main() -> int:
     if not (nginx_available() and wrk_available()):
         print("bench needs nginx and wrk: apt-get install -y nginx wrk", file=sys.stderr)
         return 2
-    rows = {"sitecloud": _Row("sitecloud"), "nginx": _Row("nginx")}
+    rows = {"sitecloud": _Row("sitecloud", SC_GROUPS), "nginx": _Row("nginx", NG_GROUPS)}
     tls = not args.plain
     with tempfile.TemporaryDirectory(prefix="sitecloud-slowloris-") as tmp:
         ws = Workspace.create(Path(tmp), DOMAIN, FILES)
@@ -195,19 +224,22 @@ def main() -> int:
             "sitecloud": (
                 f"https://127.0.0.1:{cloud.ports['https_port']}/1k.html",
                 cloud.ports["https_port"] if tls else cloud.ports["http_port"],
+                up_cpu(cloud),
             ),
             "nginx": (
                 f"https://127.0.0.1:{nginx.https_port}/1k.html",
                 nginx.https_port if tls else nginx.http_port,
+                nginx_cpu(nginx),
             ),
         }
         try:
-            for url, _ in sides.values():
+            for url, _, _ in sides.values():
                 run_wrk(url, host, seconds=1, connections=args.connections)  # warm-up
             for _ in range(args.rounds):
-                for name, (url, attack_port) in sides.items():
+                for name, (url, attack_port, meter) in sides.items():
                     _measure(
                         rows[name],
+                        meter,
                         url,
                         host,
                         attack_port,
@@ -222,8 +254,9 @@ def main() -> int:
 
     lines = [
         "| server | p99 ms without / with | p99 ratio (target < 2) | req/s without / with "
-        "| slow connections held (median) | cut by the server |",
-        "|---|---|---|---|---|---|",
+        "| CPU µs per visitor request without / with (sitecloud: front end / worker; nginx: proxy / "
+        "static) | slow connections held (median) | cut by the server |",
+        "|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     for row in rows.values():
@@ -235,7 +268,8 @@ def main() -> int:
         verdicts.append(f"{row.server}: p99 {ratio:.2f}x under attack ({'met' if ratio < 2 else 'NOT met'})")
         lines.append(
             f"| {row.server} | {p99_base:.2f} / {p99_attacked:.2f} | **{ratio:.2f}x** | "
-            f"{rps_base:,.0f} / {rps_attacked:,.0f} | {_median(row.held):,.0f} of {args.slow} | {row.cut:,} |"
+            f"{rps_base:,.0f} / {rps_attacked:,.0f} | {row.cpu(row.base_cpu)} / {row.cpu(row.attacked_cpu)} | "
+            f"{_median(row.held):,.0f} of {args.slow} | {row.cut:,} |"
         )
     table = "\n".join(lines)
     print(table)
@@ -253,7 +287,9 @@ def main() -> int:
             "cut; meanwhile wrk "
             f"({args.connections} keep-alive connections, {args.seconds} s) measures the 1 KB page over HTTPS. "
             "The front end cuts a head that is not whole after `header_timeout` (15 s) with 408, so the "
-            "attack keeps reconnecting; nginx waits its `client_header_timeout` (60 s). Target: "
+            "attack keeps reconnecting; nginx waits its `client_header_timeout` (60 s). CPU per visitor "
+            "request: each side's processes over the wrk run (from /proc) divided by the visitors' "
+            "requests, so under attack it includes what the attack cost them. Target: "
             "the visitors' p99 under 2x their p99 without the attack.\n\n" + table + "\n",
         )
     return 0
