@@ -254,7 +254,7 @@ def main() -> int:
 
     lines = [
         "| server | p99 ms without / with | p99 ratio (target < 2) | req/s without / with "
-        "| CPU µs per visitor request without / with (sitecloud: front end / worker; nginx: proxy / "
+        "| CPU µs per visitor request without → with (sitecloud: front end / worker; nginx: proxy / "
         "static) | slow connections held (median) | cut by the server |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -268,7 +268,7 @@ def main() -> int:
         verdicts.append(f"{row.server}: p99 {ratio:.2f}x under attack ({'met' if ratio < 2 else 'NOT met'})")
         lines.append(
             f"| {row.server} | {p99_base:.2f} / {p99_attacked:.2f} | **{ratio:.2f}x** | "
-            f"{rps_base:,.0f} / {rps_attacked:,.0f} | {row.cpu(row.base_cpu)} / {row.cpu(row.attacked_cpu)} | "
+            f"{rps_base:,.0f} / {rps_attacked:,.0f} | {row.cpu(row.base_cpu)} → {row.cpu(row.attacked_cpu)} | "
             f"{_median(row.held):,.0f} of {args.slow} | {row.cut:,} |"
         )
     table = "\n".join(lines)
