@@ -45,15 +45,66 @@ from shared.tls import LANE_ALPN
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 
+
+class MemoryTransport:
+    """A raw transport for the visitors' TLS bridge without sockets: what the server sends goes to the
+    client's incoming BIO."""
+
+    def __init__(self, to_client: ssl.MemoryBIO) -> None:
+        self.to_client = to_client
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.to_client.write(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def handshake_through(
+    bridge: Any, client_ctx: ssl.SSLContext, host: str
+) -> tuple[ssl.SSLObject, ssl.MemoryBIO]:
+    """Connect the front end's TLS ``bridge`` to a :class:`MemoryTransport` and complete a client's
+    handshake through it: the client, and the BIO of what it sends to the server."""
+    from_server, to_server = ssl.MemoryBIO(), ssl.MemoryBIO()
+    bridge.connection_made(MemoryTransport(from_server))
+    client = client_ctx.wrap_bio(from_server, to_server, server_hostname=host)
+    for _ in range(10):
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            bridge.data_received(to_server.read())
+    bridge.data_received(to_server.read())  # the client's Finished
+    return client, to_server
+
+
 __all__ = [
     "Answer",
     "CloudPKI",
+    "MemoryTransport",
     "ResumingFTP_TLS",
     "RoleProcess",
     "TinyDns",
     "app_base",
     "call",
     "data_plane",
+    "handshake_through",
     "lane_exchange",
     "random_op",
     "wait_until",

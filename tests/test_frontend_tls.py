@@ -7,7 +7,6 @@ import asyncio
 import random
 import ssl
 from pathlib import Path
-from typing import Any
 
 from roles.frontend._admission import AddressLimit
 from roles.frontend._handshakes import HandshakeGate
@@ -15,29 +14,7 @@ from roles.frontend._tls import TlsBridge
 from shared.logs import get_logger
 from shared.metrics import HttpCounts
 from shared.tls import public_server_context
-from tests.support import CloudPKI
-
-
-class _Raw:
-    """The raw transport: what the bridge sends goes to the client's incoming BIO."""
-
-    def __init__(self, to_client: ssl.MemoryBIO) -> None:
-        self.to_client = to_client
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def write(self, data: bytes) -> None:
-        self.to_client.write(data)
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
+from tests.support import CloudPKI, handshake_through
 
 
 class _App(asyncio.Protocol):
@@ -58,16 +35,7 @@ def _pair(tmp_path: Path) -> tuple[TlsBridge, _App, ssl.SSLObject, ssl.MemoryBIO
     app = _App()
     admission = AddressLimit(0, HttpCounts(), get_logger("frontend"))
     bridge = TlsBridge(loop, server, app, 10.0, admission, HandshakeGate(loop, 1.0))
-    from_server, to_server = ssl.MemoryBIO(), ssl.MemoryBIO()
-    bridge.connection_made(_Raw(from_server))  # type: ignore[arg-type]
-    client = client_ctx.wrap_bio(from_server, to_server, server_hostname="a.sites.test")
-    for _ in range(10):
-        try:
-            client.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            bridge.data_received(to_server.read())
-    bridge.data_received(to_server.read())  # the client's Finished
+    client, to_server = handshake_through(bridge, client_ctx, "a.sites.test")
     loop.close()
     return bridge, app, client, to_server
 

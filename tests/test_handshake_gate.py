@@ -21,7 +21,7 @@ from roles.frontend._tls import TlsBridge
 from roles.frontend.config import FrontendConfig
 from shared.logs import get_logger
 from shared.tls import public_server_context
-from tests.support import CloudPKI
+from tests.support import CloudPKI, handshake_through
 
 
 def _spin(seconds: float) -> None:
@@ -82,35 +82,6 @@ def test_an_absurd_share_is_refused_with_what_is_allowed(tmp_path: Path, share: 
         FrontendConfig(role="frontend", host="h", home=tmp_path, handshake_share=share)
 
 
-class _Raw:
-    """The raw transport: what the front end sends goes to the client's incoming BIO."""
-
-    def __init__(self, to_client: ssl.MemoryBIO) -> None:
-        self.to_client = to_client
-        self.closed = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def write(self, data: bytes) -> None:
-        self.to_client.write(data)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
 def test_a_closed_visitor_connection_is_freed_without_the_cyclic_collector(tmp_path: Path) -> None:
     pki = CloudPKI(tmp_path / "pki")
     cert, key = tmp_path / "site.pem", tmp_path / "site.key"
@@ -122,17 +93,9 @@ def test_a_closed_visitor_connection_is_freed_without_the_cyclic_collector(tmp_p
         loop = asyncio.get_running_loop()
         config = pki.make_role_home(FrontendConfig(role="frontend", host="localhost", home=tmp_path / "fe"))
         proxy = Proxy(config, get_logger("frontend"))
-        from_server, to_server = ssl.MemoryBIO(), ssl.MemoryBIO()
         conn = ClientConnection(proxy, b"https")
         bridge = TlsBridge(loop, server, conn, 10.0, proxy.admission, proxy.handshakes)
-        bridge.connection_made(_Raw(from_server))  # type: ignore[arg-type]
-        client = client_ctx.wrap_bio(from_server, to_server, server_hostname="a.sites.test")
-        for _ in range(10):
-            try:
-                client.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                bridge.data_received(to_server.read())
+        client, to_server = handshake_through(bridge, client_ctx, "a.sites.test")
         client.write(b"GET / HTTP/1.1\r\nHost: a.sites.test\r\nX-Slow: 1\r\n")  # a head never ended
         bridge.data_received(to_server.read())
         assert proxy.clients == {conn}
