@@ -13,6 +13,21 @@ import pytest
 
 from tests.support import CloudPKI
 
+# Modules whose clouds are network-namespace hosts: they share one bridge, subnet and /etc/hosts
+# block, so they run one after another in the same test process.
+_NETNS_FABRIC_MODULES = frozenset(
+    {"test_e2e_fabric", "test_e2e_mixed", "test_e2e_multihost_publisher", "test_fabric_netns"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep each module in one test process (`make test` runs two, with --dist loadgroup), so a
+    module's shared cloud starts once."""
+    for item in items:
+        module = item.path.stem
+        group = "netns-fabric" if module in _NETNS_FABRIC_MODULES else module
+        item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture
 def pki(tmp_path: Path) -> CloudPKI:
