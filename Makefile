@@ -26,7 +26,7 @@ typecheck: $(STAMP)
 # each would compile our modules again.
 unit: $(STAMP)
 	$(BIN)/python -m compileall -q roles shared tests bench > /dev/null
-	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=20 $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 test: lint typecheck unit
 

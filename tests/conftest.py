@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -14,19 +15,22 @@ import pytest
 from tests.support import CloudPKI
 
 # Modules whose clouds are network-namespace hosts: they share one bridge, subnet and /etc/hosts
-# block, so they run one after another in the same test process.
+# block, so two test processes (`make test` runs two, a module in each) take turns with them.
 _NETNS_FABRIC_MODULES = frozenset(
     {"test_e2e_fabric", "test_e2e_mixed", "test_e2e_multihost_publisher", "test_fabric_netns"}
 )
+_NETNS_FABRIC_LOCK = Path("/run/lock/sitecloud-tests-netns-fabric")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Keep each module in one test process (`make test` runs two, with --dist loadgroup), so a
-    module's shared cloud starts once."""
-    for item in items:
-        module = item.path.stem
-        group = "netns-fabric" if module in _NETNS_FABRIC_MODULES else module
-        item.add_marker(pytest.mark.xdist_group(group))
+@pytest.fixture(scope="module", autouse=True)
+def netns_fabric_turn(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.module.__name__.rpartition(".")[2] not in _NETNS_FABRIC_MODULES:
+        yield
+        return
+    _NETNS_FABRIC_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with _NETNS_FABRIC_LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture
