@@ -15,21 +15,25 @@ import pytest
 from tests.support import CloudPKI
 
 # Modules whose clouds are network-namespace hosts: they share one bridge, subnet and /etc/hosts
-# block, so two test processes (`make test` runs two, a module in each) take turns with them.
+# block, so two test processes (`make test` runs two, a module in each) take turns with them. Their
+# veths come and go on this machine's own network, which Chromium takes for a network change that
+# aborts a page load (ERR_NETWORK_CHANGED): the browser's modules share a turn among themselves.
 _NETNS_FABRIC_MODULES = frozenset(
     {"test_e2e_fabric", "test_e2e_mixed", "test_e2e_multihost_publisher", "test_fabric_netns"}
 )
-_NETNS_FABRIC_LOCK = Path("/run/lock/sitecloud-tests-netns-fabric")
+_BROWSER_MODULES = frozenset({"test_portal", "test_portal_cloud"})
+_HOST_NETWORK_LOCK = Path("/run/lock/sitecloud-tests-host-network")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def netns_fabric_turn(request: pytest.FixtureRequest) -> Iterator[None]:
-    if request.module.__name__.rpartition(".")[2] not in _NETNS_FABRIC_MODULES:
+def host_network_turn(request: pytest.FixtureRequest) -> Iterator[None]:
+    module = request.module.__name__.rpartition(".")[2]
+    if module not in _NETNS_FABRIC_MODULES | _BROWSER_MODULES:
         yield
         return
-    _NETNS_FABRIC_LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with _NETNS_FABRIC_LOCK.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    _HOST_NETWORK_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with _HOST_NETWORK_LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if module in _NETNS_FABRIC_MODULES else fcntl.LOCK_SH)
         yield
 
 
