@@ -7,6 +7,8 @@ import ftplib
 import io
 import os
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ def cloud(traversable_home: Path) -> Iterator[LocalCloud]:
 
 @pytest.fixture(scope="module")
 def site(cloud: LocalCloud) -> dict[str, Any]:
-    cloud.cli("plan", "create", "apps", "--max-sites", "8", "--storage-mb", "5")
+    cloud.cli("plan", "create", "apps", "--max-sites", "9", "--storage-mb", "5")
     cloud.cli("tenant", "create", "fabrikam")
     sub = cloud.cli("subscription", "create", "--tenant", "fabrikam", "--plan", "apps")
     return dict(cloud.cli("site", "create", "pyapp", "--subscription", str(sub["id"])))
@@ -287,3 +289,90 @@ def test_a_command_that_listens_on_a_port_of_its_own_is_found_there(
     cloud.wait_for_content("fixedport", "/hello.txt", b"found on port 3000", timeout=30)
     lines = "\n".join(cloud.cli("site", "logs", "fixedport")["lines"])
     assert "listens on port 3000, not on $PORT" in lines, lines
+
+
+VERSIONED_SERVER = b"""
+import os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = VERSION
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+VERSION = b"%s"
+HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"""
+
+
+def test_a_new_version_that_takes_long_to_start_is_served_only_once_it_is_up(
+    cloud: LocalCloud, site: dict[str, Any], tmp_path: Path
+) -> None:
+    _new_site(cloud, "longstart")
+    first, second = tmp_path / "v1", tmp_path / "v2"
+    for root, version, procfile in (
+        (first, b"one", b"web: python3 server.py\n"),
+        # Its release command (a migration, say) takes seconds: the old version answers meanwhile.
+        (second, b"two", b"release: sleep 4\nweb: python3 server.py\n"),
+    ):
+        root.mkdir()
+        (root / "Procfile").write_bytes(procfile)
+        (root / "server.py").write_bytes(VERSIONED_SERVER % version)
+    cloud.cli("deploy", "longstart", str(first))
+    cloud.wait_for_content("longstart", "/", b"one", timeout=30)
+
+    answers: list[tuple[int, bytes, float]] = []
+    done = threading.Event()
+
+    def visitors() -> None:
+        while not done.is_set():
+            started = time.monotonic()
+            status, _, body = cloud.get("longstart", "/")
+            answers.append((status, body, time.monotonic() - started))
+
+    loop = threading.Thread(target=visitors)
+    loop.start()
+    try:
+        printed = cloud.cli_text("deploy", "longstart", str(second), timeout=120).splitlines()
+    finally:
+        done.set()
+        loop.join()
+    # The deploy's app check waited for the new version's own process, after its release.
+    assert "its app answered GET / with 200" in printed, printed
+    assert cloud.get("longstart", "/")[::2] == (200, b"two")
+    assert all(status == 200 and body in (b"one", b"two") for status, body, _ in answers), {
+        (status, body[:80]) for status, body, _ in answers
+    }
+    # Visitors were answered by the old version during the release, not held until it ended.
+    bodies = [body for _, body, _ in answers]
+    assert bodies.count(b"one") > 10 and bodies[-1] == b"two"
+    assert max(took for _, _, took in answers) < 2.5
+    logs = [
+        line for line in cloud.cli("site", "logs", "longstart", "-n", "5000")["lines"] if "[worker]" in line
+    ]
+    assert any("the release command ended well" in line for line in logs), logs
+
+    # A version whose release fails never takes over: the deploy fails saying why, and visitors
+    # are answered by the running version all along.
+    broken = tmp_path / "v3"
+    broken.mkdir()
+    (broken / "Procfile").write_bytes(b"release: echo migration failed; exit 3\nweb: python3 server.py\n")
+    (broken / "server.py").write_bytes(VERSIONED_SERVER % b"three")
+    answers.clear()
+    done.clear()
+    loop = threading.Thread(target=visitors)
+    loop.start()
+    try:
+        refused = cloud.cli("deploy", "longstart", str(broken), check=False, timeout=120)
+    finally:
+        done.set()
+        loop.join()
+    assert refused["error"]["code"] == "build_failed", refused
+    assert "migration failed" in refused["error"]["message"], refused
+    assert answers and all(status == 200 and body == b"two" for status, body, _ in answers), {
+        (status, body[:80]) for status, body, _ in answers
+    }
+    assert cloud.get("longstart", "/")[::2] == (200, b"two")

@@ -78,12 +78,16 @@ class ContentSync:
         *,
         on_flip: Callable[[str | None], None],
         before_flip: Callable[[str, SiteVersion], Awaitable[None]] | None = None,
+        running_on: Callable[[str], set[int]] | None = None,
     ) -> None:
         self._config = config
         self._cache = cache
         self._on_flip = on_flip
         # Awaited before a site serves a new version: front ends that keep answers are told first.
         self._before_flip = before_flip
+        # The versions a site's app processes still run on: an old one answers until its successor
+        # is up, so its version stays on disk past the grace while it does.
+        self._running_on = running_on
         self._log = get_logger("worker", host=config.host)
         self._client = InternalClient(config, timeout=60)
         self._fileserver = ""
@@ -377,7 +381,12 @@ class ContentSync:
                 deadline = self._prune_at.get(site)
                 if deadline is not None and deadline <= time.monotonic():
                     del self._prune_at[site]
-                    await _in_thread(self._cache.prune, site, set())
+                    keep = self._running_on(site) if self._running_on is not None else set()
+                    current = self._current.get(site)
+                    keep.discard(current.number if current is not None else 0)
+                    if keep:
+                        self._keep_versions_a_while(site)
+                    await _in_thread(self._cache.prune, site, keep)
                     self._schedule_collect()
                     continue
                 return
@@ -461,9 +470,12 @@ class ContentSync:
         )
         if previous is not None and previous.number != version:
             # Requests already under way may still read the old version for a little while.
-            grace = self._config.version_grace
-            self._prune_at[site] = time.monotonic() + grace
-            asyncio.get_running_loop().call_later(grace + 0.05, self._kick, site)
+            self._keep_versions_a_while(site)
+
+    def _keep_versions_a_while(self, site: str) -> None:
+        grace = self._config.version_grace
+        self._prune_at[site] = time.monotonic() + grace
+        asyncio.get_running_loop().call_later(grace + 0.05, self._kick, site)
 
     async def _sync_changes(
         self, site: str, content_id: str, current: SiteVersion, target: int, base: str, log: Any

@@ -199,7 +199,11 @@ async def _serve(
     root = apps_root(config)
     prepare_apps_root(config, root, log)
     sync = ContentSync(
-        config, ContentCache(root), on_flip=changed, before_flip=lambda site, v: data.before_flip(site, v)
+        config,
+        ContentCache(root),
+        on_flip=changed,
+        before_flip=lambda site, v: data.before_flip(site, v),
+        running_on=lambda site: apps.versions_running(site),
     )
     # Dynamic sites' app processes, managed here (serving processes reach them through the channel).
     apps = AppManager(config, sync.lookup, root)

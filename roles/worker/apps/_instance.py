@@ -99,6 +99,8 @@ class AppInstance:
         # The content version its code was loaded from, as a front end keeps its answers by (set by
         # the manager; PHP's children take each request's script from its version instead).
         self.version_line = b""
+        # The content version it was started on (set by the manager): kept on disk while it runs.
+        self.version = 0
         # This process's kept connections to the app.
         # php-cgi's children each hold one connection while it is open: no more open than they are.
         children = plan.env.get("PHP_FCGI_CHILDREN")

@@ -387,7 +387,10 @@ class AppManager:
         if restart:
             why = "its owner asked" if asked else f"version {version.number} or new settings"
             self._site_log(app).write("worker", f"restarting: {why}")
-            self._retire(app)
+            if asked:
+                self._retire(app)  # a restart is asked to be rid of the running process at once
+            else:
+                self._replace(app)
 
     # -- lifecycle
 
@@ -504,8 +507,21 @@ class AppManager:
             # php-cgi starts whatever the scripts hold: their errors are per request.
             return AppProbe(site=name, outcome="none", detail=self._static_build_note(name, app))
         try:
-            # The deploy that asks waits for what runs before the start too (a build, a release).
+            # The version's own process, not the one answering until it is up (see _replace); the
+            # deploy that asks waits for what runs before the start too (a build, a release).
+            why = Unavailable(f"version {version} did not start", hint="its log says why")
+            if app.starting is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(app.starting), self.start_bound)
+                except TimeoutError:
+                    raise Unavailable(
+                        "the site's app did not start in time", hint="its log says why"
+                    ) from None
+                except Unavailable as exc:
+                    why = exc
             inst = await self.acquire(app, wait=self.start_bound)
+            if inst.version != version:
+                raise why  # (the version before answers on)
         except Unavailable as exc:
             return AppProbe(site=name, outcome="crashed", detail=(app.last_crash or str(exc))[:2000])
         self.begin(app, inst)
@@ -833,6 +849,7 @@ class AppManager:
             )
             await self._release(app, dirs, packages)
             inst = await self._spawn_instance(app, dirs, plan, packages, on_exit=self._exited)
+            inst.version = started_version
             if app.runtime != "php":
                 inst.version_line = version_line(version_tag(app.content_id, started_version))
             self._active[inst] = app
@@ -1172,6 +1189,41 @@ class AppManager:
         self._sites[name].instance = None
         self._site_log(self._sites[name]).write("worker", "stopping: the worker needed room for another app")
         victim.terminate("evicted")
+
+    def _replace(self, app: AppSite) -> None:
+        """New code or settings for a running app: its process answers on until the new one is up
+        (packages installed, build and release run, listening), then retires, so a deploy that
+        installs for a minute costs its visitors nothing. As on Heroku, a version whose release or
+        build fails never takes over: the running process answers on (the deploy that asked fails
+        and puts the version before back; an FTP upload that fixes it starts it again), and the
+        site log and `site show` say why."""
+        old = app.instance
+        if old is None or not old.alive:
+            self._retire(app)
+            return
+        if app.starting is not None:
+            return  # the start under way takes the newest version and settings (see _start)
+        task = asyncio.get_running_loop().create_task(self._start(app))
+        app.starting = task
+        task.add_done_callback(lambda done: _started(app, done))
+        task.add_done_callback(lambda done: self._replaced(app, old))
+
+    def _replaced(self, app: AppSite, old: AppInstance) -> None:
+        if app.instance is old:
+            if old.alive and app.failures:
+                self._site_log(app).write(
+                    "worker", f"version {app.version} did not start: version {old.version} answers on"
+                )
+                return
+            app.instance = None
+        old.retiring = True
+        if old.inflight <= 0:
+            old.terminate("retired")
+
+    def versions_running(self, name: str) -> set[int]:
+        """The content versions the site's live processes were started on: on disk while they run."""
+        app = self._sites.get(name)
+        return {i.version for i, a in self._active.items() if a is app and i.alive} if app else set()
 
     def _retire(self, app: AppSite) -> None:
         inst, app.instance = app.instance, None
