@@ -101,6 +101,8 @@ class AppInstance:
         self.version_line = b""
         # The content version it was started on (set by the manager): kept on disk while it runs.
         self.version = 0
+        # The version, entry and settings it was started with (the manager's: a newer one replaces it).
+        self.generation: tuple[object, ...] = ()
         # This process's kept connections to the app.
         # php-cgi's children each hold one connection while it is open: no more open than they are.
         children = plan.env.get("PHP_FCGI_CHILDREN")

@@ -492,7 +492,7 @@ class AppManager:
                     hint="its log says why (sitecloud site logs)",
                 )
             app.starting = asyncio.get_running_loop().create_task(self._start(app))
-            app.starting.add_done_callback(lambda task: _started(app, task))
+            app.starting.add_done_callback(lambda task: self._start_done(app, task))
         try:
             bound = self._config.app_start_timeout if wait is None else wait
             return await asyncio.wait_for(asyncio.shield(app.starting), bound)
@@ -796,18 +796,25 @@ class AppManager:
         """Start the site's app; if a new version or new settings arrive while it starts (an FTP
         upload goes on file by file), the process made for the old ones goes and a new one starts."""
         started = time.monotonic()
-        for _ in range(_START_ROUNDS - 1):
-            generation = app.generation
+        for round_ in range(_START_ROUNDS):
             inst = await self._start_once(app)
-            if app.generation == generation:
+            if inst.generation == app.generation or round_ == _START_ROUNDS - 1:
+                # (One still behind is replaced once this start ends: see _start_done.)
+                app.instance = inst
                 self.observe_cold_start(time.monotonic() - started)
                 return inst
-            app.instance = None
             inst.retiring = True
             inst.terminate("retired")
-        inst = await self._start_once(app)
-        self.observe_cold_start(time.monotonic() - started)
-        return inst
+        raise AssertionError("unreachable")
+
+    def _start_done(self, app: AppSite, task: asyncio.Task[AppInstance]) -> None:
+        _started(app, task)
+        if task.cancelled() or task.exception() is not None or self._stopping:
+            return
+        inst = task.result()
+        if app.instance is inst and inst.alive and inst.generation != app.generation:
+            self._site_log(app).write("worker", "restarting: a newer version came while it started")
+            self._replace(app)
 
     async def _start_once(self, app: AppSite) -> AppInstance:
         log = self._site_log(app)
@@ -838,6 +845,7 @@ class AppManager:
                     hint='add "scripts": {"start": "node server.js"} or a server.js',
                 )
             started_version = app.version  # (the code the plan points at: app.root is that version's)
+            generation = app.generation  # what this start runs, whatever comes while it does
             plan = self._plan(
                 app,
                 dirs,
@@ -849,7 +857,7 @@ class AppManager:
             )
             await self._release(app, dirs, packages)
             inst = await self._spawn_instance(app, dirs, plan, packages, on_exit=self._exited)
-            inst.version = started_version
+            inst.version, inst.generation = started_version, generation
             if app.runtime != "php":
                 inst.version_line = version_line(version_tag(app.content_id, started_version))
             self._active[inst] = app
@@ -865,7 +873,6 @@ class AppManager:
                     raise Unavailable(f"the site's command exited before it listened on $PORT ({port})")
                 inst.kill("start")
                 raise Unavailable(f"the site's command did not listen on $PORT ({port})")
-            app.instance = inst
             return inst
         except (SitecloudError, OSError) as exc:
             app.failures += 1
@@ -1205,7 +1212,7 @@ class AppManager:
             return  # the start under way takes the newest version and settings (see _start)
         task = asyncio.get_running_loop().create_task(self._start(app))
         app.starting = task
-        task.add_done_callback(lambda done: _started(app, done))
+        task.add_done_callback(lambda done: self._start_done(app, done))
         task.add_done_callback(lambda done: self._replaced(app, old))
 
     def _replaced(self, app: AppSite, old: AppInstance) -> None:
