@@ -1213,11 +1213,11 @@ class AppManager:
         task = asyncio.get_running_loop().create_task(self._start(app))
         app.starting = task
         task.add_done_callback(lambda done: self._start_done(app, done))
-        task.add_done_callback(lambda done: self._replaced(app, old))
+        task.add_done_callback(lambda done: self._replaced(app, old, done))
 
-    def _replaced(self, app: AppSite, old: AppInstance) -> None:
+    def _replaced(self, app: AppSite, old: AppInstance, start: asyncio.Task[AppInstance]) -> None:
         if app.instance is old:
-            if old.alive and app.failures:
+            if old.alive and not start.cancelled() and start.exception() is not None:
                 self._site_log(app).write(
                     "worker", f"version {app.version} did not start: version {old.version} answers on"
                 )
