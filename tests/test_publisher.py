@@ -256,6 +256,11 @@ def test_ftp_upload_list_download_rename_delete(cloud: Cloud) -> None:
         ftp.retrlines("LIST", lines.append)
         assert any(line.startswith("d") and line.endswith(" css") for line in lines), lines
         assert any(line.startswith("-") and " 14 " in line and line.endswith(" index.html") for line in lines)
+        # ls options before a path, as lftp's `ls -la /css` and many scripts send them, are ignored.
+        with_options: list[str] = []
+        ftp.retrlines("LIST -la /css", with_options.append)
+        assert [line.rsplit(" ", 1)[1] for line in with_options] == ["old", "site.css"], with_options
+        assert sorted(ftp.nlst("-a css")) == ["old", "site.css"]
         assert _retr(ftp, "css/site.css") == b"body { color: red }"
         ftp.voidcmd("TYPE I")
         assert ftp.size("index.html") == 14

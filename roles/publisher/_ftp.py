@@ -18,6 +18,7 @@ import contextlib
 import errno
 import logging
 import random
+import re
 import socket
 import ssl
 import sys
@@ -62,6 +63,16 @@ _SNAPSHOT_WATCH_SECONDS = 1.0
 _PROTO_CMDS = {cmd: spec for cmd, spec in TLS_FTPHandler.proto_cmds.items() if cmd != "MFMT"}
 _DATA_PORT_CMDS = frozenset({"PASV", "EPSV", "PORT", "EPRT"})
 _TRANSFER_CMDS = frozenset({"RETR", "STOR", "STOU", "APPE", "LIST", "NLST", "MLSD"})
+# ls options a client puts before a LIST or NLST path ("LIST -la /static", as lftp's `ls -la /` and
+# many scripts send): ignored, as vsftpd ignores them, rather than taken for part of the path.
+_LS_OPTIONS = re.compile(r"(?:-[A-Za-z]+(?:\s+|$))+")
+
+
+def _without_ls_options(arg: str) -> str:
+    found = _LS_OPTIONS.match(arg)
+    return arg[found.end() :] if found else arg
+
+
 # 522: what vsftpd and pyftpdlib answer when a data connection's TLS negotiation fails.
 _NOT_RESUMED = (
     "522 Data connection refused: it did not resume this control connection's TLS session. Use a "
@@ -747,6 +758,8 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
                     fileserver, self.context.ssl_context, lanes=self.context.lanes
                 )
             content.invalidate()
+        if cmd in ("LIST", "NLST"):
+            arg = _without_ls_options(arg)
         super().pre_process_command(line, cmd, arg)
 
     def push_dtp_data(
