@@ -115,6 +115,23 @@ def test_how_a_node_app_starts(tmp_path: Path) -> None:
     assert detect_runtime(site({}, "server.js")) == ("node", "node server.js")
     assert detect_runtime(site({}, "server.js", "index.php")) == ("php", "index.php")
     assert detect_runtime(site({}, "server.js", "app.py")) == ("python", "app")
+
+
+def test_a_main_py_that_binds_an_app_is_a_python_app_and_one_that_does_not_is_not(tmp_path: Path) -> None:
+    fastapi = tmp_path / "fastapi"
+    fastapi.mkdir()
+    (fastapi / "main.py").write_text("from fastapi import FastAPI\n\napp = FastAPI()\n")
+    (fastapi / "requirements.txt").write_text("fastapi\n")
+    assert detect_runtime(str(fastapi)) == ("python", "main")
+    typed = tmp_path / "typed"
+    typed.mkdir()
+    (typed / "application.py").write_text("application: Flask = Flask(__name__)\n")
+    assert detect_runtime(str(typed)) == ("python", "application")
+    script = tmp_path / "script"
+    script.mkdir()
+    (script / "main.py").write_text("print('builds the site')\nmy_app = 1\n")
+    (script / "index.html").write_text("<h1>static</h1>")
+    assert detect_runtime(str(script)) == ("static", "")
     assert node_command("server.js") == "node server.js"
     assert node_command("npm start") == "npm start"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -163,6 +164,10 @@ def _detect(root: str, ino: int, mtime_ns: int) -> tuple[Runtime, str]:
         for name in sorted(names):
             if name.isidentifier() and os.path.isfile(os.path.join(root, name, "wsgi.py")):
                 return "python", f"{name}.wsgi:application"
+    for module in _APP_MODULES:
+        # FastAPI's tutorial layout (main.py, app = FastAPI()), and Elastic Beanstalk's application.py.
+        if f"{module}.py" in names and _binds_app(os.path.join(root, f"{module}.py")):
+            return "python", module
     if any(n.lower().endswith(".php") for n in names):
         return "php", "index.php"
     if "package.json" in names:
@@ -172,6 +177,19 @@ def _detect(root: str, ino: int, mtime_ns: int) -> tuple[Runtime, str]:
     if _php_below(root):
         return "php", "index.php"
     return "static", ""
+
+
+# Modules that are an app only when they bind one (a main.py may as well be a script of a static site).
+_APP_MODULES = ("main", "application")
+_BINDS_APP = re.compile(rb"^(?:app|application)\s*(?::[^=\n]*)?=", re.MULTILINE)
+
+
+def _binds_app(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return _BINDS_APP.search(f.read(1024 * 1024)) is not None
+    except OSError:
+        return False
 
 
 # A package.json ``main`` is not always there; Node apps are usually started from one of these.
