@@ -195,6 +195,17 @@ def test_async_zipdeploy_gives_a_status_url_to_poll(cloud: LocalCloud, subscript
     code, _, _ = _curl(cloud, "-u", f"{other['ftp']['user']}:{other['ftp']['password']}", own_site_only)
     assert code == 404
 
+    # A zip of a folder (as a file manager makes it) is deployed as it is, and says how to do better.
+    archive.write_bytes(_zip({"flaskapp/app.py": b"app = None", "flaskapp/index.html": b"in a folder"}))
+    status, headers, _ = _curl(
+        cloud, "-u", auth, "--data-binary", f"@{archive}", f"{_deploy_base(site)}/api/zipdeploy?isAsync=true"
+    )
+    assert status == 202
+    nested = wait_until(polled_at(cloud, auth, headers["location"]), timeout=30, what="the nested zip")
+    assert nested["status"] == 4, nested
+    assert "every file of the zip is under one folder, flaskapp/" in nested["message"], nested
+    assert "cd flaskapp && zip -r ../site.zip ." in nested["message"], nested
+
 
 def polled_at(cloud: LocalCloud, auth: str, url: str) -> Any:
     def poll() -> dict[str, Any] | None:

@@ -480,9 +480,10 @@ class Deployer:
                 f"site {site.name} is stopped: it builds and serves this version once it is started "
                 f"(`sitecloud site start {site.name}` shows the build)"
             )
-            if site.state is SiteState.STOPPED:
-                message += f"; {stopped}"
-                answer = answer.model_copy(update={"message": stopped})
+            notes = [n for n in (answer.message, stopped if site.state is SiteState.STOPPED else None) if n]
+            if notes:
+                message += f"; {'; '.join(notes)}"
+                answer = answer.model_copy(update={"message": "; ".join(notes)})
             if follow is not None:
                 try:
                     await tell(
@@ -490,8 +491,8 @@ class Deployer:
                         f"deployed as version {answer.version}: {counted(answer.files, 'file')}, "
                         f"{counted(answer.total_bytes, 'byte')} in {time.monotonic() - started:.2f}s",
                     )
-                    if site.state is SiteState.STOPPED:
-                        await tell("deploy", stopped)
+                    if answer.message:
+                        await tell("deploy", answer.message)
                     outcome = await follow.until_served(
                         answer.version, tell, timeout=self._config.build_follow_seconds
                     )
@@ -645,6 +646,24 @@ class Deployer:
                 uploaded = time.monotonic()
                 answer = client.commit_encoded(site, encode_commit(puts, ops=ops, replace=True))
         result = DeployResult(
-            site=site.name, version=answer.version, files=len(plan.files), total_bytes=plan.total_bytes
+            site=site.name,
+            version=answer.version,
+            files=len(plan.files),
+            total_bytes=plan.total_bytes,
+            message=one_folder_note([member.path for member in plan.files]),
         )
         return result, (uploaded - started, time.monotonic() - uploaded)
+
+
+def one_folder_note(paths: list[str]) -> str | None:
+    """What a deployer should know of a zip whose every file is under one folder (what zipping a
+    folder in a file manager makes): the site's root then holds only that folder."""
+    tops = {path.partition("/")[0] for path in paths}
+    if len(tops) != 1 or not all("/" in path for path in paths):
+        return None
+    (top,) = tops
+    return (
+        f"every file of the zip is under one folder, {top}/, so the site's root holds only that folder "
+        f"(its home page is /{top}/, if any): to publish what is in it, zip the folder's contents "
+        f"(cd {top} && zip -r ../site.zip .)"
+    )
