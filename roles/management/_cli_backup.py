@@ -35,6 +35,15 @@ _DEPLOY_WAIT = 30.0
 Leaf = Callable[..., argparse.ArgumentParser]
 
 
+# What a backup holds of a site is what was published to it; what its app wrote since lives on its
+# workers, and is said to be left out every time, so no one learns it from a restore.
+NOT_BACKED_UP = (
+    "files the sites' apps wrote while they ran (a SQLite database, uploads, sessions in the app's "
+    "own folder on its workers): copy them out from the app itself, e.g. `sitecloud site run NAME "
+    "'python manage.py dumpdata'` or an export page of the app"
+)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -97,7 +106,12 @@ def _backup_create(a: argparse.Namespace, api: ApiClient) -> Any:
     except OSError as exc:
         raise InvalidInput(f"cannot write the backup in {root}: {exc}") from None
     rows = {t: len(r) for t, r in dump["tables"].items()}
-    return {"directory": str(root), "rows": rows, "sites": manifest["site_versions"]}
+    return {
+        "directory": str(root),
+        "rows": rows,
+        "sites": manifest["site_versions"],
+        "not_included": NOT_BACKED_UP,
+    }
 
 
 def _checked_file(root: Path, entry: dict[str, Any]) -> Path:
@@ -185,6 +199,7 @@ def _show_created(answer: Any, a: argparse.Namespace) -> None:
     out(f"backed up {counted(len(sites), 'site')} and {rows} into {answer['directory']}")
     for name, version in sites.items():
         out(f"  {name}: version {version}" if version else f"  {name}: nothing published")
+    out(f"not included: {answer['not_included']}")
 
 
 def _show_restored(answer: Any, a: argparse.Namespace) -> None:
