@@ -3,6 +3,8 @@ worker starts it (no sandbox needed), talked to over that socket."""
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import socket
 import subprocess
@@ -274,3 +276,34 @@ def test_an_app_that_cannot_load_names_its_file_and_line_on_its_last_line(
     last = proc.stderr.read().decode().strip().splitlines()[-1]
     assert where in last, last
     assert "above" not in last, last
+
+
+SERVES_ITSELF_ON_IMPORT = b"""
+import socket
+
+app = None
+own = socket.socket()
+own.bind(("127.0.0.1", 0))
+own.listen()
+print("* Running on its own port", flush=True)
+own.accept()  # app.run() at a module's top level: the import never returns
+"""
+
+
+@pytest.mark.parametrize("server", [(SERVES_ITSELF_ON_IMPORT, "main")], indirect=True)
+def test_a_module_that_serves_as_it_is_imported_is_told_what_to_change(
+    server: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    # Its log says why no request is answered, and what to do, while it still hangs.
+    proc, _ = server
+    assert proc.stderr is not None
+    said = b""
+    deadline = time.monotonic() + 15
+    while b"has not finished loading" not in said and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+        if ready:
+            said += os.read(proc.stderr.fileno(), 65536)
+    text = said.decode()
+    assert "main.py has not finished loading after 5 s" in text, text
+    assert 'if __name__ == "__main__":' in text, text
+    assert proc.poll() is None  # told, not killed: a slow import may yet end

@@ -543,7 +543,13 @@ class AppManager:
                 await asyncio.sleep(0.05)
             if not inst.alive:
                 return AppProbe(site=name, outcome="crashed", detail=(app.last_crash or "it exited")[:2000])
-            return AppProbe(site=name, outcome="slow", detail=f"no answer to GET / within {timeout:g} s")
+            said = self._site_log(app).last_app_line
+            return AppProbe(
+                site=name,
+                outcome="slow",
+                detail=f"no answer to GET / within {timeout:g} s"
+                + (f"; its last output: {said}"[:1500] if said else ""),
+            )
         finally:
             self.end(app, inst, answered=answered)
 

@@ -48,6 +48,22 @@ def is_asgi(app: Any) -> bool:
     return inspect.iscoroutinefunction(call)
 
 
+# A module still loading after this long most likely runs a server of its own as it is imported.
+_SLOW_LOAD_SECONDS = 5
+
+
+def _still_loading(entry: str) -> None:
+    module = entry.partition(":")[0].replace(".", "/")
+    print(
+        f"{module}.py has not finished loading after {_SLOW_LOAD_SECONDS} s: if it starts a server as it "
+        "is imported (app.run() or uvicorn.run() at its top level), that never returns and no request is "
+        'answered; put the call under `if __name__ == "__main__":` (the platform serves the module\'s app '
+        "itself)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _options(argv: list[str]) -> dict[str, str]:
     """``--name value`` pairs; argparse would cost a cold start more than it gives (it imports re)."""
     options = {"--interface": "auto", "--threads": "8"}
@@ -82,6 +98,15 @@ def main() -> None:
     options = _options(sys.argv[1:])
     entry, interface = options["--app"], options["--interface"]
     sys.path.insert(0, os.getcwd())
+    # An alarm rather than a thread: a cold start pays for no threading module. Its handler runs even
+    # while the import waits in a system call (a server's accept), which resumes after it.
+    import signal
+
+    def warn(signum: int, frame: Any) -> None:
+        _still_loading(entry)
+
+    signal.signal(signal.SIGALRM, warn)
+    signal.alarm(_SLOW_LOAD_SECONDS)
     try:
         app = load(entry)
     except SystemExit:
@@ -97,6 +122,9 @@ def main() -> None:
             f"the app {entry!r} could not be loaded: {said}{_where(exc, os.getcwd())} "
             "(the site's log has the whole traceback)"
         ) from None
+    signal.alarm(0)
+    if signal.getsignal(signal.SIGALRM) is warn:  # (an app that set its own keeps it)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
     asgi = interface == "asgi" or (interface == "auto" and is_asgi(app))
     print(f"serving {entry} ({'ASGI' if asgi else 'WSGI'}), pid {os.getpid()}", file=sys.stderr, flush=True)
     listener = socket.socket(fileno=0)
