@@ -211,7 +211,25 @@ def check_app_setting(key: str, value: str, *, always_on_allowed: bool = True) -
         elif boolean(key, value) and key == "always_on" and not always_on_allowed:
             raise InvalidInput("this site's plan does not allow always on", hint="ask for a plan that does")
         return
+    near = _near_site_key(key)
+    if near is not None:
+        raise InvalidInput(
+            f"{key!r} is not a setting of the platform: did you mean {near}?",
+            hint=f"the platform's settings are {', '.join(sorted(SITE_KEYS))}; any other name is an "
+            f"environment variable for the app (in upper case, {key.upper()}, if that is what you mean)",
+        )
     env_value(setting_name(key), value)
+
+
+def _near_site_key(key: str) -> str | None:
+    """The platform setting a lower-case name is a slip of (``https_onyl``, ``https-only``), if any: set
+    as an app variable, it would change nothing, silently."""
+    if key != key.lower() or key in SITE_KEYS:
+        return None
+    import difflib
+
+    close = difflib.get_close_matches(key.replace("-", "_"), sorted(SITE_KEYS), n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def check_settings(settings: Mapping[str, str]) -> None:

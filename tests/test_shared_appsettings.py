@@ -171,3 +171,18 @@ def test_loader_variables_are_refused_and_never_reach_a_started_process(key: str
     assert err.value.hint is not None and "LD_" in err.value.hint
     assert appsettings.loader_variable(key)
     assert not appsettings.loader_variable("OLD_DATABASE_URL") and not appsettings.loader_variable("GREETING")
+
+
+@pytest.mark.parametrize(
+    ("key", "meant"), [("https_onyl", "https_only"), ("affinty", "affinity"), ("always-on", "always_on")]
+)
+def test_a_slip_of_a_platform_setting_is_refused_with_the_one_meant(key: str, meant: str) -> None:
+    # Stored as an app variable it would change nothing, and say nothing.
+    with pytest.raises(InvalidInput, match=f"did you mean {meant}") as caught:
+        check_app_setting(key, "true")
+    assert key.upper() in (caught.value.hint or "")
+
+
+@pytest.mark.parametrize("key", ["php_version", "database_url", "secret_key", "HTTPS_ONYL"])
+def test_other_names_stay_app_variables(key: str) -> None:
+    check_app_setting(key, "x")
