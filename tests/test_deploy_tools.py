@@ -179,6 +179,8 @@ def test_async_zipdeploy_gives_a_status_url_to_poll(cloud: LocalCloud, subscript
     cloud.wait_for_content("kuduasync", "/css/a.css", b"body{}")
     code, _, latest = _curl(cloud, "-u", auth, f"{_deploy_base(site)}/api/deployments/latest")
     assert code == 200 and json.loads(latest)["id"] == record["id"]
+    code, _, listed = _curl(cloud, "-u", auth, f"{_deploy_base(site)}/api/deployments")
+    assert code == 200 and [r["id"] for r in json.loads(listed)][:1] == [record["id"]], listed
 
     # A broken zip fails the deployment, which says why; the site keeps serving what it had.
     archive.write_bytes(b"PK not really")

@@ -11,7 +11,8 @@ Kudu's zip deploy names the site by the publishing user (``?site=`` or a ``<site
 too) and, as Kudu's does, answers 200 once the site's workers have built and serve the new version, or
 with ``?isAsync=true`` 202 at once and a ``Location`` to poll at ``GET /api/deployments/{id}``
 (:mod:`roles.publisher._deployments`), which stays incomplete until then (a git push follows the build
-too). ``GET /api/deployments/{id}/log`` lists the build's lines (:mod:`shared.builds`).
+too). ``GET /api/deployments/{id}/log`` lists the build's lines (:mod:`shared.builds`), and ``GET /api/deployments``
+the site's recent deployments, newest first.
 ``/api/deploy/{site}`` answers at the commit.
 """
 
@@ -157,6 +158,7 @@ class Deployer:
         app = web.Application(middlewares=[_challenge, error_middleware], client_max_size=1024**2)
         app.router.add_post("/api/deploy/{site}", self._public)
         app.router.add_post("/api/zipdeploy", self._zipdeploy)
+        app.router.add_get("/api/deployments", self._deployment_list)
         app.router.add_get("/api/deployments/{id}", self._deployment)
         app.router.add_get("/api/deployments/{id}/log", self._deployment_log)
         app.router.add_post("/api/command", self._command)
@@ -263,6 +265,11 @@ class Deployer:
                 hint="use the Location a deploy answered with, or 'latest'",
             )
         return record
+
+    async def _deployment_list(self, request: web.Request) -> web.Response:
+        site = await self.authenticate(request, self._kudu_site(request))
+        records = self.deployments.of_site(site.name)
+        return web.json_response([self._record_json(request, record) for record in records])
 
     async def _deployment(self, request: web.Request) -> web.Response:
         return web.json_response(self._record_json(request, await self._record(request)))

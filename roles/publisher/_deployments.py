@@ -132,6 +132,11 @@ class DeploymentLog:
                 return next(reversed(records.values()))
             return records.get(deployment_id)
 
+    def of_site(self, site: str) -> list[Deployment]:
+        """The site's kept records, newest first (as Kudu's ``GET /api/deployments`` lists them)."""
+        with self._lock:
+            return list(reversed(self._by_site.get(site, {}).values()))
+
     def forget_sites_except(self, names: set[str]) -> None:
         """A deleted site's records go with it, so a re-created site starts with none."""
         with self._lock:
