@@ -61,6 +61,9 @@ def flood(conn, how):
         while sent < LIMIT:
             conn.sendall(chunk)
             sent += len(chunk)
+    elif how == "no-such-status":
+        conn.sendall(b"HTTP/1.1 999 Whatever\\r\\nContent-Length: 2\\r\\n\\r\\nok")
+        return
     elif how == "wide":
         # Complete and with a body, and in one read: but far past the bound in bytes.
         value = b"w" * 4096
@@ -238,6 +241,16 @@ def test_a_head_with_too_many_fields_gets_a_502(cloud: AppCloud) -> None:
     assert status == 502
     assert any(f"more than {MAX_HEAD_FIELDS} fields" in ln for ln in cloud.log("flood").splitlines())
     assert cloud.get("bystander", "/hi")[0] == 200
+
+
+def test_a_status_http_does_not_have_gets_a_502_saying_so(cloud: AppCloud) -> None:
+    # (llhttp reads any three digits; a 999 handed on would be a visitor's client's or a cache's guess.)
+    assert cloud.get("flood", "/flood?how=no-such-status")[0] == 502
+    wait_until(
+        lambda: any("status 999, which HTTP does not have" in ln for ln in cloud.log("flood").splitlines()),
+        timeout=5,
+        what="the reason in the site's log",
+    )
 
 
 def test_a_complete_head_past_the_bound_in_bytes_gets_a_502(cloud: AppCloud) -> None:

@@ -19,6 +19,10 @@ from roles.worker.apps._pool import UpstreamPool
 __all__ = ["HttpUpstream", "Sink", "UpstreamBase"]
 
 
+class _NoSuchStatus(Exception):
+    """Raised from a parser callback: a status line whose code is none of HTTP's (100-599)."""
+
+
 class Sink(Protocol):
     def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
     def upstream_data(self, data: bytes) -> None: ...
@@ -210,7 +214,7 @@ class HttpUpstream(UpstreamBase):
             self.sink.upstream_tunnel(data[int(exc.args[0]) :])
         except httptools.HttpParserError as exc:
             cause = exc.__context__
-            if isinstance(cause, HeadTooLarge):
+            if isinstance(cause, HeadTooLarge | _NoSuchStatus):
                 self._fail(str(cause))
             else:
                 self._fail(f"the app's response could not be parsed ({exc})")
@@ -264,6 +268,9 @@ class HttpUpstream(UpstreamBase):
             if self._interim > MAX_INTERIM_HEADS:
                 raise HeadTooLarge.over_interim()
             return
+        if not 200 <= status <= 599:
+            # llhttp reads any three digits: a visitor's client or a cache must not be handed one.
+            raise _NoSuchStatus(f"the app answered with status {status}, which HTTP does not have")
         self._have_head = True
         if status in (204, 304):
             self._framed = True
