@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 import random
 import socket
 import struct
@@ -432,6 +433,39 @@ def test_a_plans_retention_keeps_the_last_n_and_the_last_d_days(pki: CloudPKI, t
         assert (
             status == 400 and "site 'blog': keep_days" in message and "greater than or equal to 0" in message
         )
+    finally:
+        server.proc.stop()
+
+
+def test_older_versions_go_before_the_site_would_hold_more_than_its_quota(
+    pki: CloudPKI, tmp_path: Path
+) -> None:
+    # A site near its quota that deploys again and again held every version's files (twenty times
+    # its quota, on the disk every site shares); now its history stays within the quota.
+    server = _start(pki, tmp_path / "fs", keep_versions=20, gc_interval=0.2, upload_grace=1.0)
+    try:
+        blog = {"uid": BLOG_UID, "quota_bytes": 100 * 1024, "keep_versions": 20, "keep_days": 7}
+        server.proc.push_config({"version": 2, "sites": {"blog": blog}})
+        shas = []
+        for _ in range(6):
+            shas.append(server.upload("blog", os.urandom(30 * 1024)))
+            server.ok("blog", [{"op": "put", "path": "big.bin", "sha256": shas[-1]}])
+        # Each version holds 30 KB the next one does not: three of them fit in 100 KB, a fourth would not.
+        kept = [v["version"] for v in server.get("/v1/sites/blog/versions")["versions"]]
+        assert kept == [4, 5, 6], kept
+        # The same bytes again cost nothing: versions that change no content stay.
+        again = server.upload("blog", b"small")
+        for n in range(5):
+            server.ok("blog", [{"op": "put", "path": f"same{n}.txt", "sha256": again}])
+        kept = [v["version"] for v in server.get("/v1/sites/blog/versions")["versions"]]
+        assert kept == [4, 5, 6, 7, 8, 9, 10, 11], kept
+
+        def collected() -> bool:
+            status, _ = server.call("GET", f"/v1/sites/blog/blobs/{shas[2]}", role="worker")
+            return status == 404
+
+        wait_until(collected, timeout=10, what="the dropped versions' blobs to be collected")
+        assert server.call("GET", f"/v1/sites/blog/blobs/{shas[3]}", role="worker")[0] == 200
     finally:
         server.proc.stop()
 

@@ -288,6 +288,39 @@ def _load_site(site: _Site, trash: Path) -> tuple[bool, int]:
     return restored, replayed
 
 
+def _freed_bytes(before: Tree, after: Tree, undos: list[Undo] | None) -> int:
+    """The bytes of files ``before`` held that ``after`` does not (by content): what keeping the
+    version before costs the disk beside this one. An upper bound (content kept at another path
+    counts too), so history bounded by it stays within the quota. ``undos`` None: a whole new tree."""
+    if undos is None:
+        kept = {e.sha256 for _, e in walk(after.root) if isinstance(e, FileEntry)}
+        return sum(e.size for _, e in walk(before.root) if isinstance(e, FileEntry) and e.sha256 not in kept)
+    freed = 0
+    for undo in undos:
+        old = undo.before
+        if old is None:
+            continue
+        now = after.get(undo.dst if undo.op == "rename" else undo.path)
+        if not (isinstance(now, FileEntry) and now.sha256 == old.sha256):
+            freed += old.size
+    return freed
+
+
+def _carry_freed(records: dict[int, dict[str, Any]], gone: set[int]) -> None:
+    """Versions leave from between kept ones: what they freed is freed by the next kept one now (its
+    version before is further back), so the sum over kept versions stays an upper bound."""
+    carry, after_kept = 0, False
+    for number, record in records.items():
+        if number in gone:
+            if after_kept:
+                carry += record.get("freed", 0)
+        else:
+            if carry:
+                record["freed"] = record.get("freed", 0) + carry
+                carry = 0
+            after_kept = True
+
+
 def _quota_message(site: _Site, total: int) -> str:
     return f"site {site.name} would use {human_size(total)} of its {human_size(site.quota_bytes)} quota"
 
@@ -902,6 +935,7 @@ class ContentStore:
             )
             record = _version_record(number, tree, None, "rollback", now)
             record["rollback_of"] = target
+            record["freed"] = _freed_bytes(site.head, tree, None)
             self._remember(site, number, record)
             site.history.add(number, flipped=True, undos=None)
             site.head, site.head_version = tree, number
@@ -966,13 +1000,13 @@ class ContentStore:
         older publishes it keeps (at most N), not the thousands a plan's days may keep.
         """
         records, keep, milestones = site.records, self._keep(site), site.milestones
-        for number in site.ghosts:
-            record = records.get(number)
-            # A checkpoint may have written it meanwhile: then it is kept like any other.
-            if record is not None and record["root"] is None:
-                del records[number]
-                if number in milestones:
-                    milestones.remove(number)
+        # A checkpoint may have written a ghost meanwhile: then it is kept like any other.
+        gone = {n for n in site.ghosts if n in records and records[n]["root"] is None}
+        _carry_freed(records, gone)
+        for number in gone:
+            del records[number]
+            if number in milestones:
+                milestones.remove(number)
         site.ghosts.clear()
         cutoff = time.time() - site.keep_days * 86400
         oldest_kept_publish = milestones[-keep] if len(milestones) >= keep else 0
@@ -988,13 +1022,43 @@ class ContentStore:
                 publish = next(publishes, None)
             if number != publish or number < oldest_kept_publish:
                 doomed.append(number)
-        for number in doomed:
+        self._drop(site, doomed)
+        self._trim_to_quota(site)
+
+    def _drop(self, site: _Site, numbers: list[int]) -> None:
+        records, milestones = site.records, site.milestones
+        _carry_freed(records, set(numbers))
+        for number in numbers:
             # Only a checkpointed version has a file; the next checkpoint removes it, off the loop.
             if records.pop(number).get("written"):
                 site.dropped.append(number)
             site.recent.pop(number, None)
-        while milestones and milestones[0] not in records:
-            milestones.popleft()
+            if number in milestones:
+                milestones.remove(number)
+
+    def _trim_to_quota(self, site: _Site) -> None:
+        """Older versions cost the disk the files they alone hold (``freed``): they go, oldest first,
+        while the site's history with its newest version would pass its quota, whatever the plan's
+        retention keeps. So a site never holds more than its quota on the fileserver, however often it
+        deploys a site near its quota."""
+        records = site.records
+        if len(records) < 2:
+            return
+        numbers = list(records)
+        held = records[numbers[-1]]["total_bytes"] + sum(records[n].get("freed", 0) for n in numbers[1:])
+        doomed: list[int] = []
+        for oldest, after in itertools.pairwise(numbers):
+            if held <= site.quota_bytes:
+                break
+            doomed.append(oldest)
+            held -= records[after].get("freed", 0)  # (that one is the oldest now: it costs nothing)
+        if doomed:
+            self._log.bind(site=site.name).info(
+                "dropped versions %s-%s: with them the site would hold more than its quota",
+                doomed[0],
+                doomed[-1],
+            )
+            self._drop(site, doomed)
 
     async def _publish(
         self, site: _Site, journal: Journal | None, offset: int, version: int, tree: Tree
@@ -1047,8 +1111,10 @@ class ContentStore:
         if over_quota(site.quota_bytes, total, site.head.total_bytes):
             raise QuotaExceeded(_quota_message(site, total), hint=_QUOTA_HINT)
         _check_entries(site, tree)
+        record = _version_record(version, tree, None, source, now)
+        record["freed"] = _freed_bytes(site.head, tree, undos)
         # Its folders and record reach the disk at the next checkpoint: until then the journal has them.
-        return tree, done, _version_record(version, tree, None, source, now), undos
+        return tree, done, record, undos
 
     async def checkpoint(self, site: _Site) -> None:
         """Write what only the journal holds (folders, version records), make it all durable, then
