@@ -28,7 +28,7 @@ from roles.controller.config import CloudConfig
 from roles.controller.fabric._wheelhouse import Wheelhouse, code_hash
 from roles.frontend.config import FrontendConfig
 from roles.management._cli_client import ApiClient, Endpoints
-from roles.worker._layout import APPS_BASE
+from roles.worker._layout import APPS_BASE, apps_root_home
 from roles.worker.apps._isolation import reap_orphans
 from roles.worker.config import WorkerConfig
 from shared.config import load_role_config
@@ -263,10 +263,10 @@ class UpCloud:
         # A worker home other uids cannot pass through (as here, and as under /root) keeps what apps
         # reach in /var/lib/sitecloud/apps-<hash>: this cloud's go with it.
         for apps_root in APPS_BASE.glob("apps-*"):
-            with contextlib.suppress(OSError):
-                if Path((apps_root / "role-home").read_text().strip()).is_relative_to(self.home):
-                    reap_orphans(apps_root / "apps")
-                    shutil.rmtree(apps_root, ignore_errors=True)
+            owner = apps_root_home(apps_root)
+            if owner is not None and Path(owner).is_relative_to(self.home):
+                reap_orphans(apps_root / "apps")
+                shutil.rmtree(apps_root, ignore_errors=True)
         reap_orphans(self.home / "roles" / "worker" / "apps")
 
 

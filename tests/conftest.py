@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from roles.worker._layout import apps_root_home
 from tests.support import CloudPKI
 
 # Modules whose clouds are network-namespace hosts: they share one bridge, subnet and /etc/hosts
@@ -69,10 +70,8 @@ def no_worker_apps_dirs_left(tmp_path_factory: pytest.TempPathFactory) -> Iterat
     if not base.is_dir():
         return
     for made in set(base.glob("apps-*")) - before:
-        try:
-            # The marker's first line is the home; the second, the token tying the two together.
-            home = (made / "role-home").read_text().splitlines()[0].strip()
-        except (OSError, IndexError):
+        home = apps_root_home(made)
+        if home is None:
             continue
         if home.startswith(tempfile.gettempdir() + "/") and (
             home.startswith(session_tmp) or not os.path.exists(home)

@@ -37,6 +37,7 @@ from typing import Any
 
 import pytest
 
+from roles.worker._layout import apps_root_home
 from roles.worker.apps._instance import LOG_BURST_BYTES, LOG_BYTES_PER_SECOND
 from roles.worker.apps._isolation import reap_orphans
 from tests.cloud import LocalCloud, SiteConnection
@@ -329,11 +330,10 @@ def hostile_home() -> Iterator[Path]:
     yield home
     worker_home = os.path.realpath(home / "roles" / "worker")
     for made in Path("/var/lib/sitecloud").glob("apps-*"):
-        with contextlib.suppress(OSError):
-            if (made / "role-home").read_text().strip() == worker_home:
-                # Apps whose HOME is there, should any be left (LocalCloud reaps the home's only).
-                reap_orphans(made / "apps")
-                shutil.rmtree(made, ignore_errors=True)
+        if apps_root_home(made) == worker_home:
+            # Apps whose HOME is there, should any be left (LocalCloud reaps the home's only).
+            reap_orphans(made / "apps")
+            shutil.rmtree(made, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -712,9 +712,8 @@ def _private_paths(cloud: LocalCloud, world: World) -> list[str]:
     worker_home = os.path.realpath(home / "roles" / "worker")
     roots = [home]
     for apps_root in Path("/var/lib/sitecloud").glob("apps-*"):
-        with contextlib.suppress(OSError):
-            if (apps_root / "role-home").read_text().strip() == worker_home:
-                roots.append(apps_root)
+        if apps_root_home(apps_root) == worker_home:
+            roots.append(apps_root)
     for path in (p for root in roots for p in root.rglob("*")):
         with contextlib.suppress(OSError):
             size_fits = path.is_file() and path.stat().st_size == len(world.static_body)

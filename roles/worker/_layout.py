@@ -23,7 +23,14 @@ from roles.worker.config import WorkerConfig
 from shared.errors import Unavailable
 from shared.logs import ContextLogger
 
-__all__ = ["APPS_BASE", "CACHE_DIRS", "apps_root", "prepare_apps_root", "searchable_by_others"]
+__all__ = [
+    "APPS_BASE",
+    "CACHE_DIRS",
+    "apps_root",
+    "apps_root_home",
+    "prepare_apps_root",
+    "searchable_by_others",
+]
 
 APPS_BASE = Path("/var/lib/sitecloud")
 # What lives in the apps root (beside the home's tls/, state/, role.json).
@@ -53,6 +60,16 @@ def apps_root(config: WorkerConfig) -> Path:
         return config.home
     digest = hashlib.sha256(os.path.realpath(config.home).encode()).hexdigest()[:12]
     return APPS_BASE / f"apps-{digest}"
+
+
+def apps_root_home(root: Path) -> str | None:
+    """The worker home an apps root under :data:`APPS_BASE` belongs to, from its marker (its first
+    line; the second is the token tying the two together); None when it has none."""
+    try:
+        lines = (root / "role-home").read_text().splitlines()
+    except OSError:
+        return None
+    return lines[0].strip() if lines else None
 
 
 def _claim_apps_root(config: WorkerConfig, root: Path, log: ContextLogger) -> None:
