@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from roles.management import cli
+from roles.management._cli_client import zipped
 from shared.home_lock import hold_home
 from shared.net import free_port
 from tests.test_management_api import ManagementCloud, start_management
@@ -656,3 +657,17 @@ def test_user_reset_link(home: Path) -> None:
     text = run(home, "user", "reset-link", "resetter")
     assert text.returncode == 0 and "works once" in text.stdout and "/reset-password/" in text.stdout
     assert run(home, "user", "reset-link", "nobody-at-all").returncode == 3
+
+
+def test_a_directory_deploys_without_its_version_control_folders(tmp_path: Path) -> None:
+    site_dir = tmp_path / "checkout"
+    (site_dir / ".git" / "objects").mkdir(parents=True)
+    (site_dir / ".git" / "config").write_text("[core]")
+    (site_dir / "docs" / ".svn").mkdir(parents=True)
+    (site_dir / "docs" / ".svn" / "entries").write_text("x")
+    (site_dir / "index.html").write_text("<h1>hi</h1>")
+    (site_dir / "docs" / "a.html").write_text("a")
+    (site_dir / ".well-known").mkdir()
+    (site_dir / ".well-known" / "security.txt").write_text("Contact: x")
+    with zipped(site_dir) as path, zipfile.ZipFile(path) as zf:
+        assert sorted(zf.namelist()) == [".well-known/security.txt", "docs/a.html", "index.html"]

@@ -65,7 +65,9 @@ def _entry(root: Path, rel: str) -> dict[str, Any]:
 
 def _backup_create(a: argparse.Namespace, api: ApiClient) -> Any:
     root = Path(a.to)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+    if root.exists() and not root.is_dir():
+        raise InvalidInput(f"{root} is a file, not a directory", hint="back up into a new directory")
+    if root.exists() and any(root.iterdir()):
         raise InvalidInput(f"{root} is not an empty directory", hint="back up into a new directory")
     dump = api.request("GET", api.path("backup"))
     versions: dict[str, int] = dump.pop("site_versions")

@@ -389,16 +389,22 @@ def read_result_lines(
     raise Unavailable(f"{what}'s answer ended without a result", hint=hint)
 
 
+_VCS_DIRS = frozenset({".git", ".hg", ".svn"})
+
+
 @contextmanager
 def zipped(source: Path) -> Iterator[Path]:
-    """``source`` as a zip file: a directory is zipped into a temp file; a zip file is used as is."""
+    """``source`` as a zip file: a directory is zipped into a temp file (without a ``.git``, ``.hg`` or
+    ``.svn`` folder in it); a zip file is used as is."""
     if source.is_dir():
         fd, tmp = tempfile.mkstemp(prefix="sitecloud-deploy-", suffix=".zip")
         os.close(fd)
         try:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
                 for root, dirs, files in os.walk(source):
-                    dirs.sort()
+                    # A checkout's history is not the site: never served, and it would count against the
+                    # quota and sit in every version's zip.
+                    dirs[:] = sorted(d for d in dirs if d not in _VCS_DIRS)
                     rel_root = Path(root).relative_to(source)
                     if rel_root != Path(".") and not dirs and not files:
                         zf.writestr(f"{rel_root.as_posix()}/", b"")  # keep empty directories

@@ -581,7 +581,7 @@ def _site_logs(a: argparse.Namespace, api: ApiClient) -> Any:
     stream = api.lines(api.path("sites", a.name, "logs") + query, timeout=None if a.follow else 60.0)
     if not a.follow:
         return {"site": a.name, "lines": list(stream)}
-    # Following: print lines as they come, until Ctrl-C. A stream that ends (management restarted,
+    # Following: print lines as they come, until Ctrl-C (exit 130). A stream that ends (management restarted,
     # or went away) is opened again rather than ending the command as if all were said.
     path = api.path("sites", a.name, "logs") + "?lines=0&follow=1"
     cut_at: list[float] = []
@@ -608,8 +608,9 @@ def _site_logs(a: argparse.Namespace, api: ApiClient) -> Any:
                 time.sleep(1.0)
             stream = api.lines(path, timeout=None, on_open=opened)
     except KeyboardInterrupt:
-        pass
-    return None
+        # As tail -f ends: the exit status of an interrupt (130), which main gives.
+        sys.stdout.flush()
+        raise
 
 
 def _show_logs(answer: Any, a: argparse.Namespace) -> None:
