@@ -39,6 +39,7 @@ from tests.support import CloudPKI, ResumingFTP_TLS, RoleProcess, call, wait_unt
 QUOTA = 256 * 1024
 TINY_QUOTA = 16 * 1024
 PER_IP = 6
+PER_SITE = 4
 LOGIN_TIMEOUT = 1.5
 _SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture
 
@@ -171,6 +172,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
         "ftp_auth_failed_delay": 0.05,
         "ftp_login_timeout": LOGIN_TIMEOUT,
         "ftp_max_connections_per_ip": PER_IP,
+        "ftp_max_sessions_per_site": PER_SITE,
         "login_failures_per_account": 5,
         "login_failures_per_address": 40,
     }
@@ -714,6 +716,33 @@ def test_connections_per_address_are_capped_and_the_server_lives(cloud: Cloud) -
     while not logs_in():
         assert time.monotonic() < deadline, "the address stayed refused after its connections closed"
         time.sleep(0.1)
+
+
+def test_a_sites_sessions_are_capped_from_any_addresses_and_others_log_in(cloud: Cloud) -> None:
+    # One tenant's logins kept alive from many addresses held the whole connection table (and the
+    # passive range with it): now a site has at most PER_SITE sessions at once.
+    sessions = [cloud.ftp("caps", source=f"127.0.0.{10 + n}") for n in range(PER_SITE)]
+    try:
+        with pytest.raises(ftplib.error_temp) as caught:
+            cloud.ftp("caps", source="127.0.0.30")
+        assert str(caught.value).startswith(
+            f"421 Too many FTP sessions of site caps at once (at most {PER_SITE})"
+        )
+        cloud.ftp("bystander", source="127.0.0.30").quit()  # another site is not held up
+        sessions.pop().quit()
+
+        def logs_in() -> bool:
+            try:
+                sessions.append(cloud.ftp("caps", source="127.0.0.30"))
+            except ftplib.error_temp:
+                return False
+            return True
+
+        wait_until(logs_in, timeout=10, what="a session's place to be free again once one quit")
+    finally:
+        for ftp in sessions:
+            with contextlib.suppress(OSError, ftplib.Error):
+                ftp.quit()
 
 
 def test_connections_that_do_not_log_in_are_closed(cloud: Cloud) -> None:

@@ -61,6 +61,7 @@ ROLE_SETTINGS: dict[str, frozenset[str]] = {
             "ftp_idle_timeout",
             "ftp_max_connections",
             "ftp_max_connections_per_ip",
+            "ftp_max_sessions_per_site",
             "login_failures_per_account",
             "login_failures_per_address",
             "login_failure_window",

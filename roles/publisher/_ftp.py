@@ -14,6 +14,7 @@ address, a deadline from connect to login, and failed logins throttled per accou
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -117,7 +118,10 @@ class _Context:
     cache: BlobCache
     lanes: PutLanePool
     trees: TreeShelf = field(default_factory=TreeShelf)
+    max_sessions_per_site: int = 0
     sessions: int = 0
+    # Logged-in sessions by site (under the lock), for ``max_sessions_per_site``.
+    site_sessions: collections.Counter[str] = field(default_factory=collections.Counter)
     # Running totals for metrics (under the lock: sessions run in threads of their own).
     sessions_total: int = 0
     bytes_received: int = 0
@@ -555,6 +559,8 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
         # The snapshot's entry the password was checked against (set by the authorizer).
         self.login_site: SiteInfo | None = None
         self._counted = False
+        # The site this session counts against while logged in (``max_sessions_per_site``).
+        self._site_counted: str | None = None
         self._login_deadline: Any = None
         self._snapshot_watch: Any = None
         self._ending = False
@@ -661,6 +667,18 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
             self.login_site = None
             self.handle_auth_failed(_AUTH_FAILED, password)
             return
+        if not self._count_site_session(site.name):
+            limit = self.context.max_sessions_per_site
+            self.context.log.bind(site=site.name, client=self.remote_ip).warning(
+                "FTP login refused: %s sessions of this site open", limit
+            )
+            self.respond(
+                f"421 Too many FTP sessions of site {site.name} at once (at most {limit}); "
+                "close some and try again."
+            )
+            self.login_site = None
+            self.close_when_done()
+            return
         self.context.throttle.succeeded(self.username, self.remote_ip)
         self._cancel_login_deadline()
         self._drop_content()
@@ -686,7 +704,28 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
             "FTP login failed for user %r", username
         )
 
+    def _count_site_session(self, site: str) -> bool:
+        context = self.context
+        with context.lock:
+            self._uncount_site_session_locked()
+            limit = context.max_sessions_per_site
+            if limit and context.site_sessions[site] >= limit:
+                return False
+            context.site_sessions[site] += 1
+            self._site_counted = site
+            return True
+
+    def _uncount_site_session_locked(self) -> None:
+        site, self._site_counted = self._site_counted, None
+        if site is not None:
+            counts = self.context.site_sessions
+            counts[site] -= 1
+            if counts[site] <= 0:
+                del counts[site]
+
     def flush_account(self) -> None:
+        with self.context.lock:
+            self._uncount_site_session_locked()
         super().flush_account()
         self._cancel_snapshot_watch()
         self.login_site = None
@@ -815,9 +854,10 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
             super().close()
         finally:
             self._drop_content()
-            if self._counted:
-                self._counted = False
-                with self.context.lock:
+            with self.context.lock:
+                self._uncount_site_session_locked()
+                if self._counted:
+                    self._counted = False
                     self.context.sessions -= 1
 
 
@@ -895,6 +935,7 @@ class FtpServer:
             throttle=throttle,
             login_timeout=config.ftp_login_timeout,
             require_tls=config.require_tls,
+            max_sessions_per_site=config.ftp_max_sessions_per_site,
             cache=BlobCache(config.home / "ftp-cache", config.ftp_cache_bytes, self._log),
             # A context of its own: it offers the put lane's ALPN.
             lanes=PutLanePool(client_context(config)),

@@ -31,6 +31,9 @@ class PublisherConfig(RoleConfig):
     # FTP control connections at once, in all and from one client address (0 = no limit).
     ftp_max_connections: int = 512
     ftp_max_connections_per_ip: int = 16
+    # Logged-in FTP sessions of one site at once (0 = no limit): one tenant, from however many
+    # addresses, holds neither the whole connection table nor the passive port range.
+    ftp_max_sessions_per_site: int = 16
     # Disk for the publisher's own copies of big files uploaded or downloaded over FTP (0 = none): a
     # download of one is then sent from local disk instead of fetched from the fileserver again.
     ftp_cache_bytes: int = 2 * 1024 * 1024 * 1024
@@ -78,6 +81,7 @@ class PublisherConfig(RoleConfig):
         counts = (
             ("ftp_max_connections", self.ftp_max_connections, 0),
             ("ftp_max_connections_per_ip", self.ftp_max_connections_per_ip, 0),
+            ("ftp_max_sessions_per_site", self.ftp_max_sessions_per_site, 0),
             ("login_failures_per_account", self.login_failures_per_account, 1),
             ("login_failures_per_address", self.login_failures_per_address, 1),
             ("login_throttle_entries", self.login_throttle_entries, 1),
