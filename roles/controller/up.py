@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="serving processes of this machine's front end and worker, sharing their ports; about one "
-        "per core (default %(default)s)",
+        "per core for static sites, 1 where most sites are apps (default %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print the endpoints as JSON once the cloud is ready")
     return p
