@@ -794,6 +794,35 @@ def test_a_worker_with_serving_processes_hands_app_requests_to_apps(tmp_path: Pa
             # A new version flips the app for the serving processes too.
             cloud.publish("dyn", {"app.py": ROUTED_APP.replace(b'"index"', b'"index v2"')})
             wait_until(lambda: once("dyn", "/") == (200, b"index v2"), timeout=20, what="v2")
+
+            if PHP:
+                # php-cgi's children each hold one connection while it is open: the serving
+                # processes share them out (one each here), so neither keeps the other waiting.
+                cloud.add_site("phpdyn")
+                cloud.publish("phpdyn", {"index.php": b"<?php echo 'php ' . $_GET['n'];"})
+                frontend.push_config(
+                    {
+                        "version": 2,
+                        "domain": domain,
+                        "sites": {s: {"workers": workers} for s in ("dyn", "plain", "phpdyn")},
+                    }
+                )
+                wait_until(lambda: once("phpdyn", "/?n=0") == (200, b"php 0"), timeout=20, what="php")
+
+                def php_visitor(n: int) -> None:
+                    kept = new_conn()
+                    for i in range(30):
+                        got = get(kept, "phpdyn", f"/?n={n}.{i}")
+                        if got != (200, f"php {n}.{i}".encode()):
+                            failures.append(f"php {n}.{i}: {got!r}")
+                    kept.close()
+
+                threads = [threading.Thread(target=php_visitor, args=(n,)) for n in range(6)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(120)
+                assert failures == [], failures[:5]
         finally:
             frontend.stop()
 

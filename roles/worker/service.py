@@ -146,7 +146,7 @@ class _Forked:
         self._config = config
         self._sync = sync
         self._children = children
-        self._channel = AppChannel(apps)
+        self._channel = AppChannel(apps, config.processes)
         self._handover: asyncio.TimerHandle | None = None
 
     def _hand_over(self) -> None:
