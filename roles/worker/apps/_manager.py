@@ -92,6 +92,8 @@ Lookup = Callable[[str], tuple[bool, SiteVersion | None]]
 SWEEP_INTERVAL = 0.25
 # Starts of one wake-up when the content keeps changing under it; the last one serves what it got.
 _START_ROUNDS = 3
+# A static site's last log lines that its log as an app starts with (what `site logs` shows by default).
+_CARRIED_LINES = 100
 # Waits before an app that failed to start or crashed is started again.
 _RETRY = Backoff(first=0.25, cap=30.0)
 # An app's line this recent at its exit is taken as why it exited (site show's "last:").
@@ -721,7 +723,9 @@ class AppManager:
             app.log = SiteLog(dirs.log / "app.log", self._config.app_log_bytes)
             static = self._static_logs.get(app.name)
             if static is not None:
-                static.hand_over(app.log)  # a follower of the site's log sees its build and app too
+                # A follower of the site's log sees its build and app too, and `site logs` the
+                # visits from before it was an app.
+                static.hand_over(app.log, lines=_CARRIED_LINES)
         return app.log
 
     def _dirs(self, app: AppSite) -> SiteDirs:

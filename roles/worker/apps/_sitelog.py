@@ -28,6 +28,10 @@ _RECORD_BYTES = 160
 _LAST_LINE_CHARS = 300
 
 
+# A line's time stamp ("2026-12-05T06:40:20Z"): lines compare by it as text.
+_STAMP_CHARS = 20
+
+
 class SiteLog:
     def __init__(self, path: Path, max_bytes: int) -> None:
         self.path = path
@@ -142,10 +146,17 @@ class SiteLog:
     def unfollow(self, queue: asyncio.Queue[str | None]) -> None:
         self._followers.discard(queue)
 
-    def hand_over(self, other: SiteLog) -> None:
+    def hand_over(self, other: SiteLog, *, lines: int = 0) -> None:
         """Followers go on with ``other``: the site turned from static to an app, or back, and its
-        lines are written there from now on."""
+        lines are written there from now on. With ``lines``, up to that many of this log's last lines
+        that are newer than ``other``'s go there too, so `site logs` still shows what came before."""
         self.flush()
+        if lines:
+            other.flush()
+            newest = next(iter(other.tail(1)), "")[:_STAMP_CHARS]
+            carried = [line for line in self.tail(lines) if line[:_STAMP_CHARS] > newest]
+            if carried:
+                other._append(("\n".join(carried) + "\n").encode("utf-8", "replace"))
         other._followers |= self._followers
         self._followers = set()
 
