@@ -745,6 +745,37 @@ def test_a_sites_sessions_are_capped_from_any_addresses_and_others_log_in(cloud:
                 ftp.quit()
 
 
+def test_a_pasv_with_every_port_of_the_range_taken_is_refused_not_sent_elsewhere(cloud: Cloud) -> None:
+    # Elsewhere is a port of the kernel's, which a firewall opened for the range drops: the client
+    # waited for its data connection to time out. Now it is told at once, and can try again.
+    config = cloud.publisher.config
+    assert isinstance(config, PublisherConfig) and config.passive_ports is not None
+    low, high = config.passive_ports
+    taken: list[socket.socket] = []
+    ftp = cloud.ftp("bystander")
+    try:
+        for port in range(low, high + 1):
+            sock = socket.socket()
+            # (Past earlier tests' data connections in TIME_WAIT, as the publisher binds too.)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with contextlib.suppress(OSError):  # one a transfer of the publisher's own holds now
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+            taken.append(sock)
+        with pytest.raises(
+            ftplib.error_temp, match=rf"^425 no data port of this server's range \({low}-{high}\)"
+        ):
+            ftp.makepasv()
+        for sock in taken:
+            sock.close()
+        taken.clear()
+        assert low <= ftp.makepasv()[1] <= high  # the session goes on
+    finally:
+        for sock in taken:
+            sock.close()
+        ftp.quit()
+
+
 def test_connections_that_do_not_log_in_are_closed(cloud: Cloud) -> None:
     with socket.create_connection(("127.0.0.1", cloud.ftp_port), timeout=10) as sock:
         assert _banner(sock).startswith("220")

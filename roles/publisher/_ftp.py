@@ -42,7 +42,7 @@ from roles.publisher._sites import Credentials, SiteInfo, SiteTable, suspended_e
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher._vfs import SiteFilesystem
 from roles.publisher.config import PublisherConfig
-from shared.errors import SitecloudError, StorageUnavailable
+from shared.errors import SitecloudError, StorageUnavailable, Unavailable
 from shared.listeners import listener
 from shared.logs import ContextLogger, get_logger
 from shared.states import SiteState
@@ -408,6 +408,10 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
             session.end_session(ended)
 
 
+class _NoDataPort(Unavailable):
+    ftp_code = 425  # "Can't open data connection": the session goes on
+
+
 class _PassiveListener(FTPHandler.passive_dtp):  # type: ignore[misc]  # pyftpdlib has no type hints
     """pyftpdlib's listener for a passive data connection, with a port choice that survives sessions in
     other threads: SO_REUSEADDR lets two of them bind the same port until one listens, and then the
@@ -425,7 +429,7 @@ class _PassiveListener(FTPHandler.passive_dtp):  # type: ignore[misc]  # pyftpdl
         while True:
             try:
                 super().listen(num)
-                return
+                break
             except OSError as err:
                 if err.errno != errno.EADDRINUSE:
                     raise
@@ -436,6 +440,15 @@ class _PassiveListener(FTPHandler.passive_dtp):  # type: ignore[misc]  # pyftpdl
                 ports = [p for p in (self.cmd_channel.passive_ports or ()) if p != taken]
                 random.shuffle(ports)
             self._rebind(host, ports)
+        allowed = self.cmd_channel.passive_ports
+        if allowed and not allowed[0] <= self.socket.getsockname()[1] <= allowed[-1]:
+            # Every port of the range is taken, and pyftpdlib (as this class, last) fell back on one
+            # of the kernel's: a firewall opened for the range would drop it. Refused instead.
+            self.close()
+            raise _NoDataPort(
+                f"no data port of this server's range ({allowed[0]}-{allowed[-1]}) is free now",
+                hint="try again in a moment",
+            )
 
     def _rebind(self, host: str, ports: list[int]) -> None:
         family = self.socket.family
