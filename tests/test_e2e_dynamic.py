@@ -43,7 +43,7 @@ def cloud(traversable_home: Path) -> Iterator[LocalCloud]:
 
 @pytest.fixture(scope="module")
 def site(cloud: LocalCloud) -> dict[str, Any]:
-    cloud.cli("plan", "create", "apps", "--max-sites", "9", "--storage-mb", "5")
+    cloud.cli("plan", "create", "apps", "--max-sites", "10", "--storage-mb", "5")
     cloud.cli("tenant", "create", "fabrikam")
     sub = cloud.cli("subscription", "create", "--tenant", "fabrikam", "--plan", "apps")
     return dict(cloud.cli("site", "create", "pyapp", "--subscription", str(sub["id"])))
@@ -400,3 +400,42 @@ def test_a_new_version_that_takes_long_to_start_is_served_only_once_it_is_up(
     }
     assert max(took for _, _, took in answers) < 2.5
     assert cloud.get("longstart", "/")[::2] == (200, b"four")
+
+
+def test_a_python_version_that_cannot_load_never_takes_over_from_the_running_one(
+    cloud: LocalCloud, site: dict[str, Any]
+) -> None:
+    broken = _new_site(cloud, "brokenload")
+    _publish(broken, {"app.py": WSGI_APP})
+    cloud.wait_for_content("brokenload", "/x", b"hello ? from /x", timeout=30)
+    answers: list[tuple[int, bytes]] = []
+    done = threading.Event()
+
+    def visitors() -> None:
+        while not done.is_set():
+            status, _, body = cloud.get("brokenload", "/x")
+            answers.append((status, body))
+
+    loop = threading.Thread(target=visitors)
+    loop.start()
+    try:
+        # A syntax error, uploaded over the running app by FTP: its process exits as it loads.
+        _publish(broken, {"app.py": WSGI_APP + b"\ndef oops(:\n"})
+        wait_until(
+            lambda: any(
+                "did not start: version 1 answers on" in line
+                for line in cloud.cli("site", "logs", "brokenload", "-n", "2000")["lines"]
+            ),
+            timeout=30,
+            what="the worker to keep the running version",
+        )
+        time.sleep(1)
+    finally:
+        done.set()
+        loop.join()
+    assert answers and all(a == (200, b"hello ? from /x") for a in answers), {
+        (s, b[:200]) for s, b in answers
+    }
+    # Fixed: the new version takes over.
+    _publish(broken, {"app.py": WSGI_APP.replace(b"hello", b"fixed")})
+    cloud.wait_for_content("brokenload", "/x", b"fixed ? from /x", timeout=30)

@@ -821,13 +821,22 @@ def test_a_deploy_whose_app_does_not_start_says_why_and_the_site_keeps_serving_t
     assert "its app does not start" in pushed.stderr and "[remote rejected] main -> main" in pushed.stderr
     assert cloud.get("crashy", "/")[::2] == (200, b"the good version")
 
-    # FTP does not follow the build: the broken app is served. A start shows it, as a deploy would.
+    # FTP does not follow the build: the broken version cannot load, so the running app answers on
+    # and the site log says so. A start shows it, as a deploy would.
     ftp = ftplib.FTP()
     ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
     ftp.login(site["ftp"]["user"], site["ftp"]["password"])
     ftp.storbinary("STOR app.py", io.BytesIO(BROKEN_APP))
     ftp.quit()
-    wait_until(lambda: cloud.get("crashy", "/")[0] >= 500, timeout=30, what="the broken app served")
+    wait_until(
+        lambda: any(
+            "did not start: version" in line and "answers on" in line
+            for line in cloud.cli("site", "logs", "crashy", "-n", "2000")["lines"]
+        ),
+        timeout=30,
+        what="the running app kept",
+    )
+    assert cloud.get("crashy", "/")[::2] == (200, b"the good version")
     cloud.cli("site", "stop", "crashy")
     started = cloud.cli("site", "start", "crashy", check=False, timeout=120)
     assert started["error"]["code"] == "build_failed", started

@@ -85,6 +85,8 @@ class AppInstance:
         self._pidfd = -1
         self._pipe_done: asyncio.Future[None] | None = None
         self._reaped = asyncio.Event()
+        # Set when the platform's app server says it serves (its app module loaded): see wait_loaded.
+        self._loaded = asyncio.Event()
         self.started = time.monotonic()
         self.inflight = 0
         self.retiring = False
@@ -161,7 +163,7 @@ class AppInstance:
         done: asyncio.Future[None] = loop.create_future()
         self._pipe_done = done
         await loop.connect_read_pipe(
-            lambda: _LogPipe(self.log, done, self.source, self.capture), self.proc.stdout
+            lambda: _LogPipe(self.log, done, self.source, self.capture, loaded=self._loaded), self.proc.stdout
         )
         # A pidfd becomes readable when the process exits: no SIGCHLD handler, no thread.
         self._pidfd = os.pidfd_open(pid)
@@ -338,6 +340,18 @@ class AppInstance:
         self.log.write("worker", f"could not put the app in its cgroup ({exc}); stopping it")
         self.kill("limits")
 
+    async def wait_loaded(self, timeout: float) -> bool:
+        """For apps the platform's app server runs: whether it said it serves (``serving …``, once
+        the site's module is imported) within ``timeout``; False as soon as the process is gone."""
+        loaded = asyncio.ensure_future(self._loaded.wait())
+        gone = asyncio.ensure_future(self._reaped.wait())
+        try:
+            await asyncio.wait((loaded, gone), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loaded.cancel()
+            gone.cancel()
+        return self._loaded.is_set() and self.alive
+
     async def wait_listening(self, timeout: float) -> bool:
         """For ``command`` apps: poll until something accepts on $PORT."""
         if self.netns is not None:
@@ -494,15 +508,26 @@ class Captured:
         self.data += chunk
 
 
+# The line the platform's app server prints once the site's module is loaded (sitecloud_appserver).
+_SERVING = b"\nserving "
+
+
 class _LogPipe(asyncio.Protocol):
     """The app's stdout and stderr (one pipe), line by line into its site log, at most
     :data:`LOG_BYTES_PER_SECOND` (a token bucket; the pipe is paused while it is empty)."""
 
     def __init__(
-        self, log: SiteLog, done: asyncio.Future[None], source: str = "app", capture: Captured | None = None
+        self,
+        log: SiteLog,
+        done: asyncio.Future[None],
+        source: str = "app",
+        capture: Captured | None = None,
+        *,
+        loaded: asyncio.Event | None = None,
     ) -> None:
         self._log = log
         self._done = done
+        self._loaded = loaded
         self._source = source
         self._capture = capture
         self._partial = b""
@@ -553,6 +578,9 @@ class _LogPipe(asyncio.Protocol):
         data = self._partial + data
         lines, sep, self._partial = data.rpartition(b"\n")
         if sep:
+            loaded = self._loaded
+            if loaded is not None and not loaded.is_set() and _SERVING in b"\n" + lines:
+                loaded.set()
             self._log.write(self._source, lines.decode("utf-8", "replace"))
         if len(self._partial) > 16 * 1024:
             self._log.write(self._source, self._partial.decode("utf-8", "replace"))

@@ -802,12 +802,15 @@ class AppManager:
             return await asyncio.shield(app.packages_task)
         return target if (target / ".complete").exists() else None
 
-    async def _start(self, app: AppSite) -> AppInstance:
+    async def _start(self, app: AppSite, *, replacing: bool = False) -> AppInstance:
         """Start the site's app; if a new version or new settings arrive while it starts (an FTP
-        upload goes on file by file), the process made for the old ones goes and a new one starts."""
+        upload goes on file by file), the process made for the old ones goes and a new one starts.
+        ``replacing`` a running process, a Python app must also have loaded its module first."""
         started = time.monotonic()
         for round_ in range(_START_ROUNDS):
             inst = await self._start_once(app)
+            if replacing and app.runtime == "python":
+                await self._loaded(app, inst)
             if inst.generation == app.generation or round_ == _START_ROUNDS - 1:
                 # (One still behind is replaced once this start ends: see _start_done.)
                 app.instance = inst
@@ -816,6 +819,22 @@ class AppManager:
             inst.retiring = True
             inst.terminate("retired")
         raise AssertionError("unreachable")
+
+    async def _loaded(self, app: AppSite, inst: AppInstance) -> None:
+        """The new process of a running Python app has imported the site's module: one that fails
+        to (a syntax error, a missing package, a server started at import) never takes over."""
+        timeout = self._config.app_start_timeout
+        if await inst.wait_loaded(timeout):
+            return
+        if inst.alive:
+            inst.kill("start")
+            why = f"did not finish loading its module within {timeout:g} s"
+        else:
+            why = "exited as it loaded its module"
+        app.failures += 1
+        app.retry_at = time.monotonic() + _RETRY.delay(app.failures)
+        self._site_log(app).write("worker", f"could not start the app: it {why}")
+        raise Unavailable(f"the site's app {why}", hint="its log says why")
 
     def _start_done(self, app: AppSite, task: asyncio.Task[AppInstance]) -> None:
         _started(app, task)
@@ -1220,7 +1239,7 @@ class AppManager:
             return
         if app.starting is not None:
             return  # the start under way takes the newest version and settings (see _start)
-        task = asyncio.get_running_loop().create_task(self._start(app))
+        task = asyncio.get_running_loop().create_task(self._start(app, replacing=True))
         app.starting = task
         task.add_done_callback(lambda done: self._start_done(app, done))
         task.add_done_callback(lambda done: self._replaced(app, old, done))
