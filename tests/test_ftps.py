@@ -1,7 +1,7 @@
 """The publisher as FTP clients and attackers meet it: explicit FTPS with ftplib, lftp and curl against
 a real publisher and fileserver; data connections that must resume the control connection's TLS
-session; lftp mirror; quota refusals the clients can read; connection caps, the login deadline, the
-failed-login throttle and over-long names."""
+session or be their port's only connection; lftp mirror; quota refusals the clients can read;
+connection caps, the login deadline, the failed-login throttle and over-long names."""
 
 from __future__ import annotations
 
@@ -61,6 +61,10 @@ SITES = {
     "noresume": ("noresume-secret", QUOTA),
     "hijack": ("hijack-secret", QUOTA),
     "lenient": ("lenient-secret", QUOTA),
+    "ftplib": ("ftplib-secret", QUOTA),
+    "raced": ("raced-secret", QUOTA),
+    "racedftplib": ("racedftplib-secret", QUOTA),
+    "latecomer": ("latecomer-secret", QUOTA),
     "tls12": ("tls12-secret", QUOTA),
     "gone": ("gone-secret", QUOTA),
 }
@@ -84,7 +88,7 @@ class Cloud:
     pki: CloudPKI
     fileserver: RoleProcess
     publisher: RoleProcess
-    strict: RoleProcess  # a publisher with require_tls
+    strict: RoleProcess  # a publisher with require_tls and ftp_tls_session_reuse "required"
     lenient: RoleProcess  # a publisher with ftp_tls_session_reuse "optional"
 
     @staticmethod
@@ -180,7 +184,12 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
         PublisherConfig, "publisher", root / "publisher", passive_ports=_free_port_range(20), **limits
     )
     strict_config = pki.role_config(
-        PublisherConfig, "publisher", root / "strict", passive_ports=_free_port_range(10), require_tls=True
+        PublisherConfig,
+        "publisher",
+        root / "strict",
+        passive_ports=_free_port_range(10),
+        require_tls=True,
+        ftp_tls_session_reuse="required",
     )
     lenient_config = pki.role_config(
         PublisherConfig,
@@ -320,10 +329,12 @@ def _stranger(version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
 
 
 def test_ftplib_data_connections_that_do_not_resume_are_refused_with_why(cloud: Cloud) -> None:
-    with cloud.ftps("noresume") as ftp:
+    # What an admin's ftp_tls_session_reuse "required" refuses: every data connection that does not
+    # resume, ftplib's own client with them.
+    with cloud.ftps("noresume", cloud.strict) as ftp:
         ftp.storbinary("STOR kept.txt", io.BytesIO(b"kept"))
-    before = len(cloud.publisher.log())
-    with cloud.ftps("noresume", resuming=False) as ftp:
+    before = len(cloud.strict.log())
+    with cloud.ftps("noresume", cloud.strict, resuming=False) as ftp:
         received: list[bytes] = []
         # The data connection's handshake is refused, and the command answered with why.
         with pytest.raises(ssl.SSLError, match="ALERT_ACCESS_DENIED"):
@@ -343,7 +354,87 @@ def test_ftplib_data_connections_that_do_not_resume_are_refused_with_why(cloud: 
         # The session goes on.
         assert ftp.size("kept.txt") == 4
     assert cloud.files("noresume") == {"kept.txt": 4}
-    assert "did not resume the control connection's TLS session" in cloud.publisher.log()[before:]
+    assert "did not resume the control connection's TLS session" in cloud.strict.log()[before:]
+
+
+def test_ftplib_ftps_as_it_stands_publishes_by_default(cloud: Cloud) -> None:
+    # Python's own ftplib.FTP_TLS, whose data connections never resume the control connection's TLS
+    # session: its data connections are taken when each was its port's only connection.
+    pages = {"index.html": b"<h1>ftplib</h1>", "css/site.css": b"body{}", "big.bin": os.urandom(200_000)}
+    with cloud.ftps("ftplib", resuming=False) as ftp:
+        ftp.mkd("css")
+        for path, body in pages.items():
+            ftp.storbinary(f"STOR {path}", io.BytesIO(body))
+        assert sorted(ftp.nlst()) == ["big.bin", "css", "index.html"]
+        assert [name for name, _ in ftp.mlsd("css")] == ["site.css"]
+        for path, body in pages.items():
+            assert _retr(ftp, path) == body
+    assert cloud.files("ftplib") == {path: len(body) for path, body in pages.items()}
+
+
+def _transfer_reply(ftp: ftplib.FTP, command: str) -> str:
+    """The final reply to a transfer command whose data connection was made by hand (its 1xx, if any,
+    read on the way)."""
+    try:
+        first = ftp.sendcmd(command)
+    except ftplib.Error as err:
+        return str(err)
+    assert first[:1] == "1", first
+    try:
+        return ftp.voidresp()
+    except ftplib.Error as err:
+        return str(err)
+
+
+@pytest.mark.parametrize("resuming", [False, True], ids=["ftplib", "resuming client"])
+def test_two_connections_to_a_data_port_get_neither_the_transfer(cloud: Cloud, resuming: bool) -> None:
+    # Someone at the client's address connects to the data port as soon as it opens. The client
+    # connects too (it always does), so the port sees two connections: neither gets the transfer, and
+    # the command is answered with why. A client that resumes is checked so on its session's first
+    # transfer, before it has shown that it resumes.
+    site = "raced" if resuming else "racedftplib"
+    with cloud.ftps(site) as owner:
+        owner.storbinary("STOR config.php", io.BytesIO(SECRET))
+    before = len(cloud.publisher.log())
+    for command, reply_code in (("RETR config.php", "425"), ("STOR config.php", "425")):
+        with cloud.ftps(site, resuming=resuming) as victim:
+            victim.voidcmd("TYPE I")
+            port = victim.makepasv()[1]
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as stranger,
+                socket.create_connection(("127.0.0.1", port), timeout=10),
+            ):
+                reply = _transfer_reply(victim, command)
+                assert reply.startswith(f"{reply_code} Two connections reached this transfer's data port"), (
+                    reply
+                )
+                stranger.settimeout(5)
+                with contextlib.suppress(ConnectionResetError):
+                    assert stranger.recv(100) == b""  # closed without a byte
+            # The session goes on: a transfer of its own is taken.
+            assert _retr(victim, "config.php") == SECRET
+    assert cloud.files(site) == {"config.php": len(SECRET)}
+    assert "two connections reached its data port" in cloud.publisher.log()[before:]
+
+
+def test_a_second_connection_during_an_upload_that_did_not_resume_aborts_it(cloud: Cloud) -> None:
+    with cloud.ftps("latecomer", resuming=False) as victim:
+        victim.storbinary("STOR page.html", io.BytesIO(b"<p>before</p>"))
+        victim.voidcmd("TYPE I")
+        port = victim.makepasv()[1]
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert victim.sendcmd("STOR page.html").startswith("1")
+        with victim.context.wrap_socket(raw, server_hostname="localhost") as data:
+            data.sendall(b"<p>half of a")
+            time.sleep(0.4)  # past the hold: the transfer is under way
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10),
+                pytest.raises(ftplib.error_temp) as caught,
+            ):
+                victim.voidresp()
+        assert str(caught.value).startswith("426 A second connection reached this transfer's data port")
+        assert _retr(victim, "page.html") == b"<p>before</p>"
+    assert cloud.files("latecomer") == {"page.html": 13}
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])

@@ -194,9 +194,9 @@ def test_publisher_config_refuses_nonsense(tmp_path: Path) -> None:
         PublisherConfig(**base, login_failures_per_account=0)
     with pytest.raises(ValueError, match="passive_ports"):
         PublisherConfig(**base, passive_ports=(3000, 2000))
-    with pytest.raises(ValueError, match="ftp_tls_session_reuse must be one of required, optional"):
+    with pytest.raises(ValueError, match="ftp_tls_session_reuse must be one of required, checked, optional"):
         PublisherConfig(**base, ftp_tls_session_reuse="sometimes")  # type: ignore[arg-type]
-    assert PublisherConfig(**base).ftp_tls_session_reuse == "required"
+    assert PublisherConfig(**base).ftp_tls_session_reuse == "checked"
     config = PublisherConfig(**base, ftp_tls_cert_file=tmp_path / "ftp.pem")
     assert config.ftp_cert_file == config.ftp_key_file == tmp_path / "ftp.pem"
     assert PublisherConfig(**base).ftp_cert_file == PublisherConfig(**base).cert_file

@@ -22,6 +22,7 @@ import random
 import re
 import socket
 import ssl
+import struct
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from pyftpdlib.servers import ThreadedFTPServer
 from roles.publisher._cache import BlobCache
 from roles.publisher._content import CachedDownload, SiteContent, StreamedDownload, TreeShelf, Upload
 from roles.publisher._fileserver import FileserverClient, PutLanePool
-from roles.publisher._ftps import FtpsContexts, SessionContext
+from roles.publisher._ftps import FtpsContexts, SessionContext, session_reused
 from roles.publisher._sites import Credentials, SiteInfo, SiteTable, suspended_error
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher._vfs import SiteFilesystem
@@ -82,6 +83,21 @@ _NOT_RESUMED = (
     "address connected first."
 )
 _HANDSHAKE_FAILED = "522 The data connection's TLS handshake failed; nothing was transferred."
+_TWO_CONNECTIONS = (
+    "425 Two connections reached this transfer's data port from your address, so neither was taken and "
+    "nothing was transferred: someone else at your address may be after your transfers. Try again; a "
+    "client that resumes the TLS session on data connections (lftp, curl, FileZilla) is safe from this."
+)
+_LATE_CONNECTION = (
+    "426 A second connection reached this transfer's data port from your address; transfer aborted, "
+    "nothing was stored."
+)
+# How long a data connection that may not resume the TLS session is held, for a second one to show: a
+# few round trips of the control connection (the client connects as soon as it reads the 227), within
+# these bounds; then until the transfer's command has come (a client that connects before it sends the
+# command, as ftplib does, has its connection in the backlog by then), or at most _HOLD_LONGEST.
+_HOLD_SHORTEST = 0.003
+_HOLD_LONGEST = 0.25
 _HANDSHAKE_CUT = "425 The data connection closed before its TLS handshake completed; nothing was transferred."
 
 
@@ -231,6 +247,9 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
     def __repr__(self) -> str:
         return _short_repr(self, super().__repr__)
 
+    # The passive listener that watches the data port while this transfers, closed with it.
+    port_watch: Any = None
+
     def __init__(self, sock: Any, cmd_channel: Any) -> None:
         self._broken = False
         self._read_end = False  # a read saw the client's clean end of the upload
@@ -246,18 +265,22 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
         if self._closed:
             # The client reset the data connection before it was set up; pyftpdlib would then leave
             # the queued transfer without any reply, and the client waiting for one.
-            self._abandon_queued_transfer(cmd_channel)
+            self.abandon_queued_transfer(cmd_channel)
 
     @staticmethod
-    def _abandon_queued_transfer(session: Any) -> None:
+    def abandon_queued_transfer(
+        session: Any, reply: str = "426 Data connection broken; transfer aborted, nothing was stored."
+    ) -> bool:
+        """Answer ``reply`` to a transfer command waiting for its data connection, if one waits."""
         queued_in, queued_out = session._in_dtp_queue, session._out_dtp_queue
         if queued_in is None and queued_out is None:
-            return
+            return False
         session._in_dtp_queue = session._out_dtp_queue = None
         file = queued_in[0] if queued_in is not None else queued_out[2]
         if file is not None:
             file.close()
-        session.respond("426 Data connection broken; transfer aborted, nothing was stored.")
+        session.respond(reply)
+        return True
 
     def recv(self, buffer_size: int) -> bytes:
         # pyftpdlib treats a reset like a clean end of stream, which would store a cut-off file; this
@@ -286,6 +309,12 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
         else:
             # A plain connection's FIN (on TLS the record layer says so first, as ZeroReturnError).
             self._read_end = not data
+            if data:
+                # Acknowledged at once: a client without TCP_NODELAY (ftplib) holds its TLS
+                # close_notify after a small file's record until the record is acknowledged, which
+                # the kernel delays by 40 ms on a connection the server never writes to.
+                with contextlib.suppress(OSError):
+                    self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         if not data:
             self.handle_close()
         return data
@@ -360,7 +389,14 @@ class _DataChannel(DTPHandler):  # type: ignore[misc]  # pyftpdlib has no type h
         self.transfer_finished = False
         self.close()
 
+    def resumed_session(self) -> bool:
+        """Whether this connection resumed its control connection's TLS session."""
+        return False
+
     def close(self) -> None:
+        watch, self.port_watch = self.port_watch, None
+        if watch is not None:
+            watch.close()
         if not self._closed:
             context = self.cmd_channel.context
             with context.lock:
@@ -412,14 +448,134 @@ class _NoDataPort(Unavailable):
     ftp_code = 425  # "Can't open data connection": the session goes on
 
 
+def _round_trip_seconds(sock: Any) -> float:
+    """The least round-trip time the kernel has seen on a TCP connection (``struct tcp_info``'s
+    ``tcpi_min_rtt``, microseconds at byte 148). Not the smoothed one: on a control connection that
+    one carries the client's delayed acknowledgements (40 ms on loopback)."""
+    try:
+        info: bytes = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 152)
+    except OSError:
+        return 0.0
+    if len(info) < 152:
+        return 0.0
+    (min_rtt,) = struct.unpack_from("=I", info, 148)
+    return float(min_rtt) / 1e6
+
+
 class _PassiveListener(FTPHandler.passive_dtp):  # type: ignore[misc]  # pyftpdlib has no type hints
     """pyftpdlib's listener for a passive data connection, with a port choice that survives sessions in
     other threads: SO_REUSEADDR lets two of them bind the same port until one listens, and then the
     other's listen() fails. That one tries the range's other ports (the kernel's choice last) instead of
-    failing the PASV."""
+    failing the PASV.
+
+    For an FTPS session whose data connections may not resume its TLS session (``checked``), the first
+    connection from the client's address is held until no second one can still be the client's: the
+    client always connects, so a second connection means someone else at its address raced for the
+    port, and both are refused. Past the hold the port stays open for the transfer's length, and a late
+    second connection aborts a transfer whose connection did not resume."""
 
     socket: Any
     cmd_channel: Any
+    _closed: bool
+
+    def __init__(self, cmd_channel: Any, extmode: bool = False) -> None:
+        self._held: Any = None  # the first connection, while a second one may still come
+        self._short_hold_over = False
+        self._long_hold_over = False
+        self._watched: Any = None  # the data channel given the held connection, while it transfers
+        super().__init__(cmd_channel, extmode)
+
+    def handle_accepted(self, sock: Any, addr: Any) -> None:
+        session = self.cmd_channel
+        if not session.connected or addr[0] != session.remote_ip:
+            super().handle_accepted(sock, addr)  # pyftpdlib's: closed, or refused as foreign
+            return
+        if self._watched is not None:
+            sock.close()
+            self._late_connection()
+            return
+        if self._held is not None:
+            sock.close()
+            self._refuse_both()
+            return
+        checks = getattr(session, "checks_data_connections", None)  # pyftpdlib's own sessions have none
+        if checks is None or not checks():
+            super().handle_accepted(sock, addr)
+            return
+        self._held = sock
+        hold = min(max(3 * _round_trip_seconds(session.socket), _HOLD_SHORTEST), _HOLD_LONGEST)
+        self.call_later(hold, self._end_short_hold, _errback=self.handle_error)
+        self.call_later(_HOLD_LONGEST, self._end_long_hold, _errback=self.handle_error)
+
+    def _end_short_hold(self) -> None:
+        self._short_hold_over = True
+        self.release_held()
+
+    def _end_long_hold(self) -> None:
+        self._long_hold_over = True
+        self.release_held()
+
+    def release_held(self) -> None:
+        """Hand the held connection over once its hold is over and the transfer's command came (or
+        the longest hold passed); called by the hold's timers and when a transfer command comes."""
+        if self._held is None or self._closed or not self._short_hold_over:
+            return
+        session = self.cmd_channel
+        if not session.transfer_waits() and not self._long_hold_over:
+            return
+        while True:  # connections the loop has not taken yet count too
+            try:
+                pair = self.socket.accept()
+            except OSError:
+                break
+            other, addr = pair
+            other.close()
+            if addr[0] == session.remote_ip:
+                self._refuse_both()
+                return
+        sock, self._held = self._held, None
+        # pyftpdlib closes its listener at the first connection; this one watches the port on while
+        # the connection transfers, and the channel closes it.
+        session._dtp_acceptor = None
+        channel = session.dtp_handler(sock, session)
+        if not channel.connected:
+            self.close()
+            return
+        session.data_channel = channel
+        channel.port_watch = self
+        self._watched = channel
+        session._on_dtp_connection()
+
+    def _refuse_both(self) -> None:
+        session = self.cmd_channel
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+        self.close()
+        if session._dtp_acceptor is self:
+            session._dtp_acceptor = None
+        session.warn_data_race("two connections reached its data port from the client's address")
+        if not _DataChannel.abandon_queued_transfer(session, _TWO_CONNECTIONS):
+            session.data_failure = _TWO_CONNECTIONS
+
+    def _late_connection(self) -> None:
+        channel, self._watched = self._watched, None
+        self.close()
+        if channel is None or channel._closed or channel.resumed_session():
+            return  # a connection that resumed the session is the client's own
+        self.cmd_channel.warn_data_race("a second connection reached its data port during the transfer")
+        channel.abort(_LATE_CONNECTION)
+
+    def handle_timeout(self) -> None:
+        if self._watched is None:
+            super().handle_timeout()
+
+    def close(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+        self._watched = None
+        super().close()
 
     def __repr__(self) -> str:
         return _short_repr(self, super().__repr__)
@@ -494,6 +650,10 @@ class _TlsDataChannel(_QuickAckHandshake, _DataChannel, TLS_DTPHandler):  # type
         ssl_context.start_data_handshake()
         super().secure_connection(ssl_context)
 
+    def resumed_session(self) -> bool:
+        conn = self.socket
+        return isinstance(conn, SSL.Connection) and session_reused(conn)
+
     def handle_failed_ssl_handshake(self) -> None:
         if not self._refused_for_not_resuming():
             # pyftpdlib would answer at once, even when no command waits for the answer.
@@ -560,6 +720,8 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
     _prot = False
     # Set by pyftpdlib's FTPHandler; declared for the type checker.
     _in_dtp_queue: Any
+    _out_dtp_queue: Any
+    _dtp_acceptor: Any
     _closed: bool
     ioloop: Any
     server: Any
@@ -788,6 +950,24 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
         self.respond(f"421 {reason}; closing the session.")
         self.close_when_done()
 
+    # --- data connections
+
+    def checks_data_connections(self) -> bool:
+        """Whether the next data connection is held until it is sure to be the only one (FTPS only)."""
+        return False
+
+    def transfer_waits(self) -> bool:
+        """Whether a transfer command waits for its data connection."""
+        return self._in_dtp_queue is not None or self._out_dtp_queue is not None
+
+    def warn_data_race(self, what: str) -> None:
+        content = self.site_content
+        (content.log if content is not None else self.context.log).warning(
+            "FTPS transfer refused: %s (%s), whose data connection need not resume the TLS session",
+            what,
+            self.remote_ip,
+        )
+
     # --- commands
 
     def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
@@ -907,6 +1087,13 @@ class _TlsSession(_QuickAckHandshake, _Session, TLS_FTPHandler):  # type: ignore
             self.log_cmd(cmd, args[0] if args else "", int(reply[:3]), reply[4:])
             return
         super().process_command(cmd, *args, **kwargs)
+        listener = self._dtp_acceptor
+        if cmd in _TRANSFER_CMDS and isinstance(listener, _PassiveListener):
+            listener.release_held()  # a held data connection waited for its command
+
+    def checks_data_connections(self) -> bool:
+        context = self.ssl_context
+        return bool(self._prot) and context is not None and context.checks_data_connections
 
 
 class _Server(ThreadedFTPServer):  # type: ignore[misc]  # pyftpdlib has no type hints
@@ -976,7 +1163,7 @@ class FtpServer:
             settings["ftps"] = FtpsContexts(
                 config.ftp_cert_file,
                 config.ftp_key_file,
-                reuse_required=config.ftp_tls_session_reuse == "required",
+                reuse=config.ftp_tls_session_reuse,
             )
         else:
             settings["proto_cmds"] = {

@@ -7,6 +7,12 @@ download or write the upload. Only the client that holds the control connection'
 resume it. Each control connection gets a context of its own, with its own ticket keys and session
 cache, so no session issued on another connection resumes there; and a data connection that does not
 resume is refused at its ClientHello, before it gets a byte of the transfer or a session to resume.
+
+Some clients never resume (Python's ``ftplib.FTP_TLS``, Java's, Cyberduck's). Under ``checked`` (the
+default) their data connections are let in on other grounds, while the client has not shown that it
+resumes: the publisher's passive listener holds each such connection until it is sure no second one came
+from the address (``roles/publisher/_ftp.py``, ``_PassiveListener``). Once a session's client has resumed,
+its later data connections must resume too, so a stranger cannot take them by not resuming.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from OpenSSL import SSL, crypto
 # of its choosing without printing a traceback (its own one reports exceptions through sys.excepthook).
 from OpenSSL._util import ffi, lib
 
-__all__ = ["FtpsContexts", "SessionContext"]
+from roles.publisher.config import TlsSessionReuse
+
+__all__ = ["FtpsContexts", "SessionContext", "session_reused"]
 
 # RFC 8446 section 6.2: "a valid certificate or PSK was received, but ... the sender decided not to
 # proceed with negotiation".
@@ -32,15 +40,20 @@ _ACCESS_DENIED = 49
 _SESSION_SECONDS = 7 * 24 * 3600
 
 
+def session_reused(conn: SSL.Connection) -> bool:
+    """Whether a connection's handshake resumed a session (so far: false before its ClientHello)."""
+    return bool(lib.SSL_session_reused(conn._ssl))
+
+
 class SessionContext(SSL.Context):
     """The TLS context of one FTPS control connection and its data connections.
 
     The first ClientHello it sees is the control connection's (``AUTH TLS`` made the context for it);
-    any other is a data connection's, allowed only if it resumes a session of this context when
-    ``reuse_required``."""
+    any other is a data connection's, allowed if it resumes a session of this context, or else as
+    ``reuse`` says."""
 
     def __init__(
-        self, chain: tuple[x509.Certificate, ...], key: crypto.PKey, *, reuse_required: bool
+        self, chain: tuple[x509.Certificate, ...], key: crypto.PKey, *, reuse: TlsSessionReuse
     ) -> None:
         super().__init__(SSL.TLS_SERVER_METHOD)
         self.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -52,7 +65,9 @@ class SessionContext(SSL.Context):
         self.set_session_id(b"sitecloud-ftps")
         self.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
         self.set_timeout(_SESSION_SECONDS)
-        self.reuse_required = reuse_required
+        self.reuse = reuse
+        # Whether a data connection of this session resumed: its client can, so all must from then on.
+        self.client_resumes = False
         # Whether a data connection was refused since the last take_refusal(): its handshake then fails.
         self._refused = False
         self._control: Any = None  # the control connection's SSL *
@@ -77,10 +92,18 @@ class SessionContext(SSL.Context):
         if self._control is None or ssl == self._control:
             self._control = ssl
             return True
-        if self.reuse_required and not lib.SSL_session_reused(ssl):
+        if lib.SSL_session_reused(ssl):
+            self.client_resumes = True
+            return True
+        if self.reuse == "required" or (self.reuse == "checked" and self.client_resumes):
             self._refused = True
             return False
         return True
+
+    @property
+    def checks_data_connections(self) -> bool:
+        """Whether a data connection that will not resume may come, to be taken only if it is alone."""
+        return self.reuse == "checked" and not self.client_resumes
 
     def start_data_handshake(self) -> None:
         """A data connection's handshake begins: what refused an earlier one is not its refusal."""
@@ -95,11 +118,13 @@ class SessionContext(SSL.Context):
 class FtpsContexts:
     """The certificate chain and key, read once at start; a fresh context for each control connection."""
 
-    def __init__(self, cert_file: Path, key_file: Path, *, reuse_required: bool) -> None:
+    def __init__(self, cert_file: Path, key_file: Path, *, reuse: TlsSessionReuse) -> None:
         self._chain = tuple(x509.load_pem_x509_certificates(cert_file.read_bytes()))
         self._key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_file.read_bytes())
-        self.reuse_required = reuse_required
+        self.reuse = reuse
+        # Whether a data connection of this session resumed: its client can, so all must from then on.
+        self.client_resumes = False
         self.new().check_privatekey()  # a key that does not match the certificate fails the start
 
     def new(self) -> SessionContext:
-        return SessionContext(self._chain, self._key, reuse_required=self.reuse_required)
+        return SessionContext(self._chain, self._key, reuse=self.reuse)

@@ -8,7 +8,9 @@ from shared.config import RoleConfig
 
 __all__ = ["PublisherConfig", "TlsSessionReuse"]
 
-TlsSessionReuse = Literal["required", "optional"]
+# required: every data connection resumes. checked: one that does not is let in while the session's
+# client has never resumed, if it was its data port's only connection. optional: the first one is let in.
+TlsSessionReuse = Literal["required", "checked", "optional"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,9 +48,10 @@ class PublisherConfig(RoleConfig):
     require_tls: bool = False
     # Whether an FTPS data connection (PROT P) must resume its control connection's TLS session: the
     # only proof that it comes from the client rather than from someone else at the same address.
-    # "optional" lets clients that do not resume in (Python's ftplib.FTP_TLS as it stands), and with
-    # them anyone at the client's address who connects to the data port first.
-    ftp_tls_session_reuse: TlsSessionReuse = "required"
+    # "checked" lets in clients that never resume (Python's ftplib.FTP_TLS as it stands) when their
+    # data connection was the only one to reach its port; "required" refuses them; "optional" takes
+    # whoever at the client's address connects to the data port first.
+    ftp_tls_session_reuse: TlsSessionReuse = "checked"
     # Failed logins (FTP and web deploy together) before a client is refused for a while: for one
     # account from one address, and for any accounts from one address; the allowance refills over
     # ``login_failure_window`` seconds. The throttle tables keep at most ``login_throttle_entries``.
