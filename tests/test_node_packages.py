@@ -167,3 +167,19 @@ def test_an_app_with_a_build_script_is_built_with_its_dev_dependencies(tmp_path:
     assert node_packages_dir(tmp_path, str(root)) is None
     (root / "package.json").write_text(json.dumps({**pkg, "scripts": {"build": "  "}}))
     assert build_command(str(root)) is None
+
+
+def test_a_command_that_sets_a_variable_or_uses_a_builtin_runs_under_the_shell_not_exec() -> None:
+    """``exec VAR=x cmd`` takes the assignment for the program (exit 127): a Procfile line, a release
+    command or ``sitecloud site run`` with ``NODE_ENV=production node app.js`` or ``cd src && ...``
+    runs as the shell would run it."""
+    import subprocess
+
+    from roles.worker.apps._launch import _simple
+
+    assert _simple("gunicorn app:app --workers 2")
+    for command in ("NODE_ENV=production node server.js", "cd src", "export A=1", "if true; then :; fi"):
+        assert not _simple(command)
+    for command in ("GREETING=hi sh -c 'echo $GREETING'",):
+        argv = ["/bin/sh", "-c", f"exec {command}" if _simple(command) else command]
+        assert subprocess.run(argv, capture_output=True, text=True, check=True).stdout == "hi\n"

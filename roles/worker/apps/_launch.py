@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -225,10 +226,27 @@ def node_command(entry: str) -> str:
     return entry
 
 
+# Words that ``exec`` cannot run as the command: the shell's keywords and its builtins that have no
+# program of the same name (``exec cd src`` fails where ``cd src`` works).
+_SHELL_WORDS = frozenset(
+    {
+        "!", "{", "}", "case", "do", "done", "elif", "else", "esac", "fi", "for", "if", "in", "then",
+        "until", "while", ".", ":", "alias", "break", "cd", "continue", "eval", "exec", "exit",
+        "export", "readonly", "return", "set", "shift", "source", "trap", "ulimit", "umask",
+        "unalias", "unset", "wait",
+    }
+)  # fmt: skip
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
 def _simple(command: str) -> bool:
-    """A plain command (no shell syntax beyond words): exec it so signals reach it, not the shell."""
+    """A plain command (no shell syntax beyond words): exec it so signals reach it, not the shell.
+    Not one that starts with a variable assignment (``NODE_ENV=production node app.js``: ``exec``
+    would take ``NODE_ENV=production`` for the program) or a shell keyword or builtin."""
     try:
         words = shlex.split(command)
     except ValueError:
         return False
-    return bool(words) and not any(c in command for c in ";&|<>`()")
+    if not words or _ASSIGNMENT.match(words[0]) or words[0] in _SHELL_WORDS:
+        return False
+    return not any(c in command for c in ";&|<>`()\n")
