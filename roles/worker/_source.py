@@ -15,7 +15,7 @@ operations, no allocation beyond the lower-cased base name.
 
 from __future__ import annotations
 
-__all__ = ["is_app_source", "is_never_served"]
+__all__ = ["is_app_source", "is_database", "is_never_served"]
 
 # Extensions of code that runs on the server; any "php*" extension counts too (php5, phps, phar...).
 _SOURCE_EXTENSIONS = frozenset({"py", "pyc", "pyo", "pyd", "pyw", "pyz", "phtml", "inc", "phar"})
@@ -39,6 +39,8 @@ _DATA_EXTENSIONS = frozenset(
     | {"log", "key", "p12", "pfx", "jks", "keystore"}
 )
 _DATA_SIDECARS = ("-journal", "-wal", "-shm")
+# Of those, the live databases an app keeps in its folder (and their journals).
+_DATABASE_EXTENSIONS = frozenset({"sqlite", "sqlite3", "db", "db3", "s3db", "sl3"})
 # The one dot folder meant for visitors (RFC 8615): site verification files, security.txt.
 _WELL_KNOWN = ".well-known/"
 
@@ -94,3 +96,15 @@ def is_never_served(rel: str) -> bool:
     # "db.sqlite3.bak", "dump.sql.old"
     inner = base.rfind(".", 0, dot)
     return ext in _BACKUP_EXTENSIONS and inner >= 0 and base[inner + 1 : dot] in _DATA_EXTENSIONS
+
+
+def is_database(rel: str) -> bool:
+    """Whether ``rel`` names a database file an app keeps beside its code (``db.sqlite3``,
+    ``instance/app.db``) or one of SQLite's journals beside it."""
+    base = rel[rel.rfind("/") + 1 :].lower().rstrip(". ~")
+    for sidecar in _DATA_SIDECARS:
+        if base.endswith(sidecar):
+            base = base[: -len(sidecar)]
+            break
+    dot = base.rfind(".")
+    return dot >= 0 and base[dot + 1 :] in _DATABASE_EXTENSIONS

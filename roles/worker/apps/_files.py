@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from roles.worker._source import is_database
+
 __all__ = ["WritableFiles", "mount_files", "unmount_files"]
 
 # System call numbers, the same on x86_64 and arm64 (syscalls added after 5.0 share one table).
@@ -171,6 +173,14 @@ def _real_folder(root: Path, rel: str) -> bool:
     return os.path.realpath(where) == os.path.normpath(where)
 
 
+def _dropped_database(old: Path, new: Path, rel: str) -> bool:
+    """Whether a deploy only left out a database the app has its own copy of: a version published
+    once with ``db.sqlite3`` (an empty one ``makemigrations`` made, a developer's copy) and then
+    without it (``.gitignore``d, as it should be) must not delete the live database with it. Only
+    a version that publishes a different file at that path replaces it."""
+    return is_database(rel) and not os.path.lexists(new) and os.path.lexists(old)
+
+
 def _take_back_deployed(upper: Path, old_root: Path, new_root: Path) -> int:
     """Drop the app's copies of paths the new version changed, and its deletions of them (overlay
     whiteouts, listed among the files); returns how many. Folders the app made stay.
@@ -186,6 +196,8 @@ def _take_back_deployed(upper: Path, old_root: Path, new_root: Path) -> int:
         for name in files + [
             d for d in dirs if stat.S_ISLNK(os.stat(d, dir_fd=dir_fd, follow_symlinks=False).st_mode)
         ]:
+            if _dropped_database(old_root / rel / name, new_root / rel / name, os.path.join(rel, name)):
+                continue
             if not _same(old_root / rel / name, new_root / rel / name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=dir_fd)

@@ -1,0 +1,36 @@
+"""What a new version takes back from an app's own copies of its files (roles/worker/apps/_files.py),
+on plain folders: the upper layer of the app's overlay, the version it ran and the new one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from roles.worker.apps._files import _take_back_deployed
+
+
+def _tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def test_a_version_that_leaves_out_a_published_database_keeps_the_apps_live_one(tmp_path: Path) -> None:
+    """Version 3 published an empty db.sqlite3 by mistake, the app migrated it and stored its data;
+    version 4 leaves it out, as .gitignore says: the live database stays (a Django site lost its
+    data here), while a published page the new version drops is taken back."""
+    old = _tree(tmp_path / "v3", {"manage.py": b"x", "db.sqlite3": b"", "page.html": b"old"})
+    new = _tree(tmp_path / "v4", {"manage.py": b"x"})
+    upper = _tree(tmp_path / "upper", {"db.sqlite3": b"live data", "page.html": b"app's edit"})
+    assert _take_back_deployed(upper, old, new) == 1
+    assert (upper / "db.sqlite3").read_bytes() == b"live data"
+    assert not (upper / "page.html").exists()
+
+
+def test_a_version_that_publishes_a_different_database_still_replaces_the_live_one(tmp_path: Path) -> None:
+    old = _tree(tmp_path / "v1", {"db.sqlite3": b""})
+    new = _tree(tmp_path / "v2", {"db.sqlite3": b"seeded"})
+    upper = _tree(tmp_path / "upper", {"db.sqlite3": b"live data", "instance/app.db": b"flask"})
+    assert _take_back_deployed(upper, old, new) == 1
+    assert not (upper / "db.sqlite3").exists()
+    assert (upper / "instance/app.db").read_bytes() == b"flask"
