@@ -22,7 +22,7 @@ def test_a_version_that_leaves_out_a_published_database_keeps_the_apps_live_one(
     old = _tree(tmp_path / "v3", {"manage.py": b"x", "db.sqlite3": b"", "page.html": b"old"})
     new = _tree(tmp_path / "v4", {"manage.py": b"x"})
     upper = _tree(tmp_path / "upper", {"db.sqlite3": b"live data", "page.html": b"app's edit"})
-    assert _take_back_deployed(upper, old, new) == 1
+    assert _take_back_deployed(upper, old, new) == ["page.html"]
     assert (upper / "db.sqlite3").read_bytes() == b"live data"
     assert not (upper / "page.html").exists()
 
@@ -31,6 +31,6 @@ def test_a_version_that_publishes_a_different_database_still_replaces_the_live_o
     old = _tree(tmp_path / "v1", {"db.sqlite3": b""})
     new = _tree(tmp_path / "v2", {"db.sqlite3": b"seeded"})
     upper = _tree(tmp_path / "upper", {"db.sqlite3": b"live data", "instance/app.db": b"flask"})
-    assert _take_back_deployed(upper, old, new) == 1
+    assert _take_back_deployed(upper, old, new) == ["db.sqlite3"]
     assert not (upper / "db.sqlite3").exists()
     assert (upper / "instance/app.db").read_bytes() == b"flask"

@@ -181,14 +181,14 @@ def _dropped_database(old: Path, new: Path, rel: str) -> bool:
     return is_database(rel) and not os.path.lexists(new) and os.path.lexists(old)
 
 
-def _take_back_deployed(upper: Path, old_root: Path, new_root: Path) -> int:
+def _take_back_deployed(upper: Path, old_root: Path, new_root: Path) -> list[str]:
     """Drop the app's copies of paths the new version changed, and its deletions of them (overlay
-    whiteouts, listed among the files); returns how many. Folders the app made stay.
+    whiteouts, listed among the files); returns their paths. Folders the app made stay.
 
     The app may still be changing ``upper`` (its old instance retires after the new one starts), so
     the walk holds each folder open and removes by name inside it: a folder swapped for a symlink
     meanwhile is never followed."""
-    dropped = 0
+    dropped: list[str] = []
     for folder, dirs, files, dir_fd in os.fwalk(upper):
         rel = os.path.relpath(folder, upper)
         if not (_real_folder(old_root, rel) and _real_folder(new_root, rel)):
@@ -201,8 +201,8 @@ def _take_back_deployed(upper: Path, old_root: Path, new_root: Path) -> int:
             if not _same(old_root / rel / name, new_root / rel / name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=dir_fd)
-                dropped += 1
-    return dropped
+                dropped.append(os.path.normpath(os.path.join(rel, name)))
+    return sorted(dropped)
 
 
 def _sweep(base: Path) -> None:
@@ -222,9 +222,9 @@ def _sweep(base: Path) -> None:
 
 def mount_files(
     volume: Path, version_root: str, serial: str, uid: int, gid: int
-) -> tuple[WritableFiles, int]:
+) -> tuple[WritableFiles, list[str]]:
     """The overlay for one instance of a site on ``volume`` (mounted), running ``version_root``;
-    also how many of the app's files the new version took back. OSError: it could not be made."""
+    also the paths of the app's files the new version took back. OSError: it could not be made."""
     base = volume / ".overlay"
     base.mkdir(mode=0o700, exist_ok=True)
     upper = volume / "files"
@@ -232,7 +232,7 @@ def mount_files(
         upper.mkdir(mode=0o755)
         os.chown(upper, uid, gid)
     mark = base / _MARK
-    taken_back = 0
+    taken_back: list[str] = []
     try:
         last = mark.read_text()
     except FileNotFoundError:

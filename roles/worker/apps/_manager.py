@@ -1198,8 +1198,14 @@ class AppManager:
             self._site_log(app).write("worker", f"the app's folder is read-only for this start: {exc}")
             return None
         if taken_back:
+            # Named: "1 file" does not tell an owner that the live database was replaced.
+            names = ", ".join(taken_back[:5]) + (
+                f" and {len(taken_back) - 5} more" if len(taken_back) > 5 else ""
+            )
             self._site_log(app).write(
-                "worker", f"version {app.version} replaced {counted(taken_back, 'file')} the app had changed"
+                "worker",
+                f"version {app.version} replaced {counted(len(taken_back), 'file')} the app had changed"
+                f" with the published one: {names}",
             )
         return files
 
