@@ -893,7 +893,7 @@ class AppManager:
             app.starts += 1
             app.last_used = time.monotonic()
             where = f"sandbox pid {inst.init_pid}" if inst.init_pid is not None else f"pid {inst.pid}"
-            log.write("worker", f"started the {app.runtime} app ({where}) for version {app.version}")
+            log.write("worker", f"started the {app.runtime} app ({where}) for version {started_version}")
             if plan.listen in ("tcp", "netns") and not await inst.wait_listening(
                 self._config.app_start_timeout
             ):
