@@ -307,3 +307,32 @@ def test_a_module_that_serves_as_it_is_imported_is_told_what_to_change(
     assert "main.py has not finished loading after 5 s" in text, text
     assert 'if __name__ == "__main__":' in text, text
     assert proc.poll() is None  # told, not killed: a slow import may yet end
+
+
+def test_an_app_factory_is_served_as_flask_and_gunicorn_name_it(tmp_path: Path) -> None:
+    """Flask's tutorial app has only ``create_app()`` in a package: ``flaskr:create_app()`` (the
+    deployment docs' gunicorn line) calls it, as does an entry that names only the package."""
+    package = tmp_path / "flaskr"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "def create_app(test_config=None):\n"
+        "    def app(environ, start_response):\n"
+        "        start_response('200 OK', [])\n"
+        "        return [b'factory']\n"
+        "    return app\n"
+    )
+    probe = (
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+        "from sitecloud_appserver.__main__ import load\n"
+        "for entry in ('flaskr:create_app()', 'flaskr'):\n"
+        "    print(b''.join(load(entry)({}, lambda *a: None)).decode())\n"
+        "load('flaskr:make_app()')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, APPSERVER_PATH, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.stdout.split() == ["factory", "factory"], done.stderr
+    assert "module flaskr has no make_app() to serve" in done.stderr

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 # Attributes tried, in order, when the entry names only a module.
 _NAMES = ("app", "application")
+# Then app factories, as ``flask run`` finds them (Flask's tutorial app has only ``create_app``).
+_FACTORIES = ("create_app", "make_app")
 # CPython's flag on the code of an ``async def`` (``inspect.CO_COROUTINE``).
 _CO_COROUTINE = 0x80
 
@@ -24,14 +26,18 @@ def load(entry: str) -> Any:
     import importlib
 
     module_name, _, attr = entry.partition(":")
+    # gunicorn's and Flask's deployment docs name a factory as "flaskr:create_app()": call it.
+    factory = attr.endswith("()")
+    attr = attr.removesuffix("()")
     module = importlib.import_module(module_name)
-    for name in (attr,) if attr else _NAMES:
+    for name in (attr,) if attr else _NAMES + _FACTORIES:
         app: Any = module
         for part in name.split("."):
             app = getattr(app, part, None)
         if app is not None:
-            return app
-    raise SystemExit(f"{module_name}.py has no {attr or ' or '.join(_NAMES)} to serve")
+            return app() if factory or (not attr and name in _FACTORIES) else app
+    wanted = f"{attr}()" if factory else attr or " or ".join(_NAMES + tuple(f"{n}()" for n in _FACTORIES))
+    raise SystemExit(f"module {module_name} has no {wanted} to serve")
 
 
 def is_asgi(app: Any) -> bool:
