@@ -34,3 +34,15 @@ def test_a_version_that_publishes_a_different_database_still_replaces_the_live_o
     assert _take_back_deployed(upper, old, new) == ["db.sqlite3"]
     assert not (upper / "db.sqlite3").exists()
     assert (upper / "instance/app.db").read_bytes() == b"flask"
+
+
+def test_a_static_version_with_requirements_names_the_entry_to_set(tmp_path: Path) -> None:
+    """Flask's tutorial app (a package with create_app(), no app.py) deploys as a static site: the
+    deploy says so and names the entry to set."""
+    from roles.worker.apps._manager import _python_without_entry
+
+    (tmp_path / "flaskr").mkdir()
+    (tmp_path / "flaskr" / "__init__.py").write_text("def create_app(test_config=None):\n    ...\n")
+    assert _python_without_entry(str(tmp_path)) is None
+    (tmp_path / "requirements.txt").write_text("flask\n")
+    assert _python_without_entry(str(tmp_path)) == "flaskr:create_app()"

@@ -561,7 +561,16 @@ class AppManager:
         if app is not None:
             return ""
         held, version = self._lookup(name)
-        if not held or version is None or build_command(version.root) is None:
+        if not held or version is None:
+            return ""
+        python = _python_without_entry(version.root)
+        if python is not None:
+            return (
+                "this site is served as the static files it has: it has a requirements.txt but no "
+                "app.py, wsgi.py, asgi.py, main.py or manage.py at its top for the platform to run; "
+                f"name its app with `sitecloud site set {name} runtime=python entry={python}`"
+            )
+        if build_command(version.root) is None:
             return ""
         return (
             "this site is served as the static files it has: its package.json has a build script, "
@@ -1424,6 +1433,22 @@ def _step_lines(lines: list[str], source: str) -> list[str]:
     """A build or release command's own output among a site log's lines."""
     mark = f" [{source}] "
     return [line.split(mark, 1)[1].strip() for line in lines if mark in line]
+
+
+def _python_without_entry(root: str) -> str | None:
+    """For a static version with a ``requirements.txt`` (a Flask app made as Flask's tutorial makes
+    it: a package with ``create_app()``, run with ``flask --app flaskr run``): the entry to set, a
+    package's factory where one is found, else a placeholder; None for anything else."""
+    top = Path(root)
+    if not (top / "requirements.txt").is_file():
+        return None
+    for init in sorted(top.glob("*/__init__.py")):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = init.read_text()[:200_000]
+            for factory in ("create_app", "make_app"):
+                if f"def {factory}(" in text:
+                    return f"{init.parent.name}:{factory}()"
+    return "MODULE:app"
 
 
 def _read_or_empty(path: Path) -> str:
