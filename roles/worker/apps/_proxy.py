@@ -340,6 +340,11 @@ class AppExchange(Generic[T]):
         self._bodyless = method == b"HEAD"
         self._status = 0
         self._sent = 0
+        # What is left of the Content-Length the app's head gave (None: it gave none). The worker's
+        # connection to the front end carries other sites' answers next: a byte past it would be
+        # read there as the answer to another site's request, so it is never sent, and an answer
+        # that ends short of it cuts that connection (FastCGI, unlike HTTP, frames no body).
+        self._answer_left: int | None = None
         self._finished = False
         self._broken = False
         self._closed = False
@@ -850,6 +855,12 @@ class AppExchange(Generic[T]):
         for key, value in headers:
             if key in drop:
                 continue
+            if key == b"content-length" and not self._bodyless:
+                given = value.strip()
+                if not given.isdigit() or (self._answer_left is not None and int(given) != self._answer_left):
+                    self.upstream_failed(f"the app's Content-Length {given[:20]!r} is not one length")
+                    return
+                self._answer_left = int(given)
             length = length or key == b"content-length"
             dated = dated or key == b"date"
             lines.append(key + b": " + value)
@@ -863,6 +874,17 @@ class AppExchange(Generic[T]):
     def upstream_data(self, data: bytes) -> None:
         if self._bodyless or not data:
             return
+        left = self._answer_left
+        if left is not None:
+            if len(data) > left:
+                if left == 0:
+                    return
+                self._proxy.manager.site_log(self._app).write(
+                    "worker",
+                    f"{self._method.decode()} /{self._rel}: the app sent more than its Content-Length; the rest was dropped",
+                )
+                data = data[:left]
+            self._answer_left = left - len(data)
         self._sent += len(data)
         self._out.append(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
         self._pending += len(data)
@@ -877,6 +899,11 @@ class AppExchange(Generic[T]):
             self._flush()
 
     def upstream_end(self) -> None:
+        if self._answer_left and not self._finished and not self._closed:
+            # Short of its Content-Length: the front end would wait for the rest, then read the
+            # next answer on this connection as part of this one.
+            self.upstream_failed("the app's answer ended short of its Content-Length")
+            return
         self._stop_pipe()
         if self._chunked:
             self._out.append(b"0\r\n\r\n")
