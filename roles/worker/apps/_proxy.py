@@ -334,6 +334,9 @@ class AppExchange(Generic[T]):
         self._out: list[bytes] = []
         self._pending = 0
         self._chunked = False
+        # A chunked answer's bytes since its last chunk went out: one chunk per write to the front
+        # end, however small the app's own chunks (each would cost the front end a parse and a write).
+        self._raw: list[bytes] = []
         # The app gave no length: chosen as the head goes out (its length if the whole answer is in
         # hand by then, else chunked).
         self._unframed = False
@@ -886,7 +889,10 @@ class AppExchange(Generic[T]):
                 data = data[:left]
             self._answer_left = left - len(data)
         self._sent += len(data)
-        self._out.append(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+        if self._chunked:
+            self._raw.append(data)
+        else:
+            self._out.append(data)
         self._pending += len(data)
         if not self._batching:
             self._flush()
@@ -906,9 +912,17 @@ class AppExchange(Generic[T]):
             return
         self._stop_pipe()
         if self._chunked:
+            self._seal()
             self._out.append(b"0\r\n\r\n")
         self._finished = True
         self._flush()
+
+    def _seal(self) -> None:
+        """The chunked bytes held since the last write, as one chunk."""
+        if self._raw:
+            data = self._raw[0] if len(self._raw) == 1 else b"".join(self._raw)
+            self._raw.clear()
+            self._out.append(b"%x\r\n%s\r\n" % (len(data), data))
 
     def upstream_failed(self, why: str) -> None:
         stale, again, inst = self._upstream, self._retry, self._inst
@@ -1045,6 +1059,8 @@ class AppExchange(Generic[T]):
             conn.version_line = self._php_version or (inst.version_line if inst is not None else b"")
         if not self._head_written:
             return
+        if self._raw:
+            self._seal()
         # One write for what is there: one TLS record to the front end, not one per piece.
         if len(self._out) == 1:
             conn.write(self._out[0])
@@ -1075,7 +1091,8 @@ class AppExchange(Generic[T]):
             return
         self._chunked = True
         self._head = (self._head or b"") + b"Transfer-Encoding: chunked\r\n"
-        self._out = [b"%x\r\n%s\r\n" % (len(d), d) for d in self._out if d]
+        self._raw, self._out = [d for d in self._out if d], []
+        self._seal()
         if self._finished:
             self._out.append(b"0\r\n\r\n")
 

@@ -1,0 +1,75 @@
+"""An app's chunked answer reaches the front end in as many chunks as the worker made writes, not as
+many as the app made chunks: 4 million one-byte chunks (24 MB from an app that spent 0.2 s of CPU on
+them) cost the front end 5 s of CPU, one parse, one re-framing and one write each, and every other
+site on that front end waited behind them.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from tests.test_worker_apps import AppCloud, running_cloud
+
+pytestmark = pytest.mark.timeout(240)
+
+CHUNKS = 20000
+
+TINY_CHUNKS_APP = (
+    b"""
+import os, socket
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(os.environ["PORT"])))
+srv.listen(16)
+while True:
+    conn, _ = srv.accept()
+    data = b""
+    while b"\\r\\n\\r\\n" not in data:
+        got = conn.recv(65536)
+        if not got:
+            break
+        data += got
+    conn.sendall(b"HTTP/1.1 200 OK\\r\\nTransfer-Encoding: chunked\\r\\nConnection: close\\r\\n\\r\\n"
+                 + b"1\\r\\nx\\r\\n" * %d + b"0\\r\\n\\r\\n")
+    conn.close()
+"""
+    % CHUNKS
+)
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[AppCloud]:
+    with running_cloud(app_start_timeout=15.0, max_active_apps=10, package_index_url="none") as c:
+        c.add_site("tiny")
+        c.publish_and_wait(
+            "tiny", {"Procfile": b"web: python3 app.py\n", "app.py": TINY_CHUNKS_APP}, "/", b"x" * 100
+        )
+        yield c
+
+
+def test_an_apps_tiny_chunks_reach_the_front_end_as_few_chunks(cloud: AppCloud) -> None:
+    ctx = cloud.pki.client_ssl("frontend")
+    with (
+        socket.create_connection(("localhost", cloud.config.data_port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: tiny\r\nX-Sitecloud-Site: tiny\r\nConnection: close\r\n\r\n")
+        data = b""
+        while got := tls.recv(65536):
+            data += got
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    chunks, payload = 0, b""
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        payload += body[:size]
+        body = body[size + 2 :]
+        chunks += 1
+    assert payload == b"x" * CHUNKS
+    assert chunks < CHUNKS // 100, chunks
