@@ -171,7 +171,7 @@ def test_a_procfile_runs_python_and_nodes_packages_as_on_heroku(cloud: LocalClou
     _wait_for(cloud, "procfile-node", "/", b"express from a Procfile", timeout=180)
 
 
-def test_the_django_sample(cloud: LocalCloud) -> None:
+def test_the_django_sample(cloud: LocalCloud, tmp_path: Path) -> None:
     _needs_index()
     _publish_sample(cloud, "django-sample", "django")
     _wait_for(cloud, "django-sample", "/", b"<h1>Hello from Django</h1>", timeout=120)
@@ -256,6 +256,22 @@ def test_the_django_sample(cloud: LocalCloud) -> None:
         timeout=90,
     )
     assert slow.returncode == 124 and b"stopped after 1 s" in slow.stderr, slow
+
+    # Django's collectstatic runs without a line in the Procfile, as Heroku and App Service run it.
+    tree = tmp_path / "django"
+    shutil.copytree(SAMPLES / "django", tree)
+    (tree / "Procfile").write_text("release: python manage.py migrate --noinput\n")
+    (tree / "static" / "site.css").write_text("body { margin: 3em; }\n")
+    deployed = cloud.cli("deploy", "django-sample", str(tree), timeout=300)
+
+    def collected() -> list[str]:
+        lines = cloud.cli("site", "logs", "django-sample", "--lines", "300")["lines"]
+        mark = f"running the collectstatic command of version {deployed['version']}"
+        after = [line for n, line in enumerate(lines) if any(mark in ln for ln in lines[: n + 1])]
+        return [line for line in after if "the collectstatic command ended well" in line]
+
+    wait_until(collected, timeout=60, what="collectstatic to run for the new version")
+    assert cloud.get("django-sample", "/static/site.css")[::2] == (200, b"body { margin: 3em; }\n")
 
 
 def test_the_fastapi_sample(cloud: LocalCloud) -> None:
@@ -671,22 +687,22 @@ def test_sitecloud_deploy_shows_the_build_and_answers_once_the_site_serves_it(
     # --json prints the result alone; --no-wait answers at the commit. Each changes a file.
     tree = tmp_path / "flask"
     shutil.copytree(SAMPLES / "flask", tree)
-    (tree / "static-note.txt").write_text("one")
+    (tree / "static" / "note.txt").write_text("one")
     again = cloud.cli("deploy", "flask-cli", str(tree), timeout=300)
     assert set(again) >= {"site", "version", "files", "bytes"}, again
-    (tree / "static-note.txt").write_text("two")
+    (tree / "static" / "note.txt").write_text("two")
     quick = cloud.cli("deploy", "flask-cli", str(tree), "--no-wait")
     assert quick["version"] > again["version"], (again, quick)
     # A stopped site is published to: the deploy lands, and serves once the site is started.
     cloud.cli("site", "stop", "flask-cli")
-    (tree / "static-note.txt").write_text("three")
+    (tree / "static" / "note.txt").write_text("three")
     printed = cloud.cli_text("deploy", "flask-cli", str(tree), timeout=300).splitlines()
     assert any(
         line.startswith("site flask-cli is stopped: it builds and serves this version once it is started")
         for line in printed
     ), printed
     cloud.cli("site", "start", "flask-cli")
-    cloud.wait_for_content("flask-cli", "/static-note.txt", b"three", timeout=60)
+    cloud.wait_for_content("flask-cli", "/static/note.txt", b"three", timeout=60)
     # A bad zip is refused before anything streams, with what is wrong.
     bad = tmp_path / "not-a.zip"
     bad.write_bytes(b"PK\x03\x04 not really a zip")

@@ -63,6 +63,7 @@ from roles.worker.apps._spec import (
     AppSpec,
     Runtime,
     app_spec,
+    collectstatic_command,
     detect_runtime,
     node_entry,
     procfile_command,
@@ -1042,12 +1043,18 @@ class AppManager:
         then the Procfile's ``release:`` command (``python manage.py migrate``). Their output goes to
         the site log as ``build`` and ``release`` lines; a failure keeps the app from starting (the
         deploy that asked then fails with it, as a failed install does)."""
-        # Two small reads from the page cache: less than a thread hop, on every cold start.
+        # A few small reads from the page cache: less than a thread hop, on every cold start.
+        release = procfile_command(app.root, "release")
+        django = app.runtime in ("python", "command") and packages is not None
         steps = [
             (source, command)
             for source, command in (
                 ("build", build_command(app.root) if _node_packages(app) else None),
-                ("release", procfile_command(app.root, "release")),
+                (
+                    "collectstatic",
+                    collectstatic_command(app.root, dict(app.spec.env), release) if django else None,
+                ),
+                ("release", release),
             )
             if command is not None
         ]
@@ -1069,6 +1076,17 @@ class AppManager:
                 log.write("worker", f"the {source} command ended well in {took:.1f} s")
                 continue
             said = " / ".join(_step_lines(log.tail(200), source)[-3:])
+            if source == "collectstatic":
+                # The platform's own step, not the owner's: a project without STATIC_ROOT (as
+                # startproject makes it) still starts, with a line that says what to do.
+                log.write(
+                    "worker",
+                    f"collectstatic {why}"
+                    + (f" ({said})" if said else "")
+                    + ": the app starts without its static files collected; set STATIC_ROOT in the "
+                    "settings, or DISABLE_COLLECTSTATIC=1 to skip this step",
+                )
+                continue
             app.last_crash = f"its {source} command {why}" + (f"; its last output: {said}" if said else "")
             log.write(
                 "worker",

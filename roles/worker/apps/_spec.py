@@ -136,6 +136,29 @@ def procfile_command(root: str, kind: str) -> str | None:
     return None
 
 
+_DJANGO_REQUIREMENT = re.compile(r"^\s*django\s*(?:[<>=!~;\[#@]|$)", re.IGNORECASE | re.MULTILINE)
+COLLECTSTATIC = "python manage.py collectstatic --noinput"
+
+
+def collectstatic_command(root: str, env: dict[str, str], release: str | None) -> str | None:
+    """Django's ``collectstatic``, run before a version's release as Heroku and App Service run it
+    for a Django project (``manage.py`` at the top, ``Django`` in ``requirements.txt``), so its
+    ``STATIC_ROOT`` (whitenoise serves from it) is filled without a line in the Procfile. None when
+    ``DISABLE_COLLECTSTATIC`` is set (Heroku's switch) or the release command runs it already."""
+    if env.get("DISABLE_COLLECTSTATIC", "0") not in ("", "0"):
+        return None
+    if release is not None and "collectstatic" in release:
+        return None
+    if not os.path.isfile(os.path.join(root, "manage.py")):
+        return None
+    try:
+        with open(os.path.join(root, "requirements.txt"), encoding="utf-8", errors="replace") as f:
+            requirements = f.read(256 * 1024)
+    except OSError:
+        return None
+    return COLLECTSTATIC if _DJANGO_REQUIREMENT.search(requirements) else None
+
+
 def detect_runtime(root: str) -> tuple[Runtime, str]:
     """(runtime, default entry) from a version directory: its top level, then (no app there) a PHP
     script anywhere below. A version directory never changes, so the search is done once per version."""
