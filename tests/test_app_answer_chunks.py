@@ -17,9 +17,8 @@ pytestmark = pytest.mark.timeout(240)
 
 CHUNKS = 20000
 
-TINY_CHUNKS_APP = (
-    b"""
-import os, socket
+TINY_CHUNKS_APP = b"""
+import os, socket, time
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("127.0.0.1", int(os.environ["PORT"])))
@@ -32,12 +31,13 @@ while True:
         if not got:
             break
         data += got
+    # Half, then a pause (the worker sends the head on before the end, so chunked), then the rest.
     conn.sendall(b"HTTP/1.1 200 OK\\r\\nTransfer-Encoding: chunked\\r\\nConnection: close\\r\\n\\r\\n"
-                 + b"1\\r\\nx\\r\\n" * %d + b"0\\r\\n\\r\\n")
+                 + b"1\\r\\nx\\r\\n" * %d)
+    time.sleep(0.3)
+    conn.sendall(b"1\\r\\nx\\r\\n" * %d + b"0\\r\\n\\r\\n")
     conn.close()
-"""
-    % CHUNKS
-)
+""" % (CHUNKS // 2, CHUNKS // 2)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from tests.test_worker_apps import WSGI_APP, AppCloud, running_cloud
 pytestmark = pytest.mark.timeout(240)
 
 SMUGGLE_PHP = b"""<?php
+if (isset($_GET["forge"])) { header("X-Sitecloud-Version: 999999"); header("X-Sitecloud-Fresh: 1"); echo "forged"; exit; }
 while (ob_get_level()) ob_end_flush();
 header("Content-Length: " . ($_GET["cl"] ?? "5"));
 echo "first";
@@ -97,3 +98,12 @@ def test_an_answer_short_of_its_content_length_cuts_the_connection(cloud: AppClo
     # Cut as soon as the app ended: the front end never waits for the rest nor reads on into another answer.
     assert len(body) < 1000
     assert any("short of its Content-Length" in ln for ln in cloud.log("smuggler").splitlines())
+
+
+def test_an_app_cannot_say_the_platforms_own_fields(cloud: AppCloud) -> None:
+    # The content version a front end keeps an answer under is the worker's to say: an app's forged
+    # one would have its answer kept as another version's.
+    status, headers, body = cloud.get("smuggler", "/?forge=1")
+    assert (status, body) == (200, b"forged")
+    assert headers.get("x-sitecloud-version") != "999999"
+    assert "x-sitecloud-fresh" not in headers

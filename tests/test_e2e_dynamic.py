@@ -58,12 +58,16 @@ def test_a_python_site_published_by_ftp_answers_through_the_front_end(
     ftp.connect(site["ftp"]["host"], site["ftp"]["port"], timeout=10)
     ftp.login(site["ftp"]["user"], site["ftp"]["password"])
     ftp.storbinary("STOR app.py", io.BytesIO(WSGI_APP))
-    ftp.storbinary("STOR logo.txt", io.BytesIO(b"a static file"))
+    ftp.mkd("static")
+    ftp.storbinary("STOR static/logo.txt", io.BytesIO(b"a static file"))
+    ftp.storbinary("STOR config.json", io.BytesIO(b'{"password": "not for visitors"}'))
     ftp.quit()
 
     cloud.wait_for_content("pyapp", "/hi", b"hello world from /hi", timeout=30)
-    # A static file in a dynamic site is served by the worker; app source never is.
-    assert cloud.get("pyapp", "/logo.txt")[::2] == (200, b"a static file")
+    # A file of the app's static folder is served by the worker; any other path is the app's, as on
+    # every Python host (a config.json beside the code is not a file to visitors), and source never is.
+    assert cloud.get("pyapp", "/static/logo.txt")[::2] == (200, b"a static file")
+    assert cloud.get("pyapp", "/config.json")[::2] == (200, b"hello world from /config.json")
     _, _, body = cloud.get("pyapp", "/app.py")
     assert b"def app" not in body
 

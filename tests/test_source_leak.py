@@ -139,17 +139,19 @@ def test_source_stays_refused_when_the_app_arrives_and_static_files_still_serve(
         {
             "app.py": b"def app(environ, start_response):\n"
             b"    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
-            b"    return [b'app answered ' + environ['PATH_INFO'].encode()]\n"
+            b"    return [b'app answered ' + environ['PATH_INFO'].encode()]\n",
+            "static/site.css": b"body{}",
         },
     )
     wait_until(lambda: b"app answered" in cloud.get("flip", "/nothing-here")[2], timeout=20, what="the app")
     assert cloud.app("flip")["runtime"] == "python"
-    # The app gets the paths (it routes them as it likes); the files are never sent raw.
-    for path in ("/settings.py", "/.env", "/app.py", "/requirements.txt"):
+    # The app gets the paths (it routes them as it likes); the files are never sent raw. Only its
+    # static folder is served as files, as Flask and Django serve theirs.
+    for path in ("/settings.py", "/.env", "/app.py", "/requirements.txt", "/css/site.css", "/readme.txt"):
         status, _, got = cloud.get("flip", path)
         assert SECRET not in got and b"def app" not in got, path
         assert status == 200 and got.startswith(b"app answered"), path
-    assert cloud.get("flip", "/css/site.css")[2] == b"body{}"
+    assert cloud.get("flip", "/static/site.css")[2] == b"body{}"
 
 
 def test_a_django_layout_runs_its_project_wsgi_and_never_leaks_settings(cloud: AppCloud) -> None:

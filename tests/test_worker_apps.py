@@ -202,14 +202,18 @@ def cloud() -> Iterator[AppCloud]:
 
 def test_wsgi_site_wakes_on_first_request_and_serves_static_files_itself(cloud: AppCloud) -> None:
     cloud.add_site("wsgi", env={"GREETING": "hello"})
-    cloud.publish("wsgi", {"style.css": b"body{}", "notes/a.txt": b"plain"})
-    wait_until(lambda: cloud.get("wsgi", "/style.css")[0] == 200, what="static content")
+    cloud.publish("wsgi", {"static/style.css": b"body{}", "config.json": b'{"key": "secret"}'})
+    wait_until(lambda: cloud.get("wsgi", "/static/style.css")[0] == 200, what="static content")
     cloud.publish("wsgi", {"app.py": WSGI_APP})
     wait_until(lambda: cloud.app("wsgi")["runtime"] == "python", what="python detected from app.py")
-    # Static files of a dynamic site are served without waking the app.
-    status, headers, body = cloud.get("wsgi", "/style.css")
+    # The files of its static folder are served without waking the app, as Flask serves /static/.
+    status, headers, body = cloud.get("wsgi", "/static/style.css")
     assert (status, body) == (200, b"body{}") and "text/css" in headers["content-type"]
     assert cloud.pids("wsgi") == [] and cloud.app("wsgi")["state"] == "idle"
+    # Any other path is the app's, as on every other Python host: a file beside the code is not
+    # served raw (a config.json, a settings.ini), and no file shadows a route of the app.
+    status, _, body = cloud.get("wsgi", "/config.json")
+    assert (status, body) == (200, b"wsgi GET /config.json  greeting=hello cookie=- body=")
 
     status, headers, body = cloud.get("wsgi", "/hello?x=1", headers={"Cookie": "a=b"})
     assert status == 200, body
@@ -266,12 +270,16 @@ def test_a_lane_sends_app_requests_back_and_serves_static_files(cloud: AppCloud)
     """On a lane (a front end's pipelined GETs) nothing may wait for an app: its requests are refused
     for the whole site, while the site's static files are answered there."""
     cloud.add_site("laned")
-    cloud.publish_and_wait("laned", {"app.py": WSGI_APP, "style.css": b"body{}"}, "/hello", b"wsgi GET")
+    cloud.publish_and_wait(
+        "laned", {"app.py": WSGI_APP, "static/style.css": b"body{}"}, "/hello", b"wsgi GET"
+    )
 
     def get(path: str, tag: int) -> bytes:
         return f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Sitecloud-Site: laned\r\nX-Sitecloud-Lane: {tag}\r\n\r\n".encode()
 
-    app, static = lane_exchange(cloud.pki, cloud.config.data_port, [get("/hello", 1), get("/style.css", 2)])
+    app, static = lane_exchange(
+        cloud.pki, cloud.config.data_port, [get("/hello", 1), get("/static/style.css", 2)]
+    )
     assert (app.status, app.header("X-Sitecloud-Lane"), app.header("X-Sitecloud-Lane-Refused")) == (
         421,
         "1",
@@ -436,7 +444,7 @@ def test_idle_app_stops_and_wakes_again(cloud: AppCloud) -> None:
 def test_concurrent_first_requests_start_one_process(cloud: AppCloud) -> None:
     cloud.add_site("crowd", idle_timeout=30)
     cloud.publish_and_wait(
-        "crowd", {"app.py": WSGI_APP, "index.html": b"static home"}, "/index.html", b"static"
+        "crowd", {"app.py": WSGI_APP, "static/index.html": b"static home"}, "/static/index.html", b"static"
     )
     # Publishing did not start anything.
     assert cloud.pids("crowd") == [] and cloud.app("crowd")["starts"] == 0
@@ -696,7 +704,8 @@ def api(environ):
 
 @route("/save")
 def save(environ):
-    with open("saved.txt", "w") as f:
+    os.makedirs("media", exist_ok=True)
+    with open("media/saved.txt", "w") as f:
         f.write("saved by the app")
     return "200 OK", "saved"
 
@@ -723,7 +732,7 @@ def test_a_worker_with_serving_processes_hands_app_requests_to_apps(tmp_path: Pa
         try:
             cloud.add_site("dyn")
             cloud.add_site("plain")
-            cloud.publish("dyn", {"app.py": ROUTED_APP, "logo.txt": b"a static file of an app site"})
+            cloud.publish("dyn", {"app.py": ROUTED_APP, "static/logo.txt": b"a static file of an app site"})
             cloud.publish("plain", {"index.html": b"<h1>static</h1>"})
             workers = [f"localhost:{cloud.config.data_port}"]
             frontend.push_config(
@@ -756,7 +765,7 @@ def test_a_worker_with_serving_processes_hands_app_requests_to_apps(tmp_path: Pa
                     checks = [
                         (get(conn, "dyn", f"/api?n={n}.{i}"), None),
                         (get(conn, "plain", "/"), (200, b"<h1>static</h1>")),
-                        (get(conn, "dyn", "/logo.txt"), (200, b"a static file of an app site")),
+                        (get(conn, "dyn", "/static/logo.txt"), (200, b"a static file of an app site")),
                     ]
                     for got, want in checks:
                         if want is None:
@@ -790,7 +799,7 @@ def test_a_worker_with_serving_processes_hands_app_requests_to_apps(tmp_path: Pa
             # give apps a writable folder: as root, with quota volumes).
             if cloud.app("dyn").get("sandboxed"):
                 assert once("dyn", "/save") == (200, b"saved")
-                assert [once("dyn", "/saved.txt") for _ in range(4)] == [(200, b"saved by the app")] * 4
+                assert [once("dyn", "/media/saved.txt") for _ in range(4)] == [(200, b"saved by the app")] * 4
             # A new version flips the app for the serving processes too.
             cloud.publish("dyn", {"app.py": ROUTED_APP.replace(b'"index"', b'"index v2"')})
             wait_until(lambda: once("dyn", "/") == (200, b"index v2"), timeout=20, what="v2")

@@ -790,7 +790,8 @@ def app(environ, start_response):
             body = str(db.execute("SELECT COUNT(*) FROM hits").fetchone()[0])
             db.close()
         elif path == "/fill":
-            with open("big.bin", "wb") as f:
+            os.makedirs("uploads", exist_ok=True)
+            with open("uploads/big.bin", "wb") as f:
                 for _ in range(int(arg)):
                     f.write(b"x" * 1024 * 1024)
             body = "filled"
@@ -842,8 +843,11 @@ def test_an_app_writes_its_own_folder_onto_its_volume_and_a_deploy_takes_back_wh
     assert cloud.get("writer", "/read?made.txt")[2] == b"app-made.txt"
     assert cloud.get("writer", "/count")[2] == b"3"
     assert "replaced 1 file the app had changed" in cloud.log("writer")
-    # What the app made is served as a file where the version has none; its database never is.
-    assert cloud.get("writer", "/made.txt")[2] == b"app-made.txt"
+    # What the app made under its media folder is served as a file where the version has none; its
+    # database never is, nor a file at its top (a Python app's paths are its own but those folders).
+    assert cloud.get("writer", "/write?media/made.txt")[2] == b"wrote media/made.txt"
+    assert cloud.get("writer", "/media/made.txt")[2] == b"app-media/made.txt"
+    assert cloud.get("writer", "/made.txt")[2] == b"writer /made.txt"
     assert cloud.get("writer", "/db.sqlite3")[2] == b"writer /db.sqlite3"
     bystander_answers(cloud)
 
@@ -851,7 +855,7 @@ def test_an_app_writes_its_own_folder_onto_its_volume_and_a_deploy_takes_back_wh
 def test_files_the_app_wrote_are_served_and_nothing_it_plants_there_leads_out(cloud: AppCloud) -> None:
     cloud.add_site("uploader", idle_timeout=1)
     cloud.publish_and_wait(
-        "uploader", {"app.py": WRITER_APP, "index.html": b"published"}, "/hi", b"writer /hi"
+        "uploader", {"app.py": WRITER_APP, "static/index.html": b"published"}, "/hi", b"writer /hi"
     )
     # As an upload form or a CMS's media library does: a file saved under uploads/, then its link.
     assert cloud.get("uploader", "/write?uploads/photo.jpg")[2] == b"wrote uploads/photo.jpg"
@@ -866,7 +870,7 @@ def test_files_the_app_wrote_are_served_and_nothing_it_plants_there_leads_out(cl
     assert cloud.get("uploader", "/uploads/photo.jpg", method="HEAD")[:2][0] == 200
     # A big one streams whole.
     assert cloud.get("uploader", "/fill?3")[2] == b"filled"
-    status, _, body = cloud.get("uploader", "/big.bin")
+    status, _, body = cloud.get("uploader", "/uploads/big.bin")
     assert (status, len(body), set(body)) == (200, 3 * 1024 * 1024, {ord("x")})
 
     # What the app plants there is not followed: each goes to the app, as a path with no file does.
@@ -886,8 +890,8 @@ def test_files_the_app_wrote_are_served_and_nothing_it_plants_there_leads_out(cl
     assert cloud.get("uploader", "/symlink?uploads:media")[0] == 200
     assert cloud.get("uploader", "/media/photo.jpg")[::2] == (200, b"app-uploads/photo.jpg")
     # A published file is what its path serves, whatever the app wrote over it.
-    assert cloud.get("uploader", "/write?index.html")[2] == b"wrote index.html"
-    assert cloud.get("uploader", "/index.html")[2] == b"published"
+    assert cloud.get("uploader", "/write?static/index.html")[2] == b"wrote static/index.html"
+    assert cloud.get("uploader", "/static/index.html")[2] == b"published"
 
     # Once the app has idled out and its volume is gone, the file is still served (looked up as the
     # app wakes).

@@ -182,9 +182,7 @@ class AppProxy(Generic[T]):
             rel = site_relpath(path)
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, InvalidInput):
             return None  # the static path answers 400
-        # A Procfile or Node app answers every path itself, as it does on other platforms: its source is in
-        # languages the worker cannot know (server.js, config.ru, main.go), so no file is served raw.
-        static = app.runtime not in ("command", "node") and method in (b"GET", b"HEAD")
+        static = method in (b"GET", b"HEAD") and serves_raw(app.runtime, rel)
         if static and self._static_file(app.root, app.version, rel, slash=path.endswith("/"), web=app.web):
             return None
         return app, rel
@@ -267,6 +265,27 @@ def _byte_count(n: int) -> str:
 def _docroot(app: AppSite) -> str:
     """The folder of the site's version that visitors see (its web root: DOCUMENT_ROOT for PHP)."""
     return f"{app.root}/{app.web}" if app.web else app.root
+
+
+# A Python app owns its paths, as Flask, Django and FastAPI apps do on every other host: the worker
+# serves raw only the folders such apps serve files from (Flask's static/, Django's usual STATIC_URL
+# and MEDIA_URL, the uploads/ folder of Flask's upload recipe) and the well-known files. So no config.json, settings.ini, client_secret.json or
+# template beside the code is ever served, and no file shadows one of the app's routes. A PHP site is
+# served as Apache serves one: any file but its source and secrets (roles/worker/_source.py). A
+# Procfile or Node app answers every path itself: its source is in languages the worker cannot know
+# (server.js, config.ru, main.go).
+_PYTHON_RAW_FOLDERS = ("static/", "media/", "uploads/", ".well-known/")
+_PYTHON_RAW_FILES = frozenset({"favicon.ico", "robots.txt"})
+
+
+def serves_raw(runtime: str, rel: str) -> bool:
+    """Whether the worker serves the version's file (or one the app wrote) at ``rel`` itself, rather
+    than the app; ``rel`` as :func:`shared.paths.site_relpath` gives it."""
+    if runtime == "php":
+        return True
+    if runtime == "python":
+        return rel.startswith(_PYTHON_RAW_FOLDERS) or rel in _PYTHON_RAW_FILES
+    return False
 
 
 def _static_file(root: str, rel: str, *, slash: bool, web: str) -> bool:
@@ -384,7 +403,7 @@ class AppExchange(Generic[T]):
         self._look_written = (
             not upgrade
             and method in (b"GET", b"HEAD")
-            and app.runtime not in ("command", "node")
+            and serves_raw(app.runtime, rel)
             and rel != ""
             and not target.partition(b"?")[0].endswith(b"/")
         )
@@ -856,7 +875,9 @@ class AppExchange(Generic[T]):
         else:
             drop = _RESPONSE_DROP
         for key, value in headers:
-            if key in drop:
+            if key in drop or key.startswith(b"x-sitecloud-"):
+                # The platform's own fields (the content version a front end keeps an answer
+                # under, ...) are the worker's to say, never an app's.
                 continue
             if key == b"content-length" and not self._bodyless:
                 given = value.strip()
