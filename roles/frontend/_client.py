@@ -126,6 +126,9 @@ class ClientConnection(asyncio.Protocol):
         # out malformed further on in the same read never leaves at all.
         self._up: UpstreamConnection | None = None
         self._up_out: list[bytes] = []
+        # A chunked request body's pieces of this read, sent on as one chunk (_frame_body): a visitor's
+        # one-byte chunks would each cost the worker a parse, and its app a write.
+        self._body_parts: list[bytes] = []
         # The usage counters of the site whose response is being written ([requests, in, out]).
         self._meter: list[int] | None = None
         # A WebSocket tunnel (roles/frontend/_tunnel.py), from its upgrade request on.
@@ -268,6 +271,8 @@ class ClientConnection(asyncio.Protocol):
                 self._raw_head += len(data)
                 if self._raw_head > self._proxy.max_header_bytes:
                     self._reject(431)
+            if self._body_parts:
+                self._frame_body()
         finally:
             self.uncork()
 
@@ -553,7 +558,22 @@ class ClientConnection(asyncio.Protocol):
                 raise _Reject
         if req.local is not None:
             return  # a body nobody will read (the answer is a platform page)
-        chunk = b"%x\r\n%b\r\n" % (len(data), data) if req.chunked else data
+        if req.chunked:
+            self._body_parts.append(data)  # framed at the end of the read, or of the body
+            return
+        self._body_up(req, data)
+
+    def _frame_body(self) -> None:
+        """The chunked body's pieces held from this read, on their way as one chunk."""
+        parts, req = self._body_parts, self._req
+        if not parts:
+            return
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        if req is not None and req.local is None:
+            self._body_up(req, b"%x\r\n%b\r\n" % (len(data), data))
+
+    def _body_up(self, req: Request, chunk: bytes) -> None:
         conn = req.conn
         if conn is not None:
             self._send_up(conn, chunk)
@@ -567,6 +587,7 @@ class ClientConnection(asyncio.Protocol):
                 self._pause(_PAUSE_BUFFER)
 
     def on_message_complete(self) -> None:
+        self._frame_body()
         req = self._req
         self._req = None
         if self._state != _DEAD:
