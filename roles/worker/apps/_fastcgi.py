@@ -228,6 +228,8 @@ class FastCgiUpstream(UpstreamBase):
             self._records(data)
         finally:
             self.sink.upstream_batch(False)
+            if self._pieces:
+                self.charge_pieces()
 
     def _records(self, data: bytes) -> None:
         self._buf += data
@@ -239,6 +241,7 @@ class FastCgiUpstream(UpstreamBase):
             content = bytes(buf[8 : 8 + length])
             del buf[: 8 + length + pad]
             if kind == STDOUT and content:
+                self._pieces += 1
                 self._stdout(content)
             elif kind == STDERR and content:
                 self.sink.upstream_stderr(content.decode("utf-8", "replace"))

@@ -19,6 +19,16 @@ from roles.worker.apps._pool import UpstreamPool
 __all__ = ["HttpUpstream", "Sink", "UpstreamBase"]
 
 
+# An answer in tiny chunks costs the worker a parse callback and a copy per chunk, in the worker's own
+# CPU, which no app cgroup pays for: 16 answers of a million one-byte chunks each held a worker
+# busy for seconds. One connection's answers are read at most this many pieces a second (a token
+# bucket; its reading paused while the bucket is empty), far above what any answer in sensible
+# chunks (a big file in 64 KB reads, an event stream) ever comes near.
+PIECES_PER_SECOND = 50_000.0
+# Pieces of one read below this many are not counted (a usual answer has a few per read).
+_PIECES_UNCOUNTED = 64
+
+
 class _NoSuchStatus(Exception):
     """Raised from a parser callback: a status line whose code is none of HTTP's (100-599)."""
 
@@ -55,6 +65,13 @@ class UpstreamBase(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.done = False
         self.pool = pool
+        # The throttle of answer pieces (PIECES_PER_SECOND), and who paused reading: the sink (its
+        # visitor reads slowly) or the throttle, each lifting only its own pause.
+        self._pieces = 0
+        self._allowance = PIECES_PER_SECOND
+        self._counted_at = 0.0
+        self._sink_paused = False
+        self._throttled = False
         # Taken from the pool for this request (not new), and whether the app said anything on it yet:
         # a kept connection the app closed just as it was reused fails with neither, and is retried.
         self.reused = False
@@ -116,12 +133,38 @@ class UpstreamBase(asyncio.Protocol):
             self.transport.close()
 
     def pause(self) -> None:
+        self._sink_paused = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        self._sink_paused = False
+        if self.transport is not None and not self.transport.is_closing() and not self._throttled:
             self.transport.resume_reading()
+
+    def charge_pieces(self) -> None:
+        """Count the answer pieces of the last read against the throttle; pause reading while it is
+        spent."""
+        pieces, self._pieces = self._pieces, 0
+        if pieces <= _PIECES_UNCOUNTED:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        refill = (now - self._counted_at) * PIECES_PER_SECOND if self._counted_at else PIECES_PER_SECOND
+        self._allowance = min(PIECES_PER_SECOND, self._allowance + refill) - pieces
+        self._counted_at = now
+        transport = self.transport
+        if self._allowance >= 0 or self._throttled or transport is None or transport.is_closing():
+            return
+        self._throttled = True
+        transport.pause_reading()
+        loop.call_later(-self._allowance / PIECES_PER_SECOND, self._end_throttle)
+
+    def _end_throttle(self) -> None:
+        self._throttled = False
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and not self._sink_paused:
+            transport.resume_reading()
 
     def pause_writing(self) -> None:
         self.sink.upstream_writable(False)
@@ -229,6 +272,8 @@ class HttpUpstream(UpstreamBase):
                     self._fail(str(HeadTooLarge.over_bytes()))
         finally:
             sink.upstream_batch(False)
+            if self._pieces:
+                self.charge_pieces()
 
     def eof_received(self) -> bool | None:
         # A body without a length ends with the connection.
@@ -280,6 +325,7 @@ class HttpUpstream(UpstreamBase):
 
     def on_body(self, body: bytes) -> None:
         self._progress += 1
+        self._pieces += 1
         if not self.done:
             self.sink.upstream_data(body)
 
