@@ -23,6 +23,7 @@ __all__ = [
     "NotFound",
     "NotServed",
     "NotSupported",
+    "NothingPublished",
     "QuotaExceeded",
     "RateLimited",
     "SitecloudError",
@@ -145,6 +146,14 @@ class Changed(SitecloudError):
     code = "changed"
     status = 409
     ftp_code = 450
+
+
+class NothingPublished(SitecloudError):
+    """What the request would put in front of visitors has nothing published yet (an empty slot)."""
+
+    code = "nothing_published"
+    status = 409
+    ftp_code = 550
 
 
 class NotSupported(SitecloudError):

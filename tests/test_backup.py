@@ -250,7 +250,7 @@ def test_backup_restores_on_a_fresh_cloud_with_the_same_bytes_and_passwords(
         assert unconfirmed["error"]["code"] == "confirmation_required", unconfirmed
         assert "every plan, tenant, user and site" in unconfirmed["error"]["message"]
         assert [s["name"] for s in fresh.cli("site", "list", token=token)["sites"]] == ["blog", "shop"]
-        missing = fresh.cli("backup", "restore", str(tmp_path / "nowhere"), check=False)
+        missing = fresh.cli("backup", "restore", "--from", str(tmp_path / "nowhere"), check=False)
         assert missing["error"]["message"] == f"there is no directory {tmp_path / 'nowhere'}", missing
         # A damaged backup is refused before anything changes.
         zip_path = target / "sites" / "shop.zip"

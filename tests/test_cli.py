@@ -360,6 +360,13 @@ def test_version_usage_errors_and_suggestions(home: Path) -> None:
     result = run(home, "--json", "plan", "create", "x", "--max-sites", "1")
     assert result.returncode == 2
     assert "--storage-mb" in json.loads(result.stdout)["error"]["message"]
+    # An option the subcommand does not have: its own usage line and help, not the top's.
+    result = run(home, "site", "logs", "x", "--tail", "3")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("usage: sitecloud site logs "), result.stderr
+    assert "unrecognized arguments: --tail 3" in result.stderr
+    error = json.loads(run(home, "--json", "site", "logs", "x", "--tail", "3").stdout)["error"]
+    assert error["hint"] == "see `sitecloud site logs --help`"
     # No command at all: the same error object, not the help text.
     result = run(home, "--json")
     assert result.returncode == 2 and result.stderr == ""

@@ -253,7 +253,8 @@ def test_a_swap_to_a_slot_with_nothing_published_is_refused(cloud: LocalCloud, a
     cloud.cli("site", "slot", "create", "app", "empty", token=token)
     try:
         refused = cloud.cli("site", "swap", "app", "empty", "--warm-timeout", "5", token=token, check=False)
-        assert refused["error"]["code"] == "unavailable", refused
+        # A conflict with the slot's state (exit 5), not a fault to retry (exit 6).
+        assert refused["error"]["code"] == "nothing_published", refused
         assert refused["error"]["message"] == "slot empty of app (app-empty) has nothing published", refused
         assert cloud.get("app")[2] == V1
         slots = cloud.cli("site", "slot", "list", "app", token=token)["slots"]

@@ -142,7 +142,13 @@ def _deploy(api: ApiClient, name: str, zip_path: Path) -> Any:
 
 
 def _backup_restore(a: argparse.Namespace, api: ApiClient) -> Any:
-    root = Path(a.directory)
+    given = [d for d in (a.directory, a.from_dir) if d]
+    if len(given) != 1:
+        raise InvalidInput(
+            "name the backup's directory once" if given else "name the backup's directory",
+            hint="sitecloud backup restore DIR (or --from DIR)",
+        )
+    root = Path(given[0])
     if not root.is_dir():
         raise InvalidInput(
             f"there is no directory {root}" if not root.exists() else f"{root} is not a directory",
@@ -229,7 +235,8 @@ def add_backup_commands(group: Callable[[str, str], Any], leaf: Leaf) -> None:
         _backup_restore,
         _show_restored,
     )
-    sp.add_argument("directory", metavar="DIR")
+    sp.add_argument("directory", metavar="DIR", nargs="?", help="the backup's directory")
+    sp.add_argument("--from", dest="from_dir", metavar="DIR", help="the same, as create's --to names it")
     sp.add_argument(
         "--force", action="store_true", help="replace this cloud's own plans, tenants, users and sites"
     )

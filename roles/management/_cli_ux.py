@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from enum import IntEnum
 from typing import Any, NoReturn
 
@@ -89,8 +89,20 @@ class UsageError(Exception):
 class CliParser(argparse.ArgumentParser):
     """argparse that raises :class:`UsageError` (so ``--json`` can shape it) and suggests close words."""
 
+    # A subcommand's parser reports words it does not know itself, with its own usage line; argparse
+    # would hand them up to the top parser, whose usage says nothing of the subcommand's options.
+    strict = True
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(message, self.format_usage(), self.prog)
+
+    def parse_known_args(  # type: ignore[override]  # typeshed's overloads; this keeps the behaviour
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and self.strict:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         choices = action.choices

@@ -1298,10 +1298,17 @@ class Store:
                 or 0
             )
             if used >= sub.plan.max_custom_hostnames:
+                allowed = sub.plan.max_custom_hostnames
                 raise LimitReached(
                     f"subscription {sub.id} (plan {sub.plan.name!r}) allows "
-                    f"{counted(sub.plan.max_custom_hostnames, 'custom hostname')} and has {used}",
-                    hint="remove a host name or subscribe to a larger plan",
+                    f"{counted(allowed, 'custom hostname')} and has {used}",
+                    hint=(
+                        f"an admin allows them with `sitecloud plan update {sub.plan.name} "
+                        "--max-custom-hostnames N`, or moves the subscription to a plan that does"
+                        if allowed == 0
+                        else "remove one (`sitecloud site hostname remove SITE HOST`), or ask an admin "
+                        f"for more (`sitecloud plan update {sub.plan.name} --max-custom-hostnames N`)"
+                    ),
                 )
             row = CustomHostname(
                 site=site,

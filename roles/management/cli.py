@@ -1052,6 +1052,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 error, 2 usage, 3 not found, 4 refused or not confirmed, "
         "5 conflict, 6 unavailable (see docs/operations.md).",
     )
+    p.strict = False  # its own parse_args reports what is left; its pre-parse of global options keeps it
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("--home", default=None, help="the cloud's home (env SITECLOUD_HOME)")
     p.add_argument("--token", default=None, help="API token (env SITECLOUD_TOKEN; default: the admin token)")

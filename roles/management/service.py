@@ -48,6 +48,7 @@ from shared.db import Database
 from shared.errors import (
     BuildFailed,
     NotFound,
+    NothingPublished,
     NotServed,
     NotSupported,
     SitecloudError,
@@ -666,7 +667,7 @@ class ManagementService:
         except NotFound:
             version = 0  # a slot the fileserver has not been told of yet holds nothing
         if version == 0:
-            raise Unavailable(
+            raise NothingPublished(
                 f"slot {slot} of {name} ({site}) has nothing published",
                 hint=f"publish to {site} (with its own FTP or deploy credentials), then swap",
             )
