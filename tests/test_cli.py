@@ -115,13 +115,20 @@ def test_human_output(home: Path) -> None:
     assert "shown only once" in result.stdout
     sub = ok_json(home, "subscription", "create", "--tenant", "human", "--plan", "human-plan")
 
-    result = run(home, "--token", token, "site", "create", "human-site", "--subscription", str(sub["id"]))
+    # A tenant with one subscription need not name it.
+    result = run(home, "--token", token, "site", "create", "human-site")
     assert result.returncode == 0, result.stderr
     fields = dict(line.strip().split("  ", 1) for line in result.stdout.splitlines() if line.startswith("  "))
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     assert fields["ftp user"] == "human-site" and len(fields["ftp password"]) >= 16
     assert fields["deploy password"] == fields["ftp password"]
     assert "shown only this once" in result.stdout
+
+    # The admin sees every tenant's subscriptions: which one is asked for, with the ones there are.
+    result = run(home, "--json", "site", "create", "which-one")
+    error = json.loads(result.stdout)["error"]
+    assert result.returncode == 2 and error["message"].startswith("name the subscription the site goes in")
+    assert f"{sub['id']} (human, plan human-plan)" in error["hint"], error
 
     result = run(home, "site", "show", "human-site")
     assert (

@@ -258,6 +258,25 @@ def _show_subscriptions(answer: Any, a: argparse.Namespace) -> None:
     print_table(("ID", "TENANT", "PLAN", "STATE", "SITES", "STORAGE"), rows, empty="no subscriptions")
 
 
+def _site_create(a: argparse.Namespace, api: ApiClient) -> Any:
+    subscription = a.subscription
+    if subscription is None:
+        # A tenant with one subscription (most of them) need not look its number up.
+        listed = api.list_all(api.path("subscriptions"), "subscriptions")["subscriptions"]
+        active = [s for s in listed if s["state"] == "active"]
+        if len(active) != 1:
+            ids = ", ".join(f"{s['id']} ({s['tenant']}, plan {s['plan']})" for s in active[:5])
+            raise InvalidInput(
+                "name the subscription the site goes in"
+                + (f": there are {len(active)} active ones" if active else ": there is no active one"),
+                hint=f"--subscription ID, one of {ids}"
+                if active
+                else "an admin makes one: sitecloud subscription create --tenant T --plan P",
+            )
+        subscription = active[0]["id"]
+    return api.request("POST", api.path("sites"), {"name": a.name, "subscription": subscription})
+
+
 def _subscription_delete(a: argparse.Namespace, api: ApiClient) -> Any:
     api.request("DELETE", api.path("subscriptions", str(a.id)))
     return {"subscription": a.id, "deleted": True}
@@ -1310,16 +1329,12 @@ def _parser() -> argparse.ArgumentParser:
 
     site = group("site", "sites")
     sp = leaf(
-        site,
-        "create",
-        "create a site; prints its publishing password once",
-        lambda a, api: api.request(
-            "POST", api.path("sites"), {"name": a.name, "subscription": a.subscription}
-        ),
-        _show_site_create,
+        site, "create", "create a site; prints its publishing password once", _site_create, _show_site_create
     )
     sp.add_argument("name")
-    sp.add_argument("--subscription", type=int, required=True, help="subscription id")
+    sp.add_argument(
+        "--subscription", type=int, help="subscription id (default: the only active one there is)"
+    )
     leaf(site, "list", "list sites", every("sites", "sites"), _show_sites)
     sp = leaf(site, "show", "show a site", get("sites", "{a.name}"), _show_site)
     sp.add_argument("name")
