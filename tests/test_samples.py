@@ -690,6 +690,7 @@ def test_sitecloud_deploy_shows_the_build_and_answers_once_the_site_serves_it(
     (tree / "static" / "note.txt").write_text("one")
     again = cloud.cli("deploy", "flask-cli", str(tree), timeout=300)
     assert set(again) >= {"site", "version", "files", "bytes"}, again
+    assert again["served"] is True, again
     (tree / "static" / "note.txt").write_text("two")
     quick = cloud.cli("deploy", "flask-cli", str(tree), "--no-wait")
     assert quick["version"] > again["version"], (again, quick)

@@ -776,9 +776,11 @@ def _deploy(a: argparse.Namespace, api: ApiClient) -> Any:
         answer = api.upload(
             api.path("sites", a.site, "deploy"), zip_file, on_line=None if a.no_wait else _build_lines(a)
         )
-    if not a.json and not a.no_wait:
-        # A stopped site takes the deploy but serves nothing: the last line must not say "served".
-        answer = {**answer, "site_state": api.request("GET", api.path("sites", a.site)).get("state")}
+    if not a.no_wait:
+        # A stopped site takes the deploy but serves nothing: neither the last line nor --json's
+        # "served" may say it is served.
+        state = api.request("GET", api.path("sites", a.site)).get("state")
+        answer = {**answer, "site_state": state, "served": state != "stopped"}
     return answer
 
 
