@@ -8,6 +8,7 @@ connection instead of leaving the front end to read the next answer into it.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Iterator
@@ -67,12 +68,19 @@ def _ask(site: str, path: str) -> bytes:
     )
 
 
-def test_bytes_past_an_apps_content_length_never_reach_the_next_sites_answer(cloud: AppCloud) -> None:
+@contextlib.contextmanager
+def _front_end_connection(cloud: AppCloud) -> Iterator[ssl.SSLSocket]:
+    """A connection to the worker's data port as a front end makes it."""
     ctx = cloud.pki.client_ssl("frontend")
     with (
         socket.create_connection(("localhost", cloud.config.data_port), timeout=10) as raw,
         ctx.wrap_socket(raw, server_hostname="localhost") as tls,
     ):
+        yield tls
+
+
+def test_bytes_past_an_apps_content_length_never_reach_the_next_sites_answer(cloud: AppCloud) -> None:
+    with _front_end_connection(cloud) as tls:
         tls.sendall(_ask("smuggler", "/"))
         first = _read_answer(tls)
         assert first.endswith(b"\r\n\r\nfirst")
@@ -84,11 +92,7 @@ def test_bytes_past_an_apps_content_length_never_reach_the_next_sites_answer(clo
 
 
 def test_an_answer_short_of_its_content_length_cuts_the_connection(cloud: AppCloud) -> None:
-    ctx = cloud.pki.client_ssl("frontend")
-    with (
-        socket.create_connection(("localhost", cloud.config.data_port), timeout=10) as raw,
-        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
-    ):
+    with _front_end_connection(cloud) as tls:
         tls.sendall(_ask("smuggler", "/?cl=1000"))
         data = b""
         while got := tls.recv(65536):

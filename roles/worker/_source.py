@@ -82,11 +82,7 @@ def is_never_served(rel: str) -> bool:
     """Whether ``rel`` is never served as a file: a site's source (:func:`is_app_source`) or its data."""
     if is_app_source(rel):
         return True
-    base = rel[rel.rfind("/") + 1 :].lower().rstrip(". ~")
-    for sidecar in _DATA_SIDECARS:
-        if base.endswith(sidecar):
-            base = base[: -len(sidecar)]
-            break
+    base = _data_base(rel)
     dot = base.rfind(".")
     if dot < 0:
         return False
@@ -101,10 +97,16 @@ def is_never_served(rel: str) -> bool:
 def is_database(rel: str) -> bool:
     """Whether ``rel`` names a database file an app keeps beside its code (``db.sqlite3``,
     ``instance/app.db``) or one of SQLite's journals beside it."""
+    base = _data_base(rel)
+    dot = base.rfind(".")
+    return dot >= 0 and base[dot + 1 :] in _DATABASE_EXTENSIONS
+
+
+def _data_base(rel: str) -> str:
+    """The base name of ``rel`` as the data rules read it: lower case, without trailing dots, spaces
+    and tildes, and without a SQLite journal's suffix (``db.sqlite3-wal`` is ``db.sqlite3``)."""
     base = rel[rel.rfind("/") + 1 :].lower().rstrip(". ~")
     for sidecar in _DATA_SIDECARS:
         if base.endswith(sidecar):
-            base = base[: -len(sidecar)]
-            break
-    dot = base.rfind(".")
-    return dot >= 0 and base[dot + 1 :] in _DATABASE_EXTENSIONS
+            return base[: -len(sidecar)]
+    return base
