@@ -310,6 +310,9 @@ def test_ftp_a_big_file_is_sent_as_it_arrives_and_resumes_with_rest(cloud: Cloud
         out = io.BytesIO()
         ftp.retrbinary("RETR big.bin", out.write, rest=2_000_001)
         assert out.getvalue() == big[2_000_001:]
+        # An offset no file reaches is refused at once, not at the transfer.
+        with pytest.raises(ftplib.error_perm, match=r"^501 A restart offset is at most"):
+            ftp.sendcmd("REST " + "9" * 30)
         assert ftp.size("big.bin") == len(big)
         ftp.delete("big.bin")
         assert ftp.voidcmd("NOOP").startswith("200")

@@ -92,6 +92,8 @@ _LATE_CONNECTION = (
     "426 A second connection reached this transfer's data port from your address; transfer aborted, "
     "nothing was stored."
 )
+# The largest restart offset taken (REST): past any file a site may hold (2**53: 8 PiB).
+_REST_MOST = 2**53
 # How long a data connection that may not resume the TLS session is held, for a second one to show: a
 # few round trips of the control connection (the client connects as soon as it reads the 227), within
 # these bounds; then until the transfer's command has come (a client that connects before it sends the
@@ -1012,6 +1014,14 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
             self.respond(f"550 {self.fs.fs2ftp(path)} is not retrievable.")
             return
         self.respond(f"213 {size}")
+
+    def ftp_REST(self, line: str) -> None:
+        # An offset no file can reach is refused now, not at the transfer it would fail (pyftpdlib
+        # takes any integer, 30 digits long or more).
+        if line.strip().isdigit() and int(line) > _REST_MOST:
+            self.respond(f"501 A restart offset is at most {_REST_MOST} bytes.")
+            return
+        super().ftp_REST(line)
 
     def ftp_ABOR(self, line: str) -> None:
         super().ftp_ABOR(line)
