@@ -11,7 +11,7 @@ walk-through, the ``_sitecloud`` helpers of the end-to-end tests).
 from __future__ import annotations
 
 import atexit
-import functools
+import contextlib
 import json
 import os
 import signal
@@ -31,7 +31,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 # line), answers its pid, runs main() with fds 1 and 2 on memory files and answers
 # "<exit code> <stdout bytes> <stderr bytes>\n" and the bytes. The server ends with the test session.
 _SERVER = r"""
-import json, os, socket, sys, traceback
+import json, os, signal, socket, sys, traceback
 import roles.management.cli as cli
 
 parent = os.getppid()
@@ -84,15 +84,18 @@ def run(conn):
     conn.sendall(f"{code} {len(captured[0])} {len(captured[1])}\n".encode() + b"".join(captured))
     return code
 
+# Only the end of the session ends the server: not a Ctrl-C meant for the test process group.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 while os.getppid() == parent:
     reap()
     try:
         conn, _ = server.accept()
-    except TimeoutError:
+    except OSError:  # the timeout, or a client gone before its accept
         continue
     if os.fork():
         conn.close()
         continue
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     server.close()
     code = 1
     try:
@@ -121,15 +124,26 @@ class _Server:
         atexit.register(self.stop)
 
     def stop(self) -> None:
+        atexit.unregister(self.stop)
         self.proc.kill()
         self.proc.wait()
         self.path.unlink(missing_ok=True)
-        self.dir.rmdir()
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
 
 
-@functools.cache
+_running: list[_Server] = []
+
+
 def _server() -> _Server:
-    return _Server()
+    """The session's server, started again if it is gone (its exit code says why, on stderr)."""
+    if _running and _running[0].proc.poll() is not None:
+        gone = _running.pop()
+        sys.stderr.write(f"forked CLI server ended with {gone.proc.returncode}; starting another\n")
+        gone.stop()
+    if not _running:
+        _running.append(_Server())
+    return _running[0]
 
 
 def _read_exactly(sock: socket.socket, n: int, buf: bytearray) -> bytes:
