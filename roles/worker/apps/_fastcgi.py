@@ -19,7 +19,7 @@ from collections import deque
 
 from roles.worker.apps._head import MAX_HEAD_BYTES, HeadBudget, HeadTooLarge
 from roles.worker.apps._pool import BEHIND_DEPTH, UpstreamPool
-from roles.worker.apps._upstream import Sink, UpstreamBase
+from roles.worker.apps._upstream import SMALL_PIECE, Sink, UpstreamBase
 
 __all__ = [
     "STDIN_END",
@@ -241,7 +241,8 @@ class FastCgiUpstream(UpstreamBase):
             content = bytes(buf[8 : 8 + length])
             del buf[: 8 + length + pad]
             if kind == STDOUT and content:
-                self._pieces += 1
+                if length < SMALL_PIECE:
+                    self._pieces += 1
                 self._stdout(content)
             elif kind == STDERR and content:
                 self.sink.upstream_stderr(content.decode("utf-8", "replace"))

@@ -25,8 +25,10 @@ __all__ = ["HttpUpstream", "Sink", "UpstreamBase"]
 # bucket; its reading paused while the bucket is empty), far above what any answer in sensible
 # chunks (a big file in 64 KB reads, an event stream) ever comes near.
 PIECES_PER_SECOND = 50_000.0
-# Pieces of one read below this many are not counted (a usual answer has a few per read).
+# Pieces of one read below this many are not counted (a usual answer has a few per read), nor pieces
+# of this size or more (php-cgi's 4 KB records of a big download): per byte they cost little.
 _PIECES_UNCOUNTED = 64
+SMALL_PIECE = 1024
 
 
 class _NoSuchStatus(Exception):
@@ -325,7 +327,8 @@ class HttpUpstream(UpstreamBase):
 
     def on_body(self, body: bytes) -> None:
         self._progress += 1
-        self._pieces += 1
+        if len(body) < SMALL_PIECE:
+            self._pieces += 1
         if not self.done:
             self.sink.upstream_data(body)
 
