@@ -7,6 +7,7 @@ the runtime fields and is asked over mTLS as a front end, like in tests/test_wor
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import http.client
 import itertools
@@ -613,6 +614,27 @@ def test_slow_start_gets_503_and_the_cap_evicts_the_least_recently_used(tmp_path
         wait_until(lambda: small.pids("one") == [], timeout=8, what="the least recently used to go")
         assert len(small.pids("two")) == 1 and len(small.pids("three")) == 1
         assert "needed room for another app" in small.log("one")
+
+
+def test_a_burst_of_cold_starts_does_not_leave_the_worker_over_its_cap() -> None:
+    # Each start found room before any of the others was counted: 6 sites woken at once on a cap of
+    # 2 left 6 processes for their idle timeout (a tenant with many sites held a worker over its cap).
+    with running_cloud(max_active_apps=2) as small:
+        names = [f"burst{n}" for n in range(6)]
+        for name in names:
+            small.add_site(name)
+            small.publish(name, {"app.py": WSGI_APP})
+        for name in names:
+            wait_until(lambda name=name: small.app(name)["runtime"] == "python", what=f"{name} detected")
+        small.get(names[0], "/")  # (the test's client identity made once, before the threads)
+        with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+            statuses = list(pool.map(lambda name: small.get(name, "/")[0], names[1:]))
+        assert statuses == [200] * (len(names) - 1)
+        wait_until(
+            lambda: sum(len(small.pids(name)) for name in names) <= 2,
+            timeout=8,
+            what="the worker back down to its cap of 2",
+        )
 
 
 @pytest.mark.skipif(not ROOT, reason="per-site uids need the worker to run as root")

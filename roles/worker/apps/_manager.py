@@ -851,6 +851,7 @@ class AppManager:
         if task.cancelled() or task.exception() is not None or self._stopping:
             return
         inst = task.result()
+        self._trim(app)
         if app.instance is inst and inst.alive and inst.generation != app.generation:
             self._site_log(app).write("worker", "restarting: a newer version came while it started")
             self._replace(app)
@@ -1259,6 +1260,29 @@ class AppManager:
         self._site_log(self._sites[name]).write("worker", "stopping: the worker needed room for another app")
         victim.terminate("evicted")
 
+    def _trim(self, app: AppSite | None) -> None:
+        """After a start, back down to the cap: starts that ran at once each found room in
+        :meth:`_make_room` before any of them was counted (a burst of cold starts over many sites
+        left the worker over its cap for good), so the least recently used idle processes go now.
+        One used in the last second is kept: it may be a start of the same burst whose first
+        request has not reached it yet (the sweep trims again later)."""
+        running = [(a, i) for i, a in self._active.items() if not i.retiring and i.alive and a is not app]
+        excess = len(running) + (app is not None) - self.max_active
+        if excess <= 0:
+            return
+        recent = time.monotonic() - 1.0
+        idle = sorted(
+            (a.always_on, a.last_used, a.name, i)
+            for a, i in running
+            if i.inflight == 0 and a.last_used < recent and a.instance is i
+        )
+        for _, _, name, victim in idle[:excess]:
+            self._sites[name].instance = None
+            self._site_log(self._sites[name]).write(
+                "worker", "stopping: the worker needed room for another app"
+            )
+            victim.terminate("evicted")
+
     def _replace(self, app: AppSite) -> None:
         """New code or settings for a running app: its process answers on until the new one is up
         (packages installed, build and release run, listening), then retires, so a deploy that
@@ -1398,6 +1422,7 @@ class AppManager:
                 inst.terminate("idle")
         if self._stopping:
             return
+        self._trim(None)
         for app in self._sites.values():
             if app.always_on and app.instance is None and app.starting is None and app.retry_at <= now:
                 self._spawn(self._keep_on(app))
