@@ -1,8 +1,11 @@
 """Proof that a tenant owns a custom hostname, as Azure App Service asks for it.
 
-A claim is proven when DNS holds either a TXT record ``asuid.<hostname>`` with the subscription's
-verification id, or a CNAME from the hostname to the site's own name ``<site>.<domain>``. DNS is asked
-through the resolvers the admin configured (cloud setting ``dns_resolvers``), or the system's.
+A claim is proven when DNS holds a TXT record ``asuid.<hostname>`` with the subscription's
+verification id. A CNAME from the hostname to the site's own name ``<site>.<domain>`` sends visitors
+here but proves nothing on its own: a site's name is free again once the site is deleted, and a CNAME
+its owner left behind would then hand the name to whoever makes a site of that name next (the
+dangling-CNAME takeover Azure closed the same way). DNS is asked through the resolvers the admin
+configured (cloud setting ``dns_resolvers``), or the system's.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def txt_name(hostname: str) -> str:
 
 
 def records_to_create(hostname: str, site_host: str, verification_id: str) -> list[DnsRecord]:
-    """Either record proves the claim; the CNAME also sends the visitors here."""
+    """The TXT record proves the claim; the CNAME sends the visitors here."""
     return [DnsRecord("TXT", txt_name(hostname), verification_id), DnsRecord("CNAME", hostname, site_host)]
 
 
@@ -136,12 +139,11 @@ def check_ownership(
     texts, txt_problem = _answers(resolver, txt_name(hostname), "TXT")
     if verification_id in (t.strip() for t in texts):
         return None
-    targets, cname_problem = _answers(resolver, hostname, "CNAME")
-    wanted = dns.name.from_text(site_host)
-    if any(dns.name.from_text(t) == wanted for t in targets):
-        return None
     txt_why = (
         txt_problem or f"{txt_name(hostname)} holds {', '.join(map(repr, texts))}, not the verification id"
     )
-    cname_why = cname_problem or f"{hostname} is a CNAME to {', '.join(targets)}, not {site_host}"
-    return f"{txt_why}; {cname_why}"
+    targets, _ = _answers(resolver, hostname, "CNAME")
+    wanted = dns.name.from_text(site_host)
+    if any(dns.name.from_text(t) == wanted for t in targets):
+        return f"{txt_why}; the CNAME to {site_host} sends visitors here, but only the TXT record proves the name is yours"
+    return txt_why

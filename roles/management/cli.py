@@ -718,7 +718,8 @@ def _show_hostname(answer: Any, a: argparse.Namespace) -> None:
     )
     if answer.get("problem"):
         out(f"last check: {answer['problem']}")
-    out("create one of these records at your DNS provider, then run")
+    out("create these records at your DNS provider (the TXT proves the name is yours, the CNAME sends")
+    out("visitors here; an apex name takes an A/AAAA record to the front end instead), then run")
     out(f"`sitecloud site hostname verify {answer['site']} {answer['hostname']}`:")
     for record in answer["records"]:
         out(f"  {record['type']:<5} {record['name']}  {record['value']}")
