@@ -797,7 +797,9 @@ class HostnameInfo(Answer):
     verified_at: str | None = None
     checked_at: str | None = None
     problem: str | None = Field(None, description="why the last DNS check did not prove it")
-    records: list[DnsRecord] = Field(description="for a pending name: the TXT record proves it is yours, the CNAME sends visitors here; create them, then verify")
+    records: list[DnsRecord] = Field(
+        description="for a pending name: the TXT record proves it is yours, the CNAME sends visitors here; create them, then verify"
+    )
     certificate_state: CertificateState
     certificate: CertificateInfo | None
 
