@@ -165,11 +165,16 @@ class NotSupported(SitecloudError):
 
 
 class RateLimited(SitecloudError):
-    """Too many attempts (e.g. failed sign-ins); the hint says when to try again."""
+    """Too many attempts (e.g. failed sign-ins); the hint says when to try again, and ``retry_after``
+    (seconds) becomes the answer's Retry-After where the caller answers over HTTP."""
 
     code = "rate_limited"
     status = 429
     ftp_code = 421
+
+    def __init__(self, message: str, *, hint: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
 
 
 class BuildFailed(SitecloudError):

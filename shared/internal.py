@@ -43,7 +43,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_error(err: SitecloudError) -> web.Response:
-    return web.json_response(err.to_json(), status=err.status)
+    wait = getattr(err, "retry_after", None)
+    headers = {"Retry-After": str(wait)} if wait else None
+    return web.json_response(err.to_json(), status=err.status, headers=headers)
 
 
 @web.middleware

@@ -1114,3 +1114,33 @@ def test_bad_input_gets_a_4xx_never_a_500_and_the_site_still_syncs(cloud: LocalC
             problems.append(f"{path.name} logged a traceback: {grown[at : at + 600]}")
     assert not problems, "bad input:\n" + "\n".join(problems)
     assert_victim_ok(cloud, world)
+
+
+def test_a_tenants_api_flood_is_held_to_its_rate_and_others_are_answered(
+    cloud: LocalCloud, world: World
+) -> None:
+    # (Last in the module: it spends the attacker's API allowance.) One tenant's flood of calls costs
+    # management and the runtime DB for every tenant: past a burst it gets 429 with when to come back.
+    context = ssl.create_default_context(cafile=str(cloud.ca_file))
+    conn = http.client.HTTPSConnection("127.0.0.1", cloud.ports["api_port"], context=context, timeout=15)
+    statuses: list[int] = []
+    refused: tuple[str | None, bytes] | None = None
+    try:
+        for _ in range(400):
+            conn.request("GET", "/api/v1/sites", headers={"Authorization": f"Bearer {world.attacker_token}"})
+            resp = conn.getresponse()
+            body = resp.read()
+            statuses.append(resp.status)
+            if resp.status == 429:
+                refused = (resp.getheader("Retry-After"), body)
+                break
+    finally:
+        conn.close()
+    assert set(statuses[:-1]) == {200} and statuses[-1] == 429, statuses
+    assert len(statuses) > 150, len(statuses)  # the burst: people and scripts never meet the limit
+    assert refused is not None and refused[0] is not None and int(refused[0]) >= 1
+    error = json.loads(refused[1])["error"]
+    assert error["code"] == "rate_limited" and "try again in" in error["hint"], error
+    # Another tenant is answered at once.
+    status, _ = _api(cloud, "GET", "/api/v1/sites", token=world.victim_token)
+    assert status == 200

@@ -72,7 +72,15 @@ ROLE_SETTINGS: dict[str, frozenset[str]] = {
     ),
     "frontend": frozenset({"max_connections_per_ip", "handshake_share"}),
     "worker": frozenset({"app_home_removal_delay"}),
-    "management": frozenset({"role_stale_after"}),
+    "management": frozenset(
+        {
+            "role_stale_after",
+            "api_reads_per_second",
+            "api_read_burst",
+            "api_writes_per_second",
+            "api_write_burst",
+        }
+    ),
     "controller": frozenset({"revive_after", "role_stop_timeout"}),
 }
 

@@ -11,6 +11,7 @@ import os
 import ssl
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -138,6 +139,18 @@ class _Progress:
 _PAGE = 1000
 
 
+# The longest a CLI call waits in all for a tenant's API rate to allow it again.
+_RATE_WAIT_MOST = 60.0
+
+
+def _retry_after(resp: http.client.HTTPResponse) -> float | None:
+    """For a 429 with a Retry-After in seconds, those seconds; else None."""
+    if resp.status != 429:
+        return None
+    value = (resp.getheader("Retry-After") or "").strip()
+    return float(value) if value.isdigit() else None
+
+
 class ApiClient:
     def __init__(self, endpoints: Endpoints, token: str | None, *, timeout: float = 30.0) -> None:
         self.base = endpoints.api
@@ -251,8 +264,17 @@ class ApiClient:
     def request(self, method: str, path: str, body: Any = None, *, timeout: float | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        with self._exchange(method, path, headers, data, timeout) as (_, resp):
-            return self._answer(resp)
+        waited = 0.0
+        while True:
+            with self._exchange(method, path, headers, data, timeout) as (_, resp):
+                # Past the tenant's API rate (429): nothing was done, so the call goes again once
+                # the answer's Retry-After has passed, as a script would want, within a bound.
+                wait = _retry_after(resp)
+                if wait is None or waited + wait > _RATE_WAIT_MOST:
+                    return self._answer(resp)
+                resp.read()
+            time.sleep(wait)
+            waited += wait
 
     def request_lines(
         self,

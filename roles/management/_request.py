@@ -7,6 +7,7 @@ build on this module; it knows none of them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -18,7 +19,7 @@ from roles.management._input import check_authorization, parse_json_object
 from roles.management._openapi import Operation
 from roles.management._paging import Page
 from roles.management.service import ManagementService, Principal
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, RateLimited
 
 __all__ = [
     "CHUNK",
@@ -56,6 +57,20 @@ async def principal(request: web.Request) -> Principal:
     check_authorization(header)
     who = request[_WHO] = await service_of(request).authenticate(header)
     return who
+
+
+def _hold_to_rate(request: web.Request, tenant_id: int, tenant: str | None) -> None:
+    """A tenant past its API rate gets 429, with when to try again."""
+    write = request.method not in ("GET", "HEAD")
+    wait = service_of(request).api_limits.take(tenant_id, write=write)
+    if wait:
+        seconds = max(1, math.ceil(wait))
+        raise RateLimited(
+            f"too many API {'changes' if write else 'requests'} from tenant {tenant or tenant_id}",
+            hint=f"try again in {seconds} seconds (an admin sets the rates: api_reads_per_second, "
+            "api_writes_per_second)",
+            retry_after=seconds,
+        )
 
 
 def client_address(request: web.Request) -> str:
@@ -103,7 +118,9 @@ def checked(op: Operation) -> Any:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if not op.public:
-            await principal(request)
+            who = await principal(request)
+            if who.tenant_id is not None:
+                _hold_to_rate(request, who.tenant_id, who.tenant)
         twice = sorted(k for k in set(request.query) if len(request.query.getall(k)) > 1)
         if twice:
             raise InvalidInput(f"query parameter(s) given more than once: {', '.join(twice)}")

@@ -51,8 +51,18 @@ class ManagementConfig(RoleConfig):
     # The controller checks every role each second or two: a state it recorded longer ago than this
     # is not known now, and is shown as Unknown.
     role_stale_after: float = 10.0
+    # How fast one tenant may call the REST API (roles/management/_ratelimit.py): reads and changes
+    # each a burst, then a steady rate per second; past it, 429 with Retry-After. Admins are not held.
+    api_reads_per_second: float = 20.0
+    api_read_burst: int = 200
+    api_writes_per_second: float = 5.0
+    api_write_burst: int = 60
 
     def __post_init__(self) -> None:
         after = self.role_stale_after
         if not isinstance(after, int | float) or isinstance(after, bool) or after <= 0:
             raise ValueError(f"role_stale_after must be a number of seconds > 0, not {after!r}")
+        for name in ("api_reads_per_second", "api_read_burst", "api_writes_per_second", "api_write_burst"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a number of at least 1, not {value!r}")

@@ -27,6 +27,7 @@ from roles.management._nudge import Nudger
 from roles.management._paging import Page
 from roles.management._publish_profile import publish_settings
 from roles.management._publishing import PublishingEndpoints
+from roles.management._ratelimit import TenantBuckets
 from roles.management._site_backups import BackupFile, ScheduledBackups, human_every
 from roles.management._store import Principal, Store, require_admin
 from roles.management._usage import StorageReader
@@ -107,6 +108,12 @@ class ManagementService:
         self._store = Store(db, config, lock)
         self.metering = Metering(db, lock)
         self.accounts = Accounts(db, lock, domain=config.domain)
+        self.api_limits = TenantBuckets(
+            config.api_reads_per_second,
+            config.api_read_burst,
+            config.api_writes_per_second,
+            config.api_write_burst,
+        )
         self._client = InternalClient(config, timeout=10)
         self._deploy_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
         self._logs_client = InternalClient(config, timeout=_DEPLOY_TIMEOUT)
