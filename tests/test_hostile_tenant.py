@@ -919,7 +919,9 @@ def test_source_and_dot_files_are_never_served_raw(cloud: LocalCloud, world: Wor
         (local / rel).parent.mkdir(parents=True, exist_ok=True)
         (local / rel).write_text(text.replace("SECRET-", f"SECRET-{marker}-"))
     page = f"<p>source test {marker}</p>".encode()
-    (local / "index.html").write_bytes(page)
+    # A Django layout: the site is a Python app, which serves files from its static folder only.
+    (local / "static").mkdir()
+    (local / "static" / "index.html").write_bytes(page)
     site = world.victim_src
     script = (
         "set ftp:ssl-allow no; set net:max-retries 2; set net:timeout 10; "
@@ -953,7 +955,7 @@ def test_source_and_dot_files_are_never_served_raw(cloud: LocalCloud, world: Wor
             mirror.kill()
         output = mirror.communicate()[0]
     assert mirror.returncode == 0, f"lftp mirror failed: {output.decode(errors='replace')[-1000:]}"
-    cloud.wait_for_content("victim-src", "/index.html", page, timeout=20)
+    cloud.wait_for_content("victim-src", "/static/index.html", page, timeout=20)
     for _ in range(2):
         probe()
     assert not leaks, "served raw (file: how many spellings got it, e.g.):\n" + "\n".join(
