@@ -39,6 +39,9 @@ from shared.logs import ContextLogger
 __all__ = ["Exchange", "Feed", "Hub", "Lane", "Owner", "Pooled", "Upstream", "UpstreamConnection"]
 
 
+# What the TLS transport to a worker reads ahead of a paused answer.
+_READ_HIGH_WATER = 64 * 1024
+
 class Exchange(Protocol):
     """What a connection needs to know about the request it carries."""
 
@@ -303,6 +306,11 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TLS transport is not an asyncio.Transport subclass, but has its interface.
         self.transport = transport = cast(asyncio.Transport, transport)
+        # uvloop's TLS transport reads on to 256 KiB of answer after it was asked to pause (a
+        # visitor that reads slowly): held per stalled download. A little is enough to keep up.
+        set_limits = getattr(transport, "set_read_buffer_limits", None)
+        if set_limits is not None:
+            set_limits(high=_READ_HIGH_WATER)
         self._proxy.upstream_conns.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
