@@ -624,19 +624,38 @@ class Controller:
     # -- health -----------------------------------------------------------------------------------
 
     async def _health_loop(self, stop: asyncio.Event) -> None:
+        failing = False
         while not stop.is_set():
-            roles = list(self._roles.values())
-            if roles:
-                await asyncio.gather(*(self._check(role) for role in roles))
-                down = self._down_set()
-                changed = down != self._routed_down
-                if changed:
-                    self._routed_down = down
-                await asyncio.to_thread(self._record, roles, changed)
-                if changed:
-                    self._log.info("routing around roles %s", sorted(down) or "none")
-                    self._nudge.set()
+            try:
+                await self._look_once()
+            except Exception:
+                # A pass that fails (the runtime DB down or locked, say) must not end the loop: with
+                # it would go every health check, revive and route-around, for good. Said once per
+                # outage, not every second.
+                if not failing:
+                    self._log.exception(
+                        "health pass failed; retrying every %s s", self.config.health_interval
+                    )
+                failing = True
+            else:
+                if failing:
+                    self._log.info("health passes work again")
+                failing = False
             await self._until_next_look(stop)
+
+    async def _look_once(self) -> None:
+        roles = list(self._roles.values())
+        if not roles:
+            return
+        await asyncio.gather(*(self._check(role) for role in roles))
+        down = self._down_set()
+        changed = down != self._routed_down
+        await asyncio.to_thread(self._record, roles, changed)
+        # Only once recorded: a pass whose record failed sees the change again next time.
+        if changed:
+            self._routed_down = down
+            self._log.info("routing around roles %s", sorted(down) or "none")
+            self._nudge.set()
 
     async def _until_next_look(self, stop: asyncio.Event) -> None:
         """The health interval, or less when stopped or asked to look now."""
