@@ -78,9 +78,32 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             "%s %s: the caller closed the connection before the request ended", request.method, request.path
         )
         return web.Response(status=499)
-    except Exception:
+    except Exception as exc:
+        if _db_unreachable(exc):
+            # The runtime DB is down, restarting or locked: nothing was done, and a retry may work.
+            _log.warning(
+                "%s %s: the runtime DB cannot be reached: %s",
+                request.method,
+                request.path,
+                getattr(exc, "orig", exc),
+            )
+            return json_error(
+                Unavailable(
+                    "the runtime DB cannot be reached now; the request was not completed",
+                    hint="check that the database server (sitecloud up --db) runs and accepts connections, "
+                    "then retry; sites keep being served meanwhile",
+                )
+            )
         _log.exception("unhandled error in %s %s", request.method, request.path)
         return json_error(SitecloudError("internal error; the request was not completed"))
+
+
+def _db_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` is the runtime DB not answering (connection refused or lost, SQLite locked)
+    rather than a bug: SQLAlchemy's OperationalError (or a dropped connection)."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
 def peer_role(request: web.Request) -> str | None:
