@@ -182,6 +182,8 @@ def _add_role(db: Database, body: Json) -> int:
                 "roles on this machine are the ones the cloud was started with",
                 hint="add the role on another host, or start the cloud again with --local-roles",
             )
+        if kind == "fileserver":
+            _refuse_a_second_fileserver(s, host)
         role = s.scalar(select(Role).where(Role.kind == kind, Role.host_id == host.id))
         if role is not None and role.state not in ("Failed", "Installing"):
             raise AlreadyExists(f"{host_name} already runs a {kind}", hint="repair that role instead")
@@ -195,6 +197,25 @@ def _add_role(db: Database, body: Json) -> int:
         except IntegrityError as exc:
             raise AlreadyExists(f"{host_name} already runs a {kind}") from exc
         return role.id
+
+
+def _refuse_a_second_fileserver(s: Any, host: Host) -> None:
+    """The fileserver holds every site's content, and several sharing it is not supported yet: a second
+    one would become the cloud's content store (a remote one is chosen before this machine's) while
+    holding none of it, so deploys would land there as new version numbers the workers think they have
+    and management would read the old one's. Refused before anything is installed."""
+    other = s.scalar(
+        select(Host.name)
+        .join(Role, Role.host_id == Host.id)
+        .where(Role.kind == "fileserver", Host.id != host.id)
+    )
+    if other is not None:
+        raise InUse(
+            f"the cloud's fileserver runs on {other}, and several fileservers sharing the content are not "
+            "supported yet: another one would take over as the content store without the content",
+            hint="keep the one on " + other + "; to put the content on a new host, back the cloud up "
+            "(sitecloud backup create) and restore it into a cloud started with --local-roles management",
+        )
 
 
 # Roles of these kinds carry every site: stopping the last one that runs takes every site down.

@@ -1,0 +1,53 @@
+"""`role add fileserver` on a cloud that has one already is refused before anything is installed.
+
+The fileserver holds every site's content and several sharing it are not supported: a second one (a
+remote one is chosen before this machine's) took over as the content store while empty, so a deploy
+landed there as a version number the workers already held (reported "served", old content served)
+and management kept reading the first one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from roles.management._fabric import _add_role
+from shared.db import Database, Host, Role
+from shared.errors import InUse
+
+
+def _cloud(tmp_path: Path, *, fileserver: bool) -> Database:
+    db = Database.sqlite(tmp_path / "runtime.db")
+    db.migrate()
+    with db.session() as s:
+        local = Host(name="localhost", address="localhost", fabric="local", state="ready")
+        s.add(local)
+        s.flush()
+        s.add(Role(kind="management", host_id=local.id, control_port=9000, ports={}))
+        if fileserver:
+            s.add(Role(kind="fileserver", host_id=local.id, control_port=9004, ports={}))
+    return db
+
+
+def test_a_second_fileserver_is_refused_and_nothing_is_recorded(tmp_path: Path) -> None:
+    db = _cloud(tmp_path, fileserver=True)
+    with pytest.raises(InUse) as refused:
+        _add_role(db, {"role": "fileserver", "host": "files2.example.net"})
+    assert "localhost" in refused.value.message and "backup" in (refused.value.hint or "")
+    with db.session() as s:
+        assert list(s.scalars(select(Role.kind).where(Role.kind == "fileserver"))) == ["fileserver"]
+        assert s.scalar(select(Host).where(Host.name == "files2.example.net")) is None
+
+
+def test_the_first_fileserver_and_other_roles_are_added_as_before(tmp_path: Path) -> None:
+    db = _cloud(tmp_path, fileserver=False)
+    assert _add_role(db, {"role": "fileserver", "host": "files1.example.net"}) > 0
+    # Adding it again after a failed install is still allowed (the same host's own row).
+    with db.session() as s:
+        role = s.scalar(select(Role).where(Role.kind == "fileserver"))
+        assert role is not None
+        role.state = "Failed"
+    assert _add_role(db, {"role": "fileserver", "host": "files1.example.net"}) > 0
+    assert _add_role(db, {"role": "worker", "host": "web1.example.net"}) > 0
