@@ -522,6 +522,36 @@ def test_a_second_up_on_a_home_keeps_its_ports_domain_and_db_unless_told_otherwi
     assert (moved["https_port"], moved["ftp_port"]) == (9443, 47021)
 
 
+def test_a_plain_up_on_a_control_plane_home_keeps_its_local_roles_and_usage_interval(tmp_path: Path) -> None:
+    # Before, `up` without --local-roles on a home made with `--local-roles management` (the data plane
+    # on other hosts) started all five roles here: a second, empty fileserver the cloud then switched
+    # to whenever the real one stopped. --usage-interval and --processes were dropped the same way.
+    from roles.controller.config import CloudConfig
+    from roles.controller.home import CloudHome
+    from roles.controller.up import _parser, _remembered_choices
+
+    home = tmp_path / "cloud"
+    first = ["--home", str(home), "--local-roles", "management", "--usage-interval", "2", "--processes", "2"]
+    chosen = _remembered_choices(home, _parser().parse_args(first))
+    CloudHome(
+        CloudConfig(
+            home=home,
+            local_roles=tuple(chosen["local_roles"].split(",")),
+            usage_interval=chosen["usage_interval"],
+            processes=chosen["processes"],
+        )
+    ).prepare()
+    again = _remembered_choices(home, _parser().parse_args(["--home", str(home)]))
+    assert (again["local_roles"], again["usage_interval"], again["processes"]) == ("management", 2.0, 2)
+    told = _remembered_choices(
+        home, _parser().parse_args(["--home", str(home), "--local-roles", "management,worker"])
+    )
+    assert told["local_roles"] == "management,worker"
+    fresh = _remembered_choices(tmp_path / "other", _parser().parse_args(["--home", str(tmp_path / "other")]))
+    assert fresh["local_roles"] == "fileserver,worker,publisher,frontend,management"
+    assert (fresh["usage_interval"], fresh["processes"]) == (30.0, 1)
+
+
 def test_an_up_without_advertise_after_one_with_it_serves_only_this_machine_again(tmp_path: Path) -> None:
     # Before, --advertise's widened bind (0.0.0.0) was remembered as if asked for: every later `up`
     # kept listening on all addresses.

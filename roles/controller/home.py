@@ -180,6 +180,9 @@ class CloudHome:
             "deploy_port": c.deploy_port,
             "passive_ports": list(c.passive_ports) if c.passive_ports else None,
             "db": c.db_url,
+            "local_roles": ",".join(c.local_roles),
+            "usage_interval": c.usage_interval,
+            "processes": c.processes,
         }
         atomic_write_json(self.state_file, self._state, mode=0o600)
 

@@ -79,10 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument(
         "--local-roles",
-        default="fileserver,worker,publisher,frontend,management",
         metavar="ROLE,...",
-        help="roles to run on this machine (default all five); e.g. 'management' when the data plane "
-        "lives on other hosts (sitecloud role add)",
+        help="roles to run on this machine (default all five; a later `up` on the home keeps what the "
+        "last one had); e.g. 'management' when the data plane lives on other hosts (sitecloud role add)",
     )
     p.add_argument(
         "--wheelhouse",
@@ -92,18 +91,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--usage-interval",
         type=_positive_seconds,
-        default=30.0,
         metavar="SECONDS",
         help="how often front ends and workers report usage, so how soon a site over its daily quota "
-        "is stopped (default %(default)s)",
+        "is stopped (default 30.0)",
     )
     p.add_argument(
         "--processes",
         type=_processes,
-        default=1,
         metavar="N",
         help="serving processes of this machine's front end and worker, sharing their ports; about one "
-        "per core for static sites, 1 where most sites are apps (default %(default)s)",
+        "per core for static sites, 1 where most sites are apps (default 1)",
     )
     p.add_argument("--json", action="store_true", help="print the endpoints as JSON once the cloud is ready")
     return p
@@ -199,6 +196,11 @@ _REMEMBERED: dict[str, Any] = {
     "deploy_port": 8172,
     "passive_ports": None,
     "db": "",
+    # Which roles this machine runs: a plain `up` after a restart must not add a second fileserver
+    # (and a worker, publisher and front end) to a cloud whose data plane lives on other hosts.
+    "local_roles": "fileserver,worker,publisher,frontend,management",
+    "usage_interval": 30.0,
+    "processes": 1,
 }
 
 
@@ -261,10 +263,10 @@ def run_up(argv: list[str]) -> int:
         passive_ports=tuple(passive) if passive else None,
         db_url=chosen["db"],
         log_level=args.log_level,
-        local_roles=tuple(r.strip() for r in args.local_roles.split(",") if r.strip()),
+        local_roles=tuple(r.strip() for r in str(chosen["local_roles"]).split(",") if r.strip()),
         wheelhouse=Path(args.wheelhouse).resolve() if args.wheelhouse else None,
-        usage_interval=args.usage_interval,
-        processes=args.processes,
+        usage_interval=float(chosen["usage_interval"]),
+        processes=int(chosen["processes"]),
         **_controller_settings(home),
     )
     setup_logging("controller", "localhost", args.log_level if args.log_level != "INFO" else "WARNING")
