@@ -93,6 +93,13 @@ class CliParser(argparse.ArgumentParser):
     # would hand them up to the top parser, whose usage says nothing of the subcommand's options.
     strict = True
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No prefixes of long options: `site download NAME --to FILE` (as `backup create --to` and
+        # `site backup-download --to` take it) was read as `--token FILE`, answered "the token is
+        # not valid", and a prefix would change meaning whenever an option is added.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(message, self.format_usage(), self.prog)
 
