@@ -549,7 +549,9 @@ class Fleet:
         if not force and row.code_hash == digest:
             return f"already on {digest}"
         if not force and row.fabric == "local":
-            return "runs from the checkout"
+            # Its process runs the code the checkout had when it started, which may be older: nothing
+            # here records which, so say how to roll it.
+            return "runs from this machine's checkout: `sitecloud upgrade --force` restarts it on the current code"
         return ""
 
     async def _upgrade_one(self, row: _RoleRow, progress: Progress) -> None:
