@@ -42,6 +42,7 @@ __all__ = ["Exchange", "Feed", "Hub", "Lane", "Owner", "Pooled", "Upstream", "Up
 # What the TLS transport to a worker reads ahead of a paused answer.
 _READ_HIGH_WATER = 64 * 1024
 
+
 class Exchange(Protocol):
     """What a connection needs to know about the request it carries."""
 
