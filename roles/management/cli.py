@@ -1036,7 +1036,7 @@ def _plan_options(sp: argparse.ArgumentParser, *, create: bool) -> None:
     )
     sp.add_argument(
         "--backup-every",
-        metavar="1d|6h|30m|off",
+        metavar="1d|6h|1h|off",
         help="write each site's current content as a zip this often (default off; an hour at least)",
     )
     sp.add_argument(
