@@ -192,3 +192,22 @@ def test_a_worker_that_keeps_dying_on_its_host_is_failed_with_its_exit_not_a_hos
         main.write_bytes(code)
     cloud.cli("role", "restart", "worker", "web7", timeout=60)
     wait_until(lambda: _roles(cloud)[("worker", "web7")]["state"] == "Ready", timeout=30, what="web7 back")
+
+
+def test_a_role_on_a_host_gone_for_good_is_removed_with_forget(cloud: LocalCloud) -> None:
+    # (Last in the module: web7's worker goes.) A host that never comes back cannot be reached to
+    # remove its role: the admin is told how to let it go, and --forget does.
+    veth = f"scv{socket.gethostbyname('web7').rsplit('.', 1)[1]}"
+    subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+    try:
+        refused = cloud.cli("role", "remove", "worker", "web7", "--yes", check=False, timeout=120)
+        assert refused["error"]["code"] == "unavailable", refused
+        assert "role remove worker web7 --forget" in refused["error"]["hint"], refused
+        assert ("worker", "web7") in _roles(cloud)
+        gone = cloud.cli("role", "remove", "worker", "web7", "--forget", "--yes", timeout=120)
+        assert gone["state"] == "Removed", gone
+        assert gone["reason"].startswith("forgotten without reaching web7"), gone
+        assert ("worker", "web7") not in _roles(cloud)
+        assert https_get_via(cloud, "fe7", SITE) == (200, BODY)  # this machine's worker serves it
+    finally:
+        subprocess.run(["ip", "link", "set", veth, "up"], check=True)

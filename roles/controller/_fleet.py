@@ -387,8 +387,11 @@ class Fleet:
     async def _ssh_hosts(self) -> set[str]:
         return {h.name for h in await self.ssh.list_hosts()}
 
-    async def act(self, role_id: int, action: str, progress: Progress) -> RoleOutcome:
-        """start, stop, restart, repair or remove one role."""
+    async def act(
+        self, role_id: int, action: str, progress: Progress, *, forget: bool = False
+    ) -> RoleOutcome:
+        """start, stop, restart, repair or remove one role. ``forget``: a remove whose host cannot be
+        reached deletes the role's record anyway (a host gone for good), saying what is left there."""
         if action not in ("start", "stop", "restart", "repair", "remove"):
             raise InvalidInput(f"no role action {action!r}")
         started = time.monotonic()
@@ -412,6 +415,11 @@ class Fleet:
         spec = RoleSpec(row.kind, row.host, Path(str(launcher.role_home(row.kind))))
         state = {"stop": RoleState.STOPPED, "remove": RoleState.REMOVED}.get(action, RoleState.READY)
         reason = ""
+        if forget:
+            try:
+                return await self._removed_or_forgotten(row, launcher, progress, started)
+            finally:
+                self.hooks.route_around(row.id, False)
         try:
             async with self._host(row.host):
                 if action != "start":
@@ -432,6 +440,14 @@ class Fleet:
                 await asyncio.to_thread(self._delete_role, row.id)
             elif action != "stop":
                 _, state, reason = await self._ready(row, progress)
+        except Unavailable as err:
+            if action != "remove":
+                raise
+            raise Unavailable(
+                err.message,
+                hint=f"if {row.host} is gone for good: sitecloud role remove {row.kind} {row.host} --forget "
+                "(deletes the role's record; whatever is on the host stays there)",
+            ) from err
         finally:
             # Back into the routes only once it serves (a stopped role stays out by its desired state).
             self.hooks.route_around(row.id, False)
@@ -443,6 +459,34 @@ class Fleet:
             host=row.host,
             state=state,
             reason=reason or None,
+            seconds=round(time.monotonic() - started, 2),
+        )
+
+    async def _removed_or_forgotten(
+        self, row: _RoleRow, launcher: RemoteLauncher, progress: Progress, started: float
+    ) -> RoleOutcome:
+        """A remove that deletes the role's record even when its host cannot be reached."""
+        reason = None
+        await self._drain(row, progress)
+        progress(FleetProgress(role=row.kind, host=row.host, step="remove", phase="started"))
+        try:
+            async with self._host(row.host):
+                await launcher.uninstall(row.kind)
+        except (Unavailable, OSError) as err:
+            why = err.message if isinstance(err, Unavailable) else str(err)
+            reason = (
+                f"forgotten without reaching {row.host} ({why}): its files and process, if any, "
+                f"are left on it under {launcher.role_home(row.kind)}"
+            )
+            self._log.warning("role %s on %s %s", row.kind, row.host, reason)
+        progress(FleetProgress(role=row.kind, host=row.host, step="remove", phase="done"))
+        await asyncio.to_thread(self._delete_role, row.id)
+        await self.hooks.converge()
+        return RoleOutcome(
+            role=row.kind,
+            host=row.host,
+            state=RoleState.REMOVED,
+            reason=reason,
             seconds=round(time.monotonic() - started, 2),
         )
 

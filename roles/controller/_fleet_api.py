@@ -123,7 +123,8 @@ def fleet_routes(fleet: Fleet, host_added: HostAdded) -> list[web.RouteDef]:
         if action not in _ACTIONS:
             raise InvalidInput(f"no role action {action!r}", hint=f"one of {', '.join(_ACTIONS)}")
         role_id = int(request.match_info["id"])
-        return await stream(request, lambda progress: fleet.act(role_id, action, progress))
+        forget = request.query.get("forget") == "1" and action == "remove"
+        return await stream(request, lambda progress: fleet.act(role_id, action, progress, forget=forget))
 
     async def upgrade(request: web.Request) -> web.StreamResponse:
         require_role(request, *_CALLERS)

@@ -101,15 +101,16 @@ def _role_action(action: str) -> Command:
         if not a.json:
             out(f"{action} {a.role} on {a.host}")
         path = api.path("roles", a.role, a.host, action)
+        body = {"confirm": a.yes, **({"forget": True} if getattr(a, "forget", False) else {})}
         try:
-            answer = _stream(api, path, {"confirm": a.yes}, quiet=a.json)
+            answer = _stream(api, path, body, quiet=a.json)
         except ConfirmationRequired:
             # The server asks only for the last running worker or front end: ask the admin, then
             # send the action again as confirmed.
             what = f"{action} the last running {a.role} ({a.role} on {a.host}): every site goes down"
             ask(a, lambda _: (f"{what} until one runs again", None))
             started = time.monotonic()
-            answer = _stream(api, path, {"confirm": True}, quiet=a.json)
+            answer = _stream(api, path, {**body, "confirm": True}, quiet=a.json)
         if answer.get("state") == RoleState.RESTARTING:
             # Management restarting itself answers before it goes: wait for the new one here.
             answer = _until_serving(api, a, answer)
@@ -254,6 +255,13 @@ def add_fabric_commands(group: Callable[[str, str], Any], leaf: Leaf, top: Any) 
             # a script may pass it to every role action.
             sp.add_argument(
                 "-y", "--yes", action="store_true", help="do not ask (needed where there is no terminal)"
+            )
+        else:
+            sp.add_argument(
+                "--forget",
+                action="store_true",
+                help="when the host cannot be reached (gone for good), delete the role's record anyway; "
+                "whatever is left on the host stays there",
             )
         sp.add_argument("role", choices=_KINDS)
         sp.add_argument("host")

@@ -361,14 +361,27 @@ class FabricService:
             yield line
 
     async def role_action(
-        self, who: Principal, kind: str, host: str, action: str, *, confirmed: bool = False
+        self,
+        who: Principal,
+        kind: str,
+        host: str,
+        action: str,
+        *,
+        confirmed: bool = False,
+        forget: bool = False,
     ) -> AsyncIterator[bytes]:
-        """``confirmed``: the admin agreed to stop or remove the last running worker or front end."""
+        """``confirmed``: the admin agreed to stop or remove the last running worker or front end;
+        ``forget``: a remove whose host cannot be reached deletes the role's record anyway."""
         require_admin(who)
+        if forget and action != "remove":
+            raise InvalidInput(
+                "forget goes with remove only", hint="sitecloud role remove KIND HOST --forget"
+            )
         role_id = await asyncio.to_thread(
             _role_for_action, self.db, kind, host, action, confirmed=confirmed, stale_after=self._stale_after
         )
-        async for line in self._stream(f"/v1/roles/{role_id}/{action}", {}):
+        path = f"/v1/roles/{role_id}/{action}" + ("?forget=1" if forget else "")
+        async for line in self._stream(path, {}):
             yield line
 
     async def upgrade(self, who: Principal, *, force: bool) -> AsyncIterator[bytes]:

@@ -79,10 +79,12 @@ async def add_role(request: web.Request) -> web.StreamResponse:
 async def role_action(request: web.Request) -> web.StreamResponse:
     who = await principal(request)
     p = request.match_info
-    confirm = body_of(request, m.RoleActionRequest).confirm
+    wanted = body_of(request, m.RoleActionRequest)
     return await relay_lines(
         request,
-        service_of(request).fabric.role_action(who, p["role"], p["host"], p["action"], confirmed=confirm),
+        service_of(request).fabric.role_action(
+            who, p["role"], p["host"], p["action"], confirmed=wanted.confirm, forget=wanted.forget
+        ),
     )
 
 

@@ -847,6 +847,11 @@ class RoleActionRequest(Body):
     confirm: bool = Field(
         False, description="stop or remove the last running worker or front end, taking every site down"
     )
+    forget: bool = Field(
+        False,
+        description="remove only: when the host cannot be reached (gone for good), delete the role's "
+        "record anyway; whatever is left on the host stays there",
+    )
 
 
 class UpgradeRequest(Body):
