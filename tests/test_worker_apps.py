@@ -489,6 +489,32 @@ def test_crash_is_logged_and_restarted_on_the_next_request(cloud: AppCloud) -> N
     assert cloud.app("crashy")["last_crash"] == "exited with status 3; its last output: handled /"
 
 
+ONE_ANSWER_APP = b"""
+import os, socket
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(os.environ["PORT"])))
+srv.listen(4)
+conn, _ = srv.accept()
+conn.recv(65536)
+conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 4\\r\\n\\r\\nonce")
+conn.close()
+"""
+
+
+def test_an_app_that_exits_after_each_answer_is_restarted_after_a_growing_wait(cloud: AppCloud) -> None:
+    # Each visit would cost the worker a new sandbox (its CPU, not the app's): the exits of an app
+    # that never stays up count on, and its restarts back off as a crashing app's do.
+    cloud.add_site("oneshot")
+    cloud.publish_and_wait(
+        "oneshot", {"Procfile": b"web: python3 app.py\n", "app.py": ONE_ANSWER_APP}, "/", b"once"
+    )
+    statuses = [cloud.get("oneshot", "/")[0] for _ in range(12)]
+    assert 503 in statuses, statuses
+    assert cloud.app("oneshot")["starts"] < 12, cloud.app("oneshot")
+    assert "it starts again on the next request after" in cloud.log("oneshot")
+
+
 def test_an_app_that_cannot_start_says_why_in_its_status(cloud: AppCloud) -> None:
     cloud.add_site("noapp", entry="nomodule:app")
     cloud.publish("noapp", {"app.py": WSGI_APP})

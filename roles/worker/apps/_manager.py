@@ -97,6 +97,8 @@ _START_ROUNDS = 3
 _CARRIED_LINES = 100
 # Waits before an app that failed to start or crashed is started again.
 _RETRY = Backoff(first=0.25, cap=30.0)
+# An app up this long that answers has recovered: its earlier exits no longer delay its restarts.
+_STEADY_SECONDS = 5.0
 # An app's line this recent at its exit is taken as why it exited (site show's "last:").
 _LAST_WORDS = 5.0
 _BUILD_FAILED = "the site's build failed: its app does not start until a version of it builds"
@@ -598,7 +600,10 @@ class AppManager:
         app.last_used = time.monotonic()
         if answered:
             inst.served = True
-            app.failures = 0
+            if time.monotonic() - inst.started >= _STEADY_SECONDS:
+                # An app that exits after each answer is not well: each visit would cost the worker a
+                # new sandbox, so its exits count on until it has stayed up a while.
+                app.failures = 0
         if inst.retiring and inst.inflight <= 0:
             inst.terminate("retired")
 
