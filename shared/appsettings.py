@@ -209,7 +209,12 @@ def check_app_setting(key: str, value: str, *, always_on_allowed: bool = True) -
         elif key == "idle_timeout":
             idle_timeout(value)
         elif boolean(key, value) and key == "always_on" and not always_on_allowed:
-            raise InvalidInput("this site's plan does not allow always on", hint="ask for a plan that does")
+            # A plan's limit, as its other limits are (409, exit 5), not a mistyped value.
+            raise LimitReached(
+                "this site's plan does not allow always on",
+                hint="an admin allows it with `sitecloud plan update PLAN --always-on`, or moves the "
+                "subscription to a plan that does",
+            )
         return
     near = _near_site_key(key)
     if near is not None:

@@ -125,7 +125,8 @@ def test_the_number_of_settings_is_bounded() -> None:
 def test_always_on_needs_a_plan_that_allows_it() -> None:
     check_app_setting("always_on", "true", always_on_allowed=True)
     check_app_setting("always_on", "false", always_on_allowed=False)
-    with pytest.raises(InvalidInput, match="plan"):
+    # A plan's limit (409, exit 5), as the plan's other limits are.
+    with pytest.raises(LimitReached, match="plan does not allow always on"):
         check_app_setting("always_on", "true", always_on_allowed=False)
 
 

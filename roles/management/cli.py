@@ -168,7 +168,7 @@ def _show_plans(answer: Any, a: argparse.Namespace) -> None:
     print_table(
         ("NAME", "MAX SITES", "STORAGE MB", "HOSTNAMES", "COMPUTE", "OFFERED", "SUBSCRIPTIONS"),
         rows,
-        empty="no plans yet (`sitecloud plan create`)",
+        empty="no plans yet (an admin makes them with `sitecloud plan create`; a tenant sees the public ones)",
     )
 
 
