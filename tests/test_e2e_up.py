@@ -488,11 +488,11 @@ def test_restarting_management_waits_until_it_serves_again(cloud: LocalCloud, si
 def test_a_role_added_on_a_host_never_reached_can_be_removed_and_its_host_deleted(cloud: LocalCloud) -> None:
     # A typo in `role add`: the role stays, Failed, to say why; nothing was installed there, so it and
     # its host go without SSH (before, remove answered "not in the ssh fabric: add it first").
-    failed = cloud.cli("role", "add", "fileserver", "nosuchhost.invalid", check=False)
+    failed = cloud.cli("role", "add", "management", "nosuchhost.invalid", check=False)
     assert failed["error"]["code"] == "unavailable", failed
     hosts = {h["name"]: h["state"] for h in cloud.cli("host", "list")["hosts"]}
     assert hosts["nosuchhost.invalid"] == "failed", hosts  # not "ready": it was never reached
-    removed = cloud.cli("role", "remove", "fileserver", "nosuchhost.invalid", "--yes")
+    removed = cloud.cli("role", "remove", "management", "nosuchhost.invalid", "--yes")
     assert removed["state"] == "Removed", removed
     cloud.cli("host", "delete", "nosuchhost.invalid", "--yes")
     assert "nosuchhost.invalid" not in {r["host"] for r in cloud.cli("role", "list")["roles"]}
