@@ -532,3 +532,19 @@ def test_a_forced_upgrade_never_frees_a_port(cloud: LocalCloud, tmp_path: Path) 
     _report("sitecloud upgrade --force (front end's HTTP port)", prober, squatted)
     _assert_held(prober, squatted)
     assert cloud.get("held", "/")[::2] == (200, b"held page")
+
+
+def test_an_upgrade_rolls_the_local_roles_started_on_older_code(cloud: LocalCloud) -> None:
+    # Each local role's process records the checkout's code it was started from: a plain upgrade
+    # leaves those on the current code, and restarts one on older code (the checkout pulled since).
+    digest = cloud.cli("upgrade", timeout=180)["code"]
+    before = cloud.role_pids()
+    assert (cloud.home / "roles" / "publisher" / "code.hash").read_text().strip() == digest
+    (cloud.home / "roles" / "publisher" / "code.hash").write_text("0123456789abcdef\n")
+    done = cloud.cli("upgrade", timeout=180)
+    assert [r["role"] for r in done["upgraded"]] == ["publisher"], done
+    skipped = {r["role"]: r["reason"] for r in done["skipped"]}
+    assert skipped["worker"] == f"already on {digest}", skipped
+    after = cloud.role_pids()
+    assert after["publisher"] != before["publisher"] and after["worker"] == before["worker"]
+    assert (cloud.home / "roles" / "publisher" / "code.hash").read_text().strip() == digest

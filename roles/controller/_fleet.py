@@ -584,18 +584,21 @@ class Fleet:
                 code=digest, upgraded=upgraded, skipped=skipped, seconds=round(time.monotonic() - started, 2)
             )
 
-    @staticmethod
-    def _skip(row: _RoleRow, digest: str, force: bool) -> str:
+    def _skip(self, row: _RoleRow, digest: str, force: bool) -> str:
         if row.desired_state != "running":
             return "stopped"
         if row.fabric == "local" and row.kind == "management":
             return "serves this request; restart it with `sitecloud role restart management localhost`"
+        if row.fabric == "local":
+            # A process here runs the checkout's code as it was when the process started.
+            started_on = _read_or_empty(
+                RoleSpec(row.kind, LOCAL_HOST, self.home.role_home(row.kind)).code_file
+            )
+            if not force and started_on == digest:
+                return f"already on {digest}"
+            return ""
         if not force and row.code_hash == digest:
             return f"already on {digest}"
-        if not force and row.fabric == "local":
-            # Its process runs the code the checkout had when it started, which may be older: nothing
-            # here records which, so say how to roll it.
-            return "runs from this machine's checkout: `sitecloud upgrade --force` restarts it on the current code"
         return ""
 
     async def _upgrade_one(self, row: _RoleRow, progress: Progress) -> None:
@@ -611,3 +614,10 @@ class Fleet:
         finally:
             self.hooks.route_around(row.id, False)
         await self.hooks.converge()
+
+
+def _read_or_empty(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""

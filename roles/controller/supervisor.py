@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from roles.controller._pids import STABLE_AFTER, pid_alive, running_role
+from roles.controller.fabric._wheelhouse import code_hash
 from roles.controller.fabric.base import RoleSpec
 from shared.backoff import Backoff
 from shared.listeners import ENV_HANDBACK, HeldListeners, listener_specs
@@ -83,6 +84,8 @@ class RoleProcessSupervisor:
 
     async def _spawn(self) -> None:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        # The checkout's code as the new process imports it (read before it starts).
+        started_on = await asyncio.to_thread(code_hash)
         self._hold_listeners()
         listen_env, fds = self._listeners.child_env()
         with self.log_file.open("ab") as log:
@@ -103,6 +106,7 @@ class RoleProcessSupervisor:
             )
         self._adopted_pid = None
         self._pid_file.write_text(f"{self._proc.pid}\n")
+        self.spec.code_file.write_text(f"{started_on}\n")
         self.state, self.reason = "running", ""
 
     async def _wait_exit(self) -> int | None:

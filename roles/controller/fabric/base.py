@@ -42,6 +42,13 @@ class RoleSpec:
         return self.home / "role.json"
 
     @property
+    def code_file(self) -> Path:
+        """The code hash of the checkout a local role's process was started from
+        (``roles.controller.fabric._wheelhouse.code_hash``): a rolling upgrade restarts the ones on
+        older code."""
+        return self.home / "code.hash"
+
+    @property
     def pid_file(self) -> Path:
         return self.home / "role.pid"
 
