@@ -402,14 +402,7 @@ class Fleet:
         if action == "remove" and row.fabric == "ssh" and row.host not in await self._ssh_hosts():
             # Its add never reached the host (a name that does not resolve, say): nothing of it is
             # there, so only its record goes.
-            await asyncio.to_thread(self._delete_role, row.id)
-            await self.hooks.converge()
-            return RoleOutcome(
-                role=row.kind,
-                host=row.host,
-                state=RoleState.REMOVED,
-                seconds=round(time.monotonic() - started, 2),
-            )
+            return await self._forget(row, started, None)
         launcher = self.launcher(row.host, row.fabric)
         assert isinstance(launcher, RemoteLauncher)
         spec = RoleSpec(row.kind, row.host, Path(str(launcher.role_home(row.kind))))
@@ -480,6 +473,10 @@ class Fleet:
             )
             self._log.warning("role %s on %s %s", row.kind, row.host, reason)
         progress(FleetProgress(role=row.kind, host=row.host, step="remove", phase="done"))
+        return await self._forget(row, started, reason)
+
+    async def _forget(self, row: _RoleRow, started: float, reason: str | None) -> RoleOutcome:
+        """The role's record goes (whatever was done on its host before), and the routes follow."""
         await asyncio.to_thread(self._delete_role, row.id)
         await self.hooks.converge()
         return RoleOutcome(
