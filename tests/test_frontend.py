@@ -863,3 +863,59 @@ def test_a_swapped_address_is_served_by_the_other_slot_s_workers_under_its_name(
     assert routes.hosts[b"app-staging.sites.localhost"].name == "app"
     # A name that is not a site's fails that entry alone.
     assert "bad" in routes.failed and routes.sites == 2
+
+
+def test_visitors_that_stop_reading_are_cut_past_the_bound_longest_stalled_first(
+    cloud: CloudPKI, origins: tuple[Origin, Origin], tmp_path: Path
+) -> None:
+    # Each visitor that stops reading a big answer holds about a megabyte of the front end (the answer
+    # read ahead from the worker, TLS buffers): past max_stalled_readers, the longest stalled go.
+    a, _ = origins
+    proc = RoleProcess(
+        _frontend_config(cloud, tmp_path / "fe", max_stalled_readers=2, stalled_grace=0.5, body_timeout=60.0),
+        cloud,
+    )
+    with proc.running():
+        route(proc, {"blog": [a.address]})
+        port = http_port(proc)
+        stalled: list[socket.socket] = []
+        try:
+            for _ in range(5):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(f"GET /big?n={50 * 1024 * 1024} HTTP/1.1\r\nHost: {BLOG}\r\n\r\n".encode())
+                stalled.append(sock)
+                time.sleep(0.3)  # each stalls after the one before: the first ones go first
+
+            def cut() -> list[int]:
+                return [i for i, s in enumerate(stalled) if _closed_by_peer(s)]
+
+            assert wait_until(lambda: len(cut()) >= 3 and cut(), timeout=15, what="3 cut") == [0, 1, 2]
+            assert proc.health()["stalled_readers_cut"] >= 3
+            # Others are served as ever.
+            conn = http_conn(proc)
+            try:
+                status, _, body = fetch(conn, "/echo")
+            finally:
+                conn.close()
+            assert status == 200 and json.loads(body)["origin"] == "a"
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the peer closed or reset ``sock`` (what was sent before is drained, unread)."""
+    sock.setblocking(False)
+    try:
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.setblocking(True)

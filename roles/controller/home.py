@@ -70,7 +70,9 @@ ROLE_SETTINGS: dict[str, frozenset[str]] = {
             "build_unreached_grace",
         }
     ),
-    "frontend": frozenset({"max_connections_per_ip", "handshake_share"}),
+    "frontend": frozenset(
+        {"max_connections_per_ip", "handshake_share", "max_stalled_readers", "stalled_grace"}
+    ),
     "worker": frozenset({"app_home_removal_delay"}),
     "management": frozenset(
         {

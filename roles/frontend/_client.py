@@ -216,6 +216,11 @@ class ClientConnection(asyncio.Protocol):
             return True  # answer what was asked (a plain TCP half-close); close after it
         return None
 
+    @property
+    def stalled_since(self) -> float:
+        """When the visitor stopped taking what is written to it (0: it takes it)."""
+        return self.write_deadline - self._proxy.body_timeout if self._write_paused else 0.0
+
     def pause_writing(self) -> None:
         self._write_paused = True
         self.write_deadline = self._proxy.loop.time() + self._proxy.body_timeout

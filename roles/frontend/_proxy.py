@@ -52,6 +52,8 @@ class Client(Protocol):
     def check(self, now: float) -> bool: ...
     def close_if_idle(self) -> None: ...
     def abort(self) -> None: ...
+    @property
+    def stalled_since(self) -> float: ...
 
 
 class UpstreamRefused(OSError):
@@ -91,6 +93,9 @@ class Proxy:
         self.header_timeout = config.header_timeout
         self.idle_timeout = config.idle_timeout
         self.body_timeout = config.body_timeout
+        self.max_stalled_readers = config.max_stalled_readers
+        self.stalled_grace = config.stalled_grace
+        self.stalled_cut = 0
         self.max_header_bytes = config.max_header_bytes
         self.max_headers = config.max_headers
         self.connect_timeout = config.connect_timeout
@@ -377,6 +382,8 @@ class Proxy:
                 cut += 1
                 if cut >= _CUTS_PER_SWEEP:
                     break
+        if self.max_stalled_readers:
+            self._cut_stalled_readers(now)
         for conn in list(self.upstream_conns):
             conn.check(now)
         for up in self.upstreams.values():
@@ -384,6 +391,24 @@ class Proxy:
                 up.feed.check(now)
         delay = self._tick if cut < _CUTS_PER_SWEEP else _SWEEP_AGAIN
         self._sweeper = self.loop.call_later(delay, self._sweep)
+
+    def _cut_stalled_readers(self, now: float) -> None:
+        """Past ``max_stalled_readers`` visitors that stopped reading an answer, the ones stalled
+        longest (at least ``stalled_grace``) are cut: each holds about a megabyte here."""
+        stalled = [(since, c) for c in self.clients if (since := c.stalled_since)]
+        excess = len(stalled) - self.max_stalled_readers
+        if excess <= 0:
+            return
+        stalled.sort(key=lambda pair: pair[0])
+        cut = 0
+        for since, client in stalled[:excess]:
+            if now - since < self.stalled_grace:
+                break
+            client.abort()
+            cut += 1
+        if cut:
+            self.stalled_cut += cut
+            self.log.warning("cut %d visitor connections that stopped reading their answers", cut)
 
     # -- figures and lifecycle ------------------------------------------------------------------------
 
@@ -397,6 +422,7 @@ class Proxy:
             "wildcard": "acme" if self.wildcard is not None else "cloud-ca",
             "client_connections": len(self.clients),
             "connections_refused": self.counts.refused_connections,
+            "stalled_readers_cut": self.stalled_cut,
             # New TLS handshakes that waited for their share of this process's time, and wait now.
             "tls_handshakes_waited": self.handshakes.held,
             "tls_handshakes_waiting": self.handshakes.queued,

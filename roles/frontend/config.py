@@ -53,11 +53,18 @@ class FrontendConfig(ServingConfig):
     # once (a flood, a slowloris wave reconnecting); past it they wait their turn, one client address
     # after another (roles/frontend/_handshakes.py). 1: no bound.
     handshake_share: float = 0.1
+    # Visitor connections per serving process that may sit with an answer they stopped reading (each
+    # holds about a megabyte: the answer read ahead from the worker, TLS buffers); past it the ones
+    # stalled longest, for at least stalled_grace seconds, are cut. A slow-read attack from many
+    # addresses is then bounded by this, not by memory. 0: no limit (body_timeout alone).
+    max_stalled_readers: int = 512
+    stalled_grace: float = 5.0
 
     def __post_init__(self) -> None:
-        value = self.max_connections_per_ip
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"max_connections_per_ip must be a whole number >= 0, not {value!r}")
+        for name in ("max_connections_per_ip", "max_stalled_readers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
         share = self.handshake_share
         if isinstance(share, bool) or not isinstance(share, int | float) or not 0.01 <= share <= 1:
             raise ValueError(f"handshake_share must be a number from 0.01 to 1, not {share!r}")

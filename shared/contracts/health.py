@@ -107,6 +107,8 @@ class FrontendFigures(RoleFigures):
     client_connections: Count | None = None
     # Connections closed at accept: their address held max_connections_per_ip already.
     connections_refused: Count | None = None
+    # Visitor connections cut for sitting on an answer they stopped reading (max_stalled_readers).
+    stalled_readers_cut: Count | None = None
     # New TLS handshakes that waited for their share of the process's time, and that wait now.
     tls_handshakes_waited: Count | None = None
     tls_handshakes_waiting: Count | None = None
