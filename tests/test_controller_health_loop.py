@@ -8,7 +8,10 @@ revived or routed around any more, also after the DB came back.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
+
+import pytest
 
 from roles.controller.config import CloudConfig
 from roles.controller.controller import Controller
@@ -47,3 +50,37 @@ def test_a_failing_record_does_not_end_the_health_loop(tmp_path: Path) -> None:
     # after that nothing changed any more.
     assert records[:4] == [True, True, True, True] and not any(records[4:]), records
     assert controller._routed_down == frozenset({1})
+
+
+def test_a_reconcile_outage_is_logged_once_not_every_pass(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # While the runtime DB is down every pass fails: its traceback once, then a line when passes work.
+    controller = Controller(CloudConfig(home=tmp_path / "home"))
+    passes: list[int] = []
+
+    async def reconcile_once() -> None:
+        passes.append(1)
+        if len(passes) <= 5:
+            raise RuntimeError("connection refused")
+        controller._nudge.set()  # (no 2 s wait between passes in the test)
+
+    controller.reconcile_once = reconcile_once  # type: ignore[method-assign]
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(controller._reconcile_loop(stop))
+        for _ in range(500):
+            controller._nudge.set()
+            if len(passes) >= 7:
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        controller._nudge.set()
+        await asyncio.wait_for(task, 5)
+
+    with caplog.at_level(logging.INFO, logger="sitecloud.controller"):
+        asyncio.run(run())
+    failed = [r for r in caplog.records if "reconcile pass failed" in r.getMessage()]
+    assert len(passes) >= 7 and len(failed) == 1 and failed[0].exc_info is not None, caplog.text
+    assert sum("reconcile passes work again" in r.getMessage() for r in caplog.records) == 1

@@ -442,14 +442,24 @@ class Controller:
         return state
 
     async def _reconcile_loop(self, stop: asyncio.Event) -> None:
+        failing = ""
         while not stop.is_set():
             self._nudge.clear()
             started = time.perf_counter()
             try:
                 await self.reconcile_once()
-            except Exception:
+            except Exception as exc:
                 self._reconcile_failures.inc()
-                self._log.exception("reconcile pass failed; retrying")
+                # The whole traceback once per kind of failure, not every pass of an outage (the
+                # runtime DB down printed one every 2 s on the `up` terminal).
+                why = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                if why != failing:
+                    self._log.exception("reconcile pass failed; retrying every %s s", _RECONCILE_EVERY)
+                failing = why
+            else:
+                if failing:
+                    self._log.info("reconcile passes work again")
+                failing = ""
             self._reconcile_seconds.observe(time.perf_counter() - started)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._nudge.wait(), _RECONCILE_EVERY)
