@@ -131,6 +131,12 @@ class LocalCloud:
             out.append(f"--- {path.name} ---\n{path.read_text(errors='replace')[-4000:]}")
         return "\n".join(out)
 
+    def _log_tail(self, name: str, size: int = 6000) -> str:
+        try:
+            return (self.home / "logs" / name).read_text(errors="replace")[-size:]
+        except OSError:
+            return ""
+
     def role_pids(self) -> dict[str, int]:
         pids = {}
         for pidfile in (self.home / "roles").glob("*/role.pid"):
@@ -172,8 +178,11 @@ class LocalCloud:
             env["SITECLOUD_TOKEN"] = token
         proc = run_cli(["--home", str(self.home), *args, "--json"], env=env, timeout=timeout)
         if check and proc.returncode != 0:
+            # An internal error's cause is in management's log, which goes with the cloud's home.
+            logged = self._log_tail("management.log") if b"internal_error" in proc.stdout else ""
             raise AssertionError(
                 f"sitecloud {' '.join(args)} failed ({proc.returncode}): {proc.stdout!r} {proc.stderr!r}"
+                + (f"\n--- management.log ---\n{logged}" if logged else "")
             )
         out = proc.stdout.decode().strip()
         return json.loads(out) if out else None
