@@ -138,6 +138,38 @@ def test_packed_versions_change_in_place_rebuild_as_files_and_are_collected(tmp_
     assert not list((tmp_path / "packs").iterdir())
 
 
+def test_many_changes_in_place_are_folded_into_a_new_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A site published file by file for months: each change rewrote the list of all changes since the
+    # index was built. Past a bound they are folded into a new index, and the list starts again.
+    monkeypatch.setattr("roles.worker._cache.FOLD_CHANGES_AT", 3)
+    cache = ContentCache(tmp_path)
+    home, page, one, two, three = _packed(cache, [b"home", b"page", b"one", b"two", b"three"])
+    v1 = cache.build_version("blog", "c1", 1, {"index.html": home, "a/p.html": page}, [], packed=True)
+    changes = Path(v1.root + ".changes")
+    v2 = cache.apply_changes("blog", v1, 2, {"one.html": one, "a/p.html": None}, [])
+    assert changes.exists() and v2.files.changed == 2
+    # A serving process takes the index it read over to the next number, then reads the changes: the
+    # fold lands in between.
+    served = VersionFiles(v2.root)
+    served.inherit(v2.files)
+    v3 = cache.apply_changes("blog", v2, 3, {"two.html": two, "three.html": three}, [])
+    assert not changes.exists() and v3.files.changed == 0
+    for view in (v3.files, served, ContentCache(tmp_path).load_current("blog").files):  # type: ignore[union-attr]
+        assert view.get("a/p.html") is None  # (gone in the changes, gone in the fold)
+        found = {rel: view.get(rel) for rel in ("index.html", "one.html", "two.html", "three.html")}
+        assert all(hit is not None for hit in found.values()), found
+        three_hit = found["three.html"]
+        assert three_hit is not None
+        with open(three_hit.pack, "rb") as f:
+            assert os.pread(f.fileno(), three_hit.size, three_hit.offset) == b"three"
+    # The packs the folded index names are kept by collection.
+    cache.prune("blog", set())
+    cache.collect_blobs()
+    assert ContentCache(tmp_path).load_current("blog").files.get("one.html") is not None  # type: ignore[union-attr]
+
+
 def test_an_index_written_again_at_the_same_path_is_read_again(tmp_path: Path) -> None:
     # A serving process hands what it read of a version's index on to the version's next number when
     # only changes were made in place; a directory built again at the same path has a new index.

@@ -78,7 +78,15 @@ class ChangeFeed:
         """The changes after ``since``, and whether the caller must reset instead."""
         if since < self._floor or since > self.seq:
             return [], True
-        return [c for c in self._log if c["seq"] > since], False
+        # From the newest back (seqs in the log are consecutive): a poll costs what it is told, not
+        # the log's length (a whole-log scan per poll was a sixth of the fileserver's CPU in a mirror).
+        news: list[ChangeEvent] = []
+        for change in reversed(self._log):
+            if change["seq"] <= since:
+                break
+            news.append(change)
+        news.reverse()
+        return news, False
 
     async def wait(self, since: int, timeout: float) -> ChangeFeedPage:
         """The answer to ``GET /v1/changes``: at once if there is news, else after a change or ``timeout``."""

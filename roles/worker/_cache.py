@@ -40,6 +40,7 @@ from pathlib import Path
 from roles.worker._fallback import Fallbacks, fallbacks
 from roles.worker._packs import (
     CHANGES_SUFFIX,
+    FOLD_CHANGES_AT,
     INDEX_SUFFIX,
     IndexBuilder,
     PackedFile,
@@ -443,9 +444,15 @@ class ContentCache:
             os.replace(tmp, dest)
             if packed:
                 overlay[rel] = None  # (the file in the directory is served, not the index's)
+        changed = SiteVersion(version, current.root, current.content_id)
+        if packed and len(overlay) > FOLD_CHANGES_AT:
+            index = current.files.folded(overlay)
+            os.replace(index.write(current.root), index_path(current.root))
+            Path(changes_path(current.root)).unlink(missing_ok=True)
+            changed.files.adopt(index)
+            return changed
         if overlay != before:
             write_changes(current.root, overlay)
-        changed = SiteVersion(version, current.root, current.content_id)
         changed.files.inherit(current.files)
         changed.files.load()
         return changed

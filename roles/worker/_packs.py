@@ -11,8 +11,11 @@ A static version then lists its small files in ``sites/<site>/v<N>.files`` (path
 mtime, validator) beside its directory, which keeps the folders (and any large file, hard-linked as
 before). Both are immutable once renamed into place. File-by-file changes (FTP) are listed in
 ``v<N>.changes``, replaced whole with a rename on each change, so a change costs what changed since the
-version was built, not the site's size. A pack no index or changes file names is deleted by
-collection; a pack that one still names is kept whole, even when most of its blobs are no longer used.
+version was built, not the site's size. Past ``FOLD_CHANGES_AT`` of them they are folded into a new
+index (renamed over the old one) and the changes file goes, so a site published file by file for
+months does not rewrite and re-read all it ever changed on each upload. A pack no index or changes
+file names is deleted by collection; a pack that one still names is kept whole, even when most of its
+blobs are no longer used.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 __all__ = [
     "CHANGES_SUFFIX",
+    "FOLD_CHANGES_AT",
     "INDEX_SUFFIX",
     "IndexBuilder",
     "PackStore",
@@ -48,6 +52,9 @@ _TRAILER = struct.Struct(">Q8s")
 _SUFFIX = ".pack"
 INDEX_SUFFIX = ".files"
 CHANGES_SUFFIX = ".changes"
+# Changes in place past this many are folded into a new index: each change rewrites the list of them
+# (at most this many entries), and a fold costs one index of the site per this many changes.
+FOLD_CHANGES_AT = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,23 +199,44 @@ class VersionFiles:
         if self._loaded:
             return self._base is not None
         packs = _packs_dir_of(self._root)
-        if self._base is None:
+        while True:
+            if self._base is None:
+                try:
+                    with open(index_path(self._root), "rb") as f:
+                        st = os.fstat(f.fileno())
+                        raw = json.loads(f.read())
+                except FileNotFoundError:
+                    self._loaded = True
+                    return False
+                self._base = ([f"{packs}/{name}{_SUFFIX}" for name in raw["packs"]], raw["files"])
+                self._stamp = (st.st_ino, st.st_mtime_ns)
             try:
-                with open(index_path(self._root), "rb") as f:
-                    st = os.fstat(f.fileno())
-                    raw = json.loads(f.read())
+                self._changes = _read(changes_path(self._root))["files"]
             except FileNotFoundError:
-                self._loaded = True
-                return False
-            self._base = ([f"{packs}/{name}{_SUFFIX}" for name in raw["packs"]], raw["files"])
-            self._stamp = (st.st_ino, st.st_mtime_ns)
-        try:
-            self._changes = _read(changes_path(self._root))["files"]
-        except FileNotFoundError:
-            self._changes = {}
+                self._changes = {}
+            # A fold between reading the index and its changes leaves the index read without the
+            # changes it took in: read both again.
+            if _stamp(index_path(self._root)) == self._stamp:
+                break
+            self._base = None
         self._packs = packs
         self._loaded = True
         return True
+
+    def folded(self, changes: Mapping[str, PackedFile | None]) -> IndexBuilder:
+        """The index with ``changes`` (all changes in place, as :meth:`changes` gives them and more)
+        folded in: the new index for the version's directory, with no changes file beside it."""
+        self.load()
+        built = IndexBuilder()
+        if self._base is not None:
+            pack_paths, files = self._base
+            for rel, e in files.items():
+                if rel not in changes:
+                    built.add(rel, (pack_paths[e[0]], e[1], e[2]), e[3], e[4])
+        for rel, pf in changes.items():
+            if pf is not None:
+                built.add(rel, (pf.pack, pf.offset, pf.size), pf.mtime, pf.tag)
+        return built
 
     @property
     def packed(self) -> bool:
