@@ -222,6 +222,30 @@ def test_reserved_workers_take_only_their_subscription_s_sites() -> None:
     assert adds == [(1, 8)] and removes == [(1, 7)]
 
 
+def test_a_reserved_plan_s_sites_go_to_workers_of_its_size_reserved_for_them() -> None:
+    # Workers 7, 8 shared (small); 9 reserved for subscription 20, small; 10 and 11 for 20, large.
+    workers = [
+        WorkerSlot(7),
+        WorkerSlot(8),
+        WorkerSlot(9, 20, "small"),
+        WorkerSlot(10, 20, "large"),
+        WorkerSlot(11, 20, "large"),
+    ]
+    adds, _ = plan_placement([(1, 20, None, "large"), (2, 20, None, "small"), (3, 20)], workers, {})
+    assert {w for s, w in adds if s == 1} == {10, 11}
+    assert {w for s, w in adds if s == 2} == {9}
+    # A shared plan's site of the same subscription takes every worker reserved for it, of any size.
+    assert {w for s, w in adds if s == 3} <= {9, 10, 11}
+    # A reserved plan with no worker of its size reserved for it runs on the shared workers for now
+    # (the site says so), and moves once one is reserved.
+    adds, _ = plan_placement([(4, 30, None, "medium")], workers, {})
+    assert {w for _, w in adds} == {7, 8}
+    adds, removes = plan_placement(
+        [(4, 30, None, "medium")], [*workers, WorkerSlot(12, 30, "medium")], {4: {7, 8}}
+    )
+    assert adds == [(4, 12)] and sorted(removes) == [(4, 7), (4, 8)]
+
+
 def _state(down: frozenset[int] = frozenset()) -> DesiredState:
     roles = [
         RoleEndpoint(1, "frontend", "fe1", 7404, {}, fabric="netns"),

@@ -41,6 +41,8 @@ pytestmark = [
 ]
 
 HOSTS = {"web7": "worker", "fe7": "frontend"}
+# A worker reserved for one subscription, added by its own test.
+RESERVED_HOST = "web8"
 GATEWAY = str(next(SUBNET.hosts()))
 SITE = "mixed"
 BODY = b"<h1>served by a worker on another host</h1>"
@@ -50,7 +52,7 @@ BODY = b"<h1>served by a worker on another host</h1>"
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
     home = tmp_path_factory.mktemp("mixed") / "home"
     # The wheelhouse is whatever `up` built ahead (or the first add builds), as for a user.
-    yield from netns_cloud(home, HOSTS, ("--advertise", GATEWAY, "--usage-interval", "1"))
+    yield from netns_cloud(home, [*HOSTS, RESERVED_HOST], ("--advertise", GATEWAY, "--usage-interval", "1"))
 
 
 def _roles(cloud: LocalCloud) -> dict[tuple[str, str], dict[str, Any]]:
@@ -192,6 +194,51 @@ def test_a_worker_that_keeps_dying_on_its_host_is_failed_with_its_exit_not_a_hos
         main.write_bytes(code)
     cloud.cli("role", "restart", "worker", "web7", timeout=60)
     wait_until(lambda: _roles(cloud)[("worker", "web7")]["state"] == "Ready", timeout=30, what="web7 back")
+
+
+def test_a_reserved_plan_s_site_moves_to_the_worker_reserved_for_it(
+    cloud: LocalCloud, tmp_path: Path
+) -> None:
+    # A plan's compute mode was stored and not applied: its sites ran on the shared workers, as every
+    # other tenant's, with nothing said.
+    cloud.cli("plan", "create", "dedicated", "--max-sites", "1", "--storage-mb", "10",
+              "--compute-mode", "reserved", "--worker-size", "large")  # fmt: skip
+    cloud.cli("tenant", "create", "woodgrove")
+    sub = cloud.cli("subscription", "create", "--tenant", "woodgrove", "--plan", "dedicated")["id"]
+    cloud.cli("site", "create", "dedicated", "--subscription", str(sub))
+    (tmp_path / "index.html").write_bytes(BODY)
+    cloud.cli("deploy", "dedicated", str(tmp_path), timeout=60)
+
+    def shown() -> dict[str, Any]:
+        return dict(cloud.cli("site", "show", "dedicated"))
+
+    def on() -> set[str]:
+        return {str(a.get("worker")) for a in shown()["apps"]}
+
+    # No large worker is reserved for it yet: it runs on the shared workers, and says so.
+    site = wait_until(lambda: (s := shown())["problems"] and s, timeout=20, what="the placement problem")
+    assert site["problems"][0]["kind"] == "placement", site["problems"]
+    assert f"--size large --reserved-for {sub}" in site["problems"][0]["reason"]
+    assert RESERVED_HOST not in on()
+    assert https_get_via(cloud, "fe7", "dedicated") == (200, BODY)
+
+    assert cloud.cli("host", "create", RESERVED_HOST, "--fabric", "netns")["state"] == "ready"
+    try:
+        added = cloud.cli("role", "add", "worker", RESERVED_HOST, "--size", "large", "--reserved-for",
+                          str(sub), timeout=180)  # fmt: skip
+        assert added["state"] == "Ready", added
+        wait_until(lambda: on() == {RESERVED_HOST}, timeout=30, what="the site on its reserved worker alone")
+        assert shown()["problems"] == []
+        wait_until(
+            lambda: https_get_via(cloud, "fe7", "dedicated") == (200, BODY),
+            timeout=20,
+            what="served from web8",
+        )
+        # No other tenant's site is put on it.
+        mixed = {str(a.get("worker")) for a in cloud.cli("site", "show", SITE)["apps"]}
+        assert RESERVED_HOST not in mixed, mixed
+    finally:
+        cloud.cli("role", "remove", "worker", RESERVED_HOST, "--yes", check=False, timeout=60)
 
 
 def test_a_role_on_a_host_gone_for_good_is_removed_with_forget(cloud: LocalCloud) -> None:

@@ -364,6 +364,10 @@ def test_a_site_the_controller_has_not_applied_says_so_on_its_pages(
         cloud.worker_runs()
         assert badges() == {k: ["running"] for k in ("home", "site", "admin")}
         assert page.locator(".not-live").count() == 0
+        # Live, and no worker placed it (no controller runs here to place it): its page says so.
+        assert page.inner_text(".alert") == (
+            "This site cannot be served: no worker runs it (the cloud's admin must add one)"
+        )
     finally:
         cloud.worker_runs(1)  # as the module's cloud began
     ctx.close()

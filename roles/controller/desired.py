@@ -33,6 +33,7 @@ from shared.contracts.snapshots import (
     WorkerSnapshot,
 )
 from shared.db import (
+    DEFAULT_WORKER_SIZE,
     Host,
     Plan,
     Role,
@@ -60,6 +61,7 @@ __all__ = [
     "read_desired",
     "snapshots_for",
     "unreachable_needs",
+    "worker_pool",
 ]
 
 S = TypeVar("S", bound=Snapshot)
@@ -160,10 +162,21 @@ class DesiredState:
 class WorkerSlot:
     id: int
     reserved_for: int | None = None
+    size: str = DEFAULT_WORKER_SIZE
+
+
+def worker_pool(workers: Collection[WorkerSlot], subscription: int, reserved_size: str | None) -> list[int]:
+    """The workers a subscription's sites run on. A reserved plan's (``reserved_size``): the workers
+    reserved for the subscription of that size. Otherwise, or while there are none: the workers
+    reserved for it of any size if a shared plan's, else the shared workers (reserved for nobody)."""
+    mine = [w for w in workers if w.reserved_for == subscription]
+    if reserved_size is not None:
+        mine = [w for w in mine if w.size == reserved_size]
+    return [w.id for w in mine] or [w.id for w in workers if w.reserved_for is None]
 
 
 def plan_placement(
-    sites: Iterable[tuple[int, int] | tuple[int, int, int | None]],
+    sites: Iterable[tuple[int, int] | tuple[int, int, int | None] | tuple[int, int, int | None, str | None]],
     workers: Collection[WorkerSlot],
     assignments: dict[int, set[int]],
     down: Collection[int] = (),
@@ -172,10 +185,10 @@ def plan_placement(
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Which (site, worker) assignments to add and to remove.
 
-    ``sites`` are (site id, subscription id[, instances]). A site's pool is the workers reserved for its
-    subscription if there are any, else the shared workers (those reserved for nobody). Each site
-    gets ``replicas`` healthy workers of its pool (the least loaded first). An assignment on a down
-    worker is kept, so the worker rejoins with its sites; one outside the pool, or one too many on
+    ``sites`` are (site id, subscription id[, instances[, reserved size]]); the reserved size is the
+    plan's worker size when its compute mode is reserved. A site's pool is :func:`worker_pool`. Each
+    site gets ``replicas`` healthy workers of its pool (the least loaded first). An assignment on a
+    down worker is kept, so the worker rejoins with its sites; one outside the pool, or one too many on
     healthy workers, is dropped once the site has enough healthy workers in its pool.
     """
     load = {w.id: 0 for w in workers}
@@ -183,13 +196,15 @@ def plan_placement(
         for wid in held:
             if wid in load:
                 load[wid] += 1
-    shared = [w.id for w in workers if w.reserved_for is None]
     adds: list[tuple[int, int]] = []
     removes: list[tuple[int, int]] = []
-    for site_id, sub_id, *scale in sites:
-        pool = [w.id for w in workers if w.reserved_for == sub_id] or shared
+    for site_id, sub_id, *more in sites:
+        instances = more[0] if more else None
+        reserved_size = more[1] if len(more) > 1 else None
+        assert (instances is None or isinstance(instances, int)) and not isinstance(reserved_size, int)
+        pool = worker_pool(workers, sub_id, reserved_size)
         current = set(assignments.get(site_id, set()))
-        want = min(max(replicas, (scale[0] if scale else None) or 0), len(pool))
+        want = min(max(replicas, instances or 0), len(pool))
         healthy = [w for w in current if w in pool and w not in down]
         candidates = sorted(
             (w for w in pool if w not in current and w not in down), key=lambda w: (load[w], w)
@@ -214,19 +229,27 @@ def place_sites(session: Session, down: Collection[int] = (), *, absent: Collect
     ``absent`` workers do not answer: one that never has (no heartbeat ever recorded: a host that does
     not resolve, an install that failed) keeps no sites, unlike one that is down for a while."""
     workers = [
-        WorkerSlot(r.id, r.reserved_for_id)
+        WorkerSlot(r.id, r.reserved_for_id, r.size or DEFAULT_WORKER_SIZE)
         for r in session.scalars(select(Role).where(Role.kind == "worker").order_by(Role.id))
         if r.id not in absent or r.last_heartbeat is not None
     ]
     if not workers:
         return 0
     live = session.execute(
-        select(Site.id, Site.subscription_id, Site.instances).where(Site.state == "running").order_by(Site.id)
+        select(Site.id, Site.subscription_id, Site.instances, Plan.compute_mode, Plan.worker_size)
+        .join(Subscription, Site.subscription_id == Subscription.id)
+        .join(Plan, Subscription.plan_id == Plan.id)
+        .where(Site.state == "running")
+        .order_by(Site.id)
     ).all()
     assignments: dict[int, set[int]] = {}
     for site_id, role_id in session.execute(select(SiteAssignment.site_id, SiteAssignment.role_id)):
         assignments.setdefault(site_id, set()).add(role_id)
-    adds, removes = plan_placement([(s, sub, n) for s, sub, n in live], workers, assignments, down)
+    wanted = [
+        (s, sub, n, (size or DEFAULT_WORKER_SIZE) if mode == "reserved" else None)
+        for s, sub, n, mode, size in live
+    ]
+    adds, removes = plan_placement(wanted, workers, assignments, down)
     for site_id, role_id in adds:
         session.add(SiteAssignment(site_id=site_id, role_id=role_id))
     for site_id, role_id in removes:

@@ -593,6 +593,11 @@ class Deploy(Answer):
 
 class SiteProblem(Answer):
     worker: str | None = Field(None, description="the worker's host (an admin's view only)")
+    kind: Literal["cannot_serve", "placement"] = Field(
+        "cannot_serve",
+        description="cannot_serve: the site is not served (by that worker); placement: it is served, but not "
+        "where its plan says (a reserved plan's site on shared workers)",
+    )
     reason: str
 
 

@@ -31,6 +31,7 @@ from shared.acme import BACKOFF_FIRST, AcmeSettings
 from shared.appsettings import check_app_setting
 from shared.credentials import hash_password, hash_token, new_password, new_token
 from shared.db import (
+    DEFAULT_WORKER_SIZE,
     ApiToken,
     CustomHostname,
     Database,
@@ -709,6 +710,10 @@ class Store:
             },
             "problems": _site_problems(site, by_host=who.is_admin),
         }
+        if state is SiteState.RUNNING and not _not_live_yet(site):
+            placement = _placement_problem(site, by_host=who.is_admin)
+            if placement is not None:
+                answer["problems"].insert(0, placement)
         if state is SiteState.RUNNING and _not_live_yet(site):
             answer["pending"] = (
                 f"not live yet: site {site.name} is stored as running, but the cloud's controller has "
@@ -1556,6 +1561,31 @@ def _not_live_yet(site: Site) -> bool:
     )
     # With no role serving, there is nothing to wait for (nor anything that serves: another matter).
     return lowest is not None and lowest < site.live_from
+
+
+def _placement_problem(site: Site, *, by_host: bool) -> Json | None:
+    """Why a running site runs on no worker, or not on the workers its plan promises (a reserved
+    plan's sites fall back to the shared workers while none of its size is reserved for them)."""
+    plan, sub = site.subscription.plan, site.subscription_id
+    workers = [a.role for a in site.assignments]
+    if plan.compute_mode == "reserved":
+        size = plan.worker_size or DEFAULT_WORKER_SIZE
+        if any(r.reserved_for_id == sub and (r.size or DEFAULT_WORKER_SIZE) == size for r in workers):
+            return None
+        if workers:
+            fix = f"add one: sitecloud role add worker HOST --size {size} --reserved-for {sub}"
+            until = fix if by_host else "until the cloud's admin reserves one"
+            return {
+                "kind": "placement",
+                "reason": f"its plan runs it on {size} workers reserved for its subscription; none is, so it "
+                f"runs on shared workers for now ({until})",
+            }
+    if workers:
+        return None
+    return {
+        "reason": "no worker runs it"
+        + (" (add one: sitecloud role add worker HOST)" if by_host else " (the cloud's admin must add one)")
+    }
 
 
 def _site_problems(site: Site, *, by_host: bool) -> list[Json]:

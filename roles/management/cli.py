@@ -320,7 +320,10 @@ def _show_site(site: Any, a: argparse.Namespace) -> None:
     print_fields(_site_fields(site))
     for problem in site.get("problems", []):
         by = f" by worker {problem['worker']}" if problem.get("worker") else ""
-        out(f"cannot be served{by}: {problem['reason']}")
+        if problem.get("kind") == "placement":
+            out(f"placement: {problem['reason']}")
+        else:
+            out(f"cannot be served{by}: {problem['reason']}")
     apps = site.get("apps") or []
     for number, app in enumerate(apps, 1):
         if app.get("runtime", "static") != "static" or app.get("state") == "unknown":

@@ -1,6 +1,7 @@
 """The runtime DB: models, sessions and migrations. Only controller and management use it."""
 
 from shared.db.models import (
+    DEFAULT_WORKER_SIZE,
     ApiToken,
     Base,
     CloudState,
@@ -23,6 +24,7 @@ from shared.db.models import (
 from shared.db.session import Database, bump_generation, current_generation
 
 __all__ = [
+    "DEFAULT_WORKER_SIZE",
     "ApiToken",
     "Base",
     "CloudState",

@@ -56,6 +56,10 @@ def _verification_id() -> str:
     return secrets.token_hex(32).upper()
 
 
+# A worker added without a size; its apps get this size's limits.
+DEFAULT_WORKER_SIZE = "small"
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dt.datetime: DateTime(timezone=True), dict[str, Any]: JSON}
 
@@ -295,7 +299,7 @@ class Role(Base):
     last_heartbeat: Mapped[dt.datetime | None]
     # What the admin wants: "running" or "stopped" (role start/stop).
     desired_state: Mapped[str] = mapped_column(String(16), default="running", server_default="running")
-    # small | medium | large for workers; NULL elsewhere.
+    # small | medium | large for workers (NULL: DEFAULT_WORKER_SIZE); NULL elsewhere.
     size: Mapped[str | None] = mapped_column(String(16), default=None)
     # A worker reserved for one subscription's sites (its id); NULL for the shared pool.
     reserved_for_id: Mapped[int | None] = mapped_column(default=None)
