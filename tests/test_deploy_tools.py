@@ -358,6 +358,9 @@ def test_git_push_deploys_the_pushed_tree_and_a_second_push_replaces_it(
     forced = repo.push("+main")
     assert forced.returncode == 0, forced.stderr
     cloud.wait_for_content("gitsite", "/", b"forced")
+    # Each push is a version of its own, listed as a git push.
+    versions = cloud.cli("site", "versions", "gitsite")["versions"]
+    assert [v["source"] for v in versions][-3:] == ["git", "git", "git"], versions
 
     # Another branch is refused with a message that says what to push instead; the site is unchanged.
     repo.run("checkout", "-q", "-b", "feature")

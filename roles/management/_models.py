@@ -482,7 +482,10 @@ class SiteCreate(Body):
 class SiteVersion(Answer):
     version: int
     time: float = Field(description="seconds since the epoch")
-    source: Literal["ftp", "deploy", "rollback"]
+    source: Literal["ftp", "deploy", "git", "rollback"] = Field(
+        description="ftp: an FTP upload (a session's uploads in a row are one entry); deploy: a zip or web "
+        "deploy; git: a git push; rollback: a rollback to an earlier version"
+    )
     files: int
     total_bytes: int
 

@@ -38,7 +38,7 @@ from roles.publisher.config import PublisherConfig
 from roles.publisher.zipsafe import ZipMember, check_zip, copy_member, open_zip, read_member
 from shared.builds import NOT_SERVED_HINT, BuildFollow, BuildFollower, BuildOutcome, Emit, build_failure
 from shared.contracts.apps import CommandResult, CommandRun
-from shared.contracts.content import DeployResult, PathOp, encode_commit
+from shared.contracts.content import CommitSource, DeployResult, PathOp, encode_commit
 from shared.errors import (
     BuildFailed,
     InvalidInput,
@@ -440,6 +440,7 @@ class Deployer:
         size: int,
         follow_build: bool = False,
         emit: Emit | None = None,
+        source: CommitSource = "deploy",
     ) -> DeployResult:
         """Deploy the zip in ``spool`` as the whole site, recording the outcome on ``record``. With
         ``follow_build`` the record completes only once the site's workers serve the new version built,
@@ -458,7 +459,7 @@ class Deployer:
             async with self._slots:
                 self.deployments.running(record)
                 try:
-                    answer, took = await asyncio.to_thread(self._apply, site, spool)
+                    answer, took = await asyncio.to_thread(self._apply, site, spool, source)
                 except SitecloudError as err:
                     self.deploys_refused += 1
                     # A cause kept from the answer (where the fileserver was not reached) is logged.
@@ -595,7 +596,9 @@ class Deployer:
         spool.seek(0)
         return total
 
-    def _apply(self, site: SiteInfo, spool: IO[bytes]) -> tuple[DeployResult, tuple[float, float]]:
+    def _apply(
+        self, site: SiteInfo, spool: IO[bytes], source: CommitSource
+    ) -> tuple[DeployResult, tuple[float, float]]:
         """Runs in a worker thread: check the zip, upload its files, commit them as the whole site;
         also returns how long the uploads and the commit took."""
         started = time.monotonic()
@@ -651,7 +654,9 @@ class Deployer:
                 send_batch()
                 sent()
                 uploaded = time.monotonic()
-                answer = client.commit_encoded(site, encode_commit(puts, ops=ops, replace=True))
+                answer = client.commit_encoded(
+                    site, encode_commit(puts, ops=ops, replace=True, source=source)
+                )
         result = DeployResult(
             site=site.name,
             version=answer.version,

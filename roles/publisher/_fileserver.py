@@ -19,7 +19,7 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
-from typing import IO, Any, Literal, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import quote, urlencode, urlsplit
 
 from shared.contracts.answers import parse_answer
@@ -29,6 +29,7 @@ from shared.contracts.content import (
     CommitAnswer,
     CommitOp,
     CommitRequest,
+    CommitSource,
     FileStored,
     Manifest,
     RollbackAnswer,
@@ -439,7 +440,7 @@ class FileserverClient:
         ops: Sequence[CommitOp],
         *,
         replace: bool = False,
-        source: Literal["ftp", "deploy"] = "deploy",
+        source: CommitSource = "deploy",
     ) -> CommitAnswer:
         """Apply ``ops`` all or nothing as one new version."""
         body = CommitRequest(ops=list(ops), replace=replace, source=source).model_dump_json(by_alias=True)

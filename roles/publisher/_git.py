@@ -704,7 +704,7 @@ class GitDeploy:
                     raise BadRequest(f"git archive failed: {out.decode(errors='replace').strip()}")
                 size = os.fstat(spool.fileno()).st_size
                 await self._deployer.deploy_zip(
-                    site, spool, record, via="git push", size=size, follow_build=True, emit=tell
+                    site, spool, record, via="git push", size=size, follow_build=True, emit=tell, source="git"
                 )
         except NotServed as err:
             # Stored, and served once a worker runs: the push stands (put back, the branch would

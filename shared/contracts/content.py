@@ -38,6 +38,7 @@ __all__ = [
     "CommitAnswer",
     "CommitOp",
     "CommitRequest",
+    "CommitSource",
     "DeployResult",
     "FileMeta",
     "FileStored",
@@ -223,7 +224,7 @@ class VersionEntry(Contract):
 
     version: VersionNumber
     time: float
-    source: Literal["ftp", "deploy", "rollback"]
+    source: Literal["ftp", "deploy", "git", "rollback"]
     files: Annotated[int, Field(ge=0)]
     total_bytes: ByteCount
 
@@ -339,6 +340,8 @@ class RenameOp(Contract):
 
 
 CommitOp = Annotated[PutOp | PathOp | RenameOp, Field(discriminator="op")]
+# What made a version: an FTP upload, a zip or web deploy, a git push.
+CommitSource = Literal["ftp", "deploy", "git"]
 
 
 class CommitRequest(Contract):
@@ -350,7 +353,7 @@ class CommitRequest(Contract):
 
     ops: Annotated[list[CommitOp], Field(max_length=COMMIT_OPS_MAX)]
     replace: bool = False
-    source: Literal["ftp", "deploy"] = "deploy"
+    source: CommitSource = "deploy"
 
 
 def encode_commit(
@@ -358,7 +361,7 @@ def encode_commit(
     *,
     ops: Iterable[CommitOp] = (),
     replace: bool,
-    source: Literal["ftp", "deploy"] = "deploy",
+    source: CommitSource = "deploy",
 ) -> bytes:
     """A :class:`CommitRequest` as JSON: ``ops``, then a put per ``(path, sha256, mtime)``, written
     without a model per file."""
