@@ -214,7 +214,7 @@ def test_commit_ops_round_trip_with_the_wire_names() -> None:
         ({"ops": [{"op": "delete", "path": "../x"}]}, "climbs out of the site root"),
         ({"ops": "all"}, "ops: Input should be a valid list"),
         ({"ops": [], "replace": "yes"}, "replace: Input should be a valid boolean"),
-        ({"ops": [], "source": "git"}, "source: Input should be 'ftp' or 'deploy'"),
+        ({"ops": [], "source": "svn"}, "source: Input should be 'ftp', 'deploy' or 'git'"),
         ([], "Input should be a valid dictionary"),
     ],
 )
