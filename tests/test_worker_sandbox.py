@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -534,6 +536,61 @@ def test_an_apps_egress_counts_against_its_cgroup_and_holds_few_host_ports(cloud
     bystander_answers(cloud)
 
 
+@needs_egress
+def test_egress_waits_for_bwrap_to_set_up_the_sandboxs_loopback() -> None:
+    """slirp4netns brings the namespace's lo up, which gives it 127.0.0.1 at once; bwrap adds that
+    address itself (exclusively) just after its info fd names pid 1, and fails if it is there
+    ("loopback: Failed RTM_NEWADDR"). bwrap is held in that window here: its info write waits on a
+    full pipe while its pid 1 already exists, so egress started meanwhile must not touch the network."""
+    real = Sandbox.detect(
+        get_logger("worker"), python=sys.executable, appserver=APPSERVER_PATH, egress="slirp4netns"
+    )
+    assert real is not None and real.slirp4netns is not None
+    info_r, info_w = os.pipe()
+    fcntl.fcntl(info_w, fcntl.F_SETPIPE_SZ, 4096)
+    os.write(info_w, b" " * (4096 - 8))  # the JSON bwrap writes no longer fits
+    argv = [real.bwrap, "--unshare-net", "--unshare-pid", "--die-with-parent", "--ro-bind", "/", "/"]
+    argv += ["--info-fd", str(info_w), "--", "sh", "-c", "sleep 0.3; grep -c lo: /proc/net/dev"]
+    bwrap = subprocess.Popen(argv, pass_fds=[info_w], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(info_w)
+    exit_r, exit_w = os.pipe()
+    try:
+        children = Path(f"/proc/{bwrap.pid}/task/{bwrap.pid}/children")
+        wait_until(lambda: children.read_text().strip(), timeout=5, what="bwrap's pid 1")
+        init_pid = int(children.read_text().split()[0])
+        lo = Path(f"/proc/{init_pid}/net/if_inet6")  # ::1 on lo is there once lo is up
+
+        async def run() -> int:
+            egress = asyncio.ensure_future(real.start_egress(init_pid, exit_r, nofile=64))
+            try:
+                await asyncio.wait({egress}, timeout=0.5)
+                await asyncio.sleep(0.3)  # slirp4netns's own setup, had it started
+                assert " lo\n" not in lo.read_text(), "the sandbox's lo came up before bwrap set it up"
+                with open(info_r, "rb", closefd=False) as f:
+                    while not f.read1(4096).rstrip().endswith(b"}"):
+                        pass
+                await asyncio.wait_for(asyncio.shield(egress), 5)
+                return await asyncio.to_thread(bwrap.wait, 10)
+            finally:
+                os.close(exit_w)  # slirp4netns ends with it
+                egress.cancel()
+                (slirp,) = await asyncio.gather(egress, return_exceptions=True)
+                if isinstance(slirp, asyncio.subprocess.Process):
+                    await asyncio.wait_for(slirp.wait(), 5)
+
+        assert bwrap.stdout is not None and bwrap.stderr is not None
+        assert asyncio.run(run()) == 0, bwrap.stderr.read()
+        assert bwrap.stdout.read() == b"1\n"
+    finally:
+        bwrap.kill()
+        bwrap.wait()
+        for fd in (info_r, exit_r):
+            os.close(fd)
+        for stream in (bwrap.stdout, bwrap.stderr):
+            if stream is not None:
+                stream.close()
+
+
 def test_a_sandbox_that_cannot_be_built_fails_with_bwraps_reason_and_leaves_nothing(tmp_path: Path) -> None:
     """Straight on AppInstance. A bwrap that dies before its sandbox exists fails the start (and is
     reaped); one that cannot mount the content exits, its reason in the site's log."""
@@ -627,8 +684,6 @@ def test_egress_rules_refuse_the_host_and_private_ranges() -> None:
 
 @pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables (apt-get install nftables)")
 def test_egress_rules_load_into_a_network_namespace() -> None:
-    import subprocess
-
     done = subprocess.run(
         ["unshare", "--net", "nft", "-f", "-"],
         input=egress_rules(["203.0.113.9"]).encode(),

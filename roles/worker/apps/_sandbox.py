@@ -32,6 +32,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,6 +242,9 @@ class Sandbox:
             raise OSError(f"nft ended before it took the egress rules ({exc})") from None
         if rules.returncode != 0:
             raise OSError(f"nft refused the egress rules: {err.decode(errors='replace').strip()[:200]}")
+        # --configure brings the namespace's lo up, which gives it 127.0.0.1; bwrap adds that address
+        # itself, exclusively, after its info fd has named pid 1, and dies if it is there already.
+        await _built(child_pid)
         return await asyncio.create_subprocess_exec(
             "/bin/sh",
             "-c",
@@ -262,6 +266,28 @@ class Sandbox:
             stderr=asyncio.subprocess.DEVNULL,
             pass_fds=(exit_fd,),
         )
+
+
+async def _built(init_pid: int, timeout: float = INFO_TIMEOUT) -> None:
+    """Until bwrap has set up the network of the sandbox whose pid 1 is ``init_pid``: pid 1 forks
+    nothing (bwrap's setup helper, the app) before. OSError if the sandbox ends first or takes
+    longer than ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while not _has_children(init_pid):
+        if time.monotonic() > deadline:
+            raise OSError(f"the sandbox was not built within {timeout:g} s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _has_children(pid: int) -> bool:
+    """Whether ``pid`` has forked (a read of procfs, which never waits); OSError once it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return bool(f.read().strip())
+    except OSError:
+        raise OSError("the sandbox ended before it was built") from None
 
 
 def egress_nofile(app_nofile: int) -> int:
