@@ -21,6 +21,7 @@ import uvloop
 from shared.config import RoleConfig, ServingConfig, load_role_config
 from shared.listeners import inherited, serve_handback
 from shared.logs import setup_logging
+from shared.loop_errors import handle_loop_error
 from shared.prefork import PreforkedRole, strip_processes_flag
 
 __all__ = ["preforked_role_main", "role_main", "run_until_stopped"]
@@ -45,6 +46,7 @@ def run_until_stopped(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(handle_loop_error)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
