@@ -187,11 +187,16 @@ class BuildFailed(SitecloudError):
 
 
 class Unavailable(SitecloudError):
-    """A role or dependency cannot be reached now; retrying later may work."""
+    """A role or dependency cannot be reached now; retrying later may work. ``retry_after``
+    (seconds), where known, becomes the answer's Retry-After where the caller answers over HTTP."""
 
     code = "unavailable"
     status = 503
     ftp_code = 421
+
+    def __init__(self, message: str, *, hint: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
 
 
 class NotServed(Unavailable):

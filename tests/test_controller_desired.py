@@ -270,7 +270,9 @@ def test_many_front_ends_get_the_same_routes_without_down_or_unreachable_workers
     down = snapshots_for(_state(frozenset({3})))
     assert down[1]["sites"]["blog"]["workers"] == ["web2:7412"]
     assert down[2]["sites"]["blog"]["workers"] == ["web2:7412", "localhost:9102"]
-    assert down[3]["sites"] == {"blog": {"uid": "u1"}}  # it keeps its sites for when it rejoins
+    assert down[3]["sites"] == {
+        "blog": {"uid": "u1", "subscription": 10}
+    }  # it keeps its sites for when it rejoins
     # Every worker of the site down (a probe that timed out on a busy host, say): the routes keep them
     # all, since the front end may hold this snapshot for as long as the controller stays away.
     all_down = snapshots_for(_state(frozenset({3, 4, 5})))
@@ -373,6 +375,7 @@ def test_app_settings_and_custom_hostnames_reach_the_roles_that_use_them(tmp_pat
         entry
         == {
             "uid": entry["uid"],
+            "subscription": entry["subscription"],
             "runtime": "python",
             "entry": "app:app",
             "always_on": False,
@@ -439,8 +442,8 @@ def test_a_swap_routes_each_slot_s_addresses_to_the_other_s_workers_and_nothing_
     }
     assert front["blog-staging"] == {"workers": ["web1:7412"], "serve_as": "blog"}
     # Workers, file server and publisher keep each site's content where it was: nothing restarts.
-    assert snaps[3]["sites"] == {"blog": {"uid": "u1"}} and snaps[4]["sites"] == {
-        "blog-staging": {"uid": "u2"}
+    assert snaps[3]["sites"] == {"blog": {"uid": "u1", "subscription": 10}} and snaps[4]["sites"] == {
+        "blog-staging": {"uid": "u2", "subscription": 10}
     }
     assert snaps[8]["sites"]["blog"]["uid"] == "u1"
     # Unswapped, or swapped to a site that left the state: each answers its own.

@@ -523,7 +523,15 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
                 {
                     "version": version,
                     "fileserver": fileserver_url,
-                    "sites": {s.name: {"uid": s.uid, **s.app} for s in serving if role.id in s.worker_ids},
+                    "sites": {
+                        s.name: {
+                            "uid": s.uid,
+                            **({"subscription": s.subscription_id} if s.subscription_id else {}),
+                            **s.app,
+                        }
+                        for s in serving
+                        if role.id in s.worker_ids
+                    },
                     # Its sites that exist but do not serve now: their apps' homes stay.
                     "kept": sorted(
                         s.uid for s in state.sites if not s.state.serving and role.id in s.worker_ids

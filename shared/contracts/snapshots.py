@@ -350,11 +350,14 @@ class WorkerSite(WorkerSiteContent):
     limits: AppLimits | None = None
     # How many times the owner asked to restart the app: a new value replaces its processes.
     restarts: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    # The site's subscription: the worker shares app slots and starts out per subscription, so one
+    # tenant's sites cannot crowd out another's. 0: not said (an older controller); the site is its own.
+    subscription: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
 
     @property
     def has_app_fields(self) -> bool:
         """Whether the entry says anything about an app (a plain static site's says nothing)."""
-        return bool(self.model_fields_set - {"content_id"})
+        return bool(self.model_fields_set - {"content_id", "subscription"})
 
 
 class WorkerSnapshot(Snapshot):
