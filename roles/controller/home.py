@@ -73,7 +73,14 @@ ROLE_SETTINGS: dict[str, frozenset[str]] = {
     "frontend": frozenset(
         {"max_connections_per_ip", "handshake_share", "max_stalled_readers", "stalled_grace"}
     ),
-    "worker": frozenset({"app_home_removal_delay"}),
+    "worker": frozenset(
+        {
+            "app_home_removal_delay",
+            "max_active_apps",
+            "subscription_app_starts",
+            "subscription_app_start_window",
+        }
+    ),
     "management": frozenset(
         {
             "role_stale_after",

@@ -34,8 +34,15 @@ class WorkerConfig(ServingConfig):
     # -- dynamic sites (roles/worker/apps): per-site app processes started on demand.
     # small | medium | large: default per-site limits and how many app processes run at once.
     size: str = "small"
-    # Cap on running app processes (least recently used goes first); 0: the size's default.
+    # Cap on running app processes (least recently used goes first); 0: the size's default. At the
+    # cap a start takes the slot of the subscription that holds the most, so one tenant's churn of
+    # many sites stops its own apps, not another tenant's.
     max_active_apps: int = 0
+    # App starts from idle one subscription may make per window (a token bucket that holds this
+    # many and refills over the window); past it its cold visits get 503 with a Retry-After. Each
+    # start costs about 0.1 s of the host's CPU outside any app's cgroup. 0: no limit.
+    subscription_app_starts: int = 30
+    subscription_app_start_window: float = 60.0
     # An app with no request for this long is stopped (a site's idle_timeout overrides it).
     app_idle_timeout: float = 1200.0
     # A woken app must answer its first request within this; otherwise 503 with the platform's page.
@@ -85,3 +92,9 @@ class WorkerConfig(ServingConfig):
         delay = self.app_home_removal_delay
         if not isinstance(delay, int | float) or isinstance(delay, bool) or delay < 0:
             raise ValueError(f"app_home_removal_delay must be a number of seconds >= 0, not {delay!r}")
+        starts = self.subscription_app_starts
+        if not isinstance(starts, int) or isinstance(starts, bool) or starts < 0:
+            raise ValueError(f"subscription_app_starts must be a whole number >= 0, not {starts!r}")
+        window = self.subscription_app_start_window
+        if not isinstance(window, int | float) or isinstance(window, bool) or window <= 0:
+            raise ValueError(f"subscription_app_start_window must be a number of seconds > 0, not {window!r}")

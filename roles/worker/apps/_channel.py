@@ -193,7 +193,8 @@ class AppChannel:
         try:
             inst = await self._manager.acquire(app)
         except SitecloudError as exc:
-            self._send(writer, {"id": ident, "error": exc.message})
+            retry = exc.retry_after if isinstance(exc, Unavailable) else None
+            self._send(writer, {"id": ident, "error": exc.message, "retry_after": retry})
             return
         self._manager.begin(app, inst)
         token = next(self._tokens)
@@ -309,7 +310,8 @@ class RemoteApps:
     async def acquire(self, app: AppSite) -> RemoteInstance:
         answer = await self._ask({"op": "acquire", "site": app.name})
         if "error" in answer:
-            raise Unavailable(str(answer["error"]))
+            retry = answer.get("retry_after")
+            raise Unavailable(str(answer["error"]), retry_after=retry if isinstance(retry, int) else None)
         serial = str(answer["instance"])
         kind, address = answer["address"]
         inst = self._instances.get(serial)

@@ -14,6 +14,7 @@ a full disk each get one line in the site's log and a count in :meth:`AppManager
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import hashlib
@@ -69,6 +70,14 @@ from roles.worker.apps._spec import (
     procfile_command,
     procfile_web,
 )
+from roles.worker.apps._tenancy import (
+    Slot,
+    StartBudget,
+    fair_share,
+    owner_of,
+    pick_victims,
+    retry_seconds,
+)
 from roles.worker.apps._volume import BlankImages, HomeVolume, unmount_lazily, unmount_stale
 from roles.worker.config import WorkerConfig
 from shared.backoff import Backoff
@@ -115,6 +124,8 @@ _PORT_RUNTIMES: tuple[Runtime, ...] = ("command", "node")
 # site in _BOOST_EVERY, so an app that exits after every request gains no lasting CPU by it.
 _BOOST_S = 1.0
 _BOOST_EVERY = 60.0
+# A site whose starts are refused for its subscription's share says so in its log this often at most.
+_REFUSED_LOG_EVERY = 10.0
 
 
 class AppSite:
@@ -141,8 +152,10 @@ class AppSite:
         "memory_kills",
         "memory_mb_seconds",
         "name",
+        "owner",
         "packages_task",
         "pids_hits",
+        "refused_at",
         "retry_at",
         "root",
         "runtime",
@@ -156,6 +169,11 @@ class AppSite:
 
     def __init__(self, name: str, content_id: str) -> None:
         self.name = name
+        # Whose share of the worker's app slots and starts it counts against (see _tenancy.py).
+        self.owner = owner_of(name, 0)
+        # When a start of it was last refused for its subscription's share (its log says so once
+        # a while, not at every visit).
+        self.refused_at = -_REFUSED_LOG_EVERY
         # The site incarnation's content id (never the Unix uid its app runs as: see identity).
         self.content_id = content_id
         self.spec = _NO_SPEC
@@ -215,6 +233,7 @@ class AppManager:
         size = SIZES[config.size]
         self.default_limits = size.limits
         self.max_active = config.max_active_apps or size.max_active_apps
+        self._budget = StartBudget(config.subscription_app_starts, config.subscription_app_start_window)
         self._isolate = os.geteuid() == 0
         self._identities = Identities(config.state_dir / "app-ids.json", isolate=self._isolate)
         # The apps root: content (sites/), app homes and temp dirs (apps/); see roles/worker/_layout.py.
@@ -239,6 +258,8 @@ class AppManager:
         # Held sites (name → incarnation's content id) and the app settings of those that have any.
         self._content_ids: dict[str, str] = {}
         self._specs: dict[str, AppSpec] = {}
+        # Held sites' owners: their subscription, or the site itself when the snapshot does not say.
+        self._owners: dict[str, str] = {}
         # Sites found static, with the version that was looked at (no second look until it changes).
         self._static: dict[str, int] = {}
         # Static sites' log streams (access lines), by site.
@@ -294,6 +315,11 @@ class AppManager:
             name: spec
             for name, entry in snapshot.sites.items()
             if isinstance(entry, WorkerSite) and (spec := app_spec(entry, self.default_limits)) is not None
+        }
+        self._owners = {
+            name: owner_of(name, entry.subscription)
+            for name, entry in snapshot.sites.items()
+            if isinstance(entry, WorkerSite)
         }
         for name in list(self._sites):
             if name in failed:
@@ -371,6 +397,7 @@ class AppManager:
             if app is not None:
                 self._drop(name, "another incarnation of the site")
             app = self._sites[name] = AppSite(name, content_id)
+        app.owner = self._owners.get(name, app.owner)
         # The root too: a version built again with all its files (out of packs) keeps its number.
         generation = (runtime, entry, spec.env, spec.limits, version.number, version.root, spec.restarts)
         if app.generation == generation:
@@ -481,9 +508,10 @@ class AppManager:
 
     # -- the request path
 
-    async def acquire(self, app: AppSite, *, wait: float | None = None) -> AppInstance:
+    async def acquire(self, app: AppSite, *, wait: float | None = None, charge: bool = True) -> AppInstance:
         """The site's running process, woken if need be, within ``wait`` (the start bound by default;
-        else Unavailable: the start goes on for the next request)."""
+        else Unavailable: the start goes on for the next request). A start from idle is ``charge``d
+        to the site's subscription: past its share, Unavailable with a Retry-After (see _admit)."""
         inst = app.instance
         if inst is not None and inst.alive:
             return inst
@@ -496,6 +524,8 @@ class AppManager:
                     f"the site's app stopped unexpectedly; it starts again in {app.retry_at - now:.0f} s",
                     hint="its log says why (sitecloud site logs)",
                 )
+            if charge:
+                self._admit(app, now)
             app.starting = asyncio.get_running_loop().create_task(self._start(app))
             app.starting.add_done_callback(lambda task: self._start_done(app, task))
         try:
@@ -524,7 +554,8 @@ class AppManager:
                     ) from None
                 except Unavailable as exc:
                     why = exc
-            inst = await self.acquire(app, wait=self.start_bound)
+            # A deploy's own check is not a visit: it never waits for the subscription's budget.
+            inst = await self.acquire(app, wait=self.start_bound, charge=False)
             if inst.version != version:
                 raise why  # (the version before answers on)
         except Unavailable as exc:
@@ -1249,44 +1280,104 @@ class AppManager:
             raise Unavailable(f"{self._run_dir} belongs to someone else; app sockets cannot go there")
         os.chmod(self._run_dir, 0o700)
 
+    def _admit(self, app: AppSite, now: float) -> None:
+        """Whether the site's subscription may start one more app now (Unavailable if not): at the
+        cap, only into a slot of its own or of a subscription holding more, or over the cap while it
+        holds less than a fair share; and within its budget of starts. The other tenants' starts and
+        warm apps are thus never the price of one tenant's churn."""
+        holding = self._holding(starting=True)
+        if sum(holding.values()) >= self.max_active:
+            room = pick_victims(self._idle_slots(app), holding, 1, for_owner=app.owner)
+            if not room and holding[app.owner] >= fair_share(holding, app.owner, self.max_active):
+                self._refused(app, now, f"its subscription's {holding[app.owner]} apps here are all busy")
+                raise Unavailable(
+                    "this worker runs as many of the subscription's apps as it gives one subscription, "
+                    "all of them busy",
+                    hint="try again in a moment",
+                    retry_after=1,
+                )
+        wait = self._budget.take(app.owner, now)
+        if wait > 0:
+            window = self._config.subscription_app_start_window
+            self._refused(
+                app,
+                now,
+                f"its subscription used up this worker's {self._config.subscription_app_starts} "
+                f"app starts per {window:g} s",
+            )
+            raise Unavailable(
+                "the site's subscription starts too many apps on this worker",
+                hint=f"try again in {retry_seconds(wait)} s",
+                retry_after=retry_seconds(wait),
+            )
+
+    def _refused(self, app: AppSite, now: float, why: str) -> None:
+        if now - app.refused_at >= _REFUSED_LOG_EVERY:
+            app.refused_at = now
+            self._site_log(app).write("worker", f"not started: {why} (visitors get 503 until then)")
+
+    def _running(self, app: AppSite | None = None) -> list[tuple[AppSite, AppInstance]]:
+        """The live processes that count against the cap (``app``'s own left out)."""
+        return [(a, i) for i, a in self._active.items() if not i.retiring and i.alive and a is not app]
+
+    def _holding(self, *, starting: bool = False) -> collections.Counter[str]:
+        """Slots per owner: running processes, and with ``starting`` the starts from idle under way."""
+        held = collections.Counter(a.owner for a, _ in self._running())
+        if starting:
+            held.update(
+                a.owner for a in self._sites.values() if a.starting is not None and a.instance is None
+            )
+        return held
+
+    def _idle_slots(self, app: AppSite | None, *, settled: float | None = None) -> list[Slot[AppInstance]]:
+        """The running processes (but ``app``'s) with no request in flight, and with ``settled`` none
+        used since then."""
+        return [
+            Slot(i, a.owner, a.last_used, a.always_on)
+            for a, i in self._running(app)
+            if i.inflight == 0 and (settled is None or (a.last_used < settled and a.instance is i))
+        ]
+
     def _make_room(self, app: AppSite) -> None:
-        """At the cap, the least recently used idle process goes (an always-on one only if it must)."""
-        running = [(a, i) for i, a in self._active.items() if not i.retiring and i.alive and a is not app]
+        """At the cap, an idle process goes: of the subscription that holds the most, its least
+        recently used (an always-on one only if it must). None fits: this start was admitted as one
+        within its subscription's fair share (see _admit), and runs over the cap."""
+        running = self._running(app)
         if len(running) < self.max_active:
             return
-        idle = [(a.always_on, a.last_used, a.name, i) for a, i in running if i.inflight == 0]
-        if not idle:
+        holding = collections.Counter(a.owner for a, _ in running)
+        victims = pick_victims(self._idle_slots(app), holding, 1, for_owner=app.owner)
+        if not victims:
             self._log.warning(
-                "all %s app processes are busy; starting %s over the cap", len(running), app.name
+                "all %s app processes of this worker's fair shares are busy; starting %s over the cap",
+                len(running),
+                app.name,
             )
             return
-        _, _, name, victim = min(idle)
-        self._sites[name].instance = None
-        self._site_log(self._sites[name]).write("worker", "stopping: the worker needed room for another app")
+        self._evict(victims[0])
+
+    def _evict(self, victim: AppInstance) -> None:
+        owner = self._active[victim]
+        owner.instance = None if owner.instance is victim else owner.instance
+        self._site_log(owner).write("worker", "stopping: the worker needed room for another app")
         victim.terminate("evicted")
 
     def _trim(self, app: AppSite | None) -> None:
         """After a start, back down to the cap: starts that ran at once each found room in
         :meth:`_make_room` before any of them was counted (a burst of cold starts over many sites
-        left the worker over its cap for good), so the least recently used idle processes go now.
-        One used in the last second is kept: it may be a start of the same burst whose first
-        request has not reached it yet (the sweep trims again later)."""
-        running = [(a, i) for i, a in self._active.items() if not i.retiring and i.alive and a is not app]
+        left the worker over its cap for good), so idle processes go now, from the subscriptions that
+        hold the most. One used in the last second is kept: it may be a start of the same burst whose
+        first request has not reached it yet (the sweep trims again later)."""
+        running = self._running(app)
         excess = len(running) + (app is not None) - self.max_active
         if excess <= 0:
             return
-        recent = time.monotonic() - 1.0
-        idle = sorted(
-            (a.always_on, a.last_used, a.name, i)
-            for a, i in running
-            if i.inflight == 0 and a.last_used < recent and a.instance is i
-        )
-        for _, _, name, victim in idle[:excess]:
-            self._sites[name].instance = None
-            self._site_log(self._sites[name]).write(
-                "worker", "stopping: the worker needed room for another app"
-            )
-            victim.terminate("evicted")
+        holding = collections.Counter(a.owner for a, _ in running)
+        if app is not None:
+            holding[app.owner] += 1
+        idle = self._idle_slots(app, settled=time.monotonic() - 1.0)
+        for victim in pick_victims(idle, holding, excess):
+            self._evict(victim)
 
     def _replace(self, app: AppSite) -> None:
         """New code or settings for a running app: its process answers on until the new one is up
@@ -1428,6 +1519,7 @@ class AppManager:
         if self._stopping:
             return
         self._trim(None)
+        self._budget.forget(now)
         for app in self._sites.values():
             if app.always_on and app.instance is None and app.starting is None and app.retry_at <= now:
                 self._spawn(self._keep_on(app))

@@ -49,7 +49,7 @@ from roles.worker.apps._pool import UpstreamPool
 from roles.worker.apps._upstream import HttpUpstream, UpstreamBase
 from roles.worker.apps._written import open_written
 from roles.worker.config import WorkerConfig
-from shared.errors import InvalidInput, SitecloudError
+from shared.errors import InvalidInput, SitecloudError, Unavailable
 from shared.logs import get_logger
 from shared.pages import REASONS, error_page
 from shared.paths import site_relpath
@@ -552,7 +552,8 @@ class AppExchange(Generic[T]):
         try:
             inst = await manager.acquire(app)
         except SitecloudError as exc:
-            self._error(503, "This site is not answering", exc.message, retry=True)
+            retry = exc.retry_after if isinstance(exc, Unavailable) and exc.retry_after else 1
+            self._error(503, "This site is not answering", exc.message, retry=retry)
             return
         if look and app.volume:
             self._written = open_written(app.volume, inside_web(app.web, self._rel))
@@ -751,7 +752,7 @@ class AppExchange(Generic[T]):
                 self._upstream.abandon(self)
             if starting:
                 self._error(
-                    503, "This site is not answering", "The site's app did not answer in time.", retry=True
+                    503, "This site is not answering", "The site's app did not answer in time.", retry=1
                 )
             else:
                 self._error(504, "This site is not answering", "The site's app took too long to answer.")
@@ -1039,7 +1040,7 @@ class AppExchange(Generic[T]):
         self._release(answered=False)
         self._loop.call_soon(conn.diverted_done, keep)
 
-    def _error(self, status: int, title: str, detail: str, *, retry: bool = False) -> None:
+    def _error(self, status: int, title: str, detail: str, *, retry: int = 0) -> None:
         self._stop_pipe()
         body = error_page(status, title, detail)
         lines = [
@@ -1050,7 +1051,7 @@ class AppExchange(Generic[T]):
             b"Cache-Control: no-store",
         ]
         if retry:
-            lines.append(b"Retry-After: 1")
+            lines.append(b"Retry-After: %d" % retry)
         self._status = status
         self._head = b"\r\n".join(lines) + b"\r\n"
         self._unframed = False
