@@ -778,3 +778,26 @@ async def test_a_refused_commit_is_answered_once_what_refused_it_can_be_read(
     assert await second == 1
     assert b'"new"' in await store.manifest_bytes("blog", None)
     await store.close()
+
+
+async def test_a_site_with_no_version_kept_does_not_stop_the_fileserver_starting(
+    pki: CloudPKI, tmp_path: Path
+) -> None:
+    # A site's folder with no version record left in it (a record not written when the fileserver
+    # was killed, say): the start's look for which versions are publishes of their own failed on the
+    # empty list (a zip() of unequal lengths), and the site could not be loaded at all.
+    config = pki.role_config(FileserverConfig, "fileserver", tmp_path / "fs")
+    store = ContentStore(config)
+    await store.open()
+    await store.apply_snapshot(FileserverSnapshot.parse(SNAPSHOT))
+    await store.commit("blog", [PathOp(op="mkdir", path="new")], replace=False, source="ftp")
+    await store.close()
+    records = list((tmp_path / "fs").rglob("versions/*.json"))
+    assert records
+    for record in records:
+        record.unlink()
+    again = ContentStore(config)
+    await again.open()
+    await again.apply_snapshot(FileserverSnapshot.parse(SNAPSHOT))
+    assert again.site("blog").version >= 1
+    await again.close()

@@ -190,9 +190,11 @@ def _version_record(version: int, tree: Tree, root: str | None, source: str, now
 def _publishes(records: dict[int, dict[str, Any]]) -> deque[int]:
     """The kept versions that are publishes of their own: all but an FTP upload another one follows."""
     numbers = list(records)
+    # Each with the one after it (none after the last; none at all with no version kept).
+    following: list[int | None] = [*numbers[1:], None] if numbers else []
     return deque(
         n
-        for n, after in zip(numbers, [*numbers[1:], None], strict=True)
+        for n, after in zip(numbers, following, strict=True)
         if after is None or not (records[n]["source"] == "ftp" == records[after]["source"])
     )
 
