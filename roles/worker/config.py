@@ -41,7 +41,7 @@ class WorkerConfig(ServingConfig):
     # App starts from idle one subscription may make per window (a token bucket that holds this
     # many and refills over the window); past it its cold visits get 503 with a Retry-After. Each
     # start costs about 0.1 s of the host's CPU outside any app's cgroup. 0: no limit.
-    subscription_app_starts: int = 30
+    subscription_app_starts: int = 60
     subscription_app_start_window: float = 60.0
     # An app with no request for this long is stopped (a site's idle_timeout overrides it).
     app_idle_timeout: float = 1200.0
