@@ -59,6 +59,10 @@ def test_plans_subscriptions_and_accounts(home: Path) -> None:
     assert result.returncode == 2 and "nothing to change" in result.stderr
     result = run(home, "plan", "show", "pro")
     assert result.returncode == 0 and "reserved (small)" in result.stdout and "unlimited" in result.stdout
+    # Made as a person would: it says what a reserved plan needs to run where it promises.
+    result = run(home, "plan", "create", "dedicated", "--max-sites", "1", "--storage-mb", "10",
+                 "--compute-mode", "reserved", "--worker-size", "large")  # fmt: skip
+    assert result.returncode == 0 and "role add worker HOST --size large --reserved-for" in result.stdout
 
     tenant = ok_json(home, "tenant", "create", "cli6")
     sub = ok_json(home, "subscription", "create", "--tenant", "cli6", "--plan", "pro")

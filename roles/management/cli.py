@@ -109,6 +109,12 @@ def _show_plan_create(plan: Any, a: argparse.Namespace) -> None:
     out(
         f"created plan {plan['name']}: up to {counted(plan['max_sites'], 'site')}, {plan['storage_mb']} MB storage"
     )
+    if plan["compute_mode"] == "reserved":
+        size = plan["worker_size"]
+        out(
+            f"Its sites run on {size} workers reserved for their subscription (on the shared ones until "
+            f"there is one): sitecloud role add worker HOST --size {size} --reserved-for SUBSCRIPTION"
+        )
 
 
 def _show_plan(plan: Any, a: argparse.Namespace) -> None:
