@@ -25,6 +25,7 @@ from roles.worker.apps._isolation import (
 )
 from roles.worker.apps._launch import LaunchPlan
 from roles.worker.apps._netns import AppPort, NetnsDialer
+from roles.worker.apps._pipe import PipeReader
 from roles.worker.apps._pool import IDLE_LIMIT, UpstreamPool
 from roles.worker.apps._sandbox import Sandbox, SandboxMounts, egress_nofile, read_info
 from roles.worker.apps._sitelog import SiteLog
@@ -83,6 +84,9 @@ class AppInstance:
         self.netns: AppPort | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._pidfd = -1
+        # The read end of its output pipe, ours until the reader takes it (see _pipe).
+        self._out = -1
+        self._output: PipeReader | None = None
         self._pipe_done: asyncio.Future[None] | None = None
         self._reaped = asyncio.Event()
         # Set when the platform's app server says it serves (its app module loaded): see wait_loaded.
@@ -139,37 +143,69 @@ class AppInstance:
 
     async def start(self) -> None:
         """Spawn it. ``subprocess`` rather than the loop's spawn: uvloop's cannot switch uid, group
-        or umask, and stdlib's does it in C after fork without running Python (no preexec_fn)."""
-        stdin = subprocess.DEVNULL
-        if self.plan.listen == "unix":
-            self._socket_path.unlink(missing_ok=True)
-            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._listener.bind(str(self._socket_path))
-            self._listener.listen(256)
-            stdin = self._listener.fileno()
-        try:
-            if self.sandbox is not None:
-                await self._spawn_sandboxed(stdin)
-            else:
-                self._spawn(stdin)
-        except BaseException:
-            self._close_listener()
-            self._close_netns()
-            raise
-        assert self.proc is not None
-        pid = self.proc.pid
+        or umask, and stdlib's does it in C after fork without running Python (no preexec_fn). A
+        start that fails leaves nothing behind: see :meth:`_discard`."""
         loop = asyncio.get_running_loop()
-        assert self.proc.stdout is not None
-        done: asyncio.Future[None] = loop.create_future()
-        self._pipe_done = done
-        await loop.connect_read_pipe(
-            lambda: _LogPipe(self.log, done, self.source, self.capture, loaded=self._loaded), self.proc.stdout
-        )
-        # A pidfd becomes readable when the process exits: no SIGCHLD handler, no thread.
-        self._pidfd = os.pidfd_open(pid)
-        loop.add_reader(self._pidfd, self._reap)
+        try:
+            stdin = subprocess.DEVNULL
+            if self.plan.listen == "unix":
+                self._socket_path.unlink(missing_ok=True)
+                self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._listener.bind(str(self._socket_path))
+                self._listener.listen(256)
+                stdin = self._listener.fileno()
+            self._out, out_w = os.pipe()
+            try:
+                if self.sandbox is not None:
+                    await self._spawn_sandboxed(stdin, out_w)
+                else:
+                    self._spawn(stdin, out_w)
+            finally:
+                os.close(out_w)
+            assert self.proc is not None
+            done: asyncio.Future[None] = loop.create_future()
+            self._pipe_done = done
+            out, self._out = self._out, -1
+            self._output = PipeReader(
+                out, _LogPipe(self.log, done, self.source, self.capture, loaded=self._loaded)
+            )
+            # A pidfd becomes readable when the process exits: no SIGCHLD handler, no thread.
+            pidfd = os.pidfd_open(self.proc.pid)
+            try:
+                loop.add_reader(pidfd, self._reap)
+            except BaseException:
+                os.close(pidfd)
+                raise
+            self._pidfd = pidfd
+        except BaseException:
+            self._discard()
+            raise
 
-    def _spawn(self, stdin: int) -> None:
+    def _discard(self) -> None:
+        """Undo a start that failed part way: its processes (bwrap, its pid 1, the app, slirp4netns)
+        killed and reaped, each descriptor it opened closed. Its cgroup and mounts are the caller's,
+        which can remove them once nothing runs there."""
+        # Egress under way is not cancelled (a task cancelled before it ran would keep its end of the
+        # pipe open): with this end closed, slirp4netns ends, or starts and ends at once.
+        if self._egress_exit >= 0:
+            os.close(self._egress_exit)
+            self._egress_exit = -1
+        if self.proc is not None and self.proc.returncode is None:
+            self.kill("start")
+            self.proc.wait()  # killed: gone at once
+        if self._pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self._output is not None:
+            self._output.close()
+        if self._out >= 0:
+            os.close(self._out)
+            self._out = -1
+        self._close_listener()
+        self._close_netns()
+
+    def _spawn(self, stdin: int, out: int) -> None:
         ident = self.identity
         argv = (
             rlimit_prefix(self.limits, own_uid=ident.unix_uid is not None, cgroup=self.cgroup is not None)
@@ -179,7 +215,7 @@ class AppInstance:
         self.proc = subprocess.Popen(
             argv,
             stdin=stdin,
-            stdout=subprocess.PIPE,
+            stdout=out,
             stderr=subprocess.STDOUT,
             cwd=self.plan.cwd,
             env=self._safe_env(),
@@ -197,10 +233,11 @@ class AppInstance:
         must not reach a process that starts as root (bwrap, setpriv)."""
         return {key: value for key, value in self.plan.env.items() if not loader_variable(key)}
 
-    async def _spawn_sandboxed(self, stdin: int) -> None:
+    async def _spawn_sandboxed(self, stdin: int, out: int) -> None:
         """bwrap holds the sandbox on ``--block-fd`` until its pids are in the site's cgroup and its
         pid 1 has the app's rlimits: the app cannot fork before it is counted, nor run unlimited.
-        bwrap runs as root; setpriv drops to the site's uid."""
+        bwrap runs as root; setpriv drops to the site's uid. A start that fails kills bwrap before
+        the block fd closes: bwrap takes its end of file for a go too."""
         assert self.sandbox is not None and self._mounts is not None
         ident = self.identity
         assert ident.unix_uid is not None and ident.gid is not None
@@ -208,10 +245,11 @@ class AppInstance:
         info_r, info_w = os.pipe()
         passed = [block_r, info_w]
         seccomp_fd = -1
-        if self.sandbox.seccomp:
-            seccomp_fd = _memfd("seccomp", self.sandbox.seccomp)
-            passed.append(seccomp_fd)
+        go = False
         try:
+            if self.sandbox.seccomp:
+                seccomp_fd = _memfd("seccomp", self.sandbox.seccomp)
+                passed.append(seccomp_fd)
             argv = self.sandbox.argv(
                 self._mounts,
                 uid=ident.unix_uid,
@@ -225,7 +263,7 @@ class AppInstance:
                 self.proc = subprocess.Popen(  # noqa: ASYNC220 - fork and exec only, as above
                     argv,
                     stdin=stdin,
-                    stdout=subprocess.PIPE,
+                    stdout=out,
                     stderr=subprocess.STDOUT,
                     cwd="/",
                     env=self._safe_env(),
@@ -236,6 +274,7 @@ class AppInstance:
             finally:
                 for fd in passed:
                     os.close(fd)
+                passed.clear()
             try:
                 self.init_pid = await read_info(info_r)
             except ValueError:
@@ -260,9 +299,17 @@ class AppInstance:
             await self._attach_off_loop(self.init_pid, self.proc.pid)
             if self.sandbox.slirp4netns is not None:
                 self._spawn_egress(self.init_pid)
+            go = True
+        except BaseException:
+            if self.proc is not None:
+                self._abandon()
+            raise
         finally:
-            with contextlib.suppress(OSError):
-                os.write(block_w, b"go")
+            for fd in passed:
+                os.close(fd)  # (only if Popen was never reached)
+            if go:
+                with contextlib.suppress(OSError):
+                    os.write(block_w, b"go")
             os.close(block_w)
             os.close(info_r)
 
@@ -280,13 +327,16 @@ class AppInstance:
             self.netns.close()
 
     def _abandon(self) -> str:
-        """Kill and reap a sandbox that never came up; what bwrap said about it."""
-        assert self.proc is not None and self.proc.stdout is not None
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        self.proc.wait()  # a process that never ran the app: gone at once
-        said = self.proc.stdout.read().decode("utf-8", "replace").strip().splitlines()
-        self.proc.stdout.close()
+        """Kill and reap a sandbox that never came up; what bwrap said about it (once)."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.kill("start")
+            self.proc.wait()  # a process that never ran the app: gone at once
+        said: list[str] = []
+        if self._out >= 0:
+            said = _read_left(self._out).decode("utf-8", "replace").strip().splitlines()
+            os.close(self._out)
+            self._out = -1
         return said[-1] if said else "bwrap said nothing"
 
     def _spawn_egress(self, init_pid: int) -> None:
@@ -468,6 +518,17 @@ class AppInstance:
             self._listener.close()
             self._listener = None
             self._socket_path.unlink(missing_ok=True)
+
+
+def _read_left(fd: int) -> bytes:
+    """What is in a pipe now, without waiting for its end (a sandbox's pid 1 may hold it a moment
+    longer than bwrap, whose last words are there once it is reaped)."""
+    os.set_blocking(fd, False)
+    chunks: list[bytes] = []
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _memfd(name: str, data: bytes) -> int:
