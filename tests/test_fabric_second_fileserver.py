@@ -1,4 +1,5 @@
-"""`role add fileserver` on a cloud that has one already is refused before anything is installed.
+"""`role add` refusals made before anything is installed: a second fileserver; a worker reserved for
+a subscription whose plan wants workers of another size.
 
 The fileserver holds every site's content and several sharing it are not supported: a second one (a
 remote one is chosen before this machine's) took over as the content store while empty, so a deploy
@@ -14,8 +15,8 @@ import pytest
 from sqlalchemy import select
 
 from roles.management._fabric import _add_role
-from shared.db import Database, Host, Role
-from shared.errors import InUse
+from shared.db import Database, Host, Plan, Role, Subscription, Tenant
+from shared.errors import InUse, InvalidInput
 
 
 def _cloud(tmp_path: Path, *, fileserver: bool) -> Database:
@@ -51,3 +52,33 @@ def test_the_first_fileserver_and_other_roles_are_added_as_before(tmp_path: Path
         role.state = "Failed"
     assert _add_role(db, {"role": "fileserver", "host": "files1.example.net"}) > 0
     assert _add_role(db, {"role": "worker", "host": "web1.example.net"}) > 0
+
+
+def test_a_worker_reserved_for_a_subscription_must_be_of_its_plan_s_size(tmp_path: Path) -> None:
+    # Sites of a plan reserved for large workers go only to large workers reserved for them: a small
+    # one reserved for the subscription would sit there taking none, with nothing said.
+    db = _cloud(tmp_path, fileserver=True)
+    with db.session() as s:
+        tenant = Tenant(name="woodgrove")
+        plan = Plan(
+            name="dedicated", max_sites=1, storage_mb=10, compute_mode="reserved", worker_size="large"
+        )
+        shared = Plan(name="basic", max_sites=1, storage_mb=10)
+        s.add_all([tenant, plan, shared])
+        s.flush()
+        dedicated = Subscription(tenant_id=tenant.id, plan_id=plan.id)
+        basic = Subscription(tenant_id=tenant.id, plan_id=shared.id)
+        s.add_all([dedicated, basic])
+        s.flush()
+        ids = dedicated.id, basic.id
+    with pytest.raises(InvalidInput) as refused:
+        _add_role(db, {"role": "worker", "host": "web1.example.net", "reserved_for": ids[0]})
+    assert "large workers" in refused.value.message and refused.value.hint == "add it with --size large"
+    with db.session() as s:
+        assert s.scalar(select(Host).where(Host.name == "web1.example.net")) is None
+    assert (
+        _add_role(db, {"role": "worker", "host": "web1.example.net", "size": "large", "reserved_for": ids[0]})
+        > 0
+    )
+    # A shared plan's subscription takes a reserved worker of any size, as before.
+    assert _add_role(db, {"role": "worker", "host": "web2.example.net", "reserved_for": ids[1]}) > 0

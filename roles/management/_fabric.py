@@ -33,7 +33,7 @@ from shared.contracts.fleet import (
     UpgradeOutcome,
     UpgradeRequest,
 )
-from shared.db import Database, Host, Role, Subscription, current_generation
+from shared.db import DEFAULT_WORKER_SIZE, Database, Host, Role, Subscription, current_generation
 from shared.errors import (
     AlreadyExists,
     ConfirmationRequired,
@@ -168,8 +168,11 @@ def _add_role(db: Database, body: Json) -> int:
     if reserved is not None and (kind != "worker" or not isinstance(reserved, int)):
         raise InvalidInput("--reserved-for takes a subscription id, and is for workers")
     with db.session() as s:
-        if reserved is not None and s.get(Subscription, reserved) is None:
-            raise NotFound(f"no subscription {reserved}", hint="see the list of subscriptions")
+        if reserved is not None:
+            subscription = s.get(Subscription, reserved)
+            if subscription is None:
+                raise NotFound(f"no subscription {reserved}", hint="see the list of subscriptions")
+            _check_reserved_size(subscription, size or DEFAULT_WORKER_SIZE)
         host = s.scalar(select(Host).where(Host.name == host_name))
         if host is None:
             # A host never created here is an existing machine reached over SSH by its DNS name; it
@@ -197,6 +200,19 @@ def _add_role(db: Database, body: Json) -> int:
         except IntegrityError as exc:
             raise AlreadyExists(f"{host_name} already runs a {kind}") from exc
         return role.id
+
+
+def _check_reserved_size(subscription: Subscription, size: str) -> None:
+    """A worker reserved for a subscription whose plan is reserved for another size would take none of
+    its sites (they go only to workers of the plan's size): refused before anything is installed."""
+    plan = subscription.plan
+    wanted = plan.worker_size or DEFAULT_WORKER_SIZE
+    if plan.compute_mode == "reserved" and size != wanted:
+        raise InvalidInput(
+            f"subscription {subscription.id}'s plan {plan.name} runs its sites on {wanted} workers: a {size} "
+            "worker reserved for it would take none of them",
+            hint=f"add it with --size {wanted}",
+        )
 
 
 def _refuse_a_second_fileserver(s: Any, host: Host) -> None:
