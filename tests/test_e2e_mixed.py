@@ -227,6 +227,8 @@ def test_a_reserved_plan_s_site_moves_to_the_worker_reserved_for_it(
         added = cloud.cli("role", "add", "worker", RESERVED_HOST, "--size", "large", "--reserved-for",
                           str(sub), timeout=180)  # fmt: skip
         assert added["state"] == "Ready", added
+        listed = [line for line in cloud.cli_text("role", "list").splitlines() if RESERVED_HOST in line]
+        assert listed and listed[0].startswith(f"worker (large, reserved for {sub})"), listed
         wait_until(lambda: on() == {RESERVED_HOST}, timeout=30, what="the site on its reserved worker alone")
         assert shown()["problems"] == []
         wait_until(

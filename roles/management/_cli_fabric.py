@@ -166,7 +166,7 @@ def _show_roles(answer: Any, a: argparse.Namespace) -> None:
         code = r["code_version"] + (f"/{r['code_hash'][:8]}" if r.get("code_hash") else "")
         rows.append(
             (
-                r["role"],
+                _role_kind(r),
                 r["host"],
                 state,
                 code,
@@ -176,6 +176,14 @@ def _show_roles(answer: Any, a: argparse.Namespace) -> None:
             )
         )
     print_table(("ROLE", "HOST", "STATE", "CODE", "CONFIG", "HEARTBEAT", "REASON"), rows, empty="no roles")
+
+
+def _role_kind(role: Any) -> str:
+    """The role's kind, and for a worker given a size or reserved for a subscription, which."""
+    notes = [role["size"]] if role.get("size") else []
+    if role.get("reserved_for") is not None:
+        notes.append(f"reserved for {role['reserved_for']}")
+    return str(role["role"]) + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _show_role_done(answer: Any, a: argparse.Namespace) -> None:
