@@ -27,6 +27,7 @@ __all__ = [
     "QuotaExceeded",
     "RateLimited",
     "SitecloudError",
+    "StorageFull",
     "StorageUnavailable",
     "TooManyEntries",
     "Unauthorized",
@@ -219,6 +220,16 @@ class StorageUnavailable(Unavailable):
         self, message: str = "storage is unavailable, try again later", *, hint: str | None = None
     ) -> None:
         super().__init__(message, hint=hint)
+
+
+class StorageFull(SitecloudError):
+    """A role's disk (the fileserver's, where content is stored) has no space left: nothing was stored.
+    Not the site's quota: it clears once the admin frees or adds disk, and the same write may then be
+    retried as it is."""
+
+    code = "storage_full"
+    status = 507  # RFC 4918: Insufficient Storage
+    ftp_code = 452  # RFC 959: insufficient storage space in system
 
 
 SitecloudError._by_code[SitecloudError.code] = SitecloudError

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from shared.config import RoleConfig
 from shared.contracts import Contract
+from shared.disk import is_disk_full, storage_full
 from shared.errors import Forbidden, NotFound, SitecloudError, Unavailable, error_from_json
 from shared.pki import role_of_peer
 from shared.tls import client_context
@@ -94,6 +95,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                     "then retry; sites keep being served meanwhile",
                 )
             )
+        if is_disk_full(exc):
+            # The host's condition, not the request's: one line for the admin, not a traceback.
+            _log.warning("%s %s: refused, the disk is full: %s", request.method, request.path, exc)
+            return json_error(storage_full())
         _log.exception("unhandled error in %s %s", request.method, request.path)
         return json_error(SitecloudError("internal error; the request was not completed"))
 

@@ -42,6 +42,16 @@ def _metrics(store: ContentStore) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "sitecloud_fileserver_feed_seq", "The change feed's sequence number.", value=figures.seq or 0
     )
+    yield GaugeMetricFamily(
+        "sitecloud_fileserver_disk_free_bytes",
+        "Free bytes of the disk content is stored on.",
+        value=figures.disk_free_bytes or 0,
+    )
+    yield GaugeMetricFamily(
+        "sitecloud_fileserver_disk_bytes",
+        "Size of the disk content is stored on.",
+        value=figures.disk_bytes or 0,
+    )
 
 
 async def serve(config: FileserverConfig, stop: asyncio.Event) -> None:

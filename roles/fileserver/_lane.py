@@ -16,6 +16,7 @@ from typing import cast
 
 from roles.fileserver.store import ContentStore
 from shared.contracts.putlane import PUT_HEAD, PUT_LANE_MAX_BODY, PutFrame, encode_answer
+from shared.disk import is_disk_full, storage_full
 from shared.errors import BadRequest, Forbidden, SitecloudError
 from shared.logs import get_logger
 from shared.pki import role_of_peer
@@ -133,9 +134,13 @@ class _PutLane(asyncio.Protocol):
             answer = encode_answer(200, await store.put_answer(frame.site, stored, frame.since, uid))
         except SitecloudError as err:
             answer = _refusal(err)
-        except Exception:
-            self._lanes._log.exception("storing a file from a put lane failed")
-            answer = _refusal(SitecloudError("internal error; the request was not completed"))
+        except Exception as exc:
+            if is_disk_full(exc):
+                self._lanes._log.warning("a put from a put lane refused, the disk is full: %s", exc)
+                answer = _refusal(storage_full())
+            else:
+                self._lanes._log.exception("storing a file from a put lane failed")
+                answer = _refusal(SitecloudError("internal error; the request was not completed"))
         if self._transport is not None:
             self._transport.write(answer)
 

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ from shared.contracts.content import (
 )
 from shared.contracts.health import FileserverFigures
 from shared.contracts.snapshots import FileserverSnapshot
+from shared.disk import disk_space, is_disk_full
 from shared.errors import (
     Changed,
     InvalidInput,
@@ -71,6 +72,7 @@ from shared.errors import (
 from shared.files import syncfs
 from shared.logs import get_logger
 from shared.paths import site_relpath
+from shared.states import HealthStatus
 
 __all__ = ["ContentStore"]
 
@@ -462,10 +464,23 @@ class ContentStore:
         return site
 
     def health(self) -> FileserverFigures:
+        space = disk_space(self.config.home)
+        # Nearly full, it still serves (downloads, workers' syncs, uploads while they fit): a warning
+        # to the admin before uploads are refused with storage_full, not a reason to route around it.
+        full = space.nearly_full
         return FileserverFigures(
             sites=len(self._sites),
             total_bytes=sum(s.total_bytes for s in self._sites.values()),
             seq=self.feed.seq,
+            disk_free_bytes=space.free,
+            disk_bytes=space.total,
+            status=HealthStatus.DEGRADED if full else HealthStatus.READY,
+            reason=(
+                f"its disk is nearly full ({space.describe()}): uploads are refused once it is full; "
+                "free or add disk space on this host"
+            )
+            if full
+            else None,
         )
 
     def info(self, name: str, uid: str | None = None) -> SiteContentInfo:
@@ -1196,20 +1211,32 @@ class ContentStore:
         await self.purge_trash()
 
     async def checkpoint_all(self) -> None:
+        """Checkpoint every site with a journal; one that fails (its log says why) leaves the others
+        to be done, and its journal keeps what it holds for the next try."""
         for site in list(self._sites.values()):
             if site.journal is not None:
-                await self.checkpoint(site)
+                await self._upkeep(
+                    f"checkpoint of site {site.name}", functools.partial(self.checkpoint, site)
+                )
+
+    async def _upkeep(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await work()
+        except Exception as exc:
+            if is_disk_full(exc):
+                # The host's condition: one line each round until space is freed, not a traceback.
+                self._log.warning("%s failed, the disk is full (%s); trying again later", what, exc)
+            else:
+                self._log.exception("%s failed; trying again later", what)
 
     async def maintain(self, stop: asyncio.Event) -> None:
-        """Checkpoint journals every few seconds and collect garbage every ``gc_interval`` until ``stop``."""
+        """Checkpoint journals every few seconds and collect garbage every ``gc_interval`` until ``stop``.
+        Garbage is collected even when checkpoints fail: on a full disk, it is what frees space."""
         next_gc = 0.0
         while not stop.is_set():
-            try:
-                await self.checkpoint_all()
-                if time.monotonic() >= next_gc:
-                    await self.collect_garbage()
-                    next_gc = time.monotonic() + self.config.gc_interval
-            except Exception:
-                self._log.exception("upkeep failed; trying again later")
+            await self.checkpoint_all()
+            if time.monotonic() >= next_gc:
+                await self._upkeep("garbage collection", self.collect_garbage)
+                next_gc = time.monotonic() + self.config.gc_interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), min(self.config.gc_interval, _CHECKPOINT_EVERY))

@@ -61,6 +61,7 @@ _BY_STATUS = {
     502: ExitCode.UNAVAILABLE,
     503: ExitCode.UNAVAILABLE,
     504: ExitCode.UNAVAILABLE,
+    507: ExitCode.UNAVAILABLE,
 }
 
 

@@ -4,7 +4,8 @@ local disk instead of being fetched again from the fileserver over mTLS and rela
 A copy is filled while the bytes pass through anyway (a big upload on its way to the fileserver, a big
 download on its way to the client) and kept, by rename, only when it is whole and the fileserver named
 that sha256 for exactly those bytes. Copies are addressed by content, so one is never stale; the least
-recently used go once the cache passes its size. The directory is the publisher's alone and is emptied
+recently used go once the cache passes its size, or while the disk is nearly full (``shared.disk``):
+on one box the fileserver's content is on the same disk, and a copy is only a shortcut. The directory is the publisher's alone and is emptied
 at start (a copy renamed just before a crash may not have reached the disk whole).
 """
 
@@ -19,9 +20,13 @@ from pathlib import Path
 from typing import IO
 
 from shared.direct import DirectWriter
+from shared.disk import disk_space
 from shared.logs import ContextLogger
 
 __all__ = ["BlobCache", "CacheFill"]
+
+# A copy being written looks at the disk's free space again after this many bytes.
+_ROOM_CHECK_BYTES = 16 * 1024 * 1024
 
 
 class BlobCache:
@@ -63,7 +68,7 @@ class BlobCache:
 
     def fill(self) -> CacheFill | None:
         """A copy to write a blob's bytes into, in order; None when the cache keeps nothing."""
-        if self.max_bytes <= 0:
+        if self.max_bytes <= 0 or not self._room():
             return None
         try:
             return CacheFill(self)
@@ -71,8 +76,23 @@ class BlobCache:
             self._log.warning("no cache copy: %s", err)
             return None
 
+    def _room(self, reserve: int = 0) -> bool:
+        """Whether the disk has room for copies (and ``reserve`` bytes more), after dropping the oldest
+        ones if need be: they are only a shortcut, and on a disk shared with the fileserver its content
+        comes first."""
+        while True:
+            space = disk_space(self.directory)
+            if space.free - reserve >= space.floor:
+                return True
+            with self._lock:
+                if not self._sizes:
+                    return False
+                old, old_size = self._sizes.popitem(last=False)
+                self._total -= old_size
+            (self.directory / old).unlink(missing_ok=True)
+
     def _keep(self, temp: Path, sha: str, size: int) -> None:
-        if size > self.max_bytes:
+        if size > self.max_bytes or not self._room():
             temp.unlink(missing_ok=True)
             return
         with self._lock:
@@ -106,6 +126,7 @@ class CacheFill:
         self._path = Path(name)
         self._fd = fd
         self._writer: DirectWriter | None = DirectWriter(fd, read_back=True)
+        self._unchecked = 0  # bytes written since the disk's space was last looked at
 
     @property
     def size(self) -> int:
@@ -119,6 +140,15 @@ class CacheFill:
         except OSError as err:
             self._cache._log.warning("cache copy given up: %s", err)
             self.drop()
+            return
+        self._unchecked += len(data)
+        if self._unchecked >= _ROOM_CHECK_BYTES:
+            self._unchecked = 0
+            # An upload's copy runs ahead of the fileserver's: on a shared disk, the fileserver still
+            # needs about as many bytes as the copy holds.
+            if not self._cache._room(reserve=self.size):
+                self._cache._log.warning("cache copy given up: the disk is nearly full")
+                self.drop()
 
     def keep(self, sha: str, size: int) -> None:
         """File the copy as blob ``sha``, if all ``size`` bytes of it were written."""

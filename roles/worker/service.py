@@ -35,6 +35,7 @@ from roles.worker.server import DataServer
 from shared.contracts.health import WorkerFigures
 from shared.contracts.snapshots import Refused, WorkerSnapshot
 from shared.control import ControlPlane
+from shared.disk import disk_space
 from shared.errors import SitecloudError
 from shared.files import atomic_write_json, read_json
 from shared.logs import get_logger
@@ -227,7 +228,7 @@ async def _serve(
             sync.figures(),
             WorkerFigures(processes=processes),
             apps.figures(),
-            _degraded(sync.failed, apps.isolation_gaps()),
+            _degraded(sync.failed, apps.isolation_gaps() + _disk_gaps(root)),
             data.figures(),
         )
 
@@ -325,6 +326,14 @@ def _worker_metrics(
         "CPU time used by apps.",
         value=sum((figures.app_cpu_seconds or {}).values()),
     )
+
+
+def _disk_gaps(root: Path) -> list[str]:
+    """Why the worker is degraded by its disk (content and apps' volumes), if it is nearly full."""
+    space = disk_space(root)
+    if not space.nearly_full:
+        return []
+    return [f"its disk is nearly full ({space.describe()}): new content may not fit; free or add disk space"]
 
 
 def _degraded(failed: dict[str, str], gaps: list[str]) -> WorkerFigures:

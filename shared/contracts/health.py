@@ -153,6 +153,9 @@ class FileserverFigures(RoleFigures):
     total_bytes: Count | None = None
     # The change feed's sequence number.
     seq: Count | None = None
+    # The disk content is stored on: free bytes (as the fileserver may use them) and its size.
+    disk_free_bytes: Count | None = None
+    disk_bytes: Count | None = None
 
 
 class PublisherFigures(RoleFigures):
