@@ -57,6 +57,6 @@ def is_disk_full(exc: BaseException) -> bool:
 def storage_full() -> StorageFull:
     """What a tenant is told: the cloud's storage, not their quota, and nothing half-stored."""
     return StorageFull(
-        "the cloud's content storage is full: nothing was stored",
+        "the cloud's storage is full: nothing was stored",
         hint="this is not your site's quota; the cloud's admin must free or add disk space, then try again",
     )

@@ -20,7 +20,7 @@ from aiohttp import web
 from shared.config import RoleConfig
 from shared.contracts import Contract
 from shared.disk import is_disk_full, storage_full
-from shared.errors import Forbidden, NotFound, SitecloudError, Unavailable, error_from_json
+from shared.errors import Forbidden, NotFound, SitecloudError, StorageFull, Unavailable, error_from_json
 from shared.pki import role_of_peer
 from shared.tls import client_context
 
@@ -80,6 +80,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
         return web.Response(status=499)
     except Exception as exc:
+        if _db_disk_full(exc):
+            _log.warning(
+                "%s %s: refused, the runtime DB's disk is full: %s", request.method, request.path, exc
+            )
+            return json_error(
+                StorageFull(
+                    "the runtime DB's disk is full: nothing was changed",
+                    hint="free disk space where the runtime DB keeps its files (with `sitecloud up`'s "
+                    "default SQLite DB, the disk of its home), then retry; sites keep being served meanwhile",
+                )
+            )
         if _db_unreachable(exc):
             # The runtime DB is down, restarting or locked: nothing was done, and a retry may work.
             _log.warning(
@@ -101,6 +112,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return json_error(storage_full())
         _log.exception("unhandled error in %s %s", request.method, request.path)
         return json_error(SitecloudError("internal error; the request was not completed"))
+
+
+def _db_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the runtime DB refusing a write for want of disk space: SQLite's SQLITE_FULL,
+    PostgreSQL's disk_full (SQLSTATE 53100)."""
+    from sqlalchemy.exc import OperationalError
+
+    if not isinstance(exc, OperationalError):
+        return False
+    return "database or disk is full" in str(exc.orig) or getattr(exc.orig, "sqlstate", None) == "53100"
 
 
 def _db_unreachable(exc: BaseException) -> bool:

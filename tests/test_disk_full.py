@@ -64,7 +64,8 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def cloud(disk: Path) -> Iterator[LocalCloud]:
-    cloud = LocalCloud(disk / "home")
+    # A role state older than 3 s shows as Unknown (10 s by default): sooner here, where a test waits.
+    cloud = LocalCloud(disk / "home", settings={"management": {"role_stale_after": 3}})
     cloud.start()
     try:
         yield cloud
@@ -153,6 +154,47 @@ def test_a_full_disk_refuses_uploads_clearly_and_they_work_again_once_space_is_f
     logs = cloud.role_logs()
     assert "unhandled error" not in logs, logs[-3000:]
     assert "storing a file from a put lane failed" not in logs, logs[-3000:]
+
+
+def test_a_full_disk_under_the_runtime_db_is_named_as_such_and_passes_once_space_is_freed(
+    cloud: LocalCloud, site: dict[str, Any], disk: Path
+) -> None:
+    filler = _fill(disk, leave=0)
+    try:
+        proc = run_cli(
+            [
+                "--home",
+                str(cloud.home),
+                "plan",
+                "create",
+                "later",
+                "--max-sites",
+                "1",
+                "--storage-mb",
+                "5",
+                "--json",
+            ],
+            env=os.environ,
+            timeout=60,
+        )
+        assert proc.returncode == 6, (proc.stdout, proc.stderr)
+        assert b'"storage_full"' in proc.stdout and b"runtime DB's disk is full" in proc.stdout, proc.stdout
+
+        # The controller cannot record what it sees: the roles show as Unknown, saying why.
+        def unknown_for_the_disk() -> bool:
+            role = _fileserver(cloud)
+            return role["state"] == "Unknown" and "runtime DB's disk is full" in role["reason"]
+
+        wait_until(unknown_for_the_disk, timeout=30, what="role list to name the runtime DB's full disk")
+        # Visitors are served meanwhile.
+        assert cloud.get("photos", "/before.html")[2] == b"<p>before</p>"
+    finally:
+        filler.unlink()
+    wait_until(
+        lambda: _fileserver(cloud)["state"] == "Ready", timeout=30, what="the roles to be recorded again"
+    )
+    created = cloud.cli("plan", "create", "later", "--max-sites", "1", "--storage-mb", "5")
+    assert created["name"] == "later", created
 
 
 def test_the_publisher_s_copies_make_way_on_a_nearly_full_disk(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from shared.contracts.fleet import (
     UpgradeRequest,
 )
 from shared.db import DEFAULT_WORKER_SIZE, Database, Host, Role, Subscription, current_generation
+from shared.disk import disk_space
 from shared.errors import (
     AlreadyExists,
     ConfirmationRequired,
@@ -58,6 +59,8 @@ ACTIONS = ("start", "stop", "restart", "repair", "remove")
 KINDS = tuple(k for k in ROLE_KINDS if k != "controller")
 # Installing a role may take minutes on a cold host; lines arrive as steps end.
 _STREAM_TIMEOUT = 3600.0
+# Under this much free space, a local runtime DB cannot take the controller's writes.
+_DB_ROOM = 1024 * 1024
 
 
 # -- the DB (synchronous; run in a thread) ---------------------------------------------------------
@@ -112,6 +115,7 @@ def _delete_host(db: Database, name: str) -> None:
 
 def _list_roles(db: Database, stale_after: dt.timedelta) -> Json:
     now = dt.datetime.now(dt.UTC)
+    unrecorded = _why_unrecorded(db)
     with db.session() as s:
         desired = current_generation(s)
         rows = s.scalars(select(Role).options(joinedload(Role.host)))
@@ -121,7 +125,7 @@ def _list_roles(db: Database, stale_after: dt.timedelta) -> Json:
                 "host": r.host.name,
                 "fabric": r.host.fabric,
                 "host_state": r.host.state,
-                **_seen_state(r, now, stale_after),
+                **_seen_state(r, now, stale_after, unrecorded),
                 "desired_state": r.desired_state,
                 "config_version": r.config_version,
                 "desired_version": desired,
@@ -138,7 +142,26 @@ def _list_roles(db: Database, stale_after: dt.timedelta) -> Json:
     return {"roles": roles}
 
 
-def _seen_state(role: Role, now: dt.datetime, stale_after: dt.timedelta) -> dict[str, str]:
+def _why_unrecorded(db: Database) -> str | None:
+    """Why the controller cannot record what it sees, where this can tell: a local DB's full disk."""
+    path = db.local_file()
+    if path is None:
+        return None
+    try:
+        space = disk_space(path.parent)
+    except OSError:
+        return None
+    if space.free >= _DB_ROOM:
+        return None
+    return (
+        f"the runtime DB's disk is full ({space.describe()}), so the controller cannot record what it "
+        f"sees; free disk space there ({path.parent})"
+    )
+
+
+def _seen_state(
+    role: Role, now: dt.datetime, stale_after: dt.timedelta, unrecorded: str | None = None
+) -> dict[str, str]:
     """The role's state as the controller last recorded it; Unknown once that is stale (the
     controller is not running, or cannot reach the DB), rather than a Ready nobody checks."""
     beat = role.last_heartbeat
@@ -146,11 +169,8 @@ def _seen_state(role: Role, now: dt.datetime, stale_after: dt.timedelta) -> dict
         beat = beat.replace(tzinfo=dt.UTC)
     if role.state in (RoleState.READY, RoleState.DEGRADED) and beat is not None and now - beat > stale_after:
         silent = int((now - beat).total_seconds())
-        return {
-            "state": "Unknown",
-            "reason": f"last checked {silent} s ago (then {role.state}): is the controller running? "
-            "`sitecloud up` runs it",
-        }
+        why = unrecorded or "is the controller running? `sitecloud up` runs it"
+        return {"state": "Unknown", "reason": f"last checked {silent} s ago (then {role.state}): {why}"}
     return {"state": role.state, "reason": role.reason}
 
 

@@ -61,6 +61,13 @@ class Database:
     def dispose(self) -> None:
         self.engine.dispose()
 
+    def local_file(self) -> Path | None:
+        """The SQLite file a local DB keeps its data in (None for a database server)."""
+        name = self.engine.url.database
+        if self.engine.dialect.name != "sqlite" or not name or name == ":memory:":
+            return None
+        return Path(name)
+
 
 def current_generation(session: Session) -> int:
     row = session.get(CloudState, "generation")
