@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -261,23 +262,46 @@ def _state(down: frozenset[int] = frozenset()) -> DesiredState:
     return DesiredState(generation=5, domain="sites.test", roles=roles, sites=[site], down=down)
 
 
+def _fe_workers(snap: dict[str, Any], site: str = "blog") -> set[str]:
+    return set(snap["sites"][site]["workers"])
+
+
 def test_many_front_ends_get_the_same_routes_without_down_or_unreachable_workers() -> None:
     snaps = snapshots_for(_state())
-    assert snaps[1]["sites"]["blog"]["workers"] == ["web1:7412", "web2:7412"]
+    assert _fe_workers(snaps[1]) == {"web1:7412", "web2:7412"}
     # The local front end reaches every host; a netns one never gets this machine's loopback roles.
-    assert snaps[2]["sites"]["blog"]["workers"] == ["web1:7412", "web2:7412", "localhost:9102"]
+    assert _fe_workers(snaps[2]) == {"web1:7412", "web2:7412", "localhost:9102"}
     # web1's host stops answering: every front end routes around it.
     down = snapshots_for(_state(frozenset({3})))
-    assert down[1]["sites"]["blog"]["workers"] == ["web2:7412"]
-    assert down[2]["sites"]["blog"]["workers"] == ["web2:7412", "localhost:9102"]
+    assert _fe_workers(down[1]) == {"web2:7412"}
+    assert _fe_workers(down[2]) == {"web2:7412", "localhost:9102"}
     assert down[3]["sites"] == {
         "blog": {"uid": "u1", "subscription": 10}
     }  # it keeps its sites for when it rejoins
     # Every worker of the site down (a probe that timed out on a busy host, say): the routes keep them
     # all, since the front end may hold this snapshot for as long as the controller stays away.
     all_down = snapshots_for(_state(frozenset({3, 4, 5})))
-    assert all_down[1]["sites"]["blog"]["workers"] == ["web1:7412", "web2:7412"]
-    assert all_down[2]["sites"]["blog"]["workers"] == ["web1:7412", "web2:7412", "localhost:9102"]
+    assert _fe_workers(all_down[1]) == {"web1:7412", "web2:7412"}
+    assert _fe_workers(all_down[2]) == {"web1:7412", "web2:7412", "localhost:9102"}
+
+
+def test_a_site_of_one_instance_is_taken_by_one_worker_the_same_on_every_front_end() -> None:
+    # Its app runs once, with one writable folder (a SQLite database, PHP sessions): the others of
+    # its workers stand by.
+    snaps = snapshots_for(_state())
+    local, netns = snaps[2]["sites"]["blog"], snaps[1]["sites"]["blog"]
+    assert local["active"] == 1 and netns["active"] == 1
+    # The same order everywhere: netns's list is the local one without the loopback worker.
+    assert netns["workers"] == [w for w in local["workers"] if w != "localhost:9102"]
+    # Scaled to every worker, all take requests.
+    state = _state()
+    state.sites[0] = replace(state.sites[0], instances=3)
+    assert "active" not in snapshots_for(state)[2]["sites"]["blog"]
+    # The order is each site's own, so the sites of two workers do not all go first to one of them.
+    state = _state()
+    state.sites = [DesiredSite(f"s{n}", f"uid{n}", 1, {}, (3, 4), 10) for n in range(40)]
+    firsts = [snap["workers"][0] for snap in snapshots_for(state)[1]["sites"].values()]
+    assert 10 <= firsts.count("web1:7412") <= 30, firsts
 
 
 def test_a_publisher_learns_how_many_of_a_site_s_workers_it_cannot_reach() -> None:

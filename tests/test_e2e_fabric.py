@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ftplib
+import http.client
 import io
 import json
 import os
@@ -248,6 +249,66 @@ def test_publish_by_ftp_to_pub1_and_fetch_through_both_front_ends(cloud: LocalCl
     # Both front ends route to both workers: the site is placed on two.
     roles = _roles(cloud)
     assert roles[("worker", "web1")]["state"] == roles[("worker", "web2")]["state"] == "Ready"
+
+
+_COUNTER = b"""<?php
+session_start();
+$_SESSION['n'] = ($_SESSION['n'] ?? 0) + 1;
+echo $_SESSION['n'];
+"""
+
+
+def _visit(cloud: LocalCloud, frontend: str, site: str, cookie: str) -> tuple[bytes, str]:
+    """GET / of ``site`` through the front end on ``frontend`` with ``cookie``: the body, and the
+    cookie to send next (the one it set, else the same)."""
+    ctx = ssl.create_default_context(cafile=str(cloud.ca_file))
+    name = f"{site}.{cloud.domain}"
+    port = cloud.ports["https_port"]
+    conn = http.client.HTTPSConnection(name, port, context=ctx, timeout=10)
+    raw = socket.create_connection((socket.gethostbyname(frontend), port), timeout=10)
+    conn.sock = ctx.wrap_socket(raw, server_hostname=name)
+    try:
+        conn.request("GET", "/", headers={"Cookie": cookie} if cookie else {})
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200, (resp.status, body[:300])
+        set_cookie = resp.getheader("Set-Cookie")
+    finally:
+        conn.close()
+    return body, set_cookie.split(";", 1)[0] if set_cookie else cookie
+
+
+def test_an_app_of_one_instance_keeps_its_sessions_through_both_front_ends(cloud: LocalCloud) -> None:
+    """The site is on both workers, but with one instance one of them takes its requests: PHP's
+    sessions (files in the app's own folder) are one app's, not split over two."""
+    site = cloud.cli("site", "create", "counter", "--subscription", "1")
+    ftp = wait_until(lambda: _pub1_login(cloud, site), timeout=15, interval=0.2, what="FTP login on pub1")
+    ftp.storbinary("STOR index.php", io.BytesIO(_COUNTER))
+    ftp.quit()
+    first = wait_until(
+        lambda: _visit(cloud, "fe1", "counter", ""),
+        timeout=30,
+        interval=0.3,
+        what="the counter's first visit",
+    )
+    body, cookie = first
+    assert body == b"1" and cookie.startswith("PHPSESSID="), first
+    seen = [body]
+    for n in range(6):
+        body, cookie = _visit(cloud, ("fe2", "fe1")[n % 2], "counter", cookie)
+        seen.append(body)
+    assert seen == [str(n).encode() for n in range(1, 8)], seen
+
+
+def _pub1_login(cloud: LocalCloud, site: dict[str, Any]) -> ftplib.FTP | None:
+    ftp = ftplib.FTP()
+    ftp.connect("pub1", cloud.ports["ftp_port"], timeout=10)
+    try:
+        ftp.login(site["ftp"]["user"], site["ftp"]["password"])
+    except ftplib.error_perm:
+        ftp.close()
+        return None
+    return ftp
 
 
 def test_a_dead_worker_process_is_restarted_on_its_host(

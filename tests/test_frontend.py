@@ -245,11 +245,14 @@ def origins(cloud: CloudPKI) -> Iterator[tuple[Origin, Origin]]:
     b.stop()
 
 
-def route(frontend: RoleProcess, sites: dict[str, list[str]]) -> None:
+def route(frontend: RoleProcess, sites: dict[str, list[str]], *, active: int = 0) -> None:
     snapshot = {
         "version": next(_versions),
         "domain": DOMAIN,
-        "sites": {name: {"workers": workers} for name, workers in sites.items()},
+        "sites": {
+            name: {"workers": workers, **({"active": active} if active else {})}
+            for name, workers in sites.items()
+        },
     }
     frontend.push_config(snapshot)
 
@@ -749,6 +752,32 @@ def test_balancing_prefers_the_least_busy_worker(
     served = [json.loads(fetch(conn, "/echo")[2])["origin"] for _ in range(4)]
     thread.join()
     assert slow == [busy] and busy not in served
+    conn.close()
+
+
+def test_a_site_of_one_instance_is_served_by_its_first_worker_and_the_next_only_while_it_cannot(
+    frontend: RoleProcess, origins: tuple[Origin, Origin]
+) -> None:
+    """One instance, one app: balanced over two workers, its SQLite database and PHP sessions would
+    be two. The second worker stands by."""
+    a, b = origins
+    route(frontend, {"blog": [a.address, b.address]}, active=1)
+    conn = http_conn(frontend)
+    served = [json.loads(fetch(conn, "/echo")[2])["origin"] for _ in range(6)]
+    assert served == ["a"] * 6
+    conn.close()
+    # The first refuses connections (its host is gone): the one standing by takes the requests.
+    dead = f"localhost:{free_port()}"
+    route(frontend, {"blog": [dead, b.address]}, active=1)
+    conn = http_conn(frontend)
+    served = [json.loads(fetch(conn, "/echo")[2])["origin"] for _ in range(4)]
+    assert served == ["b"] * 4
+    conn.close()
+    # Two instances of three workers: the first two share the requests, the third stands by.
+    route(frontend, {"blog": [b.address, a.address, dead]}, active=2)
+    conn = http_conn(frontend)
+    served = [json.loads(fetch(conn, "/echo")[2])["origin"] for _ in range(6)]
+    assert served.count("a") == 3 and served.count("b") == 3
     conn.close()
 
 

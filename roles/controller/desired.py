@@ -12,6 +12,7 @@ then they listen on every address and other hosts reach them at the advertised o
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -116,6 +117,8 @@ class DesiredSite:
     users: dict[str, str]
     worker_ids: tuple[int, ...]
     subscription_id: int = 0
+    # Workers that take its requests at once (the others of ``worker_ids`` stand by).
+    instances: int = 1
     # The plan's content retention, for the fileserver.
     retention: dict[str, int] = field(default_factory=dict)
     # Worker snapshot app fields (runtime, entry, env, ...), from the site's app settings.
@@ -306,6 +309,7 @@ def read_desired(
                 users={c.username: c.password_hash for c in site.credentials},
                 worker_ids=tuple(sorted(a.role_id for a in site.assignments)),
                 subscription_id=site.subscription_id,
+                instances=max(1, site.instances or 1),
                 retention={"keep_versions": plan.keep_versions, "keep_days": plan.keep_days},
                 app={
                     **app_fields(dict(site.app_settings or {}), always_on_allowed=plan.always_on),
@@ -392,6 +396,21 @@ def _publisher_address(state: DesiredState, management: RoleEndpoint) -> dict[st
         "ftp_port": publisher.ports["ftp"],
         "deploy_port": publisher.ports["deploy"],
     }
+
+
+def _in_turn(site: DesiredSite) -> list[int]:
+    """The site's workers in the order front ends turn to them: the first ``instances`` take its
+    requests, the next one takes over when one of those cannot. The order is the site's own (highest
+    random weight: a hash of the site and the worker), the same on every front end, so that the sites
+    on two workers are spread between them rather than all first on the oldest."""
+    return sorted(
+        site.worker_ids, key=lambda w: hashlib.sha256(f"{site.uid}/{w}".encode()).digest(), reverse=True
+    )
+
+
+def _active(site: DesiredSite) -> dict[str, int]:
+    """The front end entry's ``active``, where the site has more workers than instances."""
+    return {"active": site.instances} if len(site.worker_ids) > site.instances else {}
 
 
 def _routable(
@@ -504,8 +523,9 @@ def snapshots_for(state: DesiredState, only: Collection[int] | None = None) -> d
                         s.name: {
                             "workers": [
                                 f"{role.host_of(w)}:{w.ports['data']}"
-                                for w in _routable(role, workers, answers[s.name].worker_ids, state.down)
+                                for w in _routable(role, workers, _in_turn(answers[s.name]), state.down)
                             ],
+                            **_active(answers[s.name]),
                             **({"serve_as": answers[s.name].name} if answers[s.name] is not s else {}),
                             **({"hostnames": list(s.hostnames)} if s.hostnames else {}),
                             **s.routing,

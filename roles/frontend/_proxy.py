@@ -328,9 +328,10 @@ class Proxy:
         self.spawn(run_feed(self, upstream, feed))
 
     def held_fresh(self, site: Site, entry: CacheEntry) -> bool:
-        """Whether ``entry`` may be sent without asking: every worker of the site has a live feed
-        that says the entry's version is the one it serves (and an app's answer is not expired)."""
-        ups = site.upstreams
+        """Whether ``entry`` may be sent without asking: every worker that takes the site's requests
+        has a live feed that says the entry's version is the one it serves (and an app's answer is
+        not expired). One standing by is asked when it takes over, as its feed opens then."""
+        ups = site.active_upstreams
         if not ups or site.affinity:
             return False  # (an affinity site's visitors get their worker's cookie on each answer)
         now = self.loop.time()

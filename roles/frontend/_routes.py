@@ -50,10 +50,14 @@ HSTS_HEADER = b"Strict-Transport-Security: max-age=31536000\r\n"
 
 
 class Site:
-    """One site's workers and options; picks the worker with the fewest requests in flight."""
+    """One site's workers and options; picks the worker with the fewest requests in flight among its
+    active ones (the first ``active`` of ``upstreams``), turning to the others, in order, only when
+    none of those can take it."""
 
     __slots__ = (
         "_next",
+        "active",
+        "active_upstreams",
         "address",
         "affinity",
         "by_token",
@@ -64,6 +68,7 @@ class Site:
         "max_body",
         "name",
         "off_lane",
+        "standby",
         "stopped",
         "upstreams",
         "usage",
@@ -81,8 +86,12 @@ class Site:
         max_body: int = 0,
         stopped: Page | None = None,
         address: str = "",
+        active: int = 0,
     ) -> None:
         self.name = name
+        # 1..len(upstreams): how many take requests; the rest stand by (0, or more than there are: all).
+        self.active = active if 0 < active < len(upstreams) else len(upstreams)
+        self.active_upstreams, self.standby = upstreams[: self.active], upstreams[self.active :]
         # The name its host names are under: another slot's after a swap, else ``name``.
         self.address = address or name
         self.upstreams = upstreams
@@ -111,7 +120,22 @@ class Site:
         if n == 1:
             only = ups[0]
             return None if tried and only in tried else only
-        start = self._next
+        standby = self.standby
+        if standby:
+            # One that stands by only when no active one is up and untried, the first of them in turn.
+            best = self._least(self.active_upstreams, tried, now)
+            if best is None or best.down_until > now:
+                for up in standby:
+                    if (not tried or up not in tried) and up.down_until <= now:
+                        return up
+            return best or self._least(standby, tried, now)
+        return self._least(ups, tried, now)
+
+    def _least(self, ups: tuple[Upstream, ...], tried: list[Upstream] | None, now: float) -> Upstream | None:
+        n = len(ups)
+        if n == 0:
+            return None
+        start = self._next % n
         self._next = start + 1 if start + 1 < n else 0
         best: Upstream | None = None
         best_load = 0
@@ -255,6 +279,7 @@ def build_routes(
                 max_body=default_max_body if spec.max_body_bytes is None else spec.max_body_bytes,
                 stopped=_quota_page(spec.quota_stop),
                 address=name,
+                active=spec.active,
             )
         except InvalidInput as err:
             reason = str(err) if isinstance(spec, Refused) else f"site {name!r}: {err}"

@@ -267,6 +267,10 @@ class QuotaStopEntry(SnapshotPart):
 class FrontendSite(SnapshotPart):
     # "<host>:<port>" over TLS, or "http://<loopback ip>:<port>" (the front end checks each once).
     workers: list[str] = Field(default_factory=list)
+    # How many of ``workers``, in order, take the site's requests (its instances); the rest stand by,
+    # taking them only while those cannot. 0: all of them. One instance means one app, with one
+    # writable folder: balanced over two workers, an app's SQLite database or PHP sessions would split.
+    active: int = Field(default=0, ge=0, le=1000)
     # After a slot swap: the site whose workers answer this site's host names.
     serve_as: SiteName | None = None
     hostnames: list[_HostnameEntry] = Field(default_factory=list)
