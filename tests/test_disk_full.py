@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from roles.publisher._cache import BlobCache
+from roles.worker.service import _disk_gaps
 from shared.disk import disk_space
 from shared.logs import get_logger
 from tests.cloud import LocalCloud, site_ftp
@@ -234,5 +235,19 @@ def test_the_publisher_s_copies_make_way_on_a_nearly_full_disk(tmp_path: Path) -
         (where / "more").write_bytes(b"\0" * (disk_space(where).free - 512 * 1024))
         assert cache.fill() is None
         assert cache.total_bytes == 0
+    finally:
+        _unmount(where)
+
+
+def test_a_worker_says_degraded_while_its_disk_is_nearly_full(tmp_path: Path) -> None:
+    where = tmp_path / "disk"
+    _mount_tmpfs(where, 16)
+    try:
+        assert _disk_gaps(where) == []
+        filler = _fill(where, leave=256 * 1024)
+        (gap,) = _disk_gaps(where)
+        assert gap.startswith("its disk is nearly full (0 MB free of 16 MB)"), gap
+        filler.unlink()
+        assert _disk_gaps(where) == []
     finally:
         _unmount(where)
