@@ -41,6 +41,7 @@ from roles.controller._pids import STABLE_AFTER, cmdline, pid_alive
 from shared.backoff import Backoff
 from shared.files import atomic_write_json
 from shared.listeners import ENV_HANDBACK, HeldListeners, child_env, inherited, listener_specs, serve_handback
+from shared.logfile import ROLE_LOG_CHECK_EVERY, keep_bounded
 
 __all__ = ["main"]
 
@@ -96,6 +97,7 @@ class _Agent:
         self.restarts = 0
         # Handed over by `restart` (from the agent before this one), else bound at the first spawn.
         self.listeners = HeldListeners(inherited())
+        self.log_checked_at = 0.0  # when role.log's size was last looked at (monotonic)
 
     def log(self, message: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -227,6 +229,7 @@ class _Agent:
         """Wait for an adopted role (not our child: polled); once stopping, the same bound as :meth:`wait`."""
         deadline: float | None = None
         while pid_alive(pid):
+            self.bound_log()
             if self.stopping.is_set():
                 if deadline is None:  # the signal may have come before the adoption
                     deadline = time.monotonic() + _STOP_TIMEOUT
@@ -240,9 +243,22 @@ class _Agent:
         self.adopted = None
         return None
 
+    def bound_log(self) -> None:
+        """Keep ``role.log`` to its bound (looked at every so often while the role runs)."""
+        now = time.monotonic()
+        if now < self.log_checked_at + ROLE_LOG_CHECK_EVERY:
+            return
+        self.log_checked_at = now
+        try:
+            if keep_bounded(self.files.role_log):
+                self.log(f"role.log passed its bound: its earlier lines are in {self.files.role_log.name}.1")
+        except OSError as exc:
+            self.log(f"cannot keep role.log to its bound: {exc}")
+
     def wait(self, child: subprocess.Popen[bytes]) -> int:
         """Wait for the role to exit; once stopping, give it a bound to drain, then kill it."""
         while True:
+            self.bound_log()
             try:
                 return child.wait(timeout=0.5 if not self.stopping.is_set() else _STOP_TIMEOUT)
             except subprocess.TimeoutExpired:

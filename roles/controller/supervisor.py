@@ -24,6 +24,7 @@ from roles.controller.fabric._wheelhouse import code_hash
 from roles.controller.fabric.base import RoleSpec
 from shared.backoff import Backoff
 from shared.listeners import ENV_HANDBACK, HeldListeners, listener_specs
+from shared.logfile import ROLE_LOG_CHECK_EVERY, keep_bounded
 from shared.logs import get_logger
 
 __all__ = ["STOP_TIMEOUT", "RoleProcessSupervisor"]
@@ -44,6 +45,7 @@ class RoleProcessSupervisor:
         self._proc: asyncio.subprocess.Process | None = None
         self._adopted_pid: int | None = None
         self._task: asyncio.Task[None] | None = None
+        self._bounding: asyncio.Task[None] | None = None
         self._stopping = False
         self._listeners = HeldListeners()
         self.restarts = 0
@@ -137,6 +139,22 @@ class RoleProcessSupervisor:
             await self._spawn()
             self._log.info("started %s (pid %s)", self.spec.kind, self.pid)
         self._task = asyncio.create_task(self._watch(), name=f"supervise-{self.spec.kind}")
+        if self._bounding is None:
+            self._bounding = asyncio.create_task(self._bound_log(), name=f"bound-{self.spec.kind}-log")
+
+    async def _bound_log(self) -> None:
+        """Keep the role's output file to its bound for as long as the role is supervised here."""
+        while True:
+            await asyncio.sleep(ROLE_LOG_CHECK_EVERY)
+            try:
+                if await asyncio.to_thread(keep_bounded, self.log_file):
+                    self._log.info(
+                        "%s's log passed its bound: its earlier lines are in %s.1",
+                        self.spec.kind,
+                        self.log_file.name,
+                    )
+            except OSError as exc:
+                self._log.warning("cannot keep %s to its bound: %s", self.log_file, exc)
 
     async def _watch(self) -> None:
         failures = 0  # restarts since the process last ran long enough to count as stable
@@ -205,6 +223,11 @@ class RoleProcessSupervisor:
     async def stop(self) -> None:
         """Stop for good: the role process, then its listeners."""
         await self._terminate()
+        if self._bounding is not None:
+            self._bounding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._bounding
+            self._bounding = None
         self._listeners.close()
         self._pid_file.unlink(missing_ok=True)
         self.state, self.reason = "stopped", ""
