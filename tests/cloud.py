@@ -211,11 +211,14 @@ class LocalCloud:
 
 
 def running_cloud(
-    tmp_path_factory: pytest.TempPathFactory, *, settings: Mapping[str, Mapping[str, Any]] | None = None
+    tmp_path_factory: pytest.TempPathFactory,
+    *,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    home: Path | None = None,
 ) -> Iterator[LocalCloud]:
     """A module's cloud, as `sitecloud up` starts it with its defaults (but the role ``settings``
-    given), and nothing of it left after."""
-    cloud = LocalCloud(tmp_path_factory.mktemp("cloud") / "home", settings=settings)
+    given), at ``home`` (else a new one), and nothing of it left after."""
+    cloud = LocalCloud(home or tmp_path_factory.mktemp("cloud") / "home", settings=settings)
     cloud.start()
     try:
         yield cloud

@@ -22,7 +22,7 @@ from roles.publisher._cache import BlobCache
 from roles.worker.service import _disk_gaps
 from shared.disk import disk_space
 from shared.logs import get_logger
-from tests.cloud import LocalCloud, site_ftp
+from tests.cloud import LocalCloud, running_cloud, site_ftp
 from tests.forked_cli import run_cli
 from tests.support import wait_until
 
@@ -64,14 +64,10 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def cloud(disk: Path) -> Iterator[LocalCloud]:
+def cloud(tmp_path_factory: pytest.TempPathFactory, disk: Path) -> Iterator[LocalCloud]:
     # A role state older than 3 s shows as Unknown (10 s by default): sooner here, where a test waits.
-    cloud = LocalCloud(disk / "home", settings={"management": {"role_stale_after": 3}})
-    cloud.start()
-    try:
-        yield cloud
-    finally:
-        cloud.kill_everything()
+    settings = {"management": {"role_stale_after": 3}}
+    yield from running_cloud(tmp_path_factory, settings=settings, home=disk / "home")
 
 
 @pytest.fixture(scope="module")

@@ -226,18 +226,8 @@ def test_publish_by_ftp_to_pub1_and_fetch_through_both_front_ends(cloud: LocalCl
     sub = cloud.cli("subscription", "create", "--tenant", "contoso", "--plan", "basic")
     site = cloud.cli("site", "create", SITE, "--subscription", str(sub["id"]))
 
-    def login() -> ftplib.FTP:
-        ftp = ftplib.FTP()
-        ftp.connect("pub1", cloud.ports["ftp_port"], timeout=10)
-        try:
-            ftp.login(site["ftp"]["user"], site["ftp"]["password"])
-        except ftplib.error_perm:
-            ftp.close()
-            raise
-        return ftp
-
     # The publisher knows the site once the controller pushed it there (a moment after `site create`).
-    ftp = wait_until(login, timeout=15, interval=0.2, what="FTP login on pub1")
+    ftp = wait_until(lambda: _pub1_login(cloud, site), timeout=15, interval=0.2, what="FTP login on pub1")
     ftp.storbinary("STOR index.html", io.BytesIO(BODY))
     ftp.quit()
     for frontend in ("fe1", "fe2"):
@@ -281,7 +271,8 @@ def _visit(cloud: LocalCloud, frontend: str, site: str, cookie: str) -> tuple[by
 def test_an_app_of_one_instance_keeps_its_sessions_through_both_front_ends(cloud: LocalCloud) -> None:
     """The site is on both workers, but with one instance one of them takes its requests: PHP's
     sessions (files in the app's own folder) are one app's, not split over two."""
-    site = cloud.cli("site", "create", "counter", "--subscription", "1")
+    subscription = cloud.cli("subscription", "list")["subscriptions"][0]["id"]
+    site = cloud.cli("site", "create", "counter", "--subscription", str(subscription))
     ftp = wait_until(lambda: _pub1_login(cloud, site), timeout=15, interval=0.2, what="FTP login on pub1")
     ftp.storbinary("STOR index.php", io.BytesIO(_COUNTER))
     ftp.quit()
