@@ -32,6 +32,8 @@ from shared.internal import error_middleware, require_role
 from shared.listeners import listener, listening_ports
 from shared.logs import get_logger
 from shared.metrics import metrics_handler, role_registry
+from shared.pki import certificate_expiry, expiry_warning
+from shared.states import HealthStatus
 from shared.tls import server_context
 from shared.version import CODE_VERSION
 
@@ -140,6 +142,9 @@ class ControlPlane(Generic[S]):
         self._metrics_runner: web.AppRunner | None = None
         # This process's metrics: roles register their collectors on it.
         self.metrics = role_registry(config.role, config.host, lambda: self.config_version)
+        # When the certificate it serves and calls with stops being valid (read once: a new one comes
+        # with a new process, from `role repair`, `upgrade` or a new `sitecloud up`).
+        self._cert_expires = certificate_expiry(config.cert_file)
 
     @property
     def config_version(self) -> int:
@@ -190,7 +195,16 @@ class ControlPlane(Generic[S]):
             "listeners": listening_ports(),
         }
         figures = self._health() if self._health else RoleFigures()
-        return HEALTHS.get(self.config.role, RoleHealth).answer(common, figures)
+        answer = HEALTHS.get(self.config.role, RoleHealth).answer(common, figures)
+        warning = expiry_warning(self._cert_expires, self.config.role, self.config.host)
+        if warning is None:
+            return answer
+        reason = (
+            f"{answer.reason}; {warning}"
+            if answer.status == HealthStatus.DEGRADED and answer.reason
+            else warning
+        )
+        return answer.model_copy(update={"status": HealthStatus.DEGRADED, "reason": reason[:500]})
 
     async def _get_health(self, request: web.Request) -> web.Response:
         return web.json_response(self.health().to_json())

@@ -17,9 +17,19 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.files import atomic_write_bytes
 
-__all__ = ["CertificateAuthority", "IssuedCert", "role_of_peer"]
+__all__ = [
+    "RENEW_WITHIN_DAYS",
+    "CertificateAuthority",
+    "IssuedCert",
+    "certificate_expiry",
+    "expiry_warning",
+    "role_of_peer",
+]
 
 _VALIDITY_DAYS = 825
+# A role certificate this close to its end is issued again by the next `sitecloud up` (for this
+# machine's roles), and the role says Degraded until it is.
+RENEW_WITHIN_DAYS = 30
 
 
 @dataclass(frozen=True)
@@ -165,3 +175,29 @@ def role_of_peer(peercert: dict[str, object] | None) -> str | None:
             if attr[0] == "organizationalUnitName":
                 return str(attr[1])
     return None
+
+
+def certificate_expiry(cert_file: Path) -> dt.datetime | None:
+    """When the PEM certificate in ``cert_file`` stops being valid (None: no readable one)."""
+    try:
+        return x509.load_pem_x509_certificate(cert_file.read_bytes()).not_valid_after_utc
+    except (OSError, ValueError):
+        return None
+
+
+def expiry_warning(expires: dt.datetime | None, role: str, host: str) -> str | None:
+    """What a role says while its certificate is within :data:`RENEW_WITHIN_DAYS` of its end, or past it:
+    every call between roles needs it, so the admin is told what issues a new one."""
+    if expires is None:
+        return None
+    left = expires - _now()
+    if left > dt.timedelta(days=RENEW_WITHIN_DAYS):
+        return None
+    fix = (
+        f"`sitecloud role repair {role} {host}` issues a new one "
+        "(for a role `sitecloud up` runs, starting `sitecloud up` again does)"
+    )
+    day = expires.date().isoformat()
+    if left <= dt.timedelta(0):
+        return f"its certificate expired on {day}: roles refuse its calls; {fix}"
+    return f"its certificate expires in {left.days} days ({day}): {fix}"

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from roles.controller.home import _renew_due
 from shared.config import RoleConfig
 from shared.contracts.snapshots import WorkerSnapshot
 from shared.control import ControlPlane
@@ -129,3 +130,42 @@ async def test_a_last_known_good_config_that_no_longer_parses_waits_for_the_cont
         assert (status, body) == (200, {"config_version": 2})
     finally:
         await plane.stop()
+
+
+async def test_a_role_whose_certificate_nears_its_end_says_degraded_with_what_renews_it(
+    pki: CloudPKI, tmp_path: Path
+) -> None:
+    plane = await _started(pki, tmp_path / "w", [])
+    try:
+        _, health = await _call(pki, "controller", "GET", f"{plane.config.control_url}/v1/health")
+        assert health["status"] == "ready" and "reason" not in health
+    finally:
+        await plane.stop()
+    # Another with a certificate 10 days from its end (issued 815 days ago, say).
+    config = pki.make_role_home(
+        RoleConfig(role="worker", host="localhost", home=tmp_path / "w2", control_port=free_port())
+    )
+    names = {"dns_names": ["localhost"], "ip_addresses": ["127.0.0.1"]}
+    pki.ca.issue("worker@localhost", role="worker", days=10, **names).write(config.key_file, config.cert_file)
+
+    async def apply(snapshot: WorkerSnapshot) -> None:
+        pass
+
+    plane = ControlPlane(config, WorkerSnapshot, apply)
+    await plane.start()
+    try:
+        _, health = await _call(pki, "controller", "GET", f"{config.control_url}/v1/health")
+        assert health["status"] == "degraded", health
+        assert health["reason"].startswith("its certificate expires in 9 days"), health
+        assert "sitecloud role repair worker localhost" in health["reason"], health
+    finally:
+        await plane.stop()
+
+
+def test_up_issues_a_role_certificate_again_within_its_last_30_days(pki: CloudPKI, tmp_path: Path) -> None:
+    fresh, ending = tmp_path / "fresh.pem", tmp_path / "ending.pem"
+    pki.ca.issue("worker@localhost", role="worker").write(tmp_path / "fresh.key", fresh)
+    pki.ca.issue("worker@localhost", role="worker", days=29).write(tmp_path / "ending.key", ending)
+    assert not _renew_due(fresh)
+    assert _renew_due(ending)
+    assert _renew_due(tmp_path / "missing.pem")

@@ -14,6 +14,7 @@ HOME/controller.pid locked by the running `sitecloud up` (see shared/home_lock.p
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import ipaddress
 import os
 import socket
@@ -35,7 +36,7 @@ from shared.db import ApiToken, Database
 from shared.errors import InvalidInput
 from shared.files import atomic_write_bytes, atomic_write_json, read_json
 from shared.net import free_port
-from shared.pki import CertificateAuthority, IssuedCert
+from shared.pki import RENEW_WITHIN_DAYS, CertificateAuthority, IssuedCert, certificate_expiry
 
 __all__ = ["LOCAL_ROLES", "REMOTE_PORTS", "ROLE_SETTINGS", "CloudHome", "role_settings"]
 
@@ -438,7 +439,11 @@ class CloudHome:
             config.home.mkdir(parents=True)
             os.chmod(config.home, 0o700)
         config.tls_dir.mkdir(exist_ok=True)
-        if not config.key_file.exists() or not self._names_cover(config.cert_file):
+        if (
+            not config.key_file.exists()
+            or not self._names_cover(config.cert_file)
+            or _renew_due(config.cert_file)
+        ):
             self._issue(config.role, config.role).write(config.key_file, config.cert_file)
         atomic_write_bytes(config.ca_file, self.ca.cert_pem)
         write_role_config(config, config.home / "role.json")
@@ -448,7 +453,11 @@ class CloudHome:
         assert self.ca is not None
         fe = self._role_config("frontend")
         assert isinstance(fe, FrontendConfig)
-        if self._state.get("wildcard_domain") != self.config.domain or not fe.wildcard_cert_file.exists():
+        if (
+            self._state.get("wildcard_domain") != self.config.domain
+            or not fe.wildcard_cert_file.exists()
+            or _renew_due(fe.wildcard_cert_file)
+        ):
             self.ca.issue_wildcard(self.config.domain).write(fe.wildcard_key_file, fe.wildcard_cert_file)
             self._state["wildcard_domain"] = self.config.domain
 
@@ -487,3 +496,10 @@ class CloudHome:
         endpoints = self.endpoints()
         atomic_write_json(self.endpoints_file, endpoints, mode=0o644)
         return endpoints
+
+
+def _renew_due(cert_file: Path) -> bool:
+    """Whether the certificate in ``cert_file`` is within :data:`RENEW_WITHIN_DAYS` of its end (or past
+    it, or unreadable): `up` then issues a new one, as `role repair` does for a role on another host."""
+    expires = certificate_expiry(cert_file)
+    return expires is None or expires - dt.datetime.now(dt.UTC) <= dt.timedelta(days=RENEW_WITHIN_DAYS)
