@@ -506,6 +506,8 @@ class Fleet:
             )
 
         async def run() -> None:
+            if action == "repair":
+                await asyncio.to_thread(self.home.renew_certificates, row.kind)
             if action in ("restart", "repair") and isinstance(launcher, LocalLauncher):
                 # On the listeners its supervisor holds: the ports are never free in between.
                 await launcher.restart(spec)

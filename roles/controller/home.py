@@ -448,6 +448,13 @@ class CloudHome:
         atomic_write_bytes(config.ca_file, self.ca.cert_pem)
         write_role_config(config, config.home / "role.json")
 
+    def renew_certificates(self, kind: str) -> None:
+        """Issue this machine's role ``kind`` (and a front end's wildcard) a new certificate where its
+        own is within its last 30 days: `role repair` of a role `up` runs, as on another host."""
+        self._write_role_home(self._role_config(kind))
+        if kind == "frontend":
+            self._write_wildcard()
+
     def _write_wildcard(self) -> None:
         """The front end's ``*.<domain>`` certificate; issued again when the domain changes."""
         assert self.ca is not None
