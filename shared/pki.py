@@ -193,10 +193,7 @@ def expiry_warning(expires: dt.datetime | None, role: str, host: str) -> str | N
     left = expires - _now()
     if left > dt.timedelta(days=RENEW_WITHIN_DAYS):
         return None
-    fix = (
-        f"`sitecloud role repair {role} {host}` issues a new one "
-        "(for a role `sitecloud up` runs, starting `sitecloud up` again does)"
-    )
+    fix = f"`sitecloud role repair {role} {host}` issues a new one"
     day = expires.date().isoformat()
     if left <= dt.timedelta(0):
         return f"its certificate expired on {day}: roles refuse its calls; {fix}"
