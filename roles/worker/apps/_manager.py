@@ -659,9 +659,14 @@ class AppManager:
     def isolation_gaps(self) -> list[str]:
         """What of the tenant wall this worker runs without although it could have it (it isolates
         sites, as root): the worker says Degraded with these until they are fixed. A sandbox the admin
-        turned off (``app_sandbox: false``) is a choice, not a gap."""
+        turned off (``app_sandbox: false``) is a choice, not a gap. Not root, it has no wall at all:
+        it says so too, since a cloud that runs tenants' apps that way must not look like one that
+        isolates them."""
         if not self._isolate:
-            return []
+            return [
+                "apps run as this worker's own user, not isolated from each other or from the worker "
+                "(run the worker as root for each app's sandbox, uid, cgroup and disk quota)"
+            ]
         gaps = []
         if self._sandbox is None and self._config.app_sandbox:
             gaps.append("apps run without a sandbox (install bubblewrap and util-linux on this host)")
