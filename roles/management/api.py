@@ -1032,7 +1032,7 @@ def operations() -> list[Operation]:
             "/sites/{name}/scale",
             scale_site,
             "scale_site",
-            "Run the site on N workers, balanced by the front ends (at least two for availability where the pool has them; at most the plan's max_instances_per_site)",
+            "Run the site on N workers, balanced by the front ends (at most the plan's max_instances_per_site); with one, one worker takes its requests and another stands by where the pool has two",
             "sites",
             answer=m.Site,
             body=m.SiteScale,
