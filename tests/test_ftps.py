@@ -15,6 +15,7 @@ import io
 import json
 import os
 import random
+import select
 import shutil
 import socket
 import ssl
@@ -316,6 +317,36 @@ def test_ftps_data_connections_resume_the_control_session(cloud: Cloud, version:
             assert data.recv(100) == b"resumed"
         ftp.voidresp()
         ftp.delete("resume.txt")
+
+
+def test_an_upload_over_tls_1_3_gets_no_session_ticket_its_client_could_leave_unread(cloud: Cloud) -> None:
+    # A TLS 1.3 server sends session tickets after the handshake, unasked. An uploading client never
+    # reads its data connection: lftp sends the file and closes, and a ticket arriving at a closed
+    # socket makes the client's kernel answer with a reset that drops what it had not sent yet (one
+    # upload in ten of an lftp mirror ended "426 Connection broken" and waited to be retried).
+    context = cloud.tls_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    with ResumingFTP_TLS(context=context, timeout=10) as ftp:
+        ftp.connect("localhost", cloud.ftp_port)
+        ftp.login("tls", SITES["tls"][0])
+        ftp.prot_p()
+        ftp.voidcmd("TYPE I")
+        body = os.urandom(200_000)
+        raw = socket.create_connection(ftp.makepasv(), timeout=10)
+        assert ftp.sendcmd("STOR ticketless.bin")[:1] == "1"
+        assert isinstance(ftp.sock, ssl.SSLSocket)
+        with context.wrap_socket(raw, server_hostname="localhost", session=ftp.sock.session) as data:
+            assert data.version() == "TLSv1.3" and data.session_reused
+            data.sendall(body[:100_000])
+            time.sleep(0.3)  # time enough for the server to send anything it would
+            sent, _, _ = select.select([data], [], [], 0)
+            assert not sent, "the publisher sent on an upload's data connection before its end"
+            data.sendall(body[100_000:])
+            data.unwrap()  # close_notify, then the server's (with what it held back before it)
+        ftp.voidresp()
+        # A download's data connection gets the tickets before its data, and reads them in order.
+        assert _retr(ftp, "ticketless.bin") == body
+        ftp.delete("ticketless.bin")
 
 
 def _stranger(version: ssl.TLSVersion | None = None) -> ssl.SSLContext:

@@ -38,7 +38,7 @@ from pyftpdlib.servers import ThreadedFTPServer
 from roles.publisher._cache import BlobCache
 from roles.publisher._content import CachedDownload, SiteContent, StreamedDownload, TreeShelf, Upload
 from roles.publisher._fileserver import FileserverClient, PutLanePool
-from roles.publisher._ftps import FtpsContexts, SessionContext, session_reused
+from roles.publisher._ftps import DataConnection, FtpsContexts, SessionContext, session_reused
 from roles.publisher._sites import Credentials, SiteInfo, SiteTable, suspended_error
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher._vfs import SiteFilesystem
@@ -649,8 +649,20 @@ class _TlsDataChannel(_QuickAckHandshake, _DataChannel, TLS_DTPHandler):  # type
     _initialized: bool  # pyftpdlib's: a transfer command has been given this channel
 
     def secure_connection(self, ssl_context: SessionContext) -> None:
+        # pyftpdlib's SSLConnectionMixin.secure_connection, with a DataConnection for its connection.
         ssl_context.start_data_handshake()
-        super().secure_connection(ssl_context)
+        self._ssl_requested = True
+        try:
+            self.socket = DataConnection(ssl_context, self.socket)
+        except OSError:
+            self.close()  # the client connected and went at once
+            return
+        except ValueError:
+            if self.socket.fileno() == -1:
+                return  # the same, found by pyOpenSSL
+            raise
+        self.socket.set_accept_state()
+        self._ssl_accepting = True
 
     def resumed_session(self) -> bool:
         conn = self.socket

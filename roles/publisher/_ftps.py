@@ -17,6 +17,9 @@ its later data connections must resume too, so a stranger cannot take them by no
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import weakref
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from OpenSSL._util import ffi, lib
 
 from roles.publisher.config import TlsSessionReuse
 
-__all__ = ["FtpsContexts", "SessionContext", "session_reused"]
+__all__ = ["DataConnection", "FtpsContexts", "SessionContext", "session_reused"]
 
 # RFC 8446 section 6.2: "a valid certificate or PSK was received, but ... the sender decided not to
 # proceed with negotiation".
@@ -38,6 +41,9 @@ _ACCESS_DENIED = 49
 # A session lives as long as its control connection may, up to a TLS 1.3 ticket's longest lifetime
 # (RFC 8446 section 4.6.1: 7 days); OpenSSL's default, 2 hours, would refuse a long session's transfers.
 _SESSION_SECONDS = 7 * 24 * 3600
+# RFC 8446 section 5.1/5.2: a record's header is 5 bytes, its body at most 2^14 + 256 bytes.
+_RECORD_HEADER = 5
+_RECORD_MAX_BODY = 2**14 + 256
 
 
 def session_reused(conn: SSL.Connection) -> bool:
@@ -128,3 +134,121 @@ class FtpsContexts:
 
     def new(self) -> SessionContext:
         return SessionContext(self._chain, self._key, reuse=self.reuse)
+
+
+class DataConnection(SSL.Connection):
+    """A data connection's TLS, whose TLS 1.3 session tickets wait for the connection's first write.
+
+    An OpenSSL server sends TLS 1.3 session tickets as soon as a handshake ends (RFC 8446 section
+    4.6.1), and a client that only uploads never reads them: lftp sends the file and closes, a ticket
+    then reaches a closed socket, and the client's kernel answers with a reset that drops what it had
+    not sent yet (the upload ends "426 Connection broken"). pyOpenSSL cannot set SSL_set_num_tickets, so
+    the handshake runs on memory BIOs, fed one whole record at a time from the socket (never a byte past
+    the client's Finished); what the server writes as it ends is held back until the connection's first
+    write (a download's data, or the close_notify after an upload's end), and the connection is on its
+    socket from then on."""
+
+    def __init__(self, context: SSL.Context, sock: socket.socket) -> None:
+        super().__init__(context, sock)
+        self._raw = sock
+        # The SSL object owns both BIOs from here, and frees them when SSL_set_fd replaces them.
+        self._incoming = lib.BIO_new(lib.BIO_s_mem())
+        self._outgoing = lib.BIO_new(lib.BIO_s_mem())
+        lib.SSL_set_bio(self._ssl, self._incoming, self._outgoing)
+        self._feeding = True
+        self._record = bytearray()
+        self._unsent = b""  # for the socket, before anything else
+        self._held = b""  # the tickets, for the socket before the connection's first write
+
+    def do_handshake(self) -> None:
+        self._send_unsent()
+        if not self._feeding:
+            super().do_handshake()
+            return
+        while True:
+            try:
+                super().do_handshake()
+            except SSL.WantReadError:
+                self._queue_outgoing()
+                self._send_unsent()
+                if not self._read_record():
+                    raise
+                continue
+            except SSL.Error:
+                self._queue_outgoing()  # an alert, as a refusal, tells the client why
+                with contextlib.suppress(SSL.Error):
+                    self._send_unsent()
+                raise
+            break
+        last = self._drain_outgoing()
+        self._feeding = False
+        lib.SSL_set_fd(self._ssl, self._raw.fileno())
+        if self.get_protocol_version_name() == "TLSv1.3":
+            self._held = last  # after the client's Finished a TLS 1.3 server writes only tickets
+        else:
+            self._unsent += last  # TLS 1.2 ends with the server's own Finished, which the client awaits
+            self._send_unsent()
+
+    def send(self, buf: Any, flags: int = 0) -> int:
+        self._release_held()
+        return super().send(buf, flags)
+
+    write = send
+
+    def sendall(self, buf: Any, flags: int = 0) -> int:
+        self._release_held()
+        return super().sendall(buf, flags)
+
+    def shutdown(self) -> bool:
+        self._release_held()
+        return super().shutdown()
+
+    def _release_held(self) -> None:
+        self._unsent, self._held = self._unsent + self._held, b""
+        self._send_unsent()
+
+    def _drain_outgoing(self) -> bytes:
+        out = bytearray()
+        buffer = ffi.new("char[]", 16384)
+        while (count := lib.BIO_read(self._outgoing, buffer, 16384)) > 0:
+            out += ffi.buffer(buffer, count)
+        return bytes(out)
+
+    def _queue_outgoing(self) -> None:
+        self._unsent += self._drain_outgoing()
+
+    def _send_unsent(self) -> None:
+        """Write what waits for the socket; SSL.WantWriteError while some of it still waits."""
+        while self._unsent:
+            try:
+                sent = self._raw.send(self._unsent)
+            except (BlockingIOError, InterruptedError):
+                raise SSL.WantWriteError() from None
+            except OSError as err:
+                raise SSL.SysCallError(err.errno, os.strerror(err.errno or 0)) from err
+            self._unsent = self._unsent[sent:]
+
+    def _read_record(self) -> bool:
+        """Move the socket's next whole TLS record into the handshake; False until all of it has come."""
+        record = self._record
+        while True:
+            if len(record) < _RECORD_HEADER:
+                need = _RECORD_HEADER - len(record)
+            else:
+                length = int.from_bytes(record[3:5], "big")
+                # A longer one is left for OpenSSL to refuse by its header.
+                need = 0 if length > _RECORD_MAX_BODY else _RECORD_HEADER + length - len(record)
+            if need == 0:
+                break
+            try:
+                chunk = self._raw.recv(need)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as err:
+                raise SSL.SysCallError(err.errno, os.strerror(err.errno or 0)) from err
+            if not chunk:
+                raise SSL.SysCallError(-1, "Unexpected EOF")
+            record += chunk
+        lib.BIO_write(self._incoming, bytes(record), len(record))
+        record.clear()
+        return True
