@@ -80,6 +80,8 @@ def test_swap_under_load_fails_no_request_and_keeps_sticky_settings(
     cloud.cli("site", "set", "app-staging", "DB=staging-db", "THEME=green", token=token)
     for name in ("app", "app-staging"):
         assert cloud.cli("site", "sticky", name, "DB", token=token)["sticky"] == ["DB"]
+        # Without names it shows them: a look must not clear them.
+        assert cloud.cli("site", "sticky", name, token=token)["sticky"] == ["DB"]
 
     port, ca = cloud.ports["https_port"], cloud.ca_file
     stop = threading.Event()

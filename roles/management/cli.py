@@ -485,6 +485,12 @@ def _show_settings(answer: Any, a: argparse.Namespace) -> None:
 
 
 def _site_sticky(a: argparse.Namespace, api: ApiClient) -> Any:
+    if a.none and a.keys:
+        raise InvalidInput("--none makes no setting sticky: name no KEY with it")
+    if not a.keys and not a.none:
+        # Shown, not cleared: with no names this reads as a question, and clearing would silently send
+        # the production address's sticky values (a DB_URL) to a slot at the next swap.
+        return api.request("GET", api.path("sites", a.name, "settings"))
     return api.request("PUT", api.path("sites", a.name, "settings", "sticky"), {"sticky": a.keys})
 
 
@@ -1426,7 +1432,10 @@ def _parser() -> argparse.ArgumentParser:
         _show_settings,
     )
     sp.add_argument("name")
-    sp.add_argument("keys", nargs="*", metavar="KEY", help="none: no setting is sticky")
+    sp.add_argument(
+        "keys", nargs="*", metavar="KEY", help="the sticky settings (these replace the list); none: show it"
+    )
+    sp.add_argument("--none", action="store_true", help="make no setting sticky")
     slot = site.add_parser("slot", help="deployment slots", parents=[common]).add_subparsers(
         dest="slot_action", metavar="ACTION", required=True
     )
