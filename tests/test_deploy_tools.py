@@ -210,6 +210,42 @@ def test_async_zipdeploy_gives_a_status_url_to_poll(cloud: LocalCloud, subscript
     assert "cd flaskapp && zip -r ../site.zip ." in nested["message"], nested
 
 
+def test_onedeploy_publishes_a_zip_as_az_webapp_deploy_calls_it(cloud: LocalCloud, subscription: int) -> None:
+    # `az webapp deploy --type zip`, Publish-AzWebApp and the Azure SDKs post to Kudu's OneDeploy.
+    site = _site(cloud, subscription, "onedeploy")
+    archive = cloud.home.parent / "onedeploy.zip"
+    archive.write_bytes(_zip({"index.html": b"one deploy, sync"}))
+    auth = f"{site['ftp']['user']}:{site['ftp']['password']}"
+    base = f"{_deploy_base(site)}/api/publish"
+    status, _, body = _curl(
+        cloud, "-u", auth, "--data-binary", f"@{archive}", f"{base}?type=zip&clean=true&restart=true"
+    )
+    assert status == 200, body
+    record = json.loads(body)
+    assert record["status"] == 4 and record["complete"] is True and record["deployer"] == "OneDeploy"
+    cloud.wait_for_content("onedeploy", "/", b"one deploy, sync")
+
+    archive.write_bytes(_zip({"index.html": b"one deploy, async"}))
+    status, headers, body = _curl(
+        cloud, "-u", auth, "--data-binary", f"@{archive}", f"{base}?type=zip&async=true"
+    )
+    assert status == 202, body
+    done = wait_until(polled_at(cloud, auth, headers["location"]), timeout=30, what="the OneDeploy")
+    assert done["status"] == 4, done
+    cloud.wait_for_content("onedeploy", "/", b"one deploy, async")
+
+    # What it cannot do is refused with why, and the site keeps what it had.
+    for query, said in (
+        ("type=war", b"only type=zip"),
+        ("type=zip&path=/home/site/wwwroot/sub", b"whole content"),
+        ("type=zip&clean=false", b"clean=false"),
+        ("type=zip&async=maybe", b"async must be true or false"),
+    ):
+        status, _, body = _curl(cloud, "-u", auth, "--data-binary", f"@{archive}", f"{base}?{query}")
+        assert status == 400 and said in body, (query, body)
+    assert cloud.get("onedeploy", "/")[2] == b"one deploy, async"
+
+
 def polled_at(cloud: LocalCloud, auth: str, url: str) -> Any:
     def poll() -> dict[str, Any] | None:
         _, _, answer = _curl(cloud, "-u", auth, url)

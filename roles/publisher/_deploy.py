@@ -7,9 +7,9 @@ through it too (:mod:`roles.publisher._git`). The body is spooled to a temporary
 :func:`roles.publisher.zipsafe.check_zip`, each file uploaded as a blob, and one ``replace`` commit flips
 the site; any error before that commit leaves the site as it was.
 
-Kudu's zip deploy names the site by the publishing user (``?site=`` or a ``<site>.scm.`` host name it
-too) and, as Kudu's does, answers 200 once the site's workers have built and serve the new version, or
-with ``?isAsync=true`` 202 at once and a ``Location`` to poll at ``GET /api/deployments/{id}``
+Kudu's zip deploy (and its OneDeploy, ``POST /api/publish?type=zip``) names the site by the publishing
+user (``?site=`` or a ``<site>.scm.`` host name it too) and, as Kudu's does, answers 200 once the site's
+workers have built and serve the new version, or with ``?isAsync=true`` (``?async=true``) 202 at once and a ``Location`` to poll at ``GET /api/deployments/{id}``
 (:mod:`roles.publisher._deployments`), which stays incomplete until then (a git push follows the build
 too). ``GET /api/deployments/{id}/log`` lists the build's lines (:mod:`shared.builds`), and ``GET /api/deployments``
 the site's recent deployments, newest first.
@@ -113,6 +113,16 @@ def _not_served(site: SiteInfo, outcome: BuildOutcome) -> bool:
     return outcome.unserved and not outcome.failed and site.state.serving and not site.unreached_workers
 
 
+def _switch(request: web.Request, name: str, *, default: bool) -> bool:
+    """A Kudu query switch (``isAsync``, ``async``, ``clean``): true or false, in any case."""
+    value = request.query.get(name)
+    if value is None:
+        return default
+    if value.lower() not in ("true", "false"):
+        raise InvalidInput(f"{name} must be true or false, not {value!r}")
+    return value.lower() == "true"
+
+
 def _ndjson(line: dict[str, Any]) -> bytes:
     return json.dumps(line).encode() + b"\n"
 
@@ -158,6 +168,7 @@ class Deployer:
         app = web.Application(middlewares=[_challenge, error_middleware], client_max_size=1024**2)
         app.router.add_post("/api/deploy/{site}", self._public)
         app.router.add_post("/api/zipdeploy", self._zipdeploy)
+        app.router.add_post("/api/publish", self._onedeploy)
         app.router.add_get("/api/deployments", self._deployment_list)
         app.router.add_get("/api/deployments/{id}", self._deployment)
         app.router.add_get("/api/deployments/{id}/log", self._deployment_log)
@@ -219,15 +230,43 @@ class Deployer:
 
     async def _zipdeploy(self, request: web.Request) -> web.Response:
         site = await self.authenticate(request, self._kudu_site(request))
-        is_async = request.query.get("isAsync", "false").lower()
-        if is_async not in ("true", "false"):
-            raise InvalidInput(f"isAsync must be true or false, not {is_async!r}")
-        if is_async == "false":
+        is_async = _switch(request, "isAsync", default=False)
+        return await self._kudu_deploy(request, site, is_async=is_async, deployer="ZipDeploy")
+
+    async def _onedeploy(self, request: web.Request) -> web.Response:
+        """Kudu's OneDeploy, ``POST /api/publish?type=zip``, as ``az webapp deploy``, Publish-AzWebApp
+        and the Azure SDKs call it: a zip replaces the site's whole content, as zip deploy does.
+        ``restart`` and ``ignorestack`` change nothing here (a new version starts new app processes)."""
+        site = await self.authenticate(request, self._kudu_site(request))
+        kind = request.query.get("type", "zip").lower()
+        if kind != "zip":
+            raise InvalidInput(
+                f"type={kind} is not deployed here: only type=zip (a zip of the whole site)",
+                hint="zip the site's files and POST them to /api/publish?type=zip",
+            )
+        path = request.query.get("path", "").strip("/")
+        if path not in ("", "site/wwwroot", "home/site/wwwroot"):
+            raise InvalidInput(
+                f"path={request.query['path']} is not deployed here: a zip is the site's whole content",
+                hint="leave path out",
+            )
+        if not _switch(request, "clean", default=True):
+            raise InvalidInput(
+                "clean=false is not deployed here: a zip replaces the site's whole content",
+                hint="leave clean out, or upload single files by FTP",
+            )
+        is_async = _switch(request, "async", default=False)
+        return await self._kudu_deploy(request, site, is_async=is_async, deployer="OneDeploy")
+
+    async def _kudu_deploy(
+        self, request: web.Request, site: SiteInfo, *, is_async: bool, deployer: str
+    ) -> web.Response:
+        if not is_async:
             # As Kudu's: the answer comes once the deployment is done, the site built and served; a
             # failed build answers its failed record with an error status, so `curl --fail` sees it.
             with tempfile.TemporaryFile(prefix="sitecloud-deploy-") as spool:
                 size = await self._receive(request, spool)
-                record = self.deployments.start(site.name, deployer="ZipDeploy", author=self._author(request))
+                record = self.deployments.start(site.name, deployer=deployer, author=self._author(request))
                 status = 200
                 try:
                     await self.deploy_zip(
@@ -248,7 +287,7 @@ class Deployer:
         except BaseException:
             spool.close()
             raise
-        record = self.deployments.start(site.name, deployer="ZipDeploy", author=self._author(request))
+        record = self.deployments.start(site.name, deployer=deployer, author=self._author(request))
         task = asyncio.create_task(self._deploy_later(site, spool, size, record))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
