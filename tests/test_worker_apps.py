@@ -524,6 +524,22 @@ def test_an_app_that_cannot_start_says_why_in_its_status(cloud: AppCloud) -> Non
     assert "No module named 'nomodule'" in status["last_crash"], status
 
 
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Debian's nodejs")
+def test_a_node_app_that_cannot_start_says_its_error_not_nodes_version(cloud: AppCloud) -> None:
+    # Node ends its report of an uncaught exception with "Node.js v20.x.y", after the error line and
+    # its stack: that last line told the owner nothing.
+    cloud.add_site("nodemissing")
+    server = b'require("left-pad-nowhere");\nrequire("http").createServer().listen(process.env.PORT);\n'
+    cloud.publish(
+        "nodemissing", {"package.json": b'{"name": "nodemissing", "main": "server.js"}', "server.js": server}
+    )
+    wait_until(lambda: cloud.get("nodemissing", "/")[0] in (502, 503), what="the failed start")
+    status = wait_until(lambda: (a := cloud.app("nodemissing"))["crashes"] and a, what="the crash counted")
+    assert status["last_crash"] == (
+        "exited with status 1; its last output: Error: Cannot find module 'left-pad-nowhere'"
+    ), status
+
+
 def test_a_crash_of_an_earlier_version_is_history_once_a_new_one_runs(cloud: AppCloud) -> None:
     """A broken app.py crashed; the fixed one published next serves: the site's app is not said to be
     crashing any more (site show and the portal read these fields), but the old crashes are kept apart."""

@@ -9,8 +9,11 @@ write a batch rather than an open, write and close a request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
+import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from roles.worker._access import AccessRecord
@@ -26,10 +29,25 @@ _RECORD_BYTES = 160
 
 # How much of an app's last line is kept for its status (site show).
 _LAST_LINE_CHARS = 300
+# Node's report of an uncaught exception ends with its version, after the error line and its stack
+# (and the error's own fields, in braces): the error line says why, as far back as a deep stack goes.
+_NODE_VERSION = re.compile(r"^Node\.js v\d+\.\d+\.\d+$")
+_JS_ERROR = re.compile(r"^(?:[A-Z][A-Za-z]*)?Error(?: \[[A-Z0-9_]+\])?: \S")
+_RECENT_LINES = 100
 
 
 # A line's time stamp ("2026-12-05T06:40:20Z"): lines compare by it as text.
 _STAMP_CHARS = 20
+
+
+def _telling_line(lines: Iterable[str]) -> str:
+    """Of an app's last lines (the last one last), the one that says why it stopped: the last, but for
+    Node's report of an uncaught exception, whose last line is only Node's version."""
+    recent = list(lines)
+    last = recent[-1] if recent else ""
+    if _NODE_VERSION.match(last):
+        return next((line for line in reversed(recent) if _JS_ERROR.match(line)), last)
+    return last
 
 
 class SiteLog:
@@ -45,6 +63,7 @@ class SiteLog:
         # The app's own last line (its stderr, stdout): most often why it exited.
         self.last_app_line = ""
         self.last_app_at = 0.0
+        self._recent: collections.deque[str] = collections.deque(maxlen=_RECENT_LINES)
 
     def _now(self, at: int | None = None) -> str:
         second = int(time.time()) if at is None else at
@@ -57,9 +76,10 @@ class SiteLog:
         stamp = self._now()
         lines = [f"{stamp} [{source}] {line}" for line in text.rstrip("\n").split("\n")]
         if source == "app":
-            said = [line for line in text.split("\n") if line.strip()]
+            said = [line.strip() for line in text.split("\n") if line.strip()]
             if said:
-                self.last_app_line = said[-1].strip()[:_LAST_LINE_CHARS]
+                self._recent.extend(said)
+                self.last_app_line = _telling_line(self._recent)[:_LAST_LINE_CHARS]
                 self.last_app_at = time.monotonic()
         self.flush()
         self._append(("\n".join(lines) + "\n").encode("utf-8", "replace"))
