@@ -246,6 +246,44 @@ def test_onedeploy_publishes_a_zip_as_az_webapp_deploy_calls_it(cloud: LocalClou
     assert cloud.get("onedeploy", "/")[2] == b"one deploy, async"
 
 
+def test_zips_as_finder_and_windows_powershell_make_them_deploy(cloud: LocalCloud, subscription: int) -> None:
+    site = _site(cloud, subscription, "desktopzips")
+    auth = f"{site['ftp']['user']}:{site['ftp']['password']}"
+    archive = cloud.home.parent / "desktop.zip"
+    # macOS Finder's "Compress" of a folder: its AppleDouble copies under __MACOSX/ are no content, and
+    # without them the zip is one folder, which the deployment's message says how to avoid.
+    archive.write_bytes(
+        _zip(
+            {
+                "mysite/index.html": b"from a Mac",
+                "mysite/.DS_Store": b"\0\0\0\1Bud1",
+                "__MACOSX/mysite/._index.html": b"\0\5\26\7",
+            }
+        )
+    )
+    status, _, body = _curl(
+        cloud, "-u", auth, "--data-binary", f"@{archive}", f"{_deploy_base(site)}/api/zipdeploy"
+    )
+    assert status == 200, body
+    assert "every file of the zip is under one folder, mysite/" in json.loads(body)["message"], body
+    cloud.wait_for_content("desktopzips", "/mysite/", b"from a Mac")
+    assert cloud.get("desktopzips", "/__MACOSX/mysite/._index.html")[0] == 404
+    assert cloud.get("desktopzips", "/mysite/.DS_Store")[0] == 404
+    # Windows PowerShell's Compress-Archive parts folders with backslashes.
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in (("index.html", b"from Windows"), ("css\\site.css", b"body{}")):
+            info = zipfile.ZipInfo(name)
+            info.create_system = 0  # MS-DOS/Windows, as .NET's ZipArchive writes it
+            zf.writestr(info, data)
+    archive.write_bytes(buf.getvalue())
+    status, _, body = _curl(
+        cloud, "-u", auth, "--data-binary", f"@{archive}", f"{_deploy_base(site)}/api/zipdeploy"
+    )
+    assert status == 200, body
+    cloud.wait_for_content("desktopzips", "/css/site.css", b"body{}")
+
+
 def polled_at(cloud: LocalCloud, auth: str, url: str) -> Any:
     def poll() -> dict[str, Any] | None:
         _, _, answer = _curl(cloud, "-u", auth, url)

@@ -82,6 +82,46 @@ def test_names_that_leave_the_site_or_could_be_read_two_ways_are_refused(name: s
     assert message in err.message
 
 
+def _made_on(system: int, name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.create_system = system
+    return info
+
+
+def test_backslashes_of_a_zip_made_on_windows_part_folders_and_are_checked_as_such() -> None:
+    # Windows PowerShell's Compress-Archive writes "css\site.css"; on Unix a backslash is a name's own.
+    data = _zip((_made_on(0, "index.html"), b"<h1>hi</h1>"), (_made_on(0, "css\\site.css"), b"body{}"))
+    with _open(data) as zf:
+        assert [m.path for m in check_zip(zf, max_total_bytes=MB).files] == ["css/site.css", "index.html"]
+    for name, message in (
+        ("a\\..\\evil.php", "climbs out"),
+        ("\\etc\\passwd", "absolute path"),
+        ("C:\\evil.php", "names a drive"),
+    ):
+        err = _refused(_zip((_made_on(0, "ok.txt"), b"ok"), (_made_on(0, name), b"x")))
+        assert isinstance(err, InvalidInput) and message in err.message, (name, err.message)
+    err = _refused(_zip((_made_on(3, "css\\site.css"), b"body{}")))
+    assert isinstance(err, InvalidInput) and "backslash" in err.message
+
+
+def test_macos_finder_metadata_is_left_out() -> None:
+    # What Finder's "Compress" makes of a folder: AppleDouble copies under __MACOSX/ and .DS_Store.
+    data = _zip(
+        ("mysite/", b""),
+        ("mysite/index.html", b"<h1>hi</h1>"),
+        ("mysite/.DS_Store", b"\0\0\0\1Bud1"),
+        ("__MACOSX/", b""),
+        ("__MACOSX/mysite/", b""),
+        ("__MACOSX/mysite/._index.html", b"\0\5\26\7"),
+    )
+    with _open(data) as zf:
+        plan = check_zip(zf, max_total_bytes=MB)
+    assert [m.path for m in plan.files] == ["mysite/index.html"] and plan.empty_dirs == ()
+    # Still checked as every member is.
+    err = _refused(_zip(("index.html", b"x"), ("__MACOSX/../../evil.php", b"x")))
+    assert isinstance(err, InvalidInput) and "climbs out" in err.message
+
+
 def test_a_nul_byte_in_a_name_is_refused_not_truncated() -> None:
     # zipfile would read "evil.php\0.jpg" as "evil.php": the check sees the name as stored.
     data = _rename(_zip(("evil.phpX.jpg", b"<?php")), b"evil.phpX.jpg", b"evil.php\x00.jpg")

@@ -30,6 +30,9 @@ _SUPPORTED_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP
 _ENCRYPTED_FLAG = 0x1
 _UTF8_FLAG = 0x800
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
+# "Version made by" systems (APPNOTE 4.4.2) whose file systems have no backslash in names: MS-DOS/FAT,
+# Windows NTFS, VFAT. Windows PowerShell's Compress-Archive writes "css\site.css" there.
+_WINDOWS_SYSTEMS = frozenset({0, 10, 14})
 
 
 @functools.lru_cache(maxsize=1024)
@@ -104,7 +107,13 @@ def _member_path(info: zipfile.ZipInfo) -> tuple[str, bool]:
     if _CONTROL.search(raw):
         raise InvalidInput(f"zip member {shown} has a NUL or control character in its name")
     if "\\" in raw:
-        raise InvalidInput(f"zip member {shown} has a backslash in its name", hint="use '/' between folders")
+        if info.create_system not in _WINDOWS_SYSTEMS:
+            raise InvalidInput(
+                f"zip member {shown} has a backslash in its name", hint="use '/' between folders"
+            )
+        # Made on Windows, where a backslash can only part folders: read as unzip reads it, and then
+        # held to every check below as if it had been written with '/'.
+        raw = raw.replace("\\", "/")
     if raw.startswith("/"):
         raise InvalidInput(f"zip member {shown} has an absolute path")
     if len(raw) >= 2 and raw[1] == ":" and raw[0].isalpha():
@@ -114,6 +123,13 @@ def _member_path(info: zipfile.ZipInfo) -> tuple[str, bool]:
     is_dir = raw.endswith("/")
     path = site_relpath(raw, allow_root=is_dir)
     return path, is_dir
+
+
+def _finder_metadata(path: str) -> bool:
+    """Whether a member is macOS Finder's, never a site's: "Compress" adds an AppleDouble copy of every
+    file under __MACOSX/, and folders carry .DS_Store files (which, served, list a folder's files)."""
+    parts = path.split("/")
+    return parts[0] == "__MACOSX" or parts[-1] == ".DS_Store"
 
 
 def _check_kind(info: zipfile.ZipInfo, path: str, is_dir: bool) -> None:
@@ -137,12 +153,13 @@ def _check_kind(info: zipfile.ZipInfo, path: str, is_dir: bool) -> None:
 def check_zip(zf: zipfile.ZipFile, *, max_total_bytes: int, max_members: int = SITE_ENTRIES_MAX) -> ZipPlan:
     """Decide whether ``zf`` may replace a site's content; the answer is the plan of what it writes.
 
-    Refused: names that are absolute, climb with ``..``, hold backslashes, drive letters, NUL or control
-    characters; symbolic links and other special files; encrypted members; the same path twice (also
-    after normalising, and a path that is both a file and a directory); more than ``max_members``
-    members, or more files and folders (those its paths imply too: the site's entries, as the
-    fileserver counts them, :class:`TooManyEntries`); a declared uncompressed total over
-    ``max_total_bytes`` (:class:`QuotaExceeded`).
+    Refused: names that are absolute, climb with ``..``, hold backslashes (but for a zip made on
+    Windows, whose backslashes part folders), drive letters, NUL or control characters; symbolic links
+    and other special files; encrypted members; the same path twice (also after normalising, and a
+    path that is both a file and a directory); more than ``max_members`` members, or more files and
+    folders (those its paths imply too: the site's entries, as the fileserver counts them,
+    :class:`TooManyEntries`); a declared uncompressed total over ``max_total_bytes``
+    (:class:`QuotaExceeded`). Left out: macOS Finder's ``__MACOSX/`` and ``.DS_Store`` members.
     """
     infos = zf.infolist()
     if len(infos) > max_members:
@@ -153,6 +170,8 @@ def check_zip(zf: zipfile.ZipFile, *, max_total_bytes: int, max_members: int = S
     for info in infos:
         path, is_dir = _member_path(info)
         _check_kind(info, path, is_dir)
+        if _finder_metadata(path):
+            continue
         if is_dir:
             if not path:
                 continue  # "./" or "/"-only entries name the root itself
