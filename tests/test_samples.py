@@ -343,6 +343,26 @@ def test_the_express_sample(cloud: LocalCloud) -> None:
         assert ws.close() == 1000
 
 
+def test_a_node_app_published_with_its_own_node_modules_runs_on_the_installed_packages(
+    cloud: LocalCloud, tmp_path: Path
+) -> None:
+    # A project folder as it is after `npm install` on the developer's machine (a Mac's native
+    # builds, another version): Node looks in the app's folder first, so these shadowed the
+    # packages the worker installed from package.json, and the app died on them.
+    if why := npm_registry_unreachable():
+        pytest.skip(why)
+    folder = tmp_path / "express-with-modules"
+    shutil.copytree(SAMPLES / "express", folder)
+    broken = folder / "node_modules" / "express"
+    broken.mkdir(parents=True)
+    (broken / "package.json").write_text('{"name": "express", "version": "4.0.0", "main": "index.js"}')
+    (broken / "index.js").write_text('throw new Error("express built for darwin-arm64");\n')
+    _publish_sample(cloud, "express-own-modules", folder)
+    _wait_for(cloud, "express-own-modules", "/?name=Ada", b"<h1>Hello, Ada, from Express</h1>", timeout=180)
+    log = cloud.cli("site", "logs", "express-own-modules")["lines"]
+    assert any("has a node_modules/ folder of its own" in line for line in log), log
+
+
 def test_a_typescript_app_pushed_by_git_is_built_by_its_build_script_before_it_starts(
     cloud: LocalCloud, tmp_path: Path
 ) -> None:

@@ -162,6 +162,7 @@ class AppSite:
         "spec",
         "starting",
         "starts",
+        "told_node_modules",
         "version",
         "volume",
         "web",
@@ -191,6 +192,8 @@ class AppSite:
         # Why this version's requirements.txt or package.json could not be installed (its app then
         # does not start): None while it builds, once it is built, or when it has nothing to build.
         self.build_error: str | None = None
+        # The version whose own node_modules/ the site's log has told of (see _own_node_modules).
+        self.told_node_modules = 0
         self.identity: SiteIdentity | None = None
         # Where the site's quota volume mounts here (the app's writes are in its ``files/``, see
         # _written.py): "" when this worker has none, None until the site's identity is known.
@@ -841,6 +844,25 @@ class AppManager:
         if removed:
             self._site_log(app).write("worker", f"removed the packages of earlier versions ({len(removed)})")
 
+    def _tell_own_node_modules(self, app: AppSite, packages: Path | None, log: SiteLog) -> None:
+        """Say once per version that its own node_modules/ is not what the app uses (or, without a
+        sandbox to hide it, that it is)."""
+        if app.told_node_modules == app.version or not _own_node_modules(app, packages):
+            return
+        app.told_node_modules = app.version
+        if self._sandbox is not None:
+            log.write(
+                "worker",
+                f"version {app.version} has a node_modules/ folder of its own: the app uses the packages "
+                "installed from its package.json instead (leave node_modules/ out of what you publish)",
+            )
+        else:
+            log.write(
+                "worker",
+                f"version {app.version} has a node_modules/ folder of its own, which Node uses before the "
+                "packages installed from its package.json: leave node_modules/ out of what you publish",
+            )
+
     async def _packages(self, app: AppSite) -> Path | None:
         target = self._packages_dir(app)
         if target is None:
@@ -912,6 +934,7 @@ class AppManager:
                 raise Unavailable(_BUILD_FAILED, hint=_REBUILD)
             if _node_packages(app):
                 link_node_modules(self._root / "sites" / app.name, packages)
+                self._tell_own_node_modules(app, packages, log)
             sandbox = self._sandbox
             port = 0
             if app.runtime in _PORT_RUNTIMES:
@@ -1036,6 +1059,7 @@ class AppManager:
                     home=(str(volume.home if volume else dirs.home), str(dirs.home)),
                     tmp=(str(volume.tmp if volume else dirs.tmp), str(dirs.tmp)),
                     read_only=(str(self._tools), *((str(packages),) if packages is not None else ())),
+                    masks=_own_node_modules(app, packages),
                     tmpfs_bytes=app.spec.limits.memory_mb * 1024 * 1024,
                 )
             inst = AppInstance(
@@ -1601,6 +1625,18 @@ def _read_or_empty(path: Path) -> str:
         return path.read_text()
     except (OSError, UnicodeDecodeError):
         return ""
+
+
+def _own_node_modules(app: AppSite, packages: Path | None) -> tuple[tuple[str, str], ...]:
+    """A version published with a node_modules/ of its own (the developer's, maybe built for another
+    system) beside the package.json the worker installed: Node looks in the app's folder first, so
+    that folder would shadow the installed packages. Hidden under them in the sandbox."""
+    if packages is None or not _node_packages(app):
+        return ()
+    own, installed = os.path.join(app.root, "node_modules"), packages / "node_modules"
+    if os.path.islink(own) or not os.path.isdir(own) or not installed.is_dir():
+        return ()
+    return ((str(installed), own),)
 
 
 def _node_packages(app: AppSite) -> bool:

@@ -79,6 +79,9 @@ class SandboxMounts:
     # The version at ``cwd`` as an overlay the app may write (``_files.py``); "": read-only as the rest.
     files: str = ""
     read_only: tuple[str, ...] = ()  # e.g. the site's package directory
+    # (host source, path inside) bound read-only over what the cwd shows there: a version's own
+    # node_modules/ hidden under the packages installed for it.
+    masks: tuple[tuple[str, str], ...] = ()
     tmpfs_bytes: int = 64 * 1024 * 1024  # each of /tmp and /dev/shm
 
 
@@ -179,6 +182,7 @@ class Sandbox:
         binds.append((mounts.site_dir, mounts.site_dir, "--ro-bind"))
         if mounts.files:
             binds.append((mounts.files, mounts.cwd, "--bind"))
+        binds += [(source, inside, "--ro-bind") for source, inside in mounts.masks]
         binds += [(p, p, "--ro-bind") for p in mounts.read_only]
         binds += [(source, inside, "--bind") for source, inside in (mounts.home, mounts.tmp)]
         made: set[str] = {"/", "/tmp"}  # noqa: S108 - the sandbox's tmpfs, made above
