@@ -343,6 +343,29 @@ def test_the_express_sample(cloud: LocalCloud) -> None:
         assert ws.close() == 1000
 
 
+def test_a_django_project_collecting_into_staticfiles_is_told_what_the_platform_serves(
+    cloud: LocalCloud, tmp_path: Path
+) -> None:
+    # STATIC_ROOT = BASE_DIR / "staticfiles", as Django's and Heroku's deployment guides have it:
+    # collectstatic ends well, nothing serves that folder, and the admin came unstyled without a word.
+    _needs_index()
+    folder = tmp_path / "staticfiles-project"
+    shutil.copytree(SAMPLES / "django", folder)
+    settings = folder / "mysite" / "settings.py"
+    text = settings.read_text()
+    assert 'STATIC_ROOT = BASE_DIR / "static"' in text
+    settings.write_text(
+        text.replace('STATIC_ROOT = BASE_DIR / "static"', 'STATIC_ROOT = BASE_DIR / "staticfiles"')
+    )
+    (folder / "Procfile").write_text("release: python manage.py migrate --noinput\n")
+    _publish_sample(cloud, "django-staticfiles", folder)
+    _wait_for(cloud, "django-staticfiles", "/", b"<h1>Hello from Django</h1>", timeout=120)
+    lines = cloud.cli("site", "logs", "django-staticfiles", "--lines", "1000")["lines"]
+    said = "collectstatic put the static files in staticfiles/, which the platform does not serve"
+    assert any(said in line and "STATIC_ROOT = BASE_DIR / 'static'" in line for line in lines), lines
+    assert cloud.get("django-staticfiles", "/static/admin/css/base.css")[0] == 404
+
+
 def test_a_node_app_published_with_its_own_node_modules_runs_on_the_installed_packages(
     cloud: LocalCloud, tmp_path: Path
 ) -> None:

@@ -69,6 +69,7 @@ from roles.worker.apps._spec import (
     node_entry,
     procfile_command,
     procfile_web,
+    unserved_static_note,
 )
 from roles.worker.apps._tenancy import (
     Slot,
@@ -1140,6 +1141,10 @@ class AppManager:
             if code == 0:
                 took = time.monotonic() - started
                 log.write("worker", f"the {source} command ended well in {took:.1f} s")
+                if source == "collectstatic":
+                    note = unserved_static_note(app.root, _step_lines(log.tail(200), source))
+                    if note is not None:
+                        log.write("worker", note)
                 continue
             said = " / ".join(_step_lines(log.tail(200), source)[-3:])
             if source == "collectstatic":

@@ -31,6 +31,7 @@ __all__ = [
     "parse_app_spec",
     "procfile_command",
     "procfile_web",
+    "unserved_static_note",
 ]
 
 # A PHP site keeps its scripts below the top level too (a blog/ folder): looked for this deep, and
@@ -157,6 +158,35 @@ def collectstatic_command(root: str, env: dict[str, str], release: str | None) -
     except OSError:
         return None
     return COLLECTSTATIC if _DJANGO_REQUIREMENT.search(requirements) else None
+
+
+# Django's collectstatic ends "N static files copied to '/path'." (with ", M unmodified" when some were).
+_COPIED_TO = re.compile(r"static files? copied to '(?P<dest>[^']+)'")
+_WHITENOISE = re.compile(r"^\s*whitenoise\b", re.IGNORECASE | re.MULTILINE)
+
+
+def unserved_static_note(root: str, output: list[str]) -> str | None:
+    """What to do when collectstatic (its ``output`` lines) put a Django project's files where nothing
+    serves them: not in ``static/``, which the worker serves at /static/, and no whitenoise to serve
+    them from there (the STATIC_ROOT Heroku's and Django's own deployment guides show, staticfiles/,
+    leaves the admin unstyled)."""
+    dest = next((m["dest"] for line in reversed(output) if (m := _COPIED_TO.search(line))), None)
+    if dest is None:
+        return None
+    rel = os.path.relpath(dest, root)
+    if rel == "static":
+        return None
+    try:
+        with open(os.path.join(root, "requirements.txt"), encoding="utf-8", errors="replace") as f:
+            if _WHITENOISE.search(f.read(256 * 1024)):
+                return None
+    except OSError:
+        pass
+    where = dest if rel.startswith("..") else f"{rel}/"
+    return (
+        f"collectstatic put the static files in {where}, which the platform does not serve: set "
+        "STATIC_ROOT = BASE_DIR / 'static' (served at /static/), or add whitenoise to serve them"
+    )
 
 
 def detect_runtime(root: str) -> tuple[Runtime, str]:
