@@ -469,6 +469,23 @@ def test_zipped_directory_holds_the_tree(tmp_path: Path) -> None:
     assert not z.exists()
 
 
+def test_a_python_project_deploys_without_its_virtual_environment_and_bytecode(tmp_path: Path) -> None:
+    # Flask's installation guide makes the environment inside the project: `python3 -m venv .venv`.
+    # It went up whole (tens of MB, built for this machine; a plan's quota refused bigger ones).
+    import venv
+
+    project = tmp_path / "myproject"
+    venv.create(project / ".venv", with_pip=False)
+    (project / "app.py").write_text("from flask import Flask\napp = Flask(__name__)\n")
+    (project / "requirements.txt").write_text("flask\n")
+    (project / "__pycache__").mkdir()
+    (project / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"\x00")
+    (project / "venv-notes").mkdir()  # a folder of the site's own, whatever its name
+    (project / "venv-notes" / "readme.txt").write_text("mine")
+    with zipped(project) as path, zipfile.ZipFile(path) as zf:
+        assert sorted(zf.namelist()) == ["app.py", "requirements.txt", "venv-notes/readme.txt"]
+
+
 def test_up_is_handed_to_the_controller(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: list[list[str]] = []
 

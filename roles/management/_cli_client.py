@@ -414,19 +414,27 @@ def read_result_lines(
 _VCS_DIRS = frozenset({".git", ".hg", ".svn"})
 
 
+def _left_out(parent: str, name: str) -> bool:
+    """A folder of a project that is not the site: a checkout's history (never served, and it would
+    count against the quota and sit in every version's zip), Python's bytecode caches, and a virtual
+    environment (Flask's tutorial makes .venv/ in the project: tens of MB, built for this machine; the
+    worker installs requirements.txt itself)."""
+    if name in _VCS_DIRS or name == "__pycache__":
+        return True
+    return os.path.isfile(os.path.join(parent, name, "pyvenv.cfg"))
+
+
 @contextmanager
 def zipped(source: Path) -> Iterator[Path]:
-    """``source`` as a zip file: a directory is zipped into a temp file (without a ``.git``, ``.hg`` or
-    ``.svn`` folder in it); a zip file is used as is."""
+    """``source`` as a zip file: a directory is zipped into a temp file (without the folders
+    :func:`_left_out` names); a zip file is used as is."""
     if source.is_dir():
         fd, tmp = tempfile.mkstemp(prefix="sitecloud-deploy-", suffix=".zip")
         os.close(fd)
         try:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
                 for root, dirs, files in os.walk(source):
-                    # A checkout's history is not the site: never served, and it would count against the
-                    # quota and sit in every version's zip.
-                    dirs[:] = sorted(d for d in dirs if d not in _VCS_DIRS)
+                    dirs[:] = sorted(d for d in dirs if not _left_out(root, d))
                     rel_root = Path(root).relative_to(source)
                     if rel_root != Path(".") and not dirs and not files:
                         zf.writestr(f"{rel_root.as_posix()}/", b"")  # keep empty directories
