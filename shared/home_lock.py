@@ -28,7 +28,13 @@ LOCK_FILE = "controller.pid"
 def hold_home(home: Path) -> Iterator[None]:
     """Hold ``HOME/controller.pid`` (with this pid in it) while the body runs; refuse if another
     process holds it."""
-    home.mkdir(parents=True, exist_ok=True)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInput(
+            f"cannot make the cloud home {home}: {exc.strerror}",
+            hint="give a --home (or SITECLOUD_HOME) in a folder you can write",
+        ) from None
     path = home / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

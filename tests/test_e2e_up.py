@@ -648,3 +648,34 @@ def test_up_brings_back_a_management_role_left_stopped(cloud: LocalCloud) -> Non
         assert (management["state"], management["desired_state"]) == ("Ready", "running"), management
     finally:
         assert cloud.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "said"),
+    [
+        # The kernel took 99999 as 34463, and `up` printed 99999 as the sites' port.
+        ({"http_port": 99999}, 2, "argument --http-port: give a port from 1 to 65535"),
+        (
+            {"db_url": "mysql://u:p@127.0.0.1/db"},
+            2,
+            "error: the runtime DB cannot be mysql: PostgreSQL or SQLite",
+        ),
+        ({"db_url": "not a url"}, 2, "error: the runtime DB's address is not a database URL"),
+        (
+            {"db_url": "postgresql://owner:s3cret@127.0.0.1:1/sitecloud"},
+            6,
+            "error: cannot use the runtime DB postgresql://owner:***@127.0.0.1:1/sitecloud: connection failed",
+        ),
+        ({"home": "/proc/sitecloud-home"}, 2, "error: cannot make the cloud home /proc/sitecloud-home: "),
+    ],
+    ids=["port", "db-kind", "db-url", "db-unreachable", "home"],
+)
+def test_up_with_a_bad_option_says_what_is_wrong_without_a_traceback(
+    tmp_path: Path, change: dict[str, Any], code: int, said: str
+) -> None:
+    other = LocalCloud(Path(change.get("home", tmp_path / "home")), db_url=change.get("db_url", ""))
+    other.ports.update({k: v for k, v in change.items() if k.endswith("_port")})
+    result = other.up_refused(json_output=False)
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+    assert said in result.stderr, result.stderr
+    assert "s3cret" not in result.stderr + result.stdout

@@ -36,6 +36,17 @@ def _port_range(text: str) -> tuple[int, int]:
     return low, high
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 < port < 65536:
+        # (The kernel would take 99999 as 34463, and `up` would print the one it was given.)
+        raise argparse.ArgumentTypeError("give a port from 1 to 65535")
+    return port
+
+
 def _positive_seconds(value: str) -> float:
     try:
         seconds = float(value)
@@ -69,11 +80,11 @@ def _parser() -> argparse.ArgumentParser:
         help="address (or DNS name) where roles on other hosts reach this machine's roles; they then "
         "listen on all addresses (default: this machine's roles serve only this machine)",
     )
-    p.add_argument("--http-port", type=int, help="default 8080")
-    p.add_argument("--https-port", type=int, help="default 8443")
-    p.add_argument("--ftp-port", type=int, help="default 2121")
-    p.add_argument("--api-port", type=int, help="default 8090")
-    p.add_argument("--deploy-port", type=int, help="default 8172")
+    p.add_argument("--http-port", type=_port, help="default 8080")
+    p.add_argument("--https-port", type=_port, help="default 8443")
+    p.add_argument("--ftp-port", type=_port, help="default 2121")
+    p.add_argument("--api-port", type=_port, help="default 8090")
+    p.add_argument("--deploy-port", type=_port, help="default 8172")
     p.add_argument("--passive-ports", type=_port_range, metavar="LOW-HIGH", help="FTP passive port range")
     p.add_argument("--db", help="runtime DB URL, e.g. postgresql://user:pw@host/db (default: SQLite)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

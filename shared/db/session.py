@@ -6,14 +6,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, make_url, select
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db.models import CloudState
+from shared.errors import InvalidInput, Unavailable
 
 __all__ = ["Database", "bump_generation", "current_generation"]
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
+_URL_HINT = "e.g. --db postgresql://user:password@host/sitecloud, or no --db for SQLite in the home"
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -32,7 +35,19 @@ class Database:
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
         self.url = url
-        self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        try:
+            backend = make_url(url).get_backend_name()
+        except ArgumentError:
+            raise InvalidInput("the runtime DB's address is not a database URL", hint=_URL_HINT) from None
+        if backend not in ("postgresql", "sqlite"):
+            raise InvalidInput(f"the runtime DB cannot be {backend}: PostgreSQL or SQLite", hint=_URL_HINT)
+        try:
+            self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        except ModuleNotFoundError as exc:
+            raise InvalidInput(
+                f"the runtime DB's driver ({exc.name}) is not installed",
+                hint="install sitecloud with its postgres extra (`make up` does)",
+            ) from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -50,7 +65,17 @@ class Database:
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(_MIGRATIONS))
         cfg.attributes["engine"] = self.engine
-        command.upgrade(cfg, "head")
+        try:
+            command.upgrade(cfg, "head")
+        except OperationalError as exc:
+            # The first connection: a server down, a wrong password or database name. Said without
+            # the URL's password.
+            said = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+            where = make_url(self.url).render_as_string(hide_password=True).replace("+psycopg", "", 1)
+            raise Unavailable(
+                f"cannot use the runtime DB {where}: {said}",
+                hint="check its host, port, user, password and database, and that its server runs",
+            ) from None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
