@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -149,6 +151,34 @@ def app(environ, start_response):
         t = threading.Thread(target=got.append, args=("thread",))
         t.start()
         t.join()
+        out = ", ".join(got)
+    elif path == "/kernel":
+        # Host-wide pools and exploit ground: how many AIO contexts it gets (kept while it lives),
+        # then each call's errno (0: it worked).
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        nr = {
+            "x86_64": (206, 425, 250, 298, 323, 321),
+            "aarch64": (0, 425, 219, 241, 282, 280),
+        }[os.uname().machine]
+        def errno_of(number, *args):
+            return 0 if libc.syscall(number, *args) >= 0 else ctypes.get_errno()
+        contexts = 0
+        while contexts < 4096:
+            ctx = ctypes.c_ulong(0)
+            if libc.syscall(nr[0], 1024, ctypes.byref(ctx)) < 0:
+                break
+            HELD.append(ctx)
+            contexts += 1
+        got = ["aio %d %d" % (contexts, ctypes.get_errno())]
+        got.append("io_uring %d" % errno_of(nr[1], 8, ctypes.create_string_buffer(120)))
+        got.append("keyctl %d" % errno_of(nr[2], 0, -3, 0))  # KEYCTL_GET_KEYRING_ID, session
+        attr = ctypes.create_string_buffer(128)  # a software CPU clock of its own, user space only
+        attr[0:16] = (1).to_bytes(4, "little") + (128).to_bytes(4, "little") + bytes(8)
+        attr[40:48] = ((1 << 5) | (1 << 6)).to_bytes(8, "little")
+        got.append("perf_event_open %d" % errno_of(nr[3], attr, 0, -1, -1, 0))
+        got.append("userfaultfd %d" % errno_of(nr[4], 1))  # UFFD_USER_MODE_ONLY
+        got.append("bpf %d" % errno_of(nr[5], 0, ctypes.create_string_buffer(72), 72))
         out = ", ".join(got)
     elif path == "/udpflows":
         # One datagram from each of many ports (TEST-NET-2 never answers), each socket closed at once.
@@ -367,7 +397,37 @@ def test_the_app_cannot_make_a_user_namespace(cloud: AppCloud) -> None:
     attacker(cloud, "userns")
     body = cloud.get("userns", "/userns")[2].decode()
     assert body == f"unshare(2) {errno.EPERM}, unshare -U 1 , thread", body
-    assert "no user namespaces (seccomp)" in cloud.worker.log()
+    assert "no user namespaces, AIO, io_uring" in cloud.worker.log()
+    bystander_answers(cloud)
+
+
+def _io_setup() -> int:
+    """0 if this process gets a Linux AIO context (then freed), else the errno."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    ctx = ctypes.c_ulong(0)
+    nr_setup, nr_destroy = {"x86_64": (206, 207), "aarch64": (0, 1)}[platform.machine()]
+    if libc.syscall(nr_setup, 128, ctypes.byref(ctx)) < 0:
+        return ctypes.get_errno()
+    libc.syscall(nr_destroy, ctx)
+    return 0
+
+
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "aarch64"), reason="system call numbers of x86-64 and arm64"
+)
+def test_the_app_cannot_hold_the_hosts_aio_pool_nor_reach_io_uring_keyrings_or_perf(cloud: AppCloud) -> None:
+    # fs.aio-max-nr is one pool for the whole host: an app that took it all (64 contexts of 1024
+    # events) made every other process's io_setup fail with EAGAIN for as long as it lived. io_uring,
+    # keyrings, perf events, userfaultfd and bpf are the kernel's attack surface, which Docker's
+    # default profile refuses a container too.
+    attacker(cloud, "kernel")
+    body = cloud.get("kernel", "/kernel")[2].decode()
+    nosys, perm = errno.ENOSYS, errno.EPERM
+    assert body == (
+        f"aio 0 {nosys}, io_uring {nosys}, keyctl {perm}, perf_event_open {perm}, userfaultfd {perm}, bpf {perm}"
+    ), body
+    # The app lives on, holding whatever it got: the host still has its AIO.
+    assert _io_setup() == 0
     bystander_answers(cloud)
 
 

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from roles.worker.apps._seccomp import userns_filter
+from roles.worker.apps._seccomp import app_filter
 from shared.logs import ContextLogger
 
 __all__ = ["EGRESS_MODES", "EGRESS_UDP_FLOWS", "Sandbox", "SandboxMounts", "egress_nofile", "read_info"]
@@ -140,13 +140,13 @@ class Sandbox:
                     "(apt-get install slirp4netns nftables); apps get no outbound network"
                 )
                 slirp = None
-        seccomp = userns_filter()
+        seccomp = app_filter()
         log.info(
             "app sandbox: bwrap network, mount and pid namespaces; outbound internet %s; %s",
             "through slirp4netns (public addresses only)" if slirp else "off (app_egress)",
-            "no user namespaces (seccomp)"
+            "no user namespaces, AIO, io_uring, keyrings, perf events, userfaultfd or bpf (seccomp)"
             if seccomp
-            else f"user namespaces allowed (no seccomp filter for {platform.machine()})",
+            else f"user namespaces and every system call allowed (no seccomp filter for {platform.machine()})",
         )
         return cls(
             bwrap,
