@@ -28,6 +28,7 @@ from roles.worker._appserver import APPSERVER_PATH
 from roles.worker.apps._instance import AppInstance
 from roles.worker.apps._isolation import UID_BASE, SiteIdentity
 from roles.worker.apps._launch import SiteDirs, plan_launch
+from roles.worker.apps._pts import PTYS_PER_APP
 from roles.worker.apps._sandbox import EGRESS_UDP_FLOWS, Sandbox, SandboxMounts, egress_nofile, egress_rules
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import AppLimits
@@ -180,6 +181,27 @@ def app(environ, start_response):
         got.append("userfaultfd %d" % errno_of(nr[4], 1))  # UFFD_USER_MODE_ONLY
         got.append("bpf %d" % errno_of(nr[5], 0, ctypes.create_string_buffer(72), 72))
         out = ", ".join(got)
+    elif path == "/ptys":
+        # Pseudo-terminals opened and kept, up to the number asked; then whether one still works.
+        import pty
+        err = "none"
+        while len(HELD) < int(q):
+            try:
+                HELD.append(os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY))
+            except OSError as exc:
+                err = type(exc).__name__
+                break
+        got = len(HELD)
+        for fd in HELD[1:]:
+            os.close(fd)
+        del HELD[1:]
+        try:
+            main, term = pty.openpty()
+            os.write(main, b"hi\\n")
+            works = os.read(term, 16) == b"hi\\n"
+        except OSError as exc:
+            works = type(exc).__name__
+        out = "opened %d then %s, a new one works: %s" % (got, err, works)
     elif path == "/udpflows":
         # One datagram from each of many ports (TEST-NET-2 never answers), each socket closed at once.
         sent = 0
@@ -398,6 +420,18 @@ def test_the_app_cannot_make_a_user_namespace(cloud: AppCloud) -> None:
     body = cloud.get("userns", "/userns")[2].decode()
     assert body == f"unshare(2) {errno.EPERM}, unshare -U 1 , thread", body
     assert "no user namespaces, AIO, io_uring" in cloud.worker.log()
+    bystander_answers(cloud)
+
+
+def test_the_apps_pseudo_terminals_are_capped_and_leave_the_hosts_pool_to_others(cloud: AppCloud) -> None:
+    # Every devpts instance but the host's first draws from one pool (kernel.pty.max less its
+    # reserve, 3,072): an app that kept opening /dev/ptmx held every other sandbox's terminals.
+    attacker(cloud, "ptys")
+    before = int(Path("/proc/sys/kernel/pty/nr").read_text())
+    body = cloud.get("ptys", "/ptys?200")[2].decode()
+    assert body == f"opened {PTYS_PER_APP} then OSError, a new one works: True", body
+    # It still holds one: of the host's pool it took no more than its cap (others come and go).
+    assert int(Path("/proc/sys/kernel/pty/nr").read_text()) - before <= PTYS_PER_APP
     bystander_answers(cloud)
 
 

@@ -57,6 +57,7 @@ from roles.worker.apps._npm import (
     node_packages_dir,
 )
 from roles.worker.apps._packages import install_requirements, packages_dir, prune_packages
+from roles.worker.apps._pts import mount_pts, sweep_pts, unmount_pts
 from roles.worker.apps._sandbox import EGRESS_MODES, Sandbox, SandboxMounts
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import (
@@ -257,6 +258,9 @@ class AppManager:
         self._blanks = BlankImages(self._apps_dir / "blank")
         self._held: dict[AppInstance, HomeVolume] = {}
         self._files: dict[AppInstance, WritableFiles] = {}
+        self._pts: dict[AppInstance, str] = {}
+        self._pts_off = ""  # why this worker's apps get bwrap's own, uncapped devpts
+        self._pts_swept = False
         self._files_off = ""  # why apps' folders stay read-only on this worker ("": they need not)
         self._quota = False
         # Held sites (name → incarnation's content id) and the app settings of those that have any.
@@ -1048,11 +1052,13 @@ class AppManager:
         volume: HomeVolume | None = None
         files: WritableFiles | None = None
         mounts: SandboxMounts | None = None
+        pts = ""
         try:
             if sandbox is not None:
                 volume = await self._acquire_volume(app, dirs)
                 if volume is not None:
                     files = await self._writable_files(app, volume, serial)
+                pts = self._capped_pts(serial)
                 mounts = SandboxMounts(
                     site_dir=str(self._root / "sites" / app.name),
                     cwd=app.root,
@@ -1062,6 +1068,7 @@ class AppManager:
                     read_only=(str(self._tools), *((str(packages),) if packages is not None else ())),
                     masks=_own_node_modules(app, packages),
                     tmpfs_bytes=app.spec.limits.memory_mb * 1024 * 1024,
+                    pts=pts,
                 )
             inst = AppInstance(
                 plan=plan,
@@ -1080,6 +1087,8 @@ class AppManager:
             )
             await inst.start()
         except BaseException:
+            if pts:
+                unmount_pts(pts)
             if files is not None:
                 unmount_files(files)
             if volume is not None:
@@ -1092,10 +1101,30 @@ class AppManager:
             self._held[inst] = volume
         if files is not None:
             self._files[inst] = files
+        if pts:
+            self._pts[inst] = pts
         return inst
 
+    def _capped_pts(self, serial: str) -> str:
+        """The instance's own devpts with its cap; "" (bwrap's own, and a line in the worker's log
+        once) where this worker cannot mount one."""
+        if self._pts_off:
+            return ""
+        if not self._pts_swept:
+            sweep_pts(self._run_dir)
+            self._pts_swept = True
+        try:
+            return mount_pts(self._run_dir, serial)
+        except OSError as exc:
+            self._pts_off = str(exc)
+            self._log.warning("apps' pseudo-terminals are not capped on this worker: %s", exc)
+            return ""
+
     def _let_go(self, inst: AppInstance) -> None:
-        """What an instance held besides its cgroup: its writable folder and its volume."""
+        """What an instance held besides its cgroup: its pseudo-terminals, writable folder and volume."""
+        pts = self._pts.pop(inst, None)
+        if pts is not None:
+            unmount_pts(pts)
         files = self._files.pop(inst, None)
         if files is not None:
             unmount_files(files)

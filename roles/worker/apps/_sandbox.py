@@ -83,6 +83,8 @@ class SandboxMounts:
     # node_modules/ hidden under the packages installed for it.
     masks: tuple[tuple[str, str], ...] = ()
     tmpfs_bytes: int = 64 * 1024 * 1024  # each of /tmp and /dev/shm
+    # A devpts instance with a cap of its own (``_pts.py``) over bwrap's; "": bwrap's, uncapped.
+    pts: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +179,8 @@ class Sandbox:
         if self.resolv_conf:
             argv += _resolv_conf_bind(self.resolv_conf)
         argv += ["--proc", "/proc", "--dev", "/dev"]
+        if mounts.pts:
+            argv += ["--dev-bind", mounts.pts, "/dev/pts"]
         argv += ["--perms", "1777", "--size", size, "--tmpfs", "/dev/shm"]  # noqa: S108 - its own too
         binds = [(p, p, "--ro-bind") for p in self.runtime_paths]
         binds.append((mounts.site_dir, mounts.site_dir, "--ro-bind"))
