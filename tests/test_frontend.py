@@ -394,6 +394,27 @@ def test_host_header_must_be_there_once(frontend: RoleProcess, origins: tuple[Or
     assert raw(port, b"GET /echo HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 404 ")
 
 
+def test_a_host_whose_port_is_not_a_number_is_refused_and_reaches_no_app(
+    frontend: RoleProcess, origins: tuple[Origin, Origin]
+) -> None:
+    # The routes key on the name before the last colon: the rest went to the app as it came, and an
+    # app that builds its links from Host (a password reset mail's) sent its visitors to evil.example.
+    a, _ = origins
+    route(frontend, {"blog": [a.address]})
+    port = http_port(frontend)
+    before = a.requests
+    for host in (f"{BLOG}:443@evil.example", f"{BLOG}:80/x", f"{BLOG}:x", f"me@{BLOG}"):
+        answer = raw(port, f"GET /echo HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 400 "), (host, answer[:80])
+    # As an absolute-form target a URL parser reads it: the userinfo goes, the host is evil.example's.
+    target = f"http://{BLOG}:443@evil.example/echo"
+    answer = raw(port, f"GET {target} HTTP/1.1\r\nHost: {BLOG}\r\nConnection: close\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 404 "), answer[:80]
+    assert a.requests == before
+    answer = raw(port, f"GET /echo HTTP/1.1\r\nHost: {BLOG}:{port}\r\nConnection: close\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 200 ") and f'"{BLOG}:{port}"'.encode() in answer
+
+
 # -- bodies -----------------------------------------------------------------------------------------
 
 

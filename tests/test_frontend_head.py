@@ -14,6 +14,7 @@ from roles.frontend._head import (
     https_redirect,
     normalize_host,
     only_chunked,
+    valid_host,
 )
 
 
@@ -31,6 +32,27 @@ from roles.frontend._head import (
 )
 def test_normalize_host_keys_like_the_routes(value: bytes, key: bytes) -> None:
     assert normalize_host(value) == key
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        (b"blog.example", True),
+        (b"Blog.Example.:8443", True),
+        (b"blog.example:", True),  # RFC 3986: port = *DIGIT
+        (b"[::1]:8080", True),
+        (b"10.0.0.1:80", True),
+        (b"blog.example:443@evil.example", False),
+        (b"blog.example:80/x", False),
+        (b"blog.example:x", False),
+        (b"blog.example:123456", False),
+        (b"me@blog.example", False),
+        (b"blog.example/x", False),
+        (b"blog example", False),
+    ],
+)
+def test_valid_host_is_a_host_and_a_numeric_port(value: bytes, ok: bool) -> None:
+    assert valid_host(value) is ok
 
 
 def test_absolute_form_takes_host_and_port_and_keeps_the_query() -> None:

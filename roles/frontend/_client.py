@@ -38,6 +38,7 @@ from roles.frontend._head import (
     https_redirect,
     normalize_host,
     only_chunked,
+    valid_host,
 )
 from roles.frontend._http import (
     BODY_CHUNKED,
@@ -405,6 +406,9 @@ class ClientConnection(asyncio.Protocol):
                 raise _Reject from None
             if absolute is not None:
                 host, target = absolute
+        if host is not None and not valid_host(host):
+            self._error = 400
+            raise _Reject
         name = normalize_host(host) if host is not None else b""
         # RFC 8555 8.3: the CA fetches the key authorization over plain HTTP, before any HTTPS redirect.
         challenge = (

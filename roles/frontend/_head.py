@@ -7,6 +7,8 @@ there); they look names up in the tables here.
 
 from __future__ import annotations
 
+import re
+
 import httptools
 
 from roles.frontend._http import Page, redirect_page
@@ -23,6 +25,7 @@ __all__ = [
     "https_redirect",
     "normalize_host",
     "only_chunked",
+    "valid_host",
 ]
 
 # Request headers the cache looks at: those that make an answer this visitor's own (a part, "not
@@ -49,6 +52,18 @@ NOTED = {
 # Methods that may be sent again after a stale connection (when bodiless).
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 _REDIRECT_AS_IS = frozenset({b"GET", b"HEAD"})
+
+
+# uri-host [":" port] (RFC 3986 3.2.2, 3.2.3): an IP literal or a name, then digits only.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[^\[\]:@/\\\s]*)(?::[0-9]{0,5})?")
+
+
+def valid_host(value: bytes) -> bool:
+    """Whether a Host value (or an absolute-form target's authority) is a host and an optional port.
+    The routes key on the name before the last colon, so what follows it would reach the app as
+    given: ``blog.example:443@evil.example`` routes to blog, and an app that builds its links (a
+    password reset's) from Host sends the visitor to evil.example. RFC 9112 3.2: 400."""
+    return _HOST.fullmatch(value) is not None
 
 
 def normalize_host(value: bytes) -> bytes:
