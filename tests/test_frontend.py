@@ -364,6 +364,40 @@ def test_https_with_sni_forwards_to_the_site_with_trusted_headers(
         assert _headers(echo, hop) == []
 
 
+_PROXY_TRUST = {
+    "Forwarded": "for=6.6.6.6;proto=http;host=evil.example",
+    "X-Forwarded-Port": "1",
+    "X-Forwarded-Prefix": "/evil",
+    "X-Forwarded-Ssl": "off",
+    "X-Forwarded-Scheme": "http",
+    "X-Forwarded-Server": "evil.example",
+    "X-Forwarded-Uri": "/admin",
+    "X-Real-IP": "6.6.6.6",
+    "X-Original-URL": "/admin",
+    "X-Rewrite-URL": "/admin",
+    "X-Original-Host": "evil.example",
+    "X-Host": "evil.example",
+    "Front-End-Https": "off",
+}
+
+
+def test_headers_that_frameworks_take_from_their_proxy_are_never_a_visitors(
+    frontend: RoleProcess, cloud: CloudPKI, origins: tuple[Origin, Origin]
+) -> None:
+    # An app behind the platform trusts its proxy (it must, for the scheme): Rails and Laravel build
+    # links and redirects on X-Forwarded-Port, Werkzeug's ProxyFix and Spring put every link under
+    # X-Forwarded-Prefix, Spring and Symfony read Forwarded. A visitor's own went through as ours.
+    a, _ = origins
+    route(frontend, {"blog": [a.address]})
+    conn = https_conn(frontend, cloud)
+    status, _resp, body = fetch(conn, "/echo", headers=_PROXY_TRUST)
+    conn.close()
+    assert status == 200, body
+    echo = json.loads(body)
+    assert [name for name in _PROXY_TRUST if _headers(echo, name)] == []
+    assert _headers(echo, "X-Forwarded-Proto") == ["https"] and _headers(echo, "X-Forwarded-Host") == [BLOG]
+
+
 def test_plain_http_and_unknown_hosts(frontend: RoleProcess, origins: tuple[Origin, Origin]) -> None:
     a, _ = origins
     route(frontend, {"blog": [a.address]})

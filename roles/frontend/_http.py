@@ -77,6 +77,30 @@ REQUEST_HEADERS: dict[bytes, int] = {
     b"x-sitecloud-cached": H_DROP,
     # The front end names each request (the worker logs it, the visitor gets it back): never a visitor's.
     b"x-request-id": H_DROP,
+    # What frameworks take from a proxy they trust (and an app behind us must trust us, for the
+    # scheme) beside X-Forwarded-For/-Proto/-Host: a visitor's own would be believed as ours. RFC 7239's
+    # Forwarded (Spring, Symfony), X-Forwarded-Port (Rails, Laravel: its links and redirects to
+    # port 1), -Prefix (Werkzeug's ProxyFix, Spring: every link under /evil), -Ssl and -Scheme (the
+    # scheme), X-Real-IP (the client's address), X-Original-URL and X-Rewrite-URL (the path IIS
+    # rewrote: access rules checked on one path, another served), X-Original-Host and X-Host.
+    **dict.fromkeys(
+        (
+            b"forwarded",
+            b"x-forwarded-port",
+            b"x-forwarded-prefix",
+            b"x-forwarded-ssl",
+            b"x-forwarded-scheme",
+            b"x-forwarded-server",
+            b"x-forwarded-uri",
+            b"x-real-ip",
+            b"x-original-url",
+            b"x-rewrite-url",
+            b"x-original-host",
+            b"x-host",
+            b"front-end-https",
+        ),
+        H_DROP,
+    ),
 }
 
 RESPONSE_HEADERS: dict[bytes, int] = {
