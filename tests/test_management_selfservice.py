@@ -8,6 +8,7 @@ import base64
 import datetime as dt
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
@@ -45,9 +46,7 @@ def _tenant(cloud: ManagementCloud, **plan: Any) -> tuple[str, int, str]:
     return token, int(sub["id"]), plan_name
 
 
-def _cert(
-    names: list[str], *, days: int = 30, key: ec.EllipticCurvePrivateKey | None = None
-) -> tuple[str, str, ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _cert(names: list[str], *, days: int = 30, key: Any = None) -> tuple[str, str, Any, x509.Certificate]:
     key = key or ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
@@ -66,6 +65,16 @@ def _cert(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
     return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem, key, cert
+
+
+_HOSTILE_RSA = serialization.load_pem_private_key(
+    (Path(__file__).parent / "data" / "hostile" / "rsa-8192.key").read_bytes(), password=None
+)
+
+
+def _cert_body(name: str, key: Any) -> dict[str, str]:
+    cert_pem, key_pem, _, _ = _cert([name], key=key)
+    return {"hostname": name, "certificate": cert_pem, "key": key_pem}
 
 
 def test_plan_quotas_update_public_private_retire(cloud: ManagementCloud) -> None:
@@ -346,6 +355,9 @@ def test_custom_hostnames_certificates_and_quota(cloud: ManagementCloud) -> None
         ({"hostname": blog, "certificate": other_pem}, "private key is required"),
         ({"hostname": blog, "pfx": base64.b64encode(pfx).decode(), "password": "wrong"}, "PFX"),
         ({"hostname": blog, "pfx": "%%%"}, "base64"),
+        # Each handshake would sign with it on the front end's one loop: 8192 bits cost 50 ms a time.
+        (_cert_body(blog, _HOSTILE_RSA), "8192 bits"),
+        (_cert_body(blog, ec.generate_private_key(ec.SECP256K1())), "curve secp256k1"),
         ({"hostname": f"x.{cloud.config.domain}"}, "belong to the platform"),
         ({"hostname": "bad_name.example.com"}, "not a valid host name"),
     ]
