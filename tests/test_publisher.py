@@ -29,6 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from roles.fileserver.config import FileserverConfig
+from roles.publisher._deploy import UPLOADS_PER_SITE
 from roles.publisher._sites import SiteTable
 from roles.publisher.config import PublisherConfig
 from shared.contracts.content import SITE_ENTRIES_MAX
@@ -68,6 +69,7 @@ SITES = {
     "sized": ("sized-secret", QUOTA),
     "race": ("race-secret", QUOTA),
     "crowded": ("crowded-secret", QUOTA),
+    "hoard": ("hoard-secret", QUOTA),
     "reborn": ("reborn-secret", 4 * 1024 * 1024),
 }
 
@@ -746,6 +748,60 @@ def test_web_deploy_larger_than_the_publisher_takes_is_413(cloud: Cloud) -> None
     status, answer, _ = cloud.deploy("bad", bytes(cloud.config.max_deploy_bytes + 1))
     assert status == 413 and "larger than" in answer["error"]["message"]
     assert cloud.manifest("bad") == before
+
+
+def _upload_held_open(cloud: Cloud, site: str) -> ssl.SSLSocket:
+    """A zip deploy whose body never ends: its head and a little of what it announced."""
+    raw = socket.create_connection(("localhost", cloud.config.deploy_port), timeout=10)
+    sock = cloud.pki.client_ssl(None).wrap_socket(raw, server_hostname="localhost")
+    token = base64.b64encode(f"{site}:{SITES[site][0]}".encode()).decode()
+    head = (
+        f"POST /api/deploy/{site} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Basic {token}\r\n"
+        "Content-Type: application/zip\r\nContent-Length: 400000\r\n\r\n"
+    )
+    sock.sendall(head.encode() + b"PK" + bytes(4096))
+    return sock
+
+
+def _answered(sock: ssl.SSLSocket) -> bool:
+    """Whether the publisher answered (or closed) an upload held open."""
+    sock.settimeout(0.0)
+    try:
+        sock.recv(1)
+        return True
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return False
+    finally:
+        sock.settimeout(10)
+
+
+def test_a_sites_zip_uploads_on_the_publishers_disk_are_capped_and_others_deploy(cloud: Cloud) -> None:
+    # Each upload is a file on the publisher's disk until it is deployed: one site's password bought
+    # any number of them (each up to max_deploy_bytes), enough to fill the disk every site is on.
+    body = _zip({"index.html": b"mine"})
+    held: list[ssl.SSLSocket] = []
+
+    def refused() -> tuple[int, Any, dict[str, str]] | None:
+        # One the publisher answered (our deploy below reached it first, and it was the one past the
+        # cap) is opened again.
+        for sock in [s for s in held if _answered(s)]:
+            held.remove(sock)
+            sock.close()
+        while len(held) < UPLOADS_PER_SITE:
+            held.append(_upload_held_open(cloud, "hoard"))
+        got = cloud.deploy("hoard", body)
+        return got if got[0] == 429 else None
+
+    try:
+        _, answer, headers = wait_until(refused, what="a deploy past the site's uploads to be refused")
+        assert "in progress" in answer["error"]["message"] and int(headers["Retry-After"]) > 0
+        # Another site deploys meanwhile.
+        assert cloud.deploy("web", _zip({"index.html": b"web's own"}))[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+    # The uploads cut off leave nothing held: the site deploys again.
+    wait_until(lambda: cloud.deploy("hoard", body)[0] == 200, what="the site to deploy again")
 
 
 def test_web_deploy_needs_the_sites_credentials(cloud: Cloud) -> None:

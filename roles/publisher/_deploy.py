@@ -19,10 +19,11 @@ the site's recent deployments, newest first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -66,6 +67,15 @@ _BATCH_FILES = 2000
 _REALM = 'Basic realm="sitecloud web deploy", charset="UTF-8"'
 # Deploys unpack and upload whole sites; a few at a time keep disk and fileserver load bounded.
 _CONCURRENT_DEPLOYS = 4
+# Zips of one site on this publisher's disk at once, being received or waiting for their deploy (an
+# async one answers 202 and waits): the password of one's own site bought any number of them, each
+# up to max_deploy_bytes, and a hundred 1 GiB uploads fill the disk every site's content is on.
+UPLOADS_PER_SITE = 2
+# What a zip may be beyond the site's quota: its own headers and directory (some 100 bytes and twice
+# the name per member, 100 000 members at most); a bigger one could never deploy.
+ZIP_OVERHEAD = 64 * 1024 * 1024
+# How long a deployer refused for the site's uploads in progress is told to wait.
+_UPLOAD_RETRY = 5
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -153,6 +163,7 @@ class Deployer:
         self._ssl = ssl_context
         self._log = get_logger(config.role, host=config.host)
         self._slots = asyncio.Semaphore(_CONCURRENT_DEPLOYS)
+        self._uploads: dict[str, int] = {}  # site -> its zips on disk now (UPLOADS_PER_SITE)
         # Running totals for metrics.
         self.deploys = 0
         self.deploys_refused = 0
@@ -264,8 +275,8 @@ class Deployer:
         if not is_async:
             # As Kudu's: the answer comes once the deployment is done, the site built and served; a
             # failed build answers its failed record with an error status, so `curl --fail` sees it.
-            with tempfile.TemporaryFile(prefix="sitecloud-deploy-") as spool:
-                size = await self._receive(request, spool)
+            with self._upload(request, site) as spool:
+                size = await self._receive(request, spool, site)
                 record = self.deployments.start(site.name, deployer=deployer, author=self._author(request))
                 status = 200
                 try:
@@ -281,14 +292,15 @@ class Deployer:
                     status = err.status
             return web.json_response(self._record_json(request, record), status=status)
         # Kudu's async deploy: take the whole body now, answer 202 and deploy in the background.
-        spool = tempfile.TemporaryFile(prefix="sitecloud-deploy-")  # noqa: SIM115 (closed by the task)
+        upload = contextlib.ExitStack()  # closed by the task
         try:
-            size = await self._receive(request, spool)
+            spool = upload.enter_context(self._upload(request, site))
+            size = await self._receive(request, spool, site)
         except BaseException:
-            spool.close()
+            upload.close()
             raise
         record = self.deployments.start(site.name, deployer=deployer, author=self._author(request))
-        task = asyncio.create_task(self._deploy_later(site, spool, size, record))
+        task = asyncio.create_task(self._deploy_later(site, upload, spool, size, record))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         url = self._status_url(request, record)
@@ -437,8 +449,8 @@ class Deployer:
         follow_build: bool = False,
         emit: Emit | None = None,
     ) -> tuple[DeployResult, Deployment]:
-        with tempfile.TemporaryFile(prefix="sitecloud-deploy-") as spool:
-            size = await self._receive(request, spool)
+        with self._upload(request, site) as spool:
+            size = await self._receive(request, spool, site)
             record = self.deployments.start(site.name, deployer=deployer, author=self._author(request))
             answer = await self.deploy_zip(
                 site,
@@ -451,8 +463,15 @@ class Deployer:
             )
         return answer, record
 
-    async def _deploy_later(self, site: SiteInfo, spool: IO[bytes], size: int, record: Deployment) -> None:
-        with spool:
+    async def _deploy_later(
+        self,
+        site: SiteInfo,
+        upload: contextlib.ExitStack,
+        spool: IO[bytes],
+        size: int,
+        record: Deployment,
+    ) -> None:
+        with upload:
             try:
                 await self.deploy_zip(
                     site, spool, record, via="async zip deploy", size=size, follow_build=True
@@ -614,13 +633,38 @@ class Deployer:
             )
             return None
 
-    async def _receive(self, request: web.Request, spool: IO[bytes]) -> int:
+    @contextlib.contextmanager
+    def _upload(self, request: web.Request, site: SiteInfo) -> Iterator[IO[bytes]]:
+        """A file on disk for one zip of ``site``, counted against UPLOADS_PER_SITE until it closes;
+        RateLimited (429, Retry-After) while the site has that many already."""
+        held = self._uploads.get(site.name, 0)
+        if held >= UPLOADS_PER_SITE:
+            request[_RETRY_AFTER] = _UPLOAD_RETRY
+            self._log.bind(site=site.name).warning(
+                "web deploy from %s refused: %s uploads of the site are in progress", request.remote, held
+            )
+            raise RateLimited(
+                f"site {site.name} has {held} zip deploys in progress on this publisher already",
+                hint=f"try again when one is done (in {_UPLOAD_RETRY} seconds, say)",
+            )
+        self._uploads[site.name] = held + 1
+        try:
+            with tempfile.TemporaryFile(prefix="sitecloud-deploy-") as spool:
+                yield spool
+        finally:
+            left = self._uploads.pop(site.name) - 1
+            if left:
+                self._uploads[site.name] = left
+
+    async def _receive(self, request: web.Request, spool: IO[bytes], site: SiteInfo) -> int:
         limit = self._config.max_deploy_bytes
+        if site.quota_bytes > 0:
+            limit = min(limit, site.quota_bytes + ZIP_OVERHEAD)
 
         def too_big() -> QuotaExceeded:
             return QuotaExceeded(
-                f"the zip is larger than the {limit} bytes this publisher accepts",
-                hint="deploy a smaller zip, or upload the files over FTP",
+                f"the zip is larger than the {limit} bytes this publisher accepts for site {site.name}",
+                hint="deploy a smaller zip (its files within the site's quota), or upload the files over FTP",
             )
 
         if request.content_length is not None and request.content_length > limit:
