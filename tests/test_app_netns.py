@@ -4,16 +4,24 @@ a real namespace made with ``unshare -n`` holding a few listeners."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from roles.worker.apps._netns import AppPort, NetnsDialer, diag_listeners, table_listeners
+from roles.worker.apps._netns import (
+    AppPort,
+    NetnsDialer,
+    diag_listeners,
+    diag_some_listeners,
+    table_listeners,
+)
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None,
@@ -147,6 +155,75 @@ def test_the_listening_table_is_read_over_netlink_where_the_socket_is_made() -> 
         server.listen()
         nl.setblocking(False)
         assert (socket.AF_INET, "127.0.0.1", server.getsockname()[1]) in diag_listeners(nl)
+
+
+def test_the_kernel_lists_one_port_and_a_listing_stops_at_the_ports_asked_for() -> None:
+    with contextlib.ExitStack() as stack:
+        nl = stack.enter_context(socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4))
+        nl.setblocking(False)
+        servers = [stack.enter_context(socket.socket()) for _ in range(3)]
+        for server in servers:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+        ports = [server.getsockname()[1] for server in servers]
+        assert diag_listeners(nl, ports[1]) == [(socket.AF_INET, "127.0.0.1", ports[1])]
+        assert {t[2] for t in diag_listeners(nl)} >= set(ports)
+    # (Other listeners of this host's namespace may come first: 2 ports are listed, and no more.)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 4) as nl:
+        nl.setblocking(False)
+        some, whole = diag_some_listeners(nl, 2)
+        assert len({t[2] for t in some}) == 2 and not whole
+
+
+# Many listeners, none on $PORT (1): what an app may hold within its limits, to make the worker's
+# polls for $PORT dump them all, on its loop, for the whole start.
+CROWD = """
+import socket, sys
+held = []
+for _ in range(int(sys.argv[1])):
+    held.append(socket.socket())
+    held[-1].bind(("127.0.0.1", 0))
+    held[-1].listen(1)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+async def test_polling_for_port_costs_the_worker_little_however_many_listeners_the_app_holds() -> None:
+    proc = subprocess.Popen(
+        [
+            "unshare",
+            "-n",
+            "sh",
+            "-c",
+            'ip link set lo up && exec "$0" -I -S -c "$1" 4000',
+            sys.executable,
+            CROWD,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    dialer = NetnsDialer()
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        port = AppPort.of_pid(dialer, proc.pid, 1)
+        try:
+            await port.prepare()
+            spent = time.process_time()
+            assert not await port.wait_listening(1.0, alive=lambda: True, say=lambda line: None)
+            spent = time.process_time() - spent
+        finally:
+            port.close()
+        # Every poll a dump of the 4,000, parsed here: 0.3 s of 1 s; now $PORT's alone, and the
+        # others at most every OTHER_PORT_POLL, read no further than a second port.
+        assert spent < 0.15, spent
+    finally:
+        dialer.close()
+        proc.stdin.close()
+        proc.wait(timeout=10)
+        proc.stdout.close()
 
 
 async def test_closed_while_sockets_are_being_made_it_leaves_nothing_open(
