@@ -212,10 +212,11 @@ class Visitor:
 
 
 def _feed_live(stack: Stack, site: str = "alpha", path: str = "/page.html") -> None:
-    # The worker's version feed opens once the front end keeps one of its answers.
+    # The worker's version feed opens once the front end keeps one of its answers (again after a
+    # freeze, once its reconnect's back-off ends: longer on a loaded machine).
     wait_until(
         lambda: stack.get(site, path)[0] == 200 and stack.cache().get("cache_feeds_live", 0) >= 1,
-        timeout=10,
+        timeout=30,
         what="a live feed",
     )
 
