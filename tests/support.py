@@ -106,6 +106,7 @@ __all__ = [
     "data_plane",
     "handshake_through",
     "lane_exchange",
+    "publish_files",
     "random_op",
     "wait_until",
 ]
@@ -452,6 +453,19 @@ def data_plane(
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def publish_files(pki: CloudPKI, fileserver: RoleProcess, site: str, files: dict[str, bytes]) -> None:
+    """Store ``files`` in ``site`` on ``fileserver`` as the publisher does: each blob, then one commit."""
+    ctx = pki.client_ssl("publisher")
+    url = f"{fileserver.control_url}/v1/sites/{site}"
+    ops = []
+    for path, data in files.items():
+        status, body = call(f"{url}/blobs", ctx, method="POST", data=data)
+        assert status == 200, body
+        ops.append({"op": "put", "path": path, "sha256": body["sha256"]})
+    status, body = call(f"{url}/commit", ctx, method="POST", body={"ops": ops})
+    assert status == 200, body
 
 
 def random_op(rng: random.Random, files: set[str], dirs: set[str], shas: list[str]) -> dict[str, str]:

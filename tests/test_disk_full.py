@@ -12,6 +12,7 @@ import ftplib
 import io
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from shared.disk import disk_space
 from shared.logs import get_logger
 from tests.cloud import LocalCloud, running_cloud, site_ftp
 from tests.forked_cli import run_cli
-from tests.support import wait_until
+from tests.support import data_plane, lane_exchange, publish_files, wait_until
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -247,3 +248,51 @@ def test_a_worker_says_degraded_while_its_disk_is_nearly_full(tmp_path: Path) ->
         assert _disk_gaps(where) == []
     finally:
         _unmount(where)
+
+
+def test_a_worker_whose_disk_is_full_serves_the_version_before_until_the_new_one_fits(
+    tmp_path: Path,
+) -> None:
+    apps = tmp_path / "apps"
+    _mount_tmpfs(apps, 24)
+    try:
+        with data_plane(tmp_path, "sites.test", worker={"apps_dir": str(apps)}) as (
+            pki,
+            fileserver,
+            worker,
+            _,
+        ):
+            uid = "0f" * 16
+            fileserver.push_config({"version": 1, "sites": {"alpha": {"uid": uid, "quota_bytes": 1 << 26}}})
+            worker.push_config(
+                {"version": 1, "fileserver": fileserver.control_url, "sites": {"alpha": {"uid": uid}}}
+            )
+            port = int(worker.config.data_port)  # type: ignore[attr-defined]
+
+            def page() -> bytes:
+                head = b"GET /page.html HTTP/1.1\r\nHost: x\r\nX-Sitecloud-Site: alpha\r\n\r\n"
+                return lane_exchange(pki, port, [head], lane=False)[0].body
+
+            publish_files(pki, fileserver, "alpha", {"page.html": b"<p>one</p>"})
+            wait_until(lambda: page() == b"<p>one</p>", timeout=20, what="version 1 on the worker")
+            filler = _fill(apps, leave=512 * 1024)
+            try:
+                publish_files(
+                    pki, fileserver, "alpha", {"page.html": b"<p>two</p>", "big.bin": os.urandom(4 * _MB)}
+                )
+                wait_until(
+                    lambda: worker.health()["status"] == "degraded",
+                    timeout=20,
+                    what="the worker to say Degraded",
+                )
+                assert "disk is nearly full" in worker.health()["reason"]
+                time.sleep(2)  # a few sync attempts, each refused by the disk
+                assert page() == b"<p>one</p>"  # whole, the version before: never half of the new one
+            finally:
+                filler.unlink()
+            wait_until(lambda: page() == b"<p>two</p>", timeout=30, what="version 2 once it fits")
+            wait_until(
+                lambda: worker.health()["status"] == "ready", timeout=20, what="the worker to be Ready"
+            )
+    finally:
+        _unmount(apps)

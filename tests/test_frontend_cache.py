@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pytest
 
 from roles.frontend._cache import CacheEntry, ResponseCache, cacheable, without_date
-from tests.support import CloudPKI, RoleProcess, call, data_plane, lane_exchange, wait_until
+from tests.support import CloudPKI, RoleProcess, call, data_plane, lane_exchange, publish_files, wait_until
 
 DOMAIN = "sites.test"
 SITES = {"alpha": "a1a1a1a1a1a1a1a1", "beta": "b2b2b2b2b2b2b2b2"}
@@ -56,15 +56,7 @@ class Stack:
             conn.close()
 
     def publish(self, site: str, files: dict[str, bytes]) -> None:
-        ctx = self.pki.client_ssl("publisher")
-        url = f"{self.fileserver.control_url}/v1/sites/{site}"
-        ops = []
-        for path, data in files.items():
-            status, body = call(f"{url}/blobs", ctx, method="POST", data=data)
-            assert status == 200, body
-            ops.append({"op": "put", "path": path, "sha256": body["sha256"]})
-        status, body = call(f"{url}/commit", ctx, method="POST", body={"ops": ops})
-        assert status == 200, body
+        publish_files(self.pki, self.fileserver, site, files)
 
     def on_worker(self, site: str, path: str) -> bytes:
         head = f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Sitecloud-Site: {site}\r\n\r\n".encode()
