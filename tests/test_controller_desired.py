@@ -302,6 +302,15 @@ def test_a_site_of_one_instance_is_taken_by_one_worker_the_same_on_every_front_e
     state.sites = [DesiredSite(f"s{n}", f"uid{n}", 1, {}, (3, 4), 10) for n in range(40)]
     firsts = [snap["workers"][0] for snap in snapshots_for(state)[1]["sites"].values()]
     assert 10 <= firsts.count("web1:7412") <= 30, firsts
+    # A worker a site was placed on later (a second host added to a cloud of one) stands by, whatever
+    # the hash says: the app's data is where it ran.
+    for first, later in ((3, 4), (4, 3)):
+        state.sites = [
+            DesiredSite(f"s{n}", f"uid{n}", 1, {}, (3, 4), 10, placed={first: 1000.0, later: 2000.0})
+            for n in range(10)
+        ]
+        host = {3: "web1:7412", 4: "web2:7412"}[first]
+        assert all(s["workers"][0] == host for s in snapshots_for(state)[1]["sites"].values())
 
 
 def test_a_publisher_learns_how_many_of_a_site_s_workers_it_cannot_reach() -> None:

@@ -12,6 +12,7 @@ then they listen on every address and other hosts reach them at the advertised o
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections.abc import Collection, Iterable
 from collections.abc import Set as AbstractSet
@@ -119,6 +120,8 @@ class DesiredSite:
     subscription_id: int = 0
     # Workers that take its requests at once (the others of ``worker_ids`` stand by).
     instances: int = 1
+    # When it was placed on each of its workers (seconds since the epoch; absent: all at once).
+    placed: dict[int, float] = field(default_factory=dict)
     # The plan's content retention, for the fileserver.
     retention: dict[str, int] = field(default_factory=dict)
     # Worker snapshot app fields (runtime, entry, env, ...), from the site's app settings.
@@ -310,6 +313,7 @@ def read_desired(
                 worker_ids=tuple(sorted(a.role_id for a in site.assignments)),
                 subscription_id=site.subscription_id,
                 instances=max(1, site.instances or 1),
+                placed={a.role_id: _seconds(a.since) for a in site.assignments},
                 retention={"keep_versions": plan.keep_versions, "keep_days": plan.keep_days},
                 app={
                     **app_fields(dict(site.app_settings or {}), always_on_allowed=plan.always_on),
@@ -400,12 +404,24 @@ def _publisher_address(state: DesiredState, management: RoleEndpoint) -> dict[st
 
 def _in_turn(site: DesiredSite) -> list[int]:
     """The site's workers in the order front ends turn to them: the first ``instances`` take its
-    requests, the next one takes over when one of those cannot. The order is the site's own (highest
-    random weight: a hash of the site and the worker), the same on every front end, so that the sites
-    on two workers are spread between them rather than all first on the oldest."""
-    return sorted(
-        site.worker_ids, key=lambda w: hashlib.sha256(f"{site.uid}/{w}".encode()).digest(), reverse=True
-    )
+    requests, the next one takes over when one of those cannot. The workers it was placed on first
+    come first, so a worker added later (a second host for a cloud that had one) stands by rather than
+    take a site whose app's data is on the other; among those placed at once, the order is the site's
+    own (highest random weight: a hash of the site and the worker), the same on every front end,
+    which spreads the sites of two workers between them rather than all first on the older."""
+
+    def weight(worker: int) -> bytes:
+        return hashlib.sha256(f"{site.uid}/{worker}".encode()).digest()
+
+    by_weight = sorted(site.worker_ids, key=weight, reverse=True)
+    # Placed within a second of each other: at once (one placement's rows).
+    return sorted(by_weight, key=lambda w: int(site.placed.get(w, 0.0)))
+
+
+def _seconds(when: dt.datetime | None) -> float:
+    if when is None:
+        return 0.0
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
 
 
 def _active(site: DesiredSite) -> dict[str, int]:

@@ -316,6 +316,9 @@ class SiteAssignment(Base):
     __tablename__ = "site_assignments"
     site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"), primary_key=True)
     role_id: Mapped[int] = mapped_column(ForeignKey("roles.id", ondelete="CASCADE"), primary_key=True)
+    # When the site was placed there: its first workers take its requests, one added later stands by
+    # (its app's writable folder there starts empty).
+    since: Mapped[dt.datetime] = mapped_column(default=_utcnow, server_default=func.now())
     site: Mapped[Site] = relationship(back_populates="assignments")
     role: Mapped[Role] = relationship()
 
