@@ -146,7 +146,8 @@ class DataConnection(SSL.Connection):
     the handshake runs on memory BIOs, fed one whole record at a time from the socket (never a byte past
     the client's Finished); what the server writes as it ends is held back until the connection's first
     write (a download's data, or the close_notify after an upload's end), and the connection is on its
-    socket from then on."""
+    socket from then on. (A read that answers a KeyUpdate asking for one back would write ahead of held
+    tickets, which the client could not then decrypt: no FTP client asks for one.)"""
 
     def __init__(self, context: SSL.Context, sock: socket.socket) -> None:
         super().__init__(context, sock)
