@@ -181,7 +181,7 @@ def test_ops_and_their_errors_leave_nothing_half_done(fs: Fs) -> None:
     )
     assert fs.tree("blog") == ({"docs/guide/a.txt", "top.txt"}, ["docs", "docs/guide", "empty"])
 
-    assert "not empty" in fs.refused("blog", [{"op": "rmdir", "path": "docs"}], "invalid_input")
+    assert "not empty" in fs.refused("blog", [{"op": "rmdir", "path": "docs"}], "in_use")
     fs.refused("blog", [{"op": "delete", "path": "missing.txt"}], "not_found")
     fs.refused("blog", [{"op": "rmdir", "path": "missing"}], "not_found")
     fs.refused("blog", [{"op": "mkdir", "path": "docs"}], "already_exists")
@@ -202,7 +202,7 @@ def test_ops_and_their_errors_leave_nothing_half_done(fs: Fs) -> None:
             {"op": "mkdir", "path": "new"},
             {"op": "rmdir", "path": "docs"},
         ],
-        "invalid_input",
+        "in_use",
     )
     assert fs.get("/v1/sites/blog")["version"] == 1
     assert fs.tree("blog") == ({"docs/guide/a.txt", "top.txt"}, ["docs", "docs/guide", "empty"])
@@ -677,7 +677,12 @@ def test_a_worker_behind_by_versions_retention_dropped_gets_exactly_the_changed_
         files, dirs = fs.tree("shop")
         ops = [random_op(rng, files, set(dirs), shas) for _ in range(rng.randint(1, 2))]
         status, body = fs.call("POST", "/v1/sites/shop/commit", body={"ops": ops, "source": "ftp"})
-        assert status == 200 or body["error"]["code"] in ("not_found", "already_exists", "invalid_input")
+        assert status == 200 or body["error"]["code"] in (
+            "not_found",
+            "already_exists",
+            "invalid_input",
+            "in_use",
+        )
         if status == 200 and body["version"] not in seen:
             seen[body["version"]] = fs.manifest("shop", body["version"])
     newest = max(seen)

@@ -274,6 +274,11 @@ def test_ftp_upload_list_download_rename_delete(cloud: Cloud) -> None:
 
         ftp.rename("index.html", "home.html")
         ftp.rename("css", "styles")
+        # A folder that still holds files stays: 550 (RFC 959), saying why.
+        with pytest.raises(
+            ftplib.error_perm, match=r"^550 cannot remove directory 'styles': it is not empty"
+        ):
+            ftp.rmd("styles")
         ftp.rmd("styles/old")
         ftp.delete("styles/site.css")
         with pytest.raises(ftplib.error_perm, match=r"^550"):

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from shared.contracts.content import CommitOp, PutOp, RenameOp, encode_manifest
 from shared.contracts.fields import SHA256_PATTERN
-from shared.errors import AlreadyExists, InvalidInput, NotFound
+from shared.errors import AlreadyExists, InUse, InvalidInput, NotFound
 
 __all__ = [
     "SHA256_RE",
@@ -302,7 +302,10 @@ class Tree:
         if node is None:
             raise NotFound(f"no directory {path!r}")
         if node.entries:
-            raise InvalidInput(f"cannot remove directory {path!r}: it is not empty")
+            # 550 over FTP (RFC 959: action not taken), as for any folder that cannot go yet.
+            raise InUse(
+                f"cannot remove directory {path!r}: it is not empty", hint="remove what is in it first"
+            )
         parent, name = self._parent_and_name(path)
         del self._folder(parent, create=False, target=path).entries[name]
         if self._dir_count is not None:

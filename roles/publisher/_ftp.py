@@ -836,8 +836,10 @@ class _Session(FTPHandler):  # type: ignore[misc]  # pyftpdlib has no type hints
                 self.context.log.bind(client=f"{self.remote_ip}:{self.remote_port}").warning(
                     "FTP login throttled for user %r (retry in %ss)", self.username, wait
                 )
+                # 530, not 421: clients take 421 for a passing fault and retry at once (curl even
+                # reports a timeout), where this one says to wait.
                 self.respond(
-                    f"421 Too many failed logins for {self.username} from your address; "
+                    f"530 Too many failed logins for {self.username} from your address; "
                     f"try again in {wait} seconds."
                 )
                 self.close_when_done()
