@@ -216,6 +216,12 @@ def check_app_setting(key: str, value: str, *, always_on_allowed: bool = True) -
                 "subscription to a plan that does",
             )
         return
+    command = _COMMAND_KEYS.get(key)
+    if command is not None:
+        raise InvalidInput(
+            f"{key!r} is not a setting: {command}",
+            hint=f"in upper case ({key.upper()}) it is an environment variable for the app, if that is what you mean",
+        )
     near = _near_site_key(key)
     if near is not None:
         raise InvalidInput(
@@ -224,6 +230,14 @@ def check_app_setting(key: str, value: str, *, always_on_allowed: bool = True) -
             f"environment variable for the app (in upper case, {key.upper()}, if that is what you mean)",
         )
     env_value(setting_name(key), value)
+
+
+# Lower-case names that other commands set: as app variables they would change nothing, silently.
+_COMMAND_KEYS = {
+    "instances": "a site's instances are set with `sitecloud site scale NAME --instances N`",
+    "scale": "a site's instances are set with `sitecloud site scale NAME --instances N`",
+    "hostname": "a custom hostname is added with `sitecloud hostname add NAME HOSTNAME`",
+}
 
 
 def _near_site_key(key: str) -> str | None:

@@ -187,3 +187,19 @@ def test_a_slip_of_a_platform_setting_is_refused_with_the_one_meant(key: str, me
 @pytest.mark.parametrize("key", ["php_version", "database_url", "secret_key", "HTTPS_ONYL"])
 def test_other_names_stay_app_variables(key: str) -> None:
     check_app_setting(key, "x")
+
+
+@pytest.mark.parametrize(
+    ("key", "command"),
+    [
+        ("instances", "sitecloud site scale"),
+        ("scale", "sitecloud site scale"),
+        ("hostname", "sitecloud hostname add"),
+    ],
+)
+def test_names_other_commands_set_are_refused_with_that_command(key: str, command: str) -> None:
+    # As an app variable, `site set blog instances=3` would have scaled nothing, silently.
+    with pytest.raises(InvalidInput, match=command) as caught:
+        check_app_setting(key, "3")
+    assert caught.value.hint is not None and key.upper() in caught.value.hint
+    check_app_setting(key.upper(), "3")  # the app's own variable, by its upper-case name
