@@ -49,6 +49,10 @@ def app(environ, start_response):
     elif path == "/slow":
         time.sleep(3)
         headers.append(("Cache-Control", "public, max-age=60"))
+    elif path == "/link":
+        # Its own address, as many apps build a redirect's or a reset mail's.
+        headers.append(("Cache-Control", "public, max-age=60"))
+        path += " https://" + environ["HTTP_HOST"] + "/login"
     body = ("%%s %%s %%s" %% (VERSION, path, uuid.uuid4().hex)).encode()
     headers.append(("Content-Length", str(len(body))))
     start_response("200 OK", headers)
@@ -61,13 +65,12 @@ class Front:
         self.cloud = cloud
         self.frontend = frontend
 
-    def get(self, path: str, **headers: str) -> tuple[int, bytes]:
+    def get(self, path: str, *, host: str = f"pyapp.{DOMAIN}", **headers: str) -> tuple[int, bytes]:
         ctx = self.cloud.pki.client_ssl(None)
         port = int(self.frontend.config.https_port)  # type: ignore[attr-defined]
-        host = f"pyapp.{DOMAIN}"
         conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=20)
         conn.sock = ctx.wrap_socket(
-            socket.create_connection(("127.0.0.1", port), timeout=20), server_hostname=host
+            socket.create_connection(("127.0.0.1", port), timeout=20), server_hostname=f"pyapp.{DOMAIN}"
         )
         try:
             conn.request("GET", path, headers={"Host": host, **headers})
@@ -135,6 +138,22 @@ def test_an_answer_the_app_says_is_public_is_not_asked_of_it_again_within_max_ag
     assert front.get("/public", Authorization="Bearer x")[1] != first
     assert front.get("/public", **{"If-None-Match": '"x"'})[1] != first
     assert front.get("/public") == (200, first)
+
+
+def test_an_answer_is_kept_for_the_host_it_was_given_to(front: Front) -> None:
+    # The key was the target alone: a visitor's "Host: pyapp.sites.test:1" (or another of the
+    # site's names) had its answer, links to port 1 and all, given to every visitor of the site.
+    poisoned = wait_until(
+        lambda: (lambda a, b: a if a == b else None)(
+            front.get("/link", host=f"pyapp.{DOMAIN}:1")[1], front.get("/link", host=f"pyapp.{DOMAIN}:1")[1]
+        ),
+        what="the answer to the odd Host to be kept",
+    )
+    assert f"https://pyapp.{DOMAIN}:1/login".encode() in poisoned
+    status, body = front.get("/link")
+    assert status == 200 and f"https://pyapp.{DOMAIN}/login ".encode() in body, body
+    # Kept for its own Host in turn.
+    assert front.get("/link")[1] == body
 
 
 def test_not_beyond_max_age(front: Front) -> None:

@@ -1,7 +1,7 @@
 """The front end's cache of answers: bodies held here so the hop carries none, or no hop is made.
 
 An entry is one worker answer (a whole 200 for a plain GET of a static file), keyed by site and
-target and stamped with the content version the worker served it from. While the version feed of
+the request's scheme, Host and target, and stamped with the content version the worker served it from. While the version feed of
 every worker of the site is live (roles/frontend/_feed.py) and says that version is the one they
 serve, a hit is answered here without asking: a worker announces a new version to its feeds before
 it serves it, and the notice drops the entries it replaces. Otherwise the request still goes to the
@@ -193,7 +193,8 @@ class CacheEntry:
 
 
 class ResponseCache:
-    """Entries by (site, target), least recently used dropped first past ``max_bytes``."""
+    """Entries by (site, key), least recently used dropped first past ``max_bytes``: the key is the
+    request's scheme, Host as sent and target (the caller's ``Request.cache_key``)."""
 
     def __init__(self, max_bytes: int, max_entry: int) -> None:
         self.max_bytes = max_bytes

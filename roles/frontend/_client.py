@@ -469,9 +469,12 @@ class ClientConnection(asyncio.Protocol):
         entry: CacheEntry | None = None
         # A plain GET (no body, no conditional, range or credentials) may be answered from the cache.
         keep = method == b"GET" and not has_body and self._plain and not self._auth and cache is not None
+        # Not the target alone: an app that builds links from Host had the answer it gave a visitor's
+        # "Host: blog.example:1" kept and given to every visitor of the site.
+        req.cache_key = key = (b"https://" if self._https else b"http://") + host + target
         if keep:
             assert cache is not None
-            entry = cache.get(site.name, target)
+            entry = cache.get(site.name, key)
             if entry is not None:
                 if entry.encoding is not None and entry.encoding != self._encoding:
                     entry = None  # an app's answer kept for another Accept-Encoding
@@ -481,7 +484,7 @@ class ClientConnection(asyncio.Protocol):
                     req.held = entry
                     encoding = self._encoding
                     req.held_form = form = (
-                        self._form(entry, site.name, target, encoding)
+                        self._form(entry, site.name, key, encoding)
                         if encoding and entry.compressible
                         else (entry.head, entry.body)
                     )
@@ -788,7 +791,7 @@ class ClientConnection(asyncio.Protocol):
             expires=proxy.loop.time() + req.kept_for,
             encoding=req.encoding if varies else None,
         )
-        proxy.cache.put(site.name, req.target, entry)
+        proxy.cache.put(site.name, req.cache_key, entry)
 
     def upstream_failed(self, req: Exchange, status: int, *, stale: bool) -> None:
         assert isinstance(req, Request)
@@ -823,7 +826,7 @@ class ClientConnection(asyncio.Protocol):
             assert entry is not None  # the lane checked the version is the one held
             proxy.cache.hits += 1  # type: ignore[union-attr]
             name = req.site.name if req.site is not None else ""
-            status_line, body = self._form(entry, name, req.target, req.encoding)
+            status_line, body = self._form(entry, name, req.cache_key, req.encoding)
             headers = http_date_line()
         elif version and req.fill and req.site is not None and proxy.cache is not None and cacheable(headers):
             proxy.ensure_feed(req.upstream)
@@ -837,11 +840,11 @@ class ClientConnection(asyncio.Protocol):
                     kept.compressible = True
                     kept.head += _VARY_ENCODING
                     headers += _VARY_ENCODING
-                if not proxy.cache.put(req.site.name, req.target, kept):
+                if not proxy.cache.put(req.site.name, req.cache_key, kept):
                     # Too big to keep here: it would only come on the lane again and again.
                     skip_lane(req.site, req.target)
                 elif kept.compressible:
-                    proxy.compress(req.site.name, req.target, kept)
+                    proxy.compress(req.site.name, req.cache_key, kept)
         self._write_answer(req, status_line, headers, body)
         self._finish(req)
 
@@ -896,7 +899,7 @@ class ClientConnection(asyncio.Protocol):
             return
         site = req.site
         if req.cached is not None and site is not None and self._proxy.cache is not None:
-            self._proxy.cache.drop(site.name, req.target)
+            self._proxy.cache.drop(site.name, req.cache_key)
         plain = req.fill
         req.cached, req.cached_version, req.fill = None, b"", False
         if site is not None:

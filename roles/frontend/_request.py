@@ -20,6 +20,7 @@ class Request:
         "body_parts",
         "body_seen",
         "buffered",
+        "cache_key",
         "cached",
         "cached_version",
         "chunked",
@@ -80,6 +81,9 @@ class Request:
         self.lane: Lane | None = None
         self.lane_ok = False
         self.target = b""  # kept for lane requests: a refused one is remembered by it
+        # What its answer is kept under: scheme, Host as sent and target (RFC 9111 2), as the app
+        # may build its answer from any of them.
+        self.cache_key = b""
         self.upstream: Upstream | None = None
         self.tried: list[Upstream] | None = None
         self.fresh = False
