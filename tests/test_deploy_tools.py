@@ -444,6 +444,16 @@ def test_git_push_deploys_the_pushed_tree_and_a_second_push_replaces_it(
     assert "only a push to main or master deploys" in refused.stderr
     assert cloud.get("gitsite", "/")[2] == b"forced"
 
+    # main with a tag (`--follow-tags`, or both named): main deploys, only the tag is refused.
+    repo.run("checkout", "-q", "main")
+    repo.commit({"index.html": b"tagged release"}, "release")
+    repo.run("tag", "-a", "v1.0", "-m", "v1.0")
+    tagged = repo.run("push", "--follow-tags", "origin", "main", check=False)
+    assert "remote: sitecloud: deployed as version" in tagged.stderr, tagged.stderr
+    assert "refs/tags/v1.0 refused: only a push to main or master deploys" in tagged.stderr, tagged.stderr
+    assert tagged.returncode != 0  # git says a ref was refused
+    cloud.wait_for_content("gitsite", "/", b"tagged release")
+
 
 def test_git_push_with_a_wrong_password_is_refused_then_throttled(
     cloud: LocalCloud, subscription: int, tmp_path: Path

@@ -71,24 +71,24 @@ _ATTRIBUTES = "* -export-subst\n"
 # Longest ``ls-tree --long`` record read: mode, type, object id, size and a path zipsafe would take.
 _MAX_RECORD = MAX_PATH_BYTES + 256
 
-# Refuses every ref but the two that deploy, and deleting them; tenants never write hooks.
-_PRE_RECEIVE = """#!/bin/sh
+# Refuses every ref but the two that deploy, and deleting them; tenants never write hooks. An
+# ``update`` hook, run per ref, not a pre-receive one: a push of main with a tag (``--follow-tags``)
+# deploys main and refuses only the tag, where a pre-receive hook refused the whole push.
+_UPDATE = """#!/bin/sh
 # Written by the sitecloud publisher: only a push to main or master deploys.
-status=0
-while read old new ref; do
-  case "$ref" in
-    refs/heads/main|refs/heads/master)
-      if [ "$new" = "0000000000000000000000000000000000000000" ]; then
-        echo "sitecloud: $ref cannot be deleted: it is the branch the site deploys from" >&2
-        status=1
-      fi ;;
-    *)
-      echo "sitecloud: $ref refused: only a push to main or master deploys this site" >&2
-      echo "sitecloud: push with 'git push <remote> HEAD:main'" >&2
-      status=1 ;;
-  esac
-done
-exit $status
+ref="$1" new="$3"
+case "$ref" in
+  refs/heads/main|refs/heads/master)
+    if [ "$new" = "0000000000000000000000000000000000000000" ]; then
+      echo "sitecloud: $ref cannot be deleted: it is the branch the site deploys from" >&2
+      exit 1
+    fi ;;
+  *)
+    echo "sitecloud: $ref refused: only a push to main or master deploys this site" >&2
+    echo "sitecloud: push with 'git push <remote> HEAD:main'" >&2
+    exit 1 ;;
+esac
+exit 0
 """
 
 
@@ -402,12 +402,14 @@ class GitDeploy:
         return building
 
     def _write_hooks(self) -> None:
-        hook = self._hooks / "pre-receive"
-        if hook.exists() and hook.read_text() == _PRE_RECEIVE:
+        # (A publisher before this one refused in a pre-receive hook: the whole push.)
+        (self._hooks / "pre-receive").unlink(missing_ok=True)
+        hook = self._hooks / "update"
+        if hook.exists() and hook.read_text() == _UPDATE:
             return
         self._hooks.mkdir(mode=0o755, parents=True, exist_ok=True)
         fresh = hook.with_suffix(".new")
-        fresh.write_text(_PRE_RECEIVE)
+        fresh.write_text(_UPDATE)
         fresh.chmod(0o755)
         fresh.replace(hook)
 
