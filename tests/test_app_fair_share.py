@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from roles.worker.apps._tenancy import Slot, StartBudget, pick_victims
+from roles.worker.apps._tenancy import Slot, Spool, StartBudget, pick_victims, spool_victims
 from tests.cloud import LocalCloud, running_cloud
 
 pytestmark = pytest.mark.timeout(180)
@@ -128,3 +128,20 @@ def test_at_the_cap_the_slot_comes_from_the_subscription_that_holds_the_most() -
     # A trim: from the biggest holder first, always-on last.
     on = [Slot("a1", "A", 1.0, True), Slot("a2", "A", 2.0, False), Slot("b1", "B", 0.5, False)]
     assert pick_victims(on, Counter({"A": 3, "B": 1}), 2) == ["a2", "b1"]
+
+
+def test_the_spool_gives_room_from_a_subscription_over_its_share_only() -> None:
+    hog = [Spool(f"h{i}", "hog", 4, droppable=True) for i in range(4)]
+    # Room left: anybody's body goes in, nothing is dropped.
+    assert spool_victims(hog[:3], "other", 4, 16) == []
+    # Full of the hog's: another tenant's body takes the room of the hog's biggest, one at a time...
+    assert spool_victims([*hog[:3], Spool("big", "hog", 4 + 1, True)], "other", 5, 17) == ["big"]
+    assert spool_victims(hog, "other", 6, 16) == ["h0", "h1"]
+    # ...but the hog takes nothing from itself, and a finished body (on its way to the app) stays.
+    assert spool_victims(hog, "hog", 1, 16) is None
+    assert spool_victims([Spool(s.key, s.owner, s.size, False) for s in hog], "other", 1, 16) is None
+    # Nobody within its share gives way: two tenants at half each keep what they hold, until a third
+    # comes (a third each then).
+    halves = [*hog[:2], Spool("o1", "other", 4, True), Spool("o2", "other", 4, True)]
+    assert spool_victims(halves, "other", 1, 16) is None
+    assert len(spool_victims(halves, "third", 1, 16) or []) == 1

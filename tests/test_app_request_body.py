@@ -278,3 +278,52 @@ def test_chunked_bodies_left_unfinished_hold_at_most_the_workers_spool_total() -
         # Their files go with their connections: the next body is taken again.
         wait_until(lambda: _spooled_bytes(pid) == 0, timeout=10, what="the held bodies to be dropped")
         assert post(c, "upload", "/", body, chunked=True) == (200, expected(body))
+
+
+def _unfinished_upload(c: AppCloud, site: str, megabytes: int) -> socket.socket:
+    """A chunked POST of ``megabytes`` that never sends its last chunk."""
+    sock = c.pki.client_ssl("frontend").wrap_socket(
+        socket.create_connection(("localhost", c.config.data_port), timeout=10), server_hostname="localhost"
+    )
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nX-Sitecloud-Site: %s\r\nTransfer-Encoding: chunked\r\n\r\n"
+    sock.sendall(head % site.encode() + (b"%x\r\n%s\r\n" % (MB, b"h" * MB)) * megabytes)
+    return sock
+
+
+def test_one_tenants_unfinished_uploads_give_way_to_another_tenants_upload() -> None:
+    # One tenant may fill the worker's whole spool while nobody else wants it; a bystander's upload
+    # then drops the hog's unfinished bodies (503 with Retry-After when they end) instead of getting
+    # a 503 itself.
+    with running_cloud(
+        app_start_timeout=15.0, request_timeout=30.0, package_index_url="none", app_spool_total=8 * MB
+    ) as c:
+        c.add_site("hog", subscription=1)
+        c.add_site("bystander", subscription=2)
+        c.publish_and_wait("hog", {"app.py": APP}, "/", b"0 ")
+        c.publish_and_wait("bystander", {"app.py": APP}, "/", b"0 ")
+        assert c.worker.proc is not None
+        pid = c.worker.proc.pid
+        held = [_unfinished_upload(c, "hog", 2) for _ in range(4)]
+        try:
+            wait_until(lambda: _spooled_bytes(pid) >= 8 * MB, timeout=10, what="the hog's bodies on disk")
+            # The hog itself gets no more while it holds it all.
+            assert post(c, "hog", "/", b"m" * (3 * MB), chunked=True)[0] == 503
+            body = b"n" * (3 * MB)
+            assert post(c, "bystander", "/", body, chunked=True) == (200, expected(body))
+            assert "another needs room" in c.log("hog")
+            assert "refused" not in c.log("bystander")
+            # A dropped body's visitor gets 503 with a Retry-After once it ends.
+            dropped = []
+            for sock in held:
+                sock.sendall(b"0\r\n\r\n")
+                answer = sock.recv(65536)
+                if answer.startswith(b"HTTP/1.1 503 "):
+                    assert b"\r\nRetry-After: " in answer, answer[:300]
+                    dropped.append(sock)
+                else:
+                    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+            assert 1 <= len(dropped) <= 2, len(dropped)
+        finally:
+            for done in held:
+                done.close()
+        wait_until(lambda: _spooled_bytes(pid) == 0, timeout=10, what="the held bodies to be dropped")

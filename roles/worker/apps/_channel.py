@@ -178,6 +178,7 @@ class AppChannel:
                 "instance": app.instance.serial if app.instance is not None else None,
                 "volume": app.volume,
                 "web": app.web,
+                "owner": app.owner,
             }
             for name, app in self._manager.sites().items()
         }
@@ -411,6 +412,7 @@ class RemoteApps:
             app.spec = AppSpec(env=tuple((str(k), str(v)) for k, v in raw["env"]))
             app.volume = _volume(raw.get("volume"))
             app.web = str(raw.get("web", ""))
+            app.owner = str(raw.get("owner") or app.owner)
             fresh[name] = app
         self._sites = fresh
         # Kept connections to instances that are no longer current go (those busy close as they end).

@@ -46,6 +46,7 @@ from roles.worker.apps._manager import AppSite
 from roles.worker.apps._netns import AppPort
 from roles.worker.apps._php import fixed_params, php_script, request_pairs
 from roles.worker.apps._pool import UpstreamPool
+from roles.worker.apps._tenancy import Spool, spool_victims
 from roles.worker.apps._upstream import HttpUpstream, UpstreamBase
 from roles.worker.apps._written import open_written
 from roles.worker.config import WorkerConfig
@@ -143,8 +144,10 @@ class AppProxy(Generic[T]):
         self._scripts: dict[tuple[str, int, str, str], tuple[str, str, str] | None] = {}
         # A PHP site's fixed CGI variables, encoded: (the spec and root they are of, the bytes).
         self._fixed: dict[str, tuple[object, str, bytes]] = {}
-        # Bytes of chunked request bodies in spool files now, all sites' (bounded by app_spool_total).
+        # Bytes of chunked request bodies in spool files now, all sites' (bounded by app_spool_total),
+        # and the exchanges that hold them (shared out per subscription: spool_room).
         self.spooled = 0
+        self.spools: set[AppExchange[T]] = set()
 
     @property
     def active(self) -> bool:
@@ -209,6 +212,20 @@ class AppProxy(Generic[T]):
             self._fixed.clear()
         self._fixed[app.name] = (app.spec, docroot, pairs)
         return pairs
+
+    def spool_room(self, exchange: AppExchange[T], size: int) -> bool:
+        """Whether ``exchange`` may spool ``size`` more bytes; to make room, the unfinished bodies of a
+        subscription over its share of app_spool_total are dropped (see spool_victims)."""
+        held = [Spool(e, e.owner, e.spooled, e.spool_droppable) for e in self.spools]
+        victims = spool_victims(held, exchange.owner, size, self.config.app_spool_total)
+        if victims is None:
+            return False
+        for victim in victims:
+            victim.spool_dropped(
+                "its subscription holds more than its share of the worker's disk for request bodies "
+                "(app_spool_total) and another needs room"
+            )
+        return True
 
     def _static_file(self, root: str, version: int, rel: str, *, slash: bool, web: str) -> bool:
         """Whether the static server answers this path; remembered per version number, not per root:
@@ -340,7 +357,7 @@ class AppExchange(Generic[T]):
         # A chunked body past STREAM_BODY_AFTER: on disk, then piped from there (_pump_spool) while
         # the app's socket has room (_app_full). None again once sent or dropped.
         self._spool: IO[bytes] | None = None
-        self._spooled = 0  # bytes written to it, counted in the proxy's spooled
+        self.spooled = 0  # bytes written to it, counted in the proxy's spooled
         self._spool_failed = ""
         self._app_full = False
         # Awaited on the task path only (a warm request is sent from :meth:`end`).
@@ -585,7 +602,9 @@ class AppExchange(Generic[T]):
             return
         if self._spool_failed:
             self._keep = False
-            self._error(503, "This site is not answering", "The worker could not hold the request's body.")
+            self._error(
+                503, "This site is not answering", "The worker could not hold the request's body.", retry=5
+            )
             return
         body = b"".join(self._body)
         self._body = []
@@ -801,6 +820,19 @@ class AppExchange(Generic[T]):
             self._body = []
             self._hold(False)
 
+    @property
+    def owner(self) -> str:
+        """Whose share of the worker's spool this request's body counts against."""
+        return self._app.owner
+
+    @property
+    def spool_droppable(self) -> bool:
+        return self._spool is not None and not self._body_ended
+
+    def spool_dropped(self, why: str) -> None:
+        """Another tenant needs the room: the rest of this body is dropped, and the answer is 503."""
+        self._spool_lost(why)
+
     def _spill(self) -> None:
         """The body held so far to an unnamed file; the rest follows it there."""
         held, self._body = self._body, []
@@ -810,28 +842,34 @@ class AppExchange(Generic[T]):
         except OSError as exc:
             self._spool_lost(str(exc))
             return
+        self._proxy.spools.add(self)
         self._spool_write(held)
 
     def _spool_write(self, pieces: list[bytes]) -> None:
         assert self._spool is not None
         proxy = self._proxy
         size = sum(map(len, pieces))
-        if proxy.spooled + size > proxy.config.app_spool_total:
-            # Any visitor may send chunked bodies to any app, and this disk holds every site's content.
+        # Any visitor may send chunked bodies to any app, and this disk holds every site's content.
+        if not proxy.spool_room(self, size):
             held = f"{proxy.spooled >> 20} MiB"
-            self._spool_lost(f"the worker holds {held} of request bodies on disk already (app_spool_total)")
+            self._spool_lost(
+                f"the worker holds {held} of request bodies on disk already (app_spool_total), "
+                "none of them of a subscription over its share"
+            )
             return
         try:
             self._spool.writelines(pieces)
         except OSError as exc:
             self._spool_lost(str(exc))
             return
-        self._spooled += size
+        self.spooled += size
         proxy.spooled += size
 
     def _spool_lost(self, why: str) -> None:
         """The disk would not take the body (full, say): the rest is dropped, and the answer is 503."""
         self._proxy.log.bind(site=self._app.name).warning("cannot spool a request body: %s", why)
+        # The owner reads why their visitors' uploads failed in the site's log.
+        self._proxy.manager.site_log(self._app).write("worker", f"a request body was refused (503): {why}")
         self._spool_failed = why
         self._close_spool()
 
@@ -857,8 +895,9 @@ class AppExchange(Generic[T]):
         spool, self._spool = self._spool, None
         if spool is not None:
             spool.close()
-            self._proxy.spooled -= self._spooled
-            self._spooled = 0
+            self._proxy.spools.discard(self)
+            self._proxy.spooled -= self.spooled
+            self.spooled = 0
 
     def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         if self._timer is not None:

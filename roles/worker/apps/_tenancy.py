@@ -6,6 +6,10 @@ to 290 ms) and, at the active-app cap, have other tenants' warm apps stopped, le
 first. Two rules keep each to its own: a budget of starts per window per subscription
 (:class:`StartBudget`), and at the cap the slot comes from whoever holds the most
 (:func:`pick_victims`). Both are pure: the app manager applies them.
+
+The worker's disk for chunked request bodies (``app_spool_total``) is shared the same way
+(:func:`spool_victims`): one tenant's unfinished uploads may fill it while nobody else needs it,
+and give way when somebody does.
 """
 
 from __future__ import annotations
@@ -16,7 +20,16 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["Slot", "StartBudget", "fair_share", "owner_of", "pick_victims", "retry_seconds"]
+__all__ = [
+    "Slot",
+    "Spool",
+    "StartBudget",
+    "fair_share",
+    "owner_of",
+    "pick_victims",
+    "retry_seconds",
+    "spool_victims",
+]
 
 T = TypeVar("T", bound=Hashable)
 
@@ -92,6 +105,49 @@ def pick_victims(
         victim = min(fair, key=lambda s: (s.always_on, -held[s.owner], s.last_used))
         pool.remove(victim)
         held[victim.owner] -= 1
+        chosen.append(victim.key)
+    return chosen
+
+
+@dataclass(frozen=True)
+class Spool(Generic[T]):
+    """A request body in the worker's spool as the choice of which to drop sees it."""
+
+    key: T
+    owner: str
+    size: int
+    # Still arriving: dropping it costs its visitor a 503, not an app a half-sent body.
+    droppable: bool
+
+
+def spool_victims(spools: Iterable[Spool[T]], owner: str, size: int, total: int) -> list[T] | None:
+    """Room for ``size`` more bytes of ``owner``'s in a spool of ``total`` bytes: [] when there is
+    some, the bodies to drop to make it, or None when ``owner`` must be refused instead. A body is
+    dropped only from an owner over its fair share (``total`` over the owners holding some, this one
+    included) that would still hold more than ``owner`` will, the biggest holder first: so a tenant
+    may use the whole spool while nobody else wants it, and another's upload never waits on it."""
+    pool = list(spools)
+    held: Counter[str] = Counter()
+    for spool in pool:
+        held[spool.owner] += spool.size
+    free = total - sum(held.values())
+    if size <= free:
+        return []
+    share = total // len({o for o, n in held.items() if n > 0} | {owner})
+    mine = held[owner] + size
+    chosen: list[T] = []
+    while free < size:
+        fair = [
+            s
+            for s in pool
+            if s.droppable and s.owner != owner and held[s.owner] > share and held[s.owner] > mine
+        ]
+        if not fair:
+            return None
+        victim = max(fair, key=lambda s: (held[s.owner], s.size))
+        pool.remove(victim)
+        held[victim.owner] -= victim.size
+        free += victim.size
         chosen.append(victim.key)
     return chosen
 
