@@ -125,6 +125,8 @@ def test_each_role_gets_only_what_it_needs(tmp_path: Path) -> None:
     assert pub["users"] == {"alpha": "hash-alpha"} and pub["quota_bytes"] == 2 * 1024 * 1024
     # The workers whose logs a deploy follows for the site's build: the two that serve it.
     assert sorted(pub["workers"]) == ["https://h9002:9002", "https://h9003:9003"]
+    # Its subscription, whose share of the deploy slots its deploys count against.
+    assert pub["subscription"] == workers[0]["sites"][held[0]]["subscription"] > 0
     fs = by_kind["fileserver"]["sites"]["beta"]
     assert set(fs) == {"uid", "quota_bytes", "keep_versions", "keep_days"}
     assert (fs["keep_versions"], fs["keep_days"]) == (20, 0)
@@ -159,6 +161,7 @@ def test_a_suspended_subscription_takes_its_sites_off_the_serving_roles_only(tmp
         "users": {"alpha": "hash-alpha"},
         "workers": [],
         "state": "suspended",
+        "subscription": pub["suspended"]["alpha"]["subscription"],
     }
 
 
@@ -500,13 +503,20 @@ def test_a_swap_routes_each_slot_s_addresses_to_the_other_s_workers_and_nothing_
     snaps = snapshots_for(state)
     assert snaps[1]["sites"] == {"blog": {"workers": ["web1:7412"]}}
     assert snaps[8]["sites"] == {
-        "blog": {"uid": "u1", "quota_bytes": 1, "workers": ["https://web1:7402"], "users": {"blog": "h"}},
+        "blog": {
+            "uid": "u1",
+            "quota_bytes": 1,
+            "workers": ["https://web1:7402"],
+            "users": {"blog": "h"},
+            "subscription": 10,
+        },
         "blog-staging": {
             "uid": "u2",
             "quota_bytes": 1,
             "workers": [],
             "users": {"blog-staging": "h2"},
             "state": "stopped",
+            "subscription": 10,
         },
     }
     # The publisher takes it (one address claimed twice would refuse the whole snapshot).

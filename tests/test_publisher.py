@@ -3,6 +3,7 @@ and an HTTPS client; what landed is read back from the fileserver's manifest."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import ftplib
@@ -12,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import struct
@@ -31,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from roles.fileserver.config import FileserverConfig
 from roles.publisher._deploy import UPLOADS_PER_SITE
 from roles.publisher._sites import SiteTable
+from roles.publisher._slots import FairSlots
 from roles.publisher.config import PublisherConfig
 from shared.contracts.content import SITE_ENTRIES_MAX
 from shared.contracts.snapshots import PublisherSnapshot
@@ -71,6 +74,9 @@ SITES = {
     "crowded": ("crowded-secret", QUOTA),
     "hoard": ("hoard-secret", QUOTA),
     "reborn": ("reborn-secret", 4 * 1024 * 1024),
+    "hog-a": ("hog-a-secret", QUOTA),
+    "hog-b": ("hog-b-secret", QUOTA),
+    "queued": ("queued-secret", QUOTA),
 }
 
 
@@ -86,6 +92,8 @@ class Cloud:
     states: dict[str, str] = field(default_factory=dict)
     # site -> its content id where it is not ``uid-<site>`` (a site deleted and created again).
     uids: dict[str, str] = field(default_factory=dict)
+    # site -> its subscription, where the snapshot says one.
+    subscriptions: dict[str, int] = field(default_factory=dict)
 
     @property
     def config(self) -> PublisherConfig:
@@ -107,6 +115,8 @@ class Cloud:
         for name in live:
             state = self.states.get(name, "running")
             entry = {**fs_sites[name], "users": {name: self.hashes[name]}, "state": state}
+            if name in self.subscriptions:
+                entry["subscription"] = self.subscriptions[name]
             pub_sites["suspended" if state == "suspended" else "sites"][name] = entry
         if publisher:
             self.publisher.push_config(
@@ -809,6 +819,68 @@ def test_a_sites_zip_uploads_on_the_publishers_disk_are_capped_and_others_deploy
     wait_until(lambda: cloud.deploy("hoard", body)[0] == 200, what="the site to deploy again")
 
 
+def _kudu(
+    cloud: Cloud, site: str, method: str, path: str, body: bytes = b""
+) -> tuple[int, Any, dict[str, str]]:
+    token = base64.b64encode(f"{site}:{SITES[site][0]}".encode()).decode()
+    conn = http.client.HTTPSConnection(
+        "localhost", cloud.config.deploy_port, context=cloud.pki.client_ssl(None), timeout=20
+    )
+    try:
+        conn.request(method, path, body=body or None, headers={"Authorization": f"Basic {token}"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else None, dict(resp.getheaders())
+    finally:
+        conn.close()
+
+
+def test_one_subscription_holds_half_the_deploy_slots_and_waiting_deploys_take_turns(cloud: Cloud) -> None:
+    # A deploy holds one of the publisher's 4 slots while its zip unpacks and commits (minutes for a
+    # big one): one tenant's two sites with two big zips each held them all, and every other
+    # tenant's deploy waited for them. The fileserver is paused so that deploys hold their slots.
+    cloud.subscriptions.update({"hog-a": 7, "hog-b": 7, "queued": 8})
+    cloud.push()
+    body = _zip({"index.html": b"deployed"})
+    assert cloud.fileserver.proc is not None
+    fileserver = cloud.fileserver.proc.pid
+
+    def record(site: str, location: str) -> dict[str, Any]:
+        got = _kudu(cloud, site, "GET", urlsplit(location).path + "?site=" + site)
+        assert got[0] == 200, got
+        return dict(got[1])
+
+    def status(site: str, location: str) -> str:
+        return str(record(site, location)["status_text"])
+
+    os.kill(fileserver, signal.SIGSTOP)
+    try:
+        hog: list[tuple[str, str]] = []
+        for site in ("hog-a", "hog-a", "hog-b", "hog-b"):
+            code, _, headers = _kudu(cloud, site, "POST", "/api/zipdeploy?isAsync=true", body)
+            assert code == 202
+            hog.append((site, headers["Location"]))
+        wait_until(
+            lambda: [status(*h) for h in hog].count("deploying") >= 2, timeout=10, what="the hog's deploys"
+        )
+        time.sleep(0.5)
+        assert sorted(status(*h) for h in hog) == ["deploying", "deploying", "pending", "pending"]
+        # Another tenant's deploy takes a free slot at once.
+        code, _, headers = _kudu(cloud, "queued", "POST", "/api/zipdeploy?isAsync=true", body)
+        assert code == 202
+        bystander = headers["Location"]
+        wait_until(lambda: status("queued", bystander) == "deploying", timeout=5, what="the other's deploy")
+    finally:
+        os.kill(fileserver, signal.SIGCONT)
+    # Each is committed (then failed as no worker serves these sites: they have none here).
+    for site, location in [*hog, ("queued", bystander)]:
+        done = wait_until(
+            lambda s=site, at=location: (r := record(s, at))["complete"] and r, what=f"{site}'s deploy"
+        )
+        assert done["version"] is not None, done["message"]
+    assert cloud.tree("queued") == ({"index.html": 8}, [])
+
+
 def test_web_deploy_needs_the_sites_credentials(cloud: Cloud) -> None:
     body = _zip({"index.html": b"intruder"})
     before = cloud.manifest("web")
@@ -1095,3 +1167,30 @@ def test_a_suspended_site_is_never_found_to_publish_to_but_its_things_are_kept()
                 {"version": 2, "fileserver": "https://fs:1", "sites": {"a": entry}, "suspended": {"a": entry}}
             )
         )
+
+
+def test_waiting_deploys_are_served_in_turn_by_subscription() -> None:
+    async def scenario() -> list[str]:
+        slots = FairSlots(2, 2)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def deploy(owner: str, name: str) -> None:
+            async with slots.hold(owner):
+                order.append(name)
+                await release.wait()
+                release.clear()
+
+        tasks = [asyncio.create_task(deploy("a", f"a{n}")) for n in range(4)]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(deploy(o, f"{o}0")) for o in ("b", "c")]
+        await asyncio.sleep(0)
+        assert (slots.running, slots.waiting) == (2, 4)
+        while slots.running:
+            release.set()
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        return order
+
+    # The first comer's third deploy waits behind one of each other subscription's.
+    assert asyncio.run(scenario()) == ["a0", "a1", "b0", "c0", "a2", "a3"]

@@ -474,6 +474,8 @@ def _publisher_entry(
         entry["addresses"] = [a.name for a in addresses]
     if not site.state.serving:
         entry["state"] = site.state
+    if site.subscription_id:
+        entry["subscription"] = site.subscription_id
     return entry
 
 

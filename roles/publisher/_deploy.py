@@ -34,6 +34,7 @@ from aiohttp import BasicAuth, web
 from roles.publisher._deployments import Deployment, DeploymentLog
 from roles.publisher._fileserver import FileserverClient
 from roles.publisher._sites import Credentials, SiteInfo, SiteTable, suspended_error
+from roles.publisher._slots import FairSlots
 from roles.publisher._throttle import LoginThrottle
 from roles.publisher.config import PublisherConfig
 from roles.publisher.zipsafe import ZipMember, check_zip, copy_member, open_zip, read_member
@@ -67,6 +68,8 @@ _BATCH_FILES = 2000
 _REALM = 'Basic realm="sitecloud web deploy", charset="UTF-8"'
 # Deploys unpack and upload whole sites; a few at a time keep disk and fileserver load bounded.
 _CONCURRENT_DEPLOYS = 4
+# Of them, one subscription's at once: the rest are another tenant's to take at once (_slots.py).
+_DEPLOYS_PER_SUBSCRIPTION = 2
 # Zips of one site on this publisher's disk at once, being received or waiting for their deploy (an
 # async one answers 202 and waits): the password of one's own site bought any number of them, each
 # up to max_deploy_bytes, and a hundred 1 GiB uploads fill the disk every site's content is on.
@@ -162,7 +165,7 @@ class Deployer:
         self._throttle = throttle
         self._ssl = ssl_context
         self._log = get_logger(config.role, host=config.host)
-        self._slots = asyncio.Semaphore(_CONCURRENT_DEPLOYS)
+        self._slots = FairSlots(_CONCURRENT_DEPLOYS, _DEPLOYS_PER_SUBSCRIPTION)
         self._uploads: dict[str, int] = {}  # site -> its zips on disk now (UPLOADS_PER_SITE)
         # Running totals for metrics.
         self.deploys = 0
@@ -514,7 +517,7 @@ class Deployer:
                 await emit(source, text)
 
         try:
-            async with self._slots:
+            async with self._slots.hold(site.owner):
                 self.deployments.running(record)
                 try:
                     answer, took = await asyncio.to_thread(self._apply, site, spool, source)

@@ -42,6 +42,13 @@ class SiteInfo:
     state: SiteState = SiteState.RUNNING
     # Workers holding the site that this publisher cannot reach: it cannot tell whether they serve it.
     unreached_workers: int = 0
+    # Its subscription (0: not said): whose share of the deploy slots its deploys count against.
+    subscription: int = 0
+
+    @property
+    def owner(self) -> str:
+        """Whose share of the publisher a deploy of it counts against: its subscription's, or its own."""
+        return f"subscription {self.subscription}" if self.subscription else f"site {self.name}"
 
     @property
     def address(self) -> str:
@@ -83,6 +90,7 @@ def _info(name: str, site: PublisherSite, addresses: list[str]) -> SiteInfo:
         tuple(w.rstrip("/") for w in site.workers),
         site.state,
         site.unreached_workers,
+        site.subscription,
     )
 
 

@@ -443,6 +443,9 @@ class PublisherSite(SnapshotPart):
     unreached_workers: int = Field(default=0, ge=0, le=10**6)
     # A stopped site is published to as a running one; what is published serves once it is started.
     state: Annotated[SiteState, Field(strict=False)] = SiteState.RUNNING
+    # The site's subscription: the publisher shares its deploy slots out per subscription, so one
+    # tenant's sites cannot queue another's deploys. 0: not said (an older controller); the site is its own.
+    subscription: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
 
 
 class PublisherSnapshot(Snapshot):
