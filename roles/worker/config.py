@@ -55,7 +55,8 @@ class WorkerConfig(ServingConfig):
     # the app as it arrives (with a Content-Length) or waits in a file in the home (chunked).
     app_max_body: int = 32 * 1024 * 1024
     # All chunked request bodies waiting in files in the home at once, every site's: past it, a body
-    # that would add to them gets 503, so visitors cannot fill the disk that holds the content.
+    # that would add to them gets 503, so visitors cannot fill the disk that holds the content. Shared
+    # out per subscription: one over its share gives way to another's (apps/_tenancy.py).
     app_spool_total: int = 512 * 1024 * 1024
     # Per-site app log (stdout/stderr, access lines) before it rotates once.
     app_log_bytes: int = 1024 * 1024

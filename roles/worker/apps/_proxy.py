@@ -216,6 +216,8 @@ class AppProxy(Generic[T]):
     def spool_room(self, exchange: AppExchange[T], size: int) -> bool:
         """Whether ``exchange`` may spool ``size`` more bytes; to make room, the unfinished bodies of a
         subscription over its share of app_spool_total are dropped (see spool_victims)."""
+        if self.spooled + size <= self.config.app_spool_total:
+            return True  # the usual case, on every piece of a body: no look at the others
         held = [Spool(e, e.owner, e.spooled, e.spool_droppable) for e in self.spools]
         victims = spool_victims(held, exchange.owner, size, self.config.app_spool_total)
         if victims is None:
@@ -854,7 +856,7 @@ class AppExchange(Generic[T]):
             held = f"{proxy.spooled >> 20} MiB"
             self._spool_lost(
                 f"the worker holds {held} of request bodies on disk already (app_spool_total), "
-                "none of them of a subscription over its share"
+                "and no other subscription's beyond its share to give way"
             )
             return
         try:
