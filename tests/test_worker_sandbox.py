@@ -595,6 +595,85 @@ def test_with_egress_the_host_and_private_networks_stay_out_of_reach() -> None:
         bystander_answers(c)
 
 
+_NEIGHBOUR_SERVER = """
+import socket, sys
+s = socket.socket()
+s.bind(("0.0.0.0", 0))
+s.listen(8)
+print(s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"neighbour secret")
+    c.close()
+"""
+
+
+@contextlib.contextmanager
+def on_link_neighbour() -> Iterator[tuple[str, int]]:
+    """Another machine on a subnet this host is directly connected to (198.51.100.0/24 on a veth,
+    its far end in a network namespace of its own), listening on a port: (its address, the port)."""
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "300"])
+    here, there = f"sc{os.getpid() % 100000}h", f"sc{os.getpid() % 100000}n"
+    server: subprocess.Popen[bytes] | None = None
+    try:
+        ours = os.readlink("/proc/self/ns/net")
+        ns = f"/proc/{holder.pid}/ns/net"
+        wait_until(lambda: os.readlink(ns) != ours, timeout=5, what="the neighbour's namespace")
+        inside = ["nsenter", f"--net={ns}"]
+        for argv in (
+            ["ip", "link", "add", here, "type", "veth", "peer", "name", there, "netns", str(holder.pid)],
+            ["ip", "addr", "add", "198.51.100.1/24", "dev", here],
+            ["ip", "link", "set", here, "up"],
+            [*inside, "ip", "addr", "add", "198.51.100.2/24", "dev", there],
+            [*inside, "ip", "link", "set", there, "up"],
+        ):
+            subprocess.run(argv, check=True, capture_output=True)
+        server = subprocess.Popen([*inside, sys.executable, "-c", _NEIGHBOUR_SERVER], stdout=subprocess.PIPE)
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        with socket.create_connection(("198.51.100.2", port), timeout=5) as s:
+            assert s.recv(64) == b"neighbour secret"  # the host itself reaches it
+        yield "198.51.100.2", port
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True)
+        for proc in (server, holder):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
+
+
+@needs_egress
+def test_with_egress_the_hosts_on_link_neighbours_stay_out_of_reach() -> None:
+    # A machine on one of the host's connected subnets with a public address (here the worker's own
+    # gateway's 192.0.2.0/24 on the test network) is reached without a router: the app got its
+    # secret. The subnets are read when the worker starts, so the neighbour comes first.
+    with (
+        on_link_neighbour() as (address, port),
+        running_cloud(app_start_timeout=10.0, app_egress="slirp4netns") as c,
+    ):
+        attacker(c, "onlink")
+        wait_until(
+            lambda: "tap0" in c.get("onlink", "/cat?/proc/net/dev")[2].decode(), what="the sandbox's egress"
+        )
+        body = c.get("onlink", f"/connect?{address}:{port}")[2]
+        assert body.startswith(b"refused"), body
+        for gateway in _host_gateways():
+            body = c.get("onlink", f"/connect?{gateway}:53")[2]
+            assert body.startswith(b"refused"), (gateway, body)
+
+
+def _host_gateways() -> list[str]:
+    """The host's IPv4 gateways, neighbours on its connected subnets too."""
+    found = []
+    for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2], 16):
+            found.append(socket.inet_ntoa(int(fields[2], 16).to_bytes(4, sys.byteorder)))
+    return sorted(set(found))
+
+
 def _udp_sockets(pid: int) -> int:
     """How many host UDP sockets ``pid`` holds (its socket fds listed in the host's udp table)."""
     inodes = set()
@@ -764,12 +843,14 @@ def test_sandbox_arguments_keep_paths_and_open_their_parents() -> None:
 
 
 def test_egress_rules_refuse_the_host_and_private_ranges() -> None:
-    rules = egress_rules(["127.0.0.1", "10.1.2.3", "203.0.113.9"])
+    rules = egress_rules(["127.0.0.1", "10.1.2.3", "203.0.113.9"], ["192.0.2.0/24", "10.1.0.0/16"])
     blocked = next(line for line in rules.splitlines() if line.strip().endswith("reject") and "daddr" in line)
     for net in ("10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16"):
         assert net in blocked
     # The host's public address is listed; those inside a blocked range need not be.
     assert "203.0.113.9" in blocked and "10.1.2.3" not in blocked and "127.0.0.1," not in blocked
+    # The host's connected subnets, outside the private ranges, are refused too; nothing overlaps.
+    assert "192.0.2.0/24" in blocked and "10.1.0.0/16" not in blocked and "0.0.0.0/0" not in blocked
     assert "meta nfproto ipv6 reject" in rules
     # UDP flows (a host port each through slirp) are capped, kept as long as slirp keeps them.
     assert f"size {EGRESS_UDP_FLOWS}; timeout 240s;" in rules
@@ -780,7 +861,7 @@ def test_egress_rules_refuse_the_host_and_private_ranges() -> None:
 def test_egress_rules_load_into_a_network_namespace() -> None:
     done = subprocess.run(
         ["unshare", "--net", "nft", "-f", "-"],
-        input=egress_rules(["203.0.113.9"]).encode(),
+        input=egress_rules(["203.0.113.9", "192.0.2.7"], ["192.0.2.0/24", "198.51.100.0/24"]).encode(),
         capture_output=True,
     )
     assert done.returncode == 0, done.stderr

@@ -157,7 +157,7 @@ class Sandbox:
             slirp,
             nsenter or "",
             nft or "",
-            egress_rules(_host_addresses()) if slirp else "",
+            egress_rules(_host_addresses(), _host_subnets()) if slirp else "",
             _write_resolv_conf(state_dir) if slirp and state_dir is not None else "",
             seccomp or b"",
         )
@@ -221,11 +221,12 @@ class Sandbox:
         self, child_pid: int, exit_fd: int, *, nofile: int, cgroup_procs: Sequence[str] = ()
     ) -> asyncio.subprocess.Process:
         """Outbound internet for one sandbox: first nft rules in its network namespace (root's: the
-        app has no capability to change them) that refuse the host's own addresses and every
-        private, loopback and link-local range, so no role port and no other host of the cloud is
-        reachable; then slirp4netns, a NAT in user space, with ``--disable-host-loopback``. The
-        caller starts this beside the app: the cold start never waits for it. slirp4netns ends
-        when ``exit_fd``'s other end closes (the app's exit, or the worker's).
+        app has no capability to change them) that refuse the host's own addresses, its connected
+        subnets and every private, loopback and link-local range, so no role port, no other host of
+        the cloud and no neighbour of this host is reachable; then slirp4netns, a NAT in user space,
+        with ``--disable-host-loopback``. The caller starts this beside the app: the cold start never
+        waits for it. slirp4netns ends when ``exit_fd``'s other end closes (the app's exit, or the
+        worker's).
 
         slirp4netns runs as root in the host's network namespace, so it joins the app's cgroup
         (``cgroup_procs``: its CPU, memory and pid count as the app's) and may hold at most
@@ -312,10 +313,14 @@ _BLOCKED = (
 )  # fmt: skip
 
 
-def egress_rules(host_addresses: list[str]) -> str:
-    nets = [ipaddress.ip_network(n) for n in _BLOCKED]
-    own = [a for a in host_addresses if not any(ipaddress.ip_address(a) in n for n in nets)]
-    blocked = ", ".join([*_BLOCKED, *own])
+def egress_rules(host_addresses: Sequence[str], host_subnets: Sequence[str] = ()) -> str:
+    """The nft rules of a sandbox with egress: besides the ranges above, this host's own addresses and
+    the subnets it is directly connected to (its neighbours there, other machines of the cloud or
+    not, are reached without a router, so no firewall of the network's stands between them and an
+    app)."""
+    nets = [ipaddress.ip_network(n) for n in (*_BLOCKED, *host_addresses, *host_subnets)]
+    # One list without overlaps: nft refuses an anonymous set whose intervals overlap.
+    blocked = ", ".join(str(n) for n in ipaddress.collapse_addresses(n for n in nets if n.version == 4))
     # udp_flows mirrors slirp's UDP table (keyed by the app's source port, kept as long as slirp
     # keeps each), after the chain that refuses private ranges: a new flow past the cap is refused
     # before slirp opens a host socket for it.
@@ -380,6 +385,40 @@ def _host_addresses() -> list[str]:
     for prev, line in itertools.pairwise(lines):
         if line.strip() == "/32 host LOCAL":
             found.append(prev.split()[-1])
+    return sorted(set(found))
+
+
+# <linux/route.h>
+_RTF_UP, _RTF_GATEWAY = 0x1, 0x2
+# A connected route wider than this is not taken for a neighbourhood (a default route through a
+# point-to-point device has no gateway either): blocking it would block the internet.
+_WIDEST_SUBNET = 8
+
+
+def _host_subnets(table: str = "/proc/net/route") -> list[str]:
+    """The IPv4 subnets this host is directly connected to: the main table's routes with no gateway
+    (``192.0.2.0/24 dev eth0 scope link``), but loopback's and any as wide as the internet."""
+    found: list[str] = []
+    try:
+        with open(table) as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return found
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8 or fields[0] == "lo":
+            continue
+        try:
+            dest, gateway, flags, mask = (int(fields[i], 16) for i in (1, 2, 3, 7))
+        except ValueError:
+            continue
+        if gateway or flags & _RTF_GATEWAY or not flags & _RTF_UP:
+            continue
+        # The kernel prints each address as the number its bytes (network order) make in memory.
+        address = ipaddress.IPv4Address(dest.to_bytes(4, sys.byteorder))
+        net = ipaddress.IPv4Network((address, mask.bit_count()), strict=False)
+        if net.prefixlen >= _WIDEST_SUBNET:
+            found.append(str(net))
     return sorted(set(found))
 
 
