@@ -202,6 +202,8 @@ def app(environ, start_response):
         except OSError as exc:
             works = type(exc).__name__
         out = "opened %d then %s, a new one works: %s" % (got, err, works)
+    elif path == "/told":
+        out = "told " + " ".join(sorted(k for k in environ if k.startswith("HTTP_X_SITECLOUD")))
     elif path == "/udpflows":
         # One datagram from each of many ports (TEST-NET-2 never answers), each socket closed at once.
         sent = 0
@@ -420,6 +422,20 @@ def test_the_app_cannot_make_a_user_namespace(cloud: AppCloud) -> None:
     body = cloud.get("userns", "/userns")[2].decode()
     assert body == f"unshare(2) {errno.EPERM}, unshare -U 1 , thread", body
     assert "no user namespaces, AIO, io_uring" in cloud.worker.log()
+    bystander_answers(cloud)
+
+
+def test_the_platforms_own_request_headers_never_reach_an_app(cloud: AppCloud) -> None:
+    # X-Sitecloud-Cached (the version of a file a front end holds) reached every app, and PHP got
+    # X-Sitecloud-Site besides: the platform's fields are the worker's; an app has SITECLOUD_SITE.
+    attacker(cloud, "told")
+    cloud.add_site("toldphp")
+    php = b"<?php echo 'told ' . implode(' ', preg_grep('/^HTTP_X_SITECLOUD/', array_keys($_SERVER)));"
+    cloud.publish_and_wait("toldphp", {"index.php": php}, "/", b"told")
+    platform_fields = {"X-Sitecloud-Cached": "7.3", "X-Sitecloud-Lane-Refused": "x", "X-Sitecloud-Other": "y"}
+    for site, path in (("told", "/told"), ("toldphp", "/")):
+        status, _, body = cloud.get(site, path, headers=platform_fields)
+        assert (status, body) == (200, b"told "), (site, body)
     bystander_answers(cloud)
 
 

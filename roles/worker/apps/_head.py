@@ -4,11 +4,22 @@ An app is the tenant's code: a head that never ends (endless header lines, or on
 would otherwise be held in the worker until it runs out of memory, taking every other site on it
 down. A head past either bound fails the request (the visitor gets 502, the site's log says why) and
 the connection to the app is closed, never kept for another request.
+
+The platform's own header fields (``X-Sitecloud-*``) cross between front end and worker only: an
+app is never told them (the version a front end holds of a file, the site's name it has as
+``SITECLOUD_SITE``) nor may it say them.
 """
 
 from __future__ import annotations
 
-__all__ = ["MAX_HEAD_BYTES", "MAX_HEAD_FIELDS", "MAX_INTERIM_HEADS", "HeadBudget", "HeadTooLarge"]
+__all__ = [
+    "MAX_HEAD_BYTES",
+    "MAX_HEAD_FIELDS",
+    "MAX_INTERIM_HEADS",
+    "HeadBudget",
+    "HeadTooLarge",
+    "is_platform_field",
+]
 
 # Generous next to common proxies (nginx reads an upstream's head into 4 or 8 KB, HAProxy takes 101
 # fields): a real app's head is a few hundred bytes.
@@ -18,6 +29,14 @@ MAX_HEAD_FIELDS = 100
 # Hints). The worker drops them but parses each, in its own CPU outside the app's cgroup, so an app
 # sending them without end would keep the worker busy for as long as the request may take.
 MAX_INTERIM_HEADS = 16
+
+
+_PLATFORM_PREFIX = b"x-sitecloud-"
+
+
+def is_platform_field(name: bytes) -> bool:
+    """Whether the (lower-case) field ``name`` is one of the platform's own, never an app's."""
+    return name.startswith(_PLATFORM_PREFIX)
 
 
 class HeadTooLarge(Exception):

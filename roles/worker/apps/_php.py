@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from roles.worker.apps._fastcgi import pair
+from roles.worker.apps._head import is_platform_field
 
 __all__ = ["fixed_params", "php_script", "request_pairs"]
 
@@ -86,7 +87,7 @@ def request_pairs(
     if proto == b"https":
         out.append(pair(b"HTTPS", b"on"))
     for key, value in values.items():
-        if key in _NOT_HTTP:
+        if key in _NOT_HTTP or is_platform_field(key):
             continue
         out.append(pair(b"HTTP_" + key.upper().replace(b"-", b"_"), value))
     return b"".join(out)

@@ -42,6 +42,7 @@ from roles.worker.apps._fastcgi import (
     encode_request_head,
     stdin,
 )
+from roles.worker.apps._head import is_platform_field
 from roles.worker.apps._manager import AppSite
 from roles.worker.apps._netns import AppPort
 from roles.worker.apps._php import fixed_params, php_script, request_pairs
@@ -60,12 +61,12 @@ if TYPE_CHECKING:
 
 __all__ = ["AppBackend", "AppExchange", "AppProxy"]
 
-# Not forwarded to the app: hop-by-hop fields (RFC 9110 section 7.6.1), our routing header, and the
-# framing we redo (the body goes on whole, with its length).
+# Not forwarded to the app: hop-by-hop fields (RFC 9110 section 7.6.1) and the framing we redo (the
+# body goes on whole, with its length); nor the platform's own (is_platform_field).
 _REQUEST_DROP = frozenset(
     {
         b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
-        b"upgrade", b"expect", b"content-length", b"x-sitecloud-site",
+        b"upgrade", b"expect", b"content-length",
     }
 )  # fmt: skip
 _RESPONSE_DROP = frozenset(
@@ -757,7 +758,10 @@ class AppExchange(Generic[T]):
     def _request_bytes(self, body: bytes, *, keep: bool, length: int) -> bytes:
         """The request for an HTTP app, with ``body`` (all of it, or what came of a streaming one)."""
         lines = [self._method + b" " + self._target + b" HTTP/1.1"]
-        lines += [k + b": " + v for k, v in self._headers if k.lower() not in _REQUEST_DROP]
+        for k, v in self._headers:
+            name = k.lower()
+            if name not in _REQUEST_DROP and not is_platform_field(name):
+                lines.append(k + b": " + v)
         if length or self._method not in (b"GET", b"HEAD"):
             lines.append(b"Content-Length: %d" % length)
         if self._upgrade:
@@ -917,7 +921,7 @@ class AppExchange(Generic[T]):
         else:
             drop = _RESPONSE_DROP
         for key, value in headers:
-            if key in drop or key.startswith(b"x-sitecloud-"):
+            if key in drop or is_platform_field(key):
                 # The platform's own fields (the content version a front end keeps an answer
                 # under, ...) are the worker's to say, never an app's.
                 continue
