@@ -439,6 +439,16 @@ def test_the_platforms_own_request_headers_never_reach_an_app(cloud: AppCloud) -
     bystander_answers(cloud)
 
 
+def test_the_hosts_key_users_are_not_listed_to_an_app(cloud: AppCloud) -> None:
+    # /proc/key-users is the whole host's even in a new procfs: every uid holding kernel keys, other
+    # sites' included, with their counts.
+    assert Path("/proc/key-users").read_text()  # root holds keys on the host
+    attacker(cloud, "keyusers")
+    status, _, body = cloud.get("keyusers", "/cat?/proc/key-users")
+    assert (status, body) == (200, b""), body
+    bystander_answers(cloud)
+
+
 def test_the_apps_pseudo_terminals_are_capped_and_leave_the_hosts_pool_to_others(cloud: AppCloud) -> None:
     # Every devpts instance but the host's first draws from one pool (kernel.pty.max less its
     # reserve, 3,072): an app that kept opening /dev/ptmx held every other sandbox's terminals.

@@ -46,6 +46,10 @@ _TOOLS = "/usr/bin:/bin:/usr/sbin:/sbin"
 # Read-only as they are; the /bin, /sbin and /lib* links of a merged /usr are made as links.
 _SYSTEM = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 EGRESS_MODES = ("off", "slirp4netns")
+# Files of a PID namespace's new procfs that are still the whole host's, shown empty: key-users
+# lists every uid holding kernel keys, so other sites' uids and the host's users, with their counts
+# (the keyring calls themselves are refused by seccomp).
+HIDDEN_PROC = ("/proc/key-users",)
 # slirp4netns's DNS forwarder, as ``--configure`` sets the sandbox's network up.
 SLIRP_DNS = "10.0.2.3"
 INFO_TIMEOUT = 5.0
@@ -103,6 +107,9 @@ class Sandbox:
     resolv_conf: str = ""
     # The seccomp program bwrap loads for the app (``_seccomp.py``); empty: none on this machine.
     seccomp: bytes = b""
+    # An empty read-only file bound over the host-wide files of the sandbox's /proc (HIDDEN_PROC);
+    # "": they show.
+    empty_file: str = ""
 
     @classmethod
     def detect(
@@ -160,6 +167,7 @@ class Sandbox:
             egress_rules(_host_addresses(), _host_subnets()) if slirp else "",
             _write_resolv_conf(state_dir) if slirp and state_dir is not None else "",
             seccomp or b"",
+            _write_empty_file(state_dir) if state_dir is not None else "",
         )
 
     def argv(
@@ -178,7 +186,15 @@ class Sandbox:
                 argv += ["--ro-bind", path, path]
         if self.resolv_conf:
             argv += _resolv_conf_bind(self.resolv_conf)
-        argv += ["--proc", "/proc", "--dev", "/dev"]
+        argv += ["--proc", "/proc"]
+        if self.empty_file:
+            argv += [
+                a
+                for path in HIDDEN_PROC
+                if os.path.exists(path)
+                for a in ("--ro-bind", self.empty_file, path)
+            ]
+        argv += ["--dev", "/dev"]
         if mounts.pts:
             argv += ["--dev-bind", mounts.pts, "/dev/pts"]
         argv += ["--perms", "1777", "--size", size, "--tmpfs", "/dev/shm"]  # noqa: S108 - its own too
@@ -350,6 +366,14 @@ def egress_rules(host_addresses: Sequence[str], host_subnets: Sequence[str] = ()
         "  }\n"
         "}\n"
     )
+
+
+def _write_empty_file(state_dir: Path) -> str:
+    path = state_dir / "sandbox-empty"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    path.chmod(0o444)
+    return str(path)
 
 
 def _write_resolv_conf(state_dir: Path) -> str:
