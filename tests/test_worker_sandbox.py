@@ -28,11 +28,13 @@ from roles.worker._appserver import APPSERVER_PATH
 from roles.worker.apps._instance import AppInstance
 from roles.worker.apps._isolation import UID_BASE, SiteIdentity
 from roles.worker.apps._launch import SiteDirs, plan_launch
-from roles.worker.apps._pts import PTYS_PER_APP
+from roles.worker.apps._manager import AppManager
+from roles.worker.apps._pts import PTYS_PER_APP, ptys_per_app
 from roles.worker.apps._sandbox import EGRESS_UDP_FLOWS, Sandbox, SandboxMounts, egress_nofile, egress_rules
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import AppLimits
 from roles.worker.apps._volume import BlankImages, HomeVolume
+from roles.worker.config import WorkerConfig
 from shared.logs import get_logger
 from tests.support import call, wait_until
 from tests.test_worker_apps import AppCloud, running_cloud
@@ -459,6 +461,46 @@ def test_the_apps_pseudo_terminals_are_capped_and_leave_the_hosts_pool_to_others
     # It still holds one: of the host's pool it took no more than its cap (others come and go).
     assert int(Path("/proc/sys/kernel/pty/nr").read_text()) - before <= PTYS_PER_APP
     bystander_answers(cloud)
+
+
+def test_a_large_workers_apps_together_leave_part_of_the_hosts_pty_pool() -> None:
+    # 16 each was more than the pool (3,072 by default) for 200 apps or more: the cap is each app's
+    # share of it.
+    sysctl = Path("/proc/sys/kernel/pty")
+    pool = int((sysctl / "max").read_text()) - int((sysctl / "reserve").read_text())
+    active = 400
+    share = pool // active
+    if not 1 <= share < PTYS_PER_APP:
+        pytest.skip(f"this host's pty pool ({pool}) is no tighter for {active} apps than the cap")
+    with running_cloud(app_start_timeout=10.0, max_active_apps=active) as c:
+        attacker(c, "ptyshare")
+        body = c.get("ptyshare", "/ptys?200")[2].decode()
+        assert body == f"opened {share} then OSError, a new one works: True", body
+        assert c.worker.health().get("status") != "degraded"
+
+
+def test_the_pty_cap_is_a_share_of_the_pool_never_none() -> None:
+    assert ptys_per_app(3072, 50) == PTYS_PER_APP
+    assert ptys_per_app(3072, 200) == 15  # 16 each would be 3,200
+    assert ptys_per_app(3072, 10_000) == 1  # a web terminal still opens
+    assert ptys_per_app(3072, 0) == PTYS_PER_APP
+
+
+def test_a_worker_whose_capped_devpts_cannot_be_mounted_says_degraded(tmp_path: Path) -> None:
+    # Its apps then get bwrap's own devpts, uncapped: together they can hold the host's whole pool.
+    # That was a line in the worker's log only.
+    root = tmp_path / "apps"
+    root.mkdir()
+    manager = AppManager(
+        WorkerConfig(host="localhost", home=tmp_path / "worker"), lambda site: (True, None), root
+    )
+    manager._sandbox = Sandbox("/usr/bin/bwrap", "/usr/bin/setpriv", (), None)
+    assert not [g for g in manager.isolation_gaps() if "pseudo-terminals" in g]
+    (root / "run").mkdir()
+    (root / "run" / "pts-7.1").write_text("")  # no devpts can be mounted on a file
+    assert manager._capped_pts("7.1") == ""
+    (gap,) = [g for g in manager.isolation_gaps() if "pseudo-terminals" in g]
+    assert gap.startswith("apps' pseudo-terminals are not capped (mounting a devpts instance failed:"), gap
 
 
 def _io_setup() -> int:

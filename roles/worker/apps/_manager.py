@@ -57,7 +57,7 @@ from roles.worker.apps._npm import (
     node_packages_dir,
 )
 from roles.worker.apps._packages import install_requirements, packages_dir, prune_packages
-from roles.worker.apps._pts import mount_pts, sweep_pts, unmount_pts
+from roles.worker.apps._pts import mount_pts, pty_pool, ptys_per_app, sweep_pts, unmount_pts
 from roles.worker.apps._sandbox import EGRESS_MODES, Sandbox, SandboxMounts
 from roles.worker.apps._sitelog import SiteLog
 from roles.worker.apps._spec import (
@@ -260,6 +260,8 @@ class AppManager:
         self._files: dict[AppInstance, WritableFiles] = {}
         self._pts: dict[AppInstance, str] = {}
         self._pts_off = ""  # why this worker's apps get bwrap's own, uncapped devpts
+        # Each instance's share of the host's pseudo-terminals, so the worker's apps never hold all.
+        self.ptys_per_app = ptys_per_app(pty_pool(), self.max_active)
         self._pts_swept = False
         self._files_off = ""  # why apps' folders stay read-only on this worker ("": they need not)
         self._quota = False
@@ -684,6 +686,10 @@ class AppManager:
             )
         if self._sandbox is not None and not self._quota:
             gaps.append("apps' homes have no disk quota (install e2fsprogs; loop devices needed)")
+        if self._sandbox is not None and self._pts_off:
+            gaps.append(
+                f"apps' pseudo-terminals are not capped (mounting a devpts instance failed: {self._pts_off})"
+            )
         if self._sandbox is not None and self._config.app_egress != "off" and not self._sandbox.slirp4netns:
             gaps.append(
                 "apps have no outbound network (install slirp4netns and nftables, or set app_egress: off)"
@@ -1106,15 +1112,17 @@ class AppManager:
         return inst
 
     def _capped_pts(self, serial: str) -> str:
-        """The instance's own devpts with its cap; "" (bwrap's own, and a line in the worker's log
-        once) where this worker cannot mount one."""
+        """The instance's own devpts with its cap; "" (bwrap's own) where this worker cannot mount
+        one: a line in the worker's log once, and the worker says Degraded (isolation_gaps) for as
+        long as it runs, since its apps can then hold the host's whole pool between them. Apps still
+        start: a devpts cap is not worth every site of the worker."""
         if self._pts_off:
             return ""
         if not self._pts_swept:
             sweep_pts(self._run_dir)
             self._pts_swept = True
         try:
-            return mount_pts(self._run_dir, serial)
+            return mount_pts(self._run_dir, serial, self.ptys_per_app)
         except OSError as exc:
             self._pts_off = str(exc)
             self._log.warning("apps' pseudo-terminals are not capped on this worker: %s", exc)
