@@ -49,7 +49,7 @@ EGRESS_MODES = ("off", "slirp4netns")
 # Files of a PID namespace's new procfs that are still the whole host's, shown empty: key-users
 # lists every uid holding kernel keys, so other sites' uids and the host's users, with their counts
 # (the keyring calls themselves are refused by seccomp).
-HIDDEN_PROC = ("/proc/key-users",)
+_HIDDEN_PROC = ("/proc/key-users",)
 # slirp4netns's DNS forwarder, as ``--configure`` sets the sandbox's network up.
 SLIRP_DNS = "10.0.2.3"
 INFO_TIMEOUT = 5.0
@@ -107,7 +107,7 @@ class Sandbox:
     resolv_conf: str = ""
     # The seccomp program bwrap loads for the app (``_seccomp.py``); empty: none on this machine.
     seccomp: bytes = b""
-    # An empty read-only file bound over the host-wide files of the sandbox's /proc (HIDDEN_PROC);
+    # An empty read-only file bound over the host-wide files of the sandbox's /proc (_HIDDEN_PROC);
     # "": they show.
     empty_file: str = ""
 
@@ -188,12 +188,9 @@ class Sandbox:
             argv += _resolv_conf_bind(self.resolv_conf)
         argv += ["--proc", "/proc"]
         if self.empty_file:
-            argv += [
-                a
-                for path in HIDDEN_PROC
-                if os.path.exists(path)
-                for a in ("--ro-bind", self.empty_file, path)
-            ]
+            for path in _HIDDEN_PROC:
+                if os.path.exists(path):
+                    argv += ["--ro-bind", self.empty_file, path]
         argv += ["--dev", "/dev"]
         if mounts.pts:
             argv += ["--dev-bind", mounts.pts, "/dev/pts"]
