@@ -365,20 +365,21 @@ def egress_rules(host_addresses: Sequence[str], host_subnets: Sequence[str] = ()
     )
 
 
-def _write_empty_file(state_dir: Path) -> str:
-    path = state_dir / "sandbox-empty"
+def _write_state_file(state_dir: Path, name: str, text: str, mode: int) -> str:
+    """A file of the worker's own that the sandbox binds in (read-only to apps)."""
+    path = state_dir / name
     state_dir.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
-    path.chmod(0o444)
+    path.write_text(text)
+    path.chmod(mode)
     return str(path)
+
+
+def _write_empty_file(state_dir: Path) -> str:
+    return _write_state_file(state_dir, "sandbox-empty", "", 0o444)
 
 
 def _write_resolv_conf(state_dir: Path) -> str:
-    path = state_dir / "sandbox-resolv.conf"
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"nameserver {SLIRP_DNS}\n")
-    path.chmod(0o644)
-    return str(path)
+    return _write_state_file(state_dir, "sandbox-resolv.conf", f"nameserver {SLIRP_DNS}\n", 0o644)
 
 
 def _resolv_conf_bind(source: str) -> list[str]:
