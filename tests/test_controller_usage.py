@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from roles.controller._usage import UsageBook
-from shared.db import Database, SiteUsage
+from shared.db import Database, SiteUsage, again_on_conflict, usage_day
 from shared.errors import InvalidInput
 
 
@@ -66,3 +67,33 @@ def test_malformed_reports_are_refused(tmp_path: Path, bad: dict[str, object]) -
     _, book = _book(tmp_path)
     with pytest.raises(InvalidInput):
         book.record(bad)
+
+
+def test_a_usage_day_that_another_process_added_first_is_added_to_not_lost(tmp_path: Path) -> None:
+    # The controller (usage reports) and management (storage) add a site's day from two processes,
+    # each under a lock of its own: the one that loses the race to insert the row tries again.
+    controller, _ = _book(tmp_path)
+    management = Database(controller.url)
+    day = dt.date(2026, 12, 5)
+    tries = 0
+
+    def note_storage() -> None:
+        nonlocal tries
+        tries += 1
+        with management.session() as s:
+            row = usage_day(s, "blog", day)  # none yet: a new row, inserted at commit
+            if tries == 1:
+                # The other process adds the day between this one's look and its insert.
+                with controller.session() as other:
+                    usage_day(other, "blog", day).requests += 7
+            row.storage_bytes = 1234
+
+    try:
+        again_on_conflict(note_storage)
+        assert tries == 2
+        with controller.session() as s:
+            row = s.get(SiteUsage, ("blog", day))
+            assert row is not None and (row.requests, row.storage_bytes) == (7, 1234)
+    finally:
+        management.dispose()
+        controller.dispose()

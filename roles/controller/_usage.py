@@ -18,7 +18,7 @@ from aiohttp import web
 from sqlalchemy import delete
 
 from shared.contracts.usage import UsageReport
-from shared.db import Database, SiteUsage
+from shared.db import Database, again_on_conflict, usage_day
 from shared.db import UsageReport as TakenReport
 from shared.internal import require_role
 
@@ -45,29 +45,25 @@ class UsageBook:
         day = dt.datetime.fromtimestamp(report.to, dt.UTC).date()
         counts = report.sites
         now = dt.datetime.now(dt.UTC)
-        with self._lock, self._db.session() as s:
-            if s.get(TakenReport, report_id) is not None:
+
+        def add() -> bool:
+            with self._db.session() as s:
+                if s.get(TakenReport, report_id) is not None:
+                    return False
+                s.add(TakenReport(id=report_id, received_at=now))
+                for site, figures in counts.items():
+                    row = usage_day(s, site, day)
+                    row.requests += figures.requests
+                    row.bytes_in += figures.bytes_in
+                    row.bytes_out += figures.bytes_out
+                    row.cpu_seconds += figures.cpu_seconds
+                    row.memory_mb_seconds += figures.memory_mb_seconds
+                s.execute(delete(TakenReport).where(TakenReport.received_at < now - _KEEP_IDS))
+            return True
+
+        with self._lock:
+            if not again_on_conflict(add):
                 return False
-            s.add(TakenReport(id=report_id, received_at=now))
-            for site, figures in counts.items():
-                row = s.get(SiteUsage, (site, day))
-                if row is None:
-                    row = SiteUsage(
-                        site=site,
-                        day=day,
-                        requests=0,
-                        bytes_in=0,
-                        bytes_out=0,
-                        cpu_seconds=0.0,
-                        memory_mb_seconds=0.0,
-                    )
-                    s.add(row)
-                row.requests += figures.requests
-                row.bytes_in += figures.bytes_in
-                row.bytes_out += figures.bytes_out
-                row.cpu_seconds += figures.cpu_seconds
-                row.memory_mb_seconds += figures.memory_mb_seconds
-            s.execute(delete(TakenReport).where(TakenReport.received_at < now - _KEEP_IDS))
         if counts:
             self._on_recorded(set(counts))
         return True

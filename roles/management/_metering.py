@@ -18,7 +18,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from roles.management._store import Principal, require_admin
-from shared.db import Database, Plan, Site, SiteUsage, Subscription, Tenant, bump_generation
+from shared.db import (
+    Database,
+    Plan,
+    Site,
+    SiteUsage,
+    Subscription,
+    Tenant,
+    again_on_conflict,
+    bump_generation,
+    usage_day,
+)
 from shared.errors import InvalidInput, NotFound
 from shared.quota import next_utc_day, quota_stops
 
@@ -177,21 +187,14 @@ class Metering:
         if not known:
             return
         today = self.today()
-        with self._lock, self._db.session() as s:
-            for name, size in known.items():
-                row = s.get(SiteUsage, (name, today))
-                if row is None:
-                    row = SiteUsage(
-                        site=name,
-                        day=today,
-                        requests=0,
-                        bytes_in=0,
-                        bytes_out=0,
-                        cpu_seconds=0.0,
-                        memory_mb_seconds=0.0,
-                    )
-                    s.add(row)
-                row.storage_bytes = size
+
+        def note() -> None:
+            with self._db.session() as s:
+                for name, size in known.items():
+                    usage_day(s, name, today).storage_bytes = size
+
+        with self._lock:
+            again_on_conflict(note)
 
     def lift_quota(self, who: Principal, name: str) -> Json:
         """An admin lets a stopped site serve again for the rest of the UTC day."""

@@ -21,7 +21,7 @@ from shared.db.models import (
     UsageReport,
     User,
 )
-from shared.db.session import Database, bump_generation, current_generation
+from shared.db.session import Database, again_on_conflict, bump_generation, current_generation, usage_day
 
 __all__ = [
     "DEFAULT_WORKER_SIZE",
@@ -44,6 +44,8 @@ __all__ = [
     "Tenant",
     "UsageReport",
     "User",
+    "again_on_conflict",
     "bump_generation",
     "current_generation",
+    "usage_day",
 ]

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import datetime as dt
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event, make_url, select
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db.models import CloudState
+from shared.db.models import CloudState, SiteUsage
 from shared.errors import InvalidInput, Unavailable
 
-__all__ = ["Database", "bump_generation", "current_generation"]
+__all__ = ["Database", "again_on_conflict", "bump_generation", "current_generation", "usage_day"]
+
+T = TypeVar("T")
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _URL_HINT = "e.g. --db postgresql://user:password@host/sitecloud, or no --db for SQLite in the home"
@@ -110,3 +114,29 @@ def bump_generation(session: Session) -> int:
     row.value += 1
     session.flush()
     return row.value
+
+
+def usage_day(session: Session, site: str, day: dt.date) -> SiteUsage:
+    """The site's usage row of ``day``, added if there is none yet (see :func:`again_on_conflict`)."""
+    row = session.get(SiteUsage, (site, day))
+    if row is None:
+        row = SiteUsage(
+            site=site, day=day, requests=0, bytes_in=0, bytes_out=0, cpu_seconds=0.0, memory_mb_seconds=0.0
+        )
+        session.add(row)
+    return row
+
+
+def again_on_conflict(work: Callable[[], T], attempts: int = 3) -> T:
+    """Run ``work`` (one whole transaction) again when it lost a race to add a row with the same key.
+
+    Two processes add to a site's usage day, the controller its usage reports and management its
+    storage, each under a lock of its own: when the other added the row first, the insert fails on
+    the key, the transaction is rolled back whole, and the next try finds the row."""
+    for attempt in range(attempts):
+        try:
+            return work()
+        except IntegrityError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
